@@ -1,0 +1,2701 @@
+"""pangea: share numpy compute between your own machines, from one file.
+
+Copy ``pangea.pyz`` to two boxes and start it on each::
+
+    box 1:  ./pangea.pyz initiate            # prints its multiaddr, waits
+    box 2:  ./pangea.pyz respond <multiaddr> # connects; both run the checks
+
+Nodes talk libp2p (TCP + Noise + Yamux). A node delegates numpy matrix work
+to another node over the stream protocol ``/pangea/compute/1.0.0``, collects
+and aggregates the results, and runs a task locally when its worker is gone.
+
+How the module is laid out (each section uses only the ones above it):
+
+ 0. this docstring, imports, version
+ 1. constants            6. scheduler (pure core: events in, actions out)
+ 2. errors               7. sessions (the per-process session directory)
+ 3. pure helpers         8. I/O: the libp2p node, delegators, manager, checks
+ 4. wire protocol        9. I/O: Cap'n Proto RPC (not yet; see the RPC issue)
+ 5. kernels             10. CLI
+
+Design: everything that decides (framing, kernels, placement, retries) is
+pure and unit-tested without sockets or clocks. The I/O sections are thin
+adapters: read bytes, feed a decoder, act on messages, write bytes. Importing
+this module has no side effects; libp2p, trio, capnp and numpy are imported
+inside the functions that need them, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import enum
+import functools
+import json
+import logging
+import logging.handlers
+import math
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, Union
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PangeaError",
+    "UsageError",
+    "ConfigError",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "MessageError",
+    "PeerError",
+    "TaskError",
+    "KernelError",
+    "SessionError",
+    "Decoder",
+    "encode",
+    "NEED_DATA",
+    "KERNELS",
+    "run_kernel",
+    "Scheduler",
+    "main",
+    "__version__",
+]
+
+log = logging.getLogger("pangea")
+
+
+###############################################################################
+# 1. Constants
+#
+# Protocol identifiers, limits and timeouts. Each has its unit in the name and
+# says why it has the value it has.
+###############################################################################
+
+PROTOCOL_ID = "/pangea/compute/1.0.0"
+# Bumped on any incompatible change of the messages in capnp/pangea.capnp;
+# peers with a different number refuse each other in the handshake.
+PROTOCOL_VERSION = 1
+
+DEFAULT_PORT = 7777
+DEFAULT_WAIT_S = 60.0  # how long initiate waits for a responder, respond for an initiator
+
+# Frame prefix: header length (u32) then payload length (u64), big-endian.
+FRAME_PREFIX = struct.Struct("!IQ")
+# A header is one Cap'n Proto Message: a kernel list and a few array shapes.
+# 1 MiB is thousands of times what a real one needs and bounds what a peer
+# can make us buffer before we know what it is sending.
+MAX_HEADER_BYTES = 1 << 20
+# Largest payload (array bytes of one message) accepted by default. 2 GiB
+# lets two 1 GiB operands through; a node with less memory should lower it.
+DEFAULT_MAX_PAYLOAD_BYTES = 2 << 30
+# stream.read(n) of py-libp2p returns at most ~64 KiB per call anyway; asking
+# for 1 MiB keeps the number of awaits low without a large temporary buffer.
+READ_CHUNK_BYTES = 1 << 20
+# Writes are cut into 4 MiB pieces so a ping is never stuck behind a whole
+# gigabyte, while each write stays large enough for good throughput.
+WRITE_CHUNK_BYTES = 4 << 20
+
+MAX_NDIM = 8  # kernels are matrix work; more dimensions are a mistake
+# numpy dtypes that may cross the wire. No object, string or void dtypes:
+# nothing a peer sends is turned into Python objects.
+ALLOWED_DTYPES = ("float32", "float64", "int32", "int64", "complex64", "complex128")
+
+HANDSHAKE_TIMEOUT_S = 10.0  # a peer that does not say Hello in 10 s is dropped
+PING_COUNT = 5  # pings for the RTT figure of the connection check
+DIAL_BACKOFF_FIRST_S = 0.25  # respond retries: 0.25, 0.5, 1, 2, 4, 4, ... s
+DIAL_BACKOFF_MAX_S = 4.0
+BYE_WAIT_S = 5.0  # how long the initiator waits for the responder to hang up
+MAX_ATTEMPTS = 3  # a task is tried at most this often (remote, then local)
+
+# Directory under $PANGEA_HOME holding one session directory per process.
+SESSIONS_DIRNAME = "compute_test"
+IDENTITY_FILENAME = "identity.key"
+LOG_MAX_BYTES = 1 << 20  # session log rotates at 1 MiB, keeping 3 old files
+LOG_BACKUPS = 3
+
+# Work sizes of the distributed checks.
+CHECK_MATRIX_N = 64  # operands of the per-kernel delegation check
+AGGREGATE_N = 1024  # the matmul split between initiator and responder
+THROUGHPUT_BYTES = 64 << 20  # array data sent each way for the MB/s figure
+
+LOCAL = "local"  # the worker id of this node in the scheduler
+
+
+###############################################################################
+# 2. Errors
+#
+# One root class; a subclass per area. Each docstring says who raises it and
+# what the user should do. ``exit_code`` is what the CLI returns for it.
+###############################################################################
+
+
+class PangeaError(Exception):
+    """Root of every error pangea raises on purpose; catch this to catch them all."""
+
+    exit_code = 1
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class UsageError(PangeaError):
+    """Raised by the CLI for a malformed argument; fix the command line."""
+
+    exit_code = 2
+
+
+class ConfigError(PangeaError):
+    """Raised when the setup cannot work (port in use, wrong build target,
+    unusable home directory); the message says what to change."""
+
+    exit_code = 2
+
+
+class ProtocolError(PangeaError):
+    """Root of wire protocol errors; see the two subclasses."""
+
+
+class LocalProtocolError(ProtocolError):
+    """Raised when this process asks the encoder for something the protocol
+    cannot express (a bad dtype, a huge header): a bug in the caller."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """Raised by the Decoder when the peer sent bytes that break framing or
+    the schema. The stream cannot continue: reset it and drop the peer."""
+
+
+class MessageError(RemoteProtocolError):
+    """Raised by the Decoder for a well-framed message with bad contents
+    (a dtype not allowed, a shape that does not match its bytes). Framing is
+    intact, so the receiver answers with an error and goes on."""
+
+    def __init__(self, message: str, *, task_id: int | None = None) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+
+
+class PeerError(PangeaError):
+    """Raised when a peer cannot be reached, refuses us, is incompatible, or
+    disconnects. ``kind`` is one of: unreachable, refused, incompatible,
+    disconnected, timeout. Check the address, the firewall, the versions."""
+
+    def __init__(self, message: str, *, kind: str = "disconnected", hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.kind = kind
+
+
+class TaskError(PangeaError):
+    """Raised when a task fails: ``kind`` says why (bad-input, refused, busy,
+    unavailable, deadline, internal) and the message says what to fix."""
+
+    def __init__(self, message: str, *, kind: str = "internal") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class KernelError(TaskError):
+    """Raised by a kernel for invalid inputs; the message names the problem."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind="bad-input")
+
+
+class SessionError(PangeaError):
+    """Raised when the pangea home or a session directory cannot be used;
+    check permissions of $PANGEA_HOME (default ~/.pangea)."""
+
+    exit_code = 2
+
+
+###############################################################################
+# 3. Pure helpers
+#
+# Formatting, parsing and small decisions with no I/O, shared by the CLI and
+# the node.
+###############################################################################
+
+
+def format_bytes(n: float) -> str:
+    """Return ``n`` bytes as a short human string (``64.0 MiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Return rows as an aligned plain-text table with a header rule."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    """A parsed, dialable multiaddr that ends in ``/p2p/<peer id>``."""
+
+    text: str
+    host: str
+    port: int
+    peer_id: str
+
+
+_ADDR_FORMS = "/ip4/<address>/tcp/<port>/p2p/<peer id> (as printed by `pangea.pyz initiate`)"
+
+
+def parse_peer_address(text: str) -> PeerAddress:
+    """Check a peer multiaddr the user pasted; raise UsageError naming what is wrong."""
+    import ipaddress
+
+    text = text.strip()
+    if text.startswith("pangea://"):
+        text = text[len("pangea://") :].split("#", 1)[0]
+    if not text.startswith("/"):
+        raise UsageError(f"bad address {text!r}: a multiaddr starts with '/'; expected {_ADDR_FORMS}")
+    parts = text.strip("/").split("/")
+    if len(parts) < 4:
+        raise UsageError(f"bad address {text!r}: too short; expected {_ADDR_FORMS}")
+    proto, host, transport, port_text = parts[:4]
+    if proto not in ("ip4", "ip6", "dns", "dns4", "dns6"):
+        raise UsageError(f"bad address {text!r}: unknown network {proto!r}; expected {_ADDR_FORMS}")
+    try:
+        if proto == "ip4":
+            ipaddress.IPv4Address(host)
+        elif proto == "ip6":
+            ipaddress.IPv6Address(host)
+    except ValueError:
+        raise UsageError(f"bad address {text!r}: {host!r} is not an {proto} address") from None
+    if transport != "tcp":
+        raise UsageError(f"bad address {text!r}: pangea uses tcp, not {transport!r}")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UsageError(f"bad address {text!r}: port {port_text!r} is not a number in 1-65535")
+    rest = parts[4:]
+    if len(rest) < 2 or rest[0] != "p2p":
+        raise UsageError(
+            f"bad address {text!r}: it has no /p2p/<peer id> part",
+            hint="copy the whole line that `pangea.pyz initiate` printed, including /p2p/...",
+        )
+    if len(rest) > 2:
+        raise UsageError(f"bad address {text!r}: unexpected {'/'.join(rest[2:])!r} after the peer id")
+    peer_id = rest[1]
+    alphabet = set("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
+    if not 40 <= len(peer_id) <= 64 or not set(peer_id) <= alphabet:
+        raise UsageError(f"bad address {text!r}: {peer_id!r} is not a peer id (base58, like 12D3KooW...)")
+    return PeerAddress("/" + "/".join(parts), host, int(port_text), peer_id)
+
+
+def rank_interface_addresses(addresses: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Order (interface, ipv4) pairs for printing: real interfaces first,
+    virtual bridges after them, loopback last; drop link-local 169.254/16."""
+
+    def rank(item: tuple[str, str]) -> tuple[int, str, str]:
+        name, ip = item
+        if ip.startswith("127."):
+            return (3, name, ip)
+        if name.startswith(("docker", "br-", "veth", "virbr", "lxc", "cni", "flannel")):
+            return (2, name, ip)
+        if name.startswith(("tun", "tap", "wg", "tailscale", "zt", "utun")):
+            return (1, name, ip)
+        return (0, name, ip)
+
+    seen: set[str] = set()
+    out = []
+    for name, ip in sorted(addresses, key=rank):
+        if ip.startswith("169.254.") or ip in seen or ip == "0.0.0.0":
+            continue
+        seen.add(ip)
+        out.append((name, ip))
+    return out
+
+
+def build_target_mismatch(built_for: tuple[str, str], here: tuple[str, str]) -> str | None:
+    """Return the one-line complaint when this interpreter is not the build
+    target of the pyz, or None when it is."""
+    if tuple(built_for) == tuple(here):
+        return None
+    return (
+        f"this pangea.pyz was built for {built_for[0]} on {built_for[1]}, but this is "
+        f"{here[0]} on {here[1]} ({sys.executable})"
+    )
+
+
+def hello_mismatch(local_version: int, remote_version: int, remote_pangea: str) -> str | None:
+    """Return why a peer speaking ``remote_version`` cannot work with us, or None."""
+    if local_version == remote_version:
+        return None
+    return (
+        f"incompatible peer: it speaks pangea protocol {remote_version} (pangea {remote_pangea}), "
+        f"this node speaks {local_version} (pangea {__version__})"
+    )
+
+
+def backoff_delays(first_s: float, max_s: float) -> Iterable[float]:
+    """Yield retry delays doubling from ``first_s`` up to ``max_s``, forever."""
+    delay = first_s
+    while True:
+        yield delay
+        delay = min(delay * 2, max_s)
+
+
+def short_id(peer_id: str) -> str:
+    """Return a peer id shortened for tables (``12D3KooW…x9Qa``)."""
+    return peer_id if len(peer_id) <= 16 else f"{peer_id[:8]}…{peer_id[-4:]}"
+
+
+###############################################################################
+# 4. Wire protocol (sans-I/O)
+#
+# Messages are Python dataclasses; on the wire each is one frame:
+#     FRAME_PREFIX(header_len, payload_len) + header + payload
+# The header is a Cap'n Proto `Message` (capnp/pangea.capnp); the payload is
+# the raw bytes of the arrays the header describes. `encode_parts` returns the
+# pieces to write (array memory is not copied); `Decoder.feed` takes bytes as
+# they arrive and `Decoder.next` returns a message or NEED_DATA. Limits are
+# checked from the 12-byte prefix, before any header or payload is buffered.
+###############################################################################
+
+
+class _NeedData(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA = _NeedData.NEED_DATA
+
+
+@dataclass
+class HelloMsg:
+    """First message of a session, from both sides: who we are, what we run."""
+
+    pangea_version: str
+    protocol_version: int
+    kernels: tuple[str, ...]
+    role: str
+    cores: int = 1
+    blas_threads: int = 1
+    gflops: float = 0.0
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    platform: str = ""
+
+
+@dataclass(eq=False)
+class TaskRequestMsg:
+    """Run ``kernel`` on ``operands`` with ``params``; answered by a TaskResultMsg."""
+
+    task_id: int
+    kernel: str
+    operands: tuple[np.ndarray, ...] = ()
+    params: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class TaskResultMsg:
+    """The outputs of a task, or ``error_kind`` and ``error_message``."""
+
+    task_id: int
+    outputs: tuple[np.ndarray, ...] = ()
+    error_kind: str = ""
+    error_message: str = ""
+    compute_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the task succeeded."""
+        return not self.error_kind
+
+
+@dataclass
+class PingMsg:
+    """Liveness and RTT probe; the peer answers with a PongMsg of the same nonce."""
+
+    nonce: int
+
+
+@dataclass
+class PongMsg:
+    """Answer to a PingMsg."""
+
+    nonce: int
+
+
+@dataclass
+class ByeMsg:
+    """The sender ends the session on purpose."""
+
+    reason: str = "done"
+
+
+@dataclass
+class ErrorMsg:
+    """A session-level refusal or protocol complaint; the stream ends after it."""
+
+    kind: str
+    message: str
+
+
+# typing.Union, not `|`: this line runs at import, and a wrong-interpreter run must
+# get as far as main() to print the build-target error.
+Message = Union[HelloMsg, TaskRequestMsg, TaskResultMsg, PingMsg, PongMsg, ByeMsg, ErrorMsg]
+
+
+def schema_path() -> Path:
+    """Return the path of pangea.capnp: beside this file in the pyz, else in capnp/."""
+    here = Path(__file__).resolve()
+    for candidate in (here.with_name("pangea.capnp"), here.parent / "capnp" / "pangea.capnp"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"cannot find pangea.capnp next to {here}", hint="rebuild with ./build.sh")
+
+
+@functools.cache
+def load_schema() -> Any:
+    """Load and cache the Cap'n Proto schema module."""
+    import capnp
+
+    return capnp.load(str(schema_path()))
+
+
+def _array_parts(arrays: Sequence[np.ndarray]) -> tuple[list[tuple[str, tuple[int, ...], int]], list[memoryview]]:
+    """Return (dtype, shape, nbytes) metadata and zero-copy byte views of arrays."""
+    import numpy as np
+
+    metas, views = [], []
+    for a in arrays:
+        a = np.asarray(a)
+        if a.dtype.name not in ALLOWED_DTYPES:
+            raise LocalProtocolError(f"dtype {a.dtype.name!r} cannot be sent; allowed: {', '.join(ALLOWED_DTYPES)}")
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        if not a.flags.c_contiguous:
+            a = a.copy(order="C")  # NOTE: not np.ascontiguousarray, which turns 0-d into 1-d
+        metas.append((a.dtype.name, tuple(int(d) for d in a.shape), int(a.nbytes)))
+        views.append(memoryview(a.reshape(-1).view(np.uint8)))
+    return metas, views
+
+
+def _set_metas(builder_list: Any, metas: Sequence[tuple[str, tuple[int, ...], int]]) -> None:
+    for slot, (dtype, shape, nbytes) in zip(builder_list, metas, strict=True):
+        slot.dtype = dtype
+        slot.shape = list(shape)
+        slot.nbytes = nbytes
+
+
+def encode_parts(msg: Message) -> list[bytes | memoryview]:
+    """Return the byte pieces of one frame for ``msg``: prefix+header, then array views."""
+    schema = load_schema()
+    m = schema.Message.new_message()
+    views: list[memoryview] = []
+    if isinstance(msg, HelloMsg):
+        h = m.init("hello")
+        h.pangeaVersion = msg.pangea_version
+        h.protocolVersion = msg.protocol_version
+        h.kernels = list(msg.kernels)
+        h.role = msg.role
+        h.capacity.cores = msg.cores
+        h.capacity.blasThreads = msg.blas_threads
+        h.capacity.gflops = msg.gflops
+        h.maxPayloadBytes = msg.max_payload_bytes
+        h.platform = msg.platform
+    elif isinstance(msg, TaskRequestMsg):
+        metas, views = _array_parts(msg.operands)
+        r = m.init("taskRequest")
+        r.taskId = msg.task_id
+        r.kernel = msg.kernel
+        _set_metas(r.init("operands", len(metas)), metas)
+        params = r.init("params", len(msg.params))
+        for slot, (name, value) in zip(params, msg.params.items(), strict=True):
+            slot.name = name
+            slot.value = float(value)
+    elif isinstance(msg, TaskResultMsg):
+        metas, views = _array_parts(msg.outputs)
+        r = m.init("taskResult")
+        r.taskId = msg.task_id
+        _set_metas(r.init("outputs", len(metas)), metas)
+        r.errorKind = msg.error_kind
+        r.errorMessage = msg.error_message
+        r.computeSeconds = msg.compute_s
+    elif isinstance(msg, PingMsg):
+        m.init("ping").nonce = msg.nonce
+    elif isinstance(msg, PongMsg):
+        m.init("pong").nonce = msg.nonce
+    elif isinstance(msg, ByeMsg):
+        m.init("bye").reason = msg.reason
+    elif isinstance(msg, ErrorMsg):
+        e = m.init("error")
+        e.kind = msg.kind
+        e.message = msg.message
+    else:
+        raise LocalProtocolError(f"cannot encode {type(msg).__name__}")
+    header = m.to_bytes()
+    if len(header) > MAX_HEADER_BYTES:
+        raise LocalProtocolError(f"message header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+    payload_len = sum(len(v) for v in views)
+    return [FRAME_PREFIX.pack(len(header), payload_len) + header, *views]
+
+
+def encode(msg: Message) -> bytes:
+    """Return the whole frame for ``msg`` as bytes (copies arrays; tests and small messages)."""
+    return b"".join(bytes(p) for p in encode_parts(msg))
+
+
+def frame_size(msg: Message) -> int:
+    """Return the number of bytes ``msg`` takes on the wire."""
+    return sum(len(p) for p in encode_parts(msg))
+
+
+class Decoder:
+    """Turn a byte stream into messages, one frame at a time.
+
+    ``feed(data)`` keeps the bytes; ``next()`` returns the next complete
+    message or NEED_DATA. A RemoteProtocolError from ``next()`` means the
+    stream is unusable (every later call raises it again); a MessageError
+    means one frame had bad contents and decoding can go on.
+    """
+
+    def __init__(
+        self, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES, max_header_bytes: int = MAX_HEADER_BYTES
+    ) -> None:
+        self.max_payload_bytes = max_payload_bytes
+        self.max_header_bytes = max_header_bytes
+        self._chunks: deque[memoryview] = deque()
+        self._buffered = 0
+        self._header_len: int | None = None
+        self._payload_len = 0
+        self._header: bytes | None = None
+        self._payload: bytearray | None = None
+        self._filled = 0
+        self._broken: RemoteProtocolError | None = None
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held: fed but not yet consumed, plus the current payload buffer."""
+        return self._buffered + (len(self._payload) if self._payload is not None else 0)
+
+    @property
+    def in_frame(self) -> bool:
+        """True when part of a frame has been received (EOF now means truncation)."""
+        return self._buffered > 0 or self._header_len is not None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add received bytes; call ``next()`` until it returns NEED_DATA."""
+        if data:
+            self._chunks.append(memoryview(data).cast("B"))
+            self._buffered += len(self._chunks[-1])
+
+    def _take(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            chunk = self._chunks[0]
+            need = n - len(out)
+            if len(chunk) <= need:
+                out += chunk
+                self._chunks.popleft()
+            else:
+                out += chunk[:need]
+                self._chunks[0] = chunk[need:]
+        self._buffered -= n
+        return bytes(out)
+
+    def _fill_payload(self) -> None:
+        assert self._payload is not None
+        view = memoryview(self._payload)
+        while self._filled < self._payload_len and self._chunks:
+            chunk = self._chunks[0]
+            need = self._payload_len - self._filled
+            n = min(need, len(chunk))
+            view[self._filled : self._filled + n] = chunk[:n]
+            self._filled += n
+            self._buffered -= n
+            if n == len(chunk):
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = chunk[n:]
+
+    def _fail(self, message: str) -> RemoteProtocolError:
+        self._broken = RemoteProtocolError(message)
+        self._chunks.clear()
+        self._payload = None
+        return self._broken
+
+    def next(self) -> Message | _NeedData:
+        """Return the next complete message, or NEED_DATA."""
+        if self._broken is not None:
+            raise self._broken
+        if self._header_len is None:
+            if self._buffered < FRAME_PREFIX.size:
+                return NEED_DATA
+            header_len, payload_len = FRAME_PREFIX.unpack(self._take(FRAME_PREFIX.size))
+            if not 0 < header_len <= self.max_header_bytes:
+                raise self._fail(f"frame header of {header_len} bytes is outside 1..{self.max_header_bytes}")
+            if payload_len > self.max_payload_bytes:
+                raise self._fail(
+                    f"frame payload of {format_bytes(payload_len)} exceeds the limit of "
+                    f"{format_bytes(self.max_payload_bytes)}"
+                )
+            self._header_len, self._payload_len = header_len, payload_len
+        if self._header is None:
+            if self._buffered < self._header_len:
+                return NEED_DATA
+            self._header = self._take(self._header_len)
+            self._payload = bytearray(self._payload_len)
+            self._filled = 0
+        self._fill_payload()
+        if self._filled < self._payload_len:
+            return NEED_DATA
+        header, payload = self._header, self._payload
+        self._header_len, self._header, self._payload = None, None, None
+        assert payload is not None
+        try:
+            return decode_message(header, payload)
+        except MessageError:
+            raise
+        except RemoteProtocolError as exc:
+            raise self._fail(str(exc)) from None
+
+
+def _arrays_from(metas: Any, payload: bytearray, task_id: int) -> tuple[np.ndarray, ...]:
+    """Build arrays over ``payload`` (no copy) from header metadata; MessageError if inconsistent."""
+    import numpy as np
+
+    arrays = []
+    offset = 0
+    for i, meta in enumerate(metas):
+        dtype_name = str(meta.dtype)
+        if dtype_name not in ALLOWED_DTYPES:
+            raise MessageError(f"array {i}: dtype {dtype_name!r} is not allowed ({', '.join(ALLOWED_DTYPES)})", task_id=task_id)
+        shape = [int(d) for d in meta.shape]
+        if len(shape) > MAX_NDIM:
+            raise MessageError(f"array {i}: {len(shape)} dimensions, at most {MAX_NDIM} allowed", task_id=task_id)
+        dtype = np.dtype(dtype_name).newbyteorder("<")
+        expected = math.prod(shape) * dtype.itemsize
+        nbytes = int(meta.nbytes)
+        if nbytes != expected:
+            raise MessageError(
+                f"array {i}: shape {tuple(shape)} of {dtype_name} needs {expected} bytes, header says {nbytes}",
+                task_id=task_id,
+            )
+        if offset + nbytes > len(payload):
+            raise MessageError(f"array {i}: runs past the end of the payload", task_id=task_id)
+        a = np.frombuffer(payload, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+        arrays.append(a)
+        offset += nbytes
+    if offset != len(payload):
+        raise MessageError(f"payload has {len(payload)} bytes, the arrays describe {offset}", task_id=task_id)
+    return tuple(arrays)
+
+
+def decode_message(header: bytes, payload: bytearray) -> Message:
+    """Decode one frame's header and payload into a message (pure)."""
+    import capnp
+
+    schema = load_schema()
+    try:
+        with schema.Message.from_bytes(header, traversal_limit_in_words=len(header) // 8 + 64) as m:
+            which = str(m.which())
+            if payload and which not in ("taskRequest", "taskResult"):
+                raise RemoteProtocolError(f"a {which} message carries no payload, but this frame has one")
+            if which == "hello":
+                h = m.hello
+                return HelloMsg(
+                    pangea_version=str(h.pangeaVersion),
+                    protocol_version=int(h.protocolVersion),
+                    kernels=tuple(str(k) for k in h.kernels),
+                    role=str(h.role),
+                    cores=int(h.capacity.cores),
+                    blas_threads=int(h.capacity.blasThreads),
+                    gflops=float(h.capacity.gflops),
+                    max_payload_bytes=int(h.maxPayloadBytes),
+                    platform=str(h.platform),
+                )
+            if which == "taskRequest":
+                r = m.taskRequest
+                task_id = int(r.taskId)
+                params = {str(p.name): float(p.value) for p in r.params}
+                return TaskRequestMsg(task_id, str(r.kernel), _arrays_from(r.operands, payload, task_id), params)
+            if which == "taskResult":
+                r = m.taskResult
+                task_id = int(r.taskId)
+                return TaskResultMsg(
+                    task_id,
+                    _arrays_from(r.outputs, payload, task_id),
+                    str(r.errorKind),
+                    str(r.errorMessage),
+                    float(r.computeSeconds),
+                )
+            if which == "ping":
+                return PingMsg(int(m.ping.nonce))
+            if which == "pong":
+                return PongMsg(int(m.pong.nonce))
+            if which == "bye":
+                return ByeMsg(str(m.bye.reason))
+            if which == "error":
+                return ErrorMsg(str(m.error.kind), str(m.error.message))
+            raise RemoteProtocolError(f"unknown message type {which!r}")
+    except (capnp.KjException, UnicodeDecodeError, ValueError) as exc:
+        if isinstance(exc, PangeaError):
+            raise
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RemoteProtocolError(f"malformed message header: {text[:200]}") from None
+
+
+###############################################################################
+# 5. Kernels
+#
+# The fixed registry of numpy operations a peer may ask for. A kernel checks
+# its inputs and raises KernelError naming the problem; nothing else a peer
+# sends is ever interpreted. Kernels run in a worker thread (numpy releases
+# the GIL), never on the trio thread.
+###############################################################################
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One registry entry: ``fn(operands, params) -> outputs``."""
+
+    name: str
+    arity: int
+    fn: Callable[[Sequence[np.ndarray], dict[str, float]], tuple[np.ndarray, ...]]
+    doc: str
+    params: tuple[str, ...] = ()
+
+
+def _need_2d(name: str, a: np.ndarray, what: str = "operand") -> None:
+    if a.ndim != 2:
+        raise KernelError(f"{name}: {what} must be a 2-D matrix, got shape {a.shape}")
+
+
+def _need_square_float(name: str, a: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    _need_2d(name, a)
+    if a.shape[0] != a.shape[1]:
+        raise KernelError(f"{name}: matrix must be square, got shape {a.shape}")
+    if a.dtype.kind not in "fc":
+        a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise KernelError(f"{name}: matrix contains NaN or Inf")
+    return a
+
+
+def _broadcast(name: str, a: np.ndarray, b: np.ndarray) -> None:
+    import numpy as np
+
+    try:
+        np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise KernelError(f"{name}: shapes {a.shape} and {b.shape} do not match") from None
+
+
+def _k_matmul(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+    a, b = ops
+    _need_2d("matmul", a, "left operand")
+    _need_2d("matmul", b, "right operand")
+    if a.shape[1] != b.shape[0]:
+        raise KernelError(f"matmul: shapes {a.shape} and {b.shape} do not match ({a.shape[1]} != {b.shape[0]})")
+    return (a @ b,)
+
+
+def _k_elementwise(op: str) -> Callable[[Sequence[np.ndarray], dict[str, float]], tuple[np.ndarray, ...]]:
+    def fn(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+        import numpy as np
+
+        a, b = ops
+        _broadcast(op, a, b)
+        return ({"add": np.add, "subtract": np.subtract, "multiply": np.multiply}[op](a, b),)
+
+    return fn
+
+
+def _k_transpose(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+    import numpy as np
+
+    (a,) = ops
+    return (a.T.copy(order="C"),)
+
+
+def _k_scale(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+    (a,) = ops
+    factor = params.get("factor", 1.0)
+    if not math.isfinite(factor):
+        raise KernelError(f"scale: factor {factor!r} is not a finite number")
+    return (a * factor,)
+
+
+def _k_sum(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+    import numpy as np
+
+    (a,) = ops
+    if "axis" in params:
+        axis = params["axis"]
+        if axis != int(axis) or not -a.ndim <= int(axis) < a.ndim:
+            raise KernelError(f"sum: axis {axis!r} is out of range for {a.ndim} dimensions")
+        return (np.sum(a, axis=int(axis)),)
+    return (np.asarray(np.sum(a)),)
+
+
+def _k_dot(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+    import numpy as np
+
+    a, b = ops
+    if a.ndim != 1 or b.ndim != 1 or a.shape != b.shape:
+        raise KernelError(f"dot: operands must be vectors of the same length, got shapes {a.shape} and {b.shape}")
+    return (np.asarray(np.dot(a, b)),)
+
+
+def _k_solve(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+    import numpy as np
+
+    a, b = ops
+    a = _need_square_float("solve", a)
+    if b.ndim not in (1, 2) or b.shape[0] != a.shape[0]:
+        raise KernelError(f"solve: right-hand side of shape {b.shape} does not fit a {a.shape} matrix")
+    if not np.isfinite(b).all():
+        raise KernelError("solve: right-hand side contains NaN or Inf")
+    try:
+        return (np.linalg.solve(a, b),)
+    except np.linalg.LinAlgError as exc:
+        raise KernelError(f"solve: matrix is singular ({exc})") from None
+
+
+def _k_inverse(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+    import numpy as np
+
+    a = _need_square_float("inverse", ops[0])
+    try:
+        return (np.linalg.inv(a),)
+    except np.linalg.LinAlgError as exc:
+        raise KernelError(f"inverse: matrix is singular ({exc})") from None
+
+
+MAX_RANDOM_ELEMENTS = 1 << 28  # 2 GiB of float64; a larger request is a mistake or an attack
+
+
+def _k_random(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+    import numpy as np
+
+    dims = []
+    for key in ("rows", "cols"):
+        v = params.get(key, 0.0)
+        if v != int(v) or not 0 <= v <= 1 << 24:
+            raise KernelError(f"random: {key} must be a whole number in 0..{1 << 24}, got {v!r}")
+        dims.append(int(v))
+    if dims[0] * dims[1] > MAX_RANDOM_ELEMENTS:
+        raise KernelError(f"random: {dims[0]}x{dims[1]} exceeds {MAX_RANDOM_ELEMENTS} elements")
+    seed = params.get("seed", 0.0)
+    if seed != int(seed) or seed < 0:
+        raise KernelError(f"random: seed must be a whole number >= 0, got {seed!r}")
+    return (np.random.default_rng(int(seed)).random((dims[0], dims[1])),)
+
+
+KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in (
+        Kernel("matmul", 2, _k_matmul, "matrix product a @ b"),
+        Kernel("add", 2, _k_elementwise("add"), "element-wise a + b"),
+        Kernel("subtract", 2, _k_elementwise("subtract"), "element-wise a - b"),
+        Kernel("multiply", 2, _k_elementwise("multiply"), "element-wise a * b"),
+        Kernel("transpose", 1, _k_transpose, "a.T"),
+        Kernel("scale", 1, _k_scale, "a * factor", ("factor",)),
+        Kernel("sum", 1, _k_sum, "sum of all elements, or along axis", ("axis",)),
+        Kernel("dot", 2, _k_dot, "dot product of two vectors"),
+        Kernel("solve", 2, _k_solve, "x with a @ x = b"),
+        Kernel("inverse", 1, _k_inverse, "matrix inverse"),
+        Kernel("random", 0, _k_random, "uniform [0, 1) matrix rows x cols from seed", ("rows", "cols", "seed")),
+    )
+}
+
+
+def run_kernel(name: str, operands: Sequence[np.ndarray], params: dict[str, float] | None = None) -> tuple[np.ndarray, ...]:
+    """Run registry kernel ``name``; raise KernelError for any bad input."""
+    import numpy as np
+
+    params = dict(params or {})
+    kernel = KERNELS.get(name)
+    if kernel is None:
+        raise KernelError(f"unknown kernel {name!r}; known: {', '.join(sorted(KERNELS))}")
+    if len(operands) != kernel.arity:
+        raise KernelError(f"{name}: takes {kernel.arity} operand(s), got {len(operands)}")
+    unknown = set(params) - set(kernel.params)
+    if unknown:
+        raise KernelError(f"{name}: unknown parameter(s) {sorted(unknown)}; known: {list(kernel.params)}")
+    for i, a in enumerate(operands):
+        if not isinstance(a, np.ndarray) or a.dtype.name not in ALLOWED_DTYPES:
+            raise KernelError(f"{name}: operand {i} must be an array of {', '.join(ALLOWED_DTYPES)}")
+    with np.errstate(all="ignore"):
+        outputs = kernel.fn(operands, params)
+    return tuple(np.asarray(o) if np.asarray(o).flags.c_contiguous else np.asarray(o).copy(order="C") for o in outputs)
+
+
+###############################################################################
+# 6. Scheduler (pure core)
+#
+# Decides where each task runs and what happens when an attempt fails. It
+# never awaits, reads a clock or touches a socket: `handle(event, now)` takes
+# one event and returns a list of actions for the I/O layer to perform.
+# Workers are peer ids, plus LOCAL for this node. A task is tried on the
+# placement asked for, then on other workers, then locally, at most
+# `max_attempts` times; a result of an attempt that is no longer current is
+# dropped (counted), never delivered twice.
+###############################################################################
+
+PLACEMENTS = ("auto", "local", "remote")  # or a peer id
+RETRYABLE_KINDS = frozenset({"unavailable", "disconnected", "timeout", "busy", "refused", "internal"})
+
+
+@dataclass
+class SubmitEvent:
+    """A new task; ``placement`` is auto, local, remote or a peer id."""
+
+    task_id: int
+    placement: str
+    deadline: float
+
+
+@dataclass
+class WorkerUpEvent:
+    """A worker became usable (session opened); ``speed`` is relative (GFLOP/s)."""
+
+    worker_id: str
+    speed: float = 1.0
+
+
+@dataclass
+class WorkerDownEvent:
+    """A worker went away; its running attempts are retried elsewhere."""
+
+    worker_id: str
+    reason: str = "disconnected"
+
+
+@dataclass
+class TaskDoneEvent:
+    """Attempt ``attempt`` of a task succeeded."""
+
+    task_id: int
+    attempt: int
+
+
+@dataclass
+class TaskFailedEvent:
+    """Attempt ``attempt`` of a task failed with error ``kind``."""
+
+    task_id: int
+    attempt: int
+    kind: str
+    message: str
+
+
+@dataclass
+class CancelEvent:
+    """The user no longer wants the task."""
+
+    task_id: int
+
+
+@dataclass
+class TickEvent:
+    """Time passed; tasks past their deadline fail."""
+
+
+SchedulerEvent = Union[SubmitEvent, WorkerUpEvent, WorkerDownEvent, TaskDoneEvent, TaskFailedEvent, CancelEvent, TickEvent]
+
+
+@dataclass
+class Dispatch:
+    """Run attempt ``attempt`` of the task on ``worker_id``."""
+
+    task_id: int
+    attempt: int
+    worker_id: str
+
+
+@dataclass
+class Deliver:
+    """The attempt's result is the task's result: hand it to the caller."""
+
+    task_id: int
+    attempt: int
+    worker_id: str
+
+
+@dataclass
+class Fail:
+    """The task failed for good."""
+
+    task_id: int
+    kind: str
+    message: str
+
+
+@dataclass
+class Cancel:
+    """Stop attempt ``attempt`` on ``worker_id``; its result is no longer wanted."""
+
+    task_id: int
+    attempt: int
+    worker_id: str
+
+
+@dataclass
+class DropLate:
+    """A result arrived for an attempt that is no longer current; it was dropped."""
+
+    task_id: int
+    attempt: int
+
+
+SchedulerAction = Union[Dispatch, Deliver, Fail, Cancel, DropLate]
+
+
+@dataclass
+class AttemptRecord:
+    """Where one attempt ran and how it ended ("" while running)."""
+
+    worker_id: str
+    outcome: str = ""
+
+
+@dataclass
+class _TaskState:
+    task_id: int
+    placement: str
+    deadline: float
+    attempts: list[AttemptRecord] = field(default_factory=list)
+
+
+@dataclass
+class _WorkerState:
+    speed: float = 1.0
+    up: bool = True
+    running: int = 0
+
+
+class Scheduler:
+    """The pure placement and retry core; see the section comment."""
+
+    def __init__(self, *, max_attempts: int = MAX_ATTEMPTS, rng: random.Random | None = None) -> None:
+        self.max_attempts = max_attempts
+        self.rng = rng or random.Random(0)
+        self.tasks: dict[int, _TaskState] = {}
+        self.workers: dict[str, _WorkerState] = {LOCAL: _WorkerState()}
+        self.history: dict[int, list[AttemptRecord]] = {}  # attempts of finished tasks
+        self.late_dropped = 0
+
+    def attempts(self, task_id: int) -> list[AttemptRecord]:
+        """Return the attempt records of a running or finished task."""
+        if task_id in self.tasks:
+            return self.tasks[task_id].attempts
+        return self.history.get(task_id, [])
+
+    def handle(self, event: SchedulerEvent, now: float) -> list[SchedulerAction]:
+        """Apply one event; return the actions the I/O layer must perform."""
+        if isinstance(event, SubmitEvent):
+            if event.task_id in self.tasks or event.task_id in self.history:
+                return [Fail(event.task_id, "bad-input", f"task id {event.task_id} was already used")]
+            self.tasks[event.task_id] = _TaskState(event.task_id, event.placement, event.deadline)
+            return self._dispatch_next(self.tasks[event.task_id], None)
+        if isinstance(event, WorkerUpEvent):
+            self.workers[event.worker_id] = _WorkerState(speed=max(event.speed, 1e-3))
+            return []
+        if isinstance(event, WorkerDownEvent):
+            worker = self.workers.get(event.worker_id)
+            if worker is None or event.worker_id == LOCAL:
+                return []
+            worker.up = False
+            actions: list[SchedulerAction] = []
+            for task in list(self.tasks.values()):
+                if task.attempts and task.attempts[-1].worker_id == event.worker_id and not task.attempts[-1].outcome:
+                    actions += self._attempt_failed(task, "disconnected", event.reason)
+            return actions
+        if isinstance(event, TaskDoneEvent):
+            task = self._current(event.task_id, event.attempt)
+            if task is None:
+                self.late_dropped += 1
+                return [DropLate(event.task_id, event.attempt)]
+            record = task.attempts[-1]
+            record.outcome = "ok"
+            self._finish(task)
+            return [Deliver(task.task_id, event.attempt, record.worker_id)]
+        if isinstance(event, TaskFailedEvent):
+            task = self._current(event.task_id, event.attempt)
+            if task is None:
+                self.late_dropped += 1
+                return [DropLate(event.task_id, event.attempt)]
+            return self._attempt_failed(task, event.kind, event.message)
+        if isinstance(event, CancelEvent):
+            task = self.tasks.get(event.task_id)
+            if task is None:
+                return []
+            return self._give_up(task, "cancelled", "cancelled by the user")
+        if isinstance(event, TickEvent):
+            actions = []
+            for task in list(self.tasks.values()):
+                if now >= task.deadline:
+                    actions += self._give_up(task, "deadline", "the task missed its deadline")
+            return actions
+        raise TypeError(f"unknown scheduler event {event!r}")
+
+    def _current(self, task_id: int, attempt: int) -> _TaskState | None:
+        task = self.tasks.get(task_id)
+        if task is None or len(task.attempts) != attempt or task.attempts[-1].outcome:
+            return None
+        return task
+
+    def _finish(self, task: _TaskState) -> None:
+        if task.attempts:
+            worker = self.workers.get(task.attempts[-1].worker_id)
+            if worker is not None and worker.running > 0:
+                worker.running -= 1
+        self.history[task.task_id] = task.attempts
+        del self.tasks[task.task_id]
+
+    def _give_up(self, task: _TaskState, kind: str, message: str) -> list[SchedulerAction]:
+        actions: list[SchedulerAction] = []
+        if task.attempts and not task.attempts[-1].outcome:
+            record = task.attempts[-1]
+            record.outcome = kind
+            actions.append(Cancel(task.task_id, len(task.attempts), record.worker_id))
+        self._finish(task)
+        actions.append(Fail(task.task_id, kind, message))
+        return actions
+
+    def _attempt_failed(self, task: _TaskState, kind: str, message: str) -> list[SchedulerAction]:
+        record = task.attempts[-1]
+        record.outcome = f"{kind}: {message}"
+        worker = self.workers.get(record.worker_id)
+        if worker is not None and worker.running > 0:
+            worker.running -= 1
+        if kind not in RETRYABLE_KINDS or len(task.attempts) >= self.max_attempts:
+            self._finish_failed(task)
+            return [Fail(task.task_id, kind, message)]
+        return self._dispatch_next(task, record.worker_id)
+
+    def _finish_failed(self, task: _TaskState) -> None:
+        self.history[task.task_id] = task.attempts
+        del self.tasks[task.task_id]
+
+    def _choose(self, task: _TaskState) -> str:
+        tried = {a.worker_id for a in task.attempts}
+        remotes = [w for w, s in self.workers.items() if w != LOCAL and s.up and w not in tried]
+        placement = task.placement
+        if placement == LOCAL:
+            return LOCAL
+        if placement not in ("auto", "remote"):  # a peer id
+            # The named peer gets the first attempt even when it is down or
+            # unknown: the attempt fails at once and the record shows why the
+            # task then ran locally.
+            return placement if placement not in tried else LOCAL
+        candidates = remotes if placement == "remote" else remotes + ([LOCAL] if LOCAL not in tried else [])
+        if not candidates:
+            return LOCAL  # fallback: every remote worker is gone or has failed this task
+
+        def load(w: str) -> tuple[float, float]:
+            s = self.workers[w]
+            return ((s.running + 1) / s.speed, self.rng.random())
+
+        return min(candidates, key=load)
+
+    def _dispatch_next(self, task: _TaskState, previous: str | None) -> list[SchedulerAction]:
+        worker_id = self._choose(task)
+        task.attempts.append(AttemptRecord(worker_id))
+        self.workers.setdefault(worker_id, _WorkerState(up=False)).running += 1
+        return [Dispatch(task.task_id, len(task.attempts), worker_id)]
+
+    def validate(self) -> None:
+        """Check the invariants (running counts match running attempts); raise AssertionError."""
+        running: dict[str, int] = {}
+        for task in self.tasks.values():
+            assert task.attempts, f"task {task.task_id} has no attempt"
+            assert all(a.outcome for a in task.attempts[:-1]), f"task {task.task_id} has two live attempts"
+            if not task.attempts[-1].outcome:
+                running[task.attempts[-1].worker_id] = running.get(task.attempts[-1].worker_id, 0) + 1
+        for worker_id, state in self.workers.items():
+            assert state.running == running.get(worker_id, 0), f"worker {worker_id}: running {state.running} != {running.get(worker_id, 0)}"
+        assert not set(self.tasks) & set(self.history), "a task is both running and finished"
+
+
+###############################################################################
+# 7. Sessions
+#
+# The pangea home ($PANGEA_HOME, default ~/.pangea, mode 0700) holds the
+# identity key and one session directory per running process:
+#     compute_test/<role>-<pid>/{pid, info.json, addresses.txt, pangea.log}
+# Created at start, removed on exit (normal, Ctrl-C, SIGTERM); directories of
+# dead processes are removed by the next start.
+###############################################################################
+
+
+def pangea_home() -> Path:
+    """Return the pangea home directory, creating it with mode 0700."""
+    raw = os.environ.get("PANGEA_HOME") or str(Path.home() / ".pangea")
+    home = Path(raw).expanduser()
+    try:
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(home, 0o700)
+    except OSError as exc:
+        raise SessionError(f"cannot use pangea home {str(home)!r}: {exc.strerror}",
+                           hint="set PANGEA_HOME to a writable directory") from None
+    return home
+
+
+def pid_alive(pid: int) -> bool:
+    """Return True when a process with this pid exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_sessions(home: Path) -> list[Path]:
+    """Remove session directories whose process is gone; return what was removed."""
+    root = home / SESSIONS_DIRNAME
+    removed = []
+    if not root.is_dir():
+        return removed
+    for d in root.iterdir():
+        _, _, pid_text = d.name.rpartition("-")
+        if d.is_dir() and pid_text.isdigit() and not pid_alive(int(pid_text)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+class SessionDir:
+    """The session directory of this process; see the section comment."""
+
+    def __init__(self, home: Path, role: str, pid: int | None = None) -> None:
+        self.home = home
+        self.role = role
+        self.pid = pid if pid is not None else os.getpid()
+        self.path = home / SESSIONS_DIRNAME / f"{role}-{self.pid}"
+        self.info: dict[str, Any] = {"role": role, "pid": self.pid, "started": time.time(), "version": __version__}
+
+    @property
+    def log_path(self) -> Path:
+        """Path of this session's log file."""
+        return self.path / "pangea.log"
+
+    def create(self) -> SessionDir:
+        """Clean stale sessions, then create this one with its pid file."""
+        clean_stale_sessions(self.home)
+        try:
+            (self.home / SESSIONS_DIRNAME).mkdir(mode=0o700, exist_ok=True)
+            self.path.mkdir(mode=0o700, exist_ok=True)
+            (self.path / "pid").write_text(f"{self.pid}\n")
+        except OSError as exc:
+            raise SessionError(f"cannot create session directory {str(self.path)!r}: {exc.strerror}") from None
+        self.save()
+        return self
+
+    def save(self, **info: Any) -> None:
+        """Merge ``info`` into info.json and write it atomically."""
+        self.info.update(info)
+        tmp = self.path / "info.json.tmp"
+        tmp.write_text(json.dumps(self.info, indent=2) + "\n")
+        os.replace(tmp, self.path / "info.json")
+
+    @staticmethod
+    def load(path: Path) -> dict[str, Any]:
+        """Read a session directory's info.json ({} when missing or unreadable)."""
+        try:
+            return dict(json.loads((path / "info.json").read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def write_addresses(self, addresses: Sequence[str]) -> None:
+        """Record the multiaddrs a peer can dial (addresses.txt, one per line)."""
+        (self.path / "addresses.txt").write_text("".join(a + "\n" for a in addresses))
+        self.save(addresses=list(addresses))
+
+    def remove(self) -> None:
+        """Delete the session directory (idempotent)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+###############################################################################
+# 8. I/O: the libp2p node
+#
+# The thin adapter between libp2p streams and the pure sections above:
+# `Channel` reads bytes into a Decoder and writes encoded frames; a
+# `PeerSession` is one session stream with a peer (one reader task that never
+# blocks on a write, request/response matched by task id); the `Node` owns
+# the host, accepts and dials sessions and runs kernels in a worker thread;
+# the `Manager` drives the Scheduler, performing its actions through
+# `TaskDelegator`s. The initiator's distributed checks close the section.
+#
+# NOTE: an exception escaping a libp2p stream handler kills the whole host
+# (tech notes), so the handler catches everything and resets the stream.
+# NOTE: Yamux fails a write after 5 s without a window update, so a reader
+# must always be draining: the session reader hands work to other tasks and
+# never waits on the send lock itself.
+###############################################################################
+
+
+class NoPeerError(PeerError):
+    """Raised when nobody connected (initiate) or the initiator could not be
+    reached (respond) within --timeout; check the address and the firewall."""
+
+    exit_code = 2
+
+
+def describe_exception(exc: BaseException) -> str:
+    """Return a one-line description of an exception from a library."""
+    if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        return describe_exception(exc.exceptions[0])
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def stream_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean a libp2p stream or connection went away."""
+    import trio
+    from libp2p.network.stream.exceptions import StreamError
+    from libp2p.stream_muxer.exceptions import MuxedConnUnavailable, MuxedStreamError
+
+    return (StreamError, MuxedStreamError, MuxedConnUnavailable, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def load_or_create_identity(home: Path) -> Any:
+    """Return this node's Ed25519 key pair, created once and kept (0600) in the home."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.identity_utils import load_identity, save_identity
+
+    path = home / IDENTITY_FILENAME
+    if path.exists():
+        try:
+            return load_identity(path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read identity key {str(path)!r}: {describe_exception(exc)}",
+                              hint="delete the file to create a new identity (the peer ID changes)") from None
+    key_pair = create_new_key_pair()
+    save_identity(key_pair, path)
+    os.chmod(path, 0o600)
+    return key_pair
+
+
+def make_host(key_pair: Any) -> Any:
+    """Return a libp2p host: TCP, Noise only (never plaintext), Yamux only."""
+    from libp2p import new_host
+    from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
+    from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
+    from libp2p.security.noise.transport import Transport as Noise
+    from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_ID: Noise(key_pair, noise_privkey=new_x25519().private_key)},
+        muxer_opt={YAMUX_ID: Yamux},
+    )
+
+
+def local_interface_addresses() -> list[tuple[str, str]]:
+    """Return (interface, IPv4 address) pairs of this machine."""
+    import psutil
+
+    out = []
+    for name, addrs in psutil.net_if_addrs().items():
+        out += [(name, a.address) for a in addrs if a.family == socket.AF_INET]
+    return out
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """Raise ConfigError when host:port cannot be listened on.
+
+    NOTE: py-libp2p's listener sets SO_REUSEPORT, so a second node on a busy
+    port would start without error and share it; a plain bind finds out.
+    """
+    import errno
+
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"cannot listen on {host}:{port}: port {port} is already in use",
+                                  hint="stop the other program, or pick another port: --port 0 chooses a free one") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"cannot listen on {host}:{port}: {host} is not an address of this machine",
+                                  hint="use --host 0.0.0.0 (all interfaces) or one of: "
+                                  + ", ".join(ip for _, ip in rank_interface_addresses(local_interface_addresses()))) from None
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def capacity() -> dict[str, int]:
+    """Return the cores and BLAS threads this node offers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    blas = int(os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or cores)
+    return {"cores": cores, "blas_threads": blas}
+
+
+class Channel:
+    """One libp2p stream with a Decoder: whole messages in, whole frames out."""
+
+    def __init__(self, stream: Any, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+        import trio
+
+        self.stream = stream
+        self.decoder = Decoder(max_payload_bytes)
+        self._send_lock = trio.Lock()
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    async def send(self, msg: Message) -> None:
+        """Write one message; raise PeerError when the stream is gone."""
+        parts = encode_parts(msg)
+        async with self._send_lock:
+            try:
+                for part in parts:
+                    view = memoryview(part)
+                    for start in range(0, len(view), WRITE_CHUNK_BYTES):
+                        chunk = view[start : start + WRITE_CHUNK_BYTES]
+                        await self.stream.write(chunk)
+                        self.bytes_out += len(chunk)
+            except stream_errors() as exc:
+                raise PeerError(f"cannot send to peer: {describe_exception(exc)}", kind="disconnected") from None
+
+    async def receive(self) -> Message:
+        """Return the next message; raise PeerError at EOF or reset, RemoteProtocolError for garbage."""
+        from libp2p.network.stream.exceptions import StreamEOF
+
+        while True:
+            msg = self.decoder.next()
+            if msg is not NEED_DATA:
+                return msg
+            try:
+                data = await self.stream.read(READ_CHUNK_BYTES)
+            except StreamEOF:
+                where = " in the middle of a frame" if self.decoder.in_frame else ""
+                raise PeerError(f"peer closed the stream{where}", kind="disconnected") from None
+            except stream_errors() as exc:
+                raise PeerError(f"stream lost: {describe_exception(exc)}", kind="disconnected") from None
+            self.bytes_in += len(data)
+            self.decoder.feed(data)
+
+    async def close(self, reset: bool = False) -> None:
+        """Close (or reset) the stream, ignoring a stream that is already gone."""
+        with contextlib.suppress(*stream_errors()):
+            if reset:
+                await self.stream.reset()
+            else:
+                await self.stream.close()
+
+
+@dataclass
+class _Pending:
+    event: Any
+    result: TaskResultMsg | None = None
+    error: PangeaError | None = None
+
+
+class PeerSession:
+    """The session stream with one peer: requests we send, tasks we serve."""
+
+    def __init__(self, node: Node, channel: Channel, peer_id: str, hello: HelloMsg, *, dialed: bool) -> None:
+        import trio
+
+        self.node = node
+        self.channel = channel
+        self.peer_id = peer_id
+        self.hello = hello
+        self.dialed = dialed
+        self.closed = trio.Event()
+        self.close_reason = ""
+        self.bye_reason: str | None = None
+        self.rtt_s: float | None = None
+        self.tasks_served = 0
+        self.tasks_refused = 0
+        self._next_task_id = 1
+        self._pending: dict[int, _Pending] = {}
+        self._pings: dict[int, tuple[float, Any]] = {}
+        self._serving: set[int] = set()
+
+    @property
+    def label(self) -> str:
+        """The short peer id for log lines."""
+        return short_id(self.peer_id)
+
+    async def run(self) -> None:
+        """Read messages until the session ends; never blocks on a write."""
+        reason = "session ended"
+        try:
+            while True:
+                try:
+                    msg = await self.channel.receive()
+                except MessageError as exc:
+                    log.warning("bad message from %s: %s", self.label, exc)
+                    if exc.task_id is not None:
+                        self._send_soon(TaskResultMsg(exc.task_id, error_kind="bad-input", error_message=str(exc)))
+                    continue
+                if isinstance(msg, TaskRequestMsg):
+                    self.node.nursery.start_soon(self._serve, msg)
+                elif isinstance(msg, TaskResultMsg):
+                    pending = self._pending.pop(msg.task_id, None)
+                    if pending is None:
+                        log.info("dropping late result of task %d from %s", msg.task_id, self.label)
+                    else:
+                        pending.result = msg
+                        pending.event.set()
+                elif isinstance(msg, PingMsg):
+                    self._send_soon(PongMsg(msg.nonce))
+                elif isinstance(msg, PongMsg):
+                    sent = self._pings.pop(msg.nonce, None)
+                    if sent is not None:
+                        self.rtt_s = time.perf_counter() - sent[0]
+                        sent[1].set()
+                elif isinstance(msg, ByeMsg):
+                    self.bye_reason = msg.reason
+                    reason = f"peer said bye ({msg.reason})"
+                    break
+                elif isinstance(msg, ErrorMsg):
+                    reason = f"peer closed the session: {msg.kind}: {msg.message}"
+                    log.warning("%s: %s", self.label, reason)
+                    break
+                else:
+                    raise RemoteProtocolError(f"unexpected {type(msg).__name__} in an open session")
+        except RemoteProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            log.warning("dropping peer %s: %s", self.label, reason)
+            with contextlib.suppress(PeerError):
+                await self.channel.send(ErrorMsg("protocol", str(exc)))
+        except PeerError as exc:
+            reason = str(exc)
+        finally:
+            await self._close(reason)
+
+    def _send_soon(self, msg: Message) -> None:
+        async def send() -> None:
+            with contextlib.suppress(PeerError):
+                await self.channel.send(msg)
+
+        self.node.nursery.start_soon(send)
+
+    async def _close(self, reason: str) -> None:
+        if self.closed.is_set():
+            return
+        self.close_reason = reason
+        self.closed.set()
+        for pending in self._pending.values():
+            pending.error = PeerError(f"peer {self.label} went away: {reason}", kind="disconnected")
+            pending.event.set()
+        self._pending.clear()
+        for _, event in self._pings.values():
+            event.set()
+        self.node._session_closed(self)
+        await self.channel.close(reset=self.bye_reason is None)
+
+    async def _serve(self, req: TaskRequestMsg) -> None:
+        if req.task_id in self._serving:
+            result = TaskResultMsg(req.task_id, error_kind="bad-input", error_message=f"task id {req.task_id} is already running")
+        elif not self.node.may_serve(self.peer_id):
+            self.tasks_refused += 1
+            log.warning("refusing task %d from %s: not a trusted peer", req.task_id, self.label)
+            result = TaskResultMsg(req.task_id, error_kind="refused",
+                                   error_message=f"node {short_id(self.node.peer_id)} does not run tasks for {self.peer_id}")
+        else:
+            self._serving.add(req.task_id)
+            try:
+                outputs, compute_s = await self.node.execute_local(req.kernel, req.operands, req.params)
+                result = TaskResultMsg(req.task_id, outputs, compute_s=compute_s)
+                self.tasks_served += 1
+                log.info("task %d from %s: %s done in %.3f s", req.task_id, self.label, req.kernel, compute_s)
+            except TaskError as exc:
+                log.info("task %d from %s: %s failed: %s", req.task_id, self.label, req.kernel, exc)
+                result = TaskResultMsg(req.task_id, error_kind=exc.kind, error_message=str(exc))
+            finally:
+                self._serving.discard(req.task_id)
+        if self.closed.is_set():
+            return
+        try:
+            await self.channel.send(result)
+        except PeerError as exc:
+            log.info("cannot return task %d to %s: %s", req.task_id, self.label, exc)
+
+    async def request(self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float] | None = None) -> TaskResultMsg:
+        """Send a task to the peer and wait for its result; PeerError if the peer goes away."""
+        import trio
+
+        if self.closed.is_set():
+            raise PeerError(f"peer {self.label} is not connected ({self.close_reason})", kind="unavailable")
+        task_id = self._next_task_id
+        self._next_task_id += 1
+        pending = _Pending(trio.Event())
+        self._pending[task_id] = pending
+        try:
+            await self.channel.send(TaskRequestMsg(task_id, kernel, tuple(operands), dict(params or {})))
+            await pending.event.wait()
+        finally:
+            self._pending.pop(task_id, None)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    async def ping(self, timeout_s: float = 5.0) -> float:
+        """Return one round-trip time in seconds over the session stream."""
+        import trio
+
+        nonce = random.getrandbits(63)
+        done = trio.Event()
+        self._pings[nonce] = (time.perf_counter(), done)
+        start = time.perf_counter()
+        await self.channel.send(PingMsg(nonce))
+        with trio.move_on_after(timeout_s):
+            await done.wait()
+        self._pings.pop(nonce, None)
+        if self.closed.is_set() or not done.is_set():
+            raise PeerError(f"no pong from {self.label} within {timeout_s:.0f} s", kind="timeout")
+        return time.perf_counter() - start
+
+    async def bye(self, reason: str = "done") -> None:
+        """Tell the peer we are finished (it hangs up)."""
+        with contextlib.suppress(PeerError):
+            await self.channel.send(ByeMsg(reason))
+
+
+class Node:
+    """A pangea libp2p node: identity, host, sessions, local kernel execution.
+
+    ``accept(peer_id, hello)`` returns None to accept an incoming session or
+    the reason to refuse it; ``may_serve(peer_id)`` says whether we run tasks
+    for that peer.
+    """
+
+    def __init__(
+        self,
+        *,
+        key_pair: Any,
+        role: str,
+        accept: Callable[[str, HelloMsg], str | None],
+        may_serve: Callable[[str], bool],
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        import trio
+
+        self.host = make_host(key_pair)
+        self.peer_id = str(self.host.get_id())
+        self.role = role
+        self.accept = accept
+        self.may_serve = may_serve
+        self.max_payload_bytes = max_payload_bytes
+        self.sessions: dict[str, PeerSession] = {}
+        self.nursery: Any = None
+        self.kernel_limiter = trio.CapacityLimiter(1)  # BLAS already uses every core
+        self.addresses: list[str] = []
+        self.on_session: list[Callable[[PeerSession], None]] = []
+        self.on_session_closed: list[Callable[[PeerSession], None]] = []
+        self._new_sessions_send, self._new_sessions = trio.open_memory_channel[PeerSession](math.inf)
+
+    def hello(self) -> HelloMsg:
+        """Return our Hello message."""
+        cap = capacity()
+        return HelloMsg(
+            pangea_version=__version__,
+            protocol_version=PROTOCOL_VERSION,
+            kernels=tuple(sorted(KERNELS)),
+            role=self.role,
+            cores=cap["cores"],
+            blas_threads=cap["blas_threads"],
+            max_payload_bytes=self.max_payload_bytes,
+            platform=f"{sys.implementation.cache_tag} {platform.machine()} {platform.system()}",
+        )
+
+    @contextlib.asynccontextmanager
+    async def running(self, listen_host: str, port: int) -> Any:
+        """Run the host listening on listen_host:port; yields when ready."""
+        import trio
+        from libp2p.custom_types import TProtocol
+        from multiaddr import Multiaddr
+
+        ensure_port_free(listen_host, port)
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            async with self.host.run([Multiaddr(f"/ip4/{listen_host}/tcp/{port}")]):
+                self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self._handle_stream)
+                self.host.get_network().register_notifee(_forget_departed_peers(self.host))
+                self.addresses = self.dialable_addresses(listen_host)
+                try:
+                    yield self
+                finally:
+                    nursery.cancel_scope.cancel()
+
+    def dialable_addresses(self, listen_host: str) -> list[str]:
+        """Return our full multiaddrs, one per usable interface, loopback last.
+
+        NOTE: libp2p advertises a 0.0.0.0 listener verbatim, which no peer can
+        dial, so the wildcard is expanded to the interfaces' addresses.
+        """
+        ports = [int(a.value_for_protocol("tcp")) for a in self.host.get_transport_addrs()]
+        port = ports[0]
+        if listen_host == "0.0.0.0":
+            ips = [ip for _, ip in rank_interface_addresses(local_interface_addresses())]
+        else:
+            ips = [listen_host]
+        return [f"/ip4/{ip}/tcp/{port}/p2p/{self.peer_id}" for ip in ips]
+
+    def connection_info(self, peer_id: str) -> dict[str, str]:
+        """Return the negotiated security and muxer of our connection to a peer."""
+        from libp2p.peer.id import ID
+
+        conns = self.host.get_network().get_connections(ID.from_base58(peer_id))
+        if not conns:
+            return {"security": "?", "muxer": "?", "remote": "?"}
+        conn = conns[0]
+        remote = "?"
+        with contextlib.suppress(Exception):  # best effort: the API differs by transport
+            addrs = conn.get_transport_addresses()
+            remote = str(addrs[0]) if addrs else "?"
+        return {
+            "security": str(conn.get_negotiated_security_protocol() or "?"),
+            "muxer": str(conn.get_negotiated_muxer_protocol() or "?"),
+            "remote": remote,
+        }
+
+    async def next_session(self) -> PeerSession:
+        """Wait for the next accepted or dialed session."""
+        return await self._new_sessions.receive()
+
+    def _session_opened(self, session: PeerSession) -> None:
+        old = self.sessions.get(session.peer_id)
+        self.sessions[session.peer_id] = session
+        if old is not None and old is not session:
+            self.nursery.start_soon(old._close, "replaced by a new session")
+        for callback in self.on_session:
+            callback(session)
+        self._new_sessions_send.send_nowait(session)
+
+    def _session_closed(self, session: PeerSession) -> None:
+        if self.sessions.get(session.peer_id) is session:
+            del self.sessions[session.peer_id]
+        log.info("session with %s closed: %s", session.label, session.close_reason)
+        for callback in self.on_session_closed:
+            callback(session)
+
+    async def _handle_stream(self, stream: Any) -> None:
+        import trio
+
+        peer_id = str(stream.muxed_conn.peer_id)
+        channel = Channel(stream, self.max_payload_bytes)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                msg = await channel.receive()
+            if not isinstance(msg, HelloMsg):
+                raise RemoteProtocolError(f"expected Hello first, got {type(msg).__name__}")
+            problem = hello_mismatch(PROTOCOL_VERSION, msg.protocol_version, msg.pangea_version)
+            refusal = problem or self.accept(peer_id, msg)
+            if refusal is not None:
+                log.warning("refused %s %s: %s", msg.role or "peer", peer_id, refusal)
+                await channel.send(ErrorMsg("incompatible" if problem else "refused", refusal))
+                await trio.sleep(0.2)  # let the error reach the peer before the close
+                await channel.close()
+                return
+            await channel.send(self.hello())
+            session = PeerSession(self, channel, peer_id, msg, dialed=False)
+            self._session_opened(session)
+            log.info("session with %s %s (pangea %s)", msg.role, peer_id, msg.pangea_version)
+            await session.run()
+        except trio.TooSlowError:
+            log.warning("dropping peer %s: no Hello within %.0f s", short_id(peer_id), HANDSHAKE_TIMEOUT_S)
+            await channel.close(reset=True)
+        except (RemoteProtocolError, PeerError) as exc:
+            log.warning("dropping peer %s: %s", short_id(peer_id), exc)
+            await channel.close(reset=True)
+        except Exception:  # NOTE: anything escaping here would kill the libp2p host
+            log.exception("internal error on a stream from %s; resetting it", short_id(peer_id))
+            await channel.close(reset=True)
+
+    async def dial(self, address: PeerAddress, *, timeout_s: float) -> PeerSession:
+        """Connect to a peer (retrying with backoff until timeout_s) and open a session."""
+        import trio
+        from libp2p.custom_types import TProtocol
+        from libp2p.peer.peerinfo import info_from_p2p_addr
+        from multiaddr import Multiaddr
+
+        try:
+            info = info_from_p2p_addr(Multiaddr(address.text))
+        except Exception as exc:  # multiaddr raises several unrelated types
+            raise UsageError(f"bad address {address.text!r}: {describe_exception(exc)}") from None
+        deadline = trio.current_time() + timeout_s
+        delays = backoff_delays(DIAL_BACKOFF_FIRST_S, DIAL_BACKOFF_MAX_S)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with trio.fail_after(max(1.0, deadline - trio.current_time())):
+                    await self.host.connect(info)
+                    stream = await self.host.new_stream(info.peer_id, [TProtocol(PROTOCOL_ID)])
+                break
+            except Exception as exc:  # py-libp2p raises many unrelated types for a failed dial
+                error = "timed out" if isinstance(exc, trio.TooSlowError) else describe_exception(exc)
+                delay = next(delays)
+                log.info("dial %s (attempt %d) failed: %s", address.text, attempt, error)
+                if trio.current_time() + delay >= deadline:
+                    raise NoPeerError(
+                        f"cannot reach {address.text} within {timeout_s:.0f} s ({attempt} attempts): {error}",
+                        kind="unreachable",
+                        hint="check that `pangea.pyz initiate` is running there, that the address (and its "
+                        "peer ID) is the one it printed, and that no firewall blocks the port",
+                    ) from None
+                await trio.sleep(delay)
+        channel = Channel(stream, self.max_payload_bytes)
+        try:
+            await channel.send(self.hello())
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                msg = await channel.receive()
+        except trio.TooSlowError:
+            await channel.close(reset=True)
+            raise PeerError(f"{address.peer_id} did not answer the handshake within {HANDSHAKE_TIMEOUT_S:.0f} s",
+                            kind="timeout") from None
+        except (RemoteProtocolError, PeerError) as exc:
+            await channel.close(reset=True)
+            raise PeerError(f"handshake with {address.peer_id} failed: {exc}", kind="disconnected") from None
+        if isinstance(msg, ErrorMsg):
+            await channel.close()
+            hint = "use the same pangea.pyz on both machines" if msg.kind == "incompatible" else None
+            raise PeerError(f"{address.peer_id} refused the session: {msg.message}", kind=msg.kind, hint=hint)
+        if not isinstance(msg, HelloMsg):
+            await channel.close(reset=True)
+            raise PeerError(f"{address.peer_id} answered the handshake with {type(msg).__name__}", kind="incompatible")
+        problem = hello_mismatch(PROTOCOL_VERSION, msg.protocol_version, msg.pangea_version)
+        if problem is not None:
+            with contextlib.suppress(PeerError):
+                await channel.send(ErrorMsg("incompatible", problem))
+            await channel.close()
+            raise PeerError(problem, kind="incompatible", hint="use the same pangea.pyz on both machines")
+        session = PeerSession(self, channel, address.peer_id, msg, dialed=True)
+        self._session_opened(session)
+        self.nursery.start_soon(session.run)
+        return session
+
+    async def execute_local(self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> tuple[tuple[np.ndarray, ...], float]:
+        """Run a kernel in a worker thread; return (outputs, compute seconds)."""
+        import trio
+
+        def timed() -> tuple[tuple[np.ndarray, ...], float]:
+            start = time.perf_counter()
+            outputs = run_kernel(kernel, operands, params)
+            return outputs, time.perf_counter() - start
+
+        try:
+            return await trio.to_thread.run_sync(timed, limiter=self.kernel_limiter)
+        except TaskError:
+            raise
+        except (ValueError, TypeError, ArithmeticError, MemoryError) as exc:  # numpy's own errors
+            raise TaskError(f"{kernel}: {describe_exception(exc)}", kind="bad-input") from None
+
+
+def _forget_departed_peers(host: Any) -> Any:
+    """Return a notifee that clears a peer's addresses once its last connection closes.
+
+    NOTE: py-libp2p's AutoConnector redials peers whose addresses remain in
+    the peerstore, so a departed responder would be dialled forever (#1451).
+    """
+    from libp2p.abc import INotifee
+
+    class ForgetDeparted(INotifee):
+        async def opened_stream(self, network: Any, stream: Any) -> None:
+            pass
+
+        async def closed_stream(self, network: Any, stream: Any) -> None:
+            pass
+
+        async def connected(self, network: Any, conn: Any) -> None:
+            pass
+
+        async def disconnected(self, network: Any, conn: Any) -> None:
+            peer = conn.muxed_conn.peer_id
+            if not network.get_connections(peer):
+                host.get_peerstore().clear_addrs(peer)
+
+        async def listen(self, network: Any, multiaddr: Any) -> None:
+            pass
+
+        async def listen_close(self, network: Any, multiaddr: Any) -> None:
+            pass
+
+    return ForgetDeparted()
+
+
+# ---------------------------------------------------------------- delegators
+
+
+class TaskDelegator(Protocol):
+    """Executes a task somewhere: returns (outputs, compute seconds) or raises
+    TaskError (the task failed there) or PeerError (the worker is gone)."""
+
+    worker_id: str
+
+    async def execute(self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> tuple[tuple[np.ndarray, ...], float]:
+        """Run the task on this delegator's worker."""
+        ...
+
+
+class LocalDelegator:
+    """Runs tasks on this node."""
+
+    worker_id = LOCAL
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def execute(self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> tuple[tuple[np.ndarray, ...], float]:
+        """Run the kernel in this process's worker thread."""
+        return await self.node.execute_local(kernel, operands, params)
+
+
+class RemoteDelegator:
+    """Runs tasks on a connected peer over its session."""
+
+    def __init__(self, session: PeerSession) -> None:
+        self.session = session
+        self.worker_id = session.peer_id
+
+    async def execute(self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> tuple[tuple[np.ndarray, ...], float]:
+        """Send the task to the peer; raise TaskError with the peer's error text."""
+        result = await self.session.request(kernel, operands, params)
+        if not result.ok:
+            raise TaskError(f"{kernel} on {self.session.label}: {result.error_message}", kind=result.error_kind)
+        return result.outputs, result.compute_s
+
+
+@dataclass
+class TaskOutcome:
+    """The delivered result of a task and where its attempts ran."""
+
+    task_id: int
+    kernel: str
+    outputs: tuple[np.ndarray, ...]
+    worker_id: str
+    attempts: list[AttemptRecord]
+    compute_s: float
+    elapsed_s: float
+
+
+class Manager:
+    """Runs tasks: feeds the Scheduler, performs its actions through delegators.
+
+    Each `run()` call owns one task: it waits on a channel of the actions the
+    scheduler addressed to that task, so retries after a worker leaves are
+    picked up by the task that needs them.
+    """
+
+    def __init__(self, node: Node, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.node = node
+        self.clock = clock
+        self.scheduler = Scheduler()
+        self.delegators: dict[str, TaskDelegator] = {LOCAL: LocalDelegator(node)}
+        self._routes: dict[int, Any] = {}
+        self._next_id = 1
+        node.on_session.append(self._worker_up)
+        node.on_session_closed.append(self._worker_down)
+
+    def _worker_up(self, session: PeerSession) -> None:
+        self.delegators[session.peer_id] = RemoteDelegator(session)
+        self._apply(self.scheduler.handle(WorkerUpEvent(session.peer_id, max(session.hello.gflops, 1.0)), self.clock()))
+
+    def _worker_down(self, session: PeerSession) -> None:
+        self._apply(self.scheduler.handle(WorkerDownEvent(session.peer_id, session.close_reason), self.clock()))
+
+    def _apply(self, actions: list[SchedulerAction]) -> None:
+        for action in actions:
+            if isinstance(action, DropLate):
+                log.info("dropped a late result of task %d (attempt %d)", action.task_id, action.attempt)
+                continue
+            route = self._routes.get(action.task_id)
+            if route is not None:
+                route.send_nowait(action)
+
+    async def run(
+        self,
+        kernel: str,
+        operands: Sequence[np.ndarray],
+        params: dict[str, float] | None = None,
+        *,
+        placement: str = "auto",
+        timeout_s: float = 600.0,
+    ) -> TaskOutcome:
+        """Run one task to completion; raise TaskError when every attempt failed."""
+        import trio
+
+        task_id = self._next_id
+        self._next_id += 1
+        send, receive = trio.open_memory_channel[SchedulerAction](math.inf)
+        self._routes[task_id] = send
+        results: dict[int, tuple[tuple[np.ndarray, ...], float]] = {}
+        scopes: dict[int, Any] = {}
+        start = self.clock()
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(timeout_s) as deadline_scope:
+                    self._apply(self.scheduler.handle(SubmitEvent(task_id, placement, start + timeout_s), start))
+                    async for action in receive:
+                        if isinstance(action, Dispatch):
+                            scopes[action.attempt] = trio.CancelScope()
+                            nursery.start_soon(self._attempt, task_id, action, scopes[action.attempt], kernel, operands, dict(params or {}), results)
+                        elif isinstance(action, Cancel):
+                            if action.attempt in scopes:
+                                scopes[action.attempt].cancel()
+                        elif isinstance(action, Deliver):
+                            nursery.cancel_scope.cancel()
+                            outputs, compute_s = results.pop(action.attempt)
+                            return TaskOutcome(task_id, kernel, outputs, action.worker_id, self.scheduler.attempts(task_id),
+                                               compute_s, self.clock() - start)
+                        elif isinstance(action, Fail):
+                            nursery.cancel_scope.cancel()
+                            raise TaskError(self._failure_text(task_id, kernel, action), kind=action.kind)
+                if deadline_scope.cancelled_caught:
+                    self._apply(self.scheduler.handle(TickEvent(), start + timeout_s))
+                nursery.cancel_scope.cancel()
+            raise TaskError(f"{kernel}: no result within {timeout_s:.0f} s", kind="deadline")
+        finally:
+            del self._routes[task_id]
+
+    def _failure_text(self, task_id: int, kernel: str, fail: Fail) -> str:
+        attempts = self.scheduler.attempts(task_id)
+        where = "; ".join(f"{short_id(a.worker_id)}: {a.outcome}" for a in attempts)
+        return f"{kernel} failed after {len(attempts)} attempt(s): {fail.message}" + (f" [{where}]" if len(attempts) > 1 else "")
+
+    async def _attempt(self, task_id: int, action: Dispatch, scope: Any, kernel: str, operands: Sequence[np.ndarray],
+                       params: dict[str, float], results: dict[int, tuple[tuple[np.ndarray, ...], float]]) -> None:
+        event: SchedulerEvent
+        with scope:
+            delegator = self.delegators.get(action.worker_id)
+            try:
+                if delegator is None:
+                    raise PeerError(f"worker {short_id(action.worker_id)} is not connected", kind="unavailable")
+                log.debug("task %d attempt %d on %s: %s", task_id, action.attempt, short_id(action.worker_id), kernel)
+                results[action.attempt] = await delegator.execute(kernel, operands, params)
+                event = TaskDoneEvent(task_id, action.attempt)
+            except TaskError as exc:
+                event = TaskFailedEvent(task_id, action.attempt, exc.kind, str(exc))
+            except PeerError as exc:
+                kind = exc.kind if exc.kind in RETRYABLE_KINDS else "unavailable"
+                event = TaskFailedEvent(task_id, action.attempt, kind, str(exc))
+            if isinstance(event, TaskFailedEvent):
+                log.info("task %d attempt %d on %s failed: %s", task_id, action.attempt, short_id(action.worker_id), event.message)
+            self._apply(self.scheduler.handle(event, self.clock()))
+
+
+# ---------------------------------------------------------------- the distributed checks
+
+
+@dataclass
+class CheckResult:
+    """One row of the checks table."""
+
+    name: str
+    ok: bool
+    seconds: float
+    detail: str
+
+    def as_json(self) -> dict[str, Any]:
+        """Return the row as the JSON object of the --json output."""
+        return {"name": self.name, "ok": self.ok, "seconds": round(self.seconds, 4), "detail": self.detail}
+
+
+class CheckFailed(PangeaError):
+    """Raised inside a check when a result does not verify."""
+
+
+def check_inputs(kernel: str, rng: Any, n: int = CHECK_MATRIX_N) -> tuple[tuple[np.ndarray, ...], dict[str, float]]:
+    """Return operands and params that exercise ``kernel`` in the delegation check."""
+    import numpy as np
+
+    a = rng.standard_normal((n, n))
+    b = rng.standard_normal((n, n))
+    v = rng.standard_normal(n)
+    well_conditioned = a + n * np.eye(n)
+    table: dict[str, tuple[tuple[np.ndarray, ...], dict[str, float]]] = {
+        "matmul": ((a, b), {}),
+        "add": ((a, b), {}),
+        "subtract": ((a, b), {}),
+        "multiply": ((a, b), {}),
+        "transpose": ((a[:, : n // 2],), {}),
+        "scale": ((a,), {"factor": 2.5}),
+        "sum": ((a,), {}),
+        "dot": ((v, v[::-1].copy()), {}),
+        "solve": ((well_conditioned, v), {}),
+        "inverse": ((well_conditioned,), {}),
+        "random": ((), {"rows": 8, "cols": n, "seed": 42}),
+    }
+    return table[kernel]
+
+
+def reference_result(kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> np.ndarray:
+    """Compute what ``kernel`` must return with plain numpy (independent of the registry)."""
+    import numpy as np
+
+    ops = operands
+    if kernel == "random":
+        return np.random.default_rng(int(params["seed"])).random((int(params["rows"]), int(params["cols"])))
+    return {
+        "matmul": lambda: np.matmul(ops[0], ops[1]),
+        "add": lambda: ops[0] + ops[1],
+        "subtract": lambda: ops[0] - ops[1],
+        "multiply": lambda: ops[0] * ops[1],
+        "transpose": lambda: ops[0].T,
+        "scale": lambda: ops[0] * params["factor"],
+        "sum": lambda: np.asarray(ops[0].sum()),
+        "dot": lambda: np.asarray(np.dot(ops[0], ops[1])),
+        "solve": lambda: np.linalg.solve(ops[0], ops[1]),
+        "inverse": lambda: np.linalg.inv(ops[0]),
+    }[kernel]()
+
+
+def verify(name: str, got: np.ndarray, expected: np.ndarray) -> float:
+    """Raise CheckFailed unless got matches expected; return the max abs error."""
+    import numpy as np
+
+    if got.shape != expected.shape:
+        raise CheckFailed(f"{name}: shape {got.shape}, expected {expected.shape}")
+    if not np.allclose(got, expected, rtol=1e-9, atol=1e-9):
+        raise CheckFailed(f"{name}: result differs from local numpy (max error {np.max(np.abs(got - expected)):.3g})")
+    return float(np.max(np.abs(got - expected))) if got.size else 0.0
+
+
+class InitiatorChecks:
+    """The distributed checks the initiator runs against one responder."""
+
+    def __init__(self, node: Node, manager: Manager, session: PeerSession, *, size: int, transfer_bytes: int) -> None:
+        import numpy as np
+
+        self.node = node
+        self.manager = manager
+        self.session = session
+        self.peer = session.peer_id
+        self.size = size
+        self.transfer_bytes = transfer_bytes
+        self.rng = np.random.default_rng(2024)
+        self.results: list[CheckResult] = []
+        self.rtt_ms: float | None = None
+        self.throughput: dict[str, float] = {}
+
+    async def _run(self, name: str, fn: Callable[[], Any]) -> None:
+        start = time.perf_counter()
+        try:
+            detail = await fn()
+            ok = True
+        except PangeaError as exc:
+            ok, detail = False, str(exc)
+        self.results.append(CheckResult(name, ok, time.perf_counter() - start, detail))
+        log.info("check %s: %s (%s)", name, "ok" if ok else "FAILED", detail)
+
+    async def run_all(self) -> list[CheckResult]:
+        """Run every check in order; the last one ends the session with the responder."""
+        await self._run("connection", self.connection)
+        await self._run("local execution", self.local_execution)
+        await self._run("delegation", self.delegation)
+        await self._run("aggregation", self.aggregation)
+        await self._run("throughput", self.throughput_check)
+        await self._run("fallback", self.fallback)
+        return self.results
+
+    async def connection(self) -> str:
+        info = self.node.connection_info(self.peer)
+        rtts = sorted([await self.session.ping() for _ in range(PING_COUNT)])
+        self.rtt_ms = rtts[len(rtts) // 2] * 1000
+        if "noise" not in info["security"]:
+            raise CheckFailed(f"connection is not encrypted with Noise: {info['security']}")
+        hello = self.session.hello
+        return (f"peer {self.peer} (pangea {hello.pangea_version}, {hello.platform}); {info['security']} + "
+                f"{info['muxer']}; rtt {self.rtt_ms:.2f} ms")
+
+    async def local_execution(self) -> str:
+        a, b = self.rng.standard_normal((256, 256)), self.rng.standard_normal((256, 256))
+        outcome = await self.manager.run("matmul", (a, b), placement=LOCAL)
+        if outcome.worker_id != LOCAL:
+            raise CheckFailed(f"ran on {outcome.worker_id}, not locally")
+        err = verify("matmul", outcome.outputs[0], a @ b)
+        return f"256x256 matmul on this node in {outcome.compute_s * 1000:.1f} ms, max error {err:.1e}"
+
+    async def delegation(self) -> str:
+        done = []
+        for kernel in sorted(KERNELS):
+            operands, params = check_inputs(kernel, self.rng)
+            try:
+                outcome = await self.manager.run(kernel, operands, params, placement=self.peer)
+            except TaskError as exc:
+                raise CheckFailed(f"{kernel}: {exc}") from None
+            if outcome.worker_id != self.peer:
+                raise CheckFailed(f"{kernel} ran on {outcome.worker_id}, not on the responder")
+            verify(kernel, outcome.outputs[0], reference_result(kernel, operands, params))
+            done.append(kernel)
+        return f"{len(done)}/{len(KERNELS)} kernels ran on the responder and match local numpy: {', '.join(done)}"
+
+    async def aggregation(self) -> str:
+        import numpy as np
+        import trio
+
+        n = self.size
+        a, b = self.rng.standard_normal((n, n)), self.rng.standard_normal((n, n))
+        half = n // 2
+        blocks = [(LOCAL, 0, half), (self.peer, half, n)]
+        outcomes: dict[int, TaskOutcome] = {}
+
+        async def one(i: int, placement: str, lo: int, hi: int) -> None:
+            outcomes[i] = await self.manager.run("matmul", (a[lo:hi], b), placement=placement)
+
+        async with trio.open_nursery() as nursery:
+            for i, (placement, lo, hi) in enumerate(blocks):
+                nursery.start_soon(one, i, placement, lo, hi)
+        for i, (placement, _, _) in enumerate(blocks):
+            if outcomes[i].worker_id != placement:
+                raise CheckFailed(f"block {i} ran on {short_id(outcomes[i].worker_id)}, not {short_id(placement)}")
+        gathered = np.vstack([outcomes[i].outputs[0] for i in range(len(blocks))])
+        err = verify("gathered matmul", gathered, a @ b)
+        return (f"{n}x{n} matmul split by rows: 0-{half - 1} local, {half}-{n - 1} on the responder; "
+                f"gathered result matches, max error {err:.1e}")
+
+    async def throughput_check(self) -> str:
+        import numpy as np
+
+        rows = max(1, self.transfer_bytes // (8 * 1024))
+        data = self.rng.random((rows, 1024))
+        start = time.perf_counter()
+        up = await self.manager.run("sum", (data,), placement=self.peer)
+        up_s = time.perf_counter() - start - up.compute_s
+        verify("sum", up.outputs[0], np.asarray(data.sum()))
+        params = {"rows": float(rows), "cols": 1024.0, "seed": 7.0}
+        start = time.perf_counter()
+        down = await self.manager.run("random", (), params, placement=self.peer)
+        down_s = time.perf_counter() - start - down.compute_s
+        if not np.array_equal(down.outputs[0], reference_result("random", (), params)):
+            raise CheckFailed("downloaded array differs from the expected one")
+        mb = data.nbytes / 1e6
+        self.throughput = {"upload": mb / max(up_s, 1e-9), "download": mb / max(down_s, 1e-9)}
+        return (f"{format_bytes(data.nbytes)} each way: upload {self.throughput['upload']:.0f} MB/s, "
+                f"download {self.throughput['download']:.0f} MB/s")
+
+    async def fallback(self) -> str:
+        """Say done to the responder, then delegate to it while it hangs up: the
+        task must come back from a local run, after a real failed attempt."""
+        a = self.rng.standard_normal((128, 128))
+        await self.session.bye("done")
+        outcome = await self.manager.run("inverse", (a,), placement=self.peer)
+        first = outcome.attempts[0]
+        if first.worker_id != self.peer or outcome.worker_id != LOCAL:
+            where = ", ".join(f"{short_id(x.worker_id)}={x.outcome}" for x in outcome.attempts)
+            raise CheckFailed(f"expected a failed attempt on the responder, then a local run; got {where}")
+        verify("inverse", outcome.outputs[0], reference_result("inverse", (a,), {}))
+        return f"responder left after 'done'; attempt 1 on it failed ({first.outcome}); attempt 2 ran locally and verified"
+
+
+###############################################################################
+# 9. I/O: Cap'n Proto RPC service and client
+#
+# Not built yet (see the RPC issue): `serve` and `pangea.Client` go here.
+###############################################################################
+
+
+###############################################################################
+# 10. CLI
+#
+# One `cmd_<verb>` per command. Errors are one line on stderr,
+# `pangea: error: ...` plus an optional `hint: ...`; exit codes 0 ok,
+# 1 failure, 2 usage/setup error, 130 Ctrl-C (143 SIGTERM). Tracebacks only
+# with --debug.
+###############################################################################
+
+
+def build_info() -> dict[str, Any] | None:
+    """Return the build stamp of the pyz (None when running from source)."""
+    try:
+        import _pangea_build  # written by build.sh into the pyz
+    except ImportError:
+        return None
+    return {k: getattr(_pangea_build, k) for k in dir(_pangea_build) if k.isupper()}
+
+
+def check_build_target() -> None:
+    """Raise ConfigError when this interpreter is not the one the pyz was built for."""
+    info = build_info()
+    if info is None or "BUILT_FOR" not in info:
+        return
+    here = (sys.implementation.cache_tag, platform.machine())
+    problem = build_target_mismatch(tuple(info["BUILT_FOR"]), here)
+    if problem is not None:
+        python = f"python{info.get('PYTHON_VERSION', '3')}"
+        raise ConfigError(problem, hint=f"run it with {python} ({python} {sys.argv[0]} ...) if this box has it, "
+                          f"or build a pangea.pyz on this box with ./build.sh")
+
+
+def version_text() -> str:
+    """Return the --version text: pangea, protocol, build target and the running interpreter."""
+    info = build_info()
+    here = f"{sys.implementation.cache_tag} {platform.machine()}"
+    if info is None:
+        built = "running from source"
+    else:
+        target = " ".join(info.get("BUILT_FOR", ("?", "?")))
+        built = f"built for {target} (Python {info.get('PYTHON_VERSION', '?')}), commit {info.get('GIT_COMMIT', '?')}"
+    return f"pangea {__version__} (protocol {PROTOCOL_VERSION}), {built}; running on {here}"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (UsageError) instead of usage + exit."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise UsageError(message, hint=f"see `{self.prog} --help`")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the whole CLI."""
+    parser = _Parser(prog="pangea.pyz", description="Share numpy compute between your own machines over libp2p.")
+    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log events to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def common(p: argparse.ArgumentParser, port: int) -> None:
+        p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+        p.add_argument("--port", type=int, default=port, help=f"TCP port to listen on, 0 for any free one (default: {port})")
+        p.add_argument("--timeout", type=float, default=DEFAULT_WAIT_S, metavar="SECONDS",
+                       help=f"how long to wait for the other side (default: {DEFAULT_WAIT_S:.0f})")
+        p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("initiate", help="start node 1: print its address, wait for a responder, run the checks")
+    common(p, DEFAULT_PORT)
+    p.add_argument("--size", type=int, default=AGGREGATE_N, metavar="N", help=f"size of the split matmul (default: {AGGREGATE_N})")
+    p.add_argument("--transfer-mib", type=int, default=THROUGHPUT_BYTES >> 20, metavar="MIB",
+                   help=f"array data sent each way for the throughput figure (default: {THROUGHPUT_BYTES >> 20})")
+    p.set_defaults(func=cmd_initiate)
+
+    p = sub.add_parser("respond", help="start node 2: connect to an initiator and do its work")
+    p.add_argument("address", nargs="?", help="the initiator's multiaddr, as it printed it")
+    common(p, 0)
+    p.set_defaults(func=cmd_respond)
+
+    p = sub.add_parser("demo", help="run an initiator and a responder on this machine and show the whole flow")
+    p.add_argument("--size", type=int, default=AGGREGATE_N, metavar="N", help="size of the split matmul")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def setup_logging(log_file: Path | None, verbose: int, debug: bool) -> None:
+    """Send pangea's log to the session log file and, with -v/--debug, to stderr."""
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter("pangea: %(message)s"))
+    stderr.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    handlers: list[logging.Handler] = [stderr]
+    if log_file is not None:
+        file_handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(file_handler)
+    for name, level, hs in (
+        ("pangea", logging.DEBUG, handlers),
+        # NOTE: libp2p logs through logging.lastResort unless it has a handler;
+        # its routine warnings (a redial failed) belong in the file only.
+        ("libp2p", logging.INFO if debug else logging.WARNING, handlers if debug else handlers[1:]),
+    ):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = hs or [logging.NullHandler()]
+        logger.setLevel(level)
+        logger.propagate = False
+
+
+def first_error(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """Return the first exception of ``kind`` inside (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = first_error(inner, kind)
+            if found is not None:
+                return found
+        return None
+    return exc if isinstance(exc, kind) else None
+
+
+def run_trio(fn: Callable[..., Any], *args: Any) -> int:
+    """Run ``fn(*args)`` under trio; Ctrl-C and SIGTERM cancel it cleanly (130/143).
+
+    NOTE: Ctrl-C inside py-libp2p surfaces as a KeyboardInterrupt nested in an
+    exception group; cancelling the main scope from a signal receiver instead
+    lets every `finally` run.
+    """
+    import trio
+
+    received: list[int] = []
+
+    async def runner() -> int:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def on_signals() -> None:
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for signum in signals:
+                            received.append(signum)
+                            scope.cancel()
+                            return
+
+                nursery.start_soon(on_signals)
+                code = await fn(*args)
+                nursery.cancel_scope.cancel()
+                return int(code)
+        return 128 + received[0] if received else 1
+
+    try:
+        return trio.run(runner)
+    except BaseExceptionGroup as group:
+        found = first_error(group, PangeaError) or first_error(group, KeyboardInterrupt)
+        if found is not None:
+            raise found from None
+        raise
+
+
+@contextlib.contextmanager
+def node_session(role: str, args: argparse.Namespace) -> Any:
+    """Create the session directory and logging of a node process; remove the directory at exit."""
+    home = pangea_home()
+    session = SessionDir(home, role).create()
+    try:
+        setup_logging(session.log_path, getattr(args, "verbose", 0), getattr(args, "debug", False))
+        log.info("pangea %s %s started, pid %d", __version__, role, os.getpid())
+        yield home, session
+    finally:
+        session.remove()
+
+
+def print_report(role: str, peer: str, results: list[CheckResult], extra: dict[str, Any], as_json: bool) -> bool:
+    """Print the checks table (and the JSON line); return True when all passed."""
+    ok = bool(results) and all(r.ok for r in results)
+    rows = [(r.name, "ok" if r.ok else "FAILED", f"{r.seconds:.2f}", r.detail) for r in results]
+    print()
+    print(format_table(("check", "result", "seconds", "detail"), rows))
+    print()
+    print(f"{'All checks passed' if ok else 'Some checks FAILED'} ({role}).", flush=True)
+    if as_json:
+        doc = {"ok": ok, "role": role, "version": __version__, "peer": peer,
+               "checks": [r.as_json() for r in results], **extra}
+        print(json.dumps(doc), flush=True)
+    return ok
+
+
+def cmd_initiate(args: argparse.Namespace) -> int:
+    """`initiate`: listen, print the addresses, wait for a responder, run the checks."""
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"port {args.port} is outside 0-65535")
+    if args.size < 2:
+        raise UsageError(f"--size {args.size} is too small; use at least 2")
+    with node_session("initiator", args) as (home, session_dir):
+        key_pair = load_or_create_identity(home)
+        return run_trio(_initiate, args, session_dir, key_pair)
+
+
+async def _initiate(args: argparse.Namespace, session_dir: SessionDir, key_pair: Any) -> int:
+    import trio
+
+    chosen: list[str] = []
+
+    def accept(peer_id: str, hello: HelloMsg) -> str | None:
+        if hello.role != "responder":
+            return f"this initiator works with a responder, not a {hello.role!r}"
+        if chosen and chosen[0] != peer_id:
+            return f"this initiator is already working with responder {chosen[0]}"
+        chosen.append(peer_id)
+        return None
+
+    node = Node(key_pair=key_pair, role="initiator", accept=accept, may_serve=lambda peer_id: False)
+    manager = Manager(node)
+    async with node.running(args.host, args.port):
+        session_dir.write_addresses(node.addresses)
+        session_dir.save(peer_id=node.peer_id)
+        print(f"pangea {__version__} initiator, peer ID {node.peer_id}")
+        print("Copy this address for responder:")
+        for address in node.addresses:
+            print(f"  {address}")
+        print(f"Waiting up to {args.timeout:.0f} s for a responder (Ctrl-C to stop)...", flush=True)
+        log.info("listening on %s", ", ".join(node.addresses))
+        session: PeerSession | None = None
+        with trio.move_on_after(args.timeout):
+            session = await node.next_session()
+        if session is None:
+            port = node.addresses[0].split("/tcp/")[1].split("/")[0] if node.addresses else args.port
+            raise NoPeerError(
+                f"cannot run the checks: nobody connected within {args.timeout:.0f} s",
+                kind="timeout",
+                hint=f"on the other box run `./pangea.pyz respond <address>` with an address printed above; "
+                f"check that box can reach this one (same network, firewall open for TCP port {port})",
+            )
+        print(f"Responder connected: {session.peer_id} (pangea {session.hello.pangea_version})", flush=True)
+        checks = InitiatorChecks(node, manager, session, size=args.size, transfer_bytes=args.transfer_mib << 20)
+        results = await checks.run_all()
+    ok = print_report("initiator", session.peer_id, results,
+                      {"addresses": node.addresses, "rtt_ms": checks.rtt_ms, "throughput_mb_s": checks.throughput},
+                      args.json)
+    return 0 if ok else 1
+
+
+def cmd_respond(args: argparse.Namespace) -> int:
+    """`respond`: dial the initiator, serve its tasks until it says done."""
+    text = args.address
+    if text is None:
+        if not sys.stdin.isatty():
+            raise UsageError("no initiator address given", hint="./pangea.pyz respond /ip4/<ip>/tcp/<port>/p2p/<peer id>")
+        text = input("Paste the initiator's address: ")
+    address = parse_peer_address(text)
+    with node_session("responder", args) as (home, session_dir):
+        key_pair = load_or_create_identity(home)
+        return run_trio(_respond, args, address, session_dir, key_pair)
+
+
+async def _respond(args: argparse.Namespace, address: PeerAddress, session_dir: SessionDir, key_pair: Any) -> int:
+    node = Node(
+        key_pair=key_pair,
+        role="responder",
+        accept=lambda peer_id, hello: None if peer_id == address.peer_id else f"this responder only works for {address.peer_id}",
+        may_serve=lambda peer_id: peer_id == address.peer_id,
+    )
+    if node.peer_id == address.peer_id:
+        raise ConfigError(f"cannot respond to {address.peer_id}: it is this node's own peer ID",
+                          hint="the two boxes share a pangea home (identity.key); give one its own PANGEA_HOME")
+    results: list[CheckResult] = []
+    async with node.running(args.host, args.port):
+        session_dir.save(peer_id=node.peer_id, initiator=address.text)
+        print(f"pangea {__version__} responder, peer ID {node.peer_id}")
+        print(f"Connecting to {address.text} (up to {args.timeout:.0f} s)...", flush=True)
+        start = time.perf_counter()
+        session = await node.dial(address, timeout_s=args.timeout)
+        rtt_s = min([await session.ping() for _ in range(3)])
+        info = node.connection_info(session.peer_id)
+        results.append(CheckResult("connection", True, time.perf_counter() - start,
+                                   f"initiator {session.peer_id} (pangea {session.hello.pangea_version}); "
+                                   f"{info['security']} + {info['muxer']}; rtt {rtt_s * 1000:.2f} ms"))
+        print(f"Connected to initiator {session.peer_id}; serving its tasks until it says done.", flush=True)
+        serve_start = time.perf_counter()
+        await session.closed.wait()
+    done = session.bye_reason == "done"
+    results.append(CheckResult("tasks", session.tasks_served > 0, time.perf_counter() - serve_start,
+                               f"{session.tasks_served} task(s) served, {format_bytes(session.channel.bytes_in)} in, "
+                               f"{format_bytes(session.channel.bytes_out)} out"))
+    results.append(CheckResult("finish", done, 0.0, "the initiator said done" if done else f"the initiator vanished: {session.close_reason}"))
+    ok = print_report("responder", session.peer_id, results, {"rtt_ms": rtt_s * 1000}, args.json)
+    if not done:
+        print(f"pangea: error: the initiator vanished mid-run: {session.close_reason}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def self_command() -> list[str]:
+    """Return the command that starts this same pangea (the pyz, or pangea.py)."""
+    import zipfile
+
+    argv0 = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if argv0 and os.path.isfile(argv0) and zipfile.is_zipfile(argv0):
+        return [sys.executable, argv0]
+    return [sys.executable, str(Path(__file__).resolve())]
+
+
+def _pump(proc: subprocess.Popen[str], prefix: str, found: list[str], ready: threading.Event | None) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        print(f"{prefix} | {line}", end="", flush=True)
+        stripped = line.strip()
+        if ready is not None and stripped.startswith("/ip4/127.") and "/p2p/" in stripped:
+            found.append(stripped)
+            ready.set()
+    if ready is not None:
+        ready.set()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """`demo`: run an initiator and a responder as two processes on loopback."""
+    home = pangea_home()
+    for role in ("initiator", "responder"):
+        (home / "demo" / role).mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(home / "demo", 0o700)
+    command = self_command()
+    print(f"pangea demo: an initiator and a responder on this machine, talking libp2p over 127.0.0.1\n", flush=True)
+    procs: list[subprocess.Popen[str]] = []
+    threads = []
+    try:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PANGEA_HOME": str(home / "demo" / "initiator")}
+        initiator = subprocess.Popen([*command, "initiate", "--host", "127.0.0.1", "--port", "0", "--size", str(args.size)],
+                                     env=env, stdout=subprocess.PIPE, text=True)
+        procs.append(initiator)
+        found: list[str] = []
+        ready = threading.Event()
+        threads.append(threading.Thread(target=_pump, args=(initiator, "initiator", found, ready), daemon=True))
+        threads[-1].start()
+        if not ready.wait(60) or not found:
+            raise PangeaError("cannot run the demo: the initiator did not print its address",
+                              hint="run `./pangea.pyz initiate --port 0` by hand to see why")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PANGEA_HOME": str(home / "demo" / "responder")}
+        responder = subprocess.Popen([*command, "respond", found[0]], env=env, stdout=subprocess.PIPE, text=True)
+        procs.append(responder)
+        threads.append(threading.Thread(target=_pump, args=(responder, "responder", [], None), daemon=True))
+        threads[-1].start()
+        codes = [p.wait(timeout=600) for p in procs]
+        for t in threads:
+            t.join(timeout=5)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=5)
+    ok = codes == [0, 0]
+    print(f"\npangea demo: {'both nodes finished, every check passed' if ok else f'FAILED (exit codes {codes})'}")
+    return 0 if ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the pangea command line; return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        check_build_target()
+        parser = make_parser()
+        if not argv:
+            parser.print_help(sys.stderr)
+            return 2
+        args = parser.parse_args(argv)
+        if args.command is None:
+            raise UsageError("no command given", hint="pangea.pyz initiate | respond ADDRESS | demo")
+        return int(args.func(args))
+    except PangeaError as exc:
+        print(f"pangea: error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("pangea: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
