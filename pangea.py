@@ -205,6 +205,8 @@ class PeerError(PangeaError):
     def __init__(self, message: str, *, kind: str = "disconnected", hint: str | None = None):
         super().__init__(message, hint=hint)
         self.kind = kind
+        if kind in ("incompatible", "refused"):
+            self.exit_code = 2  # a setup problem: the command cannot work as given
 
 
 class TaskError(PangeaError):
@@ -345,13 +347,17 @@ def build_target_mismatch(built_for: tuple[str, str], here: tuple[str, str]) -> 
     )
 
 
-def hello_mismatch(local_version: int, remote_version: int, remote_pangea: str) -> str | None:
-    """Return why a peer speaking ``remote_version`` cannot work with us, or None."""
+def hello_mismatch(
+    local_version: int, remote_version: int, remote_pangea: str, *, local_role: str = "this node", remote_role: str = "the peer"
+) -> str | None:
+    """Return why a peer speaking ``remote_version`` cannot work with us, or None.
+
+    The text names both sides by role, so it reads right on either side."""
     if local_version == remote_version:
         return None
     return (
-        f"incompatible peer: it speaks pangea protocol {remote_version} (pangea {remote_pangea}), "
-        f"this node speaks {local_version} (pangea {__version__})"
+        f"pangea protocol mismatch: {local_role} speaks protocol {local_version} (pangea {__version__}), "
+        f"{remote_role} speaks protocol {remote_version} (pangea {remote_pangea})"
     )
 
 
@@ -1741,14 +1747,17 @@ class Node:
         ensure_port_free(listen_host, port)
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            async with self.host.run([Multiaddr(f"/ip4/{listen_host}/tcp/{port}")]):
-                self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self._handle_stream)
-                self.host.get_network().register_notifee(_forget_departed_peers(self.host))
-                self.addresses = self.dialable_addresses(listen_host)
-                try:
+            # NOTE: cancel our nursery only after host.run has exited: cancelling
+            # it while an exception unwinds through host.run's cleanup turns
+            # that exception into a Cancelled, which the scope then swallows.
+            try:
+                async with self.host.run([Multiaddr(f"/ip4/{listen_host}/tcp/{port}")]):
+                    self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self._handle_stream)
+                    self.host.get_network().register_notifee(_forget_departed_peers(self.host))
+                    self.addresses = self.dialable_addresses(listen_host)
                     yield self
-                finally:
-                    nursery.cancel_scope.cancel()
+            finally:
+                nursery.cancel_scope.cancel()
 
     def dialable_addresses(self, listen_host: str) -> list[str]:
         """Return our full multiaddrs, one per usable interface, loopback last.
@@ -1812,10 +1821,11 @@ class Node:
                 msg = await channel.receive()
             if not isinstance(msg, HelloMsg):
                 raise RemoteProtocolError(f"expected Hello first, got {type(msg).__name__}")
-            problem = hello_mismatch(PROTOCOL_VERSION, msg.protocol_version, msg.pangea_version)
+            problem = hello_mismatch(PROTOCOL_VERSION, msg.protocol_version, msg.pangea_version,
+                                     local_role=f"{self.role} {self.peer_id}", remote_role=f"{msg.role or 'peer'} {peer_id}")
             refusal = problem or self.accept(peer_id, msg)
             if refusal is not None:
-                log.warning("refused %s %s: %s", msg.role or "peer", peer_id, refusal)
+                log.warning("refused %s %s: %s", msg.role or "peer", short_id(peer_id), refusal)
                 await channel.send(ErrorMsg("incompatible" if problem else "refused", refusal))
                 await trio.sleep(0.2)  # let the error reach the peer before the close
                 await channel.close()
@@ -1883,11 +1893,12 @@ class Node:
         if isinstance(msg, ErrorMsg):
             await channel.close()
             hint = "use the same pangea.pyz on both machines" if msg.kind == "incompatible" else None
-            raise PeerError(f"{address.peer_id} refused the session: {msg.message}", kind=msg.kind, hint=hint)
+            raise PeerError(f"cannot work with {address.peer_id}: it refused the session: {msg.message}", kind=msg.kind, hint=hint)
         if not isinstance(msg, HelloMsg):
             await channel.close(reset=True)
             raise PeerError(f"{address.peer_id} answered the handshake with {type(msg).__name__}", kind="incompatible")
-        problem = hello_mismatch(PROTOCOL_VERSION, msg.protocol_version, msg.pangea_version)
+        problem = hello_mismatch(PROTOCOL_VERSION, msg.protocol_version, msg.pangea_version,
+                                 local_role=f"{self.role} {self.peer_id}", remote_role=f"{msg.role or 'peer'} {address.peer_id}")
         if problem is not None:
             with contextlib.suppress(PeerError):
                 await channel.send(ErrorMsg("incompatible", problem))
