@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import enum
 import functools
 import json
@@ -48,7 +47,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Union
@@ -348,7 +347,12 @@ def build_target_mismatch(built_for: tuple[str, str], here: tuple[str, str]) -> 
 
 
 def hello_mismatch(
-    local_version: int, remote_version: int, remote_pangea: str, *, local_role: str = "this node", remote_role: str = "the peer"
+    local_version: int,
+    remote_version: int,
+    remote_pangea: str,
+    *,
+    local_role: str = "this node",
+    remote_role: str = "the peer",
 ) -> str | None:
     """Return why a peer speaking ``remote_version`` cannot work with us, or None.
 
@@ -361,7 +365,7 @@ def hello_mismatch(
     )
 
 
-def backoff_delays(first_s: float, max_s: float) -> Iterable[float]:
+def backoff_delays(first_s: float, max_s: float) -> Iterator[float]:
     """Yield retry delays doubling from ``first_s`` up to ``max_s``, forever."""
     delay = first_s
     while True:
@@ -466,7 +470,7 @@ class ErrorMsg:
 
 # typing.Union, not `|`: this line runs at import, and a wrong-interpreter run must
 # get as far as main() to print the build-target error.
-Message = Union[HelloMsg, TaskRequestMsg, TaskResultMsg, PingMsg, PongMsg, ByeMsg, ErrorMsg]
+Message = Union[HelloMsg, TaskRequestMsg, TaskResultMsg, PingMsg, PongMsg, ByeMsg, ErrorMsg]  # noqa: UP007
 
 
 def schema_path() -> Path:
@@ -483,7 +487,7 @@ def load_schema() -> Any:
     """Load and cache the Cap'n Proto schema module."""
     import capnp
 
-    return capnp.load(str(schema_path()))
+    return capnp.load(str(schema_path()))  # type: ignore[attr-defined]
 
 
 def _array_parts(arrays: Sequence[np.ndarray]) -> tuple[list[tuple[str, tuple[int, ...], int]], list[memoryview]]:
@@ -500,7 +504,7 @@ def _array_parts(arrays: Sequence[np.ndarray]) -> tuple[list[tuple[str, tuple[in
         if not a.flags.c_contiguous:
             a = a.copy(order="C")  # NOTE: not np.ascontiguousarray, which turns 0-d into 1-d
         metas.append((a.dtype.name, tuple(int(d) for d in a.shape), int(a.nbytes)))
-        views.append(memoryview(a.reshape(-1).view(np.uint8)))
+        views.append(a.reshape(-1).view(np.uint8).data)
     return metas, views
 
 
@@ -693,7 +697,9 @@ def _arrays_from(metas: Any, payload: bytearray, task_id: int) -> tuple[np.ndarr
     for i, meta in enumerate(metas):
         dtype_name = str(meta.dtype)
         if dtype_name not in ALLOWED_DTYPES:
-            raise MessageError(f"array {i}: dtype {dtype_name!r} is not allowed ({', '.join(ALLOWED_DTYPES)})", task_id=task_id)
+            raise MessageError(
+                f"array {i}: dtype {dtype_name!r} is not allowed ({', '.join(ALLOWED_DTYPES)})", task_id=task_id
+            )
         shape = [int(d) for d in meta.shape]
         if len(shape) > MAX_NDIM:
             raise MessageError(f"array {i}: {len(shape)} dimensions, at most {MAX_NDIM} allowed", task_id=task_id)
@@ -762,7 +768,7 @@ def decode_message(header: bytes, payload: bytearray) -> Message:
             if which == "error":
                 return ErrorMsg(str(m.error.kind), str(m.error.message))
             raise RemoteProtocolError(f"unknown message type {which!r}")
-    except (capnp.KjException, UnicodeDecodeError, ValueError) as exc:
+    except (capnp.KjException, UnicodeDecodeError, ValueError) as exc:  # type: ignore[attr-defined]
         if isinstance(exc, PangeaError):
             raise
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -838,7 +844,6 @@ def _k_elementwise(op: str) -> Callable[[Sequence[np.ndarray], dict[str, float]]
 
 
 def _k_transpose(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
-    import numpy as np
 
     (a,) = ops
     return (a.T.copy(order="C"),)
@@ -936,7 +941,9 @@ KERNELS: dict[str, Kernel] = {
 }
 
 
-def run_kernel(name: str, operands: Sequence[np.ndarray], params: dict[str, float] | None = None) -> tuple[np.ndarray, ...]:
+def run_kernel(
+    name: str, operands: Sequence[np.ndarray], params: dict[str, float] | None = None
+) -> tuple[np.ndarray, ...]:
     """Run registry kernel ``name``; raise KernelError for any bad input."""
     import numpy as np
 
@@ -1028,7 +1035,9 @@ class TickEvent:
     """Time passed; tasks past their deadline fail."""
 
 
-SchedulerEvent = Union[SubmitEvent, WorkerUpEvent, WorkerDownEvent, TaskDoneEvent, TaskFailedEvent, CancelEvent, TickEvent]
+SchedulerEvent = Union[  # noqa: UP007
+    SubmitEvent, WorkerUpEvent, WorkerDownEvent, TaskDoneEvent, TaskFailedEvent, CancelEvent, TickEvent
+]
 
 
 @dataclass
@@ -1075,7 +1084,7 @@ class DropLate:
     attempt: int
 
 
-SchedulerAction = Union[Dispatch, Deliver, Fail, Cancel, DropLate]
+SchedulerAction = Union[Dispatch, Deliver, Fail, Cancel, DropLate]  # noqa: UP007
 
 
 @dataclass
@@ -1121,50 +1130,53 @@ class Scheduler:
     def handle(self, event: SchedulerEvent, now: float) -> list[SchedulerAction]:
         """Apply one event; return the actions the I/O layer must perform."""
         if isinstance(event, SubmitEvent):
-            if event.task_id in self.tasks or event.task_id in self.history:
-                return [Fail(event.task_id, "bad-input", f"task id {event.task_id} was already used")]
-            self.tasks[event.task_id] = _TaskState(event.task_id, event.placement, event.deadline)
-            return self._dispatch_next(self.tasks[event.task_id], None)
+            return self._on_submit(event)
         if isinstance(event, WorkerUpEvent):
             self.workers[event.worker_id] = _WorkerState(speed=max(event.speed, 1e-3))
             return []
         if isinstance(event, WorkerDownEvent):
-            worker = self.workers.get(event.worker_id)
-            if worker is None or event.worker_id == LOCAL:
-                return []
-            worker.up = False
-            actions: list[SchedulerAction] = []
-            for task in list(self.tasks.values()):
-                if task.attempts and task.attempts[-1].worker_id == event.worker_id and not task.attempts[-1].outcome:
-                    actions += self._attempt_failed(task, "disconnected", event.reason)
-            return actions
-        if isinstance(event, TaskDoneEvent):
-            task = self._current(event.task_id, event.attempt)
-            if task is None:
-                self.late_dropped += 1
-                return [DropLate(event.task_id, event.attempt)]
-            record = task.attempts[-1]
-            record.outcome = "ok"
-            self._finish(task)
-            return [Deliver(task.task_id, event.attempt, record.worker_id)]
-        if isinstance(event, TaskFailedEvent):
-            task = self._current(event.task_id, event.attempt)
-            if task is None:
-                self.late_dropped += 1
-                return [DropLate(event.task_id, event.attempt)]
-            return self._attempt_failed(task, event.kind, event.message)
+            return self._on_worker_down(event)
+        if isinstance(event, TaskDoneEvent | TaskFailedEvent):
+            return self._on_attempt_end(event)
         if isinstance(event, CancelEvent):
-            task = self.tasks.get(event.task_id)
-            if task is None:
-                return []
-            return self._give_up(task, "cancelled", "cancelled by the user")
+            running = self.tasks.get(event.task_id)
+            return [] if running is None else self._give_up(running, "cancelled", "cancelled by the user")
         if isinstance(event, TickEvent):
-            actions = []
-            for task in list(self.tasks.values()):
-                if now >= task.deadline:
-                    actions += self._give_up(task, "deadline", "the task missed its deadline")
+            actions: list[SchedulerAction] = []
+            for task in [t for t in self.tasks.values() if now >= t.deadline]:
+                actions += self._give_up(task, "deadline", "the task missed its deadline")
             return actions
         raise TypeError(f"unknown scheduler event {event!r}")
+
+    def _on_submit(self, event: SubmitEvent) -> list[SchedulerAction]:
+        if event.task_id in self.tasks or event.task_id in self.history:
+            return [Fail(event.task_id, "bad-input", f"task id {event.task_id} was already used")]
+        task = self.tasks[event.task_id] = _TaskState(event.task_id, event.placement, event.deadline)
+        return self._dispatch_next(task)
+
+    def _on_worker_down(self, event: WorkerDownEvent) -> list[SchedulerAction]:
+        worker = self.workers.get(event.worker_id)
+        if worker is None or event.worker_id == LOCAL:
+            return []
+        worker.up = False
+        actions: list[SchedulerAction] = []
+        for task in list(self.tasks.values()):
+            last = task.attempts[-1]
+            if last.worker_id == event.worker_id and not last.outcome:
+                actions += self._attempt_failed(task, "disconnected", event.reason)
+        return actions
+
+    def _on_attempt_end(self, event: TaskDoneEvent | TaskFailedEvent) -> list[SchedulerAction]:
+        task = self._current(event.task_id, event.attempt)
+        if task is None:
+            self.late_dropped += 1
+            return [DropLate(event.task_id, event.attempt)]
+        if isinstance(event, TaskFailedEvent):
+            return self._attempt_failed(task, event.kind, event.message)
+        record = task.attempts[-1]
+        record.outcome = "ok"
+        self._finish(task)
+        return [Deliver(task.task_id, event.attempt, record.worker_id)]
 
     def _current(self, task_id: int, attempt: int) -> _TaskState | None:
         task = self.tasks.get(task_id)
@@ -1199,7 +1211,7 @@ class Scheduler:
         if kind not in RETRYABLE_KINDS or len(task.attempts) >= self.max_attempts:
             self._finish_failed(task)
             return [Fail(task.task_id, kind, message)]
-        return self._dispatch_next(task, record.worker_id)
+        return self._dispatch_next(task)
 
     def _finish_failed(self, task: _TaskState) -> None:
         self.history[task.task_id] = task.attempts
@@ -1226,7 +1238,7 @@ class Scheduler:
 
         return min(candidates, key=load)
 
-    def _dispatch_next(self, task: _TaskState, previous: str | None) -> list[SchedulerAction]:
+    def _dispatch_next(self, task: _TaskState) -> list[SchedulerAction]:
         worker_id = self._choose(task)
         task.attempts.append(AttemptRecord(worker_id))
         self.workers.setdefault(worker_id, _WorkerState(up=False)).running += 1
@@ -1241,7 +1253,9 @@ class Scheduler:
             if not task.attempts[-1].outcome:
                 running[task.attempts[-1].worker_id] = running.get(task.attempts[-1].worker_id, 0) + 1
         for worker_id, state in self.workers.items():
-            assert state.running == running.get(worker_id, 0), f"worker {worker_id}: running {state.running} != {running.get(worker_id, 0)}"
+            assert state.running == running.get(worker_id, 0), (
+                f"worker {worker_id}: running {state.running} != {running.get(worker_id, 0)}"
+            )
         assert not set(self.tasks) & set(self.history), "a task is both running and finished"
 
 
@@ -1264,8 +1278,9 @@ def pangea_home() -> Path:
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(home, 0o700)
     except OSError as exc:
-        raise SessionError(f"cannot use pangea home {str(home)!r}: {exc.strerror}",
-                           hint="set PANGEA_HOME to a writable directory") from None
+        raise SessionError(
+            f"cannot use pangea home {str(home)!r}: {exc.strerror}", hint="set PANGEA_HOME to a writable directory"
+        ) from None
     return home
 
 
@@ -1283,7 +1298,7 @@ def pid_alive(pid: int) -> bool:
 def clean_stale_sessions(home: Path) -> list[Path]:
     """Remove session directories whose process is gone; return what was removed."""
     root = home / SESSIONS_DIRNAME
-    removed = []
+    removed: list[Path] = []
     if not root.is_dir():
         return removed
     for d in root.iterdir():
@@ -1399,8 +1414,10 @@ def load_or_create_identity(home: Path) -> Any:
         try:
             return load_identity(path)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read identity key {str(path)!r}: {describe_exception(exc)}",
-                              hint="delete the file to create a new identity (the peer ID changes)") from None
+            raise ConfigError(
+                f"cannot read identity key {str(path)!r}: {describe_exception(exc)}",
+                hint="delete the file to create a new identity (the peer ID changes)",
+            ) from None
     key_pair = create_new_key_pair()
     save_identity(key_pair, path)
     os.chmod(path, 0o600)
@@ -1419,7 +1436,7 @@ def make_host(key_pair: Any) -> Any:
     return new_host(
         key_pair=key_pair,
         sec_opt={NOISE_ID: Noise(key_pair, noise_privkey=new_x25519().private_key)},
-        muxer_opt={YAMUX_ID: Yamux},
+        muxer_opt={YAMUX_ID: Yamux},  # type: ignore[dict-item]
     )
 
 
@@ -1449,12 +1466,16 @@ def ensure_port_free(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(f"cannot listen on {host}:{port}: port {port} is already in use",
-                                  hint="stop the other program, or pick another port: --port 0 chooses a free one") from None
+                raise ConfigError(
+                    f"cannot listen on {host}:{port}: port {port} is already in use",
+                    hint="stop the other program, or pick another port: --port 0 chooses a free one",
+                ) from None
             if exc.errno == errno.EADDRNOTAVAIL:
-                raise ConfigError(f"cannot listen on {host}:{port}: {host} is not an address of this machine",
-                                  hint="use --host 0.0.0.0 (all interfaces) or one of: "
-                                  + ", ".join(ip for _, ip in rank_interface_addresses(local_interface_addresses()))) from None
+                raise ConfigError(
+                    f"cannot listen on {host}:{port}: {host} is not an address of this machine",
+                    hint="use --host 0.0.0.0 (all interfaces) or one of: "
+                    + ", ".join(ip for _, ip in rank_interface_addresses(local_interface_addresses())),
+                ) from None
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
@@ -1623,12 +1644,17 @@ class PeerSession:
 
     async def _serve(self, req: TaskRequestMsg) -> None:
         if req.task_id in self._serving:
-            result = TaskResultMsg(req.task_id, error_kind="bad-input", error_message=f"task id {req.task_id} is already running")
+            result = TaskResultMsg(
+                req.task_id, error_kind="bad-input", error_message=f"task id {req.task_id} is already running"
+            )
         elif not self.node.may_serve(self.peer_id):
             self.tasks_refused += 1
             log.warning("refusing task %d from %s: not a trusted peer", req.task_id, self.label)
-            result = TaskResultMsg(req.task_id, error_kind="refused",
-                                   error_message=f"node {short_id(self.node.peer_id)} does not run tasks for {self.peer_id}")
+            result = TaskResultMsg(
+                req.task_id,
+                error_kind="refused",
+                error_message=f"node {short_id(self.node.peer_id)} does not run tasks for {self.peer_id}",
+            )
         else:
             self._serving.add(req.task_id)
             try:
@@ -1648,7 +1674,9 @@ class PeerSession:
         except PeerError as exc:
             log.info("cannot return task %d to %s: %s", req.task_id, self.label, exc)
 
-    async def request(self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float] | None = None) -> TaskResultMsg:
+    async def request(
+        self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float] | None = None
+    ) -> TaskResultMsg:
         """Send a task to the peer and wait for its result; PeerError if the peer goes away."""
         import trio
 
@@ -1821,8 +1849,13 @@ class Node:
                 msg = await channel.receive()
             if not isinstance(msg, HelloMsg):
                 raise RemoteProtocolError(f"expected Hello first, got {type(msg).__name__}")
-            problem = hello_mismatch(PROTOCOL_VERSION, msg.protocol_version, msg.pangea_version,
-                                     local_role=f"{self.role} {self.peer_id}", remote_role=f"{msg.role or 'peer'} {peer_id}")
+            problem = hello_mismatch(
+                PROTOCOL_VERSION,
+                msg.protocol_version,
+                msg.pangea_version,
+                local_role=f"{self.role} {self.peer_id}",
+                remote_role=f"{msg.role or 'peer'} {peer_id}",
+            )
             refusal = problem or self.accept(peer_id, msg)
             if refusal is not None:
                 log.warning("refused %s %s: %s", msg.role or "peer", short_id(peer_id), refusal)
@@ -1885,20 +1918,28 @@ class Node:
                 msg = await channel.receive()
         except trio.TooSlowError:
             await channel.close(reset=True)
-            raise PeerError(f"{address.peer_id} did not answer the handshake within {HANDSHAKE_TIMEOUT_S:.0f} s",
-                            kind="timeout") from None
+            raise PeerError(
+                f"{address.peer_id} did not answer the handshake within {HANDSHAKE_TIMEOUT_S:.0f} s", kind="timeout"
+            ) from None
         except (RemoteProtocolError, PeerError) as exc:
             await channel.close(reset=True)
             raise PeerError(f"handshake with {address.peer_id} failed: {exc}", kind="disconnected") from None
         if isinstance(msg, ErrorMsg):
             await channel.close()
             hint = "use the same pangea.pyz on both machines" if msg.kind == "incompatible" else None
-            raise PeerError(f"cannot work with {address.peer_id}: it refused the session: {msg.message}", kind=msg.kind, hint=hint)
+            raise PeerError(
+                f"cannot work with {address.peer_id}: it refused the session: {msg.message}", kind=msg.kind, hint=hint
+            )
         if not isinstance(msg, HelloMsg):
             await channel.close(reset=True)
             raise PeerError(f"{address.peer_id} answered the handshake with {type(msg).__name__}", kind="incompatible")
-        problem = hello_mismatch(PROTOCOL_VERSION, msg.protocol_version, msg.pangea_version,
-                                 local_role=f"{self.role} {self.peer_id}", remote_role=f"{msg.role or 'peer'} {address.peer_id}")
+        problem = hello_mismatch(
+            PROTOCOL_VERSION,
+            msg.protocol_version,
+            msg.pangea_version,
+            local_role=f"{self.role} {self.peer_id}",
+            remote_role=f"{msg.role or 'peer'} {address.peer_id}",
+        )
         if problem is not None:
             with contextlib.suppress(PeerError):
                 await channel.send(ErrorMsg("incompatible", problem))
@@ -1909,7 +1950,9 @@ class Node:
         self.nursery.start_soon(session.run)
         return session
 
-    async def execute_local(self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> tuple[tuple[np.ndarray, ...], float]:
+    async def execute_local(
+        self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]
+    ) -> tuple[tuple[np.ndarray, ...], float]:
         """Run a kernel in a worker thread; return (outputs, compute seconds)."""
         import trio
 
@@ -1967,7 +2010,9 @@ class TaskDelegator(Protocol):
 
     worker_id: str
 
-    async def execute(self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> tuple[tuple[np.ndarray, ...], float]:
+    async def execute(
+        self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]
+    ) -> tuple[tuple[np.ndarray, ...], float]:
         """Run the task on this delegator's worker."""
         ...
 
@@ -1980,7 +2025,9 @@ class LocalDelegator:
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    async def execute(self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> tuple[tuple[np.ndarray, ...], float]:
+    async def execute(
+        self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]
+    ) -> tuple[tuple[np.ndarray, ...], float]:
         """Run the kernel in this process's worker thread."""
         return await self.node.execute_local(kernel, operands, params)
 
@@ -1992,7 +2039,9 @@ class RemoteDelegator:
         self.session = session
         self.worker_id = session.peer_id
 
-    async def execute(self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> tuple[tuple[np.ndarray, ...], float]:
+    async def execute(
+        self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]
+    ) -> tuple[tuple[np.ndarray, ...], float]:
         """Send the task to the peer; raise TaskError with the peer's error text."""
         result = await self.session.request(kernel, operands, params)
         if not result.ok:
@@ -2073,15 +2122,31 @@ class Manager:
                     async for action in receive:
                         if isinstance(action, Dispatch):
                             scopes[action.attempt] = trio.CancelScope()
-                            nursery.start_soon(self._attempt, task_id, action, scopes[action.attempt], kernel, operands, dict(params or {}), results)
+                            nursery.start_soon(
+                                self._attempt,
+                                task_id,
+                                action,
+                                scopes[action.attempt],
+                                kernel,
+                                operands,
+                                dict(params or {}),
+                                results,
+                            )
                         elif isinstance(action, Cancel):
                             if action.attempt in scopes:
                                 scopes[action.attempt].cancel()
                         elif isinstance(action, Deliver):
                             nursery.cancel_scope.cancel()
                             outputs, compute_s = results.pop(action.attempt)
-                            return TaskOutcome(task_id, kernel, outputs, action.worker_id, self.scheduler.attempts(task_id),
-                                               compute_s, self.clock() - start)
+                            return TaskOutcome(
+                                task_id,
+                                kernel,
+                                outputs,
+                                action.worker_id,
+                                self.scheduler.attempts(task_id),
+                                compute_s,
+                                self.clock() - start,
+                            )
                         elif isinstance(action, Fail):
                             nursery.cancel_scope.cancel()
                             raise TaskError(self._failure_text(task_id, kernel, action), kind=action.kind)
@@ -2095,10 +2160,20 @@ class Manager:
     def _failure_text(self, task_id: int, kernel: str, fail: Fail) -> str:
         attempts = self.scheduler.attempts(task_id)
         where = "; ".join(f"{short_id(a.worker_id)}: {a.outcome}" for a in attempts)
-        return f"{kernel} failed after {len(attempts)} attempt(s): {fail.message}" + (f" [{where}]" if len(attempts) > 1 else "")
+        return f"{kernel} failed after {len(attempts)} attempt(s): {fail.message}" + (
+            f" [{where}]" if len(attempts) > 1 else ""
+        )
 
-    async def _attempt(self, task_id: int, action: Dispatch, scope: Any, kernel: str, operands: Sequence[np.ndarray],
-                       params: dict[str, float], results: dict[int, tuple[tuple[np.ndarray, ...], float]]) -> None:
+    async def _attempt(
+        self,
+        task_id: int,
+        action: Dispatch,
+        scope: Any,
+        kernel: str,
+        operands: Sequence[np.ndarray],
+        params: dict[str, float],
+        results: dict[int, tuple[tuple[np.ndarray, ...], float]],
+    ) -> None:
         event: SchedulerEvent
         with scope:
             delegator = self.delegators.get(action.worker_id)
@@ -2114,7 +2189,13 @@ class Manager:
                 kind = exc.kind if exc.kind in RETRYABLE_KINDS else "unavailable"
                 event = TaskFailedEvent(task_id, action.attempt, kind, str(exc))
             if isinstance(event, TaskFailedEvent):
-                log.info("task %d attempt %d on %s failed: %s", task_id, action.attempt, short_id(action.worker_id), event.message)
+                log.info(
+                    "task %d attempt %d on %s failed: %s",
+                    task_id,
+                    action.attempt,
+                    short_id(action.worker_id),
+                    event.message,
+                )
             self._apply(self.scheduler.handle(event, self.clock()))
 
 
@@ -2239,8 +2320,10 @@ class InitiatorChecks:
         if "noise" not in info["security"]:
             raise CheckFailed(f"connection is not encrypted with Noise: {info['security']}")
         hello = self.session.hello
-        return (f"peer {self.peer} (pangea {hello.pangea_version}, {hello.platform}); {info['security']} + "
-                f"{info['muxer']}; rtt {self.rtt_ms:.2f} ms")
+        return (
+            f"peer {self.peer} (pangea {hello.pangea_version}, {hello.platform}); {info['security']} + "
+            f"{info['muxer']}; rtt {self.rtt_ms:.2f} ms"
+        )
 
     async def local_execution(self) -> str:
         a, b = self.rng.standard_normal((256, 256)), self.rng.standard_normal((256, 256))
@@ -2285,8 +2368,10 @@ class InitiatorChecks:
                 raise CheckFailed(f"block {i} ran on {short_id(outcomes[i].worker_id)}, not {short_id(placement)}")
         gathered = np.vstack([outcomes[i].outputs[0] for i in range(len(blocks))])
         err = verify("gathered matmul", gathered, a @ b)
-        return (f"{n}x{n} matmul split by rows: 0-{half - 1} local, {half}-{n - 1} on the responder; "
-                f"gathered result matches, max error {err:.1e}")
+        return (
+            f"{n}x{n} matmul split by rows: 0-{half - 1} local, {half}-{n - 1} on the responder; "
+            f"gathered result matches, max error {err:.1e}"
+        )
 
     async def throughput_check(self) -> str:
         import numpy as np
@@ -2305,8 +2390,10 @@ class InitiatorChecks:
             raise CheckFailed("downloaded array differs from the expected one")
         mb = data.nbytes / 1e6
         self.throughput = {"upload": mb / max(up_s, 1e-9), "download": mb / max(down_s, 1e-9)}
-        return (f"{format_bytes(data.nbytes)} each way: upload {self.throughput['upload']:.0f} MB/s, "
-                f"download {self.throughput['download']:.0f} MB/s")
+        return (
+            f"{format_bytes(data.nbytes)} each way: upload {self.throughput['upload']:.0f} MB/s, "
+            f"download {self.throughput['download']:.0f} MB/s"
+        )
 
     async def fallback(self) -> str:
         """Say done to the responder, then delegate to it while it hangs up: the
@@ -2319,7 +2406,9 @@ class InitiatorChecks:
             where = ", ".join(f"{short_id(x.worker_id)}={x.outcome}" for x in outcome.attempts)
             raise CheckFailed(f"expected a failed attempt on the responder, then a local run; got {where}")
         verify("inverse", outcome.outputs[0], reference_result("inverse", (a,), {}))
-        return f"responder left after 'done'; attempt 1 on it failed ({first.outcome}); attempt 2 ran locally and verified"
+        return (
+            f"responder left after 'done'; attempt 1 on it failed ({first.outcome}); attempt 2 ran locally and verified"
+        )
 
 
 ###############################################################################
@@ -2357,8 +2446,11 @@ def check_build_target() -> None:
     problem = build_target_mismatch(tuple(info["BUILT_FOR"]), here)
     if problem is not None:
         python = f"python{info.get('PYTHON_VERSION', '3')}"
-        raise ConfigError(problem, hint=f"run it with {python} ({python} {sys.argv[0]} ...) if this box has it, "
-                          f"or build a pangea.pyz on this box with ./build.sh")
+        raise ConfigError(
+            problem,
+            hint=f"run it with {python} ({python} {sys.argv[0]} ...) if this box has it, "
+            f"or build a pangea.pyz on this box with ./build.sh",
+        )
 
 
 def version_text() -> str:
@@ -2376,7 +2468,7 @@ def version_text() -> str:
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (UsageError) instead of usage + exit."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         raise UsageError(message, hint=f"see `{self.prog} --help`")
 
 
@@ -2390,18 +2482,32 @@ def make_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser, port: int) -> None:
         p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
-        p.add_argument("--port", type=int, default=port, help=f"TCP port to listen on, 0 for any free one (default: {port})")
-        p.add_argument("--timeout", type=float, default=DEFAULT_WAIT_S, metavar="SECONDS",
-                       help=f"how long to wait for the other side (default: {DEFAULT_WAIT_S:.0f})")
+        p.add_argument(
+            "--port", type=int, default=port, help=f"TCP port to listen on, 0 for any free one (default: {port})"
+        )
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=DEFAULT_WAIT_S,
+            metavar="SECONDS",
+            help=f"how long to wait for the other side (default: {DEFAULT_WAIT_S:.0f})",
+        )
         p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser("initiate", help="start node 1: print its address, wait for a responder, run the checks")
     common(p, DEFAULT_PORT)
-    p.add_argument("--size", type=int, default=AGGREGATE_N, metavar="N", help=f"size of the split matmul (default: {AGGREGATE_N})")
-    p.add_argument("--transfer-mib", type=int, default=THROUGHPUT_BYTES >> 20, metavar="MIB",
-                   help=f"array data sent each way for the throughput figure (default: {THROUGHPUT_BYTES >> 20})")
+    p.add_argument(
+        "--size", type=int, default=AGGREGATE_N, metavar="N", help=f"size of the split matmul (default: {AGGREGATE_N})"
+    )
+    p.add_argument(
+        "--transfer-mib",
+        type=int,
+        default=THROUGHPUT_BYTES >> 20,
+        metavar="MIB",
+        help=f"array data sent each way for the throughput figure (default: {THROUGHPUT_BYTES >> 20})",
+    )
     p.set_defaults(func=cmd_initiate)
 
     p = sub.add_parser("respond", help="start node 2: connect to an initiator and do its work")
@@ -2507,8 +2613,14 @@ def print_report(role: str, peer: str, results: list[CheckResult], extra: dict[s
     print()
     print(f"{'All checks passed' if ok else 'Some checks FAILED'} ({role}).", flush=True)
     if as_json:
-        doc = {"ok": ok, "role": role, "version": __version__, "peer": peer,
-               "checks": [r.as_json() for r in results], **extra}
+        doc = {
+            "ok": ok,
+            "role": role,
+            "version": __version__,
+            "peer": peer,
+            "checks": [r.as_json() for r in results],
+            **extra,
+        }
         print(json.dumps(doc), flush=True)
     return ok
 
@@ -2562,9 +2674,13 @@ async def _initiate(args: argparse.Namespace, session_dir: SessionDir, key_pair:
         print(f"Responder connected: {session.peer_id} (pangea {session.hello.pangea_version})", flush=True)
         checks = InitiatorChecks(node, manager, session, size=args.size, transfer_bytes=args.transfer_mib << 20)
         results = await checks.run_all()
-    ok = print_report("initiator", session.peer_id, results,
-                      {"addresses": node.addresses, "rtt_ms": checks.rtt_ms, "throughput_mb_s": checks.throughput},
-                      args.json)
+    ok = print_report(
+        "initiator",
+        session.peer_id,
+        results,
+        {"addresses": node.addresses, "rtt_ms": checks.rtt_ms, "throughput_mb_s": checks.throughput},
+        args.json,
+    )
     return 0 if ok else 1
 
 
@@ -2573,7 +2689,9 @@ def cmd_respond(args: argparse.Namespace) -> int:
     text = args.address
     if text is None:
         if not sys.stdin.isatty():
-            raise UsageError("no initiator address given", hint="./pangea.pyz respond /ip4/<ip>/tcp/<port>/p2p/<peer id>")
+            raise UsageError(
+                "no initiator address given", hint="./pangea.pyz respond /ip4/<ip>/tcp/<port>/p2p/<peer id>"
+            )
         text = input("Paste the initiator's address: ")
     address = parse_peer_address(text)
     with node_session("responder", args) as (home, session_dir):
@@ -2585,12 +2703,16 @@ async def _respond(args: argparse.Namespace, address: PeerAddress, session_dir: 
     node = Node(
         key_pair=key_pair,
         role="responder",
-        accept=lambda peer_id, hello: None if peer_id == address.peer_id else f"this responder only works for {address.peer_id}",
+        accept=lambda peer_id, hello: (
+            None if peer_id == address.peer_id else f"this responder only works for {address.peer_id}"
+        ),
         may_serve=lambda peer_id: peer_id == address.peer_id,
     )
     if node.peer_id == address.peer_id:
-        raise ConfigError(f"cannot respond to {address.peer_id}: it is this node's own peer ID",
-                          hint="the two boxes share a pangea home (identity.key); give one its own PANGEA_HOME")
+        raise ConfigError(
+            f"cannot respond to {address.peer_id}: it is this node's own peer ID",
+            hint="the two boxes share a pangea home (identity.key); give one its own PANGEA_HOME",
+        )
     results: list[CheckResult] = []
     async with node.running(args.host, args.port):
         session_dir.save(peer_id=node.peer_id, initiator=address.text)
@@ -2600,17 +2722,36 @@ async def _respond(args: argparse.Namespace, address: PeerAddress, session_dir: 
         session = await node.dial(address, timeout_s=args.timeout)
         rtt_s = min([await session.ping() for _ in range(3)])
         info = node.connection_info(session.peer_id)
-        results.append(CheckResult("connection", True, time.perf_counter() - start,
-                                   f"initiator {session.peer_id} (pangea {session.hello.pangea_version}); "
-                                   f"{info['security']} + {info['muxer']}; rtt {rtt_s * 1000:.2f} ms"))
+        results.append(
+            CheckResult(
+                "connection",
+                True,
+                time.perf_counter() - start,
+                f"initiator {session.peer_id} (pangea {session.hello.pangea_version}); "
+                f"{info['security']} + {info['muxer']}; rtt {rtt_s * 1000:.2f} ms",
+            )
+        )
         print(f"Connected to initiator {session.peer_id}; serving its tasks until it says done.", flush=True)
         serve_start = time.perf_counter()
         await session.closed.wait()
     done = session.bye_reason == "done"
-    results.append(CheckResult("tasks", session.tasks_served > 0, time.perf_counter() - serve_start,
-                               f"{session.tasks_served} task(s) served, {format_bytes(session.channel.bytes_in)} in, "
-                               f"{format_bytes(session.channel.bytes_out)} out"))
-    results.append(CheckResult("finish", done, 0.0, "the initiator said done" if done else f"the initiator vanished: {session.close_reason}"))
+    results.append(
+        CheckResult(
+            "tasks",
+            session.tasks_served > 0,
+            time.perf_counter() - serve_start,
+            f"{session.tasks_served} task(s) served, {format_bytes(session.channel.bytes_in)} in, "
+            f"{format_bytes(session.channel.bytes_out)} out",
+        )
+    )
+    results.append(
+        CheckResult(
+            "finish",
+            done,
+            0.0,
+            "the initiator said done" if done else f"the initiator vanished: {session.close_reason}",
+        )
+    )
     ok = print_report("responder", session.peer_id, results, {"rtt_ms": rtt_s * 1000}, args.json)
     if not done:
         print(f"pangea: error: the initiator vanished mid-run: {session.close_reason}", file=sys.stderr)
@@ -2646,21 +2787,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
         (home / "demo" / role).mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(home / "demo", 0o700)
     command = self_command()
-    print(f"pangea demo: an initiator and a responder on this machine, talking libp2p over 127.0.0.1\n", flush=True)
+    print("pangea demo: an initiator and a responder on this machine, talking libp2p over 127.0.0.1\n", flush=True)
     procs: list[subprocess.Popen[str]] = []
     threads = []
     try:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PANGEA_HOME": str(home / "demo" / "initiator")}
-        initiator = subprocess.Popen([*command, "initiate", "--host", "127.0.0.1", "--port", "0", "--size", str(args.size)],
-                                     env=env, stdout=subprocess.PIPE, text=True)
+        initiator = subprocess.Popen(
+            [*command, "initiate", "--host", "127.0.0.1", "--port", "0", "--size", str(args.size)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         procs.append(initiator)
         found: list[str] = []
         ready = threading.Event()
         threads.append(threading.Thread(target=_pump, args=(initiator, "initiator", found, ready), daemon=True))
         threads[-1].start()
         if not ready.wait(60) or not found:
-            raise PangeaError("cannot run the demo: the initiator did not print its address",
-                              hint="run `./pangea.pyz initiate --port 0` by hand to see why")
+            raise PangeaError(
+                "cannot run the demo: the initiator did not print its address",
+                hint="run `./pangea.pyz initiate --port 0` by hand to see why",
+            )
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PANGEA_HOME": str(home / "demo" / "responder")}
         responder = subprocess.Popen([*command, "respond", found[0]], env=env, stdout=subprocess.PIPE, text=True)
         procs.append(responder)
