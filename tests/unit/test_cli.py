@@ -1,0 +1,334 @@
+"""Unit tests of section 10 of pangea.py: the parser, `main()` exit codes and error lines.
+
+Only paths that end before any node starts are exercised here (argument and
+address errors, the build-target guard, --version); running nodes is the job
+of tests/integration. Errors must be one `pangea: error: ...` line on stderr,
+optionally followed by one `hint: ...` line, and no traceback without --debug.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pangea
+from pangea import UsageError, main, make_parser
+
+PEER_ID = "12D3KooWGzh2Dn5bUbmZJpFjU9pPxT3VTvZ4kNzqAkS9Q1r8eF7y"
+HERE = (sys.implementation.cache_tag, __import__("platform").machine())
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep any accidental session directory out of the real home; no stdin."""
+    monkeypatch.setenv("PANGEA_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    monkeypatch.setattr(pangea, "build_info", lambda: None)  # as when run from source
+
+
+def run(argv: list[str]) -> int:
+    """main(argv) as a shell sees it: argparse's SystemExit (--version, --help) is its code."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+def error_lines(capsys: pytest.CaptureFixture[str]) -> tuple[str, list[str]]:
+    """Return (stdout, stderr lines); check stderr is one error line and at most one hint line."""
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert 1 <= len(lines) <= 2, err
+    assert lines[0].startswith("pangea: error: "), err
+    if len(lines) == 2:
+        assert lines[1].startswith("hint: "), err
+    assert "Traceback" not in err
+    return out, lines
+
+
+# ---------------------------------------------------------------- argument errors -> 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "problem"),
+    [
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["initiate", "--port", "http"], "argument --port: invalid int value: 'http'"),
+        (["initiate", "--timeout", "soon"], "argument --timeout: invalid float value: 'soon'"),
+        (["initiate", "--size", "1.5"], "argument --size: invalid int value: '1.5'"),
+        (["initiate", "extra"], "unrecognized arguments: extra"),
+        (["respond", "a", "b"], "unrecognized arguments: b"),
+        (["demo", "--size"], "argument --size: expected one argument"),
+        (["-vv"], "no command given"),
+        (["initiate", "--port", "70000"], "port 70000 is outside 0-65535"),
+        (["initiate", "--port", "-1"], "port -1 is outside 0-65535"),
+        (["initiate", "--size", "1"], "--size 1 is too small"),
+    ],
+)
+def test_main_argument_error_exits_2_with_one_error_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], problem: str
+) -> None:
+    assert run(argv) == 2
+    out, lines = error_lines(capsys)
+    assert problem in lines[0]
+    assert out == ""
+
+
+def test_main_argument_error_hint_points_at_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["initiate", "--port", "x"]) == 2
+    _, lines = error_lines(capsys)
+    assert lines[1] == "hint: see `pangea.pyz initiate --help`"
+
+
+def test_main_without_arguments_prints_help_to_stderr_and_exits_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("usage: pangea.pyz")
+    for command in ("initiate", "respond", "demo"):
+        assert command in err
+
+
+def test_main_no_command_has_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["--verbose"]) == 2
+    _, lines = error_lines(capsys)
+    assert lines == [
+        "pangea: error: no command given",
+        "hint: pangea.pyz initiate | respond ADDRESS | demo",
+    ]
+
+
+def test_main_no_traceback_without_debug_but_one_with_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run(["respond", "garbage"]) == 2
+    _, err = capsys.readouterr()
+    assert "Traceback" not in err
+    assert run(["--debug", "respond", "garbage"]) == 2
+    _, err = capsys.readouterr()
+    assert err.startswith("pangea: error: bad address 'garbage'")
+    assert "Traceback (most recent call last)" in err
+    assert "UsageError" in err
+
+
+def test_main_debug_after_the_command_also_shows_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run(["respond", "garbage", "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- respond addresses
+
+
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        ("garbage", "a multiaddr starts with '/'"),
+        ("/ip4/1.2.3.4/tcp/7777", "it has no /p2p/<peer id> part"),
+        ("/ip4/999.1.1.1/tcp/7777/p2p/" + PEER_ID, "'999.1.1.1' is not an ip4 address"),
+        ("/ip4/1.2.3.4/tcp/0/p2p/" + PEER_ID, "port '0' is not a number in 1-65535"),
+        ("/ip4/1.2.3.4/udp/7777/p2p/" + PEER_ID, "pangea uses tcp"),
+        ("/ip4/1.2.3.4/tcp/7777/p2p/notapeerid", "is not a peer id"),
+    ],
+)
+def test_main_respond_bad_address_exits_2(capsys: pytest.CaptureFixture[str], address: str, problem: str) -> None:
+    assert run(["respond", address]) == 2
+    _, lines = error_lines(capsys)
+    assert lines[0].startswith("pangea: error: bad address ")
+    assert problem in lines[0]
+
+
+def test_main_respond_without_p2p_part_prints_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["respond", "/ip4/192.168.1.5/tcp/7777"]) == 2
+    _, lines = error_lines(capsys)
+    assert len(lines) == 2 and "/p2p/" in lines[1]
+
+
+def test_main_respond_bad_address_creates_no_session_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["respond", "/ip4/1.2.3.4/tcp/7777"]) == 2
+    assert not (tmp_path / "home" / pangea.SESSIONS_DIRNAME).exists()
+
+
+def test_main_respond_without_address_and_no_terminal_exits_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run(["respond"]) == 2
+    _, lines = error_lines(capsys)
+    assert lines[0] == "pangea: error: no initiator address given"
+    assert lines[1].startswith("hint: ./pangea.pyz respond /ip4/")
+
+
+@pytest.mark.xfail(
+    reason="BUG: parse_peer_address lets int() raise ValueError for a non-ASCII digit port, "
+    "so main() crashes with a traceback instead of exit 2",
+    strict=True,
+)
+def test_main_respond_non_ascii_digit_port_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["respond", f"/ip4/1.2.3.4/tcp/\u00b3/p2p/{PEER_ID}"]) == 2
+    error_lines(capsys)
+
+
+# ---------------------------------------------------------------- --version, build-target guard
+
+
+def test_main_version_from_source(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    assert run(["--version"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == (
+        f"pangea {pangea.__version__} (protocol {pangea.PROTOCOL_VERSION}), running from source; "
+        f"running on {HERE[0]} {HERE[1]}"
+    )
+    assert err == ""
+
+
+@pytest.mark.xfail(
+    reason="BUG: argparse's version action wraps the text at the terminal width, so a build's "
+    "--version (over 80 characters) prints on two lines",
+    strict=True,
+)
+def test_main_version_of_a_build_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    stamp = {"BUILT_FOR": HERE, "PYTHON_VERSION": "3.11", "GIT_COMMIT": "abc1234"}
+    monkeypatch.setattr(pangea, "build_info", lambda: stamp)
+    assert run(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert out.startswith(f"pangea {pangea.__version__} (protocol {pangea.PROTOCOL_VERSION}), ")
+    assert f"built for {HERE[0]} {HERE[1]} (Python 3.11), commit abc1234" in out
+
+
+def test_version_text_of_a_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    stamp = {"BUILT_FOR": HERE, "PYTHON_VERSION": "3.11", "GIT_COMMIT": "abc1234"}
+    monkeypatch.setattr(pangea, "build_info", lambda: stamp)
+    text = pangea.version_text()
+    assert text == (
+        f"pangea {pangea.__version__} (protocol {pangea.PROTOCOL_VERSION}), "
+        f"built for {HERE[0]} {HERE[1]} (Python 3.11), commit abc1234; "
+        f"running on {HERE[0]} {HERE[1]}"
+    )
+
+
+@pytest.mark.parametrize("built_for", [("cpython-99", HERE[1]), (HERE[0], "sparc64")])
+@pytest.mark.parametrize("argv", [["initiate"], ["respond", "/ip4/1.2.3.4/tcp/1"], ["--version"], ["bogus"]])
+def test_main_build_target_mismatch_exits_2_before_anything_else(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    built_for: tuple[str, str],
+    argv: list[str],
+) -> None:
+    monkeypatch.setattr(pangea, "build_info", lambda: {"BUILT_FOR": built_for, "PYTHON_VERSION": "3.99"})
+    assert run(argv) == 2
+    out, lines = error_lines(capsys)
+    assert out == ""
+    problem = pangea.build_target_mismatch(built_for, HERE)
+    assert problem is not None
+    assert lines[0] == f"pangea: error: {problem}"
+    assert lines[1].startswith("hint: run it with python3.99 ")
+    assert "./build.sh" in lines[1]
+
+
+def test_main_matching_build_target_passes_the_guard(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pangea, "build_info", lambda: {"BUILT_FOR": list(HERE), "PYTHON_VERSION": "3.11"})
+    assert run(["respond", "nonsense"]) == 2
+    _, lines = error_lines(capsys)
+    assert "bad address 'nonsense'" in lines[0]  # got past the guard to the address check
+
+
+def test_main_build_stamp_without_target_is_ignored(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pangea, "build_info", lambda: {"GIT_COMMIT": "abc"})
+    assert run(["bogus"]) == 2
+    _, lines = error_lines(capsys)
+    assert "invalid choice" in lines[0]
+
+
+# ---------------------------------------------------------------- the parser
+
+
+def test_make_parser_defaults() -> None:
+    parser = make_parser()
+    args = parser.parse_args(["initiate"])
+    assert (args.command, args.port, args.host, args.timeout, args.json) == (
+        "initiate",
+        pangea.DEFAULT_PORT,
+        "0.0.0.0",
+        pangea.DEFAULT_WAIT_S,
+        False,
+    )
+    assert (args.size, args.transfer_mib) == (pangea.AGGREGATE_N, pangea.THROUGHPUT_BYTES >> 20)
+    assert args.func is pangea.cmd_initiate
+    args = parser.parse_args(["respond", "/ip4/1.2.3.4/tcp/1/p2p/x"])
+    assert (args.command, args.address, args.port) == ("respond", "/ip4/1.2.3.4/tcp/1/p2p/x", 0)
+    assert args.func is pangea.cmd_respond
+    assert parser.parse_args(["demo"]).func is pangea.cmd_demo
+
+
+@pytest.mark.parametrize(
+    ("argv", "debug", "verbose"),
+    [
+        (["initiate"], False, 0),
+        (["--debug", "initiate"], True, 0),
+        (["initiate", "--debug"], True, 0),
+        (["-vv", "initiate"], False, 2),
+        (["initiate", "-v"], False, 1),
+        (["-v", "respond", "x", "-v"], False, 1),  # the subcommand's count replaces the global one
+    ],
+)
+def test_make_parser_debug_and_verbose_anywhere(argv: list[str], debug: bool, verbose: int) -> None:
+    args = make_parser().parse_args(argv)
+    assert (args.debug, args.verbose) == (debug, verbose)
+
+
+def test_make_parser_errors_raise_usage_error_not_system_exit() -> None:
+    with pytest.raises(UsageError) as info:
+        make_parser().parse_args(["initiate", "--port", "x"])
+    assert info.value.exit_code == 2
+    assert info.value.hint == "see `pangea.pyz initiate --help`"
+
+
+def test_make_parser_json_and_port_zero() -> None:
+    args = make_parser().parse_args(["initiate", "--port", "0", "--json", "--timeout", "2.5"])
+    assert (args.port, args.json, args.timeout) == (0, True, 2.5)
+
+
+def test_main_help_goes_to_stdout_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["--help"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: pangea.pyz") and err == ""
+
+
+def _keyboard_interrupt(args: Any) -> int:
+    raise KeyboardInterrupt
+
+
+def test_main_ctrl_c_exits_130(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pangea, "cmd_demo", _keyboard_interrupt)
+    assert run(["demo"]) == 130
+    assert capsys.readouterr().err == "pangea: interrupted\n"
+
+
+def _pangea_error(args: Any) -> int:
+    raise pangea.PangeaError("cannot reach peer: refused", hint="check the firewall")
+
+
+def test_main_pangea_error_exit_code_and_hint(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pangea, "cmd_demo", _pangea_error)
+    assert run(["demo"]) == 1
+    _, lines = error_lines(capsys)
+    assert lines == ["pangea: error: cannot reach peer: refused", "hint: check the firewall"]
