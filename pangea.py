@@ -294,7 +294,7 @@ def parse_peer_address(text: str) -> PeerAddress:
         raise UsageError(f"bad address {text!r}: {host!r} is not an {proto} address") from None
     if transport != "tcp":
         raise UsageError(f"bad address {text!r}: pangea uses tcp, not {transport!r}")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise UsageError(f"bad address {text!r}: port {port_text!r} is not a number in 1-65535")
     rest = parts[4:]
     if len(rest) < 2 or rest[0] != "p2p":
@@ -499,6 +499,8 @@ def _array_parts(arrays: Sequence[np.ndarray]) -> tuple[list[tuple[str, tuple[in
         a = np.asarray(a)
         if a.dtype.name not in ALLOWED_DTYPES:
             raise LocalProtocolError(f"dtype {a.dtype.name!r} cannot be sent; allowed: {', '.join(ALLOWED_DTYPES)}")
+        if a.ndim > MAX_NDIM:
+            raise LocalProtocolError(f"an array of {a.ndim} dimensions cannot be sent; at most {MAX_NDIM}")
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
         if not a.flags.c_contiguous:
@@ -517,8 +519,23 @@ def _set_metas(builder_list: Any, metas: Sequence[tuple[str, tuple[int, ...], in
 
 def encode_parts(msg: Message) -> list[bytes | memoryview]:
     """Return the byte pieces of one frame for ``msg``: prefix+header, then array views."""
-    schema = load_schema()
-    m = schema.Message.new_message()
+    import capnp
+
+    m = load_schema().Message.new_message()
+    try:
+        views = _build_message(m, msg)
+        header = m.to_bytes()
+    except (capnp.KjException, OverflowError, TypeError, ValueError) as exc:  # type: ignore[attr-defined]
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LocalProtocolError(f"cannot encode {type(msg).__name__}: {text}") from None
+    if len(header) > MAX_HEADER_BYTES:
+        raise LocalProtocolError(f"message header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+    payload_len = sum(len(v) for v in views)
+    return [FRAME_PREFIX.pack(len(header), payload_len) + header, *views]
+
+
+def _build_message(m: Any, msg: Message) -> list[memoryview]:
+    """Fill the capnp Message builder ``m`` from ``msg``; return the payload views."""
     views: list[memoryview] = []
     if isinstance(msg, HelloMsg):
         h = m.init("hello")
@@ -561,11 +578,7 @@ def encode_parts(msg: Message) -> list[bytes | memoryview]:
         e.message = msg.message
     else:
         raise LocalProtocolError(f"cannot encode {type(msg).__name__}")
-    header = m.to_bytes()
-    if len(header) > MAX_HEADER_BYTES:
-        raise LocalProtocolError(f"message header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
-    payload_len = sum(len(v) for v in views)
-    return [FRAME_PREFIX.pack(len(header), payload_len) + header, *views]
+    return views
 
 
 def encode(msg: Message) -> bytes:
@@ -613,9 +626,12 @@ class Decoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add received bytes; call ``next()`` until it returns NEED_DATA."""
-        if data:
-            self._chunks.append(memoryview(data).cast("B"))
-            self._buffered += len(self._chunks[-1])
+        if self._broken is not None or not data:
+            return
+        if not isinstance(data, bytes):
+            data = bytes(data)  # NOTE: the caller may reuse its buffer; bytes from stream.read are kept as they are
+        self._chunks.append(memoryview(data))
+        self._buffered += len(data)
 
     def _take(self, n: int) -> bytes:
         out = bytearray()
@@ -649,7 +665,8 @@ class Decoder:
     def _fail(self, message: str) -> RemoteProtocolError:
         self._broken = RemoteProtocolError(message)
         self._chunks.clear()
-        self._payload = None
+        self._buffered = 0
+        self._header_len, self._header, self._payload = None, None, None
         return self._broken
 
     def next(self) -> Message | _NeedData:
@@ -713,7 +730,10 @@ def _arrays_from(metas: Any, payload: bytearray, task_id: int) -> tuple[np.ndarr
             )
         if offset + nbytes > len(payload):
             raise MessageError(f"array {i}: runs past the end of the payload", task_id=task_id)
-        a = np.frombuffer(payload, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+        try:
+            a = np.frombuffer(payload, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+        except ValueError as exc:
+            raise MessageError(f"array {i}: shape {tuple(shape)} cannot be built: {exc}", task_id=task_id) from None
         arrays.append(a)
         offset += nbytes
     if offset != len(payload):
@@ -863,7 +883,7 @@ def _k_sum(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndar
     (a,) = ops
     if "axis" in params:
         axis = params["axis"]
-        if axis != int(axis) or not -a.ndim <= int(axis) < a.ndim:
+        if not math.isfinite(axis) or axis != int(axis) or not -a.ndim <= int(axis) < a.ndim:
             raise KernelError(f"sum: axis {axis!r} is out of range for {a.ndim} dimensions")
         return (np.sum(a, axis=int(axis)),)
     return (np.asarray(np.sum(a)),)
@@ -912,13 +932,13 @@ def _k_random(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.n
     dims = []
     for key in ("rows", "cols"):
         v = params.get(key, 0.0)
-        if v != int(v) or not 0 <= v <= 1 << 24:
+        if not math.isfinite(v) or v != int(v) or not 0 <= v <= 1 << 24:
             raise KernelError(f"random: {key} must be a whole number in 0..{1 << 24}, got {v!r}")
         dims.append(int(v))
     if dims[0] * dims[1] > MAX_RANDOM_ELEMENTS:
         raise KernelError(f"random: {dims[0]}x{dims[1]} exceeds {MAX_RANDOM_ELEMENTS} elements")
     seed = params.get("seed", 0.0)
-    if seed != int(seed) or seed < 0:
+    if not math.isfinite(seed) or seed != int(seed) or seed < 0:
         raise KernelError(f"random: seed must be a whole number >= 0, got {seed!r}")
     return (np.random.default_rng(int(seed)).random((dims[0], dims[1])),)
 
@@ -1132,7 +1152,9 @@ class Scheduler:
         if isinstance(event, SubmitEvent):
             return self._on_submit(event)
         if isinstance(event, WorkerUpEvent):
-            self.workers[event.worker_id] = _WorkerState(speed=max(event.speed, 1e-3))
+            state = self.workers.setdefault(event.worker_id, _WorkerState())
+            state.speed = max(event.speed, 1e-3)
+            state.up = True
             return []
         if isinstance(event, WorkerDownEvent):
             return self._on_worker_down(event)
@@ -2465,6 +2487,17 @@ def version_text() -> str:
     return f"pangea {__version__} (protocol {PROTOCOL_VERSION}), {built}; running on {here}"
 
 
+class _VersionAction(argparse.Action):
+    """--version without argparse's line wrapping (the text is one line for scripts)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(version_text())
+        parser.exit()
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (UsageError) instead of usage + exit."""
 
@@ -2475,7 +2508,7 @@ class _Parser(argparse.ArgumentParser):
 def make_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the whole CLI."""
     parser = _Parser(prog="pangea.pyz", description="Share numpy compute between your own machines over libp2p.")
-    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--version", action=_VersionAction, help="print the version and build target, then exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log events to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

@@ -166,11 +166,6 @@ def test_main_respond_without_address_and_no_terminal_exits_2(
     assert lines[1].startswith("hint: ./pangea.pyz respond /ip4/")
 
 
-@pytest.mark.xfail(
-    reason="BUG: parse_peer_address lets int() raise ValueError for a non-ASCII digit port, "
-    "so main() crashes with a traceback instead of exit 2",
-    strict=True,
-)
 def test_main_respond_non_ascii_digit_port_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["respond", f"/ip4/1.2.3.4/tcp/\u00b3/p2p/{PEER_ID}"]) == 2
     error_lines(capsys)
@@ -190,11 +185,6 @@ def test_main_version_from_source(capsys: pytest.CaptureFixture[str], monkeypatc
     assert err == ""
 
 
-@pytest.mark.xfail(
-    reason="BUG: argparse's version action wraps the text at the terminal width, so a build's "
-    "--version (over 80 characters) prints on two lines",
-    strict=True,
-)
 def test_main_version_of_a_build_is_one_line(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -113,11 +113,6 @@ def test_parse_peer_address_quotes_the_bad_value_and_shows_the_expected_form() -
         parse_peer_address("nonsense")
 
 
-@pytest.mark.xfail(
-    reason="BUG: str.isdigit() accepts non-ASCII digits such as '²', then int() raises ValueError "
-    "instead of UsageError (the CLI then prints a traceback)",
-    strict=True,
-)
 def test_parse_peer_address_rejects_non_ascii_digit_port_with_usage_error() -> None:
     with pytest.raises(UsageError, match="port"):
         parse_peer_address(f"/ip4/1.2.3.4/tcp/\u00b2/p2p/{PEER_ID}")
@@ -132,9 +127,6 @@ _address_pieces = st.sampled_from(
 @given(st.one_of(st.text(max_size=80), st.lists(_address_pieces, max_size=8).map("/".join)))
 def test_parse_peer_address_raises_only_usage_error(text: str) -> None:
     # Anything a user pastes either parses or is a UsageError, never a crash.
-    # Non-ASCII digits are a known bug, pinned by the xfail test above.
-    if any(c.isdigit() and not c.isascii() for c in text):
-        return
     try:
         address = parse_peer_address(text)
     except UsageError as exc:

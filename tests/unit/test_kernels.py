@@ -378,11 +378,6 @@ def test_run_kernel_random_bad_params(params: dict[str, float], problem: str) ->
     assert problem in str(kernel_error("random", [], params))
 
 
-@pytest.mark.xfail(
-    reason="BUG: a NaN or infinite axis/rows/cols/seed reaches int() and raises "
-    "ValueError/OverflowError instead of a KernelError naming the parameter",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("name", "key"),
     [("sum", "axis"), ("random", "rows"), ("random", "cols"), ("random", "seed")],

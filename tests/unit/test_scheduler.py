@@ -349,11 +349,6 @@ def test_scheduler_worker_down_twice_is_harmless() -> None:
     assert driver.step(WorkerDownEvent(PEER_A)) == []
 
 
-@pytest.mark.xfail(
-    reason="BUG: WorkerUpEvent for a worker the scheduler already knows replaces its state, "
-    "resetting `running` while attempts still run there (validate() fails)",
-    strict=True,
-)
 @pytest.mark.parametrize("first", ["up", "pinned"])
 def test_scheduler_worker_up_again_keeps_running_count(first: str) -> None:
     driver = Driver()

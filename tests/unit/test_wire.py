@@ -413,21 +413,11 @@ def test_encode_rejects_header_over_the_limit() -> None:
         encode(huge)
 
 
-@pytest.mark.xfail(
-    reason="BUG: encode does not check ndim; it sends a 9-d array that every Decoder rejects "
-    "(MessageError) instead of raising LocalProtocolError",
-    strict=True,
-)
 def test_encode_rejects_too_many_dimensions_with_local_protocol_error() -> None:
     with pytest.raises(LocalProtocolError):
         encode(TaskRequestMsg(1, "add", (np.zeros((1,) * (MAX_NDIM + 1)),)))
 
 
-@pytest.mark.xfail(
-    reason="BUG: an integer out of its schema range escapes encode as capnp.KjException / "
-    "OverflowError instead of LocalProtocolError",
-    strict=True,
-)
 @pytest.mark.parametrize("msg", [PingMsg(-1), PingMsg(2**64), TaskRequestMsg(-1, "add")], ids=["neg", "big", "task"])
 def test_encode_rejects_out_of_range_integers_with_local_protocol_error(msg: Any) -> None:
     with pytest.raises(LocalProtocolError):
@@ -544,11 +534,6 @@ def test_decoder_in_frame_tracks_partial_frames() -> None:
     assert not decoder.in_frame
 
 
-@pytest.mark.xfail(
-    reason="BUG: Decoder.feed keeps a view of the caller's buffer, so a bytearray reused by the "
-    "I/O layer changes already-fed data (and cannot be resized: BufferError)",
-    strict=True,
-)
 def test_decoder_feed_copies_mutable_buffers() -> None:
     buffer = bytearray(encode(ErrorMsg("protocol", "hello")))
     decoder = Decoder()
@@ -673,11 +658,6 @@ def test_decoder_rejects_malformed_header(header: bytes) -> None:
     assert_stays_broken(decoder, info.value)
 
 
-@pytest.mark.xfail(
-    reason="BUG: after a framing error the Decoder still reports the discarded bytes in "
-    "buffered_bytes (and keeps whatever is fed later) although it holds nothing usable",
-    strict=True,
-)
 def test_decoder_broken_holds_no_bytes() -> None:
     decoder = Decoder()
     decoder.feed(b"\xff" * 12 + b"x" * 100)
@@ -750,11 +730,6 @@ def test_decoder_message_error_split_across_feeds_then_continues() -> None:
     assert (errors, got) == (1, [PongMsg(3)])
 
 
-@pytest.mark.xfail(
-    reason="BUG: a shape numpy cannot build (a dimension >= 2**63 with a zero-size array) is "
-    "reported as a framing error that breaks the stream, not as a MessageError for that task",
-    strict=True,
-)
 def test_decoder_unrepresentable_shape_is_message_error() -> None:
     decoder = Decoder()
     decoder.feed(raw_frame(metas_header("taskRequest", 8, [("float64", [0, 2**64 - 1], 0)])) + encode(PingMsg(1)))
