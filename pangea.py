@@ -1583,6 +1583,8 @@ class PeerSession:
         self.close_reason = ""
         self.bye_reason: str | None = None
         self.rtt_s: float | None = None
+        self.opened_at = time.monotonic()
+        self.last_seen = time.monotonic()
         self.tasks_served = 0
         self.tasks_refused = 0
         self._next_task_id = 1
@@ -1603,10 +1605,12 @@ class PeerSession:
                 try:
                     msg = await self.channel.receive()
                 except MessageError as exc:
+                    self.last_seen = time.monotonic()
                     log.warning("bad message from %s: %s", self.label, exc)
                     if exc.task_id is not None:
                         self._send_soon(TaskResultMsg(exc.task_id, error_kind="bad-input", error_message=str(exc)))
                     continue
+                self.last_seen = time.monotonic()
                 if isinstance(msg, TaskRequestMsg):
                     self.node.nursery.start_soon(self._serve, msg)
                 elif isinstance(msg, TaskResultMsg):
@@ -1650,7 +1654,14 @@ class PeerSession:
 
         self.node.nursery.start_soon(send)
 
-    async def _close(self, reason: str) -> None:
+    async def close(self, reason: str) -> None:
+        """End the session on purpose: say Bye with the reason, then close the stream."""
+        if not self.closed.is_set():
+            with contextlib.suppress(PeerError):
+                await self.channel.send(ByeMsg(reason))
+        await self._close(reason, reset=False)
+
+    async def _close(self, reason: str, *, reset: bool | None = None) -> None:
         if self.closed.is_set():
             return
         self.close_reason = reason
@@ -1662,7 +1673,7 @@ class PeerSession:
         for _, event in self._pings.values():
             event.set()
         self.node._session_closed(self)
-        await self.channel.close(reset=self.bye_reason is None)
+        await self.channel.close(reset=self.bye_reason is None if reset is None else reset)
 
     async def _serve(self, req: TaskRequestMsg) -> None:
         if req.task_id in self._serving:
@@ -1771,6 +1782,8 @@ class Node:
         self.addresses: list[str] = []
         self.on_session: list[Callable[[PeerSession], None]] = []
         self.on_session_closed: list[Callable[[PeerSession], None]] = []
+        self._closed_bytes = [0, 0]
+        self.started_at = time.monotonic()
         self._new_sessions_send, self._new_sessions = trio.open_memory_channel[PeerSession](math.inf)
 
     def hello(self) -> HelloMsg:
@@ -1845,21 +1858,45 @@ class Node:
         """Wait for the next accepted or dialed session."""
         return await self._new_sessions.receive()
 
-    def _session_opened(self, session: PeerSession) -> None:
+    def _session_opened(self, session: PeerSession) -> bool:
+        """Make ``session`` the current one with its peer; False when it is a duplicate to close.
+
+        Two nodes that dial each other at once get two sessions. Both sides keep
+        the one dialed by the smaller peer id, so they agree without talking.
+        """
         old = self.sessions.get(session.peer_id)
+        if old is not None and not old.closed.is_set():
+
+            def dialer(s: PeerSession) -> str:
+                return self.peer_id if s.dialed else s.peer_id
+
+            if dialer(old) <= dialer(session):
+                return False
+            self.nursery.start_soon(old.close, "duplicate session")
         self.sessions[session.peer_id] = session
-        if old is not None and old is not session:
-            self.nursery.start_soon(old._close, "replaced by a new session")
         for callback in self.on_session:
             callback(session)
         self._new_sessions_send.send_nowait(session)
+        return True
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes received on every session, closed or open."""
+        return self._closed_bytes[0] + sum(s.channel.bytes_in for s in self.sessions.values())
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes sent on every session, closed or open."""
+        return self._closed_bytes[1] + sum(s.channel.bytes_out for s in self.sessions.values())
 
     def _session_closed(self, session: PeerSession) -> None:
+        self._closed_bytes[0] += session.channel.bytes_in
+        self._closed_bytes[1] += session.channel.bytes_out
+        log.info("session with %s closed: %s", session.label, session.close_reason)
         if self.sessions.get(session.peer_id) is session:
             del self.sessions[session.peer_id]
-        log.info("session with %s closed: %s", session.label, session.close_reason)
-        for callback in self.on_session_closed:
-            callback(session)
+            for callback in self.on_session_closed:
+                callback(session)
 
     async def _handle_stream(self, stream: Any) -> None:
         import trio
@@ -1887,7 +1924,9 @@ class Node:
                 return
             await channel.send(self.hello())
             session = PeerSession(self, channel, peer_id, msg, dialed=False)
-            self._session_opened(session)
+            if not self._session_opened(session):
+                await session.close("duplicate session")
+                return
             log.info("session with %s %s (pangea %s)", msg.role, peer_id, msg.pangea_version)
             await session.run()
         except trio.TooSlowError:
@@ -1968,7 +2007,9 @@ class Node:
             await channel.close()
             raise PeerError(problem, kind="incompatible", hint="use the same pangea.pyz on both machines")
         session = PeerSession(self, channel, address.peer_id, msg, dialed=True)
-        self._session_opened(session)
+        if not self._session_opened(session):
+            await session.close("duplicate session")
+            return self.sessions[address.peer_id]
         self.nursery.start_soon(session.run)
         return session
 
@@ -2082,6 +2123,7 @@ class TaskOutcome:
     attempts: list[AttemptRecord]
     compute_s: float
     elapsed_s: float
+    queue_s: float = 0.0
 
 
 class Manager:
@@ -2099,6 +2141,9 @@ class Manager:
         self.delegators: dict[str, TaskDelegator] = {LOCAL: LocalDelegator(node)}
         self._routes: dict[int, Any] = {}
         self._next_id = 1
+        self.tasks_done = 0
+        self.tasks_failed = 0
+        self.done_by: dict[str, int] = {}  # worker id -> tasks it delivered
         node.on_session.append(self._worker_up)
         node.on_session_closed.append(self._worker_down)
 
@@ -2108,6 +2153,11 @@ class Manager:
 
     def _worker_down(self, session: PeerSession) -> None:
         self._apply(self.scheduler.handle(WorkerDownEvent(session.peer_id, session.close_reason), self.clock()))
+
+    @property
+    def tasks_in_flight(self) -> int:
+        """Tasks submitted and not finished yet."""
+        return len(self._routes)
 
     def _apply(self, actions: list[SchedulerAction]) -> None:
         for action in actions:
@@ -2137,45 +2187,44 @@ class Manager:
         results: dict[int, tuple[tuple[np.ndarray, ...], float]] = {}
         scopes: dict[int, Any] = {}
         start = self.clock()
+        first_attempt_at: float | None = None
+        failure: TaskError | None = None
         try:
+            # NOTE: nothing is raised inside the nursery: trio would wrap it in an
+            # ExceptionGroup, and callers catch TaskError.
             async with trio.open_nursery() as nursery:
                 with trio.move_on_after(timeout_s) as deadline_scope:
                     self._apply(self.scheduler.handle(SubmitEvent(task_id, placement, start + timeout_s), start))
                     async for action in receive:
                         if isinstance(action, Dispatch):
-                            scopes[action.attempt] = trio.CancelScope()
-                            nursery.start_soon(
-                                self._attempt,
-                                task_id,
-                                action,
-                                scopes[action.attempt],
-                                kernel,
-                                operands,
-                                dict(params or {}),
-                                results,
-                            )
+                            first_attempt_at = first_attempt_at or self.clock()
+                            scopes[action.attempt] = scope = trio.CancelScope()
+                            job = (kernel, operands, dict(params or {}))
+                            nursery.start_soon(self._attempt, task_id, action, scope, job, results)
                         elif isinstance(action, Cancel):
                             if action.attempt in scopes:
                                 scopes[action.attempt].cancel()
                         elif isinstance(action, Deliver):
                             nursery.cancel_scope.cancel()
                             outputs, compute_s = results.pop(action.attempt)
+                            self.tasks_done += 1
+                            self.done_by[action.worker_id] = self.done_by.get(action.worker_id, 0) + 1
+                            attempts = self.scheduler.attempts(task_id)
+                            elapsed = self.clock() - start
+                            queued = (first_attempt_at or start) - start
                             return TaskOutcome(
-                                task_id,
-                                kernel,
-                                outputs,
-                                action.worker_id,
-                                self.scheduler.attempts(task_id),
-                                compute_s,
-                                self.clock() - start,
+                                task_id, kernel, outputs, action.worker_id, attempts, compute_s, elapsed, queued
                             )
                         elif isinstance(action, Fail):
-                            nursery.cancel_scope.cancel()
-                            raise TaskError(self._failure_text(task_id, kernel, action), kind=action.kind)
+                            failure = TaskError(self._failure_text(task_id, kernel, action), kind=action.kind)
+                            break
                 if deadline_scope.cancelled_caught:
                     self._apply(self.scheduler.handle(TickEvent(), start + timeout_s))
                 nursery.cancel_scope.cancel()
-            raise TaskError(f"{kernel}: no result within {timeout_s:.0f} s", kind="deadline")
+            raise failure or TaskError(f"{kernel}: no result within {timeout_s:.0f} s", kind="deadline")
+        except TaskError:
+            self.tasks_failed += 1
+            raise
         finally:
             del self._routes[task_id]
 
@@ -2191,11 +2240,10 @@ class Manager:
         task_id: int,
         action: Dispatch,
         scope: Any,
-        kernel: str,
-        operands: Sequence[np.ndarray],
-        params: dict[str, float],
+        job: tuple[str, Sequence[np.ndarray], dict[str, float]],
         results: dict[int, tuple[tuple[np.ndarray, ...], float]],
     ) -> None:
+        kernel, operands, params = job
         event: SchedulerEvent
         with scope:
             delegator = self.delegators.get(action.worker_id)
@@ -2436,8 +2484,602 @@ class InitiatorChecks:
 ###############################################################################
 # 9. I/O: Cap'n Proto RPC service and client
 #
-# Not built yet (see the RPC issue): `serve` and `pangea.Client` go here.
+# External programs reach a `serve` node over Cap'n Proto RPC (schema: the
+# `Gate` and `Compute` interfaces of capnp/pangea.capnp). pycapnp runs on
+# asyncio with its own KJ loop, so the RPC server lives in a thread of its
+# own; each call hops into trio with `trio.from_thread.run` (through an
+# executor, so the asyncio loop never blocks) and runs against the
+# `NodeService`, the trio-side facade of the node. This is the only place
+# where asyncio meets trio. `Client` is the synchronous Python client.
 ###############################################################################
+
+DEFAULT_RPC_PORT = 7780
+DEFAULT_RPC_MAX_BYTES = 1 << 30  # one RPC message; two 256 MiB operands plus headroom
+RPC_CHUNK_BYTES = 128 << 20  # Data fields must stay under Cap'n Proto's 512 MiB limit
+MIN_TOKEN_CHARS = 16  # a shorter token is guessable; generate one with `openssl rand -hex 16`
+HEARTBEAT_S = 5.0  # serve pings each peer this often ...
+HEARTBEAT_MISSES = 3  # ... and drops it after this many pings without an answer
+RPC_CONNECT_TIMEOUT_S = 10.0  # `connect` over RPC dials for at most this long
+
+
+class RpcError(PangeaError):
+    """Raised by the Client when the node refuses a call (wrong token, node
+    shutting down, bad request) or the connection to it fails."""
+
+
+def rpc_words(max_bytes: int) -> int:
+    """Return the Cap'n Proto traversal limit (in 8-byte words) for messages of max_bytes."""
+    return max_bytes // 8 + (1 << 20)
+
+
+def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """Parse HOST:PORT (or HOST, or :PORT); raise UsageError naming the problem."""
+    host, sep, port_text = text.rpartition(":") if ":" in text else (text, "", "")
+    host = host.strip("[]") or "127.0.0.1"
+    if not sep:
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) < 65536:
+        raise UsageError(f"bad address {text!r}: expected HOST:PORT, like 127.0.0.1:{default_port}")
+    return host, int(port_text)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Return True for 127.0.0.0/8, ::1 and localhost."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def remote_error_text(exc: BaseException) -> str:
+    """Return the readable part of a pycapnp remote exception (the last `XError: message` line)."""
+    import re
+
+    text = str(exc)
+    found = re.findall(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Refused)): (.+)$", text, flags=re.M)
+    if found:
+        return found[-1][1].strip()
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first.removeprefix("(remote):0: failed: ").strip()
+
+
+def array_to_capnp(builder: Any, a: np.ndarray) -> None:
+    """Fill an RPC `Array` builder from a numpy array (chunked, no pickling)."""
+    (meta,), (view,) = _array_parts([a])
+    builder.dtype, shape, nbytes = meta
+    builder.shape = list(shape)
+    n = max(1, math.ceil(nbytes / RPC_CHUNK_BYTES)) if nbytes else 0
+    chunks = builder.init("chunks", n)
+    for i in range(n):
+        chunks[i] = view[i * RPC_CHUNK_BYTES : (i + 1) * RPC_CHUNK_BYTES]
+
+
+def array_from_capnp(reader: Any, index: int = 0) -> np.ndarray:
+    """Return the numpy array of an RPC `Array`; TaskError(bad-input) when inconsistent."""
+    from types import SimpleNamespace
+
+    pieces = [bytes(c) for c in reader.chunks]
+    payload = bytearray(sum(len(p) for p in pieces))
+    offset = 0
+    for p in pieces:
+        payload[offset : offset + len(p)] = p
+        offset += len(p)
+    meta = SimpleNamespace(dtype=str(reader.dtype), shape=[int(d) for d in reader.shape], nbytes=len(payload))
+    try:
+        (array,) = _arrays_from([meta], payload, task_id=0)
+    except MessageError as exc:
+        raise TaskError(str(exc).replace("array 0", f"operand {index}"), kind="bad-input") from None
+    return array
+
+
+class NodeService:
+    """The trio side of the RPC: what `submit`, `peers`, `status` and `connect` do."""
+
+    def __init__(self, node: Node, manager: Manager, *, trust: Callable[[str], None], rpc_address: str) -> None:
+        import trio
+
+        self.node = node
+        self.manager = manager
+        self.trust = trust
+        self.rpc_address = rpc_address
+        self.closing = False
+        self._calls: set[Any] = set()
+        self._trio = trio
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        """Run one RPC call in a cancel scope that shutdown() can cancel."""
+        if self.closing:
+            raise RpcError("the node is shutting down")
+        scope = self._trio.CancelScope()
+        self._calls.add(scope)
+        try:
+            with scope:
+                yield
+            if scope.cancelled_caught:
+                raise RpcError("the node is shutting down; the call was cancelled")
+        finally:
+            self._calls.discard(scope)
+
+    def shutdown(self) -> None:
+        """Refuse new calls and cancel the ones in flight (they get an error)."""
+        self.closing = True
+        for scope in list(self._calls):
+            scope.cancel()
+
+    async def submit(
+        self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float], placement: str, timeout_s: float
+    ) -> TaskOutcome:
+        """Run a task through the manager; TaskError on failure."""
+        outcome: TaskOutcome | None = None
+        with self._call():
+            if placement not in PLACEMENTS and placement not in self.node.sessions:
+                known = ", ".join(PLACEMENTS + tuple(self.node.sessions)) or "none"
+                raise TaskError(f"unknown placement {placement!r}; use one of: {known}", kind="bad-input")
+            outcome = await self.manager.run(kernel, operands, params, placement=placement, timeout_s=timeout_s)
+        assert outcome is not None
+        return outcome
+
+    def peer_info(self, session: PeerSession) -> dict[str, Any]:
+        """Return what `peers` reports about one session."""
+        from libp2p.peer.id import ID
+
+        try:
+            addrs = [str(a) for a in self.node.host.get_peerstore().addrs(ID.from_base58(session.peer_id))]
+        except Exception:  # NOTE: py-libp2p raises PeerStoreError for a peer without addresses
+            addrs = []
+        return {
+            "peer_id": session.peer_id,
+            "addresses": addrs,
+            "version": session.hello.pangea_version,
+            "kernels": list(session.hello.kernels),
+            "rtt_ms": (session.rtt_s or 0.0) * 1000,
+            "tasks_done": self.manager.done_by.get(session.peer_id, 0),
+            "role": session.hello.role,
+            "trusted": bool(self.node.may_serve(session.peer_id)),
+            "last_seen_s": time.monotonic() - session.last_seen,
+        }
+
+    async def peers(self) -> list[dict[str, Any]]:
+        """Return the connected peers."""
+        with self._call():
+            return [self.peer_info(s) for s in self.node.sessions.values()]
+        return []
+
+    async def status(self) -> dict[str, Any]:
+        """Return this node's status."""
+        with self._call():
+            return {
+                "peer_id": self.node.peer_id,
+                "addresses": list(self.node.addresses),
+                "version": __version__,
+                "uptime_s": time.monotonic() - self.node.started_at,
+                "tasks_done": self.manager.tasks_done,
+                "tasks_failed": self.manager.tasks_failed,
+                "tasks_in_flight": self.manager.tasks_in_flight,
+                "bytes_in": self.node.bytes_in,
+                "bytes_out": self.node.bytes_out,
+                "rpc_address": self.rpc_address,
+                "peer_count": len(self.node.sessions),
+            }
+        return {}
+
+    async def connect(self, multiaddr: str) -> dict[str, Any]:
+        """Dial a peer named by the RPC user, trust it, and return its info."""
+        info: dict[str, Any] = {}
+        with self._call():
+            address = parse_peer_address(multiaddr)
+            self.trust(address.peer_id)  # the node's owner asked for this peer by name
+            session = await self.node.dial(address, timeout_s=RPC_CONNECT_TIMEOUT_S)
+            info = self.peer_info(session)
+        return info
+
+
+def _outcome_to_capnp(r: Any, outcome: TaskOutcome | None, error: TaskError | None) -> None:
+    """Fill an RPC `TaskOutput` builder."""
+    if error is not None:
+        r.errorKind = error.kind
+        r.errorMessage = str(error)
+        return
+    assert outcome is not None
+    outs = r.init("outputs", len(outcome.outputs))
+    for slot, a in zip(outs, outcome.outputs, strict=True):
+        array_to_capnp(slot, a)
+    r.ranOn = outcome.worker_id
+    attempts = r.init("attempts", len(outcome.attempts))
+    for slot, record in zip(attempts, outcome.attempts, strict=True):
+        slot.worker = record.worker_id
+        slot.outcome = record.outcome or "ok"
+    r.timings.queueSeconds = outcome.queue_s
+    r.timings.computeSeconds = outcome.compute_s
+    r.timings.totalSeconds = outcome.elapsed_s
+    r.timings.transferSeconds = (
+        max(0.0, outcome.elapsed_s - outcome.compute_s - outcome.queue_s) if outcome.worker_id != LOCAL else 0.0
+    )
+
+
+def _fill_peer(builder: Any, info: dict[str, Any]) -> None:
+    builder.peerId = info["peer_id"]
+    builder.addresses = info["addresses"]
+    builder.version = info["version"]
+    builder.kernels = info["kernels"]
+    builder.rttMs = info["rtt_ms"]
+    builder.tasksDone = info["tasks_done"]
+    builder.role = info["role"]
+    builder.trusted = info["trusted"]
+    builder.lastSeenSeconds = info["last_seen_s"]
+
+
+def _read_peer(reader: Any) -> dict[str, Any]:
+    return {
+        "peer_id": str(reader.peerId),
+        "addresses": [str(a) for a in reader.addresses],
+        "version": str(reader.version),
+        "kernels": [str(k) for k in reader.kernels],
+        "rtt_ms": float(reader.rttMs),
+        "tasks_done": int(reader.tasksDone),
+        "role": str(reader.role),
+        "trusted": bool(reader.trusted),
+        "last_seen_s": float(reader.lastSeenSeconds),
+    }
+
+
+class RpcServer:
+    """The Cap'n Proto RPC endpoint, running in its own thread (asyncio + KJ)."""
+
+    def __init__(self, service: NodeService, host: str, port: int, *, token: str, max_bytes: int) -> None:
+        self.service = service
+        self.host = host
+        self.port = port
+        self.token = token
+        self.max_bytes = max_bytes
+        self._box: dict[str, Any] = {}
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    async def start(self) -> tuple[str, int]:
+        """Start the RPC thread; return the bound (host, port). ConfigError if it cannot listen."""
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(target=self._thread_main, args=(token,), name="pangea-rpc", daemon=True)
+        self._thread.start()
+        await trio.to_thread.run_sync(self._ready.wait)
+        if "error" in self._box:
+            raise ConfigError(
+                f"cannot serve RPC on {self.host}:{self.port}: {self._box['error']}",
+                hint="pick another port with --rpc HOST:PORT",
+            )
+        return self.host, int(self._box["port"])
+
+    async def stop(self) -> None:
+        """Stop serving; calls in flight have already been cancelled by the service."""
+        import trio
+
+        loop, stop = self._box.get("loop"), self._box.get("stop")
+        if loop is not None and stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop may already be closed
+                loop.call_soon_threadsafe(stop.set)
+        if self._thread is not None:
+            await trio.to_thread.run_sync(self._thread.join, 10.0)
+
+    def _thread_main(self, trio_token: Any) -> None:
+        import asyncio
+
+        try:
+            asyncio.run(self._serve(trio_token))
+        except Exception as exc:  # NOTE: report to start(); never leave it waiting
+            self._box.setdefault("error", describe_exception(exc))
+        finally:
+            self._ready.set()
+
+    async def _serve(self, trio_token: Any) -> None:
+        import asyncio
+        import concurrent.futures
+
+        import capnp
+
+        schema = load_schema()
+        loop = asyncio.get_running_loop()
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="pangea-rpc-call")
+        self._box["loop"], self._box["stop"] = loop, asyncio.Event()
+        service, words = self.service, rpc_words(self.max_bytes)
+
+        async def in_trio(fn: Callable[..., Any], *args: Any) -> Any:
+            import trio
+
+            call = functools.partial(trio.from_thread.run, fn, *args, trio_token=trio_token)
+            try:
+                return await loop.run_in_executor(executor, call)
+            except trio.RunFinishedError:
+                raise RpcError("the node is shutting down") from None
+
+        gate = _make_gate(schema, in_trio, service, self.token)
+
+        async def on_connection(stream: Any) -> None:
+            server = capnp.TwoPartyServer(stream, bootstrap=gate, traversal_limit_in_words=words)  # type: ignore[attr-defined]
+            await server.on_disconnect()
+
+        async with capnp.kj_loop():  # type: ignore[attr-defined]
+            try:
+                server = await capnp.AsyncIoStream.create_server(on_connection, self.host, self.port)  # type: ignore[attr-defined]
+            except OSError as exc:
+                self._box["error"] = exc.strerror or str(exc)
+                return
+            self._box["port"] = server.sockets[0].getsockname()[1]
+            self._ready.set()
+            await self._box["stop"].wait()
+            server.close()  # NOTE: no wait_closed(): a connected client must not block shutdown
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _make_gate(schema: Any, in_trio: Callable[..., Any], service: NodeService, token: str) -> Any:
+    """Return the bootstrap `Gate` capability: login with the token yields `Compute`."""
+    import hmac
+
+    class ComputeImpl(schema.Compute.Server):
+        async def submit(self, task: Any, _context: Any, **kwargs: Any) -> None:
+            result = _context.results.result
+            error: TaskError | None = None
+            outcome: TaskOutcome | None = None
+            try:
+                operands = [array_from_capnp(a, i) for i, a in enumerate(task.operands)]
+                params = {str(p.name): float(p.value) for p in task.params}
+                placement = str(task.placement) or "auto"
+                timeout_s = float(task.timeoutSeconds) or 600.0
+                outcome = await in_trio(service.submit, str(task.kernel), operands, params, placement, timeout_s)
+            except TaskError as exc:
+                error = exc
+            _outcome_to_capnp(result, outcome, error)
+
+        async def peers(self, _context: Any, **kwargs: Any) -> None:
+            infos = await in_trio(service.peers)
+            slots = _context.results.init("peers", len(infos))
+            for slot, info in zip(slots, infos, strict=True):
+                _fill_peer(slot, info)
+
+        async def status(self, _context: Any, **kwargs: Any) -> None:
+            info = await in_trio(service.status)
+            st = _context.results.status
+            st.peerId, st.addresses, st.version = info["peer_id"], info["addresses"], info["version"]
+            st.uptimeSeconds, st.tasksDone, st.tasksFailed = info["uptime_s"], info["tasks_done"], info["tasks_failed"]
+            st.tasksInFlight, st.bytesIn, st.bytesOut = info["tasks_in_flight"], info["bytes_in"], info["bytes_out"]
+            st.rpcAddress, st.peerCount = info["rpc_address"], info["peer_count"]
+
+        async def connect(self, multiaddr: Any, _context: Any, **kwargs: Any) -> None:
+            try:
+                info = await in_trio(service.connect, str(multiaddr))
+            except PangeaError as exc:
+                raise RpcError(f"cannot connect to {str(multiaddr)!r}: {exc}") from None
+            _fill_peer(_context.results.peer, info)
+
+    compute = ComputeImpl()
+
+    class GateImpl(schema.Gate.Server):
+        async def login(self, token: Any, _context: Any, **kwargs: Any) -> None:
+            # NOTE: constant-time comparison, so response time does not leak the token
+            if not hmac.compare_digest(str(token).encode(), token_expected):
+                log.warning("RPC login refused: wrong or missing token")
+                raise RpcError("login refused: wrong or missing RPC token")
+            _context.results.compute = compute
+
+    token_expected = token.encode()
+    return GateImpl()
+
+
+class Client:
+    """A synchronous client of a pangea node's RPC endpoint.
+
+    >>> with pangea.Client("127.0.0.1:7780") as node:      # doctest: +SKIP
+    ...     c = node.matmul(a, b, placement="remote")
+
+    numpy arrays in, numpy arrays out; a failed task raises TaskError with the
+    node's error text. `last_task` describes the most recent task: where it
+    ran, its attempts and timings. The asyncio/KJ loop runs in a private thread.
+    """
+
+    def __init__(
+        self,
+        address: str = f"127.0.0.1:{DEFAULT_RPC_PORT}",
+        token: str | None = None,
+        *,
+        timeout_s: float = 600.0,
+        max_message_bytes: int = DEFAULT_RPC_MAX_BYTES,
+    ) -> None:
+        import asyncio
+
+        self.host, self.port = parse_host_port(address, DEFAULT_RPC_PORT)
+        self.address = f"{self.host}:{self.port}"
+        self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_bytes
+        self.last_task: dict[str, Any] = {}
+        self._token = token if token is not None else os.environ.get("PANGEA_RPC_TOKEN", "")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._stopped: Any = None
+        self._compute: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._thread_main, name="pangea-client", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join(5)
+            raise self._error
+
+    def _thread_main(self) -> None:
+        import asyncio
+
+        try:
+            asyncio.run(self._main())
+        except Exception as exc:
+            if self._error is None:
+                self._error = RpcError(f"cannot reach the pangea node at {self.address}: {describe_exception(exc)}")
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        import asyncio
+
+        import capnp
+
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        async with capnp.kj_loop():  # type: ignore[attr-defined]
+            try:
+                connecting = capnp.AsyncIoStream.create_connection(self.host, self.port)  # type: ignore[attr-defined]
+                stream = await asyncio.wait_for(connecting, 10.0)
+            except (TimeoutError, OSError) as exc:
+                self._error = RpcError(
+                    f"cannot reach the pangea node at {self.address}: {describe_exception(exc)}",
+                    hint="start one with `./pangea.pyz serve`, or pass its address with --rpc HOST:PORT",
+                )
+                return
+            client = capnp.TwoPartyClient(stream, traversal_limit_in_words=rpc_words(self.max_message_bytes))  # type: ignore[attr-defined]
+            gate = client.bootstrap().cast_as(load_schema().Gate)
+            try:
+                self._compute = (await gate.login(self._token)).compute
+            except capnp.KjException as exc:  # type: ignore[attr-defined]
+                self._error = RpcError(
+                    f"cannot use the pangea node at {self.address}: {remote_error_text(exc)}",
+                    hint="pass the node's token with --token or PANGEA_RPC_TOKEN",
+                )
+                return
+            self._ready.set()
+            await self._stopped.wait()
+
+    def _call(self, coro_fn: Callable[[], Any], what: str) -> Any:
+        import asyncio
+
+        import capnp
+
+        if self._loop is None or self._compute is None or self._stopped.is_set():
+            raise RpcError(f"cannot {what}: the client is closed")
+        future = asyncio.run_coroutine_threadsafe(coro_fn(), self._loop)
+        try:
+            return future.result(self.timeout_s + 30)
+        except capnp.KjException as exc:  # type: ignore[attr-defined]
+            if "disconnected" in str(exc).lower() and "remote exception" not in str(exc):
+                raise RpcError(f"cannot {what}: the node at {self.address} closed the connection (stopped?)") from None
+            raise RpcError(f"cannot {what}: {remote_error_text(exc)}") from None
+        except TimeoutError:
+            future.cancel()
+            raise RpcError(f"cannot {what}: no answer from {self.address} within {self.timeout_s:.0f} s") from None
+
+    def submit(
+        self,
+        kernel: str,
+        *operands: np.ndarray,
+        placement: str = "auto",
+        timeout_s: float | None = None,
+        **params: float,
+    ) -> np.ndarray:
+        """Run ``kernel`` on the node (placement auto, local, remote or a peer id); return its output."""
+        import numpy as np
+
+        arrays = [np.asarray(a) for a in operands]
+        total = sum(a.nbytes for a in arrays)
+        if total > self.max_message_bytes:
+            raise RpcError(
+                f"cannot submit {kernel}: operands of {format_bytes(total)} exceed the RPC message limit of "
+                f"{format_bytes(self.max_message_bytes)}",
+                hint="raise max_message_bytes here and --rpc-max-mib on the node, or split the work",
+            )
+
+        async def call() -> Any:
+            request = self._compute.submit_request()
+            spec = request.task
+            spec.kernel = kernel
+            spec.placement = placement
+            spec.timeoutSeconds = float(timeout_s or self.timeout_s)
+            slots = spec.init("operands", len(arrays))
+            for slot, a in zip(slots, arrays, strict=True):
+                array_to_capnp(slot, a)
+            ps = spec.init("params", len(params))
+            for slot, (name, value) in zip(ps, params.items(), strict=True):
+                slot.name, slot.value = name, float(value)
+            response = await request.send()
+            r = response.result
+            outputs = [array_from_capnp(o) for o in r.outputs]
+            return {
+                "outputs": outputs,
+                "error_kind": str(r.errorKind),
+                "error_message": str(r.errorMessage),
+                "ran_on": str(r.ranOn),
+                "attempts": [{"worker": str(a.worker), "outcome": str(a.outcome)} for a in r.attempts],
+                "timings": {
+                    "queue_s": r.timings.queueSeconds,
+                    "transfer_s": r.timings.transferSeconds,
+                    "compute_s": r.timings.computeSeconds,
+                    "total_s": r.timings.totalSeconds,
+                },
+            }
+
+        result = self._call(call, f"submit {kernel}")
+        self.last_task = {k: v for k, v in result.items() if k != "outputs"}
+        if result["error_kind"]:
+            raise TaskError(result["error_message"], kind=result["error_kind"])
+        outputs = result["outputs"]
+        if len(outputs) != 1:
+            raise RpcError(f"cannot submit {kernel}: the node returned {len(outputs)} outputs, expected 1")
+        return outputs[0]
+
+    def matmul(self, a: np.ndarray, b: np.ndarray, placement: str = "auto") -> np.ndarray:
+        """Return a @ b computed by the node (placement auto, local, remote or a peer id)."""
+        return self.submit("matmul", a, b, placement=placement)
+
+    def peers(self) -> list[dict[str, Any]]:
+        """Return the node's connected peers."""
+
+        async def call() -> Any:
+            return [_read_peer(p) for p in (await self._compute.peers()).peers]
+
+        return list(self._call(call, "list peers"))
+
+    def status(self) -> dict[str, Any]:
+        """Return the node's status."""
+
+        async def call() -> Any:
+            st = (await self._compute.status()).status
+            return {
+                "peer_id": str(st.peerId),
+                "addresses": [str(a) for a in st.addresses],
+                "version": str(st.version),
+                "uptime_s": st.uptimeSeconds,
+                "tasks_done": st.tasksDone,
+                "tasks_failed": st.tasksFailed,
+                "tasks_in_flight": st.tasksInFlight,
+                "bytes_in": st.bytesIn,
+                "bytes_out": st.bytesOut,
+                "rpc_address": str(st.rpcAddress),
+                "peer_count": st.peerCount,
+            }
+
+        return dict(self._call(call, "get status"))
+
+    def connect(self, multiaddr: str) -> dict[str, Any]:
+        """Ask the node to dial (and trust) another node; return its peer info."""
+
+        async def call() -> Any:
+            return _read_peer((await self._compute.connect(multiaddr)).peer)
+
+        return dict(self._call(call, f"connect to {multiaddr}"))
+
+    def close(self) -> None:
+        """Close the connection and stop the client's thread."""
+        if self._loop is not None and self._stopped is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stopped.set)
+        self._thread.join(10)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 ###############################################################################
@@ -2551,6 +3193,59 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run an initiator and a responder on this machine and show the whole flow")
     p.add_argument("--size", type=int, default=AGGREGATE_N, metavar="N", help="size of the split matmul")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="run a long-lived node with a Cap'n Proto RPC endpoint for your programs")
+    common(p, DEFAULT_PORT)
+    p.add_argument(
+        "--rpc",
+        default=f"127.0.0.1:{DEFAULT_RPC_PORT}",
+        metavar="HOST:PORT",
+        help=f"RPC endpoint (default: 127.0.0.1:{DEFAULT_RPC_PORT}; another host needs a token)",
+    )
+    p.add_argument("--rpc-token", metavar="TOKEN", help="token RPC clients must present (or set PANGEA_RPC_TOKEN)")
+    p.add_argument("--rpc-token-file", metavar="FILE", help="read the RPC token from this file")
+    p.add_argument(
+        "--rpc-max-mib",
+        type=int,
+        default=DEFAULT_RPC_MAX_BYTES >> 20,
+        metavar="MIB",
+        help=f"largest RPC message (default: {DEFAULT_RPC_MAX_BYTES >> 20} MiB)",
+    )
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="a node to dial, trust and keep connected (repeatable)",
+    )
+    p.add_argument(
+        "--allow-peer",
+        action="append",
+        default=[],
+        metavar="PEER_ID",
+        help="a peer id allowed to connect and submit tasks (repeatable)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("call", help="talk to a running `serve` node over RPC")
+    p.add_argument(
+        "--rpc", default=f"127.0.0.1:{DEFAULT_RPC_PORT}", metavar="HOST:PORT", help="the node's RPC endpoint"
+    )
+    p.add_argument("--token", help="the node's RPC token (default: $PANGEA_RPC_TOKEN)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    calls = p.add_subparsers(dest="call", metavar="CALL", parser_class=_Parser)
+    calls.add_parser("status", help="the node's peer id, addresses, uptime, task counts")
+    calls.add_parser("peers", help="the node's connected peers")
+    c = calls.add_parser("connect", help="make the node dial (and trust) another node")
+    c.add_argument("multiaddr")
+    c = calls.add_parser("matmul", help="multiply two random N x N matrices on the node and verify the result")
+    c.add_argument("--size", type=int, default=1024, metavar="N")
+    c.add_argument("--placement", default="auto", help="auto, local, remote or a peer id (default: auto)")
+    p.set_defaults(func=cmd_call)
+
+    p = sub.add_parser("id", help="print this box's peer id (creating its identity if needed)")
+    p.set_defaults(func=cmd_id)
     return parser
 
 
@@ -2860,6 +3555,213 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def read_rpc_token(args: argparse.Namespace) -> str:
+    """Return the RPC token from --rpc-token, --rpc-token-file or $PANGEA_RPC_TOKEN ("" if none)."""
+    if args.rpc_token and args.rpc_token_file:
+        raise UsageError("give either --rpc-token or --rpc-token-file, not both")
+    token = args.rpc_token or os.environ.get("PANGEA_RPC_TOKEN", "")
+    if args.rpc_token_file:
+        try:
+            token = Path(args.rpc_token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read token file {args.rpc_token_file!r}: {exc.strerror}") from None
+    if token and len(token) < MIN_TOKEN_CHARS:
+        raise UsageError(
+            f"the RPC token is {len(token)} characters; use at least {MIN_TOKEN_CHARS}",
+            hint="generate one: python3 -c 'import secrets; print(secrets.token_hex(16))'",
+        )
+    return token
+
+
+_PEER_ID_CHARS = set("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`serve`: a long-running node with an RPC endpoint; stops cleanly on SIGTERM/Ctrl-C."""
+    rpc_host, rpc_port = parse_host_port(args.rpc, DEFAULT_RPC_PORT)
+    token = read_rpc_token(args)
+    if not is_loopback_host(rpc_host) and not token:
+        raise ConfigError(
+            f"cannot serve RPC on {rpc_host}:{rpc_port} without a token: "
+            "anyone who reaches that port could use this node",
+            hint="add --rpc-token-file FILE (or --rpc-token TOKEN), or keep the default 127.0.0.1",
+        )
+    peers = [parse_peer_address(text) for text in args.peer]
+    for peer_id in args.allow_peer:
+        if not 40 <= len(peer_id) <= 64 or not set(peer_id) <= _PEER_ID_CHARS:
+            raise UsageError(f"bad --allow-peer {peer_id!r}: not a peer id (base58, like 12D3KooW...)")
+    if not 1 <= args.rpc_max_mib <= 4096:
+        raise UsageError(f"--rpc-max-mib {args.rpc_max_mib} is outside 1-4096")
+    ensure_port_free(rpc_host, rpc_port)
+    with node_session("serve", args) as (home, session_dir):
+        key_pair = load_or_create_identity(home)
+        code = run_trio(_serve, args, session_dir, key_pair, (rpc_host, rpc_port, token), peers)
+    return 0 if code == 128 + signal.SIGTERM else code  # SIGTERM is how a service is meant to stop
+
+
+async def _serve(
+    args: argparse.Namespace,
+    session_dir: SessionDir,
+    key_pair: Any,
+    rpc: tuple[str, int, str],
+    peers: list[PeerAddress],
+) -> int:
+    import trio
+
+    trusted = set(args.allow_peer) | {p.peer_id for p in peers}
+
+    def accept(peer_id: str, hello: HelloMsg) -> str | None:
+        if peer_id in trusted:
+            return None
+        return f"peer {peer_id} is not trusted by node {node.peer_id}; start that node with --allow-peer {peer_id}"
+
+    node = Node(key_pair=key_pair, role="serve", accept=accept, may_serve=lambda peer_id: peer_id in trusted)
+    manager = Manager(node)
+    service = NodeService(node, manager, trust=trusted.add, rpc_address="")
+    async with node.running(args.host, args.port):
+        server = RpcServer(service, rpc[0], rpc[1], token=rpc[2], max_bytes=args.rpc_max_mib << 20)
+        host, port = await server.start()
+        service.rpc_address = f"{host}:{port}"
+        node.on_session.append(lambda s: node.nursery.start_soon(heartbeat, s))
+        for peer in peers:
+            node.nursery.start_soon(keep_connected, node, peer)
+        session_dir.write_addresses(node.addresses)
+        session_dir.save(peer_id=node.peer_id, rpc=service.rpc_address)
+        print(f"pangea {__version__} serve node, peer ID {node.peer_id}")
+        print("Addresses for peers (./pangea.pyz serve --peer <address>):")
+        for address in node.addresses:
+            print(f"  {address}")
+        print(f"RPC: {service.rpc_address} ({'token required' if rpc[2] else 'no token, loopback only'})")
+        print(f"Trusted peers: {', '.join(sorted(trusted)) or 'none yet (--allow-peer, --peer)'}")
+        print(
+            f"pangea: serving on {node.addresses[-1] if node.addresses else '?'}; Ctrl-C or SIGTERM stops", flush=True
+        )
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                service.shutdown()
+                await trio.sleep(0.2)  # let the cancelled calls' errors reach their clients
+                await server.stop()
+    return 0
+
+
+async def heartbeat(session: PeerSession) -> None:
+    """Ping a peer every HEARTBEAT_S; drop the session after HEARTBEAT_MISSES silent pings."""
+    import trio
+
+    misses = 0
+    first = True
+    while not session.closed.is_set():
+        await trio.sleep(0.0 if first else HEARTBEAT_S)
+        first = False
+        if session.closed.is_set():
+            return
+        try:
+            session.rtt_s = await session.ping(timeout_s=HEARTBEAT_S)
+            misses = 0
+        except PeerError:
+            misses += 1
+            log.info("peer %s missed heartbeat %d of %d", session.label, misses, HEARTBEAT_MISSES)
+            if misses >= HEARTBEAT_MISSES:
+                log.warning("dropping peer %s: %d heartbeats without an answer", session.label, misses)
+                await session._close(f"{misses} heartbeats without an answer", reset=True)
+
+
+async def keep_connected(node: Node, address: PeerAddress) -> None:
+    """Keep a session with a --peer: dial it, and redial with backoff whenever it drops."""
+    import trio
+
+    delays = backoff_delays(1.0, 30.0)
+    while True:
+        session = node.sessions.get(address.peer_id)
+        if session is None:
+            try:
+                session = await node.dial(address, timeout_s=10.0)
+                print(f"pangea: connected to peer {address.peer_id}", flush=True)
+                delays = backoff_delays(1.0, 30.0)
+            except PeerError as exc:
+                delay = next(delays)
+                log.warning("cannot reach peer %s: %s; retrying in %.0f s", short_id(address.peer_id), exc, delay)
+                await trio.sleep(delay)
+                continue
+        await session.closed.wait()
+        log.warning("peer %s disconnected (%s); redialing", short_id(address.peer_id), session.close_reason)
+        await trio.sleep(0.1)
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    """`call`: one RPC call to a running node, printed readably or as JSON."""
+    if args.call is None:
+        raise UsageError("no call given", hint="pangea.pyz call status | peers | connect ADDR | matmul --size N")
+    with Client(args.rpc, token=args.token) as client:
+        if args.call == "status":
+            result: Any = client.status()
+            text = format_table(("field", "value"), [(k, _human(k, v)) for k, v in result.items()])
+        elif args.call == "peers":
+            result = client.peers()
+            rows = [
+                (
+                    p["peer_id"],
+                    p["role"],
+                    p["version"],
+                    f"{p['rtt_ms']:.2f}",
+                    p["tasks_done"],
+                    f"{p['last_seen_s']:.1f}",
+                    "yes" if p["trusted"] else "no",
+                )
+                for p in result
+            ]
+            text = format_table(("peer id", "role", "version", "rtt ms", "tasks done", "last seen s", "trusted"), rows)
+            text = text if result else "no connected peers"
+        elif args.call == "connect":
+            result = client.connect(args.multiaddr)
+            text = f"connected to {result['peer_id']} ({result['role']}, pangea {result['version']})"
+        else:
+            result, text = _call_matmul(client, args.size, args.placement)
+    print(json.dumps(result) if args.json else text)
+    return 1 if isinstance(result, dict) and result.get("verified") is False else 0
+
+
+def _human(key: str, value: Any) -> str:
+    if key.startswith("bytes"):
+        return format_bytes(value)
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "-"
+    return str(value)
+
+
+def _call_matmul(client: Client, size: int, placement: str) -> tuple[dict[str, Any], str]:
+    import numpy as np
+
+    if not 1 <= size <= 32768:
+        raise UsageError(f"--size {size} is outside 1-32768")
+    rng = np.random.default_rng()
+    a, b = rng.standard_normal((size, size)), rng.standard_normal((size, size))
+    c = client.matmul(a, b, placement=placement)
+    verified = bool(np.allclose(c, a @ b))
+    task = client.last_task
+    t = task["timings"]
+    result = {"verified": verified, "size": size, **task}
+    where = "this node" if task["ran_on"] == LOCAL else task["ran_on"]
+    text = (
+        f"{size}x{size} matmul ran on {where} in {t['total_s']:.3f} s (compute {t['compute_s']:.3f} s, "
+        f"transfer {t['transfer_s']:.3f} s): {'verified against local numpy' if verified else 'WRONG RESULT'}"
+    )
+    return result, text
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    """`id`: print this box's peer id (the one to give to --allow-peer elsewhere)."""
+    from libp2p.peer.id import ID
+
+    key_pair = load_or_create_identity(pangea_home())
+    print(ID.from_pubkey(key_pair.public_key).to_base58())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the pangea command line; return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -2872,7 +3774,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         args = parser.parse_args(argv)
         if args.command is None:
-            raise UsageError("no command given", hint="pangea.pyz initiate | respond ADDRESS | demo")
+            raise UsageError(
+                "no command given", hint="pangea.pyz initiate | respond ADDRESS | demo | serve | call | id"
+            )
         return int(args.func(args))
     except PangeaError as exc:
         print(f"pangea: error: {exc}", file=sys.stderr)

@@ -90,3 +90,83 @@ struct Message {
     error       @6 :Error;
   }
 }
+
+# ================================================================ RPC
+#
+# External programs talk to a `serve` node over Cap'n Proto RPC (TCP,
+# default 127.0.0.1:7780). The bootstrap capability is a `Gate`; `login`
+# with the node's token (empty when the node needs none) returns the
+# `Compute` capability. Arrays travel inside RPC messages as `Array`, their
+# bytes split into chunks below Cap'n Proto's 512 MiB limit per Data field.
+
+struct Array {
+  dtype  @0 :Text;          # numpy dtype name, little-endian: "float64", ...
+  shape  @1 :List(UInt64);
+  chunks @2 :List(Data);    # the C-order bytes, concatenated in order
+}
+
+struct TaskSpec {
+  kernel         @0 :Text;
+  operands       @1 :List(Array);
+  params         @2 :List(Param);
+  placement      @3 :Text;     # "auto" (default when empty), "local", "remote", or a peer id
+  timeoutSeconds @4 :Float64;  # 0: the node's default
+}
+
+struct Timings {
+  queueSeconds    @0 :Float64;  # from arrival until the first attempt started
+  transferSeconds @1 :Float64;  # moving operands and results between nodes
+  computeSeconds  @2 :Float64;  # the kernel itself, where it ran
+  totalSeconds    @3 :Float64;
+}
+
+struct AttemptInfo {
+  worker  @0 :Text;   # "local" or a peer id
+  outcome @1 :Text;   # "ok" or "<kind>: <message>"
+}
+
+struct TaskOutput {
+  outputs      @0 :List(Array);   # empty on error
+  errorKind    @1 :Text;          # "" on success; "bad-input", "refused", "unavailable", ...
+  errorMessage @2 :Text;
+  ranOn        @3 :Text;          # "local" or the peer id that produced the result
+  attempts     @4 :List(AttemptInfo);
+  timings      @5 :Timings;
+}
+
+struct PeerInfo {
+  peerId        @0 :Text;
+  addresses     @1 :List(Text);
+  version       @2 :Text;
+  kernels       @3 :List(Text);
+  rttMs         @4 :Float64;   # last measured; 0 when unknown
+  tasksDone     @5 :UInt64;    # tasks this node had done by that peer
+  role          @6 :Text;
+  trusted       @7 :Bool;      # whether this node runs tasks for that peer
+  lastSeenSeconds @8 :Float64; # seconds since the last message from it
+}
+
+struct NodeStatus {
+  peerId        @0 :Text;
+  addresses     @1 :List(Text);
+  version       @2 :Text;
+  uptimeSeconds @3 :Float64;
+  tasksDone     @4 :UInt64;
+  tasksFailed   @5 :UInt64;
+  tasksInFlight @6 :UInt64;
+  bytesIn       @7 :UInt64;
+  bytesOut      @8 :UInt64;
+  rpcAddress    @9 :Text;
+  peerCount     @10 :UInt32;
+}
+
+interface Compute {
+  submit  @0 (task :TaskSpec) -> (result :TaskOutput);
+  peers   @1 () -> (peers :List(PeerInfo));
+  status  @2 () -> (status :NodeStatus);
+  connect @3 (multiaddr :Text) -> (peer :PeerInfo);
+}
+
+interface Gate {
+  login @0 (token :Text) -> (compute :Compute);
+}
