@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import enum
 import functools
 import json
@@ -138,6 +139,25 @@ THROUGHPUT_BYTES = 64 << 20  # array data sent each way for the MB/s figure
 
 LOCAL = "local"  # the worker id of this node in the scheduler
 
+# Defaults of the limits a node enforces on what peers send (all configurable,
+# see `Limits` and the CLI options of the same names).
+DEFAULT_MAX_ELEMENTS = 1 << 28  # per array: 2 GiB of float64
+DEFAULT_MAX_INFLIGHT_TASKS = 8  # per peer; more get `busy` (BLAS runs one kernel at a time anyway)
+DEFAULT_MAX_INFLIGHT_BYTES = 2 << 30  # per peer: operand bytes received and not yet answered
+DEFAULT_MEMORY_BUDGET_BYTES = 4 << 30  # whole node: operand bytes held for all peers together
+DEFAULT_IDLE_TIMEOUT_S = 20.0  # a session that receives nothing (not even a pong) this long is dead
+DEFAULT_TASK_TIMEOUT_S = 600.0  # a task that has not finished in 10 min fails with `deadline`
+DEFAULT_MAX_PENDING_STREAMS = 16  # per peer: streams opened without a Hello yet; more are reset
+HEARTBEAT_S = 5.0  # every session pings its peer this often (liveness and RTT)
+
+# Pairing: a one-time code the initiator (or `serve --pair`) prints. 12 Crockford
+# base32 characters = 60 bits; with one use, a deadline and at most 5 wrong
+# tries before the code is burned, guessing it online is hopeless.
+PAIRING_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+PAIRING_CODE_CHARS = 12
+MAX_PAIRING_FAILURES = 5
+TRUSTED_PEERS_FILENAME = "trusted_peers"
+
 
 ###############################################################################
 # 2. Errors
@@ -191,9 +211,10 @@ class MessageError(RemoteProtocolError):
     (a dtype not allowed, a shape that does not match its bytes). Framing is
     intact, so the receiver answers with an error and goes on."""
 
-    def __init__(self, message: str, *, task_id: int | None = None) -> None:
+    def __init__(self, message: str, *, task_id: int | None = None, kind: str = "bad-input") -> None:
         super().__init__(message)
         self.task_id = task_id
+        self.kind = kind  # the error kind of the TaskResult the receiver answers with
 
 
 class PeerError(PangeaError):
@@ -204,7 +225,7 @@ class PeerError(PangeaError):
     def __init__(self, message: str, *, kind: str = "disconnected", hint: str | None = None):
         super().__init__(message, hint=hint)
         self.kind = kind
-        if kind in ("incompatible", "refused"):
+        if kind in ("incompatible", "refused", "duplicate-identity"):
             self.exit_code = 2  # a setup problem: the command cannot work as given
 
 
@@ -265,18 +286,36 @@ class PeerAddress:
     host: str
     port: int
     peer_id: str
+    code: str = ""  # the pairing code of a join string, normalized
 
 
 _ADDR_FORMS = "/ip4/<address>/tcp/<port>/p2p/<peer id> (as printed by `pangea.pyz initiate`)"
 
 
+_PEER_ID_CHARS = frozenset("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
+
+
+def is_peer_id(text: str) -> bool:
+    """Return True when ``text`` looks like a base58 libp2p peer id."""
+    return 40 <= len(text) <= 64 and set(text) <= _PEER_ID_CHARS
+
+
+def join_string(multiaddr: str, code: str) -> str:
+    """Return the one-line join string of an address and a pairing code: ``pangea://ip4/...#CODE``."""
+    return f"pangea://{multiaddr.lstrip('/')}#{code}"
+
+
 def parse_peer_address(text: str) -> PeerAddress:
-    """Check a peer multiaddr the user pasted; raise UsageError naming what is wrong."""
+    """Check a peer multiaddr (or join string) the user pasted; raise UsageError naming what is wrong."""
     import ipaddress
 
     text = text.strip()
+    code = ""
     if text.startswith("pangea://"):
-        text = text[len("pangea://") :].split("#", 1)[0]
+        text, _, secret = text[len("pangea://") :].partition("#")
+        text = "/" + text.lstrip("/")
+        if secret:
+            code = normalize_pairing_code(secret)
     if not text.startswith("/"):
         raise UsageError(f"bad address {text!r}: a multiaddr starts with '/'; expected {_ADDR_FORMS}")
     parts = text.strip("/").split("/")
@@ -305,10 +344,9 @@ def parse_peer_address(text: str) -> PeerAddress:
     if len(rest) > 2:
         raise UsageError(f"bad address {text!r}: unexpected {'/'.join(rest[2:])!r} after the peer id")
     peer_id = rest[1]
-    alphabet = set("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
-    if not 40 <= len(peer_id) <= 64 or not set(peer_id) <= alphabet:
+    if not is_peer_id(peer_id):
         raise UsageError(f"bad address {text!r}: {peer_id!r} is not a peer id (base58, like 12D3KooW...)")
-    return PeerAddress("/" + "/".join(parts), host, int(port_text), peer_id)
+    return PeerAddress("/" + "/".join(parts), host, int(port_text), peer_id, code)
 
 
 def rank_interface_addresses(addresses: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -378,6 +416,167 @@ def short_id(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 16 else f"{peer_id[:8]}…{peer_id[-4:]}"
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What a node accepts from its peers. Each field has a CLI option; see README "Security"."""
+
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES  # one frame's array bytes
+    max_elements: int = DEFAULT_MAX_ELEMENTS  # per array
+    max_ndim: int = MAX_NDIM
+    dtypes: tuple[str, ...] = ALLOWED_DTYPES
+    max_inflight_tasks: int = DEFAULT_MAX_INFLIGHT_TASKS  # per peer
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES  # per peer
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES  # whole node
+    handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    task_timeout_s: float = DEFAULT_TASK_TIMEOUT_S
+    max_pending_streams: int = DEFAULT_MAX_PENDING_STREAMS  # per peer
+
+    def validate(self) -> Limits:
+        """Return self, or raise UsageError naming the first bad value."""
+        bad = [d for d in self.dtypes if d not in ALLOWED_DTYPES]
+        if bad or not self.dtypes:
+            raise UsageError(f"dtypes {bad or 'none'} are not allowed; choose from {', '.join(ALLOWED_DTYPES)}")
+        for name in (
+            "max_payload_bytes",
+            "max_elements",
+            "max_inflight_tasks",
+            "max_inflight_bytes",
+            "memory_budget_bytes",
+            "max_pending_streams",
+        ):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
+        for name in ("handshake_timeout_s", "idle_timeout_s", "task_timeout_s"):
+            if not 0 < getattr(self, name) < 1e6:
+                raise UsageError(f"{name.replace('_', ' ')} must be a positive number of seconds")
+        if not 1 <= self.max_ndim <= MAX_NDIM:
+            raise UsageError(f"max ndim must be within 1-{MAX_NDIM}")
+        return self
+
+
+class MemoryBudget:
+    """Counts the operand bytes a node holds for its peers; refuses what would exceed the limit."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.in_use = 0
+        self.peak = 0
+
+    def try_acquire(self, n: int) -> bool:
+        """Take n bytes if they fit; return whether they did."""
+        if self.in_use + n > self.limit_bytes:
+            return False
+        self.in_use += n
+        self.peak = max(self.peak, self.in_use)
+        return True
+
+    def release(self, n: int) -> None:
+        """Give back n bytes taken earlier."""
+        self.in_use = max(0, self.in_use - n)
+
+
+def new_pairing_code(rng: random.Random | None = None) -> str:
+    """Return a fresh pairing code (12 Crockford base32 characters) from a CSPRNG."""
+    import secrets
+
+    choice = rng.choice if rng is not None else secrets.choice
+    return "".join(choice(PAIRING_ALPHABET) for _ in range(PAIRING_CODE_CHARS))
+
+
+def format_pairing_code(code: str) -> str:
+    """Return a code in groups of four for reading aloud: ``ABCD-EFGH-JKMN``."""
+    return "-".join(code[i : i + 4] for i in range(0, len(code), 4))
+
+
+def normalize_pairing_code(text: str) -> str:
+    """Return the canonical form of a typed code: upper case, no dashes or spaces, O->0, I/L->1.
+
+    Raise UsageError when it cannot be a pairing code."""
+    code = text.strip().upper().replace("-", "").replace(" ", "")
+    code = code.translate(str.maketrans("OIL", "011"))
+    if len(code) != PAIRING_CODE_CHARS or not set(code) <= set(PAIRING_ALPHABET):
+        raise UsageError(
+            f"bad pairing code {text!r}: expected {PAIRING_CODE_CHARS} letters and digits like ABCD-EFGH-JKMN"
+        )
+    return code
+
+
+def pairing_proof(code: str, acceptor_id: str, dialer_id: str) -> bytes:
+    """Return the proof a dialer sends in its Hello: HMAC-SHA256 of both peer ids under the code.
+
+    Both ids are authenticated by Noise, so the proof cannot be replayed by
+    another peer or against another node; the code itself never crosses the wire."""
+    import hashlib
+    import hmac
+
+    message = f"pangea-pair-v1|{acceptor_id}|{dialer_id}".encode()
+    return hmac.new(code.encode(), message, hashlib.sha256).digest()
+
+
+@dataclass
+class Pairing:
+    """One pairing code offered by this node: single use, with a deadline."""
+
+    code: str
+    expires_at: float  # on the clock passed to check()
+    used_by: str | None = None
+    failures: int = 0
+
+    def check(self, proof: bytes, acceptor_id: str, dialer_id: str, now: float) -> str | None:
+        """Return None and mark the code used when ``proof`` is right; else the reason to refuse."""
+        import hmac
+
+        if self.used_by is not None:
+            if self.used_by == dialer_id:
+                return None  # the same peer reconnecting
+            return "the pairing code was already used by another peer; restart to get a new code"
+        if self.failures >= MAX_PAIRING_FAILURES:
+            return f"the pairing code was burned after {MAX_PAIRING_FAILURES} wrong tries; restart to get a new code"
+        if now > self.expires_at:
+            return "the pairing code has expired; restart to get a new code"
+        if not proof:
+            return (
+                "this node needs its pairing code: run respond with the join string it printed "
+                "(pangea://...#CODE), or add --code CODE"
+            )
+        if not hmac.compare_digest(proof, pairing_proof(self.code, acceptor_id, dialer_id)):
+            self.failures += 1
+            return "wrong pairing code"
+        self.used_by = dialer_id
+        return None
+
+
+def parse_trusted_peers(text: str) -> tuple[set[str], list[str]]:
+    """Parse a trusted_peers file: one peer id per line, `#` comments; return (ids, complaints)."""
+    ids: set[str] = set()
+    complaints = []
+    for number, line in enumerate(text.splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if is_peer_id(entry):
+            ids.add(entry)
+        else:
+            complaints.append(f"line {number}: {entry!r} is not a peer id")
+    return ids, complaints
+
+
+def parse_psk(text: str) -> str:
+    """Return the 64-hex pre-shared key of a swarm key file (plain hex, or the go-libp2p
+    `/key/swarm/psk/1.0.0/` + `/base16/` form); raise ConfigError otherwise."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if lines[:2] == ["/key/swarm/psk/1.0.0/", "/base16/"]:
+        lines = lines[2:]
+    key = lines[0].lower() if len(lines) == 1 else ""
+    if len(key) != 64 or not set(key) <= set("0123456789abcdef"):
+        raise ConfigError(
+            "the pre-shared key file must hold 64 hex digits (32 bytes)",
+            hint="create one with `./pangea.pyz psk FILE` and copy that file to every node",
+        )
+    return key
+
+
 ###############################################################################
 # 4. Wire protocol (sans-I/O)
 #
@@ -411,6 +610,8 @@ class HelloMsg:
     gflops: float = 0.0
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     platform: str = ""
+    pairing_proof: bytes = b""
+    instance_id: int = 0
 
 
 @dataclass(eq=False)
@@ -548,6 +749,8 @@ def _build_message(m: Any, msg: Message) -> list[memoryview]:
         h.capacity.gflops = msg.gflops
         h.maxPayloadBytes = msg.max_payload_bytes
         h.platform = msg.platform
+        h.pairingProof = msg.pairing_proof
+        h.instanceId = msg.instance_id
     elif isinstance(msg, TaskRequestMsg):
         metas, views = _array_parts(msg.operands)
         r = m.init("taskRequest")
@@ -601,10 +804,21 @@ class Decoder:
     """
 
     def __init__(
-        self, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES, max_header_bytes: int = MAX_HEADER_BYTES
+        self,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+        *,
+        limits: Limits | None = None,
+        admit: Callable[[int, int], tuple[str, str] | None] | None = None,
     ) -> None:
         self.max_payload_bytes = max_payload_bytes
         self.max_header_bytes = max_header_bytes
+        self.limits = limits
+        # admit(task_id, payload_len) is asked before a TaskRequest's payload is
+        # buffered; it returns None, or (error kind, reason) to skip the payload
+        # unbuffered and raise MessageError for that task (rate limits, budget).
+        self.admit = admit
+        self._refused: tuple[int, str, str] | None = None
         self._chunks: deque[memoryview] = deque()
         self._buffered = 0
         self._header_len: int | None = None
@@ -647,14 +861,32 @@ class Decoder:
         self._buffered -= n
         return bytes(out)
 
+    def _admit_frame(self) -> None:
+        """Decide, from the header alone, whether the payload may be buffered."""
+        assert self._header is not None
+        if self.admit is not None:
+            try:
+                which, task_id = peek_header(self._header)
+            except RemoteProtocolError as exc:
+                raise self._fail(str(exc)) from None
+            if which == "taskRequest" and task_id is not None:
+                verdict = self.admit(task_id, self._payload_len)
+                if verdict is not None:
+                    self._refused = (task_id, verdict[0], verdict[1])
+                    self._payload = bytearray()  # skip the payload: read it, keep none of it
+                    return
+        self._payload = bytearray(self._payload_len)
+
     def _fill_payload(self) -> None:
         assert self._payload is not None
         view = memoryview(self._payload)
+        skipping = self._refused is not None
         while self._filled < self._payload_len and self._chunks:
             chunk = self._chunks[0]
             need = self._payload_len - self._filled
             n = min(need, len(chunk))
-            view[self._filled : self._filled + n] = chunk[:n]
+            if not skipping:
+                view[self._filled : self._filled + n] = chunk[:n]
             self._filled += n
             self._buffered -= n
             if n == len(chunk):
@@ -667,6 +899,7 @@ class Decoder:
         self._chunks.clear()
         self._buffered = 0
         self._header_len, self._header, self._payload = None, None, None
+        self._refused = None
         return self._broken
 
     def next(self) -> Message | _NeedData:
@@ -689,37 +922,47 @@ class Decoder:
             if self._buffered < self._header_len:
                 return NEED_DATA
             self._header = self._take(self._header_len)
-            self._payload = bytearray(self._payload_len)
             self._filled = 0
+            self._admit_frame()
         self._fill_payload()
         if self._filled < self._payload_len:
             return NEED_DATA
         header, payload = self._header, self._payload
         self._header_len, self._header, self._payload = None, None, None
+        refused, self._refused = self._refused, None
+        if refused is not None:
+            raise MessageError(refused[2], task_id=refused[0], kind=refused[1])
         assert payload is not None
         try:
-            return decode_message(header, payload)
+            return decode_message(header, payload, self.limits)
         except MessageError:
             raise
         except RemoteProtocolError as exc:
             raise self._fail(str(exc)) from None
 
 
-def _arrays_from(metas: Any, payload: bytearray, task_id: int) -> tuple[np.ndarray, ...]:
+def _arrays_from(metas: Any, payload: bytearray, task_id: int, limits: Limits | None = None) -> tuple[np.ndarray, ...]:
     """Build arrays over ``payload`` (no copy) from header metadata; MessageError if inconsistent."""
     import numpy as np
 
+    limits = limits or Limits()
     arrays = []
     offset = 0
     for i, meta in enumerate(metas):
         dtype_name = str(meta.dtype)
-        if dtype_name not in ALLOWED_DTYPES:
+        if dtype_name not in limits.dtypes:
             raise MessageError(
-                f"array {i}: dtype {dtype_name!r} is not allowed ({', '.join(ALLOWED_DTYPES)})", task_id=task_id
+                f"array {i}: dtype {dtype_name!r} is not allowed ({', '.join(limits.dtypes)})", task_id=task_id
             )
         shape = [int(d) for d in meta.shape]
-        if len(shape) > MAX_NDIM:
-            raise MessageError(f"array {i}: {len(shape)} dimensions, at most {MAX_NDIM} allowed", task_id=task_id)
+        if len(shape) > limits.max_ndim:
+            raise MessageError(
+                f"array {i}: {len(shape)} dimensions, at most {limits.max_ndim} allowed", task_id=task_id
+            )
+        if math.prod(shape) > limits.max_elements:
+            raise MessageError(
+                f"array {i}: shape {tuple(shape)} has more than {limits.max_elements} elements", task_id=task_id
+            )
         dtype = np.dtype(dtype_name).newbyteorder("<")
         expected = math.prod(shape) * dtype.itemsize
         nbytes = int(meta.nbytes)
@@ -741,7 +984,24 @@ def _arrays_from(metas: Any, payload: bytearray, task_id: int) -> tuple[np.ndarr
     return tuple(arrays)
 
 
-def decode_message(header: bytes, payload: bytearray) -> Message:
+def peek_header(header: bytes) -> tuple[str, int | None]:
+    """Return (message type, task id or None) of a frame header, before its payload arrives."""
+    import capnp
+
+    try:
+        with load_schema().Message.from_bytes(header, traversal_limit_in_words=len(header) // 8 + 64) as m:
+            which = str(m.which())
+            if which == "taskRequest":
+                return which, int(m.taskRequest.taskId)
+            if which == "taskResult":
+                return which, int(m.taskResult.taskId)
+            return which, None
+    except (capnp.KjException, UnicodeDecodeError, ValueError) as exc:  # type: ignore[attr-defined]
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RemoteProtocolError(f"malformed message header: {text[:200]}") from None
+
+
+def decode_message(header: bytes, payload: bytearray, limits: Limits | None = None) -> Message:
     """Decode one frame's header and payload into a message (pure)."""
     import capnp
 
@@ -763,18 +1023,21 @@ def decode_message(header: bytes, payload: bytearray) -> Message:
                     gflops=float(h.capacity.gflops),
                     max_payload_bytes=int(h.maxPayloadBytes),
                     platform=str(h.platform),
+                    pairing_proof=bytes(h.pairingProof),
+                    instance_id=int(h.instanceId),
                 )
             if which == "taskRequest":
                 r = m.taskRequest
                 task_id = int(r.taskId)
                 params = {str(p.name): float(p.value) for p in r.params}
-                return TaskRequestMsg(task_id, str(r.kernel), _arrays_from(r.operands, payload, task_id), params)
+                operands = _arrays_from(r.operands, payload, task_id, limits)
+                return TaskRequestMsg(task_id, str(r.kernel), operands, params)
             if which == "taskResult":
                 r = m.taskResult
                 task_id = int(r.taskId)
                 return TaskResultMsg(
                     task_id,
-                    _arrays_from(r.outputs, payload, task_id),
+                    _arrays_from(r.outputs, payload, task_id, limits),
                     str(r.errorKind),
                     str(r.errorMessage),
                     float(r.computeSeconds),
@@ -1446,8 +1709,9 @@ def load_or_create_identity(home: Path) -> Any:
     return key_pair
 
 
-def make_host(key_pair: Any) -> Any:
-    """Return a libp2p host: TCP, Noise only (never plaintext), Yamux only."""
+def make_host(key_pair: Any, psk: str | None = None) -> Any:
+    """Return a libp2p host: TCP, Noise only (never plaintext), Yamux only; with a
+    pre-shared key (64 hex), a private network that keyless nodes cannot join."""
     from libp2p import new_host
     from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
     from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
@@ -1459,6 +1723,7 @@ def make_host(key_pair: Any) -> Any:
         key_pair=key_pair,
         sec_opt={NOISE_ID: Noise(key_pair, noise_privkey=new_x25519().private_key)},
         muxer_opt={YAMUX_ID: Yamux},  # type: ignore[dict-item]
+        psk=psk,
     )
 
 
@@ -1511,14 +1776,16 @@ def capacity() -> dict[str, int]:
 class Channel:
     """One libp2p stream with a Decoder: whole messages in, whole frames out."""
 
-    def __init__(self, stream: Any, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+    def __init__(self, stream: Any, limits: Limits | None = None) -> None:
         import trio
 
+        limits = limits or Limits()
         self.stream = stream
-        self.decoder = Decoder(max_payload_bytes)
+        self.decoder = Decoder(limits.max_payload_bytes, limits=limits)
         self._send_lock = trio.Lock()
         self.bytes_in = 0
         self.bytes_out = 0
+        self.last_read = time.monotonic()  # bytes arriving, even mid-frame, mean the peer is alive
 
     async def send(self, msg: Message) -> None:
         """Write one message; raise PeerError when the stream is gone."""
@@ -1550,6 +1817,7 @@ class Channel:
             except stream_errors() as exc:
                 raise PeerError(f"stream lost: {describe_exception(exc)}", kind="disconnected") from None
             self.bytes_in += len(data)
+            self.last_read = time.monotonic()
             self.decoder.feed(data)
 
     async def close(self, reset: bool = False) -> None:
@@ -1590,7 +1858,8 @@ class PeerSession:
         self._next_task_id = 1
         self._pending: dict[int, _Pending] = {}
         self._pings: dict[int, tuple[float, Any]] = {}
-        self._serving: set[int] = set()
+        self._reserved: dict[int, int] = {}  # task id -> operand bytes admitted, held until answered
+        channel.decoder.admit = self._admit
 
     @property
     def label(self) -> str:
@@ -1606,9 +1875,11 @@ class PeerSession:
                     msg = await self.channel.receive()
                 except MessageError as exc:
                     self.last_seen = time.monotonic()
-                    log.warning("bad message from %s: %s", self.label, exc)
                     if exc.task_id is not None:
-                        self._send_soon(TaskResultMsg(exc.task_id, error_kind="bad-input", error_message=str(exc)))
+                        self._release(exc.task_id)
+                        self._send_soon(TaskResultMsg(exc.task_id, error_kind=exc.kind, error_message=str(exc)))
+                    if exc.kind == "bad-input":
+                        log.warning("bad message from %s: %s", self.peer_id, exc)
                     continue
                 self.last_seen = time.monotonic()
                 if isinstance(msg, TaskRequestMsg):
@@ -1675,37 +1946,75 @@ class PeerSession:
         self.node._session_closed(self)
         await self.channel.close(reset=self.bye_reason is None if reset is None else reset)
 
-    async def _serve(self, req: TaskRequestMsg) -> None:
-        if req.task_id in self._serving:
-            result = TaskResultMsg(
-                req.task_id, error_kind="bad-input", error_message=f"task id {req.task_id} is already running"
+    def _admit(self, task_id: int, payload_len: int) -> tuple[str, str] | None:
+        """Decide from a TaskRequest's header whether its operands may be buffered (Decoder.admit)."""
+        node, limits = self.node, self.node.limits
+        verdict: tuple[str, str] | None = None
+        if not node.may_serve(self.peer_id):
+            verdict = ("refused", f"node {node.peer_id} does not run tasks for {self.peer_id}")
+        elif task_id in self._reserved:
+            verdict = ("bad-input", f"task id {task_id} is already in flight")
+        elif len(self._reserved) >= limits.max_inflight_tasks:
+            verdict = (
+                "busy",
+                f"{len(self._reserved)} tasks of yours are in flight (limit {limits.max_inflight_tasks})",
             )
-        elif not self.node.may_serve(self.peer_id):
-            self.tasks_refused += 1
-            log.warning("refusing task %d from %s: not a trusted peer", req.task_id, self.label)
-            result = TaskResultMsg(
-                req.task_id,
-                error_kind="refused",
-                error_message=f"node {short_id(self.node.peer_id)} does not run tasks for {self.peer_id}",
+        elif sum(self._reserved.values()) + payload_len > limits.max_inflight_bytes:
+            held = format_bytes(sum(self._reserved.values()))
+            verdict = (
+                "busy",
+                f"your tasks in flight hold {held}; {format_bytes(payload_len)} more exceeds "
+                f"the limit of {format_bytes(limits.max_inflight_bytes)}",
             )
+        elif not node.budget.try_acquire(payload_len):
+            verdict = (
+                "busy",
+                f"the node's memory budget of {format_bytes(node.budget.limit_bytes)} is in use "
+                f"({format_bytes(node.budget.in_use)}); retry later",
+            )
+        if verdict is None:
+            self._reserved[task_id] = payload_len
         else:
-            self._serving.add(req.task_id)
-            try:
-                outputs, compute_s = await self.node.execute_local(req.kernel, req.operands, req.params)
-                result = TaskResultMsg(req.task_id, outputs, compute_s=compute_s)
-                self.tasks_served += 1
-                log.info("task %d from %s: %s done in %.3f s", req.task_id, self.label, req.kernel, compute_s)
-            except TaskError as exc:
-                log.info("task %d from %s: %s failed: %s", req.task_id, self.label, req.kernel, exc)
-                result = TaskResultMsg(req.task_id, error_kind=exc.kind, error_message=str(exc))
-            finally:
-                self._serving.discard(req.task_id)
-        if self.closed.is_set():
-            return
+            self.tasks_refused += 1
+            log.warning("refusing task %d from %s (%s): %s", task_id, self.peer_id, verdict[0], verdict[1])
+        return verdict
+
+    def _release(self, task_id: int) -> None:
+        held = self._reserved.pop(task_id, None)
+        if held is not None:
+            self.node.budget.release(held)
+
+    async def _serve(self, req: TaskRequestMsg) -> None:
+        import trio
+
+        task_id = req.task_id
         try:
-            await self.channel.send(result)
-        except PeerError as exc:
-            log.info("cannot return task %d to %s: %s", req.task_id, self.label, exc)
+            with trio.move_on_after(self.node.limits.task_timeout_s) as deadline:
+                try:
+                    outputs, compute_s = await self.node.execute_local(req.kernel, req.operands, req.params)
+                    result = TaskResultMsg(req.task_id, outputs, compute_s=compute_s)
+                    self.tasks_served += 1
+                    log.info("task %d from %s: %s done in %.3f s", req.task_id, self.label, req.kernel, compute_s)
+                except TaskError as exc:
+                    log.info("task %d from %s: %s failed: %s", req.task_id, self.label, req.kernel, exc)
+                    result = TaskResultMsg(req.task_id, error_kind=exc.kind, error_message=str(exc))
+            if deadline.cancelled_caught:
+                timeout = self.node.limits.task_timeout_s
+                log.warning("task %d from %s: %s ran past %.0f s", req.task_id, self.label, req.kernel, timeout)
+                result = TaskResultMsg(
+                    req.task_id,
+                    error_kind="deadline",
+                    error_message=f"{req.kernel} did not finish within {timeout:.0f} s",
+                )
+            del req  # drop the operands before the result goes out
+            if self.closed.is_set():
+                return
+            try:
+                await self.channel.send(result)
+            except PeerError as exc:
+                log.info("cannot return task %d to %s: %s", task_id, self.label, exc)
+        finally:
+            self._release(task_id)
 
     async def request(
         self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float] | None = None
@@ -1728,6 +2037,14 @@ class PeerSession:
             raise pending.error
         assert pending.result is not None
         return pending.result
+
+    def send_ping(self) -> None:
+        """Send a ping without waiting; its pong updates ``rtt_s``."""
+        import trio
+
+        nonce = random.getrandbits(63)
+        self._pings[nonce] = (time.perf_counter(), trio.Event())
+        self._send_soon(PingMsg(nonce))
 
     async def ping(self, timeout_s: float = 5.0) -> float:
         """Return one round-trip time in seconds over the session stream."""
@@ -1766,16 +2083,21 @@ class Node:
         role: str,
         accept: Callable[[str, HelloMsg], str | None],
         may_serve: Callable[[str], bool],
-        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        limits: Limits | None = None,
+        psk: str | None = None,
     ) -> None:
         import trio
 
-        self.host = make_host(key_pair)
+        self.host = make_host(key_pair, psk)
         self.peer_id = str(self.host.get_id())
         self.role = role
         self.accept = accept
         self.may_serve = may_serve
-        self.max_payload_bytes = max_payload_bytes
+        self.limits = limits or Limits()
+        self.psk = psk
+        self.budget = MemoryBudget(self.limits.memory_budget_bytes)
+        self.instance_id = random.SystemRandom().getrandbits(63)  # tells two processes with one identity apart
+        self._pending_streams: dict[str, int] = {}  # peer id -> streams still in their handshake
         self.sessions: dict[str, PeerSession] = {}
         self.nursery: Any = None
         self.kernel_limiter = trio.CapacityLimiter(1)  # BLAS already uses every core
@@ -1786,7 +2108,7 @@ class Node:
         self.started_at = time.monotonic()
         self._new_sessions_send, self._new_sessions = trio.open_memory_channel[PeerSession](math.inf)
 
-    def hello(self) -> HelloMsg:
+    def hello(self, pairing_proof: bytes = b"") -> HelloMsg:
         """Return our Hello message."""
         cap = capacity()
         return HelloMsg(
@@ -1796,8 +2118,10 @@ class Node:
             role=self.role,
             cores=cap["cores"],
             blas_threads=cap["blas_threads"],
-            max_payload_bytes=self.max_payload_bytes,
+            max_payload_bytes=self.limits.max_payload_bytes,
             platform=f"{sys.implementation.cache_tag} {platform.machine()} {platform.system()}",
+            pairing_proof=pairing_proof,
+            instance_id=self.instance_id,
         )
 
     @contextlib.asynccontextmanager
@@ -1874,10 +2198,31 @@ class Node:
                 return False
             self.nursery.start_soon(old.close, "duplicate session")
         self.sessions[session.peer_id] = session
+        self.nursery.start_soon(self._watch, session)
         for callback in self.on_session:
             callback(session)
         self._new_sessions_send.send_nowait(session)
         return True
+
+    async def _watch(self, session: PeerSession) -> None:
+        """Health check of one session: ping every HEARTBEAT_S (the pong gives the RTT) and
+        drop the session when nothing at all has arrived for idle_timeout_s.
+
+        NOTE: liveness counts bytes read, not whole messages: a peer in the middle
+        of sending us a gigabyte is alive even though no message completes."""
+        import trio
+
+        while not session.closed.is_set():
+            with trio.move_on_after(HEARTBEAT_S):
+                await session.closed.wait()
+            if session.closed.is_set():
+                return
+            silent_s = time.monotonic() - max(session.channel.last_read, session.opened_at)
+            if silent_s > self.limits.idle_timeout_s:
+                log.warning("dropping peer %s: nothing received for %.0f s", session.peer_id, silent_s)
+                await session._close(f"nothing received for {silent_s:.0f} s (peer gone or network down)", reset=True)
+                return
+            session.send_ping()
 
     @property
     def bytes_in(self) -> int:
@@ -1898,49 +2243,102 @@ class Node:
             for callback in self.on_session_closed:
                 callback(session)
 
+    def remote_address(self, peer_id: str) -> str:
+        """Return the transport address of our connection to a peer, for log lines."""
+        return self.connection_info(peer_id)["remote"]
+
+    def _refusal(self, peer_id: str, hello: HelloMsg) -> tuple[str, str] | None:
+        """Return (error kind, reason) to refuse an incoming session, or None to accept it."""
+        problem = hello_mismatch(
+            PROTOCOL_VERSION,
+            hello.protocol_version,
+            hello.pangea_version,
+            local_role=f"{self.role} {self.peer_id}",
+            remote_role=f"{hello.role or 'peer'} {peer_id}",
+        )
+        if problem is not None:
+            return "incompatible", problem
+        duplicate = self._duplicate_identity(peer_id, hello.instance_id)
+        if duplicate is not None:
+            return "duplicate-identity", duplicate
+        refusal = self.accept(peer_id, hello)
+        return None if refusal is None else ("refused", refusal)
+
+    def _duplicate_identity(self, peer_id: str, instance_id: int) -> str | None:
+        """Return the complaint when another process already speaks as ``peer_id``."""
+        hint = "a pangea home was copied; delete identity.key in the copy to give that box its own peer id"
+        if peer_id == self.peer_id and instance_id != self.instance_id:
+            return f"the peer uses this node's own peer id {peer_id}: {hint}"
+        current = self.sessions.get(peer_id)
+        if current is not None and not current.closed.is_set() and current.hello.instance_id != instance_id:
+            return (
+                f"peer id {peer_id} is already connected from another process ({self.remote_address(peer_id)}): {hint}"
+            )
+        return None
+
     async def _handle_stream(self, stream: Any) -> None:
         import trio
 
         peer_id = str(stream.muxed_conn.peer_id)
-        channel = Channel(stream, self.max_payload_bytes)
+        pending = self._pending_streams.get(peer_id, 0)
+        if pending >= self.limits.max_pending_streams:
+            log.warning("resetting a stream from %s: %d streams already wait for their Hello", peer_id, pending)
+            with contextlib.suppress(*stream_errors()):
+                await stream.reset()
+            return
+        self._pending_streams[peer_id] = pending + 1
+        channel = Channel(stream, self.limits)
+        handshaking = True
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+            with trio.fail_after(self.limits.handshake_timeout_s):
                 msg = await channel.receive()
             if not isinstance(msg, HelloMsg):
                 raise RemoteProtocolError(f"expected Hello first, got {type(msg).__name__}")
-            problem = hello_mismatch(
-                PROTOCOL_VERSION,
-                msg.protocol_version,
-                msg.pangea_version,
-                local_role=f"{self.role} {self.peer_id}",
-                remote_role=f"{msg.role or 'peer'} {peer_id}",
-            )
-            refusal = problem or self.accept(peer_id, msg)
+            refusal = self._refusal(peer_id, msg)
             if refusal is not None:
-                log.warning("refused %s %s: %s", msg.role or "peer", short_id(peer_id), refusal)
-                await channel.send(ErrorMsg("incompatible" if problem else "refused", refusal))
+                where = self.remote_address(peer_id)
+                log.warning("refused %s %s at %s: %s", msg.role or "peer", peer_id, where, refusal[1])
+                await channel.send(ErrorMsg(*refusal))
                 await trio.sleep(0.2)  # let the error reach the peer before the close
                 await channel.close()
                 return
             await channel.send(self.hello())
             session = PeerSession(self, channel, peer_id, msg, dialed=False)
+            self._pending_streams[peer_id] -= 1
+            handshaking = False
             if not self._session_opened(session):
                 await session.close("duplicate session")
                 return
             log.info("session with %s %s (pangea %s)", msg.role, peer_id, msg.pangea_version)
             await session.run()
         except trio.TooSlowError:
-            log.warning("dropping peer %s: no Hello within %.0f s", short_id(peer_id), HANDSHAKE_TIMEOUT_S)
+            log.warning("dropping peer %s: no Hello within %.0f s", peer_id, self.limits.handshake_timeout_s)
             await channel.close(reset=True)
         except (RemoteProtocolError, PeerError) as exc:
-            log.warning("dropping peer %s: %s", short_id(peer_id), exc)
+            log.warning("dropping peer %s: %s", peer_id, exc)
             await channel.close(reset=True)
         except Exception:  # NOTE: anything escaping here would kill the libp2p host
-            log.exception("internal error on a stream from %s; resetting it", short_id(peer_id))
+            log.exception("internal error on a stream from %s; resetting it", peer_id)
             await channel.close(reset=True)
+        finally:
+            if handshaking:
+                self._pending_streams[peer_id] -= 1
+                if not self._pending_streams[peer_id]:
+                    del self._pending_streams[peer_id]
 
     async def dial(self, address: PeerAddress, *, timeout_s: float) -> PeerSession:
-        """Connect to a peer (retrying with backoff until timeout_s) and open a session."""
+        """Connect to a peer (retrying with backoff until timeout_s) and open a session.
+
+        A pairing code in ``address.code`` is proven in our Hello (never sent)."""
+        if address.peer_id == self.peer_id:
+            raise ConfigError(
+                f"cannot dial {address.peer_id}: it is this node's own peer ID",
+                hint="the two boxes share one identity (a copied pangea home); delete identity.key on one of them",
+            )
+        stream = await self._connect(address, timeout_s)
+        return await self._handshake(stream, address)
+
+    async def _connect(self, address: PeerAddress, timeout_s: float) -> Any:
         import trio
         from libp2p.custom_types import TProtocol
         from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -1958,38 +2356,49 @@ class Node:
             try:
                 with trio.fail_after(max(1.0, deadline - trio.current_time())):
                     await self.host.connect(info)
-                    stream = await self.host.new_stream(info.peer_id, [TProtocol(PROTOCOL_ID)])
-                break
+                    return await self.host.new_stream(info.peer_id, [TProtocol(PROTOCOL_ID)])
             except Exception as exc:  # py-libp2p raises many unrelated types for a failed dial
                 error = "timed out" if isinstance(exc, trio.TooSlowError) else describe_exception(exc)
                 delay = next(delays)
                 log.info("dial %s (attempt %d) failed: %s", address.text, attempt, error)
                 if trio.current_time() + delay >= deadline:
+                    psk = " and that both nodes use the same --psk file (or neither does)"
                     raise NoPeerError(
                         f"cannot reach {address.text} within {timeout_s:.0f} s ({attempt} attempts): {error}",
                         kind="unreachable",
-                        hint="check that `pangea.pyz initiate` is running there, that the address (and its "
-                        "peer ID) is the one it printed, and that no firewall blocks the port",
+                        hint="check that pangea is running there, that the address (and its peer ID) is the one it "
+                        f"printed, that no firewall blocks the port{psk}",
                     ) from None
                 await trio.sleep(delay)
-        channel = Channel(stream, self.max_payload_bytes)
+
+    async def _handshake(self, stream: Any, address: PeerAddress) -> PeerSession:
+        import trio
+
+        channel = Channel(stream, self.limits)
+        proof = pairing_proof(address.code, address.peer_id, self.peer_id) if address.code else b""
         try:
-            await channel.send(self.hello())
-            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+            await channel.send(self.hello(proof))
+            with trio.fail_after(self.limits.handshake_timeout_s):
                 msg = await channel.receive()
         except trio.TooSlowError:
             await channel.close(reset=True)
+            timeout = self.limits.handshake_timeout_s
             raise PeerError(
-                f"{address.peer_id} did not answer the handshake within {HANDSHAKE_TIMEOUT_S:.0f} s", kind="timeout"
+                f"{address.peer_id} did not answer the handshake within {timeout:.0f} s", kind="timeout"
             ) from None
         except (RemoteProtocolError, PeerError) as exc:
             await channel.close(reset=True)
             raise PeerError(f"handshake with {address.peer_id} failed: {exc}", kind="disconnected") from None
         if isinstance(msg, ErrorMsg):
             await channel.close()
-            hint = "use the same pangea.pyz on both machines" if msg.kind == "incompatible" else None
+            hints = {
+                "incompatible": "use the same pangea.pyz on both machines",
+                "duplicate-identity": "delete identity.key in the copied pangea home, then restart that node",
+            }
             raise PeerError(
-                f"cannot work with {address.peer_id}: it refused the session: {msg.message}", kind=msg.kind, hint=hint
+                f"cannot work with {address.peer_id}: it refused the session: {msg.message}",
+                kind="refused" if msg.kind not in hints else msg.kind,
+                hint=hints.get(msg.kind),
             )
         if not isinstance(msg, HelloMsg):
             await channel.close(reset=True)
@@ -2000,12 +2409,15 @@ class Node:
             msg.pangea_version,
             local_role=f"{self.role} {self.peer_id}",
             remote_role=f"{msg.role or 'peer'} {address.peer_id}",
-        )
+        ) or self._duplicate_identity(address.peer_id, msg.instance_id)
         if problem is not None:
+            kind = "incompatible" if problem.startswith("pangea protocol") else "duplicate-identity"
             with contextlib.suppress(PeerError):
-                await channel.send(ErrorMsg("incompatible", problem))
+                await channel.send(ErrorMsg(kind, problem))
             await channel.close()
-            raise PeerError(problem, kind="incompatible", hint="use the same pangea.pyz on both machines")
+            raise PeerError(
+                problem, kind=kind, hint="use the same pangea.pyz on both machines" if kind == "incompatible" else None
+            )
         session = PeerSession(self, channel, address.peer_id, msg, dialed=True)
         if not self._session_opened(session):
             await session.close("duplicate session")
@@ -2025,7 +2437,11 @@ class Node:
             return outputs, time.perf_counter() - start
 
         try:
-            return await trio.to_thread.run_sync(timed, limiter=self.kernel_limiter)
+            # abandon_on_cancel: a task past its deadline is answered at once;
+            # numpy cannot be interrupted, so its thread finishes in the background.
+            return await trio.to_thread.run_sync(  # type: ignore[call-arg]
+                timed, limiter=self.kernel_limiter, abandon_on_cancel=True
+            )
         except TaskError:
             raise
         except (ValueError, TypeError, ArithmeticError, MemoryError) as exc:  # numpy's own errors
@@ -2497,8 +2913,6 @@ DEFAULT_RPC_PORT = 7780
 DEFAULT_RPC_MAX_BYTES = 1 << 30  # one RPC message; two 256 MiB operands plus headroom
 RPC_CHUNK_BYTES = 128 << 20  # Data fields must stay under Cap'n Proto's 512 MiB limit
 MIN_TOKEN_CHARS = 16  # a shorter token is guessable; generate one with `openssl rand -hex 16`
-HEARTBEAT_S = 5.0  # serve pings each peer this often ...
-HEARTBEAT_MISSES = 3  # ... and drops it after this many pings without an answer
 RPC_CONNECT_TIMEOUT_S = 10.0  # `connect` over RPC dials for at most this long
 
 
@@ -3170,6 +3584,71 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.add_argument("--psk", metavar="FILE", help="pre-shared key file: only nodes with the same file can connect")
+        g = p.add_argument_group("limits on what peers may send (see README, Security)")
+        d = Limits()
+        g.add_argument(
+            "--max-payload-mib",
+            type=int,
+            default=d.max_payload_bytes >> 20,
+            metavar="MIB",
+            help=f"largest array data of one message (default: {d.max_payload_bytes >> 20})",
+        )
+        g.add_argument(
+            "--max-elements",
+            type=int,
+            default=d.max_elements,
+            metavar="N",
+            help=f"largest array, in elements (default: {d.max_elements})",
+        )
+        g.add_argument(
+            "--dtypes",
+            default=",".join(d.dtypes),
+            metavar="LIST",
+            help=f"dtypes accepted (default: {','.join(d.dtypes)})",
+        )
+        g.add_argument(
+            "--max-inflight",
+            type=int,
+            default=d.max_inflight_tasks,
+            metavar="N",
+            help=f"tasks one peer may have in flight; more get `busy` (default: {d.max_inflight_tasks})",
+        )
+        g.add_argument(
+            "--max-inflight-mib",
+            type=int,
+            default=d.max_inflight_bytes >> 20,
+            metavar="MIB",
+            help=f"operand data one peer may have in flight (default: {d.max_inflight_bytes >> 20})",
+        )
+        g.add_argument(
+            "--memory-budget-mib",
+            type=int,
+            default=d.memory_budget_bytes >> 20,
+            metavar="MIB",
+            help=f"operand data held for all peers together (default: {d.memory_budget_bytes >> 20})",
+        )
+        g.add_argument(
+            "--handshake-timeout",
+            type=float,
+            default=d.handshake_timeout_s,
+            metavar="SECONDS",
+            help=f"a peer must say Hello within this (default: {d.handshake_timeout_s:.0f})",
+        )
+        g.add_argument(
+            "--idle-timeout",
+            type=float,
+            default=d.idle_timeout_s,
+            metavar="SECONDS",
+            help=f"drop a peer that sends nothing for this long (default: {d.idle_timeout_s:.0f})",
+        )
+        g.add_argument(
+            "--task-timeout",
+            type=float,
+            default=d.task_timeout_s,
+            metavar="SECONDS",
+            help=f"a task running longer fails with `deadline` (default: {d.task_timeout_s:.0f})",
+        )
 
     p = sub.add_parser("initiate", help="start node 1: print its address, wait for a responder, run the checks")
     common(p, DEFAULT_PORT)
@@ -3185,8 +3664,19 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_initiate)
 
+    p.add_argument(
+        "--allow-peer",
+        action="append",
+        default=[],
+        metavar="PEER_ID",
+        help="a responder accepted without the pairing code (repeatable; also $PANGEA_HOME/trusted_peers)",
+    )
+
     p = sub.add_parser("respond", help="start node 2: connect to an initiator and do its work")
-    p.add_argument("address", nargs="?", help="the initiator's multiaddr, as it printed it")
+    p.add_argument(
+        "address", nargs="?", help="the join string the initiator printed (pangea://...#CODE), or its multiaddr"
+    )
+    p.add_argument("--code", help="the initiator's pairing code, when ADDRESS is a bare multiaddr")
     common(p, 0)
     p.set_defaults(func=cmd_respond)
 
@@ -3223,7 +3713,20 @@ def make_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PEER_ID",
-        help="a peer id allowed to connect and submit tasks (repeatable)",
+        help="a peer id allowed to connect and submit tasks (repeatable; also $PANGEA_HOME/trusted_peers)",
+    )
+    p.add_argument("--pair", action="store_true", help="print a one-time pairing code a new peer can connect with")
+    p.add_argument(
+        "--pair-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long the pairing code stays valid (default: 600)",
+    )
+    p.add_argument(
+        "--remember",
+        action="store_true",
+        help="add peers that paired to $PANGEA_HOME/trusted_peers, so they need no code next time",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -3246,11 +3749,19 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("id", help="print this box's peer id (creating its identity if needed)")
     p.set_defaults(func=cmd_id)
+
+    p = sub.add_parser("psk", help="write a new pre-shared key file for --psk (copy it to every node)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_psk)
     return parser
 
 
 def setup_logging(log_file: Path | None, verbose: int, debug: bool) -> None:
     """Send pangea's log to the session log file and, with -v/--debug, to stderr."""
+    # NOTE: `import libp2p` resets the "libp2p" logger (libp2p.utils.logging.setup_logging),
+    # so it is imported first; otherwise its routine errors reach stderr through lastResort.
+    import libp2p  # noqa: F401
+
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setFormatter(logging.Formatter("pangea: %(message)s"))
     stderr.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
@@ -3353,31 +3864,92 @@ def print_report(role: str, peer: str, results: list[CheckResult], extra: dict[s
     return ok
 
 
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    """Return the Limits the node options ask for; UsageError for a bad value."""
+    return Limits(
+        max_payload_bytes=args.max_payload_mib << 20,
+        max_elements=args.max_elements,
+        dtypes=tuple(d.strip() for d in args.dtypes.split(",") if d.strip()),
+        max_inflight_tasks=args.max_inflight,
+        max_inflight_bytes=args.max_inflight_mib << 20,
+        memory_budget_bytes=args.memory_budget_mib << 20,
+        handshake_timeout_s=args.handshake_timeout,
+        idle_timeout_s=args.idle_timeout,
+        task_timeout_s=args.task_timeout,
+    ).validate()
+
+
+def read_psk_file(path: str | None) -> str | None:
+    """Return the 64-hex key of a --psk file (None without --psk)."""
+    if path is None:
+        return None
+    try:
+        return parse_psk(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read pre-shared key file {path!r}: {exc.strerror}") from None
+
+
+def trusted_peers(home: Path, extra: Iterable[str] = ()) -> set[str]:
+    """Return the peer ids of --allow-peer plus $PANGEA_HOME/trusted_peers (one per line, # comments)."""
+    ids = set()
+    for peer_id in extra:
+        if not is_peer_id(peer_id):
+            raise UsageError(f"bad --allow-peer {peer_id!r}: not a peer id (base58, like 12D3KooW...)")
+        ids.add(peer_id)
+    path = home / TRUSTED_PEERS_FILENAME
+    if path.exists():
+        found, complaints = parse_trusted_peers(path.read_text())
+        for complaint in complaints:
+            log.warning("ignoring %s %s", path, complaint)
+        ids |= found
+    return ids
+
+
+def remember_peer(home: Path, peer_id: str) -> None:
+    """Append a paired peer to $PANGEA_HOME/trusted_peers (mode 0600)."""
+    path = home / TRUSTED_PEERS_FILENAME
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(f"{peer_id}  # paired {time.strftime('%Y-%m-%d %H:%M')}\n")
+
+
 def cmd_initiate(args: argparse.Namespace) -> int:
-    """`initiate`: listen, print the addresses, wait for a responder, run the checks."""
+    """`initiate`: listen, print the addresses and pairing code, wait for a responder, run the checks."""
     if not 0 <= args.port < 65536:
         raise UsageError(f"port {args.port} is outside 0-65535")
     if args.size < 2:
         raise UsageError(f"--size {args.size} is too small; use at least 2")
+    limits, psk = limits_from_args(args), read_psk_file(args.psk)
     with node_session("initiator", args) as (home, session_dir):
         key_pair = load_or_create_identity(home)
-        return run_trio(_initiate, args, session_dir, key_pair)
+        allowed = trusted_peers(home, args.allow_peer)
+        return run_trio(_initiate, args, session_dir, key_pair, (limits, psk, allowed))
 
 
-async def _initiate(args: argparse.Namespace, session_dir: SessionDir, key_pair: Any) -> int:
+async def _initiate(
+    args: argparse.Namespace, session_dir: SessionDir, key_pair: Any, options: tuple[Limits, str | None, set[str]]
+) -> int:
     import trio
 
+    limits, psk, allowed = options
     chosen: list[str] = []
+    pairing = Pairing(new_pairing_code(), expires_at=time.monotonic() + args.timeout)
 
     def accept(peer_id: str, hello: HelloMsg) -> str | None:
         if hello.role != "responder":
             return f"this initiator works with a responder, not a {hello.role!r}"
         if chosen and chosen[0] != peer_id:
             return f"this initiator is already working with responder {chosen[0]}"
-        chosen.append(peer_id)
+        if not chosen and peer_id not in allowed:
+            refusal = pairing.check(hello.pairing_proof, node.peer_id, peer_id, time.monotonic())
+            if refusal is not None:
+                return refusal
+        chosen[:] = [peer_id]
         return None
 
-    node = Node(key_pair=key_pair, role="initiator", accept=accept, may_serve=lambda peer_id: False)
+    node = Node(
+        key_pair=key_pair, role="initiator", accept=accept, may_serve=lambda peer_id: False, limits=limits, psk=psk
+    )
     manager = Manager(node)
     async with node.running(args.host, args.port):
         session_dir.write_addresses(node.addresses)
@@ -3386,8 +3958,12 @@ async def _initiate(args: argparse.Namespace, session_dir: SessionDir, key_pair:
         print("Copy this address for responder:")
         for address in node.addresses:
             print(f"  {address}")
+        print(f"Pairing code (one use, valid {args.timeout:.0f} s): {format_pairing_code(pairing.code)}")
+        if node.addresses:
+            print(f"Join string: {join_string(node.addresses[0], pairing.code)}")
+            print(f"  on the other box: ./pangea.pyz respond '{join_string(node.addresses[0], pairing.code)}'")
         print(f"Waiting up to {args.timeout:.0f} s for a responder (Ctrl-C to stop)...", flush=True)
-        log.info("listening on %s", ", ".join(node.addresses))
+        log.info("listening on %s (pairing code issued)", ", ".join(node.addresses))
         session: PeerSession | None = None
         with trio.move_on_after(args.timeout):
             session = await node.next_session()
@@ -3396,7 +3972,7 @@ async def _initiate(args: argparse.Namespace, session_dir: SessionDir, key_pair:
             raise NoPeerError(
                 f"cannot run the checks: nobody connected within {args.timeout:.0f} s",
                 kind="timeout",
-                hint=f"on the other box run `./pangea.pyz respond <address>` with an address printed above; "
+                hint=f"on the other box run `./pangea.pyz respond` with the join string printed above; "
                 f"check that box can reach this one (same network, firewall open for TCP port {port})",
             )
         print(f"Responder connected: {session.peer_id} (pangea {session.hello.pangea_version})", flush=True)
@@ -3415,19 +3991,33 @@ async def _initiate(args: argparse.Namespace, session_dir: SessionDir, key_pair:
 def cmd_respond(args: argparse.Namespace) -> int:
     """`respond`: dial the initiator, serve its tasks until it says done."""
     text = args.address
+    interactive = sys.stdin.isatty()
     if text is None:
-        if not sys.stdin.isatty():
+        if not interactive:
             raise UsageError(
-                "no initiator address given", hint="./pangea.pyz respond /ip4/<ip>/tcp/<port>/p2p/<peer id>"
+                "no initiator address given", hint="./pangea.pyz respond 'pangea://ip4/<ip>/tcp/<port>/p2p/<id>#CODE'"
             )
-        text = input("Paste the initiator's address: ")
+        text = input("Paste the initiator's join string or address: ")
     address = parse_peer_address(text)
+    if args.code:
+        address = dataclasses.replace(address, code=normalize_pairing_code(args.code))
+    elif not address.code and interactive:
+        typed = input("Pairing code shown by the initiator (Enter if it allowed this peer): ").strip()
+        if typed:
+            address = dataclasses.replace(address, code=normalize_pairing_code(typed))
+    limits, psk = limits_from_args(args), read_psk_file(args.psk)
     with node_session("responder", args) as (home, session_dir):
         key_pair = load_or_create_identity(home)
-        return run_trio(_respond, args, address, session_dir, key_pair)
+        return run_trio(_respond, args, address, session_dir, key_pair, (limits, psk))
 
 
-async def _respond(args: argparse.Namespace, address: PeerAddress, session_dir: SessionDir, key_pair: Any) -> int:
+async def _respond(
+    args: argparse.Namespace,
+    address: PeerAddress,
+    session_dir: SessionDir,
+    key_pair: Any,
+    options: tuple[Limits, str | None],
+) -> int:
     node = Node(
         key_pair=key_pair,
         role="responder",
@@ -3435,12 +4025,9 @@ async def _respond(args: argparse.Namespace, address: PeerAddress, session_dir: 
             None if peer_id == address.peer_id else f"this responder only works for {address.peer_id}"
         ),
         may_serve=lambda peer_id: peer_id == address.peer_id,
+        limits=options[0],
+        psk=options[1],
     )
-    if node.peer_id == address.peer_id:
-        raise ConfigError(
-            f"cannot respond to {address.peer_id}: it is this node's own peer ID",
-            hint="the two boxes share a pangea home (identity.key); give one its own PANGEA_HOME",
-        )
     results: list[CheckResult] = []
     async with node.running(args.host, args.port):
         session_dir.save(peer_id=node.peer_id, initiator=address.text)
@@ -3501,8 +4088,8 @@ def _pump(proc: subprocess.Popen[str], prefix: str, found: list[str], ready: thr
     for line in proc.stdout:
         print(f"{prefix} | {line}", end="", flush=True)
         stripped = line.strip()
-        if ready is not None and stripped.startswith("/ip4/127.") and "/p2p/" in stripped:
-            found.append(stripped)
+        if ready is not None and stripped.startswith("Join string: pangea://"):
+            found.append(stripped.removeprefix("Join string: "))
             ready.set()
     if ready is not None:
         ready.set()
@@ -3573,9 +4160,6 @@ def read_rpc_token(args: argparse.Namespace) -> str:
     return token
 
 
-_PEER_ID_CHARS = set("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """`serve`: a long-running node with an RPC endpoint; stops cleanly on SIGTERM/Ctrl-C."""
     rpc_host, rpc_port = parse_host_port(args.rpc, DEFAULT_RPC_PORT)
@@ -3587,15 +4171,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             hint="add --rpc-token-file FILE (or --rpc-token TOKEN), or keep the default 127.0.0.1",
         )
     peers = [parse_peer_address(text) for text in args.peer]
-    for peer_id in args.allow_peer:
-        if not 40 <= len(peer_id) <= 64 or not set(peer_id) <= _PEER_ID_CHARS:
-            raise UsageError(f"bad --allow-peer {peer_id!r}: not a peer id (base58, like 12D3KooW...)")
     if not 1 <= args.rpc_max_mib <= 4096:
         raise UsageError(f"--rpc-max-mib {args.rpc_max_mib} is outside 1-4096")
+    limits, psk = limits_from_args(args), read_psk_file(args.psk)
     ensure_port_free(rpc_host, rpc_port)
     with node_session("serve", args) as (home, session_dir):
         key_pair = load_or_create_identity(home)
-        code = run_trio(_serve, args, session_dir, key_pair, (rpc_host, rpc_port, token), peers)
+        trusted = trusted_peers(home, args.allow_peer) | {p.peer_id for p in peers}
+        options = (limits, psk, trusted, home)
+        code = run_trio(_serve, args, session_dir, key_pair, (rpc_host, rpc_port, token), peers, options)
     return 0 if code == 128 + signal.SIGTERM else code  # SIGTERM is how a service is meant to stop
 
 
@@ -3605,24 +4189,44 @@ async def _serve(
     key_pair: Any,
     rpc: tuple[str, int, str],
     peers: list[PeerAddress],
+    options: tuple[Limits, str | None, set[str], Path],
 ) -> int:
     import trio
 
-    trusted = set(args.allow_peer) | {p.peer_id for p in peers}
+    limits, psk, trusted, home = options
+    pairing = Pairing(new_pairing_code(), expires_at=time.monotonic() + args.pair_timeout) if args.pair else None
 
     def accept(peer_id: str, hello: HelloMsg) -> str | None:
         if peer_id in trusted:
             return None
-        return f"peer {peer_id} is not trusted by node {node.peer_id}; start that node with --allow-peer {peer_id}"
+        if pairing is not None and hello.pairing_proof:
+            refusal = pairing.check(hello.pairing_proof, node.peer_id, peer_id, time.monotonic())
+            if refusal is not None:
+                return refusal
+            trusted.add(peer_id)
+            print(f"pangea: paired with {peer_id}" + (" (remembered)" if args.remember else ""), flush=True)
+            if args.remember:
+                remember_peer(home, peer_id)
+            return None
+        return (
+            f"peer {peer_id} is not trusted by node {node.peer_id}; start that node with --allow-peer {peer_id}, "
+            "or pair with the code of `serve --pair`"
+        )
 
-    node = Node(key_pair=key_pair, role="serve", accept=accept, may_serve=lambda peer_id: peer_id in trusted)
+    node = Node(
+        key_pair=key_pair,
+        role="serve",
+        accept=accept,
+        may_serve=lambda peer_id: peer_id in trusted,
+        limits=limits,
+        psk=psk,
+    )
     manager = Manager(node)
     service = NodeService(node, manager, trust=trusted.add, rpc_address="")
     async with node.running(args.host, args.port):
         server = RpcServer(service, rpc[0], rpc[1], token=rpc[2], max_bytes=args.rpc_max_mib << 20)
         host, port = await server.start()
         service.rpc_address = f"{host}:{port}"
-        node.on_session.append(lambda s: node.nursery.start_soon(heartbeat, s))
         for peer in peers:
             node.nursery.start_soon(keep_connected, node, peer)
         session_dir.write_addresses(node.addresses)
@@ -3632,7 +4236,10 @@ async def _serve(
         for address in node.addresses:
             print(f"  {address}")
         print(f"RPC: {service.rpc_address} ({'token required' if rpc[2] else 'no token, loopback only'})")
-        print(f"Trusted peers: {', '.join(sorted(trusted)) or 'none yet (--allow-peer, --peer)'}")
+        print(f"Trusted peers: {', '.join(sorted(trusted)) or 'none yet (--allow-peer, --peer, --pair)'}")
+        if pairing is not None and node.addresses:
+            print(f"Pairing code (one use, valid {args.pair_timeout:.0f} s): {format_pairing_code(pairing.code)}")
+            print(f"Join string: {join_string(node.addresses[0], pairing.code)}")
         print(
             f"pangea: serving on {node.addresses[-1] if node.addresses else '?'}; Ctrl-C or SIGTERM stops", flush=True
         )
@@ -3644,28 +4251,6 @@ async def _serve(
                 await trio.sleep(0.2)  # let the cancelled calls' errors reach their clients
                 await server.stop()
     return 0
-
-
-async def heartbeat(session: PeerSession) -> None:
-    """Ping a peer every HEARTBEAT_S; drop the session after HEARTBEAT_MISSES silent pings."""
-    import trio
-
-    misses = 0
-    first = True
-    while not session.closed.is_set():
-        await trio.sleep(0.0 if first else HEARTBEAT_S)
-        first = False
-        if session.closed.is_set():
-            return
-        try:
-            session.rtt_s = await session.ping(timeout_s=HEARTBEAT_S)
-            misses = 0
-        except PeerError:
-            misses += 1
-            log.info("peer %s missed heartbeat %d of %d", session.label, misses, HEARTBEAT_MISSES)
-            if misses >= HEARTBEAT_MISSES:
-                log.warning("dropping peer %s: %d heartbeats without an answer", session.label, misses)
-                await session._close(f"{misses} heartbeats without an answer", reset=True)
 
 
 async def keep_connected(node: Node, address: PeerAddress) -> None:
@@ -3751,6 +4336,21 @@ def _call_matmul(client: Client, size: int, placement: str) -> tuple[dict[str, A
         f"transfer {t['transfer_s']:.3f} s): {'verified against local numpy' if verified else 'WRONG RESULT'}"
     )
     return result, text
+
+
+def cmd_psk(args: argparse.Namespace) -> int:
+    """`psk FILE`: write a new random pre-shared key (mode 0600) in the go-libp2p swarm key format."""
+    import secrets
+
+    path = Path(args.file)
+    if path.exists():
+        raise UsageError(f"cannot write {str(path)!r}: it exists; pick another name or delete it first")
+    key = secrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"/key/swarm/psk/1.0.0/\n/base16/\n{key}\n")
+    print(f"wrote {path}: copy it to every node and start each with --psk {path}")
+    return 0
 
 
 def cmd_id(args: argparse.Namespace) -> int:

@@ -47,6 +47,8 @@ struct Hello {
   capacity        @4 :Capacity;
   maxPayloadBytes @5 :UInt64;   # the largest frame payload this side accepts
   platform        @6 :Text;     # "cpython-311 x86_64 Linux", for messages only
+  pairingProof    @7 :Data;     # HMAC-SHA256(code, "pangea-pair-v1|<acceptor id>|<dialer id>"), or empty
+  instanceId      @8 :UInt64;   # random per process: two processes with one peer id are a copied identity
 }
 
 struct TaskRequest {
@@ -59,7 +61,7 @@ struct TaskRequest {
 struct TaskResult {
   taskId         @0 :UInt64;
   outputs        @1 :List(ArrayMeta); # bytes in the payload; empty on error
-  errorKind      @2 :Text;            # "" on success; else e.g. "bad-input", "refused", "busy"
+  errorKind      @2 :Text;            # "" on success; else "bad-input", "refused", "busy", "deadline", ...
   errorMessage   @3 :Text;
   computeSeconds @4 :Float64;         # time the kernel ran on the worker
 }
@@ -75,7 +77,7 @@ struct Bye {
 struct Error {
   # A session-level refusal or protocol violation; the sender closes the
   # stream after it.
-  kind    @0 :Text;   # "incompatible", "refused", "protocol"
+  kind    @0 :Text;   # "incompatible", "refused", "protocol", "duplicate-identity"
   message @1 :Text;
 }
 

@@ -54,10 +54,18 @@ def test_parse_peer_address_strips_whitespace_and_trailing_slash() -> None:
     assert parse_peer_address(f"  {text}/\n").text == text
 
 
-def test_parse_peer_address_accepts_pangea_url_and_drops_the_secret() -> None:
-    address = parse_peer_address(f"pangea:///ip4/192.168.1.5/tcp/7777/p2p/{PEER_ID}#s3cr3t-token")
-    assert address == PeerAddress(f"/ip4/192.168.1.5/tcp/7777/p2p/{PEER_ID}", "192.168.1.5", 7777, PEER_ID)
-    assert "s3cr3t" not in address.text
+def test_parse_peer_address_accepts_join_string_and_keeps_the_code_apart() -> None:
+    address = parse_peer_address(f"pangea://ip4/192.168.1.5/tcp/7777/p2p/{PEER_ID}#abcd-efgh-jkmn")
+    assert address == PeerAddress(
+        f"/ip4/192.168.1.5/tcp/7777/p2p/{PEER_ID}", "192.168.1.5", 7777, PEER_ID, "ABCDEFGHJKMN"
+    )
+    assert "ABCD" not in address.text
+    assert parse_peer_address(f"pangea:///ip4/192.168.1.5/tcp/7777/p2p/{PEER_ID}").code == ""
+
+
+def test_parse_peer_address_rejects_a_join_string_with_a_malformed_code() -> None:
+    with pytest.raises(UsageError, match="bad pairing code"):
+        parse_peer_address(f"pangea://ip4/192.168.1.5/tcp/7777/p2p/{PEER_ID}#s3cr3t-token")
 
 
 def test_parse_peer_address_accepts_legacy_rsa_peer_id() -> None:
