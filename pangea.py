@@ -2364,7 +2364,8 @@ class Node:
                 if trio.current_time() + delay >= deadline:
                     psk = " and that both nodes use the same --psk file (or neither does)"
                     raise NoPeerError(
-                        f"cannot reach {address.text} within {timeout_s:.0f} s ({attempt} attempts): {error}",
+                        f"cannot reach {address.text} within {timeout_s:.0f} s "
+                        f"({attempt} attempt{'s' if attempt > 1 else ''}): {error}",
                         kind="unreachable",
                         hint="check that pangea is running there, that the address (and its peer ID) is the one it "
                         f"printed, that no firewall blocks the port{psk}",
@@ -3771,6 +3772,7 @@ def setup_logging(log_file: Path | None, verbose: int, debug: bool) -> None:
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handlers.append(file_handler)
     for name, level, hs in (
+        ("", logging.WARNING, handlers[1:]),  # libraries that log through the root logger: file only
         ("pangea", logging.DEBUG, handlers),
         # NOTE: libp2p logs through logging.lastResort unless it has a handler;
         # its routine warnings (a redial failed) belong in the file only.
