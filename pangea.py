@@ -1781,7 +1781,9 @@ class Channel:
 
         limits = limits or Limits()
         self.stream = stream
-        self.decoder = Decoder(limits.max_payload_bytes, limits=limits)
+        # NOTE: no payload at all until the handshake is done (a Hello has none), so an
+        # unauthenticated peer cannot make us allocate; PeerSession raises the limit.
+        self.decoder = Decoder(0, limits=limits)
         self._send_lock = trio.Lock()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -1860,6 +1862,7 @@ class PeerSession:
         self._pings: dict[int, tuple[float, Any]] = {}
         self._reserved: dict[int, int] = {}  # task id -> operand bytes admitted, held until answered
         channel.decoder.admit = self._admit
+        channel.decoder.max_payload_bytes = node.limits.max_payload_bytes
 
     @property
     def label(self) -> str:
