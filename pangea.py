@@ -1224,13 +1224,10 @@ KERNELS: dict[str, Kernel] = {
 }
 
 
-def run_kernel(
-    name: str, operands: Sequence[np.ndarray], params: dict[str, float] | None = None
-) -> tuple[np.ndarray, ...]:
-    """Run registry kernel ``name``; raise KernelError for any bad input."""
+def check_kernel_call(name: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> Kernel:
+    """Return the registry entry for a call, or raise KernelError naming what is wrong with it."""
     import numpy as np
 
-    params = dict(params or {})
     kernel = KERNELS.get(name)
     if kernel is None:
         raise KernelError(f"unknown kernel {name!r}; known: {', '.join(sorted(KERNELS))}")
@@ -1242,6 +1239,43 @@ def run_kernel(
     for i, a in enumerate(operands):
         if not isinstance(a, np.ndarray) or a.dtype.name not in ALLOWED_DTYPES:
             raise KernelError(f"{name}: operand {i} must be an array of {', '.join(ALLOWED_DTYPES)}")
+    return kernel
+
+
+def output_nbytes(name: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> int:
+    """Return an upper bound of the bytes a kernel call will allocate for its output.
+
+    Lets a worker refuse, before computing, an output that would not fit its
+    limits: (n x 1) @ (1 x n) turns two small vectors into n^2 elements."""
+    import numpy as np
+
+    itemsize = 16  # complex128, the widest result
+    try:
+        if name == "matmul":
+            return int(operands[0].shape[0]) * int(operands[1].shape[-1]) * itemsize
+        if name in ("add", "subtract", "multiply"):
+            return math.prod(np.broadcast_shapes(operands[0].shape, operands[1].shape)) * itemsize
+        if name == "random":
+            return int(max(0.0, params.get("rows", 0.0))) * int(max(0.0, params.get("cols", 0.0))) * 8
+    except (ValueError, IndexError, OverflowError):
+        return 0  # the kernel itself will reject these operands
+    return sum(a.size for a in operands) * itemsize
+
+
+def run_kernel(
+    name: str,
+    operands: Sequence[np.ndarray],
+    params: dict[str, float] | None = None,
+    *,
+    max_elements: int | None = None,
+) -> tuple[np.ndarray, ...]:
+    """Run registry kernel ``name``; raise KernelError for any bad input or an oversized output."""
+    import numpy as np
+
+    params = dict(params or {})
+    kernel = check_kernel_call(name, operands, params)
+    if max_elements is not None and output_nbytes(name, operands, params) > max_elements * 16:
+        raise KernelError(f"{name}: the result would have more than {max_elements} elements (the node's limit)")
     with np.errstate(all="ignore"):
         outputs = kernel.fn(operands, params)
     return tuple(np.asarray(o) if np.asarray(o).flags.c_contiguous else np.asarray(o).copy(order="C") for o in outputs)
@@ -1991,6 +2025,21 @@ class PeerSession:
         import trio
 
         task_id = req.task_id
+        out_bytes = min(output_nbytes(req.kernel, req.operands, req.params), self.node.limits.max_payload_bytes)
+        if not self.node.budget.try_acquire(out_bytes):
+            self._release(task_id)
+            budget = self.node.budget
+            self._send_soon(
+                TaskResultMsg(
+                    task_id,
+                    error_kind="busy",
+                    error_message=(
+                        f"the result would not fit the node's memory budget of {format_bytes(budget.limit_bytes)} "
+                        f"({format_bytes(budget.in_use)} in use); retry later"
+                    ),
+                )
+            )
+            return
         try:
             with trio.move_on_after(self.node.limits.task_timeout_s) as deadline:
                 try:
@@ -2018,6 +2067,7 @@ class PeerSession:
                 log.info("cannot return task %d to %s: %s", task_id, self.label, exc)
         finally:
             self._release(task_id)
+            self.node.budget.release(out_bytes)
 
     async def request(
         self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float] | None = None
@@ -2437,7 +2487,7 @@ class Node:
 
         def timed() -> tuple[tuple[np.ndarray, ...], float]:
             start = time.perf_counter()
-            outputs = run_kernel(kernel, operands, params)
+            outputs = run_kernel(kernel, operands, params, max_elements=self.limits.max_elements)
             return outputs, time.perf_counter() - start
 
         try:
