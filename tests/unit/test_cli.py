@@ -163,7 +163,7 @@ def test_main_respond_without_address_and_no_terminal_exits_2(
     assert run(["respond"]) == 2
     _, lines = error_lines(capsys)
     assert lines[0] == "pangea: error: no initiator address given"
-    assert lines[1].startswith("hint: ./pangea.pyz respond /ip4/")
+    assert lines[1].startswith("hint: ./pangea.pyz respond 'pangea://ip4/")
 
 
 def test_main_respond_non_ascii_digit_port_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
