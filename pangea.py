@@ -15,7 +15,7 @@ How the module is laid out (each section uses only the ones above it):
  1. constants            6. scheduler (pure core: events in, actions out)
  2. errors               7. sessions (the per-process session directory)
  3. pure helpers         8. I/O: the libp2p node, delegators, manager, checks
- 4. wire protocol        9. I/O: Cap'n Proto RPC (not yet; see the RPC issue)
+ 4. wire protocol        9. I/O: Cap'n Proto RPC service and client
  5. kernels             10. CLI
 
 Design: everything that decides (framing, kernels, placement, retries) is
@@ -560,6 +560,32 @@ def parse_trusted_peers(text: str) -> tuple[set[str], list[str]]:
         else:
             complaints.append(f"line {number}: {entry!r} is not a peer id")
     return ids, complaints
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault a worker injects on purpose: a TEST AID for the failure tests, never for real use.
+
+    corrupt: return wrong numbers; crash-after=N: exit abruptly when task N+1
+    arrives; slow=SECONDS: stall that long before each task."""
+
+    kind: str
+    value: float = 0.0
+
+
+def parse_fault(text: str) -> Fault:
+    """Parse --fault corrupt | crash-after=N | slow=SECONDS; raise UsageError otherwise."""
+    name, _, value = text.partition("=")
+    try:
+        if name == "corrupt" and not value:
+            return Fault("corrupt")
+        if name == "crash-after" and value.isdigit():
+            return Fault("crash-after", float(value))
+        if name == "slow" and 0 <= float(value) <= 3600:
+            return Fault("slow", float(value))
+    except ValueError:
+        pass
+    raise UsageError(f"bad --fault {text!r}: expected corrupt, crash-after=N or slow=SECONDS")
 
 
 def parse_psk(text: str) -> str:
@@ -1281,6 +1307,71 @@ def run_kernel(
     return tuple(np.asarray(o) if np.asarray(o).flags.c_contiguous else np.asarray(o).copy(order="C") for o in outputs)
 
 
+FREIVALDS_ROUNDS = 2  # each round misses a wrong product with probability ~0 for normal vectors
+
+
+def _nearly_equal(got: np.ndarray, expected: np.ndarray, dtype: Any) -> bool:
+    import numpy as np
+
+    loose = np.dtype(dtype).kind == "f" and np.dtype(dtype).itemsize == 4 or np.dtype(dtype) == np.complex64
+    rtol = 1e-3 if loose else 1e-7
+    scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
+    return bool(np.allclose(got, expected, rtol=rtol, atol=rtol * scale))
+
+
+def check_result(
+    kernel: str,
+    operands: Sequence[np.ndarray],
+    params: dict[str, float],
+    outputs: Sequence[np.ndarray],
+    rng: random.Random,
+    rounds: int = FREIVALDS_ROUNDS,
+) -> str | None:
+    """Check a worker's result cheaply; return None when it is plausible, else what is wrong.
+
+    matmul: Freivalds' check, A @ (B @ r) == C @ r for random r, O(n^2) per round
+    instead of O(n^3). inverse: A @ (X @ r) == r. solve: the residual A @ x - b.
+    O(n) kernels (element-wise, sum, dot): recomputed. Workers are not
+    trusted to do arithmetic right; a wrong answer is a worker fault."""
+    import numpy as np
+
+    if len(outputs) != 1:
+        return f"{kernel}: expected 1 output, got {len(outputs)}"
+    out = outputs[0]
+    gen = np.random.default_rng(rng.getrandbits(64))
+    try:
+        if kernel == "matmul":
+            a, b = operands
+            if out.shape != (a.shape[0], b.shape[1]):
+                return f"matmul: result shape {out.shape}, expected {(a.shape[0], b.shape[1])}"
+            for _ in range(rounds):
+                r = gen.standard_normal((b.shape[1], 1))
+                if not _nearly_equal(out @ r, a @ (b @ r), out.dtype):
+                    return "matmul: the result fails Freivalds' check (C @ r != A @ (B @ r))"
+            return None
+        if kernel == "inverse":
+            (a,) = operands
+            for _ in range(rounds):
+                r = gen.standard_normal((a.shape[0], 1))
+                if out.shape != a.shape or not _nearly_equal(a @ (out @ r), r, out.dtype):
+                    return "inverse: A @ X is not the identity"
+            return None
+        if kernel == "solve":
+            a, b = operands
+            if out.shape != b.shape or not _nearly_equal(a @ out, b, out.dtype):
+                return "solve: the residual A @ x - b is not small"
+            return None
+        if kernel in ("add", "subtract", "multiply", "scale", "transpose", "sum", "dot"):
+            # O(n) kernels: recomputing costs less than the transfer that brought the result
+            expected = run_kernel(kernel, operands, params)[0]
+            if out.shape != expected.shape:
+                return f"{kernel}: result shape {out.shape}, expected {expected.shape}"
+            return None if _nearly_equal(out, expected, out.dtype) else f"{kernel}: the result is wrong"
+    except (ValueError, IndexError, TypeError) as exc:
+        return f"{kernel}: the result cannot be checked: {exc}"
+    return None  # random: nothing cheaper than recomputing it
+
+
 ###############################################################################
 # 6. Scheduler (pure core)
 #
@@ -1294,7 +1385,7 @@ def run_kernel(
 ###############################################################################
 
 PLACEMENTS = ("auto", "local", "remote")  # or a peer id
-RETRYABLE_KINDS = frozenset({"unavailable", "disconnected", "timeout", "busy", "refused", "internal"})
+RETRYABLE_KINDS = frozenset({"unavailable", "disconnected", "timeout", "busy", "refused", "internal", "wrong-result"})
 
 
 @dataclass
@@ -1425,6 +1516,7 @@ class _WorkerState:
     speed: float = 1.0
     up: bool = True
     running: int = 0
+    suspect: bool = False  # returned a result that failed verification: used only as a last resort
 
 
 class Scheduler:
@@ -1527,6 +1619,8 @@ class Scheduler:
         worker = self.workers.get(record.worker_id)
         if worker is not None and worker.running > 0:
             worker.running -= 1
+        if worker is not None and kind == "wrong-result" and record.worker_id != LOCAL:
+            worker.suspect = True
         if kind not in RETRYABLE_KINDS or len(task.attempts) >= self.max_attempts:
             self._finish_failed(task)
             return [Fail(task.task_id, kind, message)]
@@ -1538,7 +1632,7 @@ class Scheduler:
 
     def _choose(self, task: _TaskState) -> str:
         tried = {a.worker_id for a in task.attempts}
-        remotes = [w for w, s in self.workers.items() if w != LOCAL and s.up and w not in tried]
+        remotes = [w for w, s in self.workers.items() if w != LOCAL and s.up and w not in tried and not s.suspect]
         placement = task.placement
         if placement == LOCAL:
             return LOCAL
@@ -2043,9 +2137,12 @@ class PeerSession:
         try:
             with trio.move_on_after(self.node.limits.task_timeout_s) as deadline:
                 try:
+                    await self.node.inject_fault_before_task()
                     outputs, compute_s = await self.node.execute_local(req.kernel, req.operands, req.params)
+                    outputs = self.node.inject_fault_into(outputs)
                     result = TaskResultMsg(req.task_id, outputs, compute_s=compute_s)
                     self.tasks_served += 1
+                    self.node.tasks_served += 1
                     log.info("task %d from %s: %s done in %.3f s", req.task_id, self.label, req.kernel, compute_s)
                 except TaskError as exc:
                     log.info("task %d from %s: %s failed: %s", req.task_id, self.label, req.kernel, exc)
@@ -2138,10 +2235,13 @@ class Node:
         may_serve: Callable[[str], bool],
         limits: Limits | None = None,
         psk: str | None = None,
+        fault: Fault | None = None,
     ) -> None:
         import trio
 
         self.host = make_host(key_pair, psk)
+        self.fault = fault
+        self.tasks_served = 0
         self.peer_id = str(self.host.get_id())
         self.role = role
         self.accept = accept
@@ -2479,6 +2579,32 @@ class Node:
         self.nursery.start_soon(session.run)
         return session
 
+    async def inject_fault_before_task(self) -> None:
+        """TEST AID (--fault): stall, or exit abruptly in the middle of the run."""
+        import trio
+
+        if self.fault is None:
+            return
+        if self.fault.kind == "crash-after" and self.tasks_served >= self.fault.value:
+            log.warning("fault injection: exiting abruptly after %d tasks (--fault crash-after)", self.tasks_served)
+            os._exit(70)
+        if self.fault.kind == "slow":
+            await trio.sleep(self.fault.value)
+
+    def inject_fault_into(self, outputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        """TEST AID (--fault corrupt): return slightly wrong numbers."""
+        if self.fault is None or self.fault.kind != "corrupt":
+            return outputs
+        wrong = []
+        for out in outputs:
+            out = out.copy()
+            if out.size and out.dtype.kind in "fc":
+                out.reshape(-1)[:: max(1, out.size // 7)] += 1.0
+            elif out.size:
+                out.reshape(-1)[:: max(1, out.size // 7)] += 1
+            wrong.append(out)
+        return tuple(wrong)
+
     async def execute_local(
         self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]
     ) -> tuple[tuple[np.ndarray, ...], float]:
@@ -2614,6 +2740,9 @@ class Manager:
         self.tasks_done = 0
         self.tasks_failed = 0
         self.done_by: dict[str, int] = {}  # worker id -> tasks it delivered
+        self.verify_rounds = FREIVALDS_ROUNDS  # 0: accept remote results unchecked
+        self.verification_failures = 0
+        self._rng = random.Random()
         node.on_session.append(self._worker_up)
         node.on_session_closed.append(self._worker_down)
 
@@ -2698,6 +2827,24 @@ class Manager:
         finally:
             del self._routes[task_id]
 
+    async def _verify(
+        self,
+        worker_id: str,
+        kernel: str,
+        operands: Sequence[np.ndarray],
+        params: dict[str, float],
+        outputs: tuple[np.ndarray, ...],
+    ) -> str | None:
+        """Check a remote worker's result (Freivalds for matmul); None when plausible."""
+        import trio
+
+        if worker_id == LOCAL or self.verify_rounds <= 0:
+            return None
+        seed = self._rng.getrandbits(64)
+        return await trio.to_thread.run_sync(
+            lambda: check_result(kernel, operands, params, outputs, random.Random(seed), self.verify_rounds)
+        )
+
     def _failure_text(self, task_id: int, kernel: str, fail: Fail) -> str:
         attempts = self.scheduler.attempts(task_id)
         where = "; ".join(f"{short_id(a.worker_id)}: {a.outcome}" for a in attempts)
@@ -2721,7 +2868,15 @@ class Manager:
                 if delegator is None:
                     raise PeerError(f"worker {short_id(action.worker_id)} is not connected", kind="unavailable")
                 log.debug("task %d attempt %d on %s: %s", task_id, action.attempt, short_id(action.worker_id), kernel)
-                results[action.attempt] = await delegator.execute(kernel, operands, params)
+                outputs, compute_s = await delegator.execute(kernel, operands, params)
+                problem = await self._verify(action.worker_id, kernel, operands, params, outputs)
+                if problem is not None:
+                    self.verification_failures += 1
+                    log.warning("result of task %d from %s failed verification: %s", task_id, action.worker_id, problem)
+                    raise TaskError(
+                        f"result from {short_id(action.worker_id)} failed verification: {problem}", kind="wrong-result"
+                    )
+                results[action.attempt] = (outputs, compute_s)
                 event = TaskDoneEvent(task_id, action.attempt)
             except TaskError as exc:
                 event = TaskFailedEvent(task_id, action.attempt, exc.kind, str(exc))
@@ -3615,6 +3770,27 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message, hint=f"see `{self.prog} --help`")
 
 
+def fault_option(p: argparse.ArgumentParser) -> None:
+    """Add --fault, the fault-injection TEST AID."""
+    p.add_argument(
+        "--fault",
+        type=parse_fault,
+        metavar="corrupt|crash-after=N|slow=SECONDS",
+        help="TEST AID: make this worker return wrong numbers, exit abruptly after N tasks, or stall before each task",
+    )
+
+
+def verify_option(p: argparse.ArgumentParser) -> None:
+    """Add --verify-rounds."""
+    p.add_argument(
+        "--verify-rounds",
+        type=int,
+        default=FREIVALDS_ROUNDS,
+        metavar="N",
+        help=f"rounds of Freivalds' check on remote results, 0 to trust workers (default: {FREIVALDS_ROUNDS})",
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the whole CLI."""
     parser = _Parser(prog="pangea.pyz", description="Share numpy compute between your own machines over libp2p.")
@@ -3725,6 +3901,7 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="PEER_ID",
         help="a responder accepted without the pairing code (repeatable; also $PANGEA_HOME/trusted_peers)",
     )
+    verify_option(p)
 
     p = sub.add_parser("respond", help="start node 2: connect to an initiator and do its work")
     p.add_argument(
@@ -3732,6 +3909,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--code", help="the initiator's pairing code, when ADDRESS is a bare multiaddr")
     common(p, 0)
+    fault_option(p)
     p.set_defaults(func=cmd_respond)
 
     p = sub.add_parser("demo", help="run an initiator and a responder on this machine and show the whole flow")
@@ -3769,6 +3947,8 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="PEER_ID",
         help="a peer id allowed to connect and submit tasks (repeatable; also $PANGEA_HOME/trusted_peers)",
     )
+    fault_option(p)
+    verify_option(p)
     p.add_argument("--pair", action="store_true", help="print a one-time pairing code a new peer can connect with")
     p.add_argument(
         "--pair-timeout",
@@ -4006,6 +4186,7 @@ async def _initiate(
         key_pair=key_pair, role="initiator", accept=accept, may_serve=lambda peer_id: False, limits=limits, psk=psk
     )
     manager = Manager(node)
+    manager.verify_rounds = args.verify_rounds
     async with node.running(args.host, args.port):
         session_dir.write_addresses(node.addresses)
         session_dir.save(peer_id=node.peer_id)
@@ -4082,6 +4263,7 @@ async def _respond(
         may_serve=lambda peer_id: peer_id == address.peer_id,
         limits=options[0],
         psk=options[1],
+        fault=args.fault,
     )
     results: list[CheckResult] = []
     async with node.running(args.host, args.port):
@@ -4275,8 +4457,10 @@ async def _serve(
         may_serve=lambda peer_id: peer_id in trusted,
         limits=limits,
         psk=psk,
+        fault=args.fault,
     )
     manager = Manager(node)
+    manager.verify_rounds = args.verify_rounds
     service = NodeService(node, manager, trust=trusted.add, rpc_address="")
     async with node.running(args.host, args.port):
         server = RpcServer(service, rpc[0], rpc[1], token=rpc[2], max_bytes=args.rpc_max_mib << 20)
