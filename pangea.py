@@ -1873,8 +1873,6 @@ def ensure_port_free(host: str, port: int) -> None:
     """
     import errno
 
-    if port == 0:
-        return
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -2306,6 +2304,11 @@ class Node:
         dial, so the wildcard is expanded to the interfaces' addresses.
         """
         ports = [int(a.value_for_protocol("tcp")) for a in self.host.get_transport_addrs()]
+        if not ports:
+            raise ConfigError(
+                f"cannot listen on {listen_host}: libp2p reports no listening address",
+                hint="use --host 0.0.0.0 or one of this machine's addresses",
+            )
         port = ports[0]
         if listen_host == "0.0.0.0":
             ips = [ip for _, ip in rank_interface_addresses(local_interface_addresses())]
@@ -2506,6 +2509,11 @@ class Node:
         attempt = 0
         while True:
             attempt += 1
+            # NOTE: py-libp2p refuses, for 60 s, to redial a peer whose addresses all
+            # failed once (a "negative cache"); a responder started before its
+            # initiator would never connect. We do our own backoff instead.
+            with contextlib.suppress(Exception):
+                self.host.get_network().unblock_peer(info.peer_id)
             try:
                 with trio.fail_after(max(1.0, deadline - trio.current_time())):
                     await self.host.connect(info)
