@@ -1,0 +1,267 @@
+"""An initiator and a responder from the built pangea.pyz, on 127.0.0.1.
+
+The whole run (every check passes, both --json lines agree, the figures),
+the handshake with a peer of another protocol version (run through the
+pyz's own interpreter environment with ``SHIV_INTERPRETER=1``), a responder
+whose initiator vanishes mid-run, a responder that cannot reach anybody,
+and `pangea.pyz demo`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import NodeHome, Proc
+from pyz_helpers import (
+    CHECK_NAMES,
+    FAST,
+    PAIR_TIMEOUT_S,
+    RESPONDER_CHECK_NAMES,
+    RESPONDER_CONNECTED,
+    assert_expected_error,
+    free_port,
+    last_json,
+    loopback_address,
+    peer_id_from,
+    printed_addresses,
+    run_pyz,
+    session_dirs,
+    start_initiator,
+)
+
+# A pangea whose protocol version differs: the pyz's own pangea module, patched.
+OTHER_VERSION = 99
+OTHER_VERSION_SCRIPT = f"""\
+import sys, pangea
+pangea.PROTOCOL_VERSION = {OTHER_VERSION}
+sys.exit(pangea.main(sys.argv[1:]))
+"""
+
+
+def _respond(pyz: Path | str, home: NodeHome, address: str, *args: str, prefix: tuple[str, ...] = ()) -> Proc:
+    return Proc([*prefix, str(pyz), "respond", address, *args], env=home.env, name="responder")
+
+
+def _assert_all_checks_passed(doc: dict[str, Any], role: str, names: list[str]) -> None:
+    assert doc["role"] == role, doc
+    assert [c["name"] for c in doc["checks"]] == names, doc
+    for check in doc["checks"]:
+        assert set(check) >= {"name", "ok", "seconds", "detail"}, check
+        assert isinstance(check["seconds"], int | float) and check["seconds"] >= 0, check
+        assert check["ok"] is True, check
+    assert doc["ok"] is True, doc
+
+
+def _no_traceback(*procs: Proc) -> None:
+    for proc in procs:
+        assert "Traceback" not in "\n".join(proc.stderr_lines), proc.output()
+
+
+def test_pair_loopback_every_check_passes(pyz: Path, make_home, record_property) -> None:
+    """The full run on loopback, with the default 64 MiB transfer for a meaningful MB/s figure."""
+    a, b = make_home("initiator"), make_home("responder")
+    with start_initiator(pyz, a, "--json", "--size", "512", "--timeout", "60") as initiator:
+        address = loopback_address(initiator)
+        initiator_id = peer_id_from(initiator.stdout_lines, "initiator")
+        with _respond(pyz, b, address, "--json", "--timeout", "30") as responder:
+            assert responder.wait(timeout=PAIR_TIMEOUT_S) == 0, responder.output()
+            assert initiator.wait(timeout=PAIR_TIMEOUT_S) == 0, initiator.output()
+    _no_traceback(initiator, responder)
+    responder_id = peer_id_from(responder.stdout_lines, "responder")
+
+    doc = last_json(initiator.stdout_lines)
+    _assert_all_checks_passed(doc, "initiator", CHECK_NAMES)
+    assert doc["peer"] == responder_id
+    assert doc["addresses"] == printed_addresses(initiator.stdout_lines)
+    assert doc["rtt_ms"] > 0
+    assert doc["throughput_mb_s"]["upload"] > 0 and doc["throughput_mb_s"]["download"] > 0
+    connection = doc["checks"][0]["detail"]
+    assert "/noise" in connection and "/yamux/1.0.0" in connection, connection
+
+    reply = last_json(responder.stdout_lines)
+    _assert_all_checks_passed(reply, "responder", RESPONDER_CHECK_NAMES)
+    assert reply["peer"] == initiator_id
+
+    # The table comes before the JSON line, and the verdict line before it.
+    assert initiator.stdout_lines[-2] == "All checks passed (initiator)."
+    assert responder.stdout_lines[-2] == "All checks passed (responder)."
+    for name in CHECK_NAMES:
+        assert any(re.match(rf"{name}\s+ok\s", line) for line in initiator.stdout_lines), name
+    # Normal exit removes both session directories.
+    assert session_dirs(a) == [] and session_dirs(b) == []
+
+    up, down = doc["throughput_mb_s"]["upload"], doc["throughput_mb_s"]["download"]
+    for key, value in (("rtt_ms", doc["rtt_ms"]), ("upload_mb_s", up), ("download_mb_s", down)):
+        record_property(f"loopback_{key}", round(value, 3))
+    print(f"\nloopback figures: rtt_ms={doc['rtt_ms']:.3f} upload={up:.1f} MB/s download={down:.1f} MB/s")
+
+
+def test_respond_refuses_its_own_peer_id(pyz: Path, pangea_home: NodeHome) -> None:
+    """Two nodes sharing a pangea home share a peer ID: the responder says so."""
+    with start_initiator(pyz, pangea_home, "--timeout", "30") as initiator:
+        address = loopback_address(initiator)
+        result = run_pyz(pyz, ["respond", address, "--timeout", "5"], pangea_home.env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert_expected_error(result.stderr, "own peer ID")
+
+
+@pytest.fixture
+def other_version(tmp_path: Path, pyz: Path, pangea_home: NodeHome) -> list[str]:
+    """The command prefix running the pyz's pangea with PROTOCOL_VERSION patched.
+
+    ``SHIV_INTERPRETER=1 pangea.pyz script.py ...`` runs script.py with the
+    pyz's own site-packages, so this is the built pangea, not the work tree.
+    """
+    script = tmp_path / "other_version.py"
+    script.write_text(OTHER_VERSION_SCRIPT)
+    probe = run_pyz(pyz, [str(script), "--version"], {**pangea_home.env, "SHIV_INTERPRETER": "1"})
+    assert probe.returncode == 0, probe.stderr
+    assert f"(protocol {OTHER_VERSION})" in probe.stdout, "SHIV_INTERPRETER did not run the script with the pyz"
+    return ["env", "SHIV_INTERPRETER=1", str(pyz), str(script)]
+
+
+def test_handshake_responder_of_other_version_is_refused_then_a_normal_one_works(
+    pyz: Path, make_home, other_version: list[str]
+) -> None:
+    a, old, b = make_home("initiator"), make_home("old-responder"), make_home("responder")
+    with start_initiator(pyz, a, "--json", *FAST, "--timeout", "60") as initiator:
+        address = loopback_address(initiator)
+        with Proc([*other_version, "respond", address, "--timeout", "20"], env=old.env, name="old-responder") as bad:
+            assert bad.wait(timeout=60) == 2, bad.output()
+        error = assert_expected_error(bad.stderr_lines, "pangea protocol mismatch")
+        assert "protocol 1 " in error and f"protocol {OTHER_VERSION} " in error, error
+        refused = initiator.wait_for_line(r"^pangea: refused responder", timeout=10, stream="stderr").string
+        assert "pangea protocol mismatch" in refused and f"protocol {OTHER_VERSION} " in refused, refused
+        assert initiator.returncode is None, "the initiator gave up after refusing an incompatible responder"
+
+        with _respond(pyz, b, address, "--json", "--timeout", "30") as responder:
+            assert responder.wait(timeout=PAIR_TIMEOUT_S) == 0, responder.output()
+            assert initiator.wait(timeout=PAIR_TIMEOUT_S) == 0, initiator.output()
+    _no_traceback(initiator, bad, responder)
+    refusals = [line for line in initiator.stderr_lines if line.startswith("pangea: refused")]
+    assert len(refusals) == 1, initiator.output()
+    doc = last_json(initiator.stdout_lines)
+    _assert_all_checks_passed(doc, "initiator", CHECK_NAMES)
+    assert doc["peer"] == peer_id_from(responder.stdout_lines, "responder")
+
+
+def test_handshake_initiator_of_other_version_refuses_the_responder(
+    pyz: Path, make_home, other_version: list[str]
+) -> None:
+    a, b = make_home("old-initiator"), make_home("responder")
+    initiator = Proc(
+        [*other_version, "initiate", "--host", "127.0.0.1", "--port", "0", "--timeout", "60"],
+        env=a.env,
+        name="old-initiator",
+    )
+    with initiator:
+        address = loopback_address(initiator)
+        with _respond(pyz, b, address, "--timeout", "20") as responder:
+            assert responder.wait(timeout=60) == 2, responder.output()
+        error = assert_expected_error(responder.stderr_lines, "pangea protocol mismatch")
+        assert "protocol 1 " in error and f"protocol {OTHER_VERSION} " in error, error
+        refused = initiator.wait_for_line(r"^pangea: refused responder", timeout=10, stream="stderr").string
+        assert "pangea protocol mismatch" in refused, refused
+        os.kill(initiator.pid, signal.SIGTERM)
+        assert initiator.wait(timeout=20) == 128 + signal.SIGTERM, initiator.output()
+    _no_traceback(initiator, responder)
+
+
+def test_respond_exits_1_when_the_initiator_vanishes_mid_run(pyz: Path, make_home) -> None:
+    a, b = make_home("initiator"), make_home("responder")
+    # A big run, so the responder is still serving when the initiator dies.
+    with start_initiator(pyz, a, "--size", "3000", "--transfer-mib", "256", "--timeout", "60") as initiator:
+        address = loopback_address(initiator)
+        with _respond(pyz, b, address, "--json", "--timeout", "30") as responder:
+            responder.wait_for_line(RESPONDER_CONNECTED, stream="stdout")
+            time.sleep(0.3)  # into the checks
+            os.killpg(initiator.pid, signal.SIGKILL)  # its own process group (Proc started it)
+            assert initiator.wait(timeout=20) == -signal.SIGKILL
+            rc = responder.wait(timeout=60)
+    assert rc == 1, responder.output()
+    # NOTE: not assert_expected_error(): py-libp2p sometimes adds a "Yamux connection closed
+    # unexpectedly" warning on stderr here (the logging bug of test_respond_unreachable_is_one_error_line).
+    _no_traceback(responder)
+    errors = [line for line in responder.stderr_lines if line.startswith("pangea: error: ")]
+    assert len(errors) == 1, responder.output()
+    assert errors[0].startswith("pangea: error: the initiator vanished mid-run: "), errors
+    doc = last_json(responder.stdout_lines)
+    assert doc["ok"] is False and doc["role"] == "responder", doc
+    finish = {c["name"]: c for c in doc["checks"]}["finish"]
+    assert finish["ok"] is False, doc
+    assert session_dirs(b) == []
+
+
+def _ghost_address(pyz: Path, home: NodeHome, port: int = 0) -> str:
+    """The loopback multiaddr of an initiator that gave up and exited: nobody listens there."""
+    result = run_pyz(pyz, ["initiate", "--host", "127.0.0.1", "--port", str(port), "--timeout", "0.2"], home.env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    return printed_addresses(result.stdout.splitlines())[0]
+
+
+def test_respond_unreachable_exits_2_after_retrying(pyz: Path, make_home) -> None:
+    address = _ghost_address(pyz, make_home("ghost"))
+    home = make_home("responder")
+    start = time.monotonic()
+    result = run_pyz(pyz, ["respond", address, "--timeout", "3"], home.env)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pangea: error: ")]
+    assert len(errors) == 1, result.stderr
+    assert f"cannot reach {address} within 3 s" in errors[0], errors[0]
+    attempts = re.search(r"\((\d+) attempts\)", errors[0])
+    assert attempts and int(attempts.group(1)) >= 2, errors[0]
+    assert elapsed < 3 + 30, elapsed
+    assert session_dirs(home) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: py-libp2p's routine dial warnings ('Failed to open TCP stream: ...') reach stderr: "
+    "pangea's setup_logging() configures the 'libp2p' logger before libp2p is imported, and "
+    "`import libp2p` runs libp2p.utils.logging.setup_logging(), which clears that logger's handlers, "
+    "so its records go to logging.lastResort (stderr) and never to pangea.log; fix: `import libp2p` "
+    "at the top of setup_logging() (or in node_session before it) so pangea's handlers are installed last",
+)
+def test_respond_unreachable_is_one_error_line(pyz: Path, make_home) -> None:
+    address = _ghost_address(pyz, make_home("ghost"))
+    result = run_pyz(pyz, ["respond", address, "--timeout", "2"], make_home("responder").env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert_expected_error(result.stderr, "cannot reach")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a responder started before its initiator never connects: the first failed "
+    "host.connect() puts the peer in py-libp2p's negative dial cache for 60 s (Swarm._negative_peer_cache), "
+    "so every retry of Node.dial() fails at once with 'recently failed all addresses (negative cache)' "
+    "without dialing; fix: call self.host.get_network().unblock_peer(info.peer_id) before each attempt "
+    "in Node.dial() (and report the last real dial error, not the cache's)",
+)
+def test_respond_retries_until_the_initiator_starts(pyz: Path, make_home) -> None:
+    a, b = make_home("initiator"), make_home("responder")
+    port = free_port()
+    address = _ghost_address(pyz, a, port)  # the address the initiator will have: same home, same port
+    with _respond(pyz, b, address, "--json", "--timeout", "15") as responder:
+        responder.wait_for_line(r"^Connecting to ", stream="stdout")
+        time.sleep(3)  # several failed dials before the initiator starts
+        with start_initiator(pyz, a, "--json", *FAST, "--port", str(port), "--timeout", "15") as initiator:
+            assert responder.wait(timeout=PAIR_TIMEOUT_S) == 0, responder.output()
+            assert initiator.wait(timeout=PAIR_TIMEOUT_S) == 0, initiator.output()
+    assert last_json(initiator.stdout_lines)["ok"] is True
+
+
+def test_demo_every_check_passes(pyz: Path, pangea_home: NodeHome) -> None:
+    result = run_pyz(pyz, ["demo", "--size", "512"], pangea_home.env, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every check passed" in result.stdout, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    leftovers = list((pangea_home.pangea_home).glob("**/compute_test/*"))
+    assert leftovers == [], leftovers

@@ -1,0 +1,172 @@
+"""Small helpers for the integration and netns tests of the built pangea.pyz.
+
+They read what `pangea.pyz initiate` / `respond` print (the peer ID line, the
+address block, the ``--json`` last line, the session directories) and check
+the shape of an expected error on stderr. Process handling itself is
+tests/helpers.py's `Proc`; this module only adds pangea's own vocabulary.
+
+Tests import it as ``from pyz_helpers import ...``, like helpers.py
+(tests/conftest.py puts tests/ on ``sys.path``). It sits in tests/ rather than
+tests/integration/ so tests/netns/ can share it, and so mypy, which maps a
+file in a directory without ``__init__.py`` to its bare name, sees one module.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from helpers import NodeHome, Proc
+
+# One pair run (initiate + respond with --size 512 --transfer-mib 16) takes
+# 3-6 s on this machine; a cold first run of the pyz adds ~7 s of extraction.
+PAIR_TIMEOUT_S = 90.0
+# Small work sizes for runs whose figures do not matter.
+FAST = ["--size", "512", "--transfer-mib", "16"]
+# How long a short-lived command (usage error, --version) may take.
+QUICK_TIMEOUT_S = 60.0
+
+PEER_ID_LINE = r"pangea \S+ {role}, peer ID (12D3KooW\w+)"
+INITIATOR_READY = r"^Waiting up to \d+ s for a responder"
+RESPONDER_CONNECTED = r"^Connected to initiator 12D3KooW\w+"
+CHECK_NAMES = ["connection", "local execution", "delegation", "aggregation", "throughput", "fallback"]
+RESPONDER_CHECK_NAMES = ["connection", "tasks", "finish"]
+
+
+def run_pyz(
+    pyz: Path | str,
+    args: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    timeout: float = QUICK_TIMEOUT_S,
+    interpreter: str | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run the pyz (by its shebang, or with `interpreter`) to completion; no stdin."""
+    cmd = [interpreter, str(pyz)] if interpreter else [str(pyz)]
+    return subprocess.run(
+        [*cmd, *args],
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+def build_stamp(pyz: Path) -> dict[str, Any]:
+    """The build stamp (_pangea_build.py) inside the pyz: BUILT_FOR, PYTHON_VERSION, ..."""
+    with zipfile.ZipFile(pyz) as archive:
+        source = archive.read("site-packages/_pangea_build.py")
+    stamp: dict[str, Any] = {}
+    exec(source, stamp)  # our own generated stamp file
+    return {k: v for k, v in stamp.items() if k.isupper()}
+
+
+def assert_expected_error(stderr: str | Sequence[str], *needles: str) -> str:
+    """Check the shape of an expected failure on stderr and return its error line.
+
+    Exactly one ``pangea: error: ...`` line, then at most one ``hint: ...``
+    line, nothing else, and no traceback. Every needle must occur in the error line.
+    """
+    lines = stderr.splitlines() if isinstance(stderr, str) else list(stderr)
+    text = "\n".join(lines)
+    assert "Traceback" not in text, text
+    assert lines, "stderr is empty; expected one 'pangea: error: ...' line"
+    assert lines[0].startswith("pangea: error: "), text
+    assert len(lines) <= 2, f"expected one error line and at most one hint, got:\n{text}"
+    if len(lines) == 2:
+        assert lines[1].startswith("hint: "), text
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def peer_id_from(lines: Sequence[str], role: str) -> str:
+    """The node's own peer ID from its ``pangea X <role>, peer ID <id>`` line."""
+    pattern = re.compile(PEER_ID_LINE.format(role=role))
+    for line in lines:
+        match = pattern.search(line)
+        if match:
+            return match.group(1)
+    raise AssertionError(f"no {role} peer ID line in:\n" + "\n".join(lines))
+
+
+def printed_addresses(lines: Sequence[str]) -> list[str]:
+    """The multiaddrs printed under ``Copy this address for responder:``."""
+    try:
+        start = lines.index("Copy this address for responder:") + 1
+    except ValueError:
+        raise AssertionError("no 'Copy this address for responder:' line in:\n" + "\n".join(lines)) from None
+    out = []
+    for line in lines[start:]:
+        if not line.startswith("  /"):
+            break
+        out.append(line.strip())
+    return out
+
+
+def last_json(lines: Sequence[str]) -> dict[str, Any]:
+    """Parse the last stdout line as the --json object."""
+    assert lines, "no stdout at all"
+    try:
+        doc = json.loads(lines[-1])
+    except ValueError:
+        raise AssertionError(f"last stdout line is not JSON: {lines[-1]!r}") from None
+    assert isinstance(doc, dict), doc
+    return doc
+
+
+def session_dirs(home: NodeHome, role: str | None = None) -> list[Path]:
+    """The session directories under $PANGEA_HOME/compute_test (of one role, or all)."""
+    root = home.pangea_home / "compute_test"
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if role is None or d.name.startswith(f"{role}-"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=30)
+    return child.pid
+
+
+def start_initiator(
+    pyz: Path | str,
+    home: NodeHome,
+    *args: str,
+    name: str = "initiator",
+    prefix: Sequence[str] = (),
+) -> Proc:
+    """Start `pangea.pyz initiate ARGS` (on 127.0.0.1, --port 0 unless ARGS say otherwise)."""
+    extra = list(args)
+    if "--host" not in extra:
+        extra += ["--host", "127.0.0.1"]
+    if "--port" not in extra:
+        extra += ["--port", "0"]
+    return Proc([*prefix, str(pyz), "initiate", *extra], env=home.env, name=name)
+
+
+def loopback_address(initiator: Proc) -> str:
+    """Wait for the initiator's ready line and return its 127.0.0.1 multiaddr."""
+    initiator.wait_for_line(INITIATOR_READY, stream="stdout")
+    for address in printed_addresses(initiator.stdout_lines):
+        if address.startswith("/ip4/127.0.0.1/"):
+            return address
+    raise AssertionError(f"no loopback address printed\n{initiator.output()}")
