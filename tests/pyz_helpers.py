@@ -163,10 +163,21 @@ def start_initiator(
     return Proc([*prefix, str(pyz), "initiate", *extra], env=home.env, name=name)
 
 
+def pairing_code(lines: Sequence[str]) -> str:
+    """The one-time code from the initiator's ``Pairing code (...): XXXX-XXXX-XXXX`` line."""
+    for line in lines:
+        match = re.match(r"^Pairing code \(one use, valid \d+ s\): ([0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4})$", line)
+        if match:
+            return match.group(1)
+    raise AssertionError("no pairing code line in:\n" + "\n".join(lines))
+
+
 def loopback_address(initiator: Proc) -> str:
-    """Wait for the initiator's ready line and return its 127.0.0.1 multiaddr."""
+    """Wait for the initiator's ready line and return the join string of its 127.0.0.1
+    multiaddr (``pangea://ip4/127.0.0.1/...#CODE``), what `respond` needs to pair."""
     initiator.wait_for_line(INITIATOR_READY, stream="stdout")
+    code = pairing_code(initiator.stdout_lines).replace("-", "")
     for address in printed_addresses(initiator.stdout_lines):
         if address.startswith("/ip4/127.0.0.1/"):
-            return address
+            return f"pangea://{address.lstrip('/')}#{code}"
     raise AssertionError(f"no loopback address printed\n{initiator.output()}")

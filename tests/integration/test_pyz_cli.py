@@ -155,17 +155,7 @@ NOT_LOCAL_HOST = "203.0.113.254"  # TEST-NET-3: documentation only, on no interf
 @pytest.mark.parametrize(
     "port",
     [
-        pytest.param(
-            "0",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: ensure_port_free() returns early for --port 0, so a --host that is not an "
-                "address of this machine reaches libp2p, whose listener fails quietly; "
-                "Node.dialable_addresses() then dies on ports[0] (IndexError traceback, exit 1); "
-                "fix: drop the `if port == 0: return` (binding (host, 0) still validates the host) and "
-                "raise ConfigError in dialable_addresses() when the host has no listen address",
-            ),
-        ),
+        "0",
         "free",
     ],
 )

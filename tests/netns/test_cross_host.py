@@ -23,6 +23,7 @@ from pyz_helpers import (
     assert_expected_error,
     last_json,
     peer_id_from,
+    pairing_code,
     printed_addresses,
     session_dirs,
 )
@@ -67,7 +68,8 @@ def test_cross_host_initiate_in_a_respond_in_b_every_check_passes(
         initiator.wait_for_line(INITIATOR_READY, stream="stdout")
         address = _veth_address(netns_pair, printed_addresses(initiator.stdout_lines))
         initiator_id = peer_id_from(initiator.stdout_lines, "initiator")
-        respond: list[str | Path] = [b.pyz, "respond", address, "--json", "--timeout", "30"]
+        code = pairing_code(initiator.stdout_lines)
+        respond: list[str | Path] = [b.pyz, "respond", address, "--code", code, "--json", "--timeout", "30"]
         with netns_pair.proc("b", respond, env=b.home.env, name="responder@b") as responder:
             assert responder.wait(timeout=PAIR_TIMEOUT_S) == 0, responder.output()
             assert initiator.wait(timeout=PAIR_TIMEOUT_S) == 0, initiator.output()
