@@ -1,0 +1,529 @@
+"""The `serve` command as a service: start-up checks, the RPC token, stopping, redialing.
+
+Every node runs from the built pangea.pyz on 127.0.0.1 (libp2p port 0 and
+``--rpc 127.0.0.1:0``, except where a fixed port is the point). What is
+checked: `serve` refuses to start when its RPC endpoint would be open to the
+network without a token (or the token is weak, or an argument is bad); a
+token-protected node refuses clients without the right token; SIGTERM with a
+call in flight gives the caller an error instead of a hang, exits 0 and
+removes the session directory; a ``--peer`` that restarts on the same
+address is dialed again. Placement across a connected pair is in
+test_rpc.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import NodeHome, Proc, make_node_home
+
+import pangea
+from pangea import Client, PangeaError, RpcError
+
+# ---------------------------------------------------------------- serve nodes
+# NOTE: the same helpers as in test_rpc.py; importing them from there would
+# make mypy see test_rpc.py under two module names.
+
+CALL_TIMEOUT_S = 90.0  # one `pangea.pyz call` / `id` run, pyz start included
+CLIENT_TIMEOUT_S = 60.0  # Client(timeout_s=...): every RPC call here answers well within it
+
+
+@dataclass
+class ServeNode:
+    """One running `pangea.pyz serve` and what it printed."""
+
+    proc: Proc
+    home: NodeHome
+    peer_id: str
+    rpc: str  # HOST:PORT of its RPC endpoint
+    address: str  # its loopback multiaddr, /ip4/127.0.0.1/tcp/N/p2p/<id>
+
+
+def run_pyz(pyz: Path, args: Sequence[str], env: dict[str, str], timeout: float = CALL_TIMEOUT_S) -> Any:
+    """Run the pyz to completion (no stdin); return the CompletedProcess."""
+    return subprocess.run(
+        [str(pyz), *args], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def peer_id_of(pyz: Path, home: NodeHome) -> str:
+    """`pangea.pyz id` for this home: the id to pass to --allow-peer elsewhere."""
+    result = run_pyz(pyz, ["id"], home.env)
+    assert result.returncode == 0, result.stderr
+    peer_id = result.stdout.strip()
+    assert re.fullmatch(r"12D3KooW[1-9A-HJ-NP-Za-km-z]+", peer_id), result.stdout
+    return peer_id
+
+
+def start_serve(pyz: Path, home: NodeHome, *args: str, name: str, rpc: str = "127.0.0.1:0", port: int = 0) -> ServeNode:
+    """Start `serve` on 127.0.0.1 (libp2p port 0 unless given), wait for its ready line, parse what it printed."""
+    cmd = [str(pyz), "serve", "--host", "127.0.0.1", "--port", str(port), "--rpc", rpc, *args]
+    proc = Proc(cmd, env=home.env, name=name)
+    try:
+        proc.wait_for_line(r"^pangea: serving on /ip4/", stream="stdout")
+        peer_id = proc.wait_for_line(r"serve node, peer ID (12D3KooW\w+)$", stream="stdout").group(1)
+        rpc_address = proc.wait_for_line(r"^RPC: (127\.0\.0\.1:\d+) \(", stream="stdout").group(1)
+        address = proc.wait_for_line(rf"^  (/ip4/127\.0\.0\.1/tcp/\d+/p2p/{peer_id})$", stream="stdout").group(1)
+    except BaseException:
+        proc.stop()
+        raise
+    return ServeNode(proc=proc, home=home, peer_id=peer_id, rpc=rpc_address, address=address)
+
+
+def client(node: ServeNode, **kwargs: Any) -> Client:
+    return Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S, **kwargs)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.1)
+
+
+def assert_readable(message: str) -> None:
+    """A message for people: one line, no traceback or Python internals."""
+    assert message and "\n" not in message, repr(message)
+    for noise in ("Traceback", 'File "', "capnp.pyx", "stack:", "KjException"):
+        assert noise not in message, repr(message)
+
+
+TOKEN = secrets.token_hex(16)  # 32 hex characters, as `openssl rand -hex 16` makes
+SERVE_LOCAL = ["serve", "--host", "127.0.0.1", "--port", "0"]
+REDIAL_WITHIN_S = 40.0  # keep_connected backs off 1, 2, 4, ... 30 s; a restarted peer is back well within this
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def session_dirs(home: NodeHome) -> list[Path]:
+    root = home.pangea_home / pangea.SESSIONS_DIRNAME
+    return sorted(root.iterdir()) if root.is_dir() else []
+
+
+def error_lines(stderr: str) -> list[str]:
+    """Check the shape of an expected CLI failure: one `pangea: error:` line, at most one `hint:`."""
+    lines = stderr.splitlines()
+    assert "Traceback" not in stderr, stderr
+    assert lines and lines[0].startswith("pangea: error: "), stderr
+    assert len(lines) <= 2, stderr
+    if len(lines) == 2:
+        assert lines[1].startswith("hint: "), stderr
+    return lines
+
+
+def count_lines(proc: Proc, text: str) -> int:
+    return sum(text in line for line in list(proc.stdout_lines))
+
+
+def show_output_on_failure(*nodes: ServeNode) -> None:
+    # NOTE: conftest.py attaches the output of the Procs started during a test;
+    # a module fixture's node started earlier, so list it again for this test.
+    Proc.started.extend(node.proc for node in nodes)
+
+
+# ---------------------------------------------------------------- start-up
+
+
+def test_serve_prints_its_id_and_endpoints_and_keeps_a_session_dir(pyz: Path, pangea_home: NodeHome) -> None:
+    peer_id = peer_id_of(pyz, pangea_home)
+    assert peer_id_of(pyz, pangea_home) == peer_id  # the identity is kept in PANGEA_HOME
+    node = start_serve(pyz, pangea_home, name="serve")
+    with node.proc:
+        assert node.peer_id == peer_id
+        node.proc.wait_for_line(rf"^RPC: {node.rpc} \(no token, loopback only\)$", stream="stdout")
+        node.proc.wait_for_line(r"^Trusted peers: none yet \(--allow-peer, --peer\)$", stream="stdout")
+        (session,) = session_dirs(pangea_home)
+        assert session.name == f"serve-{node.proc.pid}"
+        info = pangea.SessionDir.load(session)
+        assert info["peer_id"] == peer_id and info["rpc"] == node.rpc
+        assert node.address in (session / "addresses.txt").read_text().splitlines()
+        with client(node) as rpc:
+            status = rpc.status()
+        assert (status["peer_id"], status["rpc_address"], status["peer_count"]) == (peer_id, node.rpc, 0)
+    assert node.proc.returncode == 0
+    assert session_dirs(pangea_home) == []
+    assert node.proc.stderr_lines == []
+
+
+def test_serve_lists_the_peers_it_trusts(pyz: Path, make_home: Any) -> None:
+    other = peer_id_of(pyz, make_home("other"))
+    node = start_serve(pyz, make_home("node"), "--allow-peer", other, name="serve")
+    with node.proc:
+        node.proc.wait_for_line(rf"^Trusted peers: {other}$", stream="stdout")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needles"),
+    [
+        (["--rpc", "0.0.0.0:0"], {}, ["cannot serve RPC on 0.0.0.0:0 without a token"]),
+        (["--rpc", "10.255.255.1:7780"], {}, ["cannot serve RPC on 10.255.255.1:7780 without a token"]),
+        (["--rpc", "127.0.0.1:0", "--rpc-token", "short-token"], {}, ["11 characters", "at least 16"]),
+        (["--rpc", "0.0.0.0:0"], {"PANGEA_RPC_TOKEN": "x" * 15}, ["15 characters", "at least 16"]),
+        (["--rpc", "127.0.0.1:0", "--rpc-token", TOKEN, "--rpc-token-file", "f"], {}, ["either --rpc-token or"]),
+        (["--rpc", "127.0.0.1:0", "--rpc-token-file", "/nonexistent/token"], {}, ["'/nonexistent/token'"]),
+        (["--rpc", "127.0.0.1:x"], {}, ["bad address '127.0.0.1:x'", "HOST:PORT"]),
+        (["--rpc", "127.0.0.1:0", "--allow-peer", "nope"], {}, ["bad --allow-peer 'nope'"]),
+        (["--rpc", "127.0.0.1:0", "--peer", "/ip4/127.0.0.1/tcp/1"], {}, ["/p2p/"]),
+        (["--rpc", "127.0.0.1:0", "--rpc-max-mib", "0"], {}, ["--rpc-max-mib 0"]),
+    ],
+    ids=[
+        "any-host-no-token",
+        "lan-host-no-token",
+        "short-token",
+        "short-env-token",
+        "token-and-file",
+        "missing-token-file",
+        "bad-rpc-address",
+        "bad-allow-peer",
+        "peer-without-id",
+        "rpc-max-mib-0",
+    ],
+)
+def test_serve_refuses_to_start_with_exit_2_and_one_error_line(
+    pyz: Path, pangea_home: NodeHome, args: list[str], env: dict[str, str], needles: list[str]
+) -> None:
+    result = run_pyz(pyz, [*SERVE_LOCAL, *args], {**pangea_home.env, **env}, timeout=60)
+    assert result.returncode == 2, result.stderr
+    error = error_lines(result.stderr)[0]
+    for needle in needles:
+        assert needle in error, f"{needle!r} not in {error!r}"
+    assert result.stdout == ""
+    assert session_dirs(pangea_home) == []  # refused before any node started
+
+
+def test_serve_refuses_a_short_token_file(pyz: Path, pangea_home: NodeHome, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("0123456789abcde\n")
+    result = run_pyz(pyz, [*SERVE_LOCAL, "--rpc", "127.0.0.1:0", "--rpc-token-file", str(token_file)], pangea_home.env)
+    assert result.returncode == 2
+    lines = error_lines(result.stderr)
+    assert "15 characters" in lines[0] and "at least 16" in lines[0]
+    assert "0123456789abcde" not in result.stderr  # a secret, even a bad one, is never echoed
+
+
+def _serve_on_busy_rpc_port(pyz: Path, home: NodeHome) -> tuple[int, list[str]]:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_pyz(pyz, [*SERVE_LOCAL, "--rpc", f"127.0.0.1:{port}"], home.env)
+    assert result.returncode == 2, result.stderr
+    return port, error_lines(result.stderr)
+
+
+def test_serve_refuses_a_busy_rpc_port(pyz: Path, pangea_home: NodeHome) -> None:
+    port, lines = _serve_on_busy_rpc_port(pyz, pangea_home)
+    assert f"127.0.0.1:{port}" in lines[0] and "already in use" in lines[0]
+    assert session_dirs(pangea_home) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a busy --rpc port gets ensure_port_free's hint '--port 0 chooses a free one', "
+    "which is about the libp2p port; the hint should name --rpc HOST:PORT",
+)
+def test_busy_rpc_port_hint_names_the_rpc_option(pyz: Path, pangea_home: NodeHome) -> None:
+    _, lines = _serve_on_busy_rpc_port(pyz, pangea_home)
+    assert len(lines) == 2 and "--rpc" in lines[1], lines
+
+
+# ---------------------------------------------------------------- the RPC token
+
+
+@pytest.fixture(scope="module")
+def token_node(pyz: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeNode]:
+    base = tmp_path_factory.mktemp("token-node")
+    token_file = base / "rpc-token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    node = start_serve(pyz, make_node_home(base, "node"), "--rpc-token-file", str(token_file), name="serve-token")
+    with node.proc:
+        yield node
+
+
+@pytest.fixture
+def locked(token_node: ServeNode, monkeypatch: pytest.MonkeyPatch) -> ServeNode:
+    """The token-protected node; PANGEA_RPC_TOKEN unset in this process."""
+    monkeypatch.delenv("PANGEA_RPC_TOKEN", raising=False)
+    show_output_on_failure(token_node)
+    assert token_node.proc.returncode is None, token_node.proc.output()
+    return token_node
+
+
+def test_token_node_says_a_token_is_required_and_never_shows_it(locked: ServeNode) -> None:
+    locked.proc.wait_for_line(rf"^RPC: {locked.rpc} \(token required\)$", stream="stdout")
+    assert TOKEN not in "\n".join(locked.proc.stdout_lines + locked.proc.stderr_lines)
+    for session in session_dirs(locked.home):
+        for path in session.iterdir():
+            if path.is_file():
+                assert TOKEN not in path.read_text(errors="replace"), path
+
+
+@pytest.mark.parametrize("token", [None, "", "f" * 32, TOKEN[:-1], TOKEN + "0", TOKEN.upper()])
+def test_client_without_the_right_token_is_refused(locked: ServeNode, token: str | None) -> None:
+    started = time.monotonic()
+    with pytest.raises(RpcError) as info:
+        Client(locked.rpc, token=token, timeout_s=CLIENT_TIMEOUT_S)
+    assert time.monotonic() - started < 20
+    message = str(info.value)
+    assert_readable(message)
+    assert "token" in message and locked.rpc in message
+    assert info.value.hint and "--token" in info.value.hint
+
+
+def test_client_with_the_right_token_works_after_refused_logins(locked: ServeNode) -> None:
+    for wrong in ("", "0" * 32):
+        with pytest.raises(RpcError):
+            Client(locked.rpc, token=wrong, timeout_s=CLIENT_TIMEOUT_S)
+    with Client(locked.rpc, token=TOKEN, timeout_s=CLIENT_TIMEOUT_S) as node:
+        assert node.status()["peer_id"] == locked.peer_id
+        a = np.arange(6.0).reshape(2, 3)
+        np.testing.assert_array_equal(node.submit("transpose", a, placement="local"), a.T)
+
+
+def test_client_takes_the_token_from_the_environment(locked: ServeNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PANGEA_RPC_TOKEN", TOKEN)
+    with Client(locked.rpc, timeout_s=CLIENT_TIMEOUT_S) as node:
+        assert node.status()["rpc_address"] == locked.rpc
+
+
+def test_call_with_token_works_and_without_it_fails_readably(locked: ServeNode, pyz: Path) -> None:
+    env = {k: v for k, v in locked.home.env.items() if k != "PANGEA_RPC_TOKEN"}
+    ok = run_pyz(pyz, ["call", "--rpc", locked.rpc, "--token", TOKEN, "--json", "status"], env)
+    assert ok.returncode == 0, ok.stderr
+    assert '"peer_id": "' + locked.peer_id in ok.stdout
+
+    via_env = run_pyz(pyz, ["call", "--rpc", locked.rpc, "status"], {**env, "PANGEA_RPC_TOKEN": TOKEN})
+    assert via_env.returncode == 0, via_env.stderr
+
+    for args in (["call", "--rpc", locked.rpc, "status"], ["call", "--rpc", locked.rpc, "--token", "x" * 32, "peers"]):
+        refused = run_pyz(pyz, args, env)
+        assert refused.returncode == 1
+        lines = error_lines(refused.stderr)
+        assert "token" in lines[0] and locked.rpc in lines[0]
+        assert TOKEN not in refused.stderr
+        assert refused.stdout == ""
+
+
+# ---------------------------------------------------------------- a node with no peers
+
+
+@pytest.fixture(scope="module")
+def lone_module_node(pyz: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeNode]:
+    home = make_node_home(tmp_path_factory.mktemp("lone-node"), "node")
+    node = start_serve(pyz, home, "--rpc-max-mib", "1", name="serve-lone")
+    with node.proc:
+        yield node
+
+
+@pytest.fixture
+def lone(lone_module_node: ServeNode) -> ServeNode:
+    """A node with no peers and --rpc-max-mib 1."""
+    show_output_on_failure(lone_module_node)
+    assert lone_module_node.proc.returncode is None, lone_module_node.proc.output()
+    return lone_module_node
+
+
+def test_remote_placement_without_peers_falls_back_to_local(lone: ServeNode) -> None:
+    a = np.arange(9.0).reshape(3, 3)
+    with client(lone) as node:
+        np.testing.assert_allclose(node.matmul(a, a, placement="remote"), a @ a)
+        assert node.last_task["ran_on"] == "local"
+        assert node.last_task["attempts"] == [{"worker": "local", "outcome": "ok"}]
+        assert node.peers() == []
+        assert node.status()["peer_count"] == 0
+
+
+def test_call_peers_without_peers_says_so(lone: ServeNode, pyz: Path) -> None:
+    text = run_pyz(pyz, ["call", "--rpc", lone.rpc, "peers"], lone.home.env)
+    assert text.returncode == 0 and text.stdout.strip() == "no connected peers"
+    doc = run_pyz(pyz, ["call", "--rpc", lone.rpc, "--json", "peers"], lone.home.env)
+    assert doc.returncode == 0 and doc.stdout.strip() == "[]"
+
+
+def _submit_over_the_node_limit(lone: ServeNode) -> RpcError:
+    big = np.ones(2 << 20)  # 16 MiB: over --rpc-max-mib 1 plus its 8 MiB of headroom for headers
+    with client(lone) as node:
+        with pytest.raises(RpcError) as info:
+            node.submit("scale", big, factor=2.0, placement="local")
+    return info.value
+
+
+def test_message_over_rpc_max_mib_is_refused_and_the_node_keeps_serving(lone: ServeNode) -> None:
+    error = _submit_over_the_node_limit(lone)
+    # NOTE: the client sees either KJ's "... exceeds size limit" or, when the
+    # node's socket closes first, "closed the connection"; see the xfail below.
+    assert str(error).startswith("cannot submit scale: ")
+    assert "\n" not in str(error)
+    with client(lone) as node:  # a new connection works
+        assert node.status()["peer_id"] == lone.peer_id
+        small = np.arange(1000.0)
+        np.testing.assert_array_equal(node.submit("scale", small, factor=2.0, placement="local"), small * 2)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: over --rpc-max-mib the client sees KJ's raw 'expected expectedSizeInWords <= "
+    "options.traversalLimitInWords [...]' text, or (when the socket closes first) 'the node closed the "
+    "connection (stopped?)' although the node runs on; Client.submit should say the request of N MiB "
+    "exceeds the node's --rpc-max-mib (README promises a clear error)",
+)
+def test_message_over_rpc_max_mib_error_names_the_setting(lone: ServeNode) -> None:
+    error = _submit_over_the_node_limit(lone)
+    assert "--rpc-max-mib" in f"{error} {error.hint}"
+    assert "traversalLimitInWords" not in str(error) and "stopped?" not in str(error)
+
+
+def test_client_message_limit_refuses_before_sending(lone: ServeNode) -> None:
+    with Client(lone.rpc, timeout_s=CLIENT_TIMEOUT_S, max_message_bytes=1000) as node:
+        with pytest.raises(RpcError) as info:
+            node.submit("scale", np.ones(2000), factor=2.0)
+        assert "exceed the RPC message limit" in str(info.value)
+        assert info.value.hint and "--rpc-max-mib" in info.value.hint
+        np.testing.assert_array_equal(node.submit("scale", np.ones(10), factor=3.0), np.full(10, 3.0))
+
+
+def test_call_and_client_without_a_node_fail_readably(pyz: Path, pangea_home: NodeHome) -> None:
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    result = run_pyz(pyz, ["call", "--rpc", address, "status"], pangea_home.env)
+    assert result.returncode == 1
+    lines = error_lines(result.stderr)
+    assert f"cannot reach the pangea node at {address}" in lines[0]
+    assert len(lines) == 2 and "serve" in lines[1]
+    with pytest.raises(RpcError, match=f"cannot reach the pangea node at {address}"):
+        Client(address, timeout_s=CLIENT_TIMEOUT_S)
+
+
+# ---------------------------------------------------------------- stopping
+
+
+@pytest.mark.slow
+def test_sigterm_with_a_call_in_flight_errors_the_caller_exits_0_and_cleans_up(
+    pyz: Path, pangea_home: NodeHome
+) -> None:
+    node = start_serve(pyz, pangea_home, name="serve")
+    outcome: dict[str, Any] = {}
+
+    def big_matmul() -> None:
+        a = np.random.default_rng(0).standard_normal((4000, 4000))
+        try:
+            with client(node) as rpc:
+                outcome["result"] = rpc.matmul(a, a, placement="local")
+        except BaseException as exc:  # recorded for the assertions below
+            outcome["error"] = exc
+        outcome["at"] = time.monotonic()
+
+    with node.proc:
+        (session,) = session_dirs(pangea_home)
+        with client(node) as idle:
+            caller = threading.Thread(target=big_matmul, daemon=True)
+            caller.start()
+            wait_until(lambda: idle.status()["tasks_in_flight"] == 1, 60, "the matmul is in flight")
+            sent = time.monotonic()
+            os.kill(node.proc.pid, signal.SIGTERM)
+            caller.join(timeout=15)
+            assert not caller.is_alive(), "the client hung after SIGTERM"
+            assert "result" not in outcome, "the call finished before the node stopped; nothing was tested"
+            assert isinstance(outcome["error"], (RpcError, PangeaError)), repr(outcome["error"])
+            assert outcome["at"] - sent < 10
+            assert_readable(str(outcome["error"]))
+            assert node.proc.wait(30) == 0
+            # a client still connected to the stopped node gets an error too, not a hang
+            with pytest.raises(RpcError):
+                idle.status()
+    assert not session.exists()
+    assert session_dirs(pangea_home) == []
+    assert "Traceback" not in node.proc.output()
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_idle_node_stops_on_signal_with_its_exit_code(
+    pyz: Path, pangea_home: NodeHome, sig: signal.Signals, code: int
+) -> None:
+    node = start_serve(pyz, pangea_home, name="serve")
+    with node.proc:
+        assert len(session_dirs(pangea_home)) == 1
+        os.kill(node.proc.pid, sig)
+        assert node.proc.wait(30) == code
+    assert session_dirs(pangea_home) == []
+    assert "Traceback" not in node.proc.output()
+    with pytest.raises(RpcError):
+        Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S)
+
+
+# ---------------------------------------------------------------- keeping a --peer connected
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: after a --peer drops, py-libp2p's swarm puts it in a 60 s negative dial cache "
+    "('recently failed all addresses'), so keep_connected's redials fail without dialing and a peer that "
+    "restarts at once is reconnected only after ~65 s; Node.dial should call "
+    "host.get_network().unblock_peer(peer_id) before host.connect (it does its own backoff)",
+)
+def test_peer_restarted_on_the_same_port_is_redialed(pyz: Path, make_home: Any) -> None:
+    home_a, home_b = make_home("a"), make_home("b")
+    id_a = peer_id_of(pyz, home_a)
+    port = free_port()
+    b = start_serve(pyz, home_b, "--allow-peer", id_a, name="serve-B", port=port)
+    with b.proc:
+        a = start_serve(pyz, home_a, "--peer", b.address, name="serve-A")
+        with a.proc:
+            connected = f"pangea: connected to peer {b.peer_id}"
+            a.proc.wait_for_line(f"^{connected}$", stream="stdout")
+            x = np.arange(16.0).reshape(4, 4)
+            with client(a) as rpc:
+                np.testing.assert_allclose(rpc.matmul(x, x, placement="remote"), x @ x)
+                assert rpc.last_task["ran_on"] == b.peer_id
+
+            assert b.proc.stop() == 0  # SIGTERM
+            a.proc.wait_for_line(r"peer 12D3KooW\S* disconnected .*redialing", stream="stderr")
+            b2 = start_serve(pyz, home_b, "--allow-peer", id_a, name="serve-B-again", port=port)
+            with b2.proc:
+                assert (b2.peer_id, b2.address) == (b.peer_id, b.address)
+                wait_until(lambda: count_lines(a.proc, connected) >= 2, REDIAL_WITHIN_S, "A reconnects to B")
+                with client(a) as rpc:
+                    np.testing.assert_allclose(rpc.matmul(x, x, placement="remote"), x @ x)
+                    assert rpc.last_task["ran_on"] == b.peer_id
+                    assert [p["peer_id"] for p in rpc.peers()] == [b.peer_id]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: libp2p's own log lines ('Failed to open TCP stream: ...') reach stderr unformatted: "
+    "setup_logging configures the 'libp2p' logger before libp2p is imported, and libp2p's import-time "
+    "setup_logging() clears that logger's handlers, so its errors fall through to logging.lastResort; "
+    "import libp2p before configuring its logger",
+)
+def test_unreachable_peer_is_reported_in_pangea_lines_only(pyz: Path, make_home: Any) -> None:
+    ghost = peer_id_of(pyz, make_home("ghost"))  # a valid peer id that nobody serves
+    dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{ghost}"
+    node = start_serve(pyz, make_home("node"), "--peer", dead, name="serve")
+    with node.proc:
+        warning = node.proc.wait_for_line(r"cannot reach peer", stream="stderr", timeout=40)
+        assert "retrying in" in warning.string
+        with client(node) as rpc:
+            assert rpc.status()["peer_count"] == 0
+        stderr = list(node.proc.stderr_lines)
+    assert all(line.startswith(("pangea: ", "hint: ")) for line in stderr), "\n".join(stderr)
