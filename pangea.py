@@ -1865,7 +1865,7 @@ def local_interface_addresses() -> list[tuple[str, str]]:
     return out
 
 
-def ensure_port_free(host: str, port: int) -> None:
+def ensure_port_free(host: str, port: int, option: str = "--port") -> None:
     """Raise ConfigError when host:port cannot be listened on.
 
     NOTE: py-libp2p's listener sets SO_REUSEPORT, so a second node on a busy
@@ -1881,7 +1881,9 @@ def ensure_port_free(host: str, port: int) -> None:
             if exc.errno == errno.EADDRINUSE:
                 raise ConfigError(
                     f"cannot listen on {host}:{port}: port {port} is already in use",
-                    hint="stop the other program, or pick another port: --port 0 chooses a free one",
+                    hint=f"stop the other program, or pick another port: {option} 0 chooses a free one"
+                    if option == "--port"
+                    else f"stop the other program, or pick another one with {option}",
                 ) from None
             if exc.errno == errno.EADDRNOTAVAIL:
                 raise ConfigError(
@@ -2621,7 +2623,8 @@ class Node:
 
         def timed() -> tuple[tuple[np.ndarray, ...], float]:
             start = time.perf_counter()
-            outputs = run_kernel(kernel, operands, params, max_elements=self.limits.max_elements)
+            with _KERNELS_RUNNING:
+                outputs = run_kernel(kernel, operands, params, max_elements=self.limits.max_elements)
             return outputs, time.perf_counter() - start
 
         try:
@@ -2634,6 +2637,25 @@ class Node:
             raise
         except (ValueError, TypeError, ArithmeticError, MemoryError) as exc:  # numpy's own errors
             raise TaskError(f"{kernel}: {describe_exception(exc)}", kind="bad-input") from None
+
+
+class _RunningCount:
+    """A thread-safe count of kernels running in worker threads (see `main`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.value += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self.value -= 1
+
+
+_KERNELS_RUNNING = _RunningCount()
 
 
 def _forget_departed_peers(host: Any) -> Any:
@@ -3121,7 +3143,7 @@ class InitiatorChecks:
 # `Gate` and `Compute` interfaces of capnp/pangea.capnp). pycapnp runs on
 # asyncio with its own KJ loop, so the RPC server lives in a thread of its
 # own; each call hops into trio with `trio.from_thread.run` (through an
-# executor, so the asyncio loop never blocks) and runs against the
+# daemon thread, so the asyncio loop never blocks) and runs against the
 # `NodeService`, the trio-side facade of the node. This is the only place
 # where asyncio meets trio. `Client` is the synchronous Python client.
 ###############################################################################
@@ -3144,8 +3166,13 @@ def rpc_words(max_bytes: int) -> int:
 
 
 def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
-    """Parse HOST:PORT (or HOST, or :PORT); raise UsageError naming the problem."""
+    """Parse HOST:PORT, [IPV6]:PORT, HOST or :PORT; raise UsageError naming the problem."""
     host, sep, port_text = text.rpartition(":") if ":" in text else (text, "", "")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise UsageError(
+            f"bad address {text!r}: expected HOST:PORT, like 127.0.0.1:{default_port}, "
+            f"with an IPv6 address in brackets: [::1]:{default_port}"
+        )
     host = host.strip("[]") or "127.0.0.1"
     if not sep:
         return host, default_port
@@ -3296,6 +3323,7 @@ class NodeService:
                 "bytes_out": self.node.bytes_out,
                 "rpc_address": self.rpc_address,
                 "peer_count": len(self.node.sessions),
+                "tasks_served": self.node.tasks_served,
             }
         return {}
 
@@ -3410,26 +3438,41 @@ class RpcServer:
 
     async def _serve(self, trio_token: Any) -> None:
         import asyncio
-        import concurrent.futures
 
         import capnp
 
         schema = load_schema()
         loop = asyncio.get_running_loop()
-        executor = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="pangea-rpc-call")
         self._box["loop"], self._box["stop"] = loop, asyncio.Event()
         service, words = self.service, rpc_words(self.max_bytes)
 
         async def in_trio(fn: Callable[..., Any], *args: Any) -> Any:
+            """Run ``fn(*args)`` in trio from a daemon thread, so the asyncio loop never blocks.
+
+            NOTE: not a ThreadPoolExecutor: Python joins executor threads at exit, and
+            a thread whose trio call was cut off by shutdown would keep the process alive."""
             import trio
 
-            call = functools.partial(trio.from_thread.run, fn, *args, trio_token=trio_token)
-            try:
-                return await loop.run_in_executor(executor, call)
-            except trio.RunFinishedError:
-                raise RpcError("the node is shutting down") from None
+            future = loop.create_future()
 
-        gate = _make_gate(schema, in_trio, service, self.token)
+            def settle(ok: bool, value: Any) -> None:
+                if not future.done():
+                    future.set_result(value) if ok else future.set_exception(value)
+
+            def work() -> None:
+                try:
+                    outcome = (True, trio.from_thread.run(fn, *args, trio_token=trio_token))
+                except trio.RunFinishedError:
+                    outcome = (False, RpcError("the node is shutting down"))
+                except BaseException as exc:  # handed to the awaiting coroutine as is
+                    outcome = (False, exc)
+                with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+                    loop.call_soon_threadsafe(settle, *outcome)
+
+            threading.Thread(target=work, name="pangea-rpc-call", daemon=True).start()
+            return await future
+
+        gate = _make_gate(schema, in_trio, service, self.token, self.max_bytes)
 
         async def on_connection(stream: Any) -> None:
             server = capnp.TwoPartyServer(stream, bootstrap=gate, traversal_limit_in_words=words)  # type: ignore[attr-defined]
@@ -3445,10 +3488,9 @@ class RpcServer:
             self._ready.set()
             await self._box["stop"].wait()
             server.close()  # NOTE: no wait_closed(): a connected client must not block shutdown
-        executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _make_gate(schema: Any, in_trio: Callable[..., Any], service: NodeService, token: str) -> Any:
+def _make_gate(schema: Any, in_trio: Callable[..., Any], service: NodeService, token: str, max_bytes: int) -> Any:
     """Return the bootstrap `Gate` capability: login with the token yields `Compute`."""
     import hmac
 
@@ -3479,13 +3521,13 @@ def _make_gate(schema: Any, in_trio: Callable[..., Any], service: NodeService, t
             st.peerId, st.addresses, st.version = info["peer_id"], info["addresses"], info["version"]
             st.uptimeSeconds, st.tasksDone, st.tasksFailed = info["uptime_s"], info["tasks_done"], info["tasks_failed"]
             st.tasksInFlight, st.bytesIn, st.bytesOut = info["tasks_in_flight"], info["bytes_in"], info["bytes_out"]
-            st.rpcAddress, st.peerCount = info["rpc_address"], info["peer_count"]
+            st.rpcAddress, st.peerCount, st.tasksServed = info["rpc_address"], info["peer_count"], info["tasks_served"]
 
         async def connect(self, multiaddr: Any, _context: Any, **kwargs: Any) -> None:
             try:
                 info = await in_trio(service.connect, str(multiaddr))
             except PangeaError as exc:
-                raise RpcError(f"cannot connect to {str(multiaddr)!r}: {exc}") from None
+                raise RpcError(str(exc)) from None
             _fill_peer(_context.results.peer, info)
 
     compute = ComputeImpl()
@@ -3495,8 +3537,10 @@ def _make_gate(schema: Any, in_trio: Callable[..., Any], service: NodeService, t
             # NOTE: constant-time comparison, so response time does not leak the token
             if not hmac.compare_digest(str(token).encode(), token_expected):
                 log.warning("RPC login refused: wrong or missing token")
-                raise RpcError("login refused: wrong or missing RPC token")
+                _context.results.error = "login refused: wrong or missing RPC token"
+                return
             _context.results.compute = compute
+            _context.results.maxMessageBytes = max_bytes
 
     token_expected = token.encode()
     return GateImpl()
@@ -3528,6 +3572,7 @@ class Client:
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
         self.last_task: dict[str, Any] = {}
+        self.node_max_message_bytes = max_message_bytes  # learned at login
         self._token = token if token is not None else os.environ.get("PANGEA_RPC_TOKEN", "")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
@@ -3572,7 +3617,15 @@ class Client:
             client = capnp.TwoPartyClient(stream, traversal_limit_in_words=rpc_words(self.max_message_bytes))  # type: ignore[attr-defined]
             gate = client.bootstrap().cast_as(load_schema().Gate)
             try:
-                self._compute = (await gate.login(self._token)).compute
+                login = await gate.login(self._token)
+                if str(login.error):
+                    self._error = RpcError(
+                        f"cannot use the pangea node at {self.address}: {login.error}",
+                        hint="pass the node's token with --token or PANGEA_RPC_TOKEN",
+                    )
+                    return
+                self._compute = login.compute
+                self.node_max_message_bytes = int(login.maxMessageBytes) or self.max_message_bytes
             except capnp.KjException as exc:  # type: ignore[attr-defined]
                 self._error = RpcError(
                     f"cannot use the pangea node at {self.address}: {remote_error_text(exc)}",
@@ -3612,11 +3665,20 @@ class Client:
         import numpy as np
 
         arrays = [np.asarray(a) for a in operands]
+        for i, a in enumerate(arrays):
+            if a.dtype.name not in ALLOWED_DTYPES or a.ndim > MAX_NDIM:
+                raise TaskError(
+                    f"cannot submit {kernel}: operand {i} is a {a.ndim}-d {a.dtype.name} array; pangea takes "
+                    f"arrays of at most {MAX_NDIM} dimensions of {', '.join(ALLOWED_DTYPES)}",
+                    kind="bad-input",
+                )
         total = sum(a.nbytes for a in arrays)
-        if total > self.max_message_bytes:
+        limit = min(self.max_message_bytes, self.node_max_message_bytes)
+        if total + min(64 << 10, limit // 16) > limit:  # room for the message around the bytes
+            mine = limit == self.max_message_bytes
             raise RpcError(
                 f"cannot submit {kernel}: operands of {format_bytes(total)} exceed the RPC message limit of "
-                f"{format_bytes(self.max_message_bytes)}",
+                f"{format_bytes(limit)} ({'this client' if mine else 'the node'})",
                 hint="raise max_message_bytes here and --rpc-max-mib on the node, or split the work",
             )
 
@@ -3687,6 +3749,7 @@ class Client:
                 "bytes_out": st.bytesOut,
                 "rpc_address": str(st.rpcAddress),
                 "peer_count": st.peerCount,
+                "tasks_served": st.tasksServed,
             }
 
         return dict(self._call(call, "get status"))
@@ -4391,13 +4454,14 @@ def read_rpc_token(args: argparse.Namespace) -> str:
     """Return the RPC token from --rpc-token, --rpc-token-file or $PANGEA_RPC_TOKEN ("" if none)."""
     if args.rpc_token and args.rpc_token_file:
         raise UsageError("give either --rpc-token or --rpc-token-file, not both")
-    token = args.rpc_token or os.environ.get("PANGEA_RPC_TOKEN", "")
+    token = args.rpc_token if args.rpc_token is not None else os.environ.get("PANGEA_RPC_TOKEN", "")
+    supplied = args.rpc_token is not None or bool(args.rpc_token_file)
     if args.rpc_token_file:
         try:
             token = Path(args.rpc_token_file).read_text().strip()
         except OSError as exc:
             raise ConfigError(f"cannot read token file {args.rpc_token_file!r}: {exc.strerror}") from None
-    if token and len(token) < MIN_TOKEN_CHARS:
+    if (token or supplied) and len(token) < MIN_TOKEN_CHARS:
         raise UsageError(
             f"the RPC token is {len(token)} characters; use at least {MIN_TOKEN_CHARS}",
             hint="generate one: python3 -c 'import secrets; print(secrets.token_hex(16))'",
@@ -4419,7 +4483,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 1 <= args.rpc_max_mib <= 4096:
         raise UsageError(f"--rpc-max-mib {args.rpc_max_mib} is outside 1-4096")
     limits, psk = limits_from_args(args), read_psk_file(args.psk)
-    ensure_port_free(rpc_host, rpc_port)
+    ensure_port_free(rpc_host, rpc_port, option="--rpc HOST:PORT")
     with node_session("serve", args) as (home, session_dir):
         key_pair = load_or_create_identity(home)
         trusted = trusted_peers(home, args.allow_peer) | {p.peer_id for p in peers}
@@ -4611,6 +4675,19 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the pangea command line; return the exit code."""
+    code = _main(argv)
+    if _KERNELS_RUNNING.value:
+        # NOTE: a kernel abandoned at shutdown (Ctrl-C, SIGTERM, a task deadline) is
+        # still inside OpenBLAS; at interpreter exit OpenBLAS joins its own threads
+        # and deadlocks on that call. Everything is cleaned up by now: leave at once.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:

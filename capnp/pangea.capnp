@@ -160,6 +160,7 @@ struct NodeStatus {
   bytesOut      @8 :UInt64;
   rpcAddress    @9 :Text;
   peerCount     @10 :UInt32;
+  tasksServed   @11 :UInt64;   # tasks this node ran for its peers (tasksDone: tasks submitted here)
 }
 
 interface Compute {
@@ -170,5 +171,9 @@ interface Compute {
 }
 
 interface Gate {
-  login @0 (token :Text) -> (compute :Compute);
+  login @0 (token :Text) -> (compute :Compute, maxMessageBytes :UInt64, error :Text);
+  # A wrong or missing token: `error` says so and `compute` is null (a result,
+  # not an exception: pycapnp would send the server's traceback with it).
+  # maxMessageBytes: the node's largest RPC message (--rpc-max-mib), so a
+  # client can refuse a too-large request before sending it.
 }

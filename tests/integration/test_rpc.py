@@ -561,11 +561,6 @@ def test_untrusted_peer_is_refused_and_b_keeps_serving(pair: Pair, pyz: Path, tm
         assert node.last_task["ran_on"] == pair.b.peer_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a refused `connect` says 'cannot connect to X: cannot connect to 'X': ...': "
-    "ComputeImpl.connect prefixes the RpcError and Client._call prefixes it again",
-)
 def test_refused_connect_names_the_address_once(pair: Pair, pyz: Path, tmp_path: Path) -> None:
     home_c = make_node_home(tmp_path, "c")
     c = start_serve(pyz, home_c, name="serve-C")

@@ -118,11 +118,6 @@ def test_parse_host_port_refuses_a_bad_port_naming_the_text_and_the_form(text: s
     assert "HOST:PORT" in message and "127.0.0.1:7780" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_host_port('::1') splits a bare IPv6 address at its last colon and returns "
-    "(':', 1); it should refuse it (or read it as a host) and ask for [::1]:PORT",
-)
 def test_parse_host_port_does_not_split_a_bare_ipv6_address() -> None:
     try:
         result = parse_host_port("::1", 7780)
@@ -432,11 +427,6 @@ def test_read_rpc_token_names_a_missing_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("no_env_token")
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an empty (or blank) --rpc-token-file yields no token at all, so `serve` on loopback "
-    "runs without one although a token file was given; it should be refused like any token under 16 characters",
-)
 @pytest.mark.parametrize("content", ["", "\n", "   \n"])
 def test_read_rpc_token_refuses_an_empty_token_file(tmp_path: Path, content: str) -> None:
     path = tmp_path / "token"
