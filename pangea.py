@@ -516,20 +516,22 @@ def pairing_proof(code: str, acceptor_id: str, dialer_id: str) -> bytes:
 
 @dataclass
 class Pairing:
-    """One pairing code offered by this node: single use, with a deadline."""
+    """One pairing code offered by this node: ``max_uses`` peers (one by default), with a deadline."""
 
     code: str
     expires_at: float  # on the clock passed to check()
-    used_by: str | None = None
+    used_by: str | None = None  # the first peer that paired
     failures: int = 0
+    max_uses: int = 1  # `initiate --expect N` pairs N responders with one code
+    others: list[str] = field(default_factory=list)  # the peers after the first
 
     def check(self, proof: bytes, acceptor_id: str, dialer_id: str, now: float) -> str | None:
         """Return None and mark the code used when ``proof`` is right; else the reason to refuse."""
         import hmac
 
-        if self.used_by is not None:
-            if self.used_by == dialer_id:
-                return None  # the same peer reconnecting
+        if dialer_id == self.used_by or dialer_id in self.others:
+            return None  # the same peer reconnecting
+        if self.used_by is not None and 1 + len(self.others) >= self.max_uses:
             return "the pairing code was already used by another peer; restart to get a new code"
         if self.failures >= MAX_PAIRING_FAILURES:
             return f"the pairing code was burned after {MAX_PAIRING_FAILURES} wrong tries; restart to get a new code"
@@ -543,7 +545,10 @@ class Pairing:
         if not hmac.compare_digest(proof, pairing_proof(self.code, acceptor_id, dialer_id)):
             self.failures += 1
             return "wrong pairing code"
-        self.used_by = dialer_id
+        if self.used_by is None:
+            self.used_by = dialer_id
+        else:
+            self.others.append(dialer_id)
         return None
 
 
@@ -671,6 +676,7 @@ class PingMsg:
     """Liveness and RTT probe; the peer answers with a PongMsg of the same nonce."""
 
     nonce: int
+    load: int = 0  # tasks the sender is running or has queued for its peers
 
 
 @dataclass
@@ -678,6 +684,14 @@ class PongMsg:
     """Answer to a PingMsg."""
 
     nonce: int
+    load: int = 0
+
+
+@dataclass
+class CancelMsg:
+    """The sender no longer wants the result of its task ``task_id``."""
+
+    task_id: int
 
 
 @dataclass
@@ -697,7 +711,7 @@ class ErrorMsg:
 
 # typing.Union, not `|`: this line runs at import, and a wrong-interpreter run must
 # get as far as main() to print the build-target error.
-Message = Union[HelloMsg, TaskRequestMsg, TaskResultMsg, PingMsg, PongMsg, ByeMsg, ErrorMsg]  # noqa: UP007
+Message = Union[HelloMsg, TaskRequestMsg, TaskResultMsg, PingMsg, PongMsg, ByeMsg, ErrorMsg, CancelMsg]  # noqa: UP007
 
 
 def schema_path() -> Path:
@@ -795,10 +809,12 @@ def _build_message(m: Any, msg: Message) -> list[memoryview]:
         r.errorKind = msg.error_kind
         r.errorMessage = msg.error_message
         r.computeSeconds = msg.compute_s
-    elif isinstance(msg, PingMsg):
-        m.init("ping").nonce = msg.nonce
-    elif isinstance(msg, PongMsg):
-        m.init("pong").nonce = msg.nonce
+    elif isinstance(msg, PingMsg | PongMsg):
+        p = m.init("ping" if isinstance(msg, PingMsg) else "pong")
+        p.nonce = msg.nonce
+        p.load = msg.load
+    elif isinstance(msg, CancelMsg):
+        m.init("cancel").taskId = msg.task_id
     elif isinstance(msg, ByeMsg):
         m.init("bye").reason = msg.reason
     elif isinstance(msg, ErrorMsg):
@@ -1069,9 +1085,11 @@ def decode_message(header: bytes, payload: bytearray, limits: Limits | None = No
                     float(r.computeSeconds),
                 )
             if which == "ping":
-                return PingMsg(int(m.ping.nonce))
+                return PingMsg(int(m.ping.nonce), int(m.ping.load))
             if which == "pong":
-                return PongMsg(int(m.pong.nonce))
+                return PongMsg(int(m.pong.nonce), int(m.pong.load))
+            if which == "cancel":
+                return CancelMsg(int(m.cancel.taskId))
             if which == "bye":
                 return ByeMsg(str(m.bye.reason))
             if which == "error":
@@ -1288,6 +1306,20 @@ def output_nbytes(name: str, operands: Sequence[np.ndarray], params: dict[str, f
     return sum(a.size for a in operands) * itemsize
 
 
+def task_cost(name: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> tuple[float, int]:
+    """Return (floating-point operations, bytes moved: operands plus result) of a kernel call,
+    for placement: a worker's speed and bandwidth turn them into seconds."""
+    flops: float
+    if name == "matmul" and len(operands) == 2 and operands[0].ndim == 2 and operands[1].ndim == 2:
+        flops = 2.0 * operands[0].shape[0] * operands[0].shape[1] * operands[1].shape[1]
+    elif name in ("solve", "inverse") and operands and operands[0].ndim == 2:
+        flops = 2.0 * operands[0].shape[0] ** 3
+    else:
+        flops = float(sum(a.size for a in operands) or params.get("rows", 0.0) * params.get("cols", 0.0))
+    nbytes = sum(a.nbytes for a in operands) + output_nbytes(name, operands, params) // 2  # float64 guess
+    return flops, int(nbytes)
+
+
 def run_kernel(
     name: str,
     operands: Sequence[np.ndarray],
@@ -1385,16 +1417,34 @@ def check_result(
 ###############################################################################
 
 PLACEMENTS = ("auto", "local", "remote")  # or a peer id
+EWMA_ALPHA = 0.3  # weight of the newest measurement of a worker's speed or bandwidth
+PROBATION_S = 3 * HEARTBEAT_S  # a worker back from being down gets less work this long (times its downs, up to 4)
+DEFAULT_BANDWIDTH_BYTES_S = 100e6  # assumed until a transfer to the worker has been measured
+RETRY_BACKOFF_S = 0.2  # first pause before retrying a task a worker said it was too busy for
 RETRYABLE_KINDS = frozenset({"unavailable", "disconnected", "timeout", "busy", "refused", "internal", "wrong-result"})
 
 
 @dataclass
 class SubmitEvent:
-    """A new task; ``placement`` is auto, local, remote or a peer id."""
+    """A new task; ``placement`` is auto, local, remote or a peer id; ``flops`` and
+    ``nbytes`` (operands and result) let placement weigh compute against transfer."""
 
     task_id: int
     placement: str
     deadline: float
+    flops: float = 0.0
+    nbytes: int = 0
+
+
+@dataclass
+class WorkerStatsEvent:
+    """Measured figures of a worker: compute speed (GFLOP/s), bandwidth to it (bytes/s),
+    and the load it reported in its last heartbeat. None leaves a figure as it is."""
+
+    worker_id: str
+    speed: float | None = None
+    bandwidth: float | None = None
+    load: int | None = None
 
 
 @dataclass
@@ -1444,17 +1494,25 @@ class TickEvent:
 
 
 SchedulerEvent = Union[  # noqa: UP007
-    SubmitEvent, WorkerUpEvent, WorkerDownEvent, TaskDoneEvent, TaskFailedEvent, CancelEvent, TickEvent
+    SubmitEvent,
+    WorkerUpEvent,
+    WorkerDownEvent,
+    WorkerStatsEvent,
+    TaskDoneEvent,
+    TaskFailedEvent,
+    CancelEvent,
+    TickEvent,
 ]
 
 
 @dataclass
 class Dispatch:
-    """Run attempt ``attempt`` of the task on ``worker_id``."""
+    """Run attempt ``attempt`` of the task on ``worker_id``, after ``delay_s`` (retry backoff)."""
 
     task_id: int
     attempt: int
     worker_id: str
+    delay_s: float = 0.0
 
 
 @dataclass
@@ -1508,15 +1566,21 @@ class _TaskState:
     task_id: int
     placement: str
     deadline: float
+    flops: float = 0.0
+    nbytes: int = 0
     attempts: list[AttemptRecord] = field(default_factory=list)
 
 
 @dataclass
 class _WorkerState:
-    speed: float = 1.0
+    speed: float = 1.0  # GFLOP/s, an EWMA of what its tasks achieved (its Hello's figure at first)
+    bandwidth: float = 0.0  # bytes/s to and from it, an EWMA; 0 = not measured yet
+    load: int = 0  # tasks it reported running for all its peers (heartbeat)
     up: bool = True
-    running: int = 0
+    running: int = 0  # our attempts running there
     suspect: bool = False  # returned a result that failed verification: used only as a last resort
+    downs: int = 0  # how often it went down: a flapping worker is put on probation when it returns
+    probation_until: float = 0.0
 
 
 class Scheduler:
@@ -1529,6 +1593,7 @@ class Scheduler:
         self.workers: dict[str, _WorkerState] = {LOCAL: _WorkerState()}
         self.history: dict[int, list[AttemptRecord]] = {}  # attempts of finished tasks
         self.late_dropped = 0
+        self.now = 0.0
 
     def attempts(self, task_id: int) -> list[AttemptRecord]:
         """Return the attempt records of a running or finished task."""
@@ -1538,12 +1603,25 @@ class Scheduler:
 
     def handle(self, event: SchedulerEvent, now: float) -> list[SchedulerAction]:
         """Apply one event; return the actions the I/O layer must perform."""
+        self.now = now
         if isinstance(event, SubmitEvent):
             return self._on_submit(event)
         if isinstance(event, WorkerUpEvent):
             state = self.workers.setdefault(event.worker_id, _WorkerState())
             state.speed = max(event.speed, 1e-3)
             state.up = True
+            if state.downs:  # damping: a worker that keeps dropping out gets less work for a while
+                state.probation_until = now + PROBATION_S * min(state.downs, 4)
+            return []
+        if isinstance(event, WorkerStatsEvent):
+            state = self.workers.setdefault(event.worker_id, _WorkerState(up=False))
+            if event.speed is not None and event.speed > 0:
+                state.speed = (1 - EWMA_ALPHA) * state.speed + EWMA_ALPHA * event.speed
+            if event.bandwidth is not None and event.bandwidth > 0:
+                old = state.bandwidth or event.bandwidth
+                state.bandwidth = (1 - EWMA_ALPHA) * old + EWMA_ALPHA * event.bandwidth
+            if event.load is not None:
+                state.load = max(0, event.load)
             return []
         if isinstance(event, WorkerDownEvent):
             return self._on_worker_down(event)
@@ -1562,7 +1640,9 @@ class Scheduler:
     def _on_submit(self, event: SubmitEvent) -> list[SchedulerAction]:
         if event.task_id in self.tasks or event.task_id in self.history:
             return [Fail(event.task_id, "bad-input", f"task id {event.task_id} was already used")]
-        task = self.tasks[event.task_id] = _TaskState(event.task_id, event.placement, event.deadline)
+        task = self.tasks[event.task_id] = _TaskState(
+            event.task_id, event.placement, event.deadline, event.flops, event.nbytes
+        )
         return self._dispatch_next(task)
 
     def _on_worker_down(self, event: WorkerDownEvent) -> list[SchedulerAction]:
@@ -1570,6 +1650,7 @@ class Scheduler:
         if worker is None or event.worker_id == LOCAL:
             return []
         worker.up = False
+        worker.downs += 1
         actions: list[SchedulerAction] = []
         for task in list(self.tasks.values()):
             last = task.attempts[-1]
@@ -1624,38 +1705,46 @@ class Scheduler:
         if kind not in RETRYABLE_KINDS or len(task.attempts) >= self.max_attempts:
             self._finish_failed(task)
             return [Fail(task.task_id, kind, message)]
-        return self._dispatch_next(task)
+        # backoff: a busy worker is retried elsewhere after a pause that grows per attempt
+        delay = RETRY_BACKOFF_S * 2 ** (len(task.attempts) - 1) if kind == "busy" else 0.0
+        return self._dispatch_next(task, delay)
 
     def _finish_failed(self, task: _TaskState) -> None:
         self.history[task.task_id] = task.attempts
         del self.tasks[task.task_id]
 
+    def estimate_s(self, worker_id: str, flops: float, nbytes: int) -> float:
+        """Estimated seconds until a task of ``flops`` and ``nbytes`` would finish on a worker:
+        its queue, the compute at its measured speed, and the transfer at its bandwidth."""
+        state = self.workers[worker_id]
+        compute = (flops or 1e9) / (max(state.speed, 1e-3) * 1e9)
+        transfer = 0.0 if worker_id == LOCAL else nbytes / (state.bandwidth or DEFAULT_BANDWIDTH_BYTES_S)
+        estimate = (state.running + state.load) * compute + compute + transfer
+        return estimate * 4 if self.now < state.probation_until else estimate
+
     def _choose(self, task: _TaskState) -> str:
         tried = {a.worker_id for a in task.attempts}
-        remotes = [w for w, s in self.workers.items() if w != LOCAL and s.up and w not in tried and not s.suspect]
         placement = task.placement
         if placement == LOCAL:
             return LOCAL
         if placement not in ("auto", "remote"):  # a peer id
             # The named peer gets the first attempt even when it is down or
             # unknown: the attempt fails at once and the record shows why the
-            # task then ran locally.
-            return placement if placement not in tried else LOCAL
+            # task then ran elsewhere.
+            if placement not in tried:
+                return placement
+            placement = "auto"
+        remotes = [w for w, s in self.workers.items() if w != LOCAL and s.up and w not in tried and not s.suspect]
         candidates = remotes if placement == "remote" else remotes + ([LOCAL] if LOCAL not in tried else [])
         if not candidates:
             return LOCAL  # fallback: every remote worker is gone or has failed this task
+        return min(candidates, key=lambda w: (self.estimate_s(w, task.flops, task.nbytes), self.rng.random()))
 
-        def load(w: str) -> tuple[float, float]:
-            s = self.workers[w]
-            return ((s.running + 1) / s.speed, self.rng.random())
-
-        return min(candidates, key=load)
-
-    def _dispatch_next(self, task: _TaskState) -> list[SchedulerAction]:
+    def _dispatch_next(self, task: _TaskState, delay_s: float = 0.0) -> list[SchedulerAction]:
         worker_id = self._choose(task)
         task.attempts.append(AttemptRecord(worker_id))
         self.workers.setdefault(worker_id, _WorkerState(up=False)).running += 1
-        return [Dispatch(task.task_id, len(task.attempts), worker_id)]
+        return [Dispatch(task.task_id, len(task.attempts), worker_id, delay_s)]
 
     def validate(self) -> None:
         """Check the invariants (running counts match running attempts); raise AssertionError."""
@@ -1894,6 +1983,20 @@ def ensure_port_free(host: str, port: int, option: str = "--port") -> None:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
+def measure_gflops(n: int = 256, repeats: int = 8) -> float:
+    """Return this machine's float64 matmul speed in GFLOP/s (about 30 ms of work)."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((n, n))
+    a @ a  # warm up BLAS threads
+    best = math.inf
+    for _ in range(repeats):  # NOTE: the best run, not the mean: other processes starting at the same time skew it
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / max(best, 1e-9) / 1e9
+
+
 def capacity() -> dict[str, int]:
     """Return the cores and BLAS threads this node offers."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -1989,6 +2092,8 @@ class PeerSession:
         self._pending: dict[int, _Pending] = {}
         self._pings: dict[int, tuple[float, Any]] = {}
         self._reserved: dict[int, int] = {}  # task id -> operand bytes admitted, held until answered
+        self._scopes: dict[int, Any] = {}  # task id -> cancel scope of a task being served
+        self.peer_load = 0  # what the peer last reported running for all its peers
         channel.decoder.admit = self._admit
         channel.decoder.max_payload_bytes = node.limits.max_payload_bytes
 
@@ -2023,12 +2128,19 @@ class PeerSession:
                         pending.result = msg
                         pending.event.set()
                 elif isinstance(msg, PingMsg):
-                    self._send_soon(PongMsg(msg.nonce))
+                    self._peer_load(msg.load)
+                    self._send_soon(PongMsg(msg.nonce, self.node.load))
                 elif isinstance(msg, PongMsg):
+                    self._peer_load(msg.load)
                     sent = self._pings.pop(msg.nonce, None)
                     if sent is not None:
                         self.rtt_s = time.perf_counter() - sent[0]
                         sent[1].set()
+                elif isinstance(msg, CancelMsg):
+                    scope = self._scopes.get(msg.task_id)
+                    if scope is not None:
+                        log.info("task %d from %s cancelled by its sender", msg.task_id, self.label)
+                        scope.cancel()
                 elif isinstance(msg, ByeMsg):
                     self.bye_reason = msg.reason
                     reason = f"peer said bye ({msg.reason})"
@@ -2134,11 +2246,15 @@ class PeerSession:
                 )
             )
             return
+        self._scopes[task_id] = cancelled = trio.CancelScope()
         try:
-            with trio.move_on_after(self.node.limits.task_timeout_s) as deadline:
+            with cancelled, trio.move_on_after(self.node.limits.task_timeout_s) as deadline:
                 try:
+                    stall_start = time.perf_counter()
                     await self.node.inject_fault_before_task()
+                    stalled_s = time.perf_counter() - stall_start  # a stalling worker reports slow compute
                     outputs, compute_s = await self.node.execute_local(req.kernel, req.operands, req.params)
+                    compute_s += stalled_s
                     outputs = self.node.inject_fault_into(outputs)
                     result = TaskResultMsg(req.task_id, outputs, compute_s=compute_s)
                     self.tasks_served += 1
@@ -2156,13 +2272,14 @@ class PeerSession:
                     error_message=f"{req.kernel} did not finish within {timeout:.0f} s",
                 )
             del req  # drop the operands before the result goes out
-            if self.closed.is_set():
-                return
+            if self.closed.is_set() or cancelled.cancelled_caught:
+                return  # nobody wants the result
             try:
                 await self.channel.send(result)
             except PeerError as exc:
                 log.info("cannot return task %d to %s: %s", task_id, self.label, exc)
         finally:
+            self._scopes.pop(task_id, None)
             self._release(task_id)
             self.node.budget.release(out_bytes)
 
@@ -2182,7 +2299,8 @@ class PeerSession:
             await self.channel.send(TaskRequestMsg(task_id, kernel, tuple(operands), dict(params or {})))
             await pending.event.wait()
         finally:
-            self._pending.pop(task_id, None)
+            if self._pending.pop(task_id, None) is not None and not self.closed.is_set():
+                self._send_soon(CancelMsg(task_id))  # we gave up on it (cancelled): the worker can stop
         if pending.error is not None:
             raise pending.error
         assert pending.result is not None
@@ -2194,7 +2312,12 @@ class PeerSession:
 
         nonce = random.getrandbits(63)
         self._pings[nonce] = (time.perf_counter(), trio.Event())
-        self._send_soon(PingMsg(nonce))
+        self._send_soon(PingMsg(nonce, self.node.load))
+
+    def _peer_load(self, load: int) -> None:
+        self.peer_load = load
+        for callback in self.node.on_peer_load:
+            callback(self.peer_id, load)
 
     async def ping(self, timeout_s: float = 5.0) -> float:
         """Return one round-trip time in seconds over the session stream."""
@@ -2204,7 +2327,7 @@ class PeerSession:
         done = trio.Event()
         self._pings[nonce] = (time.perf_counter(), done)
         start = time.perf_counter()
-        await self.channel.send(PingMsg(nonce))
+        await self.channel.send(PingMsg(nonce, self.node.load))
         with trio.move_on_after(timeout_s):
             await done.wait()
         self._pings.pop(nonce, None)
@@ -2259,7 +2382,14 @@ class Node:
         self.on_session_closed: list[Callable[[PeerSession], None]] = []
         self._closed_bytes = [0, 0]
         self.started_at = time.monotonic()
+        self.gflops = 0.0  # measured when the node starts
+        self.on_peer_load: list[Callable[[str, int], None]] = []
         self._new_sessions_send, self._new_sessions = trio.open_memory_channel[PeerSession](math.inf)
+
+    @property
+    def load(self) -> int:
+        """Tasks this node is running or has queued for its peers (sent in heartbeats)."""
+        return sum(len(s._reserved) for s in self.sessions.values())
 
     def hello(self, pairing_proof: bytes = b"") -> HelloMsg:
         """Return our Hello message."""
@@ -2271,6 +2401,7 @@ class Node:
             role=self.role,
             cores=cap["cores"],
             blas_threads=cap["blas_threads"],
+            gflops=self.gflops,
             max_payload_bytes=self.limits.max_payload_bytes,
             platform=f"{sys.implementation.cache_tag} {platform.machine()} {platform.system()}",
             pairing_proof=pairing_proof,
@@ -2295,6 +2426,7 @@ class Node:
                     self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self._handle_stream)
                     self.host.get_network().register_notifee(_forget_departed_peers(self.host))
                     self.addresses = self.dialable_addresses(listen_host)
+                    self.gflops = await trio.to_thread.run_sync(measure_gflops)
                     yield self
             finally:
                 nursery.cancel_scope.cancel()
@@ -2752,6 +2884,29 @@ class TaskOutcome:
     queue_s: float = 0.0
 
 
+@dataclass
+class WorkerShare:
+    """What one worker did in a split job."""
+
+    blocks: int = 0
+    rows: int = 0
+    compute_s: float = 0.0  # the worker's own compute time for its blocks
+    failed_over: int = 0  # blocks pulled for this worker that ended up elsewhere
+
+
+@dataclass
+class SplitOutcome:
+    """The gathered result of a split matmul and each worker's share of it."""
+
+    result: np.ndarray
+    shares: dict[str, WorkerShare]
+    elapsed_s: float
+
+    def busy_fraction(self, worker_id: str) -> float:
+        """The fraction of the job's wall time the worker spent computing its blocks."""
+        return min(1.0, self.shares[worker_id].compute_s / max(self.elapsed_s, 1e-9))
+
+
 class Manager:
     """Runs tasks: feeds the Scheduler, performs its actions through delegators.
 
@@ -2771,10 +2926,12 @@ class Manager:
         self.tasks_failed = 0
         self.done_by: dict[str, int] = {}  # worker id -> tasks it delivered
         self.verify_rounds = FREIVALDS_ROUNDS  # 0: accept remote results unchecked
+        self._local_speed_known = False
         self.verification_failures = 0
         self._rng = random.Random()
         node.on_session.append(self._worker_up)
         node.on_session_closed.append(self._worker_down)
+        node.on_peer_load.append(self._worker_load)
 
     def _worker_up(self, session: PeerSession) -> None:
         self.delegators[session.peer_id] = RemoteDelegator(session)
@@ -2782,6 +2939,18 @@ class Manager:
 
     def _worker_down(self, session: PeerSession) -> None:
         self._apply(self.scheduler.handle(WorkerDownEvent(session.peer_id, session.close_reason), self.clock()))
+
+    def _worker_load(self, peer_id: str, load: int) -> None:
+        self._apply(self.scheduler.handle(WorkerStatsEvent(peer_id, load=load), self.clock()))
+
+    def _measured(self, worker_id: str, cost: tuple[float, int], compute_s: float, elapsed_s: float) -> None:
+        """Feed what one successful attempt achieved into the scheduler's speed and bandwidth EWMAs."""
+        flops, nbytes = cost
+        speed = flops / compute_s / 1e9 if flops >= 1e7 and compute_s > 1e-3 else None
+        moving_s = elapsed_s - compute_s
+        bandwidth = nbytes / moving_s if worker_id != LOCAL and nbytes >= (1 << 20) and moving_s > 1e-3 else None
+        if speed is not None or bandwidth is not None:
+            self._apply(self.scheduler.handle(WorkerStatsEvent(worker_id, speed, bandwidth), self.clock()))
 
     @property
     def tasks_in_flight(self) -> int:
@@ -2823,12 +2992,17 @@ class Manager:
             # ExceptionGroup, and callers catch TaskError.
             async with trio.open_nursery() as nursery:
                 with trio.move_on_after(timeout_s) as deadline_scope:
-                    self._apply(self.scheduler.handle(SubmitEvent(task_id, placement, start + timeout_s), start))
+                    if not self._local_speed_known and self.node.gflops:
+                        self._local_speed_known = True
+                        self.scheduler.handle(WorkerUpEvent(LOCAL, self.node.gflops), start)
+                    cost = task_cost(kernel, operands, dict(params or {}))
+                    submit = SubmitEvent(task_id, placement, start + timeout_s, *cost)
+                    self._apply(self.scheduler.handle(submit, start))
                     async for action in receive:
                         if isinstance(action, Dispatch):
                             first_attempt_at = first_attempt_at or self.clock()
                             scopes[action.attempt] = scope = trio.CancelScope()
-                            job = (kernel, operands, dict(params or {}))
+                            job = (kernel, operands, dict(params or {}), cost)
                             nursery.start_soon(self._attempt, task_id, action, scope, job, results)
                         elif isinstance(action, Cancel):
                             if action.attempt in scopes:
@@ -2875,6 +3049,77 @@ class Manager:
             lambda: check_result(kernel, operands, params, outputs, random.Random(seed), self.verify_rounds)
         )
 
+    def usable_workers(self) -> list[str]:
+        """This node and every connected peer that is up and not suspect, fastest first."""
+        remotes = [
+            w
+            for w in self.node.sessions
+            if self.scheduler.workers.get(w, _WorkerState(up=False)).up and not self.scheduler.workers[w].suspect
+        ]
+        return sorted([LOCAL, *remotes], key=lambda w: -self.scheduler.workers.get(w, _WorkerState()).speed)
+
+    async def split_matmul(
+        self,
+        a: np.ndarray,
+        b: np.ndarray,
+        *,
+        workers: Sequence[str] | None = None,
+        in_flight: int = 2,
+        blocks_per_worker: int = 3,
+        timeout_s: float = 600.0,
+    ) -> SplitOutcome:
+        """Compute a @ b split in row blocks over workers (this node included), gathered in order.
+
+        Guided self-scheduling: each worker pulls its next block when it has room, and
+        its blocks are sized in proportion to its measured speed, so a slow or busy
+        worker ends up with less work. Each remote worker has ``in_flight`` blocks
+        outstanding, so the transfer of its next block overlaps the compute of the
+        current one. Every block is a task of its own: verified (Freivalds), retried
+        elsewhere when its worker fails, and written into the result exactly once."""
+        import numpy as np
+        import trio
+
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise TaskError(f"matmul: shapes {a.shape} and {b.shape} do not match", kind="bad-input")
+        chosen = list(workers) if workers is not None else self.usable_workers()
+        n = a.shape[0]
+        out = np.empty((n, b.shape[1]), dtype=np.result_type(a, b))
+        speed = {w: max(self.scheduler.workers.get(w, _WorkerState()).speed, 1e-3) for w in chosen}
+        base_rows = max(1, math.ceil(n / (blocks_per_worker * len(chosen))))
+        rows_for = {w: max(1, round(base_rows * len(chosen) * speed[w] / sum(speed.values()))) for w in chosen}
+        shares = {w: WorkerShare() for w in chosen}
+        cursor = 0
+        failure: list[TaskError] = []
+        start = time.perf_counter()
+
+        async def puller(worker: str) -> None:
+            nonlocal cursor
+            while cursor < n and not failure:
+                if worker != LOCAL and worker not in self.node.sessions:
+                    return  # gone: the blocks left go to the others
+                lo = cursor
+                hi = cursor = min(n, lo + rows_for[worker])
+                try:
+                    outcome = await self.run("matmul", (a[lo:hi], b), placement=worker, timeout_s=timeout_s)
+                except TaskError as exc:
+                    failure.append(exc)
+                    return
+                out[lo:hi] = outcome.outputs[0]
+                share = shares.setdefault(outcome.worker_id, WorkerShare())
+                share.blocks += 1
+                share.rows += hi - lo
+                share.compute_s += outcome.compute_s
+                if outcome.worker_id != worker:
+                    shares[worker].failed_over += 1
+
+        async with trio.open_nursery() as nursery:
+            for worker in chosen:
+                for _ in range(1 if worker == LOCAL else max(1, in_flight)):  # BLAS already fills local cores
+                    nursery.start_soon(puller, worker)
+        if failure:
+            raise failure[0]
+        return SplitOutcome(out, shares, time.perf_counter() - start)
+
     def _failure_text(self, task_id: int, kernel: str, fail: Fail) -> str:
         attempts = self.scheduler.attempts(task_id)
         where = "; ".join(f"{short_id(a.worker_id)}: {a.outcome}" for a in attempts)
@@ -2887,10 +3132,14 @@ class Manager:
         task_id: int,
         action: Dispatch,
         scope: Any,
-        job: tuple[str, Sequence[np.ndarray], dict[str, float]],
+        job: tuple[str, Sequence[np.ndarray], dict[str, float], tuple[float, int]],
         results: dict[int, tuple[tuple[np.ndarray, ...], float]],
     ) -> None:
-        kernel, operands, params = job
+        import trio
+
+        kernel, operands, params, cost = job
+        if action.delay_s:
+            await trio.sleep(action.delay_s)
         event: SchedulerEvent
         with scope:
             delegator = self.delegators.get(action.worker_id)
@@ -2898,7 +3147,9 @@ class Manager:
                 if delegator is None:
                     raise PeerError(f"worker {short_id(action.worker_id)} is not connected", kind="unavailable")
                 log.debug("task %d attempt %d on %s: %s", task_id, action.attempt, short_id(action.worker_id), kernel)
+                started = time.perf_counter()
                 outputs, compute_s = await delegator.execute(kernel, operands, params)
+                self._measured(action.worker_id, cost, compute_s, time.perf_counter() - started)
                 problem = await self._verify(action.worker_id, kernel, operands, params, outputs)
                 if problem is not None:
                     self.verification_failures += 1
@@ -3002,21 +3253,28 @@ def verify(name: str, got: np.ndarray, expected: np.ndarray) -> float:
 
 
 class InitiatorChecks:
-    """The distributed checks the initiator runs against one responder."""
+    """The distributed checks the initiator runs against its responders."""
 
-    def __init__(self, node: Node, manager: Manager, session: PeerSession, *, size: int, transfer_bytes: int) -> None:
+    def __init__(
+        self, node: Node, manager: Manager, sessions: Sequence[PeerSession], *, size: int, transfer_bytes: int
+    ) -> None:
         import numpy as np
 
         self.node = node
         self.manager = manager
-        self.session = session
-        self.peer = session.peer_id
+        self.sessions = list(sessions)
+        self.session = self.sessions[0]
+        self.peer = self.session.peer_id
         self.size = size
         self.transfer_bytes = transfer_bytes
         self.rng = np.random.default_rng(2024)
         self.results: list[CheckResult] = []
         self.rtt_ms: float | None = None
         self.throughput: dict[str, float] = {}
+        self.shares: dict[str, dict[str, float]] = {}
+
+    def _who(self, session: PeerSession) -> str:
+        return "the responder" if len(self.sessions) == 1 else f"responder {session.label}"
 
     async def _run(self, name: str, fn: Callable[[], Any]) -> None:
         start = time.perf_counter()
@@ -3029,7 +3287,7 @@ class InitiatorChecks:
         log.info("check %s: %s (%s)", name, "ok" if ok else "FAILED", detail)
 
     async def run_all(self) -> list[CheckResult]:
-        """Run every check in order; the last one ends the session with the responder."""
+        """Run every check in order; the last one ends the sessions with the responders."""
         await self._run("connection", self.connection)
         await self._run("local execution", self.local_execution)
         await self._run("delegation", self.delegation)
@@ -3039,16 +3297,20 @@ class InitiatorChecks:
         return self.results
 
     async def connection(self) -> str:
-        info = self.node.connection_info(self.peer)
-        rtts = sorted([await self.session.ping() for _ in range(PING_COUNT)])
-        self.rtt_ms = rtts[len(rtts) // 2] * 1000
-        if "noise" not in info["security"]:
-            raise CheckFailed(f"connection is not encrypted with Noise: {info['security']}")
-        hello = self.session.hello
-        return (
-            f"peer {self.peer} (pangea {hello.pangea_version}, {hello.platform}); {info['security']} + "
-            f"{info['muxer']}; rtt {self.rtt_ms:.2f} ms"
-        )
+        details = []
+        for session in self.sessions:
+            info = self.node.connection_info(session.peer_id)
+            rtts = sorted([await session.ping() for _ in range(PING_COUNT)])
+            rtt_ms = rtts[len(rtts) // 2] * 1000
+            self.rtt_ms = self.rtt_ms if self.rtt_ms is not None else rtt_ms
+            if "noise" not in info["security"]:
+                raise CheckFailed(f"connection to {session.peer_id} is not encrypted with Noise: {info['security']}")
+            hello = session.hello
+            details.append(
+                f"peer {session.peer_id} (pangea {hello.pangea_version}, {hello.platform}, "
+                f"{hello.gflops:.0f} GFLOP/s); {info['security']} + {info['muxer']}; rtt {rtt_ms:.2f} ms"
+            )
+        return "; ".join(details)
 
     async def local_execution(self) -> str:
         a, b = self.rng.standard_normal((256, 256)), self.rng.standard_normal((256, 256))
@@ -3060,70 +3322,73 @@ class InitiatorChecks:
 
     async def delegation(self) -> str:
         done = []
-        for kernel in sorted(KERNELS):
-            operands, params = check_inputs(kernel, self.rng)
-            try:
-                outcome = await self.manager.run(kernel, operands, params, placement=self.peer)
-            except TaskError as exc:
-                raise CheckFailed(f"{kernel}: {exc}") from None
-            if outcome.worker_id != self.peer:
-                raise CheckFailed(f"{kernel} ran on {outcome.worker_id}, not on the responder")
-            verify(kernel, outcome.outputs[0], reference_result(kernel, operands, params))
-            done.append(kernel)
-        return f"{len(done)}/{len(KERNELS)} kernels ran on the responder and match local numpy: {', '.join(done)}"
+        for session in self.sessions:
+            for kernel in sorted(KERNELS):
+                operands, params = check_inputs(kernel, self.rng)
+                try:
+                    outcome = await self.manager.run(kernel, operands, params, placement=session.peer_id)
+                except TaskError as exc:
+                    raise CheckFailed(f"{kernel} on {session.label}: {exc}") from None
+                if outcome.worker_id != session.peer_id:
+                    raise CheckFailed(f"{kernel} ran on {short_id(outcome.worker_id)}, not on {self._who(session)}")
+                verify(kernel, outcome.outputs[0], reference_result(kernel, operands, params))
+                done.append(kernel)
+        where = "the responder" if len(self.sessions) == 1 else f"each of the {len(self.sessions)} responders"
+        kernels = ", ".join(sorted(KERNELS))
+        return f"{len(KERNELS)}/{len(KERNELS)} kernels ran on {where} and match local numpy: {kernels}"
 
     async def aggregation(self) -> str:
-        import numpy as np
-        import trio
-
         n = self.size
         a, b = self.rng.standard_normal((n, n)), self.rng.standard_normal((n, n))
-        half = n // 2
-        blocks = [(LOCAL, 0, half), (self.peer, half, n)]
-        outcomes: dict[int, TaskOutcome] = {}
-
-        async def one(i: int, placement: str, lo: int, hi: int) -> None:
-            outcomes[i] = await self.manager.run("matmul", (a[lo:hi], b), placement=placement)
-
-        async with trio.open_nursery() as nursery:
-            for i, (placement, lo, hi) in enumerate(blocks):
-                nursery.start_soon(one, i, placement, lo, hi)
-        for i, (placement, _, _) in enumerate(blocks):
-            if outcomes[i].worker_id != placement:
-                raise CheckFailed(f"block {i} ran on {short_id(outcomes[i].worker_id)}, not {short_id(placement)}")
-        gathered = np.vstack([outcomes[i].outputs[0] for i in range(len(blocks))])
-        err = verify("gathered matmul", gathered, a @ b)
-        return (
-            f"{n}x{n} matmul split by rows: 0-{half - 1} local, {half}-{n - 1} on the responder; "
-            f"gathered result matches, max error {err:.1e}"
-        )
+        workers = [LOCAL, *(s.peer_id for s in self.sessions)]
+        split = await self.manager.split_matmul(a, b, workers=workers)
+        err = verify("gathered matmul", split.result, a @ b)
+        parts = []
+        for worker, share in split.shares.items():
+            self.shares[worker] = {"rows": share.rows, "blocks": share.blocks, "busy": split.busy_fraction(worker)}
+            name = "local" if worker == LOCAL else short_id(worker)
+            parts.append(f"{name} {share.rows} rows/{share.blocks} blocks")
+        if sum(s.rows for s in split.shares.values()) != n:
+            raise CheckFailed(f"the blocks cover {sum(s.rows for s in split.shares.values())} rows, not {n}")
+        if not all(split.shares[s.peer_id].rows for s in self.sessions):
+            raise CheckFailed("a responder got no block: " + ", ".join(parts))
+        return f"{n}x{n} matmul split by rows ({', '.join(parts)}); gathered result matches, max error {err:.1e}"
 
     async def throughput_check(self) -> str:
         import numpy as np
 
         rows = max(1, self.transfer_bytes // (8 * 1024))
         data = self.rng.random((rows, 1024))
-        start = time.perf_counter()
-        up = await self.manager.run("sum", (data,), placement=self.peer)
-        up_s = time.perf_counter() - start - up.compute_s
-        verify("sum", up.outputs[0], np.asarray(data.sum()))
-        params = {"rows": float(rows), "cols": 1024.0, "seed": 7.0}
-        start = time.perf_counter()
-        down = await self.manager.run("random", (), params, placement=self.peer)
-        down_s = time.perf_counter() - start - down.compute_s
-        if not np.array_equal(down.outputs[0], reference_result("random", (), params)):
-            raise CheckFailed("downloaded array differs from the expected one")
-        mb = data.nbytes / 1e6
-        self.throughput = {"upload": mb / max(up_s, 1e-9), "download": mb / max(down_s, 1e-9)}
-        return (
-            f"{format_bytes(data.nbytes)} each way: upload {self.throughput['upload']:.0f} MB/s, "
-            f"download {self.throughput['download']:.0f} MB/s"
-        )
+        details = []
+        for session in self.sessions:
+            start = time.perf_counter()
+            up = await self.manager.run("sum", (data,), placement=session.peer_id)
+            up_s = time.perf_counter() - start - up.compute_s
+            verify("sum", up.outputs[0], np.asarray(data.sum()))
+            params = {"rows": float(rows), "cols": 1024.0, "seed": 7.0}
+            start = time.perf_counter()
+            down = await self.manager.run("random", (), params, placement=session.peer_id)
+            down_s = time.perf_counter() - start - down.compute_s
+            if not np.array_equal(down.outputs[0], reference_result("random", (), params)):
+                raise CheckFailed(f"the array downloaded from {session.label} differs from the expected one")
+            mb = data.nbytes / 1e6
+            figures = {"upload": mb / max(up_s, 1e-9), "download": mb / max(down_s, 1e-9)}
+            self.throughput = self.throughput or figures
+            prefix = "" if len(self.sessions) == 1 else f"{session.label}: "
+            details.append(f"{prefix}upload {figures['upload']:.0f} MB/s, download {figures['download']:.0f} MB/s")
+        return f"{format_bytes(data.nbytes)} each way: " + "; ".join(details)
 
     async def fallback(self) -> str:
-        """Say done to the responder, then delegate to it while it hangs up: the
+        """Say done to the responders, then delegate to the first while it hangs up: the
         task must come back from a local run, after a real failed attempt."""
+        import trio
+
         a = self.rng.standard_normal((128, 128))
+        for session in self.sessions[1:]:  # the others leave first, so the retry can only go local
+            await session.bye("done")
+        with trio.move_on_after(BYE_WAIT_S):
+            for session in self.sessions[1:]:
+                await session.closed.wait()
         await self.session.bye("done")
         outcome = await self.manager.run("inverse", (a,), placement=self.peer)
         first = outcome.attempts[0]
@@ -3132,7 +3397,8 @@ class InitiatorChecks:
             raise CheckFailed(f"expected a failed attempt on the responder, then a local run; got {where}")
         verify("inverse", outcome.outputs[0], reference_result("inverse", (a,), {}))
         return (
-            f"responder left after 'done'; attempt 1 on it failed ({first.outcome}); attempt 2 ran locally and verified"
+            f"{self._who(self.session)} left after 'done'; attempt 1 on it failed ({first.outcome}); "
+            "attempt 2 ran locally and verified"
         )
 
 
@@ -3973,6 +4239,13 @@ def make_parser() -> argparse.ArgumentParser:
         help="a responder accepted without the pairing code (repeatable; also $PANGEA_HOME/trusted_peers)",
     )
     verify_option(p)
+    p.add_argument(
+        "--expect",
+        type=int,
+        default=1,
+        metavar="N",
+        help="wait for N responders and run the checks across all of them (default: 1)",
+    )
 
     p = sub.add_parser("respond", help="start node 2: connect to an initiator and do its work")
     p.add_argument(
@@ -4225,6 +4498,8 @@ def cmd_initiate(args: argparse.Namespace) -> int:
         raise UsageError(f"port {args.port} is outside 0-65535")
     if args.size < 2:
         raise UsageError(f"--size {args.size} is too small; use at least 2")
+    if not 1 <= args.expect <= 64:
+        raise UsageError(f"--expect {args.expect} is outside 1-64")
     limits, psk = limits_from_args(args), read_psk_file(args.psk)
     with node_session("initiator", args) as (home, session_dir):
         key_pair = load_or_create_identity(home)
@@ -4239,18 +4514,21 @@ async def _initiate(
 
     limits, psk, allowed = options
     chosen: list[str] = []
-    pairing = Pairing(new_pairing_code(), expires_at=time.monotonic() + args.timeout)
+    expect = args.expect
+    pairing = Pairing(new_pairing_code(), expires_at=time.monotonic() + args.timeout, max_uses=expect)
 
     def accept(peer_id: str, hello: HelloMsg) -> str | None:
         if hello.role != "responder":
             return f"this initiator works with a responder, not a {hello.role!r}"
-        if chosen and chosen[0] != peer_id:
-            return f"this initiator is already working with responder {chosen[0]}"
-        if not chosen and peer_id not in allowed:
+        if peer_id in chosen:
+            return None  # a responder reconnecting
+        if len(chosen) >= expect:
+            return f"this initiator already has its {expect} responder(s): {', '.join(chosen)}"
+        if peer_id not in allowed:
             refusal = pairing.check(hello.pairing_proof, node.peer_id, peer_id, time.monotonic())
             if refusal is not None:
                 return refusal
-        chosen[:] = [peer_id]
+        chosen.append(peer_id)
         return None
 
     node = Node(
@@ -4265,33 +4543,43 @@ async def _initiate(
         print("Copy this address for responder:")
         for address in node.addresses:
             print(f"  {address}")
-        print(f"Pairing code (one use, valid {args.timeout:.0f} s): {format_pairing_code(pairing.code)}")
+        uses = "one use" if expect == 1 else f"{expect} uses"
+        print(f"Pairing code ({uses}, valid {args.timeout:.0f} s): {format_pairing_code(pairing.code)}")
         if node.addresses:
             print(f"Join string: {join_string(node.addresses[0], pairing.code)}")
             print(f"  on the other box: ./pangea.pyz respond '{join_string(node.addresses[0], pairing.code)}'")
-        print(f"Waiting up to {args.timeout:.0f} s for a responder (Ctrl-C to stop)...", flush=True)
+        who = "a responder" if expect == 1 else f"{expect} responders"
+        print(f"Waiting up to {args.timeout:.0f} s for {who} (Ctrl-C to stop)...", flush=True)
         log.info("listening on %s (pairing code issued)", ", ".join(node.addresses))
-        session: PeerSession | None = None
+        sessions: list[PeerSession] = []
         with trio.move_on_after(args.timeout):
-            session = await node.next_session()
-        if session is None:
+            while len(sessions) < expect:
+                session = await node.next_session()
+                sessions = [s for s in sessions if s.peer_id != session.peer_id and not s.closed.is_set()] + [session]
+                count = f" ({len(sessions)} of {expect})" if expect > 1 else ""
+                print(
+                    f"Responder connected: {session.peer_id} (pangea {session.hello.pangea_version}){count}", flush=True
+                )
+        if len(sessions) < expect:
             port = node.addresses[0].split("/tcp/")[1].split("/")[0] if node.addresses else args.port
+            got = "nobody" if not sessions else f"only {len(sessions)} of {expect} responders"
             raise NoPeerError(
-                f"cannot run the checks: nobody connected within {args.timeout:.0f} s",
+                f"cannot run the checks: {got} connected within {args.timeout:.0f} s",
                 kind="timeout",
                 hint=f"on the other box run `./pangea.pyz respond` with the join string printed above; "
                 f"check that box can reach this one (same network, firewall open for TCP port {port})",
             )
-        print(f"Responder connected: {session.peer_id} (pangea {session.hello.pangea_version})", flush=True)
-        checks = InitiatorChecks(node, manager, session, size=args.size, transfer_bytes=args.transfer_mib << 20)
+        transfer = args.transfer_mib << 20
+        checks = InitiatorChecks(node, manager, sessions, size=args.size, transfer_bytes=transfer)
         results = await checks.run_all()
-    ok = print_report(
-        "initiator",
-        session.peer_id,
-        results,
-        {"addresses": node.addresses, "rtt_ms": checks.rtt_ms, "throughput_mb_s": checks.throughput},
-        args.json,
-    )
+    extra = {
+        "addresses": node.addresses,
+        "rtt_ms": checks.rtt_ms,
+        "throughput_mb_s": checks.throughput,
+        "peers": [s.peer_id for s in sessions],
+        "shares": checks.shares,
+    }
+    ok = print_report("initiator", sessions[0].peer_id, results, extra, args.json)
     return 0 if ok else 1
 
 

@@ -66,8 +66,20 @@ struct TaskResult {
   computeSeconds @4 :Float64;         # time the kernel ran on the worker
 }
 
-struct Ping { nonce @0 :UInt64; }
-struct Pong { nonce @0 :UInt64; }
+struct Ping {
+  nonce @0 :UInt64;
+  load  @1 :UInt32;   # tasks the sender is running or has queued for its peers
+}
+struct Pong {
+  nonce @0 :UInt64;
+  load  @1 :UInt32;
+}
+
+struct Cancel {
+  # The sender no longer wants the result of its task `taskId`: a worker that
+  # has not started it drops it, one that has finishes silently.
+  taskId @0 :UInt64;
+}
 
 struct Bye {
   # The sender ends the session on purpose ("done" from the initiator).
@@ -90,6 +102,7 @@ struct Message {
     pong        @4 :Pong;
     bye         @5 :Bye;
     error       @6 :Error;
+    cancel      @7 :Cancel;
   }
 }
 

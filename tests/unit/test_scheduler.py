@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from pangea import (
     LOCAL,
     MAX_ATTEMPTS,
+    PROBATION_S,
     RETRYABLE_KINDS,
     AttemptRecord,
     Cancel,
@@ -33,6 +34,7 @@ from pangea import (
     TaskFailedEvent,
     TickEvent,
     WorkerDownEvent,
+    WorkerStatsEvent,
     WorkerUpEvent,
 )
 
@@ -64,8 +66,16 @@ class Driver:
         for worker in workers:
             assert self.step(WorkerUpEvent(worker, speed)) == []
 
-    def submit(self, task_id: int, placement: str = "auto", deadline: float = 1e9) -> list[Any]:
-        return self.step(SubmitEvent(task_id, placement, deadline))
+    def submit(
+        self,
+        task_id: int,
+        placement: str = "auto",
+        deadline: float = 1e9,
+        flops: float = 0.0,
+        nbytes: int = 0,
+        now: float | None = None,
+    ) -> list[Any]:
+        return self.step(SubmitEvent(task_id, placement, deadline, flops, nbytes), now)
 
     def current(self, task_id: int) -> Dispatch:
         """The last Dispatch of a task (its current attempt while it runs)."""
@@ -241,7 +251,8 @@ def test_scheduler_retry_goes_to_another_worker_then_local() -> None:
     assert first in (PEER_A, PEER_B)
     other = PEER_B if first == PEER_A else PEER_A
     assert driver.fail(1, "unavailable", "stream reset") == [Dispatch(1, 2, other)]
-    assert driver.fail(1, "busy", "queue full") == [Dispatch(1, 3, LOCAL)]
+    # a busy worker: the retry elsewhere waits a backoff that grows with the attempts
+    assert driver.fail(1, "busy", "queue full") == [Dispatch(1, 3, LOCAL, delay_s=0.4)]
     assert driver.done(1) == [Deliver(1, 3, LOCAL)]
     assert driver.scheduler.attempts(1) == [
         AttemptRecord(first, "unavailable: stream reset"),
@@ -262,7 +273,8 @@ def test_scheduler_every_retryable_kind_is_retried(kind: str) -> None:
     driver = Driver()
     driver.up(PEER_A)
     driver.submit(1, PEER_A)
-    assert driver.fail(1, kind, "x") == [Dispatch(1, 2, LOCAL)]
+    delay = 0.2 if kind == "busy" else 0.0  # only `busy` waits before the retry
+    assert driver.fail(1, kind, "x") == [Dispatch(1, 2, LOCAL, delay_s=delay)]
 
 
 @pytest.mark.parametrize("kind", ["bad-input", "deadline", "something-new"])
@@ -310,8 +322,8 @@ def test_scheduler_worker_down_redispatches_its_running_tasks() -> None:
     driver.submit(4, PEER_B)
     actions = driver.step(WorkerDownEvent(PEER_A, "connection reset"))
     assert sorted((a.task_id, a.attempt) for a in actions) == [(1, 2), (2, 2), (3, 2)]
-    # the placement was pinned to A, so the retry runs locally
-    assert all(isinstance(a, Dispatch) and a.worker_id == LOCAL for a in actions)
+    # the placement was pinned to A: the retry goes to another worker (B or this node), never A
+    assert all(isinstance(a, Dispatch) and a.worker_id in (PEER_B, LOCAL) for a in actions)
     assert driver.scheduler.attempts(1)[0] == AttemptRecord(PEER_A, "disconnected: connection reset")
     assert driver.running_on(PEER_A) == 0
     assert driver.current(4) == Dispatch(4, 1, PEER_B)  # untouched
@@ -555,3 +567,51 @@ def test_scheduler_property_any_event_sequence_keeps_invariants(
         assert all(a.outcome for a in attempts)
     late = sum(isinstance(a, DropLate) for a in driver.actions)
     assert late == driver.scheduler.late_dropped
+
+
+def test_scheduler_retry_of_a_pinned_task_prefers_the_faster_remaining_worker() -> None:
+    driver = Driver()
+    driver.up(PEER_A, speed=10.0)
+    driver.up(PEER_B, speed=1000.0)  # far faster than this node's default speed of 1
+    driver.submit(1, PEER_A)
+    assert driver.fail(1, "disconnected", "gone") == [Dispatch(1, 2, PEER_B)]
+
+
+def test_scheduler_stats_update_speed_and_bandwidth_as_ewma() -> None:
+    driver = Driver()
+    driver.up(PEER_A, speed=10.0)
+    driver.step(WorkerStatsEvent(PEER_A, speed=20.0, bandwidth=1e8, load=3))
+    state = driver.scheduler.workers[PEER_A]
+    assert state.speed == pytest.approx(0.7 * 10.0 + 0.3 * 20.0)
+    assert state.bandwidth == pytest.approx(1e8)  # the first measurement is taken as is
+    assert state.load == 3
+    driver.step(WorkerStatsEvent(PEER_A, bandwidth=2e8))
+    assert state.bandwidth == pytest.approx(0.7e8 + 0.6e8)
+
+
+def test_scheduler_auto_weighs_transfer_against_compute() -> None:
+    # a remote worker 10x faster than this node, behind a 100 MB/s link
+    driver = Driver()
+    driver.up(PEER_A, speed=10.0)
+    driver.step(WorkerStatsEvent(PEER_A, bandwidth=100e6))
+    driver.step(WorkerStatsEvent(LOCAL, speed=1.0))
+    # compute-heavy (10 GFLOP, 1 MB): remote wins; transfer-heavy (0.01 GFLOP, 1 GB): local wins
+    assert driver.submit(1, "auto", flops=10e9, nbytes=1 << 20)[0].worker_id == PEER_A
+    assert driver.submit(2, "auto", flops=1e7, nbytes=1 << 30)[0].worker_id == LOCAL
+
+
+def test_scheduler_busier_worker_gets_less_work() -> None:
+    driver = Driver()
+    driver.up(PEER_A, PEER_B, speed=5.0)
+    driver.step(WorkerStatsEvent(PEER_A, load=6))  # A reports a queue of six tasks
+    assert driver.submit(1, "remote", flops=1e9)[0].worker_id == PEER_B
+
+
+def test_scheduler_flapping_worker_is_on_probation_after_it_returns() -> None:
+    driver = Driver()
+    driver.up(PEER_A, PEER_B, speed=5.0)
+    driver.step(WorkerDownEvent(PEER_A), now=100.0)
+    driver.step(WorkerUpEvent(PEER_A, 5.0), now=101.0)
+    assert driver.scheduler.workers[PEER_A].probation_until == pytest.approx(101.0 + PROBATION_S)
+    # while on probation, the other equal worker is preferred
+    assert driver.submit(1, "remote", flops=1e9, now=102.0)[0].worker_id == PEER_B

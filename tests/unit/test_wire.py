@@ -169,22 +169,26 @@ HELLO = HelloMsg(
 
 # ---------------------------------------------------------------- golden bytes
 
-# PingMsg(7): the 12-byte prefix (40-byte header, no payload), then the header:
-# Cap'n Proto segment table (1 segment of 4 words), root struct pointer
+# PingMsg(7): the 12-byte prefix (48-byte header, no payload), then the header:
+# Cap'n Proto segment table (1 segment of 5 words), root struct pointer
 # (1 data word, 1 pointer), Message data word (union tag 3 = ping), pointer
-# to the Ping struct (1 data word), Ping data word (nonce 7).
+# to the Ping struct (2 data words), Ping data words (nonce 7, load 0).
 PING_7_GOLDEN_HEX = (
-    "00000028000000000000000000000000040000000000000001000100030000000000000000000000010000000700000000000000"
+    "000000300000000000000000000000000500000000000000010001000300000000000000000000000200000007000000"
+    "000000000000000000000000"
 )
 
 
-def _capnp_ping_like_header(tag: int, nonce: int) -> bytes:
-    """Build the header of a Ping/Pong message by hand from the Cap'n Proto encoding rules."""
-    segment_table = struct.pack("<II", 0, 4)  # segment count - 1, words in segment 0
+def _capnp_ping_like_header(tag: int, nonce: int, load: int | None = 0) -> bytes:
+    """Build the header of a Ping/Pong message by hand from the Cap'n Proto encoding rules.
+
+    load=None builds the first protocol revision's Ping/Pong (nonce only, 1 data word)."""
+    words = 1 if load is None else 2
+    segment_table = struct.pack("<II", 0, 3 + words)  # segment count - 1, words in segment 0
     root_pointer = struct.pack("<IHH", 0, 1, 1)  # struct pointer, offset 0, 1 data word, 1 pointer
     message_data = struct.pack("<H6x", tag)  # union discriminant
-    body_pointer = struct.pack("<IHH", 0, 1, 0)  # struct pointer, offset 0, 1 data word, 0 pointers
-    body_data = struct.pack("<Q", nonce)
+    body_pointer = struct.pack("<IHH", 0, words, 0)  # struct pointer, offset 0, data words, 0 pointers
+    body_data = struct.pack("<Q", nonce) if load is None else struct.pack("<QI4x", nonce, load)
     return segment_table + root_pointer + message_data + body_pointer + body_data
 
 
@@ -195,7 +199,7 @@ def test_encode_ping_matches_golden_bytes() -> None:
 def test_encode_ping_matches_hand_built_frame() -> None:
     header = _capnp_ping_like_header(3, 7)
     frame = encode(PingMsg(7))
-    assert frame[:12] == struct.pack("!IQ", len(header), 0) == bytes.fromhex("00000028" + "00" * 8)
+    assert frame[:12] == struct.pack("!IQ", len(header), 0) == bytes.fromhex("00000030" + "00" * 8)
     assert frame == struct.pack("!IQ", len(header), 0) + header
     assert FRAME_PREFIX.size == 12
 
@@ -216,13 +220,20 @@ def test_encode_ping_header_decodes_with_the_schema() -> None:
 def test_encode_union_tags_are_pinned(msg: Any, tag: int) -> None:
     # The union order of `Message` is part of the protocol: reordering it is an
     # incompatible change that needs a PROTOCOL_VERSION bump.
-    assert encode(msg) == struct.pack("!IQ", 40, 0) + _capnp_ping_like_header(tag, 7)
+    assert encode(msg) == struct.pack("!IQ", 48, 0) + _capnp_ping_like_header(tag, 7)
 
 
 def test_decode_hand_built_pong_frame() -> None:
     decoder = Decoder()
-    decoder.feed(raw_frame(_capnp_ping_like_header(4, 2**64 - 1)))
-    assert decoder.next() == PongMsg(2**64 - 1)
+    decoder.feed(raw_frame(_capnp_ping_like_header(4, 2**64 - 1, load=3)))
+    assert decoder.next() == PongMsg(2**64 - 1, 3)
+
+
+def test_decode_pong_of_the_first_revision_without_load() -> None:
+    # Cap'n Proto structs grow compatibly: a Pong without the load field reads as load 0.
+    decoder = Decoder()
+    decoder.feed(raw_frame(_capnp_ping_like_header(4, 5, load=None)))
+    assert decoder.next() == PongMsg(5, 0)
 
 
 def test_encode_task_request_frame_layout() -> None:
