@@ -1417,6 +1417,7 @@ def check_result(
 ###############################################################################
 
 PLACEMENTS = ("auto", "local", "remote")  # or a peer id
+SPLIT_PLACEMENTS = ("split", "split-remote")  # a matmul in row blocks over every worker (RPC and `call`)
 EWMA_ALPHA = 0.3  # weight of the newest measurement of a worker's speed or bandwidth
 PROBATION_S = 3 * HEARTBEAT_S  # a worker back from being down gets less work this long (times its downs, up to 4)
 DEFAULT_BANDWIDTH_BYTES_S = 100e6  # assumed until a transfer to the worker has been measured
@@ -1580,6 +1581,7 @@ class _WorkerState:
     running: int = 0  # our attempts running there
     suspect: bool = False  # returned a result that failed verification: used only as a last resort
     downs: int = 0  # how often it went down: a flapping worker is put on probation when it returns
+    measured: int = 0  # tasks whose speed was measured
     probation_until: float = 0.0
 
 
@@ -1616,7 +1618,10 @@ class Scheduler:
         if isinstance(event, WorkerStatsEvent):
             state = self.workers.setdefault(event.worker_id, _WorkerState(up=False))
             if event.speed is not None and event.speed > 0:
-                state.speed = (1 - EWMA_ALPHA) * state.speed + EWMA_ALPHA * event.speed
+                # the first real measurement replaces the Hello's figure (taken while the box was starting)
+                old_speed = state.speed if state.measured else event.speed
+                state.speed = (1 - EWMA_ALPHA) * old_speed + EWMA_ALPHA * event.speed
+                state.measured += 1
             if event.bandwidth is not None and event.bandwidth > 0:
                 old = state.bandwidth or event.bandwidth
                 state.bandwidth = (1 - EWMA_ALPHA) * old + EWMA_ALPHA * event.bandwidth
@@ -3065,7 +3070,7 @@ class Manager:
         *,
         workers: Sequence[str] | None = None,
         in_flight: int = 2,
-        blocks_per_worker: int = 3,
+        blocks_per_worker: int = 4,
         timeout_s: float = 600.0,
     ) -> SplitOutcome:
         """Compute a @ b split in row blocks over workers (this node included), gathered in order.
@@ -3084,21 +3089,29 @@ class Manager:
         chosen = list(workers) if workers is not None else self.usable_workers()
         n = a.shape[0]
         out = np.empty((n, b.shape[1]), dtype=np.result_type(a, b))
-        speed = {w: max(self.scheduler.workers.get(w, _WorkerState()).speed, 1e-3) for w in chosen}
         base_rows = max(1, math.ceil(n / (blocks_per_worker * len(chosen))))
-        rows_for = {w: max(1, round(base_rows * len(chosen) * speed[w] / sum(speed.values()))) for w in chosen}
         shares = {w: WorkerShare() for w in chosen}
         cursor = 0
         failure: list[TaskError] = []
         start = time.perf_counter()
 
-        async def puller(worker: str) -> None:
+        def rows_for(worker: str) -> int:
+            """Block rows in proportion to the worker's speed as measured so far (EWMA), within
+            a factor of 2 of the mean block: speeds measured on busy machines are noisy, and
+            pulling does the rest (a slow worker comes back for its next block later)."""
+            speed = {w: max(self.scheduler.workers.get(w, _WorkerState()).speed, 1e-3) for w in chosen}
+            ratio = min(2.0, max(0.5, len(chosen) * speed[worker] / sum(speed.values())))
+            return max(1, round(base_rows * ratio))
+
+        async def puller(worker: str, first_done: Any, wait_for: Any) -> None:
             nonlocal cursor
+            if wait_for is not None:
+                await wait_for.wait()  # slow start: pipelining begins once the worker has proven itself
             while cursor < n and not failure:
                 if worker != LOCAL and worker not in self.node.sessions:
                     return  # gone: the blocks left go to the others
                 lo = cursor
-                hi = cursor = min(n, lo + rows_for[worker])
+                hi = cursor = min(n, lo + rows_for(worker))
                 try:
                     outcome = await self.run("matmul", (a[lo:hi], b), placement=worker, timeout_s=timeout_s)
                 except TaskError as exc:
@@ -3111,11 +3124,14 @@ class Manager:
                 share.compute_s += outcome.compute_s
                 if outcome.worker_id != worker:
                     shares[worker].failed_over += 1
+                first_done.set()
 
         async with trio.open_nursery() as nursery:
             for worker in chosen:
-                for _ in range(1 if worker == LOCAL else max(1, in_flight)):  # BLAS already fills local cores
-                    nursery.start_soon(puller, worker)
+                first_done = trio.Event()
+                nursery.start_soon(puller, worker, first_done, None)
+                for _ in range(0 if worker == LOCAL else max(1, in_flight) - 1):  # BLAS already fills local cores
+                    nursery.start_soon(puller, worker, trio.Event(), first_done)
         if failure:
             raise failure[0]
         return SplitOutcome(out, shares, time.perf_counter() - start)
@@ -3541,12 +3557,33 @@ class NodeService:
         """Run a task through the manager; TaskError on failure."""
         outcome: TaskOutcome | None = None
         with self._call():
-            if placement not in PLACEMENTS and placement not in self.node.sessions:
-                known = ", ".join(PLACEMENTS + tuple(self.node.sessions)) or "none"
+            if placement in SPLIT_PLACEMENTS:
+                outcome = await self._split(kernel, operands, placement, timeout_s)
+            elif placement not in PLACEMENTS and placement not in self.node.sessions:
+                known = ", ".join(PLACEMENTS + SPLIT_PLACEMENTS + tuple(self.node.sessions))
                 raise TaskError(f"unknown placement {placement!r}; use one of: {known}", kind="bad-input")
-            outcome = await self.manager.run(kernel, operands, params, placement=placement, timeout_s=timeout_s)
+            else:
+                outcome = await self.manager.run(kernel, operands, params, placement=placement, timeout_s=timeout_s)
         assert outcome is not None
         return outcome
+
+    async def _split(
+        self, kernel: str, operands: Sequence[np.ndarray], placement: str, timeout_s: float
+    ) -> TaskOutcome:
+        """A matmul split in row blocks over the connected workers (and this node, for "split")."""
+        if kernel != "matmul" or len(operands) != 2:
+            raise TaskError(f"placement {placement!r} splits a matmul; {kernel} cannot be split", kind="bad-input")
+        workers = self.manager.usable_workers()
+        if placement == "split-remote":
+            workers = [w for w in workers if w != LOCAL] or [LOCAL]
+        split = await self.manager.split_matmul(operands[0], operands[1], workers=workers, timeout_s=timeout_s)
+        attempts = [
+            AttemptRecord(w, f"ok: {s.rows} rows in {s.blocks} blocks, busy {split.busy_fraction(w):.0%}")
+            for w, s in split.shares.items()
+            if s.blocks
+        ]
+        compute_s = sum(s.compute_s for s in split.shares.values())
+        return TaskOutcome(0, kernel, (split.result,), "split", attempts, compute_s, split.elapsed_s)
 
     def peer_info(self, session: PeerSession) -> dict[str, Any]:
         """Return what `peers` reports about one session."""

@@ -582,7 +582,9 @@ def test_scheduler_stats_update_speed_and_bandwidth_as_ewma() -> None:
     driver.up(PEER_A, speed=10.0)
     driver.step(WorkerStatsEvent(PEER_A, speed=20.0, bandwidth=1e8, load=3))
     state = driver.scheduler.workers[PEER_A]
-    assert state.speed == pytest.approx(0.7 * 10.0 + 0.3 * 20.0)
+    assert state.speed == pytest.approx(20.0)  # the first measurement replaces the Hello's figure
+    driver.step(WorkerStatsEvent(PEER_A, speed=10.0))
+    assert state.speed == pytest.approx(0.7 * 20.0 + 0.3 * 10.0)
     assert state.bandwidth == pytest.approx(1e8)  # the first measurement is taken as is
     assert state.load == 3
     driver.step(WorkerStatsEvent(PEER_A, bandwidth=2e8))
