@@ -1,0 +1,1292 @@
+#!/usr/bin/env python3
+"""Benchmark harness for pangea: its figures side by side with baselines measured in the same run.
+
+Usage (from the repo root, after ./build.sh):
+
+    .build/venv/bin/python bench/bench.py                    # full run, a few minutes
+    .build/venv/bin/python bench/bench.py --quick            # smaller sizes, about a minute
+    .build/venv/bin/python bench/bench.py --json out.json    # also write every number as JSON
+    .build/venv/bin/python bench/bench.py --only bulk,tasks  # some phases: tcp bulk tasks matmul rss start
+    SHIV_INTERPRETER=1 ./pangea.pyz bench/bench.py --quick   # the pangea and libraries inside the pyz
+
+Other options: --pyz PATH (the pyz whose start-up is timed, default <repo>/pangea.pyz),
+--bulk-mib 64,1024, --rss-mib 1024, --tasks N, --inflight N, --matmul-n N, --reps N,
+--start-reps N, --wait-quiet SECONDS (first wait for other programs to leave the CPUs
+idle: each phase records the cores others used meanwhile, and the run warns when that
+disturbed it), --no-baseline and --directions upload|download (to profile one transfer:
+``py-spy record --subprocesses -f raw -o out.txt -- .build/venv/bin/python bench/bench.py
+--only bulk --no-baseline --directions upload --bulk-mib 1024``). Run with --help for all.
+
+What runs. Every measurement that needs two nodes uses two processes: this one and a
+peer, the same script started again with the hidden ``--role peer``. The peer runs,
+at once, a raw TCP server, a plain py-libp2p host (Noise + Yamux, built with
+libp2p's own calls as in the tech notes, so pangea changing its ``make_host``
+does not move the baseline) and a pangea ``Node`` that serves every task. This
+process dials all three, and the baseline and pangea measurements of each size
+alternate, so drift of the machine hits both alike.
+
+- tcp:    raw TCP on 127.0.0.1, bulk MB/s each way (the ceiling of this machine).
+- bulk:   MB/s each way per size. Baseline: a plain libp2p stream, 1 MiB writes,
+          ``read(1 MiB)`` loop into a full-size buffer. pangea: ``PeerSession.request``
+          of ``sum`` (upload) and ``random`` (download), minus the worker's compute time.
+- tasks:  round trip p50 and tasks/s. Baseline: 64-byte echo on an already open libp2p
+          stream (sequential; --inflight streams at once). pangea: a tiny ``add`` task
+          through ``Manager.run`` (the user path: scheduler, verification), and through
+          ``PeerSession.request`` alone.
+- matmul: NxN float64 matmul delegated with ``Manager.run``: wall time minus the
+          worker's compute time. Baseline: the time a plain libp2p stream needs for the
+          same bytes (2 operands up, 1 result down) at the bulk rates measured above.
+- rss:    a fresh peer and a fresh client process transfer one operand (``sum`` up, and
+          ``random`` down in another fresh pair); the peak RSS (VmHWM) of each process
+          over the operand size. --quick uses 256 MiB instead of 1 GiB.
+- start:  ``pangea.pyz --help`` warm (baseline: the same pyz running an empty script),
+          and from launching ``respond`` to the first task it served (``respond -v``
+          logs ``task N from <peer>: <kernel> done``; baseline: the pyz importing
+          numpy, trio, libp2p and capnp and nothing else).
+
+The table has, per metric: pangea, baseline, ratio (pangea / baseline), the
+issue's target and whether it is met. With --json every sample, the machine
+(cores, Python, numpy and its BLAS threads, OPENBLAS_CORETYPE) and the
+configuration are written too. Not measured here: the 1 Gbit/s netns link of
+the issue (target 6).
+
+Only 127.0.0.1 is used. Every wait has a timeout, every loop a bound, and every
+process this script starts is stopped in a ``finally`` (the peers also exit on
+their own when this process goes away: they watch their stdin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import resource
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCRIPT = Path(__file__).resolve()
+REPO_ROOT = SCRIPT.parent.parent
+MIB = 1 << 20
+
+BENCH_PROTOCOL = "/pangea-bench/raw/1.0.0"
+COMMAND = struct.Struct("!cQ")  # op (U upload, D download, E echo), byte count
+IO_CHUNK_BYTES = 1 << 20  # writes and reads of the baselines, as in the tech notes' table
+ECHO_BYTES = 64  # the "small message" of the bare request/response baseline
+PHASES = ("tcp", "bulk", "tasks", "matmul", "rss", "start")
+READY_S = 60.0  # a peer or node must print its ready line within this
+# A bulk transfer must go faster than this, or it fails with a timeout instead of hanging.
+MIN_RATE_BYTES_S = 10e6
+
+# The first completed task in `respond -v`'s log: "pangea: task 1 from 12D3...: add done in 0.001 s".
+FIRST_TASK = re.compile(r"task \d+ from \S+: \w+ done in")
+SESSION_UP = re.compile(r"^Connected to initiator ")
+
+
+def bulk_timeout_s(nbytes: int) -> float:
+    """Return the time allowed for one transfer of ``nbytes`` (or one task carrying them)."""
+    return 60.0 + nbytes / MIN_RATE_BYTES_S
+
+
+def import_pangea() -> Any:
+    """Import pangea: the one on sys.path (the pyz's), else the work tree's pangea.py."""
+    try:
+        import pangea
+    except ImportError:
+        sys.path.insert(0, str(REPO_ROOT))
+        import pangea
+    return pangea
+
+
+def vm_status(pid: int | str = "self") -> dict[str, float]:
+    """Return the Vm* lines of /proc/PID/status in MiB (VmRSS, VmHWM = peak RSS, ...)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Vm") and line.rstrip().endswith("kB"):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Return the q-quantile (0..1) of samples, by the nearest rank."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """Return the CPU seconds (user + system) of a live (or zombie) process; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def cpu_snapshot() -> tuple[float, float, float]:
+    """Return (monotonic time, CPU seconds the machine was busy, CPU seconds of this bench).
+
+    The bench's own share is this process, its reaped children (getrusage) and
+    its live children (/proc), so busy minus own is what other programs used."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    busy = (sum(ticks[:3]) + sum(ticks[5:8])) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    own = sum(
+        r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
+    own += sum(_proc_cpu_s(child.pid) for child in Child.live)
+    return time.monotonic(), busy, own
+
+
+def foreign_load(since: tuple[float, float, float]) -> dict[str, float]:
+    """Return the wall time since a snapshot and the cores other programs used meanwhile."""
+    now = cpu_snapshot()
+    wall = max(now[0] - since[0], 1e-9)
+    return {"wall_s": wall, "foreign_cores": max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / wall}
+
+
+def wait_quiet(max_wait_s: float, threshold_cores: float = 0.15) -> float:
+    """Wait (up to max_wait_s) until other programs use less than threshold_cores; return their last load."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        snap = cpu_snapshot()
+        time.sleep(2.0)
+        load = foreign_load(snap)["foreign_cores"]
+        if load < threshold_cores or time.monotonic() >= deadline:
+            return load
+        print(f"bench: waiting for a quiet machine: other programs use {load:.2f} cores", file=sys.stderr, flush=True)
+
+
+###############################################################################
+# Raw TCP: plain blocking sockets, the same framing as the libp2p baseline
+###############################################################################
+
+
+def recv_into_all(conn: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from the socket; EOFError when the peer closes first."""
+    got = 0
+    while got < len(view):
+        n = conn.recv_into(view[got:], min(len(view) - got, IO_CHUNK_BYTES))
+        if n == 0:
+            raise EOFError(f"peer closed after {got} of {len(view)} bytes")
+        got += n
+
+
+def send_all(conn: socket.socket, view: memoryview) -> None:
+    """Send ``view`` in IO_CHUNK_BYTES pieces."""
+    for start in range(0, len(view), IO_CHUNK_BYTES):
+        conn.sendall(view[start : start + IO_CHUNK_BYTES])
+
+
+def send_filler(conn: socket.socket, nbytes: int) -> None:
+    """Send ``nbytes`` of filler in IO_CHUNK_BYTES pieces."""
+    chunk = memoryview(os.urandom(IO_CHUNK_BYTES))
+    for start in range(0, nbytes, IO_CHUNK_BYTES):
+        conn.sendall(chunk[: min(IO_CHUNK_BYTES, nbytes - start)])
+
+
+def tcp_serve(server: socket.socket) -> None:
+    """Peer side of the raw TCP baseline: one command per connection (runs on a thread)."""
+    while True:
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(bulk_timeout_s(1 << 31))
+            header = bytearray(COMMAND.size)
+            recv_into_all(conn, memoryview(header))
+            op, nbytes = COMMAND.unpack(header)
+            if op == b"U":
+                recv_into_all(conn, memoryview(bytearray(nbytes)))
+                conn.sendall(b"k")
+            elif op == b"D":
+                send_filler(conn, nbytes)
+
+
+def tcp_transfer(port: int, direction: str, data: memoryview) -> float:
+    """Move ``data`` (its size, for a download) over raw TCP; return the seconds it took."""
+    nbytes = len(data)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.settimeout(bulk_timeout_s(nbytes))
+        buf = memoryview(bytearray(nbytes)) if direction == "download" else None
+        start = time.perf_counter()
+        if direction == "upload":
+            conn.sendall(COMMAND.pack(b"U", nbytes))
+            send_all(conn, data)
+            recv_into_all(conn, memoryview(bytearray(1)))
+        else:
+            assert buf is not None
+            conn.sendall(COMMAND.pack(b"D", nbytes))
+            recv_into_all(conn, buf)
+        return time.perf_counter() - start
+
+
+###############################################################################
+# Plain py-libp2p: the host of the tech notes and the baseline stream protocol
+###############################################################################
+
+
+def plain_host() -> Any:
+    """Return a py-libp2p host with a new identity: TCP, Noise only, Yamux only (tech notes 1)."""
+    from libp2p import new_host
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
+    from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
+    from libp2p.security.noise.transport import Transport as Noise
+    from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    key_pair = create_new_key_pair()
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_ID: Noise(key_pair, noise_privkey=new_x25519().private_key)},
+        muxer_opt={YAMUX_ID: Yamux},  # type: ignore[dict-item]
+    )
+
+
+async def stream_read_into(stream: Any, view: memoryview) -> None:
+    """Fill ``view`` from a libp2p stream with read(1 MiB) calls (not read_exactly: tech notes)."""
+    got = 0
+    while got < len(view):
+        chunk = await stream.read(min(len(view) - got, IO_CHUNK_BYTES))
+        view[got : got + len(chunk)] = chunk
+        got += len(chunk)
+
+
+async def stream_read_exactly(stream: Any, nbytes: int) -> bytearray:
+    """Return exactly ``nbytes`` read from a libp2p stream."""
+    buf = bytearray(nbytes)
+    await stream_read_into(stream, memoryview(buf))
+    return buf
+
+
+async def stream_write_all(stream: Any, view: memoryview) -> None:
+    """Write ``view`` to a libp2p stream in IO_CHUNK_BYTES pieces."""
+    for start in range(0, len(view), IO_CHUNK_BYTES):
+        await stream.write(view[start : start + IO_CHUNK_BYTES])
+
+
+async def baseline_handler(stream: Any) -> None:
+    """Peer side of the libp2p baseline: upload, download or echo, one command per stream.
+
+    NOTE: an exception escaping a stream handler kills the whole py-libp2p
+    host (tech notes), so everything is caught and the stream reset."""
+    from libp2p.network.stream.exceptions import StreamEOF
+
+    try:
+        op, nbytes = COMMAND.unpack(await stream_read_exactly(stream, COMMAND.size))
+        if op == b"U":
+            await stream_read_into(stream, memoryview(bytearray(nbytes)))
+            await stream.write(b"k")
+        elif op == b"D":
+            chunk = memoryview(os.urandom(IO_CHUNK_BYTES))
+            for start in range(0, nbytes, IO_CHUNK_BYTES):
+                await stream.write(chunk[: min(IO_CHUNK_BYTES, nbytes - start)])
+        elif op == b"E":
+            for _ in range(10_000_000):  # bounded; ends at the client's EOF long before
+                msg = await stream_read_exactly(stream, nbytes)
+                await stream.write(bytes(msg))
+        await stream.close()
+    except StreamEOF:
+        with contextlib.suppress(Exception):
+            await stream.close()
+    except Exception as exc:  # noqa: BLE001  NOTE: see the docstring
+        print(f"bench peer: baseline stream failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            await stream.reset()
+
+
+async def open_bench_stream(host: Any, peer_id: Any) -> Any:
+    """Open a new baseline stream to the peer."""
+    from libp2p.custom_types import TProtocol
+
+    return await host.new_stream(peer_id, [TProtocol(BENCH_PROTOCOL)])
+
+
+async def libp2p_transfer(host: Any, peer_id: Any, direction: str, data: memoryview) -> float:
+    """Move ``data`` (its size, for a download) on a fresh baseline stream; return the seconds."""
+    import trio
+
+    nbytes = len(data)
+    stream = await open_bench_stream(host, peer_id)
+    buf = memoryview(bytearray(nbytes)) if direction == "download" else None
+    with trio.fail_after(bulk_timeout_s(nbytes)):
+        start = time.perf_counter()
+        if direction == "upload":
+            await stream.write(COMMAND.pack(b"U", nbytes))
+            await stream_write_all(stream, data)
+            await stream_read_exactly(stream, 1)
+        else:
+            assert buf is not None
+            await stream.write(COMMAND.pack(b"D", nbytes))
+            await stream_read_into(stream, buf)
+        seconds = time.perf_counter() - start
+    with contextlib.suppress(Exception):
+        await stream.close()
+    return seconds
+
+
+async def libp2p_echo(host: Any, peer_id: Any, count: int, warmup: int) -> list[float]:
+    """Return ``count`` round-trip times of a 64-byte echo on one already open stream."""
+    stream = await open_bench_stream(host, peer_id)
+    await stream.write(COMMAND.pack(b"E", ECHO_BYTES))
+    msg = b"p" * ECHO_BYTES
+    samples = []
+    for i in range(warmup + count):
+        start = time.perf_counter()
+        await stream.write(msg)
+        await stream_read_exactly(stream, ECHO_BYTES)
+        if i >= warmup:
+            samples.append(time.perf_counter() - start)
+    with contextlib.suppress(Exception):
+        await stream.close()
+    return samples
+
+
+###############################################################################
+# The peer process (--role peer): raw TCP server, plain libp2p host, pangea node
+###############################################################################
+
+
+def exit_when_stdin_closes() -> None:
+    """Exit this process at once when the parent closes our stdin (or dies)."""
+
+    def watch() -> None:
+        with contextlib.suppress(Exception):
+            sys.stdin.buffer.read()
+        os._exit(0)
+
+    threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
+
+
+def pangea_node(pangea: Any, role: str, *, serve: bool) -> Any:
+    """Return a pangea Node with a new identity that serves every peer (or nobody)."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    return pangea.Node(
+        key_pair=create_new_key_pair(),
+        role=role,
+        accept=(lambda peer_id, hello: None) if serve else (lambda peer_id, hello: "a bench client takes no sessions"),
+        may_serve=lambda peer_id: serve,
+        limits=pangea.Limits(),
+    )
+
+
+def peer_main() -> int:
+    """Run the peer until stdin closes; print one JSON ready line with its addresses."""
+    import trio
+
+    exit_when_stdin_closes()
+    server = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=tcp_serve, args=(server,), name="tcp-serve", daemon=True).start()
+
+    async def run() -> None:
+        from libp2p.custom_types import TProtocol
+        from multiaddr import Multiaddr
+
+        pangea = import_pangea()
+        host = plain_host()
+        node = pangea_node(pangea, "bench-worker", serve=True)
+        async with host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            host.set_stream_handler(TProtocol(BENCH_PROTOCOL), baseline_handler)
+            async with node.running("127.0.0.1", 0):
+                ready = {
+                    "pid": os.getpid(),
+                    "tcp_port": server.getsockname()[1],
+                    "libp2p": f"{host.get_transport_addrs()[0]}/p2p/{host.get_id()}",
+                    "pangea": node.addresses[0],
+                    "rss_mib": vm_status()["VmRSS"],
+                }
+                print(json.dumps(ready), flush=True)
+                await trio.sleep_forever()
+
+    trio.run(run)
+    return 0
+
+
+###############################################################################
+# Child processes
+###############################################################################
+
+
+class Child:
+    """A child process whose output lines are collected, with their arrival times, by threads."""
+
+    live: list[Child] = []  # started and not yet reaped (their CPU time is read from /proc)
+
+    def __init__(self, cmd: Sequence[str], *, env: dict[str, str] | None = None, name: str = "") -> None:
+        self.name = name or Path(cmd[0]).name
+        self.lines: dict[str, list[tuple[float, str]]] = {"stdout": [], "stderr": []}
+        self._changed = threading.Condition()
+        self.started_at = time.perf_counter()
+        self.popen = subprocess.Popen(
+            list(cmd),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+            bufsize=1,
+            errors="replace",
+            start_new_session=True,  # a Ctrl-C of the bench is not also delivered to the child
+        )
+        self.pid = self.popen.pid
+        Child.live.append(self)
+        for stream_name in ("stdout", "stderr"):
+            pipe = getattr(self.popen, stream_name)
+            threading.Thread(target=self._pump, args=(pipe, stream_name), daemon=True).start()
+
+    def _pump(self, pipe: Any, stream_name: str) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            for line in pipe:
+                with self._changed:
+                    self.lines[stream_name].append((time.perf_counter(), line.rstrip("\n")))
+                    self._changed.notify_all()
+
+    def wait_for(self, pattern: re.Pattern[str], stream_name: str, timeout_s: float) -> tuple[float, str]:
+        """Return (arrival time, line) of the first line matching ``pattern``; RuntimeError on timeout or exit."""
+        deadline = time.perf_counter() + timeout_s
+        with self._changed:
+            while True:
+                for at, line in self.lines[stream_name]:
+                    if pattern.search(line):
+                        return at, line
+                left = deadline - time.perf_counter()
+                if left <= 0 or self.popen.poll() is not None:
+                    why = "timed out" if left <= 0 else f"exited with {self.popen.returncode}"
+                    raise RuntimeError(f"{self.name} {why} before printing /{pattern.pattern}/:\n{self.output()}")
+                self._changed.wait(min(left, 0.2))
+
+    def output(self, last: int = 30) -> str:
+        """Return the last lines of both streams, for error messages."""
+        with self._changed:
+            out = [f"  {s}: {line}" for s in ("stdout", "stderr") for _, line in self.lines[s][-last:]]
+        return "\n".join(out)
+
+    def stop(self, grace_s: float = 5.0) -> int | None:
+        """Close stdin, then SIGTERM, then SIGKILL, each after a grace period; return the exit code."""
+        with contextlib.suppress(OSError):
+            if self.popen.stdin:
+                self.popen.stdin.close()
+        for step in (None, self.popen.terminate, self.popen.kill):
+            if step is not None and self.popen.poll() is None:
+                step()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=grace_s if step is not self.popen.kill else 10)
+                break
+        code = self.popen.poll()
+        if code is not None and self in Child.live:
+            Child.live.remove(self)
+        return code
+
+
+def self_command(args: argparse.Namespace) -> list[str]:
+    """Return the command that starts this script again with the same Python and libraries."""
+    if os.environ.get("SHIV_INTERPRETER"):  # we run inside the pyz: the children must too
+        return [sys.executable, str(Path(args.pyz).resolve()), str(SCRIPT)]
+    return [sys.executable, str(SCRIPT)]
+
+
+@contextlib.contextmanager
+def running_peer(args: argparse.Namespace) -> Iterator[tuple[Child, dict[str, Any]]]:
+    """Start a peer process; yield it and its ready line; always stop it."""
+    peer = Child([*self_command(args), "--role", "peer"], name="bench peer")
+    try:
+        _, line = peer.wait_for(re.compile(r"^\{"), "stdout", READY_S)
+        yield peer, json.loads(line)
+    finally:
+        peer.stop()
+
+
+###############################################################################
+# Measurements
+###############################################################################
+
+
+@dataclass
+class Config:
+    """What one run measures."""
+
+    quick: bool
+    bulk_mib: list[int]
+    rss_mib: int
+    tasks: int
+    inflight: int
+    matmul_n: int
+    reps: int
+    start_reps: int
+    baseline: bool = True
+    directions: list[str] = field(default_factory=lambda: ["upload", "download"])
+    phases: list[str] = field(default_factory=lambda: list(PHASES))
+
+
+def measure_tcp(args: argparse.Namespace, cfg: Config, ready: dict[str, Any], data: dict[int, Any]) -> dict[str, Any]:
+    """Raw TCP MB/s each direction and size (median of reps)."""
+    out: dict[str, Any] = {}
+    for mib in cfg.bulk_mib:
+        view = memoryview(data[mib]).cast("B")
+        for direction in ("upload", "download"):
+            samples = [tcp_transfer(ready["tcp_port"], direction, view) for _ in range(reps_for(cfg, mib))]
+            out[f"{direction}_{mib}"] = rate_summary(mib * MIB, samples)
+    return out
+
+
+def reps_for(cfg: Config, mib: int) -> int:
+    """Repetitions of a bulk transfer: cfg.reps for small sizes, once from 512 MiB up."""
+    return 1 if mib >= 512 else cfg.reps
+
+
+def rate_summary(nbytes: int, seconds: list[float]) -> dict[str, Any]:
+    """Return the median MB/s of transfers of ``nbytes`` and the samples."""
+    return {
+        "bytes": nbytes,
+        "seconds": seconds,
+        "mb_s": nbytes / statistics.median(seconds) / 1e6,
+        "mb_s_samples": [nbytes / s / 1e6 for s in seconds],
+    }
+
+
+def latency_summary(samples: list[float], wall_s: float | None = None) -> dict[str, Any]:
+    """Return p50/p90/p99 in ms and the rate of a list of round-trip times."""
+    return {
+        "count": len(samples),
+        "p50_ms": percentile(samples, 0.5) * 1000,
+        "p90_ms": percentile(samples, 0.9) * 1000,
+        "p99_ms": percentile(samples, 0.99) * 1000,
+        "mean_ms": statistics.fmean(samples) * 1000,
+        "per_s": len(samples) / (wall_s if wall_s is not None else sum(samples)),
+    }
+
+
+@dataclass
+class Pair:
+    """This process's side of the two-process phases: both hosts, dialed to the peer."""
+
+    cfg: Config
+    host: Any  # the plain libp2p host
+    libp2p_peer: Any  # the peer's libp2p peer ID (an ID object)
+    session: Any  # the pangea PeerSession with the peer's node
+    manager: Any  # pangea's Manager of our node
+    data: dict[int, Any]  # bulk operands by size in MiB
+    results: dict[str, Any]
+
+    @property
+    def peer(self) -> str:
+        """The peer node's id, the placement of delegated tasks."""
+        return str(self.session.peer_id)
+
+
+async def two_process_phases(cfg: Config, ready: dict[str, Any], data: dict[int, Any], results: dict) -> None:
+    """Dial the peer's libp2p host and pangea node; run bulk, tasks and matmul into ``results``."""
+    import trio
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    pangea = import_pangea()
+    host = plain_host()
+    node = pangea_node(pangea, "bench-client", serve=False)
+    manager = pangea.Manager(node)
+    info = info_from_p2p_addr(Multiaddr(ready["libp2p"]))
+    async with host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]), node.running("127.0.0.1", 0):
+        with trio.fail_after(30):
+            await host.connect(info)
+            session = await node.dial(pangea.parse_peer_address(ready["pangea"]), timeout_s=20)
+        conn = node.connection_info(session.peer_id)
+        results["pangea_connection"] = {"security": conn["security"], "muxer": conn["muxer"]}
+        pair = Pair(cfg, host, info.peer_id, session, manager, data, results)
+        for phase, fn in (("bulk", bulk), ("tasks", tasks), ("matmul", matmul)):
+            if phase not in cfg.phases:
+                continue
+            print(f"bench: {phase} ...", file=sys.stderr, flush=True)
+            snap = cpu_snapshot()
+            try:
+                results[phase] = await fn(pair)
+            except Exception as exc:  # noqa: BLE001  one failed phase must not lose the others
+                results[phase] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(f"bench: {phase} failed: {results[phase]['error']}", file=sys.stderr, flush=True)
+            results.setdefault("load", {})[phase] = foreign_load(snap)
+        await session.close("bench done")
+
+
+async def bulk(pair: Pair) -> dict[str, Any]:
+    """Bulk MB/s each way: the libp2p baseline and pangea's task path, alternating."""
+    import trio
+
+    cfg, session = pair.cfg, pair.session
+
+    out: dict[str, Any] = {"libp2p": {}, "pangea": {}, "pangea_compute_s": {}}
+    for mib in cfg.bulk_mib:
+        array = pair.data[mib]
+        view = memoryview(array).cast("B")
+        rows = array.size // 1024
+        params = {"rows": float(rows), "cols": 1024.0, "seed": 1.0}
+        samples: dict[str, list[float]] = {}
+        computes: dict[str, list[float]] = {}
+        for _ in range(reps_for(cfg, mib)):
+            for direction in cfg.directions:
+                if cfg.baseline:
+                    seconds = await libp2p_transfer(pair.host, pair.libp2p_peer, direction, view)
+                    samples.setdefault(f"libp2p_{direction}", []).append(seconds)
+                with trio.fail_after(bulk_timeout_s(mib * MIB)):
+                    start = time.perf_counter()
+                    if direction == "upload":
+                        result = await session.request("sum", (array,))
+                    else:
+                        result = await session.request("random", (), params)
+                    wall = time.perf_counter() - start
+                if not result.ok:
+                    raise RuntimeError(f"pangea {direction} task failed: {result.error_kind}: {result.error_message}")
+                if direction == "upload" and float(result.outputs[0]) != float(array.size):
+                    raise RuntimeError(f"sum of the uploaded ones is {result.outputs[0]}, expected {array.size}")
+                if direction == "download" and result.outputs[0].shape != (rows, 1024):
+                    raise RuntimeError(f"downloaded shape {result.outputs[0].shape}, expected {(rows, 1024)}")
+                result.outputs = ()  # free the download before the next transfer
+                samples.setdefault(f"pangea_{direction}", []).append(wall - result.compute_s)
+                computes.setdefault(direction, []).append(result.compute_s)
+        for key, times in samples.items():
+            system, direction = key.split("_")
+            out[system][f"{direction}_{mib}"] = rate_summary(mib * MIB, times)
+        out["pangea_compute_s"][str(mib)] = computes
+    return out
+
+
+async def tasks(pair: Pair) -> dict[str, Any]:
+    """Tiny-task round trips and tasks/s against a bare 64-byte echo on an open stream."""
+    import numpy as np
+    import trio
+
+    cfg, host, libp2p_peer, session, manager, peer = (
+        pair.cfg,
+        pair.host,
+        pair.libp2p_peer,
+        pair.session,
+        pair.manager,
+        pair.peer,
+    )
+
+    out: dict[str, Any] = {}
+    warmup = max(5, cfg.tasks // 20)
+    a, b = np.ones(1), np.ones(1)
+    with trio.fail_after(120 + cfg.tasks * 0.5):
+        if cfg.baseline:
+            out["echo_sequential"] = latency_summary(await libp2p_echo(host, libp2p_peer, cfg.tasks, warmup))
+            per_stream = max(1, cfg.tasks // cfg.inflight)
+            echo_all: list[float] = []
+
+            async def echo_one() -> None:
+                echo_all.extend(await libp2p_echo(host, libp2p_peer, per_stream, warmup))
+
+            start = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for _ in range(cfg.inflight):
+                    nursery.start_soon(echo_one)
+            # NOTE: the warm-up echoes are in the wall time; count them as done work too.
+            wall = time.perf_counter() - start
+            out["echo_inflight"] = latency_summary(
+                echo_all, wall * len(echo_all) / (len(echo_all) + warmup * cfg.inflight)
+            )
+
+        # pangea, full user path: Manager.run (scheduler, delegator, verification of the result).
+        where: dict[str, int] = {}
+
+        async def run_task() -> float:
+            start = time.perf_counter()
+            outcome = await manager.run("add", (a, b), placement=peer, timeout_s=30)
+            where[outcome.worker_id] = where.get(outcome.worker_id, 0) + 1
+            return time.perf_counter() - start
+
+        for _ in range(warmup):
+            await run_task()
+        where.clear()
+        start = time.perf_counter()
+        samples = [await run_task() for _ in range(cfg.tasks)]
+        out["pangea_sequential"] = latency_summary(samples, time.perf_counter() - start)
+
+        # pangea, the wire path alone: PeerSession.request.
+        for _ in range(warmup):
+            await session.request("add", (a, b))
+        req_samples = []
+        for _ in range(cfg.tasks):
+            start = time.perf_counter()
+            result = await session.request("add", (a, b))
+            req_samples.append(time.perf_counter() - start)
+            if not result.ok:
+                raise RuntimeError(f"tiny task failed: {result.error_kind}: {result.error_message}")
+        out["pangea_request_sequential"] = latency_summary(req_samples)
+
+        inflight_samples: list[float] = []
+        per_loop = max(1, cfg.tasks // cfg.inflight)
+
+        async def loop() -> None:
+            for _ in range(per_loop):
+                inflight_samples.append(await run_task())
+
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(cfg.inflight):
+                nursery.start_soon(loop)
+        out["pangea_inflight"] = latency_summary(inflight_samples, time.perf_counter() - start)
+        out["ran_on"] = {("peer" if k == peer else k): v for k, v in where.items()}
+    return out
+
+
+async def matmul(pair: Pair) -> dict[str, Any]:
+    """Delegated NxN float64 matmul: wall time minus the worker's compute time."""
+    import numpy as np
+    import trio
+
+    cfg, session, manager, peer = pair.cfg, pair.session, pair.manager, pair.peer
+
+    n = cfg.matmul_n
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal((n, n)), rng.standard_normal((n, n))
+    start = time.perf_counter()
+    expected = a @ b
+    local_s = time.perf_counter() - start
+    out: dict[str, Any] = {"n": n, "local_compute_s": local_s, "manager": [], "request": []}
+    with trio.fail_after(120 + cfg.reps * 30 * (n / 2048) ** 3):
+        await manager.run("matmul", (a[:64], b[:, :64]), placement=peer)  # warm-up: BLAS threads, code paths
+        for _ in range(cfg.reps):
+            start = time.perf_counter()
+            outcome = await manager.run("matmul", (a, b), placement=peer)
+            wall = time.perf_counter() - start
+            if outcome.worker_id != peer or not np.allclose(outcome.outputs[0], expected):
+                raise RuntimeError(f"matmul ran on {outcome.worker_id} or gave a wrong result")
+            out["manager"].append(
+                {"wall_s": wall, "compute_s": outcome.compute_s, "overhead_s": wall - outcome.compute_s}
+            )
+            start = time.perf_counter()
+            result = await session.request("matmul", (a, b))
+            wall = time.perf_counter() - start
+            out["request"].append(
+                {"wall_s": wall, "compute_s": result.compute_s, "overhead_s": wall - result.compute_s}
+            )
+    out["overhead_s"] = statistics.median(x["overhead_s"] for x in out["manager"])
+    out["request_overhead_s"] = statistics.median(x["overhead_s"] for x in out["request"])
+    # Baseline: what a plain libp2p stream needs for the same bytes at this run's bulk rates.
+    libp2p = pair.results.get("bulk", {}).get("libp2p", {})
+    small = min(cfg.bulk_mib)
+    if f"upload_{small}" in libp2p and f"download_{small}" in libp2p:
+        up, down = libp2p[f"upload_{small}"]["mb_s"] * 1e6, libp2p[f"download_{small}"]["mb_s"] * 1e6
+        out["libp2p_transfer_s"] = 2 * a.nbytes / up + a.nbytes / down
+    return out
+
+
+def measure_rss(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
+    """Peak RSS of a fresh client and a fresh worker moving one operand each way."""
+    out: dict[str, Any] = {"operand_mib": cfg.rss_mib}
+    for direction in ("upload", "download"):
+        with running_peer(args) as (peer, ready):
+            client = Child(
+                [
+                    *self_command(args),
+                    "--role",
+                    "rss-client",
+                    "--peer",
+                    ready["pangea"],
+                    "--direction",
+                    direction,
+                    "--rss-mib",
+                    str(cfg.rss_mib),
+                ],
+                name=f"rss client ({direction})",
+            )
+            try:
+                _, line = client.wait_for(re.compile(r"^\{"), "stdout", bulk_timeout_s(cfg.rss_mib * MIB) + READY_S)
+                report = json.loads(line)
+                worker = vm_status(peer.pid)
+            finally:
+                client.stop()
+            out[direction] = {
+                "client_peak_mib": report["peak_mib"],
+                "client_idle_mib": report["idle_mib"],
+                "worker_peak_mib": worker["VmHWM"],
+                "worker_idle_mib": ready["rss_mib"],
+                "seconds": report["seconds"],
+            }
+    return out
+
+
+def rss_client_main(args: argparse.Namespace) -> int:
+    """Dial a peer, move one operand (sum up or random down), print our peak RSS as JSON."""
+    import numpy as np
+    import trio
+
+    exit_when_stdin_closes()
+    pangea = import_pangea()
+    nbytes = args.rss_mib * MIB
+
+    async def run() -> dict[str, float]:
+        node = pangea_node(pangea, "bench-client", serve=False)
+        async with node.running("127.0.0.1", 0):
+            session = await node.dial(pangea.parse_peer_address(args.peer), timeout_s=20)
+            idle = vm_status()["VmRSS"]
+            with trio.fail_after(bulk_timeout_s(nbytes)):
+                if args.direction == "upload":
+                    operand = np.ones(nbytes // 8)
+                    start = time.perf_counter()
+                    result = await session.request("sum", (operand,))
+                else:
+                    start = time.perf_counter()
+                    params = {"rows": float(nbytes // 8192), "cols": 1024.0, "seed": 3.0}
+                    result = await session.request("random", (), params)
+                seconds = time.perf_counter() - start - result.compute_s
+            if not result.ok:
+                raise RuntimeError(f"{args.direction} failed: {result.error_kind}: {result.error_message}")
+            report = {"peak_mib": vm_status()["VmHWM"], "idle_mib": idle, "seconds": seconds}
+            await session.close("bench done")
+            return report
+
+    print(json.dumps(trio.run(run)), flush=True)
+    return 0
+
+
+def timed_runs(cmd: Sequence[str], reps: int, env: dict[str, str] | None = None) -> list[float]:
+    """Run ``cmd`` once to warm up, then ``reps`` times; return the wall times of those."""
+    times = []
+    for i in range(reps + 1):
+        start = time.perf_counter()
+        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=True)
+        if i:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def measure_start(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
+    """`pangea.pyz --help` warm, and launching `respond` to its first served task."""
+    pyz = str(Path(args.pyz).resolve())
+    out: dict[str, Any] = {"pyz": pyz}
+    if not os.path.isfile(pyz):
+        raise RuntimeError(f"no pyz at {pyz!r}: build it with ./build.sh or pass --pyz")
+    source = REPO_ROOT / "pangea.py"
+    if source.is_file() and source.stat().st_mtime > os.stat(pyz).st_mtime:
+        out["warning"] = "pangea.py is newer than the pyz: rebuild with ./build.sh to time the current code"
+        print(f"bench: warning: {out['warning']}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="pangea-bench-") as tmp:
+        empty, imports = Path(tmp) / "empty.py", Path(tmp) / "imports.py"
+        empty.write_text("")
+        imports.write_text("import numpy, trio, libp2p, capnp\n")
+        shiv_env = {**os.environ, "SHIV_INTERPRETER": "1"}
+        plain_env = {k: v for k, v in os.environ.items() if k != "SHIV_INTERPRETER"}
+        out["help_s"] = timed_runs([pyz, "--help"], cfg.start_reps * 2, plain_env)
+        out["shiv_empty_s"] = timed_runs([pyz, str(empty)], cfg.start_reps * 2, shiv_env)
+        out["python_empty_s"] = timed_runs([sys.executable, "-S", "-c", "pass"], cfg.start_reps * 2, plain_env)
+        out["imports_s"] = timed_runs([pyz, str(imports)], cfg.start_reps, shiv_env)
+        runs = [respond_to_first_task(pyz, Path(tmp), i, plain_env) for i in range(cfg.start_reps + 1)]
+        out["respond_first_task_s"] = [r["first_task_s"] for r in runs[1:]]  # the first one warms up
+        out["respond_session_s"] = [r["session_s"] for r in runs[1:]]
+    for key in ("help_s", "shiv_empty_s", "python_empty_s", "imports_s", "respond_first_task_s", "respond_session_s"):
+        out[key.removesuffix("_s") + "_median_s"] = statistics.median(out[key])
+    return out
+
+
+def respond_to_first_task(pyz: str, tmp: Path, i: int, env: dict[str, str]) -> dict[str, float]:
+    """Start an initiator, then time a responder from its launch to its first served task."""
+    homes = [tmp / f"initiator-{i}", tmp / f"responder-{i}"]
+    for home in homes:
+        home.mkdir(mode=0o700)
+    children: list[Child] = []
+    try:
+        initiator = Child(
+            [
+                pyz,
+                "initiate",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--size",
+                "64",
+                "--transfer-mib",
+                "1",
+                "--timeout",
+                "60",
+            ],
+            env={**env, "PANGEA_HOME": str(homes[0]), "PYTHONUNBUFFERED": "1"},
+            name="initiate",
+        )
+        children.append(initiator)
+        _, line = initiator.wait_for(re.compile(r"^Join string: pangea://"), "stdout", READY_S)
+        join = line.removeprefix("Join string: ").strip()
+        start = time.perf_counter()
+        responder = Child(
+            [pyz, "respond", "-v", join],
+            env={**env, "PANGEA_HOME": str(homes[1]), "PYTHONUNBUFFERED": "1"},
+            name="respond",
+        )
+        children.append(responder)
+        session_at, _ = responder.wait_for(SESSION_UP, "stdout", READY_S)
+        task_at, _ = responder.wait_for(FIRST_TASK, "stderr", READY_S)
+        return {"session_s": session_at - start, "first_task_s": task_at - start}
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+###############################################################################
+# Machine info, the table, main
+###############################################################################
+
+
+def blas_info() -> dict[str, Any]:
+    """Return numpy's BLAS: library, threads and core type (threadpoolctl if present, else ctypes)."""
+    import ctypes
+
+    import numpy as np
+
+    info: dict[str, Any] = {"numpy": np.__version__}
+    with contextlib.suppress(Exception):
+        from threadpoolctl import threadpool_info  # optional; not a dependency of pangea
+
+        info["threadpools"] = [
+            {k: p.get(k) for k in ("internal_api", "num_threads", "version", "architecture")} for p in threadpool_info()
+        ]
+        return info
+    with open("/proc/self/maps") as f:
+        libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+    for path in libs:
+        with contextlib.suppress(OSError):
+            lib = ctypes.CDLL(path)
+            for prefix, suffix in (("scipy_openblas_", "64_"), ("openblas_", ""), ("openblas_", "64_")):
+                threads = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
+                corename = getattr(lib, f"{prefix}get_corename{suffix}", None)
+                if threads is not None:
+                    info["blas_library"] = path
+                    info["blas_threads"] = int(threads())
+                    if corename is not None:
+                        corename.restype = ctypes.c_char_p
+                        info["blas_corename"] = corename().decode()
+                    return info
+    return info
+
+
+def machine_info(args: argparse.Namespace) -> dict[str, Any]:
+    """Return what the numbers depend on: cores, CPU, Python, library versions, BLAS, the code's commit."""
+    import libp2p  # noqa: F401
+    import trio
+
+    pangea = import_pangea()
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu,
+        "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30),
+        "python": sys.version.split()[0],
+        "python_executable": sys.executable,
+        "platform": platform.platform(),
+        "pangea_version": pangea.__version__,
+        "pangea_file": pangea.__file__,
+        "trio": getattr(trio, "__version__", None),
+        "libp2p": _dist_version("libp2p"),
+        "env": {
+            k: os.environ.get(k)
+            for k in (
+                "OPENBLAS_CORETYPE",
+                "OPENBLAS_L2_SIZE",
+                "OPENBLAS_NUM_THREADS",
+                "OMP_NUM_THREADS",
+                "SHIV_INTERPRETER",
+            )
+        },
+        **blas_info(),
+    }
+    with contextlib.suppress(Exception):
+        git = ["git", "-C", str(REPO_ROOT)]
+        info["git_commit"] = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        info["git_dirty"] = bool(
+            subprocess.run(
+                [*git, "status", "--porcelain", "--", "pangea.py"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        )
+    return info
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+@dataclass
+class Row:
+    """One line of the table; ``ratio`` is pangea / baseline."""
+
+    metric: str
+    unit: str
+    pangea: float | None
+    baseline: float | None
+    baseline_name: str
+    target: str
+    ratio: float | None = None
+    met: bool | None = None
+
+
+# Targets of the issue: (text, check of (pangea value, ratio), whether the check needs the ratio).
+BULK_TARGET = (">=4x, >=1000", lambda v, r: r >= 4 and v >= 1000, True)
+LATENCY_TARGET = ("<=1.2x", lambda v, r: r <= 1.2, True)
+RATE_TARGET = (">=1000", lambda v, r: v >= 1000, False)
+OVERHEAD_TARGET = ("<=0.1 s", lambda v, r: v <= 0.1, False)
+RSS_TARGET = ("<=2.5x", lambda v, r: r <= 2.5, True)
+HELP_TARGET = ("<0.2 s", lambda v, r: v < 0.2, False)
+FIRST_TASK_TARGET = ("<1.0 s", lambda v, r: v < 1.0, False)
+INFO = ("info", None, False)
+
+
+def make_row(metric: str, unit: str, pangea: Any, baseline: Any, baseline_name: str, target: tuple) -> Row:
+    """Return a row with its ratio and whether the target is met (None when unknown)."""
+    text, check, needs_ratio = target
+    ratio = pangea / baseline if pangea is not None and baseline else None
+    met = None
+    if check is not None and pangea is not None and (ratio is not None or not needs_ratio):
+        met = bool(check(pangea, ratio))
+    return Row(metric, unit, pangea, baseline, baseline_name, text, ratio, met)
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _size(mib: int) -> str:
+    return f"{mib // 1024} GiB" if mib >= 1024 and mib % 1024 == 0 else f"{mib} MiB"
+
+
+def build_rows(cfg: Config, r: dict[str, Any]) -> list[Row]:
+    """Turn the results into table rows with the issue's targets."""
+    rows: list[Row] = []
+    for mib in cfg.bulk_mib:
+        for direction in ("upload", "download"):
+            key, label = f"{direction}_{mib}", f"{direction} {_size(mib)}"
+            ours = _get(r, "bulk", "pangea", key, "mb_s")
+            rows.append(make_row(f"bulk {label}", "MB/s", ours, _get(r, "bulk", "libp2p", key, "mb_s"),
+                                 "libp2p stream", BULK_TARGET))  # fmt: skip
+            if _get(r, "tcp", key, "mb_s") is not None:
+                rows.append(make_row(f"  vs raw TCP ({label})", "MB/s", ours, _get(r, "tcp", key, "mb_s"),
+                                     "raw TCP", INFO))  # fmt: skip
+    t = r.get("tasks", {})
+    echo = _get(t, "echo_sequential", "p50_ms")
+    rows += [
+        make_row("tiny task p50 (Manager.run)", "ms", _get(t, "pangea_sequential", "p50_ms"), echo, "echo p50",
+                 LATENCY_TARGET),
+        make_row("tiny task p50 (session.request)", "ms", _get(t, "pangea_request_sequential", "p50_ms"), echo,
+                 "echo p50", LATENCY_TARGET),
+        make_row("tasks/s sequential", "1/s", _get(t, "pangea_sequential", "per_s"),
+                 _get(t, "echo_sequential", "per_s"), "echo/s", RATE_TARGET),
+        make_row(f"tasks/s {cfg.inflight} in flight", "1/s", _get(t, "pangea_inflight", "per_s"),
+                 _get(t, "echo_inflight", "per_s"), "echo/s", RATE_TARGET),
+    ]  # fmt: skip
+    m, n = r.get("matmul", {}), cfg.matmul_n
+    for key, how in (("overhead_s", "Manager.run"), ("request_overhead_s", "session.request")):
+        rows.append(make_row(f"matmul {n} overhead ({how})", "s", m.get(key), m.get("libp2p_transfer_s"),
+                             "libp2p, same bytes", OVERHEAD_TARGET))  # fmt: skip
+    size = _size(cfg.rss_mib) + (" (--quick)" if cfg.quick else "")
+    for direction in ("upload", "download"):
+        for who in ("client", "worker"):
+            rows.append(make_row(f"peak RSS {who}, {direction} {size}", "MiB",
+                                 _get(r, "rss", direction, f"{who}_peak_mib"), float(cfg.rss_mib), "operand",
+                                 RSS_TARGET))  # fmt: skip
+    st = r.get("start", {})
+    rows += [
+        make_row("pyz --help warm", "s", st.get("help_median_s"), st.get("shiv_empty_median_s"),
+                 "pyz empty script", HELP_TARGET),
+        make_row("respond -> first task warm", "s", st.get("respond_first_task_median_s"),
+                 st.get("imports_median_s"), "pyz imports only", FIRST_TASK_TARGET),
+    ]  # fmt: skip
+    return rows
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "ms":
+        return f"{value:.3f}"
+    if unit == "s":
+        return f"{value:.3f}"
+    return f"{value:.0f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def format_rows(rows: list[Row]) -> str:
+    """Return the table as aligned text."""
+    head = ("metric", "unit", "pangea", "baseline", "(baseline is)", "ratio", "target", "met?")
+    body = [
+        (
+            row.metric,
+            row.unit,
+            _fmt(row.pangea, row.unit),
+            _fmt(row.baseline, row.unit),
+            row.baseline_name,
+            "-" if row.ratio is None else f"{row.ratio:.2f}x",
+            row.target,
+            {True: "yes", False: "NO", None: "-"}[row.met],
+        )
+        for row in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in (head, *body)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    """Return the run's configuration: --quick defaults, then explicit options."""
+    quick = args.quick
+    phases = PHASES if not args.only else tuple(p.strip() for p in args.only.split(",") if p.strip())
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        raise SystemExit(f"bench: error: unknown phase(s) {sorted(unknown)}; choose from {', '.join(PHASES)}")
+    return Config(
+        quick=quick,
+        bulk_mib=[int(x) for x in (args.bulk_mib or ("64" if quick else "64,1024")).split(",")],
+        rss_mib=args.rss_mib or (256 if quick else 1024),
+        tasks=args.tasks or (200 if quick else 1000),
+        inflight=args.inflight,
+        matmul_n=args.matmul_n,
+        reps=args.reps or (1 if quick else 3),
+        start_reps=args.start_reps or (2 if quick else 5),
+        baseline=not args.no_baseline,
+        directions=[d.strip() for d in args.directions.split(",")],
+        phases=list(phases),
+    )
+
+
+def run_phase(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
+    """Run one phase into results[name]; a failure is recorded and the run goes on."""
+    print(f"bench: {name} ...", file=sys.stderr, flush=True)
+    snap = cpu_snapshot()
+    try:
+        results[name] = fn()
+    except Exception as exc:  # noqa: BLE001  one failed phase must not lose the others
+        results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"bench: {name} failed: {results[name]['error']}", file=sys.stderr, flush=True)
+    results.setdefault("load", {})[name] = foreign_load(snap)
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    """Run the selected phases, print the table, write the JSON; 0 when every phase ran."""
+    import numpy as np
+    import trio
+
+    cfg = make_config(args)
+    started = time.time()
+    print(
+        f"bench: {', '.join(cfg.phases)}; bulk {cfg.bulk_mib} MiB, rss {cfg.rss_mib} MiB"
+        f"{' (--quick)' if cfg.quick else ''}",
+        file=sys.stderr,
+        flush=True,
+    )
+    results: dict[str, Any] = {}
+    doc: dict[str, Any] = {"machine": machine_info(args), "config": asdict(cfg), "results": results}
+    if args.wait_quiet:
+        doc["foreign_cores_at_start"] = wait_quiet(args.wait_quiet)
+    doc["loadavg_at_start"] = os.getloadavg()
+    # Operands of the bulk phases: ones, so the worker's sum checks every byte arrived.
+    data = {mib: np.ones(mib * MIB // 8) for mib in cfg.bulk_mib} if {"tcp", "bulk"} & set(cfg.phases) else {}
+    if {"tcp", "bulk", "tasks", "matmul"} & set(cfg.phases):
+        with running_peer(args) as (_, ready):
+            if "tcp" in cfg.phases and cfg.baseline:
+                run_phase(results, "tcp", lambda: measure_tcp(args, cfg, ready, data))
+            try:
+                trio.run(two_process_phases, cfg, ready, data, results)
+            except BaseException as exc:  # noqa: BLE001  e.g. an ExceptionGroup from libp2p's teardown (#1516)
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                results["two_process_error"] = f"{type(exc).__name__}: {exc}"
+                print(f"bench: two-process phases: {results['two_process_error']}", file=sys.stderr)
+    data.clear()
+    if "rss" in cfg.phases:
+        run_phase(results, "rss", lambda: measure_rss(args, cfg))
+    if "start" in cfg.phases:
+        run_phase(results, "start", lambda: measure_start(args, cfg))
+    rows = build_rows(cfg, results)
+    doc["table"] = [asdict(row) for row in rows]
+    doc["seconds"] = time.time() - started
+    errors = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
+    if "two_process_error" in results:
+        errors["two_process"] = results["two_process_error"]
+    doc["errors"] = errors
+    print()
+    print(format_rows(rows))
+    print(
+        f"\nbench: {doc['seconds']:.0f} s; machine: {doc['machine']['cpu_count']} cores, "
+        f"Python {doc['machine']['python']}, numpy {doc['machine']['numpy']}, "
+        f"BLAS threads {doc['machine'].get('blas_threads', '?')}, "
+        f"OPENBLAS_CORETYPE={doc['machine']['env']['OPENBLAS_CORETYPE']}"
+    )
+    loads = results.get("load", {}).items()
+    busy = {k: v["foreign_cores"] for k, v in loads if v["foreign_cores"] > 0.2 and v["wall_s"] > 0.5}
+    if busy:
+        what = ", ".join(f"{k} {v:.2f}" for k, v in busy.items())
+        print(f"bench: warning: other programs used CPU during phases (cores: {what}); those figures are disturbed")
+    for name, error in errors.items():
+        print(f"bench: error in {name}: {error}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        print(f"bench: wrote {args.json}")
+    return 1 if errors else 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n", 1)[0])
+    p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions (rss: 256 MiB)")
+    p.add_argument("--json", metavar="FILE", help="write every number, the machine and the config as JSON")
+    p.add_argument("--pyz", default=str(REPO_ROOT / "pangea.pyz"), help="the pyz whose start-up is timed")
+    p.add_argument("--only", metavar="PHASES", help=f"comma-separated subset of: {','.join(PHASES)}")
+    p.add_argument("--bulk-mib", metavar="LIST", help="bulk sizes in MiB (default 64,1024; --quick 64)")
+    p.add_argument("--rss-mib", type=int, help="operand of the RSS phase in MiB (default 1024; --quick 256)")
+    p.add_argument("--tasks", type=int, help="tiny tasks per measurement (default 1000; --quick 200)")
+    p.add_argument("--inflight", type=int, default=8, help="tasks (echo streams) in flight at once (default 8)")
+    p.add_argument("--matmul-n", type=int, default=2048, help="size of the delegated matmul (default 2048)")
+    p.add_argument("--reps", type=int, help="repetitions of bulk (< 512 MiB) and matmul (default 3; --quick 1)")
+    p.add_argument("--start-reps", type=int, help="measured start-up runs after one warm-up (default 5; --quick 2)")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to this long for other programs to leave the CPUs idle (default: do not wait)",
+    )
+    p.add_argument("--directions", default="upload,download", help="bulk directions to measure (for profiling)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the tcp and libp2p baselines (for profiling)")
+    p.add_argument("--role", choices=("main", "peer", "rss-client"), default="main", help=argparse.SUPPRESS)
+    p.add_argument("--peer", help=argparse.SUPPRESS)
+    p.add_argument("--direction", choices=("upload", "download"), help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: the orchestrating run, or one of the hidden child roles."""
+    args = make_parser().parse_args(argv)
+    if args.role == "peer":
+        return peer_main()
+    if args.role == "rss-client":
+        return rss_client_main(args)
+    return bench_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
