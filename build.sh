@@ -15,7 +15,27 @@ usage: ./build.sh [build]            build pangea.pyz at the repo root
                                       pytest (on tests/ unless PYTEST_ARGS name test
                                       paths, e.g. tests/unit) with PANGEA_PYZ set to it;
                                       "no tests collected" counts as a failure
+       ./build.sh [build] --python X.Y [--platform TAG] [--wheels DIR] [--out-dir DIR]
+       ./build.sh [build] --platform TAG [--python X.Y] [--wheels DIR] [--out-dir DIR]
+                                      build a pyz for another box from wheels of that
+                                      target: pangea-cpXY-MACHINE.pyz, e.g.
+                                      ./build.sh --python 3.12 --platform manylinux_2_28_aarch64
+                                      -> pangea-cp312-aarch64.pyz
        ./build.sh --help              show this help
+
+options for another target (either or both of --python and --platform; the one
+left out is this machine's):
+  --python X.Y     CPython version of the target (>= 3.11)
+  --platform TAG   the newest pip platform tag the target supports: manylinux_2_28_aarch64
+                   (glibc >= 2.28 on aarch64), manylinux_2_34_x86_64, manylinux2014_x86_64
+                   (= manylinux_2_17) ...; the older manylinux tags it implies are added.
+                   Default: this machine's tags (manylinux_2_<this glibc>_<this machine>)
+  --wheels DIR     extra target wheels (pip --find-links), e.g. a fastecdsa wheel built on
+                   the target; needed when the target's machine differs from this one,
+                   since fastecdsa has no wheels on PyPI and is a C extension
+  --out-dir DIR    where to write the pyz (default: the repo root)
+Sdist-only dependencies are built here with a local CPython X.Y (the build venv's,
+pythonX.Y on PATH, or ~/.pyenv/versions/X.Y.*) when the target's machine is this one.
 
 environment:
   PYTHON   interpreter for the build venv (default: python3; needs CPython >= 3.11).
@@ -26,11 +46,15 @@ files:
                 pyproject.toml and the interpreter; rebuilt when either changes
   .build/app    staged app: pangea.py, pangea.capnp, _pangea_build.py
   pangea.pyz    the zipapp; run it as ./pangea.pyz --help
+  .build/wheels-cpXY-MACHINE/, .build/site-cpXY-MACHINE/, .build/app-cpXY-MACHINE/
+                another target's downloaded wheels, staged site-packages and app;
+                .build/requirements-cpXY-MACHINE.txt is its pinned runtime closure
 
 needs: gcc and libgmp-dev (fastecdsa, a libp2p dependency, is built from source).
 EOF
 }
 
+CALLER_DIR=$PWD # --wheels and --out-dir are relative to it
 cd "$(dirname "${BASH_SOURCE[0]}")"
 ROOT=$PWD
 PY=${PYTHON:-python3}
@@ -71,8 +95,19 @@ out = Path(sys.argv[1])
 project = tomllib.loads(Path("pyproject.toml").read_text())["project"]
 runtime = project["dependencies"]
 dev = project.get("optional-dependencies", {}).get("dev", [])
-(out / "requirements.txt").write_text("".join(r + "\n" for r in runtime))
-(out / "requirements-dev.txt").write_text("".join(r + "\n" for r in dev))
+
+
+def write(path: Path, text: str) -> None:
+    # Only when changed, and atomically: a concurrent build (e.g. a test that runs
+    # ./build.sh --python ... under ./build.sh test) may be reading it.
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+write(out / "requirements.txt", "".join(r + "\n" for r in runtime))
+write(out / "requirements-dev.txt", "".join(r + "\n" for r in dev))
 EOF
 }
 
@@ -108,27 +143,35 @@ ensure_venv() {
     VENV_REBUILT=1
 }
 
+# stage_app [DIR CACHE_TAG MACHINE PYTHON_VERSION]: copy the app into DIR
+# (default .build/app) with its build stamp; the stamp names the build venv's
+# interpreter unless another target's cache tag, machine and X.Y are given.
 stage_app() {
+    local app=${1:-$APP}
     [[ -f pangea.py ]] || die "cannot stage the app: pangea.py is missing in $ROOT"
     [[ -f capnp/pangea.capnp ]] || die "cannot stage the app: capnp/pangea.capnp is missing"
-    rm -rf "$APP"
-    mkdir -p "$APP"
-    cp pangea.py "$APP/pangea.py"
+    rm -rf "$app"
+    mkdir -p "$app"
+    cp pangea.py "$app/pangea.py"
     # pangea.py loads Path(__file__).with_name("pangea.capnp").
-    cp capnp/pangea.capnp "$APP/pangea.capnp"
+    cp capnp/pangea.capnp "$app/pangea.capnp"
     local commit
     commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-    "$VENV/bin/python" - "$APP/_pangea_build.py" "$commit" <<'EOF'
+    "$VENV/bin/python" - "$app/_pangea_build.py" "$commit" "${@:2}" <<'EOF'
 import datetime, platform, sys
 from pathlib import Path
 
 path, commit = sys.argv[1], sys.argv[2]
-built_for = (sys.implementation.cache_tag, platform.machine())
+if len(sys.argv) > 3:  # another target: cache tag, machine, X.Y
+    built_for, python_version = (sys.argv[3], sys.argv[4]), sys.argv[5]
+else:
+    built_for = (sys.implementation.cache_tag, platform.machine())
+    python_version = "%d.%d" % sys.version_info[:2]
 now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 Path(path).write_text(
     '"""Build stamp for pangea.pyz, generated by build.sh; do not edit."""\n'
     f"BUILT_FOR = {built_for!r}\n"
-    f"PYTHON_VERSION = {'%d.%d' % sys.version_info[:2]!r}\n"
+    f"PYTHON_VERSION = {python_version!r}\n"
     f"BUILD_TIME = {now!r}\n"
     f"GIT_COMMIT = {commit!r}\n"
 )
@@ -193,13 +236,503 @@ run_tests() {
     exit "$rc"
 }
 
-case ${1:-build} in
-    -h | --help | help) usage ;;
-    build) build ;;
-    test) shift; run_tests "$@" ;;
-    *)
-        echo "build.sh: error: unknown command '$1'" >&2
-        usage >&2
-        exit 2
-        ;;
+###############################################################################
+# Another target: ./build.sh --python X.Y and/or --platform TAG
+#
+# Recipe (tech notes, section 4): resolve the runtime closure for the target
+# with pip's target options (--only-binary=:all: --python-version X.Y
+# --implementation cp --platform TAG... for every older manylinux tag TAG
+# implies), build the sdist-only dependencies as wheels (pure ones with any
+# interpreter; fastecdsa, a C extension, only with CPython X.Y on this machine
+# type, or take it from --wheels), download the closure's wheels, install them
+# into .build/site-<target> with --target, and zip that with shiv.
+###############################################################################
+
+TARGET_PY=""      # --python X.Y
+TARGET_PLATFORM="" # --platform TAG
+WHEELS_DIR=""     # --wheels DIR
+OUT_DIR=""        # --out-dir DIR
+
+# target_py SUBCOMMAND ARGS...: the Python half of the target build, run with
+# the build venv's interpreter (it uses pip's vendored `packaging`). Errors are
+# printed in build.sh's own format and exit 2.
+target_py() {
+    "$VENV/bin/python" - "$@" <<'EOF'
+import json, platform, re, shutil, subprocess, sys, tempfile, zipfile
+from pathlib import Path
+
+from pip._vendor.packaging.markers import default_environment
+from pip._vendor.packaging.requirements import Requirement
+from pip._vendor.packaging.tags import compatible_tags, cpython_tags, platform_tags
+from pip._vendor.packaging.utils import canonicalize_name, parse_wheel_filename
+
+
+def die(msg, hint=None):
+    print(f"build.sh: error: {msg}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    sys.exit(2)
+
+
+LEGACY = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
+LEGACY_NAME = {v: k for k, v in LEGACY.items()}
+# The .so suffix machine part and ELF e_machine of each architecture.
+SO_ARCH = {"x86_64": "x86_64", "aarch64": "aarch64", "i686": "i386", "armv7l": "arm",
+           "ppc64le": "powerpc64le", "s390x": "s390x"}
+ELF_MACHINE = {"x86_64": 62, "aarch64": 183, "i686": 3, "armv7l": 40, "ppc64le": 21, "s390x": 22}
+
+
+def cmd_platforms(tag):
+    """Print 'MACHINE LIBC LIBC_VERSION' and then every platform tag the target accepts."""
+    if not tag:  # this machine: the tags pip itself would use here
+        tags = list(platform_tags())
+        machine = platform.machine()
+        glibc = next((m.group(1, 2) for t in tags if (m := re.match(r"manylinux_(\d+)_(\d+)_", t))), None)
+        if glibc is None:
+            die("cannot tell this machine's glibc version (is it musl?)", "pass --platform TAG")
+        print(machine, "glibc", ".".join(glibc))
+        print("\n".join(tags))
+        return
+    m = re.fullmatch(r"(?:manylinux_(\d+)_(\d+)|(manylinux1|manylinux2010|manylinux2014)|musllinux_(\d+)_(\d+))_(\w+)", tag)
+    if not m:
+        die(f"unknown --platform '{tag}': pangea.pyz targets Linux, give a manylinux or musllinux tag",
+            "e.g. --platform manylinux_2_28_aarch64 (glibc >= 2.28), manylinux_2_34_x86_64, manylinux2014_x86_64")
+    machine = m.group(6)
+    tags = []
+    if m.group(4):  # musllinux_1_Y: every older musllinux_1_y
+        major, minor = int(m.group(4)), int(m.group(5))
+        tags = [f"musllinux_{major}_{y}_{machine}" for y in range(minor, -1, -1)]
+        libc, version = "musl", f"{major}.{minor}"
+    else:
+        major, minor = LEGACY[m.group(3)] if m.group(3) else (int(m.group(1)), int(m.group(2)))
+        if major != 2:
+            die(f"unknown --platform '{tag}': manylinux tags are manylinux_2_Y_MACHINE")
+        # pip 23.2 does not expand manylinux_2_Y to the older tags it implies: list them.
+        oldest = 5 if machine in ("x86_64", "i686") else 17
+        for y in range(minor, oldest - 1, -1):
+            tags.append(f"manylinux_2_{y}_{machine}")
+            if (2, y) in LEGACY_NAME:
+                tags.append(f"{LEGACY_NAME[2, y]}_{machine}")
+        libc, version = "glibc", f"{major}.{minor}"
+    tags.append(f"linux_{machine}")  # wheels built locally or passed with --wheels
+    print(machine, libc, version)
+    print("\n".join(tags))
+
+
+def target_tags(python, platforms):
+    xy = tuple(int(p) for p in python.split("."))
+    abi = f"cp{xy[0]}{xy[1]}"
+    return set(cpython_tags(xy, abis=[abi], platforms=platforms)) | set(
+        compatible_tags(xy, interpreter=abi, platforms=platforms)
+    )
+
+
+def cmd_sdists(report):
+    """Print name==version of every dependency the host resolution took from an sdist."""
+    for item in json.loads(Path(report).read_text())["install"]:
+        if not item["download_info"]["url"].split("#")[0].endswith(".whl"):
+            print(f"{item['metadata']['name']}=={item['metadata']['version']}")
+
+
+def cmd_pick(directory, spec, python="", *platforms):
+    """Print a wheel in DIRECTORY for SPEC (name==version), compatible with the target if
+    given; exit 1 if none."""
+    name, version = spec.split("==")
+    supported = target_tags(python, platforms) if python else None
+    for path in sorted(Path(directory).glob("*.whl")):
+        try:
+            wname, wversion, _, wtags = parse_wheel_filename(path.name)
+        except Exception:
+            continue
+        if wname != canonicalize_name(name) or str(wversion) != version:
+            continue
+        if supported is None or wtags & supported:
+            print(path)
+            return
+    sys.exit(1)
+
+
+def cmd_pure(wheel):
+    _, _, _, tags = parse_wheel_filename(Path(wheel).name)
+    sys.exit(0 if all(t.platform == "any" and t.abi == "none" for t in tags) else 1)
+
+
+def cmd_pin(report, reqfile, python, machine):
+    """Print the target's runtime closure as name==version lines.
+
+    pip evaluates environment markers for the interpreter it runs on, not for
+    --python-version/--platform; walk the resolved metadata again with the
+    target's marker environment, so a dependency needed only by the target is
+    caught and one needed only here is dropped."""
+    env = dict(default_environment())
+    env.update(python_version=python, python_full_version=f"{python}.0",
+               implementation_name="cpython", implementation_version=f"{python}.0",
+               platform_python_implementation="CPython", platform_machine=machine,
+               sys_platform="linux", platform_system="Linux", os_name="posix")
+    dists = {canonicalize_name(i["metadata"]["name"]): i["metadata"]
+             for i in json.loads(Path(report).read_text())["install"]}
+    todo = []
+    for line in Path(reqfile).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            todo.append((Requirement(line), "pyproject.toml"))
+    needed, seen, missing = {}, set(), []
+    while todo:
+        req, why = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({**env, "extra": ""}):
+            continue
+        key = canonicalize_name(req.name)
+        meta = dists.get(key)
+        if meta is None:
+            missing.append(f"{req} (for {why})")
+            continue
+        if not req.specifier.contains(meta["version"], prereleases=True):
+            die(f"the resolution picked {meta['name']}=={meta['version']}, but {why} needs {req}")
+        needed[key] = f"{meta['name']}=={meta['version']}"
+        for extra in ("", *sorted(req.extras)):
+            if (key, extra) in seen:
+                continue
+            seen.add((key, extra))
+            for dep in meta.get("requires_dist") or []:
+                dreq = Requirement(dep)
+                if dreq.marker is None:
+                    if extra == "":
+                        todo.append((dreq, meta["name"]))
+                elif dreq.marker.evaluate({**env, "extra": extra}):
+                    todo.append((Requirement(str(dreq).split(";")[0]), meta["name"]))
+    if missing:
+        die(f"the target needs {', '.join(sorted(set(missing)))}, which pip's resolution "
+            f"(markers evaluated for Python {platform.python_version()} here) left out",
+            "add it to the dependencies in pyproject.toml")
+    print("\n".join(sorted(needed.values(), key=str.lower)))
+
+
+def cmd_check_site(site, python, machine):
+    """Check every compiled extension in SITE is built for the target."""
+    xy = python.replace(".", "")
+    want_machine = ELF_MACHINE.get(machine)
+    bad, count = [], 0
+    for path in sorted(Path(site).rglob("*.so*")):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(site)
+        m = re.search(r"\.cpython-(\d+)-([^-]+)-linux-", path.name)
+        if m:
+            count += 1
+            if m.group(1) != xy or (machine in SO_ARCH and m.group(2) != SO_ARCH[machine]):
+                bad.append(f"{rel} (not cpython-{xy}-{SO_ARCH.get(machine, machine)})")
+                continue
+        head = path.open("rb").read(20)
+        if head[:4] == b"\x7fELF" and want_machine is not None:
+            e_machine = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+            if e_machine != want_machine:
+                bad.append(f"{rel} (ELF machine {e_machine}, not {machine})")
+    if bad:
+        die(f"staged site-packages hold extensions for another target: {'; '.join(bad[:5])}"
+            + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""),
+            "remove .build/site-* and .build/wheels-* and build again")
+    print(count)
+
+
+def cmd_check_glibc(directory, glibc):
+    """Fail if a linux_* wheel in DIRECTORY (built here or from --wheels) needs a newer
+    glibc than the target's; best effort (needs objdump)."""
+    if not shutil.which("objdump"):
+        return
+    limit = tuple(int(p) for p in glibc.split("."))
+    for wheel in sorted(Path(directory).glob("*linux_*.whl")):
+        with zipfile.ZipFile(wheel) as archive, tempfile.TemporaryDirectory() as tmp:
+            for name in archive.namelist():
+                if not re.search(r"\.so(\.|$)", name):
+                    continue
+                so = archive.extract(name, tmp)
+                out = subprocess.run(["objdump", "-T", so], capture_output=True, text=True).stdout
+                versions = [tuple(int(p) for p in v.split(".")) for v in re.findall(r"GLIBC_(\d+(?:\.\d+)+)", out)]
+                if versions and max(versions) > limit:
+                    need = ".".join(map(str, max(versions)))
+                    die(f"{wheel.name} ({name}) needs glibc {need}, newer than the target's {glibc}",
+                        "build that wheel on the target (or on a box with the target's glibc) and pass --wheels DIR")
+
+
+cmd, *args = sys.argv[1:]
+{"platforms": cmd_platforms, "sdists": cmd_sdists, "pick": cmd_pick, "pure": cmd_pure,
+ "pin": cmd_pin, "check-site": cmd_check_site, "check-glibc": cmd_check_glibc}[cmd](*args)
+EOF
+}
+
+# pip_logged LOG WHAT ARGS...: run the build venv's pip with output to LOG; on
+# failure print one error line (PyPI unreachable, or no wheel of some package
+# for the target, or the log's last ERROR line) and exit 2.
+pip_logged() {
+    local log=$1 what=$2
+    shift 2
+    mkdir -p "$(dirname "$log")"
+    if "$@" >"$log" 2>&1; then
+        return 0
+    fi
+    local pkg
+    if grep -qE 'NewConnectionError|Temporary failure in name resolution|Max retries exceeded|Network is unreachable|ConnectTimeout|ReadTimeout|Could not fetch URL' "$log"; then
+        die "cannot reach the package index while $what: PyPI is unreachable (see $log)" \
+            "check the network or pip's index settings (pip config list), then run the same command again"
+    fi
+    pkg=$(grep -oE 'No matching distribution found for [^ ]+' "$log" | head -1 | awk '{print $NF}')
+    if [[ -n $pkg ]]; then
+        die "$pkg has no wheel for $TARGET_DESC (while $what; see $log)" \
+            "if the target's glibc is newer, name it: --platform manylinux_2_28_$TARGET_MACHINE (run ldd --version on the target), or pass --wheels DIR with that package built on the target"
+    fi
+    die "pip failed while $what: $(grep -E '^ERROR' "$log" | tail -1 | cut -c1-300) (see $log)"
+}
+
+# find_target_python X.Y: print a local CPython X.Y with pip, or return 1.
+find_target_python() {
+    local want=$1 c v pyenv=${PYENV_ROOT:-$HOME/.pyenv}
+    local candidates=("$VENV/bin/python" "python$want")
+    mapfile -t -O 2 candidates < <(ls -d "$pyenv"/versions/"$want".*/bin/python 2>/dev/null | sort -rV)
+    candidates+=("/usr/local/bin/python$want" "/usr/bin/python$want")
+    for c in "${candidates[@]}"; do
+        v=$("$c" -c 'import sys; print("%d.%d" % sys.version_info[:2], sys.implementation.name)' 2>/dev/null) || continue
+        [[ $v == "$want cpython" ]] || continue
+        "$c" -m pip --version >/dev/null 2>&1 || continue
+        echo "$c"
+        return 0
+    done
+    return 1
+}
+
+# Parse --python/--platform into TARGET_* and the pip options that select the target.
+setup_target() {
+    local host_py
+    host_py=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    TARGET_PY=${TARGET_PY:-$host_py}
+    [[ $TARGET_PY =~ ^3\.([0-9]+)$ ]] \
+        || die "bad --python '$TARGET_PY': give the target's CPython version as X.Y" "e.g. --python 3.12"
+    ((BASH_REMATCH[1] >= 11)) \
+        || die "cannot build for Python $TARGET_PY: pangea needs CPython >= 3.11" "e.g. --python 3.11 or --python 3.12"
+    TARGET_XY=${TARGET_PY/./}
+    local lines
+    lines=$(target_py platforms "$TARGET_PLATFORM") || exit 2
+    mapfile -t TARGET_TAGS <<<"$lines"
+    read -r TARGET_MACHINE TARGET_LIBC TARGET_LIBC_VERSION <<<"${TARGET_TAGS[0]}"
+    TARGET_TAGS=("${TARGET_TAGS[@]:1}")
+    TARGET=cp$TARGET_XY-$TARGET_MACHINE
+    TARGET_DESC="CPython $TARGET_PY on ${TARGET_PLATFORM:-this machine (${TARGET_TAGS[0]})}"
+    PIP_TARGET=(--only-binary=:all: --python-version "$TARGET_PY" --implementation cp)
+    local tag
+    for tag in "${TARGET_TAGS[@]}"; do
+        PIP_TARGET+=(--platform "$tag")
+    done
+    FIND_LINKS=(--find-links "$BUILD_DIR/local-wheels-$TARGET")
+    if [[ -n $WHEELS_DIR ]]; then
+        [[ $WHEELS_DIR == /* ]] || WHEELS_DIR=$CALLER_DIR/$WHEELS_DIR
+        [[ -d $WHEELS_DIR ]] || die "--wheels $WHEELS_DIR: no such directory"
+        WHEELS_DIR=$(cd "$WHEELS_DIR" && pwd)
+        FIND_LINKS+=(--find-links "$WHEELS_DIR")
+    fi
+}
+
+key_of() { cat "$@" 2>/dev/null | sha256sum | cut -d' ' -f1; }
+
+# The runtime closure as resolved for this interpreter: which dependencies come
+# only as sdists. Cached in .build/host-report.json until requirements change.
+host_report() {
+    local report=$BUILD_DIR/host-report.json key
+    key=$( { cat "$BUILD_DIR/requirements.txt" "$VENV/.pangea-key"; } | sha256sum | cut -d' ' -f1)
+    if [[ -f $report && -f $report.key && $(cat "$report.key") == "$key" ]]; then
+        return
+    fi
+    say "resolving the runtime closure here to find the sdist-only dependencies"
+    rm -f "$report" "$report.key"
+    pip_logged "$BUILD_DIR/logs/host-resolve.log" "resolving the runtime requirements" \
+        "$VENV/bin/python" -m pip install --disable-pip-version-check --dry-run --ignore-installed \
+        --report "$report.$$" -r "$BUILD_DIR/requirements.txt"
+    mv -f "$report.$$" "$report"
+    echo "$key" >"$report.key"
+}
+
+# Put a target wheel of every sdist-only dependency into .build/local-wheels-<target>.
+prepare_sdist_wheels() {
+    local local_dir=$BUILD_DIR/local-wheels-$TARGET spec w host_dir target_dir tpy
+    local host_tag
+    host_tag=$("$VENV/bin/python" -c 'import sys; print(sys.implementation.cache_tag)')-$(uname -m)
+    host_dir=$BUILD_DIR/sdist-wheels/$host_tag
+    target_dir=$BUILD_DIR/sdist-wheels/cpython-$TARGET_XY-$TARGET_MACHINE
+    rm -rf "$local_dir"
+    mkdir -p "$local_dir" "$host_dir"
+    local sdists
+    sdists=$(target_py sdists "$BUILD_DIR/host-report.json") || exit 2
+    for spec in $sdists; do
+        # 1. A target wheel the user passed with --wheels.
+        if [[ -n $WHEELS_DIR ]] && w=$(target_py pick "$WHEELS_DIR" "$spec" "$TARGET_PY" "${TARGET_TAGS[@]}"); then
+            say "$spec: using $w"
+            cp "$w" "$local_dir/"
+            continue
+        fi
+        # 2. Built here; a pure-Python wheel serves every target.
+        if ! w=$(target_py pick "$host_dir" "$spec"); then
+            say "$spec has no wheel on PyPI: building it with $VENV/bin/python"
+            [[ $spec == fastecdsa==* ]] && check_toolchain
+            pip_logged "$BUILD_DIR/logs/wheel-$spec.log" "building a wheel of $spec" \
+                "$VENV/bin/python" -m pip wheel --disable-pip-version-check --no-deps -w "$host_dir" "$spec"
+            w=$(target_py pick "$host_dir" "$spec") || die "pip wheel $spec left no wheel in $host_dir"
+        fi
+        if target_py pure "$w"; then
+            cp "$w" "$local_dir/"
+            continue
+        fi
+        # 3. A C extension: compile it with CPython X.Y, if this box is the target's kind.
+        local name=${spec%%==*} why=""
+        [[ $TARGET_MACHINE == "$(uname -m)" ]] || why="this box is $(uname -m)"
+        [[ -n $why || $TARGET_LIBC == glibc ]] || why="this box uses glibc, the target $TARGET_LIBC"
+        if [[ -n $why ]]; then
+            die "cannot build $name for $TARGET_MACHINE ($TARGET_DESC) here: it has no wheels on PyPI and is a C extension that must be compiled for $TARGET_MACHINE ($why)" \
+                "build it on the target or under emulation (python$TARGET_PY -m pip wheel --no-deps $spec -w DIR; needs gcc and libgmp-dev), then pass --wheels DIR"
+        fi
+        if ! w=$(target_py pick "$host_dir" "$spec" "$TARGET_PY" "${TARGET_TAGS[@]}") \
+            && ! w=$(target_py pick "$target_dir" "$spec" "$TARGET_PY" "${TARGET_TAGS[@]}"); then
+            tpy=$(find_target_python "$TARGET_PY") \
+                || die "cannot build $name for CPython $TARGET_PY: it has no wheels on PyPI and must be compiled with CPython $TARGET_PY, which is not installed here" \
+                       "install it (e.g. pyenv install $TARGET_PY) or pass --wheels DIR with a $spec wheel built on the target"
+            check_toolchain
+            say "$spec has no wheel on PyPI: building it with $tpy"
+            mkdir -p "$target_dir"
+            pip_logged "$BUILD_DIR/logs/wheel-$spec-$TARGET.log" "building a wheel of $spec with $tpy" \
+                "$tpy" -m pip wheel --disable-pip-version-check --no-deps -w "$target_dir" "$spec"
+            w=$(target_py pick "$target_dir" "$spec" "$TARGET_PY" "${TARGET_TAGS[@]}") \
+                || die "$tpy -m pip wheel $spec gave no wheel for $TARGET_DESC in $target_dir"
+        fi
+        cp "$w" "$local_dir/"
+    done
+    if [[ $TARGET_LIBC == glibc ]]; then
+        target_py check-glibc "$local_dir" "$TARGET_LIBC_VERSION" || exit 2
+    fi
+}
+
+# Resolve the closure for the target (from wheels only) and pin it in
+# .build/requirements-<target>.txt; cached until its inputs change.
+resolve_target() {
+    local report=$BUILD_DIR/report-$TARGET.json pinned=$BUILD_DIR/requirements-$TARGET.txt key
+    key=$( { cat "$BUILD_DIR/requirements.txt"; echo "${PIP_TARGET[*]} ${FIND_LINKS[*]}"
+             ls "$BUILD_DIR/local-wheels-$TARGET" ${WHEELS_DIR:+"$WHEELS_DIR"}; } | sha256sum | cut -d' ' -f1)
+    if [[ -f $pinned && -f $pinned.key && $(cat "$pinned.key") == "$key" ]]; then
+        say "reusing $pinned"
+        return
+    fi
+    say "resolving the runtime closure for $TARGET_DESC"
+    rm -f "$report" "$pinned.key"
+    # --target: pip accepts the platform options for a dry run only with it (nothing is written).
+    pip_logged "$BUILD_DIR/logs/resolve-$TARGET.log" "resolving the runtime requirements for the target" \
+        "$VENV/bin/python" -m pip install --disable-pip-version-check --dry-run --ignore-installed \
+        --target "$BUILD_DIR/dry-run-$TARGET" --report "$report" "${PIP_TARGET[@]}" "${FIND_LINKS[@]}" \
+        -r "$BUILD_DIR/requirements.txt"
+    local lines
+    lines=$(target_py pin "$report" "$BUILD_DIR/requirements.txt" "$TARGET_PY" "$TARGET_MACHINE") || exit 2
+    echo "$lines" >"$pinned"
+    echo "$key" >"$pinned.key"
+}
+
+build_target() {
+    check_python
+    write_requirements
+    ensure_venv
+    setup_target
+    local started=$SECONDS
+    local wheels=$BUILD_DIR/wheels-$TARGET site=$BUILD_DIR/site-$TARGET app=$BUILD_DIR/app-$TARGET
+    local pinned=$BUILD_DIR/requirements-$TARGET.txt
+    local out_dir=${OUT_DIR:-$ROOT}
+    [[ $out_dir == /* ]] || out_dir=$CALLER_DIR/$out_dir
+    mkdir -p "$out_dir" || die "cannot create --out-dir $out_dir"
+    local out
+    out=$(cd "$out_dir" && pwd)/pangea-$TARGET.pyz
+    # One target build at a time per target (they share .build/*-<target>).
+    exec 9>"$BUILD_DIR/.lock-$TARGET"
+    command -v flock >/dev/null 2>&1 && flock 9
+    say "building $(basename "$out") for $TARGET_DESC (platform tags: ${TARGET_TAGS[*]:0:3} ...)"
+    host_report
+    prepare_sdist_wheels
+    resolve_target
+    say "downloading $(wc -l <"$pinned") wheels for $TARGET_DESC into $wheels"
+    # The wheels built here or given with --wheels are copied in afresh (pip
+    # download keeps a file of the same name), so a rebuilt one is picked up.
+    local f
+    for f in "$BUILD_DIR/local-wheels-$TARGET"/*.whl; do
+        [[ -e $f ]] && rm -f "$wheels/$(basename "$f")"
+    done
+    pip_logged "$BUILD_DIR/logs/download-$TARGET.log" "downloading the target's wheels" \
+        "$VENV/bin/python" -m pip download --disable-pip-version-check "${PIP_TARGET[@]}" --no-deps \
+        "${FIND_LINKS[@]}" -d "$wheels" -r "$pinned"
+    local key
+    key=$( { cat "$pinned"; echo "${PIP_TARGET[*]}"; ls "$wheels"
+             cat "$BUILD_DIR/local-wheels-$TARGET"/*.whl 2>/dev/null; } | sha256sum | cut -d' ' -f1)
+    if [[ -f $site/.pangea-key && $(cat "$site/.pangea-key") == "$key" ]]; then
+        say "reusing $site"
+    else
+        say "installing them into $site"
+        rm -rf "$site"
+        # --no-compile: .pyc of this interpreter are no use to the target's;
+        # shiv's --compile-pyc compiles them on the target at first run.
+        pip_logged "$BUILD_DIR/logs/install-$TARGET.log" "installing the target's wheels into $site" \
+            "$VENV/bin/python" -m pip install --disable-pip-version-check "${PIP_TARGET[@]}" --no-deps \
+            --no-index --no-compile --find-links "$wheels" "${FIND_LINKS[@]}" --target "$site" -r "$pinned"
+        echo "$key" >"$site/.pangea-key"
+    fi
+    local extensions
+    extensions=$(target_py check-site "$site" "$TARGET_PY" "$TARGET_MACHINE") || exit 2
+    stage_app "$app" "cpython-$TARGET_XY" "$TARGET_MACHINE" "$TARGET_PY"
+    say "running shiv ($(wc -l <"$pinned") packages, $extensions compiled extensions, all cpython-$TARGET_XY $TARGET_MACHINE)"
+    rm -f "$out.tmp"
+    "$VENV/bin/shiv" -o "$out.tmp" -e pangea:main -p "$SHEBANG" --compile-pyc \
+        --site-packages "$app" --site-packages "$site"
+    chmod +x "$out.tmp"
+    mv -f "$out.tmp" "$out"
+    say "built $out ($(du -h "$out" | cut -f1), $(stat -c %s "$out") bytes) in $((SECONDS - started)) s"
+    say "it runs on $TARGET_DESC: copy it there and run python$TARGET_PY $(basename "$out") --help"
+}
+
+# Command line: options may come before or after `build`; everything after
+# `test` goes to pytest.
+COMMAND=""
+TARGET_OPTION=0
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --python | --platform | --wheels | --out-dir)
+            [[ $# -ge 2 && $2 != -* ]] || die "$1 needs a value" "see ./build.sh --help"
+            set -- "$1=$2" "${@:3}"
+            continue
+            ;;
+        --python=*) TARGET_PY=${1#*=}; TARGET_OPTION=1 ;;
+        --platform=*) TARGET_PLATFORM=${1#*=}; TARGET_OPTION=1 ;;
+        --wheels=*) WHEELS_DIR=${1#*=}; TARGET_OPTION=1 ;;
+        --out-dir=*) OUT_DIR=${1#*=}; TARGET_OPTION=1 ;;
+        -h | --help | help) usage; exit 0 ;;
+        build)
+            [[ -z $COMMAND ]] || break
+            COMMAND=build
+            ;;
+        test)
+            [[ -z $COMMAND ]] || break
+            COMMAND=test
+            shift
+            break
+            ;;
+        *) break ;;
+    esac
+    shift
+done
+if [[ $# -gt 0 && $COMMAND != test ]]; then
+    echo "build.sh: error: unknown command '$1'" >&2
+    usage >&2
+    exit 2
+fi
+if [[ $TARGET_OPTION == 1 ]]; then
+    [[ -n $TARGET_PY || -n $TARGET_PLATFORM ]] \
+        || die "--wheels and --out-dir are for another target's pyz: add --python X.Y and/or --platform TAG" \
+               "see ./build.sh --help"
+    [[ $COMMAND != test ]] \
+        || die "--python/--platform build a pyz for another box; ./build.sh test runs the tests with this box's pangea.pyz" \
+               "run ./build.sh --python ... first, then the tests"
+fi
+
+case ${COMMAND:-build} in
+    build) if [[ $TARGET_OPTION == 1 ]]; then build_target; else build; fi ;;
+    test) run_tests "$@" ;;
 esac
