@@ -11,9 +11,10 @@ Usage (from the repo root, after ./build.sh):
 
 Other options: --pyz PATH (the pyz whose start-up is timed, default <repo>/pangea.pyz),
 --bulk-mib 64,1024, --rss-mib 1024, --tasks N, --inflight N, --matmul-n N, --reps N,
---start-reps N, --wait-quiet SECONDS (first wait for other programs to leave the CPUs
-idle: each phase records the cores others used meanwhile, and the run warns when that
-disturbed it), --no-baseline and --directions upload|download (to profile one transfer:
+--start-reps N, --wait-quiet SECONDS (first wait, at most that long, until other programs
+have left the CPUs idle for 10 s; in any case each phase records the cores others used
+meanwhile, and the run warns when that disturbed it: on a shared 2-core box it halves
+every figure), --no-baseline and --directions upload|download (to profile one transfer:
 ``py-spy record --subprocesses -f raw -o out.txt -- .build/venv/bin/python bench/bench.py
 --only bulk --no-baseline --directions upload --bulk-mib 1024``). Run with --help for all.
 
@@ -42,7 +43,9 @@ alternate, so drift of the machine hits both alike.
 - start:  ``pangea.pyz --help`` warm (baseline: the same pyz running an empty script),
           and from launching ``respond`` to the first task it served (``respond -v``
           logs ``task N from <peer>: <kernel> done``; baseline: the pyz importing
-          numpy, trio, libp2p and capnp and nothing else).
+          numpy, trio, libp2p and capnp and nothing else). Both are timed again with the
+          python3 binary the shebang resolves to, run directly: a python3 on PATH that is a
+          wrapper (a pyenv shim is a bash script) adds its own start-up to every run.
 
 The table has, per metric: pangea, baseline, ratio (pangea / baseline), the
 issue's target and whether it is met. With --json every sample, the machine
@@ -161,16 +164,20 @@ def foreign_load(since: tuple[float, float, float]) -> dict[str, float]:
     return {"wall_s": wall, "foreign_cores": max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / wall}
 
 
-def wait_quiet(max_wait_s: float, threshold_cores: float = 0.15) -> float:
-    """Wait (up to max_wait_s) until other programs use less than threshold_cores; return their last load."""
+def wait_quiet(max_wait_s: float, threshold_cores: float = 0.15, quiet_s: float = 10.0) -> float:
+    """Wait (up to max_wait_s) until other programs used less than threshold_cores for quiet_s
+    in a row; return the load of the last 2-second window."""
     deadline = time.monotonic() + max_wait_s
+    quiet_since = time.monotonic()
     while True:
         snap = cpu_snapshot()
         time.sleep(2.0)
         load = foreign_load(snap)["foreign_cores"]
-        if load < threshold_cores or time.monotonic() >= deadline:
+        if load >= threshold_cores:
+            quiet_since = time.monotonic()
+            print(f"bench: waiting for a quiet machine: others use {load:.2f} cores", file=sys.stderr, flush=True)
+        if time.monotonic() - quiet_since >= quiet_s or time.monotonic() >= deadline:
             return load
-        print(f"bench: waiting for a quiet machine: other programs use {load:.2f} cores", file=sys.stderr, flush=True)
 
 
 ###############################################################################
