@@ -4365,6 +4365,20 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("id", help="print this box's peer id (creating its identity if needed)")
     p.set_defaults(func=cmd_id)
 
+    p = sub.add_parser("status", help="show the pangea nodes running on this box (and clean up stale entries)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("doctor", help="explain this box's network setup, and whether a peer can be reached")
+    p.add_argument("address", nargs="?", help="a peer's multiaddr or join string to test")
+    p.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"the port pangea would listen on (default: {DEFAULT_PORT})"
+    )
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per network test (default: 10)")
+    p.add_argument("--psk", metavar="FILE", help="the pre-shared key file the peer uses, if any")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("psk", help="write a new pre-shared key file for --psk (copy it to every node)")
     p.add_argument("file")
     p.set_defaults(func=cmd_psk)
@@ -4409,8 +4423,9 @@ def first_error(exc: BaseException, kind: type[BaseException]) -> BaseException 
     return exc if isinstance(exc, kind) else None
 
 
-def run_trio(fn: Callable[..., Any], *args: Any) -> int:
-    """Run ``fn(*args)`` under trio; Ctrl-C and SIGTERM cancel it cleanly (130/143).
+def run_trio_value(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` under trio and return its value; Ctrl-C and SIGTERM cancel it cleanly
+    and raise Interrupted (exit code 130 or 143).
 
     NOTE: Ctrl-C inside py-libp2p surfaces as a KeyboardInterrupt nested in an
     exception group; cancelling the main scope from a signal receiver instead
@@ -4420,7 +4435,7 @@ def run_trio(fn: Callable[..., Any], *args: Any) -> int:
 
     received: list[int] = []
 
-    async def runner() -> int:
+    async def runner() -> Any:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
 
@@ -4432,10 +4447,10 @@ def run_trio(fn: Callable[..., Any], *args: Any) -> int:
                             return
 
                 nursery.start_soon(on_signals)
-                code = await fn(*args)
+                value = await fn(*args)
                 nursery.cancel_scope.cancel()
-                return int(code)
-        return 128 + received[0] if received else 1
+                return value
+        raise Interrupted(128 + received[0] if received else 1)
 
     try:
         return trio.run(runner)
@@ -4444,6 +4459,22 @@ def run_trio(fn: Callable[..., Any], *args: Any) -> int:
         if found is not None:
             raise found from None
         raise
+
+
+class Interrupted(Exception):
+    """Raised by run_trio_value when a signal stopped the run; ``code`` is the exit code."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"interrupted ({code})")
+        self.code = code
+
+
+def run_trio(fn: Callable[..., Any], *args: Any) -> int:
+    """Run a command's ``async`` body under trio; return its exit code (130/143 after a signal)."""
+    try:
+        return int(run_trio_value(fn, *args))
+    except Interrupted as exc:
+        return exc.code
 
 
 @contextlib.contextmanager
@@ -4989,6 +5020,202 @@ def cmd_psk(args: argparse.Namespace) -> int:
     return 0
 
 
+def running_sessions(home: Path) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Return the live session directories' info under a pangea home (and the demo homes
+    inside it), after removing the stale ones; also return what was removed."""
+    removed: list[Path] = []
+    nodes: list[dict[str, Any]] = []
+    homes = [home, *sorted(p for p in (home / "demo").glob("*") if p.is_dir())]
+    for each in homes:
+        removed += clean_stale_sessions(each)
+        root = each / SESSIONS_DIRNAME
+        for path in sorted(root.glob("*-*")) if root.is_dir() else []:
+            info = SessionDir.load(path)
+            if info:
+                info["uptime_s"] = max(0.0, time.time() - float(info.get("started", time.time())))
+                info["session_dir"] = str(path)
+                nodes.append(info)
+    return nodes, removed
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """`status`: the nodes running on this box, from their session directories."""
+    nodes, removed = running_sessions(pangea_home())
+    if args.json:
+        print(json.dumps({"nodes": nodes, "cleaned": [str(p) for p in removed]}))
+        return 0
+    for path in removed:
+        print(f"removed the stale session directory {path} (its process is gone)")
+    if not nodes:
+        print("no pangea node is running on this box (for this PANGEA_HOME)")
+        return 0
+    rows = [
+        (
+            n.get("role", "?"),
+            n.get("pid", "?"),
+            n.get("peer_id", "?"),
+            f"{n['uptime_s']:.0f} s",
+            n.get("rpc", "-"),
+            ", ".join(n.get("addresses", [])[:2]) or "-",
+        )
+        for n in nodes
+    ]
+    print(format_table(("role", "pid", "peer id", "uptime", "rpc", "addresses"), rows))
+    return 0
+
+
+def interface_kind(name: str, ip: str) -> str:
+    """Classify an interface for `doctor`: loopback, virtual (docker, bridges), vpn, or lan."""
+    if ip.startswith("127."):
+        return "loopback"
+    if name.startswith(("docker", "br-", "veth", "virbr", "lxc", "cni", "flannel")):
+        return "virtual"
+    if name.startswith(("tun", "tap", "wg", "tailscale", "zt", "utun")):
+        return "vpn"
+    if ip.startswith("169.254."):
+        return "link-local"
+    return "lan"
+
+
+def doctor_verdict(findings: dict[str, Any]) -> tuple[bool, str]:
+    """Return (ok, one line with the next thing to try) from the doctor's findings (pure)."""
+    if findings.get("build") is not None:
+        return False, f"wrong interpreter: {findings['build']}; run the pyz with the Python it was built for"
+    peer = findings.get("peer")
+    if peer is None:
+        if not findings.get("port_free", True):
+            return False, f"port {findings['port']} is taken: start pangea with --port 0 or another port"
+        if not findings.get("advertised"):
+            return False, "no usable network interface: connect this box to a network"
+        return True, "this box is ready: start `./pangea.pyz initiate` here, or run doctor with a peer's address"
+    if not peer.get("tcp"):
+        why = peer.get("tcp_error", "")
+        if "refused" in why.lower():
+            return False, "nothing listens at that address: is pangea running there, on that port?"
+        return False, (
+            "TCP does not reach the peer: check that both boxes are on one network (or a VPN), "
+            "the address is the peer's LAN/VPN address, and no firewall blocks the port"
+        )
+    if peer.get("libp2p") == "incompatible":
+        return False, f"version mismatch: {peer.get('detail')}; use the same pangea.pyz on both boxes"
+    if peer.get("libp2p") == "failed":
+        return False, (
+            "TCP works but the libp2p handshake fails: the peer ID in the address is probably wrong "
+            "(copy the whole line again), the port is not pangea's, or only one side uses --psk"
+        )
+    rtt = peer.get("rtt_ms")
+    return (
+        True,
+        f"the peer is reachable and speaks pangea{f' (rtt {rtt:.1f} ms)' if rtt else ''}: respond/serve will work",
+    )
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """`doctor [ADDRESS]`: interfaces, port, build, and a peer's reachability, with a verdict."""
+    info = build_info()
+    here = (sys.implementation.cache_tag, platform.machine())
+    findings: dict[str, Any] = {
+        "python": f"{here[0]} {here[1]} ({sys.executable})",
+        "build": build_target_mismatch(tuple(info["BUILT_FOR"]), here) if info and "BUILT_FOR" in info else None,
+        "interfaces": [
+            {"name": name, "ip": ip, "kind": interface_kind(name, ip)} for name, ip in local_interface_addresses()
+        ],
+        "advertised": [ip for _, ip in rank_interface_addresses(local_interface_addresses())],
+        "port": args.port,
+    }
+    try:
+        ensure_port_free("0.0.0.0", args.port)
+        findings["port_free"] = True
+    except ConfigError as exc:
+        findings["port_free"], findings["port_problem"] = False, str(exc)
+    if args.address:
+        address = parse_peer_address(args.address)
+        findings["peer"] = probe_peer(address, args.timeout, read_psk_file(args.psk))
+    ok, verdict = doctor_verdict(findings)
+    findings["ok"], findings["verdict"] = ok, verdict
+    if args.json:
+        print(json.dumps(findings))
+        return 0 if ok else 1
+    print(f"python      {findings['python']}" + (f"  PROBLEM: {findings['build']}" if findings["build"] else "  ok"))
+    for i in findings["interfaces"]:
+        note = {"virtual": "  (docker/bridge: other boxes cannot reach it)", "vpn": "  (VPN)"}.get(i["kind"], "")
+        print(f"interface   {i['name']:<12} {i['ip']:<16} {i['kind']}{note}")
+    print(
+        f"advertised  {', '.join(findings['advertised']) or 'nothing'} (in this order; loopback only works on this box)"
+    )
+    port_text = "free" if findings["port_free"] else findings.get("port_problem", "in use")
+    print(f"port        {args.port}: {port_text}")
+    peer = findings.get("peer")
+    if peer is not None:
+        print(f"peer        {peer['address']}")
+        print(
+            f"  tcp       {'reaches it' if peer['tcp'] else 'FAILS: ' + peer.get('tcp_error', '')}"
+            + (f" in {peer['tcp_ms']:.1f} ms" if peer.get("tcp_ms") is not None else "")
+        )
+        if peer["tcp"]:
+            print(f"  libp2p    {peer['libp2p']}: {peer.get('detail', '')}")
+    print(f"verdict     {verdict}")
+    return 0 if ok else 1
+
+
+def probe_peer(address: PeerAddress, timeout_s: float, psk: str | None) -> dict[str, Any]:
+    """Test a peer: TCP connect, then a libp2p dial and pangea handshake with RTT (doctor)."""
+    result: dict[str, Any] = {"address": address.text, "tcp": False}
+    start = time.perf_counter()
+    try:
+        with socket.create_connection((address.host, address.port), timeout=timeout_s):
+            result["tcp"], result["tcp_ms"] = True, (time.perf_counter() - start) * 1000
+    except OSError as exc:
+        result["tcp_error"] = exc.strerror or type(exc).__name__
+        return result
+    with tempfile_home() as home:
+        probed: dict[str, Any] = run_trio_value(_probe_libp2p, address, timeout_s, psk, load_or_create_identity(home))
+        result.update(probed)
+    return result
+
+
+@contextlib.contextmanager
+def tempfile_home() -> Iterator[Path]:
+    """A throwaway pangea home for doctor's probe identity (never the box's own key)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pangea-doctor-") as path:
+        yield Path(path)
+
+
+async def _probe_libp2p(address: PeerAddress, timeout_s: float, psk: str | None, key_pair: Any) -> dict[str, Any]:
+    node = Node(
+        key_pair=key_pair,
+        role="doctor",
+        accept=lambda p, h: "doctor accepts nothing",
+        may_serve=lambda p: False,
+        psk=psk,
+    )
+    async with node.running("127.0.0.1", 0):
+        start = time.perf_counter()
+        try:
+            session = await node.dial(address, timeout_s=timeout_s)
+        except PeerError as exc:
+            if exc.kind == "incompatible":
+                return {"libp2p": "incompatible", "detail": str(exc)}
+            if exc.kind in ("refused", "duplicate-identity"):
+                # it answered our Hello: Noise, the peer ID and the protocol are all right
+                return {
+                    "libp2p": "ok",
+                    "rtt_ms": (time.perf_counter() - start) * 1000,
+                    "detail": f"handshake completes; it would not take a doctor's session ({exc})",
+                }
+            return {"libp2p": "failed", "detail": str(exc)}
+        rtt_s = await session.ping()
+        await session.close("doctor done")
+        hello = session.hello
+        return {
+            "libp2p": "ok",
+            "rtt_ms": rtt_s * 1000,
+            "detail": f"pangea {hello.pangea_version} {hello.role}, {hello.platform}, rtt {rtt_s * 1000:.1f} ms",
+        }
+
+
 def cmd_id(args: argparse.Namespace) -> int:
     """`id`: print this box's peer id (the one to give to --allow-peer elsewhere)."""
     from libp2p.peer.id import ID
@@ -5012,6 +5239,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+MENU = (
+    ("initiate", "start here and wait for another box"),
+    ("respond", "join another box (paste the join string it printed)"),
+    ("demo", "run both sides on this box and see the whole flow"),
+    ("serve", "a long-running node your programs can call"),
+    ("doctor", "check this box's network setup"),
+)
+
+
+def menu() -> list[str]:
+    """The no-argument menu on a terminal: return the chosen command line ([] to quit)."""
+    print(f"pangea {__version__}: share numpy compute between your own machines\n")
+    for number, (command, text) in enumerate(MENU, 1):
+        print(f"  {number}) {command:<9} {text}")
+    print("  q) quit\n")
+    while True:
+        try:
+            choice = input(f"Choose [1-{len(MENU)}, q]: ").strip().lower()
+        except EOFError:
+            return []
+        if choice in ("q", "quit", "exit"):
+            return []
+        names = [c for c, _ in MENU]
+        if choice.isdigit() and 1 <= int(choice) <= len(MENU):
+            return [names[int(choice) - 1]]
+        if choice in names:
+            return [choice]
+        print(f"please type a number from 1 to {len(MENU)}, or q")
+
+
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -5019,12 +5276,17 @@ def _main(argv: Sequence[str] | None) -> int:
         check_build_target()
         parser = make_parser()
         if not argv:
-            parser.print_help(sys.stderr)
-            return 2
+            if not (sys.stdin.isatty() and sys.stdout.isatty()):
+                parser.print_help(sys.stderr)
+                return 2
+            argv = menu()
+            if not argv:
+                return 0
         args = parser.parse_args(argv)
         if args.command is None:
             raise UsageError(
-                "no command given", hint="pangea.pyz initiate | respond ADDRESS | demo | serve | call | id"
+                "no command given",
+                hint="pangea.pyz initiate | respond ADDRESS | demo | serve | call | status | doctor | id",
             )
         return int(args.func(args))
     except PangeaError as exc:
