@@ -5103,7 +5103,7 @@ def doctor_verdict(findings: dict[str, Any]) -> tuple[bool, str]:
             "TCP works but the libp2p handshake fails: the peer ID in the address is probably wrong "
             "(copy the whole line again), the port is not pangea's, or only one side uses --psk"
         )
-    rtt = peer.get("rtt_ms")
+    rtt = peer.get("rtt_ms") or peer.get("tcp_ms")
     return (
         True,
         f"the peer is reachable and speaks pangea{f' (rtt {rtt:.1f} ms)' if rtt else ''}: respond/serve will work",
@@ -5130,6 +5130,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         findings["port_free"], findings["port_problem"] = False, str(exc)
     if args.address:
         address = parse_peer_address(args.address)
+        setup_logging(None, 0, False)  # libp2p's own complaints about the probe stay quiet
         findings["peer"] = probe_peer(address, args.timeout, read_psk_file(args.psk))
     ok, verdict = doctor_verdict(findings)
     findings["ok"], findings["verdict"] = ok, verdict
@@ -5202,8 +5203,8 @@ async def _probe_libp2p(address: PeerAddress, timeout_s: float, psk: str | None,
                 # it answered our Hello: Noise, the peer ID and the protocol are all right
                 return {
                     "libp2p": "ok",
-                    "rtt_ms": (time.perf_counter() - start) * 1000,
-                    "detail": f"handshake completes; it would not take a doctor's session ({exc})",
+                    "handshake_ms": (time.perf_counter() - start) * 1000,
+                    "detail": f"the handshake completes; it refuses a doctor's session, as it should ({exc})",
                 }
             return {"libp2p": "failed", "detail": str(exc)}
         rtt_s = await session.ping()
