@@ -149,6 +149,7 @@ DEFAULT_IDLE_TIMEOUT_S = 20.0  # a session that receives nothing (not even a pon
 DEFAULT_TASK_TIMEOUT_S = 600.0  # a task that has not finished in 10 min fails with `deadline`
 DEFAULT_MAX_PENDING_STREAMS = 16  # per peer: streams opened without a Hello yet; more are reset
 HEARTBEAT_S = 5.0  # every session pings its peer this often (liveness and RTT)
+DEFAULT_METRICS_PORT = 9477  # Prometheus /metrics, when --metrics names no port
 
 # Pairing: a one-time code the initiator (or `serve --pair`) prints. 12 Crockford
 # base32 characters = 60 bits; with one use, a deadline and at most 5 wrong
@@ -2264,8 +2265,10 @@ class PeerSession:
                     result = TaskResultMsg(req.task_id, outputs, compute_s=compute_s)
                     self.tasks_served += 1
                     self.node.tasks_served += 1
+                    self.node.served(req.kernel, "ok")
                     log.info("task %d from %s: %s done in %.3f s", req.task_id, self.label, req.kernel, compute_s)
                 except TaskError as exc:
+                    self.node.served(req.kernel, exc.kind)
                     log.info("task %d from %s: %s failed: %s", req.task_id, self.label, req.kernel, exc)
                     result = TaskResultMsg(req.task_id, error_kind=exc.kind, error_message=str(exc))
             if deadline.cancelled_caught:
@@ -2389,7 +2392,13 @@ class Node:
         self.started_at = time.monotonic()
         self.gflops = 0.0  # measured when the node starts
         self.on_peer_load: list[Callable[[str, int], None]] = []
+        self.on_task_served: list[Callable[[str, str], None]] = []  # kernel, outcome
         self._new_sessions_send, self._new_sessions = trio.open_memory_channel[PeerSession](math.inf)
+
+    def served(self, kernel: str, outcome: str) -> None:
+        """Report a task run for a peer (metrics)."""
+        for callback in self.on_task_served:
+            callback(kernel, outcome)
 
     @property
     def load(self) -> int:
@@ -2933,6 +2942,8 @@ class Manager:
         self.verify_rounds = FREIVALDS_ROUNDS  # 0: accept remote results unchecked
         self._local_speed_known = False
         self.verification_failures = 0
+        self.retries = 0  # attempts beyond each task's first
+        self.on_task_end: list[Callable[[str, str, str, float], None]] = []  # kernel, outcome, where, seconds
         self._rng = random.Random()
         node.on_session.append(self._worker_up)
         node.on_session_closed.append(self._worker_down)
@@ -3019,6 +3030,7 @@ class Manager:
                             self.done_by[action.worker_id] = self.done_by.get(action.worker_id, 0) + 1
                             attempts = self.scheduler.attempts(task_id)
                             elapsed = self.clock() - start
+                            self._ended(kernel, "ok", action.worker_id, attempts, elapsed)
                             queued = (first_attempt_at or start) - start
                             return TaskOutcome(
                                 task_id, kernel, outputs, action.worker_id, attempts, compute_s, elapsed, queued
@@ -3030,11 +3042,19 @@ class Manager:
                     self._apply(self.scheduler.handle(TickEvent(), start + timeout_s))
                 nursery.cancel_scope.cancel()
             raise failure or TaskError(f"{kernel}: no result within {timeout_s:.0f} s", kind="deadline")
-        except TaskError:
+        except TaskError as exc:
             self.tasks_failed += 1
+            attempts = self.scheduler.attempts(task_id)
+            self._ended(kernel, exc.kind, attempts[-1].worker_id if attempts else LOCAL, attempts, self.clock() - start)
             raise
         finally:
             del self._routes[task_id]
+
+    def _ended(self, kernel: str, outcome: str, worker_id: str, attempts: list[AttemptRecord], seconds: float) -> None:
+        self.retries += max(0, len(attempts) - 1)
+        where = "local" if worker_id == LOCAL else "remote"
+        for callback in self.on_task_end:
+            callback(kernel, outcome, where, seconds)
 
     async def _verify(
         self,
@@ -3189,6 +3209,112 @@ class Manager:
                     event.message,
                 )
             self._apply(self.scheduler.handle(event, self.clock()))
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Prometheus metrics of a node, served on --metrics HOST:PORT (prometheus_client).
+
+    Task outcomes and latencies are recorded as they happen; byte counts, peers,
+    queue length, retries and verification failures are read from the node at
+    scrape time (a custom collector), so the data path carries no bookkeeping."""
+
+    def __init__(self, node: Node, manager: Manager | None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+
+        disable_created_metrics()  # no *_created series: they double the output and few dashboards use them
+        self.registry = CollectorRegistry()
+        self.tasks = Counter(
+            "pangea_tasks",
+            "Tasks submitted on this node, by kernel, outcome and where they ran",
+            ["kernel", "outcome", "placement"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "pangea_task_duration_seconds",
+            "Time from submitting a task to its result",
+            ["kernel"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
+        self.served = Counter(
+            "pangea_served_tasks",
+            "Tasks this node ran for its peers, by kernel and outcome",
+            ["kernel", "outcome"],
+            registry=self.registry,
+        )
+        self.registry.register(_NodeCollector(node, manager))
+        if manager is not None:
+            manager.on_task_end.append(self._task_end)
+        node.on_task_served.append(lambda kernel, outcome: self.served.labels(kernel, outcome).inc())
+
+    def _task_end(self, kernel: str, outcome: str, where: str, seconds: float) -> None:
+        self.tasks.labels(kernel, outcome, where).inc()
+        self.latency.labels(kernel).observe(seconds)
+
+    def start(self, host: str, port: int) -> tuple[str, int]:
+        """Serve /metrics over HTTP in a daemon thread; return the bound address."""
+        from prometheus_client import start_http_server
+
+        try:
+            server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {host}:{port}: {exc.strerror}",
+                hint="pick another address with --metrics HOST:PORT (port 0: any free one)",
+            ) from None
+        return host, int(server.server_port)
+
+
+class _NodeCollector:
+    """Reads a node's counters when Prometheus scrapes (runs on the HTTP thread)."""
+
+    def __init__(self, node: Node, manager: Manager | None) -> None:
+        self.node = node
+        self.manager = manager
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        received = CounterMetricFamily("pangea_received_bytes", "Bytes received from each peer", labels=["peer"])
+        sent = CounterMetricFamily("pangea_sent_bytes", "Bytes sent to each peer", labels=["peer"])
+        sessions = list(self.node.sessions.values())  # NOTE: a snapshot; trio owns the dict
+        for session in sessions:
+            received.add_metric([session.peer_id], session.channel.bytes_in)
+            sent.add_metric([session.peer_id], session.channel.bytes_out)
+        received.add_metric(["departed"], self.node._closed_bytes[0])
+        sent.add_metric(["departed"], self.node._closed_bytes[1])
+        yield received
+        yield sent
+        yield GaugeMetricFamily("pangea_connected_peers", "Peers with an open session", value=len(sessions))
+        yield GaugeMetricFamily(
+            "pangea_memory_budget_used_bytes", "Operand and result bytes held for peers", value=self.node.budget.in_use
+        )
+        if self.manager is not None:
+            yield GaugeMetricFamily(
+                "pangea_queue_length", "Tasks submitted here and not finished", value=self.manager.tasks_in_flight
+            )
+            yield CounterMetricFamily(
+                "pangea_task_retries", "Attempts beyond each task's first", value=self.manager.retries
+            )
+            yield CounterMetricFamily(
+                "pangea_verification_failures",
+                "Worker results that failed verification",
+                value=self.manager.verification_failures,
+            )
+
+
+def start_metrics(spec: str | None, node: Node, manager: Manager | None) -> str | None:
+    """Start the metrics endpoint named by --metrics (None or "off": none); return its URL."""
+    if spec is None or spec == "off":
+        return None
+    host, port = parse_host_port(spec, DEFAULT_METRICS_PORT)
+    bound = Metrics(node, manager).start(host, port)
+    if not is_loopback_host(host):
+        log.warning("metrics on %s:%d are readable by anyone who reaches that port", *bound)
+    return f"http://{bound[0]}:{bound[1]}/metrics"
 
 
 # ---------------------------------------------------------------- the distributed checks
@@ -4189,6 +4315,12 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("--psk", metavar="FILE", help="pre-shared key file: only nodes with the same file can connect")
+        p.add_argument(
+            "--metrics",
+            metavar="HOST:PORT",
+            default="127.0.0.1:0" if p.prog.endswith("serve") else None,
+            help="serve Prometheus metrics there (serve: default 127.0.0.1:0, any free port; `off` disables)",
+        )
         g = p.add_argument_group("limits on what peers may send (see README, Security)")
         d = Limits()
         g.add_argument(
@@ -4606,8 +4738,11 @@ async def _initiate(
     manager.verify_rounds = args.verify_rounds
     async with node.running(args.host, args.port):
         session_dir.write_addresses(node.addresses)
-        session_dir.save(peer_id=node.peer_id)
+        metrics_url = start_metrics(args.metrics, node, manager)
+        session_dir.save(peer_id=node.peer_id, metrics=metrics_url)
         print(f"pangea {__version__} initiator, peer ID {node.peer_id}")
+        if metrics_url:
+            print(f"Metrics: {metrics_url}")
         print("Copy this address for responder:")
         for address in node.addresses:
             print(f"  {address}")
@@ -4694,8 +4829,11 @@ async def _respond(
     )
     results: list[CheckResult] = []
     async with node.running(args.host, args.port):
-        session_dir.save(peer_id=node.peer_id, initiator=address.text)
+        metrics_url = start_metrics(args.metrics, node, None)
+        session_dir.save(peer_id=node.peer_id, initiator=address.text, metrics=metrics_url)
         print(f"pangea {__version__} responder, peer ID {node.peer_id}")
+        if metrics_url:
+            print(f"Metrics: {metrics_url}")
         print(f"Connecting to {address.text} (up to {args.timeout:.0f} s)...", flush=True)
         start = time.perf_counter()
         session = await node.dial(address, timeout_s=args.timeout)
@@ -4897,12 +5035,15 @@ async def _serve(
         for peer in peers:
             node.nursery.start_soon(keep_connected, node, peer)
         session_dir.write_addresses(node.addresses)
-        session_dir.save(peer_id=node.peer_id, rpc=service.rpc_address)
+        metrics_url = start_metrics(args.metrics, node, manager)
+        session_dir.save(peer_id=node.peer_id, rpc=service.rpc_address, metrics=metrics_url)
         print(f"pangea {__version__} serve node, peer ID {node.peer_id}")
         print("Addresses for peers (./pangea.pyz serve --peer <address>):")
         for address in node.addresses:
             print(f"  {address}")
         print(f"RPC: {service.rpc_address} ({'token required' if rpc[2] else 'no token, loopback only'})")
+        if metrics_url:
+            print(f"Metrics: {metrics_url}")
         print(f"Trusted peers: {', '.join(sorted(trusted)) or 'none yet (--allow-peer, --peer, --pair)'}")
         if pairing is not None and node.addresses:
             print(f"Pairing code (one use, valid {args.pair_timeout:.0f} s): {format_pairing_code(pairing.code)}")
