@@ -3092,6 +3092,7 @@ class Manager:
         in_flight: int = 2,
         blocks_per_worker: int = 4,
         timeout_s: float = 600.0,
+        on_block: Callable[[str, int, int], None] | None = None,
     ) -> SplitOutcome:
         """Compute a @ b split in row blocks over workers (this node included), gathered in order.
 
@@ -3142,6 +3143,8 @@ class Manager:
                 share.blocks += 1
                 share.rows += hi - lo
                 share.compute_s += outcome.compute_s
+                if on_block is not None:
+                    on_block(outcome.worker_id, hi - lo, n)  # progress: rows done by whom, of n
                 if outcome.worker_id != worker:
                     shares[worker].failed_over += 1
                 first_done.set()
@@ -3414,12 +3417,15 @@ class InitiatorChecks:
         self.rtt_ms: float | None = None
         self.throughput: dict[str, float] = {}
         self.shares: dict[str, dict[str, float]] = {}
+        self.on_check: Callable[[str], None] = lambda name: None  # progress display hooks
+        self.on_block: Callable[[str, int, int], None] | None = None
 
     def _who(self, session: PeerSession) -> str:
         return "the responder" if len(self.sessions) == 1 else f"responder {session.label}"
 
     async def _run(self, name: str, fn: Callable[[], Any]) -> None:
         start = time.perf_counter()
+        self.on_check(name)
         try:
             detail = await fn()
             ok = True
@@ -3483,7 +3489,7 @@ class InitiatorChecks:
         n = self.size
         a, b = self.rng.standard_normal((n, n)), self.rng.standard_normal((n, n))
         workers = [LOCAL, *(s.peer_id for s in self.sessions)]
-        split = await self.manager.split_matmul(a, b, workers=workers)
+        split = await self.manager.split_matmul(a, b, workers=workers, on_block=self.on_block)
         err = verify("gathered matmul", split.result, a @ b)
         parts = []
         for worker, share in split.shares.items():
@@ -4707,10 +4713,129 @@ def cmd_initiate(args: argparse.Namespace) -> int:
         return run_trio(_initiate, args, session_dir, key_pair, (limits, psk, allowed))
 
 
+async def _wait_for_responders(node: Node, sessions: list[PeerSession], expect: int, timeout_s: float) -> None:
+    """Collect sessions until ``expect`` responders are connected or the time is up."""
+    import trio
+
+    with trio.move_on_after(timeout_s):
+        while len(sessions) < expect:
+            session = await node.next_session()
+            sessions[:] = [s for s in sessions if s.peer_id != session.peer_id and not s.closed.is_set()] + [session]
+            count = f" ({len(sessions)} of {expect})" if expect > 1 else ""
+            print(f"Responder connected: {session.peer_id} (pangea {session.hello.pangea_version}){count}", flush=True)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Live progress only on a terminal, and not with --json or --quiet."""
+    return sys.stdout.isatty() and not getattr(args, "json", False) and not getattr(args, "quiet", False)
+
+
+class LiveView:
+    """Live progress on a terminal (rich): waiting, the current check, traffic, split blocks.
+
+    A no-op when disabled (no terminal, --json, --quiet), so callers never test for it."""
+
+    def __init__(self, enabled: bool, nursery: Any) -> None:
+        self.enabled = enabled
+        self.nursery = nursery  # where the refresh loops run
+        self.progress: Any = None
+        self._scopes: list[Any] = []
+
+    def __enter__(self) -> LiveView:
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                transient=True,
+            )
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for scope in self._scopes:
+            scope.cancel()
+        if self.progress is not None:
+            self.progress.stop()
+
+    def add(self, description: str, total: float | None = None, info: str = "") -> Any:
+        """Add a line; returns its handle (None when disabled)."""
+        return None if self.progress is None else self.progress.add_task(description, total=total, info=info)
+
+    def update(self, task: Any, **fields: Any) -> None:
+        """Change a line: completed=..., description=..., info=..."""
+        if self.progress is not None and task is not None and task in self.progress.task_ids:
+            self.progress.update(task, **fields)
+
+    def remove(self, task: Any) -> None:
+        """Drop a line."""
+        if self.progress is not None and task is not None and task in self.progress.task_ids:
+            self.progress.remove_task(task)
+
+    def _every(self, interval_s: float, fn: Callable[[float], None]) -> None:
+        if self.progress is None:
+            return
+        import trio
+
+        scope = trio.CancelScope()
+        self._scopes.append(scope)
+
+        async def loop() -> None:
+            start = time.monotonic()
+            with scope:
+                while True:
+                    try:
+                        fn(time.monotonic() - start)
+                    except Exception:  # NOTE: a display glitch must never stop the node
+                        log.debug("progress display failed", exc_info=True)
+                        return
+                    await trio.sleep(interval_s)
+
+        self.nursery.start_soon(loop)
+
+    def tick(self, task: Any, fn: Callable[[float], tuple[float, str]]) -> None:
+        """Refresh a line every 0.5 s from ``fn(elapsed) -> (completed, info)``."""
+        self._every(0.5, lambda elapsed: self.update(task, completed=fn(elapsed)[0], info=fn(elapsed)[1]))
+
+    def watch_traffic(self, node: Node) -> None:
+        """A line with the bytes sent and received and the current rate (transfers of any size)."""
+        task = self.add("traffic")
+        last = [0.0, 0]
+
+        def refresh(elapsed: float) -> None:
+            total = node.bytes_in + node.bytes_out
+            rate = (total - last[1]) / max(elapsed - last[0], 1e-3) / 1e6
+            last[:] = [elapsed, total]
+            info = f"sent {format_bytes(node.bytes_out)}, received {format_bytes(node.bytes_in)}, {rate:.0f} MB/s"
+            self.update(task, info=info)
+
+        self._every(0.5, refresh)
+
+    def block_counter(self) -> Callable[[str, int, int], None] | None:
+        """A progress bar of a split job's rows, with the blocks done per worker."""
+        if self.progress is None:
+            return None
+        state: dict[str, Any] = {"task": None, "per": {}}
+
+        def on_block(worker: str, rows: int, total: int) -> None:
+            if state["task"] is None:
+                state["task"] = self.add("split matmul rows", total=total)
+            per = state["per"]
+            per[worker] = per.get(worker, 0) + 1
+            text = ", ".join(f"{'local' if w == LOCAL else short_id(w)} {b}" for w, b in per.items())
+            self.progress.advance(state["task"], rows)
+            self.update(state["task"], info=f"blocks: {text}")
+
+        return on_block
+
+
 async def _initiate(
     args: argparse.Namespace, session_dir: SessionDir, key_pair: Any, options: tuple[Limits, str | None, set[str]]
 ) -> int:
-    import trio
 
     limits, psk, allowed = options
     chosen: list[str] = []
@@ -4755,14 +4880,20 @@ async def _initiate(
         print(f"Waiting up to {args.timeout:.0f} s for {who} (Ctrl-C to stop)...", flush=True)
         log.info("listening on %s (pairing code issued)", ", ".join(node.addresses))
         sessions: list[PeerSession] = []
-        with trio.move_on_after(args.timeout):
-            while len(sessions) < expect:
-                session = await node.next_session()
-                sessions = [s for s in sessions if s.peer_id != session.peer_id and not s.closed.is_set()] + [session]
-                count = f" ({len(sessions)} of {expect})" if expect > 1 else ""
-                print(
-                    f"Responder connected: {session.peer_id} (pangea {session.hello.pangea_version}){count}", flush=True
-                )
+        view = LiveView(show_progress(args), node.nursery)
+        with view:
+            view.watch_traffic(node)
+            waiting = view.add("waiting for responders", total=args.timeout)
+            view.tick(waiting, lambda elapsed: (elapsed, f"{len(sessions)} of {expect} connected"))
+            await _wait_for_responders(node, sessions, expect, args.timeout)
+            view.remove(waiting)
+            if len(sessions) == expect:
+                transfer = args.transfer_mib << 20
+                checks = InitiatorChecks(node, manager, sessions, size=args.size, transfer_bytes=transfer)
+                current = view.add("checks")
+                checks.on_check = lambda name: view.update(current, description=f"check: {name}")
+                checks.on_block = view.block_counter()
+                results = await checks.run_all()
         if len(sessions) < expect:
             port = node.addresses[0].split("/tcp/")[1].split("/")[0] if node.addresses else args.port
             got = "nobody" if not sessions else f"only {len(sessions)} of {expect} responders"
@@ -4772,9 +4903,6 @@ async def _initiate(
                 hint=f"on the other box run `./pangea.pyz respond` with the join string printed above; "
                 f"check that box can reach this one (same network, firewall open for TCP port {port})",
             )
-        transfer = args.transfer_mib << 20
-        checks = InitiatorChecks(node, manager, sessions, size=args.size, transfer_bytes=transfer)
-        results = await checks.run_all()
     extra = {
         "addresses": node.addresses,
         "rtt_ms": checks.rtt_ms,
@@ -4850,7 +4978,11 @@ async def _respond(
         )
         print(f"Connected to initiator {session.peer_id}; serving its tasks until it says done.", flush=True)
         serve_start = time.perf_counter()
-        await session.closed.wait()
+        with LiveView(show_progress(args), node.nursery) as view:
+            view.watch_traffic(node)
+            serving = view.add("serving the initiator")
+            view.tick(serving, lambda elapsed: (0, f"{session.tasks_served} task(s) done"))
+            await session.closed.wait()
     done = session.bye_reason == "done"
     results.append(
         CheckResult(
