@@ -3214,6 +3214,91 @@ class Manager:
             self._apply(self.scheduler.handle(event, self.clock()))
 
 
+# ---------------------------------------------------------------- discovery on a LAN (mDNS)
+
+MDNS_SERVICE = "_pangea._tcp.local."  # DNS-SD service type of a waiting initiator
+DISCOVER_S = 8.0  # how long `respond --discover` listens for initiators
+
+
+class Announcer:
+    """Announces a waiting initiator on the LAN by mDNS (zeroconf), until closed.
+
+    Only the address, port, peer ID and version are announced; the pairing code
+    is not: a responder that discovers the initiator still has to type it."""
+
+    def __init__(self, peer_id: str, addresses: Sequence[str]) -> None:
+        self.peer_id = peer_id
+        self.addresses = [a for a in addresses if not a.startswith("/ip4/127.")]
+        self._zeroconf: Any = None
+        self._info: Any = None
+
+    def start(self) -> bool:
+        """Register the service (blocking, about a second); False when there is nothing to announce."""
+        from zeroconf import ServiceInfo, Zeroconf
+
+        if not self.addresses:
+            return False
+        ips = [a.split("/")[2] for a in self.addresses]
+        port = int(self.addresses[0].split("/tcp/")[1].split("/")[0])
+        self._info = ServiceInfo(
+            MDNS_SERVICE,
+            f"pangea-{self.peer_id[-12:]}.{MDNS_SERVICE}",
+            addresses=[socket.inet_aton(ip) for ip in ips],
+            port=port,
+            properties={"peer": self.peer_id, "role": "initiator", "version": __version__},
+        )
+        # NOTE: only on the interfaces whose addresses are announced, not on every one
+        self._zeroconf = Zeroconf(interfaces=ips)
+        self._zeroconf.register_service(self._info)
+        return True
+
+    def close(self) -> None:
+        """Withdraw the announcement."""
+        if self._zeroconf is not None:
+            with contextlib.suppress(Exception):  # best effort while shutting down
+                self._zeroconf.unregister_service(self._info)
+            self._zeroconf.close()
+            self._zeroconf = None
+
+
+def discover_initiators(timeout_s: float = DISCOVER_S) -> list[dict[str, Any]]:
+    """Listen for initiators announced by mDNS; return [{peer, address, version}] (blocking)."""
+    from zeroconf import ServiceBrowser, ServiceStateChange, Zeroconf
+
+    found: dict[str, dict[str, Any]] = {}
+    names: list[str] = []
+
+    def on_change(zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
+        if state_change is ServiceStateChange.Added:
+            names.append(name)
+
+    zeroconf = Zeroconf()
+    try:
+        ServiceBrowser(zeroconf, MDNS_SERVICE, handlers=[on_change])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if found:  # give other initiators on the LAN a moment to answer too
+                deadline = min(deadline, time.monotonic() + 1.0)
+            time.sleep(0.25)
+            for name in list(names):
+                info = zeroconf.get_service_info(MDNS_SERVICE, name, timeout=1000)
+                props = {k.decode(): (v or b"").decode() for k, v in (info.properties if info else {}).items()}
+                if info is None or props.get("role") != "initiator" or not is_peer_id(props.get("peer", "")):
+                    continue
+                for ip in info.parsed_addresses():
+                    if ":" not in ip:  # IPv4 only, like the addresses initiate prints
+                        address = f"/ip4/{ip}/tcp/{info.port}/p2p/{props['peer']}"
+                        found[props["peer"]] = {
+                            "peer": props["peer"],
+                            "address": address,
+                            "version": props.get("version", "?"),
+                        }
+                        break
+    finally:
+        zeroconf.close()
+    return list(found.values())
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -4318,6 +4403,7 @@ def make_parser() -> argparse.ArgumentParser:
             help=f"how long to wait for the other side (default: {DEFAULT_WAIT_S:.0f})",
         )
         p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+        p.add_argument("--quiet", action="store_true", help="no live progress display")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("--psk", metavar="FILE", help="pre-shared key file: only nodes with the same file can connect")
@@ -4421,12 +4507,18 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="wait for N responders and run the checks across all of them (default: 1)",
     )
+    p.add_argument("--no-mdns", action="store_true", help="do not announce this initiator on the LAN by mDNS")
 
     p = sub.add_parser("respond", help="start node 2: connect to an initiator and do its work")
     p.add_argument(
         "address", nargs="?", help="the join string the initiator printed (pangea://...#CODE), or its multiaddr"
     )
     p.add_argument("--code", help="the initiator's pairing code, when ADDRESS is a bare multiaddr")
+    p.add_argument(
+        "--discover",
+        action="store_true",
+        help="find the initiator on this LAN by mDNS instead of pasting its address (the code is still needed)",
+    )
     common(p, 0)
     fault_option(p)
     p.set_defaults(func=cmd_respond)
@@ -4725,6 +4817,29 @@ async def _wait_for_responders(node: Node, sessions: list[PeerSession], expect: 
             print(f"Responder connected: {session.peer_id} (pangea {session.hello.pangea_version}){count}", flush=True)
 
 
+def mdns_enabled(args: argparse.Namespace) -> bool:
+    """mDNS announcements unless --no-mdns or PANGEA_MDNS=off (the test suite sets it: no
+    multicast leaves the test machine)."""
+    return not getattr(args, "no_mdns", False) and os.environ.get("PANGEA_MDNS", "on").lower() not in ("off", "0", "no")
+
+
+async def announce(node: Node, args: argparse.Namespace) -> Announcer | None:
+    """Announce a waiting initiator by mDNS (in a thread: zeroconf blocks); None when off or impossible."""
+    import trio
+
+    if not mdns_enabled(args):
+        return None
+    announcer = Announcer(node.peer_id, node.addresses)
+    try:
+        if await trio.to_thread.run_sync(announcer.start):
+            print("Announced on the LAN by mDNS: `./pangea.pyz respond --discover` finds this node", flush=True)
+            return announcer
+    except (OSError, RuntimeError, ValueError) as exc:  # zeroconf: no multicast on this network
+        log.warning("cannot announce by mDNS (%s); pass the address by hand", describe_exception(exc))
+    await trio.to_thread.run_sync(announcer.close)
+    return None
+
+
 def show_progress(args: argparse.Namespace) -> bool:
     """Live progress only on a terminal, and not with --json or --quiet."""
     return sys.stdout.isatty() and not getattr(args, "json", False) and not getattr(args, "quiet", False)
@@ -4836,6 +4951,7 @@ class LiveView:
 async def _initiate(
     args: argparse.Namespace, session_dir: SessionDir, key_pair: Any, options: tuple[Limits, str | None, set[str]]
 ) -> int:
+    import trio
 
     limits, psk, allowed = options
     chosen: list[str] = []
@@ -4879,6 +4995,7 @@ async def _initiate(
         who = "a responder" if expect == 1 else f"{expect} responders"
         print(f"Waiting up to {args.timeout:.0f} s for {who} (Ctrl-C to stop)...", flush=True)
         log.info("listening on %s (pairing code issued)", ", ".join(node.addresses))
+        announcer = await announce(node, args)
         sessions: list[PeerSession] = []
         view = LiveView(show_progress(args), node.nursery)
         with view:
@@ -4887,6 +5004,9 @@ async def _initiate(
             view.tick(waiting, lambda elapsed: (elapsed, f"{len(sessions)} of {expect} connected"))
             await _wait_for_responders(node, sessions, expect, args.timeout)
             view.remove(waiting)
+            if announcer is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(announcer.close)
             if len(sessions) == expect:
                 transfer = args.transfer_mib << 20
                 checks = InitiatorChecks(node, manager, sessions, size=args.size, transfer_bytes=transfer)
@@ -4914,10 +5034,35 @@ async def _initiate(
     return 0 if ok else 1
 
 
+def discover_one(interactive: bool) -> str:
+    """Find the initiator for `respond --discover` by mDNS: the only one, or the one the user picks."""
+    print(f"Looking for initiators on this network (mDNS, up to {DISCOVER_S:.0f} s)...", flush=True)
+    found = discover_initiators()
+    if not found:
+        raise NoPeerError(
+            "cannot find an initiator on this network by mDNS",
+            kind="unreachable",
+            hint="start `./pangea.pyz initiate` on the other box (on the same LAN; mDNS does not cross "
+            "routers or most VPNs), or paste its address instead",
+        )
+    for number, item in enumerate(found, 1):
+        print(f"  {number}) {item['address']} (pangea {item['version']})")
+    if len(found) == 1:
+        return str(found[0]["address"])
+    if not interactive:
+        raise UsageError(f"{len(found)} initiators found; pass the address of the one to join")
+    while True:
+        choice = input(f"Which one [1-{len(found)}]: ").strip()
+        if choice.isdigit() and 1 <= int(choice) <= len(found):
+            return str(found[int(choice) - 1]["address"])
+
+
 def cmd_respond(args: argparse.Namespace) -> int:
     """`respond`: dial the initiator, serve its tasks until it says done."""
     text = args.address
     interactive = sys.stdin.isatty()
+    if text is None and args.discover:
+        text = discover_one(interactive)
     if text is None:
         if not interactive:
             raise UsageError(
