@@ -65,6 +65,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import socket
 import statistics
 import struct
@@ -884,16 +885,30 @@ def measure_start(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
         out["help_s"] = timed_runs([pyz, "--help"], cfg.start_reps * 2, plain_env)
         out["shiv_empty_s"] = timed_runs([pyz, str(empty)], cfg.start_reps * 2, shiv_env)
         out["python_empty_s"] = timed_runs([sys.executable, "-S", "-c", "pass"], cfg.start_reps * 2, plain_env)
+        # NOTE: the pyz's shebang is `/usr/bin/env python3`; a python3 on PATH that is a
+        # wrapper (a pyenv shim is a bash script) adds its own start-up to every run.
+        shebang_python = subprocess.run(
+            ["/usr/bin/env", "python3", "-c", "import sys; print(sys.executable)"],
+            env=plain_env, capture_output=True, text=True, timeout=60, check=True,
+        ).stdout.strip()  # fmt: skip
+        out["shebang_python"] = {"on_path": shutil.which("python3", path=plain_env.get("PATH")), "runs": shebang_python}
+        out["help_direct_s"] = timed_runs([shebang_python, pyz, "--help"], cfg.start_reps * 2, plain_env)
         out["imports_s"] = timed_runs([pyz, str(imports)], cfg.start_reps, shiv_env)
-        runs = [respond_to_first_task(pyz, Path(tmp), i, plain_env) for i in range(cfg.start_reps + 1)]
-        out["respond_first_task_s"] = [r["first_task_s"] for r in runs[1:]]  # the first one warms up
-        out["respond_session_s"] = [r["session_s"] for r in runs[1:]]
-    for key in ("help_s", "shiv_empty_s", "python_empty_s", "imports_s", "respond_first_task_s", "respond_session_s"):
+        for suffix, launcher in (("", [pyz]), ("_direct", [shebang_python, pyz])):
+            runs = [
+                respond_to_first_task(launcher, Path(tmp), f"{suffix}{i}", plain_env) for i in range(cfg.start_reps + 1)
+            ]
+            out[f"respond_first_task{suffix}_s"] = [r["first_task_s"] for r in runs[1:]]  # the first one warms up
+            out[f"respond_session{suffix}_s"] = [r["session_s"] for r in runs[1:]]
+    for key in (
+        "help_s", "help_direct_s", "shiv_empty_s", "python_empty_s", "imports_s", "respond_first_task_s",
+        "respond_session_s", "respond_first_task_direct_s", "respond_session_direct_s",
+    ):  # fmt: skip
         out[key.removesuffix("_s") + "_median_s"] = statistics.median(out[key])
     return out
 
 
-def respond_to_first_task(pyz: str, tmp: Path, i: int, env: dict[str, str]) -> dict[str, float]:
+def respond_to_first_task(pyz: list[str], tmp: Path, i: str, env: dict[str, str]) -> dict[str, float]:
     """Start an initiator, then time a responder from its launch to its first served task."""
     homes = [tmp / f"initiator-{i}", tmp / f"responder-{i}"]
     for home in homes:
@@ -902,7 +917,7 @@ def respond_to_first_task(pyz: str, tmp: Path, i: int, env: dict[str, str]) -> d
     try:
         initiator = Child(
             [
-                pyz,
+                *pyz,
                 "initiate",
                 "--host",
                 "127.0.0.1",
@@ -914,7 +929,7 @@ def respond_to_first_task(pyz: str, tmp: Path, i: int, env: dict[str, str]) -> d
                 "1",
                 "--timeout",
                 "60",
-            ],
+            ],  # fmt: skip
             env={**env, "PANGEA_HOME": str(homes[0]), "PYTHONUNBUFFERED": "1"},
             name="initiate",
         )
@@ -923,7 +938,7 @@ def respond_to_first_task(pyz: str, tmp: Path, i: int, env: dict[str, str]) -> d
         join = line.removeprefix("Join string: ").strip()
         start = time.perf_counter()
         responder = Child(
-            [pyz, "respond", "-v", join],
+            [*pyz, "respond", "-v", join],
             env={**env, "PANGEA_HOME": str(homes[1]), "PYTHONUNBUFFERED": "1"},
             name="respond",
         )
@@ -1113,8 +1128,12 @@ def build_rows(cfg: Config, r: dict[str, Any]) -> list[Row]:
     rows += [
         make_row("pyz --help warm", "s", st.get("help_median_s"), st.get("shiv_empty_median_s"),
                  "pyz empty script", HELP_TARGET),
+        make_row("  --help, python3 binary direct", "s", st.get("help_direct_median_s"), st.get("help_median_s"),
+                 "via shebang", INFO),
         make_row("respond -> first task warm", "s", st.get("respond_first_task_median_s"),
                  st.get("imports_median_s"), "pyz imports only", FIRST_TASK_TARGET),
+        make_row("  respond, python3 binary direct", "s", st.get("respond_first_task_direct_median_s"),
+                 st.get("respond_first_task_median_s"), "via shebang", INFO),
     ]  # fmt: skip
     return rows
 

@@ -1,0 +1,476 @@
+"""Who may use a node: pairing codes, trust lists, pre-shared keys, copied identities, files.
+
+Real processes from the built pangea.pyz on 127.0.0.1, plus the hostile test
+peer (tests/peers/hostile.py, run with ``SHIV_INTERPRETER=1``) where a peer
+must do something the pangea CLI never does: say Hello without being
+trusted, try many pairing codes in a row, ask an initiator or a responder to
+run its tasks. What is checked, after README "Security":
+
+* an untrusted peer is refused with a readable error naming ``--allow-peer``
+  (serve) or the pairing code (initiate), runs no task, and the node logs
+  ``pangea: refused <role> <peer id> at <address>: <reason>``;
+* pairing: the join string works; a wrong code is refused; a code used by one
+  peer is refused to another; 5 wrong tries burn it; ``serve --pair
+  --remember`` writes ``trusted_peers`` (0600), so both nodes reconnect after a
+  restart without a code; a trusted_peers file with comments and a bad line;
+* ``--psk``: nodes with different keys (or only one with a key) cannot connect;
+* a copied pangea home (one peer id, two processes) is refused as
+  ``duplicate-identity`` with a hint to delete identity.key;
+* modes of the home, session dirs and key files; the pairing code is never
+  written to the session files or the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import NodeHome, Proc
+from pyz_helpers import (
+    FAST,
+    PAIR_TIMEOUT_S,
+    RESPONDER_CONNECTED,
+    assert_expected_error,
+    free_port,
+    last_json,
+    loopback_address,
+    pairing_code,
+    peer_id_from,
+    run_pyz,
+    session_dirs,
+    start_initiator,
+)
+
+import pangea
+from pangea import Client
+
+HOSTILE = Path(__file__).resolve().parents[1] / "peers" / "hostile.py"
+ENDED = {"eof", "reset"}
+CLIENT_TIMEOUT_S = 60.0
+REFUSED_LINE = r"^pangea: refused {role} {peer_id} at /ip4/127\.0\.0\.1/tcp/\d+: "
+
+# ---------------------------------------------------------------- helpers
+# NOTE: the same small helpers as in test_hostile.py; importing them from there
+# would make mypy see that file under two module names.
+
+
+@dataclass
+class ServeNode:
+    """One running `pangea.pyz serve` and what it printed."""
+
+    proc: Proc
+    home: NodeHome
+    peer_id: str
+    rpc: str
+    address: str  # its loopback multiaddr
+
+
+def peer_id_of(pyz: Path, home: NodeHome) -> str:
+    result = run_pyz(pyz, ["id"], home.env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def start_serve(pyz: Path, home: NodeHome, *args: str, name: str, port: int = 0) -> ServeNode:
+    """`serve` on 127.0.0.1 (RPC port 0); waits for its ready line."""
+    cmd = [str(pyz), "serve", "--host", "127.0.0.1", "--port", str(port), "--rpc", "127.0.0.1:0", *args]
+    proc = Proc(cmd, env=home.env, name=name)
+    try:
+        proc.wait_for_line(r"^pangea: serving on /ip4/", stream="stdout", timeout=60)
+        peer_id = proc.wait_for_line(r"serve node, peer ID (12D3KooW\w+)$", stream="stdout").group(1)
+        rpc = proc.wait_for_line(r"^RPC: (127\.0\.0\.1:\d+) \(", stream="stdout").group(1)
+        address = proc.wait_for_line(rf"^  (/ip4/127\.0\.0\.1/tcp/\d+/p2p/{peer_id})$", stream="stdout").group(1)
+    except BaseException:
+        proc.stop()
+        raise
+    return ServeNode(proc=proc, home=home, peer_id=peer_id, rpc=rpc, address=address)
+
+
+@dataclass
+class HostileRun:
+    proc: Proc
+    events: list[dict[str, Any]]
+
+    def all(self, event: str, **match: Any) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == event and all(e.get(k) == v for k, v in match.items())]
+
+    def one(self, event: str, **match: Any) -> dict[str, Any]:
+        found = self.all(event, **match)
+        assert len(found) == 1, f"expected one {event} {match}, got {found}\n{self.proc.output()}"
+        return found[0]
+
+
+def run_hostile(pyz: Path, home: NodeHome, target: str, *scenarios: str, options: tuple[str, ...] = ()) -> HostileRun:
+    """Run the hostile peer (identity in ``home``) against ``target``; its JSON lines."""
+    cmd = [str(pyz), str(HOSTILE), "--home", str(home.pangea_home), "--target", target, *options, *scenarios]
+    with Proc(cmd, env={**home.env, "SHIV_INTERPRETER": "1"}, name="hostile") as proc:
+        rc = proc.wait(timeout=180)
+    events = [json.loads(line) for line in proc.stdout_lines if line.startswith("{")]
+    assert rc == 0 and not [e for e in events if e["event"] == "crash"], proc.output()
+    return HostileRun(proc, events)
+
+
+def bare_address(join: str) -> str:
+    """The multiaddr of a join string, without its code."""
+    return "/" + join.removeprefix("pangea://").partition("#")[0]
+
+
+def other_code(code: str, shift: int = 1) -> str:
+    """A valid-looking pairing code that is not ``code``."""
+    alphabet = pangea.PAIRING_ALPHABET
+    plain = code.replace("-", "")
+    return alphabet[(alphabet.index(plain[0]) + shift) % len(alphabet)] + plain[1:]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def remote_matmul_runs_on(node: ServeNode, peer_id: str) -> None:
+    x = np.arange(16.0).reshape(4, 4)
+    with Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+        np.testing.assert_allclose(rpc.matmul(x, x, placement=peer_id), x @ x)
+        assert rpc.last_task["ran_on"] == peer_id
+
+
+@pytest.fixture
+def serve(pyz: Path) -> Iterator[Callable[..., ServeNode]]:
+    """Start serve nodes for one test (`serve(home, *args, name=...)`); all stopped at its end."""
+    started: list[ServeNode] = []
+
+    def start(home: NodeHome, *args: str, name: str, port: int = 0) -> ServeNode:
+        node = start_serve(pyz, home, *args, name=name, port=port)
+        started.append(node)
+        return node
+
+    yield start
+    for node in reversed(started):
+        node.proc.stop()
+
+
+# ---------------------------------------------------------------- untrusted peers
+
+
+def test_serve_trusts_its_trusted_peers_file_and_refuses_anyone_else_naming_allow_peer(
+    pyz: Path, make_home: Any, serve: Any
+) -> None:
+    """A trusted_peers file with comments and a bad line (ignored with a warning): the peer
+    it names runs tasks; a stranger is refused, runs nothing, and is logged."""
+    home, friend, stranger = make_home("node"), make_home("friend"), make_home("stranger")
+    friend_id, stranger_id = peer_id_of(pyz, friend), peer_id_of(pyz, stranger)
+    path = home.pangea_home / "trusted_peers"
+    path.write_text(f"# boxes allowed to use this one\n\n{friend_id}   # the friend box\nnot-a-peer-id\n# end\n")
+    path.chmod(0o600)
+    node = serve(home, name="serve")
+    warning = node.proc.wait_for_line(r"^pangea: ignoring .*trusted_peers", stream="stderr").string
+    assert warning == f"pangea: ignoring {path} line 4: 'not-a-peer-id' is not a peer id", warning
+    node.proc.wait_for_line(rf"^Trusted peers: {friend_id}$", stream="stdout")
+
+    run = run_hostile(pyz, stranger, node.address, "hello")
+    reply = run.one("hello")["reply"]
+    assert reply["type"] == "ErrorMsg" and reply["kind"] == "refused", reply
+    assert reply["message"].startswith(f"peer {stranger_id} is not trusted by node {node.peer_id}"), reply
+    assert f"--allow-peer {stranger_id}" in reply["message"] and "serve --pair" in reply["message"], reply
+    assert run.one("after")["reply"]["type"] in ENDED  # the stream ends after the refusal
+    assert run.one("task-without-session")["reply"]["type"] in ENDED  # a task without a session: reset
+    refused = node.proc.wait_for_line(REFUSED_LINE.format(role="serve", peer_id=stranger_id), stream="stderr")
+    assert "is not trusted" in refused.string and f"--allow-peer {stranger_id}" in refused.string
+    with Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+        status = rpc.status()
+    assert status["tasks_served"] == 0 and status["peer_count"] == 0, status
+
+    run = run_hostile(pyz, friend, node.address, "hello")
+    assert run.one("hello")["reply"]["type"] == "HelloMsg"
+    assert run.one("good")["ok"] is True
+    assert node.proc.returncode is None
+
+
+def test_initiator_refuses_a_responder_without_the_code_and_pairs_with_the_join_string_never_writing_it(
+    pyz: Path, make_home: Any
+) -> None:
+    """Also the modes of the home, identity and session dir, and the code kept out of every file."""
+    a, stranger, b = make_home("initiator"), make_home("stranger"), make_home("responder")
+    with start_initiator(pyz, a, "-v", "--json", *FAST, "--timeout", "90") as initiator:
+        join = loopback_address(initiator)
+        code = pairing_code(initiator.stdout_lines)
+        home = a.pangea_home
+        assert mode(home) == 0o700
+        assert mode(home / pangea.IDENTITY_FILENAME) == 0o600
+        assert mode(home / pangea.SESSIONS_DIRNAME) == 0o700
+        (session,) = session_dirs(a, "initiator")
+        assert mode(session) == 0o700
+        secrets = {code, code.replace("-", ""), join}
+
+        def assert_no_secret() -> None:
+            for name in ("pangea.log", "info.json", "addresses.txt", "pid"):
+                text = (session / name).read_text(errors="replace")
+                for secret in secrets:
+                    assert secret not in text, (name, secret)
+            stderr = "\n".join(initiator.stderr_lines)  # -v: the log on stderr too
+            assert not any(secret in stderr for secret in secrets), stderr
+
+        assert wait_until(lambda: "pairing code issued" in (session / "pangea.log").read_text(), 10)
+        assert_no_secret()
+
+        refused = run_pyz(pyz, ["respond", bare_address(join), "--timeout", "20"], stranger.env)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        error = assert_expected_error(refused.stderr, "needs its pairing code", "--code")
+        assert "join string" in error
+        stranger_id = peer_id_of(pyz, stranger)
+        line = initiator.wait_for_line(REFUSED_LINE.format(role="responder", peer_id=stranger_id), stream="stderr")
+        assert "needs its pairing code" in line.string
+
+        # A peer that proves the code works (the join string carries it).
+        with Proc([str(pyz), "respond", join, "--json", "--timeout", "30"], env=b.env, name="responder") as responder:
+            initiator.wait_for_line(r"^Responder connected: ", stream="stdout", timeout=60)
+            if session.exists():  # still running its checks: the log of the pairing itself
+                assert_no_secret()
+            assert responder.wait(timeout=PAIR_TIMEOUT_S) == 0, responder.output()
+            assert initiator.wait(timeout=PAIR_TIMEOUT_S) == 0, initiator.output()
+    assert last_json(initiator.stdout_lines)["peer"] == peer_id_from(responder.stdout_lines, "responder")
+    assert last_json(initiator.stdout_lines)["ok"] is True
+    assert mode(b.pangea_home) == 0o700 and mode(b.pangea_home / pangea.IDENTITY_FILENAME) == 0o600
+    assert not session.exists()
+
+
+def test_initiator_runs_no_task_for_its_paired_responder(pyz: Path, make_home: Any) -> None:
+    a, fake = make_home("initiator"), make_home("fake-responder")
+    with start_initiator(pyz, a, *FAST, "--timeout", "60") as initiator:
+        join = loopback_address(initiator)
+        code = pairing_code(initiator.stdout_lines)
+        options = ("--role", "responder", "--code", code)
+        run = run_hostile(pyz, fake, bare_address(join), "task-on-initiator", options=options)
+    reply = run.one("reply")["reply"]
+    assert reply["type"] == "TaskResultMsg" and reply["error_kind"] == "refused", reply
+    assert "does not run tasks for" in reply["error_message"], reply
+
+
+# ---------------------------------------------------------------- pairing codes
+
+
+def test_wrong_codes_are_refused_and_five_burn_the_code(pyz: Path, make_home: Any) -> None:
+    a, wrong, guesser, late = make_home("initiator"), make_home("wrong"), make_home("guesser"), make_home("late")
+    with start_initiator(pyz, a, "--timeout", "120") as initiator:
+        join = loopback_address(initiator)
+        code = pairing_code(initiator.stdout_lines)
+        # 1: a responder with a wrong --code gets one readable line and exit 2
+        result = run_pyz(pyz, ["respond", bare_address(join), "--code", other_code(code), "--timeout", "20"], wrong.env)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert_expected_error(result.stderr, "wrong pairing code")
+        # 2-5: four more wrong guesses, then the right code: burned
+        guesses = [other_code(code, shift) for shift in (2, 3, 4, 5)] + [code]
+        options = ("--role", "responder", "--codes", ",".join(guesses))
+        run = run_hostile(pyz, guesser, bare_address(join), "pair-tries", options=options)
+        replies = [e["reply"] for e in run.all("try")]
+        assert [r.get("message") for r in replies[:4]] == ["wrong pairing code"] * 4, replies
+        assert replies[4]["kind"] == "refused" and "burned after 5 wrong tries" in replies[4]["message"], replies
+        # and the real join string no longer works either
+        result = run_pyz(pyz, ["respond", join, "--timeout", "20"], late.env)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert_expected_error(result.stderr, "burned")
+        assert initiator.returncode is None, initiator.output()
+        refusals = [line for line in initiator.stderr_lines if line.startswith("pangea: refused responder ")]
+    assert sum("wrong pairing code" in line for line in refusals) == 5, refusals
+    assert sum("burned" in line for line in refusals) == 2, refusals
+    for line in refusals:
+        assert re.match(r"^pangea: refused responder 12D3KooW\w+ at /ip4/127\.0\.0\.1/tcp/\d+: ", line), line
+    assert not any(code in line or code.replace("-", "") in line for line in refusals)
+
+
+def test_serve_pair_remember_then_both_restart_and_reconnect_without_a_code(
+    pyz: Path, make_home: Any, serve: Any
+) -> None:
+    home_p, home_q, other = make_home("p"), make_home("q"), make_home("other")
+    port = free_port()
+    p = serve(home_p, "--pair", "--remember", name="serve-P", port=port)
+    join = p.proc.wait_for_line(r"^Join string: (pangea://\S+)$", stream="stdout").group(1)
+    code = p.proc.wait_for_line(r"^Pairing code \(one use, valid 600 s\): (\S+)$", stream="stdout").group(1)
+    assert bare_address(join) == p.address
+    # The code is on stdout only: not in the session files nor the log.
+    (session,) = session_dirs(home_p)
+    for path in session.iterdir():
+        text = path.read_text(errors="replace")
+        assert code not in text and code.replace("-", "") not in text, path
+
+    q = serve(home_q, "--peer", join, name="serve-Q")
+    p.proc.wait_for_line(rf"^pangea: paired with {q.peer_id} \(remembered\)$", stream="stdout")
+    q.proc.wait_for_line(rf"^pangea: connected to peer {p.peer_id}$", stream="stdout")
+    trusted = home_p.pangea_home / "trusted_peers"
+    assert mode(trusted) == 0o600
+    ids, complaints = pangea.parse_trusted_peers(trusted.read_text())
+    assert ids == {q.peer_id} and complaints == []
+    remote_matmul_runs_on(q, p.peer_id)
+
+    # The same code from another peer: already used.
+    other_id = peer_id_of(pyz, other)
+    run = run_hostile(pyz, other, p.address, "hello", options=("--code", code))
+    reply = run.one("hello")["reply"]
+    assert reply["kind"] == "refused" and "already used by another peer" in reply["message"], reply
+    p.proc.wait_for_line(REFUSED_LINE.format(role="serve", peer_id=other_id) + ".*already used", stream="stderr")
+
+    # Restart both without any code: P trusts Q from trusted_peers, Q dials P's plain address.
+    assert q.proc.stop() == 0 and p.proc.stop() == 0
+    p2 = serve(home_p, name="serve-P-again", port=port)
+    assert p2.peer_id == p.peer_id
+    p2.proc.wait_for_line(rf"^Trusted peers: {q.peer_id}$", stream="stdout")
+    assert not any(line.startswith("Pairing code") for line in p2.proc.stdout_lines)
+    q2 = serve(home_q, "--peer", p.address, name="serve-Q-again")
+    q2.proc.wait_for_line(rf"^pangea: connected to peer {p.peer_id}$", stream="stdout")
+    remote_matmul_runs_on(q2, p.peer_id)
+    assert not [line for line in p2.proc.stderr_lines if line.startswith("pangea: refused")], p2.proc.output()
+
+
+# ---------------------------------------------------------------- private network (--psk)
+
+
+def test_psk_writes_a_0600_swarm_key_and_refuses_to_overwrite(pyz: Path, pangea_home: NodeHome, tmp_path: Path) -> None:
+    key = tmp_path / "swarm.key"
+    result = run_pyz(pyz, ["psk", str(key)], pangea_home.env)
+    assert result.returncode == 0, result.stderr
+    assert mode(key) == 0o600
+    lines = key.read_text().splitlines()
+    assert lines[:2] == ["/key/swarm/psk/1.0.0/", "/base16/"] and re.fullmatch(r"[0-9a-f]{64}", lines[2]), lines
+    assert pangea.parse_psk(key.read_text()) == lines[2]
+    assert lines[2] not in result.stdout + result.stderr  # the key is not echoed
+    again = run_pyz(pyz, ["psk", str(key)], pangea_home.env)
+    assert again.returncode == 2
+    assert_expected_error(again.stderr, "exists")
+    assert key.read_text().splitlines()[2] == lines[2]
+
+
+@pytest.mark.slow
+def test_psk_nodes_without_the_same_key_cannot_connect(pyz: Path, make_home: Any, tmp_path: Path) -> None:
+    a, b, c = make_home("initiator"), make_home("responder"), make_home("other")
+    k1, k2 = tmp_path / "k1", tmp_path / "k2"
+    for key in (k1, k2):
+        assert run_pyz(pyz, ["psk", str(key)], a.env).returncode == 0
+    with start_initiator(pyz, a, "--json", *FAST, "--psk", str(k1), "--timeout", "120") as initiator:
+        join = loopback_address(initiator)
+        # No key, and another key, at once: neither gets through.
+        with contextlib.ExitStack() as stack:
+            procs = [
+                stack.enter_context(
+                    Proc([str(pyz), "respond", join, "--timeout", "3", *extra], env=home.env, name=f"responder-{name}")
+                )
+                for name, extra, home in (("no-key", [], b), ("other-key", ["--psk", str(k2)], c))
+            ]
+            for proc in procs:
+                assert proc.wait(timeout=60) == 2, proc.output()
+        for proc in procs:
+            assert_expected_error(proc.stderr_lines, "cannot reach")
+            assert proc.stderr_lines[1].startswith("hint: ") and "--psk" in proc.stderr_lines[1], proc.output()
+        assert initiator.returncode is None, initiator.output()
+        # The same key: the whole run.
+        with Proc(
+            [str(pyz), "respond", join, "--json", "--psk", str(k1), "--timeout", "30"], env=b.env, name="responder"
+        ) as responder:
+            assert responder.wait(timeout=PAIR_TIMEOUT_S) == 0, responder.output()
+            assert initiator.wait(timeout=PAIR_TIMEOUT_S) == 0, initiator.output()
+    assert last_json(initiator.stdout_lines)["ok"] is True
+
+
+def test_psk_file_that_is_not_a_key_is_one_error_line(pyz: Path, pangea_home: NodeHome, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key\n")
+    result = run_pyz(pyz, ["serve", "--port", "0", "--rpc", "127.0.0.1:0", "--psk", str(bad)], pangea_home.env)
+    assert result.returncode == 2
+    assert_expected_error(result.stderr, "64 hex digits")
+
+
+# ---------------------------------------------------------------- copied identities
+
+
+def copy_identity(source: NodeHome, target: NodeHome) -> None:
+    shutil.copy2(source.pangea_home / pangea.IDENTITY_FILENAME, target.pangea_home / pangea.IDENTITY_FILENAME)
+
+
+@pytest.mark.slow
+def test_copied_home_second_process_is_refused_as_duplicate_identity(pyz: Path, make_home: Any, serve: Any) -> None:
+    home_c, home_a, home_copy = make_home("c"), make_home("a"), make_home("a-copy")
+    a_id = peer_id_of(pyz, home_a)
+    copy_identity(home_a, home_copy)
+    assert peer_id_of(pyz, home_copy) == a_id
+    c = serve(home_c, "--allow-peer", a_id, name="serve-C")
+    a = serve(home_a, "--peer", c.address, name="serve-A")
+    a.proc.wait_for_line(rf"^pangea: connected to peer {c.peer_id}$", stream="stdout")
+
+    a_copy = serve(home_copy, "--peer", c.address, name="serve-A-copy")
+    line = a_copy.proc.wait_for_line(r"cannot reach peer .*already connected from another process", stream="stderr")
+    assert "delete identity.key" in line.string, line.string
+    refused = c.proc.wait_for_line(REFUSED_LINE.format(role="serve", peer_id=a_id), stream="stderr").string
+    assert f"peer id {a_id} is already connected from another process" in refused, refused
+    assert "identity.key" in refused
+    assert not any(f"connected to peer {c.peer_id}" in line for line in a_copy.proc.stdout_lines)
+
+    # Seen from the wire: the refusal's kind is duplicate-identity.
+    run = run_hostile(pyz, home_copy, c.address, "hello")
+    reply = run.one("hello")["reply"]
+    assert reply["type"] == "ErrorMsg" and reply["kind"] == "duplicate-identity", reply
+    assert "delete identity.key" in reply["message"]
+    # The original keeps working.
+    remote_matmul_runs_on(a, c.peer_id)
+
+
+def test_respond_with_a_copy_of_the_initiators_identity_is_refused(pyz: Path, make_home: Any) -> None:
+    a, b = make_home("initiator"), make_home("responder")
+    peer_id_of(pyz, a)  # creates a's identity
+    copy_identity(a, b)
+    with start_initiator(pyz, a, "--timeout", "60") as initiator:
+        join = loopback_address(initiator)
+        result = run_pyz(pyz, ["respond", join, "--timeout", "10"], b.env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert_expected_error(result.stderr, "own peer ID")
+
+
+# ---------------------------------------------------------------- a responder works only for its initiator
+
+
+@pytest.mark.slow
+def test_responder_refuses_every_peer_but_its_initiator(pyz: Path, make_home: Any) -> None:
+    a, b, stranger = make_home("initiator"), make_home("responder"), make_home("stranger")
+    port = free_port()
+    responder_id = peer_id_of(pyz, b)
+    with start_initiator(pyz, a, "--size", "3000", "--transfer-mib", "256", "--timeout", "60") as initiator:
+        join = loopback_address(initiator)
+        initiator_id = peer_id_from(initiator.stdout_lines, "initiator")
+        cmd = [str(pyz), "respond", join, "--host", "127.0.0.1", "--port", str(port), "--timeout", "30"]
+        with Proc(cmd, env=b.env, name="responder") as responder:
+            responder.wait_for_line(RESPONDER_CONNECTED, stream="stdout")
+            target = f"/ip4/127.0.0.1/tcp/{port}/p2p/{responder_id}"
+            run = run_hostile(pyz, stranger, target, "hello", options=("--role", "initiator"))
+            reply = run.one("hello")["reply"]
+            assert reply["type"] == "ErrorMsg" and reply["kind"] == "refused", reply
+            assert reply["message"] == f"this responder only works for {initiator_id}", reply
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_id_creates_a_0600_identity_in_a_0700_home(pyz: Path, make_home: Any) -> None:
+    home = make_home("fresh")
+    shutil.rmtree(home.pangea_home)
+    peer_id = peer_id_of(pyz, home)
+    assert pangea.is_peer_id(peer_id)
+    assert mode(home.pangea_home) == 0o700
+    assert mode(home.pangea_home / pangea.IDENTITY_FILENAME) == 0o600
+    assert os.listdir(home.pangea_home) == [pangea.IDENTITY_FILENAME]
