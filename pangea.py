@@ -212,10 +212,13 @@ class MessageError(RemoteProtocolError):
     (a dtype not allowed, a shape that does not match its bytes). Framing is
     intact, so the receiver answers with an error and goes on."""
 
-    def __init__(self, message: str, *, task_id: int | None = None, kind: str = "bad-input") -> None:
+    def __init__(
+        self, message: str, *, task_id: int | None = None, kind: str = "bad-input", admitted: bool = True
+    ) -> None:
         super().__init__(message)
         self.task_id = task_id
         self.kind = kind  # the error kind of the TaskResult the receiver answers with
+        self.admitted = admitted  # False: refused from its header, nothing was reserved for it
 
 
 class PeerError(PangeaError):
@@ -861,6 +864,8 @@ class Decoder:
         # buffered; it returns None, or (error kind, reason) to skip the payload
         # unbuffered and raise MessageError for that task (rate limits, budget).
         self.admit = admit
+        # admit_result(task_id) says whether a TaskResult is awaited; others are skipped unbuffered.
+        self.admit_result: Callable[[int], bool] | None = None
         self._refused: tuple[int, str, str] | None = None
         self._chunks: deque[memoryview] = deque()
         self._buffered = 0
@@ -906,19 +911,39 @@ class Decoder:
 
     def _admit_frame(self) -> None:
         """Decide, from the header alone, whether the payload may be buffered."""
+        import numpy as np
+
         assert self._header is not None
-        if self.admit is not None:
+        if self._payload_len:
+            try:
+                which, task_id = peek_header(self._header)
+            except RemoteProtocolError as exc:
+                raise self._fail(str(exc)) from None
+            if which not in ("taskRequest", "taskResult") or task_id is None:
+                raise self._fail(f"a {which} message carries no payload, but this frame announces one")
+            verdict: tuple[str, str] | None = None
+            if which == "taskRequest" and self.admit is not None:
+                verdict = self.admit(task_id, self._payload_len)
+            elif which == "taskResult" and self.admit_result is not None and not self.admit_result(task_id):
+                verdict = ("unsolicited", f"a result for task {task_id}, which nobody is waiting for")
+            if verdict is not None:
+                self._refused = (task_id, verdict[0], verdict[1])
+                self._payload = bytearray()  # skip the payload: read it, keep none of it
+                return
+        elif self.admit is not None:
             try:
                 which, task_id = peek_header(self._header)
             except RemoteProtocolError as exc:
                 raise self._fail(str(exc)) from None
             if which == "taskRequest" and task_id is not None:
-                verdict = self.admit(task_id, self._payload_len)
+                verdict = self.admit(task_id, 0)
                 if verdict is not None:
                     self._refused = (task_id, verdict[0], verdict[1])
-                    self._payload = bytearray()  # skip the payload: read it, keep none of it
+                    self._payload = bytearray()
                     return
-        self._payload = bytearray(self._payload_len)
+        # NOTE: np.empty, not bytearray: the OS maps the pages as the bytes arrive, so a
+        # payload announced and never sent does not become resident memory.
+        self._payload = np.empty(self._payload_len, dtype=np.uint8)  # type: ignore[assignment]
 
     def _fill_payload(self) -> None:
         assert self._payload is not None
@@ -936,6 +961,13 @@ class Decoder:
                 self._chunks.popleft()
             else:
                 self._chunks[0] = chunk[n:]
+
+    def discard(self) -> None:
+        """Drop every buffered byte and the callbacks (the stream is gone)."""
+        self._chunks.clear()
+        self._buffered = 0
+        self._header_len, self._header, self._payload = None, None, None
+        self.admit = self.admit_result = None
 
     def _fail(self, message: str) -> RemoteProtocolError:
         self._broken = RemoteProtocolError(message)
@@ -974,7 +1006,7 @@ class Decoder:
         self._header_len, self._header, self._payload = None, None, None
         refused, self._refused = self._refused, None
         if refused is not None:
-            raise MessageError(refused[2], task_id=refused[0], kind=refused[1])
+            raise MessageError(refused[2], task_id=refused[0], kind=refused[1], admitted=False)
         assert payload is not None
         try:
             return decode_message(header, payload, self.limits)
@@ -1002,7 +1034,7 @@ def _arrays_from(metas: Any, payload: bytearray, task_id: int, limits: Limits | 
             raise MessageError(
                 f"array {i}: {len(shape)} dimensions, at most {limits.max_ndim} allowed", task_id=task_id
             )
-        if math.prod(shape) > limits.max_elements:
+        if math.prod(shape) > limits.max_elements or any(d > limits.max_elements for d in shape):
             raise MessageError(
                 f"array {i}: shape {tuple(shape)} has more than {limits.max_elements} elements", task_id=task_id
             )
@@ -1040,8 +1072,8 @@ def peek_header(header: bytes) -> tuple[str, int | None]:
                 return which, int(m.taskResult.taskId)
             return which, None
     except (capnp.KjException, UnicodeDecodeError, ValueError) as exc:  # type: ignore[attr-defined]
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RemoteProtocolError(f"malformed message header: {text[:200]}") from None
+        log.debug("malformed header: %s", exc)
+        raise RemoteProtocolError("malformed message header: not a pangea Message") from None
 
 
 def decode_message(header: bytes, payload: bytearray, limits: Limits | None = None) -> Message:
@@ -1052,7 +1084,7 @@ def decode_message(header: bytes, payload: bytearray, limits: Limits | None = No
     try:
         with schema.Message.from_bytes(header, traversal_limit_in_words=len(header) // 8 + 64) as m:
             which = str(m.which())
-            if payload and which not in ("taskRequest", "taskResult"):
+            if len(payload) and which not in ("taskRequest", "taskResult"):
                 raise RemoteProtocolError(f"a {which} message carries no payload, but this frame has one")
             if which == "hello":
                 h = m.hello
@@ -1302,6 +1334,13 @@ def output_nbytes(name: str, operands: Sequence[np.ndarray], params: dict[str, f
             return math.prod(np.broadcast_shapes(operands[0].shape, operands[1].shape)) * itemsize
         if name == "random":
             return int(max(0.0, params.get("rows", 0.0))) * int(max(0.0, params.get("cols", 0.0))) * 8
+        if name == "sum" and operands:
+            shape = operands[0].shape
+            axis = params.get("axis")
+            if axis is None or not math.isfinite(axis) or not -len(shape) <= int(axis) < len(shape):
+                return itemsize
+            # NOTE: not the input's size: summing a (huge x 0) array over axis 1 gives `huge` zeros
+            return math.prod(d for i, d in enumerate(shape) if i != int(axis) % len(shape)) * itemsize
     except (ValueError, IndexError, OverflowError):
         return 0  # the kernel itself will reject these operands
     return sum(a.size for a in operands) * itemsize
@@ -2100,7 +2139,9 @@ class PeerSession:
         self._reserved: dict[int, int] = {}  # task id -> operand bytes admitted, held until answered
         self._scopes: dict[int, Any] = {}  # task id -> cancel scope of a task being served
         self.peer_load = 0  # what the peer last reported running for all its peers
+        self._receiving: int | None = None  # the admitted task whose frame is still arriving
         channel.decoder.admit = self._admit
+        channel.decoder.admit_result = lambda task_id: task_id in self._pending
         channel.decoder.max_payload_bytes = node.limits.max_payload_bytes
 
     @property
@@ -2117,14 +2158,20 @@ class PeerSession:
                     msg = await self.channel.receive()
                 except MessageError as exc:
                     self.last_seen = time.monotonic()
+                    if exc.kind == "unsolicited":
+                        log.info("dropping %s from %s", exc, self.label)
+                        continue
                     if exc.task_id is not None:
-                        self._release(exc.task_id)
+                        if exc.admitted and exc.task_id == self._receiving:
+                            self._release(exc.task_id)  # admitted, then its contents were bad
+                        self._receiving = None
                         self._send_soon(TaskResultMsg(exc.task_id, error_kind=exc.kind, error_message=str(exc)))
                     if exc.kind == "bad-input":
                         log.warning("bad message from %s: %s", self.peer_id, exc)
                     continue
                 self.last_seen = time.monotonic()
                 if isinstance(msg, TaskRequestMsg):
+                    self._receiving = None  # handed to _serve, which releases its reservation
                     self.node.nursery.start_soon(self._serve, msg)
                 elif isinstance(msg, TaskResultMsg):
                     pending = self._pending.pop(msg.task_id, None)
@@ -2186,6 +2233,10 @@ class PeerSession:
             return
         self.close_reason = reason
         self.closed.set()
+        if self._receiving is not None:  # a frame cut off mid-way: give its reservation back
+            self._release(self._receiving)
+            self._receiving = None
+        self.channel.decoder.discard()  # drop buffers now; do not wait for the garbage collector
         for pending in self._pending.values():
             pending.error = PeerError(f"peer {self.label} went away: {reason}", kind="disconnected")
             pending.event.set()
@@ -2223,6 +2274,7 @@ class PeerSession:
             )
         if verdict is None:
             self._reserved[task_id] = payload_len
+            self._receiving = task_id
         else:
             self.tasks_refused += 1
             log.warning("refusing task %d from %s (%s): %s", task_id, self.peer_id, verdict[0], verdict[1])
@@ -2954,6 +3006,9 @@ class Manager:
         self._apply(self.scheduler.handle(WorkerUpEvent(session.peer_id, max(session.hello.gflops, 1.0)), self.clock()))
 
     def _worker_down(self, session: PeerSession) -> None:
+        delegator = self.delegators.get(session.peer_id)
+        if isinstance(delegator, RemoteDelegator) and delegator.session is session:
+            del self.delegators[session.peer_id]  # let the closed session be freed
         self._apply(self.scheduler.handle(WorkerDownEvent(session.peer_id, session.close_reason), self.clock()))
 
     def _worker_load(self, peer_id: str, load: int) -> None:
