@@ -319,7 +319,7 @@ BAD_TASKS = {
     "payload-long": ("bad-input", "payload has 64 bytes, the arrays describe 16"),
     "huge-dims": ("bad-input", "shape (1099511627776, 1099511627776) has more than 268435456 elements"),
     "huge-dims-max": ("bad-input", "has more than 268435456 elements"),
-    "zero-by-huge": ("bad-input", "cannot be built"),
+    "zero-by-huge": ("bad-input", "elements"),
     "nine-dims": ("bad-input", "9 dimensions, at most 8 allowed"),
     "wrong-arity": ("bad-input", "matmul: takes 2 operand(s), got 1"),
     "unknown-param": ("bad-input", "unknown parameter(s) ['evil']"),
@@ -556,9 +556,11 @@ def test_payload_announced_on_a_ping_or_unsolicited_result_is_refused_at_the_hea
     run = hostile.run(pyz, node.address, "payload-on-ping", options=("--announce-mib", "512"))
     run.assert_good()
     grew_mib = (memory_kib(node.proc.pid)["VmHWM"] - baseline) / 1024
-    for case in ("ping", "task-result"):
-        reply = run.one("reply", case=case)["reply"]
-        assert reply["type"] == "ErrorMsg" and reply["kind"] == "protocol", (case, reply, grew_mib)
+    # a Ping with a payload breaks framing: the node says so and resets the stream
+    reply = run.one("reply", case="ping")["reply"]
+    assert reply["type"] == "ErrorMsg" and reply["kind"] == "protocol", (reply, grew_mib)
+    # a result nobody awaits may be a late one (its task was cancelled): skipped unbuffered, no reply
+    assert run.one("reply", case="task-result")["reply"]["type"] == "timeout"
     assert grew_mib < 256, grew_mib
 
 
