@@ -149,6 +149,7 @@ DEFAULT_IDLE_TIMEOUT_S = 20.0  # a session that receives nothing (not even a pon
 DEFAULT_TASK_TIMEOUT_S = 600.0  # a task that has not finished in 10 min fails with `deadline`
 DEFAULT_MAX_PENDING_STREAMS = 16  # per peer: streams opened without a Hello yet; more are reset
 HEARTBEAT_S = 5.0  # every session pings its peer this often (liveness and RTT)
+DEFAULT_METRICS_PORT = 9477  # Prometheus /metrics, when --metrics names no port
 
 # Pairing: a one-time code the initiator (or `serve --pair`) prints. 12 Crockford
 # base32 characters = 60 bits; with one use, a deadline and at most 5 wrong
@@ -211,10 +212,13 @@ class MessageError(RemoteProtocolError):
     (a dtype not allowed, a shape that does not match its bytes). Framing is
     intact, so the receiver answers with an error and goes on."""
 
-    def __init__(self, message: str, *, task_id: int | None = None, kind: str = "bad-input") -> None:
+    def __init__(
+        self, message: str, *, task_id: int | None = None, kind: str = "bad-input", admitted: bool = True
+    ) -> None:
         super().__init__(message)
         self.task_id = task_id
         self.kind = kind  # the error kind of the TaskResult the receiver answers with
+        self.admitted = admitted  # False: refused from its header, nothing was reserved for it
 
 
 class PeerError(PangeaError):
@@ -860,6 +864,8 @@ class Decoder:
         # buffered; it returns None, or (error kind, reason) to skip the payload
         # unbuffered and raise MessageError for that task (rate limits, budget).
         self.admit = admit
+        # admit_result(task_id) says whether a TaskResult is awaited; others are skipped unbuffered.
+        self.admit_result: Callable[[int], bool] | None = None
         self._refused: tuple[int, str, str] | None = None
         self._chunks: deque[memoryview] = deque()
         self._buffered = 0
@@ -905,19 +911,39 @@ class Decoder:
 
     def _admit_frame(self) -> None:
         """Decide, from the header alone, whether the payload may be buffered."""
+        import numpy as np
+
         assert self._header is not None
-        if self.admit is not None:
+        if self._payload_len:
+            try:
+                which, task_id = peek_header(self._header)
+            except RemoteProtocolError as exc:
+                raise self._fail(str(exc)) from None
+            if which not in ("taskRequest", "taskResult") or task_id is None:
+                raise self._fail(f"a {which} message carries no payload, but this frame announces one")
+            verdict: tuple[str, str] | None = None
+            if which == "taskRequest" and self.admit is not None:
+                verdict = self.admit(task_id, self._payload_len)
+            elif which == "taskResult" and self.admit_result is not None and not self.admit_result(task_id):
+                verdict = ("unsolicited", f"a result for task {task_id}, which nobody is waiting for")
+            if verdict is not None:
+                self._refused = (task_id, verdict[0], verdict[1])
+                self._payload = bytearray()  # skip the payload: read it, keep none of it
+                return
+        elif self.admit is not None:
             try:
                 which, task_id = peek_header(self._header)
             except RemoteProtocolError as exc:
                 raise self._fail(str(exc)) from None
             if which == "taskRequest" and task_id is not None:
-                verdict = self.admit(task_id, self._payload_len)
+                verdict = self.admit(task_id, 0)
                 if verdict is not None:
                     self._refused = (task_id, verdict[0], verdict[1])
-                    self._payload = bytearray()  # skip the payload: read it, keep none of it
+                    self._payload = bytearray()
                     return
-        self._payload = bytearray(self._payload_len)
+        # NOTE: np.empty, not bytearray: the OS maps the pages as the bytes arrive, so a
+        # payload announced and never sent does not become resident memory.
+        self._payload = np.empty(self._payload_len, dtype=np.uint8)  # type: ignore[assignment]
 
     def _fill_payload(self) -> None:
         assert self._payload is not None
@@ -935,6 +961,13 @@ class Decoder:
                 self._chunks.popleft()
             else:
                 self._chunks[0] = chunk[n:]
+
+    def discard(self) -> None:
+        """Drop every buffered byte and the callbacks (the stream is gone)."""
+        self._chunks.clear()
+        self._buffered = 0
+        self._header_len, self._header, self._payload = None, None, None
+        self.admit = self.admit_result = None
 
     def _fail(self, message: str) -> RemoteProtocolError:
         self._broken = RemoteProtocolError(message)
@@ -973,7 +1006,7 @@ class Decoder:
         self._header_len, self._header, self._payload = None, None, None
         refused, self._refused = self._refused, None
         if refused is not None:
-            raise MessageError(refused[2], task_id=refused[0], kind=refused[1])
+            raise MessageError(refused[2], task_id=refused[0], kind=refused[1], admitted=False)
         assert payload is not None
         try:
             return decode_message(header, payload, self.limits)
@@ -1001,7 +1034,7 @@ def _arrays_from(metas: Any, payload: bytearray, task_id: int, limits: Limits | 
             raise MessageError(
                 f"array {i}: {len(shape)} dimensions, at most {limits.max_ndim} allowed", task_id=task_id
             )
-        if math.prod(shape) > limits.max_elements:
+        if math.prod(shape) > limits.max_elements or any(d > limits.max_elements for d in shape):
             raise MessageError(
                 f"array {i}: shape {tuple(shape)} has more than {limits.max_elements} elements", task_id=task_id
             )
@@ -1039,8 +1072,8 @@ def peek_header(header: bytes) -> tuple[str, int | None]:
                 return which, int(m.taskResult.taskId)
             return which, None
     except (capnp.KjException, UnicodeDecodeError, ValueError) as exc:  # type: ignore[attr-defined]
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RemoteProtocolError(f"malformed message header: {text[:200]}") from None
+        log.debug("malformed header: %s", exc)
+        raise RemoteProtocolError("malformed message header: not a pangea Message") from None
 
 
 def decode_message(header: bytes, payload: bytearray, limits: Limits | None = None) -> Message:
@@ -1051,7 +1084,7 @@ def decode_message(header: bytes, payload: bytearray, limits: Limits | None = No
     try:
         with schema.Message.from_bytes(header, traversal_limit_in_words=len(header) // 8 + 64) as m:
             which = str(m.which())
-            if payload and which not in ("taskRequest", "taskResult"):
+            if len(payload) and which not in ("taskRequest", "taskResult"):
                 raise RemoteProtocolError(f"a {which} message carries no payload, but this frame has one")
             if which == "hello":
                 h = m.hello
@@ -1301,6 +1334,13 @@ def output_nbytes(name: str, operands: Sequence[np.ndarray], params: dict[str, f
             return math.prod(np.broadcast_shapes(operands[0].shape, operands[1].shape)) * itemsize
         if name == "random":
             return int(max(0.0, params.get("rows", 0.0))) * int(max(0.0, params.get("cols", 0.0))) * 8
+        if name == "sum" and operands:
+            shape = operands[0].shape
+            axis = params.get("axis")
+            if axis is None or not math.isfinite(axis) or not -len(shape) <= int(axis) < len(shape):
+                return itemsize
+            # NOTE: not the input's size: summing a (huge x 0) array over axis 1 gives `huge` zeros
+            return math.prod(d for i, d in enumerate(shape) if i != int(axis) % len(shape)) * itemsize
     except (ValueError, IndexError, OverflowError):
         return 0  # the kernel itself will reject these operands
     return sum(a.size for a in operands) * itemsize
@@ -2099,7 +2139,9 @@ class PeerSession:
         self._reserved: dict[int, int] = {}  # task id -> operand bytes admitted, held until answered
         self._scopes: dict[int, Any] = {}  # task id -> cancel scope of a task being served
         self.peer_load = 0  # what the peer last reported running for all its peers
+        self._receiving: int | None = None  # the admitted task whose frame is still arriving
         channel.decoder.admit = self._admit
+        channel.decoder.admit_result = lambda task_id: task_id in self._pending
         channel.decoder.max_payload_bytes = node.limits.max_payload_bytes
 
     @property
@@ -2116,14 +2158,20 @@ class PeerSession:
                     msg = await self.channel.receive()
                 except MessageError as exc:
                     self.last_seen = time.monotonic()
+                    if exc.kind == "unsolicited":
+                        log.info("dropping %s from %s", exc, self.label)
+                        continue
                     if exc.task_id is not None:
-                        self._release(exc.task_id)
+                        if exc.admitted and exc.task_id == self._receiving:
+                            self._release(exc.task_id)  # admitted, then its contents were bad
+                        self._receiving = None
                         self._send_soon(TaskResultMsg(exc.task_id, error_kind=exc.kind, error_message=str(exc)))
                     if exc.kind == "bad-input":
                         log.warning("bad message from %s: %s", self.peer_id, exc)
                     continue
                 self.last_seen = time.monotonic()
                 if isinstance(msg, TaskRequestMsg):
+                    self._receiving = None  # handed to _serve, which releases its reservation
                     self.node.nursery.start_soon(self._serve, msg)
                 elif isinstance(msg, TaskResultMsg):
                     pending = self._pending.pop(msg.task_id, None)
@@ -2185,6 +2233,10 @@ class PeerSession:
             return
         self.close_reason = reason
         self.closed.set()
+        if self._receiving is not None:  # a frame cut off mid-way: give its reservation back
+            self._release(self._receiving)
+            self._receiving = None
+        self.channel.decoder.discard()  # drop buffers now; do not wait for the garbage collector
         for pending in self._pending.values():
             pending.error = PeerError(f"peer {self.label} went away: {reason}", kind="disconnected")
             pending.event.set()
@@ -2222,6 +2274,7 @@ class PeerSession:
             )
         if verdict is None:
             self._reserved[task_id] = payload_len
+            self._receiving = task_id
         else:
             self.tasks_refused += 1
             log.warning("refusing task %d from %s (%s): %s", task_id, self.peer_id, verdict[0], verdict[1])
@@ -2264,8 +2317,10 @@ class PeerSession:
                     result = TaskResultMsg(req.task_id, outputs, compute_s=compute_s)
                     self.tasks_served += 1
                     self.node.tasks_served += 1
+                    self.node.served(req.kernel, "ok")
                     log.info("task %d from %s: %s done in %.3f s", req.task_id, self.label, req.kernel, compute_s)
                 except TaskError as exc:
+                    self.node.served(req.kernel, exc.kind)
                     log.info("task %d from %s: %s failed: %s", req.task_id, self.label, req.kernel, exc)
                     result = TaskResultMsg(req.task_id, error_kind=exc.kind, error_message=str(exc))
             if deadline.cancelled_caught:
@@ -2389,7 +2444,13 @@ class Node:
         self.started_at = time.monotonic()
         self.gflops = 0.0  # measured when the node starts
         self.on_peer_load: list[Callable[[str, int], None]] = []
+        self.on_task_served: list[Callable[[str, str], None]] = []  # kernel, outcome
         self._new_sessions_send, self._new_sessions = trio.open_memory_channel[PeerSession](math.inf)
+
+    def served(self, kernel: str, outcome: str) -> None:
+        """Report a task run for a peer (metrics)."""
+        for callback in self.on_task_served:
+            callback(kernel, outcome)
 
     @property
     def load(self) -> int:
@@ -2933,6 +2994,8 @@ class Manager:
         self.verify_rounds = FREIVALDS_ROUNDS  # 0: accept remote results unchecked
         self._local_speed_known = False
         self.verification_failures = 0
+        self.retries = 0  # attempts beyond each task's first
+        self.on_task_end: list[Callable[[str, str, str, float], None]] = []  # kernel, outcome, where, seconds
         self._rng = random.Random()
         node.on_session.append(self._worker_up)
         node.on_session_closed.append(self._worker_down)
@@ -2943,6 +3006,9 @@ class Manager:
         self._apply(self.scheduler.handle(WorkerUpEvent(session.peer_id, max(session.hello.gflops, 1.0)), self.clock()))
 
     def _worker_down(self, session: PeerSession) -> None:
+        delegator = self.delegators.get(session.peer_id)
+        if isinstance(delegator, RemoteDelegator) and delegator.session is session:
+            del self.delegators[session.peer_id]  # let the closed session be freed
         self._apply(self.scheduler.handle(WorkerDownEvent(session.peer_id, session.close_reason), self.clock()))
 
     def _worker_load(self, peer_id: str, load: int) -> None:
@@ -3019,6 +3085,7 @@ class Manager:
                             self.done_by[action.worker_id] = self.done_by.get(action.worker_id, 0) + 1
                             attempts = self.scheduler.attempts(task_id)
                             elapsed = self.clock() - start
+                            self._ended(kernel, "ok", action.worker_id, attempts, elapsed)
                             queued = (first_attempt_at or start) - start
                             return TaskOutcome(
                                 task_id, kernel, outputs, action.worker_id, attempts, compute_s, elapsed, queued
@@ -3030,11 +3097,19 @@ class Manager:
                     self._apply(self.scheduler.handle(TickEvent(), start + timeout_s))
                 nursery.cancel_scope.cancel()
             raise failure or TaskError(f"{kernel}: no result within {timeout_s:.0f} s", kind="deadline")
-        except TaskError:
+        except TaskError as exc:
             self.tasks_failed += 1
+            attempts = self.scheduler.attempts(task_id)
+            self._ended(kernel, exc.kind, attempts[-1].worker_id if attempts else LOCAL, attempts, self.clock() - start)
             raise
         finally:
             del self._routes[task_id]
+
+    def _ended(self, kernel: str, outcome: str, worker_id: str, attempts: list[AttemptRecord], seconds: float) -> None:
+        self.retries += max(0, len(attempts) - 1)
+        where = "local" if worker_id == LOCAL else "remote"
+        for callback in self.on_task_end:
+            callback(kernel, outcome, where, seconds)
 
     async def _verify(
         self,
@@ -3072,6 +3147,7 @@ class Manager:
         in_flight: int = 2,
         blocks_per_worker: int = 4,
         timeout_s: float = 600.0,
+        on_block: Callable[[str, int, int], None] | None = None,
     ) -> SplitOutcome:
         """Compute a @ b split in row blocks over workers (this node included), gathered in order.
 
@@ -3122,6 +3198,8 @@ class Manager:
                 share.blocks += 1
                 share.rows += hi - lo
                 share.compute_s += outcome.compute_s
+                if on_block is not None:
+                    on_block(outcome.worker_id, hi - lo, n)  # progress: rows done by whom, of n
                 if outcome.worker_id != worker:
                     shares[worker].failed_over += 1
                 first_done.set()
@@ -3189,6 +3267,197 @@ class Manager:
                     event.message,
                 )
             self._apply(self.scheduler.handle(event, self.clock()))
+
+
+# ---------------------------------------------------------------- discovery on a LAN (mDNS)
+
+MDNS_SERVICE = "_pangea._tcp.local."  # DNS-SD service type of a waiting initiator
+DISCOVER_S = 8.0  # how long `respond --discover` listens for initiators
+
+
+class Announcer:
+    """Announces a waiting initiator on the LAN by mDNS (zeroconf), until closed.
+
+    Only the address, port, peer ID and version are announced; the pairing code
+    is not: a responder that discovers the initiator still has to type it."""
+
+    def __init__(self, peer_id: str, addresses: Sequence[str]) -> None:
+        self.peer_id = peer_id
+        self.addresses = [a for a in addresses if not a.startswith("/ip4/127.")]
+        self._zeroconf: Any = None
+        self._info: Any = None
+
+    def start(self) -> bool:
+        """Register the service (blocking, about a second); False when there is nothing to announce."""
+        from zeroconf import ServiceInfo, Zeroconf
+
+        if not self.addresses:
+            return False
+        ips = [a.split("/")[2] for a in self.addresses]
+        port = int(self.addresses[0].split("/tcp/")[1].split("/")[0])
+        self._info = ServiceInfo(
+            MDNS_SERVICE,
+            f"pangea-{self.peer_id[-12:]}.{MDNS_SERVICE}",
+            addresses=[socket.inet_aton(ip) for ip in ips],
+            port=port,
+            properties={"peer": self.peer_id, "role": "initiator", "version": __version__},
+        )
+        # NOTE: only on the interfaces whose addresses are announced, not on every one
+        self._zeroconf = Zeroconf(interfaces=ips)
+        self._zeroconf.register_service(self._info)
+        return True
+
+    def close(self) -> None:
+        """Withdraw the announcement."""
+        if self._zeroconf is not None:
+            with contextlib.suppress(Exception):  # best effort while shutting down
+                self._zeroconf.unregister_service(self._info)
+            self._zeroconf.close()
+            self._zeroconf = None
+
+
+def discover_initiators(timeout_s: float = DISCOVER_S) -> list[dict[str, Any]]:
+    """Listen for initiators announced by mDNS; return [{peer, address, version}] (blocking)."""
+    from zeroconf import ServiceBrowser, ServiceStateChange, Zeroconf
+
+    found: dict[str, dict[str, Any]] = {}
+    names: list[str] = []
+
+    def on_change(zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
+        if state_change is ServiceStateChange.Added:
+            names.append(name)
+
+    zeroconf = Zeroconf()
+    try:
+        ServiceBrowser(zeroconf, MDNS_SERVICE, handlers=[on_change])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if found:  # give other initiators on the LAN a moment to answer too
+                deadline = min(deadline, time.monotonic() + 1.0)
+            time.sleep(0.25)
+            for name in list(names):
+                info = zeroconf.get_service_info(MDNS_SERVICE, name, timeout=1000)
+                props = {k.decode(): (v or b"").decode() for k, v in (info.properties if info else {}).items()}
+                if info is None or props.get("role") != "initiator" or not is_peer_id(props.get("peer", "")):
+                    continue
+                for ip in info.parsed_addresses():
+                    if ":" not in ip:  # IPv4 only, like the addresses initiate prints
+                        address = f"/ip4/{ip}/tcp/{info.port}/p2p/{props['peer']}"
+                        found[props["peer"]] = {
+                            "peer": props["peer"],
+                            "address": address,
+                            "version": props.get("version", "?"),
+                        }
+                        break
+    finally:
+        zeroconf.close()
+    return list(found.values())
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Prometheus metrics of a node, served on --metrics HOST:PORT (prometheus_client).
+
+    Task outcomes and latencies are recorded as they happen; byte counts, peers,
+    queue length, retries and verification failures are read from the node at
+    scrape time (a custom collector), so the data path carries no bookkeeping."""
+
+    def __init__(self, node: Node, manager: Manager | None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+
+        disable_created_metrics()  # no *_created series: they double the output and few dashboards use them
+        self.registry = CollectorRegistry()
+        self.tasks = Counter(
+            "pangea_tasks",
+            "Tasks submitted on this node, by kernel, outcome and where they ran",
+            ["kernel", "outcome", "placement"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "pangea_task_duration_seconds",
+            "Time from submitting a task to its result",
+            ["kernel"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
+        self.served = Counter(
+            "pangea_served_tasks",
+            "Tasks this node ran for its peers, by kernel and outcome",
+            ["kernel", "outcome"],
+            registry=self.registry,
+        )
+        self.registry.register(_NodeCollector(node, manager))
+        if manager is not None:
+            manager.on_task_end.append(self._task_end)
+        node.on_task_served.append(lambda kernel, outcome: self.served.labels(kernel, outcome).inc())
+
+    def _task_end(self, kernel: str, outcome: str, where: str, seconds: float) -> None:
+        self.tasks.labels(kernel, outcome, where).inc()
+        self.latency.labels(kernel).observe(seconds)
+
+    def start(self, host: str, port: int) -> tuple[str, int]:
+        """Serve /metrics over HTTP in a daemon thread; return the bound address."""
+        from prometheus_client import start_http_server
+
+        try:
+            server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {host}:{port}: {exc.strerror}",
+                hint="pick another address with --metrics HOST:PORT (port 0: any free one)",
+            ) from None
+        return host, int(server.server_port)
+
+
+class _NodeCollector:
+    """Reads a node's counters when Prometheus scrapes (runs on the HTTP thread)."""
+
+    def __init__(self, node: Node, manager: Manager | None) -> None:
+        self.node = node
+        self.manager = manager
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        received = CounterMetricFamily("pangea_received_bytes", "Bytes received from each peer", labels=["peer"])
+        sent = CounterMetricFamily("pangea_sent_bytes", "Bytes sent to each peer", labels=["peer"])
+        sessions = list(self.node.sessions.values())  # NOTE: a snapshot; trio owns the dict
+        for session in sessions:
+            received.add_metric([session.peer_id], session.channel.bytes_in)
+            sent.add_metric([session.peer_id], session.channel.bytes_out)
+        received.add_metric(["departed"], self.node._closed_bytes[0])
+        sent.add_metric(["departed"], self.node._closed_bytes[1])
+        yield received
+        yield sent
+        yield GaugeMetricFamily("pangea_connected_peers", "Peers with an open session", value=len(sessions))
+        yield GaugeMetricFamily(
+            "pangea_memory_budget_used_bytes", "Operand and result bytes held for peers", value=self.node.budget.in_use
+        )
+        if self.manager is not None:
+            yield GaugeMetricFamily(
+                "pangea_queue_length", "Tasks submitted here and not finished", value=self.manager.tasks_in_flight
+            )
+            yield CounterMetricFamily(
+                "pangea_task_retries", "Attempts beyond each task's first", value=self.manager.retries
+            )
+            yield CounterMetricFamily(
+                "pangea_verification_failures",
+                "Worker results that failed verification",
+                value=self.manager.verification_failures,
+            )
+
+
+def start_metrics(spec: str | None, node: Node, manager: Manager | None) -> str | None:
+    """Start the metrics endpoint named by --metrics (None or "off": none); return its URL."""
+    if spec is None or spec == "off":
+        return None
+    host, port = parse_host_port(spec, DEFAULT_METRICS_PORT)
+    bound = Metrics(node, manager).start(host, port)
+    if not is_loopback_host(host):
+        log.warning("metrics on %s:%d are readable by anyone who reaches that port", *bound)
+    return f"http://{bound[0]}:{bound[1]}/metrics"
 
 
 # ---------------------------------------------------------------- the distributed checks
@@ -3288,12 +3557,15 @@ class InitiatorChecks:
         self.rtt_ms: float | None = None
         self.throughput: dict[str, float] = {}
         self.shares: dict[str, dict[str, float]] = {}
+        self.on_check: Callable[[str], None] = lambda name: None  # progress display hooks
+        self.on_block: Callable[[str, int, int], None] | None = None
 
     def _who(self, session: PeerSession) -> str:
         return "the responder" if len(self.sessions) == 1 else f"responder {session.label}"
 
     async def _run(self, name: str, fn: Callable[[], Any]) -> None:
         start = time.perf_counter()
+        self.on_check(name)
         try:
             detail = await fn()
             ok = True
@@ -3357,7 +3629,7 @@ class InitiatorChecks:
         n = self.size
         a, b = self.rng.standard_normal((n, n)), self.rng.standard_normal((n, n))
         workers = [LOCAL, *(s.peer_id for s in self.sessions)]
-        split = await self.manager.split_matmul(a, b, workers=workers)
+        split = await self.manager.split_matmul(a, b, workers=workers, on_block=self.on_block)
         err = verify("gathered matmul", split.result, a @ b)
         parts = []
         for worker, share in split.shares.items():
@@ -4186,9 +4458,16 @@ def make_parser() -> argparse.ArgumentParser:
             help=f"how long to wait for the other side (default: {DEFAULT_WAIT_S:.0f})",
         )
         p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+        p.add_argument("--quiet", action="store_true", help="no live progress display")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("--psk", metavar="FILE", help="pre-shared key file: only nodes with the same file can connect")
+        p.add_argument(
+            "--metrics",
+            metavar="HOST:PORT",
+            default="127.0.0.1:0" if p.prog.endswith("serve") else None,
+            help="serve Prometheus metrics there (serve: default 127.0.0.1:0, any free port; `off` disables)",
+        )
         g = p.add_argument_group("limits on what peers may send (see README, Security)")
         d = Limits()
         g.add_argument(
@@ -4283,12 +4562,18 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="wait for N responders and run the checks across all of them (default: 1)",
     )
+    p.add_argument("--no-mdns", action="store_true", help="do not announce this initiator on the LAN by mDNS")
 
     p = sub.add_parser("respond", help="start node 2: connect to an initiator and do its work")
     p.add_argument(
         "address", nargs="?", help="the join string the initiator printed (pangea://...#CODE), or its multiaddr"
     )
     p.add_argument("--code", help="the initiator's pairing code, when ADDRESS is a bare multiaddr")
+    p.add_argument(
+        "--discover",
+        action="store_true",
+        help="find the initiator on this LAN by mDNS instead of pasting its address (the code is still needed)",
+    )
     common(p, 0)
     fault_option(p)
     p.set_defaults(func=cmd_respond)
@@ -4365,6 +4650,20 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("id", help="print this box's peer id (creating its identity if needed)")
     p.set_defaults(func=cmd_id)
 
+    p = sub.add_parser("status", help="show the pangea nodes running on this box (and clean up stale entries)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("doctor", help="explain this box's network setup, and whether a peer can be reached")
+    p.add_argument("address", nargs="?", help="a peer's multiaddr or join string to test")
+    p.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"the port pangea would listen on (default: {DEFAULT_PORT})"
+    )
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per network test (default: 10)")
+    p.add_argument("--psk", metavar="FILE", help="the pre-shared key file the peer uses, if any")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("psk", help="write a new pre-shared key file for --psk (copy it to every node)")
     p.add_argument("file")
     p.set_defaults(func=cmd_psk)
@@ -4409,8 +4708,9 @@ def first_error(exc: BaseException, kind: type[BaseException]) -> BaseException 
     return exc if isinstance(exc, kind) else None
 
 
-def run_trio(fn: Callable[..., Any], *args: Any) -> int:
-    """Run ``fn(*args)`` under trio; Ctrl-C and SIGTERM cancel it cleanly (130/143).
+def run_trio_value(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` under trio and return its value; Ctrl-C and SIGTERM cancel it cleanly
+    and raise Interrupted (exit code 130 or 143).
 
     NOTE: Ctrl-C inside py-libp2p surfaces as a KeyboardInterrupt nested in an
     exception group; cancelling the main scope from a signal receiver instead
@@ -4420,7 +4720,7 @@ def run_trio(fn: Callable[..., Any], *args: Any) -> int:
 
     received: list[int] = []
 
-    async def runner() -> int:
+    async def runner() -> Any:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
 
@@ -4432,10 +4732,10 @@ def run_trio(fn: Callable[..., Any], *args: Any) -> int:
                             return
 
                 nursery.start_soon(on_signals)
-                code = await fn(*args)
+                value = await fn(*args)
                 nursery.cancel_scope.cancel()
-                return int(code)
-        return 128 + received[0] if received else 1
+                return value
+        raise Interrupted(128 + received[0] if received else 1)
 
     try:
         return trio.run(runner)
@@ -4444,6 +4744,22 @@ def run_trio(fn: Callable[..., Any], *args: Any) -> int:
         if found is not None:
             raise found from None
         raise
+
+
+class Interrupted(Exception):
+    """Raised by run_trio_value when a signal stopped the run; ``code`` is the exit code."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"interrupted ({code})")
+        self.code = code
+
+
+def run_trio(fn: Callable[..., Any], *args: Any) -> int:
+    """Run a command's ``async`` body under trio; return its exit code (130/143 after a signal)."""
+    try:
+        return int(run_trio_value(fn, *args))
+    except Interrupted as exc:
+        return exc.code
 
 
 @contextlib.contextmanager
@@ -4544,6 +4860,149 @@ def cmd_initiate(args: argparse.Namespace) -> int:
         return run_trio(_initiate, args, session_dir, key_pair, (limits, psk, allowed))
 
 
+async def _wait_for_responders(node: Node, sessions: list[PeerSession], expect: int, timeout_s: float) -> None:
+    """Collect sessions until ``expect`` responders are connected or the time is up."""
+    import trio
+
+    with trio.move_on_after(timeout_s):
+        while len(sessions) < expect:
+            session = await node.next_session()
+            sessions[:] = [s for s in sessions if s.peer_id != session.peer_id and not s.closed.is_set()] + [session]
+            count = f" ({len(sessions)} of {expect})" if expect > 1 else ""
+            print(f"Responder connected: {session.peer_id} (pangea {session.hello.pangea_version}){count}", flush=True)
+
+
+def mdns_enabled(args: argparse.Namespace) -> bool:
+    """mDNS announcements unless --no-mdns or PANGEA_MDNS=off (the test suite sets it: no
+    multicast leaves the test machine)."""
+    return not getattr(args, "no_mdns", False) and os.environ.get("PANGEA_MDNS", "on").lower() not in ("off", "0", "no")
+
+
+async def announce(node: Node, args: argparse.Namespace) -> Announcer | None:
+    """Announce a waiting initiator by mDNS (in a thread: zeroconf blocks); None when off or impossible."""
+    import trio
+
+    if not mdns_enabled(args):
+        return None
+    announcer = Announcer(node.peer_id, node.addresses)
+    try:
+        if await trio.to_thread.run_sync(announcer.start):
+            print("Announced on the LAN by mDNS: `./pangea.pyz respond --discover` finds this node", flush=True)
+            return announcer
+    except (OSError, RuntimeError, ValueError) as exc:  # zeroconf: no multicast on this network
+        log.warning("cannot announce by mDNS (%s); pass the address by hand", describe_exception(exc))
+    await trio.to_thread.run_sync(announcer.close)
+    return None
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Live progress only on a terminal, and not with --json or --quiet."""
+    return sys.stdout.isatty() and not getattr(args, "json", False) and not getattr(args, "quiet", False)
+
+
+class LiveView:
+    """Live progress on a terminal (rich): waiting, the current check, traffic, split blocks.
+
+    A no-op when disabled (no terminal, --json, --quiet), so callers never test for it."""
+
+    def __init__(self, enabled: bool, nursery: Any) -> None:
+        self.enabled = enabled
+        self.nursery = nursery  # where the refresh loops run
+        self.progress: Any = None
+        self._scopes: list[Any] = []
+
+    def __enter__(self) -> LiveView:
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                transient=True,
+            )
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for scope in self._scopes:
+            scope.cancel()
+        if self.progress is not None:
+            self.progress.stop()
+
+    def add(self, description: str, total: float | None = None, info: str = "") -> Any:
+        """Add a line; returns its handle (None when disabled)."""
+        return None if self.progress is None else self.progress.add_task(description, total=total, info=info)
+
+    def update(self, task: Any, **fields: Any) -> None:
+        """Change a line: completed=..., description=..., info=..."""
+        if self.progress is not None and task is not None and task in self.progress.task_ids:
+            self.progress.update(task, **fields)
+
+    def remove(self, task: Any) -> None:
+        """Drop a line."""
+        if self.progress is not None and task is not None and task in self.progress.task_ids:
+            self.progress.remove_task(task)
+
+    def _every(self, interval_s: float, fn: Callable[[float], None]) -> None:
+        if self.progress is None:
+            return
+        import trio
+
+        scope = trio.CancelScope()
+        self._scopes.append(scope)
+
+        async def loop() -> None:
+            start = time.monotonic()
+            with scope:
+                while True:
+                    try:
+                        fn(time.monotonic() - start)
+                    except Exception:  # NOTE: a display glitch must never stop the node
+                        log.debug("progress display failed", exc_info=True)
+                        return
+                    await trio.sleep(interval_s)
+
+        self.nursery.start_soon(loop)
+
+    def tick(self, task: Any, fn: Callable[[float], tuple[float, str]]) -> None:
+        """Refresh a line every 0.5 s from ``fn(elapsed) -> (completed, info)``."""
+        self._every(0.5, lambda elapsed: self.update(task, completed=fn(elapsed)[0], info=fn(elapsed)[1]))
+
+    def watch_traffic(self, node: Node) -> None:
+        """A line with the bytes sent and received and the current rate (transfers of any size)."""
+        task = self.add("traffic")
+        last = [0.0, 0]
+
+        def refresh(elapsed: float) -> None:
+            total = node.bytes_in + node.bytes_out
+            rate = (total - last[1]) / max(elapsed - last[0], 1e-3) / 1e6
+            last[:] = [elapsed, total]
+            info = f"sent {format_bytes(node.bytes_out)}, received {format_bytes(node.bytes_in)}, {rate:.0f} MB/s"
+            self.update(task, info=info)
+
+        self._every(0.5, refresh)
+
+    def block_counter(self) -> Callable[[str, int, int], None] | None:
+        """A progress bar of a split job's rows, with the blocks done per worker."""
+        if self.progress is None:
+            return None
+        state: dict[str, Any] = {"task": None, "per": {}}
+
+        def on_block(worker: str, rows: int, total: int) -> None:
+            if state["task"] is None:
+                state["task"] = self.add("split matmul rows", total=total)
+            per = state["per"]
+            per[worker] = per.get(worker, 0) + 1
+            text = ", ".join(f"{'local' if w == LOCAL else short_id(w)} {b}" for w, b in per.items())
+            self.progress.advance(state["task"], rows)
+            self.update(state["task"], info=f"blocks: {text}")
+
+        return on_block
+
+
 async def _initiate(
     args: argparse.Namespace, session_dir: SessionDir, key_pair: Any, options: tuple[Limits, str | None, set[str]]
 ) -> int:
@@ -4575,8 +5034,11 @@ async def _initiate(
     manager.verify_rounds = args.verify_rounds
     async with node.running(args.host, args.port):
         session_dir.write_addresses(node.addresses)
-        session_dir.save(peer_id=node.peer_id)
+        metrics_url = start_metrics(args.metrics, node, manager)
+        session_dir.save(peer_id=node.peer_id, metrics=metrics_url)
         print(f"pangea {__version__} initiator, peer ID {node.peer_id}")
+        if metrics_url:
+            print(f"Metrics: {metrics_url}")
         print("Copy this address for responder:")
         for address in node.addresses:
             print(f"  {address}")
@@ -4588,15 +5050,25 @@ async def _initiate(
         who = "a responder" if expect == 1 else f"{expect} responders"
         print(f"Waiting up to {args.timeout:.0f} s for {who} (Ctrl-C to stop)...", flush=True)
         log.info("listening on %s (pairing code issued)", ", ".join(node.addresses))
+        announcer = await announce(node, args)
         sessions: list[PeerSession] = []
-        with trio.move_on_after(args.timeout):
-            while len(sessions) < expect:
-                session = await node.next_session()
-                sessions = [s for s in sessions if s.peer_id != session.peer_id and not s.closed.is_set()] + [session]
-                count = f" ({len(sessions)} of {expect})" if expect > 1 else ""
-                print(
-                    f"Responder connected: {session.peer_id} (pangea {session.hello.pangea_version}){count}", flush=True
-                )
+        view = LiveView(show_progress(args), node.nursery)
+        with view:
+            view.watch_traffic(node)
+            waiting = view.add("waiting for responders", total=args.timeout)
+            view.tick(waiting, lambda elapsed: (elapsed, f"{len(sessions)} of {expect} connected"))
+            await _wait_for_responders(node, sessions, expect, args.timeout)
+            view.remove(waiting)
+            if announcer is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(announcer.close)
+            if len(sessions) == expect:
+                transfer = args.transfer_mib << 20
+                checks = InitiatorChecks(node, manager, sessions, size=args.size, transfer_bytes=transfer)
+                current = view.add("checks")
+                checks.on_check = lambda name: view.update(current, description=f"check: {name}")
+                checks.on_block = view.block_counter()
+                results = await checks.run_all()
         if len(sessions) < expect:
             port = node.addresses[0].split("/tcp/")[1].split("/")[0] if node.addresses else args.port
             got = "nobody" if not sessions else f"only {len(sessions)} of {expect} responders"
@@ -4606,9 +5078,6 @@ async def _initiate(
                 hint=f"on the other box run `./pangea.pyz respond` with the join string printed above; "
                 f"check that box can reach this one (same network, firewall open for TCP port {port})",
             )
-        transfer = args.transfer_mib << 20
-        checks = InitiatorChecks(node, manager, sessions, size=args.size, transfer_bytes=transfer)
-        results = await checks.run_all()
     extra = {
         "addresses": node.addresses,
         "rtt_ms": checks.rtt_ms,
@@ -4620,10 +5089,35 @@ async def _initiate(
     return 0 if ok else 1
 
 
+def discover_one(interactive: bool) -> str:
+    """Find the initiator for `respond --discover` by mDNS: the only one, or the one the user picks."""
+    print(f"Looking for initiators on this network (mDNS, up to {DISCOVER_S:.0f} s)...", flush=True)
+    found = discover_initiators()
+    if not found:
+        raise NoPeerError(
+            "cannot find an initiator on this network by mDNS",
+            kind="unreachable",
+            hint="start `./pangea.pyz initiate` on the other box (on the same LAN; mDNS does not cross "
+            "routers or most VPNs), or paste its address instead",
+        )
+    for number, item in enumerate(found, 1):
+        print(f"  {number}) {item['address']} (pangea {item['version']})")
+    if len(found) == 1:
+        return str(found[0]["address"])
+    if not interactive:
+        raise UsageError(f"{len(found)} initiators found; pass the address of the one to join")
+    while True:
+        choice = input(f"Which one [1-{len(found)}]: ").strip()
+        if choice.isdigit() and 1 <= int(choice) <= len(found):
+            return str(found[int(choice) - 1]["address"])
+
+
 def cmd_respond(args: argparse.Namespace) -> int:
     """`respond`: dial the initiator, serve its tasks until it says done."""
     text = args.address
     interactive = sys.stdin.isatty()
+    if text is None and args.discover:
+        text = discover_one(interactive)
     if text is None:
         if not interactive:
             raise UsageError(
@@ -4663,8 +5157,11 @@ async def _respond(
     )
     results: list[CheckResult] = []
     async with node.running(args.host, args.port):
-        session_dir.save(peer_id=node.peer_id, initiator=address.text)
+        metrics_url = start_metrics(args.metrics, node, None)
+        session_dir.save(peer_id=node.peer_id, initiator=address.text, metrics=metrics_url)
         print(f"pangea {__version__} responder, peer ID {node.peer_id}")
+        if metrics_url:
+            print(f"Metrics: {metrics_url}")
         print(f"Connecting to {address.text} (up to {args.timeout:.0f} s)...", flush=True)
         start = time.perf_counter()
         session = await node.dial(address, timeout_s=args.timeout)
@@ -4681,7 +5178,11 @@ async def _respond(
         )
         print(f"Connected to initiator {session.peer_id}; serving its tasks until it says done.", flush=True)
         serve_start = time.perf_counter()
-        await session.closed.wait()
+        with LiveView(show_progress(args), node.nursery) as view:
+            view.watch_traffic(node)
+            serving = view.add("serving the initiator")
+            view.tick(serving, lambda elapsed: (0, f"{session.tasks_served} task(s) done"))
+            await session.closed.wait()
     done = session.bye_reason == "done"
     results.append(
         CheckResult(
@@ -4866,12 +5367,15 @@ async def _serve(
         for peer in peers:
             node.nursery.start_soon(keep_connected, node, peer)
         session_dir.write_addresses(node.addresses)
-        session_dir.save(peer_id=node.peer_id, rpc=service.rpc_address)
+        metrics_url = start_metrics(args.metrics, node, manager)
+        session_dir.save(peer_id=node.peer_id, rpc=service.rpc_address, metrics=metrics_url)
         print(f"pangea {__version__} serve node, peer ID {node.peer_id}")
         print("Addresses for peers (./pangea.pyz serve --peer <address>):")
         for address in node.addresses:
             print(f"  {address}")
         print(f"RPC: {service.rpc_address} ({'token required' if rpc[2] else 'no token, loopback only'})")
+        if metrics_url:
+            print(f"Metrics: {metrics_url}")
         print(f"Trusted peers: {', '.join(sorted(trusted)) or 'none yet (--allow-peer, --peer, --pair)'}")
         if pairing is not None and node.addresses:
             print(f"Pairing code (one use, valid {args.pair_timeout:.0f} s): {format_pairing_code(pairing.code)}")
@@ -4989,6 +5493,203 @@ def cmd_psk(args: argparse.Namespace) -> int:
     return 0
 
 
+def running_sessions(home: Path) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Return the live session directories' info under a pangea home (and the demo homes
+    inside it), after removing the stale ones; also return what was removed."""
+    removed: list[Path] = []
+    nodes: list[dict[str, Any]] = []
+    homes = [home, *sorted(p for p in (home / "demo").glob("*") if p.is_dir())]
+    for each in homes:
+        removed += clean_stale_sessions(each)
+        root = each / SESSIONS_DIRNAME
+        for path in sorted(root.glob("*-*")) if root.is_dir() else []:
+            info = SessionDir.load(path)
+            if info:
+                info["uptime_s"] = max(0.0, time.time() - float(info.get("started", time.time())))
+                info["session_dir"] = str(path)
+                nodes.append(info)
+    return nodes, removed
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """`status`: the nodes running on this box, from their session directories."""
+    nodes, removed = running_sessions(pangea_home())
+    if args.json:
+        print(json.dumps({"nodes": nodes, "cleaned": [str(p) for p in removed]}))
+        return 0
+    for path in removed:
+        print(f"removed the stale session directory {path} (its process is gone)")
+    if not nodes:
+        print("no pangea node is running on this box (for this PANGEA_HOME)")
+        return 0
+    rows = [
+        (
+            n.get("role", "?"),
+            n.get("pid", "?"),
+            n.get("peer_id", "?"),
+            f"{n['uptime_s']:.0f} s",
+            n.get("rpc", "-"),
+            ", ".join(n.get("addresses", [])[:2]) or "-",
+        )
+        for n in nodes
+    ]
+    print(format_table(("role", "pid", "peer id", "uptime", "rpc", "addresses"), rows))
+    return 0
+
+
+def interface_kind(name: str, ip: str) -> str:
+    """Classify an interface for `doctor`: loopback, virtual (docker, bridges), vpn, or lan."""
+    if ip.startswith("127."):
+        return "loopback"
+    if name.startswith(("docker", "br-", "veth", "virbr", "lxc", "cni", "flannel")):
+        return "virtual"
+    if name.startswith(("tun", "tap", "wg", "tailscale", "zt", "utun")):
+        return "vpn"
+    if ip.startswith("169.254."):
+        return "link-local"
+    return "lan"
+
+
+def doctor_verdict(findings: dict[str, Any]) -> tuple[bool, str]:
+    """Return (ok, one line with the next thing to try) from the doctor's findings (pure)."""
+    if findings.get("build") is not None:
+        return False, f"wrong interpreter: {findings['build']}; run the pyz with the Python it was built for"
+    peer = findings.get("peer")
+    if peer is None:
+        if not findings.get("port_free", True):
+            return False, f"port {findings['port']} is taken: start pangea with --port 0 or another port"
+        if not findings.get("advertised"):
+            return False, "no usable network interface: connect this box to a network"
+        return True, "this box is ready: start `./pangea.pyz initiate` here, or run doctor with a peer's address"
+    if not peer.get("tcp"):
+        why = peer.get("tcp_error", "")
+        if "refused" in why.lower():
+            return False, "nothing listens at that address: is pangea running there, on that port?"
+        return False, (
+            "TCP does not reach the peer: check that both boxes are on one network (or a VPN), "
+            "the address is the peer's LAN/VPN address, and no firewall blocks the port"
+        )
+    if peer.get("libp2p") == "incompatible":
+        return False, f"version mismatch: {peer.get('detail')}; use the same pangea.pyz on both boxes"
+    if peer.get("libp2p") == "failed":
+        return False, (
+            "TCP works but the libp2p handshake fails: the peer ID in the address is probably wrong "
+            "(copy the whole line again), the port is not pangea's, or only one side uses --psk"
+        )
+    rtt = peer.get("rtt_ms") or peer.get("tcp_ms")
+    return (
+        True,
+        f"the peer is reachable and speaks pangea{f' (rtt {rtt:.1f} ms)' if rtt else ''}: respond/serve will work",
+    )
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """`doctor [ADDRESS]`: interfaces, port, build, and a peer's reachability, with a verdict."""
+    info = build_info()
+    here = (sys.implementation.cache_tag, platform.machine())
+    findings: dict[str, Any] = {
+        "python": f"{here[0]} {here[1]} ({sys.executable})",
+        "build": build_target_mismatch(tuple(info["BUILT_FOR"]), here) if info and "BUILT_FOR" in info else None,
+        "interfaces": [
+            {"name": name, "ip": ip, "kind": interface_kind(name, ip)} for name, ip in local_interface_addresses()
+        ],
+        "advertised": [ip for _, ip in rank_interface_addresses(local_interface_addresses())],
+        "port": args.port,
+    }
+    try:
+        ensure_port_free("0.0.0.0", args.port)
+        findings["port_free"] = True
+    except ConfigError as exc:
+        findings["port_free"], findings["port_problem"] = False, str(exc)
+    if args.address:
+        address = parse_peer_address(args.address)
+        setup_logging(None, 0, False)  # libp2p's own complaints about the probe stay quiet
+        findings["peer"] = probe_peer(address, args.timeout, read_psk_file(args.psk))
+    ok, verdict = doctor_verdict(findings)
+    findings["ok"], findings["verdict"] = ok, verdict
+    if args.json:
+        print(json.dumps(findings))
+        return 0 if ok else 1
+    print(f"python      {findings['python']}" + (f"  PROBLEM: {findings['build']}" if findings["build"] else "  ok"))
+    for i in findings["interfaces"]:
+        note = {"virtual": "  (docker/bridge: other boxes cannot reach it)", "vpn": "  (VPN)"}.get(i["kind"], "")
+        print(f"interface   {i['name']:<12} {i['ip']:<16} {i['kind']}{note}")
+    print(
+        f"advertised  {', '.join(findings['advertised']) or 'nothing'} (in this order; loopback only works on this box)"
+    )
+    port_text = "free" if findings["port_free"] else findings.get("port_problem", "in use")
+    print(f"port        {args.port}: {port_text}")
+    peer = findings.get("peer")
+    if peer is not None:
+        print(f"peer        {peer['address']}")
+        print(
+            f"  tcp       {'reaches it' if peer['tcp'] else 'FAILS: ' + peer.get('tcp_error', '')}"
+            + (f" in {peer['tcp_ms']:.1f} ms" if peer.get("tcp_ms") is not None else "")
+        )
+        if peer["tcp"]:
+            print(f"  libp2p    {peer['libp2p']}: {peer.get('detail', '')}")
+    print(f"verdict     {verdict}")
+    return 0 if ok else 1
+
+
+def probe_peer(address: PeerAddress, timeout_s: float, psk: str | None) -> dict[str, Any]:
+    """Test a peer: TCP connect, then a libp2p dial and pangea handshake with RTT (doctor)."""
+    result: dict[str, Any] = {"address": address.text, "tcp": False}
+    start = time.perf_counter()
+    try:
+        with socket.create_connection((address.host, address.port), timeout=timeout_s):
+            result["tcp"], result["tcp_ms"] = True, (time.perf_counter() - start) * 1000
+    except OSError as exc:
+        result["tcp_error"] = exc.strerror or type(exc).__name__
+        return result
+    with tempfile_home() as home:
+        probed: dict[str, Any] = run_trio_value(_probe_libp2p, address, timeout_s, psk, load_or_create_identity(home))
+        result.update(probed)
+    return result
+
+
+@contextlib.contextmanager
+def tempfile_home() -> Iterator[Path]:
+    """A throwaway pangea home for doctor's probe identity (never the box's own key)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pangea-doctor-") as path:
+        yield Path(path)
+
+
+async def _probe_libp2p(address: PeerAddress, timeout_s: float, psk: str | None, key_pair: Any) -> dict[str, Any]:
+    node = Node(
+        key_pair=key_pair,
+        role="doctor",
+        accept=lambda p, h: "doctor accepts nothing",
+        may_serve=lambda p: False,
+        psk=psk,
+    )
+    async with node.running("127.0.0.1", 0):
+        start = time.perf_counter()
+        try:
+            session = await node.dial(address, timeout_s=timeout_s)
+        except PeerError as exc:
+            if exc.kind == "incompatible":
+                return {"libp2p": "incompatible", "detail": str(exc)}
+            if exc.kind in ("refused", "duplicate-identity"):
+                # it answered our Hello: Noise, the peer ID and the protocol are all right
+                return {
+                    "libp2p": "ok",
+                    "handshake_ms": (time.perf_counter() - start) * 1000,
+                    "detail": f"the handshake completes; it refuses a doctor's session, as it should ({exc})",
+                }
+            return {"libp2p": "failed", "detail": str(exc)}
+        rtt_s = await session.ping()
+        await session.close("doctor done")
+        hello = session.hello
+        return {
+            "libp2p": "ok",
+            "rtt_ms": rtt_s * 1000,
+            "detail": f"pangea {hello.pangea_version} {hello.role}, {hello.platform}, rtt {rtt_s * 1000:.1f} ms",
+        }
+
+
 def cmd_id(args: argparse.Namespace) -> int:
     """`id`: print this box's peer id (the one to give to --allow-peer elsewhere)."""
     from libp2p.peer.id import ID
@@ -5012,6 +5713,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+MENU = (
+    ("initiate", "start here and wait for another box"),
+    ("respond", "join another box (paste the join string it printed)"),
+    ("demo", "run both sides on this box and see the whole flow"),
+    ("serve", "a long-running node your programs can call"),
+    ("doctor", "check this box's network setup"),
+)
+
+
+def menu() -> list[str]:
+    """The no-argument menu on a terminal: return the chosen command line ([] to quit)."""
+    print(f"pangea {__version__}: share numpy compute between your own machines\n")
+    for number, (command, text) in enumerate(MENU, 1):
+        print(f"  {number}) {command:<9} {text}")
+    print("  q) quit\n")
+    while True:
+        try:
+            choice = input(f"Choose [1-{len(MENU)}, q]: ").strip().lower()
+        except EOFError:
+            return []
+        if choice in ("q", "quit", "exit"):
+            return []
+        names = [c for c, _ in MENU]
+        if choice.isdigit() and 1 <= int(choice) <= len(MENU):
+            return [names[int(choice) - 1]]
+        if choice in names:
+            return [choice]
+        print(f"please type a number from 1 to {len(MENU)}, or q")
+
+
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -5019,12 +5750,17 @@ def _main(argv: Sequence[str] | None) -> int:
         check_build_target()
         parser = make_parser()
         if not argv:
-            parser.print_help(sys.stderr)
-            return 2
+            if not (sys.stdin.isatty() and sys.stdout.isatty()):
+                parser.print_help(sys.stderr)
+                return 2
+            argv = menu()
+            if not argv:
+                return 0
         args = parser.parse_args(argv)
         if args.command is None:
             raise UsageError(
-                "no command given", hint="pangea.pyz initiate | respond ADDRESS | demo | serve | call | id"
+                "no command given",
+                hint="pangea.pyz initiate | respond ADDRESS | demo | serve | call | status | doctor | id",
             )
         return int(args.func(args))
     except PangeaError as exc:

@@ -270,6 +270,9 @@ def make_node_home(base: Path, name: str = "node") -> NodeHome:
     env["HOME"] = str(home)
     env["PANGEA_HOME"] = str(pangea_home)
     env["PYTHONUNBUFFERED"] = "1"  # ready lines must not sit in a pipe buffer
+    # No mDNS announcements from test nodes: multicast must not leave the test machine.
+    # The discovery test turns it back on inside its own network namespaces.
+    env["PANGEA_MDNS"] = "off"
     return NodeHome(root=root, home=home, pangea_home=pangea_home, env=env)
 
 

@@ -319,7 +319,7 @@ BAD_TASKS = {
     "payload-long": ("bad-input", "payload has 64 bytes, the arrays describe 16"),
     "huge-dims": ("bad-input", "shape (1099511627776, 1099511627776) has more than 268435456 elements"),
     "huge-dims-max": ("bad-input", "has more than 268435456 elements"),
-    "zero-by-huge": ("bad-input", "cannot be built"),
+    "zero-by-huge": ("bad-input", "elements"),
     "nine-dims": ("bad-input", "9 dimensions, at most 8 allowed"),
     "wrong-arity": ("bad-input", "matmul: takes 2 operand(s), got 1"),
     "unknown-param": ("bad-input", "unknown parameter(s) ['evil']"),
@@ -444,11 +444,6 @@ def test_same_task_id_twice_in_flight_second_gets_bad_input(limits_run: Observed
     assert any("refusing task 4242" in line and "already in flight" in line for line in limits_run.logged)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: PeerSession.run() answers the refused duplicate with _release(task_id), which frees the "
-    "FIRST task's reservation; a third copy of the id is then admitted and run",
-)
 def test_same_task_id_three_times_in_flight_only_the_first_runs(limits_run: Observed, slow: ServeNode) -> None:
     replies = limits_run.run.one("replies", scenario="duplicate-id-3")["replies"]
     assert len(replies) == 3, replies
@@ -456,11 +451,6 @@ def test_same_task_id_three_times_in_flight_only_the_first_runs(limits_run: Obse
     assert sum(r["error_message"] == "task id 4343 is already in flight" for r in replies) == 2, replies
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the refused duplicate releases the first task's slot and bytes (_release in run()), "
-    "so --max-inflight and the memory budget no longer count a task that is still running",
-)
 def test_refused_duplicate_does_not_free_the_slot_of_the_task_still_running(
     limits_run: Observed, slow: ServeNode
 ) -> None:
@@ -548,33 +538,16 @@ def cut_off(cut_off_node: CutOff) -> CutOff:
     return cut_off_node
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the operand bytes admitted for a frame that never completes (disconnect mid-frame) "
-    "are never given back to the node's memory budget (PeerSession._close does not release _reserved)",
-)
 def test_disconnect_mid_frame_gives_the_admitted_bytes_back_to_the_budget(cut_off: CutOff) -> None:
     cut_off.run.assert_good()  # today: busy, "the node's memory budget of 512.0 MiB is in use (512.0 MiB)"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the payload buffer of a frame cut off by a disconnect stays allocated after the session "
-    "ends (PeerSession <-> Decoder.admit reference cycle, freed only by a full gc); with the budget bug "
-    "fixed, repeating it would exhaust memory",
-)
 def test_disconnect_mid_frame_frees_the_payload_buffer(cut_off: CutOff) -> None:
     pid = cut_off.node.proc.pid
     freed = wait_until(lambda: memory_kib(pid)["VmRSS"] - cut_off.baseline_kib < 128 * 1024, 3)
     assert freed, f"RSS {memory_kib(pid)['VmRSS'] // 1024} MiB, baseline {cut_off.baseline_kib // 1024} MiB"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a Ping (or an unsolicited TaskResult) announcing a payload is not checked at its header: "
-    "the Decoder allocates the whole announced payload (up to --max-payload-mib) outside the memory budget "
-    "and waits for it",
-)
 def test_payload_announced_on_a_ping_or_unsolicited_result_is_refused_at_the_header(
     pyz: Path, hostile: Hostile, fresh_node: Any
 ) -> None:
@@ -583,9 +556,11 @@ def test_payload_announced_on_a_ping_or_unsolicited_result_is_refused_at_the_hea
     run = hostile.run(pyz, node.address, "payload-on-ping", options=("--announce-mib", "512"))
     run.assert_good()
     grew_mib = (memory_kib(node.proc.pid)["VmHWM"] - baseline) / 1024
-    for case in ("ping", "task-result"):
-        reply = run.one("reply", case=case)["reply"]
-        assert reply["type"] == "ErrorMsg" and reply["kind"] == "protocol", (case, reply, grew_mib)
+    # a Ping with a payload breaks framing: the node says so and resets the stream
+    reply = run.one("reply", case="ping")["reply"]
+    assert reply["type"] == "ErrorMsg" and reply["kind"] == "protocol", (reply, grew_mib)
+    # a result nobody awaits may be a late one (its task was cancelled): skipped unbuffered, no reply
+    assert run.one("reply", case="task-result")["reply"]["type"] == "timeout"
     assert grew_mib < 256, grew_mib
 
 

@@ -488,20 +488,11 @@ def test_run_kernel_refuses_an_outer_product_over_max_elements_before_allocating
         pangea.run_kernel("add", (np.ones((n, 1)), np.ones((1, n))), max_elements=1 << 28)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: output_nbytes() counts a sum over an axis as the input's size, so a (huge x 0) "
-    "operand (zero elements, passes max_elements) makes sum(axis=1) allocate huge x 8 bytes",
-)
 def test_output_nbytes_bounds_a_sum_over_an_axis_of_an_empty_array_with_huge_dimensions() -> None:
     empty = np.empty((1 << 31, 0))  # 0 elements; sum(axis=1) is 2^31 zeros = 16 GiB
     assert pangea.output_nbytes("sum", (empty,), {"axis": 1.0}) >= (1 << 31) * 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: run_kernel's max_elements check relies on output_nbytes, which misses sum over an axis",
-)
 def test_run_kernel_refuses_a_sum_whose_output_exceeds_max_elements() -> None:
     empty = np.empty((1 << 25, 0))  # sum(axis=1) would return 2^25 elements (256 MiB) from 0 input elements
     with pytest.raises(KernelError, match="more than"):
@@ -735,12 +726,6 @@ PAYLOADLESS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Decoder._admit_frame allocates bytearray(payload_len) for any message type but "
-    "taskRequest without asking admit, so a Ping announcing max_payload_bytes is buffered (zero-filled, "
-    "resident at once) outside the memory budget; it is refused only after the whole payload arrived",
-)
 @pytest.mark.parametrize("kind", sorted(PAYLOADLESS))
 def test_decoder_refuses_a_payload_on_a_message_type_without_one_at_its_header(kind: str) -> None:
     decoder = Decoder(SMALL_PAYLOAD, admit=lambda task_id, n: None)
@@ -750,8 +735,8 @@ def test_decoder_refuses_a_payload_on_a_message_type_without_one_at_its_header(k
     assert decoder.buffered_bytes == 0
 
 
-def test_decoder_payload_on_a_message_type_without_one_is_refused_in_the_end() -> None:
-    """What happens today (see the xfail above): refused once the payload is complete."""
+def test_decoder_payload_on_a_message_type_without_one_is_refused_with_the_payload_present() -> None:
+    """The whole frame fed at once is refused the same way."""
     decoder = Decoder(SMALL_PAYLOAD, admit=lambda task_id, n: None)
     header = header_of(PingMsg(1))
     decoder.feed(FRAME_PREFIX.pack(len(header), 64) + header + bytes(64))
