@@ -4470,67 +4470,15 @@ def make_parser() -> argparse.ArgumentParser:
         )
         g = p.add_argument_group("limits on what peers may send (see README, Security)")
         d = Limits()
-        g.add_argument(
-            "--max-payload-mib",
-            type=int,
-            default=d.max_payload_bytes >> 20,
-            metavar="MIB",
-            help=f"largest array data of one message (default: {d.max_payload_bytes >> 20})",
-        )
-        g.add_argument(
-            "--max-elements",
-            type=int,
-            default=d.max_elements,
-            metavar="N",
-            help=f"largest array, in elements (default: {d.max_elements})",
-        )
+        for flag, name, kind, shift, metavar, text in LIMIT_OPTIONS:
+            default = getattr(d, name) >> shift if shift else getattr(d, name)
+            shown = f"{default:g}" if kind is float else str(default)
+            g.add_argument(flag, type=kind, default=default, metavar=metavar, help=f"{text} (default: {shown})")
         g.add_argument(
             "--dtypes",
             default=",".join(d.dtypes),
             metavar="LIST",
             help=f"dtypes accepted (default: {','.join(d.dtypes)})",
-        )
-        g.add_argument(
-            "--max-inflight",
-            type=int,
-            default=d.max_inflight_tasks,
-            metavar="N",
-            help=f"tasks one peer may have in flight; more get `busy` (default: {d.max_inflight_tasks})",
-        )
-        g.add_argument(
-            "--max-inflight-mib",
-            type=int,
-            default=d.max_inflight_bytes >> 20,
-            metavar="MIB",
-            help=f"operand data one peer may have in flight (default: {d.max_inflight_bytes >> 20})",
-        )
-        g.add_argument(
-            "--memory-budget-mib",
-            type=int,
-            default=d.memory_budget_bytes >> 20,
-            metavar="MIB",
-            help=f"operand data held for all peers together (default: {d.memory_budget_bytes >> 20})",
-        )
-        g.add_argument(
-            "--handshake-timeout",
-            type=float,
-            default=d.handshake_timeout_s,
-            metavar="SECONDS",
-            help=f"a peer must say Hello within this (default: {d.handshake_timeout_s:.0f})",
-        )
-        g.add_argument(
-            "--idle-timeout",
-            type=float,
-            default=d.idle_timeout_s,
-            metavar="SECONDS",
-            help=f"drop a peer that sends nothing for this long (default: {d.idle_timeout_s:.0f})",
-        )
-        g.add_argument(
-            "--task-timeout",
-            type=float,
-            default=d.task_timeout_s,
-            metavar="SECONDS",
-            help=f"a task running longer fails with `deadline` (default: {d.task_timeout_s:.0f})",
         )
 
     p = sub.add_parser("initiate", help="start node 1: print its address, wait for a responder, run the checks")
@@ -4796,19 +4744,27 @@ def print_report(role: str, peer: str, results: list[CheckResult], extra: dict[s
     return ok
 
 
+# The limit options of every node command: flag, Limits field, type, shift (MiB -> bytes), metavar, help.
+LIMIT_OPTIONS: tuple[tuple[str, str, type, int, str, str], ...] = (
+    ("--max-payload-mib", "max_payload_bytes", int, 20, "MIB", "largest array data of one message"),
+    ("--max-elements", "max_elements", int, 0, "N", "largest array, in elements"),
+    ("--max-inflight", "max_inflight_tasks", int, 0, "N", "tasks one peer may have in flight; more get `busy`"),
+    ("--max-inflight-mib", "max_inflight_bytes", int, 20, "MIB", "operand data one peer may have in flight"),
+    ("--memory-budget-mib", "memory_budget_bytes", int, 20, "MIB", "operand data held for all peers together"),
+    ("--handshake-timeout", "handshake_timeout_s", float, 0, "SECONDS", "a peer must say Hello within this"),
+    ("--idle-timeout", "idle_timeout_s", float, 0, "SECONDS", "drop a peer that sends nothing for this long"),
+    ("--task-timeout", "task_timeout_s", float, 0, "SECONDS", "a task running longer fails with `deadline`"),
+)
+
+
 def limits_from_args(args: argparse.Namespace) -> Limits:
     """Return the Limits the node options ask for; UsageError for a bad value."""
-    return Limits(
-        max_payload_bytes=args.max_payload_mib << 20,
-        max_elements=args.max_elements,
-        dtypes=tuple(d.strip() for d in args.dtypes.split(",") if d.strip()),
-        max_inflight_tasks=args.max_inflight,
-        max_inflight_bytes=args.max_inflight_mib << 20,
-        memory_budget_bytes=args.memory_budget_mib << 20,
-        handshake_timeout_s=args.handshake_timeout,
-        idle_timeout_s=args.idle_timeout,
-        task_timeout_s=args.task_timeout,
-    ).validate()
+    values: dict[str, Any] = {}
+    for flag, name, _, shift, _, _ in LIMIT_OPTIONS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        values[name] = value << shift if shift else value
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    return Limits(dtypes=dtypes, **values).validate()
 
 
 def read_psk_file(path: str | None) -> str | None:
