@@ -115,6 +115,13 @@ def import_pangea() -> Any:
     return pangea
 
 
+def pangea_fingerprint(pangea: Any) -> str:
+    """Return a short hash of the pangea.py a process imported (the work tree may change mid-run)."""
+    import hashlib
+
+    return hashlib.sha256(Path(pangea.__file__).read_bytes()).hexdigest()[:12]
+
+
 def vm_status(pid: int | str = "self") -> dict[str, float]:
     """Return the Vm* lines of /proc/PID/status in MiB (VmRSS, VmHWM = peak RSS, ...)."""
     out = {}
@@ -417,6 +424,7 @@ def peer_main() -> int:
                     "libp2p": f"{host.get_transport_addrs()[0]}/p2p/{host.get_id()}",
                     "pangea": node.addresses[0],
                     "rss_mib": vm_status()["VmRSS"],
+                    "pangea_sha": pangea_fingerprint(pangea),
                 }
                 print(json.dumps(ready), flush=True)
                 await trio.sleep_forever()
@@ -508,13 +516,18 @@ def self_command(args: argparse.Namespace) -> list[str]:
     return [sys.executable, str(SCRIPT)]
 
 
+SEEN_PANGEA: dict[str, str] = {}  # child process -> hash of the pangea.py it imported
+
+
 @contextlib.contextmanager
 def running_peer(args: argparse.Namespace) -> Iterator[tuple[Child, dict[str, Any]]]:
     """Start a peer process; yield it and its ready line; always stop it."""
     peer = Child([*self_command(args), "--role", "peer"], name="bench peer")
     try:
         _, line = peer.wait_for(re.compile(r"^\{"), "stdout", READY_S)
-        yield peer, json.loads(line)
+        ready = json.loads(line)
+        SEEN_PANGEA[f"peer {peer.pid}"] = ready.get("pangea_sha", "?")
+        yield peer, ready
     finally:
         peer.stop()
 
@@ -818,6 +831,7 @@ def measure_rss(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
                 worker = vm_status(peer.pid)
             finally:
                 client.stop()
+            SEEN_PANGEA[f"rss client {client.pid}"] = report.get("pangea_sha", "?")
             out[direction] = {
                 "client_peak_mib": report["peak_mib"],
                 "client_idle_mib": report["idle_mib"],
@@ -854,7 +868,12 @@ def rss_client_main(args: argparse.Namespace) -> int:
                 seconds = time.perf_counter() - start - result.compute_s
             if not result.ok:
                 raise RuntimeError(f"{args.direction} failed: {result.error_kind}: {result.error_message}")
-            report = {"peak_mib": vm_status()["VmHWM"], "idle_mib": idle, "seconds": seconds}
+            report = {
+                "peak_mib": vm_status()["VmHWM"],
+                "idle_mib": idle,
+                "seconds": seconds,
+                "pangea_sha": pangea_fingerprint(pangea),
+            }
             await session.close("bench done")
             return report
 
@@ -1014,6 +1033,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "platform": platform.platform(),
         "pangea_version": pangea.__version__,
         "pangea_file": pangea.__file__,
+        "pangea_sha": pangea_fingerprint(pangea),
         "trio": getattr(trio, "__version__", None),
         "libp2p": _dist_version("libp2p"),
         "env": {
@@ -1262,6 +1282,9 @@ def bench_main(args: argparse.Namespace) -> int:
         f"BLAS threads {doc['machine'].get('blas_threads', '?')}, "
         f"OPENBLAS_CORETYPE={doc['machine']['env']['OPENBLAS_CORETYPE']}"
     )
+    doc["pangea_sha_by_process"] = {"main": doc["machine"]["pangea_sha"], **SEEN_PANGEA}
+    if len(set(doc["pangea_sha_by_process"].values())) > 1:
+        print("bench: warning: pangea.py changed during the run; processes ran different versions (see the JSON)")
     loads = results.get("load", {}).items()
     busy = {k: v["foreign_cores"] for k, v in loads if v["foreign_cores"] > 0.2 and v["wall_s"] > 0.5}
     if busy:
