@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Union
@@ -2577,6 +2577,7 @@ class Node:
             if silent_s > self.limits.idle_timeout_s:
                 log.warning("dropping peer %s: nothing received for %.0f s", session.peer_id, silent_s)
                 await session._close(f"nothing received for {silent_s:.0f} s (peer gone or network down)", reset=True)
+                await self.disconnect(session.peer_id)
                 return
             session.send_ping()
 
@@ -2720,6 +2721,7 @@ class Node:
                     return await self.host.new_stream(info.peer_id, [TProtocol(PROTOCOL_ID)])
             except Exception as exc:  # py-libp2p raises many unrelated types for a failed dial
                 error = "timed out" if isinstance(exc, trio.TooSlowError) else describe_exception(exc)
+                await self.disconnect(address.peer_id)  # a half-dead connection must not be reused
                 delay = next(delays)
                 log.info("dial %s (attempt %d) failed: %s", address.text, attempt, error)
                 if trio.current_time() + delay >= deadline:
@@ -2786,6 +2788,16 @@ class Node:
             return self.sessions[address.peer_id]
         self.nursery.start_soon(session.run)
         return session
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every libp2p connection to a peer.
+
+        NOTE: after a partition the connection under a dropped session can stay
+        wedged, and a redial would reuse it (its new streams time out forever)."""
+        from libp2p.peer.id import ID
+
+        with contextlib.suppress(Exception):  # best effort: it may be gone already
+            await self.host.disconnect(ID.from_base58(peer_id))
 
     async def inject_fault_before_task(self) -> None:
         """TEST AID (--fault): stall, or exit abruptly in the middle of the run."""
@@ -3176,33 +3188,47 @@ class Manager:
             a factor of 2 of the mean block: speeds measured on busy machines are noisy, and
             pulling does the rest (a slow worker comes back for its next block later)."""
             speed = {w: max(self.scheduler.workers.get(w, _WorkerState()).speed, 1e-3) for w in chosen}
+            if worker not in speed:
+                return base_rows
             ratio = min(2.0, max(0.5, len(chosen) * speed[worker] / sum(speed.values())))
             return max(1, round(base_rows * ratio))
 
-        async def puller(worker: str, first_done: Any, wait_for: Any) -> None:
+        async def block(worker: str, placement: str) -> bool:
+            """Take the next rows for ``worker`` and compute them; False when there is nothing left."""
             nonlocal cursor
-            if wait_for is not None:
-                await wait_for.wait()  # slow start: pipelining begins once the worker has proven itself
-            while cursor < n and not failure:
-                if worker != LOCAL and worker not in self.node.sessions:
-                    return  # gone: the blocks left go to the others
-                lo = cursor
-                hi = cursor = min(n, lo + rows_for(worker))
-                try:
-                    outcome = await self.run("matmul", (a[lo:hi], b), placement=worker, timeout_s=timeout_s)
-                except TaskError as exc:
-                    failure.append(exc)
-                    return
-                out[lo:hi] = outcome.outputs[0]
-                share = shares.setdefault(outcome.worker_id, WorkerShare())
-                share.blocks += 1
-                share.rows += hi - lo
-                share.compute_s += outcome.compute_s
-                if on_block is not None:
-                    on_block(outcome.worker_id, hi - lo, n)  # progress: rows done by whom, of n
-                if outcome.worker_id != worker:
-                    shares[worker].failed_over += 1
-                first_done.set()
+            if cursor >= n or failure:
+                return False
+            lo = cursor
+            hi = cursor = min(n, lo + rows_for(worker))
+            try:
+                outcome = await self.run("matmul", (a[lo:hi], b), placement=placement, timeout_s=timeout_s)
+            except TaskError as exc:
+                failure.append(exc)
+                return False
+            out[lo:hi] = outcome.outputs[0]
+            share = shares.setdefault(outcome.worker_id, WorkerShare())
+            share.blocks += 1
+            share.rows += hi - lo
+            share.compute_s += outcome.compute_s
+            if on_block is not None:
+                on_block(outcome.worker_id, hi - lo, n)  # progress: rows done by whom, of n
+            if outcome.worker_id != worker:
+                shares.setdefault(worker, WorkerShare()).failed_over += 1
+            return True
+
+        def usable(worker: str) -> bool:
+            state = self.scheduler.workers.get(worker)
+            return worker == LOCAL or (worker in self.node.sessions and not (state and state.suspect))
+
+        async def puller(worker: str, first_done: Any, wait_for: Any) -> None:
+            try:
+                if wait_for is not None:
+                    await wait_for.wait()  # slow start: pipelining begins once the worker has proven itself
+                # a worker that left, or whose results failed verification, pulls no more blocks
+                while usable(worker) and await block(worker, worker):
+                    first_done.set()
+            finally:
+                first_done.set()  # NOTE: or its second puller would wait forever
 
         async with trio.open_nursery() as nursery:
             for worker in chosen:
@@ -3210,6 +3236,8 @@ class Manager:
                 nursery.start_soon(puller, worker, first_done, None)
                 for _ in range(0 if worker == LOCAL else max(1, in_flight) - 1):  # BLAS already fills local cores
                     nursery.start_soon(puller, worker, trio.Event(), first_done)
+        while await block(LOCAL, "auto"):
+            pass  # rows left because every chosen worker went away: the scheduler places them
         if failure:
             raise failure[0]
         return SplitOutcome(out, shares, time.perf_counter() - start)
@@ -3316,6 +3344,25 @@ class Announcer:
             self._zeroconf = None
 
 
+def best_reachable(ips: Sequence[str]) -> str:
+    """Of a multi-homed peer's addresses, the first on one of this box's own IPv4 networks
+    (else the first): zeroconf lists them in no stable order."""
+    import ipaddress
+
+    import psutil
+
+    networks = []
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and a.netmask and not a.address.startswith("127."):
+                with contextlib.suppress(ValueError):
+                    networks.append(ipaddress.ip_network(f"{a.address}/{a.netmask}", strict=False))
+    for ip in ips:
+        if any(ipaddress.ip_address(ip) in net for net in networks):
+            return ip
+    return ips[0]
+
+
 def discover_initiators(timeout_s: float = DISCOVER_S) -> list[dict[str, Any]]:
     """Listen for initiators announced by mDNS; return [{peer, address, version}] (blocking)."""
     from zeroconf import ServiceBrowser, ServiceStateChange, Zeroconf
@@ -3340,15 +3387,15 @@ def discover_initiators(timeout_s: float = DISCOVER_S) -> list[dict[str, Any]]:
                 props = {k.decode(): (v or b"").decode() for k, v in (info.properties if info else {}).items()}
                 if info is None or props.get("role") != "initiator" or not is_peer_id(props.get("peer", "")):
                     continue
-                for ip in info.parsed_addresses():
-                    if ":" not in ip:  # IPv4 only, like the addresses initiate prints
-                        address = f"/ip4/{ip}/tcp/{info.port}/p2p/{props['peer']}"
-                        found[props["peer"]] = {
-                            "peer": props["peer"],
-                            "address": address,
-                            "version": props.get("version", "?"),
-                        }
-                        break
+                ips = [ip for ip in info.parsed_addresses() if ":" not in ip]  # IPv4, like initiate prints
+                if ips:
+                    ip = best_reachable(ips)
+                    address = f"/ip4/{ip}/tcp/{info.port}/p2p/{props['peer']}"
+                    found[props["peer"]] = {
+                        "peer": props["peer"],
+                        "address": address,
+                        "version": props.get("version", "?"),
+                    }
     finally:
         zeroconf.close()
     return list(found.values())
@@ -3831,7 +3878,13 @@ class NodeService:
         with self._call():
             if placement in SPLIT_PLACEMENTS:
                 outcome = await self._split(kernel, operands, placement, timeout_s)
-            elif placement not in PLACEMENTS and placement not in self.node.sessions:
+            elif (
+                placement not in PLACEMENTS
+                and placement not in self.node.sessions
+                and not (
+                    is_peer_id(placement) and self.node.may_serve(placement)  # a known peer, down right now
+                )
+            ):
                 known = ", ".join(PLACEMENTS + SPLIT_PLACEMENTS + tuple(self.node.sessions))
                 raise TaskError(f"unknown placement {placement!r}; use one of: {known}", kind="bad-input")
             else:
@@ -4831,7 +4884,8 @@ async def _wait_for_responders(node: Node, sessions: list[PeerSession], expect: 
 def mdns_enabled(args: argparse.Namespace) -> bool:
     """mDNS announcements unless --no-mdns or PANGEA_MDNS=off (the test suite sets it: no
     multicast leaves the test machine)."""
-    return not getattr(args, "no_mdns", False) and os.environ.get("PANGEA_MDNS", "on").lower() not in ("off", "0", "no")
+    setting = os.environ.get("PANGEA_MDNS", "on").strip().lower()
+    return not getattr(args, "no_mdns", False) and setting not in ("off", "0", "no", "false", "disabled")
 
 
 async def announce(node: Node, args: argparse.Namespace) -> Announcer | None:
@@ -4849,6 +4903,20 @@ async def announce(node: Node, args: argparse.Namespace) -> Announcer | None:
         log.warning("cannot announce by mDNS (%s); pass the address by hand", describe_exception(exc))
     await trio.to_thread.run_sync(announcer.close)
     return None
+
+
+@contextlib.asynccontextmanager
+async def announced(node: Node, args: argparse.Namespace) -> AsyncIterator[Announcer | None]:
+    """Announce the initiator by mDNS for the duration of the block; withdraw it even after Ctrl-C."""
+    import trio
+
+    announcer = await announce(node, args)
+    try:
+        yield announcer
+    finally:
+        if announcer is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(announcer.close)
 
 
 def show_progress(args: argparse.Namespace) -> bool:
@@ -4962,7 +5030,6 @@ class LiveView:
 async def _initiate(
     args: argparse.Namespace, session_dir: SessionDir, key_pair: Any, options: tuple[Limits, str | None, set[str]]
 ) -> int:
-    import trio
 
     limits, psk, allowed = options
     chosen: list[str] = []
@@ -5006,18 +5073,15 @@ async def _initiate(
         who = "a responder" if expect == 1 else f"{expect} responders"
         print(f"Waiting up to {args.timeout:.0f} s for {who} (Ctrl-C to stop)...", flush=True)
         log.info("listening on %s (pairing code issued)", ", ".join(node.addresses))
-        announcer = await announce(node, args)
         sessions: list[PeerSession] = []
         view = LiveView(show_progress(args), node.nursery)
         with view:
             view.watch_traffic(node)
             waiting = view.add("waiting for responders", total=args.timeout)
             view.tick(waiting, lambda elapsed: (elapsed, f"{len(sessions)} of {expect} connected"))
-            await _wait_for_responders(node, sessions, expect, args.timeout)
+            async with announced(node, args):  # on the LAN only while waiting
+                await _wait_for_responders(node, sessions, expect, args.timeout)
             view.remove(waiting)
-            if announcer is not None:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(announcer.close)
             if len(sessions) == expect:
                 transfer = args.transfer_mib << 20
                 checks = InitiatorChecks(node, manager, sessions, size=args.size, transfer_bytes=transfer)
@@ -5541,6 +5605,10 @@ def doctor_verdict(findings: dict[str, Any]) -> tuple[bool, str]:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """`doctor [ADDRESS]`: interfaces, port, build, and a peer's reachability, with a verdict."""
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"port {args.port} is outside 0-65535")
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout {args.timeout:g} must be more than 0")
     info = build_info()
     here = (sys.implementation.cache_tag, platform.machine())
     findings: dict[str, Any] = {

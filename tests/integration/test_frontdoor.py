@@ -14,7 +14,7 @@ live progress, the no-argument menu, `status`, Prometheus metrics and `doctor`.
   A split matmul counts once per row block; bad --metrics values are setup errors.
 * `doctor` on loopback: a reachable peer, a closed port, a wrong peer ID, a
   peer of another protocol version, a port in use, and the --json shape; an
-  out-of-range --port or a --timeout <= 0 is an xfail (see its reason).
+  out-of-range --port or a --timeout <= 0 is a usage error.
 """
 
 from __future__ import annotations
@@ -834,12 +834,6 @@ def test_doctor_bad_address_is_a_usage_error(pyz: Path, pangea_home: NodeHome, a
 GHOST = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWGzh2Dn5bUbmZJpFjU9pPxT3VTvZ4kNzqAkS9Q1r8eF7y"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: cmd_doctor does not check --port and --timeout: an out-of-range port is an OverflowError "
-    "traceback from ensure_port_free, a negative timeout a ValueError traceback from socket.create_connection, "
-    "and --timeout 0 a misleading 'TCP does not reach the peer' (Operation now in progress)",
-)
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

@@ -366,11 +366,6 @@ def test_split_remote_survives_a_worker_that_crashes_after_one_task(pyz: Path, t
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Manager.split_matmul: when every worker of a split-remote job leaves, their pullers return "
-    "and the rows nobody pulled stay np.empty garbage; the job is reported ok with rows summing to < n",
-)
 def test_split_remote_finishes_the_job_when_its_only_worker_dies(pyz: Path, tmp_path: Path) -> None:
     with running_cluster(pyz, tmp_path, [["--fault", "crash-after=0"]]) as cluster:
         (crasher,) = cluster.workers
@@ -471,12 +466,6 @@ def test_split_with_a_corrupt_worker_recomputes_its_blocks_and_is_right(pyz: Pat
     assert failed >= 1, node.proc.output()  # its blocks were sent, checked and refused
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Manager.split_matmul keeps pulling blocks for a worker after its result failed verification "
-    "(placement by peer id bypasses the scheduler's `suspect` flag), so every block it pulls is sent, "
-    "refused and recomputed; README: a suspect worker is used only when nothing else is left",
-)
 def test_split_stops_giving_blocks_to_a_worker_once_it_failed_verification(pyz: Path, lab: Lab) -> None:
     with fresh_node(pyz, lab.spare[2], [lab.ok, lab.corrupt]) as node:
         a, b = matrices(1024, seed=11)
@@ -522,12 +511,6 @@ def test_a_task_whose_client_gives_up_is_dropped_by_its_worker(lab: Lab) -> None
     assert len(served_tasks(lab.stall)) == len(done_before) + 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: NodeService.submit refuses a placement naming a --peer that is not connected right now "
-    "('unknown placement') instead of letting the scheduler try it and fall back (README: runs a task itself "
-    "when its worker is gone)",
-)
 def test_placement_on_a_configured_peer_that_is_down_falls_back_to_local(lab: Lab) -> None:
     a, b = matrices(100, seed=10)
     with client(lab.a) as rpc:
@@ -540,11 +523,6 @@ def test_placement_on_a_configured_peer_that_is_down_falls_back_to_local(lab: La
     assert task["ran_on"] == "local", task
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Manager.split_matmul hangs when a worker's first puller finds no rows left (fewer blocks than "
-    "workers): it returns without setting first_done, and the worker's second puller waits on it forever",
-)
 def test_split_remote_of_fewer_rows_than_workers_returns(lab: Lab) -> None:
     # One row, two or more workers: one block for the first worker to pull, none for the others.
     a, b = matrices(4, seed=12)

@@ -316,12 +316,6 @@ def test_a_quiet_partition_heals_and_a_redials_the_peer(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after a partition with a task in flight, A's health check drops the session but not the libp2p "
-    "connection under it; keep_connected's redials reuse that wedged connection (new_stream times out, every "
-    "attempt), so A never reconnects to B after the link is back",
-)
 def test_a_partition_with_a_task_in_flight_heals_and_a_redials_the_peer(
     netns_pair: NetnsPair, pyz: Path, make_home: Any, tmp_path: Path
 ) -> None:

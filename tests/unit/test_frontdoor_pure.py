@@ -21,6 +21,7 @@ import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -265,10 +266,6 @@ def test_mdns_enabled_env_on(monkeypatch: pytest.MonkeyPatch, value: str) -> Non
     assert mdns_enabled(initiate_args()) is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: mdns_enabled only knows off/0/no; PANGEA_MDNS=false leaves mDNS announcing",
-)
 @pytest.mark.parametrize("value", ["false", "False", "FALSE"])
 def test_mdns_enabled_env_false_turns_it_off(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("PANGEA_MDNS", value)
@@ -356,7 +353,7 @@ def fake_interfaces(monkeypatch: pytest.MonkeyPatch, interfaces: dict[str, tuple
 
     def net_if_addrs() -> dict[str, list[Any]]:
         return {
-            name: [psutil._common.snicaddr(socket.AF_INET, ip, mask, None, None)]
+            name: [SimpleNamespace(family=socket.AF_INET, address=ip, netmask=mask, broadcast=None, ptp=None)]
             for name, (ip, mask) in interfaces.items()
         }
 
@@ -401,12 +398,6 @@ def test_discover_initiators_finds_two(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sorted(item["peer"] for item in found) == sorted([PEER_ID, OTHER_ID])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: discover_initiators keeps the first IPv4 address of the mDNS record (zeroconf lists the "
-    "most recently received first), so for an initiator on two networks respond --discover may dial "
-    "the one this box is not on; it should prefer an address on one of this box's networks",
-)
 def test_discover_initiators_prefers_the_address_on_this_boxs_network(monkeypatch: pytest.MonkeyPatch) -> None:
     # The initiator has ethernet on 10.232.7.0/24 and a second network 10.231.7.0/24, which
     # is the one this box is on. (Reproduced with namespaces: about half the runs of
