@@ -105,14 +105,33 @@ def bulk_timeout_s(nbytes: int) -> float:
     return 60.0 + nbytes / MIN_RATE_BYTES_S
 
 
+SNAPSHOT_ENV = "PANGEA_BENCH_SNAPSHOT"  # a copy of pangea.py that every process of one run imports
+
+
 def import_pangea() -> Any:
-    """Import pangea: the one on sys.path (the pyz's), else the work tree's pangea.py."""
+    """Import pangea: this run's snapshot, else the one on sys.path (the pyz's), else the work tree's."""
+    snapshot = os.environ.get(SNAPSHOT_ENV)
+    if snapshot and snapshot not in sys.path:
+        sys.path.insert(0, snapshot)
     try:
         import pangea
     except ImportError:
         sys.path.insert(0, str(REPO_ROOT))
         import pangea
     return pangea
+
+
+def snapshot_pangea(directory: Path) -> None:
+    """Copy the work tree's pangea.py and schema into ``directory`` and make this process and
+    its children import that copy: the work tree may change during a run of several minutes.
+
+    Inside the pyz (SHIV_INTERPRETER) the pyz's own pangea is already fixed, so nothing is done."""
+    source, schema = REPO_ROOT / "pangea.py", REPO_ROOT / "capnp" / "pangea.capnp"
+    if os.environ.get("SHIV_INTERPRETER") or not source.is_file() or not schema.is_file():
+        return
+    shutil.copy2(source, directory / "pangea.py")
+    shutil.copy2(schema, directory / "pangea.capnp")  # schema_path() looks beside pangea.py first
+    os.environ[SNAPSHOT_ENV] = str(directory)
 
 
 def pangea_fingerprint(pangea: Any) -> str:
@@ -898,9 +917,17 @@ def measure_start(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {"pyz": pyz}
     if not os.path.isfile(pyz):
         raise RuntimeError(f"no pyz at {pyz!r}: build it with ./build.sh or pass --pyz")
-    source = REPO_ROOT / "pangea.py"
-    if source.is_file() and source.stat().st_mtime > os.stat(pyz).st_mtime:
-        out["warning"] = "pangea.py is newer than the pyz: rebuild with ./build.sh to time the current code"
+    import hashlib
+    import zipfile
+
+    with zipfile.ZipFile(pyz) as z, contextlib.suppress(KeyError):
+        out["pyz_pangea_sha"] = hashlib.sha256(z.read("site-packages/pangea.py")).hexdigest()[:12]
+    measured = pangea_fingerprint(import_pangea())
+    if out.get("pyz_pangea_sha") != measured:
+        out["warning"] = (
+            f"the pyz holds another pangea.py ({out.get('pyz_pangea_sha')}) than the other phases ran "
+            f"({measured}): rebuild with ./build.sh to time the same code"
+        )
         print(f"bench: warning: {out['warning']}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="pangea-bench-") as tmp:
         empty, imports = Path(tmp) / "empty.py", Path(tmp) / "imports.py"
@@ -1233,6 +1260,11 @@ def run_phase(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> None
 
 def bench_main(args: argparse.Namespace) -> int:
     """Run the selected phases, print the table, write the JSON; 0 when every phase ran."""
+    with tempfile.TemporaryDirectory(prefix="pangea-bench-snapshot-") as snapshot_dir:
+        return _bench_main(args, snapshot_dir)
+
+
+def _bench_main(args: argparse.Namespace, snapshot_dir: str) -> int:
     import numpy as np
     import trio
 
@@ -1245,10 +1277,10 @@ def bench_main(args: argparse.Namespace) -> int:
         flush=True,
     )
     results: dict[str, Any] = {}
+    quiet = wait_quiet(args.wait_quiet) if args.wait_quiet else None
+    snapshot_pangea(Path(snapshot_dir))
     doc: dict[str, Any] = {"machine": machine_info(args), "config": asdict(cfg), "results": results}
-    if args.wait_quiet:
-        doc["foreign_cores_at_start"] = wait_quiet(args.wait_quiet)
-    doc["loadavg_at_start"] = os.getloadavg()
+    doc["foreign_cores_at_start"], doc["loadavg_at_start"] = quiet, os.getloadavg()
     # Operands of the bulk phases: ones, so the worker's sum checks every byte arrived.
     data = {mib: np.ones(mib * MIB // 8) for mib in cfg.bulk_mib} if {"tcp", "bulk"} & set(cfg.phases) else {}
     if {"tcp", "bulk", "tasks", "matmul"} & set(cfg.phases):
