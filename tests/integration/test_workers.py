@@ -297,7 +297,9 @@ def test_initiate_with_a_corrupt_responder_refuses_its_results_and_recomputes_th
 
 @pytest.mark.slow
 def test_split_remote_gives_a_slow_worker_fewer_rows(pyz: Path, tmp_path: Path) -> None:
-    workers = [[], [], [], ["--fault", "slow=0.5"]]  # the last one stalls 0.5 s before every block
+    # The last one stalls 2 s before every block: longer than a block's transfer and compute
+    # even on a loaded 2-core CI box (0.5 s was lost in the noise there: 546 rows vs a median of 509).
+    workers = [[], [], [], ["--fault", "slow=2"]]
     with running_cluster(pyz, tmp_path, workers) as cluster:
         slow = cluster.workers[3].peer_id
         # A first, small job: the workers' speeds are then measured ones (an EWMA of
