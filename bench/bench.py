@@ -28,7 +28,8 @@ alternate, so drift of the machine hits both alike.
 
 - tcp:    raw TCP on 127.0.0.1, bulk MB/s each way (the ceiling of this machine).
 - bulk:   MB/s each way per size. Baseline: a plain libp2p stream, 1 MiB writes,
-          ``read(1 MiB)`` loop into a full-size buffer. pangea: ``PeerSession.request``
+          ``read(1 MiB)`` loop into a full-size ``bytearray`` (made in the timed part,
+          as pangea's receiver makes its buffer when the frame arrives). pangea: ``PeerSession.request``
           of ``sum`` (upload) and ``random`` (download), minus the worker's compute time.
 - tasks:  round trip p50 and tasks/s. Baseline: 64-byte echo on an already open libp2p
           stream (sequential; --inflight streams at once). pangea: a tiny ``add`` task
@@ -255,16 +256,17 @@ def tcp_transfer(port: int, direction: str, data: memoryview) -> float:
     nbytes = len(data)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         conn.settimeout(bulk_timeout_s(nbytes))
-        buf = memoryview(bytearray(nbytes)) if direction == "download" else None
         start = time.perf_counter()
         if direction == "upload":
             conn.sendall(COMMAND.pack(b"U", nbytes))
             send_all(conn, data)
             recv_into_all(conn, memoryview(bytearray(1)))
         else:
-            assert buf is not None
+            # NOTE: the receive buffer is made inside the timed part, in both directions and
+            # for every system: a real transfer needs it, and first touches of fresh memory
+            # are slow on some VMs (about 1 s per GiB here).
             conn.sendall(COMMAND.pack(b"D", nbytes))
-            recv_into_all(conn, buf)
+            recv_into_all(conn, memoryview(bytearray(nbytes)))
         return time.perf_counter() - start
 
 
@@ -356,17 +358,15 @@ async def libp2p_transfer(host: Any, peer_id: Any, direction: str, data: memoryv
 
     nbytes = len(data)
     stream = await open_bench_stream(host, peer_id)
-    buf = memoryview(bytearray(nbytes)) if direction == "download" else None
     with trio.fail_after(bulk_timeout_s(nbytes)):
         start = time.perf_counter()
         if direction == "upload":
             await stream.write(COMMAND.pack(b"U", nbytes))
             await stream_write_all(stream, data)
             await stream_read_exactly(stream, 1)
-        else:
-            assert buf is not None
+        else:  # the receive buffer is made in the timed part (see tcp_transfer)
             await stream.write(COMMAND.pack(b"D", nbytes))
-            await stream_read_into(stream, buf)
+            await stream_read_into(stream, memoryview(bytearray(nbytes)))
         seconds = time.perf_counter() - start
     with contextlib.suppress(Exception):
         await stream.close()
