@@ -20,6 +20,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +182,46 @@ def loopback_address(initiator: Proc) -> str:
         if address.startswith("/ip4/127.0.0.1/"):
             return f"pangea://{address.lstrip('/')}#{code}"
     raise AssertionError(f"no loopback address printed\n{initiator.output()}")
+
+
+# ---------------------------------------------------------------- serve nodes
+
+
+@dataclass
+class ServeNode:
+    """One running `pangea.pyz serve` and what it printed."""
+
+    proc: Proc
+    home: NodeHome
+    peer_id: str
+    rpc: str  # HOST:PORT of its RPC endpoint
+    address: str  # its loopback multiaddr, /ip4/127.0.0.1/tcp/N/p2p/<id>
+    metrics: str | None = None  # the URL of its /metrics, as printed
+
+
+def peer_id_of(pyz: Path | str, home: NodeHome, timeout: float = 90.0) -> str:
+    """`pangea.pyz id` for this home: the id to pass to --allow-peer elsewhere."""
+    result = run_pyz(pyz, ["id"], home.env, timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    peer_id = result.stdout.strip()
+    assert re.fullmatch(r"12D3KooW[1-9A-HJ-NP-Za-km-z]+", peer_id), result.stdout
+    return peer_id
+
+
+def start_serve(
+    pyz: Path | str, home: NodeHome, *args: str, name: str, rpc: str = "127.0.0.1:0", port: int = 0
+) -> ServeNode:
+    """Start `serve` on 127.0.0.1 (libp2p port 0 unless given), wait for its ready line, parse what it printed."""
+    cmd = [str(pyz), "serve", "--host", "127.0.0.1", "--port", str(port), "--rpc", rpc, *args]
+    proc = Proc(cmd, env=home.env, name=name)
+    try:
+        proc.wait_for_line(r"^pangea: serving on /ip4/", stream="stdout")
+        peer_id = proc.wait_for_line(r"serve node, peer ID (12D3KooW\w+)$", stream="stdout").group(1)
+        rpc_address = proc.wait_for_line(r"^RPC: (127\.0\.0\.1:\d+) \(", stream="stdout").group(1)
+        address = proc.wait_for_line(rf"^  (/ip4/127\.0\.0\.1/tcp/\d+/p2p/{peer_id})$", stream="stdout").group(1)
+    except BaseException:
+        proc.stop()
+        raise
+    urls = [line.removeprefix("Metrics: ") for line in proc.stdout_lines if line.startswith("Metrics: ")]
+    assert len(urls) <= 1, proc.output()
+    return ServeNode(proc, home, peer_id, rpc_address, address, urls[0] if urls else None)

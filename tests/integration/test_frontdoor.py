@@ -43,16 +43,19 @@ from pyz_helpers import (
     PAIR_TIMEOUT_S,
     RESPONDER_CHECK_NAMES,
     RESPONDER_CONNECTED,
+    ServeNode,
     assert_expected_error,
     dead_pid,
     free_port,
     last_json,
     loopback_address,
     peer_id_from,
+    peer_id_of,
     printed_addresses,
     run_pyz,
     session_dirs,
     start_initiator,
+    start_serve,
 )
 
 import pangea
@@ -286,43 +289,7 @@ def test_menu_in_a_terminal_5_runs_doctor(pyz: Path, pangea_home: NodeHome, pane
 
 
 # ---------------------------------------------------------------- serve nodes
-# NOTE: like test_serve.py's helpers; importing them from there would make mypy
-# see that file under two module names.
-
-
-@dataclass
-class ServeNode:
-    """One running `pangea.pyz serve` and what it printed."""
-
-    proc: Proc
-    home: NodeHome
-    peer_id: str
-    rpc: str  # HOST:PORT of its RPC endpoint
-    address: str  # its loopback multiaddr
-    metrics: str | None  # the URL of its /metrics, as printed
-
-
-def peer_id_of(pyz: Path, home: NodeHome) -> str:
-    result = run_pyz(pyz, ["id"], home.env)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
-def start_serve(pyz: Path, home: NodeHome, *args: str, name: str) -> ServeNode:
-    """Start `serve` on 127.0.0.1 (--port 0 --rpc 127.0.0.1:0), wait until it serves, parse what it printed."""
-    cmd = [str(pyz), "serve", "--host", "127.0.0.1", "--port", "0", "--rpc", "127.0.0.1:0", *args]
-    proc = Proc(cmd, env=home.env, name=name)
-    try:
-        proc.wait_for_line(r"^pangea: serving on /ip4/", stream="stdout")
-        peer_id = proc.wait_for_line(r"serve node, peer ID (12D3KooW\w+)$", stream="stdout").group(1)
-        rpc = proc.wait_for_line(r"^RPC: (127\.0\.0\.1:\d+) \(", stream="stdout").group(1)
-        address = proc.wait_for_line(rf"^  (/ip4/127\.0\.0\.1/tcp/\d+/p2p/{peer_id})$", stream="stdout").group(1)
-    except BaseException:
-        proc.stop()
-        raise
-    urls = [line.removeprefix("Metrics: ") for line in proc.stdout_lines if line.startswith("Metrics: ")]
-    assert len(urls) <= 1, proc.output()
-    return ServeNode(proc, home, peer_id, rpc, address, urls[0] if urls else None)
+# ServeNode, peer_id_of and start_serve come from tests/pyz_helpers.py.
 
 
 def status_json(pyz: Path, home: NodeHome) -> dict[str, Any]:

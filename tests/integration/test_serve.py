@@ -14,7 +14,6 @@ test_rpc.py.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import signal
 import socket
@@ -22,34 +21,24 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from helpers import NodeHome, Proc, make_node_home
+from pyz_helpers import ServeNode, peer_id_of, start_serve
 
 import pangea
 from pangea import Client, PangeaError, RpcError
 
 # ---------------------------------------------------------------- serve nodes
-# NOTE: the same helpers as in test_rpc.py; importing them from there would
+# ServeNode, peer_id_of and start_serve come from tests/pyz_helpers.py.
+# NOTE: the other helpers repeat test_rpc.py's; importing them from there would
 # make mypy see test_rpc.py under two module names.
 
 CALL_TIMEOUT_S = 90.0  # one `pangea.pyz call` / `id` run, pyz start included
 CLIENT_TIMEOUT_S = 60.0  # Client(timeout_s=...): every RPC call here answers well within it
-
-
-@dataclass
-class ServeNode:
-    """One running `pangea.pyz serve` and what it printed."""
-
-    proc: Proc
-    home: NodeHome
-    peer_id: str
-    rpc: str  # HOST:PORT of its RPC endpoint
-    address: str  # its loopback multiaddr, /ip4/127.0.0.1/tcp/N/p2p/<id>
 
 
 def run_pyz(pyz: Path, args: Sequence[str], env: dict[str, str], timeout: float = CALL_TIMEOUT_S) -> Any:
@@ -57,30 +46,6 @@ def run_pyz(pyz: Path, args: Sequence[str], env: dict[str, str], timeout: float 
     return subprocess.run(
         [str(pyz), *args], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
     )
-
-
-def peer_id_of(pyz: Path, home: NodeHome) -> str:
-    """`pangea.pyz id` for this home: the id to pass to --allow-peer elsewhere."""
-    result = run_pyz(pyz, ["id"], home.env)
-    assert result.returncode == 0, result.stderr
-    peer_id = result.stdout.strip()
-    assert re.fullmatch(r"12D3KooW[1-9A-HJ-NP-Za-km-z]+", peer_id), result.stdout
-    return peer_id
-
-
-def start_serve(pyz: Path, home: NodeHome, *args: str, name: str, rpc: str = "127.0.0.1:0", port: int = 0) -> ServeNode:
-    """Start `serve` on 127.0.0.1 (libp2p port 0 unless given), wait for its ready line, parse what it printed."""
-    cmd = [str(pyz), "serve", "--host", "127.0.0.1", "--port", str(port), "--rpc", rpc, *args]
-    proc = Proc(cmd, env=home.env, name=name)
-    try:
-        proc.wait_for_line(r"^pangea: serving on /ip4/", stream="stdout")
-        peer_id = proc.wait_for_line(r"serve node, peer ID (12D3KooW\w+)$", stream="stdout").group(1)
-        rpc_address = proc.wait_for_line(r"^RPC: (127\.0\.0\.1:\d+) \(", stream="stdout").group(1)
-        address = proc.wait_for_line(rf"^  (/ip4/127\.0\.0\.1/tcp/\d+/p2p/{peer_id})$", stream="stdout").group(1)
-    except BaseException:
-        proc.stop()
-        raise
-    return ServeNode(proc=proc, home=home, peer_id=peer_id, rpc=rpc_address, address=address)
 
 
 def client(node: ServeNode, **kwargs: Any) -> Client:

@@ -22,8 +22,8 @@ from pyz_helpers import (
     RESPONDER_CHECK_NAMES,
     assert_expected_error,
     last_json,
-    peer_id_from,
     pairing_code,
+    peer_id_from,
     printed_addresses,
     session_dirs,
 )

@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 from helpers import NetnsPair, NodeHome, Proc
+from pyz_helpers import peer_id_of
 
 pytestmark = pytest.mark.netns
 
@@ -103,7 +104,7 @@ class Nodes:
     def drive(self, op: str, timeout_s: float, **args: Any) -> list[dict[str, Any]]:
         """Run the driver in namespace a; return its JSON lines. Bounded: timeout_s + start-up slack."""
         env = dict(self.a_home.env, SHIV_INTERPRETER="1")
-        cmd = [self.pyz, self.driver, self.rpc, op, json.dumps(args)]
+        cmd: list[str | Path] = [self.pyz, self.driver, self.rpc, op, json.dumps(args)]
         try:
             result = self.pair.run("a", cmd, env=env, timeout=timeout_s + DRIVER_SLACK_S)
         except subprocess.TimeoutExpired as exc:
@@ -117,17 +118,20 @@ class Nodes:
         return [p["peer_id"] for p in self.drive("peers", 30)[0]["peers"]]
 
 
-def peer_id_of(pyz: Path, home: NodeHome) -> str:
-    result = subprocess.run(
-        [str(pyz), "id"], env=home.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=90
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 def serve_in(pair: NetnsPair, which: str, pyz: Path, home: NodeHome, *args: str) -> Proc:
     """Start `pangea.pyz -v serve` inside a namespace, listening on its veth address (port 0)."""
-    cmd = [pyz, "-v", "serve", "--host", pair.addr(which), "--port", "0", "--rpc", "127.0.0.1:0", *args]
+    cmd: list[str | Path] = [
+        pyz,
+        "-v",
+        "serve",
+        "--host",
+        pair.addr(which),
+        "--port",
+        "0",
+        "--rpc",
+        "127.0.0.1:0",
+        *args,
+    ]
     return pair.proc(which, cmd, env=home.env, name=f"serve@{which}")
 
 
