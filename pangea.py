@@ -353,19 +353,29 @@ def parse_peer_address(text: str) -> PeerAddress:
     return PeerAddress("/" + "/".join(parts), host, int(port_text), peer_id, code)
 
 
+def interface_kind(name: str, ip: str) -> str:
+    """Classify an interface for `doctor`: loopback, virtual (docker, bridges), vpn, or lan."""
+    if ip.startswith("127."):
+        return "loopback"
+    if name.startswith(("docker", "br-", "veth", "virbr", "lxc", "cni", "flannel")):
+        return "virtual"
+    if name.startswith(("tun", "tap", "wg", "tailscale", "zt", "utun")):
+        return "vpn"
+    if ip.startswith("169.254."):
+        return "link-local"
+    return "lan"
+
+
+_KIND_RANK = {"lan": 0, "link-local": 0, "vpn": 1, "virtual": 2, "loopback": 3}
+
+
 def rank_interface_addresses(addresses: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Order (interface, ipv4) pairs for printing: real interfaces first,
-    virtual bridges after them, loopback last; drop link-local 169.254/16."""
+    """Order (interface, ipv4) pairs for printing: real interfaces first, VPNs, then
+    virtual bridges, loopback last; drop link-local 169.254/16."""
 
     def rank(item: tuple[str, str]) -> tuple[int, str, str]:
         name, ip = item
-        if ip.startswith("127."):
-            return (3, name, ip)
-        if name.startswith(("docker", "br-", "veth", "virbr", "lxc", "cni", "flannel")):
-            return (2, name, ip)
-        if name.startswith(("tun", "tap", "wg", "tailscale", "zt", "utun")):
-            return (1, name, ip)
-        return (0, name, ip)
+        return (_KIND_RANK[interface_kind(name, ip)], name, ip)
 
     seen: set[str] = set()
     out = []
@@ -5555,19 +5565,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     print(format_table(("role", "pid", "peer id", "uptime", "rpc", "addresses"), rows))
     return 0
-
-
-def interface_kind(name: str, ip: str) -> str:
-    """Classify an interface for `doctor`: loopback, virtual (docker, bridges), vpn, or lan."""
-    if ip.startswith("127."):
-        return "loopback"
-    if name.startswith(("docker", "br-", "veth", "virbr", "lxc", "cni", "flannel")):
-        return "virtual"
-    if name.startswith(("tun", "tap", "wg", "tailscale", "zt", "utun")):
-        return "vpn"
-    if ip.startswith("169.254."):
-        return "link-local"
-    return "lan"
 
 
 def doctor_verdict(findings: dict[str, Any]) -> tuple[bool, str]:
