@@ -93,7 +93,8 @@ log = logging.getLogger("pangea")
 PROTOCOL_ID = "/pangea/compute/1.0.0"
 # Bumped on any incompatible change of the messages in capnp/pangea.capnp;
 # peers with a different number refuse each other in the handshake.
-PROTOCOL_VERSION = 1
+# 2: Hello announces the TLS data plane; the DataPlane message.
+PROTOCOL_VERSION = 2
 
 DEFAULT_PORT = 7777
 DEFAULT_WAIT_S = 60.0  # how long initiate waits for a responder, respond for an initiator
@@ -118,6 +119,17 @@ MAX_NDIM = 8  # kernels are matrix work; more dimensions are a mistake
 # numpy dtypes that may cross the wire. No object, string or void dtypes:
 # nothing a peer sends is turned into Python objects.
 ALLOWED_DTYPES = ("float32", "float64", "int32", "int64", "complex64", "complex128")
+
+# The data plane (issue 6): big arrays on a direct TLS 1.3 connection whose record
+# layer runs in C (OpenSSL), next to the libp2p session that authenticates it.
+# See `DataPlane` for the security argument.
+DATA_PORT_OFFSET = 1  # by default the data plane listens on the libp2p port + 1 (7778)
+DATA_CONNECT_S = 3.0  # TCP connect + TLS handshake + token check; longer means a firewall
+DATA_SETTLE_S = DATA_CONNECT_S + 3.0  # the acceptor's wait for the dialer's outcome
+DATA_TOKEN_BYTES = 32  # one-time secret the dialer presents on the data plane (256 bits)
+DATA_MAGIC = b"PGD1"  # first bytes inside TLS from the dialer: magic + token
+DATA_MAX_HANDSHAKES = 16  # unauthenticated data connections at once; more are closed
+DATA_YIELD_BYTES = 8 << 20  # a long receive lets other tasks run after this many bytes
 
 HANDSHAKE_TIMEOUT_S = 10.0  # a peer that does not say Hello in 10 s is dropped
 PING_COUNT = 5  # pings for the RTT figure of the connection check
@@ -425,6 +437,36 @@ def backoff_delays(first_s: float, max_s: float) -> Iterator[float]:
         delay = min(delay * 2, max_s)
 
 
+def multiaddr_ip(text: str) -> str | None:
+    """The IP address of an ``/ip4/...`` or ``/ip6/...`` multiaddr, or None."""
+    parts = text.split("/")
+    return parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6") and parts[2] else None
+
+
+def format_host_port(host: str, port: int) -> str:
+    """``host:port``, with IPv6 hosts in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_data_port(text: str) -> int | None:
+    """Parse --data-port: a port, 0 for any free one, ``auto`` (-1: the libp2p port + 1) or ``off`` (None)."""
+    value = text.strip().lower()
+    if value == "off":
+        return None
+    if value == "auto":
+        return -1
+    if value.isdigit() and 0 <= int(value) <= 65535:
+        return int(value)
+    raise UsageError(f"bad --data-port {text!r}: expected a port (0-65535), auto or off")
+
+
+def data_port_for(spec: int | None, libp2p_port: int) -> int | None:
+    """The port the data plane binds: ``auto`` is the libp2p port + 1, or any port when that is 0."""
+    if spec is None or spec >= 0:
+        return spec
+    return libp2p_port + DATA_PORT_OFFSET if libp2p_port and libp2p_port < 65535 else 0
+
+
 def short_id(peer_id: str) -> str:
     """Return a peer id shortened for tables (``12D3KooW…x9Qa``)."""
     return peer_id if len(peer_id) <= 16 else f"{peer_id[:8]}…{peer_id[-4:]}"
@@ -586,10 +628,13 @@ class Fault:
     """A fault a worker injects on purpose: a TEST AID for the failure tests, never for real use.
 
     corrupt: return wrong numbers; crash-after=N: exit abruptly when task N+1
-    arrives; slow=SECONDS: stall that long before each task."""
+    arrives; slow=SECONDS: stall that long before each task; data-via=HOST:PORT:
+    dial the peer's data plane through that address (a test's proxy that alters,
+    replays or impersonates)."""
 
     kind: str
     value: float = 0.0
+    text: str = ""
 
 
 def parse_fault(text: str) -> Fault:
@@ -602,9 +647,13 @@ def parse_fault(text: str) -> Fault:
             return Fault("crash-after", float(value))
         if name == "slow" and 0 <= float(value) <= 3600:
             return Fault("slow", float(value))
+        if name == "data-via":
+            host, _, port = value.rpartition(":")
+            if host and port.isdigit():
+                return Fault("data-via", float(port), host.strip("[]"))
     except ValueError:
         pass
-    raise UsageError(f"bad --fault {text!r}: expected corrupt, crash-after=N or slow=SECONDS")
+    raise UsageError(f"bad --fault {text!r}: expected corrupt, crash-after=N, slow=SECONDS or data-via=HOST:PORT")
 
 
 def parse_psk(text: str) -> str:
@@ -657,6 +706,9 @@ class HelloMsg:
     platform: str = ""
     pairing_proof: bytes = b""
     instance_id: int = 0
+    data_port: int = 0  # our TLS data plane's port, 0 when we have none
+    data_cert: bytes = b""  # SHA-256 of its certificate
+    data_token: bytes = b""  # acceptor only: the one-time secret the dialer presents there
 
 
 @dataclass(eq=False)
@@ -725,7 +777,17 @@ class ErrorMsg:
 
 # typing.Union, not `|`: this line runs at import, and a wrong-interpreter run must
 # get as far as main() to print the build-target error.
-Message = Union[HelloMsg, TaskRequestMsg, TaskResultMsg, PingMsg, PongMsg, ByeMsg, ErrorMsg, CancelMsg]  # noqa: UP007
+@dataclass
+class DataPlaneMsg:
+    """From the dialer: whether its TLS data plane connection works (see `DataPlane`)."""
+
+    ok: bool
+    reason: str = ""
+
+
+Message = Union[  # noqa: UP007
+    HelloMsg, TaskRequestMsg, TaskResultMsg, PingMsg, PongMsg, ByeMsg, ErrorMsg, CancelMsg, DataPlaneMsg
+]
 
 
 def schema_path() -> Path:
@@ -805,6 +867,9 @@ def _build_message(m: Any, msg: Message) -> list[memoryview]:
         h.platform = msg.platform
         h.pairingProof = msg.pairing_proof
         h.instanceId = msg.instance_id
+        h.dataPort = msg.data_port
+        h.dataCert = msg.data_cert
+        h.dataToken = msg.data_token
     elif isinstance(msg, TaskRequestMsg):
         metas, views = _array_parts(msg.operands)
         r = m.init("taskRequest")
@@ -829,6 +894,10 @@ def _build_message(m: Any, msg: Message) -> list[memoryview]:
         p.load = msg.load
     elif isinstance(msg, CancelMsg):
         m.init("cancel").taskId = msg.task_id
+    elif isinstance(msg, DataPlaneMsg):
+        d = m.init("dataPlane")
+        d.ok = msg.ok
+        d.reason = msg.reason
     elif isinstance(msg, ByeMsg):
         m.init("bye").reason = msg.reason
     elif isinstance(msg, ErrorMsg):
@@ -972,6 +1041,27 @@ class Decoder:
             else:
                 self._chunks[0] = chunk[n:]
 
+    def payload_space(self) -> memoryview | None:
+        """Where the next bytes of the stream belong, when that is the current payload.
+
+        A transport that can read straight into a buffer (`TlsChannel`) writes the
+        payload there, without a copy, then calls ``payload_written(n)``. None while
+        bytes are buffered, between frames, or when the payload is being skipped."""
+        if (
+            self._payload is None
+            or self._refused is not None
+            or self._chunks
+            or self._broken is not None
+            or self._filled >= self._payload_len
+        ):
+            return None
+        return memoryview(self._payload)[self._filled : self._payload_len]
+
+    def payload_written(self, n: int) -> None:
+        """Count ``n`` payload bytes written into ``payload_space()``."""
+        assert 0 <= n <= self._payload_len - self._filled
+        self._filled += n
+
     def discard(self) -> None:
         """Drop every buffered byte and the callbacks (the stream is gone)."""
         self._chunks.clear()
@@ -1110,6 +1200,9 @@ def decode_message(header: bytes, payload: bytearray, limits: Limits | None = No
                     platform=str(h.platform),
                     pairing_proof=bytes(h.pairingProof),
                     instance_id=int(h.instanceId),
+                    data_port=int(h.dataPort),
+                    data_cert=bytes(h.dataCert),
+                    data_token=bytes(h.dataToken),
                 )
             if which == "taskRequest":
                 r = m.taskRequest
@@ -1133,6 +1226,8 @@ def decode_message(header: bytes, payload: bytearray, limits: Limits | None = No
                 return PongMsg(int(m.pong.nonce), int(m.pong.load))
             if which == "cancel":
                 return CancelMsg(int(m.cancel.taskId))
+            if which == "dataPlane":
+                return DataPlaneMsg(bool(m.dataPlane.ok), str(m.dataPlane.reason))
             if which == "bye":
                 return ByeMsg(str(m.bye.reason))
             if which == "error":
@@ -2062,6 +2157,8 @@ def capacity() -> dict[str, int]:
 class Channel:
     """One libp2p stream with a Decoder: whole messages in, whole frames out."""
 
+    name = "libp2p"
+
     def __init__(self, stream: Any, limits: Limits | None = None) -> None:
         import trio
 
@@ -2074,6 +2171,7 @@ class Channel:
         self.bytes_in = 0
         self.bytes_out = 0
         self.last_read = time.monotonic()  # bytes arriving, even mid-frame, mean the peer is alive
+        self.receiving: int | None = None  # the admitted task whose frame is still arriving
 
     async def send(self, msg: Message) -> None:
         """Write one message; raise PeerError when the stream is gone."""
@@ -2091,22 +2189,26 @@ class Channel:
 
     async def receive(self) -> Message:
         """Return the next message; raise PeerError at EOF or reset, RemoteProtocolError for garbage."""
-        from libp2p.network.stream.exceptions import StreamEOF
-
         while True:
             msg = self.decoder.next()
             if msg is not NEED_DATA:
                 return msg
-            try:
-                data = await self.stream.read(READ_CHUNK_BYTES)
-            except StreamEOF:
-                where = " in the middle of a frame" if self.decoder.in_frame else ""
-                raise PeerError(f"peer closed the stream{where}", kind="disconnected") from None
-            except stream_errors() as exc:
-                raise PeerError(f"stream lost: {describe_exception(exc)}", kind="disconnected") from None
-            self.bytes_in += len(data)
-            self.last_read = time.monotonic()
-            self.decoder.feed(data)
+            await self._fill()
+
+    async def _fill(self) -> None:
+        """Wait for bytes and feed them to the decoder."""
+        from libp2p.network.stream.exceptions import StreamEOF
+
+        try:
+            data = await self.stream.read(READ_CHUNK_BYTES)
+        except StreamEOF:
+            where = " in the middle of a frame" if self.decoder.in_frame else ""
+            raise PeerError(f"peer closed the stream{where}", kind="disconnected") from None
+        except stream_errors() as exc:
+            raise PeerError(f"stream lost: {describe_exception(exc)}", kind="disconnected") from None
+        self.bytes_in += len(data)
+        self.last_read = time.monotonic()
+        self.decoder.feed(data)
 
     async def close(self, reset: bool = False) -> None:
         """Close (or reset) the stream, ignoring a stream that is already gone."""
@@ -2117,24 +2219,499 @@ class Channel:
                 await self.stream.close()
 
 
+# ---------------------------------------------------------------- the TLS data plane
+
+
+def make_tls_contexts() -> tuple[Any, Any, bytes]:
+    """Return (server context, client context, SHA-256 of our certificate) for the data plane.
+
+    The certificate and its Ed25519 key are new in every process and never
+    written to disk (a memfd, or a 0700 temporary directory where memfd is missing)."""
+    import datetime
+    import hashlib
+    import ssl
+    import tempfile
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.x509.oid import NameOID
+
+    key = Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pangea data plane")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))  # the pin, not the dates, is what is checked
+        .sign(key, None)
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.minimum_version = ssl.TLSVersion.TLSv1_3
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("pangea-tls")
+        try:
+            os.write(fd, pem)
+            server.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+    else:  # pragma: no cover - Linux has memfd
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "data-plane.pem"
+            path.write_bytes(pem)
+            server.load_cert_chain(str(path))
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.minimum_version = ssl.TLSVersion.TLSv1_3
+    # NOTE: no CA and no host name: the dialer pins the SHA-256 of the certificate the
+    # peer announced in its Noise-authenticated Hello (checked in DataPlane.connect). The
+    # TLS 1.3 handshake itself proves the server holds that certificate's private key.
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    return server, client, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+
+
+def describe_tls_error(exc: BaseException) -> str:
+    """A short text for an ssl or socket error on the data plane."""
+    import ssl
+
+    if isinstance(exc, ssl.SSLError):
+        reason = getattr(exc, "reason", None) or ""
+        if reason in ("DECRYPTION_FAILED_OR_BAD_RECORD_MAC", "BAD_RECORD_MAC"):
+            return "a TLS record failed its integrity check (bytes altered on the way); connection dropped"
+        if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+            return "the peer closed the data connection"
+        return f"TLS error: {reason or exc}"
+    return describe_exception(exc)
+
+
+async def _tls_io(sock: Any, call: Callable[[], Any], *, writing: bool = False) -> Any:
+    """Run a non-blocking ssl call until it completes, waiting for the socket as it asks."""
+    import ssl
+
+    import trio
+
+    while True:
+        try:
+            return call()
+        except ssl.SSLWantReadError:
+            if writing:
+                await trio.sleep(0.001)  # NOTE: the reader task owns the readable wait (trio allows one)
+            else:
+                await trio.lowlevel.wait_readable(sock)
+        except ssl.SSLWantWriteError:
+            await trio.lowlevel.wait_writable(sock)
+
+
+async def _tls_read_exactly(sock: Any, n: int) -> bytes:
+    """Read exactly n bytes from a TLS socket during setup (small messages only)."""
+    out = bytearray()
+    while len(out) < n:
+        want = n - len(out)
+        chunk = await _tls_io(sock, lambda want=want: sock.recv(want))  # type: ignore[misc]
+        if not chunk:
+            raise PeerError("the data connection closed during setup", kind="disconnected")
+        out += chunk
+    return bytes(out)
+
+
+async def _tls_send_all(sock: Any, data: bytes) -> None:
+    """Send a small message during setup."""
+    view = memoryview(data)
+    while view:
+        n = await _tls_io(sock, lambda view=view: sock.send(view), writing=True)  # type: ignore[misc]
+        view = view[n:]
+
+
+def _close_socket(sock: Any) -> None:
+    """Close a socket trio may be waiting on (the waiters get ClosedResourceError)."""
+    import trio
+
+    with contextlib.suppress(Exception):
+        trio.lowlevel.notify_closing(sock)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+class TlsChannel(Channel):
+    """The data plane connection of a session: the same frames as `Channel`, on a
+    non-blocking ``ssl.SSLSocket`` driven by trio's readiness waits.
+
+    Encryption and framing of the array bytes run in C (OpenSSL), and payloads
+    are decrypted straight into their numpy buffers (`Decoder.payload_space`)."""
+
+    name = "tls"
+
+    def __init__(self, sock: Any, limits: Limits, where: str, *, accepted: bool = False) -> None:
+        super().__init__(None, limits)
+        self.sock = sock
+        self.where = where  # host:port of the other end, for messages
+        cipher = sock.cipher()
+        version = str(sock.version() or "TLS").replace("TLSv", "TLS ")
+        self.description = f"{version} {cipher[0] if cipher else ''} {'from' if accepted else 'to'} {where}"
+        self._scratch = memoryview(bytearray(READ_CHUNK_BYTES))
+        self.closed = False
+
+    async def send(self, msg: Message) -> None:
+        """Write one message; on any failure the connection is closed (a cut frame cannot be resumed)."""
+        import ssl
+
+        parts = encode_parts(msg)
+        sock = self.sock
+        async with self._send_lock:
+            if self.closed:
+                raise PeerError("the data connection is closed", kind="disconnected")
+            try:
+                for part in parts:
+                    view = memoryview(part)
+                    pos = 0
+                    while pos < len(view):
+                        # NOTE: after SSLWantWriteError OpenSSL needs the same bytes again: the
+                        # slice is the same until the call succeeds.
+                        chunk = view[pos : pos + WRITE_CHUNK_BYTES]
+                        n = await _tls_io(sock, lambda c=chunk: sock.send(c), writing=True)  # type: ignore[misc]
+                        pos += n
+                        self.bytes_out += n
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                self.close_now()
+                raise PeerError(f"data connection lost: {describe_tls_error(exc)}", kind="disconnected") from None
+            except BaseException:
+                self.close_now()  # cancelled mid-frame: the peer would read a cut frame
+                raise
+
+    async def _fill(self) -> None:
+        """Read what has arrived: payload bytes straight into their buffer, the rest via the decoder."""
+        import ssl
+
+        import trio
+
+        sock, decoder = self.sock, self.decoder
+        got = 0
+        while True:
+            space = decoder.payload_space()
+            view = space if space is not None else self._scratch
+            try:
+                n = sock.recv_into(view)
+            except ssl.SSLWantReadError:
+                if got:
+                    return
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except trio.ClosedResourceError:
+                    raise PeerError("the data connection was closed", kind="disconnected") from None
+                continue
+            except ssl.SSLWantWriteError:
+                await trio.sleep(0.001)  # NOTE: the sender owns the writable wait
+                continue
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                self.close_now()
+                raise PeerError(f"data connection lost: {describe_tls_error(exc)}", kind="disconnected") from None
+            if n == 0:
+                self.close_now()
+                where = " in the middle of a frame" if decoder.in_frame else ""
+                raise PeerError(f"the peer closed the data connection{where}", kind="disconnected")
+            self.bytes_in += n
+            self.last_read = time.monotonic()
+            if space is None:
+                decoder.feed(view[:n])
+                return
+            decoder.payload_written(n)
+            got += n
+            if n == len(space):
+                return  # the payload is complete
+            if got >= DATA_YIELD_BYTES:
+                await trio.lowlevel.checkpoint()  # let pings and other sessions run
+                got = 0
+
+    def close_now(self) -> None:
+        """Close the connection at once."""
+        if not self.closed:
+            self.closed = True
+            _close_socket(self.sock)
+
+    async def close(self, reset: bool = False) -> None:
+        """Close the connection."""
+        self.close_now()
+
+
+@dataclass
+class _DataSlot:
+    """A token handed to a dialer in our Hello, waiting for its data connection."""
+
+    peer_id: str
+    expires: float
+    ready: Any  # trio.Event, set once the session exists
+    session: PeerSession | None = None
+
+
+class DataPlane:
+    """A node's TLS 1.3 listener for array traffic, and the way to dial a peer's.
+
+    The libp2p session stays the control plane; once both sides agree, every
+    message of the session travels on one direct TLS connection instead, whose
+    record layer is OpenSSL's C code rather than py-libp2p's Python framing.
+
+    Why this is as safe as the libp2p stream:
+    - The server is authenticated by pinning. Each node makes a new certificate
+      at start; its SHA-256 travels in the node's Hello, inside the Noise session
+      that proved the node's libp2p identity (the peer id the user paired with or
+      allowed). The dialer accepts a TLS server only with exactly that
+      certificate, and TLS 1.3's CertificateVerify proves the server holds its
+      private key: a machine in the middle cannot stand in for it.
+    - The client is authenticated by a one-time 256-bit token the acceptor puts in
+      its Hello (again inside Noise). The dialer sends it only inside TLS to the
+      pinned server; it is compared in constant time, used once, expires with the
+      handshake timeout. A connection without a valid token never reaches a session.
+    - TLS 1.3 (AEAD) encrypts every byte and rejects altered, reordered or replayed
+      records; each connection has fresh keys, so recorded bytes of one connection
+      mean nothing on another. Inside it, each frame names its task; a result is
+      admitted only for a task this session is waiting for, a request only with an
+      id not in flight (`Decoder.admit`).
+    If the data connection cannot be made (a firewall on the data port) or breaks,
+    the session keeps using the libp2p stream, and says so.
+    """
+
+    def __init__(self, node: Node, host: str, port: int) -> None:
+        self.node = node
+        self.server_ctx, self.client_ctx, self.cert_sha256 = make_tls_contexts()
+        self.host = host
+        self.port = port
+        self._listener: socket.socket | None = None
+        self._slots: dict[bytes, _DataSlot] = {}
+        self._handshaking = 0
+        self.refused = 0  # data connections turned away (bad token, too many, failed handshake)
+
+    def listen(self) -> int:
+        """Bind the listening socket; return its port. ConfigError when the port is taken."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"cannot listen for the data plane on {self.host}:{self.port}: {exc.strerror or exc}",
+                hint="pass --data-port with a free port, 0 for any, or off (arrays then use the slower libp2p stream)",
+            ) from None
+        sock.listen(64)
+        sock.setblocking(False)
+        self._listener = sock
+        self.port = int(sock.getsockname()[1])
+        return self.port
+
+    def close(self) -> None:
+        """Stop listening."""
+        if self._listener is not None:
+            _close_socket(self._listener)
+            self._listener = None
+
+    async def serve(self) -> None:
+        """Accept data connections until cancelled; each is checked in its own task."""
+        import trio
+
+        listener = self._listener
+        assert listener is not None
+        try:
+            while True:
+                try:
+                    raw, addr = listener.accept()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(listener.fileno())
+                    continue
+                except OSError as exc:  # e.g. EMFILE: do not spin
+                    log.warning("data plane: accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                self.node.nursery.start_soon(self._accept_one, raw, format_host_port(addr[0], addr[1]))
+        except trio.ClosedResourceError:
+            return
+        finally:
+            self.close()
+
+    def expect(self, peer_id: str) -> tuple[bytes, _DataSlot]:
+        """Make a one-time token for a peer we are about to greet; the slot waits for its session."""
+        import secrets
+
+        import trio
+
+        token = secrets.token_bytes(DATA_TOKEN_BYTES)
+        slot = _DataSlot(peer_id, time.monotonic() + self.node.limits.handshake_timeout_s + DATA_SETTLE_S, trio.Event())
+        self._slots[token] = slot
+        return token, slot
+
+    def forget(self, slot: _DataSlot) -> None:
+        """Drop a token that will not be used (the session ended or settled)."""
+        for token, other in list(self._slots.items()):
+            if other is slot:
+                del self._slots[token]
+
+    def _claim(self, token: bytes) -> _DataSlot | None:
+        import hmac
+
+        now = time.monotonic()
+        found = None
+        for key, slot in list(self._slots.items()):
+            if slot.expires < now:
+                del self._slots[key]
+            elif hmac.compare_digest(key, token):
+                found = key
+        return self._slots.pop(found) if found is not None else None
+
+    async def _accept_one(self, raw: socket.socket, where: str) -> None:
+        import ssl
+
+        import trio
+
+        if self._handshaking >= DATA_MAX_HANDSHAKES:
+            self.refused += 1
+            log.warning(
+                "data plane: closing a connection from %s: %d others are in their handshake", where, DATA_MAX_HANDSHAKES
+            )
+            raw.close()
+            return
+        self._handshaking += 1
+        sock: Any = raw
+        try:
+            raw.setblocking(False)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with trio.fail_after(self.node.limits.handshake_timeout_s):
+                sock = self.server_ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+                await _tls_io(sock, sock.do_handshake)
+                hello = await _tls_read_exactly(sock, len(DATA_MAGIC) + DATA_TOKEN_BYTES)
+                slot = self._claim(hello[len(DATA_MAGIC) :]) if hello.startswith(DATA_MAGIC) else None
+                if slot is None:
+                    self.refused += 1
+                    log.warning("data plane: refused a connection from %s: no valid token", where)
+                    with contextlib.suppress(PeerError, ssl.SSLError, OSError):
+                        await _tls_send_all(sock, b"\x00")
+                    return
+                await slot.ready.wait()
+            session = slot.session
+            if session is None or session.closed.is_set():
+                return
+            await _tls_send_all(sock, b"\x01")
+            channel = TlsChannel(sock, self.node.limits, where, accepted=True)
+            sock = None  # the session owns it now
+            session.attach_data(channel)
+        except trio.TooSlowError:
+            self.refused += 1
+            log.warning("data plane: dropped a connection from %s: no TLS handshake and token in time", where)
+        except (ssl.SSLError, OSError, PeerError) as exc:
+            self.refused += 1
+            log.warning("data plane: connection from %s failed: %s", where, describe_tls_error(exc))
+        finally:
+            self._handshaking -= 1
+            if sock is not None:
+                _close_socket(sock)
+
+    async def connect(self, host: str, port: int, cert_sha256: bytes, token: bytes) -> TlsChannel:
+        """Dial a peer's data plane and prove our token; PeerError with the reason otherwise."""
+        import hashlib
+        import hmac
+        import ssl
+
+        import trio
+
+        where = format_host_port(host, port)
+        sock: Any = None
+        try:
+            with trio.fail_after(DATA_CONNECT_S):
+                sock = await _tcp_connect(host, port)
+                sock = self.client_ctx.wrap_socket(sock, do_handshake_on_connect=False)
+                await _tls_io(sock, sock.do_handshake)
+                presented = hashlib.sha256(sock.getpeercert(binary_form=True) or b"").digest()
+                if not hmac.compare_digest(presented, cert_sha256):
+                    raise PeerError(
+                        f"{where} presented a TLS certificate the peer did not announce "
+                        "(another program on that port, or a machine in the middle); not sending anything",
+                        kind="refused",
+                    )
+                await _tls_send_all(sock, DATA_MAGIC + token)
+                answer = await _tls_read_exactly(sock, 1)
+                if answer != b"\x01":
+                    raise PeerError(f"{where} refused our data plane token", kind="refused")
+            channel = TlsChannel(sock, self.node.limits, where)
+            sock = None
+            return channel
+        except trio.TooSlowError:
+            raise PeerError(
+                f"no answer from {where} within {DATA_CONNECT_S:.0f} s (a firewall dropping the data port?)",
+                kind="timeout",
+            ) from None
+        except ConnectionRefusedError:
+            raise PeerError(
+                f"{where} refused the connection (nothing listening on the data port)", kind="refused"
+            ) from None
+        except (ssl.SSLError, OSError) as exc:
+            raise PeerError(f"cannot connect to {where}: {describe_tls_error(exc)}", kind="unreachable") from None
+        finally:
+            if sock is not None:
+                _close_socket(sock)
+
+
+async def _tcp_connect(host: str, port: int) -> socket.socket:
+    """Connect a non-blocking TCP socket (TCP_NODELAY: small messages go out at once)."""
+    import errno
+
+    import trio
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex((host, port))
+        if err not in (0, errno.EINPROGRESS):
+            raise OSError(err, os.strerror(err))
+        await trio.lowlevel.wait_writable(sock.fileno())
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == errno.ECONNREFUSED:
+            raise ConnectionRefusedError(err, os.strerror(err))
+        if err:
+            raise OSError(err, os.strerror(err))
+    except BaseException:
+        _close_socket(sock)
+        raise
+    return sock
+
+
 @dataclass
 class _Pending:
     event: Any
+    channel: Channel | None = None  # where the request went (a lost data connection fails it)
     result: TaskResultMsg | None = None
     error: PangeaError | None = None
 
 
 class PeerSession:
-    """The session stream with one peer: requests we send, tasks we serve."""
+    """The session with one peer: requests we send, tasks we serve.
+
+    Messages travel on the libp2p stream (``channel``) until the TLS data
+    plane (``data``) is attached; then every message goes there, and back to the
+    libp2p stream if the data connection breaks. Answers go back on the channel
+    their request came on."""
 
     def __init__(self, node: Node, channel: Channel, peer_id: str, hello: HelloMsg, *, dialed: bool) -> None:
         import trio
 
         self.node = node
         self.channel = channel
+        self.data: TlsChannel | None = None
+        self.data_note = "connecting"  # what the data plane is doing, for status and the checks
+        self.data_settled = trio.Event()  # the data plane is attached, or we know why not
+        self.data_slot: _DataSlot | None = None  # acceptor: the token we handed out
+        self._data_bytes = [0, 0]  # bytes of data connections that have ended
         self.peer_id = peer_id
         self.hello = hello
         self.dialed = dialed
+        self.leaving = False  # we said Bye
         self.closed = trio.Event()
         self.close_reason = ""
         self.bye_reason: str | None = None
@@ -2148,94 +2725,228 @@ class PeerSession:
         self._pings: dict[int, tuple[float, Any]] = {}
         self._reserved: dict[int, int] = {}  # task id -> operand bytes admitted, held until answered
         self._scopes: dict[int, Any] = {}  # task id -> cancel scope of a task being served
+        self._served_on: dict[int, Channel] = {}  # task id -> the channel its request came on
         self.peer_load = 0  # what the peer last reported running for all its peers
-        self._receiving: int | None = None  # the admitted task whose frame is still arriving
-        channel.decoder.admit = self._admit
+        self._wire(channel)
+
+    def _wire(self, channel: Channel) -> None:
+        channel.decoder.admit = lambda task_id, payload_len: self._admit(task_id, payload_len, channel)
         channel.decoder.admit_result = lambda task_id: task_id in self._pending
-        channel.decoder.max_payload_bytes = node.limits.max_payload_bytes
+        channel.decoder.max_payload_bytes = self.node.limits.max_payload_bytes
 
     @property
     def label(self) -> str:
         """The short peer id for log lines."""
         return short_id(self.peer_id)
 
+    @property
+    def transport(self) -> str:
+        """Where messages travel now: "tls" (the data plane) or "libp2p"."""
+        return "tls" if self.data is not None else "libp2p"
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes received from the peer on the libp2p stream and data connections."""
+        return self.channel.bytes_in + self._data_bytes[0] + (self.data.bytes_in if self.data else 0)
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes sent to the peer on the libp2p stream and data connections."""
+        return self.channel.bytes_out + self._data_bytes[1] + (self.data.bytes_out if self.data else 0)
+
+    @property
+    def last_read(self) -> float:
+        """When bytes last arrived on any of the session's connections."""
+        return max(self.channel.last_read, self.data.last_read if self.data else 0.0)
+
+    def _out(self) -> Channel:
+        return self.data if self.data is not None else self.channel
+
     async def run(self) -> None:
-        """Read messages until the session ends; never blocks on a write."""
-        reason = "session ended"
+        """Read the libp2p stream until the session ends; never blocks on a write."""
+        reason, _ = await self._read(self.channel)
+        await self._close(reason)
+
+    async def _read(self, channel: Channel) -> tuple[str, bool]:
+        """Handle messages from one channel; return why it stopped, and whether that
+        ends the whole session (Bye, Error, garbage) rather than only this channel."""
         try:
             while True:
                 try:
-                    msg = await self.channel.receive()
+                    msg = await channel.receive()
                 except MessageError as exc:
                     self.last_seen = time.monotonic()
-                    if exc.kind == "unsolicited":
-                        log.info("dropping %s from %s", exc, self.label)
-                        continue
-                    if exc.task_id is not None:
-                        if exc.admitted and exc.task_id == self._receiving:
-                            self._release(exc.task_id)  # admitted, then its contents were bad
-                        self._receiving = None
-                        self._send_soon(TaskResultMsg(exc.task_id, error_kind=exc.kind, error_message=str(exc)))
-                    if exc.kind == "bad-input":
-                        log.warning("bad message from %s: %s", self.peer_id, exc)
+                    self._bad_message(exc, channel)
                     continue
                 self.last_seen = time.monotonic()
-                if isinstance(msg, TaskRequestMsg):
-                    self._receiving = None  # handed to _serve, which releases its reservation
-                    self.node.nursery.start_soon(self._serve, msg)
-                elif isinstance(msg, TaskResultMsg):
-                    pending = self._pending.pop(msg.task_id, None)
-                    if pending is None:
-                        log.info("dropping late result of task %d from %s", msg.task_id, self.label)
-                    else:
-                        pending.result = msg
-                        pending.event.set()
-                elif isinstance(msg, PingMsg):
-                    self._peer_load(msg.load)
-                    self._send_soon(PongMsg(msg.nonce, self.node.load))
-                elif isinstance(msg, PongMsg):
-                    self._peer_load(msg.load)
-                    sent = self._pings.pop(msg.nonce, None)
-                    if sent is not None:
-                        self.rtt_s = time.perf_counter() - sent[0]
-                        sent[1].set()
-                elif isinstance(msg, CancelMsg):
-                    scope = self._scopes.get(msg.task_id)
-                    if scope is not None:
-                        log.info("task %d from %s cancelled by its sender", msg.task_id, self.label)
-                        scope.cancel()
-                elif isinstance(msg, ByeMsg):
-                    self.bye_reason = msg.reason
-                    reason = f"peer said bye ({msg.reason})"
-                    break
-                elif isinstance(msg, ErrorMsg):
-                    reason = f"peer closed the session: {msg.kind}: {msg.message}"
-                    log.warning("%s: %s", self.label, reason)
-                    break
-                else:
-                    raise RemoteProtocolError(f"unexpected {type(msg).__name__} in an open session")
+                ended = self._dispatch(msg, channel)
+                if ended is not None:
+                    return ended, True
         except RemoteProtocolError as exc:
             reason = f"protocol error: {exc}"
             log.warning("dropping peer %s: %s", self.label, reason)
             with contextlib.suppress(PeerError):
-                await self.channel.send(ErrorMsg("protocol", str(exc)))
+                await channel.send(ErrorMsg("protocol", str(exc)))
+            await self._close(reason, reset=True)
+            return reason, True
         except PeerError as exc:
-            reason = str(exc)
-        finally:
-            await self._close(reason)
+            return str(exc), False
 
-    def _send_soon(self, msg: Message) -> None:
+    def _bad_message(self, exc: MessageError, channel: Channel) -> None:
+        if exc.kind == "unsolicited":
+            log.info("dropping %s from %s", exc, self.label)
+            return
+        if exc.task_id is not None:
+            if exc.admitted and exc.task_id == channel.receiving:
+                self._release(exc.task_id)  # admitted, then its contents were bad
+            channel.receiving = None
+            self._send_soon(TaskResultMsg(exc.task_id, error_kind=exc.kind, error_message=str(exc)), channel)
+        if exc.kind == "bad-input":
+            log.warning("bad message from %s: %s", self.peer_id, exc)
+
+    def _dispatch(self, msg: Message, channel: Channel) -> str | None:
+        """Act on one message; return the reason when it ends the session."""
+        if isinstance(msg, TaskRequestMsg):
+            channel.receiving = None  # handed to _serve, which releases its reservation
+            self._served_on[msg.task_id] = channel
+            self.node.nursery.start_soon(self._serve, msg)
+        elif isinstance(msg, TaskResultMsg):
+            pending = self._pending.pop(msg.task_id, None)
+            if pending is None:
+                log.info("dropping late result of task %d from %s", msg.task_id, self.label)
+            else:
+                pending.result = msg
+                pending.event.set()
+        elif isinstance(msg, PingMsg):
+            self._peer_load(msg.load)
+            self._send_soon(PongMsg(msg.nonce, self.node.load), channel)
+        elif isinstance(msg, PongMsg):
+            self._peer_load(msg.load)
+            sent = self._pings.pop(msg.nonce, None)
+            if sent is not None:
+                self.rtt_s = time.perf_counter() - sent[0]
+                sent[1].set()
+        elif isinstance(msg, CancelMsg):
+            scope = self._scopes.get(msg.task_id)
+            if scope is not None:
+                log.info("task %d from %s cancelled by its sender", msg.task_id, self.label)
+                scope.cancel()
+        elif isinstance(msg, DataPlaneMsg):
+            if not msg.ok and self.data is None:
+                self.data_fallback(f"the peer could not use our data plane: {msg.reason}", tell_peer=False)
+        elif isinstance(msg, ByeMsg):
+            self.bye_reason = msg.reason
+            return f"peer said bye ({msg.reason})"
+        elif isinstance(msg, ErrorMsg):
+            reason = f"peer closed the session: {msg.kind}: {msg.message}"
+            log.warning("%s: %s", self.label, reason)
+            return reason
+        else:
+            raise RemoteProtocolError(f"unexpected {type(msg).__name__} in an open session")
+        return None
+
+    # -- the data plane
+
+    async def connect_data(self, host: str) -> None:
+        """Dialer: connect to the peer's data plane at ``host``; on failure keep libp2p and tell the peer."""
+        hello, plane = self.hello, self.node.data_plane
+        if plane is None:
+            reason = "this node's data plane is off (--data-port off)"
+        elif not hello.data_port or len(hello.data_cert) != 32 or len(hello.data_token) != DATA_TOKEN_BYTES:
+            reason = "the peer has no data plane (--data-port off there)"
+        else:
+            port, fault = hello.data_port, self.node.fault
+            if fault is not None and fault.kind == "data-via":
+                log.warning(
+                    "fault injection: dialing the data plane via %s", format_host_port(fault.text, int(fault.value))
+                )
+                host, port = fault.text, int(fault.value)
+            try:
+                channel = await plane.connect(host, port, hello.data_cert, hello.data_token)
+            except PeerError as exc:
+                reason = str(exc)
+            else:
+                self.attach_data(channel)
+                return
+        self.data_fallback(reason, tell_peer=True)
+
+    def attach_data(self, channel: TlsChannel) -> None:
+        """Use ``channel`` for every message from now on."""
+        if self.closed.is_set():
+            channel.close_now()
+            return
+        if self.data is not None:
+            self._data_lost(self.data, "replaced by a new data connection")
+        self._wire(channel)
+        self.data = channel
+        self.data_note = channel.description
+        self.data_settled.set()
+        if self.data_slot is not None:
+            self.node.data_plane.forget(self.data_slot)  # type: ignore[union-attr]
+        log.info("data plane with %s: %s", self.label, channel.description)
+        self.node.nursery.start_soon(self._run_data, channel)
+
+    def data_fallback(self, reason: str, *, tell_peer: bool) -> None:
+        """Keep every message on the libp2p stream, and say why."""
+        self.data_note = f"libp2p stream ({reason})"
+        if not self.data_settled.is_set():
+            self.data_settled.set()
+            log.warning(
+                "data plane with %s unavailable: %s; arrays travel on the libp2p stream (slower)", self.label, reason
+            )
+            for callback in self.node.on_data_fallback:
+                callback(self, reason)
+        if tell_peer:
+            self._send_soon(DataPlaneMsg(False, reason), self.channel)
+
+    async def _run_data(self, channel: TlsChannel) -> None:
+        reason, ends_session = await self._read(channel)
+        if ends_session:
+            await self._close(reason)
+        else:
+            self._data_lost(channel, reason)
+
+    def _data_lost(self, channel: TlsChannel, reason: str) -> None:
+        """The data connection broke: fail what was on it, go on with the libp2p stream."""
+        channel.close_now()
+        if self.data is not channel:
+            return
+        self.data = None
+        self._data_bytes[0] += channel.bytes_in
+        self._data_bytes[1] += channel.bytes_out
+        if channel.receiving is not None:
+            self._release(channel.receiving)
+            channel.receiving = None
+        channel.decoder.discard()
+        if self.closed.is_set():
+            return
+        self.data_note = f"libp2p stream (data connection lost: {reason})"
+        # NOTE: after our Bye the peer hangs up; its data connection closing first is expected.
+        level = logging.INFO if self.leaving else logging.WARNING
+        log.log(level, "data plane with %s lost: %s; going on with the libp2p stream", self.label, reason)
+        for task_id, pending in list(self._pending.items()):
+            if pending.channel is channel:
+                del self._pending[task_id]
+                pending.error = PeerError(f"the data connection to {self.label} broke: {reason}", kind="disconnected")
+                pending.event.set()
+        for task_id, served_on in list(self._served_on.items()):
+            if served_on is channel and task_id in self._scopes:
+                self._scopes[task_id].cancel()  # its sender has failed it and will retry
+
+    def _send_soon(self, msg: Message, channel: Channel | None = None) -> None:
         async def send() -> None:
+            target = channel if channel is not None and not getattr(channel, "closed", False) else self._out()
             with contextlib.suppress(PeerError):
-                await self.channel.send(msg)
+                await target.send(msg)
 
         self.node.nursery.start_soon(send)
 
     async def close(self, reason: str) -> None:
         """End the session on purpose: say Bye with the reason, then close the stream."""
+        self.leaving = True
         if not self.closed.is_set():
             with contextlib.suppress(PeerError):
-                await self.channel.send(ByeMsg(reason))
+                await self._out().send(ByeMsg(reason))
         await self._close(reason, reset=False)
 
     async def _close(self, reason: str, *, reset: bool | None = None) -> None:
@@ -2243,10 +2954,15 @@ class PeerSession:
             return
         self.close_reason = reason
         self.closed.set()
-        if self._receiving is not None:  # a frame cut off mid-way: give its reservation back
-            self._release(self._receiving)
-            self._receiving = None
-        self.channel.decoder.discard()  # drop buffers now; do not wait for the garbage collector
+        self.data_settled.set()
+        if self.data_slot is not None and self.node.data_plane is not None:
+            self.node.data_plane.forget(self.data_slot)
+        for channel in (self.channel, self.data):
+            if channel is not None and channel.receiving is not None:  # a frame cut off mid-way
+                self._release(channel.receiving)
+                channel.receiving = None
+            if channel is not None:
+                channel.decoder.discard()  # drop buffers now; do not wait for the garbage collector
         for pending in self._pending.values():
             pending.error = PeerError(f"peer {self.label} went away: {reason}", kind="disconnected")
             pending.event.set()
@@ -2254,9 +2970,11 @@ class PeerSession:
         for _, event in self._pings.values():
             event.set()
         self.node._session_closed(self)
+        if self.data is not None:
+            self.data.close_now()
         await self.channel.close(reset=self.bye_reason is None if reset is None else reset)
 
-    def _admit(self, task_id: int, payload_len: int) -> tuple[str, str] | None:
+    def _admit(self, task_id: int, payload_len: int, channel: Channel) -> tuple[str, str] | None:
         """Decide from a TaskRequest's header whether its operands may be buffered (Decoder.admit)."""
         node, limits = self.node, self.node.limits
         verdict: tuple[str, str] | None = None
@@ -2284,7 +3002,7 @@ class PeerSession:
             )
         if verdict is None:
             self._reserved[task_id] = payload_len
-            self._receiving = task_id
+            channel.receiving = task_id
         else:
             self.tasks_refused += 1
             log.warning("refusing task %d from %s (%s): %s", task_id, self.peer_id, verdict[0], verdict[1])
@@ -2299,6 +3017,7 @@ class PeerSession:
         import trio
 
         task_id = req.task_id
+        came_on = self._served_on.get(task_id, self.channel)
         out_bytes = min(output_nbytes(req.kernel, req.operands, req.params), self.node.limits.max_payload_bytes)
         if not self.node.budget.try_acquire(out_bytes):
             self._release(task_id)
@@ -2311,8 +3030,10 @@ class PeerSession:
                         f"the result would not fit the node's memory budget of {format_bytes(budget.limit_bytes)} "
                         f"({format_bytes(budget.in_use)} in use); retry later"
                     ),
-                )
+                ),
+                came_on,
             )
+            self._served_on.pop(task_id, None)
             return
         self._scopes[task_id] = cancelled = trio.CancelScope()
         try:
@@ -2344,11 +3065,15 @@ class PeerSession:
             del req  # drop the operands before the result goes out
             if self.closed.is_set() or cancelled.cancelled_caught:
                 return  # nobody wants the result
-            try:
-                await self.channel.send(result)
-            except PeerError as exc:
-                log.info("cannot return task %d to %s: %s", task_id, self.label, exc)
+            # NOTE: the answer goes back on the channel its request came on; a data
+            # connection lost meanwhile made the sender fail the task, so it is not sent.
+            if came_on is self.data or came_on is self.channel:
+                try:
+                    await came_on.send(result)
+                except PeerError as exc:
+                    log.info("cannot return task %d to %s: %s", task_id, self.label, exc)
         finally:
+            self._served_on.pop(task_id, None)
             self._scopes.pop(task_id, None)
             self._release(task_id)
             self.node.budget.release(out_bytes)
@@ -2365,8 +3090,18 @@ class PeerSession:
         self._next_task_id += 1
         pending = _Pending(trio.Event())
         self._pending[task_id] = pending
+        request = TaskRequestMsg(task_id, kernel, tuple(operands), dict(params or {}))
         try:
-            await self.channel.send(TaskRequestMsg(task_id, kernel, tuple(operands), dict(params or {})))
+            pending.channel = self._out()
+            try:
+                await pending.channel.send(request)
+            except PeerError as exc:
+                if pending.channel is self.channel or self.closed.is_set():
+                    raise
+                self._data_lost(pending.channel, str(exc))  # type: ignore[arg-type]
+                pending.channel = self.channel
+                await self.channel.send(request)  # once more, on the libp2p stream
+            del request
             await pending.event.wait()
         finally:
             if self._pending.pop(task_id, None) is not None and not self.closed.is_set():
@@ -2397,7 +3132,7 @@ class PeerSession:
         done = trio.Event()
         self._pings[nonce] = (time.perf_counter(), done)
         start = time.perf_counter()
-        await self.channel.send(PingMsg(nonce, self.node.load))
+        await self._out().send(PingMsg(nonce, self.node.load))
         with trio.move_on_after(timeout_s):
             await done.wait()
         self._pings.pop(nonce, None)
@@ -2407,8 +3142,9 @@ class PeerSession:
 
     async def bye(self, reason: str = "done") -> None:
         """Tell the peer we are finished (it hangs up)."""
+        self.leaving = True
         with contextlib.suppress(PeerError):
-            await self.channel.send(ByeMsg(reason))
+            await self._out().send(ByeMsg(reason))
 
 
 class Node:
@@ -2429,11 +3165,15 @@ class Node:
         limits: Limits | None = None,
         psk: str | None = None,
         fault: Fault | None = None,
+        data_port: int | None = -1,
     ) -> None:
         import trio
 
         self.host = make_host(key_pair, psk)
         self.fault = fault
+        self.data_port_spec = data_port  # parse_data_port: -1 auto, 0 any, None off
+        self.data_plane: DataPlane | None = None
+        self.on_data_fallback: list[Callable[[PeerSession, str], None]] = []
         self.tasks_served = 0
         self.peer_id = str(self.host.get_id())
         self.role = role
@@ -2482,6 +3222,8 @@ class Node:
             platform=f"{sys.implementation.cache_tag} {platform.machine()} {platform.system()}",
             pairing_proof=pairing_proof,
             instance_id=self.instance_id,
+            data_port=self.data_plane.port if self.data_plane else 0,
+            data_cert=self.data_plane.cert_sha256 if self.data_plane else b"",
         )
 
     @contextlib.asynccontextmanager
@@ -2502,10 +3244,33 @@ class Node:
                     self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self._handle_stream)
                     self.host.get_network().register_notifee(_forget_departed_peers(self.host))
                     self.addresses = self.dialable_addresses(listen_host)
+                    self._start_data_plane(listen_host)
                     self.gflops = await trio.to_thread.run_sync(measure_gflops)
                     yield self
             finally:
                 nursery.cancel_scope.cancel()
+                if self.data_plane is not None:
+                    self.data_plane.close()
+
+    def _start_data_plane(self, listen_host: str) -> None:
+        """Listen for data connections (--data-port); ``auto`` takes any port when port + 1 is busy."""
+        port = int(self.host.get_transport_addrs()[0].value_for_protocol("tcp"))
+        data_port = data_port_for(self.data_port_spec, port)
+        if data_port is None:
+            log.info("data plane off: arrays travel on the libp2p stream")
+            return
+        plane = DataPlane(self, listen_host, data_port)
+        try:
+            plane.listen()
+        except ConfigError as exc:
+            if self.data_port_spec != -1:
+                raise
+            log.warning("%s; the data plane takes any free port instead", exc)
+            plane.port = 0
+            plane.listen()
+        self.data_plane = plane
+        self.nursery.start_soon(plane.serve)
+        log.info("data plane listening on %s (TLS 1.3)", format_host_port(listen_host, plane.port))
 
     def dialable_addresses(self, listen_host: str) -> list[str]:
         """Return our full multiaddrs, one per usable interface, loopback last.
@@ -2583,7 +3348,7 @@ class Node:
                 await session.closed.wait()
             if session.closed.is_set():
                 return
-            silent_s = time.monotonic() - max(session.channel.last_read, session.opened_at)
+            silent_s = time.monotonic() - max(session.last_read, session.opened_at)
             if silent_s > self.limits.idle_timeout_s:
                 log.warning("dropping peer %s: nothing received for %.0f s", session.peer_id, silent_s)
                 await session._close(f"nothing received for {silent_s:.0f} s (peer gone or network down)", reset=True)
@@ -2594,16 +3359,16 @@ class Node:
     @property
     def bytes_in(self) -> int:
         """Bytes received on every session, closed or open."""
-        return self._closed_bytes[0] + sum(s.channel.bytes_in for s in self.sessions.values())
+        return self._closed_bytes[0] + sum(s.bytes_in for s in self.sessions.values())
 
     @property
     def bytes_out(self) -> int:
         """Bytes sent on every session, closed or open."""
-        return self._closed_bytes[1] + sum(s.channel.bytes_out for s in self.sessions.values())
+        return self._closed_bytes[1] + sum(s.bytes_out for s in self.sessions.values())
 
     def _session_closed(self, session: PeerSession) -> None:
-        self._closed_bytes[0] += session.channel.bytes_in
-        self._closed_bytes[1] += session.channel.bytes_out
+        self._closed_bytes[0] += session.bytes_in
+        self._closed_bytes[1] += session.bytes_out
         log.info("session with %s closed: %s", session.label, session.close_reason)
         if self.sessions.get(session.peer_id) is session:
             del self.sessions[session.peer_id]
@@ -2669,14 +3434,22 @@ class Node:
                 await trio.sleep(0.2)  # let the error reach the peer before the close
                 await channel.close()
                 return
-            await channel.send(self.hello())
+            reply, slot = self.hello(), None
+            if self.data_plane is not None:
+                reply.data_token, slot = self.data_plane.expect(peer_id)
+            await channel.send(reply)
             session = PeerSession(self, channel, peer_id, msg, dialed=False)
+            session.data_slot = slot
             self._pending_streams[peer_id] -= 1
             handshaking = False
             if not self._session_opened(session):
                 await session.close("duplicate session")
                 return
             log.info("session with %s %s (pangea %s)", msg.role, peer_id, msg.pangea_version)
+            if slot is not None:
+                slot.session = session
+                slot.ready.set()
+            self.nursery.start_soon(self._await_data_plane, session)
             await session.run()
         except trio.TooSlowError:
             log.warning("dropping peer %s: no Hello within %.0f s", peer_id, self.limits.handshake_timeout_s)
@@ -2797,7 +3570,23 @@ class Node:
             await session.close("duplicate session")
             return self.sessions[address.peer_id]
         self.nursery.start_soon(session.run)
+        host = multiaddr_ip(self.remote_address(address.peer_id)) or multiaddr_ip(address.text) or ""
+        await session.connect_data(host)  # bounded by DATA_CONNECT_S; falls back to libp2p
         return session
+
+    async def _await_data_plane(self, session: PeerSession) -> None:
+        """Acceptor: give the dialer DATA_SETTLE_S to connect to our data plane."""
+        import trio
+
+        if self.data_plane is None:
+            session.data_fallback("this node's data plane is off (--data-port off)", tell_peer=False)
+            return
+        with trio.move_on_after(DATA_SETTLE_S):
+            await session.data_settled.wait()
+        if not session.data_settled.is_set():
+            session.data_fallback(
+                f"the peer did not connect to our data plane within {DATA_SETTLE_S:.0f} s", tell_peer=False
+            )
 
     async def disconnect(self, peer_id: str) -> None:
         """Close every libp2p connection to a peer.
@@ -3482,8 +4271,8 @@ class _NodeCollector:
         sent = CounterMetricFamily("pangea_sent_bytes", "Bytes sent to each peer", labels=["peer"])
         sessions = list(self.node.sessions.values())  # NOTE: a snapshot; trio owns the dict
         for session in sessions:
-            received.add_metric([session.peer_id], session.channel.bytes_in)
-            sent.add_metric([session.peer_id], session.channel.bytes_out)
+            received.add_metric([session.peer_id], session.bytes_in)
+            sent.add_metric([session.peer_id], session.bytes_out)
         received.add_metric(["departed"], self.node._closed_bytes[0])
         sent.add_metric(["departed"], self.node._closed_bytes[1])
         yield received
@@ -3642,6 +4431,8 @@ class InitiatorChecks:
         return self.results
 
     async def connection(self) -> str:
+        import trio
+
         details = []
         for session in self.sessions:
             info = self.node.connection_info(session.peer_id)
@@ -3650,10 +4441,13 @@ class InitiatorChecks:
             self.rtt_ms = self.rtt_ms if self.rtt_ms is not None else rtt_ms
             if "noise" not in info["security"]:
                 raise CheckFailed(f"connection to {session.peer_id} is not encrypted with Noise: {info['security']}")
+            with trio.move_on_after(DATA_SETTLE_S):
+                await session.data_settled.wait()
             hello = session.hello
             details.append(
                 f"peer {session.peer_id} (pangea {hello.pangea_version}, {hello.platform}, "
-                f"{hello.gflops:.0f} GFLOP/s); {info['security']} + {info['muxer']}; rtt {rtt_ms:.2f} ms"
+                f"{hello.gflops:.0f} GFLOP/s); {info['security']} + {info['muxer']}; rtt {rtt_ms:.2f} ms; "
+                f"arrays: {session.data_note}"
             )
         return "; ".join(details)
 
@@ -3938,6 +4732,7 @@ class NodeService:
             "role": session.hello.role,
             "trusted": bool(self.node.may_serve(session.peer_id)),
             "last_seen_s": time.monotonic() - session.last_seen,
+            "data_plane": session.data_note,
         }
 
     async def peers(self) -> list[dict[str, Any]]:
@@ -4009,6 +4804,7 @@ def _fill_peer(builder: Any, info: dict[str, Any]) -> None:
     builder.role = info["role"]
     builder.trusted = info["trusted"]
     builder.lastSeenSeconds = info["last_seen_s"]
+    builder.dataPlane = info.get("data_plane", "")
 
 
 def _read_peer(reader: Any) -> dict[str, Any]:
@@ -4022,6 +4818,7 @@ def _read_peer(reader: Any) -> dict[str, Any]:
         "role": str(reader.role),
         "trusted": bool(reader.trusted),
         "last_seen_s": float(reader.lastSeenSeconds),
+        "data_plane": str(reader.dataPlane),
     }
 
 
@@ -4484,8 +5281,9 @@ def fault_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fault",
         type=parse_fault,
-        metavar="corrupt|crash-after=N|slow=SECONDS",
-        help="TEST AID: make this worker return wrong numbers, exit abruptly after N tasks, or stall before each task",
+        metavar="corrupt|crash-after=N|slow=SECONDS|data-via=HOST:PORT",
+        help="TEST AID: make this worker return wrong numbers, exit abruptly after N tasks, stall before each task, "
+        "or dial the peer's data plane through a test's proxy",
     )
 
 
@@ -4525,6 +5323,14 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("--psk", metavar="FILE", help="pre-shared key file: only nodes with the same file can connect")
+        p.add_argument(
+            "--data-port",
+            type=parse_data_port,
+            default=-1,
+            metavar="PORT|auto|off",
+            help="TCP port of the TLS data plane that carries arrays (default: auto, the --port + 1, or any free "
+            "port with --port 0); off: everything on the libp2p stream (slower)",
+        )
         p.add_argument(
             "--metrics",
             metavar="HOST:PORT",
@@ -5061,7 +5867,13 @@ async def _initiate(
         return None
 
     node = Node(
-        key_pair=key_pair, role="initiator", accept=accept, may_serve=lambda peer_id: False, limits=limits, psk=psk
+        key_pair=key_pair,
+        role="initiator",
+        accept=accept,
+        may_serve=lambda peer_id: False,
+        limits=limits,
+        psk=psk,
+        data_port=args.data_port,
     )
     manager = Manager(node)
     manager.verify_rounds = args.verify_rounds
@@ -5184,6 +5996,7 @@ async def _respond(
         limits=options[0],
         psk=options[1],
         fault=args.fault,
+        data_port=args.data_port,
     )
     results: list[CheckResult] = []
     async with node.running(args.host, args.port):
@@ -5203,7 +6016,7 @@ async def _respond(
                 True,
                 time.perf_counter() - start,
                 f"initiator {session.peer_id} (pangea {session.hello.pangea_version}); "
-                f"{info['security']} + {info['muxer']}; rtt {rtt_s * 1000:.2f} ms",
+                f"{info['security']} + {info['muxer']}; rtt {rtt_s * 1000:.2f} ms; arrays: {session.data_note}",
             )
         )
         print(f"Connected to initiator {session.peer_id}; serving its tasks until it says done.", flush=True)
@@ -5219,8 +6032,8 @@ async def _respond(
             "tasks",
             session.tasks_served > 0,
             time.perf_counter() - serve_start,
-            f"{session.tasks_served} task(s) served, {format_bytes(session.channel.bytes_in)} in, "
-            f"{format_bytes(session.channel.bytes_out)} out",
+            f"{session.tasks_served} task(s) served, {format_bytes(session.bytes_in)} in, "
+            f"{format_bytes(session.bytes_out)} out",
         )
     )
     results.append(
@@ -5386,6 +6199,7 @@ async def _serve(
         limits=limits,
         psk=psk,
         fault=args.fault,
+        data_port=args.data_port,
     )
     manager = Manager(node)
     manager.verify_rounds = args.verify_rounds

@@ -49,6 +49,12 @@ struct Hello {
   platform        @6 :Text;     # "cpython-311 x86_64 Linux", for messages only
   pairingProof    @7 :Data;     # HMAC-SHA256(code, "pangea-pair-v1|<acceptor id>|<dialer id>"), or empty
   instanceId      @8 :UInt64;   # random per process: two processes with one peer id are a copied identity
+  # The TLS data plane (protocol 2). Both sides announce their port and the
+  # SHA-256 of their ephemeral certificate; only this Hello, inside the
+  # Noise-authenticated session, vouches for that certificate.
+  dataPort        @9 :UInt16;   # TCP port of the sender's data plane, 0: none
+  dataCert        @10 :Data;    # SHA-256 of the DER certificate that port presents
+  dataToken       @11 :Data;    # acceptor only: one-time 32-byte secret the dialer presents there
 }
 
 struct TaskRequest {
@@ -81,6 +87,13 @@ struct Cancel {
   taskId @0 :UInt64;
 }
 
+struct DataPlane {
+  # From the dialer, on the libp2p stream: how its data plane connection went.
+  # ok=false: every message stays on the libp2p stream; `reason` says why.
+  ok     @0 :Bool;
+  reason @1 :Text;
+}
+
 struct Bye {
   # The sender ends the session on purpose ("done" from the initiator).
   reason @0 :Text;
@@ -103,6 +116,7 @@ struct Message {
     bye         @5 :Bye;
     error       @6 :Error;
     cancel      @7 :Cancel;
+    dataPlane   @8 :DataPlane;
   }
 }
 
@@ -159,6 +173,7 @@ struct PeerInfo {
   role          @6 :Text;
   trusted       @7 :Bool;      # whether this node runs tasks for that peer
   lastSeenSeconds @8 :Float64; # seconds since the last message from it
+  dataPlane     @9 :Text;      # "TLS 1.3 ... to host:port", or "libp2p stream (why)"
 }
 
 struct NodeStatus {
