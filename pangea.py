@@ -131,6 +131,10 @@ DATA_MAGIC = b"PGD1"  # first bytes inside TLS from the dialer: magic + token
 DATA_MAX_HANDSHAKES = 16  # unauthenticated data connections at once; more are closed
 DATA_YIELD_BYTES = 8 << 20  # a long receive lets other tasks run after this many bytes
 
+# A kernel this small (floating-point operations) runs on the event loop itself:
+# it takes microseconds, while a hop to a worker thread and back costs ~0.1 ms.
+INLINE_FLOPS = 50_000
+
 HANDSHAKE_TIMEOUT_S = 10.0  # a peer that does not say Hello in 10 s is dropped
 PING_COUNT = 5  # pings for the RTT figure of the connection check
 DIAL_BACKOFF_FIRST_S = 0.25  # respond retries: 0.25, 0.5, 1, 2, 4, 4, ... s
@@ -3637,6 +3641,8 @@ class Node:
             return outputs, time.perf_counter() - start
 
         try:
+            if task_cost(kernel, operands, params)[0] <= INLINE_FLOPS:
+                return timed()
             # abandon_on_cancel: a task past its deadline is answered at once;
             # numpy cannot be interrupted, so its thread finishes in the background.
             return await trio.to_thread.run_sync(  # type: ignore[call-arg]
@@ -3936,9 +3942,13 @@ class Manager:
         if worker_id == LOCAL or self.verify_rounds <= 0:
             return None
         seed = self._rng.getrandbits(64)
-        return await trio.to_thread.run_sync(
-            lambda: check_result(kernel, operands, params, outputs, random.Random(seed), self.verify_rounds)
-        )
+
+        def check() -> str | None:
+            return check_result(kernel, operands, params, outputs, random.Random(seed), self.verify_rounds)
+
+        if task_cost(kernel, operands, params)[0] <= INLINE_FLOPS:
+            return check()
+        return await trio.to_thread.run_sync(check)
 
     def usable_workers(self) -> list[str]:
         """This node and every connected peer that is up and not suspect, fastest first."""
