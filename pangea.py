@@ -656,7 +656,7 @@ def parse_fault(text: str) -> Fault:
             return Fault("slow", float(value))
         if name == "data-via":
             host, _, port = value.rpartition(":")
-            if host and port.isdigit():
+            if host and port.isdigit() and 0 < int(port) <= 65535:
                 return Fault("data-via", float(port), host.strip("[]"))
     except ValueError:
         pass
@@ -2920,9 +2920,9 @@ class PeerSession:
         self.node.nursery.start_soon(self._run_data, channel)
 
     def data_fallback(self, reason: str, *, tell_peer: bool) -> None:
-        """Keep every message on the libp2p stream, and say why."""
-        self.data_note = f"libp2p stream ({reason})"
+        """Keep every message on the libp2p stream, and say why (the first reason stands)."""
         if not self.data_settled.is_set():
+            self.data_note = f"libp2p stream ({reason})"
             self.data_settled.set()
             log.warning(
                 "data plane with %s unavailable: %s; arrays travel on the libp2p stream (slower)", self.label, reason
