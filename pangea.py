@@ -2330,16 +2330,19 @@ async def _tls_io(sock: Any, call: Callable[[], Any], *, writing: bool = False) 
 
     import trio
 
-    while True:
-        try:
-            return call()
-        except ssl.SSLWantReadError:
-            if writing:
-                await trio.sleep(0.001)  # NOTE: the reader task owns the readable wait (trio allows one)
-            else:
-                await trio.lowlevel.wait_readable(sock)
-        except ssl.SSLWantWriteError:
-            await trio.lowlevel.wait_writable(sock)
+    try:
+        while True:
+            try:
+                return call()
+            except ssl.SSLWantReadError:
+                if writing:
+                    await trio.sleep(0.001)  # NOTE: the reader task owns the readable wait (trio allows one)
+                else:
+                    await trio.lowlevel.wait_readable(sock)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(sock)
+    except trio.ClosedResourceError:  # the session closed the socket while we waited
+        raise PeerError("the data connection was closed", kind="disconnected") from None
 
 
 async def _tls_read_exactly(sock: Any, n: int) -> bytes:
