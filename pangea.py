@@ -2318,6 +2318,8 @@ def describe_tls_error(exc: BaseException) -> str:
         reason = getattr(exc, "reason", None) or ""
         if reason in ("DECRYPTION_FAILED_OR_BAD_RECORD_MAC", "BAD_RECORD_MAC"):
             return "a TLS record failed its integrity check (bytes altered on the way); connection dropped"
+        if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL"):
+            return "the other side does not speak TLS (not a pangea data port, or a libp2p dial to it?)"
         if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
             return "the peer closed the data connection"
         return f"TLS error: {reason or exc}"
