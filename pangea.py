@@ -117,6 +117,10 @@ WRITE_CHUNK_BYTES = 4 << 20
 # A frame up to this size is joined into one write: copying 64 KiB costs a few
 # microseconds, each extra write a Yamux frame or TLS record and a syscall.
 COALESCE_BYTES = 64 << 10
+# Receive buffers from this size up are kept for reuse (BufferPool): touching
+# fresh memory costs as much as moving it on a VM; smaller ones are cheap.
+POOL_MIN_BYTES = 16 << 20
+POOL_MAX_BUFFERS = 2
 
 MAX_NDIM = 8  # kernels are matrix work; more dimensions are a mistake
 # numpy dtypes that may cross the wire. No object, string or void dtypes:
@@ -537,6 +541,53 @@ class MemoryBudget:
     def release(self, n: int) -> None:
         """Give back n bytes taken earlier."""
         self.in_use = max(0, self.in_use - n)
+
+
+class BufferPool:
+    """Large receive buffers kept for reuse once nothing refers to them any more.
+
+    NOTE: the first touch of fresh memory is slow on VMs (0.2-1.4 s per GiB on this
+    project's machine kind, as much as moving the bytes), and every big payload is
+    fresh memory. A buffer comes back when the arrays built over it are gone (its
+    reference count says so: the worker dropped the operands, the user the
+    result). Whatever is reused is overwritten in full before anyone sees it
+    (the Decoder hands out a message only when its payload is complete). At most
+    ``max_buffers`` are kept, each dropped after ``idle_s`` unused."""
+
+    def __init__(self, min_bytes: int = POOL_MIN_BYTES, max_buffers: int = POOL_MAX_BUFFERS, idle_s: float = 30.0):
+        self.min_bytes = min_bytes
+        self.max_buffers = max_buffers
+        self.idle_s = idle_s
+        self._buffers: list[list[Any]] = []  # [buffer, last handed out (monotonic)]
+        self.reused = 0
+
+    def take(self, n: int) -> np.ndarray:
+        """Return a writable uint8 array of n bytes, reused when a free one fits."""
+        import numpy as np
+
+        self.trim()
+        if n >= self.min_bytes:
+            for entry in self._buffers:
+                buf = entry[0]
+                # NOTE: 3 references when free: the entry, the local name, getrefcount's argument
+                if n <= buf.nbytes <= 2 * n and sys.getrefcount(buf) == 3:
+                    entry[1] = time.monotonic()
+                    self.reused += 1
+                    return buf[:n]
+        buf = np.empty(n, dtype=np.uint8)
+        if n >= self.min_bytes:
+            self._buffers.append([buf, time.monotonic()])
+            if len(self._buffers) > self.max_buffers:
+                self._buffers.pop(0)
+        return buf
+
+    def trim(self) -> None:
+        """Drop buffers unused for idle_s."""
+        now = time.monotonic()
+        self._buffers = [e for e in self._buffers if now - e[1] < self.idle_s]
+
+
+PAYLOAD_POOL = BufferPool()
 
 
 def new_pairing_code(rng: random.Random | None = None) -> str:
@@ -1019,7 +1070,6 @@ class Decoder:
 
     def _admit_frame(self) -> None:
         """Decide, from the header alone, whether the payload may be buffered."""
-        import numpy as np
 
         assert self._header is not None
         if self._payload_len:
@@ -1051,7 +1101,7 @@ class Decoder:
                     return
         # NOTE: np.empty, not bytearray: the OS maps the pages as the bytes arrive, so a
         # payload announced and never sent does not become resident memory.
-        self._payload = np.empty(self._payload_len, dtype=np.uint8)  # type: ignore[assignment]
+        self._payload = PAYLOAD_POOL.take(self._payload_len)  # type: ignore[assignment]
 
     def _fill_payload(self) -> None:
         assert self._payload is not None
@@ -3386,6 +3436,7 @@ class Node:
                 await session.closed.wait()
             if session.closed.is_set():
                 return
+            PAYLOAD_POOL.trim()  # an idle node gives spare receive buffers back
             silent_s = time.monotonic() - max(session.last_read, session.opened_at)
             if silent_s > self.limits.idle_timeout_s:
                 log.warning("dropping peer %s: nothing received for %.0f s", session.peer_id, silent_s)

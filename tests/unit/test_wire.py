@@ -837,3 +837,36 @@ def test_decoder_property_yields_only_messages_need_data_or_protocol_errors(data
 def test_decoder_property_valid_streams_decode_in_any_chunking(frames: list[bytes], sizes: list[int]) -> None:
     events = _decode_everything(b"".join(frames), sizes)
     assert [encode(m) for m in events] == frames
+
+
+# ---------------------------------------------------------------- BufferPool (reused receive buffers)
+
+
+def test_buffer_pool_reuses_a_buffer_only_once_nothing_refers_to_it() -> None:
+    pool = pangea.BufferPool(min_bytes=1024, max_buffers=2, idle_s=60)
+    first = pool.take(4096)
+    first[:] = 7
+    held = pool.take(4096)
+    assert not np.shares_memory(first, held)  # first is still in use
+    address = first.__array_interface__["data"][0]
+    del first
+    again = pool.take(4000)
+    assert pool.reused == 1 and again.nbytes == 4000 and again.__array_interface__["data"][0] == address
+    assert again.flags.writeable
+
+
+def test_buffer_pool_keeps_small_payloads_out_and_bounds_what_it_holds() -> None:
+    pool = pangea.BufferPool(min_bytes=1024, max_buffers=2, idle_s=60)
+    small = pool.take(100)
+    del small
+    assert pool.take(100) is not None and pool.reused == 0
+    kept = [pool.take(2048) for _ in range(5)]  # all in use: five fresh buffers, the pool keeps two
+    assert len(pool._buffers) == 2 and len(kept) == 5
+    assert pool.take(100_000) is not None and pool.reused == 0  # no free buffer of a fitting size
+
+
+def test_buffer_pool_drops_buffers_idle_too_long() -> None:
+    pool = pangea.BufferPool(min_bytes=1024, max_buffers=2, idle_s=0.0)
+    pool.take(2048)
+    pool.trim()
+    assert pool._buffers == []
