@@ -2368,6 +2368,8 @@ def describe_tls_error(exc: BaseException) -> str:
         reason = getattr(exc, "reason", None) or ""
         if reason in ("DECRYPTION_FAILED_OR_BAD_RECORD_MAC", "BAD_RECORD_MAC"):
             return "a TLS record failed its integrity check (bytes altered on the way); connection dropped"
+        if "BAD_RECORD_MAC" in reason:
+            return "the peer found a TLS record altered on the way (integrity check failed); connection dropped"
         if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL"):
             return "the other side does not speak TLS (not a pangea data port, or a libp2p dial to it?)"
         if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
@@ -2691,6 +2693,9 @@ class DataPlane:
         except trio.TooSlowError:
             self.refused += 1
             log.warning("data plane: dropped a connection from %s: no TLS handshake and token in time", where)
+        except (ssl.SSLEOFError, ConnectionResetError) as exc:
+            self.refused += 1  # closed before a word: a port check (doctor) or a scanner
+            log.info("data plane: connection from %s closed before its handshake: %s", where, describe_tls_error(exc))
         except (ssl.SSLError, OSError, PeerError) as exc:
             self.refused += 1
             log.warning("data plane: connection from %s failed: %s", where, describe_tls_error(exc))
@@ -3184,11 +3189,11 @@ class PeerSession:
             try:
                 await pending.channel.send(request)
             except PeerError as exc:
-                if pending.channel is self.channel or self.closed.is_set():
-                    raise
-                self._data_lost(pending.channel, str(exc))  # type: ignore[arg-type]
-                pending.channel = self.channel
-                await self.channel.send(request)  # once more, on the libp2p stream
+                # NOTE: not sent again here: the reader may already have failed this task, and
+                # its sender retries it (on the libp2p stream, another worker or locally).
+                if isinstance(pending.channel, TlsChannel):
+                    self._data_lost(pending.channel, str(exc))
+                raise
             del request
             await pending.event.wait()
         finally:
@@ -6590,6 +6595,13 @@ def probe_peer(address: PeerAddress, timeout_s: float, psk: str | None) -> dict[
         try:
             with socket.create_connection((address.host, data_port), timeout=min(timeout_s, DATA_CONNECT_S)):
                 result["data_plane"] = f"TCP port {data_port} (the default data port) reaches it"
+        except ConnectionRefusedError:
+            # nothing listens there: the node runs with --data-port off or another port (fine),
+            # or it is not pangea's; a firewall drops or rejects rather than refuses
+            result["data_plane"] = (
+                f"nothing listens on TCP port {data_port} (the default data port): the node may use "
+                "--data-port off or another port; otherwise arrays travel on the slower libp2p stream"
+            )
         except OSError as exc:
             result["data_plane"] = f"TCP port {data_port} (the default data port) FAILS: {exc.strerror or exc}"
             result["data_plane_blocked"] = data_port
@@ -6637,7 +6649,7 @@ async def _probe_libp2p(address: PeerAddress, timeout_s: float, psk: str | None,
             "detail": f"pangea {hello.pangea_version} {hello.role}, {hello.platform}, rtt {rtt_s * 1000:.1f} ms",
             "data_plane": session.data_note,
         }
-        if session.data is None and hello.data_port:
+        if session.data is None and hello.data_port and "no answer" in session.data_note:
             found["data_plane_blocked"] = hello.data_port
         return found
 

@@ -410,7 +410,7 @@ def fake_session(*, trusted: bool = True, **limit_changes: Any) -> Any:
 
 
 def admit(session: Any, task_id: int, n: int) -> tuple[str, str] | None:
-    return pangea.PeerSession._admit(session, task_id, n, SimpleNamespace(receiving=None))
+    return pangea.PeerSession._admit(session, task_id, n, SimpleNamespace(receiving=None))  # type: ignore[arg-type]
 
 
 def release(session: Any, task_id: int) -> None:
