@@ -746,7 +746,7 @@ def test_doctor_peer_of_another_protocol_version(pyz: Path, make_home: Callable[
     doc = doctor_json(result)
     assert doc["peer"]["libp2p"] == "incompatible", doc
     assert doc["verdict"].startswith("version mismatch: ")
-    assert "protocol 99" in doc["verdict"] and "protocol 1 " in doc["verdict"]
+    assert "protocol 99" in doc["verdict"] and "protocol 2 " in doc["verdict"]
 
 
 def test_doctor_port_in_use_names_the_port(pyz: Path, pangea_home: NodeHome) -> None:

@@ -135,7 +135,7 @@ def test_handshake_responder_of_other_version_is_refused_then_a_normal_one_works
         with Proc([*other_version, "respond", address, "--timeout", "20"], env=old.env, name="old-responder") as bad:
             assert bad.wait(timeout=60) == 2, bad.output()
         error = assert_expected_error(bad.stderr_lines, "pangea protocol mismatch")
-        assert "protocol 1 " in error and f"protocol {OTHER_VERSION} " in error, error
+        assert "protocol 2 " in error and f"protocol {OTHER_VERSION} " in error, error
         refused = initiator.wait_for_line(r"^pangea: refused responder", timeout=10, stream="stderr").string
         assert "pangea protocol mismatch" in refused and f"protocol {OTHER_VERSION} " in refused, refused
         assert initiator.returncode is None, "the initiator gave up after refusing an incompatible responder"
@@ -165,7 +165,7 @@ def test_handshake_initiator_of_other_version_refuses_the_responder(
         with _respond(pyz, b, address, "--timeout", "20") as responder:
             assert responder.wait(timeout=60) == 2, responder.output()
         error = assert_expected_error(responder.stderr_lines, "pangea protocol mismatch")
-        assert "protocol 1 " in error and f"protocol {OTHER_VERSION} " in error, error
+        assert "protocol 2 " in error and f"protocol {OTHER_VERSION} " in error, error
         refused = initiator.wait_for_line(r"^pangea: refused responder", timeout=10, stream="stderr").string
         assert "pangea protocol mismatch" in refused, refused
         os.kill(initiator.pid, signal.SIGTERM)
