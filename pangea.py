@@ -656,7 +656,7 @@ def parse_fault(text: str) -> Fault:
             return Fault("slow", float(value))
         if name == "data-via":
             host, _, port = value.rpartition(":")
-            if host and port.isdigit():
+            if host and port.isdigit() and 0 < int(port) <= 65535:
                 return Fault("data-via", float(port), host.strip("[]"))
     except ValueError:
         pass
@@ -2318,6 +2318,8 @@ def describe_tls_error(exc: BaseException) -> str:
         reason = getattr(exc, "reason", None) or ""
         if reason in ("DECRYPTION_FAILED_OR_BAD_RECORD_MAC", "BAD_RECORD_MAC"):
             return "a TLS record failed its integrity check (bytes altered on the way); connection dropped"
+        if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL"):
+            return "the other side does not speak TLS (not a pangea data port, or a libp2p dial to it?)"
         if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
             return "the peer closed the data connection"
         return f"TLS error: {reason or exc}"
@@ -2330,16 +2332,19 @@ async def _tls_io(sock: Any, call: Callable[[], Any], *, writing: bool = False) 
 
     import trio
 
-    while True:
-        try:
-            return call()
-        except ssl.SSLWantReadError:
-            if writing:
-                await trio.sleep(0.001)  # NOTE: the reader task owns the readable wait (trio allows one)
-            else:
-                await trio.lowlevel.wait_readable(sock)
-        except ssl.SSLWantWriteError:
-            await trio.lowlevel.wait_writable(sock)
+    try:
+        while True:
+            try:
+                return call()
+            except ssl.SSLWantReadError:
+                if writing:
+                    await trio.sleep(0.001)  # NOTE: the reader task owns the readable wait (trio allows one)
+                else:
+                    await trio.lowlevel.wait_readable(sock)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(sock)
+    except trio.ClosedResourceError:  # the session closed the socket while we waited
+        raise PeerError("the data connection was closed", kind="disconnected") from None
 
 
 async def _tls_read_exactly(sock: Any, n: int) -> bytes:
@@ -2920,9 +2925,9 @@ class PeerSession:
         self.node.nursery.start_soon(self._run_data, channel)
 
     def data_fallback(self, reason: str, *, tell_peer: bool) -> None:
-        """Keep every message on the libp2p stream, and say why."""
-        self.data_note = f"libp2p stream ({reason})"
+        """Keep every message on the libp2p stream, and say why (the first reason stands)."""
         if not self.data_settled.is_set():
+            self.data_note = f"libp2p stream ({reason})"
             self.data_settled.set()
             log.warning(
                 "data plane with %s unavailable: %s; arrays travel on the libp2p stream (slower)", self.label, reason

@@ -176,7 +176,7 @@ def test_doctor_across_namespaces_reachable_then_link_down(netns_pair: NetnsPair
         assert doc["advertised"] == [netns_pair.addr_b, "127.0.0.1"]
 
         # a port nobody listens on, on A's reachable address
-        wrong_port = address.replace(f"/tcp/{DEFAULT_PORT}/", "/tcp/7778/")
+        wrong_port = address.replace(f"/tcp/{DEFAULT_PORT}/", "/tcp/7790/")
         doc = _doctor(netns_pair, b, wrong_port, "--timeout", "10")
         assert doc["ok"] is False
         assert doc["peer"] == {"address": wrong_port, "tcp": False, "tcp_error": "Connection refused"}
