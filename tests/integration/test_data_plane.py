@@ -15,7 +15,7 @@ TLS connection. What is checked here, after the issue's list:
   the task is retried and right, the session goes on on the libp2p stream;
   and a data connection that ends while a large send is blocked (the proxy
   stops reading, then hangs up): the task still fails over (and a request
-  queued behind the blocked send runs once: an xfail);
+  queued behind the blocked send runs once);
 * authentication: a man in the middle with its own certificate is refused
   before it is sent anything (never the token), and the pair falls back; a
   client with a wrong token is refused; more than 16 connections in their
@@ -748,15 +748,6 @@ def test_a_send_blocked_when_the_data_connection_ends_fails_over_to_libp2p(
         assert pair.data_plane(pair.a).startswith("libp2p stream (data connection lost: "), pair.data_plane(pair.a)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: PeerSession.request sends a request again on the libp2p stream when its send on the data "
-    "connection fails, even when the reader has already failed that request (_data_lost set pending.error): a "
-    "request queued for the send lock behind a blocked large send is run by the worker although its sender gave up "
-    "on it (A logs 'dropping a result for task N, which nobody is waiting for') and the manager retries it "
-    "elsewhere, so it runs twice; the blocked large request itself is re-sent too (17 MiB for nothing; B logs "
-    "'refusing task N ... already in flight' as a bad message)",
-)
 def test_a_request_queued_behind_a_blocked_send_runs_once_when_the_data_connection_ends(
     pyz: Path, make_home: Callable[[str], NodeHome]
 ) -> None:
@@ -1077,12 +1068,6 @@ def test_doctor_reports_the_default_data_port_reachable(pyz: Path, make_home: Ca
     assert doc["ok"] is True and doc["verdict"].startswith("the peer is reachable and speaks pangea"), doc
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: doctor guesses the data port as the libp2p port + 1 when the peer refuses its session; against a "
-    "node with --data-port off (or an explicit --data-port elsewhere) its verdict says 'its data port P+1 is not "
-    "reachable ... let TCP port P+1 through the firewall', a port nobody listens on",
-)
 def test_doctor_does_not_blame_a_firewall_for_a_node_without_a_data_plane(
     pyz: Path, make_home: Callable[[str], NodeHome]
 ) -> None:
