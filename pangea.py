@@ -4176,11 +4176,10 @@ class BenchBaselines:
             with contextlib.suppress(Exception):
                 await stream.close()
         except Exception as exc:  # noqa: BLE001  py-libp2p raises many types for a protocol it cannot agree on
-            what = "a `serve` node" if peer_role == "serve" else f"a {peer_role!r} node"
-            self.skipped["libp2p"] = self.skipped["tcp"] = (
-                f"the peer is {what}, which does not offer {BENCH_PROTOCOL_ID} (only `bench --listen` does)"
-                f" ({describe_exception(exc)})"
-            )
+            log.info("no %s at the peer: %s", BENCH_PROTOCOL_ID, describe_exception(exc))
+            what = f"a `{peer_role}` node" if peer_role in ("serve", "bench-listener") else f"a {peer_role!r} node"
+            self.skipped["libp2p"] = f"the peer is {what}, which does not offer {BENCH_PROTOCOL_ID}"
+            self.skipped["tcp"] = "the peer offers it only as a `bench --listen` node"
             return
         if not port:
             self.skipped["tcp"] = "the peer could not open a raw TCP port (see its log)"
@@ -4279,6 +4278,11 @@ class BenchBaselines:
             return None
 
 
+def bench_reps(cfg: BenchConfig, mib: int) -> int:
+    """Repetitions of a bulk size: --reps below 512 MiB, one from there up (each takes seconds)."""
+    return 1 if mib >= 512 else cfg.reps
+
+
 async def bench_bulk(
     session: PeerSession, baselines: BenchBaselines, cfg: BenchConfig, say: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -4286,7 +4290,7 @@ async def bench_bulk(
     the plain libp2p stream and raw TCP, alternating; every pangea transfer is verified."""
     out: dict[str, Any] = {"pangea": {}, "libp2p": {}, "tcp": {}, "pangea_compute_s": {}, "verified": []}
     for mib in cfg.sizes_mib:
-        say(f"bulk {_size_text(mib)}: {cfg.reps} rep(s) each way, alternating with the baselines")
+        say(f"bulk {_size_text(mib)}: {bench_reps(cfg, mib)} rep(s) each way, alternating with the baselines")
         await _bench_bulk_size(session, baselines, cfg, mib, out)
     return out
 
@@ -4341,7 +4345,7 @@ async def _bench_bulk_size(
 
     systems: list[tuple[str, Callable[[str], Any]]] = [("libp2p", libp2p), ("tcp", tcp), ("pangea", pangea)]
     samples: dict[tuple[str, str], list[float]] = {}
-    for rep in range(cfg.reps):
+    for rep in range(bench_reps(cfg, mib)):
         order = systems[rep % 3 :] + systems[: rep % 3]  # no system always goes first
         for direction in ("upload", "download"):
             for name, run in order:
@@ -5490,7 +5494,10 @@ def make_parser() -> argparse.ArgumentParser:
         help=f"size of the delegated matmul (default: {full['matmul_n']}; --quick: {quick['matmul_n']})",
     )
     p.add_argument(
-        "--reps", type=int, metavar="N", help=f"repetitions of bulk and matmul (default: {full['reps']}; --quick: 1)"
+        "--reps",
+        type=int,
+        metavar="N",
+        help=f"repetitions of bulk (below 512 MiB) and matmul (default: {full['reps']}; --quick: 1)",
     )
     p.add_argument("--quick", action="store_true", help="small sizes and counts: a few seconds, rough figures")
     p.add_argument("--json", action="store_true", help="print one JSON object (every sample, both machines)")
@@ -6587,6 +6594,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.address:
             raise UsageError("give either --listen (be the peer) or an ADDRESS (benchmark against it), not both")
         return _cmd_bench_listen(args)
+    if args.code and not args.address:
+        raise UsageError("--code goes with an ADDRESS", hint="./pangea.pyz bench 'pangea://...#CODE'")
     if not args.timeout > 0:
         raise UsageError(f"--timeout {args.timeout:g} must be more than 0")
     cfg = bench_config(args)
@@ -6598,8 +6607,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.code:
             address = dataclasses.replace(address, code=normalize_pairing_code(args.code))
         return run_trio(_bench, args, address, key_pair, cfg, (psk, None))
-    if args.code:
-        raise UsageError("--code goes with an ADDRESS", hint="./pangea.pyz bench 'pangea://...#CODE'")
     psk_path = str(Path(args.psk).resolve()) if args.psk else None
     if not args.json:
         print("bench: starting a peer on 127.0.0.1 (this pangea, `bench --listen`) ...", flush=True)
@@ -6692,7 +6699,15 @@ async def _bench(
 
     started = time.perf_counter()
     async with node.running("127.0.0.1", 0):  # dials out only; nobody needs to reach this node
-        session = await node.dial(address, timeout_s=args.timeout)
+        try:
+            session = await node.dial(address, timeout_s=args.timeout)
+        except PeerError as exc:
+            if exc.kind == "refused" and exc.hint is None:
+                exc.hint = (
+                    "pass the join string `bench --listen` printed (pangea://...#CODE), or add --code CODE; "
+                    f"a serve node must trust this box: serve --allow-peer {node.peer_id}"
+                )
+            raise
         hello, connection = session.hello, node.connection_info(session.peer_id)
         say(
             f"connected to {hello.role} {session.peer_id} (pangea {hello.pangea_version}, {hello.platform}); "
@@ -6734,6 +6749,8 @@ async def _bench(
     names = {"libp2p": "plain libp2p stream", "tcp": "raw TCP"}
     for kind, why in results["skipped"].items():
         print(f"Baseline skipped: {names.get(kind, kind)}: {why}")
+    if results["skipped"].get("libp2p", "").startswith("the peer is"):
+        print("  (for every baseline, run `./pangea.pyz bench --listen` on the other box and pass its join string)")
     uploads = sum(1 for v in bulk["verified"] if v["direction"] == "upload")
     print(
         f"Verified: {uploads} upload(s) by their sum, {len(bulk['verified']) - uploads} download(s) by sha256, "
