@@ -3773,6 +3773,9 @@ BENCH_ECHO_BYTES = 64  # the "small message" of the bare request/response baseli
 BENCH_MAX_ECHO_BYTES = 4096
 BENCH_MAX_BYTES = DEFAULT_MAX_PAYLOAD_BYTES  # the largest baseline transfer a listener takes
 BENCH_MAX_ECHOES = 1_000_000  # echoes on one stream: far above any run, but a bound
+# An echo stream waits while pangea's tasks take their turn (a round of --tasks 100000 takes
+# minutes); a benchmarker that vanished closes the connection, which ends the wait at once.
+BENCH_ECHO_IDLE_S = DEFAULT_TASK_TIMEOUT_S
 BENCH_MIN_RATE_BYTES_S = 10e6  # a transfer slower than this fails by timeout instead of hanging
 BENCH_TOKEN_WAIT_S = 5.0  # a raw TCP connection must present its token within this
 BENCH_MAX_INFLIGHT = 64  # tasks a benchmarker may keep in flight at a bench listener
@@ -4113,7 +4116,7 @@ class BenchServer:
                 if not 1 <= nbytes <= BENCH_MAX_ECHO_BYTES:
                     raise ValueError(f"echo messages of {nbytes} bytes; expected 1-{BENCH_MAX_ECHO_BYTES}")
                 for _ in range(BENCH_MAX_ECHOES):  # ends at the client's EOF long before
-                    with trio.fail_after(DEFAULT_IDLE_TIMEOUT_S):
+                    with trio.fail_after(BENCH_ECHO_IDLE_S):
                         msg = await _bench_read_exactly(stream, nbytes)
                     await stream.write(bytes(msg))
             elif op == b"T":
@@ -4177,9 +4180,11 @@ class BenchBaselines:
                 await stream.close()
         except Exception as exc:  # noqa: BLE001  py-libp2p raises many types for a protocol it cannot agree on
             log.info("no %s at the peer: %s", BENCH_PROTOCOL_ID, describe_exception(exc))
-            what = f"a `{peer_role}` node" if peer_role in ("serve", "bench-listener") else f"a {peer_role!r} node"
-            self.skipped["libp2p"] = f"the peer is {what}, which does not offer {BENCH_PROTOCOL_ID}"
-            self.skipped["tcp"] = "the peer offers it only as a `bench --listen` node"
+            if peer_role == "bench-listener":
+                self.skipped["libp2p"] = f"the peer's {BENCH_PROTOCOL_ID} stream failed: {describe_exception(exc)}"
+            else:
+                self.skipped["libp2p"] = f"the peer is a `{peer_role}` node, which does not offer {BENCH_PROTOCOL_ID}"
+            self.skipped["tcp"] = f"it is offered over {BENCH_PROTOCOL_ID} (only `bench --listen` serves it)"
             return
         if not port:
             self.skipped["tcp"] = "the peer could not open a raw TCP port (see its log)"
@@ -6655,8 +6660,12 @@ def spawned_bench_peer(timeout_s: float, psk_path: str | None) -> Iterator[tuple
     finished = False
     try:
         if not ready.wait(BENCH_SPAWN_S) or not found:
-            why = (
-                errors[0].removeprefix("pangea: error: ") if errors else f"no join string within {BENCH_SPAWN_S:.0f} s"
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2.0)
+            threads[1].join(timeout=2.0)  # its last words on stderr
+            why = next(
+                (e.removeprefix("pangea: error: ") for e in reversed(errors) if e.startswith("pangea: error: ")),
+                errors[-1] if errors else f"it printed no join string within {BENCH_SPAWN_S:.0f} s",
             )
             raise PangeaError(
                 f"cannot start the loopback peer: {why}",
@@ -6716,14 +6725,31 @@ async def _bench(
         results = await run_bench(node, manager, session, address.host, cfg, say)
         await session.close("bench done")
     rows = bench_rows(results)
-    bulk = results["bulk"]
-    doc = {
+    doc = bench_report(session, connection, address, results, rows)
+    doc["spawned_pid"] = spawned_pid
+    doc["seconds"] = round(time.perf_counter() - started, 3)
+    if args.json:
+        print(json.dumps(doc), flush=True)
+    else:
+        print_bench_report(doc, rows)
+    return 0
+
+
+def bench_report(
+    session: PeerSession,
+    connection: dict[str, str],
+    address: PeerAddress,
+    results: dict[str, Any],
+    rows: list[BenchRow],
+) -> dict[str, Any]:
+    """Return the --json object of a bench run: the figures by metric, every sample, both machines."""
+    hello, bulk = session.hello, results["bulk"]
+    return {
         "ok": True,
         "version": __version__,
         "peer": session.peer_id,
         "peer_role": hello.role,
         "address": address.text,
-        "spawned_pid": spawned_pid,
         "connection": {"security": connection["security"], "muxer": connection["muxer"]},
         "machine": bench_machine_info(),
         "peer_machine": {
@@ -6738,34 +6764,34 @@ async def _bench(
         "verified": {"bulk": bulk["verified"], "matmul": results["matmul"]["verified"]},
         "skipped": results["skipped"],
         "samples": {"bulk": bulk, "tasks": results["tasks"], "matmul": results["matmul"]},
-        "seconds": round(time.perf_counter() - started, 3),
     }
-    if args.json:
-        print(json.dumps(doc), flush=True)
-        return 0
+
+
+def print_bench_report(doc: dict[str, Any], rows: list[BenchRow]) -> None:
+    """Print the table, the skipped baselines with their reasons, what was verified, both machines."""
     print()
     print(format_bench_table(rows))
     print()
     names = {"libp2p": "plain libp2p stream", "tcp": "raw TCP"}
-    for kind, why in results["skipped"].items():
+    for kind, why in doc["skipped"].items():
         print(f"Baseline skipped: {names.get(kind, kind)}: {why}")
-    if results["skipped"].get("libp2p", "").startswith("the peer is"):
+    if doc["skipped"].get("libp2p", "").startswith("the peer is"):
         print("  (for every baseline, run `./pangea.pyz bench --listen` on the other box and pass its join string)")
-    uploads = sum(1 for v in bulk["verified"] if v["direction"] == "upload")
+    verified = doc["verified"]["bulk"]
+    uploads = sum(1 for v in verified if v["direction"] == "upload")
     print(
-        f"Verified: {uploads} upload(s) by their sum, {len(bulk['verified']) - uploads} download(s) by sha256, "
+        f"Verified: {uploads} upload(s) by their sum, {len(verified) - uploads} download(s) by sha256, "
         "the matmuls by Freivalds' check."
     )
-    machine = doc["machine"]
+    machine, peer = doc["machine"], doc["peer_machine"]
     print(
         f"This box: {machine['cores']} cores, {machine['cpu_model'] or '?'}, Python {machine['python']}, "
-        f"numpy {machine['numpy']}; peer: {hello.platform}, {hello.cores} cores."
+        f"numpy {machine['numpy']}; peer: {peer['platform']}, {peer['cores']} cores."
     )
     print(
         f"Ratio = pangea / baseline; targets from issue 6. {doc['seconds']:.0f} s. "
         "Exit 0: every figure was measured and verified (a missed target is not an error)."
     )
-    return 0
 
 
 def _cmd_bench_listen(args: argparse.Namespace) -> int:
