@@ -141,6 +141,7 @@ def test_bench_listener_serves_its_baselines_only_to_the_paired_peer(pyz: Path, 
     import trio
     from libp2p.crypto.ed25519 import create_new_key_pair
     from libp2p.custom_types import TProtocol
+    from libp2p.host.exceptions import StreamFailure
     from libp2p.network.stream.exceptions import StreamError
     from libp2p.peer.id import ID
     from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -155,13 +156,15 @@ def test_bench_listener_serves_its_baselines_only_to_the_paired_peer(pyz: Path, 
             async with host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
                 with trio.fail_after(30):
                     await host.connect(info_from_p2p_addr(Multiaddr(address.text)))
-                    stream = await host.new_stream(
-                        ID.from_base58(address.peer_id), [TProtocol(pangea.BENCH_PROTOCOL_ID)]
-                    )
-                    await stream.write(pangea.BENCH_COMMAND.pack(b"T", 0))
+                    # NOTE: the listener's reset can overtake the end of the protocol
+                    # negotiation, so it shows up in new_stream or in the read.
                     try:
+                        stream = await host.new_stream(
+                            ID.from_base58(address.peer_id), [TProtocol(pangea.BENCH_PROTOCOL_ID)]
+                        )
+                        await stream.write(pangea.BENCH_COMMAND.pack(b"T", 0))
                         return bytes(await stream.read(pangea.BENCH_TCP_OFFER.size))
-                    except StreamError:
+                    except (StreamError, StreamFailure):
                         return b""
 
         assert trio.run(unpaired_stream) == b""  # no raw TCP port and token for a stranger
