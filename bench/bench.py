@@ -57,6 +57,12 @@ the issue (target 6).
 Only 127.0.0.1 is used. Every wait has a timeout, every loop a bound, and every
 process this script starts is stopped in a ``finally`` (the peers also exit on
 their own when this process goes away: they watch their stdin).
+
+Between two boxes, with only the pyz: ``./pangea.pyz bench`` (pangea.py's ``cmd_bench``)
+runs the tcp, bulk, tasks and matmul measurements against ``bench --listen`` on the
+other box. It is separate code on purpose: this script's baseline host is built with
+libp2p's own calls in a peer process of its own that serves anyone, while the
+command's baselines run on the paired pangea connection, for the paired peer only.
 """
 
 from __future__ import annotations
