@@ -51,12 +51,16 @@ alternate, so drift of the machine hits both alike.
 The table has, per metric: pangea, baseline, ratio (pangea / baseline), the
 issue's target and whether it is met. With --json every sample, the machine
 (cores, Python, numpy and its BLAS threads, OPENBLAS_CORETYPE) and the
-configuration are written too. Not measured here: the 1 Gbit/s netns link of
-the issue (target 6).
+configuration are written too.
 
-Only 127.0.0.1 is used. Every wait has a timeout, every loop a bound, and every
-process this script starts is stopped in a ``finally`` (the peers also exit on
-their own when this process goes away: they watch their stdin).
+- link:   (root only; skipped otherwise) bench/link.py: two network namespaces
+          joined by a veth with a 1 Gbit/s tbf limit each way; pangea's bulk MB/s
+          across it against the link rate (target: 90%) and raw TCP on the same link.
+
+Only 127.0.0.1 is used (and, for link, addresses inside the namespaces it
+makes). Every wait has a timeout, every loop a bound, and every process this
+script starts is stopped in a ``finally`` (the peers also exit on their own
+when this process goes away: they watch their stdin).
 
 Between two boxes, with only the pyz: ``./pangea.pyz bench`` (pangea.py's ``cmd_bench``)
 runs the tcp, bulk, tasks and matmul measurements against ``bench --listen`` on the
@@ -97,7 +101,7 @@ BENCH_PROTOCOL = "/pangea-bench/raw/1.0.0"
 COMMAND = struct.Struct("!cQ")  # op (U upload, D download, E echo), byte count
 IO_CHUNK_BYTES = 1 << 20  # writes and reads of the baselines, as in the tech notes' table
 ECHO_BYTES = 64  # the "small message" of the bare request/response baseline
-PHASES = ("tcp", "bulk", "tasks", "matmul", "rss", "start")
+PHASES = ("tcp", "bulk", "tasks", "matmul", "rss", "start", "link")
 READY_S = 60.0  # a peer or node must print its ready line within this
 # A bulk transfer must go faster than this, or it fails with a timeout instead of hanging.
 MIN_RATE_BYTES_S = 10e6
@@ -590,9 +594,25 @@ def measure_tcp(args: argparse.Namespace, cfg: Config, ready: dict[str, Any], da
     return out
 
 
+def measure_link(cfg: Config) -> dict[str, Any]:
+    """Target 6: bench/link.py (two namespaces, a 1 Gbit/s tbf link) in a child; needs root."""
+    if os.geteuid() != 0:
+        return {"skipped": "needs root (ip netns, tc)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "link.json"
+        cmd = [sys.executable, str(SCRIPT.with_name("link.py")), "--json", str(out)]
+        cmd += ["--mib", "64", "--reps", "1"] if cfg.quick else ["--mib", "256", "--reps", "3"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if done.returncode:
+            raise RuntimeError(f"bench/link.py failed: {done.stderr.strip()[-500:]}")
+        print(done.stdout, file=sys.stderr, end="")
+        return json.loads(out.read_text())
+
+
 def reps_for(cfg: Config, mib: int) -> int:
-    """Repetitions of a bulk transfer: cfg.reps for small sizes, once from 512 MiB up."""
-    return 1 if mib >= 512 else cfg.reps
+    """Repetitions of a bulk transfer: cfg.reps for every size (the median is the steady state; the
+    first, cold transfer is among the JSON samples), at most 3 from 512 MiB up."""
+    return min(cfg.reps, 3) if mib >= 512 else cfg.reps
 
 
 def rate_summary(nbytes: int, seconds: list[float]) -> dict[str, Any]:
@@ -1125,6 +1145,7 @@ OVERHEAD_TARGET = ("<=0.1 s", lambda v, r: v <= 0.1, False)
 RSS_TARGET = ("<=2.5x", lambda v, r: r <= 2.5, True)
 HELP_TARGET = ("<0.2 s", lambda v, r: v < 0.2, False)
 FIRST_TASK_TARGET = ("<1.0 s", lambda v, r: v < 1.0, False)
+LINK_TARGET = (">=90% of link", lambda v, r: r >= 0.9, True)
 INFO = ("info", None, False)
 
 
@@ -1184,6 +1205,13 @@ def build_rows(cfg: Config, r: dict[str, Any]) -> list[Row]:
             rows.append(make_row(f"peak RSS {who}, {direction} {size}", "MiB",
                                  _get(r, "rss", direction, f"{who}_peak_mib"), float(cfg.rss_mib), "operand",
                                  RSS_TARGET))  # fmt: skip
+    link = r.get("link", {})
+    for direction in ("upload", "download"):
+        label = f"{link.get('rate_mbit', 1000)} Mbit/s link {direction} (netns)"
+        rows.append(make_row(label, "MB/s", _get(link, direction, "pangea_mb_s"), _get(link, direction, "link_mb_s"),
+                             "link rate", LINK_TARGET))  # fmt: skip
+        rows.append(make_row(f"  vs raw TCP on that link ({direction})", "MB/s", _get(link, direction, "pangea_mb_s"),
+                             _get(link, direction, "tcp_mb_s"), "raw TCP", INFO))  # fmt: skip
     st = r.get("start", {})
     rows += [
         make_row("pyz --help warm", "s", st.get("help_median_s"), st.get("shiv_empty_median_s"),
@@ -1305,6 +1333,8 @@ def _bench_main(args: argparse.Namespace, snapshot_dir: str) -> int:
         run_phase(results, "rss", lambda: measure_rss(args, cfg))
     if "start" in cfg.phases:
         run_phase(results, "start", lambda: measure_start(args, cfg))
+    if "link" in cfg.phases:
+        run_phase(results, "link", lambda: measure_link(cfg))
     rows = build_rows(cfg, results)
     doc["table"] = [asdict(row) for row in rows]
     doc["seconds"] = time.time() - started
