@@ -7,7 +7,6 @@ test process keeps the real modules. No sockets, no timing assertions.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import subprocess
 import sys
@@ -35,7 +34,10 @@ def run_child(code: str) -> str:
 def test_deferred_table_names_exist_in_the_real_modules() -> None:
     # NOTE: fails when a libp2p upgrade moves a name: check _DEFERRED_MODULES against it.
     for name, (classes, functions) in pangea._DEFERRED_MODULES.items():
-        module = importlib.import_module(name)
+        # NOTE: not importlib.import_module: a test that ran pangea.main() in this process
+        # may have left stand-ins in sys.modules; _real_module replaces them.
+        module = pangea._real_module(name)
+        assert not isinstance(module, pangea._DeferredModule)
         for class_name in classes:
             assert inspect.isclass(getattr(module, class_name)), (name, class_name)
         for function_name in functions:
@@ -121,7 +123,7 @@ def test_deferred_module_stand_in_forwards_other_names() -> None:
     # One public name of each real module that the stand-in does not hold itself.
     others = {}
     for name, (classes, functions) in pangea._DEFERRED_MODULES.items():
-        real = importlib.import_module(name)
+        real = pangea._real_module(name)
         others[name] = next(a for a in sorted(vars(real)) if not a.startswith("_") and a not in classes + functions)
     out = run_child(
         f"""
