@@ -34,7 +34,6 @@ import enum
 import functools
 import json
 import logging
-import logging.handlers
 import math
 import os
 import platform
@@ -4834,6 +4833,8 @@ def setup_logging(log_file: Path | None, verbose: int, debug: bool) -> None:
     """Send pangea's log to the session log file and, with -v/--debug, to stderr."""
     # NOTE: `import libp2p` resets the "libp2p" logger (libp2p.utils.logging.setup_logging),
     # so it is imported first; otherwise its routine errors reach stderr through lastResort.
+    import logging.handlers  # here, not at the top: --help does not need it (~5 ms)
+
     import libp2p  # noqa: F401
 
     stderr = logging.StreamHandler(sys.stderr)
