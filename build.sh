@@ -243,13 +243,38 @@ pyz_head() {
 }
 
 # finish_pyz TMP OUT X.Y [PYTHON]: replace shiv's shebang line of TMP by pyz_head
-# and move it to OUT, executable.
+# and move it to OUT, executable. The zip's recorded offsets count from the start of
+# the file, so they move by the head's extra length (Python would cope without, but
+# unzip and zipinfo would warn of "extra bytes at beginning").
 finish_pyz() {
     local tmp=$1 out=$2
-    local skip
+    local skip head_bytes
     skip=$(head -1 "$tmp" | wc -c)
+    head_bytes=$(pyz_head "${@:3}" | wc -c)
     { pyz_head "${@:3}"; tail -c +$((skip + 1)) "$tmp"; } >"$tmp.head"
     rm -f "$tmp"
+    "$VENV/bin/python" - "$tmp.head" $((head_bytes - skip)) <<'PY'
+import struct, sys
+from pathlib import Path
+
+path, delta = sys.argv[1], int(sys.argv[2])
+data = bytearray(Path(path).read_bytes())
+end = data.rfind(b"PK\x05\x06", max(0, len(data) - 22 - 65535))  # end of central directory
+if end < 0:
+    sys.exit(f"build.sh: error: cannot shift the offsets of {path}: no end of central directory")
+(count,), (offset,) = struct.unpack_from("<H", data, end + 10), struct.unpack_from("<L", data, end + 16)
+if count == 0xFFFF or offset == 0xFFFFFFFF:
+    sys.exit(f"build.sh: error: cannot shift the offsets of {path}: a zip64 archive")
+pos = offset + delta
+for _ in range(count):  # each central directory entry: its local header's offset moves
+    if data[pos : pos + 4] != b"PK\x01\x02":
+        sys.exit(f"build.sh: error: {path}: no central directory entry at byte {pos}")
+    name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, pos + 28)
+    struct.pack_into("<L", data, pos + 42, struct.unpack_from("<L", data, pos + 42)[0] + delta)
+    pos += 46 + name_len + extra_len + comment_len
+struct.pack_into("<L", data, end + 16, offset + delta)
+Path(path).write_bytes(data)
+PY
     chmod +x "$tmp.head"
     mv -f "$tmp.head" "$out"
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import struct
 import subprocess
 import sys
 import zipfile
@@ -38,6 +39,15 @@ def test_pyz_is_executable_zipapp_whose_head_picks_the_interpreter(pyz: Path) ->
     assert f"command -v python{xy}" in head
     with zipfile.ZipFile(pyz) as archive:
         assert "__main__.py" in archive.namelist()
+    assert zip_offsets_off_by(pyz) == 0  # build.sh moved them with the head: unzip -l does not warn
+
+
+def zip_offsets_off_by(pyz: Path) -> int:
+    """How many bytes the offsets a zip records are off by (0: they count from the file's start)."""
+    data = pyz.read_bytes()
+    end = data.rfind(b"PK\x05\x06")  # end of central directory: its size, then its offset
+    size, offset = struct.unpack_from("<LL", data, end + 12)
+    return end - (offset + size)
 
 
 def test_pyz_runs_with_the_interpreter_its_head_names(pyz: Path, pangea_home) -> None:

@@ -11,6 +11,9 @@ import inspect
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import pytest
 
 import pangea
 
@@ -140,3 +143,24 @@ def test_deferred_module_stand_in_forwards_other_names() -> None:
         """
     )
     assert out.strip() == "ok"
+
+
+def test_forget_zipapp_drops_only_the_running_archive_from_sys_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pyz, other_zip = tmp_path / "pangea.pyz", tmp_path / "other.zip"
+    pyz.write_bytes(b"")
+    other_zip.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["./pangea.pyz", "respond"])
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "." / "pangea.pyz"), str(other_zip), str(tmp_path), ""])
+    pangea.forget_zipapp_on_sys_path()
+    assert sys.path == [str(other_zip), str(tmp_path), ""]
+
+
+def test_forget_zipapp_keeps_sys_path_when_run_from_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", [pangea.__file__])
+    before = [str(Path(pangea.__file__).parent), *sys.path]
+    monkeypatch.setattr(sys, "path", list(before))
+    pangea.forget_zipapp_on_sys_path()
+    assert sys.path == before
