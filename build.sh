@@ -45,7 +45,11 @@ files:
   .build/venv   build venv (runtime + dev dependencies), keyed on a hash of
                 pyproject.toml and the interpreter; rebuilt when either changes
   .build/app    staged app: pangea.py, pangea.capnp, _pangea_build.py
-  pangea.pyz    the zipapp; run it as ./pangea.pyz --help
+  .build/site   staged runtime dependencies: the closure pinned in
+                .build/requirements-site.txt, less those nothing imports
+                (DROP_DISTS), pruned of tests, stubs and debug symbols
+  pangea.pyz    the zipapp; run it as ./pangea.pyz --help (its first lines are a
+                sh script that picks the interpreter: see pyz_head in build.sh)
   .build/wheels-cpXY-MACHINE/, .build/site-cpXY-MACHINE/, .build/app-cpXY-MACHINE/
                 another target's downloaded wheels, staged site-packages and app;
                 .build/requirements-cpXY-MACHINE.txt is its pinned runtime closure
@@ -62,7 +66,23 @@ BUILD_DIR=.build
 VENV=$BUILD_DIR/venv
 APP=$BUILD_DIR/app
 PYZ=pangea.pyz
+SITE=$BUILD_DIR/site
+# shiv writes this one-line shebang; pyz_head replaces it (see there).
 SHEBANG="/usr/bin/env python3"
+
+# Distributions of the resolved runtime closure that nothing pangea runs imports
+# (tech notes, section 4 "Size"; a static scan of every import statement reachable
+# from pangea.py finds none of them, and the test suite passes without them). Each is
+# declared by a package pangea does use, for its tools, type checking or nothing:
+#   grpcio                      libp2p: only host/autonat/pb/autonat_pb2_grpc.py, never imported
+#   jinja2, markupsafe          pycapnp: only its capnpc code generator (capnp/_gen.py)
+#   mypy-protobuf, types-protobuf, types-requests   libp2p: type-checking tools and stubs
+#   mypy-extensions, importlib-metadata, zipp, lazy-importer, packaging
+#                               trio-typing: its mypy plugin (and a backport for Python < 3.10)
+#   lru-dict, rpcudp, u-msgpack-python   libp2p: declared, imported by none of its modules
+#   six                         py-multibase, py-multihash: declared, not imported
+DROP_DISTS=(grpcio jinja2 markupsafe mypy-protobuf types-protobuf types-requests mypy-extensions
+            importlib-metadata zipp lazy-importer packaging lru-dict rpcudp u-msgpack-python six)
 
 say() { echo "==> build.sh: $*" >&2; }
 die() {
@@ -178,17 +198,126 @@ Path(path).write_text(
 EOF
 }
 
+# prune_site DIR MACHINE: delete from a staged site-packages what no import reaches:
+# libp2p's stray top-level examples/, interop/, docs/, newsfragments/ and stubs/,
+# console scripts (bin/; the pyz has one entry point), type stubs (*-stubs/, *.pyi),
+# test suites (tests/, _tests/), the Cython and C++ sources of compiled extensions;
+# and strip the debug sections of the extensions that ship them (capnp's .so:
+# 19 MB -> 5 MB), when they are built for this machine's architecture.
+prune_site() {
+    local site=$1 machine=$2 so
+    rm -rf "$site"/{examples,interop,docs,newsfragments,stubs,bin} "$site"/*-stubs
+    find "$site" -depth -type d \( -name tests -o -name _tests -o -name __pycache__ \) -exec rm -rf {} +
+    find "$site" -type f \( -name '*.pyi' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.cpp' \) -delete
+    if [[ $machine == "$(uname -m)" ]] && command -v strip >/dev/null 2>&1 && command -v readelf >/dev/null 2>&1; then
+        while IFS= read -r -d '' so; do
+            if readelf -S "$so" 2>/dev/null | grep -q '\.debug_'; then
+                strip --strip-unneeded "$so"
+            fi
+        done < <(find "$site" -type f -name '*.so*' -print0)
+    fi
+}
+
+# pyz_head X.Y [PYTHON]: print the lines the pyz starts with, in place of shiv's
+# `#!/usr/bin/env python3`. Python runs a zip whatever precedes it, so the head can
+# be a small sh script that picks the interpreter: PYTHON (the build interpreter,
+# for a pyz built for this box) if it exists, else pythonX.Y on PATH, else python3,
+# which then reports the wrong version in pangea's own words (check_build_target).
+# Why not `#!/usr/bin/env pythonX.Y`: the first pythonX.Y on PATH is often a wrapper
+# (a pyenv shim is a bash script running `pyenv exec`: 60-100 ms of every start,
+# a third of a warm --help). Why not the build interpreter's path alone: the pyz
+# must still run on other boxes with a CPython X.Y elsewhere.
+pyz_head() {
+    local xy=$1 python=${2:-}
+    echo '#!/bin/sh'
+    echo "# pangea.pyz: a zipapp (shiv) for CPython $xy; the zip follows these lines."
+    echo "# They run it with the interpreter it was built with if this box has it, else with"
+    echo "# python$xy from PATH (possibly a slower wrapper such as a pyenv shim), else python3."
+    if [[ -n $python ]]; then
+        printf 'py=%q\n' "$python"
+        echo "[ -x \"\$py\" ] || py=\$(command -v python$xy) || py=python3"
+    else
+        echo "py=\$(command -v python$xy) || py=python3"
+    fi
+    echo 'exec "$py" "$0" "$@"'
+}
+
+# finish_pyz TMP OUT X.Y [PYTHON]: replace shiv's shebang line of TMP by pyz_head
+# and move it to OUT, executable. The zip's recorded offsets count from the start of
+# the file, so they move by the head's extra length (Python would cope without, but
+# unzip and zipinfo would warn of "extra bytes at beginning").
+finish_pyz() {
+    local tmp=$1 out=$2
+    local skip head_bytes
+    skip=$(head -1 "$tmp" | wc -c)
+    head_bytes=$(pyz_head "${@:3}" | wc -c)
+    { pyz_head "${@:3}"; tail -c +$((skip + 1)) "$tmp"; } >"$tmp.head"
+    rm -f "$tmp"
+    "$VENV/bin/python" - "$tmp.head" $((head_bytes - skip)) <<'PY'
+import struct, sys
+from pathlib import Path
+
+path, delta = sys.argv[1], int(sys.argv[2])
+data = bytearray(Path(path).read_bytes())
+end = data.rfind(b"PK\x05\x06", max(0, len(data) - 22 - 65535))  # end of central directory
+if end < 0:
+    sys.exit(f"build.sh: error: cannot shift the offsets of {path}: no end of central directory")
+(count,), (offset,) = struct.unpack_from("<H", data, end + 10), struct.unpack_from("<L", data, end + 16)
+if count == 0xFFFF or offset == 0xFFFFFFFF:
+    sys.exit(f"build.sh: error: cannot shift the offsets of {path}: a zip64 archive")
+pos = offset + delta
+for _ in range(count):  # each central directory entry: its local header's offset moves
+    if data[pos : pos + 4] != b"PK\x01\x02":
+        sys.exit(f"build.sh: error: {path}: no central directory entry at byte {pos}")
+    name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, pos + 28)
+    struct.pack_into("<L", data, pos + 42, struct.unpack_from("<L", data, pos + 42)[0] + delta)
+    pos += 46 + name_len + extra_len + comment_len
+struct.pack_into("<L", data, end + 16, offset + delta)
+Path(path).write_bytes(data)
+PY
+    chmod +x "$tmp.head"
+    mv -f "$tmp.head" "$out"
+}
+
+# stage_site: install the runtime closure pinned from pip's resolution, less
+# DROP_DISTS, into .build/site (pip --target --no-deps) and prune it; reused
+# until the pins, the drop list or the build interpreter change.
+stage_site() {
+    local pinned=$BUILD_DIR/requirements-site.txt lines key host_py
+    host_py=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    TARGET_DESC="this machine"
+    TARGET_MACHINE=$(uname -m)
+    host_report
+    lines=$(target_py pin "$BUILD_DIR/host-report.json" "$BUILD_DIR/requirements.txt" "$host_py" "$TARGET_MACHINE" \
+        "${DROP_DISTS[@]}") || exit 2
+    echo "$lines" >"$pinned"
+    key=$( { cat "$pinned" "$VENV/.pangea-key"; declare -f prune_site; } | sha256sum | cut -d' ' -f1)
+    if [[ -f $SITE.key && $(cat "$SITE.key") == "$key" && -d $SITE ]]; then
+        say "reusing $SITE ($(wc -l <"$pinned") packages)"
+        return
+    fi
+    say "installing $(wc -l <"$pinned") packages into $SITE (left out, imported by nothing: ${DROP_DISTS[*]})"
+    rm -rf "$SITE" "$SITE.key"
+    # --no-compile: shiv's --compile-pyc compiles everything once, where the pyz unpacks.
+    pip_logged "$BUILD_DIR/logs/install-site.log" "installing the runtime closure into $SITE" \
+        "$VENV/bin/python" -m pip install --disable-pip-version-check --no-deps --no-compile \
+        --target "$SITE" -r "$pinned"
+    prune_site "$SITE" "$TARGET_MACHINE"
+    echo "$key" >"$SITE.key"
+}
+
 build_pyz() {
     stage_app
-    local reqs=()
-    mapfile -t reqs <"$BUILD_DIR/requirements.txt"
-    say "running shiv (runtime deps: ${reqs[*]})"
+    stage_site
+    local python xy
+    python=$("$VENV/bin/python" -c 'import os, sys; print(os.path.realpath(sys._base_executable))')
+    xy=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    say "running shiv"
     rm -f "$PYZ.tmp"
     "$VENV/bin/shiv" -o "$PYZ.tmp" -e pangea:main -p "$SHEBANG" --compile-pyc \
-        --site-packages "$APP" --disable-pip-version-check "${reqs[@]}"
-    chmod +x "$PYZ.tmp"
-    mv -f "$PYZ.tmp" "$PYZ"
-    say "built $ROOT/$PYZ ($(du -h "$PYZ" | cut -f1), $(stat -c %s "$PYZ") bytes)"
+        --site-packages "$APP" --site-packages "$SITE"
+    finish_pyz "$PYZ.tmp" "$PYZ" "$xy" "$python"
+    say "built $ROOT/$PYZ ($(du -h "$PYZ" | cut -f1), $(stat -c %s "$PYZ") bytes; runs with $python)"
 }
 
 pyz_is_stale() {
@@ -357,13 +486,15 @@ def cmd_pure(wheel):
     sys.exit(0 if all(t.platform == "any" and t.abi == "none" for t in tags) else 1)
 
 
-def cmd_pin(report, reqfile, python, machine):
-    """Print the target's runtime closure as name==version lines.
+def cmd_pin(report, reqfile, python, machine, *drop):
+    """Print the target's runtime closure as name==version lines, less the DROP names.
 
     pip evaluates environment markers for the interpreter it runs on, not for
     --python-version/--platform; walk the resolved metadata again with the
     target's marker environment, so a dependency needed only by the target is
-    caught and one needed only here is dropped."""
+    caught and one needed only here is dropped. A dropped distribution (DROP_DISTS
+    in build.sh: declared, never imported) is left out with its requirements."""
+    drop = {canonicalize_name(d) for d in drop}
     env = dict(default_environment())
     env.update(python_version=python, python_full_version=f"{python}.0",
                implementation_name="cpython", implementation_version=f"{python}.0",
@@ -382,6 +513,10 @@ def cmd_pin(report, reqfile, python, machine):
         if req.marker is not None and not req.marker.evaluate({**env, "extra": ""}):
             continue
         key = canonicalize_name(req.name)
+        if key in drop:
+            if why == "pyproject.toml":
+                die(f"{req.name} is in DROP_DISTS in build.sh but pyproject.toml requires it")
+            continue
         meta = dists.get(key)
         if meta is None:
             missing.append(f"{req} (for {why})")
@@ -540,7 +675,7 @@ host_report() {
     if [[ -f $report && -f $report.key && $(cat "$report.key") == "$key" ]]; then
         return
     fi
-    say "resolving the runtime closure here to find the sdist-only dependencies"
+    say "resolving the runtime closure with pip (kept in $report until the requirements change)"
     rm -f "$report" "$report.key"
     pip_logged "$BUILD_DIR/logs/host-resolve.log" "resolving the runtime requirements" \
         "$VENV/bin/python" -m pip install --disable-pip-version-check --dry-run --ignore-installed \
@@ -611,7 +746,7 @@ prepare_sdist_wheels() {
 # .build/requirements-<target>.txt; cached until its inputs change.
 resolve_target() {
     local report=$BUILD_DIR/report-$TARGET.json pinned=$BUILD_DIR/requirements-$TARGET.txt key
-    key=$( { cat "$BUILD_DIR/requirements.txt"; echo "${PIP_TARGET[*]} ${FIND_LINKS[*]}"
+    key=$( { cat "$BUILD_DIR/requirements.txt"; echo "${PIP_TARGET[*]} ${FIND_LINKS[*]} ${DROP_DISTS[*]}"
              ls "$BUILD_DIR/local-wheels-$TARGET" ${WHEELS_DIR:+"$WHEELS_DIR"}; } | sha256sum | cut -d' ' -f1)
     if [[ -f $pinned && -f $pinned.key && $(cat "$pinned.key") == "$key" ]]; then
         say "reusing $pinned"
@@ -625,7 +760,8 @@ resolve_target() {
         --target "$BUILD_DIR/dry-run-$TARGET" --report "$report" "${PIP_TARGET[@]}" "${FIND_LINKS[@]}" \
         -r "$BUILD_DIR/requirements.txt"
     local lines
-    lines=$(target_py pin "$report" "$BUILD_DIR/requirements.txt" "$TARGET_PY" "$TARGET_MACHINE") || exit 2
+    lines=$(target_py pin "$report" "$BUILD_DIR/requirements.txt" "$TARGET_PY" "$TARGET_MACHINE" \
+        "${DROP_DISTS[@]}") || exit 2
     echo "$lines" >"$pinned"
     echo "$key" >"$pinned.key"
 }
@@ -662,18 +798,20 @@ build_target() {
         "${FIND_LINKS[@]}" -d "$wheels" -r "$pinned"
     local key
     key=$( { cat "$pinned"; echo "${PIP_TARGET[*]}"; ls "$wheels"
-             cat "$BUILD_DIR/local-wheels-$TARGET"/*.whl 2>/dev/null; } | sha256sum | cut -d' ' -f1)
-    if [[ -f $site/.pangea-key && $(cat "$site/.pangea-key") == "$key" ]]; then
+             cat "$BUILD_DIR/local-wheels-$TARGET"/*.whl 2>/dev/null; declare -f prune_site; } | sha256sum | cut -d' ' -f1)
+    # The key sits beside the site, not in it (shiv would pack it).
+    if [[ -d $site && -f $site.key && $(cat "$site.key") == "$key" ]]; then
         say "reusing $site"
     else
         say "installing them into $site"
-        rm -rf "$site"
+        rm -rf "$site" "$site.key"
         # --no-compile: .pyc of this interpreter are no use to the target's;
         # shiv's --compile-pyc compiles them on the target at first run.
         pip_logged "$BUILD_DIR/logs/install-$TARGET.log" "installing the target's wheels into $site" \
             "$VENV/bin/python" -m pip install --disable-pip-version-check "${PIP_TARGET[@]}" --no-deps \
             --no-index --no-compile --find-links "$wheels" "${FIND_LINKS[@]}" --target "$site" -r "$pinned"
-        echo "$key" >"$site/.pangea-key"
+        prune_site "$site" "$TARGET_MACHINE"
+        echo "$key" >"$site.key"
     fi
     local extensions
     extensions=$(target_py check-site "$site" "$TARGET_PY" "$TARGET_MACHINE") || exit 2
@@ -682,8 +820,7 @@ build_target() {
     rm -f "$out.tmp"
     "$VENV/bin/shiv" -o "$out.tmp" -e pangea:main -p "$SHEBANG" --compile-pyc \
         --site-packages "$app" --site-packages "$site"
-    chmod +x "$out.tmp"
-    mv -f "$out.tmp" "$out"
+    finish_pyz "$out.tmp" "$out" "$TARGET_PY"
     say "built $out ($(du -h "$out" | cut -f1), $(stat -c %s "$out") bytes) in $((SECONDS - started)) s"
     say "it runs on $TARGET_DESC: copy it there and run python$TARGET_PY $(basename "$out") --help"
 }

@@ -34,7 +34,6 @@ import enum
 import functools
 import json
 import logging
-import logging.handlers
 import math
 import os
 import platform
@@ -47,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -2175,6 +2175,169 @@ def make_host(key_pair: Any, psk: str | None = None) -> Any:
         muxer_opt={YAMUX_ID: Yamux},  # type: ignore[dict-item]
         psk=psk,
     )
+
+
+# Start-up time (issue 6, target 5): `import libp2p` takes ~0.55 s, and half of it loads
+# modules that a TCP + Noise + Yamux host never runs, because libp2p 0.8.1 imports them at
+# module level (measured with -X importtime, 2 cores):
+#   QUIC transport (aioquic, pylsqpack, service_identity, pyOpenSSL)  ~70 ms
+#   AutoTLS ACME client (httpx with its CLI: rich, pygments, click; requests)  ~120 ms
+#   multiaddr's DNS resolver (dnspython, which checks package versions)  ~75 ms
+#   circuit relay (via relay.circuit_v2.nat), WebSocket transport, libp2p's own mDNS  ~80 ms
+#   the resource manager's Prometheus exporter (prometheus_client, http.server)  ~20 ms
+# Until they are asked for, those modules are stand-ins in sys.modules. A stand-in
+# module holds stand-ins for exactly the names its importers take from it; anything
+# else asked of it, calling a stand-in function or making an instance of a stand-in
+# class loads the real modules first, so nothing is lost, only put off. The one
+# exception is DNSResolver: Swarm and TCP make one up front, so its stand-in makes the
+# real resolver at its first use (dialling a /dns address).
+# NOTE: the table is libp2p 0.8.1's import graph. With any other libp2p version (a pin
+# changed in pyproject.toml) nothing is deferred, and tests/unit/test_startup.py fails
+# until the table is checked against the new version.
+_DEFERRED_LIBP2P_VERSION = "0.8.1"
+_DEFERRED_MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # module: ((classes), (functions)) that its importers (after the #) take from it
+    "libp2p.transport.quic.utils": ((), ("is_quic_multiaddr",)),  # libp2p/__init__
+    "libp2p.transport.quic.transport": (("QUICTransport",), ()),  # libp2p/__init__: made for QUIC addresses only
+    "libp2p.transport.quic.stream": (("QUICStream",), ()),  # custom_types: in a type alias
+    "libp2p.transport.websocket.transport": (("WebsocketTransport",), ()),  # libp2p.transport
+    "libp2p.security.tls.autotls.acme": (("ACMEClient",), ("compute_b36_peer_id",)),  # host.basic_host
+    "libp2p.security.tls.autotls.broker": (("BrokerClient",), ()),  # host.basic_host
+    "libp2p.relay.circuit_v2.nat": ((), ("is_private_ip",)),  # host.basic_host: for AutoTLS only
+    "libp2p.discovery.mdns.mdns": (("MDNSDiscovery",), ("create_mdns_discovery",)),  # host.basic_host
+    "libp2p.rcmgr.prometheus_exporter": (("PrometheusExporter",), ("create_prometheus_exporter",)),  # rcmgr
+    "multiaddr.resolvers": (("DNSResolver",), ()),  # network.swarm, transport.tcp, utils.dns_utils
+}
+
+
+class _DeferredModule(types.ModuleType):
+    """A stand-in for a module in _DEFERRED_MODULES; any name it lacks comes from the real one."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # importlib and inspect probe __path__, __file__ ...
+            raise AttributeError(name)
+        return getattr(_real_module(self.__name__), name)
+
+
+class _DeferredClass(type):
+    """Metaclass of a stand-in class: making an instance makes one of the real class."""
+
+    _module: str
+
+    def _real(cls) -> Any:
+        return getattr(_real_module(cls._module), cls.__name__)
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        return cls._real()(*args, **kwargs)
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        # Until the real module is loaded no instance of the real class can exist.
+        loaded = sys.modules.get(cls._module)
+        return loaded is not None and not isinstance(loaded, _DeferredModule) and isinstance(obj, cls._real())
+
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(cls._real(), name)
+
+
+class _DeferredDNSResolver:
+    """Stand-in for multiaddr's DNSResolver: Swarm and TCP make one each up front, but
+    resolve only /dns addresses; the real resolver (and dnspython) comes at first use."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._deferred_args = (args, kwargs)
+        self._resolver: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_deferred_args", "_resolver"):
+            raise AttributeError(name)
+        if self._resolver is None:
+            args, kwargs = self._deferred_args
+            self._resolver = _real_module("multiaddr.resolvers").DNSResolver(*args, **kwargs)
+        return getattr(self._resolver, name)
+
+
+def _real_module(name: str) -> Any:
+    """Return the real module ``name``, first dropping every remaining stand-in, so that
+    the real modules, which import each other, see only real modules."""
+    import importlib
+
+    module = sys.modules.get(name)
+    if module is None or isinstance(module, _DeferredModule):
+        for other, value in list(sys.modules.items()):
+            if isinstance(value, _DeferredModule):
+                del sys.modules[other]
+        module = importlib.import_module(name)
+    return module
+
+
+def _deferred_function(module: str, name: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(_real_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__module__ = module
+    return call
+
+
+def _installed_version_is(distribution: str, version: str) -> bool:
+    """True when ``distribution`` ``version`` is what `import <distribution>` would load
+    (its .dist-info sits beside the package; no import, no importlib.metadata scan)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(distribution)
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    site = Path(next(iter(spec.submodule_search_locations))).parent
+    return (site / f"{distribution}-{version}.dist-info").is_dir()
+
+
+def forget_zipapp_on_sys_path() -> None:
+    """Drop the running pyz from sys.path: shiv has unpacked it, and pangea imports
+    nothing from the archive itself (its modules come from the unpacked site-packages).
+
+    NOTE: importlib.metadata, which libp2p asks for its own version at import time,
+    lists every sys.path entry, and listing the ~3,000 names of the pyz took ~20 ms
+    of every start (2.5 ms without it).
+    """
+    argv0 = sys.argv[0] if sys.argv else ""
+    if not argv0 or not os.path.isfile(argv0):
+        return
+    here = os.path.realpath(argv0)
+    sys.path[:] = [p for p in sys.path if not (p and os.path.isfile(p) and os.path.realpath(p) == here)]
+
+
+def defer_unused_libp2p_modules(version: str = _DEFERRED_LIBP2P_VERSION) -> bool:
+    """Put stand-ins for the libp2p modules pangea never runs into sys.modules (see the
+    comment above _DEFERRED_MODULES); return whether it did. Call before any libp2p import;
+    does nothing once libp2p is imported, or when the installed libp2p is not ``version``."""
+    if "libp2p" in sys.modules or not _installed_version_is("libp2p", version):
+        return False
+    multiaddr_spec = None
+    for name, names in _DEFERRED_MODULES.items():
+        if name in sys.modules:
+            continue
+        module = _DeferredModule(name)
+        if name == "multiaddr.resolvers":
+            import importlib.util
+
+            # A package: `from .resolvers.dns import DNSResolver` (Multiaddr.resolve) must
+            # still find the real submodule through it.
+            multiaddr_spec = multiaddr_spec or importlib.util.find_spec("multiaddr")
+            if multiaddr_spec is None or not multiaddr_spec.submodule_search_locations:
+                continue
+            module.__path__ = [str(Path(next(iter(multiaddr_spec.submodule_search_locations))) / "resolvers")]
+            setattr(module, "DNSResolver", _DeferredDNSResolver)  # noqa: B010
+            sys.modules[name] = module
+            continue
+        classes, functions = names
+        for class_name in classes:
+            setattr(module, class_name, _DeferredClass(class_name, (), {"_module": name, "__module__": name}))
+        for function_name in functions:
+            setattr(module, function_name, _deferred_function(name, function_name))
+        sys.modules[name] = module
+    return True
 
 
 def local_interface_addresses() -> list[tuple[str, str]]:
@@ -6423,6 +6586,8 @@ def setup_logging(log_file: Path | None, verbose: int, debug: bool) -> None:
     """Send pangea's log to the session log file and, with -v/--debug, to stderr."""
     # NOTE: `import libp2p` resets the "libp2p" logger (libp2p.utils.logging.setup_logging),
     # so it is imported first; otherwise its routine errors reach stderr through lastResort.
+    import logging.handlers  # here, not at the top: --help does not need it (~5 ms)
+
     import libp2p  # noqa: F401
 
     stderr = logging.StreamHandler(sys.stderr)
@@ -7885,6 +8050,8 @@ def _main(argv: Sequence[str] | None) -> int:
                 "no command given",
                 hint="pangea.pyz initiate | respond ADDRESS | demo | serve | call | status | doctor | id",
             )
+        defer_unused_libp2p_modules()  # before any command imports libp2p
+        forget_zipapp_on_sys_path()
         return int(args.func(args))
     except PangeaError as exc:
         print(f"pangea: error: {exc}", file=sys.stderr)

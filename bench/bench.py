@@ -45,8 +45,9 @@ alternate, so drift of the machine hits both alike.
           and from launching ``respond`` to the first task it served (``respond -v``
           logs ``task N from <peer>: <kernel> done``; baseline: the pyz importing
           numpy, trio, libp2p and capnp and nothing else). Both are timed again with the
-          python3 binary the shebang resolves to, run directly: a python3 on PATH that is a
-          wrapper (a pyenv shim is a bash script) adds its own start-up to every run.
+          interpreter the pyz's first lines pick, run directly (``python pangea.pyz``): the
+          difference is what that sh head costs (a python3 on PATH that is a wrapper, such as
+          a pyenv shim, cost 60-100 ms when the head was ``#!/usr/bin/env python3``).
 
 The table has, per metric: pangea, baseline, ratio (pangea / baseline), the
 issue's target and whether it is met. With --json every sample, the machine
@@ -931,7 +932,17 @@ def timed_runs(cmd: Sequence[str], reps: int, env: dict[str, str] | None = None)
     times = []
     for i in range(reps + 1):
         start = time.perf_counter()
-        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=True)
+        child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # NOTE: a blocking wait(), with a timer for the 60 s bound: wait(timeout=...) polls
+        # with sleeps of up to 50 ms, which rounded every start-up figure up to the next tick.
+        watchdog = threading.Timer(60, child.kill)
+        watchdog.start()
+        try:
+            code = child.wait()
+        finally:
+            watchdog.cancel()
+        if code != 0:
+            raise subprocess.CalledProcessError(code, cmd)
         if i:
             times.append(time.perf_counter() - start)
     return times
@@ -964,11 +975,12 @@ def measure_start(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
         out["help_s"] = timed_runs([pyz, "--help"], cfg.start_reps * 2, plain_env)
         out["shiv_empty_s"] = timed_runs([pyz, str(empty)], cfg.start_reps * 2, shiv_env)
         out["python_empty_s"] = timed_runs([sys.executable, "-S", "-c", "pass"], cfg.start_reps * 2, plain_env)
-        # NOTE: the pyz's shebang is `/usr/bin/env python3`; a python3 on PATH that is a
-        # wrapper (a pyenv shim is a bash script) adds its own start-up to every run.
+        # NOTE: the interpreter the pyz's first lines pick (build.sh's pyz_head; formerly
+        # `#!/usr/bin/env python3`, where a python3 on PATH that is a wrapper, such as a
+        # pyenv shim, added its own start-up to every run).
         shebang_python = subprocess.run(
-            ["/usr/bin/env", "python3", "-c", "import sys; print(sys.executable)"],
-            env=plain_env, capture_output=True, text=True, timeout=60, check=True,
+            [pyz, "-c", "import sys; print(sys.executable)"],
+            env=shiv_env, capture_output=True, text=True, timeout=60, check=True,
         ).stdout.strip()  # fmt: skip
         out["shebang_python"] = {"on_path": shutil.which("python3", path=plain_env.get("PATH")), "runs": shebang_python}
         out["help_direct_s"] = timed_runs([shebang_python, pyz, "--help"], cfg.start_reps * 2, plain_env)

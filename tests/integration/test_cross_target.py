@@ -24,6 +24,7 @@ import os
 import platform
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import zipfile
@@ -129,7 +130,14 @@ def test_cross_pyz_is_named_after_its_target(cross: CrossBuild) -> None:
     assert cross.pyz.name == PYZ_NAME == f"pangea-cp312-{MACHINE}.pyz"
     assert sorted(p.name for p in OUT_DIR.glob("*.pyz")) == [PYZ_NAME]
     assert os.access(cross.pyz, os.X_OK)
-    assert cross.pyz.read_bytes()[:64].split(b"\n")[0] == b"#!/usr/bin/env python3"
+    head = cross.pyz.read_bytes()[:4096].split(b"PK\x03\x04")[0].decode()
+    assert head.splitlines()[0] == "#!/bin/sh"
+    # The head runs python3.12 from PATH (or python3): no interpreter of this box is named.
+    assert "py=$(command -v python3.12) || py=python3" in head.splitlines()
+    data = cross.pyz.read_bytes()
+    end = data.rfind(b"PK\x05\x06")  # the zip's offsets count from the start of the file
+    size, offset = struct.unpack_from("<LL", data, end + 12)
+    assert offset + size == end
 
 
 @pytest.mark.slow

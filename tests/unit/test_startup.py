@@ -1,0 +1,166 @@
+"""Unit tests of pangea's start-up helpers: the deferred libp2p modules (section 8).
+
+`defer_unused_libp2p_modules` puts stand-ins for some libp2p modules into
+sys.modules; the checks that install them run in a child interpreter, so this
+test process keeps the real modules. No sockets, no timing assertions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import pangea
+
+# Packages that only the deferred modules load; a TCP + Noise + Yamux host must not.
+HEAVY = ("aioquic", "pylsqpack", "service_identity", "httpx", "requests", "rich", "dns", "trio_websocket", "zeroconf")
+
+
+def run_child(code: str) -> str:
+    """Run ``code`` in a fresh interpreter with the work tree's pangea; return its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=pangea.__file__.rsplit("/", 1)[0],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_deferred_table_names_exist_in_the_real_modules() -> None:
+    # NOTE: fails when a libp2p upgrade moves a name: check _DEFERRED_MODULES against it.
+    for name, (classes, functions) in pangea._DEFERRED_MODULES.items():
+        # NOTE: not importlib.import_module: a test that ran pangea.main() in this process
+        # may have left stand-ins in sys.modules; _real_module replaces them.
+        module = pangea._real_module(name)
+        assert not isinstance(module, pangea._DeferredModule)
+        for class_name in classes:
+            assert inspect.isclass(getattr(module, class_name)), (name, class_name)
+        for function_name in functions:
+            assert inspect.isfunction(getattr(module, function_name)), (name, function_name)
+
+
+def test_deferred_table_is_for_the_installed_libp2p() -> None:
+    assert pangea._installed_version_is("libp2p", pangea._DEFERRED_LIBP2P_VERSION)
+    assert not pangea._installed_version_is("libp2p", "0.0.0")
+    assert not pangea._installed_version_is("no_such_distribution", "1.0")
+
+
+def test_defer_keeps_libp2p_import_and_host_free_of_the_deferred_packages() -> None:
+    out = run_child(
+        f"""
+        import sys
+        import pangea
+        assert pangea.defer_unused_libp2p_modules()
+        import libp2p
+        from libp2p.crypto.ed25519 import create_new_key_pair
+        host = pangea.make_host(create_new_key_pair())
+        # Nothing touched a stand-in while libp2p was imported and a host was made.
+        stand_ins = [n for n, m in sys.modules.items() if isinstance(m, pangea._DeferredModule)]
+        assert sorted(stand_ins) == sorted(pangea._DEFERRED_MODULES), stand_ins
+        print(sorted(p for p in {HEAVY!r} if p in sys.modules))
+        """
+    )
+    assert out.strip() == "[]"
+
+
+def test_defer_does_nothing_after_libp2p_is_imported_or_for_another_version() -> None:
+    out = run_child(
+        """
+        import sys
+        import pangea
+        print(pangea.defer_unused_libp2p_modules(version="0.0.0"))
+        import libp2p
+        print(pangea.defer_unused_libp2p_modules())
+        print(any(isinstance(m, pangea._DeferredModule) for m in sys.modules.values()))
+        """
+    )
+    assert out.split() == ["False", "False", "False"]
+
+
+def test_deferred_stand_ins_load_the_real_modules_when_used() -> None:
+    out = run_child(
+        """
+        import sys
+        import pangea
+        pangea.defer_unused_libp2p_modules()
+        import libp2p
+        from libp2p.relay.circuit_v2.nat import is_private_ip
+        from libp2p.transport.quic.transport import QUICTransport
+        from multiaddr.resolvers import DNSResolver
+
+        resolver = DNSResolver()
+        print("dns" in sys.modules, isinstance(object(), QUICTransport))
+        # A stand-in function: the real one answers.
+        print(is_private_ip("10.1.2.3"), is_private_ip("8.8.8.8"))
+        # Every stand-in module is gone; the real ones import each other.
+        print(any(isinstance(m, pangea._DeferredModule) for m in sys.modules.values()))
+        import importlib
+        real = importlib.import_module("libp2p.transport.quic.transport").QUICTransport
+        print(QUICTransport._real() is real, QUICTransport.__name__, QUICTransport.__module__)
+        # The resolver becomes a real one at first use (no query is made here).
+        print(callable(resolver.resolve), type(resolver._resolver).__module__, "dns" in sys.modules)
+        # `from .resolvers.dns import DNSResolver` (Multiaddr.resolve) finds the real submodule.
+        from multiaddr.resolvers.dns import DNSResolver as Real
+        print(Real.__module__)
+        """
+    )
+    assert out.splitlines() == [
+        "False False",
+        "True False",
+        "False",
+        "True QUICTransport libp2p.transport.quic.transport",
+        "True multiaddr.resolvers.dns True",
+        "multiaddr.resolvers.dns",
+    ]
+
+
+def test_deferred_module_stand_in_forwards_other_names() -> None:
+    # One public name of each real module that the stand-in does not hold itself.
+    others = {}
+    for name, (classes, functions) in pangea._DEFERRED_MODULES.items():
+        real = pangea._real_module(name)
+        others[name] = next(a for a in sorted(vars(real)) if not a.startswith("_") and a not in classes + functions)
+    out = run_child(
+        f"""
+        import sys
+        import pangea
+        pangea.defer_unused_libp2p_modules()
+        stand_ins = {{name: sys.modules[name] for name in {others!r}}}
+        assert all(isinstance(m, pangea._DeferredModule) for m in stand_ins.values())
+        for name, other in {others!r}.items():
+            value = getattr(stand_ins[name], other)
+            assert value is getattr(sys.modules[name], other), (name, other)
+            assert not isinstance(sys.modules[name], pangea._DeferredModule), name
+        print("ok")
+        """
+    )
+    assert out.strip() == "ok"
+
+
+def test_forget_zipapp_drops_only_the_running_archive_from_sys_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pyz, other_zip = tmp_path / "pangea.pyz", tmp_path / "other.zip"
+    pyz.write_bytes(b"")
+    other_zip.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["./pangea.pyz", "respond"])
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "." / "pangea.pyz"), str(other_zip), str(tmp_path), ""])
+    pangea.forget_zipapp_on_sys_path()
+    assert sys.path == [str(other_zip), str(tmp_path), ""]
+
+
+def test_forget_zipapp_keeps_sys_path_when_run_from_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", [pangea.__file__])
+    before = [str(Path(pangea.__file__).parent), *sys.path]
+    monkeypatch.setattr(sys, "path", list(before))
+    pangea.forget_zipapp_on_sys_path()
+    assert sys.path == before
