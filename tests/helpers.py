@@ -180,9 +180,7 @@ class Proc:
         except subprocess.TimeoutExpired:
             rc = None
         why = f"exited (rc {rc}) before printing" if rc is not None else "closed its output"
-        raise AssertionError(
-            f"{self.name} {why} a line matching {regex.pattern!r}\n{self.output()}"
-        )
+        raise AssertionError(f"{self.name} {why} a line matching {regex.pattern!r}\n{self.output()}")
 
     def wait(self, timeout: float = 30.0) -> int:
         """Wait for the process to exit and return its exit code.
@@ -193,9 +191,7 @@ class Proc:
         try:
             rc = self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"{self.name} still running after {timeout:g} s\n{self.output()}"
-            ) from None
+            raise AssertionError(f"{self.name} still running after {timeout:g} s\n{self.output()}") from None
         self._join_pumps(timeout=5.0)
         return rc
 
@@ -229,9 +225,7 @@ class Proc:
         with self._changed:
             out, err = list(self.stdout_lines), list(self.stderr_lines)
         head = f"{self.name} (pid {self.pid}, rc {self.popen.poll()}): {' '.join(self.cmd)}"
-        return "\n".join(
-            [f"----- {head}", "----- stdout:", *out, "----- stderr:", *err, "----- end"]
-        )
+        return "\n".join([f"----- {head}", "----- stdout:", *out, "----- stderr:", *err, "----- end"])
 
 
 # ---------------------------------------------------------------------------
@@ -285,9 +279,7 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run `ip ARGS`; on failure raise RuntimeError with its stderr."""
     result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
     if check and result.returncode != 0:
-        raise RuntimeError(
-            f"ip {' '.join(args)} failed with {result.returncode}: {result.stderr.strip()}"
-        )
+        raise RuntimeError(f"ip {' '.join(args)} failed with {result.returncode}: {result.stderr.strip()}")
     return result
 
 
