@@ -9,6 +9,7 @@ say nothing in a test.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +63,15 @@ def test_bench_tiny_run_writes_every_phase_and_a_full_table(pyz: Path, pangea_ho
     table = doc["table"]
     assert {tuple(sorted(row)) for row in table} == {tuple(sorted(ROW_KEYS))}
     metrics = [row["metric"] for row in table]
-    # bulk each way (+ raw TCP), tasks, matmul, rss, start (+ the python3-direct rows)
-    assert len(metrics) == len(set(metrics)) == 2 * 2 + 4 + 2 + 4 + 4
+    # bulk each way (+ raw TCP), tasks, matmul, rss, start (+ the python3-direct rows), link (+ raw TCP)
+    assert len(metrics) == len(set(metrics)) == 2 * 2 + 4 + 2 + 4 + 4 + 2 * 2
+    link_rows = [row for row in table if "link" in row["metric"]]
+    if os.geteuid() == 0:  # the link phase builds namespaces: it runs as root, and is skipped otherwise
+        assert "error" not in results["link"] and results["link"]["data_plane"].startswith("TLS 1.3"), results["link"]
+        assert all(row["baseline"] > 0 for row in link_rows), link_rows
+    else:
+        assert results["link"] == {"skipped": "needs root (ip netns, tc)"}
+        table = [row for row in table if row not in link_rows]
     for row in table:
         assert isinstance(row["pangea"], float | int), row
         assert row["met"] in (True, False, None)
