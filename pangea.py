@@ -3036,6 +3036,8 @@ class PeerSession:
                     continue
                 self.last_seen = time.monotonic()
                 ended = self._dispatch(msg, channel)
+                # NOTE: not kept while the next message arrives: the payload buffer can then be reused
+                del msg
                 if ended is not None:
                     return ended, True
         except RemoteProtocolError as exc:
@@ -4188,6 +4190,7 @@ class Manager:
         operands: Sequence[np.ndarray],
         params: dict[str, float],
         outputs: tuple[np.ndarray, ...],
+        flops: float | None = None,
     ) -> str | None:
         """Check a remote worker's result (Freivalds for matmul); None when plausible."""
         import trio
@@ -4199,7 +4202,7 @@ class Manager:
         def check() -> str | None:
             return check_result(kernel, operands, params, outputs, random.Random(seed), self.verify_rounds)
 
-        if task_cost(kernel, operands, params)[0] <= INLINE_FLOPS:
+        if (flops if flops is not None else task_cost(kernel, operands, params)[0]) <= INLINE_FLOPS:
             return check()
         return await trio.to_thread.run_sync(check)
 
@@ -4334,7 +4337,7 @@ class Manager:
                 started = time.perf_counter()
                 outputs, compute_s = await delegator.execute(kernel, operands, params)
                 self._measured(action.worker_id, cost, compute_s, time.perf_counter() - started)
-                problem = await self._verify(action.worker_id, kernel, operands, params, outputs)
+                problem = await self._verify(action.worker_id, kernel, operands, params, outputs, cost[0])
                 if problem is not None:
                     self.verification_failures += 1
                     log.warning("result of task %d from %s failed verification: %s", task_id, action.worker_id, problem)
