@@ -7,6 +7,8 @@ that the table is aligned and says "-" for what was not measured.
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import sys
 from pathlib import Path
@@ -237,9 +239,11 @@ def test_bench_config_refuses_values_out_of_range(argv: list[str]) -> None:
         _config(*argv)
 
 
-def test_bench_reps_once_for_large_sizes() -> None:
+def test_bench_reps_at_most_three_for_large_sizes() -> None:
     cfg = _config()
-    assert bench_reps(cfg, 64) == 3 and bench_reps(cfg, 1024) == 1
+    assert bench_reps(cfg, 64) == 3 and bench_reps(cfg, 1024) == 3
+    many = dataclasses.replace(cfg, reps=7)
+    assert bench_reps(many, 64) == 7 and bench_reps(many, 1024) == 3
 
 
 @pytest.mark.parametrize(
