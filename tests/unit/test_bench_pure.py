@@ -8,7 +8,6 @@ that the table is aligned and says "-" for what was not measured.
 from __future__ import annotations
 
 import dataclasses
-
 import io
 import sys
 from pathlib import Path
