@@ -3510,6 +3510,12 @@ class Node:
                 if self.data_plane is not None:
                     self.data_plane.close()
 
+    def data_plane_text(self) -> str:
+        """One line for the start-up output: where arrays travel, and the port a firewall must pass."""
+        if self.data_plane is None:
+            return "Arrays: on the libp2p stream (--data-port off; slower)"
+        return f"Arrays: TLS 1.3 data plane on TCP port {self.data_plane.port} (a firewall must let it through too)"
+
     def _start_data_plane(self, listen_host: str) -> None:
         """Listen for data connections (--data-port); ``auto`` takes any port when port + 1 is busy."""
         port = int(self.host.get_transport_addrs()[0].value_for_protocol("tcp"))
@@ -6993,6 +6999,7 @@ async def _initiate(
         if node.addresses:
             print(f"Join string: {join_string(node.addresses[0], pairing.code)}")
             print(f"  on the other box: ./pangea.pyz respond '{join_string(node.addresses[0], pairing.code)}'")
+        print(node.data_plane_text())
         who = "a responder" if expect == 1 else f"{expect} responders"
         print(f"Waiting up to {args.timeout:.0f} s for {who} (Ctrl-C to stop)...", flush=True)
         log.info("listening on %s (pairing code issued)", ", ".join(node.addresses))
@@ -7019,7 +7026,8 @@ async def _initiate(
                 f"cannot run the checks: {got} connected within {args.timeout:.0f} s",
                 kind="timeout",
                 hint=f"on the other box run `./pangea.pyz respond` with the join string printed above; "
-                f"check that box can reach this one (same network, firewall open for TCP port {port})",
+                f"check that box can reach this one (same network, firewall open for TCP port {port}"
+                + (f", and {node.data_plane.port} for the data plane)" if node.data_plane else ")"),
             )
     extra = {
         "addresses": node.addresses,
@@ -7319,6 +7327,7 @@ async def _serve(
         for address in node.addresses:
             print(f"  {address}")
         print(f"RPC: {service.rpc_address} ({'token required' if rpc[2] else 'no token, loopback only'})")
+        print(node.data_plane_text())
         if metrics_url:
             print(f"Metrics: {metrics_url}")
         print(f"Trusted peers: {', '.join(sorted(trusted)) or 'none yet (--allow-peer, --peer, --pair)'}")
