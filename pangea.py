@@ -7841,8 +7841,9 @@ async def _bench(
         hello, connection = session.hello, node.connection_info(session.peer_id)
         say(
             f"connected to {hello.role} {session.peer_id} (pangea {hello.pangea_version}, {hello.platform}); "
-            f"{connection['security']} + {connection['muxer']}"
+            f"{connection['security']} + {connection['muxer']}; arrays: {session.data_note}"
         )
+        connection["data_plane"] = session.data_note
         results = await run_bench(node, manager, session, address.host, cfg, say)
         await session.close("bench done")
     rows = bench_rows(results)
@@ -7871,7 +7872,7 @@ def bench_report(
         "peer": session.peer_id,
         "peer_role": hello.role,
         "address": address.text,
-        "connection": {"security": connection["security"], "muxer": connection["muxer"]},
+        "connection": {k: connection[k] for k in ("security", "muxer", "data_plane") if k in connection},
         "machine": bench_machine_info(),
         "peer_machine": {
             "pangea": hello.pangea_version,
