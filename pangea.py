@@ -8062,7 +8062,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command is None:
             raise UsageError(
                 "no command given",
-                hint="pangea.pyz initiate | respond ADDRESS | demo | serve | call | status | doctor | id",
+                hint="pangea.pyz initiate | respond ADDRESS | demo | serve | call | status | doctor | bench | id",
             )
         defer_unused_libp2p_modules()  # before any command imports libp2p
         forget_zipapp_on_sys_path()

@@ -101,7 +101,7 @@ def test_main_no_command_has_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
     _, lines = error_lines(capsys)
     assert lines == [
         "pangea: error: no command given",
-        "hint: pangea.pyz initiate | respond ADDRESS | demo | serve | call | status | doctor | id",
+        "hint: pangea.pyz initiate | respond ADDRESS | demo | serve | call | status | doctor | bench | id",
     ]
 
 
