@@ -262,10 +262,10 @@ def tcp_serve(server: socket.socket) -> None:
                 send_filler(conn, nbytes)
 
 
-def tcp_transfer(port: int, direction: str, data: memoryview) -> float:
+def tcp_transfer(port: int, direction: str, data: memoryview, host: str = "127.0.0.1") -> float:
     """Move ``data`` (its size, for a download) over raw TCP; return the seconds it took."""
     nbytes = len(data)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+    with socket.create_connection((host, port), timeout=10) as conn:
         conn.settimeout(bulk_timeout_s(nbytes))
         start = time.perf_counter()
         if direction == "upload":

@@ -121,24 +121,6 @@ def peer_main(bind: str) -> int:
     return 0
 
 
-def tcp_transfer(host: str, port: int, direction: str, view: memoryview) -> float:
-    """One raw TCP transfer of len(view) bytes; seconds."""
-    import socket
-
-    nbytes = len(view)
-    with socket.create_connection((host, port), timeout=10) as conn:
-        conn.settimeout(core.bulk_timeout_s(nbytes))
-        start = time.perf_counter()
-        if direction == "upload":
-            conn.sendall(core.COMMAND.pack(b"U", nbytes))
-            core.send_all(conn, view)
-            core.recv_into_all(conn, memoryview(bytearray(1)))
-        else:
-            conn.sendall(core.COMMAND.pack(b"D", nbytes))
-            core.recv_into_all(conn, memoryview(bytearray(nbytes)))
-        return time.perf_counter() - start
-
-
 def client_main(bind: str, ready: dict[str, Any], mib: int, reps: int) -> int:
     """In namespace A: alternate raw TCP and pangea transfers; print one JSON line of seconds."""
     import numpy as np
@@ -160,7 +142,7 @@ def client_main(bind: str, ready: dict[str, Any], mib: int, reps: int) -> int:
             params = {"rows": float(rows), "cols": 1024.0, "seed": 7.0}
             for _ in range(reps):
                 for direction in ("upload", "download"):
-                    seconds = await trio.to_thread.run_sync(tcp_transfer, host, ready["tcp_port"], direction, view)
+                    seconds = await trio.to_thread.run_sync(core.tcp_transfer, ready["tcp_port"], direction, view, host)
                     out["tcp"][direction].append(seconds)
                     with trio.fail_after(core.bulk_timeout_s(data.nbytes)):
                         start = time.perf_counter()
