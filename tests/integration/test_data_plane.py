@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import NodeHome, Proc
+from helpers import NodeHome, Proc, wait_until
 from pyz_helpers import (
     CHECK_NAMES,
     FAST,
@@ -439,14 +439,6 @@ def count_lines(proc: Proc, pattern: str) -> int:
 def wait_for_count(proc: Proc, pattern: str, at_least: int, what: str) -> None:
     """Wait until ``proc`` has printed at least ``at_least`` stderr lines matching ``pattern``."""
     wait_until(lambda: count_lines(proc, pattern) >= at_least, LOG_WAIT_S, what)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------- serve pairs

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import NodeHome, Proc, make_node_home
+from helpers import NodeHome, Proc, make_node_home, wait_until
 from pyz_helpers import (
     CHECK_NAMES,
     FAST,
@@ -388,14 +388,6 @@ def metric(samples: Samples, name: str, **labels: str) -> float:
 
 def names(samples: Samples) -> set[str]:
     return {name for name, _ in samples}
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        time.sleep(0.1)
 
 
 def test_metrics_serve_default_is_a_free_loopback_port(pyz: Path, pangea_home: NodeHome) -> None:

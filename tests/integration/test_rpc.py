@@ -21,7 +21,6 @@ import json
 import re
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import Proc, make_node_home
+from helpers import Proc, make_node_home, wait_until
 from pyz_helpers import ServeNode, peer_id_of, start_serve
 
 import pangea
@@ -95,14 +94,6 @@ def pair(module_pair: Pair) -> Pair:
 
 def client(node: ServeNode, **kwargs: Any) -> Client:
     return Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S, **kwargs)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        time.sleep(0.1)
 
 
 def matrices(m: int, k: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -20,13 +20,13 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import NodeHome, Proc, make_node_home
+from helpers import NodeHome, Proc, make_node_home, wait_until
 from pyz_helpers import ServeNode, peer_id_of, start_serve
 
 import pangea
@@ -50,14 +50,6 @@ def run_pyz(pyz: Path, args: Sequence[str], env: dict[str, str], timeout: float 
 
 def client(node: ServeNode, **kwargs: Any) -> Client:
     return Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S, **kwargs)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        time.sleep(0.1)
 
 
 def assert_readable(message: str) -> None:
