@@ -1544,6 +1544,11 @@ def task_cost(name: str, operands: Sequence[np.ndarray], params: dict[str, float
     return flops, int(nbytes)
 
 
+def runs_inline(flops: float) -> bool:
+    """Whether work of ``flops`` operations runs on the event loop rather than a worker thread."""
+    return flops <= INLINE_FLOPS
+
+
 def run_kernel(
     name: str,
     operands: Sequence[np.ndarray],
@@ -2418,6 +2423,7 @@ class Channel:
         self.bytes_out = 0
         self.last_read = time.monotonic()  # bytes arriving, even mid-frame, mean the peer is alive
         self.receiving: int | None = None  # the admitted task whose frame is still arriving
+        self.closed = False
 
     async def send(self, msg: Message) -> None:
         """Write one message; raise PeerError when the stream is gone."""
@@ -2458,6 +2464,7 @@ class Channel:
 
     async def close(self, reset: bool = False) -> None:
         """Close (or reset) the stream, ignoring a stream that is already gone."""
+        self.closed = True
         with contextlib.suppress(*stream_errors()):
             if reset:
                 await self.stream.reset()
@@ -2609,7 +2616,6 @@ class TlsChannel(Channel):
         version = str(sock.version() or "TLS").replace("TLSv", "TLS ")
         self.description = f"{version} {cipher[0] if cipher else ''} {'from' if accepted else 'to'} {where}"
         self._scratch = memoryview(bytearray(READ_CHUNK_BYTES))
-        self.closed = False
 
     async def send(self, msg: Message) -> None:
         """Write one message; on any failure the connection is closed (a cut frame cannot be resumed)."""
@@ -3172,10 +3178,7 @@ class PeerSession:
         self.data = None
         self._data_bytes[0] += channel.bytes_in
         self._data_bytes[1] += channel.bytes_out
-        if channel.receiving is not None:
-            self._release(channel.receiving)
-            channel.receiving = None
-        channel.decoder.discard()
+        self._drop_buffers(channel)
         if self.closed.is_set():
             return
         self.data_note = f"libp2p stream (data connection lost: {reason})"
@@ -3193,7 +3196,7 @@ class PeerSession:
 
     def _send_soon(self, msg: Message, channel: Channel | None = None) -> None:
         async def send() -> None:
-            target = channel if channel is not None and not getattr(channel, "closed", False) else self._out()
+            target = channel if channel is not None and not channel.closed else self._out()
             with contextlib.suppress(PeerError):
                 await target.send(msg)
 
@@ -3215,12 +3218,9 @@ class PeerSession:
         self.data_settled.set()
         if self.data_slot is not None and self.node.data_plane is not None:
             self.node.data_plane.forget(self.data_slot)
-        for channel in (self.channel, self.data):
-            if channel is not None and channel.receiving is not None:  # a frame cut off mid-way
-                self._release(channel.receiving)
-                channel.receiving = None
-            if channel is not None:
-                channel.decoder.discard()  # drop buffers now; do not wait for the garbage collector
+        self._drop_buffers(self.channel)
+        if self.data is not None:
+            self._drop_buffers(self.data)
         for pending in self._pending.values():
             pending.error = PeerError(f"peer {self.label} went away: {reason}", kind="disconnected")
             pending.event.set()
@@ -3231,6 +3231,14 @@ class PeerSession:
         if self.data is not None:
             self.data.close_now()
         await self.channel.close(reset=self.bye_reason is None if reset is None else reset)
+
+    def _drop_buffers(self, channel: Channel) -> None:
+        """A channel is done: give back the reservation of a frame cut off mid-way, drop what it buffered
+        (now, not when the garbage collector gets to it)."""
+        if channel.receiving is not None:
+            self._release(channel.receiving)
+            channel.receiving = None
+        channel.decoder.discard()
 
     def _admit(self, task_id: int, payload_len: int, channel: Channel) -> tuple[str, str] | None:
         """Decide from a TaskRequest's header whether its operands may be buffered (Decoder.admit)."""
@@ -3902,7 +3910,7 @@ class Node:
             return outputs, time.perf_counter() - start
 
         try:
-            if task_cost(kernel, operands, params)[0] <= INLINE_FLOPS:
+            if runs_inline(task_cost(kernel, operands, params)[0]):
                 return timed()
             # abandon_on_cancel: a task past its deadline is answered at once;
             # numpy cannot be interrupted, so its thread finishes in the background.
@@ -4208,7 +4216,7 @@ class Manager:
         def check() -> str | None:
             return check_result(kernel, operands, params, outputs, random.Random(seed), self.verify_rounds)
 
-        if (flops if flops is not None else task_cost(kernel, operands, params)[0]) <= INLINE_FLOPS:
+        if runs_inline(flops if flops is not None else task_cost(kernel, operands, params)[0]):
             return check()
         return await trio.to_thread.run_sync(check)
 
