@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from helpers import NodeHome, Proc
+from helpers import READY_TIMEOUT_S, NodeHome, Proc
 
 # One pair run (initiate + respond with --size 512 --transfer-mib 16) takes
 # 3-6 s on this machine; a cold first run of the pyz adds ~7 s of extraction.
@@ -198,6 +198,15 @@ class ServeNode:
     address: str  # its loopback multiaddr, /ip4/127.0.0.1/tcp/N/p2p/<id>
     metrics: str | None = None  # the URL of its /metrics, as printed
 
+    def stderr_since(self, mark: int) -> list[str]:
+        """Its stderr lines from index ``mark`` on."""
+        return list(self.proc.stderr_lines[mark:])
+
+    def session_log(self) -> str:
+        """Its session log (pangea.log): INFO lines that do not reach stderr."""
+        logs = list((self.home.pangea_home / "compute_test").glob(f"serve-{self.proc.pid}/pangea.log"))
+        return logs[0].read_text(errors="replace") if logs else ""
+
 
 def peer_id_of(pyz: Path | str, home: NodeHome, timeout: float = 90.0) -> str:
     """`pangea.pyz id` for this home: the id to pass to --allow-peer elsewhere."""
@@ -208,14 +217,18 @@ def peer_id_of(pyz: Path | str, home: NodeHome, timeout: float = 90.0) -> str:
     return peer_id
 
 
-def start_serve(
+def launch_serve(
     pyz: Path | str, home: NodeHome, *args: str, name: str, rpc: str = "127.0.0.1:0", port: int = 0
-) -> ServeNode:
-    """Start `serve` on 127.0.0.1 (libp2p port 0 unless given), wait for its ready line, parse what it printed."""
+) -> Proc:
+    """Start `serve` on 127.0.0.1 (libp2p port 0 unless given) without waiting: several can start side by side."""
     cmd = [str(pyz), "serve", "--host", "127.0.0.1", "--port", str(port), "--rpc", rpc, *args]
-    proc = Proc(cmd, env=home.env, name=name)
+    return Proc(cmd, env=home.env, name=name)
+
+
+def serve_node(proc: Proc, home: NodeHome, ready_timeout: float = READY_TIMEOUT_S) -> ServeNode:
+    """Wait for a launched serve node's ready line and parse what it printed; stop it when that fails."""
     try:
-        proc.wait_for_line(r"^pangea: serving on /ip4/", stream="stdout")
+        proc.wait_for_line(r"^pangea: serving on /ip4/", timeout=ready_timeout, stream="stdout")
         peer_id = proc.wait_for_line(r"serve node, peer ID (12D3KooW\w+)$", stream="stdout").group(1)
         rpc_address = proc.wait_for_line(r"^RPC: (127\.0\.0\.1:\d+) \(", stream="stdout").group(1)
         address = proc.wait_for_line(rf"^  (/ip4/127\.0\.0\.1/tcp/\d+/p2p/{peer_id})$", stream="stdout").group(1)
@@ -225,3 +238,16 @@ def start_serve(
     urls = [line.removeprefix("Metrics: ") for line in proc.stdout_lines if line.startswith("Metrics: ")]
     assert len(urls) <= 1, proc.output()
     return ServeNode(proc, home, peer_id, rpc_address, address, urls[0] if urls else None)
+
+
+def start_serve(
+    pyz: Path | str,
+    home: NodeHome,
+    *args: str,
+    name: str,
+    rpc: str = "127.0.0.1:0",
+    port: int = 0,
+    ready_timeout: float = READY_TIMEOUT_S,
+) -> ServeNode:
+    """Start `serve` on 127.0.0.1 (libp2p port 0 unless given), wait for its ready line, parse what it printed."""
+    return serve_node(launch_serve(pyz, home, *args, name=name, rpc=rpc, port=port), home, ready_timeout)

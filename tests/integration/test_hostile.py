@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 
 import pytest
 from helpers import NodeHome, Proc, make_node_home
+from pyz_helpers import ServeNode, peer_id_of, start_serve
 
 HOSTILE = Path(__file__).resolve().parents[1] / "peers" / "hostile.py"
 HOSTILE_TIMEOUT_S = 240.0  # one hostile run, pyz start (and a cold extraction) included
@@ -37,46 +37,6 @@ ENDED = {"eof", "reset"}  # how a stream the node drops looks from the peer's si
 MIB = 1 << 20
 
 # ---------------------------------------------------------------- helpers
-
-
-@dataclass
-class ServeNode:
-    """One running `pangea.pyz serve` and what it printed."""
-
-    proc: Proc
-    home: NodeHome
-    peer_id: str
-    address: str  # its loopback multiaddr
-
-    def stderr_since(self, mark: int) -> list[str]:
-        return list(self.proc.stderr_lines[mark:])
-
-    def session_log(self) -> str:
-        """Its session log (pangea.log): INFO lines that do not reach stderr."""
-        logs = list((self.home.pangea_home / "compute_test").glob(f"serve-{self.proc.pid}/pangea.log"))
-        return logs[0].read_text(errors="replace") if logs else ""
-
-
-def peer_id_of(pyz: Path, home: NodeHome) -> str:
-    result = subprocess.run(
-        [str(pyz), "id"], env=home.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
-def start_serve(pyz: Path, home: NodeHome, *args: str, name: str) -> ServeNode:
-    """`serve` on 127.0.0.1 (port 0, RPC port 0); waits for its ready line."""
-    cmd = [str(pyz), "serve", "--host", "127.0.0.1", "--port", "0", "--rpc", "127.0.0.1:0", *args]
-    proc = Proc(cmd, env=home.env, name=name)
-    try:
-        proc.wait_for_line(r"^pangea: serving on /ip4/", stream="stdout", timeout=60)
-        peer_id = proc.wait_for_line(r"serve node, peer ID (12D3KooW\w+)$", stream="stdout").group(1)
-        address = proc.wait_for_line(rf"^  (/ip4/127\.0\.0\.1/tcp/\d+/p2p/{peer_id})$", stream="stdout").group(1)
-    except BaseException:
-        proc.stop()
-        raise
-    return ServeNode(proc=proc, home=home, peer_id=peer_id, address=address)
 
 
 @dataclass
@@ -161,7 +121,9 @@ def hostile(pyz: Path, tmp_path_factory: pytest.TempPathFactory) -> Hostile:
 @pytest.fixture(scope="module")
 def target_node(pyz: Path, hostile: Hostile, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeNode]:
     home = make_node_home(tmp_path_factory.mktemp("target"), "target")
-    node = start_serve(pyz, home, "--allow-peer", hostile.peer_id, "--handshake-timeout", "3", name="serve-target")
+    node = start_serve(
+        pyz, home, "--allow-peer", hostile.peer_id, "--handshake-timeout", "3", name="serve-target", ready_timeout=60
+    )
     with node.proc:
         yield node
 
@@ -179,7 +141,7 @@ def target(target_node: ServeNode) -> Iterator[ServeNode]:
 def slow_node(pyz: Path, hostile: Hostile, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeNode]:
     home = make_node_home(tmp_path_factory.mktemp("slow"), "slow")
     args = ("--allow-peer", hostile.peer_id, "--max-inflight", "4", "--fault", "slow=1")
-    node = start_serve(pyz, home, *args, name="serve-slow")
+    node = start_serve(pyz, home, *args, name="serve-slow", ready_timeout=60)
     with node.proc:
         yield node
 
@@ -200,7 +162,9 @@ def fresh_node(pyz: Path, hostile: Hostile, tmp_path: Path) -> Iterator[Any]:
 
     def start(*args: str) -> ServeNode:
         home = make_node_home(tmp_path, f"node{len(started)}")
-        node = start_serve(pyz, home, "--allow-peer", hostile.peer_id, *args, name=f"serve-{len(started)}")
+        node = start_serve(
+            pyz, home, "--allow-peer", hostile.peer_id, *args, name=f"serve-{len(started)}", ready_timeout=60
+        )
         started.append(node)
         return node
 
@@ -523,7 +487,9 @@ def cut_off_node(pyz: Path, hostile: Hostile, tmp_path_factory: pytest.TempPathF
     """A node with a 512 MiB budget, after a hostile run that announced 512 MiB of operands,
     sent 4 KiB of them and disconnected, then asked for a good task."""
     home = make_node_home(tmp_path_factory.mktemp("cut-off"), "node")
-    node = start_serve(pyz, home, "--allow-peer", hostile.peer_id, "--memory-budget-mib", "512", name="serve-cut-off")
+    node = start_serve(
+        pyz, home, "--allow-peer", hostile.peer_id, "--memory-budget-mib", "512", name="serve-cut-off", ready_timeout=60
+    )
     with node.proc:
         baseline = memory_kib(node.proc.pid)["VmRSS"]
         run = hostile.run(pyz, node.address, "mid-frame-disconnect", options=("--announce-mib", "512"))

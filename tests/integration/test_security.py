@@ -41,15 +41,18 @@ from pyz_helpers import (
     FAST,
     PAIR_TIMEOUT_S,
     RESPONDER_CONNECTED,
+    ServeNode,
     assert_expected_error,
     free_port,
     last_json,
     loopback_address,
     pairing_code,
     peer_id_from,
+    peer_id_of,
     run_pyz,
     session_dirs,
     start_initiator,
+    start_serve,
 )
 
 import pangea
@@ -63,38 +66,6 @@ REFUSED_LINE = r"^pangea: refused {role} {peer_id} at /ip4/127\.0\.0\.1/tcp/\d+:
 # ---------------------------------------------------------------- helpers
 # NOTE: the same small helpers as in test_hostile.py; importing them from there
 # would make mypy see that file under two module names.
-
-
-@dataclass
-class ServeNode:
-    """One running `pangea.pyz serve` and what it printed."""
-
-    proc: Proc
-    home: NodeHome
-    peer_id: str
-    rpc: str
-    address: str  # its loopback multiaddr
-
-
-def peer_id_of(pyz: Path, home: NodeHome) -> str:
-    result = run_pyz(pyz, ["id"], home.env)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
-def start_serve(pyz: Path, home: NodeHome, *args: str, name: str, port: int = 0) -> ServeNode:
-    """`serve` on 127.0.0.1 (RPC port 0); waits for its ready line."""
-    cmd = [str(pyz), "serve", "--host", "127.0.0.1", "--port", str(port), "--rpc", "127.0.0.1:0", *args]
-    proc = Proc(cmd, env=home.env, name=name)
-    try:
-        proc.wait_for_line(r"^pangea: serving on /ip4/", stream="stdout", timeout=60)
-        peer_id = proc.wait_for_line(r"serve node, peer ID (12D3KooW\w+)$", stream="stdout").group(1)
-        rpc = proc.wait_for_line(r"^RPC: (127\.0\.0\.1:\d+) \(", stream="stdout").group(1)
-        address = proc.wait_for_line(rf"^  (/ip4/127\.0\.0\.1/tcp/\d+/p2p/{peer_id})$", stream="stdout").group(1)
-    except BaseException:
-        proc.stop()
-        raise
-    return ServeNode(proc=proc, home=home, peer_id=peer_id, rpc=rpc, address=address)
 
 
 @dataclass
@@ -159,7 +130,7 @@ def serve(pyz: Path) -> Iterator[Callable[..., ServeNode]]:
     started: list[ServeNode] = []
 
     def start(home: NodeHome, *args: str, name: str, port: int = 0) -> ServeNode:
-        node = start_serve(pyz, home, *args, name=name, port=port)
+        node = start_serve(pyz, home, *args, name=name, port=port, ready_timeout=60)
         started.append(node)
         return node
 

@@ -32,7 +32,6 @@ import re
 import signal
 import socket
 import statistics
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +42,17 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import NodeHome, Proc, make_node_home
-from pyz_helpers import last_json, loopback_address, peer_id_from, printed_addresses, start_initiator
+from pyz_helpers import (
+    ServeNode,
+    last_json,
+    launch_serve,
+    loopback_address,
+    peer_id_from,
+    peer_id_of,
+    printed_addresses,
+    serve_node,
+    start_initiator,
+)
 
 from pangea import Client, TaskError, short_id
 
@@ -58,45 +67,9 @@ SHARE = re.compile(r"^ok: (\d+) rows in (\d+) blocks, busy (\d+)%$")
 
 
 # ---------------------------------------------------------------- serve nodes
-# NOTE: like test_rpc.py and test_serve.py, this file keeps its own copy of the
-# serve helpers (importing them from there would make mypy see a module twice).
-
-
-@dataclass
-class ServeNode:
-    """One running `pangea.pyz serve` and what it printed."""
-
-    proc: Proc
-    home: NodeHome
-    peer_id: str
-    rpc: str  # HOST:PORT of its RPC endpoint
-    address: str  # its loopback multiaddr, /ip4/127.0.0.1/tcp/N/p2p/<id>
-
-
-def peer_id_of(pyz: Path, home: NodeHome) -> str:
-    """`pangea.pyz id` for this home: the id to pass to --allow-peer elsewhere."""
-    result = subprocess.run(
-        [str(pyz), "id"], env=home.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=ID_TIMEOUT_S
-    )
-    assert result.returncode == 0, result.stderr
-    peer_id = result.stdout.strip()
-    assert re.fullmatch(r"12D3KooW[1-9A-HJ-NP-Za-km-z]+", peer_id), result.stdout
-    return peer_id
-
-
-def launch_serve(pyz: Path, home: NodeHome, *args: str, name: str) -> Proc:
-    """Start `pangea.pyz -v serve` on 127.0.0.1 (libp2p port 0, RPC port 0); -v logs tasks to stderr."""
-    cmd = [str(pyz), "-v", "serve", "--host", "127.0.0.1", "--port", "0", "--rpc", "127.0.0.1:0", *args]
-    return Proc(cmd, env=home.env, name=name)
-
-
-def serve_node(proc: Proc, home: NodeHome) -> ServeNode:
-    """Wait for a launched serve node's ready line and parse what it printed."""
-    proc.wait_for_line(r"^pangea: serving on /ip4/", timeout=READY_TIMEOUT_S, stream="stdout")
-    peer_id = proc.wait_for_line(r"serve node, peer ID (12D3KooW\w+)$", stream="stdout").group(1)
-    rpc = proc.wait_for_line(r"^RPC: (127\.0\.0\.1:\d+) \(", stream="stdout").group(1)
-    address = proc.wait_for_line(rf"^  (/ip4/127\.0\.0\.1/tcp/\d+/p2p/{peer_id})$", stream="stdout").group(1)
-    return ServeNode(proc=proc, home=home, peer_id=peer_id, rpc=rpc, address=address)
+def launch_worker_serve(pyz: Path, home: NodeHome, *args: str, name: str) -> Proc:
+    """Start `pangea.pyz serve -v` on 127.0.0.1 without waiting (-v logs tasks to stderr)."""
+    return launch_serve(pyz, home, "-v", *args, name=name)
 
 
 @dataclass
@@ -119,17 +92,21 @@ def running_cluster(
     each trusting A (and the ids in ``allow``); then A with ``--peer`` every worker.
     Waits until A has connected to all; stops A, then the workers."""
     home_a = make_node_home(base, "a")
-    trusted = [peer_id_of(pyz, home_a), *allow]
+    trusted = [peer_id_of(pyz, home_a, ID_TIMEOUT_S), *allow]
     allow_args = [arg for peer in trusted for arg in ("--allow-peer", peer)]
     with contextlib.ExitStack() as stack:
         launched = []
         for i, extra in enumerate(worker_args):
             home = make_node_home(base, f"w{i}")
-            proc = stack.enter_context(launch_serve(pyz, home, *allow_args, *extra, name=f"serve-w{i}"))
+            proc = stack.enter_context(launch_worker_serve(pyz, home, *allow_args, *extra, name=f"serve-w{i}"))
             launched.append((proc, home))
-        workers = [serve_node(proc, home) for proc, home in launched]  # they start side by side
+        workers = [serve_node(proc, home, READY_TIMEOUT_S) for proc, home in launched]  # they start side by side
         peers = [arg for w in workers for arg in ("--peer", w.address)]
-        a = serve_node(stack.enter_context(launch_serve(pyz, home_a, *peers, *a_args, name="serve-A")), home_a)
+        a = serve_node(
+            stack.enter_context(launch_worker_serve(pyz, home_a, *peers, *a_args, name="serve-A")),
+            home_a,
+            READY_TIMEOUT_S,
+        )
         for w in workers:
             a.proc.wait_for_line(rf"^pangea: connected to peer {w.peer_id}$", timeout=CONNECT_TIMEOUT_S)
         yield Cluster(a, workers)
@@ -406,9 +383,9 @@ STALL_S = 4.0  # the stall worker's --fault slow: every task it is given waits t
 def module_lab(pyz: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     base = tmp_path_factory.mktemp("workers-lab")
     spare = [make_node_home(base, name) for name in ("trusting", "fresh", "fresh2")]
-    allow = [peer_id_of(pyz, home) for home in spare]
+    allow = [peer_id_of(pyz, home, ID_TIMEOUT_S) for home in spare]
     ghost_home = make_node_home(base, "ghost")
-    ghost = peer_id_of(pyz, ghost_home)
+    ghost = peer_id_of(pyz, ghost_home, ID_TIMEOUT_S)
     with socket.socket() as probe:  # a port nothing listens on: the ghost's address
         probe.bind(("127.0.0.1", 0))
         ghost_port = probe.getsockname()[1]
@@ -449,8 +426,8 @@ def test_a_corrupt_peer_fails_verification_and_the_task_runs_elsewhere(lab: Lab)
 def fresh_node(pyz: Path, home: NodeHome, workers: Sequence[ServeNode], *args: str) -> Iterator[ServeNode]:
     """Start another A (one of the lab's spare homes) with --peer the given workers; wait until connected."""
     peers = [arg for w in workers for arg in ("--peer", w.address)]
-    with launch_serve(pyz, home, *peers, *args, name=f"serve-{home.root.name}") as proc:
-        node = serve_node(proc, home)
+    with launch_worker_serve(pyz, home, *peers, *args, name=f"serve-{home.root.name}") as proc:
+        node = serve_node(proc, home, READY_TIMEOUT_S)
         for w in workers:
             proc.wait_for_line(rf"^pangea: connected to peer {w.peer_id}$", timeout=CONNECT_TIMEOUT_S)
         yield node
