@@ -1631,7 +1631,7 @@ def _scaled(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     magnitude = np.where(np.isfinite(a), np.abs(a), 0)
     top = float(magnitude.max()) if magnitude.size else 0.0
     e = math.frexp(top)[1] if top > 0 else 0
-    scaled = _ldexp(a, -e)
+    scaled = np.array(_ldexp(a, -e))  # NOTE: an array even for 0-d a: written below
     # NOTE: an entry scaled down to 0 becomes the smallest subnormal of its sign instead: a
     # change the underflow allowance covers, and inf * it stays inf, not NaN as inf * 0.
     least = np.finfo(a.dtype).smallest_subnormal
