@@ -23,10 +23,13 @@ from pangea import (
     FREIVALDS_ROUNDS,
     KERNELS,
     MAX_RANDOM_ELEMENTS,
+    CheckFailed,
     KernelError,
     TaskError,
     check_result,
+    reference_result,
     run_kernel,
+    verify,
 )
 
 
@@ -558,3 +561,32 @@ def test_check_result_never_accuses_numpy_on_generated_inputs(kernel: str, data:
     other = reordered(case)
     if other is not None:
         assert _check(case, other) is None
+
+
+# ---------------------------------------------------------------- the initiator's own comparison with numpy
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CORPUS if c.kernel not in ("solve", "inverse") or c.operands[0].size], ids=lambda c: c.id
+)
+def test_verify_accepts_numpys_result_on_awkward_inputs(case: Case) -> None:
+    expected = reference_result(case.kernel, case.operands, case.params)
+    (got,) = run_kernel(case.kernel, case.operands, case.params)
+    assert isinstance(verify(case.id, got, np.asarray(expected), case.operands, case.params, kernel=case.kernel), float)
+    other = reordered(case)
+    if other is not None:
+        verify(case.id, other, np.asarray(expected), case.operands, case.params, kernel=case.kernel)
+
+
+def test_verify_nan_and_ints_without_operands_and_lies() -> None:
+    a = with_values(np.ones(5), np.nan)
+    assert verify("add", a + a, a + a) == 0.0
+    wrap = np.full(3, (1 << 62) + 1, np.int64)
+    verify("multiply", wrap * wrap, wrap * wrap)
+    with pytest.raises(CheckFailed, match="differs from local numpy"):
+        verify("multiply", wrap * wrap + 1, wrap * wrap)
+    g = np.random.default_rng(3).standard_normal((50, 50))
+    with pytest.raises(CheckFailed, match="Freivalds"):
+        verify("gathered matmul", lie("relative", g @ g), g @ g, (g, g), kernel="matmul")
+    with pytest.raises(CheckFailed, match="dtype"):
+        verify("matmul", (g @ g).astype(np.float32), g @ g, (g, g))
