@@ -685,7 +685,8 @@ def parse_trusted_peers(text: str) -> tuple[set[str], list[str]]:
 class Fault:
     """A fault a worker injects on purpose: a TEST AID for the failure tests, never for real use.
 
-    corrupt: return wrong numbers; crash-after=N: exit abruptly when task N+1
+    corrupt: return wrong numbers; lie=KIND: tell one small lie per result (see
+    small_lie); crash-after=N: exit abruptly when task N+1
     arrives; slow=SECONDS: stall that long before each task; data-via=HOST:PORT:
     dial the peer's data plane through that address (a test's proxy that alters,
     replays or impersonates)."""
@@ -695,12 +696,45 @@ class Fault:
     text: str = ""
 
 
+SMALL_LIES = ("relative", "sign", "swap", "nan", "plus-one")
+
+
+def small_lie(kind: str, result: np.ndarray) -> np.ndarray:
+    """A copy of ``result`` with one small lie of ``kind`` where it can be told (TEST AID, --fault lie=KIND).
+
+    relative: the largest finite entry off by 1e-6 relative; sign: its sign
+    flipped; swap: the first and last rows (or entries) swapped; nan: the first
+    entry NaN (or 0 when it is NaN or inf already); plus-one: the first entry plus one."""
+    import numpy as np
+
+    out = np.array(result, copy=True)
+    flat = out.reshape(-1)
+    if not flat.size:
+        return out
+    top = int(np.argmax(np.where(np.isfinite(flat), np.abs(flat), -1)))
+    with np.errstate(all="ignore"):  # NOTE: -(-2**63) wraps to itself; integers wrap as numpy's do
+        if kind == "relative" and out.dtype.kind in "fc":
+            flat[top] = flat[top] * (1 + 1e-6)
+        elif kind == "sign":
+            flat[top] = -flat[top]
+        elif kind == "swap" and (out if out.ndim else flat).shape[0] > 1:
+            rows = out if out.ndim else flat
+            rows[[0, -1]] = rows[[-1, 0]]
+        elif kind == "nan" and out.dtype.kind in "fc":
+            flat[0] = 0 if not np.isfinite(flat[0]) else np.nan
+        elif kind == "plus-one":
+            flat[0] = flat[0] + 1
+    return out
+
+
 def parse_fault(text: str) -> Fault:
-    """Parse --fault corrupt | crash-after=N | slow=SECONDS; raise UsageError otherwise."""
+    """Parse --fault corrupt | lie=KIND | crash-after=N | slow=S | data-via=HOST:PORT; else raise UsageError."""
     name, _, value = text.partition("=")
     try:
         if name == "corrupt" and not value:
             return Fault("corrupt")
+        if name == "lie" and value in SMALL_LIES:
+            return Fault("lie", text=value)
         if name == "crash-after" and value.isdigit():
             return Fault("crash-after", float(value))
         if name == "slow" and 0 <= float(value) <= 3600:
@@ -711,7 +745,10 @@ def parse_fault(text: str) -> Fault:
                 return Fault("data-via", float(port), host.strip("[]"))
     except ValueError:
         pass
-    raise UsageError(f"bad --fault {text!r}: expected corrupt, crash-after=N, slow=SECONDS or data-via=HOST:PORT")
+    raise UsageError(
+        f"bad --fault {text!r}: expected corrupt, lie={'|'.join(SMALL_LIES)}, crash-after=N, slow=SECONDS"
+        " or data-via=HOST:PORT"
+    )
 
 
 def parse_psk(text: str) -> str:
@@ -4254,7 +4291,9 @@ class Node:
             await trio.sleep(self.fault.value)
 
     def inject_fault_into(self, outputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-        """TEST AID (--fault corrupt): return slightly wrong numbers."""
+        """TEST AID (--fault corrupt, --fault lie=KIND): return slightly wrong numbers."""
+        if self.fault is not None and self.fault.kind == "lie":
+            return tuple(small_lie(self.fault.text, out) for out in outputs)
         if self.fault is None or self.fault.kind != "corrupt":
             return outputs
         wrong = []
@@ -6737,8 +6776,9 @@ def fault_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fault",
         type=parse_fault,
-        metavar="corrupt|crash-after=N|slow=SECONDS|data-via=HOST:PORT",
-        help="TEST AID: make this worker return wrong numbers, exit abruptly after N tasks, stall before each task, "
+        metavar="corrupt|lie=KIND|crash-after=N|slow=SECONDS|data-via=HOST:PORT",
+        help="TEST AID: make this worker return wrong numbers (lie=relative|sign|swap|nan|plus-one: one small lie "
+        "per result), exit abruptly after N tasks, stall before each task, "
         "or dial the peer's data plane through a test's proxy",
     )
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pangea import SMALL_LIES, small_lie
+
 
 @dataclass
 class Case:
@@ -196,32 +198,5 @@ def reordered(case: Case) -> np.ndarray | None:
 
 # ---------------------------------------------------------------- lies
 
-LIES = ("relative", "sign", "swap", "nan", "plus-one")
-
-
-def lie(kind: str, result: np.ndarray) -> np.ndarray:
-    """``result`` with one small lie, where it can be told (or unchanged):
-
-    relative: the largest entry off by 1e-6 relative; sign: its sign flipped;
-    swap: the first and last rows (or entries) swapped; nan: the first entry NaN
-    (or 0 when it already was NaN or inf); plus-one: the first entry plus one."""
-    out = result.copy()
-    flat = out.reshape(-1)
-    if not flat.size:
-        return out
-    magnitude = np.where(np.isfinite(flat), np.abs(flat), -1)
-    top = int(np.argmax(magnitude))
-    if kind == "relative" and out.dtype.kind in "fc":
-        flat[top] = flat[top] * (1 + 1e-6)
-    elif kind == "sign":
-        with np.errstate(over="ignore"):  # NOTE: -(-2**63) wraps to itself; the largest is never that
-            flat[top] = -flat[top]
-    elif kind == "swap":
-        rows = out if out.ndim else flat
-        if rows.shape[0] > 1:
-            rows[[0, -1]] = rows[[-1, 0]]
-    elif kind == "nan" and out.dtype.kind in "fc":
-        flat[0] = 0 if not np.isfinite(flat[0]) else np.nan
-    elif kind == "plus-one":
-        flat[0] = flat[0] + 1
-    return out
+LIES = SMALL_LIES
+lie = small_lie  # the worker's --fault lie=KIND tells exactly these

@@ -24,9 +24,12 @@ from pangea import (
     KERNELS,
     MAX_RANDOM_ELEMENTS,
     CheckFailed,
+    Fault,
     KernelError,
     TaskError,
+    UsageError,
     check_result,
+    parse_fault,
     reference_result,
     run_kernel,
     verify,
@@ -590,3 +593,14 @@ def test_verify_nan_and_ints_without_operands_and_lies() -> None:
         verify("gathered matmul", lie("relative", g @ g), g @ g, (g, g), kernel="matmul")
     with pytest.raises(CheckFailed, match="dtype"):
         verify("matmul", (g @ g).astype(np.float32), g @ g, (g, g))
+
+
+@pytest.mark.parametrize("kind", ["relative", "sign", "swap", "nan", "plus-one"])
+def test_parse_fault_lie_names_a_small_lie(kind: str) -> None:
+    assert parse_fault(f"lie={kind}") == Fault("lie", text=kind)
+
+
+@pytest.mark.parametrize("text", ["lie", "lie=", "lie=big", "lie=sign=1"])
+def test_parse_fault_unknown_lie_is_a_usage_error(text: str) -> None:
+    with pytest.raises(UsageError, match="lie=relative"):
+        parse_fault(text)
