@@ -1658,16 +1658,25 @@ def _ldexp(a: np.ndarray, exp: int) -> np.ndarray:
     return out
 
 
-def _scaled(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Return (a * 2**-e, |finite part of a| * 2**-e, e), e the binary exponent of a's largest finite magnitude.
+# Operands whose largest magnitude is within 2**+-400 are not scaled: a sum of
+# fewer than 2**200 products of two of them stays far below the overflow
+# threshold (2**1024), and underflow is covered by the bounds' absolute term.
+SCALE_FREE_EXP = 400
 
-    At this scale the finite entries are at most 1, so no sum of k products of
-    scaled operands can overflow: it is at most k."""
+
+def _scaled(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Return (a * 2**-e, |finite part of a| * 2**-e, e), e the binary exponent of a's largest finite magnitude
+    (0, and a itself, when that is within 2**+-SCALE_FREE_EXP).
+
+    At this scale the finite entries are at most 1 (or 2**400), so no sum of k
+    products of scaled operands can overflow."""
     import numpy as np
 
     magnitude = np.where(np.isfinite(a), np.abs(a), 0)
     top = float(magnitude.max()) if magnitude.size else 0.0
     e = math.frexp(top)[1] if top > 0 else 0
+    if -SCALE_FREE_EXP <= e <= SCALE_FREE_EXP:
+        return a, magnitude, 0  # no sum of two such operands' products can overflow: no copy
     scaled = np.array(_ldexp(a, -e))  # NOTE: an array even for 0-d a: written below
     # NOTE: an entry scaled down to 0 becomes the smallest subnormal of its sign instead: a
     # change the underflow allowance covers, and inf * it stays inf, not NaN as inf * 0.
@@ -1830,11 +1839,12 @@ def _check_matmul_exceptional(a: np.ndarray, b: np.ndarray, c: np.ndarray, r: np
     p = b.shape[1]
     want = c.dtype
     with np.errstate(all="ignore"):
-        fin_a = np.isfinite(a)
-        bad_rows = ~fin_a.all(axis=1)
+        bad_rows = ~np.isfinite(a).all(axis=1)
         bad_cols = ~np.isfinite(b).all(axis=0)
         keep = ~bad_cols
-        left, right, bound = _freivalds(np.where(fin_a, a, 0), b[:, keep], c[:, keep], r[keep])
+        # NOTE: the rows of A with inf or NaN give garbage here, but they are not clean: left out
+        finite = (b, c, r) if keep.all() else (b[:, keep], c[:, keep], r[keep])
+        left, right, bound = _freivalds(a, *finite)
         clean = ~bad_rows & np.isfinite(left).all(1) & np.isfinite(right).all(1) & np.isfinite(bound).all(1)
         if not (np.abs(left[clean] - right[clean]) <= bound[clean]).all():
             return _FREIVALDS_FAILED
@@ -1853,15 +1863,18 @@ def _check_matmul_exceptional(a: np.ndarray, b: np.ndarray, c: np.ndarray, r: np
     a_s, a_mag, a_exp = _scaled(a.astype(want, copy=False))
     b_s, b_mag, b_exp = _scaled(b.astype(want, copy=False))
     with np.errstate(all="ignore"):
-        for rr, cc in ((rows, slice(None)), (others, cols)):
-            if not rr.size:
+        for rr, cc in ((rows, np.arange(p)), (others, cols)):
+            if not rr.size or not cc.size:
                 continue
-            got = c[rr][:, cc]
-            ref_s = a_s[rr] @ b_s[:, cc]
-            bad = _sum_mismatches(got, ref_s, a_mag[rr] @ b_mag[:, cc], a_exp + b_exp, k, want)
+            if rr.size * 4 < m:  # a few rows of A times B
+                got, ref_s, mag_s = c[rr], a_s[rr] @ b_s, a_mag[rr] @ b_mag
+                got, ref_s, mag_s = (x[:, cc] for x in (got, ref_s, mag_s)) if cc.size < p else (got, ref_s, mag_s)
+            else:  # A times a few columns of B: no copy of A's rows
+                got, ref_s, mag_s = (x[rr] for x in (c[:, cc], a_s @ b_s[:, cc], a_mag @ b_mag[:, cc]))
+            bad = _sum_mismatches(got, ref_s, mag_s, a_exp + b_exp, k, want)
             if bad.any():
                 i, j = (int(x) for x in np.unravel_index(int(np.argmax(bad)), bad.shape))
-                row, col = int(rr[i]), int(np.arange(p)[cc][j])
+                row, col = int(rr[i]), int(cc[j])
                 near = _ldexp(ref_s[i : i + 1, j], a_exp + b_exp)[0]
                 return f"matmul: the result is wrong at [{row}, {col}] (got {c[row, col]!r}, numpy gives ~{near!r})"
     return None

@@ -604,3 +604,18 @@ def test_parse_fault_lie_names_a_small_lie(kind: str) -> None:
 def test_parse_fault_unknown_lie_is_a_usage_error(text: str) -> None:
     with pytest.raises(UsageError, match="lie=relative"):
         parse_fault(text)
+
+
+def test_check_result_many_rows_reached_by_nan_are_sampled_within_the_budget(monkeypatch: Any) -> None:
+    """Every row of A has an inf or NaN: more entries than the budget recomputes; a sample is, honest passes."""
+    rng = np.random.default_rng(8)
+    a, b = rng.standard_normal((300, 300)), rng.standard_normal((300, 300))
+    a[np.arange(300), rng.integers(0, 300, 300)] = rng.choice([np.nan, np.inf, -np.inf], 300)
+    case = Case("matmul", "matmul", [a, b])
+    (result,) = run_kernel("matmul", case.operands)
+    monkeypatch.setattr("pangea.RECOMPUTE_FLOOR", 0)
+    for seed in range(3):
+        assert _check(case, result, seed) is None
+    finite = result.copy()
+    finite[17, 3] = 1.0  # a finite entry in a row an inf or NaN reaches: caught without recomputing
+    assert "finite where an operand's inf or NaN" in str(_check(case, finite))
