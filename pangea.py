@@ -1756,24 +1756,26 @@ def _first_wrong(kernel: str, mask: np.ndarray, got: np.ndarray, want: np.ndarra
     return f"{kernel}: the result is wrong{where} ({detail}; {int(mask.sum())} wrong entries)"
 
 
-ABS_BLOCK_BYTES = 1 << 18  # |X| @ v a block of rows at a time, in cache: no fresh n^2 array
+ABS_BLOCK_BYTES = 1 << 18  # X @ v and |X| @ w a block of rows at a time, in cache: no fresh n^2 array
 
 
-def _abs_matmul(x: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """|x| @ v for a 2-D x and a thin v, without allocating |x| whole."""
+def _and_abs_matmul(x: np.ndarray, v: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x @ v, |x| @ w) for a 2-D x and thin v, w: a block of x's rows at a time, read from memory
+    once for both and never allocating |x| whole."""
     import numpy as np
 
     rows = max(1, ABS_BLOCK_BYTES // max(1, x.shape[1] * x.itemsize))
     if rows >= x.shape[0]:
-        return np.abs(x) @ v
+        return x @ v, np.abs(x) @ w
     real = np.abs(x[:0]).dtype
-    out = np.empty((x.shape[0], v.shape[1]), dtype=np.result_type(real, v.dtype))
+    plain = np.empty((x.shape[0], v.shape[1]), dtype=np.result_type(x.dtype, v.dtype))
+    magnitude = np.empty((x.shape[0], w.shape[1]), dtype=np.result_type(real, w.dtype))
     buf = np.empty((rows, x.shape[1]), dtype=real)
     for start in range(0, x.shape[0], rows):
         block = x[start : start + rows]
-        part = np.abs(block, out=buf[: block.shape[0]])
-        out[start : start + rows] = part @ v
-    return out
+        plain[start : start + rows] = block @ v
+        magnitude[start : start + rows] = np.abs(block, out=buf[: block.shape[0]]) @ w
+    return plain, magnitude
 
 
 def _freivalds(a: np.ndarray, b: np.ndarray, c: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1797,9 +1799,10 @@ def _freivalds(a: np.ndarray, b: np.ndarray, c: np.ndarray, r: np.ndarray) -> tu
     under = 4 * (p + 1) * tiny / scale
     # NOTE: |C||r| <= (1 + gamma_k) |A|(|B||r|) for an honest C, so the bound uses twice
     # |A|(|B||r|): one pass over |C| less, and a lying C cannot widen its own bound.
-    magnitude = 2 * _abs_matmul(a, _abs_matmul(b, abs_r) + under)
-    bound = scale * magnitude + 4 * (p + 1) * (k + 2) * tiny
-    return c @ r, a @ (b @ r), bound
+    b_r, abs_b_r = _and_abs_matmul(b, r, abs_r)
+    right, magnitude = _and_abs_matmul(a, b_r, abs_b_r + under)
+    bound = scale * 2 * magnitude + 4 * (p + 1) * (k + 2) * tiny
+    return c @ r, right, bound
 
 
 def _check_matmul_int(a: np.ndarray, b: np.ndarray, c: np.ndarray, gen: Any, rounds: int) -> str | None:
