@@ -1614,13 +1614,14 @@ FREIVALDS_ROUNDS = 2  # columns of r; one wrong entry is caught by each (see _ch
 # complex arithmetic adds sqrt(2) and 2 to k (Higham, "Accuracy and Stability
 # of Numerical Algorithms", 2nd ed., sections 3.1 and 3.6). Each bound below is
 # that worst case times a slack of 2 or more, so an honest worker is never
-# accused; a lie larger than it is always caught. NaN and inf follow IEEE (and
+# accused; a lie larger than it is caught (matmul entries that inf or NaN
+# reach beyond the recompute budget: with the probability of the sample). NaN and inf follow IEEE (and
 # numpy): where an operand's inf or NaN enters a sum the result is inf or NaN
 # in every order; where the magnitude of finite terms reaches the overflow
 # threshold, an order may overflow (to either sign, or NaN) or not. Integer
 # results wrap modulo 2**bits exactly as numpy's do, and are compared exactly.
 SUM_SLACK = 2.0  # two honest sums differ by at most 2*gamma_k*sum|terms| ~ k*eps*sum|terms|
-FREIVALDS_SLACK = 3.0  # the Freivalds chain's worst case is 1.5*n*eps*(|A||B||r| + |C||r|), see _freivalds
+FREIVALDS_SLACK = 3.0  # the Freivalds chain's worst case is ~2*n*eps*|A|(|B||r|), see _freivalds
 SOLVE_SLACK = 4.0  # LU with partial pivoting: ||A x - b|| <= ~n*eps*(||A|| ||x|| + ||b||) at moderate pivot growth
 # Entries the Freivalds check cannot judge (inf or NaN reached their row) are
 # recomputed here, at most this many times the multiply-adds of the check
@@ -1833,7 +1834,7 @@ def _check_matmul_exceptional(a: np.ndarray, b: np.ndarray, c: np.ndarray, r: np
 
     A row of A with an inf or NaN makes that row of C non-finite, a column of B
     so its column; those are left out of the Freivalds check (r restricted to
-    B's finite columns, A's non-finite entries zeroed), and they, and the rows
+    B's finite columns, A's rows with inf or NaN skipped), and they, and the rows
     whose check overflowed, are recomputed here from scaled operands (within a
     budget of a few Freivalds passes; a random sample when there are more)."""
     import numpy as np
