@@ -685,7 +685,8 @@ def parse_trusted_peers(text: str) -> tuple[set[str], list[str]]:
 class Fault:
     """A fault a worker injects on purpose: a TEST AID for the failure tests, never for real use.
 
-    corrupt: return wrong numbers; crash-after=N: exit abruptly when task N+1
+    corrupt: return wrong numbers; lie=KIND: tell one small lie per result (see
+    small_lie); crash-after=N: exit abruptly when task N+1
     arrives; slow=SECONDS: stall that long before each task; data-via=HOST:PORT:
     dial the peer's data plane through that address (a test's proxy that alters,
     replays or impersonates)."""
@@ -695,12 +696,45 @@ class Fault:
     text: str = ""
 
 
+SMALL_LIES = ("relative", "sign", "swap", "nan", "plus-one")
+
+
+def small_lie(kind: str, result: np.ndarray) -> np.ndarray:
+    """A copy of ``result`` with one small lie of ``kind`` where it can be told (TEST AID, --fault lie=KIND).
+
+    relative: the largest finite entry off by 1e-6 relative; sign: its sign
+    flipped; swap: the first and last rows (or entries) swapped; nan: the first
+    entry NaN (or 0 when it is NaN or inf already); plus-one: the first entry plus one."""
+    import numpy as np
+
+    out = np.array(result, copy=True)
+    flat = out.reshape(-1)
+    if not flat.size:
+        return out
+    top = int(np.argmax(np.where(np.isfinite(flat), np.abs(flat), -1)))
+    with np.errstate(all="ignore"):  # NOTE: -(-2**63) wraps to itself; integers wrap as numpy's do
+        if kind == "relative" and out.dtype.kind in "fc":
+            flat[top] = flat[top] * (1 + 1e-6)
+        elif kind == "sign":
+            flat[top] = -flat[top]
+        elif kind == "swap" and (out if out.ndim else flat).shape[0] > 1:
+            rows = out if out.ndim else flat
+            rows[[0, -1]] = rows[[-1, 0]]
+        elif kind == "nan" and out.dtype.kind in "fc":
+            flat[0] = 0 if not np.isfinite(flat[0]) else np.nan
+        elif kind == "plus-one":
+            flat[0] = flat[0] + 1
+    return out
+
+
 def parse_fault(text: str) -> Fault:
-    """Parse --fault corrupt | crash-after=N | slow=SECONDS; raise UsageError otherwise."""
+    """Parse --fault corrupt | lie=KIND | crash-after=N | slow=S | data-via=HOST:PORT; else raise UsageError."""
     name, _, value = text.partition("=")
     try:
         if name == "corrupt" and not value:
             return Fault("corrupt")
+        if name == "lie" and value in SMALL_LIES:
+            return Fault("lie", text=value)
         if name == "crash-after" and value.isdigit():
             return Fault("crash-after", float(value))
         if name == "slow" and 0 <= float(value) <= 3600:
@@ -711,7 +745,10 @@ def parse_fault(text: str) -> Fault:
                 return Fault("data-via", float(port), host.strip("[]"))
     except ValueError:
         pass
-    raise UsageError(f"bad --fault {text!r}: expected corrupt, crash-after=N, slow=SECONDS or data-via=HOST:PORT")
+    raise UsageError(
+        f"bad --fault {text!r}: expected corrupt, lie={'|'.join(SMALL_LIES)}, crash-after=N, slow=SECONDS"
+        " or data-via=HOST:PORT"
+    )
 
 
 def parse_psk(text: str) -> str:
@@ -1568,18 +1605,424 @@ def run_kernel(
     return tuple(np.asarray(o) if np.asarray(o).flags.c_contiguous else np.asarray(o).copy(order="C") for o in outputs)
 
 
-FREIVALDS_ROUNDS = 2  # each round misses a wrong product with probability ~0 for normal vectors
+FREIVALDS_ROUNDS = 2  # columns of r; one wrong entry is caught by each (see _check_matmul)
+
+# How the checks judge a floating-point result. An honest worker runs the same
+# numpy, but maybe another BLAS kernel, blocking or FMA use, so its sums are
+# added in another order. Any order of a sum of k products is within
+# gamma_k * sum|products| of the exact sum, gamma_k = k*u/(1-k*u), u = eps/2;
+# complex arithmetic adds sqrt(2) and 2 to k (Higham, "Accuracy and Stability
+# of Numerical Algorithms", 2nd ed., sections 3.1 and 3.6). Each bound below is
+# that worst case times a slack of 2 or more, so an honest worker is never
+# accused; a lie larger than it is caught (matmul entries that inf or NaN
+# reach beyond the recompute budget: with the probability of the sample). NaN and inf follow IEEE (and
+# numpy): where an operand's inf or NaN enters a sum the result is inf or NaN
+# in every order; where the magnitude of finite terms reaches the overflow
+# threshold, an order may overflow (to either sign, or NaN) or not. Integer
+# results wrap modulo 2**bits exactly as numpy's do, and are compared exactly.
+SUM_SLACK = 2.0  # two honest sums differ by at most 2*gamma_k*sum|terms| ~ k*eps*sum|terms|
+FREIVALDS_SLACK = 3.0  # the Freivalds chain's worst case is ~2*n*eps*|A|(|B||r|), see _freivalds
+SOLVE_SLACK = 4.0  # LU with partial pivoting: ||A x - b|| <= ~n*eps*(||A|| ||x|| + ||b||) at moderate pivot growth
+# Entries the Freivalds check cannot judge (inf or NaN reached their row) are
+# recomputed here, at most this many times the multiply-adds of the check
+# itself, or this floor; beyond it a random sample of them.
+RECOMPUTE_FACTOR = 16
+RECOMPUTE_FLOOR = 1 << 22  # ~4 M multiply-adds, a few ms: small products are simply recomputed
+
+_FREIVALDS_FAILED = "matmul: the result fails Freivalds' check (C @ r != A @ (B @ r) beyond the rounding-error bound)"
 
 
-def _nearly_equal(got: np.ndarray, expected: np.ndarray, dtype: Any) -> bool:
+def _eps_tiny(dtype: Any) -> tuple[float, float]:
+    """(machine epsilon, smallest normal number) of an inexact dtype's real part."""
     import numpy as np
 
-    if got.shape == expected.shape and np.array_equal(got, expected):
-        return True  # the common case, and much cheaper than allclose on small arrays
-    loose = np.dtype(dtype).kind == "f" and np.dtype(dtype).itemsize == 4 or np.dtype(dtype) == np.complex64
-    rtol = 1e-3 if loose else 1e-7
-    scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
-    return bool(np.allclose(got, expected, rtol=rtol, atol=rtol * scale))
+    info = np.finfo(dtype)
+    return float(info.eps), float(info.tiny)
+
+
+def _safe_ldexp(x: float, exp: int) -> float:
+    """x * 2**exp as a Python float; inf when that overflows."""
+    try:
+        return math.ldexp(x, exp)
+    except OverflowError:
+        return math.inf
+
+
+def _ldexp(a: np.ndarray, exp: int) -> np.ndarray:
+    """a * 2**exp, exact but for underflow, for real and complex arrays; keeps NaN and inf."""
+    import numpy as np
+
+    if a.dtype.kind != "c":
+        return np.ldexp(a, exp)
+    out = np.empty_like(a)
+    out.real, out.imag = np.ldexp(a.real, exp), np.ldexp(a.imag, exp)
+    return out
+
+
+# Operands whose largest magnitude is within 2**+-400 are not scaled: a sum of
+# fewer than 2**200 products of two of them stays far below the overflow
+# threshold (2**1024), and underflow is covered by the bounds' absolute term.
+SCALE_FREE_EXP = 400
+
+
+def _scaled(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Return (a * 2**-e, |finite part of a| * 2**-e, e), e the binary exponent of a's largest finite magnitude
+    (0, and a itself, when that is within 2**+-SCALE_FREE_EXP).
+
+    At this scale the finite entries are at most 1 (or 2**400), so no sum of k
+    products of scaled operands can overflow."""
+    import numpy as np
+
+    magnitude = np.where(np.isfinite(a), np.abs(a), 0)
+    top = float(magnitude.max()) if magnitude.size else 0.0
+    e = math.frexp(top)[1] if top > 0 else 0
+    if -SCALE_FREE_EXP <= e <= SCALE_FREE_EXP:
+        return a, magnitude, 0  # no sum of two such operands' products can overflow: no copy
+    scaled = np.array(_ldexp(a, -e))  # NOTE: an array even for 0-d a: written below
+    # NOTE: an entry scaled down to 0 becomes the smallest subnormal of its sign instead: a
+    # change the underflow allowance covers, and inf * it stays inf, not NaN as inf * 0.
+    least = np.finfo(a.dtype).smallest_subnormal
+    for part, original in ((scaled.real, a.real), (scaled.imag, a.imag)) if a.dtype.kind == "c" else ((scaled, a),):
+        lost = (part == 0) & (original != 0)
+        part[lost] = np.copysign(least, original[lost])
+    return scaled, np.ldexp(magnitude, -e), e
+
+
+def _sum_mismatches(
+    got: np.ndarray, ref_s: np.ndarray, mag_s: np.ndarray, shift: int, terms: int, dtype: Any
+) -> np.ndarray:
+    """Mask of the entries of ``got`` that no honest order of their sums can give.
+
+    ``ref_s`` is each sum and ``mag_s`` the sum of its finite terms' magnitudes,
+    computed here from operands scaled by powers of two whose exponents add up
+    to ``shift`` (nothing overflows at that scale); ``terms`` products per entry."""
+    import numpy as np
+
+    eps, tiny = _eps_tiny(dtype)
+    top = float(np.finfo(dtype).max)
+    with np.errstate(all="ignore"):
+        scaled = _ldexp(got, -shift)  # exact but for underflow, which the absolute term covers
+        # Underflow: a product may lose up to `tiny` (a worker that flushes subnormals to
+        # zero), on the worker (unscaled) and here (scaled), and scaling `got` rounds once.
+        floor = 4 * (terms + 2) * (tiny + _safe_ldexp(tiny, -shift))
+        bound = SUM_SLACK * (terms + 2) * eps * mag_s + floor
+        # Finite terms this large (half the largest float, unscaled) may overflow a partial sum;
+        # +inf needs the positive terms that large, -inf the negative ones, NaN both.
+        limit = _safe_ldexp(top / 2, -shift)
+        overflow = mag_s >= limit
+        fin_got, fin_scaled, fin_ref = np.isfinite(got), np.isfinite(scaled), np.isfinite(ref_s)
+        bad = fin_scaled & fin_ref & ~(np.abs(scaled - ref_s) <= bound)
+        bad |= fin_got & ~fin_ref  # an inf or NaN term makes the sum non-finite in every order
+        bad |= ~fin_scaled & fin_ref & ~overflow
+        if np.dtype(dtype).kind != "c":
+            # |t| + t = 2 max(t, 0): the positive terms sum to (mag + ref) / 2, within the bound
+            positive = (mag_s + ref_s) / 2 + bound >= limit
+            negative = (mag_s - ref_s) / 2 + bound >= limit
+            possible = np.where(np.isnan(got), positive & negative, np.where(got > 0, positive, negative))
+            bad |= ~fin_got & fin_ref & ~possible
+        if np.dtype(dtype).kind != "c":  # complex inf and NaN parts differ between formulas: any non-finite
+            same = (np.isnan(got) & np.isnan(ref_s)) | (got == ref_s)
+            bad |= ~fin_got & ~fin_ref & ~overflow & ~same
+    return np.asarray(bad)
+
+
+def _exact_mismatches(got: np.ndarray, want: np.ndarray, tol: np.ndarray | None = None) -> np.ndarray:
+    """Mask of the entries where ``got`` is not numpy's correctly rounded ``want``.
+
+    NaN matches NaN; inf matches inf of its sign. ``tol``: a per-entry rounding
+    allowance (complex products may be formed with or without FMA)."""
+    import numpy as np
+
+    if want.dtype.kind not in "fc":
+        return np.asarray(got != want)
+    _, tiny = _eps_tiny(want.dtype)
+    with np.errstate(all="ignore"):
+        same = (got == want) | (np.isnan(got) & np.isnan(want))
+        # NOTE: `tiny`: a worker whose FPU flushes subnormal results to zero is honest
+        same |= np.abs(got - want) <= (tiny if tol is None else tol + tiny)
+        if tol is not None and want.dtype.kind == "c":
+            same |= ~np.isfinite(got) & ~np.isfinite(want)
+    return np.asarray(~same)
+
+
+def _first_wrong(kernel: str, mask: np.ndarray, got: np.ndarray, want: np.ndarray | None = None) -> str | None:
+    """None when ``mask`` is all False, else a message naming the first wrong entry."""
+    import numpy as np
+
+    if not mask.any():
+        return None
+    index = tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape))
+    where = f" at {list(index)}" if index else ""
+    detail = f"got {got[index]!r}" + (f", numpy gives {want[index]!r}" if want is not None else "")
+    return f"{kernel}: the result is wrong{where} ({detail}; {int(mask.sum())} wrong entries)"
+
+
+ABS_BLOCK_BYTES = 1 << 18  # X @ v and |X| @ w a block of rows at a time, in cache: no fresh n^2 array
+
+
+def _and_abs_matmul(x: np.ndarray, v: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x @ v, |x| @ w) for a 2-D x and thin v, w: a block of x's rows at a time, read from memory
+    once for both and never allocating |x| whole."""
+    import numpy as np
+
+    rows = max(1, ABS_BLOCK_BYTES // max(1, x.shape[1] * x.itemsize))
+    if rows >= x.shape[0]:
+        return x @ v, np.abs(x) @ w
+    real = np.abs(x[:0]).dtype
+    plain = np.empty((x.shape[0], v.shape[1]), dtype=np.result_type(x.dtype, v.dtype))
+    magnitude = np.empty((x.shape[0], w.shape[1]), dtype=np.result_type(real, w.dtype))
+    buf = np.empty((rows, x.shape[1]), dtype=real)
+    for start in range(0, x.shape[0], rows):
+        block = x[start : start + rows]
+        plain[start : start + rows] = block @ v
+        magnitude[start : start + rows] = np.abs(block, out=buf[: block.shape[0]]) @ w
+    return plain, magnitude
+
+
+def _freivalds(a: np.ndarray, b: np.ndarray, c: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (C r, A (B r), the rounding-error bound of their difference), element-wise.
+
+    With C = A B + E, |E| <= gamma_k |A||B| (any summation order), and the three
+    products formed here each adding gamma of its length: |C r - A (B r)| <=
+    gamma_n (3 |A|(|B||r|) + |C||r|) <= 2 n eps |A|(|B||r|), n = max(k, p)
+    (gamma_n ~ n eps / 2); complex: sqrt(2) and n + 2. The bound is
+    FREIVALDS_SLACK * (n + 2) * eps * 2 |A|(|B||r|): three times the real worst
+    case. O(n^2): every product is with a vector."""
+    import numpy as np
+
+    k, p = b.shape
+    eps, tiny = _eps_tiny(c.dtype)
+    n = max(k, p)
+    scale = FREIVALDS_SLACK * (n + 2) * eps
+    abs_r = np.abs(r)
+    # NOTE: `under` inside the product: the underflow of B r (up to 2p*tiny per entry)
+    # reaches the result through |A|, so it is scaled by A's rows like the rest.
+    under = 4 * (p + 1) * tiny / scale
+    # NOTE: |C||r| <= (1 + gamma_k) |A|(|B||r|) for an honest C, so the bound uses twice
+    # |A|(|B||r|): one pass over |C| less, and a lying C cannot widen its own bound.
+    b_r, abs_b_r = _and_abs_matmul(b, r, abs_r)
+    right, magnitude = _and_abs_matmul(a, b_r, abs_b_r + under)
+    bound = scale * 2 * magnitude + 4 * (p + 1) * (k + 2) * tiny
+    return c @ r, right, bound
+
+
+def _check_matmul_int(a: np.ndarray, b: np.ndarray, c: np.ndarray, gen: Any, rounds: int) -> str | None:
+    """Freivalds' check in integers modulo 2**64, compared modulo 2**bits of the result.
+
+    numpy's integer matmul wraps modulo 2**bits, so C = A B (mod 2**bits) and
+    C r = A (B r) there exactly. r is odd: a single wrong entry, whatever its
+    error, changes its row of C r (an odd number is invertible modulo 2**bits)."""
+    import numpy as np
+
+    def u64(x: np.ndarray) -> np.ndarray:
+        return x.astype(np.int64).view(np.uint64)
+
+    r = gen.integers(0, 1 << 62, size=(b.shape[1], rounds), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    diff = u64(c) @ r - u64(a) @ (u64(b) @ r)
+    bits = c.dtype.itemsize * 8
+    if bits < 64:
+        diff &= np.uint64((1 << bits) - 1)
+    return None if not diff.any() else "matmul: the result fails Freivalds' check in integers (C @ r != A @ (B @ r))"
+
+
+def _recompute_budget(m: int, k: int, p: int) -> int:
+    return max(RECOMPUTE_FLOOR, RECOMPUTE_FACTOR * (m * k + k * p + m * p))
+
+
+def _check_matmul_exceptional(a: np.ndarray, b: np.ndarray, c: np.ndarray, r: np.ndarray, gen: Any) -> str | None:
+    """Check a product that inf or NaN reached: Freivalds on the finite part, recomputing the rest.
+
+    A row of A with an inf or NaN makes that row of C non-finite, a column of B
+    so its column; those are left out of the Freivalds check (r restricted to
+    B's finite columns, A's rows with inf or NaN skipped), and they, and the rows
+    whose check overflowed, are recomputed here from scaled operands (within a
+    budget of a few Freivalds passes; a random sample when there are more)."""
+    import numpy as np
+
+    m, k = a.shape
+    p = b.shape[1]
+    want = c.dtype
+    with np.errstate(all="ignore"):
+        bad_rows = ~np.isfinite(a).all(axis=1)
+        bad_cols = ~np.isfinite(b).all(axis=0)
+        keep = ~bad_cols
+        # NOTE: the rows of A with inf or NaN give garbage here, but they are not clean: left out
+        finite = (b, c, r) if keep.all() else (b[:, keep], c[:, keep], r[keep])
+        left, right, bound = _freivalds(a, *finite)
+        clean = ~bad_rows & np.isfinite(left).all(1) & np.isfinite(right).all(1) & np.isfinite(bound).all(1)
+        if not (np.abs(left[clean] - right[clean]) <= bound[clean]).all():
+            return _FREIVALDS_FAILED
+    if np.isfinite(c[bad_rows]).any() or np.isfinite(c[:, bad_cols]).any():
+        return "matmul: the result is finite where an operand's inf or NaN makes every order of the sum non-finite"
+    budget = _recompute_budget(m, k, p)
+    rows = np.flatnonzero(~clean)
+    if rows.size * k * p > budget:
+        rows = np.sort(gen.choice(rows, size=max(1, budget // max(1, k * p)), replace=False))
+    others = np.setdiff1d(np.arange(m), rows)
+    cols = np.flatnonzero(bad_cols)
+    if others.size * k * cols.size > budget:
+        cols = np.sort(gen.choice(cols, size=max(1, budget // max(1, k * others.size)), replace=False))
+    if not rows.size and not (others.size and cols.size):
+        return None
+    a_s, a_mag, a_exp = _scaled(a.astype(want, copy=False))
+    b_s, b_mag, b_exp = _scaled(b.astype(want, copy=False))
+    with np.errstate(all="ignore"):
+        for rr, cc in ((rows, np.arange(p)), (others, cols)):
+            if not rr.size or not cc.size:
+                continue
+            if rr.size * 4 < m:  # a few rows of A times B
+                got, ref_s, mag_s = c[rr], a_s[rr] @ b_s, a_mag[rr] @ b_mag
+                got, ref_s, mag_s = (x[:, cc] for x in (got, ref_s, mag_s)) if cc.size < p else (got, ref_s, mag_s)
+            else:  # A times a few columns of B: no copy of A's rows
+                got, ref_s, mag_s = (x[rr] for x in (c[:, cc], a_s @ b_s[:, cc], a_mag @ b_mag[:, cc]))
+            bad = _sum_mismatches(got, ref_s, mag_s, a_exp + b_exp, k, want)
+            if bad.any():
+                i, j = (int(x) for x in np.unravel_index(int(np.argmax(bad)), bad.shape))
+                row, col = int(rr[i]), int(cc[j])
+                near = _ldexp(ref_s[i : i + 1, j], a_exp + b_exp)[0]
+                return f"matmul: the result is wrong at [{row}, {col}] (got {c[row, col]!r}, numpy gives ~{near!r})"
+    return None
+
+
+def _check_matmul(a: np.ndarray, b: np.ndarray, c: np.ndarray, gen: Any, rounds: int) -> str | None:
+    """Freivalds' check of C = A @ B in O(n^2), with the rounding-error bound of _freivalds."""
+    import numpy as np
+
+    want = np.result_type(a.dtype, b.dtype)
+    if c.shape != (a.shape[0], b.shape[1]):
+        return f"matmul: result shape {c.shape}, expected {(a.shape[0], b.shape[1])}"
+    if c.dtype != want:
+        return f"matmul: result dtype {c.dtype}, expected {want}"
+    if want.kind in "iu":
+        return _check_matmul_int(a, b, c, gen, rounds)
+    # NOTE: the rounds are the columns of one random matrix: each column is an
+    # independent check, and A, B and C are read from memory once, not per round.
+    # Random signs times [1, 2): a lone wrong entry moves its row of C r by at least
+    # its error; several cancel with probability 0.
+    real = np.finfo(want).dtype
+    r = (gen.uniform(1.0, 2.0, (b.shape[1], rounds)) * gen.choice([-1.0, 1.0], (b.shape[1], rounds))).astype(real)
+    with np.errstate(all="ignore"):
+        left, right, bound = _freivalds(a, b, c, r)
+        if np.isfinite(left).all() and np.isfinite(right).all() and np.isfinite(bound).all():
+            # every operand entry is finite then: an inf or NaN anywhere reaches a row of these
+            return None if (np.abs(left - right) <= bound).all() else _FREIVALDS_FAILED
+    return _check_matmul_exceptional(a, b, c, r, gen)
+
+
+def _linalg_dtype(*arrays: np.ndarray) -> Any:
+    """The dtype numpy.linalg gives: single only when every operand is, complex when any is."""
+    import numpy as np
+
+    single = all(x.dtype in (np.float32, np.complex64) for x in arrays)
+    cplx = any(x.dtype.kind == "c" for x in arrays)
+    return np.dtype(
+        {(True, True): np.complex64, (True, False): np.float32, (False, True): np.complex128}.get(
+            (single, cplx), np.float64
+        )
+    )
+
+
+def _check_solve(
+    kernel: str, operands: Sequence[np.ndarray], params: dict[str, float], x: np.ndarray, gen: Any, rounds: int
+) -> str | None:
+    """Check A x = b (inverse: A X = I) by its residual in O(n^2), scaled by the norms of A, x and b.
+
+    For each column j, LU with partial pivoting gives ||A x_j - b_j|| <= c n eps
+    (||A|| ||x_j|| + ||b_j||) (infinity norms; c grows with the pivot growth,
+    small in practice). The columns are combined by random r (as in Freivalds),
+    which adds |r_j| and the rounding of X r and A (X r) - B r. A residual above
+    the bound (a lie, or a matrix whose elimination grows a lot) is settled by
+    solving here: the result passes when its residual is within twice this
+    node's own plus the bound, so an honest worker is never accused."""
+    import numpy as np
+
+    a = operands[0] if operands[0].dtype.kind in "fc" else operands[0].astype(np.float64)
+    b = operands[1] if kernel == "solve" else None
+    want = _linalg_dtype(a) if b is None else _linalg_dtype(a, b)
+    expected_shape = a.shape if b is None else b.shape
+    if x.shape != expected_shape:
+        return f"{kernel}: result shape {x.shape}, expected {expected_shape}"
+    if x.dtype != want:
+        return f"{kernel}: result dtype {x.dtype}, expected {want}"
+    n = a.shape[0]
+    if x.size == 0:
+        return None
+    eps, tiny = _eps_tiny(want)
+    x2 = x.reshape(n, -1)
+    cols = x2.shape[1]
+    r = gen.uniform(1.0, 2.0, (cols, rounds)) * gen.choice([-1.0, 1.0], (cols, rounds))
+
+    def residual(x2: np.ndarray) -> np.ndarray:
+        rb = r if b is None else b.reshape(n, -1) @ r
+        return np.abs(a @ (x2 @ r) - rb).max(axis=0)
+
+    with np.errstate(all="ignore"):
+        if not np.isfinite(x).all():
+            local = _solve_here(kernel, operands, params)
+            if local is not None and np.isfinite(local).all():
+                return f"{kernel}: the result has NaN or Inf where the solution is finite"
+            return None  # the system is beyond the format's range: this node's answer is no better
+        abs_r = np.abs(r).astype(np.float64)
+        norm_a = float(np.abs(a).sum(axis=1).max())
+        norm_b = np.ones(cols) if b is None else np.abs(b.reshape(n, -1)).max(axis=0)
+        size = n + cols + 2
+        bound = SOLVE_SLACK * size * eps * (norm_a * (np.abs(x2).max(axis=0) @ abs_r) + norm_b @ abs_r)
+        bound += 4 * size * tiny * (norm_a + 1) * abs_r.sum(axis=0)
+        got = residual(x2)
+        if (got <= bound).all():
+            return None
+        local = _solve_here(kernel, operands, params)
+        if local is None:
+            return None  # singular here: no answer to compare with
+        own = residual(local.reshape(n, -1))
+        if (~np.isfinite(own) | (got <= 2 * own + bound)).all():
+            return None
+    what = "A @ X - I" if b is None else "A @ x - b"
+    worst, limit = float(got.max()), float(bound.max())
+    return f"{kernel}: the residual {what} is {worst:.3g}, above its rounding-error bound {limit:.3g}"
+
+
+def _solve_here(kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> np.ndarray | None:
+    """This node's own solve/inverse of the operands; None when it finds the matrix singular."""
+    try:
+        return run_kernel(kernel, operands, params)[0]
+    except KernelError:
+        return None
+
+
+def _check_recomputed(
+    kernel: str, operands: Sequence[np.ndarray], params: dict[str, float], out: np.ndarray
+) -> str | None:
+    """O(n) kernels, recomputed here: exact where numpy is exact, within the rounding bound of sum and dot."""
+    import numpy as np
+
+    want = run_kernel(kernel, operands, params)[0]  # cheaper than the transfer that brought the result
+    if out.shape != want.shape:
+        return f"{kernel}: result shape {out.shape}, expected {want.shape}"
+    if out.dtype != want.dtype:
+        return f"{kernel}: result dtype {out.dtype}, expected {want.dtype}"
+    if kernel in ("sum", "dot") and want.dtype.kind in "fc":
+        if kernel == "dot":
+            a_s, a_mag, a_exp = _scaled(operands[0].astype(want.dtype, copy=False))
+            b_s, b_mag, b_exp = _scaled(operands[1].astype(want.dtype, copy=False))
+            with np.errstate(all="ignore"):
+                ref_s, mag_s = np.asarray(np.dot(a_s, b_s)), np.asarray(np.dot(a_mag, b_mag))
+            shift, terms = a_exp + b_exp, operands[0].size
+        else:
+            a = operands[0].astype(want.dtype, copy=False)
+            a_s, a_mag, shift = _scaled(a)
+            axis = int(params["axis"]) if "axis" in params else None
+            with np.errstate(all="ignore"):
+                ref_s, mag_s = np.asarray(np.sum(a_s, axis=axis)), np.asarray(np.sum(a_mag, axis=axis))
+            terms = a.size if axis is None else a.shape[axis]
+        return _first_wrong(kernel, _sum_mismatches(out, ref_s, mag_s, shift, terms, want.dtype), out, want)
+    tol = None
+    if want.dtype.kind == "c" and kernel in ("multiply", "scale"):
+        eps, _ = _eps_tiny(want.dtype)
+        with np.errstate(all="ignore"):
+            other = np.abs(operands[1]) if kernel == "multiply" else abs(params.get("factor", 1.0))
+            tol = 4 * eps * np.abs(operands[0]) * other  # a complex product, with or without FMA
+    return _first_wrong(kernel, _exact_mismatches(out, want, tol), out, want)
 
 
 def check_result(
@@ -1590,12 +2033,15 @@ def check_result(
     rng: random.Random,
     rounds: int = FREIVALDS_ROUNDS,
 ) -> str | None:
-    """Check a worker's result cheaply; return None when it is plausible, else what is wrong.
+    """Check a worker's result cheaply; return None when numpy could have given it, else what is wrong.
 
-    matmul: Freivalds' check, A @ (B @ r) == C @ r for random r, O(n^2) per round
-    instead of O(n^3). inverse: A @ (X @ r) == r. solve: the residual A @ x - b.
-    O(n) kernels (element-wise, sum, dot): recomputed. Workers are not
-    trusted to do arithmetic right; a wrong answer is a worker fault."""
+    matmul: Freivalds' check, C @ r against A @ (B @ r) for random r, O(n^2)
+    instead of O(n^3), within a rounding-error bound (exact for integers).
+    solve, inverse: the residual, within a bound scaled by the norms of A, x
+    and b. O(n) kernels (element-wise, transpose, scale, sum, dot): recomputed,
+    exact but for sum and dot (within their rounding bound). NaN and inf as
+    numpy gives them. Workers are not trusted to do arithmetic right; a wrong
+    answer is a worker fault, and an honest one is never called wrong."""
     import numpy as np
 
     if len(outputs) != 1:
@@ -1603,36 +2049,14 @@ def check_result(
     out = outputs[0]
     seed = rng.getrandbits(64)
     try:
-        if kernel in ("matmul", "inverse"):
+        if kernel in ("matmul", "solve", "inverse"):
             gen = np.random.default_rng(seed)  # NOTE: made only here: it costs more than a tiny check
-        if kernel == "matmul":
-            a, b = operands
-            if out.shape != (a.shape[0], b.shape[1]):
-                return f"matmul: result shape {out.shape}, expected {(a.shape[0], b.shape[1])}"
-            # NOTE: the rounds are the columns of one random matrix: each column is an
-            # independent check, and A, B and C are read from memory once, not per round.
-            r = gen.standard_normal((b.shape[1], max(1, rounds)))
-            if not _nearly_equal(out @ r, a @ (b @ r), out.dtype):
-                return "matmul: the result fails Freivalds' check (C @ r != A @ (B @ r))"
-            return None
-        if kernel == "inverse":
-            (a,) = operands
-            r = gen.standard_normal((a.shape[0], max(1, rounds)))
-            if out.shape != a.shape or not _nearly_equal(a @ (out @ r), r, out.dtype):
-                return "inverse: A @ X is not the identity"
-            return None
-        if kernel == "solve":
-            a, b = operands
-            if out.shape != b.shape or not _nearly_equal(a @ out, b, out.dtype):
-                return "solve: the residual A @ x - b is not small"
-            return None
+            if kernel == "matmul":
+                return _check_matmul(operands[0], operands[1], out, gen, max(1, rounds))
+            return _check_solve(kernel, operands, params, out, gen, max(1, rounds))
         if kernel in ("add", "subtract", "multiply", "scale", "transpose", "sum", "dot"):
-            # O(n) kernels: recomputing costs less than the transfer that brought the result
-            expected = run_kernel(kernel, operands, params)[0]
-            if out.shape != expected.shape:
-                return f"{kernel}: result shape {out.shape}, expected {expected.shape}"
-            return None if _nearly_equal(out, expected, out.dtype) else f"{kernel}: the result is wrong"
-    except (ValueError, IndexError, TypeError) as exc:
+            return _check_recomputed(kernel, operands, params, out)
+    except (ValueError, IndexError, TypeError, KernelError) as exc:
         return f"{kernel}: the result cannot be checked: {exc}"
     return None  # random: nothing cheaper than recomputing it
 
@@ -3884,7 +4308,9 @@ class Node:
             await trio.sleep(self.fault.value)
 
     def inject_fault_into(self, outputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-        """TEST AID (--fault corrupt): return slightly wrong numbers."""
+        """TEST AID (--fault corrupt, --fault lie=KIND): return slightly wrong numbers."""
+        if self.fault is not None and self.fault.kind == "lie":
+            return tuple(small_lie(self.fault.text, out) for out in outputs)
         if self.fault is None or self.fault.kind != "corrupt":
             return outputs
         wrong = []
@@ -4638,29 +5064,64 @@ def reference_result(kernel: str, operands: Sequence[np.ndarray], params: dict[s
     ops = operands
     if kernel == "random":
         return np.random.default_rng(int(params["seed"])).random((int(params["rows"]), int(params["cols"])))
-    return {
+    table = {
         "matmul": lambda: np.matmul(ops[0], ops[1]),
         "add": lambda: ops[0] + ops[1],
         "subtract": lambda: ops[0] - ops[1],
         "multiply": lambda: ops[0] * ops[1],
         "transpose": lambda: ops[0].T,
         "scale": lambda: ops[0] * params["factor"],
-        "sum": lambda: np.asarray(ops[0].sum()),
+        "sum": lambda: np.asarray(ops[0].sum(axis=int(params["axis"]) if "axis" in params else None)),
         "dot": lambda: np.asarray(np.dot(ops[0], ops[1])),
         "solve": lambda: np.linalg.solve(ops[0], ops[1]),
         "inverse": lambda: np.linalg.inv(ops[0]),
-    }[kernel]()
+    }
+    with np.errstate(all="ignore"):  # overflow to inf and NaN are results like any other, as in run_kernel
+        return table[kernel]()
 
 
-def verify(name: str, got: np.ndarray, expected: np.ndarray) -> float:
-    """Raise CheckFailed unless got matches expected; return the max abs error."""
+def verify(
+    name: str,
+    got: np.ndarray,
+    expected: np.ndarray,
+    operands: Sequence[np.ndarray] = (),
+    params: dict[str, float] | None = None,
+    *,
+    kernel: str | None = None,
+) -> float:
+    """Raise CheckFailed unless ``got`` is a result numpy could give where it gave ``expected``;
+    return the max abs error over the entries where both are finite.
+
+    With the call's ``operands``, sums (matmul, sum, dot) and solves may differ
+    from ``expected`` by their rounding-error bound (check_result's); otherwise
+    results must equal numpy's: NaN where it has NaN, inf of the same sign,
+    integers exactly."""
     import numpy as np
 
+    kernel = kernel or name
     if got.shape != expected.shape:
         raise CheckFailed(f"{name}: shape {got.shape}, expected {expected.shape}")
-    if not np.allclose(got, expected, rtol=1e-9, atol=1e-9):
-        raise CheckFailed(f"{name}: result differs from local numpy (max error {np.max(np.abs(got - expected)):.3g})")
-    return float(np.max(np.abs(got - expected))) if got.size else 0.0
+    if got.dtype != expected.dtype:
+        raise CheckFailed(f"{name}: dtype {got.dtype}, expected {expected.dtype}")
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(got) & np.isfinite(expected) if got.dtype.kind in "fc" else np.ones(got.shape, bool)
+        error = np.abs(got[finite].astype(np.complex128) - expected[finite]) if got.size else np.zeros(0)
+        worst = float(error.max()) if error.size else 0.0
+    if operands and kernel in ("matmul", "sum", "dot", "solve", "inverse") and got.dtype.kind in "fc":
+        problem = check_result(kernel, operands, params or {}, (got,), random.Random(0))
+        if problem is not None:
+            raise CheckFailed(f"{name}: result differs from local numpy: {problem}")
+        return worst
+    tol = None
+    if got.dtype.kind in "fc" and kernel in ("matmul", "sum", "dot", "solve", "inverse"):
+        # NOTE: without the operands there is no bound to derive: a same-machine result, nearly equal
+        tol = np.full(got.shape, 1e-9 * max(1.0, float(np.abs(expected[finite]).max()) if finite.any() else 1.0))
+    wrong = _exact_mismatches(got, expected, tol)
+    if wrong.any():
+        raise CheckFailed(
+            f"{name}: result differs from local numpy (max error {worst:.3g}, {int(wrong.sum())} entries)"
+        )
+    return worst
 
 
 class InitiatorChecks:
@@ -4736,7 +5197,7 @@ class InitiatorChecks:
         outcome = await self.manager.run("matmul", (a, b), placement=LOCAL)
         if outcome.worker_id != LOCAL:
             raise CheckFailed(f"ran on {outcome.worker_id}, not locally")
-        err = verify("matmul", outcome.outputs[0], a @ b)
+        err = verify("matmul", outcome.outputs[0], a @ b, (a, b))
         return f"256x256 matmul on this node in {outcome.compute_s * 1000:.1f} ms, max error {err:.1e}"
 
     async def delegation(self) -> str:
@@ -4750,7 +5211,7 @@ class InitiatorChecks:
                     raise CheckFailed(f"{kernel} on {session.label}: {exc}") from None
                 if outcome.worker_id != session.peer_id:
                     raise CheckFailed(f"{kernel} ran on {short_id(outcome.worker_id)}, not on {self._who(session)}")
-                verify(kernel, outcome.outputs[0], reference_result(kernel, operands, params))
+                verify(kernel, outcome.outputs[0], reference_result(kernel, operands, params), operands, params)
                 done.append(kernel)
         where = "the responder" if len(self.sessions) == 1 else f"each of the {len(self.sessions)} responders"
         kernels = ", ".join(sorted(KERNELS))
@@ -4761,7 +5222,7 @@ class InitiatorChecks:
         a, b = self.rng.standard_normal((n, n)), self.rng.standard_normal((n, n))
         workers = [LOCAL, *(s.peer_id for s in self.sessions)]
         split = await self.manager.split_matmul(a, b, workers=workers, on_block=self.on_block)
-        err = verify("gathered matmul", split.result, a @ b)
+        err = verify("gathered matmul", split.result, a @ b, (a, b), kernel="matmul")
         parts = []
         for worker, share in split.shares.items():
             self.shares[worker] = {"rows": share.rows, "blocks": share.blocks, "busy": split.busy_fraction(worker)}
@@ -6332,8 +6793,9 @@ def fault_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fault",
         type=parse_fault,
-        metavar="corrupt|crash-after=N|slow=SECONDS|data-via=HOST:PORT",
-        help="TEST AID: make this worker return wrong numbers, exit abruptly after N tasks, stall before each task, "
+        metavar="corrupt|lie=KIND|crash-after=N|slow=SECONDS|data-via=HOST:PORT",
+        help="TEST AID: make this worker return wrong numbers (lie=relative|sign|swap|nan|plus-one: one small lie "
+        "per result), exit abruptly after N tasks, stall before each task, "
         "or dial the peer's data plane through a test's proxy",
     )
 

@@ -8,12 +8,32 @@ problem, because that text is what the peer who sent the task gets back.
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import numpy as np
 import pytest
+from corpus import Case, corpus, lie, reordered, with_values
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
-from pangea import ALLOWED_DTYPES, KERNELS, MAX_RANDOM_ELEMENTS, KernelError, TaskError, run_kernel
+from pangea import (
+    ALLOWED_DTYPES,
+    FREIVALDS_ROUNDS,
+    KERNELS,
+    MAX_RANDOM_ELEMENTS,
+    CheckFailed,
+    Fault,
+    KernelError,
+    TaskError,
+    UsageError,
+    check_result,
+    parse_fault,
+    reference_result,
+    run_kernel,
+    verify,
+)
 
 
 @pytest.fixture
@@ -389,3 +409,213 @@ def test_run_kernel_non_finite_integer_params_are_kernel_errors(name: str, key: 
     params[key] = value
     err = kernel_error(name, operands, params)
     assert key in str(err)
+
+
+# ---------------------------------------------------------------- result checks: no false accusation, no small lie
+
+
+CORPUS = corpus()
+
+
+def _check(case: Case, result: np.ndarray, seed: int = 0, rounds: int = FREIVALDS_ROUNDS) -> str | None:
+    return check_result(case.kernel, case.operands, case.params, (result,), random.Random(seed), rounds)
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=lambda c: c.id)
+def test_check_result_accepts_numpys_own_result_on_awkward_inputs(case: Case) -> None:
+    (result,) = run_kernel(case.kernel, case.operands, case.params)
+    for seed in range(3):
+        assert _check(case, result, seed) is None, (case.id, seed)
+    other = reordered(case)
+    if other is not None:  # another BLAS or blocking: the same sums in another order
+        assert other.shape == result.shape and other.dtype == result.dtype
+        assert _check(case, other) is None, case.id
+
+
+@pytest.mark.parametrize("case", [c for c in CORPUS if c.kernel in ("solve", "inverse")], ids=lambda c: c.id)
+def test_check_result_solve_and_inverse_pass_the_cheap_residual_check(case: Case, monkeypatch: Any) -> None:
+    """Hilbert up to 12, condition 1e12, huge and tiny: numpy's answer passes without solving again here."""
+    (result,) = run_kernel(case.kernel, case.operands, case.params)
+    monkeypatch.setattr("pangea._solve_here", lambda *args: pytest.fail("solved again"))
+    assert _check(case, result) is None
+
+
+def _lie_cases() -> list[Any]:
+    out = []
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((100, 100)), rng.standard_normal((100, 100))
+    well = a + 100 * np.eye(100)
+    plain = [
+        Case("matmul", "matmul", [a, b]),
+        Case("matmul-rectangular", "matmul", [a[:, :30].copy(), b[:30].copy()]),
+        Case("matmul-nan", "matmul", [with_values(a, np.nan), b]),
+        Case("matmul-overflow", "matmul", [np.full((20, 20), 1e160), np.full((20, 20), 1e160)]),
+        Case("matmul-overflow-some", "matmul", [with_values(a, 1e300), b]),
+        Case("add", "add", [a, b]),
+        Case("multiply", "multiply", [a, b]),
+        Case("subtract-inf", "subtract", [with_values(a, np.inf), b]),
+        Case("transpose", "transpose", [a]),
+        Case("scale", "scale", [a], {"factor": 3.0}),
+        Case("sum-axis", "sum", [a], {"axis": 0.0}),
+        Case("sum", "sum", [a]),
+        Case("dot", "dot", [a[0], b[0]]),
+        Case("solve", "solve", [well, b[0]]),
+        Case("solve-columns", "solve", [well, b[:, :4].copy()]),
+        Case("inverse", "inverse", [well]),
+    ]
+    for case in plain:
+        for kind in ("relative", "sign", "swap", "nan"):
+            if kind == "swap" and case.kernel in ("sum", "dot") and "axis" not in case.params:
+                continue  # a 0-d result has nothing to swap
+            out.append(pytest.param(case, kind, id=f"{case.id}-{kind}"))
+    ints = [
+        Case("matmul-int64-wraps", "matmul", [rng.integers(1 << 40, 1 << 50, (30, 30))] * 2),
+        Case("matmul-int32", "matmul", [rng.integers(-1000, 1000, (30, 30)).astype(np.int32)] * 2),
+        Case("add-int64-wraps", "add", [rng.integers(1 << 62, 1 << 63, 10), rng.integers(1 << 62, 1 << 63, 10)]),
+        Case("sum-int64", "sum", [rng.integers(-(1 << 62), 1 << 62, 100)]),
+        Case("dot-int32", "dot", [np.arange(10, dtype=np.int32), np.arange(10, dtype=np.int32)]),
+    ]
+    for case in ints:
+        for kind in ("plus-one", "sign", "swap"):
+            if kind == "swap" and case.kernel in ("sum", "dot"):
+                continue
+            out.append(pytest.param(case, kind, id=f"{case.id}-{kind}"))
+    return out
+
+
+@pytest.mark.parametrize(("case", "kind"), _lie_cases())
+def test_check_result_catches_a_small_lie(case: Case, kind: str) -> None:
+    (result,) = run_kernel(case.kernel, case.operands, case.params)
+    wrong = lie(kind, result)
+    if np.array_equal(wrong, result, equal_nan=True):
+        pytest.skip("this lie changes nothing in this result")  # e.g. a row swap in an all-inf product
+    for seed in range(5):  # at the default rounds, whatever the random vectors
+        problem = _check(case, wrong, seed)
+        assert problem is not None, (case.id, kind, seed)
+        assert problem.startswith(f"{case.kernel}: "), problem
+
+
+def test_check_result_catches_a_wrong_inf_sign_and_a_missing_nan() -> None:
+    a = with_values(np.eye(3), np.inf)
+    case = Case("matmul", "matmul", [a, np.eye(3)])
+    (result,) = run_kernel("matmul", case.operands)
+    flipped = result.copy()
+    flipped[0, 0] = -np.inf
+    assert "wrong at [0, 0]" in str(_check(case, flipped))
+    nan_case = Case("add", "add", [with_values(np.ones(4), np.nan), np.ones(4)])
+    (total,) = run_kernel("add", nan_case.operands)
+    assert "wrong at [0]" in str(_check(nan_case, np.where(np.isnan(total), 2.0, total)))
+
+
+def test_check_result_catches_a_finite_answer_to_an_overflowing_product() -> None:
+    case = Case("matmul", "matmul", [np.full((10, 10), 1e160), np.full((10, 10), 1e160)])
+    problem = _check(case, np.full((10, 10), 5.0))
+    assert problem is not None and "wrong at" in problem
+
+
+def test_check_result_catches_a_wrong_dtype_or_shape() -> None:
+    a = np.eye(4)
+    case = Case("matmul", "matmul", [a, a])
+    assert "dtype float32, expected float64" in str(_check(case, a.astype(np.float32)))
+    assert "shape (4, 3)" in str(_check(case, a[:, :3].copy()))
+    add = Case("add", "add", [a, a])
+    assert "dtype float32, expected float64" in str(_check(add, (a + a).astype(np.float32)))
+
+
+def test_check_result_solve_of_a_matrix_with_pivot_growth_is_settled_by_solving_here() -> None:
+    """Wilkinson's matrix: elimination doubles the pivots (2**39 here); numpy's answer is inaccurate, but honest."""
+    n = 40
+    a = np.tril(-np.ones((n, n)), -1) + np.eye(n)
+    a[:, -1] = 1.0
+    case = Case("solve", "solve", [a, np.arange(n, dtype=np.float64)])
+    (x,) = run_kernel("solve", case.operands)
+    assert _check(case, x) is None
+    assert _check(case, lie("sign", x)) is not None
+
+
+def test_check_result_nan_result_of_a_finite_system_is_caught() -> None:
+    case = Case("inverse", "inverse", [np.eye(3) * 2.0])
+    assert "NaN or Inf" in str(_check(case, with_values(np.eye(3) / 2.0, np.nan)))
+
+
+@pytest.mark.parametrize("kernel", ["matmul", "dot", "sum", "add", "multiply"])
+@given(data=st.data())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_check_result_never_accuses_numpy_on_generated_inputs(kernel: str, data: st.DataObject) -> None:
+    """Any values, inf and NaN included, any magnitude, any dtype: numpy's result passes."""
+    dtype = data.draw(st.sampled_from(["float64", "float32", "complex128", "int64", "int32"]), label="dtype")
+    floats: dict[str, Any] = {
+        "float64": st.floats(allow_nan=True, allow_infinity=True, width=64),
+        "float32": st.floats(allow_nan=True, allow_infinity=True, width=32),
+        "complex128": st.complex_numbers(allow_nan=True, allow_infinity=True, max_magnitude=None),
+    }
+    if dtype in floats:
+        elements = floats[dtype]
+    else:
+        info = np.iinfo(dtype)
+        elements = st.integers(int(info.min), int(info.max))
+    m, k, p = (data.draw(st.integers(0, 5), label=name) for name in "mkp")
+    shapes = {"matmul": ((m, k), (k, p)), "dot": ((k,), (k,)), "sum": ((m, k),), "add": ((m, k),) * 2}
+    shapes["multiply"] = shapes["add"]
+    operands = [data.draw(hnp.arrays(dtype, shape, elements=elements)) for shape in shapes[kernel]]
+    case = Case(kernel, kernel, operands)
+    (result,) = run_kernel(kernel, operands)
+    assert _check(case, result) is None
+    other = reordered(case)
+    if other is not None:
+        assert _check(case, other) is None
+
+
+# ---------------------------------------------------------------- the initiator's own comparison with numpy
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CORPUS if c.kernel not in ("solve", "inverse") or c.operands[0].size], ids=lambda c: c.id
+)
+def test_verify_accepts_numpys_result_on_awkward_inputs(case: Case) -> None:
+    expected = reference_result(case.kernel, case.operands, case.params)
+    (got,) = run_kernel(case.kernel, case.operands, case.params)
+    assert isinstance(verify(case.id, got, np.asarray(expected), case.operands, case.params, kernel=case.kernel), float)
+    other = reordered(case)
+    if other is not None:
+        verify(case.id, other, np.asarray(expected), case.operands, case.params, kernel=case.kernel)
+
+
+def test_verify_nan_and_ints_without_operands_and_lies() -> None:
+    a = with_values(np.ones(5), np.nan)
+    assert verify("add", a + a, a + a) == 0.0
+    wrap = np.full(3, (1 << 62) + 1, np.int64)
+    verify("multiply", wrap * wrap, wrap * wrap)
+    with pytest.raises(CheckFailed, match="differs from local numpy"):
+        verify("multiply", wrap * wrap + 1, wrap * wrap)
+    g = np.random.default_rng(3).standard_normal((50, 50))
+    with pytest.raises(CheckFailed, match="Freivalds"):
+        verify("gathered matmul", lie("relative", g @ g), g @ g, (g, g), kernel="matmul")
+    with pytest.raises(CheckFailed, match="dtype"):
+        verify("matmul", (g @ g).astype(np.float32), g @ g, (g, g))
+
+
+@pytest.mark.parametrize("kind", ["relative", "sign", "swap", "nan", "plus-one"])
+def test_parse_fault_lie_names_a_small_lie(kind: str) -> None:
+    assert parse_fault(f"lie={kind}") == Fault("lie", text=kind)
+
+
+@pytest.mark.parametrize("text", ["lie", "lie=", "lie=big", "lie=sign=1"])
+def test_parse_fault_unknown_lie_is_a_usage_error(text: str) -> None:
+    with pytest.raises(UsageError, match="lie=relative"):
+        parse_fault(text)
+
+
+def test_check_result_many_rows_reached_by_nan_are_sampled_within_the_budget(monkeypatch: Any) -> None:
+    """Every row of A has an inf or NaN: more entries than the budget recomputes; a sample is, honest passes."""
+    rng = np.random.default_rng(8)
+    a, b = rng.standard_normal((300, 300)), rng.standard_normal((300, 300))
+    a[np.arange(300), rng.integers(0, 300, 300)] = rng.choice([np.nan, np.inf, -np.inf], 300)
+    case = Case("matmul", "matmul", [a, b])
+    (result,) = run_kernel("matmul", case.operands)
+    monkeypatch.setattr("pangea.RECOMPUTE_FLOOR", 0)
+    for seed in range(3):
+        assert _check(case, result, seed) is None
+    finite = result.copy()
+    finite[17, 3] = 1.0  # a finite entry in a row an inf or NaN reaches: caught without recomputing
+    assert "finite where an operand's inf or NaN" in str(_check(case, finite))

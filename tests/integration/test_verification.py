@@ -1,0 +1,130 @@
+"""Result verification against real workers: no honest worker accused, small lies caught.
+
+A serve node A (driven with `pangea.Client`, as a user would) has ``--peer`` an
+honest serve worker B and one lying worker per small lie (``--fault
+lie=KIND``: the largest entry off by 1e-6 relative, a sign flipped, two rows
+swapped, a NaN put in, an integer off by one). Every call of tests/corpus.py
+(NaN, inf, overflow, underflow and subnormals, integer wrap-around, float32,
+complex, empty arrays, condition numbers up to 1e12, Hilbert matrices up to 12,
+huge and tiny magnitudes) runs on B with ``placement=B``: it must run there,
+pass A's check at the first attempt and equal numpy's result (exactly where
+numpy is exact, else within the check's rounding-error bound). Each liar's
+result must fail A's check and the task come back right from another worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from corpus import LIES, Case, corpus
+from helpers import Proc, make_node_home
+from pyz_helpers import ServeNode, launch_serve, peer_id_of, serve_node
+
+from pangea import Client, reference_result, verify
+
+READY_TIMEOUT_S = 120.0  # several serve nodes start side by side on 2 cores
+CONNECT_TIMEOUT_S = 60.0
+CLIENT_TIMEOUT_S = 120.0
+EXACT_KERNELS = ("add", "subtract", "multiply", "transpose", "scale", "random")  # one correctly rounded answer
+
+
+@dataclass
+class Lab:
+    """A (the node the client talks to), the honest worker B, and a liar per kind of LIES."""
+
+    a: ServeNode
+    b: ServeNode
+    liars: dict[str, ServeNode]
+
+
+@pytest.fixture(scope="module")
+def lab(pyz: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    base = tmp_path_factory.mktemp("verification")
+    home_a = make_node_home(base, "a")
+    trust = ["--allow-peer", peer_id_of(pyz, home_a)]
+    kinds = ["honest", *LIES]
+    with contextlib.ExitStack() as stack:
+        launched = {}
+        for kind in kinds:
+            home = make_node_home(base, kind)
+            fault = [] if kind == "honest" else ["--fault", f"lie={kind}"]
+            launched[kind] = (stack.enter_context(launch_serve(pyz, home, *trust, *fault, name=f"serve-{kind}")), home)
+        workers = {kind: serve_node(proc, home, READY_TIMEOUT_S) for kind, (proc, home) in launched.items()}
+        peers = [arg for w in workers.values() for arg in ("--peer", w.address)]
+        a_proc = stack.enter_context(launch_serve(pyz, home_a, "-v", *peers, name="serve-A"))
+        a = serve_node(a_proc, home_a, READY_TIMEOUT_S)
+        for w in workers.values():
+            a.proc.wait_for_line(rf"^pangea: connected to peer {w.peer_id}$", timeout=CONNECT_TIMEOUT_S)
+        honest = workers.pop("honest")
+        yield Lab(a, honest, workers)
+
+
+@pytest.fixture
+def nodes(lab: Lab) -> Lab:
+    """The module's nodes; their output goes into the report of a failing test."""
+    every = [lab.a, lab.b, *lab.liars.values()]
+    Proc.started.extend(n.proc for n in every)  # NOTE: started before this test, so list them again
+    for node in every:
+        assert node.proc.returncode is None, f"a node of the module has exited\n{node.proc.output()}"
+    return lab
+
+
+def run_on(node: ServeNode, worker: ServeNode, case: Case) -> tuple[np.ndarray, dict[str, Any]]:
+    with Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+        out = rpc.submit(case.kernel, *case.operands, placement=worker.peer_id, **case.params)
+        return np.asarray(out), rpc.last_task
+
+
+def failed_verification(node: ServeNode) -> list[str]:
+    return [line for line in node.proc.stderr_lines if "failed verification" in line]
+
+
+def test_an_honest_worker_passes_every_awkward_call_and_matches_numpy(nodes: Lab) -> None:
+    before = len(failed_verification(nodes.a))
+    ran = []
+    for case in corpus():
+        out, task = run_on(nodes.a, nodes.b, case)
+        assert task["ran_on"] == nodes.b.peer_id, (case.id, task)
+        assert task["attempts"] == [{"worker": nodes.b.peer_id, "outcome": "ok"}], (case.id, task)
+        expected = np.asarray(reference_result(case.kernel, case.operands, case.params))
+        assert out.shape == expected.shape and out.dtype == expected.dtype, (case.id, out.dtype, expected.dtype)
+        if case.kernel in EXACT_KERNELS or expected.dtype.kind not in "fc":
+            assert np.array_equal(out, expected, equal_nan=True), case.id
+        else:
+            verify(case.id, out, expected, case.operands, case.params, kernel=case.kernel)
+            assert np.array_equal(np.isnan(out), np.isnan(expected)) or case.kernel in ("solve", "inverse"), case.id
+        ran.append(case.id)
+    assert failed_verification(nodes.a)[before:] == [], nodes.a.proc.output()
+    assert failed_verification(nodes.b) == []
+    assert len(ran) == len(corpus())
+
+
+@pytest.mark.parametrize("kind", LIES)
+def test_a_small_lie_is_caught_and_the_task_runs_right_elsewhere(nodes: Lab, kind: str) -> None:
+    rng = np.random.default_rng(17)
+    a: np.ndarray
+    if kind == "plus-one":
+        a = rng.integers(1 << 40, 1 << 50, (60, 60))  # wraps around: the product is right modulo 2**64
+    else:
+        a = rng.standard_normal((120, 120))
+    case = Case(kind, "matmul", [a, a.T.copy()])
+    liar = nodes.liars[kind]
+    out, task = run_on(nodes.a, liar, case)
+    expected = a @ a.T
+    if expected.dtype.kind == "i":
+        assert np.array_equal(out, expected)
+    else:
+        verify("matmul", out, expected, case.operands)
+    first, *rest = task["attempts"]
+    assert first["worker"] == liar.peer_id, task
+    assert first["outcome"].startswith("wrong-result: ") and "failed verification" in first["outcome"], first
+    assert "matmul: the result fails Freivalds' check" in first["outcome"] or kind == "nan", first
+    assert "matmul: the result is wrong at [0, 0] (got np.float64(nan)" in first["outcome"] or kind != "nan", first
+    assert rest and rest[-1]["outcome"] == "ok" and task["ran_on"] != liar.peer_id, task
+    assert any(liar.peer_id in line for line in failed_verification(nodes.a)), nodes.a.proc.output()
