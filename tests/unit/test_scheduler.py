@@ -9,6 +9,7 @@ delivered twice, a superseded attempt's result is dropped and counted).
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from types import SimpleNamespace
 from typing import Any
@@ -47,6 +48,9 @@ from pangea import (
     WorkerDownEvent,
     WorkerStatsEvent,
     WorkerUpEvent,
+    _human,
+    canary_task,
+    suspect_line,
 )
 
 PEER_A = "12D3KooWAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
@@ -858,3 +862,28 @@ def test_manager_probes_a_suspect_worker_after_its_back_off_and_backs_off_longer
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# ---------------------------------------------------------------- how suspicion is printed
+
+
+def test_suspect_line_of_a_session_directory_entry_names_peer_state_time_reason_and_probe() -> None:
+    entry = {"peer_id": PEER_A, "state": "suspect", "reason": "lied", "since": 0.0, "probe_at": time.time() + 12.4}
+    assert suspect_line(entry) == f"peer {PEER_A} suspect since 00:00:00 UTC (lied); next probe in 12 s"
+    probation = {**entry, "state": "probation", "probe_at": 0.0}
+    assert suspect_line(probation) == f"peer {PEER_A} probation since 00:00:00 UTC (lied)"
+
+
+def test_call_status_shows_suspects_in_one_cell() -> None:
+    assert _human("suspects", []) == "-"
+    assert _human("suspects", [{"peer_id": PEER_A, "text": "suspect since x (lied)"}]) == (
+        "12D3KooW…AAAA suspect since x (lied)"
+    )
+
+
+def test_canary_task_is_seeded_and_exact() -> None:
+    (a, b), expected = canary_task(7)
+    (a2, b2), _ = canary_task(7)
+    assert a.dtype == np.int64 and np.array_equal(a, a2) and np.array_equal(b, b2)
+    assert np.array_equal(expected, a @ b)
+    assert not np.array_equal(canary_task(8)[1], expected)
