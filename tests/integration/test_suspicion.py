@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import make_node_home, wait_until
-from pyz_helpers import ServeNode, assert_expected_error, launch_serve, peer_id_of, run_pyz, serve_node
+from pyz_helpers import ServeNode, assert_expected_error, free_port, launch_serve, peer_id_of, run_pyz, serve_node
 
 from pangea import Client, TaskError, short_id
 
@@ -149,3 +149,36 @@ def test_a_worker_that_lied_is_shown_suspect_refused_when_strict_probed_and_clea
         assert rpc.status()["suspects"] == []
     assert metric(pair.a, "pangea_peer_suspect", w_id) == 0.0
     assert "cleared: 3 verified results since its canary passed" in "\n".join(pair.a.proc.stderr_lines)
+
+
+def test_a_suspect_worker_that_reconnects_is_still_suspect_and_it_is_logged(pyz: Path, tmp_path: Path) -> None:
+    home_a, home_w = make_node_home(tmp_path, "a"), make_node_home(tmp_path, "w")
+    a_id = peer_id_of(pyz, home_a, CALL_TIMEOUT_S)
+    port = free_port()  # W comes back on the same address, so A's --peer redials it
+    w_args = ["--allow-peer", a_id, "--fault", "corrupt"]
+    with contextlib.ExitStack() as stack:
+        w_proc = stack.enter_context(launch_serve(pyz, home_w, *w_args, name="serve-W", port=port))
+        w = serve_node(w_proc, home_w, READY_TIMEOUT_S)
+        a_proc = stack.enter_context(launch_serve(pyz, home_a, "--peer", w.address, name="serve-A"))
+        a = serve_node(a_proc, home_a, READY_TIMEOUT_S)
+        connected = rf"^pangea: connected to peer {w.peer_id}$"
+        a.proc.wait_for_line(connected, timeout=CONNECT_TIMEOUT_S)
+        m = np.eye(8)
+        with Client(a.rpc, timeout_s=120) as rpc:
+            rpc.matmul(m, m, placement="remote")
+            assert rpc.last_task["ran_on"] == "local", rpc.last_task
+            before = suspicion_of(rpc, w.peer_id)
+            assert before is not None and before["state"] == "suspect", before
+            w_proc.stop()
+            wait_until(lambda: all(p["peer_id"] != w.peer_id for p in rpc.peers()), 30, "A noticed W left")
+            assert rpc.status()["suspects"][0]["peer_id"] == w.peer_id  # kept while it is away
+            again = stack.enter_context(launch_serve(pyz, home_w, *w_args, name="serve-W-again", port=port))
+            serve_node(again, home_w, READY_TIMEOUT_S)
+            a.proc.wait_for_line(
+                rf"^pangea: peer {w.peer_id} reconnected; still suspect since .+\(.*failed verification", timeout=60
+            )
+            after = suspicion_of(rpc, w.peer_id)
+            assert after is not None and after["state"] == "suspect", after
+            assert (after["since"], after["reason"]) == (before["since"], before["reason"])
+            rpc.matmul(m, m, placement="remote")
+            assert rpc.last_task["ran_on"] == "local" and "suspect since" in rpc.last_task["fallback_reason"]
