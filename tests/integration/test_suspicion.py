@@ -179,6 +179,7 @@ def test_a_suspect_worker_that_reconnects_is_still_suspect_and_it_is_logged(pyz:
             )
             after = suspicion_of(rpc, w.peer_id)
             assert after is not None and after["state"] == "suspect", after
-            assert (after["since"], after["reason"]) == (before["since"], before["reason"])
+            assert after["reason"] == before["reason"]
+            assert after["since"] == pytest.approx(before["since"], abs=0.5)  # a monotonic time shown as wall time
             rpc.matmul(m, m, placement="remote")
             assert rpc.last_task["ran_on"] == "local" and "suspect since" in rpc.last_task["fallback_reason"]
