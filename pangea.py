@@ -685,8 +685,9 @@ def parse_trusted_peers(text: str) -> tuple[set[str], list[str]]:
 class Fault:
     """A fault a worker injects on purpose: a TEST AID for the failure tests, never for real use.
 
-    corrupt: return wrong numbers; lie=KIND: tell one small lie per result (see
-    small_lie); crash-after=N: exit abruptly when task N+1
+    corrupt: return wrong numbers (corrupt=N: only in its first N results, then
+    right ones: a worker that lied and recovered); lie=KIND: tell one small lie per
+    result (see small_lie); crash-after=N: exit abruptly when task N+1
     arrives; slow=SECONDS: stall that long before each task; data-via=HOST:PORT:
     dial the peer's data plane through that address (a test's proxy that alters,
     replays or impersonates)."""
@@ -728,11 +729,13 @@ def small_lie(kind: str, result: np.ndarray) -> np.ndarray:
 
 
 def parse_fault(text: str) -> Fault:
-    """Parse --fault corrupt | lie=KIND | crash-after=N | slow=S | data-via=HOST:PORT; else raise UsageError."""
+    """Parse --fault corrupt[=N] | lie=KIND | crash-after=N | slow=S | data-via=HOST:PORT; else raise UsageError."""
     name, _, value = text.partition("=")
     try:
         if name == "corrupt" and not value:
             return Fault("corrupt")
+        if name == "corrupt" and value.isdigit() and int(value) > 0:
+            return Fault("corrupt", float(value))
         if name == "lie" and value in SMALL_LIES:
             return Fault("lie", text=value)
         if name == "crash-after" and value.isdigit():
@@ -746,7 +749,7 @@ def parse_fault(text: str) -> Fault:
     except ValueError:
         pass
     raise UsageError(
-        f"bad --fault {text!r}: expected corrupt, lie={'|'.join(SMALL_LIES)}, crash-after=N, slow=SECONDS"
+        f"bad --fault {text!r}: expected corrupt, corrupt=N, lie={'|'.join(SMALL_LIES)}, crash-after=N, slow=SECONDS"
         " or data-via=HOST:PORT"
     )
 
@@ -2071,6 +2074,16 @@ def check_result(
 # placement asked for, then on other workers, then locally, at most
 # `max_attempts` times; a result of an attempt that is no longer current is
 # dropped (counted), never delivered twice.
+#
+# A worker whose result failed verification becomes suspect: no task is placed
+# on it (unless it is named), and a local run that happens because no remote
+# worker is usable records why (`AttemptRecord.reason`), or fails when the
+# task asked for no fallback. After a back-off (SUSPECT_BACKOFF_S, doubled by
+# each failed canary, capped) a tick emits `Probe`: the I/O layer sends a canary
+# task with a known answer and reports a `ProbeDoneEvent`. A passing canary puts
+# the worker on probation (used, but weighted down); PROBATION_GOOD_RESULTS
+# verified results clear it. The state survives a disconnect, and a suspect
+# worker that reconnects is reported (`Report`), never silently trusted again.
 ###############################################################################
 
 PLACEMENTS = ("auto", "local", "remote")  # or a peer id
@@ -2080,6 +2093,9 @@ PROBATION_S = 3 * HEARTBEAT_S  # a worker back from being down gets less work th
 DEFAULT_BANDWIDTH_BYTES_S = 100e6  # assumed until a transfer to the worker has been measured
 RETRY_BACKOFF_S = 0.2  # first pause before retrying a task a worker said it was too busy for
 RETRYABLE_KINDS = frozenset({"unavailable", "disconnected", "timeout", "busy", "refused", "internal", "wrong-result"})
+SUSPECT_BACKOFF_S = 30.0  # a suspect worker's first canary comes this long after its wrong result
+SUSPECT_BACKOFF_MAX_S = 900.0  # each failed canary doubles the wait, up to this
+PROBATION_GOOD_RESULTS = 3  # verified results after a passing canary that clear a worker for good
 
 
 @dataclass
@@ -2092,6 +2108,7 @@ class SubmitEvent:
     deadline: float
     flops: float = 0.0
     nbytes: int = 0
+    fallback: bool = True  # False: fail rather than run locally because no remote worker is usable
 
 
 @dataclass
@@ -2148,7 +2165,17 @@ class CancelEvent:
 
 @dataclass
 class TickEvent:
-    """Time passed; tasks past their deadline fail."""
+    """Time passed; tasks past their deadline fail, suspect workers due for a canary are probed."""
+
+
+@dataclass
+class ProbeDoneEvent:
+    """The canary sent to a suspect worker ended: ``kind`` "" it passed, "wrong-result" its
+    answer was wrong, anything else it could not run (the worker left, timed out)."""
+
+    worker_id: str
+    kind: str = ""
+    message: str = ""
 
 
 SchedulerEvent = Union[  # noqa: UP007
@@ -2160,6 +2187,7 @@ SchedulerEvent = Union[  # noqa: UP007
     TaskFailedEvent,
     CancelEvent,
     TickEvent,
+    ProbeDoneEvent,
 ]
 
 
@@ -2208,15 +2236,32 @@ class DropLate:
     attempt: int
 
 
-SchedulerAction = Union[Dispatch, Deliver, Fail, Cancel, DropLate]  # noqa: UP007
+@dataclass
+class Probe:
+    """Send a canary task with a known answer to a suspect worker; report a ProbeDoneEvent."""
+
+    worker_id: str
+
+
+@dataclass
+class Report:
+    """Tell the user about a worker's suspicion: it changed, or a suspect worker came back."""
+
+    worker_id: str
+    message: str
+
+
+SchedulerAction = Union[Dispatch, Deliver, Fail, Cancel, DropLate, Probe, Report]  # noqa: UP007
 
 
 @dataclass
 class AttemptRecord:
-    """Where one attempt ran and how it ended ("" while running)."""
+    """Where one attempt ran and how it ended ("" while running); ``reason`` says why a
+    local attempt ran locally when no remote worker was usable ("" otherwise)."""
 
     worker_id: str
     outcome: str = ""
+    reason: str = ""
 
 
 @dataclass
@@ -2226,6 +2271,7 @@ class _TaskState:
     deadline: float
     flops: float = 0.0
     nbytes: int = 0
+    fallback: bool = True
     attempts: list[AttemptRecord] = field(default_factory=list)
 
 
@@ -2236,18 +2282,41 @@ class _WorkerState:
     load: int = 0  # tasks it reported running for all its peers (heartbeat)
     up: bool = True
     running: int = 0  # our attempts running there
-    suspect: bool = False  # returned a result that failed verification: used only as a last resort
     downs: int = 0  # how often it went down: a flapping worker is put on probation when it returns
     measured: int = 0  # tasks whose speed was measured
     probation_until: float = 0.0
+    # Suspicion (see the section comment): "" trusted, "suspect" (waiting for its canary),
+    # "probing" (a canary is out), "probation" (its canary passed; good results needed).
+    suspicion: str = ""
+    suspect_reason: str = ""  # the failure that made it suspect (the latest)
+    suspect_since: float = 0.0  # when it last stopped being trusted (scheduler time)
+    probe_at: float = 0.0  # when its next canary is due
+    backoff_s: float = 0.0  # the wait before that canary; doubles per failed canary
+    good_results: int = 0  # verified results since its canary passed
+
+    @property
+    def suspect(self) -> bool:
+        """Whether its results are not used now (it waits for, or runs, a canary)."""
+        return self.suspicion in ("suspect", "probing")
 
 
 class Scheduler:
     """The pure placement and retry core; see the section comment."""
 
-    def __init__(self, *, max_attempts: int = MAX_ATTEMPTS, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_attempts: int = MAX_ATTEMPTS,
+        rng: random.Random | None = None,
+        suspect_backoff_s: float = SUSPECT_BACKOFF_S,
+        describe_time: Callable[[float], str] | None = None,
+    ) -> None:
         self.max_attempts = max_attempts
         self.rng = rng or random.Random(0)
+        self.suspect_backoff_s = suspect_backoff_s
+        self.suspect_backoff_max_s = max(SUSPECT_BACKOFF_MAX_S, suspect_backoff_s)
+        # how messages show a scheduler time (the I/O layer maps it to a wall clock)
+        self.describe_time = describe_time or (lambda t: f"t={t:.0f} s")
         self.tasks: dict[int, _TaskState] = {}
         self.workers: dict[str, _WorkerState] = {LOCAL: _WorkerState()}
         self.history: dict[int, list[AttemptRecord]] = {}  # attempts of finished tasks
@@ -2271,6 +2340,8 @@ class Scheduler:
             state.up = True
             if state.downs:  # damping: a worker that keeps dropping out gets less work for a while
                 state.probation_until = now + PROBATION_S * min(state.downs, 4)
+            if state.suspicion:  # NOTE: a reconnect neither clears suspicion nor keeps it silently
+                return [Report(event.worker_id, f"reconnected; still {self.suspicion_text(event.worker_id)}")]
             return []
         if isinstance(event, WorkerStatsEvent):
             state = self.workers.setdefault(event.worker_id, _WorkerState(up=False))
@@ -2296,14 +2367,20 @@ class Scheduler:
             actions: list[SchedulerAction] = []
             for task in [t for t in self.tasks.values() if now >= t.deadline]:
                 actions += self._give_up(task, "deadline", "the task missed its deadline")
+            for worker_id, state in self.workers.items():
+                if state.suspicion == "suspect" and state.up and now >= state.probe_at:
+                    state.suspicion = "probing"
+                    actions.append(Probe(worker_id))
             return actions
+        if isinstance(event, ProbeDoneEvent):
+            return self._on_probe_done(event)
         raise TypeError(f"unknown scheduler event {event!r}")
 
     def _on_submit(self, event: SubmitEvent) -> list[SchedulerAction]:
         if event.task_id in self.tasks or event.task_id in self.history:
             return [Fail(event.task_id, "bad-input", f"task id {event.task_id} was already used")]
         task = self.tasks[event.task_id] = _TaskState(
-            event.task_id, event.placement, event.deadline, event.flops, event.nbytes
+            event.task_id, event.placement, event.deadline, event.flops, event.nbytes, event.fallback
         )
         return self._dispatch_next(task)
 
@@ -2330,7 +2407,15 @@ class Scheduler:
         record = task.attempts[-1]
         record.outcome = "ok"
         self._finish(task)
-        return [Deliver(task.task_id, event.attempt, record.worker_id)]
+        actions: list[SchedulerAction] = [Deliver(task.task_id, event.attempt, record.worker_id)]
+        worker = self.workers.get(record.worker_id)
+        if worker is not None and worker.suspicion == "probation":
+            worker.good_results += 1
+            if worker.good_results >= PROBATION_GOOD_RESULTS:
+                worker.suspicion, worker.suspect_reason, worker.backoff_s = "", "", 0.0
+                text = f"cleared: {worker.good_results} verified results since its canary passed"
+                actions.append(Report(record.worker_id, text))
+        return actions
 
     def _current(self, task_id: int, attempt: int) -> _TaskState | None:
         task = self.tasks.get(task_id)
@@ -2362,14 +2447,85 @@ class Scheduler:
         worker = self.workers.get(record.worker_id)
         if worker is not None and worker.running > 0:
             worker.running -= 1
+        reports: list[SchedulerAction] = []
         if worker is not None and kind == "wrong-result" and record.worker_id != LOCAL:
-            worker.suspect = True
+            reports = self._suspect(record.worker_id, worker, message)
         if kind not in RETRYABLE_KINDS or len(task.attempts) >= self.max_attempts:
             self._finish_failed(task)
-            return [Fail(task.task_id, kind, message)]
+            return [*reports, Fail(task.task_id, kind, message)]
         # backoff: a busy worker is retried elsewhere after a pause that grows per attempt
         delay = RETRY_BACKOFF_S * 2 ** (len(task.attempts) - 1) if kind == "busy" else 0.0
-        return self._dispatch_next(task, delay)
+        return [*reports, *self._dispatch_next(task, delay)]
+
+    def _suspect(self, worker_id: str, state: _WorkerState, reason: str) -> list[SchedulerAction]:
+        """Make a worker suspect; a first offence waits the base back-off, a repeat (a failed
+        canary, a wrong result on probation) doubles the last one, up to the cap."""
+        if state.suspicion:
+            state.backoff_s = min(self.suspect_backoff_max_s, max(state.backoff_s, self.suspect_backoff_s) * 2)
+        else:
+            state.backoff_s = self.suspect_backoff_s
+            state.suspect_since = self.now
+        state.suspicion, state.suspect_reason, state.good_results = "suspect", reason, 0
+        state.probe_at = self.now + state.backoff_s
+        return [Report(worker_id, f"is {self.suspicion_text(worker_id)}; its results are not used until then")]
+
+    def _on_probe_done(self, event: ProbeDoneEvent) -> list[SchedulerAction]:
+        state = self.workers.get(event.worker_id)
+        if state is None or state.suspicion != "probing":
+            return []  # NOTE: a late report (the worker was cleared or named meanwhile)
+        if not event.kind:
+            state.suspicion, state.good_results = "probation", 0
+            text = f"passed its canary task; on probation until {PROBATION_GOOD_RESULTS} verified results"
+            return [Report(event.worker_id, text)]
+        if event.kind == "wrong-result":
+            return self._suspect(event.worker_id, state, event.message)
+        state.suspicion, state.probe_at = "suspect", self.now + state.backoff_s  # not its fault: same wait
+        text = f"could not be probed ({event.message}); {self.suspicion_text(event.worker_id)}"
+        return [Report(event.worker_id, text)]
+
+    def suspicion(self, worker_id: str) -> dict[str, Any] | None:
+        """A worker's suspicion (state, reason, since, seconds to its next canary), None when trusted."""
+        state = self.workers.get(worker_id)
+        if state is None or not state.suspicion:
+            return None
+        due = max(0.0, state.probe_at - self.now) if state.suspicion == "suspect" else 0.0
+        return {
+            "state": state.suspicion,
+            "reason": state.suspect_reason,
+            "since": state.suspect_since,
+            "next_probe_s": due,
+            "good_results": state.good_results,
+        }
+
+    def suspicion_text(self, worker_id: str) -> str:
+        """One phrase on a worker's suspicion: "suspect since <time> (<reason>); next probe in N s"."""
+        info = self.suspicion(worker_id)
+        if info is None:
+            return "trusted"
+        since = f"since {self.describe_time(info['since'])} ({info['reason']})"
+        if info["state"] == "probation":
+            return f"on probation {since}: {info['good_results']}/{PROBATION_GOOD_RESULTS} verified results"
+        if info["state"] == "probing":
+            return f"suspect {since}; its canary task is running"
+        return f"suspect {since}; next probe in {info['next_probe_s']:.0f} s"
+
+    def no_remote_reason(self, tried: dict[str, str] | None = None) -> str:
+        """Why no remote worker is usable: each known worker and what keeps it out."""
+        tried = tried or {}
+        parts = []
+        for worker_id, state in self.workers.items():
+            if worker_id == LOCAL:
+                continue
+            if worker_id in tried:
+                why = f"failed this task ({tried[worker_id]})"
+            elif state.suspect:
+                why = self.suspicion_text(worker_id)
+            elif not state.up:
+                why = "not connected"
+            else:
+                continue
+            parts.append(f"{short_id(worker_id)}: {why}")
+        return "no remote worker usable: " + ("; ".join(parts) if parts else "no peer is connected")
 
     def _finish_failed(self, task: _TaskState) -> None:
         self.history[task.task_id] = task.attempts
@@ -2382,29 +2538,40 @@ class Scheduler:
         compute = (flops or 1e9) / (max(state.speed, 1e-3) * 1e9)
         transfer = 0.0 if worker_id == LOCAL else nbytes / (state.bandwidth or DEFAULT_BANDWIDTH_BYTES_S)
         estimate = (state.running + state.load) * compute + compute + transfer
-        return estimate * 4 if self.now < state.probation_until else estimate
+        limited = self.now < state.probation_until or state.suspicion == "probation"
+        return estimate * 4 if limited else estimate
 
-    def _choose(self, task: _TaskState) -> str:
-        tried = {a.worker_id for a in task.attempts}
+    def _choose(self, task: _TaskState) -> tuple[str, str]:
+        """The worker for the task's next attempt, and why it runs locally when that is a
+        fallback (no remote worker usable), "" otherwise."""
+        tried = {a.worker_id: a.outcome for a in task.attempts}
         placement = task.placement
         if placement == LOCAL:
-            return LOCAL
+            return LOCAL, ""
         if placement not in ("auto", "remote"):  # a peer id
             # The named peer gets the first attempt even when it is down or
             # unknown: the attempt fails at once and the record shows why the
             # task then ran elsewhere.
             if placement not in tried:
-                return placement
+                return placement, ""
             placement = "auto"
         remotes = [w for w, s in self.workers.items() if w != LOCAL and s.up and w not in tried and not s.suspect]
         candidates = remotes if placement == "remote" else remotes + ([LOCAL] if LOCAL not in tried else [])
+        known = any(w != LOCAL for w in self.workers)
+        fallback = not remotes and (placement == "remote" or known)
         if not candidates:
-            return LOCAL  # fallback: every remote worker is gone or has failed this task
-        return min(candidates, key=lambda w: (self.estimate_s(w, task.flops, task.nbytes), self.rng.random()))
+            # fallback: every remote worker is gone, suspect or has failed this task
+            return LOCAL, self.no_remote_reason(tried)
+        best = min(candidates, key=lambda w: (self.estimate_s(w, task.flops, task.nbytes), self.rng.random()))
+        return best, self.no_remote_reason(tried) if fallback and best == LOCAL else ""
 
     def _dispatch_next(self, task: _TaskState, delay_s: float = 0.0) -> list[SchedulerAction]:
-        worker_id = self._choose(task)
-        task.attempts.append(AttemptRecord(worker_id))
+        worker_id, reason = self._choose(task)
+        if reason and not task.fallback:
+            self._finish_failed(task)
+            hint = "wait for the probe, connect another worker, or allow the local fallback"
+            return [Fail(task.task_id, "unavailable", f"{reason}; {hint}")]
+        task.attempts.append(AttemptRecord(worker_id, reason=reason))
         self.workers.setdefault(worker_id, _WorkerState(up=False)).running += 1
         return [Dispatch(task.task_id, len(task.attempts), worker_id, delay_s)]
 
@@ -3861,6 +4028,7 @@ class Node:
 
         self.host = make_host(key_pair, psk)
         self.fault = fault
+        self.fault_lies = 0  # wrong results returned so far (--fault corrupt=N stops after N)
         self.data_port_spec = data_port  # parse_data_port: -1 auto, 0 any, None off
         self.data_plane: DataPlane | None = None
         self.on_data_fallback: list[Callable[[PeerSession, str], None]] = []
@@ -4308,11 +4476,14 @@ class Node:
             await trio.sleep(self.fault.value)
 
     def inject_fault_into(self, outputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-        """TEST AID (--fault corrupt, --fault lie=KIND): return slightly wrong numbers."""
+        """TEST AID (--fault corrupt[=N], --fault lie=KIND): return slightly wrong numbers (corrupt=N: the first N times)."""
         if self.fault is not None and self.fault.kind == "lie":
             return tuple(small_lie(self.fault.text, out) for out in outputs)
         if self.fault is None or self.fault.kind != "corrupt":
             return outputs
+        if self.fault.value and self.fault_lies >= self.fault.value:
+            return outputs
+        self.fault_lies += 1
         wrong = []
         for out in outputs:
             out = out.copy()
@@ -4460,6 +4631,26 @@ class TaskOutcome:
     compute_s: float
     elapsed_s: float
     queue_s: float = 0.0
+    fallback_reason: str = ""  # why it ran locally when no remote worker was usable ("" otherwise)
+
+
+CANARY_N = 48  # the canary task: a 48x48 int64 matmul, exact on every machine and tiny to move
+CANARY_TIMEOUT_S = 30.0  # a canary not answered within this counts as "could not probe"
+PROBE_TICK_S = 1.0  # how often the manager looks for suspect workers due for a canary
+
+
+def canary_task(seed: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """Seeded operands of a canary matmul and its exact answer (integers: no rounding anywhere)."""
+    import numpy as np
+
+    gen = np.random.default_rng(seed)
+    a, b = (gen.integers(-1000, 1000, (CANARY_N, CANARY_N), dtype=np.int64) for _ in range(2))
+    return (a, b), a @ b
+
+
+def format_utc(unix_s: float) -> str:
+    """A wall-clock time as "HH:MM:SS UTC" (suspicion messages)."""
+    return time.strftime("%H:%M:%S UTC", time.gmtime(unix_s))
 
 
 @dataclass
@@ -4493,10 +4684,16 @@ class Manager:
     picked up by the task that needs them.
     """
 
-    def __init__(self, node: Node, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, node: Node, *, clock: Callable[[], float] = time.monotonic, suspect_backoff_s: float = SUSPECT_BACKOFF_S
+    ) -> None:
         self.node = node
         self.clock = clock
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(
+            suspect_backoff_s=suspect_backoff_s, describe_time=lambda t: format_utc(self.wall_time(t))
+        )
+        self.on_suspicion: list[Callable[[str, str], None]] = []  # peer id, message: a worker's suspicion changed
+        self._due_probes: list[str] = []  # workers the scheduler wants probed (watch_suspects sends the canaries)
         self.delegators: dict[str, TaskDelegator] = {LOCAL: LocalDelegator(node)}
         self._routes: dict[int, Any] = {}
         self._next_id = 1
@@ -4507,6 +4704,7 @@ class Manager:
         self._local_speed_known = False
         self.verification_failures = 0
         self.retries = 0  # attempts beyond each task's first
+        self.fallbacks = 0  # tasks that ran locally because no remote worker was usable
         self.on_task_end: list[Callable[[str, str, str, float], None]] = []  # kernel, outcome, where, seconds
         self._rng = random.Random()
         node.on_session.append(self._worker_up)
@@ -4540,10 +4738,22 @@ class Manager:
         """Tasks submitted and not finished yet."""
         return len(self._routes)
 
+    def wall_time(self, scheduler_time: float) -> float:
+        """The Unix time of a scheduler (clock) time."""
+        return time.time() - (self.clock() - scheduler_time)
+
     def _apply(self, actions: list[SchedulerAction]) -> None:
         for action in actions:
             if isinstance(action, DropLate):
                 log.info("dropped a late result of task %d (attempt %d)", action.task_id, action.attempt)
+                continue
+            if isinstance(action, Probe):
+                self._due_probes.append(action.worker_id)
+                continue
+            if isinstance(action, Report):
+                log.warning("peer %s %s", action.worker_id, action.message)
+                for callback in self.on_suspicion:
+                    callback(action.worker_id, action.message)
                 continue
             route = self._routes.get(action.task_id)
             if route is not None:
@@ -4557,8 +4767,10 @@ class Manager:
         *,
         placement: str = "auto",
         timeout_s: float = 600.0,
+        fallback: bool = True,
     ) -> TaskOutcome:
-        """Run one task to completion; raise TaskError when every attempt failed."""
+        """Run one task to completion; raise TaskError when every attempt failed. ``fallback=False``:
+        fail (kind "unavailable") rather than run locally because no remote worker is usable."""
         import trio
 
         task_id = self._next_id
@@ -4579,7 +4791,7 @@ class Manager:
                         self._local_speed_known = True
                         self.scheduler.handle(WorkerUpEvent(LOCAL, self.node.gflops), start)
                     cost = task_cost(kernel, operands, dict(params or {}))
-                    submit = SubmitEvent(task_id, placement, start + timeout_s, *cost)
+                    submit = SubmitEvent(task_id, placement, start + timeout_s, *cost, fallback=fallback)
                     self._apply(self.scheduler.handle(submit, start))
                     async for action in receive:
                         if isinstance(action, Dispatch):
@@ -4599,8 +4811,12 @@ class Manager:
                             elapsed = self.clock() - start
                             self._ended(kernel, "ok", action.worker_id, attempts, elapsed)
                             queued = (first_attempt_at or start) - start
+                            why = attempts[-1].reason if attempts else ""
+                            if why:
+                                self.fallbacks += 1
+                                log.info("task %d ran locally: %s", task_id, why)
                             return TaskOutcome(
-                                task_id, kernel, outputs, action.worker_id, attempts, compute_s, elapsed, queued
+                                task_id, kernel, outputs, action.worker_id, attempts, compute_s, elapsed, queued, why
                             )
                         elif isinstance(action, Fail):
                             failure = TaskError(self._failure_text(task_id, kernel, action), kind=action.kind)
@@ -4645,6 +4861,58 @@ class Manager:
         if runs_inline(flops if flops is not None else task_cost(kernel, operands, params)[0]):
             return check()
         return await trio.to_thread.run_sync(check)
+
+    def suspicions(self) -> dict[str, dict[str, Any]]:
+        """Every remote worker that is not fully trusted: its suspicion, ``since`` as a Unix time."""
+        out = {}
+        for worker_id in self.scheduler.workers:
+            info = self.scheduler.suspicion(worker_id)
+            if info is not None:
+                info["since"] = self.wall_time(info["since"])
+                info["text"] = self.scheduler.suspicion_text(worker_id)
+                out[worker_id] = info
+        return out
+
+    def fallback_reason(self) -> str:
+        """Why no remote worker is usable right now ("" when one is)."""
+        if any(w != LOCAL for w in self.usable_workers()):
+            return ""
+        return self.scheduler.no_remote_reason()
+
+    async def watch_suspects(self, tick_s: float = PROBE_TICK_S) -> None:
+        """Run forever: tick the scheduler, and send each suspect worker that is due its canary."""
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                self._apply(self.scheduler.handle(TickEvent(), self.clock()))
+                while self._due_probes:
+                    nursery.start_soon(self._probe, self._due_probes.pop(0))
+                await trio.sleep(tick_s)
+
+    async def _probe(self, worker_id: str) -> None:
+        """Send one canary task to a suspect worker and report whether its answer was exact."""
+        import numpy as np
+        import trio
+
+        operands, expected = canary_task(self._rng.getrandbits(32))
+        kind, message = "", ""
+        delegator = self.delegators.get(worker_id)
+        log.info("probing suspect peer %s with a canary task", worker_id)
+        try:
+            if not isinstance(delegator, RemoteDelegator):
+                raise PeerError(f"worker {short_id(worker_id)} is not connected", kind="unavailable")
+            with trio.fail_after(CANARY_TIMEOUT_S):
+                outputs, _ = await delegator.execute("matmul", operands, {})
+            got = outputs[0] if len(outputs) == 1 else None
+            if got is None or got.shape != expected.shape or not np.array_equal(got, expected):
+                kind = "wrong-result"
+                message = "its canary matmul failed verification: the answer differs from the known one"
+        except trio.TooSlowError:
+            kind, message = "timeout", f"no answer to the canary within {CANARY_TIMEOUT_S:.0f} s"
+        except (TaskError, PeerError) as exc:
+            kind, message = ("internal" if exc.kind == "wrong-result" else exc.kind), str(exc)
+        self._apply(self.scheduler.handle(ProbeDoneEvent(worker_id, kind, message), self.clock()))
 
     def usable_workers(self) -> list[str]:
         """This node and every connected peer that is up and not suspect, fastest first."""
@@ -4749,6 +5017,8 @@ class Manager:
 
     def _failure_text(self, task_id: int, kernel: str, fail: Fail) -> str:
         attempts = self.scheduler.attempts(task_id)
+        if not attempts:
+            return f"cannot run {kernel}: {fail.message}"
         where = "; ".join(f"{short_id(a.worker_id)}: {a.outcome}" for a in attempts)
         return f"{kernel} failed after {len(attempts)} attempt(s): {fail.message}" + (
             f" [{where}]" if len(attempts) > 1 else ""
@@ -4999,6 +5269,20 @@ class _NodeCollector:
                 "Worker results that failed verification",
                 value=self.manager.verification_failures,
             )
+            suspect = GaugeMetricFamily(
+                "pangea_peer_suspect",
+                "1 while a worker's results are not used (it failed verification; waits for or runs a canary task)",
+                labels=["peer"],
+            )
+            probation = GaugeMetricFamily(
+                "pangea_peer_probation", "1 while a worker that passed its canary task is on probation", labels=["peer"]
+            )
+            for worker_id, state in list(self.manager.scheduler.workers.items()):  # NOTE: a snapshot, as above
+                if worker_id != LOCAL:
+                    suspect.add_metric([worker_id], 1 if state.suspect else 0)
+                    probation.add_metric([worker_id], 1 if state.suspicion == "probation" else 0)
+            yield suspect
+            yield probation
 
 
 def start_metrics(spec: str | None, node: Node, manager: Manager | None) -> str | None:
@@ -5153,13 +5437,26 @@ class InitiatorChecks:
     async def _run(self, name: str, fn: Callable[[], Any]) -> None:
         start = time.perf_counter()
         self.on_check(name)
+        fallbacks = self.manager.fallbacks
         try:
             detail = await fn()
             ok = True
         except PangeaError as exc:
             ok, detail = False, str(exc)
+        detail += self._suspicion_note(self.manager.fallbacks - fallbacks)
         self.results.append(CheckResult(name, ok, time.perf_counter() - start, detail))
         log.info("check %s: %s (%s)", name, "ok" if ok else "FAILED", detail)
+
+    def _suspicion_note(self, fallbacks: int) -> str:
+        """What a check row must add: responders not fully trusted, tasks that fell back to this node."""
+        notes = [
+            f"{self._who(s)} is {self.manager.scheduler.suspicion_text(s.peer_id)}"
+            for s in self.sessions
+            if self.manager.scheduler.suspicion(s.peer_id) is not None
+        ]
+        if fallbacks:
+            notes.append(f"{fallbacks} task(s) ran locally because no responder was usable")
+        return "".join(f"; {note}" for note in notes)
 
     async def run_all(self) -> list[CheckResult]:
         """Run every check in order; the last one ends the sessions with the responders."""
@@ -6187,13 +6484,20 @@ class NodeService:
             scope.cancel()
 
     async def submit(
-        self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float], placement: str, timeout_s: float
+        self,
+        kernel: str,
+        operands: Sequence[np.ndarray],
+        params: dict[str, float],
+        placement: str,
+        timeout_s: float,
+        fallback: bool = True,
     ) -> TaskOutcome:
-        """Run a task through the manager; TaskError on failure."""
+        """Run a task through the manager; TaskError on failure (``fallback=False``: also when it
+        would run locally because no remote worker is usable)."""
         outcome: TaskOutcome | None = None
         with self._call():
             if placement in SPLIT_PLACEMENTS:
-                outcome = await self._split(kernel, operands, placement, timeout_s)
+                outcome = await self._split(kernel, operands, placement, timeout_s, fallback)
             elif (
                 placement not in PLACEMENTS
                 and placement not in self.node.sessions
@@ -6204,19 +6508,27 @@ class NodeService:
                 known = ", ".join(PLACEMENTS + SPLIT_PLACEMENTS + tuple(self.node.sessions))
                 raise TaskError(f"unknown placement {placement!r}; use one of: {known}", kind="bad-input")
             else:
-                outcome = await self.manager.run(kernel, operands, params, placement=placement, timeout_s=timeout_s)
+                outcome = await self.manager.run(
+                    kernel, operands, params, placement=placement, timeout_s=timeout_s, fallback=fallback
+                )
         assert outcome is not None
         return outcome
 
     async def _split(
-        self, kernel: str, operands: Sequence[np.ndarray], placement: str, timeout_s: float
+        self, kernel: str, operands: Sequence[np.ndarray], placement: str, timeout_s: float, fallback: bool = True
     ) -> TaskOutcome:
         """A matmul split in row blocks over the connected workers (and this node, for "split")."""
         if kernel != "matmul" or len(operands) != 2:
             raise TaskError(f"placement {placement!r} splits a matmul; {kernel} cannot be split", kind="bad-input")
         workers = self.manager.usable_workers()
-        if placement == "split-remote":
-            workers = [w for w in workers if w != LOCAL] or [LOCAL]
+        reason = ""
+        if placement == "split-remote" and workers == [LOCAL]:
+            reason = self.manager.fallback_reason()
+            if not fallback:
+                hint = "wait for the probe, connect another worker, or allow the local fallback"
+                raise TaskError(f"cannot run {kernel} on remote workers: {reason}; {hint}", kind="unavailable")
+        elif placement == "split-remote":
+            workers = [w for w in workers if w != LOCAL]
         split = await self.manager.split_matmul(operands[0], operands[1], workers=workers, timeout_s=timeout_s)
         attempts = [
             AttemptRecord(w, f"ok: {s.rows} rows in {s.blocks} blocks, busy {split.busy_fraction(w):.0%}")
@@ -6224,7 +6536,7 @@ class NodeService:
             if s.blocks
         ]
         compute_s = sum(s.compute_s for s in split.shares.values())
-        return TaskOutcome(0, kernel, (split.result,), "split", attempts, compute_s, split.elapsed_s)
+        return TaskOutcome(0, kernel, (split.result,), "split", attempts, compute_s, split.elapsed_s, 0.0, reason)
 
     def peer_info(self, session: PeerSession) -> dict[str, Any]:
         """Return what `peers` reports about one session."""
@@ -6245,7 +6557,13 @@ class NodeService:
             "trusted": bool(self.node.may_serve(session.peer_id)),
             "last_seen_s": time.monotonic() - session.last_seen,
             "data_plane": session.data_note,
+            **self.suspicion_of(session.peer_id),
         }
+
+    def suspicion_of(self, peer_id: str) -> dict[str, Any]:
+        """The ``suspect`` flag and ``suspicion`` record (None: trusted) of a peer."""
+        info = self.manager.suspicions().get(peer_id)
+        return {"suspect": bool(info and info["state"] in ("suspect", "probing")), "suspicion": info}
 
     async def peers(self) -> list[dict[str, Any]]:
         """Return the connected peers."""
@@ -6269,6 +6587,7 @@ class NodeService:
                 "rpc_address": self.rpc_address,
                 "peer_count": len(self.node.sessions),
                 "tasks_served": self.node.tasks_served,
+                "suspects": [{"peer_id": w, **info} for w, info in self.manager.suspicions().items()],
             }
         return {}
 
@@ -6294,6 +6613,7 @@ def _outcome_to_capnp(r: Any, outcome: TaskOutcome | None, error: TaskError | No
     for slot, a in zip(outs, outcome.outputs, strict=True):
         array_to_capnp(slot, a)
     r.ranOn = outcome.worker_id
+    r.fallbackReason = outcome.fallback_reason
     attempts = r.init("attempts", len(outcome.attempts))
     for slot, record in zip(attempts, outcome.attempts, strict=True):
         slot.worker = record.worker_id
@@ -6317,9 +6637,35 @@ def _fill_peer(builder: Any, info: dict[str, Any]) -> None:
     builder.trusted = info["trusted"]
     builder.lastSeenSeconds = info["last_seen_s"]
     builder.dataPlane = info.get("data_plane", "")
+    if info.get("suspicion"):
+        _fill_suspicion(builder.suspicion, info["peer_id"], info["suspicion"])
+
+
+def _fill_suspicion(builder: Any, peer_id: str, info: dict[str, Any]) -> None:
+    builder.peerId = peer_id
+    builder.state = info["state"]
+    builder.reason = info["reason"]
+    builder.sinceUnix = info["since"]
+    builder.nextProbeSeconds = info["next_probe_s"]
+    builder.goodResults = info["good_results"]
+    builder.text = info.get("text", "")
+
+
+def _read_suspicion(reader: Any) -> dict[str, Any] | None:
+    if not str(reader.state):
+        return None
+    return {
+        "state": str(reader.state),
+        "reason": str(reader.reason),
+        "since": float(reader.sinceUnix),
+        "next_probe_s": float(reader.nextProbeSeconds),
+        "good_results": int(reader.goodResults),
+        "text": str(reader.text),
+    }
 
 
 def _read_peer(reader: Any) -> dict[str, Any]:
+    suspicion = _read_suspicion(reader.suspicion)
     return {
         "peer_id": str(reader.peerId),
         "addresses": [str(a) for a in reader.addresses],
@@ -6331,6 +6677,8 @@ def _read_peer(reader: Any) -> dict[str, Any]:
         "trusted": bool(reader.trusted),
         "last_seen_s": float(reader.lastSeenSeconds),
         "data_plane": str(reader.dataPlane),
+        "suspect": bool(suspicion and suspicion["state"] in ("suspect", "probing")),
+        "suspicion": suspicion,
     }
 
 
@@ -6451,7 +6799,9 @@ def _make_gate(schema: Any, in_trio: Callable[..., Any], service: NodeService, t
                 params = {str(p.name): float(p.value) for p in task.params}
                 placement = str(task.placement) or "auto"
                 timeout_s = float(task.timeoutSeconds) or 600.0
-                outcome = await in_trio(service.submit, str(task.kernel), operands, params, placement, timeout_s)
+                fallback = not bool(task.noFallback)
+                args = (str(task.kernel), operands, params, placement, timeout_s, fallback)
+                outcome = await in_trio(service.submit, *args)
             except TaskError as exc:
                 error = exc
             _outcome_to_capnp(result, outcome, error)
@@ -6469,6 +6819,8 @@ def _make_gate(schema: Any, in_trio: Callable[..., Any], service: NodeService, t
             st.uptimeSeconds, st.tasksDone, st.tasksFailed = info["uptime_s"], info["tasks_done"], info["tasks_failed"]
             st.tasksInFlight, st.bytesIn, st.bytesOut = info["tasks_in_flight"], info["bytes_in"], info["bytes_out"]
             st.rpcAddress, st.peerCount, st.tasksServed = info["rpc_address"], info["peer_count"], info["tasks_served"]
+            for slot, suspect in zip(st.init("suspects", len(info["suspects"])), info["suspects"], strict=True):
+                _fill_suspicion(slot, suspect["peer_id"], suspect)
 
         async def connect(self, multiaddr: Any, _context: Any, **kwargs: Any) -> None:
             try:
@@ -6606,9 +6958,13 @@ class Client:
         *operands: np.ndarray,
         placement: str = "auto",
         timeout_s: float | None = None,
+        fallback: bool | float = True,  # NOTE: a bool; "| float" lets callers pass **params of floats
         **params: float,
     ) -> np.ndarray:
-        """Run ``kernel`` on the node (placement auto, local, remote or a peer id); return its output."""
+        """Run ``kernel`` on the node (placement auto, local, remote or a peer id); return its output.
+
+        ``fallback=False``: raise TaskError (kind "unavailable") instead of running locally because no
+        remote worker is usable; by default the node falls back and ``last_task["fallback_reason"]`` says why."""
         import numpy as np
 
         arrays = [np.asarray(a) for a in operands]
@@ -6635,6 +6991,7 @@ class Client:
             spec.kernel = kernel
             spec.placement = placement
             spec.timeoutSeconds = float(timeout_s or self.timeout_s)
+            spec.noFallback = not fallback
             slots = spec.init("operands", len(arrays))
             for slot, a in zip(slots, arrays, strict=True):
                 array_to_capnp(slot, a)
@@ -6649,6 +7006,7 @@ class Client:
                 "error_kind": str(r.errorKind),
                 "error_message": str(r.errorMessage),
                 "ran_on": str(r.ranOn),
+                "fallback_reason": str(r.fallbackReason),
                 "attempts": [{"worker": str(a.worker), "outcome": str(a.outcome)} for a in r.attempts],
                 "timings": {
                     "queue_s": r.timings.queueSeconds,
@@ -6667,9 +7025,10 @@ class Client:
             raise RpcError(f"cannot submit {kernel}: the node returned {len(outputs)} outputs, expected 1")
         return outputs[0]
 
-    def matmul(self, a: np.ndarray, b: np.ndarray, placement: str = "auto") -> np.ndarray:
-        """Return a @ b computed by the node (placement auto, local, remote or a peer id)."""
-        return self.submit("matmul", a, b, placement=placement)
+    def matmul(self, a: np.ndarray, b: np.ndarray, placement: str = "auto", *, fallback: bool = True) -> np.ndarray:
+        """Return a @ b computed by the node (placement auto, local, remote or a peer id; ``fallback``
+        as in `submit`)."""
+        return self.submit("matmul", a, b, placement=placement, fallback=fallback)
 
     def peers(self) -> list[dict[str, Any]]:
         """Return the node's connected peers."""
@@ -6697,6 +7056,7 @@ class Client:
                 "rpc_address": str(st.rpcAddress),
                 "peer_count": st.peerCount,
                 "tasks_served": st.tasksServed,
+                "suspects": [{"peer_id": str(x.peerId), **(_read_suspicion(x) or {})} for x in st.suspects],
             }
 
         return dict(self._call(call, "get status"))
@@ -6793,10 +7153,10 @@ def fault_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fault",
         type=parse_fault,
-        metavar="corrupt|lie=KIND|crash-after=N|slow=SECONDS|data-via=HOST:PORT",
-        help="TEST AID: make this worker return wrong numbers (lie=relative|sign|swap|nan|plus-one: one small lie "
-        "per result), exit abruptly after N tasks, stall before each task, "
-        "or dial the peer's data plane through a test's proxy",
+        metavar="corrupt[=N]|lie=KIND|crash-after=N|slow=SECONDS|data-via=HOST:PORT",
+        help="TEST AID: make this worker return wrong numbers (corrupt=N: in its first N results; "
+        "lie=relative|sign|swap|nan|plus-one: one small lie per result), exit abruptly after N tasks, "
+        "stall before each task, or dial the peer's data plane through a test's proxy",
     )
 
 
@@ -6945,6 +7305,14 @@ def make_parser() -> argparse.ArgumentParser:
     )
     fault_option(p)
     verify_option(p)
+    p.add_argument(
+        "--suspect-backoff",
+        type=float,
+        default=SUSPECT_BACKOFF_S,
+        metavar="SECONDS",
+        help="wait before a worker whose result failed verification gets a canary task "
+        f"(default: {SUSPECT_BACKOFF_S:g}; doubles per failed canary, up to {SUSPECT_BACKOFF_MAX_S:g})",
+    )
     p.add_argument("--pair", action="store_true", help="print a one-time pairing code a new peer can connect with")
     p.add_argument(
         "--pair-timeout",
@@ -6975,6 +7343,11 @@ def make_parser() -> argparse.ArgumentParser:
     c = calls.add_parser("matmul", help="multiply two random N x N matrices on the node and verify the result")
     c.add_argument("--size", type=int, default=1024, metavar="N")
     c.add_argument("--placement", default="auto", help="auto, local, remote or a peer id (default: auto)")
+    c.add_argument(
+        "--no-fallback",
+        action="store_true",
+        help="fail instead of running locally when no remote worker is usable (default: fall back, and say so)",
+    )
     p.set_defaults(func=cmd_call)
 
     p = sub.add_parser("id", help="print this box's peer id (creating its identity if needed)")
@@ -7455,6 +7828,7 @@ async def _initiate(
     manager = Manager(node)
     manager.verify_rounds = args.verify_rounds
     async with node.running(args.host, args.port):
+        node.nursery.start_soon(manager.watch_suspects)
         session_dir.write_addresses(node.addresses)
         metrics_url = start_metrics(args.metrics, node, manager)
         session_dir.save(peer_id=node.peer_id, metrics=metrics_url)
@@ -7730,6 +8104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     peers = [parse_peer_address(text) for text in args.peer]
     if not 1 <= args.rpc_max_mib <= 4096:
         raise UsageError(f"--rpc-max-mib {args.rpc_max_mib} is outside 1-4096")
+    if not 0.1 <= args.suspect_backoff <= SUSPECT_BACKOFF_MAX_S:  # NOTE: False for NaN too
+        raise UsageError(f"--suspect-backoff {args.suspect_backoff} is outside 0.1-{SUSPECT_BACKOFF_MAX_S:g} s")
     limits, psk = limits_from_args(args), read_psk_file(args.psk)
     ensure_port_free(rpc_host, rpc_port, option="--rpc HOST:PORT")
     with node_session("serve", args) as (home, session_dir):
@@ -7780,8 +8156,9 @@ async def _serve(
         fault=args.fault,
         data_port=args.data_port,
     )
-    manager = Manager(node)
+    manager = Manager(node, suspect_backoff_s=args.suspect_backoff)
     manager.verify_rounds = args.verify_rounds
+    manager.on_suspicion.append(lambda *_: session_dir.save(suspects=saved_suspects(manager)))
     service = NodeService(node, manager, trust=trusted.add, rpc_address="")
     async with node.running(args.host, args.port):
         server = RpcServer(service, rpc[0], rpc[1], token=rpc[2], max_bytes=args.rpc_max_mib << 20)
@@ -7789,6 +8166,7 @@ async def _serve(
         service.rpc_address = f"{host}:{port}"
         for peer in peers:
             node.nursery.start_soon(keep_connected, node, peer)
+        node.nursery.start_soon(manager.watch_suspects)
         session_dir.write_addresses(node.addresses)
         metrics_url = start_metrics(args.metrics, node, manager)
         session_dir.save(peer_id=node.peer_id, rpc=service.rpc_address, metrics=metrics_url)
@@ -7815,6 +8193,21 @@ async def _serve(
                 await trio.sleep(0.2)  # let the cancelled calls' errors reach their clients
                 await server.stop()
     return 0
+
+
+def saved_suspects(manager: Manager) -> list[dict[str, Any]]:
+    """The suspicions `status` shows from a session directory (times as Unix times: no stale countdowns)."""
+    now = time.time()
+    return [
+        {
+            "peer_id": peer_id,
+            "state": info["state"],
+            "reason": info["reason"],
+            "since": info["since"],
+            "probe_at": now + info["next_probe_s"] if info["state"] == "suspect" else 0.0,
+        }
+        for peer_id, info in manager.suspicions().items()
+    ]
 
 
 async def keep_connected(node: Node, address: PeerAddress) -> None:
@@ -7858,21 +8251,24 @@ def cmd_call(args: argparse.Namespace) -> int:
                     p["tasks_done"],
                     f"{p['last_seen_s']:.1f}",
                     "yes" if p["trusted"] else "no",
+                    p["suspicion"]["text"] if p["suspicion"] else "ok",
                 )
                 for p in result
             ]
-            text = format_table(("peer id", "role", "version", "rtt ms", "tasks done", "last seen s", "trusted"), rows)
-            text = text if result else "no connected peers"
+            headers = ("peer id", "role", "version", "rtt ms", "tasks done", "last seen s", "trusted", "results")
+            text = format_table(headers, rows) if result else "no connected peers"
         elif args.call == "connect":
             result = client.connect(args.multiaddr)
             text = f"connected to {result['peer_id']} ({result['role']}, pangea {result['version']})"
         else:
-            result, text = _call_matmul(client, args.size, args.placement)
+            result, text = _call_matmul(client, args.size, args.placement, not args.no_fallback)
     print(json.dumps(result) if args.json else text)
     return 1 if isinstance(result, dict) and result.get("verified") is False else 0
 
 
 def _human(key: str, value: Any) -> str:
+    if key == "suspects":
+        return "; ".join(f"{short_id(s['peer_id'])} {s['text']}" for s in value) or "-"
     if key.startswith("bytes"):
         return format_bytes(value)
     if isinstance(value, float):
@@ -7882,14 +8278,14 @@ def _human(key: str, value: Any) -> str:
     return str(value)
 
 
-def _call_matmul(client: Client, size: int, placement: str) -> tuple[dict[str, Any], str]:
+def _call_matmul(client: Client, size: int, placement: str, fallback: bool = True) -> tuple[dict[str, Any], str]:
     import numpy as np
 
     if not 1 <= size <= 32768:
         raise UsageError(f"--size {size} is outside 1-32768")
     rng = np.random.default_rng()
     a, b = rng.standard_normal((size, size)), rng.standard_normal((size, size))
-    c = client.matmul(a, b, placement=placement)
+    c = client.matmul(a, b, placement=placement, fallback=fallback)
     verified = bool(np.allclose(c, a @ b))
     task = client.last_task
     t = task["timings"]
@@ -7899,6 +8295,8 @@ def _call_matmul(client: Client, size: int, placement: str) -> tuple[dict[str, A
         f"{size}x{size} matmul ran on {where} in {t['total_s']:.3f} s (compute {t['compute_s']:.3f} s, "
         f"transfer {t['transfer_s']:.3f} s): {'verified against local numpy' if verified else 'WRONG RESULT'}"
     )
+    if task["fallback_reason"]:
+        text += f"\nran locally: {task['fallback_reason']}"
     return result, text
 
 
@@ -7958,7 +8356,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         for n in nodes
     ]
     print(format_table(("role", "pid", "peer id", "uptime", "rpc", "addresses"), rows))
+    for n in nodes:
+        for s in n.get("suspects", []):
+            print(f"{n.get('role', '?')} {n.get('pid', '?')}: {suspect_line(s)}")
     return 0
+
+
+def suspect_line(s: dict[str, Any]) -> str:
+    """One line on a worker a node does not fully trust, from its session directory."""
+    line = f"peer {s.get('peer_id', '?')} {s.get('state', '?')} since {format_utc(float(s.get('since', 0)))}"
+    line += f" ({s.get('reason', '')})"
+    if s.get("state") == "suspect" and s.get("probe_at"):
+        line += f"; next probe in {max(0.0, float(s['probe_at']) - time.time()):.0f} s"
+    return line
 
 
 def doctor_verdict(findings: dict[str, Any]) -> tuple[bool, str]:

@@ -140,6 +140,7 @@ struct TaskSpec {
   params         @2 :List(Param);
   placement      @3 :Text;     # "auto" (default when empty), "local", "remote", or a peer id
   timeoutSeconds @4 :Float64;  # 0: the node's default
+  noFallback     @5 :Bool;     # fail instead of running locally because no remote worker is usable
 }
 
 struct Timings {
@@ -161,6 +162,18 @@ struct TaskOutput {
   ranOn        @3 :Text;          # "local" or the peer id that produced the result
   attempts     @4 :List(AttemptInfo);
   timings      @5 :Timings;
+  fallbackReason @6 :Text;        # why it ran locally when no remote worker was usable, "" otherwise
+}
+
+struct Suspicion {
+  # Why this node does not fully trust a worker's results; state "" (the default): it does.
+  peerId           @0 :Text;
+  state            @1 :Text;     # "suspect" (waits for a canary), "probing" (canary out), "probation"
+  reason           @2 :Text;     # the failure that made it suspect, e.g. "... failed verification: ..."
+  sinceUnix        @3 :Float64;  # when it stopped being trusted, seconds since the epoch
+  nextProbeSeconds @4 :Float64;  # until its next canary task (state "suspect"), else 0
+  goodResults      @5 :UInt32;   # verified results since its canary passed (state "probation")
+  text             @6 :Text;     # all of it in one phrase, for people
 }
 
 struct PeerInfo {
@@ -174,6 +187,7 @@ struct PeerInfo {
   trusted       @7 :Bool;      # whether this node runs tasks for that peer
   lastSeenSeconds @8 :Float64; # seconds since the last message from it
   dataPlane     @9 :Text;      # "TLS 1.3 ... to host:port", or "libp2p stream (why)"
+  suspicion     @10 :Suspicion; # state "": trusted
 }
 
 struct NodeStatus {
@@ -189,6 +203,7 @@ struct NodeStatus {
   rpcAddress    @9 :Text;
   peerCount     @10 :UInt32;
   tasksServed   @11 :UInt64;   # tasks this node ran for its peers (tasksDone: tasks submitted here)
+  suspects      @12 :List(Suspicion);  # remote workers not fully trusted, connected or not
 }
 
 interface Compute {

@@ -419,11 +419,12 @@ def test_call_peers_prints_b_with_version_and_trust(pair: Pair, pyz: Path) -> No
         "seen",
         "s",
         "trusted",
+        "results",
     ]
     assert len(rows) == 1
     cells = rows[0].split()
     assert cells[:3] == [pair.b.peer_id, "serve", pangea.__version__]
-    assert cells[-1] == "yes"
+    assert cells[-2:] == ["yes", "ok"]  # trusted, and its results are not under suspicion
 
 
 def test_call_matmul_remote_prints_where_it_ran_and_that_it_was_verified(pair: Pair, pyz: Path) -> None:

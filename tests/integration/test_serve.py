@@ -30,7 +30,7 @@ from helpers import NodeHome, Proc, make_node_home, wait_until
 from pyz_helpers import ServeNode, peer_id_of, start_serve
 
 import pangea
-from pangea import Client, PangeaError, RpcError
+from pangea import Client, PangeaError, RpcError, TaskError
 
 # ---------------------------------------------------------------- serve nodes
 # ServeNode, peer_id_of and start_serve come from tests/pyz_helpers.py.
@@ -301,6 +301,10 @@ def test_remote_placement_without_peers_falls_back_to_local(lone: ServeNode) -> 
         np.testing.assert_allclose(node.matmul(a, a, placement="remote"), a @ a)
         assert node.last_task["ran_on"] == "local"
         assert node.last_task["attempts"] == [{"worker": "local", "outcome": "ok"}]
+        assert node.last_task["fallback_reason"] == "no remote worker usable: no peer is connected"
+        with pytest.raises(TaskError) as strict:
+            node.matmul(a, a, placement="remote", fallback=False)
+        assert strict.value.kind == "unavailable" and "no peer is connected" in str(strict.value)
         assert node.peers() == []
         assert node.status()["peer_count"] == 0
 

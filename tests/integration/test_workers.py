@@ -260,6 +260,11 @@ def test_initiate_with_a_corrupt_responder_refuses_its_results_and_recomputes_th
     checks = {c["name"]: c for c in doc["checks"]}
     assert doc["ok"] is False and checks["delegation"]["ok"] is False, checks
     assert "not on the responder" in checks["delegation"]["detail"], checks["delegation"]
+    # The rows of checks that ran on the responder once it was suspect say so, and that tasks fell back.
+    for name in ("delegation", "aggregation", "throughput"):
+        assert "the responder is suspect since " in checks[name]["detail"], checks[name]
+        assert "failed verification" in checks[name]["detail"], checks[name]
+    assert "ran locally because no responder was usable" in checks["delegation"]["detail"], checks["delegation"]
     # Every block the responder returned was refused and recomputed here; the gathered
     # product itself verified (the check fails only because the responder kept no block).
     responder_id = peer_id_from(responder.stdout_lines, "responder")

@@ -215,6 +215,13 @@ def test_parse_fault_other_kinds_still_parse() -> None:
     assert parse_fault("slow=0.5") == Fault("slow", 0.5)
 
 
+def test_parse_fault_corrupt_n_lies_only_in_the_first_n_results() -> None:
+    assert parse_fault("corrupt=2") == Fault("corrupt", 2.0)
+    for bad in ("corrupt=0", "corrupt=-1", "corrupt=x", "corrupt=1.5"):
+        with pytest.raises(UsageError, match="corrupt=N"):
+            parse_fault(bad)
+
+
 # ---------------------------------------------------------------- Hello and DataPlane messages
 
 

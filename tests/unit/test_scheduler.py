@@ -9,18 +9,26 @@ delivered twice, a superseded attempt's result is dropped and counted).
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pangea import (
     LOCAL,
     MAX_ATTEMPTS,
+    PROBATION_GOOD_RESULTS,
     PROBATION_S,
+    PROBE_TICK_S,
     RETRYABLE_KINDS,
+    SUSPECT_BACKOFF_MAX_S,
     AttemptRecord,
     Cancel,
     CancelEvent,
@@ -28,6 +36,10 @@ from pangea import (
     Dispatch,
     DropLate,
     Fail,
+    Manager,
+    Probe,
+    ProbeDoneEvent,
+    Report,
     Scheduler,
     SubmitEvent,
     TaskDoneEvent,
@@ -36,6 +48,9 @@ from pangea import (
     WorkerDownEvent,
     WorkerStatsEvent,
     WorkerUpEvent,
+    _human,
+    canary_task,
+    suspect_line,
 )
 
 PEER_A = "12D3KooWAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
@@ -254,11 +269,12 @@ def test_scheduler_retry_goes_to_another_worker_then_local() -> None:
     # a busy worker: the retry elsewhere waits a backoff that grows with the attempts
     assert driver.fail(1, "busy", "queue full") == [Dispatch(1, 3, LOCAL, delay_s=0.4)]
     assert driver.done(1) == [Deliver(1, 3, LOCAL)]
-    assert driver.scheduler.attempts(1) == [
-        AttemptRecord(first, "unavailable: stream reset"),
-        AttemptRecord(other, "busy: queue full"),
-        AttemptRecord(LOCAL, "ok"),
-    ]
+    *tried, last = driver.scheduler.attempts(1)
+    assert tried == [AttemptRecord(first, "unavailable: stream reset"), AttemptRecord(other, "busy: queue full")]
+    # the local run says why it was a fallback: each remote worker had failed the task
+    assert (last.worker_id, last.outcome) == (LOCAL, "ok")
+    assert last.reason.startswith("no remote worker usable: "), last
+    assert "failed this task (busy: queue full)" in last.reason and "(unavailable: stream reset)" in last.reason
 
 
 def test_scheduler_auto_retry_after_remote_failure_runs_locally() -> None:
@@ -274,7 +290,8 @@ def test_scheduler_every_retryable_kind_is_retried(kind: str) -> None:
     driver.up(PEER_A)
     driver.submit(1, PEER_A)
     delay = 0.2 if kind == "busy" else 0.0  # only `busy` waits before the retry
-    assert driver.fail(1, kind, "x") == [Dispatch(1, 2, LOCAL, delay_s=delay)]
+    dispatches = [a for a in driver.fail(1, kind, "x") if isinstance(a, Dispatch)]  # wrong-result also reports
+    assert dispatches == [Dispatch(1, 2, LOCAL, delay_s=delay)]
 
 
 @pytest.mark.parametrize("kind", ["bad-input", "deadline", "something-new"])
@@ -617,3 +634,256 @@ def test_scheduler_flapping_worker_is_on_probation_after_it_returns() -> None:
     assert driver.scheduler.workers[PEER_A].probation_until == pytest.approx(101.0 + PROBATION_S)
     # while on probation, the other equal worker is preferred
     assert driver.submit(1, "remote", flops=1e9, now=102.0)[0].worker_id == PEER_B
+
+
+# ---------------------------------------------------------------- suspicion: back-off, canary, probation
+
+BACKOFF_S = 10.0  # the suspect back-off of these tests' schedulers
+
+
+def suspect_driver() -> Driver:
+    """A and B up; A's result of task 1 (placed on A) failed verification at t=100."""
+    driver = Driver(suspect_backoff_s=BACKOFF_S)
+    driver.up(PEER_A, PEER_B)
+    driver.submit(1, PEER_A, now=100.0)
+    driver.fail(1, "wrong-result", "result from A failed verification: Freivalds")
+    return driver
+
+
+def probes(actions: list[Any]) -> list[Probe]:
+    return [a for a in actions if isinstance(a, Probe)]
+
+
+def reports(actions: list[Any]) -> list[str]:
+    return [a.message for a in actions if isinstance(a, Report)]
+
+
+def test_scheduler_wrong_result_makes_a_worker_suspect_with_reason_and_time() -> None:
+    driver = suspect_driver()
+    info = driver.scheduler.suspicion(PEER_A)
+    assert info == {
+        "state": "suspect",
+        "reason": "result from A failed verification: Freivalds",
+        "since": 100.0,
+        "next_probe_s": BACKOFF_S,
+        "good_results": 0,
+    }
+    assert driver.scheduler.suspicion(PEER_B) is None
+    said = [a for a in driver.actions if isinstance(a, Report)]
+    assert [a.worker_id for a in said] == [PEER_A], said
+    assert "suspect since t=100 s (result from A failed verification: Freivalds)" in said[0].message
+
+
+def test_scheduler_remote_task_skips_a_suspect_worker() -> None:
+    driver = suspect_driver()
+    assert driver.submit(2, "remote", now=101.0) == [Dispatch(2, 1, PEER_B)]
+
+
+def test_scheduler_fallback_to_local_records_why_no_remote_worker_is_usable() -> None:
+    driver = suspect_driver()
+    driver.step(WorkerDownEvent(PEER_B), now=101.0)
+    assert driver.submit(2, "remote", now=102.0) == [Dispatch(2, 1, LOCAL)]
+    reason = driver.scheduler.attempts(2)[0].reason
+    assert reason.startswith("no remote worker usable: "), reason
+    assert "12D3KooW…AAAA: suspect since t=100 s (result from A failed verification: Freivalds)" in reason
+    assert "next probe in 8 s" in reason and "12D3KooW…BBBB: not connected" in reason
+
+
+def test_scheduler_auto_with_every_peer_unusable_records_the_fallback_but_not_a_plain_local_choice() -> None:
+    driver = suspect_driver()
+    driver.submit(2, "auto", now=101.0)
+    assert driver.scheduler.attempts(2)[0].reason == ""  # B was usable: whatever auto chose, no fallback
+    driver.step(WorkerDownEvent(PEER_B), now=102.0)
+    assert driver.submit(3, "auto", now=103.0) == [Dispatch(3, 1, LOCAL)]
+    assert driver.scheduler.attempts(3)[0].reason.startswith("no remote worker usable: ")
+    alone = Driver()  # a node that never had a peer: local is simply the place, not a fallback
+    alone.submit(1, "auto")
+    assert alone.scheduler.attempts(1)[0].reason == ""
+
+
+def test_scheduler_no_fallback_fails_instead_of_running_locally() -> None:
+    driver = suspect_driver()
+    driver.step(WorkerDownEvent(PEER_B), now=101.0)
+    actions = driver.step(SubmitEvent(2, "remote", 1e9, fallback=False), now=102.0)
+    assert len(actions) == 1 and isinstance(actions[0], Fail), actions
+    assert actions[0].kind == "unavailable"
+    assert actions[0].message.startswith("no remote worker usable: 12D3KooW…AAAA: suspect since t=100 s")
+    assert "allow the local fallback" in actions[0].message
+    assert driver.scheduler.attempts(2) == []  # nothing ran anywhere
+    # a usable remote worker: the strict task runs there as usual
+    driver.step(WorkerUpEvent(PEER_B), now=103.0)
+    assert driver.step(SubmitEvent(3, "remote", 1e9, fallback=False), now=103.0) == [Dispatch(3, 1, PEER_B)]
+
+
+def test_scheduler_no_fallback_fails_when_the_last_remote_worker_failed_the_task() -> None:
+    driver = Driver()
+    driver.up(PEER_A)
+    driver.step(SubmitEvent(1, "remote", 1e9, fallback=False))
+    actions = driver.fail(1, "disconnected", "stream reset")
+    assert [type(a) for a in actions] == [Fail], actions
+    assert "failed this task (disconnected: stream reset)" in actions[0].message
+
+
+def test_scheduler_suspect_worker_is_probed_after_its_back_off_and_cleared_by_good_results() -> None:
+    driver = suspect_driver()
+    assert probes(driver.step(TickEvent(), now=100.0 + BACKOFF_S - 0.1)) == []
+    assert probes(driver.step(TickEvent(), now=100.0 + BACKOFF_S)) == [Probe(PEER_A)]
+    assert driver.scheduler.suspicion(PEER_A)["state"] == "probing"  # type: ignore[index]
+    assert probes(driver.step(TickEvent(), now=111.0)) == []  # one canary at a time
+    assert driver.submit(2, "remote", now=111.0) == [Dispatch(2, 1, PEER_B)]  # still not used while probing
+    said = reports(driver.step(ProbeDoneEvent(PEER_A), now=112.0))
+    assert len(said) == 1 and "passed its canary task; on probation" in said[0], said
+    assert driver.scheduler.suspicion(PEER_A)["state"] == "probation"  # type: ignore[index]
+    # on probation it is used again (limited: weighted down, so named here)
+    for task_id in range(3, 3 + PROBATION_GOOD_RESULTS):
+        assert driver.submit(task_id, PEER_A, now=113.0) == [Dispatch(task_id, 1, PEER_A)]
+        said = reports(driver.done(task_id))
+    assert said == [f"cleared: {PROBATION_GOOD_RESULTS} verified results since its canary passed"]
+    assert driver.scheduler.suspicion(PEER_A) is None
+    assert not driver.scheduler.workers[PEER_A].suspect
+
+
+def test_scheduler_worker_on_probation_gets_less_work() -> None:
+    driver = suspect_driver()
+    driver.step(TickEvent(), now=110.0)
+    driver.step(ProbeDoneEvent(PEER_A), now=111.0)
+    assert driver.scheduler.estimate_s(PEER_A, 1e9, 0) == pytest.approx(4 * driver.scheduler.estimate_s(PEER_B, 1e9, 0))
+    assert driver.submit(2, "remote", flops=1e9, now=112.0)[0].worker_id == PEER_B
+
+
+def test_scheduler_failing_canary_doubles_the_back_off_up_to_the_cap() -> None:
+    driver = suspect_driver()
+    waits: list[float] = []
+    for _ in range(10):
+        state = driver.scheduler.workers[PEER_A]
+        due = state.probe_at
+        assert probes(driver.step(TickEvent(), now=due - 0.01)) == []
+        assert probes(driver.step(TickEvent(), now=due)) == [Probe(PEER_A)]
+        said = reports(driver.step(ProbeDoneEvent(PEER_A, "wrong-result", "canary answer differs"), now=due + 1))
+        assert said and "canary answer differs" in said[0], said
+        waits.append(state.probe_at - (due + 1))
+    assert waits[:4] == [2 * BACKOFF_S, 4 * BACKOFF_S, 8 * BACKOFF_S, 16 * BACKOFF_S]
+    assert max(waits) == SUSPECT_BACKOFF_MAX_S
+    info = driver.scheduler.suspicion(PEER_A)
+    assert info is not None and info["since"] == 100.0 and info["reason"] == "canary answer differs"
+
+
+def test_scheduler_canary_that_could_not_run_keeps_the_back_off() -> None:
+    driver = suspect_driver()
+    driver.step(TickEvent(), now=110.0)
+    said = reports(driver.step(ProbeDoneEvent(PEER_A, "disconnected", "stream reset"), now=111.0))
+    assert said and "could not be probed (stream reset)" in said[0], said
+    assert driver.scheduler.workers[PEER_A].probe_at == 111.0 + BACKOFF_S
+    assert driver.scheduler.suspicion(PEER_A)["state"] == "suspect"  # type: ignore[index]
+
+
+def test_scheduler_wrong_result_on_probation_makes_it_suspect_with_a_longer_back_off() -> None:
+    driver = suspect_driver()
+    driver.step(TickEvent(), now=110.0)
+    driver.step(ProbeDoneEvent(PEER_A), now=111.0)
+    driver.submit(2, PEER_A, now=112.0)
+    driver.fail(2, "wrong-result", "lied again")
+    info = driver.scheduler.suspicion(PEER_A)
+    assert info is not None and info["state"] == "suspect" and info["reason"] == "lied again"
+    assert info["next_probe_s"] == 2 * BACKOFF_S
+
+
+def test_scheduler_reconnect_keeps_suspicion_and_reports_it() -> None:
+    driver = suspect_driver()
+    driver.step(WorkerDownEvent(PEER_A), now=101.0)
+    assert probes(driver.step(TickEvent(), now=150.0)) == []  # down: no canary to send
+    said = reports(driver.step(WorkerUpEvent(PEER_A), now=151.0))
+    assert len(said) == 1 and said[0].startswith("reconnected; still suspect since t=100 s (result from A"), said
+    assert driver.scheduler.workers[PEER_A].suspect
+    assert driver.submit(2, "remote", now=151.0) == [Dispatch(2, 1, PEER_B)]
+    assert probes(driver.step(TickEvent(), now=151.5)) == [Probe(PEER_A)]  # overdue: probed once it is back
+    clean = Driver()
+    clean.up(PEER_A)
+    clean.step(WorkerDownEvent(PEER_A))
+    assert clean.step(WorkerUpEvent(PEER_A)) == []  # a trusted worker's reconnect says nothing
+
+
+def test_scheduler_late_probe_report_is_ignored() -> None:
+    driver = suspect_driver()
+    assert driver.step(ProbeDoneEvent(PEER_A), now=101.0) == []  # no canary was out
+    assert driver.scheduler.suspicion(PEER_A)["state"] == "suspect"  # type: ignore[index]
+
+
+# ---------------------------------------------------------------- the manager's probe loop (fake clock)
+
+
+class CanarySession:
+    """A peer session that answers tasks itself: wrong in its first ``lies`` answers."""
+
+    def __init__(self, peer_id: str, lies: int) -> None:
+        self.peer_id = self.label = peer_id
+        self.hello = SimpleNamespace(gflops=1.0)
+        self.lies = lies
+        self.asked_at: list[float] = []
+
+    async def request(self, kernel: str, operands: Any, params: Any) -> Any:
+        self.asked_at.append(trio.current_time())
+        assert kernel == "matmul" and operands[0].dtype == np.int64  # the canary: exact integers
+        out = operands[0] @ operands[1]
+        if self.lies > 0:
+            self.lies -= 1
+            out = out + 1
+        return SimpleNamespace(ok=True, outputs=(out,), compute_s=0.0)
+
+
+def test_manager_probes_a_suspect_worker_after_its_back_off_and_backs_off_longer_after_a_lie() -> None:
+    async def main() -> None:
+        node = SimpleNamespace(on_session=[], on_session_closed=[], on_peer_load=[], gflops=0.0, sessions={})
+        manager = Manager(node, clock=trio.current_time, suspect_backoff_s=5.0)  # type: ignore[arg-type]
+        said: list[str] = []
+        manager.on_suspicion.append(lambda peer, message: said.append(message))
+        session = CanarySession(PEER_A, lies=1)
+        manager._worker_up(session)  # type: ignore[arg-type]
+        manager.scheduler.handle(SubmitEvent(1, PEER_A, 1e9), trio.current_time())
+        manager._apply(manager.scheduler.handle(TaskFailedEvent(1, 1, "wrong-result", "lied"), trio.current_time()))
+        assert said and "suspect since" in said[0], said
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(manager.watch_suspects)
+            await trio.sleep(4.5)
+            assert session.asked_at == []  # within its back-off: left alone
+            await trio.sleep(1.0)
+            assert session.asked_at == [pytest.approx(5.0, abs=PROBE_TICK_S)]  # the first canary: a lie
+            info = manager.suspicions()[PEER_A]
+            assert info["state"] == "suspect" and info["next_probe_s"] == pytest.approx(10.0, abs=PROBE_TICK_S)
+            assert "failed verification" in info["reason"]
+            await trio.sleep(9.0)
+            assert len(session.asked_at) == 1  # the doubled back-off (10 s) is not over
+            await trio.sleep(2.0)
+            assert len(session.asked_at) == 2  # the second canary: right
+            assert manager.suspicions()[PEER_A]["state"] == "probation"
+            assert "passed its canary task" in said[-1], said
+            await trio.sleep(60.0)
+            assert len(session.asked_at) == 2  # on probation: no more canaries
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# ---------------------------------------------------------------- how suspicion is printed
+
+
+def test_suspect_line_of_a_session_directory_entry_names_peer_state_time_reason_and_probe() -> None:
+    entry = {"peer_id": PEER_A, "state": "suspect", "reason": "lied", "since": 0.0, "probe_at": time.time() + 12.4}
+    assert suspect_line(entry) == f"peer {PEER_A} suspect since 00:00:00 UTC (lied); next probe in 12 s"
+    probation = {**entry, "state": "probation", "probe_at": 0.0}
+    assert suspect_line(probation) == f"peer {PEER_A} probation since 00:00:00 UTC (lied)"
+
+
+def test_call_status_shows_suspects_in_one_cell() -> None:
+    assert _human("suspects", []) == "-"
+    assert _human("suspects", [{"peer_id": PEER_A, "text": "suspect since x (lied)"}]) == (
+        "12D3KooW…AAAA suspect since x (lied)"
+    )
+
+
+def test_canary_task_is_seeded_and_exact() -> None:
+    (a, b), expected = canary_task(7)
+    (a2, b2), _ = canary_task(7)
+    assert a.dtype == np.int64 and np.array_equal(a, a2) and np.array_equal(b, b2)
+    assert np.array_equal(expected, a @ b)
+    assert not np.array_equal(canary_task(8)[1], expected)
