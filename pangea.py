@@ -4476,7 +4476,7 @@ class Node:
             await trio.sleep(self.fault.value)
 
     def inject_fault_into(self, outputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-        """TEST AID (--fault corrupt[=N], --fault lie=KIND): return slightly wrong numbers (corrupt=N: the first N times)."""
+        """TEST AID (--fault corrupt[=N], lie=KIND): return slightly wrong numbers (corrupt=N: the first N times)."""
         if self.fault is not None and self.fault.kind == "lie":
             return tuple(small_lie(self.fault.text, out) for out in outputs)
         if self.fault is None or self.fault.kind != "corrupt":
