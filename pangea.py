@@ -7223,6 +7223,7 @@ def cmd_respond(args: argparse.Namespace) -> int:
 
 
 RESPONDER_STOPPED = "stopped by Ctrl-C or SIGTERM"  # its Bye to the initiator
+RESPONDER_BYE_S = 1.0  # a stopped responder's Bye may not hold up its exit longer than this
 
 
 async def _respond(
@@ -7277,7 +7278,7 @@ async def _respond(
                 await session.closed.wait()
             finally:
                 if not session.closed.is_set():  # Ctrl-C or SIGTERM: tell the initiator why we leave
-                    with trio.CancelScope(shield=True), trio.move_on_after(BYE_WAIT_S):
+                    with trio.CancelScope(shield=True), trio.move_on_after(RESPONDER_BYE_S):
                         await session.close(RESPONDER_STOPPED)
     done = session.bye_reason == "done"
     # NOTE: an initiator that says Bye with another reason left; one that says nothing vanished.
