@@ -4808,8 +4808,8 @@ class InitiatorChecks:
             failed = [a.outcome for a in outcome.attempts if a.worker_id == session.peer_id]
             where = "locally" if outcome.worker_id == LOCAL else f"on {short_id(outcome.worker_id)}"
             # NOTE: once the session has ended, its departure (named by _run) is the reason
-            why = f" ({failed[0]})" if failed and not session.closed.is_set() else ""
-            raise CheckFailed(f"the {what} on {self._who(session)} failed{why}; it ran {where} instead{then}")
+            why = f" (its attempt there: {failed[0]})" if failed and not session.closed.is_set() else ""
+            raise CheckFailed(f"the {what} ran {where}, not on {self._who(session)}{why}{then}")
         return outcome
 
     async def connection(self) -> str:
