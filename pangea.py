@@ -5408,8 +5408,38 @@ def verify(
     return worst
 
 
+# A rate above this was not measured on bytes that crossed a network (loopback copies
+# reach ~10 GB/s on a fast box): the throughput check fails rather than print it.
+MAX_PLAUSIBLE_BYTES_S = 100e9
+# How long a failed check waits for the session of a responder that died to end too, so
+# the failure names the departure (on a LAN the session ends within milliseconds).
+DEPARTURE_GRACE_S = 1.0
+# The checks that need the responders; the others run on this node alone.
+LOCAL_CHECKS = frozenset({"local execution"})
+
+
+@dataclass(frozen=True)
+class Departure:
+    """A responder whose session ended while the checks ran: in which check, why, and
+    whether we had said 'done' to it first (then leaving is what it should do)."""
+
+    peer_id: str
+    check: str  # "" before the first check
+    reason: str
+    after_done: bool
+
+    def text(self) -> str:
+        """``responder 12D3.. left during the throughput check: <reason>``."""
+        when = f"during the {self.check} check" if self.check else "before the checks"
+        return f"responder {self.peer_id} left {when}: {self.reason or 'the session ended'}"
+
+
 class InitiatorChecks:
-    """The distributed checks the initiator runs against its responders."""
+    """The distributed checks the initiator runs against its responders.
+
+    A check passes only when its work happened: a responder whose session ends
+    during a check fails that check (naming the peer and the reason), and the
+    checks after it that need the responders are reported as not run."""
 
     def __init__(
         self, node: Node, manager: Manager, sessions: Sequence[PeerSession], *, size: int, transfer_bytes: int
@@ -5430,19 +5460,69 @@ class InitiatorChecks:
         self.shares: dict[str, dict[str, float]] = {}
         self.on_check: Callable[[str], None] = lambda name: None  # progress display hooks
         self.on_block: Callable[[str, int, int], None] | None = None
+        self.current = ""  # the check running now
+        self.departures: dict[str, Departure] = {}  # peer id -> how its session ended
+        node.on_session_closed.append(self._session_ended)
+        self._note_departures()  # a responder may have left between connecting and the checks
 
     def _who(self, session: PeerSession) -> str:
         return "the responder" if len(self.sessions) == 1 else f"responder {session.label}"
 
+    def _session_ended(self, session: PeerSession) -> None:
+        if any(s is session for s in self.sessions) and session.peer_id not in self.departures:
+            self.departures[session.peer_id] = Departure(
+                session.peer_id, self.current, session.close_reason, session.leaving
+            )
+
+    def _note_departures(self) -> None:
+        """Record sessions that ended without the node's callback (replaced, or closed before we listened)."""
+        for session in self.sessions:
+            if session.closed.is_set():
+                self._session_ended(session)
+
+    def _left(self, *, check: str | None = None) -> list[Departure]:
+        """Responders that left before we said 'done' (during ``check`` only, when given)."""
+        return [d for d in self.departures.values() if not d.after_done and (check is None or d.check == check)]
+
+    async def _settle(self) -> None:
+        """After a failed check, give a responder's session DEPARTURE_GRACE_S to end: a dead
+        peer's data connection often breaks (failing the task) a moment before its session does."""
+        import trio
+
+        if any(s.closed.is_set() for s in self.sessions):
+            return
+
+        async def one_ends(session: PeerSession, scope: Any) -> None:
+            await session.closed.wait()
+            scope.cancel()
+
+        with trio.move_on_after(DEPARTURE_GRACE_S) as scope:
+            async with trio.open_nursery() as nursery:
+                for session in self.sessions:
+                    nursery.start_soon(one_ends, session, scope)
+
     async def _run(self, name: str, fn: Callable[[], Any]) -> None:
         start = time.perf_counter()
+        self.current = name
         self.on_check(name)
+        needs_responders = name not in LOCAL_CHECKS
+        gone = self._left()
         fallbacks = self.manager.fallbacks
-        try:
-            detail = await fn()
-            ok = True
-        except PangeaError as exc:
-            ok, detail = False, str(exc)
+        if needs_responders and gone:
+            ok, detail = False, "not run: " + "; ".join(d.text() for d in gone)
+        else:
+            try:
+                detail = await fn()
+                ok = True
+            except PangeaError as exc:
+                ok, detail = False, str(exc)
+                if needs_responders:
+                    await self._settle()
+            self._note_departures()
+            during = self._left(check=name)
+            if during and needs_responders:  # what the check saw follows from the departure
+                seen = "" if ok else f"; {detail}"
+                ok, detail = False, "; ".join(d.text() for d in during) + seen
         detail += self._suspicion_note(self.manager.fallbacks - fallbacks)
         self.results.append(CheckResult(name, ok, time.perf_counter() - start, detail))
         log.info("check %s: %s (%s)", name, "ok" if ok else "FAILED", detail)
@@ -5465,8 +5545,30 @@ class InitiatorChecks:
         await self._run("delegation", self.delegation)
         await self._run("aggregation", self.aggregation)
         await self._run("throughput", self.throughput_check)
+        if not self.results[-1].ok:
+            self.throughput = {}  # figures of a failed check are not a rate
         await self._run("fallback", self.fallback)
+        for session in self.sessions:  # the fallback check did not run: still say we are done
+            if not session.closed.is_set() and not session.leaving:
+                await session.bye("done")
         return self.results
+
+    async def _on(
+        self, session: PeerSession, what: str, kernel: str, operands: Any, params: Any, *, then: str = ""
+    ) -> TaskOutcome:
+        """Run a task on ``session``'s responder; CheckFailed when it failed or its result came
+        from elsewhere (a fallback is no evidence of the responder's work)."""
+        try:
+            outcome = await self.manager.run(kernel, operands, params, placement=session.peer_id)
+        except TaskError as exc:
+            raise CheckFailed(f"the {what} on {self._who(session)} failed: {exc}") from None
+        if outcome.worker_id != session.peer_id:
+            failed = [a.outcome for a in outcome.attempts if a.worker_id == session.peer_id]
+            where = "locally" if outcome.worker_id == LOCAL else f"on {short_id(outcome.worker_id)}"
+            # NOTE: once the session has ended, its departure (named by _run) is the reason
+            why = f" (its attempt there: {failed[0]})" if failed and not session.closed.is_set() else ""
+            raise CheckFailed(f"the {what} ran {where}, not on {self._who(session)}{why}{then}")
+        return outcome
 
     async def connection(self) -> str:
         import trio
@@ -5502,12 +5604,7 @@ class InitiatorChecks:
         for session in self.sessions:
             for kernel in sorted(KERNELS):
                 operands, params = check_inputs(kernel, self.rng)
-                try:
-                    outcome = await self.manager.run(kernel, operands, params, placement=session.peer_id)
-                except TaskError as exc:
-                    raise CheckFailed(f"{kernel} on {session.label}: {exc}") from None
-                if outcome.worker_id != session.peer_id:
-                    raise CheckFailed(f"{kernel} ran on {short_id(outcome.worker_id)}, not on {self._who(session)}")
+                outcome = await self._on(session, f"{kernel} task", kernel, operands, params)
                 verify(kernel, outcome.outputs[0], reference_result(kernel, operands, params), operands, params)
                 done.append(kernel)
         where = "the responder" if len(self.sessions) == 1 else f"each of the {len(self.sessions)} responders"
@@ -5531,29 +5628,49 @@ class InitiatorChecks:
             raise CheckFailed("a responder got no block: " + ", ".join(parts))
         return f"{n}x{n} matmul split by rows ({', '.join(parts)}); gathered result matches, max error {err:.1e}"
 
+    def _rate(self, session: PeerSession, what: str, nbytes: int, counted: int, seconds: float) -> float:
+        """MB/s of ``nbytes`` verified in ``seconds``; CheckFailed when the connection's byte
+        counters saw fewer bytes cross, or the figure is not one a network carries."""
+        if counted < nbytes:
+            raise CheckFailed(
+                f"the {what} counted only {format_bytes(counted)} of {format_bytes(nbytes)} on the connection "
+                f"to {self._who(session)}"
+            )
+        if seconds <= 0 or nbytes / seconds > MAX_PLAUSIBLE_BYTES_S:
+            raise CheckFailed(
+                f"the {what} of {format_bytes(nbytes)} to {self._who(session)} took {seconds:.3g} s by the "
+                f"responder's figures, faster than {MAX_PLAUSIBLE_BYTES_S / 1e9:.0f} GB/s: not a measured rate"
+            )
+        return nbytes / seconds / 1e6
+
     async def throughput_check(self) -> str:
+        """Upload an array and download one to each responder; each figure is the payload's
+        bytes, verified by content (the responder's sum; the seeded array), over the time
+        they took to cross (the task's wall time less the responder's compute)."""
         import numpy as np
 
         rows = max(1, self.transfer_bytes // (8 * 1024))
         data = self.rng.random((rows, 1024))
         details = []
         for session in self.sessions:
-            start = time.perf_counter()
-            up = await self.manager.run("sum", (data,), placement=session.peer_id)
-            up_s = time.perf_counter() - start - up.compute_s
-            verify("sum", up.outputs[0], np.asarray(data.sum()))
+            sent, start = session.bytes_out, time.perf_counter()
+            up = await self._on(session, "upload", "sum", (data,), {}, then=", so no rate")
+            up_s, sent = time.perf_counter() - start - up.compute_s, session.bytes_out - sent
+            verify("sum", up.outputs[0], np.asarray(data.sum()), (data,))
             params = {"rows": float(rows), "cols": 1024.0, "seed": 7.0}
-            start = time.perf_counter()
-            down = await self.manager.run("random", (), params, placement=session.peer_id)
-            down_s = time.perf_counter() - start - down.compute_s
+            received, start = session.bytes_in, time.perf_counter()
+            down = await self._on(session, "download", "random", (), params, then=", so no rate")
+            down_s, received = time.perf_counter() - start - down.compute_s, session.bytes_in - received
             if not np.array_equal(down.outputs[0], reference_result("random", (), params)):
                 raise CheckFailed(f"the array downloaded from {session.label} differs from the expected one")
-            mb = data.nbytes / 1e6
-            figures = {"upload": mb / max(up_s, 1e-9), "download": mb / max(down_s, 1e-9)}
+            figures = {
+                "upload": self._rate(session, "upload", data.nbytes, sent, up_s),
+                "download": self._rate(session, "download", down.outputs[0].nbytes, received, down_s),
+            }
             self.throughput = self.throughput or figures
             prefix = "" if len(self.sessions) == 1 else f"{session.label}: "
             details.append(f"{prefix}upload {figures['upload']:.0f} MB/s, download {figures['download']:.0f} MB/s")
-        return f"{format_bytes(data.nbytes)} each way: " + "; ".join(details)
+        return f"{format_bytes(data.nbytes)} each way, verified: " + "; ".join(details)
 
     async def fallback(self) -> str:
         """Say done to the responders, then delegate to the first while it hangs up: the
@@ -5572,9 +5689,18 @@ class InitiatorChecks:
         if first.worker_id != self.peer or outcome.worker_id != LOCAL:
             where = ", ".join(f"{short_id(x.worker_id)}={x.outcome}" for x in outcome.attempts)
             raise CheckFailed(f"expected a failed attempt on the responder, then a local run; got {where}")
-        verify("inverse", outcome.outputs[0], reference_result("inverse", (a,), {}))
+        verify("inverse", outcome.outputs[0], reference_result("inverse", (a,), {}), (a,))
+        with trio.move_on_after(BYE_WAIT_S):
+            await self.session.closed.wait()
+        self._note_departures()
+        stayed = [s for s in self.sessions if not s.closed.is_set()]
+        if stayed:
+            names = ", ".join(s.peer_id for s in stayed)
+            raise CheckFailed(f"responder {names} did not hang up within {BYE_WAIT_S:.0f} s of 'done'")
+        # NOTE: a responder that left before 'done' is the departure _run reports instead.
+        how = self.departures[self.peer].reason if self.peer in self.departures else self.session.close_reason
         return (
-            f"{self._who(self.session)} left after 'done'; attempt 1 on it failed ({first.outcome}); "
+            f"{self._who(self.session)} left after 'done' ({how}); attempt 1 on it failed ({first.outcome}); "
             "attempt 2 ran locally and verified"
         )
 
@@ -7932,6 +8058,10 @@ def cmd_respond(args: argparse.Namespace) -> int:
         return run_trio(_respond, args, address, session_dir, key_pair, (limits, psk))
 
 
+RESPONDER_STOPPED = "stopped by Ctrl-C or SIGTERM"  # its Bye to the initiator
+RESPONDER_BYE_S = 1.0  # a stopped responder's Bye may not hold up its exit longer than this
+
+
 async def _respond(
     args: argparse.Namespace,
     address: PeerAddress,
@@ -7939,6 +8069,8 @@ async def _respond(
     key_pair: Any,
     options: tuple[Limits, str | None],
 ) -> int:
+    import trio
+
     node = Node(
         key_pair=key_pair,
         role="responder",
@@ -7978,28 +8110,35 @@ async def _respond(
             view.watch_traffic(node)
             serving = view.add("serving the initiator")
             view.tick(serving, lambda elapsed: (0, f"{session.tasks_served} task(s) done"))
-            await session.closed.wait()
+            try:
+                await session.closed.wait()
+            finally:
+                if not session.closed.is_set():  # Ctrl-C or SIGTERM: tell the initiator why we leave
+                    with trio.CancelScope(shield=True), trio.move_on_after(RESPONDER_BYE_S):
+                        await session.close(RESPONDER_STOPPED)
     done = session.bye_reason == "done"
-    results.append(
-        CheckResult(
-            "tasks",
-            session.tasks_served > 0,
-            time.perf_counter() - serve_start,
-            f"{session.tasks_served} task(s) served, {format_bytes(session.bytes_in)} in, "
-            f"{format_bytes(session.bytes_out)} out",
-        )
+    # NOTE: an initiator that says Bye with another reason left; one that says nothing vanished.
+    ended = "left" if session.bye_reason is not None else "vanished"
+    served = (
+        f"{session.tasks_served} task(s) served, {format_bytes(session.bytes_in)} in, "
+        f"{format_bytes(session.bytes_out)} out"
     )
+    if not done:
+        served += f"; the initiator {ended} before its checks finished"
+    elif not session.tasks_served:
+        served += "; the initiator sent none"
+    results.append(CheckResult("tasks", done and session.tasks_served > 0, time.perf_counter() - serve_start, served))
     results.append(
         CheckResult(
             "finish",
             done,
             0.0,
-            "the initiator said done" if done else f"the initiator vanished: {session.close_reason}",
+            "the initiator said done" if done else f"the initiator {ended}: {session.close_reason}",
         )
     )
     ok = print_report("responder", session.peer_id, results, {"rtt_ms": rtt_s * 1000}, args.json)
     if not done:
-        print(f"pangea: error: the initiator vanished mid-run: {session.close_reason}", file=sys.stderr)
+        print(f"pangea: error: the initiator {ended} mid-run: {session.close_reason}", file=sys.stderr)
     return 0 if ok else 1
 
 

@@ -96,6 +96,11 @@ def test_pair_loopback_every_check_passes(pyz: Path, make_home, record_property)
     # Normal exit removes both session directories.
     assert session_dirs(a) == [] and session_dirs(b) == []
 
+    # The figures are rates a link carries, and the fallback row says what happened.
+    assert 0 < doc["throughput_mb_s"]["upload"] < 100_000 and 0 < doc["throughput_mb_s"]["download"] < 100_000, doc
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert "verified" in checks["throughput"]["detail"], checks["throughput"]
+    assert checks["fallback"]["detail"].startswith("the responder left after 'done' ("), checks["fallback"]
     up, down = doc["throughput_mb_s"]["upload"], doc["throughput_mb_s"]["download"]
     for key, value in (("rtt_ms", doc["rtt_ms"]), ("upload_mb_s", up), ("download_mb_s", down)):
         record_property(f"loopback_{key}", round(value, 3))
@@ -193,8 +198,12 @@ def test_respond_exits_1_when_the_initiator_vanishes_mid_run(pyz: Path, make_hom
     assert errors[0].startswith("pangea: error: the initiator vanished mid-run: "), errors
     doc = last_json(responder.stdout_lines)
     assert doc["ok"] is False and doc["role"] == "responder", doc
-    finish = {c["name"]: c for c in doc["checks"]}["finish"]
-    assert finish["ok"] is False, doc
+    rows = {c["name"]: c for c in doc["checks"]}
+    assert rows["finish"]["ok"] is False and "the initiator vanished: " in rows["finish"]["detail"], doc
+    # Tasks were served, but the run they belong to did not finish: not a pass.
+    assert (
+        rows["tasks"]["ok"] is False and "the initiator vanished before its checks finished" in rows["tasks"]["detail"]
+    )
     assert session_dirs(b) == []
 
 
