@@ -5656,7 +5656,7 @@ class InitiatorChecks:
             sent, start = session.bytes_out, time.perf_counter()
             up = await self._on(session, "upload", "sum", (data,), {}, then=", so no rate")
             up_s, sent = time.perf_counter() - start - up.compute_s, session.bytes_out - sent
-            verify("sum", up.outputs[0], np.asarray(data.sum()), (data,))
+            verify("sum", up.outputs[0], np.asarray(data.sum()))
             params = {"rows": float(rows), "cols": 1024.0, "seed": 7.0}
             received, start = session.bytes_in, time.perf_counter()
             down = await self._on(session, "download", "random", (), params, then=", so no rate")
