@@ -174,6 +174,9 @@ struct PeerInfo {
   trusted       @7 :Bool;      # whether this node runs tasks for that peer
   lastSeenSeconds @8 :Float64; # seconds since the last message from it
   dataPlane     @9 :Text;      # "TLS 1.3 ... to host:port", or "libp2p stream (why)"
+  connectedSeconds @10 :Float64; # age of this session (a reconnect starts a new one)
+  dataBytesIn   @11 :UInt64;     # bytes received on the current data connection (0 without one)
+  dataBytesOut  @12 :UInt64;     # bytes sent on the current data connection
 }
 
 struct NodeStatus {
@@ -189,6 +192,7 @@ struct NodeStatus {
   rpcAddress    @9 :Text;
   peerCount     @10 :UInt32;
   tasksServed   @11 :UInt64;   # tasks this node ran for its peers (tasksDone: tasks submitted here)
+  tasksCancelled @12 :UInt64;  # of those, tasks their sender gave up (a Cancel) and this node dropped
 }
 
 interface Compute {
