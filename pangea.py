@@ -2526,7 +2526,8 @@ class Channel:
         self._send_lock = trio.Lock()
         self.bytes_in = 0
         self.bytes_out = 0
-        self.last_read = time.monotonic()  # bytes arriving, even mid-frame, mean the peer is alive
+        self.clock: Callable[[], float] = time.monotonic  # the clock of last_read (and of Node._watch's `now`)
+        self.last_read = self.clock()  # bytes arriving, even mid-frame, mean the peer is alive
         self.receiving: int | None = None  # the admitted task whose frame is still arriving
         self.closed = False
         self.queue = SendQueue()  # used once the writer runs (start_writer); before, sends write directly
@@ -2622,7 +2623,7 @@ class Channel:
         except stream_errors() as exc:
             raise PeerError(f"stream lost: {describe_exception(exc)}", kind="disconnected") from None
         self.bytes_in += len(data)
-        self.last_read = time.monotonic()
+        self.last_read = self.clock()
         self.decoder.feed(data)
 
     async def close(self, reset: bool = False) -> None:
@@ -2840,7 +2841,7 @@ class TlsChannel(Channel):
                 where = " in the middle of a frame" if decoder.in_frame else ""
                 raise PeerError(f"the peer closed the data connection{where}", kind="disconnected")
             self.bytes_in += n
-            self.last_read = time.monotonic()
+            self.last_read = self.clock()
             if space is None:
                 decoder.feed(view[:n])
                 return
