@@ -3271,7 +3271,7 @@ class PeerSession:
             if scope is not None and not scope.cancel_called:
                 self.tasks_cancelled += 1
                 self.node.tasks_cancelled += 1
-                log.info("task %d from %s cancelled by its sender; dropped", msg.task_id, self.peer_id)
+                log.info("task %d from %s cancelled by its sender", msg.task_id, self.peer_id)
                 scope.cancel()
         elif isinstance(msg, DataPlaneMsg):
             if not msg.ok and self.data is None:
