@@ -1359,6 +1359,111 @@ def decode_message(header: bytes, payload: bytearray, limits: Limits | None = No
         raise RemoteProtocolError(f"malformed message header: {text[:200]}") from None
 
 
+# ---------------------------------------------------------------- sending frames
+#
+# A channel's frames go out through one writer per channel that owns the socket
+# (`SendQueue` holds the order; the I/O lives in `Channel`). A sender that gives
+# up (its task was cancelled: a client timeout, a client that went away) never
+# cuts a frame in the middle:
+# - a frame that has not started is taken out of the queue: the peer never sees it;
+# - a frame that has started is finished by the writer, and the sender's Cancel
+#   follows it, so the peer drops the task as soon as it has arrived.
+# Why finish rather than abort: a frame is a length prefix, a header, then raw
+# payload bytes that the receiver decrypts straight into the operands' numpy
+# buffer; an in-band abort would need the payload cut into chunks, each with a
+# header to check, which costs that zero-copy path on every transfer to save
+# at most one frame (bounded by max_payload_bytes) on a rare one. The rest of a
+# frame at data-plane speed takes well under a second for the usual sizes, and
+# the session, its data connection and every later task are kept.
+
+
+@dataclass(eq=False)
+class OutgoingFrame:
+    """One encoded message waiting for, or being written by, its channel's writer."""
+
+    parts: list[bytes | memoryview]
+    state: str = "queued"  # queued -> writing -> sent | dropped | failed
+    error: PangeaError | None = None
+    done: Any = None  # the I/O layer's completion event (a trio.Event)
+
+
+class SendQueue:
+    """The frames of one channel in the order they go out (pure: no socket, no clock).
+
+    The writer takes ``next()``, writes it, then calls ``sent()``; a sender that
+    gives up calls ``abandon()``; ``close()`` fails what is left."""
+
+    def __init__(self) -> None:
+        self._frames: deque[OutgoingFrame] = deque()
+        self.writing: OutgoingFrame | None = None
+        self.closed_error: PangeaError | None = None
+        self.dropped = 0  # frames taken out before their first byte
+        self.finished_for_nobody = 0  # frames whose sender gave up once they had started
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def push(self, frame: OutgoingFrame) -> None:
+        """Queue a frame; PeerError when the channel is closed."""
+        if self.closed_error is not None:
+            raise self.closed_error
+        self._frames.append(frame)
+
+    def next(self) -> OutgoingFrame | None:
+        """The frame to write now, or None when none waits; it is then ``writing``."""
+        assert self.writing is None, "the writer asked for a frame before finishing one"
+        if not self._frames:
+            return None
+        frame = self.writing = self._frames.popleft()
+        frame.state = "writing"
+        return frame
+
+    def sent(self, frame: OutgoingFrame) -> None:
+        """The writer wrote the whole frame; its buffers are let go."""
+        assert frame is self.writing
+        self.writing = None
+        frame.state, frame.parts = "sent", []
+
+    def abandon(self, frame: OutgoingFrame) -> bool:
+        """The frame's sender gave up: True when it was dropped (nothing of it was
+        written), False when it is being (or was) written and is finished as it is."""
+        if frame.state == "queued" and frame in self._frames:
+            self._frames.remove(frame)
+            frame.state, frame.parts = "dropped", []
+            self.dropped += 1
+            return True
+        if frame.state == "writing":
+            self.finished_for_nobody += 1
+        return False
+
+    def close(self, error: PangeaError) -> list[OutgoingFrame]:
+        """The channel is gone: fail the frame being written and every queued one; return them."""
+        if self.closed_error is None:
+            self.closed_error = error
+        failed = [self.writing] if self.writing is not None else []
+        failed += self._frames
+        self._frames.clear()
+        self.writing = None
+        for frame in failed:
+            frame.state, frame.error, frame.parts = "failed", error, []
+        return failed
+
+
+def silence_s(now: float, last_byte_at: float) -> float:
+    """Seconds since the last byte arrived from a peer, on whichever of its connections."""
+    return max(0.0, now - last_byte_at)
+
+
+def idle_reason(now: float, last_byte_at: float, idle_timeout_s: float) -> str | None:
+    """Why a session counts as dead (nothing at all received for longer than the
+    timeout), or None while it is alive. A transfer in progress is not silence:
+    ``last_byte_at`` moves with every chunk read, not with whole messages."""
+    silent = silence_s(now, last_byte_at)
+    if silent <= idle_timeout_s:
+        return None
+    return f"nothing received for {silent:.0f} s (peer gone or network down)"
+
+
 ###############################################################################
 # 5. Kernels
 #
@@ -3012,23 +3117,82 @@ class Channel:
         self._send_lock = trio.Lock()
         self.bytes_in = 0
         self.bytes_out = 0
-        self.last_read = time.monotonic()  # bytes arriving, even mid-frame, mean the peer is alive
+        self.clock: Callable[[], float] = time.monotonic  # the clock of last_read (and of Node._watch's `now`)
+        self.last_read = self.clock()  # bytes arriving, even mid-frame, mean the peer is alive
         self.receiving: int | None = None  # the admitted task whose frame is still arriving
         self.closed = False
+        self.queue = SendQueue()  # used once the writer runs (start_writer); before, sends write directly
+        self._writer_started = False
+        self._wakeup = trio.Event()
+
+    def start_writer(self, nursery: Any) -> None:
+        """From now on every send goes through one writer task that owns the stream (see SendQueue)."""
+        if not self._writer_started:
+            self._writer_started = True
+            nursery.start_soon(self._write_loop)
 
     async def send(self, msg: Message) -> None:
-        """Write one message; raise PeerError when the stream is gone."""
+        """Write one message; raise PeerError when the channel is gone.
+
+        A sender cancelled while it waits loses nothing but its own frame: one not
+        started is dropped, one started is finished by the writer (see SendQueue)."""
         parts = coalesce_parts(encode_parts(msg))
-        async with self._send_lock:
-            try:
-                for part in parts:
-                    view = memoryview(part)
-                    for start in range(0, len(view), WRITE_CHUNK_BYTES):
-                        chunk = view[start : start + WRITE_CHUNK_BYTES]
-                        await self.stream.write(chunk)
-                        self.bytes_out += len(chunk)
-            except stream_errors() as exc:
-                raise PeerError(f"cannot send to peer: {describe_exception(exc)}", kind="disconnected") from None
+        if not self._writer_started:  # the handshake, before the session exists
+            async with self._send_lock:
+                await self._write_parts(parts)
+            return
+        import trio
+
+        frame = OutgoingFrame(parts, done=trio.Event())
+        self.queue.push(frame)
+        del parts
+        self._wakeup.set()
+        try:
+            await frame.done.wait()
+        except BaseException:
+            self.queue.abandon(frame)
+            raise
+        if frame.error is not None:
+            raise frame.error
+
+    async def _write_loop(self) -> None:
+        """The writer: write queued frames one after the other until the channel closes."""
+        import trio
+
+        try:
+            while not self.closed:
+                frame = self.queue.next()
+                if frame is None:
+                    self._wakeup = trio.Event()
+                    await self._wakeup.wait()
+                    continue
+                async with self._send_lock:
+                    await self._write_parts(frame.parts)
+                self.queue.sent(frame)
+                frame.done.set()
+        except PeerError as exc:
+            self._writer_failed(exc)
+        finally:
+            self._writer_failed(PeerError(f"the {self.name} channel is closed", kind="disconnected"))
+
+    def _writer_failed(self, error: PeerError) -> None:
+        for frame in self.queue.close(error):
+            frame.done.set()
+
+    def _stop_writer(self) -> None:
+        self._wakeup.set()
+
+    async def _write_parts(self, parts: list[bytes | memoryview]) -> None:
+        """Write one encoded frame to the stream; PeerError when the stream is gone."""
+        try:
+            for part in parts:
+                view = memoryview(part)
+                for start in range(0, len(view), WRITE_CHUNK_BYTES):
+                    chunk = view[start : start + WRITE_CHUNK_BYTES]
+                    await self.stream.write(chunk)
+                    self.bytes_out += len(chunk)
+        except stream_errors() as exc:
+            raise PeerError(f"cannot send to peer: {describe_exception(exc)}", kind="disconnected") from None
 
     async def receive(self) -> Message:
         """Return the next message; raise PeerError at EOF or reset, RemoteProtocolError for garbage."""
@@ -3050,12 +3214,13 @@ class Channel:
         except stream_errors() as exc:
             raise PeerError(f"stream lost: {describe_exception(exc)}", kind="disconnected") from None
         self.bytes_in += len(data)
-        self.last_read = time.monotonic()
+        self.last_read = self.clock()
         self.decoder.feed(data)
 
     async def close(self, reset: bool = False) -> None:
         """Close (or reset) the stream, ignoring a stream that is already gone."""
         self.closed = True
+        self._stop_writer()
         with contextlib.suppress(*stream_errors()):
             if reset:
                 await self.stream.reset()
@@ -3208,32 +3373,32 @@ class TlsChannel(Channel):
         self.description = f"{version} {cipher[0] if cipher else ''} {'from' if accepted else 'to'} {where}"
         self._scratch = memoryview(bytearray(READ_CHUNK_BYTES))
 
-    async def send(self, msg: Message) -> None:
-        """Write one message; on any failure the connection is closed (a cut frame cannot be resumed)."""
+    async def _write_parts(self, parts: list[bytes | memoryview]) -> None:
+        """Write one frame; on any failure the connection is closed (a cut frame cannot be resumed)."""
         import ssl
 
-        parts = coalesce_parts(encode_parts(msg))
         sock = self.sock
-        async with self._send_lock:
-            if self.closed:
-                raise PeerError("the data connection is closed", kind="disconnected")
-            try:
-                for part in parts:
-                    view = memoryview(part)
-                    pos = 0
-                    while pos < len(view):
-                        # NOTE: after SSLWantWriteError OpenSSL needs the same bytes again: the
-                        # slice is the same until the call succeeds.
-                        chunk = view[pos : pos + WRITE_CHUNK_BYTES]
-                        n = await _tls_io(sock, lambda c=chunk: sock.send(c), writing=True)  # type: ignore[misc]
-                        pos += n
-                        self.bytes_out += n
-            except (ssl.SSLError, OSError, ValueError) as exc:
-                self.close_now()
-                raise PeerError(f"data connection lost: {describe_tls_error(exc)}", kind="disconnected") from None
-            except BaseException:
-                self.close_now()  # cancelled mid-frame: the peer would read a cut frame
-                raise
+        if self.closed:
+            raise PeerError("the data connection is closed", kind="disconnected")
+        try:
+            for part in parts:
+                view = memoryview(part)
+                pos = 0
+                while pos < len(view):
+                    # NOTE: after SSLWantWriteError OpenSSL needs the same bytes again: the
+                    # slice is the same until the call succeeds.
+                    chunk = view[pos : pos + WRITE_CHUNK_BYTES]
+                    n = await _tls_io(sock, lambda c=chunk: sock.send(c), writing=True)  # type: ignore[misc]
+                    pos += n
+                    self.bytes_out += n
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            self.close_now()
+            raise PeerError(f"data connection lost: {describe_tls_error(exc)}", kind="disconnected") from None
+        except BaseException:
+            # NOTE: only the writer writes, and only the node's shutdown cancels it: a frame
+            # cut here can never be followed by another one the peer would misread.
+            self.close_now()
+            raise
 
     async def _fill(self) -> None:
         """Read what has arrived: payload bytes straight into their buffer, the rest via the decoder."""
@@ -3267,7 +3432,7 @@ class TlsChannel(Channel):
                 where = " in the middle of a frame" if decoder.in_frame else ""
                 raise PeerError(f"the peer closed the data connection{where}", kind="disconnected")
             self.bytes_in += n
-            self.last_read = time.monotonic()
+            self.last_read = self.clock()
             if space is None:
                 decoder.feed(view[:n])
                 return
@@ -3283,6 +3448,7 @@ class TlsChannel(Channel):
         """Close the connection at once."""
         if not self.closed:
             self.closed = True
+            self._stop_writer()
             _close_socket(self.sock)
 
     async def close(self, reset: bool = False) -> None:
@@ -3561,6 +3727,7 @@ class PeerSession:
         self.data_settled = trio.Event()  # the data plane is attached, or we know why not
         self.data_slot: _DataSlot | None = None  # acceptor: the token we handed out
         self._data_bytes = [0, 0]  # bytes of data connections that have ended
+        self._data_last_read = 0.0  # when the last byte arrived on a data connection that has ended
         self.peer_id = peer_id
         self.hello = hello
         self.dialed = dialed
@@ -3573,6 +3740,7 @@ class PeerSession:
         self.last_seen = time.monotonic()
         self.tasks_served = 0
         self.tasks_refused = 0
+        self.tasks_cancelled = 0  # tasks of the peer's it gave up while we held them, and we dropped
         self._next_task_id = 1
         self._pending: dict[int, _Pending] = {}
         self._pings: dict[int, tuple[float, Any]] = {}
@@ -3586,6 +3754,7 @@ class PeerSession:
         channel.decoder.admit = lambda task_id, payload_len: self._admit(task_id, payload_len, channel)
         channel.decoder.admit_result = lambda task_id: task_id in self._pending
         channel.decoder.max_payload_bytes = self.node.limits.max_payload_bytes
+        channel.start_writer(self.node.nursery)
 
     @property
     def label(self) -> str:
@@ -3609,8 +3778,10 @@ class PeerSession:
 
     @property
     def last_read(self) -> float:
-        """When bytes last arrived on any of the session's connections."""
-        return max(self.channel.last_read, self.data.last_read if self.data else 0.0)
+        """When bytes last arrived on any of the session's connections (also one that has ended:
+        after a data connection is lost, the libp2p stream's own last byte may be minutes old)."""
+        data = self.data.last_read if self.data else 0.0
+        return max(self.channel.last_read, data, self._data_last_read, self.opened_at)
 
     def _out(self) -> Channel:
         return self.data if self.data is not None else self.channel
@@ -3662,8 +3833,13 @@ class PeerSession:
     def _dispatch(self, msg: Message, channel: Channel) -> str | None:
         """Act on one message; return the reason when it ends the session."""
         if isinstance(msg, TaskRequestMsg):
+            import trio
+
             channel.receiving = None  # handed to _serve, which releases its reservation
             self._served_on[msg.task_id] = channel
+            # NOTE: the scope exists before _serve starts: a Cancel right behind the request
+            # (its sender gave up while the frame was on its way) must find it.
+            self._scopes[msg.task_id] = trio.CancelScope()
             self.node.nursery.start_soon(self._serve, msg)
         elif isinstance(msg, TaskResultMsg):
             pending = self._pending.pop(msg.task_id, None)
@@ -3683,8 +3859,10 @@ class PeerSession:
                 sent[1].set()
         elif isinstance(msg, CancelMsg):
             scope = self._scopes.get(msg.task_id)
-            if scope is not None:
-                log.info("task %d from %s cancelled by its sender", msg.task_id, self.label)
+            if scope is not None and not scope.cancel_called:
+                self.tasks_cancelled += 1
+                self.node.tasks_cancelled += 1
+                log.info("task %d from %s cancelled by its sender", msg.task_id, self.peer_id)
                 scope.cancel()
         elif isinstance(msg, DataPlaneMsg):
             if not msg.ok and self.data is None:
@@ -3769,6 +3947,7 @@ class PeerSession:
         self.data = None
         self._data_bytes[0] += channel.bytes_in
         self._data_bytes[1] += channel.bytes_out
+        self._data_last_read = max(self._data_last_read, channel.last_read)
         self._drop_buffers(channel)
         if self.closed.is_set():
             return
@@ -3891,8 +4070,9 @@ class PeerSession:
                 came_on,
             )
             self._served_on.pop(task_id, None)
+            self._scopes.pop(task_id, None)
             return
-        self._scopes[task_id] = cancelled = trio.CancelScope()
+        cancelled = self._scopes.setdefault(task_id, trio.CancelScope())
         try:
             with cancelled, trio.move_on_after(self.node.limits.task_timeout_s) as deadline:
                 try:
@@ -4033,6 +4213,7 @@ class Node:
         self.data_plane: DataPlane | None = None
         self.on_data_fallback: list[Callable[[PeerSession, str], None]] = []
         self.tasks_served = 0
+        self.tasks_cancelled = 0  # tasks run for peers that their senders gave up (CancelMsg)
         self.peer_id = str(self.host.get_id())
         self.role = role
         self.accept = accept
@@ -4213,10 +4394,10 @@ class Node:
             if session.closed.is_set():
                 return
             PAYLOAD_POOL.trim()  # an idle node gives spare receive buffers back
-            silent_s = time.monotonic() - max(session.last_read, session.opened_at)
-            if silent_s > self.limits.idle_timeout_s:
-                log.warning("dropping peer %s: nothing received for %.0f s", session.peer_id, silent_s)
-                await session._close(f"nothing received for {silent_s:.0f} s (peer gone or network down)", reset=True)
+            reason = idle_reason(time.monotonic(), session.last_read, self.limits.idle_timeout_s)
+            if reason is not None:
+                log.warning("dropping peer %s: %s", session.peer_id, reason)
+                await session._close(reason, reset=True)
                 await self.disconnect(session.peer_id)
                 return
             session.send_ping()
@@ -6683,6 +6864,9 @@ class NodeService:
             "trusted": bool(self.node.may_serve(session.peer_id)),
             "last_seen_s": time.monotonic() - session.last_seen,
             "data_plane": session.data_note,
+            "connected_s": time.monotonic() - session.opened_at,
+            "data_bytes_in": session.data.bytes_in if session.data is not None else 0,
+            "data_bytes_out": session.data.bytes_out if session.data is not None else 0,
             **self.suspicion_of(session.peer_id),
         }
 
@@ -6713,6 +6897,7 @@ class NodeService:
                 "rpc_address": self.rpc_address,
                 "peer_count": len(self.node.sessions),
                 "tasks_served": self.node.tasks_served,
+                "tasks_cancelled": self.node.tasks_cancelled,
                 "suspects": [{"peer_id": w, **info} for w, info in self.manager.suspicions().items()],
             }
         return {}
@@ -6763,6 +6948,9 @@ def _fill_peer(builder: Any, info: dict[str, Any]) -> None:
     builder.trusted = info["trusted"]
     builder.lastSeenSeconds = info["last_seen_s"]
     builder.dataPlane = info.get("data_plane", "")
+    builder.connectedSeconds = info.get("connected_s", 0.0)
+    builder.dataBytesIn = info.get("data_bytes_in", 0)
+    builder.dataBytesOut = info.get("data_bytes_out", 0)
     if info.get("suspicion"):
         _fill_suspicion(builder.suspicion, info["peer_id"], info["suspicion"])
 
@@ -6803,6 +6991,9 @@ def _read_peer(reader: Any) -> dict[str, Any]:
         "trusted": bool(reader.trusted),
         "last_seen_s": float(reader.lastSeenSeconds),
         "data_plane": str(reader.dataPlane),
+        "connected_s": float(reader.connectedSeconds),
+        "data_bytes_in": int(reader.dataBytesIn),
+        "data_bytes_out": int(reader.dataBytesOut),
         "suspect": bool(suspicion and suspicion["state"] in ("suspect", "probing")),
         "suspicion": suspicion,
     }
@@ -6875,14 +7066,28 @@ class RpcServer:
             import trio
 
             future = loop.create_future()
+            # NOTE: touched on the trio thread only: the scope of the call, and whether its
+            # client went away (pycapnp cancels the method when the connection drops).
+            call: dict[str, Any] = {"scope": None, "abandoned": False}
 
             def settle(ok: bool, value: Any) -> None:
                 if not future.done():
                     future.set_result(value) if ok else future.set_exception(value)
 
+            async def cancellable() -> Any:
+                with trio.CancelScope() as call["scope"]:
+                    if not call["abandoned"]:
+                        return await fn(*args)
+                raise RpcError("the client went away")
+
+            def abandon() -> None:
+                call["abandoned"] = True
+                if call["scope"] is not None:
+                    call["scope"].cancel()  # its remote attempts send Cancel to their workers
+
             def work() -> None:
                 try:
-                    outcome = (True, trio.from_thread.run(fn, *args, trio_token=trio_token))
+                    outcome = (True, trio.from_thread.run(cancellable, trio_token=trio_token))
                 except trio.RunFinishedError:
                     outcome = (False, RpcError("the node is shutting down"))
                 except BaseException as exc:  # handed to the awaiting coroutine as is
@@ -6891,7 +7096,12 @@ class RpcServer:
                     loop.call_soon_threadsafe(settle, *outcome)
 
             threading.Thread(target=work, name="pangea-rpc-call", daemon=True).start()
-            return await future
+            try:
+                return await future
+            except asyncio.CancelledError:
+                with contextlib.suppress(trio.RunFinishedError):
+                    trio_token.run_sync_soon(abandon)
+                raise
 
         gate = _make_gate(schema, in_trio, service, self.token, self.max_bytes)
 
@@ -6945,6 +7155,7 @@ def _make_gate(schema: Any, in_trio: Callable[..., Any], service: NodeService, t
             st.uptimeSeconds, st.tasksDone, st.tasksFailed = info["uptime_s"], info["tasks_done"], info["tasks_failed"]
             st.tasksInFlight, st.bytesIn, st.bytesOut = info["tasks_in_flight"], info["bytes_in"], info["bytes_out"]
             st.rpcAddress, st.peerCount, st.tasksServed = info["rpc_address"], info["peer_count"], info["tasks_served"]
+            st.tasksCancelled = info["tasks_cancelled"]
             for slot, suspect in zip(st.init("suspects", len(info["suspects"])), info["suspects"], strict=True):
                 _fill_suspicion(slot, suspect["peer_id"], suspect)
 
@@ -7182,6 +7393,7 @@ class Client:
                 "rpc_address": str(st.rpcAddress),
                 "peer_count": st.peerCount,
                 "tasks_served": st.tasksServed,
+                "tasks_cancelled": st.tasksCancelled,
                 "suspects": [{"peer_id": str(x.peerId), **(_read_suspicion(x) or {})} for x in st.suspects],
             }
 

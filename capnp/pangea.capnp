@@ -188,6 +188,9 @@ struct PeerInfo {
   lastSeenSeconds @8 :Float64; # seconds since the last message from it
   dataPlane     @9 :Text;      # "TLS 1.3 ... to host:port", or "libp2p stream (why)"
   suspicion     @10 :Suspicion; # state "": trusted
+  connectedSeconds @11 :Float64; # age of this session (a reconnect starts a new one)
+  dataBytesIn   @12 :UInt64;     # bytes received on the current data connection (0 without one)
+  dataBytesOut  @13 :UInt64;     # bytes sent on the current data connection
 }
 
 struct NodeStatus {
@@ -204,6 +207,7 @@ struct NodeStatus {
   peerCount     @10 :UInt32;
   tasksServed   @11 :UInt64;   # tasks this node ran for its peers (tasksDone: tasks submitted here)
   suspects      @12 :List(Suspicion);  # remote workers not fully trusted, connected or not
+  tasksCancelled @13 :UInt64;  # of those, tasks their sender gave up (a Cancel) and this node dropped
 }
 
 interface Compute {

@@ -38,6 +38,7 @@ import json
 import re
 import secrets
 import select
+import signal
 import socket
 import ssl
 import struct
@@ -474,15 +475,19 @@ class Pair:
 
 @contextlib.contextmanager
 def serve_pair(
-    pyz: Path, make_home: Callable[[str], NodeHome], *, a_args: Sequence[str] = (), b_data_port: int | None = None
+    pyz: Path,
+    make_home: Callable[[str], NodeHome],
+    *,
+    a_args: Sequence[str] = (),
+    b_data_port: int | None = None,
+    b_args: Sequence[str] = (),
 ) -> Iterator[Pair]:
-    """B (``-v``, trusting A, data plane on a known port), then A (``-v --peer B`` + a_args), connected."""
+    """B (``-v``, trusting A, data plane on a known port, + b_args), then A (``-v --peer B`` + a_args), connected."""
     home_a, home_b = make_home("a"), make_home("b")
     port = b_data_port if b_data_port is not None else free_port()
     with contextlib.ExitStack() as stack:
-        b = start_serve(
-            pyz, home_b, "-v", "--allow-peer", peer_id_of(pyz, home_a), "--data-port", str(port), name="serve-B"
-        )
+        trust = ("--allow-peer", peer_id_of(pyz, home_a))
+        b = start_serve(pyz, home_b, "-v", *trust, "--data-port", str(port), *b_args, name="serve-B")
         stack.callback(b.proc.stop)
         a = start_serve(pyz, home_a, "-v", "--peer", b.address, *a_args, name="serve-A")
         stack.callback(a.proc.stop)
@@ -1072,3 +1077,113 @@ def test_doctor_does_not_blame_a_firewall_for_a_node_without_a_data_plane(
     assert doc["peer"]["libp2p"] == "ok", doc
     assert "data_plane_blocked" not in doc["peer"], doc
     assert f"let TCP port {port + 1} through" not in doc["verdict"], doc["verdict"]
+
+
+# ================================================================ 6. a task given up by its client
+
+
+# Lines that mean the session or its data connection went down: none may follow a cancel.
+SESSION_DAMAGE = (
+    "dropping peer",
+    "closed the data connection",
+    "in the middle of a frame",
+    "data plane with",  # "... lost: ..." or "... unavailable: ..."
+    "session with",  # "session with X closed"
+    "disconnected",
+    "protocol error",
+)
+
+
+STALL_S = 6.0  # B's --fault slow: each task waits this long before it runs
+
+
+def the_peer(pair: Pair, node: ServeNode) -> dict[str, Any]:
+    """``call --json peers`` on ``node``: its one peer."""
+    result = run_pyz(pyz_of(node), ["call", "--rpc", node.rpc, "--json", "peers"], node.home.env)
+    assert result.returncode == 0, result.stderr
+    (peer,) = json.loads(result.stdout)
+    return {**peer, "measured_at": time.monotonic()}
+
+
+def pyz_of(node: ServeNode) -> str:
+    return node.proc.cmd[0]
+
+
+def cancelled_on(pair: Pair, node: ServeNode) -> int:
+    with pair.client(node) as rpc:
+        return int(rpc.status()["tasks_cancelled"])
+
+
+def assert_no_session_damage(pair: Pair, marks: tuple[int, int]) -> None:
+    for node, mark in zip((pair.a, pair.b), marks, strict=True):
+        damage = [line for line in node.stderr_since(mark) if any(word in line for word in SESSION_DAMAGE)]
+        assert not damage, "\n".join(node.stderr_since(mark))
+
+
+def assert_same_session_carries_the_next_task_on_tls(
+    pair: Pair, before: tuple[dict[str, Any], dict[str, Any]], n: int
+) -> None:
+    """The next task runs on B over the same session and the same data connection (no reconnect)."""
+    x, y = matrices(n, 99)
+    a_old = the_peer(pair, pair.a)
+    out, task = pair.run_on_b("matmul", x, y)
+    np.testing.assert_allclose(out, x @ y)
+    assert task["ran_on"] == pair.b.peer_id and [a["outcome"] for a in task["attempts"]] == ["ok"], task
+    after = the_peer(pair, pair.a), the_peer(pair, pair.b)
+    for old, new in zip(before, after, strict=True):
+        assert new["data_plane"] == old["data_plane"] and new["data_plane"].startswith("TLS 1.3 "), (old, new)
+        # the same session all along, not a new one
+        assert new["connected_s"] - old["connected_s"] > new["measured_at"] - old["measured_at"] - 1.5, (old, new)
+    a_new = after[0]
+    # the operands went out on the data connection, the result came back on it
+    assert a_new["data_bytes_out"] - a_old["data_bytes_out"] >= x.nbytes + y.nbytes, (a_old, a_new)
+    assert a_new["data_bytes_in"] - a_old["data_bytes_in"] >= x.nbytes, (a_old, a_new)
+
+
+def test_a_client_timeout_on_a_large_remote_task_cancels_it_on_the_worker_and_keeps_the_data_plane(
+    pyz: Path, make_home: Callable[[str], NodeHome]
+) -> None:
+    """A timeout shorter than the transfer: A gives up while the request is on the data connection."""
+    with serve_pair(pyz, make_home) as pair:
+        assert_tls(pair)
+        marks = len(pair.a.proc.stderr_lines), len(pair.b.proc.stderr_lines)
+        before = the_peer(pair, pair.a), the_peer(pair, pair.b)
+        x, y = matrices(2000, 5)  # 32 MB per operand
+        with pair.client(pair.a) as rpc:
+            with pytest.raises(pangea.TaskError) as caught:
+                rpc.submit("matmul", x, y, placement=pair.b.peer_id, timeout_s=0.05)
+        assert caught.value.kind == "deadline", caught.value
+        wait_until(lambda: cancelled_on(pair, pair.b) == 1, LOG_WAIT_S, "B counts the cancelled task")
+        pair.b.proc.wait_for_line(rf"task \d+ from {pair.a.peer_id} cancelled by its sender", timeout=LOG_WAIT_S)
+        assert_same_session_carries_the_next_task_on_tls(pair, before, 1000)
+        assert cancelled_on(pair, pair.b) == 1 and cancelled_on(pair, pair.a) == 0
+        assert_no_session_damage(pair, marks)
+
+
+def test_a_call_interrupted_mid_task_cancels_it_on_the_worker_and_keeps_the_data_plane(
+    pyz: Path, make_home: Callable[[str], NodeHome]
+) -> None:
+    """Ctrl-C of `call matmul` while B runs the task (B stalls 6 s per task): its client
+    disconnects, A gives the task up, B stops it at once and the session goes on."""
+    with serve_pair(pyz, make_home, b_args=("--fault", f"slow={STALL_S:g}")) as pair:
+        assert_tls(pair)
+        marks = len(pair.a.proc.stderr_lines), len(pair.b.proc.stderr_lines)
+        before = the_peer(pair, pair.a), the_peer(pair, pair.b)
+        size = 1500
+        cmd = [str(pyz), "call", "--rpc", pair.a.rpc, "matmul", "--size", str(size), "--placement", pair.b.peer_id]
+        with Proc(cmd, env=pair.a.home.env, name="call") as call:
+            operands = 2 * size * size * 8
+            wait_until(
+                lambda: the_peer(pair, pair.b)["data_bytes_in"] - before[1]["data_bytes_in"] >= operands,
+                CLIENT_TIMEOUT_S,
+                "the request reaches B",
+            )
+            started = time.monotonic()
+            call.popen.send_signal(signal.SIGINT)
+            assert call.wait(timeout=20) == 130, call.output()
+        wait_until(lambda: cancelled_on(pair, pair.b) == 1, LOG_WAIT_S, "B counts the cancelled task")
+        assert time.monotonic() - started < STALL_S - 2, "B stopped the task only when its stall ended"
+        pair.b.proc.wait_for_line(rf"task \d+ from {pair.a.peer_id} cancelled by its sender", timeout=LOG_WAIT_S)
+        assert_same_session_carries_the_next_task_on_tls(pair, before, 300)
+        assert cancelled_on(pair, pair.b) == 1
+        assert_no_session_damage(pair, marks)
