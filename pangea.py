@@ -454,6 +454,45 @@ def multiaddr_ip(text: str) -> str | None:
     return parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6") and parts[2] else None
 
 
+def is_unspecified_ip(ip: str | None) -> bool:
+    """True for 0.0.0.0, :: and the like: a listening wildcard, never an address to dial."""
+    import ipaddress
+
+    try:
+        return ip is not None and ipaddress.ip_address(ip.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+def endpoint_multiaddr(endpoint: Any) -> str | None:
+    """``/ip4/IP/tcp/PORT`` (or ip6) of a socket's (host, port) tuple; None when it is not one."""
+    if not isinstance(endpoint, tuple) or len(endpoint) < 2 or not isinstance(endpoint[0], str):
+        return None
+    host, port = endpoint[0], endpoint[1]
+    if not host or is_unspecified_ip(host) or not isinstance(port, int):
+        return None
+    return f"/{'ip6' if ':' in host else 'ip4'}/{host}/tcp/{port}"
+
+
+def dialable_addresses(addresses: Iterable[str], remote_ip: str | None) -> list[str]:
+    """The addresses of a peer that another machine can dial, in order, without repeats.
+
+    A peer that listens on every interface announces ``/ip4/0.0.0.0/...``; it
+    listens on the address its connection came from too, so that IP takes the
+    wildcard's place (the wildcard is dropped when the connection's IP is unknown)."""
+    out: list[str] = []
+    for address in addresses:
+        ip = multiaddr_ip(address)
+        if is_unspecified_ip(ip):
+            if not remote_ip or is_unspecified_ip(remote_ip):
+                continue
+            family = "ip6" if ":" in remote_ip else "ip4"
+            address = "/".join(["", family, remote_ip, *address.split("/")[3:]])
+        if address not in out:
+            out.append(address)
+    return out
+
+
 def format_host_port(host: str, port: int) -> str:
     """``host:port``, with IPv6 hosts in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -3571,14 +3610,20 @@ class Node:
         if not conns:
             return {"security": "?", "muxer": "?", "remote": "?"}
         conn = conns[0]
-        remote = "?"
+        # NOTE: the socket's peer first: py-libp2p's own answer falls back to the
+        # peerstore, which holds what the peer announced (0.0.0.0 when it listens on
+        # every interface; always so with --psk, whose wrapped connection has none).
+        remote = None
         with contextlib.suppress(Exception):  # best effort: the API differs by transport
-            addrs = conn.get_transport_addresses()
-            remote = str(addrs[0]) if addrs else "?"
+            remote = endpoint_multiaddr(conn.muxed_conn.get_remote_address())
+        if remote is None:
+            with contextlib.suppress(Exception):
+                addrs = dialable_addresses([str(a) for a in conn.get_transport_addresses()], None)
+                remote = addrs[0] if addrs else None
         return {
             "security": str(conn.get_negotiated_security_protocol() or "?"),
             "muxer": str(conn.get_negotiated_muxer_protocol() or "?"),
-            "remote": remote,
+            "remote": remote or "?",
         }
 
     async def next_session(self) -> PeerSession:
@@ -3843,7 +3888,8 @@ class Node:
             await session.close("duplicate session")
             return self.sessions[address.peer_id]
         self.nursery.start_soon(session.run)
-        host = multiaddr_ip(self.remote_address(address.peer_id)) or multiaddr_ip(address.text) or ""
+        ips = [multiaddr_ip(self.remote_address(address.peer_id)), multiaddr_ip(address.text)]
+        host = next((ip for ip in ips if ip and not is_unspecified_ip(ip)), "")
         await session.connect_data(host)  # bounded by DATA_CONNECT_S; falls back to libp2p
         return session
 
@@ -5773,6 +5819,7 @@ class NodeService:
             addrs = [str(a) for a in self.node.host.get_peerstore().addrs(ID.from_base58(session.peer_id))]
         except Exception:  # NOTE: py-libp2p raises PeerStoreError for a peer without addresses
             addrs = []
+        addrs = dialable_addresses(addrs, multiaddr_ip(self.node.remote_address(session.peer_id)))
         return {
             "peer_id": session.peer_id,
             "addresses": addrs,

@@ -474,14 +474,27 @@ class Pair:
 
 @contextlib.contextmanager
 def serve_pair(
-    pyz: Path, make_home: Callable[[str], NodeHome], *, a_args: Sequence[str] = (), b_data_port: int | None = None
+    pyz: Path,
+    make_home: Callable[[str], NodeHome],
+    *,
+    a_args: Sequence[str] = (),
+    b_data_port: int | None = None,
+    b_args: Sequence[str] = (),
 ) -> Iterator[Pair]:
-    """B (``-v``, trusting A, data plane on a known port), then A (``-v --peer B`` + a_args), connected."""
+    """B (``-v``, trusting A, data plane on a known port, + b_args), then A (``-v --peer B`` + a_args), connected."""
     home_a, home_b = make_home("a"), make_home("b")
     port = b_data_port if b_data_port is not None else free_port()
     with contextlib.ExitStack() as stack:
         b = start_serve(
-            pyz, home_b, "-v", "--allow-peer", peer_id_of(pyz, home_a), "--data-port", str(port), name="serve-B"
+            pyz,
+            home_b,
+            "-v",
+            "--allow-peer",
+            peer_id_of(pyz, home_a),
+            "--data-port",
+            str(port),
+            *b_args,
+            name="serve-B",
         )
         stack.callback(b.proc.stop)
         a = start_serve(pyz, home_a, "-v", "--peer", b.address, *a_args, name="serve-A")
@@ -600,6 +613,31 @@ def test_serve_peers_report_the_tls_data_plane_and_remote_work_is_right(
             assert task["ran_on"] == pair.b.peer_id and len(task["attempts"]) == 1, task
         assert pair.served_by_b() == before + 2
         assert_tls(pair)  # still on TLS afterwards
+
+
+def test_with_psk_on_every_interface_the_data_plane_dials_the_real_address_and_peers_list_no_wildcard(
+    pyz: Path, make_home: Callable[[str], NodeHome], tmp_path: Path
+) -> None:
+    key = tmp_path / "swarm.key"
+    made = run_pyz(pyz, ["psk", str(key)], make_home("keymaker").env)
+    assert made.returncode == 0, made.stderr
+    # Both listen on 0.0.0.0 and announce it; A dials B's 127.0.0.1 address.
+    wide = ("--psk", str(key), "--host", "0.0.0.0")
+    with serve_pair(pyz, make_home, a_args=wide, b_args=wide) as pair:
+        assert_tls(pair)  # A dialed 127.0.0.1:<B's data port>, not 0.0.0.0
+        for node in (pair.a, pair.b):
+            result = run_pyz(pyz, ["call", "--rpc", node.rpc, "--json", "peers"], node.home.env)
+            assert result.returncode == 0, result.stderr
+            (peer,) = json.loads(result.stdout)
+            assert peer["addresses"], peer
+            assert all(a.startswith("/ip4/127.0.0.1/tcp/") for a in peer["addresses"]), peer
+        x, y = matrices(64, 3)
+        out, task = pair.run_on_b("matmul", x, y)
+        np.testing.assert_allclose(out, x @ y)
+    for node in (pair.a, pair.b):
+        logged = "\n".join(node.proc.stderr_lines) + node.session_log()
+        # Its own "listening on 0.0.0.0:PORT" is true; a peer's address never is.
+        assert not re.search(r"/ip4/0\.0\.0\.0/|\b(to|from|at) 0\.0\.0\.0\b", logged), node.proc.output()
 
 
 def test_concurrent_tasks_both_ways_share_the_tls_connection_and_are_right(
