@@ -154,6 +154,7 @@ SESSIONS_DIRNAME = "compute_test"
 IDENTITY_FILENAME = "identity.key"
 LOG_MAX_BYTES = 1 << 20  # session log rotates at 1 MiB, keeping 3 old files
 LOG_BACKUPS = 3
+LIBP2P_LOG_REPEAT_S = 60.0  # one libp2p warning or error of a kind per minute in the log; a redial makes dozens
 
 # Work sizes of the distributed checks.
 CHECK_MATRIX_N = 64  # operands of the per-kernel delegation check
@@ -6647,6 +6648,49 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Libp2pLogFilter(logging.Filter):
+    """What of py-libp2p's own records reaches pangea's log (every handler carries one).
+
+    Without --debug: nothing below WARNING (py-libp2p sets INFO on some of its
+    own loggers, e.g. the AutoConnector's "initiating N new dials" every 10 s,
+    so the "libp2p" logger's level alone does not hold them back), and a
+    warning or error of one kind at most once per LIBP2P_LOG_REPEAT_S: a redial
+    makes the TCP transport log "Failed to open TCP stream" several times a
+    second, while pangea's own lines name the peer it dials. The next one let
+    through after a quiet spell says how many were held back. With --debug
+    everything passes."""
+
+    def __init__(self, debug: bool, repeat_s: float = LIBP2P_LOG_REPEAT_S) -> None:
+        super().__init__()
+        self.debug = debug
+        self.repeat_s = repeat_s
+        self._last: dict[tuple[str, int, str], tuple[float, int]] = {}  # kind -> (time let through, held back)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """True to log ``record``; False to drop it."""
+        if self.debug or not (record.name == "libp2p" or record.name.startswith("libp2p.")):
+            return True
+        decided = getattr(record, "pangea_libp2p_ok", None)  # the same record, at the next handler
+        if decided is None:
+            decided = record.levelno >= logging.WARNING and self._first_of_its_kind(record)
+            record.pangea_libp2p_ok = decided
+        return bool(decided)
+
+    def _first_of_its_kind(self, record: logging.LogRecord) -> bool:
+        kind = (record.name, record.levelno, str(record.msg)[:200])
+        if len(self._last) > 1000:  # bounded: libp2p formats some messages with f-strings
+            self._last.clear()
+        last = self._last.get(kind)
+        if last is not None and record.created - last[0] < self.repeat_s:
+            self._last[kind] = (last[0], last[1] + 1)
+            return False
+        if last is not None and last[1]:
+            record.msg = f"{record.getMessage()} (and {last[1]} more like it in {record.created - last[0]:.0f} s)"
+            record.args = ()
+        self._last[kind] = (record.created, 0)
+        return True
+
+
 def setup_logging(log_file: Path | None, verbose: int, debug: bool) -> None:
     """Send pangea's log to the session log file and, with -v/--debug, to stderr."""
     # NOTE: `import libp2p` resets the "libp2p" logger (libp2p.utils.logging.setup_logging),
@@ -6663,6 +6707,9 @@ def setup_logging(log_file: Path | None, verbose: int, debug: bool) -> None:
         file_handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handlers.append(file_handler)
+    libp2p_filter = Libp2pLogFilter(debug)  # one for all handlers: a held-back record is held back everywhere
+    for handler in handlers:
+        handler.addFilter(libp2p_filter)
     for name, level, hs in (
         ("", logging.WARNING, handlers[1:]),  # libraries that log through the root logger: file only
         ("pangea", logging.DEBUG, handlers),
