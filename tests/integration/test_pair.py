@@ -103,12 +103,14 @@ def test_pair_loopback_every_check_passes(pyz: Path, make_home, record_property)
 
 
 def test_respond_refuses_its_own_peer_id(pyz: Path, pangea_home: NodeHome) -> None:
-    """Two nodes sharing a pangea home share a peer ID: the responder says so."""
+    """Two nodes sharing a pangea home share a peer ID: the responder says so, names the
+    initiator's process and does not call it a copied home."""
     with start_initiator(pyz, pangea_home, "--timeout", "30") as initiator:
         address = loopback_address(initiator)
         result = run_pyz(pyz, ["respond", address, "--timeout", "5"], pangea_home.env)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert_expected_error(result.stderr, "own peer ID")
+    error = assert_expected_error(result.stderr, "own peer ID", f"initiator (pid {initiator.pid}) on this machine")
+    assert "PANGEA_HOME" in result.stderr and "identity.key" not in result.stderr and "copied" not in error
 
 
 @pytest.fixture
