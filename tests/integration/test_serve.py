@@ -482,9 +482,9 @@ def test_a_redialing_node_logs_no_libp2p_info_nor_repeated_errors_unless_debug(p
             os.killpg(b.proc.pid, signal.SIGKILL)  # B is gone: both redial it, with the AutoConnector running
             b.proc.wait(timeout=30)
             killed_at = time.monotonic()
-            # Long enough for several redials and an AutoConnector round (every 10 s).
+            # A round is 10 s of dials with backoff, each dial several TCP attempts; and an AutoConnector round.
             redials = lambda: sum("cannot reach peer" in line for line in list(quiet.proc.stderr_lines))  # noqa: E731
-            wait_until(lambda: redials() >= 2, REDIAL_WITHIN_S, "A redials twice")
+            wait_until(lambda: redials() >= 1, REDIAL_WITHIN_S, "A gives up one round of redials")
             time.sleep(max(0.0, 12.0 - (time.monotonic() - killed_at)))
             quiet_log, debug_log = quiet.session_log(), debug.session_log()
     quiet_lines = libp2p_lines(quiet_log)
