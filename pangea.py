@@ -154,6 +154,7 @@ SESSIONS_DIRNAME = "compute_test"
 IDENTITY_FILENAME = "identity.key"
 LOG_MAX_BYTES = 1 << 20  # session log rotates at 1 MiB, keeping 3 old files
 LOG_BACKUPS = 3
+LIBP2P_LOG_REPEAT_S = 60.0  # one libp2p warning or error of a kind per minute in the log; a redial makes dozens
 
 # Work sizes of the distributed checks.
 CHECK_MATRIX_N = 64  # operands of the per-kernel delegation check
@@ -247,12 +248,13 @@ class MessageError(RemoteProtocolError):
 class PeerError(PangeaError):
     """Raised when a peer cannot be reached, refuses us, is incompatible, or
     disconnects. ``kind`` is one of: unreachable, refused, incompatible,
-    disconnected, timeout. Check the address, the firewall, the versions."""
+    disconnected, timeout, duplicate-identity (a copied home), identity-in-use (one home
+    run twice on one machine). Check the address, the firewall, the versions."""
 
     def __init__(self, message: str, *, kind: str = "disconnected", hint: str | None = None):
         super().__init__(message, hint=hint)
         self.kind = kind
-        if kind in ("incompatible", "refused", "duplicate-identity"):
+        if kind in ("incompatible", "refused", "duplicate-identity", "identity-in-use"):
             self.exit_code = 2  # a setup problem: the command cannot work as given
 
 
@@ -454,6 +456,45 @@ def multiaddr_ip(text: str) -> str | None:
     return parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6") and parts[2] else None
 
 
+def is_unspecified_ip(ip: str | None) -> bool:
+    """True for 0.0.0.0, :: and the like: a listening wildcard, never an address to dial."""
+    import ipaddress
+
+    try:
+        return ip is not None and ipaddress.ip_address(ip.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+def endpoint_multiaddr(endpoint: Any) -> str | None:
+    """``/ip4/IP/tcp/PORT`` (or ip6) of a socket's (host, port) tuple; None when it is not one."""
+    if not isinstance(endpoint, tuple) or len(endpoint) < 2 or not isinstance(endpoint[0], str):
+        return None
+    host, port = endpoint[0], endpoint[1]
+    if not host or is_unspecified_ip(host) or not isinstance(port, int):
+        return None
+    return f"/{'ip6' if ':' in host else 'ip4'}/{host}/tcp/{port}"
+
+
+def dialable_addresses(addresses: Iterable[str], remote_ip: str | None) -> list[str]:
+    """The addresses of a peer that another machine can dial, in order, without repeats.
+
+    A peer that listens on every interface announces ``/ip4/0.0.0.0/...``; it
+    listens on the address its connection came from too, so that IP takes the
+    wildcard's place (the wildcard is dropped when the connection's IP is unknown)."""
+    out: list[str] = []
+    for address in addresses:
+        ip = multiaddr_ip(address)
+        if is_unspecified_ip(ip):
+            if not remote_ip or is_unspecified_ip(remote_ip):
+                continue
+            family = "ip6" if ":" in remote_ip else "ip4"
+            address = "/".join(["", family, remote_ip, *address.split("/")[3:]])
+        if address not in out:
+            out.append(address)
+    return out
+
+
 def format_host_port(host: str, port: int) -> str:
     """``host:port``, with IPv6 hosts in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -626,6 +667,14 @@ def pairing_proof(code: str, acceptor_id: str, dialer_id: str) -> bytes:
 
     message = f"pangea-pair-v1|{acceptor_id}|{dialer_id}".encode()
     return hmac.new(code.encode(), message, hashlib.sha256).digest()
+
+
+def home_proof_message(acceptor_id: str, dialer_id: str) -> bytes:
+    """What a process on a throwaway identity signs with its home's key, for one acceptor.
+
+    Both ids are authenticated by Noise, so the signature vouches for this one
+    dialer towards this one acceptor and cannot be replayed elsewhere."""
+    return f"pangea-home-v1|{acceptor_id}|{dialer_id}".encode()
 
 
 @dataclass
@@ -807,6 +856,9 @@ class HelloMsg:
     data_port: int = 0  # our TLS data plane's port, 0 when we have none
     data_cert: bytes = b""  # SHA-256 of its certificate
     data_token: bytes = b""  # acceptor only: the one-time secret the dialer presents there
+    host_id: bytes = b""  # names the sender's machine (host_fingerprint), empty when unknown
+    home_id: str = ""  # the peer id of the home the sender runs from, when it runs on a throwaway identity
+    home_proof: bytes = b""  # home_id's signature over both peer ids (home_proof_message)
 
 
 @dataclass(eq=False)
@@ -990,6 +1042,9 @@ def _build_message(m: Any, msg: Message) -> list[memoryview]:
         h.dataPort = msg.data_port
         h.dataCert = msg.data_cert
         h.dataToken = msg.data_token
+        h.hostId = msg.host_id
+        h.homeId = msg.home_id
+        h.homeProof = msg.home_proof
     elif isinstance(msg, TaskRequestMsg):
         metas, views = _array_parts(msg.operands)
         r = m.init("taskRequest")
@@ -1322,6 +1377,9 @@ def decode_message(header: bytes, payload: bytearray, limits: Limits | None = No
                     data_port=int(h.dataPort),
                     data_cert=bytes(h.dataCert),
                     data_token=bytes(h.dataToken),
+                    host_id=bytes(h.hostId),
+                    home_id=str(h.homeId),
+                    home_proof=bytes(h.homeProof),
                 )
             if which == "taskRequest":
                 r = m.taskRequest
@@ -2745,6 +2803,49 @@ def clean_stale_sessions(home: Path) -> list[Path]:
     return removed
 
 
+def live_sessions(home: Path, *, besides: int | None = None) -> list[tuple[str, int]]:
+    """(role, pid) of every running pangea process of this home but ``besides`` (default: this one)."""
+    own = os.getpid() if besides is None else besides
+    root = home / SESSIONS_DIRNAME
+    found: list[tuple[str, int]] = []
+    with contextlib.suppress(OSError):
+        for d in sorted(root.iterdir()) if root.is_dir() else []:
+            role, _, pid_text = d.name.rpartition("-")
+            if d.is_dir() and role and pid_text.isdigit() and int(pid_text) != own and pid_alive(int(pid_text)):
+                found.append((role, int(pid_text)))
+    return found
+
+
+def describe_sessions(sessions: Sequence[tuple[str, int]]) -> str:
+    """``serve (pid 4242), initiator (pid 4243)``."""
+    return ", ".join(f"{role} (pid {pid})" for role, pid in sessions)
+
+
+HOST_ID_ENV = "PANGEA_TEST_HOST_ID"  # TEST AID: pretend to be another machine (copied-home tests)
+
+
+def host_fingerprint() -> bytes:
+    """16 bytes naming this machine: a hash of /etc/machine-id (else hostname + boot id).
+
+    Two processes with one peer id and one fingerprint are one home run twice,
+    not a home copied to another box. NOTE: the environment variable
+    PANGEA_TEST_HOST_ID is a TEST AID that stands for another machine."""
+    import hashlib
+
+    source = os.environ.get(HOST_ID_ENV, "")
+    if not source:
+        for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+            with contextlib.suppress(OSError):
+                source = Path(path).read_text().strip()
+            if source:
+                break
+    if not source:
+        with contextlib.suppress(OSError):
+            source = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        source = f"{socket.gethostname()}|{source}"
+    return hashlib.sha256(f"pangea-host-v1|{source}".encode()).digest()[:16]
+
+
 class SessionDir:
     """The session directory of this process; see the section comment."""
 
@@ -2838,6 +2939,13 @@ def stream_errors() -> tuple[type[BaseException], ...]:
     from libp2p.stream_muxer.exceptions import MuxedConnUnavailable, MuxedStreamError
 
     return (StreamError, MuxedStreamError, MuxedConnUnavailable, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def key_peer_id(key_pair: Any) -> str:
+    """The peer id of an identity key pair."""
+    from libp2p.peer.id import ID
+
+    return str(ID.from_pubkey(key_pair.public_key))
 
 
 def load_or_create_identity(home: Path) -> Any:
@@ -4203,10 +4311,14 @@ class Node:
         psk: str | None = None,
         fault: Fault | None = None,
         data_port: int | None = -1,
+        home_key: Any = None,
     ) -> None:
         import trio
 
         self.host = make_host(key_pair, psk)
+        self.home_key = home_key  # the home's identity when this node runs on a throwaway one
+        self.host_id = host_fingerprint()
+        self._vouched: dict[str, str] = {}  # throwaway peer id -> the home it proved it runs from
         self.fault = fault
         self.fault_lies = 0  # wrong results returned so far (--fault corrupt=N stops after N)
         self.data_port_spec = data_port  # parse_data_port: -1 auto, 0 any, None off
@@ -4217,7 +4329,8 @@ class Node:
         self.peer_id = str(self.host.get_id())
         self.role = role
         self.accept = accept
-        self.may_serve = may_serve
+        self.may_serve: Callable[[str], bool] = lambda peer_id: peer_id in self._vouched or may_serve(peer_id)
+        self._may_serve = may_serve
         self.limits = limits or Limits()
         self.psk = psk
         self.budget = MemoryBudget(self.limits.memory_budget_bytes)
@@ -4263,6 +4376,7 @@ class Node:
             instance_id=self.instance_id,
             data_port=self.data_plane.port if self.data_plane else 0,
             data_cert=self.data_plane.cert_sha256 if self.data_plane else b"",
+            host_id=self.host_id,
         )
 
     @contextlib.asynccontextmanager
@@ -4344,14 +4458,20 @@ class Node:
         if not conns:
             return {"security": "?", "muxer": "?", "remote": "?"}
         conn = conns[0]
-        remote = "?"
+        # NOTE: the socket's peer first: py-libp2p's own answer falls back to the
+        # peerstore, which holds what the peer announced (0.0.0.0 when it listens on
+        # every interface; always so with --psk, whose wrapped connection has none).
+        remote = None
         with contextlib.suppress(Exception):  # best effort: the API differs by transport
-            addrs = conn.get_transport_addresses()
-            remote = str(addrs[0]) if addrs else "?"
+            remote = endpoint_multiaddr(conn.muxed_conn.get_remote_address())
+        if remote is None:
+            with contextlib.suppress(Exception):
+                addrs = dialable_addresses([str(a) for a in conn.get_transport_addresses()], None)
+                remote = addrs[0] if addrs else None
         return {
             "security": str(conn.get_negotiated_security_protocol() or "?"),
             "muxer": str(conn.get_negotiated_muxer_protocol() or "?"),
-            "remote": remote,
+            "remote": remote or "?",
         }
 
     async def next_session(self) -> PeerSession:
@@ -4418,6 +4538,7 @@ class Node:
         log.info("session with %s closed: %s", session.label, session.close_reason)
         if self.sessions.get(session.peer_id) is session:
             del self.sessions[session.peer_id]
+            self._vouched.pop(session.peer_id, None)
             for callback in self.on_session_closed:
                 callback(session)
 
@@ -4436,23 +4557,61 @@ class Node:
         )
         if problem is not None:
             return "incompatible", problem
-        duplicate = self._duplicate_identity(peer_id, hello.instance_id)
+        duplicate = self._duplicate_identity(peer_id, hello)
         if duplicate is not None:
-            return "duplicate-identity", duplicate
+            return duplicate
+        home = self._vouched_home(peer_id, hello)
+        if home is not None:
+            self._vouched[peer_id] = home
+            log.info("accepting %s %s: it runs from the pangea home of %s (signed)", hello.role, peer_id, home)
+            return None
         refusal = self.accept(peer_id, hello)
         return None if refusal is None else ("refused", refusal)
 
-    def _duplicate_identity(self, peer_id: str, instance_id: int) -> str | None:
-        """Return the complaint when another process already speaks as ``peer_id``."""
-        hint = "a pangea home was copied; delete identity.key in the copy to give that box its own peer id"
-        if peer_id == self.peer_id and instance_id != self.instance_id:
-            return f"the peer uses this node's own peer id {peer_id}: {hint}"
+    def _duplicate_identity(self, peer_id: str, hello: HelloMsg) -> tuple[str, str] | None:
+        """Return (kind, complaint) when another process already speaks as ``peer_id``.
+
+        The same machine (host_id) means one home run twice (identity-in-use);
+        another machine, or one that does not say, means a copied home."""
+        copied = "a pangea home was copied; delete identity.key in the copy to give that box its own peer id"
+        if peer_id == self.peer_id and hello.instance_id != self.instance_id:
+            if hello.host_id and hello.host_id == self.host_id:
+                return "identity-in-use", (
+                    f"the peer ({hello.role or 'peer'}) is another pangea process of this node's home on this "
+                    f"machine (peer id {peer_id}); one home's processes cannot work with each other: "
+                    "start one of them with its own home (PANGEA_HOME=DIR)"
+                )
+            return "duplicate-identity", f"the peer uses this node's own peer id {peer_id}: {copied}"
         current = self.sessions.get(peer_id)
-        if current is not None and not current.closed.is_set() and current.hello.instance_id != instance_id:
+        if current is not None and not current.closed.is_set() and current.hello.instance_id != hello.instance_id:
+            if hello.host_id and hello.host_id == current.hello.host_id:
+                return "identity-in-use", (
+                    f"peer id {peer_id} already has a session here from another pangea process on its machine "
+                    f"({current.hello.role or 'peer'}): that home runs two processes; stop one, or start the "
+                    "second with its own home (PANGEA_HOME=DIR)"
+                )
+            where = self.remote_address(peer_id)
             return (
-                f"peer id {peer_id} is already connected from another process ({self.remote_address(peer_id)}): {hint}"
+                "duplicate-identity",
+                f"peer id {peer_id} is already connected from another process ({where}): {copied}",
             )
         return None
+
+    def _vouched_home(self, peer_id: str, hello: HelloMsg) -> str | None:
+        """The home a dialer on a throwaway identity proved (by its key's signature) it runs
+        from, when that home is this node's own or one this node trusts; else None."""
+        if not hello.home_id or not hello.home_proof or hello.home_id == peer_id:
+            return None
+        if hello.home_id != self.peer_id and not self._may_serve(hello.home_id):
+            return None
+        try:
+            from libp2p.peer.id import ID
+
+            key = ID.from_base58(hello.home_id).extract_public_key()
+            ok = key is not None and key.verify(home_proof_message(self.peer_id, peer_id), hello.home_proof)
+        except Exception:  # a malformed peer id or signature is no proof
+            ok = False
+        return hello.home_id if ok else None
 
     async def _handle_stream(self, stream: Any) -> None:
         import trio
@@ -4517,6 +4676,16 @@ class Node:
 
         A pairing code in ``address.code`` is proven in our Hello (never sent)."""
         if address.peer_id == self.peer_id:
+            others = []
+            with contextlib.suppress(SessionError):
+                others = live_sessions(pangea_home())
+            if others:
+                raise ConfigError(
+                    f"cannot dial {address.peer_id}: it is this node's own peer ID, the identity of this pangea "
+                    f"home, which {describe_sessions(others)} on this machine also runs with",
+                    hint="two processes of one home cannot work with each other; "
+                    "start this one with its own home: PANGEA_HOME=DIR ./pangea.pyz ...",
+                )
             raise ConfigError(
                 f"cannot dial {address.peer_id}: it is this node's own peer ID",
                 hint="the two boxes share one identity (a copied pangea home); delete identity.key on one of them",
@@ -4569,8 +4738,12 @@ class Node:
 
         channel = Channel(stream, self.limits)
         proof = pairing_proof(address.code, address.peer_id, self.peer_id) if address.code else b""
+        hello = self.hello(proof)
+        if self.home_key is not None:
+            hello.home_id = key_peer_id(self.home_key)
+            hello.home_proof = self.home_key.private_key.sign(home_proof_message(address.peer_id, self.peer_id))
         try:
-            await channel.send(self.hello(proof))
+            await channel.send(hello)
             with trio.fail_after(self.limits.handshake_timeout_s):
                 msg = await channel.receive()
         except trio.TooSlowError:
@@ -4587,6 +4760,7 @@ class Node:
             hints = {
                 "incompatible": "use the same pangea.pyz on both machines",
                 "duplicate-identity": "delete identity.key in the copied pangea home, then restart that node",
+                "identity-in-use": "one pangea home runs two processes there; give the second its own PANGEA_HOME",
             }
             raise PeerError(
                 f"cannot work with {address.peer_id}: it refused the session: {msg.message}",
@@ -4602,9 +4776,11 @@ class Node:
             msg.pangea_version,
             local_role=f"{self.role} {self.peer_id}",
             remote_role=f"{msg.role or 'peer'} {address.peer_id}",
-        ) or self._duplicate_identity(address.peer_id, msg.instance_id)
+        )
+        kind = "incompatible"
+        if problem is None and (duplicate := self._duplicate_identity(address.peer_id, msg)) is not None:
+            kind, problem = duplicate
         if problem is not None:
-            kind = "incompatible" if problem.startswith("pangea protocol") else "duplicate-identity"
             with contextlib.suppress(PeerError):
                 await channel.send(ErrorMsg(kind, problem))
             await channel.close()
@@ -4616,7 +4792,8 @@ class Node:
             await session.close("duplicate session")
             return self.sessions[address.peer_id]
         self.nursery.start_soon(session.run)
-        host = multiaddr_ip(self.remote_address(address.peer_id)) or multiaddr_ip(address.text) or ""
+        ips = [multiaddr_ip(self.remote_address(address.peer_id)), multiaddr_ip(address.text)]
+        host = next((ip for ip in ips if ip and not is_unspecified_ip(ip)), "")
         await session.connect_data(host)  # bounded by DATA_CONNECT_S; falls back to libp2p
         return session
 
@@ -6853,6 +7030,7 @@ class NodeService:
             addrs = [str(a) for a in self.node.host.get_peerstore().addrs(ID.from_base58(session.peer_id))]
         except Exception:  # NOTE: py-libp2p raises PeerStoreError for a peer without addresses
             addrs = []
+        addrs = dialable_addresses(addrs, multiaddr_ip(self.node.remote_address(session.peer_id)))
         return {
             "peer_id": session.peer_id,
             "addresses": addrs,
@@ -7773,6 +7951,49 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Libp2pLogFilter(logging.Filter):
+    """What of py-libp2p's own records reaches pangea's log (every handler carries one).
+
+    Without --debug: nothing below WARNING (py-libp2p sets INFO on some of its
+    own loggers, e.g. the AutoConnector's "initiating N new dials" every 10 s,
+    so the "libp2p" logger's level alone does not hold them back), and a
+    warning or error of one kind at most once per LIBP2P_LOG_REPEAT_S: a redial
+    makes the TCP transport log "Failed to open TCP stream" several times a
+    second, while pangea's own lines name the peer it dials. The next one let
+    through after a quiet spell says how many were held back. With --debug
+    everything passes."""
+
+    def __init__(self, debug: bool, repeat_s: float = LIBP2P_LOG_REPEAT_S) -> None:
+        super().__init__()
+        self.debug = debug
+        self.repeat_s = repeat_s
+        self._last: dict[tuple[str, int, str], tuple[float, int]] = {}  # kind -> (time let through, held back)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """True to log ``record``; False to drop it."""
+        if self.debug or not (record.name == "libp2p" or record.name.startswith("libp2p.")):
+            return True
+        decided = getattr(record, "pangea_libp2p_ok", None)  # the same record, at the next handler
+        if decided is None:
+            decided = record.levelno >= logging.WARNING and self._first_of_its_kind(record)
+            record.pangea_libp2p_ok = decided
+        return bool(decided)
+
+    def _first_of_its_kind(self, record: logging.LogRecord) -> bool:
+        kind = (record.name, record.levelno, str(record.msg)[:200])
+        if len(self._last) > 1000:  # bounded: libp2p formats some messages with f-strings
+            self._last.clear()
+        last = self._last.get(kind)
+        if last is not None and record.created - last[0] < self.repeat_s:
+            self._last[kind] = (last[0], last[1] + 1)
+            return False
+        if last is not None and last[1]:
+            record.msg = f"{record.getMessage()} (and {last[1]} more like it in {record.created - last[0]:.0f} s)"
+            record.args = ()
+        self._last[kind] = (record.created, 0)
+        return True
+
+
 def setup_logging(log_file: Path | None, verbose: int, debug: bool) -> None:
     """Send pangea's log to the session log file and, with -v/--debug, to stderr."""
     # NOTE: `import libp2p` resets the "libp2p" logger (libp2p.utils.logging.setup_logging),
@@ -7789,6 +8010,9 @@ def setup_logging(log_file: Path | None, verbose: int, debug: bool) -> None:
         file_handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handlers.append(file_handler)
+    libp2p_filter = Libp2pLogFilter(debug)  # one for all handlers: a held-back record is held back everywhere
+    for handler in handlers:
+        handler.addFilter(libp2p_filter)
     for name, level, hs in (
         ("", logging.WARNING, handlers[1:]),  # libraries that log through the root logger: file only
         ("pangea", logging.DEBUG, handlers),
@@ -8873,7 +9097,7 @@ async def _probe_libp2p(address: PeerAddress, timeout_s: float, psk: str | None,
         except PeerError as exc:
             if exc.kind == "incompatible":
                 return {"libp2p": "incompatible", "detail": str(exc)}
-            if exc.kind in ("refused", "duplicate-identity"):
+            if exc.kind in ("refused", "duplicate-identity", "identity-in-use"):
                 # it answered our Hello: Noise, the peer ID and the protocol are all right
                 return {
                     "libp2p": "ok",
@@ -8958,17 +9182,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = bench_config(args)
     psk = read_psk_file(args.psk)
     setup_logging(None, getattr(args, "verbose", 0), getattr(args, "debug", False))
-    key_pair = load_or_create_identity(pangea_home())
+    home = pangea_home()
+    key_pair, home_key = load_or_create_identity(home), None
+    others = live_sessions(home)
+    if others:
+        # NOTE: one identity cannot be in two processes' sessions at once (the peer would refuse
+        # the second as a copied home); the home's key vouches for the throwaway in our Hello.
+        from libp2p.crypto.ed25519 import create_new_key_pair
+
+        key_pair, home_key = create_new_key_pair(), key_pair
+        if not args.json:
+            print(
+                f"bench: this home's identity is in use by {describe_sessions(others)}; "
+                "benchmarking with a throwaway identity that the home's key vouches for",
+                flush=True,
+            )
     if args.address is not None:
         address = parse_peer_address(args.address)
         if args.code:
             address = dataclasses.replace(address, code=normalize_pairing_code(args.code))
-        return run_trio(_bench, args, address, key_pair, cfg, (psk, None))
+        return run_trio(_bench, args, address, key_pair, cfg, (psk, None, home_key))
     psk_path = str(Path(args.psk).resolve()) if args.psk else None
     if not args.json:
         print("bench: starting a peer on 127.0.0.1 (this pangea, `bench --listen`) ...", flush=True)
     with spawned_bench_peer(args.timeout, psk_path) as (join, pid):
-        return run_trio(_bench, args, parse_peer_address(join), key_pair, cfg, (psk, pid))
+        return run_trio(_bench, args, parse_peer_address(join), key_pair, cfg, (psk, pid, home_key))
 
 
 @contextlib.contextmanager
@@ -9042,15 +9280,16 @@ async def _bench(
     address: PeerAddress,
     key_pair: Any,
     cfg: BenchConfig,
-    options: tuple[str | None, int | None],
+    options: tuple[str | None, int | None, Any],
 ) -> int:
-    psk, spawned_pid = options
+    psk, spawned_pid, home_key = options
     node = Node(
         key_pair=key_pair,
         role="bench",
         accept=lambda peer_id, hello: "a benchmarker takes no sessions",
         may_serve=lambda peer_id: False,
         psk=psk,
+        home_key=home_key,
     )
     manager = Manager(node)  # NOTE: before the dial, so the session's worker is known to its scheduler
 
@@ -9066,7 +9305,7 @@ async def _bench(
             if exc.kind == "refused" and exc.hint is None:
                 exc.hint = (
                     "pass the join string `bench --listen` printed (pangea://...#CODE), or add --code CODE; "
-                    f"a serve node must trust this box: serve --allow-peer {node.peer_id}"
+                    f"a serve node must trust this box: serve --allow-peer {key_peer_id(home_key or key_pair)}"
                 )
             raise
         hello, connection = session.hello, node.connection_info(session.peer_id)

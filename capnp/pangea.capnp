@@ -55,6 +55,11 @@ struct Hello {
   dataPort        @9 :UInt16;   # TCP port of the sender's data plane, 0: none
   dataCert        @10 :Data;    # SHA-256 of the DER certificate that port presents
   dataToken       @11 :Data;    # acceptor only: one-time 32-byte secret the dialer presents there
+  # One pangea home, two processes: the second (e.g. `bench`) runs on a
+  # throwaway identity and vouches for itself with the home's key.
+  hostId          @12 :Data;    # 16 bytes naming the sender's machine (hash of its machine id), or empty
+  homeId          @13 :Text;    # the peer id of the pangea home the sender runs from, when not its own
+  homeProof       @14 :Data;    # Ed25519 signature of "pangea-home-v1|<acceptor id>|<dialer id>" by homeId's key
 }
 
 struct TaskRequest {

@@ -208,3 +208,38 @@ def test_bench_listen_refuses_bad_ports_with_one_line(pyz: Path, pangea_home: No
     run = run_pyz(pyz, argv, pangea_home.env)
     assert run.returncode == 2
     assert_expected_error(run.stderr, "outside 0-65535")
+
+
+def test_bench_against_a_serve_node_of_its_own_home_runs_on_a_throwaway_identity(pyz: Path, make_home: Any) -> None:
+    home = make_home("one-home")
+    node = start_serve(pyz, home, "--metrics", "off", name="serve")  # trusts nobody: the home's key vouches
+    with node.proc:
+        run = run_pyz(pyz, ["bench", node.address, *QUICK], home.env, timeout=PAIR_TIMEOUT_S * 2)
+        assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+        doc = last_json(run.stdout.splitlines())
+        assert doc["peer"] == node.peer_id and doc["peer_role"] == "serve", doc
+        assert all(m["pangea"] > 0 for m in doc["metrics"].values()), doc["metrics"]
+        assert "identity.key" not in run.stderr and "copied" not in run.stderr, run.stderr
+        assert f"runs from the pangea home of {node.peer_id} (signed)" in node.session_log()
+        assert node.proc.returncode is None
+
+
+def test_bench_from_a_home_whose_serve_is_connected_still_works_against_the_trusting_peer(
+    pyz: Path, make_home: Any
+) -> None:
+    worker_home, client_home = make_home("worker"), make_home("client")
+    client_id = peer_id_of(pyz, client_home)
+    worker = start_serve(pyz, worker_home, "--allow-peer", client_id, "--metrics", "off", name="worker")
+    with worker.proc:
+        # The client's home runs a serve node with a session to the worker, under the home's peer id.
+        client = start_serve(pyz, client_home, "--peer", worker.address, "--metrics", "off", name="client-serve")
+        with client.proc:
+            client.proc.wait_for_line(rf"^pangea: connected to peer {worker.peer_id}$", stream="stdout")
+            run = run_pyz(pyz, ["bench", worker.address, "--quick"], client_home.env, timeout=PAIR_TIMEOUT_S * 2)
+            assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+            assert f"this home's identity is in use by serve (pid {client.proc.pid})" in run.stdout, run.stdout
+            assert "throwaway identity" in run.stdout
+            # The worker took the bench because the client's home vouched for it; its serve node stays connected.
+            assert f"runs from the pangea home of {client_id} (signed)" in worker.session_log(), worker.proc.output()
+            assert not any("refused" in line for line in worker.proc.stderr_lines), worker.proc.output()
+            assert client.proc.returncode is None and worker.proc.returncode is None

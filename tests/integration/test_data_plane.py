@@ -607,6 +607,31 @@ def test_serve_peers_report_the_tls_data_plane_and_remote_work_is_right(
         assert_tls(pair)  # still on TLS afterwards
 
 
+def test_with_psk_on_every_interface_the_data_plane_dials_the_real_address_and_peers_list_no_wildcard(
+    pyz: Path, make_home: Callable[[str], NodeHome], tmp_path: Path
+) -> None:
+    key = tmp_path / "swarm.key"
+    made = run_pyz(pyz, ["psk", str(key)], make_home("keymaker").env)
+    assert made.returncode == 0, made.stderr
+    # Both listen on 0.0.0.0 and announce it; A dials B's 127.0.0.1 address.
+    wide = ("--psk", str(key), "--host", "0.0.0.0")
+    with serve_pair(pyz, make_home, a_args=wide, b_args=wide) as pair:
+        assert_tls(pair)  # A dialed 127.0.0.1:<B's data port>, not 0.0.0.0
+        for node in (pair.a, pair.b):
+            result = run_pyz(pyz, ["call", "--rpc", node.rpc, "--json", "peers"], node.home.env)
+            assert result.returncode == 0, result.stderr
+            (peer,) = json.loads(result.stdout)
+            assert peer["addresses"], peer
+            assert all(a.startswith("/ip4/127.0.0.1/tcp/") for a in peer["addresses"]), peer
+        x, y = matrices(64, 3)
+        out, task = pair.run_on_b("matmul", x, y)
+        np.testing.assert_allclose(out, x @ y)
+    for node in (pair.a, pair.b):
+        logged = "\n".join(node.proc.stderr_lines) + node.session_log()
+        # Its own "listening on 0.0.0.0:PORT" is true; a peer's address never is.
+        assert not re.search(r"/ip4/0\.0\.0\.0/|\b(to|from|at) 0\.0\.0\.0\b", logged), node.proc.output()
+
+
 def test_concurrent_tasks_both_ways_share_the_tls_connection_and_are_right(
     pyz: Path, make_home: Callable[[str], NodeHome]
 ) -> None:

@@ -33,6 +33,7 @@ from pyz_helpers import (
     run_pyz,
     session_dirs,
     start_initiator,
+    start_serve,
 )
 
 # A pangea whose protocol version differs: the pyz's own pangea module, patched.
@@ -107,13 +108,30 @@ def test_pair_loopback_every_check_passes(pyz: Path, make_home, record_property)
     print(f"\nloopback figures: rtt_ms={doc['rtt_ms']:.3f} upload={up:.1f} MB/s download={down:.1f} MB/s")
 
 
+def test_initiate_beside_a_serve_node_of_the_same_home_pairs_and_passes(pyz: Path, make_home: Any) -> None:
+    """One home, two processes that do not talk to each other: they work side by side."""
+    a, b = make_home("initiator"), make_home("responder")
+    node = start_serve(pyz, a, "--metrics", "off", name="serve")
+    with node.proc, start_initiator(pyz, a, "--json", *FAST, "--timeout", "60") as initiator:
+        address = loopback_address(initiator)
+        assert peer_id_from(initiator.stdout_lines, "initiator") == node.peer_id  # one identity, two processes
+        with _respond(pyz, b, address, "--json", "--timeout", "30") as responder:
+            assert responder.wait(timeout=PAIR_TIMEOUT_S) == 0, responder.output()
+            assert initiator.wait(timeout=PAIR_TIMEOUT_S) == 0, initiator.output()
+        _assert_all_checks_passed(last_json(initiator.stdout_lines), "initiator", CHECK_NAMES)
+        assert node.proc.returncode is None
+        assert [d.name for d in session_dirs(a)] == [f"serve-{node.proc.pid}"]
+
+
 def test_respond_refuses_its_own_peer_id(pyz: Path, pangea_home: NodeHome) -> None:
-    """Two nodes sharing a pangea home share a peer ID: the responder says so."""
+    """Two nodes sharing a pangea home share a peer ID: the responder says so, names the
+    initiator's process and does not call it a copied home."""
     with start_initiator(pyz, pangea_home, "--timeout", "30") as initiator:
         address = loopback_address(initiator)
         result = run_pyz(pyz, ["respond", address, "--timeout", "5"], pangea_home.env)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert_expected_error(result.stderr, "own peer ID")
+    error = assert_expected_error(result.stderr, "own peer ID", f"initiator (pid {initiator.pid}) on this machine")
+    assert "PANGEA_HOME" in result.stderr and "identity.key" not in result.stderr and "copied" not in error
 
 
 @pytest.fixture

@@ -14,8 +14,11 @@ run its tasks. What is checked, after README "Security":
   --remember`` writes ``trusted_peers`` (0600), so both nodes reconnect after a
   restart without a code; a trusted_peers file with comments and a bad line;
 * ``--psk``: nodes with different keys (or only one with a key) cannot connect;
-* a copied pangea home (one peer id, two processes) is refused as
-  ``duplicate-identity`` with a hint to delete identity.key;
+* a copied pangea home (one peer id, two processes on two machines: the
+  copy runs with PANGEA_TEST_HOST_ID, the test aid that stands for another
+  machine) is refused as ``duplicate-identity`` with a hint to delete
+  identity.key; one home run twice on one machine is refused as
+  ``identity-in-use``, naming the process, never with that hint;
 * modes of the home, session dirs and key files; the pairing code is never
   written to the session files or the log.
 """
@@ -378,6 +381,7 @@ def copy_identity(source: NodeHome, target: NodeHome) -> None:
 @pytest.mark.slow
 def test_copied_home_second_process_is_refused_as_duplicate_identity(pyz: Path, make_home: Any, serve: Any) -> None:
     home_c, home_a, home_copy = make_home("c"), make_home("a"), make_home("a-copy")
+    home_copy.env[pangea.HOST_ID_ENV] = "another-box"  # the copy runs on another machine
     a_id = peer_id_of(pyz, home_a)
     copy_identity(home_a, home_copy)
     assert peer_id_of(pyz, home_copy) == a_id
@@ -400,6 +404,36 @@ def test_copied_home_second_process_is_refused_as_duplicate_identity(pyz: Path, 
     assert "delete identity.key" in reply["message"]
     # The original keeps working.
     remote_matmul_runs_on(a, c.peer_id)
+
+
+def test_one_home_run_twice_is_refused_as_identity_in_use_naming_the_process_not_as_a_copy(
+    pyz: Path, make_home: Any, serve: Any
+) -> None:
+    home_c, home_a = make_home("c"), make_home("a")
+    a_id = peer_id_of(pyz, home_a)
+    c = serve(home_c, "--allow-peer", a_id, name="serve-C")
+    a = serve(home_a, "--peer", c.address, name="serve-A")
+    a.proc.wait_for_line(rf"^pangea: connected to peer {c.peer_id}$", stream="stdout")
+
+    again = serve(home_a, "--peer", c.address, name="serve-A-again")  # the same home, a second process
+    line = again.proc.wait_for_line(r"cannot reach peer .*another pangea process on its machine", stream="stderr")
+    assert "(serve)" in line.string and "PANGEA_HOME" in line.string, line.string
+    refused = c.proc.wait_for_line(REFUSED_LINE.format(role="serve", peer_id=a_id), stream="stderr").string
+    assert f"peer id {a_id} already has a session here from another pangea process on its machine" in refused
+    for text in (line.string, refused):
+        assert "identity.key" not in text and "copied" not in text, text
+    remote_matmul_runs_on(a, c.peer_id)  # the first one keeps working
+
+
+def test_a_forged_claim_to_run_from_the_nodes_own_home_is_refused(pyz: Path, make_home: Any, serve: Any) -> None:
+    node = serve(make_home("node"), name="serve")
+    run = run_hostile(pyz, make_home("forger"), node.address, "forged-home")
+    for proof in ("garbage", "wrong-key"):
+        reply = run.one("forged-home", proof=proof)["reply"]
+        assert reply["type"] == "ErrorMsg" and reply["kind"] == "refused", (proof, reply)
+    assert "runs from the pangea home" not in node.session_log()
+    with Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+        assert rpc.status()["peer_count"] == 0
 
 
 def test_respond_with_a_copy_of_the_initiators_identity_is_refused(pyz: Path, make_home: Any) -> None:

@@ -14,6 +14,7 @@ test_rpc.py.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import socket
@@ -462,3 +463,40 @@ def test_unreachable_peer_is_reported_in_pangea_lines_only(pyz: Path, make_home:
             assert rpc.status()["peer_count"] == 0
         stderr = list(node.proc.stderr_lines)
     assert all(line.startswith(("pangea: ", "hint: ")) for line in stderr), "\n".join(stderr)
+
+
+LIBP2P_LINE = re.compile(r"^\S+ \S+ (?P<level>[A-Z]+) (?P<name>libp2p[\w.]*): (?P<message>.*)$")
+
+
+def libp2p_lines(log: str) -> list[re.Match[str]]:
+    """The session log's lines that py-libp2p itself logged."""
+    return [m for m in map(LIBP2P_LINE.match, log.splitlines()) if m]
+
+
+def test_a_redialing_node_logs_no_libp2p_info_nor_repeated_errors_unless_debug(pyz: Path, make_home: Any) -> None:
+    home_quiet, home_debug, home_b = make_home("quiet"), make_home("debug"), make_home("b")
+    ids = [peer_id_of(pyz, home) for home in (home_quiet, home_debug)]
+    b = start_serve(pyz, home_b, *(x for i in ids for x in ("--allow-peer", i)), name="serve-B")
+    with b.proc:
+        quiet = start_serve(pyz, home_quiet, "--peer", b.address, name="serve-quiet")
+        debug = start_serve(pyz, home_debug, "--peer", b.address, "--debug", name="serve-debug")
+        with quiet.proc, debug.proc:
+            for node in (quiet, debug):
+                node.proc.wait_for_line(rf"^pangea: connected to peer {b.peer_id}$", stream="stdout")
+            os.killpg(b.proc.pid, signal.SIGKILL)  # B is gone: both redial it, with the AutoConnector running
+            b.proc.wait(timeout=30)
+            killed_at = time.monotonic()
+            # A round is 10 s of dials with backoff, each dial several TCP attempts; and an AutoConnector round.
+            redials = lambda: sum("cannot reach peer" in line for line in list(quiet.proc.stderr_lines))  # noqa: E731
+            wait_until(lambda: redials() >= 1, REDIAL_WITHIN_S, "A gives up one round of redials")
+            time.sleep(max(0.0, 12.0 - (time.monotonic() - killed_at)))
+            quiet_log, debug_log = quiet.session_log(), debug.session_log()
+    quiet_lines = libp2p_lines(quiet_log)
+    assert not [m.group(0) for m in quiet_lines if m["level"] in ("DEBUG", "INFO")], quiet_log
+    errors = [(m["name"], m["message"]) for m in quiet_lines if m["level"] == "ERROR"]
+    assert len(errors) == len(set(errors)), quiet_log  # no libp2p error twice
+    assert re.search(rf"cannot reach peer .*{b.peer_id}", quiet_log), quiet_log  # pangea's own line names the peer
+    # With --debug libp2p's own records are all there, repeats included.
+    debug_lines = libp2p_lines(debug_log)
+    assert any(m["level"] == "INFO" for m in debug_lines), debug_log
+    assert sum(m["level"] == "ERROR" for m in debug_lines) > 1, debug_log

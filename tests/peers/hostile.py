@@ -672,8 +672,21 @@ async def s_good(peer: Hostile) -> None:
     await peer.good()
 
 
+async def s_forged_home(peer: Hostile) -> None:
+    """Claim to run from the target's own home: a garbage proof, then one signed by our own key."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    message = pangea.home_proof_message(peer.target.peer_id, peer.peer_id)
+    for name, proof in (("garbage", b"\x00" * 64), ("wrong-key", create_new_key_pair().private_key.sign(message))):
+        wire = await peer.raw()
+        await wire.send(peer.hello(home_id=peer.target.peer_id, home_proof=proof))
+        emit("forged-home", proof=name, reply=describe(await wire.recv()))
+        await wire.close()
+
+
 SCENARIOS: dict[str, Callable[[Hostile], Awaitable[None]]] = {
     "hello": s_hello,
+    "forged-home": s_forged_home,
     "pair-tries": s_pair_tries,
     "task-on-initiator": s_task_on_initiator,
     "truncated": s_truncated,

@@ -322,3 +322,38 @@ def test_main_pangea_error_exit_code_and_hint(
     assert run(["demo"]) == 1
     _, lines = error_lines(capsys)
     assert lines == ["pangea: error: cannot reach peer: refused", "hint: check the firewall"]
+
+
+# ---------------------------------------------------------------- libp2p's records in pangea's log
+
+
+def _record(name: str, level: int, msg: str, at: float) -> Any:
+    import logging
+
+    record = logging.LogRecord(name, level, __file__, 1, msg, (), None)
+    record.created = at
+    return record
+
+
+def test_libp2p_log_filter_drops_libp2p_info_and_holds_back_repeats_with_a_count() -> None:
+    import logging
+
+    quiet = pangea.Libp2pLogFilter(debug=False, repeat_s=60.0)
+    dials = "Connections below target; initiating 199 new dials"
+    assert not quiet.filter(_record("libp2p.network.auto_connector", logging.INFO, dials, 0.0))
+    assert quiet.filter(_record("pangea", logging.INFO, "session with x closed", 0.0))  # pangea's own: kept
+    tcp = "Failed to open TCP stream: all attempts to connect to 10.0.0.2:7777 failed"
+    first = _record("libp2p.transport.tcp.tcp", logging.ERROR, tcp, 1.0)
+    assert quiet.filter(first) and quiet.filter(first)  # one record, decided once for every handler
+    assert [quiet.filter(_record("libp2p.transport.tcp.tcp", logging.ERROR, tcp, 1.0 + i / 4)) for i in range(40)] == [
+        False
+    ] * 40
+    other = _record("libp2p.network.swarm", logging.WARNING, "something else", 2.0)
+    assert quiet.filter(other)  # another kind is not held back by the first
+    later = _record("libp2p.transport.tcp.tcp", logging.ERROR, tcp, 62.0)
+    assert quiet.filter(later)
+    assert later.getMessage() == f"{tcp} (and 40 more like it in 61 s)"
+
+    loud = pangea.Libp2pLogFilter(debug=True)
+    assert loud.filter(_record("libp2p.network.auto_connector", logging.INFO, dials, 0.0))
+    assert all(loud.filter(_record("libp2p.transport.tcp.tcp", logging.ERROR, tcp, 1.0)) for _ in range(5))

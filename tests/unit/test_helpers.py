@@ -309,3 +309,37 @@ def test_short_id_keeps_distinct_ids_distinct_in_practice() -> None:
     rng = random.Random(1)
     ids = {"12D3KooW" + "".join(rng.choice(sorted(BASE58)) for _ in range(44)) for _ in range(200)}
     assert len({short_id(i) for i in ids}) == len(ids)
+
+
+# ---------------------------------------------------------------- dialable addresses
+
+
+@pytest.mark.parametrize(
+    ("ip", "want"),
+    [("0.0.0.0", True), ("::", True), ("[::]", True), ("127.0.0.1", False), ("10.0.0.2", False), ("x", False)],
+)
+def test_is_unspecified_ip_knows_the_wildcards(ip: str, want: bool) -> None:
+    assert pangea.is_unspecified_ip(ip) is want
+    assert pangea.is_unspecified_ip(None) is False
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "want"),
+    [
+        (("10.0.0.2", 4001), "/ip4/10.0.0.2/tcp/4001"),
+        (("::1", 4001), "/ip6/::1/tcp/4001"),
+        (("0.0.0.0", 4001), None),
+        (None, None),
+        ("10.0.0.2:4001", None),
+    ],
+)
+def test_endpoint_multiaddr_of_a_socket_peer(endpoint: object, want: str | None) -> None:
+    assert pangea.endpoint_multiaddr(endpoint) == want
+
+
+def test_dialable_addresses_put_the_connections_ip_in_place_of_a_wildcard_and_drop_repeats() -> None:
+    announced = [f"/ip4/0.0.0.0/tcp/7777/p2p/{PEER_ID}", f"/ip4/10.0.0.2/tcp/7777/p2p/{PEER_ID}"]
+    assert pangea.dialable_addresses(announced, "10.0.0.2") == [f"/ip4/10.0.0.2/tcp/7777/p2p/{PEER_ID}"]
+    assert pangea.dialable_addresses(announced, None) == [f"/ip4/10.0.0.2/tcp/7777/p2p/{PEER_ID}"]
+    assert pangea.dialable_addresses(["/ip6/::/tcp/1"], "fe80::1") == ["/ip6/fe80::1/tcp/1"]
+    assert pangea.dialable_addresses(["/ip4/0.0.0.0/tcp/1"], "0.0.0.0") == []

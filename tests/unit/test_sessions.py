@@ -220,3 +220,33 @@ def test_clean_stale_sessions_leaves_a_file_named_like_a_session(home: Path) -> 
     decoy.write_text("not a directory")
     assert clean_stale_sessions(home) == []
     assert decoy.is_file()
+
+
+# ---------------------------------------------------------------- one home, several processes
+
+
+def test_live_sessions_lists_the_other_running_processes_of_a_home(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ours = pangea.SessionDir(tmp_path, "serve").create()
+    parent = pangea.SessionDir(tmp_path, "initiator", pid=os.getppid()).create()
+    gone = tmp_path / pangea.SESSIONS_DIRNAME / f"responder-{dead.pid}"
+    gone.mkdir()
+    assert pangea.live_sessions(tmp_path) == [("initiator", os.getppid())]  # not ours, not the dead one
+    assert pangea.live_sessions(tmp_path, besides=os.getppid()) == [("serve", os.getpid())]
+    assert pangea.describe_sessions(pangea.live_sessions(tmp_path)) == f"initiator (pid {os.getppid()})"
+    ours.remove()
+    parent.remove()
+
+
+def test_host_fingerprint_is_stable_and_the_test_aid_stands_for_another_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(pangea.HOST_ID_ENV, raising=False)
+    here = pangea.host_fingerprint()
+    assert len(here) == 16 and pangea.host_fingerprint() == here
+    monkeypatch.setenv(pangea.HOST_ID_ENV, "another-box")
+    assert pangea.host_fingerprint() != here

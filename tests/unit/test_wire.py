@@ -164,6 +164,9 @@ HELLO = HelloMsg(
     gflops=123.5,
     max_payload_bytes=1 << 31,
     platform="cpython-311 x86_64 Linux",
+    host_id=bytes(range(16)),
+    home_id="12D3KooWGzh2Dn5bUbmZJpFjU9pPxT3VTvZ4kNzqAkS9Q1r8eF7y",
+    home_proof=b"\x01" * 64,
 )
 
 
