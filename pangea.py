@@ -5624,7 +5624,7 @@ class RpcError(PangeaError):
         self.kind = kind
 
 
-def one_line(text: str, limit: int = 300) -> str:
+def one_line(text: str, limit: int = 1000) -> str:
     """Return ``text`` on one line, at most ``limit`` characters (for error lines and RPC errors)."""
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
@@ -6086,11 +6086,11 @@ def _make_gate(schema: Any, in_trio: Callable[..., Any], service: NodeService, t
                 info = await in_trio(service.connect, str(multiaddr))
                 _fill_peer(_context.results.peer, info)
             except Exception as exc:
-                what = f"connect to {one_line(str(multiaddr), 80)!r}"
+                what = f"connect to {one_line(str(multiaddr), 200)!r}"
                 kind, message = rpc_error_fields(exc, what)
                 _context.results.errorKind = kind
                 _context.results.errorMessage = (
-                    message if message.startswith("cannot ") else f"cannot {what}: {message}"
+                    message if message.startswith(f"cannot {what}") else f"cannot {what}: {message}"
                 )
 
     compute = ComputeImpl()
@@ -6348,7 +6348,7 @@ class Client:
             _raise_rpc_error(response, f"connect to {multiaddr!r}")
             return _read_peer(response.peer)
 
-        return dict(self._call(call, f"connect to {one_line(multiaddr, 80)!r}"))
+        return dict(self._call(call, f"connect to {one_line(multiaddr, 200)!r}"))
 
     def close(self) -> None:
         """Close the connection and stop the client's thread."""
@@ -8318,11 +8318,15 @@ def _report_error(exc: BaseException, debug: bool) -> int:
     A PangeaError says what went wrong; anything else is a bug, named in one
     line. SystemExit (--help, --version) passes through; a closed stdout ends
     quietly."""
+    import builtins
+
     if isinstance(exc, SystemExit):
         raise exc
-    found = exc if not isinstance(exc, BaseExceptionGroup) else None
-    for kind in (PangeaError, BrokenPipeError, KeyboardInterrupt):
-        found = found or first_error(exc, kind)
+    found: BaseException | None = exc
+    if isinstance(exc, getattr(builtins, "BaseExceptionGroup", ())):  # NOTE: none on a wrong (3.10) interpreter
+        found = (
+            first_error(exc, PangeaError) or first_error(exc, BrokenPipeError) or first_error(exc, KeyboardInterrupt)
+        )
     found = found or exc
     if isinstance(found, BrokenPipeError) and _stdout_gone():
         _silence_stdout()  # the reader of our stdout left (`| head -1`): nothing more to say

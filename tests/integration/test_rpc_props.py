@@ -61,7 +61,7 @@ def raw(client: Client, make: Any) -> Any:
 
 
 def assert_one_line(message: str) -> None:
-    assert message and "\n" not in message and len(message) <= 400, repr(message)
+    assert message and "\n" not in message and len(message) <= 1000, repr(message)
     assert "Traceback" not in message and 'File "' not in message, message
 
 
