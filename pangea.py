@@ -466,7 +466,7 @@ def parse_data_port(text: str) -> int | None:
         return None
     if value == "auto":
         return -1
-    if value.isdigit() and 0 <= int(value) <= 65535:
+    if value.isascii() and value.isdigit() and 0 <= int(value) <= 65535:
         return int(value)
     raise UsageError(f"bad --data-port {text!r}: expected a port (0-65535), auto or off")
 
