@@ -6001,8 +6001,10 @@ class RpcServer:
                     outcome = (True, trio.from_thread.run(fn, *args, trio_token=trio_token))
                 except trio.RunFinishedError:
                     outcome = (False, RpcError("the node is shutting down"))
-                except BaseException as exc:  # handed to the awaiting coroutine as is
+                except Exception as exc:  # handed to the awaiting coroutine as is
                     outcome = (False, exc)
+                except BaseException:  # NOTE: trio's Cancelled: the call was cut off by shutdown
+                    outcome = (False, RpcError("the node is shutting down; the call was cancelled"))
                 with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
                     loop.call_soon_threadsafe(settle, *outcome)
 
