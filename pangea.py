@@ -507,7 +507,7 @@ def parse_data_port(text: str) -> int | None:
         return None
     if value == "auto":
         return -1
-    if value.isdigit() and 0 <= int(value) <= 65535:
+    if value.isascii() and value.isdigit() and 0 <= int(value) <= 65535:
         return int(value)
     raise UsageError(f"bad --data-port {text!r}: expected a port (0-65535), auto or off")
 
@@ -6851,11 +6851,60 @@ DEFAULT_RPC_MAX_BYTES = 1 << 30  # one RPC message; two 256 MiB operands plus he
 RPC_CHUNK_BYTES = 128 << 20  # Data fields must stay under Cap'n Proto's 512 MiB limit
 MIN_TOKEN_CHARS = 16  # a shorter token is guessable; generate one with `openssl rand -hex 16`
 RPC_CONNECT_TIMEOUT_S = 10.0  # `connect` over RPC dials for at most this long
+RPC_DEFAULT_TIMEOUT_S = 600.0  # a task's timeoutSeconds of 0 means this
+RPC_MAX_TIMEOUT_S = 7 * 86400.0  # a week: a longer task timeout is a mistake (and overflows timers)
+RPC_MAX_TEXT_CHARS = 1000  # kernel names, placements and multiaddrs are short; longer ones are refused
 
 
 class RpcError(PangeaError):
     """Raised by the Client when the node refuses a call (wrong token, node
-    shutting down, bad request) or the connection to it fails."""
+    shutting down, bad request) or the connection to it fails. ``kind`` is the
+    node's error kind ("unavailable" when the node could not be asked)."""
+
+    def __init__(self, message: str, *, kind: str = "unavailable", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.kind = kind
+
+
+def one_line(text: str, limit: int = 1000) -> str:
+    """Return ``text`` on one line, at most ``limit`` characters (for error lines and RPC errors)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def rpc_error_fields(exc: BaseException, what: str) -> tuple[str, str]:
+    """Return (errorKind, errorMessage) of an RPC method that failed with ``exc``.
+
+    pangea's own errors keep their kind and message; anything else is a bug:
+    kind "internal", one line to the client, the traceback to the node's log."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, PangeaError):
+        kind = getattr(exc, "kind", None) or ("bad-input" if isinstance(exc, UsageError) else "failed")
+        return str(kind), one_line(str(exc))
+    log.error("RPC %s failed unexpectedly: %s", what, describe_exception(exc), exc_info=exc)
+    return "internal", one_line(f"cannot {what}: internal error ({describe_exception(exc)}); see the node's log")
+
+
+def check_task_timeout(timeout_s: float) -> float:
+    """Return a task's timeout in seconds (0: the default); TaskError(bad-input) for NaN, inf,
+    negative or absurd values."""
+    if timeout_s == 0:
+        return RPC_DEFAULT_TIMEOUT_S
+    if not (math.isfinite(timeout_s) and 0 < timeout_s <= RPC_MAX_TIMEOUT_S):
+        raise TaskError(
+            f"bad timeoutSeconds {timeout_s!r}: expected a number of seconds more than 0 and at most "
+            f"{RPC_MAX_TIMEOUT_S:g}, or 0 for the node's default ({RPC_DEFAULT_TIMEOUT_S:g})",
+            kind="bad-input",
+        )
+    return timeout_s
+
+
+def check_rpc_text(name: str, text: str) -> str:
+    """Return a short text argument of an RPC call; TaskError(bad-input) when absurdly long."""
+    if len(text) > RPC_MAX_TEXT_CHARS:
+        raise TaskError(f"bad {name}: {len(text)} characters, expected at most {RPC_MAX_TEXT_CHARS}", kind="bad-input")
+    return text
 
 
 def rpc_words(max_bytes: int) -> int:
@@ -6976,9 +7025,11 @@ class NodeService:
         timeout_s: float,
         fallback: bool = True,
     ) -> TaskOutcome:
-        """Run a task through the manager; TaskError on failure (``fallback=False``: also when it
-        would run locally because no remote worker is usable)."""
+        """Run a task through the manager; TaskError on failure (bad-input for a bad argument;
+        ``fallback=False``: also when it would run locally because no remote worker is usable)."""
         outcome: TaskOutcome | None = None
+        kernel, placement = check_rpc_text("kernel", kernel), check_rpc_text("placement", placement)
+        timeout_s = check_task_timeout(timeout_s)
         with self._call():
             if placement in SPLIT_PLACEMENTS:
                 outcome = await self._split(kernel, operands, placement, timeout_s, fallback)
@@ -7084,7 +7135,7 @@ class NodeService:
         """Dial a peer named by the RPC user, trust it, and return its info."""
         info: dict[str, Any] = {}
         with self._call():
-            address = parse_peer_address(multiaddr)
+            address = parse_peer_address(check_rpc_text("multiaddr", multiaddr))
             self.trust(address.peer_id)  # the node's owner asked for this peer by name
             session = await self.node.dial(address, timeout_s=RPC_CONNECT_TIMEOUT_S)
             info = self.peer_info(session)
@@ -7268,8 +7319,10 @@ class RpcServer:
                     outcome = (True, trio.from_thread.run(cancellable, trio_token=trio_token))
                 except trio.RunFinishedError:
                     outcome = (False, RpcError("the node is shutting down"))
-                except BaseException as exc:  # handed to the awaiting coroutine as is
+                except Exception as exc:  # handed to the awaiting coroutine as is
                     outcome = (False, exc)
+                except BaseException:  # NOTE: trio's Cancelled: the call was cut off by shutdown
+                    outcome = (False, RpcError("the node is shutting down; the call was cancelled"))
                 with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
                     loop.call_soon_threadsafe(settle, *outcome)
 
@@ -7304,6 +7357,10 @@ def _make_gate(schema: Any, in_trio: Callable[..., Any], service: NodeService, t
     import hmac
 
     class ComputeImpl(schema.Compute.Server):
+        # NOTE: no method lets an exception out: pycapnp would send the client a
+        # "remote exception" carrying this server's traceback. Errors travel as
+        # errorKind/errorMessage in the results.
+
         async def submit(self, task: Any, _context: Any, **kwargs: Any) -> None:
             result = _context.results.result
             error: TaskError | None = None
@@ -7312,44 +7369,71 @@ def _make_gate(schema: Any, in_trio: Callable[..., Any], service: NodeService, t
                 operands = [array_from_capnp(a, i) for i, a in enumerate(task.operands)]
                 params = {str(p.name): float(p.value) for p in task.params}
                 placement = str(task.placement) or "auto"
-                timeout_s = float(task.timeoutSeconds) or 600.0
+                timeout_s = float(task.timeoutSeconds)
                 fallback = not bool(task.noFallback)
                 args = (str(task.kernel), operands, params, placement, timeout_s, fallback)
                 outcome = await in_trio(service.submit, *args)
-            except TaskError as exc:
-                error = exc
-            _outcome_to_capnp(result, outcome, error)
+            except Exception as exc:
+                kind, message = rpc_error_fields(exc, "submit a task")
+                error = exc if isinstance(exc, TaskError) and kind == exc.kind else TaskError(message, kind=kind)
+            try:
+                _outcome_to_capnp(result, outcome, error)
+            except Exception as exc:  # an output the message cannot hold: say so instead
+                kind, message = rpc_error_fields(exc, "return a task's result")
+                _context.results.result = {"errorKind": kind, "errorMessage": message}
 
         async def peers(self, _context: Any, **kwargs: Any) -> None:
-            infos = await in_trio(service.peers)
-            slots = _context.results.init("peers", len(infos))
-            for slot, info in zip(slots, infos, strict=True):
-                _fill_peer(slot, info)
+            try:
+                infos = await in_trio(service.peers)
+                slots = _context.results.init("peers", len(infos))
+                for slot, info in zip(slots, infos, strict=True):
+                    _fill_peer(slot, info)
+            except Exception as exc:
+                _context.results.init("peers", 0)
+                _context.results.errorKind, _context.results.errorMessage = rpc_error_fields(exc, "list peers")
 
         async def status(self, _context: Any, **kwargs: Any) -> None:
-            info = await in_trio(service.status)
-            st = _context.results.status
-            st.peerId, st.addresses, st.version = info["peer_id"], info["addresses"], info["version"]
-            st.uptimeSeconds, st.tasksDone, st.tasksFailed = info["uptime_s"], info["tasks_done"], info["tasks_failed"]
-            st.tasksInFlight, st.bytesIn, st.bytesOut = info["tasks_in_flight"], info["bytes_in"], info["bytes_out"]
-            st.rpcAddress, st.peerCount, st.tasksServed = info["rpc_address"], info["peer_count"], info["tasks_served"]
-            st.tasksCancelled = info["tasks_cancelled"]
-            for slot, suspect in zip(st.init("suspects", len(info["suspects"])), info["suspects"], strict=True):
-                _fill_suspicion(slot, suspect["peer_id"], suspect)
+            try:
+                info = await in_trio(service.status)
+                st = _context.results.status
+                st.peerId, st.addresses, st.version = info["peer_id"], info["addresses"], info["version"]
+                st.uptimeSeconds, st.tasksDone = info["uptime_s"], info["tasks_done"]
+                st.tasksFailed, st.tasksInFlight = info["tasks_failed"], info["tasks_in_flight"]
+                st.bytesIn, st.bytesOut = info["bytes_in"], info["bytes_out"]
+                st.rpcAddress, st.peerCount, st.tasksServed = (
+                    info["rpc_address"],
+                    info["peer_count"],
+                    info["tasks_served"],
+                )
+                st.tasksCancelled = info["tasks_cancelled"]
+                for slot, suspect in zip(st.init("suspects", len(info["suspects"])), info["suspects"], strict=True):
+                    _fill_suspicion(slot, suspect["peer_id"], suspect)
+            except Exception as exc:
+                _context.results.errorKind, _context.results.errorMessage = rpc_error_fields(exc, "get status")
 
         async def connect(self, multiaddr: Any, _context: Any, **kwargs: Any) -> None:
             try:
                 info = await in_trio(service.connect, str(multiaddr))
-            except PangeaError as exc:
-                raise RpcError(str(exc)) from None
-            _fill_peer(_context.results.peer, info)
+                _fill_peer(_context.results.peer, info)
+            except Exception as exc:
+                what = f"connect to {one_line(str(multiaddr), 200)!r}"
+                kind, message = rpc_error_fields(exc, what)
+                _context.results.errorKind = kind
+                _context.results.errorMessage = (
+                    message if message.startswith(f"cannot {what}") else f"cannot {what}: {message}"
+                )
 
     compute = ComputeImpl()
 
     class GateImpl(schema.Gate.Server):
         async def login(self, token: Any, _context: Any, **kwargs: Any) -> None:
             # NOTE: constant-time comparison, so response time does not leak the token
-            if not hmac.compare_digest(str(token).encode(), token_expected):
+            try:
+                given = str(token).encode()
+            except Exception as exc:  # NOTE: never an exception (and its traceback) to an outsider
+                _context.results.error = rpc_error_fields(exc, "log in")[1]
+                return
+            if not hmac.compare_digest(given, token_expected):
                 log.warning("RPC login refused: wrong or missing token")
                 _context.results.error = "login refused: wrong or missing RPC token"
                 return
@@ -7358,6 +7442,14 @@ def _make_gate(schema: Any, in_trio: Callable[..., Any], service: NodeService, t
 
     token_expected = token.encode()
     return GateImpl()
+
+
+def _raise_rpc_error(response: Any, what: str) -> None:
+    """Raise RpcError when an RPC response carries an error (errorKind/errorMessage)."""
+    kind = str(getattr(response, "errorKind", ""))
+    if kind:
+        message = one_line(str(response.errorMessage)) or kind
+        raise RpcError(message if message.startswith("cannot ") else f"cannot {what}: {message}", kind=kind)
 
 
 class Client:
@@ -7381,6 +7473,12 @@ class Client:
     ) -> None:
         import asyncio
 
+        if not (
+            isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and 0 < timeout_s <= RPC_MAX_TIMEOUT_S
+        ):
+            raise UsageError(
+                f"bad timeout_s {timeout_s!r}: expected seconds more than 0, at most {RPC_MAX_TIMEOUT_S:g}"
+            )
         self.host, self.port = parse_host_port(address, DEFAULT_RPC_PORT)
         self.address = f"{self.host}:{self.port}"
         self.timeout_s = timeout_s
@@ -7505,7 +7603,7 @@ class Client:
             spec = request.task
             spec.kernel = kernel
             spec.placement = placement
-            spec.timeoutSeconds = float(timeout_s or self.timeout_s)
+            spec.timeoutSeconds = float(self.timeout_s if timeout_s is None else timeout_s)
             spec.noFallback = not fallback
             slots = spec.init("operands", len(arrays))
             for slot, a in zip(slots, arrays, strict=True):
@@ -7549,7 +7647,9 @@ class Client:
         """Return the node's connected peers."""
 
         async def call() -> Any:
-            return [_read_peer(p) for p in (await self._compute.peers()).peers]
+            response = await self._compute.peers()
+            _raise_rpc_error(response, "list peers")
+            return [_read_peer(p) for p in response.peers]
 
         return list(self._call(call, "list peers"))
 
@@ -7557,7 +7657,9 @@ class Client:
         """Return the node's status."""
 
         async def call() -> Any:
-            st = (await self._compute.status()).status
+            response = await self._compute.status()
+            _raise_rpc_error(response, "get status")
+            st = response.status
             return {
                 "peer_id": str(st.peerId),
                 "addresses": [str(a) for a in st.addresses],
@@ -7581,9 +7683,11 @@ class Client:
         """Ask the node to dial (and trust) another node; return its peer info."""
 
         async def call() -> Any:
-            return _read_peer((await self._compute.connect(multiaddr)).peer)
+            response = await self._compute.connect(multiaddr)
+            _raise_rpc_error(response, f"connect to {multiaddr!r}")
+            return _read_peer(response.peer)
 
-        return dict(self._call(call, f"connect to {multiaddr}"))
+        return dict(self._call(call, f"connect to {one_line(multiaddr, 200)!r}"))
 
     def close(self) -> None:
         """Close the connection and stop the client's thread."""
@@ -7664,6 +7768,69 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message, hint=f"see `{self.prog} --help`")
 
 
+# Every numeric option is parsed by one of these argparse types, so a bad value
+# is refused at parse time with one line naming the option, the value and the
+# expected form (no check scattered in the cmd_* functions, no overflow later).
+MAX_OPTION_SECONDS = 7 * 86400  # a week: longer waits are typing mistakes (and overflow some timers)
+MAX_OPTION_MIB = 1 << 20  # 1 TiB: sizes in MiB beyond it are mistakes (and overflow UInt64 in bytes)
+MAX_MATRIX_N = 32768  # an N x N float64 matrix of 8 GiB: the largest size option
+
+
+class NumberOption:
+    """An argparse ``type=``: a finite number in [low, high] (``low_open``: more than low).
+
+    Refuses NaN, inf, non-ASCII digits and out-of-range values with argparse's
+    one-line error, ``argument --flag: got '-5'; expected ...``."""
+
+    def __init__(self, kind: type, low: float, high: float, what: str, *, low_open: bool = False) -> None:
+        self.kind = kind
+        self.low, self.high, self.low_open = low, high, low_open
+        self.what = what
+        self.__name__ = what  # argparse names the type in some messages
+
+    def expected(self) -> str:
+        """The expected form, for messages and --help."""
+        if self.kind is int:
+            return f"{self.what}, a whole number in {self.low}-{self.high}"
+        low = f"more than {self.low:g}" if self.low_open else f"at least {self.low:g}"
+        return f"{self.what}, {low} and at most {self.high:g}"
+
+    def __call__(self, text: str) -> Any:
+        value: float | int | None = None
+        plain = text.strip()
+        if plain.isascii() and plain:
+            try:
+                value = int(plain, 10) if self.kind is int else float(plain)
+            except ValueError:
+                value = None
+        if value is not None and (isinstance(value, int) or math.isfinite(value)):
+            above_low = value > self.low if self.low_open else value >= self.low
+            if above_low and value <= self.high:
+                return value
+        raise argparse.ArgumentTypeError(f"got {text!r}; expected {self.expected()}")
+
+    def __repr__(self) -> str:
+        return f"NumberOption({self.expected()!r})"
+
+
+def whole_number(low: int, high: int, what: str = "a count") -> NumberOption:
+    """An argparse type for a whole number in low-high."""
+    return NumberOption(int, low, high, what)
+
+
+def positive_seconds(high: float = MAX_OPTION_SECONDS) -> NumberOption:
+    """An argparse type for a number of seconds, more than 0 and at most ``high``."""
+    return NumberOption(float, 0, high, "a number of seconds", low_open=True)
+
+
+def size_mib(low: int = 1, high: int = MAX_OPTION_MIB) -> NumberOption:
+    """An argparse type for a size in MiB."""
+    return NumberOption(int, low, high, "a size in MiB")
+
+
+port_number = NumberOption(int, 0, 65535, "a TCP port (0: any free one)")
+
+
 def fault_option(p: argparse.ArgumentParser) -> None:
     """Add --fault, the fault-injection TEST AID."""
     p.add_argument(
@@ -7680,7 +7847,7 @@ def verify_option(p: argparse.ArgumentParser) -> None:
     """Add --verify-rounds."""
     p.add_argument(
         "--verify-rounds",
-        type=int,
+        type=whole_number(0, 64, "a number of rounds"),
         default=FREIVALDS_ROUNDS,
         metavar="N",
         help=f"rounds of Freivalds' check on remote results, 0 to trust workers (default: {FREIVALDS_ROUNDS})",
@@ -7698,11 +7865,14 @@ def make_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser, port: int) -> None:
         p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
         p.add_argument(
-            "--port", type=int, default=port, help=f"TCP port to listen on, 0 for any free one (default: {port})"
+            "--port",
+            type=port_number,
+            default=port,
+            help=f"TCP port to listen on, 0 for any free one (default: {port})",
         )
         p.add_argument(
             "--timeout",
-            type=float,
+            type=positive_seconds(),
             default=DEFAULT_WAIT_S,
             metavar="SECONDS",
             help=f"how long to wait for the other side (default: {DEFAULT_WAIT_S:.0f})",
@@ -7730,7 +7900,7 @@ def make_parser() -> argparse.ArgumentParser:
         d = Limits()
         for flag, name, kind, shift, metavar, text in LIMIT_OPTIONS:
             default = getattr(d, name) >> shift if shift else getattr(d, name)
-            shown = f"{default:g}" if kind is float else str(default)
+            shown = f"{default:g}" if kind.kind is float else str(default)
             g.add_argument(flag, type=kind, default=default, metavar=metavar, help=f"{text} (default: {shown})")
         g.add_argument(
             "--dtypes",
@@ -7742,11 +7912,15 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("initiate", help="start node 1: print its address, wait for a responder, run the checks")
     common(p, DEFAULT_PORT)
     p.add_argument(
-        "--size", type=int, default=AGGREGATE_N, metavar="N", help=f"size of the split matmul (default: {AGGREGATE_N})"
+        "--size",
+        type=whole_number(2, MAX_MATRIX_N, "a matrix size"),
+        default=AGGREGATE_N,
+        metavar="N",
+        help=f"size of the split matmul (default: {AGGREGATE_N})",
     )
     p.add_argument(
         "--transfer-mib",
-        type=int,
+        type=size_mib(1, BENCH_MAX_BYTES >> 20),
         default=THROUGHPUT_BYTES >> 20,
         metavar="MIB",
         help=f"array data sent each way for the throughput figure (default: {THROUGHPUT_BYTES >> 20})",
@@ -7763,7 +7937,7 @@ def make_parser() -> argparse.ArgumentParser:
     verify_option(p)
     p.add_argument(
         "--expect",
-        type=int,
+        type=whole_number(1, 64, "a number of responders"),
         default=1,
         metavar="N",
         help="wait for N responders and run the checks across all of them (default: 1)",
@@ -7785,7 +7959,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_respond)
 
     p = sub.add_parser("demo", help="run an initiator and a responder on this machine and show the whole flow")
-    p.add_argument("--size", type=int, default=AGGREGATE_N, metavar="N", help="size of the split matmul")
+    p.add_argument(
+        "--size",
+        type=whole_number(2, MAX_MATRIX_N, "a matrix size"),
+        default=AGGREGATE_N,
+        metavar="N",
+        help="size of the split matmul",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="run a long-lived node with a Cap'n Proto RPC endpoint for your programs")
@@ -7800,7 +7980,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc-token-file", metavar="FILE", help="read the RPC token from this file")
     p.add_argument(
         "--rpc-max-mib",
-        type=int,
+        type=size_mib(1, 4096),
         default=DEFAULT_RPC_MAX_BYTES >> 20,
         metavar="MIB",
         help=f"largest RPC message (default: {DEFAULT_RPC_MAX_BYTES >> 20} MiB)",
@@ -7823,7 +8003,7 @@ def make_parser() -> argparse.ArgumentParser:
     verify_option(p)
     p.add_argument(
         "--suspect-backoff",
-        type=float,
+        type=NumberOption(float, 0.1, SUSPECT_BACKOFF_MAX_S, "a number of seconds"),
         default=SUSPECT_BACKOFF_S,
         metavar="SECONDS",
         help="wait before a worker whose result failed verification gets a canary task "
@@ -7832,7 +8012,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair", action="store_true", help="print a one-time pairing code a new peer can connect with")
     p.add_argument(
         "--pair-timeout",
-        type=float,
+        type=positive_seconds(),
         default=600.0,
         metavar="SECONDS",
         help="how long the pairing code stays valid (default: 600)",
@@ -7857,7 +8037,7 @@ def make_parser() -> argparse.ArgumentParser:
     c = calls.add_parser("connect", help="make the node dial (and trust) another node")
     c.add_argument("multiaddr")
     c = calls.add_parser("matmul", help="multiply two random N x N matrices on the node and verify the result")
-    c.add_argument("--size", type=int, default=1024, metavar="N")
+    c.add_argument("--size", type=whole_number(1, MAX_MATRIX_N, "a matrix size"), default=1024, metavar="N")
     c.add_argument("--placement", default="auto", help="auto, local, remote or a peer id (default: auto)")
     c.add_argument(
         "--no-fallback",
@@ -7876,9 +8056,14 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="explain this box's network setup, and whether a peer can be reached")
     p.add_argument("address", nargs="?", help="a peer's multiaddr or join string to test")
     p.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"the port pangea would listen on (default: {DEFAULT_PORT})"
+        "--port",
+        type=port_number,
+        default=DEFAULT_PORT,
+        help=f"the port pangea would listen on (default: {DEFAULT_PORT})",
     )
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per network test (default: 10)")
+    p.add_argument(
+        "--timeout", type=positive_seconds(), default=10.0, metavar="SECONDS", help="per network test (default: 10)"
+    )
     p.add_argument("--psk", metavar="FILE", help="the pre-shared key file the peer uses, if any")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_doctor)
@@ -7903,16 +8088,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="0.0.0.0", help="--listen: address to listen on (default: all interfaces)")
     p.add_argument(
         "--port",
-        type=int,
+        type=port_number,
         default=DEFAULT_PORT,
         help=f"--listen: libp2p port, 0 for any free one (default: {DEFAULT_PORT})",
     )
     p.add_argument(
-        "--tcp-port", type=int, default=0, help="--listen: port of the raw TCP baseline (default: any free one)"
+        "--tcp-port", type=port_number, default=0, help="--listen: port of the raw TCP baseline (default: any free one)"
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds(),
         default=DEFAULT_WAIT_S,
         metavar="SECONDS",
         help=f"how long to wait for the other side (default: {DEFAULT_WAIT_S:.0f})",
@@ -7925,20 +8110,26 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tasks",
-        type=int,
+        type=whole_number(1, 100_000, "a number of tasks"),
         metavar="N",
         help=f"tiny tasks per figure (default: {full['tasks']}; --quick: {quick['tasks']})",
     )
-    p.add_argument("--inflight", type=int, default=8, metavar="N", help="tasks in flight at once (default: 8)")
+    p.add_argument(
+        "--inflight",
+        type=whole_number(1, BENCH_MAX_INFLIGHT, "a number of tasks"),
+        default=8,
+        metavar="N",
+        help="tasks in flight at once (default: 8)",
+    )
     p.add_argument(
         "--matmul-n",
-        type=int,
+        type=whole_number(64, 8192, "a matrix size"),
         metavar="N",
         help=f"size of the delegated matmul (default: {full['matmul_n']}; --quick: {quick['matmul_n']})",
     )
     p.add_argument(
         "--reps",
-        type=int,
+        type=whole_number(1, 20, "a number of repetitions"),
         metavar="N",
         help=f"repetitions of bulk (at most 3 from 512 MiB up) and matmul (default: {full['reps']}; --quick: 1)",
     )
@@ -8126,15 +8317,50 @@ def print_report(role: str, peer: str, results: list[CheckResult], extra: dict[s
 
 
 # The limit options of every node command: flag, Limits field, type, shift (MiB -> bytes), metavar, help.
-LIMIT_OPTIONS: tuple[tuple[str, str, type, int, str, str], ...] = (
-    ("--max-payload-mib", "max_payload_bytes", int, 20, "MIB", "largest array data of one message"),
-    ("--max-elements", "max_elements", int, 0, "N", "largest array, in elements"),
-    ("--max-inflight", "max_inflight_tasks", int, 0, "N", "tasks one peer may have in flight; more get `busy`"),
-    ("--max-inflight-mib", "max_inflight_bytes", int, 20, "MIB", "operand data one peer may have in flight"),
-    ("--memory-budget-mib", "memory_budget_bytes", int, 20, "MIB", "operand data held for all peers together"),
-    ("--handshake-timeout", "handshake_timeout_s", float, 0, "SECONDS", "a peer must say Hello within this"),
-    ("--idle-timeout", "idle_timeout_s", float, 0, "SECONDS", "drop a peer that sends nothing for this long"),
-    ("--task-timeout", "task_timeout_s", float, 0, "SECONDS", "a task running longer fails with `deadline`"),
+LIMIT_OPTIONS: tuple[tuple[str, str, NumberOption, int, str, str], ...] = (
+    ("--max-payload-mib", "max_payload_bytes", size_mib(), 20, "MIB", "largest array data of one message"),
+    (
+        "--max-elements",
+        "max_elements",
+        whole_number(1, 1 << 40, "a number of elements"),
+        0,
+        "N",
+        "largest array, in elements",
+    ),
+    (
+        "--max-inflight",
+        "max_inflight_tasks",
+        whole_number(1, 100_000, "a number of tasks"),
+        0,
+        "N",
+        "tasks one peer may have in flight; more get `busy`",
+    ),
+    ("--max-inflight-mib", "max_inflight_bytes", size_mib(), 20, "MIB", "operand data one peer may have in flight"),
+    ("--memory-budget-mib", "memory_budget_bytes", size_mib(), 20, "MIB", "operand data held for all peers together"),
+    (
+        "--handshake-timeout",
+        "handshake_timeout_s",
+        positive_seconds(),
+        0,
+        "SECONDS",
+        "a peer must say Hello within this",
+    ),
+    (
+        "--idle-timeout",
+        "idle_timeout_s",
+        positive_seconds(),
+        0,
+        "SECONDS",
+        "drop a peer that sends nothing for this long",
+    ),
+    (
+        "--task-timeout",
+        "task_timeout_s",
+        positive_seconds(),
+        0,
+        "SECONDS",
+        "a task running longer fails with `deadline`",
+    ),
 )
 
 
@@ -8184,12 +8410,6 @@ def remember_peer(home: Path, peer_id: str) -> None:
 
 def cmd_initiate(args: argparse.Namespace) -> int:
     """`initiate`: listen, print the addresses and pairing code, wait for a responder, run the checks."""
-    if not 0 <= args.port < 65536:
-        raise UsageError(f"port {args.port} is outside 0-65535")
-    if args.size < 2:
-        raise UsageError(f"--size {args.size} is too small; use at least 2")
-    if not 1 <= args.expect <= 64:
-        raise UsageError(f"--expect {args.expect} is outside 1-64")
     limits, psk = limits_from_args(args), read_psk_file(args.psk)
     with node_session("initiator", args) as (home, session_dir):
         key_pair = load_or_create_identity(home)
@@ -8677,10 +8897,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             hint="add --rpc-token-file FILE (or --rpc-token TOKEN), or keep the default 127.0.0.1",
         )
     peers = [parse_peer_address(text) for text in args.peer]
-    if not 1 <= args.rpc_max_mib <= 4096:
-        raise UsageError(f"--rpc-max-mib {args.rpc_max_mib} is outside 1-4096")
-    if not 0.1 <= args.suspect_backoff <= SUSPECT_BACKOFF_MAX_S:  # NOTE: False for NaN too
-        raise UsageError(f"--suspect-backoff {args.suspect_backoff} is outside 0.1-{SUSPECT_BACKOFF_MAX_S:g} s")
     limits, psk = limits_from_args(args), read_psk_file(args.psk)
     ensure_port_free(rpc_host, rpc_port, option="--rpc HOST:PORT")
     with node_session("serve", args) as (home, session_dir):
@@ -8856,8 +9072,6 @@ def _human(key: str, value: Any) -> str:
 def _call_matmul(client: Client, size: int, placement: str, fallback: bool = True) -> tuple[dict[str, Any], str]:
     import numpy as np
 
-    if not 1 <= size <= 32768:
-        raise UsageError(f"--size {size} is outside 1-32768")
     rng = np.random.default_rng()
     a, b = rng.standard_normal((size, size)), rng.standard_normal((size, size))
     c = client.matmul(a, b, placement=placement, fallback=fallback)
@@ -8883,9 +9097,12 @@ def cmd_psk(args: argparse.Namespace) -> int:
     if path.exists():
         raise UsageError(f"cannot write {str(path)!r}: it exists; pick another name or delete it first")
     key = secrets.token_hex(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"/key/swarm/psk/1.0.0/\n/base16/\n{key}\n")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"/key/swarm/psk/1.0.0/\n/base16/\n{key}\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
     print(f"wrote {path}: copy it to every node and start each with --psk {path}")
     return 0
 
@@ -8987,10 +9204,6 @@ def doctor_verdict(findings: dict[str, Any]) -> tuple[bool, str]:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """`doctor [ADDRESS]`: interfaces, port, build, and a peer's reachability, with a verdict."""
-    if not 0 <= args.port < 65536:
-        raise UsageError(f"port {args.port} is outside 0-65535")
-    if not args.timeout > 0:
-        raise UsageError(f"--timeout {args.timeout:g} must be more than 0")
     info = build_info()
     here = (sys.implementation.cache_tag, platform.machine())
     findings: dict[str, Any] = {
@@ -9157,14 +9370,6 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         reps=pick("reps"),
         quick=args.quick,
     )
-    for flag, value, low, high in (
-        ("--tasks", cfg.tasks, 1, 100_000),
-        ("--inflight", cfg.inflight, 1, BENCH_MAX_INFLIGHT),
-        ("--matmul-n", cfg.matmul_n, 64, 8192),
-        ("--reps", cfg.reps, 1, 20),
-    ):
-        if not low <= value <= high:
-            raise UsageError(f"{flag} {value} is outside {low}-{high}")
     return cfg
 
 
@@ -9177,8 +9382,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _cmd_bench_listen(args)
     if args.code and not args.address:
         raise UsageError("--code goes with an ADDRESS", hint="./pangea.pyz bench 'pangea://...#CODE'")
-    if not args.timeout > 0:
-        raise UsageError(f"--timeout {args.timeout:g} must be more than 0")
     cfg = bench_config(args)
     psk = read_psk_file(args.psk)
     setup_logging(None, getattr(args, "verbose", 0), getattr(args, "debug", False))
@@ -9387,11 +9590,6 @@ def print_bench_report(doc: dict[str, Any], rows: list[BenchRow]) -> None:
 
 
 def _cmd_bench_listen(args: argparse.Namespace) -> int:
-    for flag, port in (("--port", args.port), ("--tcp-port", args.tcp_port)):
-        if not 0 <= port < 65536:
-            raise UsageError(f"{flag} {port} is outside 0-65535")
-    if not args.timeout > 0:
-        raise UsageError(f"--timeout {args.timeout:g} must be more than 0")
     psk = read_psk_file(args.psk)
     with node_session("bench-listener", args) as (_, session_dir):
         return run_trio(_bench_listen, args, session_dir, psk)
@@ -9474,15 +9672,46 @@ def cmd_id(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the pangea command line; return the exit code."""
     code = _main(argv)
+    code = _flush_stdout(code)
     if _KERNELS_RUNNING.value:
         # NOTE: a kernel abandoned at shutdown (Ctrl-C, SIGTERM, a task deadline) is
         # still inside OpenBLAS; at interpreter exit OpenBLAS joins its own threads
         # and deadlocks on that call. Everything is cleaned up by now: leave at once.
         logging.shutdown()
-        sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _flush_stdout(code: int) -> int:
+    """Flush stdout; when its reader has gone (``| head -1``) end quietly with ``code``."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    return code
+
+
+def _stdout_gone() -> bool:
+    """True when nobody reads our stdout any more (a pipe or socket whose reader closed)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout (a test's capture)
+        return False
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null after its reader left, so the interpreter's last flush
+    at exit cannot print "Exception ignored ... BrokenPipeError" (the recipe of
+    the Python docs, "Note on SIGPIPE")."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 MENU = (
@@ -9517,7 +9746,7 @@ def menu() -> list[str]:
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    debug = False  # --debug counts once the command line parsed (a refused line has no traceback)
     try:
         check_build_target()
         parser = make_parser()
@@ -9529,6 +9758,7 @@ def _main(argv: Sequence[str] | None) -> int:
             if not argv:
                 return 0
         args = parser.parse_args(argv)
+        debug = bool(getattr(args, "debug", False))
         if args.command is None:
             raise UsageError(
                 "no command given",
@@ -9537,18 +9767,49 @@ def _main(argv: Sequence[str] | None) -> int:
         defer_unused_libp2p_modules()  # before any command imports libp2p
         forget_zipapp_on_sys_path()
         return int(args.func(args))
-    except PangeaError as exc:
-        print(f"pangea: error: {exc}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        if debug:
-            import traceback
-
-            traceback.print_exc()
-        return exc.exit_code
     except KeyboardInterrupt:
         print("pangea: interrupted", file=sys.stderr)
         return 130
+    except BaseException as exc:  # NOTE: every error ends as one line; the traceback only with --debug
+        return _report_error(exc, debug)
+
+
+def _report_error(exc: BaseException, debug: bool) -> int:
+    """Print an error as `pangea: error: ...` (+ `hint: ...`) and return its exit code.
+
+    A PangeaError says what went wrong; anything else is a bug, named in one
+    line. SystemExit (--help, --version) passes through; a closed stdout ends
+    quietly."""
+    import builtins
+
+    if isinstance(exc, SystemExit):
+        raise exc
+    found: BaseException | None = exc
+    if isinstance(exc, getattr(builtins, "BaseExceptionGroup", ())):  # NOTE: none on a wrong (3.10) interpreter
+        found = (
+            first_error(exc, PangeaError) or first_error(exc, BrokenPipeError) or first_error(exc, KeyboardInterrupt)
+        )
+    found = found or exc
+    if isinstance(found, BrokenPipeError) and _stdout_gone():
+        _silence_stdout()  # the reader of our stdout left (`| head -1`): nothing more to say
+        return 0
+    if isinstance(found, KeyboardInterrupt):
+        print("pangea: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(found, PangeaError):
+        print(f"pangea: error: {found}", file=sys.stderr)
+        if found.hint:
+            print(f"hint: {found.hint}", file=sys.stderr)
+        code = found.exit_code
+    else:
+        print(f"pangea: error: internal error: {one_line(describe_exception(found))}", file=sys.stderr)
+        print("hint: run again with --debug for the traceback, and report it", file=sys.stderr)
+        code = 1
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    return code
 
 
 if __name__ == "__main__":

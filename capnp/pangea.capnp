@@ -216,10 +216,14 @@ struct NodeStatus {
 }
 
 interface Compute {
+  # Every method answers a bad argument or a failure with errorKind (""
+  # on success; "bad-input", "unreachable", "refused", "unavailable",
+  # "internal", ...) and a one-line errorMessage in its results, never with
+  # an exception (pycapnp would send the server's traceback with it).
   submit  @0 (task :TaskSpec) -> (result :TaskOutput);
-  peers   @1 () -> (peers :List(PeerInfo));
-  status  @2 () -> (status :NodeStatus);
-  connect @3 (multiaddr :Text) -> (peer :PeerInfo);
+  peers   @1 () -> (peers :List(PeerInfo), errorKind :Text, errorMessage :Text);
+  status  @2 () -> (status :NodeStatus, errorKind :Text, errorMessage :Text);
+  connect @3 (multiaddr :Text) -> (peer :PeerInfo, errorKind :Text, errorMessage :Text);
 }
 
 interface Gate {

@@ -207,7 +207,7 @@ def test_bench_against_a_serve_node_measures_pangea_and_says_why_the_baselines_a
 def test_bench_listen_refuses_bad_ports_with_one_line(pyz: Path, pangea_home: NodeHome, argv: list[str]) -> None:
     run = run_pyz(pyz, argv, pangea_home.env)
     assert run.returncode == 2
-    assert_expected_error(run.stderr, "outside 0-65535")
+    assert_expected_error(run.stderr, "a whole number in 0-65535")
 
 
 def test_bench_against_a_serve_node_of_its_own_home_runs_on_a_throwaway_identity(pyz: Path, make_home: Any) -> None:

@@ -141,7 +141,7 @@ def test_serve_lists_the_peers_it_trusts(pyz: Path, make_home: Any) -> None:
         (["--rpc", "127.0.0.1:x"], {}, ["bad address '127.0.0.1:x'", "HOST:PORT"]),
         (["--rpc", "127.0.0.1:0", "--allow-peer", "nope"], {}, ["bad --allow-peer 'nope'"]),
         (["--rpc", "127.0.0.1:0", "--peer", "/ip4/127.0.0.1/tcp/1"], {}, ["/p2p/"]),
-        (["--rpc", "127.0.0.1:0", "--rpc-max-mib", "0"], {}, ["--rpc-max-mib 0"]),
+        (["--rpc", "127.0.0.1:0", "--rpc-max-mib", "0"], {}, ["--rpc-max-mib: got '0'"]),
     ],
     ids=[
         "any-host-no-token",

@@ -58,16 +58,19 @@ def error_lines(capsys: pytest.CaptureFixture[str]) -> tuple[str, list[str]]:
     [
         (["bogus"], "invalid choice: 'bogus'"),
         (["--bogus"], "unrecognized arguments: --bogus"),
-        (["initiate", "--port", "http"], "argument --port: invalid int value: 'http'"),
-        (["initiate", "--timeout", "soon"], "argument --timeout: invalid float value: 'soon'"),
-        (["initiate", "--size", "1.5"], "argument --size: invalid int value: '1.5'"),
+        (["initiate", "--port", "http"], "argument --port: got 'http'; expected a TCP port"),
+        (["initiate", "--timeout", "soon"], "argument --timeout: got 'soon'; expected a number of seconds"),
+        (["initiate", "--size", "1.5"], "argument --size: got '1.5'; expected a matrix size, a whole number in 2-"),
         (["initiate", "extra"], "unrecognized arguments: extra"),
         (["respond", "a", "b"], "unrecognized arguments: b"),
         (["demo", "--size"], "argument --size: expected one argument"),
         (["-vv"], "no command given"),
-        (["initiate", "--port", "70000"], "port 70000 is outside 0-65535"),
-        (["initiate", "--port", "-1"], "port -1 is outside 0-65535"),
-        (["initiate", "--size", "1"], "--size 1 is too small"),
+        (
+            ["initiate", "--port", "70000"],
+            "argument --port: got '70000'; expected a TCP port (0: any free one), a whole number in 0-65535",
+        ),
+        (["initiate", "--port", "-1"], "argument --port: got '-1'; expected a TCP port"),
+        (["initiate", "--size", "1"], "argument --size: got '1'; expected a matrix size, a whole number in 2-32768"),
     ],
 )
 def test_main_argument_error_exits_2_with_one_error_line(

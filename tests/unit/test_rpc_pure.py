@@ -434,3 +434,38 @@ def test_read_rpc_token_refuses_an_empty_token_file(tmp_path: Path, content: str
     with pytest.raises((UsageError, ConfigError)) as info:
         read_rpc_token(token_args(token_file=str(path)))
     assert "0 characters" in str(info.value) or "empty" in str(info.value)
+
+
+# ---------------------------------------------------------------- errors in RPC results
+
+
+def test_rpc_error_fields_keep_pangea_kinds_and_hide_internal_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    assert pangea.rpc_error_fields(pangea.TaskError("no\nsuch", kind="bad-input"), "submit") == ("bad-input", "no such")
+    assert pangea.rpc_error_fields(pangea.UsageError("bad address 'x'"), "connect")[0] == "bad-input"
+    assert pangea.rpc_error_fields(pangea.PeerError("gone", kind="unreachable"), "connect") == ("unreachable", "gone")
+    grouped = ExceptionGroup("trio", [pangea.RpcError("the node is shutting down")])
+    assert pangea.rpc_error_fields(grouped, "list peers") == ("unavailable", "the node is shutting down")
+    with caplog.at_level("ERROR", logger="pangea"):
+        kind, message = pangea.rpc_error_fields(ZeroDivisionError("division by zero"), "get status")
+    assert kind == "internal"
+    assert message == "cannot get status: internal error (ZeroDivisionError: division by zero); see the node's log"
+    assert caplog.records and caplog.records[-1].exc_info is not None  # the traceback: the node's log only
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -5.0, -1e-9, 1e300])
+def test_check_task_timeout_refuses_nan_inf_negative_and_absurd(bad: float) -> None:
+    with pytest.raises(pangea.TaskError, match="bad timeoutSeconds") as info:
+        pangea.check_task_timeout(bad)
+    assert info.value.kind == "bad-input" and "\n" not in str(info.value)
+
+
+def test_check_task_timeout_zero_is_the_default() -> None:
+    assert pangea.check_task_timeout(0.0) == pangea.RPC_DEFAULT_TIMEOUT_S
+    assert pangea.check_task_timeout(-0.0) == pangea.RPC_DEFAULT_TIMEOUT_S
+    assert pangea.check_task_timeout(2.5) == 2.5
+
+
+def test_client_refuses_a_bad_timeout_before_connecting() -> None:
+    for bad in (math.nan, -1.0, 0.0, math.inf):
+        with pytest.raises(pangea.UsageError, match="bad timeout_s"):
+            pangea.Client("127.0.0.1:1", timeout_s=bad)
