@@ -1855,13 +1855,20 @@ def _scaled(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def _sum_mismatches(
-    got: np.ndarray, ref_s: np.ndarray, mag_s: np.ndarray, shift: int, terms: int, dtype: Any
+    got: np.ndarray,
+    ref_s: np.ndarray,
+    mag_s: np.ndarray,
+    shift: int,
+    terms: int,
+    dtype: Any,
+    lost_s: np.ndarray | float = 0.0,
 ) -> np.ndarray:
     """Mask of the entries of ``got`` that no honest order of their sums can give.
 
     ``ref_s`` is each sum and ``mag_s`` the sum of its finite terms' magnitudes,
     computed here from operands scaled by powers of two whose exponents add up
-    to ``shift`` (nothing overflows at that scale); ``terms`` products per entry."""
+    to ``shift`` (nothing overflows at that scale); ``terms`` products per entry;
+    ``lost_s``: what the scaling's own underflow may have changed in each sum (see _scaled)."""
     import numpy as np
 
     eps, tiny = _eps_tiny(dtype)
@@ -1871,7 +1878,7 @@ def _sum_mismatches(
         # Underflow: a product may lose up to `tiny` (a worker that flushes subnormals to
         # zero), on the worker (unscaled) and here (scaled), and scaling `got` rounds once.
         floor = 4 * (terms + 2) * (tiny + _safe_ldexp(tiny, -shift))
-        bound = SUM_SLACK * (terms + 2) * eps * mag_s + floor
+        bound = SUM_SLACK * (terms + 2) * eps * mag_s + floor + lost_s
         # Finite terms this large (half the largest float, unscaled) may overflow a partial sum;
         # +inf needs the positive terms that large, -inf the negative ones, NaN both.
         limit = _safe_ldexp(top / 2, -shift)
@@ -2032,6 +2039,11 @@ def _check_matmul_exceptional(a: np.ndarray, b: np.ndarray, c: np.ndarray, r: np
         return None
     a_s, a_mag, a_exp = _scaled(a.astype(want, copy=False))
     b_s, b_mag, b_exp = _scaled(b.astype(want, copy=False))
+    # NOTE: an entry the scaling moved to the smallest subnormal (see _scaled) was smaller than
+    # it, so each product with it is off by at most |other factor| * least (per part, hence 2):
+    # summed over k, least * 2 * (row sum of |A_s| + column sum of |B_s|) bounds the change.
+    least = float(np.finfo(want).smallest_subnormal) if a_exp or b_exp else 0.0
+    a_row, b_col = 2 * least * a_mag.sum(axis=1), 2 * least * b_mag.sum(axis=0)
     with np.errstate(all="ignore"):
         for rr, cc in ((rows, np.arange(p)), (others, cols)):
             if not rr.size or not cc.size:
@@ -2041,7 +2053,8 @@ def _check_matmul_exceptional(a: np.ndarray, b: np.ndarray, c: np.ndarray, r: np
                 got, ref_s, mag_s = (x[:, cc] for x in (got, ref_s, mag_s)) if cc.size < p else (got, ref_s, mag_s)
             else:  # A times a few columns of B: no copy of A's rows
                 got, ref_s, mag_s = (x[rr] for x in (c[:, cc], a_s @ b_s[:, cc], a_mag @ b_mag[:, cc]))
-            bad = _sum_mismatches(got, ref_s, mag_s, a_exp + b_exp, k, want)
+            lost = a_row[rr][:, None] + b_col[cc][None, :] if least else 0.0
+            bad = _sum_mismatches(got, ref_s, mag_s, a_exp + b_exp, k, want, lost)
             if bad.any():
                 i, j = (int(x) for x in np.unravel_index(int(np.argmax(bad)), bad.shape))
                 row, col = int(rr[i]), int(cc[j])
@@ -2174,6 +2187,9 @@ def _check_recomputed(
             with np.errstate(all="ignore"):
                 ref_s, mag_s = np.asarray(np.dot(a_s, b_s)), np.asarray(np.dot(a_mag, b_mag))
             shift, terms = a_exp + b_exp, operands[0].size
+            # what the scaling's underflow may change (see _check_matmul_exceptional)
+            least = float(np.finfo(want.dtype).smallest_subnormal) if shift else 0.0
+            lost: np.ndarray | float = 2 * least * (float(a_mag.sum()) + float(b_mag.sum()))
         else:
             a = operands[0].astype(want.dtype, copy=False)
             a_s, a_mag, shift = _scaled(a)
@@ -2181,7 +2197,8 @@ def _check_recomputed(
             with np.errstate(all="ignore"):
                 ref_s, mag_s = np.asarray(np.sum(a_s, axis=axis)), np.asarray(np.sum(a_mag, axis=axis))
             terms = a.size if axis is None else a.shape[axis]
-        return _first_wrong(kernel, _sum_mismatches(out, ref_s, mag_s, shift, terms, want.dtype), out, want)
+            lost = 0.0  # a lost entry changes the sum by at most `least`: the bound's floor covers it
+        return _first_wrong(kernel, _sum_mismatches(out, ref_s, mag_s, shift, terms, want.dtype, lost), out, want)
     tol = None
     if want.dtype.kind == "c" and kernel in ("multiply", "scale"):
         eps, _ = _eps_tiny(want.dtype)

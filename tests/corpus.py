@@ -79,6 +79,14 @@ def corpus() -> list[Case]:
         Case("matmul-huge", "matmul", [g * 1e150, h * 1e150]),
         Case("matmul-tiny", "matmul", [g * 1e-150, h * 1e-150]),
         Case("matmul-huge-times-tiny", "matmul", [g * 1e150, h * 1e-150]),
+        # a row of B spanning more than the float range's width, beside a product near overflow:
+        # the check rescales B and its tiny entry underflows there (found by hypothesis)
+        Case(
+            "matmul-complex-range-wider-than-floats",
+            "matmul",
+            [np.array([[9.61287416e94j]]), np.array([[1.03873759e213j, 1.60526616e-133j]])],
+        ),
+        Case("dot-range-wider-than-floats", "dot", [np.array([9.6e94, 9.6e94]), np.array([1.0e213, 1.6e-133])]),
         Case("matmul-int64-wrap", "matmul", [np.full((n, n), 1 << 31, np.int64)] * 2),
         Case("matmul-int64-random-wrap", "matmul", [big64, big64.T.copy()]),
         Case("matmul-int32-wrap", "matmul", [big32, big32]),

@@ -14,7 +14,7 @@ from typing import Any, cast
 import trio
 import trio.testing
 
-from pangea import DEPARTURE_GRACE_S, CheckFailed, Departure, InitiatorChecks
+from pangea import DEPARTURE_GRACE_S, CheckFailed, Departure, InitiatorChecks, Scheduler
 
 PEER = "12D3KooWFakeResponderPeerIdForTheChecksTable"
 
@@ -22,6 +22,14 @@ PEER = "12D3KooWFakeResponderPeerIdForTheChecksTable"
 class FakeNode:
     def __init__(self) -> None:
         self.on_session_closed: list[Any] = []
+
+
+class FakeManager:
+    """What InitiatorChecks reads of a Manager for its rows: the fallback count and the scheduler's suspicion."""
+
+    def __init__(self) -> None:
+        self.fallbacks = 0
+        self.scheduler = Scheduler()
 
 
 class FakeSession:
@@ -46,7 +54,7 @@ class FakeSession:
 
 
 def _initiator_checks(node: FakeNode, session: FakeSession) -> InitiatorChecks:
-    return InitiatorChecks(cast(Any, node), cast(Any, None), [cast(Any, session)], size=2, transfer_bytes=8)
+    return InitiatorChecks(cast(Any, node), cast(Any, FakeManager()), [cast(Any, session)], size=2, transfer_bytes=8)
 
 
 def _checks() -> tuple[InitiatorChecks, FakeSession]:
