@@ -298,6 +298,11 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def format_seconds(seconds: float) -> str:
+    """``0.05 s``, ``2.5 s``, ``65 s``: whole seconds from 10 s up, three significant digits below."""
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.3g} s"
+
+
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """Return rows as an aligned plain-text table with a header rule."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
@@ -4222,7 +4227,7 @@ class PeerSession:
                 result = TaskResultMsg(
                     req.task_id,
                     error_kind="deadline",
-                    error_message=f"{req.kernel} did not finish within {timeout:.0f} s",
+                    error_message=f"{req.kernel} did not finish within {format_seconds(timeout)}",
                 )
             del req  # drop the operands before the result goes out
             if self.closed.is_set() or cancelled.cancelled_caught:
@@ -4299,7 +4304,7 @@ class PeerSession:
             await done.wait()
         self._pings.pop(nonce, None)
         if self.closed.is_set() or not done.is_set():
-            raise PeerError(f"no pong from {self.label} within {timeout_s:.0f} s", kind="timeout")
+            raise PeerError(f"no pong from {self.label} within {format_seconds(timeout_s)}", kind="timeout")
         return time.perf_counter() - start
 
     async def bye(self, reason: str = "done") -> None:
@@ -4742,7 +4747,7 @@ class Node:
                 if trio.current_time() + delay >= deadline:
                     psk = " and that both nodes use the same --psk file (or neither does)"
                     raise NoPeerError(
-                        f"cannot reach {address.text} within {timeout_s:.0f} s "
+                        f"cannot reach {address.text} within {format_seconds(timeout_s)} "
                         f"({attempt} attempt{'s' if attempt > 1 else ''}): {error}",
                         kind="unreachable",
                         hint="check that pangea is running there, that the address (and its peer ID) is the one it "
@@ -4767,7 +4772,7 @@ class Node:
             await channel.close(reset=True)
             timeout = self.limits.handshake_timeout_s
             raise PeerError(
-                f"{address.peer_id} did not answer the handshake within {timeout:.0f} s", kind="timeout"
+                f"{address.peer_id} did not answer the handshake within {format_seconds(timeout)}", kind="timeout"
             ) from None
         except (RemoteProtocolError, PeerError) as exc:
             await channel.close(reset=True)
@@ -5199,7 +5204,7 @@ class Manager:
                 if deadline_scope.cancelled_caught:
                     self._apply(self.scheduler.handle(TickEvent(), start + timeout_s))
                 nursery.cancel_scope.cancel()
-            raise failure or TaskError(f"{kernel}: no result within {timeout_s:.0f} s", kind="deadline")
+            raise failure or TaskError(f"{kernel}: no result within {format_seconds(timeout_s)}", kind="deadline")
         except TaskError as exc:
             self.tasks_failed += 1
             attempts = self.scheduler.attempts(task_id)
@@ -7580,7 +7585,9 @@ class Client:
             raise RpcError(f"cannot {what}: {remote_error_text(exc)}") from None
         except TimeoutError:
             future.cancel()
-            raise RpcError(f"cannot {what}: no answer from {self.address} within {self.timeout_s:.0f} s") from None
+            raise RpcError(
+                f"cannot {what}: no answer from {self.address} within {format_seconds(self.timeout_s)}"
+            ) from None
 
     def submit(
         self,
@@ -8666,7 +8673,7 @@ async def _initiate(
             port = node.addresses[0].split("/tcp/")[1].split("/")[0] if node.addresses else args.port
             got = "nobody" if not sessions else f"only {len(sessions)} of {expect} responders"
             raise NoPeerError(
-                f"cannot run the checks: {got} connected within {args.timeout:.0f} s",
+                f"cannot run the checks: {got} connected within {format_seconds(args.timeout)}",
                 kind="timeout",
                 hint=f"on the other box run `./pangea.pyz respond` with the join string printed above; "
                 f"check that box can reach this one (same network, firewall open for TCP port {port}"
@@ -9660,7 +9667,7 @@ async def _bench_listen(args: argparse.Namespace, session_dir: SessionDir, psk: 
             if session is None:
                 port = node.addresses[0].split("/tcp/")[1].split("/")[0] if node.addresses else args.port
                 raise NoPeerError(
-                    f"cannot serve a benchmark: nobody connected within {args.timeout:.0f} s",
+                    f"cannot serve a benchmark: nobody connected within {format_seconds(args.timeout)}",
                     kind="timeout",
                     hint=f"on the other box run `./pangea.pyz bench` with the join string printed above; "
                     f"check that box can reach this one (firewall open for TCP port {port})",

@@ -343,3 +343,10 @@ def test_dialable_addresses_put_the_connections_ip_in_place_of_a_wildcard_and_dr
     assert pangea.dialable_addresses(announced, None) == [f"/ip4/10.0.0.2/tcp/7777/p2p/{PEER_ID}"]
     assert pangea.dialable_addresses(["/ip6/::/tcp/1"], "fe80::1") == ["/ip6/fe80::1/tcp/1"]
     assert pangea.dialable_addresses(["/ip4/0.0.0.0/tcp/1"], "0.0.0.0") == []
+
+
+def test_format_seconds_keeps_sub_second_timeouts_readable() -> None:
+    assert pangea.format_seconds(0.05) == "0.05 s"
+    assert pangea.format_seconds(2.5) == "2.5 s"
+    assert pangea.format_seconds(3.0) == "3 s"
+    assert pangea.format_seconds(65.4) == "65 s"
