@@ -127,7 +127,7 @@ MAX_NDIM = 8  # kernels are matrix work; more dimensions are a mistake
 # nothing a peer sends is turned into Python objects.
 ALLOWED_DTYPES = ("float32", "float64", "int32", "int64", "complex64", "complex128")
 
-# The data plane (issue 6): big arrays on a direct TLS 1.3 connection whose record
+# The data plane: big arrays on a direct TLS 1.3 connection whose record
 # layer runs in C (OpenSSL), next to the libp2p session that authenticates it.
 # See `DataPlane` for the security argument.
 DATA_PORT_OFFSET = 1  # by default the data plane listens on the libp2p port + 1 (7778)
@@ -3008,7 +3008,7 @@ def make_host(key_pair: Any, psk: str | None = None) -> Any:
     )
 
 
-# Start-up time (issue 6, target 5): `import libp2p` takes ~0.55 s, and half of it loads
+# Start-up time: `import libp2p` takes ~0.55 s, and half of it loads
 # modules that a TCP + Noise + Yamux host never runs, because libp2p 0.8.1 imports them at
 # module level (measured with -X importtime, 2 cores):
 #   QUIC transport (aioquic, pylsqpack, service_identity, pyOpenSSL)  ~70 ms
@@ -6088,7 +6088,7 @@ class InitiatorChecks:
 
 # ---------------------------------------------------------------- benchmark: pangea next to its baselines
 #
-# `pangea.pyz bench` (section 10) measures the targets of issue 6 with each of
+# `pangea.pyz bench` (section 10) measures the performance targets with each of
 # pangea's figures next to a baseline measured in the same run, alternating so
 # drift of the machine hits both: a plain py-libp2p Noise + Yamux stream (the
 # connection `make_host` builds, without pangea's framing) and a raw TCP socket.
