@@ -1537,15 +1537,32 @@ def idle_reason(now: float, last_byte_at: float, idle_timeout_s: float) -> str |
 ###############################################################################
 
 
+Operands = Sequence["np.ndarray"]
+CheckInputs = tuple[tuple["np.ndarray", ...], dict[str, float]]
+
+
 @dataclass(frozen=True)
 class Kernel:
-    """One registry entry: ``fn(operands, params) -> outputs``."""
+    """One registry entry: everything the node and the initiator's checks know of a kernel.
+
+    ``fn(operands, params) -> outputs`` validates and runs it; ``out_nbytes``
+    bounds its output's bytes before it runs; ``flops`` is its cost for
+    placement; ``check(name, operands, params, out, seed, rounds)`` verifies a
+    worker's result (None when numpy could have given it); ``sample(a, b, v)``
+    turns the initiator's random n x n matrices and n-vector into this kernel's
+    check inputs; ``reference(operands, params)`` is plain numpy's answer."""
 
     name: str
     arity: int
-    fn: Callable[[Sequence[np.ndarray], dict[str, float]], tuple[np.ndarray, ...]]
+    fn: Callable[[Operands, dict[str, float]], tuple[np.ndarray, ...]]
     doc: str
     params: tuple[str, ...] = ()
+    _: dataclasses.KW_ONLY
+    out_nbytes: Callable[[Operands, dict[str, float]], int]
+    flops: Callable[[Operands, dict[str, float]], float]
+    check: Callable[[str, Operands, dict[str, float], np.ndarray, int, int], str | None]
+    sample: Callable[[np.ndarray, np.ndarray, np.ndarray], CheckInputs]
+    reference: Callable[[Operands, dict[str, float]], np.ndarray]
 
 
 def _need_2d(name: str, a: np.ndarray, what: str = "operand") -> None:
@@ -1675,24 +1692,6 @@ def _k_random(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.n
     return (np.random.default_rng(int(seed)).random((dims[0], dims[1])),)
 
 
-KERNELS: dict[str, Kernel] = {
-    k.name: k
-    for k in (
-        Kernel("matmul", 2, _k_matmul, "matrix product a @ b"),
-        Kernel("add", 2, _k_elementwise("add"), "element-wise a + b"),
-        Kernel("subtract", 2, _k_elementwise("subtract"), "element-wise a - b"),
-        Kernel("multiply", 2, _k_elementwise("multiply"), "element-wise a * b"),
-        Kernel("transpose", 1, _k_transpose, "a.T"),
-        Kernel("scale", 1, _k_scale, "a * factor", ("factor",)),
-        Kernel("sum", 1, _k_sum, "sum of all elements, or along axis", ("axis",)),
-        Kernel("dot", 2, _k_dot, "dot product of two vectors"),
-        Kernel("solve", 2, _k_solve, "x with a @ x = b"),
-        Kernel("inverse", 1, _k_inverse, "matrix inverse"),
-        Kernel("random", 0, _k_random, "uniform [0, 1) matrix rows x cols from seed", ("rows", "cols", "seed")),
-    )
-}
-
-
 def check_kernel_call(name: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> Kernel:
     """Return the registry entry for a call, or raise KernelError naming what is wrong with it."""
     import numpy as np
@@ -1716,38 +1715,20 @@ def output_nbytes(name: str, operands: Sequence[np.ndarray], params: dict[str, f
 
     Lets a worker refuse, before computing, an output that would not fit its
     limits: (n x 1) @ (1 x n) turns two small vectors into n^2 elements."""
-    import numpy as np
-
-    itemsize = 16  # complex128, the widest result
+    kernel = KERNELS.get(name)
+    if kernel is None:
+        return _bytes_of_operands(operands, params)
     try:
-        if name == "matmul":
-            return int(operands[0].shape[0]) * int(operands[1].shape[-1]) * itemsize
-        if name in ("add", "subtract", "multiply"):
-            return math.prod(np.broadcast_shapes(operands[0].shape, operands[1].shape)) * itemsize
-        if name == "random":
-            return int(max(0.0, params.get("rows", 0.0))) * int(max(0.0, params.get("cols", 0.0))) * 8
-        if name == "sum" and operands:
-            shape = operands[0].shape
-            axis = params.get("axis")
-            if axis is None or not math.isfinite(axis) or not -len(shape) <= int(axis) < len(shape):
-                return itemsize
-            # NOTE: not the input's size: summing a (huge x 0) array over axis 1 gives `huge` zeros
-            return math.prod(d for i, d in enumerate(shape) if i != int(axis) % len(shape)) * itemsize
+        return kernel.out_nbytes(operands, params)
     except (ValueError, IndexError, OverflowError):
         return 0  # the kernel itself will reject these operands
-    return sum(a.size for a in operands) * itemsize
 
 
 def task_cost(name: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> tuple[float, int]:
     """Return (floating-point operations, bytes moved: operands plus result) of a kernel call,
     for placement: a worker's speed and bandwidth turn them into seconds."""
-    flops: float
-    if name == "matmul" and len(operands) == 2 and operands[0].ndim == 2 and operands[1].ndim == 2:
-        flops = 2.0 * operands[0].shape[0] * operands[0].shape[1] * operands[1].shape[1]
-    elif name in ("solve", "inverse") and operands and operands[0].ndim == 2:
-        flops = 2.0 * operands[0].shape[0] ** 3
-    else:
-        flops = float(sum(a.size for a in operands) or params.get("rows", 0.0) * params.get("cols", 0.0))
+    kernel = KERNELS.get(name)
+    flops = (kernel.flops if kernel is not None else _flops_of_elements)(operands, params)
     nbytes = sum(a.nbytes for a in operands) + output_nbytes(name, operands, params) // 2  # float64 guess
     return flops, int(nbytes)
 
@@ -2230,23 +2211,330 @@ def check_result(
     exact but for sum and dot (within their rounding bound). NaN and inf as
     numpy gives them. Workers are not trusted to do arithmetic right; a wrong
     answer is a worker fault, and an honest one is never called wrong."""
-    import numpy as np
-
     if len(outputs) != 1:
         return f"{kernel}: expected 1 output, got {len(outputs)}"
     out = outputs[0]
     seed = rng.getrandbits(64)
+    entry = KERNELS.get(kernel)
+    if entry is None:
+        return None  # an unknown kernel never ran: nothing to check
     try:
-        if kernel in ("matmul", "solve", "inverse"):
-            gen = np.random.default_rng(seed)  # NOTE: made only here: it costs more than a tiny check
-            if kernel == "matmul":
-                return _check_matmul(operands[0], operands[1], out, gen, max(1, rounds))
-            return _check_solve(kernel, operands, params, out, gen, max(1, rounds))
-        if kernel in ("add", "subtract", "multiply", "scale", "transpose", "sum", "dot"):
-            return _check_recomputed(kernel, operands, params, out)
+        return entry.check(kernel, operands, params, out, seed, max(1, rounds))
     except (ValueError, IndexError, TypeError, KernelError) as exc:
         return f"{kernel}: the result cannot be checked: {exc}"
+
+
+# ---- What each kernel owns besides fn: output bound, cost, check, check inputs, reference.
+# The registry below puts them together; a kernel added without one of them does not build.
+
+_WIDEST_ITEMSIZE = 16  # complex128, the widest result
+
+
+def _bytes_of_operands(operands: Operands, params: dict[str, float]) -> int:
+    """Output bound of a kernel whose result is no larger than its operands."""
+    return sum(a.size for a in operands) * _WIDEST_ITEMSIZE
+
+
+def _bytes_of_matmul(operands: Operands, params: dict[str, float]) -> int:
+    return int(operands[0].shape[0]) * int(operands[1].shape[-1]) * _WIDEST_ITEMSIZE
+
+
+def _bytes_of_broadcast(operands: Operands, params: dict[str, float]) -> int:
+    import numpy as np
+
+    return math.prod(np.broadcast_shapes(operands[0].shape, operands[1].shape)) * _WIDEST_ITEMSIZE
+
+
+def _bytes_of_random(operands: Operands, params: dict[str, float]) -> int:
+    return int(max(0.0, params.get("rows", 0.0))) * int(max(0.0, params.get("cols", 0.0))) * 8
+
+
+def _bytes_of_sum(operands: Operands, params: dict[str, float]) -> int:
+    if not operands:
+        return _bytes_of_operands(operands, params)
+    shape = operands[0].shape
+    axis = params.get("axis")
+    if axis is None or not math.isfinite(axis) or not -len(shape) <= int(axis) < len(shape):
+        return _WIDEST_ITEMSIZE
+    # NOTE: not the input's size: summing a (huge x 0) array over axis 1 gives `huge` zeros
+    return math.prod(d for i, d in enumerate(shape) if i != int(axis) % len(shape)) * _WIDEST_ITEMSIZE
+
+
+def _flops_of_elements(operands: Operands, params: dict[str, float]) -> float:
+    """Cost of a kernel that touches each element once (random: each element it makes)."""
+    return float(sum(a.size for a in operands) or params.get("rows", 0.0) * params.get("cols", 0.0))
+
+
+def _flops_of_matmul(operands: Operands, params: dict[str, float]) -> float:
+    if len(operands) == 2 and operands[0].ndim == 2 and operands[1].ndim == 2:
+        return 2.0 * operands[0].shape[0] * operands[0].shape[1] * operands[1].shape[1]
+    return _flops_of_elements(operands, params)
+
+
+def _flops_of_cubic(operands: Operands, params: dict[str, float]) -> float:
+    """solve, inverse: LU of an n x n matrix."""
+    if operands and operands[0].ndim == 2:
+        return 2.0 * operands[0].shape[0] ** 3
+    return _flops_of_elements(operands, params)
+
+
+def _verify_matmul(
+    name: str, operands: Operands, params: dict[str, float], out: np.ndarray, seed: int, rounds: int
+) -> str | None:
+    import numpy as np
+
+    gen = np.random.default_rng(seed)  # NOTE: made only here: it costs more than a tiny check
+    return _check_matmul(operands[0], operands[1], out, gen, rounds)
+
+
+def _verify_solve(
+    name: str, operands: Operands, params: dict[str, float], out: np.ndarray, seed: int, rounds: int
+) -> str | None:
+    import numpy as np
+
+    return _check_solve(name, operands, params, out, np.random.default_rng(seed), rounds)
+
+
+def _verify_recomputed(
+    name: str, operands: Operands, params: dict[str, float], out: np.ndarray, seed: int, rounds: int
+) -> str | None:
+    return _check_recomputed(name, operands, params, out)
+
+
+def _verify_nothing(
+    name: str, operands: Operands, params: dict[str, float], out: np.ndarray, seed: int, rounds: int
+) -> str | None:
     return None  # random: nothing cheaper than recomputing it
+
+
+def _sample_two(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
+    return (a, b), {}
+
+
+def _sample_one(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
+    return (a,), {}
+
+
+def _sample_transpose(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
+    return (a[:, : a.shape[0] // 2],), {}
+
+
+def _sample_scale(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
+    return (a,), {"factor": 2.5}
+
+
+def _sample_dot(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
+    return (v, v[::-1].copy()), {}
+
+
+def _well_conditioned(a: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    n = a.shape[0]
+    return a + n * np.eye(n)
+
+
+def _sample_solve(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
+    return (_well_conditioned(a), v), {}
+
+
+def _sample_inverse(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
+    return (_well_conditioned(a),), {}
+
+
+def _sample_random(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
+    return (), {"rows": 8, "cols": a.shape[0], "seed": 42}
+
+
+# The references are plain numpy, written apart from the kernels' fn on purpose:
+# the initiator's checks compare a peer's answer with them.
+
+
+def _ref_matmul(ops: Operands, params: dict[str, float]) -> np.ndarray:
+    import numpy as np
+
+    return np.matmul(ops[0], ops[1])
+
+
+def _ref_add(ops: Operands, params: dict[str, float]) -> np.ndarray:
+    return ops[0] + ops[1]
+
+
+def _ref_subtract(ops: Operands, params: dict[str, float]) -> np.ndarray:
+    return ops[0] - ops[1]
+
+
+def _ref_multiply(ops: Operands, params: dict[str, float]) -> np.ndarray:
+    return ops[0] * ops[1]
+
+
+def _ref_transpose(ops: Operands, params: dict[str, float]) -> np.ndarray:
+    return ops[0].T
+
+
+def _ref_scale(ops: Operands, params: dict[str, float]) -> np.ndarray:
+    return ops[0] * params["factor"]
+
+
+def _ref_sum(ops: Operands, params: dict[str, float]) -> np.ndarray:
+    import numpy as np
+
+    return np.asarray(ops[0].sum(axis=int(params["axis"]) if "axis" in params else None))
+
+
+def _ref_dot(ops: Operands, params: dict[str, float]) -> np.ndarray:
+    import numpy as np
+
+    return np.asarray(np.dot(ops[0], ops[1]))
+
+
+def _ref_solve(ops: Operands, params: dict[str, float]) -> np.ndarray:
+    import numpy as np
+
+    return np.linalg.solve(ops[0], ops[1])
+
+
+def _ref_inverse(ops: Operands, params: dict[str, float]) -> np.ndarray:
+    import numpy as np
+
+    return np.linalg.inv(ops[0])
+
+
+def _ref_random(ops: Operands, params: dict[str, float]) -> np.ndarray:
+    import numpy as np
+
+    return np.random.default_rng(int(params["seed"])).random((int(params["rows"]), int(params["cols"])))
+
+
+KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in (
+        Kernel(
+            "matmul",
+            2,
+            _k_matmul,
+            "matrix product a @ b",
+            out_nbytes=_bytes_of_matmul,
+            flops=_flops_of_matmul,
+            check=_verify_matmul,
+            sample=_sample_two,
+            reference=_ref_matmul,
+        ),
+        Kernel(
+            "add",
+            2,
+            _k_elementwise("add"),
+            "element-wise a + b",
+            out_nbytes=_bytes_of_broadcast,
+            flops=_flops_of_elements,
+            check=_verify_recomputed,
+            sample=_sample_two,
+            reference=_ref_add,
+        ),
+        Kernel(
+            "subtract",
+            2,
+            _k_elementwise("subtract"),
+            "element-wise a - b",
+            out_nbytes=_bytes_of_broadcast,
+            flops=_flops_of_elements,
+            check=_verify_recomputed,
+            sample=_sample_two,
+            reference=_ref_subtract,
+        ),
+        Kernel(
+            "multiply",
+            2,
+            _k_elementwise("multiply"),
+            "element-wise a * b",
+            out_nbytes=_bytes_of_broadcast,
+            flops=_flops_of_elements,
+            check=_verify_recomputed,
+            sample=_sample_two,
+            reference=_ref_multiply,
+        ),
+        Kernel(
+            "transpose",
+            1,
+            _k_transpose,
+            "a.T",
+            out_nbytes=_bytes_of_operands,
+            flops=_flops_of_elements,
+            check=_verify_recomputed,
+            sample=_sample_transpose,
+            reference=_ref_transpose,
+        ),
+        Kernel(
+            "scale",
+            1,
+            _k_scale,
+            "a * factor",
+            ("factor",),
+            out_nbytes=_bytes_of_operands,
+            flops=_flops_of_elements,
+            check=_verify_recomputed,
+            sample=_sample_scale,
+            reference=_ref_scale,
+        ),
+        Kernel(
+            "sum",
+            1,
+            _k_sum,
+            "sum of all elements, or along axis",
+            ("axis",),
+            out_nbytes=_bytes_of_sum,
+            flops=_flops_of_elements,
+            check=_verify_recomputed,
+            sample=_sample_one,
+            reference=_ref_sum,
+        ),
+        Kernel(
+            "dot",
+            2,
+            _k_dot,
+            "dot product of two vectors",
+            out_nbytes=_bytes_of_operands,
+            flops=_flops_of_elements,
+            check=_verify_recomputed,
+            sample=_sample_dot,
+            reference=_ref_dot,
+        ),
+        Kernel(
+            "solve",
+            2,
+            _k_solve,
+            "x with a @ x = b",
+            out_nbytes=_bytes_of_operands,
+            flops=_flops_of_cubic,
+            check=_verify_solve,
+            sample=_sample_solve,
+            reference=_ref_solve,
+        ),
+        Kernel(
+            "inverse",
+            1,
+            _k_inverse,
+            "matrix inverse",
+            out_nbytes=_bytes_of_operands,
+            flops=_flops_of_cubic,
+            check=_verify_solve,
+            sample=_sample_inverse,
+            reference=_ref_inverse,
+        ),
+        Kernel(
+            "random",
+            0,
+            _k_random,
+            "uniform [0, 1) matrix rows x cols from seed",
+            ("rows", "cols", "seed"),
+            out_nbytes=_bytes_of_random,
+            flops=_flops_of_elements,
+            check=_verify_nothing,
+            sample=_sample_random,
+            reference=_ref_random,
+        ),
+    )
+}
 
 
 ###############################################################################
@@ -5699,49 +5987,20 @@ class CheckFailed(PangeaError):
 
 def check_inputs(kernel: str, rng: Any, n: int = CHECK_MATRIX_N) -> tuple[tuple[np.ndarray, ...], dict[str, float]]:
     """Return operands and params that exercise ``kernel`` in the delegation check."""
-    import numpy as np
-
+    # NOTE: the same draws for every kernel, so each kernel's inputs do not depend on which ran before
     a = rng.standard_normal((n, n))
     b = rng.standard_normal((n, n))
     v = rng.standard_normal(n)
-    well_conditioned = a + n * np.eye(n)
-    table: dict[str, tuple[tuple[np.ndarray, ...], dict[str, float]]] = {
-        "matmul": ((a, b), {}),
-        "add": ((a, b), {}),
-        "subtract": ((a, b), {}),
-        "multiply": ((a, b), {}),
-        "transpose": ((a[:, : n // 2],), {}),
-        "scale": ((a,), {"factor": 2.5}),
-        "sum": ((a,), {}),
-        "dot": ((v, v[::-1].copy()), {}),
-        "solve": ((well_conditioned, v), {}),
-        "inverse": ((well_conditioned,), {}),
-        "random": ((), {"rows": 8, "cols": n, "seed": 42}),
-    }
-    return table[kernel]
+    return KERNELS[kernel].sample(a, b, v)
 
 
 def reference_result(kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> np.ndarray:
-    """Compute what ``kernel`` must return with plain numpy (independent of the registry)."""
+    """Compute what ``kernel`` must return with plain numpy (independent of the kernel's own fn)."""
     import numpy as np
 
-    ops = operands
-    if kernel == "random":
-        return np.random.default_rng(int(params["seed"])).random((int(params["rows"]), int(params["cols"])))
-    table = {
-        "matmul": lambda: np.matmul(ops[0], ops[1]),
-        "add": lambda: ops[0] + ops[1],
-        "subtract": lambda: ops[0] - ops[1],
-        "multiply": lambda: ops[0] * ops[1],
-        "transpose": lambda: ops[0].T,
-        "scale": lambda: ops[0] * params["factor"],
-        "sum": lambda: np.asarray(ops[0].sum(axis=int(params["axis"]) if "axis" in params else None)),
-        "dot": lambda: np.asarray(np.dot(ops[0], ops[1])),
-        "solve": lambda: np.linalg.solve(ops[0], ops[1]),
-        "inverse": lambda: np.linalg.inv(ops[0]),
-    }
+    reference = KERNELS[kernel].reference
     with np.errstate(all="ignore"):  # overflow to inf and NaN are results like any other, as in run_kernel
-        return table[kernel]()
+        return reference(operands, params)
 
 
 def verify(

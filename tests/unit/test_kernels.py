@@ -7,8 +7,10 @@ problem, because that text is what the peer who sent the task gets back.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,13 +27,17 @@ from pangea import (
     MAX_RANDOM_ELEMENTS,
     CheckFailed,
     Fault,
+    Kernel,
     KernelError,
     TaskError,
     UsageError,
+    check_inputs,
     check_result,
+    output_nbytes,
     parse_fault,
     reference_result,
     run_kernel,
+    task_cost,
     verify,
 )
 
@@ -89,6 +95,49 @@ def test_kernels_registry_has_the_documented_kernels() -> None:
         assert kernel.name == name
         assert kernel.doc
         assert kernel.arity in (0, 1, 2)
+
+
+def test_kernels_every_entry_owns_each_of_its_parts() -> None:
+    for name, kernel in KERNELS.items():
+        for part in dataclasses.fields(Kernel):
+            value = getattr(kernel, part.name)
+            assert value is not None, f"{name}: {part.name} is not set"
+            if part.name in ("fn", "out_nbytes", "flops", "check", "sample", "reference"):
+                assert callable(value), f"{name}: {part.name} is not callable"
+        operands, params = check_inputs(name, np.random.default_rng(0), 8)
+        assert len(operands) == kernel.arity
+        assert set(params) <= set(kernel.params)
+
+
+def test_kernels_a_kernel_registered_in_a_test_runs_through_every_lookup(monkeypatch: Any) -> None:
+    def negate(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+        return (-ops[0],)
+
+    def recompute(
+        name: str, ops: Sequence[np.ndarray], params: dict[str, float], out: np.ndarray, seed: int, rounds: int
+    ) -> str | None:
+        return None if np.array_equal(out, -ops[0]) else f"{name}: wrong"
+
+    toy = Kernel(
+        "negate",
+        1,
+        negate,
+        "-a",
+        out_nbytes=lambda ops, params: ops[0].size * 16,
+        flops=lambda ops, params: float(ops[0].size),
+        check=recompute,
+        sample=lambda a, b, v: ((a,), {}),
+        reference=lambda ops, params: -ops[0],
+    )
+    monkeypatch.setitem(KERNELS, "negate", toy)
+    operands, params = check_inputs("negate", np.random.default_rng(1), 4)
+    (a,) = operands
+    assert output_nbytes("negate", operands, params) == 16 * 16
+    assert task_cost("negate", operands, params) == (16.0, a.nbytes + 16 * 8)
+    (out,) = run_kernel("negate", operands, params)
+    np.testing.assert_array_equal(reference_result("negate", operands, params), out)
+    assert check_result("negate", operands, params, (out,), random.Random(0)) is None
+    assert check_result("negate", operands, params, (out + 1,), random.Random(0)) == "negate: wrong"
 
 
 # ---------------------------------------------------------------- results match numpy
