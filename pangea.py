@@ -1533,7 +1533,10 @@ def idle_reason(now: float, last_byte_at: float, idle_timeout_s: float) -> str |
 # The fixed registry of numpy operations a peer may ask for. A kernel checks
 # its inputs and raises KernelError naming the problem; nothing else a peer
 # sends is ever interpreted. Kernels run in a worker thread (numpy releases
-# the GIL), never on the trio thread.
+# the GIL), never on the trio thread. Each KERNELS entry owns all a kernel
+# is: its run, output bound, cost, verification, the initiator's check inputs
+# and numpy reference; output_nbytes, task_cost, check_result, check_inputs
+# and reference_result only look the entry up.
 ###############################################################################
 
 
