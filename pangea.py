@@ -59,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __version__ = "0.1.0"
 
 __all__ = [
+    "ErrorKind",
     "PangeaError",
     "UsageError",
     "ConfigError",
@@ -192,6 +193,68 @@ TRUSTED_PEERS_FILENAME = "trusted_peers"
 ###############################################################################
 
 
+class ErrorKind(enum.StrEnum):
+    """Why something failed: the strings that travel on the wire (ErrorMsg.kind,
+    TaskResult.errorKind, the RPC's errorKind) and appear in messages and JSON.
+
+    A str enum: a member equals, hashes and prints as its string, so kinds read
+    off the wire compare with the members as they are. Each comment says who
+    raises the kind and what the user should do."""
+
+    # A task's inputs or a request are malformed (kernels, the Decoder, the RPC
+    # service, the scheduler for a reused task id): fix the call; retrying will not help.
+    BAD_INPUT = "bad-input"
+    # The other side will not do it: a worker that does not run tasks for this
+    # peer, a node that refuses the session (Node.accept, a wrong data plane
+    # token). Pass the join string or trust this box (serve --allow-peer).
+    REFUSED = "refused"
+    # A worker's in-flight limits or memory budget are full (admission, the
+    # worker before it runs a task): retried after a backoff; raise the worker's
+    # --max-inflight limits or add workers if it persists.
+    BUSY = "busy"
+    # No usable worker, or a peer or node that is not connected (Manager, the
+    # scheduler, the RPC client when the node cannot be asked): start a worker,
+    # check the node is running.
+    UNAVAILABLE = "unavailable"
+    # A task did not finish within its timeout (the worker, the scheduler, the
+    # manager): give it a longer timeout or a smaller task.
+    DEADLINE = "deadline"
+    # A task failed for a reason of its own (TaskError's default), a canary that
+    # failed verification, or a bug in an RPC method (rpc_error_fields): retried
+    # elsewhere; when it is a bug the node's log has the traceback.
+    INTERNAL = "internal"
+    # A worker's result failed verification (the manager's Freivalds and
+    # recomputation checks): the worker is suspect; check its hardware and build.
+    WRONG_RESULT = "wrong-result"
+    # A stream or connection to a peer went away (Channel, DataPlane,
+    # PeerSession): retried elsewhere; check the network if it repeats.
+    DISCONNECTED = "disconnected"
+    # A peer did not answer in time (handshake, ping, canary, dial): check that
+    # it runs and that the network and the firewall let it through.
+    TIMEOUT = "timeout"
+    # A peer cannot be reached at all (dial, the data plane's connect): check
+    # the address, the port and the firewall.
+    UNREACHABLE = "unreachable"
+    # The peer speaks another protocol version, or not pangea (the handshake):
+    # use the same pangea.pyz on both machines.
+    INCOMPATIBLE = "incompatible"
+    # Two machines use one peer id (the handshake): a pangea home was copied;
+    # delete identity.key in the copy.
+    DUPLICATE_IDENTITY = "duplicate-identity"
+    # One home runs two processes on one machine (the handshake): give the
+    # second its own PANGEA_HOME.
+    IDENTITY_IN_USE = "identity-in-use"
+    # A task result nobody waits for (the Decoder's admit_result): dropped
+    # quietly, usually a result that arrived after its task was cancelled.
+    UNSOLICITED = "unsolicited"
+    # The peer broke framing or the schema (PeerSession sends it in an ErrorMsg
+    # before it drops the peer): use the same pangea.pyz on both machines.
+    PROTOCOL = "protocol"
+    # A pangea error that carries no kind of its own, as the RPC service reports
+    # it (rpc_error_fields): the message says what went wrong.
+    FAILED = "failed"
+
+
 class PangeaError(Exception):
     """Root of every error pangea raises on purpose; catch this to catch them all."""
 
@@ -237,7 +300,7 @@ class MessageError(RemoteProtocolError):
     intact, so the receiver answers with an error and goes on."""
 
     def __init__(
-        self, message: str, *, task_id: int | None = None, kind: str = "bad-input", admitted: bool = True
+        self, message: str, *, task_id: int | None = None, kind: str = ErrorKind.BAD_INPUT, admitted: bool = True
     ) -> None:
         super().__init__(message)
         self.task_id = task_id
@@ -247,22 +310,31 @@ class MessageError(RemoteProtocolError):
 
 class PeerError(PangeaError):
     """Raised when a peer cannot be reached, refuses us, is incompatible, or
-    disconnects. ``kind`` is one of: unreachable, refused, incompatible,
-    disconnected, timeout, duplicate-identity (a copied home), identity-in-use (one home
-    run twice on one machine). Check the address, the firewall, the versions."""
+    disconnects. ``kind`` is an ErrorKind: unreachable, refused, incompatible,
+    disconnected, timeout, unavailable (not connected), duplicate-identity (a copied
+    home), identity-in-use (one home run twice on one machine); a kind read off the
+    wire is kept as its string. Check the address, the firewall, the versions."""
 
-    def __init__(self, message: str, *, kind: str = "disconnected", hint: str | None = None):
+    def __init__(self, message: str, *, kind: str = ErrorKind.DISCONNECTED, hint: str | None = None):
         super().__init__(message, hint=hint)
         self.kind = kind
-        if kind in ("incompatible", "refused", "duplicate-identity", "identity-in-use"):
+        if kind in (ErrorKind.INCOMPATIBLE, ErrorKind.REFUSED, ErrorKind.DUPLICATE_IDENTITY, ErrorKind.IDENTITY_IN_USE):
             self.exit_code = 2  # a setup problem: the command cannot work as given
 
 
-class TaskError(PangeaError):
-    """Raised when a task fails: ``kind`` says why (bad-input, refused, busy,
-    unavailable, deadline, internal) and the message says what to fix."""
+class NoPeerError(PeerError):
+    """Raised when nobody connected (initiate) or the initiator could not be
+    reached (respond) within --timeout; check the address and the firewall."""
 
-    def __init__(self, message: str, *, kind: str = "internal") -> None:
+    exit_code = 2
+
+
+class TaskError(PangeaError):
+    """Raised when a task fails: ``kind`` (an ErrorKind, or the string a worker
+    sent) says why (bad-input, refused, busy, unavailable, deadline, internal,
+    wrong-result, ...) and the message says what to fix."""
+
+    def __init__(self, message: str, *, kind: str = ErrorKind.INTERNAL) -> None:
         super().__init__(message)
         self.kind = kind
 
@@ -271,7 +343,7 @@ class KernelError(TaskError):
     """Raised by a kernel for invalid inputs; the message names the problem."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, kind="bad-input")
+        super().__init__(message, kind=ErrorKind.BAD_INPUT)
 
 
 class SessionError(PangeaError):
@@ -279,6 +351,31 @@ class SessionError(PangeaError):
     check permissions of $PANGEA_HOME (default ~/.pangea)."""
 
     exit_code = 2
+
+
+class CheckFailed(PangeaError):
+    """Raised inside one of the initiator's checks (and the bench's) when a
+    result does not verify or a task ran where it should not; the check's row
+    shows the message. Look at the responder named in it: its build or hardware."""
+
+
+class RpcError(PangeaError):
+    """Raised by the Client when the node refuses a call (wrong token, node
+    shutting down, bad request) or the connection to it fails. ``kind`` is the
+    node's error kind ("unavailable" when the node could not be asked)."""
+
+    def __init__(self, message: str, *, kind: str = ErrorKind.UNAVAILABLE, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.kind = kind
+
+
+class Interrupted(Exception):  # not a PangeaError: the CLI turns it into an exit code
+    """Raised by run_trio_value when a signal stopped the run; ``code`` is the exit code
+    (130 or 143). Nothing to fix: the user asked the command to stop."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"interrupted ({code})")
+        self.code = code
 
 
 ###############################################################################
@@ -1065,7 +1162,7 @@ def _build_message(m: Any, msg: Message) -> list[memoryview]:
         r = m.init("taskResult")
         r.taskId = msg.task_id
         _set_metas(r.init("outputs", len(metas)), metas)
-        r.errorKind = msg.error_kind
+        r.errorKind = str(msg.error_kind)
         r.errorMessage = msg.error_message
         r.computeSeconds = msg.compute_s
     elif isinstance(msg, PingMsg | PongMsg):
@@ -1082,7 +1179,7 @@ def _build_message(m: Any, msg: Message) -> list[memoryview]:
         m.init("bye").reason = msg.reason
     elif isinstance(msg, ErrorMsg):
         e = m.init("error")
-        e.kind = msg.kind
+        e.kind = str(msg.kind)
         e.message = msg.message
     else:
         raise LocalProtocolError(f"cannot encode {type(msg).__name__}")
@@ -1183,7 +1280,7 @@ class Decoder:
             if which == "taskRequest" and self.admit is not None:
                 verdict = self.admit(task_id, self._payload_len)
             elif which == "taskResult" and self.admit_result is not None and not self.admit_result(task_id):
-                verdict = ("unsolicited", f"a result for task {task_id}, which nobody is waiting for")
+                verdict = (ErrorKind.UNSOLICITED, f"a result for task {task_id}, which nobody is waiting for")
             if verdict is not None:
                 self._refused = (task_id, verdict[0], verdict[1])
                 self._payload = bytearray()  # skip the payload: read it, keep none of it
@@ -2568,7 +2665,17 @@ EWMA_ALPHA = 0.3  # weight of the newest measurement of a worker's speed or band
 PROBATION_S = 3 * HEARTBEAT_S  # a worker back from being down gets less work this long (times its downs, up to 4)
 DEFAULT_BANDWIDTH_BYTES_S = 100e6  # assumed until a transfer to the worker has been measured
 RETRY_BACKOFF_S = 0.2  # first pause before retrying a task a worker said it was too busy for
-RETRYABLE_KINDS = frozenset({"unavailable", "disconnected", "timeout", "busy", "refused", "internal", "wrong-result"})
+RETRYABLE_KINDS = frozenset(
+    {
+        ErrorKind.UNAVAILABLE,
+        ErrorKind.DISCONNECTED,
+        ErrorKind.TIMEOUT,
+        ErrorKind.BUSY,
+        ErrorKind.REFUSED,
+        ErrorKind.INTERNAL,
+        ErrorKind.WRONG_RESULT,
+    }
+)
 SUSPECT_BACKOFF_S = 30.0  # a suspect worker's first canary comes this long after its wrong result
 SUSPECT_BACKOFF_MAX_S = 900.0  # each failed canary doubles the wait, up to this
 PROBATION_GOOD_RESULTS = 3  # verified results after a passing canary that clear a worker for good
@@ -2842,7 +2949,7 @@ class Scheduler:
         if isinstance(event, TickEvent):
             actions: list[SchedulerAction] = []
             for task in [t for t in self.tasks.values() if now >= t.deadline]:
-                actions += self._give_up(task, "deadline", "the task missed its deadline")
+                actions += self._give_up(task, ErrorKind.DEADLINE, "the task missed its deadline")
             for worker_id, state in self.workers.items():
                 if state.suspicion == "suspect" and state.up and now >= state.probe_at:
                     state.suspicion = "probing"
@@ -2854,7 +2961,7 @@ class Scheduler:
 
     def _on_submit(self, event: SubmitEvent) -> list[SchedulerAction]:
         if event.task_id in self.tasks or event.task_id in self.history:
-            return [Fail(event.task_id, "bad-input", f"task id {event.task_id} was already used")]
+            return [Fail(event.task_id, ErrorKind.BAD_INPUT, f"task id {event.task_id} was already used")]
         task = self.tasks[event.task_id] = _TaskState(
             event.task_id, event.placement, event.deadline, event.flops, event.nbytes, event.fallback
         )
@@ -2870,7 +2977,7 @@ class Scheduler:
         for task in list(self.tasks.values()):
             last = task.attempts[-1]
             if last.worker_id == event.worker_id and not last.outcome:
-                actions += self._attempt_failed(task, "disconnected", event.reason)
+                actions += self._attempt_failed(task, ErrorKind.DISCONNECTED, event.reason)
         return actions
 
     def _on_attempt_end(self, event: TaskDoneEvent | TaskFailedEvent) -> list[SchedulerAction]:
@@ -2924,13 +3031,13 @@ class Scheduler:
         if worker is not None and worker.running > 0:
             worker.running -= 1
         reports: list[SchedulerAction] = []
-        if worker is not None and kind == "wrong-result" and record.worker_id != LOCAL:
+        if worker is not None and kind == ErrorKind.WRONG_RESULT and record.worker_id != LOCAL:
             reports = self._suspect(record.worker_id, worker, message)
         if kind not in RETRYABLE_KINDS or len(task.attempts) >= self.max_attempts:
             self._finish_failed(task)
             return [*reports, Fail(task.task_id, kind, message)]
         # backoff: a busy worker is retried elsewhere after a pause that grows per attempt
-        delay = RETRY_BACKOFF_S * 2 ** (len(task.attempts) - 1) if kind == "busy" else 0.0
+        delay = RETRY_BACKOFF_S * 2 ** (len(task.attempts) - 1) if kind == ErrorKind.BUSY else 0.0
         return [*reports, *self._dispatch_next(task, delay)]
 
     def _suspect(self, worker_id: str, state: _WorkerState, reason: str) -> list[SchedulerAction]:
@@ -2953,7 +3060,7 @@ class Scheduler:
             state.suspicion, state.good_results = "probation", 0
             text = f"passed its canary task; on probation until {PROBATION_GOOD_RESULTS} verified results"
             return [Report(event.worker_id, text)]
-        if event.kind == "wrong-result":
+        if event.kind == ErrorKind.WRONG_RESULT:
             return self._suspect(event.worker_id, state, event.message)
         state.suspicion, state.probe_at = "suspect", self.now + state.backoff_s  # not its fault: same wait
         text = f"could not be probed ({event.message}); {self.suspicion_text(event.worker_id)}"
@@ -3046,7 +3153,7 @@ class Scheduler:
         if reason and not task.fallback:
             self._finish_failed(task)
             hint = "wait for the probe, connect another worker, or allow the local fallback"
-            return [Fail(task.task_id, "unavailable", f"{reason}; {hint}")]
+            return [Fail(task.task_id, ErrorKind.UNAVAILABLE, f"{reason}; {hint}")]
         task.attempts.append(AttemptRecord(worker_id, reason=reason))
         self.workers.setdefault(worker_id, _WorkerState(up=False)).running += 1
         return [Dispatch(task.task_id, len(task.attempts), worker_id, delay_s)]
@@ -3228,13 +3335,6 @@ class SessionDir:
 # must always be draining: the session reader hands work to other tasks and
 # never waits on the send lock itself.
 ###############################################################################
-
-
-class NoPeerError(PeerError):
-    """Raised when nobody connected (initiate) or the initiator could not be
-    reached (respond) within --timeout; check the address and the firewall."""
-
-    exit_code = 2
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -3594,7 +3694,7 @@ class Channel:
         except PeerError as exc:
             self._writer_failed(exc)
         finally:
-            self._writer_failed(PeerError(f"the {self.name} channel is closed", kind="disconnected"))
+            self._writer_failed(PeerError(f"the {self.name} channel is closed", kind=ErrorKind.DISCONNECTED))
 
     def _writer_failed(self, error: PeerError) -> None:
         for frame in self.queue.close(error):
@@ -3613,7 +3713,7 @@ class Channel:
                     await self.stream.write(chunk)
                     self.bytes_out += len(chunk)
         except stream_errors() as exc:
-            raise PeerError(f"cannot send to peer: {describe_exception(exc)}", kind="disconnected") from None
+            raise PeerError(f"cannot send to peer: {describe_exception(exc)}", kind=ErrorKind.DISCONNECTED) from None
 
     async def receive(self) -> Message:
         """Return the next message; raise PeerError at EOF or reset, RemoteProtocolError for garbage."""
@@ -3631,9 +3731,9 @@ class Channel:
             data = await self.stream.read(READ_CHUNK_BYTES)
         except StreamEOF:
             where = " in the middle of a frame" if self.decoder.in_frame else ""
-            raise PeerError(f"peer closed the stream{where}", kind="disconnected") from None
+            raise PeerError(f"peer closed the stream{where}", kind=ErrorKind.DISCONNECTED) from None
         except stream_errors() as exc:
-            raise PeerError(f"stream lost: {describe_exception(exc)}", kind="disconnected") from None
+            raise PeerError(f"stream lost: {describe_exception(exc)}", kind=ErrorKind.DISCONNECTED) from None
         self.bytes_in += len(data)
         self.last_read = self.clock()
         self.decoder.feed(data)
@@ -3743,7 +3843,7 @@ async def _tls_io(sock: Any, call: Callable[[], Any], *, writing: bool = False) 
             except ssl.SSLWantWriteError:
                 await trio.lowlevel.wait_writable(sock)
     except trio.ClosedResourceError:  # the session closed the socket while we waited
-        raise PeerError("the data connection was closed", kind="disconnected") from None
+        raise PeerError("the data connection was closed", kind=ErrorKind.DISCONNECTED) from None
 
 
 async def _tls_read_exactly(sock: Any, n: int) -> bytes:
@@ -3753,7 +3853,7 @@ async def _tls_read_exactly(sock: Any, n: int) -> bytes:
         want = n - len(out)
         chunk = await _tls_io(sock, lambda want=want: sock.recv(want))  # type: ignore[misc]
         if not chunk:
-            raise PeerError("the data connection closed during setup", kind="disconnected")
+            raise PeerError("the data connection closed during setup", kind=ErrorKind.DISCONNECTED)
         out += chunk
     return bytes(out)
 
@@ -3800,7 +3900,7 @@ class TlsChannel(Channel):
 
         sock = self.sock
         if self.closed:
-            raise PeerError("the data connection is closed", kind="disconnected")
+            raise PeerError("the data connection is closed", kind=ErrorKind.DISCONNECTED)
         try:
             for part in parts:
                 view = memoryview(part)
@@ -3814,7 +3914,7 @@ class TlsChannel(Channel):
                     self.bytes_out += n
         except (ssl.SSLError, OSError, ValueError) as exc:
             self.close_now()
-            raise PeerError(f"data connection lost: {describe_tls_error(exc)}", kind="disconnected") from None
+            raise PeerError(f"data connection lost: {describe_tls_error(exc)}", kind=ErrorKind.DISCONNECTED) from None
         except BaseException:
             # NOTE: only the writer writes, and only the node's shutdown cancels it: a frame
             # cut here can never be followed by another one the peer would misread.
@@ -3840,18 +3940,20 @@ class TlsChannel(Channel):
                 try:
                     await trio.lowlevel.wait_readable(sock)
                 except trio.ClosedResourceError:
-                    raise PeerError("the data connection was closed", kind="disconnected") from None
+                    raise PeerError("the data connection was closed", kind=ErrorKind.DISCONNECTED) from None
                 continue
             except ssl.SSLWantWriteError:
                 await trio.sleep(0.001)  # NOTE: the sender owns the writable wait
                 continue
             except (ssl.SSLError, OSError, ValueError) as exc:
                 self.close_now()
-                raise PeerError(f"data connection lost: {describe_tls_error(exc)}", kind="disconnected") from None
+                raise PeerError(
+                    f"data connection lost: {describe_tls_error(exc)}", kind=ErrorKind.DISCONNECTED
+                ) from None
             if n == 0:
                 self.close_now()
                 where = " in the middle of a frame" if decoder.in_frame else ""
-                raise PeerError(f"the peer closed the data connection{where}", kind="disconnected")
+                raise PeerError(f"the peer closed the data connection{where}", kind=ErrorKind.DISCONNECTED)
             self.bytes_in += n
             self.last_read = self.clock()
             if space is None:
@@ -4071,26 +4173,28 @@ class DataPlane:
                     raise PeerError(
                         f"{where} presented a TLS certificate the peer did not announce "
                         "(another program on that port, or a machine in the middle); not sending anything",
-                        kind="refused",
+                        kind=ErrorKind.REFUSED,
                     )
                 await _tls_send_all(sock, DATA_MAGIC + token)
                 answer = await _tls_read_exactly(sock, 1)
                 if answer != b"\x01":
-                    raise PeerError(f"{where} refused our data plane token", kind="refused")
+                    raise PeerError(f"{where} refused our data plane token", kind=ErrorKind.REFUSED)
             channel = TlsChannel(sock, self.node.limits, where)
             sock = None
             return channel
         except trio.TooSlowError:
             raise PeerError(
                 f"no answer from {where} within {DATA_CONNECT_S:.0f} s (a firewall dropping the data port?)",
-                kind="timeout",
+                kind=ErrorKind.TIMEOUT,
             ) from None
         except ConnectionRefusedError:
             raise PeerError(
-                f"{where} refused the connection (nothing listening on the data port)", kind="refused"
+                f"{where} refused the connection (nothing listening on the data port)", kind=ErrorKind.REFUSED
             ) from None
         except (ssl.SSLError, OSError) as exc:
-            raise PeerError(f"cannot connect to {where}: {describe_tls_error(exc)}", kind="unreachable") from None
+            raise PeerError(
+                f"cannot connect to {where}: {describe_tls_error(exc)}", kind=ErrorKind.UNREACHABLE
+            ) from None
         finally:
             if sock is not None:
                 _close_socket(sock)
@@ -4233,14 +4337,14 @@ class PeerSession:
             reason = f"protocol error: {exc}"
             log.warning("dropping peer %s: %s", self.label, reason)
             with contextlib.suppress(PeerError):
-                await channel.send(ErrorMsg("protocol", str(exc)))
+                await channel.send(ErrorMsg(ErrorKind.PROTOCOL, str(exc)))
             await self._close(reason, reset=True)
             return reason, True
         except PeerError as exc:
             return str(exc), False
 
     def _bad_message(self, exc: MessageError, channel: Channel) -> None:
-        if exc.kind == "unsolicited":
+        if exc.kind == ErrorKind.UNSOLICITED:
             log.info("dropping %s from %s", exc, self.label)
             return
         if exc.task_id is not None:
@@ -4248,7 +4352,7 @@ class PeerSession:
                 self._release(exc.task_id)  # admitted, then its contents were bad
             channel.receiving = None
             self._send_soon(TaskResultMsg(exc.task_id, error_kind=exc.kind, error_message=str(exc)), channel)
-        if exc.kind == "bad-input":
+        if exc.kind == ErrorKind.BAD_INPUT:
             log.warning("bad message from %s: %s", self.peer_id, exc)
 
     def _dispatch(self, msg: Message, channel: Channel) -> str | None:
@@ -4379,7 +4483,9 @@ class PeerSession:
         for task_id, pending in list(self._pending.items()):
             if pending.channel is channel:
                 del self._pending[task_id]
-                pending.error = PeerError(f"the data connection to {self.label} broke: {reason}", kind="disconnected")
+                pending.error = PeerError(
+                    f"the data connection to {self.label} broke: {reason}", kind=ErrorKind.DISCONNECTED
+                )
                 pending.event.set()
         for task_id, served_on in list(self._served_on.items()):
             if served_on is channel and task_id in self._scopes:
@@ -4413,7 +4519,7 @@ class PeerSession:
         if self.data is not None:
             self._drop_buffers(self.data)
         for pending in self._pending.values():
-            pending.error = PeerError(f"peer {self.label} went away: {reason}", kind="disconnected")
+            pending.error = PeerError(f"peer {self.label} went away: {reason}", kind=ErrorKind.DISCONNECTED)
             pending.event.set()
         self._pending.clear()
         for _, event in self._pings.values():
@@ -4436,24 +4542,24 @@ class PeerSession:
         node, limits = self.node, self.node.limits
         verdict: tuple[str, str] | None = None
         if not node.may_serve(self.peer_id):
-            verdict = ("refused", f"node {node.peer_id} does not run tasks for {self.peer_id}")
+            verdict = (ErrorKind.REFUSED, f"node {node.peer_id} does not run tasks for {self.peer_id}")
         elif task_id in self._reserved:
-            verdict = ("bad-input", f"task id {task_id} is already in flight")
+            verdict = (ErrorKind.BAD_INPUT, f"task id {task_id} is already in flight")
         elif len(self._reserved) >= limits.max_inflight_tasks:
             verdict = (
-                "busy",
+                ErrorKind.BUSY,
                 f"{len(self._reserved)} tasks of yours are in flight (limit {limits.max_inflight_tasks})",
             )
         elif sum(self._reserved.values()) + payload_len > limits.max_inflight_bytes:
             held = format_bytes(sum(self._reserved.values()))
             verdict = (
-                "busy",
+                ErrorKind.BUSY,
                 f"your tasks in flight hold {held}; {format_bytes(payload_len)} more exceeds "
                 f"the limit of {format_bytes(limits.max_inflight_bytes)}",
             )
         elif not node.budget.try_acquire(payload_len):
             verdict = (
-                "busy",
+                ErrorKind.BUSY,
                 f"the node's memory budget of {format_bytes(node.budget.limit_bytes)} is in use "
                 f"({format_bytes(node.budget.in_use)}); retry later",
             )
@@ -4482,7 +4588,7 @@ class PeerSession:
             self._send_soon(
                 TaskResultMsg(
                     task_id,
-                    error_kind="busy",
+                    error_kind=ErrorKind.BUSY,
                     error_message=(
                         f"the result would not fit the node's memory budget of {format_bytes(budget.limit_bytes)} "
                         f"({format_bytes(budget.in_use)} in use); retry later"
@@ -4517,7 +4623,7 @@ class PeerSession:
                 log.warning("task %d from %s: %s ran past %.0f s", req.task_id, self.label, req.kernel, timeout)
                 result = TaskResultMsg(
                     req.task_id,
-                    error_kind="deadline",
+                    error_kind=ErrorKind.DEADLINE,
                     error_message=f"{req.kernel} did not finish within {format_seconds(timeout)}",
                 )
             del req  # drop the operands before the result goes out
@@ -4543,7 +4649,7 @@ class PeerSession:
         import trio
 
         if self.closed.is_set():
-            raise PeerError(f"peer {self.label} is not connected ({self.close_reason})", kind="unavailable")
+            raise PeerError(f"peer {self.label} is not connected ({self.close_reason})", kind=ErrorKind.UNAVAILABLE)
         task_id = self._next_task_id
         self._next_task_id += 1
         pending = _Pending(trio.Event())
@@ -4595,7 +4701,7 @@ class PeerSession:
             await done.wait()
         self._pings.pop(nonce, None)
         if self.closed.is_set() or not done.is_set():
-            raise PeerError(f"no pong from {self.label} within {format_seconds(timeout_s)}", kind="timeout")
+            raise PeerError(f"no pong from {self.label} within {format_seconds(timeout_s)}", kind=ErrorKind.TIMEOUT)
         return time.perf_counter() - start
 
     async def bye(self, reason: str = "done") -> None:
@@ -4869,7 +4975,7 @@ class Node:
             remote_role=f"{hello.role or 'peer'} {peer_id}",
         )
         if problem is not None:
-            return "incompatible", problem
+            return ErrorKind.INCOMPATIBLE, problem
         duplicate = self._duplicate_identity(peer_id, hello)
         if duplicate is not None:
             return duplicate
@@ -4879,7 +4985,7 @@ class Node:
             log.info("accepting %s %s: it runs from the pangea home of %s (signed)", hello.role, peer_id, home)
             return None
         refusal = self.accept(peer_id, hello)
-        return None if refusal is None else ("refused", refusal)
+        return None if refusal is None else (ErrorKind.REFUSED, refusal)
 
     def _duplicate_identity(self, peer_id: str, hello: HelloMsg) -> tuple[str, str] | None:
         """Return (kind, complaint) when another process already speaks as ``peer_id``.
@@ -4889,23 +4995,23 @@ class Node:
         copied = "a pangea home was copied; delete identity.key in the copy to give that box its own peer id"
         if peer_id == self.peer_id and hello.instance_id != self.instance_id:
             if hello.host_id and hello.host_id == self.host_id:
-                return "identity-in-use", (
+                return ErrorKind.IDENTITY_IN_USE, (
                     f"the peer ({hello.role or 'peer'}) is another pangea process of this node's home on this "
                     f"machine (peer id {peer_id}); one home's processes cannot work with each other: "
                     "start one of them with its own home (PANGEA_HOME=DIR)"
                 )
-            return "duplicate-identity", f"the peer uses this node's own peer id {peer_id}: {copied}"
+            return ErrorKind.DUPLICATE_IDENTITY, f"the peer uses this node's own peer id {peer_id}: {copied}"
         current = self.sessions.get(peer_id)
         if current is not None and not current.closed.is_set() and current.hello.instance_id != hello.instance_id:
             if hello.host_id and hello.host_id == current.hello.host_id:
-                return "identity-in-use", (
+                return ErrorKind.IDENTITY_IN_USE, (
                     f"peer id {peer_id} already has a session here from another pangea process on its machine "
                     f"({current.hello.role or 'peer'}): that home runs two processes; stop one, or start the "
                     "second with its own home (PANGEA_HOME=DIR)"
                 )
             where = self.remote_address(peer_id)
             return (
-                "duplicate-identity",
+                ErrorKind.DUPLICATE_IDENTITY,
                 f"peer id {peer_id} is already connected from another process ({where}): {copied}",
             )
         return None
@@ -5040,7 +5146,7 @@ class Node:
                     raise NoPeerError(
                         f"cannot reach {address.text} within {format_seconds(timeout_s)} "
                         f"({attempt} attempt{'s' if attempt > 1 else ''}): {error}",
-                        kind="unreachable",
+                        kind=ErrorKind.UNREACHABLE,
                         hint="check that pangea is running there, that the address (and its peer ID) is the one it "
                         f"printed, that no firewall blocks the port{psk}",
                     ) from None
@@ -5063,26 +5169,31 @@ class Node:
             await channel.close(reset=True)
             timeout = self.limits.handshake_timeout_s
             raise PeerError(
-                f"{address.peer_id} did not answer the handshake within {format_seconds(timeout)}", kind="timeout"
+                f"{address.peer_id} did not answer the handshake within {format_seconds(timeout)}",
+                kind=ErrorKind.TIMEOUT,
             ) from None
         except (RemoteProtocolError, PeerError) as exc:
             await channel.close(reset=True)
-            raise PeerError(f"handshake with {address.peer_id} failed: {exc}", kind="disconnected") from None
+            raise PeerError(f"handshake with {address.peer_id} failed: {exc}", kind=ErrorKind.DISCONNECTED) from None
         if isinstance(msg, ErrorMsg):
             await channel.close()
-            hints = {
-                "incompatible": "use the same pangea.pyz on both machines",
-                "duplicate-identity": "delete identity.key in the copied pangea home, then restart that node",
-                "identity-in-use": "one pangea home runs two processes there; give the second its own PANGEA_HOME",
+            hints: dict[str, str] = {
+                ErrorKind.INCOMPATIBLE: "use the same pangea.pyz on both machines",
+                ErrorKind.DUPLICATE_IDENTITY: "delete identity.key in the copied pangea home, then restart that node",
+                ErrorKind.IDENTITY_IN_USE: (
+                    "one pangea home runs two processes there; give the second its own PANGEA_HOME"
+                ),
             }
             raise PeerError(
                 f"cannot work with {address.peer_id}: it refused the session: {msg.message}",
-                kind="refused" if msg.kind not in hints else msg.kind,
+                kind=ErrorKind.REFUSED if msg.kind not in hints else msg.kind,
                 hint=hints.get(msg.kind),
             )
         if not isinstance(msg, HelloMsg):
             await channel.close(reset=True)
-            raise PeerError(f"{address.peer_id} answered the handshake with {type(msg).__name__}", kind="incompatible")
+            raise PeerError(
+                f"{address.peer_id} answered the handshake with {type(msg).__name__}", kind=ErrorKind.INCOMPATIBLE
+            )
         problem = hello_mismatch(
             PROTOCOL_VERSION,
             msg.protocol_version,
@@ -5090,7 +5201,7 @@ class Node:
             local_role=f"{self.role} {self.peer_id}",
             remote_role=f"{msg.role or 'peer'} {address.peer_id}",
         )
-        kind = "incompatible"
+        kind: str = ErrorKind.INCOMPATIBLE
         if problem is None and (duplicate := self._duplicate_identity(address.peer_id, msg)) is not None:
             kind, problem = duplicate
         if problem is not None:
@@ -5098,7 +5209,9 @@ class Node:
                 await channel.send(ErrorMsg(kind, problem))
             await channel.close()
             raise PeerError(
-                problem, kind=kind, hint="use the same pangea.pyz on both machines" if kind == "incompatible" else None
+                problem,
+                kind=kind,
+                hint="use the same pangea.pyz on both machines" if kind == ErrorKind.INCOMPATIBLE else None,
             )
         session = PeerSession(self, channel, address.peer_id, msg, dialed=True)
         if not self._session_opened(session):
@@ -5188,7 +5301,7 @@ class Node:
         except TaskError:
             raise
         except (ValueError, TypeError, ArithmeticError, MemoryError) as exc:  # numpy's own errors
-            raise TaskError(f"{kernel}: {describe_exception(exc)}", kind="bad-input") from None
+            raise TaskError(f"{kernel}: {describe_exception(exc)}", kind=ErrorKind.BAD_INPUT) from None
 
 
 class _RunningCount:
@@ -5495,7 +5608,9 @@ class Manager:
                 if deadline_scope.cancelled_caught:
                     self._apply(self.scheduler.handle(TickEvent(), start + timeout_s))
                 nursery.cancel_scope.cancel()
-            raise failure or TaskError(f"{kernel}: no result within {format_seconds(timeout_s)}", kind="deadline")
+            raise failure or TaskError(
+                f"{kernel}: no result within {format_seconds(timeout_s)}", kind=ErrorKind.DEADLINE
+            )
         except TaskError as exc:
             self.tasks_failed += 1
             attempts = self.scheduler.attempts(task_id)
@@ -5572,17 +5687,17 @@ class Manager:
         log.info("probing suspect peer %s with a canary task", worker_id)
         try:
             if not isinstance(delegator, RemoteDelegator):
-                raise PeerError(f"worker {short_id(worker_id)} is not connected", kind="unavailable")
+                raise PeerError(f"worker {short_id(worker_id)} is not connected", kind=ErrorKind.UNAVAILABLE)
             with trio.fail_after(CANARY_TIMEOUT_S):
                 outputs, _ = await delegator.execute("matmul", operands, {})
             got = outputs[0] if len(outputs) == 1 else None
             if got is None or got.shape != expected.shape or not np.array_equal(got, expected):
-                kind = "wrong-result"
+                kind = ErrorKind.WRONG_RESULT
                 message = "its canary matmul failed verification: the answer differs from the known one"
         except trio.TooSlowError:
-            kind, message = "timeout", f"no answer to the canary within {CANARY_TIMEOUT_S:.0f} s"
+            kind, message = ErrorKind.TIMEOUT, f"no answer to the canary within {CANARY_TIMEOUT_S:.0f} s"
         except (TaskError, PeerError) as exc:
-            kind, message = ("internal" if exc.kind == "wrong-result" else exc.kind), str(exc)
+            kind, message = (ErrorKind.INTERNAL if exc.kind == ErrorKind.WRONG_RESULT else exc.kind), str(exc)
         self._apply(self.scheduler.handle(ProbeDoneEvent(worker_id, kind, message), self.clock()))
 
     def usable_workers(self) -> list[str]:
@@ -5617,7 +5732,7 @@ class Manager:
         import trio
 
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-            raise TaskError(f"matmul: shapes {a.shape} and {b.shape} do not match", kind="bad-input")
+            raise TaskError(f"matmul: shapes {a.shape} and {b.shape} do not match", kind=ErrorKind.BAD_INPUT)
         chosen = list(workers) if workers is not None else self.usable_workers()
         n = a.shape[0]
         out = np.empty((n, b.shape[1]), dtype=np.result_type(a, b))
@@ -5713,7 +5828,7 @@ class Manager:
             delegator = self.delegators.get(action.worker_id)
             try:
                 if delegator is None:
-                    raise PeerError(f"worker {short_id(action.worker_id)} is not connected", kind="unavailable")
+                    raise PeerError(f"worker {short_id(action.worker_id)} is not connected", kind=ErrorKind.UNAVAILABLE)
                 log.debug("task %d attempt %d on %s: %s", task_id, action.attempt, short_id(action.worker_id), kernel)
                 started = time.perf_counter()
                 outputs, compute_s = await delegator.execute(kernel, operands, params)
@@ -5723,14 +5838,15 @@ class Manager:
                     self.verification_failures += 1
                     log.warning("result of task %d from %s failed verification: %s", task_id, action.worker_id, problem)
                     raise TaskError(
-                        f"result from {short_id(action.worker_id)} failed verification: {problem}", kind="wrong-result"
+                        f"result from {short_id(action.worker_id)} failed verification: {problem}",
+                        kind=ErrorKind.WRONG_RESULT,
                     )
                 results[action.attempt] = (outputs, compute_s)
                 event = TaskDoneEvent(task_id, action.attempt)
             except TaskError as exc:
                 event = TaskFailedEvent(task_id, action.attempt, exc.kind, str(exc))
             except PeerError as exc:
-                kind = exc.kind if exc.kind in RETRYABLE_KINDS else "unavailable"
+                kind = exc.kind if exc.kind in RETRYABLE_KINDS else ErrorKind.UNAVAILABLE
                 event = TaskFailedEvent(task_id, action.attempt, kind, str(exc))
             if isinstance(event, TaskFailedEvent):
                 log.info(
@@ -5982,10 +6098,6 @@ class CheckResult:
     def as_json(self) -> dict[str, Any]:
         """Return the row as the JSON object of the --json output."""
         return {"name": self.name, "ok": self.ok, "seconds": round(self.seconds, 4), "detail": self.detail}
-
-
-class CheckFailed(PangeaError):
-    """Raised inside a check when a result does not verify."""
 
 
 def check_inputs(kernel: str, rng: Any, n: int = CHECK_MATRIX_N) -> tuple[tuple[np.ndarray, ...], dict[str, float]]:
@@ -7141,16 +7253,6 @@ RPC_MAX_TIMEOUT_S = 7 * 86400.0  # a week: a longer task timeout is a mistake (a
 RPC_MAX_TEXT_CHARS = 1000  # kernel names, placements and multiaddrs are short; longer ones are refused
 
 
-class RpcError(PangeaError):
-    """Raised by the Client when the node refuses a call (wrong token, node
-    shutting down, bad request) or the connection to it fails. ``kind`` is the
-    node's error kind ("unavailable" when the node could not be asked)."""
-
-    def __init__(self, message: str, *, kind: str = "unavailable", hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.kind = kind
-
-
 def one_line(text: str, limit: int = 1000) -> str:
     """Return ``text`` on one line, at most ``limit`` characters (for error lines and RPC errors)."""
     flat = " ".join(text.split())
@@ -7165,10 +7267,12 @@ def rpc_error_fields(exc: BaseException, what: str) -> tuple[str, str]:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     if isinstance(exc, PangeaError):
-        kind = getattr(exc, "kind", None) or ("bad-input" if isinstance(exc, UsageError) else "failed")
+        kind = getattr(exc, "kind", None) or (ErrorKind.BAD_INPUT if isinstance(exc, UsageError) else ErrorKind.FAILED)
         return str(kind), one_line(str(exc))
     log.error("RPC %s failed unexpectedly: %s", what, describe_exception(exc), exc_info=exc)
-    return "internal", one_line(f"cannot {what}: internal error ({describe_exception(exc)}); see the node's log")
+    return str(ErrorKind.INTERNAL), one_line(
+        f"cannot {what}: internal error ({describe_exception(exc)}); see the node's log"
+    )
 
 
 def check_task_timeout(timeout_s: float) -> float:
@@ -7180,7 +7284,7 @@ def check_task_timeout(timeout_s: float) -> float:
         raise TaskError(
             f"bad timeoutSeconds {timeout_s!r}: expected a number of seconds more than 0 and at most "
             f"{RPC_MAX_TIMEOUT_S:g}, or 0 for the node's default ({RPC_DEFAULT_TIMEOUT_S:g})",
-            kind="bad-input",
+            kind=ErrorKind.BAD_INPUT,
         )
     return timeout_s
 
@@ -7188,7 +7292,9 @@ def check_task_timeout(timeout_s: float) -> float:
 def check_rpc_text(name: str, text: str) -> str:
     """Return a short text argument of an RPC call; TaskError(bad-input) when absurdly long."""
     if len(text) > RPC_MAX_TEXT_CHARS:
-        raise TaskError(f"bad {name}: {len(text)} characters, expected at most {RPC_MAX_TEXT_CHARS}", kind="bad-input")
+        raise TaskError(
+            f"bad {name}: {len(text)} characters, expected at most {RPC_MAX_TEXT_CHARS}", kind=ErrorKind.BAD_INPUT
+        )
     return text
 
 
@@ -7262,7 +7368,7 @@ def array_from_capnp(reader: Any, index: int = 0) -> np.ndarray:
     try:
         (array,) = _arrays_from([meta], payload, task_id=0)
     except MessageError as exc:
-        raise TaskError(str(exc).replace("array 0", f"operand {index}"), kind="bad-input") from None
+        raise TaskError(str(exc).replace("array 0", f"operand {index}"), kind=ErrorKind.BAD_INPUT) from None
     return array
 
 
@@ -7326,7 +7432,7 @@ class NodeService:
                 )
             ):
                 known = ", ".join(PLACEMENTS + SPLIT_PLACEMENTS + tuple(self.node.sessions))
-                raise TaskError(f"unknown placement {placement!r}; use one of: {known}", kind="bad-input")
+                raise TaskError(f"unknown placement {placement!r}; use one of: {known}", kind=ErrorKind.BAD_INPUT)
             else:
                 outcome = await self.manager.run(
                     kernel, operands, params, placement=placement, timeout_s=timeout_s, fallback=fallback
@@ -7339,14 +7445,16 @@ class NodeService:
     ) -> TaskOutcome:
         """A matmul split in row blocks over the connected workers (and this node, for "split")."""
         if kernel != "matmul" or len(operands) != 2:
-            raise TaskError(f"placement {placement!r} splits a matmul; {kernel} cannot be split", kind="bad-input")
+            raise TaskError(
+                f"placement {placement!r} splits a matmul; {kernel} cannot be split", kind=ErrorKind.BAD_INPUT
+            )
         workers = self.manager.usable_workers()
         reason = ""
         if placement == "split-remote" and workers == [LOCAL]:
             reason = self.manager.fallback_reason()
             if not fallback:
                 hint = "wait for the probe, connect another worker, or allow the local fallback"
-                raise TaskError(f"cannot run {kernel} on remote workers: {reason}; {hint}", kind="unavailable")
+                raise TaskError(f"cannot run {kernel} on remote workers: {reason}; {hint}", kind=ErrorKind.UNAVAILABLE)
         elif placement == "split-remote":
             workers = [w for w in workers if w != LOCAL]
         split = await self.manager.split_matmul(operands[0], operands[1], workers=workers, timeout_s=timeout_s)
@@ -7430,7 +7538,7 @@ class NodeService:
 def _outcome_to_capnp(r: Any, outcome: TaskOutcome | None, error: TaskError | None) -> None:
     """Fill an RPC `TaskOutput` builder."""
     if error is not None:
-        r.errorKind = error.kind
+        r.errorKind = str(error.kind)
         r.errorMessage = str(error)
         return
     assert outcome is not None
@@ -7873,7 +7981,7 @@ class Client:
                 raise TaskError(
                     f"cannot submit {kernel}: operand {i} is a {a.ndim}-d {a.dtype.name} array; pangea takes "
                     f"arrays of at most {MAX_NDIM} dimensions of {', '.join(ALLOWED_DTYPES)}",
-                    kind="bad-input",
+                    kind=ErrorKind.BAD_INPUT,
                 )
         total = sum(a.nbytes for a in arrays)
         limit = min(self.max_message_bytes, self.node_max_message_bytes)
@@ -8553,14 +8661,6 @@ def run_trio_value(fn: Callable[..., Any], *args: Any) -> Any:
         raise
 
 
-class Interrupted(Exception):
-    """Raised by run_trio_value when a signal stopped the run; ``code`` is the exit code."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(f"interrupted ({code})")
-        self.code = code
-
-
 def run_trio(fn: Callable[..., Any], *args: Any) -> int:
     """Run a command's ``async`` body under trio; return its exit code (130/143 after a signal)."""
     try:
@@ -8937,7 +9037,7 @@ async def _initiate(
             got = "nobody" if not sessions else f"only {len(sessions)} of {expect} responders"
             raise NoPeerError(
                 f"cannot run the checks: {got} connected within {format_seconds(args.timeout)}",
-                kind="timeout",
+                kind=ErrorKind.TIMEOUT,
                 hint=f"on the other box run `./pangea.pyz respond` with the join string printed above; "
                 f"check that box can reach this one (same network, firewall open for TCP port {port}"
                 + (f", and {node.data_plane.port} for the data plane)" if node.data_plane else ")"),
@@ -8960,7 +9060,7 @@ def discover_one(interactive: bool) -> str:
     if not found:
         raise NoPeerError(
             "cannot find an initiator on this network by mDNS",
-            kind="unreachable",
+            kind=ErrorKind.UNREACHABLE,
             hint="start `./pangea.pyz initiate` on the other box (on the same LAN; mDNS does not cross "
             "routers or most VPNs), or paste its address instead",
         )
@@ -9595,9 +9695,9 @@ async def _probe_libp2p(address: PeerAddress, timeout_s: float, psk: str | None,
         try:
             session = await node.dial(address, timeout_s=timeout_s)
         except PeerError as exc:
-            if exc.kind == "incompatible":
+            if exc.kind == ErrorKind.INCOMPATIBLE:
                 return {"libp2p": "incompatible", "detail": str(exc)}
-            if exc.kind in ("refused", "duplicate-identity", "identity-in-use"):
+            if exc.kind in (ErrorKind.REFUSED, ErrorKind.DUPLICATE_IDENTITY, ErrorKind.IDENTITY_IN_USE):
                 # it answered our Hello: Noise, the peer ID and the protocol are all right
                 return {
                     "libp2p": "ok",
@@ -9792,7 +9892,7 @@ async def _bench(
         try:
             session = await node.dial(address, timeout_s=args.timeout)
         except PeerError as exc:
-            if exc.kind == "refused" and exc.hint is None:
+            if exc.kind == ErrorKind.REFUSED and exc.hint is None:
                 exc.hint = (
                     "pass the join string `bench --listen` printed (pangea://...#CODE), or add --code CODE; "
                     f"a serve node must trust this box: serve --allow-peer {key_peer_id(home_key or key_pair)}"
@@ -9931,7 +10031,7 @@ async def _bench_listen(args: argparse.Namespace, session_dir: SessionDir, psk: 
                 port = node.addresses[0].split("/tcp/")[1].split("/")[0] if node.addresses else args.port
                 raise NoPeerError(
                     f"cannot serve a benchmark: nobody connected within {format_seconds(args.timeout)}",
-                    kind="timeout",
+                    kind=ErrorKind.TIMEOUT,
                     hint=f"on the other box run `./pangea.pyz bench` with the join string printed above; "
                     f"check that box can reach this one (firewall open for TCP port {port})",
                 )
