@@ -7230,6 +7230,130 @@ class StatusRecord:
         }
 
 
+@dataclass(frozen=True)
+class AttemptInfoRecord:
+    """Where one attempt of a task ran and how it ended (the `AttemptInfo` struct)."""
+
+    worker: str  # "local" or a peer id
+    outcome: str  # "ok" or "<kind>: <message>"
+
+    def to_capnp(self, builder: Any) -> None:
+        """Fill an RPC `AttemptInfo` builder."""
+        builder.worker = self.worker
+        builder.outcome = self.outcome
+
+    @classmethod
+    def from_capnp(cls, reader: Any) -> AttemptInfoRecord:
+        """Return the record of an RPC `AttemptInfo` reader."""
+        return cls(str(reader.worker), str(reader.outcome))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The attempt as ``Client.last_task["attempts"]`` lists it."""
+        return {"worker": self.worker, "outcome": self.outcome}
+
+
+@dataclass(frozen=True)
+class TimingsRecord:
+    """Where a task's time went, in seconds (the `Timings` struct)."""
+
+    queue_s: float = 0.0
+    transfer_s: float = 0.0
+    compute_s: float = 0.0
+    total_s: float = 0.0
+
+    def to_capnp(self, builder: Any) -> None:
+        """Fill an RPC `Timings` builder."""
+        builder.queueSeconds = self.queue_s
+        builder.computeSeconds = self.compute_s
+        builder.totalSeconds = self.total_s
+        builder.transferSeconds = self.transfer_s
+
+    @classmethod
+    def from_capnp(cls, reader: Any) -> TimingsRecord:
+        """Return the record of an RPC `Timings` reader."""
+        return cls(
+            float(reader.queueSeconds),
+            float(reader.transferSeconds),
+            float(reader.computeSeconds),
+            float(reader.totalSeconds),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The timings as ``Client.last_task["timings"]`` gives them."""
+        return {
+            "queue_s": self.queue_s,
+            "transfer_s": self.transfer_s,
+            "compute_s": self.compute_s,
+            "total_s": self.total_s,
+        }
+
+
+@dataclass(frozen=True)
+class TaskOutputRecord:
+    """The answer to `submit` (the `TaskOutput` struct): the outputs and where they came from, or
+    the error (``error_kind`` "" on success)."""
+
+    outputs: tuple[np.ndarray, ...] = field(default=(), compare=False)  # NOTE: arrays have no ==
+    error_kind: str = ""
+    error_message: str = ""
+    ran_on: str = ""
+    fallback_reason: str = ""
+    attempts: tuple[AttemptInfoRecord, ...] = ()
+    timings: TimingsRecord = TimingsRecord()
+
+    @classmethod
+    def from_outcome(cls, outcome: TaskOutcome) -> TaskOutputRecord:
+        """Return the record of a delivered task (transfer: what neither queue nor compute took)."""
+        transfer_s = (
+            max(0.0, outcome.elapsed_s - outcome.compute_s - outcome.queue_s) if outcome.worker_id != LOCAL else 0.0
+        )
+        return cls(
+            tuple(outcome.outputs),
+            ran_on=outcome.worker_id,
+            fallback_reason=outcome.fallback_reason,
+            attempts=tuple(AttemptInfoRecord(a.worker_id, a.outcome or "ok") for a in outcome.attempts),
+            timings=TimingsRecord(outcome.queue_s, transfer_s, outcome.compute_s, outcome.elapsed_s),
+        )
+
+    def to_capnp(self, builder: Any) -> None:
+        """Fill an RPC `TaskOutput` builder (an error: only its kind and message)."""
+        if self.error_kind:
+            builder.errorKind = self.error_kind
+            builder.errorMessage = self.error_message
+            return
+        for slot, a in zip(builder.init("outputs", len(self.outputs)), self.outputs, strict=True):
+            array_to_capnp(slot, a)
+        builder.ranOn = self.ran_on
+        builder.fallbackReason = self.fallback_reason
+        for slot, attempt in zip(builder.init("attempts", len(self.attempts)), self.attempts, strict=True):
+            attempt.to_capnp(slot)
+        self.timings.to_capnp(builder.timings)
+
+    @classmethod
+    def from_capnp(cls, reader: Any) -> TaskOutputRecord:
+        """Return the record of an RPC `TaskOutput` reader; TaskError(bad-input) for an inconsistent array."""
+        return cls(
+            tuple(array_from_capnp(o) for o in reader.outputs),
+            str(reader.errorKind),
+            str(reader.errorMessage),
+            str(reader.ranOn),
+            str(reader.fallbackReason),
+            tuple(AttemptInfoRecord.from_capnp(a) for a in reader.attempts),
+            TimingsRecord.from_capnp(reader.timings),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The task as `Client.last_task` describes it (everything but the outputs)."""
+        return {
+            "error_kind": self.error_kind,
+            "error_message": self.error_message,
+            "ran_on": self.ran_on,
+            "fallback_reason": self.fallback_reason,
+            "attempts": [a.as_dict() for a in self.attempts],
+            "timings": self.timings.as_dict(),
+        }
+
+
 class NodeService:
     """The trio side of the RPC: what `submit`, `peers`, `status` and `connect` do."""
 
@@ -7401,21 +7525,7 @@ def _outcome_to_capnp(r: Any, outcome: TaskOutcome | None, error: TaskError | No
         r.errorMessage = str(error)
         return
     assert outcome is not None
-    outs = r.init("outputs", len(outcome.outputs))
-    for slot, a in zip(outs, outcome.outputs, strict=True):
-        array_to_capnp(slot, a)
-    r.ranOn = outcome.worker_id
-    r.fallbackReason = outcome.fallback_reason
-    attempts = r.init("attempts", len(outcome.attempts))
-    for slot, record in zip(attempts, outcome.attempts, strict=True):
-        slot.worker = record.worker_id
-        slot.outcome = record.outcome or "ok"
-    r.timings.queueSeconds = outcome.queue_s
-    r.timings.computeSeconds = outcome.compute_s
-    r.timings.totalSeconds = outcome.elapsed_s
-    r.timings.transferSeconds = (
-        max(0.0, outcome.elapsed_s - outcome.compute_s - outcome.queue_s) if outcome.worker_id != LOCAL else 0.0
-    )
+    TaskOutputRecord.from_outcome(outcome).to_capnp(r)
 
 
 class RpcServer:
@@ -7792,28 +7902,13 @@ class Client:
             for slot, (name, value) in zip(ps, params.items(), strict=True):
                 slot.name, slot.value = name, float(value)
             response = await request.send()
-            r = response.result
-            outputs = [array_from_capnp(o) for o in r.outputs]
-            return {
-                "outputs": outputs,
-                "error_kind": str(r.errorKind),
-                "error_message": str(r.errorMessage),
-                "ran_on": str(r.ranOn),
-                "fallback_reason": str(r.fallbackReason),
-                "attempts": [{"worker": str(a.worker), "outcome": str(a.outcome)} for a in r.attempts],
-                "timings": {
-                    "queue_s": r.timings.queueSeconds,
-                    "transfer_s": r.timings.transferSeconds,
-                    "compute_s": r.timings.computeSeconds,
-                    "total_s": r.timings.totalSeconds,
-                },
-            }
+            return TaskOutputRecord.from_capnp(response.result)
 
-        result = self._call(call, f"submit {kernel}")
-        self.last_task = {k: v for k, v in result.items() if k != "outputs"}
-        if result["error_kind"]:
-            raise TaskError(result["error_message"], kind=result["error_kind"])
-        outputs = result["outputs"]
+        result: TaskOutputRecord = self._call(call, f"submit {kernel}")
+        self.last_task = result.as_dict()
+        if result.error_kind:
+            raise TaskError(result.error_message, kind=result.error_kind)
+        outputs = result.outputs
         if len(outputs) != 1:
             raise RpcError(f"cannot submit {kernel}: the node returned {len(outputs)} outputs, expected 1")
         return outputs[0]

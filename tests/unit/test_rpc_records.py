@@ -1,16 +1,31 @@
 """Unit tests of the RPC records of section 9 of pangea.py.
 
-Each record (`SuspicionRecord`, `PeerRecord`, `StatusRecord`) is filled into a
+Each record (`SuspicionRecord`, `PeerRecord`, `StatusRecord`, `TaskOutputRecord`
+with its `AttemptInfoRecord`s and `TimingsRecord`) is filled into a
 real Cap'n Proto message built from capnp/pangea.capnp with `to_capnp`, sent
 through bytes, and read back with `from_capnp`: the record comes back equal,
-and `as_dict()` has the shape the Client returns (keys and types).
+and `as_dict()` has the shape the Client returns (keys and types; for a task,
+`Client.last_task`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from pangea import PeerRecord, StatusRecord, SuspicionRecord, load_schema
+import numpy as np
+
+from pangea import (
+    AttemptInfoRecord,
+    AttemptRecord,
+    PeerRecord,
+    StatusRecord,
+    SuspicionRecord,
+    TaskOutcome,
+    TaskOutputRecord,
+    TimingsRecord,
+    load_schema,
+)
 
 # ---------------------------------------------------------------- helpers
 
@@ -167,3 +182,54 @@ def test_status_as_dict_keys_and_types() -> None:
     assert list(d) == list(types)
     assert {k: type(v) for k, v in d.items()} == types
     assert d["suspects"] == [{"peer_id": "12D3KooWsuspect", **SUSPECT.as_dict()}]
+
+
+# ---------------------------------------------------------------- task output
+
+
+def test_task_output_round_trips_with_its_outputs() -> None:
+    c = np.arange(12, dtype=np.float64).reshape(3, 4)
+    record = TaskOutputRecord(
+        (c,),
+        ran_on="12D3KooWpeer",
+        fallback_reason="",
+        attempts=(AttemptInfoRecord("12D3KooWother", "unavailable: gone"), AttemptInfoRecord("12D3KooWpeer", "ok")),
+        timings=TimingsRecord(0.5, 0.25, 1.5, 2.25),
+    )
+    back = round_trip("TaskOutput", record)
+    assert back == record
+    (out,) = back.outputs
+    assert out.dtype == c.dtype and np.array_equal(out, c)
+
+
+def test_task_output_of_an_error_carries_only_the_error() -> None:
+    record = TaskOutputRecord(error_kind="bad-input", error_message="cannot submit: bad operand")
+    back = round_trip("TaskOutput", record)
+    assert back == record and back.outputs == ()
+
+
+def test_task_output_from_an_outcome() -> None:
+    outcome = TaskOutcome(1, "matmul", (np.eye(2),), "12D3KooWpeer", [AttemptRecord("12D3KooWpeer")], 1.0, 3.0, 0.5, "")
+    record = TaskOutputRecord.from_outcome(outcome)
+    assert record.attempts == (AttemptInfoRecord("12D3KooWpeer", "ok"),)
+    assert record.timings == TimingsRecord(queue_s=0.5, transfer_s=1.5, compute_s=1.0, total_s=3.0)
+    local = TaskOutputRecord.from_outcome(dataclasses.replace(outcome, worker_id="local"))
+    assert local.timings.transfer_s == 0.0 and local.ran_on == "local"
+
+
+def test_task_output_as_dict_is_last_task() -> None:
+    record = TaskOutputRecord(
+        (np.zeros(1),),
+        ran_on="local",
+        fallback_reason="no remote worker",
+        attempts=(AttemptInfoRecord("local", "ok"),),
+        timings=TimingsRecord(0.0, 0.0, 1.0, 1.25),
+    )
+    assert round_trip("TaskOutput", record).as_dict() == {
+        "error_kind": "",
+        "error_message": "",
+        "ran_on": "local",
+        "fallback_reason": "no remote worker",
+        "attempts": [{"worker": "local", "outcome": "ok"}],
+        "timings": {"queue_s": 0.0, "transfer_s": 0.0, "compute_s": 1.0, "total_s": 1.25},
+    }
