@@ -7372,6 +7372,356 @@ def array_from_capnp(reader: Any, index: int = 0) -> np.ndarray:
     return array
 
 
+# The records that cross RPC: each is built once on the node, filled into its
+# Cap'n Proto struct by `to_capnp`, read back by `from_capnp` on the client,
+# and handed to Python callers (and `call --json`) as `as_dict()`.
+
+
+@dataclass(frozen=True)
+class SuspicionRecord:
+    """Why a node does not fully trust a worker's results (the `Suspicion` struct; state "": it does)."""
+
+    peer_id: str
+    state: str
+    reason: str
+    since: float  # seconds since the epoch
+    next_probe_s: float
+    good_results: int
+    text: str = ""
+
+    @classmethod
+    def from_info(cls, peer_id: str, info: dict[str, Any]) -> SuspicionRecord:
+        """Return the record of one entry of `Manager.suspicions()`."""
+        return cls(
+            peer_id,
+            info["state"],
+            info["reason"],
+            info["since"],
+            info["next_probe_s"],
+            info["good_results"],
+            info.get("text", ""),
+        )
+
+    def to_capnp(self, builder: Any) -> None:
+        """Fill an RPC `Suspicion` builder."""
+        builder.peerId = self.peer_id
+        builder.state = self.state
+        builder.reason = self.reason
+        builder.sinceUnix = self.since
+        builder.nextProbeSeconds = self.next_probe_s
+        builder.goodResults = self.good_results
+        builder.text = self.text
+
+    @classmethod
+    def from_capnp(cls, reader: Any) -> SuspicionRecord:
+        """Return the record of an RPC `Suspicion` reader (state "" when the worker is trusted)."""
+        return cls(
+            str(reader.peerId),
+            str(reader.state),
+            str(reader.reason),
+            float(reader.sinceUnix),
+            float(reader.nextProbeSeconds),
+            int(reader.goodResults),
+            str(reader.text),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``suspicion`` of a peer as the Client returns it (no ``peer_id``)."""
+        return {
+            "state": self.state,
+            "reason": self.reason,
+            "since": self.since,
+            "next_probe_s": self.next_probe_s,
+            "good_results": self.good_results,
+            "text": self.text,
+        }
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """What `peers` and `connect` report about one connected peer (the `PeerInfo` struct)."""
+
+    peer_id: str
+    addresses: tuple[str, ...]
+    version: str
+    kernels: tuple[str, ...]
+    rtt_ms: float  # last measured; 0 when unknown
+    tasks_done: int
+    role: str
+    trusted: bool
+    last_seen_s: float
+    data_plane: str = ""
+    connected_s: float = 0.0
+    data_bytes_in: int = 0
+    data_bytes_out: int = 0
+    suspicion: SuspicionRecord | None = None  # None: trusted
+
+    @property
+    def suspect(self) -> bool:
+        """Whether its results wait for a canary ("suspect" or "probing")."""
+        return bool(self.suspicion and self.suspicion.state in ("suspect", "probing"))
+
+    def to_capnp(self, builder: Any) -> None:
+        """Fill an RPC `PeerInfo` builder."""
+        builder.peerId = self.peer_id
+        builder.addresses = list(self.addresses)
+        builder.version = self.version
+        builder.kernels = list(self.kernels)
+        builder.rttMs = self.rtt_ms
+        builder.tasksDone = self.tasks_done
+        builder.role = self.role
+        builder.trusted = self.trusted
+        builder.lastSeenSeconds = self.last_seen_s
+        builder.dataPlane = self.data_plane
+        builder.connectedSeconds = self.connected_s
+        builder.dataBytesIn = self.data_bytes_in
+        builder.dataBytesOut = self.data_bytes_out
+        if self.suspicion is not None:
+            self.suspicion.to_capnp(builder.suspicion)
+
+    @classmethod
+    def from_capnp(cls, reader: Any) -> PeerRecord:
+        """Return the record of an RPC `PeerInfo` reader."""
+        suspicion = SuspicionRecord.from_capnp(reader.suspicion)
+        return cls(
+            str(reader.peerId),
+            tuple(str(a) for a in reader.addresses),
+            str(reader.version),
+            tuple(str(k) for k in reader.kernels),
+            float(reader.rttMs),
+            int(reader.tasksDone),
+            str(reader.role),
+            bool(reader.trusted),
+            float(reader.lastSeenSeconds),
+            str(reader.dataPlane),
+            float(reader.connectedSeconds),
+            int(reader.dataBytesIn),
+            int(reader.dataBytesOut),
+            suspicion if suspicion.state else None,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The peer as `Client.peers()` and `Client.connect()` return it."""
+        return {
+            "peer_id": self.peer_id,
+            "addresses": list(self.addresses),
+            "version": self.version,
+            "kernels": list(self.kernels),
+            "rtt_ms": self.rtt_ms,
+            "tasks_done": self.tasks_done,
+            "role": self.role,
+            "trusted": self.trusted,
+            "last_seen_s": self.last_seen_s,
+            "data_plane": self.data_plane,
+            "connected_s": self.connected_s,
+            "data_bytes_in": self.data_bytes_in,
+            "data_bytes_out": self.data_bytes_out,
+            "suspect": self.suspect,
+            "suspicion": self.suspicion.as_dict() if self.suspicion is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class StatusRecord:
+    """What `status` reports about the node itself (the `NodeStatus` struct)."""
+
+    peer_id: str
+    addresses: tuple[str, ...]
+    version: str
+    uptime_s: float
+    tasks_done: int
+    tasks_failed: int
+    tasks_in_flight: int
+    bytes_in: int
+    bytes_out: int
+    rpc_address: str
+    peer_count: int
+    tasks_served: int
+    tasks_cancelled: int
+    suspects: tuple[SuspicionRecord, ...] = ()  # remote workers not fully trusted, connected or not
+
+    def to_capnp(self, builder: Any) -> None:
+        """Fill an RPC `NodeStatus` builder."""
+        builder.peerId = self.peer_id
+        builder.addresses = list(self.addresses)
+        builder.version = self.version
+        builder.uptimeSeconds = self.uptime_s
+        builder.tasksDone = self.tasks_done
+        builder.tasksFailed = self.tasks_failed
+        builder.tasksInFlight = self.tasks_in_flight
+        builder.bytesIn = self.bytes_in
+        builder.bytesOut = self.bytes_out
+        builder.rpcAddress = self.rpc_address
+        builder.peerCount = self.peer_count
+        builder.tasksServed = self.tasks_served
+        builder.tasksCancelled = self.tasks_cancelled
+        for slot, suspect in zip(builder.init("suspects", len(self.suspects)), self.suspects, strict=True):
+            suspect.to_capnp(slot)
+
+    @classmethod
+    def from_capnp(cls, reader: Any) -> StatusRecord:
+        """Return the record of an RPC `NodeStatus` reader."""
+        return cls(
+            str(reader.peerId),
+            tuple(str(a) for a in reader.addresses),
+            str(reader.version),
+            float(reader.uptimeSeconds),
+            int(reader.tasksDone),
+            int(reader.tasksFailed),
+            int(reader.tasksInFlight),
+            int(reader.bytesIn),
+            int(reader.bytesOut),
+            str(reader.rpcAddress),
+            int(reader.peerCount),
+            int(reader.tasksServed),
+            int(reader.tasksCancelled),
+            tuple(SuspicionRecord.from_capnp(x) for x in reader.suspects),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The status as `Client.status()` returns it."""
+        return {
+            "peer_id": self.peer_id,
+            "addresses": list(self.addresses),
+            "version": self.version,
+            "uptime_s": self.uptime_s,
+            "tasks_done": self.tasks_done,
+            "tasks_failed": self.tasks_failed,
+            "tasks_in_flight": self.tasks_in_flight,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "rpc_address": self.rpc_address,
+            "peer_count": self.peer_count,
+            "tasks_served": self.tasks_served,
+            "tasks_cancelled": self.tasks_cancelled,
+            "suspects": [{"peer_id": s.peer_id, **(s.as_dict() if s.state else {})} for s in self.suspects],
+        }
+
+
+@dataclass(frozen=True)
+class AttemptInfoRecord:
+    """Where one attempt of a task ran and how it ended (the `AttemptInfo` struct)."""
+
+    worker: str  # "local" or a peer id
+    outcome: str  # "ok" or "<kind>: <message>"
+
+    def to_capnp(self, builder: Any) -> None:
+        """Fill an RPC `AttemptInfo` builder."""
+        builder.worker = self.worker
+        builder.outcome = self.outcome
+
+    @classmethod
+    def from_capnp(cls, reader: Any) -> AttemptInfoRecord:
+        """Return the record of an RPC `AttemptInfo` reader."""
+        return cls(str(reader.worker), str(reader.outcome))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The attempt as ``Client.last_task["attempts"]`` lists it."""
+        return {"worker": self.worker, "outcome": self.outcome}
+
+
+@dataclass(frozen=True)
+class TimingsRecord:
+    """Where a task's time went, in seconds (the `Timings` struct)."""
+
+    queue_s: float = 0.0
+    transfer_s: float = 0.0
+    compute_s: float = 0.0
+    total_s: float = 0.0
+
+    def to_capnp(self, builder: Any) -> None:
+        """Fill an RPC `Timings` builder."""
+        builder.queueSeconds = self.queue_s
+        builder.computeSeconds = self.compute_s
+        builder.totalSeconds = self.total_s
+        builder.transferSeconds = self.transfer_s
+
+    @classmethod
+    def from_capnp(cls, reader: Any) -> TimingsRecord:
+        """Return the record of an RPC `Timings` reader."""
+        return cls(
+            float(reader.queueSeconds),
+            float(reader.transferSeconds),
+            float(reader.computeSeconds),
+            float(reader.totalSeconds),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The timings as ``Client.last_task["timings"]`` gives them."""
+        return {
+            "queue_s": self.queue_s,
+            "transfer_s": self.transfer_s,
+            "compute_s": self.compute_s,
+            "total_s": self.total_s,
+        }
+
+
+@dataclass(frozen=True)
+class TaskOutputRecord:
+    """The answer to `submit` (the `TaskOutput` struct): the outputs and where they came from, or
+    the error (``error_kind`` "" on success)."""
+
+    outputs: tuple[np.ndarray, ...] = field(default=(), compare=False)  # NOTE: arrays have no ==
+    error_kind: str = ""
+    error_message: str = ""
+    ran_on: str = ""
+    fallback_reason: str = ""
+    attempts: tuple[AttemptInfoRecord, ...] = ()
+    timings: TimingsRecord = TimingsRecord()
+
+    @classmethod
+    def from_outcome(cls, outcome: TaskOutcome) -> TaskOutputRecord:
+        """Return the record of a delivered task (transfer: what neither queue nor compute took)."""
+        transfer_s = (
+            max(0.0, outcome.elapsed_s - outcome.compute_s - outcome.queue_s) if outcome.worker_id != LOCAL else 0.0
+        )
+        return cls(
+            tuple(outcome.outputs),
+            ran_on=outcome.worker_id,
+            fallback_reason=outcome.fallback_reason,
+            attempts=tuple(AttemptInfoRecord(a.worker_id, a.outcome or "ok") for a in outcome.attempts),
+            timings=TimingsRecord(outcome.queue_s, transfer_s, outcome.compute_s, outcome.elapsed_s),
+        )
+
+    def to_capnp(self, builder: Any) -> None:
+        """Fill an RPC `TaskOutput` builder (an error: only its kind and message)."""
+        if self.error_kind:
+            builder.errorKind = self.error_kind
+            builder.errorMessage = self.error_message
+            return
+        for slot, a in zip(builder.init("outputs", len(self.outputs)), self.outputs, strict=True):
+            array_to_capnp(slot, a)
+        builder.ranOn = self.ran_on
+        builder.fallbackReason = self.fallback_reason
+        for slot, attempt in zip(builder.init("attempts", len(self.attempts)), self.attempts, strict=True):
+            attempt.to_capnp(slot)
+        self.timings.to_capnp(builder.timings)
+
+    @classmethod
+    def from_capnp(cls, reader: Any) -> TaskOutputRecord:
+        """Return the record of an RPC `TaskOutput` reader; TaskError(bad-input) for an inconsistent array."""
+        return cls(
+            tuple(array_from_capnp(o) for o in reader.outputs),
+            str(reader.errorKind),
+            str(reader.errorMessage),
+            str(reader.ranOn),
+            str(reader.fallbackReason),
+            tuple(AttemptInfoRecord.from_capnp(a) for a in reader.attempts),
+            TimingsRecord.from_capnp(reader.timings),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The task as `Client.last_task` describes it (everything but the outputs)."""
+        return {
+            "error_kind": self.error_kind,
+            "error_message": self.error_message,
+            "ran_on": self.ran_on,
+            "fallback_reason": self.fallback_reason,
+            "attempts": [a.as_dict() for a in self.attempts],
+            "timings": self.timings.as_dict(),
+        }
+
+
 class NodeService:
     """The trio side of the RPC: what `submit`, `peers`, `status` and `connect` do."""
 
@@ -7466,7 +7816,7 @@ class NodeService:
         compute_s = sum(s.compute_s for s in split.shares.values())
         return TaskOutcome(0, kernel, (split.result,), "split", attempts, compute_s, split.elapsed_s, 0.0, reason)
 
-    def peer_info(self, session: PeerSession) -> dict[str, Any]:
+    def peer_info(self, session: PeerSession) -> PeerRecord:
         """Return what `peers` reports about one session."""
         from libp2p.peer.id import ID
 
@@ -7475,63 +7825,66 @@ class NodeService:
         except Exception:  # NOTE: py-libp2p raises PeerStoreError for a peer without addresses
             addrs = []
         addrs = dialable_addresses(addrs, multiaddr_ip(self.node.remote_address(session.peer_id)))
-        return {
-            "peer_id": session.peer_id,
-            "addresses": addrs,
-            "version": session.hello.pangea_version,
-            "kernels": list(session.hello.kernels),
-            "rtt_ms": (session.rtt_s or 0.0) * 1000,
-            "tasks_done": self.manager.done_by.get(session.peer_id, 0),
-            "role": session.hello.role,
-            "trusted": bool(self.node.may_serve(session.peer_id)),
-            "last_seen_s": time.monotonic() - session.last_seen,
-            "data_plane": session.data_note,
-            "connected_s": time.monotonic() - session.opened_at,
-            "data_bytes_in": session.data.bytes_in if session.data is not None else 0,
-            "data_bytes_out": session.data.bytes_out if session.data is not None else 0,
-            **self.suspicion_of(session.peer_id),
-        }
+        return PeerRecord(
+            session.peer_id,
+            tuple(addrs),
+            session.hello.pangea_version,
+            tuple(session.hello.kernels),
+            (session.rtt_s or 0.0) * 1000,
+            self.manager.done_by.get(session.peer_id, 0),
+            session.hello.role,
+            bool(self.node.may_serve(session.peer_id)),
+            time.monotonic() - session.last_seen,
+            session.data_note,
+            time.monotonic() - session.opened_at,
+            session.data.bytes_in if session.data is not None else 0,
+            session.data.bytes_out if session.data is not None else 0,
+            self.suspicion_of(session.peer_id),
+        )
 
-    def suspicion_of(self, peer_id: str) -> dict[str, Any]:
-        """The ``suspect`` flag and ``suspicion`` record (None: trusted) of a peer."""
+    def suspicion_of(self, peer_id: str) -> SuspicionRecord | None:
+        """The suspicion record of a peer (None: trusted)."""
         info = self.manager.suspicions().get(peer_id)
-        return {"suspect": bool(info and info["state"] in ("suspect", "probing")), "suspicion": info}
+        return SuspicionRecord.from_info(peer_id, info) if info else None
 
-    async def peers(self) -> list[dict[str, Any]]:
+    async def peers(self) -> list[PeerRecord]:
         """Return the connected peers."""
         with self._call():
             return [self.peer_info(s) for s in self.node.sessions.values()]
         return []
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> StatusRecord:
         """Return this node's status."""
+        record: StatusRecord | None = None
         with self._call():
-            return {
-                "peer_id": self.node.peer_id,
-                "addresses": list(self.node.addresses),
-                "version": __version__,
-                "uptime_s": time.monotonic() - self.node.started_at,
-                "tasks_done": self.manager.tasks_done,
-                "tasks_failed": self.manager.tasks_failed,
-                "tasks_in_flight": self.manager.tasks_in_flight,
-                "bytes_in": self.node.bytes_in,
-                "bytes_out": self.node.bytes_out,
-                "rpc_address": self.rpc_address,
-                "peer_count": len(self.node.sessions),
-                "tasks_served": self.node.tasks_served,
-                "tasks_cancelled": self.node.tasks_cancelled,
-                "suspects": [{"peer_id": w, **info} for w, info in self.manager.suspicions().items()],
-            }
-        return {}
+            record = StatusRecord(
+                self.node.peer_id,
+                tuple(self.node.addresses),
+                __version__,
+                time.monotonic() - self.node.started_at,
+                self.manager.tasks_done,
+                self.manager.tasks_failed,
+                self.manager.tasks_in_flight,
+                self.node.bytes_in,
+                self.node.bytes_out,
+                self.rpc_address,
+                len(self.node.sessions),
+                self.node.tasks_served,
+                self.node.tasks_cancelled,
+                tuple(SuspicionRecord.from_info(w, info) for w, info in self.manager.suspicions().items()),
+            )
+        assert record is not None
+        return record
 
-    async def connect(self, multiaddr: str) -> dict[str, Any]:
+    async def connect(self, multiaddr: str) -> PeerRecord:
         """Dial a peer named by the RPC user, trust it, and return its info."""
-        info: dict[str, Any] = {}
+        info: PeerRecord | None = None
         with self._call():
             address = parse_peer_address(check_rpc_text("multiaddr", multiaddr))
             self.trust(address.peer_id)  # the node's owner asked for this peer by name
             session = await self.node.dial(address, timeout_s=RPC_CONNECT_TIMEOUT_S)
             info = self.peer_info(session)
+        assert info is not None
         return info
 
 
@@ -7542,83 +7895,7 @@ def _outcome_to_capnp(r: Any, outcome: TaskOutcome | None, error: TaskError | No
         r.errorMessage = str(error)
         return
     assert outcome is not None
-    outs = r.init("outputs", len(outcome.outputs))
-    for slot, a in zip(outs, outcome.outputs, strict=True):
-        array_to_capnp(slot, a)
-    r.ranOn = outcome.worker_id
-    r.fallbackReason = outcome.fallback_reason
-    attempts = r.init("attempts", len(outcome.attempts))
-    for slot, record in zip(attempts, outcome.attempts, strict=True):
-        slot.worker = record.worker_id
-        slot.outcome = record.outcome or "ok"
-    r.timings.queueSeconds = outcome.queue_s
-    r.timings.computeSeconds = outcome.compute_s
-    r.timings.totalSeconds = outcome.elapsed_s
-    r.timings.transferSeconds = (
-        max(0.0, outcome.elapsed_s - outcome.compute_s - outcome.queue_s) if outcome.worker_id != LOCAL else 0.0
-    )
-
-
-def _fill_peer(builder: Any, info: dict[str, Any]) -> None:
-    builder.peerId = info["peer_id"]
-    builder.addresses = info["addresses"]
-    builder.version = info["version"]
-    builder.kernels = info["kernels"]
-    builder.rttMs = info["rtt_ms"]
-    builder.tasksDone = info["tasks_done"]
-    builder.role = info["role"]
-    builder.trusted = info["trusted"]
-    builder.lastSeenSeconds = info["last_seen_s"]
-    builder.dataPlane = info.get("data_plane", "")
-    builder.connectedSeconds = info.get("connected_s", 0.0)
-    builder.dataBytesIn = info.get("data_bytes_in", 0)
-    builder.dataBytesOut = info.get("data_bytes_out", 0)
-    if info.get("suspicion"):
-        _fill_suspicion(builder.suspicion, info["peer_id"], info["suspicion"])
-
-
-def _fill_suspicion(builder: Any, peer_id: str, info: dict[str, Any]) -> None:
-    builder.peerId = peer_id
-    builder.state = info["state"]
-    builder.reason = info["reason"]
-    builder.sinceUnix = info["since"]
-    builder.nextProbeSeconds = info["next_probe_s"]
-    builder.goodResults = info["good_results"]
-    builder.text = info.get("text", "")
-
-
-def _read_suspicion(reader: Any) -> dict[str, Any] | None:
-    if not str(reader.state):
-        return None
-    return {
-        "state": str(reader.state),
-        "reason": str(reader.reason),
-        "since": float(reader.sinceUnix),
-        "next_probe_s": float(reader.nextProbeSeconds),
-        "good_results": int(reader.goodResults),
-        "text": str(reader.text),
-    }
-
-
-def _read_peer(reader: Any) -> dict[str, Any]:
-    suspicion = _read_suspicion(reader.suspicion)
-    return {
-        "peer_id": str(reader.peerId),
-        "addresses": [str(a) for a in reader.addresses],
-        "version": str(reader.version),
-        "kernels": [str(k) for k in reader.kernels],
-        "rtt_ms": float(reader.rttMs),
-        "tasks_done": int(reader.tasksDone),
-        "role": str(reader.role),
-        "trusted": bool(reader.trusted),
-        "last_seen_s": float(reader.lastSeenSeconds),
-        "data_plane": str(reader.dataPlane),
-        "connected_s": float(reader.connectedSeconds),
-        "data_bytes_in": int(reader.dataBytesIn),
-        "data_bytes_out": int(reader.dataBytesOut),
-        "suspect": bool(suspicion and suspicion["state"] in ("suspect", "probing")),
-        "suspicion": suspicion,
-    }
+    TaskOutputRecord.from_outcome(outcome).to_capnp(r)
 
 
 class RpcServer:
@@ -7780,34 +8057,22 @@ def _make_gate(schema: Any, in_trio: Callable[..., Any], service: NodeService, t
                 infos = await in_trio(service.peers)
                 slots = _context.results.init("peers", len(infos))
                 for slot, info in zip(slots, infos, strict=True):
-                    _fill_peer(slot, info)
+                    info.to_capnp(slot)
             except Exception as exc:
                 _context.results.init("peers", 0)
                 _context.results.errorKind, _context.results.errorMessage = rpc_error_fields(exc, "list peers")
 
         async def status(self, _context: Any, **kwargs: Any) -> None:
             try:
-                info = await in_trio(service.status)
-                st = _context.results.status
-                st.peerId, st.addresses, st.version = info["peer_id"], info["addresses"], info["version"]
-                st.uptimeSeconds, st.tasksDone = info["uptime_s"], info["tasks_done"]
-                st.tasksFailed, st.tasksInFlight = info["tasks_failed"], info["tasks_in_flight"]
-                st.bytesIn, st.bytesOut = info["bytes_in"], info["bytes_out"]
-                st.rpcAddress, st.peerCount, st.tasksServed = (
-                    info["rpc_address"],
-                    info["peer_count"],
-                    info["tasks_served"],
-                )
-                st.tasksCancelled = info["tasks_cancelled"]
-                for slot, suspect in zip(st.init("suspects", len(info["suspects"])), info["suspects"], strict=True):
-                    _fill_suspicion(slot, suspect["peer_id"], suspect)
+                record = await in_trio(service.status)
+                record.to_capnp(_context.results.status)
             except Exception as exc:
                 _context.results.errorKind, _context.results.errorMessage = rpc_error_fields(exc, "get status")
 
         async def connect(self, multiaddr: Any, _context: Any, **kwargs: Any) -> None:
             try:
                 info = await in_trio(service.connect, str(multiaddr))
-                _fill_peer(_context.results.peer, info)
+                info.to_capnp(_context.results.peer)
             except Exception as exc:
                 what = f"connect to {one_line(str(multiaddr), 200)!r}"
                 kind, message = rpc_error_fields(exc, what)
@@ -8007,28 +8272,13 @@ class Client:
             for slot, (name, value) in zip(ps, params.items(), strict=True):
                 slot.name, slot.value = name, float(value)
             response = await request.send()
-            r = response.result
-            outputs = [array_from_capnp(o) for o in r.outputs]
-            return {
-                "outputs": outputs,
-                "error_kind": str(r.errorKind),
-                "error_message": str(r.errorMessage),
-                "ran_on": str(r.ranOn),
-                "fallback_reason": str(r.fallbackReason),
-                "attempts": [{"worker": str(a.worker), "outcome": str(a.outcome)} for a in r.attempts],
-                "timings": {
-                    "queue_s": r.timings.queueSeconds,
-                    "transfer_s": r.timings.transferSeconds,
-                    "compute_s": r.timings.computeSeconds,
-                    "total_s": r.timings.totalSeconds,
-                },
-            }
+            return TaskOutputRecord.from_capnp(response.result)
 
-        result = self._call(call, f"submit {kernel}")
-        self.last_task = {k: v for k, v in result.items() if k != "outputs"}
-        if result["error_kind"]:
-            raise TaskError(result["error_message"], kind=result["error_kind"])
-        outputs = result["outputs"]
+        result: TaskOutputRecord = self._call(call, f"submit {kernel}")
+        self.last_task = result.as_dict()
+        if result.error_kind:
+            raise TaskError(result.error_message, kind=result.error_kind)
+        outputs = result.outputs
         if len(outputs) != 1:
             raise RpcError(f"cannot submit {kernel}: the node returned {len(outputs)} outputs, expected 1")
         return outputs[0]
@@ -8044,7 +8294,7 @@ class Client:
         async def call() -> Any:
             response = await self._compute.peers()
             _raise_rpc_error(response, "list peers")
-            return [_read_peer(p) for p in response.peers]
+            return [PeerRecord.from_capnp(p).as_dict() for p in response.peers]
 
         return list(self._call(call, "list peers"))
 
@@ -8054,23 +8304,7 @@ class Client:
         async def call() -> Any:
             response = await self._compute.status()
             _raise_rpc_error(response, "get status")
-            st = response.status
-            return {
-                "peer_id": str(st.peerId),
-                "addresses": [str(a) for a in st.addresses],
-                "version": str(st.version),
-                "uptime_s": st.uptimeSeconds,
-                "tasks_done": st.tasksDone,
-                "tasks_failed": st.tasksFailed,
-                "tasks_in_flight": st.tasksInFlight,
-                "bytes_in": st.bytesIn,
-                "bytes_out": st.bytesOut,
-                "rpc_address": str(st.rpcAddress),
-                "peer_count": st.peerCount,
-                "tasks_served": st.tasksServed,
-                "tasks_cancelled": st.tasksCancelled,
-                "suspects": [{"peer_id": str(x.peerId), **(_read_suspicion(x) or {})} for x in st.suspects],
-            }
+            return StatusRecord.from_capnp(response.status).as_dict()
 
         return dict(self._call(call, "get status"))
 
@@ -8080,7 +8314,7 @@ class Client:
         async def call() -> Any:
             response = await self._compute.connect(multiaddr)
             _raise_rpc_error(response, f"connect to {multiaddr!r}")
-            return _read_peer(response.peer)
+            return PeerRecord.from_capnp(response.peer).as_dict()
 
         return dict(self._call(call, f"connect to {one_line(multiaddr, 200)!r}"))
 

@@ -1,0 +1,235 @@
+"""Unit tests of the RPC records of section 9 of pangea.py.
+
+Each record (`SuspicionRecord`, `PeerRecord`, `StatusRecord`, `TaskOutputRecord`
+with its `AttemptInfoRecord`s and `TimingsRecord`) is filled into a
+real Cap'n Proto message built from capnp/pangea.capnp with `to_capnp`, sent
+through bytes, and read back with `from_capnp`: the record comes back equal,
+and `as_dict()` has the shape the Client returns (keys and types; for a task,
+`Client.last_task`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from pangea import (
+    AttemptInfoRecord,
+    AttemptRecord,
+    PeerRecord,
+    StatusRecord,
+    SuspicionRecord,
+    TaskOutcome,
+    TaskOutputRecord,
+    TimingsRecord,
+    load_schema,
+)
+
+# ---------------------------------------------------------------- helpers
+
+
+def round_trip(struct: str, record: Any) -> Any:
+    """Fill a `struct` message from ``record``, serialize it, and read it back as the record's class."""
+    builder = getattr(load_schema(), struct).new_message()
+    record.to_capnp(builder)
+    data = bytes(builder.to_bytes())
+    with getattr(load_schema(), struct).from_bytes(data) as reader:
+        return type(record).from_capnp(reader)
+
+
+SUSPECT = SuspicionRecord("12D3KooWsuspect", "suspect", "wrong result", 1_700_000_000.5, 12.25, 0, "suspect since ...")
+PROBATION = SuspicionRecord("12D3KooWprobation", "probation", "timed out", 1_700_000_100.0, 0.0, 3, "on probation ...")
+
+
+def peer(suspicion: SuspicionRecord | None = None) -> PeerRecord:
+    return PeerRecord(
+        "12D3KooWpeer",
+        ("/ip4/10.0.0.2/tcp/7777", "/ip4/192.168.1.2/tcp/7777"),
+        "1.2.3",
+        ("matmul", "add"),
+        1.5,
+        7,
+        "worker",
+        True,
+        0.25,
+        "TLS 1.3 to 10.0.0.2:7779",
+        42.0,
+        1 << 33,
+        12345,
+        suspicion,
+    )
+
+
+def status(suspects: tuple[SuspicionRecord, ...] = ()) -> StatusRecord:
+    return StatusRecord(
+        "12D3KooWself",
+        ("/ip4/127.0.0.1/tcp/7777",),
+        "1.2.3",
+        3600.5,
+        10,
+        2,
+        1,
+        1 << 40,
+        99,
+        "127.0.0.1:7780",
+        3,
+        5,
+        1,
+        suspects,
+    )
+
+
+# ---------------------------------------------------------------- suspicion
+
+
+def test_suspicion_round_trips() -> None:
+    assert round_trip("Suspicion", SUSPECT) == SUSPECT
+    assert round_trip("Suspicion", PROBATION) == PROBATION
+
+
+def test_suspicion_from_manager_info() -> None:
+    info = {"state": "suspect", "reason": "wrong result", "since": 1_700_000_000.5, "next_probe_s": 12.25}
+    info |= {"good_results": 0, "text": "suspect since ..."}
+    assert SuspicionRecord.from_info("12D3KooWsuspect", info) == SUSPECT
+
+
+def test_suspicion_as_dict_has_no_peer_id() -> None:
+    assert SUSPECT.as_dict() == {
+        "state": "suspect",
+        "reason": "wrong result",
+        "since": 1_700_000_000.5,
+        "next_probe_s": 12.25,
+        "good_results": 0,
+        "text": "suspect since ...",
+    }
+
+
+# ---------------------------------------------------------------- peer
+
+
+def test_trusted_peer_round_trips_without_suspicion() -> None:
+    record = peer()
+    assert round_trip("PeerInfo", record) == record
+    d = round_trip("PeerInfo", record).as_dict()
+    assert d["suspect"] is False and d["suspicion"] is None
+
+
+def test_suspect_peer_round_trips_with_its_suspicion() -> None:
+    record = peer(SUSPECT)
+    back = round_trip("PeerInfo", record)
+    assert back == record
+    assert back.suspect is True
+    assert back.as_dict()["suspicion"] == SUSPECT.as_dict()
+
+
+def test_peer_on_probation_is_not_suspect() -> None:
+    assert round_trip("PeerInfo", peer(PROBATION)).as_dict()["suspect"] is False
+
+
+def test_peer_as_dict_keys_and_types() -> None:
+    d = round_trip("PeerInfo", peer(SUSPECT)).as_dict()
+    types = {
+        "peer_id": str,
+        "addresses": list,
+        "version": str,
+        "kernels": list,
+        "rtt_ms": float,
+        "tasks_done": int,
+        "role": str,
+        "trusted": bool,
+        "last_seen_s": float,
+        "data_plane": str,
+        "connected_s": float,
+        "data_bytes_in": int,
+        "data_bytes_out": int,
+        "suspect": bool,
+        "suspicion": dict,
+    }
+    assert list(d) == list(types)
+    assert {k: type(v) for k, v in d.items()} == types
+    assert d["addresses"] == ["/ip4/10.0.0.2/tcp/7777", "/ip4/192.168.1.2/tcp/7777"]
+    assert d["kernels"] == ["matmul", "add"]
+
+
+# ---------------------------------------------------------------- status
+
+
+def test_status_round_trips_with_and_without_suspects() -> None:
+    assert round_trip("NodeStatus", status()) == status()
+    assert round_trip("NodeStatus", status((SUSPECT, PROBATION))) == status((SUSPECT, PROBATION))
+
+
+def test_status_as_dict_keys_and_types() -> None:
+    d = round_trip("NodeStatus", status((SUSPECT,))).as_dict()
+    types = {
+        "peer_id": str,
+        "addresses": list,
+        "version": str,
+        "uptime_s": float,
+        "tasks_done": int,
+        "tasks_failed": int,
+        "tasks_in_flight": int,
+        "bytes_in": int,
+        "bytes_out": int,
+        "rpc_address": str,
+        "peer_count": int,
+        "tasks_served": int,
+        "tasks_cancelled": int,
+        "suspects": list,
+    }
+    assert list(d) == list(types)
+    assert {k: type(v) for k, v in d.items()} == types
+    assert d["suspects"] == [{"peer_id": "12D3KooWsuspect", **SUSPECT.as_dict()}]
+
+
+# ---------------------------------------------------------------- task output
+
+
+def test_task_output_round_trips_with_its_outputs() -> None:
+    c = np.arange(12, dtype=np.float64).reshape(3, 4)
+    record = TaskOutputRecord(
+        (c,),
+        ran_on="12D3KooWpeer",
+        fallback_reason="",
+        attempts=(AttemptInfoRecord("12D3KooWother", "unavailable: gone"), AttemptInfoRecord("12D3KooWpeer", "ok")),
+        timings=TimingsRecord(0.5, 0.25, 1.5, 2.25),
+    )
+    back = round_trip("TaskOutput", record)
+    assert back == record
+    (out,) = back.outputs
+    assert out.dtype == c.dtype and np.array_equal(out, c)
+
+
+def test_task_output_of_an_error_carries_only_the_error() -> None:
+    record = TaskOutputRecord(error_kind="bad-input", error_message="cannot submit: bad operand")
+    back = round_trip("TaskOutput", record)
+    assert back == record and back.outputs == ()
+
+
+def test_task_output_from_an_outcome() -> None:
+    outcome = TaskOutcome(1, "matmul", (np.eye(2),), "12D3KooWpeer", [AttemptRecord("12D3KooWpeer")], 1.0, 3.0, 0.5, "")
+    record = TaskOutputRecord.from_outcome(outcome)
+    assert record.attempts == (AttemptInfoRecord("12D3KooWpeer", "ok"),)
+    assert record.timings == TimingsRecord(queue_s=0.5, transfer_s=1.5, compute_s=1.0, total_s=3.0)
+    local = TaskOutputRecord.from_outcome(dataclasses.replace(outcome, worker_id="local"))
+    assert local.timings.transfer_s == 0.0 and local.ran_on == "local"
+
+
+def test_task_output_as_dict_is_last_task() -> None:
+    record = TaskOutputRecord(
+        (np.zeros(1),),
+        ran_on="local",
+        fallback_reason="no remote worker",
+        attempts=(AttemptInfoRecord("local", "ok"),),
+        timings=TimingsRecord(0.0, 0.0, 1.0, 1.25),
+    )
+    assert round_trip("TaskOutput", record).as_dict() == {
+        "error_kind": "",
+        "error_message": "",
+        "ran_on": "local",
+        "fallback_reason": "no remote worker",
+        "attempts": [{"worker": "local", "outcome": "ok"}],
+        "timings": {"queue_s": 0.0, "transfer_s": 0.0, "compute_s": 1.0, "total_s": 1.25},
+    }
