@@ -4627,6 +4627,9 @@ class PeerSession:
                     error_message=f"{req.kernel} did not finish within {format_seconds(timeout)}",
                 )
             del req  # drop the operands before the result goes out
+            # NOTE: and free its slot and operand bytes now: the peer may send its next task the
+            # moment the result arrives, before the writer has told us the frame is out.
+            self._release(task_id)
             if self.closed.is_set() or cancelled.cancelled_caught:
                 return  # nobody wants the result
             # NOTE: the answer goes back on the channel its request came on; a data

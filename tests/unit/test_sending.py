@@ -282,3 +282,62 @@ def test_a_session_keeps_the_last_byte_of_a_data_connection_that_has_ended() -> 
     assert session.data is None and session._data_bytes == [10, 20]
     assert last_read(session) == 700.0
     assert idle_reason(705.0, last_read(session), 60.0) is None
+
+
+# ---------------------------------------------------------------- a served task's reservation
+
+
+def test_a_served_task_gives_back_its_slot_before_its_result_is_written() -> None:
+    """The peer may send its next task as soon as a result arrives: the slot and operand bytes
+    of the task it answers must already be free then, or a peer keeping the limit of tasks in
+    flight is refused `busy` while the result frame is still being written."""
+    limits = pangea.Limits()
+    budget = pangea.MemoryBudget(limits.memory_budget_bytes)
+    seen_while_sending: list[dict[int, int]] = []
+
+    async def main() -> None:
+        release_send = trio.Event()
+
+        async def send(message: Any) -> None:
+            seen_while_sending.append(dict(session._reserved))
+            await release_send.wait()
+
+        async def no_fault() -> None:
+            return None
+
+        async def execute_local(kernel: str, operands: Any, params: Any) -> Any:
+            return pangea.run_kernel(kernel, operands, params), 0.001
+
+        node = SimpleNamespace(
+            limits=limits,
+            budget=budget,
+            inject_fault_before_task=no_fault,
+            execute_local=execute_local,
+            inject_fault_into=lambda outputs: outputs,
+            served=lambda kernel, outcome: None,
+            tasks_served=0,
+        )
+        channel = SimpleNamespace(send=send)
+        session: Any = SimpleNamespace(
+            node=node,
+            label="peer",
+            channel=channel,
+            data=None,
+            closed=trio.Event(),
+            tasks_served=0,
+            _served_on={},
+            _scopes={},
+            _reserved={},
+        )
+        session._release = lambda task_id: pangea.PeerSession._release(session, task_id)
+        a = np.ones((4, 4))
+        assert budget.try_acquire(a.nbytes * 2)
+        session._reserved[7] = a.nbytes * 2  # what _admit held for the operands
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pangea.PeerSession._serve, session, TaskRequestMsg(7, "add", (a, a), {}))
+            await trio.testing.wait_all_tasks_blocked()
+            release_send.set()
+        assert session._reserved == {} and budget.in_use == 0
+
+    run_on_mock_clock(main)
+    assert seen_while_sending == [{}], seen_while_sending
