@@ -193,13 +193,22 @@ TRUSTED_PEERS_FILENAME = "trusted_peers"
 ###############################################################################
 
 
-class ErrorKind(enum.StrEnum):
+class ErrorKind(str, enum.Enum):  # noqa: UP042 (see the NOTE below)
     """Why something failed: the strings that travel on the wire (ErrorMsg.kind,
     TaskResult.errorKind, the RPC's errorKind) and appear in messages and JSON.
 
     A str enum: a member equals, hashes and prints as its string, so kinds read
     off the wire compare with the members as they are. Each comment says who
-    raises the kind and what the user should do."""
+    raises the kind and what the user should do.
+
+    NOTE: not enum.StrEnum (3.11+): the module must import on an older Python so the
+    pyz can say, in one line, which Python it was built for."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
     # A task's inputs or a request are malformed (kernels, the Decoder, the RPC
     # service, the scheduler for a reused task id): fix the call; retrying will not help.
