@@ -51,7 +51,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, Union
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -7387,86 +7387,164 @@ def array_from_capnp(reader: Any, index: int = 0) -> np.ndarray:
 # The records that cross RPC: each is built once on the node, filled into its
 # Cap'n Proto struct by `to_capnp`, read back by `from_capnp` on the client,
 # and handed to Python callers (and `call --json`) as `as_dict()`.
+#
+# A record is a frozen dataclass whose fields each name their Cap'n Proto field
+# once, `since: float = field(metadata=capnp_name("sinceUnix"))`; how a value
+# travels follows from the field's annotation: str, int, float and bool as they
+# are, a record (or `np.ndarray`, an `Array`) as its struct, and `tuple[X, ...]`
+# as a list of those. `RpcRecord`'s to_capnp, from_capnp and as_dict serve every
+# record; a record overrides one only where it differs (an optional struct, an
+# error that carries nothing else, the keys the Client returns), and a field
+# without a Cap'n Proto name is its own to carry. Adding a field: one line here,
+# one in capnp/pangea.capnp.
+
+
+def capnp_name(name: str) -> dict[str, str]:
+    """The metadata of a record field that travels as the Cap'n Proto field ``name``."""
+    return {"capnp": name}
+
+
+_RPC_SCALARS: dict[str, Callable[[Any], Any]] = {"str": str, "int": int, "float": float, "bool": bool}
+_RpcRecordT = TypeVar("_RpcRecordT", bound="RpcRecord")
+
+
+class RpcRecord:
+    """A record that crosses RPC as one Cap'n Proto struct; each subclass is a frozen dataclass (see above)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # NOTE: set by @dataclass on each subclass
+    _by_name: ClassVar[dict[str, type[RpcRecord]]] = {}  # so "tuple[SuspicionRecord, ...]" finds its class
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        RpcRecord._by_name[cls.__name__] = cls
+
+    @classmethod
+    def capnp_fields(cls) -> list[tuple[str, str, str]]:
+        """(attribute, Cap'n Proto name, annotation) of each field that travels by its name."""
+        return [(f.name, f.metadata["capnp"], str(f.type)) for f in dataclasses.fields(cls) if "capnp" in f.metadata]
+
+    def to_capnp(self, builder: Any) -> None:
+        """Fill the record's Cap'n Proto builder."""
+        self._fill_capnp(builder, {attribute for attribute, _, _ in self.capnp_fields()})
+
+    def _fill_capnp(self, builder: Any, attributes: set[str]) -> None:
+        """Fill the Cap'n Proto fields of ``attributes`` (the others stay unset)."""
+        for attribute, name, annotation in self.capnp_fields():
+            if attribute in attributes:
+                _rpc_to_capnp(builder, name, annotation, getattr(self, attribute))
+
+    @classmethod
+    def from_capnp(cls: type[_RpcRecordT], reader: Any) -> _RpcRecordT:
+        """Return the record of its Cap'n Proto reader; TaskError(bad-input) for an inconsistent array."""
+        return cls(**cls.capnp_values(reader))
+
+    @classmethod
+    def capnp_values(cls, reader: Any) -> dict[str, Any]:
+        """The fields that travel by name, read from ``reader``, as keyword arguments of the record."""
+        return {a: _rpc_from_capnp(getattr(reader, name), annotation) for a, name, annotation in cls.capnp_fields()}
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record as the Client returns it: every field, tuples as lists, records as their dicts."""
+        return {f.name: _rpc_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _rpc_item_annotation(annotation: str) -> str | None:
+    """Return X of a record field annotated ``tuple[X, ...]``; None for any other annotation.
+
+    NOTE: annotations are strings here (``from __future__ import annotations``), as written."""
+    if annotation.startswith("tuple[") and annotation.endswith(", ...]"):
+        return annotation[len("tuple[") : -len(", ...]")]
+    return None
+
+
+def _rpc_to_capnp(builder: Any, name: str, annotation: str, value: Any) -> None:
+    """Set the Cap'n Proto field ``name`` of ``builder`` to ``value`` (of a record field annotated ``annotation``)."""
+    item = _rpc_item_annotation(annotation)
+    if annotation in _RPC_SCALARS:
+        setattr(builder, name, value)
+    elif item in _RPC_SCALARS:  # a List(Text), say
+        setattr(builder, name, list(value))
+    elif item is not None:  # a list of structs
+        for slot, v in zip(builder.init(name, len(value)), value, strict=True):
+            _rpc_struct_to_capnp(slot, item, v)
+    else:
+        _rpc_struct_to_capnp(getattr(builder, name), annotation, value)
+
+
+def _rpc_struct_to_capnp(builder: Any, annotation: str, value: Any) -> None:
+    """Fill a struct builder from ``value``, a record or an array."""
+    if annotation == "np.ndarray":
+        array_to_capnp(builder, value)
+    elif isinstance(value, RpcRecord):
+        value.to_capnp(builder)
+    else:  # NOTE: a programming error, found by the record's round-trip test
+        raise TypeError(f"a record field annotated {annotation!r} cannot travel over RPC")
+
+
+def _rpc_from_capnp(value: Any, annotation: str) -> Any:
+    """Return the Python value of a Cap'n Proto field read for a record field annotated ``annotation``."""
+    if annotation in _RPC_SCALARS:
+        return _RPC_SCALARS[annotation](value)
+    item = _rpc_item_annotation(annotation)
+    if item is not None:
+        return tuple(_rpc_from_capnp(v, item) for v in value)
+    if annotation == "np.ndarray":
+        return array_from_capnp(value)
+    if annotation not in RpcRecord._by_name:  # NOTE: a programming error, found by the record's round-trip test
+        raise TypeError(f"a record field annotated {annotation!r} cannot travel over RPC")
+    return RpcRecord._by_name[annotation].from_capnp(value)
+
+
+def _rpc_plain(value: Any) -> Any:
+    """Return a record field's value as `as_dict` gives it (tuples as lists, records as dicts)."""
+    if isinstance(value, tuple):
+        return [_rpc_plain(v) for v in value]
+    return value.as_dict() if isinstance(value, RpcRecord) else value
 
 
 @dataclass(frozen=True)
-class SuspicionRecord:
+class SuspicionRecord(RpcRecord):
     """Why a node does not fully trust a worker's results (the `Suspicion` struct; state "": it does)."""
 
-    peer_id: str
-    state: str
-    reason: str
-    since: float  # seconds since the epoch
-    next_probe_s: float
-    good_results: int
-    text: str = ""
+    peer_id: str = field(metadata=capnp_name("peerId"))
+    state: str = field(metadata=capnp_name("state"))
+    reason: str = field(metadata=capnp_name("reason"))
+    since: float = field(metadata=capnp_name("sinceUnix"))  # seconds since the epoch
+    next_probe_s: float = field(metadata=capnp_name("nextProbeSeconds"))
+    good_results: int = field(metadata=capnp_name("goodResults"))
+    text: str = field(default="", metadata=capnp_name("text"))
 
     @classmethod
     def from_info(cls, peer_id: str, info: dict[str, Any]) -> SuspicionRecord:
-        """Return the record of one entry of `Manager.suspicions()`."""
-        return cls(
-            peer_id,
-            info["state"],
-            info["reason"],
-            info["since"],
-            info["next_probe_s"],
-            info["good_results"],
-            info.get("text", ""),
-        )
-
-    def to_capnp(self, builder: Any) -> None:
-        """Fill an RPC `Suspicion` builder."""
-        builder.peerId = self.peer_id
-        builder.state = self.state
-        builder.reason = self.reason
-        builder.sinceUnix = self.since
-        builder.nextProbeSeconds = self.next_probe_s
-        builder.goodResults = self.good_results
-        builder.text = self.text
-
-    @classmethod
-    def from_capnp(cls, reader: Any) -> SuspicionRecord:
-        """Return the record of an RPC `Suspicion` reader (state "" when the worker is trusted)."""
-        return cls(
-            str(reader.peerId),
-            str(reader.state),
-            str(reader.reason),
-            float(reader.sinceUnix),
-            float(reader.nextProbeSeconds),
-            int(reader.goodResults),
-            str(reader.text),
-        )
+        """Return the record of one entry of `Manager.suspicions()` (its keys are the field names)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"peer_id"}
+        return cls(peer_id, **{k: v for k, v in info.items() if k in names})
 
     def as_dict(self) -> dict[str, Any]:
         """The ``suspicion`` of a peer as the Client returns it (no ``peer_id``)."""
-        return {
-            "state": self.state,
-            "reason": self.reason,
-            "since": self.since,
-            "next_probe_s": self.next_probe_s,
-            "good_results": self.good_results,
-            "text": self.text,
-        }
+        d = super().as_dict()
+        del d["peer_id"]
+        return d
 
 
 @dataclass(frozen=True)
-class PeerRecord:
+class PeerRecord(RpcRecord):
     """What `peers` and `connect` report about one connected peer (the `PeerInfo` struct)."""
 
-    peer_id: str
-    addresses: tuple[str, ...]
-    version: str
-    kernels: tuple[str, ...]
-    rtt_ms: float  # last measured; 0 when unknown
-    tasks_done: int
-    role: str
-    trusted: bool
-    last_seen_s: float
-    data_plane: str = ""
-    connected_s: float = 0.0
-    data_bytes_in: int = 0
-    data_bytes_out: int = 0
-    suspicion: SuspicionRecord | None = None  # None: trusted
+    peer_id: str = field(metadata=capnp_name("peerId"))
+    addresses: tuple[str, ...] = field(metadata=capnp_name("addresses"))
+    version: str = field(metadata=capnp_name("version"))
+    kernels: tuple[str, ...] = field(metadata=capnp_name("kernels"))
+    rtt_ms: float = field(metadata=capnp_name("rttMs"))  # last measured; 0 when unknown
+    tasks_done: int = field(metadata=capnp_name("tasksDone"))
+    role: str = field(metadata=capnp_name("role"))
+    trusted: bool = field(metadata=capnp_name("trusted"))
+    last_seen_s: float = field(metadata=capnp_name("lastSeenSeconds"))
+    data_plane: str = field(default="", metadata=capnp_name("dataPlane"))
+    connected_s: float = field(default=0.0, metadata=capnp_name("connectedSeconds"))
+    data_bytes_in: int = field(default=0, metadata=capnp_name("dataBytesIn"))
+    data_bytes_out: int = field(default=0, metadata=capnp_name("dataBytesOut"))
+    suspicion: SuspicionRecord | None = None  # None: trusted (on the wire: a `suspicion` of state "")
 
     @property
     def suspect(self) -> bool:
@@ -7475,19 +7553,7 @@ class PeerRecord:
 
     def to_capnp(self, builder: Any) -> None:
         """Fill an RPC `PeerInfo` builder."""
-        builder.peerId = self.peer_id
-        builder.addresses = list(self.addresses)
-        builder.version = self.version
-        builder.kernels = list(self.kernels)
-        builder.rttMs = self.rtt_ms
-        builder.tasksDone = self.tasks_done
-        builder.role = self.role
-        builder.trusted = self.trusted
-        builder.lastSeenSeconds = self.last_seen_s
-        builder.dataPlane = self.data_plane
-        builder.connectedSeconds = self.connected_s
-        builder.dataBytesIn = self.data_bytes_in
-        builder.dataBytesOut = self.data_bytes_out
+        super().to_capnp(builder)
         if self.suspicion is not None:
             self.suspicion.to_capnp(builder.suspicion)
 
@@ -7495,191 +7561,72 @@ class PeerRecord:
     def from_capnp(cls, reader: Any) -> PeerRecord:
         """Return the record of an RPC `PeerInfo` reader."""
         suspicion = SuspicionRecord.from_capnp(reader.suspicion)
-        return cls(
-            str(reader.peerId),
-            tuple(str(a) for a in reader.addresses),
-            str(reader.version),
-            tuple(str(k) for k in reader.kernels),
-            float(reader.rttMs),
-            int(reader.tasksDone),
-            str(reader.role),
-            bool(reader.trusted),
-            float(reader.lastSeenSeconds),
-            str(reader.dataPlane),
-            float(reader.connectedSeconds),
-            int(reader.dataBytesIn),
-            int(reader.dataBytesOut),
-            suspicion if suspicion.state else None,
-        )
+        return cls(**cls.capnp_values(reader), suspicion=suspicion if suspicion.state else None)
 
     def as_dict(self) -> dict[str, Any]:
-        """The peer as `Client.peers()` and `Client.connect()` return it."""
-        return {
-            "peer_id": self.peer_id,
-            "addresses": list(self.addresses),
-            "version": self.version,
-            "kernels": list(self.kernels),
-            "rtt_ms": self.rtt_ms,
-            "tasks_done": self.tasks_done,
-            "role": self.role,
-            "trusted": self.trusted,
-            "last_seen_s": self.last_seen_s,
-            "data_plane": self.data_plane,
-            "connected_s": self.connected_s,
-            "data_bytes_in": self.data_bytes_in,
-            "data_bytes_out": self.data_bytes_out,
-            "suspect": self.suspect,
-            "suspicion": self.suspicion.as_dict() if self.suspicion is not None else None,
-        }
+        """The peer as `Client.peers()` and `Client.connect()` return it (``suspect`` before ``suspicion``)."""
+        d = super().as_dict()
+        suspicion = d.pop("suspicion")
+        return d | {"suspect": self.suspect, "suspicion": suspicion}
 
 
 @dataclass(frozen=True)
-class StatusRecord:
+class StatusRecord(RpcRecord):
     """What `status` reports about the node itself (the `NodeStatus` struct)."""
 
-    peer_id: str
-    addresses: tuple[str, ...]
-    version: str
-    uptime_s: float
-    tasks_done: int
-    tasks_failed: int
-    tasks_in_flight: int
-    bytes_in: int
-    bytes_out: int
-    rpc_address: str
-    peer_count: int
-    tasks_served: int
-    tasks_cancelled: int
-    suspects: tuple[SuspicionRecord, ...] = ()  # remote workers not fully trusted, connected or not
-
-    def to_capnp(self, builder: Any) -> None:
-        """Fill an RPC `NodeStatus` builder."""
-        builder.peerId = self.peer_id
-        builder.addresses = list(self.addresses)
-        builder.version = self.version
-        builder.uptimeSeconds = self.uptime_s
-        builder.tasksDone = self.tasks_done
-        builder.tasksFailed = self.tasks_failed
-        builder.tasksInFlight = self.tasks_in_flight
-        builder.bytesIn = self.bytes_in
-        builder.bytesOut = self.bytes_out
-        builder.rpcAddress = self.rpc_address
-        builder.peerCount = self.peer_count
-        builder.tasksServed = self.tasks_served
-        builder.tasksCancelled = self.tasks_cancelled
-        for slot, suspect in zip(builder.init("suspects", len(self.suspects)), self.suspects, strict=True):
-            suspect.to_capnp(slot)
-
-    @classmethod
-    def from_capnp(cls, reader: Any) -> StatusRecord:
-        """Return the record of an RPC `NodeStatus` reader."""
-        return cls(
-            str(reader.peerId),
-            tuple(str(a) for a in reader.addresses),
-            str(reader.version),
-            float(reader.uptimeSeconds),
-            int(reader.tasksDone),
-            int(reader.tasksFailed),
-            int(reader.tasksInFlight),
-            int(reader.bytesIn),
-            int(reader.bytesOut),
-            str(reader.rpcAddress),
-            int(reader.peerCount),
-            int(reader.tasksServed),
-            int(reader.tasksCancelled),
-            tuple(SuspicionRecord.from_capnp(x) for x in reader.suspects),
-        )
+    peer_id: str = field(metadata=capnp_name("peerId"))
+    addresses: tuple[str, ...] = field(metadata=capnp_name("addresses"))
+    version: str = field(metadata=capnp_name("version"))
+    uptime_s: float = field(metadata=capnp_name("uptimeSeconds"))
+    tasks_done: int = field(metadata=capnp_name("tasksDone"))
+    tasks_failed: int = field(metadata=capnp_name("tasksFailed"))
+    tasks_in_flight: int = field(metadata=capnp_name("tasksInFlight"))
+    bytes_in: int = field(metadata=capnp_name("bytesIn"))
+    bytes_out: int = field(metadata=capnp_name("bytesOut"))
+    rpc_address: str = field(metadata=capnp_name("rpcAddress"))
+    peer_count: int = field(metadata=capnp_name("peerCount"))
+    tasks_served: int = field(metadata=capnp_name("tasksServed"))
+    tasks_cancelled: int = field(metadata=capnp_name("tasksCancelled"))
+    # remote workers not fully trusted, connected or not
+    suspects: tuple[SuspicionRecord, ...] = field(default=(), metadata=capnp_name("suspects"))
 
     def as_dict(self) -> dict[str, Any]:
-        """The status as `Client.status()` returns it."""
-        return {
-            "peer_id": self.peer_id,
-            "addresses": list(self.addresses),
-            "version": self.version,
-            "uptime_s": self.uptime_s,
-            "tasks_done": self.tasks_done,
-            "tasks_failed": self.tasks_failed,
-            "tasks_in_flight": self.tasks_in_flight,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "rpc_address": self.rpc_address,
-            "peer_count": self.peer_count,
-            "tasks_served": self.tasks_served,
-            "tasks_cancelled": self.tasks_cancelled,
-            "suspects": [{"peer_id": s.peer_id, **(s.as_dict() if s.state else {})} for s in self.suspects],
-        }
+        """The status as `Client.status()` returns it (each suspect with its ``peer_id``)."""
+        suspects = [{"peer_id": s.peer_id, **(s.as_dict() if s.state else {})} for s in self.suspects]
+        return super().as_dict() | {"suspects": suspects}
 
 
 @dataclass(frozen=True)
-class AttemptInfoRecord:
+class AttemptInfoRecord(RpcRecord):
     """Where one attempt of a task ran and how it ended (the `AttemptInfo` struct)."""
 
-    worker: str  # "local" or a peer id
-    outcome: str  # "ok" or "<kind>: <message>"
-
-    def to_capnp(self, builder: Any) -> None:
-        """Fill an RPC `AttemptInfo` builder."""
-        builder.worker = self.worker
-        builder.outcome = self.outcome
-
-    @classmethod
-    def from_capnp(cls, reader: Any) -> AttemptInfoRecord:
-        """Return the record of an RPC `AttemptInfo` reader."""
-        return cls(str(reader.worker), str(reader.outcome))
-
-    def as_dict(self) -> dict[str, Any]:
-        """The attempt as ``Client.last_task["attempts"]`` lists it."""
-        return {"worker": self.worker, "outcome": self.outcome}
+    worker: str = field(metadata=capnp_name("worker"))  # "local" or a peer id
+    outcome: str = field(metadata=capnp_name("outcome"))  # "ok" or "<kind>: <message>"
 
 
 @dataclass(frozen=True)
-class TimingsRecord:
+class TimingsRecord(RpcRecord):
     """Where a task's time went, in seconds (the `Timings` struct)."""
 
-    queue_s: float = 0.0
-    transfer_s: float = 0.0
-    compute_s: float = 0.0
-    total_s: float = 0.0
-
-    def to_capnp(self, builder: Any) -> None:
-        """Fill an RPC `Timings` builder."""
-        builder.queueSeconds = self.queue_s
-        builder.computeSeconds = self.compute_s
-        builder.totalSeconds = self.total_s
-        builder.transferSeconds = self.transfer_s
-
-    @classmethod
-    def from_capnp(cls, reader: Any) -> TimingsRecord:
-        """Return the record of an RPC `Timings` reader."""
-        return cls(
-            float(reader.queueSeconds),
-            float(reader.transferSeconds),
-            float(reader.computeSeconds),
-            float(reader.totalSeconds),
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        """The timings as ``Client.last_task["timings"]`` gives them."""
-        return {
-            "queue_s": self.queue_s,
-            "transfer_s": self.transfer_s,
-            "compute_s": self.compute_s,
-            "total_s": self.total_s,
-        }
+    queue_s: float = field(default=0.0, metadata=capnp_name("queueSeconds"))
+    transfer_s: float = field(default=0.0, metadata=capnp_name("transferSeconds"))
+    compute_s: float = field(default=0.0, metadata=capnp_name("computeSeconds"))
+    total_s: float = field(default=0.0, metadata=capnp_name("totalSeconds"))
 
 
 @dataclass(frozen=True)
-class TaskOutputRecord:
+class TaskOutputRecord(RpcRecord):
     """The answer to `submit` (the `TaskOutput` struct): the outputs and where they came from, or
     the error (``error_kind`` "" on success)."""
 
-    outputs: tuple[np.ndarray, ...] = field(default=(), compare=False)  # NOTE: arrays have no ==
-    error_kind: str = ""
-    error_message: str = ""
-    ran_on: str = ""
-    fallback_reason: str = ""
-    attempts: tuple[AttemptInfoRecord, ...] = ()
-    timings: TimingsRecord = TimingsRecord()
+    # NOTE: arrays have no ==
+    outputs: tuple[np.ndarray, ...] = field(default=(), compare=False, metadata=capnp_name("outputs"))
+    error_kind: str = field(default="", metadata=capnp_name("errorKind"))
+    error_message: str = field(default="", metadata=capnp_name("errorMessage"))
+    ran_on: str = field(default="", metadata=capnp_name("ranOn"))
+    fallback_reason: str = field(default="", metadata=capnp_name("fallbackReason"))
+    attempts: tuple[AttemptInfoRecord, ...] = field(default=(), metadata=capnp_name("attempts"))
+    timings: TimingsRecord = field(default=TimingsRecord(), metadata=capnp_name("timings"))
 
     @classmethod
     def from_outcome(cls, outcome: TaskOutcome) -> TaskOutputRecord:
@@ -7696,42 +7643,15 @@ class TaskOutputRecord:
         )
 
     def to_capnp(self, builder: Any) -> None:
-        """Fill an RPC `TaskOutput` builder (an error: only its kind and message)."""
-        if self.error_kind:
-            builder.errorKind = self.error_kind
-            builder.errorMessage = self.error_message
-            return
-        for slot, a in zip(builder.init("outputs", len(self.outputs)), self.outputs, strict=True):
-            array_to_capnp(slot, a)
-        builder.ranOn = self.ran_on
-        builder.fallbackReason = self.fallback_reason
-        for slot, attempt in zip(builder.init("attempts", len(self.attempts)), self.attempts, strict=True):
-            attempt.to_capnp(slot)
-        self.timings.to_capnp(builder.timings)
-
-    @classmethod
-    def from_capnp(cls, reader: Any) -> TaskOutputRecord:
-        """Return the record of an RPC `TaskOutput` reader; TaskError(bad-input) for an inconsistent array."""
-        return cls(
-            tuple(array_from_capnp(o) for o in reader.outputs),
-            str(reader.errorKind),
-            str(reader.errorMessage),
-            str(reader.ranOn),
-            str(reader.fallbackReason),
-            tuple(AttemptInfoRecord.from_capnp(a) for a in reader.attempts),
-            TimingsRecord.from_capnp(reader.timings),
-        )
+        """Fill an RPC `TaskOutput` builder (an error: only its kind and message; a result: all but those)."""
+        error = {"error_kind", "error_message"}
+        self._fill_capnp(builder, error if self.error_kind else {a for a, _, _ in self.capnp_fields()} - error)
 
     def as_dict(self) -> dict[str, Any]:
         """The task as `Client.last_task` describes it (everything but the outputs)."""
-        return {
-            "error_kind": self.error_kind,
-            "error_message": self.error_message,
-            "ran_on": self.ran_on,
-            "fallback_reason": self.fallback_reason,
-            "attempts": [a.as_dict() for a in self.attempts],
-            "timings": self.timings.as_dict(),
-        }
+        d = super().as_dict()
+        del d["outputs"]
+        return d
 
 
 class NodeService:
