@@ -7873,13 +7873,14 @@ class RpcServer:
         import asyncio
 
         try:
-            asyncio.run(self._serve(trio_token))
+            asyncio.run(self._run_server(trio_token))
         except Exception as exc:  # NOTE: report to start(); never leave it waiting
             self._box.setdefault("error", describe_exception(exc))
         finally:
             self._ready.set()
 
-    async def _serve(self, trio_token: Any) -> None:
+    async def _run_server(self, trio_token: Any) -> None:
+        """Listen on the RPC port and serve each connection a `Gate`, until stop() (runs on the RPC thread)."""
         import asyncio
 
         import capnp
@@ -8092,14 +8093,15 @@ class Client:
         import asyncio
 
         try:
-            asyncio.run(self._main())
+            asyncio.run(self._run_connection())
         except Exception as exc:
             if self._error is None:
                 self._error = RpcError(f"cannot reach the pangea node at {self.address}: {describe_exception(exc)}")
         finally:
             self._ready.set()
 
-    async def _main(self) -> None:
+    async def _run_connection(self) -> None:
+        """Connect and log in, then hold the connection until close() (runs on the client's thread)."""
         import asyncio
 
         import capnp
