@@ -929,6 +929,34 @@ def parse_psk(text: str) -> str:
     return key
 
 
+def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """Parse HOST:PORT, [IPV6]:PORT, HOST or :PORT; raise UsageError naming the problem."""
+    host, sep, port_text = text.rpartition(":") if ":" in text else (text, "", "")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise UsageError(
+            f"bad address {text!r}: expected HOST:PORT, like 127.0.0.1:{default_port}, "
+            f"with an IPv6 address in brackets: [::1]:{default_port}"
+        )
+    host = host.strip("[]") or "127.0.0.1"
+    if not sep:
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) < 65536:
+        raise UsageError(f"bad address {text!r}: expected HOST:PORT, like 127.0.0.1:{default_port}")
+    return host, int(port_text)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Return True for 127.0.0.0/8, ::1 and localhost."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 ###############################################################################
 # 4. Wire protocol (sans-I/O)
 #
@@ -7313,34 +7341,6 @@ def check_rpc_text(name: str, text: str) -> str:
 def rpc_words(max_bytes: int) -> int:
     """Return the Cap'n Proto traversal limit (in 8-byte words) for messages of max_bytes."""
     return max_bytes // 8 + (1 << 20)
-
-
-def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
-    """Parse HOST:PORT, [IPV6]:PORT, HOST or :PORT; raise UsageError naming the problem."""
-    host, sep, port_text = text.rpartition(":") if ":" in text else (text, "", "")
-    if ":" in host and not (host.startswith("[") and host.endswith("]")):
-        raise UsageError(
-            f"bad address {text!r}: expected HOST:PORT, like 127.0.0.1:{default_port}, "
-            f"with an IPv6 address in brackets: [::1]:{default_port}"
-        )
-    host = host.strip("[]") or "127.0.0.1"
-    if not sep:
-        return host, default_port
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) < 65536:
-        raise UsageError(f"bad address {text!r}: expected HOST:PORT, like 127.0.0.1:{default_port}")
-    return host, int(port_text)
-
-
-def is_loopback_host(host: str) -> bool:
-    """Return True for 127.0.0.0/8, ::1 and localhost."""
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def remote_error_text(exc: BaseException) -> str:
