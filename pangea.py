@@ -3408,169 +3408,6 @@ def make_host(key_pair: Any, psk: str | None = None) -> Any:
     )
 
 
-# Start-up time: `import libp2p` takes ~0.55 s, and half of it loads
-# modules that a TCP + Noise + Yamux host never runs, because libp2p 0.8.1 imports them at
-# module level (measured with -X importtime, 2 cores):
-#   QUIC transport (aioquic, pylsqpack, service_identity, pyOpenSSL)  ~70 ms
-#   AutoTLS ACME client (httpx with its CLI: rich, pygments, click; requests)  ~120 ms
-#   multiaddr's DNS resolver (dnspython, which checks package versions)  ~75 ms
-#   circuit relay (via relay.circuit_v2.nat), WebSocket transport, libp2p's own mDNS  ~80 ms
-#   the resource manager's Prometheus exporter (prometheus_client, http.server)  ~20 ms
-# Until they are asked for, those modules are stand-ins in sys.modules. A stand-in
-# module holds stand-ins for exactly the names its importers take from it; anything
-# else asked of it, calling a stand-in function or making an instance of a stand-in
-# class loads the real modules first, so nothing is lost, only put off. The one
-# exception is DNSResolver: Swarm and TCP make one up front, so its stand-in makes the
-# real resolver at its first use (dialling a /dns address).
-# NOTE: the table is libp2p 0.8.1's import graph. With any other libp2p version (a pin
-# changed in pyproject.toml) nothing is deferred, and tests/unit/test_startup.py fails
-# until the table is checked against the new version.
-_DEFERRED_LIBP2P_VERSION = "0.8.1"
-_DEFERRED_MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    # module: ((classes), (functions)) that its importers (after the #) take from it
-    "libp2p.transport.quic.utils": ((), ("is_quic_multiaddr",)),  # libp2p/__init__
-    "libp2p.transport.quic.transport": (("QUICTransport",), ()),  # libp2p/__init__: made for QUIC addresses only
-    "libp2p.transport.quic.stream": (("QUICStream",), ()),  # custom_types: in a type alias
-    "libp2p.transport.websocket.transport": (("WebsocketTransport",), ()),  # libp2p.transport
-    "libp2p.security.tls.autotls.acme": (("ACMEClient",), ("compute_b36_peer_id",)),  # host.basic_host
-    "libp2p.security.tls.autotls.broker": (("BrokerClient",), ()),  # host.basic_host
-    "libp2p.relay.circuit_v2.nat": ((), ("is_private_ip",)),  # host.basic_host: for AutoTLS only
-    "libp2p.discovery.mdns.mdns": (("MDNSDiscovery",), ("create_mdns_discovery",)),  # host.basic_host
-    "libp2p.rcmgr.prometheus_exporter": (("PrometheusExporter",), ("create_prometheus_exporter",)),  # rcmgr
-    "multiaddr.resolvers": (("DNSResolver",), ()),  # network.swarm, transport.tcp, utils.dns_utils
-}
-
-
-class _DeferredModule(types.ModuleType):
-    """A stand-in for a module in _DEFERRED_MODULES; any name it lacks comes from the real one."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):  # importlib and inspect probe __path__, __file__ ...
-            raise AttributeError(name)
-        return getattr(_real_module(self.__name__), name)
-
-
-class _DeferredClass(type):
-    """Metaclass of a stand-in class: making an instance makes one of the real class."""
-
-    _module: str
-
-    def _real(cls) -> Any:
-        return getattr(_real_module(cls._module), cls.__name__)
-
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        return cls._real()(*args, **kwargs)
-
-    def __instancecheck__(cls, obj: Any) -> bool:
-        # Until the real module is loaded no instance of the real class can exist.
-        loaded = sys.modules.get(cls._module)
-        return loaded is not None and not isinstance(loaded, _DeferredModule) and isinstance(obj, cls._real())
-
-    def __getattr__(cls, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(cls._real(), name)
-
-
-class _DeferredDNSResolver:
-    """Stand-in for multiaddr's DNSResolver: Swarm and TCP make one each up front, but
-    resolve only /dns addresses; the real resolver (and dnspython) comes at first use."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._deferred_args = (args, kwargs)
-        self._resolver: Any = None
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_deferred_args", "_resolver"):
-            raise AttributeError(name)
-        if self._resolver is None:
-            args, kwargs = self._deferred_args
-            self._resolver = _real_module("multiaddr.resolvers").DNSResolver(*args, **kwargs)
-        return getattr(self._resolver, name)
-
-
-def _real_module(name: str) -> Any:
-    """Return the real module ``name``, first dropping every remaining stand-in, so that
-    the real modules, which import each other, see only real modules."""
-    import importlib
-
-    module = sys.modules.get(name)
-    if module is None or isinstance(module, _DeferredModule):
-        for other, value in list(sys.modules.items()):
-            if isinstance(value, _DeferredModule):
-                del sys.modules[other]
-        module = importlib.import_module(name)
-    return module
-
-
-def _deferred_function(module: str, name: str) -> Callable[..., Any]:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return getattr(_real_module(module), name)(*args, **kwargs)
-
-    call.__name__ = call.__qualname__ = name
-    call.__module__ = module
-    return call
-
-
-def _installed_version_is(distribution: str, version: str) -> bool:
-    """True when ``distribution`` ``version`` is what `import <distribution>` would load
-    (its .dist-info sits beside the package; no import, no importlib.metadata scan)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(distribution)
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    site = Path(next(iter(spec.submodule_search_locations))).parent
-    return (site / f"{distribution}-{version}.dist-info").is_dir()
-
-
-def forget_zipapp_on_sys_path() -> None:
-    """Drop the running pyz from sys.path: shiv has unpacked it, and pangea imports
-    nothing from the archive itself (its modules come from the unpacked site-packages).
-
-    NOTE: importlib.metadata, which libp2p asks for its own version at import time,
-    lists every sys.path entry, and listing the ~3,000 names of the pyz took ~20 ms
-    of every start (2.5 ms without it).
-    """
-    argv0 = sys.argv[0] if sys.argv else ""
-    if not argv0 or not os.path.isfile(argv0):
-        return
-    here = os.path.realpath(argv0)
-    sys.path[:] = [p for p in sys.path if not (p and os.path.isfile(p) and os.path.realpath(p) == here)]
-
-
-def defer_unused_libp2p_modules(version: str = _DEFERRED_LIBP2P_VERSION) -> bool:
-    """Put stand-ins for the libp2p modules pangea never runs into sys.modules (see the
-    comment above _DEFERRED_MODULES); return whether it did. Call before any libp2p import;
-    does nothing once libp2p is imported, or when the installed libp2p is not ``version``."""
-    if "libp2p" in sys.modules or not _installed_version_is("libp2p", version):
-        return False
-    multiaddr_spec = None
-    for name, names in _DEFERRED_MODULES.items():
-        if name in sys.modules:
-            continue
-        module = _DeferredModule(name)
-        if name == "multiaddr.resolvers":
-            import importlib.util
-
-            # A package: `from .resolvers.dns import DNSResolver` (Multiaddr.resolve) must
-            # still find the real submodule through it.
-            multiaddr_spec = multiaddr_spec or importlib.util.find_spec("multiaddr")
-            if multiaddr_spec is None or not multiaddr_spec.submodule_search_locations:
-                continue
-            module.__path__ = [str(Path(next(iter(multiaddr_spec.submodule_search_locations))) / "resolvers")]
-            setattr(module, "DNSResolver", _DeferredDNSResolver)  # noqa: B010
-            sys.modules[name] = module
-            continue
-        classes, functions = names
-        for class_name in classes:
-            setattr(module, class_name, _DeferredClass(class_name, (), {"_module": name, "__module__": name}))
-        for function_name in functions:
-            setattr(module, function_name, _deferred_function(name, function_name))
-        sys.modules[name] = module
-    return True
-
-
 def local_interface_addresses() -> list[tuple[str, str]]:
     """Return (interface, IPv4 address) pairs of this machine."""
     import psutil
@@ -8345,12 +8182,14 @@ class Client:
 
 
 ###############################################################################
-# 10. CLI
+# 10. Start-up
 #
-# One `cmd_<verb>` per command. Errors are one line on stderr,
-# `pangea: error: ...` plus an optional `hint: ...`; exit codes 0 ok,
-# 1 failure, 2 usage/setup error, 130 Ctrl-C (143 SIGTERM). Tracebacks only
-# with --debug.
+# What runs before and around every verb, in the order `_main` runs it: the
+# guard that the pyz runs on the interpreter it was built for; the deferred
+# libp2p imports (pinned to libp2p's import graph) and sys.path, so that a
+# verb starts fast; the log of a node process; the trio runner that turns
+# Ctrl-C and SIGTERM into an exit code; and the end of stdout when its reader
+# has gone (`| head -1`). The CLI below calls these; nothing above uses them.
 ###############################################################################
 
 
@@ -8377,6 +8216,355 @@ def check_build_target() -> None:
             hint=f"run it with {python} ({python} {sys.argv[0]} ...) if this box has it, "
             f"or build a pangea.pyz on this box with ./build.sh",
         )
+
+
+# Start-up time: `import libp2p` takes ~0.55 s, and half of it loads
+# modules that a TCP + Noise + Yamux host never runs, because libp2p 0.8.1 imports them at
+# module level (measured with -X importtime, 2 cores):
+#   QUIC transport (aioquic, pylsqpack, service_identity, pyOpenSSL)  ~70 ms
+#   AutoTLS ACME client (httpx with its CLI: rich, pygments, click; requests)  ~120 ms
+#   multiaddr's DNS resolver (dnspython, which checks package versions)  ~75 ms
+#   circuit relay (via relay.circuit_v2.nat), WebSocket transport, libp2p's own mDNS  ~80 ms
+#   the resource manager's Prometheus exporter (prometheus_client, http.server)  ~20 ms
+# Until they are asked for, those modules are stand-ins in sys.modules. A stand-in
+# module holds stand-ins for exactly the names its importers take from it; anything
+# else asked of it, calling a stand-in function or making an instance of a stand-in
+# class loads the real modules first, so nothing is lost, only put off. The one
+# exception is DNSResolver: Swarm and TCP make one up front, so its stand-in makes the
+# real resolver at its first use (dialling a /dns address).
+# NOTE: the table is libp2p 0.8.1's import graph. With any other libp2p version (a pin
+# changed in pyproject.toml) nothing is deferred, and tests/unit/test_startup.py fails
+# until the table is checked against the new version.
+_DEFERRED_LIBP2P_VERSION = "0.8.1"
+_DEFERRED_MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # module: ((classes), (functions)) that its importers (after the #) take from it
+    "libp2p.transport.quic.utils": ((), ("is_quic_multiaddr",)),  # libp2p/__init__
+    "libp2p.transport.quic.transport": (("QUICTransport",), ()),  # libp2p/__init__: made for QUIC addresses only
+    "libp2p.transport.quic.stream": (("QUICStream",), ()),  # custom_types: in a type alias
+    "libp2p.transport.websocket.transport": (("WebsocketTransport",), ()),  # libp2p.transport
+    "libp2p.security.tls.autotls.acme": (("ACMEClient",), ("compute_b36_peer_id",)),  # host.basic_host
+    "libp2p.security.tls.autotls.broker": (("BrokerClient",), ()),  # host.basic_host
+    "libp2p.relay.circuit_v2.nat": ((), ("is_private_ip",)),  # host.basic_host: for AutoTLS only
+    "libp2p.discovery.mdns.mdns": (("MDNSDiscovery",), ("create_mdns_discovery",)),  # host.basic_host
+    "libp2p.rcmgr.prometheus_exporter": (("PrometheusExporter",), ("create_prometheus_exporter",)),  # rcmgr
+    "multiaddr.resolvers": (("DNSResolver",), ()),  # network.swarm, transport.tcp, utils.dns_utils
+}
+
+
+class _DeferredModule(types.ModuleType):
+    """A stand-in for a module in _DEFERRED_MODULES; any name it lacks comes from the real one."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # importlib and inspect probe __path__, __file__ ...
+            raise AttributeError(name)
+        return getattr(_real_module(self.__name__), name)
+
+
+class _DeferredClass(type):
+    """Metaclass of a stand-in class: making an instance makes one of the real class."""
+
+    _module: str
+
+    def _real(cls) -> Any:
+        return getattr(_real_module(cls._module), cls.__name__)
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        return cls._real()(*args, **kwargs)
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        # Until the real module is loaded no instance of the real class can exist.
+        loaded = sys.modules.get(cls._module)
+        return loaded is not None and not isinstance(loaded, _DeferredModule) and isinstance(obj, cls._real())
+
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(cls._real(), name)
+
+
+class _DeferredDNSResolver:
+    """Stand-in for multiaddr's DNSResolver: Swarm and TCP make one each up front, but
+    resolve only /dns addresses; the real resolver (and dnspython) comes at first use."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._deferred_args = (args, kwargs)
+        self._resolver: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_deferred_args", "_resolver"):
+            raise AttributeError(name)
+        if self._resolver is None:
+            args, kwargs = self._deferred_args
+            self._resolver = _real_module("multiaddr.resolvers").DNSResolver(*args, **kwargs)
+        return getattr(self._resolver, name)
+
+
+def _real_module(name: str) -> Any:
+    """Return the real module ``name``, first dropping every remaining stand-in, so that
+    the real modules, which import each other, see only real modules."""
+    import importlib
+
+    module = sys.modules.get(name)
+    if module is None or isinstance(module, _DeferredModule):
+        for other, value in list(sys.modules.items()):
+            if isinstance(value, _DeferredModule):
+                del sys.modules[other]
+        module = importlib.import_module(name)
+    return module
+
+
+def _deferred_function(module: str, name: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(_real_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__module__ = module
+    return call
+
+
+def _installed_version_is(distribution: str, version: str) -> bool:
+    """True when ``distribution`` ``version`` is what `import <distribution>` would load
+    (its .dist-info sits beside the package; no import, no importlib.metadata scan)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(distribution)
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    site = Path(next(iter(spec.submodule_search_locations))).parent
+    return (site / f"{distribution}-{version}.dist-info").is_dir()
+
+
+def forget_zipapp_on_sys_path() -> None:
+    """Drop the running pyz from sys.path: shiv has unpacked it, and pangea imports
+    nothing from the archive itself (its modules come from the unpacked site-packages).
+
+    NOTE: importlib.metadata, which libp2p asks for its own version at import time,
+    lists every sys.path entry, and listing the ~3,000 names of the pyz took ~20 ms
+    of every start (2.5 ms without it).
+    """
+    argv0 = sys.argv[0] if sys.argv else ""
+    if not argv0 or not os.path.isfile(argv0):
+        return
+    here = os.path.realpath(argv0)
+    sys.path[:] = [p for p in sys.path if not (p and os.path.isfile(p) and os.path.realpath(p) == here)]
+
+
+def defer_unused_libp2p_modules(version: str = _DEFERRED_LIBP2P_VERSION) -> bool:
+    """Put stand-ins for the libp2p modules pangea never runs into sys.modules (see the
+    comment above _DEFERRED_MODULES); return whether it did. Call before any libp2p import;
+    does nothing once libp2p is imported, or when the installed libp2p is not ``version``."""
+    if "libp2p" in sys.modules or not _installed_version_is("libp2p", version):
+        return False
+    multiaddr_spec = None
+    for name, names in _DEFERRED_MODULES.items():
+        if name in sys.modules:
+            continue
+        module = _DeferredModule(name)
+        if name == "multiaddr.resolvers":
+            import importlib.util
+
+            # A package: `from .resolvers.dns import DNSResolver` (Multiaddr.resolve) must
+            # still find the real submodule through it.
+            multiaddr_spec = multiaddr_spec or importlib.util.find_spec("multiaddr")
+            if multiaddr_spec is None or not multiaddr_spec.submodule_search_locations:
+                continue
+            module.__path__ = [str(Path(next(iter(multiaddr_spec.submodule_search_locations))) / "resolvers")]
+            setattr(module, "DNSResolver", _DeferredDNSResolver)  # noqa: B010
+            sys.modules[name] = module
+            continue
+        classes, functions = names
+        for class_name in classes:
+            setattr(module, class_name, _DeferredClass(class_name, (), {"_module": name, "__module__": name}))
+        for function_name in functions:
+            setattr(module, function_name, _deferred_function(name, function_name))
+        sys.modules[name] = module
+    return True
+
+
+class Libp2pLogFilter(logging.Filter):
+    """What of py-libp2p's own records reaches pangea's log (every handler carries one).
+
+    Without --debug: nothing below WARNING (py-libp2p sets INFO on some of its
+    own loggers, e.g. the AutoConnector's "initiating N new dials" every 10 s,
+    so the "libp2p" logger's level alone does not hold them back), and a
+    warning or error of one kind at most once per LIBP2P_LOG_REPEAT_S: a redial
+    makes the TCP transport log "Failed to open TCP stream" several times a
+    second, while pangea's own lines name the peer it dials. The next one let
+    through after a quiet spell says how many were held back. With --debug
+    everything passes."""
+
+    def __init__(self, debug: bool, repeat_s: float = LIBP2P_LOG_REPEAT_S) -> None:
+        super().__init__()
+        self.debug = debug
+        self.repeat_s = repeat_s
+        self._last: dict[tuple[str, int, str], tuple[float, int]] = {}  # kind -> (time let through, held back)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """True to log ``record``; False to drop it."""
+        if self.debug or not (record.name == "libp2p" or record.name.startswith("libp2p.")):
+            return True
+        decided = getattr(record, "pangea_libp2p_ok", None)  # the same record, at the next handler
+        if decided is None:
+            decided = record.levelno >= logging.WARNING and self._first_of_its_kind(record)
+            record.pangea_libp2p_ok = decided
+        return bool(decided)
+
+    def _first_of_its_kind(self, record: logging.LogRecord) -> bool:
+        kind = (record.name, record.levelno, str(record.msg)[:200])
+        if len(self._last) > 1000:  # bounded: libp2p formats some messages with f-strings
+            self._last.clear()
+        last = self._last.get(kind)
+        if last is not None and record.created - last[0] < self.repeat_s:
+            self._last[kind] = (last[0], last[1] + 1)
+            return False
+        if last is not None and last[1]:
+            record.msg = f"{record.getMessage()} (and {last[1]} more like it in {record.created - last[0]:.0f} s)"
+            record.args = ()
+        self._last[kind] = (record.created, 0)
+        return True
+
+
+def setup_logging(log_file: Path | None, verbose: int, debug: bool) -> None:
+    """Send pangea's log to the session log file and, with -v/--debug, to stderr."""
+    # NOTE: `import libp2p` resets the "libp2p" logger (libp2p.utils.logging.setup_logging),
+    # so it is imported first; otherwise its routine errors reach stderr through lastResort.
+    import logging.handlers  # here, not at the top: --help does not need it (~5 ms)
+
+    import libp2p  # noqa: F401
+
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter("pangea: %(message)s"))
+    stderr.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    handlers: list[logging.Handler] = [stderr]
+    if log_file is not None:
+        file_handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(file_handler)
+    libp2p_filter = Libp2pLogFilter(debug)  # one for all handlers: a held-back record is held back everywhere
+    for handler in handlers:
+        handler.addFilter(libp2p_filter)
+    for name, level, hs in (
+        ("", logging.WARNING, handlers[1:]),  # libraries that log through the root logger: file only
+        ("pangea", logging.DEBUG, handlers),
+        # NOTE: libp2p logs through logging.lastResort unless it has a handler;
+        # its routine warnings (a redial failed) belong in the file only.
+        ("libp2p", logging.INFO if debug else logging.WARNING, handlers if debug else handlers[1:]),
+    ):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = hs or [logging.NullHandler()]
+        logger.setLevel(level)
+        logger.propagate = False
+
+
+def first_error(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """Return the first exception of ``kind`` inside (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = first_error(inner, kind)
+            if found is not None:
+                return found
+        return None
+    return exc if isinstance(exc, kind) else None
+
+
+def run_trio_value(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` under trio and return its value; Ctrl-C and SIGTERM cancel it cleanly
+    and raise Interrupted (exit code 130 or 143).
+
+    NOTE: Ctrl-C inside py-libp2p surfaces as a KeyboardInterrupt nested in an
+    exception group; cancelling the main scope from a signal receiver instead
+    lets every `finally` run.
+    """
+    import trio
+
+    received: list[int] = []
+
+    async def runner() -> Any:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def on_signals() -> None:
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for signum in signals:
+                            received.append(signum)
+                            scope.cancel()
+                            return
+
+                nursery.start_soon(on_signals)
+                value = await fn(*args)
+                nursery.cancel_scope.cancel()
+                return value
+        raise Interrupted(128 + received[0] if received else 1)
+
+    try:
+        return trio.run(runner)
+    except BaseExceptionGroup as group:
+        found = first_error(group, PangeaError) or first_error(group, KeyboardInterrupt)
+        if found is not None:
+            raise found from None
+        raise
+
+
+def run_trio(fn: Callable[..., Any], *args: Any) -> int:
+    """Run a command's ``async`` body under trio; return its exit code (130/143 after a signal)."""
+    try:
+        return int(run_trio_value(fn, *args))
+    except Interrupted as exc:
+        return exc.code
+
+
+@contextlib.contextmanager
+def node_session(role: str, args: argparse.Namespace) -> Any:
+    """Create the session directory and logging of a node process; remove the directory at exit."""
+    home = pangea_home()
+    session = SessionDir(home, role).create()
+    try:
+        setup_logging(session.log_path, getattr(args, "verbose", 0), getattr(args, "debug", False))
+        log.info("pangea %s %s started, pid %d", __version__, role, os.getpid())
+        yield home, session
+    finally:
+        session.remove()
+
+
+def _flush_stdout(code: int) -> int:
+    """Flush stdout; when its reader has gone (``| head -1``) end quietly with ``code``."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    return code
+
+
+def _stdout_gone() -> bool:
+    """True when nobody reads our stdout any more (a pipe or socket whose reader closed)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout (a test's capture)
+        return False
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null after its reader left, so the interpreter's last flush
+    at exit cannot print "Exception ignored ... BrokenPipeError" (the recipe of
+    the Python docs, "Note on SIGPIPE")."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+###############################################################################
+# 11. CLI
+#
+# One `cmd_<verb>` per command. Errors are one line on stderr,
+# `pangea: error: ...` plus an optional `hint: ...`; exit codes 0 ok,
+# 1 failure, 2 usage/setup error, 130 Ctrl-C (143 SIGTERM). Tracebacks only
+# with --debug.
+###############################################################################
 
 
 def version_text() -> str:
@@ -8782,151 +8970,6 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
     return parser
-
-
-class Libp2pLogFilter(logging.Filter):
-    """What of py-libp2p's own records reaches pangea's log (every handler carries one).
-
-    Without --debug: nothing below WARNING (py-libp2p sets INFO on some of its
-    own loggers, e.g. the AutoConnector's "initiating N new dials" every 10 s,
-    so the "libp2p" logger's level alone does not hold them back), and a
-    warning or error of one kind at most once per LIBP2P_LOG_REPEAT_S: a redial
-    makes the TCP transport log "Failed to open TCP stream" several times a
-    second, while pangea's own lines name the peer it dials. The next one let
-    through after a quiet spell says how many were held back. With --debug
-    everything passes."""
-
-    def __init__(self, debug: bool, repeat_s: float = LIBP2P_LOG_REPEAT_S) -> None:
-        super().__init__()
-        self.debug = debug
-        self.repeat_s = repeat_s
-        self._last: dict[tuple[str, int, str], tuple[float, int]] = {}  # kind -> (time let through, held back)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """True to log ``record``; False to drop it."""
-        if self.debug or not (record.name == "libp2p" or record.name.startswith("libp2p.")):
-            return True
-        decided = getattr(record, "pangea_libp2p_ok", None)  # the same record, at the next handler
-        if decided is None:
-            decided = record.levelno >= logging.WARNING and self._first_of_its_kind(record)
-            record.pangea_libp2p_ok = decided
-        return bool(decided)
-
-    def _first_of_its_kind(self, record: logging.LogRecord) -> bool:
-        kind = (record.name, record.levelno, str(record.msg)[:200])
-        if len(self._last) > 1000:  # bounded: libp2p formats some messages with f-strings
-            self._last.clear()
-        last = self._last.get(kind)
-        if last is not None and record.created - last[0] < self.repeat_s:
-            self._last[kind] = (last[0], last[1] + 1)
-            return False
-        if last is not None and last[1]:
-            record.msg = f"{record.getMessage()} (and {last[1]} more like it in {record.created - last[0]:.0f} s)"
-            record.args = ()
-        self._last[kind] = (record.created, 0)
-        return True
-
-
-def setup_logging(log_file: Path | None, verbose: int, debug: bool) -> None:
-    """Send pangea's log to the session log file and, with -v/--debug, to stderr."""
-    # NOTE: `import libp2p` resets the "libp2p" logger (libp2p.utils.logging.setup_logging),
-    # so it is imported first; otherwise its routine errors reach stderr through lastResort.
-    import logging.handlers  # here, not at the top: --help does not need it (~5 ms)
-
-    import libp2p  # noqa: F401
-
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(logging.Formatter("pangea: %(message)s"))
-    stderr.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
-    handlers: list[logging.Handler] = [stderr]
-    if log_file is not None:
-        file_handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handlers.append(file_handler)
-    libp2p_filter = Libp2pLogFilter(debug)  # one for all handlers: a held-back record is held back everywhere
-    for handler in handlers:
-        handler.addFilter(libp2p_filter)
-    for name, level, hs in (
-        ("", logging.WARNING, handlers[1:]),  # libraries that log through the root logger: file only
-        ("pangea", logging.DEBUG, handlers),
-        # NOTE: libp2p logs through logging.lastResort unless it has a handler;
-        # its routine warnings (a redial failed) belong in the file only.
-        ("libp2p", logging.INFO if debug else logging.WARNING, handlers if debug else handlers[1:]),
-    ):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = hs or [logging.NullHandler()]
-        logger.setLevel(level)
-        logger.propagate = False
-
-
-def first_error(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """Return the first exception of ``kind`` inside (nested) exception groups."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = first_error(inner, kind)
-            if found is not None:
-                return found
-        return None
-    return exc if isinstance(exc, kind) else None
-
-
-def run_trio_value(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fn(*args)`` under trio and return its value; Ctrl-C and SIGTERM cancel it cleanly
-    and raise Interrupted (exit code 130 or 143).
-
-    NOTE: Ctrl-C inside py-libp2p surfaces as a KeyboardInterrupt nested in an
-    exception group; cancelling the main scope from a signal receiver instead
-    lets every `finally` run.
-    """
-    import trio
-
-    received: list[int] = []
-
-    async def runner() -> Any:
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-
-                async def on_signals() -> None:
-                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                        async for signum in signals:
-                            received.append(signum)
-                            scope.cancel()
-                            return
-
-                nursery.start_soon(on_signals)
-                value = await fn(*args)
-                nursery.cancel_scope.cancel()
-                return value
-        raise Interrupted(128 + received[0] if received else 1)
-
-    try:
-        return trio.run(runner)
-    except BaseExceptionGroup as group:
-        found = first_error(group, PangeaError) or first_error(group, KeyboardInterrupt)
-        if found is not None:
-            raise found from None
-        raise
-
-
-def run_trio(fn: Callable[..., Any], *args: Any) -> int:
-    """Run a command's ``async`` body under trio; return its exit code (130/143 after a signal)."""
-    try:
-        return int(run_trio_value(fn, *args))
-    except Interrupted as exc:
-        return exc.code
-
-
-@contextlib.contextmanager
-def node_session(role: str, args: argparse.Namespace) -> Any:
-    """Create the session directory and logging of a node process; remove the directory at exit."""
-    home = pangea_home()
-    session = SessionDir(home, role).create()
-    try:
-        setup_logging(session.log_path, getattr(args, "verbose", 0), getattr(args, "debug", False))
-        log.info("pangea %s %s started, pid %d", __version__, role, os.getpid())
-        yield home, session
-    finally:
-        session.remove()
 
 
 def print_report(role: str, peer: str, results: list[CheckResult], extra: dict[str, Any], as_json: bool) -> bool:
@@ -10315,37 +10358,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
-
-
-def _flush_stdout(code: int) -> int:
-    """Flush stdout; when its reader has gone (``| head -1``) end quietly with ``code``."""
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _silence_stdout()
-    return code
-
-
-def _stdout_gone() -> bool:
-    """True when nobody reads our stdout any more (a pipe or socket whose reader closed)."""
-    import select
-
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
-    except (OSError, ValueError, AttributeError):  # no real file behind stdout (a test's capture)
-        return False
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null after its reader left, so the interpreter's last flush
-    at exit cannot print "Exception ignored ... BrokenPipeError" (the recipe of
-    the Python docs, "Note on SIGPIPE")."""
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
 
 
 MENU = (

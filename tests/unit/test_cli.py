@@ -1,4 +1,4 @@
-"""Unit tests of section 10 of pangea.py: the parser, `main()` exit codes and error lines.
+"""Unit tests of the CLI section of pangea.py: the parser, `main()` exit codes and error lines.
 
 Only paths that end before any node starts are exercised here (argument and
 address errors, the build-target guard, --version); running nodes is the job
