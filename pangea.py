@@ -8560,7 +8560,10 @@ def _silence_stdout() -> None:
 ###############################################################################
 # 11. CLI
 #
-# One `cmd_<verb>` per command. Errors are one line on stderr,
+# One `cmd_<verb>` per command, with its options in the `add_<verb>_parser`
+# right above it; the options several verbs share (node_options,
+# limit_options, fault_option, verify_option) come first, then make_parser;
+# `main` closes the section. Errors are one line on stderr,
 # `pangea: error: ...` plus an optional `hint: ...`; exit codes 0 ok,
 # 1 failure, 2 usage/setup error, 130 Ctrl-C (143 SIGTERM). Tracebacks only
 # with --debug.
@@ -8683,316 +8686,6 @@ def verify_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def make_parser() -> argparse.ArgumentParser:
-    """Return the argument parser of the whole CLI."""
-    parser = _Parser(prog="pangea.pyz", description="Share numpy compute between your own machines over libp2p.")
-    parser.add_argument("--version", action=_VersionAction, help="print the version and build target, then exit")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log events to stderr")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    def common(p: argparse.ArgumentParser, port: int) -> None:
-        p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
-        p.add_argument(
-            "--port",
-            type=port_number,
-            default=port,
-            help=f"TCP port to listen on, 0 for any free one (default: {port})",
-        )
-        p.add_argument(
-            "--timeout",
-            type=positive_seconds(),
-            default=DEFAULT_WAIT_S,
-            metavar="SECONDS",
-            help=f"how long to wait for the other side (default: {DEFAULT_WAIT_S:.0f})",
-        )
-        p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
-        p.add_argument("--quiet", action="store_true", help="no live progress display")
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        p.add_argument("--psk", metavar="FILE", help="pre-shared key file: only nodes with the same file can connect")
-        p.add_argument(
-            "--data-port",
-            type=parse_data_port,
-            default=-1,
-            metavar="PORT|auto|off",
-            help="TCP port of the TLS data plane that carries arrays (default: auto, the --port + 1, or any free "
-            "port with --port 0); off: everything on the libp2p stream (slower)",
-        )
-        p.add_argument(
-            "--metrics",
-            metavar="HOST:PORT",
-            default="127.0.0.1:0" if p.prog.endswith("serve") else None,
-            help="serve Prometheus metrics there (serve: default 127.0.0.1:0, any free port; `off` disables)",
-        )
-        g = p.add_argument_group("limits on what peers may send (see README, Security)")
-        d = Limits()
-        for flag, name, kind, shift, metavar, text in LIMIT_OPTIONS:
-            default = getattr(d, name) >> shift if shift else getattr(d, name)
-            shown = f"{default:g}" if kind.kind is float else str(default)
-            g.add_argument(flag, type=kind, default=default, metavar=metavar, help=f"{text} (default: {shown})")
-        g.add_argument(
-            "--dtypes",
-            default=",".join(d.dtypes),
-            metavar="LIST",
-            help=f"dtypes accepted (default: {','.join(d.dtypes)})",
-        )
-
-    p = sub.add_parser("initiate", help="start node 1: print its address, wait for a responder, run the checks")
-    common(p, DEFAULT_PORT)
-    p.add_argument(
-        "--size",
-        type=whole_number(2, MAX_MATRIX_N, "a matrix size"),
-        default=AGGREGATE_N,
-        metavar="N",
-        help=f"size of the split matmul (default: {AGGREGATE_N})",
-    )
-    p.add_argument(
-        "--transfer-mib",
-        type=size_mib(1, BENCH_MAX_BYTES >> 20),
-        default=THROUGHPUT_BYTES >> 20,
-        metavar="MIB",
-        help=f"array data sent each way for the throughput figure (default: {THROUGHPUT_BYTES >> 20})",
-    )
-    p.set_defaults(func=cmd_initiate)
-
-    p.add_argument(
-        "--allow-peer",
-        action="append",
-        default=[],
-        metavar="PEER_ID",
-        help="a responder accepted without the pairing code (repeatable; also $PANGEA_HOME/trusted_peers)",
-    )
-    verify_option(p)
-    p.add_argument(
-        "--expect",
-        type=whole_number(1, 64, "a number of responders"),
-        default=1,
-        metavar="N",
-        help="wait for N responders and run the checks across all of them (default: 1)",
-    )
-    p.add_argument("--no-mdns", action="store_true", help="do not announce this initiator on the LAN by mDNS")
-
-    p = sub.add_parser("respond", help="start node 2: connect to an initiator and do its work")
-    p.add_argument(
-        "address", nargs="?", help="the join string the initiator printed (pangea://...#CODE), or its multiaddr"
-    )
-    p.add_argument("--code", help="the initiator's pairing code, when ADDRESS is a bare multiaddr")
-    p.add_argument(
-        "--discover",
-        action="store_true",
-        help="find the initiator on this LAN by mDNS instead of pasting its address (the code is still needed)",
-    )
-    common(p, 0)
-    fault_option(p)
-    p.set_defaults(func=cmd_respond)
-
-    p = sub.add_parser("demo", help="run an initiator and a responder on this machine and show the whole flow")
-    p.add_argument(
-        "--size",
-        type=whole_number(2, MAX_MATRIX_N, "a matrix size"),
-        default=AGGREGATE_N,
-        metavar="N",
-        help="size of the split matmul",
-    )
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("serve", help="run a long-lived node with a Cap'n Proto RPC endpoint for your programs")
-    common(p, DEFAULT_PORT)
-    p.add_argument(
-        "--rpc",
-        default=f"127.0.0.1:{DEFAULT_RPC_PORT}",
-        metavar="HOST:PORT",
-        help=f"RPC endpoint (default: 127.0.0.1:{DEFAULT_RPC_PORT}; another host needs a token)",
-    )
-    p.add_argument("--rpc-token", metavar="TOKEN", help="token RPC clients must present (or set PANGEA_RPC_TOKEN)")
-    p.add_argument("--rpc-token-file", metavar="FILE", help="read the RPC token from this file")
-    p.add_argument(
-        "--rpc-max-mib",
-        type=size_mib(1, 4096),
-        default=DEFAULT_RPC_MAX_BYTES >> 20,
-        metavar="MIB",
-        help=f"largest RPC message (default: {DEFAULT_RPC_MAX_BYTES >> 20} MiB)",
-    )
-    p.add_argument(
-        "--peer",
-        action="append",
-        default=[],
-        metavar="MULTIADDR",
-        help="a node to dial, trust and keep connected (repeatable)",
-    )
-    p.add_argument(
-        "--allow-peer",
-        action="append",
-        default=[],
-        metavar="PEER_ID",
-        help="a peer id allowed to connect and submit tasks (repeatable; also $PANGEA_HOME/trusted_peers)",
-    )
-    fault_option(p)
-    verify_option(p)
-    p.add_argument(
-        "--suspect-backoff",
-        type=NumberOption(float, 0.1, SUSPECT_BACKOFF_MAX_S, "a number of seconds"),
-        default=SUSPECT_BACKOFF_S,
-        metavar="SECONDS",
-        help="wait before a worker whose result failed verification gets a canary task "
-        f"(default: {SUSPECT_BACKOFF_S:g}; doubles per failed canary, up to {SUSPECT_BACKOFF_MAX_S:g})",
-    )
-    p.add_argument("--pair", action="store_true", help="print a one-time pairing code a new peer can connect with")
-    p.add_argument(
-        "--pair-timeout",
-        type=positive_seconds(),
-        default=600.0,
-        metavar="SECONDS",
-        help="how long the pairing code stays valid (default: 600)",
-    )
-    p.add_argument(
-        "--remember",
-        action="store_true",
-        help="add peers that paired to $PANGEA_HOME/trusted_peers, so they need no code next time",
-    )
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("call", help="talk to a running `serve` node over RPC")
-    p.add_argument(
-        "--rpc", default=f"127.0.0.1:{DEFAULT_RPC_PORT}", metavar="HOST:PORT", help="the node's RPC endpoint"
-    )
-    p.add_argument("--token", help="the node's RPC token (default: $PANGEA_RPC_TOKEN)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    calls = p.add_subparsers(dest="call", metavar="CALL", parser_class=_Parser)
-    calls.add_parser("status", help="the node's peer id, addresses, uptime, task counts")
-    calls.add_parser("peers", help="the node's connected peers")
-    c = calls.add_parser("connect", help="make the node dial (and trust) another node")
-    c.add_argument("multiaddr")
-    c = calls.add_parser("matmul", help="multiply two random N x N matrices on the node and verify the result")
-    c.add_argument("--size", type=whole_number(1, MAX_MATRIX_N, "a matrix size"), default=1024, metavar="N")
-    c.add_argument("--placement", default="auto", help="auto, local, remote or a peer id (default: auto)")
-    c.add_argument(
-        "--no-fallback",
-        action="store_true",
-        help="fail instead of running locally when no remote worker is usable (default: fall back, and say so)",
-    )
-    p.set_defaults(func=cmd_call)
-
-    p = sub.add_parser("id", help="print this box's peer id (creating its identity if needed)")
-    p.set_defaults(func=cmd_id)
-
-    p = sub.add_parser("status", help="show the pangea nodes running on this box (and clean up stale entries)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("doctor", help="explain this box's network setup, and whether a peer can be reached")
-    p.add_argument("address", nargs="?", help="a peer's multiaddr or join string to test")
-    p.add_argument(
-        "--port",
-        type=port_number,
-        default=DEFAULT_PORT,
-        help=f"the port pangea would listen on (default: {DEFAULT_PORT})",
-    )
-    p.add_argument(
-        "--timeout", type=positive_seconds(), default=10.0, metavar="SECONDS", help="per network test (default: 10)"
-    )
-    p.add_argument("--psk", metavar="FILE", help="the pre-shared key file the peer uses, if any")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_doctor)
-
-    p = sub.add_parser("psk", help="write a new pre-shared key file for --psk (copy it to every node)")
-    p.add_argument("file")
-    p.set_defaults(func=cmd_psk)
-
-    p = sub.add_parser(
-        "bench",
-        help="measure pangea next to a plain libp2p stream and raw TCP against its performance targets, in one run",
-    )
-    p.add_argument(
-        "address",
-        nargs="?",
-        help="the join string `bench --listen` printed (or its multiaddr with --code), or a `serve` node that "
-        "trusts this box; without one, a peer is started on 127.0.0.1",
-    )
-    p.add_argument("--code", help="the listener's pairing code, when ADDRESS is a bare multiaddr")
-    p.add_argument(
-        "--listen", action="store_true", help="be the peer: print a join string, serve one benchmarker, then exit"
-    )
-    p.add_argument("--host", default="0.0.0.0", help="--listen: address to listen on (default: all interfaces)")
-    p.add_argument(
-        "--port",
-        type=port_number,
-        default=DEFAULT_PORT,
-        help=f"--listen: libp2p port, 0 for any free one (default: {DEFAULT_PORT})",
-    )
-    p.add_argument(
-        "--tcp-port", type=port_number, default=0, help="--listen: port of the raw TCP baseline (default: any free one)"
-    )
-    p.add_argument(
-        "--timeout",
-        type=positive_seconds(),
-        default=DEFAULT_WAIT_S,
-        metavar="SECONDS",
-        help=f"how long to wait for the other side (default: {DEFAULT_WAIT_S:.0f})",
-    )
-    full, quick = BENCH_DEFAULTS, BENCH_QUICK
-    p.add_argument(
-        "--sizes-mib",
-        metavar="LIST",
-        help=f"bulk transfer sizes in MiB, e.g. 64,1024 (default: {full['sizes_mib']}; --quick: {quick['sizes_mib']})",
-    )
-    p.add_argument(
-        "--tasks",
-        type=whole_number(1, 100_000, "a number of tasks"),
-        metavar="N",
-        help=f"tiny tasks per figure (default: {full['tasks']}; --quick: {quick['tasks']})",
-    )
-    p.add_argument(
-        "--inflight",
-        type=whole_number(1, BENCH_MAX_INFLIGHT, "a number of tasks"),
-        default=8,
-        metavar="N",
-        help="tasks in flight at once (default: 8)",
-    )
-    p.add_argument(
-        "--matmul-n",
-        type=whole_number(64, 8192, "a matrix size"),
-        metavar="N",
-        help=f"size of the delegated matmul (default: {full['matmul_n']}; --quick: {quick['matmul_n']})",
-    )
-    p.add_argument(
-        "--reps",
-        type=whole_number(1, 20, "a number of repetitions"),
-        metavar="N",
-        help=f"repetitions of bulk (at most 3 from 512 MiB up) and matmul (default: {full['reps']}; --quick: 1)",
-    )
-    p.add_argument("--quick", action="store_true", help="small sizes and counts: a few seconds, rough figures")
-    p.add_argument("--json", action="store_true", help="print one JSON object (every sample, both machines)")
-    p.add_argument("--psk", metavar="FILE", help="pre-shared key file, when the peer uses one")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_bench)
-    return parser
-
-
-def print_report(role: str, peer: str, results: list[CheckResult], extra: dict[str, Any], as_json: bool) -> bool:
-    """Print the checks table (and the JSON line); return True when all passed."""
-    ok = bool(results) and all(r.ok for r in results)
-    rows = [(r.name, "ok" if r.ok else "FAILED", f"{r.seconds:.2f}", r.detail) for r in results]
-    print()
-    print(format_table(("check", "result", "seconds", "detail"), rows))
-    print()
-    print(f"{'All checks passed' if ok else 'Some checks FAILED'} ({role}).", flush=True)
-    if as_json:
-        doc = {
-            "ok": ok,
-            "role": role,
-            "version": __version__,
-            "peer": peer,
-            "checks": [r.as_json() for r in results],
-            **extra,
-        }
-        print(json.dumps(doc), flush=True)
-    return ok
-
-
 # The limit options of every node command: flag, Limits field, type, shift (MiB -> bytes), metavar, help.
 LIMIT_OPTIONS: tuple[tuple[str, str, NumberOption, int, str, str], ...] = (
     ("--max-payload-mib", "max_payload_bytes", size_mib(), 20, "MIB", "largest array data of one message"),
@@ -9051,6 +8744,106 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
     return Limits(dtypes=dtypes, **values).validate()
 
 
+def node_options(p: argparse.ArgumentParser, port: int) -> None:
+    """Add the options of every node command (initiate, respond, serve): where to listen, how long to
+    wait, output, --psk, the data plane, metrics, and the limits on what peers may send."""
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    p.add_argument(
+        "--port",
+        type=port_number,
+        default=port,
+        help=f"TCP port to listen on, 0 for any free one (default: {port})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=positive_seconds(),
+        default=DEFAULT_WAIT_S,
+        metavar="SECONDS",
+        help=f"how long to wait for the other side (default: {DEFAULT_WAIT_S:.0f})",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    p.add_argument("--quiet", action="store_true", help="no live progress display")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--psk", metavar="FILE", help="pre-shared key file: only nodes with the same file can connect")
+    p.add_argument(
+        "--data-port",
+        type=parse_data_port,
+        default=-1,
+        metavar="PORT|auto|off",
+        help="TCP port of the TLS data plane that carries arrays (default: auto, the --port + 1, or any free "
+        "port with --port 0); off: everything on the libp2p stream (slower)",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        default="127.0.0.1:0" if p.prog.endswith("serve") else None,
+        help="serve Prometheus metrics there (serve: default 127.0.0.1:0, any free port; `off` disables)",
+    )
+    limit_options(p)
+
+
+def limit_options(p: argparse.ArgumentParser) -> None:
+    """Add the group of limits on what peers may send: LIMIT_OPTIONS and --dtypes."""
+    g = p.add_argument_group("limits on what peers may send (see README, Security)")
+    d = Limits()
+    for flag, name, kind, shift, metavar, text in LIMIT_OPTIONS:
+        default = getattr(d, name) >> shift if shift else getattr(d, name)
+        shown = f"{default:g}" if kind.kind is float else str(default)
+        g.add_argument(flag, type=kind, default=default, metavar=metavar, help=f"{text} (default: {shown})")
+    g.add_argument(
+        "--dtypes",
+        default=",".join(d.dtypes),
+        metavar="LIST",
+        help=f"dtypes accepted (default: {','.join(d.dtypes)})",
+    )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the whole CLI: the global options, then one
+    `add_<verb>_parser` per verb (each sits right above its `cmd_<verb>`)."""
+    parser = _Parser(prog="pangea.pyz", description="Share numpy compute between your own machines over libp2p.")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and build target, then exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log events to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add_parser in (
+        add_initiate_parser,
+        add_respond_parser,
+        add_demo_parser,
+        add_serve_parser,
+        add_call_parser,
+        add_id_parser,
+        add_status_parser,
+        add_doctor_parser,
+        add_psk_parser,
+        add_bench_parser,
+    ):
+        add_parser(sub)
+    return parser
+
+
+def print_report(role: str, peer: str, results: list[CheckResult], extra: dict[str, Any], as_json: bool) -> bool:
+    """Print the checks table (and the JSON line); return True when all passed."""
+    ok = bool(results) and all(r.ok for r in results)
+    rows = [(r.name, "ok" if r.ok else "FAILED", f"{r.seconds:.2f}", r.detail) for r in results]
+    print()
+    print(format_table(("check", "result", "seconds", "detail"), rows))
+    print()
+    print(f"{'All checks passed' if ok else 'Some checks FAILED'} ({role}).", flush=True)
+    if as_json:
+        doc = {
+            "ok": ok,
+            "role": role,
+            "version": __version__,
+            "peer": peer,
+            "checks": [r.as_json() for r in results],
+            **extra,
+        }
+        print(json.dumps(doc), flush=True)
+    return ok
+
+
 def read_psk_file(path: str | None) -> str | None:
     """Return the 64-hex key of a --psk file (None without --psk)."""
     if path is None:
@@ -9083,6 +8876,44 @@ def remember_peer(home: Path, peer_id: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with os.fdopen(fd, "a") as f:
         f.write(f"{peer_id}  # paired {time.strftime('%Y-%m-%d %H:%M')}\n")
+
+
+def add_initiate_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `initiate` command and its options."""
+    p = sub.add_parser("initiate", help="start node 1: print its address, wait for a responder, run the checks")
+    node_options(p, DEFAULT_PORT)
+    p.add_argument(
+        "--size",
+        type=whole_number(2, MAX_MATRIX_N, "a matrix size"),
+        default=AGGREGATE_N,
+        metavar="N",
+        help=f"size of the split matmul (default: {AGGREGATE_N})",
+    )
+    p.add_argument(
+        "--transfer-mib",
+        type=size_mib(1, BENCH_MAX_BYTES >> 20),
+        default=THROUGHPUT_BYTES >> 20,
+        metavar="MIB",
+        help=f"array data sent each way for the throughput figure (default: {THROUGHPUT_BYTES >> 20})",
+    )
+    p.set_defaults(func=cmd_initiate)
+
+    p.add_argument(
+        "--allow-peer",
+        action="append",
+        default=[],
+        metavar="PEER_ID",
+        help="a responder accepted without the pairing code (repeatable; also $PANGEA_HOME/trusted_peers)",
+    )
+    verify_option(p)
+    p.add_argument(
+        "--expect",
+        type=whole_number(1, 64, "a number of responders"),
+        default=1,
+        metavar="N",
+        help="wait for N responders and run the checks across all of them (default: 1)",
+    )
+    p.add_argument("--no-mdns", action="store_true", help="do not announce this initiator on the LAN by mDNS")
 
 
 def cmd_initiate(args: argparse.Namespace) -> int:
@@ -9366,6 +9197,23 @@ def discover_one(interactive: bool) -> str:
             return str(found[int(choice) - 1]["address"])
 
 
+def add_respond_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `respond` command and its options."""
+    p = sub.add_parser("respond", help="start node 2: connect to an initiator and do its work")
+    p.add_argument(
+        "address", nargs="?", help="the join string the initiator printed (pangea://...#CODE), or its multiaddr"
+    )
+    p.add_argument("--code", help="the initiator's pairing code, when ADDRESS is a bare multiaddr")
+    p.add_argument(
+        "--discover",
+        action="store_true",
+        help="find the initiator on this LAN by mDNS instead of pasting its address (the code is still needed)",
+    )
+    node_options(p, 0)
+    fault_option(p)
+    p.set_defaults(func=cmd_respond)
+
+
 def cmd_respond(args: argparse.Namespace) -> int:
     """`respond`: dial the initiator, serve its tasks until it says done."""
     text = args.address
@@ -9497,6 +9345,19 @@ def _pump(proc: subprocess.Popen[str], prefix: str, found: list[str], ready: thr
         ready.set()
 
 
+def add_demo_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `demo` command and its options."""
+    p = sub.add_parser("demo", help="run an initiator and a responder on this machine and show the whole flow")
+    p.add_argument(
+        "--size",
+        type=whole_number(2, MAX_MATRIX_N, "a matrix size"),
+        default=AGGREGATE_N,
+        metavar="N",
+        help="size of the split matmul",
+    )
+    p.set_defaults(func=cmd_demo)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """`demo`: run an initiator and a responder as two processes on loopback."""
     home = pangea_home()
@@ -9561,6 +9422,65 @@ def read_rpc_token(args: argparse.Namespace) -> str:
             hint="generate one: python3 -c 'import secrets; print(secrets.token_hex(16))'",
         )
     return token
+
+
+def add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `serve` command and its options."""
+    p = sub.add_parser("serve", help="run a long-lived node with a Cap'n Proto RPC endpoint for your programs")
+    node_options(p, DEFAULT_PORT)
+    p.add_argument(
+        "--rpc",
+        default=f"127.0.0.1:{DEFAULT_RPC_PORT}",
+        metavar="HOST:PORT",
+        help=f"RPC endpoint (default: 127.0.0.1:{DEFAULT_RPC_PORT}; another host needs a token)",
+    )
+    p.add_argument("--rpc-token", metavar="TOKEN", help="token RPC clients must present (or set PANGEA_RPC_TOKEN)")
+    p.add_argument("--rpc-token-file", metavar="FILE", help="read the RPC token from this file")
+    p.add_argument(
+        "--rpc-max-mib",
+        type=size_mib(1, 4096),
+        default=DEFAULT_RPC_MAX_BYTES >> 20,
+        metavar="MIB",
+        help=f"largest RPC message (default: {DEFAULT_RPC_MAX_BYTES >> 20} MiB)",
+    )
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="a node to dial, trust and keep connected (repeatable)",
+    )
+    p.add_argument(
+        "--allow-peer",
+        action="append",
+        default=[],
+        metavar="PEER_ID",
+        help="a peer id allowed to connect and submit tasks (repeatable; also $PANGEA_HOME/trusted_peers)",
+    )
+    fault_option(p)
+    verify_option(p)
+    p.add_argument(
+        "--suspect-backoff",
+        type=NumberOption(float, 0.1, SUSPECT_BACKOFF_MAX_S, "a number of seconds"),
+        default=SUSPECT_BACKOFF_S,
+        metavar="SECONDS",
+        help="wait before a worker whose result failed verification gets a canary task "
+        f"(default: {SUSPECT_BACKOFF_S:g}; doubles per failed canary, up to {SUSPECT_BACKOFF_MAX_S:g})",
+    )
+    p.add_argument("--pair", action="store_true", help="print a one-time pairing code a new peer can connect with")
+    p.add_argument(
+        "--pair-timeout",
+        type=positive_seconds(),
+        default=600.0,
+        metavar="SECONDS",
+        help="how long the pairing code stays valid (default: 600)",
+    )
+    p.add_argument(
+        "--remember",
+        action="store_true",
+        help="add peers that paired to $PANGEA_HOME/trusted_peers, so they need no code next time",
+    )
+    p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -9700,6 +9620,31 @@ async def keep_connected(node: Node, address: PeerAddress) -> None:
         await trio.sleep(0.1)
 
 
+def add_call_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `call` command and its options."""
+    p = sub.add_parser("call", help="talk to a running `serve` node over RPC")
+    p.add_argument(
+        "--rpc", default=f"127.0.0.1:{DEFAULT_RPC_PORT}", metavar="HOST:PORT", help="the node's RPC endpoint"
+    )
+    p.add_argument("--token", help="the node's RPC token (default: $PANGEA_RPC_TOKEN)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    calls = p.add_subparsers(dest="call", metavar="CALL", parser_class=_Parser)
+    calls.add_parser("status", help="the node's peer id, addresses, uptime, task counts")
+    calls.add_parser("peers", help="the node's connected peers")
+    c = calls.add_parser("connect", help="make the node dial (and trust) another node")
+    c.add_argument("multiaddr")
+    c = calls.add_parser("matmul", help="multiply two random N x N matrices on the node and verify the result")
+    c.add_argument("--size", type=whole_number(1, MAX_MATRIX_N, "a matrix size"), default=1024, metavar="N")
+    c.add_argument("--placement", default="auto", help="auto, local, remote or a peer id (default: auto)")
+    c.add_argument(
+        "--no-fallback",
+        action="store_true",
+        help="fail instead of running locally when no remote worker is usable (default: fall back, and say so)",
+    )
+    p.set_defaults(func=cmd_call)
+
+
 def cmd_call(args: argparse.Namespace) -> int:
     """`call`: one RPC call to a running node, printed readably or as JSON."""
     if args.call is None:
@@ -9766,6 +9711,13 @@ def _call_matmul(client: Client, size: int, placement: str, fallback: bool = Tru
     return result, text
 
 
+def add_psk_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `psk` command and its options."""
+    p = sub.add_parser("psk", help="write a new pre-shared key file for --psk (copy it to every node)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_psk)
+
+
 def cmd_psk(args: argparse.Namespace) -> int:
     """`psk FILE`: write a new random pre-shared key (mode 0600) in the go-libp2p swarm key format."""
     import secrets
@@ -9800,6 +9752,13 @@ def running_sessions(home: Path) -> tuple[list[dict[str, Any]], list[Path]]:
                 info["session_dir"] = str(path)
                 nodes.append(info)
     return nodes, removed
+
+
+def add_status_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `status` command and its options."""
+    p = sub.add_parser("status", help="show the pangea nodes running on this box (and clean up stale entries)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_status)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -9877,6 +9836,24 @@ def doctor_verdict(findings: dict[str, Any]) -> tuple[bool, str]:
         True,
         f"the peer is reachable and speaks pangea{f' (rtt {rtt:.1f} ms)' if rtt else ''}: respond/serve will work",
     )
+
+
+def add_doctor_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `doctor` command and its options."""
+    p = sub.add_parser("doctor", help="explain this box's network setup, and whether a peer can be reached")
+    p.add_argument("address", nargs="?", help="a peer's multiaddr or join string to test")
+    p.add_argument(
+        "--port",
+        type=port_number,
+        default=DEFAULT_PORT,
+        help=f"the port pangea would listen on (default: {DEFAULT_PORT})",
+    )
+    p.add_argument(
+        "--timeout", type=positive_seconds(), default=10.0, metavar="SECONDS", help="per network test (default: 10)"
+    )
+    p.add_argument("--psk", metavar="FILE", help="the pre-shared key file the peer uses, if any")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_doctor)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -10007,6 +9984,78 @@ async def _probe_libp2p(address: PeerAddress, timeout_s: float, psk: str | None,
         if session.data is None and hello.data_port and "no answer" in session.data_note:
             found["data_plane_blocked"] = hello.data_port
         return found
+
+
+def add_bench_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `bench` command and its options."""
+    p = sub.add_parser(
+        "bench",
+        help="measure pangea next to a plain libp2p stream and raw TCP against its performance targets, in one run",
+    )
+    p.add_argument(
+        "address",
+        nargs="?",
+        help="the join string `bench --listen` printed (or its multiaddr with --code), or a `serve` node that "
+        "trusts this box; without one, a peer is started on 127.0.0.1",
+    )
+    p.add_argument("--code", help="the listener's pairing code, when ADDRESS is a bare multiaddr")
+    p.add_argument(
+        "--listen", action="store_true", help="be the peer: print a join string, serve one benchmarker, then exit"
+    )
+    p.add_argument("--host", default="0.0.0.0", help="--listen: address to listen on (default: all interfaces)")
+    p.add_argument(
+        "--port",
+        type=port_number,
+        default=DEFAULT_PORT,
+        help=f"--listen: libp2p port, 0 for any free one (default: {DEFAULT_PORT})",
+    )
+    p.add_argument(
+        "--tcp-port", type=port_number, default=0, help="--listen: port of the raw TCP baseline (default: any free one)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=positive_seconds(),
+        default=DEFAULT_WAIT_S,
+        metavar="SECONDS",
+        help=f"how long to wait for the other side (default: {DEFAULT_WAIT_S:.0f})",
+    )
+    full, quick = BENCH_DEFAULTS, BENCH_QUICK
+    p.add_argument(
+        "--sizes-mib",
+        metavar="LIST",
+        help=f"bulk transfer sizes in MiB, e.g. 64,1024 (default: {full['sizes_mib']}; --quick: {quick['sizes_mib']})",
+    )
+    p.add_argument(
+        "--tasks",
+        type=whole_number(1, 100_000, "a number of tasks"),
+        metavar="N",
+        help=f"tiny tasks per figure (default: {full['tasks']}; --quick: {quick['tasks']})",
+    )
+    p.add_argument(
+        "--inflight",
+        type=whole_number(1, BENCH_MAX_INFLIGHT, "a number of tasks"),
+        default=8,
+        metavar="N",
+        help="tasks in flight at once (default: 8)",
+    )
+    p.add_argument(
+        "--matmul-n",
+        type=whole_number(64, 8192, "a matrix size"),
+        metavar="N",
+        help=f"size of the delegated matmul (default: {full['matmul_n']}; --quick: {quick['matmul_n']})",
+    )
+    p.add_argument(
+        "--reps",
+        type=whole_number(1, 20, "a number of repetitions"),
+        metavar="N",
+        help=f"repetitions of bulk (at most 3 from 512 MiB up) and matmul (default: {full['reps']}; --quick: 1)",
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes and counts: a few seconds, rough figures")
+    p.add_argument("--json", action="store_true", help="print one JSON object (every sample, both machines)")
+    p.add_argument("--psk", metavar="FILE", help="pre-shared key file, when the peer uses one")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench)
 
 
 # ---------------------------------------------------------------- bench
@@ -10335,6 +10384,12 @@ async def _bench_listen(args: argparse.Namespace, session_dir: SessionDir, psk: 
         return 1
     print(f"Benchmarker finished: {session.tasks_served} task(s) served, {traffic} on the pangea session.")
     return 0
+
+
+def add_id_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `id` command and its options."""
+    p = sub.add_parser("id", help="print this box's peer id (creating its identity if needed)")
+    p.set_defaults(func=cmd_id)
 
 
 def cmd_id(args: argparse.Namespace) -> int:
