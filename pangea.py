@@ -8456,6 +8456,19 @@ def setup_logging(log_file: Path | None, verbose: int, debug: bool) -> None:
         logger.propagate = False
 
 
+@contextlib.contextmanager
+def node_session(role: str, args: argparse.Namespace) -> Any:
+    """Create the session directory and logging of a node process; remove the directory at exit."""
+    home = pangea_home()
+    session = SessionDir(home, role).create()
+    try:
+        setup_logging(session.log_path, getattr(args, "verbose", 0), getattr(args, "debug", False))
+        log.info("pangea %s %s started, pid %d", __version__, role, os.getpid())
+        yield home, session
+    finally:
+        session.remove()
+
+
 def first_error(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
     """Return the first exception of ``kind`` inside (nested) exception groups."""
     if isinstance(exc, BaseExceptionGroup):
@@ -8511,19 +8524,6 @@ def run_trio(fn: Callable[..., Any], *args: Any) -> int:
         return int(run_trio_value(fn, *args))
     except Interrupted as exc:
         return exc.code
-
-
-@contextlib.contextmanager
-def node_session(role: str, args: argparse.Namespace) -> Any:
-    """Create the session directory and logging of a node process; remove the directory at exit."""
-    home = pangea_home()
-    session = SessionDir(home, role).create()
-    try:
-        setup_logging(session.log_path, getattr(args, "verbose", 0), getattr(args, "debug", False))
-        log.info("pangea %s %s started, pid %d", __version__, role, os.getpid())
-        yield home, session
-    finally:
-        session.remove()
 
 
 def _flush_stdout(code: int) -> int:
