@@ -3436,169 +3436,6 @@ def make_host(key_pair: Any, psk: str | None = None) -> Any:
     )
 
 
-# Start-up time: `import libp2p` takes ~0.55 s, and half of it loads
-# modules that a TCP + Noise + Yamux host never runs, because libp2p 0.8.1 imports them at
-# module level (measured with -X importtime, 2 cores):
-#   QUIC transport (aioquic, pylsqpack, service_identity, pyOpenSSL)  ~70 ms
-#   AutoTLS ACME client (httpx with its CLI: rich, pygments, click; requests)  ~120 ms
-#   multiaddr's DNS resolver (dnspython, which checks package versions)  ~75 ms
-#   circuit relay (via relay.circuit_v2.nat), WebSocket transport, libp2p's own mDNS  ~80 ms
-#   the resource manager's Prometheus exporter (prometheus_client, http.server)  ~20 ms
-# Until they are asked for, those modules are stand-ins in sys.modules. A stand-in
-# module holds stand-ins for exactly the names its importers take from it; anything
-# else asked of it, calling a stand-in function or making an instance of a stand-in
-# class loads the real modules first, so nothing is lost, only put off. The one
-# exception is DNSResolver: Swarm and TCP make one up front, so its stand-in makes the
-# real resolver at its first use (dialling a /dns address).
-# NOTE: the table is libp2p 0.8.1's import graph. With any other libp2p version (a pin
-# changed in pyproject.toml) nothing is deferred, and tests/unit/test_startup.py fails
-# until the table is checked against the new version.
-_DEFERRED_LIBP2P_VERSION = "0.8.1"
-_DEFERRED_MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    # module: ((classes), (functions)) that its importers (after the #) take from it
-    "libp2p.transport.quic.utils": ((), ("is_quic_multiaddr",)),  # libp2p/__init__
-    "libp2p.transport.quic.transport": (("QUICTransport",), ()),  # libp2p/__init__: made for QUIC addresses only
-    "libp2p.transport.quic.stream": (("QUICStream",), ()),  # custom_types: in a type alias
-    "libp2p.transport.websocket.transport": (("WebsocketTransport",), ()),  # libp2p.transport
-    "libp2p.security.tls.autotls.acme": (("ACMEClient",), ("compute_b36_peer_id",)),  # host.basic_host
-    "libp2p.security.tls.autotls.broker": (("BrokerClient",), ()),  # host.basic_host
-    "libp2p.relay.circuit_v2.nat": ((), ("is_private_ip",)),  # host.basic_host: for AutoTLS only
-    "libp2p.discovery.mdns.mdns": (("MDNSDiscovery",), ("create_mdns_discovery",)),  # host.basic_host
-    "libp2p.rcmgr.prometheus_exporter": (("PrometheusExporter",), ("create_prometheus_exporter",)),  # rcmgr
-    "multiaddr.resolvers": (("DNSResolver",), ()),  # network.swarm, transport.tcp, utils.dns_utils
-}
-
-
-class _DeferredModule(types.ModuleType):
-    """A stand-in for a module in _DEFERRED_MODULES; any name it lacks comes from the real one."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):  # importlib and inspect probe __path__, __file__ ...
-            raise AttributeError(name)
-        return getattr(_real_module(self.__name__), name)
-
-
-class _DeferredClass(type):
-    """Metaclass of a stand-in class: making an instance makes one of the real class."""
-
-    _module: str
-
-    def _real(cls) -> Any:
-        return getattr(_real_module(cls._module), cls.__name__)
-
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        return cls._real()(*args, **kwargs)
-
-    def __instancecheck__(cls, obj: Any) -> bool:
-        # Until the real module is loaded no instance of the real class can exist.
-        loaded = sys.modules.get(cls._module)
-        return loaded is not None and not isinstance(loaded, _DeferredModule) and isinstance(obj, cls._real())
-
-    def __getattr__(cls, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(cls._real(), name)
-
-
-class _DeferredDNSResolver:
-    """Stand-in for multiaddr's DNSResolver: Swarm and TCP make one each up front, but
-    resolve only /dns addresses; the real resolver (and dnspython) comes at first use."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._deferred_args = (args, kwargs)
-        self._resolver: Any = None
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_deferred_args", "_resolver"):
-            raise AttributeError(name)
-        if self._resolver is None:
-            args, kwargs = self._deferred_args
-            self._resolver = _real_module("multiaddr.resolvers").DNSResolver(*args, **kwargs)
-        return getattr(self._resolver, name)
-
-
-def _real_module(name: str) -> Any:
-    """Return the real module ``name``, first dropping every remaining stand-in, so that
-    the real modules, which import each other, see only real modules."""
-    import importlib
-
-    module = sys.modules.get(name)
-    if module is None or isinstance(module, _DeferredModule):
-        for other, value in list(sys.modules.items()):
-            if isinstance(value, _DeferredModule):
-                del sys.modules[other]
-        module = importlib.import_module(name)
-    return module
-
-
-def _deferred_function(module: str, name: str) -> Callable[..., Any]:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return getattr(_real_module(module), name)(*args, **kwargs)
-
-    call.__name__ = call.__qualname__ = name
-    call.__module__ = module
-    return call
-
-
-def _installed_version_is(distribution: str, version: str) -> bool:
-    """True when ``distribution`` ``version`` is what `import <distribution>` would load
-    (its .dist-info sits beside the package; no import, no importlib.metadata scan)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(distribution)
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    site = Path(next(iter(spec.submodule_search_locations))).parent
-    return (site / f"{distribution}-{version}.dist-info").is_dir()
-
-
-def forget_zipapp_on_sys_path() -> None:
-    """Drop the running pyz from sys.path: shiv has unpacked it, and pangea imports
-    nothing from the archive itself (its modules come from the unpacked site-packages).
-
-    NOTE: importlib.metadata, which libp2p asks for its own version at import time,
-    lists every sys.path entry, and listing the ~3,000 names of the pyz took ~20 ms
-    of every start (2.5 ms without it).
-    """
-    argv0 = sys.argv[0] if sys.argv else ""
-    if not argv0 or not os.path.isfile(argv0):
-        return
-    here = os.path.realpath(argv0)
-    sys.path[:] = [p for p in sys.path if not (p and os.path.isfile(p) and os.path.realpath(p) == here)]
-
-
-def defer_unused_libp2p_modules(version: str = _DEFERRED_LIBP2P_VERSION) -> bool:
-    """Put stand-ins for the libp2p modules pangea never runs into sys.modules (see the
-    comment above _DEFERRED_MODULES); return whether it did. Call before any libp2p import;
-    does nothing once libp2p is imported, or when the installed libp2p is not ``version``."""
-    if "libp2p" in sys.modules or not _installed_version_is("libp2p", version):
-        return False
-    multiaddr_spec = None
-    for name, names in _DEFERRED_MODULES.items():
-        if name in sys.modules:
-            continue
-        module = _DeferredModule(name)
-        if name == "multiaddr.resolvers":
-            import importlib.util
-
-            # A package: `from .resolvers.dns import DNSResolver` (Multiaddr.resolve) must
-            # still find the real submodule through it.
-            multiaddr_spec = multiaddr_spec or importlib.util.find_spec("multiaddr")
-            if multiaddr_spec is None or not multiaddr_spec.submodule_search_locations:
-                continue
-            module.__path__ = [str(Path(next(iter(multiaddr_spec.submodule_search_locations))) / "resolvers")]
-            setattr(module, "DNSResolver", _DeferredDNSResolver)  # noqa: B010
-            sys.modules[name] = module
-            continue
-        classes, functions = names
-        for class_name in classes:
-            setattr(module, class_name, _DeferredClass(class_name, (), {"_module": name, "__module__": name}))
-        for function_name in functions:
-            setattr(module, function_name, _deferred_function(name, function_name))
-        sys.modules[name] = module
-    return True
-
-
 def local_interface_addresses() -> list[tuple[str, str]]:
     """Return (interface, IPv4 address) pairs of this machine."""
     import psutil
@@ -8267,12 +8104,14 @@ class Client:
 
 
 ###############################################################################
-# 10. CLI
+# 10. Start-up
 #
-# One `cmd_<verb>` per command. Errors are one line on stderr,
-# `pangea: error: ...` plus an optional `hint: ...`; exit codes 0 ok,
-# 1 failure, 2 usage/setup error, 130 Ctrl-C (143 SIGTERM). Tracebacks only
-# with --debug.
+# What runs before and around every verb, in the order `_main` runs it: the
+# guard that the pyz runs on the interpreter it was built for; the deferred
+# libp2p imports (pinned to libp2p's import graph) and sys.path, so that a
+# verb starts fast; the log of a node process; the trio runner that turns
+# Ctrl-C and SIGTERM into an exit code; and the end of stdout when its reader
+# has gone (`| head -1`). The CLI below calls these; nothing above uses them.
 ###############################################################################
 
 
@@ -8299,6 +8138,358 @@ def check_build_target() -> None:
             hint=f"run it with {python} ({python} {sys.argv[0]} ...) if this box has it, "
             f"or build a pangea.pyz on this box with ./build.sh",
         )
+
+
+# Start-up time: `import libp2p` takes ~0.55 s, and half of it loads
+# modules that a TCP + Noise + Yamux host never runs, because libp2p 0.8.1 imports them at
+# module level (measured with -X importtime, 2 cores):
+#   QUIC transport (aioquic, pylsqpack, service_identity, pyOpenSSL)  ~70 ms
+#   AutoTLS ACME client (httpx with its CLI: rich, pygments, click; requests)  ~120 ms
+#   multiaddr's DNS resolver (dnspython, which checks package versions)  ~75 ms
+#   circuit relay (via relay.circuit_v2.nat), WebSocket transport, libp2p's own mDNS  ~80 ms
+#   the resource manager's Prometheus exporter (prometheus_client, http.server)  ~20 ms
+# Until they are asked for, those modules are stand-ins in sys.modules. A stand-in
+# module holds stand-ins for exactly the names its importers take from it; anything
+# else asked of it, calling a stand-in function or making an instance of a stand-in
+# class loads the real modules first, so nothing is lost, only put off. The one
+# exception is DNSResolver: Swarm and TCP make one up front, so its stand-in makes the
+# real resolver at its first use (dialling a /dns address).
+# NOTE: the table is libp2p 0.8.1's import graph. With any other libp2p version (a pin
+# changed in pyproject.toml) nothing is deferred, and tests/unit/test_startup.py fails
+# until the table is checked against the new version.
+_DEFERRED_LIBP2P_VERSION = "0.8.1"
+_DEFERRED_MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # module: ((classes), (functions)) that its importers (after the #) take from it
+    "libp2p.transport.quic.utils": ((), ("is_quic_multiaddr",)),  # libp2p/__init__
+    "libp2p.transport.quic.transport": (("QUICTransport",), ()),  # libp2p/__init__: made for QUIC addresses only
+    "libp2p.transport.quic.stream": (("QUICStream",), ()),  # custom_types: in a type alias
+    "libp2p.transport.websocket.transport": (("WebsocketTransport",), ()),  # libp2p.transport
+    "libp2p.security.tls.autotls.acme": (("ACMEClient",), ("compute_b36_peer_id",)),  # host.basic_host
+    "libp2p.security.tls.autotls.broker": (("BrokerClient",), ()),  # host.basic_host
+    "libp2p.relay.circuit_v2.nat": ((), ("is_private_ip",)),  # host.basic_host: for AutoTLS only
+    "libp2p.discovery.mdns.mdns": (("MDNSDiscovery",), ("create_mdns_discovery",)),  # host.basic_host
+    "libp2p.rcmgr.prometheus_exporter": (("PrometheusExporter",), ("create_prometheus_exporter",)),  # rcmgr
+    "multiaddr.resolvers": (("DNSResolver",), ()),  # network.swarm, transport.tcp, utils.dns_utils
+}
+
+
+class _DeferredModule(types.ModuleType):
+    """A stand-in for a module in _DEFERRED_MODULES; any name it lacks comes from the real one."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # importlib and inspect probe __path__, __file__ ...
+            raise AttributeError(name)
+        return getattr(_real_module(self.__name__), name)
+
+
+class _DeferredClass(type):
+    """Metaclass of a stand-in class: making an instance makes one of the real class."""
+
+    _module: str
+
+    def _real(cls) -> Any:
+        return getattr(_real_module(cls._module), cls.__name__)
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        return cls._real()(*args, **kwargs)
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        # Until the real module is loaded no instance of the real class can exist.
+        loaded = sys.modules.get(cls._module)
+        return loaded is not None and not isinstance(loaded, _DeferredModule) and isinstance(obj, cls._real())
+
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(cls._real(), name)
+
+
+class _DeferredDNSResolver:
+    """Stand-in for multiaddr's DNSResolver: Swarm and TCP make one each up front, but
+    resolve only /dns addresses; the real resolver (and dnspython) comes at first use."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._deferred_args = (args, kwargs)
+        self._resolver: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_deferred_args", "_resolver"):
+            raise AttributeError(name)
+        if self._resolver is None:
+            args, kwargs = self._deferred_args
+            self._resolver = _real_module("multiaddr.resolvers").DNSResolver(*args, **kwargs)
+        return getattr(self._resolver, name)
+
+
+def _real_module(name: str) -> Any:
+    """Return the real module ``name``, first dropping every remaining stand-in, so that
+    the real modules, which import each other, see only real modules."""
+    import importlib
+
+    module = sys.modules.get(name)
+    if module is None or isinstance(module, _DeferredModule):
+        for other, value in list(sys.modules.items()):
+            if isinstance(value, _DeferredModule):
+                del sys.modules[other]
+        module = importlib.import_module(name)
+    return module
+
+
+def _deferred_function(module: str, name: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(_real_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__module__ = module
+    return call
+
+
+def _installed_version_is(distribution: str, version: str) -> bool:
+    """True when ``distribution`` ``version`` is what `import <distribution>` would load
+    (its .dist-info sits beside the package; no import, no importlib.metadata scan)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(distribution)
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    site = Path(next(iter(spec.submodule_search_locations))).parent
+    return (site / f"{distribution}-{version}.dist-info").is_dir()
+
+
+def forget_zipapp_on_sys_path() -> None:
+    """Drop the running pyz from sys.path: shiv has unpacked it, and pangea imports
+    nothing from the archive itself (its modules come from the unpacked site-packages).
+
+    NOTE: importlib.metadata, which libp2p asks for its own version at import time,
+    lists every sys.path entry, and listing the ~3,000 names of the pyz took ~20 ms
+    of every start (2.5 ms without it).
+    """
+    argv0 = sys.argv[0] if sys.argv else ""
+    if not argv0 or not os.path.isfile(argv0):
+        return
+    here = os.path.realpath(argv0)
+    sys.path[:] = [p for p in sys.path if not (p and os.path.isfile(p) and os.path.realpath(p) == here)]
+
+
+def defer_unused_libp2p_modules(version: str = _DEFERRED_LIBP2P_VERSION) -> bool:
+    """Put stand-ins for the libp2p modules pangea never runs into sys.modules (see the
+    comment above _DEFERRED_MODULES); return whether it did. Call before any libp2p import;
+    does nothing once libp2p is imported, or when the installed libp2p is not ``version``."""
+    if "libp2p" in sys.modules or not _installed_version_is("libp2p", version):
+        return False
+    multiaddr_spec = None
+    for name, names in _DEFERRED_MODULES.items():
+        if name in sys.modules:
+            continue
+        module = _DeferredModule(name)
+        if name == "multiaddr.resolvers":
+            import importlib.util
+
+            # A package: `from .resolvers.dns import DNSResolver` (Multiaddr.resolve) must
+            # still find the real submodule through it.
+            multiaddr_spec = multiaddr_spec or importlib.util.find_spec("multiaddr")
+            if multiaddr_spec is None or not multiaddr_spec.submodule_search_locations:
+                continue
+            module.__path__ = [str(Path(next(iter(multiaddr_spec.submodule_search_locations))) / "resolvers")]
+            setattr(module, "DNSResolver", _DeferredDNSResolver)  # noqa: B010
+            sys.modules[name] = module
+            continue
+        classes, functions = names
+        for class_name in classes:
+            setattr(module, class_name, _DeferredClass(class_name, (), {"_module": name, "__module__": name}))
+        for function_name in functions:
+            setattr(module, function_name, _deferred_function(name, function_name))
+        sys.modules[name] = module
+    return True
+
+
+class Libp2pLogFilter(logging.Filter):
+    """What of py-libp2p's own records reaches pangea's log (every handler carries one).
+
+    Without --debug: nothing below WARNING (py-libp2p sets INFO on some of its
+    own loggers, e.g. the AutoConnector's "initiating N new dials" every 10 s,
+    so the "libp2p" logger's level alone does not hold them back), and a
+    warning or error of one kind at most once per LIBP2P_LOG_REPEAT_S: a redial
+    makes the TCP transport log "Failed to open TCP stream" several times a
+    second, while pangea's own lines name the peer it dials. The next one let
+    through after a quiet spell says how many were held back. With --debug
+    everything passes."""
+
+    def __init__(self, debug: bool, repeat_s: float = LIBP2P_LOG_REPEAT_S) -> None:
+        super().__init__()
+        self.debug = debug
+        self.repeat_s = repeat_s
+        self._last: dict[tuple[str, int, str], tuple[float, int]] = {}  # kind -> (time let through, held back)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """True to log ``record``; False to drop it."""
+        if self.debug or not (record.name == "libp2p" or record.name.startswith("libp2p.")):
+            return True
+        decided = getattr(record, "pangea_libp2p_ok", None)  # the same record, at the next handler
+        if decided is None:
+            decided = record.levelno >= logging.WARNING and self._first_of_its_kind(record)
+            record.pangea_libp2p_ok = decided
+        return bool(decided)
+
+    def _first_of_its_kind(self, record: logging.LogRecord) -> bool:
+        kind = (record.name, record.levelno, str(record.msg)[:200])
+        if len(self._last) > 1000:  # bounded: libp2p formats some messages with f-strings
+            self._last.clear()
+        last = self._last.get(kind)
+        if last is not None and record.created - last[0] < self.repeat_s:
+            self._last[kind] = (last[0], last[1] + 1)
+            return False
+        if last is not None and last[1]:
+            record.msg = f"{record.getMessage()} (and {last[1]} more like it in {record.created - last[0]:.0f} s)"
+            record.args = ()
+        self._last[kind] = (record.created, 0)
+        return True
+
+
+def setup_logging(log_file: Path | None, verbose: int, debug: bool) -> None:
+    """Send pangea's log to the session log file and, with -v/--debug, to stderr."""
+    # NOTE: `import libp2p` resets the "libp2p" logger (libp2p.utils.logging.setup_logging),
+    # so it is imported first; otherwise its routine errors reach stderr through lastResort.
+    import logging.handlers  # here, not at the top: --help does not need it (~5 ms)
+
+    import libp2p  # noqa: F401
+
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter("pangea: %(message)s"))
+    stderr.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    handlers: list[logging.Handler] = [stderr]
+    if log_file is not None:
+        file_handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(file_handler)
+    libp2p_filter = Libp2pLogFilter(debug)  # one for all handlers: a held-back record is held back everywhere
+    for handler in handlers:
+        handler.addFilter(libp2p_filter)
+    for name, level, hs in (
+        ("", logging.WARNING, handlers[1:]),  # libraries that log through the root logger: file only
+        ("pangea", logging.DEBUG, handlers),
+        # NOTE: libp2p logs through logging.lastResort unless it has a handler;
+        # its routine warnings (a redial failed) belong in the file only.
+        ("libp2p", logging.INFO if debug else logging.WARNING, handlers if debug else handlers[1:]),
+    ):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = hs or [logging.NullHandler()]
+        logger.setLevel(level)
+        logger.propagate = False
+
+
+@contextlib.contextmanager
+def node_session(role: str, args: argparse.Namespace) -> Any:
+    """Create the session directory and logging of a node process; remove the directory at exit."""
+    home = pangea_home()
+    session = SessionDir(home, role).create()
+    try:
+        setup_logging(session.log_path, getattr(args, "verbose", 0), getattr(args, "debug", False))
+        log.info("pangea %s %s started, pid %d", __version__, role, os.getpid())
+        yield home, session
+    finally:
+        session.remove()
+
+
+def first_error(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """Return the first exception of ``kind`` inside (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = first_error(inner, kind)
+            if found is not None:
+                return found
+        return None
+    return exc if isinstance(exc, kind) else None
+
+
+def run_trio_value(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` under trio and return its value; Ctrl-C and SIGTERM cancel it cleanly
+    and raise Interrupted (exit code 130 or 143).
+
+    NOTE: Ctrl-C inside py-libp2p surfaces as a KeyboardInterrupt nested in an
+    exception group; cancelling the main scope from a signal receiver instead
+    lets every `finally` run.
+    """
+    import trio
+
+    received: list[int] = []
+
+    async def runner() -> Any:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def on_signals() -> None:
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for signum in signals:
+                            received.append(signum)
+                            scope.cancel()
+                            return
+
+                nursery.start_soon(on_signals)
+                value = await fn(*args)
+                nursery.cancel_scope.cancel()
+                return value
+        raise Interrupted(128 + received[0] if received else 1)
+
+    try:
+        return trio.run(runner)
+    except BaseExceptionGroup as group:
+        found = first_error(group, PangeaError) or first_error(group, KeyboardInterrupt)
+        if found is not None:
+            raise found from None
+        raise
+
+
+def run_trio(fn: Callable[..., Any], *args: Any) -> int:
+    """Run a command's ``async`` body under trio; return its exit code (130/143 after a signal)."""
+    try:
+        return int(run_trio_value(fn, *args))
+    except Interrupted as exc:
+        return exc.code
+
+
+def _flush_stdout(code: int) -> int:
+    """Flush stdout; when its reader has gone (``| head -1``) end quietly with ``code``."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    return code
+
+
+def _stdout_gone() -> bool:
+    """True when nobody reads our stdout any more (a pipe or socket whose reader closed)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout (a test's capture)
+        return False
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null after its reader left, so the interpreter's last flush
+    at exit cannot print "Exception ignored ... BrokenPipeError" (the recipe of
+    the Python docs, "Note on SIGPIPE")."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+###############################################################################
+# 11. CLI
+#
+# One `cmd_<verb>` per command, with its options in the `add_<verb>_parser`
+# right above it; the options several verbs share (node_options,
+# limit_options, fault_option, verify_option) come first, then make_parser;
+# `main` closes the section. Errors are one line on stderr,
+# `pangea: error: ...` plus an optional `hint: ...`; exit codes 0 ok,
+# 1 failure, 2 usage/setup error, 130 Ctrl-C (143 SIGTERM). Tracebacks only
+# with --debug.
+###############################################################################
 
 
 def version_text() -> str:
@@ -8417,461 +8608,6 @@ def verify_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def make_parser() -> argparse.ArgumentParser:
-    """Return the argument parser of the whole CLI."""
-    parser = _Parser(prog="pangea.pyz", description="Share numpy compute between your own machines over libp2p.")
-    parser.add_argument("--version", action=_VersionAction, help="print the version and build target, then exit")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log events to stderr")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    def common(p: argparse.ArgumentParser, port: int) -> None:
-        p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
-        p.add_argument(
-            "--port",
-            type=port_number,
-            default=port,
-            help=f"TCP port to listen on, 0 for any free one (default: {port})",
-        )
-        p.add_argument(
-            "--timeout",
-            type=positive_seconds(),
-            default=DEFAULT_WAIT_S,
-            metavar="SECONDS",
-            help=f"how long to wait for the other side (default: {DEFAULT_WAIT_S:.0f})",
-        )
-        p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
-        p.add_argument("--quiet", action="store_true", help="no live progress display")
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        p.add_argument("--psk", metavar="FILE", help="pre-shared key file: only nodes with the same file can connect")
-        p.add_argument(
-            "--data-port",
-            type=parse_data_port,
-            default=-1,
-            metavar="PORT|auto|off",
-            help="TCP port of the TLS data plane that carries arrays (default: auto, the --port + 1, or any free "
-            "port with --port 0); off: everything on the libp2p stream (slower)",
-        )
-        p.add_argument(
-            "--metrics",
-            metavar="HOST:PORT",
-            default="127.0.0.1:0" if p.prog.endswith("serve") else None,
-            help="serve Prometheus metrics there (serve: default 127.0.0.1:0, any free port; `off` disables)",
-        )
-        g = p.add_argument_group("limits on what peers may send (see README, Security)")
-        d = Limits()
-        for flag, name, kind, shift, metavar, text in LIMIT_OPTIONS:
-            default = getattr(d, name) >> shift if shift else getattr(d, name)
-            shown = f"{default:g}" if kind.kind is float else str(default)
-            g.add_argument(flag, type=kind, default=default, metavar=metavar, help=f"{text} (default: {shown})")
-        g.add_argument(
-            "--dtypes",
-            default=",".join(d.dtypes),
-            metavar="LIST",
-            help=f"dtypes accepted (default: {','.join(d.dtypes)})",
-        )
-
-    p = sub.add_parser("initiate", help="start node 1: print its address, wait for a responder, run the checks")
-    common(p, DEFAULT_PORT)
-    p.add_argument(
-        "--size",
-        type=whole_number(2, MAX_MATRIX_N, "a matrix size"),
-        default=AGGREGATE_N,
-        metavar="N",
-        help=f"size of the split matmul (default: {AGGREGATE_N})",
-    )
-    p.add_argument(
-        "--transfer-mib",
-        type=size_mib(1, BENCH_MAX_BYTES >> 20),
-        default=THROUGHPUT_BYTES >> 20,
-        metavar="MIB",
-        help=f"array data sent each way for the throughput figure (default: {THROUGHPUT_BYTES >> 20})",
-    )
-    p.set_defaults(func=cmd_initiate)
-
-    p.add_argument(
-        "--allow-peer",
-        action="append",
-        default=[],
-        metavar="PEER_ID",
-        help="a responder accepted without the pairing code (repeatable; also $PANGEA_HOME/trusted_peers)",
-    )
-    verify_option(p)
-    p.add_argument(
-        "--expect",
-        type=whole_number(1, 64, "a number of responders"),
-        default=1,
-        metavar="N",
-        help="wait for N responders and run the checks across all of them (default: 1)",
-    )
-    p.add_argument("--no-mdns", action="store_true", help="do not announce this initiator on the LAN by mDNS")
-
-    p = sub.add_parser("respond", help="start node 2: connect to an initiator and do its work")
-    p.add_argument(
-        "address", nargs="?", help="the join string the initiator printed (pangea://...#CODE), or its multiaddr"
-    )
-    p.add_argument("--code", help="the initiator's pairing code, when ADDRESS is a bare multiaddr")
-    p.add_argument(
-        "--discover",
-        action="store_true",
-        help="find the initiator on this LAN by mDNS instead of pasting its address (the code is still needed)",
-    )
-    common(p, 0)
-    fault_option(p)
-    p.set_defaults(func=cmd_respond)
-
-    p = sub.add_parser("demo", help="run an initiator and a responder on this machine and show the whole flow")
-    p.add_argument(
-        "--size",
-        type=whole_number(2, MAX_MATRIX_N, "a matrix size"),
-        default=AGGREGATE_N,
-        metavar="N",
-        help="size of the split matmul",
-    )
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("serve", help="run a long-lived node with a Cap'n Proto RPC endpoint for your programs")
-    common(p, DEFAULT_PORT)
-    p.add_argument(
-        "--rpc",
-        default=f"127.0.0.1:{DEFAULT_RPC_PORT}",
-        metavar="HOST:PORT",
-        help=f"RPC endpoint (default: 127.0.0.1:{DEFAULT_RPC_PORT}; another host needs a token)",
-    )
-    p.add_argument("--rpc-token", metavar="TOKEN", help="token RPC clients must present (or set PANGEA_RPC_TOKEN)")
-    p.add_argument("--rpc-token-file", metavar="FILE", help="read the RPC token from this file")
-    p.add_argument(
-        "--rpc-max-mib",
-        type=size_mib(1, 4096),
-        default=DEFAULT_RPC_MAX_BYTES >> 20,
-        metavar="MIB",
-        help=f"largest RPC message (default: {DEFAULT_RPC_MAX_BYTES >> 20} MiB)",
-    )
-    p.add_argument(
-        "--peer",
-        action="append",
-        default=[],
-        metavar="MULTIADDR",
-        help="a node to dial, trust and keep connected (repeatable)",
-    )
-    p.add_argument(
-        "--allow-peer",
-        action="append",
-        default=[],
-        metavar="PEER_ID",
-        help="a peer id allowed to connect and submit tasks (repeatable; also $PANGEA_HOME/trusted_peers)",
-    )
-    fault_option(p)
-    verify_option(p)
-    p.add_argument(
-        "--suspect-backoff",
-        type=NumberOption(float, 0.1, SUSPECT_BACKOFF_MAX_S, "a number of seconds"),
-        default=SUSPECT_BACKOFF_S,
-        metavar="SECONDS",
-        help="wait before a worker whose result failed verification gets a canary task "
-        f"(default: {SUSPECT_BACKOFF_S:g}; doubles per failed canary, up to {SUSPECT_BACKOFF_MAX_S:g})",
-    )
-    p.add_argument("--pair", action="store_true", help="print a one-time pairing code a new peer can connect with")
-    p.add_argument(
-        "--pair-timeout",
-        type=positive_seconds(),
-        default=600.0,
-        metavar="SECONDS",
-        help="how long the pairing code stays valid (default: 600)",
-    )
-    p.add_argument(
-        "--remember",
-        action="store_true",
-        help="add peers that paired to $PANGEA_HOME/trusted_peers, so they need no code next time",
-    )
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("call", help="talk to a running `serve` node over RPC")
-    p.add_argument(
-        "--rpc", default=f"127.0.0.1:{DEFAULT_RPC_PORT}", metavar="HOST:PORT", help="the node's RPC endpoint"
-    )
-    p.add_argument("--token", help="the node's RPC token (default: $PANGEA_RPC_TOKEN)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    calls = p.add_subparsers(dest="call", metavar="CALL", parser_class=_Parser)
-    calls.add_parser("status", help="the node's peer id, addresses, uptime, task counts")
-    calls.add_parser("peers", help="the node's connected peers")
-    c = calls.add_parser("connect", help="make the node dial (and trust) another node")
-    c.add_argument("multiaddr")
-    c = calls.add_parser("matmul", help="multiply two random N x N matrices on the node and verify the result")
-    c.add_argument("--size", type=whole_number(1, MAX_MATRIX_N, "a matrix size"), default=1024, metavar="N")
-    c.add_argument("--placement", default="auto", help="auto, local, remote or a peer id (default: auto)")
-    c.add_argument(
-        "--no-fallback",
-        action="store_true",
-        help="fail instead of running locally when no remote worker is usable (default: fall back, and say so)",
-    )
-    p.set_defaults(func=cmd_call)
-
-    p = sub.add_parser("id", help="print this box's peer id (creating its identity if needed)")
-    p.set_defaults(func=cmd_id)
-
-    p = sub.add_parser("status", help="show the pangea nodes running on this box (and clean up stale entries)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("doctor", help="explain this box's network setup, and whether a peer can be reached")
-    p.add_argument("address", nargs="?", help="a peer's multiaddr or join string to test")
-    p.add_argument(
-        "--port",
-        type=port_number,
-        default=DEFAULT_PORT,
-        help=f"the port pangea would listen on (default: {DEFAULT_PORT})",
-    )
-    p.add_argument(
-        "--timeout", type=positive_seconds(), default=10.0, metavar="SECONDS", help="per network test (default: 10)"
-    )
-    p.add_argument("--psk", metavar="FILE", help="the pre-shared key file the peer uses, if any")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_doctor)
-
-    p = sub.add_parser("psk", help="write a new pre-shared key file for --psk (copy it to every node)")
-    p.add_argument("file")
-    p.set_defaults(func=cmd_psk)
-
-    p = sub.add_parser(
-        "bench",
-        help="measure pangea next to a plain libp2p stream and raw TCP against its performance targets, in one run",
-    )
-    p.add_argument(
-        "address",
-        nargs="?",
-        help="the join string `bench --listen` printed (or its multiaddr with --code), or a `serve` node that "
-        "trusts this box; without one, a peer is started on 127.0.0.1",
-    )
-    p.add_argument("--code", help="the listener's pairing code, when ADDRESS is a bare multiaddr")
-    p.add_argument(
-        "--listen", action="store_true", help="be the peer: print a join string, serve one benchmarker, then exit"
-    )
-    p.add_argument("--host", default="0.0.0.0", help="--listen: address to listen on (default: all interfaces)")
-    p.add_argument(
-        "--port",
-        type=port_number,
-        default=DEFAULT_PORT,
-        help=f"--listen: libp2p port, 0 for any free one (default: {DEFAULT_PORT})",
-    )
-    p.add_argument(
-        "--tcp-port", type=port_number, default=0, help="--listen: port of the raw TCP baseline (default: any free one)"
-    )
-    p.add_argument(
-        "--timeout",
-        type=positive_seconds(),
-        default=DEFAULT_WAIT_S,
-        metavar="SECONDS",
-        help=f"how long to wait for the other side (default: {DEFAULT_WAIT_S:.0f})",
-    )
-    full, quick = BENCH_DEFAULTS, BENCH_QUICK
-    p.add_argument(
-        "--sizes-mib",
-        metavar="LIST",
-        help=f"bulk transfer sizes in MiB, e.g. 64,1024 (default: {full['sizes_mib']}; --quick: {quick['sizes_mib']})",
-    )
-    p.add_argument(
-        "--tasks",
-        type=whole_number(1, 100_000, "a number of tasks"),
-        metavar="N",
-        help=f"tiny tasks per figure (default: {full['tasks']}; --quick: {quick['tasks']})",
-    )
-    p.add_argument(
-        "--inflight",
-        type=whole_number(1, BENCH_MAX_INFLIGHT, "a number of tasks"),
-        default=8,
-        metavar="N",
-        help="tasks in flight at once (default: 8)",
-    )
-    p.add_argument(
-        "--matmul-n",
-        type=whole_number(64, 8192, "a matrix size"),
-        metavar="N",
-        help=f"size of the delegated matmul (default: {full['matmul_n']}; --quick: {quick['matmul_n']})",
-    )
-    p.add_argument(
-        "--reps",
-        type=whole_number(1, 20, "a number of repetitions"),
-        metavar="N",
-        help=f"repetitions of bulk (at most 3 from 512 MiB up) and matmul (default: {full['reps']}; --quick: 1)",
-    )
-    p.add_argument("--quick", action="store_true", help="small sizes and counts: a few seconds, rough figures")
-    p.add_argument("--json", action="store_true", help="print one JSON object (every sample, both machines)")
-    p.add_argument("--psk", metavar="FILE", help="pre-shared key file, when the peer uses one")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_bench)
-    return parser
-
-
-class Libp2pLogFilter(logging.Filter):
-    """What of py-libp2p's own records reaches pangea's log (every handler carries one).
-
-    Without --debug: nothing below WARNING (py-libp2p sets INFO on some of its
-    own loggers, e.g. the AutoConnector's "initiating N new dials" every 10 s,
-    so the "libp2p" logger's level alone does not hold them back), and a
-    warning or error of one kind at most once per LIBP2P_LOG_REPEAT_S: a redial
-    makes the TCP transport log "Failed to open TCP stream" several times a
-    second, while pangea's own lines name the peer it dials. The next one let
-    through after a quiet spell says how many were held back. With --debug
-    everything passes."""
-
-    def __init__(self, debug: bool, repeat_s: float = LIBP2P_LOG_REPEAT_S) -> None:
-        super().__init__()
-        self.debug = debug
-        self.repeat_s = repeat_s
-        self._last: dict[tuple[str, int, str], tuple[float, int]] = {}  # kind -> (time let through, held back)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """True to log ``record``; False to drop it."""
-        if self.debug or not (record.name == "libp2p" or record.name.startswith("libp2p.")):
-            return True
-        decided = getattr(record, "pangea_libp2p_ok", None)  # the same record, at the next handler
-        if decided is None:
-            decided = record.levelno >= logging.WARNING and self._first_of_its_kind(record)
-            record.pangea_libp2p_ok = decided
-        return bool(decided)
-
-    def _first_of_its_kind(self, record: logging.LogRecord) -> bool:
-        kind = (record.name, record.levelno, str(record.msg)[:200])
-        if len(self._last) > 1000:  # bounded: libp2p formats some messages with f-strings
-            self._last.clear()
-        last = self._last.get(kind)
-        if last is not None and record.created - last[0] < self.repeat_s:
-            self._last[kind] = (last[0], last[1] + 1)
-            return False
-        if last is not None and last[1]:
-            record.msg = f"{record.getMessage()} (and {last[1]} more like it in {record.created - last[0]:.0f} s)"
-            record.args = ()
-        self._last[kind] = (record.created, 0)
-        return True
-
-
-def setup_logging(log_file: Path | None, verbose: int, debug: bool) -> None:
-    """Send pangea's log to the session log file and, with -v/--debug, to stderr."""
-    # NOTE: `import libp2p` resets the "libp2p" logger (libp2p.utils.logging.setup_logging),
-    # so it is imported first; otherwise its routine errors reach stderr through lastResort.
-    import logging.handlers  # here, not at the top: --help does not need it (~5 ms)
-
-    import libp2p  # noqa: F401
-
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(logging.Formatter("pangea: %(message)s"))
-    stderr.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
-    handlers: list[logging.Handler] = [stderr]
-    if log_file is not None:
-        file_handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handlers.append(file_handler)
-    libp2p_filter = Libp2pLogFilter(debug)  # one for all handlers: a held-back record is held back everywhere
-    for handler in handlers:
-        handler.addFilter(libp2p_filter)
-    for name, level, hs in (
-        ("", logging.WARNING, handlers[1:]),  # libraries that log through the root logger: file only
-        ("pangea", logging.DEBUG, handlers),
-        # NOTE: libp2p logs through logging.lastResort unless it has a handler;
-        # its routine warnings (a redial failed) belong in the file only.
-        ("libp2p", logging.INFO if debug else logging.WARNING, handlers if debug else handlers[1:]),
-    ):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = hs or [logging.NullHandler()]
-        logger.setLevel(level)
-        logger.propagate = False
-
-
-def first_error(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """Return the first exception of ``kind`` inside (nested) exception groups."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = first_error(inner, kind)
-            if found is not None:
-                return found
-        return None
-    return exc if isinstance(exc, kind) else None
-
-
-def run_trio_value(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fn(*args)`` under trio and return its value; Ctrl-C and SIGTERM cancel it cleanly
-    and raise Interrupted (exit code 130 or 143).
-
-    NOTE: Ctrl-C inside py-libp2p surfaces as a KeyboardInterrupt nested in an
-    exception group; cancelling the main scope from a signal receiver instead
-    lets every `finally` run.
-    """
-    import trio
-
-    received: list[int] = []
-
-    async def runner() -> Any:
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-
-                async def on_signals() -> None:
-                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                        async for signum in signals:
-                            received.append(signum)
-                            scope.cancel()
-                            return
-
-                nursery.start_soon(on_signals)
-                value = await fn(*args)
-                nursery.cancel_scope.cancel()
-                return value
-        raise Interrupted(128 + received[0] if received else 1)
-
-    try:
-        return trio.run(runner)
-    except BaseExceptionGroup as group:
-        found = first_error(group, PangeaError) or first_error(group, KeyboardInterrupt)
-        if found is not None:
-            raise found from None
-        raise
-
-
-def run_trio(fn: Callable[..., Any], *args: Any) -> int:
-    """Run a command's ``async`` body under trio; return its exit code (130/143 after a signal)."""
-    try:
-        return int(run_trio_value(fn, *args))
-    except Interrupted as exc:
-        return exc.code
-
-
-@contextlib.contextmanager
-def node_session(role: str, args: argparse.Namespace) -> Any:
-    """Create the session directory and logging of a node process; remove the directory at exit."""
-    home = pangea_home()
-    session = SessionDir(home, role).create()
-    try:
-        setup_logging(session.log_path, getattr(args, "verbose", 0), getattr(args, "debug", False))
-        log.info("pangea %s %s started, pid %d", __version__, role, os.getpid())
-        yield home, session
-    finally:
-        session.remove()
-
-
-def print_report(role: str, peer: str, results: list[CheckResult], extra: dict[str, Any], as_json: bool) -> bool:
-    """Print the checks table (and the JSON line); return True when all passed."""
-    ok = bool(results) and all(r.ok for r in results)
-    rows = [(r.name, "ok" if r.ok else "FAILED", f"{r.seconds:.2f}", r.detail) for r in results]
-    print()
-    print(format_table(("check", "result", "seconds", "detail"), rows))
-    print()
-    print(f"{'All checks passed' if ok else 'Some checks FAILED'} ({role}).", flush=True)
-    if as_json:
-        doc = {
-            "ok": ok,
-            "role": role,
-            "version": __version__,
-            "peer": peer,
-            "checks": [r.as_json() for r in results],
-            **extra,
-        }
-        print(json.dumps(doc), flush=True)
-    return ok
-
-
 # The limit options of every node command: flag, Limits field, type, shift (MiB -> bytes), metavar, help.
 LIMIT_OPTIONS: tuple[tuple[str, str, NumberOption, int, str, str], ...] = (
     ("--max-payload-mib", "max_payload_bytes", size_mib(), 20, "MIB", "largest array data of one message"),
@@ -8930,6 +8666,106 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
     return Limits(dtypes=dtypes, **values).validate()
 
 
+def node_options(p: argparse.ArgumentParser, port: int) -> None:
+    """Add the options of every node command (initiate, respond, serve): where to listen, how long to
+    wait, output, --psk, the data plane, metrics, and the limits on what peers may send."""
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    p.add_argument(
+        "--port",
+        type=port_number,
+        default=port,
+        help=f"TCP port to listen on, 0 for any free one (default: {port})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=positive_seconds(),
+        default=DEFAULT_WAIT_S,
+        metavar="SECONDS",
+        help=f"how long to wait for the other side (default: {DEFAULT_WAIT_S:.0f})",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    p.add_argument("--quiet", action="store_true", help="no live progress display")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--psk", metavar="FILE", help="pre-shared key file: only nodes with the same file can connect")
+    p.add_argument(
+        "--data-port",
+        type=parse_data_port,
+        default=-1,
+        metavar="PORT|auto|off",
+        help="TCP port of the TLS data plane that carries arrays (default: auto, the --port + 1, or any free "
+        "port with --port 0); off: everything on the libp2p stream (slower)",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        default="127.0.0.1:0" if p.prog.endswith("serve") else None,
+        help="serve Prometheus metrics there (serve: default 127.0.0.1:0, any free port; `off` disables)",
+    )
+    limit_options(p)
+
+
+def limit_options(p: argparse.ArgumentParser) -> None:
+    """Add the group of limits on what peers may send: LIMIT_OPTIONS and --dtypes."""
+    g = p.add_argument_group("limits on what peers may send (see README, Security)")
+    d = Limits()
+    for flag, name, kind, shift, metavar, text in LIMIT_OPTIONS:
+        default = getattr(d, name) >> shift if shift else getattr(d, name)
+        shown = f"{default:g}" if kind.kind is float else str(default)
+        g.add_argument(flag, type=kind, default=default, metavar=metavar, help=f"{text} (default: {shown})")
+    g.add_argument(
+        "--dtypes",
+        default=",".join(d.dtypes),
+        metavar="LIST",
+        help=f"dtypes accepted (default: {','.join(d.dtypes)})",
+    )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the whole CLI: the global options, then one
+    `add_<verb>_parser` per verb (each sits right above its `cmd_<verb>`)."""
+    parser = _Parser(prog="pangea.pyz", description="Share numpy compute between your own machines over libp2p.")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and build target, then exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log events to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add_parser in (
+        add_initiate_parser,
+        add_respond_parser,
+        add_demo_parser,
+        add_serve_parser,
+        add_call_parser,
+        add_id_parser,
+        add_status_parser,
+        add_doctor_parser,
+        add_psk_parser,
+        add_bench_parser,
+    ):
+        add_parser(sub)
+    return parser
+
+
+def print_report(role: str, peer: str, results: list[CheckResult], extra: dict[str, Any], as_json: bool) -> bool:
+    """Print the checks table (and the JSON line); return True when all passed."""
+    ok = bool(results) and all(r.ok for r in results)
+    rows = [(r.name, "ok" if r.ok else "FAILED", f"{r.seconds:.2f}", r.detail) for r in results]
+    print()
+    print(format_table(("check", "result", "seconds", "detail"), rows))
+    print()
+    print(f"{'All checks passed' if ok else 'Some checks FAILED'} ({role}).", flush=True)
+    if as_json:
+        doc = {
+            "ok": ok,
+            "role": role,
+            "version": __version__,
+            "peer": peer,
+            "checks": [r.as_json() for r in results],
+            **extra,
+        }
+        print(json.dumps(doc), flush=True)
+    return ok
+
+
 def read_psk_file(path: str | None) -> str | None:
     """Return the 64-hex key of a --psk file (None without --psk)."""
     if path is None:
@@ -8962,6 +8798,44 @@ def remember_peer(home: Path, peer_id: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with os.fdopen(fd, "a") as f:
         f.write(f"{peer_id}  # paired {time.strftime('%Y-%m-%d %H:%M')}\n")
+
+
+def add_initiate_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `initiate` command and its options."""
+    p = sub.add_parser("initiate", help="start node 1: print its address, wait for a responder, run the checks")
+    node_options(p, DEFAULT_PORT)
+    p.add_argument(
+        "--size",
+        type=whole_number(2, MAX_MATRIX_N, "a matrix size"),
+        default=AGGREGATE_N,
+        metavar="N",
+        help=f"size of the split matmul (default: {AGGREGATE_N})",
+    )
+    p.add_argument(
+        "--transfer-mib",
+        type=size_mib(1, BENCH_MAX_BYTES >> 20),
+        default=THROUGHPUT_BYTES >> 20,
+        metavar="MIB",
+        help=f"array data sent each way for the throughput figure (default: {THROUGHPUT_BYTES >> 20})",
+    )
+    p.set_defaults(func=cmd_initiate)
+
+    p.add_argument(
+        "--allow-peer",
+        action="append",
+        default=[],
+        metavar="PEER_ID",
+        help="a responder accepted without the pairing code (repeatable; also $PANGEA_HOME/trusted_peers)",
+    )
+    verify_option(p)
+    p.add_argument(
+        "--expect",
+        type=whole_number(1, 64, "a number of responders"),
+        default=1,
+        metavar="N",
+        help="wait for N responders and run the checks across all of them (default: 1)",
+    )
+    p.add_argument("--no-mdns", action="store_true", help="do not announce this initiator on the LAN by mDNS")
 
 
 def cmd_initiate(args: argparse.Namespace) -> int:
@@ -9245,6 +9119,23 @@ def discover_one(interactive: bool) -> str:
             return str(found[int(choice) - 1]["address"])
 
 
+def add_respond_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `respond` command and its options."""
+    p = sub.add_parser("respond", help="start node 2: connect to an initiator and do its work")
+    p.add_argument(
+        "address", nargs="?", help="the join string the initiator printed (pangea://...#CODE), or its multiaddr"
+    )
+    p.add_argument("--code", help="the initiator's pairing code, when ADDRESS is a bare multiaddr")
+    p.add_argument(
+        "--discover",
+        action="store_true",
+        help="find the initiator on this LAN by mDNS instead of pasting its address (the code is still needed)",
+    )
+    node_options(p, 0)
+    fault_option(p)
+    p.set_defaults(func=cmd_respond)
+
+
 def cmd_respond(args: argparse.Namespace) -> int:
     """`respond`: dial the initiator, serve its tasks until it says done."""
     text = args.address
@@ -9376,6 +9267,19 @@ def _pump(proc: subprocess.Popen[str], prefix: str, found: list[str], ready: thr
         ready.set()
 
 
+def add_demo_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `demo` command and its options."""
+    p = sub.add_parser("demo", help="run an initiator and a responder on this machine and show the whole flow")
+    p.add_argument(
+        "--size",
+        type=whole_number(2, MAX_MATRIX_N, "a matrix size"),
+        default=AGGREGATE_N,
+        metavar="N",
+        help="size of the split matmul",
+    )
+    p.set_defaults(func=cmd_demo)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """`demo`: run an initiator and a responder as two processes on loopback."""
     home = pangea_home()
@@ -9440,6 +9344,65 @@ def read_rpc_token(args: argparse.Namespace) -> str:
             hint="generate one: python3 -c 'import secrets; print(secrets.token_hex(16))'",
         )
     return token
+
+
+def add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `serve` command and its options."""
+    p = sub.add_parser("serve", help="run a long-lived node with a Cap'n Proto RPC endpoint for your programs")
+    node_options(p, DEFAULT_PORT)
+    p.add_argument(
+        "--rpc",
+        default=f"127.0.0.1:{DEFAULT_RPC_PORT}",
+        metavar="HOST:PORT",
+        help=f"RPC endpoint (default: 127.0.0.1:{DEFAULT_RPC_PORT}; another host needs a token)",
+    )
+    p.add_argument("--rpc-token", metavar="TOKEN", help="token RPC clients must present (or set PANGEA_RPC_TOKEN)")
+    p.add_argument("--rpc-token-file", metavar="FILE", help="read the RPC token from this file")
+    p.add_argument(
+        "--rpc-max-mib",
+        type=size_mib(1, 4096),
+        default=DEFAULT_RPC_MAX_BYTES >> 20,
+        metavar="MIB",
+        help=f"largest RPC message (default: {DEFAULT_RPC_MAX_BYTES >> 20} MiB)",
+    )
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="a node to dial, trust and keep connected (repeatable)",
+    )
+    p.add_argument(
+        "--allow-peer",
+        action="append",
+        default=[],
+        metavar="PEER_ID",
+        help="a peer id allowed to connect and submit tasks (repeatable; also $PANGEA_HOME/trusted_peers)",
+    )
+    fault_option(p)
+    verify_option(p)
+    p.add_argument(
+        "--suspect-backoff",
+        type=NumberOption(float, 0.1, SUSPECT_BACKOFF_MAX_S, "a number of seconds"),
+        default=SUSPECT_BACKOFF_S,
+        metavar="SECONDS",
+        help="wait before a worker whose result failed verification gets a canary task "
+        f"(default: {SUSPECT_BACKOFF_S:g}; doubles per failed canary, up to {SUSPECT_BACKOFF_MAX_S:g})",
+    )
+    p.add_argument("--pair", action="store_true", help="print a one-time pairing code a new peer can connect with")
+    p.add_argument(
+        "--pair-timeout",
+        type=positive_seconds(),
+        default=600.0,
+        metavar="SECONDS",
+        help="how long the pairing code stays valid (default: 600)",
+    )
+    p.add_argument(
+        "--remember",
+        action="store_true",
+        help="add peers that paired to $PANGEA_HOME/trusted_peers, so they need no code next time",
+    )
+    p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -9579,6 +9542,31 @@ async def keep_connected(node: Node, address: PeerAddress) -> None:
         await trio.sleep(0.1)
 
 
+def add_call_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `call` command and its options."""
+    p = sub.add_parser("call", help="talk to a running `serve` node over RPC")
+    p.add_argument(
+        "--rpc", default=f"127.0.0.1:{DEFAULT_RPC_PORT}", metavar="HOST:PORT", help="the node's RPC endpoint"
+    )
+    p.add_argument("--token", help="the node's RPC token (default: $PANGEA_RPC_TOKEN)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    calls = p.add_subparsers(dest="call", metavar="CALL", parser_class=_Parser)
+    calls.add_parser("status", help="the node's peer id, addresses, uptime, task counts")
+    calls.add_parser("peers", help="the node's connected peers")
+    c = calls.add_parser("connect", help="make the node dial (and trust) another node")
+    c.add_argument("multiaddr")
+    c = calls.add_parser("matmul", help="multiply two random N x N matrices on the node and verify the result")
+    c.add_argument("--size", type=whole_number(1, MAX_MATRIX_N, "a matrix size"), default=1024, metavar="N")
+    c.add_argument("--placement", default="auto", help="auto, local, remote or a peer id (default: auto)")
+    c.add_argument(
+        "--no-fallback",
+        action="store_true",
+        help="fail instead of running locally when no remote worker is usable (default: fall back, and say so)",
+    )
+    p.set_defaults(func=cmd_call)
+
+
 def cmd_call(args: argparse.Namespace) -> int:
     """`call`: one RPC call to a running node, printed readably or as JSON."""
     if args.call is None:
@@ -9645,6 +9633,13 @@ def _call_matmul(client: Client, size: int, placement: str, fallback: bool = Tru
     return result, text
 
 
+def add_psk_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `psk` command and its options."""
+    p = sub.add_parser("psk", help="write a new pre-shared key file for --psk (copy it to every node)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_psk)
+
+
 def cmd_psk(args: argparse.Namespace) -> int:
     """`psk FILE`: write a new random pre-shared key (mode 0600) in the go-libp2p swarm key format."""
     import secrets
@@ -9679,6 +9674,13 @@ def running_sessions(home: Path) -> tuple[list[dict[str, Any]], list[Path]]:
                 info["session_dir"] = str(path)
                 nodes.append(info)
     return nodes, removed
+
+
+def add_status_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `status` command and its options."""
+    p = sub.add_parser("status", help="show the pangea nodes running on this box (and clean up stale entries)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_status)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -9756,6 +9758,24 @@ def doctor_verdict(findings: dict[str, Any]) -> tuple[bool, str]:
         True,
         f"the peer is reachable and speaks pangea{f' (rtt {rtt:.1f} ms)' if rtt else ''}: respond/serve will work",
     )
+
+
+def add_doctor_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `doctor` command and its options."""
+    p = sub.add_parser("doctor", help="explain this box's network setup, and whether a peer can be reached")
+    p.add_argument("address", nargs="?", help="a peer's multiaddr or join string to test")
+    p.add_argument(
+        "--port",
+        type=port_number,
+        default=DEFAULT_PORT,
+        help=f"the port pangea would listen on (default: {DEFAULT_PORT})",
+    )
+    p.add_argument(
+        "--timeout", type=positive_seconds(), default=10.0, metavar="SECONDS", help="per network test (default: 10)"
+    )
+    p.add_argument("--psk", metavar="FILE", help="the pre-shared key file the peer uses, if any")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_doctor)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -9886,6 +9906,78 @@ async def _probe_libp2p(address: PeerAddress, timeout_s: float, psk: str | None,
         if session.data is None and hello.data_port and "no answer" in session.data_note:
             found["data_plane_blocked"] = hello.data_port
         return found
+
+
+def add_bench_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `bench` command and its options."""
+    p = sub.add_parser(
+        "bench",
+        help="measure pangea next to a plain libp2p stream and raw TCP against its performance targets, in one run",
+    )
+    p.add_argument(
+        "address",
+        nargs="?",
+        help="the join string `bench --listen` printed (or its multiaddr with --code), or a `serve` node that "
+        "trusts this box; without one, a peer is started on 127.0.0.1",
+    )
+    p.add_argument("--code", help="the listener's pairing code, when ADDRESS is a bare multiaddr")
+    p.add_argument(
+        "--listen", action="store_true", help="be the peer: print a join string, serve one benchmarker, then exit"
+    )
+    p.add_argument("--host", default="0.0.0.0", help="--listen: address to listen on (default: all interfaces)")
+    p.add_argument(
+        "--port",
+        type=port_number,
+        default=DEFAULT_PORT,
+        help=f"--listen: libp2p port, 0 for any free one (default: {DEFAULT_PORT})",
+    )
+    p.add_argument(
+        "--tcp-port", type=port_number, default=0, help="--listen: port of the raw TCP baseline (default: any free one)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=positive_seconds(),
+        default=DEFAULT_WAIT_S,
+        metavar="SECONDS",
+        help=f"how long to wait for the other side (default: {DEFAULT_WAIT_S:.0f})",
+    )
+    full, quick = BENCH_DEFAULTS, BENCH_QUICK
+    p.add_argument(
+        "--sizes-mib",
+        metavar="LIST",
+        help=f"bulk transfer sizes in MiB, e.g. 64,1024 (default: {full['sizes_mib']}; --quick: {quick['sizes_mib']})",
+    )
+    p.add_argument(
+        "--tasks",
+        type=whole_number(1, 100_000, "a number of tasks"),
+        metavar="N",
+        help=f"tiny tasks per figure (default: {full['tasks']}; --quick: {quick['tasks']})",
+    )
+    p.add_argument(
+        "--inflight",
+        type=whole_number(1, BENCH_MAX_INFLIGHT, "a number of tasks"),
+        default=8,
+        metavar="N",
+        help="tasks in flight at once (default: 8)",
+    )
+    p.add_argument(
+        "--matmul-n",
+        type=whole_number(64, 8192, "a matrix size"),
+        metavar="N",
+        help=f"size of the delegated matmul (default: {full['matmul_n']}; --quick: {quick['matmul_n']})",
+    )
+    p.add_argument(
+        "--reps",
+        type=whole_number(1, 20, "a number of repetitions"),
+        metavar="N",
+        help=f"repetitions of bulk (at most 3 from 512 MiB up) and matmul (default: {full['reps']}; --quick: 1)",
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes and counts: a few seconds, rough figures")
+    p.add_argument("--json", action="store_true", help="print one JSON object (every sample, both machines)")
+    p.add_argument("--psk", metavar="FILE", help="pre-shared key file, when the peer uses one")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench)
 
 
 # ---------------------------------------------------------------- bench
@@ -10216,6 +10308,12 @@ async def _bench_listen(args: argparse.Namespace, session_dir: SessionDir, psk: 
     return 0
 
 
+def add_id_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `id` command and its options."""
+    p = sub.add_parser("id", help="print this box's peer id (creating its identity if needed)")
+    p.set_defaults(func=cmd_id)
+
+
 def cmd_id(args: argparse.Namespace) -> int:
     """`id`: print this box's peer id (the one to give to --allow-peer elsewhere)."""
     from libp2p.peer.id import ID
@@ -10237,37 +10335,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
-
-
-def _flush_stdout(code: int) -> int:
-    """Flush stdout; when its reader has gone (``| head -1``) end quietly with ``code``."""
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _silence_stdout()
-    return code
-
-
-def _stdout_gone() -> bool:
-    """True when nobody reads our stdout any more (a pipe or socket whose reader closed)."""
-    import select
-
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
-    except (OSError, ValueError, AttributeError):  # no real file behind stdout (a test's capture)
-        return False
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null after its reader left, so the interpreter's last flush
-    at exit cannot print "Exception ignored ... BrokenPipeError" (the recipe of
-    the Python docs, "Note on SIGPIPE")."""
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
 
 
 MENU = (

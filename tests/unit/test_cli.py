@@ -1,4 +1,4 @@
-"""Unit tests of section 10 of pangea.py: the parser, `main()` exit codes and error lines.
+"""Unit tests of the CLI section of pangea.py: the parser, `main()` exit codes and error lines.
 
 Only paths that end before any node starts are exercised here (argument and
 address errors, the build-target guard, --version); running nodes is the job
@@ -8,6 +8,8 @@ optionally followed by one `hint: ...` line, and no traceback without --debug.
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import io
 import sys
 from pathlib import Path
@@ -296,6 +298,23 @@ def test_make_parser_errors_raise_usage_error_not_system_exit() -> None:
 def test_make_parser_json_and_port_zero() -> None:
     args = make_parser().parse_args(["initiate", "--port", "0", "--json", "--timeout", "2.5"])
     assert (args.port, args.json, args.timeout) == (0, True, 2.5)
+
+
+def test_make_parser_each_verb_has_its_add_parser_right_above_its_cmd() -> None:
+    """A verb's options and its code sit together: `add_<verb>_parser`, then `cmd_<verb>` (bench: its
+    block of helpers between them), with no other verb's parser or command in between."""
+    sub = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    defs = sorted(
+        (inspect.getsourcelines(obj)[1], name)
+        for name, obj in vars(pangea).items()
+        if inspect.isfunction(obj)
+        and (name.startswith("cmd_") or (name.startswith("add_") and name.endswith("_parser")))
+    )
+    names = [name for _, name in defs]
+    for verb, parser in sub.choices.items():
+        assert parser.get_default("func") is getattr(pangea, f"cmd_{verb}")
+        at = names.index(f"add_{verb}_parser")
+        assert names[at + 1] == f"cmd_{verb}", (verb, names[at : at + 2])
 
 
 def test_main_help_goes_to_stdout_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:

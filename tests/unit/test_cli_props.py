@@ -1,4 +1,4 @@
-"""Property tests of section 10 of pangea.py: no command line ends in a traceback.
+"""Property tests of the CLI section of pangea.py: no command line ends in a traceback.
 
 Generated command lines (every verb, its options with hostile values:
 negative, zero, NaN, inf, huge, empty, unicode digits, missing values) run

@@ -1,4 +1,4 @@
-"""Unit tests of pangea's start-up helpers: the deferred libp2p modules (section 8).
+"""Unit tests of pangea's start-up helpers: the deferred libp2p modules (the Start-up section).
 
 `defer_unused_libp2p_modules` puts stand-ins for some libp2p modules into
 sys.modules; the checks that install them run in a child interpreter, so this
