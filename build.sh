@@ -45,7 +45,7 @@ environment:
 
 files:
   .build/venv   build venv (runtime + dev dependencies), keyed on a hash of
-                pyproject.toml and the interpreter; rebuilt when either changes
+                pyproject.toml's pins and the interpreter; rebuilt when either changes
   .build/app    staged app: pangea.py, pangea.capnp, _pangea_build.py
   .build/site   staged runtime dependencies: the closure pinned in
                 .build/requirements-site.txt, less those nothing imports
@@ -127,7 +127,9 @@ check_toolchain() {
 VENV_REBUILT=0
 ensure_venv() {
     local key
-    key=$( { cat pyproject.toml
+    # Keyed on the pins (written from pyproject.toml just before), not on the whole
+    # file: editing a tool's settings there does not reinstall every package.
+    key=$( { cat "$BUILD_DIR/requirements.txt" "$BUILD_DIR/requirements-dev.txt"
              "$PY" -c 'import sys; print(sys.executable, sys.version)'; } | sha256sum | cut -d' ' -f1)
     if [[ -x $VENV/bin/python && -f $VENV/.pangea-key && $(cat "$VENV/.pangea-key") == "$key" ]]; then
         say "reusing $VENV"
