@@ -1,0 +1,507 @@
+"""The Python half of build.sh: one sub-command per job build.sh needs Python for.
+
+build.sh orchestrates (venvs, pip, shiv, the cache keys); it runs this file as
+``python build_helpers.py JOB ARGS...``:
+
+  requirements OUT_DIR              .build/requirements.txt and requirements-dev.txt from pyproject.toml
+  stamp PATH COMMIT [TAG MACHINE X.Y]
+                                    the build stamp _pangea_build.py (another target's, if given)
+  shift-offsets PATH DELTA          move a zip's recorded offsets after its first line was replaced
+  and for another target (./build.sh --python X.Y / --platform TAG):
+  platforms TAG                     the target's machine, libc and every platform tag it accepts
+  sdists REPORT                     the dependencies pip's resolution took from an sdist
+  pick DIR SPEC [X.Y TAG...]        a wheel in DIR for SPEC (compatible with the target, if given)
+  pure WHEEL                        exit 0 if WHEEL is pure Python
+  pin REPORT REQUIREMENTS X.Y MACHINE [DROP...]
+                                    the target's runtime closure as name==version lines
+  check-site SITE X.Y MACHINE       every compiled extension in SITE is built for the target
+  check-glibc DIR GLIBC             no linux_* wheel in DIR needs a newer glibc than the target's
+
+It is a build helper, not product: it sits beside build.sh and pangea.py, and
+is not packed into the pyz. Module level imports only the standard library:
+``requirements`` runs under the build interpreter ($PYTHON) before the build
+venv exists. The jobs that read wheel tags, requirements and markers import
+``packaging`` (in the build venv: pip, pytest and shiv's setuptools need it)
+inside the function that uses them. Errors are printed in build.sh's own form,
+``build.sh: error: ...`` and optionally ``hint: ...``, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import tomllib
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from packaging.tags import Tag
+
+# Old manylinux names and the glibc version each stands for (PEP 600).
+LEGACY = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
+LEGACY_NAME = {v: k for k, v in LEGACY.items()}
+# The .so suffix machine part and ELF e_machine of each architecture.
+SO_ARCH = {
+    "x86_64": "x86_64",
+    "aarch64": "aarch64",
+    "i686": "i386",
+    "armv7l": "arm",
+    "ppc64le": "powerpc64le",
+    "s390x": "s390x",
+}
+ELF_MACHINE = {"x86_64": 62, "aarch64": 183, "i686": 3, "armv7l": 40, "ppc64le": 21, "s390x": 22}
+
+
+class BuildError(Exception):
+    """A build step cannot go on; raised by the jobs here, printed by `main` as one line
+    (and a hint) in build.sh's form. The user fixes what the message names."""
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.exit_code = exit_code
+
+
+# --------------------------------------------------------------------------
+# The build venv's requirements, the build stamp, the pyz head
+# --------------------------------------------------------------------------
+
+
+def requirements_texts(pyproject_text: str) -> tuple[str, str]:
+    """The runtime and the dev requirement files (one requirement a line) for pyproject.toml's text."""
+    project = tomllib.loads(pyproject_text)["project"]
+    runtime = project["dependencies"]
+    dev = project.get("optional-dependencies", {}).get("dev", [])
+    return "".join(r + "\n" for r in runtime), "".join(r + "\n" for r in dev)
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Write TEXT to PATH only when it differs, and atomically: a concurrent build (e.g. a
+    test that runs ./build.sh --python ... under ./build.sh test) may be reading it."""
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+def write_requirements(out: Path, pyproject: Path = Path("pyproject.toml")) -> None:
+    """Write OUT/requirements.txt (runtime) and OUT/requirements-dev.txt (dev group)
+    from pyproject.toml, so the build venv and shiv use the same pins."""
+    runtime, dev = requirements_texts(pyproject.read_text())
+    write_if_changed(out / "requirements.txt", runtime)
+    write_if_changed(out / "requirements-dev.txt", dev)
+
+
+def build_stamp_text(built_for: tuple[str, str], python_version: str, commit: str, now: datetime.datetime) -> str:
+    """The text of _pangea_build.py: what the pyz was built for (cache tag, machine), when, from which commit."""
+    return (
+        '"""Build stamp for pangea.pyz, generated by build.sh; do not edit."""\n'
+        f"BUILT_FOR = {built_for!r}\n"
+        f"PYTHON_VERSION = {python_version!r}\n"
+        f"BUILD_TIME = {now.strftime('%Y-%m-%dT%H:%M:%SZ')!r}\n"
+        f"GIT_COMMIT = {commit!r}\n"
+    )
+
+
+def write_stamp(path: Path, commit: str, target: Sequence[str] = ()) -> None:
+    """Write the build stamp to PATH: for this interpreter, or for another target's
+    (cache tag, machine, X.Y) when TARGET gives them."""
+    if target:
+        built_for, python_version = (target[0], target[1]), target[2]
+    else:
+        built_for = (sys.implementation.cache_tag, platform.machine())
+        python_version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    now = datetime.datetime.now(datetime.UTC)
+    path.write_text(build_stamp_text(built_for, python_version, commit, now))
+
+
+def shift_zip_offsets(data: bytearray, delta: int, name: str) -> None:
+    """Move the offsets a zip records (each central directory entry's local header, and the
+    central directory's own) by DELTA bytes, in place: its head grew by DELTA. NAME is for errors."""
+    end = data.rfind(b"PK\x05\x06", max(0, len(data) - 22 - 65535))  # end of central directory
+    if end < 0:
+        raise BuildError(f"cannot shift the offsets of {name}: no end of central directory", exit_code=1)
+    (count,), (offset,) = struct.unpack_from("<H", data, end + 10), struct.unpack_from("<L", data, end + 16)
+    if count == 0xFFFF or offset == 0xFFFFFFFF:
+        raise BuildError(f"cannot shift the offsets of {name}: a zip64 archive", exit_code=1)
+    pos = offset + delta
+    for _ in range(count):  # each central directory entry: its local header's offset moves
+        if data[pos : pos + 4] != b"PK\x01\x02":
+            raise BuildError(f"{name}: no central directory entry at byte {pos}", exit_code=1)
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, pos + 28)
+        struct.pack_into("<L", data, pos + 42, struct.unpack_from("<L", data, pos + 42)[0] + delta)
+        pos += 46 + name_len + extra_len + comment_len
+    struct.pack_into("<L", data, end + 16, offset + delta)
+
+
+def shift_offsets(path: Path, delta: int) -> None:
+    """Rewrite the zip at PATH with its recorded offsets moved by DELTA (see finish_pyz in build.sh)."""
+    data = bytearray(path.read_bytes())
+    shift_zip_offsets(data, delta, str(path))
+    path.write_bytes(data)
+
+
+# --------------------------------------------------------------------------
+# Another target: its platform tags, the closure pinned for it, its wheels
+# --------------------------------------------------------------------------
+
+
+def target_platforms(tag: str) -> tuple[str, str, str, list[str]]:
+    """(machine, libc, libc version, every platform tag the target accepts) for --platform TAG;
+    for TAG "" this machine's, the tags pip itself would use here."""
+    if not tag:
+        from packaging.tags import platform_tags
+
+        # NOTE: packaging >= 22 lists linux_<machine> first; pip 23.2's vendored packaging
+        # (21.3), which build.sh used before, lists it last. Keep it last: the first tag names
+        # this machine in build.sh's messages, and pip prefers the tags given first.
+        tags = sorted(platform_tags(), key=lambda t: t.startswith("linux_"))
+        machine = platform.machine()
+        glibc = next((m.group(1, 2) for t in tags if (m := re.match(r"manylinux_(\d+)_(\d+)_", t))), None)
+        if glibc is None:
+            raise BuildError("cannot tell this machine's glibc version (is it musl?)", "pass --platform TAG")
+        return machine, "glibc", ".".join(glibc), tags
+    m = re.fullmatch(
+        r"(?:manylinux_(\d+)_(\d+)|(manylinux1|manylinux2010|manylinux2014)|musllinux_(\d+)_(\d+))_(\w+)", tag
+    )
+    if not m:
+        raise BuildError(
+            f"unknown --platform '{tag}': pangea.pyz targets Linux, give a manylinux or musllinux tag",
+            "e.g. --platform manylinux_2_28_aarch64 (glibc >= 2.28), manylinux_2_34_x86_64, manylinux2014_x86_64",
+        )
+    machine = m.group(6)
+    tags = []
+    if m.group(4):  # musllinux_1_Y: every older musllinux_1_y
+        major, minor = int(m.group(4)), int(m.group(5))
+        tags = [f"musllinux_{major}_{y}_{machine}" for y in range(minor, -1, -1)]
+        libc, version = "musl", f"{major}.{minor}"
+    else:
+        major, minor = LEGACY[m.group(3)] if m.group(3) else (int(m.group(1)), int(m.group(2)))
+        if major != 2:
+            raise BuildError(f"unknown --platform '{tag}': manylinux tags are manylinux_2_Y_MACHINE")
+        # pip 23.2 does not expand manylinux_2_Y to the older tags it implies: list them.
+        oldest = 5 if machine in ("x86_64", "i686") else 17
+        for y in range(minor, oldest - 1, -1):
+            tags.append(f"manylinux_2_{y}_{machine}")
+            if (2, y) in LEGACY_NAME:
+                tags.append(f"{LEGACY_NAME[2, y]}_{machine}")
+        libc, version = "glibc", f"{major}.{minor}"
+    tags.append(f"linux_{machine}")  # wheels built locally or passed with --wheels
+    return machine, libc, version, tags
+
+
+def target_tags(python: str, platforms: Iterable[str]) -> set[Tag]:
+    """Every wheel tag CPython PYTHON (X.Y) on PLATFORMS installs."""
+    from packaging.tags import compatible_tags, cpython_tags
+
+    platforms = list(platforms)
+    xy = tuple(int(p) for p in python.split("."))
+    abi = f"cp{xy[0]}{xy[1]}"
+    return set(cpython_tags(xy, abis=[abi], platforms=platforms)) | set(
+        compatible_tags(xy, interpreter=abi, platforms=platforms)
+    )
+
+
+def sdist_specs(report: dict[str, Any]) -> list[str]:
+    """name==version of every dependency a pip --report resolution took from an sdist."""
+    return [
+        f"{item['metadata']['name']}=={item['metadata']['version']}"
+        for item in report["install"]
+        if not item["download_info"]["url"].split("#")[0].endswith(".whl")
+    ]
+
+
+def pick_wheel(directory: Path, spec: str, python: str = "", platforms: Sequence[str] = ()) -> Path | None:
+    """A wheel in DIRECTORY for SPEC (name==version), compatible with CPython PYTHON on
+    PLATFORMS if PYTHON is given; None if there is none."""
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    name, version = spec.split("==")
+    supported = target_tags(python, platforms) if python else None
+    for path in sorted(directory.glob("*.whl")):
+        try:
+            wname, wversion, _, wtags = parse_wheel_filename(path.name)
+        except Exception:  # not a wheel name packaging can read: not one of ours
+            continue
+        if wname != canonicalize_name(name) or str(wversion) != version:
+            continue
+        if supported is None or wtags & supported:
+            return path
+    return None
+
+
+def is_pure_wheel(wheel: str) -> bool:
+    """Whether the wheel named WHEEL is pure Python (py*-none-any), so it serves every target."""
+    from packaging.utils import parse_wheel_filename
+
+    _, _, _, tags = parse_wheel_filename(Path(wheel).name)
+    return all(t.platform == "any" and t.abi == "none" for t in tags)
+
+
+def target_environment(python: str, machine: str) -> dict[str, str]:
+    """The marker environment of CPython PYTHON (X.Y) on Linux MACHINE."""
+    from packaging.markers import default_environment
+
+    env = {name: str(value) for name, value in default_environment().items()}  # all str already
+    env.update(
+        python_version=python,
+        python_full_version=f"{python}.0",
+        implementation_name="cpython",
+        implementation_version=f"{python}.0",
+        platform_python_implementation="CPython",
+        platform_machine=machine,
+        sys_platform="linux",
+        platform_system="Linux",
+        os_name="posix",
+    )
+    return env
+
+
+def pin_closure(
+    report: dict[str, Any], requirements: str, python: str, machine: str, drop: Iterable[str] = ()
+) -> list[str]:
+    """The target's runtime closure as name==version lines, less the DROP names.
+
+    pip evaluates environment markers for the interpreter it runs on, not for
+    --python-version/--platform; walk the resolved metadata again with the
+    target's marker environment, so a dependency needed only by the target is
+    caught and one needed only here is dropped. A dropped distribution (DROP_DISTS
+    in build.sh: declared, never imported) is left out with its requirements.
+    REPORT is pip's --report, REQUIREMENTS the text of .build/requirements.txt."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    dropped = {canonicalize_name(d) for d in drop}
+    env = target_environment(python, machine)
+    dists = {canonicalize_name(i["metadata"]["name"]): i["metadata"] for i in report["install"]}
+    todo = []
+    for line in requirements.splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            todo.append((Requirement(line), "pyproject.toml"))
+    needed: dict[str, str] = {}
+    seen: set[tuple[str, str]] = set()
+    missing: list[str] = []
+    while todo:
+        req, why = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({**env, "extra": ""}):
+            continue
+        key = canonicalize_name(req.name)
+        if key in dropped:
+            if why == "pyproject.toml":
+                raise BuildError(f"{req.name} is in DROP_DISTS in build.sh but pyproject.toml requires it")
+            continue
+        meta = dists.get(key)
+        if meta is None:
+            missing.append(f"{req} (for {why})")
+            continue
+        if not req.specifier.contains(meta["version"], prereleases=True):
+            raise BuildError(f"the resolution picked {meta['name']}=={meta['version']}, but {why} needs {req}")
+        needed[key] = f"{meta['name']}=={meta['version']}"
+        for extra in ("", *sorted(req.extras)):
+            if (key, extra) in seen:
+                continue
+            seen.add((key, extra))
+            for dep in meta.get("requires_dist") or []:
+                dreq = Requirement(dep)
+                if dreq.marker is None:
+                    if extra == "":
+                        todo.append((dreq, meta["name"]))
+                elif dreq.marker.evaluate({**env, "extra": extra}):
+                    todo.append((Requirement(str(dreq).split(";")[0]), meta["name"]))
+    if missing:
+        raise BuildError(
+            f"the target needs {', '.join(sorted(set(missing)))}, which pip's resolution "
+            f"(markers evaluated for Python {platform.python_version()} here) left out",
+            "add it to the dependencies in pyproject.toml",
+        )
+    return sorted(needed.values(), key=str.lower)
+
+
+def check_site(site: Path, python: str, machine: str) -> int:
+    """Check every compiled extension in SITE is built for CPython PYTHON on MACHINE;
+    return how many there are."""
+    xy = python.replace(".", "")
+    want_machine = ELF_MACHINE.get(machine)
+    bad, count = [], 0
+    for path in sorted(site.rglob("*.so*")):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(site)
+        m = re.search(r"\.cpython-(\d+)-([^-]+)-linux-", path.name)
+        if m:
+            count += 1
+            if m.group(1) != xy or (machine in SO_ARCH and m.group(2) != SO_ARCH[machine]):
+                bad.append(f"{rel} (not cpython-{xy}-{SO_ARCH.get(machine, machine)})")
+                continue
+        with path.open("rb") as f:
+            head = f.read(20)
+        if head[:4] == b"\x7fELF" and want_machine is not None:
+            e_machine = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+            if e_machine != want_machine:
+                bad.append(f"{rel} (ELF machine {e_machine}, not {machine})")
+    if bad:
+        raise BuildError(
+            f"staged site-packages hold extensions for another target: {'; '.join(bad[:5])}"
+            + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""),
+            "remove .build/site-* and .build/wheels-* and build again",
+        )
+    return count
+
+
+def check_glibc(directory: Path, glibc: str) -> None:
+    """Fail if a linux_* wheel in DIRECTORY (built here or from --wheels) needs a newer
+    glibc than the target's; best effort (needs objdump)."""
+    if not shutil.which("objdump"):
+        return
+    limit = tuple(int(p) for p in glibc.split("."))
+    for wheel in sorted(directory.glob("*linux_*.whl")):
+        with zipfile.ZipFile(wheel) as archive, tempfile.TemporaryDirectory() as tmp:
+            for name in archive.namelist():
+                if not re.search(r"\.so(\.|$)", name):
+                    continue
+                so = archive.extract(name, tmp)
+                out = subprocess.run(["objdump", "-T", so], capture_output=True, text=True).stdout
+                versions = [tuple(int(p) for p in v.split(".")) for v in re.findall(r"GLIBC_(\d+(?:\.\d+)+)", out)]
+                if versions and max(versions) > limit:
+                    need = ".".join(map(str, max(versions)))
+                    raise BuildError(
+                        f"{wheel.name} ({name}) needs glibc {need}, newer than the target's {glibc}",
+                        "build that wheel on the target (or on a box with the target's glibc) and pass --wheels DIR",
+                    )
+
+
+# --------------------------------------------------------------------------
+# The command line build.sh calls
+# --------------------------------------------------------------------------
+
+
+def _cmd_requirements(args: argparse.Namespace) -> int:
+    write_requirements(Path(args.out_dir))
+    return 0
+
+
+def _cmd_stamp(args: argparse.Namespace) -> int:
+    write_stamp(Path(args.path), args.commit, args.target)
+    return 0
+
+
+def _cmd_shift_offsets(args: argparse.Namespace) -> int:
+    shift_offsets(Path(args.path), args.delta)
+    return 0
+
+
+def _cmd_platforms(args: argparse.Namespace) -> int:
+    machine, libc, version, tags = target_platforms(args.tag)
+    print(machine, libc, version)
+    print("\n".join(tags))
+    return 0
+
+
+def _cmd_sdists(args: argparse.Namespace) -> int:
+    for spec in sdist_specs(json.loads(Path(args.report).read_text())):
+        print(spec)
+    return 0
+
+
+def _cmd_pick(args: argparse.Namespace) -> int:
+    path = pick_wheel(Path(args.directory), args.spec, args.python, args.platforms)
+    if path is None:
+        return 1
+    print(path)
+    return 0
+
+
+def _cmd_pure(args: argparse.Namespace) -> int:
+    return 0 if is_pure_wheel(args.wheel) else 1
+
+
+def _cmd_pin(args: argparse.Namespace) -> int:
+    report = json.loads(Path(args.report).read_text())
+    requirements = Path(args.requirements).read_text()
+    print("\n".join(pin_closure(report, requirements, args.python, args.machine, args.drop)))
+    return 0
+
+
+def _cmd_check_site(args: argparse.Namespace) -> int:
+    print(check_site(Path(args.site), args.python, args.machine))
+    return 0
+
+
+def _cmd_check_glibc(args: argparse.Namespace) -> int:
+    check_glibc(Path(args.directory), args.glibc)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The sub-commands build.sh runs (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="build_helpers.py", description="The Python half of build.sh.")
+    sub = parser.add_subparsers(dest="job", required=True)
+
+    def job(name: str, func: Callable[[argparse.Namespace], int], text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text)
+        p.set_defaults(func=func)
+        return p
+
+    p = job("requirements", _cmd_requirements, "write requirements.txt and requirements-dev.txt into OUT_DIR")
+    p.add_argument("out_dir")
+    p = job("stamp", _cmd_stamp, "write the build stamp _pangea_build.py to PATH")
+    p.add_argument("path")
+    p.add_argument("commit")
+    p.add_argument("target", nargs="*", help="another target's cache tag, machine and X.Y")
+    p = job("shift-offsets", _cmd_shift_offsets, "move the recorded offsets of the zip at PATH by DELTA bytes")
+    p.add_argument("path")
+    p.add_argument("delta", type=int)
+    p = job("platforms", _cmd_platforms, "print MACHINE LIBC LIBC_VERSION, then the target's platform tags")
+    p.add_argument("tag", help='the --platform tag; "" for this machine')
+    p = job("sdists", _cmd_sdists, "print name==version of every dependency REPORT took from an sdist")
+    p.add_argument("report")
+    p = job("pick", _cmd_pick, "print a wheel in DIRECTORY for SPEC; exit 1 if none")
+    p.add_argument("directory")
+    p.add_argument("spec", help="name==version")
+    p.add_argument("python", nargs="?", default="", help="the target's X.Y")
+    p.add_argument("platforms", nargs="*", help="the target's platform tags")
+    p = job("pure", _cmd_pure, "exit 0 if WHEEL is pure Python, else 1")
+    p.add_argument("wheel")
+    p = job("pin", _cmd_pin, "print the target's runtime closure as name==version lines")
+    p.add_argument("report")
+    p.add_argument("requirements")
+    p.add_argument("python")
+    p.add_argument("machine")
+    p.add_argument("drop", nargs="*", help="distributions to leave out (DROP_DISTS)")
+    p = job("check-site", _cmd_check_site, "check SITE's extensions are the target's; print how many")
+    p.add_argument("site")
+    p.add_argument("python")
+    p.add_argument("machine")
+    p = job("check-glibc", _cmd_check_glibc, "fail if a linux_* wheel in DIRECTORY needs a newer glibc")
+    p.add_argument("directory")
+    p.add_argument("glibc")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one job; return its exit status (2 for a BuildError, after printing it)."""
+    args = make_parser().parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except BuildError as e:
+        print(f"build.sh: error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        return e.exit_code
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
