@@ -46,7 +46,7 @@ environment:
 files:
   .build/venv   build venv (runtime + dev dependencies), keyed on a hash of
                 pyproject.toml's pins and the interpreter; rebuilt when either changes
-  .build/app    staged app: pangea.py, pangea.capnp, _pangea_build.py
+  .build/app    staged app: pangea.py, pangea_bench.py, pangea.capnp, _pangea_build.py
   .build/site   staged runtime dependencies: the closure pinned in
                 .build/requirements-site.txt, less those nothing imports
                 (DROP_DISTS), pruned of tests, stubs and debug symbols
@@ -155,11 +155,14 @@ stage_app() {
     local app=${1:-$APP}
     [[ -f pangea.py ]] || die "cannot stage the app: pangea.py is missing in $ROOT"
     [[ -f capnp/pangea.capnp ]] || die "cannot stage the app: capnp/pangea.capnp is missing"
+    [[ -f bench/pangea_bench.py ]] || die "cannot stage the app: bench/pangea_bench.py is missing"
     rm -rf "$app"
     mkdir -p "$app"
     cp pangea.py "$app/pangea.py"
     # pangea.py loads Path(__file__).with_name("pangea.capnp").
     cp capnp/pangea.capnp "$app/pangea.capnp"
+    # The bench verb's code: the top-level module pangea_bench beside pangea (imported only by `bench`).
+    cp bench/pangea_bench.py "$app/pangea_bench.py"
     local commit
     commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
     "$VENV/bin/python" "$HELPERS" stamp "$app/_pangea_build.py" "$commit" "${@:2}"
@@ -269,7 +272,7 @@ build_pyz() {
 pyz_is_stale() {
     [[ ! -f $PYZ || $VENV_REBUILT == 1 ]] && return 0
     local f
-    for f in pangea.py capnp/pangea.capnp pyproject.toml build.sh build_helpers.py; do
+    for f in pangea.py bench/pangea_bench.py capnp/pangea.capnp pyproject.toml build.sh build_helpers.py; do
         [[ $f -nt $PYZ ]] && return 0
     done
     return 1
@@ -289,7 +292,7 @@ run_tests() {
     if pyz_is_stale; then
         build_pyz
     else
-        say "reusing $ROOT/$PYZ (newer than pangea.py, capnp/, pyproject.toml, build.sh, build_helpers.py)"
+        say "reusing $ROOT/$PYZ (newer than pangea.py, bench/pangea_bench.py, capnp/, pyproject.toml, build.sh, build_helpers.py)"
     fi
     export PANGEA_PYZ=$ROOT/$PYZ
     # `./build.sh test tests/unit -q` runs one tier: `tests` is added only when

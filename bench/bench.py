@@ -63,11 +63,14 @@ makes). Every wait has a timeout, every loop a bound, and every process this
 script starts is stopped in a ``finally`` (the peers also exit on their own
 when this process goes away: they watch their stdin).
 
-Between two boxes, with only the pyz: ``./pangea.pyz bench`` (pangea.py's ``cmd_bench``)
-runs the tcp, bulk, tasks and matmul measurements against ``bench --listen`` on the
-other box. It is separate code on purpose: this script's baseline host is built with
-libp2p's own calls in a peer process of its own that serves anyone, while the
-command's baselines run on the paired pangea connection, for the paired peer only.
+Between two boxes, with only the pyz: ``./pangea.pyz bench`` runs the tcp, bulk, tasks
+and matmul measurements against ``bench --listen`` on the other box. Both are one
+benchmark system: the verb's code is bench/pangea_bench.py (the module ``pangea_bench``
+in the pyz), and this script builds on it: its targets, rows and table, quantiles and
+summaries, machine info and the TCP and libp2p transfer loops are pangea_bench's. What
+stays here is the harness's own: its baseline host is built with libp2p's own calls in a
+peer process of its own that serves anyone (the verb's baselines run on the paired
+pangea connection, for the paired peer only), and the rss, start and link phases.
 """
 
 from __future__ import annotations
@@ -75,7 +78,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import re
@@ -83,7 +85,6 @@ import resource
 import shutil
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -98,10 +99,9 @@ SCRIPT = Path(__file__).resolve()
 REPO_ROOT = SCRIPT.parent.parent
 MIB = 1 << 20
 
+# The baseline protocol of this script's peer: pangea_bench's BENCH_COMMAND (U upload, D download,
+# E echo, one command per stream or connection; an upload is acknowledged with b"k"), for anyone.
 BENCH_PROTOCOL = "/pangea-bench/raw/1.0.0"
-COMMAND = struct.Struct("!cQ")  # op (U upload, D download, E echo), byte count
-IO_CHUNK_BYTES = 1 << 20  # writes and reads of the baselines, as in the tech notes' table
-ECHO_BYTES = 64  # the "small message" of the bare request/response baseline
 PHASES = ("tcp", "bulk", "tasks", "matmul", "rss", "start", "link")
 READY_S = 60.0  # a peer or node must print its ready line within this
 # A bulk transfer must go faster than this, or it fails with a timeout instead of hanging.
@@ -133,6 +133,36 @@ def import_pangea() -> Any:
     return pangea
 
 
+# pangea_bench imports pangea: this run's snapshot, else the pyz's, else the work tree's (see
+# import_pangea). It comes from beside this script, or from the pyz when run inside one.
+import_pangea()
+from pangea_bench import (  # noqa: E402
+    BENCH_COMMAND,
+    BENCH_ECHO_BYTES,
+    BULK_TARGET,
+    INFO_TARGET,
+    LATENCY_TARGET,
+    OVERHEAD_TARGET,
+    RATE_TARGET,
+    BenchRow,
+    BenchTarget,
+    _dig,
+    _size_text,
+    bench_machine_info,
+    bench_row,
+    format_bench_table,
+    latency_summary,
+    rate_summary,
+    recv_into_all,
+    send_all,
+    send_filler,
+    stream_read_exactly,
+    stream_read_into,
+    stream_send_filler,
+    stream_write_all,
+)
+
+
 def snapshot_pangea(directory: Path) -> None:
     """Copy the work tree's pangea.py and schema into ``directory`` and make this process and
     its children import that copy: the work tree may change during a run of several minutes.
@@ -162,12 +192,6 @@ def vm_status(pid: int | str = "self") -> dict[str, float]:
                 key, value = line.split(":", 1)
                 out[key] = int(value.split()[0]) / 1024
     return out
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    """Return the q-quantile (0..1) of samples, by the nearest rank."""
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -223,38 +247,15 @@ def wait_quiet(max_wait_s: float, threshold_cores: float = 0.15, quiet_s: float 
 ###############################################################################
 
 
-def recv_into_all(conn: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` from the socket; EOFError when the peer closes first."""
-    got = 0
-    while got < len(view):
-        n = conn.recv_into(view[got:], min(len(view) - got, IO_CHUNK_BYTES))
-        if n == 0:
-            raise EOFError(f"peer closed after {got} of {len(view)} bytes")
-        got += n
-
-
-def send_all(conn: socket.socket, view: memoryview) -> None:
-    """Send ``view`` in IO_CHUNK_BYTES pieces."""
-    for start in range(0, len(view), IO_CHUNK_BYTES):
-        conn.sendall(view[start : start + IO_CHUNK_BYTES])
-
-
-def send_filler(conn: socket.socket, nbytes: int) -> None:
-    """Send ``nbytes`` of filler in IO_CHUNK_BYTES pieces."""
-    chunk = memoryview(os.urandom(IO_CHUNK_BYTES))
-    for start in range(0, nbytes, IO_CHUNK_BYTES):
-        conn.sendall(chunk[: min(IO_CHUNK_BYTES, nbytes - start)])
-
-
 def tcp_serve(server: socket.socket) -> None:
     """Peer side of the raw TCP baseline: one command per connection (runs on a thread)."""
     while True:
         conn, _ = server.accept()
         with conn:
             conn.settimeout(bulk_timeout_s(1 << 31))
-            header = bytearray(COMMAND.size)
+            header = bytearray(BENCH_COMMAND.size)
             recv_into_all(conn, memoryview(header))
-            op, nbytes = COMMAND.unpack(header)
+            op, nbytes = BENCH_COMMAND.unpack(header)
             if op == b"U":
                 recv_into_all(conn, memoryview(bytearray(nbytes)))
                 conn.sendall(b"k")
@@ -269,14 +270,14 @@ def tcp_transfer(port: int, direction: str, data: memoryview, host: str = "127.0
         conn.settimeout(bulk_timeout_s(nbytes))
         start = time.perf_counter()
         if direction == "upload":
-            conn.sendall(COMMAND.pack(b"U", nbytes))
+            conn.sendall(BENCH_COMMAND.pack(b"U", nbytes))
             send_all(conn, data)
             recv_into_all(conn, memoryview(bytearray(1)))
         else:
             # NOTE: the receive buffer is made inside the timed part, in both directions and
             # for every system: a real transfer needs it, and first touches of fresh memory
             # are slow on some VMs (about 1 s per GiB here).
-            conn.sendall(COMMAND.pack(b"D", nbytes))
+            conn.sendall(BENCH_COMMAND.pack(b"D", nbytes))
             recv_into_all(conn, memoryview(bytearray(nbytes)))
         return time.perf_counter() - start
 
@@ -304,28 +305,6 @@ def plain_host() -> Any:
     )
 
 
-async def stream_read_into(stream: Any, view: memoryview) -> None:
-    """Fill ``view`` from a libp2p stream with read(1 MiB) calls (not read_exactly: tech notes)."""
-    got = 0
-    while got < len(view):
-        chunk = await stream.read(min(len(view) - got, IO_CHUNK_BYTES))
-        view[got : got + len(chunk)] = chunk
-        got += len(chunk)
-
-
-async def stream_read_exactly(stream: Any, nbytes: int) -> bytearray:
-    """Return exactly ``nbytes`` read from a libp2p stream."""
-    buf = bytearray(nbytes)
-    await stream_read_into(stream, memoryview(buf))
-    return buf
-
-
-async def stream_write_all(stream: Any, view: memoryview) -> None:
-    """Write ``view`` to a libp2p stream in IO_CHUNK_BYTES pieces."""
-    for start in range(0, len(view), IO_CHUNK_BYTES):
-        await stream.write(view[start : start + IO_CHUNK_BYTES])
-
-
 async def baseline_handler(stream: Any) -> None:
     """Peer side of the libp2p baseline: upload, download or echo, one command per stream.
 
@@ -334,14 +313,12 @@ async def baseline_handler(stream: Any) -> None:
     from libp2p.network.stream.exceptions import StreamEOF
 
     try:
-        op, nbytes = COMMAND.unpack(await stream_read_exactly(stream, COMMAND.size))
+        op, nbytes = BENCH_COMMAND.unpack(await stream_read_exactly(stream, BENCH_COMMAND.size))
         if op == b"U":
             await stream_read_into(stream, memoryview(bytearray(nbytes)))
             await stream.write(b"k")
         elif op == b"D":
-            chunk = memoryview(os.urandom(IO_CHUNK_BYTES))
-            for start in range(0, nbytes, IO_CHUNK_BYTES):
-                await stream.write(chunk[: min(IO_CHUNK_BYTES, nbytes - start)])
+            await stream_send_filler(stream, nbytes)
         elif op == b"E":
             for _ in range(10_000_000):  # bounded; ends at the client's EOF long before
                 msg = await stream_read_exactly(stream, nbytes)
@@ -372,11 +349,11 @@ async def libp2p_transfer(host: Any, peer_id: Any, direction: str, data: memoryv
     with trio.fail_after(bulk_timeout_s(nbytes)):
         start = time.perf_counter()
         if direction == "upload":
-            await stream.write(COMMAND.pack(b"U", nbytes))
+            await stream.write(BENCH_COMMAND.pack(b"U", nbytes))
             await stream_write_all(stream, data)
             await stream_read_exactly(stream, 1)
         else:  # the receive buffer is made in the timed part (see tcp_transfer)
-            await stream.write(COMMAND.pack(b"D", nbytes))
+            await stream.write(BENCH_COMMAND.pack(b"D", nbytes))
             await stream_read_into(stream, memoryview(bytearray(nbytes)))
         seconds = time.perf_counter() - start
     with contextlib.suppress(Exception):
@@ -387,13 +364,13 @@ async def libp2p_transfer(host: Any, peer_id: Any, direction: str, data: memoryv
 async def libp2p_echo(host: Any, peer_id: Any, count: int, warmup: int) -> list[float]:
     """Return ``count`` round-trip times of a 64-byte echo on one already open stream."""
     stream = await open_bench_stream(host, peer_id)
-    await stream.write(COMMAND.pack(b"E", ECHO_BYTES))
-    msg = b"p" * ECHO_BYTES
+    await stream.write(BENCH_COMMAND.pack(b"E", BENCH_ECHO_BYTES))
+    msg = b"p" * BENCH_ECHO_BYTES
     samples = []
     for i in range(warmup + count):
         start = time.perf_counter()
         await stream.write(msg)
-        await stream_read_exactly(stream, ECHO_BYTES)
+        await stream_read_exactly(stream, BENCH_ECHO_BYTES)
         if i >= warmup:
             samples.append(time.perf_counter() - start)
     with contextlib.suppress(Exception):
@@ -616,28 +593,6 @@ def reps_for(cfg: Config, mib: int) -> int:
     return min(cfg.reps, 3) if mib >= 512 else cfg.reps
 
 
-def rate_summary(nbytes: int, seconds: list[float]) -> dict[str, Any]:
-    """Return the median MB/s of transfers of ``nbytes`` and the samples."""
-    return {
-        "bytes": nbytes,
-        "seconds": seconds,
-        "mb_s": nbytes / statistics.median(seconds) / 1e6,
-        "mb_s_samples": [nbytes / s / 1e6 for s in seconds],
-    }
-
-
-def latency_summary(samples: list[float], wall_s: float | None = None) -> dict[str, Any]:
-    """Return p50/p90/p99 in ms and the rate of a list of round-trip times."""
-    return {
-        "count": len(samples),
-        "p50_ms": percentile(samples, 0.5) * 1000,
-        "p90_ms": percentile(samples, 0.9) * 1000,
-        "p99_ms": percentile(samples, 0.99) * 1000,
-        "mean_ms": statistics.fmean(samples) * 1000,
-        "per_s": len(samples) / (wall_s if wall_s is not None else sum(samples)),
-    }
-
-
 @dataclass
 class Pair:
     """This process's side of the two-process phases: both hosts, dialed to the peer."""
@@ -749,7 +704,8 @@ async def tasks(pair: Pair) -> dict[str, Any]:
     a, b = np.ones(1), np.ones(1)
     with trio.fail_after(120 + cfg.tasks * 0.5):
         if cfg.baseline:
-            out["echo_sequential"] = latency_summary(await libp2p_echo(host, libp2p_peer, cfg.tasks, warmup))
+            echoes = await libp2p_echo(host, libp2p_peer, cfg.tasks, warmup)
+            out["echo_sequential"] = latency_summary(echoes, sum(echoes))
             per_stream = max(1, cfg.tasks // cfg.inflight)
             echo_all: list[float] = []
 
@@ -792,7 +748,7 @@ async def tasks(pair: Pair) -> dict[str, Any]:
             req_samples.append(time.perf_counter() - start)
             if not result.ok:
                 raise RuntimeError(f"tiny task failed: {result.error_kind}: {result.error_message}")
-        out["pangea_request_sequential"] = latency_summary(req_samples)
+        out["pangea_request_sequential"] = latency_summary(req_samples, sum(req_samples))
 
         inflight_samples: list[float] = []
         per_loop = max(1, cfg.tasks // cfg.inflight)
@@ -1085,15 +1041,13 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     import trio
 
     pangea = import_pangea()
-    cpu = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    # The verb's figures (cores, cpu_model, memory_gib, python, numpy, pangea), without its
+    # guess at the BLAS threads (blas_info reads them from the library) and its short forms.
+    shared = {k: v for k, v in bench_machine_info().items() if k not in ("blas_threads", "platform", "env")}
     info: dict[str, Any] = {
+        **shared,
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu,
-        "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30),
-        "python": sys.version.split()[0],
         "python_executable": sys.executable,
         "platform": platform.platform(),
         "pangea_version": pangea.__version__,
@@ -1135,139 +1089,73 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-@dataclass
-class Row:
-    """One line of the table; ``ratio`` is pangea / baseline."""
-
-    metric: str
-    unit: str
-    pangea: float | None
-    baseline: float | None
-    baseline_name: str
-    target: str
-    ratio: float | None = None
-    met: bool | None = None
+# Targets of the verb (pangea_bench: BULK, LATENCY, RATE, OVERHEAD, INFO) and the harness's own.
+RSS_TARGET = BenchTarget("<= 2.5x", max_ratio=2.5)
+HELP_TARGET = BenchTarget("<= 0.2 s", max_value=0.2)
+FIRST_TASK_TARGET = BenchTarget("<= 1.0 s", max_value=1.0)
+LINK_TARGET = BenchTarget(">= 90% of link", min_ratio=0.9)
 
 
-# Targets of the issue: (text, check of (pangea value, ratio), whether the check needs the ratio).
-BULK_TARGET = (">=4x, >=1000", lambda v, r: r >= 4 and v >= 1000, True)
-LATENCY_TARGET = ("<=1.2x", lambda v, r: r <= 1.2, True)
-RATE_TARGET = (">=1000", lambda v, r: v >= 1000, False)
-OVERHEAD_TARGET = ("<=0.1 s", lambda v, r: v <= 0.1, False)
-RSS_TARGET = ("<=2.5x", lambda v, r: r <= 2.5, True)
-HELP_TARGET = ("<0.2 s", lambda v, r: v < 0.2, False)
-FIRST_TASK_TARGET = ("<1.0 s", lambda v, r: v < 1.0, False)
-LINK_TARGET = (">=90% of link", lambda v, r: r >= 0.9, True)
-INFO = ("info", None, False)
-
-
-def make_row(metric: str, unit: str, pangea: Any, baseline: Any, baseline_name: str, target: tuple) -> Row:
-    """Return a row with its ratio and whether the target is met (None when unknown)."""
-    text, check, needs_ratio = target
-    ratio = pangea / baseline if pangea is not None and baseline else None
-    met = None
-    if check is not None and pangea is not None and (ratio is not None or not needs_ratio):
-        met = bool(check(pangea, ratio))
-    return Row(metric, unit, pangea, baseline, baseline_name, text, ratio, met)
-
-
-def _get(d: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(d, dict) or key not in d:
-            return None
-        d = d[key]
-    return d
-
-
-def _size(mib: int) -> str:
-    return f"{mib // 1024} GiB" if mib >= 1024 and mib % 1024 == 0 else f"{mib} MiB"
-
-
-def build_rows(cfg: Config, r: dict[str, Any]) -> list[Row]:
-    """Turn the results into table rows with the issue's targets."""
-    rows: list[Row] = []
+def build_rows(cfg: Config, r: dict[str, Any]) -> list[BenchRow]:
+    """Turn the results into table rows (pangea_bench's rows) with their performance targets."""
+    rows: list[BenchRow] = []
     for mib in cfg.bulk_mib:
         for direction in ("upload", "download"):
-            key, label = f"{direction}_{mib}", f"{direction} {_size(mib)}"
-            ours = _get(r, "bulk", "pangea", key, "mb_s")
-            rows.append(make_row(f"bulk {label}", "MB/s", ours, _get(r, "bulk", "libp2p", key, "mb_s"),
-                                 "libp2p stream", BULK_TARGET))  # fmt: skip
-            if _get(r, "tcp", key, "mb_s") is not None:
-                rows.append(make_row(f"  vs raw TCP ({label})", "MB/s", ours, _get(r, "tcp", key, "mb_s"),
-                                     "raw TCP", INFO))  # fmt: skip
+            key, label = f"{direction}_{mib}", f"{direction} {_size_text(mib)}"
+            ours = _dig(r, "bulk", "pangea", key, "mb_s")
+            rows.append(bench_row(f"bulk_{key}", f"bulk {label}", "MB/s", ours, _dig(r, "bulk", "libp2p", key, "mb_s"),
+                                  "libp2p stream", BULK_TARGET))  # fmt: skip
+            if _dig(r, "tcp", key, "mb_s") is not None:
+                rows.append(bench_row(f"bulk_{key}_vs_tcp", f"  vs raw TCP ({label})", "MB/s", ours,
+                                      _dig(r, "tcp", key, "mb_s"), "raw TCP", INFO_TARGET))  # fmt: skip
     t = r.get("tasks", {})
-    echo = _get(t, "echo_sequential", "p50_ms")
+    echo = _dig(t, "echo_sequential", "p50_ms")
     rows += [
-        make_row("tiny task p50 (Manager.run)", "ms", _get(t, "pangea_sequential", "p50_ms"), echo, "echo p50",
-                 LATENCY_TARGET),
-        make_row("tiny task p50 (session.request)", "ms", _get(t, "pangea_request_sequential", "p50_ms"), echo,
-                 "echo p50", LATENCY_TARGET),
-        make_row("tasks/s sequential", "1/s", _get(t, "pangea_sequential", "per_s"),
-                 _get(t, "echo_sequential", "per_s"), "echo/s", RATE_TARGET),
-        make_row(f"tasks/s {cfg.inflight} in flight", "1/s", _get(t, "pangea_inflight", "per_s"),
-                 _get(t, "echo_inflight", "per_s"), "echo/s", RATE_TARGET),
+        bench_row("task_p50", "tiny task p50 (Manager.run)", "ms", _dig(t, "pangea_sequential", "p50_ms"), echo,
+                  "echo p50", LATENCY_TARGET),
+        bench_row("task_p50_request", "tiny task p50 (session.request)", "ms",
+                  _dig(t, "pangea_request_sequential", "p50_ms"), echo, "echo p50", LATENCY_TARGET),
+        bench_row("tasks_per_s", "tasks/s sequential", "1/s", _dig(t, "pangea_sequential", "per_s"),
+                  _dig(t, "echo_sequential", "per_s"), "echo/s", RATE_TARGET),
+        bench_row("tasks_per_s_inflight", f"tasks/s {cfg.inflight} in flight", "1/s",
+                  _dig(t, "pangea_inflight", "per_s"), _dig(t, "echo_inflight", "per_s"), "echo/s", RATE_TARGET),
     ]  # fmt: skip
     m, n = r.get("matmul", {}), cfg.matmul_n
-    for key, how in (("overhead_s", "Manager.run"), ("request_overhead_s", "session.request")):
-        rows.append(make_row(f"matmul {n} overhead ({how})", "s", m.get(key), m.get("libp2p_transfer_s"),
-                             "libp2p, same bytes", OVERHEAD_TARGET))  # fmt: skip
-    size = _size(cfg.rss_mib) + (" (--quick)" if cfg.quick else "")
+    for key, suffix, how in (("overhead_s", "", "Manager.run"), ("request_overhead_s", "_request", "session.request")):
+        rows.append(bench_row(f"matmul_overhead{suffix}", f"matmul {n} overhead ({how})", "s", m.get(key),
+                              m.get("libp2p_transfer_s"), "libp2p, same bytes", OVERHEAD_TARGET))  # fmt: skip
+    size = _size_text(cfg.rss_mib) + (" (--quick)" if cfg.quick else "")
     for direction in ("upload", "download"):
         for who in ("client", "worker"):
-            rows.append(make_row(f"peak RSS {who}, {direction} {size}", "MiB",
-                                 _get(r, "rss", direction, f"{who}_peak_mib"), float(cfg.rss_mib), "operand",
-                                 RSS_TARGET))  # fmt: skip
+            rows.append(bench_row(f"rss_{who}_{direction}", f"peak RSS {who}, {direction} {size}", "MiB",
+                                  _dig(r, "rss", direction, f"{who}_peak_mib"), float(cfg.rss_mib), "operand",
+                                  RSS_TARGET))  # fmt: skip
     link = r.get("link", {})
     for direction in ("upload", "download"):
         label = f"{link.get('rate_mbit', 1000)} Mbit/s link {direction} (netns)"
-        rows.append(make_row(label, "MB/s", _get(link, direction, "pangea_mb_s"), _get(link, direction, "link_mb_s"),
-                             "link rate", LINK_TARGET))  # fmt: skip
-        rows.append(make_row(f"  vs raw TCP on that link ({direction})", "MB/s", _get(link, direction, "pangea_mb_s"),
-                             _get(link, direction, "tcp_mb_s"), "raw TCP", INFO))  # fmt: skip
+        ours = _dig(link, direction, "pangea_mb_s")
+        rows.append(bench_row(f"link_{direction}", label, "MB/s", ours, _dig(link, direction, "link_mb_s"),
+                              "link rate", LINK_TARGET))  # fmt: skip
+        rows.append(bench_row(f"link_{direction}_vs_tcp", f"  vs raw TCP on that link ({direction})", "MB/s", ours,
+                              _dig(link, direction, "tcp_mb_s"), "raw TCP", INFO_TARGET))  # fmt: skip
     st = r.get("start", {})
     rows += [
-        make_row("pyz --help warm", "s", st.get("help_median_s"), st.get("shiv_empty_median_s"),
-                 "pyz empty script", HELP_TARGET),
-        make_row("  --help, python3 binary direct", "s", st.get("help_direct_median_s"), st.get("help_median_s"),
-                 "via shebang", INFO),
-        make_row("respond -> first task warm", "s", st.get("respond_first_task_median_s"),
-                 st.get("imports_median_s"), "pyz imports only", FIRST_TASK_TARGET),
-        make_row("  respond, python3 binary direct", "s", st.get("respond_first_task_direct_median_s"),
-                 st.get("respond_first_task_median_s"), "via shebang", INFO),
+        bench_row("help", "pyz --help warm", "s", st.get("help_median_s"), st.get("shiv_empty_median_s"),
+                  "pyz empty script", HELP_TARGET),
+        bench_row("help_direct", "  --help, python3 binary direct", "s", st.get("help_direct_median_s"),
+                  st.get("help_median_s"), "via shebang", INFO_TARGET),
+        bench_row("respond_first_task", "respond -> first task warm", "s", st.get("respond_first_task_median_s"),
+                  st.get("imports_median_s"), "pyz imports only", FIRST_TASK_TARGET),
+        bench_row("respond_first_task_direct", "  respond, python3 binary direct", "s",
+                  st.get("respond_first_task_direct_median_s"), st.get("respond_first_task_median_s"), "via shebang",
+                  INFO_TARGET),
     ]  # fmt: skip
     return rows
 
 
-def _fmt(value: float | None, unit: str) -> str:
-    if value is None:
-        return "-"
-    if unit == "ms":
-        return f"{value:.3f}"
-    if unit == "s":
-        return f"{value:.3f}"
-    return f"{value:.0f}" if abs(value) >= 10 else f"{value:.2f}"
-
-
-def format_rows(rows: list[Row]) -> str:
-    """Return the table as aligned text."""
-    head = ("metric", "unit", "pangea", "baseline", "(baseline is)", "ratio", "target", "met?")
-    body = [
-        (
-            row.metric,
-            row.unit,
-            _fmt(row.pangea, row.unit),
-            _fmt(row.baseline, row.unit),
-            row.baseline_name,
-            "-" if row.ratio is None else f"{row.ratio:.2f}x",
-            row.target,
-            {True: "yes", False: "NO", None: "-"}[row.met],
-        )
-        for row in rows
-    ]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in (head, *body)]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def table_rows(rows: list[BenchRow]) -> list[dict[str, Any]]:
+    """Return the rows for the JSON's ``table``: every field but the key (the metric names the row)."""
+    return [{k: v for k, v in asdict(row).items() if k != "key"} for row in rows]
 
 
 def make_config(args: argparse.Namespace) -> Config:
@@ -1348,14 +1236,14 @@ def _bench_main(args: argparse.Namespace, snapshot_dir: str) -> int:
     if "link" in cfg.phases:
         run_phase(results, "link", lambda: measure_link(cfg))
     rows = build_rows(cfg, results)
-    doc["table"] = [asdict(row) for row in rows]
+    doc["table"] = table_rows(rows)
     doc["seconds"] = time.time() - started
     errors = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
     if "two_process_error" in results:
         errors["two_process"] = results["two_process_error"]
     doc["errors"] = errors
     print()
-    print(format_rows(rows))
+    print(format_bench_table(rows))
     print(
         f"\nbench: {doc['seconds']:.0f} s; machine: {doc['machine']['cpu_count']} cores, "
         f"Python {doc['machine']['python']}, numpy {doc['machine']['numpy']}, "

@@ -128,7 +128,7 @@ def client_main(bind: str, ready: dict[str, Any], mib: int, reps: int) -> int:
 
     host = ready["pangea"].split("/")[2]
     data = np.random.default_rng(1).random(mib * MIB // 8)
-    view = memoryview(data).cast("B")
+    view = data.data.cast("B")
     out: dict[str, Any] = {"tcp": {"upload": [], "download": []}, "pangea": {"upload": [], "download": []}}
 
     async def measure() -> None:

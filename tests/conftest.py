@@ -1,7 +1,8 @@
 """Shared pytest setup for pangea: import paths, markers, and fixtures.
 
-* The repo root and tests/ go on ``sys.path``, so tests can ``import pangea``
-  (the module under test, straight from the work tree) and
+* The repo root, bench/ and tests/ go on ``sys.path``, so tests can ``import pangea``
+  (the module under test, straight from the work tree), ``import pangea_bench``
+  (the bench verb, bench/pangea_bench.py) and
   ``from helpers import Proc, NetnsPair, ...`` (tests/helpers.py).
 * Markers: ``slow``, ``integration`` (runs pangea.pyz as real processes) and
   ``netns`` (needs root and ``ip netns``). Every test runs by default; tests
@@ -23,7 +24,7 @@ import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
-for _path in (str(REPO_ROOT), str(TESTS_DIR)):
+for _path in (str(REPO_ROOT), str(REPO_ROOT / "bench"), str(TESTS_DIR)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 

@@ -7,7 +7,8 @@ spawned loopback peer is gone afterwards, `bench --listen` pairs with one
 benchmarker through its join string and refuses a wrong code with one line,
 its baseline stream serves only the paired peer and its raw TCP port only
 the holder of the token, and against a `serve` node the baselines are
-skipped with the reason.
+skipped with the reason. The verb's module (pangea_bench, packed into the pyz)
+is imported by `bench` only, never by `--help` or another verb.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from helpers import NodeHome, Proc
 from pyz_helpers import PAIR_TIMEOUT_S, assert_expected_error, last_json, peer_id_of, run_pyz, session_dirs, start_serve
 
 import pangea
+import pangea_bench
 
 QUICK = ["--quick", "--json"]
 METRICS = [
@@ -160,10 +163,10 @@ def test_bench_listener_serves_its_baselines_only_to_the_paired_peer(pyz: Path, 
                     # negotiation, so it shows up in new_stream or in the read.
                     try:
                         stream = await host.new_stream(
-                            ID.from_base58(address.peer_id), [TProtocol(pangea.BENCH_PROTOCOL_ID)]
+                            ID.from_base58(address.peer_id), [TProtocol(pangea_bench.BENCH_PROTOCOL_ID)]
                         )
-                        await stream.write(pangea.BENCH_COMMAND.pack(b"T", 0))
-                        return bytes(await stream.read(pangea.BENCH_TCP_OFFER.size))
+                        await stream.write(pangea_bench.BENCH_COMMAND.pack(b"T", 0))
+                        return bytes(await stream.read(pangea_bench.BENCH_TCP_OFFER.size))
                     except (StreamError, StreamFailure):
                         return b""
 
@@ -171,7 +174,7 @@ def test_bench_listener_serves_its_baselines_only_to_the_paired_peer(pyz: Path, 
         listener.wait_for_line(r"refusing a bench stream from 12D3KooW\w+: not the paired benchmarker", stream="stderr")
 
         with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as conn:
-            conn.sendall(os.urandom(16) + pangea.BENCH_COMMAND.pack(b"D", 1 << 20))
+            conn.sendall(os.urandom(16) + pangea_bench.BENCH_COMMAND.pack(b"D", 1 << 20))
             conn.settimeout(20)
             assert conn.recv(1) == b""  # closed without sending a byte
         with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as conn:
@@ -193,7 +196,7 @@ def test_bench_against_a_serve_node_measures_pangea_and_says_why_the_baselines_a
         doc = last_json(run.stdout.splitlines())
         assert doc["peer_role"] == "serve"
         assert set(doc["skipped"]) == {"libp2p", "tcp"}
-        assert "serve" in doc["skipped"]["libp2p"] and pangea.BENCH_PROTOCOL_ID in doc["skipped"]["libp2p"]
+        assert "serve" in doc["skipped"]["libp2p"] and pangea_bench.BENCH_PROTOCOL_ID in doc["skipped"]["libp2p"]
         metrics = doc["metrics"]
         assert set(metrics) == {m for m in METRICS if not m.endswith("_vs_tcp")}
         for key, metric in metrics.items():
@@ -243,3 +246,29 @@ def test_bench_from_a_home_whose_serve_is_connected_still_works_against_the_trus
             assert f"runs from the pangea home of {client_id} (signed)" in worker.session_log(), worker.proc.output()
             assert not any("refused" in line for line in worker.proc.stderr_lines), worker.proc.output()
             assert client.proc.returncode is None and worker.proc.returncode is None
+
+
+def imported_modules(pyz: Path, home: NodeHome, argv: list[str]) -> tuple[int, set[str]]:
+    """Run the pyz with PYTHONPROFILEIMPORTTIME (as -X importtime); its exit code and the modules it imported."""
+    run = run_pyz(pyz, argv, {**home.env, "PYTHONPROFILEIMPORTTIME": "1"})
+    lines = [line for line in run.stderr.splitlines() if line.startswith("import time:") and "|" in line]
+    return run.returncode, {line.rsplit("|", 1)[1].strip() for line in lines}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["id"], ["bench", "--help"]])
+def test_help_and_other_verbs_do_not_import_the_bench_module(pyz: Path, pangea_home: NodeHome, argv: list[str]) -> None:
+    code, names = imported_modules(pyz, pangea_home, argv)
+    assert code == 0
+    assert {"argparse", "_bootstrap"} <= names, sorted(names)  # the log is what we think it is
+    assert "pangea_bench" not in names
+
+
+def test_bench_imports_the_bench_module_it_ships(pyz: Path, pangea_home: NodeHome) -> None:
+    code, names = imported_modules(pyz, pangea_home, ["bench", "--code", "ABCD-EFGH-JKMN"])
+    assert code == 2  # its usage error comes from pangea_bench.cmd_bench
+    assert "pangea_bench" in names
+    root = Path(__file__).resolve().parents[2]
+    with zipfile.ZipFile(pyz) as archive:
+        shipped = archive.read("site-packages/pangea_bench.py")
+    if pyz.resolve() == (root / "pangea.pyz").resolve():
+        assert shipped == (root / "bench" / "pangea_bench.py").read_bytes()

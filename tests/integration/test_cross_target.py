@@ -4,9 +4,10 @@ The slow tests build ``pangea-cp312-<machine>.pyz`` for CPython 3.12 on this
 machine type (``--platform manylinux_2_28_<machine>``: numpy 2.4.6 and pycapnp
 2.2.4 have no manylinux2014 wheels for cp312, so 2.28 is the oldest glibc tag
 that works) once per module, into .build/test-cross-target/, and reuse it
-while it is newer than pangea.py, capnp/, pyproject.toml, build.sh and build_helpers.py. The
-wheels, the pinned closure and the staged site-packages are cached under
-.build/ by build.sh itself, so a rebuild after an edit is about a minute.
+while it is newer than pangea.py, bench/pangea_bench.py, capnp/, pyproject.toml,
+build.sh and build_helpers.py. The wheels, the pinned closure and the staged
+site-packages are cached under .build/ by build.sh itself, so a rebuild after an
+edit is about a minute.
 
 They check that the zip holds the cp312 extensions (not this interpreter's
 cp311 ones), that its stamp names cpython-312, that running it here with
@@ -43,7 +44,7 @@ PLATFORM = f"manylinux_2_28_{MACHINE}"
 PYZ_NAME = f"pangea-cp312-{MACHINE}.pyz"
 OUT_DIR = REPO_ROOT / ".build" / "test-cross-target"
 # The files a pyz is built from (as in build.sh's pyz_is_stale).
-INPUTS = ["pangea.py", "capnp/pangea.capnp", "pyproject.toml", "build.sh", "build_helpers.py"]
+INPUTS = ["pangea.py", "bench/pangea_bench.py", "capnp/pangea.capnp", "pyproject.toml", "build.sh", "build_helpers.py"]
 # What build.sh says when pip cannot reach PyPI.
 UNREACHABLE = "cannot reach the package index"
 # A cold build (resolve, download ~60 MB of wheels, install, zip) takes about a

@@ -1,4 +1,5 @@
-"""Unit tests of the pure helpers of `pangea.pyz bench`: targets, rows, the table, options.
+"""Unit tests of the pure helpers of `pangea.pyz bench` (bench/pangea_bench.py): targets, rows,
+the table, options.
 
 No sockets and no timing: the figures are made up; what is checked is the
 arithmetic (ratios, quantiles, rates), whether a target counts as met, and
@@ -16,7 +17,8 @@ from typing import Any
 import pytest
 
 import pangea
-from pangea import (
+from pangea import UsageError, make_parser
+from pangea_bench import (
     BULK_TARGET,
     INFO_TARGET,
     LATENCY_TARGET,
@@ -24,7 +26,6 @@ from pangea import (
     RATE_TARGET,
     BenchConfig,
     BenchTarget,
-    UsageError,
     bench_config,
     bench_reps,
     bench_row,
@@ -32,7 +33,6 @@ from pangea import (
     format_bench_table,
     format_bench_value,
     latency_summary,
-    make_parser,
     parse_sizes_mib,
     percentile,
     rate_summary,
