@@ -7716,15 +7716,16 @@ def _silence_stdout() -> None:
 
 
 ###############################################################################
-# 11. CLI
+# 11. CLI: options and the verbs of a pair
 #
 # One `cmd_<verb>` per command, with its options in the `add_<verb>_parser`
-# right above it; the options several verbs share (node_options,
-# limit_options, fault_option, verify_option) come first, then make_parser;
-# `main` closes the section. Errors are one line on stderr,
-# `pangea: error: ...` plus an optional `hint: ...`; exit codes 0 ok,
-# 1 failure, 2 usage/setup error, 130 Ctrl-C (143 SIGTERM). Tracebacks only
-# with --debug.
+# right above it. This part holds the option types and the options several
+# verbs share (node_options, limit_options, fault_option, verify_option), the
+# report of the checks, trust and pairing helpers, the live progress view,
+# and the verbs that pair two boxes: initiate, respond, demo. Errors are one
+# line on stderr, `pangea: error: ...` plus an optional `hint: ...`; exit
+# codes 0 ok, 1 failure, 2 usage/setup error, 130 Ctrl-C (143 SIGTERM).
+# Tracebacks only with --debug.
 ###############################################################################
 
 
@@ -7955,30 +7956,6 @@ def limit_options(p: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help=f"dtypes accepted (default: {','.join(d.dtypes)})",
     )
-
-
-def make_parser() -> argparse.ArgumentParser:
-    """Return the argument parser of the whole CLI: the global options, then one
-    `add_<verb>_parser` per verb (each sits right above its `cmd_<verb>`)."""
-    parser = _Parser(prog="pangea.pyz", description="Share numpy compute between your own machines over libp2p.")
-    parser.add_argument("--version", action=_VersionAction, help="print the version and build target, then exit")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log events to stderr")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for add_parser in (
-        add_initiate_parser,
-        add_respond_parser,
-        add_demo_parser,
-        add_serve_parser,
-        add_call_parser,
-        add_id_parser,
-        add_status_parser,
-        add_doctor_parser,
-        add_psk_parser,
-        add_bench_parser,
-    ):
-        add_parser(sub)
-    return parser
 
 
 def print_report(role: str, peer: str, results: list[CheckResult], extra: dict[str, Any], as_json: bool) -> bool:
@@ -8561,6 +8538,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ok = codes == [0, 0]
     print(f"\npangea demo: {'both nodes finished, every check passed' if ok else f'FAILED (exit codes {codes})'}")
     return 0 if ok else 1
+
+
+###############################################################################
+# 12. CLI: serve, the tools and main
+#
+# `serve` and the verbs that talk to a node or look at this box: `call` (a
+# Client of a serve node), `psk`, `status`, `doctor`, `bench` (its code is the
+# module pangea_bench, imported only when the verb runs) and `id`. Then
+# make_parser, which puts every verb's parser together, and the entry point:
+# `main(argv) -> exit code`, the menu a bare run shows, and `_report_error`.
+###############################################################################
 
 
 def read_rpc_token(args: argparse.Namespace) -> str:
@@ -9251,6 +9239,30 @@ def cmd_id(args: argparse.Namespace) -> int:
     key_pair = load_or_create_identity(pangea_home())
     print(ID.from_pubkey(key_pair.public_key).to_base58())
     return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the whole CLI: the global options, then one
+    `add_<verb>_parser` per verb (each sits right above its `cmd_<verb>`)."""
+    parser = _Parser(prog="pangea.pyz", description="Share numpy compute between your own machines over libp2p.")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and build target, then exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log events to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add_parser in (
+        add_initiate_parser,
+        add_respond_parser,
+        add_demo_parser,
+        add_serve_parser,
+        add_call_parser,
+        add_id_parser,
+        add_status_parser,
+        add_doctor_parser,
+        add_psk_parser,
+        add_bench_parser,
+    ):
+        add_parser(sub)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
