@@ -3218,7 +3218,7 @@ class Scheduler:
 
 
 ###############################################################################
-# 7. Sessions
+# 7. Session directories
 #
 # The pangea home ($PANGEA_HOME, default ~/.pangea, mode 0700) holds the
 # identity key and one session directory per running process:
@@ -5971,7 +5971,7 @@ def start_metrics(spec: str | None, node: Node, manager: Manager | None) -> str 
 
 
 @dataclass
-class CheckResult:
+class CheckRow:
     """One row of the checks table."""
 
     name: str
@@ -6092,7 +6092,7 @@ class InitiatorChecks:
         self.size = size
         self.transfer_bytes = transfer_bytes
         self.rng = np.random.default_rng(2024)
-        self.results: list[CheckResult] = []
+        self.results: list[CheckRow] = []
         self.rtt_ms: float | None = None
         self.throughput: dict[str, float] = {}
         self.shares: dict[str, dict[str, float]] = {}
@@ -6163,7 +6163,7 @@ class InitiatorChecks:
                 ok, detail = False, "; ".join(d.text() for d in during) + seen
         # NOTE: the fallback check's own task runs locally by design; its row already says so
         detail += self._suspicion_note(0 if name == "fallback" else self.manager.fallbacks - fallbacks)
-        self.results.append(CheckResult(name, ok, time.perf_counter() - start, detail))
+        self.results.append(CheckRow(name, ok, time.perf_counter() - start, detail))
         log.info("check %s: %s (%s)", name, "ok" if ok else "FAILED", detail)
 
     def _suspicion_note(self, fallbacks: int) -> str:
@@ -6177,7 +6177,7 @@ class InitiatorChecks:
             notes.append(f"{fallbacks} task(s) ran locally because no responder was usable")
         return "".join(f"; {note}" for note in notes)
 
-    async def run_all(self) -> list[CheckResult]:
+    async def run_all(self) -> list[CheckRow]:
         """Run every check in order; the last one ends the sessions with the responders."""
         await self._run("connection", self.connection)
         await self._run("local execution", self.local_execution)
@@ -7958,7 +7958,7 @@ def limit_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def print_report(role: str, peer: str, results: list[CheckResult], extra: dict[str, Any], as_json: bool) -> bool:
+def print_report(role: str, peer: str, results: list[CheckRow], extra: dict[str, Any], as_json: bool) -> bool:
     """Print the checks table (and the JSON line); return True when all passed."""
     ok = bool(results) and all(r.ok for r in results)
     rows = [(r.name, "ok" if r.ok else "FAILED", f"{r.seconds:.2f}", r.detail) for r in results]
@@ -8399,7 +8399,7 @@ async def _respond(
         fault=args.fault,
         data_port=args.data_port,
     )
-    results: list[CheckResult] = []
+    results: list[CheckRow] = []
     async with node.running(args.host, args.port):
         metrics_url = start_metrics(args.metrics, node, None)
         session_dir.save(peer_id=node.peer_id, initiator=address.text, metrics=metrics_url)
@@ -8412,7 +8412,7 @@ async def _respond(
         rtt_s = min([await session.ping() for _ in range(3)])
         info = node.connection_info(session.peer_id)
         results.append(
-            CheckResult(
+            CheckRow(
                 "connection",
                 True,
                 time.perf_counter() - start,
@@ -8443,9 +8443,9 @@ async def _respond(
         served += f"; the initiator {ended} before its checks finished"
     elif not session.tasks_served:
         served += "; the initiator sent none"
-    results.append(CheckResult("tasks", done and session.tasks_served > 0, time.perf_counter() - serve_start, served))
+    results.append(CheckRow("tasks", done and session.tasks_served > 0, time.perf_counter() - serve_start, served))
     results.append(
-        CheckResult(
+        CheckRow(
             "finish",
             done,
             0.0,
