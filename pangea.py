@@ -253,7 +253,7 @@ class ErrorKind(str, enum.Enum):  # noqa: UP042 (see the NOTE below)
     # One home runs two processes on one machine (the handshake): give the
     # second its own PANGEA_HOME.
     IDENTITY_IN_USE = "identity-in-use"
-    # A task result nobody waits for (the Decoder's admit_result): dropped
+    # A task result nobody waits for (the Decoder's gate: awaits_result): dropped
     # quietly, usually a result that arrived after its task was cancelled.
     UNSOLICITED = "unsolicited"
     # The peer broke framing or the schema (PeerSession sends it in an ErrorMsg
