@@ -260,7 +260,7 @@ class ErrorKind(str, enum.Enum):  # noqa: UP042 (see the NOTE below)
     # One home runs two processes on one machine (the handshake): give the
     # second its own PANGEA_HOME.
     IDENTITY_IN_USE = "identity-in-use"
-    # A task result nobody waits for (the Decoder's admit_result): dropped
+    # A task result nobody waits for (the Decoder's gate: awaits_result): dropped
     # quietly, usually a result that arrived after its task was cancelled.
     UNSOLICITED = "unsolicited"
     # The peer broke framing or the schema (PeerSession sends it in an ErrorMsg
@@ -1086,6 +1086,33 @@ Message = Union[  # noqa: UP007
 ]
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A decision to say no: the ErrorKind that travels (ErrorMsg.kind, TaskResult.errorKind),
+    the reason, and a hint for the user when there is one to give."""
+
+    kind: str
+    message: str
+    hint: str | None = None
+
+    def to_msg(self) -> ErrorMsg:
+        """The ErrorMsg that tells the peer."""
+        return ErrorMsg(self.kind, self.message)
+
+
+class FrameGate(Protocol):
+    """What the Decoder asks from a frame's header alone, before it buffers the payload
+    (the session protocol answers, `SessionProtocol.gate`)."""
+
+    def admit_request(self, task_id: int, payload_len: int) -> Refusal | None:
+        """None to buffer a TaskRequest's operands, or why they are skipped unbuffered."""
+        ...
+
+    def awaits_result(self, task_id: int) -> bool:
+        """Whether a TaskResult for ``task_id`` is awaited (others are skipped unbuffered)."""
+        ...
+
+
 def schema_path() -> Path:
     """Return the path of pangea.capnp: beside this file in the pyz, else in capnp/."""
     here = Path(__file__).resolve()
@@ -1255,17 +1282,16 @@ class Decoder:
         max_header_bytes: int = MAX_HEADER_BYTES,
         *,
         limits: Limits | None = None,
-        admit: Callable[[int, int], tuple[str, str] | None] | None = None,
+        gate: FrameGate | None = None,
     ) -> None:
         self.max_payload_bytes = max_payload_bytes
         self.max_header_bytes = max_header_bytes
         self.limits = limits
-        # admit(task_id, payload_len) is asked before a TaskRequest's payload is
-        # buffered; it returns None, or (error kind, reason) to skip the payload
-        # unbuffered and raise MessageError for that task (rate limits, budget).
-        self.admit = admit
-        # admit_result(task_id) says whether a TaskResult is awaited; others are skipped unbuffered.
-        self.admit_result: Callable[[int], bool] | None = None
+        # gate.admit_request(task_id, payload_len) is asked before a TaskRequest's payload is
+        # buffered; it returns None, or a Refusal to skip the payload unbuffered and raise
+        # MessageError for that task (rate limits, budget). gate.awaits_result(task_id) says
+        # whether a TaskResult is awaited; others are skipped unbuffered.
+        self.gate = gate
         self._refused: tuple[int, str, str] | None = None
         self._chunks: deque[memoryview] = deque()
         self._buffered = 0
@@ -1320,24 +1346,24 @@ class Decoder:
                 raise self._fail(str(exc)) from None
             if which not in ("taskRequest", "taskResult") or task_id is None:
                 raise self._fail(f"a {which} message carries no payload, but this frame announces one")
-            verdict: tuple[str, str] | None = None
-            if which == "taskRequest" and self.admit is not None:
-                verdict = self.admit(task_id, self._payload_len)
-            elif which == "taskResult" and self.admit_result is not None and not self.admit_result(task_id):
-                verdict = (ErrorKind.UNSOLICITED, f"a result for task {task_id}, which nobody is waiting for")
+            verdict: Refusal | None = None
+            if which == "taskRequest" and self.gate is not None:
+                verdict = self.gate.admit_request(task_id, self._payload_len)
+            elif which == "taskResult" and self.gate is not None and not self.gate.awaits_result(task_id):
+                verdict = Refusal(ErrorKind.UNSOLICITED, f"a result for task {task_id}, which nobody is waiting for")
             if verdict is not None:
-                self._refused = (task_id, verdict[0], verdict[1])
+                self._refused = (task_id, verdict.kind, verdict.message)
                 self._payload = bytearray()  # skip the payload: read it, keep none of it
                 return
-        elif self.admit is not None:
+        elif self.gate is not None:
             try:
                 which, task_id = peek_header(self._header)
             except RemoteProtocolError as exc:
                 raise self._fail(str(exc)) from None
             if which == "taskRequest" and task_id is not None:
-                verdict = self.admit(task_id, 0)
+                verdict = self.gate.admit_request(task_id, 0)
                 if verdict is not None:
-                    self._refused = (task_id, verdict[0], verdict[1])
+                    self._refused = (task_id, verdict.kind, verdict.message)
                     self._payload = bytearray()
                     return
         # NOTE: np.empty, not bytearray: the OS maps the pages as the bytes arrive, so a
@@ -1383,11 +1409,11 @@ class Decoder:
         self._filled += n
 
     def discard(self) -> None:
-        """Drop every buffered byte and the callbacks (the stream is gone)."""
+        """Drop every buffered byte and the gate (the stream is gone)."""
         self._chunks.clear()
         self._buffered = 0
         self._header_len, self._header, self._payload = None, None, None
-        self.admit = self.admit_result = None
+        self.gate = None
 
     def _fail(self, message: str) -> RemoteProtocolError:
         self._broken = RemoteProtocolError(message)
@@ -1669,6 +1695,492 @@ def idle_reason(now: float, last_byte_at: float, idle_timeout_s: float) -> str |
 
 
 ###############################################################################
+# 5. Session protocol (pure)
+#
+# The decisions of one session with a peer, made once, as a state object in
+# the manner of h11's Connection: no socket, no trio, no clock (time comes in
+# as ``now``), no numpy. The I/O adapter (`PeerSession`) tells it what happened
+# (a message decoded from a channel, a bad frame, a channel lost, a tick of the
+# clock, the session closing) and performs the actions it returns: `Transmit`
+# a message, `RunTask` for the peer, `StopTask`, `Resolve` a waiter, `NoteLoad`,
+# `EndSession`, `PeerFellBack`, `Log`. It owns:
+# - the Hello check (`check_hello`), one verdict for the acceptor and the dialer;
+# - admission of a peer's TaskRequest from its header, asked by the Decoder
+#   through `SessionProtocol.gate(key)`: trust, a task id in flight, the per-peer
+#   limits and the node's memory budget; the operand and output bytes a served
+#   task holds, released exactly once however the task ends;
+# - our requests waiting for results, pings waiting for pongs, the tasks the
+#   peer gave up, the counters, and the idle timeout.
+# A channel is an opaque key here (the adapter passes its Channel objects).
+# It sits after wire framing, not after kernels: a task's output size comes in
+# as a number (`reserve_output`), so the kernel registry is not needed.
+###############################################################################
+
+ChannelKey = Any  # an opaque, hashable name of one of a session's channels
+
+# The hint a dialer's user gets when the acceptor refused the session for one of these kinds.
+REFUSAL_HINTS: dict[str, str] = {
+    ErrorKind.INCOMPATIBLE: "use the same pangea.pyz on both machines",
+    ErrorKind.DUPLICATE_IDENTITY: "delete identity.key in the copied pangea home, then restart that node",
+    ErrorKind.IDENTITY_IN_USE: "one pangea home runs two processes there; give the second its own PANGEA_HOME",
+}
+
+
+@dataclass(frozen=True)
+class LocalPeer:
+    """What the Hello check knows of this node."""
+
+    peer_id: str
+    role: str
+    instance_id: int  # tells two processes with one identity apart
+    host_id: bytes  # names this machine (host_fingerprint)
+
+
+def check_hello(
+    local: LocalPeer, peer_id: str, hello: HelloMsg, current: HelloMsg | None, where: Callable[[], str]
+) -> Refusal | None:
+    """Why a session with ``peer_id``, whose Hello is ``hello``, cannot go on, or None.
+
+    ``current`` is the Hello of the open session with that peer id, if any;
+    ``where()`` names where that peer connects from (asked only for the text).
+    The same verdict on both sides: the acceptor answers with it, the dialer too."""
+    problem = hello_mismatch(
+        PROTOCOL_VERSION,
+        hello.protocol_version,
+        hello.pangea_version,
+        local_role=f"{local.role} {local.peer_id}",
+        remote_role=f"{hello.role or 'peer'} {peer_id}",
+    )
+    if problem is not None:
+        return Refusal(ErrorKind.INCOMPATIBLE, problem, REFUSAL_HINTS[ErrorKind.INCOMPATIBLE])
+    return duplicate_identity(local, peer_id, hello, current, where)
+
+
+def duplicate_identity(
+    local: LocalPeer, peer_id: str, hello: HelloMsg, current: HelloMsg | None, where: Callable[[], str]
+) -> Refusal | None:
+    """A Refusal when another process already speaks as ``peer_id``, else None.
+
+    The same machine (host_id) means one home run twice (identity-in-use);
+    another machine, or one that does not say, means a copied home."""
+    copied = "a pangea home was copied; delete identity.key in the copy to give that box its own peer id"
+    if peer_id == local.peer_id and hello.instance_id != local.instance_id:
+        if hello.host_id and hello.host_id == local.host_id:
+            return Refusal(
+                ErrorKind.IDENTITY_IN_USE,
+                f"the peer ({hello.role or 'peer'}) is another pangea process of this node's home on this "
+                f"machine (peer id {peer_id}); one home's processes cannot work with each other: "
+                "start one of them with its own home (PANGEA_HOME=DIR)",
+            )
+        return Refusal(ErrorKind.DUPLICATE_IDENTITY, f"the peer uses this node's own peer id {peer_id}: {copied}")
+    if current is not None and current.instance_id != hello.instance_id:
+        if hello.host_id and hello.host_id == current.host_id:
+            return Refusal(
+                ErrorKind.IDENTITY_IN_USE,
+                f"peer id {peer_id} already has a session here from another pangea process on its machine "
+                f"({current.role or 'peer'}): that home runs two processes; stop one, or start the "
+                "second with its own home (PANGEA_HOME=DIR)",
+            )
+        return Refusal(
+            ErrorKind.DUPLICATE_IDENTITY,
+            f"peer id {peer_id} is already connected from another process ({where()}): {copied}",
+        )
+    return None
+
+
+def peer_refusal(peer_id: str, msg: ErrorMsg) -> Refusal:
+    """The dialer's verdict when the acceptor answered its Hello with ``msg``."""
+    return Refusal(
+        msg.kind if msg.kind in REFUSAL_HINTS else ErrorKind.REFUSED,
+        f"cannot work with {peer_id}: it refused the session: {msg.message}",
+        REFUSAL_HINTS.get(msg.kind),
+    )
+
+
+def vouch_candidate(local_peer_id: str, peer_id: str, hello: HelloMsg, trusted: Callable[[str], bool]) -> str | None:
+    """The home a dialer on a throwaway identity says it runs from, when that home is this
+    node's own or one it trusts (then its signature over `home_proof_message` is worth checking)."""
+    if not hello.home_id or not hello.home_proof or hello.home_id == peer_id:
+        return None
+    if hello.home_id != local_peer_id and not trusted(hello.home_id):
+        return None
+    return hello.home_id
+
+
+# ---------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Transmit:
+    """Send ``msg`` on the channel ``key`` (None, or a channel that is gone: the session's current one)."""
+
+    msg: Message
+    key: ChannelKey = None
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """Run the peer's task ``request`` (it came on ``key``; its answer goes back there)."""
+
+    request: TaskRequestMsg
+    key: ChannelKey
+
+
+@dataclass(frozen=True)
+class StopTask:
+    """Stop serving task ``task_id``: its sender gave it up (``by_sender``) or its channel is gone."""
+
+    task_id: int
+    by_sender: bool
+
+
+@dataclass(frozen=True)
+class Resolve:
+    """Wake ``waiter`` (the adapter's): a request is answered or failed (see its PendingRequest), a pong came."""
+
+    waiter: Any
+
+
+@dataclass(frozen=True)
+class NoteLoad:
+    """The peer reported ``load`` (tasks it runs for all its peers)."""
+
+    load: int
+
+
+@dataclass(frozen=True)
+class EndSession:
+    """The session is over for ``reason`` (reset: without a Bye, the peer is gone)."""
+
+    reason: str
+    reset: bool | None = None
+
+
+@dataclass(frozen=True)
+class PeerFellBack:
+    """The peer could not use our data plane: messages stay on the libp2p stream."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Log:
+    """Say what happened (at logging level ``level``)."""
+
+    level: int
+    text: str
+
+
+SessionAction = Union[Transmit, RunTask, StopTask, Resolve, NoteLoad, EndSession, PeerFellBack, Log]  # noqa: UP007
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    """One of our requests, waiting for the peer's result."""
+
+    task_id: int
+    key: ChannelKey  # where it went (a lost data connection fails it)
+    waiter: Any = None  # the adapter's wake-up (a trio.Event); the core never touches it
+    result: TaskResultMsg | None = None
+    error: PangeaError | None = None
+
+
+@dataclass(eq=False)
+class ServedTask:
+    """A task of the peer's that we hold: from its request's arrival until it is answered."""
+
+    key: ChannelKey  # the channel its request came on
+    stopped: bool = False  # cancelled: by its sender, or its channel is gone
+    out_bytes: int = 0  # its output's bytes, reserved in the node's budget
+
+
+@dataclass(frozen=True)
+class ChannelGate:
+    """The `FrameGate` of one channel of a session: the Decoder's questions, answered by its core."""
+
+    core: SessionProtocol
+    key: ChannelKey
+
+    def admit_request(self, task_id: int, payload_len: int) -> Refusal | None:
+        """See `SessionProtocol.admit_request`."""
+        return self.core.admit_request(task_id, payload_len, self.key)
+
+    def awaits_result(self, task_id: int) -> bool:
+        """See `SessionProtocol.awaits_result`."""
+        return self.core.awaits_result(task_id)
+
+
+class SessionProtocol:
+    """The protocol state of one session with a peer: events in, actions out (pure).
+
+    ``may_serve()`` says whether this node runs tasks for the peer now; ``budget``
+    is the node's memory budget, shared by all its sessions; ``rng`` makes ping
+    nonces. Every method that takes ``now`` uses it for nothing but arithmetic."""
+
+    def __init__(
+        self,
+        local_peer_id: str,
+        peer_id: str,
+        *,
+        limits: Limits,
+        budget: MemoryBudget,
+        may_serve: Callable[[], bool],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.local_peer_id = local_peer_id
+        self.peer_id = peer_id
+        self.label = short_id(peer_id)
+        self.limits = limits
+        self.budget = budget
+        self.may_serve = may_serve
+        self._rng = rng if rng is not None else random.Random()
+        self.closed = False
+        self.close_reason = ""
+        self.bye_reason: str | None = None  # the peer's Bye, when it said one
+        self.rtt_s: float | None = None
+        self.peer_load = 0  # what the peer last reported running for all its peers
+        self.tasks_served = 0
+        self.tasks_refused = 0
+        self.tasks_cancelled = 0  # tasks of the peer's it gave up while we held them, and we dropped
+        self._next_task_id = 1
+        self._pending: dict[int, PendingRequest] = {}
+        self._pings: dict[int, tuple[float, Any]] = {}  # nonce -> (sent at, waiter)
+        # NOTE: mutated in place, never rebound: the adapter and tests may hold it.
+        self._reserved: dict[int, int] = {}  # task id -> operand bytes admitted, held until answered
+        self._receiving: dict[ChannelKey, int] = {}  # channel -> the admitted task whose frame is arriving
+        self._served: dict[int, ServedTask] = {}
+
+    # -- admission (the Decoder asks, from a frame's header)
+
+    def gate(self, key: ChannelKey) -> ChannelGate:
+        """The Decoder's gate for the channel ``key``."""
+        return ChannelGate(self, key)
+
+    @property
+    def held_tasks(self) -> int:
+        """Tasks of the peer's we hold (admitted and not yet answered)."""
+        return len(self._reserved)
+
+    def admit_request(self, task_id: int, payload_len: int, key: ChannelKey) -> Refusal | None:
+        """Decide from a TaskRequest's header whether its operands may be buffered; on yes,
+        reserve their bytes (held until the task is answered)."""
+        limits, budget = self.limits, self.budget
+        verdict: Refusal | None = None
+        if not self.may_serve():
+            verdict = Refusal(ErrorKind.REFUSED, f"node {self.local_peer_id} does not run tasks for {self.peer_id}")
+        elif task_id in self._reserved:
+            verdict = Refusal(ErrorKind.BAD_INPUT, f"task id {task_id} is already in flight")
+        elif len(self._reserved) >= limits.max_inflight_tasks:
+            verdict = Refusal(
+                ErrorKind.BUSY,
+                f"{len(self._reserved)} tasks of yours are in flight (limit {limits.max_inflight_tasks})",
+            )
+        elif sum(self._reserved.values()) + payload_len > limits.max_inflight_bytes:
+            held = format_bytes(sum(self._reserved.values()))
+            verdict = Refusal(
+                ErrorKind.BUSY,
+                f"your tasks in flight hold {held}; {format_bytes(payload_len)} more exceeds "
+                f"the limit of {format_bytes(limits.max_inflight_bytes)}",
+            )
+        elif not budget.try_acquire(payload_len):
+            verdict = Refusal(
+                ErrorKind.BUSY,
+                f"the node's memory budget of {format_bytes(budget.limit_bytes)} is in use "
+                f"({format_bytes(budget.in_use)}); retry later",
+            )
+        if verdict is None:
+            self._reserved[task_id] = payload_len
+            self._receiving[key] = task_id
+        else:
+            self.tasks_refused += 1
+            # NOTE: logged here, when it is decided: the refusal reaches the adapter only once the
+            # skipped payload has gone by (as a MessageError), which for a large frame is much later.
+            log.warning("refusing task %d from %s (%s): %s", task_id, self.peer_id, verdict.kind, verdict.message)
+        return verdict
+
+    def awaits_result(self, task_id: int) -> bool:
+        """Whether we wait for the result of our task ``task_id``."""
+        return task_id in self._pending
+
+    def release(self, task_id: int) -> None:
+        """Give back the operand bytes reserved for ``task_id`` (once; again is harmless)."""
+        held = self._reserved.pop(task_id, None)
+        if held is not None:
+            self.budget.release(held)
+
+    # -- what arrives
+
+    def receive(self, msg: Message, key: ChannelKey, now: float, load: int) -> list[SessionAction]:
+        """A message decoded from channel ``key``; ``load`` is this node's, for a Pong.
+        RemoteProtocolError for a message that has no place in an open session."""
+        if isinstance(msg, TaskRequestMsg):
+            self._receiving.pop(key, None)  # handed to the task, which releases its reservation
+            self._served[msg.task_id] = ServedTask(key)
+            return [RunTask(msg, key)]
+        if isinstance(msg, TaskResultMsg):
+            pending = self._pending.pop(msg.task_id, None)
+            if pending is None:
+                return [Log(logging.INFO, f"dropping late result of task {msg.task_id} from {self.label}")]
+            pending.result = msg
+            return [Resolve(pending.waiter)]
+        if isinstance(msg, PingMsg):
+            self.peer_load = msg.load
+            return [NoteLoad(msg.load), Transmit(PongMsg(msg.nonce, load), key)]
+        if isinstance(msg, PongMsg):
+            self.peer_load = msg.load
+            actions: list[SessionAction] = [NoteLoad(msg.load)]
+            sent = self._pings.pop(msg.nonce, None)
+            if sent is not None:
+                self.rtt_s = now - sent[0]
+                actions.append(Resolve(sent[1]))
+            return actions
+        if isinstance(msg, CancelMsg):
+            task = self._served.get(msg.task_id)
+            if task is None or task.stopped:
+                return []
+            task.stopped = True
+            self.tasks_cancelled += 1
+            return [StopTask(msg.task_id, by_sender=True)]
+        if isinstance(msg, DataPlaneMsg):
+            return [] if msg.ok else [PeerFellBack(f"the peer could not use our data plane: {msg.reason}")]
+        if isinstance(msg, ByeMsg):
+            self.bye_reason = msg.reason
+            return [EndSession(f"peer said bye ({msg.reason})")]
+        if isinstance(msg, ErrorMsg):
+            reason = f"peer closed the session: {msg.kind}: {msg.message}"
+            return [Log(logging.WARNING, f"{self.label}: {reason}"), EndSession(reason)]
+        raise RemoteProtocolError(f"unexpected {type(msg).__name__} in an open session")
+
+    def bad_message(self, exc: MessageError, key: ChannelKey) -> list[SessionAction]:
+        """A frame from channel ``key`` with bad contents, or one refused from its header."""
+        if exc.kind == ErrorKind.UNSOLICITED:
+            return [Log(logging.INFO, f"dropping {exc} from {self.label}")]
+        actions: list[SessionAction] = []
+        if exc.task_id is not None:
+            if exc.admitted and exc.task_id == self._receiving.get(key):
+                self.release(exc.task_id)  # admitted, then its contents were bad
+            self._receiving.pop(key, None)
+            actions.append(Transmit(TaskResultMsg(exc.task_id, error_kind=exc.kind, error_message=str(exc)), key))
+        if exc.kind == ErrorKind.BAD_INPUT:
+            actions.append(Log(logging.WARNING, f"bad message from {self.peer_id}: {exc}"))
+        return actions
+
+    def channel_lost(self, key: ChannelKey, reason: str) -> list[SessionAction]:
+        """Channel ``key`` is gone: the reservation of a frame cut off on it is given back; while the
+        session is open, our requests on it fail and the tasks that came on it stop."""
+        cut = self._receiving.pop(key, None)
+        if cut is not None:
+            self.release(cut)
+        if self.closed:
+            return []
+        actions: list[SessionAction] = []
+        for task_id, pending in list(self._pending.items()):
+            if pending.key is key:
+                del self._pending[task_id]
+                pending.error = PeerError(
+                    f"the data connection to {self.label} broke: {reason}", kind=ErrorKind.DISCONNECTED
+                )
+                actions.append(Resolve(pending.waiter))
+        for task_id, task in self._served.items():
+            if task.key is key and not task.stopped:
+                task.stopped = True  # its sender has failed it and will retry
+                actions.append(StopTask(task_id, by_sender=False))
+        return actions
+
+    def close(self, reason: str) -> list[SessionAction]:
+        """The session ends: every frame cut off gives back its bytes, every request fails,
+        every ping waiter wakes. Tasks being served finish on their own (`task_done`)."""
+        if self.closed:
+            return []
+        self.closed = True
+        self.close_reason = reason
+        for key in list(self._receiving):
+            self.release(self._receiving.pop(key))
+        actions: list[SessionAction] = []
+        for pending in self._pending.values():
+            pending.error = PeerError(f"peer {self.label} went away: {reason}", kind=ErrorKind.DISCONNECTED)
+            actions.append(Resolve(pending.waiter))
+        self._pending.clear()
+        actions += [Resolve(waiter) for _, waiter in self._pings.values()]
+        return actions
+
+    # -- the clock
+
+    def tick(self, now: float, last_byte_at: float, load: int) -> list[SessionAction]:
+        """A heartbeat: end the session when nothing arrived for idle_timeout_s, else ping."""
+        reason = idle_reason(now, last_byte_at, self.limits.idle_timeout_s)
+        if reason is not None:
+            return [EndSession(reason, reset=True)]
+        return [Transmit(PingMsg(self.ping_sent(now), load))]
+
+    def ping_sent(self, now: float, waiter: Any = None) -> int:
+        """Record a ping sent at ``now``; return its nonce (its pong sets ``rtt_s`` and wakes ``waiter``)."""
+        nonce = self._rng.getrandbits(63)
+        self._pings[nonce] = (now, waiter)
+        return nonce
+
+    def forget_ping(self, nonce: int) -> None:
+        """Stop waiting for the pong of ``nonce``."""
+        self._pings.pop(nonce, None)
+
+    # -- our requests
+
+    def start_request(self, key: ChannelKey, waiter: Any) -> PendingRequest:
+        """A request of ours goes out on channel ``key``; PeerError when the session is over."""
+        if self.closed:
+            raise PeerError(f"peer {self.label} is not connected ({self.close_reason})", kind=ErrorKind.UNAVAILABLE)
+        pending = PendingRequest(self._next_task_id, key, waiter)
+        self._next_task_id += 1
+        self._pending[pending.task_id] = pending
+        return pending
+
+    def finish_request(self, pending: PendingRequest) -> list[SessionAction]:
+        """We stop waiting for ``pending``: answered, failed, or given up (then the peer is told)."""
+        if self._pending.pop(pending.task_id, None) is not None and not self.closed:
+            return [Transmit(CancelMsg(pending.task_id))]  # we gave up on it: the worker can stop
+        return []
+
+    # -- the peer's tasks
+
+    def served_on(self, task_id: int) -> ChannelKey:
+        """The channel task ``task_id``'s request came on (None when unknown)."""
+        task = self._served.get(task_id)
+        return None if task is None else task.key
+
+    def reserve_output(self, task_id: int, out_bytes: int) -> Refusal | None:
+        """Before a task runs: reserve its output's bytes, or refuse it (then its operands are released)."""
+        if not self.budget.try_acquire(out_bytes):
+            self.release(task_id)
+            budget = self.budget
+            return Refusal(
+                ErrorKind.BUSY,
+                f"the result would not fit the node's memory budget of {format_bytes(budget.limit_bytes)} "
+                f"({format_bytes(budget.in_use)} in use); retry later",
+            )
+        self._served.setdefault(task_id, ServedTask(None)).out_bytes = out_bytes
+        return None
+
+    def task_ran(self, task_id: int, *, ok: bool) -> None:
+        """The kernel of task ``task_id`` returned (``ok``: with outputs)."""
+        if ok:
+            self.tasks_served += 1
+
+    def answer_to(self, task_id: int, *, stopped: bool) -> bool:
+        """The task's result is ready: its operands are released now (the peer may send its next task
+        the moment the result arrives); whether the result goes out (nobody wants it once the session
+        is over or the task ``stopped``)."""
+        self.release(task_id)
+        return not self.closed and not stopped
+
+    def task_done(self, task_id: int) -> None:
+        """Task ``task_id`` is over: everything it held is given back (once)."""
+        task = self._served.pop(task_id, None)
+        self.release(task_id)
+        if task is not None:
+            self.budget.release(task.out_bytes)
+
+
+###############################################################################
 # 5. Kernels
 #
 # The fixed registry of numpy operations a peer may ask for. A kernel checks
@@ -1868,12 +2380,17 @@ def output_nbytes(name: str, operands: Sequence[np.ndarray], params: dict[str, f
         return 0  # the kernel itself will reject these operands
 
 
-def task_cost(name: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> tuple[float, int]:
+def task_cost(
+    name: str, operands: Sequence[np.ndarray], params: dict[str, float], *, out_nbytes: int | None = None
+) -> tuple[float, int]:
     """Return (floating-point operations, bytes moved: operands plus result) of a kernel call,
-    for placement: a worker's speed and bandwidth turn them into seconds."""
+    for placement: a worker's speed and bandwidth turn them into seconds (``out_nbytes``: its
+    `output_nbytes`, when the caller has it already)."""
     kernel = KERNELS.get(name)
     flops = (kernel.flops if kernel is not None else _flops_of_elements)(operands, params)
-    nbytes = sum(a.nbytes for a in operands) + output_nbytes(name, operands, params) // 2  # float64 guess
+    if out_nbytes is None:
+        out_nbytes = output_nbytes(name, operands, params)
+    nbytes = sum(a.nbytes for a in operands) + out_nbytes // 2  # float64 guess
     return flops, int(nbytes)
 
 
@@ -1888,13 +2405,17 @@ def run_kernel(
     params: dict[str, float] | None = None,
     *,
     max_elements: int | None = None,
+    out_nbytes: int | None = None,
 ) -> tuple[np.ndarray, ...]:
-    """Run registry kernel ``name``; raise KernelError for any bad input or an oversized output."""
+    """Run registry kernel ``name``; raise KernelError for any bad input or an oversized output
+    (``out_nbytes``: its `output_nbytes`, when the caller has it already)."""
     import numpy as np
 
     params = dict(params or {})
     kernel = check_kernel_call(name, operands, params)
-    if max_elements is not None and output_nbytes(name, operands, params) > max_elements * 16:
+    if out_nbytes is None and max_elements is not None:
+        out_nbytes = output_nbytes(name, operands, params)
+    if max_elements is not None and out_nbytes is not None and out_nbytes > max_elements * 16:
         raise KernelError(f"{name}: the result would have more than {max_elements} elements (the node's limit)")
     with np.errstate(all="ignore"):
         outputs = kernel.fn(operands, params)
@@ -4107,17 +4628,12 @@ async def _tcp_connect(host: str, port: int) -> socket.socket:
     return sock
 
 
-@dataclass
-class _Pending:
-    event: Any
-    channel: Channel | None = None  # where the request went (a lost data connection fails it)
-    result: TaskResultMsg | None = None
-    error: PangeaError | None = None
-
-
 class PeerSession:
     """The session with one peer: requests we send, tasks we serve.
 
+    A thin adapter around its `SessionProtocol` (``protocol``), which decides:
+    this class reads channels, feeds what arrives to the protocol and performs
+    the actions it returns (send, start or stop a task, wake a waiter, close).
     Messages travel on the libp2p stream (``channel``) until the TLS data
     plane (``data``) is attached; then every message goes there, and back to the
     libp2p stream if the data connection breaks. Answers go back on the channel
@@ -4127,6 +4643,13 @@ class PeerSession:
         import trio
 
         self.node = node
+        self.protocol = SessionProtocol(
+            node.peer_id,
+            peer_id,
+            limits=node.limits,
+            budget=node.budget,
+            may_serve=lambda: node.may_serve(peer_id),
+        )
         self.channel = channel
         self.data: TlsChannel | None = None
         self.data_note = "connecting"  # what the data plane is doing, for status and the checks
@@ -4139,26 +4662,13 @@ class PeerSession:
         self.dialed = dialed
         self.leaving = False  # we said Bye
         self.closed = trio.Event()
-        self.close_reason = ""
-        self.bye_reason: str | None = None
-        self.rtt_s: float | None = None
         self.opened_at = time.monotonic()
         self.last_seen = time.monotonic()
-        self.tasks_served = 0
-        self.tasks_refused = 0
-        self.tasks_cancelled = 0  # tasks of the peer's it gave up while we held them, and we dropped
-        self._next_task_id = 1
-        self._pending: dict[int, _Pending] = {}
-        self._pings: dict[int, tuple[float, Any]] = {}
-        self._reserved: dict[int, int] = {}  # task id -> operand bytes admitted, held until answered
         self._scopes: dict[int, Any] = {}  # task id -> cancel scope of a task being served
-        self._served_on: dict[int, Channel] = {}  # task id -> the channel its request came on
-        self.peer_load = 0  # what the peer last reported running for all its peers
         self._wire(channel)
 
     def _wire(self, channel: Channel) -> None:
-        channel.decoder.admit = lambda task_id, payload_len: self._admit(task_id, payload_len, channel)
-        channel.decoder.admit_result = lambda task_id: task_id in self._pending
+        channel.decoder.gate = self.protocol.gate(channel)
         channel.decoder.max_payload_bytes = self.node.limits.max_payload_bytes
         channel.start_writer(self.node.nursery)
 
@@ -4166,6 +4676,36 @@ class PeerSession:
     def label(self) -> str:
         """The short peer id for log lines."""
         return short_id(self.peer_id)
+
+    @property
+    def close_reason(self) -> str:
+        """Why the session ended ("" while it is open)."""
+        return self.protocol.close_reason
+
+    @property
+    def bye_reason(self) -> str | None:
+        """The reason of the peer's Bye, None when it said none."""
+        return self.protocol.bye_reason
+
+    @property
+    def rtt_s(self) -> float | None:
+        """The last round-trip time measured by a ping, None before the first pong."""
+        return self.protocol.rtt_s
+
+    @property
+    def peer_load(self) -> int:
+        """What the peer last reported running for all its peers."""
+        return self.protocol.peer_load
+
+    @property
+    def tasks_served(self) -> int:
+        """Tasks of the peer's that ran to a result here."""
+        return self.protocol.tasks_served
+
+    @property
+    def held_tasks(self) -> int:
+        """Tasks of the peer's we hold (admitted, not yet answered)."""
+        return self.protocol.held_tasks
 
     @property
     def transport(self) -> str:
@@ -4206,12 +4746,14 @@ class PeerSession:
                     msg = await channel.receive()
                 except MessageError as exc:
                     self.last_seen = time.monotonic()
-                    self._bad_message(exc, channel)
+                    self._perform(self.protocol.bad_message(exc, channel))
                     continue
                 self.last_seen = time.monotonic()
-                ended = self._dispatch(msg, channel)
+                actions = self.protocol.receive(msg, channel, time.monotonic(), self.node.load)
                 # NOTE: not kept while the next message arrives: the payload buffer can then be reused
                 del msg
+                ended = self._perform(actions)
+                del actions
                 if ended is not None:
                     return ended, True
         except RemoteProtocolError as exc:
@@ -4224,65 +4766,40 @@ class PeerSession:
         except PeerError as exc:
             return str(exc), False
 
-    def _bad_message(self, exc: MessageError, channel: Channel) -> None:
-        if exc.kind == ErrorKind.UNSOLICITED:
-            log.info("dropping %s from %s", exc, self.label)
-            return
-        if exc.task_id is not None:
-            if exc.admitted and exc.task_id == channel.receiving:
-                self._release(exc.task_id)  # admitted, then its contents were bad
-            channel.receiving = None
-            self._send_soon(TaskResultMsg(exc.task_id, error_kind=exc.kind, error_message=str(exc)), channel)
-        if exc.kind == ErrorKind.BAD_INPUT:
-            log.warning("bad message from %s: %s", self.peer_id, exc)
+    def _perform(self, actions: list[SessionAction]) -> str | None:
+        """Carry out the protocol's actions; return the reason when one ends the session."""
+        ended = None
+        for action in actions:
+            if isinstance(action, Transmit):
+                self._send_soon(action.msg, action.key)
+            elif isinstance(action, RunTask):
+                import trio
 
-    def _dispatch(self, msg: Message, channel: Channel) -> str | None:
-        """Act on one message; return the reason when it ends the session."""
-        if isinstance(msg, TaskRequestMsg):
-            import trio
-
-            channel.receiving = None  # handed to _serve, which releases its reservation
-            self._served_on[msg.task_id] = channel
-            # NOTE: the scope exists before _serve starts: a Cancel right behind the request
-            # (its sender gave up while the frame was on its way) must find it.
-            self._scopes[msg.task_id] = trio.CancelScope()
-            self.node.nursery.start_soon(self._serve, msg)
-        elif isinstance(msg, TaskResultMsg):
-            pending = self._pending.pop(msg.task_id, None)
-            if pending is None:
-                log.info("dropping late result of task %d from %s", msg.task_id, self.label)
-            else:
-                pending.result = msg
-                pending.event.set()
-        elif isinstance(msg, PingMsg):
-            self._peer_load(msg.load)
-            self._send_soon(PongMsg(msg.nonce, self.node.load), channel)
-        elif isinstance(msg, PongMsg):
-            self._peer_load(msg.load)
-            sent = self._pings.pop(msg.nonce, None)
-            if sent is not None:
-                self.rtt_s = time.perf_counter() - sent[0]
-                sent[1].set()
-        elif isinstance(msg, CancelMsg):
-            scope = self._scopes.get(msg.task_id)
-            if scope is not None and not scope.cancel_called:
-                self.tasks_cancelled += 1
-                self.node.tasks_cancelled += 1
-                log.info("task %d from %s cancelled by its sender", msg.task_id, self.peer_id)
-                scope.cancel()
-        elif isinstance(msg, DataPlaneMsg):
-            if not msg.ok and self.data is None:
-                self.data_fallback(f"the peer could not use our data plane: {msg.reason}", tell_peer=False)
-        elif isinstance(msg, ByeMsg):
-            self.bye_reason = msg.reason
-            return f"peer said bye ({msg.reason})"
-        elif isinstance(msg, ErrorMsg):
-            reason = f"peer closed the session: {msg.kind}: {msg.message}"
-            log.warning("%s: %s", self.label, reason)
-            return reason
-        else:
-            raise RemoteProtocolError(f"unexpected {type(msg).__name__} in an open session")
-        return None
+                # NOTE: the scope exists before _serve starts: a Cancel right behind the request
+                # (its sender gave up while the frame was on its way) must find it.
+                self._scopes[action.request.task_id] = trio.CancelScope()
+                self.node.nursery.start_soon(self._serve, action.request)
+            elif isinstance(action, StopTask):
+                scope = self._scopes.get(action.task_id)
+                if scope is not None:
+                    if action.by_sender:
+                        self.node.tasks_cancelled += 1
+                        log.info("task %d from %s cancelled by its sender", action.task_id, self.peer_id)
+                    scope.cancel()
+            elif isinstance(action, Resolve):
+                if action.waiter is not None:
+                    action.waiter.set()
+            elif isinstance(action, NoteLoad):
+                for callback in self.node.on_peer_load:
+                    callback(self.peer_id, action.load)
+            elif isinstance(action, PeerFellBack):
+                if self.data is None:
+                    self.data_fallback(action.reason, tell_peer=False)
+            elif isinstance(action, Log):
+                log.log(action.level, "%s", action.text)
+            elif isinstance(action, EndSession):
+                ended = action.reason
+        return ended
 
     # -- the data plane
 
@@ -4354,23 +4871,15 @@ class PeerSession:
         self._data_bytes[0] += channel.bytes_in
         self._data_bytes[1] += channel.bytes_out
         self._data_last_read = max(self._data_last_read, channel.last_read)
-        self._drop_buffers(channel)
+        channel.decoder.discard()
+        actions = self.protocol.channel_lost(channel, reason)
         if self.closed.is_set():
             return
         self.data_note = f"libp2p stream (data connection lost: {reason})"
         # NOTE: after our Bye the peer hangs up; its data connection closing first is expected.
         level = logging.INFO if self.leaving else logging.WARNING
         log.log(level, "data plane with %s lost: %s; going on with the libp2p stream", self.label, reason)
-        for task_id, pending in list(self._pending.items()):
-            if pending.channel is channel:
-                del self._pending[task_id]
-                pending.error = PeerError(
-                    f"the data connection to {self.label} broke: {reason}", kind=ErrorKind.DISCONNECTED
-                )
-                pending.event.set()
-        for task_id, served_on in list(self._served_on.items()):
-            if served_on is channel and task_id in self._scopes:
-                self._scopes[task_id].cancel()  # its sender has failed it and will retry
+        self._perform(actions)
 
     def _send_soon(self, msg: Message, channel: Channel | None = None) -> None:
         async def send() -> None:
@@ -4388,96 +4897,46 @@ class PeerSession:
                 await self._out().send(ByeMsg(reason))
         await self._close(reason, reset=False)
 
+    async def drop(self, reason: str) -> None:
+        """End the session at once, without a Bye (the peer is gone): reset the stream."""
+        await self._close(reason, reset=True)
+
+    def heartbeat(self, now: float) -> str | None:
+        """Ping the peer, or return why the session is dead (nothing received for idle_timeout_s)."""
+        actions = self.protocol.tick(now, self.last_read, self.node.load)
+        for action in actions:
+            if isinstance(action, EndSession):
+                return action.reason
+        self._perform(actions)
+        return None
+
     async def _close(self, reason: str, *, reset: bool | None = None) -> None:
         if self.closed.is_set():
             return
-        self.close_reason = reason
+        actions = self.protocol.close(reason)
         self.closed.set()
         self.data_settled.set()
         if self.data_slot is not None and self.node.data_plane is not None:
             self.node.data_plane.forget(self.data_slot)
-        self._drop_buffers(self.channel)
+        self.channel.decoder.discard()
         if self.data is not None:
-            self._drop_buffers(self.data)
-        for pending in self._pending.values():
-            pending.error = PeerError(f"peer {self.label} went away: {reason}", kind=ErrorKind.DISCONNECTED)
-            pending.event.set()
-        self._pending.clear()
-        for _, event in self._pings.values():
-            event.set()
-        self.node._session_closed(self)
+            self.data.decoder.discard()
+        self._perform(actions)
+        self.node.session_closed(self)
         if self.data is not None:
             self.data.close_now()
         await self.channel.close(reset=self.bye_reason is None if reset is None else reset)
 
-    def _drop_buffers(self, channel: Channel) -> None:
-        """A channel is done: give back the reservation of a frame cut off mid-way, drop what it buffered
-        (now, not when the garbage collector gets to it)."""
-        if channel.receiving is not None:
-            self._release(channel.receiving)
-            channel.receiving = None
-        channel.decoder.discard()
-
-    def _admit(self, task_id: int, payload_len: int, channel: Channel) -> tuple[str, str] | None:
-        """Decide from a TaskRequest's header whether its operands may be buffered (Decoder.admit)."""
-        node, limits = self.node, self.node.limits
-        verdict: tuple[str, str] | None = None
-        if not node.may_serve(self.peer_id):
-            verdict = (ErrorKind.REFUSED, f"node {node.peer_id} does not run tasks for {self.peer_id}")
-        elif task_id in self._reserved:
-            verdict = (ErrorKind.BAD_INPUT, f"task id {task_id} is already in flight")
-        elif len(self._reserved) >= limits.max_inflight_tasks:
-            verdict = (
-                ErrorKind.BUSY,
-                f"{len(self._reserved)} tasks of yours are in flight (limit {limits.max_inflight_tasks})",
-            )
-        elif sum(self._reserved.values()) + payload_len > limits.max_inflight_bytes:
-            held = format_bytes(sum(self._reserved.values()))
-            verdict = (
-                ErrorKind.BUSY,
-                f"your tasks in flight hold {held}; {format_bytes(payload_len)} more exceeds "
-                f"the limit of {format_bytes(limits.max_inflight_bytes)}",
-            )
-        elif not node.budget.try_acquire(payload_len):
-            verdict = (
-                ErrorKind.BUSY,
-                f"the node's memory budget of {format_bytes(node.budget.limit_bytes)} is in use "
-                f"({format_bytes(node.budget.in_use)}); retry later",
-            )
-        if verdict is None:
-            self._reserved[task_id] = payload_len
-            channel.receiving = task_id
-        else:
-            self.tasks_refused += 1
-            log.warning("refusing task %d from %s (%s): %s", task_id, self.peer_id, verdict[0], verdict[1])
-        return verdict
-
-    def _release(self, task_id: int) -> None:
-        held = self._reserved.pop(task_id, None)
-        if held is not None:
-            self.node.budget.release(held)
-
     async def _serve(self, req: TaskRequestMsg) -> None:
         import trio
 
-        task_id = req.task_id
-        came_on = self._served_on.get(task_id, self.channel)
-        out_bytes = min(output_nbytes(req.kernel, req.operands, req.params), self.node.limits.max_payload_bytes)
-        if not self.node.budget.try_acquire(out_bytes):
-            self._release(task_id)
-            budget = self.node.budget
-            self._send_soon(
-                TaskResultMsg(
-                    task_id,
-                    error_kind=ErrorKind.BUSY,
-                    error_message=(
-                        f"the result would not fit the node's memory budget of {format_bytes(budget.limit_bytes)} "
-                        f"({format_bytes(budget.in_use)} in use); retry later"
-                    ),
-                ),
-                came_on,
-            )
-            self._served_on.pop(task_id, None)
+        task_id, protocol = req.task_id, self.protocol
+        came_on: Channel = protocol.served_on(task_id) or self.channel
+        out_nbytes = output_nbytes(req.kernel, req.operands, req.params)  # once per task
+        refusal = protocol.reserve_output(task_id, min(out_nbytes, self.node.limits.max_payload_bytes))
+        if refusal is not None:
+            self._send_soon(TaskResultMsg(task_id, error_kind=refusal.kind, error_message=refusal.message), came_on)
+            protocol.task_done(task_id)
             self._scopes.pop(task_id, None)
             return
         cancelled = self._scopes.setdefault(task_id, trio.CancelScope())
@@ -4487,11 +4946,13 @@ class PeerSession:
                     stall_start = time.perf_counter()
                     await self.node.inject_fault_before_task()
                     stalled_s = time.perf_counter() - stall_start  # a stalling worker reports slow compute
-                    outputs, compute_s = await self.node.execute_local(req.kernel, req.operands, req.params)
+                    outputs, compute_s = await self.node.execute_local(
+                        req.kernel, req.operands, req.params, out_nbytes=out_nbytes
+                    )
                     compute_s += stalled_s
                     outputs = self.node.inject_fault_into(outputs)
                     result = TaskResultMsg(req.task_id, outputs, compute_s=compute_s)
-                    self.tasks_served += 1
+                    protocol.task_ran(task_id, ok=True)
                     self.node.tasks_served += 1
                     self.node.served(req.kernel, "ok")
                     log.info("task %d from %s: %s done in %.3f s", req.task_id, self.label, req.kernel, compute_s)
@@ -4508,10 +4969,9 @@ class PeerSession:
                     error_message=f"{req.kernel} did not finish within {format_seconds(timeout)}",
                 )
             del req  # drop the operands before the result goes out
-            # NOTE: and free its slot and operand bytes now: the peer may send its next task the
-            # moment the result arrives, before the writer has told us the frame is out.
-            self._release(task_id)
-            if self.closed.is_set() or cancelled.cancelled_caught:
+            # NOTE: and free its slot and operand bytes now (answer_to): the peer may send its next
+            # task the moment the result arrives, before the writer has told us the frame is out.
+            if not protocol.answer_to(task_id, stopped=cancelled.cancelled_caught):
                 return  # nobody wants the result
             # NOTE: the answer goes back on the channel its request came on; a data
             # connection lost meanwhile made the sender fail the task, so it is not sent.
@@ -4521,10 +4981,8 @@ class PeerSession:
                 except PeerError as exc:
                     log.info("cannot return task %d to %s: %s", task_id, self.label, exc)
         finally:
-            self._served_on.pop(task_id, None)
             self._scopes.pop(task_id, None)
-            self._release(task_id)
-            self.node.budget.release(out_bytes)
+            protocol.task_done(task_id)
 
     async def request(
         self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float] | None = None
@@ -4532,28 +4990,21 @@ class PeerSession:
         """Send a task to the peer and wait for its result; PeerError if the peer goes away."""
         import trio
 
-        if self.closed.is_set():
-            raise PeerError(f"peer {self.label} is not connected ({self.close_reason})", kind=ErrorKind.UNAVAILABLE)
-        task_id = self._next_task_id
-        self._next_task_id += 1
-        pending = _Pending(trio.Event())
-        self._pending[task_id] = pending
-        request = TaskRequestMsg(task_id, kernel, tuple(operands), dict(params or {}))
+        pending = self.protocol.start_request(self._out(), trio.Event())
+        request = TaskRequestMsg(pending.task_id, kernel, tuple(operands), dict(params or {}))
         try:
-            pending.channel = self._out()
             try:
-                await pending.channel.send(request)
+                await pending.key.send(request)
             except PeerError as exc:
                 # NOTE: not sent again here: the reader may already have failed this task, and
                 # its sender retries it (on the libp2p stream, another worker or locally).
-                if isinstance(pending.channel, TlsChannel):
-                    self._data_lost(pending.channel, str(exc))
+                if isinstance(pending.key, TlsChannel):
+                    self._data_lost(pending.key, str(exc))
                 raise
             del request
-            await pending.event.wait()
+            await pending.waiter.wait()
         finally:
-            if self._pending.pop(task_id, None) is not None and not self.closed.is_set():
-                self._send_soon(CancelMsg(task_id))  # we gave up on it (cancelled): the worker can stop
+            self._perform(self.protocol.finish_request(pending))
         if pending.error is not None:
             raise pending.error
         assert pending.result is not None
@@ -4561,29 +5012,20 @@ class PeerSession:
 
     def send_ping(self) -> None:
         """Send a ping without waiting; its pong updates ``rtt_s``."""
-        import trio
-
-        nonce = random.getrandbits(63)
-        self._pings[nonce] = (time.perf_counter(), trio.Event())
+        nonce = self.protocol.ping_sent(time.monotonic())
         self._send_soon(PingMsg(nonce, self.node.load))
-
-    def _peer_load(self, load: int) -> None:
-        self.peer_load = load
-        for callback in self.node.on_peer_load:
-            callback(self.peer_id, load)
 
     async def ping(self, timeout_s: float = 5.0) -> float:
         """Return one round-trip time in seconds over the session stream."""
         import trio
 
-        nonce = random.getrandbits(63)
         done = trio.Event()
-        self._pings[nonce] = (time.perf_counter(), done)
+        nonce = self.protocol.ping_sent(time.monotonic(), done)
         start = time.perf_counter()
         await self._out().send(PingMsg(nonce, self.node.load))
         with trio.move_on_after(timeout_s):
             await done.wait()
-        self._pings.pop(nonce, None)
+        self.protocol.forget_ping(nonce)
         if self.closed.is_set() or not done.is_set():
             raise PeerError(f"no pong from {self.label} within {format_seconds(timeout_s)}", kind=ErrorKind.TIMEOUT)
         return time.perf_counter() - start
@@ -4660,7 +5102,7 @@ class Node:
     @property
     def load(self) -> int:
         """Tasks this node is running or has queued for its peers (sent in heartbeats)."""
-        return sum(len(s._reserved) for s in self.sessions.values())
+        return sum(s.held_tasks for s in self.sessions.values())
 
     def hello(self, pairing_proof: bytes = b"") -> HelloMsg:
         """Return our Hello message."""
@@ -4817,13 +5259,12 @@ class Node:
             if session.closed.is_set():
                 return
             PAYLOAD_POOL.trim()  # an idle node gives spare receive buffers back
-            reason = idle_reason(time.monotonic(), session.last_read, self.limits.idle_timeout_s)
+            reason = session.heartbeat(time.monotonic())
             if reason is not None:
                 log.warning("dropping peer %s: %s", session.peer_id, reason)
-                await session._close(reason, reset=True)
+                await session.drop(reason)
                 await self.disconnect(session.peer_id)
                 return
-            session.send_ping()
 
     @property
     def bytes_in(self) -> int:
@@ -4835,7 +5276,8 @@ class Node:
         """Bytes sent on every session, closed or open."""
         return self._closed_bytes[1] + sum(s.bytes_out for s in self.sessions.values())
 
-    def _session_closed(self, session: PeerSession) -> None:
+    def session_closed(self, session: PeerSession) -> None:
+        """Called by a session when it has ended: count its bytes, forget it."""
         self._closed_bytes[0] += session.bytes_in
         self._closed_bytes[1] += session.bytes_out
         log.info("session with %s closed: %s", session.label, session.close_reason)
@@ -4849,72 +5291,40 @@ class Node:
         """Return the transport address of our connection to a peer, for log lines."""
         return self.connection_info(peer_id)["remote"]
 
-    def _refusal(self, peer_id: str, hello: HelloMsg) -> tuple[str, str] | None:
-        """Return (error kind, reason) to refuse an incoming session, or None to accept it."""
-        problem = hello_mismatch(
-            PROTOCOL_VERSION,
-            hello.protocol_version,
-            hello.pangea_version,
-            local_role=f"{self.role} {self.peer_id}",
-            remote_role=f"{hello.role or 'peer'} {peer_id}",
-        )
-        if problem is not None:
-            return ErrorKind.INCOMPATIBLE, problem
-        duplicate = self._duplicate_identity(peer_id, hello)
-        if duplicate is not None:
-            return duplicate
+    def hello_refusal(self, peer_id: str, hello: HelloMsg) -> Refusal | None:
+        """The Hello check (`check_hello`) of a session with ``peer_id``, as this node sees it now."""
+        current = self.sessions.get(peer_id)
+        open_hello = current.hello if current is not None and not current.closed.is_set() else None
+        local = LocalPeer(self.peer_id, self.role, self.instance_id, self.host_id)
+        return check_hello(local, peer_id, hello, open_hello, lambda: self.remote_address(peer_id))
+
+    def _refusal(self, peer_id: str, hello: HelloMsg) -> Refusal | None:
+        """Return why to refuse an incoming session, or None to accept it."""
+        refusal = self.hello_refusal(peer_id, hello)
+        if refusal is not None:
+            return refusal
         home = self._vouched_home(peer_id, hello)
         if home is not None:
             self._vouched[peer_id] = home
             log.info("accepting %s %s: it runs from the pangea home of %s (signed)", hello.role, peer_id, home)
             return None
-        refusal = self.accept(peer_id, hello)
-        return None if refusal is None else (ErrorKind.REFUSED, refusal)
-
-    def _duplicate_identity(self, peer_id: str, hello: HelloMsg) -> tuple[str, str] | None:
-        """Return (kind, complaint) when another process already speaks as ``peer_id``.
-
-        The same machine (host_id) means one home run twice (identity-in-use);
-        another machine, or one that does not say, means a copied home."""
-        copied = "a pangea home was copied; delete identity.key in the copy to give that box its own peer id"
-        if peer_id == self.peer_id and hello.instance_id != self.instance_id:
-            if hello.host_id and hello.host_id == self.host_id:
-                return ErrorKind.IDENTITY_IN_USE, (
-                    f"the peer ({hello.role or 'peer'}) is another pangea process of this node's home on this "
-                    f"machine (peer id {peer_id}); one home's processes cannot work with each other: "
-                    "start one of them with its own home (PANGEA_HOME=DIR)"
-                )
-            return ErrorKind.DUPLICATE_IDENTITY, f"the peer uses this node's own peer id {peer_id}: {copied}"
-        current = self.sessions.get(peer_id)
-        if current is not None and not current.closed.is_set() and current.hello.instance_id != hello.instance_id:
-            if hello.host_id and hello.host_id == current.hello.host_id:
-                return ErrorKind.IDENTITY_IN_USE, (
-                    f"peer id {peer_id} already has a session here from another pangea process on its machine "
-                    f"({current.hello.role or 'peer'}): that home runs two processes; stop one, or start the "
-                    "second with its own home (PANGEA_HOME=DIR)"
-                )
-            where = self.remote_address(peer_id)
-            return (
-                ErrorKind.DUPLICATE_IDENTITY,
-                f"peer id {peer_id} is already connected from another process ({where}): {copied}",
-            )
-        return None
+        refusal_text = self.accept(peer_id, hello)
+        return None if refusal_text is None else Refusal(ErrorKind.REFUSED, refusal_text)
 
     def _vouched_home(self, peer_id: str, hello: HelloMsg) -> str | None:
         """The home a dialer on a throwaway identity proved (by its key's signature) it runs
         from, when that home is this node's own or one this node trusts; else None."""
-        if not hello.home_id or not hello.home_proof or hello.home_id == peer_id:
-            return None
-        if hello.home_id != self.peer_id and not self._may_serve(hello.home_id):
+        home_id = vouch_candidate(self.peer_id, peer_id, hello, self._may_serve)
+        if home_id is None:
             return None
         try:
             from libp2p.peer.id import ID
 
-            key = ID.from_base58(hello.home_id).extract_public_key()
+            key = ID.from_base58(home_id).extract_public_key()
             ok = key is not None and key.verify(home_proof_message(self.peer_id, peer_id), hello.home_proof)
         except Exception:  # a malformed peer id or signature is no proof
             ok = False
-        return hello.home_id if ok else None
+        return home_id if ok else None
 
     async def _handle_stream(self, stream: Any) -> None:
         import trio
@@ -4937,8 +5347,8 @@ class Node:
             refusal = self._refusal(peer_id, msg)
             if refusal is not None:
                 where = self.remote_address(peer_id)
-                log.warning("refused %s %s at %s: %s", msg.role or "peer", peer_id, where, refusal[1])
-                await channel.send(ErrorMsg(*refusal))
+                log.warning("refused %s %s at %s: %s", msg.role or "peer", peer_id, where, refusal.message)
+                await channel.send(refusal.to_msg())
                 await trio.sleep(0.2)  # let the error reach the peer before the close
                 await channel.close()
                 return
@@ -5061,42 +5471,19 @@ class Node:
             raise PeerError(f"handshake with {address.peer_id} failed: {exc}", kind=ErrorKind.DISCONNECTED) from None
         if isinstance(msg, ErrorMsg):
             await channel.close()
-            hints: dict[str, str] = {
-                ErrorKind.INCOMPATIBLE: "use the same pangea.pyz on both machines",
-                ErrorKind.DUPLICATE_IDENTITY: "delete identity.key in the copied pangea home, then restart that node",
-                ErrorKind.IDENTITY_IN_USE: (
-                    "one pangea home runs two processes there; give the second its own PANGEA_HOME"
-                ),
-            }
-            raise PeerError(
-                f"cannot work with {address.peer_id}: it refused the session: {msg.message}",
-                kind=ErrorKind.REFUSED if msg.kind not in hints else msg.kind,
-                hint=hints.get(msg.kind),
-            )
+            refused = peer_refusal(address.peer_id, msg)
+            raise PeerError(refused.message, kind=refused.kind, hint=refused.hint)
         if not isinstance(msg, HelloMsg):
             await channel.close(reset=True)
             raise PeerError(
                 f"{address.peer_id} answered the handshake with {type(msg).__name__}", kind=ErrorKind.INCOMPATIBLE
             )
-        problem = hello_mismatch(
-            PROTOCOL_VERSION,
-            msg.protocol_version,
-            msg.pangea_version,
-            local_role=f"{self.role} {self.peer_id}",
-            remote_role=f"{msg.role or 'peer'} {address.peer_id}",
-        )
-        kind: str = ErrorKind.INCOMPATIBLE
-        if problem is None and (duplicate := self._duplicate_identity(address.peer_id, msg)) is not None:
-            kind, problem = duplicate
-        if problem is not None:
+        refusal = self.hello_refusal(address.peer_id, msg)
+        if refusal is not None:
             with contextlib.suppress(PeerError):
-                await channel.send(ErrorMsg(kind, problem))
+                await channel.send(refusal.to_msg())
             await channel.close()
-            raise PeerError(
-                problem,
-                kind=kind,
-                hint="use the same pangea.pyz on both machines" if kind == ErrorKind.INCOMPATIBLE else None,
-            )
+            raise PeerError(refusal.message, kind=refusal.kind, hint=refusal.hint)
         session = PeerSession(self, channel, address.peer_id, msg, dialed=True)
         if not self._session_opened(session):
             await session.close("duplicate session")
@@ -5163,19 +5550,26 @@ class Node:
         return tuple(wrong)
 
     async def execute_local(
-        self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]
+        self,
+        kernel: str,
+        operands: Sequence[np.ndarray],
+        params: dict[str, float],
+        *,
+        out_nbytes: int | None = None,
     ) -> tuple[tuple[np.ndarray, ...], float]:
-        """Run a kernel in a worker thread; return (outputs, compute seconds)."""
+        """Run a kernel in a worker thread; return (outputs, compute seconds).
+        ``out_nbytes``: its `output_nbytes`, when the caller has it already."""
         import trio
 
         def timed() -> tuple[tuple[np.ndarray, ...], float]:
             start = time.perf_counter()
             with _KERNELS_RUNNING:
-                outputs = run_kernel(kernel, operands, params, max_elements=self.limits.max_elements)
+                outputs = run_kernel(kernel, operands, params, max_elements=self.limits.max_elements, out_nbytes=nbytes)
             return outputs, time.perf_counter() - start
 
         try:
-            if runs_inline(task_cost(kernel, operands, params)[0]):
+            nbytes = output_nbytes(kernel, operands, params) if out_nbytes is None else out_nbytes
+            if runs_inline(task_cost(kernel, operands, params, out_nbytes=nbytes)[0]):
                 return timed()
             # abandon_on_cancel: a task past its deadline is answered at once;
             # numpy cannot be interrupted, so its thread finishes in the background.

@@ -29,6 +29,7 @@ from pangea import (
     HelloMsg,
     MessageError,
     PingMsg,
+    Refusal,
     RemoteProtocolError,
     TaskRequestMsg,
     TaskResultMsg,
@@ -403,11 +404,15 @@ def test_payload_space_is_none_while_a_refused_payload_is_skipped() -> None:
     head, payload = head_and_payload(msg)
     asked: list[tuple[int, int]] = []
 
-    def admit(task_id: int, payload_len: int) -> tuple[str, str] | None:
-        asked.append((task_id, payload_len))
-        return ("busy", "too much in flight")
+    class Gate:
+        def admit_request(self, task_id: int, payload_len: int) -> Refusal | None:
+            asked.append((task_id, payload_len))
+            return Refusal("busy", "too much in flight")
 
-    decoder = Decoder(admit=admit)
+        def awaits_result(self, task_id: int) -> bool:
+            return True
+
+    decoder = Decoder(gate=Gate())
     decoder.feed(head)
     assert decoder.next() is NEED_DATA
     assert asked == [(11, len(payload))]
@@ -423,8 +428,15 @@ def test_payload_space_is_none_while_a_refused_payload_is_skipped() -> None:
 def test_payload_space_is_none_for_an_unsolicited_result_being_skipped() -> None:
     result = TaskResultMsg(8, (np.ones(16),))
     head, payload = head_and_payload(result)
-    decoder = Decoder()
-    decoder.admit_result = lambda task_id: False
+
+    class Gate:
+        def admit_request(self, task_id: int, payload_len: int) -> Refusal | None:
+            return None
+
+        def awaits_result(self, task_id: int) -> bool:
+            return False
+
+    decoder = Decoder(gate=Gate())
     decoder.feed(head)
     assert decoder.next() is NEED_DATA
     assert decoder.payload_space() is None

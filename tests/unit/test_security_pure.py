@@ -3,8 +3,8 @@
 No sockets, no processes: the pairing code (`Pairing.check`, `pairing_proof`,
 `normalize_pairing_code`), the trust and key files (`parse_trusted_peers`,
 `parse_psk`), the limits (`Limits.validate`, `MemoryBudget`, the admission
-rules of `PeerSession._admit`), and the Decoder under hostile input with an
-``admit`` callback and small limits: a property test feeds random and mutated
+rules of `SessionProtocol.admit_request`), and the Decoder under hostile input with a
+``gate`` and small limits: a property test feeds random and mutated
 frames in random chunks and checks that it only ever returns messages or
 NEED_DATA or raises ProtocolError subclasses, and never holds more than one
 payload, one header and one chunk. The same behaviours over real libp2p
@@ -48,7 +48,9 @@ from pangea import (
     PingMsg,
     PongMsg,
     ProtocolError,
+    Refusal,
     RemoteProtocolError,
+    SessionProtocol,
     TaskRequestMsg,
     TaskResultMsg,
     UsageError,
@@ -394,27 +396,50 @@ def test_memory_budget_property_in_use_stays_within_zero_and_the_limit(ops: list
         assert budget.peak <= budget.limit_bytes
 
 
-# ---------------------------------------------------------------- admission (PeerSession._admit)
+# ---------------------------------------------------------------- admission (SessionProtocol.admit_request)
+
+
+class AdmissionRig:
+    """A real SessionProtocol (the acceptor's, for DIALER) and its node's budget, under the
+    names the assertions read: ``_reserved``, ``tasks_refused``, ``node.budget``."""
+
+    def __init__(self, core: SessionProtocol, node: Any) -> None:
+        self.core = core
+        self._node = node
+
+    @property
+    def node(self) -> Any:
+        return self._node
+
+    @node.setter
+    def node(self, node: Any) -> None:  # another peer of the same node: its budget is shared
+        self._node = node
+        self.core.budget = node.budget
+
+    @property
+    def _reserved(self) -> dict[int, int]:
+        return self.core._reserved
+
+    @property
+    def tasks_refused(self) -> int:
+        return self.core.tasks_refused
 
 
 def fake_session(*, trusted: bool = True, **limit_changes: Any) -> Any:
-    """What PeerSession._admit and _release use of a session and its node, nothing else."""
+    """A session protocol of a node with these limits, serving DIALER when ``trusted``."""
     limits = Limits(**limit_changes)
-    node = SimpleNamespace(
-        peer_id=ACCEPTOR,
-        limits=limits,
-        budget=MemoryBudget(limits.memory_budget_bytes),
-        may_serve=lambda peer_id: trusted,
-    )
-    return SimpleNamespace(node=node, peer_id=DIALER, _reserved={}, tasks_refused=0)
+    budget = MemoryBudget(limits.memory_budget_bytes)
+    core = SessionProtocol(ACCEPTOR, DIALER, limits=limits, budget=budget, may_serve=lambda: trusted)
+    return AdmissionRig(core, SimpleNamespace(budget=budget))
 
 
 def admit(session: Any, task_id: int, n: int) -> tuple[str, str] | None:
-    return pangea.PeerSession._admit(session, task_id, n, SimpleNamespace(receiving=None))  # type: ignore[arg-type]
+    verdict = session.core.admit_request(task_id, n, "stream")
+    return None if verdict is None else (verdict.kind, verdict.message)
 
 
 def release(session: Any, task_id: int) -> None:
-    pangea.PeerSession._release(session, task_id)
+    session.core.release(task_id)
 
 
 def test_admit_reserves_the_operand_bytes_until_released() -> None:
@@ -564,7 +589,7 @@ def hostile_stream(draw: st.DrawFn) -> bytes:
 
 
 class Admission:
-    """An admit callback that refuses some task ids and records what it saw."""
+    """A Decoder gate that refuses some task ids and records what it saw (every result is awaited)."""
 
     def __init__(self, decoder: Decoder, refuse: set[int], chunk: int) -> None:
         self.decoder = decoder
@@ -573,15 +598,32 @@ class Admission:
         self.admitted: list[int] = []
         self.refused: list[int] = []
 
-    def __call__(self, task_id: int, payload_len: int) -> tuple[str, str] | None:
+    def admit_request(self, task_id: int, payload_len: int) -> Refusal | None:
         # Asked from the prefix and header alone: the payload is not buffered yet.
         assert payload_len <= SMALL_PAYLOAD
         assert self.decoder.buffered_bytes <= MAX_HEADER_BYTES + self.chunk
         if task_id in self.refuse:
             self.refused.append(task_id)
-            return ("busy", f"task {task_id} refused by the test")
+            return Refusal("busy", f"task {task_id} refused by the test")
         self.admitted.append(task_id)
         return None
+
+    def awaits_result(self, task_id: int) -> bool:
+        return True
+
+
+class Gate:
+    """A Decoder gate from a function answering ``admit_request`` (every result is awaited)."""
+
+    def __init__(self, admit: Any) -> None:
+        self.admit = admit
+
+    def admit_request(self, task_id: int, payload_len: int) -> Refusal | None:
+        verdict = self.admit(task_id, payload_len)
+        return None if verdict is None else Refusal(*verdict)
+
+    def awaits_result(self, task_id: int) -> bool:
+        return True
 
 
 def drive(data: bytes, sizes: list[int], refuse: set[int]) -> tuple[list[Any], Admission]:
@@ -589,7 +631,7 @@ def drive(data: bytes, sizes: list[int], refuse: set[int]) -> tuple[list[Any], A
     draining after each chunk; check the invariants after every call; return the events."""
     decoder = Decoder(SMALL_PAYLOAD, limits=Limits(max_payload_bytes=SMALL_PAYLOAD))
     admission = Admission(decoder, refuse, max(sizes))
-    decoder.admit = admission
+    decoder.gate = admission
     bound = SMALL_PAYLOAD + MAX_HEADER_BYTES + max(sizes)
     events: list[Any] = []
     pos, i = 0, 0
@@ -677,7 +719,7 @@ def test_decoder_with_admission_skips_refused_payloads_and_keeps_decoding(
 
 
 def test_decoder_skipping_a_refused_payload_holds_no_more_than_one_chunk() -> None:
-    decoder = Decoder(SMALL_PAYLOAD, admit=lambda task_id, n: ("busy", "full"))
+    decoder = Decoder(SMALL_PAYLOAD, gate=Gate(lambda task_id, n: ("busy", "full")))
     frame = task_request_frame(1, SMALL_PAYLOAD // 8)
     header_end = len(frame) - SMALL_PAYLOAD
     decoder.feed(frame[:header_end])
@@ -709,7 +751,7 @@ def test_decoder_before_the_handshake_accepts_no_payload_at_all() -> None:
 
 def test_decoder_huge_prefix_is_refused_before_any_allocation() -> None:
     for prefix in (FRAME_PREFIX.pack(100, 1 << 40), FRAME_PREFIX.pack(0, 0), FRAME_PREFIX.pack(0xFFFFFFFF, 0)):
-        decoder = Decoder(SMALL_PAYLOAD, admit=lambda task_id, n: None)
+        decoder = Decoder(SMALL_PAYLOAD, gate=Gate(lambda task_id, n: None))
         decoder.feed(prefix)
         with pytest.raises(RemoteProtocolError):
             decoder.next()
@@ -728,7 +770,7 @@ PAYLOADLESS = {
 
 @pytest.mark.parametrize("kind", sorted(PAYLOADLESS))
 def test_decoder_refuses_a_payload_on_a_message_type_without_one_at_its_header(kind: str) -> None:
-    decoder = Decoder(SMALL_PAYLOAD, admit=lambda task_id, n: None)
+    decoder = Decoder(SMALL_PAYLOAD, gate=Gate(lambda task_id, n: None))
     decoder.feed(FRAME_PREFIX.pack(len(header_of(PAYLOADLESS[kind])), SMALL_PAYLOAD) + header_of(PAYLOADLESS[kind]))
     with pytest.raises(RemoteProtocolError, match="carries no payload"):
         decoder.next()
@@ -737,7 +779,7 @@ def test_decoder_refuses_a_payload_on_a_message_type_without_one_at_its_header(k
 
 def test_decoder_payload_on_a_message_type_without_one_is_refused_with_the_payload_present() -> None:
     """The whole frame fed at once is refused the same way."""
-    decoder = Decoder(SMALL_PAYLOAD, admit=lambda task_id, n: None)
+    decoder = Decoder(SMALL_PAYLOAD, gate=Gate(lambda task_id, n: None))
     header = header_of(PingMsg(1))
     decoder.feed(FRAME_PREFIX.pack(len(header), 64) + header + bytes(64))
     with pytest.raises(RemoteProtocolError, match="ping message carries no payload"):

@@ -260,21 +260,24 @@ def test_a_long_transfer_is_not_silence_and_silence_is_measured_from_its_last_by
 def test_a_session_keeps_the_last_byte_of_a_data_connection_that_has_ended() -> None:
     """The data connection carried everything (pings included) until it broke at t=700; the
     libp2p stream's own last byte is the handshake at t=0. Silence is 5 s, not 705 s."""
-    lost = SimpleNamespace(last_read=700.0, bytes_in=10, bytes_out=20, close_now=lambda: None)
+    decoder = SimpleNamespace(discard=lambda: None)
+    lost = SimpleNamespace(last_read=700.0, bytes_in=10, bytes_out=20, close_now=lambda: None, decoder=decoder)
+    limits = pangea.Limits()
+    protocol = pangea.SessionProtocol(
+        "12D3KooWnode", "12D3KooWpeer", limits=limits, budget=pangea.MemoryBudget(100), may_serve=lambda: True
+    )
     session = SimpleNamespace(
         channel=SimpleNamespace(last_read=0.0),
         data=lost,
         _data_last_read=0.0,
         _data_bytes=[0, 0],
         opened_at=0.0,
-        _drop_buffers=lambda channel: None,
+        protocol=protocol,
+        _perform=lambda actions: None,
         closed=trio.Event(),
         leaving=False,
         label="12D3KooW…peer",
         data_note="TLS 1.3",
-        _pending={},
-        _served_on={},
-        _scopes={},
     )
     last_read = pangea.PeerSession.last_read.fget  # type: ignore[attr-defined]
     assert last_read(session) == 700.0
@@ -305,8 +308,8 @@ def test_a_served_task_gives_back_its_slot_before_its_result_is_written() -> Non
         async def no_fault() -> None:
             return None
 
-        async def execute_local(kernel: str, operands: Any, params: Any) -> Any:
-            return pangea.run_kernel(kernel, operands, params), 0.001
+        async def execute_local(kernel: str, operands: Any, params: Any, out_nbytes: int | None = None) -> Any:
+            return pangea.run_kernel(kernel, operands, params, out_nbytes=out_nbytes), 0.001
 
         node = SimpleNamespace(
             limits=limits,
@@ -318,21 +321,20 @@ def test_a_served_task_gives_back_its_slot_before_its_result_is_written() -> Non
             tasks_served=0,
         )
         channel = SimpleNamespace(send=send)
+        protocol = pangea.SessionProtocol("node", "peer", limits=limits, budget=budget, may_serve=lambda: True)
         session: Any = SimpleNamespace(
             node=node,
+            protocol=protocol,
             label="peer",
             channel=channel,
             data=None,
             closed=trio.Event(),
-            tasks_served=0,
-            _served_on={},
             _scopes={},
-            _reserved={},
+            _reserved=protocol._reserved,  # the protocol's own reservations
         )
-        session._release = lambda task_id: pangea.PeerSession._release(session, task_id)
         a = np.ones((4, 4))
         assert budget.try_acquire(a.nbytes * 2)
-        session._reserved[7] = a.nbytes * 2  # what _admit held for the operands
+        session._reserved[7] = a.nbytes * 2  # what admit_request held for the operands
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pangea.PeerSession._serve, session, TaskRequestMsg(7, "add", (a, a), {}))
             await trio.testing.wait_all_tasks_blocked()
