@@ -702,53 +702,6 @@ class MemoryBudget:
         self.in_use = max(0, self.in_use - n)
 
 
-class BufferPool:
-    """Large receive buffers kept for reuse once nothing refers to them any more.
-
-    NOTE: the first touch of fresh memory is slow on VMs (0.2-1.4 s per GiB on this
-    project's machine kind, as much as moving the bytes), and every big payload is
-    fresh memory. A buffer comes back when the arrays built over it are gone (its
-    reference count says so: the worker dropped the operands, the user the
-    result). Whatever is reused is overwritten in full before anyone sees it
-    (the Decoder hands out a message only when its payload is complete). At most
-    ``max_buffers`` are kept, each dropped after ``idle_s`` unused."""
-
-    def __init__(self, min_bytes: int = POOL_MIN_BYTES, max_buffers: int = POOL_MAX_BUFFERS, idle_s: float = 30.0):
-        self.min_bytes = min_bytes
-        self.max_buffers = max_buffers
-        self.idle_s = idle_s
-        self._buffers: list[list[Any]] = []  # [buffer, last handed out (monotonic)]
-        self.reused = 0
-
-    def take(self, n: int) -> np.ndarray:
-        """Return a writable uint8 array of n bytes, reused when a free one fits."""
-        import numpy as np
-
-        self.trim()
-        if n >= self.min_bytes:
-            for entry in self._buffers:
-                buf = entry[0]
-                # NOTE: 3 references when free: the entry, the local name, getrefcount's argument
-                if n <= buf.nbytes <= 2 * n and sys.getrefcount(buf) == 3:
-                    entry[1] = time.monotonic()
-                    self.reused += 1
-                    return buf[:n]
-        buf = np.empty(n, dtype=np.uint8)
-        if n >= self.min_bytes:
-            self._buffers.append([buf, time.monotonic()])
-            if len(self._buffers) > self.max_buffers:
-                self._buffers.pop(0)
-        return buf
-
-    def trim(self) -> None:
-        """Drop buffers unused for idle_s."""
-        now = time.monotonic()
-        self._buffers = [e for e in self._buffers if now - e[1] < self.idle_s]
-
-
-PAYLOAD_POOL = BufferPool()
-
-
 def new_pairing_code(rng: random.Random | None = None) -> str:
     """Return a fresh pairing code (12 Crockford base32 characters) from a CSPRNG."""
     import secrets
@@ -848,79 +801,6 @@ def parse_trusted_peers(text: str) -> tuple[set[str], list[str]]:
     return ids, complaints
 
 
-@dataclass(frozen=True)
-class Fault:
-    """A fault a worker injects on purpose: a TEST AID for the failure tests, never for real use.
-
-    corrupt: return wrong numbers (corrupt=N: only in its first N results, then
-    right ones: a worker that lied and recovered); lie=KIND: tell one small lie per
-    result (see small_lie); crash-after=N: exit abruptly when task N+1
-    arrives; slow=SECONDS: stall that long before each task; data-via=HOST:PORT:
-    dial the peer's data plane through that address (a test's proxy that alters,
-    replays or impersonates)."""
-
-    kind: str
-    value: float = 0.0
-    text: str = ""
-
-
-SMALL_LIES = ("relative", "sign", "swap", "nan", "plus-one")
-
-
-def small_lie(kind: str, result: np.ndarray) -> np.ndarray:
-    """A copy of ``result`` with one small lie of ``kind`` where it can be told (TEST AID, --fault lie=KIND).
-
-    relative: the largest finite entry off by 1e-6 relative; sign: its sign
-    flipped; swap: the first and last rows (or entries) swapped; nan: the first
-    entry NaN (or 0 when it is NaN or inf already); plus-one: the first entry plus one."""
-    import numpy as np
-
-    out = np.array(result, copy=True)
-    flat = out.reshape(-1)
-    if not flat.size:
-        return out
-    top = int(np.argmax(np.where(np.isfinite(flat), np.abs(flat), -1)))
-    with np.errstate(all="ignore"):  # NOTE: -(-2**63) wraps to itself; integers wrap as numpy's do
-        if kind == "relative" and out.dtype.kind in "fc":
-            flat[top] = flat[top] * (1 + 1e-6)
-        elif kind == "sign":
-            flat[top] = -flat[top]
-        elif kind == "swap" and (out if out.ndim else flat).shape[0] > 1:
-            rows = out if out.ndim else flat
-            rows[[0, -1]] = rows[[-1, 0]]
-        elif kind == "nan" and out.dtype.kind in "fc":
-            flat[0] = 0 if not np.isfinite(flat[0]) else np.nan
-        elif kind == "plus-one":
-            flat[0] = flat[0] + 1
-    return out
-
-
-def parse_fault(text: str) -> Fault:
-    """Parse --fault corrupt[=N] | lie=KIND | crash-after=N | slow=S | data-via=HOST:PORT; else raise UsageError."""
-    name, _, value = text.partition("=")
-    try:
-        if name == "corrupt" and not value:
-            return Fault("corrupt")
-        if name == "corrupt" and value.isdigit() and int(value) > 0:
-            return Fault("corrupt", float(value))
-        if name == "lie" and value in SMALL_LIES:
-            return Fault("lie", text=value)
-        if name == "crash-after" and value.isdigit():
-            return Fault("crash-after", float(value))
-        if name == "slow" and 0 <= float(value) <= 3600:
-            return Fault("slow", float(value))
-        if name == "data-via":
-            host, _, port = value.rpartition(":")
-            if host and port.isdigit() and 0 < int(port) <= 65535:
-                return Fault("data-via", float(port), host.strip("[]"))
-    except ValueError:
-        pass
-    raise UsageError(
-        f"bad --fault {text!r}: expected corrupt, corrupt=N, lie={'|'.join(SMALL_LIES)}, crash-after=N, slow=SECONDS"
-        " or data-via=HOST:PORT"
-    )
-
-
 def parse_psk(text: str) -> str:
     """Return the 64-hex pre-shared key of a swarm key file (plain hex, or the go-libp2p
     `/key/swarm/psk/1.0.0/` + `/base16/` form); raise ConfigError otherwise."""
@@ -965,7 +845,7 @@ def is_loopback_host(host: str) -> bool:
 
 
 ###############################################################################
-# 4. Wire protocol (sans-I/O)
+# 4. Wire framing (sans-I/O)
 #
 # Messages are Python dataclasses; on the wire each is one frame:
 #     FRAME_PREFIX(header_len, payload_len) + header + payload
@@ -1267,6 +1147,14 @@ def frame_size(msg: Message) -> int:
     return sum(len(p) for p in encode_parts(msg))
 
 
+class PayloadPool(Protocol):
+    """Where a Decoder takes the buffer of a payload (the node's BufferPool reuses large ones)."""
+
+    def take(self, n: int) -> np.ndarray:
+        """Return a writable uint8 array of n bytes."""
+        ...
+
+
 class Decoder:
     """Turn a byte stream into messages, one frame at a time.
 
@@ -1283,6 +1171,7 @@ class Decoder:
         *,
         limits: Limits | None = None,
         gate: FrameGate | None = None,
+        pool: PayloadPool | None = None,
     ) -> None:
         self.max_payload_bytes = max_payload_bytes
         self.max_header_bytes = max_header_bytes
@@ -1292,6 +1181,7 @@ class Decoder:
         # MessageError for that task (rate limits, budget). gate.awaits_result(task_id) says
         # whether a TaskResult is awaited; others are skipped unbuffered.
         self.gate = gate
+        self.pool = pool  # None: a fresh buffer for every payload
         self._refused: tuple[int, str, str] | None = None
         self._chunks: deque[memoryview] = deque()
         self._buffered = 0
@@ -1368,7 +1258,12 @@ class Decoder:
                     return
         # NOTE: np.empty, not bytearray: the OS maps the pages as the bytes arrive, so a
         # payload announced and never sent does not become resident memory.
-        self._payload = PAYLOAD_POOL.take(self._payload_len)  # type: ignore[assignment]
+        if self.pool is not None:
+            self._payload = self.pool.take(self._payload_len)  # type: ignore[assignment]
+        else:
+            import numpy as np
+
+            self._payload = np.empty(self._payload_len, dtype=np.uint8)  # type: ignore[assignment]
 
     def _fill_payload(self) -> None:
         assert self._payload is not None
@@ -1695,7 +1590,7 @@ def idle_reason(now: float, last_byte_at: float, idle_timeout_s: float) -> str |
 
 
 ###############################################################################
-# 5. Session protocol (pure)
+# 5. Session protocol (sans-I/O)
 #
 # The decisions of one session with a peer, made once, as a state object in
 # the manner of h11's Connection: no socket, no trio, no clock (time comes in
@@ -2181,7 +2076,7 @@ class SessionProtocol:
 
 
 ###############################################################################
-# 5. Kernels
+# 6. Kernels
 #
 # The fixed registry of numpy operations a peer may ask for. A kernel checks
 # its inputs and raises KernelError naming the problem; nothing else a peer
@@ -3203,7 +3098,7 @@ KERNELS: dict[str, Kernel] = {
 
 
 ###############################################################################
-# 6. Scheduler (pure core)
+# 7. Scheduler (sans-I/O)
 #
 # Decides where each task runs and what happens when an attempt fails. It
 # never awaits, reads a clock or touches a socket: `handle(event, now)` takes
@@ -3739,7 +3634,7 @@ class Scheduler:
 
 
 ###############################################################################
-# 7. Session directories
+# 8. Session directories
 #
 # The pangea home ($PANGEA_HOME, default ~/.pangea, mode 0700) holds the
 # identity key and one session directory per running process:
@@ -3884,21 +3779,19 @@ class SessionDir:
 
 
 ###############################################################################
-# 8. I/O: the libp2p node
+# 9. Transports
 #
-# The thin adapter between libp2p streams and the pure sections above:
-# `Channel` reads bytes into a Decoder and writes encoded frames; a
-# `PeerSession` is one session stream with a peer (one reader task that never
-# blocks on a write, request/response matched by task id); the `Node` owns
-# the host, accepts and dials sessions and runs kernels in a worker thread;
-# the `Manager` drives the Scheduler, performing its actions through
-# `TaskDelegator`s. The initiator's distributed checks close the section.
+# The thin adapters between sockets and the sans-I/O cores above: the node's
+# identity and its libp2p host (TCP + Noise + Yamux); `Channel`, one libp2p
+# stream with its Decoder and one writer task (`SendQueue`); and the TLS 1.3
+# data plane (`TlsChannel`, `DataPlane`) that carries a session's frames once
+# it is up. Nothing here decides anything about a task or a peer.
 #
 # NOTE: an exception escaping a libp2p stream handler kills the whole host
 # (tech notes), so the handler catches everything and resets the stream.
 # NOTE: Yamux fails a write after 5 s without a window update, so a reader
 # must always be draining: the session reader hands work to other tasks and
-# never waits on the send lock itself.
+# never waits on a write itself.
 ###############################################################################
 
 
@@ -4024,19 +3917,63 @@ def capacity() -> dict[str, int]:
     return {"cores": cores, "blas_threads": blas}
 
 
+class BufferPool:
+    """Large receive buffers kept for reuse once nothing refers to them any more.
+
+    NOTE: the first touch of fresh memory is slow on VMs (0.2-1.4 s per GiB on this
+    project's machine kind, as much as moving the bytes), and every big payload is
+    fresh memory. A buffer comes back when the arrays built over it are gone (its
+    reference count says so: the worker dropped the operands, the user the
+    result). Whatever is reused is overwritten in full before anyone sees it
+    (the Decoder hands out a message only when its payload is complete). At most
+    ``max_buffers`` are kept, each dropped after ``idle_s`` unused."""
+
+    def __init__(self, min_bytes: int = POOL_MIN_BYTES, max_buffers: int = POOL_MAX_BUFFERS, idle_s: float = 30.0):
+        self.min_bytes = min_bytes
+        self.max_buffers = max_buffers
+        self.idle_s = idle_s
+        self._buffers: list[list[Any]] = []  # [buffer, last handed out (monotonic)]
+        self.reused = 0
+
+    def take(self, n: int) -> np.ndarray:
+        """Return a writable uint8 array of n bytes, reused when a free one fits."""
+        import numpy as np
+
+        self.trim()
+        if n >= self.min_bytes:
+            for entry in self._buffers:
+                buf = entry[0]
+                # NOTE: 3 references when free: the entry, the local name, getrefcount's argument
+                if n <= buf.nbytes <= 2 * n and sys.getrefcount(buf) == 3:
+                    entry[1] = time.monotonic()
+                    self.reused += 1
+                    return buf[:n]
+        buf = np.empty(n, dtype=np.uint8)
+        if n >= self.min_bytes:
+            self._buffers.append([buf, time.monotonic()])
+            if len(self._buffers) > self.max_buffers:
+                self._buffers.pop(0)
+        return buf
+
+    def trim(self) -> None:
+        """Drop buffers unused for idle_s."""
+        now = time.monotonic()
+        self._buffers = [e for e in self._buffers if now - e[1] < self.idle_s]
+
+
 class Channel:
     """One libp2p stream with a Decoder: whole messages in, whole frames out."""
 
     name = "libp2p"
 
-    def __init__(self, stream: Any, limits: Limits | None = None) -> None:
+    def __init__(self, stream: Any, limits: Limits | None = None, pool: PayloadPool | None = None) -> None:
         import trio
 
         limits = limits or Limits()
         self.stream = stream
         # NOTE: no payload at all until the handshake is done (a Hello has none), so an
         # unauthenticated peer cannot make us allocate; PeerSession raises the limit.
-        self.decoder = Decoder(0, limits=limits)
+        self.decoder = Decoder(0, limits=limits, pool=pool)
         self._send_lock = trio.Lock()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -4287,8 +4224,10 @@ class TlsChannel(Channel):
 
     name = "tls"
 
-    def __init__(self, sock: Any, limits: Limits, where: str, *, accepted: bool = False) -> None:
-        super().__init__(None, limits)
+    def __init__(
+        self, sock: Any, limits: Limits, where: str, *, accepted: bool = False, pool: PayloadPool | None = None
+    ) -> None:
+        super().__init__(None, limits, pool)
         self.sock = sock
         self.where = where  # host:port of the other end, for messages
         cipher = sock.cipher()
@@ -4538,7 +4477,7 @@ class DataPlane:
             if session is None or session.closed.is_set():
                 return
             await _tls_send_all(sock, b"\x01")
-            channel = TlsChannel(sock, self.node.limits, where, accepted=True)
+            channel = TlsChannel(sock, self.node.limits, where, accepted=True, pool=self.node.buffers)
             sock = None  # the session owns it now
             session.attach_data(channel)
         except trio.TooSlowError:
@@ -4581,7 +4520,7 @@ class DataPlane:
                 answer = await _tls_read_exactly(sock, 1)
                 if answer != b"\x01":
                     raise PeerError(f"{where} refused our data plane token", kind=ErrorKind.REFUSED)
-            channel = TlsChannel(sock, self.node.limits, where)
+            channel = TlsChannel(sock, self.node.limits, where, pool=self.node.buffers)
             sock = None
             return channel
         except trio.TooSlowError:
@@ -4626,6 +4565,19 @@ async def _tcp_connect(host: str, port: int) -> socket.socket:
         _close_socket(sock)
         raise
     return sock
+
+
+###############################################################################
+# 10. The node
+#
+# `PeerSession` is the adapter of one session with a peer: its readers feed
+# each channel's Decoder, hand what arrives to the session's
+# `SessionProtocol` and perform the actions it returns (send, run a kernel,
+# cancel, wake a waiter, close). `Node` owns the libp2p host, the data plane
+# and the sessions: it accepts and dials them (the Hello verdict comes from
+# the session protocol), runs the peers' kernels in worker threads, and keeps
+# the node-wide limits (memory budget, tasks in flight).
+###############################################################################
 
 
 class PeerSession:
@@ -4775,10 +4727,10 @@ class PeerSession:
             elif isinstance(action, RunTask):
                 import trio
 
-                # NOTE: the scope exists before _serve starts: a Cancel right behind the request
+                # NOTE: the scope exists before _serve_task starts: a Cancel right behind the request
                 # (its sender gave up while the frame was on its way) must find it.
                 self._scopes[action.request.task_id] = trio.CancelScope()
-                self.node.nursery.start_soon(self._serve, action.request)
+                self.node.nursery.start_soon(self._serve_task, action.request)
             elif isinstance(action, StopTask):
                 scope = self._scopes.get(action.task_id)
                 if scope is not None:
@@ -4811,12 +4763,9 @@ class PeerSession:
         elif not hello.data_port or len(hello.data_cert) != 32 or len(hello.data_token) != DATA_TOKEN_BYTES:
             reason = "the peer has no data plane (--data-port off there)"
         else:
-            port, fault = hello.data_port, self.node.fault
-            if fault is not None and fault.kind == "data-via":
-                log.warning(
-                    "fault injection: dialing the data plane via %s", format_host_port(fault.text, int(fault.value))
-                )
-                host, port = fault.text, int(fault.value)
+            port, faults = hello.data_port, self.node.faults
+            if faults is not None:
+                host, port = faults.data_address(host, port)
             try:
                 channel = await plane.connect(host, port, hello.data_cert, hello.data_token)
             except PeerError as exc:
@@ -4927,10 +4876,10 @@ class PeerSession:
             self.data.close_now()
         await self.channel.close(reset=self.bye_reason is None if reset is None else reset)
 
-    async def _serve(self, req: TaskRequestMsg) -> None:
+    async def _serve_task(self, req: TaskRequestMsg) -> None:
         import trio
 
-        task_id, protocol = req.task_id, self.protocol
+        task_id, protocol, faults = req.task_id, self.protocol, self.node.faults
         came_on: Channel = protocol.served_on(task_id) or self.channel
         out_nbytes = output_nbytes(req.kernel, req.operands, req.params)  # once per task
         refusal = protocol.reserve_output(task_id, min(out_nbytes, self.node.limits.max_payload_bytes))
@@ -4944,13 +4893,15 @@ class PeerSession:
             with cancelled, trio.move_on_after(self.node.limits.task_timeout_s) as deadline:
                 try:
                     stall_start = time.perf_counter()
-                    await self.node.inject_fault_before_task()
+                    if faults is not None:
+                        await faults.before_task(self.node.tasks_served)
                     stalled_s = time.perf_counter() - stall_start  # a stalling worker reports slow compute
                     outputs, compute_s = await self.node.execute_local(
                         req.kernel, req.operands, req.params, out_nbytes=out_nbytes
                     )
                     compute_s += stalled_s
-                    outputs = self.node.inject_fault_into(outputs)
+                    if faults is not None:
+                        outputs = faults.into(outputs)
                     result = TaskResultMsg(req.task_id, outputs, compute_s=compute_s)
                     protocol.task_ran(task_id, ok=True)
                     self.node.tasks_served += 1
@@ -5054,7 +5005,7 @@ class Node:
         may_serve: Callable[[str], bool],
         limits: Limits | None = None,
         psk: str | None = None,
-        fault: Fault | None = None,
+        faults: FaultInjector | None = None,
         data_port: int | None = -1,
         home_key: Any = None,
     ) -> None:
@@ -5064,8 +5015,8 @@ class Node:
         self.home_key = home_key  # the home's identity when this node runs on a throwaway one
         self.host_id = host_fingerprint()
         self._vouched: dict[str, str] = {}  # throwaway peer id -> the home it proved it runs from
-        self.fault = fault
-        self.fault_lies = 0  # wrong results returned so far (--fault corrupt=N stops after N)
+        self.faults = faults  # TEST AID (--fault): None on every real node
+        self.buffers = BufferPool()  # receive buffers of large payloads, reused by every channel
         self.data_port_spec = data_port  # parse_data_port: -1 auto, 0 any, None off
         self.data_plane: DataPlane | None = None
         self.on_data_fallback: list[Callable[[PeerSession, str], None]] = []
@@ -5258,7 +5209,7 @@ class Node:
                 await session.closed.wait()
             if session.closed.is_set():
                 return
-            PAYLOAD_POOL.trim()  # an idle node gives spare receive buffers back
+            self.buffers.trim()  # an idle node gives spare receive buffers back
             reason = session.heartbeat(time.monotonic())
             if reason is not None:
                 log.warning("dropping peer %s: %s", session.peer_id, reason)
@@ -5337,7 +5288,7 @@ class Node:
                 await stream.reset()
             return
         self._pending_streams[peer_id] = pending + 1
-        channel = Channel(stream, self.limits)
+        channel = Channel(stream, self.limits, self.buffers)
         handshaking = True
         try:
             with trio.fail_after(self.limits.handshake_timeout_s):
@@ -5449,7 +5400,7 @@ class Node:
     async def _handshake(self, stream: Any, address: PeerAddress) -> PeerSession:
         import trio
 
-        channel = Channel(stream, self.limits)
+        channel = Channel(stream, self.limits, self.buffers)
         proof = pairing_proof(address.code, address.peer_id, self.peer_id) if address.code else b""
         hello = self.hello(proof)
         if self.home_key is not None:
@@ -5517,37 +5468,6 @@ class Node:
 
         with contextlib.suppress(Exception):  # best effort: it may be gone already
             await self.host.disconnect(ID.from_base58(peer_id))
-
-    async def inject_fault_before_task(self) -> None:
-        """TEST AID (--fault): stall, or exit abruptly in the middle of the run."""
-        import trio
-
-        if self.fault is None:
-            return
-        if self.fault.kind == "crash-after" and self.tasks_served >= self.fault.value:
-            log.warning("fault injection: exiting abruptly after %d tasks (--fault crash-after)", self.tasks_served)
-            os._exit(70)
-        if self.fault.kind == "slow":
-            await trio.sleep(self.fault.value)
-
-    def inject_fault_into(self, outputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-        """TEST AID (--fault corrupt[=N], lie=KIND): return slightly wrong numbers (corrupt=N: the first N times)."""
-        if self.fault is not None and self.fault.kind == "lie":
-            return tuple(small_lie(self.fault.text, out) for out in outputs)
-        if self.fault is None or self.fault.kind != "corrupt":
-            return outputs
-        if self.fault.value and self.fault_lies >= self.fault.value:
-            return outputs
-        self.fault_lies += 1
-        wrong = []
-        for out in outputs:
-            out = out.copy()
-            if out.size and out.dtype.kind in "fc":
-                out.reshape(-1)[:: max(1, out.size // 7)] += 1.0
-            elif out.size:
-                out.reshape(-1)[:: max(1, out.size // 7)] += 1
-            wrong.append(out)
-        return tuple(wrong)
 
     async def execute_local(
         self,
@@ -5631,6 +5551,17 @@ def _forget_departed_peers(host: Any) -> Any:
             pass
 
     return ForgetDeparted()
+
+
+###############################################################################
+# 11. The manager
+#
+# The `Manager` drives the Scheduler: it turns a user's task into events,
+# performs the actions the scheduler returns through a `TaskDelegator` per
+# worker (`LocalDelegator` runs it here, `RemoteDelegator` on a peer's
+# session), verifies every remote result, splits a matmul over workers, and
+# probes suspect workers with canary tasks.
+###############################################################################
 
 
 # ---------------------------------------------------------------- delegators
@@ -6135,6 +6066,15 @@ class Manager:
                     event.message,
                 )
             self._apply(self.scheduler.handle(event, self.clock()))
+
+
+###############################################################################
+# 12. Around the node
+#
+# What a node runs beside its sessions: discovery on the LAN (mDNS), the
+# Prometheus metrics, the initiator's distributed checks (the table of
+# `initiate` and `respond`), and the fault injector, a fenced test aid.
+###############################################################################
 
 
 # ---------------------------------------------------------------- discovery on a LAN (mDNS)
@@ -6738,8 +6678,137 @@ class InitiatorChecks:
         )
 
 
+# ---------------------------------------------------------------- fault injection (a TEST AID)
+#
+# The one place where a node misbehaves on purpose, for the failure tests:
+# `--fault` on respond and serve (never for real work). A real node has no
+# FaultInjector (Node.faults is None); the node asks one, when it has it, at
+# three points: before a served task runs, on that task's outputs, and when
+# it dials a peer's data plane.
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault a worker injects on purpose: a TEST AID for the failure tests, never for real use.
+
+    corrupt: return wrong numbers (corrupt=N: only in its first N results, then
+    right ones: a worker that lied and recovered); lie=KIND: tell one small lie per
+    result (see small_lie); crash-after=N: exit abruptly when task N+1
+    arrives; slow=SECONDS: stall that long before each task; data-via=HOST:PORT:
+    dial the peer's data plane through that address (a test's proxy that alters,
+    replays or impersonates)."""
+
+    kind: str
+    value: float = 0.0
+    text: str = ""
+
+
+SMALL_LIES = ("relative", "sign", "swap", "nan", "plus-one")
+
+
+def small_lie(kind: str, result: np.ndarray) -> np.ndarray:
+    """A copy of ``result`` with one small lie of ``kind`` where it can be told (TEST AID, --fault lie=KIND).
+
+    relative: the largest finite entry off by 1e-6 relative; sign: its sign
+    flipped; swap: the first and last rows (or entries) swapped; nan: the first
+    entry NaN (or 0 when it is NaN or inf already); plus-one: the first entry plus one."""
+    import numpy as np
+
+    out = np.array(result, copy=True)
+    flat = out.reshape(-1)
+    if not flat.size:
+        return out
+    top = int(np.argmax(np.where(np.isfinite(flat), np.abs(flat), -1)))
+    with np.errstate(all="ignore"):  # NOTE: -(-2**63) wraps to itself; integers wrap as numpy's do
+        if kind == "relative" and out.dtype.kind in "fc":
+            flat[top] = flat[top] * (1 + 1e-6)
+        elif kind == "sign":
+            flat[top] = -flat[top]
+        elif kind == "swap" and (out if out.ndim else flat).shape[0] > 1:
+            rows = out if out.ndim else flat
+            rows[[0, -1]] = rows[[-1, 0]]
+        elif kind == "nan" and out.dtype.kind in "fc":
+            flat[0] = 0 if not np.isfinite(flat[0]) else np.nan
+        elif kind == "plus-one":
+            flat[0] = flat[0] + 1
+    return out
+
+
+def parse_fault(text: str) -> Fault:
+    """Parse --fault corrupt[=N] | lie=KIND | crash-after=N | slow=S | data-via=HOST:PORT; else raise UsageError."""
+    name, _, value = text.partition("=")
+    try:
+        if name == "corrupt" and not value:
+            return Fault("corrupt")
+        if name == "corrupt" and value.isdigit() and int(value) > 0:
+            return Fault("corrupt", float(value))
+        if name == "lie" and value in SMALL_LIES:
+            return Fault("lie", text=value)
+        if name == "crash-after" and value.isdigit():
+            return Fault("crash-after", float(value))
+        if name == "slow" and 0 <= float(value) <= 3600:
+            return Fault("slow", float(value))
+        if name == "data-via":
+            host, _, port = value.rpartition(":")
+            if host and port.isdigit() and 0 < int(port) <= 65535:
+                return Fault("data-via", float(port), host.strip("[]"))
+    except ValueError:
+        pass
+    raise UsageError(
+        f"bad --fault {text!r}: expected corrupt, corrupt=N, lie={'|'.join(SMALL_LIES)}, crash-after=N, slow=SECONDS"
+        " or data-via=HOST:PORT"
+    )
+
+
+class FaultInjector:
+    """Misbehaves as ``--fault`` asks (TEST AID): stalls or exits before a task, returns wrong
+    numbers, or dials a peer's data plane through a test's proxy."""
+
+    def __init__(self, fault: Fault) -> None:
+        self.fault = fault
+        self.lies = 0  # wrong results returned so far (--fault corrupt=N stops after N)
+
+    async def before_task(self, tasks_served: int) -> None:
+        """Stall (slow=S), or exit abruptly once ``tasks_served`` reached N (crash-after=N)."""
+        import trio
+
+        if self.fault.kind == "crash-after" and tasks_served >= self.fault.value:
+            log.warning("fault injection: exiting abruptly after %d tasks (--fault crash-after)", tasks_served)
+            os._exit(70)
+        if self.fault.kind == "slow":
+            await trio.sleep(self.fault.value)
+
+    def into(self, outputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        """Return slightly wrong numbers (corrupt[=N]: the first N times) or one small lie (lie=KIND)."""
+        if self.fault.kind == "lie":
+            return tuple(small_lie(self.fault.text, out) for out in outputs)
+        if self.fault.kind != "corrupt":
+            return outputs
+        if self.fault.value and self.lies >= self.fault.value:
+            return outputs
+        self.lies += 1
+        wrong = []
+        for out in outputs:
+            out = out.copy()
+            if out.size and out.dtype.kind in "fc":
+                out.reshape(-1)[:: max(1, out.size // 7)] += 1.0
+            elif out.size:
+                out.reshape(-1)[:: max(1, out.size // 7)] += 1
+            wrong.append(out)
+        return tuple(wrong)
+
+    def data_address(self, host: str, port: int) -> tuple[str, int]:
+        """Where to dial a peer's data plane: through the proxy of data-via=HOST:PORT, else unchanged."""
+        if self.fault.kind != "data-via":
+            return host, port
+        log.warning(
+            "fault injection: dialing the data plane via %s", format_host_port(self.fault.text, int(self.fault.value))
+        )
+        return self.fault.text, int(self.fault.value)
+
+
 ###############################################################################
-# 9. I/O: Cap'n Proto RPC service and client
+# 13. RPC service and client
 #
 # External programs reach a `serve` node over Cap'n Proto RPC (schema: the
 # `Gate` and `Compute` interfaces of capnp/pangea.capnp). pycapnp runs on
@@ -7734,7 +7803,7 @@ class Client:
 
 
 ###############################################################################
-# 10. Start-up
+# 14. Start-up
 #
 # What runs before and around every verb, in the order `_main` runs it: the
 # guard that the pyz runs on the interpreter it was built for; the deferred
@@ -8110,7 +8179,7 @@ def _silence_stdout() -> None:
 
 
 ###############################################################################
-# 11. CLI: options and the verbs of a pair
+# 15. CLI: options and the verbs of a pair
 #
 # One `cmd_<verb>` per command, with its options in the `add_<verb>_parser`
 # right above it. This part holds the option types and the options several
@@ -8790,7 +8859,7 @@ async def _respond(
         may_serve=lambda peer_id: peer_id == address.peer_id,
         limits=options[0],
         psk=options[1],
-        fault=args.fault,
+        faults=FaultInjector(args.fault) if args.fault else None,
         data_port=args.data_port,
     )
     results: list[CheckRow] = []
@@ -8935,7 +9004,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 ###############################################################################
-# 12. CLI: serve, the tools and main
+# 16. CLI: serve, the tools and main
 #
 # `serve` and the verbs that talk to a node or look at this box: `call` (a
 # Client of a serve node), `psk`, `status`, `doctor`, `bench` (its code is the
@@ -9081,7 +9150,7 @@ async def _serve(
         may_serve=lambda peer_id: peer_id in trusted,
         limits=limits,
         psk=psk,
-        fault=args.fault,
+        faults=FaultInjector(args.fault) if args.fault else None,
         data_port=args.data_port,
     )
     manager = Manager(node, suspect_backoff_s=args.suspect_backoff)

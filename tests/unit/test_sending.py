@@ -305,18 +305,14 @@ def test_a_served_task_gives_back_its_slot_before_its_result_is_written() -> Non
             seen_while_sending.append(dict(session._reserved))
             await release_send.wait()
 
-        async def no_fault() -> None:
-            return None
-
         async def execute_local(kernel: str, operands: Any, params: Any, out_nbytes: int | None = None) -> Any:
             return pangea.run_kernel(kernel, operands, params, out_nbytes=out_nbytes), 0.001
 
         node = SimpleNamespace(
             limits=limits,
             budget=budget,
-            inject_fault_before_task=no_fault,
+            faults=None,
             execute_local=execute_local,
-            inject_fault_into=lambda outputs: outputs,
             served=lambda kernel, outcome: None,
             tasks_served=0,
         )
@@ -336,7 +332,7 @@ def test_a_served_task_gives_back_its_slot_before_its_result_is_written() -> Non
         assert budget.try_acquire(a.nbytes * 2)
         session._reserved[7] = a.nbytes * 2  # what admit_request held for the operands
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pangea.PeerSession._serve, session, TaskRequestMsg(7, "add", (a, a), {}))
+            nursery.start_soon(pangea.PeerSession._serve_task, session, TaskRequestMsg(7, "add", (a, a), {}))
             await trio.testing.wait_all_tasks_blocked()
             release_send.set()
         assert session._reserved == {} and budget.in_use == 0
