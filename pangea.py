@@ -9,20 +9,46 @@ Nodes talk libp2p (TCP + Noise + Yamux). A node delegates numpy matrix work
 to another node over the stream protocol ``/pangea/compute/1.0.0``, collects
 and aggregates the results, and runs a task locally when its worker is gone.
 
-How the module is laid out (each section uses only the ones above it):
+How the module is laid out: sixteen rooms, each using only the rooms above
+it (tests/unit/test_layout.py keeps that true, and each room under its line
+budget). Rooms 1-7 are pure (no I/O, no await); rooms 8-16 perform I/O.
 
- 0. this docstring, imports, version
- 1. constants            6. scheduler (pure core: events in, actions out)
- 2. errors               7. sessions (the per-process session directory)
- 3. pure helpers         8. I/O: the libp2p node, delegators, manager, checks
- 4. wire protocol        9. I/O: Cap'n Proto RPC service and client
- 5. kernels             10. CLI
+  0. this docstring, imports, version
+  1. Constants                 protocol ids, limits, timeouts, each with its unit
+  2. Errors                    every exception, and ErrorKind (the kinds on the wire)
+  3. Pure helpers              addresses, pairing codes, tables, formatting
+  4. Wire framing (sans-I/O)   messages, encode_parts, the Decoder and its FrameGate
+  5. Session protocol (sans-I/O)   SessionProtocol: the Hello check, admission,
+                               pending, ping and cancel bookkeeping of one session
+  6. Kernels                   the registry: per kernel, validation, output size,
+                               cost, verification and sample inputs
+  7. Scheduler (sans-I/O)      placement, retries, suspicion: handle(event, now)
+  8. Session directories       the pangea home and one directory per process
+  9. Transports                identity and libp2p host, Channel, the TLS data plane
+ 10. The node                  PeerSession (performs its SessionProtocol), Node
+ 11. The manager               delegators, Manager (drives the Scheduler, verifies)
+ 12. Around the node           mDNS, metrics, the initiator's checks, the fault injector
+ 13. RPC service and client    records, NodeService, RpcServer, Client
+ 14. Start-up                  build guard, deferred imports, logging, the trio runner
+ 15. CLI: options and the verbs of a pair   initiate, respond, demo
+ 16. CLI: serve, the tools and main         serve, call, psk, status, doctor,
+                               bench (code in bench/pangea_bench.py), id, main
 
-Design: everything that decides (framing, kernels, placement, retries) is
-pure and unit-tested without sockets or clocks. The I/O sections are thin
-adapters: read bytes, feed a decoder, act on messages, write bytes. Importing
-this module has no side effects; libp2p, trio, capnp and numpy are imported
-inside the functions that need them, so ``--help`` is instant.
+How one task travels through them: `Client.submit` (13) reaches the node's
+`NodeService`, which hands it to the `Manager` (11); the `Scheduler` (7)
+answers `Dispatch`, and the peer's `RemoteDelegator` writes a `TaskRequestMsg`
+(4) on the session's `TlsChannel` (9). On the worker, the channel's Decoder
+asks that session's `SessionProtocol` (5) whether to admit the payload, the
+`PeerSession` (10) runs the kernel (6) in a worker thread and sends the
+`TaskResultMsg` back; the manager verifies it (6) and reports it to the
+scheduler, which answers `Deliver`, or a new `Dispatch` when it failed.
+
+Design: everything that decides (framing, the session protocol, kernels,
+placement, retries) is pure and unit-tested without sockets or clocks. The
+I/O rooms are thin adapters: read bytes, feed a decoder, act on what the
+cores return, write bytes. Importing this module has no side effects; libp2p,
+trio, capnp and numpy are imported inside the functions that need them, so
+``--help`` is instant.
 """
 
 from __future__ import annotations
