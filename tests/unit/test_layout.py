@@ -161,6 +161,30 @@ def test_a_pure_section_never_awaits(title: str) -> None:
     assert found == []
 
 
+# What a pure section may not touch: the event loop, sockets, libp2p, or a clock
+# (time comes in as an argument, so a fake clock drives every timeout in tests).
+IMPURE_MODULES = {"trio", "socket", "libp2p", "asyncio", "subprocess"}
+IMPURE_CALLS = {("time", "monotonic"), ("time", "perf_counter"), ("time", "time"), ("time", "sleep")}
+
+
+@pytest.mark.parametrize("title", [t for t, pure, _ in SECTIONS if pure])
+def test_a_pure_section_imports_no_event_loop_and_reads_no_clock(title: str) -> None:
+    section = next(s for s in FOUND if s.title == title)
+    found = []
+    for stmt in section.nodes:
+        for n in ast.walk(stmt):
+            if isinstance(n, ast.Import):
+                found += [
+                    f"line {n.lineno}: import {a.name}" for a in n.names if a.name.split(".")[0] in IMPURE_MODULES
+                ]
+            elif isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] in IMPURE_MODULES:
+                found.append(f"line {n.lineno}: from {n.module} import ...")
+            elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name):
+                if (n.value.id, n.attr) in IMPURE_CALLS:
+                    found.append(f"line {n.lineno}: {n.value.id}.{n.attr}")
+    assert found == []
+
+
 @pytest.mark.parametrize(("title", "budget"), [(t, b) for t, _, b in SECTIONS])
 def test_a_section_stays_within_its_line_budget(title: str, budget: int) -> None:
     section = next(s for s in FOUND if s.title == title)
