@@ -5253,6 +5253,11 @@ class Node:
         """Bytes sent on every session, closed or open."""
         return self._closed_bytes[1] + sum(s.bytes_out for s in self.sessions.values())
 
+    @property
+    def departed_bytes(self) -> tuple[int, int]:
+        """Bytes (received, sent) of the sessions that have closed."""
+        return self._closed_bytes[0], self._closed_bytes[1]
+
     def session_closed(self, session: PeerSession) -> None:
         """Called by a session when it has ended: count its bytes, forget it."""
         self._closed_bytes[0] += session.bytes_in
@@ -6280,8 +6285,9 @@ class _NodeCollector:
         for session in sessions:
             received.add_metric([session.peer_id], session.bytes_in)
             sent.add_metric([session.peer_id], session.bytes_out)
-        received.add_metric(["departed"], self.node._closed_bytes[0])
-        sent.add_metric(["departed"], self.node._closed_bytes[1])
+        departed_in, departed_out = self.node.departed_bytes
+        received.add_metric(["departed"], departed_in)
+        sent.add_metric(["departed"], departed_out)
         yield received
         yield sent
         yield GaugeMetricFamily("pangea_connected_peers", "Peers with an open session", value=len(sessions))
