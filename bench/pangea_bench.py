@@ -99,7 +99,7 @@ from pangea import (
 # ---------------------------------------------------------------- constants
 #
 # The parser's constants (BENCH_DEFAULTS, BENCH_QUICK, BENCH_MAX_INFLIGHT, BENCH_MAX_BYTES)
-# live in pangea.py's section 1, so that `--help` needs no import of this module.
+# live in pangea.py's Constants, so that `--help` needs no import of this module.
 
 BENCH_PROTOCOL_ID = "/pangea/bench/1.0.0"
 # One command per baseline stream or raw TCP connection: op, then a byte count.

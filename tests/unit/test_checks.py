@@ -1,4 +1,4 @@
-"""Unit tests of the initiator's checks (section 8): a check passes only when its work happened.
+"""Unit tests of the initiator's checks (the room "Around the node"): a check passes only when its work happened.
 
 The bookkeeping of responders that leave while the checks run, on fake sessions
 and trio's MockClock: the check that was running fails naming the peer and the

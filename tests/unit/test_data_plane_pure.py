@@ -1,6 +1,6 @@
 """Unit tests of the pure parts of the TLS data plane (issue 6).
 
-No sockets: the option parsers and helpers of section 3 (``parse_data_port``,
+No sockets: the option parsers and pure helpers (``parse_data_port``,
 ``data_port_for``, ``multiaddr_ip``, ``format_host_port``, ``parse_fault`` for
 the ``data-via`` test aid), the Hello fields that announce a data plane, the
 DataPlane message, and the Decoder's zero-copy API that `TlsChannel` uses:

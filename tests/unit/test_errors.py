@@ -1,4 +1,4 @@
-"""Section 2, errors: every error kind is a member of ErrorKind, and the members keep their wire strings."""
+"""Errors: every error kind is a member of ErrorKind, and the members keep their wire strings."""
 
 from __future__ import annotations
 

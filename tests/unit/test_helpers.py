@@ -1,4 +1,4 @@
-"""Unit tests of section 3 of pangea.py: pure helpers (parsing, formatting, ranking)."""
+"""Unit tests of pangea.py's pure helpers (parsing, formatting, ranking)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Unit tests of section 5 of pangea.py: the kernel registry and its input checks.
+"""Unit tests of pangea.py's kernels: the registry and its input checks.
 
 Every kernel is compared with numpy on random inputs; every bad input must
 raise KernelError (kind "bad-input") whose message names the kernel and the

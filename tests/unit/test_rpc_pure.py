@@ -1,4 +1,4 @@
-"""Unit tests of the pure parts of section 9 of pangea.py (RPC).
+"""Unit tests of the pure parts of pangea.py's RPC service and client.
 
 No sockets and no event loop: address parsing (`parse_host_port`,
 `is_loopback_host`), the readable text of a pycapnp remote exception

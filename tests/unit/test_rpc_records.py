@@ -1,4 +1,4 @@
-"""Unit tests of the RPC records of section 9 of pangea.py.
+"""Unit tests of the RPC records of pangea.py (the room "RPC service and client").
 
 Each record (`SuspicionRecord`, `PeerRecord`, `StatusRecord`, `TaskOutputRecord`
 with its `AttemptInfoRecord`s and `TimingsRecord`) is filled into a

@@ -1,4 +1,4 @@
-"""Unit tests of section 6 of pangea.py: the pure scheduler core.
+"""Unit tests of pangea.py's scheduler (sans-I/O).
 
 `Driver` plays the I/O layer: it hands events to `Scheduler.handle` with a
 fake clock, calls `validate()` after every step and keeps every action, so a

@@ -1,4 +1,4 @@
-"""Unit tests of pangea's security building blocks (sections 3, 4, 5 and the pure part of 8).
+"""Unit tests of pangea.py's security building blocks (pure helpers, wire, session protocol, kernels).
 
 No sockets, no processes: the pairing code (`Pairing.check`, `pairing_proof`,
 `normalize_pairing_code`), the trust and key files (`parse_trusted_peers`,

@@ -1,8 +1,8 @@
 """Unit tests of how frames leave a channel and how silence is measured.
 
-`SendQueue` (section 4, pure) orders a channel's frames: a frame whose
+`SendQueue` (wire framing, pure) orders a channel's frames: a frame whose
 sender gives up before its first byte is dropped, one that has started is
-finished, so the peer never reads a cut frame. `Channel`'s writer (section 8)
+finished, so the peer never reads a cut frame. `Channel`'s writer (transports)
 runs it over a fake stream on trio's MockClock: a sender cancelled in the
 middle of a large frame leaves a byte stream the Decoder reads whole, with
 the next message right behind it. `idle_reason` decides "nothing received"

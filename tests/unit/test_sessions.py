@@ -1,4 +1,4 @@
-"""Unit tests of section 7 of pangea.py: the pangea home and session directories.
+"""Unit tests of pangea.py's session directories: the pangea home and one directory per process.
 
 Every test points PANGEA_HOME into tmp_path; nothing touches the real ~/.pangea.
 """

@@ -1,4 +1,4 @@
-"""Unit tests of section 4 of pangea.py: the sans-I/O wire protocol.
+"""Unit tests of pangea.py's wire framing (sans-I/O).
 
 Frames are ``!IQ(header_len, payload_len) + header + payload``; the header is a
 Cap'n Proto ``Message`` (capnp/pangea.capnp). These tests pin the bytes of a
