@@ -140,6 +140,22 @@ def test_kernels_a_kernel_registered_in_a_test_runs_through_every_lookup(monkeyp
     assert check_result("negate", operands, params, (out + 1,), random.Random(0)) == "negate: wrong"
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_kernels_the_entry_says_whether_the_initiators_check_allows_rounding(monkeypatch: Any, exact: bool) -> None:
+    toy = dataclasses.replace(KERNELS["add"], name="toy", exact=exact)
+    monkeypatch.setitem(KERNELS, "toy", toy)
+    expected = np.array([1.0, 2.0, 3.0])
+    off_by_rounding = expected * (1 + 1e-12)
+    if exact:
+        with pytest.raises(CheckFailed, match="differs from local numpy"):
+            verify("toy", off_by_rounding, expected)
+    else:
+        assert verify("toy", off_by_rounding, expected) == pytest.approx(3e-12)
+    assert {name for name, k in KERNELS.items() if not k.exact} == {"matmul", "sum", "dot", "solve", "inverse"} | (
+        set() if exact else {"toy"}
+    )
+
+
 # ---------------------------------------------------------------- results match numpy
 
 
