@@ -5700,6 +5700,23 @@ class SplitOutcome:
         return min(1.0, self.shares[worker_id].compute_s / max(self.elapsed_s, 1e-9))
 
 
+@dataclass
+class _SplitJob:
+    """One split matmul in progress: its operands, the result being filled, the next free row, the first failure."""
+
+    a: np.ndarray
+    b: np.ndarray
+    n: int  # the rows of a (and of the result)
+    out: np.ndarray
+    chosen: list[str]  # the workers the job was split over
+    base_rows: int  # the rows of a block of a worker of mean speed
+    shares: dict[str, WorkerShare]
+    timeout_s: float  # of each block's task
+    on_block: Callable[[str, int, int], None] | None
+    cursor: int = 0  # the first row no block has taken yet
+    failure: list[TaskError] = field(default_factory=list)
+
+
 class Manager:
     """Runs tasks: feeds the Scheduler, performs its actions through delegators.
 
@@ -5811,12 +5828,7 @@ class Manager:
             # ExceptionGroup, and callers catch TaskError.
             async with trio.open_nursery() as nursery:
                 with trio.move_on_after(timeout_s) as deadline_scope:
-                    if not self._local_speed_known and self.node.gflops:
-                        self._local_speed_known = True
-                        self.scheduler.handle(WorkerUpEvent(LOCAL, self.node.gflops), start)
-                    cost = task_cost(kernel, operands, dict(params or {}))
-                    submit = SubmitEvent(task_id, placement, start + timeout_s, *cost, fallback=fallback)
-                    self._apply(self.scheduler.handle(submit, start))
+                    cost = self._submit(task_id, kernel, operands, params, placement, timeout_s, fallback, start)
                     async for action in receive:
                         if isinstance(action, Dispatch):
                             first_attempt_at = first_attempt_at or self.clock()
@@ -5828,20 +5840,7 @@ class Manager:
                                 scopes[action.attempt].cancel()
                         elif isinstance(action, Deliver):
                             nursery.cancel_scope.cancel()
-                            outputs, compute_s = results.pop(action.attempt)
-                            self.tasks_done += 1
-                            self.done_by[action.worker_id] = self.done_by.get(action.worker_id, 0) + 1
-                            attempts = self.scheduler.attempts(task_id)
-                            elapsed = self.clock() - start
-                            self._ended(kernel, "ok", action.worker_id, attempts, elapsed)
-                            queued = (first_attempt_at or start) - start
-                            why = attempts[-1].reason if attempts else ""
-                            if why:
-                                self.fallbacks += 1
-                                log.info("task %d ran locally: %s", task_id, why)
-                            return TaskOutcome(
-                                task_id, kernel, outputs, action.worker_id, attempts, compute_s, elapsed, queued, why
-                            )
+                            return self._delivered(task_id, kernel, action, results, start, first_attempt_at)
                         elif isinstance(action, Fail):
                             failure = TaskError(self._failure_text(task_id, kernel, action), kind=action.kind)
                             break
@@ -5852,12 +5851,59 @@ class Manager:
                 f"{kernel}: no result within {format_seconds(timeout_s)}", kind=ErrorKind.DEADLINE
             )
         except TaskError as exc:
-            self.tasks_failed += 1
-            attempts = self.scheduler.attempts(task_id)
-            self._ended(kernel, exc.kind, attempts[-1].worker_id if attempts else LOCAL, attempts, self.clock() - start)
+            self._task_failed(task_id, kernel, exc, start)
             raise
         finally:
             del self._routes[task_id]
+
+    def _submit(
+        self,
+        task_id: int,
+        kernel: str,
+        operands: Sequence[np.ndarray],
+        params: dict[str, float] | None,
+        placement: str,
+        timeout_s: float,
+        fallback: bool,
+        start: float,
+    ) -> tuple[float, int]:
+        """Submit a task to the scheduler (this node's speed first, once); return the task's cost."""
+        if not self._local_speed_known and self.node.gflops:
+            self._local_speed_known = True
+            self.scheduler.handle(WorkerUpEvent(LOCAL, self.node.gflops), start)
+        cost = task_cost(kernel, operands, dict(params or {}))
+        submit = SubmitEvent(task_id, placement, start + timeout_s, *cost, fallback=fallback)
+        self._apply(self.scheduler.handle(submit, start))
+        return cost
+
+    def _delivered(
+        self,
+        task_id: int,
+        kernel: str,
+        action: Deliver,
+        results: dict[int, tuple[tuple[np.ndarray, ...], float]],
+        start: float,
+        first_attempt_at: float | None,
+    ) -> TaskOutcome:
+        """Count a delivered task, report its end and return its outcome (with why it ran locally, if it did)."""
+        outputs, compute_s = results.pop(action.attempt)
+        self.tasks_done += 1
+        self.done_by[action.worker_id] = self.done_by.get(action.worker_id, 0) + 1
+        attempts = self.scheduler.attempts(task_id)
+        elapsed = self.clock() - start
+        self._ended(kernel, "ok", action.worker_id, attempts, elapsed)
+        queued = (first_attempt_at or start) - start
+        why = attempts[-1].reason if attempts else ""
+        if why:
+            self.fallbacks += 1
+            log.info("task %d ran locally: %s", task_id, why)
+        return TaskOutcome(task_id, kernel, outputs, action.worker_id, attempts, compute_s, elapsed, queued, why)
+
+    def _task_failed(self, task_id: int, kernel: str, exc: TaskError, start: float) -> None:
+        """Count a failed task and report its end to the on_task_end callbacks."""
+        self.tasks_failed += 1
+        attempts = self.scheduler.attempts(task_id)
+        self._ended(kernel, exc.kind, attempts[-1].worker_id if attempts else LOCAL, attempts, self.clock() - start)
 
     def _ended(self, kernel: str, outcome: str, worker_id: str, attempts: list[AttemptRecord], seconds: float) -> None:
         self.retries += max(0, len(attempts) - 1)
@@ -5978,68 +6024,68 @@ class Manager:
         out = np.empty((n, b.shape[1]), dtype=np.result_type(a, b))
         base_rows = max(1, math.ceil(n / (blocks_per_worker * len(chosen))))
         shares = {w: WorkerShare() for w in chosen}
-        cursor = 0
-        failure: list[TaskError] = []
+        job = _SplitJob(a, b, n, out, chosen, base_rows, shares, timeout_s, on_block)
         start = time.perf_counter()
-
-        def rows_for(worker: str) -> int:
-            """Block rows in proportion to the worker's speed as measured so far (EWMA), within
-            a factor of 2 of the mean block: speeds measured on busy machines are noisy, and
-            pulling does the rest (a slow worker comes back for its next block later)."""
-            speed = {w: max(self.scheduler.workers.get(w, _WorkerState()).speed, 1e-3) for w in chosen}
-            if worker not in speed:
-                return base_rows
-            ratio = min(2.0, max(0.5, len(chosen) * speed[worker] / sum(speed.values())))
-            return max(1, round(base_rows * ratio))
-
-        async def block(worker: str, placement: str) -> bool:
-            """Take the next rows for ``worker`` and compute them; False when there is nothing left."""
-            nonlocal cursor
-            if cursor >= n or failure:
-                return False
-            lo = cursor
-            hi = cursor = min(n, lo + rows_for(worker))
-            try:
-                outcome = await self.run("matmul", (a[lo:hi], b), placement=placement, timeout_s=timeout_s)
-            except TaskError as exc:
-                failure.append(exc)
-                return False
-            out[lo:hi] = outcome.outputs[0]
-            share = shares.setdefault(outcome.worker_id, WorkerShare())
-            share.blocks += 1
-            share.rows += hi - lo
-            share.compute_s += outcome.compute_s
-            if on_block is not None:
-                on_block(outcome.worker_id, hi - lo, n)  # progress: rows done by whom, of n
-            if outcome.worker_id != worker:
-                shares.setdefault(worker, WorkerShare()).failed_over += 1
-            return True
-
-        def usable(worker: str) -> bool:
-            state = self.scheduler.workers.get(worker)
-            return worker == LOCAL or (worker in self.node.sessions and not (state and state.suspect))
-
-        async def puller(worker: str, first_done: Any, wait_for: Any) -> None:
-            try:
-                if wait_for is not None:
-                    await wait_for.wait()  # slow start: pipelining begins once the worker has proven itself
-                # a worker that left, or whose results failed verification, pulls no more blocks
-                while usable(worker) and await block(worker, worker):
-                    first_done.set()
-            finally:
-                first_done.set()  # NOTE: or its second puller would wait forever
 
         async with trio.open_nursery() as nursery:
             for worker in chosen:
                 first_done = trio.Event()
-                nursery.start_soon(puller, worker, first_done, None)
+                nursery.start_soon(self._split_puller, job, worker, first_done, None)
                 for _ in range(0 if worker == LOCAL else max(1, in_flight) - 1):  # BLAS already fills local cores
-                    nursery.start_soon(puller, worker, trio.Event(), first_done)
-        while await block(LOCAL, "auto"):
+                    nursery.start_soon(self._split_puller, job, worker, trio.Event(), first_done)
+        while await self._split_block(job, LOCAL, "auto"):
             pass  # rows left because every chosen worker went away: the scheduler places them
-        if failure:
-            raise failure[0]
+        if job.failure:
+            raise job.failure[0]
         return SplitOutcome(out, shares, time.perf_counter() - start)
+
+    def _split_rows(self, job: _SplitJob, worker: str) -> int:
+        """Block rows in proportion to the worker's speed as measured so far (EWMA), within
+        a factor of 2 of the mean block: speeds measured on busy machines are noisy, and
+        pulling does the rest (a slow worker comes back for its next block later)."""
+        speed = {w: max(self.scheduler.workers.get(w, _WorkerState()).speed, 1e-3) for w in job.chosen}
+        if worker not in speed:
+            return job.base_rows
+        ratio = min(2.0, max(0.5, len(job.chosen) * speed[worker] / sum(speed.values())))
+        return max(1, round(job.base_rows * ratio))
+
+    async def _split_block(self, job: _SplitJob, worker: str, placement: str) -> bool:
+        """Take the next rows for ``worker`` and compute them; False when there is nothing left."""
+        if job.cursor >= job.n or job.failure:
+            return False
+        lo = job.cursor
+        hi = job.cursor = min(job.n, lo + self._split_rows(job, worker))
+        try:
+            outcome = await self.run("matmul", (job.a[lo:hi], job.b), placement=placement, timeout_s=job.timeout_s)
+        except TaskError as exc:
+            job.failure.append(exc)
+            return False
+        job.out[lo:hi] = outcome.outputs[0]
+        share = job.shares.setdefault(outcome.worker_id, WorkerShare())
+        share.blocks += 1
+        share.rows += hi - lo
+        share.compute_s += outcome.compute_s
+        if job.on_block is not None:
+            job.on_block(outcome.worker_id, hi - lo, job.n)  # progress: rows done by whom, of n
+        if outcome.worker_id != worker:
+            job.shares.setdefault(worker, WorkerShare()).failed_over += 1
+        return True
+
+    def _split_usable(self, worker: str) -> bool:
+        """Whether ``worker`` may pull another block: this node, or a connected peer that is not suspect."""
+        state = self.scheduler.workers.get(worker)
+        return worker == LOCAL or (worker in self.node.sessions and not (state and state.suspect))
+
+    async def _split_puller(self, job: _SplitJob, worker: str, first_done: Any, wait_for: Any) -> None:
+        """Pull blocks for ``worker`` while it stays usable; with ``wait_for``, only once that event is set."""
+        try:
+            if wait_for is not None:
+                await wait_for.wait()  # slow start: pipelining begins once the worker has proven itself
+            # a worker that left, or whose results failed verification, pulls no more blocks
+            while self._split_usable(worker) and await self._split_block(job, worker, worker):
+                first_done.set()
+        finally:
+            first_done.set()  # NOTE: or its second puller would wait forever
 
     def _failure_text(self, task_id: int, kernel: str, fail: Fail) -> str:
         attempts = self.scheduler.attempts(task_id)
