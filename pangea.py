@@ -8795,24 +8795,7 @@ async def _initiate(
     manager.verify_rounds = args.verify_rounds
     async with node.running(args.host, args.port):
         node.nursery.start_soon(manager.watch_suspects)
-        session_dir.write_addresses(node.addresses)
-        metrics_url = start_metrics(args.metrics, node, manager)
-        session_dir.save(peer_id=node.peer_id, metrics=metrics_url)
-        print(f"pangea {__version__} initiator, peer ID {node.peer_id}")
-        if metrics_url:
-            print(f"Metrics: {metrics_url}")
-        print("Copy this address for responder:")
-        for address in node.addresses:
-            print(f"  {address}")
-        uses = "one use" if expect == 1 else f"{expect} uses"
-        print(f"Pairing code ({uses}, valid {args.timeout:.0f} s): {format_pairing_code(pairing.code)}")
-        if node.addresses:
-            print(f"Join string: {join_string(node.addresses[0], pairing.code)}")
-            print(f"  on the other box: ./pangea.pyz respond '{join_string(node.addresses[0], pairing.code)}'")
-        print(node.data_plane_text())
-        who = "a responder" if expect == 1 else f"{expect} responders"
-        print(f"Waiting up to {args.timeout:.0f} s for {who} (Ctrl-C to stop)...", flush=True)
-        log.info("listening on %s (pairing code issued)", ", ".join(node.addresses))
+        _announce_initiator(args, node, manager, session_dir, pairing)
         sessions: list[PeerSession] = []
         view = LiveView(show_progress(args), node.nursery)
         with view:
@@ -8830,15 +8813,52 @@ async def _initiate(
                 checks.on_block = view.block_counter()
                 results = await checks.run_all()
         if len(sessions) < expect:
-            port = node.addresses[0].split("/tcp/")[1].split("/")[0] if node.addresses else args.port
-            got = "nobody" if not sessions else f"only {len(sessions)} of {expect} responders"
-            raise NoPeerError(
-                f"cannot run the checks: {got} connected within {format_seconds(args.timeout)}",
-                kind=ErrorKind.TIMEOUT,
-                hint=f"on the other box run `./pangea.pyz respond` with the join string printed above; "
-                f"check that box can reach this one (same network, firewall open for TCP port {port}"
-                + (f", and {node.data_plane.port} for the data plane)" if node.data_plane else ")"),
-            )
+            raise _too_few_responders(args, node, sessions, expect)
+    return _initiator_report(args, node, sessions, checks, results)
+
+
+def _announce_initiator(
+    args: argparse.Namespace, node: Node, manager: Manager, session_dir: SessionDir, pairing: Pairing
+) -> None:
+    """Save the initiator's addresses and session, start its metrics, print how a responder joins it."""
+    expect = args.expect
+    session_dir.write_addresses(node.addresses)
+    metrics_url = start_metrics(args.metrics, node, manager)
+    session_dir.save(peer_id=node.peer_id, metrics=metrics_url)
+    print(f"pangea {__version__} initiator, peer ID {node.peer_id}")
+    if metrics_url:
+        print(f"Metrics: {metrics_url}")
+    print("Copy this address for responder:")
+    for address in node.addresses:
+        print(f"  {address}")
+    uses = "one use" if expect == 1 else f"{expect} uses"
+    print(f"Pairing code ({uses}, valid {args.timeout:.0f} s): {format_pairing_code(pairing.code)}")
+    if node.addresses:
+        print(f"Join string: {join_string(node.addresses[0], pairing.code)}")
+        print(f"  on the other box: ./pangea.pyz respond '{join_string(node.addresses[0], pairing.code)}'")
+    print(node.data_plane_text())
+    who = "a responder" if expect == 1 else f"{expect} responders"
+    print(f"Waiting up to {args.timeout:.0f} s for {who} (Ctrl-C to stop)...", flush=True)
+    log.info("listening on %s (pairing code issued)", ", ".join(node.addresses))
+
+
+def _too_few_responders(args: argparse.Namespace, node: Node, sessions: list[PeerSession], expect: int) -> NoPeerError:
+    """The error of an initiator that did not get its responders in time, with a hint on reaching it."""
+    port = node.addresses[0].split("/tcp/")[1].split("/")[0] if node.addresses else args.port
+    got = "nobody" if not sessions else f"only {len(sessions)} of {expect} responders"
+    return NoPeerError(
+        f"cannot run the checks: {got} connected within {format_seconds(args.timeout)}",
+        kind=ErrorKind.TIMEOUT,
+        hint=f"on the other box run `./pangea.pyz respond` with the join string printed above; "
+        f"check that box can reach this one (same network, firewall open for TCP port {port}"
+        + (f", and {node.data_plane.port} for the data plane)" if node.data_plane else ")"),
+    )
+
+
+def _initiator_report(
+    args: argparse.Namespace, node: Node, sessions: list[PeerSession], checks: InitiatorChecks, results: list[CheckRow]
+) -> int:
+    """Print the initiator's report of the checks; return the exit code (0 when every check passed)."""
     extra = {
         "addresses": node.addresses,
         "rtt_ms": checks.rtt_ms,
@@ -8928,18 +8948,7 @@ async def _respond(
 ) -> int:
     import trio
 
-    node = Node(
-        key_pair=key_pair,
-        role="responder",
-        accept=lambda peer_id, hello: (
-            None if peer_id == address.peer_id else f"this responder only works for {address.peer_id}"
-        ),
-        may_serve=lambda peer_id: peer_id == address.peer_id,
-        limits=options[0],
-        psk=options[1],
-        faults=FaultInjector(args.fault) if args.fault else None,
-        data_port=args.data_port,
-    )
+    node = _responder_node(args, address, key_pair, options)
     results: list[CheckRow] = []
     async with node.running(args.host, args.port):
         metrics_url = start_metrics(args.metrics, node, None)
@@ -8951,16 +8960,7 @@ async def _respond(
         start = time.perf_counter()
         session = await node.dial(address, timeout_s=args.timeout)
         rtt_s = min([await session.ping() for _ in range(3)])
-        info = node.connection_info(session.peer_id)
-        results.append(
-            CheckRow(
-                "connection",
-                True,
-                time.perf_counter() - start,
-                f"initiator {session.peer_id} (pangea {session.hello.pangea_version}); "
-                f"{info['security']} + {info['muxer']}; rtt {rtt_s * 1000:.2f} ms; arrays: {session.data_note}",
-            )
-        )
+        results.append(_connection_row(node, session, start, rtt_s))
         print(f"Connected to initiator {session.peer_id}; serving its tasks until it says done.", flush=True)
         serve_start = time.perf_counter()
         with LiveView(show_progress(args), node.nursery) as view:
@@ -8973,6 +8973,43 @@ async def _respond(
                 if not session.closed.is_set():  # Ctrl-C or SIGTERM: tell the initiator why we leave
                     with trio.CancelScope(shield=True), trio.move_on_after(RESPONDER_BYE_S):
                         await session.close(RESPONDER_STOPPED)
+    return _responder_report(args, session, results, serve_start, rtt_s)
+
+
+def _responder_node(
+    args: argparse.Namespace, address: PeerAddress, key_pair: Any, options: tuple[Limits, str | None]
+) -> Node:
+    """The responder's node: it accepts and serves only the initiator at ``address``."""
+    return Node(
+        key_pair=key_pair,
+        role="responder",
+        accept=lambda peer_id, hello: (
+            None if peer_id == address.peer_id else f"this responder only works for {address.peer_id}"
+        ),
+        may_serve=lambda peer_id: peer_id == address.peer_id,
+        limits=options[0],
+        psk=options[1],
+        faults=FaultInjector(args.fault) if args.fault else None,
+        data_port=args.data_port,
+    )
+
+
+def _connection_row(node: Node, session: PeerSession, start: float, rtt_s: float) -> CheckRow:
+    """The responder's "connection" check: who the initiator is, how it is reached, the round trip."""
+    info = node.connection_info(session.peer_id)
+    return CheckRow(
+        "connection",
+        True,
+        time.perf_counter() - start,
+        f"initiator {session.peer_id} (pangea {session.hello.pangea_version}); "
+        f"{info['security']} + {info['muxer']}; rtt {rtt_s * 1000:.2f} ms; arrays: {session.data_note}",
+    )
+
+
+def _responder_report(
+    args: argparse.Namespace, session: PeerSession, results: list[CheckRow], serve_start: float, rtt_s: float
+) -> int:
+    """Add the "tasks" and "finish" checks, print the responder's report; return the exit code."""
     done = session.bye_reason == "done"
     # NOTE: an initiator that says Bye with another reason left; one that says nothing vanished.
     ended = "left" if session.bye_reason is not None else "vanished"
@@ -9242,24 +9279,7 @@ async def _serve(
         for peer in peers:
             node.nursery.start_soon(keep_connected, node, peer)
         node.nursery.start_soon(manager.watch_suspects)
-        session_dir.write_addresses(node.addresses)
-        metrics_url = start_metrics(args.metrics, node, manager)
-        session_dir.save(peer_id=node.peer_id, rpc=service.rpc_address, metrics=metrics_url)
-        print(f"pangea {__version__} serve node, peer ID {node.peer_id}")
-        print("Addresses for peers (./pangea.pyz serve --peer <address>):")
-        for address in node.addresses:
-            print(f"  {address}")
-        print(f"RPC: {service.rpc_address} ({'token required' if rpc[2] else 'no token, loopback only'})")
-        print(node.data_plane_text())
-        if metrics_url:
-            print(f"Metrics: {metrics_url}")
-        print(f"Trusted peers: {', '.join(sorted(trusted)) or 'none yet (--allow-peer, --peer, --pair)'}")
-        if pairing is not None and node.addresses:
-            print(f"Pairing code (one use, valid {args.pair_timeout:.0f} s): {format_pairing_code(pairing.code)}")
-            print(f"Join string: {join_string(node.addresses[0], pairing.code)}")
-        print(
-            f"pangea: serving on {node.addresses[-1] if node.addresses else '?'}; Ctrl-C or SIGTERM stops", flush=True
-        )
+        _announce_serve(args, node, manager, service, session_dir, rpc[2], trusted, pairing)
         try:
             await trio.sleep_forever()
         finally:
@@ -9268,6 +9288,35 @@ async def _serve(
                 await trio.sleep(0.2)  # let the cancelled calls' errors reach their clients
                 await server.stop()
     return 0
+
+
+def _announce_serve(
+    args: argparse.Namespace,
+    node: Node,
+    manager: Manager,
+    service: NodeService,
+    session_dir: SessionDir,
+    token: str,
+    trusted: set[str],
+    pairing: Pairing | None,
+) -> None:
+    """Save the serve node's addresses and session, start its metrics, print its banner and ready line."""
+    session_dir.write_addresses(node.addresses)
+    metrics_url = start_metrics(args.metrics, node, manager)
+    session_dir.save(peer_id=node.peer_id, rpc=service.rpc_address, metrics=metrics_url)
+    print(f"pangea {__version__} serve node, peer ID {node.peer_id}")
+    print("Addresses for peers (./pangea.pyz serve --peer <address>):")
+    for address in node.addresses:
+        print(f"  {address}")
+    print(f"RPC: {service.rpc_address} ({'token required' if token else 'no token, loopback only'})")
+    print(node.data_plane_text())
+    if metrics_url:
+        print(f"Metrics: {metrics_url}")
+    print(f"Trusted peers: {', '.join(sorted(trusted)) or 'none yet (--allow-peer, --peer, --pair)'}")
+    if pairing is not None and node.addresses:
+        print(f"Pairing code (one use, valid {args.pair_timeout:.0f} s): {format_pairing_code(pairing.code)}")
+        print(f"Join string: {join_string(node.addresses[0], pairing.code)}")
+    print(f"pangea: serving on {node.addresses[-1] if node.addresses else '?'}; Ctrl-C or SIGTERM stops", flush=True)
 
 
 def saved_suspects(manager: Manager) -> list[dict[str, Any]]:
