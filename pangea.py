@@ -5708,6 +5708,23 @@ class SplitOutcome:
         return min(1.0, self.shares[worker_id].compute_s / max(self.elapsed_s, 1e-9))
 
 
+@dataclass
+class _SplitJob:
+    """One split matmul in progress: its operands, the result being filled, the next free row, the first failure."""
+
+    a: np.ndarray
+    b: np.ndarray
+    n: int  # the rows of a (and of the result)
+    out: np.ndarray
+    chosen: list[str]  # the workers the job was split over
+    base_rows: int  # the rows of a block of a worker of mean speed
+    shares: dict[str, WorkerShare]
+    timeout_s: float  # of each block's task
+    on_block: Callable[[str, int, int], None] | None
+    cursor: int = 0  # the first row no block has taken yet
+    failure: list[TaskError] = field(default_factory=list)
+
+
 class Manager:
     """Runs tasks: feeds the Scheduler, performs its actions through delegators.
 
@@ -5819,12 +5836,7 @@ class Manager:
             # ExceptionGroup, and callers catch TaskError.
             async with trio.open_nursery() as nursery:
                 with trio.move_on_after(timeout_s) as deadline_scope:
-                    if not self._local_speed_known and self.node.gflops:
-                        self._local_speed_known = True
-                        self.scheduler.handle(WorkerUpEvent(LOCAL, self.node.gflops), start)
-                    cost = task_cost(kernel, operands, dict(params or {}))
-                    submit = SubmitEvent(task_id, placement, start + timeout_s, *cost, fallback=fallback)
-                    self._apply(self.scheduler.handle(submit, start))
+                    cost = self._submit(task_id, kernel, operands, params, placement, timeout_s, fallback, start)
                     async for action in receive:
                         if isinstance(action, Dispatch):
                             first_attempt_at = first_attempt_at or self.clock()
@@ -5836,20 +5848,7 @@ class Manager:
                                 scopes[action.attempt].cancel()
                         elif isinstance(action, Deliver):
                             nursery.cancel_scope.cancel()
-                            outputs, compute_s = results.pop(action.attempt)
-                            self.tasks_done += 1
-                            self.done_by[action.worker_id] = self.done_by.get(action.worker_id, 0) + 1
-                            attempts = self.scheduler.attempts(task_id)
-                            elapsed = self.clock() - start
-                            self._ended(kernel, "ok", action.worker_id, attempts, elapsed)
-                            queued = (first_attempt_at or start) - start
-                            why = attempts[-1].reason if attempts else ""
-                            if why:
-                                self.fallbacks += 1
-                                log.info("task %d ran locally: %s", task_id, why)
-                            return TaskOutcome(
-                                task_id, kernel, outputs, action.worker_id, attempts, compute_s, elapsed, queued, why
-                            )
+                            return self._delivered(task_id, kernel, action, results, start, first_attempt_at)
                         elif isinstance(action, Fail):
                             failure = TaskError(self._failure_text(task_id, kernel, action), kind=action.kind)
                             break
@@ -5860,12 +5859,59 @@ class Manager:
                 f"{kernel}: no result within {format_seconds(timeout_s)}", kind=ErrorKind.DEADLINE
             )
         except TaskError as exc:
-            self.tasks_failed += 1
-            attempts = self.scheduler.attempts(task_id)
-            self._ended(kernel, exc.kind, attempts[-1].worker_id if attempts else LOCAL, attempts, self.clock() - start)
+            self._task_failed(task_id, kernel, exc, start)
             raise
         finally:
             del self._routes[task_id]
+
+    def _submit(
+        self,
+        task_id: int,
+        kernel: str,
+        operands: Sequence[np.ndarray],
+        params: dict[str, float] | None,
+        placement: str,
+        timeout_s: float,
+        fallback: bool,
+        start: float,
+    ) -> tuple[float, int]:
+        """Submit a task to the scheduler (this node's speed first, once); return the task's cost."""
+        if not self._local_speed_known and self.node.gflops:
+            self._local_speed_known = True
+            self.scheduler.handle(WorkerUpEvent(LOCAL, self.node.gflops), start)
+        cost = task_cost(kernel, operands, dict(params or {}))
+        submit = SubmitEvent(task_id, placement, start + timeout_s, *cost, fallback=fallback)
+        self._apply(self.scheduler.handle(submit, start))
+        return cost
+
+    def _delivered(
+        self,
+        task_id: int,
+        kernel: str,
+        action: Deliver,
+        results: dict[int, tuple[tuple[np.ndarray, ...], float]],
+        start: float,
+        first_attempt_at: float | None,
+    ) -> TaskOutcome:
+        """Count a delivered task, report its end and return its outcome (with why it ran locally, if it did)."""
+        outputs, compute_s = results.pop(action.attempt)
+        self.tasks_done += 1
+        self.done_by[action.worker_id] = self.done_by.get(action.worker_id, 0) + 1
+        attempts = self.scheduler.attempts(task_id)
+        elapsed = self.clock() - start
+        self._ended(kernel, "ok", action.worker_id, attempts, elapsed)
+        queued = (first_attempt_at or start) - start
+        why = attempts[-1].reason if attempts else ""
+        if why:
+            self.fallbacks += 1
+            log.info("task %d ran locally: %s", task_id, why)
+        return TaskOutcome(task_id, kernel, outputs, action.worker_id, attempts, compute_s, elapsed, queued, why)
+
+    def _task_failed(self, task_id: int, kernel: str, exc: TaskError, start: float) -> None:
+        """Count a failed task and report its end to the on_task_end callbacks."""
+        self.tasks_failed += 1
+        attempts = self.scheduler.attempts(task_id)
+        self._ended(kernel, exc.kind, attempts[-1].worker_id if attempts else LOCAL, attempts, self.clock() - start)
 
     def _ended(self, kernel: str, outcome: str, worker_id: str, attempts: list[AttemptRecord], seconds: float) -> None:
         self.retries += max(0, len(attempts) - 1)
@@ -5986,68 +6032,68 @@ class Manager:
         out = np.empty((n, b.shape[1]), dtype=np.result_type(a, b))
         base_rows = max(1, math.ceil(n / (blocks_per_worker * len(chosen))))
         shares = {w: WorkerShare() for w in chosen}
-        cursor = 0
-        failure: list[TaskError] = []
+        job = _SplitJob(a, b, n, out, chosen, base_rows, shares, timeout_s, on_block)
         start = time.perf_counter()
-
-        def rows_for(worker: str) -> int:
-            """Block rows in proportion to the worker's speed as measured so far (EWMA), within
-            a factor of 2 of the mean block: speeds measured on busy machines are noisy, and
-            pulling does the rest (a slow worker comes back for its next block later)."""
-            speed = {w: max(self.scheduler.workers.get(w, _WorkerState()).speed, 1e-3) for w in chosen}
-            if worker not in speed:
-                return base_rows
-            ratio = min(2.0, max(0.5, len(chosen) * speed[worker] / sum(speed.values())))
-            return max(1, round(base_rows * ratio))
-
-        async def block(worker: str, placement: str) -> bool:
-            """Take the next rows for ``worker`` and compute them; False when there is nothing left."""
-            nonlocal cursor
-            if cursor >= n or failure:
-                return False
-            lo = cursor
-            hi = cursor = min(n, lo + rows_for(worker))
-            try:
-                outcome = await self.run("matmul", (a[lo:hi], b), placement=placement, timeout_s=timeout_s)
-            except TaskError as exc:
-                failure.append(exc)
-                return False
-            out[lo:hi] = outcome.outputs[0]
-            share = shares.setdefault(outcome.worker_id, WorkerShare())
-            share.blocks += 1
-            share.rows += hi - lo
-            share.compute_s += outcome.compute_s
-            if on_block is not None:
-                on_block(outcome.worker_id, hi - lo, n)  # progress: rows done by whom, of n
-            if outcome.worker_id != worker:
-                shares.setdefault(worker, WorkerShare()).failed_over += 1
-            return True
-
-        def usable(worker: str) -> bool:
-            state = self.scheduler.workers.get(worker)
-            return worker == LOCAL or (worker in self.node.sessions and not (state and state.suspect))
-
-        async def puller(worker: str, first_done: Any, wait_for: Any) -> None:
-            try:
-                if wait_for is not None:
-                    await wait_for.wait()  # slow start: pipelining begins once the worker has proven itself
-                # a worker that left, or whose results failed verification, pulls no more blocks
-                while usable(worker) and await block(worker, worker):
-                    first_done.set()
-            finally:
-                first_done.set()  # NOTE: or its second puller would wait forever
 
         async with trio.open_nursery() as nursery:
             for worker in chosen:
                 first_done = trio.Event()
-                nursery.start_soon(puller, worker, first_done, None)
+                nursery.start_soon(self._split_puller, job, worker, first_done, None)
                 for _ in range(0 if worker == LOCAL else max(1, in_flight) - 1):  # BLAS already fills local cores
-                    nursery.start_soon(puller, worker, trio.Event(), first_done)
-        while await block(LOCAL, "auto"):
+                    nursery.start_soon(self._split_puller, job, worker, trio.Event(), first_done)
+        while await self._split_block(job, LOCAL, "auto"):
             pass  # rows left because every chosen worker went away: the scheduler places them
-        if failure:
-            raise failure[0]
+        if job.failure:
+            raise job.failure[0]
         return SplitOutcome(out, shares, time.perf_counter() - start)
+
+    def _split_rows(self, job: _SplitJob, worker: str) -> int:
+        """Block rows in proportion to the worker's speed as measured so far (EWMA), within
+        a factor of 2 of the mean block: speeds measured on busy machines are noisy, and
+        pulling does the rest (a slow worker comes back for its next block later)."""
+        speed = {w: max(self.scheduler.workers.get(w, _WorkerState()).speed, 1e-3) for w in job.chosen}
+        if worker not in speed:
+            return job.base_rows
+        ratio = min(2.0, max(0.5, len(job.chosen) * speed[worker] / sum(speed.values())))
+        return max(1, round(job.base_rows * ratio))
+
+    async def _split_block(self, job: _SplitJob, worker: str, placement: str) -> bool:
+        """Take the next rows for ``worker`` and compute them; False when there is nothing left."""
+        if job.cursor >= job.n or job.failure:
+            return False
+        lo = job.cursor
+        hi = job.cursor = min(job.n, lo + self._split_rows(job, worker))
+        try:
+            outcome = await self.run("matmul", (job.a[lo:hi], job.b), placement=placement, timeout_s=job.timeout_s)
+        except TaskError as exc:
+            job.failure.append(exc)
+            return False
+        job.out[lo:hi] = outcome.outputs[0]
+        share = job.shares.setdefault(outcome.worker_id, WorkerShare())
+        share.blocks += 1
+        share.rows += hi - lo
+        share.compute_s += outcome.compute_s
+        if job.on_block is not None:
+            job.on_block(outcome.worker_id, hi - lo, job.n)  # progress: rows done by whom, of n
+        if outcome.worker_id != worker:
+            job.shares.setdefault(worker, WorkerShare()).failed_over += 1
+        return True
+
+    def _split_usable(self, worker: str) -> bool:
+        """Whether ``worker`` may pull another block: this node, or a connected peer that is not suspect."""
+        state = self.scheduler.workers.get(worker)
+        return worker == LOCAL or (worker in self.node.sessions and not (state and state.suspect))
+
+    async def _split_puller(self, job: _SplitJob, worker: str, first_done: Any, wait_for: Any) -> None:
+        """Pull blocks for ``worker`` while it stays usable; with ``wait_for``, only once that event is set."""
+        try:
+            if wait_for is not None:
+                await wait_for.wait()  # slow start: pipelining begins once the worker has proven itself
+            # a worker that left, or whose results failed verification, pulls no more blocks
+            while self._split_usable(worker) and await self._split_block(job, worker, worker):
+                first_done.set()
+        finally:
+            first_done.set()  # NOTE: or its second puller would wait forever
 
     def _failure_text(self, task_id: int, kernel: str, fail: Fail) -> str:
         attempts = self.scheduler.attempts(task_id)
@@ -8759,24 +8805,7 @@ async def _initiate(
     manager.verify_rounds = args.verify_rounds
     async with node.running(args.host, args.port):
         node.nursery.start_soon(manager.watch_suspects)
-        session_dir.write_addresses(node.addresses)
-        metrics_url = start_metrics(args.metrics, node, manager)
-        session_dir.save(peer_id=node.peer_id, metrics=metrics_url)
-        print(f"pangea {__version__} initiator, peer ID {node.peer_id}")
-        if metrics_url:
-            print(f"Metrics: {metrics_url}")
-        print("Copy this address for responder:")
-        for address in node.addresses:
-            print(f"  {address}")
-        uses = "one use" if expect == 1 else f"{expect} uses"
-        print(f"Pairing code ({uses}, valid {args.timeout:.0f} s): {format_pairing_code(pairing.code)}")
-        if node.addresses:
-            print(f"Join string: {join_string(node.addresses[0], pairing.code)}")
-            print(f"  on the other box: ./pangea.pyz respond '{join_string(node.addresses[0], pairing.code)}'")
-        print(node.data_plane_text())
-        who = "a responder" if expect == 1 else f"{expect} responders"
-        print(f"Waiting up to {args.timeout:.0f} s for {who} (Ctrl-C to stop)...", flush=True)
-        log.info("listening on %s (pairing code issued)", ", ".join(node.addresses))
+        _announce_initiator(args, node, manager, session_dir, pairing)
         sessions: list[PeerSession] = []
         view = LiveView(show_progress(args), node.nursery)
         with view:
@@ -8794,15 +8823,52 @@ async def _initiate(
                 checks.on_block = view.block_counter()
                 results = await checks.run_all()
         if len(sessions) < expect:
-            port = node.addresses[0].split("/tcp/")[1].split("/")[0] if node.addresses else args.port
-            got = "nobody" if not sessions else f"only {len(sessions)} of {expect} responders"
-            raise NoPeerError(
-                f"cannot run the checks: {got} connected within {format_seconds(args.timeout)}",
-                kind=ErrorKind.TIMEOUT,
-                hint=f"on the other box run `./pangea.pyz respond` with the join string printed above; "
-                f"check that box can reach this one (same network, firewall open for TCP port {port}"
-                + (f", and {node.data_plane.port} for the data plane)" if node.data_plane else ")"),
-            )
+            raise _too_few_responders(args, node, sessions, expect)
+    return _initiator_report(args, node, sessions, checks, results)
+
+
+def _announce_initiator(
+    args: argparse.Namespace, node: Node, manager: Manager, session_dir: SessionDir, pairing: Pairing
+) -> None:
+    """Save the initiator's addresses and session, start its metrics, print how a responder joins it."""
+    expect = args.expect
+    session_dir.write_addresses(node.addresses)
+    metrics_url = start_metrics(args.metrics, node, manager)
+    session_dir.save(peer_id=node.peer_id, metrics=metrics_url)
+    print(f"pangea {__version__} initiator, peer ID {node.peer_id}")
+    if metrics_url:
+        print(f"Metrics: {metrics_url}")
+    print("Copy this address for responder:")
+    for address in node.addresses:
+        print(f"  {address}")
+    uses = "one use" if expect == 1 else f"{expect} uses"
+    print(f"Pairing code ({uses}, valid {args.timeout:.0f} s): {format_pairing_code(pairing.code)}")
+    if node.addresses:
+        print(f"Join string: {join_string(node.addresses[0], pairing.code)}")
+        print(f"  on the other box: ./pangea.pyz respond '{join_string(node.addresses[0], pairing.code)}'")
+    print(node.data_plane_text())
+    who = "a responder" if expect == 1 else f"{expect} responders"
+    print(f"Waiting up to {args.timeout:.0f} s for {who} (Ctrl-C to stop)...", flush=True)
+    log.info("listening on %s (pairing code issued)", ", ".join(node.addresses))
+
+
+def _too_few_responders(args: argparse.Namespace, node: Node, sessions: list[PeerSession], expect: int) -> NoPeerError:
+    """The error of an initiator that did not get its responders in time, with a hint on reaching it."""
+    port = node.addresses[0].split("/tcp/")[1].split("/")[0] if node.addresses else args.port
+    got = "nobody" if not sessions else f"only {len(sessions)} of {expect} responders"
+    return NoPeerError(
+        f"cannot run the checks: {got} connected within {format_seconds(args.timeout)}",
+        kind=ErrorKind.TIMEOUT,
+        hint=f"on the other box run `./pangea.pyz respond` with the join string printed above; "
+        f"check that box can reach this one (same network, firewall open for TCP port {port}"
+        + (f", and {node.data_plane.port} for the data plane)" if node.data_plane else ")"),
+    )
+
+
+def _initiator_report(
+    args: argparse.Namespace, node: Node, sessions: list[PeerSession], checks: InitiatorChecks, results: list[CheckRow]
+) -> int:
+    """Print the initiator's report of the checks; return the exit code (0 when every check passed)."""
     extra = {
         "addresses": node.addresses,
         "rtt_ms": checks.rtt_ms,
@@ -8892,18 +8958,7 @@ async def _respond(
 ) -> int:
     import trio
 
-    node = Node(
-        key_pair=key_pair,
-        role="responder",
-        accept=lambda peer_id, hello: (
-            None if peer_id == address.peer_id else f"this responder only works for {address.peer_id}"
-        ),
-        may_serve=lambda peer_id: peer_id == address.peer_id,
-        limits=options[0],
-        psk=options[1],
-        faults=FaultInjector(args.fault) if args.fault else None,
-        data_port=args.data_port,
-    )
+    node = _responder_node(args, address, key_pair, options)
     results: list[CheckRow] = []
     async with node.running(args.host, args.port):
         metrics_url = start_metrics(args.metrics, node, None)
@@ -8915,16 +8970,7 @@ async def _respond(
         start = time.perf_counter()
         session = await node.dial(address, timeout_s=args.timeout)
         rtt_s = min([await session.ping() for _ in range(3)])
-        info = node.connection_info(session.peer_id)
-        results.append(
-            CheckRow(
-                "connection",
-                True,
-                time.perf_counter() - start,
-                f"initiator {session.peer_id} (pangea {session.hello.pangea_version}); "
-                f"{info['security']} + {info['muxer']}; rtt {rtt_s * 1000:.2f} ms; arrays: {session.data_note}",
-            )
-        )
+        results.append(_connection_row(node, session, start, rtt_s))
         print(f"Connected to initiator {session.peer_id}; serving its tasks until it says done.", flush=True)
         serve_start = time.perf_counter()
         with LiveView(show_progress(args), node.nursery) as view:
@@ -8937,6 +8983,43 @@ async def _respond(
                 if not session.closed.is_set():  # Ctrl-C or SIGTERM: tell the initiator why we leave
                     with trio.CancelScope(shield=True), trio.move_on_after(RESPONDER_BYE_S):
                         await session.close(RESPONDER_STOPPED)
+    return _responder_report(args, session, results, serve_start, rtt_s)
+
+
+def _responder_node(
+    args: argparse.Namespace, address: PeerAddress, key_pair: Any, options: tuple[Limits, str | None]
+) -> Node:
+    """The responder's node: it accepts and serves only the initiator at ``address``."""
+    return Node(
+        key_pair=key_pair,
+        role="responder",
+        accept=lambda peer_id, hello: (
+            None if peer_id == address.peer_id else f"this responder only works for {address.peer_id}"
+        ),
+        may_serve=lambda peer_id: peer_id == address.peer_id,
+        limits=options[0],
+        psk=options[1],
+        faults=FaultInjector(args.fault) if args.fault else None,
+        data_port=args.data_port,
+    )
+
+
+def _connection_row(node: Node, session: PeerSession, start: float, rtt_s: float) -> CheckRow:
+    """The responder's "connection" check: who the initiator is, how it is reached, the round trip."""
+    info = node.connection_info(session.peer_id)
+    return CheckRow(
+        "connection",
+        True,
+        time.perf_counter() - start,
+        f"initiator {session.peer_id} (pangea {session.hello.pangea_version}); "
+        f"{info['security']} + {info['muxer']}; rtt {rtt_s * 1000:.2f} ms; arrays: {session.data_note}",
+    )
+
+
+def _responder_report(
+    args: argparse.Namespace, session: PeerSession, results: list[CheckRow], serve_start: float, rtt_s: float
+) -> int:
+    """Add the "tasks" and "finish" checks, print the responder's report; return the exit code."""
     done = session.bye_reason == "done"
     # NOTE: an initiator that says Bye with another reason left; one that says nothing vanished.
     ended = "left" if session.bye_reason is not None else "vanished"
@@ -9206,24 +9289,7 @@ async def _serve(
         for peer in peers:
             node.nursery.start_soon(keep_connected, node, peer)
         node.nursery.start_soon(manager.watch_suspects)
-        session_dir.write_addresses(node.addresses)
-        metrics_url = start_metrics(args.metrics, node, manager)
-        session_dir.save(peer_id=node.peer_id, rpc=service.rpc_address, metrics=metrics_url)
-        print(f"pangea {__version__} serve node, peer ID {node.peer_id}")
-        print("Addresses for peers (./pangea.pyz serve --peer <address>):")
-        for address in node.addresses:
-            print(f"  {address}")
-        print(f"RPC: {service.rpc_address} ({'token required' if rpc[2] else 'no token, loopback only'})")
-        print(node.data_plane_text())
-        if metrics_url:
-            print(f"Metrics: {metrics_url}")
-        print(f"Trusted peers: {', '.join(sorted(trusted)) or 'none yet (--allow-peer, --peer, --pair)'}")
-        if pairing is not None and node.addresses:
-            print(f"Pairing code (one use, valid {args.pair_timeout:.0f} s): {format_pairing_code(pairing.code)}")
-            print(f"Join string: {join_string(node.addresses[0], pairing.code)}")
-        print(
-            f"pangea: serving on {node.addresses[-1] if node.addresses else '?'}; Ctrl-C or SIGTERM stops", flush=True
-        )
+        _announce_serve(args, node, manager, service, session_dir, rpc[2], trusted, pairing)
         try:
             await trio.sleep_forever()
         finally:
@@ -9232,6 +9298,35 @@ async def _serve(
                 await trio.sleep(0.2)  # let the cancelled calls' errors reach their clients
                 await server.stop()
     return 0
+
+
+def _announce_serve(
+    args: argparse.Namespace,
+    node: Node,
+    manager: Manager,
+    service: NodeService,
+    session_dir: SessionDir,
+    token: str,
+    trusted: set[str],
+    pairing: Pairing | None,
+) -> None:
+    """Save the serve node's addresses and session, start its metrics, print its banner and ready line."""
+    session_dir.write_addresses(node.addresses)
+    metrics_url = start_metrics(args.metrics, node, manager)
+    session_dir.save(peer_id=node.peer_id, rpc=service.rpc_address, metrics=metrics_url)
+    print(f"pangea {__version__} serve node, peer ID {node.peer_id}")
+    print("Addresses for peers (./pangea.pyz serve --peer <address>):")
+    for address in node.addresses:
+        print(f"  {address}")
+    print(f"RPC: {service.rpc_address} ({'token required' if token else 'no token, loopback only'})")
+    print(node.data_plane_text())
+    if metrics_url:
+        print(f"Metrics: {metrics_url}")
+    print(f"Trusted peers: {', '.join(sorted(trusted)) or 'none yet (--allow-peer, --peer, --pair)'}")
+    if pairing is not None and node.addresses:
+        print(f"Pairing code (one use, valid {args.pair_timeout:.0f} s): {format_pairing_code(pairing.code)}")
+        print(f"Join string: {join_string(node.addresses[0], pairing.code)}")
+    print(f"pangea: serving on {node.addresses[-1] if node.addresses else '?'}; Ctrl-C or SIGTERM stops", flush=True)
 
 
 def saved_suspects(manager: Manager) -> list[dict[str, Any]]:
