@@ -2414,10 +2414,21 @@ def _scaled(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     products of scaled operands can overflow."""
     import numpy as np
 
-    magnitude = np.where(np.isfinite(a), np.abs(a), 0)
-    top = float(magnitude.max()) if magnitude.size else 0.0
-    e = math.frexp(top)[1] if top > 0 else 0
+    finite = np.isfinite(a)
+    if a.dtype.kind == "c":
+        # NOTE: the modulus of a finite complex entry near the float maximum overflows to inf,
+        # its parts do not: the exponent comes from them (|z| <= 2 * max(|re|, |im|))
+        with np.errstate(all="ignore"):
+            parts = np.where(finite, np.maximum(np.abs(a.real), np.abs(a.imag)), 0)
+        top = float(parts.max()) if parts.size else 0.0
+        e = math.frexp(top)[1] + 1 if top > 0 else 0
+    else:
+        magnitude = np.where(finite, np.abs(a), 0)
+        top = float(magnitude.max()) if magnitude.size else 0.0
+        e = math.frexp(top)[1] if top > 0 else 0
     if -SCALE_FREE_EXP <= e <= SCALE_FREE_EXP:
+        if a.dtype.kind == "c":
+            magnitude = np.where(finite, np.abs(a), 0)  # no overflow at this scale
         return a, magnitude, 0  # no sum of two such operands' products can overflow: no copy
     scaled = np.array(_ldexp(a, -e))  # NOTE: an array even for 0-d a: written below
     # NOTE: an entry scaled down to 0 becomes the smallest subnormal of its sign instead: a
@@ -2426,6 +2437,8 @@ def _scaled(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     for part, original in ((scaled.real, a.real), (scaled.imag, a.imag)) if a.dtype.kind == "c" else ((scaled, a),):
         lost = (part == 0) & (original != 0)
         part[lost] = np.copysign(least, original[lost])
+    if a.dtype.kind == "c":
+        return scaled, np.where(finite, np.abs(scaled), 0), e
     return scaled, np.ldexp(magnitude, -e), e
 
 

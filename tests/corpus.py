@@ -86,6 +86,13 @@ def corpus() -> list[Case]:
             "matmul",
             [np.array([[9.61287416e94j]]), np.array([[1.03873759e213j, 1.60526616e-133j]])],
         ),
+        # a finite complex entry whose modulus overflows (|z| > the float maximum; found by hypothesis)
+        Case(
+            "matmul-complex-modulus-overflows",
+            "matmul",
+            [np.array([[0j]]), np.array([[1.27116101e308 + 1.27116101e308j]])],
+        ),
+        Case("dot-complex-modulus-overflows", "dot", [np.array([1.0 + 0j]), np.array([1.3e308 + 1.3e308j])]),
         Case("dot-range-wider-than-floats", "dot", [np.array([9.6e94, 9.6e94]), np.array([1.0e213, 1.6e-133])]),
         Case("matmul-int64-wrap", "matmul", [np.full((n, n), 1 << 31, np.int64)] * 2),
         Case("matmul-int64-random-wrap", "matmul", [big64, big64.T.copy()]),
