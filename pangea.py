@@ -7387,12 +7387,25 @@ class NodeService:
         return record
 
     async def connect(self, multiaddr: str) -> PeerRecord:
-        """Dial a peer named by the RPC user, trust it, and return its info."""
+        """Dial a peer named by the RPC user, trust it once the handshake with it succeeded, and
+        return its info. A failed or refused dial leaves no trust behind (issue 13)."""
         info: PeerRecord | None = None
         with self._call():
             address = parse_peer_address(check_rpc_text("multiaddr", multiaddr))
-            self.trust(address.peer_id)  # the node's owner asked for this peer by name
-            session = await self.node.dial(address, timeout_s=RPC_CONNECT_TIMEOUT_S)
+
+            # NOTE: trusted as the dialed session opens, before it runs: a task the peer sends
+            # at once is served. Only a session we dialed: Noise authenticated the peer id we
+            # named; a session the peer dialed was judged by the node's own `accept`.
+            def trust_dialed(session: PeerSession) -> None:
+                if session.dialed and session.peer_id == address.peer_id:
+                    self.trust(address.peer_id)
+
+            self.node.on_session.append(trust_dialed)
+            try:
+                session = await self.node.dial(address, timeout_s=RPC_CONNECT_TIMEOUT_S)
+            finally:
+                self.node.on_session.remove(trust_dialed)
+            self.trust(session.peer_id)  # also when the dial found the peer's own session open
             info = self.peer_info(session)
         assert info is not None
         return info
