@@ -7446,12 +7446,25 @@ class NodeService:
         return record
 
     async def connect(self, multiaddr: str) -> PeerRecord:
-        """Dial a peer named by the RPC user, trust it, and return its info."""
+        """Dial a peer named by the RPC user, trust it once the handshake with it succeeded, and
+        return its info. A failed or refused dial leaves no trust behind (issue 13)."""
         info: PeerRecord | None = None
         with self._call():
             address = parse_peer_address(check_rpc_text("multiaddr", multiaddr))
-            self.trust(address.peer_id)  # the node's owner asked for this peer by name
-            session = await self.node.dial(address, timeout_s=RPC_CONNECT_TIMEOUT_S)
+
+            # NOTE: trusted as the dialed session opens, before it runs: a task the peer sends
+            # at once is served. Only a session we dialed: Noise authenticated the peer id we
+            # named; a session the peer dialed was judged by the node's own `accept`.
+            def trust_dialed(session: PeerSession) -> None:
+                if session.dialed and session.peer_id == address.peer_id:
+                    self.trust(address.peer_id)
+
+            self.node.on_session.append(trust_dialed)
+            try:
+                session = await self.node.dial(address, timeout_s=RPC_CONNECT_TIMEOUT_S)
+            finally:
+                self.node.on_session.remove(trust_dialed)
+            self.trust(session.peer_id)  # also when the dial found the peer's own session open
             info = self.peer_info(session)
         assert info is not None
         return info
@@ -8916,11 +8929,18 @@ def discover_one(interactive: bool) -> str:
             return str(found[int(choice) - 1]["address"])
 
 
+JOIN_ENV = "PANGEA_JOIN"  # `respond` without ADDRESS reads the join string from here (demo passes it so)
+
+
 def add_respond_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     """Add the `respond` command and its options."""
     p = sub.add_parser("respond", help="start node 2: connect to an initiator and do its work")
     p.add_argument(
-        "address", nargs="?", help="the join string the initiator printed (pangea://...#CODE), or its multiaddr"
+        "address",
+        nargs="?",
+        help="the join string the initiator printed (pangea://...#CODE), or its multiaddr; - reads it from stdin "
+        f"(one line), and without ADDRESS ${JOIN_ENV} is used when set: on a shared machine prefer either, as "
+        "other users can read a command line (ps)",
     )
     p.add_argument("--code", help="the initiator's pairing code, when ADDRESS is a bare multiaddr")
     p.add_argument(
@@ -8933,16 +8953,32 @@ def add_respond_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.set_defaults(func=cmd_respond)
 
 
+def join_text(address: str | None, discover: bool) -> str | None:
+    """The join string or address `respond` was given: ADDRESS, one line of stdin for ``-``, else
+    $PANGEA_JOIN (unless --discover); None when none was given. The last two keep the pairing
+    code out of the process table, where other users of the machine can read a command line."""
+    if address == "-":
+        text = sys.stdin.readline().strip()
+        if not text:
+            raise UsageError("no initiator address on stdin", hint="echo 'pangea://...#CODE' | ./pangea.pyz respond -")
+        return text
+    if address is None and not discover:
+        return os.environ.get(JOIN_ENV, "").strip() or None
+    return address
+
+
 def cmd_respond(args: argparse.Namespace) -> int:
     """`respond`: dial the initiator, serve its tasks until it says done."""
-    text = args.address
+    text = join_text(args.address, args.discover)
     interactive = sys.stdin.isatty()
     if text is None and args.discover:
         text = discover_one(interactive)
     if text is None:
         if not interactive:
             raise UsageError(
-                "no initiator address given", hint="./pangea.pyz respond 'pangea://ip4/<ip>/tcp/<port>/p2p/<id>#CODE'"
+                "no initiator address given",
+                hint="./pangea.pyz respond 'pangea://ip4/<ip>/tcp/<port>/p2p/<id>#CODE' (on a shared machine: "
+                f"pipe it to `respond -`, or set ${JOIN_ENV})",
             )
         text = input("Paste the initiator's join string or address: ")
     address = parse_peer_address(text)
@@ -9122,8 +9158,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "cannot run the demo: the initiator did not print its address",
                 hint="run `./pangea.pyz initiate --port 0` by hand to see why",
             )
+        # NOTE: the join string carries the pairing code: in the environment (readable by this
+        # user only), never on the command line, which every user of the machine can read (ps).
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PANGEA_HOME": str(home / "demo" / "responder")}
-        responder = subprocess.Popen([*command, "respond", found[0]], env=env, stdout=subprocess.PIPE, text=True)
+        env[JOIN_ENV] = found[0]
+        responder = subprocess.Popen([*command, "respond"], env=env, stdout=subprocess.PIPE, text=True)
         procs.append(responder)
         threads.append(threading.Thread(target=_pump, args=(responder, "responder", [], None), daemon=True))
         threads[-1].start()
@@ -9152,6 +9191,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 ###############################################################################
 
 
+def read_token_file(path: str) -> str:
+    """Return the token in the file ``path`` (stripped); refuse a file that other users can read."""
+    import shlex
+    import stat
+
+    try:
+        if os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH):
+            raise ConfigError(
+                f"cannot use token file {path}: it is readable by other users", hint=f"chmod 600 {shlex.quote(path)}"
+            )
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read token file {path!r}: {exc.strerror}") from None
+
+
+def warn_token_on_command_line(option: str, safer: str) -> None:
+    """Say on stderr (one line) that a token given as ``option TOKEN`` is visible to other users."""
+    print(
+        f"pangea: warning: {option} TOKEN puts the token on the command line, where other users of this machine "
+        f"can read it (ps, /proc/PID/cmdline); use {safer} or $PANGEA_RPC_TOKEN instead",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def read_rpc_token(args: argparse.Namespace) -> str:
     """Return the RPC token from --rpc-token, --rpc-token-file or $PANGEA_RPC_TOKEN ("" if none)."""
     if args.rpc_token and args.rpc_token_file:
@@ -9159,15 +9223,26 @@ def read_rpc_token(args: argparse.Namespace) -> str:
     token = args.rpc_token if args.rpc_token is not None else os.environ.get("PANGEA_RPC_TOKEN", "")
     supplied = args.rpc_token is not None or bool(args.rpc_token_file)
     if args.rpc_token_file:
-        try:
-            token = Path(args.rpc_token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read token file {args.rpc_token_file!r}: {exc.strerror}") from None
+        token = read_token_file(args.rpc_token_file)
     if (token or supplied) and len(token) < MIN_TOKEN_CHARS:
         raise UsageError(
             f"the RPC token is {len(token)} characters; use at least {MIN_TOKEN_CHARS}",
             hint="generate one: python3 -c 'import secrets; print(secrets.token_hex(16))'",
         )
+    if args.rpc_token is not None:
+        warn_token_on_command_line("--rpc-token", "--rpc-token-file FILE")
+    return token
+
+
+def read_call_token(args: argparse.Namespace) -> str | None:
+    """Return the token of `call`: --token-file, --token (with a warning), or None ($PANGEA_RPC_TOKEN)."""
+    if args.token is not None and args.token_file:
+        raise UsageError("give either --token or --token-file, not both")
+    if args.token_file:
+        return read_token_file(args.token_file)
+    if args.token is not None:
+        warn_token_on_command_line("--token", "--token-file FILE")
+    token: str | None = args.token
     return token
 
 
@@ -9181,8 +9256,17 @@ def add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         metavar="HOST:PORT",
         help=f"RPC endpoint (default: 127.0.0.1:{DEFAULT_RPC_PORT}; another host needs a token)",
     )
-    p.add_argument("--rpc-token", metavar="TOKEN", help="token RPC clients must present (or set PANGEA_RPC_TOKEN)")
-    p.add_argument("--rpc-token-file", metavar="FILE", help="read the RPC token from this file")
+    p.add_argument(
+        "--rpc-token",
+        metavar="TOKEN",
+        help="token RPC clients must present; unsafe on a shared machine (other users can read a command line: "
+        "ps), so prefer --rpc-token-file FILE or $PANGEA_RPC_TOKEN",
+    )
+    p.add_argument(
+        "--rpc-token-file",
+        metavar="FILE",
+        help="read the RPC token from this file (mode 0600: a file other users can read is refused)",
+    )
     p.add_argument(
         "--rpc-max-mib",
         type=size_mib(1, 4096),
@@ -9385,7 +9469,17 @@ def add_call_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument(
         "--rpc", default=f"127.0.0.1:{DEFAULT_RPC_PORT}", metavar="HOST:PORT", help="the node's RPC endpoint"
     )
-    p.add_argument("--token", help="the node's RPC token (default: $PANGEA_RPC_TOKEN)")
+    p.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="the node's RPC token (default: $PANGEA_RPC_TOKEN); unsafe on a shared machine (other users can "
+        "read a command line: ps), so prefer --token-file FILE or $PANGEA_RPC_TOKEN",
+    )
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="read the node's RPC token from this file (mode 0600: a file other users can read is refused)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     calls = p.add_subparsers(dest="call", metavar="CALL", parser_class=_Parser)
@@ -9408,7 +9502,7 @@ def cmd_call(args: argparse.Namespace) -> int:
     """`call`: one RPC call to a running node, printed readably or as JSON."""
     if args.call is None:
         raise UsageError("no call given", hint="pangea.pyz call status | peers | connect ADDR | matmul --size N")
-    with Client(args.rpc, token=args.token) as client:
+    with Client(args.rpc, token=read_call_token(args)) as client:
         if args.call == "status":
             result: Any = client.status()
             text = format_table(("field", "value"), [(k, _human(k, v)) for k, v in result.items()])

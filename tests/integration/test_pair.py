@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -280,3 +281,65 @@ def test_demo_every_check_passes(pyz: Path, pangea_home: NodeHome) -> None:
     assert "Traceback" not in result.stderr, result.stderr
     leftovers = list((pangea_home.pangea_home).glob("**/compute_test/*"))
     assert leftovers == [], leftovers
+
+
+# ---------------------------------------------------------------- the pairing code out of the process table
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of a process's children, grandchildren, ... now (read from /proc)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:  # the process or thread has gone
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def cmdline(pid: int) -> str:
+    """A process's command line as `ps` shows it ("" once it has gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_demo_keeps_the_pairing_code_off_every_command_line(pyz: Path, pangea_home: NodeHome) -> None:
+    with Proc([str(pyz), "demo", "--size", "512"], env=pangea_home.env, name="demo") as demo:
+        join = demo.wait_for_line(r"^initiator \| Join string: (pangea://\S+)$", stream="stdout", timeout=120).group(1)
+        code = join.partition("#")[2]
+        assert len(code) >= 12, join
+        secrets = {code, f"{code[:4]}-{code[4:8]}-{code[8:]}", join}
+        commands: set[str] = set()  # every command line seen (a child shows demo's until its exec)
+        while demo.returncode is None:
+            commands |= {cmdline(pid) for pid in descendants(demo.pid)}
+            time.sleep(0.05)
+        assert demo.wait(timeout=PAIR_TIMEOUT_S) == 0, demo.output()
+    assert "every check passed" in "\n".join(demo.stdout_lines), demo.output()
+    verbs = {command.split()[2] for command in commands if len(command.split()) > 2}
+    assert {"initiate", "respond"} <= verbs, commands  # both children were seen
+    for command in commands:
+        assert not any(secret in command for secret in secrets), command
+
+
+def test_respond_dash_reads_the_join_string_from_stdin_and_pairs(pyz: Path, make_home: Any) -> None:
+    a, b = make_home("initiator"), make_home("responder")
+    with start_initiator(pyz, a, "--json", *FAST, "--timeout", "60") as initiator:
+        join = loopback_address(initiator)
+        responder = subprocess.run(
+            [str(pyz), "respond", "-", "--json", "--timeout", "30"],
+            input=join + "\n",
+            env=b.env,
+            capture_output=True,
+            text=True,
+            timeout=PAIR_TIMEOUT_S,
+        )
+        assert responder.returncode == 0, responder.stdout + responder.stderr
+        assert initiator.wait(timeout=PAIR_TIMEOUT_S) == 0, initiator.output()
+    _assert_all_checks_passed(last_json(responder.stdout.splitlines()), "responder", RESPONDER_CHECK_NAMES)
+    assert last_json(initiator.stdout_lines)["ok"] is True

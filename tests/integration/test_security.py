@@ -59,7 +59,7 @@ from pyz_helpers import (
 )
 
 import pangea
-from pangea import Client
+from pangea import Client, RpcError
 
 HOSTILE = Path(__file__).resolve().parents[1] / "peers" / "hostile.py"
 ENDED = {"eof", "reset"}
@@ -176,6 +176,32 @@ def test_serve_trusts_its_trusted_peers_file_and_refuses_anyone_else_naming_allo
     run = run_hostile(pyz, friend, node.address, "hello")
     assert run.one("hello")["reply"]["type"] == "HelloMsg"
     assert run.one("good")["ok"] is True
+    assert node.proc.returncode is None
+
+
+def test_a_failed_connect_leaves_no_trust_behind(pyz: Path, make_home: Any, serve: Any) -> None:
+    """`connect` to a dead address, or to a live node under another peer id, fails as before and does
+    not make the node trust the peer it named: a peer with that id is refused a session afterwards."""
+    home, decoy, stranger = make_home("node"), make_home("decoy"), make_home("stranger")
+    stranger_id = peer_id_of(pyz, stranger)
+    node = serve(home, name="serve")
+    other = serve(decoy, name="serve-decoy")
+    other_port = other.address.split("/tcp/")[1].split("/")[0]
+    dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{stranger_id}"
+    impostor = f"/ip4/127.0.0.1/tcp/{other_port}/p2p/{stranger_id}"  # a live node, but not that peer
+    with Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+        for address in (dead, impostor):
+            with pytest.raises(RpcError) as info:
+                rpc.connect(address)
+            assert str(info.value).startswith("cannot "), info.value
+        assert rpc.peers() == [] and rpc.status()["peer_count"] == 0
+
+    run = run_hostile(pyz, stranger, node.address, "hello")
+    reply = run.one("hello")["reply"]
+    assert reply["type"] == "ErrorMsg" and reply["kind"] == "refused", reply
+    assert reply["message"].startswith(f"peer {stranger_id} is not trusted by node {node.peer_id}"), reply
+    with Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+        assert rpc.status()["tasks_served"] == 0
     assert node.proc.returncode is None
 
 

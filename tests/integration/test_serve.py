@@ -171,11 +171,37 @@ def test_serve_refuses_to_start_with_exit_2_and_one_error_line(
 def test_serve_refuses_a_short_token_file(pyz: Path, pangea_home: NodeHome, tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("0123456789abcde\n")
+    token_file.chmod(0o600)
     result = run_pyz(pyz, [*SERVE_LOCAL, "--rpc", "127.0.0.1:0", "--rpc-token-file", str(token_file)], pangea_home.env)
     assert result.returncode == 2
     lines = error_lines(result.stderr)
     assert "15 characters" in lines[0] and "at least 16" in lines[0]
     assert "0123456789abcde" not in result.stderr  # a secret, even a bad one, is never echoed
+
+
+def test_serve_refuses_a_token_file_other_users_can_read(pyz: Path, pangea_home: NodeHome, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o644)
+    result = run_pyz(pyz, [*SERVE_LOCAL, "--rpc", "127.0.0.1:0", "--rpc-token-file", str(token_file)], pangea_home.env)
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result.stderr) == [
+        f"pangea: error: cannot use token file {token_file}: it is readable by other users",
+        f"hint: chmod 600 {token_file}",
+    ]
+    assert TOKEN not in result.stderr and result.stdout == ""
+    assert session_dirs(pangea_home) == []
+
+
+def test_serve_with_the_token_on_its_command_line_warns_that_other_users_can_read_it(pyz: Path, make_home: Any) -> None:
+    node = start_serve(pyz, make_home("node"), "--rpc-token", TOKEN, name="serve-flag-token")
+    with node.proc:
+        warning = node.proc.wait_for_line(r"^pangea: warning: ", stream="stderr").string
+        node.proc.wait_for_line(rf"^RPC: {node.rpc} \(token required\)$", stream="stdout")
+    assert warning.startswith("pangea: warning: --rpc-token TOKEN puts the token on the command line"), warning
+    assert "other users" in warning and "--rpc-token-file FILE" in warning and "$PANGEA_RPC_TOKEN" in warning
+    assert TOKEN not in warning
+    assert sum(line.startswith("pangea: warning: ") for line in node.proc.stderr_lines) == 1, node.proc.output()
 
 
 def _serve_on_busy_rpc_port(pyz: Path, home: NodeHome) -> tuple[int, list[str]]:
@@ -271,10 +297,45 @@ def test_call_with_token_works_and_without_it_fails_readably(locked: ServeNode, 
     for args in (["call", "--rpc", locked.rpc, "status"], ["call", "--rpc", locked.rpc, "--token", "x" * 32, "peers"]):
         refused = run_pyz(pyz, args, env)
         assert refused.returncode == 1
-        lines = error_lines(refused.stderr)
+        lines = error_lines(without_token_warning(refused.stderr))
         assert "token" in lines[0] and locked.rpc in lines[0]
         assert TOKEN not in refused.stderr
         assert refused.stdout == ""
+
+
+def without_token_warning(stderr: str) -> str:
+    """stderr without the warning `call --token TOKEN` prints (tested on its own below)."""
+    return "".join(line for line in stderr.splitlines(True) if not line.startswith("pangea: warning: --token "))
+
+
+def test_call_token_forms_warn_on_the_command_line_and_refuse_a_readable_file(
+    locked: ServeNode, pyz: Path, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in locked.home.env.items() if k != "PANGEA_RPC_TOKEN"}
+    flag = run_pyz(pyz, ["call", "--rpc", locked.rpc, "--token", TOKEN, "status"], env)
+    assert flag.returncode == 0, flag.stderr
+    (warning,) = flag.stderr.splitlines()
+    assert warning.startswith("pangea: warning: --token TOKEN puts the token on the command line"), warning
+    assert "other users" in warning and "--token-file FILE" in warning and "$PANGEA_RPC_TOKEN" in warning
+    assert TOKEN not in warning
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    quiet = run_pyz(pyz, ["call", "--rpc", locked.rpc, "--token-file", str(token_file), "--json", "status"], env)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    assert '"peer_id": "' + locked.peer_id in quiet.stdout
+    via_env = run_pyz(pyz, ["call", "--rpc", locked.rpc, "status"], {**env, "PANGEA_RPC_TOKEN": TOKEN})
+    assert via_env.returncode == 0 and via_env.stderr == "", via_env.stderr
+
+    token_file.chmod(0o640)
+    refused = run_pyz(pyz, ["call", "--rpc", locked.rpc, "--token-file", str(token_file), "status"], env)
+    assert refused.returncode == 2, refused.stderr
+    assert error_lines(refused.stderr) == [
+        f"pangea: error: cannot use token file {token_file}: it is readable by other users",
+        f"hint: chmod 600 {token_file}",
+    ]
+    assert refused.stdout == ""
 
 
 # ---------------------------------------------------------------- a node with no peers

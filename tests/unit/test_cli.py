@@ -29,6 +29,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep any accidental session directory out of the real home; no stdin."""
     monkeypatch.setenv("PANGEA_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    monkeypatch.delenv(pangea.JOIN_ENV, raising=False)
     monkeypatch.setattr(pangea, "build_info", lambda: None)  # as when run from source
 
 
@@ -169,6 +170,53 @@ def test_main_respond_without_address_and_no_terminal_exits_2(
     _, lines = error_lines(capsys)
     assert lines[0] == "pangea: error: no initiator address given"
     assert lines[1].startswith("hint: ./pangea.pyz respond 'pangea://ip4/")
+
+
+JOIN = f"pangea://ip4/127.0.0.1/tcp/7777/p2p/{PEER_ID}#4E5QZNFDYK3N"
+
+
+def test_respond_dash_reads_the_join_string_from_one_line_of_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"  {JOIN}\nnot this line\n"))
+    monkeypatch.setenv(pangea.JOIN_ENV, "pangea://not-this-one")
+    assert pangea.join_text("-", discover=False) == JOIN
+
+
+def test_respond_dash_with_nothing_on_stdin_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["respond", "-"]) == 2
+    _, lines = error_lines(capsys)
+    assert lines[0] == "pangea: error: no initiator address on stdin"
+    assert "respond -" in lines[1]
+
+
+def test_respond_without_address_takes_the_join_string_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(pangea.JOIN_ENV, JOIN + "\n")
+    assert pangea.join_text(None, discover=False) == JOIN
+    assert pangea.join_text("/ip4/1.2.3.4/tcp/1", discover=False) == "/ip4/1.2.3.4/tcp/1"  # ADDRESS wins
+    assert pangea.join_text(None, discover=True) is None  # --discover wins: it runs discovery
+
+
+def test_respond_without_address_or_environment_is_as_before() -> None:
+    assert pangea.join_text(None, discover=False) is None
+    assert pangea.join_text(None, discover=True) is None
+
+
+def test_respond_help_names_stdin_and_the_environment(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["respond", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "- reads it from stdin" in out and f"${pangea.JOIN_ENV}" in out, out
+
+
+@pytest.mark.parametrize(
+    ("verb", "flag", "safer"),
+    [("serve", "--rpc-token", "--rpc-token-file FILE"), ("call", "--token", "--token-file FILE")],
+)
+def test_token_flag_help_says_it_is_unsafe_on_a_shared_machine(
+    capsys: pytest.CaptureFixture[str], verb: str, flag: str, safer: str
+) -> None:
+    assert run([verb, "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "unsafe on a shared machine" in out and safer in out and "$PANGEA_RPC_TOKEN" in out, out
+    assert "a file other users can read is refused" in out and f"{flag} TOKEN" in out, out
 
 
 def test_main_respond_non_ascii_digit_port_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,7 +4,8 @@ No sockets and no event loop: address parsing (`parse_host_port`,
 `is_loopback_host`), the readable text of a pycapnp remote exception
 (`remote_error_text`), the RPC `Array` conversion in both directions
 (`array_to_capnp` / `array_from_capnp`, including chunking of the bytes into
-several `Data` fields), and reading the RPC token (`read_rpc_token`). The
+several `Data` fields), and reading the RPC token (`read_rpc_token`, `read_call_token`:
+a token file other users can read is refused, a token on the command line warns). The
 service, server and client themselves are tested against real `serve`
 processes in tests/integration/test_rpc.py and test_serve.py.
 """
@@ -354,6 +355,13 @@ def no_env_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PANGEA_RPC_TOKEN", raising=False)
 
 
+def write_token(path: Path, text: str, mode: int = 0o600) -> Path:
+    """Write a token file with ``mode`` (0600: the only kind `read_rpc_token` accepts)."""
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
 @pytest.mark.usefixtures("no_env_token")
 def test_read_rpc_token_is_empty_when_none_is_given() -> None:
     assert read_rpc_token(token_args()) == ""
@@ -372,15 +380,13 @@ def test_read_rpc_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
 def test_read_rpc_token_flag_and_file_win_over_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PANGEA_RPC_TOKEN", "from-the-environment-0000")
     assert read_rpc_token(token_args(token=GOOD_TOKEN)) == GOOD_TOKEN
-    path = tmp_path / "token"
-    path.write_text(GOOD_TOKEN)
+    path = write_token(tmp_path / "token", GOOD_TOKEN)
     assert read_rpc_token(token_args(token_file=str(path))) == GOOD_TOKEN
 
 
 @pytest.mark.usefixtures("no_env_token")
 def test_read_rpc_token_from_a_file_strips_the_newline(tmp_path: Path) -> None:
-    path = tmp_path / "token"
-    path.write_text(f"  {GOOD_TOKEN}\n")
+    path = write_token(tmp_path / "token", f"  {GOOD_TOKEN}\n")
     assert read_rpc_token(token_args(token_file=str(path))) == GOOD_TOKEN
 
 
@@ -398,7 +404,7 @@ def test_read_rpc_token_refuses_a_short_token(source: str, tmp_path: Path, monke
     if source == "flag":
         args = token_args(token=short)
     elif source == "file":
-        (tmp_path / "token").write_text(short + "\n")
+        write_token(tmp_path / "token", short + "\n")
         args = token_args(token_file=str(tmp_path / "token"))
     else:
         monkeypatch.setenv("PANGEA_RPC_TOKEN", short)
@@ -429,11 +435,66 @@ def test_read_rpc_token_names_a_missing_file(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("no_env_token")
 @pytest.mark.parametrize("content", ["", "\n", "   \n"])
 def test_read_rpc_token_refuses_an_empty_token_file(tmp_path: Path, content: str) -> None:
-    path = tmp_path / "token"
-    path.write_text(content)
+    path = write_token(tmp_path / "token", content)
     with pytest.raises((UsageError, ConfigError)) as info:
         read_rpc_token(token_args(token_file=str(path)))
     assert "0 characters" in str(info.value) or "empty" in str(info.value)
+
+
+@pytest.mark.usefixtures("no_env_token")
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o444])
+def test_read_rpc_token_refuses_a_token_file_other_users_can_read(tmp_path: Path, mode: int) -> None:
+    path = write_token(tmp_path / "token", GOOD_TOKEN, mode)
+    with pytest.raises(ConfigError) as info:
+        read_rpc_token(token_args(token_file=str(path)))
+    assert str(info.value) == f"cannot use token file {path}: it is readable by other users"
+    assert info.value.hint == f"chmod 600 {path}" and info.value.exit_code == 2
+    assert GOOD_TOKEN not in str(info.value)
+
+
+@pytest.mark.usefixtures("no_env_token")
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o700])
+def test_read_rpc_token_accepts_a_token_file_only_its_owner_can_read(tmp_path: Path, mode: int) -> None:
+    path = write_token(tmp_path / "token", GOOD_TOKEN, mode)
+    assert read_rpc_token(token_args(token_file=str(path))) == GOOD_TOKEN
+
+
+@pytest.mark.usefixtures("no_env_token")
+def test_read_rpc_token_from_the_flag_warns_once_that_other_users_can_read_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert read_rpc_token(token_args(token=GOOD_TOKEN)) == GOOD_TOKEN
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("pangea: warning: --rpc-token TOKEN ") and "other users" in line, line
+    assert "--rpc-token-file FILE" in line and "$PANGEA_RPC_TOKEN" in line and GOOD_TOKEN not in line
+    # the safer forms say nothing
+    read_rpc_token(token_args(token_file=str(write_token(tmp_path / "token", GOOD_TOKEN))))
+    monkeypatch.setenv("PANGEA_RPC_TOKEN", GOOD_TOKEN)
+    read_rpc_token(token_args())
+    assert capsys.readouterr().err == ""
+
+
+def call_args(token: str | None = None, token_file: str | None = None) -> argparse.Namespace:
+    return argparse.Namespace(token=token, token_file=token_file)
+
+
+def test_read_call_token_from_the_flag_warns_and_from_a_file_does_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert pangea.read_call_token(call_args()) is None  # Client reads $PANGEA_RPC_TOKEN
+    assert capsys.readouterr().err == ""
+    assert pangea.read_call_token(call_args(token=GOOD_TOKEN)) == GOOD_TOKEN
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("pangea: warning: --token TOKEN ") and "other users" in line, line
+    assert "--token-file FILE" in line and "$PANGEA_RPC_TOKEN" in line
+    path = write_token(tmp_path / "token", GOOD_TOKEN + "\n")
+    assert pangea.read_call_token(call_args(token_file=str(path))) == GOOD_TOKEN
+    assert capsys.readouterr().err == ""
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by other users"):
+        pangea.read_call_token(call_args(token_file=str(path)))
+    with pytest.raises(UsageError, match="either --token or --token-file"):
+        pangea.read_call_token(call_args(token=GOOD_TOKEN, token_file=str(path)))
 
 
 # ---------------------------------------------------------------- errors in RPC results

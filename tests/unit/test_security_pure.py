@@ -2,7 +2,8 @@
 
 No sockets, no processes: the pairing code (`Pairing.check`, `pairing_proof`,
 `normalize_pairing_code`), the trust and key files (`parse_trusted_peers`,
-`parse_psk`), the limits (`Limits.validate`, `MemoryBudget`, the admission
+`parse_psk`), the trust `NodeService.connect` gives (only to a peer whose
+handshake succeeded; over a fake node on trio), the limits (`Limits.validate`, `MemoryBudget`, the admission
 rules of `SessionProtocol.admit_request`), and the Decoder under hostile input with a
 ``gate`` and small limits: a property test feeds random and mutated
 frames in random chunks and checks that it only ever returns messages or
@@ -253,6 +254,67 @@ def test_parse_trusted_peers_complains_about_bad_lines_by_number_and_keeps_the_r
 
 def test_parse_trusted_peers_of_an_empty_file() -> None:
     assert parse_trusted_peers("") == (set(), [])
+
+
+# ---------------------------------------------------------------- trust by `connect`
+
+
+def connect_with(dial: Any) -> tuple[set[str], Any, Any]:
+    """Run `NodeService.connect` against a fake node whose `dial` is ``dial(node, address)``;
+    return the trusted set, the fake node and the result (or the exception raised)."""
+    import trio
+
+    trusted: set[str] = set()
+    node = SimpleNamespace(on_session=[])
+
+    async def fake_dial(address: Any, *, timeout_s: float) -> Any:
+        return await dial(node, address, trusted)
+
+    node.dial = fake_dial
+    service = pangea.NodeService(node, SimpleNamespace(), trust=trusted.add, rpc_address="")  # type: ignore[arg-type]
+    service.peer_info = lambda session: session  # type: ignore[assignment, method-assign, return-value]
+    outcome: Any = None
+
+    async def main() -> None:
+        nonlocal outcome
+        try:
+            outcome = await service.connect(f"/ip4/127.0.0.1/tcp/1/p2p/{DIALER}")
+        except pangea.PangeaError as exc:
+            outcome = exc
+
+    trio.run(main)
+    return trusted, node, outcome
+
+
+def test_connect_that_fails_leaves_no_trust_and_no_hook_behind() -> None:
+    async def dial(node: Any, address: Any, trusted: set[str]) -> Any:
+        assert address.peer_id not in trusted  # nobody is trusted while the dial runs
+        raise pangea.NoPeerError(f"cannot reach {address.text}", kind=pangea.ErrorKind.UNREACHABLE)
+
+    trusted, node, outcome = connect_with(dial)
+    assert isinstance(outcome, pangea.NoPeerError) and str(outcome).startswith("cannot reach")
+    assert trusted == set() and node.on_session == []
+
+
+def test_connect_trusts_the_dialed_peer_as_its_session_opens_not_a_peer_that_dialed_in() -> None:
+    seen: list[bool] = []
+
+    async def dial(node: Any, address: Any, trusted: set[str]) -> Any:
+        incoming = SimpleNamespace(peer_id=address.peer_id, dialed=False)
+        stranger = SimpleNamespace(peer_id=OTHER, dialed=True)
+        dialed = SimpleNamespace(peer_id=address.peer_id, dialed=True)
+        for session in (incoming, stranger):
+            for callback in list(node.on_session):
+                callback(session)
+        seen.append(bool(trusted))
+        for callback in list(node.on_session):
+            callback(dialed)
+        seen.append(address.peer_id in trusted)  # before the session runs: its first task is served
+        return dialed
+
+    trusted, node, outcome = connect_with(dial)
+    assert seen == [False, True]
+    assert outcome.peer_id == DIALER and trusted == {DIALER} and node.on_session == []
 
 
 # ---------------------------------------------------------------- pre-shared keys
