@@ -181,6 +181,7 @@ SESSIONS_DIRNAME = "compute_test"
 IDENTITY_FILENAME = "identity.key"
 LOG_MAX_BYTES = 1 << 20  # session log rotates at 1 MiB, keeping 3 old files
 LOG_BACKUPS = 3
+LOG_MAX_RECORD_CHARS = 4000  # a log line's message is cut here: a peer's or client's long text cannot flood the log
 LIBP2P_LOG_REPEAT_S = 60.0  # one libp2p warning or error of a kind per minute in the log; a redial makes dozens
 
 # Work sizes of the distributed checks.
@@ -8159,6 +8160,27 @@ class Libp2pLogFilter(logging.Filter):
         return True
 
 
+class BoundedRecordFilter(logging.Filter):
+    """Cuts a record's message to ``max_chars`` (every handler carries one): the text of a
+    peer, a client or an exception can be as long as a message limit allows (a kernel name,
+    an error message), and one line of it must not push the log's history out of rotation."""
+
+    def __init__(self, max_chars: int = LOG_MAX_RECORD_CHARS) -> None:
+        super().__init__()
+        self.max_chars = max_chars
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Always True: ``record`` is logged, its message cut when it is too long."""
+        if getattr(record, "pangea_bounded", False):  # the same record, at the next handler
+            return True
+        record.pangea_bounded = True
+        message = record.getMessage()
+        if len(message) > self.max_chars:
+            record.msg = f"{message[: self.max_chars]}... ({len(message) - self.max_chars} more characters)"
+            record.args = ()
+        return True
+
+
 def setup_logging(log_file: Path | None, verbose: int, debug: bool) -> None:
     """Send pangea's log to the session log file and, with -v/--debug, to stderr."""
     # NOTE: `import libp2p` resets the "libp2p" logger (libp2p.utils.logging.setup_logging),
@@ -8176,8 +8198,10 @@ def setup_logging(log_file: Path | None, verbose: int, debug: bool) -> None:
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handlers.append(file_handler)
     libp2p_filter = Libp2pLogFilter(debug)  # one for all handlers: a held-back record is held back everywhere
+    bounded = BoundedRecordFilter()
     for handler in handlers:
         handler.addFilter(libp2p_filter)
+        handler.addFilter(bounded)
     for name, level, hs in (
         ("", logging.WARNING, handlers[1:]),  # libraries that log through the root logger: file only
         ("pangea", logging.DEBUG, handlers),

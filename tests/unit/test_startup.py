@@ -164,3 +164,26 @@ def test_forget_zipapp_keeps_sys_path_when_run_from_source(monkeypatch: pytest.M
     monkeypatch.setattr(sys, "path", list(before))
     pangea.forget_zipapp_on_sys_path()
     assert sys.path == before
+
+
+def test_a_huge_log_message_is_cut_to_one_bounded_line(tmp_path: Path) -> None:
+    """A 16 MiB text in one log call (a client's kernel name, a peer's error) writes one short line."""
+    log_file = tmp_path / "pangea.log"
+    out = run_child(
+        f"""
+        import logging, pangea
+        pangea.setup_logging(pangea.Path({str(log_file)!r}), 0, False)
+        log = logging.getLogger("pangea")
+        log.warning("unknown kernel %r", "k" * (16 << 20))
+        log.warning("after it")
+        print("ok")
+        """
+    )
+    assert out.strip().endswith("ok")
+    lines = log_file.read_text().splitlines()
+    assert len(lines) == 2
+    assert len(lines[0]) < pangea.LOG_MAX_RECORD_CHARS + 200
+    assert lines[0].endswith(
+        f"... ({len(repr('k' * (16 << 20))) + len('unknown kernel ') - pangea.LOG_MAX_RECORD_CHARS} more characters)"
+    )
+    assert lines[1].endswith("after it")
