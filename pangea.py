@@ -211,6 +211,27 @@ PAIRING_CODE_CHARS = 12
 MAX_PAIRING_FAILURES = 5
 TRUSTED_PEERS_FILENAME = "trusted_peers"
 
+# The RPC endpoint before login (issue 13): a stranger holds little. Until `login`
+# succeeds a connection may send messages of at most 64 KiB (a login is ~100 bytes;
+# --rpc-max-mib applies only after) and must log in within 10 s, or it is closed.
+# At most 64 connections wait for a login (16 per source address); a new one evicts
+# the oldest waiting one, so a flood of idle connections cannot lock a client out.
+# 128 connections in all (a logged-in program usually holds one): with the usual
+# 1,024 open files that leaves the node room for its peers and files.
+RPC_PRE_LOGIN_MAX_BYTES = 64 << 10
+RPC_LOGIN_TIMEOUT_S = 10.0
+RPC_MAX_CONNECTIONS = 128
+RPC_MAX_PENDING_LOGINS = 64
+RPC_MAX_PENDING_LOGINS_PER_SOURCE = 16
+# A refused login is answered after 0.1 s, doubling per refusal from the same source
+# address up to 5 s (forgotten after 10 min without one): a guesser gets a few tries
+# a second, not thousands. The log gets one line per source per minute with the count.
+RPC_LOGIN_DELAY_BASE_S = 0.1
+RPC_LOGIN_DELAY_MAX_S = 5.0
+RPC_LOGIN_FORGET_S = 600.0
+RPC_LOGIN_REPORT_S = 60.0
+RPC_LOGIN_MAX_SOURCES = 4096  # sources remembered by the login limiter; the oldest go first
+
 # bench verb: what its parser needs; the rest of the verb is bench/pangea_bench.py.
 # Defaults of a full run and of --quick (a run of a few seconds whose figures are rough).
 BENCH_DEFAULTS = {"sizes_mib": "64", "tasks": 1000, "matmul_n": 2048, "reps": 3}
@@ -869,6 +890,126 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class CapnpFrameMeter:
+    """Sans-I/O: the declared size of each Cap'n Proto message in a byte stream (standard framing).
+
+    ``feed(data)`` returns the largest size (segment table plus segments, in bytes) of the
+    messages whose segment table ends in ``data``; the segments themselves are counted,
+    never kept, so a caller can refuse a message from its first 8 bytes."""
+
+    MAX_SEGMENTS = 512  # Cap'n Proto refuses more; the meter reports such a table as huge
+
+    def __init__(self) -> None:
+        self._table = bytearray()  # the segment table read so far (at most 2 KiB)
+        self._skip = 0  # bytes of the current message's segments still to come
+
+    def feed(self, data: bytes | bytearray | memoryview) -> int:
+        """Count ``data``; return the largest message size declared in it (0: none)."""
+        view, largest = memoryview(data).cast("B"), 0
+        while True:
+            if self._skip:
+                if not len(view):
+                    return largest
+                step = min(self._skip, len(view))
+                self._skip -= step
+                view = view[step:]
+                continue
+            need = 4
+            if len(self._table) >= 4:
+                count = int.from_bytes(self._table[:4], "little") + 1
+                if count > self.MAX_SEGMENTS:
+                    return 1 << 64  # a table Cap'n Proto refuses: the connection ends here
+                need = (4 * (count + 1) + 7) // 8 * 8
+            if len(self._table) < need:
+                if not len(view):
+                    return largest
+                step = min(need - len(self._table), len(view))
+                self._table += view[:step]
+                view = view[step:]
+                continue
+            sizes = [int.from_bytes(self._table[4 + 4 * i : 8 + 4 * i], "little") for i in range(count)]
+            self._skip = 8 * sum(sizes)
+            largest = max(largest, need + self._skip)
+            self._table.clear()
+
+
+@dataclass
+class LoginLimiter:
+    """Pure: how long to hold a refused login from each source address, and when to log them.
+
+    ``refused(source, now)`` returns (delay in seconds, count to log): the delay doubles per
+    refusal from one source (bounded), and the count is nonzero at most once per
+    ``report_s`` per source: the refusals since its last line. Time comes in as ``now``."""
+
+    base_delay_s: float
+    max_delay_s: float
+    forget_s: float
+    report_s: float
+    max_sources: int
+    # source -> [refusals in a row, time of the last one, refusals not yet logged, time of the last line]
+    _sources: dict[str, list[float]] = field(default_factory=dict)
+
+    def refused(self, source: str, now: float) -> tuple[float, int]:
+        """Count one refused login from ``source`` at ``now``; return (delay_s, count to log or 0)."""
+        entry = self._sources.pop(source, None)
+        if entry is None or now - entry[1] > self.forget_s:
+            entry = [0.0, now, 0.0, -math.inf] if entry is None else [0.0, now, entry[2], entry[3]]
+        entry[0] += 1
+        entry[1] = now
+        entry[2] += 1
+        report = 0
+        if now - entry[3] >= self.report_s:
+            report, entry[2], entry[3] = int(entry[2]), 0.0, now
+        self._sources[source] = entry  # NOTE: re-inserted last: the dict's order is least recent first
+        while len(self._sources) > self.max_sources:
+            del self._sources[next(iter(self._sources))]
+        return min(self.max_delay_s, self.base_delay_s * 2 ** min(entry[0] - 1, 64)), report
+
+
+@dataclass
+class RpcAdmission:
+    """Pure: which RPC connections the node keeps: a cap on all, and on those awaiting their login.
+
+    ``open(conn, source)`` returns (admitted, connections to close): a new connection that
+    would pass a cap on waiting logins evicts the oldest waiting one (of its source first);
+    past the cap on all connections with none waiting, it is refused."""
+
+    max_connections: int
+    max_pending: int
+    max_pending_per_source: int
+    _pending: dict[object, str] = field(default_factory=dict)  # conn -> source, oldest first
+    _open: set[object] = field(default_factory=set)
+
+    def open(self, conn: object, source: str) -> tuple[bool, list[object]]:
+        """Admit ``conn`` from ``source``, or not; return (admitted, the waiting ones to close)."""
+        evict: list[object] = []
+        mine = [c for c, s in self._pending.items() if s == source]
+        if len(mine) >= self.max_pending_per_source:
+            evict.append(mine[0])
+        elif len(self._pending) >= self.max_pending or len(self._open) >= self.max_connections:
+            if not self._pending:
+                return False, []
+            evict.append(next(iter(self._pending)))
+        for old in evict:
+            self.close(old)
+        self._pending[conn] = source
+        self._open.add(conn)
+        return True, evict
+
+    def logged_in(self, conn: object) -> None:
+        """``conn`` logged in: it no longer counts as waiting."""
+        self._pending.pop(conn, None)
+
+    def close(self, conn: object) -> None:
+        """``conn`` is gone (closing it twice is harmless)."""
+        self._pending.pop(conn, None)
+        self._open.discard(conn)
+
+    def counts(self) -> tuple[int, int]:
+        """(open connections, of which waiting for a login)."""
+        return len(self._open), len(self._pending)
 
 
 ###############################################################################
@@ -7588,15 +7729,24 @@ class RpcServer:
                     trio_token.run_sync_soon(abandon)
                 raise
 
-        gate = _make_gate(schema, in_trio, service, self.token, self.max_bytes)
+        gate_for = _make_gate(schema, in_trio, service, self.token, self.max_bytes)
+        admission = RpcAdmission(RPC_MAX_CONNECTIONS, RPC_MAX_PENDING_LOGINS, RPC_MAX_PENDING_LOGINS_PER_SOURCE)
 
-        async def on_connection(stream: Any) -> None:
-            server = capnp.TwoPartyServer(stream, bootstrap=gate, traversal_limit_in_words=words)  # type: ignore[attr-defined]
-            await server.on_disconnect()
+        async def on_connection(conn: _RpcConnection, stream: Any) -> None:
+            try:
+                server = capnp.TwoPartyServer(stream, bootstrap=gate_for(conn), traversal_limit_in_words=words)  # type: ignore[attr-defined]
+                await server.on_disconnect()
+            finally:  # NOTE: whatever Cap'n Proto raised, the socket is closed and its descriptor freed
+                conn.close()
+
+        def new_protocol() -> Any:  # an asyncio.BufferedProtocol
+            conn = _rpc_connection_class()(admission, self.max_bytes)
+            conn.inner = capnp.AsyncIoStream._connect(functools.partial(on_connection, conn))  # type: ignore[attr-defined]
+            return conn
 
         async with capnp.kj_loop():  # type: ignore[attr-defined]
             try:
-                server = await capnp.AsyncIoStream.create_server(on_connection, self.host, self.port)  # type: ignore[attr-defined]
+                server = await loop.create_server(new_protocol, self.host, self.port)
             except OSError as exc:
                 self._box["error"] = exc.strerror or str(exc)
                 return
@@ -7606,8 +7756,113 @@ class RpcServer:
             server.close()  # NOTE: no wait_closed(): a connected client must not block shutdown
 
 
-def _make_gate(schema: Any, in_trio: Callable[..., Any], service: NodeService, token: str, max_bytes: int) -> Any:
-    """Return the bootstrap `Gate` capability: login with the token yields `Compute`."""
+class _RpcConnection:
+    """One RPC connection: pycapnp's protocol behind a meter that holds the limits before login.
+
+    NOTE: pycapnp fixes a connection's message limit when it starts (TwoPartyServer's
+    traversal limit), and it reserves a message's declared size as its bytes arrive, so the
+    limit before login is enforced here, in front of it: every chunk pycapnp reads into its
+    buffer passes `CapnpFrameMeter` before pycapnp sees it, and a message that declares more
+    than RPC_PRE_LOGIN_MAX_BYTES before login (or --rpc-max-mib after) ends the connection at
+    its segment table. The connection also owns its socket: it is closed at the login
+    deadline, on eviction, and when the Cap'n Proto server ends, whatever it raised."""
+
+    def __init__(self, admission: RpcAdmission, max_bytes: int) -> None:
+        self.admission, self.max_bytes = admission, max_bytes
+        self.inner: Any = None  # pycapnp's protocol, set by the factory
+        self.transport: Any = None
+        self.source = ""
+        self.authenticated = False
+        self.login_lock: Any = None  # one login at a time per connection (asyncio.Lock)
+        self._meter = CapnpFrameMeter()
+        self._buffer: Any = None
+        self._started = False
+        self._deadline: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        import asyncio
+
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.source = str(peer[0]) if isinstance(peer, tuple) and peer else "local"
+        admitted, evicted = self.admission.open(self, self.source)
+        for old in evicted:
+            log.info("RPC: closing a connection from %s that has not logged in: too many wait", old.source)  # type: ignore[attr-defined]
+            old.close()  # type: ignore[attr-defined]
+        if not admitted:
+            log.warning("RPC: refusing a connection from %s: %d connections open", self.source, RPC_MAX_CONNECTIONS)
+            transport.abort()
+            return
+        self.login_lock = asyncio.Lock()
+        self._deadline = asyncio.get_running_loop().call_later(RPC_LOGIN_TIMEOUT_S, self._login_deadline)
+        self._started = True
+        self.inner.connection_made(transport)
+
+    def _login_deadline(self) -> None:
+        if not self.authenticated:
+            log.info("RPC: closing a connection from %s: no login within %gs", self.source, RPC_LOGIN_TIMEOUT_S)
+            self.close()
+
+    def logged_in(self) -> None:
+        """The login succeeded: the full message limit from now on, no deadline."""
+        self.authenticated = True
+        self.admission.logged_in(self)
+        if self._deadline is not None:
+            self._deadline.cancel()
+
+    def close(self) -> None:
+        """Close the socket now (harmless when already closed)."""
+        self.admission.close(self)
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+    def get_buffer(self, sizehint: int) -> Any:
+        self._buffer = self.inner.get_buffer(sizehint)
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        declared = self._meter.feed(memoryview(self._buffer)[:nbytes])
+        limit = self.max_bytes if self.authenticated else RPC_PRE_LOGIN_MAX_BYTES
+        if declared > limit:
+            state = "after" if self.authenticated else "before"
+            log.info("RPC: closing a connection from %s: a message of %d bytes %s login", self.source, declared, state)
+            self.close()
+            return
+        self.inner.buffer_updated(nbytes)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self._started else None
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.admission.close(self)
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._started:
+            self.inner.connection_lost(exc)
+        self.transport = None
+
+
+@functools.cache
+def _rpc_connection_class() -> type[_RpcConnection]:
+    """_RpcConnection as an asyncio.BufferedProtocol (asyncio is imported on first use, not with pangea)."""
+    import asyncio
+
+    return type("RpcConnection", (_RpcConnection, asyncio.BufferedProtocol), {})
+
+
+def _make_gate(
+    schema: Any, in_trio: Callable[..., Any], service: NodeService, token: str, max_bytes: int
+) -> Callable[[_RpcConnection], Any]:
+    """Return a factory of the bootstrap `Gate` of each connection: login with the token yields `Compute`."""
+    import asyncio
     import hmac
 
     class ComputeImpl(schema.Compute.Server):
@@ -7666,9 +7921,19 @@ def _make_gate(schema: Any, in_trio: Callable[..., Any], service: NodeService, t
                 )
 
     compute = ComputeImpl()
+    limiter = LoginLimiter(
+        RPC_LOGIN_DELAY_BASE_S, RPC_LOGIN_DELAY_MAX_S, RPC_LOGIN_FORGET_S, RPC_LOGIN_REPORT_S, RPC_LOGIN_MAX_SOURCES
+    )
 
     class GateImpl(schema.Gate.Server):
+        def __init__(self, conn: _RpcConnection) -> None:
+            self.conn = conn
+
         async def login(self, token: Any, _context: Any, **kwargs: Any) -> None:
+            async with self.conn.login_lock:  # NOTE: pipelined logins on one connection wait their turn
+                await self._login(token, _context)
+
+        async def _login(self, token: Any, _context: Any) -> None:
             # NOTE: constant-time comparison, so response time does not leak the token
             try:
                 given = str(token).encode()
@@ -7676,14 +7941,22 @@ def _make_gate(schema: Any, in_trio: Callable[..., Any], service: NodeService, t
                 _context.results.error = rpc_error_fields(exc, "log in")[1]
                 return
             if not hmac.compare_digest(given, token_expected):
-                log.warning("RPC login refused: wrong or missing token")
+                delay_s, count = limiter.refused(self.conn.source, time.monotonic())
+                if count:
+                    log.warning(
+                        "RPC login refused: wrong or missing token, %d time(s) from %s since the last such line",
+                        count,
+                        self.conn.source,
+                    )
+                await asyncio.sleep(delay_s)
                 _context.results.error = "login refused: wrong or missing RPC token"
                 return
+            self.conn.logged_in()
             _context.results.compute = compute
             _context.results.maxMessageBytes = max_bytes
 
     token_expected = token.encode()
-    return GateImpl()
+    return GateImpl
 
 
 def _raise_rpc_error(response: Any, what: str) -> None:
