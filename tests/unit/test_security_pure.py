@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import math
 import random
+import struct
 import typing
 from types import SimpleNamespace
 from typing import Any
@@ -855,3 +856,56 @@ def test_load_schema_is_the_one_the_decoder_uses() -> None:
     assert pangea.peek_header(header) == ("taskRequest", 77)
     with load_schema().Message.from_bytes(header) as m:
         assert m.which() == "taskRequest" and m.taskRequest.taskId == 77
+
+
+# ---------------------------------------------------------------- the RPC endpoint before login (issue 13)
+
+
+def _capnp_message(*segment_words: int) -> bytes:
+    table = struct.pack(f"<I{len(segment_words)}I", len(segment_words) - 1, *segment_words)
+    table += b"\0" * (-len(table) % 8)
+    return table + b"\1" * (8 * sum(segment_words))
+
+
+def test_frame_meter_declares_each_message_size_from_its_segment_table() -> None:
+    one, two = _capnp_message(5), _capnp_message(1, 2, 3)
+    assert pangea.CapnpFrameMeter().feed(one + two) == len(two)
+    meter = pangea.CapnpFrameMeter()
+    sizes = [meter.feed(bytes([b])) for b in one + two]  # one byte at a time
+    assert [s for s in sizes if s] == [len(one), len(two)]
+    assert sizes.index(len(one)) == 7 and sizes.index(len(two)) == len(one) + 15  # known at the table's end
+
+
+def test_frame_meter_refuses_a_huge_table_from_its_first_eight_bytes() -> None:
+    assert pangea.CapnpFrameMeter().feed(struct.pack("<II", 0, 0xFFFFFFFF)) == 8 + 8 * 0xFFFFFFFF
+    assert pangea.CapnpFrameMeter().feed(struct.pack("<II", 0xFFFFFFFF, 0)) > 1 << 40
+
+
+def test_login_limiter_doubles_the_delay_per_source_and_logs_once_per_interval() -> None:
+    limiter = pangea.LoginLimiter(0.1, 5.0, forget_s=600.0, report_s=60.0, max_sources=2)
+    answers = [limiter.refused("10.0.0.1", now=float(t)) for t in range(10)]
+    assert [d for d, _ in answers] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0, 5.0])
+    assert [c for _, c in answers] == [1] + [0] * 9  # one line, not ten
+    assert limiter.refused("10.0.0.2", now=10.0) == (pytest.approx(0.1), 1)  # another source starts afresh
+    assert limiter.refused("10.0.0.1", now=61.0) == (5.0, 10)  # the count since the last line
+    assert limiter.refused("10.0.0.1", now=61.0 + 601.0)[0] == pytest.approx(0.1)  # forgotten after a quiet while
+    limiter.refused("10.0.0.3", now=700.0)  # a third source: the least recent one is forgotten
+    assert limiter.refused("10.0.0.2", now=701.0) == (pytest.approx(0.1), 1)
+
+
+def test_rpc_admission_evicts_the_oldest_waiting_login_and_caps_all_connections() -> None:
+    admission = pangea.RpcAdmission(max_connections=4, max_pending=3, max_pending_per_source=2)
+    assert admission.open("a1", "A") == (True, [])
+    assert admission.open("a2", "A") == (True, [])
+    assert admission.open("a3", "A") == (True, ["a1"])  # its source's oldest waiting one goes
+    assert admission.open("b1", "B") == (True, [])
+    assert admission.open("c1", "C") == (True, ["a2"])  # node-wide: the oldest waiting one goes
+    for conn in ("a3", "b1", "c1"):
+        admission.logged_in(conn)
+    assert admission.open("d1", "D") == (True, [])
+    admission.logged_in("d1")
+    assert admission.counts() == (4, 0)
+    assert admission.open("e1", "E") == (False, [])  # all 4 logged in: the new one is refused
+    admission.close("d1")
+    admission.close("d1")
+    assert admission.open("e1", "E") == (True, [])
