@@ -212,13 +212,15 @@ MAX_PAIRING_FAILURES = 5
 TRUSTED_PEERS_FILENAME = "trusted_peers"
 
 # The RPC endpoint before login (issue 13): a stranger holds little. Until `login`
-# succeeds a connection may send messages of at most 64 KiB (a login is ~100 bytes;
-# --rpc-max-mib applies only after) and must log in within 10 s, or it is closed.
+# succeeds a connection may send messages of at most 256 KiB (a login is ~100 bytes;
+# a garbage token of 100,000 characters still gets its "login refused"; 64 waiting
+# connections hold at most 16 MiB; --rpc-max-mib applies only after) and must log in
+# within 10 s, or it is closed.
 # At most 64 connections wait for a login (16 per source address); a new one evicts
 # the oldest waiting one, so a flood of idle connections cannot lock a client out.
 # 128 connections in all (a logged-in program usually holds one): with the usual
 # 1,024 open files that leaves the node room for its peers and files.
-RPC_PRE_LOGIN_MAX_BYTES = 64 << 10
+RPC_PRE_LOGIN_MAX_BYTES = 256 << 10
 RPC_LOGIN_TIMEOUT_S = 10.0
 RPC_MAX_CONNECTIONS = 128
 RPC_MAX_PENDING_LOGINS = 64
