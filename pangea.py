@@ -200,6 +200,15 @@ DEFAULT_MEMORY_BUDGET_BYTES = 4 << 30  # whole node: operand bytes held for all 
 DEFAULT_IDLE_TIMEOUT_S = 20.0  # a session that receives nothing (not even a pong) this long is dead
 DEFAULT_TASK_TIMEOUT_S = 600.0  # a task that has not finished in 10 min fails with `deadline`
 DEFAULT_MAX_PENDING_STREAMS = 16  # per peer: streams opened without a Hello yet; more are reset
+# Node-wide: fresh libp2p identities cost nothing, so a per-peer cap alone lets 100
+# identities hold 1,600 streams. Strangers (peers not trusted by id) share 64 slots
+# and at most 8 of them may wait from one source address; every peer together 256.
+DEFAULT_MAX_PENDING_STREAMS_TOTAL = 256
+DEFAULT_MAX_PENDING_STRANGER_STREAMS = 64
+DEFAULT_MAX_STRANGERS_PER_ADDRESS = 8
+# A header before the Hello is a Hello (about 1 KiB); 16 KiB bounds what a stream
+# that has not said who it is makes us buffer (MAX_HEADER_BYTES applies after).
+HELLO_MAX_HEADER_BYTES = 16 << 10
 HEARTBEAT_S = 5.0  # every session pings its peer this often (liveness and RTT)
 DEFAULT_METRICS_PORT = 9477  # Prometheus /metrics, when --metrics names no port
 
@@ -671,7 +680,7 @@ def short_id(peer_id: str) -> str:
 
 @dataclass(frozen=True)
 class Limits:
-    """What a node accepts from its peers. Each field has a CLI option; see README "Security"."""
+    """What a node accepts from its peers. Each per-peer field has a CLI option; see README "Security"."""
 
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES  # one frame's array bytes
     max_elements: int = DEFAULT_MAX_ELEMENTS  # per array
@@ -684,6 +693,10 @@ class Limits:
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     task_timeout_s: float = DEFAULT_TASK_TIMEOUT_S
     max_pending_streams: int = DEFAULT_MAX_PENDING_STREAMS  # per peer
+    # node-wide (no CLI options): every peer, the strangers, strangers per source address
+    max_pending_streams_total: int = DEFAULT_MAX_PENDING_STREAMS_TOTAL
+    max_pending_stranger_streams: int = DEFAULT_MAX_PENDING_STRANGER_STREAMS
+    max_strangers_per_address: int = DEFAULT_MAX_STRANGERS_PER_ADDRESS
 
     def validate(self) -> Limits:
         """Return self, or raise UsageError naming the first bad value."""
@@ -697,6 +710,9 @@ class Limits:
             "max_inflight_bytes",
             "memory_budget_bytes",
             "max_pending_streams",
+            "max_pending_streams_total",
+            "max_pending_stranger_streams",
+            "max_strangers_per_address",
         ):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
@@ -1727,6 +1743,63 @@ def vouch_candidate(local_peer_id: str, peer_id: str, hello: HelloMsg, trusted: 
     if hello.home_id != local_peer_id and not trusted(hello.home_id):
         return None
     return hello.home_id
+
+
+class PendingStreams:
+    """The streams that wait for their Hello, counted per peer, per source address and
+    node-wide; `admit` decides whether one more may wait (see `Limits`).
+
+    A stranger is a peer not trusted by its id (a pairing responder is one until its
+    Hello proves the code). Strangers share a node-wide number of slots and, from one
+    source address, only a few of them may wait at once; trusted peers are held to
+    the per-peer cap and the node-wide total only."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.per_peer: dict[str, int] = {}
+        self.strangers: dict[str, str] = {}  # a stranger with streams waiting -> its source address
+        self.total = 0
+        self.refused = 0  # streams turned away, for status and metrics
+
+    def stranger_streams(self) -> int:
+        """Streams of strangers that wait now."""
+        return sum(self.per_peer.get(peer_id, 0) for peer_id in self.strangers)
+
+    def admit(self, peer_id: str, address: str, trusted: bool) -> str | None:
+        """Count one more waiting stream of ``peer_id`` and return None, or return why not."""
+        limits = self.limits
+        pending = self.per_peer.get(peer_id, 0)
+        reason = None
+        if pending >= limits.max_pending_streams:
+            reason = f"{pending} streams already wait for their Hello"
+        elif self.total >= limits.max_pending_streams_total:
+            reason = f"{self.total} streams of all peers already wait for their Hello"
+        elif not trusted and self.stranger_streams() >= limits.max_pending_stranger_streams:
+            reason = f"{self.stranger_streams()} streams of untrusted peers already wait for their Hello"
+        elif not trusted and peer_id not in self.strangers:
+            others = sum(1 for where in self.strangers.values() if where == address)
+            if others >= limits.max_strangers_per_address:
+                reason = f"{others} untrusted peers from {address} already wait for their Hello"
+        if reason is not None:
+            self.refused += 1
+            return reason
+        self.per_peer[peer_id] = pending + 1
+        self.total += 1
+        if not trusted:
+            self.strangers[peer_id] = address
+        return None
+
+    def release(self, peer_id: str) -> None:
+        """One stream of ``peer_id`` said Hello or ended."""
+        left = self.per_peer.get(peer_id, 0) - 1
+        if left < 0:
+            return
+        self.total -= 1
+        if left:
+            self.per_peer[peer_id] = left
+        else:
+            del self.per_peer[peer_id]
+            self.strangers.pop(peer_id, None)
 
 
 # ---------------------------------------------------------------- actions
@@ -4021,7 +4094,7 @@ class Channel:
         self.stream = stream
         # NOTE: no payload at all until the handshake is done (a Hello has none), so an
         # unauthenticated peer cannot make us allocate; PeerSession raises the limit.
-        self.decoder = Decoder(0, limits=limits, pool=pool)
+        self.decoder = Decoder(0, HELLO_MAX_HEADER_BYTES, limits=limits, pool=pool)
         self._send_lock = trio.Lock()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -4670,6 +4743,7 @@ class PeerSession:
     def _wire(self, channel: Channel) -> None:
         channel.decoder.gate = self.protocol.gate(channel)
         channel.decoder.max_payload_bytes = self.node.limits.max_payload_bytes
+        channel.decoder.max_header_bytes = MAX_HEADER_BYTES  # HELLO_MAX_HEADER_BYTES until now
         channel.start_writer(self.node.nursery)
 
     @property
@@ -5079,7 +5153,7 @@ class Node:
         self.psk = psk
         self.budget = MemoryBudget(self.limits.memory_budget_bytes)
         self.instance_id = random.SystemRandom().getrandbits(63)  # tells two processes with one identity apart
-        self._pending_streams: dict[str, int] = {}  # peer id -> streams still in their handshake
+        self.pending = PendingStreams(self.limits)  # streams still in their handshake
         self.sessions: dict[str, PeerSession] = {}
         self.nursery: Any = None
         self.kernel_limiter = trio.CapacityLimiter(1)  # BLAS already uses every core
@@ -5334,13 +5408,16 @@ class Node:
         import trio
 
         peer_id = str(stream.muxed_conn.peer_id)
-        pending = self._pending_streams.get(peer_id, 0)
-        if pending >= self.limits.max_pending_streams:
-            log.warning("resetting a stream from %s: %d streams already wait for their Hello", peer_id, pending)
+        trusted = self.may_serve(peer_id)
+        source = multiaddr_ip(self.remote_address(peer_id)) or "?"
+        refused = self.pending.admit(peer_id, source, trusted)
+        if refused is not None:
+            log.warning("resetting a stream from %s: %s", peer_id, refused)
             with contextlib.suppress(*stream_errors()):
                 await stream.reset()
+            if not trusted and peer_id not in self.sessions and peer_id not in self.pending.per_peer:
+                await self.disconnect(peer_id)  # a stranger turned away keeps no connection either
             return
-        self._pending_streams[peer_id] = pending + 1
         channel = Channel(stream, self.limits, self.buffers)
         handshaking = True
         try:
@@ -5355,6 +5432,8 @@ class Node:
                 await channel.send(refusal.to_msg())
                 await trio.sleep(0.2)  # let the error reach the peer before the close
                 await channel.close()
+                if peer_id not in self.sessions and self.pending.per_peer.get(peer_id, 0) <= 1:
+                    await self.disconnect(peer_id)  # a refused peer keeps no connection
                 return
             reply, slot = self.hello(), None
             if self.data_plane is not None:
@@ -5362,7 +5441,7 @@ class Node:
             await channel.send(reply)
             session = PeerSession(self, channel, peer_id, msg, dialed=False)
             session.data_slot = slot
-            self._pending_streams[peer_id] -= 1
+            self.pending.release(peer_id)
             handshaking = False
             if not self._session_opened(session):
                 await session.close("duplicate session")
@@ -5384,9 +5463,7 @@ class Node:
             await channel.close(reset=True)
         finally:
             if handshaking:
-                self._pending_streams[peer_id] -= 1
-                if not self._pending_streams[peer_id]:
-                    del self._pending_streams[peer_id]
+                self.pending.release(peer_id)
 
     async def dial(self, address: PeerAddress, *, timeout_s: float) -> PeerSession:
         """Connect to a peer (retrying with backoff until timeout_s) and open a session.
