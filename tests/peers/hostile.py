@@ -237,9 +237,20 @@ class Hostile:
         from libp2p.custom_types import TProtocol
         from libp2p.peer.id import ID
 
-        with trio.fail_after(self.args.timeout):
-            stream = await self.host.new_stream(ID.from_base58(self.target.peer_id), [TProtocol(pangea.PROTOCOL_ID)])
-        return Wire(stream, self.args.timeout)
+        target = ID.from_base58(self.target.peer_id)
+        for attempt in range(3):
+            # The node closes the connection of a peer it refused or turned away: dial again.
+            if not self.host.get_network().get_connections(target):
+                await self.connect()
+            try:
+                with trio.fail_after(self.args.timeout):
+                    stream = await self.host.new_stream(target, [TProtocol(pangea.PROTOCOL_ID)])
+                return Wire(stream, self.args.timeout)
+            except Exception:
+                await trio.sleep(0.3)  # a connection the node is closing: wait until it is gone
+                if attempt == 2 or self.host.get_network().get_connections(target):
+                    raise  # the connection is up: the node reset the stream itself
+        raise AssertionError("unreachable")
 
     def hello(self, code: str = "", **changes: Any) -> HelloMsg:
         """A Hello built like Node.hello(); a proof of ``code`` when given."""
