@@ -162,7 +162,12 @@ DATA_CONNECT_S = 3.0  # TCP connect + TLS handshake + token check; longer means 
 DATA_SETTLE_S = DATA_CONNECT_S + 3.0  # the acceptor's wait for the dialer's outcome
 DATA_TOKEN_BYTES = 32  # one-time secret the dialer presents on the data plane (256 bits)
 DATA_MAGIC = b"PGD1"  # first bytes inside TLS from the dialer: magic + token
-DATA_MAX_HANDSHAKES = 16  # unauthenticated data connections at once; more are closed
+DATA_MAX_HANDSHAKES = 16  # unauthenticated data connections at once; a new one evicts the oldest
+# The acceptor's deadline for a data connection's TLS handshake and token: the dialer
+# gives up after DATA_CONNECT_S anyway, and a stranger's stalled handshake holds a slot no longer.
+DATA_HANDSHAKE_S = DATA_CONNECT_S
+DATA_RETRIES = 2  # a data connection closed or reset in its handshake is tried again this often...
+DATA_RETRY_PAUSE_S = 0.5  # ...after this pause, while the acceptor still waits (DATA_SETTLE_S)
 DATA_YIELD_BYTES = 8 << 20  # a long receive lets other tasks run after this many bytes
 
 # A kernel this small (floating-point operations) runs on the event loop itself:
@@ -647,6 +652,13 @@ def dialable_addresses(addresses: Iterable[str], remote_ip: str | None) -> list[
         if address not in out:
             out.append(address)
     return out
+
+
+def plain_ip(host: str) -> str:
+    """An IP as a data connection's socket and a libp2p multiaddr both name it: no brackets,
+    an IPv4-mapped IPv6 address (``::ffff:10.0.0.1``) as the IPv4 one, lower case."""
+    host = host.strip("[]").lower()
+    return host.removeprefix("::ffff:") if host.startswith("::ffff:") and "." in host else host
 
 
 def format_host_port(host: str, port: int) -> str:
@@ -1800,6 +1812,17 @@ class PendingStreams:
         else:
             del self.per_peer[peer_id]
             self.strangers.pop(peer_id, None)
+
+
+def retry_data_connect(kind: str, attempt: int, elapsed_s: float) -> bool:
+    """Whether the dialer tries its data connection again after attempt ``attempt`` (0 the
+    first) failed with ``kind``, ``elapsed_s`` after the first began. Only a connection
+    closed or reset on the way (``unreachable``: the acceptor was busy with strangers'
+    handshakes) is worth another try; a timeout (a firewall), a refusal or a wrong
+    certificate is not. The acceptor must still be waiting when the try would end."""
+    if kind != ErrorKind.UNREACHABLE or attempt >= DATA_RETRIES:
+        return False
+    return elapsed_s + DATA_RETRY_PAUSE_S + DATA_CONNECT_S <= DATA_SETTLE_S
 
 
 # ---------------------------------------------------------------- actions
@@ -4449,6 +4472,7 @@ class _DataSlot:
     expires: float
     ready: Any  # trio.Event, set once the session exists
     session: PeerSession | None = None
+    source: str = ""  # the IP the peer's libp2p connection comes from ("": unknown, any may use it)
 
 
 class DataPlane:
@@ -4485,7 +4509,9 @@ class DataPlane:
         self.port = port
         self._listener: socket.socket | None = None
         self._slots: dict[bytes, _DataSlot] = {}
-        self._handshaking = 0
+        self._handshakes: dict[int, tuple[str, Any]] = {}  # oldest first: number -> (where, its cancel scope)
+        self._next_handshake = 0
+        self.evicted = 0  # unauthenticated handshakes cancelled to make room for a newer one
         self.refused = 0  # data connections turned away (bad token, too many, failed handshake)
 
     def listen(self) -> int:
@@ -4530,22 +4556,30 @@ class DataPlane:
                     log.warning("data plane: accept failed: %s", exc)
                     await trio.sleep(0.1)
                     continue
-                self.node.nursery.start_soon(self._accept_one, raw, format_host_port(addr[0], addr[1]))
+                self.node.nursery.start_soon(self._accept_one, raw, addr[0], format_host_port(addr[0], addr[1]))
         except trio.ClosedResourceError:
             return
         finally:
             self.close()
 
-    def expect(self, peer_id: str) -> tuple[bytes, _DataSlot]:
-        """Make a one-time token for a peer we are about to greet; the slot waits for its session."""
+    def expect(self, peer_id: str, source: str = "") -> tuple[bytes, _DataSlot]:
+        """Make a one-time token for a peer we are about to greet; the slot waits for its session.
+        ``source``: the IP its libp2p connection comes from, the only one its data connection may."""
         import secrets
 
         import trio
 
         token = secrets.token_bytes(DATA_TOKEN_BYTES)
-        slot = _DataSlot(peer_id, time.monotonic() + self.node.limits.handshake_timeout_s + DATA_SETTLE_S, trio.Event())
+        expires = time.monotonic() + self.node.limits.handshake_timeout_s + DATA_SETTLE_S
+        slot = _DataSlot(peer_id, expires, trio.Event(), source=plain_ip(source))
         self._slots[token] = slot
         return token, slot
+
+    def expected_from(self, host: str) -> bool:
+        """Whether a data connection from ``host`` may begin its handshake: a token handed
+        out to a peer connected from there (or from an address we could not see) is unused."""
+        now, host = time.monotonic(), plain_ip(host)
+        return any(slot.expires >= now and slot.source in ("", host) for slot in self._slots.values())
 
     def forget(self, slot: _DataSlot) -> None:
         """Drop a token that will not be used (the session ended or settled)."""
@@ -4565,34 +4599,55 @@ class DataPlane:
                 found = key
         return self._slots.pop(found) if found is not None else None
 
-    async def _accept_one(self, raw: socket.socket, where: str) -> None:
+    async def _accept_one(self, raw: socket.socket, host: str, where: str) -> None:
         import ssl
 
         import trio
 
-        if self._handshaking >= DATA_MAX_HANDSHAKES:
+        if not self.expected_from(host):
             self.refused += 1
-            log.warning(
-                "data plane: closing a connection from %s: %d others are in their handshake", where, DATA_MAX_HANDSHAKES
-            )
+            log.info("data plane: closed a connection from %s: no peer connected from there holds a token", where)
             raw.close()
             return
-        self._handshaking += 1
+        if len(self._handshakes) >= DATA_MAX_HANDSHAKES:
+            oldest = next(iter(self._handshakes))
+            old_where, old_scope = self._handshakes.pop(oldest)
+            self.evicted += 1
+            log.warning(
+                "data plane: cancelled the handshake of %s, the oldest of %d unauthenticated connections, for %s",
+                old_where,
+                DATA_MAX_HANDSHAKES,
+                where,
+            )
+            old_scope.cancel()
+        number, self._next_handshake = self._next_handshake, self._next_handshake + 1
+        scope = trio.CancelScope(deadline=trio.current_time() + DATA_HANDSHAKE_S)
+        self._handshakes[number] = (where, scope)
         sock: Any = raw
+        slot = None
         try:
             raw.setblocking(False)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with trio.fail_after(self.node.limits.handshake_timeout_s):
+            with scope:
                 sock = self.server_ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
                 await _tls_io(sock, sock.do_handshake)
                 hello = await _tls_read_exactly(sock, len(DATA_MAGIC) + DATA_TOKEN_BYTES)
                 slot = self._claim(hello[len(DATA_MAGIC) :]) if hello.startswith(DATA_MAGIC) else None
-                if slot is None:
-                    self.refused += 1
-                    log.warning("data plane: refused a connection from %s: no valid token", where)
-                    with contextlib.suppress(PeerError, ssl.SSLError, OSError):
-                        await _tls_send_all(sock, b"\x00")
-                    return
+            evicted = number not in self._handshakes
+            self._handshakes.pop(number, None)  # authenticated (or refused below): no slot held any more
+            if scope.cancelled_caught:
+                self.refused += 1
+                if evicted:
+                    return  # logged by the newer connection
+                log.warning("data plane: dropped a connection from %s: no TLS handshake and token in time", where)
+                return
+            if slot is None:
+                self.refused += 1
+                log.warning("data plane: refused a connection from %s: no valid token", where)
+                with contextlib.suppress(PeerError, ssl.SSLError, OSError):
+                    await _tls_send_all(sock, b"\x00")
+                return
+            with trio.move_on_after(max(0.0, slot.expires - time.monotonic())):
                 await slot.ready.wait()
             session = slot.session
             if session is None or session.closed.is_set():
@@ -4601,9 +4656,6 @@ class DataPlane:
             channel = TlsChannel(sock, self.node.limits, where, accepted=True, pool=self.node.buffers)
             sock = None  # the session owns it now
             session.attach_data(channel)
-        except trio.TooSlowError:
-            self.refused += 1
-            log.warning("data plane: dropped a connection from %s: no TLS handshake and token in time", where)
         except (ssl.SSLEOFError, ConnectionResetError) as exc:
             self.refused += 1  # closed before a word: a port check (doctor) or a scanner
             log.info("data plane: connection from %s closed before its handshake: %s", where, describe_tls_error(exc))
@@ -4611,7 +4663,7 @@ class DataPlane:
             self.refused += 1
             log.warning("data plane: connection from %s failed: %s", where, describe_tls_error(exc))
         finally:
-            self._handshaking -= 1
+            self._handshakes.pop(number, None)
             if sock is not None:
                 _close_socket(sock)
 
@@ -4885,16 +4937,24 @@ class PeerSession:
         elif not hello.data_port or len(hello.data_cert) != 32 or len(hello.data_token) != DATA_TOKEN_BYTES:
             reason = "the peer has no data plane (--data-port off there)"
         else:
+            import trio
+
             port, faults = hello.data_port, self.node.faults
             if faults is not None:
                 host, port = faults.data_address(host, port)
-            try:
-                channel = await plane.connect(host, port, hello.data_cert, hello.data_token)
-            except PeerError as exc:
-                reason = str(exc)
-            else:
-                self.attach_data(channel)
-                return
+            started = time.monotonic()
+            for attempt in range(DATA_RETRIES + 1):
+                try:
+                    channel = await plane.connect(host, port, hello.data_cert, hello.data_token)
+                except PeerError as exc:
+                    reason = str(exc)
+                    if not retry_data_connect(exc.kind, attempt, time.monotonic() - started):
+                        break
+                    log.info("data plane with %s: %s; trying again", self.label, reason)
+                    await trio.sleep(DATA_RETRY_PAUSE_S)
+                else:
+                    self.attach_data(channel)
+                    return
         self.data_fallback(reason, tell_peer=True)
 
     def attach_data(self, channel: TlsChannel) -> None:
@@ -5437,7 +5497,7 @@ class Node:
                 return
             reply, slot = self.hello(), None
             if self.data_plane is not None:
-                reply.data_token, slot = self.data_plane.expect(peer_id)
+                reply.data_token, slot = self.data_plane.expect(peer_id, "" if source == "?" else source)
             await channel.send(reply)
             session = PeerSession(self, channel, peer_id, msg, dialed=False)
             session.data_slot = slot
