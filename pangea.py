@@ -162,7 +162,12 @@ DATA_CONNECT_S = 3.0  # TCP connect + TLS handshake + token check; longer means 
 DATA_SETTLE_S = DATA_CONNECT_S + 3.0  # the acceptor's wait for the dialer's outcome
 DATA_TOKEN_BYTES = 32  # one-time secret the dialer presents on the data plane (256 bits)
 DATA_MAGIC = b"PGD1"  # first bytes inside TLS from the dialer: magic + token
-DATA_MAX_HANDSHAKES = 16  # unauthenticated data connections at once; more are closed
+DATA_MAX_HANDSHAKES = 16  # unauthenticated data connections at once; a new one evicts the oldest
+# The acceptor's deadline for a data connection's TLS handshake and token: the dialer
+# gives up after DATA_CONNECT_S anyway, and a stranger's stalled handshake holds a slot no longer.
+DATA_HANDSHAKE_S = DATA_CONNECT_S
+DATA_RETRIES = 2  # a data connection closed or reset in its handshake is tried again this often...
+DATA_RETRY_PAUSE_S = 0.5  # ...after this pause, while the acceptor still waits (DATA_SETTLE_S)
 DATA_YIELD_BYTES = 8 << 20  # a long receive lets other tasks run after this many bytes
 
 # A kernel this small (floating-point operations) runs on the event loop itself:
@@ -200,6 +205,15 @@ DEFAULT_MEMORY_BUDGET_BYTES = 4 << 30  # whole node: operand bytes held for all 
 DEFAULT_IDLE_TIMEOUT_S = 20.0  # a session that receives nothing (not even a pong) this long is dead
 DEFAULT_TASK_TIMEOUT_S = 600.0  # a task that has not finished in 10 min fails with `deadline`
 DEFAULT_MAX_PENDING_STREAMS = 16  # per peer: streams opened without a Hello yet; more are reset
+# Node-wide: fresh libp2p identities cost nothing, so a per-peer cap alone lets 100
+# identities hold 1,600 streams. Strangers (peers not trusted by id) share 64 slots
+# and at most 8 of them may wait from one source address; every peer together 256.
+DEFAULT_MAX_PENDING_STREAMS_TOTAL = 256
+DEFAULT_MAX_PENDING_STRANGER_STREAMS = 64
+DEFAULT_MAX_STRANGERS_PER_ADDRESS = 8
+# A header before the Hello is a Hello (about 1 KiB); 16 KiB bounds what a stream
+# that has not said who it is makes us buffer (MAX_HEADER_BYTES applies after).
+HELLO_MAX_HEADER_BYTES = 16 << 10
 HEARTBEAT_S = 5.0  # every session pings its peer this often (liveness and RTT)
 DEFAULT_METRICS_PORT = 9477  # Prometheus /metrics, when --metrics names no port
 
@@ -663,6 +677,13 @@ def dialable_addresses(addresses: Iterable[str], remote_ip: str | None) -> list[
     return out
 
 
+def plain_ip(host: str) -> str:
+    """An IP as a data connection's socket and a libp2p multiaddr both name it: no brackets,
+    an IPv4-mapped IPv6 address (``::ffff:10.0.0.1``) as the IPv4 one, lower case."""
+    host = host.strip("[]").lower()
+    return host.removeprefix("::ffff:") if host.startswith("::ffff:") and "." in host else host
+
+
 def format_host_port(host: str, port: int) -> str:
     """``host:port``, with IPv6 hosts in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -694,7 +715,7 @@ def short_id(peer_id: str) -> str:
 
 @dataclass(frozen=True)
 class Limits:
-    """What a node accepts from its peers. Each field has a CLI option; see README "Security"."""
+    """What a node accepts from its peers. Each per-peer field has a CLI option; see README "Security"."""
 
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES  # one frame's array bytes
     max_elements: int = DEFAULT_MAX_ELEMENTS  # per array
@@ -707,6 +728,10 @@ class Limits:
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     task_timeout_s: float = DEFAULT_TASK_TIMEOUT_S
     max_pending_streams: int = DEFAULT_MAX_PENDING_STREAMS  # per peer
+    # node-wide (no CLI options): every peer, the strangers, strangers per source address
+    max_pending_streams_total: int = DEFAULT_MAX_PENDING_STREAMS_TOTAL
+    max_pending_stranger_streams: int = DEFAULT_MAX_PENDING_STRANGER_STREAMS
+    max_strangers_per_address: int = DEFAULT_MAX_STRANGERS_PER_ADDRESS
 
     def validate(self) -> Limits:
         """Return self, or raise UsageError naming the first bad value."""
@@ -720,6 +745,9 @@ class Limits:
             "max_inflight_bytes",
             "memory_budget_bytes",
             "max_pending_streams",
+            "max_pending_streams_total",
+            "max_pending_stranger_streams",
+            "max_strangers_per_address",
         ):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
@@ -1870,6 +1898,74 @@ def vouch_candidate(local_peer_id: str, peer_id: str, hello: HelloMsg, trusted: 
     if hello.home_id != local_peer_id and not trusted(hello.home_id):
         return None
     return hello.home_id
+
+
+class PendingStreams:
+    """The streams that wait for their Hello, counted per peer, per source address and
+    node-wide; `admit` decides whether one more may wait (see `Limits`).
+
+    A stranger is a peer not trusted by its id (a pairing responder is one until its
+    Hello proves the code). Strangers share a node-wide number of slots and, from one
+    source address, only a few of them may wait at once; trusted peers are held to
+    the per-peer cap and the node-wide total only."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.per_peer: dict[str, int] = {}
+        self.strangers: dict[str, str] = {}  # a stranger with streams waiting -> its source address
+        self.total = 0
+        self.refused = 0  # streams turned away, for status and metrics
+
+    def stranger_streams(self) -> int:
+        """Streams of strangers that wait now."""
+        return sum(self.per_peer.get(peer_id, 0) for peer_id in self.strangers)
+
+    def admit(self, peer_id: str, address: str, trusted: bool) -> str | None:
+        """Count one more waiting stream of ``peer_id`` and return None, or return why not."""
+        limits = self.limits
+        pending = self.per_peer.get(peer_id, 0)
+        reason = None
+        if pending >= limits.max_pending_streams:
+            reason = f"{pending} streams already wait for their Hello"
+        elif self.total >= limits.max_pending_streams_total:
+            reason = f"{self.total} streams of all peers already wait for their Hello"
+        elif not trusted and self.stranger_streams() >= limits.max_pending_stranger_streams:
+            reason = f"{self.stranger_streams()} streams of untrusted peers already wait for their Hello"
+        elif not trusted and peer_id not in self.strangers:
+            others = sum(1 for where in self.strangers.values() if where == address)
+            if others >= limits.max_strangers_per_address:
+                reason = f"{others} untrusted peers from {address} already wait for their Hello"
+        if reason is not None:
+            self.refused += 1
+            return reason
+        self.per_peer[peer_id] = pending + 1
+        self.total += 1
+        if not trusted:
+            self.strangers[peer_id] = address
+        return None
+
+    def release(self, peer_id: str) -> None:
+        """One stream of ``peer_id`` said Hello or ended."""
+        left = self.per_peer.get(peer_id, 0) - 1
+        if left < 0:
+            return
+        self.total -= 1
+        if left:
+            self.per_peer[peer_id] = left
+        else:
+            del self.per_peer[peer_id]
+            self.strangers.pop(peer_id, None)
+
+
+def retry_data_connect(kind: str, attempt: int, elapsed_s: float) -> bool:
+    """Whether the dialer tries its data connection again after attempt ``attempt`` (0 the
+    first) failed with ``kind``, ``elapsed_s`` after the first began. Only a connection
+    closed or reset on the way (``unreachable``: the acceptor was busy with strangers'
+    handshakes) is worth another try; a timeout (a firewall), a refusal or a wrong
+    certificate is not. The acceptor must still be waiting when the try would end."""
+    if kind != ErrorKind.UNREACHABLE or attempt >= DATA_RETRIES:
+        return False
+    return elapsed_s + DATA_RETRY_PAUSE_S + DATA_CONNECT_S <= DATA_SETTLE_S
 
 
 # ---------------------------------------------------------------- actions
@@ -4164,7 +4260,7 @@ class Channel:
         self.stream = stream
         # NOTE: no payload at all until the handshake is done (a Hello has none), so an
         # unauthenticated peer cannot make us allocate; PeerSession raises the limit.
-        self.decoder = Decoder(0, limits=limits, pool=pool)
+        self.decoder = Decoder(0, HELLO_MAX_HEADER_BYTES, limits=limits, pool=pool)
         self._send_lock = trio.Lock()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -4519,6 +4615,7 @@ class _DataSlot:
     expires: float
     ready: Any  # trio.Event, set once the session exists
     session: PeerSession | None = None
+    source: str = ""  # the IP the peer's libp2p connection comes from ("": unknown, any may use it)
 
 
 class DataPlane:
@@ -4555,7 +4652,9 @@ class DataPlane:
         self.port = port
         self._listener: socket.socket | None = None
         self._slots: dict[bytes, _DataSlot] = {}
-        self._handshaking = 0
+        self._handshakes: dict[int, tuple[str, Any]] = {}  # oldest first: number -> (where, its cancel scope)
+        self._next_handshake = 0
+        self.evicted = 0  # unauthenticated handshakes cancelled to make room for a newer one
         self.refused = 0  # data connections turned away (bad token, too many, failed handshake)
 
     def listen(self) -> int:
@@ -4600,22 +4699,30 @@ class DataPlane:
                     log.warning("data plane: accept failed: %s", exc)
                     await trio.sleep(0.1)
                     continue
-                self.node.nursery.start_soon(self._accept_one, raw, format_host_port(addr[0], addr[1]))
+                self.node.nursery.start_soon(self._accept_one, raw, addr[0], format_host_port(addr[0], addr[1]))
         except trio.ClosedResourceError:
             return
         finally:
             self.close()
 
-    def expect(self, peer_id: str) -> tuple[bytes, _DataSlot]:
-        """Make a one-time token for a peer we are about to greet; the slot waits for its session."""
+    def expect(self, peer_id: str, source: str = "") -> tuple[bytes, _DataSlot]:
+        """Make a one-time token for a peer we are about to greet; the slot waits for its session.
+        ``source``: the IP its libp2p connection comes from, the only one its data connection may."""
         import secrets
 
         import trio
 
         token = secrets.token_bytes(DATA_TOKEN_BYTES)
-        slot = _DataSlot(peer_id, time.monotonic() + self.node.limits.handshake_timeout_s + DATA_SETTLE_S, trio.Event())
+        expires = time.monotonic() + self.node.limits.handshake_timeout_s + DATA_SETTLE_S
+        slot = _DataSlot(peer_id, expires, trio.Event(), source=plain_ip(source))
         self._slots[token] = slot
         return token, slot
+
+    def expected_from(self, host: str) -> bool:
+        """Whether a data connection from ``host`` may begin its handshake: a token handed
+        out to a peer connected from there (or from an address we could not see) is unused."""
+        now, host = time.monotonic(), plain_ip(host)
+        return any(slot.expires >= now and slot.source in ("", host) for slot in self._slots.values())
 
     def forget(self, slot: _DataSlot) -> None:
         """Drop a token that will not be used (the session ended or settled)."""
@@ -4635,34 +4742,55 @@ class DataPlane:
                 found = key
         return self._slots.pop(found) if found is not None else None
 
-    async def _accept_one(self, raw: socket.socket, where: str) -> None:
+    async def _accept_one(self, raw: socket.socket, host: str, where: str) -> None:
         import ssl
 
         import trio
 
-        if self._handshaking >= DATA_MAX_HANDSHAKES:
+        if not self.expected_from(host):
             self.refused += 1
-            log.warning(
-                "data plane: closing a connection from %s: %d others are in their handshake", where, DATA_MAX_HANDSHAKES
-            )
+            log.info("data plane: closed a connection from %s: no peer connected from there holds a token", where)
             raw.close()
             return
-        self._handshaking += 1
+        if len(self._handshakes) >= DATA_MAX_HANDSHAKES:
+            oldest = next(iter(self._handshakes))
+            old_where, old_scope = self._handshakes.pop(oldest)
+            self.evicted += 1
+            log.warning(
+                "data plane: cancelled the handshake of %s, the oldest of %d unauthenticated connections, for %s",
+                old_where,
+                DATA_MAX_HANDSHAKES,
+                where,
+            )
+            old_scope.cancel()
+        number, self._next_handshake = self._next_handshake, self._next_handshake + 1
+        scope = trio.CancelScope(deadline=trio.current_time() + DATA_HANDSHAKE_S)
+        self._handshakes[number] = (where, scope)
         sock: Any = raw
+        slot = None
         try:
             raw.setblocking(False)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with trio.fail_after(self.node.limits.handshake_timeout_s):
+            with scope:
                 sock = self.server_ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
                 await _tls_io(sock, sock.do_handshake)
                 hello = await _tls_read_exactly(sock, len(DATA_MAGIC) + DATA_TOKEN_BYTES)
                 slot = self._claim(hello[len(DATA_MAGIC) :]) if hello.startswith(DATA_MAGIC) else None
-                if slot is None:
-                    self.refused += 1
-                    log.warning("data plane: refused a connection from %s: no valid token", where)
-                    with contextlib.suppress(PeerError, ssl.SSLError, OSError):
-                        await _tls_send_all(sock, b"\x00")
-                    return
+            evicted = number not in self._handshakes
+            self._handshakes.pop(number, None)  # authenticated (or refused below): no slot held any more
+            if scope.cancelled_caught:
+                self.refused += 1
+                if evicted:
+                    return  # logged by the newer connection
+                log.warning("data plane: dropped a connection from %s: no TLS handshake and token in time", where)
+                return
+            if slot is None:
+                self.refused += 1
+                log.warning("data plane: refused a connection from %s: no valid token", where)
+                with contextlib.suppress(PeerError, ssl.SSLError, OSError):
+                    await _tls_send_all(sock, b"\x00")
+                return
+            with trio.move_on_after(max(0.0, slot.expires - time.monotonic())):
                 await slot.ready.wait()
             session = slot.session
             if session is None or session.closed.is_set():
@@ -4671,9 +4799,6 @@ class DataPlane:
             channel = TlsChannel(sock, self.node.limits, where, accepted=True, pool=self.node.buffers)
             sock = None  # the session owns it now
             session.attach_data(channel)
-        except trio.TooSlowError:
-            self.refused += 1
-            log.warning("data plane: dropped a connection from %s: no TLS handshake and token in time", where)
         except (ssl.SSLEOFError, ConnectionResetError) as exc:
             self.refused += 1  # closed before a word: a port check (doctor) or a scanner
             log.info("data plane: connection from %s closed before its handshake: %s", where, describe_tls_error(exc))
@@ -4681,7 +4806,7 @@ class DataPlane:
             self.refused += 1
             log.warning("data plane: connection from %s failed: %s", where, describe_tls_error(exc))
         finally:
-            self._handshaking -= 1
+            self._handshakes.pop(number, None)
             if sock is not None:
                 _close_socket(sock)
 
@@ -4813,6 +4938,7 @@ class PeerSession:
     def _wire(self, channel: Channel) -> None:
         channel.decoder.gate = self.protocol.gate(channel)
         channel.decoder.max_payload_bytes = self.node.limits.max_payload_bytes
+        channel.decoder.max_header_bytes = MAX_HEADER_BYTES  # HELLO_MAX_HEADER_BYTES until now
         channel.start_writer(self.node.nursery)
 
     @property
@@ -4954,16 +5080,24 @@ class PeerSession:
         elif not hello.data_port or len(hello.data_cert) != 32 or len(hello.data_token) != DATA_TOKEN_BYTES:
             reason = "the peer has no data plane (--data-port off there)"
         else:
+            import trio
+
             port, faults = hello.data_port, self.node.faults
             if faults is not None:
                 host, port = faults.data_address(host, port)
-            try:
-                channel = await plane.connect(host, port, hello.data_cert, hello.data_token)
-            except PeerError as exc:
-                reason = str(exc)
-            else:
-                self.attach_data(channel)
-                return
+            started = time.monotonic()
+            for attempt in range(DATA_RETRIES + 1):
+                try:
+                    channel = await plane.connect(host, port, hello.data_cert, hello.data_token)
+                except PeerError as exc:
+                    reason = str(exc)
+                    if not retry_data_connect(exc.kind, attempt, time.monotonic() - started):
+                        break
+                    log.info("data plane with %s: %s; trying again", self.label, reason)
+                    await trio.sleep(DATA_RETRY_PAUSE_S)
+                else:
+                    self.attach_data(channel)
+                    return
         self.data_fallback(reason, tell_peer=True)
 
     def attach_data(self, channel: TlsChannel) -> None:
@@ -5222,7 +5356,7 @@ class Node:
         self.psk = psk
         self.budget = MemoryBudget(self.limits.memory_budget_bytes)
         self.instance_id = random.SystemRandom().getrandbits(63)  # tells two processes with one identity apart
-        self._pending_streams: dict[str, int] = {}  # peer id -> streams still in their handshake
+        self.pending = PendingStreams(self.limits)  # streams still in their handshake
         self.sessions: dict[str, PeerSession] = {}
         self.nursery: Any = None
         self.kernel_limiter = trio.CapacityLimiter(1)  # BLAS already uses every core
@@ -5477,13 +5611,16 @@ class Node:
         import trio
 
         peer_id = str(stream.muxed_conn.peer_id)
-        pending = self._pending_streams.get(peer_id, 0)
-        if pending >= self.limits.max_pending_streams:
-            log.warning("resetting a stream from %s: %d streams already wait for their Hello", peer_id, pending)
+        trusted = self.may_serve(peer_id)
+        source = multiaddr_ip(self.remote_address(peer_id)) or "?"
+        refused = self.pending.admit(peer_id, source, trusted)
+        if refused is not None:
+            log.warning("resetting a stream from %s: %s", peer_id, refused)
             with contextlib.suppress(*stream_errors()):
                 await stream.reset()
+            if not trusted and peer_id not in self.sessions and peer_id not in self.pending.per_peer:
+                await self.disconnect(peer_id)  # a stranger turned away keeps no connection either
             return
-        self._pending_streams[peer_id] = pending + 1
         channel = Channel(stream, self.limits, self.buffers)
         handshaking = True
         try:
@@ -5498,14 +5635,16 @@ class Node:
                 await channel.send(refusal.to_msg())
                 await trio.sleep(0.2)  # let the error reach the peer before the close
                 await channel.close()
+                if peer_id not in self.sessions and self.pending.per_peer.get(peer_id, 0) <= 1:
+                    await self.disconnect(peer_id)  # a refused peer keeps no connection
                 return
             reply, slot = self.hello(), None
             if self.data_plane is not None:
-                reply.data_token, slot = self.data_plane.expect(peer_id)
+                reply.data_token, slot = self.data_plane.expect(peer_id, "" if source == "?" else source)
             await channel.send(reply)
             session = PeerSession(self, channel, peer_id, msg, dialed=False)
             session.data_slot = slot
-            self._pending_streams[peer_id] -= 1
+            self.pending.release(peer_id)
             handshaking = False
             if not self._session_opened(session):
                 await session.close("duplicate session")
@@ -5527,9 +5666,7 @@ class Node:
             await channel.close(reset=True)
         finally:
             if handshaking:
-                self._pending_streams[peer_id] -= 1
-                if not self._pending_streams[peer_id]:
-                    del self._pending_streams[peer_id]
+                self.pending.release(peer_id)
 
     async def dial(self, address: PeerAddress, *, timeout_s: float) -> PeerSession:
         """Connect to a peer (retrying with backoff until timeout_s) and open a session.

@@ -462,6 +462,50 @@ def test_a_forged_claim_to_run_from_the_nodes_own_home_is_refused(pyz: Path, mak
         assert rpc.status()["peer_count"] == 0
 
 
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM (the peak resident memory) of a process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+PENDING_RSS_BOUND_MIB = 200  # what 100 identities' waiting streams may add to a node's peak memory
+
+
+@pytest.mark.slow
+def test_fresh_identities_cannot_hold_more_pending_streams_than_the_node_wide_cap(
+    pyz: Path, make_home: Any, serve: Any
+) -> None:
+    # 100 fresh identities x 16 streams that each start a frame and never finish its header:
+    # per peer each is within the cap of 16; node-wide only 64 strangers' streams may wait.
+    home = make_home("flooder")
+    flooder = peer_id_of(pyz, home)
+    node = serve(make_home("node"), "--allow-peer", flooder, name="serve")
+    before = peak_rss_mib(node.proc.pid)
+    mark = len(node.proc.stderr_lines)
+    options = ("--identities", "100", "--count", "16", "--header-kib", "8", "--partial-kib", "4", "--hold", "5")
+    run = run_hostile(pyz, home, node.address, "identity-flood", options=options)
+    flood = run.one("identity-flood")
+    assert flood["count"] == 1600, flood
+    assert flood["accepted"] <= pangea.DEFAULT_MAX_PENDING_STRANGER_STREAMS, flood  # today's main: 1,600
+    assert run.one("good")["ok"] is True  # the trusted peer still gets its session and a correct result
+    logged = node.stderr_since(mark)
+    assert any("streams of untrusted peers already wait for their Hello" in line for line in logged), logged[-5:]
+    assert any("untrusted peers from 127.0.0.1 already wait for their Hello" in line for line in logged), logged[-5:]
+    # Frames whose header is larger than a Hello can be are refused at once before the Hello.
+    options = ("--identities", "40", "--count", "16", "--header-kib", "1023", "--partial-kib", "256", "--hold", "5")
+    run = run_hostile(pyz, home, node.address, "identity-flood", options=options)
+    flood = run.one("identity-flood")
+    assert flood["accepted"] == 0, flood  # today's main: 640, +463-674 MiB
+    assert run.one("good")["ok"] is True
+    assert peak_rss_mib(node.proc.pid) - before < PENDING_RSS_BOUND_MIB, (before, peak_rss_mib(node.proc.pid))
+    x = np.arange(16.0).reshape(4, 4)
+    with Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+        np.testing.assert_allclose(rpc.matmul(x, x), x @ x)
+    assert node.proc.returncode is None, node.proc.output()
+
+
 def test_respond_with_a_copy_of_the_initiators_identity_is_refused(pyz: Path, make_home: Any) -> None:
     a, b = make_home("initiator"), make_home("responder")
     peer_id_of(pyz, a)  # creates a's identity

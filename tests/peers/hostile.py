@@ -237,9 +237,20 @@ class Hostile:
         from libp2p.custom_types import TProtocol
         from libp2p.peer.id import ID
 
-        with trio.fail_after(self.args.timeout):
-            stream = await self.host.new_stream(ID.from_base58(self.target.peer_id), [TProtocol(pangea.PROTOCOL_ID)])
-        return Wire(stream, self.args.timeout)
+        target = ID.from_base58(self.target.peer_id)
+        for attempt in range(3):
+            # The node closes the connection of a peer it refused or turned away: dial again.
+            if not self.host.get_network().get_connections(target):
+                await self.connect()
+            try:
+                with trio.fail_after(self.args.timeout):
+                    stream = await self.host.new_stream(target, [TProtocol(pangea.PROTOCOL_ID)])
+                return Wire(stream, self.args.timeout)
+            except Exception:
+                await trio.sleep(0.3)  # a connection the node is closing: wait until it is gone
+                if attempt == 2 or self.host.get_network().get_connections(target):
+                    raise  # the connection is up: the node reset the stream itself
+        raise AssertionError("unreachable")
 
     def hello(self, code: str = "", **changes: Any) -> HelloMsg:
         """A Hello built like Node.hello(); a proof of ``code`` when given."""
@@ -563,6 +574,76 @@ async def s_stream_flood(peer: Hostile) -> None:
     await peer.good()
 
 
+async def s_identity_flood(peer: Hostile) -> None:
+    """--identities fresh libp2p identities (each its own host, never trusted) each open
+    --count streams and write the start of a frame whose header announces --header-kib
+    KiB, of which --partial-kib KiB are sent, then nothing. Report how many streams
+    stayed open at the node (accepted: no reset within --hold s) and how each ended;
+    then the main identity runs a good task."""
+    from contextlib import AsyncExitStack
+
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    start = trio.current_time()
+    streams: list[dict[str, Any]] = []
+    partial = FRAME_PREFIX.pack(peer.args.header_kib << 10, 0) + b"\x00" * (peer.args.partial_kib << 10)
+    hold = peer.args.hold or 5.0
+
+    async def one(host: Any) -> None:
+        try:
+            with trio.fail_after(peer.args.timeout):
+                stream = await host.new_stream(ID.from_base58(peer.target.peer_id), [TProtocol(pangea.PROTOCOL_ID)])
+            wire = Wire(stream, peer.args.timeout)
+        except Exception as exc:  # reset during negotiation, or the connection closed
+            streams.append({"end": f"open failed: {type(exc).__name__}", "held": 0.0})
+            return
+        opened = trio.current_time()
+        end = "timeout"  # still open after --hold s: the node accepted it
+        with trio.move_on_after(hold):
+            end = describe(await wire.recv(hold + 1))["type"] if await wire.write(partial) else "reset"
+        held = trio.current_time() - opened
+        streams.append({"end": end, "held": round(held, 3)})
+        with trio.move_on_after(1):
+            await wire.reset()
+
+    async def identity(stack: AsyncExitStack, hosts: list[Any]) -> None:
+        host = pangea.make_host(create_new_key_pair(), pangea.read_psk_file(peer.args.psk))
+        await stack.enter_async_context(host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]))
+        try:
+            with trio.fail_after(peer.args.timeout):
+                await host.connect(info_from_p2p_addr(Multiaddr(peer.target.text)))
+        except Exception as exc:
+            failed = {"end": f"connect failed: {type(exc).__name__}", "held": 0.0}
+            streams.extend(dict(failed) for _ in range(peer.args.count))
+            return
+        hosts.append(host)
+
+    async with AsyncExitStack() as stack:
+        hosts: list[Any] = []  # every identity connects first, then all open their streams at once
+        for _ in range(peer.args.identities):
+            await identity(stack, hosts)
+        async with trio.open_nursery() as nursery:
+            for host in hosts:
+                for _ in range(peer.args.count):
+                    nursery.start_soon(one, host)
+        kinds: dict[str, int] = {}
+        for stream in streams:
+            kinds[stream["end"]] = kinds.get(stream["end"], 0) + 1
+        accepted = sum(1 for s in streams if s["held"] >= hold - 0.5)
+        emit(
+            "identity-flood",
+            count=len(streams),
+            accepted=accepted,
+            kinds=kinds,
+            seconds=round(trio.current_time() - start, 1),
+        )
+        await peer.good()
+
+
 async def s_mid_frame_disconnect(peer: Hostile) -> None:
     """A TaskRequest announcing --announce-mib of operands, a few KiB of them, then the
     connection is closed; reconnect and run a good task."""
@@ -697,6 +778,7 @@ SCENARIOS: dict[str, Callable[[Hostile], Awaitable[None]]] = {
     "huge-output": s_huge_output,
     "nan-inf": s_nan_inf,
     "stream-flood": s_stream_flood,
+    "identity-flood": s_identity_flood,
     "mid-frame-disconnect": s_mid_frame_disconnect,
     "payload-on-ping": s_payload_on_ping,
     "duplicate-id": s_duplicate_id,
@@ -747,6 +829,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--codes", default="", help="pair-tries: comma-separated codes, one Hello each")
     p.add_argument("--psk", help="pre-shared key file")
     p.add_argument("--count", type=int, default=10)
+    p.add_argument("--identities", type=int, default=10, help="identity-flood: fresh identities")
+    p.add_argument("--header-kib", type=int, default=1023, help="identity-flood: the header length announced")
+    p.add_argument("--partial-kib", type=int, default=1000, help="identity-flood: how much of it is sent")
     p.add_argument("--n", type=int, default=1024, help="matrix size of the slow tasks")
     p.add_argument("--announce-mib", type=int, default=64)
     p.add_argument("--hold", type=float, default=0.0, help="payload-on-ping: seconds to keep the frame open")

@@ -481,3 +481,25 @@ def test_payload_space_two_frames_in_a_row() -> None:
         assert decoder.payload_space() is None
     assert_same_request(got[0], first)
     assert_same_request(got[1], second)
+
+
+# ---------------------------------------------------------------- handshakes strangers cannot hog
+
+
+def test_the_dialer_retries_a_data_connection_closed_on_the_way_twice_while_the_acceptor_waits() -> None:
+    unreachable = pangea.ErrorKind.UNREACHABLE
+    assert pangea.retry_data_connect(unreachable, 0, 0.01)
+    assert pangea.retry_data_connect(unreachable, 1, 0.6)
+    assert not pangea.retry_data_connect(unreachable, pangea.DATA_RETRIES, 1.2)  # two retries, no more
+    late = pangea.DATA_SETTLE_S - pangea.DATA_CONNECT_S  # a try begun now would end after the acceptor gave up
+    assert not pangea.retry_data_connect(unreachable, 0, late)
+    for kind in (pangea.ErrorKind.TIMEOUT, pangea.ErrorKind.REFUSED):  # a firewall, a wrong token or certificate
+        assert not pangea.retry_data_connect(kind, 0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("host", "plain"),
+    [("127.0.0.1", "127.0.0.1"), ("::ffff:10.0.0.7", "10.0.0.7"), ("[FE80::1]", "fe80::1"), ("::1", "::1")],
+)
+def test_plain_ip_names_an_address_as_a_socket_and_a_multiaddr_both_do(host: str, plain: str) -> None:
+    assert pangea.plain_ip(host) == plain

@@ -397,6 +397,9 @@ def test_limits_defaults_validate() -> None:
         ({"max_inflight_bytes": 0}, "max inflight bytes must be at least 1"),
         ({"memory_budget_bytes": 0}, "memory budget bytes must be at least 1"),
         ({"max_pending_streams": 0}, "max pending streams must be at least 1"),
+        ({"max_pending_streams_total": 0}, "max pending streams total must be at least 1"),
+        ({"max_pending_stranger_streams": 0}, "max pending stranger streams must be at least 1"),
+        ({"max_strangers_per_address": 0}, "max strangers per address must be at least 1"),
         ({"handshake_timeout_s": 0.0}, "handshake timeout s must be a positive"),
         ({"idle_timeout_s": -1.0}, "idle timeout s must be a positive"),
         ({"task_timeout_s": math.inf}, "task timeout s must be a positive"),
@@ -412,6 +415,47 @@ def test_limits_validate_names_the_first_bad_value(changes: dict[str, Any], need
 
 def test_limits_validate_accepts_a_narrow_configuration() -> None:
     Limits(dtypes=("float32",), max_payload_bytes=1, max_elements=1, max_ndim=1, max_pending_streams=1).validate()
+
+
+# ---------------------------------------------------------------- PendingStreams
+
+
+def test_pending_streams_cap_strangers_node_wide_however_many_identities_they_use() -> None:
+    pending = pangea.PendingStreams(Limits(max_pending_streams=16, max_pending_stranger_streams=64))
+    admitted = sum(
+        pending.admit(f"stranger{i}", f"10.0.0.{i}", trusted=False) is None for i in range(100) for _ in range(16)
+    )
+    assert admitted == 64 and pending.total == 64 and pending.refused == 1600 - 64
+    assert pending.admit("friend", "10.0.0.1", trusted=True) is None  # a trusted peer still gets in
+    assert pending.admit("stranger99", "10.0.1.1", trusted=False) == (
+        "64 streams of untrusted peers already wait for their Hello"
+    )
+    for _ in range(16):
+        pending.release("stranger0")
+    assert pending.admit("stranger99", "10.0.1.1", trusted=False) is None  # a released slot is free again
+
+
+def test_pending_streams_let_few_strangers_wait_from_one_address_and_cap_everyone_together() -> None:
+    pending = pangea.PendingStreams(Limits(max_strangers_per_address=2, max_pending_streams_total=5))
+    assert pending.admit("a", "10.0.0.1", trusted=False) is None
+    assert pending.admit("b", "10.0.0.1", trusted=False) is None
+    assert pending.admit("a", "10.0.0.1", trusted=False) is None  # one more stream of a waiting stranger
+    assert (
+        pending.admit("c", "10.0.0.1", trusted=False) == "2 untrusted peers from 10.0.0.1 already wait for their Hello"
+    )
+    assert pending.admit("c", "10.0.0.2", trusted=False) is None
+    assert pending.admit("t", "10.0.0.1", trusted=True) is None  # trusted peers do not count per address
+    assert pending.admit("t", "10.0.0.1", trusted=True) == "5 streams of all peers already wait for their Hello"
+    assert pending.admit("t", "10.0.0.1", trusted=True) == "5 streams of all peers already wait for their Hello"
+    pending.release("b")
+    pending.release("b")  # a second release of a peer with none waiting changes nothing
+    assert pending.total == 4 and "b" not in pending.per_peer and "b" not in pending.strangers
+    assert pending.admit("c", "10.0.0.1", trusted=False) is None  # b's place from 10.0.0.1 is free
+
+
+def test_pending_streams_keep_the_per_peer_cap() -> None:
+    pending = pangea.PendingStreams(Limits(max_pending_streams=2))
+    assert [pending.admit("t", "h", trusted=True) for _ in range(3)][2] == "2 streams already wait for their Hello"
 
 
 # ---------------------------------------------------------------- MemoryBudget
