@@ -225,7 +225,7 @@ PAIRING_CODE_CHARS = 12
 MAX_PAIRING_FAILURES = 5
 TRUSTED_PEERS_FILENAME = "trusted_peers"
 
-# The RPC endpoint before login (issue 13): a stranger holds little. Until `login`
+# The RPC endpoint before login: a stranger holds little. Until `login`
 # succeeds a connection may send messages of at most 256 KiB (a login is ~100 bytes;
 # a garbage token of 100,000 characters still gets its "login refused"; 64 waiting
 # connections hold at most 16 MiB; --rpc-max-mib applies only after) and must log in
@@ -7728,7 +7728,7 @@ class NodeService:
 
     async def connect(self, multiaddr: str) -> PeerRecord:
         """Dial a peer named by the RPC user, trust it once the handshake with it succeeded, and
-        return its info. A failed or refused dial leaves no trust behind (issue 13)."""
+        return its info. A failed or refused dial leaves no trust behind."""
         info: PeerRecord | None = None
         with self._call():
             address = parse_peer_address(check_rpc_text("multiaddr", multiaddr))

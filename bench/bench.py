@@ -50,7 +50,7 @@ alternate, so drift of the machine hits both alike.
           a pyenv shim, cost 60-100 ms when the head was ``#!/usr/bin/env python3``).
 
 The table has, per metric: pangea, baseline, ratio (pangea / baseline), the
-issue's target and whether it is met. With --json every sample, the machine
+target pangea sets itself and whether it is met. With --json every sample, the machine
 (cores, Python, numpy and its BLAS threads, OPENBLAS_CORETYPE) and the
 configuration are written too.
 
