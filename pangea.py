@@ -247,6 +247,15 @@ RPC_LOGIN_DELAY_MAX_S = 5.0
 RPC_LOGIN_FORGET_S = 600.0
 RPC_LOGIN_REPORT_S = 60.0
 RPC_LOGIN_MAX_SOURCES = 4096  # sources remembered by the login limiter; the oldest go first
+# Files of the RPC endpoint in $PANGEA_HOME (0600, in a 0700 home): the token a
+# loopback endpoint requires by default (local clients of the same user read it, other
+# users of the box cannot), the certificate and key of a TLS endpoint (kept, so its
+# fingerprint stays what clients pinned), and the fingerprints a client trusted on
+# first use, one "HOST:PORT sha256:HEX" per line.
+RPC_TOKEN_FILENAME = "rpc-token"
+RPC_TLS_FILENAME = "rpc-tls.pem"
+KNOWN_NODES_FILENAME = "known_rpc_nodes"
+RPC_TLS_HANDSHAKE_TIMEOUT_S = 10.0  # a TLS handshake on the RPC port, client and server side
 
 # bench verb: what its parser needs; the rest of the verb is bench/pangea_bench.py.
 # Defaults of a full run and of --quick (a run of a few seconds whose figures are rough).
@@ -920,6 +929,28 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def one_line(text: str, limit: int = 1000) -> str:
+    """Return ``text`` on one line, at most ``limit`` characters (for error lines and RPC errors)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def format_fingerprint(digest: bytes) -> str:
+    """``sha256:<64 hex>``: how a certificate's SHA-256 is printed and pinned."""
+    return "sha256:" + digest.hex()
+
+
+def parse_fingerprint(text: str) -> bytes:
+    """The SHA-256 digest in a fingerprint as `serve` prints it (``sha256:`` optional, colons and
+    case ignored); UsageError when it is not 32 bytes of hex."""
+    raw = text.strip().lower().removeprefix("sha256:").replace(":", "")
+    if len(raw) != 64 or any(c not in "0123456789abcdef" for c in raw):
+        raise UsageError(
+            f"bad fingerprint {one_line(text, 100)!r}: expected sha256: and 64 hex digits, as `serve` prints it"
+        )
+    return bytes.fromhex(raw)
 
 
 class CapnpFrameMeter:
@@ -3931,10 +3962,14 @@ class Scheduler:
 ###############################################################################
 
 
+def home_path() -> Path:
+    """The pangea home ($PANGEA_HOME, default ~/.pangea), not created: a client only reads it."""
+    return Path(os.environ.get("PANGEA_HOME") or str(Path.home() / ".pangea")).expanduser()
+
+
 def pangea_home() -> Path:
     """Return the pangea home directory, creating it with mode 0700."""
-    raw = os.environ.get("PANGEA_HOME") or str(Path.home() / ".pangea")
-    home = Path(raw).expanduser()
+    home = home_path()
     try:
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(home, 0o700)
@@ -3986,6 +4021,159 @@ def live_sessions(home: Path, *, besides: int | None = None) -> list[tuple[str, 
 def describe_sessions(sessions: Sequence[tuple[str, int]]) -> str:
     """``serve (pid 4242), initiator (pid 4243)``."""
     return ", ".join(f"{role} (pid {pid})" for role, pid in sessions)
+
+
+# ---------------------------------------------------------------- the RPC endpoint's files
+
+
+def read_token_file(path: str | Path) -> str:
+    """Return the token in the file ``path`` (stripped); refuse a file that other users can read."""
+    import shlex
+    import stat
+
+    try:
+        if os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH):
+            raise ConfigError(
+                f"cannot use token file {path}: it is readable by other users",
+                hint=f"chmod 600 {shlex.quote(str(path))}",
+            )
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read token file {str(path)!r}: {exc.strerror}") from None
+
+
+def write_private_file(path: Path, data: bytes) -> bool:
+    """Create ``path`` (mode 0600) holding ``data``, atomically; False when it exists already
+    (another process of this home made it first: use theirs)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.link(tmp, path)  # NOTE: link, not replace: never overwrite what a running node uses
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def home_rpc_token(home: Path) -> tuple[str, Path]:
+    """The token of this home's loopback RPC endpoints and its file, created (0600) on first use.
+
+    Local clients of the same user read it (`local_rpc_token`); other users of the box
+    cannot, since the home is 0700."""
+    import secrets
+
+    path = home / RPC_TOKEN_FILENAME
+    if not path.exists():
+        write_private_file(path, (secrets.token_hex(16) + "\n").encode())
+    return read_token_file(path), path
+
+
+def local_rpc_token() -> str | None:
+    """The RPC token in this user's pangea home, for a client on this box; None when there is none."""
+    path = home_path() / RPC_TOKEN_FILENAME
+    return read_token_file(path) if path.exists() else None
+
+
+def self_signed_certificate(common_name: str) -> tuple[bytes, bytes]:
+    """A new Ed25519 key and a certificate for it: (PEM of both, SHA-256 of the certificate).
+
+    NOTE: nobody checks names or dates: a client pins the certificate's SHA-256, and the
+    TLS 1.3 handshake proves the server holds its private key."""
+    import datetime
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.x509.oid import NameOID
+
+    key = Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .sign(key, None)
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return pem, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+
+
+def rpc_tls_identity(home: Path) -> tuple[Path, bytes]:
+    """The TLS certificate (and key) file of this home's RPC endpoints, created once (0600) and
+    kept so that its fingerprint stays what clients pinned; and the certificate's SHA-256."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    path = home / RPC_TLS_FILENAME
+    if not path.exists():
+        write_private_file(path, self_signed_certificate("pangea rpc")[0])
+    try:
+        read_token_file(path)  # the same rule as a token: nobody else may read the key
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot read the RPC certificate {str(path)!r}: {describe_exception(exc)}",
+            hint="delete the file to create a new one (clients that pinned the old fingerprint must pin the new one)",
+        ) from None
+    return path, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+
+
+def known_fingerprint(address: str) -> bytes | None:
+    """The certificate SHA-256 this user's clients trusted for the RPC endpoint ``address``."""
+    path = home_path() / KNOWN_NODES_FILENAME
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            name, _, fingerprint = line.partition(" ")
+            if name == address:
+                with contextlib.suppress(UsageError):
+                    return parse_fingerprint(fingerprint)
+    return None
+
+
+def remember_fingerprint(address: str, digest: bytes) -> Path:
+    """Record (trust on first use) the certificate SHA-256 of the RPC endpoint ``address``."""
+    home = pangea_home()
+    path = home / KNOWN_NODES_FILENAME
+    lines = [line for line in _read_lines(path) if line.partition(" ")[0] != address]
+    text = "".join(f"{line}\n" for line in [*lines, f"{address} {format_fingerprint(digest)}"])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except OSError:
+        return []
+
+
+def local_node_fingerprint(port: int) -> bytes | None:
+    """The certificate SHA-256 of a TLS RPC endpoint on ``port`` run by a node of this user's home."""
+    root = home_path() / SESSIONS_DIRNAME
+    for role, pid in live_sessions(home_path()) if root.is_dir() else []:
+        info = SessionDir.load(root / f"{role}-{pid}")
+        if str(info.get("rpc", "")).endswith(f":{port}") and info.get("rpc_fingerprint"):
+            with contextlib.suppress(UsageError):
+                return parse_fingerprint(str(info["rpc_fingerprint"]))
+    return None
 
 
 HOST_ID_ENV = "PANGEA_TEST_HOST_ID"  # TEST AID: pretend to be another machine (copied-home tests)
@@ -4383,54 +4571,45 @@ def make_tls_contexts() -> tuple[Any, Any, bytes]:
 
     The certificate and its Ed25519 key are new in every process and never
     written to disk (a memfd, or a 0700 temporary directory where memfd is missing)."""
-    import datetime
-    import hashlib
-    import ssl
     import tempfile
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.x509.oid import NameOID
-
-    key = Ed25519PrivateKey.generate()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pangea data plane")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=3650))  # the pin, not the dates, is what is checked
-        .sign(key, None)
-    )
-    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.minimum_version = ssl.TLSVersion.TLSv1_3
+    pem, digest = self_signed_certificate("pangea data plane")
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("pangea-tls")
         try:
             os.write(fd, pem)
-            server.load_cert_chain(f"/proc/self/fd/{fd}")
+            server = tls_server_context(f"/proc/self/fd/{fd}")
         finally:
             os.close(fd)
     else:  # pragma: no cover - Linux has memfd
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "data-plane.pem"
             path.write_bytes(pem)
-            server.load_cert_chain(str(path))
+            server = tls_server_context(str(path))
+    return server, tls_client_context(), digest
+
+
+def tls_server_context(pem_path: str) -> Any:
+    """A TLS 1.3 server context with the certificate and key in ``pem_path``."""
+    import ssl
+
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.minimum_version = ssl.TLSVersion.TLSv1_3
+    server.load_cert_chain(pem_path)
+    return server
+
+
+def tls_client_context() -> Any:
+    """A TLS 1.3 client context that checks no CA and no host name: the caller pins the
+    SHA-256 of the server's certificate (the data plane: the one the peer announced in its
+    Noise-authenticated Hello; RPC: the fingerprint `serve` printed)."""
+    import ssl
+
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client.minimum_version = ssl.TLSVersion.TLSv1_3
-    # NOTE: no CA and no host name: the dialer pins the SHA-256 of the certificate the
-    # peer announced in its Noise-authenticated Hello (checked in DataPlane.connect). The
-    # TLS 1.3 handshake itself proves the server holds that certificate's private key.
     client.check_hostname = False
     client.verify_mode = ssl.CERT_NONE
-    return server, client, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+    return client
 
 
 def describe_tls_error(exc: BaseException) -> str:
@@ -7211,12 +7390,6 @@ RPC_MAX_TIMEOUT_S = 7 * 86400.0  # a week: a longer task timeout is a mistake (a
 RPC_MAX_TEXT_CHARS = 1000  # kernel names, placements and multiaddrs are short; longer ones are refused
 
 
-def one_line(text: str, limit: int = 1000) -> str:
-    """Return ``text`` on one line, at most ``limit`` characters (for error lines and RPC errors)."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
 def rpc_error_fields(exc: BaseException, what: str) -> tuple[str, str]:
     """Return (errorKind, errorMessage) of an RPC method that failed with ``exc``.
 
@@ -7764,12 +7937,15 @@ def _outcome_to_capnp(r: Any, outcome: TaskOutcome | None, error: TaskError | No
 class RpcServer:
     """The Cap'n Proto RPC endpoint, running in its own thread (asyncio + KJ)."""
 
-    def __init__(self, service: NodeService, host: str, port: int, *, token: str, max_bytes: int) -> None:
+    def __init__(
+        self, service: NodeService, host: str, port: int, *, token: str, max_bytes: int, tls_pem: Path | None = None
+    ) -> None:
         self.service = service
         self.host = host
         self.port = port
         self.token = token
         self.max_bytes = max_bytes
+        self.tls_pem = tls_pem  # the certificate and key of a TLS endpoint (None: plain, loopback only)
         self._box: dict[str, Any] = {}
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -7870,6 +8046,7 @@ class RpcServer:
 
         gate_for = _make_gate(schema, in_trio, service, self.token, self.max_bytes)
         admission = RpcAdmission(RPC_MAX_CONNECTIONS, RPC_MAX_PENDING_LOGINS, RPC_MAX_PENDING_LOGINS_PER_SOURCE)
+        tls = tls_server_context(str(self.tls_pem)) if self.tls_pem is not None else None
 
         async def on_connection(conn: _RpcConnection, stream: Any) -> None:
             try:
@@ -7879,7 +8056,7 @@ class RpcServer:
                 conn.close()
 
         def new_protocol() -> Any:  # an asyncio.BufferedProtocol
-            conn = _rpc_connection_class()(admission, self.max_bytes)
+            conn = _rpc_connection_class()(admission, self.max_bytes, tls)
             conn.inner = capnp.AsyncIoStream._connect(functools.partial(on_connection, conn))  # type: ignore[attr-defined]
             return conn
 
@@ -7904,10 +8081,15 @@ class _RpcConnection:
     buffer passes `CapnpFrameMeter` before pycapnp sees it, and a message that declares more
     than RPC_PRE_LOGIN_MAX_BYTES before login (or --rpc-max-mib after) ends the connection at
     its segment table. The connection also owns its socket: it is closed at the login
-    deadline, on eviction, and when the Cap'n Proto server ends, whatever it raised."""
+    deadline, on eviction, and when the Cap'n Proto server ends, whatever it raised.
 
-    def __init__(self, admission: RpcAdmission, max_bytes: int) -> None:
-        self.admission, self.max_bytes = admission, max_bytes
+    With ``tls`` (an ssl server context), the connection is admitted first and then upgraded
+    to TLS 1.3 (the login deadline covers the handshake); pycapnp sees only the decrypted
+    bytes, and it starts once the handshake is done (bytes that arrive with the handshake
+    wait in `_early`, metered like the rest)."""
+
+    def __init__(self, admission: RpcAdmission, max_bytes: int, tls: Any = None) -> None:
+        self.admission, self.max_bytes, self.tls = admission, max_bytes, tls
         self.inner: Any = None  # pycapnp's protocol, set by the factory
         self.transport: Any = None
         self.source = ""
@@ -7917,6 +8099,8 @@ class _RpcConnection:
         self._buffer: Any = None
         self._started = False
         self._deadline: Any = None
+        self._early = bytearray()
+        self._handshake: Any = None  # the task upgrading to TLS (held: asyncio keeps weak references)
 
     def connection_made(self, transport: Any) -> None:
         import asyncio
@@ -7934,8 +8118,41 @@ class _RpcConnection:
             return
         self.login_lock = asyncio.Lock()
         self._deadline = asyncio.get_running_loop().call_later(RPC_LOGIN_TIMEOUT_S, self._login_deadline)
+        if self.tls is None:
+            self._start(transport)
+        else:
+            self._handshake = asyncio.ensure_future(self._start_tls(transport))
+
+    async def _start_tls(self, raw: Any) -> None:
+        import asyncio
+
+        try:
+            protocol: Any = self  # an asyncio.BufferedProtocol, see _rpc_connection_class
+            transport = await asyncio.get_running_loop().start_tls(
+                raw, protocol, self.tls, server_side=True, ssl_handshake_timeout=RPC_TLS_HANDSHAKE_TIMEOUT_S
+            )
+        except (OSError, RuntimeError) as exc:  # NOTE: ssl.SSLError and a timeout are OSErrors
+            log.info(
+                "RPC: closing a connection from %s: TLS handshake failed: %s", self.source, describe_tls_error(exc)
+            )
+            self.close()
+            return
+        if self.transport is None or transport is None:  # closed during the handshake
+            return
+        self._start(transport)
+
+    def _start(self, transport: Any) -> None:
+        """Hand the connection to pycapnp (after the TLS handshake, when there is one)."""
+        self.transport = transport
         self._started = True
         self.inner.connection_made(transport)
+        early, self._early = memoryview(bytes(self._early)), bytearray()
+        while early and self._started:
+            buffer = memoryview(self.inner.get_buffer(len(early))).cast("B")
+            n = min(len(buffer), len(early))
+            buffer[:n] = early[:n]
+            self.inner.buffer_updated(n)
+            early = early[n:]
 
     def _login_deadline(self) -> None:
         if not self.authenticated:
@@ -7958,7 +8175,9 @@ class _RpcConnection:
             self.transport.abort()
 
     def get_buffer(self, sizehint: int) -> Any:
-        self._buffer = self.inner.get_buffer(sizehint)
+        # NOTE: a memoryview, not a bytearray: asyncio's TLS reader fills buf[offset:], and a
+        # bytearray's slice is a copy (the bytes would be lost)
+        self._buffer = self.inner.get_buffer(sizehint) if self._started else memoryview(bytearray(64 << 10))
         return self._buffer
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -7969,16 +8188,21 @@ class _RpcConnection:
             log.info("RPC: closing a connection from %s: a message of %d bytes %s login", self.source, declared, state)
             self.close()
             return
+        if not self._started:
+            self._early += memoryview(self._buffer)[:nbytes]
+            return
         self.inner.buffer_updated(nbytes)
 
     def eof_received(self) -> bool | None:
         return self.inner.eof_received() if self._started else None
 
     def pause_writing(self) -> None:
-        self.inner.pause_writing()
+        if self._started:
+            self.inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self.inner.resume_writing()
+        if self._started:
+            self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.admission.close(self)
@@ -7987,6 +8211,56 @@ class _RpcConnection:
         if self._started:
             self.inner.connection_lost(exc)
         self.transport = None
+
+
+class _PinnedConnection:
+    """The client's side of a TLS RPC connection: it compares the server's certificate with the
+    pin (``expected``; None: trust on first use) before pycapnp's protocol sees a byte."""
+
+    def __init__(self, expected: bytes | None) -> None:
+        self.expected = expected
+        self.inner: Any = None  # pycapnp's protocol
+        self.presented = b""
+        self.refused = False
+
+    def connection_made(self, transport: Any) -> None:
+        import hashlib
+        import hmac
+
+        der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True) or b""
+        self.presented = hashlib.sha256(der).digest()
+        if self.expected is not None and not hmac.compare_digest(self.presented, self.expected):
+            self.refused = True
+            transport.abort()
+            return
+        self.inner.connection_made(transport)
+
+    def get_buffer(self, sizehint: int) -> Any:
+        return self.inner.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.inner.buffer_updated(nbytes)
+
+    def eof_received(self) -> bool | None:
+        return None if self.refused else self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.refused:
+            self.inner.connection_lost(exc)
+
+
+@functools.cache
+def _pinned_connection_class() -> type[_PinnedConnection]:
+    """_PinnedConnection as an asyncio.BufferedProtocol."""
+    import asyncio
+
+    return type("PinnedConnection", (_PinnedConnection, asyncio.BufferedProtocol), {})
 
 
 @functools.cache
@@ -8079,7 +8353,9 @@ def _make_gate(
             except Exception as exc:  # NOTE: never an exception (and its traceback) to an outsider
                 _context.results.error = rpc_error_fields(exc, "log in")[1]
                 return
-            if not hmac.compare_digest(given, token_expected):
+            # NOTE: a node started with --rpc-open has no token and lets any login in (a client
+            # that found this user's home token sends it anyway)
+            if token_expected and not hmac.compare_digest(given, token_expected):
                 delay_s, count = limiter.refused(self.conn.source, time.monotonic())
                 if count:
                     log.warning(
@@ -8115,6 +8391,12 @@ class Client:
     numpy arrays in, numpy arrays out; a failed task raises TaskError with the
     node's error text. `last_task` describes the most recent task: where it
     ran, its attempts and timings. The asyncio/KJ loop runs in a private thread.
+
+    ``token``: default $PANGEA_RPC_TOKEN, else (for a node on this box) the token in
+    this user's pangea home, which `serve` writes there. ``fingerprint``: the
+    certificate fingerprint `serve` printed for a TLS endpoint (off loopback);
+    without it, a TLS endpoint is trusted on first use and its fingerprint kept
+    in the home: a later change is refused.
     """
 
     def __init__(
@@ -8122,6 +8404,7 @@ class Client:
         address: str = f"127.0.0.1:{DEFAULT_RPC_PORT}",
         token: str | None = None,
         *,
+        fingerprint: str | None = None,
         timeout_s: float = 600.0,
         max_message_bytes: int = DEFAULT_RPC_MAX_BYTES,
     ) -> None:
@@ -8139,7 +8422,20 @@ class Client:
         self.max_message_bytes = max_message_bytes
         self.last_task: dict[str, Any] = {}
         self.node_max_message_bytes = max_message_bytes  # learned at login
-        self._token = token if token is not None else os.environ.get("PANGEA_RPC_TOKEN", "")
+        local = is_loopback_host(self.host)
+        if token is None:
+            token = os.environ.get("PANGEA_RPC_TOKEN") or (local_rpc_token() if local else None) or ""
+        self._token = token
+        # TLS: pinned to the fingerprint given, to the one trusted before, or to the one a node
+        # of this home announced; off loopback always (trusted on first use when nothing is known)
+        self._pin: bytes | None = parse_fingerprint(fingerprint) if fingerprint else None
+        self._pin_source = "given"
+        if self._pin is None:
+            self._pin, self._pin_source = known_fingerprint(self.address), "known"
+        if self._pin is None and local:
+            self._pin, self._pin_source = local_node_fingerprint(self.port), "local"
+        self.tls = self._pin is not None or not local
+        self.fingerprint = format_fingerprint(self._pin) if self._pin is not None else ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._stopped: Any = None
@@ -8171,15 +8467,22 @@ class Client:
 
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        token_hint = (
+            "run this as the node's user with its PANGEA_HOME (a node on this box keeps its token in its home's "
+            f"{RPC_TOKEN_FILENAME} file), or pass the token: --token-file FILE, Client(token=...) or $PANGEA_RPC_TOKEN"
+        )
         async with capnp.kj_loop():  # type: ignore[attr-defined]
             try:
-                connecting = capnp.AsyncIoStream.create_connection(self.host, self.port)  # type: ignore[attr-defined]
-                stream = await asyncio.wait_for(connecting, 10.0)
+                stream = await asyncio.wait_for(self._open_stream(), 10.0 + RPC_TLS_HANDSHAKE_TIMEOUT_S)
             except (TimeoutError, OSError) as exc:
                 self._error = RpcError(
-                    f"cannot reach the pangea node at {self.address}: {describe_exception(exc)}",
+                    f"cannot reach the pangea node at {self.address}: "
+                    + (describe_tls_error(exc) if self.tls else describe_exception(exc)),
                     hint="start one with `./pangea.pyz serve`, or pass its address with --rpc HOST:PORT",
                 )
+                return
+            except RpcError as exc:
+                self._error = exc
                 return
             client = capnp.TwoPartyClient(stream, traversal_limit_in_words=rpc_words(self.max_message_bytes))  # type: ignore[attr-defined]
             gate = client.bootstrap().cast_as(load_schema().Gate)
@@ -8187,20 +8490,75 @@ class Client:
                 login = await gate.login(self._token)
                 if str(login.error):
                     self._error = RpcError(
-                        f"cannot use the pangea node at {self.address}: {login.error}",
-                        hint="pass the node's token with --token or PANGEA_RPC_TOKEN",
+                        f"cannot use the pangea node at {self.address}: {login.error}", hint=token_hint
                     )
                     return
                 self._compute = login.compute
                 self.node_max_message_bytes = int(login.maxMessageBytes) or self.max_message_bytes
             except capnp.KjException as exc:  # type: ignore[attr-defined]
+                hint = token_hint
+                if not self.tls and "disconnected" in str(exc).lower():
+                    hint = (
+                        "a node serving RPC off loopback speaks TLS: pass the fingerprint `serve` printed "
+                        "(call --fingerprint, Client(fingerprint=...))"
+                    )
                 self._error = RpcError(
-                    f"cannot use the pangea node at {self.address}: {remote_error_text(exc)}",
-                    hint="pass the node's token with --token or PANGEA_RPC_TOKEN",
+                    f"cannot use the pangea node at {self.address}: {remote_error_text(exc)}", hint=hint
                 )
                 return
             self._ready.set()
             await self._stopped.wait()
+
+    async def _open_stream(self) -> Any:
+        """Connect: plain on loopback, else TLS 1.3 with the server's certificate checked against
+        the pin (or trusted on first use) before a byte of Cap'n Proto, or the token, is sent."""
+        import asyncio
+
+        import capnp
+
+        if not self.tls:
+            return await capnp.AsyncIoStream.create_connection(self.host, self.port)  # type: ignore[attr-defined]
+        loop = asyncio.get_running_loop()
+        opened = loop.create_future()
+
+        def on_stream(stream: Any) -> None:  # NOTE: not async: pycapnp closes the stream when a task it ran ends
+            opened.set_result(stream)
+
+        pinned = _pinned_connection_class()(self._pin)
+        pinned.inner = capnp.AsyncIoStream._connect(on_stream)  # type: ignore[attr-defined]
+        await loop.create_connection(  # type: ignore[type-var]
+            lambda: pinned,
+            self.host,
+            self.port,
+            ssl=tls_client_context(),
+            server_hostname="",
+            ssl_handshake_timeout=RPC_TLS_HANDSHAKE_TIMEOUT_S,
+        )
+        presented = format_fingerprint(pinned.presented)
+        if pinned.refused and self._pin_source == "known":
+            raise RpcError(
+                f"cannot use the pangea node at {self.address}: its certificate changed: it presented {presented}, "
+                f"trusted until now {self.fingerprint} (in {home_path() / KNOWN_NODES_FILENAME})",
+                hint="if that node's home was set up again, delete its line from that file; otherwise something "
+                "between you and the node may be intercepting: do not send it your token",
+            )
+        if pinned.refused:
+            raise RpcError(
+                f"cannot use the pangea node at {self.address}: it presented certificate {presented}, "
+                f"not the fingerprint {self.fingerprint}",
+                hint="check the fingerprint `serve` printed; another one means another program answers there",
+            )
+        if self._pin is None:
+            import warnings
+
+            kept = remember_fingerprint(self.address, pinned.presented)
+            self.fingerprint = presented
+            warnings.warn(
+                f"pangea: first connection to {self.address}: trusting its certificate {presented} from now on "
+                f"(kept in {kept}); compare it with the fingerprint `serve` printed",
+                stacklevel=2,
+            )
+        return await opened
 
     def _call(self, coro_fn: Callable[[], Any], what: str) -> Any:
         import asyncio
@@ -9627,21 +9985,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 ###############################################################################
 
 
-def read_token_file(path: str) -> str:
-    """Return the token in the file ``path`` (stripped); refuse a file that other users can read."""
-    import shlex
-    import stat
-
-    try:
-        if os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH):
-            raise ConfigError(
-                f"cannot use token file {path}: it is readable by other users", hint=f"chmod 600 {shlex.quote(path)}"
-            )
-        return Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read token file {path!r}: {exc.strerror}") from None
-
-
 def warn_token_on_command_line(option: str, safer: str) -> None:
     """Say on stderr (one line) that a token given as ``option TOKEN`` is visible to other users."""
     print(
@@ -9704,6 +10047,12 @@ def add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="read the RPC token from this file (mode 0600: a file other users can read is refused)",
     )
     p.add_argument(
+        "--rpc-open",
+        action="store_true",
+        help=f"no RPC token: every user of this machine can use the node (default: a token kept in "
+        f"$PANGEA_HOME/{RPC_TOKEN_FILENAME}, which local programs of this user read; loopback only)",
+    )
+    p.add_argument(
         "--rpc-max-mib",
         type=size_mib(1, 4096),
         default=DEFAULT_RPC_MAX_BYTES >> 20,
@@ -9750,24 +10099,53 @@ def add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """`serve`: a long-running node with an RPC endpoint; stops cleanly on SIGTERM/Ctrl-C."""
-    rpc_host, rpc_port = parse_host_port(args.rpc, DEFAULT_RPC_PORT)
-    token = read_rpc_token(args)
-    if not is_loopback_host(rpc_host) and not token:
+@dataclass(frozen=True)
+class RpcEndpoint:
+    """What `serve` listens on for RPC and what a client must present there."""
+
+    host: str
+    port: int
+    token: str  # "" with --rpc-open: no login needed
+    token_file: Path | None  # the home's token file, when the token is the home's
+    tls_pem: Path | None  # off loopback: the certificate and key of the TLS endpoint
+    fingerprint: bytes  # the SHA-256 of that certificate (b"" on loopback)
+
+
+def rpc_endpoint(args: argparse.Namespace, home: Path) -> RpcEndpoint:
+    """The RPC endpoint `serve` opens: on loopback, plain with a token (the home's own by default,
+    so other users of the box cannot use the node); elsewhere TLS 1.3 and a token given."""
+    host, port = parse_host_port(args.rpc, DEFAULT_RPC_PORT)
+    token, local = read_rpc_token(args), is_loopback_host(host)
+    if args.rpc_open and (token or not local):
+        raise UsageError(
+            "--rpc-open serves RPC without a token, so only on loopback and without --rpc-token(-file)",
+            hint="drop --rpc-open, or serve on 127.0.0.1 with no token option",
+        )
+    if not local and not token:
         raise ConfigError(
-            f"cannot serve RPC on {rpc_host}:{rpc_port} without a token: "
-            "anyone who reaches that port could use this node",
+            f"cannot serve RPC on {host}:{port} without a token: anyone who reaches that port could use this node",
             hint="add --rpc-token-file FILE (or --rpc-token TOKEN), or keep the default 127.0.0.1",
         )
+    token_file = None
+    if local and not token and not args.rpc_open:
+        token, token_file = home_rpc_token(home)
+    tls_pem, fingerprint = rpc_tls_identity(home) if not local else (None, b"")
+    return RpcEndpoint(host, port, token, token_file, tls_pem, fingerprint)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`serve`: a long-running node with an RPC endpoint; stops cleanly on SIGTERM/Ctrl-C."""
+    parse_host_port(args.rpc, DEFAULT_RPC_PORT)
+    read_rpc_token(args)  # NOTE: a bad token option fails before anything starts
     peers = [parse_peer_address(text) for text in args.peer]
     limits, psk = limits_from_args(args), read_psk_file(args.psk)
-    ensure_port_free(rpc_host, rpc_port, option="--rpc HOST:PORT")
     with node_session("serve", args) as (home, session_dir):
+        rpc = rpc_endpoint(args, home)
+        ensure_port_free(rpc.host, rpc.port, option="--rpc HOST:PORT")
         key_pair = load_or_create_identity(home)
         trusted = trusted_peers(home, args.allow_peer) | {p.peer_id for p in peers}
         options = (limits, psk, trusted, home)
-        code = run_trio(_serve, args, session_dir, key_pair, (rpc_host, rpc_port, token), peers, options)
+        code = run_trio(_serve, args, session_dir, key_pair, rpc, peers, options)
     return 0 if code == 128 + signal.SIGTERM else code  # SIGTERM is how a service is meant to stop
 
 
@@ -9775,7 +10153,7 @@ async def _serve(
     args: argparse.Namespace,
     session_dir: SessionDir,
     key_pair: Any,
-    rpc: tuple[str, int, str],
+    rpc: RpcEndpoint,
     peers: list[PeerAddress],
     options: tuple[Limits, str | None, set[str], Path],
 ) -> int:
@@ -9816,13 +10194,15 @@ async def _serve(
     manager.on_suspicion.append(lambda *_: session_dir.save(suspects=saved_suspects(manager)))
     service = NodeService(node, manager, trust=trusted.add, rpc_address="")
     async with node.running(args.host, args.port):
-        server = RpcServer(service, rpc[0], rpc[1], token=rpc[2], max_bytes=args.rpc_max_mib << 20)
+        server = RpcServer(
+            service, rpc.host, rpc.port, token=rpc.token, max_bytes=args.rpc_max_mib << 20, tls_pem=rpc.tls_pem
+        )
         host, port = await server.start()
         service.rpc_address = f"{host}:{port}"
         for peer in peers:
             node.nursery.start_soon(keep_connected, node, peer)
         node.nursery.start_soon(manager.watch_suspects)
-        _announce_serve(args, node, manager, service, session_dir, rpc[2], trusted, pairing)
+        _announce_serve(args, node, manager, service, session_dir, rpc, trusted, pairing)
         try:
             await trio.sleep_forever()
         finally:
@@ -9839,19 +10219,28 @@ def _announce_serve(
     manager: Manager,
     service: NodeService,
     session_dir: SessionDir,
-    token: str,
+    rpc: RpcEndpoint,
     trusted: set[str],
     pairing: Pairing | None,
 ) -> None:
     """Save the serve node's addresses and session, start its metrics, print its banner and ready line."""
     session_dir.write_addresses(node.addresses)
     metrics_url = start_metrics(args.metrics, node, manager)
-    session_dir.save(peer_id=node.peer_id, rpc=service.rpc_address, metrics=metrics_url)
+    fingerprint = format_fingerprint(rpc.fingerprint) if rpc.fingerprint else ""
+    session_dir.save(peer_id=node.peer_id, rpc=service.rpc_address, rpc_fingerprint=fingerprint, metrics=metrics_url)
     print(f"pangea {__version__} serve node, peer ID {node.peer_id}")
     print("Addresses for peers (./pangea.pyz serve --peer <address>):")
     for address in node.addresses:
         print(f"  {address}")
-    print(f"RPC: {service.rpc_address} ({'token required' if token else 'no token, loopback only'})")
+    if rpc.tls_pem is not None:
+        print(f"RPC: {service.rpc_address} (TLS 1.3, token required)")
+        print(f"RPC fingerprint: {fingerprint} (clients pin it: call --fingerprint, Client(fingerprint=...))")
+    elif rpc.token_file is not None:
+        print(f"RPC: {service.rpc_address} (token required; programs of this user read it from {rpc.token_file})")
+    elif rpc.token:
+        print(f"RPC: {service.rpc_address} (token required)")
+    else:
+        print(f"RPC: {service.rpc_address} (open: no token; every user of this machine can use this node)")
     print(node.data_plane_text())
     if metrics_url:
         print(f"Metrics: {metrics_url}")
@@ -9916,6 +10305,11 @@ def add_call_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         metavar="FILE",
         help="read the node's RPC token from this file (mode 0600: a file other users can read is refused)",
     )
+    p.add_argument(
+        "--fingerprint",
+        metavar="SHA256",
+        help="the certificate fingerprint the node printed (TLS off loopback; default: the one trusted on first use)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     calls = p.add_subparsers(dest="call", metavar="CALL", parser_class=_Parser)
@@ -9938,7 +10332,7 @@ def cmd_call(args: argparse.Namespace) -> int:
     """`call`: one RPC call to a running node, printed readably or as JSON."""
     if args.call is None:
         raise UsageError("no call given", hint="pangea.pyz call status | peers | connect ADDR | matmul --size N")
-    with Client(args.rpc, token=read_call_token(args)) as client:
+    with Client(args.rpc, token=read_call_token(args), fingerprint=args.fingerprint) as client:
         if args.call == "status":
             result: Any = client.status()
             text = format_table(("field", "value"), [(k, _human(k, v)) for k, v in result.items()])
