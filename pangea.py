@@ -8496,15 +8496,15 @@ class Client:
                 self._compute = login.compute
                 self.node_max_message_bytes = int(login.maxMessageBytes) or self.max_message_bytes
             except capnp.KjException as exc:  # type: ignore[attr-defined]
-                hint = token_hint
-                if not self.tls and "disconnected" in str(exc).lower():
-                    hint = (
-                        "a node serving RPC off loopback speaks TLS: pass the fingerprint `serve` printed "
-                        "(call --fingerprint, Client(fingerprint=...))"
-                    )
-                self._error = RpcError(
-                    f"cannot use the pangea node at {self.address}: {remote_error_text(exc)}", hint=hint
-                )
+                reason, hint = remote_error_text(exc), token_hint
+                if "disconnected" in str(exc).lower() and "remote exception" not in str(exc):
+                    reason = "it closed the connection before answering the login"
+                    if not self.tls:
+                        hint = (
+                            "a node serving RPC off loopback speaks TLS: pass the fingerprint `serve` printed "
+                            "(call --fingerprint, Client(fingerprint=...)); else see the node's log"
+                        )
+                self._error = RpcError(f"cannot use the pangea node at {self.address}: {reason}", hint=hint)
                 return
             self._ready.set()
             await self._stopped.wait()
@@ -10111,9 +10111,8 @@ class RpcEndpoint:
     fingerprint: bytes  # the SHA-256 of that certificate (b"" on loopback)
 
 
-def rpc_endpoint(args: argparse.Namespace, home: Path) -> RpcEndpoint:
-    """The RPC endpoint `serve` opens: on loopback, plain with a token (the home's own by default,
-    so other users of the box cannot use the node); elsewhere TLS 1.3 and a token given."""
+def check_rpc_options(args: argparse.Namespace) -> str:
+    """Check `serve`'s RPC options before anything starts; return the token they give ("" if none)."""
     host, port = parse_host_port(args.rpc, DEFAULT_RPC_PORT)
     token, local = read_rpc_token(args), is_loopback_host(host)
     if args.rpc_open and (token or not local):
@@ -10126,7 +10125,14 @@ def rpc_endpoint(args: argparse.Namespace, home: Path) -> RpcEndpoint:
             f"cannot serve RPC on {host}:{port} without a token: anyone who reaches that port could use this node",
             hint="add --rpc-token-file FILE (or --rpc-token TOKEN), or keep the default 127.0.0.1",
         )
-    token_file = None
+    return token
+
+
+def rpc_endpoint(args: argparse.Namespace, home: Path, token: str) -> RpcEndpoint:
+    """The RPC endpoint `serve` opens: on loopback, plain with a token (the home's own by default,
+    so other users of the box cannot use the node); elsewhere TLS 1.3 and the token given."""
+    host, port = parse_host_port(args.rpc, DEFAULT_RPC_PORT)
+    local, token_file = is_loopback_host(host), None
     if local and not token and not args.rpc_open:
         token, token_file = home_rpc_token(home)
     tls_pem, fingerprint = rpc_tls_identity(home) if not local else (None, b"")
@@ -10135,12 +10141,11 @@ def rpc_endpoint(args: argparse.Namespace, home: Path) -> RpcEndpoint:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """`serve`: a long-running node with an RPC endpoint; stops cleanly on SIGTERM/Ctrl-C."""
-    parse_host_port(args.rpc, DEFAULT_RPC_PORT)
-    read_rpc_token(args)  # NOTE: a bad token option fails before anything starts
+    token = check_rpc_options(args)
     peers = [parse_peer_address(text) for text in args.peer]
     limits, psk = limits_from_args(args), read_psk_file(args.psk)
     with node_session("serve", args) as (home, session_dir):
-        rpc = rpc_endpoint(args, home)
+        rpc = rpc_endpoint(args, home, token)
         ensure_port_free(rpc.host, rpc.port, option="--rpc HOST:PORT")
         key_pair = load_or_create_identity(home)
         trusted = trusted_peers(home, args.allow_peer) | {p.peer_id for p in peers}

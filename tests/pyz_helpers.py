@@ -198,6 +198,12 @@ class ServeNode:
     address: str  # its loopback multiaddr, /ip4/127.0.0.1/tcp/N/p2p/<id>
     metrics: str | None = None  # the URL of its /metrics, as printed
 
+    @property
+    def token(self) -> str | None:
+        """The RPC token `serve` keeps in its home (None when it was given one, or --rpc-open)."""
+        path = self.home.pangea_home / "rpc-token"
+        return path.read_text().strip() if path.exists() else None
+
     def stderr_since(self, mark: int) -> list[str]:
         """Its stderr lines from index ``mark`` on."""
         return list(self.proc.stderr_lines[mark:])

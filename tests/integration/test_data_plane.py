@@ -457,7 +457,7 @@ class Pair:
     b_data_port: int
 
     def client(self, node: ServeNode) -> Client:
-        return Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S)
+        return Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S)
 
     def data_plane(self, node: ServeNode) -> str:
         """What ``node`` says about its data plane with the other node (`peers()`)."""

@@ -497,7 +497,7 @@ def test_metrics_count_local_and_remote_tasks_while_they_run(mpair: MetricsPair)
 
     def submit_all() -> None:
         try:
-            with Client(a.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+            with Client(a.rpc, token=a.token, timeout_s=CLIENT_TIMEOUT_S) as rpc:
                 for placement in ["local"] * n_local + ["remote"] * n_remote:
                     np.testing.assert_allclose(rpc.matmul(x, x, placement=placement), x @ x)
                     ran_on.append(rpc.last_task["ran_on"])
@@ -553,7 +553,7 @@ def test_metrics_count_each_block_of_a_split_matmul(mpair: MetricsPair) -> None:
         }
 
     before, served0 = by_placement(scrape(a.metrics)), scrape(b.metrics)
-    with Client(a.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+    with Client(a.rpc, token=a.token, timeout_s=CLIENT_TIMEOUT_S) as rpc:
         np.testing.assert_allclose(rpc.matmul(x, x, placement="split"), x @ x)
         attempts = rpc.last_task["attempts"]
     blocks = {"local": 0, "remote": 0}
@@ -576,7 +576,7 @@ def test_metrics_count_a_bad_request_as_bad_input(mpair: MetricsPair, placement:
     assert a.metrics and b.metrics
     labels = {"kernel": "matmul", "outcome": "bad-input", "placement": placement}
     before_a, before_b = scrape(a.metrics), scrape(b.metrics)
-    with Client(a.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+    with Client(a.rpc, token=a.token, timeout_s=CLIENT_TIMEOUT_S) as rpc:
         with pytest.raises(TaskError) as info:
             rpc.submit("matmul", np.ones((2, 3)), np.ones((2, 3)), placement=placement)
         assert info.value.kind == "bad-input"

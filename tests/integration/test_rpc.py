@@ -93,7 +93,7 @@ def pair(module_pair: Pair) -> Pair:
 
 
 def client(node: ServeNode, **kwargs: Any) -> Client:
-    return Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S, **kwargs)
+    return Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S, **kwargs)
 
 
 def matrices(m: int, k: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -331,7 +331,7 @@ def test_client_refuses_an_unsendable_array_and_stays_usable(pair: Pair, bad: np
         assert node.submit("sum", np.arange(4.0), placement="local") == 6.0
 
 
-def _raw_submit(rpc: str, fill: Callable[[Any], None]) -> tuple[str, str]:
+def _raw_submit(rpc: str, token: str | None, fill: Callable[[Any], None]) -> tuple[str, str]:
     """Submit a hand-built TaskSpec with pycapnp alone (no pangea.Client checks); return (errorKind, errorMessage)."""
     import capnp
 
@@ -341,7 +341,7 @@ def _raw_submit(rpc: str, fill: Callable[[Any], None]) -> tuple[str, str]:
         async with capnp.kj_loop():  # type: ignore[attr-defined]
             stream = await asyncio.wait_for(capnp.AsyncIoStream.create_connection(host, int(port)), 10)  # type: ignore[attr-defined]
             gate = capnp.TwoPartyClient(stream).bootstrap().cast_as(pangea.load_schema().Gate)  # type: ignore[attr-defined]
-            compute = (await asyncio.wait_for(gate.login(""), 10)).compute
+            compute = (await asyncio.wait_for(gate.login(token or ""), 10)).compute
             request = compute.submit_request()
             fill(request.task)
             result = (await asyncio.wait_for(request.send(), CLIENT_TIMEOUT_S)).result
@@ -377,7 +377,7 @@ def _spec(kernel: str, *arrays: tuple[str, list[int], list[bytes]], placement: s
 def test_hostile_task_spec_gets_bad_input_and_the_node_keeps_serving(
     pair: Pair, fill: Callable[[Any], None], needle: str
 ) -> None:
-    kind, message = _raw_submit(pair.a.rpc, fill)
+    kind, message = _raw_submit(pair.a.rpc, pair.a.token, fill)
     assert kind == "bad-input"
     assert needle in message
     assert_readable(message)
@@ -539,7 +539,7 @@ def test_refused_connect_names_the_address_once(pair: Pair, pyz: Path, tmp_path:
 def test_256_mib_operand_round_trips_through_rpc(pair: Pair, placement: str) -> None:
     x = np.random.default_rng(8).standard_normal(32 << 20)  # 256 MiB of float64
     assert x.nbytes == 256 << 20
-    with Client(pair.a.rpc, timeout_s=300) as node:
+    with Client(pair.a.rpc, token=pair.a.token, timeout_s=300) as node:
         y = node.submit("scale", x, factor=2.0, placement=placement)
         ran_on = node.last_task["ran_on"]
     assert ran_on == (pair.b.peer_id if placement == "remote" else "local")

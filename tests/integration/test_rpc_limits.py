@@ -66,7 +66,7 @@ def wait_for_fds(node: ServeNode, at_most: int, timeout: float = 15.0) -> int:
 def assert_node_answers(node: ServeNode) -> None:
     """RPC status, a correct task result, and the libp2p port accepting a connection."""
     x = np.arange(16.0).reshape(4, 4)
-    with Client(node.rpc, timeout_s=60) as rpc:
+    with Client(node.rpc, token=node.token, timeout_s=60) as rpc:
         assert rpc.status()
         np.testing.assert_allclose(rpc.matmul(x, x, placement="local"), x @ x)
     port = int(node.address.split("/tcp/")[1].split("/")[0])

@@ -122,7 +122,7 @@ def mode(path: Path) -> int:
 
 def remote_matmul_runs_on(node: ServeNode, peer_id: str) -> None:
     x = np.arange(16.0).reshape(4, 4)
-    with Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+    with Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S) as rpc:
         np.testing.assert_allclose(rpc.matmul(x, x, placement=peer_id), x @ x)
         assert rpc.last_task["ran_on"] == peer_id
 
@@ -169,7 +169,7 @@ def test_serve_trusts_its_trusted_peers_file_and_refuses_anyone_else_naming_allo
     assert run.one("task-without-session")["reply"]["type"] in ENDED  # a task without a session: reset
     refused = node.proc.wait_for_line(REFUSED_LINE.format(role="serve", peer_id=stranger_id), stream="stderr")
     assert "is not trusted" in refused.string and f"--allow-peer {stranger_id}" in refused.string
-    with Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+    with Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S) as rpc:
         status = rpc.status()
     assert status["tasks_served"] == 0 and status["peer_count"] == 0, status
 
@@ -189,7 +189,7 @@ def test_a_failed_connect_leaves_no_trust_behind(pyz: Path, make_home: Any, serv
     other_port = other.address.split("/tcp/")[1].split("/")[0]
     dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{stranger_id}"
     impostor = f"/ip4/127.0.0.1/tcp/{other_port}/p2p/{stranger_id}"  # a live node, but not that peer
-    with Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+    with Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S) as rpc:
         for address in (dead, impostor):
             with pytest.raises(RpcError) as info:
                 rpc.connect(address)
@@ -200,7 +200,7 @@ def test_a_failed_connect_leaves_no_trust_behind(pyz: Path, make_home: Any, serv
     reply = run.one("hello")["reply"]
     assert reply["type"] == "ErrorMsg" and reply["kind"] == "refused", reply
     assert reply["message"].startswith(f"peer {stranger_id} is not trusted by node {node.peer_id}"), reply
-    with Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+    with Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S) as rpc:
         assert rpc.status()["tasks_served"] == 0
     assert node.proc.returncode is None
 
@@ -458,7 +458,7 @@ def test_a_forged_claim_to_run_from_the_nodes_own_home_is_refused(pyz: Path, mak
         reply = run.one("forged-home", proof=proof)["reply"]
         assert reply["type"] == "ErrorMsg" and reply["kind"] == "refused", (proof, reply)
     assert "runs from the pangea home" not in node.session_log()
-    with Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+    with Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S) as rpc:
         assert rpc.status()["peer_count"] == 0
 
 
@@ -501,7 +501,7 @@ def test_fresh_identities_cannot_hold_more_pending_streams_than_the_node_wide_ca
     assert run.one("good")["ok"] is True
     assert peak_rss_mib(node.proc.pid) - before < PENDING_RSS_BOUND_MIB, (before, peak_rss_mib(node.proc.pid))
     x = np.arange(16.0).reshape(4, 4)
-    with Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+    with Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S) as rpc:
         np.testing.assert_allclose(rpc.matmul(x, x), x @ x)
     assert node.proc.returncode is None, node.proc.output()
 

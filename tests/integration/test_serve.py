@@ -50,7 +50,7 @@ def run_pyz(pyz: Path, args: Sequence[str], env: dict[str, str], timeout: float 
 
 
 def client(node: ServeNode, **kwargs: Any) -> Client:
-    return Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S, **kwargs)
+    return Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S, **kwargs)
 
 
 def assert_readable(message: str) -> None:
@@ -107,7 +107,9 @@ def test_serve_prints_its_id_and_endpoints_and_keeps_a_session_dir(pyz: Path, pa
     node = start_serve(pyz, pangea_home, name="serve")
     with node.proc:
         assert node.peer_id == peer_id
-        node.proc.wait_for_line(rf"^RPC: {node.rpc} \(no token, loopback only\)$", stream="stdout")
+        token_file = re.escape(str(pangea_home.pangea_home / "rpc-token"))
+        line = rf"^RPC: {node.rpc} \(token required; programs of this user read it from {token_file}\)$"
+        node.proc.wait_for_line(line, stream="stdout")
         node.proc.wait_for_line(r"^Trusted peers: none yet \(--allow-peer, --peer, --pair\)$", stream="stdout")
         (session,) = session_dirs(pangea_home)
         assert session.name == f"serve-{node.proc.pid}"
@@ -281,7 +283,7 @@ def test_client_with_the_right_token_works_after_refused_logins(locked: ServeNod
 
 def test_client_takes_the_token_from_the_environment(locked: ServeNode, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PANGEA_RPC_TOKEN", TOKEN)
-    with Client(locked.rpc, timeout_s=CLIENT_TIMEOUT_S) as node:
+    with Client(locked.rpc, token=locked.token, timeout_s=CLIENT_TIMEOUT_S) as node:
         assert node.status()["rpc_address"] == locked.rpc
 
 
@@ -405,7 +407,7 @@ def test_message_over_rpc_max_mib_error_names_the_setting(lone: ServeNode) -> No
 
 
 def test_client_message_limit_refuses_before_sending(lone: ServeNode) -> None:
-    with Client(lone.rpc, timeout_s=CLIENT_TIMEOUT_S, max_message_bytes=1000) as node:
+    with Client(lone.rpc, token=lone.token, timeout_s=CLIENT_TIMEOUT_S, max_message_bytes=1000) as node:
         with pytest.raises(RpcError) as info:
             node.submit("scale", np.ones(2000), factor=2.0)
         assert "exceed the RPC message limit" in str(info.value)
@@ -478,7 +480,7 @@ def test_idle_node_stops_on_signal_with_its_exit_code(
     assert session_dirs(pangea_home) == []
     assert "Traceback" not in node.proc.output()
     with pytest.raises(RpcError):
-        Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S)
+        Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S)
 
 
 # ---------------------------------------------------------------- keeping a --peer connected

@@ -80,7 +80,7 @@ def suspicion_of(rpc: Client, peer_id: str) -> dict[str, Any] | None:
 def test_a_worker_that_lied_is_shown_suspect_refused_when_strict_probed_and_cleared(pyz: Path, pair: Pair) -> None:
     w_id, w_short = pair.w.peer_id, short_id(pair.w.peer_id)
     a, b = (np.random.default_rng(1).standard_normal((64, 64)) for _ in range(2))
-    with Client(pair.a.rpc, timeout_s=120) as rpc:
+    with Client(pair.a.rpc, token=pair.a.token, timeout_s=120) as rpc:
         # The lie: caught, and the task runs on A, which says why.
         c = rpc.matmul(a, b, placement="remote")
         np.testing.assert_allclose(c, a @ b)
@@ -164,7 +164,7 @@ def test_a_suspect_worker_that_reconnects_is_still_suspect_and_it_is_logged(pyz:
         connected = rf"^pangea: connected to peer {w.peer_id}$"
         a.proc.wait_for_line(connected, timeout=CONNECT_TIMEOUT_S)
         m = np.eye(8)
-        with Client(a.rpc, timeout_s=120) as rpc:
+        with Client(a.rpc, token=a.token, timeout_s=120) as rpc:
             rpc.matmul(m, m, placement="remote")
             assert rpc.last_task["ran_on"] == "local", rpc.last_task
             before = suspicion_of(rpc, w.peer_id)

@@ -76,7 +76,7 @@ def nodes(lab: Lab) -> Lab:
 
 
 def run_on(node: ServeNode, worker: ServeNode, case: Case) -> tuple[np.ndarray, dict[str, Any]]:
-    with Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+    with Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S) as rpc:
         out = rpc.submit(case.kernel, *case.operands, placement=worker.peer_id, **case.params)
         return np.asarray(out), rpc.last_task
 

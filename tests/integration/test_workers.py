@@ -113,7 +113,7 @@ def running_cluster(
 
 
 def client(node: ServeNode) -> Client:
-    return Client(node.rpc, timeout_s=CLIENT_TIMEOUT_S)
+    return Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S)
 
 
 def matrices(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -511,7 +511,7 @@ def test_split_remote_of_fewer_rows_than_workers_returns(lab: Lab) -> None:
     # One row, two or more workers: one block for the first worker to pull, none for the others.
     a, b = matrices(4, seed=12)
     a = a[:1]
-    with Client(lab.a.rpc, timeout_s=5) as rpc:  # gives up 30 s after the node's own 5 s deadline
+    with Client(lab.a.rpc, token=lab.a.token, timeout_s=5) as rpc:  # gives up 30 s after the node's own 5 s deadline
         c = rpc.submit("matmul", a, b, placement="split-remote")
         task = rpc.last_task
     np.testing.assert_allclose(c, a @ b)

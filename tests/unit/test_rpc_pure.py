@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -530,3 +531,13 @@ def test_client_refuses_a_bad_timeout_before_connecting() -> None:
     for bad in (math.nan, -1.0, 0.0, math.inf):
         with pytest.raises(pangea.UsageError, match="bad timeout_s"):
             pangea.Client("127.0.0.1:1", timeout_s=bad)
+
+
+def test_bad_fingerprints_are_usage_errors_that_show_the_expected_form() -> None:
+    for bad in ("", "sha256:xyz", "sha256:" + "0" * 63, "md5:" + "0" * 64):
+        with pytest.raises(pangea.UsageError, match="expected sha256: and 64 hex digits"):
+            pangea.parse_fingerprint(bad)
+    digest = bytes(range(32))
+    assert pangea.parse_fingerprint(pangea.format_fingerprint(digest)) == digest
+    assert pangea.parse_fingerprint(":".join(f"{b:02X}" for b in digest)) == digest
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", pangea.format_fingerprint(digest))
