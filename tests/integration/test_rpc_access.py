@@ -17,6 +17,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -271,3 +272,32 @@ def test_the_rpc_certificate_is_kept_so_the_fingerprint_survives_a_restart(
             assert node.status()["rpc_address"].endswith(rpc.rsplit(":", 1)[1])
     finally:
         second.stop()
+
+
+def test_no_token_or_pairing_code_in_ps_while_serve_and_call_run_as_the_readme_recommends(
+    pyz: Path, pangea_home: NodeHome, make_home: object, token_file: tuple[Path, str]
+) -> None:
+    path, token = token_file
+    cmd = [str(pyz), "serve", "--host", "127.0.0.1", "--port", "0", "--rpc", "0.0.0.0:0", "--pair"]
+    with Proc([*cmd, "--rpc-token-file", str(path)], env=pangea_home.env, name="serve") as serve:
+        serve.wait_for_line(r"^pangea: serving on /ip4/", timeout=READY_TIMEOUT_S, stream="stdout")
+        port = serve.wait_for_line(r"^RPC: 0\.0\.0\.0:(\d+) ", stream="stdout").group(1)
+        code = serve.wait_for_line(r"^Pairing code \(one use, valid \d+ s\): (\S+)$", stream="stdout").group(1)
+        secrets_seen = {token, code, code.replace("-", "")}
+        client = make_home("client")  # type: ignore[operator]
+        call = [str(pyz), "call", "--rpc", f"127.0.0.1:{port}", "--token-file", str(path)]
+        fingerprint = serve.wait_for_line(r"^RPC fingerprint: (sha256:[0-9a-f]{64}) ", stream="stdout").group(1)
+        call += ["--fingerprint", fingerprint, "matmul", "--size", "1024", "--placement", "local"]
+        tables: list[str] = []
+        with Proc(call, env=client.env, name="call") as caller:
+            for _ in range(600):  # bounded: at most ~60 s of snapshots
+                tables.append(subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout)
+                if caller.returncode is not None:
+                    break
+                time.sleep(0.1)
+            assert caller.wait(timeout=120) == 0, caller.output()
+        assert "verified against local numpy" in "\n".join(caller.stdout_lines), caller.output()
+    text = "\n".join(tables)
+    assert f"{serve.pid} " in text and " call --rpc" in text, "ps never showed serve and call"
+    for secret in secrets_seen:
+        assert secret not in text, "a secret is on a command line"
