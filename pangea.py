@@ -214,6 +214,11 @@ DEFAULT_MAX_STRANGERS_PER_ADDRESS = 8
 # A header before the Hello is a Hello (about 1 KiB); 16 KiB bounds what a stream
 # that has not said who it is makes us buffer (MAX_HEADER_BYTES applies after).
 HELLO_MAX_HEADER_BYTES = 16 << 10
+# Connections of untrusted peers that have no session (yet): 8 from one source address,
+# 64 in all, each closed when it has no session after the handshake timeout. py-libp2p
+# accepts 250 inbound connections, so strangers can never take the slots trusted peers need.
+MAX_STRANGER_CONNECTIONS = 64
+MAX_STRANGER_CONNECTIONS_PER_ADDRESS = 8
 HEARTBEAT_S = 5.0  # every session pings its peer this often (liveness and RTT)
 DEFAULT_METRICS_PORT = 9477  # Prometheus /metrics, when --metrics names no port
 
@@ -1986,6 +1991,45 @@ class PendingStreams:
         else:
             del self.per_peer[peer_id]
             self.strangers.pop(peer_id, None)
+
+
+class StrangerConnections:
+    """The libp2p connections of strangers (untrusted peers without a session), counted per
+    source address and node-wide; `opened` decides whether one more may stay open.
+
+    A connection costs a socket and Noise/Yamux state before it carries a single stream,
+    and fresh identities cost nothing: without a cap, idle connections would take the
+    inbound slots py-libp2p has (250) and lock trusted peers out. So at most
+    ``per_address`` stay open from one address and ``total`` in all, and one that has
+    no session ``idle_s`` after it opened is closed (`idle` lists them)."""
+
+    def __init__(self, total: int, per_address: int, idle_s: float) -> None:
+        self.total, self.per_address, self.idle_s = total, per_address, idle_s
+        self.open: dict[Any, tuple[str, str, float]] = {}  # connection -> (peer id, address, opened at)
+        self.refused = 0  # connections closed at once, for status and metrics
+        self.expired = 0  # connections closed for staying idle
+
+    def opened(self, key: Any, peer_id: str, address: str, now: float) -> str | None:
+        """Count a stranger's new connection and return None, or return why it must close."""
+        same = sum(1 for _, where, _ in self.open.values() if where == address)
+        reason = None
+        if len(self.open) >= self.total:
+            reason = f"{len(self.open)} connections of untrusted peers are open"
+        elif same >= self.per_address:
+            reason = f"{same} connections of untrusted peers from {address} are open"
+        if reason is not None:
+            self.refused += 1
+            return reason
+        self.open[key] = (peer_id, address, now)
+        return None
+
+    def closed(self, key: Any) -> None:
+        """A connection closed, or its peer got a session (no longer a stranger's)."""
+        self.open.pop(key, None)
+
+    def idle(self, now: float) -> list[tuple[Any, str]]:
+        """(connection, peer id) of every counted connection open for ``idle_s`` or longer."""
+        return [(key, peer_id) for key, (peer_id, _, since) in self.open.items() if now - since >= self.idle_s]
 
 
 def retry_data_connect(kind: str, attempt: int, elapsed_s: float) -> bool:
@@ -5536,6 +5580,9 @@ class Node:
         self.budget = MemoryBudget(self.limits.memory_budget_bytes)
         self.instance_id = random.SystemRandom().getrandbits(63)  # tells two processes with one identity apart
         self.pending = PendingStreams(self.limits)  # streams still in their handshake
+        self.strangers = StrangerConnections(
+            MAX_STRANGER_CONNECTIONS, MAX_STRANGER_CONNECTIONS_PER_ADDRESS, self.limits.handshake_timeout_s
+        )
         self.sessions: dict[str, PeerSession] = {}
         self.nursery: Any = None
         self.kernel_limiter = trio.CapacityLimiter(1)  # BLAS already uses every core
@@ -5596,6 +5643,8 @@ class Node:
                 async with self.host.run([Multiaddr(f"/ip4/{listen_host}/tcp/{port}")]):
                     self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self._handle_stream)
                     self.host.get_network().register_notifee(_forget_departed_peers(self.host))
+                    self.host.get_network().register_notifee(_watch_strangers(self))
+                    nursery.start_soon(self._close_idle_strangers)
                     self.addresses = self.dialable_addresses(listen_host)
                     self._start_data_plane(listen_host)
                     self.gflops = await trio.to_thread.run_sync(measure_gflops)
@@ -5658,21 +5707,39 @@ class Node:
         if not conns:
             return {"security": "?", "muxer": "?", "remote": "?"}
         conn = conns[0]
-        # NOTE: the socket's peer first: py-libp2p's own answer falls back to the
-        # peerstore, which holds what the peer announced (0.0.0.0 when it listens on
-        # every interface; always so with --psk, whose wrapped connection has none).
-        remote = None
-        with contextlib.suppress(Exception):  # best effort: the API differs by transport
-            remote = endpoint_multiaddr(conn.muxed_conn.get_remote_address())
-        if remote is None:
-            with contextlib.suppress(Exception):
-                addrs = dialable_addresses([str(a) for a in conn.get_transport_addresses()], None)
-                remote = addrs[0] if addrs else None
         return {
             "security": str(conn.get_negotiated_security_protocol() or "?"),
             "muxer": str(conn.get_negotiated_muxer_protocol() or "?"),
-            "remote": remote or "?",
+            "remote": connection_remote(conn) or "?",
         }
+
+    def stranger_connected(self, conn: Any) -> None:
+        """Count a new libp2p connection of an untrusted peer; close it when it is one too many."""
+        peer_id = str(conn.muxed_conn.peer_id)
+        if self.may_serve(peer_id) or peer_id in self.sessions or conn.muxed_conn.is_initiator:
+            return  # trusted, already in a session, or dialed by us
+        address = multiaddr_ip(connection_remote(conn) or "") or "?"
+        refused = self.strangers.opened(conn, peer_id, address, time.monotonic())
+        if refused is not None:
+            log.warning("closing a connection of untrusted peer %s at %s: %s", peer_id, address, refused)
+            self.nursery.start_soon(_close_quietly, conn)
+
+    async def _close_idle_strangers(self) -> None:
+        """Close strangers' connections that got no session within the handshake timeout."""
+        import trio
+
+        while True:
+            await trio.sleep(1.0)
+            for conn, peer_id in self.strangers.idle(time.monotonic()):
+                self.strangers.closed(conn)
+                if peer_id not in self.sessions:
+                    log.info(
+                        "closing the connection of untrusted peer %s: no session within %gs",
+                        peer_id,
+                        self.strangers.idle_s,
+                    )
+                    self.strangers.expired += 1
+                    self.nursery.start_soon(_close_quietly, conn)
 
     async def next_session(self) -> PeerSession:
         """Wait for the next accepted or dialed session."""
@@ -6031,6 +6098,53 @@ class _RunningCount:
 
 
 _KERNELS_RUNNING = _RunningCount()
+
+
+def connection_remote(conn: Any) -> str | None:
+    """The multiaddr of a libp2p connection's remote end (None when unknown).
+
+    NOTE: the socket's peer first: py-libp2p's own answer falls back to the
+    peerstore, which holds what the peer announced (0.0.0.0 when it listens on
+    every interface; always so with --psk, whose wrapped connection has none)."""
+    remote = None
+    with contextlib.suppress(Exception):  # best effort: the API differs by transport
+        remote = endpoint_multiaddr(conn.muxed_conn.get_remote_address())
+    if remote is None:
+        with contextlib.suppress(Exception):
+            addrs = dialable_addresses([str(a) for a in conn.get_transport_addresses()], None)
+            remote = addrs[0] if addrs else None
+    return remote
+
+
+async def _close_quietly(conn: Any) -> None:
+    with contextlib.suppress(Exception):  # NOTE: best effort: it may be closing already
+        await conn.close()
+
+
+def _watch_strangers(node: Node) -> Any:
+    """Return a notifee that counts strangers' connections in ``node.strangers``."""
+    from libp2p.abc import INotifee
+
+    class WatchStrangers(INotifee):
+        async def opened_stream(self, network: Any, stream: Any) -> None:
+            pass
+
+        async def closed_stream(self, network: Any, stream: Any) -> None:
+            pass
+
+        async def connected(self, network: Any, conn: Any) -> None:
+            node.stranger_connected(conn)
+
+        async def disconnected(self, network: Any, conn: Any) -> None:
+            node.strangers.closed(conn)
+
+        async def listen(self, network: Any, multiaddr: Any) -> None:
+            pass
+
+        async def listen_close(self, network: Any, multiaddr: Any) -> None:
+            pass
+
+    return WatchStrangers()
 
 
 def _forget_departed_peers(host: Any) -> Any:

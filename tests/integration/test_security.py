@@ -492,7 +492,11 @@ def test_fresh_identities_cannot_hold_more_pending_streams_than_the_node_wide_ca
     assert run.one("good")["ok"] is True  # the trusted peer still gets its session and a correct result
     logged = node.stderr_since(mark)
     assert any("streams of untrusted peers already wait for their Hello" in line for line in logged), logged[-5:]
-    assert any("untrusted peers from 127.0.0.1 already wait for their Hello" in line for line in logged), logged[-5:]
+    per_address = (
+        "untrusted peers from 127.0.0.1 already wait for their Hello",
+        "untrusted peers from 127.0.0.1 are open",
+    )
+    assert any(any(text in line for text in per_address) for line in logged), logged[-5:]
     # Frames whose header is larger than a Hello can be are refused at once before the Hello.
     options = ("--identities", "40", "--count", "16", "--header-kib", "1023", "--partial-kib", "256", "--hold", "5")
     run = run_hostile(pyz, home, node.address, "identity-flood", options=options)
@@ -501,6 +505,27 @@ def test_fresh_identities_cannot_hold_more_pending_streams_than_the_node_wide_ca
     assert run.one("good")["ok"] is True
     assert peak_rss_mib(node.proc.pid) - before < PENDING_RSS_BOUND_MIB, (before, peak_rss_mib(node.proc.pid))
     x = np.arange(16.0).reshape(4, 4)
+    with Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+        np.testing.assert_allclose(rpc.matmul(x, x), x @ x)
+    assert node.proc.returncode is None, node.proc.output()
+
+
+def test_idle_connections_of_strangers_are_capped_per_address_and_closed_after_the_handshake_timeout(
+    pyz: Path, make_home: Any, serve: Any
+) -> None:
+    home = make_home("idler")
+    node = serve(make_home("node"), "--allow-peer", peer_id_of(pyz, home), name="serve")
+    mark = len(node.proc.stderr_lines)
+    run = run_hostile(pyz, home, node.address, "idle-connections", options=("--identities", "30", "--hold", "14"))
+    idle = run.one("idle-connections")
+    assert idle["connected"] == 30, idle
+    # today's main: 30 and 30 (every idle connection stays, taking one of py-libp2p's 250 inbound slots)
+    assert idle["open_after_connect"] <= pangea.MAX_STRANGER_CONNECTIONS_PER_ADDRESS, idle
+    assert idle["open_at_end"] == 0, idle  # closed 10 s (the handshake timeout) after they opened
+    assert run.one("good")["ok"] is True  # the trusted peer connects and gets a correct result meanwhile
+    logged = node.stderr_since(mark)
+    assert any("connections of untrusted peers from 127.0.0.1 are open" in line for line in logged), logged[-5:]
+    x = np.arange(9.0).reshape(3, 3)
     with Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S) as rpc:
         np.testing.assert_allclose(rpc.matmul(x, x), x @ x)
     assert node.proc.returncode is None, node.proc.output()

@@ -644,6 +644,41 @@ async def s_identity_flood(peer: Hostile) -> None:
         await peer.good()
 
 
+async def s_idle_connections(peer: Hostile) -> None:
+    """--identities fresh identities each connect (Noise + Yamux) and open no stream.
+    Report how many of their connections the node kept 1 s after the last connected
+    (open_after_connect) and after --hold s (open_at_end); then the main identity runs
+    a good task."""
+    from contextlib import AsyncExitStack
+
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    target = ID.from_base58(peer.target.peer_id)
+
+    def still_open(hosts: list[Any]) -> int:
+        return sum(1 for host in hosts if host.get_network().get_connections(target))
+
+    async with AsyncExitStack() as stack:
+        hosts: list[Any] = []
+        for _ in range(peer.args.identities):
+            host = pangea.make_host(create_new_key_pair(), pangea.read_psk_file(peer.args.psk))
+            await stack.enter_async_context(host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]))
+            try:
+                with trio.fail_after(peer.args.timeout):
+                    await host.connect(info_from_p2p_addr(Multiaddr(peer.target.text)))
+                hosts.append(host)
+            except Exception:  # closed at once by the node: counted as not open
+                hosts.append(host)
+        await trio.sleep(1.0)
+        after_connect = still_open(hosts)
+        await trio.sleep(max(0.0, (peer.args.hold or 5.0) - 1.0))
+        emit("idle-connections", connected=len(hosts), open_after_connect=after_connect, open_at_end=still_open(hosts))
+    await peer.good()
+
+
 async def s_mid_frame_disconnect(peer: Hostile) -> None:
     """A TaskRequest announcing --announce-mib of operands, a few KiB of them, then the
     connection is closed; reconnect and run a good task."""
@@ -779,6 +814,7 @@ SCENARIOS: dict[str, Callable[[Hostile], Awaitable[None]]] = {
     "nan-inf": s_nan_inf,
     "stream-flood": s_stream_flood,
     "identity-flood": s_identity_flood,
+    "idle-connections": s_idle_connections,
     "mid-frame-disconnect": s_mid_frame_disconnect,
     "payload-on-ping": s_payload_on_ping,
     "duplicate-id": s_duplicate_id,

@@ -953,3 +953,30 @@ def test_rpc_admission_evicts_the_oldest_waiting_login_and_caps_all_connections(
     admission.close("d1")
     admission.close("d1")
     assert admission.open("e1", "E") == (True, [])
+
+
+# ---------------------------------------------------------------- StrangerConnections
+
+
+def test_stranger_connections_are_capped_per_address_and_node_wide() -> None:
+    strangers = pangea.StrangerConnections(total=5, per_address=2, idle_s=10.0)
+    assert strangers.opened("c1", "p1", "10.0.0.1", 0.0) is None
+    assert strangers.opened("c2", "p2", "10.0.0.1", 0.0) is None
+    refused = strangers.opened("c3", "p3", "10.0.0.1", 0.0)
+    assert refused == "2 connections of untrusted peers from 10.0.0.1 are open"
+    for i, address in enumerate(["10.0.0.2", "10.0.0.2", "10.0.0.3"]):
+        assert strangers.opened(f"d{i}", f"q{i}", address, 0.0) is None
+    assert strangers.opened("e", "r", "10.0.0.9", 0.0) == "5 connections of untrusted peers are open"
+    assert strangers.refused == 2
+    strangers.closed("c1")  # a slot comes back when one closes (or its peer got a session)
+    assert strangers.opened("c3", "p3", "10.0.0.1", 1.0) is None
+    strangers.closed("never-counted")  # harmless
+
+
+def test_stranger_connections_idle_lists_those_open_for_idle_s_or_longer() -> None:
+    strangers = pangea.StrangerConnections(total=64, per_address=8, idle_s=10.0)
+    strangers.opened("old", "p1", "a", 0.0)
+    strangers.opened("new", "p2", "a", 5.0)
+    assert strangers.idle(9.9) == []
+    assert strangers.idle(10.0) == [("old", "p1")]
+    assert sorted(strangers.idle(15.0)) == [("new", "p2"), ("old", "p1")]
