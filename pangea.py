@@ -9,9 +9,9 @@ Nodes talk libp2p (TCP + Noise + Yamux). A node delegates numpy matrix work
 to another node over the stream protocol ``/pangea/compute/1.0.0``, collects
 and aggregates the results, and runs a task locally when its worker is gone.
 
-How the module is laid out: sixteen rooms, each using only the rooms above
+How the module is laid out: seventeen rooms, each using only the rooms above
 it (tests/unit/test_layout.py keeps that true, and each room under its line
-budget). Rooms 1-7 are pure (no I/O, no await); rooms 8-16 perform I/O.
+budget). Rooms 1-7 are pure (no I/O, no await); rooms 8-17 perform I/O.
 
   0. this docstring, imports, version
   1. Constants                 protocol ids, limits, timeouts, each with its unit
@@ -23,18 +23,19 @@ budget). Rooms 1-7 are pure (no I/O, no await); rooms 8-16 perform I/O.
   6. Kernels                   the registry: per kernel, validation, output size,
                                cost, verification and sample inputs
   7. Scheduler (sans-I/O)      placement, retries, suspicion: handle(event, now)
-  8. Session directories       the pangea home and one directory per process
+  8. Session directories       the pangea home, one directory per process, RPC files
   9. Transports                identity and libp2p host, Channel, the TLS data plane
  10. The node                  PeerSession (performs its SessionProtocol), Node
  11. The manager               delegators, Manager (drives the Scheduler, verifies)
  12. Around the node           mDNS, metrics, the initiator's checks, the fault injector
- 13. RPC service and client    records, NodeService, RpcServer, Client
- 14. Start-up                  build guard, deferred imports, logging, the trio runner
- 15. CLI: options and the verbs of a pair   initiate, respond, demo
- 16. CLI: serve, the tools and main         serve, call, psk, status, doctor,
+ 13. RPC service              records, NodeService, RpcServer, _RpcConnection, the Gate
+ 14. The Python client        Client, _PinnedConnection
+ 15. Start-up                  build guard, deferred imports, logging, the trio runner
+ 16. CLI: options and the verbs of a pair   initiate, respond, demo
+ 17. CLI: serve, the tools and main         serve, call, psk, status, doctor,
                                bench (code in bench/pangea_bench.py), id, main
 
-How one task travels through them: `Client.submit` (13) reaches the node's
+How one task travels through them: `Client.submit` (14) reaches the node's
 `NodeService`, which hands it to the `Manager` (11); the `Scheduler` (7)
 answers `Dispatch`, and the peer's `RemoteDelegator` writes a `TaskRequestMsg`
 (4) on the session's `TlsChannel` (9). On the worker, the channel's Decoder
@@ -934,6 +935,14 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def describe_exception(exc: BaseException) -> str:
+    """Return a one-line description of an exception from a library."""
+    if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        return describe_exception(exc.exceptions[0])
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
 def one_line(text: str, limit: int = 1000) -> str:
@@ -4314,14 +4323,6 @@ class SessionDir:
 ###############################################################################
 
 
-def describe_exception(exc: BaseException) -> str:
-    """Return a one-line description of an exception from a library."""
-    if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        return describe_exception(exc.exceptions[0])
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
-
-
 def stream_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean a libp2p stream or connection went away."""
     import trio
@@ -7483,7 +7484,7 @@ class FaultInjector:
 
 
 ###############################################################################
-# 13. RPC service and client
+# 13. RPC service
 #
 # External programs reach a `serve` node over Cap'n Proto RPC (schema: the
 # `Gate` and `Compute` interfaces of capnp/pangea.capnp). pycapnp runs on
@@ -7491,7 +7492,8 @@ class FaultInjector:
 # own; each call hops into trio with `trio.from_thread.run` (through an
 # daemon thread, so the asyncio loop never blocks) and runs against the
 # `NodeService`, the trio-side facade of the node. This is the only place
-# where asyncio meets trio. `Client` is the synchronous Python client.
+# where asyncio meets trio. `_RpcConnection` holds each connection to the
+# limits before login and, off loopback, speaks TLS 1.3.
 ###############################################################################
 
 DEFAULT_RPC_PORT = 7780
@@ -8327,56 +8329,6 @@ class _RpcConnection:
         self.transport = None
 
 
-class _PinnedConnection:
-    """The client's side of a TLS RPC connection: it compares the server's certificate with the
-    pin (``expected``; None: trust on first use) before pycapnp's protocol sees a byte."""
-
-    def __init__(self, expected: bytes | None) -> None:
-        self.expected = expected
-        self.inner: Any = None  # pycapnp's protocol
-        self.presented = b""
-        self.refused = False
-
-    def connection_made(self, transport: Any) -> None:
-        import hashlib
-        import hmac
-
-        der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True) or b""
-        self.presented = hashlib.sha256(der).digest()
-        if self.expected is not None and not hmac.compare_digest(self.presented, self.expected):
-            self.refused = True
-            transport.abort()
-            return
-        self.inner.connection_made(transport)
-
-    def get_buffer(self, sizehint: int) -> Any:
-        return self.inner.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.inner.buffer_updated(nbytes)
-
-    def eof_received(self) -> bool | None:
-        return None if self.refused else self.inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.refused:
-            self.inner.connection_lost(exc)
-
-
-@functools.cache
-def _pinned_connection_class() -> type[_PinnedConnection]:
-    """_PinnedConnection as an asyncio.BufferedProtocol."""
-    import asyncio
-
-    return type("PinnedConnection", (_PinnedConnection, asyncio.BufferedProtocol), {})
-
-
 @functools.cache
 def _rpc_connection_class() -> type[_RpcConnection]:
     """_RpcConnection as an asyncio.BufferedProtocol (asyncio is imported on first use, not with pangea)."""
@@ -8486,6 +8438,67 @@ def _make_gate(
 
     token_expected = token.encode()
     return GateImpl
+
+
+###############################################################################
+# 14. The Python client
+#
+# `Client`: a synchronous client of a node's RPC endpoint for Python programs,
+# numpy arrays in and out. Its asyncio/KJ loop runs in a private thread. On
+# loopback it speaks plain Cap'n Proto with this user's home token; off
+# loopback TLS 1.3, the server's certificate checked against a pinned or
+# first-use fingerprint (`_PinnedConnection`) before the token is sent.
+###############################################################################
+
+
+class _PinnedConnection:
+    """The client's side of a TLS RPC connection: it compares the server's certificate with the
+    pin (``expected``; None: trust on first use) before pycapnp's protocol sees a byte."""
+
+    def __init__(self, expected: bytes | None) -> None:
+        self.expected = expected
+        self.inner: Any = None  # pycapnp's protocol
+        self.presented = b""
+        self.refused = False
+
+    def connection_made(self, transport: Any) -> None:
+        import hashlib
+        import hmac
+
+        der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True) or b""
+        self.presented = hashlib.sha256(der).digest()
+        if self.expected is not None and not hmac.compare_digest(self.presented, self.expected):
+            self.refused = True
+            transport.abort()
+            return
+        self.inner.connection_made(transport)
+
+    def get_buffer(self, sizehint: int) -> Any:
+        return self.inner.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.inner.buffer_updated(nbytes)
+
+    def eof_received(self) -> bool | None:
+        return None if self.refused else self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.refused:
+            self.inner.connection_lost(exc)
+
+
+@functools.cache
+def _pinned_connection_class() -> type[_PinnedConnection]:
+    """_PinnedConnection as an asyncio.BufferedProtocol."""
+    import asyncio
+
+    return type("PinnedConnection", (_PinnedConnection, asyncio.BufferedProtocol), {})
 
 
 def _raise_rpc_error(response: Any, what: str) -> None:
@@ -8802,7 +8815,7 @@ class Client:
 
 
 ###############################################################################
-# 14. Start-up
+# 15. Start-up
 #
 # What runs before and around every verb, in the order `_main` runs it: the
 # guard that the pyz runs on the interpreter it was built for; the deferred
@@ -9201,7 +9214,7 @@ def _silence_stdout() -> None:
 
 
 ###############################################################################
-# 15. CLI: options and the verbs of a pair
+# 16. CLI: options and the verbs of a pair
 #
 # One `cmd_<verb>` per command, with its options in the `add_<verb>_parser`
 # right above it. This part holds the option types and the options several
@@ -10089,7 +10102,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 ###############################################################################
-# 16. CLI: serve, the tools and main
+# 17. CLI: serve, the tools and main
 #
 # `serve` and the verbs that talk to a node or look at this box: `call` (a
 # Client of a serve node), `psk`, `status`, `doctor`, `bench` (its code is the
