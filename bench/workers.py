@@ -112,7 +112,8 @@ def run_count(
             a.wait_for_line(rf"^pangea: connected to peer {peer_id}$", timeout=CONNECT_TIMEOUT_S)
         jobs: list[dict[str, Any]] = []
         local_s: list[float] = []
-        with pangea.Client(rpc, timeout_s=CLIENT_TIMEOUT_S) as node:
+        token = (home_a.pangea_home / "rpc-token").read_text().strip()  # the node's home token
+        with pangea.Client(rpc, token=token, timeout_s=CLIENT_TIMEOUT_S) as node:
             warm = rng.standard_normal((512, 512))
             node.submit("matmul", warm, warm, placement="split-remote")
             for _ in range(reps):
