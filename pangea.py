@@ -219,6 +219,7 @@ HELLO_MAX_HEADER_BYTES = 16 << 10
 # 64 in all, each closed when it has no session after the handshake timeout. py-libp2p
 # accepts 250 inbound connections, so strangers can never take the slots trusted peers need.
 MAX_STRANGER_CONNECTIONS = 64
+INBOUND_WATCH_S = 1.0  # how often a closed inbound libp2p connection is noticed (and its swarm slot freed)
 MAX_STRANGER_CONNECTIONS_PER_ADDRESS = 8
 HEARTBEAT_S = 5.0  # every session pings its peer this often (liveness and RTT)
 DEFAULT_METRICS_PORT = 9477  # Prometheus /metrics, when --metrics names no port
@@ -4369,12 +4370,47 @@ def make_host(key_pair: Any, psk: str | None = None) -> Any:
     from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
     from libp2p.stream_muxer.yamux.yamux import Yamux
 
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_ID: Noise(key_pair, noise_privkey=new_x25519().private_key)},
         muxer_opt={YAMUX_ID: Yamux},  # type: ignore[dict-item]
         psk=psk,
     )
+    end_inbound_handlers_with_their_connection(host.get_network())
+    return host
+
+
+def end_inbound_handlers_with_their_connection(swarm: Any) -> None:
+    """Let each inbound connection give back its slot when its socket closes.
+
+    NOTE: py-libp2p 0.8.1 keeps the handler of every inbound connection alive until
+    the swarm stops (an "intentional barrier" after the upgrade), and that handler holds
+    one of the swarm's 250 inbound slots: after 250 inbound connections in a node's
+    lifetime, however short each was, every new one is closed during its handshake,
+    trusted peers' too. Measured: a stranger that connects and hangs up 249 times locks
+    every peer out for good. Wrapped here: the handler is cancelled (and its slot freed)
+    once its socket has closed; a handler whose socket cannot be found keeps the old way."""
+    import trio
+
+    handle = swarm._handle_inbound_connection
+
+    async def handle_until_closed(read_write_closer: Any, maddr: Any) -> None:
+        sock = getattr(getattr(read_write_closer, "stream", None), "socket", None)
+        async with trio.open_nursery() as nursery:
+            if sock is not None and callable(getattr(sock, "fileno", None)):
+
+                async def watch() -> None:
+                    while True:  # NOTE: polled: nothing tells when py-libp2p closes the socket
+                        await trio.sleep(INBOUND_WATCH_S)
+                        if sock.fileno() == -1:
+                            nursery.cancel_scope.cancel()
+                            return
+
+                nursery.start_soon(watch)
+            await handle(read_write_closer, maddr)
+            nursery.cancel_scope.cancel()
+
+    swarm._handle_inbound_connection = handle_until_closed
 
 
 def local_interface_addresses() -> list[tuple[str, str]]:
@@ -5584,6 +5620,7 @@ class Node:
         self.strangers = StrangerConnections(
             MAX_STRANGER_CONNECTIONS, MAX_STRANGER_CONNECTIONS_PER_ADDRESS, self.limits.handshake_timeout_s
         )
+        self._strangers_logged_at, self._strangers_unlogged = -math.inf, 0
         self.sessions: dict[str, PeerSession] = {}
         self.nursery: Any = None
         self.kernel_limiter = trio.CapacityLimiter(1)  # BLAS already uses every core
@@ -5720,9 +5757,19 @@ class Node:
         if self.may_serve(peer_id) or peer_id in self.sessions or conn.muxed_conn.is_initiator:
             return  # trusted, already in a session, or dialed by us
         address = multiaddr_ip(connection_remote(conn) or "") or "?"
-        refused = self.strangers.opened(conn, peer_id, address, time.monotonic())
+        now = time.monotonic()
+        refused = self.strangers.opened(conn, peer_id, address, now)
         if refused is not None:
-            log.warning("closing a connection of untrusted peer %s at %s: %s", peer_id, address, refused)
+            # NOTE: one line a minute, with the count: a flood of identities must not flood the log
+            self._strangers_unlogged += 1
+            if now - self._strangers_logged_at >= LIBP2P_LOG_REPEAT_S:
+                more = (
+                    f" ({self._strangers_unlogged - 1} more since the last such line)"
+                    if self._strangers_unlogged > 1
+                    else ""
+                )
+                log.warning("closing a connection of untrusted peer %s at %s: %s%s", peer_id, address, refused, more)
+                self._strangers_logged_at, self._strangers_unlogged = now, 0
             self.nursery.start_soon(_close_quietly, conn)
 
     async def _close_idle_strangers(self) -> None:

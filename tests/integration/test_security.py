@@ -531,6 +531,18 @@ def test_idle_connections_of_strangers_are_capped_per_address_and_closed_after_t
     assert node.proc.returncode is None, node.proc.output()
 
 
+def test_a_node_still_accepts_connections_after_hundreds_in_its_lifetime(pyz: Path, make_home: Any, serve: Any) -> None:
+    home = make_home("cycler")
+    node = serve(make_home("node"), "--allow-peer", peer_id_of(pyz, home), name="serve")
+    options = ("--identities", "300", "--count", "10", "--timeout", "10")
+    cycle = run_hostile(pyz, home, node.address, "reconnect-cycle", options=options).one("reconnect-cycle")
+    # today's main: 249 connected, then every new connection (trusted peers' too) closed for good
+    assert cycle["connected"] == 300 and cycle["first_failure"] is None, cycle
+    # a new process, hence a new connection of the trusted peer, still gets its session and a correct result
+    assert run_hostile(pyz, home, node.address, "good").one("good")["ok"] is True
+    assert node.proc.returncode is None, node.proc.output()
+
+
 def test_respond_with_a_copy_of_the_initiators_identity_is_refused(pyz: Path, make_home: Any) -> None:
     a, b = make_home("initiator"), make_home("responder")
     peer_id_of(pyz, a)  # creates a's identity

@@ -679,6 +679,41 @@ async def s_idle_connections(peer: Hostile) -> None:
     await peer.good()
 
 
+async def s_reconnect_cycle(peer: Hostile) -> None:
+    """--identities times, --count at once: an identity connects (Noise + Yamux) and
+    hangs up at once. Report how many connected and the first that could not; then
+    the main identity runs a good task (a node that holds a slot per past connection
+    has none left for it)."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    target, info = ID.from_base58(peer.target.peer_id), info_from_p2p_addr(Multiaddr(peer.target.text))
+    cycles = iter(range(peer.args.identities))
+    connected, failures = 0, []
+
+    async def cycler() -> None:  # --count of them at once, sharing the cycles
+        nonlocal connected
+        host = pangea.make_host(create_new_key_pair(), pangea.read_psk_file(peer.args.psk))
+        async with host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            for i in cycles:
+                try:
+                    with trio.fail_after(peer.args.timeout):
+                        await host.connect(info)
+                        connected += 1
+                        await host.disconnect(target)
+                except Exception:
+                    failures.append(i)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(max(1, peer.args.count)):
+            nursery.start_soon(cycler)
+    first_failure = min(failures) if failures else None
+    emit("reconnect-cycle", cycles=peer.args.identities, connected=connected, first_failure=first_failure)
+    await peer.good()
+
+
 async def s_mid_frame_disconnect(peer: Hostile) -> None:
     """A TaskRequest announcing --announce-mib of operands, a few KiB of them, then the
     connection is closed; reconnect and run a good task."""
@@ -815,6 +850,7 @@ SCENARIOS: dict[str, Callable[[Hostile], Awaitable[None]]] = {
     "stream-flood": s_stream_flood,
     "identity-flood": s_identity_flood,
     "idle-connections": s_idle_connections,
+    "reconnect-cycle": s_reconnect_cycle,
     "mid-frame-disconnect": s_mid_frame_disconnect,
     "payload-on-ping": s_payload_on_ping,
     "duplicate-id": s_duplicate_id,
