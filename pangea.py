@@ -253,6 +253,9 @@ RPC_LOGIN_MAX_SOURCES = 4096  # sources remembered by the login limiter; the old
 # held while they wait (a legitimate program keeps a few in flight; the kernels
 # run one at a time anyway).
 RPC_MAX_CALLS_IN_FLIGHT = 64
+RPC_DEFAULT_TIMEOUT_S = 600.0  # a task's timeoutSeconds of 0 means this
+RPC_MAX_TIMEOUT_S = 7 * 86400.0  # a week: a longer task timeout is a mistake (and overflows timers)
+RPC_MAX_TEXT_CHARS = 1000  # kernel names, placements and multiaddrs are short; longer ones are refused
 
 # bench verb: what its parser needs; the rest of the verb is bench/pangea_bench.py.
 # Defaults of a full run and of --quick (a run of a few seconds whose figures are rough).
@@ -832,6 +835,55 @@ class CallBound:
     def leave(self) -> None:
         """The call is over: its slot is free."""
         self.in_flight = max(0, self.in_flight - 1)
+
+
+# ---------------------------------------------------------------- RPC arguments
+
+
+def one_line(text: str, limit: int = 1000) -> str:
+    """Return ``text`` on one line, at most ``limit`` characters (for error lines and RPC errors)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def check_task_timeout(timeout_s: float) -> float:
+    """Return a task's timeout in seconds (0: the default); TaskError(bad-input) for NaN, inf,
+    negative or absurd values."""
+    if timeout_s == 0:
+        return RPC_DEFAULT_TIMEOUT_S
+    if not (math.isfinite(timeout_s) and 0 < timeout_s <= RPC_MAX_TIMEOUT_S):
+        raise TaskError(
+            f"bad timeoutSeconds {timeout_s!r}: expected a number of seconds more than 0 and at most "
+            f"{RPC_MAX_TIMEOUT_S:g}, or 0 for the node's default ({RPC_DEFAULT_TIMEOUT_S:g})",
+            kind=ErrorKind.BAD_INPUT,
+        )
+    return timeout_s
+
+
+def check_rpc_text(name: str, text: str) -> str:
+    """Return a short text argument of an RPC call; TaskError(bad-input) when absurdly long."""
+    if len(text) > RPC_MAX_TEXT_CHARS:
+        raise TaskError(
+            f"bad {name}: {len(text)} characters, expected at most {RPC_MAX_TEXT_CHARS}", kind=ErrorKind.BAD_INPUT
+        )
+    return text
+
+
+def rpc_words(max_bytes: int) -> int:
+    """Return the Cap'n Proto traversal limit (in 8-byte words) for messages of max_bytes."""
+    return max_bytes // 8 + (1 << 20)
+
+
+def remote_error_text(exc: BaseException) -> str:
+    """Return the readable part of a pycapnp remote exception (the last `XError: message` line)."""
+    import re
+
+    text = str(exc)
+    found = re.findall(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Refused)): (.+)$", text, flags=re.M)
+    if found:
+        return found[-1][1].strip()
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first.removeprefix("(remote):0: failed: ").strip()
 
 
 def new_pairing_code(rng: random.Random | None = None) -> str:
@@ -1650,6 +1702,22 @@ def _arrays_from(metas: Any, payload: bytearray, task_id: int, limits: Limits | 
     if offset != len(payload):
         raise MessageError(f"payload has {len(payload)} bytes, the arrays describe {offset}", task_id=task_id)
     return tuple(arrays)
+
+
+def operand_stand_ins(readers: Any) -> list[np.ndarray] | None:
+    """Arrays of the dtypes and shapes an RPC task's operands declare, holding no memory (a stride-0
+    view of one zero), for admission before the operands are copied out of the request; None
+    when one is malformed (`array_from_capnp` then says what is wrong)."""
+    import numpy as np
+
+    limits = Limits()
+    out = []
+    for reader in readers:
+        name, shape = str(reader.dtype), tuple(int(d) for d in reader.shape)
+        if name not in limits.dtypes or len(shape) > limits.max_ndim or math.prod(shape) > limits.max_elements:
+            return None
+        out.append(np.broadcast_to(np.zeros((), dtype=_wire_dtype(name)), shape))
+    return out
 
 
 def peek_header(header: bytes) -> tuple[str, int | None]:
@@ -7270,10 +7338,11 @@ class FaultInjector:
 # External programs reach a `serve` node over Cap'n Proto RPC (schema: the
 # `Gate` and `Compute` interfaces of capnp/pangea.capnp). pycapnp runs on
 # asyncio with its own KJ loop, so the RPC server lives in a thread of its
-# own; each call hops into trio with `trio.from_thread.run` (through an
-# daemon thread, so the asyncio loop never blocks) and runs against the
-# `NodeService`, the trio-side facade of the node. This is the only place
-# where asyncio meets trio. `Client` is the synchronous Python client.
+# own; each call (at most RPC_MAX_CALLS_IN_FLIGHT) becomes a trio task spawned
+# through the trio token, so the asyncio loop never blocks, and runs against
+# the `NodeService`, the trio-side facade of the node, which charges each task
+# to the node's memory budget. This is the only place where asyncio meets
+# trio. `Client` is the synchronous Python client.
 ###############################################################################
 
 DEFAULT_RPC_PORT = 7780
@@ -7281,15 +7350,6 @@ DEFAULT_RPC_MAX_BYTES = 1 << 30  # one RPC message; two 256 MiB operands plus he
 RPC_CHUNK_BYTES = 128 << 20  # Data fields must stay under Cap'n Proto's 512 MiB limit
 MIN_TOKEN_CHARS = 16  # a shorter token is guessable; generate one with `openssl rand -hex 16`
 RPC_CONNECT_TIMEOUT_S = 10.0  # `connect` over RPC dials for at most this long
-RPC_DEFAULT_TIMEOUT_S = 600.0  # a task's timeoutSeconds of 0 means this
-RPC_MAX_TIMEOUT_S = 7 * 86400.0  # a week: a longer task timeout is a mistake (and overflows timers)
-RPC_MAX_TEXT_CHARS = 1000  # kernel names, placements and multiaddrs are short; longer ones are refused
-
-
-def one_line(text: str, limit: int = 1000) -> str:
-    """Return ``text`` on one line, at most ``limit`` characters (for error lines and RPC errors)."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def rpc_error_fields(exc: BaseException, what: str) -> tuple[str, str]:
@@ -7306,46 +7366,6 @@ def rpc_error_fields(exc: BaseException, what: str) -> tuple[str, str]:
     return str(ErrorKind.INTERNAL), one_line(
         f"cannot {what}: internal error ({describe_exception(exc)}); see the node's log"
     )
-
-
-def check_task_timeout(timeout_s: float) -> float:
-    """Return a task's timeout in seconds (0: the default); TaskError(bad-input) for NaN, inf,
-    negative or absurd values."""
-    if timeout_s == 0:
-        return RPC_DEFAULT_TIMEOUT_S
-    if not (math.isfinite(timeout_s) and 0 < timeout_s <= RPC_MAX_TIMEOUT_S):
-        raise TaskError(
-            f"bad timeoutSeconds {timeout_s!r}: expected a number of seconds more than 0 and at most "
-            f"{RPC_MAX_TIMEOUT_S:g}, or 0 for the node's default ({RPC_DEFAULT_TIMEOUT_S:g})",
-            kind=ErrorKind.BAD_INPUT,
-        )
-    return timeout_s
-
-
-def check_rpc_text(name: str, text: str) -> str:
-    """Return a short text argument of an RPC call; TaskError(bad-input) when absurdly long."""
-    if len(text) > RPC_MAX_TEXT_CHARS:
-        raise TaskError(
-            f"bad {name}: {len(text)} characters, expected at most {RPC_MAX_TEXT_CHARS}", kind=ErrorKind.BAD_INPUT
-        )
-    return text
-
-
-def rpc_words(max_bytes: int) -> int:
-    """Return the Cap'n Proto traversal limit (in 8-byte words) for messages of max_bytes."""
-    return max_bytes // 8 + (1 << 20)
-
-
-def remote_error_text(exc: BaseException) -> str:
-    """Return the readable part of a pycapnp remote exception (the last `XError: message` line)."""
-    import re
-
-    text = str(exc)
-    found = re.findall(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Refused)): (.+)$", text, flags=re.M)
-    if found:
-        return found[-1][1].strip()
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return first.removeprefix("(remote):0: failed: ").strip()
 
 
 def array_to_capnp(builder: Any, a: np.ndarray) -> None:
@@ -7732,13 +7752,17 @@ class NodeService:
         placement: str,
         timeout_s: float,
         fallback: bool = True,
+        admitted: int | None = None,
     ) -> tuple[TaskOutcome, int]:
         """Run a task through the manager; return its outcome and the bytes it holds in the node's
-        budget until its answer is built (give them back with release_soon). TaskError on failure
+        budget until its answer is built (give them back with release_soon; ``admitted``: the bytes
+        its caller took with `admit` already, which stay the caller's). TaskError on failure
         (bad-input for a bad argument; busy or bad-input when it does not fit the budget;
         ``fallback=False``: also when it would run locally because no remote worker is usable)."""
         kernel, placement = check_rpc_text("kernel", kernel), check_rpc_text("placement", placement)
         timeout_s = check_task_timeout(timeout_s)
+        if admitted is not None:  # the caller charged it (and gives it back)
+            return await self._submit(kernel, operands, params, placement, timeout_s, fallback), admitted
         held = self.admit(kernel, operands, params)
         try:
             return await self._submit(kernel, operands, params, placement, timeout_s, fallback), held
@@ -8175,13 +8199,18 @@ def _make_gate(
             try:
                 with service.call_slot():
                     kernel = check_rpc_text("kernel", str(task.kernel))  # before any copy of the operands
-                    operands = [array_from_capnp(a, i) for i, a in enumerate(task.operands)]
                     params = {str(p.name): float(p.value) for p in task.params}
+                    stand_ins = operand_stand_ins(task.operands)
+                    if stand_ins is not None:  # charged before the operands are copied out of the request
+                        held = await in_trio(service.admit, kernel, stand_ins, params, dropped=service.release_soon)
+                    operands = [array_from_capnp(a, i) for i, a in enumerate(task.operands)]
                     placement = str(task.placement) or "auto"
                     timeout_s = float(task.timeoutSeconds)
                     fallback = not bool(task.noFallback)
-                    args = (kernel, operands, params, placement, timeout_s, fallback)
-                    outcome, held = await in_trio(service.submit, *args, dropped=lambda r: service.release_soon(r[1]))
+                    admitted = held if stand_ins is not None else None
+                    args = (kernel, operands, params, placement, timeout_s, fallback, admitted)
+                    dropped = None if admitted is not None else lambda r: service.release_soon(r[1])
+                    outcome, held = await in_trio(service.submit, *args, dropped=dropped)
                     del operands, args
             except Exception as exc:
                 kind, message = rpc_error_fields(exc, "submit a task")
