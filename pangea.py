@@ -7717,6 +7717,10 @@ class NodeService:
             raise refusal or TaskError(f"cannot run {kernel}: the node's memory budget is full", kind=ErrorKind.BUSY)
         return need
 
+    async def charge(self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> int:
+        """`admit` as a call of its own (what `in_trio` runs): before the operands are read."""
+        return self.admit(kernel, operands, params)
+
     def release_soon(self, nbytes: int) -> None:
         """Give back bytes taken by admit (from any thread; the trio thread does it)."""
         if nbytes and self._trio_token is not None:
@@ -8202,7 +8206,7 @@ def _make_gate(
                     params = {str(p.name): float(p.value) for p in task.params}
                     stand_ins = operand_stand_ins(task.operands)
                     if stand_ins is not None:  # charged before the operands are copied out of the request
-                        held = await in_trio(service.admit, kernel, stand_ins, params, dropped=service.release_soon)
+                        held = await in_trio(service.charge, kernel, stand_ins, params, dropped=service.release_soon)
                     operands = [array_from_capnp(a, i) for i, a in enumerate(task.operands)]
                     placement = str(task.placement) or "auto"
                     timeout_s = float(task.timeoutSeconds)
