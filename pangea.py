@@ -1714,9 +1714,13 @@ def operand_stand_ins(readers: Any) -> list[np.ndarray] | None:
     out = []
     for reader in readers:
         name, shape = str(reader.dtype), tuple(int(d) for d in reader.shape)
-        if name not in limits.dtypes or len(shape) > limits.max_ndim or math.prod(shape) > limits.max_elements:
+        too_many = math.prod(shape) > limits.max_elements or any(d > limits.max_elements for d in shape)
+        if name not in limits.dtypes or len(shape) > limits.max_ndim or too_many:
             return None
-        out.append(np.broadcast_to(np.zeros((), dtype=_wire_dtype(name)), shape))
+        try:
+            out.append(np.broadcast_to(np.zeros((), dtype=_wire_dtype(name)), shape))
+        except ValueError:  # NOTE: a shape numpy refuses (a negative or absurd dimension)
+            return None
     return out
 
 

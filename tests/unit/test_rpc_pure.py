@@ -579,3 +579,13 @@ def test_call_bound_refuses_past_its_limit_and_frees_a_slot_on_leave() -> None:
 
 def test_rpc_max_calls_in_flight_leaves_room_below_the_connection_cap() -> None:
     assert 1 <= pangea.RPC_MAX_CALLS_IN_FLIGHT <= pangea.RPC_MAX_CONNECTIONS
+
+
+def test_operand_stand_ins_hold_no_memory_and_refuse_absurd_shapes() -> None:
+    from types import SimpleNamespace
+
+    (a,) = pangea.operand_stand_ins([SimpleNamespace(dtype="float64", shape=[4000, 4000])])  # type: ignore[misc]
+    assert a.shape == (4000, 4000) and a.nbytes == 4000 * 4000 * 8 and a.base is not None and a.strides == (0, 0)
+    assert pangea.operand_stand_ins([SimpleNamespace(dtype="float32", shape=[0, 1 << 63])]) is None
+    assert pangea.operand_stand_ins([SimpleNamespace(dtype="object", shape=[2])]) is None
+    assert pangea.operand_stand_ins([]) == []
