@@ -263,6 +263,15 @@ RPC_TOKEN_FILENAME = "rpc-token"
 RPC_TLS_FILENAME = "rpc-tls.pem"
 KNOWN_NODES_FILENAME = "known_rpc_nodes"
 RPC_TLS_HANDSHAKE_TIMEOUT_S = 10.0  # a TLS handshake on the RPC port, client and server side
+# RPC calls in flight on the node, all connections together; one more is answered
+# "busy" at once. Each call is a trio task (no thread) and a task's memory is
+# charged to the node's budget, so this bounds the bookkeeping and the requests
+# held while they wait (a legitimate program keeps a few in flight; the kernels
+# run one at a time anyway).
+RPC_MAX_CALLS_IN_FLIGHT = 64
+RPC_DEFAULT_TIMEOUT_S = 600.0  # a task's timeoutSeconds of 0 means this
+RPC_MAX_TIMEOUT_S = 7 * 86400.0  # a week: a longer task timeout is a mistake (and overflows timers)
+RPC_MAX_TEXT_CHARS = 1000  # kernel names, placements and multiaddrs are short; longer ones are refused
 
 # bench verb: what its parser needs; the rest of the verb is bench/pangea_bench.py.
 # Defaults of a full run and of --quick (a run of a few seconds whose figures are rough).
@@ -796,6 +805,103 @@ class MemoryBudget:
         self.in_use = max(0, self.in_use - n)
 
 
+def rpc_task_bytes(operand_bytes: int, out_bytes: int) -> int:
+    """The bytes an RPC task holds on its node until its answer is built: its operands twice (the
+    request message pycapnp keeps until the call returns, and the arrays read from it) and its
+    output bound twice (the kernel's result, and its copy in the answer's message)."""
+    return 2 * operand_bytes + 2 * out_bytes
+
+
+def budget_refusal(budget: MemoryBudget, kernel: str, need: int, out_bytes: int) -> TaskError | None:
+    """Why a task that holds ``need`` bytes (``out_bytes`` of them its output) cannot run now (None: it
+    fits). Kind "bad-input" when it exceeds the whole budget (it never will), "busy" when other
+    tasks hold the rest (it may, later)."""
+    if budget.in_use + need <= budget.limit_bytes:
+        return None
+    held = f"its output of {format_bytes(out_bytes)} ({format_bytes(need)} with its operands and the answer's copy)"
+    if need > budget.limit_bytes:
+        return TaskError(
+            f"cannot run {kernel}: {held} can never fit the node's memory budget of "
+            f"{format_bytes(budget.limit_bytes)}; ask for less, or raise --memory-budget-mib",
+            kind=ErrorKind.BAD_INPUT,
+        )
+    return TaskError(
+        f"cannot run {kernel}: {held} would not fit the node's memory budget of {format_bytes(budget.limit_bytes)} "
+        f"({format_bytes(budget.in_use)} in use); retry later or raise --memory-budget-mib",
+        kind=ErrorKind.BUSY,
+    )
+
+
+class CallBound:
+    """Counts the RPC calls in flight; refuses one past ``limit`` (pure; touched by one thread)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self.refused = 0  # calls answered "busy", for status and metrics
+
+    def try_enter(self) -> bool:
+        """Take a slot for one call if one is free; return whether it was."""
+        if self.in_flight >= self.limit:
+            self.refused += 1
+            return False
+        self.in_flight += 1
+        return True
+
+    def leave(self) -> None:
+        """The call is over: its slot is free."""
+        self.in_flight = max(0, self.in_flight - 1)
+
+
+# ---------------------------------------------------------------- RPC arguments
+
+
+def one_line(text: str, limit: int = 1000) -> str:
+    """Return ``text`` on one line, at most ``limit`` characters (for error lines and RPC errors)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def check_task_timeout(timeout_s: float) -> float:
+    """Return a task's timeout in seconds (0: the default); TaskError(bad-input) for NaN, inf,
+    negative or absurd values."""
+    if timeout_s == 0:
+        return RPC_DEFAULT_TIMEOUT_S
+    if not (math.isfinite(timeout_s) and 0 < timeout_s <= RPC_MAX_TIMEOUT_S):
+        raise TaskError(
+            f"bad timeoutSeconds {timeout_s!r}: expected a number of seconds more than 0 and at most "
+            f"{RPC_MAX_TIMEOUT_S:g}, or 0 for the node's default ({RPC_DEFAULT_TIMEOUT_S:g})",
+            kind=ErrorKind.BAD_INPUT,
+        )
+    return timeout_s
+
+
+def check_rpc_text(name: str, text: str) -> str:
+    """Return a short text argument of an RPC call; TaskError(bad-input) when absurdly long."""
+    if len(text) > RPC_MAX_TEXT_CHARS:
+        raise TaskError(
+            f"bad {name}: {len(text)} characters, expected at most {RPC_MAX_TEXT_CHARS}", kind=ErrorKind.BAD_INPUT
+        )
+    return text
+
+
+def rpc_words(max_bytes: int) -> int:
+    """Return the Cap'n Proto traversal limit (in 8-byte words) for messages of max_bytes."""
+    return max_bytes // 8 + (1 << 20)
+
+
+def remote_error_text(exc: BaseException) -> str:
+    """Return the readable part of a pycapnp remote exception (the last `XError: message` line)."""
+    import re
+
+    text = str(exc)
+    found = re.findall(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Refused)): (.+)$", text, flags=re.M)
+    if found:
+        return found[-1][1].strip()
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first.removeprefix("(remote):0: failed: ").strip()
+
+
 def new_pairing_code(rng: random.Random | None = None) -> str:
     """Return a fresh pairing code (12 Crockford base32 characters) from a CSPRNG."""
     import secrets
@@ -944,12 +1050,6 @@ def describe_exception(exc: BaseException) -> str:
         return describe_exception(exc.exceptions[0])
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
-
-
-def one_line(text: str, limit: int = 1000) -> str:
-    """Return ``text`` on one line, at most ``limit`` characters (for error lines and RPC errors)."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def format_fingerprint(digest: bytes) -> str:
@@ -1642,6 +1742,26 @@ def _arrays_from(metas: Any, payload: bytearray, task_id: int, limits: Limits | 
     if offset != len(payload):
         raise MessageError(f"payload has {len(payload)} bytes, the arrays describe {offset}", task_id=task_id)
     return tuple(arrays)
+
+
+def operand_stand_ins(readers: Any) -> list[np.ndarray] | None:
+    """Arrays of the dtypes and shapes an RPC task's operands declare, holding no memory (a stride-0
+    view of one zero), for admission before the operands are copied out of the request; None
+    when one is malformed (`array_from_capnp` then says what is wrong)."""
+    import numpy as np
+
+    limits = Limits()
+    out = []
+    for reader in readers:
+        name, shape = str(reader.dtype), tuple(int(d) for d in reader.shape)
+        too_many = math.prod(shape) > limits.max_elements or any(d > limits.max_elements for d in shape)
+        if name not in limits.dtypes or len(shape) > limits.max_ndim or too_many:
+            return None
+        try:
+            out.append(np.broadcast_to(np.zeros((), dtype=_wire_dtype(name)), shape))
+        except ValueError:  # NOTE: a shape numpy refuses (a negative or absurd dimension)
+            return None
+    return out
 
 
 def peek_header(header: bytes) -> tuple[str, int | None]:
@@ -5615,6 +5735,8 @@ class Node:
         self.limits = limits or Limits()
         self.psk = psk
         self.budget = MemoryBudget(self.limits.memory_budget_bytes)
+        self.rpc_calls = CallBound(RPC_MAX_CALLS_IN_FLIGHT)  # touched by the RPC thread only
+        self.rpc_tasks_refused = 0  # RPC tasks refused by the memory budget
         self.instance_id = random.SystemRandom().getrandbits(63)  # tells two processes with one identity apart
         self.pending = PendingStreams(self.limits)  # streams still in their handshake
         self.strangers = StrangerConnections(
@@ -6981,7 +7103,28 @@ class _NodeCollector:
         yield sent
         yield GaugeMetricFamily("pangea_connected_peers", "Peers with an open session", value=len(sessions))
         yield GaugeMetricFamily(
-            "pangea_memory_budget_used_bytes", "Operand and result bytes held for peers", value=self.node.budget.in_use
+            "pangea_memory_budget_used_bytes",
+            "Operand and result bytes held for peers and RPC tasks",
+            value=self.node.budget.in_use,
+        )
+        yield GaugeMetricFamily(
+            "pangea_memory_budget_bytes",
+            "The node's memory budget (--memory-budget-mib)",
+            value=self.node.budget.limit_bytes,
+        )
+        refused = CounterMetricFamily(
+            "pangea_refused", "What the node turned away to protect itself, by reason", labels=["reason"]
+        )
+        refused.add_metric(["rpc-calls-busy"], self.node.rpc_calls.refused)  # past RPC_MAX_CALLS_IN_FLIGHT
+        refused.add_metric(["rpc-tasks-budget"], self.node.rpc_tasks_refused)  # over the memory budget
+        refused.add_metric(["pending-streams"], self.node.pending.refused)  # streams past the pending caps
+        data_plane = self.node.data_plane
+        refused.add_metric(["data-handshakes-evicted"], data_plane.evicted if data_plane is not None else 0)
+        strangers = self.node.strangers  # libp2p connections of untrusted peers: one too many, or idle
+        refused.add_metric(["stranger-connections"], strangers.refused + strangers.expired)
+        yield refused
+        yield GaugeMetricFamily(
+            "pangea_rpc_calls_in_flight", "RPC calls the node is answering", value=self.node.rpc_calls.in_flight
         )
         if self.manager is not None:
             yield GaugeMetricFamily(
@@ -7536,11 +7679,12 @@ class FaultInjector:
 # External programs reach a `serve` node over Cap'n Proto RPC (schema: the
 # `Gate` and `Compute` interfaces of capnp/pangea.capnp). pycapnp runs on
 # asyncio with its own KJ loop, so the RPC server lives in a thread of its
-# own; each call hops into trio with `trio.from_thread.run` (through an
-# daemon thread, so the asyncio loop never blocks) and runs against the
-# `NodeService`, the trio-side facade of the node. This is the only place
-# where asyncio meets trio. `_RpcConnection` holds each connection to the
-# limits before login and, off loopback, speaks TLS 1.3.
+# own; each call (at most RPC_MAX_CALLS_IN_FLIGHT) becomes a trio task spawned
+# through the trio token, so the asyncio loop never blocks, and runs against
+# the `NodeService`, the trio-side facade of the node, which charges each task
+# to the node's memory budget. This is the only place where asyncio meets
+# trio. `_RpcConnection` holds each connection to the limits before login and,
+# off loopback, speaks TLS 1.3.
 ###############################################################################
 
 DEFAULT_RPC_PORT = 7780
@@ -7548,9 +7692,6 @@ DEFAULT_RPC_MAX_BYTES = 1 << 30  # one RPC message; two 256 MiB operands plus he
 RPC_CHUNK_BYTES = 128 << 20  # Data fields must stay under Cap'n Proto's 512 MiB limit
 MIN_TOKEN_CHARS = 16  # a shorter token is guessable; generate one with `openssl rand -hex 16`
 RPC_CONNECT_TIMEOUT_S = 10.0  # `connect` over RPC dials for at most this long
-RPC_DEFAULT_TIMEOUT_S = 600.0  # a task's timeoutSeconds of 0 means this
-RPC_MAX_TIMEOUT_S = 7 * 86400.0  # a week: a longer task timeout is a mistake (and overflows timers)
-RPC_MAX_TEXT_CHARS = 1000  # kernel names, placements and multiaddrs are short; longer ones are refused
 
 
 def rpc_error_fields(exc: BaseException, what: str) -> tuple[str, str]:
@@ -7567,46 +7708,6 @@ def rpc_error_fields(exc: BaseException, what: str) -> tuple[str, str]:
     return str(ErrorKind.INTERNAL), one_line(
         f"cannot {what}: internal error ({describe_exception(exc)}); see the node's log"
     )
-
-
-def check_task_timeout(timeout_s: float) -> float:
-    """Return a task's timeout in seconds (0: the default); TaskError(bad-input) for NaN, inf,
-    negative or absurd values."""
-    if timeout_s == 0:
-        return RPC_DEFAULT_TIMEOUT_S
-    if not (math.isfinite(timeout_s) and 0 < timeout_s <= RPC_MAX_TIMEOUT_S):
-        raise TaskError(
-            f"bad timeoutSeconds {timeout_s!r}: expected a number of seconds more than 0 and at most "
-            f"{RPC_MAX_TIMEOUT_S:g}, or 0 for the node's default ({RPC_DEFAULT_TIMEOUT_S:g})",
-            kind=ErrorKind.BAD_INPUT,
-        )
-    return timeout_s
-
-
-def check_rpc_text(name: str, text: str) -> str:
-    """Return a short text argument of an RPC call; TaskError(bad-input) when absurdly long."""
-    if len(text) > RPC_MAX_TEXT_CHARS:
-        raise TaskError(
-            f"bad {name}: {len(text)} characters, expected at most {RPC_MAX_TEXT_CHARS}", kind=ErrorKind.BAD_INPUT
-        )
-    return text
-
-
-def rpc_words(max_bytes: int) -> int:
-    """Return the Cap'n Proto traversal limit (in 8-byte words) for messages of max_bytes."""
-    return max_bytes // 8 + (1 << 20)
-
-
-def remote_error_text(exc: BaseException) -> str:
-    """Return the readable part of a pycapnp remote exception (the last `XError: message` line)."""
-    import re
-
-    text = str(exc)
-    found = re.findall(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Refused)): (.+)$", text, flags=re.M)
-    if found:
-        return found[-1][1].strip()
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return first.removeprefix("(remote):0: failed: ").strip()
 
 
 def array_to_capnp(builder: Any, a: np.ndarray) -> None:
@@ -7843,6 +7944,14 @@ class StatusRecord(RpcRecord):
     tasks_cancelled: int = field(metadata=capnp_name("tasksCancelled"))
     # remote workers not fully trusted, connected or not
     suspects: tuple[SuspicionRecord, ...] = field(default=(), metadata=capnp_name("suspects"))
+    # what the node turned away to protect itself (counts since it started) and its memory budget
+    rpc_calls_refused: int = field(default=0, metadata=capnp_name("rpcCallsRefused"))
+    rpc_tasks_refused: int = field(default=0, metadata=capnp_name("rpcTasksRefused"))
+    streams_refused: int = field(default=0, metadata=capnp_name("streamsRefused"))
+    data_handshakes_evicted: int = field(default=0, metadata=capnp_name("dataHandshakesEvicted"))
+    memory_budget_used_bytes: int = field(default=0, metadata=capnp_name("memoryBudgetUsedBytes"))
+    memory_budget_bytes: int = field(default=0, metadata=capnp_name("memoryBudgetBytes"))
+    stranger_connections_closed: int = field(default=0, metadata=capnp_name("strangerConnectionsClosed"))
 
     def as_dict(self) -> dict[str, Any]:
         """The status as `Client.status()` returns it (each suspect with its ``peer_id``)."""
@@ -7921,6 +8030,45 @@ class NodeService:
         self.closing = False
         self._calls: set[Any] = set()
         self._trio = trio
+        self._trio_token: Any = None  # taken by the first task, on the trio thread
+
+    @contextlib.contextmanager
+    def call_slot(self) -> Iterator[None]:
+        """Hold one of the node's RPC_MAX_CALLS_IN_FLIGHT slots for an RPC call (on the RPC thread);
+        TaskError(busy) at once when none is free."""
+        calls = self.node.rpc_calls
+        if not calls.try_enter():
+            raise TaskError(
+                f"cannot take the call: {calls.limit} RPC calls are in flight on this node (its limit); retry later",
+                kind=ErrorKind.BUSY,
+            )
+        try:
+            yield
+        finally:
+            calls.leave()
+
+    def admit(self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> int:
+        """Charge a task to the node's memory budget before it runs (on the trio thread); return the
+        bytes taken (give them back with release_soon). TaskError when they do not fit."""
+        self._trio_token = self._trio.lowlevel.current_trio_token()
+        out_bytes = output_nbytes(kernel, operands, params)
+        need = rpc_task_bytes(sum(int(a.nbytes) for a in operands), out_bytes)
+        refusal = budget_refusal(self.node.budget, kernel, need, out_bytes)
+        if refusal is not None or not self.node.budget.try_acquire(need):
+            self.node.rpc_tasks_refused += 1
+            log.info("RPC: %s", one_line(str(refusal), 300))
+            raise refusal or TaskError(f"cannot run {kernel}: the node's memory budget is full", kind=ErrorKind.BUSY)
+        return need
+
+    async def charge(self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> int:
+        """`admit` as a call of its own (what `in_trio` runs): before the operands are read."""
+        return self.admit(kernel, operands, params)
+
+    def release_soon(self, nbytes: int) -> None:
+        """Give back bytes taken by admit (from any thread; the trio thread does it)."""
+        if nbytes and self._trio_token is not None:
+            with contextlib.suppress(self._trio.RunFinishedError):  # trio is over: nothing to give back to
+                self._trio_token.run_sync_soon(self.node.budget.release, nbytes)
 
     @contextlib.contextmanager
     def _call(self) -> Iterator[None]:
@@ -7951,12 +8099,34 @@ class NodeService:
         placement: str,
         timeout_s: float,
         fallback: bool = True,
-    ) -> TaskOutcome:
-        """Run a task through the manager; TaskError on failure (bad-input for a bad argument;
+        admitted: int | None = None,
+    ) -> tuple[TaskOutcome, int]:
+        """Run a task through the manager; return its outcome and the bytes it holds in the node's
+        budget until its answer is built (give them back with release_soon; ``admitted``: the bytes
+        its caller took with `admit` already, which stay the caller's). TaskError on failure
+        (bad-input for a bad argument; busy or bad-input when it does not fit the budget;
         ``fallback=False``: also when it would run locally because no remote worker is usable)."""
-        outcome: TaskOutcome | None = None
         kernel, placement = check_rpc_text("kernel", kernel), check_rpc_text("placement", placement)
         timeout_s = check_task_timeout(timeout_s)
+        if admitted is not None:  # the caller charged it (and gives it back)
+            return await self._submit(kernel, operands, params, placement, timeout_s, fallback), admitted
+        held = self.admit(kernel, operands, params)
+        try:
+            return await self._submit(kernel, operands, params, placement, timeout_s, fallback), held
+        except BaseException:
+            self.release_soon(held)
+            raise
+
+    async def _submit(
+        self,
+        kernel: str,
+        operands: Sequence[np.ndarray],
+        params: dict[str, float],
+        placement: str,
+        timeout_s: float,
+        fallback: bool,
+    ) -> TaskOutcome:
+        outcome: TaskOutcome | None = None
         with self._call():
             if placement in SPLIT_PLACEMENTS:
                 outcome = await self._split(kernel, operands, placement, timeout_s, fallback)
@@ -8058,6 +8228,13 @@ class NodeService:
                 self.node.tasks_served,
                 self.node.tasks_cancelled,
                 tuple(SuspicionRecord.from_info(w, info) for w, info in self.manager.suspicions().items()),
+                self.node.rpc_calls.refused,
+                self.node.rpc_tasks_refused,
+                self.node.pending.refused,
+                self.node.data_plane.evicted if self.node.data_plane is not None else 0,
+                self.node.budget.in_use,
+                self.node.budget.limit_bytes,
+                self.node.strangers.refused + self.node.strangers.expired,
             )
         assert record is not None
         return record
@@ -8160,51 +8337,68 @@ class RpcServer:
         self._box["loop"], self._box["stop"] = loop, asyncio.Event()
         service, words = self.service, rpc_words(self.max_bytes)
 
-        async def in_trio(fn: Callable[..., Any], *args: Any) -> Any:
-            """Run ``fn(*args)`` in trio from a daemon thread, so the asyncio loop never blocks.
+        async def in_trio(fn: Callable[..., Any], *args: Any, dropped: Callable[[Any], None] | None = None) -> Any:
+            """Run ``fn(*args)`` as a trio task and await its result; the asyncio loop never blocks.
 
-            NOTE: not a ThreadPoolExecutor: Python joins executor threads at exit, and
-            a thread whose trio call was cut off by shutdown would keep the process alive."""
+            No thread per call: the task is spawned through the trio token and settles the
+            asyncio future with call_soon_threadsafe. When pycapnp cancels the method (its
+            client went away), the task's scope is cancelled: a queued kernel never starts and
+            remote attempts send Cancel. ``dropped(result)``: a result nobody will read (its
+            caller was cancelled as it arrived), so what it holds is given back.
+            NOTE: a system task, so a call cut off by shutdown never keeps trio (or the
+            process) alive: trio cancels it when the node's main task ends."""
             import trio
 
             future = loop.create_future()
             # NOTE: touched on the trio thread only: the scope of the call, and whether its
-            # client went away (pycapnp cancels the method when the connection drops).
+            # client went away before it started.
             call: dict[str, Any] = {"scope": None, "abandoned": False}
 
             def settle(ok: bool, value: Any) -> None:
-                if not future.done():
-                    future.set_result(value) if ok else future.set_exception(value)
+                if future.done():  # cancelled: nobody waits for it
+                    if ok and dropped is not None:
+                        dropped(value)
+                    return
+                future.set_result(value) if ok else future.set_exception(value)
 
-            async def cancellable() -> Any:
-                with trio.CancelScope() as call["scope"]:
-                    if not call["abandoned"]:
-                        return await fn(*args)
-                raise RpcError("the client went away")
+            def post(ok: bool, value: Any) -> None:
+                try:
+                    loop.call_soon_threadsafe(settle, ok, value)
+                except RuntimeError:  # the loop closed: nobody waits any more
+                    if ok and dropped is not None:
+                        dropped(value)
+
+            async def run_call() -> None:
+                try:
+                    with trio.CancelScope() as call["scope"]:
+                        if not call["abandoned"]:
+                            post(True, await fn(*args))
+                            return
+                    post(False, RpcError("the client went away"))
+                except Exception as exc:  # handed to the awaiting coroutine as is
+                    post(False, exc)
+                except BaseException:  # NOTE: trio's Cancelled: the call was cut off by shutdown
+                    post(False, RpcError("the node is shutting down; the call was cancelled"))
+                    raise
 
             def abandon() -> None:
                 call["abandoned"] = True
                 if call["scope"] is not None:
                     call["scope"].cancel()  # its remote attempts send Cancel to their workers
 
-            def work() -> None:
-                try:
-                    outcome = (True, trio.from_thread.run(cancellable, trio_token=trio_token))
-                except trio.RunFinishedError:
-                    outcome = (False, RpcError("the node is shutting down"))
-                except Exception as exc:  # handed to the awaiting coroutine as is
-                    outcome = (False, exc)
-                except BaseException:  # NOTE: trio's Cancelled: the call was cut off by shutdown
-                    outcome = (False, RpcError("the node is shutting down; the call was cancelled"))
-                with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
-                    loop.call_soon_threadsafe(settle, *outcome)
-
-            threading.Thread(target=work, name="pangea-rpc-call", daemon=True).start()
+            try:
+                trio_token.run_sync_soon(trio.lowlevel.spawn_system_task, run_call)
+            except trio.RunFinishedError:
+                raise RpcError("the node is shutting down") from None
             try:
                 return await future
             except asyncio.CancelledError:
-                with contextlib.suppress(trio.RunFinishedError):
-                    trio_token.run_sync_soon(abandon)
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    if dropped is not None:  # the result came as the caller was cancelled
+                        dropped(future.result())
+                else:
+                    with contextlib.suppress(trio.RunFinishedError):
+                        trio_token.run_sync_soon(abandon)
                 raise
 
         gate_for = _make_gate(schema, in_trio, service, self.token, self.max_bytes)
@@ -8400,14 +8594,23 @@ def _make_gate(
             result = _context.results.result
             error: TaskError | None = None
             outcome: TaskOutcome | None = None
+            held = 0  # bytes of the node's budget this task holds until its answer is built
             try:
-                operands = [array_from_capnp(a, i) for i, a in enumerate(task.operands)]
-                params = {str(p.name): float(p.value) for p in task.params}
-                placement = str(task.placement) or "auto"
-                timeout_s = float(task.timeoutSeconds)
-                fallback = not bool(task.noFallback)
-                args = (str(task.kernel), operands, params, placement, timeout_s, fallback)
-                outcome = await in_trio(service.submit, *args)
+                with service.call_slot():
+                    kernel = check_rpc_text("kernel", str(task.kernel))  # before any copy of the operands
+                    params = {str(p.name): float(p.value) for p in task.params}
+                    stand_ins = operand_stand_ins(task.operands)
+                    if stand_ins is not None:  # charged before the operands are copied out of the request
+                        held = await in_trio(service.charge, kernel, stand_ins, params, dropped=service.release_soon)
+                    operands = [array_from_capnp(a, i) for i, a in enumerate(task.operands)]
+                    placement = str(task.placement) or "auto"
+                    timeout_s = float(task.timeoutSeconds)
+                    fallback = not bool(task.noFallback)
+                    admitted = held if stand_ins is not None else None
+                    args = (kernel, operands, params, placement, timeout_s, fallback, admitted)
+                    dropped = None if admitted is not None else lambda r: service.release_soon(r[1])
+                    outcome, held = await in_trio(service.submit, *args, dropped=dropped)
+                    del operands, args
             except Exception as exc:
                 kind, message = rpc_error_fields(exc, "submit a task")
                 error = exc if isinstance(exc, TaskError) and kind == exc.kind else TaskError(message, kind=kind)
@@ -8416,10 +8619,13 @@ def _make_gate(
             except Exception as exc:  # an output the message cannot hold: say so instead
                 kind, message = rpc_error_fields(exc, "return a task's result")
                 _context.results.result = {"errorKind": kind, "errorMessage": message}
+            finally:
+                service.release_soon(held)
 
         async def peers(self, _context: Any, **kwargs: Any) -> None:
             try:
-                infos = await in_trio(service.peers)
+                with service.call_slot():
+                    infos = await in_trio(service.peers)
                 slots = _context.results.init("peers", len(infos))
                 for slot, info in zip(slots, infos, strict=True):
                     info.to_capnp(slot)
@@ -8429,14 +8635,16 @@ def _make_gate(
 
         async def status(self, _context: Any, **kwargs: Any) -> None:
             try:
-                record = await in_trio(service.status)
+                with service.call_slot():
+                    record = await in_trio(service.status)
                 record.to_capnp(_context.results.status)
             except Exception as exc:
                 _context.results.errorKind, _context.results.errorMessage = rpc_error_fields(exc, "get status")
 
         async def connect(self, multiaddr: Any, _context: Any, **kwargs: Any) -> None:
             try:
-                info = await in_trio(service.connect, str(multiaddr))
+                with service.call_slot():
+                    info = await in_trio(service.connect, str(multiaddr))
                 info.to_capnp(_context.results.peer)
             except Exception as exc:
                 what = f"connect to {one_line(str(multiaddr), 200)!r}"

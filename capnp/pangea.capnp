@@ -213,6 +213,14 @@ struct NodeStatus {
   tasksServed   @11 :UInt64;   # tasks this node ran for its peers (tasksDone: tasks submitted here)
   suspects      @12 :List(Suspicion);  # remote workers not fully trusted, connected or not
   tasksCancelled @13 :UInt64;  # of those, tasks their sender gave up (a Cancel) and this node dropped
+  # What the node turned away to protect itself, since it started:
+  rpcCallsRefused @14 :UInt64;        # RPC calls answered "busy": too many in flight
+  rpcTasksRefused @15 :UInt64;        # RPC tasks over the memory budget
+  streamsRefused @16 :UInt64;         # libp2p streams past the node-wide caps of streams awaiting a Hello
+  dataHandshakesEvicted @17 :UInt64;  # data-plane handshakes cancelled to make room for a newer one
+  memoryBudgetUsedBytes @18 :UInt64;  # bytes of the memory budget held now (peers' and RPC tasks)
+  memoryBudgetBytes @19 :UInt64;      # the memory budget (--memory-budget-mib)
+  strangerConnectionsClosed @20 :UInt64;  # libp2p connections of untrusted peers closed: too many, or no session in time
 }
 
 interface Compute {

@@ -405,8 +405,12 @@ def test_metrics_serve_default_is_a_free_loopback_port(pyz: Path, pangea_home: N
             "pangea_verification_failures_total",
             "pangea_received_bytes_total",
             "pangea_sent_bytes_total",
+            "pangea_memory_budget_bytes",
+            "pangea_rpc_calls_in_flight",
+            "pangea_refused_total",
         }
         assert metric(samples, "pangea_connected_peers") == 0
+        assert metric(samples, "pangea_refused_total", reason="rpc-tasks-budget") == 0
         assert metric(samples, "pangea_queue_length") == 0
         # nothing submitted yet: no task series, and no *_created series
         assert not any(name.startswith("pangea_tasks") for name in names(samples))

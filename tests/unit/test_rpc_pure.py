@@ -541,3 +541,62 @@ def test_bad_fingerprints_are_usage_errors_that_show_the_expected_form() -> None
     assert pangea.parse_fingerprint(pangea.format_fingerprint(digest)) == digest
     assert pangea.parse_fingerprint(":".join(f"{b:02X}" for b in digest)) == digest
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", pangea.format_fingerprint(digest))
+
+
+# ---------------------------------------------------------------- admission of RPC tasks and calls
+
+
+def test_rpc_task_bytes_counts_operands_and_output_twice() -> None:
+    assert pangea.rpc_task_bytes(0, 1 << 30) == 2 << 30  # the output and its copy in the answer
+    assert pangea.rpc_task_bytes(256 << 20, 128 << 20) == 768 << 20  # request + arrays, output + answer
+
+
+def test_budget_refusal_is_none_while_the_task_fits() -> None:
+    budget = pangea.MemoryBudget(512 << 20)
+    assert pangea.budget_refusal(budget, "matmul", 512 << 20, 128 << 20) is None
+    assert budget.try_acquire(256 << 20)
+    assert pangea.budget_refusal(budget, "matmul", 256 << 20, 64 << 20) is None
+
+
+def test_budget_refusal_of_a_task_over_the_whole_budget_says_it_never_fits() -> None:
+    budget = pangea.MemoryBudget(512 << 20)
+    refusal = pangea.budget_refusal(budget, "random", pangea.rpc_task_bytes(0, 1 << 30), 1 << 30)
+    assert refusal is not None and refusal.kind == pangea.ErrorKind.BAD_INPUT
+    text = str(refusal)
+    assert text.startswith("cannot run random: its output of 1.0 GiB (2.0 GiB with")
+    assert "can never fit the node's memory budget of 512.0 MiB" in text and "--memory-budget-mib" in text
+
+
+def test_budget_refusal_of_a_task_over_what_is_free_is_busy() -> None:
+    budget = pangea.MemoryBudget(512 << 20)
+    assert budget.try_acquire(400 << 20)
+    refusal = pangea.budget_refusal(budget, "matmul", 200 << 20, 50 << 20)
+    assert refusal is not None and refusal.kind == pangea.ErrorKind.BUSY
+    assert "(400.0 MiB in use); retry later" in str(refusal)
+    budget.release(400 << 20)
+    assert pangea.budget_refusal(budget, "matmul", 200 << 20, 50 << 20) is None
+
+
+def test_call_bound_refuses_past_its_limit_and_frees_a_slot_on_leave() -> None:
+    calls = pangea.CallBound(2)
+    assert calls.try_enter() and calls.try_enter()
+    assert not calls.try_enter() and calls.refused == 1 and calls.in_flight == 2
+    calls.leave()
+    assert calls.try_enter() and calls.in_flight == 2 and calls.refused == 1
+    for _ in range(5):
+        calls.leave()
+    assert calls.in_flight == 0  # never below zero
+
+
+def test_rpc_max_calls_in_flight_leaves_room_below_the_connection_cap() -> None:
+    assert 1 <= pangea.RPC_MAX_CALLS_IN_FLIGHT <= pangea.RPC_MAX_CONNECTIONS
+
+
+def test_operand_stand_ins_hold_no_memory_and_refuse_absurd_shapes() -> None:
+    from types import SimpleNamespace
+
+    (a,) = pangea.operand_stand_ins([SimpleNamespace(dtype="float64", shape=[4000, 4000])])  # type: ignore[misc]
+    assert a.shape == (4000, 4000) and a.nbytes == 4000 * 4000 * 8 and a.base is not None and a.strides == (0, 0)
+    assert pangea.operand_stand_ins([SimpleNamespace(dtype="float32", shape=[0, 1 << 63])]) is None
+    assert pangea.operand_stand_ins([SimpleNamespace(dtype="object", shape=[2])]) is None
+    assert pangea.operand_stand_ins([]) == []

@@ -178,6 +178,13 @@ def test_status_as_dict_keys_and_types() -> None:
         "tasks_served": int,
         "tasks_cancelled": int,
         "suspects": list,
+        "rpc_calls_refused": int,
+        "rpc_tasks_refused": int,
+        "streams_refused": int,
+        "data_handshakes_evicted": int,
+        "memory_budget_used_bytes": int,
+        "memory_budget_bytes": int,
+        "stranger_connections_closed": int,
     }
     assert list(d) == list(types)
     assert {k: type(v) for k, v in d.items()} == types
