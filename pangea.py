@@ -890,6 +890,68 @@ def rpc_words(max_bytes: int) -> int:
     return max_bytes // 8 + (1 << 20)
 
 
+# ---------------------------------------------------------------- what the Client sends
+
+# The cast the Client suggests for an operand whose dtype pangea does not take:
+# the smallest allowed dtype that holds every value of the refused one exactly,
+# else the nearest that keeps the magnitudes. (target dtype, why) per dtype name.
+_CASTS: dict[str, tuple[str, str]] = {
+    "float16": ("float32", "exact: every float16 is a float32"),
+    # NOTE: int32, not int64: half the bytes on the wire and in memory, and a count of 0/1 values
+    # (a sum, a matmul entry) reaches at most the elements of one array (2**28 by default) < 2**31
+    "bool": ("int32", "True and False become 1 and 0; int32 holds any count of them"),
+    "int8": ("int32", "exact: every int8 is an int32"),
+    "int16": ("int32", "exact: every int16 is an int32"),
+    "uint8": ("int32", "exact: every uint8 is an int32"),
+    "uint16": ("int32", "exact: every uint16 is an int32"),
+    "uint32": ("int64", "exact: uint32 reaches 2**32 - 1, past int32, well within int64"),
+    "float128": ("float64", "rounds each value to float64's 53-bit mantissa"),
+    "complex256": ("complex128", "rounds each part to float64's 53-bit mantissa"),
+}
+
+
+def cast_suggestion(dtype_name: str, max_value: int | None = None) -> tuple[str, str] | None:
+    """Return (allowed dtype to cast to, why) for an array of numpy dtype ``dtype_name`` that
+    pangea does not take; None when no cast gives numbers back (str, bytes, object, void).
+
+    ``max_value``: the array's largest value, which decides a uint64's cast: int64 when it
+    fits (exact), else float64 (its magnitude, rounded); None: unknown, so float64."""
+    if dtype_name in _CASTS:
+        return _CASTS[dtype_name]
+    if dtype_name == "uint64":
+        if max_value is not None and max_value < 1 << 63:  # int64 holds up to 2**63 - 1
+            return "int64", f"exact: its largest value {max_value} fits in int64"
+        if max_value is None:
+            return "float64", "int64 may not hold its values; float64 does, rounded to 53 bits"
+        return (
+            "float64",
+            f"its largest value {max_value} passes int64's 2**63 - 1; float64 holds it, rounded to 53 bits",
+        )
+    if dtype_name.startswith(("datetime64", "timedelta64")):
+        return "int64", "counts of its time unit"
+    return None
+
+
+def refused_dtype_message(kernel: str, index: int, dtype_name: str, max_value: int | None = None) -> str:
+    """The one-line error of the Client for operand ``index`` of a dtype pangea does not take,
+    with the cast to make (see cast_suggestion)."""
+    head = f"cannot submit {kernel}: operand {index} is a {dtype_name} array; pangea takes {', '.join(ALLOWED_DTYPES)}"
+    cast = cast_suggestion(dtype_name, max_value)
+    if cast is None:
+        return f"{head}: convert it to numbers of one of those first"
+    name = chr(ord("a") + index) if index < 26 else f"operands[{index}]"  # as the kernels' descriptions name them
+    return f"{head}: cast it first, e.g. {name}.astype(np.{cast[0]}) ({cast[1]})"
+
+
+def client_timings(node_timings: dict[str, float], client_total_s: float) -> dict[str, float]:
+    """A task's timings as `Client.last_task` gives them: the node's (queue_s, transfer_s,
+    compute_s, total_s) plus ``client_total_s``, the wall time the Client measured around the
+    call, and ``rpc_s``, what the client-to-node hop took on top of the node's total (the
+    operands and results crossing the RPC connection, both ends building and reading them)."""
+    node_total_s = float(node_timings.get("total_s", 0.0))
+    return {**node_timings, "client_total_s": client_total_s, "rpc_s": max(0.0, client_total_s - node_total_s)}
+
+
 def remote_error_text(exc: BaseException) -> str:
     """Return the readable part of a pycapnp remote exception (the last `XError: message` line)."""
     import re
@@ -8017,8 +8079,28 @@ class TaskOutputRecord(RpcRecord):
         return d
 
 
+@dataclass(frozen=True)
+class KernelInfoRecord(RpcRecord):
+    """One kernel a node runs for RPC clients (the `KernelInfo` struct): what `Client.kernels()` lists."""
+
+    name: str = field(metadata=capnp_name("name"))
+    operands: int = field(metadata=capnp_name("operands"))  # how many arrays it takes
+    params: tuple[str, ...] = field(metadata=capnp_name("params"))  # names of its scalar parameters
+    dtypes: tuple[str, ...] = field(metadata=capnp_name("dtypes"))  # its operands' dtypes; () when it takes none
+    description: str = field(metadata=capnp_name("description"))
+    max_ndim: int = field(default=MAX_NDIM, metadata=capnp_name("maxNdim"))
+    max_elements: int = field(default=DEFAULT_MAX_ELEMENTS, metadata=capnp_name("maxElements"))
+
+    @classmethod
+    def from_kernel(cls, kernel: Kernel, limits: Limits, max_elements: int) -> KernelInfoRecord:
+        """Return the record of a registry entry under the limits RPC operands are read with
+        (``max_elements``: the fewer of those and the node's own limit on a result)."""
+        dtypes = tuple(limits.dtypes) if kernel.arity else ()
+        return cls(kernel.name, kernel.arity, kernel.params, dtypes, kernel.doc, limits.max_ndim, max_elements)
+
+
 class NodeService:
-    """The trio side of the RPC: what `submit`, `peers`, `status` and `connect` do."""
+    """The trio side of the RPC: what `submit`, `peers`, `status`, `connect` and `kernels` do."""
 
     def __init__(self, node: Node, manager: Manager, *, trust: Callable[[str], None], rpc_address: str) -> None:
         import trio
@@ -8238,6 +8320,17 @@ class NodeService:
             )
         assert record is not None
         return record
+
+    def kernels(self) -> list[KernelInfoRecord]:
+        """Return the kernels this node runs, in name order, as an RPC client may call them (from
+        any thread: the registry and the node's limits never change while it runs).
+
+        NOTE: RPC operands are read with the default `Limits` (array_from_capnp), not the
+        node's --dtypes and --max-elements, which bound what its peers send; a result that
+        runs here is held to the node's --max-elements."""
+        rpc_limits = Limits()
+        max_elements = min(rpc_limits.max_elements, self.node.limits.max_elements)
+        return [KernelInfoRecord.from_kernel(KERNELS[name], rpc_limits, max_elements) for name in sorted(KERNELS)]
 
     async def connect(self, multiaddr: str) -> PeerRecord:
         """Dial a peer named by the RPC user, trust it once the handshake with it succeeded, and
@@ -8641,6 +8734,17 @@ def _make_gate(
             except Exception as exc:
                 _context.results.errorKind, _context.results.errorMessage = rpc_error_fields(exc, "get status")
 
+        async def kernels(self, _context: Any, **kwargs: Any) -> None:
+            try:
+                with service.call_slot():  # NOTE: no hop into trio: nothing it reads changes
+                    infos = service.kernels()
+                slots = _context.results.init("kernels", len(infos))
+                for slot, info in zip(slots, infos, strict=True):
+                    info.to_capnp(slot)
+            except Exception as exc:
+                _context.results.init("kernels", 0)
+                _context.results.errorKind, _context.results.errorMessage = rpc_error_fields(exc, "list kernels")
+
         async def connect(self, multiaddr: Any, _context: Any, **kwargs: Any) -> None:
             try:
                 with service.call_slot():
@@ -8771,8 +8875,15 @@ class Client:
     ...     c = node.matmul(a, b, placement="remote")
 
     numpy arrays in, numpy arrays out; a failed task raises TaskError with the
-    node's error text. `last_task` describes the most recent task: where it
-    ran, its attempts and timings. The asyncio/KJ loop runs in a private thread.
+    node's error text, and an operand of a dtype pangea does not take (float16,
+    bool, unsigned, ...) is refused before sending, its message naming the cast
+    to make. `kernels()` lists what the node runs. `last_task` describes the most
+    recent task: where it ran, its attempts and its timings in seconds: the
+    node's ``queue_s``, ``transfer_s`` (between nodes), ``compute_s`` and
+    ``total_s``, then ``client_total_s``, the wall time measured here around the
+    call, and ``rpc_s``, the client-to-node hop (``client_total_s - total_s``:
+    the arrays crossing the RPC connection, built and read at both ends). The
+    asyncio/KJ loop runs in a private thread.
 
     ``token``: default $PANGEA_RPC_TOKEN, else (for a node on this box) the token in
     this user's pangea home, which `serve` writes there. ``fingerprint``: the
@@ -8977,12 +9088,17 @@ class Client:
         remote worker is usable; by default the node falls back and ``last_task["fallback_reason"]`` says why."""
         import numpy as np
 
+        started = time.perf_counter()
         arrays = [np.asarray(a) for a in operands]
         for i, a in enumerate(arrays):
-            if a.dtype.name not in ALLOWED_DTYPES or a.ndim > MAX_NDIM:
+            if a.dtype.name not in ALLOWED_DTYPES:
+                # NOTE: a uint64's cast depends on its values (int64 only when they fit)
+                top = int(a.max()) if a.dtype.name == "uint64" and a.size else 0
+                raise TaskError(refused_dtype_message(kernel, i, a.dtype.name, top), kind=ErrorKind.BAD_INPUT)
+            if a.ndim > MAX_NDIM:
                 raise TaskError(
-                    f"cannot submit {kernel}: operand {i} is a {a.ndim}-d {a.dtype.name} array; pangea takes "
-                    f"arrays of at most {MAX_NDIM} dimensions of {', '.join(ALLOWED_DTYPES)}",
+                    f"cannot submit {kernel}: operand {i} is a {a.ndim}-d array; pangea takes arrays of at most "
+                    f"{MAX_NDIM} dimensions: reshape it first",
                     kind=ErrorKind.BAD_INPUT,
                 )
         total = sum(a.nbytes for a in arrays)
@@ -9012,7 +9128,8 @@ class Client:
             return TaskOutputRecord.from_capnp(response.result)
 
         result: TaskOutputRecord = self._call(call, f"submit {kernel}")
-        self.last_task = result.as_dict()
+        task = result.as_dict()
+        self.last_task = task | {"timings": client_timings(task["timings"], time.perf_counter() - started)}
         if result.error_kind:
             raise TaskError(result.error_message, kind=result.error_kind)
         outputs = result.outputs
@@ -9024,6 +9141,18 @@ class Client:
         """Return a @ b computed by the node (placement auto, local, remote or a peer id; ``fallback``
         as in `submit`)."""
         return self.submit("matmul", a, b, placement=placement, fallback=fallback)
+
+    def kernels(self) -> list[dict[str, Any]]:
+        """Return what the node runs: for each kernel (in name order) its ``name``, ``operands``
+        (how many arrays), ``params`` (the names `submit` takes as keywords), ``dtypes`` (of its
+        operands), ``description``, and the node's ``max_ndim`` and ``max_elements`` per operand."""
+
+        async def call() -> Any:
+            response = await self._compute.kernels()
+            _raise_rpc_error(response, "list kernels")
+            return [KernelInfoRecord.from_capnp(k).as_dict() for k in response.kernels]
+
+        return list(self._call(call, "list kernels"))
 
     def peers(self) -> list[dict[str, Any]]:
         """Return the node's connected peers."""

@@ -223,6 +223,17 @@ struct NodeStatus {
   strangerConnectionsClosed @20 :UInt64;  # libp2p connections of untrusted peers closed: too many, or no session in time
 }
 
+struct KernelInfo {
+  # One kernel the node runs for RPC clients, as its registry and its limits say.
+  name        @0 :Text;
+  operands    @1 :UInt32;        # how many arrays it takes
+  params      @2 :List(Text);    # the names of its scalar parameters (TaskSpec.params)
+  dtypes      @3 :List(Text);    # the dtypes its operands may have; empty when it takes none
+  description @4 :Text;          # one line, e.g. "matrix product a @ b"
+  maxNdim     @5 :UInt32;        # dimensions an operand may have, at most
+  maxElements @6 :UInt64;        # elements an operand (and the result) may have, at most
+}
+
 interface Compute {
   # Every method answers a bad argument or a failure with errorKind (""
   # on success; "bad-input", "unreachable", "refused", "unavailable",
@@ -232,6 +243,7 @@ interface Compute {
   peers   @1 () -> (peers :List(PeerInfo), errorKind :Text, errorMessage :Text);
   status  @2 () -> (status :NodeStatus, errorKind :Text, errorMessage :Text);
   connect @3 (multiaddr :Text) -> (peer :PeerInfo, errorKind :Text, errorMessage :Text);
+  kernels @4 () -> (kernels :List(KernelInfo), errorKind :Text, errorMessage :Text);
 }
 
 interface Gate {

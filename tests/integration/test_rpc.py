@@ -125,6 +125,25 @@ def test_submit_remote_runs_on_peer_b_and_returns_the_product(pair: Pair) -> Non
     assert t["total_s"] >= t["compute_s"]
 
 
+NODE_TIMINGS = ("queue_s", "transfer_s", "compute_s", "total_s")
+
+
+@pytest.mark.parametrize("placement", ["remote", "local"])
+def test_last_task_timings_add_the_client_node_hop_to_the_node_s(pair: Pair, placement: str) -> None:
+    a, b = matrices(256, 256, 256, seed=9)
+    with client(pair.a) as node:
+        node.matmul(a, b, placement=placement)
+        t = node.last_task["timings"]
+        with pytest.raises(TaskError):
+            node.matmul(a, b[:7], placement=placement)
+        failed = node.last_task["timings"]
+    assert list(t) == [*NODE_TIMINGS, "client_total_s", "rpc_s"]
+    assert all(t[k] >= 0 for k in t), t
+    assert t["client_total_s"] >= t["total_s"] > 0
+    assert t["rpc_s"] == pytest.approx(t["client_total_s"] - t["total_s"])
+    assert failed["client_total_s"] > 0 and failed["rpc_s"] >= 0
+
+
 def test_submit_local_runs_on_this_node(pair: Pair) -> None:
     a, b = matrices(150, 150, 150, seed=1)
     with client(pair.a) as node:
@@ -331,6 +350,60 @@ def test_client_refuses_an_unsendable_array_and_stays_usable(pair: Pair, bad: np
         assert node.submit("sum", np.arange(4.0), placement="local") == 6.0
 
 
+@pytest.mark.parametrize(
+    ("bad", "target"),
+    [
+        (np.arange(6, dtype=np.float16).reshape(2, 3), "float32"),
+        (np.ones((2, 3), dtype=bool), "int32"),
+        (np.arange(6, dtype=np.uint8).reshape(2, 3), "int32"),
+        (np.arange(6, dtype=np.uint64).reshape(2, 3), "int64"),
+        (np.full((2, 3), 1 << 63, dtype=np.uint64), "float64"),
+    ],
+    ids=["float16", "bool", "uint8", "uint64", "uint64-past-int64"],
+)
+def test_client_refuses_a_dtype_before_sending_with_the_cast_to_make(pair: Pair, bad: np.ndarray, target: str) -> None:
+    cast = f"a.astype(np.{target})"
+    with client(pair.a) as node:
+        before = node.status()
+        with pytest.raises(TaskError) as info:
+            node.submit("transpose", bad, placement="local")
+        after = node.status()
+        # the cast it names works, on the same connection
+        fixed = bad.astype(target)
+        np.testing.assert_array_equal(node.submit("transpose", fixed, placement="local"), fixed.T)
+    message = str(info.value)
+    assert_readable(message)
+    assert info.value.kind == "bad-input"
+    assert message.startswith(f"cannot submit transpose: operand 0 is a {bad.dtype.name} array; pangea takes ")
+    assert f"cast it first, e.g. {cast} (" in message
+    # refused here: the node saw no task
+    assert (after["tasks_done"], after["tasks_failed"]) == (before["tasks_done"], before["tasks_failed"])
+
+
+def test_client_names_the_second_operand_in_its_cast(pair: Pair) -> None:
+    with client(pair.a) as node, pytest.raises(TaskError) as info:
+        node.submit("add", np.ones(3), np.ones(3, dtype=np.uint16), placement="local")
+    assert "operand 1 is a uint16 array" in str(info.value) and "b.astype(np.int32)" in str(info.value)
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def test_client_kernels_lists_every_registry_kernel_with_its_operands(pair: Pair) -> None:
+    with client(pair.a) as node:
+        kernels = node.kernels()
+        assert node.status()["peer_id"] == pair.a.peer_id  # the connection still serves
+    assert [k["name"] for k in kernels] == sorted(pangea.KERNELS)
+    for k in kernels:
+        entry = pangea.KERNELS[k["name"]]
+        assert k["operands"] == entry.arity, k
+        assert k["params"] == list(entry.params), k
+        assert k["description"] == entry.doc, k
+        assert k["dtypes"] == (list(pangea.ALLOWED_DTYPES) if entry.arity else []), k
+        assert k["max_ndim"] == pangea.MAX_NDIM and k["max_elements"] > 0, k
+    assert set(kernels[0]) == {"name", "operands", "params", "dtypes", "description", "max_ndim", "max_elements"}
+
+
 def _raw_submit(rpc: str, token: str | None, fill: Callable[[Any], None]) -> tuple[str, str]:
     """Submit a hand-built TaskSpec with pycapnp alone (no pangea.Client checks); return (errorKind, errorMessage)."""
     import capnp
@@ -465,7 +538,7 @@ def test_call_json_output_parses(pair: Pair, pyz: Path) -> None:
     assert doc["verified"] is True and doc["size"] == 256
     assert doc["ran_on"] == pair.b.peer_id
     assert doc["attempts"] == [{"worker": pair.b.peer_id, "outcome": "ok"}]
-    assert set(doc["timings"]) == {"queue_s", "transfer_s", "compute_s", "total_s"}
+    assert set(doc["timings"]) == {"queue_s", "transfer_s", "compute_s", "total_s", "client_total_s", "rpc_s"}
 
 
 def test_call_connect_to_an_already_connected_peer_reports_it(pair: Pair, pyz: Path) -> None:
@@ -589,9 +662,12 @@ def test_readme_client_example_runs_verbatim_through_the_pyz(pyz: Path, tmp_path
             timeout=180,
         )
         assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-        ran_on, solve_shape, counts = result.stdout.splitlines()
+        ran_on, solve_shape, counts, params = result.stdout.splitlines()
         assert ran_on.startswith(f"{pair.b.peer_id} {{'queue_s': ")
         assert solve_shape == "(1000,)"
         assert counts == f"2 [{pair.b.peer_id!r}]"
+        assert params == str(
+            {k.name: list(k.params) for k in sorted(pangea.KERNELS.values(), key=lambda k: k.name) if k.params}
+        )
         with client(pair.a) as node:
             assert node.status()["tasks_done"] == 2

@@ -1,7 +1,9 @@
 """Unit tests of the pure parts of pangea.py's RPC service and client.
 
 No sockets and no event loop: address parsing (`parse_host_port`,
-`is_loopback_host`), the readable text of a pycapnp remote exception
+`is_loopback_host`), the cast the Client suggests for a refused dtype
+(`cast_suggestion`, `refused_dtype_message`), its timings with the client-node
+hop (`client_timings`), the readable text of a pycapnp remote exception
 (`remote_error_text`), the RPC `Array` conversion in both directions
 (`array_to_capnp` / `array_from_capnp`, including chunking of the bytes into
 several `Data` fields), and reading the RPC token (`read_rpc_token`, `read_call_token`:
@@ -31,10 +33,13 @@ from pangea import (
     UsageError,
     array_from_capnp,
     array_to_capnp,
+    cast_suggestion,
+    client_timings,
     is_loopback_host,
     load_schema,
     parse_host_port,
     read_rpc_token,
+    refused_dtype_message,
     remote_error_text,
     rpc_words,
 )
@@ -344,6 +349,112 @@ def test_array_to_capnp_refuses_an_array_that_cannot_be_sent(bad: np.ndarray) ->
     builder = load_schema().Array.new_message()
     with pytest.raises(LocalProtocolError):
         array_to_capnp(builder, bad)
+
+
+# ---------------------------------------------------------------- cast_suggestion / refused_dtype_message
+
+
+@pytest.mark.parametrize(
+    ("dtype", "target"),
+    [
+        ("float16", "float32"),
+        ("bool", "int32"),
+        ("int8", "int32"),
+        ("int16", "int32"),
+        ("uint8", "int32"),
+        ("uint16", "int32"),
+        ("uint32", "int64"),
+        ("float128", "float64"),
+        ("complex256", "complex128"),
+        ("datetime64[ns]", "int64"),
+        ("timedelta64[s]", "int64"),
+    ],
+)
+def test_cast_suggestion_names_an_allowed_dtype(dtype: str, target: str) -> None:
+    suggestion = cast_suggestion(dtype)
+    assert suggestion is not None and suggestion[0] == target
+    assert target in ALLOWED_DTYPES and suggestion[1]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bool", "int8", "int16", "uint8", "uint16", "uint32"])
+def test_cast_suggestion_said_to_be_exact_keeps_every_value(dtype: str) -> None:
+    suggestion = cast_suggestion(dtype)
+    assert suggestion is not None and suggestion[1].startswith(("exact", "True and False"))
+    if dtype == "bool":
+        values = np.array([False, True])
+    elif dtype == "float16":
+        values = np.arange(1 << 16, dtype=np.uint16).view(np.float16)  # every float16, NaNs and infs too
+    else:
+        info = np.iinfo(dtype)
+        values = np.array([info.min, info.min + 1, 0, info.max - 1, info.max], dtype=dtype)
+    cast = values.astype(suggestion[0])
+    np.testing.assert_array_equal(cast.astype(dtype), values)
+    if values.dtype.kind in "biu":
+        assert [int(v) for v in cast] == [int(v) for v in values]
+
+
+def test_cast_suggestion_of_uint64_depends_on_its_largest_value() -> None:
+    assert cast_suggestion("uint64", 0) == ("int64", "exact: its largest value 0 fits in int64")
+    assert cast_suggestion("uint64", (1 << 63) - 1)[0] == "int64"  # type: ignore[index]
+    over = cast_suggestion("uint64", 1 << 63)
+    assert over is not None and over[0] == "float64" and str(1 << 63) in over[1]
+    unknown = cast_suggestion("uint64")
+    assert unknown is not None and unknown[0] == "float64"
+
+
+@pytest.mark.parametrize("dtype", ["str32", "bytes8", "object", "void16", "<U1", ""])
+def test_cast_suggestion_has_none_for_what_is_not_numbers(dtype: str) -> None:
+    assert cast_suggestion(dtype) is None
+
+
+def test_cast_suggestion_has_one_for_every_numeric_numpy_dtype_pangea_refuses() -> None:
+    for code in np.typecodes["All"]:
+        name = np.dtype(code).name
+        if name not in ALLOWED_DTYPES and np.dtype(code).kind in "biufcmM":
+            assert cast_suggestion(name) is not None, name
+
+
+def test_refused_dtype_message_names_the_dtype_what_pangea_takes_and_the_cast() -> None:
+    message = refused_dtype_message("matmul", 0, "float16")
+    assert message == (
+        "cannot submit matmul: operand 0 is a float16 array; pangea takes float32, float64, int32, int64, "
+        "complex64, complex128: cast it first, e.g. a.astype(np.float32) (exact: every float16 is a float32)"
+    )
+
+
+def test_refused_dtype_message_names_the_operand_as_the_kernels_do() -> None:
+    assert "e.g. b.astype(np.int32)" in refused_dtype_message("add", 1, "bool")
+    assert "operand 1 is a bool array" in refused_dtype_message("add", 1, "bool")
+
+
+def test_refused_dtype_message_of_a_large_uint64_suggests_float64() -> None:
+    assert "a.astype(np.int64)" in refused_dtype_message("sum", 0, "uint64", 5)
+    assert "a.astype(np.float64)" in refused_dtype_message("sum", 0, "uint64", (1 << 64) - 1)
+
+
+def test_refused_dtype_message_without_a_cast_says_to_convert() -> None:
+    message = refused_dtype_message("sum", 0, "str32")
+    assert message.startswith("cannot submit sum: operand 0 is a str32 array; pangea takes float32")
+    assert message.endswith("convert it to numbers of one of those first")
+    assert "astype" not in message
+
+
+# ---------------------------------------------------------------- client_timings
+
+
+def test_client_timings_keeps_the_node_keys_and_adds_the_hop() -> None:
+    node = {"queue_s": 0.125, "transfer_s": 0.25, "compute_s": 0.25, "total_s": 0.84}
+    t = client_timings(node, 1.53)
+    assert {k: t[k] for k in node} == node
+    assert t["client_total_s"] == 1.53
+    assert t["rpc_s"] == pytest.approx(1.53 - 0.84)
+    assert list(t) == [*node, "client_total_s", "rpc_s"]
+
+
+def test_client_timings_hop_is_never_negative() -> None:
+    # NOTE: two clocks on one box may disagree by a little on a tiny task
+    assert client_timings({"total_s": 0.5}, 0.25)["rpc_s"] == 0.0
+    assert client_timings({}, 0.25) == {"client_total_s": 0.25, "rpc_s": 0.25}
 
 
 # ---------------------------------------------------------------- read_rpc_token

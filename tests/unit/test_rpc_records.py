@@ -1,7 +1,7 @@
 """Unit tests of the RPC records of pangea.py (the room "RPC service and client").
 
 Each record (`SuspicionRecord`, `PeerRecord`, `StatusRecord`, `TaskOutputRecord`
-with its `AttemptInfoRecord`s and `TimingsRecord`) is filled into a
+with its `AttemptInfoRecord`s and `TimingsRecord`, `KernelInfoRecord`) is filled into a
 real Cap'n Proto message built from capnp/pangea.capnp with `to_capnp`, sent
 through bytes, and read back with `from_capnp`: the record comes back equal,
 and `as_dict()` has the shape the Client returns (keys and types; for a task,
@@ -16,8 +16,14 @@ from typing import Any
 import numpy as np
 
 from pangea import (
+    ALLOWED_DTYPES,
+    DEFAULT_MAX_ELEMENTS,
+    KERNELS,
+    MAX_NDIM,
     AttemptInfoRecord,
     AttemptRecord,
+    KernelInfoRecord,
+    Limits,
     PeerRecord,
     StatusRecord,
     SuspicionRecord,
@@ -240,3 +246,51 @@ def test_task_output_as_dict_is_last_task() -> None:
         "attempts": [{"worker": "local", "outcome": "ok"}],
         "timings": {"queue_s": 0.0, "transfer_s": 0.0, "compute_s": 1.0, "total_s": 1.25},
     }
+
+
+# ---------------------------------------------------------------- kernel info
+
+
+def test_kernel_info_of_every_registry_entry_round_trips() -> None:
+    for kernel in KERNELS.values():
+        record = KernelInfoRecord.from_kernel(kernel, Limits(), 1 << 20)
+        assert round_trip("KernelInfo", record) == record, kernel.name
+
+
+def test_kernel_info_says_what_the_registry_says() -> None:
+    matmul = KernelInfoRecord.from_kernel(KERNELS["matmul"], Limits(), DEFAULT_MAX_ELEMENTS)
+    assert (matmul.name, matmul.operands, matmul.params) == ("matmul", 2, ())
+    assert matmul.dtypes == ALLOWED_DTYPES and matmul.description == KERNELS["matmul"].doc
+    assert (matmul.max_ndim, matmul.max_elements) == (MAX_NDIM, DEFAULT_MAX_ELEMENTS)
+    scale = KernelInfoRecord.from_kernel(KERNELS["scale"], Limits(), DEFAULT_MAX_ELEMENTS)
+    assert (scale.operands, scale.params) == (1, ("factor",))
+
+
+def test_kernel_info_of_a_kernel_without_operands_lists_no_dtypes() -> None:
+    random = KernelInfoRecord.from_kernel(KERNELS["random"], Limits(), DEFAULT_MAX_ELEMENTS)
+    assert random.operands == 0 and random.dtypes == ()
+    assert random.params == ("rows", "cols", "seed")
+
+
+def test_kernel_info_takes_the_limits_it_is_given() -> None:
+    limits = Limits(dtypes=("float64",), max_ndim=2)
+    record = round_trip("KernelInfo", KernelInfoRecord.from_kernel(KERNELS["add"], limits, 1000))
+    assert (record.dtypes, record.max_ndim, record.max_elements) == (("float64",), 2, 1000)
+
+
+def test_kernel_info_as_dict_is_what_client_kernels_lists() -> None:
+    d = round_trip("KernelInfo", KernelInfoRecord.from_kernel(KERNELS["sum"], Limits(), 1 << 28)).as_dict()
+    assert d == {
+        "name": "sum",
+        "operands": 1,
+        "params": ["axis"],
+        "dtypes": list(ALLOWED_DTYPES),
+        "description": "sum of all elements, or along axis",
+        "max_ndim": MAX_NDIM,
+        "max_elements": 1 << 28,
+    }
+
+
+def test_compute_interface_has_the_kernels_method() -> None:
+    methods = load_schema().Compute.schema.methods
+    assert {"submit", "peers", "status", "connect", "kernels"} <= set(methods)
