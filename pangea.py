@@ -9066,6 +9066,12 @@ class Client:
         except capnp.KjException as exc:  # type: ignore[attr-defined]
             if "disconnected" in str(exc).lower() and "remote exception" not in str(exc):
                 raise RpcError(f"cannot {what}: the node at {self.address} closed the connection (stopped?)") from None
+            if getattr(exc, "type", "") == "UNIMPLEMENTED":  # a method the node's schema does not have yet
+                raise RpcError(
+                    f"cannot {what}: the node at {self.address} runs an older pangea without this call",
+                    kind=ErrorKind.INCOMPATIBLE,
+                    hint="run the same pangea.pyz on the node as here",
+                ) from None
             raise RpcError(f"cannot {what}: {remote_error_text(exc)}") from None
         except TimeoutError:
             future.cancel()

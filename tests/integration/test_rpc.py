@@ -404,6 +404,59 @@ def test_client_kernels_lists_every_registry_kernel_with_its_operands(pair: Pair
     assert set(kernels[0]) == {"name", "operands", "params", "dtypes", "description", "max_ndim", "max_elements"}
 
 
+# A node of an older pangea: its schema has no `Compute.kernels` (run in a process of its own:
+# one process cannot load two schemas with one file id).
+OLD_NODE = """
+import asyncio, sys
+import capnp
+
+schema = capnp.load(sys.argv[1])
+
+class OldCompute(schema.Compute.Server):
+    async def status(self, _context, **kwargs):
+        _context.results.status.version = "0.0.1"
+
+class OldGate(schema.Gate.Server):
+    async def login(self, token, _context, **kwargs):
+        _context.results.compute = OldCompute()
+        _context.results.maxMessageBytes = 1 << 20
+
+async def main():
+    async with capnp.kj_loop():
+        async def on_connection(stream):
+            await capnp.TwoPartyServer(stream, bootstrap=OldGate()).on_disconnect()
+        server = await capnp.AsyncIoStream.create_server(on_connection, "127.0.0.1", 0)
+        print("listening on port", server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@contextlib.contextmanager
+def node_without_kernels(tmp_path: Path) -> Iterator[str]:
+    """Start a Cap'n Proto `Gate` on 127.0.0.1 whose schema lacks `Compute.kernels`; yield its address."""
+    import sys
+
+    text = pangea.schema_path().read_text()
+    old = re.sub(r"^  kernels @4 .*\n", "", text, flags=re.M)
+    assert old != text
+    (tmp_path / "old.capnp").write_text(old)
+    (tmp_path / "old_node.py").write_text(OLD_NODE)
+    with Proc([sys.executable, tmp_path / "old_node.py", tmp_path / "old.capnp"], name="old-node") as proc:
+        port = proc.wait_for_line(r"^listening on port (\d+)$", timeout=30).group(1)
+        yield f"127.0.0.1:{port}"
+
+
+def test_client_kernels_of_an_older_node_says_so_and_stays_usable(tmp_path: Path) -> None:
+    with node_without_kernels(tmp_path) as address, Client(address, token="", timeout_s=CLIENT_TIMEOUT_S) as node:
+        with pytest.raises(RpcError) as info:
+            node.kernels()
+        assert node.status()["version"] == "0.0.1"
+    assert str(info.value) == f"cannot list kernels: the node at {address} runs an older pangea without this call"
+    assert info.value.kind == "incompatible"
+
+
 def _raw_submit(rpc: str, token: str | None, fill: Callable[[Any], None]) -> tuple[str, str]:
     """Submit a hand-built TaskSpec with pycapnp alone (no pangea.Client checks); return (errorKind, errorMessage)."""
     import capnp
