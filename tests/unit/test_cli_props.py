@@ -81,12 +81,9 @@ VERBS = sorted(words for words in PARSERS if words)
 
 
 def options_of(words: tuple[str, ...]) -> list[argparse.Action]:
-    """The options (not positionals, not --help) of one command."""
-    return [
-        a
-        for a in PARSERS[words]._actions
-        if a.option_strings and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
-    ]
+    """The options (not positionals, not --help or --version, which end the run at once) of one command."""
+    exits = (argparse._HelpAction, argparse._SubParsersAction, pangea._VersionAction)
+    return [a for a in PARSERS[words]._actions if a.option_strings and not isinstance(a, exits)]
 
 
 def number_options(words: tuple[str, ...]) -> list[argparse.Action]:
