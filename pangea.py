@@ -9564,11 +9564,10 @@ def command_words(root: argparse.ArgumentParser, args: argparse.Namespace) -> tu
         words, parser = (*words, chosen), chooser.choices[chosen]
 
 
-def refused_arguments(root: argparse.ArgumentParser, args: argparse.Namespace, extras: Sequence[str]) -> UsageError:
-    """The error for arguments no parser took: the chosen command's --help, and where a refused option
+def refused_arguments(root: argparse.ArgumentParser, words: tuple[str, ...], extras: Sequence[str]) -> UsageError:
+    """The error for arguments the command ``words`` did not take: its --help, and where a refused option
     goes when another command has it (or where it goes when it belongs to this command but was given
     before it)."""
-    words = command_words(root, args)
     tree = parser_tree(root)
     command = " ".join((root.prog, *words))
     flags = [e.split("=", 1)[0] for e in extras if e.startswith("-") and e != "-"]
@@ -9594,11 +9593,33 @@ def refused_arguments(root: argparse.ArgumentParser, args: argparse.Namespace, e
     return UsageError(f"unrecognized arguments: {' '.join(extras)}{where}", hint=hint)
 
 
+def _before_the_verb(root: argparse.ArgumentParser, argv: Sequence[str]) -> UsageError | None:
+    """The error for options of a command given before its verb (`--rpc X call status`), which argparse
+    would misread: the option's value taken for the verb. None when nothing is misplaced."""
+    verbs = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction)).choices
+    at = next((i for i, word in enumerate(argv) if word in verbs), None)
+    if at is None:
+        return None
+    known = root._option_string_actions
+    early = [w for w in argv[:at] if w.split("=", 1)[0] not in known and w[:2] not in known]
+    if not any(w.startswith("-") for w in early):
+        return None
+    words, parser = (argv[at],), verbs[argv[at]]
+    chooser = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if chooser is not None:
+        chosen = next((w for w in argv[at + 1 :] if w in chooser.choices), None)
+        words += (chosen,) if chosen is not None else ()
+    return refused_arguments(root, words, early)
+
+
 def parse_command_line(root: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     """Parse argv; an argument no parser takes is refused naming the right --help (refused_arguments)."""
+    misplaced = _before_the_verb(root, argv)
+    if misplaced is not None:
+        raise misplaced
     args, extras = root.parse_known_args(argv)
     if extras:
-        raise refused_arguments(root, args, extras)
+        raise refused_arguments(root, command_words(root, args), extras)
     return args
 
 
