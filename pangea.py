@@ -9604,7 +9604,8 @@ def _before_the_verb(root: argparse.ArgumentParser, argv: Sequence[str]) -> Usag
     early = [w for w in argv[:at] if w.split("=", 1)[0] not in known and w[:2] not in known]
     if not any(w.startswith("-") for w in early):
         return None
-    words, parser = (argv[at],), verbs[argv[at]]
+    words: tuple[str, ...] = (argv[at],)
+    parser = verbs[argv[at]]
     chooser = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     if chooser is not None:
         chosen = next((w for w in argv[at + 1 :] if w in chooser.choices), None)
