@@ -9593,24 +9593,29 @@ def refused_arguments(root: argparse.ArgumentParser, words: tuple[str, ...], ext
     return UsageError(f"unrecognized arguments: {' '.join(extras)}{where}", hint=hint)
 
 
-def _before_the_verb(root: argparse.ArgumentParser, argv: Sequence[str]) -> UsageError | None:
-    """The error for options of a command given before its verb (`--rpc X call status`), which argparse
-    would misread: the option's value taken for the verb. None when nothing is misplaced."""
-    verbs = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction)).choices
-    at = next((i for i, word in enumerate(argv) if word in verbs), None)
-    if at is None:
-        return None
-    known = root._option_string_actions
-    early = [w for w in argv[:at] if w.split("=", 1)[0] not in known and w[:2] not in known]
-    if not any(w.startswith("-") for w in early):
-        return None
-    words: tuple[str, ...] = (argv[at],)
-    parser = verbs[argv[at]]
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     chooser = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-    if chooser is not None:
-        chosen = next((w for w in argv[at + 1 :] if w in chooser.choices), None)
-        words += (chosen,) if chosen is not None else ()
-    return refused_arguments(root, words, early)
+    return dict(chooser.choices) if chooser is not None else {}
+
+
+def _before_the_verb(root: argparse.ArgumentParser, argv: Sequence[str]) -> UsageError | None:
+    """The error for options of a command given before its verb (`--rpc X call status`, `call --size 8
+    matmul`), which argparse would misread, taking the option's value for the verb. None when
+    nothing is misplaced."""
+    parser, rest = root, list(argv)
+    words: tuple[str, ...] = ()
+    while verbs := _subcommands(parser):
+        at = next((i for i, word in enumerate(rest) if word in verbs), None)
+        if at is None:
+            return None
+        known = parser._option_string_actions
+        early = [w for w in rest[:at] if w.split("=", 1)[0] not in known and w[:2] not in known]
+        words, parser, rest = (*words, rest[at]), verbs[rest[at]], rest[at + 1 :]
+        if any(w.startswith("-") for w in early):
+            inner = _subcommands(parser)
+            chosen = next((w for w in rest if w in inner), None)
+            return refused_arguments(root, words if chosen is None else (*words, chosen), early)
+    return None
 
 
 def parse_command_line(root: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:

@@ -530,6 +530,11 @@ def test_version_after_any_verb_prints_the_version(capsys: pytest.CaptureFixture
             "(--rpc is an option of `call status`: after it)",
             "hint: pangea.pyz call status --rpc HOST:PORT ...; see `pangea.pyz call status --help`",
         ),
+        (
+            ["call", "--size", "8", "matmul"],
+            "unrecognized arguments: --size 8 (--size is an option of `call matmul`: after it)",
+            "hint: pangea.pyz call matmul --size N ...; see `pangea.pyz call matmul --help`",
+        ),
         (["status", "extra"], "unrecognized arguments: extra", "hint: see `pangea.pyz status --help`"),
     ],
 )
@@ -652,9 +657,14 @@ def test_ports_that_differ_pass(argv: list[str]) -> None:
     assert pangea.port_collision("serve", _ports(argv)) is None
 
 
+def _no_node(*args: Any) -> int:
+    raise AssertionError("a node started")  # a unit test never binds a socket
+
+
 def test_serve_refuses_colliding_ports_before_anything_starts(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(pangea, "run_trio", _no_node)
     assert run(["serve", "--port", "7920", "--rpc", "127.0.0.1:7921"]) == 2
     _, lines = error_lines(capsys)
     assert lines == [
