@@ -10644,7 +10644,8 @@ def add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         metavar="MULTIADDR|JOIN",
         help="a node to dial, trust and keep connected (repeatable): its multiaddr (it must trust this node: "
         "--allow-peer), or the join string 'pangea://...#CODE' a `serve --pair` node printed (pairs with it once; "
-        "add --remember there). NOTE: other users of this machine can read a command line (ps), code included; "
+        "add --remember there, so it lasts past a restart). Other users of this machine can read a command line "
+        "(ps), code included; "
         f"${JOIN_ENV} is read by `respond` only",
     )
     p.add_argument(
