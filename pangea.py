@@ -242,6 +242,7 @@ TRUSTED_PEERS_FILENAME = "trusted_peers"
 # 128 connections in all (a logged-in program usually holds one): with the usual
 # 1,024 open files that leaves the node room for its peers and files.
 RPC_PRE_LOGIN_MAX_BYTES = 256 << 10
+RPC_MAX_MIB = 4096  # the largest --rpc-max-mib (4 GiB); `call` accepts replies up to it too
 RPC_LOGIN_TIMEOUT_S = 10.0
 RPC_MAX_CONNECTIONS = 128
 RPC_MAX_PENDING_LOGINS = 64
@@ -9647,6 +9648,122 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message, hint=f"see `{self.prog} --help`")
 
 
+def global_options(p: argparse.ArgumentParser) -> None:
+    """Add the options of every command, taken before or after its verb: --version, --debug, -v."""
+    g = p.add_argument_group("options of every command (before or after it)")
+    g.add_argument("--version", action=_VersionAction, help="print the version and build target, then exit")
+    g.add_argument("--debug", action="store_true", default=False, help="show tracebacks and debug logs")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="log events to stderr")
+
+
+def option_parent(add: Callable[[argparse.ArgumentParser], None], *, defaults: bool = False) -> _Parser:
+    """A parent parser (argparse ``parents=[...]``) with the options ``add`` adds.
+
+    The same options go to a parser and to each parser under it (the root and its verbs, `call`
+    and its calls), so they are accepted before or after a verb. Only the outermost one gets
+    ``defaults``: below it every default is SUPPRESS, so an option given early is not reset by
+    a later parser that did not see it. NOTE: argparse shares the action objects of a parent
+    with each child, hence a new parent per use."""
+    parent = _Parser(add_help=False)
+    add(parent)
+    if not defaults:
+        for action in parent._actions:
+            action.default = argparse.SUPPRESS
+    return parent
+
+
+def parser_tree(root: argparse.ArgumentParser) -> dict[tuple[str, ...], argparse.ArgumentParser]:
+    """Every command's parser by its words: () the root, ("serve",), ("call", "matmul"), ..."""
+    found: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+
+    def walk(words: tuple[str, ...], parser: argparse.ArgumentParser) -> None:
+        found[words] = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk((*words, name), sub)
+
+    walk((), root)
+    return found
+
+
+def command_words(root: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
+    """The words of the (sub-)command a parsed command line chose: ("call", "matmul"), or ()."""
+    words: tuple[str, ...] = ()
+    parser = root
+    while True:
+        chooser = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = getattr(args, chooser.dest, None) if chooser is not None else None
+        if chooser is None or chosen not in chooser.choices:
+            return words
+        words, parser = (*words, chosen), chooser.choices[chosen]
+
+
+def refused_arguments(root: argparse.ArgumentParser, words: tuple[str, ...], extras: Sequence[str]) -> UsageError:
+    """The error for arguments the command ``words`` did not take: its --help, and where a refused option
+    goes when another command has it (or where it goes when it belongs to this command but was given
+    before it)."""
+    tree = parser_tree(root)
+    command = " ".join((root.prog, *words))
+    flags = [e.split("=", 1)[0] for e in extras if e.startswith("-") and e != "-"]
+    if not flags:
+        return UsageError(f"unrecognized arguments: {' '.join(extras)}", hint=f"see `{command} --help`")
+    flag = flags[0]
+    if words and flag in tree[words]._option_string_actions:
+        action = tree[words]._option_string_actions[flag]
+        value = "" if action.nargs == 0 else f" {action.metavar or action.dest.upper()}"
+        return UsageError(
+            f"unrecognized arguments: {' '.join(extras)} ({flag} is an option of `{' '.join(words)}`: after it)",
+            hint=f"{command} {flag}{value} ...; see `{command} --help`",
+        )
+    homes = [w for w, p in tree.items() if w and flag in p._option_string_actions]
+    # the nearest first: a sibling sub-command (`call matmul` for `call status --size`), then verbs
+    homes.sort(key=lambda w: (w[:1] != words[:1], w))
+    outer = [w for w in homes if not any(w[: len(o)] == o for o in homes if len(o) < len(w))]
+    where = "" if not words else f" (`{' '.join(words)}` has no {flag})"
+    hint = f"see `{command} --help`"
+    if outer:
+        shown = ", ".join(f"`{' '.join(w)}`" for w in outer[:6]) + (", ..." if len(outer) > 6 else "")
+        hint = f"{flag} is an option of {shown}; see `{command} --help`"
+    return UsageError(f"unrecognized arguments: {' '.join(extras)}{where}", hint=hint)
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    chooser = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    return dict(chooser.choices) if chooser is not None else {}
+
+
+def _before_the_verb(root: argparse.ArgumentParser, argv: Sequence[str]) -> UsageError | None:
+    """The error for options of a command given before its verb (`--rpc X call status`, `call --size 8
+    matmul`), which argparse would misread, taking the option's value for the verb. None when
+    nothing is misplaced."""
+    parser, rest = root, list(argv)
+    words: tuple[str, ...] = ()
+    while verbs := _subcommands(parser):
+        at = next((i for i, word in enumerate(rest) if word in verbs), None)
+        if at is None:
+            return None
+        known = parser._option_string_actions
+        early = [w for w in rest[:at] if w.split("=", 1)[0] not in known and w[:2] not in known]
+        words, parser, rest = (*words, rest[at]), verbs[rest[at]], rest[at + 1 :]
+        if any(w.startswith("-") for w in early):
+            inner = _subcommands(parser)
+            chosen = next((w for w in rest if w in inner), None)
+            return refused_arguments(root, words if chosen is None else (*words, chosen), early)
+    return None
+
+
+def parse_command_line(root: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse argv; an argument no parser takes is refused naming the right --help (refused_arguments)."""
+    misplaced = _before_the_verb(root, argv)
+    if misplaced is not None:
+        raise misplaced
+    args, extras = root.parse_known_args(argv)
+    if extras:
+        raise refused_arguments(root, command_words(root, args), extras)
+    return args
+
+
 # Every numeric option is parsed by one of these argparse types, so a bad value
 # is refused at parse time with one line naming the option, the value and the
 # expected form (no check scattered in the cmd_* functions, no overflow later).
@@ -9791,16 +9908,16 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
     return Limits(dtypes=dtypes, **values).validate()
 
 
-def node_options(p: argparse.ArgumentParser, port: int) -> None:
-    """Add the options of every node command (initiate, respond, serve): where to listen, how long to
-    wait, output, --psk, the data plane, metrics, and the limits on what peers may send."""
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
-    p.add_argument(
-        "--port",
-        type=port_number,
-        default=port,
-        help=f"TCP port to listen on, 0 for any free one (default: {port})",
-    )
+def verb_parents() -> list[_Parser]:
+    """The ``parents=`` of every verb's parser: the options of every command (global_options)."""
+    return [option_parent(global_options)]
+
+
+def run_options(p: argparse.ArgumentParser) -> None:
+    """Add the options of a run that ends (initiate, respond): how long to wait, and its output.
+
+    NOTE: `serve` runs until stopped and shows no checks or progress, so it has none of them
+    (`serve --json` or `--timeout` is refused instead of meaning nothing)."""
     p.add_argument(
         "--timeout",
         type=positive_seconds(),
@@ -9810,8 +9927,77 @@ def node_options(p: argparse.ArgumentParser, port: int) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     p.add_argument("--quiet", action="store_true", help="no live progress display")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+@dataclass(frozen=True)
+class ListenPort:
+    """One port a node command will listen on, for the collision check before anything binds."""
+
+    option: str  # the option that sets it: --port, --data-port, --rpc, --metrics
+    host: str
+    port: int  # 0: any free one, which collides with nothing
+    what: str  # how a message names it: "the data port (the libp2p port 7920 + 1)"
+
+
+def _hosts_overlap(a: str, b: str) -> bool:
+    wildcard = ("0.0.0.0", "::", "")
+    return a in wildcard or b in wildcard or a == b or (is_loopback_host(a) and is_loopback_host(b))
+
+
+def port_collision(verb: str, ports: Sequence[ListenPort]) -> UsageError | None:
+    """Pure: the error for two of a command's own ports that are one (None when all differ).
+
+    NOTE: checked before binding; otherwise the second bind fails with the socket's words only
+    (or, as py-libp2p sets SO_REUSEPORT, not at all)."""
+    for i, later in enumerate(ports):
+        for earlier in ports[:i]:
+            if later.port and later.port == earlier.port and _hosts_overlap(later.host, earlier.host):
+                # --port and --data-port name a port; --rpc and --metrics name HOST:PORT
+                bare = later.option.endswith("port")
+                subject = f"{later.option} {later.port}" if bare else f"the {later.option} port {later.port}"
+                fix = f"pick another {later.option}" if bare else f"pick another {later.option} port"
+                if earlier.option == "--data-port" and "+" in earlier.what:
+                    fix += " or set --data-port (PORT or off)"
+                elif earlier.option == "--port":
+                    fix += " or --port"
+                return UsageError(f"cannot {verb}: {subject} is also {earlier.what}", hint=fix)
+    return None
+
+
+def node_ports(args: argparse.Namespace, rpc: str | None = None) -> list[ListenPort]:
+    """The ports a node command listens on, from its options: libp2p, data plane, RPC, metrics."""
+    ports = [ListenPort("--port", args.host, args.port, f"the libp2p port (--port {args.port})")]
+    data = data_port_for(args.data_port, args.port)
+    if data:
+        auto = args.data_port is not None and args.data_port < 0
+        what = f"the data port (the libp2p port {args.port} + {DATA_PORT_OFFSET})" if auto else "the --data-port"
+        ports.append(ListenPort("--data-port", args.host, data, what))
+    if rpc is not None:
+        host, port = parse_host_port(rpc, DEFAULT_RPC_PORT)
+        ports.append(ListenPort("--rpc", host, port, f"the RPC port (--rpc {rpc})"))
+    if args.metrics not in (None, "off"):
+        host, port = parse_host_port(args.metrics, DEFAULT_METRICS_PORT)
+        ports.append(ListenPort("--metrics", host, port, f"the metrics port (--metrics {args.metrics})"))
+    return ports
+
+
+def check_node_ports(verb: str, args: argparse.Namespace, rpc: str | None = None) -> None:
+    """Refuse (UsageError) a node command whose own ports collide, before anything binds."""
+    problem = port_collision(verb, node_ports(args, rpc))
+    if problem is not None:
+        raise problem
+
+
+def node_options(p: argparse.ArgumentParser, port: int) -> None:
+    """Add the options of every node command (initiate, respond, serve): where to listen, --psk, the
+    data plane, metrics, and the limits on what peers may send."""
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    p.add_argument(
+        "--port",
+        type=port_number,
+        default=port,
+        help=f"TCP port to listen on, 0 for any free one (default: {port})",
+    )
     p.add_argument("--psk", metavar="FILE", help="pre-shared key file: only nodes with the same file can connect")
     p.add_argument(
         "--data-port",
@@ -9903,8 +10089,11 @@ def remember_peer(home: Path, peer_id: str) -> None:
 
 def add_initiate_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     """Add the `initiate` command and its options."""
-    p = sub.add_parser("initiate", help="start node 1: print its address, wait for a responder, run the checks")
+    p = sub.add_parser(
+        "initiate", parents=verb_parents(), help="start node 1: print its address, wait for a responder, run the checks"
+    )
     node_options(p, DEFAULT_PORT)
+    run_options(p)
     p.add_argument(
         "--size",
         type=whole_number(2, MAX_MATRIX_N, "a matrix size"),
@@ -9941,6 +10130,7 @@ def add_initiate_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
 
 def cmd_initiate(args: argparse.Namespace) -> int:
     """`initiate`: listen, print the addresses and pairing code, wait for a responder, run the checks."""
+    check_node_ports("initiate", args)
     limits, psk = limits_from_args(args), read_psk_file(args.psk)
     with node_session("initiator", args) as (home, session_dir):
         key_pair = load_or_create_identity(home)
@@ -10245,7 +10435,7 @@ JOIN_ENV = "PANGEA_JOIN"  # `respond` without ADDRESS reads the join string from
 
 def add_respond_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     """Add the `respond` command and its options."""
-    p = sub.add_parser("respond", help="start node 2: connect to an initiator and do its work")
+    p = sub.add_parser("respond", parents=verb_parents(), help="start node 2: connect to an initiator and do its work")
     p.add_argument(
         "address",
         nargs="?",
@@ -10260,6 +10450,7 @@ def add_respond_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="find the initiator on this LAN by mDNS instead of pasting its address (the code is still needed)",
     )
     node_options(p, 0)
+    run_options(p)
     fault_option(p)
     p.set_defaults(func=cmd_respond)
 
@@ -10280,6 +10471,7 @@ def join_text(address: str | None, discover: bool) -> str | None:
 
 def cmd_respond(args: argparse.Namespace) -> int:
     """`respond`: dial the initiator, serve its tasks until it says done."""
+    check_node_ports("respond", args)
     text = join_text(args.address, args.discover)
     interactive = sys.stdin.isatty()
     if text is None and args.discover:
@@ -10430,7 +10622,9 @@ def _pump(proc: subprocess.Popen[str], prefix: str, found: list[str], ready: thr
 
 def add_demo_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     """Add the `demo` command and its options."""
-    p = sub.add_parser("demo", help="run an initiator and a responder on this machine and show the whole flow")
+    p = sub.add_parser(
+        "demo", parents=verb_parents(), help="run an initiator and a responder on this machine and show the whole flow"
+    )
     p.add_argument(
         "--size",
         type=whole_number(2, MAX_MATRIX_N, "a matrix size"),
@@ -10544,7 +10738,9 @@ def read_call_token(args: argparse.Namespace) -> str | None:
 
 def add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     """Add the `serve` command and its options."""
-    p = sub.add_parser("serve", help="run a long-lived node with a Cap'n Proto RPC endpoint for your programs")
+    p = sub.add_parser(
+        "serve", parents=verb_parents(), help="run a long-lived node with a Cap'n Proto RPC endpoint for your programs"
+    )
     node_options(p, DEFAULT_PORT)
     p.add_argument(
         "--rpc",
@@ -10571,7 +10767,7 @@ def add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
     p.add_argument(
         "--rpc-max-mib",
-        type=size_mib(1, 4096),
+        type=size_mib(1, RPC_MAX_MIB),
         default=DEFAULT_RPC_MAX_BYTES >> 20,
         metavar="MIB",
         help=f"largest RPC message (default: {DEFAULT_RPC_MAX_BYTES >> 20} MiB)",
@@ -10580,8 +10776,12 @@ def add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--peer",
         action="append",
         default=[],
-        metavar="MULTIADDR",
-        help="a node to dial, trust and keep connected (repeatable)",
+        metavar="MULTIADDR|JOIN",
+        help="a node to dial, trust and keep connected (repeatable): its multiaddr (it must trust this node: "
+        "--allow-peer), or the join string 'pangea://...#CODE' a `serve --pair` node printed (pairs with it once; "
+        "add --remember there, so it lasts past a restart). Other users of this machine can read a command line "
+        "(ps), code included; "
+        f"${JOIN_ENV} is read by `respond` only",
     )
     p.add_argument(
         "--allow-peer",
@@ -10658,6 +10858,7 @@ def rpc_endpoint(args: argparse.Namespace, home: Path, token: str) -> RpcEndpoin
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """`serve`: a long-running node with an RPC endpoint; stops cleanly on SIGTERM/Ctrl-C."""
+    check_node_ports("serve", args, args.rpc)
     token = check_rpc_options(args)
     peers = [parse_peer_address(text) for text in args.peer]
     limits, psk = limits_from_args(args), read_psk_file(args.psk)
@@ -10810,38 +11011,74 @@ async def keep_connected(node: Node, address: PeerAddress) -> None:
         await trio.sleep(0.1)
 
 
-def add_call_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
-    """Add the `call` command and its options."""
-    p = sub.add_parser("call", help="talk to a running `serve` node over RPC")
-    p.add_argument(
+def call_options(p: argparse.ArgumentParser) -> None:
+    """Add the options of `call`, taken before or after its sub-command: the node, its token, --json."""
+    g = p.add_argument_group("options of every call (before or after it)")
+    g.add_argument(
         "--rpc", default=f"127.0.0.1:{DEFAULT_RPC_PORT}", metavar="HOST:PORT", help="the node's RPC endpoint"
     )
-    p.add_argument(
+    g.add_argument(
         "--token",
         metavar="TOKEN",
         help="the node's RPC token (default: $PANGEA_RPC_TOKEN); unsafe on a shared machine (other users can "
         "read a command line: ps), so prefer --token-file FILE or $PANGEA_RPC_TOKEN",
     )
-    p.add_argument(
+    g.add_argument(
         "--token-file",
         metavar="FILE",
         help="read the node's RPC token from this file (mode 0600: a file other users can read is refused)",
     )
-    p.add_argument(
+    g.add_argument(
         "--fingerprint",
         metavar="SHA256",
         help="the certificate fingerprint the node printed (TLS off loopback; default: the one trusted on first use)",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+PLACEMENT_HELP = (
+    f"{', '.join(PLACEMENTS)} or a peer id: where the matmul runs (auto: the node decides; remote: a peer); "
+    f"{' or '.join(SPLIT_PLACEMENTS)}: in row blocks over every worker and the node, or over its peers only"
+)
+CALL_SYNOPSIS = (
+    "pangea.pyz call [--rpc HOST:PORT] [--token-file FILE] [--json] status | peers | connect MULTIADDR | "
+    f"matmul --size N [--placement {'|'.join(PLACEMENTS + SPLIT_PLACEMENTS)}|<peer id>] [--no-fallback]"
+)
+
+
+def add_call_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """Add the `call` command, its options (also after a call: `call status --json`) and its calls."""
+    p = sub.add_parser(
+        "call",
+        parents=[*verb_parents(), option_parent(call_options, defaults=True)],
+        help="talk to a running `serve` node over RPC",
+        description=f"usage in short: {CALL_SYNOPSIS}",
+    )
+
+    def add(name: str, text: str) -> argparse.ArgumentParser:
+        parents = [*verb_parents(), option_parent(call_options)]
+        parser: argparse.ArgumentParser = calls.add_parser(name, parents=parents, help=text, description=text)
+        return parser
+
     calls = p.add_subparsers(dest="call", metavar="CALL", parser_class=_Parser)
-    calls.add_parser("status", help="the node's peer id, addresses, uptime, task counts")
-    calls.add_parser("peers", help="the node's connected peers")
-    c = calls.add_parser("connect", help="make the node dial (and trust) another node")
+    add("status", "the node's peer id, addresses, uptime, task counts")
+    add("peers", "the node's connected peers")
+    c = add("connect", "make the node dial (and trust) another node")
     c.add_argument("multiaddr")
-    c = calls.add_parser("matmul", help="multiply two random N x N matrices on the node and verify the result")
-    c.add_argument("--size", type=whole_number(1, MAX_MATRIX_N, "a matrix size"), default=1024, metavar="N")
-    c.add_argument("--placement", default="auto", help="auto, local, remote or a peer id (default: auto)")
+    c = add("matmul", "multiply two random N x N matrices on the node and verify the result")
+    c.add_argument(
+        "--size",
+        type=whole_number(1, MAX_MATRIX_N, "a matrix size"),
+        default=1024,
+        metavar="N",
+        help="the size of each matrix (default: 1024)",
+    )
+    c.add_argument(
+        "--placement",
+        default="auto",
+        metavar="|".join(PLACEMENTS + SPLIT_PLACEMENTS) + "|PEER_ID",
+        help=f"{PLACEMENT_HELP} (default: auto)",
+    )
     c.add_argument(
         "--no-fallback",
         action="store_true",
@@ -10850,11 +11087,51 @@ def add_call_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.set_defaults(func=cmd_call)
 
 
+# `call` takes operands as large as any node accepts (its --rpc-max-mib at most): the node's limit,
+# learned at login, is the one that counts
+CALL_MAX_BYTES = RPC_MAX_MIB << 20
+
+
+def call_setup_error(exc: RpcError) -> PangeaError:
+    """A Client that could not start: a node that answered and refused (login, certificate) is a setup
+    problem (exit 2); one that could not be reached keeps exit 1."""
+    # NOTE: the Client says "cannot use the pangea node" when the node answered and refused it
+    # (wrong token, changed or wrong certificate), "cannot reach" when nothing answered.
+    if str(exc).startswith("cannot use the pangea node"):
+        return ConfigError(str(exc), hint=exc.hint)
+    return exc
+
+
+def largest_call_size(limit_bytes: int) -> int:
+    """Pure: the largest N whose two N x N float64 operands fit one RPC message of ``limit_bytes``
+    (with the Client's room for the message around them)."""
+    room = limit_bytes - min(64 << 10, limit_bytes // 16)
+    return max(0, math.isqrt(max(0, room) // 16))
+
+
+def check_call_size(size: int, limit_bytes: int, address: str) -> None:
+    """Refuse `call matmul --size N` whose operands exceed the RPC message limit, before making them."""
+    if size <= largest_call_size(limit_bytes):
+        return
+    largest = largest_call_size(limit_bytes)
+    raise UsageError(
+        f"cannot run matmul --size {size} on the node at {address}: its two operands are "
+        f"{format_bytes(2 * size * size * 8)}, over the node's RPC message limit of {format_bytes(limit_bytes)}",
+        hint=f"use --size {largest} or less, or start the node with a larger --rpc-max-mib (at most {RPC_MAX_MIB})",
+    )
+
+
 def cmd_call(args: argparse.Namespace) -> int:
     """`call`: one RPC call to a running node, printed readably or as JSON."""
     if args.call is None:
-        raise UsageError("no call given", hint="pangea.pyz call status | peers | connect ADDR | matmul --size N")
-    with Client(args.rpc, token=read_call_token(args), fingerprint=args.fingerprint) as client:
+        raise UsageError("no call given", hint=CALL_SYNOPSIS)
+    try:
+        client = Client(
+            args.rpc, token=read_call_token(args), fingerprint=args.fingerprint, max_message_bytes=CALL_MAX_BYTES
+        )
+    except RpcError as exc:
+        raise call_setup_error(exc) from None
+    with client:
         if args.call == "status":
             result: Any = client.status()
             text = format_table(("field", "value"), [(k, _human(k, v)) for k, v in result.items()])
@@ -10899,6 +11176,7 @@ def _human(key: str, value: Any) -> str:
 def _call_matmul(client: Client, size: int, placement: str, fallback: bool = True) -> tuple[dict[str, Any], str]:
     import numpy as np
 
+    check_call_size(size, min(client.max_message_bytes, client.node_max_message_bytes), client.address)
     rng = np.random.default_rng()
     a, b = rng.standard_normal((size, size)), rng.standard_normal((size, size))
     c = client.matmul(a, b, placement=placement, fallback=fallback)
@@ -10918,7 +11196,9 @@ def _call_matmul(client: Client, size: int, placement: str, fallback: bool = Tru
 
 def add_psk_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     """Add the `psk` command and its options."""
-    p = sub.add_parser("psk", help="write a new pre-shared key file for --psk (copy it to every node)")
+    p = sub.add_parser(
+        "psk", parents=verb_parents(), help="write a new pre-shared key file for --psk (copy it to every node)"
+    )
     p.add_argument("file")
     p.set_defaults(func=cmd_psk)
 
@@ -10961,7 +11241,9 @@ def running_sessions(home: Path) -> tuple[list[dict[str, Any]], list[Path]]:
 
 def add_status_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     """Add the `status` command and its options."""
-    p = sub.add_parser("status", help="show the pangea nodes running on this box (and clean up stale entries)")
+    p = sub.add_parser(
+        "status", parents=verb_parents(), help="show the pangea nodes running on this box (and clean up stale entries)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_status)
 
@@ -11045,7 +11327,9 @@ def doctor_verdict(findings: dict[str, Any]) -> tuple[bool, str]:
 
 def add_doctor_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     """Add the `doctor` command and its options."""
-    p = sub.add_parser("doctor", help="explain this box's network setup, and whether a peer can be reached")
+    p = sub.add_parser(
+        "doctor", parents=verb_parents(), help="explain this box's network setup, and whether a peer can be reached"
+    )
     p.add_argument("address", nargs="?", help="a peer's multiaddr or join string to test")
     p.add_argument(
         "--port",
@@ -11195,6 +11479,7 @@ def add_bench_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     """Add the `bench` command and its options."""
     p = sub.add_parser(
         "bench",
+        parents=verb_parents(),
         help="measure pangea next to a plain libp2p stream and raw TCP against its performance targets, in one run",
     )
     p.add_argument(
@@ -11258,8 +11543,6 @@ def add_bench_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes and counts: a few seconds, rough figures")
     p.add_argument("--json", action="store_true", help="print one JSON object (every sample, both machines)")
     p.add_argument("--psk", metavar="FILE", help="pre-shared key file, when the peer uses one")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
 
 
@@ -11287,7 +11570,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_id_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     """Add the `id` command and its options."""
-    p = sub.add_parser("id", help="print this box's peer id (creating its identity if needed)")
+    p = sub.add_parser("id", parents=verb_parents(), help="print this box's peer id (creating its identity if needed)")
     p.set_defaults(func=cmd_id)
 
 
@@ -11303,10 +11586,11 @@ def cmd_id(args: argparse.Namespace) -> int:
 def make_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the whole CLI: the global options, then one
     `add_<verb>_parser` per verb (each sits right above its `cmd_<verb>`)."""
-    parser = _Parser(prog="pangea.pyz", description="Share numpy compute between your own machines over libp2p.")
-    parser.add_argument("--version", action=_VersionAction, help="print the version and build target, then exit")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log events to stderr")
+    parser = _Parser(
+        prog="pangea.pyz",
+        description="Share numpy compute between your own machines over libp2p.",
+        parents=[option_parent(global_options, defaults=True)],
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add_parser in (
         add_initiate_parser,
@@ -11381,7 +11665,7 @@ def _main(argv: Sequence[str] | None) -> int:
             argv = menu()
             if not argv:
                 return 0
-        args = parser.parse_args(argv)
+        args = parse_command_line(parser, argv)
         debug = bool(getattr(args, "debug", False))
         if args.command is None:
             raise UsageError(

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark of issue 6, target 6: bulk transfer over a rate-limited link between two hosts.
+"""Benchmark of bulk transfer over a rate-limited link between two hosts (network namespaces).
 
 Usage (root; from the repo root, after ./build.sh):
 

@@ -58,7 +58,7 @@ def test_a_loopback_node_keeps_its_token_in_its_home_and_local_clients_of_its_us
     # a program that does not know the token (another home stands for another user) is refused
     stranger = make_home("stranger")  # type: ignore[operator]
     refused = run_pyz(pyz, ["call", "--rpc", node.rpc, "status"], stranger.env)
-    assert refused.returncode == 1, refused.stdout
+    assert refused.returncode == 2, refused.stdout  # a setup problem: the token
     assert_expected_error(refused.stderr, "login refused: wrong or missing RPC token")
     assert "rpc-token file" in refused.stderr, refused.stderr
     # Client in this process: the token given, then the matmul is right
@@ -165,7 +165,7 @@ def test_another_user_of_the_box_is_refused_by_the_default_loopback_rpc(
 ) -> None:
     command = _as_nobody_command(nobody_box, pyz, "call", "--rpc", node.rpc, "--json", "status")
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.returncode == 2, (result.stdout, result.stderr)  # a setup problem: the token
     assert_expected_error(result.stderr, "login refused: wrong or missing RPC token")
     # and it cannot read the token where the node keeps it
     peek = subprocess.run(
@@ -246,7 +246,7 @@ def test_an_endpoint_off_loopback_speaks_tls_with_a_fingerprint_clients_pin(
         # plain Cap'n Proto to a TLS endpoint: refused, with the hint to pin
         stranger = make_home("stranger")  # type: ignore[operator]
         plain = run_pyz(pyz, ["call", "--rpc", rpc, "--token-file", str(path), "status"], stranger.env)
-        assert plain.returncode == 1, plain.stdout
+        assert plain.returncode == 2, plain.stdout  # a setup problem: the fingerprint
         assert_expected_error(plain.stderr, f"cannot use the pangea node at {rpc}: it closed the connection")
         assert "speaks TLS: pass the fingerprint" in plain.stderr, plain.stderr
         pinned = ["call", "--rpc", rpc, "--token-file", str(path), "--fingerprint", fingerprint, "--json", "status"]

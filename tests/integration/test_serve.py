@@ -13,6 +13,7 @@ test_rpc.py.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -144,6 +145,8 @@ def test_serve_lists_the_peers_it_trusts(pyz: Path, make_home: Any) -> None:
         (["--rpc", "127.0.0.1:0", "--allow-peer", "nope"], {}, ["bad --allow-peer 'nope'"]),
         (["--rpc", "127.0.0.1:0", "--peer", "/ip4/127.0.0.1/tcp/1"], {}, ["/p2p/"]),
         (["--rpc", "127.0.0.1:0", "--rpc-max-mib", "0"], {}, ["--rpc-max-mib: got '0'"]),
+        (["--rpc", "127.0.0.1:0", "--json"], {}, ["unrecognized arguments: --json", "`serve` has no --json"]),
+        (["--rpc", "127.0.0.1:0", "--timeout", "5"], {}, ["`serve` has no --timeout"]),
     ],
     ids=[
         "any-host-no-token",
@@ -156,6 +159,8 @@ def test_serve_lists_the_peers_it_trusts(pyz: Path, make_home: Any) -> None:
         "bad-allow-peer",
         "peer-without-id",
         "rpc-max-mib-0",
+        "json-means-nothing-to-serve",
+        "timeout-means-nothing-to-serve",
     ],
 )
 def test_serve_refuses_to_start_with_exit_2_and_one_error_line(
@@ -204,6 +209,41 @@ def test_serve_with_the_token_on_its_command_line_warns_that_other_users_can_rea
     assert "other users" in warning and "--rpc-token-file FILE" in warning and "$PANGEA_RPC_TOKEN" in warning
     assert TOKEN not in warning
     assert sum(line.startswith("pangea: warning: ") for line in node.proc.stderr_lines) == 1, node.proc.output()
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "hint"),
+    [
+        (
+            ["--rpc", "127.0.0.1:{data}"],
+            "cannot serve: the --rpc port {data} is also the data port (the libp2p port {port} + 1)",
+            "pick another --rpc port or set --data-port (PORT or off)",
+        ),
+        (
+            ["--rpc", "127.0.0.1:0", "--data-port", "{port}"],
+            "cannot serve: --data-port {port} is also the libp2p port (--port {port})",
+            "pick another --data-port or --port",
+        ),
+        (
+            ["--rpc", "127.0.0.1:{data}", "--data-port", "off", "--metrics", "127.0.0.1:{data}"],
+            "cannot serve: the --metrics port {data} is also the RPC port (--rpc 127.0.0.1:{data})",
+            "pick another --metrics port",
+        ),
+    ],
+    ids=["rpc-is-the-data-port", "data-port-is-the-libp2p-port", "metrics-is-the-rpc-port"],
+)
+def test_serve_names_its_own_colliding_ports_before_binding(
+    pyz: Path, pangea_home: NodeHome, options: list[str], error: str, hint: str
+) -> None:
+    port = free_port()
+    while port >= 65535:  # the data port is port + 1
+        port = free_port()
+    values = {"port": port, "data": port + 1}
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port), *(o.format(**values) for o in options)]
+    result = run_pyz(pyz, args, pangea_home.env, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result.stderr) == [f"pangea: error: {error.format(**values)}", f"hint: {hint}"]
+    assert result.stdout == "" and session_dirs(pangea_home) == []  # refused before any node started
 
 
 def _serve_on_busy_rpc_port(pyz: Path, home: NodeHome) -> tuple[int, list[str]]:
@@ -298,7 +338,7 @@ def test_call_with_token_works_and_without_it_fails_readably(locked: ServeNode, 
 
     for args in (["call", "--rpc", locked.rpc, "status"], ["call", "--rpc", locked.rpc, "--token", "x" * 32, "peers"]):
         refused = run_pyz(pyz, args, env)
-        assert refused.returncode == 1
+        assert refused.returncode == 2  # a setup problem: the token (README: 2 for setup errors)
         lines = error_lines(without_token_warning(refused.stderr))
         assert "token" in lines[0] and locked.rpc in lines[0]
         assert TOKEN not in refused.stderr
@@ -413,6 +453,21 @@ def test_client_message_limit_refuses_before_sending(lone: ServeNode) -> None:
         assert "exceed the RPC message limit" in str(info.value)
         assert info.value.hint and "--rpc-max-mib" in info.value.hint
         np.testing.assert_array_equal(node.submit("scale", np.ones(10), factor=3.0), np.full(10, 3.0))
+
+
+def test_call_matmul_over_the_node_limit_names_size_and_rpc_max_mib(lone: ServeNode, pyz: Path) -> None:
+    result = run_pyz(pyz, ["call", "--rpc", lone.rpc, "matmul", "--size", "300"], lone.home.env)
+    assert result.returncode == 2, result.stderr  # the command as given cannot work on this node
+    largest = pangea.largest_call_size(1 << 20)
+    assert error_lines(result.stderr) == [
+        f"pangea: error: cannot run matmul --size 300 on the node at {lone.rpc}: its two operands are 1.4 MiB, "
+        "over the node's RPC message limit of 1.0 MiB",
+        f"hint: use --size {largest} or less, or start the node with a larger --rpc-max-mib (at most 4096)",
+    ]
+    assert "max_message_bytes" not in result.stderr
+    fits = run_pyz(pyz, ["call", "--rpc", lone.rpc, "matmul", "--size", str(largest), "--json"], lone.home.env)
+    assert fits.returncode == 0, fits.stderr
+    assert json.loads(fits.stdout)["verified"] is True
 
 
 def test_call_and_client_without_a_node_fail_readably(pyz: Path, pangea_home: NodeHome) -> None:

@@ -427,3 +427,274 @@ def test_libp2p_log_filter_drops_libp2p_info_and_holds_back_repeats_with_a_count
     loud = pangea.Libp2pLogFilter(debug=True)
     assert loud.filter(_record("libp2p.network.auto_connector", logging.INFO, dials, 0.0))
     assert all(loud.filter(_record("libp2p.transport.tcp.tcp", logging.ERROR, tcp, 1.0)) for _ in range(5))
+
+
+# ---------------------------------------------------------------- options where people type them
+
+ADDRESS = f"/ip4/127.0.0.1/tcp/7777/p2p/{PEER_ID}"
+
+
+@pytest.mark.parametrize(
+    "variants",
+    [
+        [
+            ["call", "matmul", "--size", "4096", "--placement", "split-remote", "--json"],
+            ["call", "--json", "matmul", "--size", "4096", "--placement", "split-remote"],
+            ["call", "matmul", "--json", "--placement", "split-remote", "--size", "4096"],
+        ],
+        [["call", "status", "--json"], ["call", "--json", "status"]],
+        [["call", "peers", "--json"], ["call", "--json", "peers"]],
+        [["call", "status", "--rpc", "127.0.0.1:27792"], ["call", "--rpc", "127.0.0.1:27792", "status"]],
+        [
+            ["call", "--rpc", "127.0.0.1:1", "connect", ADDRESS, "--token-file", "t", "--json"],
+            ["call", "connect", ADDRESS, "--rpc", "127.0.0.1:1", "--json", "--token-file", "t"],
+            ["call", "--json", "--token-file", "t", "connect", "--rpc", "127.0.0.1:1", ADDRESS],
+        ],
+        [["call", "--debug", "matmul", "-v"], ["--debug", "-v", "call", "matmul"], ["call", "matmul", "--debug", "-v"]],
+        [["status", "-v"], ["-v", "status"]],
+        [["status", "--json", "--debug"], ["--debug", "status", "--json"]],
+        [["id", "--debug"], ["--debug", "id"]],
+        [["doctor", "-v"], ["-v", "doctor"]],
+        [["demo", "--size", "64", "-v"], ["-v", "demo", "--size", "64"]],
+        [["psk", "f", "--debug"], ["--debug", "psk", "f"]],
+        [["bench", "--quick", "-v"], ["-v", "bench", "--quick"]],
+        [["serve", "--debug", "--port", "0"], ["--debug", "serve", "--port", "0"]],
+        [["respond", ADDRESS, "--json", "-v"], ["-v", "respond", "--json", ADDRESS]],
+        [["initiate", "--json", "--debug"], ["--debug", "initiate", "--json"]],
+    ],
+    ids=lambda variants: " ".join(variants[0]),
+)
+def test_an_option_parses_the_same_before_or_after_its_verb(variants: list[list[str]]) -> None:
+    parser = make_parser()
+    parsed = [vars(pangea.parse_command_line(parser, argv)) for argv in variants]
+    for argv, namespace in zip(variants[1:], parsed[1:], strict=True):
+        assert namespace == parsed[0], argv
+
+
+def test_an_option_given_twice_keeps_the_last_and_a_later_parser_never_resets_an_earlier_one() -> None:
+    parser = make_parser()
+    args = pangea.parse_command_line(parser, ["call", "--rpc", "127.0.0.1:1", "status", "--rpc", "127.0.0.1:2"])
+    assert args.rpc == "127.0.0.1:2"
+    args = pangea.parse_command_line(parser, ["call", "--json", "--rpc", "127.0.0.1:3", "matmul", "--size", "8"])
+    assert (args.json, args.rpc, args.size, args.placement) == (True, "127.0.0.1:3", 8, "auto")
+    args = pangea.parse_command_line(parser, ["call", "status"])  # every default still there
+    assert (args.rpc, args.json, args.token, args.debug, args.verbose) == (
+        f"127.0.0.1:{pangea.DEFAULT_RPC_PORT}",
+        False,
+        None,
+        False,
+        0,
+    )
+
+
+@pytest.mark.parametrize(
+    "argv", [["demo", "--version"], ["status", "--version"], ["call", "matmul", "--version"], ["id", "--version"]]
+)
+def test_version_after_any_verb_prints_the_version(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    assert run(argv) == 0
+    assert capsys.readouterr().out.startswith(f"pangea {pangea.__version__} (protocol ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "error", "hint"),
+    [
+        (
+            ["serve", "--json"],
+            "unrecognized arguments: --json (`serve` has no --json)",
+            "hint: --json is an option of `bench`, `call`, `doctor`, `initiate`, `respond`, `status`; "
+            "see `pangea.pyz serve --help`",
+        ),
+        (
+            ["serve", "--timeout", "5"],
+            "unrecognized arguments: --timeout 5 (`serve` has no --timeout)",
+            "hint: --timeout is an option of `bench`, `doctor`, `initiate`, `respond`; see `pangea.pyz serve --help`",
+        ),
+        (["serve", "--quiet"], "(`serve` has no --quiet)", "hint: --quiet is an option of `initiate`, `respond`; "),
+        (
+            ["call", "status", "--size", "5"],
+            "unrecognized arguments: --size 5 (`call status` has no --size)",
+            "hint: --size is an option of `call matmul`, `demo`, `initiate`; see `pangea.pyz call status --help`",
+        ),
+        (
+            ["call", "matmul", "--bogus"],
+            "unrecognized arguments: --bogus (`call matmul` has no --bogus)",
+            "hint: see `pangea.pyz call matmul --help`",
+        ),
+        (
+            ["--json", "status"],
+            "unrecognized arguments: --json (--json is an option of `status`: after it)",
+            "hint: pangea.pyz status --json ...; see `pangea.pyz status --help`",
+        ),
+        (
+            ["--rpc", "127.0.0.1:1", "call", "status"],
+            "(--rpc is an option of `call status`: after it)",
+            "hint: pangea.pyz call status --rpc HOST:PORT ...; see `pangea.pyz call status --help`",
+        ),
+        (
+            ["call", "--size", "8", "matmul"],
+            "unrecognized arguments: --size 8 (--size is an option of `call matmul`: after it)",
+            "hint: pangea.pyz call matmul --size N ...; see `pangea.pyz call matmul --help`",
+        ),
+        (["status", "extra"], "unrecognized arguments: extra", "hint: see `pangea.pyz status --help`"),
+    ],
+)
+def test_a_refused_option_names_the_commands_help_and_where_it_goes(
+    capsys: pytest.CaptureFixture[str], argv: list[str], error: str, hint: str
+) -> None:
+    assert run(argv) == 2
+    out, lines = error_lines(capsys)
+    assert error in lines[0], lines
+    assert lines[1].startswith(hint), lines
+    assert out == ""
+
+
+def test_serve_has_no_option_that_means_nothing_to_it() -> None:
+    serve = pangea.parser_tree(make_parser())[("serve",)]
+    for flag in ("--json", "--timeout", "--quiet"):
+        assert flag not in serve._option_string_actions, flag
+    for verb in ("initiate", "respond"):  # the runs that end keep them
+        parser = pangea.parser_tree(make_parser())[(verb,)]
+        assert {"--json", "--timeout", "--quiet"} <= set(parser._option_string_actions), verb
+
+
+def test_every_command_takes_the_global_options() -> None:
+    for words, parser in pangea.parser_tree(make_parser()).items():
+        assert {"--version", "--debug", "-v", "--verbose"} <= set(parser._option_string_actions), words
+        assert "--debug" in parser.format_help(), words  # and says so in its --help
+
+
+# ---------------------------------------------------------------- help agrees with the program
+
+
+def _help(words: tuple[str, ...]) -> str:
+    return " ".join(pangea.parser_tree(make_parser())[words].format_help().split())
+
+
+@pytest.mark.parametrize("words", [("call",), ("call", "matmul")])
+def test_call_help_lists_every_placement(words: tuple[str, ...]) -> None:
+    text = _help(words)
+    for placement in pangea.PLACEMENTS + pangea.SPLIT_PLACEMENTS:
+        assert placement in text, (placement, text)
+    assert "peer id" in text.lower() or "PEER_ID" in text, text
+
+
+def test_call_synopsis_lists_every_placement_and_is_the_readmes() -> None:
+    for placement in pangea.PLACEMENTS + pangea.SPLIT_PLACEMENTS:
+        assert f"{placement}|" in pangea.CALL_SYNOPSIS
+    readme = (Path(pangea.__file__).parent / "README.md").read_text()
+    assert pangea.CALL_SYNOPSIS.replace("pangea.pyz", "./pangea.pyz", 1) in readme
+
+
+def test_serve_peer_help_names_the_join_string_of_serve_pair() -> None:
+    text = _help(("serve",))
+    assert "--peer MULTIADDR|JOIN" in text and "'pangea://...#CODE'" in text and "`serve --pair`" in text, text
+    assert "(ps)" in text and f"${pangea.JOIN_ENV} is read by `respond` only" in text, text
+
+
+def test_no_help_text_speaks_of_issues() -> None:
+    import re
+
+    for words, parser in pangea.parser_tree(make_parser()).items():
+        text = parser.format_help()
+        assert not re.search(r"\bissues?\b|#\d", text, re.IGNORECASE), (words, text)
+
+
+def test_no_bench_tool_describes_itself_by_an_issue() -> None:
+    import ast
+    import re
+
+    for path in sorted((Path(pangea.__file__).parent / "bench").glob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        assert not re.search(r"\bissue\s*\d", doc.split("\n\n")[0], re.IGNORECASE), path  # its --help description
+
+
+# ---------------------------------------------------------------- colliding ports, call's exit codes and hints
+
+
+def _ports(argv: list[str]) -> list[pangea.ListenPort]:
+    args = make_parser().parse_args(argv)
+    return pangea.node_ports(args, getattr(args, "rpc", None))
+
+
+@pytest.mark.parametrize(
+    ("argv", "problem"),
+    [
+        (
+            ["serve", "--port", "7920", "--rpc", "127.0.0.1:7921"],
+            "cannot serve: the --rpc port 7921 is also the data port (the libp2p port 7920 + 1)",
+        ),
+        (["serve", "--port", "7920", "--rpc", "0.0.0.0:7920"], "cannot serve: the --rpc port 7920 is also the libp2p"),
+        (["serve", "--port", "7920", "--data-port", "7920"], "cannot serve: --data-port 7920 is also the libp2p port"),
+        (
+            ["initiate", "--port", "7777", "--metrics", "127.0.0.1:7778"],
+            "cannot serve: the --metrics port 7778 is also the data port (the libp2p port 7777 + 1)",
+        ),
+        (
+            ["serve", "--port", "0", "--rpc", "127.0.0.1:9000", "--metrics", "localhost:9000"],
+            "cannot serve: the --metrics port 9000 is also the RPC port (--rpc 127.0.0.1:9000)",
+        ),
+    ],
+)
+def test_port_collision_names_both_options(argv: list[str], problem: str) -> None:
+    error = pangea.port_collision("serve", _ports(argv))
+    assert error is not None and str(error).startswith(problem), error
+    assert error.exit_code == 2 and error.hint and error.hint.startswith("pick another ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve"],  # 7777, data 7778, RPC 7780, metrics any free port
+        ["serve", "--port", "0", "--rpc", "127.0.0.1:0", "--data-port", "0", "--metrics", "127.0.0.1:0"],
+        ["serve", "--port", "7920", "--rpc", "127.0.0.1:7921", "--data-port", "off"],
+        ["serve", "--port", "7920", "--rpc", "127.0.0.1:7921", "--data-port", "7930"],
+        ["serve", "--host", "10.0.0.5", "--port", "7920", "--rpc", "127.0.0.1:7921"],  # other addresses
+        ["respond", ADDRESS, "--port", "65535"],  # no auto data port past 65535
+        ["initiate", "--metrics", "off"],
+    ],
+)
+def test_ports_that_differ_pass(argv: list[str]) -> None:
+    assert pangea.port_collision("serve", _ports(argv)) is None
+
+
+def _no_node(*args: Any) -> int:
+    raise AssertionError("a node started")  # a unit test never binds a socket
+
+
+def test_serve_refuses_colliding_ports_before_anything_starts(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pangea, "run_trio", _no_node)
+    assert run(["serve", "--port", "7920", "--rpc", "127.0.0.1:7921"]) == 2
+    _, lines = error_lines(capsys)
+    assert lines == [
+        "pangea: error: cannot serve: the --rpc port 7921 is also the data port (the libp2p port 7920 + 1)",
+        "hint: pick another --rpc port or set --data-port (PORT or off)",
+    ]
+    assert not (tmp_path / "home").exists()  # no home, no session directory, nothing bound
+
+
+def test_call_refused_by_the_node_is_a_setup_problem() -> None:
+    refused = pangea.RpcError("cannot use the pangea node at 127.0.0.1:1: login refused: wrong or missing RPC token")
+    setup = pangea.call_setup_error(refused)
+    assert setup.exit_code == 2 and str(setup) == str(refused)
+    unreachable = pangea.RpcError("cannot reach the pangea node at 127.0.0.1:1: ConnectionRefusedError")
+    assert pangea.call_setup_error(unreachable).exit_code == 1
+
+
+def test_largest_call_size_fits_the_clients_own_check() -> None:
+    for limit in (1 << 20, 64 << 20, pangea.DEFAULT_RPC_MAX_BYTES, pangea.RPC_MAX_MIB << 20):
+        n = pangea.largest_call_size(limit)
+        room = min(64 << 10, limit // 16)
+        assert 2 * n * n * 8 + room <= limit < 2 * (n + 1) * (n + 1) * 8 + room, limit
+
+
+def test_call_matmul_too_large_names_size_and_rpc_max_mib_not_a_client_setting() -> None:
+    with pytest.raises(UsageError) as info:
+        pangea.check_call_size(20000, pangea.DEFAULT_RPC_MAX_BYTES, "127.0.0.1:7780")
+    assert str(info.value) == (
+        "cannot run matmul --size 20000 on the node at 127.0.0.1:7780: its two operands are 6.0 GiB, "
+        "over the node's RPC message limit of 1.0 GiB"
+    )
+    assert info.value.hint == "use --size 8191 or less, or start the node with a larger --rpc-max-mib (at most 4096)"
+    pangea.check_call_size(8191, pangea.DEFAULT_RPC_MAX_BYTES, "127.0.0.1:7780")  # fits: no error
