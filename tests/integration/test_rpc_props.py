@@ -269,7 +269,7 @@ def test_status_and_call_peers_with_a_closed_stdout_end_quietly(pyz: Path, node:
     [
         ["initiate", "--timeout", "-5", "--port", "0"],
         ["respond", "pangea://ip4/127.0.0.1/tcp/1/p2p/" + PEER_ID + "#ABCD-EFGH", "--timeout", "-5"],
-        ["status", "--debug"],
+        ["status", "--size", "8"],  # an option of another command
         ["serve", "--task-timeout", "nan", "--port", "0"],
     ],
 )
