@@ -4372,13 +4372,11 @@ def rpc_tls_identity(home: Path) -> tuple[Path, bytes]:
 
 def known_fingerprint(address: str) -> bytes | None:
     """The certificate SHA-256 this user's clients trusted for the RPC endpoint ``address``."""
-    path = home_path() / KNOWN_NODES_FILENAME
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            name, _, fingerprint = line.partition(" ")
-            if name == address:
-                with contextlib.suppress(UsageError):
-                    return parse_fingerprint(fingerprint)
+    for line in _read_lines(home_path() / KNOWN_NODES_FILENAME):
+        name, _, fingerprint = line.partition(" ")
+        if name == address:
+            with contextlib.suppress(UsageError):
+                return parse_fingerprint(fingerprint)
     return None
 
 
@@ -6354,11 +6352,13 @@ async def _close_quietly(conn: Any) -> None:
         await conn.close()
 
 
-def _watch_strangers(node: Node) -> Any:
-    """Return a notifee that counts strangers' connections in ``node.strangers``."""
+def connection_notifee(
+    connected: Callable[[Any, Any], None] | None = None, disconnected: Callable[[Any, Any], None] | None = None
+) -> Any:
+    """A libp2p notifee calling ``connected(network, conn)`` / ``disconnected(network, conn)``."""
     from libp2p.abc import INotifee
 
-    class WatchStrangers(INotifee):
+    class Notifee(INotifee):
         async def opened_stream(self, network: Any, stream: Any) -> None:
             pass
 
@@ -6366,10 +6366,12 @@ def _watch_strangers(node: Node) -> Any:
             pass
 
         async def connected(self, network: Any, conn: Any) -> None:
-            node.stranger_connected(conn)
+            if connected is not None:
+                connected(network, conn)
 
         async def disconnected(self, network: Any, conn: Any) -> None:
-            node.strangers.closed(conn)
+            if disconnected is not None:
+                disconnected(network, conn)
 
         async def listen(self, network: Any, multiaddr: Any) -> None:
             pass
@@ -6377,7 +6379,15 @@ def _watch_strangers(node: Node) -> Any:
         async def listen_close(self, network: Any, multiaddr: Any) -> None:
             pass
 
-    return WatchStrangers()
+    return Notifee()
+
+
+def _watch_strangers(node: Node) -> Any:
+    """Return a notifee that counts strangers' connections in ``node.strangers``."""
+    return connection_notifee(
+        connected=lambda _, conn: node.stranger_connected(conn),
+        disconnected=lambda _, conn: node.strangers.closed(conn),
+    )
 
 
 def _forget_departed_peers(host: Any) -> Any:
@@ -6386,30 +6396,13 @@ def _forget_departed_peers(host: Any) -> Any:
     NOTE: py-libp2p's AutoConnector redials peers whose addresses remain in
     the peerstore, so a departed responder would be dialled forever (#1451).
     """
-    from libp2p.abc import INotifee
 
-    class ForgetDeparted(INotifee):
-        async def opened_stream(self, network: Any, stream: Any) -> None:
-            pass
+    def disconnected(network: Any, conn: Any) -> None:
+        peer = conn.muxed_conn.peer_id
+        if not network.get_connections(peer):
+            host.get_peerstore().clear_addrs(peer)
 
-        async def closed_stream(self, network: Any, stream: Any) -> None:
-            pass
-
-        async def connected(self, network: Any, conn: Any) -> None:
-            pass
-
-        async def disconnected(self, network: Any, conn: Any) -> None:
-            peer = conn.muxed_conn.peer_id
-            if not network.get_connections(peer):
-                host.get_peerstore().clear_addrs(peer)
-
-        async def listen(self, network: Any, multiaddr: Any) -> None:
-            pass
-
-        async def listen_close(self, network: Any, multiaddr: Any) -> None:
-            pass
-
-    return ForgetDeparted()
+    return connection_notifee(disconnected=disconnected)
 
 
 ###############################################################################

@@ -63,17 +63,7 @@ OTHER_PARSERS = {pangea.parse_data_port, pangea.parse_fault}
 
 def verb_parsers() -> dict[tuple[str, ...], argparse.ArgumentParser]:
     """Every command's parser by its words: ("initiate",), ("call", "matmul"), ..."""
-    found: dict[tuple[str, ...], argparse.ArgumentParser] = {}
-
-    def walk(words: tuple[str, ...], parser: argparse.ArgumentParser) -> None:
-        found[words] = parser
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, sub in action.choices.items():
-                    walk((*words, name), sub)
-
-    walk((), make_parser())
-    return found
+    return pangea.parser_tree(make_parser())
 
 
 PARSERS = verb_parsers()
