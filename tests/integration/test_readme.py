@@ -36,6 +36,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO_ROOT, NetnsPair, NodeHome, Proc, make_node_home, netns_unavailable_reason
-from pyz_helpers import CHECK_NAMES, INITIATOR_READY, pairing_code, peer_id_from, printed_addresses
+from pyz_helpers import CHECK_NAMES, INITIATOR_READY, pairing_code, peer_id_from
 
 import pangea
 
@@ -600,3 +601,172 @@ def test_readme_bench_between_two_boxes(pyz: Path, tmp_path: Path, namespaces: N
         assert_bench_rows(out, show(join, command, 0, out, result.stderr.splitlines()))
         rc = listener.wait(timeout=60)
         assert rc == 0, f"{listen.where()}: serves one benchmarker, exits\n{listener.output()}"
+
+
+# ---------------------------------------------------------------------------
+# Options: the README's are the program's, the program's are in --help and the README
+# ---------------------------------------------------------------------------
+
+TREE = pangea.parser_tree(pangea.make_parser())
+# Options of the program the README need not name, with the reason.
+NOT_IN_README = {
+    "-h": "argparse's, shown in every usage line (the README says --help)",
+    "--verbose": "the long form of -v, which the README uses",
+}
+# Options the README writes that belong to other programs than pangea.pyz, with the program.
+FOREIGN = {
+    "--only-binary": "pip download",
+    "--python-version": "pip download",
+    "--implementation": "pip download",
+    "--no-deps": "pip wheel",
+    "--version": "python3.12 pangea-cp312-x86_64.pyz --version is pangea's own; ldd --version",
+}
+
+
+def options_of(words: tuple[str, ...]) -> set[str]:
+    return {option for action in TREE[words]._actions for option in action.option_strings}
+
+
+def prose(text: str) -> str:
+    """The README without its fenced blocks (their lines blanked, so line numbers stay)."""
+    lines = text.splitlines()
+    for first, _, body in fenced_blocks(text):
+        for index in range(first - 2, first - 1 + len(body) + 1):
+            lines[index] = ""
+    return "\n".join(lines)
+
+
+def line_of(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
+
+def written_commands(text: str) -> list[tuple[int, tuple[str, ...], str]]:
+    """(README line, command words, the text after them) of every command the README writes:
+    the examples, and code spans in the prose that start with a verb (``call --json peers``);
+    a span listing alternatives (``call ... status | peers | matmul --size N``) is one command each."""
+    found: list[tuple[int, tuple[str, ...], str]] = []
+
+    def add(line: int, written: str) -> None:
+        tokens = written.split()
+        while tokens and "=" in tokens[0] and not tokens[0].startswith("-"):
+            tokens = tokens[1:]  # SHIV_INTERPRETER=1 ./pangea.pyz ...
+        if tokens and tokens[0] in ("./pangea.pyz", "pangea.pyz"):
+            tokens = tokens[1:]
+        if not tokens or (tokens[0],) not in TREE:
+            return
+        cut = next((i for i, t in enumerate(tokens) if t.startswith("#")), len(tokens))
+        words = command_words(tokens[:cut], TREE)
+        found.append((line, words, " ".join(tokens[:cut])))
+
+    for example in EXAMPLES:
+        if example.kind == "sh":
+            add(example.line, example.text)
+    body = prose(text)
+    for span in re.finditer(r"`([^`]+)`", body):
+        head, *alternatives = span.group(1).split(" | ")
+        add(line_of(body, span.start()), head)
+        verb = head.split()[1] if head.startswith("./pangea.pyz ") else head.split()[0]
+        for alternative in alternatives:
+            add(line_of(body, span.start()), f"{verb} {alternative}")
+    return found
+
+
+def table_rows(text: str, header: str) -> list[tuple[int, list[str]]]:
+    """(README line, cells) of the rows of the table whose header starts with ``header``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for index in range(start + 2, len(lines)):
+        if not lines[index].startswith("|"):
+            break
+        rows.append((index + 1, [cell.strip() for cell in re.split(r"(?<!\\)\|", lines[index])[1:-1]]))
+    return rows
+
+
+def test_readme_options_exist_in_the_command_they_are_written_with() -> None:
+    wrong = []
+    for line, words, written in written_commands(README_TEXT):
+        for option in options_in(written):
+            if option not in options_of(words):
+                wrong.append(f"README.md line {line}: {option} is no option of `{' '.join(words)}` ({written!r})")
+    # The tables name the commands in one column and their options in another.
+    node_verbs: list[tuple[str, ...]] = [("initiate",), ("respond",), ("serve",)]
+    for line, (commands, options) in table_rows(README_TEXT, "| command | options |"):
+        verbs: list[tuple[str, ...]] = [(w,) for w in re.findall(r"`(\w+)", commands)] or [()]
+        for option in options_in(options):
+            wrong += [
+                f"README.md line {line}: {option} is no option of {v}" for v in verbs if option not in options_of(v)
+            ]
+    for header, verbs in (("| option of `serve` |", [("serve",)]), ("| option | default |", node_verbs)):
+        for line, cells in table_rows(README_TEXT, header):
+            for option in options_in(cells[0]):
+                wrong += [
+                    f"README.md line {line}: {option} is no option of {v}" for v in verbs if option not in options_of(v)
+                ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_readme_every_option_written_is_an_option_of_some_program() -> None:
+    ours = {option for words in TREE for option in options_of(words)}
+    tools = set(options_in(developer_help()))
+    unknown = [
+        f"README.md line {line_of(README_TEXT, m.start())}: {m.group(1)}"
+        for m in OPTION.finditer(README_TEXT)
+        if m.group(1).startswith("--") and m.group(1) not in ours | tools | set(FOREIGN)
+    ]
+    assert not unknown, "options no program has:\n" + "\n".join(unknown)
+
+
+def developer_help() -> str:
+    """The --help of build.sh and of the bench scripts the README runs."""
+    texts = []
+    for argv in (
+        ["./build.sh", "--help"],
+        [os.environ.get("PYTHON_FOR_BENCH", sys.executable), "bench/bench.py", "--help"],
+        [os.environ.get("PYTHON_FOR_BENCH", sys.executable), "bench/workers.py", "--help"],
+    ):
+        result = subprocess.run(
+            argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+        )
+        assert result.returncode == 0, f"{argv}: {result.stderr}"
+        texts.append(result.stdout + result.stderr)
+    return "\n".join(texts)
+
+
+def test_readme_options_of_the_developer_tools_exist() -> None:
+    known = set(options_in(developer_help()))
+    for example in EXAMPLES:
+        if not_run_reason(example) and example.text.startswith(("./build.sh", ".build/venv/bin/python bench/")):
+            missing = [o for o in options_in(example.text.split("#")[0]) if o not in known]
+            assert not missing, f"{example.where()}: {missing} not in the tool's --help"
+
+
+def test_every_option_of_the_program_is_in_its_help() -> None:
+    for words, parser in TREE.items():
+        text = parser.format_help()
+        for action in parser._actions:
+            assert action.help != argparse.SUPPRESS, f"`{' '.join(words)}` hides {action.option_strings} from --help"
+            for option in action.option_strings:
+                assert option in text, f"{option} missing from `{' '.join(words)} --help`"
+
+
+def test_options_users_need_are_in_the_readme() -> None:
+    missing = sorted(
+        {
+            f"{option} (of `{' '.join(words) or 'pangea.pyz'}`)"
+            for words in TREE
+            for option in options_of(words)
+            if option not in NOT_IN_README and not re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", README_TEXT)
+        }
+    )
+    assert not missing, "options of the program the README does not name:\n" + "\n".join(missing)
+
+
+def test_help_epilog_examples_are_commands_the_program_takes() -> None:
+    parser = pangea.make_parser()
+    for words, line in epilog_commands(TREE):
+        argv = shlex.split(line.split(" #")[0])[1:]
+        try:
+            parser.parse_args(argv)
+        except SystemExit as exit:
+            raise AssertionError(f"the --help epilog of `{' '.join(words)}` shows {line!r}: exit {exit.code}") from None
