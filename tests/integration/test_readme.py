@@ -697,7 +697,11 @@ def test_readme_options_exist_in_the_command_they_are_written_with() -> None:
             wrong += [
                 f"README.md line {line}: {option} is no option of {v}" for v in verbs if option not in options_of(v)
             ]
-    for header, verbs in (("| option of `serve` |", [("serve",)]), ("| option | default |", node_verbs)):
+    tables: list[tuple[str, list[tuple[str, ...]]]] = [
+        ("| option of `serve` |", [("serve",)]),
+        ("| option | default |", node_verbs),
+    ]
+    for header, verbs in tables:
         for line, cells in table_rows(README_TEXT, header):
             for option in options_in(cells[0]):
                 wrong += [
