@@ -15,7 +15,8 @@ Placeholders (``12D3KooW...``, ``<B's peer id>``, ``192.168.1.100``, the
 pairing code) are replaced by real values of the running nodes through one
 explicit table per scenario; what is left in the command must be what the
 README says. An example that cannot run as written is in `NOT_RUN` with the
-reason. `test_readme_every_example_is_run_or_allow_listed` fails when the
+reason; one that runs with a small change (``bench --quick``) is in `CHANGED`
+with the reason. `test_readme_every_example_is_run_or_allow_listed` fails when the
 README gains an example that no scenario runs, so the README cannot drift
 away from this file either.
 
@@ -31,8 +32,8 @@ epilogs are searched for examples too (lines that start with ``./pangea.pyz``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -49,6 +50,7 @@ from pyz_helpers import CHECK_NAMES, INITIATOR_READY, pairing_code, peer_id_from
 import pangea
 
 README = REPO_ROOT / "README.md"
+README_TEXT = README.read_text()
 # One command or script may take this long; bench --quick and the 4096 split matmul are the slowest.
 RUN_TIMEOUT_S = 180.0
 PAIR_TIMEOUT_S = 120.0
@@ -300,7 +302,7 @@ def as_run(example: Example, table: Mapping[str, str]) -> str:
     return text
 
 
-EXAMPLES = readme_examples(README.read_text())
+EXAMPLES = readme_examples(README_TEXT)
 
 
 def examples_of(scenario: str) -> list[Example]:
@@ -319,6 +321,8 @@ def test_readme_every_example_is_run_or_allow_listed() -> None:
         assert any(ex.text.startswith(start) and ex.box == box for ex in EXAMPLES), f"no README example {start!r}"
     for start in NOT_RUN:
         assert any(ex.text.startswith(start) for ex in EXAMPLES), f"no README example {start!r} (NOT_RUN)"
+    for start, box in CHANGED:
+        assert (start, box) in SCENARIOS, f"CHANGED {start!r} is run by no scenario"
 
 
 # ---------------------------------------------------------------------------
@@ -399,20 +403,19 @@ def assert_ran(
     return out
 
 
-def readme_table_first_cells(text: str, header: str) -> list[str]:
-    """The first cells of the Markdown table whose header row starts with ``header``."""
+def table_rows(text: str, header: str) -> list[tuple[int, list[str]]]:
+    """(README line, cells) of the rows of the table whose header starts with ``header``."""
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(header))
-    cells = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
+    rows = []
+    for index in range(start + 2, len(lines)):
+        if not lines[index].startswith("|"):
             break
-        cells.append(line.split("|")[1].strip())
-    return cells
+        rows.append((index + 1, [cell.strip() for cell in re.split(r"(?<!\\)\|", lines[index])[1:-1]]))
+    return rows
 
 
-README_TEXT = README.read_text()
-README_CHECKS = readme_table_first_cells(README_TEXT, "| check | what it shows |")
+README_CHECKS = [cells[0] for _, cells in table_rows(README_TEXT, "| check | what it shows |")]
 
 
 def bench_rows() -> list[re.Pattern[str]]:
@@ -619,7 +622,6 @@ FOREIGN = {
     "--python-version": "pip download",
     "--implementation": "pip download",
     "--no-deps": "pip wheel",
-    "--version": "python3.12 pangea-cp312-x86_64.pyz --version is pangea's own; ldd --version",
 }
 
 
@@ -671,18 +673,6 @@ def written_commands(text: str) -> list[tuple[int, tuple[str, ...], str]]:
     return found
 
 
-def table_rows(text: str, header: str) -> list[tuple[int, list[str]]]:
-    """(README line, cells) of the rows of the table whose header starts with ``header``."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header))
-    rows = []
-    for index in range(start + 2, len(lines)):
-        if not lines[index].startswith("|"):
-            break
-        rows.append((index + 1, [cell.strip() for cell in re.split(r"(?<!\\)\|", lines[index])[1:-1]]))
-    return rows
-
-
 def test_readme_options_exist_in_the_command_they_are_written_with() -> None:
     wrong = []
     for line, words, written in written_commands(README_TEXT):
@@ -721,13 +711,14 @@ def test_readme_every_option_written_is_an_option_of_some_program() -> None:
     assert not unknown, "options no program has:\n" + "\n".join(unknown)
 
 
+@functools.cache
 def developer_help() -> str:
-    """The --help of build.sh and of the bench scripts the README runs."""
+    """The --help of build.sh and of the bench scripts the README shows (run by this venv's Python)."""
     texts = []
     for argv in (
         ["./build.sh", "--help"],
-        [os.environ.get("PYTHON_FOR_BENCH", sys.executable), "bench/bench.py", "--help"],
-        [os.environ.get("PYTHON_FOR_BENCH", sys.executable), "bench/workers.py", "--help"],
+        [sys.executable, "bench/bench.py", "--help"],
+        [sys.executable, "bench/workers.py", "--help"],
     ):
         result = subprocess.run(
             argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
