@@ -75,11 +75,12 @@ class Example:
     text: str  # the command or script, as written
     box: str | None = None  # "1", "2", "A", "B" for a two-box example
     expected: tuple[str, ...] = ()  # output lines the README shows after it
+    source: str = "README.md"  # or the --help whose epilog shows it
 
     def where(self) -> str:
         """How a failure names it."""
         box = f"box {self.box}: " if self.box else ""
-        return f"README.md line {self.line} ({box}{self.text.splitlines()[0]!r})"
+        return f"{self.source} line {self.line} ({box}{self.text.splitlines()[0]!r})"
 
 
 def fenced_blocks(text: str) -> list[tuple[int, str, list[str]]]:
@@ -174,13 +175,14 @@ def options_in(text: str) -> list[str]:
     return OPTION.findall(text)
 
 
-def epilog_commands(tree: Mapping[tuple[str, ...], argparse.ArgumentParser]) -> list[tuple[tuple[str, ...], str]]:
-    """(command words, example line) for every line of a --help epilog that starts with ./pangea.pyz."""
+def epilog_examples(tree: Mapping[tuple[str, ...], argparse.ArgumentParser]) -> list[Example]:
+    """Every line of a --help epilog that starts with ``./pangea.pyz`` (or ``$ ./pangea.pyz``)."""
     found = []
     for words, parser in tree.items():
-        for line in (parser.epilog or "").splitlines():
+        for number, line in enumerate((parser.epilog or "").splitlines(), 1):
             if line.strip().startswith(("./pangea.pyz ", "$ ./pangea.pyz ")):
-                found.append((words, line.strip().removeprefix("$ ")))
+                where = f"`{' '.join(('pangea.pyz', *words))} --help` epilog"
+                found.append(Example(number, "sh", line.strip().removeprefix("$ "), source=where))
     return found
 
 
@@ -212,6 +214,14 @@ def test_readme_examples_are_cut_from_blocks_with_prompts_outputs_and_alternativ
         Example(12, "sh", "./pangea.pyz bench    # comment"),
         Example(14, "python", "import pangea\n"),
     ]
+
+
+def test_help_epilog_examples_are_found() -> None:
+    root = argparse.ArgumentParser(prog="pangea.pyz")
+    sub = root.add_subparsers(dest="verb").add_parser("call", epilog="e.g.\n  $ ./pangea.pyz call status\nnot this")
+    assert sub.epilog
+    (found,) = epilog_examples(pangea.parser_tree(root))
+    assert found == Example(2, "sh", "./pangea.pyz call status", source="`pangea.pyz call --help` epilog")
 
 
 def test_readme_substitution_and_expected_patterns() -> None:
@@ -303,6 +313,9 @@ def as_run(example: Example, table: Mapping[str, str]) -> str:
 
 
 EXAMPLES = readme_examples(README_TEXT)
+TREE = pangea.parser_tree(pangea.make_parser())
+# Verbs whose examples end by themselves (the others wait for a peer or run until stopped).
+ENDING_VERBS = {"call", "id", "status", "doctor"}
 
 
 def examples_of(scenario: str) -> list[Example]:
@@ -543,6 +556,11 @@ def test_readme_serve_call_and_the_python_client_as_written(pyz: Path, tmp_path:
                 if example.text.startswith(("./pangea.pyz id", "./pangea.pyz serve")):
                     continue
                 run_in_serve_scenario(example, a, table)
+            # The --help epilogs' examples of commands that end by themselves run here too (exit 0).
+            for example in epilog_examples(TREE):
+                if example.text.split()[1] in ENDING_VERBS:
+                    command, result = run_example(a, example, table)
+                    assert_ran(example, command, result, table)
         assert node_b.returncode is None, node_b.output()
 
 
@@ -610,7 +628,6 @@ def test_readme_bench_between_two_boxes(pyz: Path, tmp_path: Path, namespaces: N
 # Options: the README's are the program's, the program's are in --help and the README
 # ---------------------------------------------------------------------------
 
-TREE = pangea.parser_tree(pangea.make_parser())
 # Options of the program the README need not name, with the reason.
 NOT_IN_README = {
     "-h": "argparse's, shown in every usage line (the README says --help)",
@@ -758,10 +775,10 @@ def test_options_users_need_are_in_the_readme() -> None:
 
 
 def test_help_epilog_examples_are_commands_the_program_takes() -> None:
+    """Every epilog example parses; those that end by themselves also run, in the serve scenario."""
     parser = pangea.make_parser()
-    for words, line in epilog_commands(TREE):
-        argv = shlex.split(line.split(" #")[0])[1:]
+    for example in epilog_examples(TREE):
         try:
-            parser.parse_args(argv)
+            parser.parse_args(shlex.split(example.text.split(" #")[0])[1:])
         except SystemExit as exit:
-            raise AssertionError(f"the --help epilog of `{' '.join(words)}` shows {line!r}: exit {exit.code}") from None
+            raise AssertionError(f"{example.where()}: exit {exit.code}") from None
