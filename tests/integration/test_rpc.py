@@ -558,9 +558,10 @@ def test_call_matmul_remote_prints_where_it_ran_and_that_it_was_verified(pair: P
     result = run_pyz(pyz, args, pair.a.home.env)
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(
-        rf"256x256 matmul ran on {pair.b.peer_id} in \d+\.\d{{3}} s "
-        r"\(compute \d+\.\d{3} s, transfer \d+\.\d{3} s\): verified against local numpy",
-        result.stdout.strip(),
+        rf"256x256 matmul ran on {pair.b.peer_id} in \d+\.\d{{3}} s at this client "
+        r"\(node \d+\.\d{3} s: compute \d+\.\d{3} s, transfer \d+\.\d{3} s; RPC hop \d+\.\d{3} s\): "
+        r"verified against local numpy",
+        " ".join(result.stdout.split()),  # wrapped at the width (80 when not a terminal)
     ), result.stdout
 
 
