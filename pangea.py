@@ -10697,8 +10697,12 @@ def self_command() -> list[str]:
 
 def _pump(proc: subprocess.Popen[str], prefix: str, found: list[str], ready: threading.Event | None) -> None:
     assert proc.stdout is not None
+    width = terminal_columns() - len(f"{prefix} | ")
     for line in proc.stdout:
-        print(f"{prefix} | {line}", end="", flush=True)
+        # NOTE: a line with a peer id, an address or a join string in it stays whole, to be copied
+        whole = any(len(word) >= 40 for word in line.split())
+        for piece in (line.rstrip("\n") if whole else wrap_text(line.rstrip("\n"), width, indent="  ")).split("\n"):
+            print(f"{prefix} | {piece}", flush=True)
         stripped = line.strip()
         if ready is not None and stripped.startswith("Join string: pangea://"):
             found.append(stripped.removeprefix("Join string: "))
@@ -10729,7 +10733,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         (home / "demo" / role).mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(home / "demo", 0o700)
     command = self_command()
-    print("pangea demo: an initiator and a responder on this machine, talking libp2p over 127.0.0.1\n", flush=True)
+    header = "pangea demo: an initiator and a responder on this machine, talking libp2p over 127.0.0.1"
+    print(wrap_text(header, terminal_columns(), indent="  ") + "\n", flush=True)
     procs: list[subprocess.Popen[str]] = []
     threads = []
     try:
