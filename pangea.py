@@ -524,42 +524,71 @@ def fit_column_widths(natural: Sequence[int], width: int, gap: int = len(TABLE_G
     return widths
 
 
-def wrap_cell(text: str, width: int) -> list[str]:
+def wrap_cell(text: str, width: int, break_words: bool = True) -> list[str]:
     """Pure: ``text`` in lines of at most ``width`` characters, broken at spaces (inside a word
-    only when the word is longer than the width), its own newlines kept; [""] for an empty cell."""
+    only when the word is longer than the width, unless ``break_words`` is False: then that
+    word runs over), its own newlines kept; [""] for an empty cell."""
     import textwrap
 
     lines: list[str] = []
     for part in text.split("\n"):
         fits = len(part) <= width
-        lines += [part] if fits else textwrap.wrap(part, width, break_long_words=True, break_on_hyphens=False)
+        lines += [part] if fits else textwrap.wrap(part, width, break_long_words=break_words, break_on_hyphens=False)
     return lines
 
 
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]], width: int | None = None) -> str:
+def format_table(
+    headers: Sequence[str], rows: Iterable[Sequence[object]], width: int | None = None, fold: bool = False
+) -> str:
     """Return rows as an aligned plain-text table with a header rule; with ``width``, the widest
-    columns are narrowed to fit it and their cells wrap within the column (no text is dropped)."""
+    columns are narrowed to fit it and their cells wrap within the column (no text is dropped).
+
+    ``fold``: rather than cut a word (a peer id, an address) to fit, move the last columns under
+    each row, one ``header: value`` line each, until the columns left fit with their words whole."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    natural = [max(max(len(line) for line in r[i].split("\n")) for r in cells) for i in range(len(headers))]
+    if any(len(r) != len(headers) for r in cells):
+        raise ValueError(f"every row of the table must have {len(headers)} cells")
+    keep = len(headers)
+    if fold and width is not None:
+        words = [max(len(word) for r in cells for word in [*r[i].split(), ""]) for i in range(keep)]
+        while (
+            keep > 1
+            and sum(max(w, len(h)) for w, h in zip(words[:keep], headers, strict=False)) + len(TABLE_GAP) * (keep - 1)
+            > width
+        ):
+            keep -= 1
+    natural = [max(max(len(line) for line in r[i].split("\n")) for r in cells) for i in range(keep)]
     widths = natural if width is None else fit_column_widths(natural, width)
     lines: list[str] = []
     for index, r in enumerate(cells):
-        wrapped = [wrap_cell(c, w) for c, w in zip(r, widths, strict=True)]
+        wrapped = [wrap_cell(c, w) for c, w in zip(r[:keep], widths, strict=True)]
         for k in range(max(len(w) for w in wrapped)):
             parts = [(w[k] if k < len(w) else "").ljust(n) for w, n in zip(wrapped, widths, strict=True)]
             lines.append(TABLE_GAP.join(parts).rstrip())
         if index == 0:
             lines.append(TABLE_GAP.join("-" * w for w in widths))
+        elif keep < len(headers) and width is not None:
+            for header, value in zip(headers[keep:], r[keep:], strict=True):
+                folded = wrap_cell(f"{header}: {value}", max(TABLE_MIN_COLUMN, width - 4))
+                lines += [("  " if i == 0 else "    ") + line for i, line in enumerate(folded)]
     return "\n".join(lines)
 
 
 def format_fields(fields: Iterable[tuple[str, str]], width: int | None = None, label_width: int = 12) -> str:
     """Return label/value lines (labels in a column of ``label_width``); with ``width``, each value
-    wraps under itself within it."""
+    wraps under itself within it; a value with a word too long for that (an address) goes on the
+    lines under its label, indented by 2 (whole, unless even that line is too narrow)."""
     lines: list[str] = []
     for label, value in fields:
-        values = [value] if width is None else wrap_cell(value, max(TABLE_MIN_COLUMN, width - label_width))
-        lines += [f"{(label if i == 0 else ''):<{label_width}}{v}".rstrip() for i, v in enumerate(values)]
+        if width is None:
+            lines.append(f"{label:<{label_width}}{value}".rstrip())
+            continue
+        room = max(TABLE_MIN_COLUMN, width - label_width)
+        if max([len(word) for word in value.split()] + [0]) <= room:
+            values = wrap_cell(value, room)
+            lines += [f"{(label if i == 0 else ''):<{label_width}}{v}".rstrip() for i, v in enumerate(values)]
+        else:
+            lines += [label, *("  " + v for v in wrap_cell(value, max(TABLE_MIN_COLUMN, width - 2)))]
     return "\n".join(lines)
 
 
@@ -11252,7 +11281,8 @@ def cmd_call(args: argparse.Namespace) -> int:
     with client:
         if args.call == "status":
             result: Any = client.status()
-            text = format_table(("field", "value"), [(k, _human(k, v)) for k, v in result.items()], width)
+            fields = [(k, _human(k, v)) for k, v in result.items()]
+            text = format_fields(fields, width, label_width=2 + max(len(k) for k, _ in fields))
         elif args.call == "peers":
             result = client.peers()
             rows = [
@@ -11269,7 +11299,7 @@ def cmd_call(args: argparse.Namespace) -> int:
                 for p in result
             ]
             headers = ("peer id", "role", "version", "rtt ms", "tasks done", "last seen s", "trusted", "results")
-            text = format_table(headers, rows, width) if result else "no connected peers"
+            text = format_table(headers, rows, width, fold=True) if result else "no connected peers"
         elif args.call == "kernels":
             result = client.kernels()
             text = kernels_table(result, width)
@@ -11426,7 +11456,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for n in nodes
     ]
-    print(format_table(("role", "pid", "peer id", "uptime", "rpc", "addresses"), rows, terminal_columns()))
+    print(format_table(("role", "pid", "peer id", "uptime", "rpc", "addresses"), rows, terminal_columns(), fold=True))
     for n in nodes:
         for s in n.get("suspects", []):
             print(f"{n.get('role', '?')} {n.get('pid', '?')}: {suspect_line(s)}")

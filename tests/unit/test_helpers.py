@@ -450,3 +450,41 @@ def test_format_seconds_keeps_sub_second_timeouts_readable() -> None:
     assert pangea.format_seconds(2.5) == "2.5 s"
     assert pangea.format_seconds(3.0) == "3 s"
     assert pangea.format_seconds(65.4) == "65 s"
+
+
+def test_format_fields_puts_an_address_too_wide_for_its_column_whole_under_its_label() -> None:
+    address = f"/ip4/127.0.0.1/tcp/1/p2p/{PEER_ID}"  # 77 characters
+    assert format_fields([("peer", address)], 100).splitlines() == [f"peer        {address}"]
+    assert format_fields([("peer", address), ("port", "1")], 80).splitlines() == [
+        "peer",
+        f"  {address}",
+        "port        1",
+    ]
+
+
+@pytest.mark.parametrize(("width", "folded"), [(80, ["rpc", "addresses"]), (120, ["addresses"]), (200, [])])
+def test_format_table_fold_moves_last_columns_under_the_row_to_keep_a_peer_id_whole(
+    width: int, folded: list[str]
+) -> None:
+    address = f"/ip4/127.0.0.1/tcp/40269/p2p/{PEER_ID}"
+    headers = ("role", "pid", "peer id", "uptime", "rpc", "addresses")
+    rows = [("serve", 4242, PEER_ID, "3 s", "127.0.0.1:7780", f"{address}, {address}")]
+    lines = format_table(headers, rows, width, fold=True).splitlines()
+    assert max(len(line) for line in lines) <= width, lines
+    assert lines[0].split() == [
+        "role",
+        "pid",
+        "peer",
+        "id",
+        "uptime",
+        *(h for h in ("rpc", "addresses") if h not in folded),
+    ]
+    assert lines[2].split()[:3] == ["serve", "4242", PEER_ID]  # the peer id whole, on its row
+    under = [line for line in lines[3:] if line.startswith("  ") and not line.startswith("    ")]
+    assert [line.split(":")[0].strip() for line in under] == folded
+    assert "".join("".join(lines[2:]).split()).endswith(f"{address},{address}".replace(" ", ""))  # nothing lost
+
+
+def test_format_table_fold_changes_nothing_when_the_table_fits() -> None:
+    rows = [("serve", 4242, "ok")]
+    assert format_table(("a", "b", "c"), rows, 80, fold=True) == format_table(("a", "b", "c"), rows)
