@@ -90,7 +90,7 @@ def test_bench_spawns_a_loopback_peer_measures_every_metric_and_verifies_the_tra
 
 
 def test_bench_prints_an_aligned_table_without_json(pyz: Path, pangea_home: NodeHome) -> None:
-    run = run_pyz(pyz, ["bench", "--quick"], pangea_home.env, timeout=PAIR_TIMEOUT_S * 2)
+    run = run_pyz(pyz, ["bench", "--quick"], {**pangea_home.env, "COLUMNS": "200"}, timeout=PAIR_TIMEOUT_S * 2)
     assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     lines = run.stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("metric "))
