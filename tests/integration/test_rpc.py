@@ -401,7 +401,16 @@ def test_client_kernels_lists_every_registry_kernel_with_its_operands(pair: Pair
         assert k["description"] == entry.doc, k
         assert k["dtypes"] == (list(pangea.ALLOWED_DTYPES) if entry.arity else []), k
         assert k["max_ndim"] == pangea.MAX_NDIM and k["max_elements"] > 0, k
-    assert set(kernels[0]) == {"name", "operands", "params", "dtypes", "description", "max_ndim", "max_elements"}
+    assert set(kernels[0]) == {
+        "name",
+        "operands",
+        "params",
+        "dtypes",
+        "description",
+        "max_ndim",
+        "max_elements",
+        "verification",
+    }
 
 
 # A node of an older pangea: its schema has no `Compute.kernels` (run in a process of its own:
