@@ -506,13 +506,104 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.3g} s"
 
 
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """Return rows as an aligned plain-text table with a header rule."""
+TABLE_GAP = "  "  # between the columns of format_table
+TABLE_MIN_COLUMN = 6  # a column narrowed to fit the width keeps at least this many characters
+
+
+def fit_column_widths(natural: Sequence[int], width: int, gap: int = len(TABLE_GAP)) -> list[int]:
+    """Pure: narrow the widest columns first until the row (with ``gap`` between columns) fits
+    ``width``; a column never goes below TABLE_MIN_COLUMN (nor its own natural width)."""
+    widths = list(natural)
+    floors = [min(w, TABLE_MIN_COLUMN) for w in widths]
+    over = sum(widths) + gap * max(0, len(widths) - 1) - width
+    for _ in range(max(0, over)):  # one character a step, from the widest column that can give one
+        room = [i for i, w in enumerate(widths) if w > floors[i]]
+        if not room:
+            break  # narrower than every column's floor: lines run over rather than lose text
+        widths[max(room, key=lambda i: widths[i])] -= 1
+    return widths
+
+
+def wrap_cell(text: str, width: int, break_words: bool = True) -> list[str]:
+    """Pure: ``text`` in lines of at most ``width`` characters, broken at spaces (inside a word
+    only when the word is longer than the width, unless ``break_words`` is False: then that
+    word runs over), its own newlines kept; [""] for an empty cell."""
+    import textwrap
+
+    lines: list[str] = []
+    for part in text.split("\n"):
+        fits = len(part) <= width
+        lines += [part] if fits else textwrap.wrap(part, width, break_long_words=break_words, break_on_hyphens=False)
+    return lines
+
+
+def format_table(
+    headers: Sequence[str], rows: Iterable[Sequence[object]], width: int | None = None, fold: bool = False
+) -> str:
+    """Return rows as an aligned plain-text table with a header rule; with ``width``, the widest
+    columns are narrowed to fit it and their cells wrap within the column (no text is dropped).
+
+    ``fold``: rather than cut a word (a peer id, an address) to fit, move the last columns under
+    each row, one ``header: value`` line each, until the columns left fit with their words whole."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(len(r) != len(headers) for r in cells):
+        raise ValueError(f"every row of the table must have {len(headers)} cells")
+    keep = len(headers)
+    if fold and width is not None:
+        words = [max(len(word) for r in cells for word in [*r[i].split(), ""]) for i in range(keep)]
+        while (
+            keep > 1
+            and sum(max(w, len(h)) for w, h in zip(words[:keep], headers, strict=False)) + len(TABLE_GAP) * (keep - 1)
+            > width
+        ):
+            keep -= 1
+    natural = [max(max(len(line) for line in r[i].split("\n")) for r in cells) for i in range(keep)]
+    widths = natural if width is None else fit_column_widths(natural, width)
+    lines: list[str] = []
+    for index, r in enumerate(cells):
+        wrapped = [wrap_cell(c, w) for c, w in zip(r[:keep], widths, strict=True)]
+        for k in range(max(len(w) for w in wrapped)):
+            parts = [(w[k] if k < len(w) else "").ljust(n) for w, n in zip(wrapped, widths, strict=True)]
+            lines.append(TABLE_GAP.join(parts).rstrip())
+        if index == 0:
+            lines.append(TABLE_GAP.join("-" * w for w in widths))
+        elif keep < len(headers) and width is not None:
+            for header, value in zip(headers[keep:], r[keep:], strict=True):
+                folded = wrap_cell(f"{header}: {value}", max(TABLE_MIN_COLUMN, width - 4))
+                lines += [("  " if i == 0 else "    ") + line for i, line in enumerate(folded)]
     return "\n".join(lines)
+
+
+def format_fields(fields: Iterable[tuple[str, str]], width: int | None = None, label_width: int = 12) -> str:
+    """Return label/value lines (labels in a column of ``label_width``); with ``width``, each value
+    wraps under itself within it; a value with a word too long for that (an address) goes on the
+    lines under its label, indented by 2 (whole, unless even that line is too narrow)."""
+    lines: list[str] = []
+    for label, value in fields:
+        if width is None:
+            lines.append(f"{label:<{label_width}}{value}".rstrip())
+            continue
+        room = max(TABLE_MIN_COLUMN, width - label_width)
+        if max([len(word) for word in value.split()] + [0]) <= room:
+            values = wrap_cell(value, room)
+            lines += [f"{(label if i == 0 else ''):<{label_width}}{v}".rstrip() for i, v in enumerate(values)]
+        else:
+            lines += [label, *("  " + v for v in wrap_cell(value, max(TABLE_MIN_COLUMN, width - 2)))]
+    return "\n".join(lines)
+
+
+def wrap_text(text: str, width: int | None = None, indent: str = "") -> str:
+    """Return ``text`` (lines of prose) wrapped at ``width``, continuation lines indented by ``indent``."""
+    if width is None:
+        return text
+    import textwrap
+
+    out: list[str] = []
+    for line in text.split("\n"):
+        fits = len(line) <= width
+        wrapped = textwrap.wrap(line, width, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+        out += [line] if fits else wrapped
+    return "\n".join(out)
 
 
 @dataclass(frozen=True)
@@ -8084,13 +8175,33 @@ class KernelInfoRecord(RpcRecord):
     description: str = field(metadata=capnp_name("description"))
     max_ndim: int = field(default=MAX_NDIM, metadata=capnp_name("maxNdim"))
     max_elements: int = field(default=DEFAULT_MAX_ELEMENTS, metadata=capnp_name("maxElements"))
+    verification: str = field(default="", metadata=capnp_name("verification"))  # "": results taken as sent
 
     @classmethod
-    def from_kernel(cls, kernel: Kernel, limits: Limits, max_elements: int) -> KernelInfoRecord:
+    def from_kernel(
+        cls, kernel: Kernel, limits: Limits, max_elements: int, rounds: int = FREIVALDS_ROUNDS
+    ) -> KernelInfoRecord:
         """Return the record of a registry entry under the limits RPC operands are read with
-        (``max_elements``: the fewer of those and the node's own limit on a result)."""
+        (``max_elements``: the fewer of those and the node's own limit on a result; ``rounds``:
+        the node's --verify-rounds, 0 when it checks no remote result)."""
         dtypes = tuple(limits.dtypes) if kernel.arity else ()
-        return cls(kernel.name, kernel.arity, kernel.params, dtypes, kernel.doc, limits.max_ndim, max_elements)
+        verification = kernel_verification(kernel, rounds)
+        return cls(
+            kernel.name, kernel.arity, kernel.params, dtypes, kernel.doc, limits.max_ndim, max_elements, verification
+        )
+
+
+def kernel_verification(kernel: Kernel, rounds: int) -> str:
+    """Pure: how a node checks a remote worker's result of ``kernel`` with --verify-rounds
+    ``rounds``, in a few words; "" when it takes the result as sent."""
+    if rounds <= 0:
+        return ""
+    how: dict[Callable[..., str | None], str] = {
+        _verify_matmul: f"Freivalds, {rounds} rounds",
+        _verify_solve: f"residual, {rounds} rounds",
+        _verify_recomputed: "recomputed",
+    }
+    return how.get(kernel.check, "")
 
 
 class NodeService:
@@ -8324,7 +8435,10 @@ class NodeService:
         runs here is held to the node's --max-elements."""
         rpc_limits = Limits()
         max_elements = min(rpc_limits.max_elements, self.node.limits.max_elements)
-        return [KernelInfoRecord.from_kernel(KERNELS[name], rpc_limits, max_elements) for name in sorted(KERNELS)]
+        rounds = self.manager.verify_rounds
+        return [
+            KernelInfoRecord.from_kernel(KERNELS[name], rpc_limits, max_elements, rounds) for name in sorted(KERNELS)
+        ]
 
     async def connect(self, multiaddr: str) -> PeerRecord:
         """Dial a peer named by the RPC user, trust it once the handshake with it succeeded, and
@@ -9145,7 +9259,8 @@ class Client:
     def kernels(self) -> list[dict[str, Any]]:
         """Return what the node runs: for each kernel (in name order) its ``name``, ``operands``
         (how many arrays), ``params`` (the names `submit` takes as keywords), ``dtypes`` (of its
-        operands), ``description``, and the node's ``max_ndim`` and ``max_elements`` per operand."""
+        operands), ``description``, the node's ``max_ndim`` and ``max_elements`` per operand, and
+        ``verification``: how the node checks a remote worker's result ("" when it takes it as sent)."""
 
         async def call() -> Any:
             response = await self._compute.kernels()
@@ -10025,12 +10140,20 @@ def limit_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+TERMINAL_MIN_COLUMNS = 40  # a narrower $COLUMNS is taken as this: tables below it help nobody
+
+
+def terminal_columns() -> int:
+    """The width tables and wrapped text fit: $COLUMNS, else the terminal's, else 80 (not a tty)."""
+    return max(TERMINAL_MIN_COLUMNS, shutil.get_terminal_size((80, 24)).columns)
+
+
 def print_report(role: str, peer: str, results: list[CheckRow], extra: dict[str, Any], as_json: bool) -> bool:
     """Print the checks table (and the JSON line); return True when all passed."""
     ok = bool(results) and all(r.ok for r in results)
     rows = [(r.name, "ok" if r.ok else "FAILED", f"{r.seconds:.2f}", r.detail) for r in results]
     print()
-    print(format_table(("check", "result", "seconds", "detail"), rows))
+    print(format_table(("check", "result", "seconds", "detail"), rows, terminal_columns()))
     print()
     print(f"{'All checks passed' if ok else 'Some checks FAILED'} ({role}).", flush=True)
     if as_json:
@@ -10603,8 +10726,12 @@ def self_command() -> list[str]:
 
 def _pump(proc: subprocess.Popen[str], prefix: str, found: list[str], ready: threading.Event | None) -> None:
     assert proc.stdout is not None
+    width = terminal_columns() - len(f"{prefix} | ")
     for line in proc.stdout:
-        print(f"{prefix} | {line}", end="", flush=True)
+        # NOTE: a line with a peer id, an address or a join string in it stays whole, to be copied
+        whole = any(len(word) >= 40 for word in line.split())
+        for piece in (line.rstrip("\n") if whole else wrap_text(line.rstrip("\n"), width, indent="  ")).split("\n"):
+            print(f"{prefix} | {piece}", flush=True)
         stripped = line.strip()
         if ready is not None and stripped.startswith("Join string: pangea://"):
             found.append(stripped.removeprefix("Join string: "))
@@ -10635,11 +10762,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         (home / "demo" / role).mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(home / "demo", 0o700)
     command = self_command()
-    print("pangea demo: an initiator and a responder on this machine, talking libp2p over 127.0.0.1\n", flush=True)
+    header = "pangea demo: an initiator and a responder on this machine, talking libp2p over 127.0.0.1"
+    print(wrap_text(header, terminal_columns(), indent="  ") + "\n", flush=True)
     procs: list[subprocess.Popen[str]] = []
     threads = []
     try:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PANGEA_HOME": str(home / "demo" / "initiator")}
+        columns = str(terminal_columns() - len("initiator | "))  # each child's lines get that prefix
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "COLUMNS": columns,
+            "PANGEA_HOME": str(home / "demo" / "initiator"),
+        }
         initiator = subprocess.Popen(
             [*command, "initiate", "--host", "127.0.0.1", "--port", "0", "--size", str(args.size)],
             env=env,
@@ -10658,7 +10792,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
         # NOTE: the join string carries the pairing code: in the environment (readable by this
         # user only), never on the command line, which every user of the machine can read (ps).
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PANGEA_HOME": str(home / "demo" / "responder")}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "COLUMNS": columns,
+            "PANGEA_HOME": str(home / "demo" / "responder"),
+        }
         env[JOIN_ENV] = found[0]
         responder = subprocess.Popen([*command, "respond"], env=env, stdout=subprocess.PIPE, text=True)
         procs.append(responder)
@@ -10964,7 +11103,20 @@ def _announce_serve(
     if pairing is not None and node.addresses:
         print(f"Pairing code (one use, valid {args.pair_timeout:.0f} s): {format_pairing_code(pairing.code)}")
         print(f"Join string: {join_string(node.addresses[0], pairing.code)}")
-    print(f"pangea: serving on {node.addresses[-1] if node.addresses else '?'}; Ctrl-C or SIGTERM stops", flush=True)
+    print(serving_line(args.host, node.addresses), flush=True)
+
+
+def serving_line(listen_host: str, addresses: Sequence[str]) -> str:
+    """Pure: serve's ready line, saying where it really listens: one address, or (``--host``
+    0.0.0.0) every interface at the port of the addresses printed above it."""
+    tail = "; Ctrl-C or SIGTERM stops"
+    if not addresses:
+        return f"pangea: serving on /ip4/{listen_host} (no dialable address){tail}"
+    if listen_host not in ("0.0.0.0", "::"):
+        return f"pangea: serving on {addresses[0]}{tail}"
+    port = addresses[0].split("/tcp/")[1].split("/")[0]
+    count = f"{len(addresses)} address{'es' if len(addresses) > 1 else ''} above"
+    return f"pangea: serving on /ip4/0.0.0.0/tcp/{port}, every interface (peers dial one of the {count}){tail}"
 
 
 def saved_suspects(manager: Manager) -> list[dict[str, Any]]:
@@ -11034,7 +11186,7 @@ PLACEMENT_HELP = (
     f"{' or '.join(SPLIT_PLACEMENTS)}: in row blocks over every worker and the node, or over its peers only"
 )
 CALL_SYNOPSIS = (
-    "pangea.pyz call [--rpc HOST:PORT] [--token-file FILE] [--json] status | peers | connect MULTIADDR | "
+    "pangea.pyz call [--rpc HOST:PORT] [--token-file FILE] [--json] status | peers | kernels | connect MULTIADDR | "
     f"matmul --size N [--placement {'|'.join(PLACEMENTS + SPLIT_PLACEMENTS)}|<peer id>] [--no-fallback]"
 )
 
@@ -11056,6 +11208,7 @@ def add_call_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     calls = p.add_subparsers(dest="call", metavar="CALL", parser_class=_Parser)
     add("status", "the node's peer id, addresses, uptime, task counts")
     add("peers", "the node's connected peers")
+    add("kernels", "the kernels the node runs: operands, parameters, dtypes, how a worker's result is verified")
     c = add("connect", "make the node dial (and trust) another node")
     c.add_argument("multiaddr")
     c = add("matmul", "multiply two random N x N matrices on the node and verify the result")
@@ -11124,10 +11277,12 @@ def cmd_call(args: argparse.Namespace) -> int:
         )
     except RpcError as exc:
         raise call_setup_error(exc) from None
+    width = terminal_columns()
     with client:
         if args.call == "status":
             result: Any = client.status()
-            text = format_table(("field", "value"), [(k, _human(k, v)) for k, v in result.items()])
+            fields = [(k, _human(k, v)) for k, v in result.items()]
+            text = format_fields(fields, width, label_width=2 + max(len(k) for k, _ in fields))
         elif args.call == "peers":
             result = client.peers()
             rows = [
@@ -11144,14 +11299,53 @@ def cmd_call(args: argparse.Namespace) -> int:
                 for p in result
             ]
             headers = ("peer id", "role", "version", "rtt ms", "tasks done", "last seen s", "trusted", "results")
-            text = format_table(headers, rows) if result else "no connected peers"
+            text = format_table(headers, rows, width, fold=True) if result else "no connected peers"
+        elif args.call == "kernels":
+            result = client.kernels()
+            text = kernels_table(result, width)
         elif args.call == "connect":
             result = client.connect(args.multiaddr)
             text = f"connected to {result['peer_id']} ({result['role']}, pangea {result['version']})"
         else:
             result, text = _call_matmul(client, args.size, args.placement, not args.no_fallback)
+            text = wrap_text(text, width, indent="  ")
     print(json.dumps(result) if args.json else text)
     return 1 if isinstance(result, dict) and result.get("verified") is False else 0
+
+
+def kernels_table(kernels: list[dict[str, Any]], width: int | None = None) -> str:
+    """`call kernels`: what the node runs, one row a kernel, then the limits every operand has (the
+    dtypes most kernels share are named once, below the table)."""
+    shared = max((tuple(k["dtypes"]) for k in kernels if k["dtypes"]), key=len, default=())
+    rows = [
+        (
+            k["name"],
+            k["operands"],
+            ", ".join(k["params"]) or "-",
+            "all" if k["dtypes"] and tuple(k["dtypes"]) == shared else ", ".join(k["dtypes"]) or "-",
+            k["verification"] or "no",
+            k["description"],
+        )
+        for k in kernels
+    ]
+    text = format_table(("kernel", "operands", "params", "dtypes", "verified", "what"), rows, width)
+    if kernels:
+        notes = (
+            f"dtypes all: {', '.join(shared) or '-'}; an operand has at most {kernels[0]['max_ndim']} "
+            f"dimensions and {kernels[0]['max_elements']:,} elements.\n"
+            "verified: how this node checks a result a remote worker sent (no: taken as sent)."
+        )
+        text += "\n" + wrap_text(notes, width, indent="  ")
+    return text
+
+
+def timings_text(t: dict[str, float]) -> str:
+    """Pure: a task's timings as `Client.last_task` gives them, in words: the wall time at the
+    client, then the node's share (compute, transfer) and the client-to-node RPC hop."""
+    node = f"compute {t['compute_s']:.3f} s, transfer {t['transfer_s']:.3f} s"
+    if "client_total_s" not in t:
+        return f"{t['total_s']:.3f} s ({node})"
+    return f"{t['client_total_s']:.3f} s at this client (node {t['total_s']:.3f} s: {node}; RPC hop {t['rpc_s']:.3f} s)"
 
 
 def _human(key: str, value: Any) -> str:
@@ -11178,9 +11372,8 @@ def _call_matmul(client: Client, size: int, placement: str, fallback: bool = Tru
     t = task["timings"]
     result = {"verified": verified, "size": size, **task}
     where = "this node" if task["ran_on"] == LOCAL else task["ran_on"]
-    text = (
-        f"{size}x{size} matmul ran on {where} in {t['total_s']:.3f} s (compute {t['compute_s']:.3f} s, "
-        f"transfer {t['transfer_s']:.3f} s): {'verified against local numpy' if verified else 'WRONG RESULT'}"
+    text = f"{size}x{size} matmul ran on {where} in {timings_text(t)}: " + (
+        "verified against local numpy" if verified else "WRONG RESULT"
     )
     if task["fallback_reason"]:
         text += f"\nran locally: {task['fallback_reason']}"
@@ -11263,7 +11456,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for n in nodes
     ]
-    print(format_table(("role", "pid", "peer id", "uptime", "rpc", "addresses"), rows))
+    print(format_table(("role", "pid", "peer id", "uptime", "rpc", "addresses"), rows, terminal_columns(), fold=True))
     for n in nodes:
         for s in n.get("suspects", []):
             print(f"{n.get('role', '?')} {n.get('pid', '?')}: {suspect_line(s)}")
@@ -11365,27 +11558,27 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(findings))
         return 0 if ok else 1
-    print(f"python      {findings['python']}" + (f"  PROBLEM: {findings['build']}" if findings["build"] else "  ok"))
+    fields = [
+        ("python", f"{findings['python']}" + (f"  PROBLEM: {findings['build']}" if findings["build"] else "  ok"))
+    ]
     for i in findings["interfaces"]:
         note = {"virtual": "  (docker/bridge: other boxes cannot reach it)", "vpn": "  (VPN)"}.get(i["kind"], "")
-        print(f"interface   {i['name']:<12} {i['ip']:<16} {i['kind']}{note}")
-    print(
-        f"advertised  {', '.join(findings['advertised']) or 'nothing'} (in this order; loopback only works on this box)"
-    )
+        fields.append(("interface", f"{i['name']:<12} {i['ip']:<16} {i['kind']}{note}"))
+    advertised = ", ".join(findings["advertised"]) or "nothing"
+    fields.append(("advertised", f"{advertised} (in this order; loopback only works on this box)"))
     port_text = "free" if findings["port_free"] else findings.get("port_problem", "in use")
-    print(f"port        {args.port}: {port_text}")
+    fields.append(("port", f"{args.port}: {port_text}"))
     peer = findings.get("peer")
     if peer is not None:
-        print(f"peer        {peer['address']}")
-        print(
-            f"  tcp       {'reaches it' if peer['tcp'] else 'FAILS: ' + peer.get('tcp_error', '')}"
-            + (f" in {peer['tcp_ms']:.1f} ms" if peer.get("tcp_ms") is not None else "")
-        )
+        fields.append(("peer", peer["address"]))
+        tcp = "reaches it" if peer["tcp"] else "FAILS: " + peer.get("tcp_error", "")
+        fields.append(("  tcp", tcp + (f" in {peer['tcp_ms']:.1f} ms" if peer.get("tcp_ms") is not None else "")))
         if peer["tcp"]:
-            print(f"  libp2p    {peer['libp2p']}: {peer.get('detail', '')}")
+            fields.append(("  libp2p", f"{peer['libp2p']}: {peer.get('detail', '')}"))
         if peer.get("data_plane"):
-            print(f"  data      {peer['data_plane']}")
-    print(f"verdict     {verdict}")
+            fields.append(("  data", peer["data_plane"]))
+    fields.append(("verdict", verdict))
+    print(format_fields(fields, terminal_columns()))
     return 0 if ok else 1
 
 

@@ -94,6 +94,8 @@ from pangea import (
     self_command,
     setup_logging,
     short_id,
+    terminal_columns,
+    wrap_text,
 )
 
 # ---------------------------------------------------------------- constants
@@ -275,8 +277,9 @@ def format_bench_value(value: float | None, unit: str) -> str:
     return f"{number} {unit}"
 
 
-def format_bench_table(rows: Sequence[BenchRow]) -> str:
-    """Return the bench rows as an aligned table: metric, pangea, baseline, ratio, target, met."""
+def format_bench_table(rows: Sequence[BenchRow], width: int | None = None) -> str:
+    """Return the bench rows as an aligned table: metric, pangea, baseline, ratio, target, met
+    (within ``width`` columns when given)."""
     body = [
         (
             row.metric,
@@ -288,7 +291,7 @@ def format_bench_table(rows: Sequence[BenchRow]) -> str:
         )
         for row in rows
     ]
-    return format_table(("metric", "pangea", "baseline", "ratio", "target", "met"), body)
+    return format_table(("metric", "pangea", "baseline", "ratio", "target", "met"), body, width)
 
 
 def bench_machine_info() -> dict[str, Any]:
@@ -388,6 +391,8 @@ class BenchServer:
 
         self.allowed: set[str] = set()  # peer ids that paired
         self.token = secrets.token_bytes(16)
+        self.bytes_in = 0  # bulk bytes the baselines received and sent (libp2p stream and raw TCP)
+        self.bytes_out = 0
         self._stop = threading.Event()
         self.tcp_port = 0
         self.tcp_problem = ""
@@ -440,9 +445,11 @@ class BenchServer:
         conn.settimeout(bench_timeout_s(nbytes))
         if op == b"U":  # NOTE: the buffer is made per transfer, as pangea's receiver makes its own
             recv_into_all(conn, memoryview(bytearray(nbytes)))
+            self.bytes_in += nbytes
             conn.sendall(struct.pack("!Q", nbytes))
         elif op == b"D":
             send_filler(conn, nbytes)
+            self.bytes_out += nbytes
         else:
             raise ValueError(f"unknown op {op!r}")
 
@@ -467,10 +474,12 @@ class BenchServer:
             if op == b"U":
                 with trio.fail_after(bench_timeout_s(nbytes)):
                     await stream_read_into(stream, memoryview(bytearray(nbytes)))
+                    self.bytes_in += nbytes
                     await stream.write(struct.pack("!Q", nbytes))
             elif op == b"D":
                 with trio.fail_after(bench_timeout_s(nbytes)):
                     await stream_send_filler(stream, nbytes)
+                self.bytes_out += nbytes
             elif op == b"E":
                 if not 1 <= nbytes <= BENCH_MAX_ECHO_BYTES:
                     raise ValueError(f"echo messages of {nbytes} bytes; expected 1-{BENCH_MAX_ECHO_BYTES}")
@@ -1103,30 +1112,34 @@ def bench_report(
 
 
 def print_bench_report(doc: dict[str, Any], rows: list[BenchRow]) -> None:
-    """Print the table, the skipped baselines with their reasons, what was verified, both machines."""
+    """Print the table, the skipped baselines with their reasons, what was verified, both machines
+    (within the terminal's width)."""
+    width = terminal_columns()
     print()
-    print(format_bench_table(rows))
+    print(format_bench_table(rows, width))
     print()
     names = {"libp2p": "plain libp2p stream", "tcp": "raw TCP"}
-    for kind, why in doc["skipped"].items():
-        print(f"Baseline skipped: {names.get(kind, kind)}: {why}")
+    lines = [f"Baseline skipped: {names.get(kind, kind)}: {why}" for kind, why in doc["skipped"].items()]
     if doc["skipped"].get("libp2p", "").startswith("the peer is"):
-        print("  (for every baseline, run `./pangea.pyz bench --listen` on the other box and pass its join string)")
+        lines.append(
+            "  (for every baseline, run `./pangea.pyz bench --listen` on the other box and pass its join string)"
+        )
     verified = doc["verified"]["bulk"]
     uploads = sum(1 for v in verified if v["direction"] == "upload")
-    print(
+    lines.append(
         f"Verified: {uploads} upload(s) by their sum, {len(verified) - uploads} download(s) by sha256, "
         "the matmuls by Freivalds' check."
     )
     machine, peer = doc["machine"], doc["peer_machine"]
-    print(
+    lines.append(
         f"This box: {machine['cores']} cores, {machine['cpu_model'] or '?'}, Python {machine['python']}, "
         f"numpy {machine['numpy']}; peer: {peer['platform']}, {peer['cores']} cores."
     )
-    print(
+    lines.append(
         f"Ratio = pangea / baseline; targets: what pangea aims for on a LAN. {doc['seconds']:.0f} s. "
         "Exit 0: every figure was measured and verified (a missed target is not an error)."
     )
+    print(wrap_text("\n".join(lines), width, indent="  "))
 
 
 def _cmd_bench_listen(args: argparse.Namespace) -> int:
@@ -1192,9 +1205,20 @@ async def _bench_listen(args: argparse.Namespace, session_dir: SessionDir, psk: 
             await session.closed.wait()
     finally:
         server.close()
-    traffic = f"{format_bytes(session.channel.bytes_in)} in, {format_bytes(session.channel.bytes_out)} out"
     if session.bye_reason is None:
         print(f"pangea: error: the benchmarker vanished mid-run: {session.close_reason}", file=sys.stderr)
         return 1
-    print(f"Benchmarker finished: {session.tasks_served} task(s) served, {traffic} on the pangea session.")
+    print(wrap_text(listener_summary(session, server), terminal_columns(), indent="  "))
     return 0
+
+
+def listener_summary(session: PeerSession, server: BenchServer) -> str:
+    """The listener's last line: tasks served and the bytes moved, on the pangea session (its libp2p
+    stream and its data plane together) and on the baselines."""
+    pangea = f"{format_bytes(session.bytes_in)} in, {format_bytes(session.bytes_out)} out"
+    stream = f"{format_bytes(session.channel.bytes_in)} in, {format_bytes(session.channel.bytes_out)} out"
+    baselines = f"{format_bytes(server.bytes_in)} in, {format_bytes(server.bytes_out)} out"
+    return (
+        f"Benchmarker finished: {session.tasks_served} task(s) served; pangea session {pangea} "
+        f"(of which libp2p stream {stream}, the rest on the data plane); baselines {baselines}."
+    )

@@ -232,6 +232,7 @@ struct KernelInfo {
   description @4 :Text;          # one line, e.g. "matrix product a @ b"
   maxNdim     @5 :UInt32;        # dimensions an operand may have, at most
   maxElements @6 :UInt64;        # elements an operand (and the result) may have, at most
+  verification @7 :Text;         # how the node checks a remote worker's result; empty: taken as sent
 }
 
 interface Compute {

@@ -90,7 +90,7 @@ def test_bench_spawns_a_loopback_peer_measures_every_metric_and_verifies_the_tra
 
 
 def test_bench_prints_an_aligned_table_without_json(pyz: Path, pangea_home: NodeHome) -> None:
-    run = run_pyz(pyz, ["bench", "--quick"], pangea_home.env, timeout=PAIR_TIMEOUT_S * 2)
+    run = run_pyz(pyz, ["bench", "--quick"], {**pangea_home.env, "COLUMNS": "200"}, timeout=PAIR_TIMEOUT_S * 2)
     assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     lines = run.stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("metric "))
@@ -124,6 +124,32 @@ def test_bench_listen_and_bench_join_as_two_processes(pyz: Path, make_home: Any)
         assert listener.wait(timeout=30) == 0  # it leaves by itself once the benchmarker says bye
         listener.wait_for_line(r"^Benchmarker finished: \d+ task\(s\) served", stream="stdout")
         assert session_dirs(listener_home) == []
+    moved = listener_traffic(listener.stdout_lines)
+    mib = 1 << 20
+    # --quick moves 4 MiB each way over pangea (on its data plane) and over each baseline
+    assert moved["pangea_in"] >= 4 * mib and moved["pangea_out"] >= 4 * mib, moved
+    assert moved["pangea_in"] - moved["stream_in"] >= 4 * mib, moved  # the data plane's share is counted
+    assert moved["baselines_in"] >= 8 * mib and moved["baselines_out"] >= 8 * mib, moved
+
+
+def parse_bytes(text: str) -> float:
+    """``4.1 MiB`` (as format_bytes prints it) in bytes."""
+    number, unit = text.split()
+    return float(number) * 1024 ** ["B", "KiB", "MiB", "GiB"].index(unit)
+
+
+def listener_traffic(stdout_lines: list[str]) -> dict[str, float]:
+    """The bytes the listener's last line reports (it may wrap at the width: joined first)."""
+    text = " ".join(" ".join(stdout_lines).split())
+    size = r"(\d+(?:\.\d)? (?:B|KiB|MiB|GiB))"
+    found = re.search(
+        rf"pangea session {size} in, {size} out \(of which libp2p stream {size} in, {size} out, the rest on the "
+        rf"data plane\); baselines {size} in, {size} out\.",
+        text,
+    )
+    assert found, text
+    keys = ("pangea_in", "pangea_out", "stream_in", "stream_out", "baselines_in", "baselines_out")
+    return {key: parse_bytes(found.group(i + 1)) for i, key in enumerate(keys)}
 
 
 def test_bench_with_a_wrong_code_is_refused_with_one_line(pyz: Path, make_home: Any) -> None:

@@ -12,6 +12,7 @@ test_pair.py::test_pair_loopback_every_check_passes.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -84,8 +85,10 @@ def _assert_check_failed_naming(initiator: Proc, responder_id: str, check: str) 
     assert "left after 'done'" not in rows["fallback"]["detail"], rows["fallback"]
     for value in doc["throughput_mb_s"].values():
         assert value <= MAX_PLAUSIBLE_MB_S, doc["throughput_mb_s"]
-    table_row = next(line for line in initiator.stdout_lines if re.match(rf"{check}\s+FAILED\s", line))
-    assert responder_id in table_row, table_row
+    lines = list(initiator.stdout_lines)
+    at = next(i for i, line in enumerate(lines) if re.match(rf"{check}\s+FAILED\s", line))
+    table_row = [lines[at], *itertools.takewhile(lambda line: line.startswith(" "), lines[at + 1 :])]
+    assert responder_id in "".join("".join(table_row).split()), table_row  # its detail may wrap at the width
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "sigint"])

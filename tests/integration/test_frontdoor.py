@@ -317,13 +317,19 @@ def test_status_lists_a_running_serve_node(pyz: Path, pangea_home: NodeHome) -> 
         assert 0 <= entry["uptime_s"] < 600
         assert entry["session_dir"] == str(session_dirs(pangea_home)[0])
 
-        text = run_pyz(pyz, ["status"], pangea_home.env)
+        text = run_pyz(pyz, ["status"], {**pangea_home.env, "COLUMNS": "300"})
         assert text.returncode == 0, text.stderr
         lines = text.stdout.splitlines()
         assert lines[0].split() == ["role", "pid", "peer", "id", "uptime", "rpc", "addresses"], text.stdout
         (row,) = [line for line in lines if line.startswith("serve ")]
         for value in ("serve", str(node.proc.pid), node.peer_id, node.rpc, node.address):
             assert value in row, row
+        narrow = run_pyz(pyz, ["status"], {**pangea_home.env, "COLUMNS": "80"})
+        lines = narrow.stdout.splitlines()
+        assert narrow.returncode == 0 and max(len(line) for line in lines) <= 80, narrow.stdout
+        (row,) = [line for line in lines if line.startswith("serve ")]
+        assert row.split()[:3] == ["serve", str(node.proc.pid), node.peer_id]  # whole, the rest folded under it
+        assert f"  rpc: {node.rpc}" in lines, narrow.stdout
     assert node.proc.returncode == 0
     assert status_json(pyz, pangea_home) == {"nodes": [], "cleaned": []}
 
@@ -650,10 +656,14 @@ def doctor(pyz: Path, home: NodeHome, *args: str) -> subprocess.CompletedProcess
 
 
 def verdict_of(result: subprocess.CompletedProcess[str]) -> str:
-    lines = [line for line in result.stdout.splitlines() if line.startswith("verdict     ")]
-    assert len(lines) == 1, result.stdout + result.stderr
-    assert result.stdout.splitlines()[-1] == lines[0], "the verdict is the last line"
-    return lines[0].removeprefix("verdict     ")
+    """The verdict field, the last one: its line and the lines it wrapped onto (80 columns: not a tty)."""
+    lines = result.stdout.splitlines()
+    at = [i for i, line in enumerate(lines) if line.startswith("verdict     ")]
+    assert len(at) == 1, result.stdout + result.stderr
+    rest = lines[at[0] + 1 :]
+    assert all(line.startswith(" " * 12) for line in rest), "the verdict is the last field"
+    assert max(len(line) for line in lines[at[0] :]) <= 80, result.stdout
+    return " ".join([lines[at[0]].removeprefix("verdict     "), *(line.strip() for line in rest)])
 
 
 def doctor_json(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:

@@ -283,6 +283,24 @@ def test_demo_every_check_passes(pyz: Path, pangea_home: NodeHome) -> None:
     assert leftovers == [], leftovers
 
 
+def test_demo_in_80_columns_fits_its_checks_tables(pyz: Path, pangea_home: NodeHome) -> None:
+    result = run_pyz(pyz, ["demo", "--size", "256"], {**pangea_home.env, "COLUMNS": "80"}, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for role in ("initiator", "responder"):
+        prefix = f"{role} | "
+        mine = [line for line in lines if line.startswith(prefix)]
+        head = next(i for i, line in enumerate(mine) if line.startswith(f"{prefix}check "))
+        table = mine[head : mine.index(prefix, head)]  # up to the blank line after it
+        assert table[1].startswith(f"{prefix}-----"), table
+        assert any(line.startswith(f"{prefix}connection ") for line in table), table
+        assert max(len(line) for line in table) <= 80, "\n".join(table)
+        assert len(table) > 4, table  # the detail column wrapped instead of running on
+    # NOTE: a line may pass 80 columns only for a word that cannot be broken: a peer id or an address
+    over = [line for line in lines if len(line) > 80 and max(len(word) for word in line.split()) < 40]
+    assert over == [], "\n".join(over)
+
+
 # ---------------------------------------------------------------- the pairing code out of the process table
 
 

@@ -401,7 +401,16 @@ def test_client_kernels_lists_every_registry_kernel_with_its_operands(pair: Pair
         assert k["description"] == entry.doc, k
         assert k["dtypes"] == (list(pangea.ALLOWED_DTYPES) if entry.arity else []), k
         assert k["max_ndim"] == pangea.MAX_NDIM and k["max_elements"] > 0, k
-    assert set(kernels[0]) == {"name", "operands", "params", "dtypes", "description", "max_ndim", "max_elements"}
+    assert set(kernels[0]) == {
+        "name",
+        "operands",
+        "params",
+        "dtypes",
+        "description",
+        "max_ndim",
+        "max_elements",
+        "verification",
+    }
 
 
 # A node of an older pangea: its schema has no `Compute.kernels` (run in a process of its own:
@@ -515,10 +524,9 @@ def test_hostile_task_spec_gets_bad_input_and_the_node_keeps_serving(
 
 
 def test_call_status_prints_a_readable_table(pair: Pair, pyz: Path) -> None:
-    result = run_pyz(pyz, ["call", "--rpc", pair.a.rpc, "status"], pair.a.home.env)
+    result = run_pyz(pyz, ["call", "--rpc", pair.a.rpc, "status"], {**pair.a.home.env, "COLUMNS": "300"})
     assert result.returncode == 0, result.stderr
-    rows = {line.split(None, 1)[0]: line.split(None, 1)[1].strip() for line in result.stdout.splitlines()[2:]}
-    assert result.stdout.splitlines()[0].split() == ["field", "value"]
+    rows = {line.split(None, 1)[0]: line.split(None, 1)[1].strip() for line in result.stdout.splitlines()}
     assert rows["peer_id"] == pair.a.peer_id
     assert rows["rpc_address"] == pair.a.rpc
     assert rows["version"] == pangea.__version__
@@ -526,10 +534,14 @@ def test_call_status_prints_a_readable_table(pair: Pair, pyz: Path) -> None:
     assert rows["tasks_in_flight"] == "0"
     assert re.fullmatch(r"\d+", rows["tasks_done"])
     assert re.fullmatch(r"[\d.]+ (B|KiB|MiB|GiB)", rows["bytes_out"]), rows["bytes_out"]
+    narrow = run_pyz(pyz, ["call", "--rpc", pair.a.rpc, "status"], {**pair.a.home.env, "COLUMNS": "80"})
+    lines = narrow.stdout.splitlines()
+    assert narrow.returncode == 0 and max(len(line) for line in lines) <= 80, narrow.stdout
+    assert any(line.split()[-1:] == [pair.a.peer_id] for line in lines), narrow.stdout  # whole, if under its label
 
 
 def test_call_peers_prints_b_with_version_and_trust(pair: Pair, pyz: Path) -> None:
-    result = run_pyz(pyz, ["call", "--rpc", pair.a.rpc, "peers"], pair.a.home.env)
+    result = run_pyz(pyz, ["call", "--rpc", pair.a.rpc, "peers"], {**pair.a.home.env, "COLUMNS": "300"})
     assert result.returncode == 0, result.stderr
     header, _, *rows = result.stdout.splitlines()
     assert header.split() == [
@@ -551,6 +563,11 @@ def test_call_peers_prints_b_with_version_and_trust(pair: Pair, pyz: Path) -> No
     cells = rows[0].split()
     assert cells[:3] == [pair.b.peer_id, "serve", pangea.__version__]
     assert cells[-2:] == ["yes", "ok"]  # trusted, and its results are not under suspicion
+    narrow = run_pyz(pyz, ["call", "--rpc", pair.a.rpc, "peers"], {**pair.a.home.env, "COLUMNS": "80"})
+    lines = narrow.stdout.splitlines()
+    assert narrow.returncode == 0 and max(len(line) for line in lines) <= 80, narrow.stdout
+    assert lines[2].split()[:3] == [pair.b.peer_id, "serve", pangea.__version__]  # the last columns fold under it
+    assert "  trusted: yes" in lines and "  results: ok" in lines, narrow.stdout
 
 
 def test_call_matmul_remote_prints_where_it_ran_and_that_it_was_verified(pair: Pair, pyz: Path) -> None:
@@ -558,9 +575,10 @@ def test_call_matmul_remote_prints_where_it_ran_and_that_it_was_verified(pair: P
     result = run_pyz(pyz, args, pair.a.home.env)
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(
-        rf"256x256 matmul ran on {pair.b.peer_id} in \d+\.\d{{3}} s "
-        r"\(compute \d+\.\d{3} s, transfer \d+\.\d{3} s\): verified against local numpy",
-        result.stdout.strip(),
+        rf"256x256 matmul ran on {pair.b.peer_id} in \d+\.\d{{3}} s at this client "
+        r"\(node \d+\.\d{3} s: compute \d+\.\d{3} s, transfer \d+\.\d{3} s; RPC hop \d+\.\d{3} s\): "
+        r"verified against local numpy",
+        " ".join(result.stdout.split()),  # wrapped at the width (80 when not a terminal)
     ), result.stdout
 
 

@@ -125,6 +125,25 @@ def test_serve_prints_its_id_and_endpoints_and_keeps_a_session_dir(pyz: Path, pa
     assert node.proc.stderr_lines == []
 
 
+def test_serve_on_one_address_says_it_serves_there(pyz: Path, pangea_home: NodeHome) -> None:
+    node = start_serve(pyz, pangea_home, name="serve")
+    with node.proc:
+        line = node.proc.wait_for_line(r"^pangea: serving on .*$", stream="stdout").group(0)
+    assert line == f"pangea: serving on {node.address}; Ctrl-C or SIGTERM stops"
+
+
+def test_serve_on_every_interface_says_so_and_not_loopback(pyz: Path, pangea_home: NodeHome) -> None:
+    cmd = [str(pyz), "serve", "--host", "0.0.0.0", "--port", "0", "--rpc", "127.0.0.1:0"]
+    with Proc(cmd, env=pangea_home.env, name="serve-any") as proc:
+        line = proc.wait_for_line(r"^pangea: serving on .*$", stream="stdout").group(0)
+        addresses = [x.strip() for x in proc.stdout_lines if x.startswith("  /ip4/")]
+    port = addresses[0].split("/tcp/")[1].split("/")[0]
+    assert all(f"/tcp/{port}/" in a for a in addresses), addresses
+    assert line.startswith(f"pangea: serving on /ip4/0.0.0.0/tcp/{port}, every interface "), line
+    assert f"{len(addresses)} address" in line and "127.0.0.1" not in line
+    assert line.endswith("; Ctrl-C or SIGTERM stops")
+
+
 def test_serve_lists_the_peers_it_trusts(pyz: Path, make_home: Any) -> None:
     other = peer_id_of(pyz, make_home("other"))
     node = start_serve(pyz, make_home("node"), "--allow-peer", other, name="serve")
@@ -468,6 +487,50 @@ def test_call_matmul_over_the_node_limit_names_size_and_rpc_max_mib(lone: ServeN
     fits = run_pyz(pyz, ["call", "--rpc", lone.rpc, "matmul", "--size", str(largest), "--json"], lone.home.env)
     assert fits.returncode == 0, fits.stderr
     assert json.loads(fits.stdout)["verified"] is True
+
+
+def test_call_kernels_lists_what_client_kernels_lists_in_80_columns(lone: ServeNode, pyz: Path) -> None:
+    with client(lone) as node:
+        kernels = node.kernels()
+    assert [k["name"] for k in kernels] == sorted(pangea.KERNELS)
+    doc = run_pyz(pyz, ["call", "--rpc", lone.rpc, "kernels", "--json"], lone.home.env)
+    assert doc.returncode == 0, doc.stderr
+    assert json.loads(doc.stdout) == kernels
+    assert {k["name"]: k["verification"] for k in kernels if k["name"] in ("matmul", "add", "random")} == {
+        "add": "recomputed",
+        "matmul": "Freivalds, 2 rounds",
+        "random": "",
+    }
+    text = run_pyz(pyz, ["call", "--rpc", lone.rpc, "kernels"], {**lone.home.env, "COLUMNS": "80"})
+    assert text.returncode == 0 and text.stderr == "", text.stderr
+    lines = text.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, text.stdout
+    assert lines[0].split() == ["kernel", "operands", "params", "dtypes", "verified", "what"]
+    rows = {line.split()[0]: line for line in lines[2:] if line[:1].isalpha() and " " in line}
+    assert set(pangea.KERNELS) <= set(rows), text.stdout
+    assert rows["matmul"].split()[1:5] == ["2", "-", "all", "Freivalds,"]
+    assert rows["random"].split()[1:3] == ["0", "rows,"] and "  no  " in rows["random"]
+    assert "Freivalds, 2" in rows["matmul"] and "float32, float64, int32" in text.stdout
+
+
+def test_call_matmul_shows_the_client_the_node_and_the_rpc_hop(lone: ServeNode, pyz: Path) -> None:
+    args = ["call", "--rpc", lone.rpc, "matmul", "--size", "64", "--placement", "local"]
+    text = run_pyz(pyz, args, {**lone.home.env, "COLUMNS": "200"})
+    assert text.returncode == 0, text.stderr
+    found = re.fullmatch(
+        r"64x64 matmul ran on this node in (\d+\.\d{3}) s at this client \(node (\d+\.\d{3}) s: "
+        r"compute \d+\.\d{3} s, transfer \d+\.\d{3} s; RPC hop (\d+\.\d{3}) s\): verified against local numpy",
+        text.stdout.strip(),
+    )
+    assert found, text.stdout
+    at_client, at_node, hop = (float(found.group(i)) for i in (1, 2, 3))
+    assert at_client >= at_node and abs(at_client - at_node - hop) <= 0.0015  # the hop is what the node did not see
+    doc = run_pyz(pyz, [*args, "--json"], lone.home.env)
+    assert doc.returncode == 0, doc.stderr
+    t = json.loads(doc.stdout)["timings"]
+    assert t["client_total_s"] >= t["total_s"] > 0 and t["rpc_s"] == pytest.approx(t["client_total_s"] - t["total_s"])
+    narrow = run_pyz(pyz, args, {**lone.home.env, "COLUMNS": "80"})
+    assert narrow.returncode == 0 and max(len(line) for line in narrow.stdout.splitlines()) <= 80, narrow.stdout
 
 
 def test_call_and_client_without_a_node_fail_readably(pyz: Path, pangea_home: NodeHome) -> None:

@@ -203,6 +203,19 @@ def test_format_bench_table_is_aligned_with_a_rule_and_dashes_for_the_missing() 
     assert "1.000 ms (echo p50)" in p50 and "2.00x" in p50 and p50.rstrip().endswith("no")
 
 
+@pytest.mark.parametrize("width", [80, 120])
+def test_format_bench_table_fits_the_width_and_keeps_every_cell(width: int) -> None:
+    rows = bench_rows(_results())
+    wide, narrow = format_bench_table(rows), format_bench_table(rows, width)
+    assert max(len(line) for line in narrow.splitlines()) <= width, narrow
+
+    def text(table: str) -> list[str]:  # every character but the rule's
+        lines = table.splitlines()
+        return sorted("".join(" ".join(lines[:1] + lines[2:]).split()))
+
+    assert text(narrow) == text(wide)
+
+
 # ---------------------------------------------------------------- options
 
 

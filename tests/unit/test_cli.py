@@ -698,3 +698,72 @@ def test_call_matmul_too_large_names_size_and_rpc_max_mib_not_a_client_setting()
     )
     assert info.value.hint == "use --size 8191 or less, or start the node with a larger --rpc-max-mib (at most 4096)"
     pangea.check_call_size(8191, pangea.DEFAULT_RPC_MAX_BYTES, "127.0.0.1:7780")  # fits: no error
+
+
+# ---------------------------------------------------------------- output that fits the terminal
+
+
+LONG_DETAIL = f"peer {PEER_ID} (pangea 0.1.0, cpython-311 x86_64 Linux); /noise + /yamux/1.0.0; " + "rtt 2.71 ms; " * 12
+
+
+@pytest.mark.parametrize("columns", [80, 120, 200])
+def test_checks_table_fits_columns_and_json_keeps_the_whole_detail(
+    columns: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", str(columns))
+    rows = [pangea.CheckRow("connection", True, 0.16, LONG_DETAIL), pangea.CheckRow("matmul", False, 1.5, "x")]
+    assert pangea.print_report("initiator", PEER_ID, rows, {}, as_json=True) is False
+    out = capsys.readouterr().out.splitlines()
+    doc = __import__("json").loads(out[-1])
+    assert doc["checks"][0]["detail"] == LONG_DETAIL  # --json: unchanged, one line
+    table = out[:-1]
+    assert max(len(line) for line in table) <= columns, "\n".join(table)
+    head = next(i for i, line in enumerate(table) if line.startswith("check "))
+    start = table[head].index("detail")
+    body = table[head + 2 : table.index("", head)]
+    assert body[-1].startswith("matmul ")
+    detail = "".join("".join(line[start:].split()) for line in body[:-1])
+    assert detail == "".join(LONG_DETAIL.split())  # every character of the detail, in order
+
+
+def test_terminal_columns_reads_columns_and_has_a_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "132")
+    assert pangea.terminal_columns() == 132
+    monkeypatch.setenv("COLUMNS", "10")
+    assert pangea.terminal_columns() == pangea.TERMINAL_MIN_COLUMNS
+    monkeypatch.delenv("COLUMNS")
+    assert pangea.terminal_columns() >= pangea.TERMINAL_MIN_COLUMNS  # the tty's, or 80 when not a tty
+
+
+def test_serving_line_on_every_interface_says_so_and_names_the_port() -> None:
+    addresses = [f"/ip4/192.168.1.5/tcp/7777/p2p/{PEER_ID}", f"/ip4/127.0.0.1/tcp/7777/p2p/{PEER_ID}"]
+    line = pangea.serving_line("0.0.0.0", addresses)
+    assert line.startswith("pangea: serving on /ip4/0.0.0.0/tcp/7777, every interface ")
+    assert "127.0.0.1" not in line and "2 addresses above" in line
+    assert line.endswith("; Ctrl-C or SIGTERM stops")
+
+
+def test_serving_line_on_one_address_names_it() -> None:
+    address = f"/ip4/10.0.0.2/tcp/4001/p2p/{PEER_ID}"
+    assert pangea.serving_line("10.0.0.2", [address]) == f"pangea: serving on {address}; Ctrl-C or SIGTERM stops"
+
+
+def test_timings_text_shows_the_client_the_node_and_the_hop() -> None:
+    node = {"queue_s": 0.0, "transfer_s": 0.3, "compute_s": 0.5, "total_s": 0.84}
+    text = pangea.timings_text(pangea.client_timings(node, 1.53))
+    assert text == "1.530 s at this client (node 0.840 s: compute 0.500 s, transfer 0.300 s; RPC hop 0.690 s)"
+    assert pangea.timings_text(node) == "0.840 s (compute 0.500 s, transfer 0.300 s)"  # the node's own only
+
+
+def test_kernels_table_lists_every_kernel_and_how_it_is_verified() -> None:
+    records = [pangea.KernelInfoRecord.from_kernel(k, pangea.Limits(), 1000, 2) for k in pangea.KERNELS.values()]
+    text = pangea.kernels_table([r.as_dict() for r in records], 80)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80, text
+    assert lines[0].split() == ["kernel", "operands", "params", "dtypes", "verified", "what"]
+    names = [line.split()[0] for line in lines[2:] if line and not line.startswith(" ")]
+    assert names[: len(pangea.KERNELS)] == list(pangea.KERNELS)
+    random_row = next(line for line in lines if line.startswith("random "))
+    assert random_row.split()[1:3] == ["0", "rows,"] and " no " in random_row
+    assert "Freivalds," in next(line for line in lines if line.startswith("matmul "))
+    assert "at most 4 dimensions and 1,000 elements" in text.replace("\n", " ") or "1,000 elements" in text

@@ -16,12 +16,15 @@ from pangea import (
     UsageError,
     backoff_delays,
     build_target_mismatch,
+    fit_column_widths,
     format_bytes,
+    format_fields,
     format_table,
     hello_mismatch,
     parse_peer_address,
     rank_interface_addresses,
     short_id,
+    wrap_text,
 )
 
 # A realistic Ed25519 peer id: base58btc, 52 characters, starts with 12D3KooW.
@@ -265,6 +268,103 @@ def test_format_table_rejects_rows_of_the_wrong_width() -> None:
         format_table(("a", "b"), [("one", "two", "three")])
 
 
+# The initiator's checks as the demo prints them: the detail column alone runs past 200 characters.
+CHECK_ROWS = [
+    (
+        "connection",
+        "ok",
+        "0.16",
+        f"peer {PEER_ID} (pangea 0.1.0, cpython-311 x86_64 Linux, 3 GFLOP/s); /noise + /yamux/1.0.0; "
+        "rtt 2.71 ms; arrays: TLS 1.3 TLS_AES_256_GCM_SHA384 from 127.0.0.1:33536",
+    ),
+    ("local execution", "ok", "0.09", "256x256 matmul on this node in 38.5 ms, max error 0.0e+00"),
+    (
+        "delegation",
+        "ok",
+        "0.12",
+        "11/11 kernels ran on the responder and match local numpy: add, dot, inverse, matmul, multiply, "
+        "random, scale, solve, subtract, sum, transpose",
+    ),
+    ("throughput", "FAILED", "2.52", "64.0 MiB each way, verified: upload 36 MB/s, download 330 MB/s"),
+    ("empty", "ok", "0.00", ""),
+]
+CHECK_HEADERS = ("check", "result", "seconds", "detail")
+
+
+def words_by_column(table: str, starts: list[int]) -> list[list[str]]:
+    """The words of each column of a table's body, read top to bottom (columns start at ``starts``)."""
+    columns: list[list[str]] = [[] for _ in starts]
+    for line in table.splitlines()[2:]:
+        for i, start in enumerate(starts):
+            end = starts[i + 1] if i + 1 < len(starts) else None
+            columns[i] += line[start:end].split()
+    return columns
+
+
+@pytest.mark.parametrize("width", [80, 120, 200])
+def test_format_table_fits_the_width_and_keeps_every_word(width: int) -> None:
+    table = format_table(CHECK_HEADERS, CHECK_ROWS, width)
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) <= width, table
+    rule = lines[1]
+    starts = [0]
+    for i in range(1, len(rule)):
+        if rule[i] == "-" and rule[i - 1] == " ":
+            starts.append(i)
+    assert len(starts) == 4, rule
+    columns = words_by_column(table, starts)
+    for i in range(4):  # a word longer than its column is cut, so letters are compared, not words
+        assert "".join(columns[i]) == "".join("".join(row[i].split()) for row in CHECK_ROWS), (i, table)
+
+
+def test_format_table_narrows_the_widest_column_and_keeps_the_short_ones_whole() -> None:
+    lines = format_table(CHECK_HEADERS, CHECK_ROWS, 80).splitlines()
+    assert lines[0].split() == ["check", "result", "seconds", "detail"]
+    assert lines[2].startswith("connection       ok      0.16     peer ")
+    assert any(line.startswith("throughput       FAILED  2.52     ") for line in lines)
+    assert lines[3].startswith(" " * 33) and lines[3].strip()  # the detail wraps under its own column
+
+
+def test_format_table_within_a_wide_enough_width_is_unchanged() -> None:
+    rows = [("connection", "ok"), ("matmul", "FAILED")]
+    assert format_table(("check", "result"), rows, 200) == format_table(("check", "result"), rows)
+
+
+def test_format_table_wraps_a_long_word_inside_its_cell() -> None:
+    table = format_table(("peer", "state"), [(PEER_ID, "ok")], 40)
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) <= 40
+    assert "".join(line[: len(lines[1].split()[0])].strip() for line in lines[2:]) == PEER_ID
+
+
+def test_fit_column_widths_takes_from_the_widest_and_stops_at_a_floor() -> None:
+    assert fit_column_widths([10, 6, 7, 200], 80) == [10, 6, 7, 51]
+    assert fit_column_widths([50, 50], 62) == [30, 30]
+    assert fit_column_widths([3, 40, 40], 10) == [3, 6, 6]  # too narrow for all: floors kept, runs over
+    assert fit_column_widths([5, 5], 80) == [5, 5]
+
+
+def test_format_fields_wraps_values_under_themselves() -> None:
+    verdict = "TCP does not reach the peer: check that both boxes are on one network (or a VPN), " * 2
+    text = format_fields([("port", "7777: free"), ("verdict", verdict.strip())], 80)
+    lines = text.splitlines()
+    assert lines[0] == "port        7777: free"
+    assert lines[1].startswith("verdict     TCP does not reach")
+    assert all(len(line) <= 80 for line in lines) and len(lines) > 2
+    assert all(line.startswith(" " * 12) for line in lines[2:])
+    assert " ".join(line[12:] for line in lines[1:]).split() == verdict.split()
+
+
+def test_wrap_text_keeps_short_lines_and_never_breaks_a_word() -> None:
+    address = f"/ip4/127.0.0.1/tcp/7777/p2p/{PEER_ID}"
+    text = f"short line\nconnect to {address} and then wait for the other side to say it is done"
+    wrapped = wrap_text(text, 40, indent="  ").splitlines()
+    assert wrapped[0] == "short line"
+    assert f"  {address}" in wrapped  # a word longer than the width stays whole, on a line of its own
+    assert all(len(line) <= 40 for line in wrapped if address not in line)
+    assert wrap_text(text, None) == text
+
+
 @pytest.mark.parametrize(
     ("n", "text"),
     [
@@ -350,3 +450,41 @@ def test_format_seconds_keeps_sub_second_timeouts_readable() -> None:
     assert pangea.format_seconds(2.5) == "2.5 s"
     assert pangea.format_seconds(3.0) == "3 s"
     assert pangea.format_seconds(65.4) == "65 s"
+
+
+def test_format_fields_puts_an_address_too_wide_for_its_column_whole_under_its_label() -> None:
+    address = f"/ip4/127.0.0.1/tcp/1/p2p/{PEER_ID}"  # 77 characters
+    assert format_fields([("peer", address)], 100).splitlines() == [f"peer        {address}"]
+    assert format_fields([("peer", address), ("port", "1")], 80).splitlines() == [
+        "peer",
+        f"  {address}",
+        "port        1",
+    ]
+
+
+@pytest.mark.parametrize(("width", "folded"), [(80, ["rpc", "addresses"]), (120, ["addresses"]), (200, [])])
+def test_format_table_fold_moves_last_columns_under_the_row_to_keep_a_peer_id_whole(
+    width: int, folded: list[str]
+) -> None:
+    address = f"/ip4/127.0.0.1/tcp/40269/p2p/{PEER_ID}"
+    headers = ("role", "pid", "peer id", "uptime", "rpc", "addresses")
+    rows = [("serve", 4242, PEER_ID, "3 s", "127.0.0.1:7780", f"{address}, {address}")]
+    lines = format_table(headers, rows, width, fold=True).splitlines()
+    assert max(len(line) for line in lines) <= width, lines
+    assert lines[0].split() == [
+        "role",
+        "pid",
+        "peer",
+        "id",
+        "uptime",
+        *(h for h in ("rpc", "addresses") if h not in folded),
+    ]
+    assert lines[2].split()[:3] == ["serve", "4242", PEER_ID]  # the peer id whole, on its row
+    under = [line for line in lines[3:] if line.startswith("  ") and not line.startswith("    ")]
+    assert [line.split(":")[0].strip() for line in under] == folded
+    assert "".join("".join(lines[2:]).split()).endswith(f"{address},{address}".replace(" ", ""))  # nothing lost
+
+
+def test_format_table_fold_changes_nothing_when_the_table_fits() -> None:
+    rows = [("serve", 4242, "ok")]
+    assert format_table(("a", "b", "c"), rows, 80, fold=True) == format_table(("a", "b", "c"), rows)

@@ -288,7 +288,21 @@ def test_kernel_info_as_dict_is_what_client_kernels_lists() -> None:
         "description": "sum of all elements, or along axis",
         "max_ndim": MAX_NDIM,
         "max_elements": 1 << 28,
+        "verification": "recomputed",
     }
+
+
+def test_kernel_info_says_how_a_remote_result_is_verified() -> None:
+    def how(name: str, rounds: int = 2) -> str:
+        return round_trip(
+            "KernelInfo", KernelInfoRecord.from_kernel(KERNELS[name], Limits(), 1000, rounds)
+        ).verification
+
+    assert how("matmul") == "Freivalds, 2 rounds" and how("matmul", 5) == "Freivalds, 5 rounds"
+    assert how("solve") == how("inverse") == "residual, 2 rounds"
+    assert how("add") == how("transpose") == "recomputed"
+    assert how("random") == ""  # nothing cheaper than recomputing it: taken as sent
+    assert {how(name, 0) for name in KERNELS} == {""}  # --verify-rounds 0 checks nothing
 
 
 def test_compute_interface_has_the_kernels_method() -> None:
