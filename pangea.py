@@ -75,7 +75,7 @@ import threading
 import time
 import types
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, Union
@@ -180,6 +180,7 @@ PING_COUNT = 5  # pings for the RTT figure of the connection check
 DIAL_BACKOFF_FIRST_S = 0.25  # respond retries: 0.25, 0.5, 1, 2, 4, 4, ... s
 DIAL_BACKOFF_MAX_S = 4.0
 BYE_WAIT_S = 5.0  # how long the initiator waits for the responder to hang up
+FAREWELL_S = 1.0  # Ctrl-C or SIGTERM: how long a Bye to the peers may hold up the exit
 MAX_ATTEMPTS = 3  # a task is tried at most this often (remote, then local)
 
 # Directory under $PANGEA_HOME holding one session directory per process.
@@ -9520,13 +9521,23 @@ def first_error(exc: BaseException, kind: type[BaseException]) -> BaseException 
     return exc if isinstance(exc, kind) else None
 
 
-def run_trio_value(fn: Callable[..., Any], *args: Any) -> Any:
+class Farewell:
+    """The last words of a command stopped by Ctrl-C or SIGTERM (a Bye to its peers): the
+    command sets ``say``; run_trio awaits it, for FAREWELL_S at most, before it cancels."""
+
+    def __init__(self) -> None:
+        self.say: Callable[[], Awaitable[None]] | None = None
+
+
+def run_trio_value(fn: Callable[..., Any], *args: Any, farewell: Farewell | None = None) -> Any:
     """Run ``fn(*args)`` under trio and return its value; Ctrl-C and SIGTERM cancel it cleanly
-    and raise Interrupted (exit code 130 or 143).
+    and raise Interrupted (exit code 130 or 143), after ``farewell.say()`` when it is set.
 
     NOTE: Ctrl-C inside py-libp2p surfaces as a KeyboardInterrupt nested in an
     exception group; cancelling the main scope from a signal receiver instead
-    lets every `finally` run.
+    lets every `finally` run. The farewell comes first, while everything still
+    runs: once the scope is cancelled, so are py-libp2p's own tasks, and a
+    message written then may never leave.
     """
     import trio
 
@@ -9540,13 +9551,17 @@ def run_trio_value(fn: Callable[..., Any], *args: Any) -> Any:
                     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                         async for signum in signals:
                             received.append(signum)
+                            if farewell is not None and farewell.say is not None:
+                                with trio.move_on_after(FAREWELL_S):
+                                    await farewell.say()
                             scope.cancel()
                             return
 
                 nursery.start_soon(on_signals)
                 value = await fn(*args)
                 nursery.cancel_scope.cancel()
-                return value
+                if not received:  # NOTE: a run that ended during its farewell was still interrupted
+                    return value
         raise Interrupted(128 + received[0] if received else 1)
 
     try:
@@ -9558,10 +9573,10 @@ def run_trio_value(fn: Callable[..., Any], *args: Any) -> Any:
         raise
 
 
-def run_trio(fn: Callable[..., Any], *args: Any) -> int:
+def run_trio(fn: Callable[..., Any], *args: Any, farewell: Farewell | None = None) -> int:
     """Run a command's ``async`` body under trio; return its exit code (130/143 after a signal)."""
     try:
-        return int(run_trio_value(fn, *args))
+        return int(run_trio_value(fn, *args, farewell=farewell))
     except Interrupted as exc:
         return exc.code
 
@@ -10128,7 +10143,8 @@ def cmd_initiate(args: argparse.Namespace) -> int:
     with node_session("initiator", args) as (home, session_dir):
         key_pair = load_or_create_identity(home)
         allowed = trusted_peers(home, args.allow_peer)
-        return run_trio(_initiate, args, session_dir, key_pair, (limits, psk, allowed))
+        farewell = Farewell()
+        return run_trio(_initiate, args, session_dir, key_pair, (limits, psk, allowed), farewell, farewell=farewell)
 
 
 async def _wait_for_responders(node: Node, sessions: list[PeerSession], expect: int, timeout_s: float) -> None:
@@ -10290,7 +10306,11 @@ class LiveView:
 
 
 async def _initiate(
-    args: argparse.Namespace, session_dir: SessionDir, key_pair: Any, options: tuple[Limits, str | None, set[str]]
+    args: argparse.Namespace,
+    session_dir: SessionDir,
+    key_pair: Any,
+    options: tuple[Limits, str | None, set[str]],
+    farewell: Farewell,
 ) -> int:
 
     limits, psk, allowed = options
@@ -10327,6 +10347,7 @@ async def _initiate(
         node.nursery.start_soon(manager.watch_suspects)
         _announce_initiator(args, node, manager, session_dir, pairing)
         sessions: list[PeerSession] = []
+        farewell.say = lambda: _say_bye(sessions, INITIATOR_STOPPED)  # on Ctrl-C or SIGTERM
         view = LiveView(show_progress(args), node.nursery)
         with view:
             view.watch_traffic(node)
@@ -10345,6 +10366,16 @@ async def _initiate(
         if len(sessions) < expect:
             raise _too_few_responders(args, node, sessions, expect)
     return _initiator_report(args, node, sessions, checks, results)
+
+
+INITIATOR_STOPPED = "interrupted by Ctrl-C or SIGTERM"  # its Bye to the responders
+
+
+async def _say_bye(sessions: list[PeerSession], reason: str) -> None:
+    """Tell every responder still connected that we leave, and why."""
+    for session in sessions:
+        if not session.closed.is_set():
+            await session.bye(reason)
 
 
 def _announce_initiator(
@@ -10487,11 +10518,11 @@ def cmd_respond(args: argparse.Namespace) -> int:
     limits, psk = limits_from_args(args), read_psk_file(args.psk)
     with node_session("responder", args) as (home, session_dir):
         key_pair = load_or_create_identity(home)
-        return run_trio(_respond, args, address, session_dir, key_pair, (limits, psk))
+        farewell = Farewell()
+        return run_trio(_respond, args, address, session_dir, key_pair, (limits, psk), farewell, farewell=farewell)
 
 
 RESPONDER_STOPPED = "stopped by Ctrl-C or SIGTERM"  # its Bye to the initiator
-RESPONDER_BYE_S = 1.0  # a stopped responder's Bye may not hold up its exit longer than this
 
 
 async def _respond(
@@ -10500,9 +10531,8 @@ async def _respond(
     session_dir: SessionDir,
     key_pair: Any,
     options: tuple[Limits, str | None],
+    farewell: Farewell,
 ) -> int:
-    import trio
-
     node = _responder_node(args, address, key_pair, options)
     results: list[CheckRow] = []
     async with node.running(args.host, args.port):
@@ -10514,6 +10544,7 @@ async def _respond(
         print(f"Connecting to {address.text} (up to {args.timeout:.0f} s)...", flush=True)
         start = time.perf_counter()
         session = await node.dial(address, timeout_s=args.timeout)
+        farewell.say = lambda: session.bye(RESPONDER_STOPPED)  # on Ctrl-C or SIGTERM: tell the initiator why
         rtt_s = min([await session.ping() for _ in range(3)])
         results.append(_connection_row(node, session, start, rtt_s))
         print(f"Connected to initiator {session.peer_id}; serving its tasks until it says done.", flush=True)
@@ -10522,12 +10553,7 @@ async def _respond(
             view.watch_traffic(node)
             serving = view.add("serving the initiator")
             view.tick(serving, lambda elapsed: (0, f"{session.tasks_served} task(s) done"))
-            try:
-                await session.closed.wait()
-            finally:
-                if not session.closed.is_set():  # Ctrl-C or SIGTERM: tell the initiator why we leave
-                    with trio.CancelScope(shield=True), trio.move_on_after(RESPONDER_BYE_S):
-                        await session.close(RESPONDER_STOPPED)
+            await session.closed.wait()
     return _responder_report(args, session, results, serve_start, rtt_s)
 
 
@@ -10561,13 +10587,20 @@ def _connection_row(node: Node, session: PeerSession, start: float, rtt_s: float
     )
 
 
+def _initiator_ending(bye_reason: str | None) -> str:
+    """How an initiator that did not say done ended, for "the initiator <ending>": interrupted
+    (its Bye says Ctrl-C or SIGTERM), left (a Bye with another reason) or vanished (no Bye)."""
+    if bye_reason is None:
+        return "vanished"
+    return "was interrupted" if bye_reason == INITIATOR_STOPPED else "left"
+
+
 def _responder_report(
     args: argparse.Namespace, session: PeerSession, results: list[CheckRow], serve_start: float, rtt_s: float
 ) -> int:
     """Add the "tasks" and "finish" checks, print the responder's report; return the exit code."""
     done = session.bye_reason == "done"
-    # NOTE: an initiator that says Bye with another reason left; one that says nothing vanished.
-    ended = "left" if session.bye_reason is not None else "vanished"
+    ended = _initiator_ending(session.bye_reason)
     served = (
         f"{session.tasks_served} task(s) served, {format_bytes(session.bytes_in)} in, "
         f"{format_bytes(session.bytes_out)} out"
