@@ -95,8 +95,9 @@ def test_pair_loopback_every_check_passes(pyz: Path, make_home, record_property)
     assert responder.stdout_lines[-2] == "All checks passed (responder)."
     for name in CHECK_NAMES:
         assert any(re.match(rf"{name}\s+ok\s", line) for line in initiator.stdout_lines), name
-    # Normal exit removes both session directories.
+    # Normal exit removes both session directories, and keeps no log.
     assert session_dirs(a) == [] and session_dirs(b) == []
+    assert not (a.pangea_home / "logs").exists() and not (b.pangea_home / "logs").exists()
 
     # The figures are rates a link carries, and the fallback row says what happened.
     assert 0 < doc["throughput_mb_s"]["upload"] < 100_000 and 0 < doc["throughput_mb_s"]["download"] < 100_000, doc
@@ -261,6 +262,12 @@ def test_initiator_interrupted_mid_run_says_bye_and_the_responder_says_interrupt
     assert rows["tasks"]["ok"] is False, doc
     assert "the initiator was interrupted before its checks finished" in rows["tasks"]["detail"], doc
     assert session_dirs(a) == [] and session_dirs(b) == []
+    # Neither run finished: both keep their log, and say where.
+    for proc, home in ((initiator, a), (responder, b)):
+        kept = [line for line in proc.stderr_lines if line.startswith("pangea: log kept in ")]
+        assert len(kept) == 1, proc.output()
+        log = Path(kept[0].removeprefix("pangea: log kept in "))
+        assert log.parent == home.pangea_home / "logs" and log.is_file(), proc.output()
 
 
 def test_responder_interrupted_mid_run_tells_the_initiator(pyz: Path, make_home: Any) -> None:
