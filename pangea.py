@@ -9781,7 +9781,46 @@ def version_text() -> str:
     else:
         target = " ".join(info.get("BUILT_FOR", ("?", "?")))
         built = f"built for {target} (Python {info.get('PYTHON_VERSION', '?')}), commit {info.get('GIT_COMMIT', '?')}"
-    return f"pangea {__version__} (protocol {PROTOCOL_VERSION}), {built}; running on {here}"
+    return f"pangea {__version__} (protocol {PROTOCOL_VERSION}), {built}; running on {here}{unpacked_text()}"
+
+
+_SHIV_DIR = r".+_[0-9a-f]{64}"  # shiv unpacks a pyz into $SHIV_ROOT/<pyz file name>_<build id>
+
+
+def unpacked_builds(module_file: str = __file__) -> tuple[Path, list[Path]] | None:
+    """(the directory this pyz build is unpacked in, the other pangea builds unpacked beside
+    it), when running from shiv's cache; None when running from source."""
+    import re
+
+    site = Path(module_file).resolve().parent
+    here = site.parent
+    if site.name != "site-packages" or not re.fullmatch(_SHIV_DIR, here.name):
+        return None
+    with contextlib.suppress(OSError):
+        others = [
+            p
+            for p in sorted(here.parent.iterdir())
+            if p != here and re.fullmatch(_SHIV_DIR, p.name) and (p / "site-packages" / "_pangea_build.py").is_file()
+        ]
+        return here, others
+    return here, []
+
+
+def unpacked_text() -> str:
+    """The --version clause on shiv's cache: where this build is unpacked, and how to remove older ones."""
+    import shlex
+
+    found = unpacked_builds()
+    if found is None:
+        return ""
+    here, others = found
+    if not others:
+        return f"; unpacked in {here} (no other pangea build unpacked beside it)"
+    listed = " ".join(shlex.quote(str(p)) for p in others)
+    return (
+        f"; unpacked in {here}; {len(others)} other pangea build(s) unpacked beside it, not this one, "
+        f"removable when no pangea of theirs runs: rm -rf {listed}"
+    )
 
 
 class _VersionAction(argparse.Action):

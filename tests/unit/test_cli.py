@@ -698,3 +698,16 @@ def test_call_matmul_too_large_names_size_and_rpc_max_mib_not_a_client_setting()
     )
     assert info.value.hint == "use --size 8191 or less, or start the node with a larger --rpc-max-mib (at most 4096)"
     pangea.check_call_size(8191, pangea.DEFAULT_RPC_MAX_BYTES, "127.0.0.1:7780")  # fits: no error
+
+
+def test_unpacked_builds_names_this_build_and_only_other_pangea_builds(tmp_path: Path) -> None:
+    root = tmp_path / "shiv"
+    here = root / f"pangea.pyz_{'a' * 64}"
+    for build in (here, root / f"pangea.pyz_{'b' * 64}", root / f"renamed.pyz_{'c' * 64}"):
+        (build / "site-packages").mkdir(parents=True)
+        (build / "site-packages" / "_pangea_build.py").write_text("")
+    (root / f"other.pyz_{'d' * 64}" / "site-packages").mkdir(parents=True)  # not pangea: no build stamp
+    (root / f"pangea.pyz_{'e' * 64}.tmp" / "site-packages").mkdir(parents=True)  # an unpacking in progress
+    found = pangea.unpacked_builds(str(here / "site-packages" / "pangea.py"))
+    assert found == (here, [root / f"pangea.pyz_{'b' * 64}", root / f"renamed.pyz_{'c' * 64}"])
+    assert pangea.unpacked_builds(str(tmp_path / "src" / "pangea.py")) is None  # from source
