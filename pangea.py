@@ -4524,15 +4524,18 @@ class SessionDir:
         self.exit_code = code
         return code
 
-    def keep_log(self, max_bytes: int = LOG_KEPT_MAX_BYTES) -> Path | None:
-        """Copy the log (its rotated files first, the last ``max_bytes`` of them) to
-        ``kept_log_path`` and prune the kept logs; None when the log says nothing but that
-        the process started, or it cannot be kept (the failure is reported either way)."""
+    def keep_log(self, last_line: str = "", max_bytes: int = LOG_KEPT_MAX_BYTES) -> Path | None:
+        """Copy the log (its rotated files first, then ``last_line``; the last ``max_bytes``
+        of them) to ``kept_log_path`` and prune the kept logs; None when the log says nothing
+        but that the process started (a setup error: its message says it all), or it cannot
+        be kept (the failure is reported either way)."""
         parts = [self.log_path.with_name(f"{self.log_path.name}.{i}") for i in range(LOG_BACKUPS, 0, -1)]
         try:
             data = b"".join(part.read_bytes() for part in [*parts, self.log_path] if part.is_file())
             if data.count(b"\n") <= 1:
                 return None
+            if last_line:
+                data += last_line.encode(errors="replace") + b"\n"
             dest = self.kept_log_path
             dest.parent.mkdir(mode=0o700, exist_ok=True)
             write_private_file(dest, log_tail(data, max_bytes))
@@ -9612,12 +9615,12 @@ def node_session(role: str, args: argparse.Namespace) -> Any:
 
 def _keep_failed_log(session: SessionDir, why: str) -> Path | None:
     """Keep the log of a failed run (session.keep_log) once every handler has written it out."""
-    log.info("the run failed (%s); keeping this log", why)
     for name in ("", "pangea", "libp2p"):
         for handler in logging.getLogger(name).handlers:
             with contextlib.suppress(OSError, ValueError):
                 handler.flush()
-    return session.keep_log()
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+    return session.keep_log(f"{when} INFO pangea: the run failed ({why}); this log is kept")
 
 
 def first_error(exc: BaseException, kind: type[BaseException]) -> BaseException | None:

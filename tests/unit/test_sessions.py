@@ -309,9 +309,14 @@ def test_keep_log_skips_a_log_that_only_says_the_process_started(home: Path) -> 
 
 def test_keep_log_is_bounded_per_file(home: Path) -> None:
     session = _session_with_log(home, "x" * 99 + "\n" + "y" * 5000 + "\nlast line\n")
-    kept = session.keep_log(max_bytes=1000)
+    kept = session.keep_log("why it failed", max_bytes=1000)
     assert kept is not None and kept.stat().st_size <= 1000
-    assert kept.read_text().endswith("last line\n")
+    assert kept.read_text().endswith("last line\nwhy it failed\n")
+
+
+def test_keep_log_of_a_setup_error_keeps_nothing_even_with_its_last_line(home: Path) -> None:
+    session = _session_with_log(home, "started\n")
+    assert session.keep_log("the run failed (cannot use port 7777)") is None
 
 
 def test_keep_log_prunes_the_kept_logs_to_their_bound(home: Path) -> None:
