@@ -9298,9 +9298,11 @@ class Client:
 # What runs before and around every verb, in the order `_main` runs it: the
 # guard that the pyz runs on the interpreter it was built for; the deferred
 # libp2p imports (pinned to libp2p's import graph) and sys.path, so that a
-# verb starts fast; the log of a node process; the trio runner that turns
-# Ctrl-C and SIGTERM into an exit code; and the end of stdout when its reader
-# has gone (`| head -1`). The CLI below calls these; nothing above uses them.
+# verb starts fast; the log of a node process (kept in logs/ when the run
+# fails); the trio runner that turns Ctrl-C and SIGTERM into an exit code,
+# after a farewell (a Bye) to the peers; the terminal prompts (`ask`); and the
+# end of stdout when its reader has gone (`| head -1`). The CLI below calls
+# these; nothing above uses them.
 ###############################################################################
 
 
