@@ -197,12 +197,21 @@ prune_site() {
 # (a pyenv shim is a bash script running `pyenv exec`: 60-100 ms of every start,
 # a third of a warm --help). Why not the build interpreter's path alone: the pyz
 # must still run on other boxes with a CPython X.Y elsewhere.
+# With PYZ_BUILD_ID and PYZ_UNPACK_MB set (finish_pyz), the head also says on stderr, once,
+# that the first run of this build unpacks it and where: shiv does so silently (seconds),
+# into $SHIV_ROOT (default ~/.shiv)/<the pyz's file name, links resolved>_<build id>.
 pyz_head() {
     local xy=$1 python=${2:-}
     echo '#!/bin/sh'
     echo "# pangea.pyz: a zipapp (shiv) for CPython $xy; the zip follows these lines."
     echo "# They run it with the interpreter it was built with if this box has it, else with"
     echo "# python$xy from PATH (possibly a slower wrapper such as a pyenv shim), else python3."
+    if [[ -n ${PYZ_BUILD_ID:-} ]]; then
+        echo "# The first run of a build unpacks it (shiv, silently): say so, and where."
+        echo 'n=$0; [ -L "$n" ] && n=$(readlink -f -- "$n" 2>/dev/null || printf %s "$n"); n=${n##*/}'
+        echo "d=\${SHIV_ROOT:-\$HOME/.shiv}; d=\${d%/}/\${n}_$PYZ_BUILD_ID"
+        echo "[ -d \"\$d/site-packages\" ] || echo \"pangea: first run of this build: unpacking $PYZ_UNPACK_MB MB into \$d (once; --version names older builds to remove)\" >&2"
+    fi
     if [[ -n $python ]]; then
         printf 'py=%q\n' "$python"
         echo "[ -x \"\$py\" ] || py=\$(command -v python$xy) || py=python3"
@@ -218,7 +227,9 @@ pyz_head() {
 # unzip and zipinfo would warn of "extra bytes at beginning").
 finish_pyz() {
     local tmp=$1 out=$2
-    local skip head_bytes
+    local skip head_bytes PYZ_BUILD_ID PYZ_UNPACK_MB
+    read -r PYZ_BUILD_ID PYZ_UNPACK_MB < <("$VENV/bin/python" "$HELPERS" unpack-info "$tmp")
+    [[ -n $PYZ_BUILD_ID && -n $PYZ_UNPACK_MB ]] || { echo "build.sh: error: no shiv build id in $tmp" >&2; exit 1; }
     skip=$(head -1 "$tmp" | wc -c)
     head_bytes=$(pyz_head "${@:3}" | wc -c)
     { pyz_head "${@:3}"; tail -c +$((skip + 1)) "$tmp"; } >"$tmp.head"

@@ -7,6 +7,7 @@ build.sh orchestrates (venvs, pip, shiv, the cache keys); it runs this file as
   stamp PATH COMMIT [TAG MACHINE X.Y]
                                     the build stamp _pangea_build.py (another target's, if given)
   shift-offsets PATH DELTA          move a zip's recorded offsets after its first line was replaced
+  unpack-info PATH                  print a pyz's shiv build id and the MB its first run unpacks
   and for another target (./build.sh --python X.Y / --platform TAG):
   platforms TAG                     the target's machine, libc and every platform tag it accepts
   sdists REPORT                     the dependencies pip's resolution took from an sdist
@@ -150,6 +151,21 @@ def shift_offsets(path: Path, delta: int) -> None:
     data = bytearray(path.read_bytes())
     shift_zip_offsets(data, delta, str(path))
     path.write_bytes(data)
+
+
+def unpack_info(path: Path) -> tuple[str, int]:
+    """The shiv build id of the zipapp at PATH and how many MB its first run unpacks (its
+    site-packages, uncompressed): what the pyz head's first-run line says."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            env = json.loads(archive.read("environment.json"))
+            size = sum(i.file_size for i in archive.infolist() if i.filename.startswith("site-packages/"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise BuildError(f"cannot read the shiv environment of {path}: {exc}", exit_code=1) from None
+    build_id = str(env.get("build_id", ""))
+    if not build_id.isalnum():
+        raise BuildError(f"{path}: shiv build id {build_id!r} is not one word", exit_code=1)
+    return build_id, max(1, round(size / 1e6))
 
 
 # --------------------------------------------------------------------------
@@ -402,6 +418,12 @@ def _cmd_shift_offsets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_unpack_info(args: argparse.Namespace) -> int:
+    build_id, mb = unpack_info(Path(args.path))
+    print(build_id, mb)
+    return 0
+
+
 def _cmd_platforms(args: argparse.Namespace) -> int:
     machine, libc, version, tags = target_platforms(args.tag)
     print(machine, libc, version)
@@ -463,6 +485,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = job("shift-offsets", _cmd_shift_offsets, "move the recorded offsets of the zip at PATH by DELTA bytes")
     p.add_argument("path")
     p.add_argument("delta", type=int)
+    p = job("unpack-info", _cmd_unpack_info, "print the shiv build id of the pyz at PATH and the MB it unpacks")
+    p.add_argument("path")
     p = job("platforms", _cmd_platforms, "print MACHINE LIBC LIBC_VERSION, then the target's platform tags")
     p.add_argument("tag", help='the --platform tag; "" for this machine')
     p = job("sdists", _cmd_sdists, "print name==version of every dependency REPORT took from an sdist")

@@ -75,7 +75,7 @@ import threading
 import time
 import types
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, Union
@@ -180,6 +180,7 @@ PING_COUNT = 5  # pings for the RTT figure of the connection check
 DIAL_BACKOFF_FIRST_S = 0.25  # respond retries: 0.25, 0.5, 1, 2, 4, 4, ... s
 DIAL_BACKOFF_MAX_S = 4.0
 BYE_WAIT_S = 5.0  # how long the initiator waits for the responder to hang up
+FAREWELL_S = 1.0  # Ctrl-C or SIGTERM: how long a Bye to the peers may hold up the exit
 MAX_ATTEMPTS = 3  # a task is tried at most this often (remote, then local)
 
 # Directory under $PANGEA_HOME holding one session directory per process.
@@ -187,6 +188,13 @@ SESSIONS_DIRNAME = "compute_test"
 IDENTITY_FILENAME = "identity.key"
 LOG_MAX_BYTES = 1 << 20  # session log rotates at 1 MiB, keeping 3 old files
 LOG_BACKUPS = 3
+# A failed run's log is kept in $PANGEA_HOME/logs/ (its session directory goes): the newest
+# LOG_KEPT_FILES, each its last LOG_KEPT_MAX_BYTES, at most LOG_KEPT_TOTAL_BYTES in all.
+LOGS_DIRNAME = "logs"
+LOG_KEPT_FILES = 10
+LOG_KEPT_MAX_BYTES = 1 << 20
+LOG_KEPT_TOTAL_BYTES = 8 << 20
+LOG_DROPPED_NOTE_BYTES = 100  # room for the line that says what a cut kept log lost
 LOG_MAX_RECORD_CHARS = 4000  # a log line's message is cut here: a peer's or client's long text cannot flood the log
 LIBP2P_LOG_REPEAT_S = 60.0  # one libp2p warning or error of a kind per minute in the log; a redial makes dozens
 
@@ -4286,7 +4294,8 @@ class Scheduler:
 # identity key and one session directory per running process:
 #     compute_test/<role>-<pid>/{pid, info.json, addresses.txt, pangea.log}
 # Created at start, removed on exit (normal, Ctrl-C, SIGTERM); directories of
-# dead processes are removed by the next start.
+# dead processes are removed by the next start. The log of a run that failed
+# (exit code not 0) is kept first, bounded, as logs/<role>-<UTC start>-<pid>.log.
 ###############################################################################
 
 
@@ -4344,6 +4353,58 @@ def live_sessions(home: Path, *, besides: int | None = None) -> list[tuple[str, 
             if d.is_dir() and role and pid_text.isdigit() and int(pid_text) != own and pid_alive(int(pid_text)):
                 found.append((role, int(pid_text)))
     return found
+
+
+def log_tail(data: bytes, max_bytes: int) -> bytes:
+    """At most ``max_bytes`` of a log: all of it, or a line saying how much was dropped and
+    then its last lines (where a failure is), from a line start (pure)."""
+    if len(data) <= max_bytes:
+        return data
+    tail = data[len(data) - max(0, max_bytes - LOG_DROPPED_NOTE_BYTES) :]
+    newline = tail.find(b"\n")
+    if 0 <= newline < len(tail) - 1:
+        tail = tail[newline + 1 :]
+    note = f"[pangea: the first {len(data) - len(tail)} bytes of this log were dropped]\n".encode()
+    return (note + tail)[-max_bytes:]
+
+
+def logs_to_prune(
+    logs: Sequence[tuple[str, float, int]],
+    keep_files: int = LOG_KEPT_FILES,
+    max_total_bytes: int = LOG_KEPT_TOTAL_BYTES,
+) -> list[str]:
+    """The kept logs to delete (pure), given (name, mtime, size) of each: every one but the
+    newest ``keep_files``, and from the first that would take the total past ``max_total_bytes``
+    on, every older one too."""
+    prune: list[str] = []
+    kept, total = 0, 0
+    for name, _, size in sorted(logs, key=lambda entry: (entry[1], entry[0]), reverse=True):
+        if prune or kept >= keep_files or total + size > max_total_bytes:
+            prune.append(name)
+            continue
+        kept, total = kept + 1, total + size
+    return prune
+
+
+def kept_logs(home: Path) -> list[dict[str, Any]]:
+    """The logs of failed runs in $PANGEA_HOME/logs, newest first: path, bytes, modified (epoch s)."""
+    found: list[dict[str, Any]] = []
+    with contextlib.suppress(OSError):
+        for path in (home / LOGS_DIRNAME).glob("*.log"):
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                found.append({"path": str(path), "bytes": st.st_size, "modified": st.st_mtime})
+    return sorted(found, key=lambda entry: (entry["modified"], entry["path"]), reverse=True)
+
+
+def prune_kept_logs(home: Path) -> list[str]:
+    """Delete the kept logs beyond the bounds of logs_to_prune; return their paths."""
+    logs = [(entry["path"], float(entry["modified"]), int(entry["bytes"])) for entry in kept_logs(home)]
+    pruned = logs_to_prune(logs)
+    for path in pruned:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return pruned
 
 
 def describe_sessions(sessions: Sequence[tuple[str, int]]) -> str:
@@ -4536,11 +4597,44 @@ class SessionDir:
         self.pid = pid if pid is not None else os.getpid()
         self.path = home / SESSIONS_DIRNAME / f"{role}-{self.pid}"
         self.info: dict[str, Any] = {"role": role, "pid": self.pid, "started": time.time(), "version": __version__}
+        self.exit_code: int | None = None  # set by finish()
 
     @property
     def log_path(self) -> Path:
         """Path of this session's log file."""
         return self.path / "pangea.log"
+
+    @property
+    def kept_log_path(self) -> Path:
+        """Where this session's log is kept when the run fails: logs/<role>-<UTC start>-<pid>.log."""
+        started = time.strftime("%Y%m%d-%H%M%S", time.gmtime(float(self.info["started"])))
+        return self.home / LOGS_DIRNAME / f"{self.role}-{started}-{self.pid}.log"
+
+    def finish(self, code: int) -> int:
+        """Record the run's exit code (node_session keeps the log when it is not 0); return it."""
+        self.exit_code = code
+        return code
+
+    def keep_log(self, last_line: str = "", max_bytes: int = LOG_KEPT_MAX_BYTES) -> Path | None:
+        """Copy the log (its rotated files first, then ``last_line``; the last ``max_bytes``
+        of them) to ``kept_log_path`` and prune the kept logs; None when the log says nothing
+        but that the process started (a setup error: its message says it all), or it cannot
+        be kept (the failure is reported either way)."""
+        parts = [self.log_path.with_name(f"{self.log_path.name}.{i}") for i in range(LOG_BACKUPS, 0, -1)]
+        try:
+            data = b"".join(part.read_bytes() for part in [*parts, self.log_path] if part.is_file())
+            if data.count(b"\n") <= 1:
+                return None
+            if last_line:
+                data += last_line.encode(errors="replace") + b"\n"
+            dest = self.kept_log_path
+            dest.parent.mkdir(mode=0o700, exist_ok=True)
+            write_private_file(dest, log_tail(data, max_bytes))
+            prune_kept_logs(self.home)
+        except OSError as exc:
+            log.debug("cannot keep the log of %s: %s", self.path, exc)
+            return None
+        return dest
 
     def create(self) -> SessionDir:
         """Clean stale sessions, then create this one with its pid file."""
@@ -9319,9 +9413,11 @@ class Client:
 # What runs before and around every verb, in the order `_main` runs it: the
 # guard that the pyz runs on the interpreter it was built for; the deferred
 # libp2p imports (pinned to libp2p's import graph) and sys.path, so that a
-# verb starts fast; the log of a node process; the trio runner that turns
-# Ctrl-C and SIGTERM into an exit code; and the end of stdout when its reader
-# has gone (`| head -1`). The CLI below calls these; nothing above uses them.
+# verb starts fast; the log of a node process (kept in logs/ when the run
+# fails); the trio runner that turns Ctrl-C and SIGTERM into an exit code,
+# after a farewell (a Bye) to the peers; the terminal prompts (`ask`); and the
+# end of stdout when its reader has gone (`| head -1`). The CLI below calls
+# these; nothing above uses them.
 ###############################################################################
 
 
@@ -9620,8 +9716,28 @@ def node_session(role: str, args: argparse.Namespace) -> Any:
         setup_logging(session.log_path, getattr(args, "verbose", 0), getattr(args, "debug", False))
         log.info("pangea %s %s started, pid %d", __version__, role, os.getpid())
         yield home, session
+    except BaseException as exc:
+        kept = _keep_failed_log(session, one_line(describe_exception(exc)))
+        if kept is not None:
+            exc.pangea_log_kept = str(kept)  # type: ignore[attr-defined]  # _report_error names it
+        raise
+    else:
+        if session.exit_code not in (None, 0):
+            kept = _keep_failed_log(session, f"exit code {session.exit_code}")
+            if kept is not None:
+                print(f"pangea: log kept in {kept}", file=sys.stderr)
     finally:
         session.remove()
+
+
+def _keep_failed_log(session: SessionDir, why: str) -> Path | None:
+    """Keep the log of a failed run (session.keep_log) once every handler has written it out."""
+    for name in ("", "pangea", "libp2p"):
+        for handler in logging.getLogger(name).handlers:
+            with contextlib.suppress(OSError, ValueError):
+                handler.flush()
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+    return session.keep_log(f"{when} INFO pangea: the run failed ({why}); this log is kept")
 
 
 def first_error(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
@@ -9635,13 +9751,23 @@ def first_error(exc: BaseException, kind: type[BaseException]) -> BaseException 
     return exc if isinstance(exc, kind) else None
 
 
-def run_trio_value(fn: Callable[..., Any], *args: Any) -> Any:
+class Farewell:
+    """The last words of a command stopped by Ctrl-C or SIGTERM (a Bye to its peers): the
+    command sets ``say``; run_trio awaits it, for FAREWELL_S at most, before it cancels."""
+
+    def __init__(self) -> None:
+        self.say: Callable[[], Awaitable[None]] | None = None
+
+
+def run_trio_value(fn: Callable[..., Any], *args: Any, farewell: Farewell | None = None) -> Any:
     """Run ``fn(*args)`` under trio and return its value; Ctrl-C and SIGTERM cancel it cleanly
-    and raise Interrupted (exit code 130 or 143).
+    and raise Interrupted (exit code 130 or 143), after ``farewell.say()`` when it is set.
 
     NOTE: Ctrl-C inside py-libp2p surfaces as a KeyboardInterrupt nested in an
     exception group; cancelling the main scope from a signal receiver instead
-    lets every `finally` run.
+    lets every `finally` run. The farewell comes first, while everything still
+    runs: once the scope is cancelled, so are py-libp2p's own tasks, and a
+    message written then may never leave.
     """
     import trio
 
@@ -9655,13 +9781,17 @@ def run_trio_value(fn: Callable[..., Any], *args: Any) -> Any:
                     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                         async for signum in signals:
                             received.append(signum)
+                            if farewell is not None and farewell.say is not None:
+                                with trio.move_on_after(FAREWELL_S):
+                                    await farewell.say()
                             scope.cancel()
                             return
 
                 nursery.start_soon(on_signals)
                 value = await fn(*args)
                 nursery.cancel_scope.cancel()
-                return value
+                if not received:  # NOTE: a run that ended during its farewell was still interrupted
+                    return value
         raise Interrupted(128 + received[0] if received else 1)
 
     try:
@@ -9673,12 +9803,48 @@ def run_trio_value(fn: Callable[..., Any], *args: Any) -> Any:
         raise
 
 
-def run_trio(fn: Callable[..., Any], *args: Any) -> int:
+def run_trio(fn: Callable[..., Any], *args: Any, farewell: Farewell | None = None) -> int:
     """Run a command's ``async`` body under trio; return its exit code (130/143 after a signal)."""
     try:
-        return int(run_trio_value(fn, *args))
+        return int(run_trio_value(fn, *args, farewell=farewell))
     except Interrupted as exc:
         return exc.code
+
+
+PROMPT_TRIES = 3  # a bad answer at a prompt (a pasted address, a code) is asked for again, this often in all
+_T = TypeVar("_T")
+
+
+def ask(question: str) -> str | None:
+    """One line typed at the terminal, stripped; None at Ctrl-D. At Ctrl-C the prompt's
+    line is ended first (the terminal echoed ``^C`` on it), so "pangea: interrupted" starts
+    a fresh one; then KeyboardInterrupt goes on to main (exit 130)."""
+    try:
+        return input(question).strip()
+    except EOFError:
+        print(flush=True)
+        return None
+    except KeyboardInterrupt:
+        print(flush=True)
+        raise
+
+
+def ask_until_valid(question: str, parse: Callable[[str], _T], tries: int = PROMPT_TRIES) -> _T | None:
+    """Ask until ``parse`` takes the answer; None at an empty line or Ctrl-D. A UsageError
+    from ``parse`` is shown and the question asked again, ``tries`` times in all; the last
+    one goes on to main."""
+    for attempt in range(1, tries + 1):
+        text = ask(question)
+        if not text:
+            return None
+        try:
+            return parse(text)
+        except UsageError as exc:
+            if attempt == tries:
+                raise
+            left = tries - attempt
+            print(f"pangea: {exc}; try again ({left} more {'try' if left == 1 else 'tries'}, Enter to stop)")
+    return None
 
 
 def _flush_stdout(code: int) -> int:
@@ -9735,7 +9901,46 @@ def version_text() -> str:
     else:
         target = " ".join(info.get("BUILT_FOR", ("?", "?")))
         built = f"built for {target} (Python {info.get('PYTHON_VERSION', '?')}), commit {info.get('GIT_COMMIT', '?')}"
-    return f"pangea {__version__} (protocol {PROTOCOL_VERSION}), {built}; running on {here}"
+    return f"pangea {__version__} (protocol {PROTOCOL_VERSION}), {built}; running on {here}{unpacked_text()}"
+
+
+_SHIV_DIR = r".+_[0-9a-f]{64}"  # shiv unpacks a pyz into $SHIV_ROOT/<pyz file name>_<build id>
+
+
+def unpacked_builds(module_file: str = __file__) -> tuple[Path, list[Path]] | None:
+    """(the directory this pyz build is unpacked in, the other pangea builds unpacked beside
+    it), when running from shiv's cache; None when running from source."""
+    import re
+
+    site = Path(module_file).resolve().parent
+    here = site.parent
+    if site.name != "site-packages" or not re.fullmatch(_SHIV_DIR, here.name):
+        return None
+    with contextlib.suppress(OSError):
+        others = [
+            p
+            for p in sorted(here.parent.iterdir())
+            if p != here and re.fullmatch(_SHIV_DIR, p.name) and (p / "site-packages" / "_pangea_build.py").is_file()
+        ]
+        return here, others
+    return here, []
+
+
+def unpacked_text() -> str:
+    """The --version clause on shiv's cache: where this build is unpacked, and how to remove older ones."""
+    import shlex
+
+    found = unpacked_builds()
+    if found is None:
+        return ""
+    here, others = found
+    if not others:
+        return f"; unpacked in {here} (no other pangea build unpacked beside it)"
+    listed = " ".join(shlex.quote(str(p)) for p in others)
+    return (
+        f"; unpacked in {here}; {len(others)} other pangea build(s) unpacked beside it, not this one, "
+        f"removable when no pangea of theirs runs: rm -rf {listed}"
+    )
 
 
 class _VersionAction(argparse.Action):
@@ -10251,7 +10456,11 @@ def cmd_initiate(args: argparse.Namespace) -> int:
     with node_session("initiator", args) as (home, session_dir):
         key_pair = load_or_create_identity(home)
         allowed = trusted_peers(home, args.allow_peer)
-        return run_trio(_initiate, args, session_dir, key_pair, (limits, psk, allowed))
+        farewell = Farewell()
+        options = (limits, psk, allowed)
+        return session_dir.finish(
+            run_trio(_initiate, args, session_dir, key_pair, options, farewell, farewell=farewell)
+        )
 
 
 async def _wait_for_responders(node: Node, sessions: list[PeerSession], expect: int, timeout_s: float) -> None:
@@ -10413,7 +10622,11 @@ class LiveView:
 
 
 async def _initiate(
-    args: argparse.Namespace, session_dir: SessionDir, key_pair: Any, options: tuple[Limits, str | None, set[str]]
+    args: argparse.Namespace,
+    session_dir: SessionDir,
+    key_pair: Any,
+    options: tuple[Limits, str | None, set[str]],
+    farewell: Farewell,
 ) -> int:
 
     limits, psk, allowed = options
@@ -10450,6 +10663,7 @@ async def _initiate(
         node.nursery.start_soon(manager.watch_suspects)
         _announce_initiator(args, node, manager, session_dir, pairing)
         sessions: list[PeerSession] = []
+        farewell.say = lambda: _say_bye(sessions, INITIATOR_STOPPED)  # on Ctrl-C or SIGTERM
         view = LiveView(show_progress(args), node.nursery)
         with view:
             view.watch_traffic(node)
@@ -10468,6 +10682,16 @@ async def _initiate(
         if len(sessions) < expect:
             raise _too_few_responders(args, node, sessions, expect)
     return _initiator_report(args, node, sessions, checks, results)
+
+
+INITIATOR_STOPPED = "interrupted by Ctrl-C or SIGTERM"  # its Bye to the responders
+
+
+async def _say_bye(sessions: list[PeerSession], reason: str) -> None:
+    """Tell every responder still connected that we leave, and why."""
+    for session in sessions:
+        if not session.closed.is_set():
+            await session.bye(reason)
 
 
 def _announce_initiator(
@@ -10540,10 +10764,16 @@ def discover_one(interactive: bool) -> str:
         return str(found[0]["address"])
     if not interactive:
         raise UsageError(f"{len(found)} initiators found; pass the address of the one to join")
-    while True:
-        choice = input(f"Which one [1-{len(found)}]: ").strip()
-        if choice.isdigit() and 1 <= int(choice) <= len(found):
-            return str(found[int(choice) - 1]["address"])
+
+    def pick(choice: str) -> str:
+        if not (choice.isdigit() and 1 <= int(choice) <= len(found)):
+            raise UsageError(f"no initiator {choice!r}: type a number from 1 to {len(found)}")
+        return str(found[int(choice) - 1]["address"])
+
+    picked = ask_until_valid(f"Which one [1-{len(found)}]: ", pick)
+    if picked is None:
+        raise UsageError("no initiator chosen", hint="run `respond --discover` again, or paste the address")
+    return picked
 
 
 JOIN_ENV = "PANGEA_JOIN"  # `respond` without ADDRESS reads the join string from here (demo passes it so)
@@ -10585,6 +10815,9 @@ def join_text(address: str | None, discover: bool) -> str | None:
     return address
 
 
+PASTE_PROMPT = "Paste the initiator's join string or address: "
+
+
 def cmd_respond(args: argparse.Namespace) -> int:
     """`respond`: dial the initiator, serve its tasks until it says done."""
     check_node_ports("respond", args)
@@ -10592,29 +10825,34 @@ def cmd_respond(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if text is None and args.discover:
         text = discover_one(interactive)
-    if text is None:
-        if not interactive:
-            raise UsageError(
-                "no initiator address given",
-                hint="./pangea.pyz respond 'pangea://ip4/<ip>/tcp/<port>/p2p/<id>#CODE' (on a shared machine: "
-                f"pipe it to `respond -`, or set ${JOIN_ENV})",
-            )
-        text = input("Paste the initiator's join string or address: ")
-    address = parse_peer_address(text)
+    # NOTE: at the terminal a bad paste is asked for again (ask_until_valid); Enter or Ctrl-D gives up.
+    pasted = None if text is not None or not interactive else ask_until_valid(PASTE_PROMPT, parse_peer_address)
+    if text is None and pasted is None:
+        raise UsageError(
+            "no initiator address given",
+            hint="./pangea.pyz respond 'pangea://ip4/<ip>/tcp/<port>/p2p/<id>#CODE' (on a shared machine: "
+            f"pipe it to `respond -`, or set ${JOIN_ENV})",
+        )
+    address = pasted or parse_peer_address(str(text))
     if args.code:
         address = dataclasses.replace(address, code=normalize_pairing_code(args.code))
     elif not address.code and interactive:
-        typed = input("Pairing code shown by the initiator (Enter if it allowed this peer): ").strip()
+        typed = ask_until_valid(
+            "Pairing code shown by the initiator (Enter if it allowed this peer): ", normalize_pairing_code
+        )
         if typed:
-            address = dataclasses.replace(address, code=normalize_pairing_code(typed))
+            address = dataclasses.replace(address, code=typed)
     limits, psk = limits_from_args(args), read_psk_file(args.psk)
     with node_session("responder", args) as (home, session_dir):
         key_pair = load_or_create_identity(home)
-        return run_trio(_respond, args, address, session_dir, key_pair, (limits, psk))
+        farewell = Farewell()
+        options = (limits, psk)
+        return session_dir.finish(
+            run_trio(_respond, args, address, session_dir, key_pair, options, farewell, farewell=farewell)
+        )
 
 
 RESPONDER_STOPPED = "stopped by Ctrl-C or SIGTERM"  # its Bye to the initiator
-RESPONDER_BYE_S = 1.0  # a stopped responder's Bye may not hold up its exit longer than this
 
 
 async def _respond(
@@ -10623,9 +10861,8 @@ async def _respond(
     session_dir: SessionDir,
     key_pair: Any,
     options: tuple[Limits, str | None],
+    farewell: Farewell,
 ) -> int:
-    import trio
-
     node = _responder_node(args, address, key_pair, options)
     results: list[CheckRow] = []
     async with node.running(args.host, args.port):
@@ -10637,6 +10874,7 @@ async def _respond(
         print(f"Connecting to {address.text} (up to {args.timeout:.0f} s)...", flush=True)
         start = time.perf_counter()
         session = await node.dial(address, timeout_s=args.timeout)
+        farewell.say = lambda: session.bye(RESPONDER_STOPPED)  # on Ctrl-C or SIGTERM: tell the initiator why
         rtt_s = min([await session.ping() for _ in range(3)])
         results.append(_connection_row(node, session, start, rtt_s))
         print(f"Connected to initiator {session.peer_id}; serving its tasks until it says done.", flush=True)
@@ -10645,12 +10883,7 @@ async def _respond(
             view.watch_traffic(node)
             serving = view.add("serving the initiator")
             view.tick(serving, lambda elapsed: (0, f"{session.tasks_served} task(s) done"))
-            try:
-                await session.closed.wait()
-            finally:
-                if not session.closed.is_set():  # Ctrl-C or SIGTERM: tell the initiator why we leave
-                    with trio.CancelScope(shield=True), trio.move_on_after(RESPONDER_BYE_S):
-                        await session.close(RESPONDER_STOPPED)
+            await session.closed.wait()
     return _responder_report(args, session, results, serve_start, rtt_s)
 
 
@@ -10684,13 +10917,20 @@ def _connection_row(node: Node, session: PeerSession, start: float, rtt_s: float
     )
 
 
+def _initiator_ending(bye_reason: str | None) -> str:
+    """How an initiator that did not say done ended, for "the initiator <ending>": interrupted
+    (its Bye says Ctrl-C or SIGTERM), left (a Bye with another reason) or vanished (no Bye)."""
+    if bye_reason is None:
+        return "vanished"
+    return "was interrupted" if bye_reason == INITIATOR_STOPPED else "left"
+
+
 def _responder_report(
     args: argparse.Namespace, session: PeerSession, results: list[CheckRow], serve_start: float, rtt_s: float
 ) -> int:
     """Add the "tasks" and "finish" checks, print the responder's report; return the exit code."""
     done = session.bye_reason == "done"
-    # NOTE: an initiator that says Bye with another reason left; one that says nothing vanished.
-    ended = "left" if session.bye_reason is not None else "vanished"
+    ended = _initiator_ending(session.bye_reason)
     served = (
         f"{session.tasks_served} task(s) served, {format_bytes(session.bytes_in)} in, "
         f"{format_bytes(session.bytes_out)} out"
@@ -11001,6 +11241,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         trusted = trusted_peers(home, args.allow_peer) | {p.peer_id for p in peers}
         options = (limits, psk, trusted, home)
         code = run_trio(_serve, args, session_dir, key_pair, rpc, peers, options)
+        session_dir.finish(0 if code in (130, 128 + signal.SIGTERM) else code)  # how a service stops: no log kept
     return 0 if code == 128 + signal.SIGTERM else code  # SIGTERM is how a service is meant to stop
 
 
@@ -11436,12 +11677,15 @@ def add_status_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """`status`: the nodes running on this box, from their session directories."""
-    nodes, removed = running_sessions(pangea_home())
+    home = pangea_home()
+    nodes, removed = running_sessions(home)
+    logs = kept_logs(home)
     if args.json:
-        print(json.dumps({"nodes": nodes, "cleaned": [str(p) for p in removed]}))
+        print(json.dumps({"nodes": nodes, "cleaned": [str(p) for p in removed], "logs": logs}))
         return 0
     for path in removed:
         print(f"removed the stale session directory {path} (its process is gone)")
+    _print_kept_logs(logs)
     if not nodes:
         print("no pangea node is running on this box (for this PANGEA_HOME)")
         return 0
@@ -11461,6 +11705,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         for s in n.get("suspects", []):
             print(f"{n.get('role', '?')} {n.get('pid', '?')}: {suspect_line(s)}")
     return 0
+
+
+STATUS_LOGS_SHOWN = 3  # status names the newest kept logs; --json lists them all
+
+
+def _print_kept_logs(logs: list[dict[str, Any]]) -> None:
+    """The newest logs of failed runs, one line each (status)."""
+    for entry in logs[:STATUS_LOGS_SHOWN]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(entry["modified"])))
+        print(f"log of a failed run: {entry['path']} ({when})")
+    if len(logs) > STATUS_LOGS_SHOWN:
+        print(f"... and {len(logs) - STATUS_LOGS_SHOWN} older in {Path(logs[0]['path']).parent}")
 
 
 def suspect_line(s: dict[str, Any]) -> str:
@@ -11817,17 +12073,18 @@ MENU = (
 )
 
 
+MENU_TRIES = 20  # answers the menu takes before it quits (every loop is bounded)
+
+
 def menu() -> list[str]:
     """The no-argument menu on a terminal: return the chosen command line ([] to quit)."""
     print(f"pangea {__version__}: share numpy compute between your own machines\n")
     for number, (command, text) in enumerate(MENU, 1):
         print(f"  {number}) {command:<9} {text}")
     print("  q) quit\n")
-    while True:
-        try:
-            choice = input(f"Choose [1-{len(MENU)}, q]: ").strip().lower()
-        except EOFError:
-            return []
+    for _ in range(MENU_TRIES):
+        answer = ask(f"Choose [1-{len(MENU)}, q]: ")
+        choice = "q" if answer is None else answer.lower()
         if choice in ("q", "quit", "exit"):
             return []
         names = [c for c, _ in MENU]
@@ -11836,6 +12093,8 @@ def menu() -> list[str]:
         if choice in names:
             return [choice]
         print(f"please type a number from 1 to {len(MENU)}, or q")
+    print(f"pangea: no choice after {MENU_TRIES} tries; quitting")
+    return []
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -11890,14 +12149,18 @@ def _report_error(exc: BaseException, debug: bool) -> int:
     if isinstance(found, KeyboardInterrupt):
         print("pangea: interrupted", file=sys.stderr)
         return 130
+    kept = getattr(exc, "pangea_log_kept", None)  # a node's failed run: node_session kept its log
+    kept_note = f"log kept in {kept}" if kept else ""
     if isinstance(found, PangeaError):
         print(f"pangea: error: {found}", file=sys.stderr)
-        if found.hint:
-            print(f"hint: {found.hint}", file=sys.stderr)
+        hint = "; ".join(part for part in (found.hint, kept_note) if part)
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
         code = found.exit_code
     else:
         print(f"pangea: error: internal error: {one_line(describe_exception(found))}", file=sys.stderr)
-        print("hint: run again with --debug for the traceback, and report it", file=sys.stderr)
+        hint = "run again with --debug for the traceback, and report it"
+        print(f"hint: {'; '.join(part for part in (hint, kept_note) if part)}", file=sys.stderr)
         code = 1
     if debug:
         import traceback

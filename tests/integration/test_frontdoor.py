@@ -288,6 +288,67 @@ def test_menu_in_a_terminal_5_runs_doctor(pyz: Path, pangea_home: NodeHome, pane
     assert "Traceback" not in text
 
 
+def test_menu_ctrl_c_at_the_prompt_ends_on_a_fresh_line_and_exits_130(
+    pyz: Path, pangea_home: NodeHome, pane: Callable[..., Pane]
+) -> None:
+    term = pane([pyz], pangea_home.env)
+    term.wait_for(r"Choose \[1-5, q\]: $")
+    term.send("C-c")
+    assert term.exit_code() == 130, term.text()
+    text = term.text()
+    assert re.search(r"^pangea: interrupted$", text, re.MULTILINE), text  # on a line of its own
+    assert "^Cpangea" not in text and "Traceback" not in text, text
+
+
+PASTE = r"Paste the initiator's join string or address: "
+
+
+def test_menu_respond_asks_again_after_a_bad_paste_and_enter_gives_up(
+    pyz: Path, pangea_home: NodeHome, pane: Callable[..., Pane]
+) -> None:
+    term = pane([pyz], pangea_home.env)
+    term.wait_for(r"Choose \[1-5, q\]: $")
+    term.send("2", "Enter")
+    term.wait_for(PASTE + "$")
+    term.send("garbage", "Enter")
+    term.wait_for(r"^pangea: bad address 'garbage': .+; try again \(2 more tries, Enter to stop\)$")
+    term.wait_for(PASTE + "$")  # asked again, not ended
+    assert term.text().count(PASTE) == 2, term.text()
+    term.send("/ip4/127.0.0.1/tcp/99999/p2p/x", "Enter")
+    term.wait_for(r"port '99999' is not a number in 1-65535; try again \(1 more try, Enter to stop\)$")
+    term.send("Enter")
+    assert term.exit_code() == 2, term.text()
+    text = term.text()
+    assert re.search(r"^pangea: error: no initiator address given$", text, re.MULTILINE), text
+    assert "Traceback" not in text and session_dirs(pangea_home) == []
+
+
+def test_menu_respond_bad_pastes_end_after_the_last_try(
+    pyz: Path, pangea_home: NodeHome, pane: Callable[..., Pane]
+) -> None:
+    term = pane([pyz, "respond"], pangea_home.env)
+    for n in range(3):
+        term.wait_for(PASTE + "$")
+        assert term.text().count(PASTE) == n + 1, term.text()
+        term.send(f"junk{n}", "Enter")
+    assert term.exit_code() == 2, term.text()
+    text = term.text()
+    assert re.search(r"^pangea: error: bad address 'junk2': ", text, re.MULTILINE), text
+    assert text.count(PASTE) == 3, text
+
+
+def test_menu_respond_ctrl_c_at_the_paste_prompt_exits_130_on_a_fresh_line(
+    pyz: Path, pangea_home: NodeHome, pane: Callable[..., Pane]
+) -> None:
+    term = pane([pyz, "respond"], pangea_home.env)
+    term.wait_for(PASTE + "$")
+    term.send("C-c")
+    assert term.exit_code() == 130, term.text()
+    text = term.text()
+    assert re.search(r"^pangea: interrupted$", text, re.MULTILINE), text
+    assert "Traceback" not in text and session_dirs(pangea_home) == []
+
+
 # ---------------------------------------------------------------- serve nodes
 # ServeNode, peer_id_of and start_serve come from tests/pyz_helpers.py.
 
@@ -331,7 +392,7 @@ def test_status_lists_a_running_serve_node(pyz: Path, pangea_home: NodeHome) -> 
         assert row.split()[:3] == ["serve", str(node.proc.pid), node.peer_id]  # whole, the rest folded under it
         assert f"  rpc: {node.rpc}" in lines, narrow.stdout
     assert node.proc.returncode == 0
-    assert status_json(pyz, pangea_home) == {"nodes": [], "cleaned": []}
+    assert status_json(pyz, pangea_home) == {"nodes": [], "cleaned": [], "logs": []}
 
 
 def test_status_removes_a_stale_session_dir_and_reports_it(pyz: Path, pangea_home: NodeHome) -> None:
@@ -361,7 +422,7 @@ def test_status_with_nothing_running(pyz: Path, pangea_home: NodeHome) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "no pangea node is running on this box (for this PANGEA_HOME)"
     assert result.stderr == ""
-    assert status_json(pyz, pangea_home) == {"nodes": [], "cleaned": []}
+    assert status_json(pyz, pangea_home) == {"nodes": [], "cleaned": [], "logs": []}
 
 
 # ---------------------------------------------------------------- metrics

@@ -10,6 +10,7 @@ start when its process died.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -110,6 +111,31 @@ def test_initiate_timeout_is_one_line_and_exit_2(pyz: Path, pangea_home: NodeHom
     assert f"TCP port {port.group('port')}" in result.stderr, result.stderr  # the port to open in a firewall
     assert 1.0 <= elapsed < 30, elapsed
     assert session_dirs(pangea_home) == []
+
+
+def test_initiate_failed_run_keeps_its_log_where_the_error_says_and_status_lists_it(
+    pyz: Path, pangea_home: NodeHome
+) -> None:
+    result = run_pyz(pyz, ["initiate", "--host", "127.0.0.1", "--port", "0", "--timeout", "1"], pangea_home.env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert_expected_error(result.stderr, "nobody connected within 1 s")
+    hint = result.stderr.splitlines()[-1]
+    match = re.search(r"; log kept in (\S+\.log)$", hint)
+    assert match, result.stderr
+    log = Path(match.group(1))
+    assert log.parent == pangea_home.pangea_home / "logs", log
+    assert re.fullmatch(r"initiator-\d{8}-\d{6}-\d+\.log", log.name), log.name
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    text = log.read_text()
+    assert "listening on /ip4/127.0.0.1/" in text and "nobody connected within 1 s" in text, text
+    assert session_dirs(pangea_home) == []  # the session directory still goes
+
+    status = run_pyz(pyz, ["status"], pangea_home.env)
+    assert status.returncode == 0, status.stderr
+    assert f"log of a failed run: {log} (" in status.stdout, status.stdout
+    doc = json.loads(run_pyz(pyz, ["status", "--json"], pangea_home.env).stdout)
+    assert [entry["path"] for entry in doc["logs"]] == [str(log)], doc
+    assert doc["logs"][0]["bytes"] == log.stat().st_size
 
 
 def _start_responder_to_nowhere(pyz: Path, home: NodeHome, ghost: NodeHome) -> Proc:

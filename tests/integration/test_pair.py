@@ -95,8 +95,9 @@ def test_pair_loopback_every_check_passes(pyz: Path, make_home, record_property)
     assert responder.stdout_lines[-2] == "All checks passed (responder)."
     for name in CHECK_NAMES:
         assert any(re.match(rf"{name}\s+ok\s", line) for line in initiator.stdout_lines), name
-    # Normal exit removes both session directories.
+    # Normal exit removes both session directories, and keeps no log.
     assert session_dirs(a) == [] and session_dirs(b) == []
+    assert not (a.pangea_home / "logs").exists() and not (b.pangea_home / "logs").exists()
 
     # The figures are rates a link carries, and the fallback row says what happened.
     assert 0 < doc["throughput_mb_s"]["upload"] < 100_000 and 0 < doc["throughput_mb_s"]["download"] < 100_000, doc
@@ -225,6 +226,66 @@ def test_respond_exits_1_when_the_initiator_vanishes_mid_run(pyz: Path, make_hom
         rows["tasks"]["ok"] is False and "the initiator vanished before its checks finished" in rows["tasks"]["detail"]
     )
     assert session_dirs(b) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_initiator_interrupted_mid_run_says_bye_and_the_responder_says_interrupted(
+    pyz: Path, make_home: Any, sig: signal.Signals
+) -> None:
+    """Ctrl-C (or SIGTERM) on the initiator: it exits promptly with 130 (143), and the
+    responder, told by its Bye, reports "the initiator was interrupted" and exits 1."""
+    a, b = make_home("initiator"), make_home("responder")
+    # A big run, so the initiator is still in its checks when the signal comes.
+    with start_initiator(pyz, a, "--size", "3000", "--transfer-mib", "256", "--timeout", "60") as initiator:
+        address = loopback_address(initiator)
+        with _respond(pyz, b, address, "--json", "--timeout", "30") as responder:
+            responder.wait_for_line(RESPONDER_CONNECTED, stream="stdout")
+            time.sleep(0.3)  # into the checks
+            start = time.monotonic()
+            os.kill(initiator.pid, sig)
+            assert initiator.wait(timeout=20) == 128 + sig, initiator.output()
+            took = time.monotonic() - start
+            rc = responder.wait(timeout=60)
+    assert took < 10, f"the interrupted initiator took {took:.1f} s to exit\n{initiator.output()}"
+    assert rc == 1, responder.output()
+    _no_traceback(initiator, responder)
+    errors = [line for line in responder.stderr_lines if line.startswith("pangea: error: ")]
+    assert len(errors) == 1, responder.output()
+    assert errors[0].startswith("pangea: error: the initiator was interrupted mid-run: "), errors
+    assert "Ctrl-C or SIGTERM" in errors[0], errors
+    doc = last_json(responder.stdout_lines)
+    assert doc["ok"] is False and doc["role"] == "responder", doc
+    rows = {c["name"]: c for c in doc["checks"]}
+    assert rows["finish"]["ok"] is False, doc
+    assert rows["finish"]["detail"].startswith("the initiator was interrupted: "), doc
+    assert "vanished" not in rows["finish"]["detail"], doc
+    assert rows["tasks"]["ok"] is False, doc
+    assert "the initiator was interrupted before its checks finished" in rows["tasks"]["detail"], doc
+    assert session_dirs(a) == [] and session_dirs(b) == []
+    # Neither run finished: both keep their log, and say where.
+    for proc, home in ((initiator, a), (responder, b)):
+        kept = [line for line in proc.stderr_lines if line.startswith("pangea: log kept in ")]
+        assert len(kept) == 1, proc.output()
+        log = Path(kept[0].removeprefix("pangea: log kept in "))
+        assert log.parent == home.pangea_home / "logs" and log.is_file(), proc.output()
+
+
+def test_responder_interrupted_mid_run_tells_the_initiator(pyz: Path, make_home: Any) -> None:
+    """Ctrl-C on the responder: it exits 130, and its Bye reaches the initiator, whose
+    failing check names why the responder left."""
+    a, b = make_home("initiator"), make_home("responder")
+    with start_initiator(pyz, a, "--json", "--size", "3000", "--transfer-mib", "256", "--timeout", "60") as initiator:
+        address = loopback_address(initiator)
+        with _respond(pyz, b, address, "--timeout", "30") as responder:
+            responder.wait_for_line(RESPONDER_CONNECTED, stream="stdout")
+            time.sleep(0.3)  # into the checks
+            os.kill(responder.pid, signal.SIGINT)
+            assert responder.wait(timeout=20) == 130, responder.output()
+            assert initiator.wait(timeout=PAIR_TIMEOUT_S) == 1, initiator.output()
+    _no_traceback(initiator, responder)
+    doc = last_json(initiator.stdout_lines)
+    failed = [c for c in doc["checks"] if not c["ok"]]
+    assert failed and "peer said bye (stopped by Ctrl-C or SIGTERM)" in failed[0]["detail"], doc
 
 
 def _ghost_address(pyz: Path, home: NodeHome, port: int = 0) -> str:

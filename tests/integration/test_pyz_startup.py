@@ -8,13 +8,15 @@ benchmark's (bench/bench.py --only start).
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from helpers import NodeHome, Proc
-from pyz_helpers import FAST, PAIR_TIMEOUT_S, QUICK_TIMEOUT_S, loopback_address, start_initiator
+from pyz_helpers import FAST, PAIR_TIMEOUT_S, QUICK_TIMEOUT_S, loopback_address, run_pyz, start_initiator
 
 # Libraries a command that does compute or networking needs, but --help must not load.
 HEAVY = ("numpy", "trio", "capnp", "libp2p", "multiaddr", "rich", "cryptography", "zeroconf", "psutil")
@@ -56,3 +58,46 @@ def test_respond_session_runs_without_the_deferred_libp2p_modules(pyz: Path, mak
     names = imported(responder.stderr_lines)
     assert {"libp2p", "numpy", "trio", "capnp"} <= names, sorted(names)
     assert sorted(names & set(DEFERRED_ONLY)) == []
+
+
+FIRST_RUN = re.compile(
+    r"^pangea: first run of this build: unpacking \d+ MB into (?P<dir>\S+) "
+    r"\(once; --version names older builds to remove\)$"
+)
+
+
+def test_first_run_of_a_build_says_it_unpacks_once_on_stderr(pyz: Path, pangea_home: NodeHome, tmp_path: Path) -> None:
+    """A fresh SHIV_ROOT: the first run says (on stderr, stdout's JSON untouched) where it
+    unpacks, the second says nothing; --version names where, and older pangea builds only."""
+    root = tmp_path / "shiv"
+    env = {**pangea_home.env, "SHIV_ROOT": str(root)}
+    first = run_pyz(pyz, ["status", "--json"], env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    json.loads(first.stdout)  # the message is not on stdout
+    (line,) = first.stderr.splitlines()
+    match = FIRST_RUN.match(line)
+    assert match, first.stderr
+    unpacked = Path(match.group("dir"))
+    assert unpacked.parent == root and unpacked.name.startswith(f"{pyz.name}_"), unpacked
+    assert (unpacked / "site-packages" / "pangea.py").is_file()
+
+    second = run_pyz(pyz, ["status", "--json"], env)
+    assert second.returncode == 0 and second.stderr == "", second.stderr
+    json.loads(second.stdout)
+
+    version = run_pyz(pyz, ["--version"], env)
+    assert version.stderr == "" and len(version.stdout.splitlines()) == 1, version
+    assert f"; unpacked in {unpacked} (no other pangea build unpacked beside it)" in version.stdout, version.stdout
+
+    # An older pangea build beside it is named for removal; this one and other zipapps never.
+    older = root / f"pangea.pyz_{'0' * 64}"
+    (older / "site-packages").mkdir(parents=True)
+    (older / "site-packages" / "_pangea_build.py").write_text("BUILT_FOR = ('x', 'y')\n")
+    stranger = root / f"other.pyz_{'1' * 64}"
+    (stranger / "site-packages").mkdir(parents=True)
+    version = run_pyz(pyz, ["--version"], env)
+    assert version.returncode == 0 and version.stderr == "", version.stderr
+    text = version.stdout.strip()
+    assert text.endswith(f": rm -rf {older}"), text
+    assert f"; unpacked in {unpacked}; 1 other pangea build(s) unpacked beside it, not this one" in text, text
+    assert str(stranger) not in text

@@ -597,6 +597,9 @@ def test_idle_node_stops_on_signal_with_its_exit_code(
         assert node.proc.wait(30) == code
     assert session_dirs(pangea_home) == []
     assert "Traceback" not in node.proc.output()
+    # How a service is meant to stop: not a failed run, so no log is kept.
+    assert not (pangea_home.pangea_home / "logs").exists()
+    assert not any("log kept in" in line for line in node.proc.stderr_lines), node.proc.output()
     with pytest.raises(RpcError):
         Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S)
 

@@ -373,3 +373,24 @@ def test_check_site_refuses_another_targets_extensions(tmp_path: Path) -> None:
     fake_extension(tmp_path / "other" / "libx.so", 62)
     with pytest.raises(BuildError, match=r"libx\.so \(ELF machine 62, not aarch64\)"):
         build_helpers.check_site(tmp_path, "3.11", "aarch64")
+
+
+def test_unpack_info_reads_the_build_id_and_the_unpacked_megabytes(tmp_path: Path) -> None:
+    pyz = tmp_path / "app.pyz"
+    with zipfile.ZipFile(pyz, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("environment.json", '{"build_id": "ab12", "root": null}')
+        archive.writestr("site-packages/big.bin", b"\0" * 3_000_000)  # compresses to little: counted unpacked
+        archive.writestr("_bootstrap/__init__.py", b"x" * 5_000_000)  # not unpacked by shiv
+    assert build_helpers.unpack_info(pyz) == ("ab12", 3)
+
+
+def test_unpack_info_refuses_a_zip_without_a_usable_build_id(tmp_path: Path) -> None:
+    pyz = tmp_path / "app.pyz"
+    with zipfile.ZipFile(pyz, "w") as archive:
+        archive.writestr("environment.json", '{"build_id": "a b; rm -rf /"}')
+    with pytest.raises(BuildError, match="is not one word"):
+        build_helpers.unpack_info(pyz)
+    with zipfile.ZipFile(pyz, "w") as archive:
+        archive.writestr("other.txt", "")
+    with pytest.raises(BuildError, match="cannot read the shiv environment"):
+        build_helpers.unpack_info(pyz)

@@ -767,3 +767,14 @@ def test_kernels_table_lists_every_kernel_and_how_it_is_verified() -> None:
     assert random_row.split()[1:3] == ["0", "rows,"] and " no " in random_row
     assert "Freivalds," in next(line for line in lines if line.startswith("matmul "))
     assert "at most 4 dimensions and 1,000 elements" in text.replace("\n", " ") or "1,000 elements" in text
+def test_unpacked_builds_names_this_build_and_only_other_pangea_builds(tmp_path: Path) -> None:
+    root = tmp_path / "shiv"
+    here = root / f"pangea.pyz_{'a' * 64}"
+    for build in (here, root / f"pangea.pyz_{'b' * 64}", root / f"renamed.pyz_{'c' * 64}"):
+        (build / "site-packages").mkdir(parents=True)
+        (build / "site-packages" / "_pangea_build.py").write_text("")
+    (root / f"other.pyz_{'d' * 64}" / "site-packages").mkdir(parents=True)  # not pangea: no build stamp
+    (root / f"pangea.pyz_{'e' * 64}.tmp" / "site-packages").mkdir(parents=True)  # an unpacking in progress
+    found = pangea.unpacked_builds(str(here / "site-packages" / "pangea.py"))
+    assert found == (here, [root / f"pangea.pyz_{'b' * 64}", root / f"renamed.pyz_{'c' * 64}"])
+    assert pangea.unpacked_builds(str(tmp_path / "src" / "pangea.py")) is None  # from source

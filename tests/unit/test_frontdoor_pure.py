@@ -643,11 +643,13 @@ def test_main_menu_choice_runs_that_command(
     terminal: Callable[[list[str]], list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Choosing respond runs `respond`, which on a terminal asks for the address; a bad one
-    ends in its usual one-line error, before any node starts."""
-    prompts = terminal(["2", "not-an-address"])
+    is asked for again, and the last bad one ends in its usual one-line error, before any
+    node starts."""
+    prompts = terminal(["2", "not-an-address", "also-bad", "still-bad"])
     assert main([]) == 2
     out, err = capsys.readouterr()
-    assert prompts[-1] == "Paste the initiator's join string or address: "
+    assert prompts[1:] == ["Paste the initiator's join string or address: "] * 3
+    assert "pangea: bad address 'not-an-address': " in out and "try again (2 more tries, Enter to stop)" in out
     lines = err.splitlines()
-    assert lines[0].startswith("pangea: error: bad address 'not-an-address'"), err
+    assert lines[0].startswith("pangea: error: bad address 'still-bad'"), err
     assert "Traceback" not in err

@@ -250,3 +250,83 @@ def test_host_fingerprint_is_stable_and_the_test_aid_stands_for_another_machine(
     assert len(here) == 16 and pangea.host_fingerprint() == here
     monkeypatch.setenv(pangea.HOST_ID_ENV, "another-box")
     assert pangea.host_fingerprint() != here
+
+
+# ---------------------------------------------------------------- logs kept after a failed run
+
+
+def test_logs_to_prune_keeps_the_newest_files() -> None:
+    logs = [(f"log{i}", float(i), 10) for i in range(15)]  # log14 is the newest
+    assert sorted(pangea.logs_to_prune(logs, keep_files=10, max_total_bytes=1000)) == sorted(
+        f"log{i}" for i in range(5)
+    )
+
+
+def test_logs_to_prune_bounds_the_total_and_drops_everything_older() -> None:
+    logs = [("old-small", 1.0, 1), ("big", 2.0, 600), ("new", 3.0, 500)]
+    # "big" would take the total past 1000: it goes, and so does the older "old-small".
+    assert sorted(pangea.logs_to_prune(logs, keep_files=10, max_total_bytes=1000)) == ["big", "old-small"]
+    assert pangea.logs_to_prune([], keep_files=10, max_total_bytes=1000) == []
+    assert pangea.logs_to_prune([("a", 1.0, 5)], keep_files=0, max_total_bytes=1000) == ["a"]
+
+
+def test_log_tail_keeps_a_small_log_whole_and_cuts_a_big_one_at_a_line() -> None:
+    assert pangea.log_tail(b"a\nb\n", 100) == b"a\nb\n"
+    data = b"".join(b"line %05d\n" % i for i in range(1000))  # 11,000 bytes
+    tail = pangea.log_tail(data, 1000)
+    assert len(tail) <= 1000
+    first, rest = tail.split(b"\n", 1)
+    assert first.startswith(b"[pangea: the first ") and first.endswith(b" bytes of this log were dropped]")
+    assert rest.startswith(b"line ") and data.endswith(rest)  # whole lines, the last ones
+    dropped = int(first.split()[3])
+    assert dropped == len(data) - len(rest)
+
+
+def _session_with_log(home: Path, text: str, role: str = "initiator") -> SessionDir:
+    session = SessionDir(home, role).create()
+    session.log_path.write_text(text)
+    return session
+
+
+def test_keep_log_copies_the_log_with_its_rotated_files_private(home: Path) -> None:
+    session = _session_with_log(home, "newest 1\nnewest 2\n")
+    session.log_path.with_name("pangea.log.1").write_text("older\n")
+    session.log_path.with_name("pangea.log.2").write_text("oldest\n")
+    kept = session.keep_log()
+    assert kept == session.kept_log_path
+    assert kept.parent == home / pangea.LOGS_DIRNAME
+    assert kept.name.startswith("initiator-") and kept.name.endswith(f"-{os.getpid()}.log")
+    assert kept.read_text() == "oldest\nolder\nnewest 1\nnewest 2\n"
+    assert mode(kept) == 0o600 and mode(kept.parent) == 0o700
+    assert pangea.kept_logs(home)[0]["path"] == str(kept)
+
+
+def test_keep_log_skips_a_log_that_only_says_the_process_started(home: Path) -> None:
+    session = _session_with_log(home, "started\n")
+    assert session.keep_log() is None
+    assert not (home / pangea.LOGS_DIRNAME).exists()
+
+
+def test_keep_log_is_bounded_per_file(home: Path) -> None:
+    session = _session_with_log(home, "x" * 99 + "\n" + "y" * 5000 + "\nlast line\n")
+    kept = session.keep_log("why it failed", max_bytes=1000)
+    assert kept is not None and kept.stat().st_size <= 1000
+    assert kept.read_text().endswith("last line\nwhy it failed\n")
+
+
+def test_keep_log_of_a_setup_error_keeps_nothing_even_with_its_last_line(home: Path) -> None:
+    session = _session_with_log(home, "started\n")
+    assert session.keep_log("the run failed (cannot use port 7777)") is None
+
+
+def test_keep_log_prunes_the_kept_logs_to_their_bound(home: Path) -> None:
+    logs = home / pangea.LOGS_DIRNAME
+    logs.mkdir(mode=0o700)
+    for i in range(pangea.LOG_KEPT_FILES + 3):
+        old = logs / f"responder-2020010{i % 10}-00000{i}-{i}.log"
+        old.write_text("old\nlog\n")
+        os.utime(old, (1_000_000 + i, 1_000_000 + i))
+    kept = _session_with_log(home, "a\nb\n").keep_log()
+    names = [Path(entry["path"]).name for entry in pangea.kept_logs(home)]
+    assert kept is not None and len(names) == pangea.LOG_KEPT_FILES
+    assert names[0] == kept.name  # the newest is always kept

@@ -187,3 +187,63 @@ def test_a_huge_log_message_is_cut_to_one_bounded_line(tmp_path: Path) -> None:
         f"... ({len(repr('k' * (16 << 20))) + len('unknown kernel ') - pangea.LOG_MAX_RECORD_CHARS} more characters)"
     )
     assert lines[1].endswith("after it")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_run_trio_says_the_farewell_before_it_cancels(sig: str) -> None:
+    """A signal: the farewell runs while the command still runs, then the command is
+    cancelled (its `finally` runs) and the exit code is 128 + the signal."""
+    out = run_child(
+        f"""
+        import os, signal, trio, pangea
+        events = []
+        farewell = pangea.Farewell()
+
+        async def say():
+            events.append("farewell")
+            await trio.sleep(0)
+
+        async def command():
+            farewell.say = say
+            await trio.sleep(0.2)  # the signal receiver starts beside the command
+            try:
+                os.kill(os.getpid(), signal.{sig})
+                await trio.sleep(30)
+            finally:
+                events.append("cancelled")
+            return 0
+
+        print(pangea.run_trio(command, farewell=farewell), events)
+        """
+    )
+    assert out.split() == [str(128 + getattr(__import__("signal"), sig)), "['farewell',", "'cancelled']"]
+
+
+def test_run_trio_farewell_is_bounded_in_time() -> None:
+    """A farewell that hangs holds up the exit for FAREWELL_S at most."""
+    out = run_child(
+        """
+        import os, signal, time, trio, pangea
+        farewell = pangea.Farewell()
+
+        async def command():
+            farewell.say = lambda: trio.sleep(60)
+            await trio.sleep(0.2)  # the signal receiver starts beside the command
+            os.kill(os.getpid(), signal.SIGINT)
+            await trio.sleep(60)
+
+        start = time.monotonic()
+        code = pangea.run_trio(command, farewell=farewell)
+        print(code, round(time.monotonic() - start))
+        """
+    )
+    code, seconds = out.split()
+    assert code == "130" and int(seconds) <= pangea.FAREWELL_S + 2, out
+
+
+@pytest.mark.parametrize(
+    ("bye_reason", "ending"),
+    [(None, "vanished"), (pangea.INITIATOR_STOPPED, "was interrupted"), ("something else", "left")],
+)
+def test_responder_names_how_the_initiator_ended(bye_reason: str | None, ending: str) -> None:
+    assert pangea._initiator_ending(bye_reason) == ending
