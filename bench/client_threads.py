@@ -45,7 +45,9 @@ def start_node(pyz: Path, home: Path) -> tuple[subprocess.Popen[str], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PANGEA_")}
     env.update(HOME=str(home), PANGEA_HOME=str(home / "pangea"), PANGEA_MDNS="off", PYTHONUNBUFFERED="1")
     cmd = [str(pyz), "serve", "--host", "127.0.0.1", "--port", "0", "--rpc", "127.0.0.1:0"]
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     deadline = time.monotonic() + READY_TIMEOUT_S
     assert proc.stdout is not None
     while time.monotonic() < deadline:
