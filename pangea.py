@@ -8931,9 +8931,10 @@ class TaskFuture(concurrent.futures.Future):
 
     def cancel(self) -> bool:
         """Cancel the call unless its answer arrived; return whether it was cancelled."""
+        again = self.cancelled()
         if not super().cancel():
             return False
-        if self._cancel_call is not None:
+        if self._cancel_call is not None and not again:
             self._cancel_call(self)
         return True
 

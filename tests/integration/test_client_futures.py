@@ -250,3 +250,14 @@ def test_a_finished_future_cannot_be_cancelled(pair: Pair) -> None:
         future = rpc.future("matmul", a, b, placement="local")
         np.testing.assert_allclose(future.result(CLIENT_TIMEOUT_S), a @ b)
         assert not future.cancel() and not future.cancelled()
+
+
+def test_closing_the_client_fails_its_pending_futures(slow_pair: Pair) -> None:
+    a, b = operands(4)
+    with client(slow_pair.a) as rpc:
+        future = rpc.future("matmul", a, b, placement="remote", fallback=False)
+        wait_until(lambda: rpc.status()["tasks_in_flight"] >= 1, 30, "A sends the task to B")
+    with pytest.raises(pangea.RpcError, match="closed"):
+        future.result(30)
+    with client(slow_pair.a) as rpc:
+        wait_until(lambda: rpc.status()["tasks_in_flight"] == 0, 30, "A has no task in flight")

@@ -771,3 +771,17 @@ def test_result_verified_only_when_remote_workers_ran_it_and_checks_are_on() -> 
     assert not pangea.result_verified(outcome("local"), 1)
     assert pangea.result_verified(outcome("split", peer, peer), 1)
     assert not pangea.result_verified(outcome("split", peer, "local"), 1)
+
+
+def test_task_future_cancel_reaches_its_call_once_and_only_before_its_answer() -> None:
+    import concurrent.futures
+
+    cancelled: list[pangea.TaskFuture] = []
+    future = pangea.TaskFuture(cancelled.append)
+    assert isinstance(future, concurrent.futures.Future) and future.task == {}
+    assert future.cancel() and future.cancel()  # cancelling twice is harmless
+    assert cancelled == [future] and future.cancelled()
+    answered = pangea.TaskFuture(cancelled.append)
+    assert answered.set_running_or_notify_cancel()
+    answered.set_result(1)
+    assert not answered.cancel() and cancelled == [future] and answered.result() == 1
