@@ -8901,9 +8901,10 @@ def client_size_refusal(
         return RpcError(
             f"cannot submit {kernel}: operands of {format_bytes(total)} exceed the RPC message limit of "
             f"{format_bytes(limit)} ({'this client' if mine else 'the node'}); nothing was sent",
-            hint="raise max_message_bytes here"
+            hint="raise max_message_bytes here (the node's own limit, --rpc-max-mib, is larger), or split the work"
             if mine
-            else "split the work, or give the node a larger --memory-budget-mib (its RPC limit follows it)",
+            else "split the work, or start the node with a larger --memory-budget-mib (its RPC limit follows it) "
+            "or --rpc-max-mib",
         )
     if node_budget_bytes:
         out_bytes = output_nbytes(kernel, arrays, params)
