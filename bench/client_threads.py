@@ -20,6 +20,7 @@ checked. Nothing is installed; every wait has a timeout.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import statistics
@@ -29,6 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,8 +64,25 @@ def start_node(pyz: Path, home: Path) -> tuple[subprocess.Popen[str], str]:
     raise SystemExit("bench: the node did not print its RPC line")
 
 
-def run_threads(client: pangea.Client, threads: int, seconds: float, placement: str) -> float:
-    """Tasks/s of ``threads`` callers submitting tiny matmuls for ``seconds``."""
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(run: Any, node_pid: int) -> tuple[float, float, float]:
+    """(tasks/s, client CPU ms per task, node CPU ms per task) of ``run()``, which returns (tasks, seconds).
+
+    CPU per task depends little on what else the machine runs; tasks/s does."""
+    client0, node0 = time.process_time(), cpu_s(node_pid)
+    tasks, seconds = run()
+    client_ms = (time.process_time() - client0) * 1000 / max(1, tasks)
+    node_ms = (cpu_s(node_pid) - node0) * 1000 / max(1, tasks)
+    return tasks / seconds, client_ms, node_ms
+
+
+def run_threads(client: pangea.Client, threads: int, seconds: float, placement: str) -> tuple[int, float]:
+    """(tasks, seconds) of ``threads`` callers submitting tiny matmuls for ``seconds``."""
     x = np.arange(16.0).reshape(4, 4)
     want = x @ x
     counts = [0] * threads
@@ -81,11 +100,11 @@ def run_threads(client: pangea.Client, threads: int, seconds: float, placement: 
         w.start()
     for w in workers:
         w.join(seconds + 120)
-    return sum(counts) / (time.perf_counter() - started)
+    return sum(counts), time.perf_counter() - started
 
 
-def run_map(client: pangea.Client, seconds: float, placement: str, in_flight: int) -> float:
-    """Tasks/s of one thread keeping ``in_flight`` futures outstanding through Client.map."""
+def run_map(client: pangea.Client, seconds: float, placement: str, in_flight: int) -> tuple[int, float]:
+    """(tasks, seconds) of one thread keeping ``in_flight`` futures outstanding through Client.map."""
     x = np.arange(16.0).reshape(4, 4)
     want = x @ x
     done = 0
@@ -95,7 +114,7 @@ def run_map(client: pangea.Client, seconds: float, placement: str, in_flight: in
         for out in client.map("matmul", batch, placement=placement, in_flight=in_flight):
             assert np.array_equal(out, want)
             done += 1
-    return done / (time.perf_counter() - started)
+    return done, time.perf_counter() - started
 
 
 def main() -> int:
@@ -114,30 +133,34 @@ def main() -> int:
         proc, rpc = start_node(Path(args.pyz), home)
         try:
             os.environ["PANGEA_HOME"] = str(home / "pangea")  # the Client reads the node's token there
-            rows: dict[str, list[float]] = {}
+            rows: dict[str, list[tuple[float, float, float]]] = {}
             with pangea.Client(rpc, timeout_s=120) as client:
                 client.submit("matmul", np.eye(2), np.eye(2), placement=args.placement)  # warm
                 for _ in range(args.rounds):
                     for t in args.threads:
-                        rows.setdefault(f"{t} thread(s)", []).append(
-                            run_threads(client, t, args.seconds, args.placement)
-                        )
+                        run = functools.partial(run_threads, client, t, args.seconds, args.placement)
+                        rows.setdefault(f"{t} thread(s)", []).append(measured(run, proc.pid))
                     if args.futures:
-                        rows.setdefault(f"map, {args.in_flight} in flight", []).append(
-                            run_map(client, args.seconds, args.placement, args.in_flight)
-                        )
+                        run = functools.partial(run_map, client, args.seconds, args.placement, args.in_flight)
+                        rows.setdefault(f"map, {args.in_flight} in flight", []).append(measured(run, proc.pid))
         finally:
             proc.terminate()
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    base = statistics.median(next(iter(rows.values())))
-    print(f"tiny matmul 4x4, placement {args.placement}, {args.seconds:g} s x {args.rounds} rounds (tasks/s)")
-    print(f"{'callers':<22} {'median':>8} {'min':>8} {'max':>8} {'x 1st':>6}")
+    base = statistics.median(r[0] for r in next(iter(rows.values())))
+    print(f"tiny matmul 4x4, placement {args.placement}, {args.seconds:g} s x {args.rounds} rounds")
+    print(f"{'callers':<22} {'tasks/s':>8} {'min':>8} {'max':>8} {'x 1st':>6} {'client ms':>10} {'node ms':>8}")
     for name, values in rows.items():
-        med = statistics.median(values)
-        print(f"{name:<22} {med:8.0f} {min(values):8.0f} {max(values):8.0f} {med / base:6.2f}")
+        rates = [r[0] for r in values]
+        med = statistics.median(rates)
+        client_ms, node_ms = (statistics.median(r[i] for r in values) for i in (1, 2))
+        print(
+            f"{name:<22} {med:8.0f} {min(rates):8.0f} {max(rates):8.0f} {med / base:6.2f} "
+            f"{client_ms:10.3f} {node_ms:8.3f}"
+        )
+    print("client ms / node ms: median CPU milliseconds per task in this process / in the node")
     return 0
 
 
