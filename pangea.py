@@ -55,6 +55,7 @@ trio, capnp and numpy are imported inside the functions that need them, so
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import enum
@@ -7929,10 +7930,28 @@ class FaultInjector:
 ###############################################################################
 
 DEFAULT_RPC_PORT = 7780
-DEFAULT_RPC_MAX_BYTES = 1 << 30  # one RPC message; two 256 MiB operands plus headroom
+DEFAULT_RPC_MAX_BYTES = 1 << 30  # a reference size of one RPC message (a node's own follows its memory budget)
+RPC_MESSAGE_ROOM_BYTES = 16 << 20  # what one message holds around its arrays (the task spec, lists, padding)
 RPC_CHUNK_BYTES = 128 << 20  # Data fields must stay under Cap'n Proto's 512 MiB limit
 MIN_TOKEN_CHARS = 16  # a shorter token is guessable; generate one with `openssl rand -hex 16`
 RPC_CONNECT_TIMEOUT_S = 10.0  # `connect` over RPC dials for at most this long
+
+
+def rpc_max_bytes_for_budget(budget_bytes: int) -> int:
+    """A node's largest RPC message when --rpc-max-mib does not say: what its memory budget admits.
+
+    A task holds its operands twice on the node (`rpc_task_bytes`), so a request carries at most
+    half the budget in arrays (plus the room around them); the answer's output is bounded the
+    same way. At most RPC_MAX_MIB. The default budget (4 GiB) gives 2 GiB: 1 GiB of operands fits."""
+    return min(budget_bytes // 2 + RPC_MESSAGE_ROOM_BYTES, RPC_MAX_MIB << 20)
+
+
+def result_verified(outcome: TaskOutcome, verify_rounds: int) -> bool:
+    """Whether the node checked a task's result: it ran on remote workers (every block of a split)
+    and the node verifies their results (--verify-rounds above 0). Local results are not checked."""
+    if verify_rounds <= 0 or outcome.worker_id == LOCAL:
+        return False
+    return outcome.worker_id != "split" or all(a.worker_id != LOCAL for a in outcome.attempts)
 
 
 def rpc_error_fields(exc: BaseException, what: str) -> tuple[str, str]:
@@ -8231,9 +8250,10 @@ class TaskOutputRecord(RpcRecord):
     fallback_reason: str = field(default="", metadata=capnp_name("fallbackReason"))
     attempts: tuple[AttemptInfoRecord, ...] = field(default=(), metadata=capnp_name("attempts"))
     timings: TimingsRecord = field(default=TimingsRecord(), metadata=capnp_name("timings"))
+    verified_by_node: bool = field(default=False, metadata=capnp_name("verified"))
 
     @classmethod
-    def from_outcome(cls, outcome: TaskOutcome) -> TaskOutputRecord:
+    def from_outcome(cls, outcome: TaskOutcome, verified: bool = False) -> TaskOutputRecord:
         """Return the record of a delivered task (transfer: what neither queue nor compute took)."""
         transfer_s = (
             max(0.0, outcome.elapsed_s - outcome.compute_s - outcome.queue_s) if outcome.worker_id != LOCAL else 0.0
@@ -8244,6 +8264,7 @@ class TaskOutputRecord(RpcRecord):
             fallback_reason=outcome.fallback_reason,
             attempts=tuple(AttemptInfoRecord(a.worker_id, a.outcome or "ok") for a in outcome.attempts),
             timings=TimingsRecord(outcome.queue_s, transfer_s, outcome.compute_s, outcome.elapsed_s),
+            verified_by_node=verified,
         )
 
     def to_capnp(self, builder: Any) -> None:
@@ -8559,14 +8580,14 @@ class NodeService:
         return info
 
 
-def _outcome_to_capnp(r: Any, outcome: TaskOutcome | None, error: TaskError | None) -> None:
+def _outcome_to_capnp(r: Any, outcome: TaskOutcome | None, error: TaskError | None, verify_rounds: int = 0) -> None:
     """Fill an RPC `TaskOutput` builder."""
     if error is not None:
         r.errorKind = str(error.kind)
         r.errorMessage = str(error)
         return
     assert outcome is not None
-    TaskOutputRecord.from_outcome(outcome).to_capnp(r)
+    TaskOutputRecord.from_outcome(outcome, result_verified(outcome, verify_rounds)).to_capnp(r)
 
 
 class RpcServer:
@@ -8910,7 +8931,7 @@ def _make_gate(
                 kind, message = rpc_error_fields(exc, "submit a task")
                 error = exc if isinstance(exc, TaskError) and kind == exc.kind else TaskError(message, kind=kind)
             try:
-                _outcome_to_capnp(result, outcome, error)
+                _outcome_to_capnp(result, outcome, error, service.manager.verify_rounds)
             except Exception as exc:  # an output the message cannot hold: say so instead
                 kind, message = rpc_error_fields(exc, "return a task's result")
                 _context.results.result = {"errorKind": kind, "errorMessage": message}
@@ -8996,6 +9017,7 @@ def _make_gate(
             self.conn.logged_in()
             _context.results.compute = compute
             _context.results.maxMessageBytes = max_bytes
+            _context.results.memoryBudgetBytes = service.node.budget.limit_bytes
 
     token_expected = token.encode()
     return GateImpl
@@ -9004,11 +9026,18 @@ def _make_gate(
 ###############################################################################
 # 14. The Python client
 #
-# `Client`: a synchronous client of a node's RPC endpoint for Python programs,
-# numpy arrays in and out. Its asyncio/KJ loop runs in a private thread. On
-# loopback it speaks plain Cap'n Proto with this user's home token; off
-# loopback TLS 1.3, the server's certificate checked against a pinned or
-# first-use fingerprint (`_PinnedConnection`) before the token is sent.
+# `Client`: a client of a node's RPC endpoint for Python programs, numpy arrays
+# in and out. Its asyncio/KJ loop runs in one long-lived private thread: every
+# call of every calling thread is a task on that loop, handed over with one
+# call_soon_threadsafe and answered through a `TaskFuture` (a
+# concurrent.futures.Future), so callers never start threads and share no lock
+# across a call. `submit` waits for its future; `future` and `map` return
+# before the answer. Cancelling a future cancels its asyncio task, which drops
+# pycapnp's promise: Cap'n Proto sends Finish, the node cancels the call's trio
+# task and its remote attempts send Cancel. On loopback it speaks plain Cap'n
+# Proto with this user's home token; off loopback TLS 1.3, the server's
+# certificate checked against a pinned or first-use fingerprint
+# (`_PinnedConnection`) before the token is sent.
 ###############################################################################
 
 
@@ -9062,6 +9091,63 @@ def _pinned_connection_class() -> type[_PinnedConnection]:
     return type("PinnedConnection", (_PinnedConnection, asyncio.BufferedProtocol), {})
 
 
+def client_size_refusal(
+    kernel: str,
+    arrays: Sequence[np.ndarray],
+    params: dict[str, float],
+    client_max_bytes: int,
+    node_max_bytes: int,
+    node_budget_bytes: int,
+) -> PangeaError | None:
+    """Why a Client must not send these operands (None: it may), decided before a byte moves:
+    RpcError when they exceed the RPC message limit (the fewer of the client's and the node's),
+    TaskError(bad-input) when the task can never fit the node's memory budget (0: unknown)."""
+    total = sum(int(a.nbytes) for a in arrays)
+    limit = min(client_max_bytes, node_max_bytes)
+    if total + min(64 << 10, limit // 16) > limit:  # room for the message around the bytes
+        mine = limit == client_max_bytes and limit < node_max_bytes
+        return RpcError(
+            f"cannot submit {kernel}: operands of {format_bytes(total)} exceed the RPC message limit of "
+            f"{format_bytes(limit)} ({'this client' if mine else 'the node'}); nothing was sent",
+            hint="raise max_message_bytes here (the node's own limit, --rpc-max-mib, is larger), or split the work"
+            if mine
+            else "split the work, or start the node with a larger --memory-budget-mib (its RPC limit follows it) "
+            "or --rpc-max-mib",
+        )
+    if node_budget_bytes:
+        out_bytes = output_nbytes(kernel, arrays, params)
+        refusal = budget_refusal(MemoryBudget(node_budget_bytes), kernel, rpc_task_bytes(total, out_bytes), out_bytes)
+        if refusal is not None:
+            return TaskError(f"{refusal}; nothing was sent", kind=refusal.kind)
+    return None
+
+
+class TaskFuture(concurrent.futures.Future):
+    """The answer of one call of a `Client` that has not arrived yet (`Client.future`, `Client.map`).
+
+    A concurrent.futures.Future: ``result(timeout)``, ``done()``, ``add_done_callback``,
+    ``concurrent.futures.wait`` and ``as_completed`` work as with an executor's. ``task``
+    describes the task once it is done (what `Client.last_task` gives for a blocking call).
+    ``cancel()`` works until the answer arrives, and cancels the task on the node (and its
+    worker's). NOTE: done callbacks run on the Client's loop thread: they must not wait for
+    another call of the Client (start one with `Client.future` instead)."""
+
+    def __init__(self, cancel_call: Callable[[TaskFuture], None] | None = None) -> None:
+        super().__init__()
+        self.task: dict[str, Any] = {}
+        self._cancel_call = cancel_call
+        self._call_task: Any = None  # its asyncio task, set on the loop thread
+
+    def cancel(self) -> bool:
+        """Cancel the call unless its answer arrived; return whether it was cancelled."""
+        again = self.cancelled()
+        if not super().cancel():
+            return False
+        if self._cancel_call is not None and not again:
+            self._cancel_call(self)
+        return True
+
+
 def _raise_rpc_error(response: Any, what: str) -> None:
     """Raise RpcError when an RPC response carries an error (errorKind/errorMessage)."""
     kind = str(getattr(response, "errorKind", ""))
@@ -9071,21 +9157,30 @@ def _raise_rpc_error(response: Any, what: str) -> None:
 
 
 class Client:
-    """A synchronous client of a pangea node's RPC endpoint.
+    """A client of a pangea node's RPC endpoint, for any number of threads.
 
     >>> with pangea.Client("127.0.0.1:7780") as node:      # doctest: +SKIP
     ...     c = node.matmul(a, b, placement="remote")
+    ...     f = node.future("matmul", a, b)                 # returns at once: a TaskFuture
+    ...     sums = list(node.map("sum", [(x,) for x in xs]))  # in order, a bounded number in flight
 
     numpy arrays in, numpy arrays out; a failed task raises TaskError with the
     node's error text, and an operand of a dtype pangea does not take (float16,
     bool, unsigned, ...) is refused before sending, its message naming the cast
     to make. `kernels()` lists what the node runs. `last_task` describes the most
-    recent task: where it ran, its attempts and its timings in seconds: the
+    recent task of the calling thread (each thread sees its own; a future's own is
+    its ``task``): its ``kernel``, where it ran (``ran_on``), its ``attempts``,
+    ``verified_by_node`` (the node checked a remote worker's result) and its timings in seconds: the
     node's ``queue_s``, ``transfer_s`` (between nodes), ``compute_s`` and
     ``total_s``, then ``client_total_s``, the wall time measured here around the
     call, and ``rpc_s``, the client-to-node hop (``client_total_s - total_s``:
     the arrays crossing the RPC connection, built and read at both ends). The
     asyncio/KJ loop runs in a private thread.
+
+    Limits: operands that exceed the node's RPC message limit (learned at login; it
+    follows the node's --memory-budget-mib) or can never fit its memory budget are
+    refused here, before a byte is sent. ``max_message_bytes`` bounds this
+    client's own messages (default: the largest any node accepts).
 
     ``token``: default $PANGEA_RPC_TOKEN, else (for a node on this box) the token in
     this user's pangea home, which `serve` writes there. ``fingerprint``: the
@@ -9101,7 +9196,7 @@ class Client:
         *,
         fingerprint: str | None = None,
         timeout_s: float = 600.0,
-        max_message_bytes: int = DEFAULT_RPC_MAX_BYTES,
+        max_message_bytes: int = RPC_MAX_MIB << 20,
     ) -> None:
         import asyncio
 
@@ -9115,8 +9210,9 @@ class Client:
         self.address = f"{self.host}:{self.port}"
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
-        self.last_task: dict[str, Any] = {}
+        self._local = threading.local()  # per calling thread: its last_task
         self.node_max_message_bytes = max_message_bytes  # learned at login
+        self.node_memory_budget_bytes = 0  # learned at login (0: an older node did not say)
         local = is_loopback_host(self.host)
         if token is None:
             token = os.environ.get("PANGEA_RPC_TOKEN") or (local_rpc_token() if local else None) or ""
@@ -9190,6 +9286,7 @@ class Client:
                     return
                 self._compute = login.compute
                 self.node_max_message_bytes = int(login.maxMessageBytes) or self.max_message_bytes
+                self.node_memory_budget_bytes = int(login.memoryBudgetBytes)
             except capnp.KjException as exc:  # type: ignore[attr-defined]
                 reason, hint = remote_error_text(exc), token_hint
                 if "disconnected" in str(exc).lower() and "remote exception" not in str(exc):
@@ -9255,31 +9352,206 @@ class Client:
             )
         return await opened
 
-    def _call(self, coro_fn: Callable[[], Any], what: str) -> Any:
-        import asyncio
+    @property
+    def last_task(self) -> dict[str, Any]:
+        """The calling thread's most recent task (see the class docstring); {} before its first."""
+        return dict(getattr(self._local, "task", {}))
 
-        import capnp
+    @last_task.setter
+    def last_task(self, task: dict[str, Any]) -> None:
+        self._local.task = task
 
+    def _start(
+        self, coro_fn: Callable[[], Any], what: str, done: Callable[[TaskFuture, Any], Any] | None = None
+    ) -> TaskFuture:
+        """Start ``coro_fn()`` on the client's loop; return its future at once (from any thread).
+
+        ``done(future, value)`` turns the coroutine's value into the future's result (on the loop
+        thread; it may raise, and may fill ``future.task``)."""
         if self._loop is None or self._compute is None or self._stopped.is_set():
             raise RpcError(f"cannot {what}: the client is closed")
-        future = asyncio.run_coroutine_threadsafe(coro_fn(), self._loop)
+        future = TaskFuture(self._cancel_soon)
         try:
-            return future.result(self.timeout_s + 30)
-        except capnp.KjException as exc:  # type: ignore[attr-defined]
+            self._loop.call_soon_threadsafe(self._launch, future, coro_fn, what, done)
+        except RuntimeError:  # the loop closed meanwhile
+            raise RpcError(f"cannot {what}: the client is closed") from None
+        return future
+
+    def _cancel_soon(self, future: TaskFuture) -> None:
+        """Cancel a future's asyncio task (from any thread): pycapnp drops the call, the node cancels it."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the connection, and its calls, are gone
+                self._loop.call_soon_threadsafe(lambda: future._call_task is not None and future._call_task.cancel())
+
+    def _launch(
+        self, future: TaskFuture, coro_fn: Callable[[], Any], what: str, done: Callable[[TaskFuture, Any], Any] | None
+    ) -> None:
+        """Start the call's asyncio task unless it was cancelled already (on the loop thread)."""
+        import asyncio
+
+        if not future.cancelled():
+            future._call_task = asyncio.ensure_future(self._settle(future, coro_fn, what, done))
+
+    async def _settle(
+        self, future: TaskFuture, coro_fn: Callable[[], Any], what: str, done: Callable[[TaskFuture, Any], Any] | None
+    ) -> None:
+        """Run one call and settle its future with the result or a pangea error (on the loop thread)."""
+        import asyncio
+
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            async with asyncio.timeout(self.timeout_s + 30):
+                result = await coro_fn()
+            if done is not None:
+                result = done(future, result)
+        except asyncio.CancelledError:  # cancelled by its future, or by close()
+            if not future.cancelled() and future.set_running_or_notify_cancel():
+                future.set_exception(RpcError(f"cannot {what}: the client was closed"))
+            raise
+        except Exception as exc:
+            error = self._rpc_error(exc, what)
+        if future.set_running_or_notify_cancel():  # NOTE: False when cancelled as the answer came
+            future.set_result(result) if error is None else future.set_exception(error)
+
+    def _rpc_error(self, exc: Exception, what: str) -> Exception:
+        """The pangea error of a call that raised ``exc`` (pangea's own errors as they are)."""
+        import capnp
+
+        if isinstance(exc, PangeaError):
+            return exc
+        if isinstance(exc, TimeoutError):
+            return RpcError(f"cannot {what}: no answer from {self.address} within {format_seconds(self.timeout_s)}")
+        if isinstance(exc, capnp.KjException):  # type: ignore[attr-defined]
             if "disconnected" in str(exc).lower() and "remote exception" not in str(exc):
-                raise RpcError(f"cannot {what}: the node at {self.address} closed the connection (stopped?)") from None
+                return RpcError(f"cannot {what}: the node at {self.address} closed the connection (stopped?)")
             if getattr(exc, "type", "") == "UNIMPLEMENTED":  # a method the node's schema does not have yet
-                raise RpcError(
+                return RpcError(
                     f"cannot {what}: the node at {self.address} runs an older pangea without this call",
                     kind=ErrorKind.INCOMPATIBLE,
                     hint="run the same pangea.pyz on the node as here",
-                ) from None
-            raise RpcError(f"cannot {what}: {remote_error_text(exc)}") from None
-        except TimeoutError:
+                )
+            return RpcError(f"cannot {what}: {remote_error_text(exc)}")
+        return exc
+
+    def _wait(self, future: TaskFuture, what: str) -> Any:
+        """The result of a call started by this thread; Ctrl-C (or any interruption) cancels it."""
+        if threading.current_thread() is self._thread:
+            future.cancel()
+            raise RpcError(
+                f"cannot {what}: called from a future's callback, which runs on the client's own thread",
+                hint="start it with Client.future(...) instead of waiting for it there",
+            )
+        try:
+            return future.result(self.timeout_s + 60)  # NOTE: the loop times the call out first
+        except concurrent.futures.TimeoutError:
             future.cancel()
             raise RpcError(
                 f"cannot {what}: no answer from {self.address} within {format_seconds(self.timeout_s)}"
             ) from None
+        except concurrent.futures.CancelledError:
+            raise RpcError(f"cannot {what}: it was cancelled") from None
+        except PangeaError:
+            raise
+        except BaseException:  # Ctrl-C: the task is cancelled on the node too
+            future.cancel()
+            raise
+
+    def _call(self, coro_fn: Callable[[], Any], what: str) -> Any:
+        """Run one call and wait for its result (the blocking methods)."""
+        return self._wait(self._start(coro_fn, what), what)
+
+    def _check_operands(self, kernel: str, operands: Sequence[Any], params: dict[str, float]) -> list[np.ndarray]:
+        """The operands as arrays, checked before anything is sent: dtypes, dimensions, and sizes
+        against the node's RPC message limit and memory budget (learned at login)."""
+        import numpy as np
+
+        arrays = [np.asarray(a) for a in operands]
+        for i, a in enumerate(arrays):
+            if a.dtype.name not in ALLOWED_DTYPES:
+                # NOTE: a uint64's cast depends on its values (int64 only when they fit)
+                top = int(a.max()) if a.dtype.name == "uint64" and a.size else 0
+                raise TaskError(refused_dtype_message(kernel, i, a.dtype.name, top), kind=ErrorKind.BAD_INPUT)
+            if a.ndim > MAX_NDIM:
+                raise TaskError(
+                    f"cannot submit {kernel}: operand {i} is a {a.ndim}-d array; pangea takes arrays of at most "
+                    f"{MAX_NDIM} dimensions: reshape it first",
+                    kind=ErrorKind.BAD_INPUT,
+                )
+        refusal = client_size_refusal(
+            kernel, arrays, params, self.max_message_bytes, self.node_max_message_bytes, self.node_memory_budget_bytes
+        )
+        if refusal is not None:
+            raise refusal
+        return arrays
+
+    def future(
+        self,
+        kernel: str,
+        *operands: np.ndarray,
+        placement: str = "auto",
+        timeout_s: float | None = None,
+        fallback: bool | float = True,  # NOTE: a bool; "| float" lets callers pass **params of floats
+        **params: float,
+    ) -> TaskFuture:
+        """Start ``kernel`` on the node and return its `TaskFuture` at once (arguments as `submit`).
+
+        Its result is the kernel's output; a failed task raises TaskError from ``result()``, and
+        ``future.task`` describes the task once done. Operands the node cannot take are refused
+        here, before sending (TaskError or RpcError from this call). ``cancel()`` cancels the task
+        on the node and on its worker."""
+        started = time.perf_counter()
+        arrays = self._check_operands(kernel, operands, params)
+        what = f"submit {kernel}"
+
+        def done(future: TaskFuture, record: TaskOutputRecord) -> Any:
+            task = {"kernel": kernel} | record.as_dict()
+            task["timings"] = client_timings(task["timings"], time.perf_counter() - started)
+            future.task = task
+            if record.error_kind:
+                raise TaskError(record.error_message, kind=record.error_kind)
+            if len(record.outputs) != 1:
+                raise RpcError(f"cannot {what}: the node returned {len(record.outputs)} outputs, expected 1")
+            return record.outputs[0]
+
+        call = functools.partial(
+            self._submit_call,
+            kernel,
+            arrays,
+            params,
+            placement,
+            float(self.timeout_s if timeout_s is None else timeout_s),
+            bool(fallback),
+        )
+        return self._start(call, what, done)
+
+    async def _submit_call(
+        self,
+        kernel: str,
+        arrays: Sequence[np.ndarray],
+        params: dict[str, float],
+        placement: str,
+        timeout_s: float,
+        fallback: bool,
+    ) -> TaskOutputRecord:
+        """Send one task over Cap'n Proto and read its answer (on the loop thread).
+
+        NOTE: the one place operands and results cross the connection: a bulk channel for the
+        arrays would send them here and put handles in the request."""
+        request = self._compute.submit_request()
+        spec = request.task
+        spec.kernel = kernel
+        spec.placement = placement
+        spec.timeoutSeconds = timeout_s
+        spec.noFallback = not fallback
+        slots = spec.init("operands", len(arrays))
+        for slot, a in zip(slots, arrays, strict=True):
+            array_to_capnp(slot, a)
+        ps = spec.init("params", len(params))
+        for slot, (name, value) in zip(ps, params.items(), strict=True):
+            slot.name, slot.value = name, float(value)
+        response = await request.send()
+        return TaskOutputRecord.from_capnp(response.result)
 
     def submit(
         self,
@@ -9293,57 +9565,69 @@ class Client:
         """Run ``kernel`` on the node (placement auto, local, remote or a peer id); return its output.
 
         ``fallback=False``: raise TaskError (kind "unavailable") instead of running locally because no
-        remote worker is usable; by default the node falls back and ``last_task["fallback_reason"]`` says why."""
-        import numpy as np
+        remote worker is usable; by default the node falls back and ``last_task["fallback_reason"]`` says why.
+        Waits for the answer (`future` does not); Ctrl-C while waiting cancels the task."""
+        future = self.future(kernel, *operands, placement=placement, timeout_s=timeout_s, fallback=fallback, **params)
+        try:
+            return self._wait(future, f"submit {kernel}")
+        finally:
+            if future.task:
+                self.last_task = future.task
 
-        started = time.perf_counter()
-        arrays = [np.asarray(a) for a in operands]
-        for i, a in enumerate(arrays):
-            if a.dtype.name not in ALLOWED_DTYPES:
-                # NOTE: a uint64's cast depends on its values (int64 only when they fit)
-                top = int(a.max()) if a.dtype.name == "uint64" and a.size else 0
-                raise TaskError(refused_dtype_message(kernel, i, a.dtype.name, top), kind=ErrorKind.BAD_INPUT)
-            if a.ndim > MAX_NDIM:
-                raise TaskError(
-                    f"cannot submit {kernel}: operand {i} is a {a.ndim}-d array; pangea takes arrays of at most "
-                    f"{MAX_NDIM} dimensions: reshape it first",
-                    kind=ErrorKind.BAD_INPUT,
-                )
-        total = sum(a.nbytes for a in arrays)
-        limit = min(self.max_message_bytes, self.node_max_message_bytes)
-        if total + min(64 << 10, limit // 16) > limit:  # room for the message around the bytes
-            mine = limit == self.max_message_bytes
-            raise RpcError(
-                f"cannot submit {kernel}: operands of {format_bytes(total)} exceed the RPC message limit of "
-                f"{format_bytes(limit)} ({'this client' if mine else 'the node'})",
-                hint="raise max_message_bytes here and --rpc-max-mib on the node, or split the work",
-            )
+    def map(
+        self,
+        kernel: str,
+        operands: Iterable[Any],
+        *,
+        in_flight: int = 16,
+        placement: str = "auto",
+        timeout_s: float | None = None,
+        fallback: bool | float = True,
+        **params: float,
+    ) -> Iterator[np.ndarray]:
+        """Run ``kernel`` on each item of ``operands`` (a tuple of arrays, or one array); yield the
+        outputs in order, like `Executor.map`.
 
-        async def call() -> Any:
-            request = self._compute.submit_request()
-            spec = request.task
-            spec.kernel = kernel
-            spec.placement = placement
-            spec.timeoutSeconds = float(self.timeout_s if timeout_s is None else timeout_s)
-            spec.noFallback = not fallback
-            slots = spec.init("operands", len(arrays))
-            for slot, a in zip(slots, arrays, strict=True):
-                array_to_capnp(slot, a)
-            ps = spec.init("params", len(params))
-            for slot, (name, value) in zip(ps, params.items(), strict=True):
-                slot.name, slot.value = name, float(value)
-            response = await request.send()
-            return TaskOutputRecord.from_capnp(response.result)
+        At most ``in_flight`` tasks are out at a time; the items are read as room frees up, so a
+        generator of operands is never held all at once. The first task that fails raises its
+        TaskError from the iterator, and the tasks still out are cancelled (as when the iterator is
+        dropped unfinished)."""
+        if not (isinstance(in_flight, int) and 1 <= in_flight <= RPC_MAX_CALLS_IN_FLIGHT):
+            raise UsageError(f"bad in_flight {in_flight!r}: expected a whole number within 1-{RPC_MAX_CALLS_IN_FLIGHT}")
+        items = iter(operands)
+        out: deque[TaskFuture] = deque()
 
-        result: TaskOutputRecord = self._call(call, f"submit {kernel}")
-        task = result.as_dict()
-        self.last_task = task | {"timings": client_timings(task["timings"], time.perf_counter() - started)}
-        if result.error_kind:
-            raise TaskError(result.error_message, kind=result.error_kind)
-        outputs = result.outputs
-        if len(outputs) != 1:
-            raise RpcError(f"cannot submit {kernel}: the node returned {len(outputs)} outputs, expected 1")
-        return outputs[0]
+        def refill() -> None:
+            while len(out) < in_flight:
+                item = next(items, None)
+                if item is None:
+                    return
+                arrays = (item,) if hasattr(item, "dtype") else tuple(item)
+                kw = {"placement": placement, "timeout_s": timeout_s, "fallback": fallback}
+                out.append(self.future(kernel, *arrays, **kw, **params))  # type: ignore[arg-type]
+
+        def results() -> Iterator[np.ndarray]:
+            try:
+                while out:
+                    future = out.popleft()
+                    try:
+                        output = self._wait(future, f"submit {kernel}")
+                    finally:
+                        if future.task:
+                            self.last_task = future.task
+                    refill()  # NOTE: before the yield: the next tasks run while the caller uses this output
+                    yield output
+            finally:
+                for future in out:
+                    future.cancel()
+
+        try:
+            refill()  # NOTE: like Executor.map, the first tasks start before the first next()
+        except BaseException:
+            for future in out:
+                future.cancel()
+            raise
+        return results()
 
     def matmul(self, a: np.ndarray, b: np.ndarray, placement: str = "auto", *, fallback: bool = True) -> np.ndarray:
         """Return a @ b computed by the node (placement auto, local, remote or a peer id; ``fallback``
@@ -11140,9 +11424,11 @@ def add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument(
         "--rpc-max-mib",
         type=size_mib(1, RPC_MAX_MIB),
-        default=DEFAULT_RPC_MAX_BYTES >> 20,
+        default=None,
         metavar="MIB",
-        help=f"largest RPC message (default: {DEFAULT_RPC_MAX_BYTES >> 20} MiB)",
+        help=f"largest RPC message (default: half the --memory-budget-mib plus {RPC_MESSAGE_ROOM_BYTES >> 20} MiB, "
+        f"at most {RPC_MAX_MIB}: {rpc_max_bytes_for_budget(DEFAULT_MEMORY_BUDGET_BYTES) >> 20} MiB with the "
+        "default budget)",
     )
     p.add_argument(
         "--peer",
@@ -11289,10 +11575,9 @@ async def _serve(
     manager.verify_rounds = args.verify_rounds
     manager.on_suspicion.append(lambda *_: session_dir.save(suspects=saved_suspects(manager)))
     service = NodeService(node, manager, trust=trusted.add, rpc_address="")
+    rpc_max_bytes = args.rpc_max_mib << 20 if args.rpc_max_mib else rpc_max_bytes_for_budget(limits.memory_budget_bytes)
     async with node.running(args.host, args.port):
-        server = RpcServer(
-            service, rpc.host, rpc.port, token=rpc.token, max_bytes=args.rpc_max_mib << 20, tls_pem=rpc.tls_pem
-        )
+        server = RpcServer(service, rpc.host, rpc.port, token=rpc.token, max_bytes=rpc_max_bytes, tls_pem=rpc.tls_pem)
         host, port = await server.start()
         service.rpc_address = f"{host}:{port}"
         for peer in peers:

@@ -168,6 +168,7 @@ struct TaskOutput {
   attempts     @4 :List(AttemptInfo);
   timings      @5 :Timings;
   fallbackReason @6 :Text;        # why it ran locally when no remote worker was usable, "" otherwise
+  verified     @7 :Bool;          # the node checked the result (a remote worker's: Freivalds or the kernel's check)
 }
 
 struct Suspicion {
@@ -248,9 +249,13 @@ interface Compute {
 }
 
 interface Gate {
-  login @0 (token :Text) -> (compute :Compute, maxMessageBytes :UInt64, error :Text);
+  login @0 (token :Text) -> (compute :Compute, maxMessageBytes :UInt64, error :Text,
+                             memoryBudgetBytes :UInt64);
   # A wrong or missing token: `error` says so and `compute` is null (a result,
   # not an exception: pycapnp would send the server's traceback with it).
-  # maxMessageBytes: the node's largest RPC message (--rpc-max-mib), so a
-  # client can refuse a too-large request before sending it.
+  # maxMessageBytes: the node's largest RPC message (--rpc-max-mib, by default
+  # half its memory budget plus room), memoryBudgetBytes: its memory budget
+  # (--memory-budget-mib; 0 from an older node), so a client can refuse a
+  # request that cannot fit before sending a byte of it. (A parameter list numbers its fields in
+  # order: a new result goes last, so older clients and nodes read the same bytes.)
 }

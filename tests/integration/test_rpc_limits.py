@@ -238,6 +238,10 @@ def assert_serves_small_tasks(node: ServeNode) -> None:
 def test_rpc_random_bomb_is_refused_by_the_memory_budget_before_allocating(budget_node: ServeNode) -> None:
     before = proc_status(budget_node, "VmHWM")
     with Client(budget_node.rpc, token=budget_node.token, timeout_s=60) as rpc:
+        with pytest.raises(pangea.TaskError, match="nothing was sent"):  # this Client refuses it first
+            rpc.submit("random", rows=float(1 << 23), cols=16.0)
+        assert rpc.status()["rpc_tasks_refused"] == 0
+        rpc.node_memory_budget_bytes = 0  # as a client that does not know the budget (an older one): the node refuses
         with pytest.raises(pangea.TaskError) as refused:
             rpc.submit("random", rows=float(1 << 23), cols=16.0)
         status = rpc.status()

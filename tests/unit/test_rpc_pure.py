@@ -711,3 +711,77 @@ def test_operand_stand_ins_hold_no_memory_and_refuse_absurd_shapes() -> None:
     assert pangea.operand_stand_ins([SimpleNamespace(dtype="float32", shape=[0, 1 << 63])]) is None
     assert pangea.operand_stand_ins([SimpleNamespace(dtype="object", shape=[2])]) is None
     assert pangea.operand_stand_ins([]) == []
+
+
+# ---------------------------------------------------------------- limits that follow the memory budget
+
+
+def test_rpc_max_bytes_follow_the_memory_budget_and_let_1_gib_of_operands_in_by_default() -> None:
+    default = pangea.rpc_max_bytes_for_budget(pangea.DEFAULT_MEMORY_BUDGET_BYTES)
+    assert default >= (1 << 30) + (64 << 10)  # 1 GiB of operands and the message around them
+    assert pangea.rpc_max_bytes_for_budget(64 << 20) == (32 << 20) + pangea.RPC_MESSAGE_ROOM_BYTES
+    assert pangea.rpc_max_bytes_for_budget(1 << 40) == pangea.RPC_MAX_MIB << 20
+    sizes = [pangea.rpc_max_bytes_for_budget(b << 20) for b in (1, 64, 1024, 4096, 16384, 1 << 20)]
+    assert sizes == sorted(sizes)
+
+
+def test_1_gib_of_operands_fits_the_default_budget_and_limits() -> None:
+    a = np.broadcast_to(np.zeros((), dtype=np.float64), (8192, 8192))  # 512 MiB each, holding nothing
+    refusal = pangea.client_size_refusal(
+        "matmul",
+        [a, a],
+        {},
+        pangea.RPC_MAX_MIB << 20,
+        pangea.rpc_max_bytes_for_budget(pangea.DEFAULT_MEMORY_BUDGET_BYTES),
+        pangea.DEFAULT_MEMORY_BUDGET_BYTES,
+    )
+    assert refusal is None, refusal
+
+
+def test_client_size_refusal_names_the_node_s_message_limit_before_sending() -> None:
+    a = np.broadcast_to(np.zeros((), dtype=np.float64), (2048, 2048))  # 32 MiB
+    node_max = pangea.rpc_max_bytes_for_budget(64 << 20)  # 48 MiB
+    refusal = pangea.client_size_refusal("add", [a, a], {}, pangea.RPC_MAX_MIB << 20, node_max, 64 << 20)
+    assert isinstance(refusal, pangea.RpcError), refusal
+    assert "64.0 MiB exceed the RPC message limit of 48.0 MiB (the node)" in str(refusal)
+    assert "nothing was sent" in str(refusal) and "--memory-budget-mib" in (refusal.hint or "")
+    mine = pangea.client_size_refusal("add", [a, a], {}, 16 << 20, node_max, 64 << 20)
+    assert (
+        isinstance(mine, pangea.RpcError) and "(this client)" in str(mine) and "max_message_bytes" in (mine.hint or "")
+    )
+
+
+def test_client_size_refusal_names_a_budget_the_task_can_never_fit() -> None:
+    a = np.broadcast_to(np.zeros((), dtype=np.float64), (1024, 1024))  # 8 MiB: 48 MiB held with its output bound
+    refusal = pangea.client_size_refusal("scale", [a], {"factor": 2.0}, 1 << 30, 1 << 30, 24 << 20)
+    assert isinstance(refusal, TaskError) and refusal.kind == "bad-input", refusal
+    assert "can never fit the node's memory budget of 24.0 MiB" in str(refusal) and "nothing was sent" in str(refusal)
+    assert pangea.client_size_refusal("scale", [a], {"factor": 2.0}, 1 << 30, 1 << 30, 0) is None  # an older node
+    assert pangea.client_size_refusal("scale", [a], {"factor": 2.0}, 1 << 30, 1 << 30, 48 << 20) is None
+
+
+def test_result_verified_only_when_remote_workers_ran_it_and_checks_are_on() -> None:
+    def outcome(worker: str, *attempts: str) -> pangea.TaskOutcome:
+        records = [pangea.AttemptRecord(w) for w in attempts or (worker,)]
+        return pangea.TaskOutcome(1, "matmul", (), worker, records, 0.0, 0.0)
+
+    peer = "12D3KooWpeer"
+    assert pangea.result_verified(outcome(peer), 1)
+    assert not pangea.result_verified(outcome(peer), 0)
+    assert not pangea.result_verified(outcome("local"), 1)
+    assert pangea.result_verified(outcome("split", peer, peer), 1)
+    assert not pangea.result_verified(outcome("split", peer, "local"), 1)
+
+
+def test_task_future_cancel_reaches_its_call_once_and_only_before_its_answer() -> None:
+    import concurrent.futures
+
+    cancelled: list[pangea.TaskFuture] = []
+    future = pangea.TaskFuture(cancelled.append)
+    assert isinstance(future, concurrent.futures.Future) and future.task == {}
+    assert future.cancel() and future.cancel()  # cancelling twice is harmless
+    assert cancelled == [future] and future.cancelled()
+    answered = pangea.TaskFuture(cancelled.append)
+    assert answered.set_running_or_notify_cancel()
+    answered.set_result(1)
+    assert not answered.cancel() and cancelled == [future] and answered.result() == 1

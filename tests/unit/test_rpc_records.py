@@ -237,6 +237,7 @@ def test_task_output_as_dict_is_last_task() -> None:
         fallback_reason="no remote worker",
         attempts=(AttemptInfoRecord("local", "ok"),),
         timings=TimingsRecord(0.0, 0.0, 1.0, 1.25),
+        verified_by_node=True,
     )
     assert round_trip("TaskOutput", record).as_dict() == {
         "error_kind": "",
@@ -245,6 +246,7 @@ def test_task_output_as_dict_is_last_task() -> None:
         "fallback_reason": "no remote worker",
         "attempts": [{"worker": "local", "outcome": "ok"}],
         "timings": {"queue_s": 0.0, "transfer_s": 0.0, "compute_s": 1.0, "total_s": 1.25},
+        "verified_by_node": True,
     }
 
 
