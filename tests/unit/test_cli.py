@@ -767,6 +767,8 @@ def test_kernels_table_lists_every_kernel_and_how_it_is_verified() -> None:
     assert random_row.split()[1:3] == ["0", "rows,"] and " no " in random_row
     assert "Freivalds," in next(line for line in lines if line.startswith("matmul "))
     assert "at most 4 dimensions and 1,000 elements" in text.replace("\n", " ") or "1,000 elements" in text
+
+
 def test_unpacked_builds_names_this_build_and_only_other_pangea_builds(tmp_path: Path) -> None:
     root = tmp_path / "shiv"
     here = root / f"pangea.pyz_{'a' * 64}"
