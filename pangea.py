@@ -177,6 +177,7 @@ INLINE_FLOPS = 50_000
 
 HANDSHAKE_TIMEOUT_S = 10.0  # a peer that does not say Hello in 10 s is dropped
 PING_COUNT = 5  # pings for the RTT figure of the connection check
+DIAL_PROBE_S = 3.0  # a dial that timed out tries a plain TCP connect this long: a firewall, or a stuck handshake?
 DIAL_BACKOFF_FIRST_S = 0.25  # respond retries: 0.25, 0.5, 1, 2, 4, 4, ... s
 DIAL_BACKOFF_MAX_S = 4.0
 BYE_WAIT_S = 5.0  # how long the initiator waits for the responder to hang up
@@ -433,6 +434,16 @@ class NoPeerError(PeerError):
     reached (respond) within --timeout; check the address and the firewall."""
 
     exit_code = 2
+
+
+class DialError(NoPeerError):
+    """Raised by Node.dial when a peer cannot be reached; ``cause`` (see DialFailure) says why:
+    refused (nothing listening), timeout, unreachable, peer-id (another node answers at that
+    address), handshake, other. The message names the address; the hint says what to check."""
+
+    def __init__(self, message: str, *, cause: str, hint: str | None = None) -> None:
+        super().__init__(message, kind=ErrorKind.TIMEOUT if cause == "timeout" else ErrorKind.UNREACHABLE, hint=hint)
+        self.cause = cause
 
 
 class TaskError(PangeaError):
@@ -1113,6 +1124,112 @@ def describe_exception(exc: BaseException) -> str:
         return describe_exception(exc.exceptions[0])
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def exception_chain(exc: BaseException, limit: int = 64) -> list[BaseException]:
+    """Every exception inside ``exc``, outermost first: its causes, contexts, the members of
+    exception groups and of py-libp2p's MultiError (``.errors``). At most ``limit``."""
+    found: list[BaseException] = []
+    todo = [exc]
+    while todo and len(found) < limit:
+        current = todo.pop(0)
+        if any(current is seen for seen in found):
+            continue
+        found.append(current)
+        members = list(getattr(current, "exceptions", None) or []) + list(getattr(current, "errors", None) or [])
+        todo += [e for e in members if isinstance(e, BaseException)]
+        todo += [e for e in (current.__cause__, current.__context__) if e is not None]
+    return found
+
+
+@dataclass(frozen=True)
+class DialFailure:
+    """Why a libp2p dial failed, as `classify_dial_error` reads py-libp2p's exception chain.
+
+    ``cause``: refused (nothing listening), timeout (no answer), unreachable (no route),
+    peer-id (another node answers there), handshake (something answered but the libp2p
+    security handshake failed), other. ``final``: dialing again cannot help."""
+
+    cause: str
+    reason: str
+    hint: str
+    final: bool = False
+
+
+PSK_HINT = "both nodes need the same --psk file, or neither"
+
+
+def classify_dial_error(
+    exc: BaseException,
+    host: str,
+    port: int,
+    peer_id: str,
+    *,
+    waited_s: float,
+    tcp_reached: bool | None = None,
+    who: str = "pangea",
+) -> DialFailure:
+    """The cause of a failed dial of ``peer_id`` at ``host:port`` from the exceptions py-libp2p
+    0.8.1 raised (a SwarmDialAllFailedError keeps them in its cause's MultiError) or our own
+    deadline (trio.TooSlowError). ``tcp_reached``: what a plain TCP connect to the address
+    found afterwards (None: not tried); it tells a firewall from a handshake that hangs.
+    ``who``: what should listen there, for the hint ("the initiator")."""
+    import errno
+    import re
+
+    where = format_host_port(host, port)
+    chain = exception_chain(exc)
+    names = {type(e).__name__ for e in chain}
+    texts = " | ".join(str(e) for e in chain)
+    if "PeerIDMismatchesPubkey" in names or "peer id does not correspond" in texts or "Peer ID mismatch" in texts:
+        found = re.search(r"remote_peer_id_from_pubkey=(\w+)", texts)
+        actual = f"the node there has peer id {found.group(1)}" if found else "the node there has another peer id"
+        return DialFailure(
+            "peer-id",
+            f"{actual}, you asked for {peer_id}",
+            "check the address you copied: its /p2p/ part must be the peer id that node printed "
+            "(copy its whole line, or the join string, again)",
+            final=True,
+        )
+    codes = {e.errno for e in chain if isinstance(e, OSError) and e.errno}
+    if codes & {errno.ECONNREFUSED} or any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return DialFailure(
+            "refused",
+            f"nothing listening on {where}",
+            f"is {who} running there, and on that port? (it prints the address to copy when it starts)",
+        )
+    if codes & {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EADDRNOTAVAIL}:
+        return DialFailure(
+            "unreachable",
+            f"no route to {where}",
+            f"is {host} the address of that box on a network this one reaches (same LAN or VPN)? "
+            "a firewall rejecting the port?",
+        )
+    timed_out = codes & {errno.ETIMEDOUT} or names & {"TooSlowError", "TimeoutError", "timeout"}
+    if timed_out and tcp_reached:
+        return DialFailure(
+            "handshake",
+            f"{where} accepts TCP but no libp2p handshake completed within {format_seconds(waited_s)}",
+            f"is that port pangea's (the one it printed, not its data port)? {PSK_HINT}",
+        )
+    if timed_out:
+        return DialFailure(
+            "timeout",
+            f"no answer from {where} within {format_seconds(waited_s)}",
+            f"is {host} reachable from this box (same network or VPN)? is a firewall dropping TCP port {port}?",
+        )
+    if names & {"SecurityUpgradeFailure", "MultiselectError", "HandshakeFailure", "NoiseFailure"} or (
+        "handshake" in texts.lower()
+    ):
+        return DialFailure(
+            "handshake",
+            f"{where} answered, but the libp2p security handshake failed",
+            f"is that port pangea's (the one it printed, not its data port or another program)? {PSK_HINT}",
+        )
+    inner = chain[-1] if chain else exc
+    return DialFailure(
+        "other", describe_exception(inner), f"check the address, that pangea runs there and that {PSK_HINT}"
+    )
 
 
 def format_fingerprint(digest: bytes) -> str:
@@ -5324,6 +5441,28 @@ async def _tcp_connect(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def tcp_probe(host: str, port: int, timeout_s: float) -> tuple[float | None, str]:
+    """A plain TCP connect to ``host:port`` (doctor, and a dial that timed out): (milliseconds,
+    "") when it connects, else (None, why: "refused", "timed out" or the OS's reason)."""
+    import trio
+
+    start = time.perf_counter()
+    sock: socket.socket | None = None
+    try:
+        with trio.fail_after(timeout_s):
+            sock = await _tcp_connect(host, port)
+        return (time.perf_counter() - start) * 1000, ""
+    except trio.TooSlowError:
+        return None, "timed out"
+    except ConnectionRefusedError:
+        return None, "refused"
+    except OSError as exc:
+        return None, exc.strerror or type(exc).__name__
+    finally:
+        if sock is not None:
+            _close_socket(sock)
+
+
 ###############################################################################
 # 10. The node
 #
@@ -6145,8 +6284,9 @@ class Node:
             if handshaking:
                 self.pending.release(peer_id)
 
-    async def dial(self, address: PeerAddress, *, timeout_s: float) -> PeerSession:
-        """Connect to a peer (retrying with backoff until timeout_s) and open a session.
+    async def dial(self, address: PeerAddress, *, timeout_s: float, who: str = "pangea") -> PeerSession:
+        """Connect to a peer (retrying with backoff until timeout_s) and open a session; DialError
+        names the cause when it cannot (``who``: what should listen there, for its hint).
 
         A pairing code in ``address.code`` is proven in our Hello (never sent)."""
         if address.peer_id == self.peer_id:
@@ -6164,10 +6304,10 @@ class Node:
                 f"cannot dial {address.peer_id}: it is this node's own peer ID",
                 hint="the two boxes share one identity (a copied pangea home); delete identity.key on one of them",
             )
-        stream = await self._connect(address, timeout_s)
+        stream = await self._connect(address, timeout_s, who)
         return await self._handshake(stream, address)
 
-    async def _connect(self, address: PeerAddress, timeout_s: float) -> Any:
+    async def _connect(self, address: PeerAddress, timeout_s: float, who: str) -> Any:
         import trio
         from libp2p.custom_types import TProtocol
         from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -6192,20 +6332,37 @@ class Node:
                     await self.host.connect(info)
                     return await self.host.new_stream(info.peer_id, [TProtocol(PROTOCOL_ID)])
             except Exception as exc:  # py-libp2p raises many unrelated types for a failed dial
-                error = "timed out" if isinstance(exc, trio.TooSlowError) else describe_exception(exc)
                 await self.disconnect(address.peer_id)  # a half-dead connection must not be reused
                 delay = next(delays)
-                log.info("dial %s (attempt %d) failed: %s", address.text, attempt, error)
-                if trio.current_time() + delay >= deadline:
-                    psk = " and that both nodes use the same --psk file (or neither does)"
-                    raise NoPeerError(
-                        f"cannot reach {address.text} within {format_seconds(timeout_s)} "
-                        f"({attempt} attempt{'s' if attempt > 1 else ''}): {error}",
-                        kind=ErrorKind.UNREACHABLE,
-                        hint="check that pangea is running there, that the address (and its peer ID) is the one it "
-                        f"printed, that no firewall blocks the port{psk}",
-                    ) from None
+                waited = timeout_s - max(0.0, deadline - trio.current_time())
+                failure = classify_dial_error(
+                    exc, address.host, address.port, address.peer_id, waited_s=waited, who=who
+                )
+                log.info("dial %s (attempt %d) failed: %s", address.text, attempt, failure.reason)
+                if failure.final or trio.current_time() + delay >= deadline:
+                    raise await self._dial_error(address, exc, failure, (attempt, waited), who) from None
                 await trio.sleep(delay)
+
+    async def _dial_error(
+        self, address: PeerAddress, exc: BaseException, failure: DialFailure, tries: tuple[int, float], who: str
+    ) -> DialError:
+        """The error of a dial given up: its cause; a timeout is told apart from a handshake that
+        hangs by a plain TCP connect (what doctor tries first)."""
+        attempts, waited_s = tries
+        if failure.cause == "timeout":
+            tcp_ms, _ = await tcp_probe(address.host, address.port, DIAL_PROBE_S)
+            failure = classify_dial_error(
+                exc,
+                address.host,
+                address.port,
+                address.peer_id,
+                waited_s=waited_s,
+                tcp_reached=tcp_ms is not None,
+                who=who,
+            )
+        count = f" ({attempts} attempt{'s' if attempts > 1 else ''} in {format_seconds(waited_s)})"
+        text = f"cannot reach {address.text}{'' if failure.final else count}: {failure.reason}"
+        return DialError(text, cause=failure.cause, hint=failure.hint)
 
     async def _handshake(self, stream: Any, address: PeerAddress) -> PeerSession:
         import trio
@@ -10513,7 +10670,7 @@ async def _respond(
             print(f"Metrics: {metrics_url}")
         print(f"Connecting to {address.text} (up to {args.timeout:.0f} s)...", flush=True)
         start = time.perf_counter()
-        session = await node.dial(address, timeout_s=args.timeout)
+        session = await node.dial(address, timeout_s=args.timeout, who="the initiator")
         rtt_s = min([await session.ping() for _ in range(3)])
         results.append(_connection_row(node, session, start, rtt_s))
         print(f"Connected to initiator {session.peer_id}; serving its tasks until it says done.", flush=True)
