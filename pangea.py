@@ -231,6 +231,8 @@ DEFAULT_METRICS_PORT = 9477  # Prometheus /metrics, when --metrics names no port
 PAIRING_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 PAIRING_CODE_CHARS = 12
 MAX_PAIRING_FAILURES = 5
+PAIRING_BURNED_GRACE_S = 0.5  # an initiator whose code burned lets the last refusal reach its peer, then exits
+REFUSAL_HINT_MARK = "\nhint: "  # in an ErrorMsg's text: the refusal's reason, then what its user can do
 TRUSTED_PEERS_FILENAME = "trusted_peers"
 
 # The RPC endpoint before login: a stranger holds little. Until `login`
@@ -1022,44 +1024,6 @@ def home_proof_message(acceptor_id: str, dialer_id: str) -> bytes:
     return f"pangea-home-v1|{acceptor_id}|{dialer_id}".encode()
 
 
-@dataclass
-class Pairing:
-    """One pairing code offered by this node: ``max_uses`` peers (one by default), with a deadline."""
-
-    code: str
-    expires_at: float  # on the clock passed to check()
-    used_by: str | None = None  # the first peer that paired
-    failures: int = 0
-    max_uses: int = 1  # `initiate --expect N` pairs N responders with one code
-    others: list[str] = field(default_factory=list)  # the peers after the first
-
-    def check(self, proof: bytes, acceptor_id: str, dialer_id: str, now: float) -> str | None:
-        """Return None and mark the code used when ``proof`` is right; else the reason to refuse."""
-        import hmac
-
-        if dialer_id == self.used_by or dialer_id in self.others:
-            return None  # the same peer reconnecting
-        if self.used_by is not None and 1 + len(self.others) >= self.max_uses:
-            return "the pairing code was already used by another peer; restart to get a new code"
-        if self.failures >= MAX_PAIRING_FAILURES:
-            return f"the pairing code was burned after {MAX_PAIRING_FAILURES} wrong tries; restart to get a new code"
-        if now > self.expires_at:
-            return "the pairing code has expired; restart to get a new code"
-        if not proof:
-            return (
-                "this node needs its pairing code: run respond with the join string it printed "
-                "(pangea://...#CODE), or add --code CODE"
-            )
-        if not hmac.compare_digest(proof, pairing_proof(self.code, acceptor_id, dialer_id)):
-            self.failures += 1
-            return "wrong pairing code"
-        if self.used_by is None:
-            self.used_by = dialer_id
-        else:
-            self.others.append(dialer_id)
-        return None
-
-
 def parse_trusted_peers(text: str) -> tuple[set[str], list[str]]:
     """Parse a trusted_peers file: one peer id per line, `#` comments; return (ids, complaints)."""
     ids: set[str] = set()
@@ -1500,8 +1464,8 @@ class Refusal:
     hint: str | None = None
 
     def to_msg(self) -> ErrorMsg:
-        """The ErrorMsg that tells the peer."""
-        return ErrorMsg(self.kind, self.message)
+        """The ErrorMsg that tells the peer: the hint, when there is one, after REFUSAL_HINT_MARK."""
+        return ErrorMsg(self.kind, self.message + (REFUSAL_HINT_MARK + self.hint if self.hint else ""))
 
 
 class FrameGate(Protocol):
@@ -2227,12 +2191,93 @@ def duplicate_identity(
     return None
 
 
+@dataclass
+class Pairing:
+    """One pairing code offered by this node: ``max_uses`` peers (one by default), with a deadline.
+
+    `check` decides each Hello that proves a code; its refusals say what happened (wrong, with
+    the tries left; burned; expired; used) and the next step, for the dialer's user. ``issuer``
+    is the command whose run prints a new code (initiate, serve --pair, bench --listen)."""
+
+    code: str
+    expires_at: float  # on the clock passed to check()
+    used_by: str | None = None  # the first peer that paired
+    failures: int = 0
+    max_uses: int = 1  # `initiate --expect N` pairs N responders with one code
+    others: list[str] = field(default_factory=list)  # the peers after the first
+    issuer: str = "initiate"
+    tried_by: list[str] = field(default_factory=list)  # who sent the wrong codes: "peer id (address)", once each
+
+    @property
+    def burned(self) -> bool:
+        """Whether wrong tries used up the code: nobody can pair with it any more."""
+        return self.failures >= MAX_PAIRING_FAILURES
+
+    def expired(self, now: float) -> bool:
+        """Whether the deadline has passed."""
+        return now > self.expires_at
+
+    def _renew(self) -> str:
+        return f"run `{self.issuer}` there again for a new code and copy the join string it prints"
+
+    def check(self, proof: bytes, acceptor_id: str, dialer_id: str, now: float, source: str = "") -> Refusal | None:
+        """Return None and mark the code used when ``proof`` is right; else the Refusal (reason and hint).
+        ``source``: where the dialer connects from, remembered with a wrong try."""
+        import hmac
+
+        if dialer_id == self.used_by or dialer_id in self.others:
+            return None  # the same peer reconnecting
+        if self.used_by is not None and 1 + len(self.others) >= self.max_uses:
+            return self._refuse("the pairing code was already used by another peer", self._renew())
+        if self.burned:
+            return self._refuse(f"the pairing code was burned after {MAX_PAIRING_FAILURES} wrong tries", self._renew())
+        if self.expired(now):
+            ago = format_seconds(now - self.expires_at)
+            return self._refuse(f"the pairing code expired {ago} ago, unused", self._renew())
+        if not proof:
+            return self._refuse(
+                "this node needs its pairing code",
+                "run respond with the join string it printed (pangea://...#CODE), or add --code CODE",
+            )
+        if not hmac.compare_digest(proof, pairing_proof(self.code, acceptor_id, dialer_id)):
+            self.failures += 1
+            who = f"{dialer_id} ({source})" if source else dialer_id
+            if who not in self.tried_by:
+                self.tried_by.append(who)
+            left = MAX_PAIRING_FAILURES - self.failures
+            if not left:
+                return self._refuse(
+                    f"wrong pairing code: that was the last of {MAX_PAIRING_FAILURES} tries, the code is burned now",
+                    self._renew(),
+                )
+            return self._refuse(
+                f"wrong pairing code ({left} {'try' if left == 1 else 'tries'} left before the code is burned)",
+                f"copy the join string `{self.issuer}` printed (pangea://...#CODE) whole; "
+                "each run prints a new code, so take the one of the run that is waiting",
+            )
+        if self.used_by is None:
+            self.used_by = dialer_id
+        else:
+            self.others.append(dialer_id)
+        return None
+
+    @staticmethod
+    def _refuse(reason: str, hint: str) -> Refusal:
+        return Refusal(ErrorKind.REFUSED, reason, hint)
+
+    def burned_text(self) -> str:
+        """The acceptor's own line when wrong tries burned the code: how many, from whom."""
+        return f"pairing code burned after {self.failures} wrong tries from {', '.join(self.tried_by) or '?'}"
+
+
 def peer_refusal(peer_id: str, msg: ErrorMsg) -> Refusal:
-    """The dialer's verdict when the acceptor answered its Hello with ``msg``."""
+    """The dialer's verdict when the acceptor answered its Hello with ``msg`` (its hint, after
+    REFUSAL_HINT_MARK, becomes the verdict's)."""
+    message, _, hint = msg.message.partition(REFUSAL_HINT_MARK)
     return Refusal(
         msg.kind if msg.kind in REFUSAL_HINTS else ErrorKind.REFUSED,
-        f"cannot work with {peer_id}: it refused the session: {msg.message}",
-        REFUSAL_HINTS.get(msg.kind),
+        f"cannot work with {peer_id}: it refused the session: {message}",
+        hint or REFUSAL_HINTS.get(msg.kind),
     )
 
 
@@ -5906,7 +5951,7 @@ class Node:
         *,
         key_pair: Any,
         role: str,
-        accept: Callable[[str, HelloMsg], str | None],
+        accept: Callable[[str, HelloMsg], str | Refusal | None],
         may_serve: Callable[[str], bool],
         limits: Limits | None = None,
         psk: str | None = None,
@@ -6205,8 +6250,8 @@ class Node:
             self._vouched[peer_id] = home
             log.info("accepting %s %s: it runs from the pangea home of %s (signed)", hello.role, peer_id, home)
             return None
-        refusal_text = self.accept(peer_id, hello)
-        return None if refusal_text is None else Refusal(ErrorKind.REFUSED, refusal_text)
+        verdict = self.accept(peer_id, hello)
+        return Refusal(ErrorKind.REFUSED, verdict) if isinstance(verdict, str) else verdict
 
     def _vouched_home(self, peer_id: str, hello: HelloMsg) -> str | None:
         """The home a dialer on a throwaway identity proved (by its key's signature) it runs
@@ -10450,12 +10495,15 @@ async def _initiate(
     args: argparse.Namespace, session_dir: SessionDir, key_pair: Any, options: tuple[Limits, str | None, set[str]]
 ) -> int:
 
+    import trio
+
     limits, psk, allowed = options
     chosen: list[str] = []
     expect = args.expect
     pairing = Pairing(new_pairing_code(), expires_at=time.monotonic() + args.timeout, max_uses=expect)
+    stop_waiting = trio.CancelScope()  # cancelled when wrong tries burn the code: nobody can pair any more
 
-    def accept(peer_id: str, hello: HelloMsg) -> str | None:
+    def accept(peer_id: str, hello: HelloMsg) -> str | Refusal | None:
         if hello.role != "responder":
             return f"this initiator works with a responder, not a {hello.role!r}"
         if peer_id in chosen:
@@ -10463,7 +10511,10 @@ async def _initiate(
         if len(chosen) >= expect:
             return f"this initiator already has its {expect} responder(s): {', '.join(chosen)}"
         if peer_id not in allowed:
-            refusal = pairing.check(hello.pairing_proof, node.peer_id, peer_id, time.monotonic())
+            source = multiaddr_ip(node.remote_address(peer_id)) or ""
+            refusal = pairing.check(hello.pairing_proof, node.peer_id, peer_id, time.monotonic(), source)
+            if pairing.burned:
+                stop_waiting.cancel()
             if refusal is not None:
                 return refusal
         chosen.append(peer_id)
@@ -10490,7 +10541,10 @@ async def _initiate(
             waiting = view.add("waiting for responders", total=args.timeout)
             view.tick(waiting, lambda elapsed: (elapsed, f"{len(sessions)} of {expect} connected"))
             async with announced(node, args):  # on the LAN only while waiting
-                await _wait_for_responders(node, sessions, expect, args.timeout)
+                with stop_waiting:
+                    await _wait_for_responders(node, sessions, expect, args.timeout)
+                if stop_waiting.cancel_called and len(sessions) < expect:
+                    await trio.sleep(PAIRING_BURNED_GRACE_S)  # the last wrong try's refusal reaches its peer
             view.remove(waiting)
             if len(sessions) == expect:
                 transfer = args.transfer_mib << 20
@@ -10500,7 +10554,7 @@ async def _initiate(
                 checks.on_block = view.block_counter()
                 results = await checks.run_all()
         if len(sessions) < expect:
-            raise _too_few_responders(args, node, sessions, expect)
+            raise _too_few_responders(args, node, sessions, pairing)
     return _initiator_report(args, node, sessions, checks, results)
 
 
@@ -10529,12 +10583,28 @@ def _announce_initiator(
     log.info("listening on %s (pairing code issued)", ", ".join(node.addresses))
 
 
-def _too_few_responders(args: argparse.Namespace, node: Node, sessions: list[PeerSession], expect: int) -> NoPeerError:
-    """The error of an initiator that did not get its responders in time, with a hint on reaching it."""
+def _too_few_responders(
+    args: argparse.Namespace, node: Node, sessions: list[PeerSession], pairing: Pairing
+) -> NoPeerError:
+    """The error of an initiator that did not get its responders: its code burned by wrong tries,
+    or the time ran out (the code expired); with a hint on reaching it."""
     port = node.addresses[0].split("/tcp/")[1].split("/")[0] if node.addresses else args.port
+    expect = pairing.max_uses
     got = "nobody" if not sessions else f"only {len(sessions)} of {expect} responders"
+    if pairing.burned:
+        return NoPeerError(
+            f"cannot run the checks: {pairing.burned_text()}; {got} paired",
+            kind=ErrorKind.REFUSED,
+            hint="run `./pangea.pyz initiate` again for a new code, and give the responder its join string whole "
+            "(if those tries were not yours, someone else reaches this port)",
+        )
+    expired = "the pairing code expired" + (
+        f" after {pairing.failures} wrong tries from {', '.join(pairing.tried_by)}"
+        if pairing.failures
+        else ("" if pairing.used_by else " unused")
+    )
     return NoPeerError(
-        f"cannot run the checks: {got} connected within {format_seconds(args.timeout)}",
+        f"cannot run the checks: {got} connected within {format_seconds(args.timeout)}; {expired}",
         kind=ErrorKind.TIMEOUT,
         hint=f"on the other box run `./pangea.pyz respond` with the join string printed above; "
         f"check that box can reach this one (same network, firewall open for TCP port {port}"
@@ -11033,13 +11103,20 @@ async def _serve(
     import trio
 
     limits, psk, trusted, home = options
-    pairing = Pairing(new_pairing_code(), expires_at=time.monotonic() + args.pair_timeout) if args.pair else None
+    pairing = (
+        Pairing(new_pairing_code(), expires_at=time.monotonic() + args.pair_timeout, issuer="serve --pair")
+        if args.pair
+        else None
+    )
 
-    def accept(peer_id: str, hello: HelloMsg) -> str | None:
+    def accept(peer_id: str, hello: HelloMsg) -> str | Refusal | None:
         if peer_id in trusted:
             return None
         if pairing is not None and hello.pairing_proof:
-            refusal = pairing.check(hello.pairing_proof, node.peer_id, peer_id, time.monotonic())
+            source, was_burned = multiaddr_ip(node.remote_address(peer_id)) or "", pairing.burned
+            refusal = pairing.check(hello.pairing_proof, node.peer_id, peer_id, time.monotonic(), source)
+            if pairing.burned and not was_burned:  # this try burned it: say so once, on the console
+                print(f"pangea: {pairing.burned_text()}; restart `serve --pair` for a new code", flush=True)
             if refusal is not None:
                 return refusal
             trusted.add(peer_id)
