@@ -10694,6 +10694,13 @@ def cmd_respond(args: argparse.Namespace) -> int:
     check_node_ports("respond", args)
     text = join_text(args.address, args.discover)
     interactive = sys.stdin.isatty()
+    if text is None and args.discover and not args.code and not interactive:
+        # NOTE: mDNS never carries the code, and without a terminal nobody can type it
+        raise UsageError(
+            "cannot join an initiator found by --discover: no pairing code (the initiator does not announce it, "
+            "and there is no terminal to type it)",
+            hint="add --code CODE (the code the initiator printed), or pass its join string instead of --discover",
+        )
     if text is None and args.discover:
         text = discover_one(interactive)
     if text is None:
@@ -11534,6 +11541,9 @@ def doctor_verdict(findings: dict[str, Any]) -> tuple[bool, str]:
         )
     if peer.get("libp2p") == "incompatible":
         return False, f"version mismatch: {peer.get('detail')}; use the same pangea.pyz on both boxes"
+    if peer.get("libp2p") == "failed" and peer.get("cause") == "peer-id":
+        reason = str(peer.get("detail", "")).rpartition(": ")[2]
+        return False, f"wrong peer id in the address: {reason}; copy that node's whole address line again"
     if peer.get("libp2p") == "failed":
         return False, (
             "TCP works but the libp2p handshake fails: the peer ID in the address is probably wrong "
@@ -11626,13 +11636,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def probe_peer(address: PeerAddress, timeout_s: float, psk: str | None) -> dict[str, Any]:
     """Test a peer: TCP connect, then a libp2p dial and pangea handshake with RTT (doctor)."""
     result: dict[str, Any] = {"address": address.text, "tcp": False}
-    start = time.perf_counter()
-    try:
-        with socket.create_connection((address.host, address.port), timeout=timeout_s):
-            result["tcp"], result["tcp_ms"] = True, (time.perf_counter() - start) * 1000
-    except OSError as exc:
-        result["tcp_error"] = exc.strerror or type(exc).__name__
+    tcp_ms, why = run_trio_value(tcp_probe, address.host, address.port, timeout_s)
+    if tcp_ms is None:
+        result["tcp_error"] = why
         return result
+    result["tcp"], result["tcp_ms"] = True, tcp_ms
     with tempfile_home() as home:
         probed: dict[str, Any] = run_trio_value(_probe_libp2p, address, timeout_s, psk, load_or_create_identity(home))
         result.update(probed)
@@ -11654,6 +11662,33 @@ def probe_peer(address: PeerAddress, timeout_s: float, psk: str | None) -> dict[
             result["data_plane"] = f"TCP port {data_port} (the default data port) FAILS: {exc.strerror or exc}"
             result["data_plane_blocked"] = data_port
     return result
+
+
+def home_peer_id() -> str | None:
+    """The peer id of this box's pangea home, when it has an identity (never creates one)."""
+    path = pangea_home() / IDENTITY_FILENAME
+    if not path.exists():
+        return None
+    with contextlib.suppress(PangeaError):
+        return key_peer_id(load_or_create_identity(path.parent))
+    return None
+
+
+def doctor_refusal_text(refusal: str, throwaway_id: str, home_id: str | None) -> str:
+    """Doctor's line on a node that refused its session (pure). Doctor dials with a throwaway
+    identity, so the node's "allow <that id>" would name an id nobody will ever use again: name
+    the one this box's nodes really run with instead, and say why."""
+    said = refusal.replace(throwaway_id, "<doctor's throwaway id>").split("; ")[0]  # its reason, not its advice
+    allow = (
+        f"start that node with --allow-peer {home_id} (this box's peer id, as `./pangea.pyz id` prints it)"
+        if home_id
+        else "run `./pangea.pyz id` here (it creates this box's identity and prints its peer id) and start "
+        "that node with --allow-peer <that id>"
+    )
+    return (
+        f"the handshake completes; it refuses doctor's session, as it should ({said}). Doctor dials with a "
+        f"throwaway identity, never this box's key; to let this box's nodes in, {allow}, or pair with its join string"
+    )
 
 
 @contextlib.contextmanager
@@ -11685,9 +11720,9 @@ async def _probe_libp2p(address: PeerAddress, timeout_s: float, psk: str | None,
                 return {
                     "libp2p": "ok",
                     "handshake_ms": (time.perf_counter() - start) * 1000,
-                    "detail": f"the handshake completes; it refuses a doctor's session, as it should ({exc})",
+                    "detail": doctor_refusal_text(str(exc), node.peer_id, home_peer_id()),
                 }
-            return {"libp2p": "failed", "detail": str(exc)}
+            return {"libp2p": "failed", "detail": str(exc), "cause": getattr(exc, "cause", "")}
         rtt_s = await session.ping()
         await session.close("doctor done")
         hello = session.hello
