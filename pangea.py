@@ -231,6 +231,11 @@ DEFAULT_METRICS_PORT = 9477  # Prometheus /metrics, when --metrics names no port
 PAIRING_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 PAIRING_CODE_CHARS = 12
 MAX_PAIRING_FAILURES = 5
+# A serve node redialing a --peer says the cause once, then "still unreachable" after 60 s,
+# 2, 4, ... minutes, at most hourly: the console stays readable over a night of outage.
+REDIAL_NOTE_FIRST_S = 60.0
+REDIAL_NOTE_MAX_S = 3600.0
+REDIAL_MAX_S = 30.0  # the longest pause between two dials of a --peer
 PAIRING_BURNED_GRACE_S = 0.5  # an initiator whose code burned lets the last refusal reach its peer, then exits
 REFUSAL_HINT_MARK = "\nhint: "  # in an ErrorMsg's text: the refusal's reason, then what its user can do
 TRUSTED_PEERS_FILENAME = "trusted_peers"
@@ -443,9 +448,10 @@ class DialError(NoPeerError):
     refused (nothing listening), timeout, unreachable, peer-id (another node answers at that
     address), handshake, other. The message names the address; the hint says what to check."""
 
-    def __init__(self, message: str, *, cause: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, cause: str, reason: str = "", hint: str | None = None) -> None:
         super().__init__(message, kind=ErrorKind.TIMEOUT if cause == "timeout" else ErrorKind.UNREACHABLE, hint=hint)
         self.cause = cause
+        self.reason = reason or message  # the cause in words, without the address dialed
 
 
 class TaskError(PangeaError):
@@ -976,6 +982,51 @@ def remote_error_text(exc: BaseException) -> str:
         return found[-1][1].strip()
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return first.removeprefix("(remote):0: failed: ").strip()
+
+
+class RedialNotes:
+    """What a node that keeps a --peer connected says on its console, decided here (pure, time
+    comes in as ``now``): the cause of the first failure, once and briefly; then only changes:
+    another cause, "still unreachable after N tries" at growing intervals (REDIAL_NOTE_FIRST_S,
+    doubling up to REDIAL_NOTE_MAX_S), and "reconnected". Each dial's details go to the log."""
+
+    def __init__(self, label: str, first_s: float = REDIAL_NOTE_FIRST_S, max_s: float = REDIAL_NOTE_MAX_S) -> None:
+        self.label = label
+        self.first_s, self.max_s = first_s, max_s
+        self.failures = 0  # failed dials since the last success
+        self.since = 0.0  # when the first of them failed
+        self.cause = ""  # the kind of failure last said
+        self.next_note = 0.0  # when "still unreachable" is due
+        self.interval = first_s
+
+    def failed(self, cause: str, reason: str, retry_max_s: float, now: float) -> str | None:
+        """A dial failed (``cause``: its kind, see DialFailure; ``reason``: in words): the line to
+        print, or None to stay quiet."""
+        self.failures += 1
+        if self.failures == 1 or cause != self.cause:
+            first = self.failures == 1
+            self.since = now if first else self.since
+            self.cause, self.interval, self.next_note = cause, self.first_s, now + self.first_s
+            now_text = "" if first else "now "
+            return f"cannot reach peer {self.label}: {now_text}{reason}; retrying every {retry_max_s:.0f} s at most"
+        if now < self.next_note:
+            return None
+        self.interval = min(self.interval * 2, self.max_s)
+        self.next_note = now + self.interval
+        return (
+            f"peer {self.label} still unreachable after {self.failures} tries in {format_seconds(now - self.since)} "
+            f"({reason}); retrying every {retry_max_s:.0f} s"
+        )
+
+    def connected(self, now: float) -> str:
+        """A dial succeeded: the line to print."""
+        if not self.failures:
+            return f"connected to peer {self.label}"
+        text = (
+            f"reconnected to peer {self.label} after {self.failures} failed tries in {format_seconds(now - self.since)}"
+        )
+        self.failures, self.cause = 0, ""
+        return text
 
 
 def new_pairing_code(rng: random.Random | None = None) -> str:
@@ -6407,7 +6458,7 @@ class Node:
             )
         count = f" ({attempts} attempt{'s' if attempts > 1 else ''} in {format_seconds(waited_s)})"
         text = f"cannot reach {address.text}{'' if failure.final else count}: {failure.reason}"
-        return DialError(text, cause=failure.cause, hint=failure.hint)
+        return DialError(text, cause=failure.cause, reason=failure.reason, hint=failure.hint)
 
     async def _handshake(self, stream: Any, address: PeerAddress) -> PeerSession:
         import trio
@@ -11227,17 +11278,22 @@ async def keep_connected(node: Node, address: PeerAddress) -> None:
     """Keep a session with a --peer: dial it, and redial with backoff whenever it drops."""
     import trio
 
-    delays = backoff_delays(1.0, 30.0)
+    delays = backoff_delays(1.0, REDIAL_MAX_S)
+    notes = RedialNotes(short_id(address.peer_id))
     while True:
         session = node.sessions.get(address.peer_id)
         if session is None:
             try:
-                session = await node.dial(address, timeout_s=10.0)
-                print(f"pangea: connected to peer {address.peer_id}", flush=True)
-                delays = backoff_delays(1.0, 30.0)
+                session = await node.dial(address, timeout_s=10.0, who="that node")
+                print(f"pangea: {notes.connected(time.monotonic())}", flush=True)
+                delays = backoff_delays(1.0, REDIAL_MAX_S)
             except PeerError as exc:
                 delay = next(delays)
-                log.warning("cannot reach peer %s: %s; retrying in %.0f s", short_id(address.peer_id), exc, delay)
+                log.info("cannot reach peer %s: %s; retrying in %.0f s", address.peer_id, exc, delay)
+                cause, reason = (exc.cause, exc.reason) if isinstance(exc, DialError) else (str(exc.kind), str(exc))
+                note = notes.failed(cause, reason, REDIAL_MAX_S, time.monotonic())
+                if note is not None:
+                    log.warning("%s", note)
                 await trio.sleep(delay)
                 continue
         await session.closed.wait()
