@@ -2286,9 +2286,10 @@ class Pairing:
             ago = format_seconds(now - self.expires_at)
             return self._refuse(f"the pairing code expired {ago} ago, unused", self._renew())
         if not proof:
-            return self._refuse(
-                "this node needs its pairing code",
-                "run respond with the join string it printed (pangea://...#CODE), or add --code CODE",
+            return Refusal(
+                ErrorKind.REFUSED,
+                "this node needs its pairing code: run respond with the join string it printed "
+                "(pangea://...#CODE), or add --code CODE",
             )
         if not hmac.compare_digest(proof, pairing_proof(self.code, acceptor_id, dialer_id)):
             self.failures += 1

@@ -276,8 +276,8 @@ def test_pairing_on_a_fake_clock_expires_without_any_try() -> None:
 def test_pairing_missing_proof_names_the_code_and_costs_no_try() -> None:
     pairing = offer()
     for _ in range(MAX_PAIRING_FAILURES + 2):
-        reason = reason_of(pairing.check(b"", ACCEPTOR, DIALER, now=1.0))
-        assert "pairing code" in reason and "--code" in reason
+        refusal = pairing.check(b"", ACCEPTOR, DIALER, now=1.0)
+        assert refusal is not None and "pairing code" in refusal.message and "--code" in refusal.message
     assert pairing.failures == 0
     assert pairing.check(proof_of(), ACCEPTOR, DIALER, now=1.0) is None
 
