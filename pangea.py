@@ -6437,15 +6437,15 @@ class Node:
                 )
                 log.info("dial %s (attempt %d) failed: %s", address.text, attempt, failure.reason)
                 if failure.final or trio.current_time() + delay >= deadline:
-                    raise await self._dial_error(address, exc, failure, (attempt, waited), who) from None
+                    raise await self._dial_error(address, exc, failure, (attempt, timeout_s, waited), who) from None
                 await trio.sleep(delay)
 
     async def _dial_error(
-        self, address: PeerAddress, exc: BaseException, failure: DialFailure, tries: tuple[int, float], who: str
+        self, address: PeerAddress, exc: BaseException, failure: DialFailure, tries: tuple[int, float, float], who: str
     ) -> DialError:
         """The error of a dial given up: its cause; a timeout is told apart from a handshake that
         hangs by a plain TCP connect (what doctor tries first)."""
-        attempts, waited_s = tries
+        attempts, timeout_s, waited_s = tries
         if failure.cause == "timeout":
             tcp_ms, _ = await tcp_probe(address.host, address.port, DIAL_PROBE_S)
             failure = classify_dial_error(
@@ -6457,7 +6457,7 @@ class Node:
                 tcp_reached=tcp_ms is not None,
                 who=who,
             )
-        count = f" ({attempts} attempt{'s' if attempts > 1 else ''} in {format_seconds(waited_s)})"
+        count = f" within {format_seconds(timeout_s)} ({attempts} attempt{'s' if attempts > 1 else ''})"
         text = f"cannot reach {address.text}{'' if failure.final else count}: {failure.reason}"
         return DialError(text, cause=failure.cause, reason=failure.reason, hint=failure.hint)
 
@@ -11280,7 +11280,7 @@ async def keep_connected(node: Node, address: PeerAddress) -> None:
     import trio
 
     delays = backoff_delays(1.0, REDIAL_MAX_S)
-    notes = RedialNotes(short_id(address.peer_id))
+    notes = RedialNotes(address.peer_id)  # NOTE: the full id: scripts wait for "connected to peer <id>"
     while True:
         session = node.sessions.get(address.peer_id)
         if session is None:
