@@ -1242,9 +1242,7 @@ def classify_dial_error(
             f"is that port pangea's (the one it printed, not its data port or another program)? {PSK_HINT}",
         )
     inner = chain[-1] if chain else exc
-    return DialFailure(
-        "other", describe_exception(inner), f"check the address, that pangea runs there and that {PSK_HINT}"
-    )
+    return DialFailure("other", describe_exception(inner), f"check the address and that pangea runs there; {PSK_HINT}")
 
 
 def format_fingerprint(digest: bytes) -> str:
@@ -1515,8 +1513,10 @@ class Refusal:
     hint: str | None = None
 
     def to_msg(self) -> ErrorMsg:
-        """The ErrorMsg that tells the peer: the hint, when there is one, after REFUSAL_HINT_MARK."""
-        return ErrorMsg(self.kind, self.message + (REFUSAL_HINT_MARK + self.hint if self.hint else ""))
+        """The ErrorMsg that tells the peer; a `refused` one's hint travels after REFUSAL_HINT_MARK (the
+        dialer knows the hints of the other kinds by their kind, and an incompatible peer may be older)."""
+        travels = self.hint and self.kind == ErrorKind.REFUSED
+        return ErrorMsg(self.kind, self.message + (REFUSAL_HINT_MARK + str(self.hint) if travels else ""))
 
 
 class FrameGate(Protocol):
@@ -5547,7 +5547,8 @@ async def tcp_probe(host: str, port: int, timeout_s: float) -> tuple[float | Non
     sock: socket.socket | None = None
     try:
         with trio.fail_after(timeout_s):
-            sock = await _tcp_connect(host, port)
+            found = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)  # a /dns4/ name too
+            sock = await _tcp_connect(str(found[0][4][0]), port)
         return (time.perf_counter() - start) * 1000, ""
     except trio.TooSlowError:
         return None, "timed out"

@@ -296,6 +296,10 @@ def test_pairing_refusal_hint_travels_to_the_dialer() -> None:
     # a refusal without a hint stays as it was
     plain = peer_refusal(ACCEPTOR, ErrorMsg("refused", "no"))
     assert plain.message.endswith(": no") and plain.hint is None
+    # other kinds keep their text as it was (an incompatible peer may be an older pangea): the dialer knows their hint
+    incompatible = Refusal("incompatible", "protocol 1 vs 2", "use the same pangea.pyz on both machines")
+    assert incompatible.to_msg().message == "protocol 1 vs 2"
+    assert peer_refusal(ACCEPTOR, incompatible.to_msg()).hint == "use the same pangea.pyz on both machines"
 
 
 # ---------------------------------------------------------------- trusted_peers
