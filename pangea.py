@@ -5540,7 +5540,7 @@ async def _tcp_connect(host: str, port: int) -> socket.socket:
 
 async def tcp_probe(host: str, port: int, timeout_s: float) -> tuple[float | None, str]:
     """A plain TCP connect to ``host:port`` (doctor, and a dial that timed out): (milliseconds,
-    "") when it connects, else (None, why: "refused", "timed out" or the OS's reason)."""
+    "") when it connects, else (None, why: "timed out" or the OS's reason, "Connection refused")."""
     import trio
 
     start = time.perf_counter()
@@ -5552,9 +5552,7 @@ async def tcp_probe(host: str, port: int, timeout_s: float) -> tuple[float | Non
         return (time.perf_counter() - start) * 1000, ""
     except trio.TooSlowError:
         return None, "timed out"
-    except ConnectionRefusedError:
-        return None, "refused"
-    except OSError as exc:
+    except OSError as exc:  # ConnectionRefusedError: "Connection refused", as doctor prints it
         return None, exc.strerror or type(exc).__name__
     finally:
         if sock is not None:
@@ -11601,7 +11599,10 @@ def doctor_verdict(findings: dict[str, Any]) -> tuple[bool, str]:
         return False, f"version mismatch: {peer.get('detail')}; use the same pangea.pyz on both boxes"
     if peer.get("libp2p") == "failed" and peer.get("cause") == "peer-id":
         reason = str(peer.get("detail", "")).rpartition(": ")[2]
-        return False, f"wrong peer id in the address: {reason}; copy that node's whole address line again"
+        return False, (
+            f"TCP works but the libp2p handshake fails: the peer ID in the address is wrong: {reason}; "
+            "copy that node's whole address line again"
+        )
     if peer.get("libp2p") == "failed":
         return False, (
             "TCP works but the libp2p handshake fails: the peer ID in the address is probably wrong "

@@ -273,4 +273,4 @@ def test_tcp_probe_tells_refused_from_reached(silent_listener: int) -> None:
     ms, why = trio.run(pangea.tcp_probe, "127.0.0.1", silent_listener, 5.0)
     assert ms is not None and why == "", (ms, why)
     ms, why = trio.run(pangea.tcp_probe, "127.0.0.1", free_port(), 5.0)
-    assert ms is None and why == "refused", (ms, why)
+    assert ms is None and why == "Connection refused", (ms, why)

@@ -688,4 +688,7 @@ def test_doctor_verdict_on_a_wrong_peer_id_names_the_real_one() -> None:
     peer = {"address": "a", "tcp": True, "tcp_ms": 1.0, "libp2p": "failed", "detail": detail, "cause": "peer-id"}
     ok, verdict = doctor_verdict({"build": None, "peer": peer})
     assert not ok
-    assert verdict.startswith(f"wrong peer id in the address: the node there has peer id {NODE_ID}"), verdict
+    assert verdict.startswith("TCP works but the libp2p handshake fails: the peer ID in the address is wrong: "), (
+        verdict
+    )
+    assert f"the node there has peer id {NODE_ID}, you asked for X" in verdict, verdict
