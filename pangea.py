@@ -178,6 +178,7 @@ INLINE_FLOPS = 50_000
 
 HANDSHAKE_TIMEOUT_S = 10.0  # a peer that does not say Hello in 10 s is dropped
 PING_COUNT = 5  # pings for the RTT figure of the connection check
+DIAL_PROBE_S = 3.0  # a dial that timed out tries a plain TCP connect this long: a firewall, or a stuck handshake?
 DIAL_BACKOFF_FIRST_S = 0.25  # respond retries: 0.25, 0.5, 1, 2, 4, 4, ... s
 DIAL_BACKOFF_MAX_S = 4.0
 BYE_WAIT_S = 5.0  # how long the initiator waits for the responder to hang up
@@ -239,6 +240,13 @@ DEFAULT_METRICS_PORT = 9477  # Prometheus /metrics, when --metrics names no port
 PAIRING_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 PAIRING_CODE_CHARS = 12
 MAX_PAIRING_FAILURES = 5
+# A serve node redialing a --peer says the cause once, then "still unreachable" after 60 s,
+# 2, 4, ... minutes, at most hourly: the console stays readable over a night of outage.
+REDIAL_NOTE_FIRST_S = 60.0
+REDIAL_NOTE_MAX_S = 3600.0
+REDIAL_MAX_S = 30.0  # the longest pause between two dials of a --peer
+PAIRING_BURNED_GRACE_S = 0.5  # an initiator whose code burned lets the last refusal reach its peer, then exits
+REFUSAL_HINT_MARK = "\nhint: "  # in an ErrorMsg's text: the refusal's reason, then what its user can do
 TRUSTED_PEERS_FILENAME = "trusted_peers"
 
 # The RPC endpoint before login: a stranger holds little. Until `login`
@@ -442,6 +450,17 @@ class NoPeerError(PeerError):
     reached (respond) within --timeout; check the address and the firewall."""
 
     exit_code = 2
+
+
+class DialError(NoPeerError):
+    """Raised by Node.dial when a peer cannot be reached; ``cause`` (see DialFailure) says why:
+    refused (nothing listening), timeout, unreachable, peer-id (another node answers at that
+    address), handshake, other. The message names the address; the hint says what to check."""
+
+    def __init__(self, message: str, *, cause: str, reason: str = "", hint: str | None = None) -> None:
+        super().__init__(message, kind=ErrorKind.TIMEOUT if cause == "timeout" else ErrorKind.UNREACHABLE, hint=hint)
+        self.cause = cause
+        self.reason = reason or message  # the cause in words, without the address dialed
 
 
 class TaskError(PangeaError):
@@ -1065,6 +1084,51 @@ def remote_error_text(exc: BaseException) -> str:
     return first.removeprefix("(remote):0: failed: ").strip()
 
 
+class RedialNotes:
+    """What a node that keeps a --peer connected says on its console, decided here (pure, time
+    comes in as ``now``): the cause of the first failure, once and briefly; then only changes:
+    another cause, "still unreachable after N tries" at growing intervals (REDIAL_NOTE_FIRST_S,
+    doubling up to REDIAL_NOTE_MAX_S), and "reconnected". Each dial's details go to the log."""
+
+    def __init__(self, label: str, first_s: float = REDIAL_NOTE_FIRST_S, max_s: float = REDIAL_NOTE_MAX_S) -> None:
+        self.label = label
+        self.first_s, self.max_s = first_s, max_s
+        self.failures = 0  # failed dials since the last success
+        self.since = 0.0  # when the first of them failed
+        self.cause = ""  # the kind of failure last said
+        self.next_note = 0.0  # when "still unreachable" is due
+        self.interval = first_s
+
+    def failed(self, cause: str, reason: str, retry_max_s: float, now: float) -> str | None:
+        """A dial failed (``cause``: its kind, see DialFailure; ``reason``: in words): the line to
+        print, or None to stay quiet."""
+        self.failures += 1
+        if self.failures == 1 or cause != self.cause:
+            first = self.failures == 1
+            self.since = now if first else self.since
+            self.cause, self.interval, self.next_note = cause, self.first_s, now + self.first_s
+            now_text = "" if first else "now "
+            return f"cannot reach peer {self.label}: {now_text}{reason}; retrying every {retry_max_s:.0f} s at most"
+        if now < self.next_note:
+            return None
+        self.interval = min(self.interval * 2, self.max_s)
+        self.next_note = now + self.interval
+        return (
+            f"peer {self.label} still unreachable after {self.failures} tries in {format_seconds(now - self.since)} "
+            f"({reason}); retrying every {retry_max_s:.0f} s"
+        )
+
+    def connected(self, now: float) -> str:
+        """A dial succeeded: the line to print."""
+        if not self.failures:
+            return f"connected to peer {self.label}"
+        text = (
+            f"reconnected to peer {self.label} after {self.failures} failed tries in {format_seconds(now - self.since)}"
+        )
+        self.failures, self.cause = 0, ""
+        return text
+
+
 def new_pairing_code(rng: random.Random | None = None) -> str:
     """Return a fresh pairing code (12 Crockford base32 characters) from a CSPRNG."""
     import secrets
@@ -1109,44 +1173,6 @@ def home_proof_message(acceptor_id: str, dialer_id: str) -> bytes:
     Both ids are authenticated by Noise, so the signature vouches for this one
     dialer towards this one acceptor and cannot be replayed elsewhere."""
     return f"pangea-home-v1|{acceptor_id}|{dialer_id}".encode()
-
-
-@dataclass
-class Pairing:
-    """One pairing code offered by this node: ``max_uses`` peers (one by default), with a deadline."""
-
-    code: str
-    expires_at: float  # on the clock passed to check()
-    used_by: str | None = None  # the first peer that paired
-    failures: int = 0
-    max_uses: int = 1  # `initiate --expect N` pairs N responders with one code
-    others: list[str] = field(default_factory=list)  # the peers after the first
-
-    def check(self, proof: bytes, acceptor_id: str, dialer_id: str, now: float) -> str | None:
-        """Return None and mark the code used when ``proof`` is right; else the reason to refuse."""
-        import hmac
-
-        if dialer_id == self.used_by or dialer_id in self.others:
-            return None  # the same peer reconnecting
-        if self.used_by is not None and 1 + len(self.others) >= self.max_uses:
-            return "the pairing code was already used by another peer; restart to get a new code"
-        if self.failures >= MAX_PAIRING_FAILURES:
-            return f"the pairing code was burned after {MAX_PAIRING_FAILURES} wrong tries; restart to get a new code"
-        if now > self.expires_at:
-            return "the pairing code has expired; restart to get a new code"
-        if not proof:
-            return (
-                "this node needs its pairing code: run respond with the join string it printed "
-                "(pangea://...#CODE), or add --code CODE"
-            )
-        if not hmac.compare_digest(proof, pairing_proof(self.code, acceptor_id, dialer_id)):
-            self.failures += 1
-            return "wrong pairing code"
-        if self.used_by is None:
-            self.used_by = dialer_id
-        else:
-            self.others.append(dialer_id)
-        return None
 
 
 def parse_trusted_peers(text: str) -> tuple[set[str], list[str]]:
@@ -1213,6 +1239,110 @@ def describe_exception(exc: BaseException) -> str:
         return describe_exception(exc.exceptions[0])
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def exception_chain(exc: BaseException, limit: int = 64) -> list[BaseException]:
+    """Every exception inside ``exc``, outermost first: its causes, contexts, the members of
+    exception groups and of py-libp2p's MultiError (``.errors``). At most ``limit``."""
+    found: list[BaseException] = []
+    todo = [exc]
+    while todo and len(found) < limit:
+        current = todo.pop(0)
+        if any(current is seen for seen in found):
+            continue
+        found.append(current)
+        members = list(getattr(current, "exceptions", None) or []) + list(getattr(current, "errors", None) or [])
+        todo += [e for e in members if isinstance(e, BaseException)]
+        todo += [e for e in (current.__cause__, current.__context__) if e is not None]
+    return found
+
+
+@dataclass(frozen=True)
+class DialFailure:
+    """Why a libp2p dial failed, as `classify_dial_error` reads py-libp2p's exception chain.
+
+    ``cause``: refused (nothing listening), timeout (no answer), unreachable (no route),
+    peer-id (another node answers there), handshake (something answered but the libp2p
+    security handshake failed), other. ``final``: dialing again cannot help."""
+
+    cause: str
+    reason: str
+    hint: str
+    final: bool = False
+
+
+PSK_HINT = "both nodes need the same --psk file, or neither"
+
+
+def classify_dial_error(
+    exc: BaseException,
+    host: str,
+    port: int,
+    peer_id: str,
+    *,
+    waited_s: float,
+    tcp_reached: bool | None = None,
+    who: str = "pangea",
+) -> DialFailure:
+    """The cause of a failed dial of ``peer_id`` at ``host:port`` from the exceptions py-libp2p
+    0.8.1 raised (a SwarmDialAllFailedError keeps them in its cause's MultiError) or our own
+    deadline (trio.TooSlowError). ``tcp_reached``: what a plain TCP connect to the address
+    found afterwards (None: not tried); it tells a firewall from a handshake that hangs.
+    ``who``: what should listen there, for the hint ("the initiator")."""
+    import errno
+    import re
+
+    where = format_host_port(host, port)
+    chain = exception_chain(exc)
+    names = {type(e).__name__ for e in chain}
+    texts = " | ".join(str(e) for e in chain)
+    if "PeerIDMismatchesPubkey" in names or "peer id does not correspond" in texts or "Peer ID mismatch" in texts:
+        found = re.search(r"remote_peer_id_from_pubkey=(\w+)", texts)
+        actual = f"the node there has peer id {found.group(1)}" if found else "the node there has another peer id"
+        return DialFailure(
+            "peer-id",
+            f"{actual}, you asked for {peer_id}",
+            "check the address you copied: its /p2p/ part must be the peer id that node printed "
+            "(copy its whole line, or the join string, again)",
+            final=True,
+        )
+    codes = {e.errno for e in chain if isinstance(e, OSError) and e.errno}
+    if codes & {errno.ECONNREFUSED} or any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return DialFailure(
+            "refused",
+            f"nothing listening on {where}",
+            f"is {who} running there, and on that port? (it prints the address to copy when it starts)",
+        )
+    if codes & {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EADDRNOTAVAIL}:
+        return DialFailure(
+            "unreachable",
+            f"no route to {where}",
+            f"is {host} the address of that box on a network this one reaches (same LAN or VPN)? "
+            "a firewall rejecting the port?",
+        )
+    timed_out = codes & {errno.ETIMEDOUT} or names & {"TooSlowError", "TimeoutError", "timeout"}
+    if timed_out and tcp_reached:
+        return DialFailure(
+            "handshake",
+            f"{where} accepts TCP but no libp2p handshake completed within {format_seconds(waited_s)}",
+            f"is that port pangea's (the one it printed, not its data port)? {PSK_HINT}",
+        )
+    if timed_out:
+        return DialFailure(
+            "timeout",
+            f"no answer from {where} within {format_seconds(waited_s)}",
+            f"is {host} reachable from this box (same network or VPN)? is a firewall dropping TCP port {port}?",
+        )
+    if names & {"SecurityUpgradeFailure", "MultiselectError", "HandshakeFailure", "NoiseFailure"} or (
+        "handshake" in texts.lower()
+    ):
+        return DialFailure(
+            "handshake",
+            f"{where} answered, but the libp2p security handshake failed",
+            f"is that port pangea's (the one it printed, not its data port or another program)? {PSK_HINT}",
+        )
+    inner = chain[-1] if chain else exc
+    return DialFailure("other", describe_exception(inner), f"check the address and that pangea runs there; {PSK_HINT}")
 
 
 def format_fingerprint(digest: bytes) -> str:
@@ -1483,8 +1613,10 @@ class Refusal:
     hint: str | None = None
 
     def to_msg(self) -> ErrorMsg:
-        """The ErrorMsg that tells the peer."""
-        return ErrorMsg(self.kind, self.message)
+        """The ErrorMsg that tells the peer; a `refused` one's hint travels after REFUSAL_HINT_MARK (the
+        dialer knows the hints of the other kinds by their kind, and an incompatible peer may be older)."""
+        travels = self.hint and self.kind == ErrorKind.REFUSED
+        return ErrorMsg(self.kind, self.message + (REFUSAL_HINT_MARK + str(self.hint) if travels else ""))
 
 
 class FrameGate(Protocol):
@@ -2210,12 +2342,94 @@ def duplicate_identity(
     return None
 
 
+@dataclass
+class Pairing:
+    """One pairing code offered by this node: ``max_uses`` peers (one by default), with a deadline.
+
+    `check` decides each Hello that proves a code; its refusals say what happened (wrong, with
+    the tries left; burned; expired; used) and the next step, for the dialer's user. ``issuer``
+    is the command whose run prints a new code (initiate, serve --pair, bench --listen)."""
+
+    code: str
+    expires_at: float  # on the clock passed to check()
+    used_by: str | None = None  # the first peer that paired
+    failures: int = 0
+    max_uses: int = 1  # `initiate --expect N` pairs N responders with one code
+    others: list[str] = field(default_factory=list)  # the peers after the first
+    issuer: str = "initiate"
+    tried_by: list[str] = field(default_factory=list)  # who sent the wrong codes: "peer id (address)", once each
+
+    @property
+    def burned(self) -> bool:
+        """Whether wrong tries used up the code: nobody can pair with it any more."""
+        return self.failures >= MAX_PAIRING_FAILURES
+
+    def expired(self, now: float) -> bool:
+        """Whether the deadline has passed."""
+        return now > self.expires_at
+
+    def _renew(self) -> str:
+        return f"run `{self.issuer}` there again for a new code and copy the join string it prints"
+
+    def check(self, proof: bytes, acceptor_id: str, dialer_id: str, now: float, source: str = "") -> Refusal | None:
+        """Return None and mark the code used when ``proof`` is right; else the Refusal (reason and hint).
+        ``source``: where the dialer connects from, remembered with a wrong try."""
+        import hmac
+
+        if dialer_id == self.used_by or dialer_id in self.others:
+            return None  # the same peer reconnecting
+        if self.used_by is not None and 1 + len(self.others) >= self.max_uses:
+            return self._refuse("the pairing code was already used by another peer", self._renew())
+        if self.burned:
+            return self._refuse(f"the pairing code was burned after {MAX_PAIRING_FAILURES} wrong tries", self._renew())
+        if self.expired(now):
+            ago = format_seconds(now - self.expires_at)
+            return self._refuse(f"the pairing code expired {ago} ago, unused", self._renew())
+        if not proof:
+            return Refusal(
+                ErrorKind.REFUSED,
+                "this node needs its pairing code: run respond with the join string it printed "
+                "(pangea://...#CODE), or add --code CODE",
+            )
+        if not hmac.compare_digest(proof, pairing_proof(self.code, acceptor_id, dialer_id)):
+            self.failures += 1
+            who = f"{dialer_id} ({source})" if source else dialer_id
+            if who not in self.tried_by:
+                self.tried_by.append(who)
+            left = MAX_PAIRING_FAILURES - self.failures
+            if not left:
+                return self._refuse(
+                    f"wrong pairing code: that was the last of {MAX_PAIRING_FAILURES} tries, the code is burned now",
+                    self._renew(),
+                )
+            return self._refuse(
+                f"wrong pairing code ({left} {'try' if left == 1 else 'tries'} left before the code is burned)",
+                f"copy the join string `{self.issuer}` printed (pangea://...#CODE) whole; "
+                "each run prints a new code, so take the one of the run that is waiting",
+            )
+        if self.used_by is None:
+            self.used_by = dialer_id
+        else:
+            self.others.append(dialer_id)
+        return None
+
+    @staticmethod
+    def _refuse(reason: str, hint: str) -> Refusal:
+        return Refusal(ErrorKind.REFUSED, reason, hint)
+
+    def burned_text(self) -> str:
+        """The acceptor's own line when wrong tries burned the code: how many, from whom."""
+        return f"pairing code burned after {self.failures} wrong tries from {', '.join(self.tried_by) or '?'}"
+
+
 def peer_refusal(peer_id: str, msg: ErrorMsg) -> Refusal:
-    """The dialer's verdict when the acceptor answered its Hello with ``msg``."""
+    """The dialer's verdict when the acceptor answered its Hello with ``msg`` (its hint, after
+    REFUSAL_HINT_MARK, becomes the verdict's)."""
+    message, _, hint = msg.message.partition(REFUSAL_HINT_MARK)
     return Refusal(
         msg.kind if msg.kind in REFUSAL_HINTS else ErrorKind.REFUSED,
-        f"cannot work with {peer_id}: it refused the session: {msg.message}",
-        REFUSAL_HINTS.get(msg.kind),
+        f"cannot work with {peer_id}: it refused the session: {message}",
+        hint or REFUSAL_HINTS.get(msg.kind),
     )
 
 
@@ -5510,6 +5724,27 @@ async def _tcp_connect(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def tcp_probe(host: str, port: int, timeout_s: float) -> tuple[float | None, str]:
+    """A plain TCP connect to ``host:port`` (doctor, and a dial that timed out): (milliseconds,
+    "") when it connects, else (None, why: "timed out" or the OS's reason, "Connection refused")."""
+    import trio
+
+    start = time.perf_counter()
+    sock: socket.socket | None = None
+    try:
+        with trio.fail_after(timeout_s):
+            found = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)  # a /dns4/ name too
+            sock = await _tcp_connect(str(found[0][4][0]), port)
+        return (time.perf_counter() - start) * 1000, ""
+    except trio.TooSlowError:
+        return None, "timed out"
+    except OSError as exc:  # ConnectionRefusedError: "Connection refused", as doctor prints it
+        return None, exc.strerror or type(exc).__name__
+    finally:
+        if sock is not None:
+            _close_socket(sock)
+
+
 ###############################################################################
 # 10. The node
 #
@@ -5953,7 +6188,7 @@ class Node:
         *,
         key_pair: Any,
         role: str,
-        accept: Callable[[str, HelloMsg], str | None],
+        accept: Callable[[str, HelloMsg], str | Refusal | None],
         may_serve: Callable[[str], bool],
         limits: Limits | None = None,
         psk: str | None = None,
@@ -6252,8 +6487,8 @@ class Node:
             self._vouched[peer_id] = home
             log.info("accepting %s %s: it runs from the pangea home of %s (signed)", hello.role, peer_id, home)
             return None
-        refusal_text = self.accept(peer_id, hello)
-        return None if refusal_text is None else Refusal(ErrorKind.REFUSED, refusal_text)
+        verdict = self.accept(peer_id, hello)
+        return Refusal(ErrorKind.REFUSED, verdict) if isinstance(verdict, str) else verdict
 
     def _vouched_home(self, peer_id: str, hello: HelloMsg) -> str | None:
         """The home a dialer on a throwaway identity proved (by its key's signature) it runs
@@ -6331,8 +6566,9 @@ class Node:
             if handshaking:
                 self.pending.release(peer_id)
 
-    async def dial(self, address: PeerAddress, *, timeout_s: float) -> PeerSession:
-        """Connect to a peer (retrying with backoff until timeout_s) and open a session.
+    async def dial(self, address: PeerAddress, *, timeout_s: float, who: str = "pangea") -> PeerSession:
+        """Connect to a peer (retrying with backoff until timeout_s) and open a session; DialError
+        names the cause when it cannot (``who``: what should listen there, for its hint).
 
         A pairing code in ``address.code`` is proven in our Hello (never sent)."""
         if address.peer_id == self.peer_id:
@@ -6350,10 +6586,10 @@ class Node:
                 f"cannot dial {address.peer_id}: it is this node's own peer ID",
                 hint="the two boxes share one identity (a copied pangea home); delete identity.key on one of them",
             )
-        stream = await self._connect(address, timeout_s)
+        stream = await self._connect(address, timeout_s, who)
         return await self._handshake(stream, address)
 
-    async def _connect(self, address: PeerAddress, timeout_s: float) -> Any:
+    async def _connect(self, address: PeerAddress, timeout_s: float, who: str) -> Any:
         import trio
         from libp2p.custom_types import TProtocol
         from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -6378,20 +6614,37 @@ class Node:
                     await self.host.connect(info)
                     return await self.host.new_stream(info.peer_id, [TProtocol(PROTOCOL_ID)])
             except Exception as exc:  # py-libp2p raises many unrelated types for a failed dial
-                error = "timed out" if isinstance(exc, trio.TooSlowError) else describe_exception(exc)
                 await self.disconnect(address.peer_id)  # a half-dead connection must not be reused
                 delay = next(delays)
-                log.info("dial %s (attempt %d) failed: %s", address.text, attempt, error)
-                if trio.current_time() + delay >= deadline:
-                    psk = " and that both nodes use the same --psk file (or neither does)"
-                    raise NoPeerError(
-                        f"cannot reach {address.text} within {format_seconds(timeout_s)} "
-                        f"({attempt} attempt{'s' if attempt > 1 else ''}): {error}",
-                        kind=ErrorKind.UNREACHABLE,
-                        hint="check that pangea is running there, that the address (and its peer ID) is the one it "
-                        f"printed, that no firewall blocks the port{psk}",
-                    ) from None
+                waited = timeout_s - max(0.0, deadline - trio.current_time())
+                failure = classify_dial_error(
+                    exc, address.host, address.port, address.peer_id, waited_s=waited, who=who
+                )
+                log.info("dial %s (attempt %d) failed: %s", address.text, attempt, failure.reason)
+                if failure.final or trio.current_time() + delay >= deadline:
+                    raise await self._dial_error(address, exc, failure, (attempt, timeout_s, waited), who) from None
                 await trio.sleep(delay)
+
+    async def _dial_error(
+        self, address: PeerAddress, exc: BaseException, failure: DialFailure, tries: tuple[int, float, float], who: str
+    ) -> DialError:
+        """The error of a dial given up: its cause; a timeout is told apart from a handshake that
+        hangs by a plain TCP connect (what doctor tries first)."""
+        attempts, timeout_s, waited_s = tries
+        if failure.cause == "timeout":
+            tcp_ms, _ = await tcp_probe(address.host, address.port, DIAL_PROBE_S)
+            failure = classify_dial_error(
+                exc,
+                address.host,
+                address.port,
+                address.peer_id,
+                waited_s=waited_s,
+                tcp_reached=tcp_ms is not None,
+                who=who,
+            )
+        count = f" within {format_seconds(timeout_s)} ({attempts} attempt{'s' if attempts > 1 else ''})"
+        text = f"cannot reach {address.text}{'' if failure.final else count}: {failure.reason}"
+        return DialError(text, cause=failure.cause, reason=failure.reason, hint=failure.hint)
 
     async def _handshake(self, stream: Any, address: PeerAddress) -> PeerSession:
         import trio
@@ -10913,12 +11166,15 @@ async def _initiate(
     farewell: Farewell,
 ) -> int:
 
+    import trio
+
     limits, psk, allowed = options
     chosen: list[str] = []
     expect = args.expect
     pairing = Pairing(new_pairing_code(), expires_at=time.monotonic() + args.timeout, max_uses=expect)
+    stop_waiting = trio.CancelScope()  # cancelled when wrong tries burn the code: nobody can pair any more
 
-    def accept(peer_id: str, hello: HelloMsg) -> str | None:
+    def accept(peer_id: str, hello: HelloMsg) -> str | Refusal | None:
         if hello.role != "responder":
             return f"this initiator works with a responder, not a {hello.role!r}"
         if peer_id in chosen:
@@ -10926,7 +11182,10 @@ async def _initiate(
         if len(chosen) >= expect:
             return f"this initiator already has its {expect} responder(s): {', '.join(chosen)}"
         if peer_id not in allowed:
-            refusal = pairing.check(hello.pairing_proof, node.peer_id, peer_id, time.monotonic())
+            source = multiaddr_ip(node.remote_address(peer_id)) or ""
+            refusal = pairing.check(hello.pairing_proof, node.peer_id, peer_id, time.monotonic(), source)
+            if pairing.burned:
+                stop_waiting.cancel()
             if refusal is not None:
                 return refusal
         chosen.append(peer_id)
@@ -10954,7 +11213,10 @@ async def _initiate(
             waiting = view.add("waiting for responders", total=args.timeout)
             view.tick(waiting, lambda elapsed: (elapsed, f"{len(sessions)} of {expect} connected"))
             async with announced(node, args):  # on the LAN only while waiting
-                await _wait_for_responders(node, sessions, expect, args.timeout)
+                with stop_waiting:
+                    await _wait_for_responders(node, sessions, expect, args.timeout)
+                if stop_waiting.cancel_called and len(sessions) < expect:
+                    await trio.sleep(PAIRING_BURNED_GRACE_S)  # the last wrong try's refusal reaches its peer
             view.remove(waiting)
             if len(sessions) == expect:
                 transfer = args.transfer_mib << 20
@@ -10964,7 +11226,7 @@ async def _initiate(
                 checks.on_block = view.block_counter()
                 results = await checks.run_all()
         if len(sessions) < expect:
-            raise _too_few_responders(args, node, sessions, expect)
+            raise _too_few_responders(args, node, sessions, pairing)
     return _initiator_report(args, node, sessions, checks, results)
 
 
@@ -11003,12 +11265,28 @@ def _announce_initiator(
     log.info("listening on %s (pairing code issued)", ", ".join(node.addresses))
 
 
-def _too_few_responders(args: argparse.Namespace, node: Node, sessions: list[PeerSession], expect: int) -> NoPeerError:
-    """The error of an initiator that did not get its responders in time, with a hint on reaching it."""
+def _too_few_responders(
+    args: argparse.Namespace, node: Node, sessions: list[PeerSession], pairing: Pairing
+) -> NoPeerError:
+    """The error of an initiator that did not get its responders: its code burned by wrong tries,
+    or the time ran out (the code expired); with a hint on reaching it."""
     port = node.addresses[0].split("/tcp/")[1].split("/")[0] if node.addresses else args.port
+    expect = pairing.max_uses
     got = "nobody" if not sessions else f"only {len(sessions)} of {expect} responders"
+    if pairing.burned:
+        return NoPeerError(
+            f"cannot run the checks: {pairing.burned_text()}; {got} paired",
+            kind=ErrorKind.REFUSED,
+            hint="run `./pangea.pyz initiate` again for a new code, and give the responder its join string whole "
+            "(if those tries were not yours, someone else reaches this port)",
+        )
+    expired = "the pairing code expired" + (
+        f" after {pairing.failures} wrong tries from {', '.join(pairing.tried_by)}"
+        if pairing.failures
+        else ("" if pairing.used_by else " unused")
+    )
     return NoPeerError(
-        f"cannot run the checks: {got} connected within {format_seconds(args.timeout)}",
+        f"cannot run the checks: {got} connected within {format_seconds(args.timeout)}; {expired}",
         kind=ErrorKind.TIMEOUT,
         hint=f"on the other box run `./pangea.pyz respond` with the join string printed above; "
         f"check that box can reach this one (same network, firewall open for TCP port {port}"
@@ -11107,6 +11385,13 @@ def cmd_respond(args: argparse.Namespace) -> int:
     check_node_ports("respond", args)
     text = join_text(args.address, args.discover)
     interactive = sys.stdin.isatty()
+    if text is None and args.discover and not args.code and not interactive:
+        # NOTE: mDNS never carries the code, and without a terminal nobody can type it
+        raise UsageError(
+            "cannot join an initiator found by --discover: no pairing code (the initiator does not announce it, "
+            "and there is no terminal to type it)",
+            hint="add --code CODE (the code the initiator printed), or pass its join string instead of --discover",
+        )
     if text is None and args.discover:
         text = discover_one(interactive)
     # NOTE: at the terminal a bad paste is asked for again (ask_until_valid); Enter or Ctrl-D gives up.
@@ -11157,7 +11442,7 @@ async def _respond(
             print(f"Metrics: {metrics_url}")
         print(f"Connecting to {address.text} (up to {args.timeout:.0f} s)...", flush=True)
         start = time.perf_counter()
-        session = await node.dial(address, timeout_s=args.timeout)
+        session = await node.dial(address, timeout_s=args.timeout, who="the initiator")
         farewell.say = lambda: session.bye(RESPONDER_STOPPED)  # on Ctrl-C or SIGTERM: tell the initiator why
         rtt_s = min([await session.ping() for _ in range(3)])
         results.append(_connection_row(node, session, start, rtt_s))
@@ -11542,13 +11827,20 @@ async def _serve(
     import trio
 
     limits, psk, trusted, home = options
-    pairing = Pairing(new_pairing_code(), expires_at=time.monotonic() + args.pair_timeout) if args.pair else None
+    pairing = (
+        Pairing(new_pairing_code(), expires_at=time.monotonic() + args.pair_timeout, issuer="serve --pair")
+        if args.pair
+        else None
+    )
 
-    def accept(peer_id: str, hello: HelloMsg) -> str | None:
+    def accept(peer_id: str, hello: HelloMsg) -> str | Refusal | None:
         if peer_id in trusted:
             return None
         if pairing is not None and hello.pairing_proof:
-            refusal = pairing.check(hello.pairing_proof, node.peer_id, peer_id, time.monotonic())
+            source, was_burned = multiaddr_ip(node.remote_address(peer_id)) or "", pairing.burned
+            refusal = pairing.check(hello.pairing_proof, node.peer_id, peer_id, time.monotonic(), source)
+            if pairing.burned and not was_burned:  # this try burned it: say so once, on the console
+                print(f"pangea: {pairing.burned_text()}; restart `serve --pair` for a new code", flush=True)
             if refusal is not None:
                 return refusal
             trusted.add(peer_id)
@@ -11664,17 +11956,22 @@ async def keep_connected(node: Node, address: PeerAddress) -> None:
     """Keep a session with a --peer: dial it, and redial with backoff whenever it drops."""
     import trio
 
-    delays = backoff_delays(1.0, 30.0)
+    delays = backoff_delays(1.0, REDIAL_MAX_S)
+    notes = RedialNotes(address.peer_id)  # NOTE: the full id: scripts wait for "connected to peer <id>"
     while True:
         session = node.sessions.get(address.peer_id)
         if session is None:
             try:
-                session = await node.dial(address, timeout_s=10.0)
-                print(f"pangea: connected to peer {address.peer_id}", flush=True)
-                delays = backoff_delays(1.0, 30.0)
+                session = await node.dial(address, timeout_s=10.0, who="that node")
+                print(f"pangea: {notes.connected(time.monotonic())}", flush=True)
+                delays = backoff_delays(1.0, REDIAL_MAX_S)
             except PeerError as exc:
                 delay = next(delays)
-                log.warning("cannot reach peer %s: %s; retrying in %.0f s", short_id(address.peer_id), exc, delay)
+                log.info("cannot reach peer %s: %s; retrying in %.0f s", address.peer_id, exc, delay)
+                cause, reason = (exc.cause, exc.reason) if isinstance(exc, DialError) else (str(exc.kind), str(exc))
+                note = notes.failed(cause, reason, REDIAL_MAX_S, time.monotonic())
+                if note is not None:
+                    log.warning("%s", note)
                 await trio.sleep(delay)
                 continue
         await session.closed.wait()
@@ -12034,6 +12331,12 @@ def doctor_verdict(findings: dict[str, Any]) -> tuple[bool, str]:
         )
     if peer.get("libp2p") == "incompatible":
         return False, f"version mismatch: {peer.get('detail')}; use the same pangea.pyz on both boxes"
+    if peer.get("libp2p") == "failed" and peer.get("cause") == "peer-id":
+        reason = str(peer.get("detail", "")).rpartition(": ")[2]
+        return False, (
+            f"TCP works but the libp2p handshake fails: the peer ID in the address is wrong: {reason}; "
+            "copy that node's whole address line again"
+        )
     if peer.get("libp2p") == "failed":
         return False, (
             "TCP works but the libp2p handshake fails: the peer ID in the address is probably wrong "
@@ -12126,13 +12429,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def probe_peer(address: PeerAddress, timeout_s: float, psk: str | None) -> dict[str, Any]:
     """Test a peer: TCP connect, then a libp2p dial and pangea handshake with RTT (doctor)."""
     result: dict[str, Any] = {"address": address.text, "tcp": False}
-    start = time.perf_counter()
-    try:
-        with socket.create_connection((address.host, address.port), timeout=timeout_s):
-            result["tcp"], result["tcp_ms"] = True, (time.perf_counter() - start) * 1000
-    except OSError as exc:
-        result["tcp_error"] = exc.strerror or type(exc).__name__
+    tcp_ms, why = run_trio_value(tcp_probe, address.host, address.port, timeout_s)
+    if tcp_ms is None:
+        result["tcp_error"] = why
         return result
+    result["tcp"], result["tcp_ms"] = True, tcp_ms
     with tempfile_home() as home:
         probed: dict[str, Any] = run_trio_value(_probe_libp2p, address, timeout_s, psk, load_or_create_identity(home))
         result.update(probed)
@@ -12154,6 +12455,33 @@ def probe_peer(address: PeerAddress, timeout_s: float, psk: str | None) -> dict[
             result["data_plane"] = f"TCP port {data_port} (the default data port) FAILS: {exc.strerror or exc}"
             result["data_plane_blocked"] = data_port
     return result
+
+
+def home_peer_id() -> str | None:
+    """The peer id of this box's pangea home, when it has an identity (never creates one)."""
+    path = pangea_home() / IDENTITY_FILENAME
+    if not path.exists():
+        return None
+    with contextlib.suppress(PangeaError):
+        return key_peer_id(load_or_create_identity(path.parent))
+    return None
+
+
+def doctor_refusal_text(refusal: str, throwaway_id: str, home_id: str | None) -> str:
+    """Doctor's line on a node that refused its session (pure). Doctor dials with a throwaway
+    identity, so the node's "allow <that id>" would name an id nobody will ever use again: name
+    the one this box's nodes really run with instead, and say why."""
+    said = refusal.replace(throwaway_id, "<doctor's throwaway id>").split("; ")[0]  # its reason, not its advice
+    allow = (
+        f"start that node with --allow-peer {home_id} (this box's peer id, as `./pangea.pyz id` prints it)"
+        if home_id
+        else "run `./pangea.pyz id` here (it creates this box's identity and prints its peer id) and start "
+        "that node with --allow-peer <that id>"
+    )
+    return (
+        f"the handshake completes; it refuses doctor's session, as it should ({said}). Doctor dials with a "
+        f"throwaway identity, never this box's key; to let this box's nodes in, {allow}, or pair with its join string"
+    )
 
 
 @contextlib.contextmanager
@@ -12185,9 +12513,9 @@ async def _probe_libp2p(address: PeerAddress, timeout_s: float, psk: str | None,
                 return {
                     "libp2p": "ok",
                     "handshake_ms": (time.perf_counter() - start) * 1000,
-                    "detail": f"the handshake completes; it refuses a doctor's session, as it should ({exc})",
+                    "detail": doctor_refusal_text(str(exc), node.peer_id, home_peer_id()),
                 }
-            return {"libp2p": "failed", "detail": str(exc)}
+            return {"libp2p": "failed", "detail": str(exc), "cause": getattr(exc, "cause", "")}
         rtt_s = await session.ping()
         await session.close("doctor done")
         hello = session.hello

@@ -67,6 +67,7 @@ from pangea import (
     PeerAddress,
     PeerError,
     PeerSession,
+    Refusal,
     SessionDir,
     TaskError,
     UsageError,
@@ -1153,10 +1154,10 @@ async def _bench_listen(args: argparse.Namespace, session_dir: SessionDir, psk: 
     from libp2p.crypto.ed25519 import create_new_key_pair
     from libp2p.custom_types import TProtocol
 
-    pairing = Pairing(new_pairing_code(), expires_at=time.monotonic() + args.timeout)
+    pairing = Pairing(new_pairing_code(), expires_at=time.monotonic() + args.timeout, issuer="bench --listen")
     server = BenchServer(args.host, args.tcp_port)
 
-    def accept(peer_id: str, hello: HelloMsg) -> str | None:
+    def accept(peer_id: str, hello: HelloMsg) -> str | Refusal | None:
         if hello.role != "bench":
             return f"this node serves `pangea.pyz bench` only, not a {hello.role!r}"
         refusal = pairing.check(hello.pairing_proof, node.peer_id, peer_id, time.monotonic())

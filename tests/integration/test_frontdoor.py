@@ -783,6 +783,7 @@ def test_doctor_wrong_peer_id_tcp_ok_libp2p_fails(
     pyz: Path, make_home: Callable[[str], NodeHome], waiting_initiator: tuple[Proc, str]
 ) -> None:
     initiator, _ = waiting_initiator
+    initiator_id = printed_addresses(initiator.stdout_lines)[0].rsplit("/", 1)[1]
     home = make_home("doctor")
     other_id = peer_id_of(pyz, make_home("someone-else"))
     multiaddr = printed_addresses(initiator.stdout_lines)[0]
@@ -797,7 +798,7 @@ def test_doctor_wrong_peer_id_tcp_ok_libp2p_fails(
 
     result = doctor(pyz, home, wrong, "--timeout", "5")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "peer ID in the address is probably wrong" in verdict_of(result)
+    assert f"the peer ID in the address is wrong: the node there has peer id {initiator_id}" in verdict_of(result)
     assert initiator.returncode is None
 
 

@@ -653,3 +653,44 @@ def test_main_menu_choice_runs_that_command(
     lines = err.splitlines()
     assert lines[0].startswith("pangea: error: bad address 'still-bad'"), err
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- doctor: the id to allow, a wrong peer id
+
+THROWAWAY = "12D3KooWThrowawayDoctorProbeIdentityAAAAAAAAAAAAAAAAA"
+HOME_ID = "12D3KooWHomeIdentityOfThisBoxBBBBBBBBBBBBBBBBBBBBBBBBB"
+NODE_ID = "12D3KooWTheServeNodeThatRefusesCCCCCCCCCCCCCCCCCCCCCCC"
+
+
+def serve_refusal(dialer: str) -> str:
+    """What a dialer reads when a serve node does not trust it (cmd_serve's accept)."""
+    return (
+        f"cannot work with {NODE_ID}: it refused the session: peer {dialer} is not trusted by node {NODE_ID}; "
+        f"start that node with --allow-peer {dialer}, or pair with the code of `serve --pair`"
+    )
+
+
+def test_doctor_refusal_names_this_box_id_and_never_the_throwaway_one() -> None:
+    text = pangea.doctor_refusal_text(serve_refusal(THROWAWAY), THROWAWAY, HOME_ID)
+    assert THROWAWAY not in text
+    assert f"--allow-peer {HOME_ID}" in text and "`./pangea.pyz id`" in text
+    assert "throwaway identity" in text  # and why doctor's own id is no use
+    assert text.startswith("the handshake completes; it refuses doctor's session, as it should")
+
+
+def test_doctor_refusal_without_a_home_identity_says_how_to_get_one() -> None:
+    text = pangea.doctor_refusal_text(serve_refusal(THROWAWAY), THROWAWAY, None)
+    assert THROWAWAY not in text and "--allow-peer <that id>" in text and "`./pangea.pyz id`" in text
+
+
+def test_doctor_verdict_on_a_wrong_peer_id_names_the_real_one() -> None:
+    detail = (
+        f"cannot reach /ip4/10.0.0.2/tcp/7777/p2p/{THROWAWAY}: the node there has peer id {NODE_ID}, you asked for X"
+    )
+    peer = {"address": "a", "tcp": True, "tcp_ms": 1.0, "libp2p": "failed", "detail": detail, "cause": "peer-id"}
+    ok, verdict = doctor_verdict({"build": None, "peer": peer})
+    assert not ok
+    assert verdict.startswith("TCP works but the libp2p handshake fails: the peer ID in the address is wrong: "), (
+        verdict
+    )
+    assert f"the node there has peer id {NODE_ID}, you asked for X" in verdict, verdict

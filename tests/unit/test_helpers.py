@@ -488,3 +488,177 @@ def test_format_table_fold_moves_last_columns_under_the_row_to_keep_a_peer_id_wh
 def test_format_table_fold_changes_nothing_when_the_table_fits() -> None:
     rows = [("serve", 4242, "ok")]
     assert format_table(("a", "b", "c"), rows, 80, fold=True) == format_table(("a", "b", "c"), rows)
+
+
+# ---------------------------------------------------------------- dial failures
+#
+# The chains below are built the way py-libp2p 0.8.1 builds them (swarm.py's dial_peer and
+# _dial_addr_single_attempt, tcp.py's _dial_resolved, the Noise handshake), with its own
+# exception classes and messages; tests/integration/test_dial_messages.py classifies the ones
+# real dials raise.
+
+DIAL_ID = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+REAL_ID = "12D3KooWNMMNaDqqmHcKBH9eq5zbPFaU9QXPXfuhSLQjgVhwRxgM"
+
+
+def swarm_failure(inner: BaseException, outer_text: str) -> BaseException:
+    """SwarmDialAllFailedError from MultiError([SwarmException from inner]), as dial_peer raises it."""
+    from libp2p.exceptions import MultiError
+    from libp2p.network.exceptions import SwarmDialAllFailedError, SwarmException
+
+    try:
+        raise SwarmException(outer_text) from inner
+    except SwarmException as one:
+        attempt = one
+    try:
+        raise SwarmDialAllFailedError(
+            f"unable to connect to {DIAL_ID}, no addresses established a successful connection (with exceptions)",
+            peer_id=None,
+            num_addrs_tried=1,
+        ) from MultiError([attempt])
+    except SwarmDialAllFailedError as exc:
+        return exc
+
+
+def chained(*layers: BaseException) -> BaseException:
+    """``layers[0]`` raised from ``layers[1]`` raised from ... (outermost first)."""
+    for outer, inner in zip(layers, layers[1:], strict=False):
+        outer.__cause__ = inner
+    return layers[0]
+
+
+def refused_chain(port: int) -> BaseException:
+    from libp2p.transport.exceptions import OpenConnectionError
+
+    refused = ConnectionRefusedError(111, f"Error connecting to ('127.0.0.1', {port}): Connection refused")
+    group = ExceptionGroup(f"all attempts to connect to 127.0.0.1:{port} failed", [refused])
+    tcp = chained(
+        OpenConnectionError(f"Failed to open TCP stream to /ip4/127.0.0.1/tcp/{port}: all attempts failed"),
+        OSError(f"all attempts to connect to 127.0.0.1:{port} failed"),
+        group,
+    )
+    return swarm_failure(tcp, f"fail to open connection to peer {DIAL_ID}")
+
+
+def mismatch_chain() -> BaseException:
+    from libp2p.security.noise.exceptions import PeerIDMismatchesPubkey
+    from libp2p.transport.exceptions import SecurityUpgradeFailure
+
+    noise = PeerIDMismatchesPubkey(
+        f"peer id does not correspond to the received pubkey: remote_peer={DIAL_ID}, "
+        f"remote_peer_id_from_pubkey={REAL_ID}"
+    )
+    upgrade = chained(SecurityUpgradeFailure("handshake failed when upgrading to secure connection"), noise)
+    return swarm_failure(upgrade, f"failed to upgrade security for peer {DIAL_ID}: handshake failed")
+
+
+def not_libp2p_chain() -> BaseException:
+    from libp2p.io.exceptions import ConnectionClosedError
+    from libp2p.protocol_muxer.exceptions import MultiselectError
+    from libp2p.transport.exceptions import SecurityUpgradeFailure
+
+    upgrade = chained(
+        SecurityUpgradeFailure("failed to negotiate the secure protocol"),
+        MultiselectError("Failed to negotiate a security protocol: no protocol selected"),
+        ConnectionClosedError("TCP connection reset by remote peer"),
+        ConnectionResetError(104, "Connection reset by peer"),
+    )
+    return swarm_failure(upgrade, f"failed to upgrade security for peer {DIAL_ID}: failed to negotiate")
+
+
+def classify(exc: BaseException, **kw: object) -> pangea.DialFailure:
+    return pangea.classify_dial_error(exc, "10.213.0.1", 7999, DIAL_ID, waited_s=10.0, **kw)  # type: ignore[arg-type]
+
+
+def test_dial_refused_says_nothing_listening_and_is_retried() -> None:
+    found = classify(refused_chain(7999), who="the initiator")
+    assert (found.cause, found.final) == ("refused", False)
+    assert found.reason == "nothing listening on 10.213.0.1:7999"
+    assert found.hint.startswith("is the initiator running there, and on that port?")
+
+
+def test_dial_peer_id_mismatch_names_both_ids_and_is_final() -> None:
+    found = classify(mismatch_chain())
+    assert (found.cause, found.final) == ("peer-id", True)
+    assert found.reason == f"the node there has peer id {REAL_ID}, you asked for {DIAL_ID}"
+    assert "check the address you copied" in found.hint
+
+
+def test_dial_to_something_not_libp2p_is_a_handshake_failure() -> None:
+    found = classify(not_libp2p_chain())
+    assert found.cause == "handshake" and not found.final
+    assert found.reason == "10.213.0.1:7999 answered, but the libp2p security handshake failed"
+    assert "--psk" in found.hint and "data port" in found.hint
+
+
+def test_dial_timeout_is_a_firewall_or_a_stuck_handshake_by_the_tcp_probe() -> None:
+    import trio
+
+    deadline = trio.TooSlowError()  # our own fail_after around host.connect: py-libp2p has no deadline of its own
+    deadline.__context__ = BaseExceptionGroup("Exceptions from Trio nursery", [KeyboardInterrupt()])
+    assert classify(deadline).cause == "timeout"
+    assert classify(deadline).reason == "no answer from 10.213.0.1:7999 within 10 s"
+    assert "firewall" in classify(deadline, tcp_reached=False).hint
+    stuck = classify(deadline, tcp_reached=True)
+    assert stuck.cause == "handshake" and "accepts TCP but no libp2p handshake completed within 10 s" in stuck.reason
+    assert "--psk" in stuck.hint
+
+
+@pytest.mark.parametrize("code", ["EHOSTUNREACH", "ENETUNREACH"])
+def test_dial_no_route_says_unreachable(code: str) -> None:
+    import errno
+
+    from libp2p.transport.exceptions import OpenConnectionError
+
+    tcp = chained(OpenConnectionError("Failed to open TCP stream"), OSError(getattr(errno, code), "No route to host"))
+    found = classify(swarm_failure(tcp, f"fail to open connection to peer {DIAL_ID}"))
+    assert found.cause == "unreachable" and found.reason == "no route to 10.213.0.1:7999"
+
+
+def test_dial_unknown_failure_names_the_innermost_exception_not_the_swarm_wrapper() -> None:
+    found = classify(swarm_failure(ValueError("something odd"), "Unexpected error dialing peer"))
+    assert found.cause == "other" and found.reason == "ValueError: something odd"
+    assert "SwarmDialAllFailedError" not in found.reason
+
+
+def test_exception_chain_is_bounded_and_visits_each_once() -> None:
+    loop = ValueError("a")
+    loop.__cause__ = KeyError("b")
+    loop.__cause__.__context__ = loop  # a cycle
+    assert [type(e).__name__ for e in pangea.exception_chain(loop)] == ["ValueError", "KeyError"]
+    deep: BaseException = ValueError("0")
+    for n in range(1, 200):
+        deep = chained(ValueError(str(n)), deep)
+    assert len(pangea.exception_chain(deep)) == 64
+
+
+# ---------------------------------------------------------------- redial notes (fake clock)
+
+
+def test_redial_notes_say_the_cause_once_then_growing_reminders_then_reconnected() -> None:
+    notes = pangea.RedialNotes("12D3KooW…nXTN", first_s=60.0, max_s=240.0)
+    said = []
+    for now in range(0, 1000, 10):  # a dial every 10 s for 1000 s
+        line = notes.failed("refused", "nothing listening on 10.0.0.1:7777", 30.0, float(now))
+        if line is not None:
+            said.append((now, line))
+    assert said[0] == (
+        0,
+        "cannot reach peer 12D3KooW…nXTN: nothing listening on 10.0.0.1:7777; retrying every 30 s at most",
+    )
+    assert [now for now, _ in said] == [0, 60, 180, 420, 660, 900]  # after 60 s, then 2, 4, 4, 4 minutes
+    assert said[1][1] == (
+        "peer 12D3KooW…nXTN still unreachable after 7 tries in 60 s (nothing listening on 10.0.0.1:7777); "
+        "retrying every 30 s"
+    )
+    assert notes.connected(1000.0) == "reconnected to peer 12D3KooW…nXTN after 100 failed tries in 1000 s"
+    assert notes.connected(1010.0) == "connected to peer 12D3KooW…nXTN"
+
+
+def test_redial_notes_say_a_new_cause_at_once() -> None:
+    notes = pangea.RedialNotes("p")
+    assert notes.failed("refused", "nothing listening on h:1", 30.0, 0.0) is not None
+    assert notes.failed("refused", "nothing listening on h:1", 30.0, 10.0) is None
+    line = notes.failed("timeout", "no answer from h:1 within 9.5 s", 30.0, 20.0)
+    assert line == "cannot reach peer p: now no answer from h:1 within 9.5 s; retrying every 30 s at most"
+    assert notes.failed("timeout", "no answer from h:1 within 10 s", 30.0, 30.0) is None  # same kind: quiet

@@ -64,6 +64,7 @@ from pangea import (
     pairing_proof,
     parse_psk,
     parse_trusted_peers,
+    peer_refusal,
 )
 
 MESSAGE_TYPES = typing.get_args(pangea.Message)
@@ -160,6 +161,16 @@ def proof_of(dialer: str = DIALER, code: str = CODE) -> bytes:
 WRONG = pairing_proof("0000000000ZZ", ACCEPTOR, DIALER)
 
 
+def reason_of(refusal: Refusal | None) -> str:
+    """The text a refused dialer's user reads: the reason and, after it, the hint."""
+    assert refusal is not None and refusal.kind == "refused", refusal
+    return f"{refusal.message} | {refusal.hint}"
+
+
+def is_wrong(refusal: Refusal | None) -> bool:
+    return refusal is not None and refusal.message.startswith("wrong pairing code")
+
+
 def test_pairing_right_proof_is_accepted_once_and_marks_the_code_used() -> None:
     pairing = offer()
     assert pairing.check(proof_of(), ACCEPTOR, DIALER, now=1.0) is None
@@ -176,61 +187,119 @@ def test_pairing_same_peer_may_reconnect_even_after_expiry() -> None:
 def test_pairing_code_reused_by_another_peer_is_refused() -> None:
     pairing = offer()
     assert pairing.check(proof_of(), ACCEPTOR, DIALER, now=1.0) is None
-    reason = pairing.check(proof_of(OTHER), ACCEPTOR, OTHER, now=2.0)
-    assert reason is not None and "already used" in reason and "new code" in reason
+    reason = reason_of(pairing.check(proof_of(OTHER), ACCEPTOR, OTHER, now=2.0))
+    assert "already used" in reason and "new code" in reason
     assert pairing.used_by == DIALER
 
 
 def test_pairing_proof_stolen_from_another_peer_is_wrong_for_the_thief() -> None:
     pairing = offer()
-    reason = pairing.check(proof_of(DIALER), ACCEPTOR, OTHER, now=1.0)  # OTHER replays DIALER's proof
-    assert reason == "wrong pairing code"
+    assert is_wrong(pairing.check(proof_of(DIALER), ACCEPTOR, OTHER, now=1.0))  # OTHER replays DIALER's proof
     assert pairing.used_by is None
 
 
 def test_pairing_proof_made_for_another_node_is_wrong_here() -> None:
-    pairing = offer()
-    assert pairing.check(pairing_proof(CODE, OTHER, DIALER), ACCEPTOR, DIALER, now=1.0) == "wrong pairing code"
+    assert is_wrong(offer().check(pairing_proof(CODE, OTHER, DIALER), ACCEPTOR, DIALER, now=1.0))
 
 
 def test_pairing_wrong_proofs_count_and_burn_the_code_after_the_limit() -> None:
     pairing = offer()
     for n in range(1, MAX_PAIRING_FAILURES + 1):
-        assert pairing.check(WRONG, ACCEPTOR, DIALER, now=1.0) == "wrong pairing code"
+        assert is_wrong(pairing.check(WRONG, ACCEPTOR, DIALER, now=1.0))
         assert pairing.failures == n
-    reason = pairing.check(proof_of(), ACCEPTOR, DIALER, now=1.0)  # the right code, too late
-    assert reason is not None and "burned" in reason and str(MAX_PAIRING_FAILURES) in reason
+        assert pairing.burned == (n == MAX_PAIRING_FAILURES)
+    reason = reason_of(pairing.check(proof_of(), ACCEPTOR, DIALER, now=1.0))  # the right code, too late
+    assert "burned" in reason and str(MAX_PAIRING_FAILURES) in reason
     assert pairing.used_by is None
-    assert pairing.check(proof_of(OTHER), ACCEPTOR, OTHER, now=1.0) == reason  # for everybody
+    assert reason_of(pairing.check(proof_of(OTHER), ACCEPTOR, OTHER, now=1.0)) == reason  # for everybody
+
+
+def test_pairing_wrong_code_says_the_tries_left_and_the_next_step() -> None:
+    pairing = offer()
+    texts = [reason_of(pairing.check(WRONG, ACCEPTOR, DIALER, now=1.0)) for _ in range(MAX_PAIRING_FAILURES)]
+    assert texts[0].startswith(f"wrong pairing code ({MAX_PAIRING_FAILURES - 1} tries left before the code is burned)")
+    assert texts[MAX_PAIRING_FAILURES - 2].startswith("wrong pairing code (1 try left before the code is burned)")
+    for text in texts[:-1]:
+        assert "copy the join string `initiate` printed" in text and "each run prints a new code" in text, text
+    # the last try says the code is burned now and how to get a new one
+    assert texts[-1].startswith(f"wrong pairing code: that was the last of {MAX_PAIRING_FAILURES} tries"), texts[-1]
+    assert "burned" in texts[-1] and "run `initiate` there again for a new code" in texts[-1]
+
+
+def test_pairing_names_the_command_that_prints_a_new_code() -> None:
+    pairing = Pairing(CODE, expires_at=100.0, issuer="serve --pair")
+    assert "`serve --pair`" in reason_of(pairing.check(WRONG, ACCEPTOR, DIALER, now=1.0))
+    assert "`serve --pair`" in reason_of(pairing.check(proof_of(), ACCEPTOR, DIALER, now=101.0))
+
+
+def test_pairing_burned_text_names_who_tried_once_each() -> None:
+    pairing = offer()
+    for dialer, source in [(DIALER, "10.0.0.2"), (DIALER, "10.0.0.2"), (OTHER, "10.0.0.3"), (DIALER, "10.0.0.2")]:
+        pairing.check(pairing_proof("0000000000ZZ", ACCEPTOR, dialer), ACCEPTOR, dialer, now=1.0, source=source)
+    pairing.check(WRONG, ACCEPTOR, DIALER, now=1.0)  # no source known
+    assert pairing.burned
+    assert pairing.burned_text() == (
+        f"pairing code burned after {MAX_PAIRING_FAILURES} wrong tries from "
+        f"{DIALER} (10.0.0.2), {OTHER} (10.0.0.3), {DIALER}"
+    )
 
 
 def test_pairing_right_proof_after_fewer_wrong_tries_still_works() -> None:
     pairing = offer()
     for _ in range(MAX_PAIRING_FAILURES - 1):
-        assert pairing.check(WRONG, ACCEPTOR, OTHER, now=1.0) == "wrong pairing code"
+        assert is_wrong(pairing.check(WRONG, ACCEPTOR, OTHER, now=1.0))
+    assert not pairing.burned
     assert pairing.check(proof_of(), ACCEPTOR, DIALER, now=1.0) is None
 
 
 def test_pairing_expired_code_is_refused_even_with_the_right_proof() -> None:
     assert offer(expires_at=10.0).check(proof_of(), ACCEPTOR, DIALER, now=10.0) is None  # at the deadline: valid
     late = offer(expires_at=10.0)
-    reason = late.check(proof_of(), ACCEPTOR, DIALER, now=10.001)
-    assert reason is not None and "expired" in reason
-    assert late.used_by is None and late.failures == 0
+    assert not late.expired(10.0) and late.expired(10.001)
+    reason = reason_of(late.check(proof_of(), ACCEPTOR, DIALER, now=70.0))
+    assert reason.startswith("the pairing code expired 60 s ago, unused"), reason
+    assert "run `initiate` there again for a new code" in reason
+    assert late.used_by is None and late.failures == 0 and not late.burned
+
+
+def test_pairing_on_a_fake_clock_expires_without_any_try() -> None:
+    clock = [0.0]
+    pairing = offer(expires_at=600.0)
+    for clock[0] in (0.0, 300.0, 600.0):
+        assert not pairing.expired(clock[0])
+    clock[0] = 600.5
+    assert pairing.expired(clock[0]) and not pairing.burned
+    assert "expired" in reason_of(pairing.check(WRONG, ACCEPTOR, DIALER, now=clock[0]))
+    assert pairing.failures == 0  # a try after the deadline costs nothing: the code is gone anyway
 
 
 def test_pairing_missing_proof_names_the_code_and_costs_no_try() -> None:
     pairing = offer()
     for _ in range(MAX_PAIRING_FAILURES + 2):
-        reason = pairing.check(b"", ACCEPTOR, DIALER, now=1.0)
-        assert reason is not None and "pairing code" in reason and "--code" in reason
+        refusal = pairing.check(b"", ACCEPTOR, DIALER, now=1.0)
+        assert refusal is not None and "pairing code" in refusal.message and "--code" in refusal.message
     assert pairing.failures == 0
     assert pairing.check(proof_of(), ACCEPTOR, DIALER, now=1.0) is None
 
 
 @pytest.mark.parametrize("proof", [b"\x00", b"\x00" * 31, b"\x00" * 33, b"\xff" * 64, WRONG[:16]])
 def test_pairing_malformed_proofs_are_wrong_codes_not_crashes(proof: bytes) -> None:
-    assert offer().check(proof, ACCEPTOR, DIALER, now=1.0) == "wrong pairing code"
+    assert is_wrong(offer().check(proof, ACCEPTOR, DIALER, now=1.0))
+
+
+def test_pairing_refusal_hint_travels_to_the_dialer() -> None:
+    refusal = offer().check(WRONG, ACCEPTOR, DIALER, now=1.0)
+    assert refusal is not None and refusal.hint
+    verdict = peer_refusal(ACCEPTOR, refusal.to_msg())
+    assert verdict.message == f"cannot work with {ACCEPTOR}: it refused the session: {refusal.message}"
+    assert verdict.hint == refusal.hint
+    # a refusal without a hint stays as it was
+    plain = peer_refusal(ACCEPTOR, ErrorMsg("refused", "no"))
+    assert plain.message.endswith(": no") and plain.hint is None
+    # other kinds keep their text as it was (an incompatible peer may be an older pangea): the dialer knows their hint
+    incompatible = Refusal("incompatible", "protocol 1 vs 2", "use the same pangea.pyz on both machines")
+    assert incompatible.to_msg().message == "protocol 1 vs 2"
+    assert peer_refusal(ACCEPTOR, incompatible.to_msg()).hint == "use the same pangea.pyz on both machines"
 
 
 # ---------------------------------------------------------------- trusted_peers
