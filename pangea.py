@@ -10415,20 +10415,6 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
-###############################################################################
-# 16. CLI: options and the verbs of a pair
-#
-# One `cmd_<verb>` per command, with its options in the `add_<verb>_parser`
-# right above it. This part holds the option types and the options several
-# verbs share (node_options, limit_options, fault_option, verify_option), the
-# report of the checks, trust and pairing helpers, the live progress view,
-# and the verbs that pair two boxes: initiate, respond, demo. Errors are one
-# line on stderr, `pangea: error: ...` plus an optional `hint: ...`; exit
-# codes 0 ok, 1 failure, 2 usage/setup error, 130 Ctrl-C (143 SIGTERM).
-# Tracebacks only with --debug.
-###############################################################################
-
-
 def version_text() -> str:
     """Return the --version text: pangea, protocol, build target and the running interpreter."""
     info = build_info()
@@ -10478,6 +10464,20 @@ def unpacked_text() -> str:
         f"; unpacked in {here}; {len(others)} other pangea build(s) unpacked beside it, not this one, "
         f"removable when no pangea of theirs runs: rm -rf {listed}"
     )
+
+
+###############################################################################
+# 16. CLI: options and the verbs of a pair
+#
+# One `cmd_<verb>` per command, with its options in the `add_<verb>_parser`
+# right above it. This part holds the option types and the options several
+# verbs share (node_options, limit_options, fault_option, verify_option), the
+# report of the checks, trust and pairing helpers, the live progress view,
+# and the verbs that pair two boxes: initiate, respond, demo. Errors are one
+# line on stderr, `pangea: error: ...` plus an optional `hint: ...`; exit
+# codes 0 ok, 1 failure, 2 usage/setup error, 130 Ctrl-C (143 SIGTERM).
+# Tracebacks only with --debug.
+###############################################################################
 
 
 class _VersionAction(argparse.Action):
