@@ -12189,7 +12189,17 @@ def _call_matmul(client: Client, size: int, placement: str, fallback: bool = Tru
     check_call_size(size, min(client.max_message_bytes, client.node_max_message_bytes), client.address)
     rng = np.random.default_rng()
     a, b = rng.standard_normal((size, size)), rng.standard_normal((size, size))
-    c = client.matmul(a, b, placement=placement, fallback=fallback)
+    try:
+        c = client.matmul(a, b, placement=placement, fallback=fallback)
+    except TaskError as exc:
+        if exc.kind != ErrorKind.BAD_INPUT:
+            raise
+        # NOTE: the operands are the command's own, so a task refused as bad input is a bad option
+        # (--placement naming no peer), a usage problem: exit 2, not a failed task.
+        raise UsageError(
+            f"cannot run matmul on the node at {client.address}: {exc}",
+            hint="`./pangea.pyz call peers` lists the peer ids a placement may name",
+        ) from None
     verified = bool(np.allclose(c, a @ b))
     task = client.last_task
     t = task["timings"]
