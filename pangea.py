@@ -10883,10 +10883,14 @@ def limit_options(p: argparse.ArgumentParser) -> None:
 
 
 TERMINAL_MIN_COLUMNS = 40  # a narrower $COLUMNS is taken as this: tables below it help nobody
+UNBOUNDED_COLUMNS = 1 << 20  # no terminal and no $COLUMNS: a pipe or a file keeps whole lines
 
 
 def terminal_columns() -> int:
-    """The width tables and wrapped text fit: $COLUMNS, else the terminal's, else 80 (not a tty)."""
+    """The width tables and wrapped text fit: $COLUMNS, else the terminal's; without either (a pipe,
+    a file) no width at all, so what a script greps stays on one line."""
+    if not os.environ.get("COLUMNS") and not sys.stdout.isatty():
+        return UNBOUNDED_COLUMNS
     return max(TERMINAL_MIN_COLUMNS, shutil.get_terminal_size((80, 24)).columns)
 
 

@@ -713,11 +713,11 @@ def test_metrics_of_initiate_and_respond(pyz: Path, make_home: Callable[[str], N
 def doctor(pyz: Path, home: NodeHome, *args: str) -> subprocess.CompletedProcess[str]:
     """`doctor ARGS --port 0` (a port that is always free, unless ARGS name one)."""
     port = [] if "--port" in args else ["--port", "0"]
-    return run_pyz(pyz, ["doctor", *args, *port], home.env, timeout=DOCTOR_TIMEOUT_S)
+    return run_pyz(pyz, ["doctor", *args, *port], {**home.env, "COLUMNS": "80"}, timeout=DOCTOR_TIMEOUT_S)
 
 
 def verdict_of(result: subprocess.CompletedProcess[str]) -> str:
-    """The verdict field, the last one: its line and the lines it wrapped onto (80 columns: not a tty)."""
+    """The verdict field, the last one: its line and the lines it wrapped onto (doctor runs in 80 columns)."""
     lines = result.stdout.splitlines()
     at = [i for i, line in enumerate(lines) if line.startswith("verdict     ")]
     assert len(at) == 1, result.stdout + result.stderr

@@ -274,6 +274,7 @@ SCENARIOS = {
     ("./pangea.pyz serve --peer", "A"): "serve",
     ("./pangea.pyz call matmul --size 2048", "A"): "serve",
     ("import numpy as np", None): "serve",
+    ("import concurrent.futures", None): "serve",
     ("./pangea.pyz call matmul --size 4096", None): "serve",
     ("./pangea.pyz bench /ip4/", "1"): "serve",
     ("./pangea.pyz bench ", None): "bench",
@@ -573,6 +574,12 @@ def run_in_serve_scenario(example: Example, a: Box, table: Mapping[str, str]) ->
         command, result = run_example(a, script, table)
         out = assert_ran(example, command, result, table)
         context = show(example, command, 0, out, result.stderr.splitlines())
+        if example.text.startswith("import concurrent.futures"):  # futures and map
+            assert out[:4] == [f"{peer_b} True (500, 500)"] * 4, (
+                f"each future ran on B, with its own timings\n{context}"
+            )
+            assert out[4:] == ["8 (10,) True"], context
+            return
         assert out[0].startswith(f"{peer_b} "), f"placement='remote' runs on a connected peer (B)\n{context}"
         assert out[1] == "(1000,)", context
         assert peer_b in out[2], context

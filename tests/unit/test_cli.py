@@ -732,7 +732,10 @@ def test_terminal_columns_reads_columns_and_has_a_floor(monkeypatch: pytest.Monk
     monkeypatch.setenv("COLUMNS", "10")
     assert pangea.terminal_columns() == pangea.TERMINAL_MIN_COLUMNS
     monkeypatch.delenv("COLUMNS")
-    assert pangea.terminal_columns() >= pangea.TERMINAL_MIN_COLUMNS  # the tty's, or 80 when not a tty
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert pangea.terminal_columns() == pangea.UNBOUNDED_COLUMNS  # a pipe: whole lines
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert pangea.terminal_columns() >= pangea.TERMINAL_MIN_COLUMNS  # the tty's
 
 
 def test_serving_line_on_every_interface_says_so_and_names_the_port() -> None:
