@@ -620,13 +620,17 @@ def test_call_connect_to_an_already_connected_peer_reports_it(pair: Pair, pyz: P
         assert node.status()["peer_count"] == 1
 
 
-def test_call_bad_placement_fails_with_one_error_line(pair: Pair, pyz: Path) -> None:
+def test_call_bad_placement_is_a_usage_error_with_one_error_line_and_a_hint(pair: Pair, pyz: Path) -> None:
     args = ["call", "--rpc", pair.a.rpc, "matmul", "--size", "8", "--placement", "nowhere"]
     result = run_pyz(pyz, args, pair.a.home.env)
-    assert result.returncode == 1
+    assert result.returncode == 2, result.stderr  # the option is wrong, not the task: a usage error
     lines = result.stderr.splitlines()
-    assert lines and lines[0].startswith("pangea: error: ") and "unknown placement 'nowhere'" in lines[0]
-    assert len(lines) <= 2 and "Traceback" not in result.stderr
+    assert lines[0].startswith(
+        f"pangea: error: cannot run matmul on the node at {pair.a.rpc}: unknown placement 'nowhere'"
+    )
+    assert "use one of: auto, local, remote, split, split-remote" in lines[0]
+    assert lines[1:] == ["hint: `./pangea.pyz call peers` lists the peer ids a placement may name"]
+    assert "Traceback" not in result.stderr
 
 
 # ---------------------------------------------------------------- trust

@@ -489,22 +489,6 @@ def test_call_matmul_over_the_node_limit_names_size_and_rpc_max_mib(lone: ServeN
     assert json.loads(fits.stdout)["verified"] is True
 
 
-def test_call_matmul_with_an_unknown_placement_is_a_usage_error_naming_the_known_ones(
-    lone: ServeNode, pyz: Path
-) -> None:
-    result = run_pyz(
-        pyz, ["call", "--rpc", lone.rpc, "matmul", "--size", "8", "--placement", "remotely"], lone.home.env
-    )
-    assert result.returncode == 2, result.stderr  # the option is wrong, not the task
-    lines = error_lines(result.stderr)
-    assert lines[0].startswith(
-        f"pangea: error: cannot run matmul on the node at {lone.rpc}: unknown placement 'remotely'"
-    )
-    assert "use one of: auto, local, remote, split, split-remote" in lines[0]
-    assert lines[1] == "hint: `./pangea.pyz call peers` lists the peer ids a placement may name"
-    assert lone.proc.returncode is None  # the node keeps serving
-
-
 def test_call_kernels_lists_what_client_kernels_lists_in_80_columns(lone: ServeNode, pyz: Path) -> None:
     with client(lone) as node:
         kernels = node.kernels()
