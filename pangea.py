@@ -24,7 +24,8 @@ budget). Rooms 1-7 are pure (no I/O, no await); rooms 8-17 perform I/O.
                                cost, verification and sample inputs
   7. Scheduler (sans-I/O)      placement, retries, suspicion: handle(event, now)
   8. Session directories       the pangea home, one directory per process, RPC files
-  9. Transports                identity and libp2p host, Channel, the TLS data plane
+  9. Transports                identity and libp2p host, Channel, the TLS data plane,
+                               the bulk socket (shared memory for RPC clients)
  10. The node                  PeerSession (performs its SessionProtocol), Node
  11. The manager               delegators, Manager (drives the Scheduler, verifies)
  12. Around the node           mDNS, metrics, the initiator's checks, the fault injector
@@ -5745,6 +5746,237 @@ async def tcp_probe(host: str, port: int, timeout_s: float) -> tuple[float | Non
             _close_socket(sock)
 
 
+# The bulk channel: arrays off the Cap'n Proto path for a client on this box.
+#
+# Beside a loopback RPC endpoint the node listens on a Unix socket (SOCK_SEQPACKET,
+# 0600 in a 0700 directory of its own; its path is in the node's session file, where
+# a `Client` of the same home finds it). A client proves it is this user (SO_PEERCRED
+# and the RPC token), then, for each task, hands over a batch of sealed memfd segments
+# with SCM_RIGHTS under a random 16-byte name and sends only the metadata on the RPC
+# (`SharedSlice`, `TaskSpec.bulkBatch`). The node maps operand segments read-only and
+# wraps them as numpy arrays (kernels read them in place), writes the output into the
+# client's output segment, and unmaps the batch when the task ends or the socket closes.
+
+BULK_MAX_CONNECTIONS = 32  # bulk sockets open at once (only this user can reach it; bounded anyway)
+BULK_MAX_BATCHES = RPC_MAX_CALLS_IN_FLIGHT  # batches one connection may have waiting for their task
+BULK_MAX_SEGMENTS = 16  # segments of one batch: a kernel's operands and its output
+BULK_MESSAGE_BYTES = 4096  # the largest message on the bulk socket (a name and one kind byte per segment)
+BULK_SOCKET_FILENAME = "bulk.sock"
+
+
+@dataclass
+class BulkSegment:
+    """One shared segment a client handed the node: its mapping, size and whether the node may write it."""
+
+    mapping: Any  # an mmap.mmap
+    size: int
+    writable: bool
+
+    def close(self) -> None:
+        """Unmap now; while a numpy view still holds it (a kernel still running), when that view goes."""
+        with contextlib.suppress(BufferError):
+            self.mapping.close()
+
+
+def bulk_take_fds(fds: Sequence[int], kinds: bytes, room_bytes: int) -> list[BulkSegment]:
+    """Map the memfd segments ``fds`` (``kinds``: b"r" read-only operand, b"w" output) and close
+    the descriptors, whatever happens; TaskError(bad-input) for a descriptor that is not a
+    memfd sealed against shrinking, or segments beyond ``room_bytes`` in all."""
+    import fcntl
+    import mmap
+    import stat as stat_module
+
+    segments: list[BulkSegment] = []
+    try:
+        if len(fds) != len(kinds) or not fds or len(fds) > BULK_MAX_SEGMENTS:
+            raise TaskError(f"a batch of {len(fds)} segments for {len(kinds)} kinds", kind=ErrorKind.BAD_INPUT)
+        total = 0
+        for fd, kind in zip(fds, kinds, strict=True):
+            info = os.fstat(fd)
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:
+                seals = 0
+            needed = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+            # NOTE: a segment its owner could shrink would crash the node (SIGBUS) as it reads
+            if not stat_module.S_ISREG(info.st_mode) or seals & needed != needed or info.st_size <= 0:
+                raise TaskError("a segment that is not a sealed memfd", kind=ErrorKind.BAD_INPUT)
+            total += info.st_size
+            if total > room_bytes:
+                raise TaskError(
+                    f"segments of more than {format_bytes(room_bytes)} on one connection", kind=ErrorKind.BUSY
+                )
+            writable = kind == ord("w")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            flags = mmap.MAP_SHARED | (0 if writable else getattr(mmap, "MAP_POPULATE", 0))
+            segments.append(BulkSegment(mmap.mmap(fd, info.st_size, flags=flags, prot=prot), info.st_size, writable))
+    except BaseException:
+        for s in segments:
+            s.close()
+        raise
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return segments
+
+
+def shared_operand(reader: Any, index: int, segments: Sequence[BulkSegment]) -> np.ndarray:
+    """The array of an RPC `Array` whose bytes are in a shared segment (``reader.shared``), read in
+    place (a read-only view, no copy); TaskError(bad-input) when inconsistent."""
+    from types import SimpleNamespace
+
+    slot, offset = int(reader.shared.segment), int(reader.shared.offset)
+    if not 1 <= slot <= len(segments) or segments[slot - 1].writable:
+        raise TaskError(f"operand {index}: no shared segment {slot} in its batch", kind=ErrorKind.BAD_INPUT)
+    segment = segments[slot - 1]
+    name, shape = str(reader.dtype), [int(d) for d in reader.shape]
+    itemsize = _wire_dtype(name).itemsize if name in ALLOWED_DTYPES else 0
+    nbytes = math.prod(shape) * itemsize
+    if offset + nbytes > segment.size:
+        raise TaskError(f"operand {index}: runs past the end of its shared segment", kind=ErrorKind.BAD_INPUT)
+    meta = SimpleNamespace(dtype=name, shape=shape, nbytes=nbytes)
+    view = memoryview(segment.mapping)[offset : offset + nbytes]
+    try:
+        (array,) = _arrays_from([meta], view, task_id=0)  # type: ignore[arg-type]
+    except MessageError as exc:
+        raise TaskError(str(exc).replace("array 0", f"operand {index}"), kind=ErrorKind.BAD_INPUT) from None
+    return array
+
+
+def write_shared_output(output: np.ndarray, segment: BulkSegment) -> bool:
+    """Copy a task's output into the client's output segment (little-endian, C order); False
+    when it does not fit (the output then travels in the message)."""
+    (meta,), (view,) = _array_parts([output])
+    if not segment.writable or meta[2] > segment.size:
+        return False
+    segment.mapping[: meta[2]] = view
+    return True
+
+
+class BulkServer:
+    """The node's end of the bulk socket (on the RPC thread's asyncio loop): who may connect, and the
+    batches of segments each connection handed over until a task takes them."""
+
+    def __init__(self, token: str, room_bytes: int) -> None:
+        self.token = token.encode()
+        self.room_bytes = room_bytes  # bytes of segments one connection may have mapped at once
+        self.path: Path | None = None
+        self._listener: socket.socket | None = None
+        self._loop: Any = None
+        self._peers: dict[socket.socket, dict[bytes, list[BulkSegment]]] = {}
+        self._authenticated: set[socket.socket] = set()
+        self._taken: dict[bytes, list[BulkSegment]] = {}  # batches of tasks in flight
+
+    def start(self, loop: Any) -> Path:
+        """Listen in a new 0700 directory; return the socket's path (0600)."""
+        import tempfile
+
+        directory = Path(tempfile.mkdtemp(prefix="pangea-bulk-"))  # NOTE: 0700, short enough for sun_path
+        self.path = directory / BULK_SOCKET_FILENAME
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        listener.bind(str(self.path))
+        os.chmod(self.path, 0o600)
+        listener.listen(BULK_MAX_CONNECTIONS)
+        listener.setblocking(False)
+        self._listener, self._loop = listener, loop
+        loop.add_reader(listener.fileno(), self._accept)
+        return self.path
+
+    def stop(self) -> None:
+        """Close every connection and unmap what they handed over; remove the socket and its directory."""
+        for peer in list(self._peers):
+            self._drop(peer)
+        if self._listener is not None:
+            self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+        if self.path is not None:
+            shutil.rmtree(self.path.parent, ignore_errors=True)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            peer, _ = self._listener.accept()
+        except OSError:
+            return
+        pid, uid, _gid = struct.unpack("3i", peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid != os.geteuid() or len(self._peers) >= BULK_MAX_CONNECTIONS:
+            log.warning("bulk: refusing a connection of uid %d (pid %d): %d open", uid, pid, len(self._peers))
+            peer.close()
+            return
+        peer.setblocking(False)
+        self._peers[peer] = {}
+        self._loop.add_reader(peer.fileno(), self._readable, peer)
+
+    def _drop(self, peer: socket.socket) -> None:
+        self._loop.remove_reader(peer.fileno())
+        for batch in self._peers.pop(peer, {}).values():
+            for s in batch:
+                s.close()
+        self._authenticated.discard(peer)
+        peer.close()
+
+    def _readable(self, peer: socket.socket) -> None:
+        import hmac
+
+        try:
+            data, fds, flags, _ = socket.recv_fds(peer, BULK_MESSAGE_BYTES, BULK_MAX_SEGMENTS)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, fds, flags = b"", [], 0
+        if not data or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            for fd in fds:
+                os.close(fd)
+            self._drop(peer)
+            return
+        if peer not in self._authenticated:
+            for fd in fds:
+                os.close(fd)
+            if data[:1] == b"H" and (not self.token or hmac.compare_digest(data[1:], self.token)):
+                self._authenticated.add(peer)
+                self._reply(peer, b"K")
+            else:
+                log.warning("bulk: closing a connection: wrong or missing token")
+                self._reply(peer, b"Ewrong or missing RPC token")
+                self._drop(peer)
+            return
+        name, kinds = data[1:17], data[17:]
+        batches = self._peers[peer]
+        if data[:1] != b"S" or len(name) != 16 or name in batches or name in self._taken:
+            for fd in fds:
+                os.close(fd)
+            self._drop(peer)
+            return
+        try:
+            if len(batches) >= BULK_MAX_BATCHES:
+                for fd in fds:
+                    os.close(fd)
+                raise TaskError(f"{BULK_MAX_BATCHES} batches wait for their task", kind=ErrorKind.BUSY)
+            held = sum(s.size for batch in batches.values() for s in batch)
+            batches[name] = bulk_take_fds(fds, kinds, self.room_bytes - held)
+            self._reply(peer, b"K" + name)
+        except (TaskError, OSError, ValueError) as exc:
+            self._reply(peer, b"E" + name + one_line(describe_exception(exc), 300).encode())
+
+    def _reply(self, peer: socket.socket, data: bytes) -> None:
+        with contextlib.suppress(OSError):  # NOTE: a full or closed socket: the client gives up on its own
+            peer.send(data)
+
+    def take(self, name: bytes) -> list[BulkSegment]:
+        """The segments of batch ``name`` for the task that names it (once); TaskError(bad-input) when
+        no connection handed it over. Give them back with `finish`."""
+        for batches in self._peers.values():
+            if name in batches:
+                self._taken[name] = batches.pop(name)
+                return self._taken[name]
+        raise TaskError("no shared segments under the batch the task names", kind=ErrorKind.BAD_INPUT)
+
+    def finish(self, name: bytes) -> None:
+        """Unmap the segments of a task that ended."""
+        for s in self._taken.pop(name, []):
+            s.close()
+
+
 ###############################################################################
 # 10. The node
 #
@@ -9174,237 +9406,6 @@ def _rpc_connection_class() -> type[_RpcConnection]:
     return type("RpcConnection", (_RpcConnection, asyncio.BufferedProtocol), {})
 
 
-# The bulk channel: arrays off the Cap'n Proto path for a client on this box.
-#
-# Beside a loopback RPC endpoint the node listens on a Unix socket (SOCK_SEQPACKET,
-# 0600 in a 0700 directory of its own; its path is in the node's session file, where
-# a `Client` of the same home finds it). A client proves it is this user (SO_PEERCRED
-# and the RPC token), then, for each task, hands over a batch of sealed memfd segments
-# with SCM_RIGHTS under a random 16-byte name and sends only the metadata on the RPC
-# (`SharedSlice`, `TaskSpec.bulkBatch`). The node maps operand segments read-only and
-# wraps them as numpy arrays (kernels read them in place), writes the output into the
-# client's output segment, and unmaps the batch when the task ends or the socket closes.
-
-BULK_MAX_CONNECTIONS = 32  # bulk sockets open at once (only this user can reach it; bounded anyway)
-BULK_MAX_BATCHES = RPC_MAX_CALLS_IN_FLIGHT  # batches one connection may have waiting for their task
-BULK_MAX_SEGMENTS = 16  # segments of one batch: a kernel's operands and its output
-BULK_MESSAGE_BYTES = 4096  # the largest message on the bulk socket (a name and one kind byte per segment)
-BULK_SOCKET_FILENAME = "bulk.sock"
-
-
-@dataclass
-class BulkSegment:
-    """One shared segment a client handed the node: its mapping, size and whether the node may write it."""
-
-    mapping: Any  # an mmap.mmap
-    size: int
-    writable: bool
-
-    def close(self) -> None:
-        """Unmap now; while a numpy view still holds it (a kernel still running), when that view goes."""
-        with contextlib.suppress(BufferError):
-            self.mapping.close()
-
-
-def bulk_take_fds(fds: Sequence[int], kinds: bytes, room_bytes: int) -> list[BulkSegment]:
-    """Map the memfd segments ``fds`` (``kinds``: b"r" read-only operand, b"w" output) and close
-    the descriptors, whatever happens; TaskError(bad-input) for a descriptor that is not a
-    memfd sealed against shrinking, or segments beyond ``room_bytes`` in all."""
-    import fcntl
-    import mmap
-    import stat as stat_module
-
-    segments: list[BulkSegment] = []
-    try:
-        if len(fds) != len(kinds) or not fds or len(fds) > BULK_MAX_SEGMENTS:
-            raise TaskError(f"a batch of {len(fds)} segments for {len(kinds)} kinds", kind=ErrorKind.BAD_INPUT)
-        total = 0
-        for fd, kind in zip(fds, kinds, strict=True):
-            info = os.fstat(fd)
-            try:
-                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-            except OSError:
-                seals = 0
-            needed = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-            # NOTE: a segment its owner could shrink would crash the node (SIGBUS) as it reads
-            if not stat_module.S_ISREG(info.st_mode) or seals & needed != needed or info.st_size <= 0:
-                raise TaskError("a segment that is not a sealed memfd", kind=ErrorKind.BAD_INPUT)
-            total += info.st_size
-            if total > room_bytes:
-                raise TaskError(
-                    f"segments of more than {format_bytes(room_bytes)} on one connection", kind=ErrorKind.BUSY
-                )
-            writable = kind == ord("w")
-            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            flags = mmap.MAP_SHARED | (0 if writable else getattr(mmap, "MAP_POPULATE", 0))
-            segments.append(BulkSegment(mmap.mmap(fd, info.st_size, flags=flags, prot=prot), info.st_size, writable))
-    except BaseException:
-        for s in segments:
-            s.close()
-        raise
-    finally:
-        for fd in fds:
-            os.close(fd)
-    return segments
-
-
-def shared_operand(reader: Any, index: int, segments: Sequence[BulkSegment]) -> np.ndarray:
-    """The array of an RPC `Array` whose bytes are in a shared segment (``reader.shared``), read in
-    place (a read-only view, no copy); TaskError(bad-input) when inconsistent."""
-    from types import SimpleNamespace
-
-    slot, offset = int(reader.shared.segment), int(reader.shared.offset)
-    if not 1 <= slot <= len(segments) or segments[slot - 1].writable:
-        raise TaskError(f"operand {index}: no shared segment {slot} in its batch", kind=ErrorKind.BAD_INPUT)
-    segment = segments[slot - 1]
-    name, shape = str(reader.dtype), [int(d) for d in reader.shape]
-    itemsize = _wire_dtype(name).itemsize if name in ALLOWED_DTYPES else 0
-    nbytes = math.prod(shape) * itemsize
-    if offset + nbytes > segment.size:
-        raise TaskError(f"operand {index}: runs past the end of its shared segment", kind=ErrorKind.BAD_INPUT)
-    meta = SimpleNamespace(dtype=name, shape=shape, nbytes=nbytes)
-    view = memoryview(segment.mapping)[offset : offset + nbytes]
-    try:
-        (array,) = _arrays_from([meta], view, task_id=0)  # type: ignore[arg-type]
-    except MessageError as exc:
-        raise TaskError(str(exc).replace("array 0", f"operand {index}"), kind=ErrorKind.BAD_INPUT) from None
-    return array
-
-
-def write_shared_output(output: np.ndarray, segment: BulkSegment) -> bool:
-    """Copy a task's output into the client's output segment (little-endian, C order); False
-    when it does not fit (the output then travels in the message)."""
-    (meta,), (view,) = _array_parts([output])
-    if not segment.writable or meta[2] > segment.size:
-        return False
-    segment.mapping[: meta[2]] = view
-    return True
-
-
-class BulkServer:
-    """The node's end of the bulk socket (on the RPC thread's asyncio loop): who may connect, and the
-    batches of segments each connection handed over until a task takes them."""
-
-    def __init__(self, token: str, room_bytes: int) -> None:
-        self.token = token.encode()
-        self.room_bytes = room_bytes  # bytes of segments one connection may have mapped at once
-        self.path: Path | None = None
-        self._listener: socket.socket | None = None
-        self._loop: Any = None
-        self._peers: dict[socket.socket, dict[bytes, list[BulkSegment]]] = {}
-        self._authenticated: set[socket.socket] = set()
-        self._taken: dict[bytes, list[BulkSegment]] = {}  # batches of tasks in flight
-
-    def start(self, loop: Any) -> Path:
-        """Listen in a new 0700 directory; return the socket's path (0600)."""
-        import tempfile
-
-        directory = Path(tempfile.mkdtemp(prefix="pangea-bulk-"))  # NOTE: 0700, short enough for sun_path
-        self.path = directory / BULK_SOCKET_FILENAME
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        listener.bind(str(self.path))
-        os.chmod(self.path, 0o600)
-        listener.listen(BULK_MAX_CONNECTIONS)
-        listener.setblocking(False)
-        self._listener, self._loop = listener, loop
-        loop.add_reader(listener.fileno(), self._accept)
-        return self.path
-
-    def stop(self) -> None:
-        """Close every connection and unmap what they handed over; remove the socket and its directory."""
-        for peer in list(self._peers):
-            self._drop(peer)
-        if self._listener is not None:
-            self._loop.remove_reader(self._listener.fileno())
-            self._listener.close()
-        if self.path is not None:
-            shutil.rmtree(self.path.parent, ignore_errors=True)
-
-    def _accept(self) -> None:
-        assert self._listener is not None
-        try:
-            peer, _ = self._listener.accept()
-        except OSError:
-            return
-        pid, uid, _gid = struct.unpack("3i", peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        if uid != os.geteuid() or len(self._peers) >= BULK_MAX_CONNECTIONS:
-            log.warning("bulk: refusing a connection of uid %d (pid %d): %d open", uid, pid, len(self._peers))
-            peer.close()
-            return
-        peer.setblocking(False)
-        self._peers[peer] = {}
-        self._loop.add_reader(peer.fileno(), self._readable, peer)
-
-    def _drop(self, peer: socket.socket) -> None:
-        self._loop.remove_reader(peer.fileno())
-        for batch in self._peers.pop(peer, {}).values():
-            for s in batch:
-                s.close()
-        self._authenticated.discard(peer)
-        peer.close()
-
-    def _readable(self, peer: socket.socket) -> None:
-        import hmac
-
-        try:
-            data, fds, flags, _ = socket.recv_fds(peer, BULK_MESSAGE_BYTES, BULK_MAX_SEGMENTS)
-        except BlockingIOError:
-            return
-        except OSError:
-            data, fds, flags = b"", [], 0
-        if not data or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-            for fd in fds:
-                os.close(fd)
-            self._drop(peer)
-            return
-        if peer not in self._authenticated:
-            for fd in fds:
-                os.close(fd)
-            if data[:1] == b"H" and (not self.token or hmac.compare_digest(data[1:], self.token)):
-                self._authenticated.add(peer)
-                self._reply(peer, b"K")
-            else:
-                log.warning("bulk: closing a connection: wrong or missing token")
-                self._reply(peer, b"Ewrong or missing RPC token")
-                self._drop(peer)
-            return
-        name, kinds = data[1:17], data[17:]
-        batches = self._peers[peer]
-        if data[:1] != b"S" or len(name) != 16 or name in batches or name in self._taken:
-            for fd in fds:
-                os.close(fd)
-            self._drop(peer)
-            return
-        try:
-            if len(batches) >= BULK_MAX_BATCHES:
-                for fd in fds:
-                    os.close(fd)
-                raise TaskError(f"{BULK_MAX_BATCHES} batches wait for their task", kind=ErrorKind.BUSY)
-            held = sum(s.size for batch in batches.values() for s in batch)
-            batches[name] = bulk_take_fds(fds, kinds, self.room_bytes - held)
-            self._reply(peer, b"K" + name)
-        except (TaskError, OSError, ValueError) as exc:
-            self._reply(peer, b"E" + name + one_line(describe_exception(exc), 300).encode())
-
-    def _reply(self, peer: socket.socket, data: bytes) -> None:
-        with contextlib.suppress(OSError):  # NOTE: a full or closed socket: the client gives up on its own
-            peer.send(data)
-
-    def take(self, name: bytes) -> list[BulkSegment]:
-        """The segments of batch ``name`` for the task that names it (once); TaskError(bad-input) when
-        no connection handed it over. Give them back with `finish`."""
-        for batches in self._peers.values():
-            if name in batches:
-                self._taken[name] = batches.pop(name)
-                return self._taken[name]
-        raise TaskError("no shared segments under the batch the task names", kind=ErrorKind.BAD_INPUT)
-
-    def finish(self, name: bytes) -> None:
-        """Unmap the segments of a task that ended."""
-        for s in self._taken.pop(name, []):
-            s.close()
-
-
 def _make_gate(
     schema: Any,
     in_trio: Callable[..., Any],
@@ -9901,8 +9902,17 @@ class Client:
     node's ``queue_s``, ``transfer_s`` (between nodes), ``compute_s`` and
     ``total_s``, then ``client_total_s``, the wall time measured here around the
     call, and ``rpc_s``, the client-to-node hop (``client_total_s - total_s``:
-    the arrays crossing the RPC connection, built and read at both ends). The
-    asyncio/KJ loop runs in a private thread.
+    the arrays crossing the RPC connection, built and read at both ends), and
+    ``arrays_via``: how the arrays crossed ("shared memory, result: shared memory",
+    or "RPC messages"). The asyncio/KJ loop runs in a private thread.
+
+    Shared memory: a client of a plain loopback endpoint whose node runs from this
+    user's pangea home (its session file names the node's bulk socket) passes the
+    operands and the result in sealed memfd segments, handed over that 0600 Unix
+    socket; the RPC carries only their metadata, the node's kernels read the operands
+    in place, and the result is an array over the segment the node wrote. Off loopback,
+    over TLS, with ``shared_memory=False`` or $PANGEA_NO_SHM=1, the arrays travel in
+    the RPC messages; ``shared_memory`` says which, ``shared_memory_note`` why.
 
     Limits: operands that exceed the node's RPC message limit (learned at login; it
     follows the node's --memory-budget-mib) or can never fit its memory budget are
