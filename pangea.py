@@ -5808,7 +5808,7 @@ def bulk_take_fds(fds: Sequence[int], kinds: bytes, room_bytes: int) -> list[Bul
                 )
             writable = kind == ord("w")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            flags = mmap.MAP_SHARED | (0 if writable else getattr(mmap, "MAP_POPULATE", 0))
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # NOTE: page tables at once, not per fault
             segments.append(BulkSegment(mmap.mmap(fd, info.st_size, flags=flags, prot=prot), info.st_size, writable))
     except BaseException:
         for s in segments:
@@ -9709,25 +9709,26 @@ class _Segment:
 
 @dataclass
 class _BulkTask:
-    """The shared segments of one task of a Client: its operands' (pooled) and its output's (new)."""
+    """The shared segments of one task of a Client, all pooled: its operands' and its output's."""
 
     segments: list[_Segment]
     slots: list[int]  # per operand: 1 + its segment's index, 0: in the message (an empty array)
     output: _Segment | None
     pool: _SegmentPool
+    outputs: _SegmentPool
     released: bool = False
+    handed: bool = False  # the output segment is the caller's result now (back to the pool when it goes)
 
     def release(self) -> None:
-        """Give the operand segments back to the pool and close the output's descriptor (once)."""
+        """Give the segments back to their pools (once); the output's only when not handed out."""
         if self.released:
             return
         self.released = True
         for s in self.segments:
             if s is not self.output:
                 self.pool.put(s)
-        if self.output is not None and self.output.fd >= 0:
-            os.close(self.output.fd)
-            self.output.fd = -1
+        if self.output is not None and not self.handed:
+            self.outputs.put(self.output)
 
 
 class _SegmentPool:
@@ -9736,6 +9737,7 @@ class _SegmentPool:
     def __init__(self) -> None:
         self._free: list[_Segment] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     def get(self, nbytes: int) -> _Segment:
         """A free segment of at least ``nbytes`` (and not much more), else a new one."""
@@ -9750,6 +9752,9 @@ class _SegmentPool:
     def put(self, segment: _Segment) -> None:
         """Keep a segment for reuse, or close it when the pool is full."""
         with self._lock:
+            if self._closed:  # NOTE: a result dropped after its Client closed
+                segment.close()
+                return
             self._free.append(segment)
             while len(self._free) > BULK_POOL_SEGMENTS or sum(s.size for s in self._free) > BULK_POOL_MAX_BYTES:
                 self._free.pop(0).close()
@@ -9757,7 +9762,7 @@ class _SegmentPool:
     def close(self) -> None:
         """Close every free segment."""
         with self._lock:
-            free, self._free = self._free, []
+            free, self._free, self._closed = self._free, [], True
         for s in free:
             s.close()
 
@@ -9966,7 +9971,8 @@ class Client:
         self.tls = self._pin is not None or not local
         # The bulk channel: arrays in shared memory, for a plain loopback endpoint of a node of this home
         self._bulk: _BulkChannel | None = None
-        self._pool = _SegmentPool()
+        self._pool = _SegmentPool()  # operands' segments
+        self._out_pool = _SegmentPool()  # results' segments, back here when the caller drops its result
         self.shared_memory_note = (
             "off: shared_memory=False"
             if not shared_memory
@@ -10319,7 +10325,7 @@ class Client:
         has a bulk channel; None: the arrays travel in the message."""
         if not self.shared_memory:
             return None
-        task = _BulkTask([], [], None, self._pool)
+        task = _BulkTask([], [], None, self._pool, self._out_pool)
         try:
             for a in arrays:
                 if not a.nbytes:  # NOTE: nothing to share (and a memfd cannot map 0 bytes)
@@ -10331,7 +10337,7 @@ class Client:
                 task.slots.append(len(task.segments))
             out_bytes = output_nbytes(kernel, arrays, params)
             if 0 < out_bytes <= self.node_max_message_bytes:
-                task.output = _Segment(-(-out_bytes // mmap_page()) * mmap_page(), "pangea-output")
+                task.output = self._out_pool.get(out_bytes)
                 task.segments.append(task.output)
         except OSError as exc:  # NOTE: out of memory for memfds, or of descriptors: the message it is
             log.info("Client: %s travels in the RPC message: %s", kernel, describe_exception(exc))
@@ -10396,18 +10402,19 @@ class Client:
         return record
 
     def _shared_output(self, reader: Any, bulk: _BulkTask) -> np.ndarray:
-        """The output the node wrote into the task's output segment, as an array over it (no copy;
-        the mapping goes with the array)."""
-        import mmap
-
-        import numpy as np
+        """The output the node wrote into the task's output segment, as an array over it (no copy).
+        The segment is the caller's until that array (and every view of it) is gone; then it goes
+        back to the pool, warm for the next result."""
+        import weakref
 
         assert bulk.output is not None
         name, shape = str(reader.dtype), [int(d) for d in reader.shape]
         if name not in ALLOWED_DTYPES or math.prod(shape) * _wire_dtype(name).itemsize > bulk.output.size:
             raise RpcError(f"cannot read a result: a {name} of shape {tuple(shape)} in a shared segment")
-        mapping = mmap.mmap(bulk.output.fd, bulk.output.size)
-        return np.frombuffer(mapping, dtype=_wire_dtype(name), count=math.prod(shape)).reshape(shape)
+        array = bulk.output.array(_wire_dtype(name), shape)
+        bulk.handed = True
+        weakref.finalize(array, bulk.outputs.put, bulk.output)
+        return array
 
     def submit(
         self,
@@ -10540,6 +10547,7 @@ class Client:
                 self._loop.call_soon_threadsafe(self._stopped.set)
         self._thread.join(10)
         self._pool.close()
+        self._out_pool.close()
 
     def __enter__(self) -> Client:
         return self
