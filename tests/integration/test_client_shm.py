@@ -262,3 +262,40 @@ def test_a_client_killed_mid_call_leaves_no_segment_in_the_node(
     with client_of(node, monkeypatch) as c:
         a = np.arange(6.0).reshape(2, 3)
         assert c.shared_memory and np.array_equal(c.submit("add", a, a), a + a)
+
+
+def test_threads_and_futures_on_the_shared_memory_path_each_get_their_own_answer(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import concurrent.futures
+
+    with client_of(pair.a, monkeypatch) as c:
+        assert c.shared_memory, c.shared_memory_note
+
+        def caller(seed: int) -> int:
+            rng = np.random.default_rng(seed)
+            for i in range(40):
+                n = 1 + (seed * 7 + i) % 50
+                a, b = rng.standard_normal((n, n + 1)), rng.standard_normal((n + 1, n))
+                calls = [("matmul", (a, b), a @ b), ("add", (a, a), a + a), ("transpose", (a,), a.T)]
+                kernel, arrays, want = calls[i % 3]
+                got = c.submit(kernel, *arrays)
+                assert got.shape == want.shape and np.allclose(got, want), (seed, i, kernel)
+                assert c.last_task["kernel"] == kernel and c.last_task["arrays_via"] == SHARED
+            return seed
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            assert sorted(pool.map(caller, range(8))) == list(range(8))
+        # futures and map share the pools: every result its own
+        xs = [np.full((64, 64), float(k)) for k in range(40)]
+        assert [float(s) for s in c.map("sum", xs)] == [64 * 64 * k for k in range(40)]
+        futures = [c.future("scale", x, factor=2.0) for x in xs]
+        cancelled = futures[-1].cancel()
+        for k, f in enumerate(futures[:-1]):
+            assert np.array_equal(f.result(CLIENT_TIMEOUT_S), xs[k] * 2) and f.task["arrays_via"] == SHARED
+        assert cancelled or np.array_equal(futures[-1].result(CLIENT_TIMEOUT_S), xs[-1] * 2)
+    # nothing of the client's stays mapped in the node
+    deadline = time.monotonic() + RELEASE_TIMEOUT_S
+    while time.monotonic() < deadline and bulk_lines(pair.a.proc.pid) != (0, 0):
+        time.sleep(0.1)
+    assert bulk_lines(pair.a.proc.pid) == (0, 0)
