@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -299,3 +300,63 @@ def test_threads_and_futures_on_the_shared_memory_path_each_get_their_own_answer
     while time.monotonic() < deadline and bulk_lines(pair.a.proc.pid) != (0, 0):
         time.sleep(0.1)
     assert bulk_lines(pair.a.proc.pid) == (0, 0)
+
+
+def _raw_submit(node: ServeNode, fill: Any) -> tuple[str, str, list[Any]]:
+    """A task built by pycapnp alone (no pangea.Client): (errorKind, errorMessage, output arrays)."""
+    import asyncio
+
+    import capnp
+    import pangea
+
+    host, port = node.rpc.rsplit(":", 1)
+
+    async def main() -> tuple[str, str, list[Any]]:
+        async with capnp.kj_loop():  # type: ignore[attr-defined]
+            stream = await asyncio.wait_for(capnp.AsyncIoStream.create_connection(host, int(port)), 10)  # type: ignore[attr-defined]
+            gate = capnp.TwoPartyClient(stream).bootstrap().cast_as(pangea.load_schema().Gate)  # type: ignore[attr-defined]
+            compute = (await asyncio.wait_for(gate.login(node.token or ""), 10)).compute
+            request = compute.submit_request()
+            fill(request.task)
+            result = (await asyncio.wait_for(request.send(), CLIENT_TIMEOUT_S)).result
+            outputs = [pangea.array_from_capnp(o) for o in result.outputs]
+            return str(result.errorKind), str(result.errorMessage), outputs
+
+    return asyncio.run(main())
+
+
+def test_a_plain_capnp_client_sends_arrays_in_its_messages_and_cannot_name_segments_it_did_not_hand_over(
+    node: ServeNode,
+) -> None:
+    import pangea
+
+    a = np.arange(6.0)
+
+    def in_message(task: Any) -> None:
+        task.kernel = "scale"
+        pangea.array_to_capnp(task.init("operands", 1)[0], a)
+        (param,) = task.init("params", 1)
+        param.name, param.value = "factor", 2.0
+
+    kind, message, outputs = _raw_submit(node, in_message)
+    assert (kind, message) == ("", "") and np.array_equal(outputs[0], a * 2)
+
+    def forged(batch: bytes, segment: int) -> Any:
+        def fill(task: Any) -> None:
+            task.kernel = "sum"
+            (slot,) = task.init("operands", 1)
+            slot.dtype, slot.shape = "float64", [6]
+            slot.shared.segment = segment
+            task.bulkBatch = batch
+
+        return fill
+
+    for batch, segment, needle in [
+        (bytes(16), 1, "no shared segments under the batch"),  # a batch nobody handed over
+        (b"", 1, "operand 0: no shared segment 1"),  # a segment without a batch
+    ]:
+        kind, message, _ = _raw_submit(node, forged(batch, segment))
+        assert kind == "bad-input" and needle in message, (kind, message)
+    # the node keeps serving
+    kind, message, outputs = _raw_submit(node, in_message)
+    assert kind == "" and np.array_equal(outputs[0], a * 2)
