@@ -5853,6 +5853,22 @@ def write_shared_output(output: np.ndarray, segment: BulkSegment) -> bool:
     return True
 
 
+def _remove_stale_bulk_dirs(root: Path) -> None:
+    """Remove the bulk-socket directories this user's nodes left behind when killed (their pid is gone)."""
+    import stat as stat_module
+
+    for directory in root.glob("pangea-bulk-*-*"):
+        pid = directory.name.split("-")[2]
+        with contextlib.suppress(OSError, ValueError):
+            info = directory.lstat()  # NOTE: not a symlink another user planted in /tmp
+            if (
+                stat_module.S_ISDIR(info.st_mode)
+                and info.st_uid == os.geteuid()
+                and not Path(f"/proc/{int(pid)}").exists()
+            ):
+                shutil.rmtree(directory, ignore_errors=True)
+
+
 class BulkServer:
     """The node's end of the bulk socket (on the RPC thread's asyncio loop): who may connect, and the
     batches of segments each connection handed over until a task takes them."""
@@ -5871,7 +5887,9 @@ class BulkServer:
         """Listen in a new 0700 directory; return the socket's path (0600)."""
         import tempfile
 
-        directory = Path(tempfile.mkdtemp(prefix="pangea-bulk-"))  # NOTE: 0700, short enough for sun_path
+        _remove_stale_bulk_dirs(Path(tempfile.gettempdir()))
+        # NOTE: 0700, short enough for sun_path; the pid in its name tells a later node it is stale
+        directory = Path(tempfile.mkdtemp(prefix=f"pangea-bulk-{os.getpid()}-"))
         self.path = directory / BULK_SOCKET_FILENAME
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         listener.bind(str(self.path))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -138,3 +139,16 @@ def test_the_bulk_server_refuses_a_wrong_token_and_takes_a_batch_once() -> None:
         assert not path.exists() and not path.parent.exists()
 
     asyncio.run(main())
+
+
+def test_a_node_removes_the_bulk_directories_of_its_dead_nodes_only(tmp_path: Path) -> None:
+    dead, alive, other = (
+        tmp_path / "pangea-bulk-999999999-abc",
+        tmp_path / f"pangea-bulk-{os.getpid()}-x",
+        tmp_path / "unrelated",
+    )
+    for d in (dead, alive, other):
+        d.mkdir()
+        (d / "bulk.sock").write_text("")
+    pangea._remove_stale_bulk_dirs(tmp_path)
+    assert not dead.exists() and alive.exists() and other.exists()
