@@ -24,7 +24,8 @@ budget). Rooms 1-7 are pure (no I/O, no await); rooms 8-17 perform I/O.
                                cost, verification and sample inputs
   7. Scheduler (sans-I/O)      placement, retries, suspicion: handle(event, now)
   8. Session directories       the pangea home, one directory per process, RPC files
-  9. Transports                identity and libp2p host, Channel, the TLS data plane
+  9. Transports                identity and libp2p host, Channel, the TLS data plane,
+                               the bulk socket (shared memory for RPC clients)
  10. The node                  PeerSession (performs its SessionProtocol), Node
  11. The manager               delegators, Manager (drives the Scheduler, verifies)
  12. Around the node           mDNS, metrics, the initiator's checks, the fault injector
@@ -5745,6 +5746,255 @@ async def tcp_probe(host: str, port: int, timeout_s: float) -> tuple[float | Non
             _close_socket(sock)
 
 
+# The bulk channel: arrays off the Cap'n Proto path for a client on this box.
+#
+# Beside a loopback RPC endpoint the node listens on a Unix socket (SOCK_SEQPACKET,
+# 0600 in a 0700 directory of its own; its path is in the node's session file, where
+# a `Client` of the same home finds it). A client proves it is this user (SO_PEERCRED
+# and the RPC token), then, for each task, hands over a batch of sealed memfd segments
+# with SCM_RIGHTS under a random 16-byte name and sends only the metadata on the RPC
+# (`SharedSlice`, `TaskSpec.bulkBatch`). The node maps operand segments read-only and
+# wraps them as numpy arrays (kernels read them in place), writes the output into the
+# client's output segment, and unmaps the batch when the task ends or the socket closes.
+
+BULK_MAX_CONNECTIONS = 32  # bulk sockets open at once (only this user can reach it; bounded anyway)
+BULK_MAX_BATCHES = RPC_MAX_CALLS_IN_FLIGHT  # batches one connection may have waiting for their task
+BULK_MAX_SEGMENTS = 16  # segments of one batch: a kernel's operands and its output
+BULK_MESSAGE_BYTES = 4096  # the largest message on the bulk socket (a name and one kind byte per segment)
+BULK_SOCKET_FILENAME = "bulk.sock"
+
+
+@dataclass
+class BulkSegment:
+    """One shared segment a client handed the node: its mapping, size and whether the node may write it."""
+
+    mapping: Any  # an mmap.mmap
+    size: int
+    writable: bool
+
+    def close(self) -> None:
+        """Unmap now; while a numpy view still holds it (a kernel still running), when that view goes."""
+        with contextlib.suppress(BufferError):
+            self.mapping.close()
+
+
+def bulk_take_fds(fds: Sequence[int], kinds: bytes, room_bytes: int) -> list[BulkSegment]:
+    """Map the memfd segments ``fds`` (``kinds``: b"r" read-only operand, b"w" output) and close
+    the descriptors, whatever happens; TaskError(bad-input) for a descriptor that is not a
+    memfd sealed against shrinking, or segments beyond ``room_bytes`` in all."""
+    import fcntl
+    import mmap
+    import stat as stat_module
+
+    segments: list[BulkSegment] = []
+    try:
+        if len(fds) != len(kinds) or not fds or len(fds) > BULK_MAX_SEGMENTS:
+            raise TaskError(f"a batch of {len(fds)} segments for {len(kinds)} kinds", kind=ErrorKind.BAD_INPUT)
+        total = 0
+        for fd, kind in zip(fds, kinds, strict=True):
+            info = os.fstat(fd)
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:
+                seals = 0
+            needed = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+            # NOTE: a segment its owner could shrink would crash the node (SIGBUS) as it reads
+            if not stat_module.S_ISREG(info.st_mode) or seals & needed != needed or info.st_size <= 0:
+                raise TaskError("a segment that is not a sealed memfd", kind=ErrorKind.BAD_INPUT)
+            total += info.st_size
+            if total > room_bytes:
+                raise TaskError(
+                    f"segments of more than {format_bytes(room_bytes)} on one connection", kind=ErrorKind.BUSY
+                )
+            writable = kind == ord("w")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # NOTE: page tables at once, not per fault
+            segments.append(BulkSegment(mmap.mmap(fd, info.st_size, flags=flags, prot=prot), info.st_size, writable))
+    except BaseException:
+        for s in segments:
+            s.close()
+        raise
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return segments
+
+
+def shared_operand(reader: Any, index: int, segments: Sequence[BulkSegment]) -> np.ndarray:
+    """The array of an RPC `Array` whose bytes are in a shared segment (``reader.shared``), read in
+    place (a read-only view, no copy); TaskError(bad-input) when inconsistent."""
+    from types import SimpleNamespace
+
+    slot, offset = int(reader.shared.segment), int(reader.shared.offset)
+    if not 1 <= slot <= len(segments) or segments[slot - 1].writable:
+        raise TaskError(f"operand {index}: no shared segment {slot} in its batch", kind=ErrorKind.BAD_INPUT)
+    segment = segments[slot - 1]
+    name, shape = str(reader.dtype), [int(d) for d in reader.shape]
+    itemsize = _wire_dtype(name).itemsize if name in ALLOWED_DTYPES else 0
+    nbytes = math.prod(shape) * itemsize
+    if offset + nbytes > segment.size:
+        raise TaskError(f"operand {index}: runs past the end of its shared segment", kind=ErrorKind.BAD_INPUT)
+    meta = SimpleNamespace(dtype=name, shape=shape, nbytes=nbytes)
+    view = memoryview(segment.mapping)[offset : offset + nbytes]
+    try:
+        (array,) = _arrays_from([meta], view, task_id=0)  # type: ignore[arg-type]
+    except MessageError as exc:
+        raise TaskError(str(exc).replace("array 0", f"operand {index}"), kind=ErrorKind.BAD_INPUT) from None
+    return array
+
+
+def write_shared_output(output: np.ndarray, segment: BulkSegment) -> bool:
+    """Copy a task's output into the client's output segment (little-endian, C order); False
+    when it does not fit (the output then travels in the message)."""
+    (meta,), (view,) = _array_parts([output])
+    if not segment.writable or meta[2] > segment.size:
+        return False
+    segment.mapping[: meta[2]] = view
+    return True
+
+
+def _remove_stale_bulk_dirs(root: Path) -> None:
+    """Remove the bulk-socket directories this user's nodes left behind when killed (their pid is gone)."""
+    import stat as stat_module
+
+    for directory in root.glob("pangea-bulk-*-*"):
+        pid = directory.name.split("-")[2]
+        with contextlib.suppress(OSError, ValueError):
+            info = directory.lstat()  # NOTE: not a symlink another user planted in /tmp
+            if (
+                stat_module.S_ISDIR(info.st_mode)
+                and info.st_uid == os.geteuid()
+                and not Path(f"/proc/{int(pid)}").exists()
+            ):
+                shutil.rmtree(directory, ignore_errors=True)
+
+
+class BulkServer:
+    """The node's end of the bulk socket (on the RPC thread's asyncio loop): who may connect, and the
+    batches of segments each connection handed over until a task takes them."""
+
+    def __init__(self, token: str, room_bytes: int) -> None:
+        self.token = token.encode()
+        self.room_bytes = room_bytes  # bytes of segments one connection may have mapped at once
+        self.path: Path | None = None
+        self._listener: socket.socket | None = None
+        self._loop: Any = None
+        self._peers: dict[socket.socket, dict[bytes, list[BulkSegment]]] = {}
+        self._authenticated: set[socket.socket] = set()
+        self._taken: dict[bytes, list[BulkSegment]] = {}  # batches of tasks in flight
+
+    def start(self, loop: Any) -> Path:
+        """Listen in a new 0700 directory; return the socket's path (0600)."""
+        import tempfile
+
+        _remove_stale_bulk_dirs(Path(tempfile.gettempdir()))
+        # NOTE: 0700, short enough for sun_path; the pid in its name tells a later node it is stale
+        directory = Path(tempfile.mkdtemp(prefix=f"pangea-bulk-{os.getpid()}-"))
+        self.path = directory / BULK_SOCKET_FILENAME
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        listener.bind(str(self.path))
+        os.chmod(self.path, 0o600)
+        listener.listen(BULK_MAX_CONNECTIONS)
+        listener.setblocking(False)
+        self._listener, self._loop = listener, loop
+        loop.add_reader(listener.fileno(), self._accept)
+        return self.path
+
+    def stop(self) -> None:
+        """Close every connection and unmap what they handed over; remove the socket and its directory."""
+        for peer in list(self._peers):
+            self._drop(peer)
+        if self._listener is not None:
+            self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+        if self.path is not None:
+            shutil.rmtree(self.path.parent, ignore_errors=True)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            peer, _ = self._listener.accept()
+        except OSError:
+            return
+        pid, uid, _gid = struct.unpack("3i", peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid != os.geteuid() or len(self._peers) >= BULK_MAX_CONNECTIONS:
+            log.warning("bulk: refusing a connection of uid %d (pid %d): %d open", uid, pid, len(self._peers))
+            peer.close()
+            return
+        peer.setblocking(False)
+        self._peers[peer] = {}
+        self._loop.add_reader(peer.fileno(), self._readable, peer)
+
+    def _drop(self, peer: socket.socket) -> None:
+        self._loop.remove_reader(peer.fileno())
+        for batch in self._peers.pop(peer, {}).values():
+            for s in batch:
+                s.close()
+        self._authenticated.discard(peer)
+        peer.close()
+
+    def _readable(self, peer: socket.socket) -> None:
+        import hmac
+
+        try:
+            data, fds, flags, _ = socket.recv_fds(peer, BULK_MESSAGE_BYTES, BULK_MAX_SEGMENTS)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, fds, flags = b"", [], 0
+        if not data or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            for fd in fds:
+                os.close(fd)
+            self._drop(peer)
+            return
+        if peer not in self._authenticated:
+            for fd in fds:
+                os.close(fd)
+            if data[:1] == b"H" and (not self.token or hmac.compare_digest(data[1:], self.token)):
+                self._authenticated.add(peer)
+                self._reply(peer, b"K")
+            else:
+                log.warning("bulk: closing a connection: wrong or missing token")
+                self._reply(peer, b"Ewrong or missing RPC token")
+                self._drop(peer)
+            return
+        name, kinds = data[1:17], data[17:]
+        batches = self._peers[peer]
+        if data[:1] != b"S" or len(name) != 16 or name in batches or name in self._taken:
+            for fd in fds:
+                os.close(fd)
+            self._drop(peer)
+            return
+        try:
+            if len(batches) >= BULK_MAX_BATCHES:
+                for fd in fds:
+                    os.close(fd)
+                raise TaskError(f"{BULK_MAX_BATCHES} batches wait for their task", kind=ErrorKind.BUSY)
+            held = sum(s.size for batch in batches.values() for s in batch)
+            batches[name] = bulk_take_fds(fds, kinds, self.room_bytes - held)
+            self._reply(peer, b"K" + name)
+        except (TaskError, OSError, ValueError) as exc:
+            self._reply(peer, b"E" + name + one_line(describe_exception(exc), 300).encode())
+
+    def _reply(self, peer: socket.socket, data: bytes) -> None:
+        with contextlib.suppress(OSError):  # NOTE: a full or closed socket: the client gives up on its own
+            peer.send(data)
+
+    def take(self, name: bytes) -> list[BulkSegment]:
+        """The segments of batch ``name`` for the task that names it (once); TaskError(bad-input) when
+        no connection handed it over. Give them back with `finish`."""
+        for batches in self._peers.values():
+            if name in batches:
+                self._taken[name] = batches.pop(name)
+                return self._taken[name]
+        raise TaskError("no shared segments under the batch the task names", kind=ErrorKind.BAD_INPUT)
+
+    def finish(self, name: bytes) -> None:
+        """Unmap the segments of a task that ended."""
+        for s in self._taken.pop(name, []):
+            s.close()
+
+
 ###############################################################################
 # 10. The node
 #
@@ -8504,6 +8754,8 @@ class TaskOutputRecord(RpcRecord):
     attempts: tuple[AttemptInfoRecord, ...] = field(default=(), metadata=capnp_name("attempts"))
     timings: TimingsRecord = field(default=TimingsRecord(), metadata=capnp_name("timings"))
     verified_by_node: bool = field(default=False, metadata=capnp_name("verified"))
+    # how the arrays crossed between a Client and its node (the Client's own: not on the wire)
+    arrays_via: str = "RPC messages"
 
     @classmethod
     def from_outcome(cls, outcome: TaskOutcome, verified: bool = False) -> TaskOutputRecord:
@@ -8582,6 +8834,7 @@ class NodeService:
         self.manager = manager
         self.trust = trust
         self.rpc_address = rpc_address
+        self.bulk_path = ""  # the bulk socket of this node's clients on this box (BulkServer); "": none
         self.closing = False
         self._calls: set[Any] = set()
         self._trio = trio
@@ -8833,14 +9086,26 @@ class NodeService:
         return info
 
 
-def _outcome_to_capnp(r: Any, outcome: TaskOutcome | None, error: TaskError | None, verify_rounds: int = 0) -> None:
-    """Fill an RPC `TaskOutput` builder."""
+def _outcome_to_capnp(
+    r: Any, outcome: TaskOutcome | None, error: TaskError | None, verify_rounds: int = 0, shared_output: int = 0
+) -> None:
+    """Fill an RPC `TaskOutput` builder (``shared_output``: 1 + the index of the batch's segment that
+    holds the one output already; 0: the output travels in the message)."""
     if error is not None:
         r.errorKind = str(error.kind)
         r.errorMessage = str(error)
         return
     assert outcome is not None
-    TaskOutputRecord.from_outcome(outcome, result_verified(outcome, verify_rounds)).to_capnp(r)
+    record = TaskOutputRecord.from_outcome(outcome, result_verified(outcome, verify_rounds))
+    if not shared_output:
+        record.to_capnp(r)
+        return
+    (output,) = record.outputs
+    dataclasses.replace(record, outputs=()).to_capnp(r)
+    (slot,) = r.init("outputs", 1)
+    slot.dtype, shape, _ = _array_parts([output])[0][0]
+    slot.shape = list(shape)
+    slot.shared.segment = shared_output
 
 
 class RpcServer:
@@ -8970,7 +9235,15 @@ class RpcServer:
                         trio_token.run_sync_soon(abandon)
                 raise
 
-        gate_for = _make_gate(schema, in_trio, service, self.token, self.max_bytes)
+        bulk: BulkServer | None = None
+        if self.tls_pem is None:  # NOTE: a loopback endpoint: its clients may be on this box
+            bulk = BulkServer(self.token, 2 * max(service.node.budget.limit_bytes, self.max_bytes))
+            try:
+                service.bulk_path = str(bulk.start(loop))
+            except OSError as exc:
+                log.warning("bulk: no shared-memory channel, arrays travel in RPC messages: %s", exc)
+                bulk = None
+        gate_for = _make_gate(schema, in_trio, service, self.token, self.max_bytes, bulk)
         admission = RpcAdmission(RPC_MAX_CONNECTIONS, RPC_MAX_PENDING_LOGINS, RPC_MAX_PENDING_LOGINS_PER_SOURCE)
         tls = tls_server_context(str(self.tls_pem)) if self.tls_pem is not None else None
 
@@ -8994,7 +9267,11 @@ class RpcServer:
                 return
             self._box["port"] = server.sockets[0].getsockname()[1]
             self._ready.set()
-            await self._box["stop"].wait()
+            try:
+                await self._box["stop"].wait()
+            finally:
+                if bulk is not None:
+                    bulk.stop()
             server.close()  # NOTE: no wait_closed(): a connected client must not block shutdown
 
 
@@ -9148,7 +9425,12 @@ def _rpc_connection_class() -> type[_RpcConnection]:
 
 
 def _make_gate(
-    schema: Any, in_trio: Callable[..., Any], service: NodeService, token: str, max_bytes: int
+    schema: Any,
+    in_trio: Callable[..., Any],
+    service: NodeService,
+    token: str,
+    max_bytes: int,
+    bulk: BulkServer | None = None,
 ) -> Callable[[_RpcConnection], Any]:
     """Return a factory of the bootstrap `Gate` of each connection: login with the token yields `Compute`."""
     import asyncio
@@ -9160,18 +9442,34 @@ def _make_gate(
         # errorKind/errorMessage in the results.
 
         async def submit(self, task: Any, _context: Any, **kwargs: Any) -> None:
+            batch = bytes(task.bulkBatch)  # the task's shared segments (the bulk channel); b"": none
+            try:
+                await self._submit(task, _context, batch)
+            finally:  # NOTE: also when the call is cancelled (its client went away)
+                if batch and bulk is not None:
+                    bulk.finish(batch)
+
+        async def _submit(self, task: Any, _context: Any, batch: bytes) -> None:
             result = _context.results.result
             error: TaskError | None = None
             outcome: TaskOutcome | None = None
             held = 0  # bytes of the node's budget this task holds until its answer is built
+            segments: list[BulkSegment] = []
             try:
                 with service.call_slot():
                     kernel = check_rpc_text("kernel", str(task.kernel))  # before any copy of the operands
                     params = {str(p.name): float(p.value) for p in task.params}
                     stand_ins = operand_stand_ins(task.operands)
+                    if batch:
+                        if bulk is None:
+                            raise TaskError("this node has no bulk channel", kind=ErrorKind.BAD_INPUT)
+                        segments = bulk.take(batch)
                     if stand_ins is not None:  # charged before the operands are copied out of the request
                         held = await in_trio(service.charge, kernel, stand_ins, params, dropped=service.release_soon)
-                    operands = [array_from_capnp(a, i) for i, a in enumerate(task.operands)]
+                    operands = [
+                        shared_operand(a, i, segments) if a.shared.segment else array_from_capnp(a, i)
+                        for i, a in enumerate(task.operands)
+                    ]
                     placement = str(task.placement) or "auto"
                     timeout_s = float(task.timeoutSeconds)
                     fallback = not bool(task.noFallback)
@@ -9184,7 +9482,13 @@ def _make_gate(
                 kind, message = rpc_error_fields(exc, "submit a task")
                 error = exc if isinstance(exc, TaskError) and kind == exc.kind else TaskError(message, kind=kind)
             try:
-                _outcome_to_capnp(result, outcome, error, service.manager.verify_rounds)
+                slot = int(task.outputSegment)
+                shared = 1 <= slot <= len(segments) and outcome is not None and error is None
+                if shared and outcome is not None and len(outcome.outputs) == 1:
+                    # NOTE: one memory copy on the RPC loop (a few ms for 64 MiB), in place of building
+                    # the message's Data fields, which cost more on the same loop
+                    shared = write_shared_output(outcome.outputs[0], segments[slot - 1])
+                _outcome_to_capnp(result, outcome, error, service.manager.verify_rounds, shared_output=slot * shared)
             except Exception as exc:  # an output the message cannot hold: say so instead
                 kind, message = rpc_error_fields(exc, "return a task's result")
                 _context.results.result = {"errorKind": kind, "errorMessage": message}
@@ -9375,6 +9679,202 @@ def client_size_refusal(
     return None
 
 
+NO_SHM_ENV = "PANGEA_NO_SHM"  # set to 1: a Client sends every array in its RPC messages
+BULK_POOL_SEGMENTS = 8  # operand segments a Client keeps for reuse (warm: written again, not faulted in)
+BULK_POOL_MAX_BYTES = 2 << 30  # their bytes at most
+BULK_REPLY_TIMEOUT_S = 30.0  # a node answers a batch at once; one that does not has gone away
+
+
+def local_node_bulk_socket(port: int) -> str:
+    """The bulk socket of the node of this user's home that serves RPC on loopback ``port``; "": none."""
+    root = home_path() / SESSIONS_DIRNAME
+    for role, pid in live_sessions(home_path()) if root.is_dir() else []:
+        info = SessionDir.load(root / f"{role}-{pid}")
+        if str(info.get("rpc", "")).endswith(f":{port}") and info.get("bulk"):
+            return str(info["bulk"])
+    return ""
+
+
+class _Segment:
+    """One memfd of a Client, sealed at its size and mapped here read-write."""
+
+    def __init__(self, size: int, name: str) -> None:
+        import fcntl
+        import mmap
+
+        self.size = size
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            self.mapping = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def array(self, dtype: Any, shape: Sequence[int]) -> np.ndarray:
+        """A numpy array over the segment's first bytes (C order)."""
+        import numpy as np
+
+        return np.ndarray(tuple(shape), dtype=dtype, buffer=self.mapping)
+
+    def close(self) -> None:
+        """Unmap (when no array views it any more) and close the descriptor."""
+        with contextlib.suppress(BufferError):
+            self.mapping.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class _BulkTask:
+    """The shared segments of one task of a Client, all pooled: its operands' and its output's."""
+
+    segments: list[_Segment]
+    slots: list[int]  # per operand: 1 + its segment's index, 0: in the message (an empty array)
+    output: _Segment | None
+    pool: _SegmentPool
+    outputs: _SegmentPool
+    released: bool = False
+    handed: bool = False  # the output segment is the caller's result now (back to the pool when it goes)
+
+    def release(self) -> None:
+        """Give the segments back to their pools (once); the output's only when not handed out."""
+        if self.released:
+            return
+        self.released = True
+        for s in self.segments:
+            if s is not self.output:
+                self.pool.put(s)
+        if self.output is not None and not self.handed:
+            self.outputs.put(self.output)
+
+
+class _SegmentPool:
+    """The operand segments a Client reuses, for any thread (a lock around the free list)."""
+
+    def __init__(self) -> None:
+        self._free: list[_Segment] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self, nbytes: int) -> _Segment:
+        """A free segment of at least ``nbytes`` (and not much more), else a new one."""
+        with self._lock:
+            fits = [s for s in self._free if nbytes <= s.size <= 2 * nbytes + mmap_page()]
+            if fits:
+                best = min(fits, key=lambda s: s.size)
+                self._free.remove(best)
+                return best
+        return _Segment(-(-nbytes // mmap_page()) * mmap_page(), "pangea-operand")
+
+    def put(self, segment: _Segment) -> None:
+        """Keep a segment for reuse, or close it when the pool is full."""
+        with self._lock:
+            if self._closed:  # NOTE: a result dropped after its Client closed
+                segment.close()
+                return
+            self._free.append(segment)
+            while len(self._free) > BULK_POOL_SEGMENTS or sum(s.size for s in self._free) > BULK_POOL_MAX_BYTES:
+                self._free.pop(0).close()
+
+    def close(self) -> None:
+        """Close every free segment."""
+        with self._lock:
+            free, self._free, self._closed = self._free, [], True
+        for s in free:
+            s.close()
+
+
+def mmap_page() -> int:
+    """The size of a memory page."""
+    import mmap
+
+    return mmap.PAGESIZE
+
+
+class _BulkChannel:
+    """A Client's end of its node's bulk socket (see `BulkServer`): opened and authenticated once,
+    then used from the Client's loop, each batch answered by name."""
+
+    def __init__(self, path: str, token: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.settimeout(5.0)
+            self.sock.connect(path)
+            self.sock.send(b"H" + token.encode())
+            reply = self.sock.recv(BULK_MESSAGE_BYTES)
+            if reply != b"K":
+                raise RpcError(f"the node refused the bulk channel: {reply[1:].decode(errors='replace') or 'closed'}")
+            self.sock.setblocking(False)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.broken = ""
+        self._waiting: dict[bytes, Any] = {}
+        self._loop: Any = None
+
+    def attach(self, loop: Any) -> None:
+        """Read the node's answers on ``loop`` (the Client's)."""
+        self._loop = loop
+        loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(BULK_MESSAGE_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            data, self.broken = b"", describe_exception(exc)
+        if not data:
+            self.broken = self.broken or "the node closed the bulk channel"
+            self.close()
+            return
+        waiter = self._waiting.pop(data[1:17], None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(data[:1] + data[17:])
+
+    async def send(self, segments: Sequence[_Segment], kinds: bytes) -> bytes:
+        """Hand ``segments`` to the node; return the batch's name. RpcError when it refuses them."""
+        import asyncio
+        import secrets
+
+        if self.broken:
+            raise RpcError(f"no bulk channel: {self.broken}")
+        name = secrets.token_bytes(16)
+        waiter = self._loop.create_future()
+        self._waiting[name] = waiter
+        try:
+            for _ in range(1000):  # NOTE: bounded; a full socket buffer drains within milliseconds
+                try:
+                    socket.send_fds(self.sock, [b"S" + name + kinds], [s.fd for s in segments])
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+            else:
+                raise RpcError("the bulk channel stays full")
+            async with asyncio.timeout(BULK_REPLY_TIMEOUT_S):
+                reply = await waiter
+        except OSError as exc:
+            raise RpcError(f"the bulk channel failed: {describe_exception(exc)}") from None
+        finally:
+            self._waiting.pop(name, None)
+        if reply[:1] != b"K":
+            raise RpcError(f"the node refused the shared segments: {reply[1:].decode(errors='replace')}")
+        return name
+
+    def close(self) -> None:
+        """Close the socket; batches waiting for an answer fail."""
+        if self.sock.fileno() >= 0:
+            if self._loop is not None:
+                self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(RpcError(f"no bulk channel: {self.broken or 'closed'}"))
+
+
 class TaskFuture(concurrent.futures.Future):
     """The answer of one call of a `Client` that has not arrived yet (`Client.future`, `Client.map`).
 
@@ -9427,8 +9927,17 @@ class Client:
     node's ``queue_s``, ``transfer_s`` (between nodes), ``compute_s`` and
     ``total_s``, then ``client_total_s``, the wall time measured here around the
     call, and ``rpc_s``, the client-to-node hop (``client_total_s - total_s``:
-    the arrays crossing the RPC connection, built and read at both ends). The
-    asyncio/KJ loop runs in a private thread.
+    the arrays crossing the RPC connection, built and read at both ends), and
+    ``arrays_via``: how the arrays crossed ("shared memory, result: shared memory",
+    or "RPC messages"). The asyncio/KJ loop runs in a private thread.
+
+    Shared memory: a client of a plain loopback endpoint whose node runs from this
+    user's pangea home (its session file names the node's bulk socket) passes the
+    operands and the result in sealed memfd segments, handed over that 0600 Unix
+    socket; the RPC carries only their metadata, the node's kernels read the operands
+    in place, and the result is an array over the segment the node wrote. Off loopback,
+    over TLS, with ``shared_memory=False`` or $PANGEA_NO_SHM=1, the arrays travel in
+    the RPC messages; ``shared_memory`` says which, ``shared_memory_note`` why.
 
     Limits: operands that exceed the node's RPC message limit (learned at login; it
     follows the node's --memory-budget-mib) or can never fit its memory budget are
@@ -9450,6 +9959,7 @@ class Client:
         fingerprint: str | None = None,
         timeout_s: float = 600.0,
         max_message_bytes: int = RPC_MAX_MIB << 20,
+        shared_memory: bool = True,
     ) -> None:
         import asyncio
 
@@ -9479,6 +9989,21 @@ class Client:
         if self._pin is None and local:
             self._pin, self._pin_source = local_node_fingerprint(self.port), "local"
         self.tls = self._pin is not None or not local
+        # The bulk channel: arrays in shared memory, for a plain loopback endpoint of a node of this home
+        self._bulk: _BulkChannel | None = None
+        self._pool = _SegmentPool()  # operands' segments
+        self._out_pool = _SegmentPool()  # results' segments, back here when the caller drops its result
+        self.shared_memory_note = (
+            "off: shared_memory=False"
+            if not shared_memory
+            else f"off: {NO_SHM_ENV} is set"
+            if os.environ.get(NO_SHM_ENV, "") not in ("", "0")
+            else "off: the node is not on this box"
+            if not local
+            else "off: a TLS endpoint"
+            if self.tls
+            else ""
+        )
         self.fingerprint = format_fingerprint(self._pin) if self._pin is not None else ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
@@ -9540,6 +10065,7 @@ class Client:
                 self._compute = login.compute
                 self.node_max_message_bytes = int(login.maxMessageBytes) or self.max_message_bytes
                 self.node_memory_budget_bytes = int(login.memoryBudgetBytes)
+                self._open_bulk()
             except capnp.KjException as exc:  # type: ignore[attr-defined]
                 reason, hint = remote_error_text(exc), token_hint
                 if "disconnected" in str(exc).lower() and "remote exception" not in str(exc):
@@ -9552,7 +10078,33 @@ class Client:
                 self._error = RpcError(f"cannot use the pangea node at {self.address}: {reason}", hint=hint)
                 return
             self._ready.set()
-            await self._stopped.wait()
+            try:
+                await self._stopped.wait()
+            finally:
+                if self._bulk is not None:
+                    self._bulk.close()
+
+    def _open_bulk(self) -> None:
+        """Open the node's bulk channel when this client may use one (on the loop thread); else say why not."""
+        if self.shared_memory_note:
+            return
+        path = local_node_bulk_socket(self.port)
+        if not path:
+            self.shared_memory_note = "off: no node of this home announced a bulk socket for this port"
+            return
+        try:
+            self._bulk = _BulkChannel(path, self._token)
+        except (OSError, RpcError) as exc:
+            self.shared_memory_note = f"off: {describe_exception(exc)}"
+            log.info("Client: arrays travel in RPC messages: %s", describe_exception(exc))
+            return
+        self._bulk.attach(self._loop)
+        self.shared_memory_note = f"on: {path}"
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether this client's arrays travel in shared memory (`shared_memory_note` says why not)."""
+        return self._bulk is not None and not self._bulk.broken
 
     async def _open_stream(self) -> Any:
         """Connect: plain on loopback, else TLS 1.3 with the server's certificate checked against
@@ -9756,6 +10308,7 @@ class Client:
         started = time.perf_counter()
         arrays = self._check_operands(kernel, operands, params)
         what = f"submit {kernel}"
+        bulk = self._bulk_task(kernel, arrays, params)  # NOTE: operands copied here, in the caller's thread
 
         def done(future: TaskFuture, record: TaskOutputRecord) -> Any:
             task = {"kernel": kernel} | record.as_dict()
@@ -9775,8 +10328,44 @@ class Client:
             placement,
             float(self.timeout_s if timeout_s is None else timeout_s),
             bool(fallback),
+            bulk,
         )
-        return self._start(call, what, done)
+        try:
+            future = self._start(call, what, done)
+        except BaseException:
+            if bulk is not None:
+                bulk.release()
+            raise
+        if bulk is not None:
+            future.add_done_callback(lambda _: bulk.release())
+        return future
+
+    def _bulk_task(self, kernel: str, arrays: Sequence[np.ndarray], params: dict[str, float]) -> _BulkTask | None:
+        """The operands written into shared segments and a segment for the output, when this client
+        has a bulk channel; None: the arrays travel in the message."""
+        if not self.shared_memory:
+            return None
+        task = _BulkTask([], [], None, self._pool, self._out_pool)
+        try:
+            for a in arrays:
+                if not a.nbytes:  # NOTE: nothing to share (and a memfd cannot map 0 bytes)
+                    task.slots.append(0)
+                    continue
+                segment = self._pool.get(int(a.nbytes))
+                task.segments.append(segment)
+                segment.array(a.dtype.newbyteorder("<"), a.shape)[...] = a  # any layout, byte order
+                task.slots.append(len(task.segments))
+            out_bytes = output_nbytes(kernel, arrays, params)
+            if 0 < out_bytes <= self.node_max_message_bytes:
+                task.output = self._out_pool.get(out_bytes)
+                task.segments.append(task.output)
+        except OSError as exc:  # NOTE: out of memory for memfds, or of descriptors: the message it is
+            log.info("Client: %s travels in the RPC message: %s", kernel, describe_exception(exc))
+            task.release()
+            return None
+        if not task.segments:
+            return None
+        return task
 
     async def _submit_call(
         self,
@@ -9786,11 +10375,20 @@ class Client:
         placement: str,
         timeout_s: float,
         fallback: bool,
+        bulk: _BulkTask | None = None,
     ) -> TaskOutputRecord:
         """Send one task over Cap'n Proto and read its answer (on the loop thread).
 
-        NOTE: the one place operands and results cross the connection: a bulk channel for the
-        arrays would send them here and put handles in the request."""
+        NOTE: the one place operands and results cross the connection. With ``bulk`` (the
+        arrays already in shared segments), the segments go over the bulk channel first and
+        the request names them; should the node refuse them, the arrays travel in the message."""
+        batch = b""
+        if bulk is not None and self._bulk is not None:
+            kinds = b"r" * (len(bulk.segments) - (bulk.output is not None)) + b"w" * (bulk.output is not None)
+            try:
+                batch = await self._bulk.send(bulk.segments, kinds)
+            except RpcError as exc:
+                log.info("Client: %s travels in the RPC message: %s", kernel, exc)
         request = self._compute.submit_request()
         spec = request.task
         spec.kernel = kernel
@@ -9798,13 +10396,45 @@ class Client:
         spec.timeoutSeconds = timeout_s
         spec.noFallback = not fallback
         slots = spec.init("operands", len(arrays))
-        for slot, a in zip(slots, arrays, strict=True):
-            array_to_capnp(slot, a)
+        for i, (slot, a) in enumerate(zip(slots, arrays, strict=True)):
+            if batch and bulk is not None and bulk.slots[i]:
+                slot.dtype, slot.shape = _dtype_name(a.dtype), [int(d) for d in a.shape]
+                slot.shared.segment = bulk.slots[i]
+            else:
+                array_to_capnp(slot, a)
         ps = spec.init("params", len(params))
         for slot, (name, value) in zip(ps, params.items(), strict=True):
             slot.name, slot.value = name, float(value)
+        if batch and bulk is not None:
+            spec.bulkBatch = batch
+            spec.outputSegment = len(bulk.segments) if bulk.output is not None else 0
         response = await request.send()
-        return TaskOutputRecord.from_capnp(response.result)
+        reader = response.result
+        if batch and bulk is not None and len(reader.outputs) == 1 and reader.outputs[0].shared.segment:
+            fields = [f for f in TaskOutputRecord.capnp_fields() if f[0] != "outputs"]
+            values = {a: _rpc_from_capnp(getattr(reader, n), t) for a, n, t in fields}
+            output = self._shared_output(reader.outputs[0], bulk)
+            operands_via = "shared memory" if any(bulk.slots) or not arrays else "RPC messages"
+            return TaskOutputRecord((output,), **values, arrays_via=f"{operands_via}, result: shared memory")
+        record = TaskOutputRecord.from_capnp(reader)
+        if batch:
+            return dataclasses.replace(record, arrays_via="shared memory, result: RPC messages")
+        return record
+
+    def _shared_output(self, reader: Any, bulk: _BulkTask) -> np.ndarray:
+        """The output the node wrote into the task's output segment, as an array over it (no copy).
+        The segment is the caller's until that array (and every view of it) is gone; then it goes
+        back to the pool, warm for the next result."""
+        import weakref
+
+        assert bulk.output is not None
+        name, shape = str(reader.dtype), [int(d) for d in reader.shape]
+        if name not in ALLOWED_DTYPES or math.prod(shape) * _wire_dtype(name).itemsize > bulk.output.size:
+            raise RpcError(f"cannot read a result: a {name} of shape {tuple(shape)} in a shared segment")
+        array = bulk.output.array(_wire_dtype(name), shape)
+        bulk.handed = True
+        weakref.finalize(array, bulk.outputs.put, bulk.output)
+        return array
 
     def submit(
         self,
@@ -9936,6 +10566,8 @@ class Client:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._stopped.set)
         self._thread.join(10)
+        self._pool.close()
+        self._out_pool.close()
 
     def __enter__(self) -> Client:
         return self
@@ -11904,7 +12536,13 @@ def _announce_serve(
     session_dir.write_addresses(node.addresses)
     metrics_url = start_metrics(args.metrics, node, manager)
     fingerprint = format_fingerprint(rpc.fingerprint) if rpc.fingerprint else ""
-    session_dir.save(peer_id=node.peer_id, rpc=service.rpc_address, rpc_fingerprint=fingerprint, metrics=metrics_url)
+    session_dir.save(
+        peer_id=node.peer_id,
+        rpc=service.rpc_address,
+        rpc_fingerprint=fingerprint,
+        metrics=metrics_url,
+        bulk=service.bulk_path,
+    )
     print(f"pangea {__version__} serve node, peer ID {node.peer_id}")
     print("Addresses for peers (./pangea.pyz serve --peer <address>):")
     for address in node.addresses:

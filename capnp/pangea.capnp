@@ -132,11 +132,31 @@ struct Message {
 # with the node's token (empty when the node needs none) returns the
 # `Compute` capability. Arrays travel inside RPC messages as `Array`, their
 # bytes split into chunks below Cap'n Proto's 512 MiB limit per Data field.
+#
+# The bulk channel (same box only): beside a loopback endpoint, `serve` listens
+# on a Unix socket (SOCK_SEQPACKET, 0600 in a 0700 directory; its path is in the
+# node's session file). A client of the same user sends "H" + its RPC token
+# (answer "K", or "E" + reason and close; the node also checks SO_PEERCRED is
+# its own uid), then per task "S" + 16 random bytes naming a batch + one kind
+# byte per segment ("r": an operand the node maps read-only, "w": the output),
+# with the segments as SCM_RIGHTS descriptors: memfds sealed against shrinking
+# and growing. The node answers "K" + name, or "E" + name + reason. The task's
+# `TaskSpec.bulkBatch` names the batch, each operand's `Array.shared` its
+# segment (chunks empty), and `outputSegment` where the node writes the output
+# (its `TaskOutput.outputs[0].shared` set, chunks empty; if it does not fit,
+# the output travels in the message). A task ends its batch: the node unmaps it.
+# A client that does not use the channel sends bytes in `chunks`, as always.
+
+struct SharedSlice {
+  segment @0 :UInt32;       # 1 + the index of the segment in the task's batch; 0: the bytes are in `chunks`
+  offset  @1 :UInt64;       # where the array's C-order, little-endian bytes start in the segment
+}
 
 struct Array {
   dtype  @0 :Text;          # numpy dtype name, little-endian: "float64", ...
   shape  @1 :List(UInt64);
   chunks @2 :List(Data);    # the C-order bytes, concatenated in order
+  shared @3 :SharedSlice;   # segment > 0: the bytes are in a shared segment instead (the bulk channel)
 }
 
 struct TaskSpec {
@@ -146,6 +166,8 @@ struct TaskSpec {
   placement      @3 :Text;     # "auto" (default when empty), "local", "remote", or a peer id
   timeoutSeconds @4 :Float64;  # 0: the node's default
   noFallback     @5 :Bool;     # fail instead of running locally because no remote worker is usable
+  bulkBatch      @6 :Data;     # the 16-byte name of the task's segments on the bulk channel; empty: none
+  outputSegment  @7 :UInt32;   # 1 + the index of the segment to write the output into; 0: in the message
 }
 
 struct Timings {

@@ -247,6 +247,7 @@ def test_task_output_as_dict_is_last_task() -> None:
         "attempts": [{"worker": "local", "outcome": "ok"}],
         "timings": {"queue_s": 0.0, "transfer_s": 0.0, "compute_s": 1.0, "total_s": 1.25},
         "verified_by_node": True,
+        "arrays_via": "RPC messages",  # the Client's own note, not on the wire
     }
 
 

@@ -1,0 +1,154 @@
+"""The bulk channel's parts that need no node: what the node maps, how it reads an operand in
+place and writes an output, how a Client pools its segments (memfds, no sockets but one
+socketpair for the handshake)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import pangea
+from pangea import TaskError, bulk_take_fds, shared_operand, write_shared_output
+
+
+def sealed(data: bytes, size: int | None = None) -> int:
+    """A memfd holding ``data``, sealed at its size as a Client makes them."""
+    segment = pangea._Segment(size or len(data), "pangea-test")
+    segment.mapping[: len(data)] = data
+    segment.mapping.close()
+    return segment.fd
+
+
+def test_the_node_maps_sealed_memfds_and_closes_their_descriptors() -> None:
+    a = np.arange(10.0)
+    fds = [sealed(a.tobytes()), sealed(b"\0" * 4096)]
+    segments = bulk_take_fds(fds, b"rw", 1 << 20)
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed
+    assert [s.writable for s in segments] == [False, True]
+    operand = shared_operand(
+        SimpleNamespace(dtype="float64", shape=[10], shared=SimpleNamespace(segment=1, offset=0)), 0, segments
+    )
+    assert np.array_equal(operand, a) and not operand.flags.writeable  # in place, read-only
+    with pytest.raises(TypeError):
+        segments[0].mapping[:1] = b"x"  # the node cannot write an operand
+    assert write_shared_output(np.arange(6, dtype=">i4").reshape(2, 3), segments[1])
+    assert np.array_equal(np.frombuffer(segments[1].mapping, "<i4", 6), np.arange(6))
+    assert not write_shared_output(np.zeros(1000), segments[1])  # too large: the message takes it
+    assert not write_shared_output(np.zeros(1), segments[0])  # an operand's segment is not written
+    del operand
+    for s in segments:
+        s.close()
+    assert segments[0].mapping.closed
+
+
+@pytest.mark.parametrize("kind", ["unsealed", "file", "pipe", "too-large"])
+def test_the_node_refuses_what_is_not_a_sealed_memfd_and_closes_it(kind: str) -> None:
+    if kind == "unsealed":
+        fd = os.memfd_create("pangea-test")
+        os.ftruncate(fd, 4096)
+    elif kind == "file":
+        handle, _ = tempfile.mkstemp()
+        os.write(handle, b"x" * 4096)
+        fd = handle
+    elif kind == "pipe":
+        fd, other = os.pipe()
+        os.close(other)
+    else:
+        fd = sealed(b"x" * 8192)
+    with pytest.raises(TaskError) as caught:
+        bulk_take_fds([fd], b"r", 4096)
+    assert caught.value.kind in ("bad-input", "busy")
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_an_operand_must_lie_inside_its_segment_and_name_an_operand_segment() -> None:
+    segments = bulk_take_fds([sealed(b"\0" * 4096), sealed(b"\0" * 4096)], b"rw", 1 << 20)
+
+    def reader(segment: int, offset: int, shape: list[int], dtype: str = "float64") -> SimpleNamespace:
+        return SimpleNamespace(dtype=dtype, shape=shape, shared=SimpleNamespace(segment=segment, offset=offset))
+
+    assert shared_operand(reader(1, 4096 - 8, [1]), 0, segments).shape == (1,)
+    for bad, words in [
+        (reader(1, 4096, [1]), "runs past the end"),
+        (reader(1, 0, [513]), "runs past the end"),
+        (reader(2, 0, [1]), "no shared segment 2"),  # the output's segment is not an operand
+        (reader(3, 0, [1]), "no shared segment 3"),
+        (reader(1, 0, [2], "float16"), "dtype 'float16' is not allowed"),
+    ]:
+        with pytest.raises(TaskError, match=words) as caught:
+            shared_operand(bad, 1, segments)
+        assert caught.value.kind == "bad-input" and "operand 1" in str(caught.value)
+    for s in segments:
+        s.close()
+
+
+def test_a_client_reuses_its_operand_segments_and_bounds_the_pool() -> None:
+    pool = pangea._SegmentPool()
+    first = pool.get(100_000)
+    assert first.size >= 100_000 and first.size % os.sysconf("SC_PAGE_SIZE") == 0
+    seals = fcntl.fcntl(first.fd, fcntl.F_GET_SEALS)
+    assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
+    pool.put(first)
+    assert pool.get(90_000) is first  # reused: warm pages
+    pool.put(first)
+    assert pool.get(10) is not first  # far too large for 10 bytes: a new one
+    segments = [pool.get(4096) for _ in range(pangea.BULK_POOL_SEGMENTS + 3)]
+    for s in segments:
+        pool.put(s)
+    assert len(pool._free) <= pangea.BULK_POOL_SEGMENTS
+    assert sum(s.fd < 0 for s in segments) >= 3  # the excess closed
+    pool.close()
+    assert all(s.fd < 0 for s in segments)
+
+
+def test_the_bulk_server_refuses_a_wrong_token_and_takes_a_batch_once() -> None:
+    import asyncio
+
+    async def main() -> None:
+        server = pangea.BulkServer("right-token", 1 << 20)
+        path = server.start(asyncio.get_running_loop())
+        try:
+            assert (
+                oct(os.stat(path).st_mode & 0o777) == "0o600" and oct(os.stat(path.parent).st_mode & 0o777) == "0o700"
+            )
+            with pytest.raises(pangea.RpcError, match="wrong or missing RPC token"):
+                await asyncio.to_thread(pangea._BulkChannel, str(path), "wrong-token")
+            channel = await asyncio.to_thread(pangea._BulkChannel, str(path), "right-token")
+            channel.attach(asyncio.get_running_loop())
+            segment = pangea._Segment(4096, "pangea-test")
+            name = await channel.send([segment], b"r")
+            assert len(server.take(name)) == 1
+            with pytest.raises(TaskError, match="no shared segments"):
+                server.take(name)  # once
+            server.finish(name)
+            with pytest.raises(pangea.RpcError, match="refused the shared segments"):
+                await channel.send([segment], b"rw")  # kinds and segments disagree
+            channel.close()
+            segment.close()
+        finally:
+            server.stop()
+        assert not path.exists() and not path.parent.exists()
+
+    asyncio.run(main())
+
+
+def test_a_node_removes_the_bulk_directories_of_its_dead_nodes_only(tmp_path: Path) -> None:
+    dead, alive, other = (
+        tmp_path / "pangea-bulk-999999999-abc",
+        tmp_path / f"pangea-bulk-{os.getpid()}-x",
+        tmp_path / "unrelated",
+    )
+    for d in (dead, alive, other):
+        d.mkdir()
+        (d / "bulk.sock").write_text("")
+    pangea._remove_stale_bulk_dirs(tmp_path)
+    assert not dead.exists() and alive.exists() and other.exists()
