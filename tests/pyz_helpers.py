@@ -13,18 +13,19 @@ file in a directory without ``__init__.py`` to its bare name, sees one module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
 import subprocess
 import sys
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from helpers import READY_TIMEOUT_S, NodeHome, Proc
+from helpers import READY_TIMEOUT_S, NodeHome, Proc, make_node_home
 
 # One pair run (initiate + respond with --size 512 --transfer-mib 16) takes
 # 3-6 s on this machine; a cold first run of the pyz adds ~7 s of extraction.
@@ -257,3 +258,38 @@ def start_serve(
 ) -> ServeNode:
     """Start `serve` on 127.0.0.1 (libp2p port 0 unless given), wait for its ready line, parse what it printed."""
     return serve_node(launch_serve(pyz, home, *args, name=name, rpc=rpc, port=port), home, ready_timeout)
+
+
+PAIR_CONNECT_TIMEOUT_S = 60.0  # A dials B right after both print their ready lines (a loaded box: slow)
+
+
+@dataclass
+class Pair:
+    """A (``--peer B``) and B (``--allow-peer A``), connected: A's clients reach B's kernels."""
+
+    a: ServeNode
+    b: ServeNode
+
+
+@contextlib.contextmanager
+def running_pair(pyz: Path, base: Path, *b_args: str, rpc_a: str = "127.0.0.1:0") -> Iterator[Pair]:
+    """Start B (trusting A's id, with ``b_args``), then A with --peer B; wait until A is connected;
+    stop A, then B."""
+    home_a, home_b = make_node_home(base, "a"), make_node_home(base, "b")
+    with contextlib.ExitStack() as stack:
+        b = start_serve(pyz, home_b, "--allow-peer", peer_id_of(pyz, home_a), *b_args, name="serve-B")
+        stack.callback(b.proc.stop)
+        a = start_serve(pyz, home_a, "--peer", b.address, name="serve-A", rpc=rpc_a)
+        stack.callback(a.proc.stop)
+        a.proc.wait_for_line(rf"^pangea: connected to peer {b.peer_id}$", timeout=PAIR_CONNECT_TIMEOUT_S)
+        yield Pair(a, b)
+
+
+def live_pair(pair: Pair) -> Pair:
+    """A module's pair, for one test: both nodes still running, their output in the test's report."""
+    # NOTE: conftest.py attaches the output of the Procs started during a test;
+    # the pair started earlier, so list its Procs again for this test.
+    Proc.started.extend([pair.a.proc, pair.b.proc])
+    for node in (pair.a, pair.b):
+        assert node.proc.returncode is None, f"a serve node of the module pair has exited\n{node.proc.output()}"
+    return pair

@@ -12,18 +12,16 @@ its task on the worker: B counts it cancelled by its sender.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import Proc, make_node_home, wait_until
-from pyz_helpers import ServeNode, peer_id_of, start_serve
+from helpers import Proc, wait_until
+from pyz_helpers import Pair, ServeNode, live_pair, running_pair
 
 import pangea
 from pangea import Client, TaskError, TaskFuture
@@ -34,25 +32,6 @@ THREADS = 8
 CALLS_PER_THREAD = 200
 
 
-@dataclass
-class Pair:
-    a: ServeNode
-    b: ServeNode
-
-
-@contextlib.contextmanager
-def running_pair(pyz: Path, base: Path, *b_args: str) -> Iterator[Pair]:
-    """B (trusting A's id, with ``b_args``), then A with --peer B; stop A, then B."""
-    home_a, home_b = make_node_home(base, "a"), make_node_home(base, "b")
-    with contextlib.ExitStack() as stack:
-        b = start_serve(pyz, home_b, "--allow-peer", peer_id_of(pyz, home_a), *b_args, name="serve-B")
-        stack.callback(b.proc.stop)
-        a = start_serve(pyz, home_a, "--peer", b.address, name="serve-A")
-        stack.callback(a.proc.stop)
-        a.proc.wait_for_line(rf"^pangea: connected to peer {b.peer_id}$", timeout=CONNECT_TIMEOUT_S)
-        yield Pair(a, b)
-
-
 @pytest.fixture(scope="module")
 def module_pair(pyz: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     with running_pair(pyz, tmp_path_factory.mktemp("futures-pair")) as pair:
@@ -61,10 +40,7 @@ def module_pair(pyz: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 @pytest.fixture
 def pair(module_pair: Pair) -> Pair:
-    Proc.started.extend([module_pair.a.proc, module_pair.b.proc])
-    for node in (module_pair.a, module_pair.b):
-        assert node.proc.returncode is None, f"a serve node of the module pair has exited\n{node.proc.output()}"
-    return module_pair
+    return live_pair(module_pair)
 
 
 def client(node: ServeNode) -> Client:

@@ -21,14 +21,13 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import NodeHome, make_node_home
-from pyz_helpers import ServeNode, peer_id_of, start_serve
+from helpers import NodeHome
+from pyz_helpers import Pair, ServeNode, running_pair, start_serve
 
 from pangea import ALLOWED_DTYPES, Client
 
@@ -41,24 +40,11 @@ NOBODY = 65534
 SHARED = "shared memory, result: shared memory"
 
 
-@dataclass
-class Pair:
-    a: ServeNode
-    b: ServeNode
-
-
 @pytest.fixture(scope="module")
 def pair(pyz: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     """B (trusting A), then A with --peer B: A's clients reach B's kernels over the data plane."""
-    base = tmp_path_factory.mktemp("shm-pair")
-    home_a, home_b = make_node_home(base, "a"), make_node_home(base, "b")
-    with contextlib.ExitStack() as stack:
-        b = start_serve(pyz, home_b, "--allow-peer", peer_id_of(pyz, home_a), name="serve-B")
-        stack.callback(b.proc.stop)
-        a = start_serve(pyz, home_a, "--peer", b.address, name="serve-A")
-        stack.callback(a.proc.stop)
-        a.proc.wait_for_line(rf"^pangea: connected to peer {b.peer_id}$", timeout=CONNECT_TIMEOUT_S)
-        yield Pair(a, b)
+    with running_pair(pyz, tmp_path_factory.mktemp("shm-pair")) as pair:
+        yield pair
 
 
 @pytest.fixture

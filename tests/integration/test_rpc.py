@@ -23,14 +23,13 @@ import socket
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from helpers import Proc, make_node_home, wait_until
-from pyz_helpers import ServeNode, peer_id_of, start_serve
+from pyz_helpers import Pair, ServeNode, live_pair, running_pair, start_serve
 
 import pangea
 from pangea import Client, PangeaError, RpcError, TaskError
@@ -47,32 +46,11 @@ README_RPC = "127.0.0.1:7780"
 # assert_readable (importing a test module would confuse mypy).
 
 
-@dataclass
-class Pair:
-    """A (``--peer B``) and B (``--allow-peer A``), connected."""
-
-    a: ServeNode
-    b: ServeNode
-
-
 def run_pyz(pyz: Path, args: Sequence[str], env: dict[str, str], timeout: float = CALL_TIMEOUT_S) -> Any:
     """Run the pyz to completion (no stdin); return the CompletedProcess."""
     return subprocess.run(
         [str(pyz), *args], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
     )
-
-
-@contextlib.contextmanager
-def running_pair(pyz: Path, base: Path, rpc_a: str = "127.0.0.1:0") -> Iterator[Pair]:
-    """Start B (trusting A's id), then A with --peer B; wait until A is connected; stop A, then B."""
-    home_a, home_b = make_node_home(base, "a"), make_node_home(base, "b")
-    with contextlib.ExitStack() as stack:
-        b = start_serve(pyz, home_b, "--allow-peer", peer_id_of(pyz, home_a), name="serve-B")
-        stack.callback(b.proc.stop)
-        a = start_serve(pyz, home_a, "--peer", b.address, name="serve-A", rpc=rpc_a)
-        stack.callback(a.proc.stop)
-        a.proc.wait_for_line(rf"^pangea: connected to peer {b.peer_id}$", timeout=CONNECT_TIMEOUT_S)
-        yield Pair(a, b)
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +62,7 @@ def module_pair(pyz: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 @pytest.fixture
 def pair(module_pair: Pair) -> Pair:
     """The module's pair; its nodes' output goes into the report of a failing test."""
-    # NOTE: conftest.py attaches the output of the Procs started during a test;
-    # the pair started earlier, so list its Procs again for this test.
-    Proc.started.extend([module_pair.a.proc, module_pair.b.proc])
-    for node in (module_pair.a, module_pair.b):
-        assert node.proc.returncode is None, f"a serve node of the module pair has exited\n{node.proc.output()}"
-    return module_pair
+    return live_pair(module_pair)
 
 
 def client(node: ServeNode, **kwargs: Any) -> Client:
