@@ -291,6 +291,9 @@ RPC_MAX_CALLS_IN_FLIGHT = 64
 RPC_DEFAULT_TIMEOUT_S = 600.0  # a task's timeoutSeconds of 0 means this
 RPC_MAX_TIMEOUT_S = 7 * 86400.0  # a week: a longer task timeout is a mistake (and overflows timers)
 RPC_MAX_TEXT_CHARS = 1000  # kernel names, placements and multiaddrs are short; longer ones are refused
+# A result at least this large is copied into its client's shared segment by a worker
+# thread, not on the RPC loop: 64 MiB takes 10-20 ms, which every other call would wait.
+SHARED_COPY_IN_THREAD_BYTES = 1 << 20
 
 # bench verb: what its parser needs; the rest of the verb is bench/pangea_bench.py.
 # Defaults of a full run and of --quick (a run of a few seconds whose figures are rough).
@@ -912,18 +915,23 @@ class MemoryBudget:
         self.limit_bytes = limit_bytes
         self.in_use = 0
         self.peak = 0
+        # NOTE: taken by the trio thread (peers' tasks) and the RPC thread (clients' tasks), so
+        # an RPC task is charged where it arrives, without a hop into trio
+        self._lock = threading.Lock()
 
     def try_acquire(self, n: int) -> bool:
-        """Take n bytes if they fit; return whether they did."""
-        if self.in_use + n > self.limit_bytes:
-            return False
-        self.in_use += n
-        self.peak = max(self.peak, self.in_use)
-        return True
+        """Take n bytes if they fit; return whether they did (from any thread)."""
+        with self._lock:
+            if self.in_use + n > self.limit_bytes:
+                return False
+            self.in_use += n
+            self.peak = max(self.peak, self.in_use)
+            return True
 
     def release(self, n: int) -> None:
-        """Give back n bytes taken earlier."""
-        self.in_use = max(0, self.in_use - n)
+        """Give back n bytes taken earlier (from any thread)."""
+        with self._lock:
+            self.in_use = max(0, self.in_use - n)
 
 
 def rpc_task_bytes(operand_bytes: int, out_bytes: int) -> int:
@@ -5845,11 +5853,16 @@ def shared_operand(reader: Any, index: int, segments: Sequence[BulkSegment]) -> 
 
 def write_shared_output(output: np.ndarray, segment: BulkSegment) -> bool:
     """Copy a task's output into the client's output segment (little-endian, C order); False
-    when it does not fit (the output then travels in the message)."""
+    when it does not fit (the output then travels in the message). From any thread: numpy's
+    copy lets go of the GIL."""
+    import numpy as np
+
     (meta,), (view,) = _array_parts([output])
     if not segment.writable or meta[2] > segment.size:
         return False
-    segment.mapping[: meta[2]] = view
+    target = np.frombuffer(segment.mapping, dtype=np.uint8, count=meta[2])
+    target[...] = np.frombuffer(view, dtype=np.uint8)
+    del target  # NOTE: the mapping cannot be closed while a view of it lives
     return True
 
 
@@ -7625,7 +7638,9 @@ class Manager:
             try:
                 if delegator is None:
                     raise PeerError(f"worker {short_id(action.worker_id)} is not connected", kind=ErrorKind.UNAVAILABLE)
-                log.debug("task %d attempt %d on %s: %s", task_id, action.attempt, short_id(action.worker_id), kernel)
+                if action.worker_id != LOCAL:  # NOTE: not per local attempt: it cost a tenth of a tiny task
+                    worker = short_id(action.worker_id)
+                    log.debug("task %d attempt %d on %s: %s", task_id, action.attempt, worker, kernel)
                 started = time.perf_counter()
                 outputs, compute_s = await delegator.execute(kernel, operands, params)
                 self._measured(action.worker_id, cost, compute_s, time.perf_counter() - started)
@@ -8838,7 +8853,6 @@ class NodeService:
         self.closing = False
         self._calls: set[Any] = set()
         self._trio = trio
-        self._trio_token: Any = None  # taken by the first task, on the trio thread
 
     @contextlib.contextmanager
     def call_slot(self) -> Iterator[None]:
@@ -8856,9 +8870,9 @@ class NodeService:
             calls.leave()
 
     def admit(self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> int:
-        """Charge a task to the node's memory budget before it runs (on the trio thread); return the
-        bytes taken (give them back with release_soon). TaskError when they do not fit."""
-        self._trio_token = self._trio.lowlevel.current_trio_token()
+        """Charge a task to the node's memory budget before it runs (on the RPC thread, before its
+        operands are read: stand-ins of their shapes do); return the bytes taken (give them back
+        with `release`). TaskError when they do not fit."""
         out_bytes = output_nbytes(kernel, operands, params)
         need = rpc_task_bytes(sum(int(a.nbytes) for a in operands), out_bytes)
         refusal = budget_refusal(self.node.budget, kernel, need, out_bytes)
@@ -8868,15 +8882,10 @@ class NodeService:
             raise refusal or TaskError(f"cannot run {kernel}: the node's memory budget is full", kind=ErrorKind.BUSY)
         return need
 
-    async def charge(self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> int:
-        """`admit` as a call of its own (what `in_trio` runs): before the operands are read."""
-        return self.admit(kernel, operands, params)
-
-    def release_soon(self, nbytes: int) -> None:
-        """Give back bytes taken by admit (from any thread; the trio thread does it)."""
-        if nbytes and self._trio_token is not None:
-            with contextlib.suppress(self._trio.RunFinishedError):  # trio is over: nothing to give back to
-                self._trio_token.run_sync_soon(self.node.budget.release, nbytes)
+    def release(self, nbytes: int) -> None:
+        """Give back bytes taken by `admit` (from any thread: the budget has a lock)."""
+        if nbytes:
+            self.node.budget.release(nbytes)
 
     @contextlib.contextmanager
     def _call(self) -> Iterator[None]:
@@ -8907,23 +8916,13 @@ class NodeService:
         placement: str,
         timeout_s: float,
         fallback: bool = True,
-        admitted: int | None = None,
-    ) -> tuple[TaskOutcome, int]:
-        """Run a task through the manager; return its outcome and the bytes it holds in the node's
-        budget until its answer is built (give them back with release_soon; ``admitted``: the bytes
-        its caller took with `admit` already, which stay the caller's). TaskError on failure
-        (bad-input for a bad argument; busy or bad-input when it does not fit the budget;
-        ``fallback=False``: also when it would run locally because no remote worker is usable)."""
+    ) -> TaskOutcome:
+        """Run a task through the manager (its caller charged it with `admit`); return its outcome.
+        TaskError on failure (bad-input for a bad argument; ``fallback=False``: also when it would
+        run locally because no remote worker is usable)."""
         kernel, placement = check_rpc_text("kernel", kernel), check_rpc_text("placement", placement)
         timeout_s = check_task_timeout(timeout_s)
-        if admitted is not None:  # the caller charged it (and gives it back)
-            return await self._submit(kernel, operands, params, placement, timeout_s, fallback), admitted
-        held = self.admit(kernel, operands, params)
-        try:
-            return await self._submit(kernel, operands, params, placement, timeout_s, fallback), held
-        except BaseException:
-            self.release_soon(held)
-            raise
+        return await self._submit(kernel, operands, params, placement, timeout_s, fallback)
 
     async def _submit(
         self,
@@ -9171,14 +9170,14 @@ class RpcServer:
         self._box["loop"], self._box["stop"] = loop, asyncio.Event()
         service, words = self.service, rpc_words(self.max_bytes)
 
-        async def in_trio(fn: Callable[..., Any], *args: Any, dropped: Callable[[Any], None] | None = None) -> Any:
+        async def in_trio(fn: Callable[..., Any], *args: Any) -> Any:
             """Run ``fn(*args)`` as a trio task and await its result; the asyncio loop never blocks.
 
             No thread per call: the task is spawned through the trio token and settles the
             asyncio future with call_soon_threadsafe. When pycapnp cancels the method (its
             client went away), the task's scope is cancelled: a queued kernel never starts and
-            remote attempts send Cancel. ``dropped(result)``: a result nobody will read (its
-            caller was cancelled as it arrived), so what it holds is given back.
+            remote attempts send Cancel. What a call holds (its share of the budget) is its
+            caller's to give back, whether the result came or not.
             NOTE: a system task, so a call cut off by shutdown never keeps trio (or the
             process) alive: trio cancels it when the node's main task ends."""
             import trio
@@ -9189,18 +9188,12 @@ class RpcServer:
             call: dict[str, Any] = {"scope": None, "abandoned": False}
 
             def settle(ok: bool, value: Any) -> None:
-                if future.done():  # cancelled: nobody waits for it
-                    if ok and dropped is not None:
-                        dropped(value)
-                    return
-                future.set_result(value) if ok else future.set_exception(value)
+                if not future.done():  # done: cancelled, nobody waits for it
+                    future.set_result(value) if ok else future.set_exception(value)
 
             def post(ok: bool, value: Any) -> None:
-                try:
+                with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
                     loop.call_soon_threadsafe(settle, ok, value)
-                except RuntimeError:  # the loop closed: nobody waits any more
-                    if ok and dropped is not None:
-                        dropped(value)
 
             async def run_call() -> None:
                 try:
@@ -9227,10 +9220,7 @@ class RpcServer:
             try:
                 return await future
             except asyncio.CancelledError:
-                if future.done() and not future.cancelled() and future.exception() is None:
-                    if dropped is not None:  # the result came as the caller was cancelled
-                        dropped(future.result())
-                else:
+                if not future.done() or future.cancelled():
                     with contextlib.suppress(trio.RunFinishedError):
                         trio_token.run_sync_soon(abandon)
                 raise
@@ -9443,17 +9433,22 @@ def _make_gate(
 
         async def submit(self, task: Any, _context: Any, **kwargs: Any) -> None:
             batch = bytes(task.bulkBatch)  # the task's shared segments (the bulk channel); b"": none
+            held = [0]  # bytes of the node's budget this task holds until its answer is built
+            copying: list[Any] = []  # a copy of the output into the client's segment, still running
             try:
-                await self._submit(task, _context, batch)
+                await self._submit(task, _context, batch, held, copying)
             finally:  # NOTE: also when the call is cancelled (its client went away)
+                service.release(held[0])
                 if batch and bulk is not None:
-                    bulk.finish(batch)
+                    if copying and not copying[0].done():  # unmapped once the copy is over, not under it
+                        copying[0].add_done_callback(lambda _: bulk.finish(batch))
+                    else:
+                        bulk.finish(batch)
 
-        async def _submit(self, task: Any, _context: Any, batch: bytes) -> None:
+        async def _submit(self, task: Any, _context: Any, batch: bytes, held: list[int], copying: list[Any]) -> None:
             result = _context.results.result
             error: TaskError | None = None
             outcome: TaskOutcome | None = None
-            held = 0  # bytes of the node's budget this task holds until its answer is built
             segments: list[BulkSegment] = []
             try:
                 with service.call_slot():
@@ -9465,19 +9460,20 @@ def _make_gate(
                             raise TaskError("this node has no bulk channel", kind=ErrorKind.BAD_INPUT)
                         segments = bulk.take(batch)
                     if stand_ins is not None:  # charged before the operands are copied out of the request
-                        held = await in_trio(service.charge, kernel, stand_ins, params, dropped=service.release_soon)
+                        held[0] = service.admit(kernel, stand_ins, params)
                     operands = [
                         shared_operand(a, i, segments) if a.shared.segment else array_from_capnp(a, i)
                         for i, a in enumerate(task.operands)
                     ]
+                    if stand_ins is None:  # NOTE: array_from_capnp has said what is wrong, or they are fine
+                        held[0] = service.admit(kernel, operands, params)
                     placement = str(task.placement) or "auto"
-                    timeout_s = float(task.timeoutSeconds)
                     fallback = not bool(task.noFallback)
-                    admitted = held if stand_ins is not None else None
-                    args = (kernel, operands, params, placement, timeout_s, fallback, admitted)
-                    dropped = None if admitted is not None else lambda r: service.release_soon(r[1])
-                    outcome, held = await in_trio(service.submit, *args, dropped=dropped)
-                    del operands, args
+                    # NOTE: the one hop into trio of a task: charged above, on this thread
+                    outcome = await in_trio(
+                        service.submit, kernel, operands, params, placement, float(task.timeoutSeconds), fallback
+                    )
+                    del operands
             except Exception as exc:
                 kind, message = rpc_error_fields(exc, "submit a task")
                 error = exc if isinstance(exc, TaskError) and kind == exc.kind else TaskError(message, kind=kind)
@@ -9485,15 +9481,19 @@ def _make_gate(
                 slot = int(task.outputSegment)
                 shared = 1 <= slot <= len(segments) and outcome is not None and error is None
                 if shared and outcome is not None and len(outcome.outputs) == 1:
-                    # NOTE: one memory copy on the RPC loop (a few ms for 64 MiB), in place of building
-                    # the message's Data fields, which cost more on the same loop
-                    shared = write_shared_output(outcome.outputs[0], segments[slot - 1])
+                    # NOTE: one memory copy in place of building the message's Data fields; a large
+                    # one in a worker thread (numpy lets go of the GIL), so other calls go on
+                    output, segment = outcome.outputs[0], segments[slot - 1]
+                    if output.nbytes < SHARED_COPY_IN_THREAD_BYTES:
+                        shared = write_shared_output(output, segment)
+                    else:
+                        loop = asyncio.get_running_loop()
+                        copying.append(loop.run_in_executor(None, write_shared_output, output, segment))
+                        shared = await asyncio.shield(copying[0])
                 _outcome_to_capnp(result, outcome, error, service.manager.verify_rounds, shared_output=slot * shared)
             except Exception as exc:  # an output the message cannot hold: say so instead
                 kind, message = rpc_error_fields(exc, "return a task's result")
                 _context.results.result = {"errorKind": kind, "errorMessage": message}
-            finally:
-                service.release_soon(held)
 
         async def peers(self, _context: Any, **kwargs: Any) -> None:
             try:
@@ -9655,13 +9655,17 @@ def client_size_refusal(
     client_max_bytes: int,
     node_max_bytes: int,
     node_budget_bytes: int,
+    *,
+    in_message: bool = True,
 ) -> PangeaError | None:
     """Why a Client must not send these operands (None: it may), decided before a byte moves:
-    RpcError when they exceed the RPC message limit (the fewer of the client's and the node's),
-    TaskError(bad-input) when the task can never fit the node's memory budget (0: unknown)."""
+    RpcError when they go in the message (``in_message``; False: in shared memory, which the
+    message limit does not bound) and exceed the RPC message limit (the fewer of the client's
+    and the node's), TaskError(bad-input) when the task can never fit the node's memory budget
+    (0: unknown)."""
     total = sum(int(a.nbytes) for a in arrays)
     limit = min(client_max_bytes, node_max_bytes)
-    if total + min(64 << 10, limit // 16) > limit:  # room for the message around the bytes
+    if in_message and total + min(64 << 10, limit // 16) > limit:  # room for the message around the bytes
         mine = limit == client_max_bytes and limit < node_max_bytes
         return RpcError(
             f"cannot submit {kernel}: operands of {format_bytes(total)} exceed the RPC message limit of "
@@ -10266,7 +10270,9 @@ class Client:
         """Run one call and wait for its result (the blocking methods)."""
         return self._wait(self._start(coro_fn, what), what)
 
-    def _check_operands(self, kernel: str, operands: Sequence[Any], params: dict[str, float]) -> list[np.ndarray]:
+    def _check_operands(
+        self, kernel: str, operands: Sequence[Any], params: dict[str, float], *, in_message: bool = True
+    ) -> list[np.ndarray]:
         """The operands as arrays, checked before anything is sent: dtypes, dimensions, and sizes
         against the node's RPC message limit and memory budget (learned at login)."""
         import numpy as np
@@ -10284,11 +10290,23 @@ class Client:
                     kind=ErrorKind.BAD_INPUT,
                 )
         refusal = client_size_refusal(
-            kernel, arrays, params, self.max_message_bytes, self.node_max_message_bytes, self.node_memory_budget_bytes
+            kernel,
+            arrays,
+            params,
+            self.max_message_bytes,
+            self.node_max_message_bytes,
+            self.node_memory_budget_bytes,
+            in_message=in_message,
         )
         if refusal is not None:
             raise refusal
         return arrays
+
+    def _message_refusal(self, kernel: str, arrays: Sequence[np.ndarray]) -> PangeaError | None:
+        """Why operands that were to go in shared memory cannot go in the message after all (None: they can)."""
+        return client_size_refusal(
+            kernel, arrays, {}, self.max_message_bytes, self.node_max_message_bytes, 0, in_message=True
+        )
 
     def future(
         self,
@@ -10306,9 +10324,13 @@ class Client:
         here, before sending (TaskError or RpcError from this call). ``cancel()`` cancels the task
         on the node and on its worker."""
         started = time.perf_counter()
-        arrays = self._check_operands(kernel, operands, params)
+        # NOTE: operands in shared memory are held to the node's budget, not to the message limit
+        arrays = self._check_operands(kernel, operands, params, in_message=not self.shared_memory)
         what = f"submit {kernel}"
         bulk = self._bulk_task(kernel, arrays, params)  # NOTE: operands copied here, in the caller's thread
+        refusal = self._message_refusal(kernel, arrays) if bulk is None and self.shared_memory else None
+        if refusal is not None:  # no segments after all: the message limit holds
+            raise refusal
 
         def done(future: TaskFuture, record: TaskOutputRecord) -> Any:
             task = {"kernel": kernel} | record.as_dict()
@@ -10356,7 +10378,8 @@ class Client:
                 segment.array(a.dtype.newbyteorder("<"), a.shape)[...] = a  # any layout, byte order
                 task.slots.append(len(task.segments))
             out_bytes = output_nbytes(kernel, arrays, params)
-            if 0 < out_bytes <= self.node_max_message_bytes:
+            # NOTE: a result in shared memory is held to the node's budget, like the operands
+            if 0 < out_bytes <= max(self.node_max_message_bytes, self.node_memory_budget_bytes):
                 task.output = self._out_pool.get(out_bytes)
                 task.segments.append(task.output)
         except OSError as exc:  # NOTE: out of memory for memfds, or of descriptors: the message it is
@@ -10388,6 +10411,9 @@ class Client:
             try:
                 batch = await self._bulk.send(bulk.segments, kinds)
             except RpcError as exc:
+                refusal = self._message_refusal(kernel, arrays)
+                if refusal is not None:  # NOTE: nothing was sent: the segments stay the client's
+                    raise refusal from None
                 log.info("Client: %s travels in the RPC message: %s", kernel, exc)
         request = self._compute.submit_request()
         spec = request.task
