@@ -9684,6 +9684,10 @@ def client_size_refusal(
 
 
 NO_SHM_ENV = "PANGEA_NO_SHM"  # set to 1: a Client sends every array in its RPC messages
+# A task whose operands and result are fewer bytes goes in the RPC message even with shared
+# memory: handing segments over (a bulk-socket round trip, fstat and mmap on the node) cost
+# tiny tasks a quarter of their throughput, and 64 KiB cross in a message in well under a ms.
+SHM_MIN_BYTES = 64 << 10
 BULK_POOL_SEGMENTS = 8  # operand segments a Client keeps for reuse (warm: written again, not faulted in)
 BULK_POOL_MAX_BYTES = 2 << 30  # their bytes at most
 BULK_REPLY_TIMEOUT_S = 30.0  # a node answers a batch at once; one that does not has gone away
@@ -9939,13 +9943,16 @@ class Client:
     user's pangea home (its session file names the node's bulk socket) passes the
     operands and the result in sealed memfd segments, handed over that 0600 Unix
     socket; the RPC carries only their metadata, the node's kernels read the operands
-    in place, and the result is an array over the segment the node wrote. Off loopback,
-    over TLS, with ``shared_memory=False`` or $PANGEA_NO_SHM=1, the arrays travel in
-    the RPC messages; ``shared_memory`` says which, ``shared_memory_note`` why.
+    in place, and the result is an array over the segment the node wrote. A task whose
+    operands and result together are under ``shared_memory_min_bytes`` (default 64 KiB;
+    0: every task) travels in the message anyway: for a few bytes, handing segments over
+    costs more than it saves. Off loopback, over TLS, with ``shared_memory=False`` or
+    $PANGEA_NO_SHM=1, the arrays travel in the RPC messages; ``shared_memory`` says
+    which, ``shared_memory_note`` why.
 
-    Limits: operands that exceed the node's RPC message limit (learned at login; it
-    follows the node's --memory-budget-mib) or can never fit its memory budget are
-    refused here, before a byte is sent. ``max_message_bytes`` bounds this
+    Limits: operands in the message that exceed the node's RPC message limit (learned at
+    login; it follows the node's --memory-budget-mib), and tasks that can never fit its
+    memory budget (shared memory or not), are refused here, before a byte is sent. ``max_message_bytes`` bounds this
     client's own messages (default: the largest any node accepts).
 
     ``token``: default $PANGEA_RPC_TOKEN, else (for a node on this box) the token in
@@ -9964,6 +9971,7 @@ class Client:
         timeout_s: float = 600.0,
         max_message_bytes: int = RPC_MAX_MIB << 20,
         shared_memory: bool = True,
+        shared_memory_min_bytes: int = SHM_MIN_BYTES,
     ) -> None:
         import asyncio
 
@@ -9977,6 +9985,9 @@ class Client:
         self.address = f"{self.host}:{self.port}"
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
+        if not isinstance(shared_memory_min_bytes, int) or shared_memory_min_bytes < 0:
+            raise UsageError(f"bad shared_memory_min_bytes {shared_memory_min_bytes!r}: expected bytes, 0 or more")
+        self.shared_memory_min_bytes = shared_memory_min_bytes
         self._local = threading.local()  # per calling thread: its last_task
         self.node_max_message_bytes = max_message_bytes  # learned at login
         self.node_memory_budget_bytes = 0  # learned at login (0: an older node did not say)
@@ -10367,6 +10378,9 @@ class Client:
         has a bulk channel; None: the arrays travel in the message."""
         if not self.shared_memory:
             return None
+        out_bytes = output_nbytes(kernel, arrays, params)
+        if sum(int(a.nbytes) for a in arrays) + out_bytes < self.shared_memory_min_bytes:
+            return None  # NOTE: a tiny task: the bulk round trip, fstat and mmap cost more than its bytes
         task = _BulkTask([], [], None, self._pool, self._out_pool)
         try:
             for a in arrays:
@@ -10377,7 +10391,6 @@ class Client:
                 task.segments.append(segment)
                 segment.array(a.dtype.newbyteorder("<"), a.shape)[...] = a  # any layout, byte order
                 task.slots.append(len(task.segments))
-            out_bytes = output_nbytes(kernel, arrays, params)
             # NOTE: a result in shared memory is held to the node's budget, like the operands
             if 0 < out_bytes <= max(self.node_max_message_bytes, self.node_memory_budget_bytes):
                 task.output = self._out_pool.get(out_bytes)
