@@ -935,9 +935,11 @@ class MemoryBudget:
 
 
 def rpc_task_bytes(operand_bytes: int, out_bytes: int) -> int:
-    """The bytes an RPC task holds on its node until its answer is built: its operands twice (the
-    request message pycapnp keeps until the call returns, and the arrays read from it) and its
-    output bound twice (the kernel's result, and its copy in the answer's message)."""
+    """The bytes an RPC task holds on its node until its answer is built: its operands in the
+    message twice (the request message pycapnp keeps until the call returns, and the arrays read
+    from it) and its output bound twice (the kernel's result, and its copy on the way out).
+    Operands on the bulk channel are not counted here: shared memory is the client's, and what
+    a remote client uploads is charged from its upload's header on."""
     return 2 * operand_bytes + 2 * out_bytes
 
 
@@ -5770,20 +5772,35 @@ BULK_MAX_BATCHES = RPC_MAX_CALLS_IN_FLIGHT  # batches one connection may have wa
 BULK_MAX_SEGMENTS = 16  # segments of one batch: a kernel's operands and its output
 BULK_MESSAGE_BYTES = 4096  # the largest message on the bulk socket (a name and one kind byte per segment)
 BULK_SOCKET_FILENAME = "bulk.sock"
+# The bulk channel over TLS, for a Client on another box: a TLS connection to the RPC port
+# that opens with this line carries array bytes, not Cap'n Proto (a Cap'n Proto stream
+# cannot open so: its first word counts segments, and this one would be 1.4 billion).
+BULK_TLS_MAGIC = b"PGBULK1\n"
+BULK_TLS_FRAME_BYTES = 5  # a control frame: its type (one byte) and its payload's length (4 bytes, big-endian)
+BULK_TLS_WRITE_BYTES = 1 << 20  # a result goes out in writes of this size, with the loop free between them
+BULK_TLS_MAX_BATCHES = 2  # batches one TLS connection may have waiting: a Client runs one task per connection
 
 
 @dataclass
 class BulkSegment:
-    """One shared segment a client handed the node: its mapping, size and whether the node may write it."""
+    """One segment a client handed the node: its bytes, size and whether the node may write it.
 
-    mapping: Any  # an mmap.mmap
+    On the bulk socket (same box) ``mapping`` maps the client's memfd. Over TLS (another box)
+    an operand's ``mapping`` is the node's own buffer the bytes were received into, and the
+    output has none: ``sender`` sends the result back on the connection of batch ``name``."""
+
+    mapping: Any  # an mmap.mmap (bulk socket), a numpy uint8 buffer (TLS), None (a TLS output)
     size: int
     writable: bool
+    sender: TlsBulkConnection | None = None
+    name: bytes = b""
 
     def close(self) -> None:
         """Unmap now; while a numpy view still holds it (a kernel still running), when that view goes."""
         with contextlib.suppress(BufferError):
-            self.mapping.close()
+            if hasattr(self.mapping, "close"):
+                self.mapping.close()
+        self.mapping = None
 
 
 def bulk_take_fds(fds: Sequence[int], kinds: bytes, room_bytes: int) -> list[BulkSegment]:
@@ -6006,6 +6023,294 @@ class BulkServer:
         """Unmap the segments of a task that ended."""
         for s in self._taken.pop(name, []):
             s.close()
+
+
+def bulk_frame(kind: bytes, payload: bytes = b"") -> bytes:
+    """A control frame of the bulk channel over TLS: its type, its payload's length, the payload."""
+    return kind + len(payload).to_bytes(4, "big") + payload
+
+
+def parse_bulk_upload(payload: bytes) -> tuple[bytes, bytes, list[int]]:
+    """The batch name, kinds and sizes an upload header ("U") declares; MessageError when malformed."""
+    if len(payload) < 17:
+        raise MessageError("an upload header shorter than its name and count")
+    name, count = payload[:16], payload[16]
+    entries = payload[17:]
+    if not 1 <= count <= BULK_MAX_SEGMENTS or len(entries) != 9 * count:
+        raise MessageError(f"an upload header of {count} segments in {len(entries)} bytes")
+    kinds, sizes = b"", list[int]()
+    for i in range(count):
+        kind, size = entries[9 * i : 9 * i + 1], int.from_bytes(entries[9 * i + 1 : 9 * i + 9], "big")
+        if kind not in (b"r", b"w") or size <= 0 or size > RPC_MAX_MIB << 20:
+            raise MessageError(f"segment {i}: kind {kind!r} of {size} bytes")
+        kinds, sizes = kinds + kind, [*sizes, size]
+    if kinds.count(b"w") > 1 or (b"w" in kinds and not kinds.endswith(b"w")):
+        raise MessageError("an upload with an output segment that is not its last and only one")
+    return name, kinds, sizes
+
+
+class TlsBulkBatches:
+    """The batches remote Clients uploaded over TLS, until a task takes them (the same `take` and
+    `finish` as `BulkServer`). The operands' bytes live in the node's memory, so each batch is
+    charged to the node's budget from its header to the end of its task."""
+
+    def __init__(self, token: str, budget: MemoryBudget, limiter: LoginLimiter) -> None:
+        self.token = token.encode()
+        self.budget = budget
+        self.limiter = limiter  # the RPC login's: a wrong token here waits like one there
+        self._waiting: dict[bytes, tuple[TlsBulkConnection, list[BulkSegment], int]] = {}
+        self._taken: dict[bytes, tuple[list[BulkSegment], int]] = {}
+
+    def charge(self, nbytes: int) -> TaskError | None:
+        """Take ``nbytes`` of the budget for an upload; why not when they do not fit (None: taken)."""
+        limit = self.budget.limit_bytes
+        if nbytes > limit:
+            return TaskError(
+                f"operands of {format_bytes(nbytes)} can never fit the node's memory budget of "
+                f"{format_bytes(limit)}; ask for less, or raise --memory-budget-mib",
+                kind=ErrorKind.BAD_INPUT,
+            )
+        if not self.budget.try_acquire(nbytes):
+            return TaskError(
+                f"operands of {format_bytes(nbytes)} would not fit the node's memory budget of {format_bytes(limit)} "
+                f"({format_bytes(self.budget.in_use)} in use); retry later or raise --memory-budget-mib",
+                kind=ErrorKind.BUSY,
+            )
+        return None
+
+    def add(self, conn: TlsBulkConnection, name: bytes, segments: list[BulkSegment], charged: int) -> None:
+        """Keep an uploaded batch for the task that will name it."""
+        self._waiting[name] = (conn, segments, charged)
+
+    def pending(self, conn: TlsBulkConnection) -> int:
+        """The batches of ``conn`` that wait for their task."""
+        return sum(1 for c, _, _ in self._waiting.values() if c is conn)
+
+    def known(self, name: bytes) -> bool:
+        """Whether a batch of that name waits or runs."""
+        return name in self._waiting or name in self._taken
+
+    def take(self, name: bytes) -> list[BulkSegment]:
+        """The segments of batch ``name`` for the task that names it (once); TaskError(bad-input) when
+        no connection uploaded it. Give them back with `finish`."""
+        if name not in self._waiting:
+            raise TaskError("no uploaded arrays under the batch the task names", kind=ErrorKind.BAD_INPUT)
+        _, segments, charged = self._waiting.pop(name)
+        self._taken[name] = (segments, charged)
+        return segments
+
+    def finish(self, name: bytes) -> None:
+        """Free the buffers of a task that ended and give back their share of the budget."""
+        segments, charged = self._taken.pop(name, ([], 0))
+        for s in segments:
+            s.close()
+        self.budget.release(charged)
+
+    def drop(self, conn: TlsBulkConnection) -> None:
+        """A connection closed: free its batches no task took (a task that took one finishes it)."""
+        for name in [n for n, (c, _, _) in self._waiting.items() if c is conn]:
+            _, segments, charged = self._waiting.pop(name)
+            for s in segments:
+                s.close()
+            self.budget.release(charged)
+
+
+class TlsBulkConnection:
+    """The node's end of one bulk connection over TLS: a remote Client's arrays, received straight
+    into buffers allocated from the header that declared them (no copy: asyncio's TLS reader
+    decrypts into them), and its results sent back in bounded writes.
+
+    The stream after `BULK_TLS_MAGIC`, client to node: control frames (`bulk_frame`), "H" + the RPC
+    token first, then per task "U" + a 16-byte batch name + a count + per segment a kind ("r":
+    an operand, "w": the output) and a size (8 bytes, big-endian). The node answers "K" + name,
+    or "E" + name + kind + newline + reason; after a "K" the client sends each operand's bytes
+    in order, and the node answers "K" + name once they are in. Node to client, after a task
+    that wrote its output here: "R" + name + size, then the output's bytes. NOTE: the connection
+    owns no socket: `write`, `close` and `logged_in` are its RpcConnection's."""
+
+    def __init__(
+        self,
+        batches: TlsBulkBatches,
+        source: str,
+        write: Callable[[Any], None],
+        close: Callable[[], None],
+        logged_in: Callable[[], None],
+    ) -> None:
+        self.batches, self.source = batches, source
+        self._write, self._close, self._logged_in = write, close, logged_in
+        self.authenticated = False
+        self.closed = False
+        self._control = bytearray(BULK_TLS_FRAME_BYTES + BULK_MESSAGE_BYTES)
+        self._filled = 0  # bytes of _control received
+        self._upload: list[Any] = []  # the buffers of the batch being received (numpy uint8)
+        self._index = self._offset = 0
+        self._batch: tuple[bytes, list[BulkSegment], int] | None = None
+        self._writable: Any = None  # an asyncio.Event while the transport asks to pause writing
+        self._discarding = False  # a refused login waits out its delay: what comes meanwhile is dropped
+
+    # -- bytes in
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes go: the current operand's buffer, or the control frame's."""
+        if self._discarding:
+            return memoryview(self._control)
+        if self._upload:
+            return memoryview(self._upload[self._index])[self._offset :]
+        return memoryview(self._control)[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` arrived in the buffer `get_buffer` gave."""
+        if self._discarding:
+            return
+        if self._upload:
+            self._offset += nbytes
+            if self._offset == self._upload[self._index].nbytes:
+                self._index, self._offset = self._index + 1, 0
+                if self._index == len(self._upload):
+                    self._uploaded()
+            return
+        self._filled += nbytes
+        self._frames()
+
+    def receive(self, data: bytes) -> None:
+        """Bytes that arrived before the connection knew its kind: fed as if they came now."""
+        view = memoryview(data)
+        while view and not self.closed and not self._discarding:
+            buffer = self.get_buffer()
+            n = min(len(buffer), len(view))
+            buffer[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]
+
+    def _frames(self) -> None:
+        while self._filled >= BULK_TLS_FRAME_BYTES and not self.closed and not self._upload:
+            size = int.from_bytes(self._control[1:BULK_TLS_FRAME_BYTES], "big")
+            if size > BULK_MESSAGE_BYTES:
+                return self._fail(f"a control frame of {size} bytes")
+            end = BULK_TLS_FRAME_BYTES + size
+            if self._filled < end:
+                return None
+            kind, payload = bytes(self._control[:1]), bytes(self._control[BULK_TLS_FRAME_BYTES:end])
+            rest = bytes(self._control[end : self._filled])
+            self._filled = 0
+            self._handle(kind, payload)
+            if rest:  # NOTE: a client that sent on without waiting for the answer
+                self.receive(rest)
+                return None
+        return None
+
+    def _handle(self, kind: bytes, payload: bytes) -> None:
+        import hmac
+
+        if not self.authenticated:
+            if kind == b"H" and (not self.batches.token or hmac.compare_digest(payload, self.batches.token)):
+                self.authenticated = True
+                self._logged_in()
+                self._write(bulk_frame(b"K"))
+                return
+            delay_s, count = self.batches.limiter.refused(self.source, time.monotonic())
+            if count:
+                log.warning("bulk over TLS: wrong or missing token, %d time(s) from %s", count, self.source)
+            self._refuse_later(delay_s)
+            return
+        if kind != b"U":
+            return self._fail(f"a control frame of type {kind!r}")
+        try:
+            name, kinds, sizes = parse_bulk_upload(payload)
+        except MessageError as exc:
+            return self._fail(str(exc))
+        if self.batches.known(name) or self._batch is not None:
+            return self._fail("a batch name in use")
+        if self.batches.pending(self) >= BULK_TLS_MAX_BATCHES:
+            return self._answer_error(name, TaskError("batches wait for their tasks already", kind=ErrorKind.BUSY))
+        need = sum(size for k, size in zip(kinds, sizes, strict=True) if k == ord("r"))
+        refusal = self.batches.charge(need)
+        if refusal is not None:
+            return self._answer_error(name, refusal)
+        import numpy as np
+
+        segments = []
+        for k, size in zip(kinds, sizes, strict=True):
+            if k == ord("r"):
+                buffer = np.empty(size, dtype=np.uint8)  # NOTE: pages come as the bytes do
+                segments.append(BulkSegment(buffer, size, False, name=name))
+                self._upload.append(buffer)
+            else:
+                segments.append(BulkSegment(None, size, True, sender=self, name=name))
+        self._batch, self._index, self._offset = (name, segments, need), 0, 0
+        self._write(bulk_frame(b"K", name))
+        if not self._upload:
+            self._uploaded()
+
+    def _uploaded(self) -> None:
+        assert self._batch is not None
+        name, segments, charged = self._batch
+        self._upload, self._batch = [], None
+        self.batches.add(self, name, segments, charged)
+        self._write(bulk_frame(b"K", name))
+
+    def _answer_error(self, name: bytes, error: TaskError) -> None:
+        self._write(bulk_frame(b"E", name + f"{error.kind}\n{one_line(str(error), 300)}".encode()))
+
+    def _refuse_later(self, delay_s: float) -> None:
+        import asyncio
+
+        def refuse() -> None:
+            self._write(bulk_frame(b"E", b"bad-input\nlogin refused: wrong or missing RPC token"))
+            self._fail("")
+
+        self._discarding = True
+        asyncio.get_running_loop().call_later(delay_s, refuse)
+
+    def _fail(self, reason: str) -> None:
+        if reason:
+            log.info("bulk over TLS: closing a connection from %s: %s", self.source, reason)
+        self.connection_lost()
+        self._close()
+
+    # -- bytes out
+    async def send_result(self, name: bytes, output: np.ndarray, room: int) -> bool:
+        """Send a task's output back on this connection (at most ``room`` bytes); False when it does
+        not fit or the connection is gone (then the output travels in the RPC message)."""
+        import asyncio
+
+        (meta,), (view,) = _array_parts([output])
+        if self.closed or meta[2] > room:
+            return False
+        data = memoryview(view).cast("B")
+        self._write(bulk_frame(b"R", name + meta[2].to_bytes(8, "big")))
+        for start in range(0, meta[2], BULK_TLS_WRITE_BYTES):
+            if self.closed:
+                return False
+            self._write(data[start : start + BULK_TLS_WRITE_BYTES])
+            if self._writable is not None:  # NOTE: flow control: the socket's buffer is full
+                await self._writable.wait()
+            else:
+                await asyncio.sleep(0)
+        return not self.closed
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: `send_result` waits."""
+        import asyncio
+
+        if self._writable is None:
+            self._writable = asyncio.Event()
+
+    def resume_writing(self) -> None:
+        """The transport drained: `send_result` goes on."""
+        writable, self._writable = self._writable, None
+        if writable is not None:
+            writable.set()
+
+    def connection_lost(self) -> None:
+        """The connection closed: what it uploaded and no task took is freed; senders stop."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._batch is not None:  # half-received: its charge goes back
+            self.batches.budget.release(self._batch[2])
+            self._batch, self._upload = None, []
+        self.batches.drop(self)
+        self.resume_writing()
 
 
 ###############################################################################
@@ -8869,12 +9174,16 @@ class NodeService:
         finally:
             calls.leave()
 
-    def admit(self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> int:
+    def admit(
+        self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float], message_bytes: int | None = None
+    ) -> int:
         """Charge a task to the node's memory budget before it runs (on the RPC thread, before its
-        operands are read: stand-ins of their shapes do); return the bytes taken (give them back
-        with `release`). TaskError when they do not fit."""
+        operands are read: stand-ins of their shapes do; ``message_bytes``: those of its operands
+        that came in the message, None: all); return the bytes taken (give them back with
+        `release`). TaskError when they do not fit."""
         out_bytes = output_nbytes(kernel, operands, params)
-        need = rpc_task_bytes(sum(int(a.nbytes) for a in operands), out_bytes)
+        in_message = sum(int(a.nbytes) for a in operands) if message_bytes is None else message_bytes
+        need = rpc_task_bytes(in_message, out_bytes)
         refusal = budget_refusal(self.node.budget, kernel, need, out_bytes)
         if refusal is not None or not self.node.budget.try_acquire(need):
             self.node.rpc_tasks_refused += 1
@@ -9233,7 +9542,12 @@ class RpcServer:
             except OSError as exc:
                 log.warning("bulk: no shared-memory channel, arrays travel in RPC messages: %s", exc)
                 bulk = None
-        gate_for = _make_gate(schema, in_trio, service, self.token, self.max_bytes, bulk)
+        limiter = LoginLimiter(
+            RPC_LOGIN_DELAY_BASE_S, RPC_LOGIN_DELAY_MAX_S, RPC_LOGIN_FORGET_S, RPC_LOGIN_REPORT_S, RPC_LOGIN_MAX_SOURCES
+        )
+        # NOTE: a TLS endpoint: its clients may be on other boxes; their arrays come on TLS connections of their own
+        tls_bulk = TlsBulkBatches(self.token, service.node.budget, limiter) if self.tls_pem is not None else None
+        gate_for = _make_gate(schema, in_trio, service, self.token, self.max_bytes, bulk or tls_bulk, limiter)
         admission = RpcAdmission(RPC_MAX_CONNECTIONS, RPC_MAX_PENDING_LOGINS, RPC_MAX_PENDING_LOGINS_PER_SOURCE)
         tls = tls_server_context(str(self.tls_pem)) if self.tls_pem is not None else None
 
@@ -9245,7 +9559,7 @@ class RpcServer:
                 conn.close()
 
         def new_protocol() -> Any:  # an asyncio.BufferedProtocol
-            conn = _rpc_connection_class()(admission, self.max_bytes, tls)
+            conn = _rpc_connection_class()(admission, self.max_bytes, tls, tls_bulk)
             conn.inner = capnp.AsyncIoStream._connect(functools.partial(on_connection, conn))  # type: ignore[attr-defined]
             return conn
 
@@ -9278,11 +9592,16 @@ class _RpcConnection:
 
     With ``tls`` (an ssl server context), the connection is admitted first and then upgraded
     to TLS 1.3 (the login deadline covers the handshake); pycapnp sees only the decrypted
-    bytes, and it starts once the handshake is done (bytes that arrive with the handshake
-    wait in `_early`, metered like the rest)."""
+    bytes, and it starts once the handshake is done and the first bytes have come (they wait
+    in `_early`, metered like the rest). A TLS connection whose first bytes are
+    `BULK_TLS_MAGIC` is a remote Client's bulk channel (``tls_bulk``): a `TlsBulkConnection`
+    takes its bytes, under the same admission and login deadline, and pycapnp never starts."""
 
-    def __init__(self, admission: RpcAdmission, max_bytes: int, tls: Any = None) -> None:
-        self.admission, self.max_bytes, self.tls = admission, max_bytes, tls
+    def __init__(
+        self, admission: RpcAdmission, max_bytes: int, tls: Any = None, tls_bulk: TlsBulkBatches | None = None
+    ) -> None:
+        self.admission, self.max_bytes, self.tls, self.tls_bulk = admission, max_bytes, tls, tls_bulk
+        self.bulk: TlsBulkConnection | None = None  # this connection is a bulk channel over TLS
         self.inner: Any = None  # pycapnp's protocol, set by the factory
         self.transport: Any = None
         self.source = ""
@@ -9293,6 +9612,7 @@ class _RpcConnection:
         self._started = False
         self._deadline: Any = None
         self._early = bytearray()
+        self._ready = False  # the TLS handshake is done (or there is none)
         self._handshake: Any = None  # the task upgrading to TLS (held: asyncio keeps weak references)
 
     def connection_made(self, transport: Any) -> None:
@@ -9335,10 +9655,36 @@ class _RpcConnection:
         self._start(transport)
 
     def _start(self, transport: Any) -> None:
-        """Hand the connection to pycapnp (after the TLS handshake, when there is one)."""
+        """The connection is ready (after the TLS handshake, when there is one): hand it to pycapnp,
+        or, on a TLS endpoint, wait for its first bytes to tell a Cap'n Proto client from a bulk
+        channel (a client speaks first either way)."""
         self.transport = transport
+        self._ready = True
+        if self.tls_bulk is None:
+            self._start_capnp()
+        elif len(self._early) >= len(BULK_TLS_MAGIC):
+            self._choose()
+
+    def _choose(self) -> None:
+        """Enough first bytes have come: a bulk channel over TLS, or Cap'n Proto."""
+        assert self.tls_bulk is not None
+        early, self._early = bytes(self._early), bytearray()
+        if early.startswith(BULK_TLS_MAGIC):
+            self.bulk = TlsBulkConnection(self.tls_bulk, self.source, self._write, self.close, self.logged_in)
+            self._started = True
+            self.bulk.receive(early[len(BULK_TLS_MAGIC) :])
+            return
+        declared = self._meter.feed(memoryview(early))  # NOTE: metered as if they came now
+        if declared > RPC_PRE_LOGIN_MAX_BYTES:
+            log.info("RPC: closing a connection from %s: a message of %d bytes before login", self.source, declared)
+            self.close()
+            return
+        self._early = bytearray(early)
+        self._start_capnp()
+
+    def _start_capnp(self) -> None:
         self._started = True
-        self.inner.connection_made(transport)
+        self.inner.connection_made(self.transport)
         early, self._early = memoryview(bytes(self._early)), bytearray()
         while early and self._started:
             buffer = memoryview(self.inner.get_buffer(len(early))).cast("B")
@@ -9346,6 +9692,10 @@ class _RpcConnection:
             buffer[:n] = early[:n]
             self.inner.buffer_updated(n)
             early = early[n:]
+
+    def _write(self, data: Any) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     def _login_deadline(self) -> None:
         if not self.authenticated:
@@ -9370,10 +9720,23 @@ class _RpcConnection:
     def get_buffer(self, sizehint: int) -> Any:
         # NOTE: a memoryview, not a bytearray: asyncio's TLS reader fills buf[offset:], and a
         # bytearray's slice is a copy (the bytes would be lost)
-        self._buffer = self.inner.get_buffer(sizehint) if self._started else memoryview(bytearray(64 << 10))
+        if self.bulk is not None:
+            self._buffer = self.bulk.get_buffer()
+        else:
+            self._buffer = self.inner.get_buffer(sizehint) if self._started else memoryview(bytearray(64 << 10))
         return self._buffer
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.bulk is not None:
+            self.bulk.buffer_updated(nbytes)
+            return
+        if self.tls_bulk is not None and not self._started:  # a TLS endpoint: what is it?
+            self._early += memoryview(self._buffer)[:nbytes]
+            if len(self._early) > RPC_PRE_LOGIN_MAX_BYTES:
+                self.close()
+            elif self._ready and len(self._early) >= len(BULK_TLS_MAGIC):
+                self._choose()
+            return
         declared = self._meter.feed(memoryview(self._buffer)[:nbytes])
         limit = self.max_bytes if self.authenticated else RPC_PRE_LOGIN_MAX_BYTES
         if declared > limit:
@@ -9387,21 +9750,27 @@ class _RpcConnection:
         self.inner.buffer_updated(nbytes)
 
     def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self._started else None
+        return self.inner.eof_received() if self._started and self.bulk is None else None
 
     def pause_writing(self) -> None:
-        if self._started:
+        if self.bulk is not None:
+            self.bulk.pause_writing()
+        elif self._started:
             self.inner.pause_writing()
 
     def resume_writing(self) -> None:
-        if self._started:
+        if self.bulk is not None:
+            self.bulk.resume_writing()
+        elif self._started:
             self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.admission.close(self)
         if self._deadline is not None:
             self._deadline.cancel()
-        if self._started:
+        if self.bulk is not None:
+            self.bulk.connection_lost()
+        elif self._started:
             self.inner.connection_lost(exc)
         self.transport = None
 
@@ -9420,7 +9789,8 @@ def _make_gate(
     service: NodeService,
     token: str,
     max_bytes: int,
-    bulk: BulkServer | None = None,
+    bulk: BulkServer | TlsBulkBatches | None = None,
+    limiter: LoginLimiter | None = None,
 ) -> Callable[[_RpcConnection], Any]:
     """Return a factory of the bootstrap `Gate` of each connection: login with the token yields `Compute`."""
     import asyncio
@@ -9460,7 +9830,9 @@ def _make_gate(
                             raise TaskError("this node has no bulk channel", kind=ErrorKind.BAD_INPUT)
                         segments = bulk.take(batch)
                     if stand_ins is not None:  # charged before the operands are copied out of the request
-                        held[0] = service.admit(kernel, stand_ins, params)
+                        in_segment = [bool(a.shared.segment) for a in task.operands]
+                        message_bytes = sum(int(a.nbytes) for a, s in zip(stand_ins, in_segment, strict=True) if not s)
+                        held[0] = service.admit(kernel, stand_ins, params, message_bytes)
                     operands = [
                         shared_operand(a, i, segments) if a.shared.segment else array_from_capnp(a, i)
                         for i, a in enumerate(task.operands)
@@ -9484,7 +9856,9 @@ def _make_gate(
                     # NOTE: one memory copy in place of building the message's Data fields; a large
                     # one in a worker thread (numpy lets go of the GIL), so other calls go on
                     output, segment = outcome.outputs[0], segments[slot - 1]
-                    if output.nbytes < SHARED_COPY_IN_THREAD_BYTES:
+                    if segment.sender is not None:  # a remote client's: back on its TLS bulk connection
+                        shared = await segment.sender.send_result(segment.name, output, segment.size)
+                    elif output.nbytes < SHARED_COPY_IN_THREAD_BYTES:
                         shared = write_shared_output(output, segment)
                     else:
                         loop = asyncio.get_running_loop()
@@ -9539,7 +9913,7 @@ def _make_gate(
                 )
 
     compute = ComputeImpl()
-    limiter = LoginLimiter(
+    login_limiter = limiter or LoginLimiter(
         RPC_LOGIN_DELAY_BASE_S, RPC_LOGIN_DELAY_MAX_S, RPC_LOGIN_FORGET_S, RPC_LOGIN_REPORT_S, RPC_LOGIN_MAX_SOURCES
     )
 
@@ -9561,7 +9935,7 @@ def _make_gate(
             # NOTE: a node started with --rpc-open has no token and lets any login in (a client
             # that found this user's home token sends it anyway)
             if token_expected and not hmac.compare_digest(given, token_expected):
-                delay_s, count = limiter.refused(self.conn.source, time.monotonic())
+                delay_s, count = login_limiter.refused(self.conn.source, time.monotonic())
                 if count:
                     log.warning(
                         "RPC login refused: wrong or missing token, %d time(s) from %s since the last such line",
@@ -9575,6 +9949,7 @@ def _make_gate(
             _context.results.compute = compute
             _context.results.maxMessageBytes = max_bytes
             _context.results.memoryBudgetBytes = service.node.budget.limit_bytes
+            _context.results.tlsBulk = isinstance(bulk, TlsBulkBatches)
 
     token_expected = token.encode()
     return GateImpl
@@ -9677,7 +10052,9 @@ def client_size_refusal(
         )
     if node_budget_bytes:
         out_bytes = output_nbytes(kernel, arrays, params)
-        refusal = budget_refusal(MemoryBudget(node_budget_bytes), kernel, rpc_task_bytes(total, out_bytes), out_bytes)
+        # NOTE: operands on the bulk channel counted once (a remote node holds what it receives)
+        need = rpc_task_bytes(total, out_bytes) if in_message else total + rpc_task_bytes(0, out_bytes)
+        refusal = budget_refusal(MemoryBudget(node_budget_bytes), kernel, need, out_bytes)
         if refusal is not None:
             return TaskError(f"{refusal}; nothing was sent", kind=refusal.kind)
     return None
@@ -9687,10 +10064,15 @@ NO_SHM_ENV = "PANGEA_NO_SHM"  # set to 1: a Client sends every array in its RPC 
 # A task whose operands and result are fewer bytes goes in the RPC message even with shared
 # memory: handing segments over (a bulk-socket round trip, fstat and mmap on the node) cost
 # tiny tasks a quarter of their throughput, and 64 KiB cross in a message in well under a ms.
-SHM_MIN_BYTES = 64 << 10
+BULK_MIN_BYTES = 64 << 10
 BULK_POOL_SEGMENTS = 8  # operand segments a Client keeps for reuse (warm: written again, not faulted in)
 BULK_POOL_MAX_BYTES = 2 << 30  # their bytes at most
 BULK_REPLY_TIMEOUT_S = 30.0  # a node answers a batch at once; one that does not has gone away
+# TLS bulk connections a Client of a node on another box keeps: one per task in flight, so
+# this many large tasks cross at once (more wait for one); each is a TCP connection and a
+# thread of its own while it sends or receives.
+BULK_TLS_CLIENT_CONNECTIONS = 4
+BULK_TLS_CONNECT_TIMEOUT_S = 10.0  # TCP connect plus the TLS handshake and the token's answer
 
 
 def local_node_bulk_socket(port: int) -> str:
@@ -9883,6 +10265,149 @@ class _BulkChannel:
                 waiter.set_exception(RpcError(f"no bulk channel: {self.broken or 'closed'}"))
 
 
+class _TlsBulkLink:
+    """One bulk connection over TLS of a Client (see `TlsBulkConnection`), blocking, used by one
+    task at a time from a worker thread: the certificate pinned like the RPC connection's."""
+
+    def __init__(self, host: str, port: int, pin: bytes, token: str) -> None:
+        import hashlib
+        import hmac
+
+        raw = socket.create_connection((host, port), timeout=BULK_TLS_CONNECT_TIMEOUT_S)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = tls_client_context().wrap_socket(raw, server_hostname=None)
+        except BaseException:
+            raw.close()
+            raise
+        try:
+            der = self.sock.getpeercert(binary_form=True) or b""
+            if not hmac.compare_digest(hashlib.sha256(der).digest(), pin):
+                raise RpcError("the node's bulk channel presented another certificate than its RPC endpoint")
+            self.sock.sendall(BULK_TLS_MAGIC + bulk_frame(b"H", token.encode()))
+            kind, payload = self._frame()
+            if kind != b"K":
+                raise RpcError(f"the node refused the bulk channel: {payload.decode(errors='replace')}")
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _exactly(self, view: memoryview) -> None:
+        while view:
+            n = self.sock.recv_into(view)
+            if not n:
+                raise RpcError("the node closed the bulk channel")
+            view = view[n:]
+
+    def _frame(self) -> tuple[bytes, bytes]:
+        head = bytearray(BULK_TLS_FRAME_BYTES)
+        self._exactly(memoryview(head))
+        size = int.from_bytes(head[1:], "big")
+        if size > BULK_MESSAGE_BYTES:
+            raise RpcError(f"the node sent a bulk frame of {size} bytes")
+        payload = bytearray(size)
+        self._exactly(memoryview(payload))
+        return bytes(head[:1]), bytes(payload)
+
+    def _answer(self, name: bytes) -> None:
+        kind, payload = self._frame()
+        if payload[:16] != name or kind not in (b"K", b"E"):
+            raise RpcError("the node's bulk channel answered out of turn")
+        if kind == b"E":
+            error_kind, _, message = payload[16:].decode(errors="replace").partition("\n")
+            raise TaskError(message, kind=error_kind if error_kind in set(ErrorKind) else ErrorKind.BAD_INPUT)
+
+    def upload(self, name: bytes, arrays: Sequence[np.ndarray], out_bytes: int, timeout_s: float) -> None:
+        """Send the operands of batch ``name`` (each C-order, little-endian) and declare its output
+        (``out_bytes``, 0: none); TaskError when the node refuses them (its budget), RpcError or
+        OSError when the connection fails."""
+        self.sock.settimeout(timeout_s)
+        entries = b"".join(b"r" + int(a.nbytes).to_bytes(8, "big") for a in arrays)
+        entries += b"w" + out_bytes.to_bytes(8, "big") if out_bytes else b""
+        self.sock.sendall(bulk_frame(b"U", name + bytes([len(arrays) + bool(out_bytes)]) + entries))
+        self._answer(name)
+        for a in arrays:
+            self.sock.sendall(_le_bytes(a).data)
+        self._answer(name)
+
+    def download(self, name: bytes, dtype: Any, shape: Sequence[int], timeout_s: float) -> np.ndarray:
+        """Receive the output of batch ``name`` into a new array of ``dtype`` and ``shape``."""
+        import numpy as np
+
+        self.sock.settimeout(timeout_s)
+        kind, payload = self._frame()
+        out = np.empty(tuple(shape), dtype=dtype)
+        if kind != b"R" or payload[:16] != name or int.from_bytes(payload[16:24], "big") != out.nbytes:
+            raise RpcError("the node's bulk channel sent another result than the task's")
+        self._exactly(out.reshape(-1).view(np.uint8).data)
+        return out
+
+    def close(self) -> None:
+        """Close the connection (the node frees what it holds of it)."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _le_bytes(a: np.ndarray) -> np.ndarray:
+    """The bytes of ``a`` in C order and little-endian, as a flat uint8 array (no copy when they are already)."""
+    import numpy as np
+
+    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
+
+
+def _record_with_output(reader: Any, output: np.ndarray, arrays_via: str) -> TaskOutputRecord:
+    """The record of a task's answer whose output came outside the message."""
+    fields = [f for f in TaskOutputRecord.capnp_fields() if f[0] != "outputs"]
+    values = {a: _rpc_from_capnp(getattr(reader, n), t) for a, n, t in fields}
+    return TaskOutputRecord((output,), **values, arrays_via=arrays_via)
+
+
+class _TlsBulkPool:
+    """A Client's bulk connections over TLS: at most BULK_TLS_CLIENT_CONNECTIONS, each for one task
+    at a time, opened when needed; their blocking I/O runs in threads of their own (on the loop,
+    only the bookkeeping)."""
+
+    def __init__(self, host: str, port: int, pin: bytes, token: str) -> None:
+        import asyncio
+
+        self.host, self.port, self.pin, self.token = host, port, pin, token
+        self.executor = concurrent.futures.ThreadPoolExecutor(BULK_TLS_CLIENT_CONNECTIONS, "pangea-bulk")
+        self._slots = asyncio.Semaphore(BULK_TLS_CLIENT_CONNECTIONS)
+        self._idle: list[_TlsBulkLink] = []
+        self.closed = False
+
+    async def acquire(self) -> _TlsBulkLink:
+        """A connection of this client's own until `release` (a new one when none is idle)."""
+        import asyncio
+
+        await self._slots.acquire()
+        if self._idle:
+            return self._idle.pop()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.executor, _TlsBulkLink, self.host, self.port, self.pin, self.token
+            )
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, link: _TlsBulkLink, reusable: bool) -> None:
+        """Give a connection back (closed unless ``reusable``: its task ended in step)."""
+        if reusable and not self.closed:
+            self._idle.append(link)
+        else:
+            link.close()
+        self._slots.release()
+
+    def close(self) -> None:
+        """Close the idle connections; those in use close when their tasks give them back."""
+        self.closed = True
+        for link in self._idle:
+            link.close()
+        self._idle.clear()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
 class TaskFuture(concurrent.futures.Future):
     """The answer of one call of a `Client` that has not arrived yet (`Client.future`, `Client.map`).
 
@@ -9944,7 +10469,7 @@ class Client:
     operands and the result in sealed memfd segments, handed over that 0600 Unix
     socket; the RPC carries only their metadata, the node's kernels read the operands
     in place, and the result is an array over the segment the node wrote. A task whose
-    operands and result together are under ``shared_memory_min_bytes`` (default 64 KiB;
+    operands and result together are under ``bulk_min_bytes`` (default 64 KiB;
     0: every task) travels in the message anyway: for a few bytes, handing segments over
     costs more than it saves. Off loopback, over TLS, with ``shared_memory=False`` or
     $PANGEA_NO_SHM=1, the arrays travel in the RPC messages; ``shared_memory`` says
@@ -9971,7 +10496,8 @@ class Client:
         timeout_s: float = 600.0,
         max_message_bytes: int = RPC_MAX_MIB << 20,
         shared_memory: bool = True,
-        shared_memory_min_bytes: int = SHM_MIN_BYTES,
+        bulk_min_bytes: int = BULK_MIN_BYTES,
+        tls_bulk: bool = True,
     ) -> None:
         import asyncio
 
@@ -9985,9 +10511,9 @@ class Client:
         self.address = f"{self.host}:{self.port}"
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
-        if not isinstance(shared_memory_min_bytes, int) or shared_memory_min_bytes < 0:
-            raise UsageError(f"bad shared_memory_min_bytes {shared_memory_min_bytes!r}: expected bytes, 0 or more")
-        self.shared_memory_min_bytes = shared_memory_min_bytes
+        if not isinstance(bulk_min_bytes, int) or bulk_min_bytes < 0:
+            raise UsageError(f"bad bulk_min_bytes {bulk_min_bytes!r}: expected bytes, 0 or more")
+        self.bulk_min_bytes = bulk_min_bytes
         self._local = threading.local()  # per calling thread: its last_task
         self.node_max_message_bytes = max_message_bytes  # learned at login
         self.node_memory_budget_bytes = 0  # learned at login (0: an older node did not say)
@@ -10006,6 +10532,9 @@ class Client:
         self.tls = self._pin is not None or not local
         # The bulk channel: arrays in shared memory, for a plain loopback endpoint of a node of this home
         self._bulk: _BulkChannel | None = None
+        self._tls_bulk: _TlsBulkPool | None = None  # a TLS endpoint's bulk connections
+        self._presented = b""  # the SHA-256 of the certificate the TLS endpoint presented
+        self.tls_bulk_note = "off: tls_bulk=False" if not tls_bulk else "" if self.tls else "off: not a TLS endpoint"
         self._pool = _SegmentPool()  # operands' segments
         self._out_pool = _SegmentPool()  # results' segments, back here when the caller drops its result
         self.shared_memory_note = (
@@ -10081,6 +10610,7 @@ class Client:
                 self.node_max_message_bytes = int(login.maxMessageBytes) or self.max_message_bytes
                 self.node_memory_budget_bytes = int(login.memoryBudgetBytes)
                 self._open_bulk()
+                self._open_tls_bulk(bool(login.tlsBulk))
             except capnp.KjException as exc:  # type: ignore[attr-defined]
                 reason, hint = remote_error_text(exc), token_hint
                 if "disconnected" in str(exc).lower() and "remote exception" not in str(exc):
@@ -10098,6 +10628,8 @@ class Client:
             finally:
                 if self._bulk is not None:
                     self._bulk.close()
+                if self._tls_bulk is not None:
+                    self._tls_bulk.close()
 
     def _open_bulk(self) -> None:
         """Open the node's bulk channel when this client may use one (on the loop thread); else say why not."""
@@ -10115,6 +10647,21 @@ class Client:
             return
         self._bulk.attach(self._loop)
         self.shared_memory_note = f"on: {path}"
+
+    def _open_tls_bulk(self, offered: bool) -> None:
+        """Prepare the bulk connections over TLS when the node offers them (opened on first use)."""
+        if self.tls_bulk_note:
+            return
+        if not offered:
+            self.tls_bulk_note = "off: the node does not offer a bulk channel over TLS"
+            return
+        self._tls_bulk = _TlsBulkPool(self.host, self.port, self._presented, self._token)
+        self.tls_bulk_note = f"on: {self.address}, pinned to {format_fingerprint(self._presented)}"
+
+    @property
+    def tls_bulk(self) -> bool:
+        """Whether this client's large arrays travel on bulk connections over TLS (`tls_bulk_note` says why not)."""
+        return self._tls_bulk is not None
 
     @property
     def shared_memory(self) -> bool:
@@ -10147,6 +10694,7 @@ class Client:
             ssl_handshake_timeout=RPC_TLS_HANDSHAKE_TIMEOUT_S,
         )
         presented = format_fingerprint(pinned.presented)
+        self._presented = pinned.presented
         if pinned.refused and self._pin_source == "known":
             raise RpcError(
                 f"cannot use the pangea node at {self.address}: its certificate changed: it presented {presented}, "
@@ -10335,12 +10883,13 @@ class Client:
         here, before sending (TaskError or RpcError from this call). ``cancel()`` cancels the task
         on the node and on its worker."""
         started = time.perf_counter()
-        # NOTE: operands in shared memory are held to the node's budget, not to the message limit
-        arrays = self._check_operands(kernel, operands, params, in_message=not self.shared_memory)
+        # NOTE: operands on a bulk channel are held to the node's budget, not to the message limit
+        arrays = self._check_operands(kernel, operands, params, in_message=not (self.shared_memory or self.tls_bulk))
         what = f"submit {kernel}"
         bulk = self._bulk_task(kernel, arrays, params)  # NOTE: operands copied here, in the caller's thread
-        refusal = self._message_refusal(kernel, arrays) if bulk is None and self.shared_memory else None
-        if refusal is not None:  # no segments after all: the message limit holds
+        tls_bulk = self.tls_bulk and self._large(kernel, arrays, params)
+        refusal = self._message_refusal(kernel, arrays) if bulk is None and not tls_bulk else None
+        if refusal is not None:  # no bulk channel after all: the message limit holds
             raise refusal
 
         def done(future: TaskFuture, record: TaskOutputRecord) -> Any:
@@ -10362,6 +10911,7 @@ class Client:
             float(self.timeout_s if timeout_s is None else timeout_s),
             bool(fallback),
             bulk,
+            tls_bulk,
         )
         try:
             future = self._start(call, what, done)
@@ -10373,14 +10923,16 @@ class Client:
             future.add_done_callback(lambda _: bulk.release())
         return future
 
+    def _large(self, kernel: str, arrays: Sequence[np.ndarray], params: dict[str, float]) -> bool:
+        """Whether a task's operands and result are enough bytes for a bulk channel (`bulk_min_bytes`)."""
+        return sum(int(a.nbytes) for a in arrays) + output_nbytes(kernel, arrays, params) >= self.bulk_min_bytes
+
     def _bulk_task(self, kernel: str, arrays: Sequence[np.ndarray], params: dict[str, float]) -> _BulkTask | None:
         """The operands written into shared segments and a segment for the output, when this client
         has a bulk channel; None: the arrays travel in the message."""
-        if not self.shared_memory:
-            return None
-        out_bytes = output_nbytes(kernel, arrays, params)
-        if sum(int(a.nbytes) for a in arrays) + out_bytes < self.shared_memory_min_bytes:
+        if not self.shared_memory or not self._large(kernel, arrays, params):
             return None  # NOTE: a tiny task: the bulk round trip, fstat and mmap cost more than its bytes
+        out_bytes = output_nbytes(kernel, arrays, params)
         task = _BulkTask([], [], None, self._pool, self._out_pool)
         try:
             for a in arrays:
@@ -10412,12 +10964,21 @@ class Client:
         timeout_s: float,
         fallback: bool,
         bulk: _BulkTask | None = None,
+        tls_bulk: bool = False,
     ) -> TaskOutputRecord:
         """Send one task over Cap'n Proto and read its answer (on the loop thread).
 
         NOTE: the one place operands and results cross the connection. With ``bulk`` (the
         arrays already in shared segments), the segments go over the bulk channel first and
-        the request names them; should the node refuse them, the arrays travel in the message."""
+        the request names them; should the node refuse them, the arrays travel in the message.
+        With ``tls_bulk``, they go on a bulk connection over TLS (a node on another box)."""
+        if tls_bulk and self._tls_bulk is not None:
+            over_tls = await self._submit_over_tls(kernel, arrays, params, placement, timeout_s, fallback)
+            if over_tls is not None:
+                return over_tls
+            refusal = self._message_refusal(kernel, arrays)
+            if refusal is not None:  # NOTE: the bulk channel failed before the task was sent
+                raise refusal
         batch = b""
         if bulk is not None and self._bulk is not None:
             kinds = b"r" * (len(bulk.segments) - (bulk.output is not None)) + b"w" * (bulk.output is not None)
@@ -10428,6 +10989,36 @@ class Client:
                 if refusal is not None:  # NOTE: nothing was sent: the segments stay the client's
                     raise refusal from None
                 log.info("Client: %s travels in the RPC message: %s", kernel, exc)
+        shared = bulk.slots if batch and bulk is not None else [0] * len(arrays)
+        output_segment = len(bulk.segments) if batch and bulk is not None and bulk.output is not None else 0
+        request = self._task_request(
+            kernel, arrays, params, placement, timeout_s, fallback, shared, batch, output_segment
+        )
+        response = await request.send()
+        reader = response.result
+        if batch and bulk is not None and len(reader.outputs) == 1 and reader.outputs[0].shared.segment:
+            output = self._shared_output(reader.outputs[0], bulk)
+            operands_via = "shared memory" if any(bulk.slots) or not arrays else "RPC messages"
+            return _record_with_output(reader, output, f"{operands_via}, result: shared memory")
+        record = TaskOutputRecord.from_capnp(reader)
+        if batch:
+            return dataclasses.replace(record, arrays_via="shared memory, result: RPC messages")
+        return record
+
+    def _task_request(
+        self,
+        kernel: str,
+        arrays: Sequence[np.ndarray],
+        params: dict[str, float],
+        placement: str,
+        timeout_s: float,
+        fallback: bool,
+        shared: Sequence[int],
+        batch: bytes,
+        output_segment: int,
+    ) -> Any:
+        """The `submit` request of a task: each operand in the message, or (``shared[i]`` > 0) named
+        by its segment in ``batch``; ``output_segment``: where the node may put the output (0: none)."""
         request = self._compute.submit_request()
         spec = request.task
         spec.kernel = kernel
@@ -10435,30 +11026,80 @@ class Client:
         spec.timeoutSeconds = timeout_s
         spec.noFallback = not fallback
         slots = spec.init("operands", len(arrays))
-        for i, (slot, a) in enumerate(zip(slots, arrays, strict=True)):
-            if batch and bulk is not None and bulk.slots[i]:
+        for slot, a, segment in zip(slots, arrays, shared, strict=True):
+            if segment:
                 slot.dtype, slot.shape = _dtype_name(a.dtype), [int(d) for d in a.shape]
-                slot.shared.segment = bulk.slots[i]
+                slot.shared.segment = segment
             else:
                 array_to_capnp(slot, a)
         ps = spec.init("params", len(params))
         for slot, (name, value) in zip(ps, params.items(), strict=True):
             slot.name, slot.value = name, float(value)
-        if batch and bulk is not None:
-            spec.bulkBatch = batch
-            spec.outputSegment = len(bulk.segments) if bulk.output is not None else 0
-        response = await request.send()
-        reader = response.result
-        if batch and bulk is not None and len(reader.outputs) == 1 and reader.outputs[0].shared.segment:
-            fields = [f for f in TaskOutputRecord.capnp_fields() if f[0] != "outputs"]
-            values = {a: _rpc_from_capnp(getattr(reader, n), t) for a, n, t in fields}
-            output = self._shared_output(reader.outputs[0], bulk)
-            operands_via = "shared memory" if any(bulk.slots) or not arrays else "RPC messages"
-            return TaskOutputRecord((output,), **values, arrays_via=f"{operands_via}, result: shared memory")
-        record = TaskOutputRecord.from_capnp(reader)
         if batch:
-            return dataclasses.replace(record, arrays_via="shared memory, result: RPC messages")
-        return record
+            spec.bulkBatch = batch
+            spec.outputSegment = output_segment
+        return request
+
+    async def _submit_over_tls(
+        self,
+        kernel: str,
+        arrays: Sequence[np.ndarray],
+        params: dict[str, float],
+        placement: str,
+        timeout_s: float,
+        fallback: bool,
+    ) -> TaskOutputRecord | None:
+        """Send a task's arrays on a bulk connection over TLS and the task over Cap'n Proto; None when
+        the bulk channel failed before the task was sent (it then goes in the message). TaskError
+        when the node refuses the upload (its memory budget)."""
+        import asyncio
+        import secrets
+
+        pool = self._tls_bulk
+        assert pool is not None
+        loop = asyncio.get_running_loop()
+        try:
+            link = await pool.acquire()
+        except (OSError, RpcError) as exc:  # NOTE: a firewall may let the RPC through and not a second connection
+            self.tls_bulk_note = f"off: {describe_exception(exc)}"
+            log.info("Client: arrays travel in RPC messages: %s", describe_exception(exc))
+            self._tls_bulk = None
+            pool.close()
+            return None
+        in_step = False  # the connection is in step with the node: reusable
+        try:
+            sent = [a for a in arrays if a.nbytes]
+            shared, count = [], 0  # per operand: 1 + its index among those sent, 0: in the message (empty)
+            for a in arrays:
+                count += bool(a.nbytes)
+                shared.append(count if a.nbytes else 0)
+            out_bytes = output_nbytes(kernel, arrays, params)
+            name = secrets.token_bytes(16)
+            try:
+                await loop.run_in_executor(pool.executor, link.upload, name, sent, out_bytes, timeout_s)
+            except (OSError, RpcError) as exc:
+                log.info("Client: %s travels in the RPC message: %s", kernel, describe_exception(exc))
+                return None
+            output_segment = len(sent) + 1 if out_bytes else 0
+            request = self._task_request(
+                kernel, arrays, params, placement, timeout_s, fallback, shared, name, output_segment
+            )
+            reader = (await request.send()).result
+            if len(reader.outputs) == 1 and reader.outputs[0].shared.segment:
+                dtype_name, shape = str(reader.outputs[0].dtype), [int(d) for d in reader.outputs[0].shape]
+                itemsize = _wire_dtype(dtype_name).itemsize if dtype_name in ALLOWED_DTYPES else 0
+                if not itemsize or math.prod(shape) * itemsize > out_bytes:
+                    raise RpcError(f"cannot read a result: a {dtype_name} of shape {tuple(shape)} on the bulk channel")
+                output = await loop.run_in_executor(
+                    pool.executor, link.download, name, _wire_dtype(dtype_name), shape, timeout_s
+                )
+                in_step = True
+                return _record_with_output(reader, output, "TLS bulk channel, result: TLS bulk channel")
+            in_step = True
+            record = TaskOutputRecord.from_capnp(reader)
+            return dataclasses.replace(record, arrays_via="TLS bulk channel, result: RPC messages")
+        finally:
+            pool.release(link, in_step)
 
     def _shared_output(self, reader: Any, bulk: _BulkTask) -> np.ndarray:
         """The output the node wrote into the task's output segment, as an array over it (no copy).

@@ -146,6 +146,21 @@ struct Message {
 # (its `TaskOutput.outputs[0].shared` set, chunks empty; if it does not fit,
 # the output travels in the message). A task ends its batch: the node unmaps it.
 # A client that does not use the channel sends bytes in `chunks`, as always.
+#
+# The bulk channel over TLS (a client on another box): a TLS endpoint (`login`
+# answers tlsBulk = true) also takes connections to the same port, with the same
+# certificate, whose first bytes are "PGBULK1\n". After that line come control
+# frames, each a type byte, a 4-byte big-endian length and a payload: "H" + the
+# RPC token (answer "K", or "E" + "bad-input\n" + reason and close), then per
+# task "U" + 16 random bytes naming a batch + a count byte + per segment a kind
+# byte ("r": an operand, "w": the output, last) and its size (8 bytes,
+# big-endian). The node charges the operands to its memory budget and answers
+# "K" + name (or "E" + name + an error kind + "\n" + reason); then the client
+# sends each operand's C-order little-endian bytes, in order, raw, and the node
+# answers "K" + name once they are in. The task names the batch as above. When
+# the node writes the output there, it sends "R" + name + size (8 bytes), then
+# the output's bytes, on that connection before the task's answer, whose
+# `outputs[0].shared` is set. One task at a time per connection.
 
 struct SharedSlice {
   segment @0 :UInt32;       # 1 + the index of the segment in the task's batch; 0: the bytes are in `chunks`
@@ -272,7 +287,8 @@ interface Compute {
 
 interface Gate {
   login @0 (token :Text) -> (compute :Compute, maxMessageBytes :UInt64, error :Text,
-                             memoryBudgetBytes :UInt64);
+                             memoryBudgetBytes :UInt64, tlsBulk :Bool);
+  # tlsBulk: this TLS endpoint also takes bulk channels over TLS (see above).
   # A wrong or missing token: `error` says so and `compute` is null (a result,
   # not an exception: pycapnp would send the server's traceback with it).
   # maxMessageBytes: the node's largest RPC message (--rpc-max-mib, by default

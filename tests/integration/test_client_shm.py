@@ -59,9 +59,9 @@ def node(pyz: Path, pangea_home: NodeHome) -> Iterator[ServeNode]:
 
 def client_of(node: ServeNode, monkeypatch: pytest.MonkeyPatch, **kwargs: object) -> Client:
     """A Client of ``node`` run from the node's home (where it finds the bulk socket); every task
-    through shared memory, however small, unless ``shared_memory_min_bytes`` says otherwise."""
+    through shared memory, however small, unless ``bulk_min_bytes`` says otherwise."""
     monkeypatch.setenv("PANGEA_HOME", str(node.home.pangea_home))
-    kwargs.setdefault("shared_memory_min_bytes", 0)
+    kwargs.setdefault("bulk_min_bytes", 0)
     return Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S, **kwargs)  # type: ignore[arg-type]
 
 
@@ -150,22 +150,22 @@ def test_a_client_without_the_bulk_channel_still_works(node: ServeNode, monkeypa
 def test_a_small_task_travels_in_the_message_and_a_large_one_in_shared_memory(
     node: ServeNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with client_of(node, monkeypatch, shared_memory_min_bytes=pangea.SHM_MIN_BYTES) as c:
+    with client_of(node, monkeypatch, bulk_min_bytes=pangea.BULK_MIN_BYTES) as c:
         assert c.shared_memory, c.shared_memory_note
         tiny = np.arange(16.0).reshape(4, 4)  # 128 bytes each, 384 with the result
         assert np.array_equal(c.submit("add", tiny, tiny), tiny + tiny)
         assert c.last_task["arrays_via"] == "RPC messages"
-        edge = np.ones(pangea.SHM_MIN_BYTES // 8 // 2)  # operand and result: exactly the threshold
+        edge = np.ones(pangea.BULK_MIN_BYTES // 8 // 2)  # operand and result: exactly the threshold
         assert np.array_equal(c.submit("scale", edge, factor=2.0), edge * 2)
         assert c.last_task["arrays_via"] == SHARED
         large = np.random.default_rng(3).standard_normal((256, 256))  # 512 KiB
         assert np.array_equal(c.submit("add", large, large), large + large)
         assert c.last_task["arrays_via"] == SHARED
-    with client_of(node, monkeypatch, shared_memory_min_bytes=1 << 30) as c:  # raised: 512 KiB in the message too
+    with client_of(node, monkeypatch, bulk_min_bytes=1 << 30) as c:  # raised: 512 KiB in the message too
         assert np.array_equal(c.submit("add", large, large), large + large)
         assert c.last_task["arrays_via"] == "RPC messages"
-    with pytest.raises(pangea.UsageError, match="bad shared_memory_min_bytes -1"):
-        Client(node.rpc, token=node.token, shared_memory_min_bytes=-1)
+    with pytest.raises(pangea.UsageError, match="bad bulk_min_bytes -1"):
+        Client(node.rpc, token=node.token, bulk_min_bytes=-1)
 
 
 def _nobody(*command: str) -> subprocess.CompletedProcess[str]:

@@ -62,7 +62,8 @@ with warnings.catch_warnings(record=True) as caught:
             a = np.full((256, 256), value)
             c = node.matmul(a, np.eye(256), placement="local")
             print(json.dumps({"ok": True, "correct": bool(np.array_equal(c, a)), "tls": node.tls,
-                              "fingerprint": node.fingerprint, "warnings": [str(w.message) for w in caught]}))
+                              "fingerprint": node.fingerprint, "warnings": [str(w.message) for w in caught],
+                              "arrays_via": node.last_task["arrays_via"], "tls_bulk_note": node.tls_bulk_note}))
     except pangea.PangeaError as exc:
         print(json.dumps({"ok": False, "error": str(exc), "hint": exc.hint or ""}))
 """
@@ -111,6 +112,9 @@ def test_rpc_between_hosts_is_encrypted_pinned_and_trusted_on_first_use(
             assert sniffer.wait(timeout=30) == 0, sniffer.output()
         # the client trusted the certificate on first use, said so, and kept it
         assert first["ok"] and first["correct"] and first["tls"], first
+        # the operand and the result crossed on the bulk channel over TLS, pinned like the RPC
+        assert first["arrays_via"] == "TLS bulk channel, result: TLS bulk channel", first
+        assert first["tls_bulk_note"].startswith("on: ") and fingerprint in first["tls_bulk_note"], first
         assert first["fingerprint"] == fingerprint, first
         assert any("first connection to" in w and fingerprint in w for w in first["warnings"]), first
         known = (box_b.pangea_home / "known_rpc_nodes").read_text()
@@ -175,3 +179,104 @@ def test_a_non_loopback_rpc_endpoint_without_a_token_is_refused(
     assert result.returncode == 2, result.stdout
     assert_expected_error(result.stderr, "without a token")
     assert "hint: add --rpc-token-file FILE" in result.stderr, result.stderr
+
+
+# Runs in namespace b with the pyz's interpreter: what a remote Client's arrays give on each path.
+BULK_DRIVER = r"""
+import concurrent.futures, json, sys, threading, time
+import numpy as np
+import pangea
+rpc, token, fingerprint = sys.argv[1], sys.argv[2], sys.argv[3]
+report = {"wrong": [], "via": {}}
+
+def check(name, got, want):
+    same = got.shape == want.shape and got.dtype == want.dtype.newbyteorder("<")
+    if not same or not np.array_equal(got, want):
+        report["wrong"].append(name)
+
+rng = np.random.default_rng(5)
+base = rng.standard_normal((300, 400)) * 100
+layouts = {
+    "contiguous": base, "non-contiguous": base[::3, 1::2], "fortran": np.asfortranarray(base),
+    "big-endian": base.astype(">f8"), "0-d": np.array(2.5), "empty": np.zeros((0, 400)),
+}
+with pangea.Client(rpc, token=token, fingerprint=fingerprint, timeout_s=120) as node:
+    report["tls_bulk"] = node.tls_bulk
+    for dtype in pangea.ALLOWED_DTYPES:
+        for layout, a in layouts.items():
+            a = a.astype(np.dtype(dtype).newbyteorder(a.dtype.byteorder))
+            b = np.ones_like(a)
+            check(f"{dtype}/{layout}", node.submit("add", a, b, placement="local"), a + b)
+            report["via"][f"{dtype}/{layout}"] = node.last_task["arrays_via"]
+    m = rng.standard_normal((512, 256))
+    check("matmul", node.submit("matmul", m, m.T, placement="local"), m @ m.T)
+    check("sum", np.asarray(node.submit("sum", m, placement="local")), np.asarray(m.sum()))
+    report["via"]["sum"] = node.last_task["arrays_via"]
+    # 8 threads x 25 mixed calls on one Client: every caller its own answer and task information
+    def caller(seed):
+        r = np.random.default_rng(seed)
+        for i in range(25):
+            a = r.standard_normal((256, 256) if i % 3 == 0 else (4, 4))
+            out = node.submit("scale", a, placement="local", factor=float(seed))
+            if not np.array_equal(out, a * float(seed)) or node.last_task["kernel"] != "scale":
+                report["wrong"].append(f"thread {seed} call {i}")
+    threads = [threading.Thread(target=caller, args=(s,)) for s in range(1, 9)]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    # a cancelled future gives back what it held; the node serves on
+    big = rng.standard_normal((2500, 2500))
+    future = node.future("matmul", big, big, placement="local")
+    deadline = time.monotonic() + 60
+    while node.status()["memory_budget_used_bytes"] == 0 and not future.done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    report["cancelled"] = future.cancel()
+    deadline = time.monotonic() + 30
+    while node.status()["memory_budget_used_bytes"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    report["held_after_cancel"] = node.status()["memory_budget_used_bytes"]
+    # the budget holds before a byte moves: 40 MiB to scale cannot fit 64 MiB with its output
+    try:
+        node.submit("scale", np.zeros((5 << 20,)), placement="local", factor=2.0)
+        report["over_budget"] = "sent"
+    except pangea.TaskError as exc:
+        report["over_budget"] = f"{exc.kind}: {exc}"
+    check("after", node.submit("add", base, base, placement="local"), base + base)
+with pangea.Client(rpc, token=token, fingerprint=fingerprint, timeout_s=120, tls_bulk=False) as plain:
+    check("in-message", plain.submit("add", base, base, placement="local"), base + base)
+    report["in_message_via"] = plain.last_task["arrays_via"]
+    report["in_message_note"] = plain.tls_bulk_note
+print(json.dumps(report))
+"""
+
+
+def test_a_remote_client_s_arrays_travel_on_the_tls_bulk_channel_and_equal_numpy_s(
+    netns_pair: NetnsPair, pyz: Path, make_home: Any, tmp_path: Path
+) -> None:
+    box_a, box_b = make_home("box-a"), make_home("box-b")
+    token_file = tmp_path / "rpc.token"
+    token_file.write_text(secrets.token_hex(16) + "\n")
+    token_file.chmod(0o600)
+    driver = tmp_path / "bulk_driver.py"
+    driver.write_text(BULK_DRIVER)
+    rpc = f"{netns_pair.addr_a}:{RPC_PORT}"
+    cmd: list[str | Path] = [pyz, "serve", "--host", netns_pair.addr_a, "--port", "0", "--rpc", rpc]
+    cmd += ["--rpc-token-file", str(token_file), "--memory-budget-mib", "128"]
+    serve = netns_pair.proc("a", cmd, env=box_a.env, name="serve@a")
+    try:
+        serve.wait_for_line(r"^pangea: serving on ", timeout=READY_TIMEOUT_S, stream="stdout")
+        fingerprint = serve.wait_for_line(r"^RPC fingerprint: (sha256:[0-9a-f]{64}) ", stream="stdout").group(1)
+        env = dict(box_b.env, SHIV_INTERPRETER="1")
+        args: list[str | Path] = [pyz, driver, rpc, token_file.read_text().strip(), fingerprint]
+        result = netns_pair.run("b", args, env=env, timeout=400)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+    finally:
+        serve.stop()
+    assert report["tls_bulk"] and not report["wrong"], report
+    via = report["via"]
+    bulk = "TLS bulk channel, result: TLS bulk channel"
+    assert via["float64/contiguous"] == via["int32/non-contiguous"] == via["complex128/big-endian"] == bulk, via
+    assert via["float64/0-d"] == via["float64/empty"] == via["sum"] == "RPC messages", via  # under 64 KiB
+    assert report["cancelled"] and report["held_after_cancel"] == 0, report
+    assert report["over_budget"].startswith("bad-input: ") and "nothing was sent" in report["over_budget"], report
+    assert report["in_message_via"] == "RPC messages" and report["in_message_note"] == "off: tls_bulk=False", report
