@@ -234,9 +234,9 @@ with pangea.Client(rpc, token=token, fingerprint=fingerprint, timeout_s=120) as 
     while node.status()["memory_budget_used_bytes"] and time.monotonic() < deadline:
         time.sleep(0.1)
     report["held_after_cancel"] = node.status()["memory_budget_used_bytes"]
-    # the budget holds before a byte moves: 40 MiB to scale cannot fit 64 MiB with its output
+    # the budget holds before a byte moves: 192 MiB to scale cannot fit 384 MiB with its output
     try:
-        node.submit("scale", np.zeros((5 << 20,)), placement="local", factor=2.0)
+        node.submit("scale", np.zeros((24 << 20,)), placement="local", factor=2.0)
         report["over_budget"] = "sent"
     except pangea.TaskError as exc:
         report["over_budget"] = f"{exc.kind}: {exc}"
@@ -260,7 +260,7 @@ def test_a_remote_client_s_arrays_travel_on_the_tls_bulk_channel_and_equal_numpy
     driver.write_text(BULK_DRIVER)
     rpc = f"{netns_pair.addr_a}:{RPC_PORT}"
     cmd: list[str | Path] = [pyz, "serve", "--host", netns_pair.addr_a, "--port", "0", "--rpc", rpc]
-    cmd += ["--rpc-token-file", str(token_file), "--memory-budget-mib", "128"]
+    cmd += ["--rpc-token-file", str(token_file), "--memory-budget-mib", "384"]
     serve = netns_pair.proc("a", cmd, env=box_a.env, name="serve@a")
     try:
         serve.wait_for_line(r"^pangea: serving on ", timeout=READY_TIMEOUT_S, stream="stdout")
@@ -275,8 +275,8 @@ def test_a_remote_client_s_arrays_travel_on_the_tls_bulk_channel_and_equal_numpy
     assert report["tls_bulk"] and not report["wrong"], report
     via = report["via"]
     bulk = "TLS bulk channel, result: TLS bulk channel"
-    assert via["float64/contiguous"] == via["int32/non-contiguous"] == via["complex128/big-endian"] == bulk, via
-    assert via["float64/0-d"] == via["float64/empty"] == via["sum"] == "RPC messages", via  # under 64 KiB
+    assert all(v == bulk for k, v in via.items() if not k.endswith(("/0-d", "/empty"))), via
+    assert all(v == "RPC messages" for k, v in via.items() if k.endswith(("/0-d", "/empty"))), via  # under 64 KiB
     assert report["cancelled"] and report["held_after_cancel"] == 0, report
     assert report["over_budget"].startswith("bad-input: ") and "nothing was sent" in report["over_budget"], report
     assert report["in_message_via"] == "RPC messages" and report["in_message_note"] == "off: tls_bulk=False", report
