@@ -5797,10 +5797,11 @@ class BulkSegment:
 
     def close(self) -> None:
         """Unmap now; while a numpy view still holds it (a kernel still running), when that view goes."""
-        with contextlib.suppress(BufferError):
-            if hasattr(self.mapping, "close"):
+        if hasattr(self.mapping, "close"):
+            with contextlib.suppress(BufferError):
                 self.mapping.close()
-        self.mapping = None
+        else:  # NOTE: a buffer of the node's own (TLS): freed when the last view of it goes
+            self.mapping = None
 
 
 def bulk_take_fds(fds: Sequence[int], kinds: bytes, room_bytes: int) -> list[BulkSegment]:
