@@ -6146,7 +6146,6 @@ class TlsBulkConnection:
         self._upload: list[Any] = []  # the buffers of the batch being received (numpy uint8)
         self._index = self._offset = 0
         self._batch: tuple[bytes, list[BulkSegment], int] | None = None
-        self._writable: Any = None  # an asyncio.Event while the transport asks to pause writing
         self._discarding = False  # a refused login waits out its delay: what comes meanwhile is dropped
 
     # -- bytes in
@@ -6282,25 +6281,11 @@ class TlsBulkConnection:
         for start in range(0, meta[2], BULK_TLS_WRITE_BYTES):
             if self.closed:
                 return False
+            # NOTE: no wait for the socket to drain: the client reads the result once the task's
+            # answer has come, which waits for this; the transport holds what it could not send
             self._write(data[start : start + BULK_TLS_WRITE_BYTES])
-            if self._writable is not None:  # NOTE: flow control: the socket's buffer is full
-                await self._writable.wait()
-            else:
-                await asyncio.sleep(0)
+            await asyncio.sleep(0)  # the loop serves other calls between writes
         return not self.closed
-
-    def pause_writing(self) -> None:
-        """The transport's buffer is full: `send_result` waits."""
-        import asyncio
-
-        if self._writable is None:
-            self._writable = asyncio.Event()
-
-    def resume_writing(self) -> None:
-        """The transport drained: `send_result` goes on."""
-        writable, self._writable = self._writable, None
-        if writable is not None:
-            writable.set()
 
     def connection_lost(self) -> None:
         """The connection closed: what it uploaded and no task took is freed; senders stop."""
@@ -6311,7 +6296,6 @@ class TlsBulkConnection:
             self.batches.budget.release(self._batch[2])
             self._batch, self._upload = None, []
         self.batches.drop(self)
-        self.resume_writing()
 
 
 ###############################################################################
@@ -9754,15 +9738,11 @@ class _RpcConnection:
         return self.inner.eof_received() if self._started and self.bulk is None else None
 
     def pause_writing(self) -> None:
-        if self.bulk is not None:
-            self.bulk.pause_writing()
-        elif self._started:
+        if self._started and self.bulk is None:  # NOTE: a bulk channel's writes are bounded by its task
             self.inner.pause_writing()
 
     def resume_writing(self) -> None:
-        if self.bulk is not None:
-            self.bulk.resume_writing()
-        elif self._started:
+        if self._started and self.bulk is None:
             self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
