@@ -152,3 +152,138 @@ def test_a_node_removes_the_bulk_directories_of_its_dead_nodes_only(tmp_path: Pa
         (d / "bulk.sock").write_text("")
     pangea._remove_stale_bulk_dirs(tmp_path)
     assert not dead.exists() and alive.exists() and other.exists()
+
+
+# The bulk channel over TLS: TlsBulkConnection fed bytes as asyncio's TLS reader would.
+
+
+class _Wire:
+    """What a TlsBulkConnection writes and whether it closed or logged in."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closed = False
+        self.logins = 0
+
+    def frames(self) -> list[tuple[bytes, bytes]]:
+        got, data = [], bytes(self.out)
+        while data:
+            size = int.from_bytes(data[1:5], "big")
+            got.append((data[:1], data[5 : 5 + size]))
+            data = data[5 + size :]
+        self.out.clear()
+        return got
+
+
+def _tls_bulk(budget_bytes: int = 1 << 20) -> tuple[pangea.TlsBulkConnection, pangea.TlsBulkBatches, _Wire]:
+    limiter = pangea.LoginLimiter(0.0, 0.0, 60.0, 60.0, 16)
+    batches = pangea.TlsBulkBatches("tok", pangea.MemoryBudget(budget_bytes), limiter)
+    wire = _Wire()
+
+    def close() -> None:
+        wire.closed = True
+
+    def logged_in() -> None:
+        wire.logins += 1
+
+    conn = pangea.TlsBulkConnection(batches, "10.0.0.2", wire.out.extend, close, logged_in)
+    return conn, batches, wire
+
+
+def _feed(conn: pangea.TlsBulkConnection, data: bytes, step: int) -> None:
+    """Feed ``data`` through get_buffer/buffer_updated, at most ``step`` bytes at a time."""
+    view = memoryview(data)
+    while view:
+        buffer = conn.get_buffer()
+        n = min(len(buffer), len(view), step)
+        buffer[:n] = view[:n]
+        conn.buffer_updated(n)
+        view = view[n:]
+
+
+def _upload_header(name: bytes, sizes: list[int], out: int = 0) -> bytes:
+    entries = b"".join(b"r" + n.to_bytes(8, "big") for n in sizes) + (b"w" + out.to_bytes(8, "big") if out else b"")
+    return pangea.bulk_frame(b"U", name + bytes([len(sizes) + bool(out)]) + entries)
+
+
+@pytest.mark.parametrize("step", [1, 7, 1 << 20])
+def test_a_tls_bulk_upload_lands_in_the_node_s_buffers_and_is_charged_until_its_task_ends(step: int) -> None:
+    conn, batches, wire = _tls_bulk()
+    a, b = np.arange(10.0), np.arange(6, dtype="<i4")
+    _feed(conn, pangea.bulk_frame(b"H", b"tok"), step)
+    assert wire.frames() == [(b"K", b"")] and wire.logins == 1
+    name = b"n" * 16
+    _feed(conn, _upload_header(name, [a.nbytes, b.nbytes], out=80), step)
+    assert wire.frames() == [(b"K", name)]
+    assert batches.budget.in_use == a.nbytes + b.nbytes  # charged from the header on
+    _feed(conn, a.tobytes() + b.tobytes(), step)
+    assert wire.frames() == [(b"K", name)]
+    segments = batches.take(name)
+    assert [s.writable for s in segments] == [False, False, True] and segments[2].sender is conn
+    reader = SimpleNamespace(dtype="int32", shape=[2, 3], shared=SimpleNamespace(segment=2, offset=0))
+    assert np.array_equal(shared_operand(reader, 1, segments), b.reshape(2, 3))
+    with pytest.raises(TaskError, match="no uploaded arrays"):
+        batches.take(name)  # once
+    batches.finish(name)
+    assert batches.budget.in_use == 0 and not wire.closed
+
+
+def test_a_tls_bulk_connection_refuses_a_wrong_token_and_what_comes_before_login() -> None:
+    conn, batches, wire = _tls_bulk()
+    import asyncio
+
+    async def run() -> None:
+        _feed(conn, pangea.bulk_frame(b"H", b"wrong"), 64)
+        _feed(conn, _upload_header(b"n" * 16, [8]), 64)  # dropped while the refusal waits
+        await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    ((kind, payload),) = wire.frames()
+    assert kind == b"E" and b"wrong or missing RPC token" in payload
+    assert wire.closed and wire.logins == 0 and batches.budget.in_use == 0
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pangea.bulk_frame(b"U", b"short"),
+        pangea.bulk_frame(b"U", b"n" * 16 + bytes([0])),  # no segments
+        pangea.bulk_frame(b"U", b"n" * 16 + bytes([1]) + b"x" + (8).to_bytes(8, "big")),  # unknown kind
+        pangea.bulk_frame(b"U", b"n" * 16 + bytes([1]) + b"r" + (0).to_bytes(8, "big")),  # empty segment
+        pangea.bulk_frame(b"U", b"n" * 16 + bytes([2]) + b"w" + (8).to_bytes(8, "big") + b"r" + (8).to_bytes(8, "big")),
+        pangea.bulk_frame(b"Z", b""),  # unknown frame
+        b"U" + (pangea.BULK_MESSAGE_BYTES + 1).to_bytes(4, "big"),  # a frame over the limit, before its bytes
+    ],
+)
+def test_a_tls_bulk_connection_closes_on_a_malformed_frame_and_holds_nothing(frame: bytes) -> None:
+    conn, batches, wire = _tls_bulk()
+    _feed(conn, pangea.bulk_frame(b"H", b"tok"), 64)
+    wire.frames()
+    _feed(conn, frame, 64)
+    assert wire.closed and batches.budget.in_use == 0
+
+
+def test_a_tls_bulk_upload_over_the_budget_is_refused_at_its_header_with_its_kind() -> None:
+    conn, batches, wire = _tls_bulk(budget_bytes=1000)
+    _feed(conn, pangea.bulk_frame(b"H", b"tok"), 64)
+    wire.frames()
+    _feed(conn, _upload_header(b"a" * 16, [2000]), 64)
+    ((kind, payload),) = wire.frames()
+    assert kind == b"E" and payload.startswith(b"a" * 16 + b"bad-input\n") and b"can never fit" in payload
+    batches.budget.try_acquire(900)  # others hold most of it
+    _feed(conn, _upload_header(b"b" * 16, [200]), 64)
+    ((kind, payload),) = wire.frames()
+    assert kind == b"E" and payload.startswith(b"b" * 16 + b"busy\n") and b"retry later" in payload
+    assert not wire.closed and batches.budget.in_use == 900
+
+
+def test_a_tls_bulk_connection_that_closes_gives_back_its_half_received_and_waiting_batches() -> None:
+    conn, batches, wire = _tls_bulk()
+    _feed(conn, pangea.bulk_frame(b"H", b"tok"), 64)
+    _feed(conn, _upload_header(b"a" * 16, [64]), 64)
+    _feed(conn, bytes(64), 64)  # batch a waits for its task
+    _feed(conn, _upload_header(b"b" * 16, [128]), 64)
+    _feed(conn, bytes(50), 64)  # batch b half received
+    assert batches.budget.in_use == 192
+    conn.connection_lost()
+    assert batches.budget.in_use == 0 and not batches.known(b"a" * 16)
