@@ -178,6 +178,7 @@ class Row:
     label: str
     unit: str
     target: Target | None
+    anchors: tuple[str, ...] = ()  # the anchors that run this row's job
     pangea: list[float] = field(default_factory=list)
     baselines: dict[str, list[float]] = field(default_factory=dict)
 
@@ -221,7 +222,9 @@ def table(rows: Sequence[Row], absent: Mapping[str, str]) -> str:
         summaries = row.summaries()
         cells = [f"{row.label} ({row.unit})", format_cell(summarize(row.pangea), row.unit)]
         for anchor in ANCHORS:
-            if anchor in absent and anchor in row.baselines:
+            if anchor not in row.anchors:
+                cells.append("-")
+            elif anchor in absent:
                 cells.append("absent")
             else:
                 cells.append(format_cell(summaries.get(anchor), row.unit, spread=False))
@@ -237,15 +240,26 @@ def table(rows: Sequence[Row], absent: Mapping[str, str]) -> str:
 def make_rows(n: int, mib: int, rss_mib: int, first_mib: int, threads: int) -> dict[str, Row]:
     """Every row the benchmark can fill, by key (``job.what``), with its target."""
     operands = f"2 x {rss_mib} MiB"
+    remote = ANCHORS[1:]  # raw TCP, Ray, Dask: a worker process of their own
     rows = [
-        Row("matmul.wall", f"{n} matmul remote: wall", "s", Target("<=", 1.5, "Ray")),
-        Row("matmul.overhead", f"{n} matmul remote: wall - worker compute", "s", Target("<=", 0.15)),
+        Row("matmul.wall", f"{n} matmul remote: wall", "s", Target("<=", 1.5, "Ray"), ANCHORS),
+        Row("matmul.overhead", f"{n} matmul remote: wall - worker compute", "s", Target("<=", 0.15), remote),
         Row(
-            "roundtrip.local", f"{mib} MiB there and back, local (shared memory): each way", "MB/s", Target(">=", 2000)
+            "roundtrip.local",
+            f"{mib} MiB there and back, local (shared memory): each way",
+            "MB/s",
+            Target(">=", 2000),
+            remote,
         ),
-        Row("roundtrip.remote", f"{mib} MiB there and back, remote: each way", "MB/s", Target(">=", 0.8, "raw TCP")),
-        Row("tiny.local", "tiny task p50, local", "ms", Target("<=", 1.0, "Ray")),
-        Row("tiny.remote", "tiny task p50, remote", "ms", Target("<=", 1.0, "Ray")),
+        Row(
+            "roundtrip.remote",
+            f"{mib} MiB there and back, remote: each way",
+            "MB/s",
+            Target(">=", 0.8, "raw TCP"),
+            remote,
+        ),
+        Row("tiny.local", "tiny task p50, local", "ms", Target("<=", 1.0, "Ray"), remote),
+        Row("tiny.remote", "tiny task p50, remote", "ms", Target("<=", 1.0, "Ray"), remote),
         Row("threads.1", "tiny tasks/s, 1 calling thread (local)", "/s", None),
         Row(
             f"threads.{threads}",
@@ -703,9 +717,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes and 1 round: a smoke run, not figures")
     parser.add_argument("--only", metavar="JOB[,JOB]", help=f"run only these jobs ({','.join(JOBS)})")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every sample to this file")
-    parser.add_argument("--ray-python", default="~/.venv-ray/bin/python", help="Ray's venv interpreter")
-    parser.add_argument("--dask-python", default="~/.venv-dask/bin/python", help="Dask's venv interpreter")
-    parser.add_argument("--blas-threads", type=int, default=2, help="BLAS threads of every process (default 2)")
+    for name in ("Ray", "Dask"):
+        default = f"~/.venv-{name.lower()}/bin/python"
+        parser.add_argument(
+            f"--{name.lower()}-python",
+            default=default,
+            metavar="PATH",
+            help=f"the interpreter of {name}'s venv (default {default}); missing: its figures are left out",
+        )
+    parser.add_argument(
+        "--blas-threads", type=int, default=2, metavar="N", help="BLAS threads of every process (default 2)"
+    )
     args = parser.parse_args(argv)
     jobs = parse_only(args.only)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 5)
