@@ -93,6 +93,13 @@ JOBS = ("matmul", "roundtrip", "tiny", "threads", "rss", "first")
 READY_TIMEOUT_S = 180.0  # an anchor driver's ready line (ray.init on a loaded 2-core box: 10-30 s)
 REPLY_TIMEOUT_S = 600.0  # one command's answer
 CLIENT_TIMEOUT_S = 600.0
+BREAKDOWN = {  # pangea's task timings, in the order a call spends them
+    "wall_s": "wall",
+    "rpc_s": "client<->A (rpc_s)",
+    "queue_s": "queue",
+    "transfer_s": "A<->B (transfer_s)",
+    "compute_s": "compute",
+}
 MAKE_VENV = {
     "Ray": "python3 -m venv ~/.venv-ray && ~/.venv-ray/bin/pip install ray numpy",
     "Dask": "python3 -m venv ~/.venv-dask && ~/.venv-dask/bin/pip install 'dask[distributed]' numpy",
@@ -235,6 +242,18 @@ def table(rows: Sequence[Row], absent: Mapping[str, str]) -> str:
         cells += [target or "-", row.met()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def breakdown(timings: Mapping[str, Sequence[Mapping[str, float]]]) -> list[str]:
+    """One line per job.placement: the medians of pangea's task timings (where the wall time went)."""
+    lines = []
+    for key, samples in timings.items():
+        if not samples:
+            continue
+        med = {name: statistics.median(s[name] for s in samples) for name in BREAKDOWN if name in samples[0]}
+        parts = ", ".join(f"{what} {med[name]:.3f}" for name, what in BREAKDOWN.items() if name in med)
+        lines.append(f"- pangea {key}: median s: {parts}")
+    return lines
 
 
 def make_rows(n: int, mib: int, rss_mib: int, first_mib: int, threads: int) -> dict[str, Row]:
@@ -438,6 +457,7 @@ class Bench:
         self.child_env, self.log_dir = child_env, log_dir
         self.rows = make_rows(sizes.n, sizes.mib, sizes.rss_mib, sizes.first_mib, sizes.threads)
         self.extra: dict[str, list[Any]] = {}
+        self.timings: dict[str, list[dict[str, float]]] = {}  # pangea's task timings, by job.placement
         self.matmul_args = drv.operands({"job": "matmul", "n": sizes.n})
         self.roundtrip_args = drv.operands({"job": "roundtrip", "mib": sizes.mib})
         self.tiny_args = drv.operands({"job": "tiny"})
@@ -459,6 +479,8 @@ class Bench:
         task = self.client.last_task
         if placement == "remote" and task["ran_on"] != self.b.peer_id:
             raise SystemExit(f"client_path.py: a remote {job} ran on {task['ran_on']}, not on B")
+        if job != "tiny":  # where the time went: the node's queue, transfer (A-B), compute; rpc_s (client-A)
+            self.timings.setdefault(f"{job}.{placement}", []).append(task["timings"] | {"wall_s": wall})
         return wall, float(task["timings"]["compute_s"]), out
 
     def anchor(self, name: str, cmd: dict[str, Any]) -> list[dict[str, Any]]:
@@ -606,6 +628,7 @@ def run(args: argparse.Namespace, jobs: list[str], sizes: Sizes, rounds: int) ->
     notes: dict[str, str] = {}
     absent: dict[str, str] = {}
     load_before = os.getloadavg()
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pangea-bench-client-path-") as tmp:
         log_dir = Path(tmp) / "logs"
         log_dir.mkdir()
@@ -647,7 +670,8 @@ def run(args: argparse.Namespace, jobs: list[str], sizes: Sizes, rounds: int) ->
         "rows": wanted,
         "absent": absent,
         "notes": notes,
-        "extra": bench.extra,
+        "extra": bench.extra | {"pangea_timings": bench.timings},
+        "elapsed_s": time.monotonic() - started,
         "load_before": load_before,
         "load_after": os.getloadavg(),
     }
@@ -658,7 +682,7 @@ def report(result: dict[str, Any], rounds: int, blas_threads: int) -> str:
     lines = [
         f"pangea Client path vs anchors on 127.0.0.1, median of {rounds} round(s) (min-max), interleaved; "
         f"{os.cpu_count()} cores, BLAS threads {blas_threads}, load {result['load_before'][0]:.2f} -> "
-        f"{result['load_after'][0]:.2f}",
+        f"{result['load_after'][0]:.2f}, {result['elapsed_s']:.0f} s",
         "",
         table(result["rows"], result["absent"]),
         "",
@@ -668,7 +692,7 @@ def report(result: dict[str, Any], rounds: int, blas_threads: int) -> str:
             lines.append(f"- {name}: absent: {result['absent'][name]}")
         elif name in result["notes"]:
             lines.append(f"- {name}: {result['notes'][name]}")
-    return "\n".join(lines)
+    return "\n".join([*lines, *breakdown(result["extra"]["pangea_timings"])])
 
 
 def as_json(result: dict[str, Any], args: argparse.Namespace, rounds: int) -> dict[str, Any]:
@@ -684,6 +708,7 @@ def as_json(result: dict[str, Any], args: argparse.Namespace, rounds: int) -> di
         "blas_threads": args.blas_threads,
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
         "load": {"before": result["load_before"], "after": result["load_after"]},
+        "elapsed_s": result["elapsed_s"],
         "absent": result["absent"],
         "notes": result["notes"],
         "extra": result["extra"],

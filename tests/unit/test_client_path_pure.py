@@ -19,6 +19,7 @@ from client_path import (
     Summary,
     Target,
     blas_threads_of,
+    breakdown,
     format_cell,
     format_value,
     make_rows,
@@ -182,3 +183,14 @@ def test_driver_operands_are_the_same_in_every_process() -> None:
     (a,) = operands({"job": "roundtrip", "mib": 1})
     assert a.nbytes == 1 << 20
     assert np.array_equal(a, np.random.default_rng(20261203).standard_normal(a.size))
+
+
+def test_breakdown_gives_the_median_of_each_timing_in_call_order() -> None:
+    samples = [
+        {"wall_s": 1.0, "rpc_s": 0.2, "queue_s": 0.0, "transfer_s": 0.3, "compute_s": 0.5, "total_s": 0.8},
+        {"wall_s": 3.0, "rpc_s": 0.4, "queue_s": 0.0, "transfer_s": 0.5, "compute_s": 2.1, "total_s": 2.6},
+    ]
+    assert breakdown({"matmul.remote": samples, "roundtrip.local": []}) == [
+        "- pangea matmul.remote: median s: wall 2.000, client<->A (rpc_s) 0.300, queue 0.000, "
+        "A<->B (transfer_s) 0.400, compute 1.300"
+    ]
