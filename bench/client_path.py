@@ -458,6 +458,7 @@ class Bench:
         self.rows = make_rows(sizes.n, sizes.mib, sizes.rss_mib, sizes.first_mib, sizes.threads)
         self.extra: dict[str, list[Any]] = {}
         self.timings: dict[str, list[dict[str, float]]] = {}  # pangea's task timings, by job.placement
+        self.recording = False  # True in the rounds, False in the warm-up
         self.matmul_args = drv.operands({"job": "matmul", "n": sizes.n})
         self.roundtrip_args = drv.operands({"job": "roundtrip", "mib": sizes.mib})
         self.tiny_args = drv.operands({"job": "tiny"})
@@ -479,7 +480,8 @@ class Bench:
         task = self.client.last_task
         if placement == "remote" and task["ran_on"] != self.b.peer_id:
             raise SystemExit(f"client_path.py: a remote {job} ran on {task['ran_on']}, not on B")
-        if job != "tiny":  # where the time went: the node's queue, transfer (A-B), compute; rpc_s (client-A)
+        # where the time went: the node's queue, transfer (A-B), compute; rpc_s (client-A)
+        if self.recording and job != "tiny":
             self.timings.setdefault(f"{job}.{placement}", []).append(task["timings"] | {"wall_s": wall})
         return wall, float(task["timings"]["compute_s"]), out
 
@@ -661,6 +663,7 @@ def run(args: argparse.Namespace, jobs: list[str], sizes: Sizes, rounds: int) ->
             for job in jobs:
                 if job not in ("rss", "first"):  # those are about the first time; the rounds give steady ones
                     steps[job](False)
+            bench.recording = True
             for i in range(rounds):
                 print(f"client_path.py: round {i + 1}/{rounds}: {', '.join(jobs)}", file=sys.stderr, flush=True)
                 for job in jobs:
