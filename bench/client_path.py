@@ -295,10 +295,11 @@ def make_rows(n: int, mib: int, rss_mib: int, first_mib: int, threads: int) -> d
 
 
 def parse_only(text: str | None) -> list[str]:
-    """The jobs ``--only`` names (all when None); SystemExit naming the bad one and the choices."""
+    """The jobs ``--only`` names, by job or row key ("tiny.local": its job); all when None; SystemExit
+    naming the bad one and the choices."""
     if not text:
         return list(JOBS)
-    chosen = [word.strip() for word in text.split(",") if word.strip()]
+    chosen = [word.strip().split(".")[0] for word in text.split(",") if word.strip()]
     bad = [word for word in chosen if word not in JOBS]
     if bad or not chosen:
         raise SystemExit(f"client_path.py: error: bad --only {text!r}: expected some of {','.join(JOBS)}")
@@ -743,7 +744,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pyz", type=Path, default=REPO_ROOT / "pangea.pyz", help="the pangea.pyz to serve with")
     parser.add_argument("--rounds", type=int, help="rounds; the table gives the median (default 5, --quick 1)")
     parser.add_argument("--quick", action="store_true", help="small sizes and 1 round: a smoke run, not figures")
-    parser.add_argument("--only", metavar="JOB[,JOB]", help=f"run only these jobs ({','.join(JOBS)})")
+    parser.add_argument(
+        "--only", metavar="JOB[,JOB]", help=f"run only these jobs ({','.join(JOBS)}; a row key names its job)"
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every sample to this file")
     for name in ("Ray", "Dask"):
         default = f"~/.venv-{name.lower()}/bin/python"

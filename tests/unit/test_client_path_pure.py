@@ -157,6 +157,7 @@ def test_make_rows_has_every_target_of_the_issue() -> None:
 def test_parse_only_keeps_the_run_order_and_refuses_unknown_jobs() -> None:
     assert parse_only(None) == list(JOBS)
     assert parse_only("tiny,matmul") == ["matmul", "tiny"]
+    assert parse_only("tiny.remote,rss.a") == ["tiny", "rss"]  # a row key names its job
     with pytest.raises(SystemExit, match="bad --only 'tiny,nope': expected some of matmul,"):
         parse_only("tiny,nope")
 
