@@ -21,9 +21,7 @@ Nothing is installed; every wait has a timeout.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,12 +29,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 import numpy as np  # noqa: E402
 
+import nodes  # noqa: E402
 import pangea  # noqa: E402
-from client_threads import start_node  # noqa: E402
 
 
 def crossing(client: pangea.Client, a: np.ndarray) -> tuple[float, float, str]:
@@ -68,34 +65,24 @@ def main() -> int:
     a = np.random.default_rng(0).standard_normal((args.mib << 20) // 8)
     rows: dict[str, list[float]] = {"shared memory": [], "RPC messages": [], "numpy copy": []}
     walls: dict[str, list[float]] = {"shared memory": [], "RPC messages": []}
-    with tempfile.TemporaryDirectory(prefix="pangea-bench-") as tmp:
-        home = Path(tmp)
-        (home / "pangea").mkdir()
-        proc, rpc = start_node(Path(args.pyz), home)
-        try:
-            os.environ["PANGEA_HOME"] = str(home / "pangea")  # the Client finds the token and bulk socket there
-            with (
-                pangea.Client(rpc, timeout_s=300) as fast,
-                pangea.Client(rpc, timeout_s=300, shared_memory=False) as rpc_only,
-            ):
-                if not fast.shared_memory:
-                    raise SystemExit(f"bench: no shared-memory path ({fast.shared_memory_note})")
-                for client in (fast, rpc_only):
-                    crossing(client, a)  # warm: the first call of each path is not measured
-                for _ in range(args.rounds):
-                    for name, client in (("shared memory", fast), ("RPC messages", rpc_only)):
-                        seconds, wall, via = crossing(client, a)
-                        if not via.startswith(name):
-                            raise SystemExit(f"bench: the {name} client's arrays went by {via}")
-                        rows[name].append(seconds)
-                        walls[name].append(wall)
-                    rows["numpy copy"].append(numpy_copy(a) * 2)  # there and back: two copies
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with (
+        tempfile.TemporaryDirectory(prefix="pangea-bench-") as tmp,
+        nodes.serving(Path(args.pyz), Path(tmp), "serve") as node,
+    ):
+        # the Client finds the token and bulk socket in the node's home
+        with node.client(timeout_s=300) as fast, node.client(timeout_s=300, shared_memory=False) as rpc_only:
+            if not fast.shared_memory:
+                raise SystemExit(f"bench: no shared-memory path ({fast.shared_memory_note})")
+            for client in (fast, rpc_only):
+                crossing(client, a)  # warm: the first call of each path is not measured
+            for _ in range(args.rounds):
+                for name, client in (("shared memory", fast), ("RPC messages", rpc_only)):
+                    seconds, wall, via = crossing(client, a)
+                    if not via.startswith(name):
+                        raise SystemExit(f"bench: the {name} client's arrays went by {via}")
+                    rows[name].append(seconds)
+                    walls[name].append(wall)
+                rows["numpy copy"].append(numpy_copy(a) * 2)  # there and back: two copies
     print(f"{args.mib} MiB float64 there and back, placement local, median of {args.rounds} (min-max), interleaved")
     print(f"{'path':<16} {'MB/s each way':>14} {'min':>7} {'max':>7} {'crossing s':>11} {'wall s':>7}")
     for name, values in rows.items():

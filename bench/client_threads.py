@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,31 +35,8 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
+import nodes  # noqa: E402
 import pangea  # noqa: E402
-
-READY_TIMEOUT_S = 90.0
-
-
-def start_node(pyz: Path, home: Path) -> tuple[subprocess.Popen[str], str]:
-    """Start `serve` with its own home; return the process and its RPC HOST:PORT."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PANGEA_")}
-    env.update(HOME=str(home), PANGEA_HOME=str(home / "pangea"), PANGEA_MDNS="off", PYTHONUNBUFFERED="1")
-    cmd = [str(pyz), "serve", "--host", "127.0.0.1", "--port", "0", "--rpc", "127.0.0.1:0"]
-    proc = subprocess.Popen(
-        cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        match = re.match(r"^RPC: (127\.0\.0\.1:\d+) \(", line)
-        if match:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-            return proc, match.group(1)
-    proc.kill()
-    raise SystemExit("bench: the node did not print its RPC line")
 
 
 def cpu_s(pid: int) -> float:
@@ -127,28 +102,20 @@ def main() -> int:
     parser.add_argument("--futures", action="store_true", help="also one thread with futures in flight (Client.map)")
     parser.add_argument("--in-flight", type=int, default=16)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="pangea-bench-") as tmp:
-        home = Path(tmp)
-        (home / "pangea").mkdir()
-        proc, rpc = start_node(Path(args.pyz), home)
-        try:
-            os.environ["PANGEA_HOME"] = str(home / "pangea")  # the Client reads the node's token there
-            rows: dict[str, list[tuple[float, float, float]]] = {}
-            with pangea.Client(rpc, timeout_s=120) as client:
-                client.submit("matmul", np.eye(2), np.eye(2), placement=args.placement)  # warm
-                for _ in range(args.rounds):
-                    for t in args.threads:
-                        run = functools.partial(run_threads, client, t, args.seconds, args.placement)
-                        rows.setdefault(f"{t} thread(s)", []).append(measured(run, proc.pid))
-                    if args.futures:
-                        run = functools.partial(run_map, client, args.seconds, args.placement, args.in_flight)
-                        rows.setdefault(f"map, {args.in_flight} in flight", []).append(measured(run, proc.pid))
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with (
+        tempfile.TemporaryDirectory(prefix="pangea-bench-") as tmp,
+        nodes.serving(Path(args.pyz), Path(tmp), "serve") as node,
+    ):
+        rows: dict[str, list[tuple[float, float, float]]] = {}
+        with node.client(timeout_s=120) as client:
+            client.submit("matmul", np.eye(2), np.eye(2), placement=args.placement)  # warm
+            for _ in range(args.rounds):
+                for t in args.threads:
+                    run = functools.partial(run_threads, client, t, args.seconds, args.placement)
+                    rows.setdefault(f"{t} thread(s)", []).append(measured(run, node.pid))
+                if args.futures:
+                    run = functools.partial(run_map, client, args.seconds, args.placement, args.in_flight)
+                    rows.setdefault(f"map, {args.in_flight} in flight", []).append(measured(run, node.pid))
     base = statistics.median(r[0] for r in next(iter(rows.values())))
     print(f"tiny matmul 4x4, placement {args.placement}, {args.seconds:g} s x {args.rounds} rounds")
     print(f"{'callers':<22} {'tasks/s':>8} {'min':>8} {'max':>8} {'x 1st':>6} {'client ms':>10} {'node ms':>8}")

@@ -30,17 +30,15 @@ its own process group); every wait has a timeout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,46 +46,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 
 import numpy as np  # noqa: E402
-from helpers import NodeHome, Proc, make_node_home  # noqa: E402
+from helpers import NodeHome  # noqa: E402
 
+import nodes  # noqa: E402
 import pangea  # noqa: E402
 
-READY_TIMEOUT_S = 120.0  # a serve node's ready line
-CONNECT_TIMEOUT_S = 60.0  # A's `connected to peer` line for each worker
 CLIENT_TIMEOUT_S = 900.0  # one split job
 SHARE = re.compile(r"^ok: (\d+) rows in (\d+) blocks, busy (\d+)%$")
-
-
-def peer_id_of(pyz: Path, home: NodeHome) -> str:
-    result = subprocess.run(
-        [str(pyz), "id"], env=home.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=90
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"pangea.pyz id failed: {result.stderr.strip()}")
-    return result.stdout.strip()
-
-
-def start_serve(pyz: Path, home: NodeHome, *args: str, name: str) -> Proc:
-    cmd = [str(pyz), "serve", "--host", "127.0.0.1", "--port", "0", "--rpc", "127.0.0.1:0", *args]
-    return Proc(cmd, env=home.env, name=name)
-
-
-def ready(proc: Proc) -> tuple[str, str, str]:
-    """(peer id, RPC address, loopback multiaddr) of a started serve node."""
-    proc.wait_for_line(r"^pangea: serving on ", timeout=READY_TIMEOUT_S, stream="stdout")
-    peer_id = proc.wait_for_line(r"serve node, peer ID (12D3KooW\w+)$", stream="stdout").group(1)
-    rpc = proc.wait_for_line(r"^RPC: (127\.0\.0\.1:\d+) \(", stream="stdout").group(1)
-    address = proc.wait_for_line(rf"^  (/ip4/127\.0\.0\.1/tcp/\d+/p2p/{peer_id})$", stream="stdout").group(1)
-    return peer_id, rpc, address
-
-
-@contextlib.contextmanager
-def stopping(procs: list[Proc]) -> Iterator[list[Proc]]:
-    try:
-        yield procs
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
 
 
 def shares(task: dict[str, Any]) -> dict[str, dict[str, int]]:
@@ -102,18 +67,13 @@ def shares(task: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 
 def run_count(
-    pyz: Path, home_a: NodeHome, workers: Sequence[tuple[str, str]], size: int, reps: int, rng: Any
+    pyz: Path, home_a: NodeHome, workers: Sequence[nodes.Node], size: int, reps: int, rng: Any
 ) -> dict[str, Any]:
     """Start A with --peer the given workers, warm up, time `reps` split jobs and local numpy."""
-    peers = [arg for _, address in workers for arg in ("--peer", address)]
-    with stopping([start_serve(pyz, home_a, *peers, name="serve-A")]) as (a,):
-        _, rpc, _ = ready(a)
-        for peer_id, _ in workers:
-            a.wait_for_line(rf"^pangea: connected to peer {peer_id}$", timeout=CONNECT_TIMEOUT_S)
+    with nodes.stopping([nodes.with_peers(pyz, home_a, workers, name="serve-A")]) as (a,):
         jobs: list[dict[str, Any]] = []
         local_s: list[float] = []
-        token = (home_a.pangea_home / "rpc-token").read_text().strip()  # the node's home token
-        with pangea.Client(rpc, token=token, timeout_s=CLIENT_TIMEOUT_S) as node:
+        with a.client(timeout_s=CLIENT_TIMEOUT_S) as node:  # the token in the node's home
             warm = rng.standard_normal((512, 512))
             node.submit("matmul", warm, warm, placement="split-remote")
             for _ in range(reps):
@@ -130,7 +90,7 @@ def run_count(
     best = sorted(jobs, key=lambda j: j["seconds"])[len(jobs) // 2]  # the median job (the upper one of an even count)
     # Every block carries all of b; a is sent once in pieces and the result comes back once.
     moved = sum(s["blocks"] for s in best["shares"].values()) * size * size * 8 + 2 * size * size * 8
-    ids = [peer_id for peer_id, _ in workers]
+    ids = [w.peer_id for w in workers]
     return {
         "workers": len(workers),
         "split_s": statistics.median(j["seconds"] for j in jobs),
@@ -183,16 +143,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="pangea-bench-workers-") as tmp:
         base = Path(tmp)
-        home_a = make_node_home(base, "a")
-        a_id = peer_id_of(args.pyz, home_a)
-        homes = [make_node_home(base, f"w{i + 1}") for i in range(counts[-1])]
-        procs = [start_serve(args.pyz, h, "--allow-peer", a_id, name=f"serve-w{i + 1}") for i, h in enumerate(homes)]
-        with stopping(procs):
-            workers = [ready(p) for p in procs]
+        home_a = nodes.node_home(base, "a")
+        a_id = nodes.peer_id_of(args.pyz, home_a)
+        homes = [nodes.node_home(base, f"w{i + 1}") for i in range(counts[-1])]
+        procs = [nodes.launch(args.pyz, h, "--allow-peer", a_id, name=f"serve-w{i + 1}") for i, h in enumerate(homes)]
+        try:
+            workers = [nodes.ready(p, h) for p, h in zip(procs, homes, strict=True)]
             for k in counts:
                 print(f"bench/workers.py: {k} worker(s), {args.size}x{args.size}, {args.reps} job(s)...", flush=True)
-                chosen = [(peer_id, address) for peer_id, _, address in workers[:k]]
-                results.append(run_count(args.pyz, home_a, chosen, args.size, args.reps, rng))
+                results.append(run_count(args.pyz, home_a, workers[:k], args.size, args.reps, rng))
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
 
     print()
     print(table(results, args.size))
