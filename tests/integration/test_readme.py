@@ -744,6 +744,7 @@ def developer_help() -> str:
         [sys.executable, "bench/bench.py", "--help"],
         [sys.executable, "bench/workers.py", "--help"],
         [sys.executable, "bench/client_path.py", "--help"],
+        [sys.executable, "bench/client_tls.py", "--help"],
     ):
         result = subprocess.run(
             argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
