@@ -3114,16 +3114,18 @@ def check_kernel_call(name: str, operands: Sequence[np.ndarray], params: dict[st
 
 
 def output_nbytes(name: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> int:
-    """Return an upper bound of the bytes a kernel call will allocate for its output.
+    """Return the bytes of a kernel call's output: numpy's result dtype times its shape, exact for
+    every kernel of the registry (an upper bound for an unknown name).
 
     Lets a worker refuse, before computing, an output that would not fit its
-    limits: (n x 1) @ (1 x n) turns two small vectors into n^2 elements."""
+    limits ((n x 1) @ (1 x n) turns two small vectors into n^2 elements), and
+    sizes a Client's result segment: a bound above the result is memory taken for nothing."""
     kernel = KERNELS.get(name)
     if kernel is None:
         return _bytes_of_operands(operands, params)
     try:
         return kernel.out_nbytes(operands, params)
-    except (ValueError, IndexError, OverflowError):
+    except (ValueError, IndexError, OverflowError, TypeError):
         return 0  # the kernel itself will reject these operands
 
 
@@ -3137,7 +3139,7 @@ def task_cost(
     flops = (kernel.flops if kernel is not None else _flops_of_elements)(operands, params)
     if out_nbytes is None:
         out_nbytes = output_nbytes(name, operands, params)
-    nbytes = sum(a.nbytes for a in operands) + out_nbytes // 2  # float64 guess
+    nbytes = sum(a.nbytes for a in operands) + out_nbytes
     return flops, int(nbytes)
 
 
@@ -3162,7 +3164,8 @@ def run_kernel(
     kernel = check_kernel_call(name, operands, params)
     if out_nbytes is None and max_elements is not None:
         out_nbytes = output_nbytes(name, operands, params)
-    if max_elements is not None and out_nbytes is not None and out_nbytes > max_elements * 16:
+    # NOTE: a bound in bytes: max_elements of the widest dtype (what the limit protects is memory)
+    if max_elements is not None and out_nbytes is not None and out_nbytes > max_elements * _WIDEST_ITEMSIZE:
         raise KernelError(f"{name}: the result would have more than {max_elements} elements (the node's limit)")
     with np.errstate(all="ignore"):
         outputs = kernel.fn(operands, params)
@@ -3656,33 +3659,81 @@ _WIDEST_ITEMSIZE = 16  # complex128, the widest result
 
 
 def _bytes_of_operands(operands: Operands, params: dict[str, float]) -> int:
-    """Output bound of a kernel whose result is no larger than its operands."""
+    """Loose output bound of a kernel whose result is no larger than its operands in entries, of any dtype.
+
+    Only for a kernel whose output is not known in advance (an unknown name): every
+    kernel of the registry has its exact bound below."""
     return sum(a.size for a in operands) * _WIDEST_ITEMSIZE
 
 
+def _bytes_of(shape: Sequence[int], dtype: Any) -> int:
+    import numpy as np
+
+    return math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
+
+
 def _bytes_of_matmul(operands: Operands, params: dict[str, float]) -> int:
-    return int(operands[0].shape[0]) * int(operands[1].shape[-1]) * _WIDEST_ITEMSIZE
+    import numpy as np
+
+    a, b = operands
+    return _bytes_of((a.shape[0], b.shape[-1]), np.result_type(a.dtype, b.dtype))
 
 
 def _bytes_of_broadcast(operands: Operands, params: dict[str, float]) -> int:
+    """add, subtract, multiply: numpy's result dtype over the broadcast shape."""
     import numpy as np
 
-    return math.prod(np.broadcast_shapes(operands[0].shape, operands[1].shape)) * _WIDEST_ITEMSIZE
+    a, b = operands
+    return _bytes_of(np.broadcast_shapes(a.shape, b.shape), np.result_type(a.dtype, b.dtype))
+
+
+def _bytes_of_transpose(operands: Operands, params: dict[str, float]) -> int:
+    return int(operands[0].nbytes)
+
+
+def _bytes_of_scale(operands: Operands, params: dict[str, float]) -> int:
+    import numpy as np
+
+    # NOTE: the factor as _k_scale takes it: a Python float is a weak scalar (float32 * 2.5 stays
+    # float32, int32 * 2.5 is float64), so the dtype follows the same promotion as the kernel's
+    (a,) = operands
+    return _bytes_of(a.shape, np.result_type(a.dtype, params.get("factor", 1.0)))
+
+
+def _bytes_of_dot(operands: Operands, params: dict[str, float]) -> int:
+    import numpy as np
+
+    return int(np.result_type(operands[0].dtype, operands[1].dtype).itemsize)  # one number
+
+
+def _bytes_of_solve(operands: Operands, params: dict[str, float]) -> int:
+    return _bytes_of(operands[1].shape, _linalg_dtype(operands[0], operands[1]))  # as _check_solve expects
+
+
+def _bytes_of_inverse(operands: Operands, params: dict[str, float]) -> int:
+    return _bytes_of(operands[0].shape, _linalg_dtype(operands[0]))
 
 
 def _bytes_of_random(operands: Operands, params: dict[str, float]) -> int:
     return int(max(0.0, params.get("rows", 0.0))) * int(max(0.0, params.get("cols", 0.0))) * 8
 
 
+def _sum_dtype(a: np.ndarray) -> Any:
+    import numpy as np
+
+    return np.sum(np.zeros(0, a.dtype)).dtype  # numpy's own rule: int32 sums to int64
+
+
 def _bytes_of_sum(operands: Operands, params: dict[str, float]) -> int:
     if not operands:
         return _bytes_of_operands(operands, params)
     shape = operands[0].shape
+    itemsize = int(_sum_dtype(operands[0]).itemsize)
     axis = params.get("axis")
     if axis is None or not math.isfinite(axis) or not -len(shape) <= int(axis) < len(shape):
-        return _WIDEST_ITEMSIZE
+        return itemsize
     # NOTE: not the input's size: summing a (huge x 0) array over axis 1 gives `huge` zeros
-    return math.prod(d for i, d in enumerate(shape) if i != int(axis) % len(shape)) * _WIDEST_ITEMSIZE
+    return math.prod(d for i, d in enumerate(shape) if i != int(axis) % len(shape)) * itemsize
 
 
 def _flops_of_elements(operands: Operands, params: dict[str, float]) -> float:
@@ -3884,7 +3935,7 @@ KERNELS: dict[str, Kernel] = {
             1,
             _k_transpose,
             "a.T",
-            out_nbytes=_bytes_of_operands,
+            out_nbytes=_bytes_of_transpose,
             flops=_flops_of_elements,
             check=_verify_recomputed,
             sample=_sample_transpose,
@@ -3896,7 +3947,7 @@ KERNELS: dict[str, Kernel] = {
             _k_scale,
             "a * factor",
             ("factor",),
-            out_nbytes=_bytes_of_operands,
+            out_nbytes=_bytes_of_scale,
             flops=_flops_of_elements,
             check=_verify_recomputed,
             sample=_sample_scale,
@@ -3920,7 +3971,7 @@ KERNELS: dict[str, Kernel] = {
             2,
             _k_dot,
             "dot product of two vectors",
-            out_nbytes=_bytes_of_operands,
+            out_nbytes=_bytes_of_dot,
             flops=_flops_of_elements,
             check=_verify_recomputed,
             sample=_sample_dot,
@@ -3932,7 +3983,7 @@ KERNELS: dict[str, Kernel] = {
             2,
             _k_solve,
             "x with a @ x = b",
-            out_nbytes=_bytes_of_operands,
+            out_nbytes=_bytes_of_solve,
             flops=_flops_of_cubic,
             check=_verify_solve,
             sample=_sample_solve,
@@ -3944,7 +3995,7 @@ KERNELS: dict[str, Kernel] = {
             1,
             _k_inverse,
             "matrix inverse",
-            out_nbytes=_bytes_of_operands,
+            out_nbytes=_bytes_of_inverse,
             flops=_flops_of_cubic,
             check=_verify_solve,
             sample=_sample_inverse,
