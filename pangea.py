@@ -1997,6 +1997,25 @@ class Decoder:
             raise self._fail(str(exc)) from None
 
 
+def _array_layout(meta: Any, i: int, task_id: int, limits: Limits) -> tuple[np.dtype[Any], list[int], int]:
+    """(dtype, shape, bytes) that array ``i``'s header metadata declares; MessageError when its dtype,
+    dimensions or elements are not allowed (checked before any of its bytes are stored)."""
+    dtype_name = str(meta.dtype)
+    if dtype_name not in limits.dtypes:
+        raise MessageError(
+            f"array {i}: dtype {dtype_name!r} is not allowed ({', '.join(limits.dtypes)})", task_id=task_id
+        )
+    shape = [int(d) for d in meta.shape]
+    if len(shape) > limits.max_ndim:
+        raise MessageError(f"array {i}: {len(shape)} dimensions, at most {limits.max_ndim} allowed", task_id=task_id)
+    if math.prod(shape) > limits.max_elements or any(d > limits.max_elements for d in shape):
+        raise MessageError(
+            f"array {i}: shape {tuple(shape)} has more than {limits.max_elements} elements", task_id=task_id
+        )
+    dtype = _wire_dtype(dtype_name)
+    return dtype, shape, math.prod(shape) * dtype.itemsize
+
+
 def _arrays_from(metas: Any, payload: bytearray, task_id: int, limits: Limits | None = None) -> tuple[np.ndarray, ...]:
     """Build arrays over ``payload`` (no copy) from header metadata; MessageError if inconsistent."""
     import numpy as np
@@ -2005,22 +2024,8 @@ def _arrays_from(metas: Any, payload: bytearray, task_id: int, limits: Limits | 
     arrays = []
     offset = 0
     for i, meta in enumerate(metas):
+        dtype, shape, expected = _array_layout(meta, i, task_id, limits)
         dtype_name = str(meta.dtype)
-        if dtype_name not in limits.dtypes:
-            raise MessageError(
-                f"array {i}: dtype {dtype_name!r} is not allowed ({', '.join(limits.dtypes)})", task_id=task_id
-            )
-        shape = [int(d) for d in meta.shape]
-        if len(shape) > limits.max_ndim:
-            raise MessageError(
-                f"array {i}: {len(shape)} dimensions, at most {limits.max_ndim} allowed", task_id=task_id
-            )
-        if math.prod(shape) > limits.max_elements or any(d > limits.max_elements for d in shape):
-            raise MessageError(
-                f"array {i}: shape {tuple(shape)} has more than {limits.max_elements} elements", task_id=task_id
-            )
-        dtype = _wire_dtype(dtype_name)
-        expected = math.prod(shape) * dtype.itemsize
         nbytes = int(meta.nbytes)
         if nbytes != expected:
             raise MessageError(
@@ -8536,17 +8541,28 @@ def array_to_capnp(builder: Any, a: np.ndarray) -> None:
 
 
 def array_from_capnp(reader: Any, index: int = 0) -> np.ndarray:
-    """Return the numpy array of an RPC `Array`; TaskError(bad-input) when inconsistent."""
+    """Return the numpy array of an RPC `Array`; TaskError(bad-input) when inconsistent.
+
+    The bytes are copied out of the message once: each chunk straight into one
+    buffer of the size the dtype and shape declare (a chunk's `bytes` lives only
+    while it is copied), so an operand costs its bytes here, not twice them."""
     from types import SimpleNamespace
 
-    pieces = [bytes(c) for c in reader.chunks]
-    payload = bytearray(sum(len(p) for p in pieces))
-    offset = 0
-    for p in pieces:
-        payload[offset : offset + len(p)] = p
-        offset += len(p)
-    meta = SimpleNamespace(dtype=str(reader.dtype), shape=[int(d) for d in reader.shape], nbytes=len(payload))
+    meta = SimpleNamespace(dtype=str(reader.dtype), shape=[int(d) for d in reader.shape], nbytes=0)
     try:
+        _, _, expected = _array_layout(meta, 0, 0, Limits())
+        payload = bytearray(expected)
+        view = memoryview(payload)
+        offset = 0
+        chunks = reader.chunks
+        for i in range(len(chunks)):  # NOTE: not `for chunk in`: its variable would keep a second chunk alive
+            piece = chunks[i]  # pycapnp gives a list's Data only as a copy (bytes): one at a time
+            if offset + len(piece) <= expected:
+                view[offset : offset + len(piece)] = piece
+            offset += len(piece)  # past `expected`: only counted, for the message
+            del piece  # before the next chunk's copy is made
+        del view
+        meta.nbytes = offset  # NOTE: not `expected`: a size that differs is refused with both numbers
         (array,) = _arrays_from([meta], payload, task_id=0)
     except MessageError as exc:
         raise TaskError(str(exc).replace("array 0", f"operand {index}"), kind=ErrorKind.BAD_INPUT) from None
