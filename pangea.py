@@ -1482,6 +1482,23 @@ class RpcAdmission:
         return len(self._open), len(self._pending)
 
 
+def _blocks(shape: Sequence[int], limit: int) -> Iterator[tuple[slice, ...]]:
+    """Index tuples (slices, one per axis) that cover an array of ``shape`` in C order, each of at most
+    ``limit`` elements (or one row of the last axis): the slices the checks of O(n) results read."""
+    if not shape:
+        yield ()
+        return
+    inner = math.prod(shape[1:])
+    if len(shape) == 1 or inner <= limit:
+        step = max(1, limit // max(1, inner))
+        for start in range(0, shape[0], step):
+            yield (slice(start, start + step),) + (slice(None),) * (len(shape) - 1)
+        return
+    for i in range(shape[0]):
+        for rest in _blocks(shape[1:], limit):
+            yield (slice(i, i + 1), *rest)
+
+
 ###############################################################################
 # 4. Wire framing (sans-I/O)
 #
@@ -3050,9 +3067,13 @@ def _k_dot(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndar
     import numpy as np
 
     a, b = ops
+    _need_vectors(a, b)
+    return (np.asarray(np.dot(a, b)),)
+
+
+def _need_vectors(a: np.ndarray, b: np.ndarray) -> None:
     if a.ndim != 1 or b.ndim != 1 or a.shape != b.shape:
         raise KernelError(f"dot: operands must be vectors of the same length, got shapes {a.shape} and {b.shape}")
-    return (np.asarray(np.dot(a, b)),)
 
 
 def _k_solve(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
@@ -3235,32 +3256,44 @@ def _ldexp(a: np.ndarray, exp: int) -> np.ndarray:
 # fewer than 2**200 products of two of them stays far below the overflow
 # threshold (2**1024), and underflow is covered by the bounds' absolute term.
 SCALE_FREE_EXP = 400
+# The checks of O(n) results (element-wise, dot) read operands and result a slice of this many
+# elements at a time: what they allocate is a few slices (8 MiB of float64 each), never arrays
+# as large as the operands, which on a delegating node are already 1 GiB of its memory.
+CHECK_SLICE_ELEMENTS = 1 << 20
 
 
-def _scaled(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Return (a * 2**-e, |finite part of a| * 2**-e, e), e the binary exponent of a's largest finite magnitude
-    (0, and a itself, when that is within 2**+-SCALE_FREE_EXP).
+def _scale_exponent(a: np.ndarray, dtype: Any = None) -> int:
+    """The binary exponent ``_scaled`` divides ``a`` (as ``dtype``) by: that of its largest finite
+    magnitude (0 when it is within 2**+-SCALE_FREE_EXP). Read a slice of CHECK_SLICE_ELEMENTS at a
+    time: no copy of a."""
+    import numpy as np
 
-    At this scale the finite entries are at most 1 (or 2**400), so no sum of k
-    products of scaled operands can overflow."""
+    dtype = np.dtype(a.dtype if dtype is None else dtype)
+    top = 0.0
+    flat = a.reshape(-1) if a.flags.c_contiguous else a.ravel()  # NOTE: a view for a C-ordered a
+    step = max(1, CHECK_SLICE_ELEMENTS)
+    for start in range(0, flat.size, step):
+        part = flat[start : start + step].astype(dtype, copy=False)
+        with np.errstate(all="ignore"):
+            if dtype.kind == "c":
+                # NOTE: the modulus of a finite complex entry near the float maximum overflows to inf,
+                # its parts do not: the exponent comes from them (|z| <= 2 * max(|re|, |im|))
+                size = np.maximum(np.abs(part.real), np.abs(part.imag))
+            else:
+                size = np.abs(part)
+            size[~np.isfinite(part)] = 0
+        top = max(top, float(size.max()) if size.size else 0.0)
+    e = (math.frexp(top)[1] + (1 if dtype.kind == "c" else 0)) if top > 0 else 0
+    return e if not -SCALE_FREE_EXP <= e <= SCALE_FREE_EXP else 0
+
+
+def _scaled_by(a: np.ndarray, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a * 2**-e, |finite part of a| * 2**-e): `_scaled` with its exponent given (a itself for 0)."""
     import numpy as np
 
     finite = np.isfinite(a)
-    if a.dtype.kind == "c":
-        # NOTE: the modulus of a finite complex entry near the float maximum overflows to inf,
-        # its parts do not: the exponent comes from them (|z| <= 2 * max(|re|, |im|))
-        with np.errstate(all="ignore"):
-            parts = np.where(finite, np.maximum(np.abs(a.real), np.abs(a.imag)), 0)
-        top = float(parts.max()) if parts.size else 0.0
-        e = math.frexp(top)[1] + 1 if top > 0 else 0
-    else:
-        magnitude = np.where(finite, np.abs(a), 0)
-        top = float(magnitude.max()) if magnitude.size else 0.0
-        e = math.frexp(top)[1] if top > 0 else 0
-    if -SCALE_FREE_EXP <= e <= SCALE_FREE_EXP:
-        if a.dtype.kind == "c":
-            magnitude = np.where(finite, np.abs(a), 0)  # no overflow at this scale
-        return a, magnitude, 0  # no sum of two such operands' products can overflow: no copy
+    if not e:
+        return a, np.where(finite, np.abs(a), 0)  # no sum of two such operands' products can overflow: no copy
     scaled = np.array(_ldexp(a, -e))  # NOTE: an array even for 0-d a: written below
     # NOTE: an entry scaled down to 0 becomes the smallest subnormal of its sign instead: a
     # change the underflow allowance covers, and inf * it stays inf, not NaN as inf * 0.
@@ -3269,8 +3302,18 @@ def _scaled(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         lost = (part == 0) & (original != 0)
         part[lost] = np.copysign(least, original[lost])
     if a.dtype.kind == "c":
-        return scaled, np.where(finite, np.abs(scaled), 0), e
-    return scaled, np.ldexp(magnitude, -e), e
+        return scaled, np.where(finite, np.abs(scaled), 0)
+    return scaled, np.ldexp(np.where(finite, np.abs(a), 0), -e)
+
+
+def _scaled(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Return (a * 2**-e, |finite part of a| * 2**-e, e), e the binary exponent of a's largest finite magnitude
+    (0, and a itself, when that is within 2**+-SCALE_FREE_EXP).
+
+    At this scale the finite entries are at most 1 (or 2**400), so no sum of k
+    products of scaled operands can overflow."""
+    e = _scale_exponent(a)
+    return (*_scaled_by(a, e), e)
 
 
 def _sum_mismatches(
@@ -3588,43 +3631,127 @@ def _solve_here(kernel: str, operands: Sequence[np.ndarray], params: dict[str, f
         return None
 
 
+def _elementwise_slices(
+    kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]
+) -> tuple[tuple[int, ...], Callable[[tuple[slice, ...]], np.ndarray], Callable[[tuple[slice, ...]], Any]]:
+    """(result shape, numpy's result in a slice, its complex rounding allowance there) of an element-wise
+    kernel, transpose or scale: views of the operands, nothing computed before a slice is asked for."""
+    import numpy as np
+
+    check_kernel_call(kernel, operands, params)
+    if kernel == "transpose":
+        t = operands[0].T
+        return t.shape, lambda blk: t[blk], lambda blk: None
+    if kernel == "scale":
+        a, factor = operands[0], params.get("factor", 1.0)
+        if not math.isfinite(factor):
+            raise KernelError(f"scale: factor {factor!r} is not a finite number")
+        return a.shape, lambda blk: a[blk] * factor, lambda blk: np.abs(a[blk]) * abs(factor)
+    _broadcast(kernel, operands[0], operands[1])
+    shape = np.broadcast_shapes(operands[0].shape, operands[1].shape)
+    a, b = (np.broadcast_to(x, shape) for x in operands)  # NOTE: views, stride 0 where broadcast
+    op = {"add": np.add, "subtract": np.subtract, "multiply": np.multiply}[kernel]
+    return shape, lambda blk: op(a[blk], b[blk]), lambda blk: np.abs(a[blk]) * np.abs(b[blk])
+
+
+def _check_elementwise(
+    kernel: str, operands: Sequence[np.ndarray], params: dict[str, float], out: np.ndarray
+) -> str | None:
+    """Recompute an element-wise result a slice at a time and compare it exactly (complex products
+    within their FMA allowance); the message names the first wrong entry and counts them all."""
+    import numpy as np
+
+    shape, want_in, size_in = _elementwise_slices(kernel, operands, params)
+    with np.errstate(all="ignore"):
+        dtype = want_in(tuple(slice(0, 0) for _ in shape)).dtype  # nothing computed (0-d: its one entry)
+    if out.shape != shape:
+        return f"{kernel}: result shape {out.shape}, expected {shape}"
+    if out.dtype != dtype:
+        return f"{kernel}: result dtype {out.dtype}, expected {dtype}"
+    complex_product = dtype.kind == "c" and kernel in ("multiply", "scale")
+    eps, _ = _eps_tiny(dtype) if dtype.kind in "fc" else (0.0, 0.0)
+    first: str | None = None
+    wrong = 0
+    for blk in _blocks(shape, CHECK_SLICE_ELEMENTS):
+        with np.errstate(all="ignore"):
+            got, want = out[blk], want_in(blk)
+            tol = 4 * eps * size_in(blk) if complex_product else None  # a complex product, with or without FMA
+            mask = _exact_mismatches(got, want, tol)
+        count = int(mask.sum())
+        if count and first is None:
+            inner = np.unravel_index(int(np.argmax(mask)), mask.shape)
+            index = tuple(int(i) + (s.start or 0) for i, s in zip(inner, blk, strict=True))
+            where = f" at {list(index)}" if index else ""
+            first = f"{kernel}: the result is wrong{where} (got {out[index]!r}, numpy gives {want[inner]!r}"
+        wrong += count
+    return None if first is None else f"{first}; {wrong} wrong entries)"
+
+
+def _check_dot(operands: Sequence[np.ndarray], out: np.ndarray) -> str | None:
+    """Check a dot a slice of the operands at a time: integers exactly (their sums wrap modulo
+    2**bits in any order), floating point within the rounding bound of any order of its sum, from
+    scaled slices. No magnitude array, cast or scaled copy as large as the operands."""
+    import numpy as np
+
+    check_kernel_call("dot", operands, {})
+    a, b = operands
+    _need_vectors(a, b)
+    want = np.result_type(a.dtype, b.dtype)
+    if out.shape != ():
+        return f"dot: result shape {out.shape}, expected ()"
+    if out.dtype != want:
+        return f"dot: result dtype {out.dtype}, expected {want}"
+    exact = want.kind not in "fc"
+    a_exp, b_exp = (0, 0) if exact else (_scale_exponent(a, want), _scale_exponent(b, want))
+    ref_s, mag_s, mag_sums = want.type(0), np.abs(np.zeros(0, want)).dtype.type(0), 0.0
+    with np.errstate(all="ignore"):
+        for start in range(0, a.size, step := max(1, CHECK_SLICE_ELEMENTS)):
+            x, y = (v[start : start + step].astype(want, copy=False) for v in (a, b))
+            if exact:
+                ref_s += np.dot(x, y)  # NOTE: wraps as numpy's own sum does: the same number modulo 2**bits
+                continue
+            (a_s, a_mag), (b_s, b_mag) = _scaled_by(x, a_exp), _scaled_by(y, b_exp)
+            ref_s += np.dot(a_s, b_s)  # partial sums: one more order of the same sum, within the bound
+            mag_s += np.dot(a_mag, b_mag)
+            mag_sums += float(a_mag.sum()) + float(b_mag.sum())
+        if exact:
+            return _first_wrong("dot", _exact_mismatches(out, np.asarray(ref_s)), out, np.asarray(ref_s))
+        shift = a_exp + b_exp
+        near = np.asarray(_ldexp(np.asarray(ref_s), shift))
+    # what the scaling's underflow may change (see _check_matmul_exceptional)
+    least = float(np.finfo(want).smallest_subnormal) if shift else 0.0
+    bad = _sum_mismatches(out, np.asarray(ref_s), np.asarray(mag_s), shift, a.size, want, 2 * least * mag_sums)
+    return _first_wrong("dot", bad, out, near)
+
+
 def _check_recomputed(
     kernel: str, operands: Sequence[np.ndarray], params: dict[str, float], out: np.ndarray
 ) -> str | None:
-    """O(n) kernels, recomputed here: exact where numpy is exact, within the rounding bound of sum and dot."""
+    """O(n) kernels, recomputed here: exact where numpy is exact, within the rounding bound of sum and dot.
+
+    Element-wise kernels, transpose, scale and dot are read a slice at a time (CHECK_SLICE_ELEMENTS):
+    a delegating node checks a worker's 1 GiB result without another 1 GiB of temporaries."""
     import numpy as np
 
-    want = run_kernel(kernel, operands, params)[0]  # cheaper than the transfer that brought the result
+    if kernel in ("add", "subtract", "multiply", "transpose", "scale"):
+        return _check_elementwise(kernel, operands, params, out)
+    if kernel == "dot":
+        return _check_dot(operands, out)
+    want = run_kernel(kernel, operands, params)[0]
     if out.shape != want.shape:
         return f"{kernel}: result shape {out.shape}, expected {want.shape}"
     if out.dtype != want.dtype:
         return f"{kernel}: result dtype {out.dtype}, expected {want.dtype}"
-    if kernel in ("sum", "dot") and want.dtype.kind in "fc":
-        if kernel == "dot":
-            a_s, a_mag, a_exp = _scaled(operands[0].astype(want.dtype, copy=False))
-            b_s, b_mag, b_exp = _scaled(operands[1].astype(want.dtype, copy=False))
-            with np.errstate(all="ignore"):
-                ref_s, mag_s = np.asarray(np.dot(a_s, b_s)), np.asarray(np.dot(a_mag, b_mag))
-            shift, terms = a_exp + b_exp, operands[0].size
-            # what the scaling's underflow may change (see _check_matmul_exceptional)
-            least = float(np.finfo(want.dtype).smallest_subnormal) if shift else 0.0
-            lost: np.ndarray | float = 2 * least * (float(a_mag.sum()) + float(b_mag.sum()))
-        else:
-            a = operands[0].astype(want.dtype, copy=False)
-            a_s, a_mag, shift = _scaled(a)
-            axis = int(params["axis"]) if "axis" in params else None
-            with np.errstate(all="ignore"):
-                ref_s, mag_s = np.asarray(np.sum(a_s, axis=axis)), np.asarray(np.sum(a_mag, axis=axis))
-            terms = a.size if axis is None else a.shape[axis]
-            lost = 0.0  # a lost entry changes the sum by at most `least`: the bound's floor covers it
-        return _first_wrong(kernel, _sum_mismatches(out, ref_s, mag_s, shift, terms, want.dtype, lost), out, want)
-    tol = None
-    if want.dtype.kind == "c" and kernel in ("multiply", "scale"):
-        eps, _ = _eps_tiny(want.dtype)
+    if kernel == "sum" and want.dtype.kind in "fc":
+        a = operands[0].astype(want.dtype, copy=False)
+        a_s, a_mag, shift = _scaled(a)
+        axis = int(params["axis"]) if "axis" in params else None
         with np.errstate(all="ignore"):
-            other = np.abs(operands[1]) if kernel == "multiply" else abs(params.get("factor", 1.0))
-            tol = 4 * eps * np.abs(operands[0]) * other  # a complex product, with or without FMA
-    return _first_wrong(kernel, _exact_mismatches(out, want, tol), out, want)
+            ref_s, mag_s = np.asarray(np.sum(a_s, axis=axis)), np.asarray(np.sum(a_mag, axis=axis))
+        terms = a.size if axis is None else a.shape[axis]
+        # a lost entry changes the sum by at most `least`: the bound's floor covers it
+        return _first_wrong(kernel, _sum_mismatches(out, ref_s, mag_s, shift, terms, want.dtype), out, want)
+    return _first_wrong(kernel, _exact_mismatches(out, want), out, want)
 
 
 def check_result(
@@ -3723,17 +3850,13 @@ def _bytes_of_random(operands: Operands, params: dict[str, float]) -> int:
     return int(max(0.0, params.get("rows", 0.0))) * int(max(0.0, params.get("cols", 0.0))) * 8
 
 
-def _sum_dtype(a: np.ndarray) -> Any:
+def _bytes_of_sum(operands: Operands, params: dict[str, float]) -> int:
     import numpy as np
 
-    return np.sum(np.zeros(0, a.dtype)).dtype  # numpy's own rule: int32 sums to int64
-
-
-def _bytes_of_sum(operands: Operands, params: dict[str, float]) -> int:
     if not operands:
         return _bytes_of_operands(operands, params)
     shape = operands[0].shape
-    itemsize = int(_sum_dtype(operands[0]).itemsize)
+    itemsize = int(np.sum(np.zeros(0, operands[0].dtype)).itemsize)  # numpy's own rule: int32 sums to int64
     axis = params.get("axis")
     if axis is None or not math.isfinite(axis) or not -len(shape) <= int(axis) < len(shape):
         return itemsize
