@@ -9901,6 +9901,13 @@ class _Segment:
         except BaseException:
             os.close(self.fd)
             raise
+        self.address = _buffer_address(self.mapping)  # where an array over it starts: found again by address
+
+    def holds(self, a: np.ndarray) -> int:
+        """The offset of ``a``'s bytes in this segment; -1 when they are not all in it."""
+        start = int(a.__array_interface__["data"][0])
+        inside = self.address <= start and start + a.nbytes <= self.address + self.size and self.fd >= 0
+        return start - self.address if inside else -1
 
     def array(self, dtype: Any, shape: Sequence[int]) -> np.ndarray:
         """A numpy array over the segment's first bytes (C order)."""
@@ -9917,9 +9924,17 @@ class _Segment:
             self.fd = -1
 
 
+def _buffer_address(buffer: Any) -> int:
+    """The address of a writable buffer's first byte (no view of it is left behind)."""
+    import numpy as np
+
+    return int(np.frombuffer(buffer, np.uint8, count=1).__array_interface__["data"][0])
+
+
 @dataclass
 class _BulkTask:
-    """The shared segments of one task of a Client, all pooled: its operands' and its output's."""
+    """The shared segments of one task of a Client: its operands' (pooled, or borrowed from the
+    caller's shared arrays) and its output's."""
 
     segments: list[_Segment]
     slots: list[int]  # per operand: 1 + its segment's index, 0: in the message (an empty array)
@@ -9928,6 +9943,8 @@ class _BulkTask:
     outputs: _SegmentPool
     released: bool = False
     handed: bool = False  # the output segment is the caller's result now (back to the pool when it goes)
+    offsets: list[int] = field(default_factory=list)  # per operand: where its bytes start in its segment
+    borrowed: list[_Segment] = field(default_factory=list)  # the caller's: not given back to a pool here
 
     def release(self) -> None:
         """Give the segments back to their pools (once); the output's only when not handed out."""
@@ -9935,7 +9952,7 @@ class _BulkTask:
             return
         self.released = True
         for s in self.segments:
-            if s is not self.output:
+            if s is not self.output and not any(s is b for b in self.borrowed):
                 self.pool.put(s)
         if self.output is not None and not self.handed:
             self.outputs.put(self.output)
@@ -9946,7 +9963,7 @@ class _SegmentPool:
 
     def __init__(self) -> None:
         self._free: list[_Segment] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # NOTE: re-entrant: a result's finalizer may run (GC) while it is held
         self._closed = False
 
     def get(self, nbytes: int) -> _Segment:
@@ -10128,6 +10145,9 @@ class Client:
     in place, and the result is an array over the segment the node wrote. Off loopback,
     over TLS, with ``shared_memory=False`` or $PANGEA_NO_SHM=1, the arrays travel in
     the RPC messages; ``shared_memory`` says which, ``shared_memory_note`` why.
+    Operands are copied into a segment before sending, except an array of `empty`, a
+    result that came back in shared memory, and C-ordered views of either: those the
+    node reads where they are. ``operands_copied`` counts the copies.
 
     Limits: operands that exceed the node's RPC message limit (learned at login; it
     follows the node's --memory-budget-mib) or can never fit its memory budget are
@@ -10183,6 +10203,10 @@ class Client:
         self._bulk: _BulkChannel | None = None
         self._pool = _SegmentPool()  # operands' segments
         self._out_pool = _SegmentPool()  # results' segments, back here when the caller drops its result
+        # The segments under arrays the caller holds (results, `empty`): passed as operands in place
+        self._shared: dict[int, _Segment] = {}
+        self._shared_lock = threading.RLock()  # NOTE: re-entrant: a finalizer may run in a thread holding it
+        self.operands_copied = 0  # operands copied into a segment to be sent (the others were already in one)
         self.shared_memory_note = (
             "off: shared_memory=False"
             if not shared_memory
@@ -10540,11 +10564,20 @@ class Client:
             for a in arrays:
                 if not a.nbytes:  # NOTE: nothing to share (and a memfd cannot map 0 bytes)
                     task.slots.append(0)
+                    task.offsets.append(0)
                     continue
-                segment = self._pool.get(int(a.nbytes))
-                task.segments.append(segment)
-                segment.array(a.dtype.newbyteorder("<"), a.shape)[...] = a  # any layout, byte order
-                task.slots.append(len(task.segments))
+                segment, offset = self._shared_slot(a)
+                if segment is None:
+                    segment, offset = self._pool.get(int(a.nbytes)), 0
+                    segment.array(a.dtype.newbyteorder("<"), a.shape)[...] = a  # any layout, byte order
+                    task.segments.append(segment)
+                    with self._shared_lock:
+                        self.operands_copied += 1
+                elif not any(segment is t for t in task.segments):  # the same array twice: one segment
+                    task.segments.append(segment)
+                    task.borrowed.append(segment)
+                task.slots.append(1 + next(i for i, t in enumerate(task.segments) if t is segment))
+                task.offsets.append(offset)
             out_bytes = output_nbytes(kernel, arrays, params)
             if 0 < out_bytes <= self.node_max_message_bytes:
                 task.output = self._out_pool.get(out_bytes)
@@ -10556,6 +10589,59 @@ class Client:
         if not task.segments:
             return None
         return task
+
+    def _shared_slot(self, a: np.ndarray) -> tuple[_Segment | None, int]:
+        """(the segment of an array the caller holds in shared memory, the offset of ``a``'s bytes in
+        it) when ``a`` is such an array or a C-ordered little-endian view of one; (None, 0) otherwise."""
+        if not a.flags.c_contiguous or a.dtype.byteorder not in "=<|" or sys.byteorder != "little":
+            return None, 0
+        with self._shared_lock:
+            for segment in list(self._shared.values()):  # NOTE: a copy: a finalizer may run in the loop
+                offset = segment.holds(a)
+                if offset >= 0:
+                    return segment, offset
+        return None, 0
+
+    def _share(self, array: np.ndarray, segment: _Segment, pool: _SegmentPool) -> np.ndarray:
+        """Hand the caller ``array`` over ``segment``: an operand without a copy while it (or any view
+        of it) lives, then the segment goes back to ``pool``."""
+        import weakref
+
+        with self._shared_lock:
+            self._shared[id(segment)] = segment
+
+        def gone() -> None:
+            with self._shared_lock:
+                self._shared.pop(id(segment), None)
+            pool.put(segment)
+
+        weakref.finalize(array, gone)
+        return array
+
+    def empty(self, shape: int | Sequence[int], dtype: Any = "float64") -> np.ndarray:
+        """An uninitialised array of ``shape`` and ``dtype`` in memory shared with the node: fill it in
+        place and pass it (or a C-ordered view of it) as an operand, and it is not copied. A plain
+        numpy array when this client has no shared memory (`shared_memory`).
+
+        NOTE: the node reads it while a call that takes it runs: do not write it until the answer."""
+        import numpy as np
+
+        dims = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+        kind = np.dtype(dtype)
+        if kind.name not in ALLOWED_DTYPES or any(d < 0 for d in dims) or len(dims) > MAX_NDIM:
+            raise UsageError(
+                f"cannot make an array of shape {dims} and dtype {kind}: pangea takes {', '.join(ALLOWED_DTYPES)} "
+                f"with at most {MAX_NDIM} dimensions of 0 or more"
+            )
+        nbytes = math.prod(dims) * kind.itemsize
+        if not self.shared_memory or not nbytes:
+            return np.empty(dims, kind)
+        try:
+            segment = self._pool.get(nbytes)
+        except OSError as exc:  # NOTE: out of memfds or descriptors: an array of this process's own
+            log.info("Client: empty%s is not shared: %s", dims, describe_exception(exc))
+            return np.empty(dims, kind)
+        return self._share(segment.array(_wire_dtype(kind.name), dims), segment, self._pool)
 
     async def _submit_call(
         self,
@@ -10589,7 +10675,7 @@ class Client:
         for i, (slot, a) in enumerate(zip(slots, arrays, strict=True)):
             if batch and bulk is not None and bulk.slots[i]:
                 slot.dtype, slot.shape = _dtype_name(a.dtype), [int(d) for d in a.shape]
-                slot.shared.segment = bulk.slots[i]
+                slot.shared.segment, slot.shared.offset = bulk.slots[i], bulk.offsets[i]
             else:
                 array_to_capnp(slot, a)
         ps = spec.init("params", len(params))
@@ -10615,16 +10701,12 @@ class Client:
         """The output the node wrote into the task's output segment, as an array over it (no copy).
         The segment is the caller's until that array (and every view of it) is gone; then it goes
         back to the pool, warm for the next result."""
-        import weakref
-
         assert bulk.output is not None
         name, shape = str(reader.dtype), [int(d) for d in reader.shape]
         if name not in ALLOWED_DTYPES or math.prod(shape) * _wire_dtype(name).itemsize > bulk.output.size:
             raise RpcError(f"cannot read a result: a {name} of shape {tuple(shape)} in a shared segment")
-        array = bulk.output.array(_wire_dtype(name), shape)
         bulk.handed = True
-        weakref.finalize(array, bulk.outputs.put, bulk.output)
-        return array
+        return self._share(bulk.output.array(_wire_dtype(name), shape), bulk.output, bulk.outputs)
 
     def submit(
         self,
