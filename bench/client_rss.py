@@ -13,8 +13,10 @@ it can). For each kernel (`dot`, `add`), placement remote (A delegates to B, no
 fallback), with the operands as plain numpy arrays and as arrays of `Client.empty`
 (``--client-empty`` runs only those, ``--numpy`` only the others): before each call the
 peaks of the three processes are reset (5 written to /proc/PID/clear_refs) and their
-VmRSS read; after it, their VmHWM (the client's once it has read the whole result). The table gives (VmHWM - VmRSS before) / operand
-bytes for each process: what the call itself took, beyond what each held already.
+VmRSS read; after it, their VmHWM (the client's once it has read the whole result).
+The table gives (VmHWM - VmRSS before) / operand bytes for each process: what the
+call itself took, beyond what each held already, and the sampled peaks of A's and
+B's anonymous and shared (the client's segments) memory.
 Every result is checked against numpy's. The box may be shared: read the ratios, which
 depend little on other load, not the seconds.
 """
