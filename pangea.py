@@ -6512,8 +6512,8 @@ class PeerSession:
                     if faults is not None:
                         await faults.before_task(self.node.tasks_served)
                     stalled_s = time.perf_counter() - stall_start  # a stalling worker reports slow compute
-                    outputs, compute_s = await self.node.execute_local(
-                        req.kernel, req.operands, req.params, out_nbytes=out_nbytes
+                    outputs, compute_s = await self.node.execute_local(  # NOTE: its operands are this task's own
+                        req.kernel, req.operands, req.params, out_nbytes=out_nbytes, own_operands=True
                     )
                     compute_s += stalled_s
                     if faults is not None:
@@ -7154,15 +7154,20 @@ class Node:
         params: dict[str, float],
         *,
         out_nbytes: int | None = None,
+        own_operands: bool = False,
     ) -> tuple[tuple[np.ndarray, ...], float]:
         """Run a kernel in a worker thread; return (outputs, compute seconds).
-        ``out_nbytes``: its `output_nbytes`, when the caller has it already."""
+        ``out_nbytes``: its `output_nbytes`, when the caller has it already. ``own_operands``: the
+        operands are this node's own buffers, read by nothing after the kernel (a worker's decoded
+        task): an element-wise result may be written over the first (`run_into_operand`)."""
         import trio
 
         def timed() -> tuple[tuple[np.ndarray, ...], float]:
             start = time.perf_counter()
             with _KERNELS_RUNNING:
-                outputs = run_kernel(kernel, operands, params, max_elements=self.limits.max_elements, out_nbytes=nbytes)
+                over = run_into_operand(kernel, operands, params) if own_operands else None
+                limit = self.limits.max_elements
+                outputs = over or run_kernel(kernel, operands, params, max_elements=limit, out_nbytes=nbytes)
             return outputs, time.perf_counter() - start
 
         try:
@@ -7178,6 +7183,35 @@ class Node:
             raise
         except (ValueError, TypeError, ArithmeticError, MemoryError) as exc:  # numpy's own errors
             raise TaskError(f"{kernel}: {describe_exception(exc)}", kind=ErrorKind.BAD_INPUT) from None
+
+
+def run_into_operand(
+    kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]
+) -> tuple[np.ndarray, ...] | None:
+    """add, subtract, multiply or scale written over its first operand, when that operand already has
+    the result's shape and dtype and is writable and C-ordered; None: run the kernel as usual.
+
+    Only for operands nothing reads after the kernel (a worker's decoded task): the worker then
+    holds its operands and no second array of the result's size. KernelError as `run_kernel`."""
+    import numpy as np
+
+    if kernel not in ("add", "subtract", "multiply", "scale"):
+        return None
+    check_kernel_call(kernel, operands, params)
+    a, factor = operands[0], params.get("factor", 1.0)
+    try:
+        shape = np.broadcast_shapes(*(o.shape for o in operands))
+        dtype = np.result_type(a.dtype, operands[1].dtype if kernel != "scale" else factor)
+    except (ValueError, TypeError):
+        return None  # the kernel itself says what is wrong
+    if not (
+        math.isfinite(factor) and a.flags.writeable and a.flags.c_contiguous and (a.shape, a.dtype) == (shape, dtype)
+    ):
+        return None
+    with np.errstate(all="ignore"):  # NOTE: numpy buffers an overlap of the operands: the result is a + b's
+        if kernel == "scale":
+            return (np.multiply(a, factor, out=a),)
+        return ({"add": np.add, "subtract": np.subtract, "multiply": np.multiply}[kernel](a, operands[1], out=a),)
 
 
 class _RunningCount:

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import pangea
 from pangea import (
     ALLOWED_DTYPES,
     FREIVALDS_ROUNDS,
@@ -342,6 +343,50 @@ def test_output_nbytes_is_the_bytes_of_the_real_output_and_not_above(rng: np.ran
     assert output_nbytes("dot", [big, big], {}) == 8
     assert output_nbytes("add", [big, big], {}) == 512 << 20
     assert output_nbytes("scale", [big.astype(np.float32)[:4]], {"factor": 2.5}) == 16  # float32 stays float32
+
+
+@pytest.mark.parametrize("dtype", ALLOWED_DTYPES)
+def test_run_into_operand_writes_an_elementwise_result_over_its_first_operand(
+    rng: np.random.Generator, dtype: str
+) -> None:
+    a, b = random_array(rng, (5, 7), dtype), random_array(rng, (5, 7), dtype)
+    cases: list[tuple[str, list[np.ndarray], dict[str, float]]] = [
+        ("add", [a, b], {}),
+        ("subtract", [a, b[:1]], {}),  # the second operand broadcasts: the first has the result's shape
+        ("multiply", [a, b], {}),
+        ("add", [a, a], {}),  # the same buffer twice: numpy's overlap handling, the result is a + a
+        *([("scale", [a], {"factor": -2.5})] if np.dtype(dtype).kind in "fc" else []),  # ints scale to float64
+    ]
+    for name, operands, params in cases:
+        fresh = [x.copy() for x in operands]
+        (want,) = run_kernel(name, fresh, params)
+        mine = [x.copy() for x in operands]
+        if operands[0] is (operands[1] if len(operands) > 1 else None):
+            mine = [mine[0], mine[0]]
+        got = pangea.run_into_operand(name, mine, params)
+        assert got is not None and np.shares_memory(got[0], mine[0]), name
+        assert got[0].dtype == want.dtype and np.array_equal(got[0], want, equal_nan=True), name
+
+
+def test_run_into_operand_leaves_the_operands_alone_when_the_result_does_not_fit_in_the_first() -> None:
+    m = np.arange(12.0).reshape(3, 4)
+    read_only = m.copy()
+    read_only.flags.writeable = False
+    cases: list[tuple[str, list[np.ndarray], dict[str, float]]] = [
+        ("add", [m[:1].copy(), m], {}),  # the result is larger than the first operand
+        ("add", [m.astype(np.float32), m], {}),  # float32 + float64 is float64
+        ("scale", [m.astype(np.int32)], {"factor": 2.5}),  # int32 * 2.5 is float64
+        ("multiply", [read_only, m], {}),
+        ("subtract", [m.copy().T, m.T], {}),  # not C-ordered
+        ("matmul", [m, m.T], {}),
+        ("add", [m, np.ones((2, 4))], {}),  # shapes that do not match: the kernel says so
+    ]
+    for name, operands, params in cases:
+        before = [x.copy() for x in operands]
+        assert pangea.run_into_operand(name, operands, params) is None, name
+        assert all(np.array_equal(x, y) for x, y in zip(operands, before, strict=True)), name
+    with pytest.raises(KernelError, match="unknown parameter"):
+        pangea.run_into_operand("add", [m.copy(), m], {"factor": 2.0})
 
 
 # ---------------------------------------------------------------- bad inputs name the problem
