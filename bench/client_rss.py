@@ -183,14 +183,16 @@ def measure(client: pangea.Client, kernel: str, a: np.ndarray, b: np.ndarray, pi
     return row
 
 
-def run_case(pyz: Path, mib: int, kernel: str, empty: bool, rounds: int) -> tuple[list[dict[str, object]], str]:
+def run_case(
+    pyz: Path, mib: int, kernel: str, empty: bool, rounds: int, shm: bool = True
+) -> tuple[list[dict[str, object]], str]:
     """Fresh nodes and a fresh Client (nothing warm from another case): ``rounds`` calls; (rows, the
     client's shared-memory note)."""
     n = (mib << 20) // 8
     with tempfile.TemporaryDirectory(prefix="pangea-bench-rss-") as tmp, started_pair(pyz, Path(tmp)) as pair:
         rpc, home_a, node_pids = pair
         os.environ["PANGEA_HOME"] = str(home_a)  # the Client finds the token and the bulk socket there
-        with pangea.Client(rpc, timeout_s=900) as client:
+        with pangea.Client(rpc, timeout_s=900, shared_memory=shm) as client:
             client.submit("add", np.ones(4), np.ones(4), placement="remote", fallback=False)  # B is reachable
             if empty and not hasattr(client, "empty"):
                 return [{"refused": "this pangea has no Client.empty"}], client.shared_memory_note
@@ -208,13 +210,14 @@ def main() -> int:
     only.add_argument("--client-empty", action="store_true", help="only operands made by Client.empty")
     only.add_argument("--numpy", action="store_true", help="only operands that are plain numpy arrays")
     parser.add_argument("--kernels", default="dot,add", help="comma-separated: dot, add")
+    parser.add_argument("--no-shm", action="store_true", help="a Client with shared_memory=False (arrays in messages)")
     args = parser.parse_args()
     kinds = [False] if args.numpy else [True] if args.client_empty else [False, True]
     rows: list[tuple[str, str, dict[str, object]]] = []
     note = ""
     for empty in kinds:
         for kernel in args.kernels.split(","):
-            results, note = run_case(Path(args.pyz), args.mib, kernel, empty, args.rounds)
+            results, note = run_case(Path(args.pyz), args.mib, kernel, empty, args.rounds, not args.no_shm)
             rows += [(kernel, "Client.empty" if empty else "numpy", row) for row in results]
     print(f"2 x {args.mib} MiB float64, placement remote (A -> B), fresh nodes per case; client {note}")
     print("peak growth during a call / operand bytes: (VmHWM - VmRSS before) / (2 x operand bytes);")
