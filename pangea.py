@@ -1492,6 +1492,23 @@ class RpcAdmission:
         return len(self._open), len(self._pending)
 
 
+def _blocks(shape: Sequence[int], limit: int) -> Iterator[tuple[slice, ...]]:
+    """Index tuples (slices, one per axis) that cover an array of ``shape`` in C order, each of at most
+    ``limit`` elements (or one row of the last axis): the slices the checks of O(n) results read."""
+    if not shape:
+        yield ()
+        return
+    inner = math.prod(shape[1:])
+    if len(shape) == 1 or inner <= limit:
+        step = max(1, limit // max(1, inner))
+        for start in range(0, shape[0], step):
+            yield (slice(start, start + step),) + (slice(None),) * (len(shape) - 1)
+        return
+    for i in range(shape[0]):
+        for rest in _blocks(shape[1:], limit):
+            yield (slice(i, i + 1), *rest)
+
+
 ###############################################################################
 # 4. Wire framing (sans-I/O)
 #
@@ -2007,6 +2024,25 @@ class Decoder:
             raise self._fail(str(exc)) from None
 
 
+def _array_layout(meta: Any, i: int, task_id: int, limits: Limits) -> tuple[np.dtype[Any], list[int], int]:
+    """(dtype, shape, bytes) that array ``i``'s header metadata declares; MessageError when its dtype,
+    dimensions or elements are not allowed (checked before any of its bytes are stored)."""
+    dtype_name = str(meta.dtype)
+    if dtype_name not in limits.dtypes:
+        raise MessageError(
+            f"array {i}: dtype {dtype_name!r} is not allowed ({', '.join(limits.dtypes)})", task_id=task_id
+        )
+    shape = [int(d) for d in meta.shape]
+    if len(shape) > limits.max_ndim:
+        raise MessageError(f"array {i}: {len(shape)} dimensions, at most {limits.max_ndim} allowed", task_id=task_id)
+    if math.prod(shape) > limits.max_elements or any(d > limits.max_elements for d in shape):
+        raise MessageError(
+            f"array {i}: shape {tuple(shape)} has more than {limits.max_elements} elements", task_id=task_id
+        )
+    dtype = _wire_dtype(dtype_name)
+    return dtype, shape, math.prod(shape) * dtype.itemsize
+
+
 def _arrays_from(metas: Any, payload: bytearray, task_id: int, limits: Limits | None = None) -> tuple[np.ndarray, ...]:
     """Build arrays over ``payload`` (no copy) from header metadata; MessageError if inconsistent."""
     import numpy as np
@@ -2015,22 +2051,8 @@ def _arrays_from(metas: Any, payload: bytearray, task_id: int, limits: Limits | 
     arrays = []
     offset = 0
     for i, meta in enumerate(metas):
+        dtype, shape, expected = _array_layout(meta, i, task_id, limits)
         dtype_name = str(meta.dtype)
-        if dtype_name not in limits.dtypes:
-            raise MessageError(
-                f"array {i}: dtype {dtype_name!r} is not allowed ({', '.join(limits.dtypes)})", task_id=task_id
-            )
-        shape = [int(d) for d in meta.shape]
-        if len(shape) > limits.max_ndim:
-            raise MessageError(
-                f"array {i}: {len(shape)} dimensions, at most {limits.max_ndim} allowed", task_id=task_id
-            )
-        if math.prod(shape) > limits.max_elements or any(d > limits.max_elements for d in shape):
-            raise MessageError(
-                f"array {i}: shape {tuple(shape)} has more than {limits.max_elements} elements", task_id=task_id
-            )
-        dtype = _wire_dtype(dtype_name)
-        expected = math.prod(shape) * dtype.itemsize
         nbytes = int(meta.nbytes)
         if nbytes != expected:
             raise MessageError(
@@ -3055,9 +3077,13 @@ def _k_dot(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndar
     import numpy as np
 
     a, b = ops
+    _need_vectors(a, b)
+    return (np.asarray(np.dot(a, b)),)
+
+
+def _need_vectors(a: np.ndarray, b: np.ndarray) -> None:
     if a.ndim != 1 or b.ndim != 1 or a.shape != b.shape:
         raise KernelError(f"dot: operands must be vectors of the same length, got shapes {a.shape} and {b.shape}")
-    return (np.asarray(np.dot(a, b)),)
 
 
 def _k_solve(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
@@ -3124,16 +3150,18 @@ def check_kernel_call(name: str, operands: Sequence[np.ndarray], params: dict[st
 
 
 def output_nbytes(name: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> int:
-    """Return an upper bound of the bytes a kernel call will allocate for its output.
+    """Return the bytes of a kernel call's output: numpy's result dtype times its shape, exact for
+    every kernel of the registry (an upper bound for an unknown name).
 
     Lets a worker refuse, before computing, an output that would not fit its
-    limits: (n x 1) @ (1 x n) turns two small vectors into n^2 elements."""
+    limits ((n x 1) @ (1 x n) turns two small vectors into n^2 elements), and
+    sizes a Client's result segment: a bound above the result is memory taken for nothing."""
     kernel = KERNELS.get(name)
     if kernel is None:
         return _bytes_of_operands(operands, params)
     try:
         return kernel.out_nbytes(operands, params)
-    except (ValueError, IndexError, OverflowError):
+    except (ValueError, IndexError, OverflowError, TypeError):
         return 0  # the kernel itself will reject these operands
 
 
@@ -3147,7 +3175,7 @@ def task_cost(
     flops = (kernel.flops if kernel is not None else _flops_of_elements)(operands, params)
     if out_nbytes is None:
         out_nbytes = output_nbytes(name, operands, params)
-    nbytes = sum(a.nbytes for a in operands) + out_nbytes // 2  # float64 guess
+    nbytes = sum(a.nbytes for a in operands) + out_nbytes
     return flops, int(nbytes)
 
 
@@ -3172,7 +3200,8 @@ def run_kernel(
     kernel = check_kernel_call(name, operands, params)
     if out_nbytes is None and max_elements is not None:
         out_nbytes = output_nbytes(name, operands, params)
-    if max_elements is not None and out_nbytes is not None and out_nbytes > max_elements * 16:
+    # NOTE: a bound in bytes: max_elements of the widest dtype (what the limit protects is memory)
+    if max_elements is not None and out_nbytes is not None and out_nbytes > max_elements * _WIDEST_ITEMSIZE:
         raise KernelError(f"{name}: the result would have more than {max_elements} elements (the node's limit)")
     with np.errstate(all="ignore"):
         outputs = kernel.fn(operands, params)
@@ -3237,32 +3266,44 @@ def _ldexp(a: np.ndarray, exp: int) -> np.ndarray:
 # fewer than 2**200 products of two of them stays far below the overflow
 # threshold (2**1024), and underflow is covered by the bounds' absolute term.
 SCALE_FREE_EXP = 400
+# The checks of O(n) results (element-wise, dot) read operands and result a slice of this many
+# elements at a time: what they allocate is a few slices (8 MiB of float64 each), never arrays
+# as large as the operands, which on a delegating node are already 1 GiB of its memory.
+CHECK_SLICE_ELEMENTS = 1 << 20
 
 
-def _scaled(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Return (a * 2**-e, |finite part of a| * 2**-e, e), e the binary exponent of a's largest finite magnitude
-    (0, and a itself, when that is within 2**+-SCALE_FREE_EXP).
+def _scale_exponent(a: np.ndarray, dtype: Any = None) -> int:
+    """The binary exponent ``_scaled`` divides ``a`` (as ``dtype``) by: that of its largest finite
+    magnitude (0 when it is within 2**+-SCALE_FREE_EXP). Read a slice of CHECK_SLICE_ELEMENTS at a
+    time: no copy of a."""
+    import numpy as np
 
-    At this scale the finite entries are at most 1 (or 2**400), so no sum of k
-    products of scaled operands can overflow."""
+    dtype = np.dtype(a.dtype if dtype is None else dtype)
+    top = 0.0
+    flat = a.reshape(-1) if a.flags.c_contiguous else a.ravel()  # NOTE: a view for a C-ordered a
+    step = max(1, CHECK_SLICE_ELEMENTS)
+    for start in range(0, flat.size, step):
+        part = flat[start : start + step].astype(dtype, copy=False)
+        with np.errstate(all="ignore"):
+            if dtype.kind == "c":
+                # NOTE: the modulus of a finite complex entry near the float maximum overflows to inf,
+                # its parts do not: the exponent comes from them (|z| <= 2 * max(|re|, |im|))
+                size = np.maximum(np.abs(part.real), np.abs(part.imag))
+            else:
+                size = np.abs(part)
+            size[~np.isfinite(part)] = 0
+        top = max(top, float(size.max()) if size.size else 0.0)
+    e = (math.frexp(top)[1] + (1 if dtype.kind == "c" else 0)) if top > 0 else 0
+    return e if not -SCALE_FREE_EXP <= e <= SCALE_FREE_EXP else 0
+
+
+def _scaled_by(a: np.ndarray, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a * 2**-e, |finite part of a| * 2**-e): `_scaled` with its exponent given (a itself for 0)."""
     import numpy as np
 
     finite = np.isfinite(a)
-    if a.dtype.kind == "c":
-        # NOTE: the modulus of a finite complex entry near the float maximum overflows to inf,
-        # its parts do not: the exponent comes from them (|z| <= 2 * max(|re|, |im|))
-        with np.errstate(all="ignore"):
-            parts = np.where(finite, np.maximum(np.abs(a.real), np.abs(a.imag)), 0)
-        top = float(parts.max()) if parts.size else 0.0
-        e = math.frexp(top)[1] + 1 if top > 0 else 0
-    else:
-        magnitude = np.where(finite, np.abs(a), 0)
-        top = float(magnitude.max()) if magnitude.size else 0.0
-        e = math.frexp(top)[1] if top > 0 else 0
-    if -SCALE_FREE_EXP <= e <= SCALE_FREE_EXP:
-        if a.dtype.kind == "c":
-            magnitude = np.where(finite, np.abs(a), 0)  # no overflow at this scale
-        return a, magnitude, 0  # no sum of two such operands' products can overflow: no copy
+    if not e:
+        return a, np.where(finite, np.abs(a), 0)  # no sum of two such operands' products can overflow: no copy
     scaled = np.array(_ldexp(a, -e))  # NOTE: an array even for 0-d a: written below
     # NOTE: an entry scaled down to 0 becomes the smallest subnormal of its sign instead: a
     # change the underflow allowance covers, and inf * it stays inf, not NaN as inf * 0.
@@ -3271,8 +3312,18 @@ def _scaled(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         lost = (part == 0) & (original != 0)
         part[lost] = np.copysign(least, original[lost])
     if a.dtype.kind == "c":
-        return scaled, np.where(finite, np.abs(scaled), 0), e
-    return scaled, np.ldexp(magnitude, -e), e
+        return scaled, np.where(finite, np.abs(scaled), 0)
+    return scaled, np.ldexp(np.where(finite, np.abs(a), 0), -e)
+
+
+def _scaled(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Return (a * 2**-e, |finite part of a| * 2**-e, e), e the binary exponent of a's largest finite magnitude
+    (0, and a itself, when that is within 2**+-SCALE_FREE_EXP).
+
+    At this scale the finite entries are at most 1 (or 2**400), so no sum of k
+    products of scaled operands can overflow."""
+    e = _scale_exponent(a)
+    return (*_scaled_by(a, e), e)
 
 
 def _sum_mismatches(
@@ -3590,43 +3641,127 @@ def _solve_here(kernel: str, operands: Sequence[np.ndarray], params: dict[str, f
         return None
 
 
+def _elementwise_slices(
+    kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]
+) -> tuple[tuple[int, ...], Callable[[tuple[slice, ...]], np.ndarray], Callable[[tuple[slice, ...]], Any]]:
+    """(result shape, numpy's result in a slice, its complex rounding allowance there) of an element-wise
+    kernel, transpose or scale: views of the operands, nothing computed before a slice is asked for."""
+    import numpy as np
+
+    check_kernel_call(kernel, operands, params)
+    if kernel == "transpose":
+        t = operands[0].T
+        return t.shape, lambda blk: t[blk], lambda blk: None
+    if kernel == "scale":
+        a, factor = operands[0], params.get("factor", 1.0)
+        if not math.isfinite(factor):
+            raise KernelError(f"scale: factor {factor!r} is not a finite number")
+        return a.shape, lambda blk: a[blk] * factor, lambda blk: np.abs(a[blk]) * abs(factor)
+    _broadcast(kernel, operands[0], operands[1])
+    shape = np.broadcast_shapes(operands[0].shape, operands[1].shape)
+    a, b = (np.broadcast_to(x, shape) for x in operands)  # NOTE: views, stride 0 where broadcast
+    op = {"add": np.add, "subtract": np.subtract, "multiply": np.multiply}[kernel]
+    return shape, lambda blk: op(a[blk], b[blk]), lambda blk: np.abs(a[blk]) * np.abs(b[blk])
+
+
+def _check_elementwise(
+    kernel: str, operands: Sequence[np.ndarray], params: dict[str, float], out: np.ndarray
+) -> str | None:
+    """Recompute an element-wise result a slice at a time and compare it exactly (complex products
+    within their FMA allowance); the message names the first wrong entry and counts them all."""
+    import numpy as np
+
+    shape, want_in, size_in = _elementwise_slices(kernel, operands, params)
+    with np.errstate(all="ignore"):
+        dtype = want_in(tuple(slice(0, 0) for _ in shape)).dtype  # nothing computed (0-d: its one entry)
+    if out.shape != shape:
+        return f"{kernel}: result shape {out.shape}, expected {shape}"
+    if out.dtype != dtype:
+        return f"{kernel}: result dtype {out.dtype}, expected {dtype}"
+    complex_product = dtype.kind == "c" and kernel in ("multiply", "scale")
+    eps, _ = _eps_tiny(dtype) if dtype.kind in "fc" else (0.0, 0.0)
+    first: str | None = None
+    wrong = 0
+    for blk in _blocks(shape, CHECK_SLICE_ELEMENTS):
+        with np.errstate(all="ignore"):
+            got, want = out[blk], want_in(blk)
+            tol = 4 * eps * size_in(blk) if complex_product else None  # a complex product, with or without FMA
+            mask = _exact_mismatches(got, want, tol)
+        count = int(mask.sum())
+        if count and first is None:
+            inner = np.unravel_index(int(np.argmax(mask)), mask.shape)
+            index = tuple(int(i) + (s.start or 0) for i, s in zip(inner, blk, strict=True))
+            where = f" at {list(index)}" if index else ""
+            first = f"{kernel}: the result is wrong{where} (got {out[index]!r}, numpy gives {want[inner]!r}"
+        wrong += count
+    return None if first is None else f"{first}; {wrong} wrong entries)"
+
+
+def _check_dot(operands: Sequence[np.ndarray], out: np.ndarray) -> str | None:
+    """Check a dot a slice of the operands at a time: integers exactly (their sums wrap modulo
+    2**bits in any order), floating point within the rounding bound of any order of its sum, from
+    scaled slices. No magnitude array, cast or scaled copy as large as the operands."""
+    import numpy as np
+
+    check_kernel_call("dot", operands, {})
+    a, b = operands
+    _need_vectors(a, b)
+    want = np.result_type(a.dtype, b.dtype)
+    if out.shape != ():
+        return f"dot: result shape {out.shape}, expected ()"
+    if out.dtype != want:
+        return f"dot: result dtype {out.dtype}, expected {want}"
+    exact = want.kind not in "fc"
+    a_exp, b_exp = (0, 0) if exact else (_scale_exponent(a, want), _scale_exponent(b, want))
+    ref_s, mag_s, mag_sums = want.type(0), np.abs(np.zeros(0, want)).dtype.type(0), 0.0
+    with np.errstate(all="ignore"):
+        for start in range(0, a.size, step := max(1, CHECK_SLICE_ELEMENTS)):
+            x, y = (v[start : start + step].astype(want, copy=False) for v in (a, b))
+            if exact:
+                ref_s += np.dot(x, y)  # NOTE: wraps as numpy's own sum does: the same number modulo 2**bits
+                continue
+            (a_s, a_mag), (b_s, b_mag) = _scaled_by(x, a_exp), _scaled_by(y, b_exp)
+            ref_s += np.dot(a_s, b_s)  # partial sums: one more order of the same sum, within the bound
+            mag_s += np.dot(a_mag, b_mag)
+            mag_sums += float(a_mag.sum()) + float(b_mag.sum())
+        if exact:
+            return _first_wrong("dot", _exact_mismatches(out, np.asarray(ref_s)), out, np.asarray(ref_s))
+        shift = a_exp + b_exp
+        near = np.asarray(_ldexp(np.asarray(ref_s), shift))
+    # what the scaling's underflow may change (see _check_matmul_exceptional)
+    least = float(np.finfo(want).smallest_subnormal) if shift else 0.0
+    bad = _sum_mismatches(out, np.asarray(ref_s), np.asarray(mag_s), shift, a.size, want, 2 * least * mag_sums)
+    return _first_wrong("dot", bad, out, near)
+
+
 def _check_recomputed(
     kernel: str, operands: Sequence[np.ndarray], params: dict[str, float], out: np.ndarray
 ) -> str | None:
-    """O(n) kernels, recomputed here: exact where numpy is exact, within the rounding bound of sum and dot."""
+    """O(n) kernels, recomputed here: exact where numpy is exact, within the rounding bound of sum and dot.
+
+    Element-wise kernels, transpose, scale and dot are read a slice at a time (CHECK_SLICE_ELEMENTS):
+    a delegating node checks a worker's 1 GiB result without another 1 GiB of temporaries."""
     import numpy as np
 
-    want = run_kernel(kernel, operands, params)[0]  # cheaper than the transfer that brought the result
+    if kernel in ("add", "subtract", "multiply", "transpose", "scale"):
+        return _check_elementwise(kernel, operands, params, out)
+    if kernel == "dot":
+        return _check_dot(operands, out)
+    want = run_kernel(kernel, operands, params)[0]
     if out.shape != want.shape:
         return f"{kernel}: result shape {out.shape}, expected {want.shape}"
     if out.dtype != want.dtype:
         return f"{kernel}: result dtype {out.dtype}, expected {want.dtype}"
-    if kernel in ("sum", "dot") and want.dtype.kind in "fc":
-        if kernel == "dot":
-            a_s, a_mag, a_exp = _scaled(operands[0].astype(want.dtype, copy=False))
-            b_s, b_mag, b_exp = _scaled(operands[1].astype(want.dtype, copy=False))
-            with np.errstate(all="ignore"):
-                ref_s, mag_s = np.asarray(np.dot(a_s, b_s)), np.asarray(np.dot(a_mag, b_mag))
-            shift, terms = a_exp + b_exp, operands[0].size
-            # what the scaling's underflow may change (see _check_matmul_exceptional)
-            least = float(np.finfo(want.dtype).smallest_subnormal) if shift else 0.0
-            lost: np.ndarray | float = 2 * least * (float(a_mag.sum()) + float(b_mag.sum()))
-        else:
-            a = operands[0].astype(want.dtype, copy=False)
-            a_s, a_mag, shift = _scaled(a)
-            axis = int(params["axis"]) if "axis" in params else None
-            with np.errstate(all="ignore"):
-                ref_s, mag_s = np.asarray(np.sum(a_s, axis=axis)), np.asarray(np.sum(a_mag, axis=axis))
-            terms = a.size if axis is None else a.shape[axis]
-            lost = 0.0  # a lost entry changes the sum by at most `least`: the bound's floor covers it
-        return _first_wrong(kernel, _sum_mismatches(out, ref_s, mag_s, shift, terms, want.dtype, lost), out, want)
-    tol = None
-    if want.dtype.kind == "c" and kernel in ("multiply", "scale"):
-        eps, _ = _eps_tiny(want.dtype)
+    if kernel == "sum" and want.dtype.kind in "fc":
+        a = operands[0].astype(want.dtype, copy=False)
+        a_s, a_mag, shift = _scaled(a)
+        axis = int(params["axis"]) if "axis" in params else None
         with np.errstate(all="ignore"):
-            other = np.abs(operands[1]) if kernel == "multiply" else abs(params.get("factor", 1.0))
-            tol = 4 * eps * np.abs(operands[0]) * other  # a complex product, with or without FMA
-    return _first_wrong(kernel, _exact_mismatches(out, want, tol), out, want)
+            ref_s, mag_s = np.asarray(np.sum(a_s, axis=axis)), np.asarray(np.sum(a_mag, axis=axis))
+        terms = a.size if axis is None else a.shape[axis]
+        # a lost entry changes the sum by at most `least`: the bound's floor covers it
+        return _first_wrong(kernel, _sum_mismatches(out, ref_s, mag_s, shift, terms, want.dtype), out, want)
+    return _first_wrong(kernel, _exact_mismatches(out, want), out, want)
 
 
 def check_result(
@@ -3666,18 +3801,59 @@ _WIDEST_ITEMSIZE = 16  # complex128, the widest result
 
 
 def _bytes_of_operands(operands: Operands, params: dict[str, float]) -> int:
-    """Output bound of a kernel whose result is no larger than its operands."""
+    """Loose output bound of a kernel whose result is no larger than its operands in entries, of any dtype.
+
+    Only for a kernel whose output is not known in advance (an unknown name): every
+    kernel of the registry has its exact bound below."""
     return sum(a.size for a in operands) * _WIDEST_ITEMSIZE
 
 
+def _bytes_of(shape: Sequence[int], dtype: Any) -> int:
+    import numpy as np
+
+    return math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
+
+
 def _bytes_of_matmul(operands: Operands, params: dict[str, float]) -> int:
-    return int(operands[0].shape[0]) * int(operands[1].shape[-1]) * _WIDEST_ITEMSIZE
+    import numpy as np
+
+    a, b = operands
+    return _bytes_of((a.shape[0], b.shape[-1]), np.result_type(a.dtype, b.dtype))
 
 
 def _bytes_of_broadcast(operands: Operands, params: dict[str, float]) -> int:
+    """add, subtract, multiply: numpy's result dtype over the broadcast shape."""
     import numpy as np
 
-    return math.prod(np.broadcast_shapes(operands[0].shape, operands[1].shape)) * _WIDEST_ITEMSIZE
+    a, b = operands
+    return _bytes_of(np.broadcast_shapes(a.shape, b.shape), np.result_type(a.dtype, b.dtype))
+
+
+def _bytes_of_transpose(operands: Operands, params: dict[str, float]) -> int:
+    return int(operands[0].nbytes)
+
+
+def _bytes_of_scale(operands: Operands, params: dict[str, float]) -> int:
+    import numpy as np
+
+    # NOTE: the factor as _k_scale takes it: a Python float is a weak scalar (float32 * 2.5 stays
+    # float32, int32 * 2.5 is float64), so the dtype follows the same promotion as the kernel's
+    (a,) = operands
+    return _bytes_of(a.shape, np.result_type(a.dtype, params.get("factor", 1.0)))
+
+
+def _bytes_of_dot(operands: Operands, params: dict[str, float]) -> int:
+    import numpy as np
+
+    return int(np.result_type(operands[0].dtype, operands[1].dtype).itemsize)  # one number
+
+
+def _bytes_of_solve(operands: Operands, params: dict[str, float]) -> int:
+    return _bytes_of(operands[1].shape, _linalg_dtype(operands[0], operands[1]))  # as _check_solve expects
+
+
+def _bytes_of_inverse(operands: Operands, params: dict[str, float]) -> int:
+    return _bytes_of(operands[0].shape, _linalg_dtype(operands[0]))
 
 
 def _bytes_of_random(operands: Operands, params: dict[str, float]) -> int:
@@ -3685,14 +3861,17 @@ def _bytes_of_random(operands: Operands, params: dict[str, float]) -> int:
 
 
 def _bytes_of_sum(operands: Operands, params: dict[str, float]) -> int:
+    import numpy as np
+
     if not operands:
         return _bytes_of_operands(operands, params)
     shape = operands[0].shape
+    itemsize = int(np.sum(np.zeros(0, operands[0].dtype)).itemsize)  # numpy's own rule: int32 sums to int64
     axis = params.get("axis")
     if axis is None or not math.isfinite(axis) or not -len(shape) <= int(axis) < len(shape):
-        return _WIDEST_ITEMSIZE
+        return itemsize
     # NOTE: not the input's size: summing a (huge x 0) array over axis 1 gives `huge` zeros
-    return math.prod(d for i, d in enumerate(shape) if i != int(axis) % len(shape)) * _WIDEST_ITEMSIZE
+    return math.prod(d for i, d in enumerate(shape) if i != int(axis) % len(shape)) * itemsize
 
 
 def _flops_of_elements(operands: Operands, params: dict[str, float]) -> float:
@@ -3894,7 +4073,7 @@ KERNELS: dict[str, Kernel] = {
             1,
             _k_transpose,
             "a.T",
-            out_nbytes=_bytes_of_operands,
+            out_nbytes=_bytes_of_transpose,
             flops=_flops_of_elements,
             check=_verify_recomputed,
             sample=_sample_transpose,
@@ -3906,7 +4085,7 @@ KERNELS: dict[str, Kernel] = {
             _k_scale,
             "a * factor",
             ("factor",),
-            out_nbytes=_bytes_of_operands,
+            out_nbytes=_bytes_of_scale,
             flops=_flops_of_elements,
             check=_verify_recomputed,
             sample=_sample_scale,
@@ -3930,7 +4109,7 @@ KERNELS: dict[str, Kernel] = {
             2,
             _k_dot,
             "dot product of two vectors",
-            out_nbytes=_bytes_of_operands,
+            out_nbytes=_bytes_of_dot,
             flops=_flops_of_elements,
             check=_verify_recomputed,
             sample=_sample_dot,
@@ -3942,7 +4121,7 @@ KERNELS: dict[str, Kernel] = {
             2,
             _k_solve,
             "x with a @ x = b",
-            out_nbytes=_bytes_of_operands,
+            out_nbytes=_bytes_of_solve,
             flops=_flops_of_cubic,
             check=_verify_solve,
             sample=_sample_solve,
@@ -3954,7 +4133,7 @@ KERNELS: dict[str, Kernel] = {
             1,
             _k_inverse,
             "matrix inverse",
-            out_nbytes=_bytes_of_operands,
+            out_nbytes=_bytes_of_inverse,
             flops=_flops_of_cubic,
             check=_verify_solve,
             sample=_sample_inverse,
@@ -6636,8 +6815,8 @@ class PeerSession:
                     if faults is not None:
                         await faults.before_task(self.node.tasks_served)
                     stalled_s = time.perf_counter() - stall_start  # a stalling worker reports slow compute
-                    outputs, compute_s = await self.node.execute_local(
-                        req.kernel, req.operands, req.params, out_nbytes=out_nbytes
+                    outputs, compute_s = await self.node.execute_local(  # NOTE: its operands are this task's own
+                        req.kernel, req.operands, req.params, out_nbytes=out_nbytes, own_operands=True
                     )
                     compute_s += stalled_s
                     if faults is not None:
@@ -7278,15 +7457,20 @@ class Node:
         params: dict[str, float],
         *,
         out_nbytes: int | None = None,
+        own_operands: bool = False,
     ) -> tuple[tuple[np.ndarray, ...], float]:
         """Run a kernel in a worker thread; return (outputs, compute seconds).
-        ``out_nbytes``: its `output_nbytes`, when the caller has it already."""
+        ``out_nbytes``: its `output_nbytes`, when the caller has it already. ``own_operands``: the
+        operands are this node's own buffers, read by nothing after the kernel (a worker's decoded
+        task): an element-wise result may be written over the first (`run_into_operand`)."""
         import trio
 
         def timed() -> tuple[tuple[np.ndarray, ...], float]:
             start = time.perf_counter()
             with _KERNELS_RUNNING:
-                outputs = run_kernel(kernel, operands, params, max_elements=self.limits.max_elements, out_nbytes=nbytes)
+                over = run_into_operand(kernel, operands, params) if own_operands else None
+                limit = self.limits.max_elements
+                outputs = over or run_kernel(kernel, operands, params, max_elements=limit, out_nbytes=nbytes)
             return outputs, time.perf_counter() - start
 
         try:
@@ -7302,6 +7486,35 @@ class Node:
             raise
         except (ValueError, TypeError, ArithmeticError, MemoryError) as exc:  # numpy's own errors
             raise TaskError(f"{kernel}: {describe_exception(exc)}", kind=ErrorKind.BAD_INPUT) from None
+
+
+def run_into_operand(
+    kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]
+) -> tuple[np.ndarray, ...] | None:
+    """add, subtract, multiply or scale written over its first operand, when that operand already has
+    the result's shape and dtype and is writable and C-ordered; None: run the kernel as usual.
+
+    Only for operands nothing reads after the kernel (a worker's decoded task): the worker then
+    holds its operands and no second array of the result's size. KernelError as `run_kernel`."""
+    import numpy as np
+
+    if kernel not in ("add", "subtract", "multiply", "scale"):
+        return None
+    check_kernel_call(kernel, operands, params)
+    a, factor = operands[0], params.get("factor", 1.0)
+    try:
+        shape = np.broadcast_shapes(*(o.shape for o in operands))
+        dtype = np.result_type(a.dtype, operands[1].dtype if kernel != "scale" else factor)
+    except (ValueError, TypeError):
+        return None  # the kernel itself says what is wrong
+    if not (
+        math.isfinite(factor) and a.flags.writeable and a.flags.c_contiguous and (a.shape, a.dtype) == (shape, dtype)
+    ):
+        return None
+    with np.errstate(all="ignore"):  # NOTE: numpy buffers an overlap of the operands: the result is a + b's
+        if kernel == "scale":
+            return (np.multiply(a, factor, out=a),)
+        return ({"add": np.add, "subtract": np.subtract, "multiply": np.multiply}[kernel](a, operands[1], out=a),)
 
 
 class _RunningCount:
@@ -8790,17 +9003,28 @@ def array_to_capnp(builder: Any, a: np.ndarray) -> None:
 
 
 def array_from_capnp(reader: Any, index: int = 0) -> np.ndarray:
-    """Return the numpy array of an RPC `Array`; TaskError(bad-input) when inconsistent."""
+    """Return the numpy array of an RPC `Array`; TaskError(bad-input) when inconsistent.
+
+    The bytes are copied out of the message once: each chunk straight into one
+    buffer of the size the dtype and shape declare (a chunk's `bytes` lives only
+    while it is copied), so an operand costs its bytes here, not twice them."""
     from types import SimpleNamespace
 
-    pieces = [bytes(c) for c in reader.chunks]
-    payload = bytearray(sum(len(p) for p in pieces))
-    offset = 0
-    for p in pieces:
-        payload[offset : offset + len(p)] = p
-        offset += len(p)
-    meta = SimpleNamespace(dtype=str(reader.dtype), shape=[int(d) for d in reader.shape], nbytes=len(payload))
+    meta = SimpleNamespace(dtype=str(reader.dtype), shape=[int(d) for d in reader.shape], nbytes=0)
     try:
+        _, _, expected = _array_layout(meta, 0, 0, Limits())
+        payload = bytearray(expected)
+        view = memoryview(payload)
+        offset = 0
+        chunks = reader.chunks
+        for i in range(len(chunks)):  # NOTE: not `for chunk in`: its variable would keep a second chunk alive
+            piece = chunks[i]  # pycapnp gives a list's Data only as a copy (bytes): one at a time
+            if offset + len(piece) <= expected:
+                view[offset : offset + len(piece)] = piece
+            offset += len(piece)  # past `expected`: only counted, for the message
+            del piece  # before the next chunk's copy is made
+        del view
+        meta.nbytes = offset  # NOTE: not `expected`: a size that differs is refused with both numbers
         (array,) = _arrays_from([meta], payload, task_id=0)
     except MessageError as exc:
         raise TaskError(str(exc).replace("array 0", f"operand {index}"), kind=ErrorKind.BAD_INPUT) from None
@@ -10082,6 +10306,13 @@ class _Segment:
         except BaseException:
             os.close(self.fd)
             raise
+        self.address = _buffer_address(self.mapping)  # where an array over it starts: found again by address
+
+    def holds(self, a: np.ndarray) -> int:
+        """The offset of ``a``'s bytes in this segment; -1 when they are not all in it."""
+        start = int(a.__array_interface__["data"][0])
+        inside = self.address <= start and start + a.nbytes <= self.address + self.size and self.fd >= 0
+        return start - self.address if inside else -1
 
     def array(self, dtype: Any, shape: Sequence[int]) -> np.ndarray:
         """A numpy array over the segment's first bytes (C order)."""
@@ -10098,9 +10329,17 @@ class _Segment:
             self.fd = -1
 
 
+def _buffer_address(buffer: Any) -> int:
+    """The address of a writable buffer's first byte (no view of it is left behind)."""
+    import numpy as np
+
+    return int(np.frombuffer(buffer, np.uint8, count=1).__array_interface__["data"][0])
+
+
 @dataclass
 class _BulkTask:
-    """The shared segments of one task of a Client, all pooled: its operands' and its output's."""
+    """The shared segments of one task of a Client: its operands' (pooled, or borrowed from the
+    caller's shared arrays) and its output's."""
 
     segments: list[_Segment]
     slots: list[int]  # per operand: 1 + its segment's index, 0: in the message (an empty array)
@@ -10109,6 +10348,8 @@ class _BulkTask:
     outputs: _SegmentPool
     released: bool = False
     handed: bool = False  # the output segment is the caller's result now (back to the pool when it goes)
+    offsets: list[int] = field(default_factory=list)  # per operand: where its bytes start in its segment
+    borrowed: list[_Segment] = field(default_factory=list)  # the caller's: not given back to a pool here
 
     def release(self) -> None:
         """Give the segments back to their pools (once); the output's only when not handed out."""
@@ -10116,7 +10357,7 @@ class _BulkTask:
             return
         self.released = True
         for s in self.segments:
-            if s is not self.output:
+            if s is not self.output and not any(s is b for b in self.borrowed):
                 self.pool.put(s)
         if self.output is not None and not self.handed:
             self.outputs.put(self.output)
@@ -10127,7 +10368,7 @@ class _SegmentPool:
 
     def __init__(self) -> None:
         self._free: list[_Segment] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # NOTE: re-entrant: a result's finalizer may run (GC) while it is held
         self._closed = False
 
     def get(self, nbytes: int) -> _Segment:
@@ -10451,10 +10692,19 @@ class Client:
     socket; the RPC carries only their metadata, the node's kernels read the operands
     in place, and the result is an array over the segment the node wrote. A task whose
     operands and result together are under ``bulk_min_bytes`` (default 64 KiB;
-    0: every task) travels in the message anyway: for a few bytes, handing segments over
-    costs more than it saves. Off loopback, over TLS, with ``shared_memory=False`` or
-    $PANGEA_NO_SHM=1, the arrays travel in the RPC messages; ``shared_memory`` says
-    which, ``shared_memory_note`` why.
+    0: every task) travels in the message anyway, unless an operand already lives in
+    a segment: for a few bytes, handing segments over costs more than it saves. Off
+    loopback (see `tls_bulk`), with ``shared_memory=False`` or $PANGEA_NO_SHM=1, the
+    arrays do not travel in shared memory; ``shared_memory`` says which,
+    ``shared_memory_note`` why. Operands are copied into a segment before sending,
+    except an array of `empty`, a result that came back in shared memory, and C-ordered
+    views of either: those the node reads where they are. ``operands_copied`` counts
+    the copies.
+
+    A node on another box (a TLS endpoint): large operands and results travel on bulk
+    connections over TLS to the same port and certificate, logged in with the token;
+    ``tls_bulk`` says whether, ``tls_bulk_note`` why not (``tls_bulk=False``: in the
+    messages).
 
     Limits: operands in the message that exceed the node's RPC message limit (learned at
     login; it follows the node's --memory-budget-mib), and tasks that can never fit its
@@ -10518,6 +10768,10 @@ class Client:
         self.tls_bulk_note = "off: tls_bulk=False" if not tls_bulk else "" if self.tls else "off: not a TLS endpoint"
         self._pool = _SegmentPool()  # operands' segments
         self._out_pool = _SegmentPool()  # results' segments, back here when the caller drops its result
+        # The segments under arrays the caller holds (results, `empty`): passed as operands in place
+        self._shared: dict[int, _Segment] = {}
+        self._shared_lock = threading.RLock()  # NOTE: re-entrant: a finalizer may run in a thread holding it
+        self.operands_copied = 0  # operands copied into a segment to be sent (the others were already in one)
         self.shared_memory_note = (
             "off: shared_memory=False"
             if not shared_memory
@@ -10911,7 +11165,9 @@ class Client:
     def _bulk_task(self, kernel: str, arrays: Sequence[np.ndarray], params: dict[str, float]) -> _BulkTask | None:
         """The operands written into shared segments and a segment for the output, when this client
         has a bulk channel; None: the arrays travel in the message."""
-        if not self.shared_memory or not self._large(kernel, arrays, params):
+        if not self.shared_memory:
+            return None
+        if not self._large(kernel, arrays, params) and all(self._shared_slot(a)[0] is None for a in arrays):
             return None  # NOTE: a tiny task: the bulk round trip, fstat and mmap cost more than its bytes
         out_bytes = output_nbytes(kernel, arrays, params)
         task = _BulkTask([], [], None, self._pool, self._out_pool)
@@ -10919,11 +11175,20 @@ class Client:
             for a in arrays:
                 if not a.nbytes:  # NOTE: nothing to share (and a memfd cannot map 0 bytes)
                     task.slots.append(0)
+                    task.offsets.append(0)
                     continue
-                segment = self._pool.get(int(a.nbytes))
-                task.segments.append(segment)
-                segment.array(a.dtype.newbyteorder("<"), a.shape)[...] = a  # any layout, byte order
-                task.slots.append(len(task.segments))
+                segment, offset = self._shared_slot(a)
+                if segment is None:
+                    segment, offset = self._pool.get(int(a.nbytes)), 0
+                    segment.array(a.dtype.newbyteorder("<"), a.shape)[...] = a  # any layout, byte order
+                    task.segments.append(segment)
+                    with self._shared_lock:
+                        self.operands_copied += 1
+                elif not any(segment is t for t in task.segments):  # the same array twice: one segment
+                    task.segments.append(segment)
+                    task.borrowed.append(segment)
+                task.slots.append(1 + next(i for i, t in enumerate(task.segments) if t is segment))
+                task.offsets.append(offset)
             # NOTE: a result in shared memory is held to the node's budget, like the operands
             if 0 < out_bytes <= max(self.node_max_message_bytes, self.node_memory_budget_bytes):
                 task.output = self._out_pool.get(out_bytes)
@@ -10935,6 +11200,59 @@ class Client:
         if not task.segments:
             return None
         return task
+
+    def _shared_slot(self, a: np.ndarray) -> tuple[_Segment | None, int]:
+        """(the segment of an array the caller holds in shared memory, the offset of ``a``'s bytes in
+        it) when ``a`` is such an array or a C-ordered little-endian view of one; (None, 0) otherwise."""
+        if not a.flags.c_contiguous or a.dtype.byteorder not in "=<|" or sys.byteorder != "little":
+            return None, 0
+        with self._shared_lock:
+            for segment in list(self._shared.values()):  # NOTE: a copy: a finalizer may run in the loop
+                offset = segment.holds(a)
+                if offset >= 0:
+                    return segment, offset
+        return None, 0
+
+    def _share(self, array: np.ndarray, segment: _Segment, pool: _SegmentPool) -> np.ndarray:
+        """Hand the caller ``array`` over ``segment``: an operand without a copy while it (or any view
+        of it) lives, then the segment goes back to ``pool``."""
+        import weakref
+
+        with self._shared_lock:
+            self._shared[id(segment)] = segment
+
+        def gone() -> None:
+            with self._shared_lock:
+                self._shared.pop(id(segment), None)
+            pool.put(segment)
+
+        weakref.finalize(array, gone)
+        return array
+
+    def empty(self, shape: int | Sequence[int], dtype: Any = "float64") -> np.ndarray:
+        """An uninitialised array of ``shape`` and ``dtype`` in memory shared with the node: fill it in
+        place and pass it (or a C-ordered view of it) as an operand, and it is not copied. A plain
+        numpy array when this client has no shared memory (`shared_memory`).
+
+        NOTE: the node reads it while a call that takes it runs: do not write it until the answer."""
+        import numpy as np
+
+        dims = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+        kind = np.dtype(dtype)
+        if kind.name not in ALLOWED_DTYPES or any(d < 0 for d in dims) or len(dims) > MAX_NDIM:
+            raise UsageError(
+                f"cannot make an array of shape {dims} and dtype {kind}: pangea takes {', '.join(ALLOWED_DTYPES)} "
+                f"with at most {MAX_NDIM} dimensions of 0 or more"
+            )
+        nbytes = math.prod(dims) * kind.itemsize
+        if not self.shared_memory or not nbytes:
+            return np.empty(dims, kind)
+        try:
+            segment = self._pool.get(nbytes)
+        except OSError as exc:  # NOTE: out of memfds or descriptors: an array of this process's own
+            log.info("Client: empty%s is not shared: %s", dims, describe_exception(exc))
+            return np.empty(dims, kind)
+        return self._share(segment.array(_wire_dtype(kind.name), dims), segment, self._pool)
 
     async def _submit_call(
         self,
@@ -10971,9 +11289,10 @@ class Client:
                     raise refusal from None
                 log.info("Client: %s travels in the RPC message: %s", kernel, exc)
         shared = bulk.slots if batch and bulk is not None else [0] * len(arrays)
+        offsets = bulk.offsets if batch and bulk is not None else None
         output_segment = len(bulk.segments) if batch and bulk is not None and bulk.output is not None else 0
         request = self._task_request(
-            kernel, arrays, params, placement, timeout_s, fallback, shared, batch, output_segment
+            kernel, arrays, params, placement, timeout_s, fallback, shared, batch, output_segment, offsets
         )
         response = await request.send()
         reader = response.result
@@ -10997,9 +11316,11 @@ class Client:
         shared: Sequence[int],
         batch: bytes,
         output_segment: int,
+        offsets: Sequence[int] | None = None,
     ) -> Any:
         """The `submit` request of a task: each operand in the message, or (``shared[i]`` > 0) named
-        by its segment in ``batch``; ``output_segment``: where the node may put the output (0: none)."""
+        by its segment in ``batch`` (at ``offsets[i]`` there, default 0); ``output_segment``: where
+        the node may put the output (0: none)."""
         request = self._compute.submit_request()
         spec = request.task
         spec.kernel = kernel
@@ -11007,10 +11328,10 @@ class Client:
         spec.timeoutSeconds = timeout_s
         spec.noFallback = not fallback
         slots = spec.init("operands", len(arrays))
-        for slot, a, segment in zip(slots, arrays, shared, strict=True):
+        for slot, a, segment, offset in zip(slots, arrays, shared, offsets or [0] * len(arrays), strict=True):
             if segment:
                 slot.dtype, slot.shape = _dtype_name(a.dtype), [int(d) for d in a.shape]
-                slot.shared.segment = segment
+                slot.shared.segment, slot.shared.offset = segment, offset
             else:
                 array_to_capnp(slot, a)
         ps = spec.init("params", len(params))
@@ -11086,16 +11407,12 @@ class Client:
         """The output the node wrote into the task's output segment, as an array over it (no copy).
         The segment is the caller's until that array (and every view of it) is gone; then it goes
         back to the pool, warm for the next result."""
-        import weakref
-
         assert bulk.output is not None
         name, shape = str(reader.dtype), [int(d) for d in reader.shape]
         if name not in ALLOWED_DTYPES or math.prod(shape) * _wire_dtype(name).itemsize > bulk.output.size:
             raise RpcError(f"cannot read a result: a {name} of shape {tuple(shape)} in a shared segment")
-        array = bulk.output.array(_wire_dtype(name), shape)
         bulk.handed = True
-        weakref.finalize(array, bulk.outputs.put, bulk.output)
-        return array
+        return self._share(bulk.output.array(_wire_dtype(name), shape), bulk.output, bulk.outputs)
 
     def submit(
         self,

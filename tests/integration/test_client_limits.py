@@ -82,8 +82,8 @@ def test_node_limits_follow_its_budget_and_the_client_refuses_before_sending(sma
         text = str(over_message.value)
         assert "exceed the RPC message limit of 48.0 MiB (the node)" in text and "nothing was sent" in text, text
         assert "--memory-budget-mib" in (over_message.value.hint or "")
-        with pytest.raises(TaskError) as over_budget:  # 16 MiB fits a message; with its output, not the budget
-            rpc.future("scale", big[:1024], placement="local", factor=2.0)
+        with pytest.raises(TaskError) as over_budget:  # 24 MiB fits a message; twice, with its output, not the budget
+            rpc.future("scale", big[:1536], placement="local", factor=2.0)
         assert over_budget.value.kind == "bad-input"
         assert f"can never fit the node's memory budget of {BUDGET_MIB}.0 MiB" in str(over_budget.value)
         after = (rpc.status(), peak_kib(node))

@@ -13,6 +13,7 @@ without the channel (PANGEA_NO_SHM, shared_memory=False, no session file) still 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import stat
@@ -310,6 +311,62 @@ def test_threads_and_futures_on_the_shared_memory_path_each_get_their_own_answer
     while time.monotonic() < deadline and bulk_lines(pair.a.proc.pid) != (0, 0):
         time.sleep(0.1)
     assert bulk_lines(pair.a.proc.pid) == (0, 0)
+
+
+@pytest.mark.parametrize("placement", ["local", "remote"])
+def test_client_empty_arrays_and_results_pass_as_operands_without_a_copy(
+    pair: Pair, placement: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run: dict[str, Any] = {"placement": placement, "fallback": False}
+    with client_of(pair.a, monkeypatch) as c:
+        assert c.shared_memory, c.shared_memory_note
+        a = c.empty((300, 400))
+        assert a.shape == (300, 400) and a.dtype == np.float64 and a.flags.writeable and a.flags.c_contiguous
+        a[...] = np.arange(a.size, dtype=np.float64).reshape(a.shape)  # filled in place
+        plain = np.arange(a.size, dtype=np.float64).reshape(a.shape)
+        assert c.operands_copied == 0
+        doubled = c.submit("scale", a, factor=2.0, **run)
+        assert np.array_equal(doubled, plain * 2) and c.last_task["arrays_via"] == SHARED
+        assert c.operands_copied == 0, "an array of empty() is read where it is"
+        summed = c.submit("add", doubled, a, **run)  # a result passed on, beside the empty array
+        assert np.array_equal(summed, plain * 3) and c.operands_copied == 0
+        assert np.array_equal(c.submit("subtract", a, a, **run), plain * 0) and c.operands_copied == 0  # twice
+        rows = a[100:250]  # a C-ordered view at an offset in its segment
+        assert np.array_equal(c.submit("multiply", rows, summed[100:250], **run), plain[100:250] * plain[100:250] * 3)
+        assert c.operands_copied == 0, "views at an offset are read in place"
+        tail = summed.reshape(-1)[7:1007]  # an odd offset, 1-d
+        assert np.array_equal(
+            c.submit("dot", tail, tail, **run), np.dot(plain.reshape(-1)[7:1007] * 3, plain.reshape(-1)[7:1007] * 3)
+        )
+        assert c.operands_copied == 0
+        assert np.array_equal(c.submit("add", a.T, plain.T, **run), plain.T * 2)  # a transposed view: copied
+        assert c.operands_copied == 2, "the transposed view and the plain numpy array are copied"
+        ints = c.empty(5, "int32")
+        ints[:] = [1, 2, 3, 4, 5]
+        assert np.array_equal(c.submit("scale", ints, factor=0.5, **run), [0.5, 1.0, 1.5, 2.0, 2.5])
+        assert c.operands_copied == 2
+        for shape in ((0,), (3, 0)):  # empty arrays: nothing to share, they travel in the message
+            nothing = c.empty(shape)
+            assert nothing.shape == shape and c.submit("add", nothing, nothing, **run).shape == shape
+        assert c.operands_copied == 2
+        with pytest.raises(pangea.UsageError, match="float16"):
+            c.empty(3, "float16")
+        # dropped (with its views), an empty array's segment goes back to the pool: no longer shared
+        before = len(c._shared)
+        del a, rows
+        gc.collect()
+        assert len(c._shared) == before - 1
+        again = c.empty((300, 400))
+        again[...] = 1.0
+        assert np.array_equal(c.submit("add", again, again, **run), np.full((300, 400), 2.0))
+        assert c.operands_copied == 2
+    # without shared memory, empty() is numpy's own and every operand travels in the message
+    with client_of(pair.a, monkeypatch, shared_memory=False) as c:
+        plain_empty = c.empty((4, 5), np.float32)
+        assert type(plain_empty) is np.ndarray and plain_empty.shape == (4, 5) and plain_empty.dtype == np.float32
+        plain_empty[...] = 2.0
+        assert np.array_equal(c.submit("add", plain_empty, plain_empty, **run), np.full((4, 5), 4.0, np.float32))
+        assert c.last_task["arrays_via"] == "RPC messages" and c.operands_copied == 0
 
 
 def _raw_submit(node: ServeNode, fill: Any) -> tuple[str, str, list[Any]]:

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import pangea
 from pangea import (
     ALLOWED_DTYPES,
     FREIVALDS_ROUNDS,
@@ -133,7 +134,7 @@ def test_kernels_a_kernel_registered_in_a_test_runs_through_every_lookup(monkeyp
     operands, params = check_inputs("negate", np.random.default_rng(1), 4)
     (a,) = operands
     assert output_nbytes("negate", operands, params) == 16 * 16
-    assert task_cost("negate", operands, params) == (16.0, a.nbytes + 16 * 8)
+    assert task_cost("negate", operands, params) == (16.0, a.nbytes + 16 * 16)
     (out,) = run_kernel("negate", operands, params)
     np.testing.assert_array_equal(reference_result("negate", operands, params), out)
     assert check_result("negate", operands, params, (out,), random.Random(0)) is None
@@ -295,6 +296,97 @@ def test_run_kernel_does_not_modify_operands(rng: np.random.Generator, name: str
 def test_run_kernel_accepts_params_dict_none_and_empty(rng: np.random.Generator) -> None:
     a = random_array(rng, (2, 2))
     np.testing.assert_array_equal(run_kernel("transpose", [a], None)[0], run_kernel("transpose", [a], {})[0])
+
+
+# ---------------------------------------------------------------- output bounds are the real output's bytes
+
+DTYPE_PAIRS = [(x, y) for x in ALLOWED_DTYPES for y in ALLOWED_DTYPES]
+
+
+def _calls_of_every_bounded_kernel(rng: np.random.Generator) -> list[tuple[str, list[np.ndarray], dict[str, float]]]:
+    def arr(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        return np.asarray(random_array(rng, shape, dtype))  # NOTE: a 0-d shape gives a numpy scalar
+
+    calls: list[tuple[str, list[np.ndarray], dict[str, float]]] = []
+    for x, y in DTYPE_PAIRS:
+        for name in ("add", "subtract", "multiply"):
+            for sa, sb in (((3, 4), (3, 4)), ((3, 1), (1, 4)), ((5,), ()), ((0, 4), (1, 4)), ((2, 1, 3), (4, 1))):
+                calls.append((name, [arr(sa, x), arr(sb, y)], {}))
+        calls.append(("dot", [arr((7,), x), arr((7,), y)], {}))
+        calls.append(("matmul", [arr((3, 5), x), arr((5, 2), y)], {}))
+        calls.append(("solve", [well_conditioned(rng, 4, x), arr((4,), y)], {}))
+        calls.append(("solve", [well_conditioned(rng, 4, x), arr((4, 3), y)], {}))
+    for x in ALLOWED_DTYPES:
+        for shape in ((3, 4), (6,), (), (0, 3), (2, 3, 4)):
+            a = arr(shape, x)
+            calls.append(("transpose", [a], {}))
+            calls += [("scale", [a], {"factor": f}) for f in (2.5, 2.0, -1.0)]
+            calls += [("scale", [a], {}), ("sum", [a], {})]
+            calls += [("sum", [a], {"axis": float(i)}) for i in range(a.ndim)]
+        calls.append(("dot", [arr((0,), x), arr((0,), x)], {}))
+        calls.append(("inverse", [well_conditioned(rng, 3, x)], {}))
+    calls.append(("random", [], {"rows": 3.0, "cols": 5.0, "seed": 1.0}))
+    return calls
+
+
+def test_output_nbytes_is_the_bytes_of_the_real_output_and_not_above(rng: np.random.Generator) -> None:
+    seen = set()
+    for name, operands, params in _calls_of_every_bounded_kernel(rng):
+        (out,) = run_kernel(name, operands, params)
+        bound = output_nbytes(name, operands, params)
+        what = (name, [(a.dtype.name, a.shape) for a in operands], params, out.dtype.name, out.shape)
+        assert bound == out.nbytes, what
+        seen.add(name)
+    assert seen == set(KERNELS)
+    # the case that was refused: the dot of two 512 MiB float64 vectors is one number
+    big = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(1 << 26,), strides=(0,))
+    assert output_nbytes("dot", [big, big], {}) == 8
+    assert output_nbytes("add", [big, big], {}) == 512 << 20
+    assert output_nbytes("scale", [big.astype(np.float32)[:4]], {"factor": 2.5}) == 16  # float32 stays float32
+
+
+@pytest.mark.parametrize("dtype", ALLOWED_DTYPES)
+def test_run_into_operand_writes_an_elementwise_result_over_its_first_operand(
+    rng: np.random.Generator, dtype: str
+) -> None:
+    a, b = random_array(rng, (5, 7), dtype), random_array(rng, (5, 7), dtype)
+    cases: list[tuple[str, list[np.ndarray], dict[str, float]]] = [
+        ("add", [a, b], {}),
+        ("subtract", [a, b[:1]], {}),  # the second operand broadcasts: the first has the result's shape
+        ("multiply", [a, b], {}),
+        ("add", [a, a], {}),  # the same buffer twice: numpy's overlap handling, the result is a + a
+        *([("scale", [a], {"factor": -2.5})] if np.dtype(dtype).kind in "fc" else []),  # ints scale to float64
+    ]
+    for name, operands, params in cases:
+        fresh = [x.copy() for x in operands]
+        (want,) = run_kernel(name, fresh, params)
+        mine = [x.copy() for x in operands]
+        if operands[0] is (operands[1] if len(operands) > 1 else None):
+            mine = [mine[0], mine[0]]
+        got = pangea.run_into_operand(name, mine, params)
+        assert got is not None and np.shares_memory(got[0], mine[0]), name
+        assert got[0].dtype == want.dtype and np.array_equal(got[0], want, equal_nan=True), name
+
+
+def test_run_into_operand_leaves_the_operands_alone_when_the_result_does_not_fit_in_the_first() -> None:
+    m = np.arange(12.0).reshape(3, 4)
+    read_only = m.copy()
+    read_only.flags.writeable = False
+    cases: list[tuple[str, list[np.ndarray], dict[str, float]]] = [
+        ("add", [m[:1].copy(), m], {}),  # the result is larger than the first operand
+        ("add", [m.astype(np.float32), m], {}),  # float32 + float64 is float64
+        ("scale", [m.astype(np.int32)], {"factor": 2.5}),  # int32 * 2.5 is float64
+        ("multiply", [read_only, m], {}),
+        ("subtract", [m.copy().T, m.T], {}),  # not C-ordered
+        ("matmul", [m, m.T], {}),
+        ("add", [m, np.ones((2, 4))], {}),  # shapes that do not match: the kernel says so
+    ]
+    for name, operands, params in cases:
+        before = [x.copy() for x in operands]
+        assert pangea.run_into_operand(name, operands, params) is None, name
+        assert all(np.array_equal(x, y) for x, y in zip(operands, before, strict=True)), name
+    with pytest.raises(KernelError, match="unknown parameter"):
+        pangea.run_into_operand("add", [m.copy(), m], {"factor": 2.0})
 
 
 # ---------------------------------------------------------------- bad inputs name the problem

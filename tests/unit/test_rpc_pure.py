@@ -290,6 +290,40 @@ def test_array_from_capnp_joins_chunks_it_did_not_split_itself() -> None:
     np.testing.assert_array_equal(from_capnp_bytes(raw_array("float64", [2, 3], chunks)), a)
 
 
+@pytest.mark.parametrize("chunk", [300_001, 1 << 20, 7 * 8 * 1024 + 5])
+def test_array_from_capnp_copies_several_odd_chunks_once_into_one_buffer(
+    monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    import tracemalloc
+
+    monkeypatch.setattr(pangea, "RPC_CHUNK_BYTES", chunk)
+    a = sample("float64", (3, 131_073))  # ~3 MiB, not a multiple of any chunk size above
+    data = to_capnp_bytes(a)
+    sizes = chunk_sizes(data)
+    assert len(sizes) > 2 and sizes[-1] != chunk and sum(sizes) == a.nbytes
+    with load_schema().Array.from_bytes(data, traversal_limit_in_words=len(data) // 8 + 64) as reader:
+        tracemalloc.start()
+        try:
+            b = array_from_capnp(reader)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    np.testing.assert_array_equal(b, a)
+    # the array's buffer and one chunk at a time, not every chunk and then their join (twice the bytes)
+    assert peak < a.nbytes + chunk + (64 << 10), (peak, a.nbytes, chunk)
+
+
+@pytest.mark.parametrize("extra", [-1, 1, 8, 1 << 20])
+def test_array_from_capnp_refuses_chunks_that_add_up_to_other_bytes_than_declared(extra: int) -> None:
+    raw = sample("float64", (4, 4)).tobytes()
+    body = raw + b"\1" * extra if extra > 0 else raw[:extra]
+    chunks = [body[:5], body[5:77], body[77:]]
+    with pytest.raises(TaskError) as info:
+        from_capnp_bytes(raw_array("float64", [4, 4], chunks), index=1)
+    assert info.value.kind == "bad-input"
+    assert f"needs 128 bytes, header says {128 + extra}" in str(info.value) and "operand 1" in str(info.value)
+
+
 def test_rpc_chunk_bytes_stays_under_the_capnp_data_field_limit() -> None:
     assert 0 < pangea.RPC_CHUNK_BYTES < 512 << 20
 

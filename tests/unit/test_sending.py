@@ -305,7 +305,9 @@ def test_a_served_task_gives_back_its_slot_before_its_result_is_written() -> Non
             seen_while_sending.append(dict(session._reserved))
             await release_send.wait()
 
-        async def execute_local(kernel: str, operands: Any, params: Any, out_nbytes: int | None = None) -> Any:
+        async def execute_local(
+            kernel: str, operands: Any, params: Any, out_nbytes: int | None = None, own_operands: bool = False
+        ) -> Any:
             return pangea.run_kernel(kernel, operands, params, out_nbytes=out_nbytes), 0.001
 
         node = SimpleNamespace(
