@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,9 +36,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import numpy as np  # noqa: E402
 
+import nodes  # noqa: E402
 import pangea  # noqa: E402
 
 READY_TIMEOUT_S = 90.0
@@ -47,55 +48,10 @@ READY_TIMEOUT_S = 90.0
 
 @contextlib.contextmanager
 def started_pair(pyz: Path, base: Path) -> Iterator[tuple[str, Path, list[int]]]:
-    """Serve B (trusting A), then A with --peer B, each with a home under ``base``; yield (A's RPC
-    HOST:PORT, A's pangea home, [A's pid, B's pid]) once A is connected; stop both at the end.
-    NOTE: the one place this file starts nodes (swap it for bench/nodes.py's starter)."""
-    procs: list[subprocess.Popen[str]] = []
-
-    def env_of(name: str) -> dict[str, str]:
-        home = base / name
-        (home / "pangea").mkdir(parents=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PANGEA_")}
-        env.update(HOME=str(home), PANGEA_HOME=str(home / "pangea"), PANGEA_MDNS="off", PYTHONUNBUFFERED="1")
-        env.setdefault("SHIV_ROOT", str(Path.home() / ".shiv"))
-        return env
-
-    def serve(env: dict[str, str], *args: str, until: str) -> tuple[subprocess.Popen[str], list[str]]:
-        cmd = [str(pyz), "serve", "--host", "127.0.0.1", "--port", "0", "--rpc", "127.0.0.1:0", *args]
-        with open(Path(env["HOME"]) / "serve.err", "w") as err:  # NOTE: read back when it fails
-            proc = subprocess.Popen(
-                cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True
-            )
-        procs.append(proc)
-        lines: list[str] = []
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        assert proc.stdout is not None
-        while time.monotonic() < deadline and not any(re.search(until, line) for line in lines):
-            line = proc.stdout.readline()
-            if not line:
-                err_text = (Path(env["HOME"]) / "serve.err").read_text()[-2000:]
-                raise SystemExit(f"bench: serve exited before {until!r}:\n{''.join(lines)}{err_text}")
-            lines.append(line)
-        if not any(re.search(until, line) for line in lines):
-            raise SystemExit(f"bench: no {until!r} within {READY_TIMEOUT_S:g} s")
-        threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-        return proc, lines
-
-    env_a, env_b = env_of("a"), env_of("b")
-    try:
-        id_a = subprocess.run([str(pyz), "id"], env=env_a, capture_output=True, text=True, timeout=90, check=True)
-        b, lines_b = serve(env_b, "--allow-peer", id_a.stdout.strip(), until=r"^  /ip4/127\.0\.0\.1/tcp/\d+/p2p/")
-        address_b = next(line.strip() for line in lines_b if line.startswith("  /ip4/127.0.0.1/"))
-        a, lines_a = serve(env_a, "--peer", address_b, until=r"^pangea: connected to peer ")
-        rpc = next(m.group(1) for line in lines_a if (m := re.match(r"^RPC: (127\.0\.0\.1:\d+) \(", line)))
-        yield rpc, Path(env_a["PANGEA_HOME"]), [a.pid, b.pid]
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    """Serve B (trusting A), then A with --peer B (bench/nodes.py), each with a home under ``base``;
+    yield (A's RPC HOST:PORT, A's pangea home, [A's pid, B's pid]) once A lists B as usable."""
+    with nodes.pair(pyz, base) as (a, b):
+        yield a.rpc, a.home.pangea_home, [a.pid, b.pid]
 
 
 FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssShmem")
