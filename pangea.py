@@ -6315,9 +6315,11 @@ class TlsBulkConnection:
         write: Callable[[Any], None],
         close: Callable[[], None],
         logged_in: Callable[[], None],
+        unsent: Callable[[], int] = lambda: 0,
     ) -> None:
         self.batches, self.source = batches, source
         self._write, self._close, self._logged_in = write, close, logged_in
+        self._unsent = unsent  # bytes written and not sent yet (the transport's buffer)
         self.authenticated = False
         self.closed = False
         self._control = bytearray(BULK_TLS_FRAME_BYTES + BULK_MESSAGE_BYTES)
@@ -6453,7 +6455,7 @@ class TlsBulkConnection:
         import asyncio
 
         (meta,), (view,) = _array_parts([output])
-        if self.closed or meta[2] > room:
+        if self.closed or meta[2] > room or self._unsent():  # NOTE: a result not read yet: one at a time
             return False
         data = memoryview(view).cast("B")
         self._write(bulk_frame(b"R", name + meta[2].to_bytes(8, "big")))
@@ -9879,7 +9881,9 @@ class _RpcConnection:
         assert self.tls_bulk is not None
         early, self._early = bytes(self._early), bytearray()
         if early.startswith(BULK_TLS_MAGIC):
-            self.bulk = TlsBulkConnection(self.tls_bulk, self.source, self._write, self.close, self.logged_in)
+            self.bulk = TlsBulkConnection(
+                self.tls_bulk, self.source, self._write, self.close, self.logged_in, self._unsent
+            )
             self._started = True
             self.bulk.receive(early[len(BULK_TLS_MAGIC) :])
             return
@@ -9905,6 +9909,9 @@ class _RpcConnection:
     def _write(self, data: Any) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    def _unsent(self) -> int:
+        return int(self.transport.get_write_buffer_size()) if self.transport is not None else 0
 
     def _login_deadline(self) -> None:
         if not self.authenticated:

@@ -287,3 +287,27 @@ def test_a_tls_bulk_connection_that_closes_gives_back_its_half_received_and_wait
     assert batches.budget.in_use == 192
     conn.connection_lost()
     assert batches.budget.in_use == 0 and not batches.known(b"a" * 16)
+
+
+def test_a_tls_bulk_result_goes_out_in_bounded_writes_and_not_while_an_earlier_one_is_unread() -> None:
+    import asyncio
+
+    limiter = pangea.LoginLimiter(0.0, 0.0, 60.0, 60.0, 16)
+    batches = pangea.TlsBulkBatches("tok", pangea.MemoryBudget(1 << 30), limiter)
+    writes: list[int] = []
+    unsent = [0]
+    conn = pangea.TlsBulkConnection(
+        batches, "h", lambda d: writes.append(len(d)), lambda: None, lambda: None, lambda: unsent[0]
+    )
+    out = np.arange(3 * pangea.BULK_TLS_WRITE_BYTES // 8 + 1, dtype=">f8")  # big-endian: sent little-endian
+    assert asyncio.run(conn.send_result(b"n" * 16, out, out.nbytes))
+    assert writes[0] == 5 + 16 + 8 and sum(writes[1:]) == out.nbytes
+    assert max(writes[1:]) <= pangea.BULK_TLS_WRITE_BYTES
+    writes.clear()
+    assert not asyncio.run(conn.send_result(b"n" * 16, out, out.nbytes - 1))  # more than its segment declared
+    unsent[0] = 1
+    assert not asyncio.run(conn.send_result(b"n" * 16, out, out.nbytes))  # the last one not read yet
+    assert writes == []
+    unsent[0] = 0
+    conn.connection_lost()
+    assert not asyncio.run(conn.send_result(b"n" * 16, out, out.nbytes))
