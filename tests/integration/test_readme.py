@@ -743,6 +743,7 @@ def developer_help() -> str:
         ["./build.sh", "--help"],
         [sys.executable, "bench/bench.py", "--help"],
         [sys.executable, "bench/workers.py", "--help"],
+        [sys.executable, "bench/warm_transfer.py", "--help"],
     ):
         result = subprocess.run(
             argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
