@@ -5769,6 +5769,10 @@ BULK_MAX_BATCHES = RPC_MAX_CALLS_IN_FLIGHT  # batches one connection may have wa
 BULK_MAX_SEGMENTS = 16  # segments of one batch: a kernel's operands and its output
 BULK_MESSAGE_BYTES = 4096  # the largest message on the bulk socket (a name and one kind byte per segment)
 BULK_SOCKET_FILENAME = "bulk.sock"
+# A batch of more bytes than this is mapped in a worker thread (its operands' page tables:
+# ~5-10 ms per 64 MiB), so the RPC loop serves other calls meanwhile; a smaller one at once
+# (a thread hop would cost tiny tasks more than the mapping).
+BULK_MAP_INLINE_BYTES = 1 << 20
 # Linux 5.14 (not in Python 3.11's mmap): map a range's pages in one call. READ maps the pages
 # there 16 at a time (and allocates the missing ones), 3x faster than WRITE for a shared segment
 # a client filled; WRITE allocates them dirty, for a client's fresh segment.
@@ -5869,6 +5873,14 @@ def write_shared_output(output: np.ndarray, segment: BulkSegment) -> bool:
     return True
 
 
+def _fd_size(fd: int) -> int:
+    """The size of the file behind ``fd`` (0 when it cannot say: bulk_take_fds refuses it then)."""
+    try:
+        return os.fstat(fd).st_size
+    except OSError:
+        return 0
+
+
 def _remove_stale_bulk_dirs(root: Path) -> None:
     """Remove the bulk-socket directories this user's nodes left behind when killed (their pid is gone)."""
     import stat as stat_module
@@ -5898,6 +5910,7 @@ class BulkServer:
         self._peers: dict[socket.socket, dict[bytes, list[BulkSegment]]] = {}
         self._authenticated: set[socket.socket] = set()
         self._taken: dict[bytes, list[BulkSegment]] = {}  # batches of tasks in flight
+        self._mapping: dict[bytes, tuple[socket.socket, int]] = {}  # batches mapped off the loop: whose, bytes
 
     def start(self, loop: Any) -> Path:
         """Listen in a new 0700 directory; return the socket's path (0600)."""
@@ -5976,21 +5989,49 @@ class BulkServer:
             return
         name, kinds = data[1:17], data[17:]
         batches = self._peers[peer]
-        if data[:1] != b"S" or len(name) != 16 or name in batches or name in self._taken:
+        if data[:1] != b"S" or len(name) != 16 or name in batches or name in self._taken or name in self._mapping:
             for fd in fds:
                 os.close(fd)
             self._drop(peer)
             return
         try:
-            if len(batches) >= BULK_MAX_BATCHES:
+            mapping = [nbytes for owner, nbytes in self._mapping.values() if owner is peer]
+            if len(batches) + len(mapping) >= BULK_MAX_BATCHES:
                 for fd in fds:
                     os.close(fd)
                 raise TaskError(f"{BULK_MAX_BATCHES} batches wait for their task", kind=ErrorKind.BUSY)
-            held = sum(s.size for batch in batches.values() for s in batch)
-            batches[name] = bulk_take_fds(fds, kinds, self.room_bytes - held)
-            self._reply(peer, b"K" + name)
+            held = sum(s.size for batch in batches.values() for s in batch) + sum(mapping)
+            nbytes = sum(_fd_size(fd) for fd in fds)
+            if nbytes <= BULK_MAP_INLINE_BYTES:
+                batches[name] = bulk_take_fds(fds, kinds, self.room_bytes - held)
+                self._reply(peer, b"K" + name)
+                return
+            try:
+                future = self._loop.run_in_executor(None, bulk_take_fds, fds, kinds, self.room_bytes - held)
+            except RuntimeError:  # NOTE: the loop is shutting down: no task will take it
+                for fd in fds:
+                    os.close(fd)
+                raise OSError("the node is stopping") from None
+            self._mapping[name] = (peer, nbytes)  # NOTE: counted against the room until mapped
+            future.add_done_callback(functools.partial(self._mapped, peer, name))
         except (TaskError, OSError, ValueError) as exc:
             self._reply(peer, b"E" + name + one_line(describe_exception(exc), 300).encode())
+
+    def _mapped(self, peer: socket.socket, name: bytes, future: Any) -> None:
+        """A batch mapped off the loop: keep it for its task and say so, or say why not; its
+        segments are unmapped at once when the connection closed meanwhile."""
+        self._mapping.pop(name, None)
+        try:
+            segments = future.result()
+        except (TaskError, OSError, ValueError) as exc:
+            self._reply(peer, b"E" + name + one_line(describe_exception(exc), 300).encode())
+            return
+        if peer not in self._peers:
+            for segment in segments:
+                segment.close()
+            return
+        self._peers[peer][name] = segments
+        self._reply(peer, b"K" + name)
 
     def _reply(self, peer: socket.socket, data: bytes) -> None:
         with contextlib.suppress(OSError):  # NOTE: a full or closed socket: the client gives up on its own

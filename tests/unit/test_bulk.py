@@ -209,6 +209,60 @@ def test_the_bulk_server_refuses_a_wrong_token_and_takes_a_batch_once() -> None:
     asyncio.run(main())
 
 
+def test_the_bulk_server_maps_a_large_batch_off_its_loop_and_refuses_one_past_the_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+    import threading
+
+    where: list[str] = []
+    take_fds = pangea.bulk_take_fds
+
+    def recorded(fds: list[int], kinds: bytes, room_bytes: int) -> list[pangea.BulkSegment]:
+        where.append(threading.current_thread().name)
+        return take_fds(fds, kinds, room_bytes)
+
+    monkeypatch.setattr(pangea, "bulk_take_fds", recorded)
+    big = pangea.BULK_MAP_INLINE_BYTES * 2
+
+    async def main() -> None:
+        server = pangea.BulkServer("token", big + pangea.BULK_MAP_INLINE_BYTES)
+        path = server.start(asyncio.get_running_loop())
+        try:
+            channel = await asyncio.to_thread(pangea._BulkChannel, str(path), "token")
+            channel.attach(asyncio.get_running_loop())
+            small, large = pangea._Segment(4096, "pangea-test"), pangea._Segment(big, "pangea-test")
+            await channel.send([small], b"r")
+            name = await channel.send([large], b"r")
+            assert where == [threading.current_thread().name, where[1]] and where[1] != where[0]  # the large: a worker
+            (mapped,) = server.take(name)
+            assert mapped.size == big and server._mapping == {}
+            with pytest.raises(pangea.RpcError, match="segments of more than"):
+                await channel.send([large, pangea._Segment(big, "pangea-test")], b"rr")  # past the room
+            assert server._mapping == {}
+            server.finish(name)
+            channel.close()
+        finally:
+            server.stop()
+
+    asyncio.run(main())
+
+
+def test_a_batch_mapped_after_its_connection_closed_is_unmapped_at_once() -> None:
+    import concurrent.futures
+
+    server = pangea.BulkServer("token", 1 << 30)
+    segment = pangea._Segment(4096, "pangea-test")
+    (mapped,) = bulk_take_fds([os.dup(segment.fd)], b"r", 1 << 30)
+    done: concurrent.futures.Future[list[pangea.BulkSegment]] = concurrent.futures.Future()
+    done.set_result([mapped])
+    gone = object()  # a connection the server no longer holds
+    server._mapping[b"n" * 16] = (gone, 4096)  # type: ignore[assignment]
+    server._mapped(gone, b"n" * 16, done)  # type: ignore[arg-type]
+    assert server._mapping == {} and mapped.mapping.closed
+    segment.close()
+
+
 def test_a_node_removes_the_bulk_directories_of_its_dead_nodes_only(tmp_path: Path) -> None:
     dead, alive, other = (
         tmp_path / "pangea-bulk-999999999-abc",
