@@ -169,6 +169,50 @@ def test_a_small_task_travels_in_the_message_and_a_large_one_in_shared_memory(
         Client(node.rpc, token=node.token, bulk_min_bytes=-1)
 
 
+def _prepared(c: Client) -> tuple[list[Any], list[Any]]:
+    """The segments ``c`` prepared ahead and has not used yet (operands', results'), once made."""
+    for pool in (c._pool, c._out_pool):
+        if pool._warming is not None:
+            pool._warming.join(30)
+    return list(c._pool._prepared), list(c._out_pool._prepared)
+
+
+def test_a_client_prepares_its_first_segments_as_it_connects_uses_them_and_releases_them_on_close(
+    node: ServeNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mib = 1 << 20
+    a = np.random.default_rng(5).standard_normal(8 * mib // 8)
+    with client_of(node, monkeypatch, warm_mib=8) as c:
+        assert c.shared_memory, c.shared_memory_note
+        (operand,), (result,) = _prepared(c)
+        assert (operand.size, result.size) == (8 * mib, 8 * mib)  # a result's: the output bound is its bytes
+        assert os.fstat(operand.fd).st_blocks * 512 == 8 * mib  # touched ahead
+        assert os.fstat(result.fd).st_blocks * 512 == 8 * mib  # the first 8 MiB only
+        got = c.submit("scale", a, factor=2.0, placement="local")
+        assert np.array_equal(got, a * 2) and c.last_task["arrays_via"] == SHARED
+        assert _prepared(c) == ([], [])  # both used by the first call
+        assert c._pool._free == [operand]  # back in the pool for the next call
+        assert os.fstat(result.fd).st_blocks * 512 == 8 * mib  # the node wrote only the result's pages
+    assert operand.fd < 0  # closed with the client
+    assert result.fd >= 0 and np.array_equal(got, a * 2)  # the caller's result outlives it...
+    del got
+    assert result.fd < 0  # ...and its segment goes with it
+
+
+def test_a_client_prepares_nothing_with_warm_mib_0_or_without_shared_memory(
+    node: ServeNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = np.arange(24.0).reshape(4, 6)
+    for kwargs in ({"warm_mib": 0}, {"shared_memory": False}):
+        with client_of(node, monkeypatch, **kwargs) as c:
+            assert c._pool._warming is None and c._out_pool._warming is None, kwargs
+            assert np.array_equal(c.submit("add", a, a), a + a)
+    # a client of another home finds no bulk socket: it prepares nothing either
+    monkeypatch.setenv("PANGEA_HOME", str(node.home.pangea_home.parent / "elsewhere"))
+    with Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S) as c:
+        assert not c.shared_memory and c._pool._warming is None
+
+
 def _nobody(*command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *command],

@@ -103,6 +103,17 @@ def test_pair_loopback_every_check_passes(pyz: Path, make_home, record_property)
     assert 0 < doc["throughput_mb_s"]["upload"] < 100_000 and 0 < doc["throughput_mb_s"]["download"] < 100_000, doc
     checks = {c["name"]: c for c in doc["checks"]}
     assert "verified" in checks["throughput"]["detail"], checks["throughput"]
+    # A steady-state figure: the median of the rounds after a warm-up, with their min-max.
+    shown = re.fullmatch(
+        r"64\.0 MiB each way, verified, median of ([1-3]) after a warm-up: "
+        r"upload (\d+) MB/s \((\d+)-(\d+)\), download (\d+) MB/s \((\d+)-(\d+)\)",
+        checks["throughput"]["detail"],
+    )
+    assert shown, checks["throughput"]["detail"]
+    up_median, up_min, up_max, down_median, down_min, down_max = (int(x) for x in shown.groups()[1:])
+    assert up_min <= up_median <= up_max and down_min <= down_median <= down_max, shown.groups()
+    assert abs(doc["throughput_mb_s"]["upload"] - up_median) <= 1, doc  # the JSON figure is the median
+    assert abs(doc["throughput_mb_s"]["download"] - down_median) <= 1, doc
     assert checks["fallback"]["detail"].startswith("the responder left after 'done' ("), checks["fallback"]
     assert "because no responder was usable" not in checks["fallback"]["detail"], checks["fallback"]  # said once
     up, down = doc["throughput_mb_s"]["upload"], doc["throughput_mb_s"]["download"]

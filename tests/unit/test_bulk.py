@@ -110,6 +110,74 @@ def test_a_client_reuses_its_operand_segments_and_bounds_the_pool() -> None:
     assert all(s.fd < 0 for s in segments)
 
 
+def resident_bytes(segment: pangea._Segment) -> int:
+    """The bytes of a memfd that have memory behind them (pages touched)."""
+    return os.fstat(segment.fd).st_blocks * 512
+
+
+def test_a_pool_prepares_one_touched_segment_ahead_and_the_first_get_that_fits_takes_it() -> None:
+    mib = 1 << 20
+    pool = pangea._SegmentPool("pangea-result")
+    pool.prepare(8 * mib, 4 * mib)
+    pool.prepare(8 * mib, 4 * mib)  # one at a time: this one is ignored
+    assert pool._warming is not None
+    pool._warming.join(30)
+    (prepared,) = pool._free
+    assert prepared.size == 8 * mib and pool._prepared == [prepared]
+    assert resident_bytes(prepared) == 4 * mib  # only the bytes asked were touched
+    assert pool.get(4 * mib) is prepared  # 8 MiB is not too large for 4 MiB: taken
+    assert pool._prepared == [] and pool._free == []
+    pool.put(prepared)
+    pool.close()
+    assert prepared.fd < 0
+
+
+def test_a_get_waits_for_the_segment_being_prepared_rather_than_making_another() -> None:
+    pool = pangea._SegmentPool()
+    pool.prepare(16 << 20, 16 << 20)
+    got = pool.get(16 << 20)  # at once: the thread may not have finished
+    assert got.size == 16 << 20 and resident_bytes(got) == 16 << 20
+    assert pool._free == [] and pool._prepared == []  # it was the prepared one
+    got.close()
+    pool.close()
+
+
+def test_a_prepared_segment_too_small_for_the_calls_made_is_released() -> None:
+    pool = pangea._SegmentPool()
+    pool.prepare(1 << 20, 1 << 20)
+    assert pool._warming is not None
+    pool._warming.join(30)
+    (prepared,) = pool._prepared
+    small = pool.get(4096)  # far smaller: a new one, the prepared one stays for a larger call
+    assert small is not prepared and prepared.fd >= 0
+    big = pool.get(2 << 20)  # larger than it: it can serve none of these calls
+    assert prepared.fd < 0 and pool._prepared == [] and pool._free == []
+    for s in (small, big):
+        s.close()
+    pool.close()
+
+
+def test_a_closed_pool_releases_what_it_prepared_and_prepares_no_more() -> None:
+    pool = pangea._SegmentPool()
+    pool.prepare(8 << 20, 8 << 20)
+    pool.close()  # maybe while the thread still makes it: then it closes it itself
+    assert pool._warming is not None and not pool._warming.is_alive()
+    assert pool._free == [] and pool._prepared == []
+    pool.prepare(8 << 20, 8 << 20)
+    assert pool._free == [] and not pool._warming.is_alive()  # the same, finished thread: none new
+
+
+def test_the_node_faults_in_only_the_pages_of_the_output_it_writes() -> None:
+    segment = pangea._Segment(8 << 20, "pangea-test")  # sized for a bound larger than the result
+    (mapped,) = bulk_take_fds([os.dup(segment.fd)], b"w", 1 << 30)
+    out = np.arange((1 << 20) // 8, dtype=np.float64)
+    assert write_shared_output(out, mapped)
+    assert resident_bytes(segment) == 1 << 20  # not the 8 MiB the segment could hold
+    assert np.array_equal(np.frombuffer(segment.mapping, dtype=np.float64, count=out.size), out)
+    mapped.close()
+    segment.close()
+
+
 def test_the_bulk_server_refuses_a_wrong_token_and_takes_a_batch_once() -> None:
     import asyncio
 
@@ -139,6 +207,60 @@ def test_the_bulk_server_refuses_a_wrong_token_and_takes_a_batch_once() -> None:
         assert not path.exists() and not path.parent.exists()
 
     asyncio.run(main())
+
+
+def test_the_bulk_server_maps_a_large_batch_off_its_loop_and_refuses_one_past_the_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+    import threading
+
+    where: list[str] = []
+    take_fds = pangea.bulk_take_fds
+
+    def recorded(fds: list[int], kinds: bytes, room_bytes: int) -> list[pangea.BulkSegment]:
+        where.append(threading.current_thread().name)
+        return take_fds(fds, kinds, room_bytes)
+
+    monkeypatch.setattr(pangea, "bulk_take_fds", recorded)
+    big = pangea.BULK_MAP_INLINE_BYTES * 2
+
+    async def main() -> None:
+        server = pangea.BulkServer("token", big + pangea.BULK_MAP_INLINE_BYTES)
+        path = server.start(asyncio.get_running_loop())
+        try:
+            channel = await asyncio.to_thread(pangea._BulkChannel, str(path), "token")
+            channel.attach(asyncio.get_running_loop())
+            small, large = pangea._Segment(4096, "pangea-test"), pangea._Segment(big, "pangea-test")
+            await channel.send([small], b"r")
+            name = await channel.send([large], b"r")
+            assert where == [threading.current_thread().name, where[1]] and where[1] != where[0]  # the large: a worker
+            (mapped,) = server.take(name)
+            assert mapped.size == big and server._mapping == {}
+            with pytest.raises(pangea.RpcError, match="segments of more than"):
+                await channel.send([large, pangea._Segment(big, "pangea-test")], b"rr")  # past the room
+            assert server._mapping == {}
+            server.finish(name)
+            channel.close()
+        finally:
+            server.stop()
+
+    asyncio.run(main())
+
+
+def test_a_batch_mapped_after_its_connection_closed_is_unmapped_at_once() -> None:
+    import concurrent.futures
+
+    server = pangea.BulkServer("token", 1 << 30)
+    segment = pangea._Segment(4096, "pangea-test")
+    (mapped,) = bulk_take_fds([os.dup(segment.fd)], b"r", 1 << 30)
+    done: concurrent.futures.Future[list[pangea.BulkSegment]] = concurrent.futures.Future()
+    done.set_result([mapped])
+    gone = object()  # a connection the server no longer holds
+    server._mapping[b"n" * 16] = (gone, 4096)  # type: ignore[assignment]
+    server._mapped(gone, b"n" * 16, done)  # type: ignore[arg-type]
+    assert server._mapping == {} and mapped.mapping.closed
+    segment.close()
 
 
 def test_a_node_removes_the_bulk_directories_of_its_dead_nodes_only(tmp_path: Path) -> None:
