@@ -24,24 +24,25 @@ budget). Rooms 1-7 are pure (no I/O, no await); rooms 8-17 perform I/O.
                                cost, verification and sample inputs
   7. Scheduler (sans-I/O)      placement, retries, suspicion: handle(event, now)
   8. Session directories       the pangea home, one directory per process, RPC files
-  9. Transports                identity and libp2p host, Channel, the TLS data plane,
-                               the bulk socket (shared memory for RPC clients)
- 10. The node                  PeerSession (performs its SessionProtocol), Node
- 11. The manager               delegators, Manager (drives the Scheduler, verifies)
- 12. Around the node           mDNS, metrics, the initiator's checks, the fault injector
- 13. RPC service              records, NodeService, RpcServer, _RpcConnection, the Gate
- 14. The Python client        Client, _PinnedConnection
- 15. Start-up                  build guard, deferred imports, logging, the trio runner
- 16. CLI: options and the verbs of a pair   initiate, respond, demo
- 17. CLI: serve, the tools and main         serve, call, psk, status, doctor,
+  9. Transports                identity and libp2p host, Channel, the TLS data plane
+ 10. Bulk channels             arrays off the RPC: shared memory on the box, TLS off it
+ 11. The node                  PeerSession (performs its SessionProtocol), Node
+ 12. The manager               delegators, Manager (drives the Scheduler, verifies)
+ 13. Around the node           mDNS, metrics, the initiator's checks, the fault injector
+ 14. RPC service              records, NodeService, RpcServer, _RpcConnection, the Gate
+ 15. The Python client        Client, _PinnedConnection
+ 16. Start-up                  build guard, deferred imports, logging, the trio runner
+ 17. CLI: options and the verbs of a pair   initiate, respond, demo
+ 18. CLI: serve, the tools and main         serve, call, psk, status, doctor,
                                bench (code in bench/pangea_bench.py), id, main
 
-How one task travels through them: `Client.submit` (14) reaches the node's
-`NodeService`, which hands it to the `Manager` (11); the `Scheduler` (7)
+How one task travels through them: `Client.submit` (15) reaches the node's
+`NodeService` (14), its arrays on a bulk channel (10); the service hands it to
+the `Manager` (12); the `Scheduler` (7)
 answers `Dispatch`, and the peer's `RemoteDelegator` writes a `TaskRequestMsg`
 (4) on the session's `TlsChannel` (9). On the worker, the channel's Decoder
 asks that session's `SessionProtocol` (5) whether to admit the payload, the
-`PeerSession` (10) runs the kernel (6) in a worker thread and sends the
+`PeerSession` (11) runs the kernel (6) in a worker thread and sends the
 `TaskResultMsg` back; the manager verifies it (6) and reports it to the
 scheduler, which answers `Deliver`, or a new `Dispatch` when it failed.
 
@@ -5942,6 +5943,18 @@ async def tcp_probe(host: str, port: int, timeout_s: float) -> tuple[float | Non
             _close_socket(sock)
 
 
+###############################################################################
+# 10. Bulk channels
+#
+# Array bytes off the Cap'n Proto path, both ends: for a client on this box, shared
+# memory (memfd segments handed over a Unix socket: `BulkServer` on the node; the
+# Client's `_BulkChannel` and its segment pools); for a client on another box, TLS
+# connections to the RPC port itself (`TlsBulkConnection` and `TlsBulkBatches` on the
+# node; the Client's `_TlsBulkLink` and `_TlsBulkPool`). Either way the RPC carries a
+# task's metadata and names its batch; the RPC service (14) takes and finishes batches.
+###############################################################################
+
+
 # The bulk channel: arrays off the Cap'n Proto path for a client on this box.
 #
 # Beside a loopback RPC endpoint the node listens on a Unix socket (SOCK_SEQPACKET,
@@ -6536,8 +6549,445 @@ class TlsBulkConnection:
         self.batches.drop(self)
 
 
+NO_SHM_ENV = "PANGEA_NO_SHM"  # set to 1: a Client sends every array in its RPC messages
+# A task whose operands and result are fewer bytes goes in the RPC message even with shared
+# memory: handing segments over (a bulk-socket round trip, fstat and mmap on the node) cost
+# tiny tasks a quarter of their throughput, and 64 KiB cross in a message in well under a ms.
+BULK_MIN_BYTES = 64 << 10
+BULK_POOL_SEGMENTS = 8  # operand segments a Client keeps for reuse (warm: written again, not faulted in)
+BULK_POOL_MAX_BYTES = 2 << 30  # their bytes at most
+# A Client with shared memory prepares, as it connects and in a background thread, one
+# operand segment and one result segment of this size, touching them: fresh memory costs
+# 0.06-0.18 s per 64 MiB the first time, which would otherwise fall on its first transfer
+# (0.2x the steady rate). So 2 x 64 MiB held until close (`Client(warm_mib=0)`: none); a
+# prepared segment its calls show too small for them goes at once.
+BULK_WARM_MIB = 64
+BULK_WARM_WAIT_S = 10.0  # a call waits this long at most for a segment being prepared
+BULK_REPLY_TIMEOUT_S = 30.0  # a node answers a batch at once; one that does not has gone away
+# TLS bulk connections a Client of a node on another box keeps: one per task in flight, so
+# this many large tasks cross at once (more wait for one); each is a TCP connection and a
+# thread of its own while it sends or receives.
+BULK_TLS_CLIENT_CONNECTIONS = 4
+BULK_TLS_CONNECT_TIMEOUT_S = 10.0  # TCP connect plus the TLS handshake and the token's answer
+
+
+def local_node_bulk_socket(port: int) -> str:
+    """The bulk socket of the node of this user's home that serves RPC on loopback ``port``; "": none."""
+    root = home_path() / SESSIONS_DIRNAME
+    for role, pid in live_sessions(home_path()) if root.is_dir() else []:
+        info = SessionDir.load(root / f"{role}-{pid}")
+        if str(info.get("rpc", "")).endswith(f":{port}") and info.get("bulk"):
+            return str(info["bulk"])
+    return ""
+
+
+class _Segment:
+    """One memfd of a Client, sealed at its size and mapped here read-write."""
+
+    def __init__(self, size: int, name: str) -> None:
+        import fcntl
+        import mmap
+
+        self.size = size
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            self.mapping = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.address = _buffer_address(self.mapping)  # where an array over it starts: found again by address
+
+    def holds(self, a: np.ndarray) -> int:
+        """The offset of ``a``'s bytes in this segment; -1 when they are not all in it."""
+        start = int(a.__array_interface__["data"][0])
+        inside = self.address <= start and start + a.nbytes <= self.address + self.size and self.fd >= 0
+        return start - self.address if inside else -1
+
+    def populate(self, nbytes: int) -> None:
+        """Fault the first ``nbytes`` in now, writable (page tables too), so the first write into
+        them and the node's mapping find the memory there: one madvise, else a write per page."""
+        import numpy as np
+
+        nbytes = min(self.size, -(-nbytes // mmap_page()) * mmap_page())
+        try:
+            self.mapping.madvise(MADV_POPULATE_WRITE, 0, nbytes)
+        except OSError:  # NOTE: EINVAL before Linux 5.14
+            np.frombuffer(self.mapping, dtype=np.uint8)[: nbytes : mmap_page()] = 0
+
+    def array(self, dtype: Any, shape: Sequence[int]) -> np.ndarray:
+        """A numpy array over the segment's first bytes (C order)."""
+        import numpy as np
+
+        return np.ndarray(tuple(shape), dtype=dtype, buffer=self.mapping)
+
+    def close(self) -> None:
+        """Unmap (when no array views it any more) and close the descriptor."""
+        with contextlib.suppress(BufferError):
+            self.mapping.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _buffer_address(buffer: Any) -> int:
+    """The address of a writable buffer's first byte (no view of it is left behind)."""
+    import numpy as np
+
+    return int(np.frombuffer(buffer, np.uint8, count=1).__array_interface__["data"][0])
+
+
+@dataclass
+class _BulkTask:
+    """The shared segments of one task of a Client: its operands' (pooled, or borrowed from the
+    caller's shared arrays) and its output's."""
+
+    segments: list[_Segment]
+    slots: list[int]  # per operand: 1 + its segment's index, 0: in the message (an empty array)
+    output: _Segment | None
+    pool: _SegmentPool
+    outputs: _SegmentPool
+    released: bool = False
+    handed: bool = False  # the output segment is the caller's result now (back to the pool when it goes)
+    offsets: list[int] = field(default_factory=list)  # per operand: where its bytes start in its segment
+    borrowed: list[_Segment] = field(default_factory=list)  # the caller's: not given back to a pool here
+
+    def release(self) -> None:
+        """Give the segments back to their pools (once); the output's only when not handed out."""
+        if self.released:
+            return
+        self.released = True
+        for s in self.segments:
+            if s is not self.output and not any(s is b for b in self.borrowed):
+                self.pool.put(s)
+        if self.output is not None and not self.handed:
+            self.outputs.put(self.output)
+
+
+class _SegmentPool:
+    """The segments a Client reuses, for any thread (a lock around the free list), and the
+    one it may prepare ahead (`prepare`): made and touched in a background thread."""
+
+    def __init__(self, name: str = "pangea-operand") -> None:
+        self.name = name
+        self._free: list[_Segment] = []
+        self._prepared: list[_Segment] = []  # prepared ahead and not used yet (also in _free)
+        self._warming: threading.Thread | None = None
+        self._warm_bytes = 0
+        self._lock = threading.RLock()  # NOTE: re-entrant: a result's finalizer may run (GC) while it is held
+        self._closed = False
+
+    def prepare(self, nbytes: int, touch_bytes: int) -> None:
+        """Make one segment of ``nbytes`` (page-rounded) and touch its first ``touch_bytes`` in a
+        background thread, for the first `get` it fits; at most one at a time, none after `close`.
+        (Untouched pages take no memory.)"""
+        size = -(-nbytes // mmap_page()) * mmap_page()
+        with self._lock:
+            if self._closed or self._warming is not None or size <= 0:
+                return
+            self._warm_bytes = size
+            self._warming = threading.Thread(
+                target=self._warm, args=(size, touch_bytes), name="pangea-warm", daemon=True
+            )
+        self._warming.start()
+
+    def _warm(self, size: int, touch_bytes: int) -> None:
+        try:
+            segment = _Segment(size, self.name)
+            segment.populate(touch_bytes)
+        except (OSError, ValueError) as exc:  # NOTE: no memory for it: the first call makes its own
+            log.info("Client: no segment prepared ahead: %s", describe_exception(exc))
+            return
+        with self._lock:
+            if not self._closed:
+                self._free.append(segment)
+                self._prepared.append(segment)
+                return
+        segment.close()
+
+    def _wait_warm(self, nbytes: int) -> None:
+        """Wait (bounded) for the segment being prepared when ``nbytes`` would fit it: it is
+        part made, so waiting is faster than making another."""
+        warming = self._warming
+        if warming is not None and warming.is_alive() and nbytes <= self._warm_bytes <= 2 * nbytes + mmap_page():
+            warming.join(BULK_WARM_WAIT_S)
+
+    def get(self, nbytes: int) -> _Segment:
+        """A free segment of at least ``nbytes`` (and not much more), else a new one."""
+        self._wait_warm(nbytes)
+        unused: list[_Segment] = []
+        with self._lock:
+            fits = [s for s in self._free if nbytes <= s.size <= 2 * nbytes + mmap_page()]
+            if fits:
+                best = min(fits, key=lambda s: s.size)
+                self._free.remove(best)
+                if best in self._prepared:
+                    self._prepared.remove(best)
+                return best
+            # NOTE: a prepared segment too small for the calls made is memory nobody asked for
+            unused = [s for s in self._prepared if s.size < nbytes]
+            for s in unused:
+                self._prepared.remove(s)
+                self._free.remove(s)
+        for s in unused:
+            s.close()
+        return _Segment(-(-nbytes // mmap_page()) * mmap_page(), self.name)
+
+    def put(self, segment: _Segment) -> None:
+        """Keep a segment for reuse, or close it when the pool is full."""
+        with self._lock:
+            if self._closed:  # NOTE: a result dropped after its Client closed
+                segment.close()
+                return
+            self._free.append(segment)
+            while len(self._free) > BULK_POOL_SEGMENTS or sum(s.size for s in self._free) > BULK_POOL_MAX_BYTES:
+                # NOTE: too many: the smallest goes (a burst of small calls must not evict the warm
+                # large segments, the dear ones to make again); too many bytes: the oldest
+                many = len(self._free) > BULK_POOL_SEGMENTS
+                dropped = min(self._free, key=lambda s: s.size) if many else self._free[0]
+                self._free.remove(dropped)
+                if dropped in self._prepared:
+                    self._prepared.remove(dropped)
+                dropped.close()
+
+    def close(self) -> None:
+        """Close every free segment (and the one being prepared, once it is made)."""
+        with self._lock:
+            free, self._free, self._prepared, self._closed = self._free, [], [], True
+            warming = self._warming
+        for s in free:
+            s.close()
+        if warming is not None:
+            warming.join(BULK_WARM_WAIT_S)
+
+
+def mmap_page() -> int:
+    """The size of a memory page."""
+    import mmap
+
+    return mmap.PAGESIZE
+
+
+class _BulkChannel:
+    """A Client's end of its node's bulk socket (see `BulkServer`): opened and authenticated once,
+    then used from the Client's loop, each batch answered by name."""
+
+    def __init__(self, path: str, token: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.settimeout(5.0)
+            self.sock.connect(path)
+            self.sock.send(b"H" + token.encode())
+            reply = self.sock.recv(BULK_MESSAGE_BYTES)
+            if reply != b"K":
+                raise RpcError(f"the node refused the bulk channel: {reply[1:].decode(errors='replace') or 'closed'}")
+            self.sock.setblocking(False)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.broken = ""
+        self._waiting: dict[bytes, Any] = {}
+        self._loop: Any = None
+
+    def attach(self, loop: Any) -> None:
+        """Read the node's answers on ``loop`` (the Client's)."""
+        self._loop = loop
+        loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(BULK_MESSAGE_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            data, self.broken = b"", describe_exception(exc)
+        if not data:
+            self.broken = self.broken or "the node closed the bulk channel"
+            self.close()
+            return
+        waiter = self._waiting.pop(data[1:17], None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(data[:1] + data[17:])
+
+    async def send(self, segments: Sequence[_Segment], kinds: bytes) -> bytes:
+        """Hand ``segments`` to the node; return the batch's name. RpcError when it refuses them."""
+        import asyncio
+        import secrets
+
+        if self.broken:
+            raise RpcError(f"no bulk channel: {self.broken}")
+        name = secrets.token_bytes(16)
+        waiter = self._loop.create_future()
+        self._waiting[name] = waiter
+        try:
+            for _ in range(1000):  # NOTE: bounded; a full socket buffer drains within milliseconds
+                try:
+                    socket.send_fds(self.sock, [b"S" + name + kinds], [s.fd for s in segments])
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+            else:
+                raise RpcError("the bulk channel stays full")
+            async with asyncio.timeout(BULK_REPLY_TIMEOUT_S):
+                reply = await waiter
+        except OSError as exc:
+            raise RpcError(f"the bulk channel failed: {describe_exception(exc)}") from None
+        finally:
+            self._waiting.pop(name, None)
+        if reply[:1] != b"K":
+            raise RpcError(f"the node refused the shared segments: {reply[1:].decode(errors='replace')}")
+        return name
+
+    def close(self) -> None:
+        """Close the socket; batches waiting for an answer fail."""
+        if self.sock.fileno() >= 0:
+            if self._loop is not None:
+                self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(RpcError(f"no bulk channel: {self.broken or 'closed'}"))
+
+
+class _TlsBulkLink:
+    """One bulk connection over TLS of a Client (see `TlsBulkConnection`), blocking, used by one
+    task at a time from a worker thread: the certificate pinned like the RPC connection's."""
+
+    def __init__(self, host: str, port: int, pin: bytes, token: str) -> None:
+        import hashlib
+        import hmac
+
+        raw = socket.create_connection((host, port), timeout=BULK_TLS_CONNECT_TIMEOUT_S)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = tls_client_context().wrap_socket(raw, server_hostname=None)
+        except BaseException:
+            raw.close()
+            raise
+        try:
+            der = self.sock.getpeercert(binary_form=True) or b""
+            if not hmac.compare_digest(hashlib.sha256(der).digest(), pin):
+                raise RpcError("the node's bulk channel presented another certificate than its RPC endpoint")
+            self.sock.sendall(BULK_TLS_MAGIC + bulk_frame(b"H", token.encode()))
+            kind, payload = self._frame()
+            if kind != b"K":
+                raise RpcError(f"the node refused the bulk channel: {payload.decode(errors='replace')}")
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _exactly(self, view: memoryview) -> None:
+        while view:
+            n = self.sock.recv_into(view)
+            if not n:
+                raise RpcError("the node closed the bulk channel")
+            view = view[n:]
+
+    def _frame(self) -> tuple[bytes, bytes]:
+        head = bytearray(BULK_TLS_FRAME_BYTES)
+        self._exactly(memoryview(head))
+        size = int.from_bytes(head[1:], "big")
+        if size > BULK_MESSAGE_BYTES:
+            raise RpcError(f"the node sent a bulk frame of {size} bytes")
+        payload = bytearray(size)
+        self._exactly(memoryview(payload))
+        return bytes(head[:1]), bytes(payload)
+
+    def _answer(self, name: bytes) -> None:
+        kind, payload = self._frame()
+        if payload[:16] != name or kind not in (b"K", b"E"):
+            raise RpcError("the node's bulk channel answered out of turn")
+        if kind == b"E":
+            error_kind, _, message = payload[16:].decode(errors="replace").partition("\n")
+            raise TaskError(message, kind=error_kind if error_kind in set(ErrorKind) else ErrorKind.BAD_INPUT)
+
+    def upload(self, name: bytes, arrays: Sequence[np.ndarray], out_bytes: int, timeout_s: float) -> None:
+        """Send the operands of batch ``name`` (each C-order, little-endian) and declare its output
+        (``out_bytes``, 0: none); TaskError when the node refuses them (its budget), RpcError or
+        OSError when the connection fails."""
+        self.sock.settimeout(timeout_s)
+        entries = b"".join(b"r" + int(a.nbytes).to_bytes(8, "big") for a in arrays)
+        entries += b"w" + out_bytes.to_bytes(8, "big") if out_bytes else b""
+        self.sock.sendall(bulk_frame(b"U", name + bytes([len(arrays) + bool(out_bytes)]) + entries))
+        self._answer(name)
+        for a in arrays:
+            self.sock.sendall(_le_bytes(a).data)
+        self._answer(name)
+
+    def download(self, name: bytes, dtype: Any, shape: Sequence[int], timeout_s: float) -> np.ndarray:
+        """Receive the output of batch ``name`` into a new array of ``dtype`` and ``shape``."""
+        import numpy as np
+
+        self.sock.settimeout(timeout_s)
+        kind, payload = self._frame()
+        out = np.empty(tuple(shape), dtype=dtype)
+        if kind != b"R" or payload[:16] != name or int.from_bytes(payload[16:24], "big") != out.nbytes:
+            raise RpcError("the node's bulk channel sent another result than the task's")
+        self._exactly(out.reshape(-1).view(np.uint8).data)
+        return out
+
+    def close(self) -> None:
+        """Close the connection (the node frees what it holds of it)."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _le_bytes(a: np.ndarray) -> np.ndarray:
+    """The bytes of ``a`` in C order and little-endian, as a flat uint8 array (no copy when they are already)."""
+    import numpy as np
+
+    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
+
+
+class _TlsBulkPool:
+    """A Client's bulk connections over TLS: at most BULK_TLS_CLIENT_CONNECTIONS, each for one task
+    at a time, opened when needed; their blocking I/O runs in threads of their own (on the loop,
+    only the bookkeeping)."""
+
+    def __init__(self, host: str, port: int, pin: bytes, token: str) -> None:
+        import asyncio
+
+        self.host, self.port, self.pin, self.token = host, port, pin, token
+        self.executor = concurrent.futures.ThreadPoolExecutor(BULK_TLS_CLIENT_CONNECTIONS, "pangea-bulk")
+        self._slots = asyncio.Semaphore(BULK_TLS_CLIENT_CONNECTIONS)
+        self._idle: list[_TlsBulkLink] = []
+        self.closed = False
+
+    async def acquire(self) -> _TlsBulkLink:
+        """A connection of this client's own until `release` (a new one when none is idle)."""
+        import asyncio
+
+        await self._slots.acquire()
+        if self._idle:
+            return self._idle.pop()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.executor, _TlsBulkLink, self.host, self.port, self.pin, self.token
+            )
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, link: _TlsBulkLink, reusable: bool) -> None:
+        """Give a connection back (closed unless ``reusable``: its task ended in step)."""
+        if reusable and not self.closed:
+            self._idle.append(link)
+        else:
+            link.close()
+        self._slots.release()
+
+    def close(self) -> None:
+        """Close the idle connections; those in use close when their tasks give them back."""
+        self.closed = True
+        for link in self._idle:
+            link.close()
+        self._idle.clear()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
 ###############################################################################
-# 10. The node
+# 11. The node
 #
 # `PeerSession` is the adapter of one session with a peer: its readers feed
 # each channel's Decoder, hand what arrives to the session's
@@ -7670,7 +8120,7 @@ def _forget_departed_peers(host: Any) -> Any:
 
 
 ###############################################################################
-# 11. The manager
+# 12. The manager
 #
 # The `Manager` drives the Scheduler: it turns a user's task into events,
 # performs the actions the scheduler returns through a `TaskDelegator` per
@@ -8233,7 +8683,7 @@ class Manager:
 
 
 ###############################################################################
-# 12. Around the node
+# 13. Around the node
 #
 # What a node runs beside its sessions: discovery on the LAN (mDNS), the
 # Prometheus metrics, the initiator's distributed checks (the table of
@@ -9018,7 +9468,7 @@ class FaultInjector:
 
 
 ###############################################################################
-# 13. RPC service
+# 14. RPC service
 #
 # External programs reach a `serve` node over Cap'n Proto RPC (schema: the
 # `Gate` and `Compute` interfaces of capnp/pangea.capnp). pycapnp runs on
@@ -10247,7 +10697,7 @@ def _make_gate(
 
 
 ###############################################################################
-# 14. The Python client
+# 15. The Python client
 #
 # `Client`: a client of a node's RPC endpoint for Python programs, numpy arrays
 # in and out. Its asyncio/KJ loop runs in one long-lived private thread: every
@@ -10351,448 +10801,11 @@ def client_size_refusal(
     return None
 
 
-NO_SHM_ENV = "PANGEA_NO_SHM"  # set to 1: a Client sends every array in its RPC messages
-# A task whose operands and result are fewer bytes goes in the RPC message even with shared
-# memory: handing segments over (a bulk-socket round trip, fstat and mmap on the node) cost
-# tiny tasks a quarter of their throughput, and 64 KiB cross in a message in well under a ms.
-BULK_MIN_BYTES = 64 << 10
-BULK_POOL_SEGMENTS = 8  # operand segments a Client keeps for reuse (warm: written again, not faulted in)
-BULK_POOL_MAX_BYTES = 2 << 30  # their bytes at most
-# A Client with shared memory prepares, as it connects and in a background thread, one
-# operand segment and one result segment of this size, touching them: fresh memory costs
-# 0.06-0.18 s per 64 MiB the first time, which would otherwise fall on its first transfer
-# (0.2x the steady rate). So 2 x 64 MiB held until close (`Client(warm_mib=0)`: none); a
-# prepared segment its calls show too small for them goes at once.
-BULK_WARM_MIB = 64
-BULK_WARM_WAIT_S = 10.0  # a call waits this long at most for a segment being prepared
-BULK_REPLY_TIMEOUT_S = 30.0  # a node answers a batch at once; one that does not has gone away
-# TLS bulk connections a Client of a node on another box keeps: one per task in flight, so
-# this many large tasks cross at once (more wait for one); each is a TCP connection and a
-# thread of its own while it sends or receives.
-BULK_TLS_CLIENT_CONNECTIONS = 4
-BULK_TLS_CONNECT_TIMEOUT_S = 10.0  # TCP connect plus the TLS handshake and the token's answer
-
-
-def local_node_bulk_socket(port: int) -> str:
-    """The bulk socket of the node of this user's home that serves RPC on loopback ``port``; "": none."""
-    root = home_path() / SESSIONS_DIRNAME
-    for role, pid in live_sessions(home_path()) if root.is_dir() else []:
-        info = SessionDir.load(root / f"{role}-{pid}")
-        if str(info.get("rpc", "")).endswith(f":{port}") and info.get("bulk"):
-            return str(info["bulk"])
-    return ""
-
-
-class _Segment:
-    """One memfd of a Client, sealed at its size and mapped here read-write."""
-
-    def __init__(self, size: int, name: str) -> None:
-        import fcntl
-        import mmap
-
-        self.size = size
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            os.ftruncate(self.fd, size)
-            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-            self.mapping = mmap.mmap(self.fd, size)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.address = _buffer_address(self.mapping)  # where an array over it starts: found again by address
-
-    def holds(self, a: np.ndarray) -> int:
-        """The offset of ``a``'s bytes in this segment; -1 when they are not all in it."""
-        start = int(a.__array_interface__["data"][0])
-        inside = self.address <= start and start + a.nbytes <= self.address + self.size and self.fd >= 0
-        return start - self.address if inside else -1
-
-    def populate(self, nbytes: int) -> None:
-        """Fault the first ``nbytes`` in now, writable (page tables too), so the first write into
-        them and the node's mapping find the memory there: one madvise, else a write per page."""
-        import numpy as np
-
-        nbytes = min(self.size, -(-nbytes // mmap_page()) * mmap_page())
-        try:
-            self.mapping.madvise(MADV_POPULATE_WRITE, 0, nbytes)
-        except OSError:  # NOTE: EINVAL before Linux 5.14
-            np.frombuffer(self.mapping, dtype=np.uint8)[: nbytes : mmap_page()] = 0
-
-    def array(self, dtype: Any, shape: Sequence[int]) -> np.ndarray:
-        """A numpy array over the segment's first bytes (C order)."""
-        import numpy as np
-
-        return np.ndarray(tuple(shape), dtype=dtype, buffer=self.mapping)
-
-    def close(self) -> None:
-        """Unmap (when no array views it any more) and close the descriptor."""
-        with contextlib.suppress(BufferError):
-            self.mapping.close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _buffer_address(buffer: Any) -> int:
-    """The address of a writable buffer's first byte (no view of it is left behind)."""
-    import numpy as np
-
-    return int(np.frombuffer(buffer, np.uint8, count=1).__array_interface__["data"][0])
-
-
-@dataclass
-class _BulkTask:
-    """The shared segments of one task of a Client: its operands' (pooled, or borrowed from the
-    caller's shared arrays) and its output's."""
-
-    segments: list[_Segment]
-    slots: list[int]  # per operand: 1 + its segment's index, 0: in the message (an empty array)
-    output: _Segment | None
-    pool: _SegmentPool
-    outputs: _SegmentPool
-    released: bool = False
-    handed: bool = False  # the output segment is the caller's result now (back to the pool when it goes)
-    offsets: list[int] = field(default_factory=list)  # per operand: where its bytes start in its segment
-    borrowed: list[_Segment] = field(default_factory=list)  # the caller's: not given back to a pool here
-
-    def release(self) -> None:
-        """Give the segments back to their pools (once); the output's only when not handed out."""
-        if self.released:
-            return
-        self.released = True
-        for s in self.segments:
-            if s is not self.output and not any(s is b for b in self.borrowed):
-                self.pool.put(s)
-        if self.output is not None and not self.handed:
-            self.outputs.put(self.output)
-
-
-class _SegmentPool:
-    """The segments a Client reuses, for any thread (a lock around the free list), and the
-    one it may prepare ahead (`prepare`): made and touched in a background thread."""
-
-    def __init__(self, name: str = "pangea-operand") -> None:
-        self.name = name
-        self._free: list[_Segment] = []
-        self._prepared: list[_Segment] = []  # prepared ahead and not used yet (also in _free)
-        self._warming: threading.Thread | None = None
-        self._warm_bytes = 0
-        self._lock = threading.RLock()  # NOTE: re-entrant: a result's finalizer may run (GC) while it is held
-        self._closed = False
-
-    def prepare(self, nbytes: int, touch_bytes: int) -> None:
-        """Make one segment of ``nbytes`` (page-rounded) and touch its first ``touch_bytes`` in a
-        background thread, for the first `get` it fits; at most one at a time, none after `close`.
-        (Untouched pages take no memory.)"""
-        size = -(-nbytes // mmap_page()) * mmap_page()
-        with self._lock:
-            if self._closed or self._warming is not None or size <= 0:
-                return
-            self._warm_bytes = size
-            self._warming = threading.Thread(
-                target=self._warm, args=(size, touch_bytes), name="pangea-warm", daemon=True
-            )
-        self._warming.start()
-
-    def _warm(self, size: int, touch_bytes: int) -> None:
-        try:
-            segment = _Segment(size, self.name)
-            segment.populate(touch_bytes)
-        except (OSError, ValueError) as exc:  # NOTE: no memory for it: the first call makes its own
-            log.info("Client: no segment prepared ahead: %s", describe_exception(exc))
-            return
-        with self._lock:
-            if not self._closed:
-                self._free.append(segment)
-                self._prepared.append(segment)
-                return
-        segment.close()
-
-    def _wait_warm(self, nbytes: int) -> None:
-        """Wait (bounded) for the segment being prepared when ``nbytes`` would fit it: it is
-        part made, so waiting is faster than making another."""
-        warming = self._warming
-        if warming is not None and warming.is_alive() and nbytes <= self._warm_bytes <= 2 * nbytes + mmap_page():
-            warming.join(BULK_WARM_WAIT_S)
-
-    def get(self, nbytes: int) -> _Segment:
-        """A free segment of at least ``nbytes`` (and not much more), else a new one."""
-        self._wait_warm(nbytes)
-        unused: list[_Segment] = []
-        with self._lock:
-            fits = [s for s in self._free if nbytes <= s.size <= 2 * nbytes + mmap_page()]
-            if fits:
-                best = min(fits, key=lambda s: s.size)
-                self._free.remove(best)
-                if best in self._prepared:
-                    self._prepared.remove(best)
-                return best
-            # NOTE: a prepared segment too small for the calls made is memory nobody asked for
-            unused = [s for s in self._prepared if s.size < nbytes]
-            for s in unused:
-                self._prepared.remove(s)
-                self._free.remove(s)
-        for s in unused:
-            s.close()
-        return _Segment(-(-nbytes // mmap_page()) * mmap_page(), self.name)
-
-    def put(self, segment: _Segment) -> None:
-        """Keep a segment for reuse, or close it when the pool is full."""
-        with self._lock:
-            if self._closed:  # NOTE: a result dropped after its Client closed
-                segment.close()
-                return
-            self._free.append(segment)
-            while len(self._free) > BULK_POOL_SEGMENTS or sum(s.size for s in self._free) > BULK_POOL_MAX_BYTES:
-                # NOTE: too many: the smallest goes (a burst of small calls must not evict the warm
-                # large segments, the dear ones to make again); too many bytes: the oldest
-                many = len(self._free) > BULK_POOL_SEGMENTS
-                dropped = min(self._free, key=lambda s: s.size) if many else self._free[0]
-                self._free.remove(dropped)
-                if dropped in self._prepared:
-                    self._prepared.remove(dropped)
-                dropped.close()
-
-    def close(self) -> None:
-        """Close every free segment (and the one being prepared, once it is made)."""
-        with self._lock:
-            free, self._free, self._prepared, self._closed = self._free, [], [], True
-            warming = self._warming
-        for s in free:
-            s.close()
-        if warming is not None:
-            warming.join(BULK_WARM_WAIT_S)
-
-
-def mmap_page() -> int:
-    """The size of a memory page."""
-    import mmap
-
-    return mmap.PAGESIZE
-
-
-class _BulkChannel:
-    """A Client's end of its node's bulk socket (see `BulkServer`): opened and authenticated once,
-    then used from the Client's loop, each batch answered by name."""
-
-    def __init__(self, path: str, token: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            self.sock.settimeout(5.0)
-            self.sock.connect(path)
-            self.sock.send(b"H" + token.encode())
-            reply = self.sock.recv(BULK_MESSAGE_BYTES)
-            if reply != b"K":
-                raise RpcError(f"the node refused the bulk channel: {reply[1:].decode(errors='replace') or 'closed'}")
-            self.sock.setblocking(False)
-        except BaseException:
-            self.sock.close()
-            raise
-        self.broken = ""
-        self._waiting: dict[bytes, Any] = {}
-        self._loop: Any = None
-
-    def attach(self, loop: Any) -> None:
-        """Read the node's answers on ``loop`` (the Client's)."""
-        self._loop = loop
-        loop.add_reader(self.sock.fileno(), self._readable)
-
-    def _readable(self) -> None:
-        try:
-            data = self.sock.recv(BULK_MESSAGE_BYTES)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            data, self.broken = b"", describe_exception(exc)
-        if not data:
-            self.broken = self.broken or "the node closed the bulk channel"
-            self.close()
-            return
-        waiter = self._waiting.pop(data[1:17], None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(data[:1] + data[17:])
-
-    async def send(self, segments: Sequence[_Segment], kinds: bytes) -> bytes:
-        """Hand ``segments`` to the node; return the batch's name. RpcError when it refuses them."""
-        import asyncio
-        import secrets
-
-        if self.broken:
-            raise RpcError(f"no bulk channel: {self.broken}")
-        name = secrets.token_bytes(16)
-        waiter = self._loop.create_future()
-        self._waiting[name] = waiter
-        try:
-            for _ in range(1000):  # NOTE: bounded; a full socket buffer drains within milliseconds
-                try:
-                    socket.send_fds(self.sock, [b"S" + name + kinds], [s.fd for s in segments])
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(0.001)
-            else:
-                raise RpcError("the bulk channel stays full")
-            async with asyncio.timeout(BULK_REPLY_TIMEOUT_S):
-                reply = await waiter
-        except OSError as exc:
-            raise RpcError(f"the bulk channel failed: {describe_exception(exc)}") from None
-        finally:
-            self._waiting.pop(name, None)
-        if reply[:1] != b"K":
-            raise RpcError(f"the node refused the shared segments: {reply[1:].decode(errors='replace')}")
-        return name
-
-    def close(self) -> None:
-        """Close the socket; batches waiting for an answer fail."""
-        if self.sock.fileno() >= 0:
-            if self._loop is not None:
-                self._loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-        for waiter in self._waiting.values():
-            if not waiter.done():
-                waiter.set_exception(RpcError(f"no bulk channel: {self.broken or 'closed'}"))
-
-
-class _TlsBulkLink:
-    """One bulk connection over TLS of a Client (see `TlsBulkConnection`), blocking, used by one
-    task at a time from a worker thread: the certificate pinned like the RPC connection's."""
-
-    def __init__(self, host: str, port: int, pin: bytes, token: str) -> None:
-        import hashlib
-        import hmac
-
-        raw = socket.create_connection((host, port), timeout=BULK_TLS_CONNECT_TIMEOUT_S)
-        try:
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock = tls_client_context().wrap_socket(raw, server_hostname=None)
-        except BaseException:
-            raw.close()
-            raise
-        try:
-            der = self.sock.getpeercert(binary_form=True) or b""
-            if not hmac.compare_digest(hashlib.sha256(der).digest(), pin):
-                raise RpcError("the node's bulk channel presented another certificate than its RPC endpoint")
-            self.sock.sendall(BULK_TLS_MAGIC + bulk_frame(b"H", token.encode()))
-            kind, payload = self._frame()
-            if kind != b"K":
-                raise RpcError(f"the node refused the bulk channel: {payload.decode(errors='replace')}")
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def _exactly(self, view: memoryview) -> None:
-        while view:
-            n = self.sock.recv_into(view)
-            if not n:
-                raise RpcError("the node closed the bulk channel")
-            view = view[n:]
-
-    def _frame(self) -> tuple[bytes, bytes]:
-        head = bytearray(BULK_TLS_FRAME_BYTES)
-        self._exactly(memoryview(head))
-        size = int.from_bytes(head[1:], "big")
-        if size > BULK_MESSAGE_BYTES:
-            raise RpcError(f"the node sent a bulk frame of {size} bytes")
-        payload = bytearray(size)
-        self._exactly(memoryview(payload))
-        return bytes(head[:1]), bytes(payload)
-
-    def _answer(self, name: bytes) -> None:
-        kind, payload = self._frame()
-        if payload[:16] != name or kind not in (b"K", b"E"):
-            raise RpcError("the node's bulk channel answered out of turn")
-        if kind == b"E":
-            error_kind, _, message = payload[16:].decode(errors="replace").partition("\n")
-            raise TaskError(message, kind=error_kind if error_kind in set(ErrorKind) else ErrorKind.BAD_INPUT)
-
-    def upload(self, name: bytes, arrays: Sequence[np.ndarray], out_bytes: int, timeout_s: float) -> None:
-        """Send the operands of batch ``name`` (each C-order, little-endian) and declare its output
-        (``out_bytes``, 0: none); TaskError when the node refuses them (its budget), RpcError or
-        OSError when the connection fails."""
-        self.sock.settimeout(timeout_s)
-        entries = b"".join(b"r" + int(a.nbytes).to_bytes(8, "big") for a in arrays)
-        entries += b"w" + out_bytes.to_bytes(8, "big") if out_bytes else b""
-        self.sock.sendall(bulk_frame(b"U", name + bytes([len(arrays) + bool(out_bytes)]) + entries))
-        self._answer(name)
-        for a in arrays:
-            self.sock.sendall(_le_bytes(a).data)
-        self._answer(name)
-
-    def download(self, name: bytes, dtype: Any, shape: Sequence[int], timeout_s: float) -> np.ndarray:
-        """Receive the output of batch ``name`` into a new array of ``dtype`` and ``shape``."""
-        import numpy as np
-
-        self.sock.settimeout(timeout_s)
-        kind, payload = self._frame()
-        out = np.empty(tuple(shape), dtype=dtype)
-        if kind != b"R" or payload[:16] != name or int.from_bytes(payload[16:24], "big") != out.nbytes:
-            raise RpcError("the node's bulk channel sent another result than the task's")
-        self._exactly(out.reshape(-1).view(np.uint8).data)
-        return out
-
-    def close(self) -> None:
-        """Close the connection (the node frees what it holds of it)."""
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-
-def _le_bytes(a: np.ndarray) -> np.ndarray:
-    """The bytes of ``a`` in C order and little-endian, as a flat uint8 array (no copy when they are already)."""
-    import numpy as np
-
-    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
-
-
 def _record_with_output(reader: Any, output: np.ndarray, arrays_via: str) -> TaskOutputRecord:
     """The record of a task's answer whose output came outside the message."""
     fields = [f for f in TaskOutputRecord.capnp_fields() if f[0] != "outputs"]
     values = {a: _rpc_from_capnp(getattr(reader, n), t) for a, n, t in fields}
     return TaskOutputRecord((output,), **values, arrays_via=arrays_via)
-
-
-class _TlsBulkPool:
-    """A Client's bulk connections over TLS: at most BULK_TLS_CLIENT_CONNECTIONS, each for one task
-    at a time, opened when needed; their blocking I/O runs in threads of their own (on the loop,
-    only the bookkeeping)."""
-
-    def __init__(self, host: str, port: int, pin: bytes, token: str) -> None:
-        import asyncio
-
-        self.host, self.port, self.pin, self.token = host, port, pin, token
-        self.executor = concurrent.futures.ThreadPoolExecutor(BULK_TLS_CLIENT_CONNECTIONS, "pangea-bulk")
-        self._slots = asyncio.Semaphore(BULK_TLS_CLIENT_CONNECTIONS)
-        self._idle: list[_TlsBulkLink] = []
-        self.closed = False
-
-    async def acquire(self) -> _TlsBulkLink:
-        """A connection of this client's own until `release` (a new one when none is idle)."""
-        import asyncio
-
-        await self._slots.acquire()
-        if self._idle:
-            return self._idle.pop()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self.executor, _TlsBulkLink, self.host, self.port, self.pin, self.token
-            )
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def release(self, link: _TlsBulkLink, reusable: bool) -> None:
-        """Give a connection back (closed unless ``reusable``: its task ended in step)."""
-        if reusable and not self.closed:
-            self._idle.append(link)
-        else:
-            link.close()
-        self._slots.release()
-
-    def close(self) -> None:
-        """Close the idle connections; those in use close when their tasks give them back."""
-        self.closed = True
-        for link in self._idle:
-            link.close()
-        self._idle.clear()
-        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 class TaskFuture(concurrent.futures.Future):
@@ -11738,7 +11751,7 @@ class Client:
 
 
 ###############################################################################
-# 15. Start-up
+# 16. Start-up
 #
 # What runs before and around every verb, in the order `_main` runs it: the
 # guard that the pyz runs on the interpreter it was built for; the deferred
@@ -12260,7 +12273,7 @@ def unpacked_text() -> str:
 
 
 ###############################################################################
-# 16. CLI: options and the verbs of a pair
+# 17. CLI: options and the verbs of a pair
 #
 # One `cmd_<verb>` per command, with its options in the `add_<verb>_parser`
 # right above it. This part holds the option types and the options several
@@ -13424,7 +13437,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 ###############################################################################
-# 17. CLI: serve, the tools and main
+# 18. CLI: serve, the tools and main
 #
 # `serve` and the verbs that talk to a node or look at this box: `call` (a
 # Client of a serve node), `psk`, `status`, `doctor`, `bench` (its code is the
