@@ -951,21 +951,26 @@ def rpc_task_bytes(operand_bytes: int, out_bytes: int) -> int:
     return 2 * operand_bytes + 2 * out_bytes
 
 
-def budget_refusal(budget: MemoryBudget, kernel: str, need: int, out_bytes: int) -> TaskError | None:
+def budget_refusal(
+    budget: MemoryBudget, kernel: str, need: int, out_bytes: int, *, held: str | None = None
+) -> TaskError | None:
     """Why a task that holds ``need`` bytes (``out_bytes`` of them its output) cannot run now (None: it
     fits). Kind "bad-input" when it exceeds the whole budget (it never will), "busy" when other
-    tasks hold the rest (it may, later)."""
+    tasks hold the rest (it may, later). ``held``: what the message says holds them (default: the
+    task named by ``kernel`` and its output)."""
     if budget.in_use + need <= budget.limit_bytes:
         return None
-    held = f"its output of {format_bytes(out_bytes)} ({format_bytes(need)} with its operands and the answer's copy)"
+    if held is None:
+        output = f"its output of {format_bytes(out_bytes)}"
+        held = f"cannot run {kernel}: {output} ({format_bytes(need)} with its operands and the answer's copy)"
     if need > budget.limit_bytes:
         return TaskError(
-            f"cannot run {kernel}: {held} can never fit the node's memory budget of "
+            f"{held} can never fit the node's memory budget of "
             f"{format_bytes(budget.limit_bytes)}; ask for less, or raise --memory-budget-mib",
             kind=ErrorKind.BAD_INPUT,
         )
     return TaskError(
-        f"cannot run {kernel}: {held} would not fit the node's memory budget of {format_bytes(budget.limit_bytes)} "
+        f"{held} would not fit the node's memory budget of {format_bytes(budget.limit_bytes)} "
         f"({format_bytes(budget.in_use)} in use); retry later or raise --memory-budget-mib",
         kind=ErrorKind.BUSY,
     )
@@ -6313,19 +6318,11 @@ class TlsBulkBatches:
 
     def charge(self, nbytes: int) -> TaskError | None:
         """Take ``nbytes`` of the budget for an upload; why not when they do not fit (None: taken)."""
-        limit = self.budget.limit_bytes
-        if nbytes > limit:
-            return TaskError(
-                f"operands of {format_bytes(nbytes)} can never fit the node's memory budget of "
-                f"{format_bytes(limit)}; ask for less, or raise --memory-budget-mib",
-                kind=ErrorKind.BAD_INPUT,
-            )
-        if not self.budget.try_acquire(nbytes):
-            return TaskError(
-                f"operands of {format_bytes(nbytes)} would not fit the node's memory budget of {format_bytes(limit)} "
-                f"({format_bytes(self.budget.in_use)} in use); retry later or raise --memory-budget-mib",
-                kind=ErrorKind.BUSY,
-            )
+        held = f"operands of {format_bytes(nbytes)}"
+        while not self.budget.try_acquire(nbytes):
+            refusal = budget_refusal(self.budget, "", nbytes, 0, held=held)
+            if refusal is not None:  # NOTE: None: what held the rest was given back meanwhile
+                return refusal
         return None
 
     def add(self, conn: TlsBulkConnection, name: bytes, segments: list[BulkSegment], charged: int) -> None:
@@ -6911,8 +6908,8 @@ class _TlsBulkLink:
         entries += b"w" + out_bytes.to_bytes(8, "big") if out_bytes else b""
         self.sock.sendall(bulk_frame(b"U", name + bytes([len(arrays) + bool(out_bytes)]) + entries))
         self._answer(name)
-        for a in arrays:
-            self.sock.sendall(_le_bytes(a).data)
+        for view in _array_parts(arrays)[1]:  # C order, little-endian, no copy when they are so already
+            self.sock.sendall(view)
         self._answer(name)
 
     def download(self, name: bytes, dtype: Any, shape: Sequence[int], timeout_s: float) -> np.ndarray:
@@ -6931,13 +6928,6 @@ class _TlsBulkLink:
         """Close the connection (the node frees what it holds of it)."""
         with contextlib.suppress(OSError):
             self.sock.close()
-
-
-def _le_bytes(a: np.ndarray) -> np.ndarray:
-    """The bytes of ``a`` in C order and little-endian, as a flat uint8 array (no copy when they are already)."""
-    import numpy as np
-
-    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
 
 
 class _TlsBulkPool:
@@ -10801,6 +10791,15 @@ def client_size_refusal(
     return None
 
 
+def _outside_output(reader: Any, room: int, where: str) -> tuple[Any, list[int]]:
+    """The dtype and shape of a task's output that came outside the message (an RPC `Array` with
+    ``shared`` set), at most ``room`` bytes; RpcError when the node declared another."""
+    name, shape = str(reader.dtype), [int(d) for d in reader.shape]
+    if name not in ALLOWED_DTYPES or math.prod(shape) * _wire_dtype(name).itemsize > room:
+        raise RpcError(f"cannot read a result: a {name} of shape {tuple(shape)} {where}")
+    return _wire_dtype(name), shape
+
+
 def _record_with_output(reader: Any, output: np.ndarray, arrays_via: str) -> TaskOutputRecord:
     """The record of a task's answer whose output came outside the message."""
     fields = [f for f in TaskOutputRecord.capnp_fields() if f[0] != "outputs"]
@@ -11585,13 +11584,8 @@ class Client:
             )
             reader = (await request.send()).result
             if len(reader.outputs) == 1 and reader.outputs[0].shared.segment:
-                dtype_name, shape = str(reader.outputs[0].dtype), [int(d) for d in reader.outputs[0].shape]
-                itemsize = _wire_dtype(dtype_name).itemsize if dtype_name in ALLOWED_DTYPES else 0
-                if not itemsize or math.prod(shape) * itemsize > out_bytes:
-                    raise RpcError(f"cannot read a result: a {dtype_name} of shape {tuple(shape)} on the bulk channel")
-                output = await loop.run_in_executor(
-                    pool.executor, link.download, name, _wire_dtype(dtype_name), shape, timeout_s
-                )
+                dtype, shape = _outside_output(reader.outputs[0], out_bytes, "on the bulk channel")
+                output = await loop.run_in_executor(pool.executor, link.download, name, dtype, shape, timeout_s)
                 in_step = True
                 return _record_with_output(reader, output, "TLS bulk channel, result: TLS bulk channel")
             in_step = True
@@ -11605,11 +11599,9 @@ class Client:
         The segment is the caller's until that array (and every view of it) is gone; then it goes
         back to the pool, warm for the next result."""
         assert bulk.output is not None
-        name, shape = str(reader.dtype), [int(d) for d in reader.shape]
-        if name not in ALLOWED_DTYPES or math.prod(shape) * _wire_dtype(name).itemsize > bulk.output.size:
-            raise RpcError(f"cannot read a result: a {name} of shape {tuple(shape)} in a shared segment")
+        dtype, shape = _outside_output(reader, bulk.output.size, "in a shared segment")
         bulk.handed = True
-        return self._share(bulk.output.array(_wire_dtype(name), shape), bulk.output, bulk.outputs)
+        return self._share(bulk.output.array(dtype, shape), bulk.output, bulk.outputs)
 
     def submit(
         self,
