@@ -101,6 +101,7 @@ __all__ = [
     "PeerError",
     "TaskError",
     "KernelError",
+    "BadInputError",
     "SessionError",
     "Decoder",
     "encode",
@@ -108,6 +109,8 @@ __all__ = [
     "KERNELS",
     "run_kernel",
     "Scheduler",
+    "Client",
+    "RemoteArray",
     "main",
     "__version__",
 ]
@@ -302,6 +305,14 @@ RPC_MAX_TEXT_CHARS = 1000  # kernel names, placements and multiaddrs are short; 
 # A result at least this large is copied into its client's shared segment by a worker
 # thread, not on the RPC loop: 64 MiB takes 10-20 ms, which every other call would wait.
 SHARED_COPY_IN_THREAD_BYTES = 1 << 20
+# Arrays a node holds for its RPC clients (RemoteArray capabilities), all clients together:
+# each costs a capability and an entry besides its bytes (which the memory budget bounds), so
+# a client that keeps millions of empty arrays is refused past this, with a clear error.
+MAX_KEPT_ARRAYS = 4096
+MAX_TASK_ARRAYS = 64  # held arrays one task may name (TaskSpec.arrays): no kernel takes more operands
+# The node recognises a capability it was handed by calling its `claim`: one of its own answers
+# at once (a local call); one a client made up may never answer, so the task waits this long.
+CLAIM_TIMEOUT_S = 2.0
 
 # bench verb: what its parser needs; the rest of the verb is bench/pangea_bench.py.
 # Defaults of a full run and of --quick (a run of a few seconds whose figures are rough).
@@ -490,6 +501,20 @@ class KernelError(TaskError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, kind=ErrorKind.BAD_INPUT)
+
+
+class BadInputError(TaskError, ValueError):
+    """A task refused for what it was given (kind bad-input): also a ValueError, as numpy raises
+    for a shape that does not fit or an argument out of range, so ``except ValueError`` catches
+    both."""
+
+    def __init__(self, message: str, *, kind: str = ErrorKind.BAD_INPUT) -> None:
+        super().__init__(message, kind=kind)
+
+
+def task_error(message: str, kind: str) -> TaskError:
+    """The TaskError of a task that failed with ``kind`` (a BadInputError for bad-input)."""
+    return BadInputError(message) if kind == ErrorKind.BAD_INPUT else TaskError(message, kind=kind)
 
 
 class SessionError(PangeaError):
@@ -3066,6 +3091,10 @@ def _k_transpose(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[n
     return (a.T.copy(order="C"),)
 
 
+def _k_copy(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+    return (ops[0].copy(order="C"),)
+
+
 def _k_scale(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
     (a,) = ops
     factor = params.get("factor", 1.0)
@@ -3999,6 +4028,10 @@ def _ref_transpose(ops: Operands, params: dict[str, float]) -> np.ndarray:
     return ops[0].T
 
 
+def _ref_copy(ops: Operands, params: dict[str, float]) -> np.ndarray:
+    return ops[0].copy()
+
+
 def _ref_scale(ops: Operands, params: dict[str, float]) -> np.ndarray:
     return ops[0] * params["factor"]
 
@@ -4164,6 +4197,17 @@ KERNELS: dict[str, Kernel] = {
             check=_verify_nothing,
             sample=_sample_random,
             reference=_ref_random,
+        ),
+        Kernel(
+            "copy",
+            1,
+            _k_copy,
+            "a copy of a (how put and get move a remote array)",
+            out_nbytes=_bytes_of_transpose,
+            flops=_flops_of_elements,
+            check=_verify_recomputed,
+            sample=_sample_one,
+            reference=_ref_copy,
         ),
     )
 }
@@ -9458,17 +9502,14 @@ class FaultInjector:
 
 
 ###############################################################################
-# 14. RPC service
+# 14. RPC records
 #
 # External programs reach a `serve` node over Cap'n Proto RPC (schema: the
-# `Gate` and `Compute` interfaces of capnp/pangea.capnp). pycapnp runs on
-# asyncio with its own KJ loop, so the RPC server lives in a thread of its
-# own; each call (at most RPC_MAX_CALLS_IN_FLIGHT) becomes a trio task spawned
-# through the trio token, so the asyncio loop never blocks, and runs against
-# the `NodeService`, the trio-side facade of the node, which charges each task
-# to the node's memory budget. This is the only place where asyncio meets
-# trio. `_RpcConnection` holds each connection to the limits before login and,
-# off loopback, speaks TLS 1.3.
+# `Gate`, `Compute` and `RemoteArray` interfaces of capnp/pangea.capnp). This
+# room holds what both ends of it share: the RPC's constants, arrays to and from
+# Cap'n Proto, and the records (one dataclass per struct that crosses, one
+# to/from Cap'n Proto pair for all of them). It opens no socket: the service
+# below and the client use it.
 ###############################################################################
 
 DEFAULT_RPC_PORT = 7780
@@ -9765,6 +9806,9 @@ class StatusRecord(RpcRecord):
     memory_budget_used_bytes: int = field(default=0, metadata=capnp_name("memoryBudgetUsedBytes"))
     memory_budget_bytes: int = field(default=0, metadata=capnp_name("memoryBudgetBytes"))
     stranger_connections_closed: int = field(default=0, metadata=capnp_name("strangerConnectionsClosed"))
+    # the arrays this node holds for its clients (RemoteArray), charged to its memory budget
+    held_bytes: int = field(default=0, metadata=capnp_name("heldBytes"))
+    held_arrays: int = field(default=0, metadata=capnp_name("heldArrays"))
 
     def as_dict(self) -> dict[str, Any]:
         """The status as `Client.status()` returns it (each suspect with its ``peer_id``)."""
@@ -9874,6 +9918,96 @@ def kernel_verification(kernel: Kernel, rounds: int) -> str:
     return how.get(kernel.check, "")
 
 
+###############################################################################
+# 15. RPC service
+#
+# pycapnp runs on asyncio with its own KJ loop, so the RPC server lives in a
+# thread of its own; each call (at most RPC_MAX_CALLS_IN_FLIGHT) becomes a trio
+# task spawned through the trio token, so the asyncio loop never blocks, and
+# runs against the `NodeService`, the trio-side facade of the node, which
+# charges each task to the node's memory budget. This is the only place where
+# asyncio meets trio. `_RpcConnection` holds each connection to the limits
+# before login and, off loopback, speaks TLS 1.3. `KeptArrays` holds the arrays
+# a client left on the node (`RemoteArray` capabilities): each is charged to the
+# memory budget until its last capability is dropped.
+###############################################################################
+
+
+@dataclass
+class KeptArray:
+    """An array a node holds for its clients: the bytes (read-only), where they are and how they
+    were checked, and ``lineage``: the task that made it, in words, for messages."""
+
+    key: int
+    array: np.ndarray
+    holder: str = LOCAL
+    verification: str = ""
+    lineage: str = ""
+
+
+class KeptArrays:
+    """The arrays a node holds for RPC clients (each behind a `RemoteArray` capability), charged to
+    its memory budget while held (from any thread: the RPC thread keeps and releases, `status`
+    reads the totals on the trio thread)."""
+
+    def __init__(self, budget: MemoryBudget, limit: int = MAX_KEPT_ARRAYS) -> None:
+        self.budget = budget
+        self.limit = limit
+        self._arrays: dict[int, KeptArray] = {}
+        self._next = 1
+        self._lock = threading.Lock()
+        self.claims: dict[bytes, int] = {}  # a claim's nonce -> the key of the array that answered it
+
+    def keep(self, array: np.ndarray, *, verification: str = "", lineage: str = "") -> KeptArray:
+        """Hold ``array`` (made read-only: several tasks may read it) and charge its bytes; TaskError
+        when the budget or the count would be exceeded (nothing is held then)."""
+        nbytes = int(array.nbytes)
+        if not array.flags.owndata or not array.flags.c_contiguous:
+            # NOTE: a view may be of a client's segment (unmapped after the task) or of a pooled buffer
+            array = array.copy(order="C")
+        with self._lock:
+            if len(self._arrays) >= self.limit:
+                raise TaskError(
+                    f"cannot keep {lineage or 'an array'}: this node holds {self.limit} arrays for its clients "
+                    "(its limit); release some (drop their handles) or get() them",
+                    kind=ErrorKind.BUSY,
+                )
+            refusal = budget_refusal(
+                self.budget, "", nbytes, nbytes, held=f"cannot keep {lineage or 'an array'} of {format_bytes(nbytes)}"
+            )
+            if refusal is not None or not self.budget.try_acquire(nbytes):
+                raise refusal or TaskError(
+                    f"cannot keep {lineage or 'an array'}: the node's memory budget is full", kind=ErrorKind.BUSY
+                )
+            array.flags.writeable = False
+            kept = KeptArray(self._next, array, LOCAL, verification, lineage)
+            self._arrays[kept.key] = kept
+            self._next += 1
+        return kept
+
+    def release(self, key: int) -> None:
+        """Let go of an array (its last capability was dropped); its bytes leave the budget."""
+        with self._lock:
+            kept = self._arrays.pop(key, None)
+        if kept is not None:
+            self.budget.release(int(kept.array.nbytes))
+
+    def find(self, key: int) -> KeptArray | None:
+        """The array held under ``key`` (None: released)."""
+        with self._lock:
+            return self._arrays.get(key)
+
+    @property
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(int(k.array.nbytes) for k in self._arrays.values())
+
+    @property
+    def held_arrays(self) -> int:
+        with self._lock:
+            return len(self._arrays)
+
+
 class NodeService:
     """The trio side of the RPC: what `submit`, `peers`, `status`, `connect` and `kernels` do."""
 
@@ -9885,6 +10019,7 @@ class NodeService:
         self.trust = trust
         self.rpc_address = rpc_address
         self.bulk_path = ""  # the bulk socket of this node's clients on this box (BulkServer); "": none
+        self.kept = KeptArrays(node.budget)  # the arrays clients left here (RemoteArray capabilities)
         self.closing = False
         self._calls: set[Any] = set()
         self._trio = trio
@@ -10081,6 +10216,8 @@ class NodeService:
                 self.node.budget.in_use,
                 self.node.budget.limit_bytes,
                 self.node.strangers.refused + self.node.strangers.expired,
+                self.kept.held_bytes,
+                self.kept.held_arrays,
             )
         assert record is not None
         return record
@@ -10122,6 +10259,25 @@ class NodeService:
             info = self.peer_info(session)
         assert info is not None
         return info
+
+
+def held_operand(reader: Any, index: int, kept: Sequence[KeptArray]) -> np.ndarray:
+    """The array an RPC operand names as held (`Array.held`: 1 + its index among the task's
+    arrays); TaskError(bad-input) when it names none, or declares another dtype or shape."""
+    slot = int(reader.held) - 1
+    if not 0 <= slot < len(kept):
+        raise TaskError(
+            f"operand {index} names held array {slot + 1}, but the task passed {len(kept)}", kind=ErrorKind.BAD_INPUT
+        )
+    a = kept[slot].array
+    declared = (str(reader.dtype), tuple(int(d) for d in reader.shape))
+    if declared != (_dtype_name(a.dtype), a.shape):
+        raise TaskError(
+            f"operand {index} declares a {declared[0]} of shape {declared[1]}, but the array it names is a "
+            f"{_dtype_name(a.dtype)} of shape {a.shape}",
+            kind=ErrorKind.BAD_INPUT,
+        )
+    return a
 
 
 def _outcome_to_capnp(
@@ -10527,6 +10683,86 @@ def _make_gate(
     import asyncio
     import hmac
 
+    class RemoteArrayImpl(schema.RemoteArray.Server):
+        """One capability of an array the node holds: the array is released when pycapnp drops the
+        last reference to it (the client dropped its handle, or its connection closed)."""
+
+        def __init__(self, kept: KeptArray) -> None:
+            self.kept = kept
+
+        def __del__(self) -> None:
+            service.kept.release(self.kept.key)
+
+        async def info(self, _context: Any, **kwargs: Any) -> None:
+            r, a = _context.results, self.kept.array
+            r.dtype, r.shape, r.nbytes = _dtype_name(a.dtype), [int(d) for d in a.shape], int(a.nbytes)
+            r.holder, r.verification = self.kept.holder, self.kept.verification
+
+        async def get(self, _context: Any, **kwargs: Any) -> None:
+            try:
+                with service.call_slot():
+                    a = self.kept.array
+                    if int(a.nbytes) + RPC_MESSAGE_ROOM_BYTES > max_bytes:
+                        raise TaskError(
+                            f"cannot get an array of {format_bytes(int(a.nbytes))} in one message (the node's RPC "
+                            f"limit is {format_bytes(max_bytes)}); submit 'copy' with it as operand instead "
+                            "(Client.get does)",
+                            kind=ErrorKind.BAD_INPUT,
+                        )
+                    array_to_capnp(_context.results.array, a)
+            except Exception as exc:
+                _context.results.errorKind, _context.results.errorMessage = rpc_error_fields(exc, "get an array")
+
+        async def claim(self, nonce: Any, _context: Any, **kwargs: Any) -> None:
+            key = bytes(nonce)
+            if service.kept.claims.get(key) == 0:  # NOTE: only a nonce the node is waiting for
+                service.kept.claims[key] = self.kept.key
+
+    async def claimed(caps: Any) -> list[KeptArray]:
+        """The arrays a task names by their capabilities (TaskSpec.arrays), each recognised as one of
+        this node's own by a claim with a random nonce; TaskError(bad-input) for anything else."""
+        import secrets
+
+        if len(caps) > MAX_TASK_ARRAYS:
+            raise TaskError(
+                f"a task may name at most {MAX_TASK_ARRAYS} held arrays, got {len(caps)}", kind=ErrorKind.BAD_INPUT
+            )
+        out = []
+        for i in range(len(caps)):
+            nonce = secrets.token_bytes(16)
+            service.kept.claims[nonce] = 0
+            try:
+                async with asyncio.timeout(CLAIM_TIMEOUT_S):
+                    await caps[i].claim(nonce)
+            except Exception as exc:  # NOTE: not ours, or gone: said below
+                log.debug("RPC: a task's array %d did not answer its claim: %s", i, describe_exception(exc))
+            found = service.kept.find(service.kept.claims.pop(nonce, 0))
+            if found is None:
+                raise TaskError(
+                    f"array {i} of the task is not held by this node (released, or another node's handle); "
+                    "put it again",
+                    kind=ErrorKind.BAD_INPUT,
+                )
+            out.append(found)
+        return out
+
+    async def answer_kept(result: Any, outcome: TaskOutcome, kernel: str) -> None:
+        """Keep a task's outputs on the node and answer with their capabilities (TaskOutput.kept)."""
+        verification = "checked" if result_verified(outcome, service.manager.verify_rounds) else ""
+        handles = [
+            RemoteArrayImpl(service.kept.keep(a, verification=verification, lineage=f"the result of {kernel}"))
+            for a in outcome.outputs
+        ]
+        record = TaskOutputRecord.from_outcome(outcome, bool(verification))
+        dataclasses.replace(record, outputs=()).to_capnp(result)
+        slots = result.init("outputs", len(handles))
+        for i, (slot, handle) in enumerate(zip(slots, handles, strict=True)):
+            a = handle.kept.array
+            slot.dtype, slot.shape, slot.held = _dtype_name(a.dtype), [int(d) for d in a.shape], i + 1
+        caps = result.init("kept", len(handles))
+        for i, handle in enumerate(handles):
+            caps[i] = handle
+
     class ComputeImpl(schema.Compute.Server):
         # NOTE: no method lets an exception out: pycapnp would send the client a
         # "remote exception" carrying this server's traceback. Errors travel as
@@ -10548,6 +10784,7 @@ def _make_gate(
 
         async def _submit(self, task: Any, _context: Any, batch: bytes, held: list[int], copying: list[Any]) -> None:
             result = _context.results.result
+            keep, slot = bool(task.keep), int(task.outputSegment)
             error: TaskError | None = None
             outcome: TaskOutcome | None = None
             segments: list[BulkSegment] = []
@@ -10556,32 +10793,43 @@ def _make_gate(
                     kernel = check_rpc_text("kernel", str(task.kernel))  # before any copy of the operands
                     params = {str(p.name): float(p.value) for p in task.params}
                     stand_ins = operand_stand_ins(task.operands)
+                    kept = await claimed(task.arrays) if len(task.arrays) else []
                     if batch:
                         if bulk is None:
                             raise TaskError("this node has no bulk channel", kind=ErrorKind.BAD_INPUT)
                         segments = bulk.take(batch)
                     if stand_ins is not None:  # charged before the operands are copied out of the request
-                        in_segment = [bool(a.shared.segment) for a in task.operands]
-                        message_bytes = sum(int(a.nbytes) for a, s in zip(stand_ins, in_segment, strict=True) if not s)
+                        # NOTE: bytes in a segment or held here already are not in the message
+                        in_message = [not (a.shared.segment or a.held) for a in task.operands]
+                        message_bytes = sum(int(a.nbytes) for a, m in zip(stand_ins, in_message, strict=True) if m)
                         held[0] = service.admit(kernel, stand_ins, params, message_bytes)
                     operands = [
-                        shared_operand(a, i, segments) if a.shared.segment else array_from_capnp(a, i)
+                        held_operand(a, i, kept)
+                        if a.held
+                        else shared_operand(a, i, segments)
+                        if a.shared.segment
+                        else array_from_capnp(a, i)
                         for i, a in enumerate(task.operands)
                     ]
                     if stand_ins is None:  # NOTE: array_from_capnp has said what is wrong, or they are fine
                         held[0] = service.admit(kernel, operands, params)
                     placement = str(task.placement) or "auto"
-                    fallback = not bool(task.noFallback)
+                    fallback, timeout_s = not bool(task.noFallback), float(task.timeoutSeconds)
+                    # NOTE: the request's arrays are copied out or mapped: its message (and the
+                    # capabilities it passed, which pycapnp would hold until the client sends
+                    # Finish) go now
+                    del task
+                    _context.release_params()
                     # NOTE: the one hop into trio of a task: charged above, on this thread
-                    outcome = await in_trio(
-                        service.submit, kernel, operands, params, placement, float(task.timeoutSeconds), fallback
-                    )
-                    del operands
+                    outcome = await in_trio(service.submit, kernel, operands, params, placement, timeout_s, fallback)
+                    del operands, kept
+                    if keep and outcome is not None:
+                        await answer_kept(result, outcome, kernel)
+                        return
             except Exception as exc:
                 kind, message = rpc_error_fields(exc, "submit a task")
                 error = exc if isinstance(exc, TaskError) and kind == exc.kind else TaskError(message, kind=kind)
             try:
-                slot = int(task.outputSegment)
                 shared = 1 <= slot <= len(segments) and outcome is not None and error is None
                 if shared and outcome is not None and len(outcome.outputs) == 1:
                     # NOTE: one memory copy in place of building the message's Data fields; a large
@@ -10687,7 +10935,339 @@ def _make_gate(
 
 
 ###############################################################################
-# 15. The Python client
+# 16. Remote arrays
+#
+# `RemoteArray`: the Python face of an array a node holds for a `Client` (a
+# `RemoteArray` capability of the schema). It has numpy's shape, dtype and
+# operators, and numpy's functions dispatch to it (`__array_ufunc__`,
+# `__array_function__`): each step is a task on the node whose result stays
+# there, until `np.asarray(x)` or `x.get()` brings it back. Dropping the last
+# reference releases it on the node. Errors are numpy's kind (ValueError for a
+# shape mismatch, in numpy's words) as well as pangea's.
+###############################################################################
+
+# numpy ufuncs (called as np.<name>(x, ...)) that run as the kernel of the same name, or another
+UFUNC_KERNELS: dict[str, str] = {
+    **{n: n for n in ("add", "subtract", "multiply", "divide", "power", "maximum", "minimum", "matmul")},
+    **{n: n for n in ("exp", "log", "sqrt", "absolute", "sin", "cos", "tanh")},
+    "true_divide": "divide",
+    "absolute": "abs",
+}
+# numpy functions (np.sum(x), np.linalg.svd(x), np.fft.fft(x), ...) whose arguments bind by numpy's
+# own signature: these take a sequence of arrays as their first argument, this one a text first
+SEQUENCE_FUNCTIONS = ("concatenate", "stack")
+FUNCTION_MODULES = ("numpy", "numpy.linalg", "numpy.fft")
+FUNCTION_KERNEL_NAMES: dict[str, str] = {"inv": "inv", "absolute": "abs"}
+
+
+def _matmul_shapes(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of ``a @ b`` for operands of these shapes; ValueError in numpy's words when they do
+    not fit (raised before anything is sent)."""
+    import numpy as np
+
+    if not a or not b:
+        raise ValueError("matmul: Input operand does not have enough dimensions")
+    a2, b2 = (a if len(a) > 1 else (1, *a)), (b if len(b) > 1 else (*b, 1))
+    if a2[-1] != b2[-2]:
+        raise ValueError(
+            f"matmul: Input operand 1 has a mismatch in its core dimension 0, with gufunc signature "
+            f"(n?,k),(k,m?)->(n?,m?) (size {b2[-2]} is different from {a2[-1]})"
+        )
+    batch = tuple(np.broadcast_shapes(a2[:-2], b2[:-2]))
+    core = (a2[-2],) * (len(a) > 1) + (b2[-1],) * (len(b) > 1)
+    return batch + core
+
+
+def _slice_params(key: Any, shape: tuple[int, ...]) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """The "slice" kernel's params for ``x[key]`` (ranges, with an int as a range of one), and the
+    axes an int index drops; IndexError in numpy's words for what is not a range or an int."""
+    import numpy as np
+
+    keys = key if isinstance(key, tuple) else (key,)
+    if sum(k is Ellipsis for k in keys) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    if any(k is Ellipsis for k in keys):
+        at = next(i for i, k in enumerate(keys) if k is Ellipsis)
+        keys = keys[:at] + (slice(None),) * (len(shape) - len(keys) + 1) + keys[at + 1 :]
+    if len(keys) > len(shape):
+        raise IndexError(f"too many indices for array: array is {len(shape)}-dimensional, but {len(keys)} were indexed")
+    start, stop, step, dropped = [], [], [], []
+    for axis, (k, n) in enumerate(zip(keys + (slice(None),) * (len(shape) - len(keys)), shape, strict=True)):
+        if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+            i = int(k) + n * (int(k) < 0)
+            if not 0 <= i < n:
+                raise IndexError(f"index {int(k)} is out of bounds for axis {axis} with size {n}")
+            k = slice(i, i + 1, 1)
+            dropped.append(axis)
+        if not isinstance(k, slice):
+            raise IndexError(
+                f"a RemoteArray takes ranges and integers as indices, not {type(k).__name__}: "
+                "get() it first for fancy or boolean indexing"
+            )
+        b, e, st = k.indices(n)
+        start.append(b)
+        stop.append(e)
+        step.append(st)
+    return {"start": tuple(start), "stop": tuple(stop), "step": tuple(step)}, tuple(dropped)
+
+
+class RemoteArray:
+    """An array a pangea node holds for a `Client` (see `Client.put`); operations on it run on the
+    node and their results stay there.
+
+    >>> x = node.array(a)                                # doctest: +SKIP
+    >>> y = ((x @ x.T) + 1.0).sum(axis=0)                # each step a task; nothing comes back
+    >>> np.asarray(y)                                    # now it does (or y.get())
+
+    ``shape``, ``dtype``, ``ndim``, ``size``, ``nbytes`` are known here without a call. Operators
+    ``+ - * / ** @``, unary ``-`` and ``abs``, ``.T``, `transpose`, `reshape`, indexing by ranges
+    and integers, the reductions (`sum`, `mean`, ...) and numpy's functions on it (``np.exp(x)``,
+    ``np.linalg.svd(x)``, ``np.concatenate([x, y])``) each run as a task on the node. A shape
+    mismatch raises ValueError in numpy's words; what the node refuses raises `BadInputError`
+    (a ValueError too). Dropping the last reference (or `release`) frees it on the node."""
+
+    __array_priority__ = 100.0  # NOTE: numpy defers `ndarray + RemoteArray` to __radd__ here
+
+    def __init__(self, client: Any, handle: int, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self._client = client
+        self._handle = handle
+        self.dtype = dtype
+        self.shape = shape
+
+    # ---- what is known here
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of unsized object")
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        where = self._client.address if self._handle else "released"
+        return f"RemoteArray(shape={self.shape}, dtype={self.dtype}, on {where})"
+
+    def stand_in(self) -> np.ndarray:
+        """An array of this one's dtype and shape holding no memory (checks and output bounds)."""
+        import numpy as np
+
+        return np.broadcast_to(np.zeros((), self.dtype), self.shape)
+
+    def _handle_for(self, client: Any) -> int:
+        """This array's handle, for a task of ``client``; UsageError when it is another's or released."""
+        if client is not self._client:
+            raise UsageError(
+                "this RemoteArray is held by another Client's node: get() it and pass the array, or put it here"
+            )
+        if not self._handle:
+            raise UsageError("this RemoteArray was released: put the array again")
+        return self._handle
+
+    # ---- the bytes, and letting go
+    def get(self) -> np.ndarray:
+        """The array, brought back from the node."""
+        return self._client.get(self)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self.get()
+        return a if dtype is None else a.astype(dtype)
+
+    def __float__(self) -> float:
+        return float(self.get())
+
+    def __int__(self) -> int:
+        return int(self.get())
+
+    def __bool__(self) -> bool:
+        return bool(self.get())
+
+    def release(self) -> None:
+        """Free the array on the node now (dropping the last reference does it too)."""
+        handle, self._handle = self._handle, 0
+        if handle:
+            self._client._drop_handle(handle)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # NOTE: at interpreter exit the client may be gone
+            self.release()
+
+    # ---- steps on the node
+    def _run(self, kernel: str, *operands: Any, **params: Any) -> Any:
+        given = {k: v for k, v in params.items() if v is not None}
+        return self._client.submit(kernel, *operands, keep=True, **given)
+
+    def _binary(self, kernel: str, a: Any, b: Any) -> Any:
+        import numpy as np
+
+        shapes = [x.shape if isinstance(x, RemoteArray) else np.shape(x) for x in (a, b)]
+        if kernel == "matmul":
+            _matmul_shapes(tuple(shapes[0]), tuple(shapes[1]))
+        else:
+            np.broadcast_shapes(*shapes)  # NOTE: numpy's own ValueError, before anything is sent
+        ops = [x if isinstance(x, RemoteArray) else np.asarray(x) for x in (a, b)]
+        for i, x in enumerate(ops):
+            if not isinstance(x, RemoteArray) and x.dtype.kind in "biu" and x.ndim == 0 and self.dtype.kind in "fc":
+                ops[i] = x.astype(self.dtype)  # NOTE: a Python scalar takes the array's dtype, as in numpy
+            elif not isinstance(x, RemoteArray) and x.ndim == 0 and x.dtype.kind == "f" and self.dtype.kind == "f":
+                ops[i] = x.astype(self.dtype)
+        return self._run(kernel, *ops)
+
+    def __add__(self, other: Any) -> Any:
+        return self._binary("add", self, other)
+
+    def __radd__(self, other: Any) -> Any:
+        return self._binary("add", other, self)
+
+    def __sub__(self, other: Any) -> Any:
+        return self._binary("subtract", self, other)
+
+    def __rsub__(self, other: Any) -> Any:
+        return self._binary("subtract", other, self)
+
+    def __mul__(self, other: Any) -> Any:
+        return self._binary("multiply", self, other)
+
+    def __rmul__(self, other: Any) -> Any:
+        return self._binary("multiply", other, self)
+
+    def __truediv__(self, other: Any) -> Any:
+        return self._binary("divide", self, other)
+
+    def __rtruediv__(self, other: Any) -> Any:
+        return self._binary("divide", other, self)
+
+    def __pow__(self, other: Any) -> Any:
+        return self._binary("power", self, other)
+
+    def __rpow__(self, other: Any) -> Any:
+        return self._binary("power", other, self)
+
+    def __matmul__(self, other: Any) -> Any:
+        return self._binary("matmul", self, other)
+
+    def __rmatmul__(self, other: Any) -> Any:
+        return self._binary("matmul", other, self)
+
+    def __neg__(self) -> Any:
+        return self._binary("multiply", self, -1)
+
+    def __abs__(self) -> Any:
+        return self._run("abs", self)
+
+    @property
+    def T(self) -> Any:  # noqa: N802 (numpy's name)
+        return self.transpose()
+
+    def transpose(self, *axes: Any) -> Any:
+        """The transpose on the node (``axes`` as numpy's: none reverses them)."""
+        order = tuple(axes[0]) if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
+        return self._run("transpose", self, axes=tuple(int(a) for a in order) if order else None)
+
+    def reshape(self, *shape: Any) -> Any:
+        """The array in another shape, on the node (one -1 allowed, as in numpy)."""
+        dims = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        return self._run("reshape", self, shape=tuple(int(d) for d in dims))
+
+    def __getitem__(self, key: Any) -> Any:
+        params, dropped = _slice_params(key, self.shape)
+        part = self._run("slice", self, **params)
+        if not dropped:
+            return part
+        return part.reshape(tuple(d for i, d in enumerate(part.shape) if i not in dropped))
+
+    def _reduce(self, kernel: str, axis: Any, keepdims: bool, **extra: Any) -> Any:
+        if isinstance(axis, (list, tuple)):
+            axis = tuple(int(a) for a in axis)
+        return self._run(kernel, self, axis=axis, keepdims=bool(keepdims) or None, **extra)
+
+    def sum(self, axis: Any = None, keepdims: bool = False) -> Any:
+        return self._reduce("sum", axis, keepdims)
+
+    def prod(self, axis: Any = None, keepdims: bool = False) -> Any:
+        return self._reduce("prod", axis, keepdims)
+
+    def mean(self, axis: Any = None, keepdims: bool = False) -> Any:
+        return self._reduce("mean", axis, keepdims)
+
+    def std(self, axis: Any = None, ddof: int = 0, keepdims: bool = False) -> Any:
+        return self._reduce("std", axis, keepdims, ddof=ddof or None)
+
+    def var(self, axis: Any = None, ddof: int = 0, keepdims: bool = False) -> Any:
+        return self._reduce("var", axis, keepdims, ddof=ddof or None)
+
+    def min(self, axis: Any = None, keepdims: bool = False) -> Any:
+        return self._reduce("min", axis, keepdims)
+
+    def max(self, axis: Any = None, keepdims: bool = False) -> Any:
+        return self._reduce("max", axis, keepdims)
+
+    def argmin(self, axis: Any = None, keepdims: bool = False) -> Any:
+        return self._reduce("argmin", axis, keepdims)
+
+    def argmax(self, axis: Any = None, keepdims: bool = False) -> Any:
+        return self._reduce("argmax", axis, keepdims)
+
+    def cumsum(self, axis: Any = None) -> Any:
+        return self._run("cumsum", self, axis=axis)
+
+    # ---- numpy's protocols: np.exp(x), np.linalg.svd(x), ...
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        kernel = UFUNC_KERNELS.get(ufunc.__name__)
+        if method != "__call__" or kernel is None or kwargs:
+            return NotImplemented  # NOTE: numpy then says the operation is not supported for RemoteArray
+        if len(inputs) == 2:
+            return self._binary(kernel, *inputs)
+        return self._run(kernel, *inputs)
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        if getattr(func, "__module__", "") not in FUNCTION_MODULES:
+            return NotImplemented
+        return _function_call(self._client, func, args, kwargs)
+
+
+def _function_call(client: Any, func: Any, args: Any, kwargs: Any) -> Any:
+    """Run a numpy function called on remote arrays as the kernel of its name: its arrays become
+    the operands and its other arguments, bound by numpy's own signature, the params."""
+    import inspect
+
+    import numpy as np
+
+    name = func.__name__
+    kernel = FUNCTION_KERNEL_NAMES.get(name, name)
+    if name == "einsum":
+        subscripts, *arrays = args
+        return client.submit("einsum", *arrays, keep=True, subscripts=str(subscripts), **kwargs)
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name}() on a RemoteArray: {exc}") from None
+    operands: list[Any] = []
+    params: dict[str, Any] = {}
+    for key, value in bound.arguments.items():
+        if name in SEQUENCE_FUNCTIONS and not operands and isinstance(value, (list, tuple)):
+            operands.extend(value)
+        elif isinstance(value, (RemoteArray, np.ndarray)):
+            operands.append(value)
+        elif value is not None and key not in ("out", "dtype", "order", "casting", "subok", "where", "initial"):
+            if isinstance(value, bool):
+                value = float(value)
+            params[key] = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else value
+    if not any(isinstance(o, RemoteArray) for o in operands):
+        return NotImplemented
+    return client.submit(kernel, *operands, keep=True, **params)
+
+
+###############################################################################
+# 17. The Python client
 #
 # `Client`: a client of a node's RPC endpoint for Python programs, numpy arrays
 # in and out. Its asyncio/KJ loop runs in one long-lived private thread: every
@@ -10763,13 +11343,15 @@ def client_size_refusal(
     node_budget_bytes: int,
     *,
     in_message: bool = True,
+    held: Sequence[int] = (),
 ) -> PangeaError | None:
     """Why a Client must not send these operands (None: it may), decided before a byte moves:
     RpcError when they go in the message (``in_message``; False: in shared memory, which the
     message limit does not bound) and exceed the RPC message limit (the fewer of the client's
     and the node's), TaskError(bad-input) when the task can never fit the node's memory budget
-    (0: unknown)."""
-    total = sum(int(a.nbytes) for a in arrays)
+    (0: unknown). ``held[i]`` nonzero: operand i is an array the node holds already (its bytes
+    neither travel nor count again)."""
+    total = sum(int(a.nbytes) for a, h in zip(arrays, held or [0] * len(arrays), strict=True) if not h)
     limit = min(client_max_bytes, node_max_bytes)
     if in_message and total + min(64 << 10, limit // 16) > limit:  # room for the message around the bytes
         mine = limit == client_max_bytes and limit < node_max_bytes
@@ -10800,11 +11382,23 @@ def _outside_output(reader: Any, room: int, where: str) -> tuple[Any, list[int]]
     return _wire_dtype(name), shape
 
 
-def _record_with_output(reader: Any, output: np.ndarray, arrays_via: str) -> TaskOutputRecord:
-    """The record of a task's answer whose output came outside the message."""
-    fields = [f for f in TaskOutputRecord.capnp_fields() if f[0] != "outputs"]
+def _record_with_outputs(reader: Any, outputs: tuple[Any, ...], arrays_via: str) -> TaskOutputRecord:
+    """The record of a task's answer whose outputs came outside the message (or stayed on the node:
+    `RemoteArray` handles)."""
+    fields = [f for f in TaskOutputRecord.capnp_fields() if f[0] not in ("outputs", "kept")]
     values = {a: _rpc_from_capnp(getattr(reader, n), t) for a, n, t in fields}
-    return TaskOutputRecord((output,), **values, arrays_via=arrays_via)
+    return TaskOutputRecord(outputs, **values, arrays_via=arrays_via)
+
+
+def _detached_capability(cap: Any) -> Any:
+    """The same capability, no longer keeping alive the response it came in.
+
+    NOTE: pycapnp's capability keeps its message alive, and a response keeps its request, so a
+    kept result's handle would hold the operands' capabilities the request passed (the node could
+    not release them while it lives). Here it is held by a one-slot message of its own instead."""
+    holder = load_schema().TaskSpec.new_message()
+    holder.init("arrays", 1)[0] = cap
+    return holder.arrays[0]
 
 
 class TaskFuture(concurrent.futures.Future):
@@ -10955,6 +11549,10 @@ class Client:
         self._shared: dict[int, _Segment] = {}
         self._shared_lock = threading.RLock()  # NOTE: re-entrant: a finalizer may run in a thread holding it
         self.operands_copied = 0  # operands copied into a segment to be sent (the others were already in one)
+        # The capabilities of the arrays this client left on the node, by handle (touched on the loop
+        # thread only: a pycapnp capability lives on its loop); a `RemoteArray` names one.
+        self._handles: dict[int, Any] = {}
+        self._handle_ids = iter(range(1, 1 << 62))
         self.shared_memory_note = (
             "off: shared_memory=False"
             if not shared_memory
@@ -11055,6 +11653,7 @@ class Client:
             try:
                 await self._stopped.wait()
             finally:
+                self._handles.clear()  # NOTE: on this loop, while it runs: the node releases their arrays
                 if self._bulk is not None:
                     self._bulk.close()
                 if self._tls_bulk is not None:
@@ -11261,13 +11860,21 @@ class Client:
         return self._wait(self._start(coro_fn, what), what)
 
     def _check_operands(
-        self, kernel: str, operands: Sequence[Any], params: dict[str, float], *, in_message: bool = True
+        self,
+        kernel: str,
+        operands: Sequence[Any],
+        params: dict[str, float],
+        *,
+        in_message: bool = True,
+        held: Sequence[int] = (),
     ) -> list[np.ndarray]:
         """The operands as arrays, checked before anything is sent: dtypes, dimensions, and sizes
-        against the node's RPC message limit and memory budget (learned at login)."""
+        against the node's RPC message limit and memory budget (learned at login). A `RemoteArray`
+        (``held[i]`` its handle) stands in as an array of its dtype and shape holding no memory."""
         import numpy as np
 
-        arrays = [np.asarray(a) for a in operands]
+        held = held or [0] * len(operands)
+        arrays = [o.stand_in() if h else np.asarray(o) for o, h in zip(operands, held, strict=True)]
         for i, a in enumerate(arrays):
             if a.dtype.name not in ALLOWED_DTYPES:
                 # NOTE: a uint64's cast depends on its values (int64 only when they fit)
@@ -11287,24 +11894,28 @@ class Client:
             self.node_max_message_bytes,
             self.node_memory_budget_bytes,
             in_message=in_message,
+            held=held,
         )
         if refusal is not None:
             raise refusal
         return arrays
 
-    def _message_refusal(self, kernel: str, arrays: Sequence[np.ndarray]) -> PangeaError | None:
+    def _message_refusal(
+        self, kernel: str, arrays: Sequence[np.ndarray], held: Sequence[int] = ()
+    ) -> PangeaError | None:
         """Why operands that were to go in shared memory cannot go in the message after all (None: they can)."""
         return client_size_refusal(
-            kernel, arrays, {}, self.max_message_bytes, self.node_max_message_bytes, 0, in_message=True
+            kernel, arrays, {}, self.max_message_bytes, self.node_max_message_bytes, 0, in_message=True, held=held
         )
 
     def future(
         self,
         kernel: str,
-        *operands: np.ndarray,
+        *operands: Any,
         placement: str = "auto",
         timeout_s: float | None = None,
         fallback: bool | float = True,  # NOTE: a bool; "| float" lets callers pass **params of floats
+        keep: bool | float = False,
         **params: float,
     ) -> TaskFuture:
         """Start ``kernel`` on the node and return its `TaskFuture` at once (arguments as `submit`).
@@ -11314,24 +11925,30 @@ class Client:
         here, before sending (TaskError or RpcError from this call). ``cancel()`` cancels the task
         on the node and on its worker."""
         started = time.perf_counter()
+        held = [o._handle_for(self) if isinstance(o, RemoteArray) else 0 for o in operands]
         # NOTE: operands on a bulk channel are held to the node's budget, not to the message limit
-        arrays = self._check_operands(kernel, operands, params, in_message=not (self.shared_memory or self.tls_bulk))
+        arrays = self._check_operands(
+            kernel, operands, params, in_message=not (self.shared_memory or self.tls_bulk), held=held
+        )
         what = f"submit {kernel}"
-        bulk = self._bulk_task(kernel, arrays, params)  # NOTE: operands copied here, in the caller's thread
-        tls_bulk = self.tls_bulk and self._large(kernel, arrays, params)
-        refusal = self._message_refusal(kernel, arrays) if bulk is None and not tls_bulk else None
+        keep = bool(keep)
+        bulk = self._bulk_task(kernel, arrays, params, held, keep)  # NOTE: operands copied here, in the caller's thread
+        tls_bulk = self.tls_bulk and self._large(kernel, arrays, params, held, keep)
+        refusal = self._message_refusal(kernel, arrays, held) if bulk is None and not tls_bulk else None
         if refusal is not None:  # no bulk channel after all: the message limit holds
             raise refusal
+        handles = [o for o in operands if isinstance(o, RemoteArray)]  # NOTE: alive until the answer
 
         def done(future: TaskFuture, record: TaskOutputRecord) -> Any:
+            handles.clear()
             task = {"kernel": kernel} | record.as_dict()
             task["timings"] = client_timings(task["timings"], time.perf_counter() - started)
             future.task = task
             if record.error_kind:
-                raise TaskError(record.error_message, kind=record.error_kind)
-            if len(record.outputs) != 1:
-                raise RpcError(f"cannot {what}: the node returned {len(record.outputs)} outputs, expected 1")
-            return record.outputs[0]
+                raise task_error(record.error_message, record.error_kind)
+            if not record.outputs:
+                raise RpcError(f"cannot {what}: the node returned no output")
+            return record.outputs[0] if len(record.outputs) == 1 else tuple(record.outputs)
 
         call = functools.partial(
             self._submit_call,
@@ -11343,6 +11960,8 @@ class Client:
             bool(fallback),
             bulk,
             tls_bulk,
+            held,
+            keep,
         )
         try:
             future = self._start(call, what, done)
@@ -11354,22 +11973,40 @@ class Client:
             future.add_done_callback(lambda _: bulk.release())
         return future
 
-    def _large(self, kernel: str, arrays: Sequence[np.ndarray], params: dict[str, float]) -> bool:
-        """Whether a task's operands and result are enough bytes for a bulk channel (`bulk_min_bytes`)."""
-        return sum(int(a.nbytes) for a in arrays) + output_nbytes(kernel, arrays, params) >= self.bulk_min_bytes
+    def _large(
+        self,
+        kernel: str,
+        arrays: Sequence[np.ndarray],
+        params: dict[str, float],
+        held: Sequence[int] = (),
+        keep: bool = False,
+    ) -> bool:
+        """Whether a task's operands and result are enough bytes for a bulk channel (`bulk_min_bytes`):
+        those that travel (not the held operands, not a result kept on the node)."""
+        sent = sum(int(a.nbytes) for a, h in zip(arrays, held or [0] * len(arrays), strict=True) if not h)
+        return sent + (0 if keep else output_nbytes(kernel, arrays, params)) >= self.bulk_min_bytes
 
-    def _bulk_task(self, kernel: str, arrays: Sequence[np.ndarray], params: dict[str, float]) -> _BulkTask | None:
+    def _bulk_task(
+        self,
+        kernel: str,
+        arrays: Sequence[np.ndarray],
+        params: dict[str, float],
+        held: Sequence[int] = (),
+        keep: bool = False,
+    ) -> _BulkTask | None:
         """The operands written into shared segments and a segment for the output, when this client
         has a bulk channel; None: the arrays travel in the message."""
         if not self.shared_memory:
             return None
-        if not self._large(kernel, arrays, params) and all(self._shared_slot(a)[0] is None for a in arrays):
+        held = held or [0] * len(arrays)
+        sent = [a for a, h in zip(arrays, held, strict=True) if not h]
+        if not self._large(kernel, arrays, params, held, keep) and all(self._shared_slot(a)[0] is None for a in sent):
             return None  # NOTE: a tiny task: the bulk round trip, fstat and mmap cost more than its bytes
-        out_bytes = output_nbytes(kernel, arrays, params)
+        out_bytes = 0 if keep else output_nbytes(kernel, arrays, params)
         task = _BulkTask([], [], None, self._pool, self._out_pool)
         try:
-            for a in arrays:
-                if not a.nbytes:  # NOTE: nothing to share (and a memfd cannot map 0 bytes)
+            for a, h in zip(arrays, held, strict=True):
+                if h or not a.nbytes:  # NOTE: held on the node, or nothing to share (a memfd cannot map 0 bytes)
                     task.slots.append(0)
                     task.offsets.append(0)
                     continue
@@ -11460,6 +12097,8 @@ class Client:
         fallback: bool,
         bulk: _BulkTask | None = None,
         tls_bulk: bool = False,
+        held: Sequence[int] = (),
+        keep: bool = False,
     ) -> TaskOutputRecord:
         """Send one task over Cap'n Proto and read its answer (on the loop thread).
 
@@ -11468,10 +12107,10 @@ class Client:
         the request names them; should the node refuse them, the arrays travel in the message.
         With ``tls_bulk``, they go on a bulk connection over TLS (a node on another box)."""
         if tls_bulk and self._tls_bulk is not None:
-            over_tls = await self._submit_over_tls(kernel, arrays, params, placement, timeout_s, fallback)
+            over_tls = await self._submit_over_tls(kernel, arrays, params, placement, timeout_s, fallback, held, keep)
             if over_tls is not None:
                 return over_tls
-            refusal = self._message_refusal(kernel, arrays)
+            refusal = self._message_refusal(kernel, arrays, held)
             if refusal is not None:  # NOTE: the bulk channel failed before the task was sent
                 raise refusal
         batch = b""
@@ -11480,7 +12119,7 @@ class Client:
             try:
                 batch = await self._bulk.send(bulk.segments, kinds)
             except RpcError as exc:
-                refusal = self._message_refusal(kernel, arrays)
+                refusal = self._message_refusal(kernel, arrays, held)
                 if refusal is not None:  # NOTE: nothing was sent: the segments stay the client's
                     raise refusal from None
                 log.info("Client: %s travels in the RPC message: %s", kernel, exc)
@@ -11488,14 +12127,17 @@ class Client:
         offsets = bulk.offsets if batch and bulk is not None else None
         output_segment = len(bulk.segments) if batch and bulk is not None and bulk.output is not None else 0
         request = self._task_request(
-            kernel, arrays, params, placement, timeout_s, fallback, shared, batch, output_segment, offsets
+            kernel, arrays, params, placement, timeout_s, fallback, shared, batch, output_segment, offsets, held, keep
         )
         response = await request.send()
         reader = response.result
+        if keep and not reader.errorKind:
+            via = "shared memory" if batch else "RPC messages"
+            return _record_with_outputs(reader, self._kept(reader), f"{via}, result: kept on the node")
         if batch and bulk is not None and len(reader.outputs) == 1 and reader.outputs[0].shared.segment:
             output = self._shared_output(reader.outputs[0], bulk)
             operands_via = "shared memory" if any(bulk.slots) or not arrays else "RPC messages"
-            return _record_with_output(reader, output, f"{operands_via}, result: shared memory")
+            return _record_with_outputs(reader, (output,), f"{operands_via}, result: shared memory")
         record = TaskOutputRecord.from_capnp(reader)
         if batch:
             return dataclasses.replace(record, arrays_via="shared memory, result: RPC messages")
@@ -11513,19 +12155,34 @@ class Client:
         batch: bytes,
         output_segment: int,
         offsets: Sequence[int] | None = None,
+        held: Sequence[int] = (),
+        keep: bool = False,
     ) -> Any:
         """The `submit` request of a task: each operand in the message, or (``shared[i]`` > 0) named
-        by its segment in ``batch`` (at ``offsets[i]`` there, default 0); ``output_segment``: where
-        the node may put the output (0: none)."""
+        by its segment in ``batch`` (at ``offsets[i]`` there, default 0), or (``held[i]`` > 0) a
+        remote array of this client's, named by its capability; ``output_segment``: where the
+        node may put the output (0: none); ``keep``: leave the outputs on the node (on the loop thread)."""
         request = self._compute.submit_request()
         spec = request.task
         spec.kernel = kernel
         spec.placement = placement
         spec.timeoutSeconds = timeout_s
         spec.noFallback = not fallback
+        spec.keep = keep
+        held = held or [0] * len(arrays)
+        names = list(dict.fromkeys(h for h in held if h))  # each held array once
+        caps = spec.init("arrays", len(names))
+        for i, h in enumerate(names):
+            cap = self._handles.get(h)
+            if cap is None:
+                raise RpcError(f"cannot submit {kernel}: one of its remote arrays was released; put it again")
+            caps[i] = cap
         slots = spec.init("operands", len(arrays))
-        for slot, a, segment, offset in zip(slots, arrays, shared, offsets or [0] * len(arrays), strict=True):
-            if segment:
+        for slot, a, segment, offset, h in zip(slots, arrays, shared, offsets or [0] * len(arrays), held, strict=True):
+            if h:
+                slot.dtype, slot.shape = _dtype_name(a.dtype), [int(d) for d in a.shape]
+                slot.held = 1 + names.index(h)
+            elif segment:
                 slot.dtype, slot.shape = _dtype_name(a.dtype), [int(d) for d in a.shape]
                 slot.shared.segment, slot.shared.offset = segment, offset
             else:
@@ -11546,6 +12203,8 @@ class Client:
         placement: str,
         timeout_s: float,
         fallback: bool,
+        held: Sequence[int] = (),
+        keep: bool = False,
     ) -> TaskOutputRecord | None:
         """Send a task's arrays on a bulk connection over TLS and the task over Cap'n Proto; None when
         the bulk channel failed before the task was sent (it then goes in the message). TaskError
@@ -11566,12 +12225,13 @@ class Client:
             return None
         in_step = False  # the connection is in step with the node: reusable
         try:
-            sent = [a for a in arrays if a.nbytes]
-            shared, count = [], 0  # per operand: 1 + its index among those sent, 0: in the message (empty)
-            for a in arrays:
-                count += bool(a.nbytes)
-                shared.append(count if a.nbytes else 0)
-            out_bytes = output_nbytes(kernel, arrays, params)
+            held = held or [0] * len(arrays)
+            sent = [a for a, h in zip(arrays, held, strict=True) if a.nbytes and not h]
+            shared, count = [], 0  # per operand: 1 + its index among those sent, 0: in the message (empty) or held
+            for a, h in zip(arrays, held, strict=True):
+                count += bool(a.nbytes and not h)
+                shared.append(count if a.nbytes and not h else 0)
+            out_bytes = 0 if keep else output_nbytes(kernel, arrays, params)
             name = secrets.token_bytes(16)
             try:
                 await loop.run_in_executor(pool.executor, link.upload, name, sent, out_bytes, timeout_s)
@@ -11580,14 +12240,17 @@ class Client:
                 return None
             output_segment = len(sent) + 1 if out_bytes else 0
             request = self._task_request(
-                kernel, arrays, params, placement, timeout_s, fallback, shared, name, output_segment
+                kernel, arrays, params, placement, timeout_s, fallback, shared, name, output_segment, None, held, keep
             )
             reader = (await request.send()).result
+            if keep and not reader.errorKind:
+                in_step = True
+                return _record_with_outputs(reader, self._kept(reader), "TLS bulk channel, result: kept on the node")
             if len(reader.outputs) == 1 and reader.outputs[0].shared.segment:
                 dtype, shape = _outside_output(reader.outputs[0], out_bytes, "on the bulk channel")
                 output = await loop.run_in_executor(pool.executor, link.download, name, dtype, shape, timeout_s)
                 in_step = True
-                return _record_with_output(reader, output, "TLS bulk channel, result: TLS bulk channel")
+                return _record_with_outputs(reader, (output,), "TLS bulk channel, result: TLS bulk channel")
             in_step = True
             record = TaskOutputRecord.from_capnp(reader)
             return dataclasses.replace(record, arrays_via="TLS bulk channel, result: RPC messages")
@@ -11606,18 +12269,26 @@ class Client:
     def submit(
         self,
         kernel: str,
-        *operands: np.ndarray,
+        *operands: Any,
         placement: str = "auto",
         timeout_s: float | None = None,
         fallback: bool | float = True,  # NOTE: a bool; "| float" lets callers pass **params of floats
+        keep: bool | float = False,
         **params: float,
-    ) -> np.ndarray:
-        """Run ``kernel`` on the node (placement auto, local, remote or a peer id); return its output.
+    ) -> Any:
+        """Run ``kernel`` on the node (placement auto, local, remote or a peer id); return its output
+        (a tuple of arrays for a kernel with several).
 
-        ``fallback=False``: raise TaskError (kind "unavailable") instead of running locally because no
-        remote worker is usable; by default the node falls back and ``last_task["fallback_reason"]`` says why.
-        Waits for the answer (`future` does not); Ctrl-C while waiting cancels the task."""
-        future = self.future(kernel, *operands, placement=placement, timeout_s=timeout_s, fallback=fallback, **params)
+        Operands are numpy arrays or `RemoteArray` handles of this client (arrays the node holds:
+        they do not travel again). ``keep=True``: leave the output on the node and return a
+        `RemoteArray` for it (see `put`). ``fallback=False``: raise TaskError (kind "unavailable")
+        instead of running locally because no remote worker is usable; by default the node falls
+        back and ``last_task["fallback_reason"]`` says why. A task refused for its input raises
+        `BadInputError` (a TaskError and a ValueError). Waits for the answer (`future` does not);
+        Ctrl-C while waiting cancels the task."""
+        future = self.future(
+            kernel, *operands, placement=placement, timeout_s=timeout_s, fallback=fallback, keep=keep, **params
+        )
         try:
             return self._wait(future, f"submit {kernel}")
         finally:
@@ -11678,6 +12349,60 @@ class Client:
                 future.cancel()
             raise
         return results()
+
+    def put(self, a: Any, *, placement: str = "local") -> RemoteArray:
+        """Store ``a`` on the node and return a `RemoteArray` handle for it: tasks take the handle as
+        an operand (its bytes do not travel again), `get` (or ``np.asarray``) brings it back, and
+        dropping the handle (or `RemoteArray.release`, or closing this client) releases it. It is
+        charged to the node's memory budget while held: a put over it raises TaskError."""
+        import numpy as np
+
+        if isinstance(a, RemoteArray):
+            raise UsageError("cannot put a RemoteArray: it is on the node already")
+        if placement != "local":
+            raise UsageError(
+                f"bad placement {placement!r} for put: a put keeps the array on the node this client talks "
+                "to ('local'); tasks on it may still run on a worker"
+            )
+        result = self.submit("copy", np.asarray(a), placement="local", keep=True)
+        assert isinstance(result, RemoteArray)
+        return result
+
+    def array(self, a: Any) -> RemoteArray:
+        """`put`: a `RemoteArray` of ``a`` on the node, for numpy-like work that stays there
+        (``x = node.array(a); y = (x @ x.T).sum(axis=0); np.asarray(y)``)."""
+        return self.put(a)
+
+    def get(self, ref: RemoteArray) -> np.ndarray:
+        """Bring a remote array back as a numpy array (on the bulk channel where there is one)."""
+        if not isinstance(ref, RemoteArray):
+            raise UsageError(f"cannot get a {type(ref).__name__}: get takes a RemoteArray (put returns one)")
+        out: np.ndarray = self.submit("copy", ref, placement="local")
+        return out
+
+    def _kept(self, reader: Any) -> tuple[RemoteArray, ...]:
+        """The handles of a task's outputs left on the node (TaskOutput.kept; on the loop thread)."""
+        kept = reader.kept
+        if len(kept) != len(reader.outputs):
+            raise RpcError(f"the node kept {len(kept)} arrays for {len(reader.outputs)} outputs")
+        out = []
+        for i in range(len(kept)):
+            meta = reader.outputs[i]
+            name, shape = str(meta.dtype), tuple(int(d) for d in meta.shape)
+            if name not in ALLOWED_DTYPES or len(shape) > MAX_NDIM:
+                raise RpcError(f"the node kept an array of dtype {name!r} and shape {shape}")
+            handle = next(self._handle_ids)
+            self._handles[handle] = _detached_capability(kept[i])
+            out.append(RemoteArray(self, handle, _wire_dtype(name).newbyteorder("="), shape))
+        return tuple(out)
+
+    def _drop_handle(self, handle: int) -> None:
+        """Forget a remote array's capability (from any thread): pycapnp releases it, the node lets go."""
+        loop = self._loop
+        if loop is None or self._stopped is None or self._stopped.is_set():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed: the connection, and its arrays, are gone
+            loop.call_soon_threadsafe(self._handles.pop, handle, None)
 
     def matmul(self, a: np.ndarray, b: np.ndarray, placement: str = "auto", *, fallback: bool = True) -> np.ndarray:
         """Return a @ b computed by the node (placement auto, local, remote or a peer id; ``fallback``
@@ -11743,7 +12468,7 @@ class Client:
 
 
 ###############################################################################
-# 16. Start-up
+# 18. Start-up
 #
 # What runs before and around every verb, in the order `_main` runs it: the
 # guard that the pyz runs on the interpreter it was built for; the deferred
@@ -12265,7 +12990,7 @@ def unpacked_text() -> str:
 
 
 ###############################################################################
-# 17. CLI: options and the verbs of a pair
+# 19. CLI: options and the verbs of a pair
 #
 # One `cmd_<verb>` per command, with its options in the `add_<verb>_parser`
 # right above it. This part holds the option types and the options several
@@ -13429,7 +14154,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 ###############################################################################
-# 18. CLI: serve, the tools and main
+# 20. CLI: serve, the tools and main
 #
 # `serve` and the verbs that talk to a node or look at this box: `call` (a
 # Client of a serve node), `psk`, `status`, `doctor`, `bench` (its code is the

@@ -172,6 +172,27 @@ struct Array {
   shape  @1 :List(UInt64);
   chunks @2 :List(Data);    # the C-order bytes, concatenated in order
   shared @3 :SharedSlice;   # segment > 0: the bytes are in a shared segment instead (the bulk channel)
+  held   @4 :UInt32;        # 1 + the index in TaskSpec.arrays of the RemoteArray this operand is (dtype
+                            # and shape say what it holds, chunks empty); 0: the bytes are here
+}
+
+# Arrays that stay remote: a task with `keep` leaves its outputs on the node and
+# answers with one `RemoteArray` capability per output (`TaskOutput.kept`; the
+# `outputs` then carry only dtype and shape, `held` = 1 + the index in `kept`).
+# A later task names a held array as an operand by passing the capability back
+# in `TaskSpec.arrays` and setting that operand's `held`. The node keeps the
+# array while any client holds the capability: dropping the last reference (or
+# the connection) releases it, and its bytes leave the node's memory budget.
+# A capability that is not one of the node's own arrays is refused (the node
+# recognises its own by calling `claim` with a random nonce on what it got).
+interface RemoteArray {
+  info  @0 () -> (dtype :Text, shape :List(UInt64), nbytes :UInt64, holder :Text, verification :Text);
+  # holder: "local" (the node you talk to) or the peer id of the worker that holds it
+  get   @1 () -> (array :Array, errorKind :Text, errorMessage :Text);
+  # the bytes in the message (up to the node's RPC message limit; a task with kernel "copy" and the
+  # array as operand brings larger ones back on the bulk channel)
+  claim @2 (nonce :Data) -> ();
+  # used by the node itself to recognise its own capabilities; a client has no use for it
 }
 
 struct TaskSpec {
@@ -183,6 +204,9 @@ struct TaskSpec {
   noFallback     @5 :Bool;     # fail instead of running locally because no remote worker is usable
   bulkBatch      @6 :Data;     # the 16-byte name of the task's segments on the bulk channel; empty: none
   outputSegment  @7 :UInt32;   # 1 + the index of the segment to write the output into; 0: in the message
+  check          @8 :Text;     # "": the kernel's own check; "recompute"; "none"
+  keep           @9 :Bool;     # leave the outputs on the node: TaskOutput.kept answers with handles
+  arrays         @10 :List(RemoteArray);  # the held arrays the operands name (Array.held)
 }
 
 struct Timings {
@@ -206,6 +230,8 @@ struct TaskOutput {
   timings      @5 :Timings;
   fallbackReason @6 :Text;        # why it ran locally when no remote worker was usable, "" otherwise
   verified     @7 :Bool;          # the node checked the result (a remote worker's: Freivalds or the kernel's check)
+  verification @8 :Text;          # how the result was checked ("unverified": not at all)
+  kept         @9 :List(RemoteArray);  # with TaskSpec.keep: one handle per output, in order
 }
 
 struct Suspicion {
@@ -259,6 +285,8 @@ struct NodeStatus {
   memoryBudgetUsedBytes @18 :UInt64;  # bytes of the memory budget held now (peers' and RPC tasks)
   memoryBudgetBytes @19 :UInt64;      # the memory budget (--memory-budget-mib)
   strangerConnectionsClosed @20 :UInt64;  # libp2p connections of untrusted peers closed: too many, or no session in time
+  heldBytes     @21 :UInt64;      # bytes of the arrays this node holds for clients (RemoteArray), in its budget
+  heldArrays    @22 :UInt32;      # how many
 }
 
 struct KernelInfo {
