@@ -9,9 +9,9 @@ Nodes talk libp2p (TCP + Noise + Yamux). A node delegates numpy matrix work
 to another node over the stream protocol ``/pangea/compute/1.0.0``, collects
 and aggregates the results, and runs a task locally when its worker is gone.
 
-How the module is laid out: seventeen rooms, each using only the rooms above
+How the module is laid out: twenty rooms, each using only the rooms above
 it (tests/unit/test_layout.py keeps that true, and each room under its line
-budget). Rooms 1-7 are pure (no I/O, no await); rooms 8-17 perform I/O.
+budget). Rooms 1-7 are pure (no I/O, no await); rooms 8-20 perform I/O.
 
   0. this docstring, imports, version
   1. Constants                 protocol ids, limits, timeouts, each with its unit
@@ -29,11 +29,13 @@ budget). Rooms 1-7 are pure (no I/O, no await); rooms 8-17 perform I/O.
  11. The node                  PeerSession (performs its SessionProtocol), Node
  12. The manager               delegators, Manager (drives the Scheduler, verifies)
  13. Around the node           mDNS, metrics, the initiator's checks, the fault injector
- 14. RPC service              records, NodeService, RpcServer, _RpcConnection, the Gate
- 15. The Python client        Client, _PinnedConnection
- 16. Start-up                  build guard, deferred imports, logging, the trio runner
- 17. CLI: options and the verbs of a pair   initiate, respond, demo
- 18. CLI: serve, the tools and main         serve, call, psk, status, doctor,
+ 14. RPC records              constants, arrays to and from Cap'n Proto, the records
+ 15. RPC service              NodeService, KeptArrays, RpcServer, _RpcConnection, the Gate
+ 16. Remote arrays            RemoteArray: the numpy face of an array a node holds
+ 17. The Python client        Client, _PinnedConnection
+ 18. Start-up                  build guard, deferred imports, logging, the trio runner
+ 19. CLI: options and the verbs of a pair   initiate, respond, demo
+ 20. CLI: serve, the tools and main         serve, call, psk, status, doctor,
                                bench (code in bench/pangea_bench.py), id, main
 
 How one task travels through them: `Client.submit` (15) reaches the node's
@@ -9918,6 +9920,45 @@ def kernel_verification(kernel: Kernel, rounds: int) -> str:
     return how.get(kernel.check, "")
 
 
+def client_size_refusal(
+    kernel: str,
+    arrays: Sequence[np.ndarray],
+    params: dict[str, float],
+    client_max_bytes: int,
+    node_max_bytes: int,
+    node_budget_bytes: int,
+    *,
+    in_message: bool = True,
+    held: Sequence[int] = (),
+) -> PangeaError | None:
+    """Why a Client must not send these operands (None: it may), decided before a byte moves:
+    RpcError when they go in the message (``in_message``; False: in shared memory, which the
+    message limit does not bound) and exceed the RPC message limit (the fewer of the client's
+    and the node's), TaskError(bad-input) when the task can never fit the node's memory budget
+    (0: unknown). ``held[i]`` nonzero: operand i is an array the node holds already (its bytes
+    neither travel nor count again)."""
+    total = sum(int(a.nbytes) for a, h in zip(arrays, held or [0] * len(arrays), strict=True) if not h)
+    limit = min(client_max_bytes, node_max_bytes)
+    if in_message and total + min(64 << 10, limit // 16) > limit:  # room for the message around the bytes
+        mine = limit == client_max_bytes and limit < node_max_bytes
+        return RpcError(
+            f"cannot submit {kernel}: operands of {format_bytes(total)} exceed the RPC message limit of "
+            f"{format_bytes(limit)} ({'this client' if mine else 'the node'}); nothing was sent",
+            hint="raise max_message_bytes here (the node's own limit, --rpc-max-mib, is larger), or split the work"
+            if mine
+            else "split the work, or start the node with a larger --memory-budget-mib (its RPC limit follows it) "
+            "or --rpc-max-mib",
+        )
+    if node_budget_bytes:
+        out_bytes = output_nbytes(kernel, arrays, params)
+        # NOTE: operands on the bulk channel counted once (a remote node holds what it receives)
+        need = rpc_task_bytes(total, out_bytes) if in_message else total + rpc_task_bytes(0, out_bytes)
+        refusal = budget_refusal(MemoryBudget(node_budget_bytes), kernel, need, out_bytes)
+        if refusal is not None:
+            return TaskError(f"{refusal}; nothing was sent", kind=refusal.kind)
+    return None
+
+
 ###############################################################################
 # 15. RPC service
 #
@@ -11332,45 +11373,6 @@ def _pinned_connection_class() -> type[_PinnedConnection]:
     import asyncio
 
     return type("PinnedConnection", (_PinnedConnection, asyncio.BufferedProtocol), {})
-
-
-def client_size_refusal(
-    kernel: str,
-    arrays: Sequence[np.ndarray],
-    params: dict[str, float],
-    client_max_bytes: int,
-    node_max_bytes: int,
-    node_budget_bytes: int,
-    *,
-    in_message: bool = True,
-    held: Sequence[int] = (),
-) -> PangeaError | None:
-    """Why a Client must not send these operands (None: it may), decided before a byte moves:
-    RpcError when they go in the message (``in_message``; False: in shared memory, which the
-    message limit does not bound) and exceed the RPC message limit (the fewer of the client's
-    and the node's), TaskError(bad-input) when the task can never fit the node's memory budget
-    (0: unknown). ``held[i]`` nonzero: operand i is an array the node holds already (its bytes
-    neither travel nor count again)."""
-    total = sum(int(a.nbytes) for a, h in zip(arrays, held or [0] * len(arrays), strict=True) if not h)
-    limit = min(client_max_bytes, node_max_bytes)
-    if in_message and total + min(64 << 10, limit // 16) > limit:  # room for the message around the bytes
-        mine = limit == client_max_bytes and limit < node_max_bytes
-        return RpcError(
-            f"cannot submit {kernel}: operands of {format_bytes(total)} exceed the RPC message limit of "
-            f"{format_bytes(limit)} ({'this client' if mine else 'the node'}); nothing was sent",
-            hint="raise max_message_bytes here (the node's own limit, --rpc-max-mib, is larger), or split the work"
-            if mine
-            else "split the work, or start the node with a larger --memory-budget-mib (its RPC limit follows it) "
-            "or --rpc-max-mib",
-        )
-    if node_budget_bytes:
-        out_bytes = output_nbytes(kernel, arrays, params)
-        # NOTE: operands on the bulk channel counted once (a remote node holds what it receives)
-        need = rpc_task_bytes(total, out_bytes) if in_message else total + rpc_task_bytes(0, out_bytes)
-        refusal = budget_refusal(MemoryBudget(node_budget_bytes), kernel, need, out_bytes)
-        if refusal is not None:
-            return TaskError(f"{refusal}; nothing was sent", kind=refusal.kind)
-    return None
 
 
 def _outside_output(reader: Any, room: int, where: str) -> tuple[Any, list[int]]:

@@ -91,6 +91,7 @@ def test_kernels_registry_has_the_documented_kernels() -> None:
         "solve",
         "inverse",
         "random",
+        "copy",
     }
     for name, kernel in KERNELS.items():
         assert kernel.name == name
@@ -320,6 +321,7 @@ def _calls_of_every_bounded_kernel(rng: np.random.Generator) -> list[tuple[str, 
         for shape in ((3, 4), (6,), (), (0, 3), (2, 3, 4)):
             a = arr(shape, x)
             calls.append(("transpose", [a], {}))
+            calls.append(("copy", [a], {}))
             calls += [("scale", [a], {"factor": f}) for f in (2.5, 2.0, -1.0)]
             calls += [("scale", [a], {}), ("sum", [a], {})]
             calls += [("sum", [a], {"axis": float(i)}) for i in range(a.ndim)]

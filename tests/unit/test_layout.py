@@ -34,9 +34,9 @@ SECTIONS: list[tuple[str, bool, int]] = [
     ("The node", False, 1200),
     ("The manager", False, 1200),
     ("Around the node", False, 1200),
-    # 1250: its connection also tells a remote Client's bulk channel over TLS from Cap'n Proto;
-    # the records (a third of it) are the next room to split off when it grows again
-    ("RPC service", False, 1250),
+    ("RPC records", False, 1200),
+    ("RPC service", False, 1200),
+    ("Remote arrays", False, 1200),
     ("The Python client", False, 1200),
     ("Start-up", False, 1200),
     ("CLI: options and the verbs of a pair", False, 1200),

@@ -191,6 +191,8 @@ def test_status_as_dict_keys_and_types() -> None:
         "memory_budget_used_bytes": int,
         "memory_budget_bytes": int,
         "stranger_connections_closed": int,
+        "held_bytes": int,
+        "held_arrays": int,
     }
     assert list(d) == list(types)
     assert {k: type(v) for k, v in d.items()} == types

@@ -335,7 +335,7 @@ def connect_with(dial: Any) -> tuple[set[str], Any, Any]:
     import trio
 
     trusted: set[str] = set()
-    node = SimpleNamespace(on_session=[])
+    node = SimpleNamespace(on_session=[], budget=pangea.MemoryBudget(1 << 20))
 
     async def fake_dial(address: Any, *, timeout_s: float) -> Any:
         return await dial(node, address, trusted)
