@@ -112,6 +112,8 @@ __all__ = [
     "run_kernel",
     "Scheduler",
     "Client",
+    "KeptArrays",
+    "MemoryBudget",
     "RemoteArray",
     "main",
     "__version__",
@@ -11014,8 +11016,21 @@ def _matmul_shapes(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
             f"matmul: Input operand 1 has a mismatch in its core dimension 0, with gufunc signature "
             f"(n?,k),(k,m?)->(n?,m?) (size {b2[-2]} is different from {a2[-1]})"
         )
-    batch = tuple(np.broadcast_shapes(a2[:-2], b2[:-2]))
     core = (a2[-2],) * (len(a) > 1) + (b2[-1],) * (len(b) > 1)
+    try:
+        batch = tuple(np.broadcast_shapes(a2[:-2], b2[:-2]))
+    except ValueError:
+
+        def text(shape: tuple[int, ...]) -> str:
+            return "(" + ",".join(str(d) for d in shape) + ")"
+
+        remapped = " ".join(
+            f"{text(s)}->{text(s[:-2])[:-1]}{',' if len(s) > 2 else ''}newaxis,newaxis)" for s in (a, b)
+        )
+        raise ValueError(
+            f"operands could not be broadcast together with remapped shapes [original->remapped]: {remapped}  "
+            f"and requested shape {text(core)}"
+        ) from None
     return batch + core
 
 
