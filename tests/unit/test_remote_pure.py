@@ -47,7 +47,7 @@ def test_slice_params_select_what_numpy_selects(key: object) -> None:
     params, dropped = pangea._slice_params(key, a.shape)
     part = a[tuple(slice(b, e, s) for b, e, s in zip(params["start"], params["stop"], params["step"], strict=True))]
     shape = tuple(d for i, d in enumerate(part.shape) if i not in dropped)
-    np.testing.assert_array_equal(part.reshape(shape), a[key])  # type: ignore[index]
+    np.testing.assert_array_equal(part.reshape(shape), a[key])  # type: ignore[call-overload]
 
 
 @pytest.mark.parametrize(
