@@ -9,9 +9,9 @@ Nodes talk libp2p (TCP + Noise + Yamux). A node delegates numpy matrix work
 to another node over the stream protocol ``/pangea/compute/1.0.0``, collects
 and aggregates the results, and runs a task locally when its worker is gone.
 
-How the module is laid out: twenty rooms, each using only the rooms above
+How the module is laid out: twenty-two rooms, each using only the rooms above
 it (tests/unit/test_layout.py keeps that true, and each room under its line
-budget). Rooms 1-7 are pure (no I/O, no await); rooms 8-20 perform I/O.
+budget). Rooms 1-9 are pure (no I/O, no await); rooms 10-22 perform I/O.
 
   0. this docstring, imports, version
   1. Constants                 protocol ids, limits, timeouts, each with its unit
@@ -20,32 +20,35 @@ budget). Rooms 1-7 are pure (no I/O, no await); rooms 8-20 perform I/O.
   4. Wire framing (sans-I/O)   messages, encode_parts, the Decoder and its FrameGate
   5. Session protocol (sans-I/O)   SessionProtocol: the Hello check, admission,
                                pending, ping and cancel bookkeeping of one session
-  6. Kernels                   the registry: per kernel, validation, output size,
-                               cost, verification and sample inputs
-  7. Scheduler (sans-I/O)      placement, retries, suspicion: handle(event, now)
-  8. Session directories       the pangea home, one directory per process, RPC files
-  9. Transports                identity and libp2p host, Channel, the TLS data plane
- 10. Bulk channels             arrays off the RPC: shared memory on the box, TLS off it
- 11. The node                  PeerSession (performs its SessionProtocol), Node
- 12. The manager               delegators, Manager (drives the Scheduler, verifies)
- 13. Around the node           mDNS, metrics, the initiator's checks, the fault injector
- 14. RPC records              constants, arrays to and from Cap'n Proto, the records
- 15. RPC service              NodeService, KeptArrays, RpcServer, _RpcConnection, the Gate
- 16. Remote arrays            RemoteArray: the numpy face of an array a node holds
- 17. The Python client        Client, _PinnedConnection
- 18. Start-up                  build guard, deferred imports, logging, the trio runner
- 19. CLI: options and the verbs of a pair   initiate, respond, demo
- 20. CLI: serve, the tools and main         serve, call, psk, status, doctor,
+  6. Kernels                   the registry core: Kernel, parameters, validation,
+                               output size, cost, the checks' rounding bounds
+  7. Kernels: linear algebra   matmul, solve, inv and numpy.linalg, their checks
+  8. Kernels: element-wise, reductions, shapes and fft   numpy's O(n) kernels;
+                               the registry KERNELS is filled at its end
+  9. Scheduler (sans-I/O)      placement, retries, suspicion: handle(event, now)
+ 10. Session directories       the pangea home, one directory per process, RPC files
+ 11. Transports                identity and libp2p host, Channel, the TLS data plane
+ 12. Bulk channels             arrays off the RPC: shared memory on the box, TLS off it
+ 13. The node                  PeerSession (performs its SessionProtocol), Node
+ 14. The manager               delegators, Manager (drives the Scheduler, verifies)
+ 15. Around the node           mDNS, metrics, the initiator's checks, the fault injector
+ 16. RPC records              constants, arrays to and from Cap'n Proto, the records
+ 17. RPC service              NodeService, KeptArrays, RpcServer, _RpcConnection, the Gate
+ 18. Remote arrays            RemoteArray: the numpy face of an array a node holds
+ 19. The Python client        Client, _PinnedConnection
+ 20. Start-up                  build guard, deferred imports, logging, the trio runner
+ 21. CLI: options and the verbs of a pair   initiate, respond, demo
+ 22. CLI: serve, the tools and main         serve, call, psk, status, doctor,
                                bench (code in bench/pangea_bench.py), id, main
 
-How one task travels through them: `Client.submit` (15) reaches the node's
-`NodeService` (14), its arrays on a bulk channel (10); the service hands it to
-the `Manager` (12); the `Scheduler` (7)
+How one task travels through them: `Client.submit` (19) reaches the node's
+`NodeService` (17), its arrays on a bulk channel (12); the service hands it to
+the `Manager` (14); the `Scheduler` (9)
 answers `Dispatch`, and the peer's `RemoteDelegator` writes a `TaskRequestMsg`
-(4) on the session's `TlsChannel` (9). On the worker, the channel's Decoder
+(4) on the session's `TlsChannel` (11). On the worker, the channel's Decoder
 asks that session's `SessionProtocol` (5) whether to admit the payload, the
-`PeerSession` (11) runs the kernel (6) in a worker thread and sends the
-`TaskResultMsg` back; the manager verifies it (6) and reports it to the
+`PeerSession` (13) runs the kernel (6-8) in a worker thread and sends the
+`TaskResultMsg` back; the manager verifies it (6-8) and reports it to the
 scheduler, which answers `Deliver`, or a new `Dispatch` when it failed.
 
 Design: everything that decides (framing, the session protocol, kernels,
@@ -3042,119 +3045,9 @@ class Kernel:
     exact: bool = True
 
 
-def _need_2d(name: str, a: np.ndarray, what: str = "operand") -> None:
-    if a.ndim != 2:
-        raise KernelError(f"{name}: {what} must be a 2-D matrix, got shape {a.shape}")
-
-
-def _need_square_float(name: str, a: np.ndarray) -> np.ndarray:
-    import numpy as np
-
-    _need_2d(name, a)
-    if a.shape[0] != a.shape[1]:
-        raise KernelError(f"{name}: matrix must be square, got shape {a.shape}")
-    if a.dtype.kind not in "fc":
-        a = a.astype(np.float64)
-    if not np.isfinite(a).all():
-        raise KernelError(f"{name}: matrix contains NaN or Inf")
-    return a
-
-
-def _broadcast(name: str, a: np.ndarray, b: np.ndarray) -> None:
-    import numpy as np
-
-    try:
-        np.broadcast_shapes(a.shape, b.shape)
-    except ValueError:
-        raise KernelError(f"{name}: shapes {a.shape} and {b.shape} do not match") from None
-
-
-def _k_matmul(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
-    a, b = ops
-    _need_2d("matmul", a, "left operand")
-    _need_2d("matmul", b, "right operand")
-    if a.shape[1] != b.shape[0]:
-        raise KernelError(f"matmul: shapes {a.shape} and {b.shape} do not match ({a.shape[1]} != {b.shape[0]})")
-    return (a @ b,)
-
-
-def _k_elementwise(op: str) -> Callable[[Sequence[np.ndarray], dict[str, float]], tuple[np.ndarray, ...]]:
-    def fn(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
-        import numpy as np
-
-        a, b = ops
-        _broadcast(op, a, b)
-        return ({"add": np.add, "subtract": np.subtract, "multiply": np.multiply}[op](a, b),)
-
-    return fn
-
-
-def _k_transpose(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
-
-    (a,) = ops
-    return (a.T.copy(order="C"),)
-
-
-def _k_copy(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
-    return (ops[0].copy(order="C"),)
-
-
-def _k_scale(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
-    (a,) = ops
-    factor = params.get("factor", 1.0)
-    if not math.isfinite(factor):
-        raise KernelError(f"scale: factor {factor!r} is not a finite number")
-    return (a * factor,)
-
-
-def _k_sum(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
-    import numpy as np
-
-    (a,) = ops
-    if "axis" in params:
-        axis = params["axis"]
-        if not math.isfinite(axis) or axis != int(axis) or not -a.ndim <= int(axis) < a.ndim:
-            raise KernelError(f"sum: axis {axis!r} is out of range for {a.ndim} dimensions")
-        return (np.sum(a, axis=int(axis)),)
-    return (np.asarray(np.sum(a)),)
-
-
-def _k_dot(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
-    import numpy as np
-
-    a, b = ops
-    _need_vectors(a, b)
-    return (np.asarray(np.dot(a, b)),)
-
-
-def _need_vectors(a: np.ndarray, b: np.ndarray) -> None:
-    if a.ndim != 1 or b.ndim != 1 or a.shape != b.shape:
-        raise KernelError(f"dot: operands must be vectors of the same length, got shapes {a.shape} and {b.shape}")
-
-
-def _k_solve(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
-    import numpy as np
-
-    a, b = ops
-    a = _need_square_float("solve", a)
-    if b.ndim not in (1, 2) or b.shape[0] != a.shape[0]:
-        raise KernelError(f"solve: right-hand side of shape {b.shape} does not fit a {a.shape} matrix")
-    if not np.isfinite(b).all():
-        raise KernelError("solve: right-hand side contains NaN or Inf")
-    try:
-        return (np.linalg.solve(a, b),)
-    except np.linalg.LinAlgError as exc:
-        raise KernelError(f"solve: matrix is singular ({exc})") from None
-
-
-def _k_inverse(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
-    import numpy as np
-
-    a = _need_square_float("inverse", ops[0])
-    try:
-        return (np.linalg.inv(a),)
-    except np.linalg.LinAlgError as exc:
-        raise KernelError(f"inverse: matrix is singular ({exc})") from None
+# The registry, by name: filled at the end of room 8 from every kernel room's tuple
+# (BASIC_KERNELS here, LINALG_KERNELS, ARRAY_KERNELS); only looked up in between.
+KERNELS: dict[str, Kernel] = {}
 
 
 MAX_RANDOM_ELEMENTS = 1 << 28  # 2 GiB of float64; a larger request is a mistake or an attack
@@ -3277,8 +3170,6 @@ SOLVE_SLACK = 4.0  # LU with partial pivoting: ||A x - b|| <= ~n*eps*(||A|| ||x|
 # itself, or this floor; beyond it a random sample of them.
 RECOMPUTE_FACTOR = 16
 RECOMPUTE_FLOOR = 1 << 22  # ~4 M multiply-adds, a few ms: small products are simply recomputed
-
-_FREIVALDS_FAILED = "matmul: the result fails Freivalds' check (C @ r != A @ (B @ r) beyond the rounding-error bound)"
 
 
 def _eps_tiny(dtype: Any) -> tuple[float, float]:
@@ -3446,6 +3337,170 @@ def _first_wrong(kernel: str, mask: np.ndarray, got: np.ndarray, want: np.ndarra
     where = f" at {list(index)}" if index else ""
     detail = f"got {got[index]!r}" + (f", numpy gives {want[index]!r}" if want is not None else "")
     return f"{kernel}: the result is wrong{where} ({detail}; {int(mask.sum())} wrong entries)"
+
+
+def check_result(
+    kernel: str,
+    operands: Sequence[np.ndarray],
+    params: dict[str, float],
+    outputs: Sequence[np.ndarray],
+    rng: random.Random,
+    rounds: int = FREIVALDS_ROUNDS,
+) -> str | None:
+    """Check a worker's result cheaply; return None when numpy could have given it, else what is wrong.
+
+    matmul: Freivalds' check, C @ r against A @ (B @ r) for random r, O(n^2)
+    instead of O(n^3), within a rounding-error bound (exact for integers).
+    solve, inverse: the residual, within a bound scaled by the norms of A, x
+    and b. O(n) kernels (element-wise, transpose, scale, sum, dot): recomputed,
+    exact but for sum and dot (within their rounding bound). NaN and inf as
+    numpy gives them. Workers are not trusted to do arithmetic right; a wrong
+    answer is a worker fault, and an honest one is never called wrong."""
+    if len(outputs) != 1:
+        return f"{kernel}: expected 1 output, got {len(outputs)}"
+    out = outputs[0]
+    seed = rng.getrandbits(64)
+    entry = KERNELS.get(kernel)
+    if entry is None:
+        return None  # an unknown kernel never ran: nothing to check
+    try:
+        return entry.check(kernel, operands, params, out, seed, max(1, rounds))
+    except (ValueError, IndexError, TypeError, KernelError) as exc:
+        return f"{kernel}: the result cannot be checked: {exc}"
+
+
+# ---- What each kernel owns besides fn: output bound, cost, check, check inputs, reference.
+# The registry below puts them together; a kernel added without one of them does not build.
+
+_WIDEST_ITEMSIZE = 16  # complex128, the widest result
+
+
+def _bytes_of_operands(operands: Operands, params: dict[str, float]) -> int:
+    """Loose output bound of a kernel whose result is no larger than its operands in entries, of any dtype.
+
+    Only for a kernel whose output is not known in advance (an unknown name): every
+    kernel of the registry has its exact bound below."""
+    return sum(a.size for a in operands) * _WIDEST_ITEMSIZE
+
+
+def _bytes_of(shape: Sequence[int], dtype: Any) -> int:
+    import numpy as np
+
+    return math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
+
+
+def _bytes_of_random(operands: Operands, params: dict[str, float]) -> int:
+    return int(max(0.0, params.get("rows", 0.0))) * int(max(0.0, params.get("cols", 0.0))) * 8
+
+
+def _flops_of_elements(operands: Operands, params: dict[str, float]) -> float:
+    """Cost of a kernel that touches each element once (random: each element it makes)."""
+    return float(sum(a.size for a in operands) or params.get("rows", 0.0) * params.get("cols", 0.0))
+
+
+def _verify_nothing(
+    name: str, operands: Operands, params: dict[str, float], out: np.ndarray, seed: int, rounds: int
+) -> str | None:
+    return None  # random: nothing cheaper than recomputing it
+
+
+def _sample_two(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
+    return (a, b), {}
+
+
+def _sample_random(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
+    return (), {"rows": 8, "cols": a.shape[0], "seed": 42}
+
+
+# The references are plain numpy, written apart from the kernels' fn on purpose:
+# the initiator's checks compare a peer's answer with them.
+
+
+def _ref_random(ops: Operands, params: dict[str, float]) -> np.ndarray:
+    import numpy as np
+
+    return np.random.default_rng(int(params["seed"])).random((int(params["rows"]), int(params["cols"])))
+
+
+BASIC_KERNELS: tuple[Kernel, ...] = (
+    Kernel(
+        "random",
+        0,
+        _k_random,
+        "uniform [0, 1) matrix rows x cols from seed",
+        ("rows", "cols", "seed"),
+        out_nbytes=_bytes_of_random,
+        flops=_flops_of_elements,
+        check=_verify_nothing,
+        sample=_sample_random,
+        reference=_ref_random,
+    ),
+)
+
+
+###############################################################################
+# 7. Kernels: linear algebra
+#
+# numpy.linalg's operations, matmul and einsum under numpy's names and argument
+# names, stacked (N-d) where numpy is. Each entry's check costs less than the
+# kernel: Freivalds' projection for products, residuals and random projections
+# for solves and decompositions; an entry without one says "unverified".
+###############################################################################
+
+
+def _need_2d(name: str, a: np.ndarray, what: str = "operand") -> None:
+    if a.ndim != 2:
+        raise KernelError(f"{name}: {what} must be a 2-D matrix, got shape {a.shape}")
+
+
+def _need_square_float(name: str, a: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    _need_2d(name, a)
+    if a.shape[0] != a.shape[1]:
+        raise KernelError(f"{name}: matrix must be square, got shape {a.shape}")
+    if a.dtype.kind not in "fc":
+        a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise KernelError(f"{name}: matrix contains NaN or Inf")
+    return a
+
+
+def _k_matmul(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+    a, b = ops
+    _need_2d("matmul", a, "left operand")
+    _need_2d("matmul", b, "right operand")
+    if a.shape[1] != b.shape[0]:
+        raise KernelError(f"matmul: shapes {a.shape} and {b.shape} do not match ({a.shape[1]} != {b.shape[0]})")
+    return (a @ b,)
+
+
+def _k_solve(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+    import numpy as np
+
+    a, b = ops
+    a = _need_square_float("solve", a)
+    if b.ndim not in (1, 2) or b.shape[0] != a.shape[0]:
+        raise KernelError(f"solve: right-hand side of shape {b.shape} does not fit a {a.shape} matrix")
+    if not np.isfinite(b).all():
+        raise KernelError("solve: right-hand side contains NaN or Inf")
+    try:
+        return (np.linalg.solve(a, b),)
+    except np.linalg.LinAlgError as exc:
+        raise KernelError(f"solve: matrix is singular ({exc})") from None
+
+
+def _k_inverse(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+    import numpy as np
+
+    a = _need_square_float("inverse", ops[0])
+    try:
+        return (np.linalg.inv(a),)
+    except np.linalg.LinAlgError as exc:
+        raise KernelError(f"inverse: matrix is singular ({exc})") from None
+
+
+_FREIVALDS_FAILED = "matmul: the result fails Freivalds' check (C @ r != A @ (B @ r) beyond the rounding-error bound)"
 
 
 ABS_BLOCK_BYTES = 1 << 18  # X @ v and |X| @ w a block of rows at a time, in cache: no fresh n^2 array
@@ -3687,6 +3742,197 @@ def _solve_here(kernel: str, operands: Sequence[np.ndarray], params: dict[str, f
         return None
 
 
+def _bytes_of_matmul(operands: Operands, params: dict[str, float]) -> int:
+    import numpy as np
+
+    a, b = operands
+    return _bytes_of((a.shape[0], b.shape[-1]), np.result_type(a.dtype, b.dtype))
+
+
+def _bytes_of_solve(operands: Operands, params: dict[str, float]) -> int:
+    return _bytes_of(operands[1].shape, _linalg_dtype(operands[0], operands[1]))  # as _check_solve expects
+
+
+def _bytes_of_inverse(operands: Operands, params: dict[str, float]) -> int:
+    return _bytes_of(operands[0].shape, _linalg_dtype(operands[0]))
+
+
+def _flops_of_matmul(operands: Operands, params: dict[str, float]) -> float:
+    if len(operands) == 2 and operands[0].ndim == 2 and operands[1].ndim == 2:
+        return 2.0 * operands[0].shape[0] * operands[0].shape[1] * operands[1].shape[1]
+    return _flops_of_elements(operands, params)
+
+
+def _flops_of_cubic(operands: Operands, params: dict[str, float]) -> float:
+    """solve, inverse: LU of an n x n matrix."""
+    if operands and operands[0].ndim == 2:
+        return 2.0 * operands[0].shape[0] ** 3
+    return _flops_of_elements(operands, params)
+
+
+def _verify_matmul(
+    name: str, operands: Operands, params: dict[str, float], out: np.ndarray, seed: int, rounds: int
+) -> str | None:
+    import numpy as np
+
+    gen = np.random.default_rng(seed)  # NOTE: made only here: it costs more than a tiny check
+    return _check_matmul(operands[0], operands[1], out, gen, rounds)
+
+
+def _verify_solve(
+    name: str, operands: Operands, params: dict[str, float], out: np.ndarray, seed: int, rounds: int
+) -> str | None:
+    import numpy as np
+
+    return _check_solve(name, operands, params, out, np.random.default_rng(seed), rounds)
+
+
+def _well_conditioned(a: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    n = a.shape[0]
+    return a + n * np.eye(n)
+
+
+def _sample_solve(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
+    return (_well_conditioned(a), v), {}
+
+
+def _sample_inverse(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
+    return (_well_conditioned(a),), {}
+
+
+def _ref_matmul(ops: Operands, params: dict[str, float]) -> np.ndarray:
+    import numpy as np
+
+    return np.matmul(ops[0], ops[1])
+
+
+def _ref_solve(ops: Operands, params: dict[str, float]) -> np.ndarray:
+    import numpy as np
+
+    return np.linalg.solve(ops[0], ops[1])
+
+
+def _ref_inverse(ops: Operands, params: dict[str, float]) -> np.ndarray:
+    import numpy as np
+
+    return np.linalg.inv(ops[0])
+
+
+LINALG_KERNELS: tuple[Kernel, ...] = (
+    Kernel(
+        "matmul",
+        2,
+        _k_matmul,
+        "matrix product a @ b",
+        out_nbytes=_bytes_of_matmul,
+        flops=_flops_of_matmul,
+        check=_verify_matmul,
+        sample=_sample_two,
+        reference=_ref_matmul,
+        exact=False,
+    ),
+    Kernel(
+        "solve",
+        2,
+        _k_solve,
+        "x with a @ x = b",
+        out_nbytes=_bytes_of_solve,
+        flops=_flops_of_cubic,
+        check=_verify_solve,
+        sample=_sample_solve,
+        reference=_ref_solve,
+        exact=False,
+    ),
+    Kernel(
+        "inverse",
+        1,
+        _k_inverse,
+        "matrix inverse",
+        out_nbytes=_bytes_of_inverse,
+        flops=_flops_of_cubic,
+        check=_verify_solve,
+        sample=_sample_inverse,
+        reference=_ref_inverse,
+        exact=False,
+    ),
+)
+
+
+###############################################################################
+# 8. Kernels: element-wise, reductions, shapes and fft
+#
+# numpy's element-wise operations, reductions (axis, keepdims), shape changes
+# and fft under numpy's names, checked by recomputing them a slice at a time
+# (O(n) work, like the kernel). The registry KERNELS is filled at the end of
+# this room from every kernel room's tuple.
+###############################################################################
+
+
+def _broadcast(name: str, a: np.ndarray, b: np.ndarray) -> None:
+    import numpy as np
+
+    try:
+        np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise KernelError(f"{name}: shapes {a.shape} and {b.shape} do not match") from None
+
+
+def _k_elementwise(op: str) -> Callable[[Sequence[np.ndarray], dict[str, float]], tuple[np.ndarray, ...]]:
+    def fn(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+        import numpy as np
+
+        a, b = ops
+        _broadcast(op, a, b)
+        return ({"add": np.add, "subtract": np.subtract, "multiply": np.multiply}[op](a, b),)
+
+    return fn
+
+
+def _k_copy(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+    return (ops[0].copy(order="C"),)
+
+
+def _k_transpose(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+
+    (a,) = ops
+    return (a.T.copy(order="C"),)
+
+
+def _k_scale(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+    (a,) = ops
+    factor = params.get("factor", 1.0)
+    if not math.isfinite(factor):
+        raise KernelError(f"scale: factor {factor!r} is not a finite number")
+    return (a * factor,)
+
+
+def _k_sum(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+    import numpy as np
+
+    (a,) = ops
+    if "axis" in params:
+        axis = params["axis"]
+        if not math.isfinite(axis) or axis != int(axis) or not -a.ndim <= int(axis) < a.ndim:
+            raise KernelError(f"sum: axis {axis!r} is out of range for {a.ndim} dimensions")
+        return (np.sum(a, axis=int(axis)),)
+    return (np.asarray(np.sum(a)),)
+
+
+def _k_dot(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+    import numpy as np
+
+    a, b = ops
+    _need_vectors(a, b)
+    return (np.asarray(np.dot(a, b)),)
+
+
+def _need_vectors(a: np.ndarray, b: np.ndarray) -> None:
+    if a.ndim != 1 or b.ndim != 1 or a.shape != b.shape:
+        raise KernelError(f"dot: operands must be vectors of the same length, got shapes {a.shape} and {b.shape}")
+
+
 def _elementwise_slices(
     kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]
 ) -> tuple[tuple[int, ...], Callable[[tuple[slice, ...]], np.ndarray], Callable[[tuple[slice, ...]], Any]]:
@@ -3810,63 +4056,6 @@ def _check_recomputed(
     return _first_wrong(kernel, _exact_mismatches(out, want), out, want)
 
 
-def check_result(
-    kernel: str,
-    operands: Sequence[np.ndarray],
-    params: dict[str, float],
-    outputs: Sequence[np.ndarray],
-    rng: random.Random,
-    rounds: int = FREIVALDS_ROUNDS,
-) -> str | None:
-    """Check a worker's result cheaply; return None when numpy could have given it, else what is wrong.
-
-    matmul: Freivalds' check, C @ r against A @ (B @ r) for random r, O(n^2)
-    instead of O(n^3), within a rounding-error bound (exact for integers).
-    solve, inverse: the residual, within a bound scaled by the norms of A, x
-    and b. O(n) kernels (element-wise, transpose, scale, sum, dot): recomputed,
-    exact but for sum and dot (within their rounding bound). NaN and inf as
-    numpy gives them. Workers are not trusted to do arithmetic right; a wrong
-    answer is a worker fault, and an honest one is never called wrong."""
-    if len(outputs) != 1:
-        return f"{kernel}: expected 1 output, got {len(outputs)}"
-    out = outputs[0]
-    seed = rng.getrandbits(64)
-    entry = KERNELS.get(kernel)
-    if entry is None:
-        return None  # an unknown kernel never ran: nothing to check
-    try:
-        return entry.check(kernel, operands, params, out, seed, max(1, rounds))
-    except (ValueError, IndexError, TypeError, KernelError) as exc:
-        return f"{kernel}: the result cannot be checked: {exc}"
-
-
-# ---- What each kernel owns besides fn: output bound, cost, check, check inputs, reference.
-# The registry below puts them together; a kernel added without one of them does not build.
-
-_WIDEST_ITEMSIZE = 16  # complex128, the widest result
-
-
-def _bytes_of_operands(operands: Operands, params: dict[str, float]) -> int:
-    """Loose output bound of a kernel whose result is no larger than its operands in entries, of any dtype.
-
-    Only for a kernel whose output is not known in advance (an unknown name): every
-    kernel of the registry has its exact bound below."""
-    return sum(a.size for a in operands) * _WIDEST_ITEMSIZE
-
-
-def _bytes_of(shape: Sequence[int], dtype: Any) -> int:
-    import numpy as np
-
-    return math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
-
-
-def _bytes_of_matmul(operands: Operands, params: dict[str, float]) -> int:
-    import numpy as np
-
-    a, b = operands
-    return _bytes_of((a.shape[0], b.shape[-1]), np.result_type(a.dtype, b.dtype))
-
-
 def _bytes_of_broadcast(operands: Operands, params: dict[str, float]) -> int:
     """add, subtract, multiply: numpy's result dtype over the broadcast shape."""
     import numpy as np
@@ -3894,18 +4083,6 @@ def _bytes_of_dot(operands: Operands, params: dict[str, float]) -> int:
     return int(np.result_type(operands[0].dtype, operands[1].dtype).itemsize)  # one number
 
 
-def _bytes_of_solve(operands: Operands, params: dict[str, float]) -> int:
-    return _bytes_of(operands[1].shape, _linalg_dtype(operands[0], operands[1]))  # as _check_solve expects
-
-
-def _bytes_of_inverse(operands: Operands, params: dict[str, float]) -> int:
-    return _bytes_of(operands[0].shape, _linalg_dtype(operands[0]))
-
-
-def _bytes_of_random(operands: Operands, params: dict[str, float]) -> int:
-    return int(max(0.0, params.get("rows", 0.0))) * int(max(0.0, params.get("cols", 0.0))) * 8
-
-
 def _bytes_of_sum(operands: Operands, params: dict[str, float]) -> int:
     import numpy as np
 
@@ -3920,55 +4097,10 @@ def _bytes_of_sum(operands: Operands, params: dict[str, float]) -> int:
     return math.prod(d for i, d in enumerate(shape) if i != int(axis) % len(shape)) * itemsize
 
 
-def _flops_of_elements(operands: Operands, params: dict[str, float]) -> float:
-    """Cost of a kernel that touches each element once (random: each element it makes)."""
-    return float(sum(a.size for a in operands) or params.get("rows", 0.0) * params.get("cols", 0.0))
-
-
-def _flops_of_matmul(operands: Operands, params: dict[str, float]) -> float:
-    if len(operands) == 2 and operands[0].ndim == 2 and operands[1].ndim == 2:
-        return 2.0 * operands[0].shape[0] * operands[0].shape[1] * operands[1].shape[1]
-    return _flops_of_elements(operands, params)
-
-
-def _flops_of_cubic(operands: Operands, params: dict[str, float]) -> float:
-    """solve, inverse: LU of an n x n matrix."""
-    if operands and operands[0].ndim == 2:
-        return 2.0 * operands[0].shape[0] ** 3
-    return _flops_of_elements(operands, params)
-
-
-def _verify_matmul(
-    name: str, operands: Operands, params: dict[str, float], out: np.ndarray, seed: int, rounds: int
-) -> str | None:
-    import numpy as np
-
-    gen = np.random.default_rng(seed)  # NOTE: made only here: it costs more than a tiny check
-    return _check_matmul(operands[0], operands[1], out, gen, rounds)
-
-
-def _verify_solve(
-    name: str, operands: Operands, params: dict[str, float], out: np.ndarray, seed: int, rounds: int
-) -> str | None:
-    import numpy as np
-
-    return _check_solve(name, operands, params, out, np.random.default_rng(seed), rounds)
-
-
 def _verify_recomputed(
     name: str, operands: Operands, params: dict[str, float], out: np.ndarray, seed: int, rounds: int
 ) -> str | None:
     return _check_recomputed(name, operands, params, out)
-
-
-def _verify_nothing(
-    name: str, operands: Operands, params: dict[str, float], out: np.ndarray, seed: int, rounds: int
-) -> str | None:
-    return None  # random: nothing cheaper than recomputing it
-
-
-def _sample_two(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
-    return (a, b), {}
 
 
 def _sample_one(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
@@ -3985,35 +4117,6 @@ def _sample_scale(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
 
 def _sample_dot(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
     return (v, v[::-1].copy()), {}
-
-
-def _well_conditioned(a: np.ndarray) -> np.ndarray:
-    import numpy as np
-
-    n = a.shape[0]
-    return a + n * np.eye(n)
-
-
-def _sample_solve(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
-    return (_well_conditioned(a), v), {}
-
-
-def _sample_inverse(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
-    return (_well_conditioned(a),), {}
-
-
-def _sample_random(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
-    return (), {"rows": 8, "cols": a.shape[0], "seed": 42}
-
-
-# The references are plain numpy, written apart from the kernels' fn on purpose:
-# the initiator's checks compare a peer's answer with them.
-
-
-def _ref_matmul(ops: Operands, params: dict[str, float]) -> np.ndarray:
-    import numpy as np
-
-    return np.matmul(ops[0], ops[1])
 
 
 def _ref_add(ops: Operands, params: dict[str, float]) -> np.ndarray:
@@ -4052,173 +4155,107 @@ def _ref_dot(ops: Operands, params: dict[str, float]) -> np.ndarray:
     return np.asarray(np.dot(ops[0], ops[1]))
 
 
-def _ref_solve(ops: Operands, params: dict[str, float]) -> np.ndarray:
-    import numpy as np
+ARRAY_KERNELS: tuple[Kernel, ...] = (
+    Kernel(
+        "add",
+        2,
+        _k_elementwise("add"),
+        "element-wise a + b",
+        out_nbytes=_bytes_of_broadcast,
+        flops=_flops_of_elements,
+        check=_verify_recomputed,
+        sample=_sample_two,
+        reference=_ref_add,
+    ),
+    Kernel(
+        "subtract",
+        2,
+        _k_elementwise("subtract"),
+        "element-wise a - b",
+        out_nbytes=_bytes_of_broadcast,
+        flops=_flops_of_elements,
+        check=_verify_recomputed,
+        sample=_sample_two,
+        reference=_ref_subtract,
+    ),
+    Kernel(
+        "multiply",
+        2,
+        _k_elementwise("multiply"),
+        "element-wise a * b",
+        out_nbytes=_bytes_of_broadcast,
+        flops=_flops_of_elements,
+        check=_verify_recomputed,
+        sample=_sample_two,
+        reference=_ref_multiply,
+    ),
+    Kernel(
+        "transpose",
+        1,
+        _k_transpose,
+        "a.T",
+        out_nbytes=_bytes_of_transpose,
+        flops=_flops_of_elements,
+        check=_verify_recomputed,
+        sample=_sample_transpose,
+        reference=_ref_transpose,
+    ),
+    Kernel(
+        "scale",
+        1,
+        _k_scale,
+        "a * factor",
+        ("factor",),
+        out_nbytes=_bytes_of_scale,
+        flops=_flops_of_elements,
+        check=_verify_recomputed,
+        sample=_sample_scale,
+        reference=_ref_scale,
+    ),
+    Kernel(
+        "sum",
+        1,
+        _k_sum,
+        "sum of all elements, or along axis",
+        ("axis",),
+        out_nbytes=_bytes_of_sum,
+        flops=_flops_of_elements,
+        check=_verify_recomputed,
+        sample=_sample_one,
+        reference=_ref_sum,
+        exact=False,
+    ),
+    Kernel(
+        "dot",
+        2,
+        _k_dot,
+        "dot product of two vectors",
+        out_nbytes=_bytes_of_dot,
+        flops=_flops_of_elements,
+        check=_verify_recomputed,
+        sample=_sample_dot,
+        reference=_ref_dot,
+        exact=False,
+    ),
+    Kernel(
+        "copy",
+        1,
+        _k_copy,
+        "a copy of a (how put and get move a remote array)",
+        out_nbytes=_bytes_of_transpose,
+        flops=_flops_of_elements,
+        check=_verify_recomputed,
+        sample=_sample_one,
+        reference=_ref_copy,
+    ),
+)
 
-    return np.linalg.solve(ops[0], ops[1])
-
-
-def _ref_inverse(ops: Operands, params: dict[str, float]) -> np.ndarray:
-    import numpy as np
-
-    return np.linalg.inv(ops[0])
-
-
-def _ref_random(ops: Operands, params: dict[str, float]) -> np.ndarray:
-    import numpy as np
-
-    return np.random.default_rng(int(params["seed"])).random((int(params["rows"]), int(params["cols"])))
-
-
-KERNELS: dict[str, Kernel] = {
-    k.name: k
-    for k in (
-        Kernel(
-            "matmul",
-            2,
-            _k_matmul,
-            "matrix product a @ b",
-            out_nbytes=_bytes_of_matmul,
-            flops=_flops_of_matmul,
-            check=_verify_matmul,
-            sample=_sample_two,
-            reference=_ref_matmul,
-            exact=False,
-        ),
-        Kernel(
-            "add",
-            2,
-            _k_elementwise("add"),
-            "element-wise a + b",
-            out_nbytes=_bytes_of_broadcast,
-            flops=_flops_of_elements,
-            check=_verify_recomputed,
-            sample=_sample_two,
-            reference=_ref_add,
-        ),
-        Kernel(
-            "subtract",
-            2,
-            _k_elementwise("subtract"),
-            "element-wise a - b",
-            out_nbytes=_bytes_of_broadcast,
-            flops=_flops_of_elements,
-            check=_verify_recomputed,
-            sample=_sample_two,
-            reference=_ref_subtract,
-        ),
-        Kernel(
-            "multiply",
-            2,
-            _k_elementwise("multiply"),
-            "element-wise a * b",
-            out_nbytes=_bytes_of_broadcast,
-            flops=_flops_of_elements,
-            check=_verify_recomputed,
-            sample=_sample_two,
-            reference=_ref_multiply,
-        ),
-        Kernel(
-            "transpose",
-            1,
-            _k_transpose,
-            "a.T",
-            out_nbytes=_bytes_of_transpose,
-            flops=_flops_of_elements,
-            check=_verify_recomputed,
-            sample=_sample_transpose,
-            reference=_ref_transpose,
-        ),
-        Kernel(
-            "scale",
-            1,
-            _k_scale,
-            "a * factor",
-            ("factor",),
-            out_nbytes=_bytes_of_scale,
-            flops=_flops_of_elements,
-            check=_verify_recomputed,
-            sample=_sample_scale,
-            reference=_ref_scale,
-        ),
-        Kernel(
-            "sum",
-            1,
-            _k_sum,
-            "sum of all elements, or along axis",
-            ("axis",),
-            out_nbytes=_bytes_of_sum,
-            flops=_flops_of_elements,
-            check=_verify_recomputed,
-            sample=_sample_one,
-            reference=_ref_sum,
-            exact=False,
-        ),
-        Kernel(
-            "dot",
-            2,
-            _k_dot,
-            "dot product of two vectors",
-            out_nbytes=_bytes_of_dot,
-            flops=_flops_of_elements,
-            check=_verify_recomputed,
-            sample=_sample_dot,
-            reference=_ref_dot,
-            exact=False,
-        ),
-        Kernel(
-            "solve",
-            2,
-            _k_solve,
-            "x with a @ x = b",
-            out_nbytes=_bytes_of_solve,
-            flops=_flops_of_cubic,
-            check=_verify_solve,
-            sample=_sample_solve,
-            reference=_ref_solve,
-            exact=False,
-        ),
-        Kernel(
-            "inverse",
-            1,
-            _k_inverse,
-            "matrix inverse",
-            out_nbytes=_bytes_of_inverse,
-            flops=_flops_of_cubic,
-            check=_verify_solve,
-            sample=_sample_inverse,
-            reference=_ref_inverse,
-            exact=False,
-        ),
-        Kernel(
-            "random",
-            0,
-            _k_random,
-            "uniform [0, 1) matrix rows x cols from seed",
-            ("rows", "cols", "seed"),
-            out_nbytes=_bytes_of_random,
-            flops=_flops_of_elements,
-            check=_verify_nothing,
-            sample=_sample_random,
-            reference=_ref_random,
-        ),
-        Kernel(
-            "copy",
-            1,
-            _k_copy,
-            "a copy of a (how put and get move a remote array)",
-            out_nbytes=_bytes_of_transpose,
-            flops=_flops_of_elements,
-            check=_verify_recomputed,
-            sample=_sample_one,
-            reference=_ref_copy,
-        ),
-    )
-}
+# The registry: every kernel room's entries, by name (KERNELS is declared in room 6, empty).
+KERNELS.update((k.name, k) for k in (*BASIC_KERNELS, *LINALG_KERNELS, *ARRAY_KERNELS))
 
 
 ###############################################################################
-# 7. Scheduler (sans-I/O)
+# 9. Scheduler (sans-I/O)
 #
 # Decides where each task runs and what happens when an attempt fails. It
 # never awaits, reads a clock or touches a socket: `handle(event, now)` takes
@@ -4754,7 +4791,7 @@ class Scheduler:
 
 
 ###############################################################################
-# 8. Session directories
+# 10. Session directories
 #
 # The pangea home ($PANGEA_HOME, default ~/.pangea, mode 0700) holds the
 # identity key and one session directory per running process:
@@ -5140,7 +5177,7 @@ class SessionDir:
 
 
 ###############################################################################
-# 9. Transports
+# 11. Transports
 #
 # The thin adapters between sockets and the sans-I/O cores above: the node's
 # identity and its libp2p host (TCP + Noise + Yamux); `Channel`, one libp2p
@@ -5997,7 +6034,7 @@ async def tcp_probe(host: str, port: int, timeout_s: float) -> tuple[float | Non
 
 
 ###############################################################################
-# 10. Bulk channels
+# 12. Bulk channels
 #
 # Array bytes off the Cap'n Proto path, both ends: for a client on this box, shared
 # memory (memfd segments handed over a Unix socket: `BulkServer` on the node; the
@@ -7025,7 +7062,7 @@ class _TlsBulkPool:
 
 
 ###############################################################################
-# 11. The node
+# 13. The node
 #
 # `PeerSession` is the adapter of one session with a peer: its readers feed
 # each channel's Decoder, hand what arrives to the session's
@@ -8158,7 +8195,7 @@ def _forget_departed_peers(host: Any) -> Any:
 
 
 ###############################################################################
-# 12. The manager
+# 14. The manager
 #
 # The `Manager` drives the Scheduler: it turns a user's task into events,
 # performs the actions the scheduler returns through a `TaskDelegator` per
@@ -8721,7 +8758,7 @@ class Manager:
 
 
 ###############################################################################
-# 13. Around the node
+# 15. Around the node
 #
 # What a node runs beside its sessions: discovery on the LAN (mDNS), the
 # Prometheus metrics, the initiator's distributed checks (the table of
@@ -9506,7 +9543,7 @@ class FaultInjector:
 
 
 ###############################################################################
-# 14. RPC records
+# 16. RPC records
 #
 # External programs reach a `serve` node over Cap'n Proto RPC (schema: the
 # `Gate`, `Compute` and `RemoteArray` interfaces of capnp/pangea.capnp). This
@@ -9962,7 +9999,7 @@ def client_size_refusal(
 
 
 ###############################################################################
-# 15. RPC service
+# 17. RPC service
 #
 # pycapnp runs on asyncio with its own KJ loop, so the RPC server lives in a
 # thread of its own; each call (at most RPC_MAX_CALLS_IN_FLIGHT) becomes a trio
@@ -10978,7 +11015,7 @@ def _make_gate(
 
 
 ###############################################################################
-# 16. Remote arrays
+# 18. Remote arrays
 #
 # `RemoteArray`: the Python face of an array a node holds for a `Client` (a
 # `RemoteArray` capability of the schema). It has numpy's shape, dtype and
@@ -11323,7 +11360,7 @@ def _function_call(client: Any, func: Any, args: Any, kwargs: Any) -> Any:
 
 
 ###############################################################################
-# 17. The Python client
+# 19. The Python client
 #
 # `Client`: a client of a node's RPC endpoint for Python programs, numpy arrays
 # in and out. Its asyncio/KJ loop runs in one long-lived private thread: every
@@ -12485,7 +12522,7 @@ class Client:
 
 
 ###############################################################################
-# 18. Start-up
+# 20. Start-up
 #
 # What runs before and around every verb, in the order `_main` runs it: the
 # guard that the pyz runs on the interpreter it was built for; the deferred
@@ -13007,7 +13044,7 @@ def unpacked_text() -> str:
 
 
 ###############################################################################
-# 19. CLI: options and the verbs of a pair
+# 21. CLI: options and the verbs of a pair
 #
 # One `cmd_<verb>` per command, with its options in the `add_<verb>_parser`
 # right above it. This part holds the option types and the options several
@@ -14171,7 +14208,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 ###############################################################################
-# 20. CLI: serve, the tools and main
+# 22. CLI: serve, the tools and main
 #
 # `serve` and the verbs that talk to a node or look at this box: `call` (a
 # Client of a serve node), `psk`, `status`, `doctor`, `bench` (its code is the

@@ -27,6 +27,8 @@ SECTIONS: list[tuple[str, bool, int]] = [
     ("Wire framing (sans-I/O)", True, 1200),
     ("Session protocol (sans-I/O)", True, 1200),
     ("Kernels", True, 1200),
+    ("Kernels: linear algebra", True, 1200),
+    ("Kernels: element-wise, reductions, shapes and fft", True, 1200),
     ("Scheduler (sans-I/O)", True, 1200),
     ("Session directories", False, 1200),
     ("Transports", False, 1200),
