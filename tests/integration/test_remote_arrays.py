@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import NodeHome, make_node_home
-from pyz_helpers import ServeNode, start_serve
+from pyz_helpers import ServeNode, running_pair, start_serve
 
 import pangea
 from pangea import ALLOWED_DTYPES, BadInputError, Client, RemoteArray, TaskError, UsageError
@@ -234,3 +234,19 @@ def test_numpy_kind_of_errors_before_anything_is_sent(client: Client) -> None:
     # what the node refuses is a ValueError too
     with pytest.raises(ValueError):
         client.submit("solve", x, np.zeros(3), keep=True)
+
+
+def test_a_task_on_held_arrays_runs_on_a_remote_worker_and_its_result_stays_on_the_node(
+    pyz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with running_pair(pyz, tmp_path) as pair:
+        with client_of(pair.a, monkeypatch) as c:
+            rng = np.random.default_rng(5)
+            a, b = rng.standard_normal((200, 300)), rng.standard_normal((300, 100))
+            x, y = c.put(a), c.put(b)
+            product = c.submit("matmul", x, y, placement="remote", keep=True)
+            task = c.last_task
+            assert task["ran_on"] == pair.b.peer_id and task["verified_by_node"], task
+            assert isinstance(product, RemoteArray)
+            np.testing.assert_allclose(product.get(), a @ b)
+            assert held(c)[1] == 3
