@@ -280,3 +280,63 @@ def test_a_remote_client_s_arrays_travel_on_the_tls_bulk_channel_and_equal_numpy
     assert report["cancelled"] and report["held_after_cancel"] == 0, report
     assert report["over_budget"].startswith("bad-input: ") and "nothing was sent" in report["over_budget"], report
     assert report["in_message_via"] == "RPC messages" and report["in_message_note"] == "off: tls_bulk=False", report
+
+
+REMOTE_DRIVER = r"""
+import gc, json, sys, time
+import numpy as np
+import pangea
+rpc, token, fingerprint = sys.argv[1], sys.argv[2], sys.argv[3]
+report = {"wrong": []}
+rng = np.random.default_rng(9)
+a, b = rng.standard_normal((600, 500)), rng.standard_normal((500, 400))
+with pangea.Client(rpc, token=token, fingerprint=fingerprint, timeout_s=120) as node:
+    x, y = node.put(a), node.put(b)
+    report["put_via"] = node.last_task["arrays_via"]
+    z = (x @ y) + 1.0
+    report["step_via"] = node.last_task["arrays_via"]
+    back = z.get()
+    report["get_via"] = node.last_task["arrays_via"]
+    if not np.allclose(back, a @ b + 1.0):
+        report["wrong"].append("pipeline")
+    if not np.array_equal(np.asarray(x), a):
+        report["wrong"].append("round trip")
+    report["held"] = node.status()["held_arrays"]
+    del x, y, z
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while node.status()["held_bytes"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    report["held_after"] = node.status()["held_bytes"]
+print(json.dumps(report))
+"""
+
+
+def test_a_remote_client_keeps_arrays_on_the_node_across_hosts(
+    netns_pair: NetnsPair, pyz: Path, make_home: Any, tmp_path: Path
+) -> None:
+    box_a, box_b = make_home("box-a"), make_home("box-b")
+    token_file = tmp_path / "rpc.token"
+    token_file.write_text(secrets.token_hex(16) + "\n")
+    token_file.chmod(0o600)
+    driver = tmp_path / "remote_driver.py"
+    driver.write_text(REMOTE_DRIVER)
+    rpc = f"{netns_pair.addr_a}:{RPC_PORT}"
+    cmd: list[str | Path] = [pyz, "serve", "--host", netns_pair.addr_a, "--port", "0", "--rpc", rpc]
+    cmd += ["--rpc-token-file", str(token_file)]
+    serve = netns_pair.proc("a", cmd, env=box_a.env, name="serve@a")
+    try:
+        serve.wait_for_line(r"^pangea: serving on ", timeout=READY_TIMEOUT_S, stream="stdout")
+        fingerprint = serve.wait_for_line(r"^RPC fingerprint: (sha256:[0-9a-f]{64}) ", stream="stdout").group(1)
+        env = dict(box_b.env, SHIV_INTERPRETER="1")
+        args: list[str | Path] = [pyz, driver, rpc, token_file.read_text().strip(), fingerprint]
+        result = netns_pair.run("b", args, env=env, timeout=400)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+    finally:
+        serve.stop()
+    assert not report["wrong"], report
+    assert report["put_via"] == "TLS bulk channel, result: kept on the node", report
+    assert report["step_via"].endswith("result: kept on the node"), report
+    assert report["get_via"].endswith("result: TLS bulk channel"), report
+    assert report["held"] == 3 and report["held_after"] == 0, report  # x @ y was a temporary: released
