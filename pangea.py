@@ -84,7 +84,7 @@ import threading
 import time
 import types
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, Union
@@ -306,6 +306,10 @@ RPC_TLS_HANDSHAKE_TIMEOUT_S = 10.0  # a TLS handshake on the RPC port, client an
 # held while they wait (a legitimate program keeps a few in flight; the kernels
 # run one at a time anyway).
 RPC_MAX_CALLS_IN_FLIGHT = 64
+# Arrays a worker holds for one peer session (TaskRequest.keep): a split job holds its shared
+# operand once per worker and a pipeline a few results; each is charged to the worker's memory
+# budget, and the count bounds the bookkeeping a peer can make the worker keep.
+MAX_HELD_PER_SESSION = 64
 RPC_DEFAULT_TIMEOUT_S = 600.0  # a task's timeoutSeconds of 0 means this
 RPC_MAX_TIMEOUT_S = 7 * 86400.0  # a week: a longer task timeout is a mistake (and overflows timers)
 RPC_MAX_TEXT_CHARS = 1000  # kernel names, placements and multiaddrs are short; longer ones are refused
@@ -1605,6 +1609,10 @@ class TaskRequestMsg:
     kernel: str
     operands: tuple[np.ndarray, ...] = ()
     params: dict[str, float] = field(default_factory=dict)
+    # per operand: nonzero, the id under which the receiver holds it for this session (its bytes are
+    # not sent: the operand given here stands for its dtype and shape); () or 0: sent
+    held: tuple[int, ...] = ()
+    keep: int = 0  # nonzero: the receiver keeps output 0 under this id and answers with no outputs
 
 
 @dataclass(eq=False)
@@ -1647,6 +1655,13 @@ class CancelMsg:
 
 
 @dataclass
+class ReleaseMsg:
+    """The sender no longer needs the arrays the receiver holds for it under ``ids``."""
+
+    ids: tuple[int, ...]
+
+
+@dataclass
 class ByeMsg:
     """The sender ends the session on purpose."""
 
@@ -1672,7 +1687,7 @@ class DataPlaneMsg:
 
 
 Message = Union[  # noqa: UP007
-    HelloMsg, TaskRequestMsg, TaskResultMsg, PingMsg, PongMsg, ByeMsg, ErrorMsg, CancelMsg, DataPlaneMsg
+    HelloMsg, TaskRequestMsg, TaskResultMsg, PingMsg, PongMsg, ByeMsg, ErrorMsg, CancelMsg, DataPlaneMsg, ReleaseMsg
 ]
 
 
@@ -1811,11 +1826,18 @@ def _build_message(m: Any, msg: Message) -> list[memoryview]:
         h.homeId = msg.home_id
         h.homeProof = msg.home_proof
     elif isinstance(msg, TaskRequestMsg):
-        metas, views = _array_parts(msg.operands)
+        held = msg.held or (0,) * len(msg.operands)
+        metas, views = _array_parts([a for a, h in zip(msg.operands, held, strict=True) if not h])
         r = m.init("taskRequest")
         r.taskId = msg.task_id
         r.kernel = msg.kernel
-        _set_metas(r.init("operands", len(metas)), metas)
+        r.keep = msg.keep
+        sent = iter(metas)
+        for slot, a, h in zip(r.init("operands", len(msg.operands)), msg.operands, held, strict=True):
+            if h:  # NOTE: held by the receiver: its dtype and shape, no bytes
+                slot.dtype, slot.shape, slot.held = _dtype_name(a.dtype), [int(d) for d in a.shape], h
+            else:
+                _set_metas([slot], [next(sent)])
         params = r.init("params", len(msg.params))
         for slot, (name, value) in zip(params, msg.params.items(), strict=True):
             slot.name = name
@@ -1832,6 +1854,8 @@ def _build_message(m: Any, msg: Message) -> list[memoryview]:
         p = m.init("ping" if isinstance(msg, PingMsg) else "pong")
         p.nonce = msg.nonce
         p.load = msg.load
+    elif isinstance(msg, ReleaseMsg):
+        m.init("release").ids = list(msg.ids)
     elif isinstance(msg, CancelMsg):
         m.init("cancel").taskId = msg.task_id
     elif isinstance(msg, DataPlaneMsg):
@@ -2088,8 +2112,12 @@ def _array_layout(meta: Any, i: int, task_id: int, limits: Limits) -> tuple[np.d
     return dtype, shape, math.prod(shape) * dtype.itemsize
 
 
-def _arrays_from(metas: Any, payload: bytearray, task_id: int, limits: Limits | None = None) -> tuple[np.ndarray, ...]:
-    """Build arrays over ``payload`` (no copy) from header metadata; MessageError if inconsistent."""
+def _arrays_from(
+    metas: Any, payload: bytearray, task_id: int, limits: Limits | None = None, *, held_ok: bool = False
+) -> tuple[np.ndarray, ...]:
+    """Build arrays over ``payload`` (no copy) from header metadata; MessageError if inconsistent.
+    ``held_ok``: an operand may be held by the receiver (`ArrayMeta.held`): it stands as an array of
+    its dtype and shape holding no memory, and takes no payload."""
     import numpy as np
 
     limits = limits or Limits()
@@ -2097,6 +2125,11 @@ def _arrays_from(metas: Any, payload: bytearray, task_id: int, limits: Limits | 
     offset = 0
     for i, meta in enumerate(metas):
         dtype, shape, expected = _array_layout(meta, i, task_id, limits)
+        if int(getattr(meta, "held", 0)):
+            if not held_ok or int(meta.nbytes):
+                raise MessageError(f"array {i}: held arrays are operands of a task, with no bytes", task_id=task_id)
+            arrays.append(np.broadcast_to(np.zeros((), dtype=dtype), shape))
+            continue
         dtype_name = str(meta.dtype)
         nbytes = int(meta.nbytes)
         if nbytes != expected:
@@ -2189,8 +2222,9 @@ def decode_message(header: bytes, payload: bytearray, limits: Limits | None = No
                 r = m.taskRequest
                 task_id = int(r.taskId)
                 params = {str(p.name): float(p.value) for p in r.params}
-                operands = _arrays_from(r.operands, payload, task_id, limits)
-                return TaskRequestMsg(task_id, str(r.kernel), operands, params)
+                operands = _arrays_from(r.operands, payload, task_id, limits, held_ok=True)
+                held = tuple(int(o.held) for o in r.operands)
+                return TaskRequestMsg(task_id, str(r.kernel), operands, params, held if any(held) else (), int(r.keep))
             if which == "taskResult":
                 r = m.taskResult
                 task_id = int(r.taskId)
@@ -2201,6 +2235,11 @@ def decode_message(header: bytes, payload: bytearray, limits: Limits | None = No
                     str(r.errorMessage),
                     float(r.computeSeconds),
                 )
+            if which == "release":
+                ids = m.release.ids
+                if len(ids) > MAX_HELD_PER_SESSION:
+                    raise RemoteProtocolError(f"a release of {len(ids)} ids, at most {MAX_HELD_PER_SESSION}")
+                return ReleaseMsg(tuple(int(i) for i in ids))
             if which == "ping":
                 return PingMsg(int(m.ping.nonce), int(m.ping.load))
             if which == "pong":
@@ -2663,6 +2702,13 @@ class Resolve:
 
 
 @dataclass(frozen=True)
+class ReleaseHeld:
+    """Let go of the arrays held for the peer under ``ids`` (it sent a Release)."""
+
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class NoteLoad:
     """The peer reported ``load`` (tasks it runs for all its peers)."""
 
@@ -2692,7 +2738,72 @@ class Log:
     text: str
 
 
-SessionAction = Union[Transmit, RunTask, StopTask, Resolve, NoteLoad, EndSession, PeerFellBack, Log]  # noqa: UP007
+SessionAction = Union[  # noqa: UP007
+    Transmit, RunTask, StopTask, Resolve, NoteLoad, EndSession, PeerFellBack, Log, ReleaseHeld
+]
+
+
+class HeldArrays:
+    """The arrays a worker holds for one peer session (TaskRequest.keep), by the peer's ids, charged
+    to the node's memory budget until released (a Release, or the session's end). Pure."""
+
+    def __init__(self, budget: MemoryBudget, limit: int = MAX_HELD_PER_SESSION) -> None:
+        self.budget = budget
+        self.limit = limit
+        self.arrays: dict[int, np.ndarray] = {}
+
+    def operands(self, req: TaskRequestMsg) -> tuple[np.ndarray, ...]:
+        """A task's operands, those it names as held replaced by the arrays held for the peer;
+        TaskError(bad-input) for an id this session does not hold."""
+        if not req.held:
+            return req.operands
+        out = []
+        for i, (a, key) in enumerate(zip(req.operands, req.held, strict=True)):
+            held = self.arrays.get(key) if key else a
+            if held is None:
+                raise TaskError(
+                    f"operand {i} names array {key}, which this worker does not hold for you (released, or held "
+                    "in an earlier session): send it again",
+                    kind=ErrorKind.BAD_INPUT,
+                )
+            if held.dtype != a.dtype or held.shape != a.shape:
+                raise TaskError(
+                    f"operand {i} declares a {a.dtype} of shape {a.shape}, but array {key} is a {held.dtype} of "
+                    f"shape {held.shape}",
+                    kind=ErrorKind.BAD_INPUT,
+                )
+            out.append(held)
+        return tuple(out)
+
+    def keep(self, key: int, array: np.ndarray) -> None:
+        """Hold ``array`` under ``key``; TaskError when the id is taken or the count or budget says no."""
+        if key in self.arrays:
+            raise TaskError(f"array {key} is held already: release it first", kind=ErrorKind.BAD_INPUT)
+        if len(self.arrays) >= self.limit:
+            raise TaskError(
+                f"this worker holds {self.limit} arrays for you (its limit per session): release some",
+                kind=ErrorKind.BUSY,
+            )
+        nbytes = int(array.nbytes)
+        held = f"cannot hold an array of {format_bytes(nbytes)}"
+        refusal = budget_refusal(self.budget, "", nbytes, nbytes, held=held)
+        if refusal is not None or not self.budget.try_acquire(nbytes):
+            raise refusal or TaskError(f"{held}: the memory budget is full", kind=ErrorKind.BUSY)
+        if not array.flags.owndata:  # NOTE: a view of a pooled payload buffer would be overwritten
+            array = array.copy()
+        array.flags.writeable = False
+        self.arrays[key] = array
+
+    def release(self, ids: Sequence[int]) -> None:
+        """Let go of arrays (unknown ids: nothing)."""
+        for key in ids:
+            array = self.arrays.pop(key, None)
+            if array is not None:
+                self.budget.release(int(array.nbytes))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays.values())
 
 
 @dataclass(eq=False)
@@ -2862,6 +2973,8 @@ class SessionProtocol:
             task.stopped = True
             self.tasks_cancelled += 1
             return [StopTask(msg.task_id, by_sender=True)]
+        if isinstance(msg, ReleaseMsg):
+            return [ReleaseHeld(msg.ids)]
         if isinstance(msg, DataPlaneMsg):
             return [] if msg.ok else [PeerFellBack(f"the peer could not use our data plane: {msg.reason}")]
         if isinstance(msg, ByeMsg):
@@ -7110,6 +7223,7 @@ class PeerSession:
         self.closed = trio.Event()
         self.opened_at = time.monotonic()
         self.last_seen = time.monotonic()
+        self.held = HeldArrays(node.budget)  # arrays this node keeps for the peer (TaskRequest.keep)
         self._scopes: dict[int, Any] = {}  # task id -> cancel scope of a task being served
         self._wire(channel)
 
@@ -7236,6 +7350,8 @@ class PeerSession:
             elif isinstance(action, Resolve):
                 if action.waiter is not None:
                     action.waiter.set()
+            elif isinstance(action, ReleaseHeld):
+                self.held.release(action.ids)
             elif isinstance(action, NoteLoad):
                 for callback in self.node.on_peer_load:
                     callback(self.peer_id, action.load)
@@ -7374,6 +7490,7 @@ class PeerSession:
         if self.data is not None:
             self.data.decoder.discard()
         self._perform(actions)
+        self.held.release(tuple(self.held.arrays))  # NOTE: held for this session only
         self.node.session_closed(self)
         if self.data is not None:
             self.data.close_now()
@@ -7399,12 +7516,17 @@ class PeerSession:
                     if faults is not None:
                         await faults.before_task(self.node.tasks_served)
                     stalled_s = time.perf_counter() - stall_start  # a stalling worker reports slow compute
+                    operands = self.held.operands(req)
                     outputs, compute_s = await self.node.execute_local(  # NOTE: its operands are this task's own
-                        req.kernel, req.operands, req.params, out_nbytes=out_nbytes, own_operands=True
+                        req.kernel, operands, req.params, out_nbytes=out_nbytes, own_operands=not req.held
                     )
+                    del operands
                     compute_s += stalled_s
                     if faults is not None:
                         outputs = faults.into(outputs)
+                    if req.keep:  # NOTE: kept here; the sender knows what it holds
+                        self.held.keep(req.keep, outputs[0])
+                        outputs = ()
                     result = TaskResultMsg(req.task_id, outputs, compute_s=compute_s)
                     protocol.task_ran(task_id, ok=True)
                     self.node.tasks_served += 1
@@ -7439,13 +7561,21 @@ class PeerSession:
             protocol.task_done(task_id)
 
     async def request(
-        self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float] | None = None
+        self,
+        kernel: str,
+        operands: Sequence[np.ndarray],
+        params: dict[str, float] | None = None,
+        *,
+        held: tuple[int, ...] = (),
+        keep: int = 0,
     ) -> TaskResultMsg:
-        """Send a task to the peer and wait for its result; PeerError if the peer goes away."""
+        """Send a task to the peer and wait for its result; PeerError if the peer goes away.
+        ``held[i]`` nonzero: the peer holds operand i for us under that id (its bytes are not
+        sent); ``keep``: the peer keeps output 0 under this id and sends no outputs."""
         import trio
 
         pending = self.protocol.start_request(self._out(), trio.Event())
-        request = TaskRequestMsg(pending.task_id, kernel, tuple(operands), dict(params or {}))
+        request = TaskRequestMsg(pending.task_id, kernel, tuple(operands), dict(params or {}), held, keep)
         try:
             try:
                 await pending.key.send(request)
@@ -7463,6 +7593,10 @@ class PeerSession:
             raise pending.error
         assert pending.result is not None
         return pending.result
+
+    def send_release(self, ids: tuple[int, ...]) -> None:
+        """Tell the peer it may let go of the arrays it holds for us under ``ids`` (no answer)."""
+        self._send_soon(ReleaseMsg(ids))
 
     def send_ping(self) -> None:
         """Send a ping without waiting; its pong updates ``rtt_s``."""
@@ -8244,10 +8378,15 @@ class RemoteDelegator:
         self.worker_id = session.peer_id
 
     async def execute(
-        self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]
+        self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float], held: tuple[int, ...] = ()
     ) -> tuple[tuple[np.ndarray, ...], float]:
-        """Send the task to the peer; raise TaskError with the peer's error text."""
-        result = await self.session.request(kernel, operands, params)
+        """Send the task to the peer (``held``: the ids under which it holds operands for us, 0 for
+        those sent); raise TaskError with the peer's error text."""
+        result = await (
+            self.session.request(kernel, operands, params, held=held)
+            if held
+            else self.session.request(kernel, operands, params)
+        )
         if not result.ok:
             raise TaskError(f"{kernel} on {self.session.label}: {result.error_message}", kind=result.error_kind)
         return result.outputs, result.compute_s
@@ -8304,6 +8443,8 @@ class SplitOutcome:
     result: np.ndarray
     shares: dict[str, WorkerShare]
     elapsed_s: float
+    bytes_moved: int = 0  # array bytes between this node and its workers: operands out, results back
+    held_on: tuple[str, ...] = ()  # the workers that held b for the job (it crossed to each once)
 
     def busy_fraction(self, worker_id: str) -> float:
         """The fraction of the job's wall time the worker spent computing its blocks."""
@@ -8325,6 +8466,8 @@ class _SplitJob:
     on_block: Callable[[str, int, int], None] | None
     cursor: int = 0  # the first row no block has taken yet
     failure: list[TaskError] = field(default_factory=list)
+    held: dict[str, int] = field(default_factory=dict)  # worker -> the id under which it holds b
+    bytes_moved: int = 0
 
 
 class Manager:
@@ -8347,6 +8490,8 @@ class Manager:
         self._due_probes: list[str] = []  # workers the scheduler wants probed (watch_suspects sends the canaries)
         self.delegators: dict[str, TaskDelegator] = {LOCAL: LocalDelegator(node)}
         self._routes: dict[int, Any] = {}
+        self._held_operands: dict[int, Mapping[int, Mapping[str, int]]] = {}  # task id -> `run`'s held
+        self._next_held = 1  # ids of the arrays workers hold for this node (`hold`)
         self._next_id = 1
         self.tasks_done = 0
         self.tasks_failed = 0
@@ -8419,13 +8564,19 @@ class Manager:
         placement: str = "auto",
         timeout_s: float = 600.0,
         fallback: bool = True,
+        held: Mapping[int, Mapping[str, int]] | None = None,
     ) -> TaskOutcome:
         """Run one task to completion; raise TaskError when every attempt failed. ``fallback=False``:
-        fail (kind "unavailable") rather than run locally because no remote worker is usable."""
+        fail (kind "unavailable") rather than run locally because no remote worker is usable.
+        ``held``: by operand index, the workers that hold that operand for this node and under which
+        id (`hold`): an attempt there names it instead of sending its bytes; anywhere else (a retry,
+        the local fallback) the operand given is used."""
         import trio
 
         task_id = self._next_id
         self._next_id += 1
+        if held:
+            self._held_operands[task_id] = held
         send, receive = trio.open_memory_channel[SchedulerAction](math.inf)
         self._routes[task_id] = send
         results: dict[int, tuple[tuple[np.ndarray, ...], float]] = {}
@@ -8465,6 +8616,7 @@ class Manager:
             raise
         finally:
             del self._routes[task_id]
+            self._held_operands.pop(task_id, None)
 
     def _submit(
         self,
@@ -8615,6 +8767,7 @@ class Manager:
         blocks_per_worker: int = 4,
         timeout_s: float = 600.0,
         on_block: Callable[[str, int, int], None] | None = None,
+        hold_shared: bool = True,
     ) -> SplitOutcome:
         """Compute a @ b split in row blocks over workers (this node included), gathered in order.
 
@@ -8623,7 +8776,9 @@ class Manager:
         worker ends up with less work. Each remote worker has ``in_flight`` blocks
         outstanding, so the transfer of its next block overlaps the compute of the
         current one. Every block is a task of its own: verified (Freivalds), retried
-        elsewhere when its worker fails, and written into the result exactly once."""
+        elsewhere when its worker fails, and written into the result exactly once.
+        ``hold_shared``: ``b`` crosses to each remote worker once, held there for the job
+        (released at its end), and its blocks name it; a block retried elsewhere sends it."""
         import numpy as np
         import trio
 
@@ -8636,18 +8791,49 @@ class Manager:
         shares = {w: WorkerShare() for w in chosen}
         job = _SplitJob(a, b, n, out, chosen, base_rows, shares, timeout_s, on_block)
         start = time.perf_counter()
-
-        async with trio.open_nursery() as nursery:
-            for worker in chosen:
-                first_done = trio.Event()
-                nursery.start_soon(self._split_puller, job, worker, first_done, None)
-                for _ in range(0 if worker == LOCAL else max(1, in_flight) - 1):  # BLAS already fills local cores
-                    nursery.start_soon(self._split_puller, job, worker, trio.Event(), first_done)
-        while await self._split_block(job, LOCAL, "auto"):
-            pass  # rows left because every chosen worker went away: the scheduler places them
+        try:
+            async with trio.open_nursery() as nursery:
+                for worker in chosen:
+                    first_done = trio.Event()
+                    nursery.start_soon(self._split_puller, job, worker, first_done, None, hold_shared)
+                    for _ in range(0 if worker == LOCAL else max(1, in_flight) - 1):  # BLAS already fills local cores
+                        nursery.start_soon(self._split_puller, job, worker, trio.Event(), first_done, False)
+            while await self._split_block(job, LOCAL, "auto"):
+                pass  # rows left because every chosen worker went away: the scheduler places them
+        finally:
+            for worker, key in job.held.items():
+                self.release(worker, (key,))
         if job.failure:
             raise job.failure[0]
-        return SplitOutcome(out, shares, time.perf_counter() - start)
+        return SplitOutcome(out, shares, time.perf_counter() - start, job.bytes_moved, tuple(job.held))
+
+    async def hold(self, worker: str, array: np.ndarray, timeout_s: float = 600.0) -> int:
+        """Have ``worker`` hold ``array`` for this node (its bytes cross once; tasks then name it with
+        `run`'s ``held``); return its id, 0 when the worker cannot (this node, gone, an older pangea
+        without "copy", out of budget): then the operand travels with each task as before."""
+        import trio
+
+        session = self.node.sessions.get(worker)
+        if worker == LOCAL or session is None or "copy" not in session.hello.kernels:
+            return 0
+        key, self._next_held = self._next_held, self._next_held + 1
+        with trio.move_on_after(timeout_s):
+            try:
+                result = await session.request("copy", (array,), {}, keep=key)
+            except PeerError as exc:
+                log.info("cannot hold an array on %s: %s", short_id(worker), exc)
+                return 0
+            if result.ok:
+                return key
+            log.info("%s does not hold the array: %s", short_id(worker), result.error_message)
+        return 0
+
+    def release(self, worker: str, keys: Sequence[int]) -> None:
+        """Tell ``worker`` it may let go of arrays it holds for this node (nothing when it left: the
+        session's end freed them)."""
+        session = self.node.sessions.get(worker)
+        if session is not None and keys:
+            session.send_release(tuple(keys))
 
     def _split_rows(self, job: _SplitJob, worker: str) -> int:
         """Block rows in proportion to the worker's speed as measured so far (EWMA), within
@@ -8665,12 +8851,18 @@ class Manager:
             return False
         lo = job.cursor
         hi = job.cursor = min(job.n, lo + self._split_rows(job, worker))
+        held = {1: job.held} if job.held else None
         try:
-            outcome = await self.run("matmul", (job.a[lo:hi], job.b), placement=placement, timeout_s=job.timeout_s)
+            outcome = await self.run(
+                "matmul", (job.a[lo:hi], job.b), placement=placement, timeout_s=job.timeout_s, held=held
+            )
         except TaskError as exc:
             job.failure.append(exc)
             return False
         job.out[lo:hi] = outcome.outputs[0]
+        if outcome.worker_id != LOCAL:  # a's rows out, the block back, and b unless the worker holds it
+            b_bytes = 0 if outcome.worker_id in job.held else int(job.b.nbytes)
+            job.bytes_moved += int(job.a[lo:hi].nbytes) + int(outcome.outputs[0].nbytes) + b_bytes
         share = job.shares.setdefault(outcome.worker_id, WorkerShare())
         share.blocks += 1
         share.rows += hi - lo
@@ -8686,9 +8878,17 @@ class Manager:
         state = self.scheduler.workers.get(worker)
         return worker == LOCAL or (worker in self.node.sessions and not (state and state.suspect))
 
-    async def _split_puller(self, job: _SplitJob, worker: str, first_done: Any, wait_for: Any) -> None:
-        """Pull blocks for ``worker`` while it stays usable; with ``wait_for``, only once that event is set."""
+    async def _split_puller(
+        self, job: _SplitJob, worker: str, first_done: Any, wait_for: Any, hold: bool = False
+    ) -> None:
+        """Pull blocks for ``worker`` while it stays usable; with ``wait_for``, only once that event is set;
+        ``hold``: first have it hold b for the job (its other pullers wait for the first block)."""
         try:
+            if hold and worker != LOCAL:
+                key = await self.hold(worker, job.b, job.timeout_s)
+                if key:
+                    job.held[worker] = key
+                    job.bytes_moved += int(job.b.nbytes)
             if wait_for is not None:
                 await wait_for.wait()  # slow start: pipelining begins once the worker has proven itself
             # a worker that left, or whose results failed verification, pulls no more blocks
@@ -8729,7 +8929,12 @@ class Manager:
                     worker = short_id(action.worker_id)
                     log.debug("task %d attempt %d on %s: %s", task_id, action.attempt, worker, kernel)
                 started = time.perf_counter()
-                outputs, compute_s = await delegator.execute(kernel, operands, params)
+                held = self._held_operands.get(task_id)
+                ids = tuple(held.get(i, {}).get(action.worker_id, 0) for i in range(len(operands))) if held else ()
+                if any(ids) and isinstance(delegator, RemoteDelegator):
+                    outputs, compute_s = await delegator.execute(kernel, operands, params, held=ids)
+                else:
+                    outputs, compute_s = await delegator.execute(kernel, operands, params)
                 self._measured(action.worker_id, cost, compute_s, time.perf_counter() - started)
                 problem = await self._verify(action.worker_id, kernel, operands, params, outputs, cost[0])
                 if problem is not None:
@@ -9312,7 +9517,12 @@ class InitiatorChecks:
             raise CheckFailed(f"the blocks cover {sum(s.rows for s in split.shares.values())} rows, not {n}")
         if not all(split.shares[s.peer_id].rows for s in self.sessions):
             raise CheckFailed("a responder got no block: " + ", ".join(parts))
-        return f"{n}x{n} matmul split by rows ({', '.join(parts)}); gathered result matches, max error {err:.1e}"
+        moved = f"{format_bytes(split.bytes_moved)} moved"
+        if split.held_on:
+            moved += f", b sent once to each of {len(split.held_on)} responder(s)"
+        return (
+            f"{n}x{n} matmul split by rows ({', '.join(parts)}); gathered result matches, max error {err:.1e}; {moved}"
+        )
 
     def _rate(self, session: PeerSession, what: str, nbytes: int, counted: int, seconds: float) -> float:
         """MB/s of ``nbytes`` verified in ``seconds``; CheckFailed when the connection's byte

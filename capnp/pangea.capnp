@@ -20,7 +20,9 @@ struct ArrayMeta {
   # One n-dimensional array whose bytes travel in the frame payload.
   dtype  @0 :Text;          # numpy dtype name, little-endian: "float64", "int32", ...
   shape  @1 :List(UInt64);  # C order
-  nbytes @2 :UInt64;        # must equal prod(shape) * itemsize
+  nbytes @2 :UInt64;        # must equal prod(shape) * itemsize (0 when held)
+  held   @3 :UInt64;        # nonzero: no bytes follow; the operand is the array the receiver holds
+                            # for this session under this id (TaskRequest.keep made it)
 }
 
 struct Param {
@@ -67,6 +69,7 @@ struct TaskRequest {
   kernel   @1 :Text;
   operands @2 :List(ArrayMeta); # bytes in the payload
   params   @3 :List(Param);
+  keep     @4 :UInt64;          # nonzero: keep output 0 for this session under this id (answer: no outputs)
 }
 
 struct TaskResult {
@@ -99,6 +102,11 @@ struct DataPlane {
   reason @1 :Text;
 }
 
+struct Release {
+  # The sender no longer needs the arrays the receiver holds for it under these ids.
+  ids @0 :List(UInt64);
+}
+
 struct Bye {
   # The sender ends the session on purpose ("done" from the initiator).
   reason @0 :Text;
@@ -122,6 +130,7 @@ struct Message {
     error       @6 :Error;
     cancel      @7 :Cancel;
     dataPlane   @8 :DataPlane;
+    release     @9 :Release;
   }
 }
 

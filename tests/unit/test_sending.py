@@ -329,6 +329,7 @@ def test_a_served_task_gives_back_its_slot_before_its_result_is_written() -> Non
             closed=trio.Event(),
             _scopes={},
             _reserved=protocol._reserved,  # the protocol's own reservations
+            held=pangea.HeldArrays(budget),
         )
         a = np.ones((4, 4))
         assert budget.try_acquire(a.nbytes * 2)
