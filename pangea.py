@@ -1613,6 +1613,8 @@ class TaskRequestMsg:
     # not sent: the operand given here stands for its dtype and shape); () or 0: sent
     held: tuple[int, ...] = ()
     keep: int = 0  # nonzero: the receiver keeps output 0 under this id and answers with no outputs
+    # per operand: nonzero, sent, and the receiver keeps it under this id for later tasks; () or 0: not
+    store: tuple[int, ...] = ()
 
 
 @dataclass(eq=False)
@@ -1827,17 +1829,19 @@ def _build_message(m: Any, msg: Message) -> list[memoryview]:
         h.homeProof = msg.home_proof
     elif isinstance(msg, TaskRequestMsg):
         held = msg.held or (0,) * len(msg.operands)
+        store = msg.store or (0,) * len(msg.operands)
         metas, views = _array_parts([a for a, h in zip(msg.operands, held, strict=True) if not h])
         r = m.init("taskRequest")
         r.taskId = msg.task_id
         r.kernel = msg.kernel
         r.keep = msg.keep
         sent = iter(metas)
-        for slot, a, h in zip(r.init("operands", len(msg.operands)), msg.operands, held, strict=True):
+        for slot, a, h, k in zip(r.init("operands", len(msg.operands)), msg.operands, held, store, strict=True):
             if h:  # NOTE: held by the receiver: its dtype and shape, no bytes
                 slot.dtype, slot.shape, slot.held = _dtype_name(a.dtype), [int(d) for d in a.shape], h
             else:
                 _set_metas([slot], [next(sent)])
+                slot.held = k  # NOTE: with its bytes: the receiver keeps it under this id
         params = r.init("params", len(msg.params))
         for slot, (name, value) in zip(params, msg.params.items(), strict=True):
             slot.name = name
@@ -2126,10 +2130,11 @@ def _arrays_from(
     for i, meta in enumerate(metas):
         dtype, shape, expected = _array_layout(meta, i, task_id, limits)
         if int(getattr(meta, "held", 0)):
-            if not held_ok or int(meta.nbytes):
-                raise MessageError(f"array {i}: held arrays are operands of a task, with no bytes", task_id=task_id)
-            arrays.append(np.broadcast_to(np.zeros((), dtype=dtype), shape))
-            continue
+            if not held_ok:
+                raise MessageError(f"array {i}: held arrays are operands of a task", task_id=task_id)
+            if not int(meta.nbytes) and expected:  # held by the receiver: no bytes follow
+                arrays.append(np.broadcast_to(np.zeros((), dtype=dtype), shape))
+                continue
         dtype_name = str(meta.dtype)
         nbytes = int(meta.nbytes)
         if nbytes != expected:
@@ -2223,8 +2228,17 @@ def decode_message(header: bytes, payload: bytearray, limits: Limits | None = No
                 task_id = int(r.taskId)
                 params = {str(p.name): float(p.value) for p in r.params}
                 operands = _arrays_from(r.operands, payload, task_id, limits, held_ok=True)
-                held = tuple(int(o.held) for o in r.operands)
-                return TaskRequestMsg(task_id, str(r.kernel), operands, params, held if any(held) else (), int(r.keep))
+                held = tuple(int(o.held) if not int(o.nbytes) else 0 for o in r.operands)
+                store = tuple(int(o.held) if int(o.nbytes) else 0 for o in r.operands)
+                return TaskRequestMsg(
+                    task_id,
+                    str(r.kernel),
+                    operands,
+                    params,
+                    held if any(held) else (),
+                    int(r.keep),
+                    store if any(store) else (),
+                )
             if which == "taskResult":
                 r = m.taskResult
                 task_id = int(r.taskId)
@@ -7516,6 +7530,9 @@ class PeerSession:
                     if faults is not None:
                         await faults.before_task(self.node.tasks_served)
                     stalled_s = time.perf_counter() - stall_start  # a stalling worker reports slow compute
+                    for key, operand in zip(req.store, req.operands, strict=False):
+                        if key:  # NOTE: kept before the task runs: the sender's next block names it
+                            self.held.keep(key, operand)
                     operands = self.held.operands(req)
                     outputs, compute_s = await self.node.execute_local(  # NOTE: its operands are this task's own
                         req.kernel, operands, req.params, out_nbytes=out_nbytes, own_operands=not req.held
@@ -7568,14 +7585,16 @@ class PeerSession:
         *,
         held: tuple[int, ...] = (),
         keep: int = 0,
+        store: tuple[int, ...] = (),
     ) -> TaskResultMsg:
         """Send a task to the peer and wait for its result; PeerError if the peer goes away.
         ``held[i]`` nonzero: the peer holds operand i for us under that id (its bytes are not
-        sent); ``keep``: the peer keeps output 0 under this id and sends no outputs."""
+        sent); ``keep``: the peer keeps output 0 under this id and sends no outputs; ``store[i]``
+        nonzero: operand i is sent and the peer keeps it under that id for later tasks."""
         import trio
 
         pending = self.protocol.start_request(self._out(), trio.Event())
-        request = TaskRequestMsg(pending.task_id, kernel, tuple(operands), dict(params or {}), held, keep)
+        request = TaskRequestMsg(pending.task_id, kernel, tuple(operands), dict(params or {}), held, keep, store)
         try:
             try:
                 await pending.key.send(request)
@@ -8378,13 +8397,19 @@ class RemoteDelegator:
         self.worker_id = session.peer_id
 
     async def execute(
-        self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float], held: tuple[int, ...] = ()
+        self,
+        kernel: str,
+        operands: Sequence[np.ndarray],
+        params: dict[str, float],
+        held: tuple[int, ...] = (),
+        store: tuple[int, ...] = (),
     ) -> tuple[tuple[np.ndarray, ...], float]:
         """Send the task to the peer (``held``: the ids under which it holds operands for us, 0 for
-        those sent); raise TaskError with the peer's error text."""
+        those sent; ``store``: ids under which it should keep operands sent now); raise TaskError
+        with the peer's error text."""
         result = await (
-            self.session.request(kernel, operands, params, held=held)
-            if held
+            self.session.request(kernel, operands, params, held=held, store=store)
+            if held or store
             else self.session.request(kernel, operands, params)
         )
         if not result.ok:
@@ -8467,6 +8492,7 @@ class _SplitJob:
     cursor: int = 0  # the first row no block has taken yet
     failure: list[TaskError] = field(default_factory=list)
     held: dict[str, int] = field(default_factory=dict)  # worker -> the id under which it holds b
+    storing: dict[str, int] = field(default_factory=dict)  # worker -> id: its first block keeps b there
     bytes_moved: int = 0
 
 
@@ -8492,6 +8518,7 @@ class Manager:
         self._routes: dict[int, Any] = {}
         self._held_operands: dict[int, Mapping[int, Mapping[str, int]]] = {}  # task id -> `run`'s held
         self._next_held = 1  # ids of the arrays workers hold for this node (`hold`)
+        self.split_hold = True  # split_matmul's default: b held once per worker (serve --split-hold)
         self._next_id = 1
         self.tasks_done = 0
         self.tasks_failed = 0
@@ -8569,8 +8596,9 @@ class Manager:
         """Run one task to completion; raise TaskError when every attempt failed. ``fallback=False``:
         fail (kind "unavailable") rather than run locally because no remote worker is usable.
         ``held``: by operand index, the workers that hold that operand for this node and under which
-        id (`hold`): an attempt there names it instead of sending its bytes; anywhere else (a retry,
-        the local fallback) the operand given is used."""
+        id: an attempt there names it instead of sending its bytes (a negative id: sends it,
+        and the worker keeps it under minus that id); anywhere else (a retry, the local fallback)
+        the operand given is used."""
         import trio
 
         task_id = self._next_id
@@ -8767,7 +8795,7 @@ class Manager:
         blocks_per_worker: int = 4,
         timeout_s: float = 600.0,
         on_block: Callable[[str, int, int], None] | None = None,
-        hold_shared: bool = True,
+        hold_shared: bool | None = None,
     ) -> SplitOutcome:
         """Compute a @ b split in row blocks over workers (this node included), gathered in order.
 
@@ -8777,8 +8805,9 @@ class Manager:
         outstanding, so the transfer of its next block overlaps the compute of the
         current one. Every block is a task of its own: verified (Freivalds), retried
         elsewhere when its worker fails, and written into the result exactly once.
-        ``hold_shared``: ``b`` crosses to each remote worker once, held there for the job
-        (released at its end), and its blocks name it; a block retried elsewhere sends it."""
+        ``hold_shared`` (default `split_hold`): ``b`` crosses to each remote worker once, held
+        there for the job (released at its end), and its blocks name it; a block retried
+        elsewhere sends it."""
         import numpy as np
         import trio
 
@@ -8791,6 +8820,7 @@ class Manager:
         shares = {w: WorkerShare() for w in chosen}
         job = _SplitJob(a, b, n, out, chosen, base_rows, shares, timeout_s, on_block)
         start = time.perf_counter()
+        hold_shared = self.split_hold if hold_shared is None else hold_shared
         try:
             async with trio.open_nursery() as nursery:
                 for worker in chosen:
@@ -8801,32 +8831,23 @@ class Manager:
             while await self._split_block(job, LOCAL, "auto"):
                 pass  # rows left because every chosen worker went away: the scheduler places them
         finally:
-            for worker, key in job.held.items():
+            for worker, key in (job.storing | job.held).items():
                 self.release(worker, (key,))
         if job.failure:
             raise job.failure[0]
         return SplitOutcome(out, shares, time.perf_counter() - start, job.bytes_moved, tuple(job.held))
 
-    async def hold(self, worker: str, array: np.ndarray, timeout_s: float = 600.0) -> int:
-        """Have ``worker`` hold ``array`` for this node (its bytes cross once; tasks then name it with
-        `run`'s ``held``); return its id, 0 when the worker cannot (this node, gone, an older pangea
-        without "copy", out of budget): then the operand travels with each task as before."""
-        import trio
-
+    def _block_held(self, job: _SplitJob, worker: str, first: bool) -> dict[int, dict[str, int]] | None:
+        """`run`'s ``held`` for a block of ``worker``: its first sends b and has it kept (a negative
+        id), later ones name it; None when b is not held (this node, holding off, an older worker)."""
+        if worker in job.held:
+            return {1: dict(job.held)}
         session = self.node.sessions.get(worker)
-        if worker == LOCAL or session is None or "copy" not in session.hello.kernels:
-            return 0
+        if not first or session is None or "copy" not in session.hello.kernels:
+            return {1: dict(job.held)} if job.held else None
         key, self._next_held = self._next_held, self._next_held + 1
-        with trio.move_on_after(timeout_s):
-            try:
-                result = await session.request("copy", (array,), {}, keep=key)
-            except PeerError as exc:
-                log.info("cannot hold an array on %s: %s", short_id(worker), exc)
-                return 0
-            if result.ok:
-                return key
-            log.info("%s does not hold the array: %s", short_id(worker), result.error_message)
-        return 0
+        job.storing[worker] = key
+        return {1: {**job.held, worker: -key}}
 
     def release(self, worker: str, keys: Sequence[int]) -> None:
         """Tell ``worker`` it may let go of arrays it holds for this node (nothing when it left: the
@@ -8845,13 +8866,14 @@ class Manager:
         ratio = min(2.0, max(0.5, len(job.chosen) * speed[worker] / sum(speed.values())))
         return max(1, round(job.base_rows * ratio))
 
-    async def _split_block(self, job: _SplitJob, worker: str, placement: str) -> bool:
-        """Take the next rows for ``worker`` and compute them; False when there is nothing left."""
+    async def _split_block(self, job: _SplitJob, worker: str, placement: str, store: bool = False) -> bool:
+        """Take the next rows for ``worker`` and compute them; False when there is nothing left.
+        ``store``: this block sends b and has the worker keep it for the job's later blocks."""
         if job.cursor >= job.n or job.failure:
             return False
         lo = job.cursor
         hi = job.cursor = min(job.n, lo + self._split_rows(job, worker))
-        held = {1: job.held} if job.held else None
+        held = self._block_held(job, worker, store)
         try:
             outcome = await self.run(
                 "matmul", (job.a[lo:hi], job.b), placement=placement, timeout_s=job.timeout_s, held=held
@@ -8860,9 +8882,11 @@ class Manager:
             job.failure.append(exc)
             return False
         job.out[lo:hi] = outcome.outputs[0]
-        if outcome.worker_id != LOCAL:  # a's rows out, the block back, and b unless the worker holds it
-            b_bytes = 0 if outcome.worker_id in job.held else int(job.b.nbytes)
+        if outcome.worker_id != LOCAL:  # a's rows out, the block back, and b unless the worker held it
+            b_bytes = 0 if held and held[1].get(outcome.worker_id, 0) > 0 else int(job.b.nbytes)
             job.bytes_moved += int(job.a[lo:hi].nbytes) + int(outcome.outputs[0].nbytes) + b_bytes
+            if outcome.worker_id in job.storing and outcome.worker_id not in job.held:
+                job.held[outcome.worker_id] = job.storing[outcome.worker_id]  # kept there now
         share = job.shares.setdefault(outcome.worker_id, WorkerShare())
         share.blocks += 1
         share.rows += hi - lo
@@ -8882,17 +8906,14 @@ class Manager:
         self, job: _SplitJob, worker: str, first_done: Any, wait_for: Any, hold: bool = False
     ) -> None:
         """Pull blocks for ``worker`` while it stays usable; with ``wait_for``, only once that event is set;
-        ``hold``: first have it hold b for the job (its other pullers wait for the first block)."""
+        ``hold``: its first block leaves b there for the job (its other pullers wait for that block)."""
         try:
-            if hold and worker != LOCAL:
-                key = await self.hold(worker, job.b, job.timeout_s)
-                if key:
-                    job.held[worker] = key
-                    job.bytes_moved += int(job.b.nbytes)
             if wait_for is not None:
                 await wait_for.wait()  # slow start: pipelining begins once the worker has proven itself
             # a worker that left, or whose results failed verification, pulls no more blocks
-            while self._split_usable(worker) and await self._split_block(job, worker, worker):
+            store = hold and worker != LOCAL  # its first block leaves b there (its second waits for it)
+            while self._split_usable(worker) and await self._split_block(job, worker, worker, store):
+                store = False
                 first_done.set()
         finally:
             first_done.set()  # NOTE: or its second puller would wait forever
@@ -8931,8 +8952,9 @@ class Manager:
                 started = time.perf_counter()
                 held = self._held_operands.get(task_id)
                 ids = tuple(held.get(i, {}).get(action.worker_id, 0) for i in range(len(operands))) if held else ()
-                if any(ids) and isinstance(delegator, RemoteDelegator):
-                    outputs, compute_s = await delegator.execute(kernel, operands, params, held=ids)
+                if any(ids) and isinstance(delegator, RemoteDelegator):  # < 0: send it, and keep it there
+                    use, keep = tuple(max(0, i) for i in ids), tuple(max(0, -i) for i in ids)
+                    outputs, compute_s = await delegator.execute(kernel, operands, params, held=use, store=keep)
                 else:
                     outputs, compute_s = await delegator.execute(kernel, operands, params)
                 self._measured(action.worker_id, cost, compute_s, time.perf_counter() - started)
@@ -14475,6 +14497,13 @@ def add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
     node_options(p, DEFAULT_PORT)
     p.add_argument(
+        "--split-hold",
+        choices=("on", "off"),
+        default="on",
+        help="on (default): a split matmul sends b to each worker once, held there for the job; off: every "
+        "block carries b (less memory on the workers, more bytes on the network)",
+    )
+    p.add_argument(
         "--rpc",
         default=f"127.0.0.1:{DEFAULT_RPC_PORT}",
         metavar="HOST:PORT",
@@ -14656,6 +14685,7 @@ async def _serve(
     )
     manager = Manager(node, suspect_backoff_s=args.suspect_backoff)
     manager.verify_rounds = args.verify_rounds
+    manager.split_hold = args.split_hold == "on"
     manager.on_suspicion.append(lambda *_: session_dir.save(suspects=saved_suspects(manager)))
     service = NodeService(node, manager, trust=trusted.add, rpc_address="")
     rpc_max_bytes = args.rpc_max_mib << 20 if args.rpc_max_mib else rpc_max_bytes_for_budget(limits.memory_budget_bytes)

@@ -3,8 +3,9 @@
 
 Usage (from the repo root, after ./build.sh):
 
-    .build/venv/bin/python bench/workers.py                  # --size 2048, workers 1,2,4
+    .build/venv/bin/python bench/workers.py                  # --size 2048, workers 1,2,4, b held and not
     .build/venv/bin/python bench/workers.py --size 1024 --reps 3 --json out.json
+    .build/venv/bin/python bench/workers.py --workers 4 --split-hold on,off
 
 Other options: --workers 1,2,4 (the worker counts), --pyz PATH (default <repo>/pangea.pyz),
 --reps N (timed jobs per worker count; the table shows the median).
@@ -19,9 +20,12 @@ workers only, A computes nothing). Between jobs the same product is timed with
 plain numpy ``a @ b`` in this process: the local baseline, measured in the same
 run so drift of the machine hits both alike. Each job's ``last_task["attempts"]``
 gives, per worker, ``ok: R rows in B blocks, busy X%``: the rows it computed and
-the fraction of the job's wall time it spent computing them. "MiB moved" counts
-the array data of the median job: every block carries all of b, so it grows with
-the number of blocks (about four per worker), not with the work.
+the fraction of the job's wall time it spent computing them. "MiB moved" is what
+A's own byte counters (its `status` bytes in and out, over every session) saw
+during the median job. Each worker count runs twice, A started with
+``--split-hold on`` (b crosses to each worker once, held there for the job) and
+with ``--split-hold off`` (every block carries all of b), so the two are compared
+in the same run.
 
 Every process started here is stopped in a ``finally`` (SIGTERM, then SIGKILL, by
 its own process group); every wait has a timeout.
@@ -67,10 +71,11 @@ def shares(task: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 
 def run_count(
-    pyz: Path, home_a: NodeHome, workers: Sequence[nodes.Node], size: int, reps: int, rng: Any
+    pyz: Path, home_a: NodeHome, workers: Sequence[nodes.Node], size: int, reps: int, rng: Any, hold: str = "on"
 ) -> dict[str, Any]:
     """Start A with --peer the given workers, warm up, time `reps` split jobs and local numpy."""
-    with nodes.stopping([nodes.with_peers(pyz, home_a, workers, name="serve-A")]) as (a,):
+    a_node = nodes.with_peers(pyz, home_a, workers, "--split-hold", hold, name="serve-A")
+    with nodes.stopping([a_node]) as (a,):
         jobs: list[dict[str, Any]] = []
         local_s: list[float] = []
         with a.client(timeout_s=CLIENT_TIMEOUT_S) as node:  # the token in the node's home
@@ -81,18 +86,21 @@ def run_count(
                 start = time.perf_counter()
                 expected = x @ y
                 local_s.append(time.perf_counter() - start)
+                before = node.status()
                 start = time.perf_counter()
                 got = node.submit("matmul", x, y, placement="split-remote")
                 seconds = time.perf_counter() - start
+                after = node.status()
                 if not np.allclose(got, expected):
                     raise SystemExit(f"the split result differs from a @ b with {len(workers)} worker(s)")
-                jobs.append({"seconds": seconds, "shares": shares(node.last_task)})
+                moved = after["bytes_in"] + after["bytes_out"] - before["bytes_in"] - before["bytes_out"]
+                jobs.append({"seconds": seconds, "shares": shares(node.last_task), "bytes_moved": moved})
     best = sorted(jobs, key=lambda j: j["seconds"])[len(jobs) // 2]  # the median job (the upper one of an even count)
-    # Every block carries all of b; a is sent once in pieces and the result comes back once.
-    moved = sum(s["blocks"] for s in best["shares"].values()) * size * size * 8 + 2 * size * size * 8
+    moved = best["bytes_moved"]
     ids = [w.peer_id for w in workers]
     return {
         "workers": len(workers),
+        "split_hold": hold,
         "split_s": statistics.median(j["seconds"] for j in jobs),
         "local_s": statistics.median(local_s),
         "jobs": jobs,
@@ -112,6 +120,7 @@ def table(results: list[dict[str, Any]], size: int) -> str:
         rows.append(
             (
                 r["workers"],
+                r["split_hold"],
                 f"{r['split_s']:.2f}",
                 f"{r['local_s']:.2f}",
                 f"{r['split_s'] / r['local_s']:.1f}x",
@@ -121,7 +130,8 @@ def table(results: list[dict[str, Any]], size: int) -> str:
                 ", ".join(f"{w} {s['busy_pct']}%" for w, s in sorted(per.items())),
             )
         )
-    headers = ("workers", "split-remote s", "local numpy s", "split/local", "GFLOP/s", "MiB moved", "rows", "busy")
+    headers = ["workers", "b held", "split-remote s", "local numpy s", "split/local", "GFLOP/s", "MiB moved"]
+    headers += ["rows", "busy"]
     return pangea.format_table(headers, rows)
 
 
@@ -130,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=2048, help="n of the n x n matmul (default 2048)")
     parser.add_argument("--workers", default="1,2,4", help="worker counts to run (default 1,2,4)")
     parser.add_argument("--reps", type=int, default=2, help="timed jobs per worker count (default 2)")
+    parser.add_argument("--split-hold", default="on,off", help="A's --split-hold settings to run (default on,off)")
     parser.add_argument("--pyz", type=Path, default=REPO_ROOT / "pangea.pyz", help="the pangea.pyz to run")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -149,9 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         procs = [nodes.launch(args.pyz, h, "--allow-peer", a_id, name=f"serve-w{i + 1}") for i, h in enumerate(homes)]
         try:
             workers = [nodes.ready(p, h) for p, h in zip(procs, homes, strict=True)]
+            holds = [h for h in args.split_hold.split(",") if h in ("on", "off")] or ["on"]
             for k in counts:
-                print(f"bench/workers.py: {k} worker(s), {args.size}x{args.size}, {args.reps} job(s)...", flush=True)
-                results.append(run_count(args.pyz, home_a, workers[:k], args.size, args.reps, rng))
+                for hold in holds:
+                    what = f"{k} worker(s), b held {hold}, {args.size}x{args.size}, {args.reps} job(s)"
+                    print(f"bench/workers.py: {what}...", flush=True)
+                    results.append(run_count(args.pyz, home_a, workers[:k], args.size, args.reps, rng, hold))
         finally:
             for proc in reversed(procs):
                 proc.stop()

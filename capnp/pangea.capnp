@@ -21,8 +21,9 @@ struct ArrayMeta {
   dtype  @0 :Text;          # numpy dtype name, little-endian: "float64", "int32", ...
   shape  @1 :List(UInt64);  # C order
   nbytes @2 :UInt64;        # must equal prod(shape) * itemsize (0 when held)
-  held   @3 :UInt64;        # nonzero: no bytes follow; the operand is the array the receiver holds
-                            # for this session under this id (TaskRequest.keep made it)
+  held   @3 :UInt64;        # nonzero with nbytes 0: no bytes follow, the operand is the array the
+                            # receiver holds for this session under this id (kept before); nonzero
+                            # with bytes: keep this operand under this id too, for the next tasks
 }
 
 struct Param {

@@ -28,9 +28,16 @@ def test_a_task_naming_a_held_operand_sends_only_the_others_bytes() -> None:
     assert got.operands[1].shape == b.shape and got.operands[1].dtype == b.dtype  # a stand-in for b
 
 
+def test_a_task_can_send_an_operand_and_have_it_kept() -> None:
+    a, b = np.arange(12.0).reshape(3, 4), np.ones((4, 5))
+    got = round_trip(TaskRequestMsg(1, "matmul", (a, b), {}, store=(0, 11)))
+    assert isinstance(got, TaskRequestMsg) and got.store == (0, 11) and got.held == ()
+    np.testing.assert_array_equal(got.operands[1], b)  # its bytes came along
+
+
 def test_a_task_without_held_operands_decodes_as_before() -> None:
     got = round_trip(TaskRequestMsg(3, "add", (np.ones(3), np.ones(3)), {}))
-    assert isinstance(got, TaskRequestMsg) and got.held == () and got.keep == 0
+    assert isinstance(got, TaskRequestMsg) and got.held == () and got.keep == 0 and got.store == ()
 
 
 def test_release_round_trips() -> None:
