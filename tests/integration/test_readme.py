@@ -581,6 +581,10 @@ def run_in_serve_scenario(example: Example, a: Box, table: Mapping[str, str]) ->
             )
             assert out[4:] == ["8 (10,) True"], context
             return
+        if "node.array(" in example.text:  # arrays that stay remote: x, y and s held, numpy's error
+            assert re.fullmatch(r"RemoteArray\(shape=\(500, 500\), dtype=float64, on [\d.]+:\d+\) 3", out[0]), context
+            assert out[1].startswith("matmul: Input operand 1 has a mismatch in its core dimension 0"), context
+            return
         if "node.empty(" in example.text:  # operands without a copy
             assert out == ["True 0 True"], f"an empty() array, a result and a view are not copied\n{context}"
             return
