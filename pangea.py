@@ -168,6 +168,12 @@ MAX_NDIM = 8  # kernels are matrix work; more dimensions are a mistake
 # numpy dtypes that may cross the wire. No object, string or void dtypes:
 # nothing a peer sends is turned into Python objects.
 ALLOWED_DTYPES = ("float32", "float64", "int32", "int64", "complex64", "complex128")
+# A kernel's parameters (axis, ord, subscripts, shapes...): numpy's take a few, so
+# more, or longer, are a mistake or an attack; each bounds what a peer makes us hold.
+MAX_PARAMS = 16  # parameters of one task
+MAX_PARAM_TEXT = 256  # characters of a text parameter (an einsum's subscripts, a mode)
+MAX_PARAM_INTS = 64  # entries of an ints parameter (a shape, axes): MAX_NDIM is far less
+MAX_OPERANDS = 64  # operands of a variadic kernel (concatenate, stack, einsum)
 
 # The data plane: big arrays on a direct TLS 1.3 connection whose record
 # layer runs in C (OpenSSL), next to the libp2p session that authenticates it.
@@ -1608,7 +1614,7 @@ class TaskRequestMsg:
     task_id: int
     kernel: str
     operands: tuple[np.ndarray, ...] = ()
-    params: dict[str, float] = field(default_factory=dict)
+    params: Params = field(default_factory=dict)
     # per operand: nonzero, the id under which the receiver holds it for this session (its bytes are
     # not sent: the operand given here stands for its dtype and shape); () or 0: sent
     held: tuple[int, ...] = ()
@@ -1773,6 +1779,91 @@ def _array_parts(arrays: Sequence[np.ndarray]) -> tuple[list[tuple[str, tuple[in
     return metas, views
 
 
+# A kernel's parameter: a number (float; an int or bool becomes one), a text, or a
+# tuple of integers (axes, a shape). Params travel as these on the wire and the RPC.
+ParamValue = float | str | tuple[int, ...]
+Params = Mapping[str, ParamValue]  # what a kernel reads (a dict of floats is one too)
+PARAM_NUMBER, PARAM_TEXT, PARAM_INTS = 0, 1, 2  # Param.kind
+_INT64 = 1 << 63
+
+
+def param_value(name: str, value: Any) -> ParamValue | None:
+    """A Python value as a kernel parameter: int, float, bool -> number, str -> text, a tuple or list of
+    ints -> ints, None -> None (omitted); ValueError naming the parameter for anything else or too long."""
+    import numbers
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if len(value) > MAX_PARAM_TEXT:
+            raise ValueError(f"parameter {name!r}: text of {len(value)} characters, at most {MAX_PARAM_TEXT}")
+        return value
+    if isinstance(value, numbers.Real):  # int, float, bool and numpy's scalars
+        return float(value)
+    if isinstance(value, tuple | list) and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value
+    ):
+        if len(value) > MAX_PARAM_INTS:
+            raise ValueError(f"parameter {name!r}: {len(value)} integers, at most {MAX_PARAM_INTS}")
+        ints = tuple(int(v) for v in value)
+        if any(not -_INT64 <= v < _INT64 for v in ints):
+            raise ValueError(f"parameter {name!r}: an integer beyond 64 bits")
+        return ints
+    raise ValueError(f"parameter {name!r}: {type(value).__name__} is not a number, a text or a tuple of integers")
+
+
+def params_from_python(values: dict[str, Any]) -> Params:
+    """Keyword arguments as kernel parameters (see param_value): None omitted, at most MAX_PARAMS."""
+    out: dict[str, ParamValue] = {}
+    for name, value in values.items():
+        p = param_value(name, value)
+        if p is not None:
+            out[str(name)] = p
+    if len(out) > MAX_PARAMS:
+        raise ValueError(f"{len(out)} parameters, at most {MAX_PARAMS}")
+    return out
+
+
+def params_to_capnp(builder: Any, params: Params) -> None:
+    """Fill the ``params`` list of a TaskRequest or TaskSpec builder (the one writer of both)."""
+    slots = builder.init("params", len(params))
+    for slot, (name, value) in zip(slots, params.items(), strict=True):
+        slot.name = name
+        if isinstance(value, str):
+            slot.kind, slot.text = PARAM_TEXT, value
+        elif isinstance(value, tuple):
+            slot.kind = PARAM_INTS
+            slot.ints = [int(v) for v in value]
+        else:
+            slot.kind, slot.value = PARAM_NUMBER, float(value)
+
+
+def params_from_capnp(readers: Any, task_id: int | None = None) -> Params:
+    """The params of a TaskRequest or TaskSpec reader (the one reader of both); MessageError (bad-input)
+    for too many, an unknown kind, a text or ints list over its bound, or a name given twice."""
+    if len(readers) > MAX_PARAMS:
+        raise MessageError(f"{len(readers)} parameters, at most {MAX_PARAMS}", task_id=task_id)
+    out: dict[str, ParamValue] = {}
+    for p in readers:
+        name = str(p.name)
+        if len(name) > MAX_PARAM_TEXT or name in out:
+            raise MessageError(f"parameter {name[:40]!r}: too long or given twice", task_id=task_id)
+        kind = int(p.kind)
+        if kind == PARAM_NUMBER:
+            out[name] = float(p.value)
+        elif kind == PARAM_TEXT:
+            if len(p.text) > MAX_PARAM_TEXT:
+                raise MessageError(f"parameter {name!r}: text over {MAX_PARAM_TEXT} characters", task_id=task_id)
+            out[name] = str(p.text)
+        elif kind == PARAM_INTS:
+            if len(p.ints) > MAX_PARAM_INTS:
+                raise MessageError(f"parameter {name!r}: over {MAX_PARAM_INTS} integers", task_id=task_id)
+            out[name] = tuple(int(v) for v in p.ints)
+        else:
+            raise MessageError(f"parameter {name!r}: unknown kind {kind} (0 number, 1 text, 2 ints)", task_id=task_id)
+    return out
+
+
 def _set_metas(builder_list: Any, metas: Sequence[tuple[str, tuple[int, ...], int]]) -> None:
     for slot, (dtype, shape, nbytes) in zip(builder_list, metas, strict=True):
         slot.dtype = dtype
@@ -1842,10 +1933,7 @@ def _build_message(m: Any, msg: Message) -> list[memoryview]:
             else:
                 _set_metas([slot], [next(sent)])
                 slot.held = k  # NOTE: with its bytes: the receiver keeps it under this id
-        params = r.init("params", len(msg.params))
-        for slot, (name, value) in zip(params, msg.params.items(), strict=True):
-            slot.name = name
-            slot.value = float(value)
+        params_to_capnp(r, msg.params)
     elif isinstance(msg, TaskResultMsg):
         metas, views = _array_parts(msg.outputs)
         r = m.init("taskResult")
@@ -2226,7 +2314,7 @@ def decode_message(header: bytes, payload: bytearray, limits: Limits | None = No
             if which == "taskRequest":
                 r = m.taskRequest
                 task_id = int(r.taskId)
-                params = {str(p.name): float(p.value) for p in r.params}
+                params = params_from_capnp(r.params, task_id)
                 operands = _arrays_from(r.operands, payload, task_id, limits, held_ok=True)
                 held = tuple(int(o.held) if not int(o.nbytes) else 0 for o in r.operands)
                 store = tuple(int(o.held) if int(o.nbytes) else 0 for o in r.operands)
@@ -3142,34 +3230,127 @@ class SessionProtocol:
 
 
 Operands = Sequence["np.ndarray"]
-CheckInputs = tuple[tuple["np.ndarray", ...], dict[str, float]]
+CheckInputs = tuple[tuple["np.ndarray", ...], Params]
 
 
 @dataclass(frozen=True)
 class Kernel:
     """One registry entry: everything the node and the initiator's checks know of a kernel.
 
-    ``fn(operands, params) -> outputs`` validates and runs it; ``out_nbytes``
-    bounds its output's bytes before it runs; ``flops`` is its cost for
-    placement; ``check(name, operands, params, out, seed, rounds)`` verifies a
-    worker's result (None when numpy could have given it); ``sample(a, b, v)``
-    turns the initiator's random n x n matrices and n-vector into this kernel's
-    check inputs; ``reference(operands, params)`` is plain numpy's answer;
-    ``exact`` is False where the result rounds in an order numpy leaves open
-    (a product or a sum over many terms), so two honest machines may differ."""
+    ``fn(operands, params) -> outputs`` validates and runs it (``outputs`` arrays:
+    svd, qr, eigh give several); ``out_nbytes`` bounds its outputs' bytes, all
+    together, before it runs; ``flops`` is its cost for placement;
+    ``check(name, operands, params, outputs, seed, rounds)`` verifies a worker's
+    outputs (None when numpy could have given them), cheaper than the kernel, or
+    is None: the kernel is unverified; ``verification`` names the check
+    ("freivalds", "residual", "projection", "recompute", "unverified");
+    ``sample(a, b, v)`` turns the initiator's random n x n matrices and n-vector
+    into this kernel's check inputs; ``reference(operands, params)`` is plain
+    numpy's answer (a tuple for several outputs); ``exact`` is False where the
+    result rounds in an order numpy leaves open (a product or a sum over many
+    terms), so two honest machines may differ; ``unique`` is False where two
+    honest answers may differ by more than rounding (eigenvectors' signs), so
+    recomputing one cannot judge the other. ``variadic``: it takes ``arity`` up
+    to MAX_OPERANDS operands (concatenate, einsum)."""
 
     name: str
     arity: int
-    fn: Callable[[Operands, dict[str, float]], tuple[np.ndarray, ...]]
+    fn: Callable[[Operands, Params], tuple[np.ndarray, ...]]
     doc: str
     params: tuple[str, ...] = ()
     _: dataclasses.KW_ONLY
-    out_nbytes: Callable[[Operands, dict[str, float]], int]
-    flops: Callable[[Operands, dict[str, float]], float]
-    check: Callable[[str, Operands, dict[str, float], np.ndarray, int, int], str | None]
+    out_nbytes: Callable[[Operands, Params], int]
+    flops: Callable[[Operands, Params], float]
+    check: Callable[[str, Operands, Params, tuple[np.ndarray, ...], int, int], str | None] | None
     sample: Callable[[np.ndarray, np.ndarray, np.ndarray], CheckInputs]
-    reference: Callable[[Operands, dict[str, float]], np.ndarray]
+    reference: Callable[[Operands, Params], Any]
+    verification: str = "recompute"
     exact: bool = True
+    outputs: int = 1
+    variadic: bool = False
+    unique: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.check is None) != (self.verification == UNVERIFIED):
+            raise ValueError(f"kernel {self.name}: a check, or verification {UNVERIFIED!r}, not both")
+
+
+UNVERIFIED = "unverified"  # a kernel without a check, or a task the user asked not to check
+LOCAL_VERIFICATION = "local"  # a task that ran on this node: its result needs no check
+RECOMPUTE = "recompute"  # the node recomputes the result and compares (TaskSpec.check "recompute")
+CHECKS = ("", RECOMPUTE, "none")  # TaskSpec.check: the kernel's own check, recompute, accept as sent
+
+
+def check_choice(check: str) -> str:
+    """A task's ``check`` as given (TaskSpec.check, `Client.submit(check=)`); KernelError when unknown."""
+    if check not in CHECKS:
+        raise KernelError(f"check {check[:40]!r} is not one of: '' (the kernel's own), 'recompute', 'none'")
+    return check
+
+
+def _param(name: str, params: Params, key: str, kind: type, what: str) -> Any:
+    value = params[key]
+    ok = isinstance(value, int | float) if kind is float else isinstance(value, kind)
+    if not ok or (kind is tuple and not all(isinstance(v, int) for v in value)):  # type: ignore[union-attr]
+        raise KernelError(f"{name}: {key} must be {what}, got {str(value)[:40]!r}")
+    return value
+
+
+def number_param(name: str, params: Params, key: str, default: float) -> float:
+    """Kernel ``name``'s finite number ``key`` (``default`` when absent); KernelError otherwise."""
+    if key not in params:
+        return default
+    value = float(_param(name, params, key, float, "a number"))
+    if not math.isfinite(value):
+        raise KernelError(f"{name}: {key} {value!r} is not a finite number")
+    return value
+
+
+def int_param(name: str, params: Params, key: str, default: int | None) -> int | None:
+    """Kernel ``name``'s whole number ``key`` (an axis, a count; ``default`` when absent)."""
+    if key not in params:
+        return default
+    value = _param(name, params, key, float, "a whole number")
+    if not math.isfinite(value) or value != int(value) or abs(value) >= 1 << 62:
+        raise KernelError(f"{name}: {key} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def text_param(name: str, params: Params, key: str, default: str, choices: Sequence[str] | None = None) -> str:
+    """Kernel ``name``'s text ``key`` (``default`` when absent), one of ``choices`` when given."""
+    if key not in params:
+        return default
+    value = _param(name, params, key, str, "a text")
+    if choices is not None and value not in choices:
+        raise KernelError(f"{name}: {key} must be one of {', '.join(map(repr, choices))}, got {value[:40]!r}")
+    return str(value)
+
+
+def ints_param(name: str, params: Params, key: str, default: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """Kernel ``name``'s tuple of integers ``key`` (a shape, axes; ``default`` when absent). A single
+    whole number is taken as a tuple of one."""
+    if key not in params:
+        return default
+    if isinstance(params[key], int | float):
+        one = int_param(name, params, key, None)
+        return None if one is None else (one,)
+    return tuple(_param(name, params, key, tuple, "a tuple of integers"))
+
+
+def axis_param(name: str, params: Params, ndim: int, key: str = "axis") -> tuple[int, ...] | None:
+    """Kernel ``name``'s axis: None (absent: all axes), or an int or tuple of ints, each in
+    -ndim..ndim-1 (numpy's AxisError wording), normalized to 0..ndim-1 and not repeated."""
+    axes = ints_param(name, params, key, None)
+    if axes is None:
+        return None
+    out = []
+    for axis in axes:
+        if not -ndim <= axis < ndim:
+            raise KernelError(f"{name}: axis {axis} is out of bounds for array of dimension {ndim}")
+        out.append(axis % ndim)
+    if len(set(out)) != len(out):
+        raise KernelError(f"{name}: repeated axis in {key} {axes}")
+    return tuple(out)
 
 
 # The registry, by name: filled at the end of room 8 from every kernel room's tuple
@@ -3180,42 +3361,46 @@ KERNELS: dict[str, Kernel] = {}
 MAX_RANDOM_ELEMENTS = 1 << 28  # 2 GiB of float64; a larger request is a mistake or an attack
 
 
-def _k_random(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+def _k_random(ops: Sequence[np.ndarray], params: Params) -> tuple[np.ndarray, ...]:
     import numpy as np
 
     dims = []
     for key in ("rows", "cols"):
-        v = params.get(key, 0.0)
+        v = float(_param("random", params, key, float, "a number")) if key in params else 0.0
         if not math.isfinite(v) or v != int(v) or not 0 <= v <= 1 << 24:
             raise KernelError(f"random: {key} must be a whole number in 0..{1 << 24}, got {v!r}")
         dims.append(int(v))
     if dims[0] * dims[1] > MAX_RANDOM_ELEMENTS:
         raise KernelError(f"random: {dims[0]}x{dims[1]} exceeds {MAX_RANDOM_ELEMENTS} elements")
-    seed = params.get("seed", 0.0)
+    seed = float(_param("random", params, "seed", float, "a number")) if "seed" in params else 0.0
     if not math.isfinite(seed) or seed != int(seed) or seed < 0:
         raise KernelError(f"random: seed must be a whole number >= 0, got {seed!r}")
     return (np.random.default_rng(int(seed)).random((dims[0], dims[1])),)
 
 
-def check_kernel_call(name: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> Kernel:
+def check_kernel_call(name: str, operands: Sequence[np.ndarray], params: Params) -> Kernel:
     """Return the registry entry for a call, or raise KernelError naming what is wrong with it."""
     import numpy as np
 
     kernel = KERNELS.get(name)
     if kernel is None:
         raise KernelError(f"unknown kernel {name!r}; known: {', '.join(sorted(KERNELS))}")
-    if len(operands) != kernel.arity:
+    if kernel.variadic and not kernel.arity <= len(operands) <= MAX_OPERANDS:
+        raise KernelError(f"{name}: takes {kernel.arity} to {MAX_OPERANDS} operands, got {len(operands)}")
+    if not kernel.variadic and len(operands) != kernel.arity:
         raise KernelError(f"{name}: takes {kernel.arity} operand(s), got {len(operands)}")
     unknown = set(params) - set(kernel.params)
     if unknown:
         raise KernelError(f"{name}: unknown parameter(s) {sorted(unknown)}; known: {list(kernel.params)}")
+    if len(params) > MAX_PARAMS:
+        raise KernelError(f"{name}: {len(params)} parameters, at most {MAX_PARAMS}")
     for i, a in enumerate(operands):
         if not isinstance(a, np.ndarray) or a.dtype.name not in ALLOWED_DTYPES:
             raise KernelError(f"{name}: operand {i} must be an array of {', '.join(ALLOWED_DTYPES)}")
     return kernel
 
 
-def output_nbytes(name: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> int:
+def output_nbytes(name: str, operands: Sequence[np.ndarray], params: Params) -> int:
     """Return the bytes of a kernel call's output: numpy's result dtype times its shape, exact for
     every kernel of the registry (an upper bound for an unknown name).
 
@@ -3232,7 +3417,7 @@ def output_nbytes(name: str, operands: Sequence[np.ndarray], params: dict[str, f
 
 
 def task_cost(
-    name: str, operands: Sequence[np.ndarray], params: dict[str, float], *, out_nbytes: int | None = None
+    name: str, operands: Sequence[np.ndarray], params: Params, *, out_nbytes: int | None = None
 ) -> tuple[float, int]:
     """Return (floating-point operations, bytes moved: operands plus result) of a kernel call,
     for placement: a worker's speed and bandwidth turn them into seconds (``out_nbytes``: its
@@ -3253,7 +3438,7 @@ def runs_inline(flops: float) -> bool:
 def run_kernel(
     name: str,
     operands: Sequence[np.ndarray],
-    params: dict[str, float] | None = None,
+    params: Params | None = None,
     *,
     max_elements: int | None = None,
     out_nbytes: int | None = None,
@@ -3469,31 +3654,89 @@ def _first_wrong(kernel: str, mask: np.ndarray, got: np.ndarray, want: np.ndarra
 def check_result(
     kernel: str,
     operands: Sequence[np.ndarray],
-    params: dict[str, float],
+    params: Params,
     outputs: Sequence[np.ndarray],
     rng: random.Random,
     rounds: int = FREIVALDS_ROUNDS,
+    check: str = "",
 ) -> str | None:
-    """Check a worker's result cheaply; return None when numpy could have given it, else what is wrong.
+    """Check a worker's outputs cheaply; return None when numpy could have given them, else what is wrong.
 
-    matmul: Freivalds' check, C @ r against A @ (B @ r) for random r, O(n^2)
-    instead of O(n^3), within a rounding-error bound (exact for integers).
-    solve, inverse: the residual, within a bound scaled by the norms of A, x
-    and b. O(n) kernels (element-wise, transpose, scale, sum, dot): recomputed,
-    exact but for sum and dot (within their rounding bound). NaN and inf as
+    ``check`` "" runs the kernel's own check: matmul, Freivalds' check, C @ r
+    against A @ (B @ r) for random r, O(n^2) instead of O(n^3), within a
+    rounding-error bound (exact for integers); solve, inverse: the residual,
+    within a bound scaled by the norms of A, x and b; O(n) kernels: recomputed;
+    decompositions: random projections of their defining identities; a kernel
+    without a check (unverified): nothing. "recompute": this node computes the
+    result again and compares (`check_by_recompute`); "none": nothing. NaN and inf as
     numpy gives them. Workers are not trusted to do arithmetic right; a wrong
     answer is a worker fault, and an honest one is never called wrong."""
-    if len(outputs) != 1:
-        return f"{kernel}: expected 1 output, got {len(outputs)}"
-    out = outputs[0]
-    seed = rng.getrandbits(64)
     entry = KERNELS.get(kernel)
-    if entry is None:
+    if entry is None or check == "none":
         return None  # an unknown kernel never ran: nothing to check
+    if len(outputs) != entry.outputs:
+        return f"{kernel}: expected {entry.outputs} output(s), got {len(outputs)}"
+    seed = rng.getrandbits(64)
     try:
-        return entry.check(kernel, operands, params, out, seed, max(1, rounds))
+        if check == RECOMPUTE and entry.unique:
+            return check_by_recompute(kernel, operands, params, tuple(outputs))
+        if entry.check is None:
+            return None
+        return entry.check(kernel, operands, params, tuple(outputs), seed, max(1, rounds))
     except (ValueError, IndexError, TypeError, KernelError) as exc:
         return f"{kernel}: the result cannot be checked: {exc}"
+
+
+def task_verification(kernel: str, check: str, remote: bool, rounds: int) -> str:
+    """How a task's result was verified, as its outcome says (TaskOutput.verification): "local" when it
+    ran here, "unverified" when taken as sent (check "none", --verify-rounds 0, a kernel without a
+    check), "recompute", or the kernel's check ("freivalds", "residual", "projection", ...)."""
+    entry = KERNELS.get(kernel)
+    if not remote:
+        return LOCAL_VERIFICATION
+    if entry is None or check == "none":
+        return UNVERIFIED
+    if check == RECOMPUTE and entry.unique:
+        return RECOMPUTE
+    if rounds <= 0:
+        return UNVERIFIED
+    return entry.verification
+
+
+RECOMPUTE_RTOL_EPS = 0.5  # a recomputed result's tolerance: eps ** this of its largest entry (about 1.5e-8)
+
+
+def check_by_recompute(
+    kernel: str, operands: Sequence[np.ndarray], params: Params, outputs: tuple[np.ndarray, ...]
+) -> str | None:
+    """Compute ``kernel`` here and compare each output: shape and dtype exactly, values exactly for an
+    exact kernel, else within sqrt(eps) of the output's largest finite entry (another BLAS may add in
+    another order; an ill-conditioned input may differ more between honest machines: its kernel's own
+    check is the one that knows its bound). NaN where numpy gives NaN."""
+    import numpy as np
+
+    entry = KERNELS[kernel]
+    try:
+        want = run_kernel(kernel, operands, params)
+    except KernelError:
+        return None  # this node cannot compute it either: no answer to compare with
+    for i, (got, ref) in enumerate(zip(outputs, want, strict=True)):
+        label = kernel if len(want) == 1 else f"{kernel} output {i}"
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            return f"{label}: result {got.dtype}{list(got.shape)}, expected {ref.dtype}{list(ref.shape)}"
+        if entry.exact or ref.dtype.kind not in "fc":
+            bad = _exact_mismatches(got, ref)
+        else:
+            eps, tiny = _eps_tiny(ref.dtype)
+            with np.errstate(all="ignore"):
+                finite = np.abs(ref[np.isfinite(ref)])
+                top = float(finite.max()) if finite.size else 0.0
+                tol = np.full(ref.shape, eps**RECOMPUTE_RTOL_EPS * top + tiny)
+            bad = _exact_mismatches(got, ref, tol)
+        problem = _first_wrong(label, bad, got, ref)
+        if problem is not None:
+            return f"{problem} (recomputed)"
+    return None
 
 
 # ---- What each kernel owns besides fn: output bound, cost, check, check inputs, reference.
@@ -3502,7 +3745,7 @@ def check_result(
 _WIDEST_ITEMSIZE = 16  # complex128, the widest result
 
 
-def _bytes_of_operands(operands: Operands, params: dict[str, float]) -> int:
+def _bytes_of_operands(operands: Operands, params: Params) -> int:
     """Loose output bound of a kernel whose result is no larger than its operands in entries, of any dtype.
 
     Only for a kernel whose output is not known in advance (an unknown name): every
@@ -3516,19 +3759,23 @@ def _bytes_of(shape: Sequence[int], dtype: Any) -> int:
     return math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
 
 
-def _bytes_of_random(operands: Operands, params: dict[str, float]) -> int:
-    return int(max(0.0, params.get("rows", 0.0))) * int(max(0.0, params.get("cols", 0.0))) * 8
+def _dims_of_random(params: Params) -> tuple[int, int]:
+    """random's rows and cols as far as they are whole numbers >= 0 (else 0: the kernel refuses them)."""
+    dims = []
+    for key in ("rows", "cols"):
+        v = params.get(key, 0.0)
+        dims.append(int(v) if isinstance(v, int | float) and math.isfinite(v) and v > 0 else 0)
+    return dims[0], dims[1]
 
 
-def _flops_of_elements(operands: Operands, params: dict[str, float]) -> float:
+def _bytes_of_random(operands: Operands, params: Params) -> int:
+    rows, cols = _dims_of_random(params)
+    return rows * cols * 8
+
+
+def _flops_of_elements(operands: Operands, params: Params) -> float:
     """Cost of a kernel that touches each element once (random: each element it makes)."""
-    return float(sum(a.size for a in operands) or params.get("rows", 0.0) * params.get("cols", 0.0))
-
-
-def _verify_nothing(
-    name: str, operands: Operands, params: dict[str, float], out: np.ndarray, seed: int, rounds: int
-) -> str | None:
-    return None  # random: nothing cheaper than recomputing it
+    return float(sum(a.size for a in operands) or math.prod(_dims_of_random(params)))
 
 
 def _sample_two(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
@@ -3543,10 +3790,10 @@ def _sample_random(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
 # the initiator's checks compare a peer's answer with them.
 
 
-def _ref_random(ops: Operands, params: dict[str, float]) -> np.ndarray:
+def _ref_random(ops: Operands, params: Params) -> np.ndarray:
     import numpy as np
 
-    return np.random.default_rng(int(params["seed"])).random((int(params["rows"]), int(params["cols"])))
+    return np.random.default_rng(int(params["seed"])).random(_dims_of_random(params))  # type: ignore[arg-type]
 
 
 BASIC_KERNELS: tuple[Kernel, ...] = (
@@ -3558,9 +3805,10 @@ BASIC_KERNELS: tuple[Kernel, ...] = (
         ("rows", "cols", "seed"),
         out_nbytes=_bytes_of_random,
         flops=_flops_of_elements,
-        check=_verify_nothing,
+        check=None,
         sample=_sample_random,
         reference=_ref_random,
+        verification=UNVERIFIED,
     ),
 )
 
@@ -3593,7 +3841,7 @@ def _need_square_float(name: str, a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _k_matmul(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+def _k_matmul(ops: Sequence[np.ndarray], params: Params) -> tuple[np.ndarray, ...]:
     a, b = ops
     _need_2d("matmul", a, "left operand")
     _need_2d("matmul", b, "right operand")
@@ -3602,7 +3850,7 @@ def _k_matmul(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.n
     return (a @ b,)
 
 
-def _k_solve(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+def _k_solve(ops: Sequence[np.ndarray], params: Params) -> tuple[np.ndarray, ...]:
     import numpy as np
 
     a, b = ops
@@ -3617,7 +3865,7 @@ def _k_solve(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.nd
         raise KernelError(f"solve: matrix is singular ({exc})") from None
 
 
-def _k_inverse(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+def _k_inverse(ops: Sequence[np.ndarray], params: Params) -> tuple[np.ndarray, ...]:
     import numpy as np
 
     a = _need_square_float("inverse", ops[0])
@@ -3802,7 +4050,7 @@ def _linalg_dtype(*arrays: np.ndarray) -> Any:
 
 
 def _check_solve(
-    kernel: str, operands: Sequence[np.ndarray], params: dict[str, float], x: np.ndarray, gen: Any, rounds: int
+    kernel: str, operands: Sequence[np.ndarray], params: Params, x: np.ndarray, gen: Any, rounds: int
 ) -> str | None:
     """Check A x = b (inverse: A X = I) by its residual in O(n^2), scaled by the norms of A, x and b.
 
@@ -3861,7 +4109,7 @@ def _check_solve(
     return f"{kernel}: the residual {what} is {worst:.3g}, above its rounding-error bound {limit:.3g}"
 
 
-def _solve_here(kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> np.ndarray | None:
+def _solve_here(kernel: str, operands: Sequence[np.ndarray], params: Params) -> np.ndarray | None:
     """This node's own solve/inverse of the operands; None when it finds the matrix singular."""
     try:
         return run_kernel(kernel, operands, params)[0]
@@ -3869,28 +4117,28 @@ def _solve_here(kernel: str, operands: Sequence[np.ndarray], params: dict[str, f
         return None
 
 
-def _bytes_of_matmul(operands: Operands, params: dict[str, float]) -> int:
+def _bytes_of_matmul(operands: Operands, params: Params) -> int:
     import numpy as np
 
     a, b = operands
     return _bytes_of((a.shape[0], b.shape[-1]), np.result_type(a.dtype, b.dtype))
 
 
-def _bytes_of_solve(operands: Operands, params: dict[str, float]) -> int:
+def _bytes_of_solve(operands: Operands, params: Params) -> int:
     return _bytes_of(operands[1].shape, _linalg_dtype(operands[0], operands[1]))  # as _check_solve expects
 
 
-def _bytes_of_inverse(operands: Operands, params: dict[str, float]) -> int:
+def _bytes_of_inverse(operands: Operands, params: Params) -> int:
     return _bytes_of(operands[0].shape, _linalg_dtype(operands[0]))
 
 
-def _flops_of_matmul(operands: Operands, params: dict[str, float]) -> float:
+def _flops_of_matmul(operands: Operands, params: Params) -> float:
     if len(operands) == 2 and operands[0].ndim == 2 and operands[1].ndim == 2:
         return 2.0 * operands[0].shape[0] * operands[0].shape[1] * operands[1].shape[1]
     return _flops_of_elements(operands, params)
 
 
-def _flops_of_cubic(operands: Operands, params: dict[str, float]) -> float:
+def _flops_of_cubic(operands: Operands, params: Params) -> float:
     """solve, inverse: LU of an n x n matrix."""
     if operands and operands[0].ndim == 2:
         return 2.0 * operands[0].shape[0] ** 3
@@ -3898,20 +4146,20 @@ def _flops_of_cubic(operands: Operands, params: dict[str, float]) -> float:
 
 
 def _verify_matmul(
-    name: str, operands: Operands, params: dict[str, float], out: np.ndarray, seed: int, rounds: int
+    name: str, operands: Operands, params: Params, outputs: tuple[np.ndarray, ...], seed: int, rounds: int
 ) -> str | None:
     import numpy as np
 
     gen = np.random.default_rng(seed)  # NOTE: made only here: it costs more than a tiny check
-    return _check_matmul(operands[0], operands[1], out, gen, rounds)
+    return _check_matmul(operands[0], operands[1], outputs[0], gen, rounds)
 
 
 def _verify_solve(
-    name: str, operands: Operands, params: dict[str, float], out: np.ndarray, seed: int, rounds: int
+    name: str, operands: Operands, params: Params, outputs: tuple[np.ndarray, ...], seed: int, rounds: int
 ) -> str | None:
     import numpy as np
 
-    return _check_solve(name, operands, params, out, np.random.default_rng(seed), rounds)
+    return _check_solve(name, operands, params, outputs[0], np.random.default_rng(seed), rounds)
 
 
 def _well_conditioned(a: np.ndarray) -> np.ndarray:
@@ -3929,19 +4177,19 @@ def _sample_inverse(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
     return (_well_conditioned(a),), {}
 
 
-def _ref_matmul(ops: Operands, params: dict[str, float]) -> np.ndarray:
+def _ref_matmul(ops: Operands, params: Params) -> np.ndarray:
     import numpy as np
 
     return np.matmul(ops[0], ops[1])
 
 
-def _ref_solve(ops: Operands, params: dict[str, float]) -> np.ndarray:
+def _ref_solve(ops: Operands, params: Params) -> np.ndarray:
     import numpy as np
 
     return np.linalg.solve(ops[0], ops[1])
 
 
-def _ref_inverse(ops: Operands, params: dict[str, float]) -> np.ndarray:
+def _ref_inverse(ops: Operands, params: Params) -> np.ndarray:
     import numpy as np
 
     return np.linalg.inv(ops[0])
@@ -3958,6 +4206,7 @@ LINALG_KERNELS: tuple[Kernel, ...] = (
         check=_verify_matmul,
         sample=_sample_two,
         reference=_ref_matmul,
+        verification="freivalds",
         exact=False,
     ),
     Kernel(
@@ -3968,6 +4217,7 @@ LINALG_KERNELS: tuple[Kernel, ...] = (
         out_nbytes=_bytes_of_solve,
         flops=_flops_of_cubic,
         check=_verify_solve,
+        verification="residual",
         sample=_sample_solve,
         reference=_ref_solve,
         exact=False,
@@ -3980,6 +4230,7 @@ LINALG_KERNELS: tuple[Kernel, ...] = (
         out_nbytes=_bytes_of_inverse,
         flops=_flops_of_cubic,
         check=_verify_solve,
+        verification="residual",
         sample=_sample_inverse,
         reference=_ref_inverse,
         exact=False,
@@ -4006,8 +4257,8 @@ def _broadcast(name: str, a: np.ndarray, b: np.ndarray) -> None:
         raise KernelError(f"{name}: shapes {a.shape} and {b.shape} do not match") from None
 
 
-def _k_elementwise(op: str) -> Callable[[Sequence[np.ndarray], dict[str, float]], tuple[np.ndarray, ...]]:
-    def fn(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+def _k_elementwise(op: str) -> Callable[[Sequence[np.ndarray], Params], tuple[np.ndarray, ...]]:
+    def fn(ops: Sequence[np.ndarray], params: Params) -> tuple[np.ndarray, ...]:
         import numpy as np
 
         a, b = ops
@@ -4017,37 +4268,34 @@ def _k_elementwise(op: str) -> Callable[[Sequence[np.ndarray], dict[str, float]]
     return fn
 
 
-def _k_copy(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+def _k_copy(ops: Sequence[np.ndarray], params: Params) -> tuple[np.ndarray, ...]:
     return (ops[0].copy(order="C"),)
 
 
-def _k_transpose(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+def _k_transpose(ops: Sequence[np.ndarray], params: Params) -> tuple[np.ndarray, ...]:
 
     (a,) = ops
     return (a.T.copy(order="C"),)
 
 
-def _k_scale(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+def _k_scale(ops: Sequence[np.ndarray], params: Params) -> tuple[np.ndarray, ...]:
     (a,) = ops
-    factor = params.get("factor", 1.0)
-    if not math.isfinite(factor):
-        raise KernelError(f"scale: factor {factor!r} is not a finite number")
-    return (a * factor,)
+    return (a * number_param("scale", params, "factor", 1.0),)
 
 
-def _k_sum(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+def _k_sum(ops: Sequence[np.ndarray], params: Params) -> tuple[np.ndarray, ...]:
     import numpy as np
 
     (a,) = ops
     if "axis" in params:
-        axis = params["axis"]
+        axis = float(_param("sum", params, "axis", float, "a whole number"))
         if not math.isfinite(axis) or axis != int(axis) or not -a.ndim <= int(axis) < a.ndim:
             raise KernelError(f"sum: axis {axis!r} is out of range for {a.ndim} dimensions")
         return (np.sum(a, axis=int(axis)),)
     return (np.asarray(np.sum(a)),)
 
 
-def _k_dot(ops: Sequence[np.ndarray], params: dict[str, float]) -> tuple[np.ndarray, ...]:
+def _k_dot(ops: Sequence[np.ndarray], params: Params) -> tuple[np.ndarray, ...]:
     import numpy as np
 
     a, b = ops
@@ -4061,7 +4309,7 @@ def _need_vectors(a: np.ndarray, b: np.ndarray) -> None:
 
 
 def _elementwise_slices(
-    kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]
+    kernel: str, operands: Sequence[np.ndarray], params: Params
 ) -> tuple[tuple[int, ...], Callable[[tuple[slice, ...]], np.ndarray], Callable[[tuple[slice, ...]], Any]]:
     """(result shape, numpy's result in a slice, its complex rounding allowance there) of an element-wise
     kernel, transpose or scale: views of the operands, nothing computed before a slice is asked for."""
@@ -4072,9 +4320,7 @@ def _elementwise_slices(
         t = operands[0].T
         return t.shape, lambda blk: t[blk], lambda blk: None
     if kernel == "scale":
-        a, factor = operands[0], params.get("factor", 1.0)
-        if not math.isfinite(factor):
-            raise KernelError(f"scale: factor {factor!r} is not a finite number")
+        a, factor = operands[0], number_param("scale", params, "factor", 1.0)
         return a.shape, lambda blk: a[blk] * factor, lambda blk: np.abs(a[blk]) * abs(factor)
     _broadcast(kernel, operands[0], operands[1])
     shape = np.broadcast_shapes(operands[0].shape, operands[1].shape)
@@ -4083,9 +4329,7 @@ def _elementwise_slices(
     return shape, lambda blk: op(a[blk], b[blk]), lambda blk: np.abs(a[blk]) * np.abs(b[blk])
 
 
-def _check_elementwise(
-    kernel: str, operands: Sequence[np.ndarray], params: dict[str, float], out: np.ndarray
-) -> str | None:
+def _check_elementwise(kernel: str, operands: Sequence[np.ndarray], params: Params, out: np.ndarray) -> str | None:
     """Recompute an element-wise result a slice at a time and compare it exactly (complex products
     within their FMA allowance); the message names the first wrong entry and counts them all."""
     import numpy as np
@@ -4153,9 +4397,7 @@ def _check_dot(operands: Sequence[np.ndarray], out: np.ndarray) -> str | None:
     return _first_wrong("dot", bad, out, near)
 
 
-def _check_recomputed(
-    kernel: str, operands: Sequence[np.ndarray], params: dict[str, float], out: np.ndarray
-) -> str | None:
+def _check_recomputed(kernel: str, operands: Sequence[np.ndarray], params: Params, out: np.ndarray) -> str | None:
     """O(n) kernels, recomputed here: exact where numpy is exact, within the rounding bound of sum and dot.
 
     Element-wise kernels, transpose, scale and dot are read a slice at a time (CHECK_SLICE_ELEMENTS):
@@ -4174,7 +4416,7 @@ def _check_recomputed(
     if kernel == "sum" and want.dtype.kind in "fc":
         a = operands[0].astype(want.dtype, copy=False)
         a_s, a_mag, shift = _scaled(a)
-        axis = int(params["axis"]) if "axis" in params else None
+        axis = int_param(kernel, params, "axis", None)
         with np.errstate(all="ignore"):
             ref_s, mag_s = np.asarray(np.sum(a_s, axis=axis)), np.asarray(np.sum(a_mag, axis=axis))
         terms = a.size if axis is None else a.shape[axis]
@@ -4183,7 +4425,7 @@ def _check_recomputed(
     return _first_wrong(kernel, _exact_mismatches(out, want), out, want)
 
 
-def _bytes_of_broadcast(operands: Operands, params: dict[str, float]) -> int:
+def _bytes_of_broadcast(operands: Operands, params: Params) -> int:
     """add, subtract, multiply: numpy's result dtype over the broadcast shape."""
     import numpy as np
 
@@ -4191,11 +4433,11 @@ def _bytes_of_broadcast(operands: Operands, params: dict[str, float]) -> int:
     return _bytes_of(np.broadcast_shapes(a.shape, b.shape), np.result_type(a.dtype, b.dtype))
 
 
-def _bytes_of_transpose(operands: Operands, params: dict[str, float]) -> int:
+def _bytes_of_transpose(operands: Operands, params: Params) -> int:
     return int(operands[0].nbytes)
 
 
-def _bytes_of_scale(operands: Operands, params: dict[str, float]) -> int:
+def _bytes_of_scale(operands: Operands, params: Params) -> int:
     import numpy as np
 
     # NOTE: the factor as _k_scale takes it: a Python float is a weak scalar (float32 * 2.5 stays
@@ -4204,13 +4446,13 @@ def _bytes_of_scale(operands: Operands, params: dict[str, float]) -> int:
     return _bytes_of(a.shape, np.result_type(a.dtype, params.get("factor", 1.0)))
 
 
-def _bytes_of_dot(operands: Operands, params: dict[str, float]) -> int:
+def _bytes_of_dot(operands: Operands, params: Params) -> int:
     import numpy as np
 
     return int(np.result_type(operands[0].dtype, operands[1].dtype).itemsize)  # one number
 
 
-def _bytes_of_sum(operands: Operands, params: dict[str, float]) -> int:
+def _bytes_of_sum(operands: Operands, params: Params) -> int:
     import numpy as np
 
     if not operands:
@@ -4218,16 +4460,16 @@ def _bytes_of_sum(operands: Operands, params: dict[str, float]) -> int:
     shape = operands[0].shape
     itemsize = int(np.sum(np.zeros(0, operands[0].dtype)).itemsize)  # numpy's own rule: int32 sums to int64
     axis = params.get("axis")
-    if axis is None or not math.isfinite(axis) or not -len(shape) <= int(axis) < len(shape):
+    if not isinstance(axis, int | float) or not math.isfinite(axis) or not -len(shape) <= int(axis) < len(shape):
         return itemsize
     # NOTE: not the input's size: summing a (huge x 0) array over axis 1 gives `huge` zeros
     return math.prod(d for i, d in enumerate(shape) if i != int(axis) % len(shape)) * itemsize
 
 
 def _verify_recomputed(
-    name: str, operands: Operands, params: dict[str, float], out: np.ndarray, seed: int, rounds: int
+    name: str, operands: Operands, params: Params, outputs: tuple[np.ndarray, ...], seed: int, rounds: int
 ) -> str | None:
-    return _check_recomputed(name, operands, params, out)
+    return _check_recomputed(name, operands, params, outputs[0])
 
 
 def _sample_one(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
@@ -4246,37 +4488,37 @@ def _sample_dot(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
     return (v, v[::-1].copy()), {}
 
 
-def _ref_add(ops: Operands, params: dict[str, float]) -> np.ndarray:
+def _ref_add(ops: Operands, params: Params) -> np.ndarray:
     return ops[0] + ops[1]
 
 
-def _ref_subtract(ops: Operands, params: dict[str, float]) -> np.ndarray:
+def _ref_subtract(ops: Operands, params: Params) -> np.ndarray:
     return ops[0] - ops[1]
 
 
-def _ref_multiply(ops: Operands, params: dict[str, float]) -> np.ndarray:
+def _ref_multiply(ops: Operands, params: Params) -> np.ndarray:
     return ops[0] * ops[1]
 
 
-def _ref_transpose(ops: Operands, params: dict[str, float]) -> np.ndarray:
+def _ref_transpose(ops: Operands, params: Params) -> np.ndarray:
     return ops[0].T
 
 
-def _ref_copy(ops: Operands, params: dict[str, float]) -> np.ndarray:
+def _ref_copy(ops: Operands, params: Params) -> np.ndarray:
     return ops[0].copy()
 
 
-def _ref_scale(ops: Operands, params: dict[str, float]) -> np.ndarray:
+def _ref_scale(ops: Operands, params: Params) -> np.ndarray:
     return ops[0] * params["factor"]
 
 
-def _ref_sum(ops: Operands, params: dict[str, float]) -> np.ndarray:
+def _ref_sum(ops: Operands, params: Params) -> np.ndarray:
     import numpy as np
 
-    return np.asarray(ops[0].sum(axis=int(params["axis"]) if "axis" in params else None))
+    return np.asarray(ops[0].sum(axis=int_param("sum", params, "axis", None)))
 
 
-def _ref_dot(ops: Operands, params: dict[str, float]) -> np.ndarray:
+def _ref_dot(ops: Operands, params: Params) -> np.ndarray:
     import numpy as np
 
     return np.asarray(np.dot(ops[0], ops[1]))
@@ -7581,7 +7823,7 @@ class PeerSession:
         self,
         kernel: str,
         operands: Sequence[np.ndarray],
-        params: dict[str, float] | None = None,
+        params: Params | None = None,
         *,
         held: tuple[int, ...] = (),
         keep: int = 0,
@@ -8191,7 +8433,7 @@ class Node:
         self,
         kernel: str,
         operands: Sequence[np.ndarray],
-        params: dict[str, float],
+        params: Params,
         *,
         out_nbytes: int | None = None,
         own_operands: bool = False,
@@ -8225,9 +8467,7 @@ class Node:
             raise TaskError(f"{kernel}: {describe_exception(exc)}", kind=ErrorKind.BAD_INPUT) from None
 
 
-def run_into_operand(
-    kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]
-) -> tuple[np.ndarray, ...] | None:
+def run_into_operand(kernel: str, operands: Sequence[np.ndarray], params: Params) -> tuple[np.ndarray, ...] | None:
     """add, subtract, multiply or scale written over its first operand, when that operand already has
     the result's shape and dtype and is writable and C-ordered; None: run the kernel as usual.
 
@@ -8238,7 +8478,7 @@ def run_into_operand(
     if kernel not in ("add", "subtract", "multiply", "scale"):
         return None
     check_kernel_call(kernel, operands, params)
-    a, factor = operands[0], params.get("factor", 1.0)
+    a, factor = operands[0], number_param(kernel, params, "factor", 1.0) if kernel == "scale" else 1.0
     try:
         shape = np.broadcast_shapes(*(o.shape for o in operands))
         dtype = np.result_type(a.dtype, operands[1].dtype if kernel != "scale" else factor)
@@ -8368,7 +8608,7 @@ class TaskDelegator(Protocol):
     worker_id: str
 
     async def execute(
-        self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]
+        self, kernel: str, operands: Sequence[np.ndarray], params: Params
     ) -> tuple[tuple[np.ndarray, ...], float]:
         """Run the task on this delegator's worker."""
         ...
@@ -8383,7 +8623,7 @@ class LocalDelegator:
         self.node = node
 
     async def execute(
-        self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]
+        self, kernel: str, operands: Sequence[np.ndarray], params: Params
     ) -> tuple[tuple[np.ndarray, ...], float]:
         """Run the kernel in this process's worker thread."""
         return await self.node.execute_local(kernel, operands, params)
@@ -8400,7 +8640,7 @@ class RemoteDelegator:
         self,
         kernel: str,
         operands: Sequence[np.ndarray],
-        params: dict[str, float],
+        params: Params,
         held: tuple[int, ...] = (),
         store: tuple[int, ...] = (),
     ) -> tuple[tuple[np.ndarray, ...], float]:
@@ -8430,6 +8670,7 @@ class TaskOutcome:
     elapsed_s: float
     queue_s: float = 0.0
     fallback_reason: str = ""  # why it ran locally when no remote worker was usable ("" otherwise)
+    verification: str = LOCAL_VERIFICATION  # how its result was verified (task_verification)
 
 
 CANARY_N = 48  # the canary task: a 48x48 int64 matmul, exact on every machine and tiny to move
@@ -8586,20 +8827,28 @@ class Manager:
         self,
         kernel: str,
         operands: Sequence[np.ndarray],
-        params: dict[str, float] | None = None,
+        params: Params | None = None,
         *,
         placement: str = "auto",
         timeout_s: float = 600.0,
         fallback: bool = True,
         held: Mapping[int, Mapping[str, int]] | None = None,
+        check: str = "",
     ) -> TaskOutcome:
         """Run one task to completion; raise TaskError when every attempt failed. ``fallback=False``:
         fail (kind "unavailable") rather than run locally because no remote worker is usable.
+        ``check``: how a remote result is verified (`check_result`): "" the kernel's own check,
+        "recompute", or "none" (taken as sent); the outcome's ``verification`` says which ran.
         ``held``: by operand index, the workers that hold that operand for this node and under which
         id: an attempt there names it instead of sending its bytes (a negative id: sends it,
         and the worker keeps it under minus that id); anywhere else (a retry, the local fallback)
         the operand given is used."""
         import trio
+
+        try:
+            check_choice(check)
+        except KernelError as exc:
+            raise TaskError(str(exc), kind=ErrorKind.BAD_INPUT) from None
 
         task_id = self._next_id
         self._next_id += 1
@@ -8622,14 +8871,17 @@ class Manager:
                         if isinstance(action, Dispatch):
                             first_attempt_at = first_attempt_at or self.clock()
                             scopes[action.attempt] = scope = trio.CancelScope()
-                            job = (kernel, operands, dict(params or {}), cost)
+                            job = (kernel, operands, dict(params or {}), cost, check)
                             nursery.start_soon(self._attempt, task_id, action, scope, job, results)
                         elif isinstance(action, Cancel):
                             if action.attempt in scopes:
                                 scopes[action.attempt].cancel()
                         elif isinstance(action, Deliver):
                             nursery.cancel_scope.cancel()
-                            return self._delivered(task_id, kernel, action, results, start, first_attempt_at)
+                            outcome = self._delivered(task_id, kernel, action, results, start, first_attempt_at)
+                            remote = action.worker_id != LOCAL
+                            how = task_verification(kernel, check, remote, self.verify_rounds)
+                            return dataclasses.replace(outcome, verification=how)
                         elif isinstance(action, Fail):
                             failure = TaskError(self._failure_text(task_id, kernel, action), kind=action.kind)
                             break
@@ -8651,7 +8903,7 @@ class Manager:
         task_id: int,
         kernel: str,
         operands: Sequence[np.ndarray],
-        params: dict[str, float] | None,
+        params: Params | None,
         placement: str,
         timeout_s: float,
         fallback: bool,
@@ -8706,23 +8958,26 @@ class Manager:
         worker_id: str,
         kernel: str,
         operands: Sequence[np.ndarray],
-        params: dict[str, float],
+        params: Params,
         outputs: tuple[np.ndarray, ...],
         flops: float | None = None,
+        check: str = "",
     ) -> str | None:
-        """Check a remote worker's result (Freivalds for matmul); None when plausible."""
+        """Check a remote worker's result (Freivalds for matmul; ``check`` as `check_result`'s); None
+        when plausible."""
         import trio
 
-        if worker_id == LOCAL or self.verify_rounds <= 0:
+        if worker_id == LOCAL or check == "none" or (self.verify_rounds <= 0 and check != RECOMPUTE):
             return None
         seed = self._rng.getrandbits(64)
 
-        def check() -> str | None:
-            return check_result(kernel, operands, params, outputs, random.Random(seed), self.verify_rounds)
+        def run_check() -> str | None:
+            rounds = max(1, self.verify_rounds)
+            return check_result(kernel, operands, params, outputs, random.Random(seed), rounds, check)
 
         if runs_inline(flops if flops is not None else task_cost(kernel, operands, params)[0]):
-            return check()
-        return await trio.to_thread.run_sync(check)
+            return run_check()
+        return await trio.to_thread.run_sync(run_check)
 
     def suspicions(self) -> dict[str, dict[str, Any]]:
         """Every remote worker that is not fully trusted: its suspicion, ``since`` as a Unix time."""
@@ -8932,12 +9187,12 @@ class Manager:
         task_id: int,
         action: Dispatch,
         scope: Any,
-        job: tuple[str, Sequence[np.ndarray], dict[str, float], tuple[float, int]],
+        job: tuple[str, Sequence[np.ndarray], Params, tuple[float, int], str],
         results: dict[int, tuple[tuple[np.ndarray, ...], float]],
     ) -> None:
         import trio
 
-        kernel, operands, params, cost = job
+        kernel, operands, params, cost, check = job
         if action.delay_s:
             await trio.sleep(action.delay_s)
         event: SchedulerEvent
@@ -8958,7 +9213,7 @@ class Manager:
                 else:
                     outputs, compute_s = await delegator.execute(kernel, operands, params)
                 self._measured(action.worker_id, cost, compute_s, time.perf_counter() - started)
-                problem = await self._verify(action.worker_id, kernel, operands, params, outputs, cost[0])
+                problem = await self._verify(action.worker_id, kernel, operands, params, outputs, cost[0], check)
                 if problem is not None:
                     self.verification_failures += 1
                     log.warning("result of task %d from %s failed verification: %s", task_id, action.worker_id, problem)
@@ -9256,7 +9511,7 @@ class CheckRow:
         return {"name": self.name, "ok": self.ok, "seconds": round(self.seconds, 4), "detail": self.detail}
 
 
-def check_inputs(kernel: str, rng: Any, n: int = CHECK_MATRIX_N) -> tuple[tuple[np.ndarray, ...], dict[str, float]]:
+def check_inputs(kernel: str, rng: Any, n: int = CHECK_MATRIX_N) -> CheckInputs:
     """Return operands and params that exercise ``kernel`` in the delegation check."""
     # NOTE: the same draws for every kernel, so each kernel's inputs do not depend on which ran before
     a = rng.standard_normal((n, n))
@@ -9265,7 +9520,7 @@ def check_inputs(kernel: str, rng: Any, n: int = CHECK_MATRIX_N) -> tuple[tuple[
     return KERNELS[kernel].sample(a, b, v)
 
 
-def reference_result(kernel: str, operands: Sequence[np.ndarray], params: dict[str, float]) -> np.ndarray:
+def reference_result(kernel: str, operands: Sequence[np.ndarray], params: Params) -> np.ndarray:
     """Compute what ``kernel`` must return with plain numpy (independent of the kernel's own fn)."""
     import numpy as np
 
@@ -9279,7 +9534,7 @@ def verify(
     got: np.ndarray,
     expected: np.ndarray,
     operands: Sequence[np.ndarray] = (),
-    params: dict[str, float] | None = None,
+    params: Params | None = None,
     *,
     kernel: str | None = None,
 ) -> float:
@@ -9804,8 +10059,13 @@ def rpc_max_bytes_for_budget(budget_bytes: int) -> int:
 
 def result_verified(outcome: TaskOutcome, verify_rounds: int) -> bool:
     """Whether the node checked a task's result: it ran on remote workers (every block of a split)
-    and the node verifies their results (--verify-rounds above 0). Local results are not checked."""
-    if verify_rounds <= 0 or outcome.worker_id == LOCAL:
+    and the node verifies their results (--verify-rounds above 0, or the task asked for "recompute").
+    Local results are not checked, nor results of an unverified kernel or check "none"."""
+    if outcome.worker_id == LOCAL or outcome.verification in (UNVERIFIED, LOCAL_VERIFICATION):
+        return False
+    if outcome.verification == RECOMPUTE:
+        return True
+    if verify_rounds <= 0:
         return False
     return outcome.worker_id != "split" or all(a.worker_id != LOCAL for a in outcome.attempts)
 
@@ -10121,6 +10381,7 @@ class TaskOutputRecord(RpcRecord):
     attempts: tuple[AttemptInfoRecord, ...] = field(default=(), metadata=capnp_name("attempts"))
     timings: TimingsRecord = field(default=TimingsRecord(), metadata=capnp_name("timings"))
     verified_by_node: bool = field(default=False, metadata=capnp_name("verified"))
+    verification: str = field(default="", metadata=capnp_name("verification"))  # how (task_verification)
     # how the arrays crossed between a Client and its node (the Client's own: not on the wire)
     arrays_via: str = "RPC messages"
 
@@ -10137,6 +10398,7 @@ class TaskOutputRecord(RpcRecord):
             attempts=tuple(AttemptInfoRecord(a.worker_id, a.outcome or "ok") for a in outcome.attempts),
             timings=TimingsRecord(outcome.queue_s, transfer_s, outcome.compute_s, outcome.elapsed_s),
             verified_by_node=verified,
+            verification=outcome.verification,
         )
 
     def to_capnp(self, builder: Any) -> None:
@@ -10163,6 +10425,8 @@ class KernelInfoRecord(RpcRecord):
     max_ndim: int = field(default=MAX_NDIM, metadata=capnp_name("maxNdim"))
     max_elements: int = field(default=DEFAULT_MAX_ELEMENTS, metadata=capnp_name("maxElements"))
     verification: str = field(default="", metadata=capnp_name("verification"))  # "": results taken as sent
+    outputs: int = field(default=1, metadata=capnp_name("outputs"))  # how many arrays it returns
+    variadic: bool = field(default=False, metadata=capnp_name("variadic"))  # takes `operands` to MAX_OPERANDS
 
     @classmethod
     def from_kernel(
@@ -10174,27 +10438,35 @@ class KernelInfoRecord(RpcRecord):
         dtypes = tuple(limits.dtypes) if kernel.arity else ()
         verification = kernel_verification(kernel, rounds)
         return cls(
-            kernel.name, kernel.arity, kernel.params, dtypes, kernel.doc, limits.max_ndim, max_elements, verification
+            kernel.name,
+            kernel.arity,
+            kernel.params,
+            dtypes,
+            kernel.doc,
+            limits.max_ndim,
+            max_elements,
+            verification,
+            kernel.outputs,
+            kernel.variadic,
         )
 
 
 def kernel_verification(kernel: Kernel, rounds: int) -> str:
     """Pure: how a node checks a remote worker's result of ``kernel`` with --verify-rounds
-    ``rounds``, in a few words; "" when it takes the result as sent."""
+    ``rounds``, in a few words; "" when it takes the result as sent, "unverified" for a kernel
+    without a check."""
+    if kernel.check is None:
+        return UNVERIFIED
     if rounds <= 0:
         return ""
-    how: dict[Callable[..., str | None], str] = {
-        _verify_matmul: f"Freivalds, {rounds} rounds",
-        _verify_solve: f"residual, {rounds} rounds",
-        _verify_recomputed: "recomputed",
-    }
-    return how.get(kernel.check, "")
+    how = {"freivalds": f"Freivalds, {rounds} rounds", RECOMPUTE: "recomputed"}
+    return how.get(kernel.verification, f"{kernel.verification}, {rounds} rounds")
 
 
 def client_size_refusal(
     kernel: str,
     arrays: Sequence[np.ndarray],
-    params: dict[str, float],
+    params: Params,
     client_max_bytes: int,
     node_max_bytes: int,
     node_budget_bytes: int,
@@ -10228,6 +10500,34 @@ def client_size_refusal(
         if refusal is not None:
             return TaskError(f"{refusal}; nothing was sent", kind=refusal.kind)
     return None
+
+
+def _outside_output(reader: Any, room: int, where: str) -> tuple[Any, list[int]]:
+    """The dtype and shape of a task's output that came outside the message (an RPC `Array` with
+    ``shared`` set), at most ``room`` bytes; RpcError when the node declared another."""
+    name, shape = str(reader.dtype), [int(d) for d in reader.shape]
+    if name not in ALLOWED_DTYPES or math.prod(shape) * _wire_dtype(name).itemsize > room:
+        raise RpcError(f"cannot read a result: a {name} of shape {tuple(shape)} {where}")
+    return _wire_dtype(name), shape
+
+
+def _record_with_outputs(reader: Any, outputs: tuple[Any, ...], arrays_via: str) -> TaskOutputRecord:
+    """The record of a task's answer whose outputs came outside the message (or stayed on the node:
+    `RemoteArray` handles)."""
+    fields = [f for f in TaskOutputRecord.capnp_fields() if f[0] not in ("outputs", "kept")]
+    values = {a: _rpc_from_capnp(getattr(reader, n), t) for a, n, t in fields}
+    return TaskOutputRecord(outputs, **values, arrays_via=arrays_via)
+
+
+def _detached_capability(cap: Any) -> Any:
+    """The same capability, no longer keeping alive the response it came in.
+
+    NOTE: pycapnp's capability keeps its message alive, and a response keeps its request, so a
+    kept result's handle would hold the operands' capabilities the request passed (the node could
+    not release them while it lives). Here it is held by a one-slot message of its own instead."""
+    holder = load_schema().TaskSpec.new_message()
+    holder.init("arrays", 1)[0] = cap
+    return holder.arrays[0]
 
 
 ###############################################################################
@@ -10352,7 +10652,7 @@ class NodeService:
             calls.leave()
 
     def admit(
-        self, kernel: str, operands: Sequence[np.ndarray], params: dict[str, float], message_bytes: int | None = None
+        self, kernel: str, operands: Sequence[np.ndarray], params: Params, message_bytes: int | None = None
     ) -> int:
         """Charge a task to the node's memory budget before it runs (on the RPC thread, before its
         operands are read: stand-ins of their shapes do; ``message_bytes``: those of its operands
@@ -10398,26 +10698,28 @@ class NodeService:
         self,
         kernel: str,
         operands: Sequence[np.ndarray],
-        params: dict[str, float],
+        params: Params,
         placement: str,
         timeout_s: float,
         fallback: bool = True,
+        check: str = "",
     ) -> TaskOutcome:
         """Run a task through the manager (its caller charged it with `admit`); return its outcome.
         TaskError on failure (bad-input for a bad argument; ``fallback=False``: also when it would
-        run locally because no remote worker is usable)."""
+        run locally because no remote worker is usable). ``check``: as `Manager.run`'s."""
         kernel, placement = check_rpc_text("kernel", kernel), check_rpc_text("placement", placement)
         timeout_s = check_task_timeout(timeout_s)
-        return await self._submit(kernel, operands, params, placement, timeout_s, fallback)
+        return await self._submit(kernel, operands, params, placement, timeout_s, fallback, check_choice(check))
 
     async def _submit(
         self,
         kernel: str,
         operands: Sequence[np.ndarray],
-        params: dict[str, float],
+        params: Params,
         placement: str,
         timeout_s: float,
         fallback: bool,
+        check: str = "",
     ) -> TaskOutcome:
         outcome: TaskOutcome | None = None
         with self._call():
@@ -10434,7 +10736,7 @@ class NodeService:
                 raise TaskError(f"unknown placement {placement!r}; use one of: {known}", kind=ErrorKind.BAD_INPUT)
             else:
                 outcome = await self.manager.run(
-                    kernel, operands, params, placement=placement, timeout_s=timeout_s, fallback=fallback
+                    kernel, operands, params, placement=placement, timeout_s=timeout_s, fallback=fallback, check=check
                 )
         assert outcome is not None
         return outcome
@@ -11060,12 +11362,11 @@ def _make_gate(
 
     async def answer_kept(result: Any, outcome: TaskOutcome, kernel: str) -> None:
         """Keep a task's outputs on the node and answer with their capabilities (TaskOutput.kept)."""
-        verification = "checked" if result_verified(outcome, service.manager.verify_rounds) else ""
         handles = [
-            RemoteArrayImpl(service.kept.keep(a, verification=verification, lineage=f"the result of {kernel}"))
+            RemoteArrayImpl(service.kept.keep(a, verification=outcome.verification, lineage=f"the result of {kernel}"))
             for a in outcome.outputs
         ]
-        record = TaskOutputRecord.from_outcome(outcome, bool(verification))
+        record = TaskOutputRecord.from_outcome(outcome, result_verified(outcome, service.manager.verify_rounds))
         dataclasses.replace(record, outputs=()).to_capnp(result)
         slots = result.init("outputs", len(handles))
         for i, (slot, handle) in enumerate(zip(slots, handles, strict=True)):
@@ -11103,7 +11404,8 @@ def _make_gate(
             try:
                 with service.call_slot():
                     kernel = check_rpc_text("kernel", str(task.kernel))  # before any copy of the operands
-                    params = {str(p.name): float(p.value) for p in task.params}
+                    params = params_from_capnp(task.params)
+                    check = check_choice(str(task.check))
                     stand_ins = operand_stand_ins(task.operands)
                     kept = await claimed(task.arrays) if len(task.arrays) else []
                     if batch:
@@ -11133,7 +11435,9 @@ def _make_gate(
                     del task
                     _context.release_params()
                     # NOTE: the one hop into trio of a task: charged above, on this thread
-                    outcome = await in_trio(service.submit, kernel, operands, params, placement, timeout_s, fallback)
+                    outcome = await in_trio(
+                        service.submit, kernel, operands, params, placement, timeout_s, fallback, check
+                    )
                     del operands, kept
                     if keep and outcome is not None:
                         await answer_kept(result, outcome, kernel)
@@ -11659,34 +11963,6 @@ def _pinned_connection_class() -> type[_PinnedConnection]:
     return type("PinnedConnection", (_PinnedConnection, asyncio.BufferedProtocol), {})
 
 
-def _outside_output(reader: Any, room: int, where: str) -> tuple[Any, list[int]]:
-    """The dtype and shape of a task's output that came outside the message (an RPC `Array` with
-    ``shared`` set), at most ``room`` bytes; RpcError when the node declared another."""
-    name, shape = str(reader.dtype), [int(d) for d in reader.shape]
-    if name not in ALLOWED_DTYPES or math.prod(shape) * _wire_dtype(name).itemsize > room:
-        raise RpcError(f"cannot read a result: a {name} of shape {tuple(shape)} {where}")
-    return _wire_dtype(name), shape
-
-
-def _record_with_outputs(reader: Any, outputs: tuple[Any, ...], arrays_via: str) -> TaskOutputRecord:
-    """The record of a task's answer whose outputs came outside the message (or stayed on the node:
-    `RemoteArray` handles)."""
-    fields = [f for f in TaskOutputRecord.capnp_fields() if f[0] not in ("outputs", "kept")]
-    values = {a: _rpc_from_capnp(getattr(reader, n), t) for a, n, t in fields}
-    return TaskOutputRecord(outputs, **values, arrays_via=arrays_via)
-
-
-def _detached_capability(cap: Any) -> Any:
-    """The same capability, no longer keeping alive the response it came in.
-
-    NOTE: pycapnp's capability keeps its message alive, and a response keeps its request, so a
-    kept result's handle would hold the operands' capabilities the request passed (the node could
-    not release them while it lives). Here it is held by a one-slot message of its own instead."""
-    holder = load_schema().TaskSpec.new_message()
-    holder.init("arrays", 1)[0] = cap
-    return holder.arrays[0]
-
-
 class TaskFuture(concurrent.futures.Future):
     """The answer of one call of a `Client` that has not arrived yet (`Client.future`, `Client.map`).
 
@@ -12149,7 +12425,7 @@ class Client:
         self,
         kernel: str,
         operands: Sequence[Any],
-        params: dict[str, float],
+        params: Params,
         *,
         in_message: bool = True,
         held: Sequence[int] = (),
@@ -12200,9 +12476,11 @@ class Client:
         *operands: Any,
         placement: str = "auto",
         timeout_s: float | None = None,
-        fallback: bool | float = True,  # NOTE: a bool; "| float" lets callers pass **params of floats
+        # NOTE: "| float": callers may pass **params of floats (a dict[str, float])
+        fallback: bool | float = True,
         keep: bool | float = False,
-        **params: float,
+        check: str | float = "",
+        **params: Any,
     ) -> TaskFuture:
         """Start ``kernel`` on the node and return its `TaskFuture` at once (arguments as `submit`).
 
@@ -12211,6 +12489,11 @@ class Client:
         here, before sending (TaskError or RpcError from this call). ``cancel()`` cancels the task
         on the node and on its worker."""
         started = time.perf_counter()
+        try:
+            params = dict(params_from_python(params))
+            check = check_choice(str(check))
+        except (ValueError, KernelError) as exc:
+            raise UsageError(f"cannot submit {kernel}: {exc}") from None
         held = [o._handle_for(self) if isinstance(o, RemoteArray) else 0 for o in operands]
         # NOTE: operands on a bulk channel are held to the node's budget, not to the message limit
         arrays = self._check_operands(
@@ -12248,6 +12531,7 @@ class Client:
             tls_bulk,
             held,
             keep,
+            check,
         )
         try:
             future = self._start(call, what, done)
@@ -12263,7 +12547,7 @@ class Client:
         self,
         kernel: str,
         arrays: Sequence[np.ndarray],
-        params: dict[str, float],
+        params: Params,
         held: Sequence[int] = (),
         keep: bool = False,
     ) -> bool:
@@ -12276,7 +12560,7 @@ class Client:
         self,
         kernel: str,
         arrays: Sequence[np.ndarray],
-        params: dict[str, float],
+        params: Params,
         held: Sequence[int] = (),
         keep: bool = False,
     ) -> _BulkTask | None:
@@ -12377,7 +12661,7 @@ class Client:
         self,
         kernel: str,
         arrays: Sequence[np.ndarray],
-        params: dict[str, float],
+        params: Params,
         placement: str,
         timeout_s: float,
         fallback: bool,
@@ -12385,6 +12669,7 @@ class Client:
         tls_bulk: bool = False,
         held: Sequence[int] = (),
         keep: bool = False,
+        check: str = "",
     ) -> TaskOutputRecord:
         """Send one task over Cap'n Proto and read its answer (on the loop thread).
 
@@ -12393,7 +12678,9 @@ class Client:
         the request names them; should the node refuse them, the arrays travel in the message.
         With ``tls_bulk``, they go on a bulk connection over TLS (a node on another box)."""
         if tls_bulk and self._tls_bulk is not None:
-            over_tls = await self._submit_over_tls(kernel, arrays, params, placement, timeout_s, fallback, held, keep)
+            over_tls = await self._submit_over_tls(
+                kernel, arrays, params, placement, timeout_s, fallback, held, keep, check
+            )
             if over_tls is not None:
                 return over_tls
             refusal = self._message_refusal(kernel, arrays, held)
@@ -12413,7 +12700,19 @@ class Client:
         offsets = bulk.offsets if batch and bulk is not None else None
         output_segment = len(bulk.segments) if batch and bulk is not None and bulk.output is not None else 0
         request = self._task_request(
-            kernel, arrays, params, placement, timeout_s, fallback, shared, batch, output_segment, offsets, held, keep
+            kernel,
+            arrays,
+            params,
+            placement,
+            timeout_s,
+            fallback,
+            shared,
+            batch,
+            output_segment,
+            offsets,
+            held,
+            keep,
+            check,
         )
         response = await request.send()
         reader = response.result
@@ -12433,7 +12732,7 @@ class Client:
         self,
         kernel: str,
         arrays: Sequence[np.ndarray],
-        params: dict[str, float],
+        params: Params,
         placement: str,
         timeout_s: float,
         fallback: bool,
@@ -12443,6 +12742,7 @@ class Client:
         offsets: Sequence[int] | None = None,
         held: Sequence[int] = (),
         keep: bool = False,
+        check: str = "",
     ) -> Any:
         """The `submit` request of a task: each operand in the message, or (``shared[i]`` > 0) named
         by its segment in ``batch`` (at ``offsets[i]`` there, default 0), or (``held[i]`` > 0) a
@@ -12455,6 +12755,7 @@ class Client:
         spec.timeoutSeconds = timeout_s
         spec.noFallback = not fallback
         spec.keep = keep
+        spec.check = check
         held = held or [0] * len(arrays)
         names = list(dict.fromkeys(h for h in held if h))  # each held array once
         caps = spec.init("arrays", len(names))
@@ -12473,9 +12774,7 @@ class Client:
                 slot.shared.segment, slot.shared.offset = segment, offset
             else:
                 array_to_capnp(slot, a)
-        ps = spec.init("params", len(params))
-        for slot, (name, value) in zip(ps, params.items(), strict=True):
-            slot.name, slot.value = name, float(value)
+        params_to_capnp(spec, params)
         if batch:
             spec.bulkBatch = batch
             spec.outputSegment = output_segment
@@ -12485,12 +12784,13 @@ class Client:
         self,
         kernel: str,
         arrays: Sequence[np.ndarray],
-        params: dict[str, float],
+        params: Params,
         placement: str,
         timeout_s: float,
         fallback: bool,
         held: Sequence[int] = (),
         keep: bool = False,
+        check: str = "",
     ) -> TaskOutputRecord | None:
         """Send a task's arrays on a bulk connection over TLS and the task over Cap'n Proto; None when
         the bulk channel failed before the task was sent (it then goes in the message). TaskError
@@ -12526,7 +12826,19 @@ class Client:
                 return None
             output_segment = len(sent) + 1 if out_bytes else 0
             request = self._task_request(
-                kernel, arrays, params, placement, timeout_s, fallback, shared, name, output_segment, None, held, keep
+                kernel,
+                arrays,
+                params,
+                placement,
+                timeout_s,
+                fallback,
+                shared,
+                name,
+                output_segment,
+                None,
+                held,
+                keep,
+                check,
             )
             reader = (await request.send()).result
             if keep and not reader.errorKind:
@@ -12558,9 +12870,11 @@ class Client:
         *operands: Any,
         placement: str = "auto",
         timeout_s: float | None = None,
-        fallback: bool | float = True,  # NOTE: a bool; "| float" lets callers pass **params of floats
+        # NOTE: "| float": callers may pass **params of floats (a dict[str, float])
+        fallback: bool | float = True,
         keep: bool | float = False,
-        **params: float,
+        check: str | float = "",
+        **params: Any,
     ) -> Any:
         """Run ``kernel`` on the node (placement auto, local, remote or a peer id); return its output
         (a tuple of arrays for a kernel with several).
@@ -12569,11 +12883,22 @@ class Client:
         they do not travel again). ``keep=True``: leave the output on the node and return a
         `RemoteArray` for it (see `put`). ``fallback=False``: raise TaskError (kind "unavailable")
         instead of running locally because no remote worker is usable; by default the node falls
-        back and ``last_task["fallback_reason"]`` says why. A task refused for its input raises
+        back and ``last_task["fallback_reason"]`` says why. ``check``: how the node verifies a remote
+        worker's result: "" (default) the kernel's own check, "recompute" (the node computes it again
+        and compares), "none" (taken as sent); ``last_task["verification"]`` says which ran
+        ("local" when it ran on the node). Parameters take numbers, text and tuples of ints (numpy's
+        ``axis=(0, 1)``, ``shape=(3, -1)``). A task refused for its input raises
         `BadInputError` (a TaskError and a ValueError). Waits for the answer (`future` does not);
         Ctrl-C while waiting cancels the task."""
         future = self.future(
-            kernel, *operands, placement=placement, timeout_s=timeout_s, fallback=fallback, keep=keep, **params
+            kernel,
+            *operands,
+            placement=placement,
+            timeout_s=timeout_s,
+            fallback=fallback,
+            keep=keep,
+            check=check,
+            **params,
         )
         try:
             return self._wait(future, f"submit {kernel}")
@@ -12590,7 +12915,7 @@ class Client:
         placement: str = "auto",
         timeout_s: float | None = None,
         fallback: bool | float = True,
-        **params: float,
+        **params: Any,
     ) -> Iterator[np.ndarray]:
         """Run ``kernel`` on each item of ``operands`` (a tuple of arrays, or one array); yield the
         outputs in order, like `Executor.map`.

@@ -27,9 +27,13 @@ struct ArrayMeta {
 }
 
 struct Param {
-  # A named scalar parameter of a kernel ("factor" of scale, "seed" of random).
+  # A named parameter of a kernel: a number ("factor" of scale, "axis"), a text
+  # ("UPLO" of eigh, the subscripts of einsum) or a list of integers (axes, a shape).
   name  @0 :Text;
-  value @1 :Float64;
+  value @1 :Float64;        # kind 0
+  text  @2 :Text;           # kind 1, at most 256 characters
+  ints  @3 :List(Int64);    # kind 2, at most 64 entries
+  kind  @4 :UInt8;          # 0 number, 1 text, 2 ints
 }
 
 # ---------------------------------------------------------------- session
@@ -214,7 +218,8 @@ struct TaskSpec {
   noFallback     @5 :Bool;     # fail instead of running locally because no remote worker is usable
   bulkBatch      @6 :Data;     # the 16-byte name of the task's segments on the bulk channel; empty: none
   outputSegment  @7 :UInt32;   # 1 + the index of the segment to write the output into; 0: in the message
-  check          @8 :Text;     # "": the kernel's own check; "recompute"; "none"
+  check          @8 :Text;     # "": the kernel's own check of a remote result; "recompute": the node
+                               # recomputes it and compares; "none": taken as sent (unverified)
   keep           @9 :Bool;     # leave the outputs on the node: TaskOutput.kept answers with handles
   arrays         @10 :List(RemoteArray);  # the held arrays the operands name (Array.held)
 }
@@ -240,7 +245,7 @@ struct TaskOutput {
   timings      @5 :Timings;
   fallbackReason @6 :Text;        # why it ran locally when no remote worker was usable, "" otherwise
   verified     @7 :Bool;          # the node checked the result (a remote worker's: Freivalds or the kernel's check)
-  verification @8 :Text;          # how the result was checked ("unverified": not at all)
+  verification @8 :Text;          # how: "local" (ran here), "freivalds", "residual", "projection", "recompute", "unverified"
   kept         @9 :List(RemoteArray);  # with TaskSpec.keep: one handle per output, in order
 }
 
@@ -303,12 +308,15 @@ struct KernelInfo {
   # One kernel the node runs for RPC clients, as its registry and its limits say.
   name        @0 :Text;
   operands    @1 :UInt32;        # how many arrays it takes
-  params      @2 :List(Text);    # the names of its scalar parameters (TaskSpec.params)
+  params      @2 :List(Text);    # the names of its parameters (TaskSpec.params)
   dtypes      @3 :List(Text);    # the dtypes its operands may have; empty when it takes none
   description @4 :Text;          # one line, e.g. "matrix product a @ b"
   maxNdim     @5 :UInt32;        # dimensions an operand may have, at most
   maxElements @6 :UInt64;        # elements an operand (and the result) may have, at most
-  verification @7 :Text;         # how the node checks a remote worker's result; empty: taken as sent
+  verification @7 :Text;         # how the node checks a remote worker's result; empty: taken as sent;
+                                 # "unverified": the kernel has no check (TaskSpec.check "recompute" asks for one)
+  outputs     @8 :UInt32;        # how many arrays it returns (svd: 3)
+  variadic    @9 :Bool;          # it takes `operands` up to 64 arrays (concatenate, einsum)
 }
 
 interface Compute {

@@ -795,9 +795,9 @@ def test_client_size_refusal_names_a_budget_the_task_can_never_fit() -> None:
 
 
 def test_result_verified_only_when_remote_workers_ran_it_and_checks_are_on() -> None:
-    def outcome(worker: str, *attempts: str) -> pangea.TaskOutcome:
+    def outcome(worker: str, *attempts: str, verification: str = "freivalds") -> pangea.TaskOutcome:
         records = [pangea.AttemptRecord(w) for w in attempts or (worker,)]
-        return pangea.TaskOutcome(1, "matmul", (), worker, records, 0.0, 0.0)
+        return pangea.TaskOutcome(1, "matmul", (), worker, records, 0.0, 0.0, verification=verification)
 
     peer = "12D3KooWpeer"
     assert pangea.result_verified(outcome(peer), 1)
@@ -805,6 +805,8 @@ def test_result_verified_only_when_remote_workers_ran_it_and_checks_are_on() -> 
     assert not pangea.result_verified(outcome("local"), 1)
     assert pangea.result_verified(outcome("split", peer, peer), 1)
     assert not pangea.result_verified(outcome("split", peer, "local"), 1)
+    assert not pangea.result_verified(outcome(peer, verification="unverified"), 1)  # a kernel without a check
+    assert pangea.result_verified(outcome(peer, verification="recompute"), 0)  # asked for, whatever the rounds
 
 
 def test_task_future_cancel_reaches_its_call_once_and_only_before_its_answer() -> None:

@@ -249,6 +249,7 @@ def test_task_output_as_dict_is_last_task() -> None:
         "attempts": [{"worker": "local", "outcome": "ok"}],
         "timings": {"queue_s": 0.0, "transfer_s": 0.0, "compute_s": 1.0, "total_s": 1.25},
         "verified_by_node": True,
+        "verification": "",
         "arrays_via": "RPC messages",  # the Client's own note, not on the wire
     }
 
@@ -294,6 +295,8 @@ def test_kernel_info_as_dict_is_what_client_kernels_lists() -> None:
         "max_ndim": MAX_NDIM,
         "max_elements": 1 << 28,
         "verification": "recomputed",
+        "outputs": 1,
+        "variadic": False,
     }
 
 
@@ -306,8 +309,9 @@ def test_kernel_info_says_how_a_remote_result_is_verified() -> None:
     assert how("matmul") == "Freivalds, 2 rounds" and how("matmul", 5) == "Freivalds, 5 rounds"
     assert how("solve") == how("inverse") == "residual, 2 rounds"
     assert how("add") == how("transpose") == "recomputed"
-    assert how("random") == ""  # nothing cheaper than recomputing it: taken as sent
-    assert {how(name, 0) for name in KERNELS} == {""}  # --verify-rounds 0 checks nothing
+    assert how("random") == how("random", 0) == "unverified"  # nothing cheaper than recomputing it
+    checked = [name for name in KERNELS if KERNELS[name].check is not None]
+    assert {how(name, 0) for name in checked} == {""}  # --verify-rounds 0 checks nothing
 
 
 def test_compute_interface_has_the_kernels_method() -> None:
