@@ -111,6 +111,7 @@ __all__ = [
     "Decoder",
     "encode",
     "NEED_DATA",
+    "NUMPY_ARRAY_KERNELS",
     "KERNELS",
     "run_kernel",
     "Scheduler",
@@ -3739,6 +3740,48 @@ def check_by_recompute(
     return None
 
 
+# ---- numpy itself, as the kernels call it
+
+
+@contextlib.contextmanager
+def _numpy_errors(name: str) -> Iterator[None]:
+    """numpy's own refusal of an argument (ValueError, TypeError) as the kernel's KernelError."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise KernelError(f"{name}: {one_line(str(exc), 300)}") from None
+
+
+def _numpy_fn(path: str) -> Callable[..., Any]:
+    import numpy as np
+
+    fn: Any = np
+    for part in path.split("."):
+        fn = getattr(fn, part)
+    return fn
+
+
+def _broadcast_shape(name: str, operands: Operands) -> tuple[int, ...]:
+    """The broadcast shape of the operands; KernelError in numpy's words when they do not broadcast."""
+    import numpy as np
+
+    try:
+        return tuple(np.broadcast_shapes(*(a.shape for a in operands)))
+    except ValueError:
+        shapes = " ".join(
+            "(" + ",".join(str(d) for d in a.shape) + ("," if a.ndim == 1 else "") + ")" for a in operands
+        )
+        raise KernelError(f"{name}: operands could not be broadcast together with shapes {shapes}") from None
+
+
+def _dtype_of(path: str, operands: Operands, **kwargs: Any) -> np.dtype:
+    """numpy's result dtype of ``path`` on operands of these dtypes (run on one entry each)."""
+    import numpy as np
+
+    with np.errstate(all="ignore"):
+        return np.asarray(_numpy_fn(path)(*(np.ones(1, a.dtype) for a in operands), **kwargs)).dtype
+
+
 # ---- What each kernel owns besides fn: output bound, cost, check, check inputs, reference.
 # The registry below puts them together; a kernel added without one of them does not build.
 
@@ -4524,6 +4567,812 @@ def _ref_dot(ops: Operands, params: Params) -> np.ndarray:
     return np.asarray(np.dot(ops[0], ops[1]))
 
 
+# ---- numpy's O(n) kernels by family: element-wise, reductions, shapes (room 8 continues)
+#
+# Each family is a table of numpy functions; one builder makes each entry's run,
+# output bound (from numpy's own dtype rule on a one-entry sample, and the shape
+# rule of the family), cost, check, check inputs and reference. The checks
+# recompute the result a slice of outputs at a time (O(n), like the kernel):
+# exact where numpy is exact (integers, min/max, shapes, IEEE division), within
+# a few units in the last place for numpy's transcendental functions (another
+# libm may round them otherwise), within the rounding bound of any order of the
+# sum for reductions that add (SUM_SLACK times terms times eps times the sum of
+# the magnitudes).
+
+ELEMENTWISE_ULPS = 4.0  # exp, log, sin ... of another libm: within a few ulps of numpy's own
+
+
+# element-wise: name -> (numpy function, arity, exact)
+ELEMENTWISE: dict[str, tuple[str, int, bool]] = {
+    "divide": ("divide", 2, True),
+    "power": ("power", 2, False),
+    "maximum": ("maximum", 2, True),
+    "minimum": ("minimum", 2, True),
+    "exp": ("exp", 1, False),
+    "log": ("log", 1, False),
+    "sqrt": ("sqrt", 1, True),
+    "abs": ("abs", 1, True),
+    "sin": ("sin", 1, False),
+    "cos": ("cos", 1, False),
+    "tanh": ("tanh", 1, False),
+}
+
+
+def _elementwise_fn(name: str) -> Callable[[Operands, Params], tuple[np.ndarray, ...]]:
+    path, _, _ = ELEMENTWISE[name]
+
+    def fn(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
+        import numpy as np
+
+        _broadcast_shape(name, ops)
+        if name == "power" and all(a.dtype.kind == "i" for a in ops) and (ops[1] < 0).any():
+            raise KernelError("power: Integers to negative integer powers are not allowed.")
+        with _numpy_errors(name):
+            return (np.asarray(_numpy_fn(path)(*ops)),)
+
+    return fn
+
+
+def _k_clip(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
+    import numpy as np
+
+    low, high = _clip_bounds(params)
+    return (np.asarray(np.clip(ops[0], low, high)),)
+
+
+def _clip_bounds(params: Params) -> tuple[float | None, float | None]:
+    low = number_param("clip", params, "a_min", math.nan) if "a_min" in params else None
+    high = number_param("clip", params, "a_max", math.nan) if "a_max" in params else None
+    if low is None and high is None:
+        raise KernelError("clip: One of max or min must be given (a_min, a_max)")
+    return low, high
+
+
+def _k_where(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
+    import numpy as np
+
+    _broadcast_shape("where", ops)
+    return (np.asarray(np.where(ops[0] != 0, ops[1], ops[2])),)
+
+
+def _elementwise_reference(name: str) -> Callable[[Operands, Params], Any]:
+    def reference(ops: Operands, params: Params) -> Any:
+        import numpy as np
+
+        with np.errstate(all="ignore"):
+            if name == "clip":
+                return np.clip(ops[0], *_clip_bounds(params))
+            if name == "where":
+                return np.where(ops[0] != 0, ops[1], ops[2])
+            return _numpy_fn(ELEMENTWISE[name][0])(*ops)
+
+    return reference
+
+
+def _bytes_of_elementwise(name: str) -> Callable[[Operands, Params], int]:
+    def out_nbytes(ops: Operands, params: Params) -> int:
+        import numpy as np
+
+        shape = _broadcast_shape(name, ops)
+        if name == "clip":
+            dtype = np.asarray(np.clip(np.ones(1, ops[0].dtype), *_clip_bounds(params))).dtype
+        elif name == "where":
+            dtype = np.result_type(ops[1].dtype, ops[2].dtype)
+        else:
+            dtype = _dtype_of(ELEMENTWISE[name][0], ops)
+        return _bytes_of(shape, dtype)
+
+    return out_nbytes
+
+
+def _check_by_slices(name: str, exact: bool) -> Callable[..., str | None]:
+    """A check that recomputes an element-wise or shape result a slice of outputs at a time."""
+
+    def check(
+        kernel: str, ops: Operands, params: Params, outputs: tuple[np.ndarray, ...], seed: int, rounds: int
+    ) -> str | None:
+        import numpy as np
+
+        (out,) = outputs
+        want = KERNELS[kernel].reference(ops, params)
+        want = np.asarray(want)
+        if out.shape != want.shape:
+            return f"{kernel}: result shape {out.shape}, expected {want.shape}"
+        if out.dtype != want.dtype:
+            return f"{kernel}: result dtype {out.dtype}, expected {want.dtype}"
+        eps, _ = _eps_tiny(want.dtype) if want.dtype.kind in "fc" else (0.0, 0.0)
+        first: str | None = None
+        wrong = 0
+        for blk in _blocks(want.shape, CHECK_SLICE_ELEMENTS):
+            with np.errstate(all="ignore"):
+                got, ref = out[blk], want[blk]
+                tol = None if exact or not eps else ELEMENTWISE_ULPS * eps * np.abs(ref)
+                mask = _exact_mismatches(got, ref, tol)
+            count = int(mask.sum())
+            if count and first is None:
+                inner = np.unravel_index(int(np.argmax(mask)), mask.shape)
+                index = tuple(int(i) + (b.start or 0) for i, b in zip(inner, blk, strict=True))
+                where = f" at {list(index)}" if index else ""
+                first = f"{kernel}: the result is wrong{where} (got {out[index]!r}, numpy gives {want[index]!r}"
+            wrong += count
+        return None if first is None else f"{first}; {wrong} wrong entries)"
+
+    return check
+
+
+def _sample_elementwise(name: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], CheckInputs]:
+    def sample(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
+        import numpy as np
+
+        if name == "clip":
+            return (a,), {"a_min": 0.25, "a_max": 0.75}
+        if name == "where":
+            return (a - 0.5, a, b), {}
+        if name in ("log", "sqrt"):
+            return (np.abs(a) + 0.5,), {}
+        if ELEMENTWISE[name][1] == 2:
+            return (a, np.abs(b) + 0.5 if name in ("divide", "power") else b), {}
+        return (a,), {}
+
+    return sample
+
+
+def _elementwise_entry(name: str, doc: str) -> Kernel:
+    arity = {"clip": 1, "where": 3}.get(name) or ELEMENTWISE[name][1]
+    exact = name in ("clip", "where") or ELEMENTWISE[name][2]
+    return Kernel(
+        name,
+        arity,
+        _k_clip if name == "clip" else _k_where if name == "where" else _elementwise_fn(name),
+        doc,
+        ("a_min", "a_max") if name == "clip" else (),
+        out_nbytes=_bytes_of_elementwise(name),
+        flops=_flops_of_elements,
+        check=_check_by_slices(name, exact),
+        sample=_sample_elementwise(name),
+        reference=_elementwise_reference(name),
+        verification="recompute",
+        exact=exact,
+    )
+
+
+# ---- reductions: name -> (numpy function, params beyond axis and keepdims, adds terms)
+REDUCTIONS: dict[str, tuple[str, tuple[str, ...], bool]] = {
+    "prod": ("prod", (), True),
+    "mean": ("mean", (), True),
+    "std": ("std", ("ddof",), True),
+    "var": ("var", ("ddof",), True),
+    "min": ("min", (), False),
+    "max": ("max", (), False),
+    "argmin": ("argmin", (), False),
+    "argmax": ("argmax", (), False),
+    "cumsum": ("cumsum", (), True),
+}
+
+
+def _reduction_args(name: str, a: np.ndarray, params: Params) -> dict[str, Any]:
+    """numpy's keyword arguments of a reduction from its params (KernelError for bad ones)."""
+    axes = axis_param(name, params, max(a.ndim, 1))
+    kwargs: dict[str, Any] = {}
+    if name in ("argmin", "argmax", "cumsum"):
+        if axes is not None and len(axes) != 1:
+            raise KernelError(f"{name}: axis must be one integer, got {axes}")
+        kwargs["axis"] = None if axes is None else axes[0]
+    else:
+        kwargs["axis"] = axes
+    if name != "cumsum":
+        keep = number_param(name, params, "keepdims", 0.0)
+        if keep not in (0.0, 1.0):
+            raise KernelError(f"{name}: keepdims must be true or false, got {keep!r}")
+        if keep:
+            kwargs["keepdims"] = True
+    if name in ("std", "var"):
+        ddof = number_param(name, params, "ddof", 0.0)
+        if not math.isfinite(ddof) or ddof < 0:
+            raise KernelError(f"{name}: ddof must be a finite number, 0 or more, got {ddof!r}")
+        kwargs["ddof"] = ddof
+    if a.ndim == 0 and kwargs.get("axis") not in (None, (0,), 0):
+        raise KernelError(f"{name}: axis is out of bounds for array of dimension 0")
+    if a.ndim == 0 and kwargs.get("axis") is not None:
+        kwargs["axis"] = None
+    return kwargs
+
+
+def _reduce(name: str, a: np.ndarray, params: Params) -> np.ndarray:
+    import numpy as np
+
+    kwargs = _reduction_args(name, a, params)
+    if a.size == 0 and name in ("min", "max", "argmin", "argmax"):
+        axis = kwargs.get("axis")
+        axes = range(a.ndim) if axis is None else (axis,) if isinstance(axis, int) else axis
+        if any(a.shape[i] == 0 for i in axes):
+            raise KernelError(f"{name}: zero-size array to reduction operation {name} which has no identity")
+    with np.errstate(all="ignore"), _numpy_errors(name):
+        return np.asarray(_numpy_fn(REDUCTIONS[name][0])(a, **kwargs))
+
+
+def _reduction_fn(name: str) -> Callable[[Operands, Params], tuple[np.ndarray, ...]]:
+    def fn(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
+        return (_reduce(name, ops[0], params),)
+
+    return fn
+
+
+def _reduction_reference(name: str) -> Callable[[Operands, Params], Any]:
+    def reference(ops: Operands, params: Params) -> Any:
+        return _reduce(name, ops[0], params)
+
+    return reference
+
+
+def _bytes_of_reduction(name: str) -> Callable[[Operands, Params], int]:
+    def out_nbytes(ops: Operands, params: Params) -> int:
+        import numpy as np
+
+        (a,) = ops
+        kwargs = _reduction_args(name, a, params)
+        one = np.ones((1,) * a.ndim, a.dtype)
+        with np.errstate(all="ignore"):
+            dtype = np.asarray(_numpy_fn(REDUCTIONS[name][0])(one, **kwargs)).dtype
+        axis = kwargs.get("axis")
+        if name == "cumsum":
+            return _bytes_of((a.size,) if axis is None else a.shape, dtype)
+        axes = set(range(a.ndim)) if axis is None else {axis} if isinstance(axis, int) else set(axis)
+        keep = kwargs.get("keepdims", False)
+        shape = [1 if i in axes else d for i, d in enumerate(a.shape) if keep or i not in axes]
+        return _bytes_of(shape, dtype)
+
+    return out_nbytes
+
+
+def _check_reduction(
+    kernel: str, ops: Operands, params: Params, outputs: tuple[np.ndarray, ...], seed: int, rounds: int
+) -> str | None:
+    """Recompute a reduction: exact for integers, min, max, argmin and argmax; for one that adds,
+    within SUM_SLACK x terms x eps x the same reduction of the magnitudes (any order of the sum)."""
+    import numpy as np
+
+    (out,) = outputs
+    (a,) = ops
+    want = _reduce(kernel, a, params)
+    if out.shape != want.shape or out.dtype != want.dtype:
+        return f"{kernel}: result {out.dtype}{list(out.shape)}, expected {want.dtype}{list(want.shape)}"
+    if want.dtype.kind not in "fc" or not REDUCTIONS[kernel][2]:
+        return _first_wrong(kernel, _exact_mismatches(out, want), out, want)
+    eps, _ = _eps_tiny(want.dtype)
+    kwargs = _reduction_args(kernel, a, params)
+    axis = kwargs.get("axis")
+    terms = a.size if axis is None else a.shape[axis] if isinstance(axis, int) else math.prod(a.shape[i] for i in axis)
+    with np.errstate(all="ignore"):
+        mag = np.abs(a).astype(np.abs(want).dtype, copy=False)
+        if kernel == "prod":
+            bound = np.abs(want) * (terms + 1)
+        elif kernel in ("std", "var"):
+            centred = np.abs(a - np.mean(a, axis=axis, keepdims=True)) ** 2
+            bound = np.sum(centred, axis=axis, keepdims=kwargs.get("keepdims", False)) / max(1, terms)
+            bound = bound + np.abs(np.mean(mag, axis=axis, keepdims=kwargs.get("keepdims", False))) ** 2
+            if kernel == "std":
+                bound = np.sqrt(bound)
+            bound = bound * (terms + 1)
+        elif kernel == "cumsum":
+            bound = np.cumsum(mag, axis=axis)
+        else:  # mean
+            bound = np.mean(mag, axis=axis, keepdims=kwargs.get("keepdims", False))
+        tol = SUM_SLACK * (terms + 2) * eps * np.asarray(bound)
+    return _first_wrong(kernel, _exact_mismatches(out, want, tol), out, want)
+
+
+def _sample_reduction(name: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], CheckInputs]:
+    def sample(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
+        return (a,), ({"axis": 0.0} if name not in ("prod",) else {"axis": 1.0})
+
+    return sample
+
+
+def _reduction_entry(name: str, doc: str) -> Kernel:
+    _, extra, adds = REDUCTIONS[name]
+    params = ("axis",) + (() if name == "cumsum" else ("keepdims",)) + extra
+    return Kernel(
+        name,
+        1,
+        _reduction_fn(name),
+        doc,
+        params,
+        out_nbytes=_bytes_of_reduction(name),
+        flops=_flops_of_elements,
+        check=_check_reduction,
+        sample=_sample_reduction(name),
+        reference=_reduction_reference(name),
+        verification="recompute",
+        exact=not adds,
+    )
+
+
+# ---- shapes: transpose with axes, reshape, concatenate, stack, slice (copy and transpose are above)
+
+
+def _k_transpose_axes(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
+    import numpy as np
+
+    (a,) = ops
+    axes = ints_param("transpose", params, "axes", None)
+    if axes is not None:
+        if sorted(a % max(1, a_nd) if -a_nd <= a < a_nd else -999 for a, a_nd in ((x, a.ndim) for x in axes)) != list(
+            range(a.ndim)
+        ):
+            raise KernelError(f"transpose: axes {axes} don't match array of dimension {a.ndim}")
+        return (np.array(np.transpose(a, axes), order="C"),)
+    return (np.array(a.T, order="C"),)
+
+
+def _reshape_target(a: np.ndarray, params: Params) -> tuple[int, ...]:
+    if ("shape" in params) == ("newshape" in params):
+        raise KernelError("reshape: give the new shape as shape (numpy's name; newshape is its old one)")
+    shape = ints_param("reshape", params, "shape" if "shape" in params else "newshape", None)
+    assert shape is not None
+    if sum(d == -1 for d in shape) > 1 or any(d < -1 for d in shape):
+        raise KernelError(f"reshape: can only specify one unknown dimension (-1), got {shape}")
+    known = math.prod(d for d in shape if d != -1)
+    if -1 in shape:
+        if known == 0 or a.size % known:
+            raise KernelError(f"reshape: cannot reshape array of size {a.size} into shape {shape}")
+        shape = tuple(a.size // known if d == -1 else d for d in shape)
+    if math.prod(shape) != a.size:
+        raise KernelError(f"reshape: cannot reshape array of size {a.size} into shape {shape}")
+    if len(shape) > MAX_NDIM:
+        raise KernelError(f"reshape: at most {MAX_NDIM} dimensions, got {len(shape)}")
+    return shape
+
+
+def _k_reshape(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
+    import numpy as np
+
+    return (np.array(ops[0], order="C").reshape(_reshape_target(ops[0], params)),)
+
+
+def _joined(name: str, ops: Operands, params: Params) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype of concatenate or stack of the operands; KernelError in numpy's words."""
+    import numpy as np
+
+    axis = int_param(name, params, "axis", 0)
+    assert axis is not None
+    first = ops[0].shape
+    ndim = len(first) + (name == "stack")
+    if not -ndim <= axis < ndim or (name == "concatenate" and not first):
+        raise KernelError(f"{name}: axis {axis} is out of bounds for array of dimension {ndim}")
+    axis %= ndim
+    for i, a in enumerate(ops):
+        if name == "stack" and a.shape != first:
+            raise KernelError(f"{name}: all input arrays must have the same shape (operand {i} is {a.shape})")
+        if name == "concatenate" and (
+            a.ndim != len(first) or a.shape[:axis] + a.shape[axis + 1 :] != first[:axis] + first[axis + 1 :]
+        ):
+            raise KernelError(
+                f"{name}: all the input array dimensions except for the concatenation axis must match exactly "
+                f"(operand 0 is {first}, operand {i} is {a.shape})"
+            )
+    dtype = np.result_type(*(a.dtype for a in ops))
+    if name == "stack":
+        return first[:axis] + (len(ops),) + first[axis:], dtype
+    return first[:axis] + (sum(a.shape[axis] for a in ops),) + first[axis + 1 :], dtype
+
+
+def _join_fn(name: str) -> Callable[[Operands, Params], tuple[np.ndarray, ...]]:
+    def fn(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
+        import numpy as np
+
+        _joined(name, ops, params)
+        axis = int_param(name, params, "axis", 0)
+        return (np.asarray(_numpy_fn(name)(list(ops), axis=axis)),)
+
+    return fn
+
+
+def _slice_keys(a: np.ndarray, params: Params) -> tuple[slice, ...]:
+    """The ranges of "slice": start, stop and step per axis (as many as given; the rest whole)."""
+    start = ints_param("slice", params, "start", ()) or ()
+    stop = ints_param("slice", params, "stop", ()) or ()
+    step = ints_param("slice", params, "step", ()) or ()
+    n = max(len(start), len(stop), len(step))
+    if n > a.ndim:
+        raise KernelError(f"slice: too many indices for array: array is {a.ndim}-dimensional, but {n} were indexed")
+    keys = []
+    for axis in range(n):
+        st = step[axis] if axis < len(step) else 1
+        if st == 0:
+            raise KernelError("slice: slice step cannot be zero")
+        b = start[axis] if axis < len(start) else None
+        e = stop[axis] if axis < len(stop) else None
+        keys.append(slice(b, e, st))
+    return tuple(keys)
+
+
+def _k_slice(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
+    import numpy as np
+
+    return (np.array(ops[0][_slice_keys(ops[0], params)], order="C"),)
+
+
+def _shape_reference(name: str) -> Callable[[Operands, Params], Any]:
+    def reference(ops: Operands, params: Params) -> Any:
+        import numpy as np
+
+        if name == "transpose":
+            axes = ints_param(name, params, "axes", None)
+            return np.transpose(ops[0], axes)
+        if name == "reshape":
+            return np.reshape(ops[0], _reshape_target(ops[0], params))
+        if name in ("concatenate", "stack"):
+            return _numpy_fn(name)(list(ops), axis=int_param(name, params, "axis", 0))
+        return ops[0][_slice_keys(ops[0], params)]
+
+    return reference
+
+
+def _bytes_of_shape(name: str) -> Callable[[Operands, Params], int]:
+    def out_nbytes(ops: Operands, params: Params) -> int:
+        if name in ("concatenate", "stack"):
+            shape, dtype = _joined(name, ops, params)
+            return _bytes_of(shape, dtype)
+        if name == "slice":
+            a = ops[0]
+            keys = _slice_keys(a, params)
+            dims = [len(range(*k.indices(a.shape[i]))) for i, k in enumerate(keys)] + list(a.shape[len(keys) :])
+            return _bytes_of(dims, a.dtype)
+        return int(ops[0].nbytes)
+
+    return out_nbytes
+
+
+def _sample_shape(name: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], CheckInputs]:
+    def sample(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
+        if name == "transpose":
+            return (a[:, : a.shape[0] // 2],), {}
+        if name == "reshape":
+            return (a,), {"shape": (-1,)}
+        if name in ("concatenate", "stack"):
+            return (a, b), {"axis": 1.0}
+        return (a,), {"start": (1, 0), "stop": (a.shape[0] - 1, a.shape[1]), "step": (2, 3)}
+
+    return sample
+
+
+def _shape_entry(name: str, doc: str, params: tuple[str, ...], arity: int = 1, variadic: bool = False) -> Kernel:
+    fn = {"transpose": _k_transpose_axes, "reshape": _k_reshape, "slice": _k_slice}.get(name) or _join_fn(name)
+    return Kernel(
+        name,
+        arity,
+        fn,
+        doc,
+        params,
+        out_nbytes=_bytes_of_shape(name),
+        flops=_flops_of_elements,
+        check=_check_by_slices(name, True),
+        sample=_sample_shape(name),
+        reference=_shape_reference(name),
+        verification="recompute",
+        variadic=variadic,
+    )
+
+
+# ---- numpy.fft: checked on sampled output entries, each a direct DFT sum of the (cropped or padded)
+# input along the transformed axes, within the rounding bound of that sum
+FFT_SAMPLES = 8  # output entries a check computes directly, per round
+FFT_SLACK = 8.0  # an FFT's error grows like log n eps |x|; the direct sum's like n eps sum|x|: both under this
+FFT_KERNELS: dict[str, tuple[bool, bool, bool]] = {
+    # name: (inverse, real (rfft/irfft), several axes)
+    "fft": (False, False, False),
+    "ifft": (True, False, False),
+    "rfft": (False, True, False),
+    "irfft": (True, True, False),
+    "fft2": (False, False, True),
+    "ifft2": (True, False, True),
+    "fftn": (False, False, True),
+    "ifftn": (True, False, True),
+}
+
+
+def _fft_args(name: str, a: np.ndarray, params: Params) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+    """The (axes, sizes along them, norm) of an fft call, as numpy would take them."""
+    _, real, several = FFT_KERNELS[name]
+    norm = text_param(name, params, "norm", "backward", ("backward", "ortho", "forward"))
+    if a.ndim == 0:
+        raise KernelError(f"{name}: the input must have at least one dimension")
+    if several:
+        axes = ints_param(name, params, "axes", None)
+        sizes = ints_param(name, params, "s", None)
+        if axes is None:
+            axes = tuple(range(a.ndim))[-2:] if name.endswith("2") else tuple(range(a.ndim))
+            if sizes is not None and name.endswith("n"):
+                axes = tuple(range(a.ndim))[-len(sizes) :]
+        if sizes is not None and len(sizes) != len(axes):
+            raise KernelError(f"{name}: s and axes must have the same length, got {sizes} and {axes}")
+    else:
+        axis = int_param(name, params, "axis", -1)
+        assert axis is not None
+        axes = (axis,)
+        n = int_param(name, params, "n", None)
+        sizes = None if n is None else (n,)
+    norm_axes = []
+    for axis in axes:
+        if not -a.ndim <= axis < a.ndim:
+            raise KernelError(f"{name}: axis {axis} is out of bounds for array of dimension {a.ndim}")
+        norm_axes.append(axis % a.ndim)
+    if len(set(norm_axes)) != len(norm_axes):
+        raise KernelError(f"{name}: repeated axis in axes {tuple(axes)}")
+    if sizes is None:
+        sizes = tuple(a.shape[x] for x in norm_axes)
+        if name == "irfft":
+            sizes = (2 * (a.shape[norm_axes[0]] - 1),)
+    for n in sizes:
+        if n < 1:
+            raise KernelError(f"{name}: Invalid number of FFT data points ({n}) specified.")
+    return tuple(norm_axes), tuple(sizes), norm
+
+
+def _fft_call(name: str, a: np.ndarray, params: Params) -> np.ndarray:
+    import numpy as np
+
+    axes, sizes, norm = _fft_args(name, a, params)
+    if name == "rfft" and a.dtype.kind == "c":
+        raise KernelError("rfft: the input must be real (fft takes complex input)")
+    fn = _numpy_fn(f"fft.{name}")
+    with np.errstate(all="ignore"), _numpy_errors(name):
+        if FFT_KERNELS[name][2]:
+            return np.asarray(fn(a, s=sizes, axes=axes, norm=norm))
+        return np.asarray(fn(a, n=sizes[0], axis=axes[0], norm=norm))
+
+
+def _fft_fn(name: str) -> Callable[[Operands, Params], tuple[np.ndarray, ...]]:
+    def fn(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
+        return (_fft_call(name, ops[0], params),)
+
+    return fn
+
+
+def _fft_reference(name: str) -> Callable[[Operands, Params], Any]:
+    def reference(ops: Operands, params: Params) -> Any:
+        return _fft_call(name, ops[0], params)
+
+    return reference
+
+
+def _fft_shape_dtype(name: str, a: np.ndarray, params: Params) -> tuple[list[int], np.dtype]:
+    import numpy as np
+
+    axes, sizes, _ = _fft_args(name, a, params)
+    shape = list(a.shape)
+    for axis, n in zip(axes, sizes, strict=True):
+        shape[axis] = n // 2 + 1 if name == "rfft" else n
+    one = np.ones((2,) * a.ndim, a.dtype)
+    small = dict(params)
+    small.pop("s", None)
+    small.pop("n", None)
+    dtype = _fft_call(name, one, small).dtype
+    return shape, dtype
+
+
+def _bytes_of_fft(name: str) -> Callable[[Operands, Params], int]:
+    def out_nbytes(ops: Operands, params: Params) -> int:
+        shape, dtype = _fft_shape_dtype(name, ops[0], params)
+        return _bytes_of(shape, dtype)
+
+    return out_nbytes
+
+
+def _fft_input(name: str, a: np.ndarray, axes: tuple[int, ...], sizes: tuple[int, ...]) -> np.ndarray:
+    """The input as the transform reads it: cropped or zero-padded to the sizes along the axes
+    (irfft: its half spectrum to n // 2 + 1 entries)."""
+    import numpy as np
+
+    x = np.asarray(a, dtype=np.complex128)
+    for axis, n in zip(axes, sizes, strict=True):
+        m = n // 2 + 1 if name == "irfft" else n
+        if x.shape[axis] > m:
+            x = np.take(x, np.arange(m), axis=axis)
+        elif x.shape[axis] < m:
+            pad = [(0, 0)] * x.ndim
+            pad[axis] = (0, m - x.shape[axis])
+            x = np.pad(x, pad)
+    return x
+
+
+def _check_fft(
+    kernel: str, ops: Operands, params: Params, outputs: tuple[np.ndarray, ...], seed: int, rounds: int
+) -> str | None:
+    """Compute FFT_SAMPLES x rounds output entries directly, each a DFT sum over the transformed
+    axes (irfft: with the half spectrum's Hermitian extension), and compare within the bound of
+    that sum: FFT_SLACK x terms x eps x the sum of the terms' magnitudes."""
+    import numpy as np
+
+    (out,) = outputs
+    (a,) = ops
+    inverse, _, _ = FFT_KERNELS[kernel]
+    axes, sizes, norm = _fft_args(kernel, a, params)
+    shape, dtype = _fft_shape_dtype(kernel, a, params)
+    if list(out.shape) != shape or out.dtype != dtype:
+        return f"{kernel}: result {out.dtype}{list(out.shape)}, expected {dtype}{shape}"
+    if not out.size:
+        return None
+    x = _fft_input(kernel, a, axes, sizes)
+    total = math.prod(sizes)
+    problem = _fft_energy(kernel, x, out, axes, sizes, norm)
+    if problem is not None:
+        return problem
+    scale = {
+        "backward": 1.0 / total if inverse else 1.0,
+        "ortho": 1.0 / math.sqrt(total),
+        "forward": 1.0 if inverse else 1.0 / total,
+    }[norm]
+    sign = 1.0 if inverse else -1.0
+    eps, tiny = _eps_tiny(dtype)
+    rng = np.random.default_rng(seed)
+    for _ in range(FFT_SAMPLES * max(1, rounds)):
+        index = tuple(int(rng.integers(0, d)) for d in out.shape)
+        part = x[tuple(slice(None) if i in axes else index[i] for i in range(x.ndim))]
+        kept = [i for i in range(x.ndim) if i in axes]  # the axes left in `part`, in order
+        terms = part
+        for j, axis in enumerate(kept):
+            n = sizes[axes.index(axis)]
+            k = index[axis]
+            m = terms.shape[j]
+            if kernel == "irfft":  # the full spectrum's sum over its n entries, from the half
+                coef = np.exp(sign * 2j * np.pi * k * np.arange(m) / n)
+                weight = np.full(m, 2.0)
+                weight[0] = 1.0
+                if n % 2 == 0:
+                    weight[-1] = 1.0
+                vals = terms.copy()
+                vals[..., 0] = vals[..., 0].real
+                if n % 2 == 0:
+                    vals[..., -1] = vals[..., -1].real
+                terms = (vals * coef * weight).real.astype(np.complex128)
+            else:
+                coef = np.exp(sign * 2j * np.pi * k * np.arange(m) / n)
+                shape_c = [1] * terms.ndim
+                shape_c[j] = m
+                terms = terms * coef.reshape(shape_c)
+        with np.errstate(all="ignore"):
+            mag = float(np.abs(terms).sum())
+            if not mag * (total + 2) < float(np.finfo(dtype).max) / 16:
+                continue  # inf or NaN in it, or so near overflow that the order of the sum decides: no judge
+            want = complex(terms.sum()) * scale
+            mag *= abs(scale)
+        got = complex(out[index])
+        if not abs(got - want) <= FFT_SLACK * (total + 2) * eps * mag + tiny:
+            return f"{kernel}: the result is wrong at {list(index)} (got {got!r}, the DFT sum gives {want!r})"
+    return None
+
+
+def _half_weights(m: int, n: int) -> np.ndarray:
+    """The weights of a half spectrum's entries in the full one's sum of squares (rfft, irfft)."""
+    import numpy as np
+
+    w = np.full(m, 2.0)
+    w[0] = 1.0
+    if n % 2 == 0 and m > 1:
+        w[-1] = 1.0
+    return w
+
+
+def _fft_energy(
+    kernel: str, x: np.ndarray, out: np.ndarray, axes: tuple[int, ...], sizes: tuple[int, ...], norm: str
+) -> str | None:
+    """Parseval's identity, O(n): the sum of squares of the output against the input's, scaled by
+    the norm; it catches a result wrong anywhere by more than the rounding of the two sums."""
+    import numpy as np
+
+    inverse = FFT_KERNELS[kernel][0]
+    total = math.prod(sizes)
+    with np.errstate(all="ignore"):
+        if kernel == "irfft":
+            half = np.moveaxis(x, axes[0], -1).copy()
+            half[..., 0] = half[..., 0].real
+            if sizes[0] % 2 == 0:
+                half[..., -1] = half[..., -1].real
+            e_in = float((np.abs(half) ** 2 * _half_weights(half.shape[-1], sizes[0])).sum())
+        else:
+            e_in = float((np.abs(x) ** 2).sum())
+        if kernel == "rfft":
+            moved = np.moveaxis(np.abs(out.astype(np.complex128)) ** 2, axes[0], -1)
+            e_out = float((moved * _half_weights(moved.shape[-1], sizes[0])).sum())
+        else:
+            e_out = float((np.abs(out.astype(np.complex128)) ** 2).sum())
+    factor = {"backward": 1.0 / total if inverse else float(total), "ortho": 1.0}.get(
+        norm, float(total) if inverse else 1.0 / total
+    )
+    want = e_in * factor
+    if not (math.isfinite(want) and math.isfinite(e_out)):
+        return None  # inf or NaN in the input: the sampled entries judge it
+    eps, tiny = _eps_tiny(out.dtype)
+    if abs(e_out - want) > FFT_SLACK * 8 * (math.log2(total) + 2) * eps * max(e_out, want) + tiny:
+        return f"{kernel}: the result's sum of squares is {e_out!r}, Parseval's identity gives {want!r}"
+    return None
+
+
+def _sample_fft(name: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], CheckInputs]:
+    def sample(a: np.ndarray, b: np.ndarray, v: np.ndarray) -> CheckInputs:
+        return ((a + 1j * b) if name not in ("rfft",) else a,), {}
+
+    return sample
+
+
+def _fft_entry(name: str, doc: str) -> Kernel:
+    several = FFT_KERNELS[name][2]
+    return Kernel(
+        name,
+        1,
+        _fft_fn(name),
+        doc,
+        ("s", "axes", "norm") if several else ("n", "axis", "norm"),
+        out_nbytes=_bytes_of_fft(name),
+        flops=_flops_of_fft,
+        check=_check_fft,
+        sample=_sample_fft(name),
+        reference=_fft_reference(name),
+        verification="sampled",
+        exact=False,
+    )
+
+
+def _flops_of_fft(operands: Operands, params: Params) -> float:
+    n = max(2, operands[0].size)
+    return 5.0 * n * math.log2(n)
+
+
+NUMPY_ARRAY_KERNELS: tuple[Kernel, ...] = (
+    *(
+        _elementwise_entry(name, doc)
+        for name, doc in (
+            ("divide", "a / b (true division), broadcasting"),
+            ("power", "a ** b, broadcasting"),
+            ("maximum", "element-wise maximum of a and b (NaN wins)"),
+            ("minimum", "element-wise minimum of a and b (NaN wins)"),
+            ("exp", "e ** a"),
+            ("log", "natural logarithm"),
+            ("sqrt", "square root"),
+            ("abs", "absolute value (complex: its modulus)"),
+            ("sin", "sine"),
+            ("cos", "cosine"),
+            ("tanh", "hyperbolic tangent"),
+            ("clip", "a limited to [a_min, a_max]"),
+            ("where", "x where condition is nonzero, else y (operands: condition, x, y)"),
+        )
+    ),
+    *(
+        _reduction_entry(name, doc)
+        for name, doc in (
+            ("prod", "product over axis (all axes when absent)"),
+            ("mean", "mean over axis"),
+            ("std", "standard deviation over axis (ddof)"),
+            ("var", "variance over axis (ddof)"),
+            ("min", "minimum over axis"),
+            ("max", "maximum over axis"),
+            ("argmin", "index of the minimum (over the flattened array when axis is absent)"),
+            ("argmax", "index of the maximum"),
+            ("cumsum", "cumulative sum along axis (of the flattened array when absent)"),
+        )
+    ),
+    _shape_entry("reshape", "a in another shape (one -1 allowed), C order", ("shape", "newshape")),
+    _shape_entry("concatenate", "the operands joined along axis", ("axis",), 1, True),
+    _shape_entry("stack", "the operands stacked along a new axis", ("axis",), 1, True),
+    _shape_entry("slice", "a[start:stop:step] per axis (ranges)", ("start", "stop", "step")),
+    *(
+        _fft_entry(name, doc)
+        for name, doc in (
+            ("fft", "discrete Fourier transform along axis (numpy.fft.fft)"),
+            ("ifft", "inverse DFT along axis"),
+            ("rfft", "DFT of real input, the half spectrum"),
+            ("irfft", "inverse of rfft: real output of n points"),
+            ("fft2", "2-D DFT over axes (default the last two)"),
+            ("ifft2", "inverse 2-D DFT"),
+            ("fftn", "N-D DFT over axes (default all)"),
+            ("ifftn", "inverse N-D DFT"),
+        )
+    ),
+)
+
+
 ARRAY_KERNELS: tuple[Kernel, ...] = (
     Kernel(
         "add",
@@ -4561,13 +5410,14 @@ ARRAY_KERNELS: tuple[Kernel, ...] = (
     Kernel(
         "transpose",
         1,
-        _k_transpose,
-        "a.T",
+        _k_transpose_axes,
+        "a with its axes permuted (axes; default reversed: a.T)",
+        ("axes",),
         out_nbytes=_bytes_of_transpose,
         flops=_flops_of_elements,
-        check=_verify_recomputed,
+        check=_check_by_slices("transpose", True),
         sample=_sample_transpose,
-        reference=_ref_transpose,
+        reference=_shape_reference("transpose"),
     ),
     Kernel(
         "scale",
@@ -4620,7 +5470,7 @@ ARRAY_KERNELS: tuple[Kernel, ...] = (
 )
 
 # The registry: every kernel room's entries, by name (KERNELS is declared in room 6, empty).
-KERNELS.update((k.name, k) for k in (*BASIC_KERNELS, *LINALG_KERNELS, *ARRAY_KERNELS))
+KERNELS.update((k.name, k) for k in (*BASIC_KERNELS, *LINALG_KERNELS, *ARRAY_KERNELS, *NUMPY_ARRAY_KERNELS))
 
 
 ###############################################################################
