@@ -221,6 +221,33 @@ def test_operators_and_numpy_functions_match_numpy(client: Client) -> None:
         np.testing.assert_allclose(np.asarray(got), want, err_msg=name)
 
 
+def test_numpy_functions_of_linalg_fft_and_reductions_run_on_the_node(client: Client) -> None:
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((6, 5))
+    x = client.array(a)
+    u, s, vh = np.linalg.svd(x, full_matrices=False)
+    assert all(isinstance(part, RemoteArray) for part in (u, s, vh))
+    np.testing.assert_allclose(np.asarray(u) @ np.diag(np.asarray(s)) @ np.asarray(vh), a, atol=1e-12)
+    cases: dict[str, tuple[Any, np.ndarray]] = {
+        "np.mean(x, axis=0)": (np.mean(x, axis=0), a.mean(axis=0)),
+        "x.std(ddof=1)": (x.std(ddof=1), np.asarray(a.std(ddof=1))),
+        "np.max(x, axis=1, keepdims=True)": (np.max(x, axis=1, keepdims=True), a.max(axis=1, keepdims=True)),
+        "np.exp(x)": (np.exp(x), np.exp(a)),
+        "x / 2 ** x": (x / 2**x, a / 2**a),
+        "np.fft.fft(x)": (np.fft.fft(x), np.fft.fft(a)),
+        "np.concatenate([x, x])": (np.concatenate([x, x]), np.concatenate([a, a])),
+        "x.reshape(5, 6)": (x.reshape(5, 6), a.reshape(5, 6)),
+        "x[1:4, ::2]": (x[1:4, ::2], a[1:4, ::2]),
+        "x[2]": (x[2], a[2]),
+        "np.linalg.norm(x)": (np.linalg.norm(x), np.asarray(np.linalg.norm(a))),
+        "np.einsum('ij,ij->j', x, x)": (np.einsum("ij,ij->j", x, x), np.einsum("ij,ij->j", a, a)),
+    }
+    for name, (got, want) in cases.items():
+        assert isinstance(got, RemoteArray), name
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12, err_msg=name)
+    assert client.last_task["verification"] == "local"  # ran on the node itself
+
+
 def test_numpy_kind_of_errors_before_anything_is_sent(client: Client) -> None:
     x = client.array(np.zeros((3, 4)))
     with pytest.raises(ValueError, match="mismatch in its core dimension 0"):

@@ -79,7 +79,7 @@ def kernel_error(name: str, operands: list[Any], params: dict[str, float] | None
 
 
 def test_kernels_registry_has_the_documented_kernels() -> None:
-    assert set(KERNELS) - {k.name for k in pangea.NUMPY_ARRAY_KERNELS} == {
+    assert set(KERNELS) - {k.name for k in (*pangea.NUMPY_ARRAY_KERNELS, *pangea.NUMPY_LINALG_KERNELS)} == {
         "matmul",
         "add",
         "subtract",
@@ -156,7 +156,7 @@ def test_kernels_the_entry_says_whether_the_initiators_check_allows_rounding(mon
             verify("toy", off_by_rounding, expected)
     else:
         assert verify("toy", off_by_rounding, expected) == pytest.approx(3e-12)
-    numpy_kernels = {k.name for k in pangea.NUMPY_ARRAY_KERNELS}  # tests/unit/test_kernels_array.py has them
+    numpy_kernels = {k.name for k in (*pangea.NUMPY_ARRAY_KERNELS, *pangea.NUMPY_LINALG_KERNELS)}  # tested apart
     inexact = {name for name, k in KERNELS.items() if not k.exact} - numpy_kernels
     assert inexact == {"matmul", "sum", "dot", "solve", "inverse"} | (set() if exact else {"toy"})
 
@@ -283,7 +283,9 @@ def test_run_kernel_random_defaults_to_empty_matrix() -> None:
 
 @pytest.mark.parametrize("name", sorted(set(KERNELS) - {"random"}))
 def test_run_kernel_does_not_modify_operands(rng: np.random.Generator, name: str) -> None:
-    if name in {k.name for k in pangea.NUMPY_ARRAY_KERNELS}:
+    operands: Any
+    numpy_kernels = {k.name for k in (*pangea.NUMPY_ARRAY_KERNELS, *pangea.NUMPY_LINALG_KERNELS)}
+    if name in numpy_kernels:
         operands, params = check_inputs(name, rng, 4)  # their own sample: clip and reshape need params
     else:
         operands, params = (
@@ -351,7 +353,7 @@ def test_output_nbytes_is_the_bytes_of_the_real_output_and_not_above(rng: np.ran
         what = (name, [(a.dtype.name, a.shape) for a in operands], params, out.dtype.name, out.shape)
         assert bound == out.nbytes, what
         seen.add(name)
-    assert seen == set(KERNELS) - {k.name for k in pangea.NUMPY_ARRAY_KERNELS}  # test_kernels_array.py: theirs
+    assert seen == set(KERNELS) - {k.name for k in (*pangea.NUMPY_ARRAY_KERNELS, *pangea.NUMPY_LINALG_KERNELS)}
     # the case that was refused: the dot of two 512 MiB float64 vectors is one number
     big = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(1 << 26,), strides=(0,))
     assert output_nbytes("dot", [big, big], {}) == 8
