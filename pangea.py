@@ -3899,12 +3899,36 @@ def _need_square_float(name: str, a: np.ndarray) -> np.ndarray:
 
 
 def _k_matmul(ops: Sequence[np.ndarray], params: Params) -> tuple[np.ndarray, ...]:
+    import numpy as np
+
     a, b = ops
-    _need_2d("matmul", a, "left operand")
-    _need_2d("matmul", b, "right operand")
-    if a.shape[1] != b.shape[0]:
-        raise KernelError(f"matmul: shapes {a.shape} and {b.shape} do not match ({a.shape[1]} != {b.shape[0]})")
-    return (a @ b,)
+    if a.ndim == 2 and b.ndim == 2:
+        if a.shape[1] != b.shape[0]:
+            raise KernelError(f"matmul: shapes {a.shape} and {b.shape} do not match ({a.shape[1]} != {b.shape[0]})")
+        return (a @ b,)
+    _matmul_stack_shape(a.shape, b.shape)  # numpy's rules for vectors and stacks, in numpy's words
+    return (np.asarray(np.matmul(a, b)),)
+
+
+def _matmul_stack_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the broadcast batch shape, the result's shape) of a matmul of a vector or a stack of matrices;
+    KernelError in numpy's words when the shapes do not fit."""
+    import numpy as np
+
+    if not a or not b:
+        raise KernelError("matmul: Input operand does not have enough dimensions (0-d: use multiply)")
+    a2, b2 = (a if len(a) > 1 else (1, *a)), (b if len(b) > 1 else (*b, 1))
+    if a2[-1] != b2[-2]:
+        raise KernelError(
+            f"matmul: Input operand 1 has a mismatch in its core dimension 0, with gufunc signature "
+            f"(n?,k),(k,m?)->(n?,m?) (size {b2[-2]} is different from {a2[-1]})"
+        )
+    try:
+        batch = tuple(np.broadcast_shapes(a2[:-2], b2[:-2]))
+    except ValueError:
+        raise KernelError(f"matmul: the stacks of shapes {a} and {b} do not broadcast together") from None
+    core = (a2[-2],) * (len(a) > 1) + (b2[-1],) * (len(b) > 1)
+    return batch, batch + core
 
 
 def _k_solve(ops: Sequence[np.ndarray], params: Params) -> tuple[np.ndarray, ...]:
@@ -4178,7 +4202,9 @@ def _bytes_of_matmul(operands: Operands, params: Params) -> int:
     import numpy as np
 
     a, b = operands
-    return _bytes_of((a.shape[0], b.shape[-1]), np.result_type(a.dtype, b.dtype))
+    if a.ndim == 2 and b.ndim == 2:
+        return _bytes_of((a.shape[0], b.shape[-1]), np.result_type(a.dtype, b.dtype))
+    return _bytes_of(_matmul_stack_shape(a.shape, b.shape)[1], np.result_type(a.dtype, b.dtype))
 
 
 def _bytes_of_solve(operands: Operands, params: Params) -> int:
@@ -4192,6 +4218,12 @@ def _bytes_of_inverse(operands: Operands, params: Params) -> int:
 def _flops_of_matmul(operands: Operands, params: Params) -> float:
     if len(operands) == 2 and operands[0].ndim == 2 and operands[1].ndim == 2:
         return 2.0 * operands[0].shape[0] * operands[0].shape[1] * operands[1].shape[1]
+    if len(operands) == 2 and operands[0].ndim and operands[1].ndim:  # a stack: its products, each 2 n k m
+        try:
+            _, out = _matmul_stack_shape(operands[0].shape, operands[1].shape)
+        except KernelError:
+            return _flops_of_elements(operands, params)
+        return 2.0 * math.prod(out) * operands[0].shape[-1]
     return _flops_of_elements(operands, params)
 
 
@@ -4208,7 +4240,23 @@ def _verify_matmul(
     import numpy as np
 
     gen = np.random.default_rng(seed)  # NOTE: made only here: it costs more than a tiny check
-    return _check_matmul(operands[0], operands[1], outputs[0], gen, rounds)
+    a, b = operands
+    if a.ndim == 2 and b.ndim == 2:
+        return _check_matmul(a, b, outputs[0], gen, rounds)
+    # vectors and stacks: Freivalds' check of each product of the stack, as numpy broadcasts them
+    batch, shape = _matmul_stack_shape(a.shape, b.shape)
+    c = outputs[0]
+    if c.shape != shape:
+        return f"matmul: result shape {c.shape}, expected {shape}"
+    a2, b2 = (a if a.ndim > 1 else a[None, :]), (b if b.ndim > 1 else b[:, None])
+    a3 = np.broadcast_to(a2, batch + a2.shape[-2:])
+    b3 = np.broadcast_to(b2, batch + b2.shape[-2:])
+    c3 = c.reshape(batch + (a2.shape[-2], b2.shape[-1]))
+    for index in np.ndindex(*batch):
+        problem = _check_matmul(a3[index], b3[index], c3[index], gen, rounds)
+        if problem is not None:
+            return problem.replace("matmul:", f"matmul: product {list(index)} of the stack:", 1) if index else problem
+    return None
 
 
 def _verify_solve(

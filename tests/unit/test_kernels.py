@@ -454,9 +454,10 @@ def test_run_kernel_rejects_disallowed_operand_types(bad: Any) -> None:
     ("name", "a", "b", "problem"),
     [
         ("matmul", (2, 3), (2, 3), "matmul: shapes (2, 3) and (2, 3) do not match (3 != 2)"),
-        ("matmul", (3,), (3, 3), "matmul: left operand must be a 2-D matrix, got shape (3,)"),
-        ("matmul", (3, 3), (3,), "matmul: right operand must be a 2-D matrix"),
-        ("matmul", (2, 2, 2), (2, 2), "left operand must be a 2-D matrix"),
+        ("matmul", (4,), (3, 3), "matmul: Input operand 1 has a mismatch in its core dimension 0"),
+        ("matmul", (3, 3), (4,), "(size 4 is different from 3)"),
+        ("matmul", (2, 2, 3), (2, 2), "mismatch in its core dimension 0"),
+        ("matmul", (), (2, 2), "Input operand does not have enough dimensions"),
         ("add", (2, 3), (3, 2), "add: shapes (2, 3) and (3, 2) do not match"),
         ("subtract", (4,), (5,), "subtract: shapes (4,) and (5,) do not match"),
         ("multiply", (2, 3), (2,), "multiply: shapes"),

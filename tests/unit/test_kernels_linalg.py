@@ -189,3 +189,33 @@ def test_unverified_kernels_say_so_in_the_registry() -> None:
 
 def test_the_registry_has_at_least_sixty_kernels() -> None:
     assert len(KERNELS) >= 60, sorted(KERNELS)
+
+
+@pytest.mark.parametrize(
+    ("sa", "sb"),
+    [
+        ((3, 4, 5), (5, 2)),
+        ((4,), (4, 3)),
+        ((2, 4), (4,)),
+        ((4,), (4,)),
+        ((2, 1, 3, 4), (5, 4, 6)),
+        ((7, 3, 4), (7, 4, 2)),
+    ],
+)
+def test_matmul_takes_vectors_and_stacks_as_numpy_does(sa: tuple[int, ...], sb: tuple[int, ...]) -> None:
+    a, b = RNG.standard_normal(sa), RNG.standard_normal(sb)
+    (c,) = run_kernel("matmul", [a, b])
+    np.testing.assert_allclose(c, np.matmul(a, b), rtol=1e-12, atol=1e-12)
+    assert c.shape == np.matmul(a, b).shape and output_nbytes("matmul", [a, b], {}) == c.nbytes
+    assert check_result("matmul", [a, b], {}, (c,), random.Random(1)) is None
+    lie = c.copy()
+    lie.flat[lie.size // 2] += 1.0
+    problem = check_result("matmul", [a, b], {}, (lie,), random.Random(1))
+    assert problem is not None and "Freivalds" in problem
+
+
+def test_matmul_of_stacks_that_do_not_fit_says_so_in_numpys_words() -> None:
+    with pytest.raises(KernelError, match="mismatch in its core dimension 0"):
+        run_kernel("matmul", [np.zeros((2, 3, 4)), np.zeros((2, 5, 6))])
+    with pytest.raises(KernelError, match="do not broadcast together"):
+        run_kernel("matmul", [np.zeros((2, 3, 4)), np.zeros((3, 4, 2))])
