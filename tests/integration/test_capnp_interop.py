@@ -220,9 +220,9 @@ def test_capnp_decodes_the_header_of_a_pangea_task_request() -> None:
     for needle in (
         "taskId = 7",
         'kernel = "matmul"',
-        '(dtype = "float64", shape = [2, 2], nbytes = 32)',
-        '(dtype = "int32", shape = [2, 3], nbytes = 24)',
-        '(name = "factor", value = 2.5)',
+        '(dtype = "float64", shape = [2, 2], nbytes = 32, held = 0)',  # held: 0, the bytes follow
+        '(dtype = "int32", shape = [2, 3], nbytes = 24, held = 0)',
+        '(name = "factor", value = 2.5, kind = 0)',  # kind 0: a number
     ):
         assert needle in text, f"{needle!r} not in {text!r}"
 
