@@ -15,6 +15,7 @@ result must fail A's check and the task come back right from another worker.
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,9 @@ import numpy as np
 import pytest
 from corpus import LIES, Case, corpus
 from helpers import Proc, make_node_home
-from pyz_helpers import ServeNode, launch_serve, peer_id_of, serve_node
+from pyz_helpers import ServeNode, launch_serve, peer_id_of, serve_node, start_serve
 
+import pangea
 from pangea import Client, reference_result, verify
 
 READY_TIMEOUT_S = 120.0  # several serve nodes start side by side on 2 cores
@@ -128,3 +130,64 @@ def test_a_small_lie_is_caught_and_the_task_runs_right_elsewhere(nodes: Lab, kin
     assert "matmul: the result is wrong at [0, 0] (got np.float64(nan)" in first["outcome"] or kind != "nan", first
     assert rest and rest[-1]["outcome"] == "ok" and task["ran_on"] != liar.peer_id, task
     assert any(liar.peer_id in line for line in failed_verification(nodes.a)), nodes.a.proc.output()
+
+
+NUMPY_LIES: list[tuple[str, dict[str, Any]]] = [
+    ("divide", {}),
+    ("mean", {"axis": 0}),
+    ("cumsum", {"axis": 1}),
+    ("reshape", {"shape": (-1,)}),
+    ("fft", {}),
+    ("svd", {}),
+    ("eigh", {}),
+    ("qr", {}),
+    ("cholesky", {}),
+    ("lstsq", {}),
+    ("pinv", {}),
+]
+
+
+@pytest.mark.parametrize(("kernel", "params"), NUMPY_LIES, ids=[k for k, _ in NUMPY_LIES])
+def test_a_lie_in_a_numpy_kernel_is_caught_by_its_check(nodes: Lab, kernel: str, params: dict[str, Any]) -> None:
+    rng = np.random.default_rng(23)
+    a = rng.standard_normal((40, 40))
+    operands = {
+        "divide": [a, np.abs(a) + 1.0],
+        "eigh": [a @ a.T + 40 * np.eye(40)],
+        "cholesky": [a @ a.T + 40 * np.eye(40)],
+        "lstsq": [a, a[:, 0].copy()],
+    }.get(kernel, [a])
+    liar = nodes.liars["relative"]
+    with Client(nodes.a.rpc, token=nodes.a.token, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+        out = rpc.submit(kernel, *operands, placement=liar.peer_id, **params)
+        task = rpc.last_task
+    first, *rest = task["attempts"]
+    assert first["worker"] == liar.peer_id and first["outcome"].startswith("wrong-result: "), task
+    assert f"{kernel}: " in first["outcome"] and "failed verification" in first["outcome"], first
+    assert rest and rest[-1]["outcome"] == "ok" and task["ran_on"] != liar.peer_id, task
+    outputs = out if isinstance(out, tuple) else (out,)
+    assert pangea.check_result(kernel, operands, params, outputs, random.Random(0)) is None  # right this time
+
+
+def test_an_unverified_kernel_says_so_and_a_recompute_check_catches_its_lie(
+    nodes: Lab, pyz: Path, tmp_path: Path
+) -> None:
+    a = np.random.default_rng(29).standard_normal((30, 30))
+    # a liar of its own: the module's are suspect by now (their lies were caught), so A would not use them
+    trust = ["--allow-peer", nodes.a.peer_id]
+    liar = start_serve(pyz, make_node_home(tmp_path, "liar"), *trust, "--fault", "lie=relative", name="serve-liar")
+    with contextlib.ExitStack() as stack:
+        stack.callback(liar.proc.stop)
+        rpc = stack.enter_context(Client(nodes.a.rpc, token=nodes.a.token, timeout_s=CLIENT_TIMEOUT_S))
+        rpc.connect(liar.address)
+        taken = rpc.submit("det", a, placement=liar.peer_id)
+        task = rpc.last_task
+        assert task["ran_on"] == liar.peer_id and task["verification"] == "unverified", task  # taken as sent
+        assert not task["verified_by_node"]
+        assert float(taken) != float(np.linalg.det(a))  # the lie came through: nothing checked it
+        checked = rpc.submit("det", a, placement=liar.peer_id, check="recompute")
+        task = rpc.last_task
+    first, *rest = task["attempts"]
+    assert first["worker"] == liar.peer_id and first["outcome"].startswith("wrong-result: "), task
+    assert rest and task["ran_on"] != liar.peer_id and task["verification"] in ("local", "recompute"), task
+    assert float(checked) == pytest.approx(float(np.linalg.det(a)), rel=1e-9)
