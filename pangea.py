@@ -3399,7 +3399,13 @@ def check_kernel_call(name: str, operands: Sequence[np.ndarray], params: Params)
 
     kernel = KERNELS.get(name)
     if kernel is None:
-        raise KernelError(f"unknown kernel {name!r}; known: {', '.join(sorted(KERNELS))}")
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), list(KERNELS), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        raise KernelError(
+            f"unknown kernel {name[:80]!r}; {hint}this node runs {len(KERNELS)} kernels: {', '.join(sorted(KERNELS))}"
+        )
     if kernel.variadic and not kernel.arity <= len(operands) <= MAX_OPERANDS:
         raise KernelError(f"{name}: takes {kernel.arity} to {MAX_OPERANDS} operands, got {len(operands)}")
     if not kernel.variadic and len(operands) != kernel.arity:

@@ -272,7 +272,7 @@ def test_framing_attacks_leave_no_traceback(framing: Observed, target: ServeNode
 
 BAD_TASKS = {
     # case: (error kind, text in the message)
-    "unknown-kernel": ("bad-input", "unknown kernel \"__import__('os').system\"; known: add"),
+    "unknown-kernel": ("bad-input", "unknown kernel \"__import__('os').system\"; this node runs"),
     "unknown-kernel-empty": ("bad-input", "unknown kernel ''"),
     "dtype-object": ("bad-input", "dtype 'object' is not allowed"),
     "dtype-float16": ("bad-input", "dtype 'float16' is not allowed"),

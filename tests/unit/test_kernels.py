@@ -410,7 +410,8 @@ def test_run_into_operand_leaves_the_operands_alone_when_the_result_does_not_fit
 
 def test_run_kernel_unknown_kernel_lists_known_ones() -> None:
     err = kernel_error("eval", [])
-    assert "unknown kernel 'eval'" in str(err)
+    assert "unknown kernel 'eval'" in str(err) and f"this node runs {len(KERNELS)} kernels: abs, add" in str(err)
+    assert "did you mean 'inv'" in str(kernel_error("invv", [np.eye(2)]))
     assert "matmul" in str(err) and "solve" in str(err)
 
 
