@@ -374,6 +374,8 @@ def test_client_kernels_lists_every_registry_kernel_with_its_operands(pair: Pair
         assert k["description"] == entry.doc, k
         assert k["dtypes"] == (list(pangea.ALLOWED_DTYPES) if entry.arity else []), k
         assert k["max_ndim"] == pangea.MAX_NDIM and k["max_elements"] > 0, k
+        assert (k["outputs"], k["variadic"]) == (entry.outputs, entry.variadic), k
+    assert len(kernels) >= 60
     assert set(kernels[0]) == {
         "name",
         "operands",
@@ -383,6 +385,8 @@ def test_client_kernels_lists_every_registry_kernel_with_its_operands(pair: Pair
         "max_ndim",
         "max_elements",
         "verification",
+        "outputs",
+        "variadic",
     }
 
 
