@@ -308,7 +308,11 @@ def test_split_remote_gives_a_slow_worker_fewer_rows(pyz: Path, tmp_path: Path) 
 
 @pytest.mark.slow
 def test_split_remote_survives_kill_9_of_a_worker_mid_job(pyz: Path, tmp_path: Path) -> None:
-    with running_cluster(pyz, tmp_path, [[], []]) as cluster:
+    # Both stall 1 s before each block, so the job outlasts the victim's first block by several blocks:
+    # when it is killed, 0.5 s after that block, its next ones are in flight (stalling). Without the
+    # stall a job whose b is held on the workers may be over before the kill.
+    slow = ["--fault", "slow=1"]
+    with running_cluster(pyz, tmp_path, [slow, slow]) as cluster:
         survivor, victim = cluster.workers
         a, b = matrices(SPLIT_N, seed=2)
         job = Job(lambda: split_remote(cluster.a, a, b))
