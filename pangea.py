@@ -5006,12 +5006,6 @@ def _k_copy(ops: Sequence[np.ndarray], params: Params) -> tuple[np.ndarray, ...]
     return (ops[0].copy(order="C"),)
 
 
-def _k_transpose(ops: Sequence[np.ndarray], params: Params) -> tuple[np.ndarray, ...]:
-
-    (a,) = ops
-    return (a.T.copy(order="C"),)
-
-
 def _k_scale(ops: Sequence[np.ndarray], params: Params) -> tuple[np.ndarray, ...]:
     (a,) = ops
     return (a * number_param("scale", params, "factor", 1.0),)
@@ -5232,10 +5226,6 @@ def _ref_subtract(ops: Operands, params: Params) -> np.ndarray:
 
 def _ref_multiply(ops: Operands, params: Params) -> np.ndarray:
     return ops[0] * ops[1]
-
-
-def _ref_transpose(ops: Operands, params: Params) -> np.ndarray:
-    return ops[0].T
 
 
 def _ref_copy(ops: Operands, params: Params) -> np.ndarray:
