@@ -9,9 +9,9 @@ Nodes talk libp2p (TCP + Noise + Yamux). A node delegates numpy matrix work
 to another node over the stream protocol ``/pangea/compute/1.0.0``, collects
 and aggregates the results, and runs a task locally when its worker is gone.
 
-How the module is laid out: twenty-two rooms, each using only the rooms above
+How the module is laid out: twenty-three rooms, each using only the rooms above
 it (tests/unit/test_layout.py keeps that true, and each room under its line
-budget). Rooms 1-9 are pure (no I/O, no await); rooms 10-22 perform I/O.
+budget). Rooms 1-9 are pure (no I/O, no await); rooms 10-23 perform I/O.
 
   0. this docstring, imports, version
   1. Constants                 protocol ids, limits, timeouts, each with its unit
@@ -33,16 +33,18 @@ budget). Rooms 1-9 are pure (no I/O, no await); rooms 10-22 perform I/O.
  14. The manager               delegators, Manager (drives the Scheduler, verifies)
  15. Around the node           mDNS, metrics, the initiator's checks, the fault injector
  16. RPC records              constants, arrays to and from Cap'n Proto, the records
- 17. RPC service              NodeService, KeptArrays, RpcServer, _RpcConnection, the Gate
- 18. Remote arrays            RemoteArray: the numpy face of an array a node holds
- 19. The Python client        Client, _PinnedConnection
- 20. Start-up                  build guard, deferred imports, logging, the trio runner
- 21. CLI: options and the verbs of a pair   initiate, respond, demo
- 22. CLI: serve, the tools and main         serve, call, psk, status, doctor,
+ 17. Held arrays              KeptArrays, Lineage, ArrayKeeper: arrays held here or
+                               on a worker for clients, run where held, made again
+ 18. RPC service              NodeService, RpcServer, _RpcConnection, the Gate
+ 19. Remote arrays            RemoteArray: the numpy face of an array a node holds
+ 20. The Python client        Client, _PinnedConnection
+ 21. Start-up                  build guard, deferred imports, logging, the trio runner
+ 22. CLI: options and the verbs of a pair   initiate, respond, demo
+ 23. CLI: serve, the tools and main         serve, call, psk, status, doctor,
                                bench (code in bench/pangea_bench.py), id, main
 
-How one task travels through them: `Client.submit` (19) reaches the node's
-`NodeService` (17), its arrays on a bulk channel (12); the service hands it to
+How one task travels through them: `Client.submit` (20) reaches the node's
+`NodeService` (18), its arrays on a bulk channel (12); the service hands it to
 the `Manager` (14); the `Scheduler` (9)
 answers `Dispatch`, and the peer's `RemoteDelegator` writes a `TaskRequestMsg`
 (4) on the session's `TlsChannel` (11). On the worker, the channel's Decoder
@@ -84,7 +86,7 @@ import threading
 import time
 import types
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, Union
@@ -315,9 +317,9 @@ RPC_TLS_HANDSHAKE_TIMEOUT_S = 10.0  # a TLS handshake on the RPC port, client an
 # run one at a time anyway).
 RPC_MAX_CALLS_IN_FLIGHT = 64
 # Arrays a worker holds for one peer session (TaskRequest.keep): a split job holds its shared
-# operand once per worker and a pipeline a few results; each is charged to the worker's memory
-# budget, and the count bounds the bookkeeping a peer can make the worker keep.
-MAX_HELD_PER_SESSION = 64
+# operand once per worker, a client's arrays put there and the results kept there; each is charged
+# to the worker's memory budget, and the count bounds the bookkeeping a peer can make it keep.
+MAX_HELD_PER_SESSION = 256
 RPC_DEFAULT_TIMEOUT_S = 600.0  # a task's timeoutSeconds of 0 means this
 RPC_MAX_TIMEOUT_S = 7 * 86400.0  # a week: a longer task timeout is a mistake (and overflows timers)
 RPC_MAX_TEXT_CHARS = 1000  # kernel names, placements and multiaddrs are short; longer ones are refused
@@ -1620,7 +1622,8 @@ class TaskRequestMsg:
     # per operand: nonzero, the id under which the receiver holds it for this session (its bytes are
     # not sent: the operand given here stands for its dtype and shape); () or 0: sent
     held: tuple[int, ...] = ()
-    keep: int = 0  # nonzero: the receiver keeps output 0 under this id and answers with no outputs
+    # nonzero: the receiver keeps output i under this id + i and answers with their dtypes and shapes only
+    keep: int = 0
     # per operand: nonzero, sent, and the receiver keeps it under this id for later tasks; () or 0: not
     store: tuple[int, ...] = ()
 
@@ -1634,6 +1637,9 @@ class TaskResultMsg:
     error_kind: str = ""
     error_message: str = ""
     compute_s: float = 0.0
+    # nonzero: the outputs are kept by the sender under this id + i (TaskRequest.keep); only their
+    # dtypes and shapes travel, and the outputs here are stand-ins holding no memory
+    kept: int = 0
 
     @property
     def ok(self) -> bool:
@@ -1937,10 +1943,14 @@ def _build_message(m: Any, msg: Message) -> list[memoryview]:
                 slot.held = k  # NOTE: with its bytes: the receiver keeps it under this id
         params_to_capnp(r, msg.params)
     elif isinstance(msg, TaskResultMsg):
-        metas, views = _array_parts(msg.outputs)
+        metas, views = _array_parts(() if msg.kept else msg.outputs)
         r = m.init("taskResult")
         r.taskId = msg.task_id
-        _set_metas(r.init("outputs", len(metas)), metas)
+        if msg.kept:  # NOTE: kept by this node: their dtypes and shapes, no bytes
+            for i, (slot, a) in enumerate(zip(r.init("outputs", len(msg.outputs)), msg.outputs, strict=True)):
+                slot.dtype, slot.shape, slot.held = _dtype_name(a.dtype), [int(d) for d in a.shape], msg.kept + i
+        else:
+            _set_metas(r.init("outputs", len(metas)), metas)
         r.errorKind = str(msg.error_kind)
         r.errorMessage = msg.error_message
         r.computeSeconds = msg.compute_s
@@ -2332,12 +2342,18 @@ def decode_message(header: bytes, payload: bytearray, limits: Limits | None = No
             if which == "taskResult":
                 r = m.taskResult
                 task_id = int(r.taskId)
+                kept = tuple(int(o.held) for o in r.outputs)
+                if any(kept) and (
+                    any(int(o.nbytes) for o in r.outputs) or kept != tuple(range(kept[0], kept[0] + len(kept)))
+                ):
+                    raise MessageError("a result's kept outputs carry bytes, or ids out of order", task_id=task_id)
                 return TaskResultMsg(
                     task_id,
-                    _arrays_from(r.outputs, payload, task_id, limits),
+                    _arrays_from(r.outputs, payload, task_id, limits, held_ok=True),
                     str(r.errorKind),
                     str(r.errorMessage),
                     float(r.computeSeconds),
+                    kept[0] if kept else 0,
                 )
             if which == "release":
                 ids = m.release.ids
@@ -2897,6 +2913,17 @@ class HeldArrays:
             array = array.copy()
         array.flags.writeable = False
         self.arrays[key] = array
+
+    def keep_all(self, first: int, arrays: Sequence[np.ndarray]) -> None:
+        """Hold each of ``arrays`` under ``first`` + its index, all or none (TaskError as `keep`)."""
+        done: list[int] = []
+        try:
+            for i, array in enumerate(arrays):
+                self.keep(first + i, array)
+                done.append(first + i)
+        except TaskError:
+            self.release(done)
+            raise
 
     def release(self, ids: Sequence[int]) -> None:
         """Let go of arrays (unknown ids: nothing)."""
@@ -6200,6 +6227,20 @@ SUSPECT_BACKOFF_MAX_S = 900.0  # each failed canary doubles the wait, up to this
 PROBATION_GOOD_RESULTS = 3  # verified results after a passing canary that clear a worker for good
 
 
+def holder_for(placement: str, held_on: Mapping[str, int], usable: Collection[str], *, keep: bool = False) -> str:
+    """The worker a task runs on because it holds the task's operands (``held_on``: bytes of them each
+    worker holds for this node), or that is to keep its outputs; "" when the task takes the usual
+    way (its held operands brought here first). "auto" and "remote" weigh the bytes each holder
+    would spare moving: the one holding the most, if usable; a peer id runs there when it holds
+    some operands or is to keep the outputs; "local" and the split placements never do."""
+    if placement in ("local", *SPLIT_PLACEMENTS):
+        return ""
+    if placement in ("auto", "remote"):
+        best = max(sorted(held_on), key=lambda w: held_on[w], default="")
+        return best if best and best in usable else ""
+    return placement if placement in usable and (placement in held_on or keep) else ""
+
+
 @dataclass
 class SubmitEvent:
     """A new task; ``placement`` is auto, local, remote or a peer id; ``flops`` and
@@ -9316,10 +9357,9 @@ class PeerSession:
                     compute_s += stalled_s
                     if faults is not None:
                         outputs = faults.into(outputs)
-                    if req.keep:  # NOTE: kept here; the sender knows what it holds
-                        self.held.keep(req.keep, outputs[0])
-                        outputs = ()
-                    result = TaskResultMsg(req.task_id, outputs, compute_s=compute_s)
+                    if req.keep:  # NOTE: kept here; the sender learns their dtypes and shapes only
+                        self.held.keep_all(req.keep, outputs)
+                    result = TaskResultMsg(req.task_id, outputs, compute_s=compute_s, kept=req.keep)
                     protocol.task_ran(task_id, ok=True)
                     self.node.tasks_served += 1
                     self.node.served(req.kernel, "ok")
@@ -10176,17 +10216,21 @@ class RemoteDelegator:
         params: Params,
         held: tuple[int, ...] = (),
         store: tuple[int, ...] = (),
+        keep: int = 0,
     ) -> tuple[tuple[np.ndarray, ...], float]:
         """Send the task to the peer (``held``: the ids under which it holds operands for us, 0 for
-        those sent; ``store``: ids under which it should keep operands sent now); raise TaskError
-        with the peer's error text."""
+        those sent; ``store``: ids under which it should keep operands sent now; ``keep``: it keeps
+        the outputs under this id + their index, and they come back as stand-ins of their dtype and
+        shape); raise TaskError with the peer's error text."""
         result = await (
-            self.session.request(kernel, operands, params, held=held, store=store)
-            if held or store
+            self.session.request(kernel, operands, params, held=held, store=store, keep=keep)
+            if held or store or keep
             else self.session.request(kernel, operands, params)
         )
         if not result.ok:
             raise TaskError(f"{kernel} on {self.session.label}: {result.error_message}", kind=result.error_kind)
+        if result.kept != keep:
+            raise PeerError(f"{self.session.label} answered a task to keep with kept={result.kept}, not {keep}")
         return result.outputs, result.compute_s
 
 
@@ -10292,6 +10336,7 @@ class Manager:
         self._routes: dict[int, Any] = {}
         self._held_operands: dict[int, Mapping[int, Mapping[str, int]]] = {}  # task id -> `run`'s held
         self._next_held = 1  # ids of the arrays workers hold for this node (`hold`)
+        self._held_running = 0  # tasks run by `run_held` (not through the scheduler) now
         self.split_hold = True  # split_matmul's default: b held once per worker (serve --split-hold)
         self._next_id = 1
         self.tasks_done = 0
@@ -10333,7 +10378,7 @@ class Manager:
     @property
     def tasks_in_flight(self) -> int:
         """Tasks submitted and not finished yet."""
-        return len(self._routes)
+        return len(self._routes) + self._held_running
 
     def wall_time(self, scheduler_time: float) -> float:
         """The Unix time of a scheduler (clock) time."""
@@ -10633,9 +10678,60 @@ class Manager:
         session = self.node.sessions.get(worker)
         if not first or session is None or "copy" not in session.hello.kernels:
             return {1: dict(job.held)} if job.held else None
-        key, self._next_held = self._next_held, self._next_held + 1
+        key = self.held_ids(1)
         job.storing[worker] = key
         return {1: {**job.held, worker: -key}}
+
+    def held_ids(self, count: int) -> int:
+        """The first of ``count`` fresh ids for arrays a worker holds for this node."""
+        first, self._next_held = self._next_held, self._next_held + count
+        return first
+
+    async def run_held(
+        self,
+        worker: str,
+        kernel: str,
+        operands: Sequence[np.ndarray],
+        params: Params,
+        *,
+        held: tuple[int, ...],
+        keep: int,
+        timeout_s: float,
+    ) -> TaskOutcome:
+        """Run a task on the one ``worker`` that holds some of its operands for this node (``held[i]``:
+        its id for operand i, whose entry here is a stand-in; 0: operand i is sent) or is to keep its
+        outputs (``keep``: under this id + their index; the outputs returned are stand-ins). No retry
+        elsewhere and no check here (this node has not got the bytes): TaskError, or PeerError when
+        the worker is gone; the outcome says "unverified"."""
+        import trio
+
+        delegator = self.delegators.get(worker)
+        if not isinstance(delegator, RemoteDelegator):
+            raise PeerError(f"worker {short_id(worker)} is not connected", kind=ErrorKind.UNAVAILABLE)
+        start = self.clock()
+        self._held_running += 1
+        try:
+            with trio.fail_after(timeout_s):
+                outputs, compute_s = await delegator.execute(
+                    kernel, operands, params, held=held if any(held) else (), keep=keep
+                )
+        except trio.TooSlowError:
+            self.tasks_failed += 1
+            raise TaskError(
+                f"{kernel} on {short_id(worker)} did not finish within {format_seconds(timeout_s)}",
+                kind=ErrorKind.DEADLINE,
+            ) from None
+        except (TaskError, PeerError):
+            self.tasks_failed += 1
+            raise
+        finally:
+            self._held_running -= 1
+        self.tasks_done += 1
+        self.done_by[worker] = self.done_by.get(worker, 0) + 1
+        elapsed = self.clock() - start
+        attempts = [AttemptRecord(worker, "ok")]
+        self._ended(kernel, "ok", worker, attempts, elapsed)
+        return TaskOutcome(0, kernel, outputs, worker, attempts, compute_s, elapsed, 0.0, "", UNVERIFIED)
 
     def release(self, worker: str, keys: Sequence[int]) -> None:
         """Tell ``worker`` it may let go of arrays it holds for this node (nothing when it left: the
@@ -12071,6 +12167,13 @@ def _record_with_outputs(reader: Any, outputs: tuple[Any, ...], arrays_via: str)
     return TaskOutputRecord(outputs, **values, arrays_via=arrays_via)
 
 
+def held_info(r: Any) -> dict[str, Any]:
+    """`RemoteArray.info`'s results as `Client.where` returns them."""
+    shape = tuple(int(d) for d in r.shape)
+    fields = (str(r.holder), str(r.verification), str(r.dtype), shape, int(r.nbytes))
+    return dict(zip(("holder", "verification", "dtype", "shape", "nbytes"), fields, strict=True))
+
+
 def _detached_capability(cap: Any) -> Any:
     """The same capability, no longer keeping alive the response it came in.
 
@@ -12083,36 +12186,92 @@ def _detached_capability(cap: Any) -> Any:
 
 
 ###############################################################################
-# 17. RPC service
+# 17. Held arrays
 #
-# pycapnp runs on asyncio with its own KJ loop, so the RPC server lives in a
-# thread of its own; each call (at most RPC_MAX_CALLS_IN_FLIGHT) becomes a trio
-# task spawned through the trio token, so the asyncio loop never blocks, and
-# runs against the `NodeService`, the trio-side facade of the node, which
-# charges each task to the node's memory budget. This is the only place where
-# asyncio meets trio. `_RpcConnection` holds each connection to the limits
-# before login and, off loopback, speaks TLS 1.3. `KeptArrays` holds the arrays
-# a client left on the node (`RemoteArray` capabilities): each is charged to the
-# memory budget until its last capability is dropped.
+# The arrays a node holds for its RPC clients, each behind a `RemoteArray`
+# capability: here (charged to this node's memory budget) or on a worker that
+# holds it for this node's session (charged to the worker's budget). A client
+# puts one on a worker (`put(a, placement=peer)`), and a task kept there leaves
+# its outputs there. `KeptArrays` is the table (any thread: the RPC thread keeps
+# and releases), `Lineage` how an array was made, `ArrayKeeper` the trio side:
+# it runs a task where its operands are held (`holder_for` weighs the bytes),
+# brings a held array here when a task needs it here, and makes one whose holder
+# left again from its lineage when its inputs still exist, or says which node
+# left. The node cannot check a result it never sees: a task run on a worker's
+# held operands, or kept there, is unverified unless the client asks for a
+# recomputation here.
 ###############################################################################
 
+LINEAGE_INLINE_MAX_BYTES = 64 << 10  # an operand sent with a task is kept for rebuilds up to this size
+MAX_REBUILD_DEPTH = 32  # a rebuild goes back at most this many tasks (each input made again in turn)
 
-@dataclass
+
+@dataclass(frozen=True)
+class Lineage:
+    """How a held array was made, to make it again when its holder leaves: its task's kernel and
+    params, which output it is, and each input: the key of a held array, a small array sent with
+    the task (kept, read-only), or None (a larger one, not kept: no rebuild then)."""
+
+    kernel: str
+    params: Params
+    inputs: tuple[int | np.ndarray | None, ...]
+    output: int = 0
+
+    @classmethod
+    def of(cls, kernel: str, params: Params, operands: Sequence[Any], output: int = 0) -> Lineage:
+        """The lineage of output ``output`` of a task on ``operands`` (arrays or `KeptArray`)."""
+        inputs: list[int | np.ndarray | None] = []
+        for operand in operands:
+            if isinstance(operand, KeptArray):
+                inputs.append(operand.key)
+            elif int(operand.nbytes) <= LINEAGE_INLINE_MAX_BYTES:
+                small = operand.copy(order="C")
+                small.flags.writeable = False
+                inputs.append(small)
+            else:
+                inputs.append(None)
+        return cls(kernel, dict(params), tuple(inputs), output)
+
+    @property
+    def put(self) -> bool:
+        """Whether this is a put of an array the client sent (a "copy" of it)."""
+        return self.kernel == "copy" and not any(isinstance(i, int) for i in self.inputs)
+
+
+@dataclass(eq=False)
 class KeptArray:
-    """An array a node holds for its clients: the bytes (read-only), where they are and how they
-    were checked, and ``lineage``: the task that made it, in words, for messages."""
+    """An array a node holds for its clients: its dtype and shape, its bytes here (read-only) or
+    None when the worker ``holder`` holds them (under ``held_id``, for ``session``: its end freed
+    them), how it was checked, and how it was made: ``lineage`` in words (for messages),
+    ``made`` as a task to run again."""
 
     key: int
-    array: np.ndarray
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    array: np.ndarray | None = None
     holder: str = LOCAL
     verification: str = ""
     lineage: str = ""
+    made: Lineage | None = None
+    held_id: int = 0
+    session: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def stand_in(self) -> np.ndarray:
+        """An array of its dtype and shape holding no memory (a stride-0 view of one zero)."""
+        import numpy as np
+
+        return np.broadcast_to(np.zeros((), dtype=self.dtype), self.shape)
 
 
 class KeptArrays:
-    """The arrays a node holds for RPC clients (each behind a `RemoteArray` capability), charged to
-    its memory budget while held (from any thread: the RPC thread keeps and releases, `status`
-    reads the totals on the trio thread)."""
+    """The arrays a node holds for RPC clients (each behind a `RemoteArray` capability), those here
+    charged to its memory budget while held (from any thread: the RPC thread keeps and releases,
+    `status` reads the totals on the trio thread). ``on_release``: called with an entry held on a
+    worker when it is released (`ArrayKeeper` tells the worker)."""
 
     def __init__(self, budget: MemoryBudget, limit: int = MAX_KEPT_ARRAYS) -> None:
         self.budget = budget
@@ -12121,40 +12280,94 @@ class KeptArrays:
         self._next = 1
         self._lock = threading.Lock()
         self.claims: dict[bytes, int] = {}  # a claim's nonce -> the key of the array that answered it
+        self.on_release: Callable[[KeptArray], None] | None = None
 
-    def keep(self, array: np.ndarray, *, verification: str = "", lineage: str = "") -> KeptArray:
-        """Hold ``array`` (made read-only: several tasks may read it) and charge its bytes; TaskError
-        when the budget or the count would be exceeded (nothing is held then)."""
-        nbytes = int(array.nbytes)
+    def _room(self, what: str) -> None:
+        if len(self._arrays) >= self.limit:
+            raise TaskError(
+                f"cannot keep {what}: this node holds {self.limit} arrays for its clients "
+                "(its limit); release some (drop their handles) or get() them",
+                kind=ErrorKind.BUSY,
+            )
+
+    def _charge(self, nbytes: int, what: str) -> None:
+        refusal = budget_refusal(self.budget, "", nbytes, nbytes, held=f"cannot keep {what} of {format_bytes(nbytes)}")
+        if refusal is not None or not self.budget.try_acquire(nbytes):
+            raise refusal or TaskError(f"cannot keep {what}: the node's memory budget is full", kind=ErrorKind.BUSY)
+
+    @staticmethod
+    def _own(array: np.ndarray) -> np.ndarray:
         if not array.flags.owndata or not array.flags.c_contiguous:
             # NOTE: a view may be of a client's segment (unmapped after the task) or of a pooled buffer
             array = array.copy(order="C")
+        array.flags.writeable = False
+        return array
+
+    def keep(
+        self, array: np.ndarray, *, verification: str = "", lineage: str = "", made: Lineage | None = None
+    ) -> KeptArray:
+        """Hold ``array`` here (made read-only: several tasks may read it) and charge its bytes;
+        TaskError when the budget or the count would be exceeded (nothing is held then)."""
+        array = self._own(array)
         with self._lock:
-            if len(self._arrays) >= self.limit:
-                raise TaskError(
-                    f"cannot keep {lineage or 'an array'}: this node holds {self.limit} arrays for its clients "
-                    "(its limit); release some (drop their handles) or get() them",
-                    kind=ErrorKind.BUSY,
-                )
-            refusal = budget_refusal(
-                self.budget, "", nbytes, nbytes, held=f"cannot keep {lineage or 'an array'} of {format_bytes(nbytes)}"
-            )
-            if refusal is not None or not self.budget.try_acquire(nbytes):
-                raise refusal or TaskError(
-                    f"cannot keep {lineage or 'an array'}: the node's memory budget is full", kind=ErrorKind.BUSY
-                )
-            array.flags.writeable = False
-            kept = KeptArray(self._next, array, LOCAL, verification, lineage)
+            self._room(lineage or "an array")
+            self._charge(int(array.nbytes), lineage or "an array")
+            kept = KeptArray(self._next, array.dtype, tuple(array.shape), array, LOCAL, verification, lineage, made)
             self._arrays[kept.key] = kept
             self._next += 1
         return kept
 
+    def hold_remote(
+        self,
+        holder: str,
+        session: Any,
+        held_id: int,
+        stand_in: np.ndarray,
+        *,
+        verification: str = "",
+        lineage: str = "",
+        made: Lineage | None = None,
+    ) -> KeptArray:
+        """Enter an array the worker ``holder`` holds under ``held_id`` (of ``stand_in``'s dtype and
+        shape); TaskError when the count would be exceeded."""
+        with self._lock:
+            self._room(lineage or "an array")
+            kept = KeptArray(
+                self._next,
+                stand_in.dtype,
+                tuple(stand_in.shape),
+                None,
+                holder,
+                verification,
+                lineage,
+                made,
+                held_id,
+                session,
+            )
+            self._arrays[kept.key] = kept
+            self._next += 1
+        return kept
+
+    def settle(self, kept: KeptArray, array: np.ndarray, verification: str) -> None:
+        """Hold here, from now on, the bytes of an array its holder held (rebuilt after it left):
+        charged like a `keep`; nothing when the array was released meanwhile."""
+        array = self._own(array)
+        with self._lock:
+            if self._arrays.get(kept.key) is not kept:
+                return
+            self._charge(int(array.nbytes), kept.lineage or "an array")
+            kept.array, kept.holder, kept.session, kept.held_id = array, LOCAL, None, 0
+            kept.verification = verification
+
     def release(self, key: int) -> None:
-        """Let go of an array (its last capability was dropped); its bytes leave the budget."""
+        """Let go of an array (its last capability was dropped): its bytes leave the budget, or its
+        holder is told."""
         with self._lock:
             kept = self._arrays.pop(key, None)
-        if kept is not None:
-            self.budget.release(int(kept.array.nbytes))
+            if kept is not None and kept.array is not None:
+                self.budget.release(int(kept.array.nbytes))
+        if kept is not None and kept.array is None and self.on_release is not None:
+            self.on_release(kept)
 
     def find(self, key: int) -> KeptArray | None:
         """The array held under ``key`` (None: released)."""
@@ -12163,13 +12376,252 @@ class KeptArrays:
 
     @property
     def held_bytes(self) -> int:
+        """Bytes held on this node (those on workers are charged there)."""
         with self._lock:
-            return sum(int(k.array.nbytes) for k in self._arrays.values())
+            return sum(int(k.array.nbytes) for k in self._arrays.values() if k.array is not None)
 
     @property
     def held_arrays(self) -> int:
         with self._lock:
             return len(self._arrays)
+
+    @property
+    def held_elsewhere(self) -> dict[str, int]:
+        """Bytes held for this node's clients on each worker."""
+        out: dict[str, int] = {}
+        with self._lock:
+            for k in self._arrays.values():
+                if k.array is None:
+                    out[k.holder] = out.get(k.holder, 0) + k.nbytes
+        return out
+
+
+class ArrayKeeper:
+    """The trio side of held arrays: runs a task where its held operands are (``usual`` runs one the
+    usual way: `NodeService`'s scheduler path), brings an array held on a worker here, and makes
+    one whose holder left again from its lineage."""
+
+    def __init__(
+        self, kept: KeptArrays, node: Node, manager: Manager, usual: Callable[..., Awaitable[TaskOutcome]]
+    ) -> None:
+        import trio
+
+        self.kept, self.node, self.manager, self.usual = kept, node, manager, usual
+        self.rebuilt = 0  # arrays made again after their holder left
+        self._rebuilding: dict[int, Any] = {}  # key -> the trio.Lock of its rebuild
+        self._token: Any = None  # the trio token, from the first task (one runs before any array is held)
+
+        def tell_holder(entry: KeptArray) -> None:  # NOTE: from any thread (pycapnp drops capabilities)
+            if self._token is not None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    self._token.run_sync_soon(manager.release, entry.holder, (entry.held_id,))
+
+        kept.on_release = tell_holder
+
+    def alive(self, entry: KeptArray) -> bool:
+        """Whether the array's bytes exist: here, or on a worker whose session that held it is still open."""
+        if entry.array is not None:
+            return True
+        session = self.node.sessions.get(entry.holder)
+        return session is not None and session is entry.session and not session.closed.is_set()
+
+    async def here(self, entry: KeptArray, timeout_s: float, depth: int = 0) -> np.ndarray:
+        """The bytes of a held array on this node: its own, fetched from its holder (over the data
+        plane), or made again when its holder left (TaskError naming that node when it cannot be)."""
+        if entry.array is not None:
+            return entry.array
+        if self.alive(entry):
+            try:
+                return await self._fetch(entry.holder, entry.held_id, entry.stand_in(), timeout_s)
+            except PeerError:
+                pass  # NOTE: it left meanwhile: made again below
+        return await self.rebuild(entry, timeout_s, depth)
+
+    def _gone(self, entry: KeptArray, why: str) -> TaskError:
+        what = entry.lineage or f"array {entry.key}"
+        return TaskError(
+            f"{what} was held on worker {short_id(entry.holder)}, which left; {why}", kind=ErrorKind.UNAVAILABLE
+        )
+
+    async def rebuild(self, entry: KeptArray, timeout_s: float, depth: int = 0) -> np.ndarray:
+        """Make an array whose holder left again from its lineage, here (held here from now on)."""
+        import trio
+
+        lock = self._rebuilding.setdefault(entry.key, trio.Lock())
+        try:
+            async with lock:  # NOTE: two tasks needing it at once make it once
+                if entry.array is not None:
+                    return entry.array
+                return await self._rebuild(entry, timeout_s, depth)
+        finally:
+            if not lock.statistics().tasks_waiting:
+                self._rebuilding.pop(entry.key, None)
+
+    async def _rebuild(self, entry: KeptArray, timeout_s: float, depth: int) -> np.ndarray:
+        made = entry.made
+        if made is None or made.put and made.inputs == (None,):
+            raise self._gone(entry, "it was put there from the client and no node has a copy: put it again")
+        if depth >= MAX_REBUILD_DEPTH:
+            raise self._gone(entry, f"making it again would go back more than {MAX_REBUILD_DEPTH} tasks")
+        inputs = []
+        for i, source in enumerate(made.inputs):
+            if source is None:
+                why = f"operand {i} of its {made.kernel} was sent with the task and not kept: submit the task again"
+                raise self._gone(entry, why)
+            if isinstance(source, int):
+                parent = self.kept.find(source)
+                if parent is None:
+                    why = f"operand {i} of its {made.kernel} was released since (its handle dropped): submit it again"
+                    raise self._gone(entry, why)
+                inputs.append(await self.here(parent, timeout_s, depth + 1))
+            else:
+                inputs.append(source)
+        kernel = KERNELS.get(made.kernel)
+        # NOTE: a kernel whose honest answers differ (eigenvectors' signs) is made again here, so the
+        # outputs of one task made again agree with each other
+        placement = "auto" if kernel is None or kernel.unique else "local"
+        outcome = await self.manager.run(made.kernel, inputs, made.params, placement=placement, timeout_s=timeout_s)
+        self.kept.settle(entry, outcome.outputs[made.output], outcome.verification)
+        self.rebuilt += 1
+        log.info("made %s (array %d) again from its lineage: %s left", entry.lineage, entry.key, short_id(entry.holder))
+        return outcome.outputs[made.output] if entry.array is None else entry.array
+
+    async def run(
+        self,
+        kernel: str,
+        operands: Sequence[np.ndarray | KeptArray],
+        params: Params,
+        placement: str,
+        timeout_s: float,
+        fallback: bool,
+        check: str,
+        keep: bool,
+    ) -> tuple[TaskOutcome, tuple[KeptArray, ...]]:
+        """Run a task whose operands may be held arrays: on the worker holding most of their bytes
+        (`holder_for`), else the usual way with them brought here; ``keep``: hold its outputs (on
+        the worker that ran it when it held operands or was named, else here) and return them."""
+        import trio
+
+        self._token = self._token or trio.lowlevel.current_trio_token()
+        held_on: dict[str, int] = {}
+        for op in operands:
+            if isinstance(op, KeptArray) and op.array is None and self.alive(op):
+                held_on[op.holder] = held_on.get(op.holder, 0) + op.nbytes
+        usable = [w for w in self.manager.usable_workers() if w != LOCAL]
+        target = holder_for(placement, held_on, usable, keep=keep)
+        if target:
+            try:
+                return await self._run_on(target, kernel, operands, params, timeout_s, check, keep)
+            except PeerError as exc:
+                if placement == target:
+                    raise TaskError(
+                        f"cannot run {kernel} on {short_id(target)}: {exc}", kind=ErrorKind.UNAVAILABLE
+                    ) from None
+                log.info("%s on %s: %s; running it the usual way", kernel, short_id(target), exc)
+        arrays = [await self.here(op, timeout_s) if isinstance(op, KeptArray) else op for op in operands]
+        outcome = await self.usual(kernel, arrays, params, placement, timeout_s, fallback, check)
+        if not keep:
+            return outcome, ()
+        words = f"the result of {kernel}"
+        kept = tuple(
+            self.kept.keep(
+                a, verification=outcome.verification, lineage=words, made=Lineage.of(kernel, params, operands, i)
+            )
+            for i, a in enumerate(outcome.outputs)
+        )
+        return outcome, kept
+
+    async def _run_on(
+        self,
+        worker: str,
+        kernel: str,
+        operands: Sequence[np.ndarray | KeptArray],
+        params: Params,
+        timeout_s: float,
+        check: str,
+        keep: bool,
+    ) -> tuple[TaskOutcome, tuple[KeptArray, ...]]:
+        """Run a task on ``worker``, naming the operands it holds; PeerError when it left."""
+        import trio
+
+        sent, ids = [], []
+        for op in operands:
+            if isinstance(op, KeptArray) and op.array is None and op.holder == worker and self.alive(op):
+                sent.append(op.stand_in())
+                ids.append(op.held_id)
+            else:
+                sent.append(await self.here(op, timeout_s) if isinstance(op, KeptArray) else op)
+                ids.append(0)
+        entry = KERNELS.get(kernel)
+        count = entry.outputs if entry is not None else 1
+        first = self.manager.held_ids(count) if keep else 0
+        session = self.node.sessions.get(worker)
+        outcome = await self.manager.run_held(
+            worker, kernel, sent, params, held=tuple(ids), keep=first, timeout_s=timeout_s
+        )
+        kept: list[KeptArray] = []
+        try:
+            if check == RECOMPUTE and entry is not None and entry.unique:
+                arrays = [await self.here(op, timeout_s) if isinstance(op, KeptArray) else op for op in operands]
+                outputs = outcome.outputs
+                if keep:  # NOTE: the outputs cross once, for the check; they stay held there
+                    outputs = tuple(
+                        [await self._fetch(worker, first + i, o, timeout_s) for i, o in enumerate(outcome.outputs)]
+                    )
+                problem = await trio.to_thread.run_sync(check_by_recompute, kernel, arrays, params, outputs)
+                if problem is not None:
+                    self.manager.verification_failures += 1
+                    raise TaskError(
+                        f"result from {short_id(worker)} failed verification: {problem}", kind=ErrorKind.WRONG_RESULT
+                    )
+                outcome.verification = RECOMPUTE
+                if not keep:
+                    outcome.outputs = outputs
+            if not keep:
+                return outcome, ()
+            put = kernel == "copy" and not any(isinstance(op, KeptArray) for op in operands)
+            words = f"an array put on {short_id(worker)}" if put else f"the result of {kernel} on {short_id(worker)}"
+            for i, stand_in in enumerate(outcome.outputs):
+                made = Lineage.of(kernel, params, operands, i)
+                kept.append(
+                    self.kept.hold_remote(
+                        worker,
+                        session,
+                        first + i,
+                        stand_in,
+                        verification=outcome.verification,
+                        lineage=words,
+                        made=made,
+                    )
+                )
+            return outcome, tuple(kept)
+        except BaseException:
+            for done in kept:  # NOTE: their release tells the worker
+                self.kept.release(done.key)
+            if first:
+                self.manager.release(worker, tuple(range(first + len(kept), first + count)))
+            raise
+
+    async def _fetch(self, worker: str, held_id: int, stand_in: np.ndarray, timeout_s: float) -> np.ndarray:
+        """The bytes of an array ``worker`` holds for this node under ``held_id``."""
+        outcome = await self.manager.run_held(
+            worker, "copy", (stand_in,), {}, held=(held_id,), keep=0, timeout_s=timeout_s
+        )
+        return outcome.outputs[0]
+
+
+###############################################################################
+# 18. RPC service
+#
+# pycapnp runs on asyncio with its own KJ loop, so the RPC server lives in a
+# thread of its own; each call (at most RPC_MAX_CALLS_IN_FLIGHT) becomes a trio
+# task spawned through the trio token, so the asyncio loop never blocks, and
+# runs against the `NodeService`, the trio-side facade of the node, which
+# charges each task to the node's memory budget. This is the only place where
+# asyncio meets trio. `_RpcConnection` holds each connection to the limits
+# before login and, off loopback, speaks TLS 1.3. A `RemoteArray` capability
+# stands for one entry of `KeptArrays`, released when its last one is dropped.
+###############################################################################
 
 
 class NodeService:
@@ -12183,7 +12635,8 @@ class NodeService:
         self.trust = trust
         self.rpc_address = rpc_address
         self.bulk_path = ""  # the bulk socket of this node's clients on this box (BulkServer); "": none
-        self.kept = KeptArrays(node.budget)  # the arrays clients left here (RemoteArray capabilities)
+        self.kept = KeptArrays(node.budget)  # the arrays clients hold here or on workers (RemoteArray capabilities)
+        self.keeper = ArrayKeeper(self.kept, node, manager, self._submit)
         self.closing = False
         self._calls: set[Any] = set()
         self._trio = trio
@@ -12249,19 +12702,26 @@ class NodeService:
     async def submit(
         self,
         kernel: str,
-        operands: Sequence[np.ndarray],
+        operands: Sequence[np.ndarray | KeptArray],
         params: Params,
         placement: str,
         timeout_s: float,
         fallback: bool = True,
         check: str = "",
-    ) -> TaskOutcome:
-        """Run a task through the manager (its caller charged it with `admit`); return its outcome.
-        TaskError on failure (bad-input for a bad argument; ``fallback=False``: also when it would
-        run locally because no remote worker is usable). ``check``: as `Manager.run`'s."""
+        keep: bool = False,
+    ) -> tuple[TaskOutcome, tuple[KeptArray, ...]]:
+        """Run a task (its caller charged it with `admit`) on arrays and held arrays; return its
+        outcome, and with ``keep`` its outputs held (`ArrayKeeper.run`). TaskError on failure
+        (bad-input for a bad argument; ``fallback=False``: also when it would run locally because
+        no remote worker is usable). ``check``: as `Manager.run`'s."""
         kernel, placement = check_rpc_text("kernel", kernel), check_rpc_text("placement", placement)
         timeout_s = check_task_timeout(timeout_s)
-        return await self._submit(kernel, operands, params, placement, timeout_s, fallback, check_choice(check))
+        check = check_choice(check)
+        result: tuple[TaskOutcome, tuple[KeptArray, ...]] | None = None
+        with self._call():  # NOTE: held arrays are fetched and made again in this scope too
+            result = await self.keeper.run(kernel, operands, params, placement, timeout_s, fallback, check, keep)
+        assert result is not None
+        return result
 
     async def _submit(
         self,
@@ -12427,15 +12887,15 @@ class NodeService:
         return info
 
 
-def held_operand(reader: Any, index: int, kept: Sequence[KeptArray]) -> np.ndarray:
-    """The array an RPC operand names as held (`Array.held`: 1 + its index among the task's
-    arrays); TaskError(bad-input) when it names none, or declares another dtype or shape."""
+def held_operand(reader: Any, index: int, kept: Sequence[KeptArray]) -> KeptArray:
+    """The held array an RPC operand names (`Array.held`: 1 + its index among the task's arrays);
+    TaskError(bad-input) when it names none, or declares another dtype or shape."""
     slot = int(reader.held) - 1
     if not 0 <= slot < len(kept):
         raise TaskError(
             f"operand {index} names held array {slot + 1}, but the task passed {len(kept)}", kind=ErrorKind.BAD_INPUT
         )
-    a = kept[slot].array
+    a = kept[slot]
     declared = (str(reader.dtype), tuple(int(d) for d in reader.shape))
     if declared != (_dtype_name(a.dtype), a.shape):
         raise TaskError(
@@ -12860,14 +13320,16 @@ def _make_gate(
             service.kept.release(self.kept.key)
 
         async def info(self, _context: Any, **kwargs: Any) -> None:
-            r, a = _context.results, self.kept.array
-            r.dtype, r.shape, r.nbytes = _dtype_name(a.dtype), [int(d) for d in a.shape], int(a.nbytes)
-            r.holder, r.verification = self.kept.holder, self.kept.verification
+            r, a = _context.results, self.kept
+            r.dtype, r.shape, r.nbytes = _dtype_name(a.dtype), [int(d) for d in a.shape], a.nbytes
+            r.holder, r.verification = a.holder, a.verification
 
         async def get(self, _context: Any, **kwargs: Any) -> None:
             try:
                 with service.call_slot():
                     a = self.kept.array
+                    if a is None:  # NOTE: held on a worker: brought here (or made again) first
+                        a = await in_trio(service.keeper.here, self.kept, DEFAULT_TASK_TIMEOUT_S)
                     if int(a.nbytes) + RPC_MESSAGE_ROOM_BYTES > max_bytes:
                         raise TaskError(
                             f"cannot get an array of {format_bytes(int(a.nbytes))} in one message (the node's RPC "
@@ -12912,17 +13374,14 @@ def _make_gate(
             out.append(found)
         return out
 
-    async def answer_kept(result: Any, outcome: TaskOutcome, kernel: str) -> None:
-        """Keep a task's outputs on the node and answer with their capabilities (TaskOutput.kept)."""
-        handles = [
-            RemoteArrayImpl(service.kept.keep(a, verification=outcome.verification, lineage=f"the result of {kernel}"))
-            for a in outcome.outputs
-        ]
+    async def answer_kept(result: Any, outcome: TaskOutcome, kept: Sequence[KeptArray]) -> None:
+        """Answer with the capabilities of a task's held outputs (TaskOutput.kept)."""
+        handles = [RemoteArrayImpl(k) for k in kept]
         record = TaskOutputRecord.from_outcome(outcome, result_verified(outcome, service.manager.verify_rounds))
         dataclasses.replace(record, outputs=()).to_capnp(result)
         slots = result.init("outputs", len(handles))
         for i, (slot, handle) in enumerate(zip(slots, handles, strict=True)):
-            a = handle.kept.array
+            a = handle.kept
             slot.dtype, slot.shape, slot.held = _dtype_name(a.dtype), [int(d) for d in a.shape], i + 1
         caps = result.init("kept", len(handles))
         for i, handle in enumerate(handles):
@@ -12978,7 +13437,9 @@ def _make_gate(
                         for i, a in enumerate(task.operands)
                     ]
                     if stand_ins is None:  # NOTE: array_from_capnp has said what is wrong, or they are fine
-                        held[0] = service.admit(kernel, operands, params)
+                        arrays = [o.stand_in() if isinstance(o, KeptArray) else o for o in operands]
+                        held[0] = service.admit(kernel, arrays, params)
+                        del arrays
                     placement = str(task.placement) or "auto"
                     fallback, timeout_s = not bool(task.noFallback), float(task.timeoutSeconds)
                     # NOTE: the request's arrays are copied out or mapped: its message (and the
@@ -12987,12 +13448,12 @@ def _make_gate(
                     del task
                     _context.release_params()
                     # NOTE: the one hop into trio of a task: charged above, on this thread
-                    outcome = await in_trio(
-                        service.submit, kernel, operands, params, placement, timeout_s, fallback, check
+                    outcome, outputs_kept = await in_trio(
+                        service.submit, kernel, operands, params, placement, timeout_s, fallback, check, keep
                     )
                     del operands, kept
                     if keep and outcome is not None:
-                        await answer_kept(result, outcome, kernel)
+                        await answer_kept(result, outcome, outputs_kept)
                         return
             except Exception as exc:
                 kind, message = rpc_error_fields(exc, "submit a task")
@@ -13103,7 +13564,7 @@ def _make_gate(
 
 
 ###############################################################################
-# 18. Remote arrays
+# 19. Remote arrays
 #
 # `RemoteArray`: the Python face of an array a node holds for a `Client` (a
 # `RemoteArray` capability of the schema). It has numpy's shape, dtype and
@@ -13227,6 +13688,12 @@ class RemoteArray:
     @property
     def nbytes(self) -> int:
         return self.size * self.dtype.itemsize
+
+    @property
+    def holder(self) -> str:
+        """Where its bytes are: "local" (the client's node) or the peer id of the worker holding it
+        (a call to the node: `Client.where`)."""
+        return str(self._client.where(self)["holder"])
 
     def __len__(self) -> int:
         if not self.shape:
@@ -13448,7 +13915,7 @@ def _function_call(client: Any, func: Any, args: Any, kwargs: Any) -> Any:
 
 
 ###############################################################################
-# 19. The Python client
+# 20. The Python client
 #
 # `Client`: a client of a node's RPC endpoint for Python programs, numpy arrays
 # in and out. Its asyncio/KJ loop runs in one long-lived private thread: every
@@ -14514,22 +14981,38 @@ class Client:
         return results()
 
     def put(self, a: Any, *, placement: str = "local") -> RemoteArray:
-        """Store ``a`` on the node and return a `RemoteArray` handle for it: tasks take the handle as
-        an operand (its bytes do not travel again), `get` (or ``np.asarray``) brings it back, and
-        dropping the handle (or `RemoteArray.release`, or closing this client) releases it. It is
-        charged to the node's memory budget while held: a put over it raises TaskError."""
+        """Store ``a`` and return a `RemoteArray` handle for it: tasks take the handle as an operand
+        (its bytes do not travel again), `get` (or ``np.asarray``) brings it back, and dropping the
+        handle (or `RemoteArray.release`, or closing this client) releases it.
+
+        ``placement``: "local", the node this client talks to (charged to its memory budget: a put
+        over it raises TaskError), or a worker's peer id (`peers`; charged to its budget): tasks on
+        it run there, and kept leave their results there. When that worker leaves, results made
+        there are made again from their lineage while its inputs exist; using a lost put raises
+        TaskError naming the worker."""
         import numpy as np
 
         if isinstance(a, RemoteArray):
             raise UsageError("cannot put a RemoteArray: it is on the node already")
-        if placement != "local":
-            raise UsageError(
-                f"bad placement {placement!r} for put: a put keeps the array on the node this client talks "
-                "to ('local'); tasks on it may still run on a worker"
-            )
-        result = self.submit("copy", np.asarray(a), placement="local", keep=True)
+        if placement in ("auto", "remote", *SPLIT_PLACEMENTS) or not isinstance(placement, str):
+            raise UsageError(f"bad placement {placement!r} for put: 'local' or a worker's peer id (see peers())")
+        result = self.submit("copy", np.asarray(a), placement=placement, keep=True, fallback=False)
         assert isinstance(result, RemoteArray)
         return result
+
+    def where(self, ref: RemoteArray) -> dict[str, Any]:
+        """Where a remote array is (``holder``: "local" or a worker's peer id), ``verification`` and the rest."""
+        if not isinstance(ref, RemoteArray):
+            raise UsageError(f"where takes a RemoteArray, not a {type(ref).__name__}")
+        handle = ref._handle_for(self)
+
+        async def call() -> Any:
+            cap = self._handles.get(handle)
+            if cap is None:
+                raise UsageError("this RemoteArray was released: put the array again")
+            return held_info(await cap.info())
+
+        return dict(self._call(call, "ask where an array is"))
 
     def array(self, a: Any) -> RemoteArray:
         """`put`: a `RemoteArray` of ``a`` on the node, for numpy-like work that stays there
@@ -14631,7 +15114,7 @@ class Client:
 
 
 ###############################################################################
-# 20. Start-up
+# 21. Start-up
 #
 # What runs before and around every verb, in the order `_main` runs it: the
 # guard that the pyz runs on the interpreter it was built for; the deferred
@@ -15153,7 +15636,7 @@ def unpacked_text() -> str:
 
 
 ###############################################################################
-# 21. CLI: options and the verbs of a pair
+# 22. CLI: options and the verbs of a pair
 #
 # One `cmd_<verb>` per command, with its options in the `add_<verb>_parser`
 # right above it. This part holds the option types and the options several
@@ -16317,7 +16800,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 ###############################################################################
-# 22. CLI: serve, the tools and main
+# 23. CLI: serve, the tools and main
 #
 # `serve` and the verbs that talk to a node or look at this box: `call` (a
 # Client of a serve node), `psk`, `status`, `doctor`, `bench` (its code is the

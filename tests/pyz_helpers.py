@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import READY_TIMEOUT_S, NodeHome, Proc, make_node_home
 
 # One pair run (initiate + respond with --size 512 --transfer-mib 16) takes
@@ -293,3 +294,40 @@ def live_pair(pair: Pair) -> Pair:
     for node in (pair.a, pair.b):
         assert node.proc.returncode is None, f"a serve node of the module pair has exited\n{node.proc.output()}"
     return pair
+
+
+CLUSTER_CLIENT_TIMEOUT_S = 300.0
+CLUSTER_CONNECT_TIMEOUT_S = 60.0
+
+
+@contextlib.contextmanager
+def cluster(pyz: Path, base: Path, *a_args: str, workers: int = 2) -> Iterator[tuple[ServeNode, list[ServeNode]]]:
+    """A `serve` node A (started with ``a_args``) that dials ``workers`` serve nodes trusting it."""
+    home_a: NodeHome = make_node_home(base, "a")
+    a_id = peer_id_of(pyz, home_a)
+    with contextlib.ExitStack() as stack:
+        ws = []
+        for i in range(workers):
+            w = start_serve(pyz, make_node_home(base, f"w{i + 1}"), "--allow-peer", a_id, name=f"serve-w{i + 1}")
+            stack.callback(w.proc.stop)
+            ws.append(w)
+        dial = [arg for w in ws for arg in ("--peer", w.address)]
+        a = start_serve(pyz, home_a, *dial, *a_args, name="serve-A")
+        stack.callback(a.proc.stop)
+        for w in ws:
+            a.proc.wait_for_line(rf"^pangea: connected to peer {w.peer_id}$", timeout=CLUSTER_CONNECT_TIMEOUT_S)
+        yield a, ws
+
+
+def client_of(node: ServeNode, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A `pangea.Client` of ``node``, with its home's token."""
+    from pangea import Client
+
+    monkeypatch.setenv("PANGEA_HOME", str(node.home.pangea_home))
+    return Client(node.rpc, token=node.token, timeout_s=CLUSTER_CLIENT_TIMEOUT_S)
+
+
+def budget_used(node: ServeNode, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Bytes of ``node``'s memory budget in use (held arrays among them)."""
+    with client_of(node, monkeypatch) as c:
+        return int(c.status()["memory_budget_used_bytes"])

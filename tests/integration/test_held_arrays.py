@@ -11,16 +11,13 @@ right result (its blocks are recomputed elsewhere, b sent with them).
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import NodeHome, make_node_home
-from pyz_helpers import ServeNode, peer_id_of, start_serve
+from pyz_helpers import budget_used, client_of, cluster
 
 from pangea import Client
 
@@ -29,29 +26,6 @@ pytestmark = pytest.mark.integration
 CLIENT_TIMEOUT_S = 300.0
 CONNECT_TIMEOUT_S = 60.0
 N = 768  # b is 4.5 MiB: its crossings dominate the bytes of the job
-
-
-@contextlib.contextmanager
-def cluster(pyz: Path, base: Path, *a_args: str, workers: int = 2) -> Iterator[tuple[ServeNode, list[ServeNode]]]:
-    home_a: NodeHome = make_node_home(base, "a")
-    a_id = peer_id_of(pyz, home_a)
-    with contextlib.ExitStack() as stack:
-        ws = []
-        for i in range(workers):
-            w = start_serve(pyz, make_node_home(base, f"w{i + 1}"), "--allow-peer", a_id, name=f"serve-w{i + 1}")
-            stack.callback(w.proc.stop)
-            ws.append(w)
-        dial = [arg for w in ws for arg in ("--peer", w.address)]
-        a = start_serve(pyz, home_a, *dial, *a_args, name="serve-A")
-        stack.callback(a.proc.stop)
-        for w in ws:
-            a.proc.wait_for_line(rf"^pangea: connected to peer {w.peer_id}$", timeout=CONNECT_TIMEOUT_S)
-        yield a, ws
-
-
-def client_of(node: ServeNode, monkeypatch: pytest.MonkeyPatch) -> Client:
-    monkeypatch.setenv("PANGEA_HOME", str(node.home.pangea_home))
-    return Client(node.rpc, token=node.token, timeout_s=CLIENT_TIMEOUT_S)
 
 
 def split_job(c: Client, seed: int) -> tuple[int, dict[str, int]]:
@@ -67,11 +41,6 @@ def split_job(c: Client, seed: int) -> tuple[int, dict[str, int]]:
         blocks[attempt["worker"]] = int(attempt["outcome"].split(" rows in ")[1].split(" ")[0])
     moved = after["bytes_in"] + after["bytes_out"] - before["bytes_in"] - before["bytes_out"]
     return moved, blocks
-
-
-def budget_used(node: ServeNode, monkeypatch: pytest.MonkeyPatch) -> int:
-    with client_of(node, monkeypatch) as c:
-        return int(c.status()["memory_budget_used_bytes"])
 
 
 @pytest.mark.parametrize("hold", ["on", "off"])

@@ -37,6 +37,7 @@ SECTIONS: list[tuple[str, bool, int]] = [
     ("The manager", False, 1200),
     ("Around the node", False, 1200),
     ("RPC records", False, 1200),
+    ("Held arrays", False, 1200),
     ("RPC service", False, 1200),
     ("Remote arrays", False, 1200),
     ("The Python client", False, 1200),

@@ -69,7 +69,7 @@ def test_kept_arrays_are_charged_to_the_budget_until_released() -> None:
     kept = KeptArrays(budget)
     first = kept.keep(np.zeros(50), lineage="the result of add")  # 400 bytes
     assert (budget.in_use, kept.held_bytes, kept.held_arrays) == (400, 400, 1)
-    assert not first.array.flags.writeable  # tasks share it: nobody writes it
+    assert first.array is not None and not first.array.flags.writeable  # tasks share it: nobody writes it
     with pytest.raises(TaskError) as refused:
         kept.keep(np.zeros(100))  # 800 more: over the 1000
     assert refused.value.kind == "busy" and "memory budget" in str(refused.value)
@@ -98,6 +98,7 @@ def test_a_kept_view_is_copied_so_the_memory_under_it_may_go() -> None:
     view = base[::2]
     kept = KeptArrays(MemoryBudget(1 << 20)).keep(view)
     base[:] = -1  # the memory the view was over changes (a client's segment, a pooled buffer)
+    assert kept.array is not None
     np.testing.assert_array_equal(kept.array, np.arange(0.0, 20.0, 2))
     assert kept.array.flags.c_contiguous and kept.array.flags.owndata
 

@@ -828,7 +828,7 @@ class CanarySession:
         if self.lies > 0:
             self.lies -= 1
             out = out + 1
-        return SimpleNamespace(ok=True, outputs=(out,), compute_s=0.0)
+        return SimpleNamespace(ok=True, outputs=(out,), compute_s=0.0, kept=0)
 
 
 def test_manager_probes_a_suspect_worker_after_its_back_off_and_backs_off_longer_after_a_lie() -> None:
