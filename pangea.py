@@ -6206,7 +6206,7 @@ KERNELS.update(
 ###############################################################################
 
 PLACEMENTS = ("auto", "local", "remote")  # or a peer id
-SPLIT_PLACEMENTS = ("split", "split-remote")  # a matmul in row blocks over every worker (RPC and `call`)
+SPLIT_PLACEMENTS = ("split", "split-remote")  # a task in row blocks over every worker (RPC and `call`)
 EWMA_ALPHA = 0.3  # weight of the newest measurement of a worker's speed or bandwidth
 PROBATION_S = 3 * HEARTBEAT_S  # a worker back from being down gets less work this long (times its downs, up to 4)
 DEFAULT_BANDWIDTH_BYTES_S = 100e6  # assumed until a transfer to the worker has been measured
@@ -6239,6 +6239,31 @@ def holder_for(placement: str, held_on: Mapping[str, int], usable: Collection[st
         best = max(sorted(held_on), key=lambda w: held_on[w], default="")
         return best if best and best in usable else ""
     return placement if placement in usable and (placement in held_on or keep) else ""
+
+
+# kernels whose output rows (along axis 0) are made from the same rows of their operands alone
+ROW_SPLIT_KERNELS = frozenset({"add", "subtract", "multiply", "clip", "where", "matmul", *ELEMENTWISE})
+
+
+def row_split(kernel: str, shapes: Sequence[tuple[int, ...]]) -> tuple[int, tuple[bool, ...]] | None:
+    """How a task splits into blocks of rows (axis 0 of its output): the rows, and for each operand
+    whether its blocks take its rows (else it is whole in every block: broadcast along that axis);
+    None when it does not split so. Element-wise kernels split by the broadcast shape's rows;
+    matmul by its stack (a 2-D matmul splits its own way, `Manager.split_matmul`)."""
+    if kernel not in ROW_SPLIT_KERNELS or not shapes:
+        return None
+    if kernel == "matmul":
+        if len(shapes) != 2 or max(len(s) for s in shapes) < 3:
+            return None
+        ndim = max(len(s) for s in shapes)
+        n = max(s[0] for s in shapes if len(s) == ndim)
+    else:
+        ndim = max(len(s) for s in shapes)
+        if ndim == 0:
+            return None
+        n = max(s[0] for s in shapes if len(s) == ndim)
+    sliced = tuple(len(s) == ndim and s[0] == n and n > 1 for s in shapes)
+    return (n, sliced) if any(sliced) else None
 
 
 @dataclass
@@ -10166,7 +10191,7 @@ def _forget_departed_peers(host: Any) -> Any:
 # The `Manager` drives the Scheduler: it turns a user's task into events,
 # performs the actions the scheduler returns through a `TaskDelegator` per
 # worker (`LocalDelegator` runs it here, `RemoteDelegator` on a peer's
-# session), verifies every remote result, splits a matmul over workers, and
+# session), verifies every remote result, splits a task by rows over workers, and
 # probes suspect workers with canary tasks.
 ###############################################################################
 
@@ -10281,26 +10306,31 @@ class WorkerShare:
 
 @dataclass
 class SplitOutcome:
-    """The gathered result of a split matmul and each worker's share of it."""
+    """The gathered result of a split task and each worker's share of it."""
 
     result: np.ndarray
     shares: dict[str, WorkerShare]
     elapsed_s: float
     bytes_moved: int = 0  # array bytes between this node and its workers: operands out, results back
-    held_on: tuple[str, ...] = ()  # the workers that held b for the job (it crossed to each once)
+    held_on: tuple[str, ...] = ()  # the workers that held the whole operands (b) for the job: crossed once
 
     def busy_fraction(self, worker_id: str) -> float:
         """The fraction of the job's wall time the worker spent computing its blocks."""
         return min(1.0, self.shares[worker_id].compute_s / max(self.elapsed_s, 1e-9))
 
 
+SPLIT_HOLD_MIN_BYTES = 64 << 10  # a whole operand of a split task this large is held on each worker for the job
+
+
 @dataclass
 class _SplitJob:
-    """One split matmul in progress: its operands, the result being filled, the next free row, the first failure."""
+    """One split task in progress: its operands, the result being filled, the next free row, the first failure."""
 
-    a: np.ndarray
-    b: np.ndarray
-    n: int  # the rows of a (and of the result)
+    kernel: str
+    operands: tuple[np.ndarray, ...]
+    sliced: tuple[bool, ...]  # per operand: its blocks take its rows (else it is whole in every block)
+    params: Params
+    n: int  # the rows of the result (and of each sliced operand)
     out: np.ndarray
     chosen: list[str]  # the workers the job was split over
     base_rows: int  # the rows of a block of a worker of mean speed
@@ -10309,9 +10339,14 @@ class _SplitJob:
     on_block: Callable[[str, int, int], None] | None
     cursor: int = 0  # the first row no block has taken yet
     failure: list[TaskError] = field(default_factory=list)
-    held: dict[str, int] = field(default_factory=dict)  # worker -> the id under which it holds b
-    storing: dict[str, int] = field(default_factory=dict)  # worker -> id: its first block keeps b there
+    shared: tuple[int, ...] = ()  # the whole operands held on each worker: the j-th under its id + j
+    held: dict[str, int] = field(default_factory=dict)  # worker -> the first id under which it holds them
+    storing: dict[str, int] = field(default_factory=dict)  # worker -> id: its first block keeps them there
     bytes_moved: int = 0
+
+    def block(self, lo: int, hi: int) -> tuple[np.ndarray, ...]:
+        """The operands of the block of rows lo:hi."""
+        return tuple(o[lo:hi] if cut else o for o, cut in zip(self.operands, self.sliced, strict=True))
 
 
 class Manager:
@@ -10630,57 +10665,112 @@ class Manager:
         on_block: Callable[[str, int, int], None] | None = None,
         hold_shared: bool | None = None,
     ) -> SplitOutcome:
-        """Compute a @ b split in row blocks over workers (this node included), gathered in order.
+        """Compute a @ b (2-D) split in row blocks of a over workers (this node included): `split_rows`."""
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise TaskError(f"matmul: shapes {a.shape} and {b.shape} do not match", kind=ErrorKind.BAD_INPUT)
+        return await self.split_rows(
+            "matmul",
+            (a, b),
+            {},
+            (True, False),
+            workers=workers,
+            in_flight=in_flight,
+            blocks_per_worker=blocks_per_worker,
+            timeout_s=timeout_s,
+            on_block=on_block,
+            hold_shared=hold_shared,
+        )
+
+    async def split_rows(
+        self,
+        kernel: str,
+        operands: Sequence[np.ndarray],
+        params: Params,
+        sliced: Sequence[bool],
+        *,
+        workers: Sequence[str] | None = None,
+        in_flight: int = 2,
+        blocks_per_worker: int = 4,
+        timeout_s: float = 600.0,
+        on_block: Callable[[str, int, int], None] | None = None,
+        hold_shared: bool | None = None,
+    ) -> SplitOutcome:
+        """Compute a task split in blocks of its output's rows over workers (this node included),
+        gathered in order; ``sliced[i]``: operand i's blocks take its rows (axis 0, as many as the
+        output's), else it is whole in every block (`row_split` says which for a kernel).
 
         Guided self-scheduling: each worker pulls its next block when it has room, and
         its blocks are sized in proportion to its measured speed, so a slow or busy
         worker ends up with less work. Each remote worker has ``in_flight`` blocks
         outstanding, so the transfer of its next block overlaps the compute of the
-        current one. Every block is a task of its own: verified (Freivalds), retried
+        current one. Every block is a task of its own: verified (its kernel's check), retried
         elsewhere when its worker fails, and written into the result exactly once.
-        ``hold_shared`` (default `split_hold`): ``b`` crosses to each remote worker once, held
-        there for the job (released at its end), and its blocks name it; a block retried
-        elsewhere sends it."""
+        ``hold_shared`` (default `split_hold`): each whole operand of at least SPLIT_HOLD_MIN_BYTES
+        (b of a matmul) crosses to each remote worker once, held there for the job (released at
+        its end), and its blocks name it; a block retried elsewhere sends it. TaskError (bad-input)
+        when the operands do not fit the kernel, before any block runs."""
         import numpy as np
         import trio
 
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-            raise TaskError(f"matmul: shapes {a.shape} and {b.shape} do not match", kind=ErrorKind.BAD_INPUT)
+        operands, sliced = tuple(operands), tuple(sliced)
+        n = next(o.shape[0] for o, cut in zip(operands, sliced, strict=True) if cut)
+        try:  # NOTE: the kernel on no rows says whether the shapes fit, and the result's dtype and shape
+            empty = run_kernel(kernel, [o[:0] if cut else o for o, cut in zip(operands, sliced, strict=True)], params)
+        except KernelError as exc:
+            try:  # the same refusal in the words of the operands' own shapes (stand-ins of no bytes)
+                run_kernel(kernel, [np.broadcast_to(np.zeros((), o.dtype), o.shape) for o in operands], params)
+            except KernelError as real:
+                exc = real
+            raise TaskError(str(exc), kind=ErrorKind.BAD_INPUT) from None
+        if len(empty) != 1 or any(o.shape[0] != n for o, cut in zip(operands, sliced, strict=True) if cut):
+            raise TaskError(f"{kernel} cannot be split by rows", kind=ErrorKind.BAD_INPUT)
         chosen = list(workers) if workers is not None else self.usable_workers()
-        n = a.shape[0]
-        out = np.empty((n, b.shape[1]), dtype=np.result_type(a, b))
+        out = np.empty((n, *empty[0].shape[1:]), dtype=empty[0].dtype)
         base_rows = max(1, math.ceil(n / (blocks_per_worker * len(chosen))))
         shares = {w: WorkerShare() for w in chosen}
-        job = _SplitJob(a, b, n, out, chosen, base_rows, shares, timeout_s, on_block)
-        start = time.perf_counter()
         hold_shared = self.split_hold if hold_shared is None else hold_shared
+        shared = tuple(
+            i
+            for i, (o, cut) in enumerate(zip(operands, sliced, strict=True))
+            if not cut and o.nbytes >= SPLIT_HOLD_MIN_BYTES
+        )
+        job = _SplitJob(kernel, operands, sliced, dict(params), n, out, chosen, base_rows, shares, timeout_s, on_block)
+        job.shared = shared if hold_shared else ()
+        start = time.perf_counter()
         try:
             async with trio.open_nursery() as nursery:
                 for worker in chosen:
                     first_done = trio.Event()
-                    nursery.start_soon(self._split_puller, job, worker, first_done, None, hold_shared)
+                    nursery.start_soon(self._split_puller, job, worker, first_done, None, bool(job.shared))
                     for _ in range(0 if worker == LOCAL else max(1, in_flight) - 1):  # BLAS already fills local cores
                         nursery.start_soon(self._split_puller, job, worker, trio.Event(), first_done, False)
             while await self._split_block(job, LOCAL, "auto"):
                 pass  # rows left because every chosen worker went away: the scheduler places them
         finally:
             for worker, key in (job.storing | job.held).items():
-                self.release(worker, (key,))
+                self.release(worker, tuple(range(key, key + len(job.shared))))
         if job.failure:
             raise job.failure[0]
         return SplitOutcome(out, shares, time.perf_counter() - start, job.bytes_moved, tuple(job.held))
 
     def _block_held(self, job: _SplitJob, worker: str, first: bool) -> dict[int, dict[str, int]] | None:
-        """`run`'s ``held`` for a block of ``worker``: its first sends b and has it kept (a negative
-        id), later ones name it; None when b is not held (this node, holding off, an older worker)."""
+        """`run`'s ``held`` for a block of ``worker``: its first sends the shared operands and has them
+        kept (negative ids), later ones name them; None when none is held (this node, holding off, an
+        older worker)."""
+
+        def by_operand(where: Mapping[str, int]) -> dict[int, dict[str, int]]:
+            return {
+                i: {w: key + j if key > 0 else key - j for w, key in where.items()} for j, i in enumerate(job.shared)
+            }
+
         if worker in job.held:
-            return {1: dict(job.held)}
+            return by_operand(job.held)
         session = self.node.sessions.get(worker)
-        if not first or session is None or "copy" not in session.hello.kernels:
-            return {1: dict(job.held)} if job.held else None
-        key = self.held_ids(1)
+        if not first or not job.shared or session is None or "copy" not in session.hello.kernels:
+            return by_operand(job.held) if job.held else None
+        key = self.held_ids(len(job.shared))
         job.storing[worker] = key
-        return {1: {**job.held, worker: -key}}
+        return by_operand({**job.held, worker: -key})
 
     def held_ids(self, count: int) -> int:
         """The first of ``count`` fresh ids for arrays a worker holds for this node."""
@@ -10752,23 +10842,25 @@ class Manager:
 
     async def _split_block(self, job: _SplitJob, worker: str, placement: str, store: bool = False) -> bool:
         """Take the next rows for ``worker`` and compute them; False when there is nothing left.
-        ``store``: this block sends b and has the worker keep it for the job's later blocks."""
+        ``store``: this block sends the shared operands and has the worker keep them for the job's later blocks."""
         if job.cursor >= job.n or job.failure:
             return False
         lo = job.cursor
         hi = job.cursor = min(job.n, lo + self._split_rows(job, worker))
         held = self._block_held(job, worker, store)
+        block = job.block(lo, hi)
         try:
             outcome = await self.run(
-                "matmul", (job.a[lo:hi], job.b), placement=placement, timeout_s=job.timeout_s, held=held
+                job.kernel, block, job.params, placement=placement, timeout_s=job.timeout_s, held=held
             )
         except TaskError as exc:
             job.failure.append(exc)
             return False
         job.out[lo:hi] = outcome.outputs[0]
-        if outcome.worker_id != LOCAL:  # a's rows out, the block back, and b unless the worker held it
-            b_bytes = 0 if held and held[1].get(outcome.worker_id, 0) > 0 else int(job.b.nbytes)
-            job.bytes_moved += int(job.a[lo:hi].nbytes) + int(outcome.outputs[0].nbytes) + b_bytes
+        if outcome.worker_id != LOCAL:  # the operands out, unless the worker held them, and the block back
+            named = {i for i, where in (held or {}).items() if where.get(outcome.worker_id, 0) > 0}
+            sent = sum(int(o.nbytes) for i, o in enumerate(block) if i not in named)
+            job.bytes_moved += sent + int(outcome.outputs[0].nbytes)
             if outcome.worker_id in job.storing and outcome.worker_id not in job.held:
                 job.held[outcome.worker_id] = job.storing[outcome.worker_id]  # kept there now
         share = job.shares.setdefault(outcome.worker_id, WorkerShare())
@@ -10790,12 +10882,12 @@ class Manager:
         self, job: _SplitJob, worker: str, first_done: Any, wait_for: Any, hold: bool = False
     ) -> None:
         """Pull blocks for ``worker`` while it stays usable; with ``wait_for``, only once that event is set;
-        ``hold``: its first block leaves b there for the job (its other pullers wait for that block)."""
+        ``hold``: its first block leaves the shared operands there for the job (its other pullers wait for it)."""
         try:
             if wait_for is not None:
                 await wait_for.wait()  # slow start: pipelining begins once the worker has proven itself
             # a worker that left, or whose results failed verification, pulls no more blocks
-            store = hold and worker != LOCAL  # its first block leaves b there (its second waits for it)
+            store = hold and worker != LOCAL  # its first block leaves them there (its second waits for it)
             while self._split_usable(worker) and await self._split_block(job, worker, worker, store):
                 store = False
                 first_done.set()
@@ -12736,7 +12828,7 @@ class NodeService:
         outcome: TaskOutcome | None = None
         with self._call():
             if placement in SPLIT_PLACEMENTS:
-                outcome = await self._split(kernel, operands, placement, timeout_s, fallback)
+                outcome = await self._split(kernel, operands, params, placement, timeout_s, fallback)
             elif (
                 placement not in PLACEMENTS
                 and placement not in self.node.sessions
@@ -12754,12 +12846,30 @@ class NodeService:
         return outcome
 
     async def _split(
-        self, kernel: str, operands: Sequence[np.ndarray], placement: str, timeout_s: float, fallback: bool = True
+        self,
+        kernel: str,
+        operands: Sequence[np.ndarray],
+        params: Params,
+        placement: str,
+        timeout_s: float,
+        fallback: bool = True,
     ) -> TaskOutcome:
-        """A matmul split in row blocks over the connected workers (and this node, for "split")."""
-        if kernel != "matmul" or len(operands) != 2:
+        """A task split in row blocks over the connected workers (and this node, for "split"): a 2-D
+        matmul by the rows of a, an element-wise kernel by its result's rows, a batched matmul by
+        its stack (`row_split`)."""
+        try:
+            check_kernel_call(kernel, operands, params)
+        except KernelError as exc:
+            raise TaskError(str(exc), kind=ErrorKind.BAD_INPUT) from None
+        two_d = kernel == "matmul" and all(o.ndim == 2 for o in operands)
+        rows = None if two_d else row_split(kernel, [o.shape for o in operands])
+        if not two_d and rows is None:
+            shapes = " and ".join(str(o.shape) for o in operands)
+            why = f"on {shapes} has no rows to split" if kernel in ROW_SPLIT_KERNELS else "cannot be split"
             raise TaskError(
-                f"placement {placement!r} splits a matmul; {kernel} cannot be split", kind=ErrorKind.BAD_INPUT
+                f"placement {placement!r} splits matmul and element-wise kernels by rows; {kernel} {why}:"
+                " use placement 'auto'",
+                kind=ErrorKind.BAD_INPUT,
             )
         workers = self.manager.usable_workers()
         reason = ""
@@ -12770,7 +12880,12 @@ class NodeService:
                 raise TaskError(f"cannot run {kernel} on remote workers: {reason}; {hint}", kind=ErrorKind.UNAVAILABLE)
         elif placement == "split-remote":
             workers = [w for w in workers if w != LOCAL]
-        split = await self.manager.split_matmul(operands[0], operands[1], workers=workers, timeout_s=timeout_s)
+        if rows is None:
+            split = await self.manager.split_matmul(operands[0], operands[1], workers=workers, timeout_s=timeout_s)
+        else:
+            split = await self.manager.split_rows(
+                kernel, operands, params, rows[1], workers=workers, timeout_s=timeout_s
+            )
         attempts = [
             AttemptRecord(w, f"ok: {s.rows} rows in {s.blocks} blocks, busy {split.busy_fraction(w):.0%}")
             for w, s in split.shares.items()
@@ -16860,8 +16975,8 @@ def add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--split-hold",
         choices=("on", "off"),
         default="on",
-        help="on (default): a split matmul sends b to each worker once, held there for the job; off: every "
-        "block carries b (less memory on the workers, more bytes on the network)",
+        help="on (default): a split task sends b (each whole operand) to each worker once, held there for the job; "
+        "off: every block carries it (less memory on the workers, more bytes on the network)",
     )
     p.add_argument(
         "--rpc",

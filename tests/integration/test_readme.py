@@ -588,6 +588,9 @@ def run_in_serve_scenario(example: Example, a: Box, table: Mapping[str, str]) ->
         if "placement=worker" in example.text:  # arrays held on a worker (B): run there, checked on asking
             assert out == ["True unverified", "recompute True True"], context
             return
+        if 'placement="split"' in example.text:  # element-wise by rows, batched matmul by its stack
+            assert out == ["True (64, 32, 16) split"], context
+            return
         if "node.empty(" in example.text:  # operands without a copy
             assert out == ["True 0 True"], f"an empty() array, a result and a view are not copied\n{context}"
             return

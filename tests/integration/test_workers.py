@@ -391,7 +391,7 @@ STALL_S = 4.0  # the stall worker's --fault slow: every task it is given waits t
 @pytest.fixture(scope="module")
 def module_lab(pyz: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     base = tmp_path_factory.mktemp("workers-lab")
-    spare = [make_node_home(base, name) for name in ("trusting", "fresh", "fresh2")]
+    spare = [make_node_home(base, name) for name in ("trusting", "fresh", "fresh2", "fresh3")]
     allow = [peer_id_of(pyz, home, ID_TIMEOUT_S) for home in spare]
     ghost_home = make_node_home(base, "ghost")
     ghost = peer_id_of(pyz, ghost_home, ID_TIMEOUT_S)
@@ -462,6 +462,21 @@ def test_split_stops_giving_blocks_to_a_worker_once_it_failed_verification(pyz: 
     np.testing.assert_allclose(c, a @ b)
     # At most the two blocks it had in flight when the first one was refused.
     assert failed <= 2, node.proc.output()
+
+
+def test_a_split_element_wise_task_with_a_corrupt_worker_is_recomputed_and_right(pyz: Path, lab: Lab) -> None:
+    # Element-wise blocks are checked by recomputing them: every wrong one is refused and run again.
+    with fresh_node(pyz, lab.spare[3], [lab.ok, lab.corrupt]) as node:
+        rng = np.random.default_rng(13)
+        x, y = rng.standard_normal((2000, 256)), rng.standard_normal((2000, 256))
+        with client(node) as rpc:
+            got = rpc.submit("multiply", x, y, placement="split-remote")
+            task = rpc.last_task
+        failed = refused_results(node.proc)
+    np.testing.assert_array_equal(got, x * y)
+    shares = assert_every_row_once(task, 2000)
+    assert lab.corrupt.peer_id not in shares, task["attempts"]
+    assert failed >= 1, node.proc.output()
 
 
 def test_verify_rounds_0_accepts_a_corrupt_result(pyz: Path, lab: Lab) -> None:
