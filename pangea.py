@@ -4333,6 +4333,87 @@ def _ref_inverse(ops: Operands, params: Params) -> np.ndarray:
     return np.linalg.inv(ops[0])
 
 
+def _stacked(k: Kernel) -> Kernel:
+    """``k`` (a kernel of one matrix) over a stack of them, as numpy.linalg takes them: operand 0 of
+    shape (..., M, N) holds its matrices on its last two axes, and each output gets the stack's
+    leading axes. Each matrix is validated, computed and checked as one (its check, O(n^2) a matrix,
+    still costs less than computing it); an error names the matrix ("matrix [1, 0] of the stack")."""
+    import numpy as np
+
+    def batch_of(ops: Operands) -> tuple[int, ...]:
+        return tuple(ops[0].shape[:-2]) if ops and ops[0].ndim > 2 else ()
+
+    def matrix(ops: Operands, index: tuple[int, ...]) -> Operands:
+        return (ops[0][index], *ops[1:])
+
+    def one_matrix(ops: Operands) -> Operands:  # a stand-in of no bytes, for bounds and costs
+        return (np.broadcast_to(np.zeros((), ops[0].dtype), ops[0].shape[-2:]), *ops[1:])
+
+    def named(message: str, index: tuple[int, ...], name: str = k.name) -> str:
+        return message.replace(f"{name}:", f"{name}: matrix {list(index)} of the stack:", 1)
+
+    def fn(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
+        batch = batch_of(ops)
+        if not batch:
+            return k.fn(ops, params)
+        each = []
+        for index in np.ndindex(*batch):
+            try:
+                each.append(k.fn(matrix(ops, index), params))
+            except KernelError as exc:
+                raise KernelError(named(str(exc), index)) from None
+        if not each:  # an empty stack: the outputs' shapes and dtypes from one (invertible) matrix
+            eye = np.eye(*ops[0].shape[-2:], dtype=ops[0].dtype)
+            return tuple(np.empty(batch + o.shape, o.dtype) for o in k.fn((eye, *ops[1:]), params))
+        return tuple(
+            np.stack([outs[j] for outs in each]).reshape(batch + each[0][j].shape) for j in range(len(each[0]))
+        )
+
+    def check(
+        name: str, ops: Operands, params: Params, outputs: tuple[np.ndarray, ...], seed: int, rounds: int
+    ) -> str | None:
+        assert k.check is not None
+        batch = batch_of(ops)
+        if not batch:
+            return k.check(name, ops, params, outputs, seed, rounds)
+        for j, o in enumerate(outputs):
+            if tuple(o.shape[: len(batch)]) != batch:
+                return f"{name}: output {j} of shape {o.shape} for a stack of {list(batch)} matrices"
+        for i, index in enumerate(np.ndindex(*batch)):
+            problem = k.check(
+                name, matrix(ops, index), params, tuple(o[(*index, ...)] for o in outputs), seed + i, rounds
+            )
+            if problem is not None:
+                return named(problem, index, name)
+        return None
+
+    def out_nbytes(ops: Operands, params: Params) -> int:
+        return (
+            math.prod(batch_of(ops)) * k.out_nbytes(one_matrix(ops), params)
+            if batch_of(ops)
+            else k.out_nbytes(ops, params)
+        )
+
+    def flops(ops: Operands, params: Params) -> float:
+        return math.prod(batch_of(ops)) * k.flops(one_matrix(ops), params) if batch_of(ops) else k.flops(ops, params)
+
+    def reference(ops: Operands, params: Params) -> Any:
+        if not batch_of(ops):
+            return k.reference(ops, params)
+        outs = fn(ops, params)
+        return outs[0] if len(outs) == 1 else outs
+
+    return dataclasses.replace(
+        k,
+        fn=fn,
+        check=check if k.check is not None else None,
+        out_nbytes=out_nbytes,
+        flops=flops,
+        reference=reference,
+        doc=f"{k.doc} (stacks of matrices too)",
+    )
+
+
 LINALG_KERNELS: tuple[Kernel, ...] = (
     Kernel(
         "matmul",
@@ -4360,18 +4441,20 @@ LINALG_KERNELS: tuple[Kernel, ...] = (
         reference=_ref_solve,
         exact=False,
     ),
-    Kernel(
-        "inverse",
-        1,
-        _k_inverse,
-        "matrix inverse",
-        out_nbytes=_bytes_of_inverse,
-        flops=_flops_of_cubic,
-        check=_verify_solve,
-        verification="residual",
-        sample=_sample_inverse,
-        reference=_ref_inverse,
-        exact=False,
+    _stacked(
+        Kernel(
+            "inverse",
+            1,
+            _k_inverse,
+            "matrix inverse",
+            out_nbytes=_bytes_of_inverse,
+            flops=_flops_of_cubic,
+            check=_verify_solve,
+            verification="residual",
+            sample=_sample_inverse,
+            reference=_ref_inverse,
+            exact=False,
+        )
     ),
 )
 
@@ -4919,8 +5002,10 @@ def _linalg_entry(
     variadic: bool = False,
     unique: bool = True,
     flops: Callable[[Operands, Params], float] | None = None,
+    stacks: bool = True,
 ) -> Kernel:
-    return Kernel(
+    """A numpy.linalg entry; ``stacks``: it takes a stack of matrices as numpy does (`_stacked`)."""
+    entry = Kernel(
         name,
         arity,
         fn,
@@ -4937,6 +5022,7 @@ def _linalg_entry(
         variadic=variadic,
         unique=unique,
     )
+    return _stacked(entry) if stacks else entry
 
 
 NUMPY_LINALG_KERNELS: tuple[Kernel, ...] = (
@@ -4964,10 +5050,13 @@ NUMPY_LINALG_KERNELS: tuple[Kernel, ...] = (
         outputs=4,
         arity=2,
         verification="residual",
+        stacks=False,  # numpy's lstsq takes one matrix
     ),
     _linalg_entry("pinv", _k_pinv, "Moore-Penrose pseudo-inverse", ("rcond",)),
     dataclasses.replace(
-        next(k for k in LINALG_KERNELS if k.name == "inverse"), name="inv", doc="matrix inverse (numpy.linalg.inv)"
+        next(k for k in LINALG_KERNELS if k.name == "inverse"),
+        name="inv",
+        doc="matrix inverse (numpy.linalg.inv; stacks of matrices too)",
     ),
     _linalg_entry("det", _k_det, "determinant", checked=False),
     _linalg_entry("slogdet", _k_slogdet, "sign and log of the absolute determinant", outputs=2, checked=False),
@@ -4986,6 +5075,7 @@ NUMPY_LINALG_KERNELS: tuple[Kernel, ...] = (
         ("ord", "axis", "keepdims"),
         checked=False,
         flops=_flops_of_elements,
+        stacks=False,  # its axis says which axes are the matrix
     ),
     _linalg_entry(
         "einsum",
@@ -4995,6 +5085,7 @@ NUMPY_LINALG_KERNELS: tuple[Kernel, ...] = (
         variadic=True,
         checked=False,
         flops=_flops_of_einsum,
+        stacks=False,
     ),
 )
 
@@ -10716,12 +10807,13 @@ class Manager:
         n = next(o.shape[0] for o, cut in zip(operands, sliced, strict=True) if cut)
         try:  # NOTE: the kernel on no rows says whether the shapes fit, and the result's dtype and shape
             empty = run_kernel(kernel, [o[:0] if cut else o for o, cut in zip(operands, sliced, strict=True)], params)
-        except KernelError as exc:
+        except KernelError as probe:
+            message = str(probe)
             try:  # the same refusal in the words of the operands' own shapes (stand-ins of no bytes)
                 run_kernel(kernel, [np.broadcast_to(np.zeros((), o.dtype), o.shape) for o in operands], params)
             except KernelError as real:
-                exc = real
-            raise TaskError(str(exc), kind=ErrorKind.BAD_INPUT) from None
+                message = str(real)
+            raise TaskError(message, kind=ErrorKind.BAD_INPUT) from None
         if len(empty) != 1 or any(o.shape[0] != n for o, cut in zip(operands, sliced, strict=True) if cut):
             raise TaskError(f"{kernel} cannot be split by rows", kind=ErrorKind.BAD_INPUT)
         chosen = list(workers) if workers is not None else self.usable_workers()

@@ -191,3 +191,26 @@ def test_an_unverified_kernel_says_so_and_a_recompute_check_catches_its_lie(
     assert first["worker"] == liar.peer_id and first["outcome"].startswith("wrong-result: "), task
     assert rest and task["ran_on"] != liar.peer_id and task["verification"] in ("local", "recompute"), task
     assert float(checked) == pytest.approx(float(np.linalg.det(a)), rel=1e-9)
+
+
+@pytest.mark.parametrize("kernel", ["eigh", "inv", "svd"])
+def test_a_stack_of_matrices_is_checked_matrix_by_matrix_on_a_real_worker(nodes: Lab, kernel: str) -> None:
+    rng = np.random.default_rng(31)
+    a3 = rng.standard_normal((3, 24, 24))
+    stack = a3 @ np.swapaxes(a3, -1, -2) + 24 * np.eye(24)  # Hermitian, positive definite, well conditioned
+    liar = nodes.liars["relative"]
+    with Client(nodes.a.rpc, token=nodes.a.token, timeout_s=CLIENT_TIMEOUT_S) as rpc:
+        honest = rpc.submit(kernel, stack, placement=nodes.b.peer_id)
+        assert rpc.last_task["verification"] != "unverified" and rpc.last_task["ran_on"] == nodes.b.peer_id
+        out = rpc.submit(kernel, stack, placement=liar.peer_id)
+        task = rpc.last_task
+    numpy_fn: Any = {"eigh": np.linalg.eigh, "inv": np.linalg.inv, "svd": np.linalg.svd}[kernel]
+    want = numpy_fn(stack)
+    for got in (honest, out):
+        first = got[0] if isinstance(got, tuple) else got
+        ref = want[1] if kernel == "svd" else want[0] if kernel == "eigh" else want
+        np.testing.assert_allclose(got[1] if kernel == "svd" else first, ref, rtol=1e-9, atol=1e-9)
+    first_attempt, *rest = task["attempts"]
+    assert first_attempt["worker"] == liar.peer_id and first_attempt["outcome"].startswith("wrong-result: "), task
+    assert f"{kernel}: matrix [" in first_attempt["outcome"] and "of the stack" in first_attempt["outcome"], task
+    assert rest and rest[-1]["outcome"] == "ok" and task["ran_on"] != liar.peer_id, task

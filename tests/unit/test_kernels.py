@@ -485,7 +485,7 @@ def test_run_kernel_shape_mismatch(name: str, a: tuple[int, ...], b: tuple[int, 
     assert problem in str(err)
 
 
-@pytest.mark.parametrize("shape", [(2, 3), (4,), (2, 2, 2)])
+@pytest.mark.parametrize("shape", [(2, 3), (4,), (2, 2, 3)])  # (2, 2, 3): a stack of two 2 x 3 matrices
 def test_run_kernel_inverse_needs_a_square_matrix(shape: tuple[int, ...]) -> None:
     err = kernel_error("inverse", [np.ones(shape)])
     assert str(err).startswith("inverse: ")
