@@ -4337,8 +4337,8 @@ def _stacked(k: Kernel) -> Kernel:
     """``k`` (a kernel of one matrix) over a stack of them, as numpy.linalg takes them: operand 0 of
     shape (..., M, N) holds its matrices on its last two axes, and each output gets the stack's
     leading axes. Each matrix is validated, computed and checked as one (its check, O(n^2) a matrix,
-    still costs less than computing it); an error names the matrix ("matrix [1, 0] of the stack")."""
-    import numpy as np
+    still costs less than computing it); an error names the matrix ("matrix [1, 0] of the stack").
+    Runs at import: numpy is imported only by the functions it returns."""
 
     def batch_of(ops: Operands) -> tuple[int, ...]:
         return tuple(ops[0].shape[:-2]) if ops and ops[0].ndim > 2 else ()
@@ -4347,12 +4347,16 @@ def _stacked(k: Kernel) -> Kernel:
         return (ops[0][index], *ops[1:])
 
     def one_matrix(ops: Operands) -> Operands:  # a stand-in of no bytes, for bounds and costs
+        import numpy as np
+
         return (np.broadcast_to(np.zeros((), ops[0].dtype), ops[0].shape[-2:]), *ops[1:])
 
     def named(message: str, index: tuple[int, ...], name: str = k.name) -> str:
         return message.replace(f"{name}:", f"{name}: matrix {list(index)} of the stack:", 1)
 
     def fn(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
+        import numpy as np
+
         batch = batch_of(ops)
         if not batch:
             return k.fn(ops, params)
@@ -4372,6 +4376,8 @@ def _stacked(k: Kernel) -> Kernel:
     def check(
         name: str, ops: Operands, params: Params, outputs: tuple[np.ndarray, ...], seed: int, rounds: int
     ) -> str | None:
+        import numpy as np
+
         assert k.check is not None
         batch = batch_of(ops)
         if not batch:

@@ -247,3 +247,15 @@ def test_run_trio_farewell_is_bounded_in_time() -> None:
 )
 def test_responder_names_how_the_initiator_ended(bye_reason: str | None, ending: str) -> None:
     assert pangea._initiator_ending(bye_reason) == ending
+
+
+def test_importing_pangea_imports_none_of_the_heavy_libraries() -> None:
+    # The registry is built at import (kernel entries, their wrappers): none of it may import numpy.
+    out = run_child(
+        """
+        import sys
+        import pangea
+        print(sorted(p for p in ("numpy", "capnp", "libp2p", "trio", "cryptography") if p in sys.modules))
+        """
+    )
+    assert out.strip() == "[]"
