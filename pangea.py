@@ -9,9 +9,9 @@ Nodes talk libp2p (TCP + Noise + Yamux). A node delegates numpy matrix work
 to another node over the stream protocol ``/pangea/compute/1.0.0``, collects
 and aggregates the results, and runs a task locally when its worker is gone.
 
-How the module is laid out: twenty-three rooms, each using only the rooms above
+How the module is laid out: twenty-four rooms, each using only the rooms above
 it (tests/unit/test_layout.py keeps that true, and each room under its line
-budget). Rooms 1-9 are pure (no I/O, no await); rooms 10-23 perform I/O.
+budget). Rooms 1-9 are pure (no I/O, no await); rooms 10-24 perform I/O.
 
   0. this docstring, imports, version
   1. Constants                 protocol ids, limits, timeouts, each with its unit
@@ -36,14 +36,15 @@ budget). Rooms 1-9 are pure (no I/O, no await); rooms 10-23 perform I/O.
  17. Held arrays              KeptArrays, Lineage, ArrayKeeper: arrays held here or
                                on a worker for clients, run where held, made again
  18. RPC service              NodeService, RpcServer, _RpcConnection, the Gate
- 19. Remote arrays            RemoteArray: the numpy face of an array a node holds
- 20. The Python client        Client, _PinnedConnection
- 21. Start-up                  build guard, deferred imports, logging, the trio runner
- 22. CLI: options and the verbs of a pair   initiate, respond, demo
- 23. CLI: serve, the tools and main         serve, call, psk, status, doctor,
+ 19. Dashboard                 serve --dashboard: the live page and its HTTP server
+ 20. Remote arrays            RemoteArray: the numpy face of an array a node holds
+ 21. The Python client        Client, _PinnedConnection
+ 22. Start-up                  build guard, deferred imports, logging, the trio runner
+ 23. CLI: options and the verbs of a pair   initiate, respond, demo
+ 24. CLI: serve, the tools and main         serve, call, psk, status, doctor,
                                bench (code in bench/pangea_bench.py), id, main
 
-How one task travels through them: `Client.submit` (20) reaches the node's
+How one task travels through them: `Client.submit` (21) reaches the node's
 `NodeService` (18), its arrays on a bulk channel (12); the service hands it to
 the `Manager` (14); the `Scheduler` (9)
 answers `Dispatch`, and the peer's `RemoteDelegator` writes a `TaskRequestMsg`
@@ -308,6 +309,7 @@ RPC_LOGIN_MAX_SOURCES = 4096  # sources remembered by the login limiter; the old
 # first use, one "HOST:PORT sha256:HEX" per line.
 RPC_TOKEN_FILENAME = "rpc-token"
 RPC_TLS_FILENAME = "rpc-tls.pem"
+DASHBOARD_TLS_FILENAME = "dashboard-tls.pem"  # ECDSA P-256: browsers take no Ed25519 certificate
 KNOWN_NODES_FILENAME = "known_rpc_nodes"
 RPC_TLS_HANDSHAKE_TIMEOUT_S = 10.0  # a TLS handshake on the RPC port, client and server side
 # RPC calls in flight on the node, all connections together; one more is answered
@@ -6855,6 +6857,103 @@ class Scheduler:
         assert not set(self.tasks) & set(self.history), "a task is both running and finished"
 
 
+# ---- the task board: what the dashboard shows of the tasks
+
+BOARD_RECENT = 50  # ended tasks the board remembers (the dashboard's "recent" table)
+BOARD_MAX_RUNNING = 4096  # tasks it follows at once; more are counted, not listed
+
+
+@dataclass
+class BoardTask:
+    """One task as the dashboard shows it: where its attempts ran, how long, how it ended."""
+
+    task_id: int
+    kernel: str
+    placement: str
+    started: float  # the clock of the one who feeds the board
+    part_of: int = 0  # the split job it is a block of (0: a task of its own)
+    workers: list[str] = field(default_factory=list)  # where each attempt ran, in order
+    first_attempt: float | None = None
+    outcome: str = ""  # "" while it runs, then "ok" or an error kind
+    seconds: float = 0.0  # start to end (while running: so far)
+    shares: dict[str, list[int]] = field(default_factory=dict)  # a split job's: worker -> [rows, blocks]
+    rows: int = 0  # a split job's rows in all
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        """The task as the dashboard's snapshot carries it."""
+        queued = (self.first_attempt if self.first_attempt is not None else now) - self.started
+        return {
+            "task_id": self.task_id,
+            "kernel": self.kernel,
+            "placement": self.placement,
+            "part_of": self.part_of,
+            "where": self.workers[-1] if self.workers else "",
+            "attempts": len(self.workers),
+            "workers": list(self.workers),
+            "state": self.outcome or ("queued" if not self.workers else "running"),
+            "queued_s": round(queued, 6),
+            "seconds": round(self.seconds if self.outcome else now - self.started, 6),
+            "shares": {w: {"rows": r, "blocks": b} for w, (r, b) in self.shares.items()},
+            "rows": self.rows,
+        }
+
+
+class TaskBoard:
+    """Pure: the tasks running now and the last BOARD_RECENT that ended, fed by the manager
+    (``now`` from its clock); split jobs with their workers' shares of rows. Bounded: at most
+    BOARD_MAX_RUNNING followed at once (the rest only counted), blocks of a split job are not
+    kept among the recent (their job is)."""
+
+    def __init__(self, recent: int = BOARD_RECENT, max_running: int = BOARD_MAX_RUNNING) -> None:
+        self.running: dict[int, BoardTask] = {}
+        self.recent: deque[BoardTask] = deque(maxlen=recent)
+        self.max_running = max_running
+        self.unlisted = 0  # tasks started while the board was full
+
+    def start(self, task_id: int, kernel: str, placement: str, now: float, part_of: int = 0, rows: int = 0) -> None:
+        """A task (or a split job, with its ``rows``) began."""
+        if len(self.running) >= self.max_running:
+            self.unlisted += 1
+            return
+        task = self.running[task_id] = BoardTask(task_id, kernel, placement, now, part_of, rows=rows)
+        if rows:  # a split job waits in no queue: its blocks do, each a task of its own
+            task.first_attempt = now
+
+    def attempt(self, task_id: int, worker: str, now: float) -> None:
+        """An attempt of the task was sent to ``worker``."""
+        task = self.running.get(task_id)
+        if task is not None:
+            task.workers.append(worker)
+            task.first_attempt = now if task.first_attempt is None else task.first_attempt
+
+    def block(self, job_id: int, worker: str, rows: int) -> None:
+        """A block of ``rows`` of split job ``job_id`` was done by ``worker``."""
+        job = self.running.get(job_id)
+        if job is not None:
+            share = job.shares.setdefault(worker, [0, 0])
+            share[0] += rows
+            share[1] += 1
+            if worker not in job.workers:
+                job.workers.append(worker)
+
+    def end(self, task_id: int, outcome: str, now: float) -> None:
+        """The task ended: "ok" or its error kind."""
+        task = self.running.pop(task_id, None)
+        if task is None:
+            return
+        task.outcome, task.seconds = outcome or "ok", now - task.started
+        if not task.part_of:
+            self.recent.appendleft(task)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The running tasks (oldest first) and the recent ones (newest first), as plain values."""
+        return {
+            "running": [t.as_dict(now) for t in sorted(self.running.values(), key=lambda t: t.started)],
+            "recent": [t.as_dict(now) for t in self.recent],
+            "unlisted": self.unlisted,
+        }
+
+
 ###############################################################################
 # 10. Session directories
 #
@@ -7036,8 +7135,9 @@ def local_rpc_token() -> str | None:
     return read_token_file(path) if path.exists() else None
 
 
-def self_signed_certificate(common_name: str) -> tuple[bytes, bytes]:
-    """A new Ed25519 key and a certificate for it: (PEM of both, SHA-256 of the certificate).
+def self_signed_certificate(common_name: str, *, for_browsers: bool = False) -> tuple[bytes, bytes]:
+    """A new Ed25519 key (``for_browsers``: ECDSA P-256, which browsers take and Ed25519 they do
+    not) and a certificate for it: (PEM of both, SHA-256 of the certificate).
 
     NOTE: nobody checks names or dates: a client pins the certificate's SHA-256, and the
     TLS 1.3 handshake proves the server holds its private key."""
@@ -7045,11 +7145,12 @@ def self_signed_certificate(common_name: str) -> tuple[bytes, bytes]:
     import hashlib
 
     from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.x509.oid import NameOID
 
-    key = Ed25519PrivateKey.generate()
+    key: Any = ec.generate_private_key(ec.SECP256R1()) if for_browsers else Ed25519PrivateKey.generate()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
@@ -7060,7 +7161,7 @@ def self_signed_certificate(common_name: str) -> tuple[bytes, bytes]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=3650))
-        .sign(key, None)
+        .sign(key, hashes.SHA256() if for_browsers else None)
     )
     pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -7068,17 +7169,19 @@ def self_signed_certificate(common_name: str) -> tuple[bytes, bytes]:
     return pem, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
 
 
-def rpc_tls_identity(home: Path) -> tuple[Path, bytes]:
-    """The TLS certificate (and key) file of this home's RPC endpoints, created once (0600) and
+def rpc_tls_identity(home: Path, filename: str = RPC_TLS_FILENAME) -> tuple[Path, bytes]:
+    """The TLS certificate (and key) file of this home's RPC endpoints (``filename``
+    DASHBOARD_TLS_FILENAME: the dashboard's, a key browsers take), created once (0600) and
     kept so that its fingerprint stays what clients pinned; and the certificate's SHA-256."""
     import hashlib
 
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    path = home / RPC_TLS_FILENAME
+    path = home / filename
     if not path.exists():
-        write_private_file(path, self_signed_certificate("pangea rpc")[0])
+        browsers = filename == DASHBOARD_TLS_FILENAME
+        write_private_file(path, self_signed_certificate(f"pangea {path.stem}", for_browsers=browsers)[0])
     try:
         read_token_file(path)  # the same rule as a token: nobody else may read the key
         cert = x509.load_pem_x509_certificate(path.read_bytes())
@@ -8106,7 +8209,7 @@ async def tcp_probe(host: str, port: int, timeout_s: float) -> tuple[float | Non
 # Client's `_BulkChannel` and its segment pools); for a client on another box, TLS
 # connections to the RPC port itself (`TlsBulkConnection` and `TlsBulkBatches` on the
 # node; the Client's `_TlsBulkLink` and `_TlsBulkPool`). Either way the RPC carries a
-# task's metadata and names its batch; the RPC service (14) takes and finishes batches.
+# task's metadata and names its batch; the RPC service (18) takes and finishes batches.
 ###############################################################################
 
 
@@ -10440,6 +10543,7 @@ class _SplitJob:
     held: dict[str, int] = field(default_factory=dict)  # worker -> the first id under which it holds them
     storing: dict[str, int] = field(default_factory=dict)  # worker -> id: its first block keeps them there
     bytes_moved: int = 0
+    job_id: int = 0  # its id on the task board
 
     def block(self, lo: int, hi: int) -> tuple[np.ndarray, ...]:
         """The operands of the block of rows lo:hi."""
@@ -10471,6 +10575,7 @@ class Manager:
         self._held_running = 0  # tasks run by `run_held` (not through the scheduler) now
         self.split_hold = True  # split_matmul's default: b held once per worker (serve --split-hold)
         self._next_id = 1
+        self.board = TaskBoard()  # what the dashboard shows: running and recent tasks, split shares
         self.tasks_done = 0
         self.tasks_failed = 0
         self.done_by: dict[str, int] = {}  # worker id -> tasks it delivered
@@ -10544,6 +10649,7 @@ class Manager:
         fallback: bool = True,
         held: Mapping[int, Mapping[str, int]] | None = None,
         check: str = "",
+        part_of: int = 0,
     ) -> TaskOutcome:
         """Run one task to completion; raise TaskError when every attempt failed. ``fallback=False``:
         fail (kind "unavailable") rather than run locally because no remote worker is usable.
@@ -10552,7 +10658,7 @@ class Manager:
         ``held``: by operand index, the workers that hold that operand for this node and under which
         id: an attempt there names it instead of sending its bytes (a negative id: sends it,
         and the worker keeps it under minus that id); anywhere else (a retry, the local fallback)
-        the operand given is used."""
+        the operand given is used. ``part_of``: the split job it is a block of (the task board's)."""
         import trio
 
         try:
@@ -10571,6 +10677,8 @@ class Manager:
         start = self.clock()
         first_attempt_at: float | None = None
         failure: TaskError | None = None
+        ended = "cancelled"  # the board's outcome, unless it is delivered or fails
+        self.board.start(task_id, kernel, placement, start, part_of)
         try:
             # NOTE: nothing is raised inside the nursery: trio would wrap it in an
             # ExceptionGroup, and callers catch TaskError.
@@ -10580,6 +10688,7 @@ class Manager:
                     async for action in receive:
                         if isinstance(action, Dispatch):
                             first_attempt_at = first_attempt_at or self.clock()
+                            self.board.attempt(task_id, action.worker_id, self.clock())
                             scopes[action.attempt] = scope = trio.CancelScope()
                             job = (kernel, operands, dict(params or {}), cost, check)
                             nursery.start_soon(self._attempt, task_id, action, scope, job, results)
@@ -10591,6 +10700,7 @@ class Manager:
                             outcome = self._delivered(task_id, kernel, action, results, start, first_attempt_at)
                             remote = action.worker_id != LOCAL
                             how = task_verification(kernel, check, remote, self.verify_rounds)
+                            ended = "ok"
                             return dataclasses.replace(outcome, verification=how)
                         elif isinstance(action, Fail):
                             failure = TaskError(self._failure_text(task_id, kernel, action), kind=action.kind)
@@ -10602,11 +10712,13 @@ class Manager:
                 f"{kernel}: no result within {format_seconds(timeout_s)}", kind=ErrorKind.DEADLINE
             )
         except TaskError as exc:
+            ended = exc.kind
             self._task_failed(task_id, kernel, exc, start)
             raise
         finally:
             del self._routes[task_id]
             self._held_operands.pop(task_id, None)
+            self.board.end(task_id, ended, self.clock())
 
     def _submit(
         self,
@@ -10834,6 +10946,8 @@ class Manager:
         )
         job = _SplitJob(kernel, operands, sliced, dict(params), n, out, chosen, base_rows, shares, timeout_s, on_block)
         job.shared = shared if hold_shared else ()
+        job.job_id, self._next_id, ended = self._next_id, self._next_id + 1, "cancelled"
+        self.board.start(job.job_id, kernel, "split", self.clock(), rows=n)
         start = time.perf_counter()
         try:
             async with trio.open_nursery() as nursery:
@@ -10844,9 +10958,11 @@ class Manager:
                         nursery.start_soon(self._split_puller, job, worker, trio.Event(), first_done, False)
             while await self._split_block(job, LOCAL, "auto"):
                 pass  # rows left because every chosen worker went away: the scheduler places them
+            ended = job.failure[0].kind if job.failure else "ok"
         finally:
             for worker, key in (job.storing | job.held).items():
                 self.release(worker, tuple(range(key, key + len(job.shared))))
+            self.board.end(job.job_id, ended, self.clock())
         if job.failure:
             raise job.failure[0]
         return SplitOutcome(out, shares, time.perf_counter() - start, job.bytes_moved, tuple(job.held))
@@ -10898,22 +11014,29 @@ class Manager:
             raise PeerError(f"worker {short_id(worker)} is not connected", kind=ErrorKind.UNAVAILABLE)
         start = self.clock()
         self._held_running += 1
+        task_id, self._next_id, ended = self._next_id, self._next_id + 1, "cancelled"
+        self.board.start(task_id, kernel, worker, start)
+        self.board.attempt(task_id, worker, start)
         try:
             with trio.fail_after(timeout_s):
                 outputs, compute_s = await delegator.execute(
                     kernel, operands, params, held=held if any(held) else (), keep=keep
                 )
+            ended = "ok"
         except trio.TooSlowError:
             self.tasks_failed += 1
+            ended = ErrorKind.DEADLINE
             raise TaskError(
                 f"{kernel} on {short_id(worker)} did not finish within {format_seconds(timeout_s)}",
                 kind=ErrorKind.DEADLINE,
             ) from None
-        except (TaskError, PeerError):
+        except (TaskError, PeerError) as exc:
             self.tasks_failed += 1
+            ended = exc.kind
             raise
         finally:
             self._held_running -= 1
+            self.board.end(task_id, ended, self.clock())
         self.tasks_done += 1
         self.done_by[worker] = self.done_by.get(worker, 0) + 1
         elapsed = self.clock() - start
@@ -10949,12 +11072,19 @@ class Manager:
         block = job.block(lo, hi)
         try:
             outcome = await self.run(
-                job.kernel, block, job.params, placement=placement, timeout_s=job.timeout_s, held=held
+                job.kernel,
+                block,
+                job.params,
+                placement=placement,
+                timeout_s=job.timeout_s,
+                held=held,
+                part_of=job.job_id,
             )
         except TaskError as exc:
             job.failure.append(exc)
             return False
         job.out[lo:hi] = outcome.outputs[0]
+        self.board.block(job.job_id, outcome.worker_id, hi - lo)
         if outcome.worker_id != LOCAL:  # the operands out, unless the worker held them, and the block back
             named = {i for i, where in (held or {}).items() if where.get(outcome.worker_id, 0) > 0}
             sent = sum(int(o.nbytes) for i, o in enumerate(block) if i not in named)
@@ -13777,7 +13907,425 @@ def _make_gate(
 
 
 ###############################################################################
-# 19. Remote arrays
+# 19. Dashboard
+#
+# `serve --dashboard [HOST:PORT]`: one page that shows what the node and its peers
+# are doing, updating live: the peers (address, speed, RTT, load, data plane or
+# stream, suspect or not), the queue and the running tasks (kernel, where,
+# attempts, timings), the recent tasks with their outcome, the throughput each
+# way over the last minutes, and the shares of split jobs. The page carries its
+# style and script inline (the pyz holds everything; nothing is fetched from
+# elsewhere) and polls /api/snapshot once a second. The snapshot is made of the
+# records `status` and `peers` answer over RPC, the manager's TaskBoard and the
+# scheduler's worker figures: one source for the page, `call status` and the
+# metrics. HTTP/1.1 by h11 (sans-I/O) on trio: GET and HEAD only, a request head
+# of at most DASHBOARD_MAX_HEAD_BYTES, DASHBOARD_MAX_CONNECTIONS at once, each
+# closed after DASHBOARD_IDLE_S without a request. On loopback it answers anyone
+# on the box (read-only figures); off loopback it speaks TLS 1.3 with a certificate
+# of its own (ECDSA P-256, kept in the home: browsers take no Ed25519 certificate,
+# the RPC's kind) and answers only requests that carry the RPC token (a cookie set
+# by opening /?token=TOKEN once, or `Authorization: Bearer TOKEN`); a wrong token
+# waits as a refused RPC login does.
+###############################################################################
+
+DEFAULT_DASHBOARD_PORT = 7781  # next to the RPC's 7780
+DASHBOARD_MAX_CONNECTIONS = 16  # a page polls on one or two; more is a stuck or hostile client
+DASHBOARD_IDLE_S = 30.0  # a connection with no request for this long is closed
+DASHBOARD_HANDSHAKE_S = 10.0  # a TLS handshake must end within this
+DASHBOARD_MAX_HEAD_BYTES = 8 << 10  # a request line and headers; a page's are well under 1 KiB
+DASHBOARD_SAMPLE_S = 1.0  # the throughput is sampled this often
+DASHBOARD_HISTORY = 300  # samples kept: five minutes of throughput
+DASHBOARD_COOKIE = "pangea_token"
+
+
+@dataclass
+class RateHistory:
+    """Pure: the node's byte counters sampled over time, turned into rates each way (MB/s)."""
+
+    limit: int = DASHBOARD_HISTORY
+    samples: deque[tuple[float, int, int]] = field(default_factory=deque)  # (wall time, bytes in, bytes out)
+
+    def add(self, at: float, bytes_in: int, bytes_out: int) -> None:
+        """One sample of the counters at wall time ``at``."""
+        self.samples.append((at, bytes_in, bytes_out))
+        while len(self.samples) > self.limit:
+            self.samples.popleft()
+
+    def rates(self) -> list[dict[str, float]]:
+        """Per interval between two samples: its end time and MB/s received and sent."""
+        out = []
+        pairs = list(self.samples)
+        for (t0, in0, out0), (t1, in1, out1) in zip(pairs, pairs[1:], strict=False):
+            dt = max(t1 - t0, 1e-6)
+            out.append({"at": t1, "in_mb_s": max(0, in1 - in0) / dt / 1e6, "out_mb_s": max(0, out1 - out0) / dt / 1e6})
+        return out
+
+
+def dashboard_peer(record: PeerRecord, state: Any) -> dict[str, Any]:
+    """One peer as the page shows it: its `peers` record and the scheduler's figures of it."""
+    peer = record.as_dict()
+    peer["address"] = record.addresses[0] if record.addresses else ""
+    peer["gflops"] = round(state.speed, 3) if state is not None else 0.0
+    peer["bandwidth_mb_s"] = round(state.bandwidth / 1e6, 3) if state is not None else 0.0
+    peer["load"] = state.load if state is not None else 0
+    peer["running_here"] = state.running if state is not None else 0
+    return peer
+
+
+async def dashboard_snapshot(service: NodeService, history: RateHistory) -> dict[str, Any]:
+    """Everything the page shows, from the records `status` and `peers` answer and the task board."""
+    status, peers = await service.status(), await service.peers()
+    workers = service.manager.scheduler.workers
+    return {
+        "at": time.time(),
+        "node": status.as_dict(),
+        "peers": [dashboard_peer(p, workers.get(p.peer_id)) for p in peers],
+        "tasks": service.manager.board.snapshot(service.manager.clock()),
+        "throughput": history.rates(),
+    }
+
+
+def dashboard_request_token(target: str, headers: Mapping[str, str]) -> tuple[str, bool]:
+    """Pure: the token a request carries (query ``token``, bearer header or cookie), and whether it
+    came in the query (the page then sets the cookie and drops it from the address)."""
+    import urllib.parse
+
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)
+    if query.get("token"):
+        return query["token"][0], True
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip(), False
+    for part in headers.get("cookie", "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == DASHBOARD_COOKIE:
+            return urllib.parse.unquote(value), False
+    return "", False
+
+
+@dataclass
+class DashboardEndpoint:
+    """Where `serve --dashboard` listens and what guards it off loopback."""
+
+    host: str
+    port: int
+    token: str  # "" on loopback
+    tls_pem: Path | None  # off loopback: its certificate and key (DASHBOARD_TLS_FILENAME)
+    fingerprint: bytes
+
+
+def dashboard_endpoint(text: str | None, rpc_token: str, home: Path) -> DashboardEndpoint | None:
+    """The dashboard's endpoint from ``--dashboard`` (None: no dashboard): open on loopback; off it,
+    the RPC's token and a TLS certificate of the home's (ConfigError when the RPC has no token)."""
+    if not text:
+        return None
+    host, port = parse_host_port(text, DEFAULT_DASHBOARD_PORT)
+    ensure_port_free(host, port, option="--dashboard HOST:PORT")
+    if is_loopback_host(host):
+        return DashboardEndpoint(host, port, "", None, b"")
+    if not rpc_token:
+        raise ConfigError(
+            f"cannot serve the dashboard on {host}:{port} without a token: anyone who reaches that port would see"
+            " this node's peers and tasks",
+            hint="give the RPC a token (--rpc-token-file FILE), not --rpc-open, or keep the dashboard on 127.0.0.1",
+        )
+    pem, fingerprint = rpc_tls_identity(home, DASHBOARD_TLS_FILENAME)
+    return DashboardEndpoint(host, port, rpc_token, pem, fingerprint)
+
+
+class Dashboard:
+    """The dashboard's HTTP server (see the section comment): `run` serves until cancelled."""
+
+    def __init__(self, service: NodeService, endpoint: DashboardEndpoint) -> None:
+        self.service, self.host, self.port = service, endpoint.host, endpoint.port
+        self.local = is_loopback_host(endpoint.host)
+        if not self.local and not (endpoint.token and endpoint.tls_pem):
+            raise ValueError("a dashboard off loopback needs a token and a TLS certificate (dashboard_endpoint)")
+        self.token, self.tls_pem = endpoint.token, endpoint.tls_pem
+        self.history = RateHistory()
+        self.connections = 0
+        self.refused = 0  # connections over DASHBOARD_MAX_CONNECTIONS, and requests without the token
+        self.limiter = LoginLimiter(
+            RPC_LOGIN_DELAY_BASE_S, RPC_LOGIN_DELAY_MAX_S, RPC_LOGIN_FORGET_S, RPC_LOGIN_REPORT_S, RPC_LOGIN_MAX_SOURCES
+        )
+        self.url = ""
+
+    async def run(self, task_status: Any) -> None:
+        """Listen, report the page's address through ``task_status``, then serve and sample forever."""
+        import trio
+
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        port = listeners[0].socket.getsockname()[1]
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.url = f"{'http' if self.local else 'https'}://{host}:{port}/"
+        tls = tls_server_context(str(self.tls_pem)) if self.tls_pem is not None and not self.local else None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sample)
+            task_status.started(self.url)
+            await trio.serve_listeners(functools.partial(self._connection, tls), listeners)
+
+    async def _sample(self) -> None:
+        import trio
+
+        while True:
+            self.history.add(time.time(), self.service.node.bytes_in, self.service.node.bytes_out)
+            await trio.sleep(DASHBOARD_SAMPLE_S)
+
+    async def _connection(self, tls: Any, stream: Any) -> None:
+        import h11
+        import trio
+
+        if self.connections >= DASHBOARD_MAX_CONNECTIONS:
+            self.refused += 1
+            await trio.aclose_forcefully(stream)
+            return
+        self.connections += 1
+        try:
+            source = stream.socket.getpeername()[0]
+            if tls is not None:
+                stream = trio.SSLStream(stream, tls, server_side=True)
+                with trio.move_on_after(DASHBOARD_HANDSHAKE_S):
+                    await stream.do_handshake()
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=DASHBOARD_MAX_HEAD_BYTES)
+            while conn.our_state is not h11.CLOSED and conn.their_state is not h11.CLOSED:
+                request = await self._next_request(conn, stream)
+                if request is None:
+                    break
+                status, headers, body = await self._answer(request, source)
+                await self._send(conn, stream, status, headers, body, request.method == b"HEAD")
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                    break
+                conn.start_next_cycle()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError) as exc:
+            log.debug("dashboard: connection ended: %s", describe_exception(exc))
+        finally:
+            self.connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _next_request(self, conn: Any, stream: Any) -> Any:
+        """The next request's head (its body, if any, is read and dropped); None: the client left or idled."""
+        import h11
+        import trio
+
+        request, body = None, 0
+        with trio.move_on_after(DASHBOARD_IDLE_S):
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(64 << 10))
+                elif isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.Data):
+                    body += len(event.data)
+                    if body > DASHBOARD_MAX_HEAD_BYTES:
+                        raise h11.RemoteProtocolError("a request body on a read-only page", error_status_hint=413)
+                elif isinstance(event, h11.EndOfMessage):
+                    return request
+                else:  # ConnectionClosed
+                    return None
+        return None
+
+    async def _send(
+        self, conn: Any, stream: Any, status: int, headers: list[tuple[str, str]], body: bytes, head: bool
+    ) -> None:
+        import h11
+
+        headers = [
+            *headers,
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
+            (
+                "Content-Security-Policy",
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
+                " connect-src 'self'; img-src data:",
+            ),
+            ("Server", f"pangea/{__version__}"),
+        ]
+        data = conn.send(h11.Response(status_code=status, headers=headers))
+        if not head and body:
+            data += conn.send(h11.Data(data=body))
+        data += conn.send(h11.EndOfMessage())
+        await stream.send_all(data)
+
+    async def _answer(self, request: Any, source: str) -> tuple[int, list[tuple[str, str]], bytes]:
+        """The status, headers and body of the answer to one request."""
+        import hmac
+        import urllib.parse
+
+        import trio
+
+        method, target = request.method.decode(), request.target.decode("latin-1")
+        path = urllib.parse.urlsplit(target).path
+        text = [("Content-Type", "text/plain; charset=utf-8")]
+        if method not in ("GET", "HEAD"):
+            return 405, [*text, ("Allow", "GET, HEAD")], b"pangea: the dashboard only shows figures (GET)\n"
+        if not self.local:
+            headers = {k.decode().lower(): v.decode("latin-1") for k, v in request.headers}
+            given, in_query = dashboard_request_token(target, headers)
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                self.refused += 1
+                delay_s, count = self.limiter.refused(source, time.monotonic())
+                if count:
+                    log.warning("dashboard: %d request(s) without the RPC token from %s", count, source)
+                await trio.sleep(delay_s)
+                return (
+                    401,
+                    text,
+                    (
+                        b"pangea: this dashboard needs the node's RPC token: open it once as "
+                        b"https://HOST:PORT/?token=TOKEN (the token of the RPC's --rpc-token-file)\n"
+                    ),
+                )
+            if in_query:  # remembered by the browser, and no longer in the address bar
+                cookie = f"{DASHBOARD_COOKIE}={urllib.parse.quote(given)}; Secure; HttpOnly; SameSite=Strict; Path=/"
+                return 303, [*text, ("Set-Cookie", cookie), ("Location", "/")], b""
+        if path == "/":
+            return 200, [("Content-Type", "text/html; charset=utf-8")], DASHBOARD_HTML.encode()
+        if path == "/api/snapshot":
+            snapshot = await dashboard_snapshot(self.service, self.history)
+            return 200, [("Content-Type", "application/json")], json.dumps(snapshot).encode()
+        return 404, text, f"pangea: no page {path[:100]!r} here: the dashboard is at /\n".encode()
+
+
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>pangea</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+header{background:#1d2330;color:#fff;padding:10px 18px;display:flex;gap:24px;align-items:baseline;flex-wrap:wrap}
+header h1{font-size:18px;margin:0}
+header .id{font-family:ui-monospace,monospace;opacity:.8}
+main{padding:12px 18px;display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:14px}
+section{background:#fff;border:1px solid #dde1e8;border-radius:6px;padding:10px 12px;overflow-x:auto}
+section.wide{grid-column:1/-1}
+h2{font-size:14px;margin:0 0 8px;text-transform:uppercase;letter-spacing:.04em;color:#56607a}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:3px 6px;border-bottom:1px solid #eef0f4;white-space:nowrap}
+th{font-weight:600;color:#56607a}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+.mono{font-family:ui-monospace,monospace}
+.ok{color:#17803d}.bad{color:#b42318}.warn{color:#b54708}.dim{color:#8a93a6}
+.cards{display:flex;gap:18px;flex-wrap:wrap}
+.card b{display:block;font-size:20px;font-variant-numeric:tabular-nums}
+.bar{display:inline-block;height:10px;background:#3b6fd8;border-radius:2px;vertical-align:middle}
+svg{width:100%;height:140px}
+#error{color:#b42318;padding:0 18px}
+</style></head>
+<body>
+<header><h1>pangea</h1><span class="id" id="peer-id">connecting...</span><span id="version"></span>
+<span id="uptime"></span><span id="updated" class="dim"></span></header>
+<div id="error"></div>
+<main>
+<section><h2>This node</h2><div class="cards">
+<div class="card">tasks done<b id="tasks-done">-</b></div>
+<div class="card">failed<b id="tasks-failed">-</b></div>
+<div class="card">in flight<b id="tasks-in-flight">-</b></div>
+<div class="card">served for peers<b id="tasks-served">-</b></div>
+<div class="card">received<b id="bytes-in">-</b></div>
+<div class="card">sent<b id="bytes-out">-</b></div>
+<div class="card">memory budget<b id="budget">-</b></div>
+</div></section>
+<section><h2>Throughput (MB/s)</h2><svg id="chart" viewBox="0 0 600 140" preserveAspectRatio="none"></svg>
+<div><span style="color:#3b6fd8">&#9632; received</span> <span id="rate-in"></span> &nbsp;
+<span style="color:#e07b00">&#9632; sent</span> <span id="rate-out"></span></div></section>
+<section class="wide"><h2>Peers</h2><table><thead><tr><th>peer</th><th>address</th><th>GFLOP/s</th><th>RTT ms</th>
+<th>load</th><th>link</th><th>state</th><th>tasks</th></tr></thead><tbody id="peers"></tbody></table></section>
+<section><h2>Queue and running tasks</h2><table><thead><tr><th>#</th><th>kernel</th><th>state</th><th>where</th>
+<th>attempts</th><th>queued s</th><th>s</th></tr></thead><tbody id="running"></tbody></table></section>
+<section><h2>Split jobs</h2><div id="splits" class="dim">none yet</div></section>
+<section><h2>Recent tasks</h2><table><thead><tr><th>#</th><th>kernel</th><th>outcome</th><th>where</th>
+<th>attempts</th><th>queued s</th><th>s</th></tr></thead><tbody id="recent"></tbody></table></section>
+</main>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+const short = (id) => !id ? "" : id === "local" || id === "split" ? id : id.slice(0, 8) + "\\u2026" + id.slice(-4);
+function mb(n) { return n >= 1e9 ? (n / 1e9).toFixed(2) + " GB" : (n / 1e6).toFixed(1) + " MB"; }
+function cell(row, text, cls) {
+  const td = row.insertCell(); td.textContent = text; if (cls) td.className = cls; return td;
+}
+function fill(body, items, render) {
+  body.replaceChildren();
+  for (const item of items) render(body.insertRow(), item);
+}
+function taskRow(row, t) {
+  row.dataset.task = t.task_id;
+  cell(row, t.task_id, "n"); cell(row, t.kernel, "mono");
+  cell(row, t.state, t.state === "ok" ? "ok" : t.state === "running" || t.state === "queued" ? "" : "bad");
+  cell(row, t.rows ? "split" : short(t.where) || t.placement, "mono"); cell(row, t.attempts, "n");
+  cell(row, t.queued_s.toFixed(3), "n"); cell(row, t.seconds.toFixed(3), "n");
+}
+function chart(points) {
+  const svg = $("chart"); svg.replaceChildren();
+  if (points.length < 2) return;
+  const top = Math.max(1, ...points.map((p) => Math.max(p.in_mb_s, p.out_mb_s)));
+  const t0 = points[0].at, span = Math.max(1, points[points.length - 1].at - t0);
+  for (const [key, color] of [["in_mb_s", "#3b6fd8"], ["out_mb_s", "#e07b00"]]) {
+    const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+    const xy = (p) => `${(600 * (p.at - t0)) / span},${138 - (130 * p[key]) / top}`;
+    line.setAttribute("points", points.map(xy).join(" "));
+    line.setAttribute("fill", "none"); line.setAttribute("stroke", color); line.setAttribute("stroke-width", "2");
+    svg.appendChild(line);
+  }
+  const last = points[points.length - 1];
+  $("rate-in").textContent = last.in_mb_s.toFixed(1); $("rate-out").textContent = last.out_mb_s.toFixed(1);
+}
+function splits(tasks) {
+  const jobs = [...tasks.running, ...tasks.recent].filter((t) => t.rows > 0).slice(0, 3);
+  const box = $("splits"); box.replaceChildren();
+  if (!jobs.length) { box.textContent = "none yet"; return; }
+  box.className = "";
+  for (const job of jobs) {
+    const title = document.createElement("div");
+    title.textContent = `#${job.task_id} ${job.kernel}: ${job.rows} rows, ${job.state}, ${job.seconds.toFixed(2)} s`;
+    box.appendChild(title);
+    const table = document.createElement("table"); box.appendChild(table);
+    for (const [worker, share] of Object.entries(job.shares)) {
+      const row = table.insertRow(); row.dataset.share = worker;
+      cell(row, short(worker), "mono"); cell(row, `${share.rows} rows in ${share.blocks} blocks`, "n");
+      const bar = document.createElement("span"); bar.className = "bar";
+      bar.style.width = `${(200 * share.rows) / job.rows}px`; row.insertCell().appendChild(bar);
+    }
+  }
+}
+function render(s) {
+  const n = s.node;
+  $("peer-id").textContent = n.peer_id; $("version").textContent = "pangea " + n.version;
+  $("uptime").textContent = "up " + Math.round(n.uptime_s) + " s";
+  $("updated").textContent = "updated " + new Date(s.at * 1000).toLocaleTimeString();
+  $("tasks-done").textContent = n.tasks_done; $("tasks-failed").textContent = n.tasks_failed;
+  $("tasks-in-flight").textContent = n.tasks_in_flight; $("tasks-served").textContent = n.tasks_served;
+  $("bytes-in").textContent = mb(n.bytes_in); $("bytes-out").textContent = mb(n.bytes_out);
+  $("budget").textContent = `${mb(n.memory_budget_used_bytes)} of ${mb(n.memory_budget_bytes)}`;
+  fill($("peers"), s.peers, (row, p) => {
+    row.dataset.peer = p.peer_id;
+    cell(row, short(p.peer_id), "mono").title = p.peer_id; cell(row, p.address.split("/p2p/")[0], "mono");
+    cell(row, p.gflops.toFixed(1), "n"); cell(row, p.rtt_ms.toFixed(2), "n"); cell(row, p.load, "n");
+    cell(row, p.data_plane ? "data plane" : "stream");
+    const state = p.suspect ? "suspect" : p.trusted ? "trusted" : "untrusted";
+    cell(row, state, p.suspect ? "bad" : p.trusted ? "ok" : "warn");
+    cell(row, p.tasks_done, "n");
+  });
+  fill($("running"), s.tasks.running.filter((t) => !t.part_of || s.tasks.running.length < 40), taskRow);
+  fill($("recent"), s.tasks.recent, taskRow);
+  chart(s.throughput); splits(s.tasks);
+}
+async function poll() {
+  try {
+    const answer = await fetch("/api/snapshot", { credentials: "same-origin", cache: "no-store" });
+    if (!answer.ok) throw new Error(await answer.text());
+    render(await answer.json()); $("error").textContent = "";
+  } catch (err) { $("error").textContent = "no answer from the node: " + err.message; }
+  setTimeout(poll, 1000);
+}
+poll();
+</script></body></html>
+"""
+
+
+###############################################################################
+# 20. Remote arrays
 #
 # `RemoteArray`: the Python face of an array a node holds for a `Client` (a
 # `RemoteArray` capability of the schema). It has numpy's shape, dtype and
@@ -14128,7 +14676,7 @@ def _function_call(client: Any, func: Any, args: Any, kwargs: Any) -> Any:
 
 
 ###############################################################################
-# 20. The Python client
+# 21. The Python client
 #
 # `Client`: a client of a node's RPC endpoint for Python programs, numpy arrays
 # in and out. Its asyncio/KJ loop runs in one long-lived private thread: every
@@ -15327,7 +15875,7 @@ class Client:
 
 
 ###############################################################################
-# 21. Start-up
+# 22. Start-up
 #
 # What runs before and around every verb, in the order `_main` runs it: the
 # guard that the pyz runs on the interpreter it was built for; the deferred
@@ -15849,7 +16397,7 @@ def unpacked_text() -> str:
 
 
 ###############################################################################
-# 22. CLI: options and the verbs of a pair
+# 23. CLI: options and the verbs of a pair
 #
 # One `cmd_<verb>` per command, with its options in the `add_<verb>_parser`
 # right above it. This part holds the option types and the options several
@@ -16210,6 +16758,9 @@ def node_ports(args: argparse.Namespace, rpc: str | None = None) -> list[ListenP
     if args.metrics not in (None, "off"):
         host, port = parse_host_port(args.metrics, DEFAULT_METRICS_PORT)
         ports.append(ListenPort("--metrics", host, port, f"the metrics port (--metrics {args.metrics})"))
+    if getattr(args, "dashboard", None):
+        host, port = parse_host_port(args.dashboard, DEFAULT_DASHBOARD_PORT)
+        ports.append(ListenPort("--dashboard", host, port, f"the dashboard port (--dashboard {args.dashboard})"))
     return ports
 
 
@@ -17013,7 +17564,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 ###############################################################################
-# 23. CLI: serve, the tools and main
+# 24. CLI: serve, the tools and main
 #
 # `serve` and the verbs that talk to a node or look at this box: `call` (a
 # Client of a serve node), `psk`, `status`, `doctor`, `bench` (its code is the
@@ -17075,6 +17626,14 @@ def add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         default="on",
         help="on (default): a split task sends b (each whole operand) to each worker once, held there for the job; "
         "off: every block carries it (less memory on the workers, more bytes on the network)",
+    )
+    p.add_argument(
+        "--dashboard",
+        metavar="HOST:PORT",
+        nargs="?",
+        const=f"127.0.0.1:{DEFAULT_DASHBOARD_PORT}",
+        help=f"serve a live page of the node's peers, tasks and throughput (default 127.0.0.1:{DEFAULT_DASHBOARD_PORT};"
+        " off loopback: HTTPS with a certificate of its own, and the RPC token required)",
     )
     p.add_argument(
         "--rpc",
@@ -17201,9 +17760,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with node_session("serve", args) as (home, session_dir):
         rpc = rpc_endpoint(args, home, token)
         ensure_port_free(rpc.host, rpc.port, option="--rpc HOST:PORT")
+        dashboard = dashboard_endpoint(args.dashboard, rpc.token, home)
         key_pair = load_or_create_identity(home)
         trusted = trusted_peers(home, args.allow_peer) | {p.peer_id for p in peers}
-        options = (limits, psk, trusted, home)
+        options = (limits, psk, trusted, home, dashboard)
         code = run_trio(_serve, args, session_dir, key_pair, rpc, peers, options)
         session_dir.finish(0 if code in (130, 128 + signal.SIGTERM) else code)  # how a service stops: no log kept
     return 0 if code == 128 + signal.SIGTERM else code  # SIGTERM is how a service is meant to stop
@@ -17215,11 +17775,11 @@ async def _serve(
     key_pair: Any,
     rpc: RpcEndpoint,
     peers: list[PeerAddress],
-    options: tuple[Limits, str | None, set[str], Path],
+    options: tuple[Limits, str | None, set[str], Path, DashboardEndpoint | None],
 ) -> int:
     import trio
 
-    limits, psk, trusted, home = options
+    limits, psk, trusted, home, dashboard = options
     pairing = (
         Pairing(new_pairing_code(), expires_at=time.monotonic() + args.pair_timeout, issuer="serve --pair")
         if args.pair
@@ -17269,7 +17829,9 @@ async def _serve(
         for peer in peers:
             node.nursery.start_soon(keep_connected, node, peer)
         node.nursery.start_soon(manager.watch_suspects)
-        _announce_serve(args, node, manager, service, session_dir, rpc, trusted, pairing)
+        page = dashboard and Dashboard(service, dashboard)
+        dashboard_url = await node.nursery.start(page.run) if page else ""
+        _announce_serve(args, node, manager, service, session_dir, rpc, trusted, pairing, dashboard, dashboard_url)
         try:
             await trio.sleep_forever()
         finally:
@@ -17289,6 +17851,8 @@ def _announce_serve(
     rpc: RpcEndpoint,
     trusted: set[str],
     pairing: Pairing | None,
+    dashboard: DashboardEndpoint | None = None,
+    dashboard_url: str = "",
 ) -> None:
     """Save the serve node's addresses and session, start its metrics, print its banner and ready line."""
     session_dir.write_addresses(node.addresses)
@@ -17300,6 +17864,7 @@ def _announce_serve(
         rpc_fingerprint=fingerprint,
         metrics=metrics_url,
         bulk=service.bulk_path,
+        dashboard=dashboard_url,
     )
     print(f"pangea {__version__} serve node, peer ID {node.peer_id}")
     print("Addresses for peers (./pangea.pyz serve --peer <address>):")
@@ -17317,6 +17882,9 @@ def _announce_serve(
     print(node.data_plane_text())
     if metrics_url:
         print(f"Metrics: {metrics_url}")
+    if dashboard is not None:  # off loopback: how to open it (its certificate, for the browser's warning)
+        cert = f"certificate {format_fingerprint(dashboard.fingerprint)}" if dashboard.tls_pem else ""
+        print(f"Dashboard: {dashboard_url}" + (f" (HTTPS, {cert}; open {dashboard_url}?token=TOKEN once)" * bool(cert)))
     print(f"Trusted peers: {', '.join(sorted(trusted)) or 'none yet (--allow-peer, --peer, --pair)'}")
     if pairing is not None and node.addresses:
         print(f"Pairing code (one use, valid {args.pair_timeout:.0f} s): {format_pairing_code(pairing.code)}")

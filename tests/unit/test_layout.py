@@ -39,6 +39,7 @@ SECTIONS: list[tuple[str, bool, int]] = [
     ("RPC records", False, 1200),
     ("Held arrays", False, 1200),
     ("RPC service", False, 1200),
+    ("Dashboard", False, 1200),
     ("Remote arrays", False, 1200),
     ("The Python client", False, 1200),
     ("Start-up", False, 1200),
