@@ -937,6 +937,7 @@ class Limits:
     max_pending_streams_total: int = DEFAULT_MAX_PENDING_STREAMS_TOTAL
     max_pending_stranger_streams: int = DEFAULT_MAX_PENDING_STRANGER_STREAMS
     max_strangers_per_address: int = DEFAULT_MAX_STRANGERS_PER_ADDRESS
+    compression: bool = True  # arrays packed on a slow link, both ways (the Hello lists the codecs)
 
     def validate(self) -> Limits:
         """Return self, or raise UsageError naming the first bad value."""
@@ -1611,6 +1612,7 @@ class HelloMsg:
     host_id: bytes = b""  # names the sender's machine (host_fingerprint), empty when unknown
     home_id: str = ""  # the peer id of the home the sender runs from, when it runs on a throwaway identity
     home_proof: bytes = b""  # home_id's signature over both peer ids (home_proof_message)
+    codecs: tuple[str, ...] = ()  # the array codecs the sender decodes (`codecs_available`)
 
 
 @dataclass(eq=False)
@@ -1768,11 +1770,97 @@ def _wire_dtype(name: str) -> Any:
     return np.dtype(name).newbyteorder("<")
 
 
-def _array_parts(arrays: Sequence[np.ndarray]) -> tuple[list[tuple[str, tuple[int, ...], int]], list[memoryview]]:
-    """Return (dtype, shape, nbytes) metadata and zero-copy byte views of arrays."""
+def _carries_bytes(msg: Message, nbytes: int) -> bool:
+    """Whether ``msg`` carries an array of at least ``nbytes`` (a task's operands or its outputs)."""
+    arrays = msg.operands if isinstance(msg, TaskRequestMsg) else msg.outputs if isinstance(msg, TaskResultMsg) else ()
+    return any(getattr(a, "nbytes", 0) >= nbytes for a in arrays)
+
+
+# ---- compression: arrays packed on a slow link (the codec a Hello lists; the channel decides)
+#
+# A sender packs an array only for a peer whose Hello lists the codec, only from
+# COMPRESS_MIN_BYTES, and only when a sample of it says packing pays on this link
+# (`compression_pays`, from the sample's ratio and speed and the session's measured
+# bandwidth: the channel's packer, room 11). The receiver checks the frame's own
+# header against the array's (exactly its bytes, exactly the bytes stored) before it
+# allocates the output: a frame cannot unpack to more than the header announced, and
+# the header's sizes are bounded by the same limits as raw arrays.
+
+CODEC_BLOSC = "blosc-lz4"  # c-blosc 1.x: byte shuffle by the dtype's item size, then lz4
+COMPRESS_MIN_BYTES = 1 << 20  # below this the sample and the frame's own header cost more than they save
+COMPRESS_MAX_BYTES = (1 << 31) - (1 << 20)  # one c-blosc 1.x frame holds less than 2 GiB
+COMPRESS_SAMPLE_BYTES = 64 << 10  # each of the COMPRESS_SAMPLES slices a sample packs
+COMPRESS_SAMPLES = 4
+COMPRESS_GAIN = 0.8  # pack only when that is expected to take at most this share of the raw time
+COMPRESS_GUESS_BYTES_S = 2e9  # packing and unpacking speed until a sample measured them (lz4 on one core)
+BLOSC_HEADER = struct.Struct("<BBBBiii")  # version, versionlz, flags, typesize, nbytes, blocksize, cbytes
+
+
+def codecs_available() -> tuple[str, ...]:
+    """The codecs this node packs and unpacks (none when c-blosc cannot be imported)."""
+    try:
+        import blosc  # noqa: F401
+    except ImportError:
+        return ()
+    return (CODEC_BLOSC,)
+
+
+def compression_pays(
+    nbytes: int, ratio: float, pack_bytes_s: float, unpack_bytes_s: float, link_bytes_s: float
+) -> bool:
+    """Whether ``nbytes`` packed (``ratio``: raw over packed, as a sample measured) reach the other
+    side sooner than raw over a link of ``link_bytes_s``: packing, the packed bytes on the link and
+    unpacking, one after the other, against the raw bytes alone (0 link speed: not measured, no)."""
+    if min(link_bytes_s, pack_bytes_s, unpack_bytes_s) <= 0 or ratio <= 1.0 or nbytes > COMPRESS_MAX_BYTES:
+        return False
+    raw_s = nbytes / link_bytes_s
+    packed_s = nbytes / pack_bytes_s + nbytes / (ratio * link_bytes_s) + nbytes / unpack_bytes_s
+    return packed_s <= COMPRESS_GAIN * raw_s
+
+
+def blosc_frame_sizes(frame: bytes | memoryview) -> tuple[int, int]:
+    """(bytes it unpacks to, bytes it takes) as a c-blosc 1.x frame's own header declares them."""
+    if len(frame) < BLOSC_HEADER.size:
+        return -1, -1
+    _, _, _, _, nbytes, _, cbytes = BLOSC_HEADER.unpack_from(frame)
+    return nbytes, cbytes
+
+
+def pack_blosc(a: np.ndarray) -> bytes:
+    """A C-ordered array as one c-blosc frame (byte shuffle by its item size, lz4)."""
+    import blosc
+
+    return bytes(
+        blosc.compress_ptr(
+            a.__array_interface__["data"][0], a.size, typesize=a.itemsize, clevel=5, shuffle=blosc.SHUFFLE, cname="lz4"
+        )
+    )
+
+
+def unpack_blosc(frame: memoryview, out: np.ndarray) -> None:
+    """Unpack a c-blosc frame into ``out`` (uint8, exactly its declared size: `blosc_frame_sizes`)."""
+    import blosc
+
+    if blosc_frame_sizes(frame) != (out.nbytes, len(frame)):
+        raise ValueError("the frame's own header does not match the array's")
+    blosc.decompress_ptr(frame, out.__array_interface__["data"][0])
+
+
+# A packer, given by a channel whose peer decodes a codec: the bytes of an array in that codec
+# (one frame of exactly its bytes, `pack_blosc`), or None to send it as it is.
+Packer = Callable[["np.ndarray"], "bytes | None"]
+ArrayMetaParts = tuple[str, tuple[int, ...], int, str, int]  # dtype, shape, nbytes, codec, stored
+
+
+def _array_parts(
+    arrays: Sequence[np.ndarray], packer: Packer | None = None
+) -> tuple[list[ArrayMetaParts], list[memoryview]]:
+    """Return (dtype, shape, nbytes, codec, stored) metadata and the byte views of arrays: zero-copy,
+    or the packer's bytes for an array it packed (codec CODEC_BLOSC, ``stored`` bytes)."""
     import numpy as np
 
-    metas, views = [], []
+    metas: list[ArrayMetaParts] = []
+    views = []
     for a in arrays:
         a = np.asarray(a)
         name = _dtype_name(a.dtype)
@@ -1784,8 +1872,10 @@ def _array_parts(arrays: Sequence[np.ndarray]) -> tuple[list[tuple[str, tuple[in
             a = a.astype(a.dtype.newbyteorder("<"))
         if not a.flags.c_contiguous:
             a = a.copy(order="C")  # NOTE: not np.ascontiguousarray, which turns 0-d into 1-d
-        metas.append((_dtype_name(a.dtype), tuple(int(d) for d in a.shape), int(a.nbytes)))
-        views.append(a.reshape(-1).view(np.uint8).data)
+        packed = packer(a) if packer is not None and a.nbytes >= COMPRESS_MIN_BYTES else None
+        codec, stored = (CODEC_BLOSC, len(packed)) if packed is not None else ("", 0)
+        metas.append((_dtype_name(a.dtype), tuple(int(d) for d in a.shape), int(a.nbytes), codec, stored))
+        views.append(memoryview(packed) if packed is not None else a.reshape(-1).view(np.uint8).data)
     return metas, views
 
 
@@ -1874,20 +1964,23 @@ def params_from_capnp(readers: Any, task_id: int | None = None) -> Params:
     return out
 
 
-def _set_metas(builder_list: Any, metas: Sequence[tuple[str, tuple[int, ...], int]]) -> None:
-    for slot, (dtype, shape, nbytes) in zip(builder_list, metas, strict=True):
+def _set_metas(builder_list: Any, metas: Sequence[ArrayMetaParts]) -> None:
+    for slot, (dtype, shape, nbytes, codec, stored) in zip(builder_list, metas, strict=True):
         slot.dtype = dtype
         slot.shape = list(shape)
         slot.nbytes = nbytes
+        if codec:
+            slot.codec, slot.stored = codec, stored
 
 
-def encode_parts(msg: Message) -> list[bytes | memoryview]:
-    """Return the byte pieces of one frame for ``msg``: prefix+header, then array views."""
+def encode_parts(msg: Message, packer: Packer | None = None) -> list[bytes | memoryview]:
+    """Return the byte pieces of one frame for ``msg``: prefix+header, then array views (``packer``:
+    the channel's, when its peer decodes a codec: arrays it packs travel packed)."""
     import capnp
 
     m = load_schema().Message.new_message()
     try:
-        views = _build_message(m, msg)
+        views = _build_message(m, msg, packer)
         header = m.to_bytes()
     except (capnp.KjException, OverflowError, TypeError, ValueError) as exc:  # type: ignore[attr-defined]
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -1906,7 +1999,7 @@ def coalesce_parts(parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
     return parts
 
 
-def _build_message(m: Any, msg: Message) -> list[memoryview]:
+def _build_message(m: Any, msg: Message, packer: Packer | None = None) -> list[memoryview]:
     """Fill the capnp Message builder ``m`` from ``msg``; return the payload views."""
     views: list[memoryview] = []
     if isinstance(msg, HelloMsg):
@@ -1928,10 +2021,11 @@ def _build_message(m: Any, msg: Message) -> list[memoryview]:
         h.hostId = msg.host_id
         h.homeId = msg.home_id
         h.homeProof = msg.home_proof
+        h.codecs = list(msg.codecs)
     elif isinstance(msg, TaskRequestMsg):
         held = msg.held or (0,) * len(msg.operands)
         store = msg.store or (0,) * len(msg.operands)
-        metas, views = _array_parts([a for a, h in zip(msg.operands, held, strict=True) if not h])
+        metas, views = _array_parts([a for a, h in zip(msg.operands, held, strict=True) if not h], packer)
         r = m.init("taskRequest")
         r.taskId = msg.task_id
         r.kernel = msg.kernel
@@ -1945,7 +2039,7 @@ def _build_message(m: Any, msg: Message) -> list[memoryview]:
                 slot.held = k  # NOTE: with its bytes: the receiver keeps it under this id
         params_to_capnp(r, msg.params)
     elif isinstance(msg, TaskResultMsg):
-        metas, views = _array_parts(() if msg.kept else msg.outputs)
+        metas, views = _array_parts(() if msg.kept else msg.outputs, packer)
         r = m.init("taskResult")
         r.taskId = msg.task_id
         if msg.kept:  # NOTE: kept by this node: their dtypes and shapes, no bytes
@@ -2073,14 +2167,19 @@ class Decoder:
         assert self._header is not None
         if self._payload_len:
             try:
-                which, task_id = peek_header(self._header)
+                which, task_id, unpacked = peek_frame(self._header)
             except RemoteProtocolError as exc:
                 raise self._fail(str(exc)) from None
             if which not in ("taskRequest", "taskResult") or task_id is None:
                 raise self._fail(f"a {which} message carries no payload, but this frame announces one")
+            if unpacked > self.max_payload_bytes:  # NOTE: packed arrays are held to the limit of raw ones
+                raise self._fail(
+                    f"frame payload unpacks to {format_bytes(unpacked)}, over the limit of "
+                    f"{format_bytes(self.max_payload_bytes)}"
+                )
             verdict: Refusal | None = None
-            if which == "taskRequest" and self.gate is not None:
-                verdict = self.gate.admit_request(task_id, self._payload_len)
+            if which == "taskRequest" and self.gate is not None:  # charged: the payload and what it unpacks to
+                verdict = self.gate.admit_request(task_id, self._payload_len + unpacked)
             elif which == "taskResult" and self.gate is not None and not self.gate.awaits_result(task_id):
                 verdict = Refusal(ErrorKind.UNSOLICITED, f"a result for task {task_id}, which nobody is waiting for")
             if verdict is not None:
@@ -2244,6 +2343,31 @@ def _arrays_from(
                 f"array {i}: shape {tuple(shape)} of {dtype_name} needs {expected} bytes, header says {nbytes}",
                 task_id=task_id,
             )
+        codec = str(getattr(meta, "codec", ""))
+        if codec:  # packed: its frame is checked against the header before its output is allocated
+            stored = int(meta.stored)
+            if codec not in codecs_available():
+                raise MessageError(
+                    f"array {i}: packed with {codec!r}, which this node does not unpack", task_id=task_id
+                )
+            if offset + stored > len(payload):
+                raise MessageError(f"array {i}: runs past the end of the payload", task_id=task_id)
+            frame = memoryview(payload)[offset : offset + stored]
+            if blosc_frame_sizes(frame) != (nbytes, stored):
+                declared, cbytes = blosc_frame_sizes(frame)
+                raise MessageError(
+                    f"array {i}: its {codec} frame declares {declared} bytes in {cbytes}, "
+                    f"the header {nbytes} in {stored}",
+                    task_id=task_id,
+                )
+            out = np.empty(nbytes, dtype=np.uint8)
+            try:
+                unpack_blosc(frame, out)
+            except (ValueError, RuntimeError) as exc:
+                raise MessageError(f"array {i}: its {codec} frame cannot be unpacked: {exc}", task_id=task_id) from None
+            arrays.append(out.view(dtype).reshape(shape))
+            offset += stored
+            continue
         if offset + nbytes > len(payload):
             raise MessageError(f"array {i}: runs past the end of the payload", task_id=task_id)
         try:
@@ -2279,16 +2403,24 @@ def operand_stand_ins(readers: Any) -> list[np.ndarray] | None:
 
 def peek_header(header: bytes) -> tuple[str, int | None]:
     """Return (message type, task id or None) of a frame header, before its payload arrives."""
+    which, task_id, _ = peek_frame(header)
+    return which, task_id
+
+
+def peek_frame(header: bytes) -> tuple[str, int | None, int]:
+    """(message type, task id or None, the bytes its packed arrays unpack to) of a frame header,
+    before its payload arrives: what the payload will hold in memory beyond its own bytes."""
     import capnp
 
     try:
         with load_schema().Message.from_bytes(header, traversal_limit_in_words=len(header) // 8 + 64) as m:
             which = str(m.which())
-            if which == "taskRequest":
-                return which, int(m.taskRequest.taskId)
-            if which == "taskResult":
-                return which, int(m.taskResult.taskId)
-            return which, None
+            if which in ("taskRequest", "taskResult"):
+                body = m.taskRequest if which == "taskRequest" else m.taskResult
+                metas = body.operands if which == "taskRequest" else body.outputs
+                unpacked = sum(int(a.nbytes) for a in metas if a.codec)
+                return which, int(body.taskId), unpacked
+            return which, None, 0
     except (capnp.KjException, UnicodeDecodeError, ValueError) as exc:  # type: ignore[attr-defined]
         log.debug("malformed header: %s", exc)
         raise RemoteProtocolError("malformed message header: not a pangea Message") from None
@@ -2324,6 +2456,7 @@ def decode_message(header: bytes, payload: bytearray, limits: Limits | None = No
                     host_id=bytes(h.hostId),
                     home_id=str(h.homeId),
                     home_proof=bytes(h.homeProof),
+                    codecs=tuple(str(c) for c in h.codecs)[:8],
                 )
             if which == "taskRequest":
                 r = m.taskRequest
@@ -7577,6 +7710,51 @@ class Channel:
         self.queue = SendQueue()  # used once the writer runs (start_writer); before, sends write directly
         self._writer_started = False
         self._wakeup = trio.Event()
+        # compression: the peer's Hello lists the codec (set by PeerSession), and this link's speed,
+        # an EWMA of large frames written and read (bytes/s; 0 until one was measured)
+        self.packs = False
+        self.link_bytes_s = 0.0
+        self.packed_arrays = 0  # arrays sent packed, and the bytes packing saved
+        self.packed_saved_bytes = 0
+        self.pack_speeds = (COMPRESS_GUESS_BYTES_S, COMPRESS_GUESS_BYTES_S)  # packing, unpacking: the last sample's
+
+    def may_pack(self) -> bool:
+        """Whether packing could pay on this link at all, however well an array compressed (no sample)."""
+        return bool(self.packs and self.link_bytes_s) and compression_pays(
+            COMPRESS_MIN_BYTES, math.inf, *self.pack_speeds, self.link_bytes_s
+        )
+
+    def _note_rate(self, nbytes: int, seconds: float) -> None:
+        """Count one large frame's transfer in the link's speed."""
+        if nbytes >= COMPRESS_MIN_BYTES and seconds > 0:
+            rate = nbytes / seconds
+            self.link_bytes_s = rate if not self.link_bytes_s else 0.5 * self.link_bytes_s + 0.5 * rate
+
+    def pack(self, a: np.ndarray) -> bytes | None:
+        """The array packed for this link, or None when a sample says packing does not pay (`Packer`)."""
+        import numpy as np
+
+        if not self.may_pack() or a.nbytes > COMPRESS_MAX_BYTES:
+            return None
+        flat = a.reshape(-1)
+        step = max(1, COMPRESS_SAMPLE_BYTES // a.itemsize)
+        starts = np.linspace(0, max(0, flat.size - step), COMPRESS_SAMPLES).astype(int)
+        sample = [np.ascontiguousarray(flat[i : i + step]) for i in dict.fromkeys(starts.tolist())]
+        raw = sum(x.nbytes for x in sample)
+        t0 = time.perf_counter()
+        packed = [pack_blosc(x) for x in sample]
+        t1 = time.perf_counter()
+        unpack_blosc(memoryview(packed[0]), np.empty(sample[0].nbytes, np.uint8))
+        t2 = time.perf_counter()
+        ratio = raw / max(1, sum(len(p) for p in packed))
+        pack_s, unpack_s = raw / max(t1 - t0, 1e-9), sample[0].nbytes / max(t2 - t1, 1e-9)
+        self.pack_speeds = (pack_s, unpack_s)
+        if not compression_pays(a.nbytes, ratio, pack_s, unpack_s, self.link_bytes_s):
+            return None
+        out = pack_blosc(a)
+        self.packed_arrays += 1
+        self.packed_saved_bytes += a.nbytes - len(out)
+        return out
 
     def start_writer(self, nursery: Any) -> None:
         """From now on every send goes through one writer task that owns the stream (see SendQueue)."""
@@ -7589,7 +7767,13 @@ class Channel:
 
         A sender cancelled while it waits loses nothing but its own frame: one not
         started is dropped, one started is finished by the writer (see SendQueue)."""
-        parts = coalesce_parts(encode_parts(msg))
+        if self.may_pack() and _carries_bytes(msg, COMPRESS_MIN_BYTES):
+            import trio
+
+            # NOTE: packing a large array takes tens of milliseconds: not on the event loop
+            parts = await trio.to_thread.run_sync(encode_parts, msg, self.pack)
+        else:
+            parts = coalesce_parts(encode_parts(msg))
         if not self._writer_started:  # the handshake, before the session exists
             async with self._send_lock:
                 await self._write_parts(parts)
@@ -7619,8 +7803,10 @@ class Channel:
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
                     continue
+                size, start = sum(len(p) for p in frame.parts), time.perf_counter()
                 async with self._send_lock:
                     await self._write_parts(frame.parts)
+                self._note_rate(size, time.perf_counter() - start)
                 self.queue.sent(frame)
                 frame.done.set()
         except PeerError as exc:
@@ -7649,11 +7835,17 @@ class Channel:
 
     async def receive(self) -> Message:
         """Return the next message; raise PeerError at EOF or reset, RemoteProtocolError for garbage."""
+        first, start = self.bytes_in, 0.0
         while True:
             msg = self.decoder.next()
             if msg is not NEED_DATA:
+                if start:  # from its first bytes to its last: the link's speed, for a large frame
+                    self._note_rate(self.bytes_in - first, time.perf_counter() - start)
                 return msg
+            before = self.bytes_in
             await self._fill()
+            if not start:
+                first, start = before, time.perf_counter()
 
     async def _fill(self) -> None:
         """Wait for bytes and feed them to the decoder."""
@@ -9283,6 +9475,8 @@ class PeerSession:
         self._wire(channel)
 
     def _wire(self, channel: Channel) -> None:
+        both = CODEC_BLOSC in self.hello.codecs and CODEC_BLOSC in codecs_available()
+        channel.packs = both and self.node.limits.compression  # the peer unpacks it, and we may pack
         channel.decoder.gate = self.protocol.gate(channel)
         channel.decoder.max_payload_bytes = self.node.limits.max_payload_bytes
         channel.decoder.max_header_bytes = MAX_HEADER_BYTES  # HELLO_MAX_HEADER_BYTES until now
@@ -9775,6 +9969,7 @@ class Node:
             data_port=self.data_plane.port if self.data_plane else 0,
             data_cert=self.data_plane.cert_sha256 if self.data_plane else b"",
             host_id=self.host_id,
+            codecs=codecs_available() if self.limits.compression else (),
         )
 
     @contextlib.asynccontextmanager
@@ -12057,7 +12252,7 @@ def rpc_error_fields(exc: BaseException, what: str) -> tuple[str, str]:
 def array_to_capnp(builder: Any, a: np.ndarray) -> None:
     """Fill an RPC `Array` builder from a numpy array (chunked, no pickling)."""
     (meta,), (view,) = _array_parts([a])
-    builder.dtype, shape, nbytes = meta
+    builder.dtype, shape, nbytes, _, _ = meta
     builder.shape = list(shape)
     n = max(1, math.ceil(nbytes / RPC_CHUNK_BYTES)) if nbytes else 0
     chunks = builder.init("chunks", n)
@@ -13266,7 +13461,7 @@ def _outcome_to_capnp(
     (output,) = record.outputs
     dataclasses.replace(record, outputs=()).to_capnp(r)
     (slot,) = r.init("outputs", 1)
-    slot.dtype, shape, _ = _array_parts([output])[0][0]
+    slot.dtype, shape, *_ = _array_parts([output])[0][0]
     slot.shape = list(shape)
     slot.shared.segment = shared_output
 
@@ -16685,7 +16880,8 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         values[name] = value << shift if shift else value
     dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
-    return Limits(dtypes=dtypes, **values).validate()
+    compression = getattr(args, "compression", "on") == "on"
+    return Limits(dtypes=dtypes, compression=compression, **values).validate()
 
 
 def verb_parents() -> list[_Parser]:
@@ -16795,6 +16991,12 @@ def node_options(p: argparse.ArgumentParser, port: int) -> None:
         metavar="HOST:PORT",
         default="127.0.0.1:0" if p.prog.endswith("serve") else None,
         help="serve Prometheus metrics there (serve: default 127.0.0.1:0, any free port; `off` disables)",
+    )
+    p.add_argument(
+        "--compression",
+        choices=("on", "off"),
+        default="on",
+        help="on (default): arrays cross a slow link packed when a sample says that is faster; off: never",
     )
     limit_options(p)
 

@@ -24,6 +24,10 @@ struct ArrayMeta {
   held   @3 :UInt64;        # nonzero with nbytes 0: no bytes follow, the operand is the array the
                             # receiver holds for this session under this id (kept before); nonzero
                             # with bytes: keep this operand under this id too, for the next tasks
+  codec  @4 :Text;          # "": its nbytes follow as they are; "blosc-lz4": `stored` bytes follow,
+                            # one c-blosc 1.x frame (byte shuffle, lz4) of exactly nbytes (sent only
+                            # to a peer whose Hello lists the codec)
+  stored @5 :UInt64;        # with a codec: the bytes in the payload
 }
 
 struct Param {
@@ -67,6 +71,7 @@ struct Hello {
   hostId          @12 :Data;    # 16 bytes naming the sender's machine (hash of its machine id), or empty
   homeId          @13 :Text;    # the peer id of the pangea home the sender runs from, when not its own
   homeProof       @14 :Data;    # Ed25519 signature of "pangea-home-v1|<acceptor id>|<dialer id>" by homeId's key
+  codecs          @15 :List(Text);  # the codecs of arrays the sender decodes ("blosc-lz4"); empty: none
 }
 
 struct TaskRequest {

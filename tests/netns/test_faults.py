@@ -82,6 +82,16 @@ with pangea.Client(rpc, timeout_s=args.get("timeout", 60)) as node:
         moving_s = seconds - node.last_task["timings"]["compute_s"]
         report(ok=True, correct=bool(np.array_equal(out, expected)), seconds=seconds, task=node.last_task,
                mb_s=out.nbytes / 1e6 / max(moving_s, 1e-9))
+    elif op == "upload":  # an array to B, its sum back: A's bytes out say whether it crossed packed
+        rng = np.random.default_rng(3)
+        n = args["mib"] << 17  # 8-byte elements
+        a = rng.integers(0, 100, 2 * n).astype(np.int32) if args["kind"] == "smooth" else rng.standard_normal(n)
+        before = node.status()["bytes_out"]
+        start = time.monotonic()
+        total = node.submit("sum", a, placement=args["placement"], timeout_s=args["timeout"])
+        seconds = time.monotonic() - start
+        report(ok=True, correct=bool(np.isclose(total, a.sum())), seconds=seconds, task=node.last_task,
+               nbytes=int(a.nbytes), sent=node.status()["bytes_out"] - before)
     else:
         raise SystemExit(f"unknown op {op!r}")
 """
@@ -235,6 +245,34 @@ def test_a_64_mib_transfer_through_a_100_mbit_link_completes(
     print(
         f"\n{mib} MiB download B -> A: {free['mb_s']:.1f} MB/s unshaped, {shaped['mb_s']:.1f} MB/s through "
         f"tbf 100mbit ({shaped['seconds']:.1f} s)"
+    )
+
+
+@pytest.mark.slow
+def test_through_a_100_mbit_link_a_compressible_array_crosses_packed_and_a_random_one_raw(
+    netns_pair: NetnsPair, pyz: Path, make_home: Any, tmp_path: Path, record_property: Any
+) -> None:
+    deadline_s = 120.0
+    with connected_nodes(netns_pair, pyz, make_home, tmp_path) as nodes:
+        # A's egress (A -> B, the operands' way) through a token bucket of 100 Mbit/s.
+        tbf = ["root", "tbf", "rate", "100mbit", "burst", "256kb", "latency", "50ms"]
+        iface = NetnsPair.IFACE
+        with ns_rule(
+            netns_pair, "a", ["tc", "qdisc", "add", "dev", iface, *tbf], ["tc", "qdisc", "del", "dev", iface, "root"]
+        ):
+            args = {"placement": nodes.b_id, "timeout": deadline_s}
+            (warm,) = nodes.drive("upload", deadline_s, mib=8, kind="random", **args)  # measures the link
+            (smooth,) = nodes.drive("upload", deadline_s, mib=32, kind="smooth", **args)
+            (rand,) = nodes.drive("upload", deadline_s, mib=16, kind="random", **args)
+    for r in (warm, smooth, rand):
+        assert r["ok"] and r["correct"] and r["task"]["ran_on"] == nodes.b_id, r
+    assert smooth["sent"] < smooth["nbytes"] / 2, smooth  # int32 in [0, 100): packed to well under half
+    assert rand["sent"] >= rand["nbytes"], rand  # random float64 does not compress: sent as it is
+    record_property("tbf_100mbit_smooth_32mib_s", round(smooth["seconds"], 2))
+    record_property("tbf_100mbit_random_16mib_s", round(rand["seconds"], 2))
+    print(
+        f"\n100 Mbit/s upload: 32 MiB of small int32 in {smooth['seconds']:.2f} s ({smooth['sent'] / 2**20:.1f} MiB"
+        f" on the wire); 16 MiB of random float64 in {rand['seconds']:.2f} s ({rand['sent'] / 2**20:.1f} MiB)"
     )
 
 
