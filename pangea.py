@@ -13286,11 +13286,14 @@ class NodeService:
             raise TaskError(str(exc), kind=ErrorKind.BAD_INPUT) from None
         two_d = kernel == "matmul" and all(o.ndim == 2 for o in operands)
         rows = None if two_d else row_split(kernel, [o.shape for o in operands])
+        if not two_d and rows is None and kernel in ROW_SPLIT_KERNELS:  # one row or none: one block, one task
+            where = "remote" if placement == "split-remote" else "auto"
+            return await self.manager.run(
+                kernel, operands, params, placement=where, timeout_s=timeout_s, fallback=fallback
+            )
         if not two_d and rows is None:
-            shapes = " and ".join(str(o.shape) for o in operands)
-            why = f"on {shapes} has no rows to split" if kernel in ROW_SPLIT_KERNELS else "cannot be split"
             raise TaskError(
-                f"placement {placement!r} splits matmul and element-wise kernels by rows; {kernel} {why}:"
+                f"placement {placement!r} splits matmul and element-wise kernels by rows; {kernel} cannot be split:"
                 " use placement 'auto'",
                 kind=ErrorKind.BAD_INPUT,
             )

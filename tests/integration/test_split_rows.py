@@ -97,8 +97,9 @@ def test_a_split_that_cannot_be_done_is_refused_in_one_line(node: Any) -> None:
     with pytest.raises(TaskError) as svd:
         node.submit("svd", np.ones((100, 100)), placement="split")
     assert "svd cannot be split" in str(svd.value) and "use placement 'auto'" in str(svd.value), svd.value
-    with pytest.raises(TaskError) as one_row:
-        node.submit("add", np.ones((1, 3)), np.ones(3), placement="split")
-    assert "has no rows to split" in str(one_row.value), one_row.value
+    one_row = node.submit("add", np.ones((1, 3)), np.ones(3), placement="split")  # one block: an ordinary task
+    np.testing.assert_array_equal(one_row, np.full((1, 3), 2.0))
+    empty = node.submit("add", np.ones((0, 3)), np.ones(3), placement="split-remote")
+    assert empty.shape == (0, 3)
     after = node.submit("add", np.ones((4, 3)), np.ones(3), placement="split")  # the node goes on
     np.testing.assert_array_equal(after, np.full((4, 3), 2.0))

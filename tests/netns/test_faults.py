@@ -216,6 +216,14 @@ def test_remote_matmuls_under_3_percent_packet_loss_finish_or_fail_clearly(
 # ---------------------------------------------------------------- rate limit
 
 
+def rate_limit(pair: NetnsPair, which: str, rate: str = "100mbit") -> contextlib.AbstractContextManager[None]:
+    """A token bucket of ``rate`` on the egress of namespace ``which`` for the block."""
+    iface, tbf = NetnsPair.IFACE, ["root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms"]
+    return ns_rule(
+        pair, which, ["tc", "qdisc", "add", "dev", iface, *tbf], ["tc", "qdisc", "del", "dev", iface, "root"]
+    )
+
+
 @pytest.mark.slow
 def test_a_64_mib_transfer_through_a_100_mbit_link_completes(
     netns_pair: NetnsPair, pyz: Path, make_home: Any, tmp_path: Path, record_property: Any
@@ -223,12 +231,7 @@ def test_a_64_mib_transfer_through_a_100_mbit_link_completes(
     mib, deadline_s = 64, 120.0
     with connected_nodes(netns_pair, pyz, make_home, tmp_path) as nodes:
         (free,) = nodes.drive("download", deadline_s, mib=mib, placement=nodes.b_id, timeout=deadline_s)
-        # B's egress (the download direction, B -> A) through a token bucket of 100 Mbit/s.
-        tbf = ["root", "tbf", "rate", "100mbit", "burst", "256kb", "latency", "50ms"]
-        iface = NetnsPair.IFACE
-        with ns_rule(
-            netns_pair, "b", ["tc", "qdisc", "add", "dev", iface, *tbf], ["tc", "qdisc", "del", "dev", iface, "root"]
-        ):
+        with rate_limit(netns_pair, "b"):  # B's egress (the download direction, B -> A)
             start = time.monotonic()
             (shaped,) = nodes.drive("download", deadline_s, mib=mib, placement=nodes.b_id, timeout=deadline_s)
             elapsed = time.monotonic() - start
@@ -254,12 +257,7 @@ def test_through_a_100_mbit_link_a_compressible_array_crosses_packed_and_a_rando
 ) -> None:
     deadline_s = 120.0
     with connected_nodes(netns_pair, pyz, make_home, tmp_path) as nodes:
-        # A's egress (A -> B, the operands' way) through a token bucket of 100 Mbit/s.
-        tbf = ["root", "tbf", "rate", "100mbit", "burst", "256kb", "latency", "50ms"]
-        iface = NetnsPair.IFACE
-        with ns_rule(
-            netns_pair, "a", ["tc", "qdisc", "add", "dev", iface, *tbf], ["tc", "qdisc", "del", "dev", iface, "root"]
-        ):
+        with rate_limit(netns_pair, "a"):  # A's egress (A -> B, the operands' way)
             args = {"placement": nodes.b_id, "timeout": deadline_s}
             (warm,) = nodes.drive("upload", deadline_s, mib=8, kind="random", **args)  # measures the link
             (smooth,) = nodes.drive("upload", deadline_s, mib=32, kind="smooth", **args)
