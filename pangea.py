@@ -4054,6 +4054,7 @@ def _need_2d(name: str, a: np.ndarray, what: str = "operand") -> None:
 
 
 def _need_square_float(name: str, a: np.ndarray) -> np.ndarray:
+    """A square float or complex matrix of finite entries (ints become float64); KernelError otherwise."""
     import numpy as np
 
     _need_2d(name, a)
@@ -4616,11 +4617,6 @@ LINALG_KERNELS: tuple[Kernel, ...] = (
 PROJECTION_SLACK = 64.0  # decompositions round more than a product: n * eps * |A| times this
 
 
-def _float_square(name: str, a: np.ndarray) -> np.ndarray:
-    """A square float or complex matrix of finite entries (ints become float64); KernelError otherwise."""
-    return _need_square_float(name, a)
-
-
 def _finite_matrix(name: str, a: np.ndarray) -> np.ndarray:
     import numpy as np
 
@@ -4654,7 +4650,7 @@ def _k_svd(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
 def _k_eigh(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
     import numpy as np
 
-    a = _float_square("eigh", ops[0])
+    a = _need_square_float("eigh", ops[0])
     uplo = text_param("eigh", params, "UPLO", "L", ("L", "U"))
     w, v = _linalg_call("eigh", lambda: np.linalg.eigh(a, UPLO=uplo))  # type: ignore[call-overload]
     return (w, v)
@@ -4663,7 +4659,7 @@ def _k_eigh(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
 def _k_eigvalsh(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
     import numpy as np
 
-    a = _float_square("eigvalsh", ops[0])
+    a = _need_square_float("eigvalsh", ops[0])
     uplo = text_param("eigvalsh", params, "UPLO", "L", ("L", "U"))
     w = _linalg_call("eigvalsh", lambda: np.linalg.eigvalsh(a, UPLO=uplo))  # type: ignore[call-overload]
     return (w,)
@@ -4672,7 +4668,7 @@ def _k_eigvalsh(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
 def _k_eig(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
     import numpy as np
 
-    a = _float_square("eig", ops[0])
+    a = _need_square_float("eig", ops[0])
     w, v = _linalg_call("eig", lambda: np.linalg.eig(a))
     return (w.astype(_complex_of(a.dtype)), v.astype(_complex_of(a.dtype)))
 
@@ -4680,7 +4676,7 @@ def _k_eig(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
 def _k_eigvals(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
     import numpy as np
 
-    a = _float_square("eigvals", ops[0])
+    a = _need_square_float("eigvals", ops[0])
     return (_linalg_call("eigvals", lambda: np.linalg.eigvals(a)).astype(_complex_of(a.dtype)),)
 
 
@@ -4703,7 +4699,7 @@ def _k_qr(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
 def _k_cholesky(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
     import numpy as np
 
-    a = _float_square("cholesky", ops[0])
+    a = _need_square_float("cholesky", ops[0])
     return (_linalg_call("cholesky", lambda: np.linalg.cholesky(a)),)
 
 
@@ -4731,14 +4727,14 @@ def _k_pinv(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
 def _k_det(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
     import numpy as np
 
-    a = _float_square("det", ops[0])
+    a = _need_square_float("det", ops[0])
     return (np.asarray(_linalg_call("det", lambda: np.linalg.det(a))),)
 
 
 def _k_slogdet(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
     import numpy as np
 
-    a = _float_square("slogdet", ops[0])
+    a = _need_square_float("slogdet", ops[0])
     sign, logdet = _linalg_call("slogdet", lambda: np.linalg.slogdet(a))
     return (np.asarray(sign), np.asarray(logdet))
 
@@ -5166,6 +5162,18 @@ def _linalg_entry(
     return _stacked(entry) if stacks else entry
 
 
+def _renamed(k: Kernel, name: str, doc: str) -> Kernel:
+    """``k`` under numpy's name for it, its errors in that name ("inv: ...", not "inverse: ...")."""
+
+    def fn(ops: Operands, params: Params) -> tuple[np.ndarray, ...]:
+        try:
+            return k.fn(ops, params)
+        except KernelError as exc:
+            raise KernelError(str(exc).replace(f"{k.name}:", f"{name}:", 1)) from None
+
+    return dataclasses.replace(k, name=name, doc=doc, fn=fn)
+
+
 NUMPY_LINALG_KERNELS: tuple[Kernel, ...] = (
     _linalg_entry("svd", _k_svd, "singular value decomposition U, S, Vh", ("full_matrices",), outputs=3, unique=False),
     _linalg_entry(
@@ -5194,11 +5202,7 @@ NUMPY_LINALG_KERNELS: tuple[Kernel, ...] = (
         stacks=False,  # numpy's lstsq takes one matrix
     ),
     _linalg_entry("pinv", _k_pinv, "Moore-Penrose pseudo-inverse", ("rcond",)),
-    dataclasses.replace(
-        next(k for k in LINALG_KERNELS if k.name == "inverse"),
-        name="inv",
-        doc="matrix inverse (numpy.linalg.inv; stacks of matrices too)",
-    ),
+    _renamed(next(k for k in LINALG_KERNELS if k.name == "inverse"), "inv", "matrix inverse (stacks of matrices too)"),
     _linalg_entry("det", _k_det, "determinant", checked=False),
     _linalg_entry("slogdet", _k_slogdet, "sign and log of the absolute determinant", outputs=2, checked=False),
     _linalg_entry("matrix_rank", _k_matrix_rank, "rank by SVD (tol)", ("tol",), checked=False),

@@ -274,6 +274,20 @@ def test_through_a_100_mbit_link_a_compressible_array_crosses_packed_and_a_rando
     )
 
 
+@pytest.mark.slow
+def test_with_compression_off_the_same_array_crosses_raw_and_the_task_is_right(
+    netns_pair: NetnsPair, pyz: Path, make_home: Any, tmp_path: Path
+) -> None:
+    # --compression off: the Hello lists no codec, as an older pangea's: both sides send raw arrays
+    with connected_nodes(netns_pair, pyz, make_home, tmp_path, "--compression", "off") as nodes:
+        with rate_limit(netns_pair, "a"):
+            args = {"placement": nodes.b_id, "timeout": 120.0}
+            nodes.drive("upload", 120.0, mib=8, kind="random", **args)
+            (smooth,) = nodes.drive("upload", 120.0, mib=16, kind="smooth", **args)
+    assert smooth["ok"] and smooth["correct"] and smooth["task"]["ran_on"] == nodes.b_id, smooth
+    assert smooth["sent"] >= smooth["nbytes"], smooth  # not packed
+
+
 # ---------------------------------------------------------------- partition
 
 
