@@ -14163,9 +14163,14 @@ class RateHistory:
         return out
 
 
-def dashboard_peer(record: PeerRecord, state: Any) -> dict[str, Any]:
-    """One peer as the page shows it: its `peers` record and the scheduler's figures of it."""
+def dashboard_peer(record: PeerRecord, state: Any, session: PeerSession | None = None) -> dict[str, Any]:
+    """One peer as the page shows it: its `peers` record, the scheduler's figures of it, and what its
+    array channel measured (the link's speed) and packed."""
     peer = record.as_dict()
+    channel = (session.data or session.channel) if session is not None else None
+    peer["link_mb_s"] = round(channel.link_bytes_s / 1e6, 3) if channel is not None else 0.0
+    peer["packed_arrays"] = channel.packed_arrays if channel is not None else 0
+    peer["packed_saved_bytes"] = channel.packed_saved_bytes if channel is not None else 0
     peer["address"] = record.addresses[0] if record.addresses else ""
     peer["gflops"] = round(state.speed, 3) if state is not None else 0.0
     peer["bandwidth_mb_s"] = round(state.bandwidth / 1e6, 3) if state is not None else 0.0
@@ -14181,7 +14186,7 @@ async def dashboard_snapshot(service: NodeService, history: RateHistory) -> dict
     return {
         "at": time.time(),
         "node": status.as_dict(),
-        "peers": [dashboard_peer(p, workers.get(p.peer_id)) for p in peers],
+        "peers": [dashboard_peer(p, workers.get(p.peer_id), service.node.sessions.get(p.peer_id)) for p in peers],
         "tasks": service.manager.board.snapshot(service.manager.clock()),
         "throughput": history.rates(),
     }
@@ -14432,7 +14437,8 @@ svg{width:100%;height:140px}
 <div><span style="color:#3b6fd8">&#9632; received</span> <span id="rate-in"></span> &nbsp;
 <span style="color:#e07b00">&#9632; sent</span> <span id="rate-out"></span></div></section>
 <section class="wide"><h2>Peers</h2><table><thead><tr><th>peer</th><th>address</th><th>GFLOP/s</th><th>RTT ms</th>
-<th>load</th><th>link</th><th>state</th><th>tasks</th></tr></thead><tbody id="peers"></tbody></table></section>
+<th>load</th><th>link</th><th>link MB/s</th><th>packed</th><th>state</th><th>tasks</th></tr></thead>
+<tbody id="peers"></tbody></table></section>
 <section><h2>Queue and running tasks</h2><table><thead><tr><th>#</th><th>kernel</th><th>state</th><th>where</th>
 <th>attempts</th><th>queued s</th><th>s</th></tr></thead><tbody id="running"></tbody></table></section>
 <section><h2>Split jobs</h2><div id="splits" class="dim">none yet</div></section>
@@ -14505,6 +14511,8 @@ function render(s) {
     cell(row, short(p.peer_id), "mono").title = p.peer_id; cell(row, p.address.split("/p2p/")[0], "mono");
     cell(row, p.gflops.toFixed(1), "n"); cell(row, p.rtt_ms.toFixed(2), "n"); cell(row, p.load, "n");
     cell(row, p.data_plane ? "data plane" : "stream");
+    cell(row, p.link_mb_s ? p.link_mb_s.toFixed(1) : "-", "n");
+    cell(row, p.packed_arrays ? `${p.packed_arrays} (${mb(p.packed_saved_bytes)} saved)` : "-", "n");
     const state = p.suspect ? "suspect" : p.trusted ? "trusted" : "untrusted";
     cell(row, state, p.suspect ? "bad" : p.trusted ? "ok" : "warn");
     cell(row, p.tasks_done, "n");
