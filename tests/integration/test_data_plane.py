@@ -505,11 +505,14 @@ def proxied_pair(
     flip: dict[str, int] | None = None,
     stall_c2s_after: int | None = None,
 ) -> Iterator[tuple[TlsProxy, Pair]]:
-    """A serve pair whose data connection goes through a `TlsProxy` (A runs with ``--fault data-via``)."""
+    """A serve pair whose data connection goes through a `TlsProxy` (A runs with ``--fault data-via``).
+    Both run with ``--compression off``: the proxy counts and alters the arrays' bytes at given offsets,
+    and a slow proxy would have them packed."""
     port = free_port()
+    off = ("--compression", "off")
     with TlsProxy(port, flip=flip, stall_c2s_after=stall_c2s_after) as proxy:
         with serve_pair(
-            pyz, make_home, a_args=("--fault", f"data-via=127.0.0.1:{proxy.port}"), b_data_port=port
+            pyz, make_home, a_args=("--fault", f"data-via=127.0.0.1:{proxy.port}", *off), b_data_port=port, b_args=off
         ) as pair:
             yield proxy, pair
 
