@@ -220,11 +220,22 @@ def test_capnp_decodes_the_header_of_a_pangea_task_request() -> None:
     for needle in (
         "taskId = 7",
         'kernel = "matmul"',
-        '(dtype = "float64", shape = [2, 2], nbytes = 32, held = 0)',  # held: 0, the bytes follow
-        '(dtype = "int32", shape = [2, 3], nbytes = 24, held = 0)',
+        # held 0: the bytes follow; no codec (the default "", not printed) and stored 0: as they are
+        '(dtype = "float64", shape = [2, 2], nbytes = 32, held = 0, stored = 0)',
+        '(dtype = "int32", shape = [2, 3], nbytes = 24, held = 0, stored = 0)',
         '(name = "factor", value = 2.5, kind = 0)',  # kind 0: a number
     ):
         assert needle in text, f"{needle!r} not in {text!r}"
+
+
+def test_capnp_decodes_a_packed_operand_and_the_codecs_of_a_hello() -> None:
+    a = np.zeros(pangea.COMPRESS_MIN_BYTES // 8)
+    frame = b"".join(bytes(p) for p in pangea.encode_parts(TaskRequestMsg(8, "sum", (a,)), pangea.pack_blosc))
+    header, payload_len = header_of(frame)
+    text = capnp_decode("Message", header)
+    assert f'nbytes = {a.nbytes}, held = 0, codec = "blosc-lz4", stored = {payload_len})' in text, text
+    hello = HelloMsg(pangea_version="0.1.0", protocol_version=1, kernels=("sum",), role="serve", codecs=("blosc-lz4",))
+    assert 'codecs = ["blosc-lz4"]' in capnp_decode("Message", header_of(encode(hello))[0])
 
 
 def test_capnp_decodes_pangea_hello_result_and_error_headers() -> None:
