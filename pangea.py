@@ -2353,8 +2353,8 @@ def _arrays_from(
             if offset + stored > len(payload):
                 raise MessageError(f"array {i}: runs past the end of the payload", task_id=task_id)
             frame = memoryview(payload)[offset : offset + stored]
-            if blosc_frame_sizes(frame) != (nbytes, stored):
-                declared, cbytes = blosc_frame_sizes(frame)
+            declared, cbytes = blosc_frame_sizes(frame)
+            if (declared, cbytes) != (nbytes, stored):
                 raise MessageError(
                     f"array {i}: its {codec} frame declares {declared} bytes in {cbytes}, "
                     f"the header {nbytes} in {stored}",
@@ -6488,16 +6488,10 @@ def row_split(kernel: str, shapes: Sequence[tuple[int, ...]]) -> tuple[int, tupl
     matmul by its stack (a 2-D matmul splits its own way, `Manager.split_matmul`)."""
     if kernel not in ROW_SPLIT_KERNELS or not shapes:
         return None
-    if kernel == "matmul":
-        if len(shapes) != 2 or max(len(s) for s in shapes) < 3:
-            return None
-        ndim = max(len(s) for s in shapes)
-        n = max(s[0] for s in shapes if len(s) == ndim)
-    else:
-        ndim = max(len(s) for s in shapes)
-        if ndim == 0:
-            return None
-        n = max(s[0] for s in shapes if len(s) == ndim)
+    ndim = max(len(s) for s in shapes)
+    if ndim == 0 or (kernel == "matmul" and (len(shapes) != 2 or ndim < 3)):
+        return None
+    n = max(s[0] for s in shapes if len(s) == ndim)
     sliced = tuple(len(s) == ndim and s[0] == n and n > 1 for s in shapes)
     return (n, sliced) if any(sliced) else None
 
@@ -11126,8 +11120,10 @@ class Manager:
             empty = run_kernel(kernel, [o[:0] if cut else o for o, cut in zip(operands, sliced, strict=True)], params)
         except KernelError as probe:
             message = str(probe)
-            try:  # the same refusal in the words of the operands' own shapes (stand-ins of no bytes)
-                run_kernel(kernel, [np.broadcast_to(np.zeros((), o.dtype), o.shape) for o in operands], params)
+            stand_ins = [np.broadcast_to(np.zeros((), o.dtype), o.shape) for o in operands]
+            try:  # the same refusal in the words of the operands' own shapes, never computing a full result
+                if output_nbytes(kernel, stand_ins, params) == 0:  # its shapes are refused (or it is empty)
+                    run_kernel(kernel, stand_ins, params, max_elements=0)
             except KernelError as real:
                 message = str(real)
             raise TaskError(message, kind=ErrorKind.BAD_INPUT) from None
