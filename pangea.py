@@ -9,9 +9,9 @@ Nodes talk libp2p (TCP + Noise + Yamux). A node delegates numpy matrix work
 to another node over the stream protocol ``/pangea/compute/1.0.0``, collects
 and aggregates the results, and runs a task locally when its worker is gone.
 
-How the module is laid out: twenty-four rooms, each using only the rooms above
+How the module is laid out: twenty-five rooms, each using only the rooms above
 it (tests/unit/test_layout.py keeps that true, and each room under its line
-budget). Rooms 1-9 are pure (no I/O, no await); rooms 10-24 perform I/O.
+budget). Rooms 1-9 are pure (no I/O, no await); rooms 10-25 perform I/O.
 
   0. this docstring, imports, version
   1. Constants                 protocol ids, limits, timeouts, each with its unit
@@ -35,18 +35,22 @@ budget). Rooms 1-9 are pure (no I/O, no await); rooms 10-24 perform I/O.
  16. RPC records              constants, arrays to and from Cap'n Proto, the records
  17. Held arrays              KeptArrays, Lineage, ArrayKeeper: arrays held here or
                                on a worker for clients, run where held, made again
- 18. RPC service              NodeService, RpcServer, _RpcConnection, the Gate
- 19. Dashboard                 serve --dashboard: the live page and its HTTP server
- 20. Remote arrays            RemoteArray: the numpy face of an array a node holds
- 21. The Python client        Client, _PinnedConnection
- 22. Start-up                  build guard, deferred imports, logging, the trio runner
- 23. CLI: options and the verbs of a pair   initiate, respond, demo
- 24. CLI: serve, the tools and main         serve, call, psk, status, doctor,
+ 18. Task queue               TaskJournal (SQLite, spill files), TaskQueue: tasks
+                               that outlive their call and the node's restart
+ 19. RPC service              NodeService, RpcServer, _RpcConnection, the Gate
+ 20. Dashboard                 serve --dashboard: the live page and its HTTP server
+ 21. Remote arrays and futures   RemoteArray: the numpy face of an array a node
+                               holds; TaskFuture; _PinnedConnection (the TLS pin)
+ 22. The Python client        Client
+ 23. Start-up                  build guard, deferred imports, logging, the trio runner
+ 24. CLI: options and the verbs of a pair   initiate, respond, demo
+ 25. CLI: serve, the tools and main         serve, call, psk, status, doctor,
                                bench (code in bench/pangea_bench.py), id, main
 
-How one task travels through them: `Client.submit` (21) reaches the node's
-`NodeService` (18), its arrays on a bulk channel (12); the service hands it to
-the `Manager` (14); the `Scheduler` (9)
+How one task travels through them: `Client.submit` (22) reaches the node's
+`NodeService` (19), its arrays on a bulk channel (12); the service journals it
+in its `TaskQueue` (18), whose runner hands it to the `Manager` (14); the
+`Scheduler` (9)
 answers `Dispatch`, and the peer's `RemoteDelegator` writes a `TaskRequestMsg`
 (4) on the session's `TlsChannel` (11). On the worker, the channel's Decoder
 asks that session's `SessionProtocol` (5) whether to admit the payload, the
@@ -8399,7 +8403,7 @@ async def tcp_probe(host: str, port: int, timeout_s: float) -> tuple[float | Non
 # Client's `_BulkChannel` and its segment pools); for a client on another box, TLS
 # connections to the RPC port itself (`TlsBulkConnection` and `TlsBulkBatches` on the
 # node; the Client's `_TlsBulkLink` and `_TlsBulkPool`). Either way the RPC carries a
-# task's metadata and names its batch; the RPC service (18) takes and finishes batches.
+# task's metadata and names its batch; the RPC service (19) takes and finishes batches.
 ###############################################################################
 
 
@@ -13126,7 +13130,23 @@ class ArrayKeeper:
 
 
 ###############################################################################
-# 18. RPC service
+# 18. Task queue
+#
+# The durable task queue of a `serve` node: `TaskJournal` keeps every task the
+# RPC accepted in an SQLite journal (WAL) in the home, its small arrays in the
+# journal and its large ones in .npy files beside it, each written whole and
+# renamed into place, and `TaskQueue` runs each task apart from the call that
+# brought it: a client that goes away leaves its task running and its result
+# waiting on disk until it asks again (by the task's id or its own key). At start
+# the queue reads the journal back: unfinished tasks run again, results wait for
+# their clients, nothing that finished runs twice. A disk quota and a retention
+# time bound it; a journal that cannot be read is moved aside and the node starts
+# empty.
+###############################################################################
+
+
+###############################################################################
+# 19. RPC service
 #
 # pycapnp runs on asyncio with its own KJ loop, so the RPC server lives in a
 # thread of its own; each call (at most RPC_MAX_CALLS_IN_FLIGHT) becomes a trio
@@ -14105,7 +14125,7 @@ def _make_gate(
 
 
 ###############################################################################
-# 19. Dashboard
+# 20. Dashboard
 #
 # `serve --dashboard [HOST:PORT]`: one page that shows what the node and its peers
 # are doing, updating live: the peers (address, speed, RTT, load, data plane or
@@ -14531,7 +14551,7 @@ poll();
 
 
 ###############################################################################
-# 20. Remote arrays
+# 21. Remote arrays and futures
 #
 # `RemoteArray`: the Python face of an array a node holds for a `Client` (a
 # `RemoteArray` capability of the schema). It has numpy's shape, dtype and
@@ -14539,7 +14559,9 @@ poll();
 # `__array_function__`): each step is a task on the node whose result stays
 # there, until `np.asarray(x)` or `x.get()` brings it back. Dropping the last
 # reference releases it on the node. Errors are numpy's kind (ValueError for a
-# shape mismatch, in numpy's words) as well as pangea's.
+# shape mismatch, in numpy's words) as well as pangea's. Beside it, the other
+# parts a `Client` hands out or stands on: `TaskFuture`, the answer of a call
+# that has not arrived, and `_PinnedConnection`, the TLS pin of its connection.
 ###############################################################################
 
 # numpy ufuncs (called as np.<name>(x, ...)) that run as the kernel of the same name, or another
@@ -14881,24 +14903,6 @@ def _function_call(client: Any, func: Any, args: Any, kwargs: Any) -> Any:
     return client.submit(kernel, *operands, keep=True, **params)
 
 
-###############################################################################
-# 21. The Python client
-#
-# `Client`: a client of a node's RPC endpoint for Python programs, numpy arrays
-# in and out. Its asyncio/KJ loop runs in one long-lived private thread: every
-# call of every calling thread is a task on that loop, handed over with one
-# call_soon_threadsafe and answered through a `TaskFuture` (a
-# concurrent.futures.Future), so callers never start threads and share no lock
-# across a call. `submit` waits for its future; `future` and `map` return
-# before the answer. Cancelling a future cancels its asyncio task, which drops
-# pycapnp's promise: Cap'n Proto sends Finish, the node cancels the call's trio
-# task and its remote attempts send Cancel. On loopback it speaks plain Cap'n
-# Proto with this user's home token; off loopback TLS 1.3, the server's
-# certificate checked against a pinned or first-use fingerprint
-# (`_PinnedConnection`) before the token is sent.
-###############################################################################
-
-
 class _PinnedConnection:
     """The client's side of a TLS RPC connection: it compares the server's certificate with the
     pin (``expected``; None: trust on first use) before pycapnp's protocol sees a byte."""
@@ -14981,6 +14985,24 @@ def _raise_rpc_error(response: Any, what: str) -> None:
     if kind:
         message = one_line(str(response.errorMessage)) or kind
         raise RpcError(message if message.startswith("cannot ") else f"cannot {what}: {message}", kind=kind)
+
+
+###############################################################################
+# 22. The Python client
+#
+# `Client`: a client of a node's RPC endpoint for Python programs, numpy arrays
+# in and out. Its asyncio/KJ loop runs in one long-lived private thread: every
+# call of every calling thread is a task on that loop, handed over with one
+# call_soon_threadsafe and answered through a `TaskFuture` (a
+# concurrent.futures.Future), so callers never start threads and share no lock
+# across a call. `submit` waits for its future; `future` and `map` return
+# before the answer. Cancelling a future cancels its asyncio task, which drops
+# pycapnp's promise: Cap'n Proto sends Finish, the node cancels the call's trio
+# task and its remote attempts send Cancel. On loopback it speaks plain Cap'n
+# Proto with this user's home token; off loopback TLS 1.3, the server's
+# certificate checked against a pinned or first-use fingerprint
+# (`_PinnedConnection`) before the token is sent.
+###############################################################################
 
 
 class Client:
@@ -16081,7 +16103,7 @@ class Client:
 
 
 ###############################################################################
-# 22. Start-up
+# 23. Start-up
 #
 # What runs before and around every verb, in the order `_main` runs it: the
 # guard that the pyz runs on the interpreter it was built for; the deferred
@@ -16603,7 +16625,7 @@ def unpacked_text() -> str:
 
 
 ###############################################################################
-# 23. CLI: options and the verbs of a pair
+# 24. CLI: options and the verbs of a pair
 #
 # One `cmd_<verb>` per command, with its options in the `add_<verb>_parser`
 # right above it. This part holds the option types and the options several
@@ -17777,7 +17799,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 ###############################################################################
-# 24. CLI: serve, the tools and main
+# 25. CLI: serve, the tools and main
 #
 # `serve` and the verbs that talk to a node or look at this box: `call` (a
 # Client of a serve node), `psk`, `status`, `doctor`, `bench` (its code is the
