@@ -341,6 +341,33 @@ MAX_TASK_ARRAYS = 64  # held arrays one task may name (TaskSpec.arrays): no kern
 # at once (a local call); one a client made up may never answer, so the task waits this long.
 CLAIM_TIMEOUT_S = 2.0
 
+# The durable task queue of `serve` (room 18): its journal lives in $PANGEA_HOME/queue/<RPC port>/
+# (a node is found again at its address, so a restart on the same port reads its own journal).
+QUEUE_DIRNAME = "queue"
+QUEUE_JOURNAL_FILENAME = "journal.sqlite3"
+QUEUE_SCHEMA_VERSION = 1  # PRAGMA user_version of the journal; another number is moved aside
+# Arrays up to this size are kept in the journal itself (one transaction with their task, at once);
+# larger ones in .npy files beside it, written by a worker thread while the task already runs.
+QUEUE_INLINE_MAX_BYTES = 64 << 10
+QUEUE_MAX_RUNNING = RPC_MAX_CALLS_IN_FLIGHT  # tasks of the queue that run at once; the others wait "queued"
+QUEUE_MAX_TASKS = 10_000  # tasks not answered yet (queued, running, or waiting for their client)
+QUEUE_KEY_MAX_CHARS = 128  # a client's key for a task (TaskSpec.key): printable ASCII
+DEFAULT_STATE_MAX_GIB = 4.0  # --state-max-gib: the queue's operands and results on disk, at most
+DEFAULT_STATE_RETENTION_HOURS = 24.0  # --state-retention-hours: a result waits this long for its client
+QUEUE_SWEEP_S = 60.0  # how often results past their retention time are dropped
+# A call that ends without its answer (cancelled) is let go after this: if its connection closed
+# meanwhile, its client went away and the task goes on; otherwise the client cancelled it.
+QUEUE_LET_GO_S = 0.5
+# A call waits for its task's answer this much longer than the task's own timeout (the task's
+# timeout is its runner's; the call's end is the queue's wait).
+RPC_QUEUE_WAIT_ROOM_S = 60.0
+QUEUE_SPILL_CHUNK_BYTES = 4 << 20  # a large array is written in pieces; a task that ends first stops it
+# A task with large operands is journaled once it has run this long: writing 64 MiB takes about as
+# long as a short task runs, and one that ends first never needs them written. A kill before that
+# loses the task as though it never arrived: its client's future, finding no task of its key,
+# submits it again.
+QUEUE_JOURNAL_LARGE_AFTER_S = 0.25
+
 # bench verb: what its parser needs; the rest of the verb is bench/pangea_bench.py.
 # Defaults of a full run and of --quick (a run of a few seconds whose figures are rough).
 BENCH_DEFAULTS = {"sizes_mib": "64", "tasks": 1000, "matmul_n": 2048, "reps": 3}
@@ -426,6 +453,12 @@ class ErrorKind(str, enum.Enum):  # noqa: UP042 (see the NOTE below)
     # A pangea error that carries no kind of its own, as the RPC service reports
     # it (rpc_error_fields): the message says what went wrong.
     FAILED = "failed"
+    # The node's queue has no task of that id or key (the `result` call): it was
+    # answered already, or expired, or never reached the node: submit it again.
+    NOT_FOUND = "not-found"
+    # A task the node accepted but could not run after it restarted (its operands
+    # were held arrays, or it stopped before they reached its journal): submit it again.
+    LOST = "lost"
 
 
 class PangeaError(Exception):
@@ -12509,6 +12542,14 @@ class StatusRecord(RpcRecord):
     # the arrays this node holds for its clients (RemoteArray), charged to its memory budget
     held_bytes: int = field(default=0, metadata=capnp_name("heldBytes"))
     held_arrays: int = field(default=0, metadata=capnp_name("heldArrays"))
+    # the durable task queue (queue_journal "": the node keeps none)
+    queue_journal: str = field(default="", metadata=capnp_name("queueJournal"))
+    queue_tasks: int = field(default=0, metadata=capnp_name("queueTasks"))
+    queue_waiting: int = field(default=0, metadata=capnp_name("queueWaiting"))
+    state_bytes: int = field(default=0, metadata=capnp_name("stateBytes"))
+    state_max_bytes: int = field(default=0, metadata=capnp_name("stateMaxBytes"))
+    state_retention_s: float = field(default=0.0, metadata=capnp_name("stateRetentionSeconds"))
+    queue_recovered: int = field(default=0, metadata=capnp_name("queueRecovered"))
 
     def as_dict(self) -> dict[str, Any]:
         """The status as `Client.status()` returns it (each suspect with its ``peer_id``)."""
@@ -12549,6 +12590,7 @@ class TaskOutputRecord(RpcRecord):
     timings: TimingsRecord = field(default=TimingsRecord(), metadata=capnp_name("timings"))
     verified_by_node: bool = field(default=False, metadata=capnp_name("verified"))
     verification: str = field(default="", metadata=capnp_name("verification"))  # how (task_verification)
+    task_id: str = field(default="", metadata=capnp_name("taskId"))  # its id in the node's queue
     # how the arrays crossed between a Client and its node (the Client's own: not on the wire)
     arrays_via: str = "RPC messages"
 
@@ -13145,6 +13187,990 @@ class ArrayKeeper:
 ###############################################################################
 
 
+TASK_STATES = ("queued", "running", "done", "failed", "collected", "cancelled")
+_UNFINISHED_STATES = ("queued", "running")
+_WAITING_STATES = ("done", "failed")  # an answer on disk, waiting for its client
+
+
+def check_task_key(key: str) -> str:
+    """A client's key for a task (TaskSpec.key) as given; TaskError(bad-input) for one too long or not
+    printable ASCII ("" is no key)."""
+    if len(key) > QUEUE_KEY_MAX_CHARS or not all(" " < c <= "~" for c in key):
+        raise TaskError(
+            f"bad task key {one_line(key, 40)!r}: expected at most {QUEUE_KEY_MAX_CHARS} printable ASCII characters "
+            "without spaces",
+            kind=ErrorKind.BAD_INPUT,
+        )
+    return key
+
+
+def params_to_json(params: Params) -> list[list[Any]]:
+    """A task's parameters as JSON the journal keeps: [[name, kind, value], ...] (tuples as lists)."""
+    return [
+        [k, "tuple" if isinstance(v, tuple) else type(v).__name__, list(v) if isinstance(v, tuple) else v]
+        for k, v in params.items()
+    ]
+
+
+def params_from_json(items: Sequence[Sequence[Any]]) -> dict[str, ParamValue]:
+    """The parameters `params_to_json` wrote."""
+    out: dict[str, ParamValue] = {}
+    for name, kind, value in items:
+        out[str(name)] = tuple(int(v) for v in value) if kind == "tuple" else str(value) if kind == "str" else value
+    return out
+
+
+def record_to_json(record: TaskOutputRecord) -> str:
+    """A task's answer without its outputs, as the journal keeps it (its outputs go beside it)."""
+    return json.dumps(record.as_dict())
+
+
+def record_from_json(text: str, outputs: Sequence[np.ndarray]) -> TaskOutputRecord:
+    """The answer `record_to_json` wrote, with its outputs."""
+    d = json.loads(text)
+    d["attempts"] = tuple(AttemptInfoRecord(**a) for a in d.get("attempts", ()))
+    d["timings"] = TimingsRecord(**d.get("timings", {}))
+    names = {f.name for f in dataclasses.fields(TaskOutputRecord)} - {"outputs"}
+    return TaskOutputRecord(tuple(outputs), **{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class TaskInfoRecord(RpcRecord):
+    """One task of a node's queue as the `tasks` call lists it (the `TaskInfo` struct)."""
+
+    task_id: str = field(metadata=capnp_name("taskId"))
+    key: str = field(metadata=capnp_name("key"))
+    kernel: str = field(metadata=capnp_name("kernel"))
+    state: str = field(metadata=capnp_name("state"))
+    accepted: float = field(metadata=capnp_name("acceptedUnix"))
+    finished: float = field(default=0.0, metadata=capnp_name("finishedUnix"))
+    error: str = field(default="", metadata=capnp_name("error"))
+    result_bytes: int = field(default=0, metadata=capnp_name("resultBytes"))
+    runs: int = field(default=1, metadata=capnp_name("runs"))
+
+
+class JournalUnreadable(Exception):
+    """The journal file is not one this pangea can read (its text says why, as "is ...")."""
+
+
+@dataclass
+class JournalRow:
+    """One task as the journal keeps it."""
+
+    task_id: str
+    key: str
+    seq: int
+    kernel: str
+    spec: dict[str, Any]  # params, placement, timeout_s, fallback, check, held (operands that were held arrays)
+    state: str
+    accepted: float
+    finished: float = 0.0
+    outcome: str = ""  # record_to_json of its answer, once finished
+    reserved: int = 0  # bytes of the quota it holds
+    runs: int = 1
+
+
+class TaskJournal:
+    """The journal of a node's task queue: an SQLite database in WAL mode (``synchronous=NORMAL``:
+    a commit survives the process being killed; a power cut may lose the last ones, never the
+    database) and the .npy files of its large arrays beside it. Each array file is written under a
+    temporary name and renamed once whole, and the journal names it only after that, so a kill in
+    the middle leaves a stray temporary file (removed at the next open), never a half array.
+
+    Used from the trio thread and from worker threads (the large arrays): one lock around the database."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / QUEUE_JOURNAL_FILENAME
+        self.files = directory / "arrays"
+        self._db: Any = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, directory: Path) -> tuple[TaskJournal, str]:
+        """Open the journal in ``directory``, creating it when there is none; return it and a note of one
+        line: "" or, when the journal there could not be read (damaged, truncated, not a database, of
+        another schema version), how it was moved aside and an empty one started."""
+        import sqlite3
+
+        journal = cls(directory)
+        try:
+            journal._connect()
+            return journal, ""
+        except (sqlite3.DatabaseError, JournalUnreadable) as exc:
+            journal.close()
+            reason = str(exc) if isinstance(exc, JournalUnreadable) else f"cannot be read ({one_line(str(exc), 120)})"
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            aside = directory.with_name(f"{directory.name}.unreadable-{stamp}")
+            os.replace(directory, aside)
+        journal = cls(directory)
+        journal._connect()
+        note = f"the task journal {journal.path} {reason}: moved aside to {aside}; this node starts with an empty queue"
+        return journal, note
+
+    def _connect(self) -> None:
+        import sqlite3
+
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.files.mkdir(mode=0o700, exist_ok=True)
+        for stray in self.files.glob("*.tmp"):  # NOTE: a file a kill interrupted: the journal never named it
+            stray.unlink(missing_ok=True)
+        if not self.path.exists():  # NOTE: private from the start (SQLite gives its WAL the same mode)
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self._db = db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version == 0 and not tables:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.executescript(
+                """
+                BEGIN;
+                CREATE TABLE tasks (
+                    id TEXT PRIMARY KEY, key TEXT UNIQUE, seq INTEGER NOT NULL, kernel TEXT NOT NULL,
+                    spec TEXT NOT NULL, state TEXT NOT NULL, accepted REAL NOT NULL,
+                    finished REAL NOT NULL DEFAULT 0, outcome TEXT NOT NULL DEFAULT '',
+                    reserved INTEGER NOT NULL DEFAULT 0, runs INTEGER NOT NULL DEFAULT 1);
+                CREATE TABLE arrays (
+                    task TEXT NOT NULL, role TEXT NOT NULL, idx INTEGER NOT NULL, dtype TEXT NOT NULL,
+                    shape TEXT NOT NULL, data BLOB, file TEXT NOT NULL DEFAULT '',
+                    PRIMARY KEY (task, role, idx));
+                """
+                f"PRAGMA user_version = {QUEUE_SCHEMA_VERSION}; COMMIT;"
+            )
+            version = QUEUE_SCHEMA_VERSION
+        if version != QUEUE_SCHEMA_VERSION:
+            raise JournalUnreadable(
+                f"is of schema version {version}, and this pangea reads version {QUEUE_SCHEMA_VERSION}"
+            )
+        check = str(db.execute("PRAGMA quick_check").fetchone()[0])
+        if check != "ok":
+            raise JournalUnreadable(f"is damaged ({one_line(check, 120)})")
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"tasks", "arrays"} <= tables:
+            raise JournalUnreadable("is a database without the tables of a task queue")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+
+    def close(self) -> None:
+        """Close the database (a clean close folds the WAL into it)."""
+        with self._lock:
+            if self._db is not None:
+                with contextlib.suppress(Exception):
+                    self._db.close()
+                self._db = None
+
+    def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN")
+            try:
+                for sql, args in statements:
+                    db.execute(sql, args)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def rows(self) -> list[JournalRow]:
+        """Every task of the journal, oldest first."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT id, key, seq, kernel, spec, state, accepted, finished, outcome, reserved, runs"
+                " FROM tasks ORDER BY seq"
+            ).fetchall()
+        return [JournalRow(r[0], r[1] or "", r[2], r[3], json.loads(r[4]), *r[5:]) for r in found]
+
+    def find(self, name: str) -> JournalRow | None:
+        """The task of this id or key, None when the journal has none."""
+        with self._lock:
+            r = self._db.execute(
+                "SELECT id, key, seq, kernel, spec, state, accepted, finished, outcome, reserved, runs"
+                " FROM tasks WHERE id = ? OR key = ?",
+                (name, name),
+            ).fetchone()
+        return None if r is None else JournalRow(r[0], r[1] or "", r[2], r[3], json.loads(r[4]), *r[5:])
+
+    def next_seq(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM tasks").fetchone()[0])
+
+    def add(self, row: JournalRow, arrays: Sequence[tuple[int, np.ndarray, str]]) -> None:
+        """Journal a task it accepted, in one transaction with its operands: (index, array, "" to keep
+        it in the journal or the name of the .npy file `write_file` wrote it to)."""
+        statements: list[tuple[str, Sequence[Any]]] = [
+            (
+                "INSERT INTO tasks (id, key, seq, kernel, spec, state, accepted, reserved, runs)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.task_id,
+                    row.key or None,
+                    row.seq,
+                    row.kernel,
+                    json.dumps(row.spec),
+                    row.state,
+                    row.accepted,
+                    row.reserved,
+                    row.runs,
+                ),
+            )
+        ]
+        statements += self._array_rows(row.task_id, "in", arrays)
+        self._transaction(statements)
+
+    def _array_rows(
+        self, task_id: str, role: str, arrays: Sequence[tuple[int, np.ndarray, str]]
+    ) -> list[tuple[str, Sequence[Any]]]:
+        return [
+            (
+                "INSERT INTO arrays (task, role, idx, dtype, shape, data, file) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    task_id,
+                    role,
+                    i,
+                    _dtype_name(a.dtype),
+                    json.dumps([int(d) for d in a.shape]),
+                    None if name else _c_bytes(a),
+                    name,
+                ),
+            )
+            for i, a, name in arrays
+        ]
+
+    def write_file(self, name: str, a: np.ndarray, stop: threading.Event | None = None) -> bool:
+        """Write ``a`` to the .npy file ``name`` beside the journal, whole or not at all: under a
+        temporary name, renamed once complete (in a worker thread: it writes in pieces, and gives up,
+        returning False, once ``stop`` is set)."""
+        import numpy as np
+
+        path, tmp = self.files / name, self.files / f"{name}.tmp"
+        a = np.ascontiguousarray(a)
+        flat = memoryview(a.reshape(-1).view(np.uint8).data) if a.size else memoryview(b"")
+        try:
+            with open(tmp, "wb") as f:
+                np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(a))
+                for start in range(0, len(flat), QUEUE_SPILL_CHUNK_BYTES):
+                    if stop is not None and stop.is_set():
+                        raise InterruptedError
+                    f.write(flat[start : start + QUEUE_SPILL_CHUNK_BYTES])
+            os.replace(tmp, path)
+            return True
+        except InterruptedError:
+            tmp.unlink(missing_ok=True)
+            return False
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def arrays(self, task_id: str, role: str) -> list[np.ndarray]:
+        """The arrays of one task ("in": its operands, "out": its outputs), in order; JournalUnreadable
+        when one is missing or is not what the journal says (a file lost or damaged)."""
+        import numpy as np
+
+        with self._lock:
+            found = self._db.execute(
+                "SELECT idx, dtype, shape, data, file FROM arrays WHERE task = ? AND role = ? ORDER BY idx",
+                (task_id, role),
+            ).fetchall()
+        out = []
+        for idx, dtype, shape_text, data, name in found:
+            shape = tuple(int(d) for d in json.loads(shape_text))
+            if dtype not in ALLOWED_DTYPES:
+                raise JournalUnreadable(f"names array {idx} of task {task_id} as a {one_line(dtype, 20)}")
+            try:
+                if name:
+                    a = np.load(self.files / name, allow_pickle=False)
+                else:
+                    a = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+            except (OSError, ValueError) as exc:
+                raise JournalUnreadable(f"lost array {idx} of task {task_id} ({describe_exception(exc)})") from None
+            if _dtype_name(a.dtype) != dtype or a.shape != shape:
+                raise JournalUnreadable(f"has array {idx} of task {task_id} damaged: not a {dtype} of shape {shape}")
+            out.append(a)
+        return out
+
+    def started(self, task_id: str) -> None:
+        """Count one more start of a task read back after a restart."""
+        self._transaction([("UPDATE tasks SET runs = runs + 1, state = 'running' WHERE id = ?", (task_id,))])
+
+    def finish(
+        self, task_id: str, state: str, finished: float, outcome: str, outputs: Sequence[tuple[int, np.ndarray, str]]
+    ) -> None:
+        """Record a task's answer ("done" with its outputs, "failed" with its error) for a client that will
+        ask for it; its operands go (their files once the transaction is in)."""
+        names = self._file_names(task_id, "in")
+        statements: list[tuple[str, Sequence[Any]]] = [
+            ("DELETE FROM arrays WHERE task = ? AND role = 'in'", (task_id,)),
+            ("UPDATE tasks SET state = ?, finished = ?, outcome = ? WHERE id = ?", (state, finished, outcome, task_id)),
+        ]
+        self._transaction(statements + self._array_rows(task_id, "out", outputs))
+        self._unlink(names)
+
+    def collect(self, task_id: str, state: str, finished: float, outcome: str = "") -> None:
+        """Record that a task was answered ("collected") or given up by its client ("cancelled"): its
+        arrays go, its row stays (without what it reserved) until the retention time."""
+        names = self._file_names(task_id, "")
+        self._transaction(
+            [
+                ("DELETE FROM arrays WHERE task = ?", (task_id,)),
+                (
+                    "UPDATE tasks SET state = ?, finished = ?, reserved = 0,"
+                    " outcome = CASE WHEN ? = '' THEN outcome ELSE ? END WHERE id = ?",
+                    (state, finished or time.time(), outcome, outcome, task_id),
+                ),
+            ]
+        )
+        self._unlink(names)
+
+    def forget(self, task_ids: Sequence[str]) -> None:
+        """Delete tasks and their arrays (past the retention time)."""
+        names = [n for t in task_ids for n in self._file_names(t, "")]
+        self._transaction(
+            [
+                s
+                for t in task_ids
+                for s in (("DELETE FROM arrays WHERE task = ?", (t,)), ("DELETE FROM tasks WHERE id = ?", (t,)))
+            ]
+        )
+        self._unlink(names)
+
+    def _file_names(self, task_id: str, role: str) -> list[str]:
+        with self._lock:
+            found = self._db.execute(
+                "SELECT file FROM arrays WHERE task = ? AND file != '' AND (? = '' OR role = ?)", (task_id, role, role)
+            ).fetchall()
+        return [r[0] for r in found]
+
+    def _unlink(self, names: Sequence[str]) -> None:
+        for name in names:
+            (self.files / name).unlink(missing_ok=True)
+
+    def disk_bytes(self) -> int:
+        """Bytes of the journal and its files on disk now."""
+        total = 0
+        for path in [self.path, self.path.with_name(self.path.name + "-wal"), *self.files.iterdir()]:
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size
+        return total
+
+
+def _c_bytes(a: np.ndarray) -> bytes:
+    """The C-order, little-endian bytes of an array (the journal's and the wire's order)."""
+    import numpy as np
+
+    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
+
+
+class BudgetCharge:
+    """Bytes of the node's memory budget that one RPC task holds: taken by its call on arrival, handed
+    to the queue's runner when the task outlives the call, given back once (from any thread)."""
+
+    def __init__(self, budget: MemoryBudget, nbytes: int = 0) -> None:
+        self.budget = budget
+        self.nbytes = nbytes
+        self._lock = threading.Lock()
+
+    def take(self) -> BudgetCharge:
+        """Move the bytes into a new charge (the runner's); this one holds none after."""
+        with self._lock:
+            moved, self.nbytes = self.nbytes, 0
+        return BudgetCharge(self.budget, moved)
+
+    def release(self) -> None:
+        with self._lock:
+            n, self.nbytes = self.nbytes, 0
+        if n:
+            self.budget.release(n)
+
+
+@dataclass(eq=False)
+class QueuedTask:
+    """One task of the queue as the node holds it in memory (the journal has the rest)."""
+
+    task_id: str
+    key: str
+    kernel: str
+    spec: dict[str, Any]
+    seq: int
+    accepted: float
+    operands: list[Any] | None  # None: in the journal (a task read back after a restart)
+    state: str = "queued"
+    runs: int = 1
+    reserved: int = 0  # bytes of the quota it holds
+    finished: float = 0.0
+    outcome: TaskOutcome | None = None  # its result while in memory (to answer its call)
+    error: TaskError | None = None  # or its error
+    record_json: str = ""  # its answer as the journal keeps it, once written
+    result_bytes: int = 0  # bytes of its answer in the journal
+    journaled: bool = False  # its row is in the journal
+    written: bool = False  # its answer is in the journal
+    owner: int = 0  # the call that waits for it (its token); 0: none
+    charge: BudgetCharge | None = None
+    held: tuple[int, ...] = ()  # operands that were held arrays (not journaled: they do not survive a restart)
+    events: dict[str, Any] = field(default_factory=dict)  # "done", "journaled" (trio.Events)
+    stop_writing: threading.Event = field(default_factory=threading.Event)
+    scope: Any = None  # the runner's cancel scope
+    settle: list[Callable[[], None]] = field(default_factory=list)  # when its operands are no longer used
+    settled: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def when_settled(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the task no longer reads its operands (now, if it already does not; any thread)."""
+        with self.lock:
+            if not self.settled:
+                self.settle.append(fn)
+                return
+        fn()
+
+    def info(self, result_bytes: int = 0) -> TaskInfoRecord:
+        error = f"{self.error.kind}: {self.error}" if self.error is not None else ""
+        return TaskInfoRecord(
+            self.task_id,
+            self.key,
+            self.kernel,
+            self.state,
+            self.accepted,
+            self.finished,
+            error,
+            result_bytes,
+            self.runs,
+        )
+
+
+class TaskQueue:
+    """The durable queue of a `serve` node: every task the RPC accepts (unless it keeps its outputs on the
+    node) is journaled and run by a runner of the queue's own, apart from its call (at most
+    QUEUE_MAX_RUNNING at once). Its call waits for the answer; should the call's client go away, the
+    task runs on and its answer waits in the journal, for `result` by the task's id or its key.
+
+    ``execute(kernel, operands, params, placement, timeout_s, fallback, check)`` runs a task (the
+    service's), ``admit(kernel, operands, params)`` charges a task read back from the journal to the
+    memory budget, ``verified(outcome)`` says whether the node checked a result. Without a journal
+    (``journal`` None) it runs tasks the same way and keeps nothing across a restart."""
+
+    def __init__(
+        self,
+        journal: TaskJournal | None,
+        *,
+        execute: Callable[..., Any],
+        admit: Callable[..., int],
+        budget: MemoryBudget,
+        verified: Callable[[TaskOutcome], bool],
+        max_bytes: int,
+        retention_s: float,
+    ) -> None:
+        import trio
+
+        self.journal = journal
+        self.execute = execute
+        self.admit = admit
+        self.budget = budget
+        self.verified = verified
+        self.max_bytes = max_bytes
+        self.retention_s = retention_s
+        self.tasks: dict[str, QueuedTask] = {}  # not answered yet, by id
+        self.by_key: dict[str, QueuedTask] = {}
+        self.reserved = 0  # bytes of the quota the tasks of `tasks` hold
+        self.recovered = 0
+        self.note = ""  # what happened to an unreadable journal ("" when nothing did)
+        self._seq = journal.next_seq() if journal is not None else 1
+        self._tokens = iter(range(1, 1 << 62))
+        self._limiter = trio.CapacityLimiter(QUEUE_MAX_RUNNING)
+        self._nursery: Any = None
+        self._trio = trio
+        self.stopping = False  # the node stops: what its tasks raise now is not their answer
+
+    # -- the runner ------------------------------------------------------------------------
+
+    async def run(self, task_status: Any = None) -> None:
+        """Read the journal back (unfinished tasks run again, answers wait), then run tasks and drop
+        answers past the retention time until cancelled (a nursery's task: `nursery.start`)."""
+        trio = self._trio
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.journal is not None:
+                self._recover(time.time())
+            if task_status is not None:
+                task_status.started()
+            try:
+                while True:
+                    await trio.sleep(QUEUE_SWEEP_S)
+                    self.sweep(time.time())
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()
+
+    def _recover(self, now: float) -> None:
+        assert self.journal is not None
+        rows = self.journal.rows()
+        for row in rows:
+            if row.state in ("collected", "cancelled"):
+                continue
+            entry = QueuedTask(
+                row.task_id,
+                row.key,
+                row.kernel,
+                row.spec,
+                row.seq,
+                row.accepted,
+                None,
+                state=row.state,
+                runs=row.runs,
+                reserved=row.reserved,
+                finished=row.finished,
+                record_json=row.outcome,
+                journaled=True,
+                written=row.state in _WAITING_STATES,
+                held=tuple(row.spec.get("held", ())),
+            )
+            self._add(entry)
+            if row.state in _UNFINISHED_STATES:
+                entry.state = "queued"
+                self._nursery.start_soon(self._run_one, entry)
+            else:
+                entry.settled = True
+                entry.events["done"].set()
+                entry.events["written"] = written = self._trio.Event()
+                written.set()
+        self.recovered = sum(1 for r in rows if r.state not in ("collected", "cancelled"))
+        self.sweep(now)
+        if self.recovered:
+            waiting = sum(1 for e in self.tasks.values() if e.written)
+            log.warning(
+                "task queue: %d task(s) read back from %s: %d to run again, %d answer(s) waiting for their client",
+                self.recovered,
+                self.journal.path,
+                self.recovered - waiting,
+                waiting,
+            )
+
+    def _add(self, entry: QueuedTask) -> None:
+        entry.events = {"done": self._trio.Event()}
+        self.tasks[entry.task_id] = entry
+        if entry.key:
+            self.by_key[entry.key] = entry
+        self.reserved += entry.reserved
+
+    def _drop(self, entry: QueuedTask) -> None:
+        if self.tasks.pop(entry.task_id, None) is entry:
+            self.reserved -= entry.reserved
+        if entry.key and self.by_key.get(entry.key) is entry:
+            del self.by_key[entry.key]
+        entry.reserved = 0
+
+    # -- accepting, waiting, answering --------------------------------------------------------
+
+    def accept(
+        self,
+        key: str,
+        kernel: str,
+        operands: Sequence[Any],
+        params: Params,
+        spec: dict[str, Any],
+        out_bytes: int,
+        charge: BudgetCharge | None,
+    ) -> tuple[QueuedTask, int]:
+        """Take a task from a call: journal it and start it; return it and the call's token (pass it to
+        `wait`, then `answered` or `let_go`). A key the queue knows attaches the call to its task
+        instead. TaskError when the queue is full (its quota, or QUEUE_MAX_TASKS) or the key was used."""
+        import numpy as np
+
+        if key:
+            known = self.by_key.get(key)
+            if known is not None:
+                return known, self.attach(known)
+            self._refuse_used_key(key)
+        in_bytes = sum(int(a.nbytes) for a in operands if isinstance(a, np.ndarray))
+        need = in_bytes + out_bytes
+        if len(self.tasks) >= QUEUE_MAX_TASKS:
+            raise TaskError(
+                f"cannot accept {kernel}: the node's queue holds {len(self.tasks)} tasks not yet answered (its limit); "
+                "collect their results (Client.result, Client.tasks) or wait for them to finish",
+                kind=ErrorKind.BUSY,
+            )
+        if self.journal is not None and self.reserved + need > self.max_bytes:
+            raise TaskError(
+                f"cannot accept {kernel}: the node's task queue is over its disk quota "
+                f"({format_bytes(self.reserved)} of {format_bytes(self.max_bytes)} held by {len(self.tasks)} tasks, "
+                f"this one needs {format_bytes(need)}); "
+                "collect waiting results (Client.tasks, Client.result), wait for queued tasks to finish, or start "
+                "the node with a larger --state-max-gib",
+                kind=ErrorKind.BUSY,
+            )
+        import secrets
+
+        task_id = "t" + secrets.token_hex(8)
+        held = tuple(i for i, a in enumerate(operands) if not isinstance(a, np.ndarray))
+        spec = dict(spec, held=list(held), operands=len(operands))
+        entry = QueuedTask(
+            task_id,
+            key,
+            kernel,
+            spec,
+            self._seq,
+            time.time(),
+            list(operands),
+            reserved=need if self.journal is not None else 0,
+            charge=charge.take() if charge is not None else None,
+            held=held,
+        )
+        self._seq += 1
+        self._add(entry)
+        if self.journal is not None:
+            self._journal(entry)
+        else:
+            entry.events["journaled"] = None
+        token = self.attach(entry)
+        assert self._nursery is not None, "the queue runs (TaskQueue.run) before it accepts tasks"
+        self._nursery.start_soon(self._run_one, entry)
+        return entry, token
+
+    def _refuse_used_key(self, key: str) -> None:
+        row = self.journal.find(key) if self.journal is not None else None
+        if row is not None:
+            raise TaskError(
+                f"the key {key!r} names task {row.task_id}, already answered ({row.state}); "
+                "use a new key for a new task",
+                kind=ErrorKind.BAD_INPUT,
+            )
+
+    def _journal(self, entry: QueuedTask) -> None:
+        """Journal a task it accepted: with its small operands at once, with large ones once their files
+        are written (a worker thread, while the task already runs)."""
+        import numpy as np
+
+        assert self.journal is not None and entry.operands is not None
+        arrays = [(i, a) for i, a in enumerate(entry.operands) if isinstance(a, np.ndarray)]
+        row = JournalRow(
+            entry.task_id,
+            entry.key,
+            entry.seq,
+            entry.kernel,
+            entry.spec,
+            "queued",
+            entry.accepted,
+            reserved=entry.reserved,
+        )
+        if all(a.nbytes <= QUEUE_INLINE_MAX_BYTES for _, a in arrays):
+            self.journal.add(row, [(i, a, "") for i, a in arrays])
+            entry.journaled = True
+            entry.events["journaled"] = None
+            return
+        journaled = self._trio.Event()
+        entry.events["journaled"] = journaled
+        journal = self.journal
+
+        def write() -> None:
+            if entry.stop_writing.wait(QUEUE_JOURNAL_LARGE_AFTER_S):  # ended first: nothing to write
+                return
+            named: list[tuple[int, np.ndarray, str]] = []
+            for i, a in arrays:
+                name = f"{entry.task_id}-in{i}.npy" if a.nbytes > QUEUE_INLINE_MAX_BYTES else ""
+                if name and not journal.write_file(name, a, entry.stop_writing):
+                    journal._unlink([n for _, _, n in named if n])
+                    return
+                named.append((i, a, name))
+            with entry.lock:  # NOTE: the task may have ended meanwhile: then it needs no row
+                if entry.stop_writing.is_set():
+                    journal._unlink([n for _, _, n in named if n])
+                    return
+                journal.add(row, named)
+                entry.journaled = True
+
+        async def in_thread() -> None:
+            try:
+                await self._trio.to_thread.run_sync(write)
+            except Exception as exc:
+                log.warning("task queue: cannot journal task %s: %s", entry.task_id, describe_exception(exc))
+            finally:
+                journaled.set()
+
+        self._nursery.start_soon(in_thread)
+
+    def attach(self, entry: QueuedTask) -> int:
+        """Make a call the one that waits for a task (a later call takes over from an earlier one)."""
+        entry.owner = next(self._tokens)
+        return entry.owner
+
+    def find(self, name: str) -> QueuedTask:
+        """The task of this id or key that is not answered yet; TaskError(not-found) otherwise."""
+        entry = self.tasks.get(name) or self.by_key.get(name)
+        if entry is not None:
+            return entry
+        row = self.journal.find(name) if self.journal is not None else None
+        if row is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(row.finished)) if row.finished else "earlier"
+            raise TaskError(
+                f"task {row.task_id} ({row.kernel}) was {row.state} at {when}; its answer is not kept",
+                kind=ErrorKind.NOT_FOUND,
+            )
+        raise TaskError(
+            f"this node has no task {one_line(name, 60)!r} (never accepted, or answered and past its retention time); "
+            "submit it again",
+            kind=ErrorKind.NOT_FOUND,
+        )
+
+    async def wait(self, entry: QueuedTask, token: int, timeout_s: float) -> TaskOutputRecord | TaskOutcome:
+        """Wait for a task's answer as the call of ``token``: its outcome (from memory) or its record (from
+        the journal); its TaskError when it failed. TaskError(deadline) after ``timeout_s``."""
+        trio = self._trio
+        with trio.move_on_after(timeout_s) as waited:
+            await entry.events["done"].wait()
+        if waited.cancelled_caught:
+            raise TaskError(
+                f"task {entry.task_id} ({entry.kernel}) is still {entry.state} after {format_seconds(timeout_s)}; "
+                "ask again later (Client.result)",
+                kind=ErrorKind.DEADLINE,
+            )
+        if entry.owner != token:
+            raise TaskError(
+                f"task {entry.task_id} is answered to a newer call for it (the same key or id, asked again)",
+                kind=ErrorKind.BUSY,
+            )
+        if entry.outcome is not None:
+            return entry.outcome
+        if entry.error is not None:
+            raise entry.error
+        assert self.journal is not None and entry.written
+        await entry.events["written"].wait()
+        outputs = await trio.to_thread.run_sync(self.journal.arrays, entry.task_id, "out")
+        record = record_from_json(entry.record_json, outputs)
+        if record.error_kind:
+            raise task_error(record.error_message, record.error_kind)
+        return record
+
+    def answered(self, entry: QueuedTask, token: int) -> None:
+        """The call of ``token`` handed the task's answer to its client: the task is collected."""
+        if entry.owner != token or entry.state == "collected":
+            return
+        entry.owner = 0
+        self._collect(entry, "collected")
+
+    def let_go(self, entry: QueuedTask, token: int, gone: bool) -> None:
+        """The call of ``token`` ended without an answer: ``gone`` (its connection closed) leaves the task
+        running and its answer to be written for its client; otherwise its client cancelled it."""
+        if entry.owner != token:
+            return
+        entry.owner = 0
+        if not gone:
+            entry.events["cancelled"] = True
+            if entry.scope is not None:
+                entry.scope.cancel()
+            if entry.state not in _UNFINISHED_STATES:
+                self._collect(entry, "cancelled")
+            return
+        if entry.events["done"].is_set() and not entry.written and self._nursery is not None:
+            self._nursery.start_soon(self._write_answer, entry)
+
+    def _collect(self, entry: QueuedTask, state: str) -> None:
+        entry.state = state
+        entry.outcome = None
+        self._drop(entry)
+        self._settle(entry)
+        if entry.charge is not None:
+            entry.charge.release()
+        if self.journal is not None and entry.journaled:
+            try:
+                self.journal.collect(entry.task_id, state, entry.finished)
+            except Exception as exc:  # NOTE: the answer went out: the row is at worst answered again
+                log.warning(
+                    "task queue: cannot record task %s as %s: %s", entry.task_id, state, describe_exception(exc)
+                )
+
+    def _settle(self, entry: QueuedTask) -> None:
+        with entry.lock:
+            entry.settled, callbacks, entry.settle = True, entry.settle, []
+        for fn in callbacks:
+            fn()
+
+    async def _run_one(self, entry: QueuedTask) -> None:
+        """Run one task when a runner is free, then hand its answer to its call or write it for its client."""
+        trio = self._trio
+        async with self._limiter:
+            if "cancelled" in entry.events:
+                return
+            entry.state = "running"
+            outcome, error = None, None
+            try:
+                operands = await self._operands(entry)
+                with trio.CancelScope() as entry.scope:
+                    outcome = await self.execute(
+                        entry.kernel,
+                        operands,
+                        params_from_json(entry.spec["params"]),
+                        entry.spec["placement"],
+                        float(entry.spec["timeout_s"]),
+                        bool(entry.spec["fallback"]),
+                        entry.spec.get("check", ""),
+                    )
+                del operands
+            except TaskError as exc:
+                error = exc
+            except Exception as exc:
+                log.warning("task queue: task %s failed: %s", entry.task_id, describe_exception(exc))
+                error = TaskError(
+                    f"{entry.kernel} failed on the node: {describe_exception(exc)}", kind=ErrorKind.INTERNAL
+                )
+            finally:
+                entry.stop_writing.set()
+                entry.operands = None
+        journaled = entry.events.get("journaled")
+        if journaled is not None:  # NOTE: until then a thread may read its operands (their segments stay)
+            await journaled.wait()
+        if self.stopping:  # NOTE: the node stops: the journal keeps the task as unfinished, to run again
+            return
+        if (entry.scope is not None and entry.scope.cancelled_caught) or "cancelled" in entry.events:
+            entry.error = TaskError("cancelled by its client", kind=ErrorKind.FAILED)
+            self._collect(entry, "cancelled")
+            return
+        entry.outcome, entry.error, entry.finished = outcome, error, time.time()
+        entry.state = "done" if error is None else "failed"
+        self._settle(entry)
+        entry.events["done"].set()
+        if not entry.owner:
+            await self._write_answer(entry)
+
+    async def _operands(self, entry: QueuedTask) -> list[Any]:
+        """A task's operands: as its call brought them, or read back from the journal (charged to the
+        memory budget first; TaskError(lost) when they did not survive)."""
+        if entry.operands is not None:
+            return entry.operands
+        assert self.journal is not None
+        if entry.held:
+            raise TaskError(
+                f"{entry.kernel}'s operand {entry.held[0]} was an array held on the node, which did not survive the "
+                "node's restart; put it again and submit the task again",
+                kind=ErrorKind.LOST,
+            )
+        self.journal.started(entry.task_id)
+        entry.runs += 1
+        try:
+            arrays = await self._trio.to_thread.run_sync(self.journal.arrays, entry.task_id, "in")
+        except JournalUnreadable as exc:
+            raise TaskError(f"the node's journal {exc}; submit the task again", kind=ErrorKind.LOST) from None
+        if len(arrays) != int(entry.spec.get("operands", len(arrays))) - len(entry.held):
+            raise TaskError(
+                "the node stopped before this task's operands reached its journal; submit it again", kind=ErrorKind.LOST
+            )
+        params = params_from_json(entry.spec["params"])
+        while True:
+            try:
+                charge = self.admit(entry.kernel, arrays, params)
+                break
+            except TaskError as exc:
+                if exc.kind != ErrorKind.BUSY or self.budget.in_use == 0:
+                    raise
+                await self._trio.sleep(0.5)  # NOTE: the budget is busy with other tasks: wait for them
+        entry.charge = BudgetCharge(self.budget, charge)
+        return arrays
+
+    async def _write_answer(self, entry: QueuedTask) -> None:
+        """Write a finished task's answer into the journal, for a client that will ask for it."""
+        if entry.written or entry.state not in _WAITING_STATES:
+            return
+        entry.written = True
+        written = entry.events["written"] = self._trio.Event()
+        record = (
+            TaskOutputRecord.from_outcome(entry.outcome, self.verified(entry.outcome))
+            if entry.outcome is not None
+            else TaskOutputRecord(
+                error_kind=str(entry.error.kind) if entry.error else "internal", error_message=str(entry.error)
+            )
+        )
+        entry.record_json = record_to_json(dataclasses.replace(record, outputs=()))
+        entry.error = None
+        entry.outcome = None
+        try:
+            if self.journal is not None:
+                await self._trio.to_thread.run_sync(self._write_record, entry, record)
+        except Exception as exc:
+            log.warning("task queue: cannot write the answer of task %s: %s", entry.task_id, describe_exception(exc))
+        finally:
+            written.set()
+            if entry.charge is not None:
+                entry.charge.release()
+
+    def _write_record(self, entry: QueuedTask, record: TaskOutputRecord) -> None:
+        assert self.journal is not None
+        outputs = []
+        for i, a in enumerate(record.outputs):
+            name = f"{entry.task_id}-out{i}.npy" if a.nbytes > QUEUE_INLINE_MAX_BYTES else ""
+            if name:
+                self.journal.write_file(name, a)
+            outputs.append((i, a, name))
+        entry.result_bytes = sum(int(a.nbytes) for a in record.outputs)
+        if not entry.journaled:  # NOTE: it ended before its operands were written: its row comes now
+            row = JournalRow(
+                entry.task_id,
+                entry.key,
+                entry.seq,
+                entry.kernel,
+                entry.spec,
+                "queued",
+                entry.accepted,
+                reserved=entry.reserved,
+            )
+            self.journal.add(row, [])
+            entry.journaled = True
+        self.journal.finish(entry.task_id, entry.state, entry.finished, entry.record_json, outputs)
+
+    # -- bounds and reports -------------------------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        """Drop answers that waited past the retention time, and forget answered tasks as old."""
+        if self.journal is None:
+            return
+        expired = [e for e in self.tasks.values() if e.written and e.finished and now - e.finished > self.retention_s]
+        for entry in expired:
+            log.warning(
+                "task queue: the answer of task %s (%s) waited %s for its client and was dropped "
+                "(--state-retention-hours)",
+                entry.task_id,
+                entry.kernel,
+                format_seconds(now - entry.finished),
+            )
+            self._drop(entry)
+        old = [
+            r.task_id
+            for r in self.journal.rows()
+            if r.state in ("collected", "cancelled") and now - r.finished > self.retention_s
+        ]
+        if expired or old:
+            self.journal.forget([e.task_id for e in expired] + old)
+
+    def listing(self) -> list[TaskInfoRecord]:
+        """The tasks of the queue, oldest first: those answered, until the retention time, then the others."""
+        live = {e.task_id: e for e in self.tasks.values()}
+        out = []
+        if self.journal is not None:
+            for row in self.journal.rows():
+                if row.task_id in live:
+                    continue
+                error = ""
+                if row.outcome:
+                    d = json.loads(row.outcome)
+                    error = f"{d['error_kind']}: {d['error_message']}" if d.get("error_kind") else ""
+                out.append(
+                    TaskInfoRecord(
+                        row.task_id, row.key, row.kernel, row.state, row.accepted, row.finished, error, 0, row.runs
+                    )
+                )
+        for entry in sorted(live.values(), key=lambda e: e.seq):
+            out.append(entry.info(entry.result_bytes or entry.reserved if entry.written else 0))
+        return sorted(out, key=lambda r: r.accepted)
+
+    def counts(self) -> dict[str, Any]:
+        """What `status` reports of the queue."""
+        return {
+            "queue_journal": str(self.journal.path) if self.journal is not None else "",
+            "queue_tasks": len(self.tasks),
+            "queue_waiting": sum(1 for e in self.tasks.values() if e.state in _WAITING_STATES and not e.owner),
+            "state_bytes": self.reserved,
+            "state_max_bytes": self.max_bytes if self.journal is not None else 0,
+            "state_retention_s": self.retention_s if self.journal is not None else 0.0,
+            "queue_recovered": self.recovered,
+        }
+
+
 ###############################################################################
 # 19. RPC service
 #
@@ -13172,6 +14198,7 @@ class NodeService:
         self.bulk_path = ""  # the bulk socket of this node's clients on this box (BulkServer); "": none
         self.kept = KeptArrays(node.budget)  # the arrays clients hold here or on workers (RemoteArray capabilities)
         self.keeper = ArrayKeeper(self.kept, node, manager, self._submit)
+        self.queue: TaskQueue | None = None  # the durable queue (`start_queue`); None: tasks run in their calls
         self.closing = False
         self._calls: set[Any] = set()
         self._trio = trio
@@ -13229,10 +14256,102 @@ class NodeService:
             self._calls.discard(scope)
 
     def shutdown(self) -> None:
-        """Refuse new calls and cancel the ones in flight (they get an error)."""
+        """Refuse new calls and cancel the ones in flight (they get an error); the queue's tasks stay
+        unfinished in its journal, to run again when the node starts again."""
         self.closing = True
+        if self.queue is not None:
+            self.queue.stopping = True
         for scope in list(self._calls):
             scope.cancel()
+
+    async def start_queue(
+        self, journal: TaskJournal | None, max_bytes: int, retention_s: float, task_status: Any = None
+    ) -> None:
+        """Run the node's task queue (reading ``journal`` back first) until cancelled: a nursery's task."""
+        self.queue = TaskQueue(
+            journal,
+            execute=self._queued,
+            admit=self.admit,
+            budget=self.node.budget,
+            verified=lambda outcome: result_verified(outcome, self.manager.verify_rounds),
+            max_bytes=max_bytes,
+            retention_s=retention_s,
+        )
+        try:
+            await self.queue.run(task_status)
+        finally:
+            if journal is not None:
+                journal.close()
+
+    async def _queued(
+        self,
+        kernel: str,
+        operands: Sequence[np.ndarray | KeptArray],
+        params: Params,
+        placement: str,
+        timeout_s: float,
+        fallback: bool,
+        check: str,
+    ) -> TaskOutcome:
+        """Run a task of the queue (on its runner, apart from any call)."""
+        outcome, _ = await self.keeper.run(kernel, operands, params, placement, timeout_s, fallback, check, False)
+        return outcome
+
+    async def enqueue(
+        self,
+        box: dict[str, Any],
+        key: str,
+        kernel: str,
+        operands: Sequence[np.ndarray | KeptArray],
+        params: Params,
+        placement: str,
+        timeout_s: float,
+        fallback: bool,
+        check: str,
+        charge: BudgetCharge,
+    ) -> TaskOutcome | TaskOutputRecord:
+        """Hand a task (its caller charged it with `admit`) to the queue and wait for its answer: its
+        outcome, or its record when it waited in the journal. ``box`` gets the queue's task and the
+        call's token at once (``"entry"``, ``"token"``), so the call's end can say what became of it."""
+        assert self.queue is not None
+        kernel, placement = check_rpc_text("kernel", kernel), check_rpc_text("placement", placement)
+        timeout_s = check_task_timeout(timeout_s)
+        check, key = check_choice(check), check_task_key(key)
+        spec = {
+            "params": params_to_json(params),
+            "placement": placement,
+            "timeout_s": timeout_s,
+            "fallback": fallback,
+            "check": check,
+        }
+        arrays = [o.stand_in() if isinstance(o, KeptArray) else o for o in operands]
+        out_bytes = output_nbytes(kernel, arrays, params)
+        del arrays
+        answer: TaskOutcome | TaskOutputRecord | None = None
+        with self._call():
+            entry, token = self.queue.accept(key, kernel, operands, params, spec, out_bytes, charge)
+            box["entry"], box["token"] = entry, token
+            answer = await self.queue.wait(entry, token, timeout_s + RPC_QUEUE_WAIT_ROOM_S)
+        assert answer is not None
+        return answer
+
+    async def result(self, box: dict[str, Any], name: str, timeout_s: float) -> TaskOutcome | TaskOutputRecord:
+        """The answer of a task of the queue, by its id or key (`enqueue`'s, for a call that asks again)."""
+        if self.queue is None:
+            raise TaskError("this node keeps no task queue", kind=ErrorKind.NOT_FOUND)
+        name, timeout_s = check_rpc_text("task", name), check_task_timeout(timeout_s)
+        answer: TaskOutcome | TaskOutputRecord | None = None
+        with self._call():
+            entry = self.queue.find(name)
+            token = self.queue.attach(entry)
+            box["entry"], box["token"] = entry, token
+            answer = await self.queue.wait(entry, token, timeout_s)
+        assert answer is not None
+        return answer
+
+    async def tasks(self) -> list[TaskInfoRecord]:
+        """The tasks of the queue."""
+        return self.queue.listing() if self.queue is not None else []
 
     async def submit(
         self,
@@ -13405,6 +14524,7 @@ class NodeService:
                 self.node.strangers.refused + self.node.strangers.expired,
                 self.kept.held_bytes,
                 self.kept.held_arrays,
+                **(self.queue.counts() if self.queue is not None else {}),
             )
         assert record is not None
         return record
@@ -13620,7 +14740,14 @@ class RpcServer:
         )
         # NOTE: a TLS endpoint: its clients may be on other boxes; their arrays come on TLS connections of their own
         tls_bulk = TlsBulkBatches(self.token, service.node.budget, limiter) if self.tls_pem is not None else None
-        gate_for = _make_gate(schema, in_trio, service, self.token, self.max_bytes, bulk or tls_bulk, limiter)
+
+        def soon(fn: Callable[..., None], *args: Any) -> None:
+            import trio
+
+            with contextlib.suppress(trio.RunFinishedError):
+                trio_token.run_sync_soon(fn, *args)
+
+        gate_for = _make_gate(schema, in_trio, service, self.token, self.max_bytes, bulk or tls_bulk, limiter, soon)
         admission = RpcAdmission(RPC_MAX_CONNECTIONS, RPC_MAX_PENDING_LOGINS, RPC_MAX_PENDING_LOGINS_PER_SOURCE)
         tls = tls_server_context(str(self.tls_pem)) if self.tls_pem is not None else None
 
@@ -13865,8 +14992,10 @@ def _make_gate(
     max_bytes: int,
     bulk: BulkServer | TlsBulkBatches | None = None,
     limiter: LoginLimiter | None = None,
+    soon: Callable[..., None] | None = None,
 ) -> Callable[[_RpcConnection], Any]:
-    """Return a factory of the bootstrap `Gate` of each connection: login with the token yields `Compute`."""
+    """Return a factory of the bootstrap `Gate` of each connection: login with the token yields `Compute`
+    (one per connection). ``soon(fn, *args)`` runs a function on the trio thread, not waiting for it."""
     import asyncio
     import hmac
 
@@ -13953,29 +15082,60 @@ def _make_gate(
         # "remote exception" carrying this server's traceback. Errors travel as
         # errorKind/errorMessage in the results.
 
+        def __init__(self, conn: _RpcConnection | None = None) -> None:
+            self.conn = conn  # the connection it was handed to at login
+
+        def _gone(self) -> bool:
+            """Whether the connection of this client closed (its client went away, not cancelled a call)."""
+            return self.conn is None or self.conn.transport is None or self.conn.transport.is_closing()
+
+        def _end_of_call(self, box: dict[str, Any], answered: bool) -> None:
+            """Tell the queue what became of the call of ``box``'s task: answered, or ended without its
+            answer (then, a moment later, whether its client went away or cancelled it)."""
+            entry, token = box.get("entry"), box.get("token", 0)
+            queue = service.queue
+            if entry is None or queue is None or soon is None:
+                return
+            if answered:
+                soon(queue.answered, entry, token)
+                return
+            loop = asyncio.get_running_loop()
+            loop.call_later(QUEUE_LET_GO_S, lambda: soon(queue.let_go, entry, token, self._gone()))
+
         async def submit(self, task: Any, _context: Any, **kwargs: Any) -> None:
             batch = bytes(task.bulkBatch)  # the task's shared segments (the bulk channel); b"": none
-            held = [0]  # bytes of the node's budget this task holds until its answer is built
+            charge = BudgetCharge(service.node.budget)  # what this task holds of the budget until answered
             copying: list[Any] = []  # a copy of the output into the client's segment, still running
+            box: dict[str, Any] = {}  # the queue's task and this call's token (a journaled task)
+            answered = False
             try:
-                await self._submit(task, _context, batch, held, copying)
+                await self._submit(task, _context, batch, charge, copying, box)
+                answered = True
             finally:  # NOTE: also when the call is cancelled (its client went away)
-                service.release(held[0])
+                charge.release()
+                self._end_of_call(box, answered)
                 if batch and bulk is not None:
+                    entry = box.get("entry")
                     if copying and not copying[0].done():  # unmapped once the copy is over, not under it
                         copying[0].add_done_callback(lambda _: bulk.finish(batch))
+                    elif entry is not None:  # NOTE: a task that outlives its call reads its operands there
+                        loop = asyncio.get_running_loop()
+                        entry.when_settled(lambda: loop.call_soon_threadsafe(bulk.finish, batch))
                     else:
                         bulk.finish(batch)
 
-        async def _submit(self, task: Any, _context: Any, batch: bytes, held: list[int], copying: list[Any]) -> None:
+        async def _submit(
+            self, task: Any, _context: Any, batch: bytes, charge: BudgetCharge, copying: list[Any], box: dict[str, Any]
+        ) -> None:
             result = _context.results.result
             keep, slot = bool(task.keep), int(task.outputSegment)
             error: TaskError | None = None
-            outcome: TaskOutcome | None = None
+            outcome: TaskOutcome | TaskOutputRecord | None = None
             segments: list[BulkSegment] = []
             try:
                 with service.call_slot():
                     kernel = check_rpc_text("kernel", str(task.kernel))  # before any copy of the operands
+                    key = check_task_key(str(task.key))
                     params = params_from_capnp(task.params)
                     check = check_choice(str(task.check))
                     stand_ins = operand_stand_ins(task.operands)
@@ -13988,7 +15148,7 @@ def _make_gate(
                         # NOTE: bytes in a segment or held here already are not in the message
                         in_message = [not (a.shared.segment or a.held) for a in task.operands]
                         message_bytes = sum(int(a.nbytes) for a, m in zip(stand_ins, in_message, strict=True) if m)
-                        held[0] = service.admit(kernel, stand_ins, params, message_bytes)
+                        charge.nbytes = service.admit(kernel, stand_ins, params, message_bytes)
                     operands = [
                         held_operand(a, i, kept)
                         if a.held
@@ -13999,7 +15159,7 @@ def _make_gate(
                     ]
                     if stand_ins is None:  # NOTE: array_from_capnp has said what is wrong, or they are fine
                         arrays = [o.stand_in() if isinstance(o, KeptArray) else o for o in operands]
-                        held[0] = service.admit(kernel, arrays, params)
+                        charge.nbytes = service.admit(kernel, arrays, params)
                         del arrays
                     placement = str(task.placement) or "auto"
                     fallback, timeout_s = not bool(task.noFallback), float(task.timeoutSeconds)
@@ -14008,18 +15168,54 @@ def _make_gate(
                     # Finish) go now
                     del task
                     _context.release_params()
-                    # NOTE: the one hop into trio of a task: charged above, on this thread
-                    outcome, outputs_kept = await in_trio(
-                        service.submit, kernel, operands, params, placement, timeout_s, fallback, check, keep
-                    )
-                    del operands, kept
-                    if keep and outcome is not None:
-                        await answer_kept(result, outcome, outputs_kept)
-                        return
+                    if keep or service.queue is None:  # NOTE: outputs held here live with this connection
+                        # NOTE: the one hop into trio of a task: charged above, on this thread
+                        outcome, outputs_kept = await in_trio(
+                            service.submit, kernel, operands, params, placement, timeout_s, fallback, check, keep
+                        )
+                        del operands, kept
+                        if keep and isinstance(outcome, TaskOutcome):
+                            await answer_kept(result, outcome, outputs_kept)
+                            return
+                    else:
+                        outcome = await in_trio(
+                            service.enqueue,
+                            box,
+                            key,
+                            kernel,
+                            operands,
+                            params,
+                            placement,
+                            timeout_s,
+                            fallback,
+                            check,
+                            charge,
+                        )
+                        del operands, kept
             except Exception as exc:
                 kind, message = rpc_error_fields(exc, "submit a task")
                 error = exc if isinstance(exc, TaskError) and kind == exc.kind else TaskError(message, kind=kind)
+            await self._answer(result, outcome, error, box, _context, segments, slot, copying)
+
+        async def _answer(
+            self,
+            result: Any,
+            outcome: TaskOutcome | TaskOutputRecord | None,
+            error: TaskError | None,
+            box: dict[str, Any],
+            _context: Any,
+            segments: Sequence[BulkSegment] = (),
+            slot: int = 0,
+            copying: list[Any] | None = None,
+        ) -> None:
+            """Fill a `TaskOutput`: the outcome (its one output in the client's segment ``slot`` when it has one),
+            the record read back from the journal, or the error."""
             try:
+                if isinstance(outcome, TaskOutputRecord):
+                    outcome.to_capnp(result)
+                    if "entry" in box:
+                        result.taskId = box["entry"].task_id
+                    return
                 shared = 1 <= slot <= len(segments) and outcome is not None and error is None
                 if shared and outcome is not None and len(outcome.outputs) == 1:
                     # NOTE: one memory copy in place of building the message's Data fields; a large
@@ -14030,13 +15226,44 @@ def _make_gate(
                     elif output.nbytes < SHARED_COPY_IN_THREAD_BYTES:
                         shared = write_shared_output(output, segment)
                     else:
+                        assert copying is not None
                         loop = asyncio.get_running_loop()
                         copying.append(loop.run_in_executor(None, write_shared_output, output, segment))
                         shared = await asyncio.shield(copying[0])
                 _outcome_to_capnp(result, outcome, error, service.manager.verify_rounds, shared_output=slot * shared)
+                if "entry" in box:
+                    result.taskId = box["entry"].task_id
             except Exception as exc:  # an output the message cannot hold: say so instead
                 kind, message = rpc_error_fields(exc, "return a task's result")
                 _context.results.result = {"errorKind": kind, "errorMessage": message}
+
+        async def result(self, task: Any, timeoutSeconds: Any, _context: Any, **kwargs: Any) -> None:  # noqa: N803
+            box: dict[str, Any] = {}
+            answered = False
+            outcome: TaskOutcome | TaskOutputRecord | None = None
+            error: TaskError | None = None
+            try:
+                with service.call_slot():
+                    outcome = await in_trio(service.result, box, str(task), float(timeoutSeconds))
+            except Exception as exc:
+                kind, message = rpc_error_fields(exc, "get a task's result")
+                error = exc if isinstance(exc, TaskError) and kind == exc.kind else TaskError(message, kind=kind)
+            try:
+                await self._answer(_context.results.result, outcome, error, box, _context)
+                answered = True
+            finally:
+                self._end_of_call(box, answered)
+
+        async def tasks(self, _context: Any, **kwargs: Any) -> None:
+            try:
+                with service.call_slot():
+                    infos = await in_trio(service.tasks)
+                slots = _context.results.init("tasks", len(infos))
+                for slot, info in zip(slots, infos, strict=True):
+                    info.to_capnp(slot)
+            except Exception as exc:
+                _context.results.init("tasks", 0)
+                _context.results.errorKind, _context.results.errorMessage = rpc_error_fields(exc, "list tasks")
 
         async def peers(self, _context: Any, **kwargs: Any) -> None:
             try:
@@ -14081,7 +15308,6 @@ def _make_gate(
                     message if message.startswith(f"cannot {what}") else f"cannot {what}: {message}"
                 )
 
-    compute = ComputeImpl()
     login_limiter = limiter or LoginLimiter(
         RPC_LOGIN_DELAY_BASE_S, RPC_LOGIN_DELAY_MAX_S, RPC_LOGIN_FORGET_S, RPC_LOGIN_REPORT_S, RPC_LOGIN_MAX_SOURCES
     )
@@ -14115,7 +15341,7 @@ def _make_gate(
                 _context.results.error = "login refused: wrong or missing RPC token"
                 return
             self.conn.logged_in()
-            _context.results.compute = compute
+            _context.results.compute = ComputeImpl(self.conn)
             _context.results.maxMessageBytes = max_bytes
             _context.results.memoryBudgetBytes = service.node.budget.limit_bytes
             _context.results.tlsBulk = isinstance(bulk, TlsBulkBatches)
@@ -14966,6 +16192,9 @@ class TaskFuture(concurrent.futures.Future):
     def __init__(self, cancel_call: Callable[[TaskFuture], None] | None = None) -> None:
         super().__init__()
         self.task: dict[str, Any] = {}
+        self.key = ""  # the task's key on the node (its queue finds the task by it after a reconnect)
+        self.task_id = ""  # the node's id of the task, once answered
+        self.submits = False  # it submits a task (which it submits again should the node have lost it)
         self._cancel_call = cancel_call
         self._call_task: Any = None  # its asyncio task, set on the loop thread
 
@@ -14979,12 +16208,255 @@ class TaskFuture(concurrent.futures.Future):
         return True
 
 
+def _task_answer(future: TaskFuture, record: TaskOutputRecord, kernel: str, started: float, what: str) -> Any:
+    """A task's output (a tuple for several) as its future's result, ``future.task`` filled; its TaskError."""
+    task = {"kernel": kernel} | record.as_dict()
+    task["timings"] = client_timings(task["timings"], time.perf_counter() - started)
+    future.task, future.task_id = task, record.task_id
+    if record.error_kind:
+        raise task_error(record.error_message, record.error_kind)
+    if not record.outputs:
+        raise RpcError(f"cannot {what}: the node returned no output")
+    return record.outputs[0] if len(record.outputs) == 1 else tuple(record.outputs)
+
+
 def _raise_rpc_error(response: Any, what: str) -> None:
     """Raise RpcError when an RPC response carries an error (errorKind/errorMessage)."""
     kind = str(getattr(response, "errorKind", ""))
     if kind:
         message = one_line(str(response.errorMessage)) or kind
         raise RpcError(message if message.startswith("cannot ") else f"cannot {what}: {message}", kind=kind)
+
+
+class _ClientConnection:
+    """The connection of a `Client` to its node: open it (plain on loopback, TLS pinned off it), log in
+    with the token, open the bulk channels, hold it until close, and open it again when it broke (the
+    node restarted). The `Client` is its one subclass; the calls live there."""
+
+    # NOTE: set in the Client's __init__
+    address: str
+    host: str
+    port: int
+    tls: bool
+    max_message_bytes: int
+    node_max_message_bytes: int
+    node_memory_budget_bytes: int
+    fingerprint: str
+    shared_memory_note: str
+    tls_bulk_note: str
+    _token: str
+    _pin: bytes | None
+    _pin_source: str
+    _presented: bytes
+    _ready: threading.Event
+    _error: BaseException | None
+    _loop: Any
+    _stopped: Any
+    _compute: Any
+    _bulk: _BulkChannel | None
+    _tls_bulk: _TlsBulkPool | None
+    _handles: dict[int, Any]
+    _drop_segments: Callable[[], None]
+    # the connection now: its Cap'n Proto client, how many times it was opened, and whether it broke
+    _capnp_client: Any = None
+    _generation: int = 0
+    _broken: bool = False
+    _reconnecting: Any = None  # an asyncio.Lock: one reconnection at a time
+
+    def _thread_main(self) -> None:
+        import asyncio
+
+        try:
+            asyncio.run(self._run_connection())
+        except Exception as exc:
+            if self._error is None:
+                self._error = RpcError(f"cannot reach the pangea node at {self.address}: {describe_exception(exc)}")
+        finally:
+            self._ready.set()
+
+    async def _run_connection(self) -> None:
+        """Connect and log in, then hold the connection until close() (runs on the client's thread)."""
+        import asyncio
+
+        import capnp
+
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self._reconnecting = asyncio.Lock()
+        async with capnp.kj_loop():  # type: ignore[attr-defined]
+            self._error = await self._connect()
+            if self._error is not None:
+                return
+            self._ready.set()
+            try:
+                await self._stopped.wait()
+            finally:
+                self._handles.clear()  # NOTE: on this loop, while it runs: the node releases their arrays
+                if self._bulk is not None:
+                    self._bulk.close()
+                if self._tls_bulk is not None:
+                    self._tls_bulk.close()
+
+    async def _connect(self) -> RpcError | None:
+        """Open the connection and log in (on the loop thread); return why it failed (None: it did not)."""
+        import asyncio
+
+        import capnp
+
+        token_hint = (
+            "run this as the node's user with its PANGEA_HOME (a node on this box keeps its token in its home's "
+            f"{RPC_TOKEN_FILENAME} file), or pass the token: --token-file FILE, Client(token=...) or $PANGEA_RPC_TOKEN"
+        )
+        try:
+            stream = await asyncio.wait_for(self._open_stream(), 10.0 + RPC_TLS_HANDSHAKE_TIMEOUT_S)
+        except (TimeoutError, OSError) as exc:
+            return RpcError(
+                f"cannot reach the pangea node at {self.address}: "
+                + (describe_tls_error(exc) if self.tls else describe_exception(exc)),
+                hint="start one with `./pangea.pyz serve`, or pass its address with --rpc HOST:PORT",
+            )
+        except RpcError as exc:
+            return exc
+        client = capnp.TwoPartyClient(stream, traversal_limit_in_words=rpc_words(self.max_message_bytes))  # type: ignore[attr-defined]
+        gate = client.bootstrap().cast_as(load_schema().Gate)
+        try:
+            login = await gate.login(self._token)
+            if str(login.error):
+                return RpcError(f"cannot use the pangea node at {self.address}: {login.error}", hint=token_hint)
+            self._capnp_client, self._compute = client, login.compute
+            self._generation += 1
+            self._broken = False
+            self.node_max_message_bytes = int(login.maxMessageBytes) or self.max_message_bytes
+            self.node_memory_budget_bytes = int(login.memoryBudgetBytes)
+            self._open_bulk()
+            self._open_tls_bulk(bool(login.tlsBulk))
+        except capnp.KjException as exc:  # type: ignore[attr-defined]
+            reason, hint = remote_error_text(exc), token_hint
+            if "disconnected" in str(exc).lower() and "remote exception" not in str(exc):
+                reason = "it closed the connection before answering the login"
+                if not self.tls:
+                    hint = (
+                        "a node serving RPC off loopback speaks TLS: pass the fingerprint `serve` printed "
+                        "(call --fingerprint, Client(fingerprint=...)); else see the node's log"
+                    )
+            return RpcError(f"cannot use the pangea node at {self.address}: {reason}", hint=hint)
+        return None
+
+    async def _reconnect(self, generation: int, deadline: float) -> bool:
+        """Open the connection again after it broke (the node restarted, the network came back), trying
+        every second until ``deadline`` (time.monotonic()); return whether it is open. ``generation``:
+        the connection the caller saw break (a newer one is open already: nothing to do)."""
+        import asyncio
+
+        async with self._reconnecting:
+            while self._generation == generation and not self._stopped.is_set():
+                self._handles.clear()  # NOTE: the node released them with the old connection
+                for channel in (self._bulk, self._tls_bulk):
+                    if channel is not None:
+                        channel.close()
+                if self._bulk is not None:
+                    self._bulk, self.shared_memory_note = None, ""
+                if self._tls_bulk is not None:
+                    self._tls_bulk, self.tls_bulk_note = None, ""
+                error = await self._connect()
+                if error is None:
+                    log.info("Client: connected to %s again", self.address)
+                    return True
+                if time.monotonic() + 1.0 > deadline:
+                    return False
+                await asyncio.sleep(1.0)
+        return self._generation != generation
+
+    def _open_bulk(self) -> None:
+        """Open the node's bulk channel when this client may use one (on the loop thread); else say why not."""
+        if self.shared_memory_note:
+            return
+        path = local_node_bulk_socket(self.port)
+        if not path:
+            self.shared_memory_note = "off: no node of this home announced a bulk socket for this port"
+            self._drop_segments()
+            return
+        try:
+            self._bulk = _BulkChannel(path, self._token)
+        except (OSError, RpcError) as exc:
+            self.shared_memory_note = f"off: {describe_exception(exc)}"
+            self._drop_segments()
+            log.info("Client: arrays travel in RPC messages: %s", describe_exception(exc))
+            return
+        self._bulk.attach(self._loop)
+        self.shared_memory_note = f"on: {path}"
+
+    def _open_tls_bulk(self, offered: bool) -> None:
+        """Prepare the bulk connections over TLS when the node offers them (opened on first use)."""
+        if self.tls_bulk_note:
+            return
+        if not offered:
+            self.tls_bulk_note = "off: the node does not offer a bulk channel over TLS"
+            return
+        self._tls_bulk = _TlsBulkPool(self.host, self.port, self._presented, self._token)
+        self.tls_bulk_note = f"on: {self.address}, pinned to {format_fingerprint(self._presented)}"
+
+    @property
+    def tls_bulk(self) -> bool:
+        """Whether this client's large arrays travel on bulk connections over TLS (`tls_bulk_note` says why not)."""
+        return self._tls_bulk is not None
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether this client's arrays travel in shared memory (`shared_memory_note` says why not)."""
+        return self._bulk is not None and not self._bulk.broken
+
+    async def _open_stream(self) -> Any:
+        """Connect: plain on loopback, else TLS 1.3 with the server's certificate checked against
+        the pin (or trusted on first use) before a byte of Cap'n Proto, or the token, is sent."""
+        import asyncio
+
+        import capnp
+
+        if not self.tls:
+            return await capnp.AsyncIoStream.create_connection(self.host, self.port)  # type: ignore[attr-defined]
+        loop = asyncio.get_running_loop()
+        opened = loop.create_future()
+
+        def on_stream(stream: Any) -> None:  # NOTE: not async: pycapnp closes the stream when a task it ran ends
+            opened.set_result(stream)
+
+        pinned = _pinned_connection_class()(self._pin)
+        pinned.inner = capnp.AsyncIoStream._connect(on_stream)  # type: ignore[attr-defined]
+        await loop.create_connection(  # type: ignore[type-var]
+            lambda: pinned,
+            self.host,
+            self.port,
+            ssl=tls_client_context(),
+            server_hostname="",
+            ssl_handshake_timeout=RPC_TLS_HANDSHAKE_TIMEOUT_S,
+        )
+        presented = format_fingerprint(pinned.presented)
+        self._presented = pinned.presented
+        if pinned.refused and self._pin_source == "known":
+            raise RpcError(
+                f"cannot use the pangea node at {self.address}: its certificate changed: it presented {presented}, "
+                f"trusted until now {self.fingerprint} (in {home_path() / KNOWN_NODES_FILENAME})",
+                hint="if that node's home was set up again, delete its line from that file; otherwise something "
+                "between you and the node may be intercepting: do not send it your token",
+            )
+        if pinned.refused:
+            raise RpcError(
+                f"cannot use the pangea node at {self.address}: it presented certificate {presented}, "
+                f"not the fingerprint {self.fingerprint}",
+                hint="check the fingerprint `serve` printed; another one means another program answers there",
+            )
+        if self._pin is None:
+            import warnings
+
+            kept = remember_fingerprint(self.address, pinned.presented)
+            self.fingerprint = presented
+            warnings.warn(
+                f"pangea: first connection to {self.address}: trusting its certificate {presented} from now on "
+                f"(kept in {kept}); compare it with the fingerprint `serve` printed",
+                stacklevel=2,
+            )
+        return await opened
 
 
 ###############################################################################
@@ -15005,7 +16477,7 @@ def _raise_rpc_error(response: Any, what: str) -> None:
 ###############################################################################
 
 
-class Client:
+class Client(_ClientConnection):
     """A client of a pangea node's RPC endpoint, for any number of threads.
 
     >>> with pangea.Client("127.0.0.1:7780") as node:      # doctest: +SKIP
@@ -15158,168 +16630,6 @@ class Client:
         self._pool.close()
         self._out_pool.close()
 
-    def _thread_main(self) -> None:
-        import asyncio
-
-        try:
-            asyncio.run(self._run_connection())
-        except Exception as exc:
-            if self._error is None:
-                self._error = RpcError(f"cannot reach the pangea node at {self.address}: {describe_exception(exc)}")
-        finally:
-            self._ready.set()
-
-    async def _run_connection(self) -> None:
-        """Connect and log in, then hold the connection until close() (runs on the client's thread)."""
-        import asyncio
-
-        import capnp
-
-        self._loop = asyncio.get_running_loop()
-        self._stopped = asyncio.Event()
-        token_hint = (
-            "run this as the node's user with its PANGEA_HOME (a node on this box keeps its token in its home's "
-            f"{RPC_TOKEN_FILENAME} file), or pass the token: --token-file FILE, Client(token=...) or $PANGEA_RPC_TOKEN"
-        )
-        async with capnp.kj_loop():  # type: ignore[attr-defined]
-            try:
-                stream = await asyncio.wait_for(self._open_stream(), 10.0 + RPC_TLS_HANDSHAKE_TIMEOUT_S)
-            except (TimeoutError, OSError) as exc:
-                self._error = RpcError(
-                    f"cannot reach the pangea node at {self.address}: "
-                    + (describe_tls_error(exc) if self.tls else describe_exception(exc)),
-                    hint="start one with `./pangea.pyz serve`, or pass its address with --rpc HOST:PORT",
-                )
-                return
-            except RpcError as exc:
-                self._error = exc
-                return
-            client = capnp.TwoPartyClient(stream, traversal_limit_in_words=rpc_words(self.max_message_bytes))  # type: ignore[attr-defined]
-            gate = client.bootstrap().cast_as(load_schema().Gate)
-            try:
-                login = await gate.login(self._token)
-                if str(login.error):
-                    self._error = RpcError(
-                        f"cannot use the pangea node at {self.address}: {login.error}", hint=token_hint
-                    )
-                    return
-                self._compute = login.compute
-                self.node_max_message_bytes = int(login.maxMessageBytes) or self.max_message_bytes
-                self.node_memory_budget_bytes = int(login.memoryBudgetBytes)
-                self._open_bulk()
-                self._open_tls_bulk(bool(login.tlsBulk))
-            except capnp.KjException as exc:  # type: ignore[attr-defined]
-                reason, hint = remote_error_text(exc), token_hint
-                if "disconnected" in str(exc).lower() and "remote exception" not in str(exc):
-                    reason = "it closed the connection before answering the login"
-                    if not self.tls:
-                        hint = (
-                            "a node serving RPC off loopback speaks TLS: pass the fingerprint `serve` printed "
-                            "(call --fingerprint, Client(fingerprint=...)); else see the node's log"
-                        )
-                self._error = RpcError(f"cannot use the pangea node at {self.address}: {reason}", hint=hint)
-                return
-            self._ready.set()
-            try:
-                await self._stopped.wait()
-            finally:
-                self._handles.clear()  # NOTE: on this loop, while it runs: the node releases their arrays
-                if self._bulk is not None:
-                    self._bulk.close()
-                if self._tls_bulk is not None:
-                    self._tls_bulk.close()
-
-    def _open_bulk(self) -> None:
-        """Open the node's bulk channel when this client may use one (on the loop thread); else say why not."""
-        if self.shared_memory_note:
-            return
-        path = local_node_bulk_socket(self.port)
-        if not path:
-            self.shared_memory_note = "off: no node of this home announced a bulk socket for this port"
-            self._drop_segments()
-            return
-        try:
-            self._bulk = _BulkChannel(path, self._token)
-        except (OSError, RpcError) as exc:
-            self.shared_memory_note = f"off: {describe_exception(exc)}"
-            self._drop_segments()
-            log.info("Client: arrays travel in RPC messages: %s", describe_exception(exc))
-            return
-        self._bulk.attach(self._loop)
-        self.shared_memory_note = f"on: {path}"
-
-    def _open_tls_bulk(self, offered: bool) -> None:
-        """Prepare the bulk connections over TLS when the node offers them (opened on first use)."""
-        if self.tls_bulk_note:
-            return
-        if not offered:
-            self.tls_bulk_note = "off: the node does not offer a bulk channel over TLS"
-            return
-        self._tls_bulk = _TlsBulkPool(self.host, self.port, self._presented, self._token)
-        self.tls_bulk_note = f"on: {self.address}, pinned to {format_fingerprint(self._presented)}"
-
-    @property
-    def tls_bulk(self) -> bool:
-        """Whether this client's large arrays travel on bulk connections over TLS (`tls_bulk_note` says why not)."""
-        return self._tls_bulk is not None
-
-    @property
-    def shared_memory(self) -> bool:
-        """Whether this client's arrays travel in shared memory (`shared_memory_note` says why not)."""
-        return self._bulk is not None and not self._bulk.broken
-
-    async def _open_stream(self) -> Any:
-        """Connect: plain on loopback, else TLS 1.3 with the server's certificate checked against
-        the pin (or trusted on first use) before a byte of Cap'n Proto, or the token, is sent."""
-        import asyncio
-
-        import capnp
-
-        if not self.tls:
-            return await capnp.AsyncIoStream.create_connection(self.host, self.port)  # type: ignore[attr-defined]
-        loop = asyncio.get_running_loop()
-        opened = loop.create_future()
-
-        def on_stream(stream: Any) -> None:  # NOTE: not async: pycapnp closes the stream when a task it ran ends
-            opened.set_result(stream)
-
-        pinned = _pinned_connection_class()(self._pin)
-        pinned.inner = capnp.AsyncIoStream._connect(on_stream)  # type: ignore[attr-defined]
-        await loop.create_connection(  # type: ignore[type-var]
-            lambda: pinned,
-            self.host,
-            self.port,
-            ssl=tls_client_context(),
-            server_hostname="",
-            ssl_handshake_timeout=RPC_TLS_HANDSHAKE_TIMEOUT_S,
-        )
-        presented = format_fingerprint(pinned.presented)
-        self._presented = pinned.presented
-        if pinned.refused and self._pin_source == "known":
-            raise RpcError(
-                f"cannot use the pangea node at {self.address}: its certificate changed: it presented {presented}, "
-                f"trusted until now {self.fingerprint} (in {home_path() / KNOWN_NODES_FILENAME})",
-                hint="if that node's home was set up again, delete its line from that file; otherwise something "
-                "between you and the node may be intercepting: do not send it your token",
-            )
-        if pinned.refused:
-            raise RpcError(
-                f"cannot use the pangea node at {self.address}: it presented certificate {presented}, "
-                f"not the fingerprint {self.fingerprint}",
-                hint="check the fingerprint `serve` printed; another one means another program answers there",
-            )
-        if self._pin is None:
-            import warnings
-
-            kept = remember_fingerprint(self.address, pinned.presented)
-            self.fingerprint = presented
-            warnings.warn(
-                f"pangea: first connection to {self.address}: trusting its certificate {presented} from now on "
-                f"(kept in {kept}); compare it with the fingerprint `serve` printed",
-                stacklevel=2,
-            )
-        return await opened
-
     @property
     def last_task(self) -> dict[str, Any]:
         """The calling thread's most recent task (see the class docstring); {} before its first."""
@@ -15330,7 +16640,7 @@ class Client:
         self._local.task = task
 
     def _start(
-        self, coro_fn: Callable[[], Any], what: str, done: Callable[[TaskFuture, Any], Any] | None = None
+        self, coro_fn: Callable[[], Any], what: str, done: Callable[[TaskFuture, Any], Any] | None = None, key: str = ""
     ) -> TaskFuture:
         """Start ``coro_fn()`` on the client's loop; return its future at once (from any thread).
 
@@ -15339,6 +16649,7 @@ class Client:
         if self._loop is None or self._compute is None or self._stopped.is_set():
             raise RpcError(f"cannot {what}: the client is closed")
         future = TaskFuture(self._cancel_soon)
+        future.key = key
         try:
             self._loop.call_soon_threadsafe(self._launch, future, coro_fn, what, done)
         except RuntimeError:  # the loop closed meanwhile
@@ -15370,7 +16681,7 @@ class Client:
         error: BaseException | None = None
         try:
             async with asyncio.timeout(self.timeout_s + 30):
-                result = await coro_fn()
+                result = await self._call_again(future, coro_fn, time.monotonic() + self.timeout_s + 30)
             if done is not None:
                 result = done(future, result)
         except asyncio.CancelledError:  # cancelled by its future, or by close()
@@ -15381,6 +16692,53 @@ class Client:
             error = self._rpc_error(exc, what)
         if future.set_running_or_notify_cancel():  # NOTE: False when cancelled as the answer came
             future.set_result(result) if error is None else future.set_exception(error)
+
+    async def _call_again(self, future: TaskFuture, coro_fn: Callable[[], Any], deadline: float) -> Any:
+        """Run one call; when the connection broke (the node restarted, the network went), open it again.
+        A task with a key is then asked for by its key, as the node's queue kept it: its answer, or,
+        when the node never journaled it, the task submitted again (on the loop thread)."""
+        import capnp
+
+        def broke(exc: Exception) -> bool:
+            text = str(exc).lower()
+            return isinstance(exc, capnp.KjException) and "disconnected" in text and "remote exception" not in text  # type: ignore[attr-defined]
+
+        generation = self._generation
+        if self._broken:
+            await self._reconnect(generation, deadline)
+            generation = self._generation
+        try:
+            return await coro_fn()
+        except Exception as exc:
+            if not broke(exc):
+                raise
+            self._broken = True
+            if not future.key:
+                raise
+        while True:
+            if not await self._reconnect(generation, deadline):
+                raise RpcError(
+                    f"cannot get task {future.key!r}: the connection to {self.address} broke and did not come back",
+                    hint=f"once the node runs again, ask for it: Client.result({future.key!r})",
+                )
+            generation = self._generation
+            try:
+                record = await self._result_call(future.key, max(1.0, deadline - time.monotonic() - 30))
+            except Exception as exc:
+                if not broke(exc):
+                    raise
+                self._broken = True
+                continue
+            if record.error_kind == ErrorKind.NOT_FOUND and future.submits:
+                log.info("Client: the node has no task %s: submitting it again", future.key)
+                return await coro_fn()
+            return record
+
+    async def _result_call(self, task: str, timeout_s: float) -> TaskOutputRecord:
+        """Ask the node's queue for a task's answer by its id or key (on the loop thread)."""
+        request = self._compute.result_request()
+        request.task, request.timeoutSeconds = task, min(timeout_s, RPC_MAX_TIMEOUT_S)
+        return TaskOutputRecord.from_capnp((await request.send()).result)
 
     def _rpc_error(self, exc: Exception, what: str) -> Exception:
         """The pangea error of a call that raised ``exc`` (pangea's own errors as they are)."""
@@ -15488,6 +16846,7 @@ class Client:
         fallback: bool | float = True,
         keep: bool | float = False,
         check: str | float = "",
+        key: str | float | None = None,
         **params: Any,
     ) -> TaskFuture:
         """Start ``kernel`` on the node and return its `TaskFuture` at once (arguments as `submit`).
@@ -15500,9 +16859,14 @@ class Client:
         try:
             params = dict(params_from_python(params))
             check = check_choice(str(check))
-        except (ValueError, KernelError) as exc:
+            key = check_task_key(str(key)) if key is not None else ""
+        except (ValueError, KernelError, TaskError) as exc:
             raise UsageError(f"cannot submit {kernel}: {exc}") from None
         held = [o._handle_for(self) if isinstance(o, RemoteArray) else 0 for o in operands]
+        if not key and not keep and not any(held):  # NOTE: named, so its future finds it after a reconnect
+            import secrets
+
+            key = "c" + secrets.token_hex(16)
         # NOTE: operands on a bulk channel are held to the node's budget, not to the message limit
         arrays = self._check_operands(
             kernel, operands, params, in_message=not (self.shared_memory or self.tls_bulk), held=held
@@ -15518,14 +16882,7 @@ class Client:
 
         def done(future: TaskFuture, record: TaskOutputRecord) -> Any:
             handles.clear()
-            task = {"kernel": kernel} | record.as_dict()
-            task["timings"] = client_timings(task["timings"], time.perf_counter() - started)
-            future.task = task
-            if record.error_kind:
-                raise task_error(record.error_message, record.error_kind)
-            if not record.outputs:
-                raise RpcError(f"cannot {what}: the node returned no output")
-            return record.outputs[0] if len(record.outputs) == 1 else tuple(record.outputs)
+            return _task_answer(future, record, kernel, started, what)
 
         call = functools.partial(
             self._submit_call,
@@ -15540,9 +16897,11 @@ class Client:
             held,
             keep,
             check,
+            key,
         )
         try:
-            future = self._start(call, what, done)
+            future = self._start(call, what, done, key)
+            future.submits = True
         except BaseException:
             if bulk is not None:
                 bulk.release()
@@ -15678,6 +17037,7 @@ class Client:
         held: Sequence[int] = (),
         keep: bool = False,
         check: str = "",
+        key: str = "",
     ) -> TaskOutputRecord:
         """Send one task over Cap'n Proto and read its answer (on the loop thread).
 
@@ -15687,7 +17047,7 @@ class Client:
         With ``tls_bulk``, they go on a bulk connection over TLS (a node on another box)."""
         if tls_bulk and self._tls_bulk is not None:
             over_tls = await self._submit_over_tls(
-                kernel, arrays, params, placement, timeout_s, fallback, held, keep, check
+                kernel, arrays, params, placement, timeout_s, fallback, held, keep, check, key
             )
             if over_tls is not None:
                 return over_tls
@@ -15721,6 +17081,7 @@ class Client:
             held,
             keep,
             check,
+            key,
         )
         response = await request.send()
         reader = response.result
@@ -15751,6 +17112,7 @@ class Client:
         held: Sequence[int] = (),
         keep: bool = False,
         check: str = "",
+        key: str = "",
     ) -> Any:
         """The `submit` request of a task: each operand in the message, or (``shared[i]`` > 0) named
         by its segment in ``batch`` (at ``offsets[i]`` there, default 0), or (``held[i]`` > 0) a
@@ -15764,6 +17126,7 @@ class Client:
         spec.noFallback = not fallback
         spec.keep = keep
         spec.check = check
+        spec.key = key
         held = held or [0] * len(arrays)
         names = list(dict.fromkeys(h for h in held if h))  # each held array once
         caps = spec.init("arrays", len(names))
@@ -15799,6 +17162,7 @@ class Client:
         held: Sequence[int] = (),
         keep: bool = False,
         check: str = "",
+        key: str = "",
     ) -> TaskOutputRecord | None:
         """Send a task's arrays on a bulk connection over TLS and the task over Cap'n Proto; None when
         the bulk channel failed before the task was sent (it then goes in the message). TaskError
@@ -15847,6 +17211,7 @@ class Client:
                 held,
                 keep,
                 check,
+                key,
             )
             reader = (await request.send()).result
             if keep and not reader.errorKind:
@@ -15882,6 +17247,7 @@ class Client:
         fallback: bool | float = True,
         keep: bool | float = False,
         check: str | float = "",
+        key: str | float | None = None,
         **params: Any,
     ) -> Any:
         """Run ``kernel`` on the node (placement auto, local, remote or a peer id); return its output
@@ -15894,7 +17260,12 @@ class Client:
         back and ``last_task["fallback_reason"]`` says why. ``check``: how the node verifies a remote
         worker's result: "" (default) the kernel's own check, "recompute" (the node computes it again
         and compares), "none" (taken as sent); ``last_task["verification"]`` says which ran
-        ("local" when it ran on the node). Parameters take numbers, text and tuples of ints (numpy's
+        ("local" when it ran on the node). ``key``: the task's name on the node (at most 128 printable
+        characters; default: a random one): the node's queue journals the task under it, a second submit
+        with the same key gets the first one's answer instead of running it again, and `result` (from any
+        Client, after a reconnect or a restart of the node) finds it; should the connection break while
+        the task runs, this call connects again and collects it by its key. Parameters take numbers,
+        text and tuples of ints (numpy's
         ``axis=(0, 1)``, ``shape=(3, -1)``). A task refused for its input raises
         `BadInputError` (a TaskError and a ValueError). Waits for the answer (`future` does not);
         Ctrl-C while waiting cancels the task."""
@@ -15906,6 +17277,7 @@ class Client:
             fallback=fallback,
             keep=keep,
             check=check,
+            key=key,
             **params,
         )
         try:
@@ -16056,6 +17428,45 @@ class Client:
             return [KernelInfoRecord.from_capnp(k).as_dict() for k in response.kernels]
 
         return list(self._call(call, "list kernels"))
+
+    def attach(self, task: str, *, timeout_s: float | None = None) -> TaskFuture:
+        """A `TaskFuture` for a task of the node's queue, named by its key or the id the node gave it
+        (``future.key``, ``future.task_id``, ``last_task["task_id"]``, `tasks`): it waits while the task is
+        queued or running and gets its answer once (the node then forgets it: errorKind "not-found"
+        after that). Works on another Client than the one that submitted it, after a restart of either."""
+        started = time.perf_counter()
+        name = check_task_key(str(task))
+        what = f"get the result of task {name}"
+        wait_s = float(self.timeout_s if timeout_s is None else timeout_s)
+        return self._start(
+            functools.partial(self._result_call, name, wait_s),
+            what,
+            lambda future, record: _task_answer(future, record, "", started, what),
+            name,
+        )
+
+    def result(self, task: str, *, timeout_s: float | None = None) -> Any:
+        """The output of a task of the node's queue by its key or id (see `attach`): after a reconnect,
+        from another program, or after the node restarted. Waits for it while it runs."""
+        future = self.attach(task, timeout_s=timeout_s)
+        try:
+            return self._wait(future, f"get the result of task {task}")
+        finally:
+            if future.task:
+                self.last_task = future.task
+
+    def tasks(self) -> list[dict[str, Any]]:
+        """The tasks of the node's queue, oldest first: ``task_id``, ``key``, ``kernel``, ``state``
+        ("queued", "running", "done" or "failed": its answer waits for its client; "collected",
+        "cancelled"), ``accepted`` and ``finished`` (seconds since the epoch), ``error``,
+        ``result_bytes`` and ``runs`` (more than 1: the node restarted while it ran)."""
+
+        async def call() -> Any:
+            response = await self._compute.tasks()
+            _raise_rpc_error(response, "list tasks")
+            return [TaskInfoRecord.from_capnp(t).as_dict() for t in response.tasks]
+
+        return list(self._call(call, "list tasks"))
 
     def peers(self) -> list[dict[str, Any]]:
         """Return the node's connected peers."""
@@ -17871,6 +19282,22 @@ def add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         " off loopback: HTTPS with a certificate of its own, and the RPC token required)",
     )
     p.add_argument(
+        "--state-max-gib",
+        type=NumberOption(float, 0.0, 1 << 20, "a number of GiB"),
+        default=DEFAULT_STATE_MAX_GIB,
+        metavar="GIB",
+        help=f"disk the task queue may use in $PANGEA_HOME/{QUEUE_DIRNAME} for tasks' operands and results waiting "
+        f"for their clients (default: {DEFAULT_STATE_MAX_GIB:g}); over it, new tasks are refused. 0: no journal "
+        "(tasks live only as long as this process)",
+    )
+    p.add_argument(
+        "--state-retention-hours",
+        type=NumberOption(float, 0.001, 24 * 365, "a number of hours"),
+        default=DEFAULT_STATE_RETENTION_HOURS,
+        metavar="HOURS",
+        help=f"how long a result waits for its client in the task queue (default: {DEFAULT_STATE_RETENTION_HOURS:g})",
+    )
+    p.add_argument(
         "--rpc",
         default=f"127.0.0.1:{DEFAULT_RPC_PORT}",
         metavar="HOST:PORT",
@@ -18058,9 +19485,13 @@ async def _serve(
     service = NodeService(node, manager, trust=trusted.add, rpc_address="")
     rpc_max_bytes = args.rpc_max_mib << 20 if args.rpc_max_mib else rpc_max_bytes_for_budget(limits.memory_budget_bytes)
     async with node.running(args.host, args.port):
+        if rpc.port:  # NOTE: its journal is read back before the first call can ask for a result
+            await start_task_queue(args, service, home, rpc.port)
         server = RpcServer(service, rpc.host, rpc.port, token=rpc.token, max_bytes=rpc_max_bytes, tls_pem=rpc.tls_pem)
         host, port = await server.start()
         service.rpc_address = f"{host}:{port}"
+        if not rpc.port:
+            await start_task_queue(args, service, home, port)
         for peer in peers:
             node.nursery.start_soon(keep_connected, node, peer)
         node.nursery.start_soon(manager.watch_suspects)
@@ -18075,6 +19506,24 @@ async def _serve(
                 await trio.sleep(0.2)  # let the cancelled calls' errors reach their clients
                 await server.stop()
     return 0
+
+
+async def start_task_queue(args: argparse.Namespace, service: NodeService, home: Path, port: int) -> None:
+    """Start the serve node's task queue on the journal of its RPC port (none with --state-max-gib 0)."""
+    journal = None
+    if args.state_max_gib > 0:
+        try:
+            journal, note = TaskJournal.open(home / QUEUE_DIRNAME / str(port))
+        except (OSError, JournalUnreadable) as exc:
+            raise SessionError(
+                f"cannot keep the task queue in {home / QUEUE_DIRNAME}: {describe_exception(exc)}",
+                hint="check the permissions and free space of $PANGEA_HOME, or run without a journal "
+                "(--state-max-gib 0)",
+            ) from None
+        if note:
+            log.warning("%s", note)
+    max_bytes = int(args.state_max_gib * (1 << 30))
+    await service.node.nursery.start(service.start_queue, journal, max_bytes, args.state_retention_hours * 3600.0)
 
 
 def _announce_serve(

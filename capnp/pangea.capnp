@@ -227,6 +227,9 @@ struct TaskSpec {
                                # recomputes it and compares; "none": taken as sent (unverified)
   keep           @9 :Bool;     # leave the outputs on the node: TaskOutput.kept answers with handles
   arrays         @10 :List(RemoteArray);  # the held arrays the operands name (Array.held)
+  key            @11 :Text;    # the client's name for the task (at most 128 printable characters), unique
+                               # on the node: a second submit with the same key attaches to the first task
+                               # (its answer, once) instead of running it again; "": none
 }
 
 struct Timings {
@@ -252,6 +255,21 @@ struct TaskOutput {
   verified     @7 :Bool;          # the node checked the result (a remote worker's: Freivalds or the kernel's check)
   verification @8 :Text;          # how: "local" (ran here), "freivalds", "residual", "projection", "recompute", "unverified"
   kept         @9 :List(RemoteArray);  # with TaskSpec.keep: one handle per output, in order
+  taskId       @10 :Text;          # the node's id of the task in its queue ("" when not journaled)
+}
+
+struct TaskInfo {
+  # One task of the node's queue (the `tasks` call): what it is and where it stands.
+  taskId       @0 :Text;
+  key          @1 :Text;          # the client's key, "" when none
+  kernel       @2 :Text;
+  state        @3 :Text;          # "queued", "running", "done" (its result waits for its client),
+                                  # "failed" (its error waits), "collected" (answered: kept for listing)
+  acceptedUnix @4 :Float64;       # when the node accepted it, seconds since the epoch
+  finishedUnix @5 :Float64;       # when it finished, 0 before
+  error        @6 :Text;          # "<kind>: <message>" of a failed task, "" otherwise
+  resultBytes  @7 :UInt64;        # bytes of its result waiting on the node's disk
+  runs         @8 :UInt32;        # how many times it started (more than 1: the node restarted under it)
 }
 
 struct Suspicion {
@@ -307,6 +325,14 @@ struct NodeStatus {
   strangerConnectionsClosed @20 :UInt64;  # libp2p connections of untrusted peers closed: too many, or no session in time
   heldBytes     @21 :UInt64;      # bytes of the arrays this node holds for clients (RemoteArray), in its budget
   heldArrays    @22 :UInt32;      # how many
+  # The durable task queue (journal: "" when the node keeps none)
+  queueJournal  @23 :Text;        # the journal's file
+  queueTasks    @24 :UInt32;      # tasks not answered yet: queued, running, or their result waiting
+  queueWaiting  @25 :UInt32;      # of those, results (or errors) waiting for their client
+  stateBytes    @26 :UInt64;      # bytes the queue holds on disk and has reserved (operands, results)
+  stateMaxBytes @27 :UInt64;      # its quota (--state-max-gib)
+  stateRetentionSeconds @28 :Float64;  # how long a result waits for its client (--state-retention-hours)
+  queueRecovered @29 :UInt32;     # tasks read back from the journal when the node started
 }
 
 struct KernelInfo {
@@ -334,6 +360,12 @@ interface Compute {
   status  @2 () -> (status :NodeStatus, errorKind :Text, errorMessage :Text);
   connect @3 (multiaddr :Text) -> (peer :PeerInfo, errorKind :Text, errorMessage :Text);
   kernels @4 () -> (kernels :List(KernelInfo), errorKind :Text, errorMessage :Text);
+  result  @5 (task :Text, timeoutSeconds :Float64) -> (result :TaskOutput);
+  # the answer of a task of the queue, by its id (TaskOutput.taskId) or its key, as `submit` would
+  # have given it; waits up to timeoutSeconds (0: the node's default) while it is queued or running.
+  # Answered once: after that the task is "collected" (errorKind "not-found": the node has no such task).
+  tasks   @6 () -> (tasks :List(TaskInfo), errorKind :Text, errorMessage :Text);
+  # the tasks of the queue, oldest first (collected ones until the retention time)
 }
 
 interface Gate {
