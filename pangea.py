@@ -577,6 +577,10 @@ def task_error(message: str, kind: str) -> TaskError:
     return BadInputError(message) if kind == ErrorKind.BAD_INPUT else TaskError(message, kind=kind)
 
 
+class JournalUnreadable(PangeaError):
+    """The journal file is not one this pangea can read (its text says why, as "is ...")."""
+
+
 class SessionError(PangeaError):
     """Raised when the pangea home or a session directory cannot be used;
     check permissions of $PANGEA_HOME (default ~/.pangea)."""
@@ -1606,6 +1610,64 @@ def _blocks(shape: Sequence[int], limit: int) -> Iterator[tuple[slice, ...]]:
     for i in range(shape[0]):
         for rest in _blocks(shape[1:], limit):
             yield (slice(i, i + 1), *rest)
+
+
+def serving_line(listen_host: str, addresses: Sequence[str]) -> str:
+    """Pure: serve's ready line, saying where it really listens: one address, or (``--host``
+    0.0.0.0) every interface at the port of the addresses printed above it."""
+    tail = "; Ctrl-C or SIGTERM stops"
+    if not addresses:
+        return f"pangea: serving on /ip4/{listen_host} (no dialable address){tail}"
+    if listen_host not in ("0.0.0.0", "::"):
+        return f"pangea: serving on {addresses[0]}{tail}"
+    port = addresses[0].split("/tcp/")[1].split("/")[0]
+    count = f"{len(addresses)} address{'es' if len(addresses) > 1 else ''} above"
+    return f"pangea: serving on /ip4/0.0.0.0/tcp/{port}, every interface (peers dial one of the {count}){tail}"
+
+
+def doctor_verdict(findings: dict[str, Any]) -> tuple[bool, str]:
+    """Return (ok, one line with the next thing to try) from the doctor's findings (pure)."""
+    if findings.get("build") is not None:
+        return False, f"wrong interpreter: {findings['build']}; run the pyz with the Python it was built for"
+    peer = findings.get("peer")
+    if peer is None:
+        if not findings.get("port_free", True):
+            return False, f"port {findings['port']} is taken: start pangea with --port 0 or another port"
+        if not findings.get("advertised"):
+            return False, "no usable network interface: connect this box to a network"
+        return True, "this box is ready: start `./pangea.pyz initiate` here, or run doctor with a peer's address"
+    if not peer.get("tcp"):
+        why = peer.get("tcp_error", "")
+        if "refused" in why.lower():
+            return False, "nothing listens at that address: is pangea running there, on that port?"
+        return False, (
+            "TCP does not reach the peer: check that both boxes are on one network (or a VPN), "
+            "the address is the peer's LAN/VPN address, and no firewall blocks the port"
+        )
+    if peer.get("libp2p") == "incompatible":
+        return False, f"version mismatch: {peer.get('detail')}; use the same pangea.pyz on both boxes"
+    if peer.get("libp2p") == "failed" and peer.get("cause") == "peer-id":
+        reason = str(peer.get("detail", "")).rpartition(": ")[2]
+        return False, (
+            f"TCP works but the libp2p handshake fails: the peer ID in the address is wrong: {reason}; "
+            "copy that node's whole address line again"
+        )
+    if peer.get("libp2p") == "failed":
+        return False, (
+            "TCP works but the libp2p handshake fails: the peer ID in the address is probably wrong "
+            "(copy the whole line again), the port is not pangea's, or only one side uses --psk"
+        )
+    rtt = peer.get("rtt_ms") or peer.get("tcp_ms")
+    blocked = peer.get("data_plane_blocked")
+    if blocked:
+        return True, (
+            f"the peer speaks pangea, but its data port {blocked} is not reachable: tasks will work, arrays "
+            f"will travel on the slower libp2p stream; let TCP port {blocked} through the firewall"
+        )
+    return (
+        True,
+        f"the peer is reachable and speaks pangea{f' (rtt {rtt:.1f} ms)' if rtt else ''}: respond/serve will work",
+    )
 
 
 ###############################################################################
@@ -13249,10 +13311,6 @@ class TaskInfoRecord(RpcRecord):
     runs: int = field(default=1, metadata=capnp_name("runs"))
 
 
-class JournalUnreadable(Exception):
-    """The journal file is not one this pangea can read (its text says why, as "is ...")."""
-
-
 @dataclass
 class JournalRow:
     """One task as the journal keeps it."""
@@ -13768,16 +13826,19 @@ class TaskQueue:
         spec: dict[str, Any],
         out_bytes: int,
         charge: BudgetCharge | None,
+        detach: bool = False,
     ) -> tuple[QueuedTask, int]:
         """Take a task from a call: journal it and start it; return it and the call's token (pass it to
         `wait`, then `answered` or `let_go`). A key the queue knows attaches the call to its task
-        instead. TaskError when the queue is full (its quota, or QUEUE_MAX_TASKS) or the key was used."""
+        instead. ``detach``: no call waits (token 0), and its operands are journaled at once (wait for
+        ``entry.events["journaled"]``). TaskError when the queue is full (its quota, or QUEUE_MAX_TASKS)
+        or the key was used."""
         import numpy as np
 
         if key:
             known = self.by_key.get(key)
             if known is not None:
-                return known, self.attach(known)
+                return known, 0 if detach else self.attach(known)
             self._refuse_used_key(key)
         in_bytes = sum(int(a.nbytes) for a in operands if isinstance(a, np.ndarray))
         need = in_bytes + out_bytes
@@ -13816,10 +13877,10 @@ class TaskQueue:
         self._seq += 1
         self._add(entry)
         if self.journal is not None:
-            self._journal(entry)
+            self._journal(entry, 0.0 if detach else QUEUE_JOURNAL_LARGE_AFTER_S)
         else:
             entry.events["journaled"] = None
-        token = self.attach(entry)
+        token = 0 if detach else self.attach(entry)
         assert self._nursery is not None, "the queue runs (TaskQueue.run) before it accepts tasks"
         self._nursery.start_soon(self._run_one, entry)
         return entry, token
@@ -13833,7 +13894,7 @@ class TaskQueue:
                 kind=ErrorKind.BAD_INPUT,
             )
 
-    def _journal(self, entry: QueuedTask) -> None:
+    def _journal(self, entry: QueuedTask, after_s: float) -> None:
         """Journal a task it accepted: with its small operands at once, with large ones once their files
         are written (a worker thread, while the task already runs)."""
         import numpy as np
@@ -13860,7 +13921,7 @@ class TaskQueue:
         journal = self.journal
 
         def write() -> None:
-            if entry.stop_writing.wait(QUEUE_JOURNAL_LARGE_AFTER_S):  # ended first: nothing to write
+            if after_s and entry.stop_writing.wait(after_s):  # ended first: nothing to write
                 return
             named: list[tuple[int, np.ndarray, str]] = []
             for i, a in arrays:
@@ -13940,7 +14001,7 @@ class TaskQueue:
 
     def answered(self, entry: QueuedTask, token: int) -> None:
         """The call of ``token`` handed the task's answer to its client: the task is collected."""
-        if entry.owner != token or entry.state == "collected":
+        if not token or entry.owner != token or entry.state == "collected":
             return
         entry.owner = 0
         self._collect(entry, "collected")
@@ -13948,7 +14009,7 @@ class TaskQueue:
     def let_go(self, entry: QueuedTask, token: int, gone: bool) -> None:
         """The call of ``token`` ended without an answer: ``gone`` (its connection closed) leaves the task
         running and its answer to be written for its client; otherwise its client cancelled it."""
-        if entry.owner != token:
+        if not token or entry.owner != token:
             return
         entry.owner = 0
         if not gone:
@@ -14309,10 +14370,12 @@ class NodeService:
         fallback: bool,
         check: str,
         charge: BudgetCharge,
+        detach: bool = False,
     ) -> TaskOutcome | TaskOutputRecord:
         """Hand a task (its caller charged it with `admit`) to the queue and wait for its answer: its
         outcome, or its record when it waited in the journal. ``box`` gets the queue's task and the
-        call's token at once (``"entry"``, ``"token"``), so the call's end can say what became of it."""
+        call's token at once (``"entry"``, ``"token"``), so the call's end can say what became of it.
+        ``detach``: answer once the task is journaled, with a record of its id only."""
         assert self.queue is not None
         kernel, placement = check_rpc_text("kernel", kernel), check_rpc_text("placement", placement)
         timeout_s = check_task_timeout(timeout_s)
@@ -14329,8 +14392,15 @@ class NodeService:
         del arrays
         answer: TaskOutcome | TaskOutputRecord | None = None
         with self._call():
-            entry, token = self.queue.accept(key, kernel, operands, params, spec, out_bytes, charge)
+            entry, token = self.queue.accept(key, kernel, operands, params, spec, out_bytes, charge, detach)
             box["entry"], box["token"] = entry, token
+            if detach:
+                journaled = entry.events.get("journaled")
+                if journaled is not None:
+                    await journaled.wait()
+                if self.queue.journal is not None and not entry.journaled and entry.state in ("queued", "running"):
+                    raise TaskError(f"cannot journal {kernel}: see the node's log", kind=ErrorKind.INTERNAL)
+                return TaskOutputRecord(task_id=entry.task_id)
             answer = await self.queue.wait(entry, token, timeout_s + RPC_QUEUE_WAIT_ROOM_S)
         assert answer is not None
         return answer
@@ -15094,7 +15164,7 @@ def _make_gate(
             answer (then, a moment later, whether its client went away or cancelled it)."""
             entry, token = box.get("entry"), box.get("token", 0)
             queue = service.queue
-            if entry is None or queue is None or soon is None:
+            if entry is None or queue is None or soon is None or box.get("detached"):
                 return
             if answered:
                 soon(queue.answered, entry, token)
@@ -15163,11 +15233,22 @@ def _make_gate(
                         del arrays
                     placement = str(task.placement) or "auto"
                     fallback, timeout_s = not bool(task.noFallback), float(task.timeoutSeconds)
+                    detach = bool(task.detach)
                     # NOTE: the request's arrays are copied out or mapped: its message (and the
                     # capabilities it passed, which pycapnp would hold until the client sends
                     # Finish) go now
                     del task
                     _context.release_params()
+                    if detach and (keep or service.queue is None):
+                        raise TaskError(
+                            "cannot detach a task from its call: "
+                            + (
+                                "one that keeps its outputs on the node lives with its connection"
+                                if keep
+                                else "this node keeps no task queue (--state-max-gib 0)"
+                            ),
+                            kind=ErrorKind.BAD_INPUT,
+                        )
                     if keep or service.queue is None:  # NOTE: outputs held here live with this connection
                         # NOTE: the one hop into trio of a task: charged above, on this thread
                         outcome, outputs_kept = await in_trio(
@@ -15190,8 +15271,10 @@ def _make_gate(
                             fallback,
                             check,
                             charge,
+                            detach,
                         )
                         del operands, kept
+                        box["detached"] = detach
             except Exception as exc:
                 kind, message = rpc_error_fields(exc, "submit a task")
                 error = exc if isinstance(exc, TaskError) and kind == exc.kind else TaskError(message, kind=kind)
@@ -16681,7 +16764,7 @@ class Client(_ClientConnection):
         error: BaseException | None = None
         try:
             async with asyncio.timeout(self.timeout_s + 30):
-                result = await self._call_again(future, coro_fn, time.monotonic() + self.timeout_s + 30)
+                result = await self._call_again(future, coro_fn, what, time.monotonic() + self.timeout_s + 30)
             if done is not None:
                 result = done(future, result)
         except asyncio.CancelledError:  # cancelled by its future, or by close()
@@ -16693,7 +16776,7 @@ class Client(_ClientConnection):
         if future.set_running_or_notify_cancel():  # NOTE: False when cancelled as the answer came
             future.set_result(result) if error is None else future.set_exception(error)
 
-    async def _call_again(self, future: TaskFuture, coro_fn: Callable[[], Any], deadline: float) -> Any:
+    async def _call_again(self, future: TaskFuture, coro_fn: Callable[[], Any], what: str, deadline: float) -> Any:
         """Run one call; when the connection broke (the node restarted, the network went), open it again.
         A task with a key is then asked for by its key, as the node's queue kept it: its answer, or,
         when the node never journaled it, the task submitted again (on the loop thread)."""
@@ -16712,6 +16795,8 @@ class Client(_ClientConnection):
         except Exception as exc:
             if not broke(exc):
                 raise
+            if self._stopped.is_set():
+                raise RpcError(f"cannot {what}: the client was closed") from None
             self._broken = True
             if not future.key:
                 raise
@@ -16783,9 +16868,9 @@ class Client(_ClientConnection):
             future.cancel()
             raise
 
-    def _call(self, coro_fn: Callable[[], Any], what: str) -> Any:
-        """Run one call and wait for its result (the blocking methods)."""
-        return self._wait(self._start(coro_fn, what), what)
+    def _call(self, coro_fn: Callable[[], Any], what: str, done: Callable[[TaskFuture, Any], Any] | None = None) -> Any:
+        """Run one call and wait for its result (the blocking methods; ``done`` as `_start`'s)."""
+        return self._wait(self._start(coro_fn, what, done), what)
 
     def _check_operands(
         self,
@@ -17038,6 +17123,7 @@ class Client(_ClientConnection):
         keep: bool = False,
         check: str = "",
         key: str = "",
+        detach: bool = False,
     ) -> TaskOutputRecord:
         """Send one task over Cap'n Proto and read its answer (on the loop thread).
 
@@ -17083,6 +17169,7 @@ class Client(_ClientConnection):
             check,
             key,
         )
+        request.task.detach = detach
         response = await request.send()
         reader = response.result
         if keep and not reader.errorKind:
@@ -17428,6 +17515,50 @@ class Client(_ClientConnection):
             return [KernelInfoRecord.from_capnp(k).as_dict() for k in response.kernels]
 
         return list(self._call(call, "list kernels"))
+
+    def enqueue(
+        self,
+        kernel: str,
+        *operands: Any,
+        key: str | float | None = None,
+        placement: str = "auto",
+        timeout_s: float | None = None,
+        fallback: bool | float = True,
+        check: str | float = "",
+        **params: Any,
+    ) -> str:
+        """Hand a task to the node's queue and return its id as soon as the node has journaled it, without
+        waiting for it to run (arguments as `submit`; operands are numpy arrays, and they travel in the
+        RPC message). Collect its answer later, from any Client: `result` with the id or the ``key``."""
+        try:
+            params = dict(params_from_python(params))
+            check = check_choice(str(check))
+            name = check_task_key(str(key)) if key is not None else ""
+        except (ValueError, KernelError, TaskError) as exc:
+            raise UsageError(f"cannot enqueue {kernel}: {exc}") from None
+        if any(isinstance(o, RemoteArray) for o in operands):
+            raise UsageError(f"cannot enqueue {kernel}: a held array lives with its connection; pass numpy arrays")
+        arrays = self._check_operands(kernel, operands, params)
+        wait_s = float(self.timeout_s if timeout_s is None else timeout_s)
+        call = functools.partial(
+            self._submit_call,
+            kernel,
+            arrays,
+            params,
+            placement,
+            wait_s,
+            bool(fallback),
+            check=check,
+            key=name,
+            detach=True,
+        )
+
+        def done(future: TaskFuture, record: TaskOutputRecord) -> str:
+            if record.error_kind:
+                raise task_error(record.error_message, record.error_kind)
+            return record.task_id
+
+        return str(self._call(call, f"enqueue {kernel}", done))
 
     def attach(self, task: str, *, timeout_s: float | None = None) -> TaskFuture:
         """A `TaskFuture` for a task of the node's queue, named by its key or the id the node gave it
@@ -19576,19 +19707,6 @@ def _announce_serve(
     print(serving_line(args.host, node.addresses), flush=True)
 
 
-def serving_line(listen_host: str, addresses: Sequence[str]) -> str:
-    """Pure: serve's ready line, saying where it really listens: one address, or (``--host``
-    0.0.0.0) every interface at the port of the addresses printed above it."""
-    tail = "; Ctrl-C or SIGTERM stops"
-    if not addresses:
-        return f"pangea: serving on /ip4/{listen_host} (no dialable address){tail}"
-    if listen_host not in ("0.0.0.0", "::"):
-        return f"pangea: serving on {addresses[0]}{tail}"
-    port = addresses[0].split("/tcp/")[1].split("/")[0]
-    count = f"{len(addresses)} address{'es' if len(addresses) > 1 else ''} above"
-    return f"pangea: serving on /ip4/0.0.0.0/tcp/{port}, every interface (peers dial one of the {count}){tail}"
-
-
 def saved_suspects(manager: Manager) -> list[dict[str, Any]]:
     """The suspicions `status` shows from a session directory (times as Unix times: no stale countdowns)."""
     now = time.time()
@@ -19970,51 +20088,6 @@ def suspect_line(s: dict[str, Any]) -> str:
     if s.get("state") == "suspect" and s.get("probe_at"):
         line += f"; next probe in {max(0.0, float(s['probe_at']) - time.time()):.0f} s"
     return line
-
-
-def doctor_verdict(findings: dict[str, Any]) -> tuple[bool, str]:
-    """Return (ok, one line with the next thing to try) from the doctor's findings (pure)."""
-    if findings.get("build") is not None:
-        return False, f"wrong interpreter: {findings['build']}; run the pyz with the Python it was built for"
-    peer = findings.get("peer")
-    if peer is None:
-        if not findings.get("port_free", True):
-            return False, f"port {findings['port']} is taken: start pangea with --port 0 or another port"
-        if not findings.get("advertised"):
-            return False, "no usable network interface: connect this box to a network"
-        return True, "this box is ready: start `./pangea.pyz initiate` here, or run doctor with a peer's address"
-    if not peer.get("tcp"):
-        why = peer.get("tcp_error", "")
-        if "refused" in why.lower():
-            return False, "nothing listens at that address: is pangea running there, on that port?"
-        return False, (
-            "TCP does not reach the peer: check that both boxes are on one network (or a VPN), "
-            "the address is the peer's LAN/VPN address, and no firewall blocks the port"
-        )
-    if peer.get("libp2p") == "incompatible":
-        return False, f"version mismatch: {peer.get('detail')}; use the same pangea.pyz on both boxes"
-    if peer.get("libp2p") == "failed" and peer.get("cause") == "peer-id":
-        reason = str(peer.get("detail", "")).rpartition(": ")[2]
-        return False, (
-            f"TCP works but the libp2p handshake fails: the peer ID in the address is wrong: {reason}; "
-            "copy that node's whole address line again"
-        )
-    if peer.get("libp2p") == "failed":
-        return False, (
-            "TCP works but the libp2p handshake fails: the peer ID in the address is probably wrong "
-            "(copy the whole line again), the port is not pangea's, or only one side uses --psk"
-        )
-    rtt = peer.get("rtt_ms") or peer.get("tcp_ms")
-    blocked = peer.get("data_plane_blocked")
-    if blocked:
-        return True, (
-            f"the peer speaks pangea, but its data port {blocked} is not reachable: tasks will work, arrays "
-            f"will travel on the slower libp2p stream; let TCP port {blocked} through the firewall"
-        )
-    return (
-        True,
-        f"the peer is reachable and speaks pangea{f' (rtt {rtt:.1f} ms)' if rtt else ''}: respond/serve will work",
-    )
 
 
 def add_doctor_parser(sub: argparse._SubParsersAction[_Parser]) -> None:

@@ -230,6 +230,8 @@ struct TaskSpec {
   key            @11 :Text;    # the client's name for the task (at most 128 printable characters), unique
                                # on the node: a second submit with the same key attaches to the first task
                                # (its answer, once) instead of running it again; "": none
+  detach         @12 :Bool;    # answer as soon as the task is journaled (TaskOutput.taskId, no outputs),
+                               # not when it is done: collect its answer later with `result`
 }
 
 struct Timings {

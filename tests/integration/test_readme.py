@@ -591,6 +591,9 @@ def run_in_serve_scenario(example: Example, a: Box, table: Mapping[str, str]) ->
         if 'placement="split"' in example.text:  # element-wise by rows, batched matmul by its stack
             assert out == ["True (64, 32, 16) split"], context
             return
+        if "node.result(" in example.text:  # the durable queue: collected by its key from another Client
+            assert out == ["True ['collected']"], f"the task ran on after its Client closed\n{context}"
+            return
         if "node.empty(" in example.text:  # operands without a copy
             assert out == ["True 0 True"], f"an empty() array, a result and a view are not copied\n{context}"
             return

@@ -30,6 +30,8 @@ WIRE_KINDS = {
     "unsolicited",
     "protocol",
     "failed",
+    "not-found",
+    "lost",
 }
 
 

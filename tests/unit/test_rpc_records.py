@@ -84,6 +84,13 @@ def status(suspects: tuple[SuspicionRecord, ...] = ()) -> StatusRecord:
         5,
         1,
         suspects,
+        queue_journal="/home/me/.pangea/queue/7780/journal.sqlite3",
+        queue_tasks=4,
+        queue_waiting=1,
+        state_bytes=3 << 20,
+        state_max_bytes=4 << 30,
+        state_retention_s=86400.0,
+        queue_recovered=2,
     )
 
 
@@ -193,6 +200,13 @@ def test_status_as_dict_keys_and_types() -> None:
         "stranger_connections_closed": int,
         "held_bytes": int,
         "held_arrays": int,
+        "queue_journal": str,
+        "queue_tasks": int,
+        "queue_waiting": int,
+        "state_bytes": int,
+        "state_max_bytes": int,
+        "state_retention_s": float,
+        "queue_recovered": int,
     }
     assert list(d) == list(types)
     assert {k: type(v) for k, v in d.items()} == types
@@ -240,6 +254,7 @@ def test_task_output_as_dict_is_last_task() -> None:
         attempts=(AttemptInfoRecord("local", "ok"),),
         timings=TimingsRecord(0.0, 0.0, 1.0, 1.25),
         verified_by_node=True,
+        task_id="t0123456789abcdef",
     )
     assert round_trip("TaskOutput", record).as_dict() == {
         "error_kind": "",
@@ -250,6 +265,7 @@ def test_task_output_as_dict_is_last_task() -> None:
         "timings": {"queue_s": 0.0, "transfer_s": 0.0, "compute_s": 1.0, "total_s": 1.25},
         "verified_by_node": True,
         "verification": "",
+        "task_id": "t0123456789abcdef",
         "arrays_via": "RPC messages",  # the Client's own note, not on the wire
     }
 
