@@ -351,6 +351,10 @@ QUEUE_SCHEMA_VERSION = 1  # PRAGMA user_version of the journal; another number i
 QUEUE_INLINE_MAX_BYTES = 64 << 10
 QUEUE_MAX_RUNNING = RPC_MAX_CALLS_IN_FLIGHT  # tasks of the queue that run at once; the others wait "queued"
 QUEUE_MAX_TASKS = 10_000  # tasks not answered yet (queued, running, or waiting for their client)
+# Answered tasks (collected, cancelled) keep a row without arrays until the retention time, so
+# `tasks` lists them and their keys are not taken again by mistake; at most this many.
+QUEUE_ANSWERED_KEPT = 10_000
+QUEUE_LISTED_ANSWERED = 1000  # the newest of them that `tasks` lists
 QUEUE_KEY_MAX_CHARS = 128  # a client's key for a task (TaskSpec.key): printable ASCII
 DEFAULT_STATE_MAX_GIB = 4.0  # --state-max-gib: the queue's operands and results on disk, at most
 DEFAULT_STATE_RETENTION_HOURS = 24.0  # --state-retention-hours: a result waits this long for its client
@@ -13429,14 +13433,34 @@ class TaskJournal:
                 db.execute("ROLLBACK")
                 raise
 
-    def rows(self) -> list[JournalRow]:
-        """Every task of the journal, oldest first."""
+    def rows(self, answered: bool | None = None, limit: int = -1) -> list[JournalRow]:
+        """The tasks of the journal, oldest first: all, or (``answered``) those collected or cancelled,
+        the newest ``limit`` of them, or (not ``answered``) the others."""
+        where = {None: "", True: " WHERE state IN ('collected', 'cancelled')"}.get(
+            answered, " WHERE state NOT IN ('collected', 'cancelled')"
+        )
         with self._lock:
             found = self._db.execute(
                 "SELECT id, key, seq, kernel, spec, state, accepted, finished, outcome, reserved, runs"
-                " FROM tasks ORDER BY seq"
+                f" FROM tasks{where} ORDER BY seq DESC LIMIT ?",
+                (limit,),
             ).fetchall()
-        return [JournalRow(r[0], r[1] or "", r[2], r[3], json.loads(r[4]), *r[5:]) for r in found]
+        return [JournalRow(r[0], r[1] or "", r[2], r[3], json.loads(r[4]), *r[5:]) for r in reversed(found)]
+
+    def forget_answered(self, before: float, keep: int) -> None:
+        """Delete answered tasks (collected or cancelled: their arrays went already) that finished before
+        ``before``, and all but the newest ``keep`` of them."""
+        answered = "state IN ('collected', 'cancelled')"
+        self._transaction(
+            [
+                (f"DELETE FROM tasks WHERE {answered} AND finished < ?", (before,)),
+                (
+                    f"DELETE FROM tasks WHERE {answered} AND seq NOT IN"
+                    f" (SELECT seq FROM tasks WHERE {answered} ORDER BY seq DESC LIMIT ?)",
+                    (keep,),
+                ),
+            ]
+        )
 
     def find(self, name: str) -> JournalRow | None:
         """The task of this id or key, None when the journal has none."""
@@ -13759,10 +13783,8 @@ class TaskQueue:
 
     def _recover(self, now: float) -> None:
         assert self.journal is not None
-        rows = self.journal.rows()
+        rows = self.journal.rows(answered=False)
         for row in rows:
-            if row.state in ("collected", "cancelled"):
-                continue
             entry = QueuedTask(
                 row.task_id,
                 row.key,
@@ -13789,7 +13811,7 @@ class TaskQueue:
                 entry.events["done"].set()
                 entry.events["written"] = written = self._trio.Event()
                 written.set()
-        self.recovered = sum(1 for r in rows if r.state not in ("collected", "cancelled"))
+        self.recovered = len(rows)
         self.sweep(now)
         if self.recovered:
             waiting = sum(1 for e in self.tasks.values() if e.written)
@@ -14190,20 +14212,17 @@ class TaskQueue:
                 format_seconds(now - entry.finished),
             )
             self._drop(entry)
-        old = [
-            r.task_id
-            for r in self.journal.rows()
-            if r.state in ("collected", "cancelled") and now - r.finished > self.retention_s
-        ]
-        if expired or old:
-            self.journal.forget([e.task_id for e in expired] + old)
+        if expired:
+            self.journal.forget([e.task_id for e in expired])
+        self.journal.forget_answered(now - self.retention_s, QUEUE_ANSWERED_KEPT)
 
     def listing(self) -> list[TaskInfoRecord]:
-        """The tasks of the queue, oldest first: those answered, until the retention time, then the others."""
+        """The tasks of the queue, oldest first: the newest QUEUE_LISTED_ANSWERED answered ones, and every
+        other one."""
         live = {e.task_id: e for e in self.tasks.values()}
         out = []
         if self.journal is not None:
-            for row in self.journal.rows():
+            for row in self.journal.rows(answered=True, limit=QUEUE_LISTED_ANSWERED):
                 if row.task_id in live:
                     continue
                 error = ""
@@ -15757,6 +15776,7 @@ svg{width:100%;height:140px}
 <div class="card">received<b id="bytes-in">-</b></div>
 <div class="card">sent<b id="bytes-out">-</b></div>
 <div class="card">memory budget<b id="budget">-</b></div>
+<div class="card">task queue<b id="queue">-</b></div>
 </div></section>
 <section><h2>Throughput (MB/s)</h2><svg id="chart" viewBox="0 0 600 140" preserveAspectRatio="none"></svg>
 <div><span style="color:#3b6fd8">&#9632; received</span> <span id="rate-in"></span> &nbsp;
@@ -15831,6 +15851,8 @@ function render(s) {
   $("tasks-in-flight").textContent = n.tasks_in_flight; $("tasks-served").textContent = n.tasks_served;
   $("bytes-in").textContent = mb(n.bytes_in); $("bytes-out").textContent = mb(n.bytes_out);
   $("budget").textContent = `${mb(n.memory_budget_used_bytes)} of ${mb(n.memory_budget_bytes)}`;
+  $("queue").textContent = n.queue_journal ? `${n.queue_tasks} tasks, ${n.queue_waiting} waiting; ` +
+    `${mb(n.state_bytes)} of ${mb(n.state_max_bytes)} on disk` : "no journal";
   fill($("peers"), s.peers, (row, p) => {
     row.dataset.peer = p.peer_id;
     cell(row, short(p.peer_id), "mono").title = p.peer_id; cell(row, p.address.split("/p2p/")[0], "mono");

@@ -108,6 +108,20 @@ def test_an_answer_replaces_the_operands_and_collecting_it_drops_its_arrays(tmp_
     assert journal.rows() == []
 
 
+def test_answered_tasks_are_kept_for_listing_up_to_a_count_and_a_time(tmp_path: Path) -> None:
+    journal, _ = TaskJournal.open(tmp_path / "q")
+    for i in range(1, 6):
+        journal.add(row(f"t{i}", i, key=f"k{i}"), [])
+        journal.collect(f"t{i}", "collected", 100.0 + i)
+    journal.add(row("t9", 9), [])  # unanswered: never forgotten here
+    journal.forget_answered(before=0.0, keep=2)
+    assert [r.task_id for r in journal.rows(answered=True)] == ["t4", "t5"]
+    assert [r.task_id for r in journal.rows(answered=True, limit=1)] == ["t5"]
+    journal.forget_answered(before=104.5, keep=10)
+    assert [r.task_id for r in journal.rows()] == ["t5", "t9"]
+    assert [r.task_id for r in journal.rows(answered=False)] == ["t9"]
+
+
 def test_a_file_write_stopped_midway_leaves_nothing_and_a_stray_one_goes_at_open(tmp_path: Path) -> None:
     journal, _ = TaskJournal.open(tmp_path / "q")
     stop = pangea.threading.Event()
