@@ -371,6 +371,13 @@ QUEUE_SPILL_CHUNK_BYTES = 4 << 20  # a large array is written in pieces; a task 
 # loses the task as though it never arrived: its client's future, finding no task of its key,
 # submits it again.
 QUEUE_JOURNAL_LARGE_AFTER_S = 0.25
+# Tasks of small operands reach the journal together, every QUEUE_FLUSH_S (one transaction for
+# them all, not one per task): a kill loses at most the tasks of the last flush, as though they never
+# arrived (their clients' futures submit them again). A task answered is marked collected
+# QUEUE_COLLECT_AFTER_S after its answer went out: a node killed before then runs it again after its
+# restart (its answer then waits for nobody) rather than lose an answer still on its way.
+QUEUE_FLUSH_S = 0.05
+QUEUE_COLLECT_AFTER_S = 1.0
 
 # bench verb: what its parser needs; the rest of the verb is bench/pangea_bench.py.
 # Defaults of a full run and of --quick (a run of a few seconds whose figures are rough).
@@ -13391,7 +13398,8 @@ class TaskJournal:
                     id TEXT PRIMARY KEY, key TEXT UNIQUE, seq INTEGER NOT NULL, kernel TEXT NOT NULL,
                     spec TEXT NOT NULL, state TEXT NOT NULL, accepted REAL NOT NULL,
                     finished REAL NOT NULL DEFAULT 0, outcome TEXT NOT NULL DEFAULT '',
-                    reserved INTEGER NOT NULL DEFAULT 0, runs INTEGER NOT NULL DEFAULT 1);
+                    reserved INTEGER NOT NULL DEFAULT 0, runs INTEGER NOT NULL DEFAULT 1,
+                    inline TEXT NOT NULL DEFAULT '', data BLOB, files INTEGER NOT NULL DEFAULT 0);
                 CREATE TABLE arrays (
                     task TEXT NOT NULL, role TEXT NOT NULL, idx INTEGER NOT NULL, dtype TEXT NOT NULL,
                     shape TEXT NOT NULL, data BLOB, file TEXT NOT NULL DEFAULT '',
@@ -13412,6 +13420,10 @@ class TaskJournal:
             raise JournalUnreadable("is a database without the tables of a task queue")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
+        named = {r[0] for r in db.execute("SELECT file FROM arrays WHERE file != ''")}
+        for path in self.files.iterdir():  # NOTE: renamed into place, then a kill before its row: nobody's
+            if path.name not in named:
+                path.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Close the database (a clean close folds the WAL into it)."""
@@ -13478,26 +13490,65 @@ class TaskJournal:
 
     def add(self, row: JournalRow, arrays: Sequence[tuple[int, np.ndarray, str]]) -> None:
         """Journal a task it accepted, in one transaction with its operands: (index, array, "" to keep
-        it in the journal or the name of the .npy file `write_file` wrote it to)."""
-        statements: list[tuple[str, Sequence[Any]]] = [
+        it in the journal or the name of the .npy file `write_file` wrote it to). Small operands go in
+        the task's own row: a task of small operands is one INSERT. sqlite3.IntegrityError when its
+        key is taken."""
+        files = [(i, a, name) for i, a, name in arrays if name]
+        insert = self._insert(row, arrays)
+        if not files:
+            with self._lock:
+                self._db.execute(*insert)  # NOTE: one statement is one transaction
+            return
+        self._transaction([insert, *self._array_rows(row.task_id, "in", files)])
+
+    def _insert(self, row: JournalRow, arrays: Sequence[tuple[int, np.ndarray, str]]) -> tuple[str, Sequence[Any]]:
+        """The INSERT of a task's row, with its small operands (those of ``arrays`` without a file name)."""
+        inline = [(i, a) for i, a, name in arrays if not name]
+        meta, offset = [], 0
+        for i, a in inline:
+            meta.append([i, _dtype_name(a.dtype), [int(d) for d in a.shape], offset, int(a.nbytes)])
+            offset += int(a.nbytes)
+        data = b"".join(_c_bytes(a) for _, a in inline)
+        return (
+            "INSERT INTO tasks (id, key, seq, kernel, spec, state, accepted, reserved, runs, inline, data, files,"
+            " finished, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                "INSERT INTO tasks (id, key, seq, kernel, spec, state, accepted, reserved, runs)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    row.task_id,
-                    row.key or None,
-                    row.seq,
-                    row.kernel,
-                    json.dumps(row.spec),
-                    row.state,
-                    row.accepted,
-                    row.reserved,
-                    row.runs,
-                ),
-            )
-        ]
-        statements += self._array_rows(row.task_id, "in", arrays)
-        self._transaction(statements)
+                row.task_id,
+                row.key or None,
+                row.seq,
+                row.kernel,
+                json.dumps(row.spec),
+                row.state,
+                row.accepted,
+                row.reserved,
+                row.runs,
+                json.dumps(meta) if meta else "",
+                data,
+                len(arrays) - len(inline),
+                row.finished,
+                row.outcome,
+            ),
+        )
+
+    def apply(
+        self,
+        inserts: Sequence[tuple[JournalRow, Sequence[tuple[int, np.ndarray, str]]]],
+        updates: Sequence[tuple[str, str, float]],
+    ) -> None:
+        """Add tasks of small operands (`add`'s rows) and mark tasks answered ((id, state, finished):
+        `collect` of a task without files), all in one transaction."""
+        import sqlite3
+
+        statements = [self._insert(row, arrays) for row, arrays in inserts]
+        statements += [self._collected(task_id, state, finished) for task_id, state, finished in updates]
+        try:
+            self._transaction(statements)
+        except sqlite3.IntegrityError:  # NOTE: one bad row must not keep the others out: one at a time
+            for statement in statements:
+                try:
+                    self._transaction([statement])
+                except sqlite3.IntegrityError as exc:
+                    log.warning("task queue: a journal row was refused: %s", describe_exception(exc))
 
     def _array_rows(
         self, task_id: str, role: str, arrays: Sequence[tuple[int, np.ndarray, str]]
@@ -13553,6 +13604,12 @@ class TaskJournal:
                 "SELECT idx, dtype, shape, data, file FROM arrays WHERE task = ? AND role = ? ORDER BY idx",
                 (task_id, role),
             ).fetchall()
+            own = self._db.execute("SELECT inline, data FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if role == "in" and own is not None and own[0]:  # the small operands, in the task's row
+            blob = own[1] or b""
+            for idx, dtype, shape, offset, nbytes in json.loads(own[0]):
+                found.append((idx, dtype, json.dumps(shape), blob[offset : offset + nbytes], ""))
+            found.sort(key=lambda r: int(r[0]))
         out = []
         for idx, dtype, shape_text, data, name in found:
             shape = tuple(int(d) for d in json.loads(shape_text))
@@ -13582,26 +13639,34 @@ class TaskJournal:
         names = self._file_names(task_id, "in")
         statements: list[tuple[str, Sequence[Any]]] = [
             ("DELETE FROM arrays WHERE task = ? AND role = 'in'", (task_id,)),
-            ("UPDATE tasks SET state = ?, finished = ?, outcome = ? WHERE id = ?", (state, finished, outcome, task_id)),
+            (
+                "UPDATE tasks SET state = ?, finished = ?, outcome = ?, inline = '', data = NULL, files = ?"
+                " WHERE id = ?",
+                (state, finished, outcome, len(outputs), task_id),
+            ),
         ]
         self._transaction(statements + self._array_rows(task_id, "out", outputs))
         self._unlink(names)
 
-    def collect(self, task_id: str, state: str, finished: float, outcome: str = "") -> None:
+    def collect(self, task_id: str, state: str, finished: float, outcome: str = "", files: bool = True) -> None:
         """Record that a task was answered ("collected") or given up by its client ("cancelled"): its
-        arrays go, its row stays (without what it reserved) until the retention time."""
+        arrays go, its row stays (without what it reserved) until the retention time. ``files``: it may
+        have arrays beside its row (False: one UPDATE)."""
+        update = self._collected(task_id, state, finished, outcome)
+        if not files:
+            with self._lock:
+                self._db.execute(*update)
+            return
         names = self._file_names(task_id, "")
-        self._transaction(
-            [
-                ("DELETE FROM arrays WHERE task = ?", (task_id,)),
-                (
-                    "UPDATE tasks SET state = ?, finished = ?, reserved = 0,"
-                    " outcome = CASE WHEN ? = '' THEN outcome ELSE ? END WHERE id = ?",
-                    (state, finished or time.time(), outcome, outcome, task_id),
-                ),
-            ]
-        )
+        self._transaction([("DELETE FROM arrays WHERE task = ?", (task_id,)), update])
         self._unlink(names)
+
+    def _collected(self, task_id: str, state: str, finished: float, outcome: str = "") -> tuple[str, Sequence[Any]]:
+        return (
+            "UPDATE tasks SET state = ?, finished = ?, reserved = 0, inline = '', data = NULL, files = 0,"
+            " outcome = CASE WHEN ? = '' THEN outcome ELSE ? END WHERE id = ?",
+            (state, finished or time.time(), outcome, outcome, task_id),
+        )
 
     def forget(self, task_ids: Sequence[str]) -> None:
         """Delete tasks and their arrays (past the retention time)."""
@@ -13683,6 +13748,7 @@ class QueuedTask:
     error: TaskError | None = None  # or its error
     record_json: str = ""  # its answer as the journal keeps it, once written
     result_bytes: int = 0  # bytes of its answer in the journal
+    has_files: bool = False  # its operands are large: .npy files beside the journal
     journaled: bool = False  # its row is in the journal
     written: bool = False  # its answer is in the journal
     owner: int = 0  # the call that waits for it (its token); 0: none
@@ -13759,6 +13825,9 @@ class TaskQueue:
         self._limiter = trio.CapacityLimiter(QUEUE_MAX_RUNNING)
         self._nursery: Any = None
         self._trio = trio
+        self._adds: dict[str, tuple[QueuedTask, JournalRow, list[tuple[int, np.ndarray, str]]]] = {}
+        self._marks: dict[str, tuple[float, QueuedTask, str]] = {}  # answered: (due, task, state)
+        self._answered: dict[str, QueuedTask] = {}  # those, by id and key, until their mark is written
         self.stopping = False  # the node stops: what its tasks raise now is not their answer
 
     # -- the runner ------------------------------------------------------------------------
@@ -13773,11 +13842,17 @@ class TaskQueue:
                 self._recover(time.time())
             if task_status is not None:
                 task_status.started()
+            swept = time.monotonic()
             try:
                 while True:
-                    await trio.sleep(QUEUE_SWEEP_S)
-                    self.sweep(time.time())
+                    await trio.sleep(QUEUE_FLUSH_S)
+                    now = time.monotonic()
+                    self._flush(now)
+                    if now - swept >= QUEUE_SWEEP_S:
+                        self.sweep(time.time())
+                        swept = now
             finally:
+                self._flush(time.monotonic(), everything=True)
                 self._nursery = None
                 nursery.cancel_scope.cancel()
 
@@ -13901,14 +13976,17 @@ class TaskQueue:
         if self.journal is not None:
             self._journal(entry, 0.0 if detach else QUEUE_JOURNAL_LARGE_AFTER_S)
         else:
-            entry.events["journaled"] = None
+            entry.events["journaled"] = entry.events["spilled"] = None
         token = 0 if detach else self.attach(entry)
         assert self._nursery is not None, "the queue runs (TaskQueue.run) before it accepts tasks"
         self._nursery.start_soon(self._run_one, entry)
         return entry, token
 
     def _refuse_used_key(self, key: str) -> None:
-        row = self.journal.find(key) if self.journal is not None else None
+        answered = self._answered.get(key)
+        row = self.journal.find(key) if self.journal is not None and answered is None else None
+        if answered is not None:
+            row = JournalRow(answered.task_id, key, answered.seq, answered.kernel, {}, answered.state, 0.0)
         if row is not None:
             raise TaskError(
                 f"the key {key!r} names task {row.task_id}, already answered ({row.state}); "
@@ -13933,13 +14011,15 @@ class TaskQueue:
             entry.accepted,
             reserved=entry.reserved,
         )
+        journaled = entry.events["journaled"] = self._trio.Event()
         if all(a.nbytes <= QUEUE_INLINE_MAX_BYTES for _, a in arrays):
-            self.journal.add(row, [(i, a, "") for i, a in arrays])
-            entry.journaled = True
-            entry.events["journaled"] = None
+            # NOTE: copied now (its operands may be a client's segment, gone once it is answered); in the
+            # journal with the next flush, in one transaction with the others of the moment
+            copies = [(i, np.array(a, order="C"), "") for i, a in arrays]
+            self._adds[entry.task_id] = (entry, row, copies)
+            entry.events["spilled"] = None
             return
-        journaled = self._trio.Event()
-        entry.events["journaled"] = journaled
+        spilled = entry.events["spilled"] = self._trio.Event()
         journal = self.journal
 
         def write() -> None:
@@ -13957,7 +14037,7 @@ class TaskQueue:
                     journal._unlink([n for _, _, n in named if n])
                     return
                 journal.add(row, named)
-                entry.journaled = True
+                entry.journaled = entry.has_files = True
 
         async def in_thread() -> None:
             try:
@@ -13965,6 +14045,7 @@ class TaskQueue:
             except Exception as exc:
                 log.warning("task queue: cannot journal task %s: %s", entry.task_id, describe_exception(exc))
             finally:
+                spilled.set()
                 journaled.set()
 
         self._nursery.start_soon(in_thread)
@@ -13979,6 +14060,12 @@ class TaskQueue:
         entry = self.tasks.get(name) or self.by_key.get(name)
         if entry is not None:
             return entry
+        answered = self._answered.get(name)
+        if answered is not None:
+            raise TaskError(
+                f"task {answered.task_id} ({answered.kernel}) was {answered.state} just now; its answer is not kept",
+                kind=ErrorKind.NOT_FOUND,
+            )
         row = self.journal.find(name) if self.journal is not None else None
         if row is not None:
             when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(row.finished)) if row.finished else "earlier"
@@ -14026,7 +14113,7 @@ class TaskQueue:
         if not token or entry.owner != token or entry.state == "collected":
             return
         entry.owner = 0
-        self._collect(entry, "collected")
+        self._collect(entry, "collected", QUEUE_COLLECT_AFTER_S)
 
     def let_go(self, entry: QueuedTask, token: int, gone: bool) -> None:
         """The call of ``token`` ended without an answer: ``gone`` (its connection closed) leaves the task
@@ -14044,20 +14131,72 @@ class TaskQueue:
         if entry.events["done"].is_set() and not entry.written and self._nursery is not None:
             self._nursery.start_soon(self._write_answer, entry)
 
-    def _collect(self, entry: QueuedTask, state: str) -> None:
+    def _collect(self, entry: QueuedTask, state: str, after_s: float = 0.0) -> None:
+        """A task is answered (or cancelled): out of memory now, and so in the journal ``after_s`` later
+        (QUEUE_COLLECT_AFTER_S for an answer: its bytes may still be on their way to the client, and a
+        node killed before they arrive must run the task again rather than call it delivered)."""
         entry.state = state
         entry.outcome = None
         self._drop(entry)
         self._settle(entry)
         if entry.charge is not None:
             entry.charge.release()
-        if self.journal is not None and entry.journaled:
-            try:
-                self.journal.collect(entry.task_id, state, entry.finished)
-            except Exception as exc:  # NOTE: the answer went out: the row is at worst answered again
-                log.warning(
-                    "task queue: cannot record task %s as %s: %s", entry.task_id, state, describe_exception(exc)
+        if self.journal is not None:
+            self._marks[entry.task_id] = (time.monotonic() + after_s, entry, state)
+            self._answered[entry.task_id] = entry
+            if entry.key:
+                self._answered[entry.key] = entry
+
+    def _flush(self, now: float, everything: bool = False) -> None:
+        """Write what the journal waits for, in one transaction: tasks accepted since the last flush, and
+        tasks answered (their collected marks due at ``now``, time.monotonic(); all of them when the node
+        stops)."""
+        if self.journal is None or not (self._adds or self._marks):
+            return
+        adds, self._adds = list(self._adds.values()), {}
+        due = {t: m for t, m in self._marks.items() if everything or m[0] <= now}
+        for task_id, (_due, entry, _state) in due.items():
+            del self._marks[task_id]
+            self._answered.pop(task_id, None)
+            if entry.key and self._answered.get(entry.key) is entry:
+                del self._answered[entry.key]
+        inserts: list[tuple[JournalRow, list[tuple[int, np.ndarray, str]]]] = []
+        updates, with_files = [], []
+        for entry, row, arrays in adds:
+            mark = due.pop(entry.task_id, None)
+            if mark is not None:  # NOTE: answered already: its row is born collected, without its operands
+                inserts.append((dataclasses.replace(row, state=mark[2], finished=entry.finished, reserved=0), []))
+            else:
+                inserts.append((row, arrays))
+        for _due, entry, state in due.values():
+            if entry.journaled and (entry.written or entry.has_files):
+                with_files.append((entry, state))
+            elif entry.journaled:
+                updates.append((entry.task_id, state, entry.finished or time.time()))
+            else:  # NOTE: its large operands never reached the journal (it ended first): a row to list it
+                row = JournalRow(
+                    entry.task_id,
+                    entry.key,
+                    entry.seq,
+                    entry.kernel,
+                    entry.spec,
+                    state,
+                    entry.accepted,
+                    entry.finished or time.time(),
                 )
+                inserts.append((row, []))
+        try:
+            self.journal.apply(inserts, updates)
+            for entry, state in with_files:
+                self.journal.collect(entry.task_id, state, entry.finished)
+        except Exception as exc:  # NOTE: a full disk, say: the journal is behind, not wrong
+            log.warning("task queue: cannot write the journal: %s", describe_exception(exc))
+            return
+        for entry, _row, _arrays in adds:
+            entry.journaled = True
+            journaled = entry.events.get("journaled")
+            if journaled is not None:
+                journaled.set()
 
     def _settle(self, entry: QueuedTask) -> None:
         with entry.lock:
@@ -14096,9 +14235,9 @@ class TaskQueue:
             finally:
                 entry.stop_writing.set()
                 entry.operands = None
-        journaled = entry.events.get("journaled")
-        if journaled is not None:  # NOTE: until then a thread may read its operands (their segments stay)
-            await journaled.wait()
+        spilled = entry.events.get("spilled")
+        if spilled is not None:  # NOTE: until then a thread may read its operands (their segments stay)
+            await spilled.wait()
         if self.stopping:  # NOTE: the node stops: the journal keeps the task as unfinished, to run again
             return
         if (entry.scope is not None and entry.scope.cancelled_caught) or "cancelled" in entry.events:
@@ -14160,6 +14299,7 @@ class TaskQueue:
             )
         )
         entry.record_json = record_to_json(dataclasses.replace(record, outputs=()))
+        self._adds.pop(entry.task_id, None)  # NOTE: its row comes with its answer (`_write_record`)
         entry.error = None
         entry.outcome = None
         try:

@@ -13,17 +13,19 @@ on sys.path; concurrent.futures then fails with "module 'queue' has no attribute
 'SimpleQueue'", and mypy checks client_path.py's ``queue.Queue`` against it.)
 
 What runs, all on 127.0.0.1 (bench/nodes.py: ports 0, a home of each in a
-temporary directory, stopped at the end). Two serve nodes at once: one with the
+temporary directory, stopped at the end; a restart takes an RPC port found free,
+the one its journal is named after). Two serve nodes at once: one with the
 journal (the default, SQLite in WAL mode under $PANGEA_HOME/queue/<rpc port>/) and
 one with ``--state-max-gib 0`` (no journal: the same queue, in memory only), each
 with a `pangea.Client` in this process. Each round measures both, in an order that
 alternates per round, and the figure of a target is the median over the rounds of
 the round's ratio (journal / none), so drift of the machine hits both sides alike.
 
-  tiny      --tiny sequential ``Client.submit("add", a, a)`` of a 3x4 float64:
+  tiny      --tiny sequential ``Client.submit("add", a, a)`` of a 3x4 float64 per
+            node per round, in bursts of 50 alternating between the nodes:
             tasks/s (target: the journal loses <= 10% of them).
   transfer  --copies ``Client.submit("copy", b)`` of a --mib MiB float64 array per
-            node per round, each timed whole; a round's figure is their median
+            node per round, alternating, each timed whole; a round's figure is their median
             (target: <= 5% slower with the journal).
   restart   a journal of --tasks queued tasks (small keyed ``add`` tasks), then
             ``serve --rpc 127.0.0.1:P`` on it: from spawning the process to the
@@ -40,9 +42,11 @@ memory and disk, and the restart would then run those blockers first. So the
 journal is written with pangea's own classes (``TaskJournal.open``, ``JournalRow``,
 ``journal.add``: what the node runs for every task it accepts, small operands
 inline), with the spec of a real ``add`` row the journaling node wrote earlier in
-the run, in a child process that ends without closing the database, as a killed
-node leaves it (its WAL not folded in). Each restart reads a fresh one. The node's
-log must say it read back all of them; the run checks a few answers (2a) through
+the run, in a child process run by the pyz's own interpreter and packages
+(``SHIV_INTERPRETER=1 pangea.pyz bench/task_queue.py``: the pangea that serves,
+not the work tree's) that ends without closing the database, as a killed node
+leaves it (its WAL not folded in). Each restart reads a fresh one. The node's
+log must say it read back all of them; the run checks a few answers (a + a) through
 ``Client.result`` by their keys after timing. Finished times are the node's own
 (the journal's ``finished``, unix seconds) minus the spawn time taken here.
 """
@@ -54,7 +58,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import socket
 import sqlite3
 import statistics
@@ -72,6 +75,7 @@ sys.path[:0] = [p for p in (str(REPO_ROOT), str(REPO_ROOT / "bench")) if p not i
 
 MIB = 1 << 20
 TINY_SHAPE = (3, 4)
+TINY_BURST = 50  # tiny adds in a row on one node before the other node's turn
 RESTART_KEY_PREFIX = "bench-restart-"
 # The spec TaskQueue.accept journals for a plain `add` (the run takes the one a real row has).
 DEFAULT_SPEC: dict[str, Any] = {
@@ -87,7 +91,7 @@ CLIENT_TIMEOUT_S = 120.0
 RESTART_TIMEOUT_S = 120.0  # from spawn until every task of the journal has finished
 POLL_S = 0.02  # how often the journal is read while the restarted node works (the figures are its timestamps)
 WRITER_TIMEOUT_S = 120.0
-FULL = {"reps": 9, "tiny": 300, "copies": 3, "mib": 64, "restarts": 3, "tasks": 1000}
+FULL = {"reps": 15, "tiny": 300, "copies": 5, "mib": 64, "restarts": 5, "tasks": 1000}
 QUICK = {"reps": 2, "tiny": 50, "copies": 1, "mib": 16, "restarts": 1, "tasks": 100}
 
 
@@ -120,6 +124,12 @@ def paired_ratios(journal: Sequence[float], none: Sequence[float]) -> list[float
     return [j / n for j, n in zip(journal, none, strict=True) if n > 0]
 
 
+def burst_sizes(n: int, burst: int) -> list[int]:
+    """``n`` tasks in bursts of at most ``burst``, as even as they come (10, 4 -> 4 3 3)."""
+    count = max(1, math.ceil(n / burst))
+    return [n // count + (1 if i < n % count else 0) for i in range(count)]
+
+
 def throughput_loss(ratio: float) -> float:
     """The share of throughput the journal costs, from journal / none tasks/s (0.93 -> 0.07)."""
     return 1.0 - ratio
@@ -128,6 +138,13 @@ def throughput_loss(ratio: float) -> float:
 def time_cost(ratio: float) -> float:
     """The share of time the journal adds, from journal / none seconds (1.04 -> 0.04)."""
     return ratio - 1.0
+
+
+def added_ms_per_task(journal: Summary | None, none: Summary | None) -> float | None:
+    """Milliseconds a task takes longer with the journal, from the median tasks/s of each (None: unmeasured)."""
+    if journal is None or none is None or journal.median <= 0 or none.median <= 0:
+        return None
+    return 1e3 * (1.0 / journal.median - 1.0 / none.median)
 
 
 def met(value: float | None, limit: float) -> str:
@@ -178,7 +195,7 @@ def format_figure(summary: Summary | None, unit: str) -> str:
     def one(v: float) -> str:
         return f"{v:.{digits}f}"
 
-    text = f"{one(summary.median)} {unit}"
+    text = f"{one(summary.median)}{'' if unit == 'x' else ' '}{unit}"
     return text if summary.n < 2 else f"{text} ({one(summary.low)}-{one(summary.high)})"
 
 
@@ -200,6 +217,7 @@ class Figures:
     first: list[float] = field(default_factory=list)  # s, spawn -> first task of the journal finished
     last: list[float] = field(default_factory=list)  # s, spawn -> all of them finished
     write_s: list[float] = field(default_factory=list)  # s to write each journal (not part of any figure)
+    writer: str = ""  # the file of the pangea that wrote the restart journals
     notes: list[str] = field(default_factory=list)
 
 
@@ -291,14 +309,24 @@ def report(fig: Figures, args: argparse.Namespace, elapsed_s: float, load: tuple
         ),
         ("first resumed - bare start-up", format_figure(since_ready, "s"), "-", "-", "-", "-"),
     ]
+    notes = list(fig.notes)
+    added = added_ms_per_task(summarize(fig.tiny["journal"]), summarize(fig.tiny["none"]))
+    if added is not None:
+        notes.insert(0, f"tiny tasks: the journal adds {added:.3f} ms a task (1 / median tasks/s, journal - none)")
     lines = [
         f"pangea task queue: journal (SQLite WAL) vs --state-max-gib 0, on 127.0.0.1; {args.reps} interleaved "
-        f"round(s), {args.restarts} restart(s); median (min-max); {os.cpu_count()} cores, load "
+        f"round(s), {0 if args.same_nodes else args.restarts} restart(s); median (min-max); {os.cpu_count()} cores, "
+        "load "
         f"{load[0]:.2f} -> {load[1]:.2f}, {elapsed_s:.0f} s" + (" (--quick: rough figures)" if args.quick else ""),
+        *(
+            ["A/A CHECK (--same-nodes): the 'journal' column is a second node without a journal"]
+            if args.same_nodes
+            else []
+        ),
         "",
         format_table(head, rows),
         "",
-        *[f"- {note}" for note in fig.notes],
+        *[f"- {note}" for note in notes],
         "",
     ]
     ok = sum(1 for v in found if v.met == "yes")
@@ -314,14 +342,17 @@ def report(fig: Figures, args: argparse.Namespace, elapsed_s: float, load: tuple
 
 def writer_main(directory: Path, tasks: int, spec: dict[str, Any]) -> int:
     """Journal ``tasks`` queued `add` tasks in ``directory`` as TaskQueue.accept does, then end without
-    closing the database (as a killed node leaves it); one JSON line: rows and seconds."""
+    closing the database (as a killed node leaves it); one JSON line: rows, seconds and the pangea that wrote
+    them. Run by the pyz's interpreter (SHIV_INTERPRETER=1), so that pangea is the one that serves."""
+    if os.environ.get("SHIV_INTERPRETER"):  # NOTE: the pyz's pangea, not the work tree's (it may differ)
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
     import pangea
 
-    started = time.perf_counter()
     journal, note = pangea.TaskJournal.open(directory)
     if note:
         print(json.dumps({"error": note}), flush=True)
         return 1
+    started = time.perf_counter()
     seq = journal.next_seq()
     for i in range(tasks):
         a = restart_operand(i)
@@ -337,25 +368,34 @@ def writer_main(directory: Path, tasks: int, spec: dict[str, Any]) -> int:
             reserved=2 * int(a.nbytes) + out_bytes,
         )
         journal.add(row, [(0, a, ""), (1, a, "")])
-    print(json.dumps({"rows": tasks, "seconds": time.perf_counter() - started}), flush=True)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"rows": tasks, "seconds": seconds, "pangea": pangea.__file__}), flush=True)
     os._exit(0)  # NOTE: no close: the WAL stays as a node killed with -9 leaves it
 
 
-def write_journal(directory: Path, tasks: int, spec: Mapping[str, Any]) -> float:
-    """Run the writer child; the seconds it took."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--role", "write-journal", "--dir", str(directory)]
+def write_journal(pyz: Path, directory: Path, tasks: int, spec: Mapping[str, Any]) -> tuple[float, str]:
+    """Run the writer child with the pyz's interpreter and packages; the seconds it took and the file of the
+    pangea that wrote the journal."""
+    cmd = [str(pyz), str(Path(__file__).resolve()), "--role", "write-journal", "--dir", str(directory)]
     cmd += ["--tasks", str(tasks), "--spec", json.dumps(spec)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=WRITER_TIMEOUT_S)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PANGEA_")} | {"SHIV_INTERPRETER": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=WRITER_TIMEOUT_S, env=env)
     lines = done.stdout.strip().splitlines()
     doc = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
     if done.returncode or doc.get("rows") != tasks:
         raise SystemExit(f"task_queue.py: cannot write the journal: {doc.get('error') or done.stderr[-2000:]}")
-    return float(doc["seconds"])
+    return float(doc["seconds"]), str(doc["pangea"])
 
 
 # ---------------------------------------------------------------------------
 # Measuring
 # ---------------------------------------------------------------------------
+
+
+def build_stamp(pyz: Path) -> tuple[int, int]:
+    """The pyz's modification time (ns) and size: another engineer's ./build.sh during a run changes them."""
+    st = pyz.stat()
+    return st.st_mtime_ns, st.st_size
 
 
 def free_port() -> int:
@@ -380,6 +420,12 @@ def read_only(path: Path) -> Iterator[sqlite3.Connection]:
         yield db
     finally:
         db.close()
+
+
+def journal_rows(path: Path, kernel: str) -> int:
+    """Rows of ``kernel`` tasks in a journal."""
+    with read_only(path) as db:
+        return int(db.execute("SELECT COUNT(*) FROM tasks WHERE kernel = ?", (kernel,)).fetchone()[0])
 
 
 def port_of(node: Any) -> int:
@@ -408,14 +454,24 @@ class Pair:
         self.want_big = self.big.copy() if kernel == "copy" else self.big.sum()
 
     def tiny(self, side: str, n: int) -> float:
-        """tasks/s of ``n`` sequential tiny adds (the last answer checked)."""
+        """Seconds of ``n`` sequential tiny adds (the last answer checked)."""
         client = self.clients[side]
         start = time.perf_counter()
         for _ in range(n):
             out = client.submit("add", self.tiny_a, self.tiny_a)
         seconds = time.perf_counter() - start
         check_close(out, self.tiny_a + self.tiny_a, f"a tiny add ({side})")
-        return n / seconds
+        return seconds
+
+    def tiny_round(self, order: Sequence[str], n: int) -> dict[str, float]:
+        """tasks/s of each side over ``n`` tiny adds, run in bursts of TINY_BURST alternating A B B A ...,
+        so that a change of the machine's load within the round hits both sides alike."""
+        seconds = dict.fromkeys(order, 0.0)
+        bursts = burst_sizes(n, TINY_BURST)
+        for k, size in enumerate(bursts):
+            for side in order if k % 2 == 0 else order[::-1]:
+                seconds[side] += self.tiny(side, size)
+        return {side: n / s for side, s in seconds.items()}
 
     def transfer(self, side: str, check: bool) -> float:
         """Seconds of one large task, timed whole."""
@@ -436,8 +492,9 @@ def measure_pair(pyz: Path, base: Path, args: argparse.Namespace, fig: Figures) 
     node wrote (JSON text, "" when none was found)."""
     import nodes
 
+    journal_args = ("--state-max-gib", "0") if args.same_nodes else ()
     with (
-        nodes.serving(pyz, base, "journal") as journal_node,
+        nodes.serving(pyz, base, "journal", *journal_args) as journal_node,
         nodes.serving(pyz, base, "none", "--state-max-gib", "0") as none_node,
         journal_node.client(timeout_s=CLIENT_TIMEOUT_S) as journal_client,
         none_node.client(timeout_s=CLIENT_TIMEOUT_S) as none_client,
@@ -450,26 +507,28 @@ def measure_pair(pyz: Path, base: Path, args: argparse.Namespace, fig: Figures) 
         none_dir = none_node.home.pangea_home / "queue"
         pair = Pair(clients, args.kernel, args.mib)
         for side in clients:  # NOTE: unrecorded warm-up: first touches of memory, the first calls' set-up
-            pair.tiny(side, max(20, args.tiny // 5))
+            pair.tiny(side, max(20, args.tiny // 5))  # (seconds, not kept)
             for _ in range(2):
                 pair.transfer(side, check=True)
-        with read_only(db_path) as db:
-            rows_before = int(db.execute("SELECT COUNT(*) FROM tasks WHERE kernel = ?", (args.kernel,)).fetchone()[0])
+        rows_before = 0 if args.same_nodes else journal_rows(db_path, args.kernel)
         for i in range(args.reps):
             print(f"task_queue.py: round {i + 1}/{args.reps}", file=sys.stderr, flush=True)
             order = ("journal", "none") if i % 2 == 0 else ("none", "journal")
-            for side in order:
-                fig.tiny[side].append(pair.tiny(side, args.tiny))
+            for side, rate in pair.tiny_round(order, args.tiny).items():
+                fig.tiny[side].append(rate)
             samples: dict[str, list[float]] = {"journal": [], "none": []}
             for k in range(args.copies):
                 for side in order if k % 2 == 0 else order[::-1]:
                     samples[side].append(pair.transfer(side, check=k == 0))
             for side in order:
                 fig.transfer[side].append(statistics.median(samples[side]))
+        if args.same_nodes:
+            fig.notes.append("A/A check (--same-nodes): both nodes run --state-max-gib 0; every ratio should be 1")
+            return ""
         with read_only(db_path) as db:
             found = db.execute("SELECT spec FROM tasks WHERE kernel = 'add' ORDER BY seq DESC LIMIT 1").fetchone()
             counts = dict(db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall())
-            rows_after = int(db.execute("SELECT COUNT(*) FROM tasks WHERE kernel = ?", (args.kernel,)).fetchone()[0])
+        rows_after = journal_rows(db_path, args.kernel)
         timed = args.reps * args.copies
         fig.notes.append(
             f"journaling node: {sum(counts.values())} rows in {db_path.name} at the end "
@@ -498,7 +557,9 @@ def wait_resumed(proc: Any, db_path: Path, tasks: int, spawned: float) -> list[f
             finished = db.execute(query, (RESTART_KEY_PREFIX + "%",)).fetchall()
             failed = [r for r in finished if r[0] == "failed"]
             if failed:
-                raise SystemExit(f"task_queue.py: {len(failed)} resumed task(s) failed; the node's output:\n{proc.output()}")
+                raise SystemExit(
+                    f"task_queue.py: {len(failed)} resumed task(s) failed; the node's output:\n{proc.output()}"
+                )
             if len(finished) >= tasks:
                 return [float(r[1]) for r in finished]
             if proc.returncode is not None or time.time() > deadline:
@@ -529,7 +590,8 @@ def restart(pyz: Path, base: Path, i: int, tasks: int, spec: Mapping[str, Any], 
     home = nodes.node_home(base, f"restart-{i}")
     port = free_port()
     db_path = journal_path(home.pangea_home, port)
-    fig.write_s.append(write_journal(db_path.parent, tasks, spec))
+    seconds, fig.writer = write_journal(pyz, db_path.parent, tasks, spec)
+    fig.write_s.append(seconds)
     spawned = time.time()
     proc = nodes.launch(pyz, home, "--rpc", f"127.0.0.1:{port}", name=f"restart-{i}")
     try:
@@ -557,13 +619,16 @@ def restart(pyz: Path, base: Path, i: int, tasks: int, spec: Mapping[str, Any], 
 def run(args: argparse.Namespace) -> tuple[Figures, float, tuple[float, float]]:
     """Every measurement; the figures, the seconds it took and the load before and after."""
     fig = Figures()
+    if not args.pyz.is_file():
+        raise SystemExit(f"task_queue.py: no pangea.pyz at {args.pyz}: run ./build.sh first (or pass --pyz)")
+    build = build_stamp(args.pyz)
     load_before = os.getloadavg()[0]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pangea-bench-queue-") as tmp:
         base = Path(tmp)
         found = measure_pair(args.pyz, base, args, fig)
         spec, origin = template_spec(found)
-        for i in range(args.restarts):
+        for i in range(0 if args.same_nodes else args.restarts):
             print(f"task_queue.py: restart {i + 1}/{args.restarts}", file=sys.stderr, flush=True)
             if i % 2 == 0:
                 fig.bare_ready.append(bare_start(args.pyz, base, i))
@@ -571,15 +636,23 @@ def run(args: argparse.Namespace) -> tuple[Figures, float, tuple[float, float]]:
             else:
                 restart(args.pyz, base, i, args.tasks, spec, fig)
                 fig.bare_ready.append(bare_start(args.pyz, base, i))
-    fig.notes.append(
-        f"restart journals: {args.tasks} queued add tasks of {TINY_SHAPE[0]}x{TINY_SHAPE[1]} float64 (operands inline), "
-        f"written by pangea.TaskJournal.add in a child that exits without closing the database (as kill -9 "
-        f"leaves it), {statistics.median(fig.write_s):.2f} s each to write; spec: {origin}: {json.dumps(spec)}"
-    )
-    fig.notes.append(
-        "restart figures: the journal's own 'finished' times (the node's clock) minus the spawn time here; "
-        "the node's log said it read back every task; answers of tasks 0, n/2 and n-1 checked after timing"
-    )
+    if not args.same_nodes:
+        fig.notes.append(
+            f"restart journals: {args.tasks} queued add tasks of {TINY_SHAPE[0]}x{TINY_SHAPE[1]} float64 "
+            f"(operands inline), written by TaskJournal.add of the pyz's own pangea ({fig.writer}) in a child that "
+            "exits without closing the database "
+            f"(as kill -9 leaves it), {statistics.median(fig.write_s):.2f} s to add the rows of each ("
+            f"{1e6 * statistics.median(fig.write_s) / args.tasks:.0f} us a task); spec: {origin}: {json.dumps(spec)}"
+        )
+        fig.notes.append(
+            "restart figures: the journal's own 'finished' times (the node's clock) minus the spawn time here; "
+            "the node's log said it read back every task; answers of tasks 0, n/2 and n-1 checked after timing"
+        )
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(build[0] / 1e9))
+    if build_stamp(args.pyz) != build:
+        fig.notes.append(f"WARNING: {args.pyz} changed during the run (rebuilt?): the figures may mix two builds")
+    else:
+        fig.notes.append(f"pyz: {args.pyz} of {stamp}, {build[1] / MIB:.0f} MiB, unchanged during the run")
     return fig, time.monotonic() - started, (load_before, os.getloadavg()[0])
 
 
@@ -622,6 +695,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--restarts", type=int, help=f"restarts, each beside a bare start (default {FULL['restarts']})")
     parser.add_argument("--tasks", type=int, help=f"queued tasks in each restart's journal (default {FULL['tasks']})")
+    parser.add_argument(
+        "--same-nodes",
+        action="store_true",
+        help="A/A check of the method: both nodes without a journal (the ratios should be 1), no restarts",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every sample to this file")
     parser.add_argument("--role", choices=("main", "write-journal"), default="main", help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)

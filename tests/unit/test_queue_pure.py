@@ -134,6 +134,17 @@ def test_a_file_write_stopped_midway_leaves_nothing_and_a_stray_one_goes_at_open
     assert list((tmp_path / "q" / "arrays").iterdir()) == []
 
 
+def test_an_array_file_no_task_names_goes_at_open(tmp_path: Path) -> None:
+    journal, _ = TaskJournal.open(tmp_path / "q")
+    big = np.ones((300, 300))
+    journal.write_file("t1-in0.npy", big)
+    journal.add(row("t1", 1), [(0, big, "t1-in0.npy")])
+    journal.write_file("t2-in0.npy", big)  # NOTE: renamed into place, then killed before its row
+    journal.close()
+    journal, _ = TaskJournal.open(tmp_path / "q")
+    assert sorted(p.name for p in journal.files.iterdir()) == ["t1-in0.npy"]
+
+
 def test_a_lost_array_file_is_said_not_read(tmp_path: Path) -> None:
     journal, _ = TaskJournal.open(tmp_path / "q")
     big = np.ones((300, 300))
