@@ -14374,6 +14374,10 @@ class TaskQueue:
                         row.task_id, row.key, row.kernel, row.state, row.accepted, row.finished, error, 0, row.runs
                     )
                 )
+        listed = {r.task_id for r in out}
+        for _due, entry, _state in self._marks.values():  # answered just now: the journal says so soon
+            if entry.task_id not in listed:
+                out.append(entry.info())
         for entry in sorted(live.values(), key=lambda e: e.seq):
             out.append(entry.info(entry.result_bytes or entry.reserved if entry.written else 0))
         return sorted(out, key=lambda r: r.accepted)
