@@ -15996,7 +15996,7 @@ function render(s) {
   $("bytes-in").textContent = mb(n.bytes_in); $("bytes-out").textContent = mb(n.bytes_out);
   $("budget").textContent = `${mb(n.memory_budget_used_bytes)} of ${mb(n.memory_budget_bytes)}`;
   $("queue").textContent = n.queue_journal ? `${n.queue_tasks} tasks, ${n.queue_waiting} waiting; ` +
-    `${mb(n.state_bytes)} of ${mb(n.state_max_bytes)} on disk` : "no journal";
+    `${mb(n.state_bytes)} of its ${mb(n.state_max_bytes)} quota` : "no journal";
   fill($("peers"), s.peers, (row, p) => {
     row.dataset.peer = p.peer_id;
     cell(row, short(p.peer_id), "mono").title = p.peer_id; cell(row, p.address.split("/p2p/")[0], "mono");
