@@ -73,6 +73,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [p for p in (str(REPO_ROOT), str(REPO_ROOT / "bench")) if p not in sys.path]
 
+from client_path import Summary, summarize  # noqa: E402
+
 MIB = 1 << 20
 TINY_SHAPE = (3, 4)
 TINY_BURST = 50  # tiny adds in a row on one node before the other node's turn
@@ -98,23 +100,6 @@ QUICK = {"reps": 2, "tiny": 50, "copies": 1, "mib": 16, "restarts": 1, "tasks": 
 # ---------------------------------------------------------------------------
 # Pure parts: summaries, costs, verdicts, the journal's rows, the table
 # ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Median, min and max of a figure over the rounds."""
-
-    median: float
-    low: float
-    high: float
-    n: int
-
-
-def summarize(values: Sequence[float]) -> Summary | None:
-    """The summary of ``values`` (None when there are none)."""
-    if not values:
-        return None
-    return Summary(statistics.median(values), min(values), max(values), len(values))
 
 
 def paired_ratios(journal: Sequence[float], none: Sequence[float]) -> list[float]:
