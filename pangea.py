@@ -12819,6 +12819,28 @@ def _detached_capability(cap: Any) -> Any:
     return holder.arrays[0]
 
 
+def _outcome_to_capnp(
+    r: Any, outcome: TaskOutcome | None, error: TaskError | None, verify_rounds: int = 0, shared_output: int = 0
+) -> None:
+    """Fill an RPC `TaskOutput` builder (``shared_output``: 1 + the index of the batch's segment that
+    holds the one output already; 0: the output travels in the message)."""
+    if error is not None:
+        r.errorKind = str(error.kind)
+        r.errorMessage = str(error)
+        return
+    assert outcome is not None
+    record = TaskOutputRecord.from_outcome(outcome, result_verified(outcome, verify_rounds))
+    if not shared_output:
+        record.to_capnp(r)
+        return
+    (output,) = record.outputs
+    dataclasses.replace(record, outputs=()).to_capnp(r)
+    (slot,) = r.init("outputs", 1)
+    slot.dtype, shape, *_ = _array_parts([output])[0][0]
+    slot.shape = list(shape)
+    slot.shared.segment = shared_output
+
+
 ###############################################################################
 # 17. Held arrays
 #
@@ -13242,6 +13264,25 @@ class ArrayKeeper:
             worker, "copy", (stand_in,), {}, held=(held_id,), keep=0, timeout_s=timeout_s
         )
         return outcome.outputs[0]
+
+
+def held_operand(reader: Any, index: int, kept: Sequence[KeptArray]) -> KeptArray:
+    """The held array an RPC operand names (`Array.held`: 1 + its index among the task's arrays);
+    TaskError(bad-input) when it names none, or declares another dtype or shape."""
+    slot = int(reader.held) - 1
+    if not 0 <= slot < len(kept):
+        raise TaskError(
+            f"operand {index} names held array {slot + 1}, but the task passed {len(kept)}", kind=ErrorKind.BAD_INPUT
+        )
+    a = kept[slot]
+    declared = (str(reader.dtype), tuple(int(d) for d in reader.shape))
+    if declared != (_dtype_name(a.dtype), a.shape):
+        raise TaskError(
+            f"operand {index} declares a {declared[0]} of shape {declared[1]}, but the array it names is a "
+            f"{_dtype_name(a.dtype)} of shape {a.shape}",
+            kind=ErrorKind.BAD_INPUT,
+        )
+    return a
 
 
 ###############################################################################
@@ -14799,47 +14840,6 @@ class NodeService:
             info = self.peer_info(session)
         assert info is not None
         return info
-
-
-def held_operand(reader: Any, index: int, kept: Sequence[KeptArray]) -> KeptArray:
-    """The held array an RPC operand names (`Array.held`: 1 + its index among the task's arrays);
-    TaskError(bad-input) when it names none, or declares another dtype or shape."""
-    slot = int(reader.held) - 1
-    if not 0 <= slot < len(kept):
-        raise TaskError(
-            f"operand {index} names held array {slot + 1}, but the task passed {len(kept)}", kind=ErrorKind.BAD_INPUT
-        )
-    a = kept[slot]
-    declared = (str(reader.dtype), tuple(int(d) for d in reader.shape))
-    if declared != (_dtype_name(a.dtype), a.shape):
-        raise TaskError(
-            f"operand {index} declares a {declared[0]} of shape {declared[1]}, but the array it names is a "
-            f"{_dtype_name(a.dtype)} of shape {a.shape}",
-            kind=ErrorKind.BAD_INPUT,
-        )
-    return a
-
-
-def _outcome_to_capnp(
-    r: Any, outcome: TaskOutcome | None, error: TaskError | None, verify_rounds: int = 0, shared_output: int = 0
-) -> None:
-    """Fill an RPC `TaskOutput` builder (``shared_output``: 1 + the index of the batch's segment that
-    holds the one output already; 0: the output travels in the message)."""
-    if error is not None:
-        r.errorKind = str(error.kind)
-        r.errorMessage = str(error)
-        return
-    assert outcome is not None
-    record = TaskOutputRecord.from_outcome(outcome, result_verified(outcome, verify_rounds))
-    if not shared_output:
-        record.to_capnp(r)
-        return
-    (output,) = record.outputs
-    dataclasses.replace(record, outputs=()).to_capnp(r)
-    (slot,) = r.init("outputs", 1)
-    slot.dtype, shape, *_ = _array_parts([output])[0][0]
-    slot.shape = list(shape)
-    slot.shared.segment = shared_output
 
 
 class RpcServer:
