@@ -16777,6 +16777,12 @@ class Client(_ClientConnection):
     memory budget (shared memory or not), are refused here, before a byte is sent. ``max_message_bytes`` bounds this
     client's own messages (default: the largest any node accepts).
 
+    The node's durable queue: every task has a key (``key=``, or a random one), the node
+    journals it, and a task whose connection broke is asked for again by its key once this
+    client has connected again (the node restarted, the network came back). `enqueue` hands a
+    task over without waiting, `result` and `attach` collect one by its key or id, from any
+    Client, and `tasks` lists the queue.
+
     ``token``: default $PANGEA_RPC_TOKEN, else (for a node on this box) the token in
     this user's pangea home, which `serve` writes there. ``fingerprint``: the
     certificate fingerprint `serve` printed for a TLS endpoint (off loopback);
