@@ -14350,6 +14350,9 @@ class TaskQueue:
             log.warning("task queue: cannot write the answer of task %s: %s", entry.task_id, describe_exception(exc))
         finally:
             written.set()
+            journaled = entry.events.get("journaled")
+            if journaled is not None:  # NOTE: its row came with its answer (a detached task waits for it)
+                journaled.set()
             if entry.charge is not None:
                 entry.charge.release()
 

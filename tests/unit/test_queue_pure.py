@@ -402,3 +402,23 @@ def test_without_a_journal_tasks_run_the_same_and_nothing_is_kept() -> None:
         assert queue.counts()["queue_journal"] == "" and queue.counts()["state_max_bytes"] == 0
 
     run_queue(make_queue(None, runs), body)
+
+
+def test_a_detached_task_is_journaled_and_its_answer_waits_for_a_later_call(tmp_path: Path) -> None:
+    journal, _ = TaskJournal.open(tmp_path / "q")
+    runs, x = Runs(), np.arange(3.0)
+
+    async def body(queue: TaskQueue) -> None:
+        entry, token = queue.accept("d1", "add", [x, x], {}, dict(SPEC), int(x.nbytes), None, detach=True)
+        assert token == 0
+        with trio.fail_after(10):  # NOTE: also when its answer is written before the next flush
+            await entry.events["journaled"].wait()
+        assert entry.journaled
+        again = queue.find("d1")
+        token = queue.attach(again)
+        answer = await queue.wait(again, token, 10.0)
+        assert np.array_equal(answer.outputs[0], 2 * x)
+        queue.answered(again, token)
+
+    run_queue(make_queue(journal, runs), body)
+    assert [(r.key, r.state) for r in journal.rows()] == [("d1", "collected")]
