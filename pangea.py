@@ -378,6 +378,7 @@ QUEUE_JOURNAL_LARGE_AFTER_S = 0.25
 # restart (its answer then waits for nobody) rather than lose an answer still on its way.
 QUEUE_FLUSH_S = 0.05
 QUEUE_COLLECT_AFTER_S = 1.0
+QUEUE_COLLECT_RATE_BYTES_S = 10e6  # and one more second per 10 MB of answer: a slow link's time to carry it
 
 # bench verb: what its parser needs; the rest of the verb is bench/pangea_bench.py.
 # Defaults of a full run and of --quick (a run of a few seconds whose figures are rough).
@@ -14154,7 +14155,8 @@ class TaskQueue:
         if not token or entry.owner != token or entry.state == "collected":
             return
         entry.owner = 0
-        self._collect(entry, "collected", QUEUE_COLLECT_AFTER_S)
+        nbytes = sum(int(a.nbytes) for a in entry.outcome.outputs) if entry.outcome is not None else entry.result_bytes
+        self._collect(entry, "collected", QUEUE_COLLECT_AFTER_S + nbytes / QUEUE_COLLECT_RATE_BYTES_S)
 
     def let_go(self, entry: QueuedTask, token: int, gone: bool) -> None:
         """The call of ``token`` ended without an answer: ``gone`` (its connection closed) leaves the task
