@@ -378,6 +378,7 @@ QUEUE_JOURNAL_LARGE_AFTER_S = 0.25
 # restart (its answer then waits for nobody) rather than lose an answer still on its way.
 QUEUE_FLUSH_S = 0.05
 QUEUE_COLLECT_AFTER_S = 1.0
+CLIENT_CANCEL_FLUSH_S = 2.0  # a closing Client waits this long, at most, for its cancels to reach the node
 QUEUE_COLLECT_RATE_BYTES_S = 10e6  # and one more second per 10 MB of answer: a slow link's time to carry it
 
 # bench verb: what its parser needs; the rest of the verb is bench/pangea_bench.py.
@@ -14165,14 +14166,22 @@ class TaskQueue:
             return
         entry.owner = 0
         if not gone:
-            entry.events["cancelled"] = True
-            if entry.scope is not None:
-                entry.scope.cancel()
-            if entry.state not in _UNFINISHED_STATES:
-                self._collect(entry, "cancelled")
+            self.cancel(entry.task_id)
             return
         if entry.events["done"].is_set() and not entry.written and self._nursery is not None:
             self._nursery.start_soon(self._write_answer, entry)
+
+    def cancel(self, name: str) -> None:
+        """Its client gives up on a task (by id or key): it stops, its answer is not kept (the `cancel` call)."""
+        entry = self.tasks.get(name) or self.by_key.get(name)
+        if entry is None:
+            return
+        entry.owner = 0
+        entry.events["cancelled"] = True
+        if entry.scope is not None:
+            entry.scope.cancel()
+        if entry.state not in _UNFINISHED_STATES:
+            self._collect(entry, "cancelled")
 
     def _collect(self, entry: QueuedTask, state: str, after_s: float = 0.0) -> None:
         """A task is answered (or cancelled): out of memory now, and so in the journal ``after_s`` later
@@ -15505,6 +15514,14 @@ def _make_gate(
             finally:
                 self._end_of_call(box, answered)
 
+        async def cancel(self, task: Any, _context: Any, **kwargs: Any) -> None:
+            try:
+                name = check_rpc_text("task", str(task))
+                if service.queue is not None and soon is not None:
+                    soon(service.queue.cancel, name)  # NOTE: at once, before anything else of this connection
+            except Exception as exc:
+                _context.results.errorKind, _context.results.errorMessage = rpc_error_fields(exc, "cancel a task")
+
         async def tasks(self, _context: Any, **kwargs: Any) -> None:
             try:
                 with service.call_slot():
@@ -16516,6 +16533,7 @@ class _ClientConnection:
     _generation: int = 0
     _broken: bool = False
     _reconnecting: Any = None  # an asyncio.Lock: one reconnection at a time
+    _cancels: set[Any]  # `cancel` calls on their way to the node
 
     def _thread_main(self) -> None:
         import asyncio
@@ -16544,6 +16562,8 @@ class _ClientConnection:
             self._ready.set()
             try:
                 await self._stopped.wait()
+                if self._cancels:  # NOTE: a Ctrl-C's cancels reach the node before the connection closes
+                    await asyncio.wait(list(self._cancels), timeout=CLIENT_CANCEL_FLUSH_S)
             finally:
                 self._handles.clear()  # NOTE: on this loop, while it runs: the node releases their arrays
                 if self._bulk is not None:
@@ -16855,6 +16875,7 @@ class Client(_ClientConnection):
         # thread only: a pycapnp capability lives on its loop); a `RemoteArray` names one.
         self._handles: dict[int, Any] = {}
         self._handle_ids = iter(range(1, 1 << 62))
+        self._cancels: set[Any] = set()
         self.shared_memory_note = (
             "off: shared_memory=False"
             if not shared_memory
@@ -16917,10 +16938,22 @@ class Client(_ClientConnection):
         return future
 
     def _cancel_soon(self, future: TaskFuture) -> None:
-        """Cancel a future's asyncio task (from any thread): pycapnp drops the call, the node cancels it."""
+        """Cancel a future's asyncio task (from any thread): pycapnp drops the call, and (a task of the
+        node's queue) a `cancel` of its key tells the node the client gave up on it, so it stops it."""
+
+        def cancel() -> None:
+            import asyncio
+
+            if future.key and future.submits and self._compute is not None and not self._broken:
+                sent = asyncio.ensure_future(self._compute.cancel(future.key))
+                self._cancels.add(sent)
+                sent.add_done_callback(self._cancels.discard)
+            if future._call_task is not None:
+                future._call_task.cancel()
+
         if self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop closed: the connection, and its calls, are gone
-                self._loop.call_soon_threadsafe(lambda: future._call_task is not None and future._call_task.cancel())
+                self._loop.call_soon_threadsafe(cancel)
 
     def _launch(
         self, future: TaskFuture, coro_fn: Callable[[], Any], what: str, done: Callable[[TaskFuture, Any], Any] | None

@@ -368,6 +368,9 @@ interface Compute {
   # Answered once: after that the task is "collected" (errorKind "not-found": the node has no such task).
   tasks   @6 () -> (tasks :List(TaskInfo), errorKind :Text, errorMessage :Text);
   # the tasks of the queue, oldest first (collected ones until the retention time)
+  cancel  @7 (task :Text) -> (errorKind :Text, errorMessage :Text);
+  # cancel a task of the queue by its id or key (a client that gives up on it: a call that merely
+  # ends with its connection leaves the task running, for `result`)
 }
 
 interface Gate {

@@ -425,7 +425,7 @@ def node_without_kernels(tmp_path: Path) -> Iterator[str]:
     import sys
 
     text = pangea.schema_path().read_text()
-    old = re.sub(r"^  (kernels @4|result  @5|tasks   @6) .*\n", "", text, flags=re.M)  # the calls newer than it
+    old = re.sub(r"^  (kernels @4|result  @5|tasks   @6|cancel  @7) .*\n", "", text, flags=re.M)  # newer calls
     assert old != text
     (tmp_path / "old.capnp").write_text(old)
     (tmp_path / "old_node.py").write_text(OLD_NODE)

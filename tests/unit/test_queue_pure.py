@@ -422,3 +422,22 @@ def test_a_detached_task_is_journaled_and_its_answer_waits_for_a_later_call(tmp_
 
     run_queue(make_queue(journal, runs), body)
     assert [(r.key, r.state) for r in journal.rows()] == [("d1", "collected")]
+
+
+def test_a_cancel_by_key_stops_the_task_even_with_no_call_left(tmp_path: Path) -> None:
+    journal, _ = TaskJournal.open(tmp_path / "q")
+    runs, x = Runs(), np.ones(2)
+
+    async def body(queue: TaskQueue) -> None:
+        runs.gate = trio.Event()  # never set: it runs until cancelled
+        entry, token = accept(queue, "ctrl-c", x)
+        await trio.sleep(0.05)
+        queue.cancel("ctrl-c")  # the client's `cancel` first ...
+        queue.let_go(entry, token, gone=True)  # ... then its connection closes: the task stays cancelled
+        with trio.fail_after(10):
+            while entry.state != "cancelled":  # noqa: ASYNC110 (a state, no event)
+                await trio.sleep(0.01)
+        queue.cancel("no such task")  # harmless
+
+    run_queue(make_queue(journal, runs), body)
+    assert [(r.key, r.state) for r in journal.rows()] == [("ctrl-c", "cancelled")]
