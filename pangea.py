@@ -13303,7 +13303,6 @@ def held_operand(reader: Any, index: int, kept: Sequence[KeptArray]) -> KeptArra
 ###############################################################################
 
 
-TASK_STATES = ("queued", "running", "done", "failed", "collected", "cancelled")
 _UNFINISHED_STATES = ("queued", "running")
 _WAITING_STATES = ("done", "failed")  # an answer on disk, waiting for its client
 
@@ -13733,14 +13732,6 @@ class TaskJournal:
     def _unlink(self, names: Sequence[str]) -> None:
         for name in names:
             (self.files / name).unlink(missing_ok=True)
-
-    def disk_bytes(self) -> int:
-        """Bytes of the journal and its files on disk now."""
-        total = 0
-        for path in [self.path, self.path.with_name(self.path.name + "-wal"), *self.files.iterdir()]:
-            with contextlib.suppress(OSError):
-                total += path.stat().st_size
-        return total
 
 
 def _c_bytes(a: np.ndarray) -> bytes:

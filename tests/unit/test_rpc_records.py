@@ -27,6 +27,7 @@ from pangea import (
     PeerRecord,
     StatusRecord,
     SuspicionRecord,
+    TaskInfoRecord,
     TaskOutcome,
     TaskOutputRecord,
     TimingsRecord,
@@ -333,3 +334,19 @@ def test_kernel_info_says_how_a_remote_result_is_verified() -> None:
 def test_compute_interface_has_the_kernels_method() -> None:
     methods = load_schema().Compute.schema.methods
     assert {"submit", "peers", "status", "connect", "kernels"} <= set(methods)
+
+
+def test_a_task_of_the_queue_round_trips_as_tasks_lists_it() -> None:
+    record = TaskInfoRecord(
+        "t0123456789abcdef",
+        "nightly",
+        "matmul",
+        "failed",
+        1_700_000_000.5,
+        1_700_000_002.25,
+        "deadline: too slow",
+        1 << 20,
+        2,
+    )
+    assert round_trip("TaskInfo", record) == record
+    assert record.as_dict()["runs"] == 2
