@@ -16988,8 +16988,12 @@ class Client(_ClientConnection):
             return isinstance(exc, capnp.KjException) and "disconnected" in text and "remote exception" not in text  # type: ignore[attr-defined]
 
         generation = self._generation
-        if self._broken:
-            await self._reconnect(generation, deadline)
+        if self._broken:  # NOTE: a new call tries once: a node that is down is said at once
+            if not await self._reconnect(generation, time.monotonic()):
+                raise RpcError(
+                    f"cannot {what}: the node at {self.address} closed the connection and does not answer (stopped?)",
+                    hint="start it again: this Client connects again by itself on its next call",
+                )
             generation = self._generation
         try:
             return await coro_fn()

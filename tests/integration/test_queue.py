@@ -34,6 +34,8 @@ What is checked, every answer against numpy (exact for integers):
 * ``--state-max-gib 0``: no journal, tasks still run.
 * a key once answered names its task for good, also for a quick task with large
   operands (answered before its operands reached the journal).
+* a Client whose node was killed says so at once on its next calls, and the same
+  Client works again once the node is back.
 """
 
 from __future__ import annotations
@@ -623,3 +625,23 @@ def test_a_key_answered_once_is_refused_also_for_a_quick_task_with_large_operand
         {small.key: "collected", large.key: "collected"},
         {small.key: "bad-input: already answered", large.key: "bad-input: already answered"},
     ), (listed, again)
+
+
+def test_a_client_says_at_once_that_its_node_is_down_and_works_again_once_it_is_back(
+    procs: Procs, home: NodeHome
+) -> None:
+    port = free_port()
+    node = procs.serve(home, port)
+    job = add("t9-after", 5, 900)
+    with client(node) as c:
+        assert c.status()["queue_tasks"] == 0
+        kill_9(node.proc)
+        started = time.monotonic()
+        with pytest.raises(RpcError, match="closed the connection"):
+            c.status()
+        with pytest.raises(RpcError):  # NOTE: a new call tries to connect once, and says so
+            c.submit(job.kernel, *job.arrays(), key=job.key)
+        assert time.monotonic() - started < 10, "a call to a node that is down waits for nothing"
+        node = procs.serve(home, port)
+        job.check(c.submit(job.kernel, *job.arrays(), key=job.key))  # the same Client, connected again
+        assert c.status()["queue_recovered"] == 0
