@@ -379,7 +379,7 @@ QUEUE_JOURNAL_LARGE_AFTER_S = 0.25
 QUEUE_FLUSH_S = 0.05
 QUEUE_COLLECT_AFTER_S = 1.0
 CLIENT_CANCEL_FLUSH_S = 2.0  # a closing Client waits this long, at most, for its cancels to reach the node
-QUEUE_COLLECT_RATE_BYTES_S = 10e6  # and one more second per 10 MB of answer: a slow link's time to carry it
+QUEUE_COLLECT_RATE_BYTES_S = 100e6  # and one more second per 100 MB of answer: the time to carry it
 
 # bench verb: what its parser needs; the rest of the verb is bench/pangea_bench.py.
 # Defaults of a full run and of --quick (a run of a few seconds whose figures are rough).

@@ -185,6 +185,13 @@ def journal_keys(home: NodeHome, port: int) -> set[str]:
         return {str(k) for (k,) in db.execute("SELECT key FROM tasks WHERE key IS NOT NULL")}
 
 
+def journal_states(home: NodeHome, port: int) -> dict[str, str]:
+    """The state of each keyed task in the node's journal now (read-only, beside the running node)."""
+    uri = f"file:{journal_path(home, port)}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+        return {str(k): str(v) for k, v in db.execute("SELECT key, state FROM tasks WHERE key IS NOT NULL")}
+
+
 def wait_admitted(c: Client, nbytes: int) -> None:
     """Wait until the node has charged at least ``nbytes`` to its memory budget (a task it took)."""
     wait_until(
@@ -320,6 +327,13 @@ def test_kill_9_keeps_waiting_answers_and_runs_unfinished_tasks_again(procs: Pro
         assert set(before.values()) <= set(UNFINISHED), before  # behind the blocker, not answered to the child
         kill_9(leaving.proc)
         blocker.check(first.result(CLIENT_TIMEOUT_S))
+        # NOTE: its collected mark reaches the journal a moment after its answer (QUEUE_COLLECT_AFTER_S): a
+        # kill before that would run it again, as the README says; this test kills after
+        wait_until(
+            lambda: journal_states(home, port).get(blocker.key) == "collected",
+            STATE_TIMEOUT_S,
+            "the journal marks the blocker collected",
+        )
         wait_until(lambda: c.status()["queue_waiting"] == len(waiting), STATE_TIMEOUT_S, "3 answers wait")
         assert states(c, waiting) == {job.key: "done" for job in waiting}
         # A second client's tasks, one running and three queued, in the journal: then kill -9 of both
@@ -475,6 +489,10 @@ def test_a_kill_while_large_operands_are_written_leaves_no_array_file_behind(pro
         assert isinstance(blocker.exception(CLIENT_TIMEOUT_S), RpcError)  # keep=True: no key, no reconnect
         assert result_kind(c, job.key) == "not-found"
         assert c.status()["queue_tasks"] == 0
+        # NOTE: an answered task keeps its operands until its collected mark is written (a moment after its
+        # answer: a kill before that runs it again), then they go
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: not any(arrays_dir.iterdir()), STATE_TIMEOUT_S, "the answered task's files go")
     left = sorted(p.name for p in arrays_dir.iterdir())
     assert left == [], (
         f"array files no task names, left after its answer was collected: {left} (at the kill: {at_kill})"
