@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import NodeHome, Proc, make_node_home, wait_until
-from pyz_helpers import ServeNode, peer_id_of, start_serve
+from pyz_helpers import DATA_PORT_TAKEN, ServeNode, peer_id_of, start_serve
 
 import pangea
 from pangea import Client, PangeaError, RpcError, TaskError
@@ -122,7 +122,8 @@ def test_serve_prints_its_id_and_endpoints_and_keeps_a_session_dir(pyz: Path, pa
         assert (status["peer_id"], status["rpc_address"], status["peer_count"]) == (peer_id, node.rpc, 0)
     assert node.proc.returncode == 0
     assert session_dirs(pangea_home) == []
-    assert node.proc.stderr_lines == []
+    # NOTE: nothing on stderr but, on a busy box, the warning that its data port was taken by another process
+    assert [line for line in node.proc.stderr_lines if not line.startswith(DATA_PORT_TAKEN)] == []
 
 
 def test_serve_on_one_address_says_it_serves_there(pyz: Path, pangea_home: NodeHome) -> None:
