@@ -13526,6 +13526,11 @@ class TaskJournal:
             ).fetchone()
         return None if r is None else JournalRow(r[0], r[1] or "", r[2], r[3], json.loads(r[4]), *r[5:])
 
+    def keys(self) -> set[str]:
+        """The keys of every task the journal has."""
+        with self._lock:
+            return {str(r[0]) for r in self._db.execute("SELECT key FROM tasks WHERE key IS NOT NULL")}
+
     def next_seq(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM tasks").fetchone()[0])
@@ -13862,6 +13867,7 @@ class TaskQueue:
         self._adds: dict[str, tuple[QueuedTask, JournalRow, list[tuple[int, np.ndarray, str]]]] = {}
         self._marks: dict[str, tuple[float, QueuedTask, str]] = {}  # answered: (due, task, state)
         self._answered: dict[str, QueuedTask] = {}  # those, by id and key, until their mark is written
+        self._keys: set[str] = journal.keys() if journal is not None else set()  # every key the journal has
         self.stopping = False  # the node stops: what its tasks raise now is not their answer
 
     # -- the runner ------------------------------------------------------------------------
@@ -14017,6 +14023,9 @@ class TaskQueue:
         return entry, token
 
     def _refuse_used_key(self, key: str) -> None:
+        if key not in self._keys:  # NOTE: no read of the journal for a new key (every task has one)
+            self._keys.add(key)
+            return
         answered = self._answered.get(key)
         row = self.journal.find(key) if self.journal is not None and answered is None else None
         if answered is not None:
@@ -14401,6 +14410,8 @@ class TaskQueue:
         if expired:
             self.journal.forget([e.task_id for e in expired])
         self.journal.forget_answered(now - self.retention_s, QUEUE_ANSWERED_KEPT)
+        self._flush(time.monotonic())  # NOTE: so the journal's keys are all of them, but for those of `tasks`
+        self._keys = self.journal.keys() | set(self.by_key) | {e.key for e in self._answered.values() if e.key}
 
     def listing(self) -> list[TaskInfoRecord]:
         """The tasks of the queue, oldest first: the newest QUEUE_LISTED_ANSWERED answered ones, and every
