@@ -766,6 +766,7 @@ def developer_help() -> str:
         [sys.executable, "bench/warm_transfer.py", "--help"],
         [sys.executable, "bench/pipeline.py", "--help"],
         [sys.executable, "bench/compression.py", "--help"],
+        [sys.executable, "bench/task_queue.py", "--help"],
     ):
         result = subprocess.run(
             argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
