@@ -15233,6 +15233,17 @@ def _rpc_connection_class() -> type[_RpcConnection]:
     return type("RpcConnection", (_RpcConnection, asyncio.BufferedProtocol), {})
 
 
+def answer_list(
+    results: Any, name: str, records: Sequence[RpcRecord], error: Exception | None = None, what: str = ""
+) -> None:
+    """Fill a list call's results: its records, or (``error``) an empty list and the error's kind and message."""
+    slots = results.init(name, len(records))
+    for slot, record in zip(slots, records, strict=True):
+        record.to_capnp(slot)
+    if error is not None:
+        results.errorKind, results.errorMessage = rpc_error_fields(error, what)
+
+
 def _make_gate(
     schema: Any,
     in_trio: Callable[..., Any],
@@ -15528,23 +15539,17 @@ def _make_gate(
             try:
                 with service.call_slot():
                     infos = await in_trio(service.tasks)
-                slots = _context.results.init("tasks", len(infos))
-                for slot, info in zip(slots, infos, strict=True):
-                    info.to_capnp(slot)
+                answer_list(_context.results, "tasks", infos)
             except Exception as exc:
-                _context.results.init("tasks", 0)
-                _context.results.errorKind, _context.results.errorMessage = rpc_error_fields(exc, "list tasks")
+                answer_list(_context.results, "tasks", [], exc, "list tasks")
 
         async def peers(self, _context: Any, **kwargs: Any) -> None:
             try:
                 with service.call_slot():
                     infos = await in_trio(service.peers)
-                slots = _context.results.init("peers", len(infos))
-                for slot, info in zip(slots, infos, strict=True):
-                    info.to_capnp(slot)
+                answer_list(_context.results, "peers", infos)
             except Exception as exc:
-                _context.results.init("peers", 0)
-                _context.results.errorKind, _context.results.errorMessage = rpc_error_fields(exc, "list peers")
+                answer_list(_context.results, "peers", [], exc, "list peers")
 
         async def status(self, _context: Any, **kwargs: Any) -> None:
             try:
@@ -15558,12 +15563,9 @@ def _make_gate(
             try:
                 with service.call_slot():  # NOTE: no hop into trio: nothing it reads changes
                     infos = service.kernels()
-                slots = _context.results.init("kernels", len(infos))
-                for slot, info in zip(slots, infos, strict=True):
-                    info.to_capnp(slot)
+                answer_list(_context.results, "kernels", infos)
             except Exception as exc:
-                _context.results.init("kernels", 0)
-                _context.results.errorKind, _context.results.errorMessage = rpc_error_fields(exc, "list kernels")
+                answer_list(_context.results, "kernels", [], exc, "list kernels")
 
         async def connect(self, multiaddr: Any, _context: Any, **kwargs: Any) -> None:
             try:
