@@ -1109,6 +1109,12 @@ def one_line(text: str, limit: int = 1000) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def visible(text: str) -> str:
+    """Return ``text`` with its control characters escaped (a CR or a newline in an argument a user typed
+    must not break, or overwrite, the one line an error is)."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def check_task_timeout(timeout_s: float) -> float:
     """Return a task's timeout in seconds (0: the default); TaskError(bad-input) for NaN, inf,
     negative or absurd values."""
@@ -13867,6 +13873,7 @@ class TaskQueue:
         self._adds: dict[str, tuple[QueuedTask, JournalRow, list[tuple[int, np.ndarray, str]]]] = {}
         self._marks: dict[str, tuple[float, QueuedTask, str]] = {}  # answered: (due, task, state)
         self._answered: dict[str, QueuedTask] = {}  # those, by id and key, until their mark is written
+        self._large: dict[str, tuple[float, QueuedTask]] = {}  # large operands to write once due: (due, task)
         self._keys: set[str] = journal.keys() if journal is not None else set()  # every key the journal has
         self.stopping = False  # the node stops: what its tasks raise now is not their answer
 
@@ -13888,6 +13895,7 @@ class TaskQueue:
                     await trio.sleep(QUEUE_FLUSH_S)
                     now = time.monotonic()
                     self._flush(now)
+                    self._start_due_writers(now)
                     if now - swept >= QUEUE_SWEEP_S:
                         self.sweep(time.time())
                         swept = now
@@ -14037,14 +14045,10 @@ class TaskQueue:
                 kind=ErrorKind.BAD_INPUT,
             )
 
-    def _journal(self, entry: QueuedTask, after_s: float) -> None:
-        """Journal a task it accepted: with its small operands at once, with large ones once their files
-        are written (a worker thread, while the task already runs)."""
-        import numpy as np
-
-        assert self.journal is not None and entry.operands is not None
-        arrays = [(i, a) for i, a in enumerate(entry.operands) if isinstance(a, np.ndarray)]
-        row = JournalRow(
+    @staticmethod
+    def _queued_row(entry: QueuedTask) -> JournalRow:
+        """A task's row as the journal first has it: queued."""
+        return JournalRow(
             entry.task_id,
             entry.key,
             entry.seq,
@@ -14054,6 +14058,29 @@ class TaskQueue:
             entry.accepted,
             reserved=entry.reserved,
         )
+
+    def _start_due_writers(self, now: float) -> None:
+        """Start the writers of the tasks with large operands that have run QUEUE_JOURNAL_LARGE_AFTER_S."""
+        import numpy as np
+
+        for task_id, (due, entry) in list(self._large.items()):
+            if entry.stop_writing.is_set() or entry.operands is None:  # ended first: nothing to write
+                del self._large[task_id]
+            elif due <= now:
+                del self._large[task_id]
+                row = self._queued_row(entry)
+                arrays = [(i, a) for i, a in enumerate(entry.operands) if isinstance(a, np.ndarray)]
+                entry.events["journaled"] = journaled = self._trio.Event()
+                self._start_writer(entry, row, arrays, journaled)
+
+    def _journal(self, entry: QueuedTask, after_s: float) -> None:
+        """Journal a task it accepted: with its small operands at once, with large ones once their files
+        are written (a worker thread, while the task already runs)."""
+        import numpy as np
+
+        assert self.journal is not None and entry.operands is not None
+        arrays = [(i, a) for i, a in enumerate(entry.operands) if isinstance(a, np.ndarray)]
+        row = self._queued_row(entry)
         journaled = entry.events["journaled"] = self._trio.Event()
         if all(a.nbytes <= QUEUE_INLINE_MAX_BYTES for _, a in arrays):
             # NOTE: copied now (its operands may be a client's segment, gone once it is answered); in the
@@ -14062,12 +14089,21 @@ class TaskQueue:
             self._adds[entry.task_id] = (entry, row, copies)
             entry.events["spilled"] = None
             return
+        if after_s:  # NOTE: most tasks end sooner: the flush loop starts the writer of those that do not
+            entry.events["journaled"] = entry.events["spilled"] = None
+            self._large[entry.task_id] = (time.monotonic() + after_s, entry)
+            return
+        self._start_writer(entry, row, arrays, journaled)
+
+    def _start_writer(
+        self, entry: QueuedTask, row: JournalRow, arrays: list[tuple[int, np.ndarray]], journaled: Any
+    ) -> None:
+        """Write a task's large operands to files and then its row, in a worker thread (while it runs)."""
+        assert self.journal is not None
         spilled = entry.events["spilled"] = self._trio.Event()
         journal = self.journal
 
         def write() -> None:
-            if after_s and entry.stop_writing.wait(after_s):  # ended first: nothing to write
-                return
             named: list[tuple[int, np.ndarray, str]] = []
             for i, a in arrays:
                 name = f"{entry.task_id}-in{i}.npy" if a.nbytes > QUEUE_INLINE_MAX_BYTES else ""
@@ -14260,7 +14296,9 @@ class TaskQueue:
         """Run one task when a runner is free, then hand its answer to its call or write it for its client."""
         trio = self._trio
         async with self._limiter:
-            if "cancelled" in entry.events:
+            if "cancelled" in entry.events:  # NOTE: before it ran: nothing of it is to be written
+                entry.stop_writing.set()
+                entry.operands = None
                 return
             entry.state = "running"
             outcome, error = None, None
@@ -14377,16 +14415,7 @@ class TaskQueue:
             outputs.append((i, a, name))
         entry.result_bytes = sum(int(a.nbytes) for a in record.outputs)
         if not entry.journaled:  # NOTE: it ended before its operands were written: its row comes now
-            row = JournalRow(
-                entry.task_id,
-                entry.key,
-                entry.seq,
-                entry.kernel,
-                entry.spec,
-                "queued",
-                entry.accepted,
-                reserved=entry.reserved,
-            )
+            row = self._queued_row(entry)
             self.journal.add(row, [])
             entry.journaled = True
         self.journal.finish(entry.task_id, entry.state, entry.finished, entry.record_json, outputs)
@@ -20718,10 +20747,10 @@ def _report_error(exc: BaseException, debug: bool) -> int:
     kept = getattr(exc, "pangea_log_kept", None)  # a node's failed run: node_session kept its log
     kept_note = f"log kept in {kept}" if kept else ""
     if isinstance(found, PangeaError):
-        print(f"pangea: error: {found}", file=sys.stderr)
+        print(f"pangea: error: {visible(str(found))}", file=sys.stderr)
         hint = "; ".join(part for part in (found.hint, kept_note) if part)
         if hint:
-            print(f"hint: {hint}", file=sys.stderr)
+            print(f"hint: {visible(hint)}", file=sys.stderr)
         code = found.exit_code
     else:
         print(f"pangea: error: internal error: {one_line(describe_exception(found))}", file=sys.stderr)

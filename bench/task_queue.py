@@ -20,6 +20,11 @@ one with ``--state-max-gib 0`` (no journal: the same queue, in memory only), eac
 with a `pangea.Client` in this process. Each round measures both, in an order that
 alternates per round, and the figure of a target is the median over the rounds of
 the round's ratio (journal / none), so drift of the machine hits both sides alike.
+The rounds run on --pairs pairs of fresh nodes, one pair after the other, the
+journaling node started first in one pair and second in the next: a process has
+offsets of its own (where its memory landed, which node and Client started first:
+up to 4% in the A/A check, ``--same-nodes``), and with one pair they would all fall
+on one side.
 
   tiny      --tiny sequential ``Client.submit("add", a, a)`` of a 3x4 float64 per
             node per round, in bursts of 50 alternating between the nodes:
@@ -93,8 +98,8 @@ CLIENT_TIMEOUT_S = 120.0
 RESTART_TIMEOUT_S = 120.0  # from spawn until every task of the journal has finished
 POLL_S = 0.02  # how often the journal is read while the restarted node works (the figures are its timestamps)
 WRITER_TIMEOUT_S = 120.0
-FULL = {"reps": 15, "tiny": 300, "copies": 5, "mib": 64, "restarts": 5, "tasks": 1000}
-QUICK = {"reps": 2, "tiny": 50, "copies": 1, "mib": 16, "restarts": 1, "tasks": 100}
+FULL = {"pairs": 3, "reps": 6, "tiny": 300, "copies": 5, "mib": 64, "restarts": 5, "tasks": 1000}
+QUICK = {"pairs": 1, "reps": 2, "tiny": 50, "copies": 1, "mib": 16, "restarts": 1, "tasks": 100}
 
 
 # ---------------------------------------------------------------------------
@@ -299,10 +304,10 @@ def report(fig: Figures, args: argparse.Namespace, elapsed_s: float, load: tuple
     if added is not None:
         notes.insert(0, f"tiny tasks: the journal adds {added:.3f} ms a task (1 / median tasks/s, journal - none)")
     lines = [
-        f"pangea task queue: journal (SQLite WAL) vs --state-max-gib 0, on 127.0.0.1; {args.reps} interleaved "
-        f"round(s), {0 if args.same_nodes else args.restarts} restart(s); median (min-max); {os.cpu_count()} cores, "
-        "load "
-        f"{load[0]:.2f} -> {load[1]:.2f}, {elapsed_s:.0f} s" + (" (--quick: rough figures)" if args.quick else ""),
+        f"pangea task queue: journal (SQLite WAL) vs --state-max-gib 0, on 127.0.0.1; {args.pairs} pair(s) of "
+        f"nodes x {args.reps} interleaved round(s), {0 if args.same_nodes else args.restarts} restart(s); "
+        f"median (min-max); {os.cpu_count()} cores, load {load[0]:.2f} -> {load[1]:.2f}, {elapsed_s:.0f} s"
+        + (" (--quick: rough figures)" if args.quick else ""),
         *(
             ["A/A CHECK (--same-nodes): the 'journal' column is a second node without a journal"]
             if args.same_nodes
@@ -331,6 +336,7 @@ def writer_main(directory: Path, tasks: int, spec: dict[str, Any]) -> int:
     them. Run by the pyz's interpreter (SHIV_INTERPRETER=1), so that pangea is the one that serves."""
     if os.environ.get("SHIV_INTERPRETER"):  # NOTE: the pyz's pangea, not the work tree's (it may differ)
         sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
+        sys.modules.pop("pangea", None)  # NOTE: client_path, imported above, took the work tree's
     import pangea
 
     journal, note = pangea.TaskJournal.open(directory)
@@ -472,19 +478,21 @@ class Pair:
         return seconds
 
 
-def measure_pair(pyz: Path, base: Path, args: argparse.Namespace, fig: Figures) -> str:
-    """Targets 1 and 2 on two live nodes, interleaved; return the spec of a real `add` row the journaling
+def measure_pair(pyz: Path, base: Path, args: argparse.Namespace, fig: Figures, k: int) -> str:
+    """Targets 1 and 2 on pair ``k`` of two live nodes, interleaved (the journaling node and its Client
+    started first in even pairs, second in odd ones); return the spec of a real `add` row the journaling
     node wrote (JSON text, "" when none was found)."""
     import nodes
 
     journal_args = ("--state-max-gib", "0") if args.same_nodes else ()
-    with (
-        nodes.serving(pyz, base, "journal", *journal_args) as journal_node,
-        nodes.serving(pyz, base, "none", "--state-max-gib", "0") as none_node,
-        journal_node.client(timeout_s=CLIENT_TIMEOUT_S) as journal_client,
-        none_node.client(timeout_s=CLIENT_TIMEOUT_S) as none_client,
-    ):
-        clients = {"journal": journal_client, "none": none_client}
+    starts = [("journal", journal_args), ("none", ("--state-max-gib", "0"))]
+    if k % 2:
+        starts.reverse()
+    with contextlib.ExitStack() as stack:
+        started = {side: stack.enter_context(nodes.serving(pyz, base / f"pair{k}", side, *a)) for side, a in starts}
+        journal_node, none_node = started["journal"], started["none"]
+        opened = {side: stack.enter_context(started[side].client(timeout_s=CLIENT_TIMEOUT_S)) for side, _ in starts}
+        clients = {side: opened[side] for side in ("journal", "none")}
         for side, client in clients.items():
             if not client.shared_memory:
                 fig.notes.append(f"the {side} node's Client has no shared-memory path: {client.shared_memory_note}")
@@ -497,7 +505,7 @@ def measure_pair(pyz: Path, base: Path, args: argparse.Namespace, fig: Figures) 
                 pair.transfer(side, check=True)
         rows_before = 0 if args.same_nodes else journal_rows(db_path, args.kernel)
         for i in range(args.reps):
-            print(f"task_queue.py: round {i + 1}/{args.reps}", file=sys.stderr, flush=True)
+            print(f"task_queue.py: pair {k + 1}/{args.pairs}, round {i + 1}/{args.reps}", file=sys.stderr, flush=True)
             order = ("journal", "none") if i % 2 == 0 else ("none", "journal")
             for side, rate in pair.tiny_round(order, args.tiny).items():
                 fig.tiny[side].append(rate)
@@ -508,7 +516,6 @@ def measure_pair(pyz: Path, base: Path, args: argparse.Namespace, fig: Figures) 
             for side in order:
                 fig.transfer[side].append(statistics.median(samples[side]))
         if args.same_nodes:
-            fig.notes.append("A/A check (--same-nodes): both nodes run --state-max-gib 0; every ratio should be 1")
             return ""
         with read_only(db_path) as db:
             found = db.execute("SELECT spec FROM tasks WHERE kernel = 'add' ORDER BY seq DESC LIMIT 1").fetchone()
@@ -516,14 +523,14 @@ def measure_pair(pyz: Path, base: Path, args: argparse.Namespace, fig: Figures) 
         rows_after = journal_rows(db_path, args.kernel)
         timed = args.reps * args.copies
         fig.notes.append(
-            f"journaling node: {sum(counts.values())} rows in {db_path.name} at the end "
+            f"pair {k + 1}'s journaling node: {sum(counts.values())} rows in {db_path.name} at the end "
             f"({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); of the {timed} timed {args.mib} MiB "
             f"{args.kernel} tasks {rows_after - rows_before} got a row (a large operand is journaled only once its "
             "task has run 0.25 s: QUEUE_JOURNAL_LARGE_AFTER_S)"
         )
         journals = list(none_dir.glob("*/*.sqlite3")) if none_dir.exists() else []
         fig.notes.append(
-            "node with --state-max-gib 0: "
+            f"pair {k + 1}'s node with --state-max-gib 0: "
             + (f"unexpected journal(s) {', '.join(map(str, journals))}" if journals else "no journal on disk, as asked")
         )
     return str(found[0]) if found else ""
@@ -611,7 +618,11 @@ def run(args: argparse.Namespace) -> tuple[Figures, float, tuple[float, float]]:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pangea-bench-queue-") as tmp:
         base = Path(tmp)
-        found = measure_pair(args.pyz, base, args, fig)
+        found = ""
+        for k in range(args.pairs):  # NOTE: fresh processes per pair: an offset of one process (its memory, its
+            found = measure_pair(args.pyz, base, args, fig, k) or found  # start order) does not stay on one side
+        if args.same_nodes:
+            fig.notes.append("A/A check (--same-nodes): both nodes run --state-max-gib 0; every ratio should be 1")
         spec, origin = template_spec(found)
         for i in range(0 if args.same_nodes else args.restarts):
             print(f"task_queue.py: restart {i + 1}/{args.restarts}", file=sys.stderr, flush=True)
@@ -671,7 +682,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--pyz", type=Path, default=REPO_ROOT / "pangea.pyz", help="the pangea.pyz to serve with")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few rounds, small sizes, rough figures")
-    parser.add_argument("--reps", type=int, help=f"interleaved rounds of tiny and transfer (default {FULL['reps']})")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        help=f"pairs of fresh nodes, started in alternating order, one after the other (default {FULL['pairs']})",
+    )
+    parser.add_argument(
+        "--reps", type=int, help=f"interleaved rounds of tiny and transfer on each pair (default {FULL['reps']})"
+    )
     parser.add_argument("--tiny", type=int, help=f"sequential tiny adds per node per round (default {FULL['tiny']})")
     parser.add_argument("--copies", type=int, help=f"large tasks per node per round (default {FULL['copies']})")
     parser.add_argument("--mib", type=int, help=f"MiB of the large task's float64 operand (default {FULL['mib']})")

@@ -125,11 +125,11 @@ def test_verdicts_judge_each_target_on_the_median_of_the_paired_ratios() -> None
 
 def test_report_shows_every_figure_and_the_count_of_targets_met() -> None:
     args = argparse.Namespace(
-        reps=3, restarts=1, tiny=300, kernel="copy", mib=64, tasks=1000, quick=False, same_nodes=False
+        pairs=2, reps=3, restarts=1, tiny=300, kernel="copy", mib=64, tasks=1000, quick=False, same_nodes=False
     )
     text = report(made_up([480.0, 460.0, 300.0], [0.102, 0.104, 0.2]), args, 60.0, (1.0, 1.5))
     assert "spawn -> first of 1000 resumed" in text and "0.800 s bare start-up" in text
-    assert "the journal adds" in text
+    assert "the journal adds" in text and "2 pair(s) of nodes x 3 interleaved round(s)" in text
     assert text.splitlines()[-1] == "verdict: 3 of 3 targets met"
 
 

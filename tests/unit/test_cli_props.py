@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import pangea
@@ -310,6 +310,8 @@ def quick_command_lines(draw: st.DrawFn) -> list[str]:
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
 @given(argv=quick_command_lines())
+@example(argv=["respond", "-\r", "--code", ""])  # a CR in an argument once split the error line in two
+@example(argv=["call", "status", "--x\n\x1b[2Jy"])
 def test_main_quick_commands_end_tidily_with_any_arguments(argv: list[str], tmp_path: Path) -> None:
     if argv[:1] == ["psk"] and argv[1] not in ("", ".", "/") and not argv[1].startswith("/"):
         argv = ["psk", str(tmp_path / argv[1])]
