@@ -510,9 +510,9 @@ def measure_pair(pyz: Path, base: Path, args: argparse.Namespace, fig: Figures, 
             for side, rate in pair.tiny_round(order, args.tiny).items():
                 fig.tiny[side].append(rate)
             samples: dict[str, list[float]] = {"journal": [], "none": []}
-            for k in range(args.copies):
-                for side in order if k % 2 == 0 else order[::-1]:
-                    samples[side].append(pair.transfer(side, check=k == 0))
+            for j in range(args.copies):
+                for side in order if j % 2 == 0 else order[::-1]:
+                    samples[side].append(pair.transfer(side, check=j == 0))
             for side in order:
                 fig.transfer[side].append(statistics.median(samples[side]))
         if args.same_nodes:
@@ -526,7 +526,8 @@ def measure_pair(pyz: Path, base: Path, args: argparse.Namespace, fig: Figures, 
             f"pair {k + 1}'s journaling node: {sum(counts.values())} rows in {db_path.name} at the end "
             f"({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); of the {timed} timed {args.mib} MiB "
             f"{args.kernel} tasks {rows_after - rows_before} got a row (a large operand is journaled only once its "
-            "task has run 0.25 s: QUEUE_JOURNAL_LARGE_AFTER_S)"
+            "task has run 0.25 s: QUEUE_JOURNAL_LARGE_AFTER_S; a row still 'queued' is of a task answered just "
+            "before the end: its collected mark follows its answer by QUEUE_COLLECT_AFTER_S, 1 s or more)"
         )
         journals = list(none_dir.glob("*/*.sqlite3")) if none_dir.exists() else []
         fig.notes.append(
