@@ -9,9 +9,9 @@ Nodes talk libp2p (TCP + Noise + Yamux). A node delegates numpy matrix work
 to another node over the stream protocol ``/pangea/compute/1.0.0``, collects
 and aggregates the results, and runs a task locally when its worker is gone.
 
-How the module is laid out: twenty-five rooms, each using only the rooms above
+How the module is laid out: twenty-six rooms, each using only the rooms above
 it (tests/unit/test_layout.py keeps that true, and each room under its line
-budget). Rooms 1-9 are pure (no I/O, no await); rooms 10-25 perform I/O.
+budget). Rooms 1-9 are pure (no I/O, no await); rooms 10-26 perform I/O.
 
   0. this docstring, imports, version
   1. Constants                 protocol ids, limits, timeouts, each with its unit
@@ -44,8 +44,9 @@ budget). Rooms 1-9 are pure (no I/O, no await); rooms 10-25 perform I/O.
  22. The Python client        Client
  23. Start-up                  build guard, deferred imports, logging, the trio runner
  24. CLI: options and the verbs of a pair   initiate, respond, demo
- 25. CLI: serve, the tools and main         serve, call, psk, status, doctor,
-                               bench (code in bench/pangea_bench.py), id, main
+ 25. CLI: serve and call      serve, call
+ 26. CLI: the tools and main  psk, status, doctor, bench (code in
+                               bench/pangea_bench.py), id, main
 
 How one task travels through them: `Client.submit` (22) reaches the node's
 `NodeService` (19), its arrays on a bulk channel (12); the service journals it
@@ -90,7 +91,7 @@ import sys
 import threading
 import time
 import types
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19588,13 +19589,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 ###############################################################################
-# 25. CLI: serve, the tools and main
+# 25. CLI: serve and call
 #
-# `serve` and the verbs that talk to a node or look at this box: `call` (a
-# Client of a serve node), `psk`, `status`, `doctor`, `bench` (its code is the
-# module pangea_bench, imported only when the verb runs) and `id`. Then
-# make_parser, which puts every verb's parser together, and the entry point:
-# `main(argv) -> exit code`, the menu a bare run shows, and `_report_error`.
+# `serve`, the long-running node (its RPC endpoint, dashboard and queue), and
+# `call`, a Client of a serve node: one RPC call, printed readably or as JSON.
 ###############################################################################
 
 
@@ -20026,9 +20024,23 @@ PLACEMENT_HELP = (
     f"{' or '.join(SPLIT_PLACEMENTS)}: in row blocks over every worker and the node, or over its peers only"
 )
 CALL_SYNOPSIS = (
-    "pangea.pyz call [--rpc HOST:PORT] [--token-file FILE] [--json] status | peers | kernels | connect MULTIADDR | "
+    "pangea.pyz call [--rpc HOST:PORT] [--token-file FILE] [--json] status | peers | kernels | "
+    "tasks [--state STATE,...] | connect MULTIADDR | "
     f"matmul --size N [--placement {'|'.join(PLACEMENTS + SPLIT_PLACEMENTS)}|<peer id>] [--no-fallback]"
 )
+TASK_STATES = (*_UNFINISHED_STATES, *_WAITING_STATES, "collected", "cancelled")  # as `Client.tasks` has them
+
+
+def task_states(text: str) -> frozenset[str]:
+    """argparse type of `call tasks --state`: a comma-separated list of TASK_STATES."""
+    states = frozenset(part.strip() for part in text.split(",") if part.strip())
+    unknown = sorted(states - set(TASK_STATES))
+    if unknown or not states:
+        raise argparse.ArgumentTypeError(
+            f"bad state {', '.join(map(repr, unknown)) or repr(text)}: expected one or more of "
+            f"{', '.join(TASK_STATES)}, separated by commas"
+        )
+    return states
 
 
 def add_call_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -20049,6 +20061,13 @@ def add_call_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     add("status", "the node's peer id, addresses, uptime, task counts")
     add("peers", "the node's connected peers")
     add("kernels", "the kernels the node runs: operands, parameters, dtypes, how a worker's result is verified")
+    c = add("tasks", "the tasks of the node's queue, oldest first: id, key, kernel, state, age, run time, result")
+    c.add_argument(
+        "--state",
+        type=task_states,
+        metavar="STATE,...",
+        help=f"only the tasks in these states, of {', '.join(TASK_STATES)} (default: every task)",
+    )
     c = add("connect", "make the node dial (and trust) another node")
     c.add_argument("multiaddr")
     c = add("matmul", "multiply two random N x N matrices on the node and verify the result")
@@ -20143,6 +20162,12 @@ def cmd_call(args: argparse.Namespace) -> int:
         elif args.call == "kernels":
             result = client.kernels()
             text = kernels_table(result, width)
+        elif args.call == "tasks":
+            every = client.tasks()
+            result = [t for t in every if args.state is None or t["state"] in args.state]
+            text = tasks_table(result, time.time(), width)
+            if every and not result:
+                text = f"none of the node's {len(every)} task(s) is {' or '.join(sorted(args.state))}"
         elif args.call == "connect":
             result = client.connect(args.multiaddr)
             text = f"connected to {result['peer_id']} ({result['role']}, pangea {result['version']})"
@@ -20177,6 +20202,38 @@ def kernels_table(kernels: list[dict[str, Any]], width: int | None = None) -> st
         )
         text += "\n" + wrap_text(notes, width, indent="  ")
     return text
+
+
+def tasks_table(tasks: list[dict[str, Any]], now: float, width: int | None = None) -> str:
+    """Pure: `call tasks`: one row a task of the node's queue (as `Client.tasks` gives them; ``now``:
+    seconds since the epoch), then a line that counts them by state."""
+    if not tasks:
+        return "no tasks in the node's queue"
+    rows = [
+        (
+            t["task_id"],
+            t["key"] or "-",
+            t["kernel"],
+            t["state"] + (f" (run {t['runs']} times)" if t["runs"] > 1 else ""),
+            _span_text(now - t["accepted"]),
+            _span_text(t["finished"] - t["accepted"]) if t["finished"] else "-",
+            format_bytes(t["result_bytes"]) if t["result_bytes"] else "-",
+            one_line(t["error"], 200) or "-",
+        )
+        for t in tasks
+    ]
+    headers = ("task id", "key", "kernel", "state", "age", "took", "result", "error")
+    counts = Counter(t["state"] for t in tasks)
+    shown = ", ".join(f"{counts[s]} {s}" for s in (*TASK_STATES, *sorted(set(counts) - set(TASK_STATES))) if counts[s])
+    return format_table(headers, rows, width, fold=True) + f"\n{len(tasks)} task(s): {shown}"
+
+
+def _span_text(seconds: float) -> str:
+    """``0.25 s``, ``65 s``, ``62 min``, ``25 h``: a task's age or run time, to read at a glance."""
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return format_seconds(seconds)
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.0f} h"
 
 
 def timings_text(t: dict[str, float]) -> str:
@@ -20228,6 +20285,16 @@ def _call_matmul(client: Client, size: int, placement: str, fallback: bool = Tru
     if task["fallback_reason"]:
         text += f"\nran locally: {task['fallback_reason']}"
     return result, text
+
+
+###############################################################################
+# 26. CLI: the tools and main
+#
+# The verbs that look at this box: `psk`, `status`, `doctor`, `bench` (its code
+# is the module pangea_bench, imported only when the verb runs) and `id`. Then
+# make_parser, which puts every verb's parser together, and the entry point:
+# `main(argv) -> exit code`, the menu a bare run shows, and `_report_error`.
+###############################################################################
 
 
 def add_psk_parser(sub: argparse._SubParsersAction[_Parser]) -> None:

@@ -47,6 +47,7 @@ import os
 import re
 import signal
 import sqlite3
+import subprocess
 import sys
 import textwrap
 import threading
@@ -663,3 +664,50 @@ def test_a_client_says_at_once_that_its_node_is_down_and_works_again_once_it_is_
         node = procs.serve(home, port)
         job.check(c.submit(job.kernel, *job.arrays(), key=job.key))  # the same Client, connected again
         assert c.status()["queue_recovered"] == 0
+
+
+# ---------------------------------------------------------------- `call tasks`
+
+
+def test_call_tasks_lists_the_queue_by_state_with_an_answer_waiting_for_a_client_that_left(
+    procs: Procs, home: NodeHome
+) -> None:
+    node = procs.serve(home, free_port())
+    quick, blocker, waits = (
+        add("t10-quick", 1000, 1000),
+        matmul("t10-blocker", 4000, 1002),
+        add("t10-waits", 200_000, 1004),
+    )
+
+    def call_tasks(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [str(procs.pyz), "call", "--rpc", node.rpc, "tasks", *args]
+        done = subprocess.run(
+            argv, env=node.home.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0 and not done.stderr, done
+        return done
+
+    leaving = procs.child(node, [waits], "client-leaving")
+    with client(node) as c:
+        quick.check(c.submit(quick.kernel, *quick.arrays(), key=quick.key))
+        first = submit(c, blocker)
+        wait_until(lambda: states(c, [blocker])[blocker.key] == "running", STATE_TIMEOUT_S, "the blocker runs")
+        leaving.submit()  # its task waits behind the blocker; its client goes before the answer
+        wait_until(lambda: states(c, [waits])[waits.key] in UNFINISHED, STATE_TIMEOUT_S, "the node lists it")
+        kill_9(leaving.proc)
+        unfinished = call_tasks("--state", "queued,running").stdout.splitlines()
+        assert [line.split()[1] for line in unfinished[2:-1]] == [blocker.key, waits.key], unfinished
+        assert unfinished[-1].startswith("2 task(s): "), unfinished  # 1 queued, 1 running; or 2 running
+        blocker.check(first.result(CLIENT_TIMEOUT_S))
+        wait_until(lambda: states(c, [waits])[waits.key] == "done", STATE_TIMEOUT_S, "its answer waits")
+    listed = json.loads(call_tasks("--json").stdout)
+    assert {t["key"]: t["state"] for t in listed} == {
+        quick.key: "collected",
+        blocker.key: "collected",
+        waits.key: "done",
+    }
+    assert next(t for t in listed if t["key"] == waits.key)["result_bytes"] == 200_000 * 8
+    text = call_tasks().stdout.splitlines()
+    assert [line.split()[1] for line in text[2:-1]] == [quick.key, blocker.key, waits.key], text  # oldest first
+    assert text[-1] == "3 task(s): 1 done, 2 collected", text
+    assert call_tasks("--state", "failed,queued").stdout == "none of the node's 3 task(s) is failed or queued\n"

@@ -772,6 +772,44 @@ def test_kernels_table_lists_every_kernel_and_how_it_is_verified() -> None:
     assert "at most 4 dimensions and 1,000 elements" in text.replace("\n", " ") or "1,000 elements" in text
 
 
+def test_tasks_table_shows_each_task_and_counts_them_by_state() -> None:
+    now = 1_800_000_000.0
+    task = {"key": "", "error": "", "result_bytes": 0, "runs": 1, "finished": 0.0}
+    tasks = [
+        {**task, "task_id": "t-1", "key": "job-7", "kernel": "matmul", "state": "done", "accepted": now - 4000,
+         "finished": now - 3990, "result_bytes": 8 << 20, "runs": 2},
+        {**task, "task_id": "t-2", "kernel": "add", "state": "failed", "accepted": now - 3, "finished": now - 2.5,
+         "error": "bad-input: add: shapes (3,) and (4,)\ndiffer"},
+        {**task, "task_id": "t-3", "kernel": "sum", "state": "queued", "accepted": now - 0.25},
+    ]  # fmt: skip
+    lines = pangea.tasks_table(tasks, now, 120).splitlines()
+    assert lines[0].split() == ["task", "id", "key", "kernel", "state", "age", "took", "result", "error"]
+    assert lines[2].split() == ["t-1", "job-7", "matmul", "done", "(run", "2", "times)", "67", "min", "10", "s",
+                                "8.0", "MiB", "-"]  # fmt: skip
+    assert lines[3].split()[:7] == ["t-2", "-", "add", "failed", "3", "s", "0.5"]
+    assert lines[3].endswith("bad-input: add: shapes (3,) and (4,) differ")  # on one line
+    assert lines[4].split() == ["t-3", "-", "sum", "queued", "0.25", "s", "-", "-", "-"]
+    assert lines[-1] == "3 task(s): 1 queued, 1 done, 1 failed"
+    assert pangea.tasks_table([], now) == "no tasks in the node's queue"
+    assert [pangea._span_text(s) for s in (-1.0, 0.05, 65, 119.4, 3725, 90000)] == [
+        "0 s", "0.05 s", "65 s", "119 s", "62 min", "25 h"
+    ]  # fmt: skip
+
+
+def test_call_tasks_state_takes_a_list_of_states_and_refuses_others(capsys: pytest.CaptureFixture[str]) -> None:
+    args = make_parser().parse_args(["call", "tasks", "--state", "queued, running"])
+    assert (args.call, args.state) == ("tasks", frozenset({"queued", "running"}))
+    assert make_parser().parse_args(["call", "tasks"]).state is None
+    assert run(["call", "tasks", "--state", "finished,done"]) == 2
+    _, lines = error_lines(capsys)
+    assert lines[0] == (
+        "pangea: error: argument --state: bad state 'finished': expected one or more of queued, running, done, "
+        "failed, collected, cancelled, separated by commas"
+    )
+    assert run(["call", "tasks", "--state", ","]) == 2
+    assert "bad state ','" in error_lines(capsys)[1][0]
+
+
 def test_unpacked_builds_names_this_build_and_only_other_pangea_builds(tmp_path: Path) -> None:
     root = tmp_path / "shiv"
     here = root / f"pangea.pyz_{'a' * 64}"

@@ -58,7 +58,7 @@ HOSTILE = [
     "--",
 ]
 # Parsers other than NumberOption that numeric-looking options may use (they raise UsageError themselves).
-OTHER_PARSERS = {pangea.parse_data_port, pangea.parse_fault}
+OTHER_PARSERS = {pangea.parse_data_port, pangea.parse_fault, pangea.task_states}  # not numbers: tested apart
 
 
 def verb_parsers() -> dict[tuple[str, ...], argparse.ArgumentParser]:

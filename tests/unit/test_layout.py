@@ -45,7 +45,8 @@ SECTIONS: list[tuple[str, bool, int]] = [
     ("The Python client", False, 1200),
     ("Start-up", False, 1200),
     ("CLI: options and the verbs of a pair", False, 1200),
-    ("CLI: serve, the tools and main", False, 1200),
+    ("CLI: serve and call", False, 1200),
+    ("CLI: the tools and main", False, 1200),
 ]
 
 HEADER = re.compile(r"^# (\d+)\. (.+)$")
