@@ -9,9 +9,9 @@ Nodes talk libp2p (TCP + Noise + Yamux). A node delegates numpy matrix work
 to another node over the stream protocol ``/pangea/compute/1.0.0``, collects
 and aggregates the results, and runs a task locally when its worker is gone.
 
-How the module is laid out: twenty-six rooms, each using only the rooms above
+How the module is laid out: twenty-seven rooms, each using only the rooms above
 it (tests/unit/test_layout.py keeps that true, and each room under its line
-budget). Rooms 1-9 are pure (no I/O, no await); rooms 10-26 perform I/O.
+budget). Rooms 1-9 are pure (no I/O, no await); rooms 10-27 perform I/O.
 
   0. this docstring, imports, version
   1. Constants                 protocol ids, limits, timeouts, each with its unit
@@ -35,25 +35,26 @@ budget). Rooms 1-9 are pure (no I/O, no await); rooms 10-26 perform I/O.
  16. RPC records              constants, arrays to and from Cap'n Proto, the records
  17. Held arrays              KeptArrays, Lineage, ArrayKeeper: arrays held here or
                                on a worker for clients, run where held, made again
- 18. Task queue               TaskJournal (SQLite, spill files), TaskQueue: tasks
-                               that outlive their call and the node's restart
- 19. RPC service              NodeService, RpcServer, _RpcConnection, the Gate
- 20. Dashboard                 serve --dashboard: the live page and its HTTP server
- 21. Remote arrays and futures   RemoteArray: the numpy face of an array a node
+ 18. Task journal             TaskJournal: the queue's tasks in SQLite, spill files
+ 19. Task queue               TaskQueue: tasks that outlive their call and the
+                               node's restart
+ 20. RPC service              NodeService, RpcServer, _RpcConnection, the Gate
+ 21. Dashboard                 serve --dashboard: the live page and its HTTP server
+ 22. Remote arrays and futures   RemoteArray: the numpy face of an array a node
                                holds; TaskFuture; _PinnedConnection (the TLS pin)
- 22. The Python client        Client
- 23. Start-up                  build guard, deferred imports, logging, the trio runner
- 24. CLI: options and the verbs of a pair   initiate, respond, demo
- 25. CLI: serve and call      serve, call
- 26. CLI: the tools and main  psk, status, doctor, bench (code in
+ 23. The Python client        Client
+ 24. Start-up                  build guard, deferred imports, logging, the trio runner
+ 25. CLI: options and the verbs of a pair   initiate, respond, demo
+ 26. CLI: serve and call      serve, call
+ 27. CLI: the tools and main  psk, status, doctor, bench (code in
                                bench/pangea_bench.py), id, main
 
-How one task travels through them: `Client.submit` (22) reaches the node's
-`NodeService` (19), its arrays on a bulk channel (12); the service journals it
-in its `TaskQueue` (18), whose runner hands it to the `Manager` (14); the
-`Scheduler` (9)
-answers `Dispatch`, and the peer's `RemoteDelegator` writes a `TaskRequestMsg`
-(4) on the session's `TlsChannel` (11). On the worker, the channel's Decoder
+How one task travels through them: `Client.submit` (23) reaches the node's
+`NodeService` (20), its arrays on a bulk channel (12); the service journals it
+in the `TaskJournal` (18) of its `TaskQueue` (19), whose runner hands it to
+the `Manager` (14); the `Scheduler` (9) answers `Dispatch`, and the peer's
+`RemoteDelegator` writes a `TaskRequestMsg` (4) on the session's `TlsChannel`
+(11). On the worker, the channel's Decoder
 asks that session's `SessionProtocol` (5) whether to admit the payload, the
 `PeerSession` (13) runs the kernel (6-8) in a worker thread and sends the
 `TaskResultMsg` back; the manager verifies it (6-8) and reports it to the
@@ -8518,7 +8519,7 @@ async def tcp_probe(host: str, port: int, timeout_s: float) -> tuple[float | Non
 # Client's `_BulkChannel` and its segment pools); for a client on another box, TLS
 # connections to the RPC port itself (`TlsBulkConnection` and `TlsBulkBatches` on the
 # node; the Client's `_TlsBulkLink` and `_TlsBulkPool`). Either way the RPC carries a
-# task's metadata and names its batch; the RPC service (19) takes and finishes batches.
+# task's metadata and names its batch; the RPC service (20) takes and finishes batches.
 ###############################################################################
 
 
@@ -13295,18 +13296,15 @@ def held_operand(reader: Any, index: int, kept: Sequence[KeptArray]) -> KeptArra
 
 
 ###############################################################################
-# 18. Task queue
+# 18. Task journal
 #
-# The durable task queue of a `serve` node: `TaskJournal` keeps every task the
-# RPC accepted in an SQLite journal (WAL) in the home, its small arrays in the
-# journal and its large ones in .npy files beside it, each written whole and
-# renamed into place, and `TaskQueue` runs each task apart from the call that
-# brought it: a client that goes away leaves its task running and its result
-# waiting on disk until it asks again (by the task's id or its own key). At start
-# the queue reads the journal back: unfinished tasks run again, results wait for
-# their clients, nothing that finished runs twice. A disk quota and a retention
-# time bound it; a journal that cannot be read is moved aside and the node starts
-# empty.
+# What a `serve` node's durable task queue keeps on disk: `TaskJournal`, every
+# task the RPC accepted in an SQLite journal (WAL) in the home, its small arrays
+# in the journal and its large ones in .npy files beside it, each written whole
+# and renamed into place; the schema's version, and a journal that cannot be
+# read moved aside (the node starts empty). The task's key, spec and answer as
+# the journal writes them, and `TaskInfoRecord`, a task as the `tasks` call
+# lists it.
 ###############################################################################
 
 
@@ -13507,6 +13505,17 @@ class TaskJournal:
                 (limit,),
             ).fetchall()
         return [JournalRow(r[0], r[1] or "", r[2], r[3], json.loads(r[4]), *r[5:]) for r in reversed(found)]
+
+    def output_bytes(self) -> dict[str, int]:
+        """The bytes of each waiting answer's outputs, by task id (from their dtypes and shapes)."""
+        import numpy as np
+
+        sizes: dict[str, int] = {}
+        with self._lock:
+            found = self._db.execute("SELECT task, dtype, shape FROM arrays WHERE role = 'out'").fetchall()
+        for task_id, dtype, shape in found:
+            sizes[task_id] = sizes.get(task_id, 0) + np.dtype(dtype).itemsize * math.prod(json.loads(shape))
+        return sizes
 
     def forget_answered(self, before: float, keep: int) -> None:
         """Delete answered tasks (collected or cancelled: their arrays went already) that finished before
@@ -13753,6 +13762,17 @@ def _c_bytes(a: np.ndarray) -> bytes:
     return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
 
 
+###############################################################################
+# 19. Task queue
+#
+# `TaskQueue` runs each task apart from the call that brought it: a client that
+# goes away leaves its task running and its result waiting on disk until it
+# asks again (by the task's id or its own key). At start the queue reads the
+# journal back: unfinished tasks run again, results wait for their clients,
+# nothing that finished runs twice. A disk quota and a retention time bound it.
+###############################################################################
+
+
 class BudgetCharge:
     """Bytes of the node's memory budget that one RPC task holds: taken by its call on arrival, handed
     to the queue's runner when the task outlives the call, given back once (from any thread)."""
@@ -13908,6 +13928,7 @@ class TaskQueue:
     def _recover(self, now: float) -> None:
         assert self.journal is not None
         rows = self.journal.rows(answered=False)
+        sizes = self.journal.output_bytes()
         for row in rows:
             entry = QueuedTask(
                 row.task_id,
@@ -13925,6 +13946,7 @@ class TaskQueue:
                 journaled=True,
                 written=row.state in _WAITING_STATES,
                 held=tuple(row.spec.get("held", ())),
+                result_bytes=sizes.get(row.task_id, 0),
             )
             self._add(entry)
             if row.state in _UNFINISHED_STATES:
@@ -14483,7 +14505,7 @@ class TaskQueue:
 
 
 ###############################################################################
-# 19. RPC service
+# 20. RPC service
 #
 # pycapnp runs on asyncio with its own KJ loop, so the RPC server lives in a
 # thread of its own; each call (at most RPC_MAX_CALLS_IN_FLIGHT) becomes a trio
@@ -15653,7 +15675,7 @@ def _make_gate(
 
 
 ###############################################################################
-# 20. Dashboard
+# 21. Dashboard
 #
 # `serve --dashboard [HOST:PORT]`: one page that shows what the node and its peers
 # are doing, updating live: the peers (address, speed, RTT, load, data plane or
@@ -16082,7 +16104,7 @@ poll();
 
 
 ###############################################################################
-# 21. Remote arrays and futures
+# 22. Remote arrays and futures
 #
 # `RemoteArray`: the Python face of an array a node holds for a `Client` (a
 # `RemoteArray` capability of the schema). It has numpy's shape, dtype and
@@ -16768,7 +16790,7 @@ class _ClientConnection:
 
 
 ###############################################################################
-# 22. The Python client
+# 23. The Python client
 #
 # `Client`: a client of a node's RPC endpoint for Python programs, numpy arrays
 # in and out. Its asyncio/KJ loop runs in one long-lived private thread: every
@@ -17893,7 +17915,7 @@ class Client(_ClientConnection):
 
 
 ###############################################################################
-# 23. Start-up
+# 24. Start-up
 #
 # What runs before and around every verb, in the order `_main` runs it: the
 # guard that the pyz runs on the interpreter it was built for; the deferred
@@ -18415,7 +18437,7 @@ def unpacked_text() -> str:
 
 
 ###############################################################################
-# 24. CLI: options and the verbs of a pair
+# 25. CLI: options and the verbs of a pair
 #
 # One `cmd_<verb>` per command, with its options in the `add_<verb>_parser`
 # right above it. This part holds the option types and the options several
@@ -19589,7 +19611,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 ###############################################################################
-# 25. CLI: serve and call
+# 26. CLI: serve and call
 #
 # `serve`, the long-running node (its RPC endpoint, dashboard and queue), and
 # `call`, a Client of a serve node: one RPC call, printed readably or as JSON.
@@ -20229,8 +20251,10 @@ def tasks_table(tasks: list[dict[str, Any]], now: float, width: int | None = Non
 
 
 def _span_text(seconds: float) -> str:
-    """``0.25 s``, ``65 s``, ``62 min``, ``25 h``: a task's age or run time, to read at a glance."""
+    """``1.74 ms``, ``0.25 s``, ``65 s``, ``62 min``, ``25 h``: a task's age or run time, at a glance."""
     seconds = max(0.0, seconds)
+    if 0 < seconds < 0.1:
+        return f"{seconds * 1000:.3g} ms"
     if seconds < 120:
         return format_seconds(seconds)
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.0f} h"
@@ -20288,7 +20312,7 @@ def _call_matmul(client: Client, size: int, placement: str, fallback: bool = Tru
 
 
 ###############################################################################
-# 26. CLI: the tools and main
+# 27. CLI: the tools and main
 #
 # The verbs that look at this box: `psk`, `status`, `doctor`, `bench` (its code
 # is the module pangea_bench, imported only when the verb runs) and `id`. Then

@@ -791,8 +791,8 @@ def test_tasks_table_shows_each_task_and_counts_them_by_state() -> None:
     assert lines[4].split() == ["t-3", "-", "sum", "queued", "0.25", "s", "-", "-", "-"]
     assert lines[-1] == "3 task(s): 1 queued, 1 done, 1 failed"
     assert pangea.tasks_table([], now) == "no tasks in the node's queue"
-    assert [pangea._span_text(s) for s in (-1.0, 0.05, 65, 119.4, 3725, 90000)] == [
-        "0 s", "0.05 s", "65 s", "119 s", "62 min", "25 h"
+    assert [pangea._span_text(s) for s in (-1.0, 0.00174, 0.05, 0.25, 65, 119.4, 3725, 90000)] == [
+        "0 s", "1.74 ms", "50 ms", "0.25 s", "65 s", "119 s", "62 min", "25 h"
     ]  # fmt: skip
 
 

@@ -38,6 +38,7 @@ SECTIONS: list[tuple[str, bool, int]] = [
     ("Around the node", False, 1200),
     ("RPC records", False, 1200),
     ("Held arrays", False, 1200),
+    ("Task journal", False, 1200),
     ("Task queue", False, 1200),
     ("RPC service", False, 1200),
     ("Dashboard", False, 1200),

@@ -294,6 +294,8 @@ def test_a_restart_runs_unfinished_tasks_once_and_leaves_answers_waiting(tmp_pat
 
     async def body(queue: TaskQueue) -> None:
         assert queue.recovered == 3
+        listed = {r.key: (r.state, r.result_bytes) for r in queue.listing()}
+        assert listed["done"] == ("done", (3 * x).nbytes)  # the answer's size, as before the restart
         answers = {}
         for key in ("queued", "running", "done"):
             entry = queue.find(key)
