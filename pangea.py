@@ -11623,10 +11623,11 @@ class Metrics:
     """Prometheus metrics of a node, served on --metrics HOST:PORT (prometheus_client).
 
     Task outcomes and latencies are recorded as they happen; byte counts, peers,
-    queue length, retries and verification failures are read from the node at
-    scrape time (a custom collector), so the data path carries no bookkeeping."""
+    queue length, retries, verification failures and the durable queue of a
+    `serve` node are read from the node at scrape time (a custom collector), so
+    the data path carries no bookkeeping."""
 
-    def __init__(self, node: Node, manager: Manager | None) -> None:
+    def __init__(self, node: Node, manager: Manager | None, queue: TaskQueue | None = None) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 
         disable_created_metrics()  # no *_created series: they double the output and few dashboards use them
@@ -11650,7 +11651,7 @@ class Metrics:
             ["kernel", "outcome"],
             registry=self.registry,
         )
-        self.registry.register(_NodeCollector(node, manager))
+        self.registry.register(_NodeCollector(node, manager, queue))
         if manager is not None:
             manager.on_task_end.append(self._task_end)
         node.on_task_served.append(lambda kernel, outcome: self.served.labels(kernel, outcome).inc())
@@ -11676,9 +11677,10 @@ class Metrics:
 class _NodeCollector:
     """Reads a node's counters when Prometheus scrapes (runs on the HTTP thread)."""
 
-    def __init__(self, node: Node, manager: Manager | None) -> None:
+    def __init__(self, node: Node, manager: Manager | None, queue: TaskQueue | None = None) -> None:
         self.node = node
         self.manager = manager
+        self.queue = queue
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -11715,7 +11717,11 @@ class _NodeCollector:
         refused.add_metric(["data-handshakes-evicted"], data_plane.evicted if data_plane is not None else 0)
         strangers = self.node.strangers  # libp2p connections of untrusted peers: one too many, or idle
         refused.add_metric(["stranger-connections"], strangers.refused + strangers.expired)
+        if self.queue is not None:
+            refused.add_metric(["task-queue-full"], self.queue.refused)  # over --state-max-gib or QUEUE_MAX_TASKS
         yield refused
+        if self.queue is not None:
+            yield from self._queue_families(self.queue)
         yield GaugeMetricFamily(
             "pangea_rpc_calls_in_flight", "RPC calls the node is answering", value=self.node.rpc_calls.in_flight
         )
@@ -11746,13 +11752,41 @@ class _NodeCollector:
             yield suspect
             yield probation
 
+    @staticmethod
+    def _queue_families(queue: TaskQueue) -> Iterator[Any]:
+        """The durable queue's figures, as `status` has them (`TaskQueue.counts`), its tasks by state."""
+        from prometheus_client.core import GaugeMetricFamily
 
-def start_metrics(spec: str | None, node: Node, manager: Manager | None) -> str | None:
+        tasks = GaugeMetricFamily(
+            "pangea_task_queue_tasks",
+            "Tasks of the serve node's queue not answered yet, by state (done, failed: waiting for their client)",
+            labels=["state"],
+        )
+        for state, count in queue.state_counts().items():
+            tasks.add_metric([state], count)
+        yield tasks
+        journaled = queue.journal is not None
+        yield GaugeMetricFamily(
+            "pangea_task_queue_disk_bytes",
+            "Bytes of the queue's disk quota its tasks hold: operands and results (0 without a journal)",
+            value=queue.reserved if journaled else 0,
+        )
+        yield GaugeMetricFamily(
+            "pangea_task_queue_disk_quota_bytes",
+            "The queue's disk quota (--state-max-gib; 0: no journal, nothing kept across a restart)",
+            value=queue.max_bytes if journaled else 0,
+        )
+        yield GaugeMetricFamily(
+            "pangea_task_queue_recovered", "Tasks read back from the journal at start", value=queue.recovered
+        )
+
+
+def start_metrics(spec: str | None, node: Node, manager: Manager | None, queue: TaskQueue | None = None) -> str | None:
     """Start the metrics endpoint named by --metrics (None or "off": none); return its URL."""
     if spec is None or spec == "off":
         return None
     host, port = parse_host_port(spec, DEFAULT_METRICS_PORT)
-    bound = Metrics(node, manager).start(host, port)
+    bound = Metrics(node, manager, queue).start(host, port)
     if not is_loopback_host(host):
         log.warning("metrics on %s:%d are readable by anyone who reaches that port", *bound)
     return f"http://{bound[0]}:{bound[1]}/metrics"
@@ -13885,6 +13919,7 @@ class TaskQueue:
         self.by_key: dict[str, QueuedTask] = {}
         self.reserved = 0  # bytes of the quota the tasks of `tasks` hold
         self.recovered = 0
+        self.refused = 0  # tasks turned away: over the quota or QUEUE_MAX_TASKS (for the metrics)
         self.note = ""  # what happened to an unreadable journal ("" when nothing did)
         self._seq = journal.next_seq() if journal is not None else 1
         self._tokens = iter(range(1, 1 << 62))
@@ -14011,12 +14046,14 @@ class TaskQueue:
         in_bytes = sum(int(a.nbytes) for a in operands if isinstance(a, np.ndarray))
         need = in_bytes + out_bytes
         if len(self.tasks) >= QUEUE_MAX_TASKS:
+            self.refused += 1
             raise TaskError(
                 f"cannot accept {kernel}: the node's queue holds {len(self.tasks)} tasks not yet answered (its limit); "
                 "collect their results (Client.result, Client.tasks) or wait for them to finish",
                 kind=ErrorKind.BUSY,
             )
         if self.journal is not None and self.reserved + need > self.max_bytes:
+            self.refused += 1
             raise TaskError(
                 f"cannot accept {kernel}: the node's task queue is over its disk quota "
                 f"({format_bytes(self.reserved)} of {format_bytes(self.max_bytes)} held by {len(self.tasks)} tasks, "
@@ -14502,6 +14539,14 @@ class TaskQueue:
             "state_retention_s": self.retention_s if self.journal is not None else 0.0,
             "queue_recovered": self.recovered,
         }
+
+    def state_counts(self) -> dict[str, int]:
+        """Tasks not answered yet, by state, each of `queued`, `running`, `done` and `failed` (the last two:
+        an answer waiting for its client); from any thread (a snapshot of `tasks`)."""
+        counts = dict.fromkeys((*_UNFINISHED_STATES, *_WAITING_STATES), 0)
+        for entry in list(self.tasks.values()):  # NOTE: a snapshot; trio owns the dict
+            counts[entry.state] = counts.get(entry.state, 0) + 1
+        return counts
 
 
 ###############################################################################
@@ -19938,7 +19983,7 @@ def _announce_serve(
 ) -> None:
     """Save the serve node's addresses and session, start its metrics, print its banner and ready line."""
     session_dir.write_addresses(node.addresses)
-    metrics_url = start_metrics(args.metrics, node, manager)
+    metrics_url = start_metrics(args.metrics, node, manager, service.queue)
     fingerprint = format_fingerprint(rpc.fingerprint) if rpc.fingerprint else ""
     session_dir.save(
         peer_id=node.peer_id,

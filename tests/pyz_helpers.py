@@ -19,6 +19,7 @@ import re
 import socket
 import subprocess
 import sys
+import urllib.request
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ PAIR_TIMEOUT_S = 90.0
 FAST = ["--size", "512", "--transfer-mib", "16"]
 # How long a short-lived command (usage error, --version) may take.
 QUICK_TIMEOUT_S = 60.0
+SCRAPE_TIMEOUT_S = 10.0  # one HTTP GET of /metrics
 
 PEER_ID_LINE = r"pangea \S+ {role}, peer ID (12D3KooW\w+)"
 INITIATOR_READY = r"^Waiting up to \d+ s for a responder"
@@ -337,3 +339,35 @@ def budget_used(node: ServeNode, monkeypatch: pytest.MonkeyPatch) -> int:
     """Bytes of ``node``'s memory budget in use (held arrays among them)."""
     with client_of(node, monkeypatch) as c:
         return int(c.status()["memory_budget_used_bytes"])
+
+
+# ---------------------------------------------------------------- metrics
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str) -> Samples:
+    """GET /metrics and parse the Prometheus text format into {(name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        body = response.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(body):
+        assert family.name.startswith("pangea_"), family.name
+        for sample in family.samples:
+            assert sample.name.startswith("pangea_"), sample.name
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value (0 when the series does not exist yet, as Prometheus treats a new counter)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def names(samples: Samples) -> set[str]:
+    return {name for name, _ in samples}

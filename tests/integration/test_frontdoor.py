@@ -28,7 +28,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,16 +42,20 @@ from pyz_helpers import (
     PAIR_TIMEOUT_S,
     RESPONDER_CHECK_NAMES,
     RESPONDER_CONNECTED,
+    Samples,
     ServeNode,
     assert_expected_error,
     dead_pid,
     free_port,
     last_json,
     loopback_address,
+    metric,
+    names,
     peer_id_from,
     peer_id_of,
     printed_addresses,
     run_pyz,
+    scrape,
     session_dirs,
     start_initiator,
     start_serve,
@@ -63,7 +66,6 @@ from pangea import Client, TaskError
 
 CLIENT_TIMEOUT_S = 60.0  # Client(timeout_s=...): every call here answers well within it
 CONNECT_TIMEOUT_S = 60.0  # serve A connecting to its --peer B on a busy 2-core box
-SCRAPE_TIMEOUT_S = 10.0  # one HTTP GET of /metrics
 PANE_TIMEOUT_S = 60.0  # a line to appear in a tmux pane (pyz start-up included)
 DOCTOR_TIMEOUT_S = 120.0  # one `doctor` run with a peer (its --timeout 5 per test, plus start-up)
 
@@ -426,35 +428,6 @@ def test_status_with_nothing_running(pyz: Path, pangea_home: NodeHome) -> None:
 
 
 # ---------------------------------------------------------------- metrics
-
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(url: str) -> Samples:
-    """GET /metrics and parse the Prometheus text format into {(name, labels): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/plain")
-        body = response.read().decode()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(body):
-        assert family.name.startswith("pangea_"), family.name
-        for sample in family.samples:
-            assert sample.name.startswith("pangea_"), sample.name
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def metric(samples: Samples, name: str, **labels: str) -> float:
-    """One sample's value (0 when the series does not exist yet, as Prometheus treats a new counter)."""
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def names(samples: Samples) -> set[str]:
-    return {name for name, _ in samples}
 
 
 def test_metrics_serve_default_is_a_free_loopback_port(pyz: Path, pangea_home: NodeHome) -> None:

@@ -30,7 +30,8 @@ What is checked, every answer against numpy (exact for integers):
 * a journal that cannot be read (garbage, truncated, another schema version) is
   moved aside with one stderr line; the node starts with an empty queue and serves.
 * ``--state-max-gib``: tasks under the quota are answered right; one over it is
-  refused "busy" naming the flag, and fits once the others are collected.
+  refused "busy" naming the flag, and fits once the others are collected; the
+  Prometheus metrics show the queue's tasks by state, its bytes and the refusals.
 * ``--state-max-gib 0``: no journal, tasks still run.
 * a key once answered names its task for good, also for a quick task with large
   operands (answered before its operands reached the journal).
@@ -60,7 +61,7 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import REPO_ROOT, NodeHome, Proc, make_node_home, wait_until
-from pyz_helpers import ServeNode, free_port, start_serve
+from pyz_helpers import ServeNode, free_port, metric, scrape, start_serve
 
 import pangea
 from pangea import Client, RpcError, TaskError, TaskFuture
@@ -356,6 +357,12 @@ def test_kill_9_keeps_waiting_answers_and_runs_unfinished_tasks_again(procs: Pro
     with client(node) as c:
         status = c.status()
         assert status["queue_recovered"] == len(waiting) + len(unfinished), status
+        assert node.metrics is not None, node.proc.output()
+        samples = scrape(node.metrics)
+        assert metric(samples, "pangea_task_queue_recovered") == len(waiting) + len(unfinished)
+        by_state = {s: metric(samples, "pangea_task_queue_tasks", state=s) for s in pangea.TASK_STATES}
+        assert sum(by_state.values()) == len(waiting) + len(unfinished), by_state  # none collected yet
+        assert by_state["done"] >= len(waiting), by_state
         listing = by_key(c)
         assert listing[blocker.key]["state"] == "collected" and listing[blocker.key]["runs"] == 1, listing
         assert all(listing[job.key]["state"] == "done" for job in waiting), listing
@@ -596,12 +603,25 @@ def test_the_quota_refuses_a_task_over_it_and_takes_it_once_the_others_are_colle
         with pytest.raises(TaskError) as still:
             c.submit(over.kernel, *a, key=over.key)
         assert still.value.kind == "busy", still.value
+        assert node.metrics is not None, node.proc.output()
+        samples = scrape(node.metrics)  # the metrics read what `status` says, and count the refusals
+        assert {s: metric(samples, "pangea_task_queue_tasks", state=s) for s in ("queued", "running", "done")} == {
+            "queued": 0,
+            "running": 0,
+            "done": len(under),
+        }
+        assert metric(samples, "pangea_task_queue_disk_bytes") == len(under) * 2 * mib
+        assert metric(samples, "pangea_task_queue_disk_quota_bytes") == int(quota_gib * (1 << 30))
+        assert metric(samples, "pangea_refused_total", reason="task-queue-full") == 2
         for job in under:  # nothing lost
             job.check(c.result(job.key))
         assert c.status()["state_bytes"] == 0
         over.check(c.submit(over.kernel, *a, key=over.key))
         status = c.status()
         assert (status["queue_tasks"], status["state_bytes"]) == (0, 0), status
+        samples = scrape(node.metrics)
+        assert sum(metric(samples, "pangea_task_queue_tasks", state=s) for s in pangea.TASK_STATES) == 0
+        assert metric(samples, "pangea_task_queue_disk_bytes") == 0
 
 
 def test_state_max_gib_0_keeps_no_journal_and_still_runs_tasks(procs: Procs, home: NodeHome) -> None:

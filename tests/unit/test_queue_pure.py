@@ -350,13 +350,16 @@ def test_over_its_quota_a_task_is_refused_and_below_it_nothing_is_lost(tmp_path:
         with pytest.raises(TaskError, match="disk quota.*--state-max-gib") as info:
             accept(queue, "k4", x)
         assert info.value.kind == ErrorKind.BUSY
+        assert queue.refused == 1 and sum(queue.state_counts().values()) == 4, queue.state_counts()
         runs.gate.set()
         for entry, token in held:
             answer = await queue.wait(entry, token, 10.0)
             assert np.array_equal(answer.outputs[0], 2 * x)
             queue.answered(entry, token)
+        assert queue.state_counts() == {"queued": 0, "running": 0, "done": 0, "failed": 0}
         entry, token = accept(queue, "k4", x)  # room again
         await queue.wait(entry, token, 10.0)
+        assert queue.refused == 1
 
     run_queue(make_queue(journal, runs, max_bytes=100_000), body)
 
