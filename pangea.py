@@ -352,6 +352,7 @@ QUEUE_SCHEMA_VERSION = 1  # PRAGMA user_version of the journal; another number i
 # larger ones in .npy files beside it, written by a worker thread while the task already runs.
 QUEUE_INLINE_MAX_BYTES = 64 << 10
 QUEUE_MAX_RUNNING = RPC_MAX_CALLS_IN_FLIGHT  # tasks of the queue that run at once; the others wait "queued"
+AUTO_KEY_PREFIX, AUTO_KEY_BYTES = "c", 16  # the key Client gives a task not named by its caller: c + 32 hex digits
 QUEUE_MAX_TASKS = 10_000  # tasks not answered yet (queued, running, or waiting for their client)
 # Answered tasks (collected, cancelled) keep a row without arrays until the retention time, so
 # `tasks` lists them and their keys are not taken again by mistake; at most this many.
@@ -590,6 +591,17 @@ class BadInputError(TaskError, ValueError):
 def task_error(message: str, kind: str) -> TaskError:
     """The TaskError of a task that failed with ``kind`` (a BadInputError for bad-input)."""
     return BadInputError(message) if kind == ErrorKind.BAD_INPUT else TaskError(message, kind=kind)
+
+
+def failure_text(kernel: str, message: str, attempts: Sequence[tuple[str, str]]) -> str:
+    """Pure: the one line of a task that failed with ``message`` after ``attempts`` (where, outcome):
+    the kernel's own message when it ran once (``matmul: shapes ...``), the count and where otherwise."""
+    if not attempts:
+        return f"cannot run {kernel}: {message}"
+    if len(attempts) == 1:
+        return message if message.startswith(f"{kernel}:") else f"{kernel} failed: {message}"
+    where = "; ".join(f"{worker}: {outcome}" for worker, outcome in attempts)
+    return f"{kernel} failed after {len(attempts)} attempts: {message} [{where}]"
 
 
 class JournalUnreadable(PangeaError):
@@ -11438,13 +11450,8 @@ class Manager:
             first_done.set()  # NOTE: or its second puller would wait forever
 
     def _failure_text(self, task_id: int, kernel: str, fail: Fail) -> str:
-        attempts = self.scheduler.attempts(task_id)
-        if not attempts:
-            return f"cannot run {kernel}: {fail.message}"
-        where = "; ".join(f"{short_id(a.worker_id)}: {a.outcome}" for a in attempts)
-        return f"{kernel} failed after {len(attempts)} attempt(s): {fail.message}" + (
-            f" [{where}]" if len(attempts) > 1 else ""
-        )
+        attempts = [(short_id(a.worker_id), a.outcome) for a in self.scheduler.attempts(task_id)]
+        return failure_text(kernel, fail.message, attempts)
 
     async def _attempt(
         self,
@@ -17266,7 +17273,7 @@ class Client(_ClientConnection):
         if not key and not keep and not any(held):  # NOTE: named, so its future finds it after a reconnect
             import secrets
 
-            key = "c" + secrets.token_hex(16)
+            key = AUTO_KEY_PREFIX + secrets.token_hex(AUTO_KEY_BYTES)
         # NOTE: operands on a bulk channel are held to the node's budget, not to the message limit
         arrays = self._check_operands(
             kernel, operands, params, in_message=not (self.shared_memory or self.tls_bulk), held=held
@@ -20279,7 +20286,7 @@ def tasks_table(tasks: list[dict[str, Any]], now: float, width: int | None = Non
     rows = [
         (
             t["task_id"],
-            t["key"] or "-",
+            "auto" if is_auto_key(t["key"]) else t["key"] or "-",
             t["kernel"],
             t["state"] + (f" (run {t['runs']} times)" if t["runs"] > 1 else ""),
             _span_text(now - t["accepted"]),
@@ -20293,6 +20300,15 @@ def tasks_table(tasks: list[dict[str, Any]], now: float, width: int | None = Non
     counts = Counter(t["state"] for t in tasks)
     shown = ", ".join(f"{counts[s]} {s}" for s in (*TASK_STATES, *sorted(set(counts) - set(TASK_STATES))) if counts[s])
     return format_table(headers, rows, width, fold=True) + f"\n{len(tasks)} task(s): {shown}"
+
+
+def is_auto_key(key: str) -> bool:
+    """Pure: whether a task's key is one `Client` made up for a task its caller did not name."""
+    return (
+        len(key) == len(AUTO_KEY_PREFIX) + 2 * AUTO_KEY_BYTES
+        and key.startswith(AUTO_KEY_PREFIX)
+        and all(ch in "0123456789abcdef" for ch in key[len(AUTO_KEY_PREFIX) :])
+    )
 
 
 def _span_text(seconds: float) -> str:

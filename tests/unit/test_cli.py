@@ -781,6 +781,7 @@ def test_tasks_table_shows_each_task_and_counts_them_by_state() -> None:
         {**task, "task_id": "t-2", "kernel": "add", "state": "failed", "accepted": now - 3, "finished": now - 2.5,
          "error": "bad-input: add: shapes (3,) and (4,)\ndiffer"},
         {**task, "task_id": "t-3", "kernel": "sum", "state": "queued", "accepted": now - 0.25},
+        {**task, "task_id": "t-4", "key": "c" + "0f" * 16, "kernel": "add", "state": "running", "accepted": now - 1},
     ]  # fmt: skip
     lines = pangea.tasks_table(tasks, now, 120).splitlines()
     assert lines[0].split() == ["task", "id", "key", "kernel", "state", "age", "took", "result", "error"]
@@ -789,7 +790,11 @@ def test_tasks_table_shows_each_task_and_counts_them_by_state() -> None:
     assert lines[3].split()[:7] == ["t-2", "-", "add", "failed", "3", "s", "0.5"]
     assert lines[3].endswith("bad-input: add: shapes (3,) and (4,) differ")  # on one line
     assert lines[4].split() == ["t-3", "-", "sum", "queued", "0.25", "s", "-", "-", "-"]
-    assert lines[-1] == "3 task(s): 1 queued, 1 done, 1 failed"
+    assert lines[5].split()[:4] == ["t-4", "auto", "add", "running"]  # the key Client made up: not 33 columns
+    assert lines[-1] == "4 task(s): 1 queued, 1 running, 1 done, 1 failed"
+    assert [pangea.is_auto_key(k) for k in ("c" + "0f" * 16, "c" + "0F" * 16, "c" + "0f" * 15, "job-7", "")] == [
+        True, False, False, False, False
+    ]  # fmt: skip
     assert pangea.tasks_table([], now) == "no tasks in the node's queue"
     assert [pangea._span_text(s) for s in (-1.0, 0.00174, 0.05, 0.25, 65, 119.4, 3725, 90000)] == [
         "0 s", "1.74 ms", "50 ms", "0.25 s", "65 s", "119 s", "62 min", "25 h"

@@ -127,6 +127,17 @@ def test_a_bad_input_error_is_a_value_error_and_a_task_error() -> None:
     assert not isinstance(other, ValueError) and other.kind == "unavailable"
 
 
+def test_a_failure_says_what_failed_once_and_where_it_was_tried_more_than_once() -> None:
+    bad = "matmul: shapes (3, 4) and (3, 4) do not match (4 != 3)"
+    assert pangea.failure_text("matmul", bad, [("local", "bad-input")]) == bad  # no "after 1 attempt(s)"
+    assert pangea.failure_text("add", "out of memory", [("12D3abc", "error")]) == "add failed: out of memory"
+    assert pangea.failure_text("add", "no worker", []) == "cannot run add: no worker"
+    tried = [("12D3abc", "lost"), ("local", "error")]
+    assert pangea.failure_text("add", "out of memory", tried) == (
+        "add failed after 2 attempts: out of memory [12D3abc: lost; local: error]"
+    )
+
+
 def test_held_operands_do_not_count_as_bytes_sent() -> None:
     big = np.broadcast_to(np.zeros(()), (1 << 20,))  # 8 MiB declared, a held operand's stand-in
     small = np.zeros(10)
