@@ -12674,6 +12674,7 @@ class StatusRecord(RpcRecord):
     state_max_bytes: int = field(default=0, metadata=capnp_name("stateMaxBytes"))
     state_retention_s: float = field(default=0.0, metadata=capnp_name("stateRetentionSeconds"))
     queue_recovered: int = field(default=0, metadata=capnp_name("queueRecovered"))
+    queue_refused: int = field(default=0, metadata=capnp_name("queueRefused"))
 
     def as_dict(self) -> dict[str, Any]:
         """The status as `Client.status()` returns it (each suspect with its ``peer_id``)."""
@@ -14545,6 +14546,7 @@ class TaskQueue:
             "state_max_bytes": self.max_bytes if self.journal is not None else 0,
             "state_retention_s": self.retention_s if self.journal is not None else 0.0,
             "queue_recovered": self.recovered,
+            "queue_refused": self.refused,
         }
 
     def state_counts(self) -> dict[str, int]:
@@ -16126,7 +16128,8 @@ function render(s) {
   $("bytes-in").textContent = mb(n.bytes_in); $("bytes-out").textContent = mb(n.bytes_out);
   $("budget").textContent = `${mb(n.memory_budget_used_bytes)} of ${mb(n.memory_budget_bytes)}`;
   $("queue").textContent = n.queue_journal ? `${n.queue_tasks} tasks, ${n.queue_waiting} waiting; ` +
-    `${mb(n.state_bytes)} of its ${mb(n.state_max_bytes)} quota` : "no journal";
+    `${mb(n.state_bytes)} of its ${mb(n.state_max_bytes)} quota` +
+    (n.queue_refused ? `; ${n.queue_refused} refused` : "") : "no journal";
   fill($("peers"), s.peers, (row, p) => {
     row.dataset.peer = p.peer_id;
     cell(row, short(p.peer_id), "mono").title = p.peer_id; cell(row, p.address.split("/p2p/")[0], "mono");

@@ -335,6 +335,7 @@ struct NodeStatus {
   stateMaxBytes @27 :UInt64;      # its quota (--state-max-gib)
   stateRetentionSeconds @28 :Float64;  # how long a result waits for its client (--state-retention-hours)
   queueRecovered @29 :UInt32;     # tasks read back from the journal when the node started
+  queueRefused  @30 :UInt64;      # tasks refused since it started: too many waiting, or over its quota
 }
 
 struct KernelInfo {

@@ -613,6 +613,7 @@ def test_the_quota_refuses_a_task_over_it_and_takes_it_once_the_others_are_colle
         assert metric(samples, "pangea_task_queue_disk_bytes") == len(under) * 2 * mib
         assert metric(samples, "pangea_task_queue_disk_quota_bytes") == int(quota_gib * (1 << 30))
         assert metric(samples, "pangea_refused_total", reason="task-queue-full") == 2
+        assert c.status()["queue_refused"] == 2
         for job in under:  # nothing lost
             job.check(c.result(job.key))
         assert c.status()["state_bytes"] == 0

@@ -92,6 +92,7 @@ def status(suspects: tuple[SuspicionRecord, ...] = ()) -> StatusRecord:
         state_max_bytes=4 << 30,
         state_retention_s=86400.0,
         queue_recovered=2,
+        queue_refused=5,
     )
 
 
@@ -208,6 +209,7 @@ def test_status_as_dict_keys_and_types() -> None:
         "state_max_bytes": int,
         "state_retention_s": float,
         "queue_recovered": int,
+        "queue_refused": int,
     }
     assert list(d) == list(types)
     assert {k: type(v) for k, v in d.items()} == types
