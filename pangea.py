@@ -1925,6 +1925,7 @@ COMPRESS_SAMPLE_BYTES = 64 << 10  # each of the COMPRESS_SAMPLES slices a sample
 COMPRESS_SAMPLES = 4
 COMPRESS_GAIN = 0.8  # pack only when that is expected to take at most this share of the raw time
 COMPRESS_GUESS_BYTES_S = 2e9  # packing and unpacking speed until a sample measured them (lz4 on one core)
+UNPACK_IN_THREAD_BYTES = 4 << 20  # a frame that unpacks to more is decoded in a worker thread (ms of lz4)
 BLOSC_HEADER = struct.Struct("<BBBBiii")  # version, versionlz, flags, typesize, nbytes, blocksize, cbytes
 
 
@@ -2258,6 +2259,7 @@ class Decoder:
         self._header: bytes | None = None
         self._payload: bytearray | None = None
         self._filled = 0
+        self._unpacked = 0  # what the current frame's packed arrays unpack to (`peek_frame`)
         self._broken: RemoteProtocolError | None = None
 
     @property
@@ -2302,6 +2304,7 @@ class Decoder:
                 which, task_id, unpacked = peek_frame(self._header)
             except RemoteProtocolError as exc:
                 raise self._fail(str(exc)) from None
+            self._unpacked = unpacked
             if which not in ("taskRequest", "taskResult") or task_id is None:
                 raise self._fail(f"a {which} message carries no payload, but this frame announces one")
             if unpacked > self.max_payload_bytes:  # NOTE: packed arrays are held to the limit of raw ones
@@ -2393,6 +2396,14 @@ class Decoder:
 
     def next(self) -> Message | _NeedData:
         """Return the next complete message, or NEED_DATA."""
+        msg = self.next_frame()
+        assert not isinstance(msg, PackedFrame)
+        return msg
+
+    def next_frame(self, unpack_later_bytes: int = 0) -> Message | PackedFrame | _NeedData:
+        """As `next`, but a frame whose packed arrays unpack to at least ``unpack_later_bytes`` (0: none)
+        comes whole and undecoded, as a `PackedFrame` for `decode`, which its caller may run in a
+        worker thread: unpacking is most of such a frame's work."""
         if self._broken is not None:
             raise self._broken
         if self._header_len is None:
@@ -2411,7 +2422,7 @@ class Decoder:
             if self._buffered < self._header_len:
                 return NEED_DATA
             self._header = self._take(self._header_len)
-            self._filled = 0
+            self._filled, self._unpacked = 0, 0
             self._admit_frame()
         self._fill_payload()
         if self._filled < self._payload_len:
@@ -2422,12 +2433,28 @@ class Decoder:
         if refused is not None:
             raise MessageError(refused[2], task_id=refused[0], kind=refused[1], admitted=False)
         assert payload is not None
+        if unpack_later_bytes and self._unpacked >= unpack_later_bytes:
+            return PackedFrame(header, payload, self._unpacked)
+        return self.decode(header, payload)
+
+    def decode(self, header: bytes, payload: bytearray) -> Message:
+        """One whole frame as its message (`next` does it, unless it handed the frame out packed);
+        MessageError for bad contents, RemoteProtocolError (the stream unusable from now on) for garbage."""
         try:
             return decode_message(header, payload, self.limits)
         except MessageError:
             raise
         except RemoteProtocolError as exc:
             raise self._fail(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class PackedFrame:
+    """A whole frame whose packed arrays unpack to ``unpacked`` bytes, not decoded yet (`Decoder.next`)."""
+
+    header: bytes
+    payload: bytearray
+    unpacked: int
 
 
 def _array_layout(meta: Any, i: int, task_id: int, limits: Limits) -> tuple[np.dtype[Any], list[int], int]:
@@ -7967,10 +7994,15 @@ class Channel:
         """Return the next message; raise PeerError at EOF or reset, RemoteProtocolError for garbage."""
         first, start = self.bytes_in, 0.0
         while True:
-            msg = self.decoder.next()
+            msg = self.decoder.next_frame(UNPACK_IN_THREAD_BYTES)
             if msg is not NEED_DATA:
                 if start:  # from its first bytes to its last: the link's speed, for a large frame
                     self._note_rate(self.bytes_in - first, time.perf_counter() - start)
+                if isinstance(msg, PackedFrame):
+                    import trio
+
+                    # NOTE: unpacking hundreds of MiB takes tenths of a second: not on the event loop
+                    return await trio.to_thread.run_sync(self.decoder.decode, msg.header, msg.payload)
                 return msg
             before = self.bytes_in
             await self._fill()

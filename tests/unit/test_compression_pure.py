@@ -175,3 +175,45 @@ def test_decode_message_of_a_raw_frame_is_unchanged() -> None:
     start = pangea.FRAME_PREFIX.size
     got = decode_message(frame[start : start + header_len], bytearray(frame[start + header_len :]))
     np.testing.assert_array_equal(got.outputs[0], msg.outputs[0])  # type: ignore[union-attr]
+
+
+class WireStream:
+    """A libp2p stream stand-in that reads out ``data`` in 64 KiB pieces."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def read(self, n: int) -> bytes:
+        chunk, self.data = self.data[: min(n, 64 << 10)], self.data[min(n, 64 << 10) :]
+        return chunk
+
+
+def test_a_channel_unpacks_a_large_packed_frame_in_a_worker_thread_and_a_small_one_inline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    import trio
+
+    large = np.arange(pangea.UNPACK_IN_THREAD_BYTES // 4, dtype=np.int32) % 100  # unpacks to 4 MiB: a thread
+    small = np.zeros(COMPRESS_MIN_BYTES // 8)  # 1 MiB: inline, a thread's hop would cost more than it
+    wire = b"".join(packed_frame(TaskResultMsg(i, outputs=(a,)))[0] for i, a in ((1, large), (2, small)))
+    threads: list[bool] = []
+    real = pangea.unpack_blosc
+
+    def spy(frame: Any, out: Any) -> None:
+        threads.append(threading.current_thread() is threading.main_thread())
+        real(frame, out)
+
+    monkeypatch.setattr(pangea, "unpack_blosc", spy)
+
+    async def main() -> list[Any]:
+        channel = pangea.Channel(WireStream(wire), Limits(max_payload_bytes=64 << 20))
+        channel.decoder.max_payload_bytes = 64 << 20
+        return [await channel.receive(), await channel.receive()]
+
+    first, second = trio.run(main)
+    assert threads == [False, True]  # the large one off the event loop's thread, the small one on it
+    np.testing.assert_array_equal(first.outputs[0], large)
+    np.testing.assert_array_equal(second.outputs[0], small)
+    assert (first.task_id, second.task_id) == (1, 2)
