@@ -595,11 +595,12 @@ def task_error(message: str, kind: str) -> TaskError:
 
 def failure_text(kernel: str, message: str, attempts: Sequence[tuple[str, str]]) -> str:
     """Pure: the one line of a task that failed with ``message`` after ``attempts`` (where, outcome):
-    the kernel's own message when it ran once (``matmul: shapes ...``), the count and where otherwise."""
+    the kernel's own message when it ran once (``matmul: shapes ...``, ``matmul on <peer>: shapes ...``),
+    the count and where otherwise."""
     if not attempts:
         return f"cannot run {kernel}: {message}"
     if len(attempts) == 1:
-        return message if message.startswith(f"{kernel}:") else f"{kernel} failed: {message}"
+        return message if message.startswith((f"{kernel}:", f"{kernel} on ")) else f"{kernel} failed: {message}"
     where = "; ".join(f"{worker}: {outcome}" for worker, outcome in attempts)
     return f"{kernel} failed after {len(attempts)} attempts: {message} [{where}]"
 
@@ -10810,7 +10811,8 @@ class RemoteDelegator:
             else self.session.request(kernel, operands, params)
         )
         if not result.ok:
-            raise TaskError(f"{kernel} on {self.session.label}: {result.error_message}", kind=result.error_kind)
+            said = result.error_message.removeprefix(f"{kernel}: ")  # NOTE: the kernel's name once in the line
+            raise TaskError(f"{kernel} on {self.session.label}: {said}", kind=result.error_kind)
         if result.kept != keep:
             raise PeerError(f"{self.session.label} answered a task to keep with kept={result.kept}, not {keep}")
         return result.outputs, result.compute_s

@@ -131,6 +131,8 @@ def test_a_failure_says_what_failed_once_and_where_it_was_tried_more_than_once()
     bad = "matmul: shapes (3, 4) and (3, 4) do not match (4 != 3)"
     assert pangea.failure_text("matmul", bad, [("local", "bad-input")]) == bad  # no "after 1 attempt(s)"
     assert pangea.failure_text("add", "out of memory", [("12D3abc", "error")]) == "add failed: out of memory"
+    remote = "matmul on 12D3KooW…RM25: shapes (3, 4) and (3, 4) do not match (4 != 3)"  # a worker's answer
+    assert pangea.failure_text("matmul", remote, [("12D3KooW…RM25", "bad-input")]) == remote
     assert pangea.failure_text("add", "no worker", []) == "cannot run add: no worker"
     tried = [("12D3abc", "lost"), ("local", "error")]
     assert pangea.failure_text("add", "out of memory", tried) == (
