@@ -1270,9 +1270,8 @@ class RedialNotes:
         """A dial succeeded: the line to print."""
         if not self.failures:
             return f"connected to peer {self.label}"
-        text = (
-            f"reconnected to peer {self.label} after {self.failures} failed tries in {format_seconds(now - self.since)}"
-        )
+        tries = "1 failed try" if self.failures == 1 else f"{self.failures} failed tries"
+        text = f"reconnected to peer {self.label} after {tries} in {format_seconds(now - self.since)}"
         self.failures, self.cause = 0, ""
         return text
 

@@ -658,6 +658,8 @@ def test_redial_notes_say_the_cause_once_then_growing_reminders_then_reconnected
     )
     assert notes.connected(1000.0) == "reconnected to peer 12D3KooW…nXTN after 100 failed tries in 1000 s"
     assert notes.connected(1010.0) == "connected to peer 12D3KooW…nXTN"
+    notes.failed("refused", "nothing listening on 10.0.0.1:7777", 30.0, 1020.0)
+    assert notes.connected(1022.0) == "reconnected to peer 12D3KooW…nXTN after 1 failed try in 2 s"
 
 
 def test_redial_notes_say_a_new_cause_at_once() -> None:
