@@ -20369,7 +20369,7 @@ def timings_text(t: dict[str, float]) -> str:
 def _human(key: str, value: Any) -> str:
     if key == "suspects":
         return "; ".join(f"{short_id(s['peer_id'])} {s['text']}" for s in value) or "-"
-    if key.startswith("bytes"):
+    if key.startswith("bytes") or key.endswith("_bytes"):  # bytes_in, memory_budget_bytes, state_max_bytes, ...
         return format_bytes(value)
     if isinstance(value, float):
         return f"{value:.1f}"

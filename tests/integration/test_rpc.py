@@ -513,7 +513,8 @@ def test_call_status_prints_a_readable_table(pair: Pair, pyz: Path) -> None:
     assert rows["peer_count"] == "1"
     assert rows["tasks_in_flight"] == "0"
     assert re.fullmatch(r"\d+", rows["tasks_done"])
-    assert re.fullmatch(r"[\d.]+ (B|KiB|MiB|GiB)", rows["bytes_out"]), rows["bytes_out"]
+    for key in ("bytes_out", "memory_budget_bytes", "state_max_bytes"):
+        assert re.fullmatch(r"[\d.]+ (B|KiB|MiB|GiB)", rows[key]), rows
     narrow = run_pyz(pyz, ["call", "--rpc", pair.a.rpc, "status"], {**pair.a.home.env, "COLUMNS": "80"})
     lines = narrow.stdout.splitlines()
     assert narrow.returncode == 0 and max(len(line) for line in lines) <= 80, narrow.stdout

@@ -874,7 +874,9 @@ def test_suspect_line_of_a_session_directory_entry_names_peer_state_time_reason_
     assert suspect_line(probation) == f"peer {PEER_A} probation since 00:00:00 UTC (lied)"
 
 
-def test_call_status_shows_suspects_in_one_cell() -> None:
+def test_call_status_shows_suspects_in_one_cell_and_bytes_in_units() -> None:
+    assert [_human(k, 4 << 30) for k in ("memory_budget_bytes", "state_max_bytes", "bytes_out")] == ["4.0 GiB"] * 3
+    assert _human("held_arrays", 4 << 30) == str(4 << 30)  # a count stays a number
     assert _human("suspects", []) == "-"
     assert _human("suspects", [{"peer_id": PEER_A, "text": "suspect since x (lied)"}]) == (
         "12D3KooW…AAAA suspect since x (lied)"
