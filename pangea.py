@@ -16103,7 +16103,13 @@ svg{width:100%;height:140px}
 "use strict";
 const $ = (id) => document.getElementById(id);
 const short = (id) => !id ? "" : id === "local" || id === "split" ? id : id.slice(0, 8) + "\\u2026" + id.slice(-4);
-function mb(n) { return n >= 1e9 ? (n / 1e9).toFixed(2) + " GB" : (n / 1e6).toFixed(1) + " MB"; }
+function mb(n) {  // as format_bytes, and as `call status` says it: 1024-based units
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let i = 0;
+  while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return i ? n.toFixed(1) + " " + units[i] : n.toFixed(0) + " B";
+}
+const count = (n, one) => `${n} ${one}${n === 1 ? "" : "s"}`;
 function cell(row, text, cls) {
   const td = row.insertCell(); td.textContent = text; if (cls) td.className = cls; return td;
 }
@@ -16160,7 +16166,7 @@ function render(s) {
   $("tasks-in-flight").textContent = n.tasks_in_flight; $("tasks-served").textContent = n.tasks_served;
   $("bytes-in").textContent = mb(n.bytes_in); $("bytes-out").textContent = mb(n.bytes_out);
   $("budget").textContent = `${mb(n.memory_budget_used_bytes)} of ${mb(n.memory_budget_bytes)}`;
-  $("queue").textContent = n.queue_journal ? `${n.queue_tasks} tasks, ${n.queue_waiting} waiting; ` +
+  $("queue").textContent = n.queue_journal ? `${count(n.queue_tasks, "task")}, ${n.queue_waiting} waiting; ` +
     `${mb(n.state_bytes)} of its ${mb(n.state_max_bytes)} quota` +
     (n.queue_refused ? `; ${n.queue_refused} refused` : "") : "no journal";
   fill($("peers"), s.peers, (row, p) => {

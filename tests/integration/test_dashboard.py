@@ -30,6 +30,8 @@ import pytest
 from helpers import make_node_home, wait_until
 from pyz_helpers import ServeNode, client_of, cluster, free_port, start_serve
 
+import pangea
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -154,6 +156,10 @@ def test_the_dashboard_shows_peers_tasks_and_split_shares_live_in_a_browser(
     assert "tasks-done" in changed and "bytes-out" in changed, (first.figures, second.figures)
     assert int(second.figures["tasks-done"]) > int(first.figures["tasks-done"]) > 0
     assert second.figures.get("error", "") == ""
+    budget = pangea.format_bytes(pangea.DEFAULT_MEMORY_BUDGET_BYTES)  # in the units `call status` has
+    assert second.figures["budget"].endswith(f" of {budget}"), second.figures
+    queue = r"\d+ tasks?, \d+ waiting; [\d.]+ (B|KiB|MiB|GiB) of its [\d.]+ GiB quota"
+    assert re.fullmatch(queue, second.figures["queue"]), second.figures
 
     shot = tmp_path / "dashboard.png"
     result = browse(url, profile, "--window-size=1400,1000", f"--screenshot={shot}")
