@@ -1388,6 +1388,21 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
+def connect_error_text(exc: BaseException, waited_s: float) -> str:
+    """Pure: why a TCP connect to a node failed, in words (``nothing listening there``), not the
+    socket's exception; another error as `describe_exception` says it."""
+    import errno
+
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, ConnectionRefusedError) or code == errno.ECONNREFUSED:
+        return "nothing listening there"
+    if code in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EADDRNOTAVAIL):
+        return "no route to it (is that the address of a box this one reaches?)"
+    if isinstance(exc, TimeoutError) or code == errno.ETIMEDOUT:
+        return f"no answer within {format_seconds(waited_s)} (a firewall dropping the port?)"
+    return describe_exception(exc)
+
+
 def exception_chain(exc: BaseException, limit: int = 64) -> list[BaseException]:
     """Every exception inside ``exc``, outermost first: its causes, contexts, the members of
     exception groups and of py-libp2p's MultiError (``.errors``). At most ``limit``."""
@@ -16731,12 +16746,15 @@ class _ClientConnection:
             "run this as the node's user with its PANGEA_HOME (a node on this box keeps its token in its home's "
             f"{RPC_TOKEN_FILENAME} file), or pass the token: --token-file FILE, Client(token=...) or $PANGEA_RPC_TOKEN"
         )
+        waited_s = 10.0 + RPC_TLS_HANDSHAKE_TIMEOUT_S
         try:
-            stream = await asyncio.wait_for(self._open_stream(), 10.0 + RPC_TLS_HANDSHAKE_TIMEOUT_S)
+            stream = await asyncio.wait_for(self._open_stream(), waited_s)
         except (TimeoutError, OSError) as exc:
+            import ssl
+
             return RpcError(
                 f"cannot reach the pangea node at {self.address}: "
-                + (describe_tls_error(exc) if self.tls else describe_exception(exc)),
+                + (describe_tls_error(exc) if isinstance(exc, ssl.SSLError) else connect_error_text(exc, waited_s)),
                 hint="start one with `./pangea.pyz serve`, or pass its address with --rpc HOST:PORT",
             )
         except RpcError as exc:

@@ -539,7 +539,7 @@ def test_call_and_client_without_a_node_fail_readably(pyz: Path, pangea_home: No
     result = run_pyz(pyz, ["call", "--rpc", address, "status"], pangea_home.env)
     assert result.returncode == 1
     lines = error_lines(result.stderr)
-    assert f"cannot reach the pangea node at {address}" in lines[0]
+    assert lines[0] == f"pangea: error: cannot reach the pangea node at {address}: nothing listening there", lines
     assert len(lines) == 2 and "serve" in lines[1]
     with pytest.raises(RpcError, match=f"cannot reach the pangea node at {address}"):
         Client(address, timeout_s=CLIENT_TIMEOUT_S)

@@ -669,3 +669,15 @@ def test_redial_notes_say_a_new_cause_at_once() -> None:
     line = notes.failed("timeout", "no answer from h:1 within 9.5 s", 30.0, 20.0)
     assert line == "cannot reach peer p: now no answer from h:1 within 9.5 s; retrying every 30 s at most"
     assert notes.failed("timeout", "no answer from h:1 within 10 s", 30.0, 30.0) is None  # same kind: quiet
+
+
+def test_a_failed_rpc_connect_says_why_in_words() -> None:
+    import errno
+
+    refused = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 7780)")
+    assert pangea.connect_error_text(refused, 15.0) == "nothing listening there"
+    assert pangea.connect_error_text(OSError(errno.EHOSTUNREACH, "No route to host"), 15.0).startswith("no route to it")
+    assert pangea.connect_error_text(TimeoutError(), 15.0) == "no answer within 15 s (a firewall dropping the port?)"
+    assert pangea.connect_error_text(OSError(errno.EMFILE, "Too many open files"), 15.0) == (
+        "OSError: [Errno 24] Too many open files"
+    )
