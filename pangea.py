@@ -75,6 +75,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import enum
+import errno
 import functools
 import json
 import logging
@@ -1388,15 +1389,17 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
+# a connect that failed with one of these found no way to the address (as opposed to nobody listening)
+UNREACHABLE_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EADDRNOTAVAIL})
+
+
 def connect_error_text(exc: BaseException, waited_s: float) -> str:
     """Pure: why a TCP connect to a node failed, in words (``nothing listening there``), not the
     socket's exception; another error as `describe_exception` says it."""
-    import errno
-
     code = getattr(exc, "errno", None)
     if isinstance(exc, ConnectionRefusedError) or code == errno.ECONNREFUSED:
         return "nothing listening there"
-    if code in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EADDRNOTAVAIL):
+    if code in UNREACHABLE_ERRNOS:
         return "no route to it (is that the address of a box this one reaches?)"
     if isinstance(exc, TimeoutError) or code == errno.ETIMEDOUT:
         return f"no answer within {format_seconds(waited_s)} (a firewall dropping the port?)"
@@ -1451,7 +1454,6 @@ def classify_dial_error(
     deadline (trio.TooSlowError). ``tcp_reached``: what a plain TCP connect to the address
     found afterwards (None: not tried); it tells a firewall from a handshake that hangs.
     ``who``: what should listen there, for the hint ("the initiator")."""
-    import errno
     import re
 
     where = format_host_port(host, port)
@@ -1475,7 +1477,7 @@ def classify_dial_error(
             f"nothing listening on {where}",
             f"is {who} running there, and on that port? (it prints the address to copy when it starts)",
         )
-    if codes & {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EADDRNOTAVAIL}:
+    if codes & UNREACHABLE_ERRNOS:
         return DialFailure(
             "unreachable",
             f"no route to {where}",
@@ -2449,7 +2451,7 @@ class Decoder:
             raise MessageError(refused[2], task_id=refused[0], kind=refused[1], admitted=False)
         assert payload is not None
         if unpack_later_bytes and self._unpacked >= unpack_later_bytes:
-            return PackedFrame(header, payload, self._unpacked)
+            return PackedFrame(header, payload)
         return self.decode(header, payload)
 
     def decode(self, header: bytes, payload: bytearray) -> Message:
@@ -2465,11 +2467,10 @@ class Decoder:
 
 @dataclass(frozen=True)
 class PackedFrame:
-    """A whole frame whose packed arrays unpack to ``unpacked`` bytes, not decoded yet (`Decoder.next`)."""
+    """A whole frame with large packed arrays, not decoded yet (`Decoder.next_frame`)."""
 
     header: bytes
     payload: bytearray
-    unpacked: int
 
 
 def _array_layout(meta: Any, i: int, task_id: int, limits: Limits) -> tuple[np.dtype[Any], list[int], int]:
@@ -7771,8 +7772,6 @@ def ensure_port_free(host: str, port: int, option: str = "--port") -> None:
     NOTE: py-libp2p's listener sets SO_REUSEPORT, so a second node on a busy
     port would start without error and share it; a plain bind finds out.
     """
-    import errno
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -8525,8 +8524,6 @@ class DataPlane:
 
 async def _tcp_connect(host: str, port: int) -> socket.socket:
     """Connect a non-blocking TCP socket (TCP_NODELAY: small messages go out at once)."""
-    import errno
-
     import trio
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
